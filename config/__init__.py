@@ -1,0 +1,146 @@
+"""Config presets and `key=value` overrides shared by every script.
+
+A config is a frozen dataclass. Scripts pick a named preset with `--config NAME` and override
+any field with `key=value`; values are parsed with `ast.literal_eval` (bare words are taken as
+strings) and checked against the field's declared type, nanoGPT-configurator style, without exec.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import types
+import typing
+from typing import Any, Mapping, Sequence
+
+
+class ConfigError(ValueError):
+    """A bad preset name, unknown key or wrongly typed value on the command line."""
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+    """Return `value` as type `tp`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
+    if origin in (tuple, list):
+        if not isinstance(value, (tuple, list)):
+            raise ConfigError(f"{key}: expected a tuple like (1, 2), got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        if args and len(args) != len(value):
+            raise ConfigError(f"{key}: expected {len(args)} items, got {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args)) if args else tuple(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{key}: expected a bool (true/false), got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a float, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an int, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if isinstance(value, tp):
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare word such as `device=cuda` is a string
+
+
+def field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def apply_overrides(cfg, overrides: Mapping[str, Any]):
+    """Return a copy of `cfg` with `overrides` applied and type-checked."""
+    types_ = field_types(type(cfg))
+    changes = {}
+    for key, value in overrides.items():
+        if key not in types_:
+            valid = ", ".join(sorted(types_))
+            raise ConfigError(f"unknown config key {key!r} for {type(cfg).__name__}. Valid keys: {valid}")
+        changes[key] = _coerce(value, types_[key], key)
+    return dataclasses.replace(cfg, **changes)
+
+
+def from_dict(cls, data: Mapping[str, Any], strict: bool = True):
+    """Rebuild a config saved with `dataclasses.asdict` (JSON turns tuples into lists)."""
+    types_ = field_types(cls)
+    unknown = sorted(set(data) - set(types_))
+    if unknown and strict:
+        raise ConfigError(f"unknown config keys {unknown} for {cls.__name__}")
+    values = {k: _coerce(tuple(v) if isinstance(v, list) else v, types_[k], k)
+              for k, v in data.items() if k in types_}
+    return cls(**values)
+
+
+def parse_args(argv: Sequence[str], presets: Mapping[str, Any], default: str = "tiny"):
+    """`--config NAME key=value ...` -> a frozen config.
+
+    `--help` raises SystemExit after printing every field with its preset value.
+    """
+    name, overrides = default, {}
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg in ("-h", "--help"):
+            cfg = presets[name]
+            lines = [f"presets: {', '.join(presets)} (choose with --config NAME)",
+                     f"fields of {type(cfg).__name__} (preset {name!r}); override with key=value:"]
+            for f in dataclasses.fields(cfg):
+                lines.append(f"  {f.name}={getattr(cfg, f.name)!r}")
+            print("\n".join(lines))
+            raise SystemExit(0)
+        if arg == "--config":
+            if i + 1 >= len(args):
+                raise ConfigError("--config needs a preset name")
+            name = args[i + 1]
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            name = arg.split("=", 1)[1]
+        elif "=" in arg:
+            key, text = arg.split("=", 1)
+            overrides[key.lstrip("-")] = _parse_value(text)
+        else:
+            raise ConfigError(f"cannot parse argument {arg!r}: use --config NAME and key=value")
+        i += 1
+    if name not in presets:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(presets)}")
+    return apply_overrides(presets[name], overrides)

@@ -1,0 +1,128 @@
+"""Transformer config: the latent quantizer, the latent LM and the resynthesizer, mono or duplex.
+
+`hertz_dev` is exactly the official architecture (`duplex=true`: scion + care; `duplex=false`:
+caraway/syrup + whip; volcano is the quantizer of both). `tiny` trains in seconds on a CPU,
+`small` on one GPU, `medium` (~1B parameters) is the size used by the training benchmark.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+# Fields that define the networks; a checkpoint whose values differ cannot be loaded into them.
+ARCH_FIELDS = ("latent_dim", "duplex", "fsq_levels", "quantizer_dim", "quantizer_ff_dim",
+               "lm_dim", "lm_layers", "lm_heads", "lm_kv_heads", "lm_ff_dim",
+               "resynth_dim", "resynth_layers", "resynth_heads", "resynth_kv_heads",
+               "resynth_ff_dim", "num_components", "plex_roll", "theta", "eps")
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    # --- shared -------------------------------------------------------------------------------
+    latent_dim: int = 32                        # per channel; duplex inputs are 2 * latent_dim
+    duplex: bool = True                         # two channels, one speaker each
+    seq_len: int = 2048                         # context in latents (8 per second)
+    theta: float = 10_000.0                     # rotary base
+    eps: float = 1e-5                           # LayerNorm eps
+
+    # --- latent quantizer: Linear -> SwiGLU FFN -> FSQ ----------------------------------------
+    fsq_levels: tuple[int, ...] = (8, 8, 8, 8, 8)   # 8**5 = 32768 codes (15 bits)
+    quantizer_dim: int = 2048
+    quantizer_ff_dim: int = 8192
+
+    # --- latent LM: predicts the FSQ index of the next latent ---------------------------------
+    lm_dim: int = 4096
+    lm_layers: int = 32
+    lm_heads: int = 32
+    lm_kv_heads: Optional[int] = None           # None: as many as lm_heads
+    lm_ff_dim: Optional[int] = None             # None: 256 * ceil(int(8 * dim / 3) / 256)
+
+    # --- resynthesizer: next continuous latent, Gaussian mixture, code injected mid-stack ------
+    resynth_dim: int = 4096
+    resynth_layers: int = 8
+    resynth_heads: int = 16
+    resynth_kv_heads: Optional[int] = 16
+    resynth_ff_dim: Optional[int] = 11008
+    num_components: int = 8
+    plex_roll: int = 1                          # the code injected at t is that of latent t+1
+
+    # --- data ---------------------------------------------------------------------------------
+    train_data_path: str = "data/demo/train"
+    val_data_path: str = "data/demo/val"
+    sample_rate: int = 16000
+    codec_checkpoint: str = "official"          # "official" or a path to one of our codecs
+
+    # --- optimisation -------------------------------------------------------------------------
+    stage: str = "all"                          # quantizer | resynthesizer | lm | all
+    batch_size: int = 8
+    grad_accum_steps: int = 1
+    learning_rate: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 1000
+    max_steps: int = 100_000
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+
+    # --- run ----------------------------------------------------------------------------------
+    log_interval: int = 50
+    eval_interval: int = 1000
+    save_interval: int = 1000
+    checkpoint_dir: str = "checkpoints/transformer"
+    device: str = "cuda"
+    dtype: str = "bfloat16"
+    compile: bool = False
+    seed: int = 1337
+    init_from: Optional[str] = None             # None, "official" or a path to one of ours
+    resume: bool = True
+    eval_only: bool = False
+    wandb: str = "offline"                      # online | offline | disabled
+
+    @property
+    def vocab_size(self) -> int:
+        return math.prod(self.fsq_levels)
+
+    @property
+    def channels(self) -> int:
+        return 2 if self.duplex else 1
+
+
+def default_ff_dim(dim: int) -> int:
+    """The original FFNN width when none is given: 256 * ceil(int(8 * dim / 3) / 256)."""
+    return 256 * ((int(2 * 4 * dim / 3) + 256 - 1) // 256)
+
+
+hertz_dev = TransformerConfig()
+
+medium = dataclasses.replace(
+    hertz_dev,
+    quantizer_dim=1024, quantizer_ff_dim=4096,
+    lm_dim=2048, lm_layers=16, lm_heads=16, lm_ff_dim=None,
+    resynth_dim=2048, resynth_layers=4, resynth_heads=16, resynth_kv_heads=16, resynth_ff_dim=None,
+    batch_size=8,
+)
+
+small = dataclasses.replace(
+    hertz_dev,
+    seq_len=1024,
+    quantizer_dim=512, quantizer_ff_dim=2048,
+    lm_dim=768, lm_layers=12, lm_heads=12, lm_ff_dim=None,
+    resynth_dim=768, resynth_layers=4, resynth_heads=12, resynth_kv_heads=12, resynth_ff_dim=None,
+    batch_size=16, warmup_steps=500, max_steps=50_000,
+)
+
+tiny = dataclasses.replace(
+    hertz_dev,
+    seq_len=64,
+    quantizer_dim=32, quantizer_ff_dim=64,
+    lm_dim=64, lm_layers=2, lm_heads=4, lm_ff_dim=None,
+    resynth_dim=64, resynth_layers=2, resynth_heads=4, resynth_kv_heads=4, resynth_ff_dim=128,
+    batch_size=4, learning_rate=1e-3, min_lr=1e-4, warmup_steps=5, max_steps=20,
+    log_interval=5, eval_interval=10, save_interval=10,
+    device="cpu", dtype="float32",
+)
+
+PRESETS = {"tiny": tiny, "small": small, "medium": medium, "hertz_dev": hertz_dev}
