@@ -1,0 +1,263 @@
+"""The hertz-dev codec: a causal convolutional VAE, 16 kHz audio <-> 8 latents/s of 32 dims.
+
+Module and parameter names follow the original (`WaveCodec`, `ResNetStack`, `GaussianZ`) so the
+official `inference_apatosaurus_95000.pt` loads with `strict=True`.
+
+Every convolution is causal, so the codec streams: `CodecStream` holds the left context of each
+causal convolution, preallocated for a batch, and `encode_step` / `decode_step` process one chunk
+(a multiple of 2000 samples, or of one latent) at a time with the same output as the whole-signal
+`encode` / `decode`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class CodecStream:
+    """Left context of every causal convolution of one codec half, for a batch of streams.
+
+    Buffers are allocated once and updated in place, so a step can be captured in a CUDA graph.
+    `reset(rows)` restarts some streams (a new session in a batched server) without touching
+    the others.
+    """
+
+    def __init__(self, stack: "ResNetStack", batch_size: int, device, dtype):
+        self.batch_size = batch_size
+        self.buffers: dict[int, Tensor] = {}
+        # Transposed convolutions pad their first frame by replication, so they need to know
+        # which rows have not seen a frame yet.
+        self.fresh: dict[int, Tensor] = {}
+        for m in stack.modules():
+            if isinstance(m, (CausalConv1d, CausalConvTranspose1d)):
+                cin = m.in_channels
+                self.buffers[id(m)] = torch.zeros(batch_size, cin, m.pad_length, device=device, dtype=dtype)
+                if isinstance(m, CausalConvTranspose1d):
+                    self.fresh[id(m)] = torch.ones(batch_size, 1, 1, device=device, dtype=torch.bool)
+
+    def reset(self, rows: Optional[Tensor] = None) -> None:
+        """Restart all streams, or only the rows given (a bool mask or index tensor)."""
+        for key, buf in self.buffers.items():
+            if rows is None:
+                buf.zero_()
+            else:
+                buf[rows] = 0
+        for flag in self.fresh.values():
+            if rows is None:
+                flag.fill_(True)
+            else:
+                flag[rows] = True
+
+    def push(self, module: nn.Module, x: Tensor) -> Tensor:
+        """Return `x` with the stored left context prepended, and store the new context."""
+        buf = self.buffers[id(module)]
+        if id(module) in self.fresh:
+            fresh = self.fresh[id(module)]
+            buf.copy_(torch.where(fresh, x[..., :1].expand_as(buf), buf))
+            fresh.fill_(False)
+        full = torch.cat([buf, x], dim=-1)
+        buf.copy_(full[..., full.shape[-1] - buf.shape[-1]:])
+        return full
+
+
+class CausalConv1d(nn.Module):
+    """Conv1d padded on the left only: output t sees input up to t."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, dilation=1, bias=True):
+        super().__init__()
+        self.in_channels = in_channels
+        self.pad_length = (kernel_size - 1) * dilation
+        self.conv = nn.Conv1d(in_channels, out_channels, kernel_size, stride=stride,
+                              dilation=dilation, bias=bias)
+
+    def forward(self, x: Tensor, stream: Optional[CodecStream] = None) -> Tensor:
+        x = F.pad(x, (self.pad_length, 0)) if stream is None else stream.push(self, x)
+        return self.conv(x)
+
+
+class CausalConvTranspose1d(nn.Module):
+    """Transposed conv (kernel 2*stride) that upsamples causally.
+
+    The input is padded on the left by replicating its first frame, and `stride` samples are
+    trimmed on each side, so output frame block t depends on input frames t-1 and t only.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride, bias=True):
+        super().__init__()
+        self.in_channels = in_channels
+        self.stride = stride
+        self.pad_length = math.ceil(kernel_size / stride) - 1
+        self.deconv = nn.ConvTranspose1d(in_channels, out_channels, kernel_size, stride=stride,
+                                         padding=0, output_padding=0, bias=bias)
+        # Kept only because the official checkpoint stores it; streaming state lives in CodecStream.
+        self.register_buffer("pad_buffer", torch.zeros(1, in_channels, self.pad_length))
+
+    def forward(self, x: Tensor, stream: Optional[CodecStream] = None) -> Tensor:
+        if stream is None:
+            x = F.pad(x, (self.pad_length, 0), mode="replicate")
+        else:
+            x = stream.push(self, x)
+        return self.deconv(x)[:, :, self.stride:-self.stride]
+
+
+class CausalResUnit(nn.Module):
+    """x + conv1x1(elu(dilated causal conv(elu(x))))."""
+
+    def __init__(self, channels, kernel_size=7, dilation=1, bias=False):
+        super().__init__()
+        self.activation = nn.ELU()
+        self.conv1 = CausalConv1d(channels, channels, kernel_size, dilation=dilation, bias=bias)
+        self.conv2 = nn.Conv1d(channels, channels, kernel_size=1, bias=bias)
+
+    def forward(self, x: Tensor, stream: Optional[CodecStream] = None) -> Tensor:
+        y = self.conv1(self.activation(x), stream)
+        y = self.conv2(self.activation(y))
+        return x + y
+
+
+def _run(modules, x: Tensor, stream: Optional[CodecStream]) -> Tensor:
+    for m in modules:
+        x = m(x, stream) if isinstance(m, (CausalConv1d, CausalConvTranspose1d, CausalResUnit, ResNetBlock)) else m(x)
+    return x
+
+
+class ResNetBlock(nn.Module):
+    """Three dilated residual units and a stride change (the original's `ResNetBlock`).
+
+    Encoder: units, then a strided causal conv (or average pooling when the width is unchanged).
+    Decoder: a transposed conv (or nearest upsampling when the width is unchanged), then units.
+    """
+
+    def __init__(self, in_channels, out_channels, stride, kernel_size=7, dilations=(1, 3, 9),
+                 bias=True, mode="encoder"):
+        super().__init__()
+        res_channels = in_channels if mode == "encoder" else out_channels
+        units = [CausalResUnit(res_channels, kernel_size, dilation=d) for d in dilations]
+        if in_channels == out_channels:
+            resample = (nn.AvgPool1d(stride, stride) if mode == "encoder"
+                        else nn.Upsample(scale_factor=stride, mode="nearest"))
+            change = [resample, nn.Identity()] if mode == "encoder" else [resample, nn.Identity()]
+        else:
+            conv = CausalConv1d if mode == "encoder" else CausalConvTranspose1d
+            change = [conv(in_channels, out_channels, 2 * stride, stride=stride, bias=bias)]
+        # Order (and so the state-dict indices) as in the original.
+        self.res_block = nn.Sequential(*(units + change if mode == "encoder" else change + units))
+
+    def forward(self, x: Tensor, stream: Optional[CodecStream] = None) -> Tensor:
+        return _run(self.res_block, x, stream)
+
+
+class ResNetStack(nn.Module):
+    """Encoder (waveform -> features at 8 Hz) or decoder (features -> waveform)."""
+
+    def __init__(self, cfg, mode: str):
+        super().__init__()
+        assert mode in ("encoder", "decoder"), mode
+        assert len(cfg.channel_ratios) == len(cfg.strides)
+        self.mode = mode
+        ratios = (1,) + tuple(cfg.channel_ratios)
+        strides = tuple(cfg.strides)
+        self.middle_channels = cfg.encode_channels * ratios[-1]
+        if mode == "decoder":
+            ratios, strides = ratios[::-1], strides[::-1]
+        self.multiplier = cfg.decode_channel_multiplier if mode == "decoder" else 1
+        width = cfg.encode_channels * self.multiplier
+        blocks = [ResNetBlock(cfg.encode_channels * ratios[i] * self.multiplier,
+                              cfg.encode_channels * ratios[i + 1] * self.multiplier,
+                              stride, kernel_size=cfg.kernel_size, bias=cfg.bias, mode=mode)
+                  for i, stride in enumerate(strides)]
+        data_conv = CausalConv1d(cfg.input_channels if mode == "encoder" else width,
+                                 cfg.encode_channels if mode == "encoder" else cfg.output_channels,
+                                 cfg.kernel_size, bias=False)
+        self.res_stack = nn.Sequential(*([data_conv] + blocks if mode == "encoder" else blocks + [data_conv]))
+        if self.multiplier != 1:
+            self.multiplier_proj = nn.Conv1d(self.middle_channels, self.middle_channels * self.multiplier,
+                                             kernel_size=1, bias=cfg.bias)
+
+    def forward(self, x: Tensor, stream: Optional[CodecStream] = None) -> Tensor:
+        if self.multiplier != 1:
+            x = self.multiplier_proj(x)
+        return _run(self.res_stack, x, stream)
+
+
+class GaussianZ(nn.Module):
+    """Gaussian latent head: features -> (mu, logvar) of 32-dim latents; latents -> features."""
+
+    def __init__(self, dim: int, latent_dim: int, bias: bool = True):
+        super().__init__()
+        self.proj_in = nn.Linear(dim, 2 * latent_dim, bias=bias)
+        self.proj_out = nn.Linear(latent_dim, dim, bias=bias)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mu, logvar = self.proj_in(x).chunk(2, dim=-1)
+        return mu, logvar
+
+
+class Codec(nn.Module):
+    """Causal convolutional VAE. `encode`: (B, 1, N) audio -> mu, logvar (B, N/2000, 32);
+    `decode`: (B, L, 32) latents -> (B, 1, 2000 L) audio."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.norm_stddev = cfg.norm_stddev
+        self.hop_length = math.prod(cfg.strides)
+        self.encoder = ResNetStack(cfg, "encoder")
+        self.compressor = GaussianZ(self.encoder.middle_channels, cfg.latent_dim, bias=cfg.bias)
+        self.decoder = ResNetStack(cfg, "decoder")
+        if cfg.weight_norm:
+            for m in list(self.encoder.modules()) + list(self.decoder.modules()):
+                if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d)):
+                    nn.utils.parametrizations.weight_norm(m)
+            nn.utils.parametrizations.weight_norm(self.compressor.proj_in)
+            nn.utils.parametrizations.weight_norm(self.compressor.proj_out)
+
+    # --- whole signals ---------------------------------------------------------------------------
+    def encode(self, audio: Tensor, stream: Optional[CodecStream] = None) -> tuple[Tensor, Tensor]:
+        """(B, 1, N) audio in [-1, 1], N a multiple of 2000 -> mu, logvar, each (B, N/2000, 32)."""
+        h = self.encoder(audio / self.norm_stddev, stream)  # (B, C, L)
+        return self.compressor(h.transpose(1, 2))
+
+    def decode(self, latents: Tensor, stream: Optional[CodecStream] = None) -> Tensor:
+        """(B, L, 32) latents -> (B, 1, 2000 L) audio."""
+        h = self.compressor.proj_out(latents).transpose(1, 2)  # (B, C, L)
+        return self.decoder(h, stream) * self.norm_stddev
+
+    @staticmethod
+    def sample(mu: Tensor, logvar: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        """Draw z = mu + sigma * eps from the posterior, as the original tokenizer does."""
+        eps = torch.randn(mu.shape, device=mu.device, dtype=mu.dtype, generator=generator)
+        return mu + eps * torch.exp(0.5 * logvar)
+
+    def forward(self, audio: Tensor) -> dict[str, Tensor]:
+        """Training pass: encode, sample the posterior, decode."""
+        mu, logvar = self.encode(audio)
+        z = self.sample(mu, logvar)
+        return {"recon": self.decode(z), "mu": mu, "logvar": logvar, "z": z}
+
+    # --- streaming -------------------------------------------------------------------------------
+    def init_stream(self, batch_size: int, device=None, dtype=None) -> tuple[CodecStream, CodecStream]:
+        """Preallocated (encoder, decoder) streaming state for `batch_size` streams."""
+        p = next(self.parameters())
+        device, dtype = device or p.device, dtype or p.dtype
+        return (CodecStream(self.encoder, batch_size, device, dtype),
+                CodecStream(self.decoder, batch_size, device, dtype))
+
+    def encode_step(self, chunk: Tensor, stream: CodecStream) -> tuple[Tensor, Tensor]:
+        """Next (B, 1, 2000 k) samples -> mu, logvar of their k latents."""
+        return self.encode(chunk, stream)
+
+    def decode_step(self, latents: Tensor, stream: CodecStream) -> Tensor:
+        """Next (B, k, 32) latents -> their (B, 1, 2000 k) samples."""
+        return self.decode(latents, stream)
+
+
+def kl_divergence(mu: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(mu, sigma^2) || N(0, 1)) summed over latent dims and time, averaged over the batch:
+    mean_b -0.5 * sum_{t,d} (1 + logvar - mu^2 - exp(logvar))."""
+    return torch.mean(-0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=(1, 2)))

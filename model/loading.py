@@ -1,0 +1,171 @@
+"""Public loading API: official variants or our own checkpoints, built on `meta` and filled
+with memory-mapped weights (`assign=True`), so even the 8.5B model loads without a float32 copy.
+
+    codec = load_codec("official")                       # or a path to one of our codecs
+    hertz = load_hertz_dev("duplex", device="cuda")      # "mono", "mono-pure-audio", or a path
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+
+from config import from_dict
+from config.codec_config import CodecConfig
+from config.codec_config import hertz_dev as CODEC_HERTZ_DEV
+from config.transformer_config import TransformerConfig
+from config.transformer_config import hertz_dev as TRANSFORMER_HERTZ_DEV
+
+from . import hub
+from .checkpoint import read_metadata, read_weights, save_weights, substate
+from .codec import Codec
+from .lm import LatentLM
+from .quantizer import LatentQuantizer
+from .resynth import Resynthesizer
+
+
+class HertzDev(nn.Module):
+    """The latent quantizer, LM and resynthesizer of one variant, and optionally the codec."""
+
+    def __init__(self, cfg: TransformerConfig, codec_cfg: Optional[CodecConfig] = None):
+        super().__init__()
+        self.config = cfg
+        self.quantizer = LatentQuantizer(cfg)
+        self.lm = LatentLM(cfg)
+        self.resynth = Resynthesizer(cfg)
+        self.codec = Codec(codec_cfg) if codec_cfg is not None else None
+
+    def init_weights(self) -> None:
+        self.lm.init_weights()
+        self.resynth.init_weights()
+
+
+def default_dtype(device) -> torch.dtype:
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def init_buffers(module: nn.Module) -> nn.Module:
+    """Rebuild derived, non-persistent buffers (left on `meta` by a meta build)."""
+    for m in module.modules():
+        if hasattr(m, "init_buffers"):
+            m.init_buffers()
+    return module
+
+
+def _fill(module: nn.Module, state: dict, device, dtype, what: str) -> nn.Module:
+    try:
+        module.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise RuntimeError(f"{what} does not match the model built from its config:\n{e}") from None
+    init_buffers(module)
+    return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def build(cls, cfg, device="cpu", dtype=torch.float32, init: bool = True) -> nn.Module:
+    """A freshly initialised module built directly on `device` in `dtype` (no float32 detour:
+    the full-size model fits where its bf16 weights fit)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            module = cls(cfg)
+            if init and hasattr(module, "init_weights"):
+                module.init_weights()
+    finally:
+        torch.set_default_dtype(previous)
+    return module
+
+
+def _existing(source, choices: str) -> Path:
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(source)!r} is neither {choices} nor an existing checkpoint file")
+    return path
+
+
+def _meta(cls, *args):
+    with torch.device("meta"):
+        return cls(*args)
+
+
+# --- codec ----------------------------------------------------------------------------------
+
+def load_codec(source: Union[str, os.PathLike] = "official", device="cpu", dtype: Optional[torch.dtype] = None,
+               ckpt_dir: Union[str, os.PathLike] = hub.DEFAULT_CKPT_DIR, offline: Optional[bool] = None,
+               endpoint: Optional[str] = None, config: Optional[CodecConfig] = None) -> Codec:
+    """The codec from `"official"` (downloaded to `ckpt_dir` if missing) or one of our
+    checkpoints (a `.safetensors` written by `save_codec` or train_codec.py). `config` replaces
+    the official architecture, for files in the official layout at another size (tests)."""
+    dtype = dtype or default_dtype(device)
+    if str(source) == "official":
+        path = hub.official_file(hub.CODEC, ckpt_dir, offline, endpoint)
+        cfg = config or CODEC_HERTZ_DEV
+        return _fill(_meta(Codec, cfg), hub.load_state_dict(path), device, dtype, str(path))
+    state, meta = read_weights(_existing(source, '"official"'))
+    if meta["kind"] != "codec":
+        raise ValueError(f"{source} is a {meta['kind']} checkpoint, not a codec")
+    cfg = from_dict(CodecConfig, meta["config"], strict=False)
+    return _fill(_meta(Codec, cfg), substate(state, "codec") or state, device, dtype, str(source))
+
+
+def save_codec(path: Union[str, os.PathLike], codec: Codec, extra: Optional[dict] = None) -> Path:
+    return save_weights(path, {f"codec.{k}": v for k, v in codec.state_dict().items()}, "codec", codec.config, extra)
+
+
+# --- quantizer, LM, resynthesizer ------------------------------------------------------------
+
+def official_transformer_config(variant: str) -> TransformerConfig:
+    if variant not in hub.VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(hub.VARIANTS)}")
+    return dataclasses.replace(TRANSFORMER_HERTZ_DEV, duplex=hub.VARIANTS[variant][2])
+
+
+def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dtype: Optional[torch.dtype] = None,
+                   ckpt_dir: Union[str, os.PathLike] = hub.DEFAULT_CKPT_DIR, offline: Optional[bool] = None,
+                   codec: Optional[Union[str, os.PathLike]] = "auto", endpoint: Optional[str] = None,
+                   config: Optional[TransformerConfig] = None, codec_config: Optional[CodecConfig] = None) -> HertzDev:
+    """Quantizer + LM + resynthesizer (+ codec) from an official variant (`duplex`, `mono`,
+    `mono-pure-audio`; missing files are downloaded to `ckpt_dir`) or one of our transformer
+    checkpoints. `codec`: "auto" (the official codec for official variants, the codec recorded
+    in our checkpoint otherwise), "official", a path, or None for no codec."""
+    dtype = dtype or default_dtype(device)
+    if str(source) in hub.VARIANTS:
+        cfg = official_transformer_config(str(source))
+        if config is not None:
+            cfg = dataclasses.replace(config, duplex=cfg.duplex)
+        lm_name, resynth_name, _ = hub.VARIANTS[str(source)]
+        paths = hub.official_files([hub.QUANTIZER, lm_name, resynth_name], ckpt_dir, offline, endpoint)
+        model = _meta(HertzDev, cfg)
+        for part, name in (("quantizer", hub.QUANTIZER), ("lm", lm_name), ("resynth", resynth_name)):
+            _fill(getattr(model, part), hub.load_state_dict(paths[name]), device, dtype, str(paths[name]))
+        codec_source = "official" if codec == "auto" else codec
+    else:
+        state, meta = read_weights(_existing(source, "an official variant (" + ", ".join(hub.VARIANTS) + ")"))
+        if meta["kind"] != "transformer":
+            raise ValueError(f"{source} is a {meta['kind']} checkpoint, not a transformer")
+        cfg = from_dict(TransformerConfig, meta["config"], strict=False)
+        model = _meta(HertzDev, cfg)
+        for part in ("quantizer", "lm", "resynth"):
+            _fill(getattr(model, part), substate(state, part), device, dtype, f"{source} ({part})")
+        codec_source = meta["extra"].get("codec", "official") if codec == "auto" else codec
+    if codec_source is not None:
+        model.codec = load_codec(codec_source, device, dtype, ckpt_dir, offline, endpoint, codec_config)
+    return model.eval().requires_grad_(False)
+
+
+def save_transformer(path: Union[str, os.PathLike], model: HertzDev, codec_source: Optional[str] = None,
+                     extra: Optional[dict] = None) -> Path:
+    """Write quantizer, LM and resynthesizer (not the codec: `codec_source` records which one
+    produced the latents it was trained on) with their config."""
+    state = {}
+    for part in ("quantizer", "lm", "resynth"):
+        state.update({f"{part}.{k}": v for k, v in getattr(model, part).state_dict().items()})
+    return save_weights(path, state, "transformer", model.config, {**(extra or {}), "codec": codec_source})
+
+
+def checkpoint_kind(path: Union[str, os.PathLike]) -> str:
+    return read_metadata(path)["kind"]

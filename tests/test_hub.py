@@ -1,0 +1,145 @@
+"""Official weights: download through huggingface_hub from a real HTTP server on loopback that
+serves files in the official layout, md5 verification, atomic writes, retries, offline mode."""
+import hashlib
+
+import pytest
+import torch
+
+from model import hub, load_hertz_dev
+from model.hub import OfficialFile, WeightsError
+
+from hub_server import HubServer
+from reference import PARITY_DIR, codec_config, load, rel_err, require, transformer_config
+
+
+def register(monkeypatch, name, data: bytes, component="test"):
+    monkeypatch.setitem(hub.OFFICIAL_FILES, name, OfficialFile(name, hashlib.md5(data).hexdigest(), len(data), component))
+
+
+def fetch(server, tmp_path, name, **kw):
+    return hub.official_file(name, tmp_path / "ckpt", endpoint=server.endpoint, progress=False,
+                             log=lambda msg: None, backoff=0, **kw)
+
+
+def leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") and p.name != ".verified.json")
+
+
+@pytest.fixture
+def server():
+    with HubServer() as s:
+        yield s
+
+
+def test_good_file_is_downloaded_verified_and_reused(server, tmp_path, monkeypatch):
+    data = b"weights" * 1000
+    register(monkeypatch, "inference_volcano_3", data)
+    server.add("inference_volcano_3.pt", data)
+    path = fetch(server, tmp_path, "inference_volcano_3")
+    assert path == tmp_path / "ckpt" / "inference_volcano_3.pt" and path.read_bytes() == data
+    assert server.requests == ["/si-pbc/hertz-dev/resolve/main/inference_volcano_3.pt"]
+    assert fetch(server, tmp_path, "inference_volcano_3") == path
+    assert len(server.requests) == 1  # present and verified: no second download
+    assert leftovers(path.parent) == []
+
+
+def test_md5_mismatch_is_downloaded_once_more(server, tmp_path, monkeypatch):
+    data = bytes(range(256)) * 64
+    register(monkeypatch, "inference_volcano_3", data)
+    server.add("inference_volcano_3.pt", data)
+    server.faults["inference_volcano_3.pt"] = ["corrupt"]
+    path = fetch(server, tmp_path, "inference_volcano_3")
+    assert path.read_bytes() == data and len(server.requests) == 2
+
+
+def test_md5_mismatch_twice_is_a_clear_error(server, tmp_path, monkeypatch):
+    data = bytes(range(256)) * 64
+    register(monkeypatch, "inference_volcano_3", data)
+    server.add("inference_volcano_3.pt", data)
+    server.faults["inference_volcano_3.pt"] = ["corrupt", "corrupt", "corrupt"]
+    with pytest.raises(WeightsError, match="md5"):
+        fetch(server, tmp_path, "inference_volcano_3")
+    assert len(server.requests) == 2
+    assert not (tmp_path / "ckpt" / "inference_volcano_3.pt").exists()
+    assert leftovers(tmp_path / "ckpt") == []
+
+
+def test_interrupted_transfer_is_retried(server, tmp_path, monkeypatch):
+    data = bytes(range(256)) * 4096
+    register(monkeypatch, "inference_volcano_3", data)
+    server.add("inference_volcano_3.pt", data)
+    server.faults["inference_volcano_3.pt"] = ["truncate", "error"]
+    path = fetch(server, tmp_path, "inference_volcano_3", retries=3)
+    assert path.read_bytes() == data and len(server.requests) == 3
+    assert leftovers(path.parent) == []
+
+
+def test_retries_are_bounded(server, tmp_path, monkeypatch):
+    data = bytes(range(256)) * 4096
+    register(monkeypatch, "inference_volcano_3", data)
+    server.add("inference_volcano_3.pt", data)
+    server.faults["inference_volcano_3.pt"] = ["truncate"] * 10
+    with pytest.raises(WeightsError, match="after 2 attempts"):
+        fetch(server, tmp_path, "inference_volcano_3", retries=2)
+    assert len(server.requests) == 2
+    assert not (tmp_path / "ckpt" / "inference_volcano_3.pt").exists()
+    assert leftovers(tmp_path / "ckpt") == []
+
+
+def test_corrupt_local_file_is_replaced(server, tmp_path, monkeypatch):
+    data = b"good" * 100
+    register(monkeypatch, "inference_volcano_3", data)
+    server.add("inference_volcano_3.pt", data)
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "inference_volcano_3.pt").write_bytes(b"bad" * 100)
+    assert fetch(server, tmp_path, "inference_volcano_3").read_bytes() == data
+
+
+def test_offline_with_the_file_present(server, tmp_path, monkeypatch):
+    data = b"x" * 10
+    register(monkeypatch, "inference_volcano_3", data)
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "inference_volcano_3.pt").write_bytes(data)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert fetch(server, tmp_path, "inference_volcano_3").read_bytes() == data
+    assert server.requests == []
+
+
+def test_offline_with_files_absent_names_each_one(server, tmp_path):
+    with pytest.raises(WeightsError) as e:
+        hub.official_files(["inference_scion_54000", "inference_care_50000"], tmp_path / "ckpt", offline=True,
+                           endpoint=server.endpoint)
+    msg = str(e.value)
+    for needle in ("inference_scion_54000.pt", "27.0 GB", "inference_care_50000.pt", "6.6 GB",
+                   str((tmp_path / "ckpt").resolve()), "si-pbc/hertz-dev"):
+        assert needle in msg
+    assert server.requests == []
+
+
+@torch.no_grad()
+def test_official_variant_loads_strict_from_the_server(server, tmp_path, monkeypatch):
+    """The whole official path (download, verify, meta build, mmap + assign, strict) with files
+    in the official layout at the parity size; outputs match the original's."""
+    require(PARITY_DIR)
+    files = {"inference_volcano_3": "quantizer_state_dict.pt", "inference_scion_54000": "lm_duplex_state_dict.pt",
+             "inference_care_50000": "resynthesizer_duplex_state_dict.pt",
+             "inference_apatosaurus_95000": "codec_state_dict.pt"}
+    for name, fixture in files.items():
+        register(monkeypatch, name, server.add(f"{name}.pt", PARITY_DIR / fixture))
+    model = load_hertz_dev("duplex", ckpt_dir=tmp_path / "ckpt", endpoint=server.endpoint,
+                           config=transformer_config(True), codec_config=codec_config())
+    assert len(server.requests) == 4
+    io = load("transformers_duplex_io.pt")
+    for got, want in zip(model.lm(io["latents"]), io["lm_logits"]):
+        assert rel_err(got, want) <= 1e-4
+    audio = load("codec_io.pt")
+    assert rel_err(model.codec.encode(audio["audio"])[0], audio["mu"]) <= 1e-4
+    # A second load is offline-capable: everything is already verified in ckpt/.
+    load_hertz_dev("duplex", ckpt_dir=tmp_path / "ckpt", offline=True, config=transformer_config(True),
+                   codec_config=codec_config())
+    assert len(server.requests) == 4
+
+
+def test_unknown_variant():
+    with pytest.raises(FileNotFoundError, match="mono-pure-audio"):
+        load_hertz_dev("stereo")
