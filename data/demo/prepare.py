@@ -1,0 +1,307 @@
+"""Make a small offline speech corpus with eSpeak NG, for the demo and the tests.
+
+    python data/demo/prepare.py --minutes 20 --seed 0
+
+writes 16 kHz WAV files under --out (default data/demo):
+
+    train/mono/mono_NNNNN.wav          one voice, a few sentences with pauses
+    train/dialogue/dialogue_NNNNN.wav  two voices, one per channel: turns, pauses, some overlaps,
+                                       short backchannels ("mm-hm", "right") from the listener
+    val/...                            the same, about --val-fraction of the audio
+    manifest.json                      settings, and every file's voices and text with timings
+
+Half the audio is monologue, half dialogue. The speech is robotic but varied (eight English
+accents, 25 voice variants, random pitch, range and rate), which is enough to train and check the
+pipeline end to end without downloading anything. Synthesis runs through libespeak-ng from the
+`espeakng-loader` wheel via ctypes. The same --seed and --minutes give byte-identical files, and
+a corpus that already exists with the same settings is left alone (--force rebuilds it).
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import glob
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import soundfile as sf
+import soxr
+from tqdm import tqdm
+
+SAMPLE_RATE = 16000
+RECIPE_VERSION = 1  # bump when the recipe changes, so corpora made by an older one are rebuilt
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+LANGUAGES = ("en-us", "en", "en-gb-x-rp", "en-gb-scotland", "en-us-nyc", "en-029", "en-gb-x-gbclan",
+             "en-gb-x-gbcwmd")
+VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4",
+            "Alex", "Andy", "Annie", "belinda", "benjamin", "david", "edward", "linda", "max",
+            "norbert", "paul", "robert", "steph", "klatt2")
+
+# espeak-ng's speak_lib.h
+AUDIO_OUTPUT_SYNCHRONOUS = 2
+INITIALIZE_DONT_EXIT = 0x8000        # return an error instead of calling exit()
+POS_CHARACTER = 1
+CHARS_UTF8 = 1
+PARAM_RATE, PARAM_PITCH, PARAM_RANGE = 1, 3, 4
+SYNTH_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+
+
+@dataclass(frozen=True)
+class Voice:
+    language: str
+    variant: str
+    pitch: int    # 0-100, eSpeak's default 50
+    range: int    # intonation range 0-100
+    rate: int     # words per minute
+    level: float  # peak amplitude of this speaker's speech in the file
+
+    @property
+    def name(self) -> str:
+        return f"{self.language}+{self.variant}"
+
+
+class ESpeak:
+    """libespeak-ng in synchronous mode: `synth` returns the whole utterance at 16 kHz.
+
+    The library keeps some state from one utterance to the next (the voice source's phase, its
+    random generators, which are reseeded per utterance), so an utterance depends slightly on
+    those before it; the corpus is therefore made by one process in a fixed order.
+    """
+
+    def __init__(self):
+        try:
+            import espeakng_loader
+        except ImportError as e:
+            raise SystemExit("the demo corpus needs eSpeak NG: pip install espeakng-loader") from e
+        self.data_path = espeakng_loader.get_data_path()
+        lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+        lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+        lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
+                                     ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
+        self.rate = lib.espeak_Initialize(AUDIO_OUTPUT_SYNCHRONOUS, 0, self.data_path.encode(),
+                                          INITIALIZE_DONT_EXIT)
+        if self.rate <= 0:
+            raise RuntimeError(f"espeak_Initialize failed with data at {self.data_path}")
+        self.lib = lib
+        self.libc = ctypes.CDLL(None) if sys.platform != "win32" else None
+        self._chunks: list[np.ndarray] = []
+        self._callback = SYNTH_CALLBACK(self._collect)  # kept on self: C holds only the pointer
+        lib.espeak_SetSynthCallback(self._callback)
+
+    def _collect(self, wav, num_samples, events) -> int:
+        if num_samples > 0:
+            self._chunks.append(np.ctypeslib.as_array(wav, shape=(num_samples,)).copy())
+        return 0  # 0: go on synthesising
+
+    def check_voices(self) -> None:
+        """Fail early, and clearly, if this eSpeak build lacks a language or variant we use."""
+        for language in LANGUAGES:
+            if self.lib.espeak_SetVoiceByName(language.encode()) != 0:
+                raise RuntimeError(f"eSpeak NG at {self.data_path} has no voice {language!r}")
+        for variant in VARIANTS:  # an unknown variant is silently ignored by eSpeak, so look for it
+            if not os.path.exists(os.path.join(self.data_path, "voices", "!v", variant)):
+                raise RuntimeError(f"eSpeak NG at {self.data_path} has no variant {variant!r}")
+
+    def synth(self, text: str, voice: Voice, seed: int) -> np.ndarray:
+        """Speak `text`; returns float32 (T,) at 16 kHz scaled to the voice's level."""
+        if self.lib.espeak_SetVoiceByName(voice.name.encode()) != 0:
+            raise RuntimeError(f"eSpeak NG has no voice {voice.name!r}")
+        self.lib.espeak_SetParameter(PARAM_RATE, voice.rate, 0)
+        self.lib.espeak_SetParameter(PARAM_PITCH, voice.pitch, 0)
+        self.lib.espeak_SetParameter(PARAM_RANGE, voice.range, 0)
+        # breath and aspiration noise use eSpeak's own generator and libc rand()
+        if hasattr(self.lib, "espeak_ng_SetRandSeed"):
+            self.lib.espeak_ng_SetRandSeed(ctypes.c_long(seed))
+        if self.libc is not None:
+            self.libc.srand(ctypes.c_uint(seed))
+        self._chunks = []
+        data = text.encode("utf-8") + b"\0"
+        err = self.lib.espeak_Synth(data, len(data), 0, POS_CHARACTER, 0, CHARS_UTF8, None, None)
+        self.lib.espeak_Synchronize()
+        if err != 0 or not self._chunks:
+            raise RuntimeError(f"eSpeak NG failed (error {err}) on {text!r} with voice {voice.name}")
+        audio = np.concatenate(self._chunks).astype(np.float32) / 32768.0  # (T,) at 22050 Hz
+        audio = soxr.resample(audio, self.rate, SAMPLE_RATE, quality="HQ").astype(np.float32)
+        return audio * (voice.level / max(float(np.abs(audio).max()), 1e-4))
+
+
+def read_text(path: str) -> tuple[list[str], list[str]]:
+    """sentences.txt -> (sentences, backchannels)."""
+    sections = {"sentences": [], "backchannels": []}
+    current = None
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if line.startswith("[") and line.endswith("]"):
+                current = line[1:-1]
+                continue
+            sections[current].append(line)
+    return sections["sentences"], sections["backchannels"]
+
+
+def random_voice(rng: np.random.Generator, unlike: Voice | None = None) -> Voice:
+    while True:
+        voice = Voice(language=str(rng.choice(LANGUAGES)), variant=str(rng.choice(VARIANTS)),
+                      pitch=int(rng.integers(25, 76)), range=int(rng.integers(30, 91)),
+                      rate=int(rng.integers(140, 201)), level=float(rng.uniform(0.25, 0.8)))
+        if unlike is None or voice.variant != unlike.variant:  # two speakers should sound apart
+            return voice
+
+
+def seconds(rng: np.random.Generator, low: float, high: float) -> int:
+    return int(rng.uniform(low, high) * SAMPLE_RATE)
+
+
+def make_monologue(tts: ESpeak, rng: np.random.Generator, sentences: list[str]):
+    """One voice, 1-4 sentences with pauses -> (audio (1, T), manifest entry)."""
+    voice = random_voice(rng)
+    picks = rng.choice(len(sentences), size=int(rng.integers(1, 5)), replace=False)
+    parts, turns = [np.zeros(seconds(rng, 0.1, 0.5), np.float32)], []
+    t = len(parts[0])  # where the next sentence starts
+    for k, idx in enumerate(picks):
+        if k > 0:
+            parts.append(np.zeros(seconds(rng, 0.25, 0.9), np.float32))
+            t += len(parts[-1])
+        speech = tts.synth(sentences[idx], voice, seed=int(rng.integers(2**31)))
+        turns.append({"channel": 0, "start": round(t / SAMPLE_RATE, 3), "text": sentences[idx]})
+        parts.append(speech)
+        t += len(speech)
+    parts.append(np.zeros(seconds(rng, 0.1, 0.5), np.float32))
+    audio = np.concatenate(parts)[None]  # (1, T)
+    return audio, {"voices": [voice.__dict__], "turns": turns}
+
+
+def make_dialogue(tts: ESpeak, rng: np.random.Generator, sentences: list[str], backchannels: list[str],
+                  target_seconds: float):
+    """Two voices taking turns, one per channel -> (audio (2, T), manifest entry)."""
+    voices = [random_voice(rng)]
+    voices.append(random_voice(rng, unlike=voices[0]))
+    margin = int(0.1 * SAMPLE_RATE)              # a speaker never overlaps themselves
+    events = []                                  # (channel, start sample, audio (T,), text)
+    free = [0, 0]                                # where each speaker's own speech ends
+    t = seconds(rng, 0.2, 0.8)                   # end of the conversation so far
+    speaker = int(rng.integers(2))
+    line = int(rng.integers(len(sentences)))     # neighbouring lines of sentences.txt often answer each other
+    while t < target_seconds * SAMPLE_RATE:
+        other = 1 - speaker
+        if rng.random() < 0.15:                  # change the subject
+            line = int(rng.integers(len(sentences)))
+        n = 1 if rng.random() < 0.6 else 2
+        text = " ".join(sentences[(line + k) % len(sentences)] for k in range(n))
+        line += n
+        speech = tts.synth(text, voices[speaker], seed=int(rng.integers(2**31)))
+        # mostly a pause before the reply; sometimes the reply starts before the other has finished
+        gap = -seconds(rng, 0.1, 0.5) if rng.random() < 0.15 else seconds(rng, 0.15, 0.9)
+        start = max(t + gap, free[speaker] + margin, 0)
+        events.append((speaker, start, speech, text))
+        free[speaker] = start + len(speech)
+        # the listener acknowledges a long turn, without talking over their own speech
+        if len(speech) > 1.5 * SAMPLE_RATE and rng.random() < 0.4:
+            word = str(rng.choice(backchannels))
+            back = tts.synth(word, voices[other], seed=int(rng.integers(2**31)))
+            back_start = start + int(rng.uniform(0.3, 0.7) * len(speech))
+            if back_start >= free[other] + margin:
+                events.append((other, back_start, back, word))
+                free[other] = back_start + len(back)
+        t = max(t, start + len(speech))
+        # a question is answered by the other speaker; otherwise the turn usually passes too
+        if text.endswith("?") or rng.random() < 0.8:
+            speaker = other
+    audio = np.zeros((2, max(free) + seconds(rng, 0.2, 0.8)), np.float32)  # (2, T)
+    for channel, start, speech, _ in events:
+        audio[channel, start:start + len(speech)] += speech
+    turns = [{"channel": c, "start": round(s / SAMPLE_RATE, 3), "text": text}
+             for c, s, _, text in sorted(events, key=lambda e: e[1])]
+    return audio, {"voices": [v.__dict__ for v in voices], "turns": turns}
+
+
+def plan(minutes: float, val_fraction: float) -> list[tuple[str, str, float]]:
+    """(split, kind, seconds of audio) for each part of the corpus: half monologue, half dialogue."""
+    parts = []
+    for split, fraction in (("train", 1.0 - val_fraction), ("val", val_fraction)):
+        for kind in ("mono", "dialogue"):
+            parts.append((split, kind, minutes * 60.0 * fraction / 2))
+    return parts
+
+
+def remove_old_corpus(out: str) -> None:
+    """Delete what an earlier run wrote (and only that), so a smaller rebuild leaves no strays."""
+    manifest = os.path.join(out, "manifest.json")
+    if os.path.exists(manifest):
+        os.remove(manifest)  # first: a half-rebuilt corpus must not look complete
+    for split in ("train", "val"):
+        for kind in ("mono", "dialogue"):
+            for path in glob.glob(os.path.join(out, split, kind, f"{kind}_[0-9][0-9][0-9][0-9][0-9].wav")):
+                os.remove(path)
+
+
+def is_complete(out: str, settings: dict) -> bool:
+    try:
+        with open(os.path.join(out, "manifest.json")) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return (manifest.get("settings") == settings
+            and all(os.path.exists(os.path.join(out, entry["path"])) for entry in manifest["files"]))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=20.0, help="total minutes of audio")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=HERE, help="output folder (default: this folder)")
+    parser.add_argument("--val-fraction", type=float, default=0.1)
+    parser.add_argument("--force", action="store_true", help="rebuild even if the corpus exists")
+    args = parser.parse_args(argv)
+    if args.minutes <= 0 or not 0 < args.val_fraction < 1:
+        parser.error("--minutes must be positive and --val-fraction between 0 and 1")
+
+    settings = {"recipe_version": RECIPE_VERSION, "seed": args.seed, "minutes": args.minutes,
+                "val_fraction": args.val_fraction, "sample_rate": SAMPLE_RATE}
+    if not args.force and is_complete(args.out, settings):
+        print(f"demo corpus already in {args.out} (seed {args.seed}, {args.minutes} minutes); "
+              "--force rebuilds it")
+        return
+    remove_old_corpus(args.out)
+
+    began = time.time()
+    sentences, backchannels = read_text(os.path.join(HERE, "sentences.txt"))
+    tts = ESpeak()
+    tts.check_voices()
+    files = []
+    with tqdm(total=round(args.minutes * 60), desc="synthesising", dynamic_ncols=True,
+              bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s of audio [{elapsed}]") as bar:
+        for part, (split, kind, budget) in enumerate(plan(args.minutes, args.val_fraction)):
+            rng = np.random.default_rng([args.seed, part])
+            folder = os.path.join(args.out, split, kind)
+            os.makedirs(folder, exist_ok=True)
+            made, count = 0.0, 0
+            while made < budget or count == 0:  # every part gets at least one file
+                if kind == "mono":
+                    audio, entry = make_monologue(tts, rng, sentences)
+                else:
+                    target = min(rng.uniform(20, 50), max(budget - made, 6.0))
+                    audio, entry = make_dialogue(tts, rng, sentences, backchannels, target)
+                rel = f"{split}/{kind}/{kind}_{count:05d}.wav"
+                sf.write(os.path.join(args.out, rel), audio.T, SAMPLE_RATE, subtype="PCM_16")
+                duration = audio.shape[1] / SAMPLE_RATE
+                files.append({"path": rel, "seconds": round(duration, 3), **entry})
+                made, count = made + duration, count + 1
+                bar.update(min(duration, bar.total - bar.n))  # dialogues overshoot their share
+    with open(os.path.join(args.out, "manifest.json"), "w") as f:  # last: marks the corpus complete
+        json.dump({"settings": settings, "files": files}, f, indent=1)
+    total = sum(f["seconds"] for f in files) / 60
+    print(f"wrote {len(files)} files, {total:.1f} minutes, to {args.out} in {time.time() - began:.1f}s")
+
+
+if __name__ == "__main__":
+    main()

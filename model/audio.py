@@ -1,0 +1,140 @@
+"""Audio file I/O: soundfile for reading and writing, soxr for resampling.
+
+Arrays are float32 in [-1, 1] and channel-first, `(C, T)`, the layout the models take.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from typing import Optional
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+SUPPORTED_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
+CHANNEL_MODES = (None, "mono", "stereo")
+
+# File frames read on each side of a crop so the resampler's filter sees real signal at the
+# crop edges instead of a step from zero (which would ring into the first/last milliseconds).
+_RESAMPLE_MARGIN = 1024
+
+
+class AudioError(RuntimeError):
+    """A file that cannot be read or written as audio; the message names the file."""
+
+
+def _reason(e: Exception) -> str:
+    return str(e).strip() or repr(e)  # libsndfile errors sometimes carry an empty message
+
+
+def audio_info(path: str) -> tuple[int, int, int]:
+    """Return `(frames, sample_rate, channels)` of a file without decoding it."""
+    try:
+        info = sf.info(str(path))
+    except Exception as e:  # soundfile raises LibsndfileError, RuntimeError or TypeError
+        raise AudioError(f"cannot read audio file {path}: {_reason(e)}") from e
+    if info.samplerate <= 0 or info.channels <= 0 or info.frames < 0:
+        raise AudioError(f"cannot read audio file {path}: bad header "
+                         f"(rate={info.samplerate}, channels={info.channels}, frames={info.frames})")
+    return int(info.frames), int(info.samplerate), int(info.channels)
+
+
+def convert_channels(audio: np.ndarray, channels: Optional[str], path: str = "<array>") -> np.ndarray:
+    """(C, T) -> (C', T): None keeps C, "mono" averages all channels, "stereo" keeps the first two.
+
+    "stereo" on a one-channel signal raises AudioError: whether a lone speaker should be
+    duplicated or paired with silence is the caller's decision (see `model.data`).
+    """
+    if channels is None:
+        return audio
+    if channels == "mono":
+        return audio if audio.shape[0] == 1 else audio.mean(axis=0, keepdims=True, dtype=np.float32)
+    if channels == "stereo":
+        if audio.shape[0] < 2:
+            raise AudioError(f"{path} has {audio.shape[0]} channel, but stereo (two speakers) was "
+                             "requested; load it with channels=None or 'mono'")
+        return audio[:2]
+    raise ValueError(f"channels must be one of {CHANNEL_MODES}, got {channels!r}")
+
+
+def resample(audio: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
+    """(C, T) at `from_rate` -> (C, T') at `to_rate` with soxr's high-quality filter."""
+    if from_rate == to_rate or audio.shape[-1] == 0:
+        return audio
+    out = soxr.resample(audio.T, from_rate, to_rate, quality="HQ")  # soxr is time-major: (T, C)
+    return np.ascontiguousarray(out.T, dtype=np.float32)
+
+
+def load_audio(path: str, sample_rate: int = 16000, channels: Optional[str] = "mono",
+               start: int = 0, num_samples: Optional[int] = None) -> np.ndarray:
+    """Read a WAV, FLAC, OGG or MP3 file as a float32 array of shape (C, T) at `sample_rate`.
+
+    channels: None keeps the file's own channels; "mono" averages them; "stereo" keeps the first
+        two and raises AudioError for a one-channel file.
+    start, num_samples: the span to read, counted in samples at `sample_rate`; only those frames
+        (and, when resampling, 1024 more on each side) are decoded, so crops of long files are
+        cheap. Near the end of the file fewer than `num_samples` come back; callers pad.
+    Raises AudioError naming the file when it cannot be read.
+    """
+    path = str(path)
+    if start < 0 or (num_samples is not None and num_samples < 0):
+        raise ValueError(f"start and num_samples must be >= 0, got {start}, {num_samples}")
+    try:
+        with sf.SoundFile(path) as f:
+            rate, total = f.samplerate, f.frames
+            if rate == sample_rate:
+                lo, offset = min(start, total), 0
+                hi = total if num_samples is None else min(start + num_samples, total)
+            else:
+                # Read from a file frame that falls exactly on an output sample (`block_in` file
+                # frames = `block_out` output samples), so a crop is sample-aligned with a full
+                # read, and a margin on both sides that the resampler's filter settles in.
+                g = math.gcd(rate, sample_rate)
+                block_in, block_out = rate // g, sample_rate // g
+                margin_out = math.ceil(_RESAMPLE_MARGIN * sample_rate / rate)
+                lo_out = max(start - margin_out, 0) // block_out * block_out
+                lo, offset = min(lo_out // block_out * block_in, total), start - lo_out
+                hi = total if num_samples is None else \
+                    min(math.ceil((start + num_samples) * rate / sample_rate) + _RESAMPLE_MARGIN, total)
+            f.seek(lo)
+            audio = f.read(max(hi - lo, 0), dtype="float32", always_2d=True).T  # (C, T)
+    except Exception as e:
+        raise AudioError(f"cannot read audio file {path}: {_reason(e)}") from e
+    audio = convert_channels(audio, channels, path)  # before resampling: fewer channels to filter
+    audio = resample(audio, rate, sample_rate)
+    end = None if num_samples is None else offset + num_samples
+    audio = audio[:, offset:end]  # drop the margins
+    return np.ascontiguousarray(audio, dtype=np.float32)
+
+
+def save_audio(path: str, audio, sample_rate: int, subtype: str = "PCM_16") -> None:
+    """Write (C, T) or (T,) audio in [-1, 1] to a WAV (or FLAC, by extension) file, atomically.
+
+    subtype: "PCM_16" (default), "PCM_24" or "FLOAT". The data goes to a temporary file in the same
+    folder that is then renamed over `path`, so a reader never sees half a file.
+    """
+    path = str(path)
+    if hasattr(audio, "detach"):  # a torch tensor
+        audio = audio.detach().cpu().numpy()
+    audio = np.asarray(audio, dtype=np.float32)
+    if audio.ndim == 1:
+        audio = audio[None]
+    if audio.ndim != 2:
+        raise ValueError(f"audio must be (C, T) or (T,), got shape {audio.shape}")
+    if subtype.startswith("PCM"):
+        audio = np.clip(audio, -1.0, 1.0)  # integer formats would wrap around otherwise
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    ext = os.path.splitext(name)[1].lower() or ".wav"
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=ext)
+    os.close(fd)
+    try:
+        sf.write(tmp, audio.T, sample_rate, subtype=subtype, format=ext[1:].upper())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a dataset file should be readable by others
+        os.replace(tmp, path)
+    except Exception as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise AudioError(f"cannot write audio file {path}: {_reason(e)}") from e

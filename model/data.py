@@ -1,0 +1,307 @@
+"""Audio datasets shared by the codec and transformer trainers.
+
+A dataset is a folder of audio files (any depth; WAV, FLAC, OGG, MP3). `scan_audio_folder` lists
+them with their lengths, cached in `<root>/.hertz_index.json`; `AudioCropDataset` cuts fixed-length
+crops from them: random ones for training, fixed ones for validation.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from model.audio import SUPPORTED_EXTENSIONS, AudioError, audio_info, load_audio
+
+INDEX_FILENAME = ".hertz_index.json"
+INDEX_VERSION = 1
+
+
+class SkippedAudioWarning(UserWarning):
+    """An audio file was left out of a dataset because it could not be read."""
+
+
+@dataclass(frozen=True)
+class AudioFileInfo:
+    path: str            # absolute
+    frames: int          # at the file's own sample rate
+    sample_rate: int
+    channels: int
+
+    @property
+    def duration(self) -> float:
+        return self.frames / self.sample_rate
+
+
+class AudioFileList(list):
+    """The readable files of a folder, sorted by path; `skipped` names those that were not."""
+
+    def __init__(self, files, root: str, skipped: list[str]):
+        super().__init__(files)
+        self.root = root
+        self.skipped = skipped  # paths relative to root
+
+
+def _formats() -> str:
+    return ", ".join(SUPPORTED_EXTENSIONS)
+
+
+def _list_audio_files(root: str) -> list[str]:
+    """Relative paths of every supported file under `root`, sorted so the order never depends on
+    the file system. Symlinked folders are followed, each real folder once."""
+    found, seen = [], set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a symlink loop, or a folder reachable twice
+            dirs[:] = []
+            continue
+        seen.add(real)
+        for name in files:
+            if name.lower().endswith(SUPPORTED_EXTENSIONS) and not name.startswith("."):
+                found.append(os.path.relpath(os.path.join(folder, name), root))
+    return sorted(found)
+
+
+def _read_index(index_path: str) -> dict:
+    try:
+        with open(index_path) as f:
+            index = json.load(f)
+        if index.get("version") == INDEX_VERSION and isinstance(index.get("files"), dict):
+            return index["files"]
+    except (OSError, ValueError, AttributeError):
+        pass  # no cache yet, or a broken one: rebuild it
+    return {}
+
+
+def _write_index(index_path: str, entries: dict) -> None:
+    """Write the cache atomically; a read-only dataset folder just goes without one."""
+    folder = os.path.dirname(index_path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=INDEX_FILENAME + ".", suffix=".tmp")
+    except OSError:
+        return
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"version": INDEX_VERSION, "files": entries}, f, indent=0, sort_keys=True)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, index_path)
+    except OSError:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def scan_audio_folder(root: str, use_cache: bool = True) -> AudioFileList:
+    """List the audio files under `root` (recursively, sorted) with their lengths.
+
+    Lengths come from the cache `<root>/.hertz_index.json` when a file's size and mtime match
+    the cached ones, so a large dataset starts without opening every file; new or changed files
+    are read and the cache is rewritten (skipped if the folder is read-only). Unreadable files
+    are left out, each named in one SkippedAudioWarning, and listed in the result's `skipped`.
+    Raises FileNotFoundError, naming the folder and the formats, if it holds no readable audio.
+    """
+    root = os.path.abspath(os.fspath(root))
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"audio folder {root} does not exist; expected a folder of {_formats()} "
+                                "files (for a demo corpus run `python data/demo/prepare.py`)")
+    index_path = os.path.join(root, INDEX_FILENAME)
+    cached = _read_index(index_path) if use_cache else {}
+    entries, files, skipped = {}, [], []
+    for rel in _list_audio_files(root):
+        path = os.path.join(root, rel)
+        try:
+            st = os.stat(path)
+        except OSError as e:  # a dangling symlink
+            entry = {"size": -1, "mtime_ns": -1, "error": str(e)}
+        else:
+            entry = cached.get(rel)
+            if entry is None or entry.get("size") != st.st_size or entry.get("mtime_ns") != st.st_mtime_ns:
+                entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+                try:
+                    entry["frames"], entry["sample_rate"], entry["channels"] = audio_info(path)
+                except AudioError as e:
+                    entry["error"] = str(e)  # cached too, so a bad file is not reopened every run
+        entries[rel] = entry
+        if "error" in entry:
+            skipped.append(rel)
+            # the error names the file: "cannot read audio file PATH: reason"
+            warnings.warn(f"skipping unreadable audio: {entry['error']}", SkippedAudioWarning, stacklevel=2)
+        elif entry["frames"] > 0:  # an empty file holds nothing to crop; not worth a warning
+            files.append(AudioFileInfo(path, entry["frames"], entry["sample_rate"], entry["channels"]))
+    if use_cache and entries != cached:
+        _write_index(index_path, entries)
+    if not files:
+        what = f"no readable audio ({len(skipped)} unreadable files skipped)" if skipped else "no audio files"
+        raise FileNotFoundError(f"audio folder {root} has {what}; expected {_formats()} files "
+                                "(for a demo corpus run `python data/demo/prepare.py`)")
+    return AudioFileList(files, root, skipped)
+
+
+class AudioCropDataset(Dataset):
+    """Fixed-length crops of a folder of audio, as `{"audio": (C, N) float32, "mask": (N,) float32}`.
+
+    train=True: item i of epoch e is a random crop, reproducible from (seed, e, i) whatever the
+        worker that reads it: a file drawn with probability proportional to its duration, then a
+        uniform offset. `len` is the number of crops that cover the corpus about once; call
+        `set_epoch(e)` before each epoch (DataLoader workers copy the dataset when an epoch's
+        iterator starts, so do not use persistent_workers).
+    train=False: a fixed list of crops, the same every epoch: consecutive non-overlapping segments
+        from the start of each file, at most `val_crops_per_file` per file (spread evenly over
+        longer files) and `max_val_crops` in all (spread evenly over the files).
+
+    Crops are never stretched or looped: a file shorter than the crop is zero-padded at the end and
+    `mask` is 1 on real samples and 0 on padding, so a loss can leave the padding out (e.g.
+    `(err * mask).sum() / mask.sum()`), while every batch keeps one shape.
+
+    channels="mono" averages a file's channels. channels="stereo" (two speakers, one per channel,
+    for the duplex model) keeps the first two channels; a one-channel file becomes a monologue,
+    the speaker on channel 0 and silence on channel 1 (mono_to_stereo="silence"), or the same
+    signal on both (mono_to_stereo="duplicate").
+
+    Only the needed frames are decoded, and resampled with soxr when the file's rate differs.
+    A file that fails to read is named once (per process) in a SkippedAudioWarning; in training
+    another crop is drawn instead, in validation the crop comes back all padding (mask all 0) so
+    the validation set keeps its size.
+    """
+
+    def __init__(self, root: str, segment_seconds: float, sample_rate: int = 16000, train: bool = True,
+                 channels: str = "mono", seed: int = 0, mono_to_stereo: str = "silence",
+                 val_crops_per_file: int = 4, max_val_crops: Optional[int] = 512):
+        if channels not in ("mono", "stereo"):
+            raise ValueError(f"channels must be 'mono' or 'stereo', got {channels!r}")
+        if mono_to_stereo not in ("silence", "duplicate"):
+            raise ValueError(f"mono_to_stereo must be 'silence' or 'duplicate', got {mono_to_stereo!r}")
+        self.files = scan_audio_folder(root)
+        self.root = self.files.root
+        self.sample_rate = sample_rate
+        self.segment = int(round(segment_seconds * sample_rate))  # N, samples per crop
+        if self.segment <= 0:
+            raise ValueError(f"segment_seconds must be positive, got {segment_seconds}")
+        self.train, self.channels, self.seed, self.mono_to_stereo = train, channels, seed, mono_to_stereo
+        self.epoch = 0
+        self._bad: set[int] = set()  # files that failed to read in this process
+        # lengths in output samples, which is what crops are measured in
+        self.lengths = np.array([f.frames * sample_rate // f.sample_rate for f in self.files], dtype=np.int64)
+        self.total_seconds = float(self.lengths.sum()) / sample_rate
+        if train:
+            self._cumulative = np.cumsum(self.lengths)
+            self._num_items = max(1, int(self.lengths.sum() // self.segment))
+        else:
+            self.crops = self._validation_crops(val_crops_per_file, max_val_crops)
+
+    def _validation_crops(self, per_file: int, max_crops: Optional[int]) -> list[tuple[int, int]]:
+        crops = []
+        for i, length in enumerate(self.lengths):
+            n = max(1, int(length // self.segment))  # a short file still gives one padded crop
+            picks = np.unique(np.linspace(0, n - 1, min(n, per_file)).round().astype(int))
+            crops.extend((i, int(k) * self.segment) for k in picks)
+        if max_crops is not None and len(crops) > max_crops:
+            picks = np.unique(np.linspace(0, len(crops) - 1, max_crops).round().astype(int))
+            crops = [crops[k] for k in picks]
+        return crops  # (file index, start sample)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self._num_items if self.train else len(self.crops)
+
+    def _random_crop(self, rng: np.random.Generator) -> tuple[int, int]:
+        i = int(np.searchsorted(self._cumulative, rng.integers(self._cumulative[-1]), side="right"))
+        start = int(rng.integers(max(int(self.lengths[i]) - self.segment, 0) + 1))
+        return i, start
+
+    def _read(self, i: int, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        info = self.files[i]
+        audio = load_audio(info.path, self.sample_rate, channels="mono" if self.channels == "mono" else None,
+                           start=start, num_samples=self.segment)  # (C, n), n <= N
+        if self.channels == "stereo":
+            if audio.shape[0] == 1:
+                other = audio if self.mono_to_stereo == "duplicate" else np.zeros_like(audio)
+                audio = np.concatenate([audio, other])
+            audio = audio[:2]
+        n = audio.shape[1]
+        out = torch.zeros(audio.shape[0], self.segment)  # (C, N)
+        out[:, :n] = torch.from_numpy(audio)
+        mask = torch.zeros(self.segment)  # (N,)
+        mask[:n] = 1.0
+        return out, mask
+
+    def _skip(self, i: int, error: Exception) -> None:
+        if i not in self._bad:
+            self._bad.add(i)
+            warnings.warn(f"skipping unreadable audio: {error}", SkippedAudioWarning)  # names the file
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} crops")
+        if not self.train:
+            i, start = self.crops[index]
+            try:
+                audio, mask = self._read(i, start)
+            except AudioError as e:
+                # keep the validation set's size and order fixed: an all-padding crop that a
+                # masked loss ignores, rather than a crash in the middle of a run
+                self._skip(i, e)
+                channels = 1 if self.channels == "mono" else 2
+                audio, mask = torch.zeros(channels, self.segment), torch.zeros(self.segment)
+            return {"audio": audio, "mask": mask}
+        rng = np.random.default_rng((self.seed, self.epoch, index))
+        for _ in range(100):
+            i, start = self._random_crop(rng)
+            if i in self._bad:
+                continue
+            try:
+                audio, mask = self._read(i, start)
+            except AudioError as e:
+                self._skip(i, e)
+                continue
+            return {"audio": audio, "mask": mask}
+        raise RuntimeError(f"could not read a crop from {self.root}: {len(self._bad)} of {len(self.files)} "
+                           "files failed to read")
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: Optional[bool] = None, num_workers: int = 0,
+                distributed: Optional[bool] = None, seed: int = 0,
+                drop_last: Optional[bool] = None) -> DataLoader:
+    """A DataLoader over `dataset`; shuffle and drop_last default to the dataset's `train` flag.
+
+    distributed=None uses a DistributedSampler whenever torch.distributed is initialised, so each
+    rank reads its own share. Call `set_epoch(loader, epoch)` before each epoch.
+    """
+    train = getattr(dataset, "train", True)
+    shuffle = train if shuffle is None else shuffle
+    drop_last = train if drop_last is None else drop_last
+    if distributed is None:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    sampler, generator = None, None
+    if distributed:
+        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        shuffle = False  # the sampler shuffles
+    elif shuffle:
+        generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, generator=generator,
+                      num_workers=num_workers, drop_last=drop_last, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=False)
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Give the dataset's random crops and the distributed sampler's order a new epoch."""
+    for obj in (loader.dataset, loader.sampler):
+        if hasattr(obj, "set_epoch"):
+            obj.set_epoch(epoch)
+
+
+def infinite_batches(loader: DataLoader, start_epoch: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield batches forever, moving to the next epoch each time the loader is exhausted; for
+    step-based training loops."""
+    epoch = start_epoch
+    while True:
+        set_epoch(loader, epoch)
+        yield from loader
+        epoch += 1

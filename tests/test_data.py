@@ -1,0 +1,276 @@
+"""Audio I/O and datasets on real files written with soundfile (no mocks of what is tested)."""
+import json
+import os
+import warnings
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import model.audio
+from model.audio import SUPPORTED_EXTENSIONS, AudioError, load_audio, save_audio
+from model.data import (INDEX_FILENAME, AudioCropDataset, SkippedAudioWarning, make_loader,
+                        scan_audio_folder)
+
+SR = 16000
+WRITE_ARGS = {".wav": {}, ".flac": {}, ".ogg": {"subtype": "VORBIS"}, ".mp3": {"subtype": "MPEG_LAYER_III"}}
+
+
+def tone(seconds, rate=SR, freq=440.0, amplitude=0.5):
+    t = np.arange(int(round(seconds * rate))) / rate
+    return (amplitude * np.sin(2 * np.pi * freq * t)).astype(np.float32)  # (T,)
+
+
+def write(path, audio, rate=SR, **kwargs):
+    """audio (C, T) or (T,) -> file; returns the path as a string."""
+    audio = np.asarray(audio, dtype=np.float32)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    sf.write(str(path), audio.T if audio.ndim == 2 else audio, rate, **kwargs)
+    return str(path)
+
+
+def skipped_names(record):
+    return [str(w.message) for w in record if issubclass(w.category, SkippedAudioWarning)]
+
+
+# --- model/audio.py ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ext", SUPPORTED_EXTENSIONS)
+def test_reads_every_supported_format(tmp_path, ext):
+    x = tone(1.0)
+    try:
+        path = write(tmp_path / f"tone{ext}", x, **WRITE_ARGS[ext])
+    except Exception as e:  # an old libsndfile without an MP3 encoder
+        pytest.skip(f"this libsndfile cannot write {ext}: {e}")
+    y = load_audio(path)
+    assert y.dtype == np.float32 and y.shape[0] == 1
+    assert abs(y.shape[1] - len(x)) <= 1200  # lossy codecs may pad a frame
+    n = min(y.shape[1], len(x))
+    assert np.corrcoef(x[:n], y[0, :n])[0, 1] > 0.99
+
+
+def test_uppercase_extension_and_nested_folders_are_scanned(tmp_path):
+    write(tmp_path / "a" / "b" / "LOUD.WAV", tone(0.5))
+    write(tmp_path / "c.Flac", tone(0.5))
+    (tmp_path / "notes.txt").write_text("not audio")
+    files = scan_audio_folder(tmp_path)
+    found = [os.path.relpath(f.path, tmp_path) for f in files]
+    assert found == [os.path.join("a", "b", "LOUD.WAV"), "c.Flac"]
+
+
+@pytest.mark.parametrize("rate", [44100, 22050])
+def test_resampling_to_16k_gives_the_right_length_and_pitch(tmp_path, rate):
+    path = write(tmp_path / "x.wav", tone(1.5, rate=rate, freq=1000.0), rate)
+    y = load_audio(path, sample_rate=SR)[0]
+    assert len(y) == int(1.5 * SR)
+    spectrum = np.abs(np.fft.rfft(y))
+    assert np.argmax(spectrum) * SR / len(y) == pytest.approx(1000.0, abs=2.0)
+
+
+def test_cropped_read_equals_the_slice_of_a_full_read(tmp_path):
+    rng = np.random.default_rng(0)
+    path = write(tmp_path / "noise.wav", rng.uniform(-0.5, 0.5, 44100 * 2).astype(np.float32), 44100)
+    full = load_audio(path)
+    crop = load_audio(path, start=5000, num_samples=4000)
+    assert crop.shape == (1, 4000)
+    # read from a sample-aligned frame with a margin, a crop has no resampler edge effects
+    np.testing.assert_allclose(crop, full[:, 5000:9000], atol=1e-5)
+    tail = load_audio(path, start=full.shape[1] - 100, num_samples=4000)
+    assert tail.shape == (1, 100)  # the end of the file: fewer samples, the caller pads
+
+
+def test_channels_mono_averages_and_stereo_keeps_speakers_apart(tmp_path):
+    left, right = tone(0.5, freq=300.0), tone(0.5, freq=700.0, amplitude=0.3)
+    path = write(tmp_path / "st.wav", np.stack([left, right]), subtype="FLOAT")
+    np.testing.assert_allclose(load_audio(path, channels="mono")[0], (left + right) / 2, atol=1e-6)
+    stereo = load_audio(path, channels="stereo")
+    np.testing.assert_allclose(stereo, np.stack([left, right]), atol=1e-6)
+    assert load_audio(path, channels=None).shape == (2, len(left))
+    quad = write(tmp_path / "quad.wav", np.stack([left, right, left, right]), subtype="FLOAT")
+    assert load_audio(quad, channels="stereo").shape == (2, len(left))  # the first two channels
+    mono = write(tmp_path / "mono.wav", left)
+    with pytest.raises(AudioError, match="mono.wav"):
+        load_audio(mono, channels="stereo")
+
+
+def test_load_error_names_the_file(tmp_path):
+    bad = tmp_path / "garbage.wav"
+    bad.write_bytes(os.urandom(2000))
+    with pytest.raises(AudioError, match="garbage.wav"):
+        load_audio(bad)
+    with pytest.raises(AudioError, match="missing.flac"):
+        load_audio(tmp_path / "missing.flac")
+
+
+@pytest.mark.parametrize("subtype,atol", [("PCM_16", 1e-4), ("FLOAT", 0.0)])
+def test_save_audio_roundtrip_atomic(tmp_path, subtype, atol):
+    x = np.stack([tone(0.3), -tone(0.3)])  # (2, T)
+    path = tmp_path / "out" / "x.wav"
+    save_audio(path, x, SR, subtype=subtype)
+    save_audio(tmp_path / "out" / "one.wav", torch.from_numpy(x[0]), SR)  # (T,) and a tensor
+    np.testing.assert_allclose(load_audio(path, channels=None), x, atol=atol)
+    assert load_audio(tmp_path / "out" / "one.wav").shape == (1, x.shape[1])
+    assert sorted(os.listdir(tmp_path / "out")) == ["one.wav", "x.wav"]  # no temporary files left
+    save_audio(path, np.full((1, 100), 3.0), SR)  # PCM clips rather than wrapping around
+    assert load_audio(path).min() > 0.99
+
+
+# --- model/data.py: scanning -------------------------------------------------------------------
+
+def test_corrupt_files_are_skipped_named_once_and_counted(tmp_path):
+    write(tmp_path / "good.wav", tone(1.0))
+    (tmp_path / "garbage.wav").write_bytes(os.urandom(3000))
+    whole = open(write(tmp_path / "full.wav", tone(1.0)), "rb").read()
+    os.remove(tmp_path / "full.wav")
+    (tmp_path / "truncated.wav").write_bytes(whole[:30])  # cut inside the header
+    with pytest.warns(SkippedAudioWarning) as record:
+        files = scan_audio_folder(tmp_path)
+    assert [os.path.basename(f.path) for f in files] == ["good.wav"]
+    assert files.skipped == ["garbage.wav", "truncated.wav"]
+    messages = skipped_names(record)
+    for name in ("garbage.wav", "truncated.wav"):
+        assert sum(name in m for m in messages) == 1
+    # the second scan answers from the cache, but still names and counts the bad files
+    with pytest.warns(SkippedAudioWarning) as record:
+        assert len(scan_audio_folder(tmp_path).skipped) == 2
+    assert len(skipped_names(record)) == 2
+
+
+def test_missing_and_empty_folders_name_the_path_and_formats(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(FileNotFoundError, match="nope") as e:
+        scan_audio_folder(missing)
+    assert all(ext in str(e.value) for ext in SUPPORTED_EXTENSIONS)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no audio here")
+    with pytest.raises(FileNotFoundError, match="empty") as e:
+        AudioCropDataset(empty, segment_seconds=1.0)
+    assert all(ext in str(e.value) for ext in SUPPORTED_EXTENSIONS)
+    (empty / "bad.wav").write_bytes(b"RIFF....garbage")
+    with pytest.warns(SkippedAudioWarning), pytest.raises(FileNotFoundError, match="1 unreadable"):
+        scan_audio_folder(empty)
+
+
+def test_index_cache_is_reused_and_refreshed(tmp_path, monkeypatch):
+    for i in range(3):
+        write(tmp_path / f"{i}.wav", tone(0.5 + i))
+    calls = []
+    real_info = model.audio.sf.info
+    monkeypatch.setattr(model.audio.sf, "info", lambda path: calls.append(path) or real_info(path))
+
+    first = scan_audio_folder(tmp_path)
+    assert len(calls) == 3 and os.path.exists(tmp_path / INDEX_FILENAME)
+    calls.clear()
+    assert scan_audio_folder(tmp_path) == first
+    assert calls == []  # every length came from the cache
+    write(tmp_path / "1.wav", tone(4.0))  # changed: size and mtime differ
+    files = scan_audio_folder(tmp_path)
+    assert [os.path.basename(p) for p in calls] == ["1.wav"]
+    assert files[1].frames == 4 * SR
+    cache = json.loads((tmp_path / INDEX_FILENAME).read_text())["files"]
+    assert cache["1.wav"]["frames"] == 4 * SR
+
+
+def test_scan_works_when_the_cache_cannot_be_written(tmp_path):
+    write(tmp_path / "a.wav", tone(0.5))
+    (tmp_path / INDEX_FILENAME).mkdir()  # in the way of the cache file, even for root
+    assert len(scan_audio_folder(tmp_path)) == 1
+    assert [p for p in os.listdir(tmp_path) if p.endswith(".tmp")] == []
+
+
+# --- model/data.py: crops ----------------------------------------------------------------------
+
+def test_short_clip_is_padded_and_masked(tmp_path):
+    x = tone(0.5)
+    write(tmp_path / "short.wav", x)
+    for train in (True, False):
+        item = AudioCropDataset(tmp_path, segment_seconds=1.0, train=train)[0]
+        assert item["audio"].shape == (1, SR) and item["mask"].shape == (SR,)
+        assert item["audio"].dtype == torch.float32 and item["mask"].dtype == torch.float32
+        np.testing.assert_allclose(item["audio"][0, :8000].numpy(), x, atol=1e-4)
+        assert torch.all(item["audio"][:, 8000:] == 0)
+        assert torch.all(item["mask"][:8000] == 1) and torch.all(item["mask"][8000:] == 0)
+
+
+def test_validation_crops_are_consecutive_and_fixed(tmp_path):
+    x = np.random.default_rng(0).uniform(-0.5, 0.5, int(3.5 * SR)).astype(np.float32)
+    write(tmp_path / "a.wav", x, subtype="FLOAT")
+    write(tmp_path / "b.wav", tone(0.25), subtype="FLOAT")
+    ds = AudioCropDataset(tmp_path, segment_seconds=1.0, train=False)
+    assert ds.crops == [(0, 0), (0, SR), (0, 2 * SR), (1, 0)]  # a's last half second is left out
+    for k in range(3):
+        np.testing.assert_array_equal(ds[k]["audio"][0].numpy(), x[k * SR:(k + 1) * SR])
+    again = AudioCropDataset(tmp_path, segment_seconds=1.0, train=False)
+    again.set_epoch(7)
+    for k in range(len(ds)):
+        assert torch.equal(ds[k]["audio"], again[k]["audio"]) and torch.equal(ds[k]["mask"], again[k]["mask"])
+    capped = AudioCropDataset(tmp_path, segment_seconds=1.0, train=False, val_crops_per_file=2)
+    assert capped.crops == [(0, 0), (0, 2 * SR), (1, 0)]  # spread over the file
+
+
+def test_train_crops_are_reproducible_and_weighted_by_duration(tmp_path):
+    write(tmp_path / "long.wav", tone(9.0, freq=300.0))
+    write(tmp_path / "short.wav", tone(1.0, freq=2000.0))
+    ds = AudioCropDataset(tmp_path, segment_seconds=0.5, seed=3)
+    assert len(ds) == 20  # ten seconds of audio in half-second crops
+    items = [ds[i]["audio"] for i in range(len(ds))]
+    same = AudioCropDataset(tmp_path, segment_seconds=0.5, seed=3)
+    assert all(torch.equal(a, same[i]["audio"]) for i, a in enumerate(items))
+    other_seed = AudioCropDataset(tmp_path, segment_seconds=0.5, seed=4)
+    assert not all(torch.equal(a, other_seed[i]["audio"]) for i, a in enumerate(items))
+    same.set_epoch(1)
+    assert not all(torch.equal(a, same[i]["audio"]) for i, a in enumerate(items))
+    # file choice follows duration: the 9 s file gives ~90% of crops (crossings counted at 1000 Hz)
+    draws = AudioCropDataset(tmp_path, segment_seconds=0.5, seed=0)
+    long_file = 0
+    for epoch in range(10):
+        draws.set_epoch(epoch)
+        long_file += sum(np.abs(np.diff(np.sign(draws[i]["audio"][0].numpy()))).sum() < 1000 * 2
+                         for i in range(len(draws)))
+    assert 0.8 < long_file / 200 < 0.97
+
+
+def test_loader_workers_give_the_same_batches(tmp_path):
+    for i in range(4):
+        write(tmp_path / f"{i}.wav", tone(2.0, freq=200.0 * (i + 1)))
+    ds = AudioCropDataset(tmp_path, segment_seconds=0.5, seed=1)
+    batches = [list(make_loader(ds, batch_size=4, num_workers=n, seed=5)) for n in (0, 2)]
+    assert len(batches[0]) == 4 and batches[0][0]["audio"].shape == (4, 1, SR // 2)
+    assert batches[0][0]["mask"].shape == (4, SR // 2)
+    for a, b in zip(*batches):
+        assert torch.equal(a["audio"], b["audio"]) and torch.equal(a["mask"], b["mask"])
+
+
+def test_stereo_mode_keeps_speakers_apart_and_mono_is_a_monologue(tmp_path):
+    a, b = tone(1.0, freq=300.0), tone(1.0, freq=900.0)
+    write(tmp_path / "dialogue.wav", np.stack([a, b]), subtype="FLOAT")
+    write(tmp_path / "single.wav", a, subtype="FLOAT")
+    ds = AudioCropDataset(tmp_path, segment_seconds=1.0, train=False, channels="stereo")
+    dialogue, single = ds[0]["audio"], ds[1]["audio"]
+    assert dialogue.shape == single.shape == (2, SR)
+    np.testing.assert_allclose(dialogue.numpy(), np.stack([a, b]), atol=1e-6)
+    np.testing.assert_allclose(single[0].numpy(), a, atol=1e-6)
+    assert torch.all(single[1] == 0)  # the other speaker is silent
+    dup = AudioCropDataset(tmp_path, segment_seconds=1.0, train=False, channels="stereo",
+                           mono_to_stereo="duplicate")[1]["audio"]
+    assert torch.equal(dup[0], dup[1])
+    mono = AudioCropDataset(tmp_path, segment_seconds=1.0, train=False, channels="mono")[0]["audio"]
+    np.testing.assert_allclose(mono[0].numpy(), (a + b) / 2, atol=1e-6)
+
+
+def test_files_failing_at_read_time_are_skipped_and_named_once(tmp_path):
+    write(tmp_path / "good.flac", tone(2.0))
+    rng = np.random.default_rng(0)
+    noise = rng.uniform(-0.5, 0.5, 20 * SR).astype(np.float32)
+    whole = open(write(tmp_path / "cut.flac", noise), "rb").read()
+    (tmp_path / "cut.flac").write_bytes(whole[:len(whole) // 4])  # header intact, data cut short
+    ds = AudioCropDataset(tmp_path, segment_seconds=0.5, seed=0)
+    assert len(ds.files) == 2  # the header still reads fine
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        items = [ds[i] for i in range(len(ds))]
+    messages = skipped_names(record)
+    assert len(messages) == 1 and "cut.flac" in messages[0]
+    assert all(torch.all(item["mask"] == 1) for item in items)

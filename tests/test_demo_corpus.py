@@ -1,0 +1,112 @@
+"""data/demo/prepare.py, run as a script: deterministic, idempotent, the right kinds of files."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from model.data import AudioCropDataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PREPARE = os.path.join(ROOT, "data", "demo", "prepare.py")
+pytest.importorskip("espeakng_loader", reason="the demo corpus needs `pip install espeakng-loader`")
+
+
+def prepare(out, seed=0, minutes=0.5, *extra):
+    result = subprocess.run([sys.executable, PREPARE, "--minutes", str(minutes), "--seed", str(seed),
+                             "--out", str(out), *extra], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def digests(folder):
+    """{relative path: sha256} of every file of a corpus."""
+    out = {}
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            out[os.path.relpath(path, folder)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def demo_corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "seed0"
+    prepare(out)
+    return out
+
+
+def test_same_seed_gives_identical_bytes_and_another_seed_does_not(demo_corpus, tmp_path):
+    prepare(tmp_path / "again")
+    prepare(tmp_path / "seed1", seed=1)
+    first = digests(demo_corpus)
+    assert first == digests(tmp_path / "again")
+    other = digests(tmp_path / "seed1")
+    assert first.keys() & other.keys()
+    assert all(first[k] != other[k] for k in first.keys() & other.keys() if k.endswith(".wav"))
+
+
+def test_rerun_is_skipped_and_force_rebuilds(demo_corpus, tmp_path):
+    out = tmp_path / "c"
+    prepare(out)
+    before = digests(out)
+    assert "already" in prepare(out)
+    prepare(out, 1, 0.5, "--force")  # another seed, fewer or more files: no stale ones remain
+    manifest = json.loads((out / "manifest.json").read_text())
+    listed = {f["path"] for f in manifest["files"]}
+    assert {k for k in digests(out) if k.endswith(".wav")} == listed
+    assert digests(out) != before
+
+
+def test_layout_lengths_and_manifest(demo_corpus):
+    manifest = json.loads((demo_corpus / "manifest.json").read_text())
+    paths = [f["path"] for f in manifest["files"]]
+    for split in ("train", "val"):
+        for kind in ("mono", "dialogue"):
+            assert any(p.startswith(f"{split}/{kind}/") for p in paths), (split, kind)
+    total = sum(f["seconds"] for f in manifest["files"])
+    assert 20 < total < 90  # half a minute asked; each part gets at least one file
+    assert len({v["variant"] + v["language"] for f in manifest["files"] for v in f["voices"]}) > 3
+
+
+def test_mono_files_are_mono_16k_speech(demo_corpus):
+    files = sorted(demo_corpus.glob("*/mono/*.wav"))
+    assert files
+    for path in files:
+        info = sf.info(str(path))
+        assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16")
+        audio, _ = sf.read(str(path), dtype="float32")
+        assert 0.1 < np.abs(audio).max() <= 1.0
+        assert info.duration > 1.0
+
+
+def frame_activity(audio, rate=16000, frame=0.05):
+    """(T, C) -> (frames, C) bool: is the channel speaking in each 50 ms frame."""
+    n = int(rate * frame)
+    frames = audio[: len(audio) // n * n].reshape(-1, n, audio.shape[1])
+    return np.sqrt((frames ** 2).mean(axis=1)) > 0.01
+
+
+def test_dialogues_have_two_speakers_taking_turns(demo_corpus):
+    files = sorted(demo_corpus.glob("*/dialogue/*.wav"))
+    assert files
+    for path in files:
+        audio, rate = sf.read(str(path), dtype="float32", always_2d=True)  # (T, 2)
+        assert rate == 16000 and audio.shape[1] == 2
+        active = frame_activity(audio)
+        assert active[:, 0].any() and active[:, 1].any()
+        # each speaker talks while the other is silent: the channels are not copies of each other
+        assert (active[:, 0] & ~active[:, 1]).sum() > 10
+        assert (active[:, 1] & ~active[:, 0]).sum() > 10
+
+
+def test_corpus_loads_as_a_stereo_dataset(demo_corpus):
+    ds = AudioCropDataset(demo_corpus / "train", segment_seconds=2.0, channels="stereo", seed=0)
+    item = ds[0]
+    assert item["audio"].shape == (2, 32000) and item["mask"].shape == (32000,)
+    val = AudioCropDataset(demo_corpus / "val", segment_seconds=2.0, train=False)
+    assert len(val) > 0 and val[0]["audio"].shape == (1, 32000)
