@@ -1,0 +1,324 @@
+"""Small pieces shared by train_codec.py and train_transformer.py; the loops stay in the scripts.
+
+- `setup_distributed`: one code path for a single process and `torchrun` (NCCL on GPUs, gloo on CPU).
+- `cosine_lr`: linear warmup then cosine decay to `min_lr`.
+- `Checkpoints`: atomic training checkpoints in a folder: `step_XXXXXXXX.pt` (the last N kept),
+  `latest.pt` and `best.pt` (hard links, so no extra space), plus our `.safetensors` model
+  exports beside them for the loading API.
+- `rng_state` / `set_rng_state`: exact resume of python, numpy and torch generators.
+- `check_resumable`: a resumed config that contradicts the checkpoint's is a clear error.
+- `Logger`: Weights & Biases (online, offline fallback, disabled) plus a local `metrics.jsonl`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .checkpoint import atomic_torch_save, atomic_write
+
+
+# --- distributed ----------------------------------------------------------------------------
+
+@dataclass
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device: str) -> Dist:
+    """Start the process group when launched by torchrun (WORLD_SIZE > 1) and pick this rank's
+    device: `cuda` becomes `cuda:LOCAL_RANK`; `cuda` without a GPU is an error."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device=cuda but no GPU is visible; use device=cpu")
+        dev = torch.device("cuda", local if world > 1 else (dev.index or 0))
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank, local, world, dev)
+
+
+def teardown_distributed() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        value = value.detach().clone()
+        dist.all_reduce(value, op=dist.ReduceOp.AVG if dist.get_backend() == "nccl" else dist.ReduceOp.SUM)
+        if dist.get_backend() != "nccl":
+            value /= dist.get_world_size()
+    return value
+
+
+# --- optimisation ---------------------------------------------------------------------------
+
+def cosine_lr(step: int, learning_rate: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
+    """Linear warmup for `warmup_steps`, then cosine decay to `min_lr` at `max_steps`."""
+    if step < warmup_steps:
+        return learning_rate * (step + 1) / warmup_steps
+    if step >= max_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+
+
+def autocast(device: torch.device, dtype: str):
+    """bf16/fp16 autocast on CUDA; float32 elsewhere (CPU autocast is slower than it helps)."""
+    if device.type == "cuda" and dtype in ("bfloat16", "float16"):
+        return torch.autocast("cuda", dtype=getattr(torch, dtype))
+    return nullcontext()
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP and/or torch.compile wrappers."""
+    while True:
+        if hasattr(module, "_orig_mod"):
+            module = module._orig_mod
+        elif isinstance(module, torch.nn.parallel.DistributedDataParallel):
+            module = module.module
+        else:
+            return module
+
+
+# --- reproducibility ------------------------------------------------------------------------
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+
+class ConfigMismatch(ValueError):
+    pass
+
+
+def check_resumable(saved: dict, cfg, fields: Iterable[str]) -> None:
+    """Raise if any of `fields` differs between the checkpoint's config and this run's."""
+    now = dataclasses.asdict(cfg)
+    diffs = []
+    for key in fields:
+        old = saved.get(key)
+        old = tuple(old) if isinstance(old, list) else old
+        if key in saved and old != now[key]:
+            diffs.append(f"  {key}: checkpoint has {old!r}, this run has {now[key]!r}")
+    if diffs:
+        raise ConfigMismatch("the config contradicts the checkpoint it would resume from:\n" + "\n".join(diffs) +
+                             "\nUse the checkpoint's values, another checkpoint_dir, or resume=false to start fresh.")
+
+
+def _link(src: Path, dst: Path) -> None:
+    """Make `dst` name the same file as `src`, atomically (hard link, or a copy if links fail)."""
+    tmp = dst.with_name(f".{dst.name}.link")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        import shutil
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+class Checkpoints:
+    """A folder of training checkpoints: `step_XXXXXXXX.pt` (last `keep` kept), `latest.pt`,
+    `best.pt`, and `metrics.json` recording which step is best and by what value."""
+
+    STEP = re.compile(r"step_(\d{8})\.pt$")
+
+    def __init__(self, folder: str | os.PathLike, keep: int = 3, lower_is_better: bool = True):
+        self.folder = Path(folder)
+        self.keep = keep
+        self.lower_is_better = lower_is_better
+
+    @property
+    def latest(self) -> Optional[Path]:
+        path = self.folder / "latest.pt"
+        return path if path.is_file() else None
+
+    @property
+    def best(self) -> Optional[Path]:
+        path = self.folder / "best.pt"
+        return path if path.is_file() else None
+
+    def _info(self) -> dict:
+        try:
+            return json.loads((self.folder / "checkpoints.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def best_metric(self) -> Optional[float]:
+        return self._info().get("best_metric")
+
+    def save(self, step: int, state: dict, metric: Optional[float] = None) -> Path:
+        """Write the step's training state; update latest, best (if `metric` improves) and the
+        rotation. Returns the step file."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = atomic_torch_save(state, self.folder / f"step_{step:08d}.pt")
+        _link(path, self.folder / "latest.pt")
+        info = self._info()
+        info["latest_step"] = step
+        best = info.get("best_metric")
+        if metric is not None and math.isfinite(metric) and (
+                best is None or (metric < best if self.lower_is_better else metric > best)):
+            _link(path, self.folder / "best.pt")
+            info.update(best_metric=metric, best_step=step)
+        atomic_write(self.folder / "checkpoints.json", lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1)))
+        steps = sorted(self.folder.glob("step_*.pt"))
+        for old in steps[:-self.keep] if self.keep > 0 else []:
+            old.unlink(missing_ok=True)
+        return path
+
+    def mark_best(self, step: int, metric: float) -> bool:
+        """Record `metric` for an already saved step; link it as best if it improves."""
+        path = self.folder / f"step_{step:08d}.pt"
+        info = self._info()
+        best = info.get("best_metric")
+        if not path.is_file() or not math.isfinite(metric) or (
+                best is not None and not (metric < best if self.lower_is_better else metric > best)):
+            return False
+        _link(path, self.folder / "best.pt")
+        info.update(best_metric=metric, best_step=step)
+        atomic_write(self.folder / "checkpoints.json", lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1)))
+        return True
+
+    def load(self, path: Optional[str | os.PathLike] = None, map_location="cpu") -> Optional[dict]:
+        """The training state at `path` (default: latest), or None when there is none."""
+        path = Path(path) if path else self.latest
+        if path is None or not path.is_file():
+            return None
+        return torch.load(path, map_location=map_location, weights_only=False)
+
+
+# --- logging --------------------------------------------------------------------------------
+
+class Logger:
+    """Weights & Biases on rank 0 plus a local `metrics.jsonl`.
+
+    mode "online": if wandb is missing or not logged in, falls back to offline with one line
+    saying so. "offline": runs are stored under `<dir>/wandb` for `wandb sync`. "disabled": only
+    metrics.jsonl. Non-main ranks log nothing.
+    """
+
+    def __init__(self, mode: str, project: str, run_dir: str | os.PathLike, config, is_main: bool = True,
+                 name: Optional[str] = None, resume_id: Optional[str] = None):
+        if mode not in ("online", "offline", "disabled"):
+            raise ValueError(f"wandb must be online, offline or disabled, got {mode!r}")
+        self.is_main = is_main
+        self.run = None
+        self.run_dir = Path(run_dir)
+        self.mode = mode
+        if not is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(self.run_dir / "metrics.jsonl", "a")
+        if mode == "disabled":
+            return
+        try:
+            import wandb
+        except ImportError:
+            print("wandb is not installed: logging to metrics.jsonl only (pip install wandb)")
+            self.mode = "disabled"
+            return
+        if mode == "online" and not _wandb_logged_in(wandb):
+            print("wandb: not logged in, logging offline instead (run `wandb login`, then `wandb sync` the run)")
+            mode = "offline"
+        self.mode = mode
+        os.environ.setdefault("WANDB_SILENT", "true")
+        self.run = wandb.init(project=project, name=name, dir=str(self.run_dir), mode=mode,
+                              config=dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config,
+                              id=resume_id, resume="allow" if resume_id else None)
+        if mode == "offline":
+            print(f"wandb: offline run in {self.run.dir} (upload later with `wandb sync`)")
+
+    @property
+    def run_id(self) -> Optional[str]:
+        return self.run.id if self.run is not None else None
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if not self.is_main:
+            return
+        plain = {k: (float(v) if isinstance(v, (int, float, np.floating, torch.Tensor)) else v)
+                 for k, v in metrics.items() if not _is_media(v)}
+        self.jsonl.write(json.dumps({"step": step, "time": time.time(), **plain}) + "\n")
+        self.jsonl.flush()
+        if self.run is not None:
+            self.run.log({k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}, step=step)
+
+    def audio(self, key: str, audio: np.ndarray, sample_rate: int, caption: str = ""):
+        """A wandb.Audio for `log`, or None when wandb is off."""
+        if self.run is None:
+            return None
+        import wandb
+        return wandb.Audio(np.asarray(audio, dtype=np.float32).T, sample_rate=sample_rate, caption=caption)
+
+    def image(self, figure):
+        if self.run is None:
+            return None
+        import wandb
+        return wandb.Image(figure)
+
+    def finish(self) -> None:
+        if not self.is_main:
+            return
+        self.jsonl.close()
+        if self.run is not None:
+            self.run.finish()
+
+
+def _is_media(value) -> bool:
+    return type(value).__module__.startswith("wandb") or isinstance(value, (list, dict))
+
+
+def _wandb_logged_in(wandb) -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return bool(wandb.api.api_key)
+    except Exception:
+        return False
