@@ -2,7 +2,8 @@
 
 `hertz_dev` is exactly the official architecture (`duplex=true`: scion + care; `duplex=false`:
 caraway/syrup + whip; volcano is the quantizer of both). `tiny` trains in seconds on a CPU,
-`small` on one GPU, `medium` (~1B parameters) is the size used by the training benchmark.
+`small` on one GPU, `medium` (LM + resynthesizer 1.07B parameters) is the size used by the
+training benchmark. `hertz_dev` trains with FSDP and activation checkpointing; the others with DDP.
 """
 from __future__ import annotations
 
@@ -53,9 +54,17 @@ class TransformerConfig:
     val_data_path: str = "data/demo/val"
     sample_rate: int = 16000
     codec_checkpoint: str = "official"          # "official" or a path to one of our codecs
+    latents_dir: str = "data/latents"           # encoded corpora (mu, logvar), one folder per codec
+    mono_to_stereo: str = "silence"             # duplex, one-channel file: "silence" or "duplicate"
+    num_workers: int = 2                        # DataLoader workers (audio decoding, latent crops)
+    val_crops: int = 256                        # validation sequences at most (fixed crops)
+    val_crops_per_file: int = 4
+    ckpt_dir: str = "ckpt"                      # where official weights are looked up / downloaded
 
     # --- optimisation -------------------------------------------------------------------------
-    stage: str = "all"                          # quantizer | resynthesizer | lm | all
+    stage: str = "all"                          # quantizer | resynthesizer | lm | all (see README)
+    lm_loss_weight: float = 1.0                 # total = sum(weight[k] * loss[k])
+    resynth_loss_weight: float = 1.0
     batch_size: int = 8
     grad_accum_steps: int = 1
     learning_rate: float = 3e-4
@@ -67,19 +76,28 @@ class TransformerConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
 
+    # --- scale --------------------------------------------------------------------------------
+    parallel: str = "fsdp"                      # ddp | fsdp: how torchrun ranks share the model
+    activation_checkpointing: bool = True       # recompute each block in backward
+
     # --- run ----------------------------------------------------------------------------------
     log_interval: int = 50
     eval_interval: int = 1000
     save_interval: int = 1000
     checkpoint_dir: str = "checkpoints/transformer"
+    keep_checkpoints: int = 3                   # step_*.pt files kept (plus latest and best)
+    max_minutes: float = 0.0                    # > 0: checkpoint and stop after this wall time
+    sample_seconds: float = 5.0                 # audio completion generated at each evaluation
+    peak_tflops: float = 0.0                    # per GPU, for MFU; 0: known GPUs (H100/H200 989)
     device: str = "cuda"
     dtype: str = "bfloat16"
-    compile: bool = False
+    compile: bool = True                        # torch.compile each transformer block and the losses
     seed: int = 1337
-    init_from: Optional[str] = None             # None, "official" or a path to one of ours
+    init_from: Optional[str] = None             # None, "official", a variant name, or one of ours (.safetensors)
     resume: bool = True
     eval_only: bool = False
     wandb: str = "offline"                      # online | offline | disabled
+    wandb_project: str = "hertz-dev-transformer"
 
     @property
     def vocab_size(self) -> int:
@@ -100,9 +118,9 @@ hertz_dev = TransformerConfig()
 medium = dataclasses.replace(
     hertz_dev,
     quantizer_dim=1024, quantizer_ff_dim=4096,
-    lm_dim=2048, lm_layers=16, lm_heads=16, lm_ff_dim=None,
+    lm_dim=2048, lm_layers=14, lm_heads=16, lm_ff_dim=None,
     resynth_dim=2048, resynth_layers=4, resynth_heads=16, resynth_kv_heads=16, resynth_ff_dim=None,
-    batch_size=8,
+    batch_size=8, parallel="ddp", activation_checkpointing=False,
 )
 
 small = dataclasses.replace(
@@ -111,7 +129,7 @@ small = dataclasses.replace(
     quantizer_dim=512, quantizer_ff_dim=2048,
     lm_dim=768, lm_layers=12, lm_heads=12, lm_ff_dim=None,
     resynth_dim=768, resynth_layers=4, resynth_heads=12, resynth_kv_heads=12, resynth_ff_dim=None,
-    batch_size=16, warmup_steps=500, max_steps=50_000,
+    batch_size=16, warmup_steps=500, max_steps=50_000, parallel="ddp", activation_checkpointing=False,
 )
 
 tiny = dataclasses.replace(
@@ -122,7 +140,8 @@ tiny = dataclasses.replace(
     resynth_dim=64, resynth_layers=2, resynth_heads=4, resynth_kv_heads=4, resynth_ff_dim=128,
     batch_size=4, learning_rate=1e-3, min_lr=1e-4, warmup_steps=5, max_steps=20,
     log_interval=5, eval_interval=10, save_interval=10,
-    device="cpu", dtype="float32",
+    device="cpu", dtype="float32", compile=False, parallel="ddp", activation_checkpointing=False,
+    codec_checkpoint="checkpoints/codec/best.safetensors", num_workers=0, val_crops=32, sample_seconds=2.0,
 )
 
 PRESETS = {"tiny": tiny, "small": small, "medium": medium, "hertz_dev": hertz_dev}
