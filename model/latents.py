@@ -1,0 +1,294 @@
+"""Codec latents for the transformer trainer: an audio folder encoded once by a frozen codec into
+memory-mapped shards of the posterior (mu, logvar), and training sequences cut from them.
+
+Why precompute rather than encode on the fly: the encoder costs about 1.2 GFLOP per latent and
+channel (the official codec; about 40% of a 1B-parameter model's training FLOPs in duplex, as
+small, memory-bound convolutions) and decoding 4-minute crops of compressed audio costs CPU time
+every step; an encoded corpus is small (256 bytes per latent and channel) and read at memory speed.
+The posterior is stored, not a sample of it, so every read draws a fresh z = mu + sigma * eps, the
+augmentation on-the-fly encoding would give.
+
+Stale latents cannot be used: a corpus is stored under a folder named by a key over the audio
+listing (paths, sizes, modification times), the codec fingerprint (a hash of its architecture
+and weights), the channel mode and the sample rate. Another codec, a changed file or the other
+channel mode is another key, hence another folder, encoded anew; `prepare_latents` is the only way
+to get a folder, and it always computes the key from the codec in hand.
+
+Layout of an encoded folder:
+    manifest.json                      format, key inputs, and per file: name, shard, offset, length
+    shard_RRRRR.bin                    float32 rows (length, 2, channels * 32): [mu, logvar], the
+                                       channels side by side (channel 0 first) as the duplex model reads them
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import warnings
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .checkpoint import atomic_write
+from .codec import Codec
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+
+
+# --- the codec's identity -------------------------------------------------------------------
+
+def codec_fingerprint(codec: torch.nn.Module) -> str:
+    """16 hex digits of SHA-256 over the codec's architecture fields and every weight (float32),
+    so two codecs share a fingerprint only if they encode identically."""
+    from config.codec_config import ARCH_FIELDS
+    h = hashlib.sha256()
+    cfg = dataclasses.asdict(codec.config)
+    h.update(json.dumps({k: cfg[k] for k in ARCH_FIELDS}, sort_keys=True).encode())
+    for name, tensor in sorted(codec.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# --- encoding a folder ----------------------------------------------------------------------
+
+class _AudioFiles(Dataset):
+    """Whole files as (C, N) float32 at `sample_rate`: mono averages the channels; stereo keeps
+    the first two, and a one-channel file gets silence (or itself) as the second speaker."""
+
+    def __init__(self, paths: list[str], sample_rate: int, channels: str, mono_to_stereo: str):
+        self.paths, self.sample_rate, self.channels, self.mono_to_stereo = paths, sample_rate, channels, mono_to_stereo
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        from .audio import AudioError, load_audio
+        try:
+            audio = load_audio(self.paths[i], self.sample_rate, "mono" if self.channels == "mono" else None)
+        except AudioError as e:
+            return i, None, str(e)
+        if self.channels == "stereo":
+            if audio.shape[0] == 1:
+                other = audio if self.mono_to_stereo == "duplicate" else np.zeros_like(audio)
+                audio = np.concatenate([audio, other])
+            audio = audio[:2]
+        return i, torch.from_numpy(audio), None
+
+
+@torch.no_grad()
+def _encode(codec, audio: torch.Tensor, chunk: int) -> np.ndarray:
+    """(C, N) audio, N a multiple of the hop -> (N / hop, 2, C * 32) float32 [mu, logvar], encoded
+    chunk by chunk through the codec's streaming state (identical to one whole-signal pass)."""
+    C = audio.shape[0]
+    stream, _ = codec.init_stream(C)
+    p = next(codec.parameters())
+    mus, logvars = [], []
+    for start in range(0, audio.shape[-1], chunk):
+        x = audio[:, None, start:start + chunk].to(p.device, p.dtype)  # (C, 1, n)
+        mu, logvar = codec.encode_step(x, stream)  # (C, n / hop, 32)
+        mus.append(mu)
+        logvars.append(logvar)
+    mu, logvar = torch.cat(mus, 1), torch.cat(logvars, 1)
+    L = mu.shape[1]
+    # (C, L, 32) -> (L, C * 32): channel 0's dims first, as the duplex model splits them
+    rows = torch.stack([mu.permute(1, 0, 2).reshape(L, -1), logvar.permute(1, 0, 2).reshape(L, -1)], dim=1)
+    return rows.float().cpu().numpy()
+
+
+def _corpus_key(root: str, files, fingerprint: str, channels: str, mono_to_stereo: str, sample_rate: int) -> str:
+    listing = []
+    for f in files:
+        st = os.stat(f.path)
+        listing.append([os.path.relpath(f.path, root), st.st_size, st.st_mtime_ns])
+    spec = {"format": FORMAT, "root": root, "files": listing, "codec": fingerprint, "channels": channels,
+            "mono_to_stereo": mono_to_stereo if channels == "stereo" else None, "sample_rate": sample_rate}
+    return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:12]
+
+
+def _barrier() -> None:
+    """Wait for every rank, however long the slowest one encodes (a gloo group with a day's timeout:
+    the default NCCL timeout would kill a long encoding)."""
+    if dist.is_available() and dist.is_initialized():
+        group = dist.new_group(backend="gloo", timeout=timedelta(days=1))
+        dist.barrier(group=group)
+        dist.destroy_process_group(group)
+
+
+def prepare_latents(root: str, codec, channels: str, out_dir: str, sample_rate: int = 16000,
+                    mono_to_stereo: str = "silence", fingerprint: Optional[str] = None, num_workers: int = 0,
+                    chunk_seconds: float = 60.0, log: Callable[[str], None] = print) -> Path:
+    """The encoded folder of `root` for this codec and channel mode, encoding it first if it does
+    not exist yet. Under torchrun every rank encodes its share of the files (one shard each).
+
+    channels: "mono" (files averaged to one channel; 32-dim latents) or "stereo" (two speakers,
+    one per channel; 64-dim latents). Files shorter than one latent (2000 samples) hold nothing
+    and are left out; the last partial latent of a file is dropped. Unreadable files are skipped
+    with a warning.
+    """
+    from .data import scan_audio_folder
+    if channels not in ("mono", "stereo"):
+        raise ValueError(f"channels must be 'mono' or 'stereo', got {channels!r}")
+    files = scan_audio_folder(root)
+    root = files.root
+    fingerprint = fingerprint or codec_fingerprint(codec)
+    key = _corpus_key(root, files, fingerprint, channels, mono_to_stereo, sample_rate)
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.basename(root.rstrip("/")) or "audio")
+    folder = Path(out_dir) / f"{name}-{channels}-{key}"
+    if (folder / MANIFEST).is_file():
+        return folder
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    mine = list(range(rank, len(files), world))
+    hop = codec.hop_length
+    chunk = max(1, int(chunk_seconds * sample_rate) // hop) * hop
+    folder.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        log(f"encoding {len(files)} files ({files[0].path if len(files) == 1 else root}) with codec {fingerprint} "
+            f"({channels}) into {folder}")
+    reader = DataLoader(_AudioFiles([files[i].path for i in mine], sample_rate, channels, mono_to_stereo),
+                        batch_size=None, num_workers=num_workers)
+    entries, offset = [], 0
+    shard = f"shard_{rank:05d}.bin"
+    from tqdm import tqdm
+    with open(folder / shard, "wb") as out:
+        for j, audio, error in tqdm(reader, total=len(mine), desc="encoding", disable=rank != 0, leave=False):
+            path = files[mine[j]].path
+            if error is not None:
+                warnings.warn(f"skipping unreadable audio: {error}")
+                continue
+            n = audio.shape[-1] // hop * hop
+            if n == 0:
+                continue
+            rows = _encode(codec, audio[:, :n], chunk)
+            out.write(rows.tobytes())
+            entries.append({"name": os.path.relpath(path, root), "shard": shard, "offset": offset, "length": len(rows)})
+            offset += len(rows)
+        out.flush()
+        os.fsync(out.fileno())
+    atomic_write(folder / f"shard_{rank:05d}.json", lambda tmp: Path(tmp).write_text(json.dumps(entries)))
+    _barrier()
+    if rank == 0:
+        merged = []
+        for r in range(world):
+            merged += json.loads((folder / f"shard_{r:05d}.json").read_text())
+        merged.sort(key=lambda e: e["name"])
+        if not merged:
+            raise FileNotFoundError(f"no file in {root} is at least one latent ({hop} samples) long")
+        manifest = {"format": FORMAT, "root": root, "codec": fingerprint, "channels": channels,
+                    "mono_to_stereo": mono_to_stereo, "sample_rate": sample_rate, "hop_length": hop,
+                    "latent_dim": int(codec.config.latent_dim) * (2 if channels == "stereo" else 1),
+                    "latents": sum(e["length"] for e in merged), "files": merged}
+        atomic_write(folder / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=0)))
+        log(f"encoded {manifest['latents']} latents ({manifest['latents'] * hop / sample_rate / 3600:.2f} h) "
+            f"from {len(merged)} files")
+    _barrier()
+    return folder
+
+
+# --- sequences --------------------------------------------------------------------------------
+
+class LatentCrops(Dataset):
+    """Sequences of `seq_len` latents from an encoded folder, as
+    `{"posterior": (T, 2, D) float32 [mu, logvar], "valid": (T,) bool}`.
+
+    train=True: item i is a random crop reproducible from (seed, i) alone: a file drawn with
+        probability proportional to its length, then a uniform start. Items are indexed by a
+        global sample counter (see `StepSampler`), so the data position is the training step.
+    train=False: fixed crops, consecutive from the start of each file, at most
+        `val_crops_per_file` per file (spread over it) and `max_crops` in all.
+
+    A file shorter than `seq_len` gives a shorter crop, zero-padded at the end with `valid`
+    False there: padded positions are left out of every loss (causal attention means they never
+    influence a real position either). Sequences are never packed across files.
+    """
+
+    def __init__(self, folder: str | os.PathLike, seq_len: int, train: bool = True, seed: int = 0,
+                 val_crops_per_file: int = 4, max_crops: Optional[int] = 256):
+        self.folder = Path(folder)
+        self.manifest = json.loads((self.folder / MANIFEST).read_text())
+        if self.manifest.get("format") != FORMAT:
+            raise ValueError(f"{self.folder} was encoded by another version of this code; delete it to re-encode")
+        self.files = self.manifest["files"]
+        self.dim = self.manifest["latent_dim"]
+        self.seq_len, self.train, self.seed = seq_len, train, seed
+        self.lengths = np.array([f["length"] for f in self.files], dtype=np.int64)
+        self._arrays: Optional[dict[str, np.memmap]] = None
+        if train:
+            self._cumulative = np.cumsum(self.lengths)
+        else:
+            crops = []
+            for i, length in enumerate(self.lengths):
+                n = max(1, int(length // seq_len))
+                picks = np.unique(np.linspace(0, n - 1, min(n, val_crops_per_file)).round().astype(int))
+                crops.extend((i, int(k) * seq_len) for k in picks)
+            if max_crops is not None and len(crops) > max_crops:
+                picks = np.unique(np.linspace(0, len(crops) - 1, max_crops).round().astype(int))
+                crops = [crops[k] for k in picks]
+            self.crops = crops
+
+    def __getstate__(self):  # DataLoader workers open their own memory maps
+        return {**self.__dict__, "_arrays": None}
+
+    def _array(self, shard: str) -> np.memmap:
+        if self._arrays is None:
+            self._arrays = {}
+        if shard not in self._arrays:
+            path = self.folder / shard
+            rows = os.path.getsize(path) // (2 * self.dim * 4)
+            self._arrays[shard] = np.memmap(path, dtype=np.float32, mode="r", shape=(rows, 2, self.dim))
+        return self._arrays[shard]
+
+    def __len__(self) -> int:
+        return len(self.crops) if not self.train else int(self.lengths.sum() // self.seq_len) or 1
+
+    def crop(self, file: int, start: int) -> dict[str, torch.Tensor]:
+        f = self.files[file]
+        n = min(self.seq_len, f["length"] - start)
+        rows = self._array(f["shard"])[f["offset"] + start: f["offset"] + start + n]
+        posterior = torch.zeros(self.seq_len, 2, self.dim)
+        posterior[:n] = torch.from_numpy(np.array(rows))
+        valid = torch.zeros(self.seq_len, dtype=torch.bool)
+        valid[:n] = True
+        return {"posterior": posterior, "valid": valid}
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not self.train:
+            return self.crop(*self.crops[index])
+        rng = np.random.default_rng((self.seed, index))
+        i = int(np.searchsorted(self._cumulative, rng.integers(self._cumulative[-1]), side="right"))
+        start = int(rng.integers(max(int(self.lengths[i]) - self.seq_len, 0) + 1))
+        return self.crop(i, start)
+
+
+class StepSampler(Sampler[int]):
+    """Endless global sample indices of one rank from `start_step` on: micro-batch m of step s on
+    rank r reads items ((s * accum + m) * world + r) * batch + [0, batch). Resuming at a step reads
+    exactly what an uninterrupted run would have."""
+
+    def __init__(self, batch_size: int, grad_accum_steps: int = 1, rank: int = 0, world_size: int = 1,
+                 start_step: int = 0):
+        self.batch, self.accum, self.rank, self.world, self.start = batch_size, grad_accum_steps, rank, world_size, start_step
+
+    def __iter__(self) -> Iterator[int]:
+        step = self.start
+        while True:
+            for micro in range(self.accum):
+                base = ((step * self.accum + micro) * self.world + self.rank) * self.batch
+                yield from range(base, base + self.batch)
+            step += 1
+
+
+def sample_posterior(posterior: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """(B, T, 2, D) [mu, logvar] -> z = mu + exp(logvar / 2) * eps, (B, T, D): the codec's
+    `Codec.sample`, drawn afresh at every read."""
+    mu, logvar = posterior.unbind(dim=2)
+    return Codec.sample(mu, logvar, generator)

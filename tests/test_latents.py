@@ -1,0 +1,92 @@
+"""Encoded corpora: what mono and duplex store, the cache key that rules out stale latents, and
+the crops and sample order the trainer reads."""
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from config.codec_config import PRESETS as CODEC_PRESETS
+from model import Codec, build
+from model.audio import save_audio
+from model.latents import LatentCrops, StepSampler, prepare_latents, sample_posterior
+
+
+@pytest.fixture(scope="module")
+def codec():
+    torch.manual_seed(0)
+    return build(Codec, CODEC_PRESETS["tiny"]).eval()
+
+
+@pytest.fixture
+def folder(tmp_path):
+    rng = np.random.default_rng(0)
+    save_audio(str(tmp_path / "audio" / "talk.wav"), 0.1 * rng.standard_normal((2, 10_500)).astype(np.float32), 16000)
+    save_audio(str(tmp_path / "audio" / "solo.wav"), 0.1 * rng.standard_normal((1, 6_000)).astype(np.float32), 16000)
+    return tmp_path
+
+
+def rows(folder, name):
+    manifest = json.loads((folder / "manifest.json").read_text())
+    entry = next(e for e in manifest["files"] if e["name"] == name)
+    data = np.fromfile(folder / entry["shard"], dtype=np.float32).reshape(-1, 2, manifest["latent_dim"])
+    return torch.from_numpy(data[entry["offset"]:entry["offset"] + entry["length"]])
+
+
+def encoded(codec, audio):
+    """(C, N) -> mu, logvar (N / 2000, C*32): the whole-signal encoding, channels side by side."""
+    with torch.no_grad():
+        mu, logvar = codec.encode(torch.as_tensor(audio)[:, None])
+    return torch.cat(list(mu), -1), torch.cat(list(logvar), -1)
+
+
+def test_duplex_keeps_speakers_apart_and_pairs_a_mono_file_with_silence(codec, folder):
+    from model.audio import load_audio
+    out = prepare_latents(str(folder / "audio"), codec, "stereo", str(folder / "latents"), log=lambda m: None)
+    talk, solo = load_audio(str(folder / "audio/talk.wav"), 16000, None), load_audio(str(folder / "audio/solo.wav"))
+    got = rows(out, "talk.wav")  # the last partial latent (500 samples) is dropped
+    mu, logvar = encoded(codec, talk[:, :10_000])
+    assert got.shape == (5, 2, 64) and torch.allclose(got[:, 0], mu, atol=1e-5) and torch.allclose(got[:, 1], logvar, atol=1e-5)
+    mu, _ = encoded(codec, np.concatenate([solo, np.zeros_like(solo)]))
+    assert torch.allclose(rows(out, "solo.wav")[:, 0], mu, atol=1e-5)
+    mono = prepare_latents(str(folder / "audio"), codec, "mono", str(folder / "latents"), log=lambda m: None)
+    mu, _ = encoded(codec, talk[:, :10_000].mean(0, keepdims=True))
+    assert mono != out and torch.allclose(rows(mono, "talk.wav")[:, 0], mu, atol=1e-5)
+
+
+def test_another_codec_or_a_changed_file_is_encoded_anew(codec, folder):
+    kw = dict(channels="mono", out_dir=str(folder / "latents"), log=lambda m: None)
+    first = prepare_latents(str(folder / "audio"), codec, **kw)
+    stamp = (first / "manifest.json").stat().st_mtime_ns
+    assert prepare_latents(str(folder / "audio"), codec, **kw) == first
+    assert (first / "manifest.json").stat().st_mtime_ns == stamp  # reused, not re-encoded
+    other = build(Codec, CODEC_PRESETS["tiny"]).eval()
+    other.load_state_dict(codec.state_dict())
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    assert prepare_latents(str(folder / "audio"), other, **kw) != first
+    save_audio(str(folder / "audio" / "solo.wav"), np.zeros((1, 8_000), np.float32), 16000)
+    changed = prepare_latents(str(folder / "audio"), codec, **kw)
+    assert changed != first and rows(changed, "solo.wav").shape[0] == 4
+
+
+def test_crops_pad_short_files_and_are_reproducible(codec, folder):
+    out = prepare_latents(str(folder / "audio"), codec, "stereo", str(folder / "latents"), log=lambda m: None)
+    train = LatentCrops(out, seq_len=4, train=True, seed=3)
+    assert all(torch.equal(train[i]["posterior"], train[i]["posterior"]) for i in range(5))
+    val = LatentCrops(out, seq_len=4, train=False)
+    assert val.crops == [(0, 0), (1, 0)]  # solo.wav (3 latents), talk.wav (5 latents: one full crop)
+    solo = val[0]
+    assert solo["valid"].tolist() == [True, True, True, False] and solo["posterior"][3].abs().sum() == 0
+    z = sample_posterior(solo["posterior"][None], torch.Generator().manual_seed(0))
+    assert z.shape == (1, 4, 64)
+
+
+def test_sampler_resumes_where_it_stopped():
+    full = StepSampler(batch_size=3, grad_accum_steps=2, rank=1, world_size=2)
+    resumed = StepSampler(batch_size=3, grad_accum_steps=2, rank=1, world_size=2, start_step=2)
+    first = list(itertools.islice(iter(full), 3 * 2 * 4))
+    assert list(itertools.islice(iter(resumed), 12)) == first[12:]
+    other = list(itertools.islice(iter(StepSampler(3, 2, rank=0, world_size=2)), 24))
+    assert not set(first) & set(other)  # ranks read disjoint samples
