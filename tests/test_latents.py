@@ -13,6 +13,15 @@ from model.audio import save_audio
 from model.latents import LatentCrops, StepSampler, prepare_latents, sample_posterior
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensors: one thread is faster, and immune to other processes on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def codec():
     torch.manual_seed(0)

@@ -1,0 +1,244 @@
+"""train_transformer.py end to end on a tiny corpus and codec (CPU): every stage, mono and duplex,
+exact resume, DDP and FSDP with two gloo processes, init_from=official through the hub, the
+exported model in the inference path, the overfit check and the benchmark's smoke mode."""
+import dataclasses
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from config.codec_config import PRESETS as CODEC_PRESETS
+from config.transformer_config import ARCH_FIELDS, PRESETS
+from model import Codec, HertzDev, build, load_hertz_dev, sample_latent, sample_token, save_codec
+from model.checkpoint import read_weights, substate
+from model.objectives import STAGES, compute_losses
+
+from hub_server import HubServer
+from reference import PARITY_DIR, require, transformer_config
+
+REPO = Path(__file__).resolve().parents[1]
+PARTS = ("quantizer", "lm", "resynth")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensors: one thread is faster, and immune to other processes on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A 1.4-minute demo corpus (monologues and dialogues), a tiny random codec, a latents folder."""
+    root = tmp_path_factory.mktemp("transformer")
+    subprocess.run([sys.executable, "data/demo/prepare.py", "--minutes", "1", "--seed", "0", "--out", str(root / "corpus")],
+                   cwd=REPO, check=True, capture_output=True)
+    torch.manual_seed(0)
+    codec = save_codec(root / "codec.safetensors", build(Codec, CODEC_PRESETS["tiny"]))
+    return {"root": root, "codec": codec, "runs": {}}
+
+
+def base_args(setup, run_dir, duplex=True, **overrides):
+    args = {"codec_checkpoint": setup["codec"], "train_data_path": setup["root"] / "corpus/train",
+            "val_data_path": setup["root"] / "corpus/val", "latents_dir": setup["root"] / "latents",
+            "checkpoint_dir": run_dir, "duplex": duplex, "wandb": "disabled", "max_steps": 2, "eval_interval": 2,
+            "save_interval": 2, "log_interval": 1, "batch_size": 2, "val_crops": 4, "sample_seconds": 0.5,
+            **overrides}
+    return ["--config", "tiny"] + [f"{k}={v}" for k, v in args.items()]
+
+
+def train(args, nproc=1, code=None, env=None, timeout=300):
+    """Run the trainer in a subprocess (torchrun for nproc > 1); stdout, and the eval JSON lines."""
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "train_transformer.py"]
+    elif code:
+        cmd = [sys.executable, "-c", code]
+    else:
+        cmd = [sys.executable, "train_transformer.py"]
+    out = subprocess.run(cmd + [str(a) for a in args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    evals = {row["eval"]: row for row in (json.loads(line) for line in out.stdout.splitlines()
+                                          if line.startswith('{"eval"'))}
+    return out.stdout + out.stderr, evals
+
+
+def train_rows(run_dir):
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["train/total"] for row in rows if "train/total" in row}
+
+
+def run_stage(setup, stage, duplex):
+    key = (stage, duplex)
+    if key not in setup["runs"]:
+        run_dir = setup["root"] / f"run-{stage}-{duplex}"
+        log, evals = train(base_args(setup, run_dir, duplex, stage=stage))
+        setup["runs"][key] = (run_dir, log, evals)
+    return setup["runs"][key]
+
+
+def tiny(duplex):
+    return dataclasses.replace(PRESETS["tiny"], duplex=duplex)
+
+
+@pytest.mark.parametrize("duplex", [False, True], ids=["mono", "duplex"])
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_stage_trains_its_components_and_exports(setup, stage, duplex):
+    run_dir, log, evals = run_stage(setup, stage, duplex)
+    assert sorted(evals) == [0, 2] and all(torch.isfinite(torch.tensor(v)) for v in evals[2].values())
+    assert (run_dir / "samples" / "step_00000002.wav").is_file()
+    assert {p.name for p in run_dir.glob("*.pt")} >= {"latest.pt", "best.pt", "step_00000002.pt"}
+    # trained components moved away from the seeded initial weights; frozen ones did not move at all
+    state, meta = read_weights(run_dir / "best.safetensors")
+    assert meta["config"]["stage"] == stage and meta["extra"]["codec"] == str(setup["codec"])
+    torch.manual_seed(PRESETS["tiny"].seed)
+    init = build(HertzDev, tiny(duplex))
+    for part in PARTS:
+        saved, start = substate(state, part), getattr(init, part).state_dict()
+        changed = any(not torch.equal(saved[k], v) for k, v in start.items())
+        assert changed == (part in STAGES[stage]), (part, stage)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("duplex", [False, True], ids=["mono", "duplex"])
+def test_exported_model_loads_and_generates(setup, duplex):
+    run_dir, _, _ = run_stage(setup, "all", duplex)
+    hertz = load_hertz_dev(run_dir / "best.safetensors")  # the codec comes from the checkpoint's record
+    assert hertz.config.duplex == duplex and hertz.codec is not None
+    C, P, n = (2 if duplex else 1), 4, 3
+    audio = 0.1 * torch.randn(C, 1, P * 2000)
+    mu, _ = hertz.codec.encode(audio)  # (C, P, 32)
+    prompt = torch.cat(list(mu), dim=-1)[None]  # (1, P, C*32)
+    lm_cache, rs_cache = hertz.lm.make_cache(1, P + n), hertz.resynth.make_cache(1, P + n)
+    logits = hertz.lm(prompt, lm_cache, torch.arange(P)[None])
+    codes = [hertz.quantizer(x)[0][:, 1:] for x in prompt.chunk(C, dim=-1)]
+    hertz.resynth(prompt[:, :-1], tuple(codes) if duplex else codes[0], rs_cache, torch.arange(P - 1)[None])
+    last, out = prompt[:, -1:], []
+    for i in range(n):
+        pos = torch.tensor([[P - 1 + i]])
+        tokens = [sample_token(h[:, -1], 0.8)[:, None] for h in (logits if duplex else (logits,))]
+        plex = [hertz.quantizer.indices_to_codes(t) for t in tokens]
+        mix = hertz.resynth(last, tuple(plex) if duplex else plex[0], rs_cache, pos)
+        last = torch.cat([sample_latent(*m) for m in (mix if duplex else (mix,))], dim=-1)
+        out.append(last)
+        logits = hertz.lm(last, lm_cache, pos + 1)
+    latents = torch.cat(out, dim=1)
+    assert latents.shape == (1, n, 32 * C) and torch.isfinite(latents).all()
+    wave = hertz.codec.decode(latents[..., :32])
+    assert wave.shape == (1, 1, n * 2000) and torch.isfinite(wave).all()
+
+
+def test_resume_continues_at_the_same_step_exactly(setup):
+    """Stopped by max_minutes after one step and resumed: the same losses, step for step, and the
+    same final validation as the uninterrupted run."""
+    run_dir, _, evals = run_stage(setup, "all", True)
+    resumed = setup["root"] / "run-resumed"
+    log, first = train(base_args(setup, resumed, stage="all", max_minutes=1e-9))
+    assert "max_minutes=1e-09 reached at step 1" in log and sorted(first) == [0, 1]
+    log, second = train(base_args(setup, resumed, stage="all"))
+    assert f"{resumed / 'latest.pt'} (step 1)" in log and sorted(second) == [2]
+    assert train_rows(resumed) == train_rows(run_dir)
+    assert second[2] == evals[2]
+
+
+def test_ddp_and_fsdp_agree_and_fsdp_resumes(setup):
+    """Two gloo processes with gradient accumulation: DDP, and FSDP2 (with activation
+    checkpointing) stopped after one step and resumed from its gathered checkpoint, train alike."""
+    common = dict(stage="all", max_steps=3, eval_interval=3, save_interval=3, grad_accum_steps=2)
+    ddp_dir, fsdp_dir = setup["root"] / "run-ddp", setup["root"] / "run-fsdp"
+    _, ddp = train(base_args(setup, ddp_dir, parallel="ddp", **common), nproc=2)
+    log, _ = train(base_args(setup, fsdp_dir, parallel="fsdp", activation_checkpointing=True, max_minutes=1e-9,
+                             **common), nproc=2)
+    assert "reached at step 1" in log
+    log, fsdp = train(base_args(setup, fsdp_dir, parallel="fsdp", activation_checkpointing=True, **common), nproc=2)
+    assert "(step 1)" in log and "(fsdp)" in log
+    for key, value in ddp[3].items():
+        assert fsdp[3][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    a, b = train_rows(ddp_dir), train_rows(fsdp_dir)
+    assert sorted(a) == sorted(b) == [1, 2, 3] and all(b[s] == pytest.approx(a[s], rel=1e-4) for s in a)
+    assert load_hertz_dev(fsdp_dir / "latest.safetensors", codec=None).config.parallel == "fsdp"
+
+
+REGISTER = ("import json, sys, runpy; from model import hub; "
+            "[hub.OFFICIAL_FILES.__setitem__(n, hub.OfficialFile(n, m, s, 'test')) "
+            "for n, (m, s) in json.loads(sys.argv[1]).items()]; "
+            "sys.argv = ['train_transformer.py'] + sys.argv[2:]; runpy.run_path('train_transformer.py', run_name='__main__')")
+
+
+def test_init_from_official_fine_tunes_files_in_the_official_layout(setup, tmp_path):
+    """The official duplex files (parity-size state dicts served by a local hub, md5-checked) fill
+    the model; stage=lm then trains the LM only, so the exported quantizer and resynthesizer are
+    exactly the official tensors."""
+    require(PARITY_DIR)
+    arch = transformer_config(True)
+    overrides = {k: getattr(arch, k) for k in ARCH_FIELDS if getattr(arch, k) != getattr(PRESETS["tiny"], k)}
+    files = {"inference_volcano_3": "quantizer_state_dict.pt", "inference_scion_54000": "lm_duplex_state_dict.pt",
+             "inference_care_50000": "resynthesizer_duplex_state_dict.pt"}
+    with HubServer() as server:
+        md5s = {}
+        for name, fixture in files.items():
+            data = server.add(f"{name}.pt", PARITY_DIR / fixture)
+            md5s[name] = (hashlib.md5(data).hexdigest(), len(data))
+        run_dir = tmp_path / "run"
+        log, evals = train([json.dumps(md5s)] + base_args(setup, run_dir, stage="lm", init_from="official",
+                                                          ckpt_dir=tmp_path / "ckpt", max_steps=1, eval_interval=1,
+                                                          **overrides),
+                           code=REGISTER, env={"HF_ENDPOINT": server.endpoint})
+        assert len([r for r in server.requests if "/resolve/" in r]) == 3 and "weights from official duplex" in log
+    state, _ = read_weights(run_dir / "latest.safetensors")
+    for part, fixture in (("quantizer", files["inference_volcano_3"]),
+                          ("resynth", files["inference_care_50000"]), ("lm", files["inference_scion_54000"])):
+        official = torch.load(PARITY_DIR / fixture, weights_only=True)
+        same = all(torch.equal(substate(state, part)[k], v.float()) for k, v in official.items())
+        assert same == (part != "lm"), part
+
+
+def test_missing_default_codec_names_the_command(tmp_path, monkeypatch):
+    import train_transformer
+    from config import ConfigError
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"python train_codec.py --config tiny"):
+        train_transformer.main(["--config", "tiny", "wandb=disabled"])
+
+
+@pytest.mark.parametrize("duplex", [False, True], ids=["mono", "duplex"])
+def test_overfits_a_fixed_batch(duplex):
+    """LM cross-entropy and mixture NLL of one fixed batch (padding included) fall far."""
+    torch.manual_seed(0)
+    cfg = tiny(duplex)
+    model = build(HertzDev, cfg)
+    model.quantizer.requires_grad_(False)
+    x = torch.randn(2, 12, 32 * cfg.channels)
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[1, 8:] = False
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    for step in range(40):
+        losses, stats = compute_losses(model.quantizer, model.lm, model.resynth, x, valid, duplex,
+                                       ("lm_ce", "resynth_nll"))
+        if step == 0:
+            first = {k: v.item() for k, v in losses.items()}
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+    assert stats["count"].item() == 11 + 7
+    assert first["lm_ce"] > 9 and losses["lm_ce"].item() < 1.0
+    assert losses["resynth_nll"].item() < first["resynth_nll"] - 40
+    assert stats["lm_correct"].item() >= 0.9 * stats["count"].item() * cfg.channels
+
+
+def test_benchmark_smoke():
+    out = subprocess.run([sys.executable, "benchmarks/transformer_train.py", "--device", "cpu", "--preset", "tiny",
+                          "--steps", "2"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert len(rows) == 1 and rows[0]["latents_per_s"] > 0 and rows[0]["gflop_per_latent"] > 0

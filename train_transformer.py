@@ -1,0 +1,446 @@
+"""Train the latent quantizer, the latent LM and the resynthesizer on codec latents, mono or duplex.
+
+    python data/demo/prepare.py --minutes 20                        # an offline demo corpus
+    python train_codec.py --config tiny                             # the codec the tiny preset uses
+    python train_transformer.py --config tiny                       # seconds on a CPU
+    python train_transformer.py --config small device=cuda codec_checkpoint=official duplex=false
+    torchrun --nproc_per_node 8 train_transformer.py --config hertz_dev init_from=official stage=lm
+
+Stages (`stage=`), each resumable (see the README):
+  quantizer      quantizer + resynthesizer jointly: the resynthesizer's mixture NLL of the next latent
+                 given its FSQ code, gradients through FSQ's straight-through rounding into the quantizer
+  resynthesizer  the resynthesizer alone, the quantizer frozen
+  lm             the LM alone: cross-entropy on the frozen quantizer's index of the next latent
+  all            all three: the NLL trains quantizer + resynthesizer, the cross-entropy trains the LM on
+                 the current quantizer's indices (integers: no gradient reaches the quantizer from the LM)
+
+Latents: the train and val folders are encoded once by the frozen codec (`codec_checkpoint`) into
+`latents_dir` (mu and logvar; model/latents.py says why and how stale latents are ruled out); each
+read draws z = mu + sigma * eps. Duplex reads two-channel files, one speaker per channel.
+
+Everything goes to `checkpoint_dir`: `step_*.pt`, `latest.pt`, `best.pt` (by the stage's validation
+loss) training states; `latest.safetensors` / `best.safetensors` for `model.load_hertz_dev`;
+`metrics.jsonl`, `samples/` (an audio completion per evaluation) and the W&B run. Evaluations also
+print one JSON line each (`{"eval": step, ...}`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from config import ConfigError, parse_args
+from config.transformer_config import ARCH_FIELDS, PRESETS, TransformerConfig
+from model import HertzDev, build, hub, load_codec, load_hertz_dev, sample_latent, sample_token, save_transformer
+from model.checkpoint import read_metadata
+from model.latents import LatentCrops, StepSampler, codec_fingerprint, prepare_latents, sample_posterior
+from model.objectives import STAGE_LOSSES, STAGES, compute_losses, peak_flops, train_flops_per_latent
+from model.parallel import (compile_blocks, full_state_dicts, gradient_sync, inner, load_full_state_dicts,
+                            parallelize)
+from model.training import (Checkpoints, ConfigMismatch, Logger, all_reduce_mean, autocast, check_resumable,
+                            cosine_lr, rng_state, setup_distributed, teardown_distributed)
+
+PARTS = ("quantizer", "lm", "resynth")
+# A resumed run must agree with its checkpoint on the networks and on what is being trained.
+RESUME_FIELDS = ARCH_FIELDS + ("stage",)
+# FSDP2 warns about every module output that is a view; none of ours is modified in place.
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+
+
+def main(argv=None) -> dict:
+    # --- config ---------------------------------------------------------------------------------
+    cfg = parse_args(sys.argv[1:] if argv is None else argv, PRESETS)
+    check_config(cfg)
+    weights = {"lm_ce": cfg.lm_loss_weight, "resynth_nll": cfg.resynth_loss_weight}
+    losses_of_stage, trained = STAGE_LOSSES[cfg.stage], STAGES[cfg.stage]
+
+    # --- setup ----------------------------------------------------------------------------------
+    ddp = setup_distributed(cfg.device)
+    device, is_main = ddp.device, ddp.is_main
+    say = tqdm.write if is_main else (lambda *a, **k: None)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    run_dir = Path(cfg.checkpoint_dir)
+    checkpoints = Checkpoints(run_dir, keep=cfg.keep_checkpoints)
+    t_start = time.time()
+
+    codec = frozen_codec(cfg, device)
+    fingerprint = codec_fingerprint(codec)
+    channels = "stereo" if cfg.duplex else "mono"
+    folders = {split: prepare_latents(path, codec, channels, cfg.latents_dir, cfg.sample_rate, cfg.mono_to_stereo,
+                                      fingerprint, cfg.num_workers, log=say)
+               for split, path in (("train", cfg.train_data_path), ("val", cfg.val_data_path))}
+    train_set = LatentCrops(folders["train"], cfg.seq_len, train=True, seed=cfg.seed)
+    val_set = LatentCrops(folders["val"], cfg.seq_len, train=False, val_crops_per_file=cfg.val_crops_per_file,
+                          max_crops=cfg.val_crops)
+    say(f"latents (codec {fingerprint}, {channels}): train {train_set.lengths.sum()} in {len(train_set.files)} files, "
+        f"val {len(val_set)} crops of <= {cfg.seq_len}")
+
+    # Where the weights come from: the latest checkpoint (resume), else init_from, else fresh.
+    # eval_only evaluates init_from if given, else the latest checkpoint.
+    step, state, source = 0, None, "random init"
+    if checkpoints.latest and (cfg.eval_only and not cfg.init_from or cfg.resume and not cfg.eval_only):
+        state = torch.load(checkpoints.latest, map_location="cpu", mmap=True, weights_only=False)
+        check_resumable(state["config"], cfg, RESUME_FIELDS if not cfg.eval_only else ARCH_FIELDS)
+        if state["codec"] != fingerprint:
+            raise ConfigMismatch(f"{checkpoints.latest} was trained on latents of codec {state['codec']} "
+                                 f"({state['codec_source']}), this run's codec {cfg.codec_checkpoint} is {fingerprint}. "
+                                 "Use the same codec, another checkpoint_dir, or resume=false.")
+        step, source = state["step"], f"{checkpoints.latest} (step {state['step']})"
+    elif cfg.eval_only and not cfg.init_from:
+        raise ConfigError(f"eval_only=true: nothing to evaluate in {run_dir} (no latest.pt); "
+                          "pass init_from=official or init_from=PATH")
+    elif is_main and not cfg.resume and not cfg.eval_only and (run_dir / "latest.pt").exists():
+        old = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir.rename(old)
+        say(f"resume=false: moved the previous run in {run_dir} to {old}")
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    if state is None and cfg.init_from:
+        model, source = initial_weights(cfg)
+    else:
+        model = build(HertzDev, cfg)
+    fsdp = ddp.enabled and cfg.parallel == "fsdp"
+    for name in PARTS:  # trained parts learn; the others are frozen (and left out of the optimizer)
+        part = getattr(model, name).requires_grad_(name in trained).train(name in trained)
+        if not (fsdp and name in trained):
+            part.to(device)  # FSDP moves a trained part to the GPUs block by block, as it shards it
+    compute_dtype = torch.bfloat16 if device.type == "cuda" and cfg.dtype == "bfloat16" else torch.float32
+    if cfg.compile:
+        for name in ("lm", "resynth"):
+            compile_blocks(getattr(model, name))
+    mesh = None
+    if fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        mesh = init_device_mesh(device.type, (ddp.world_size,))
+    calls = {name: parallelize(getattr(model, name), cfg.parallel, device, ddp.world_size, compute_dtype, mesh)
+             if name in trained else getattr(model, name) for name in PARTS}
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+        lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+        fused=device.type == "cuda" and not fsdp)
+    if state is not None:
+        load_full_state_dicts(model, state["model"], *((optimizer, state["optimizer"]) if not cfg.eval_only else ()))
+        del state["model"], state["optimizer"]
+    n_params = {name: sum(p.numel() for p in getattr(model, name).parameters()) for name in PARTS}
+    say(f"stage {cfg.stage}: training {' + '.join(trained)} ({sum(n_params[n] for n in trained) / 1e6:.2f}M of "
+        f"{sum(n_params.values()) / 1e6:.2f}M parameters), {'duplex' if cfg.duplex else 'mono'}, weights from "
+        f"{source}; {ddp.world_size} x {device}" + (f" ({cfg.parallel})" if ddp.enabled else ""))
+
+    # --- helpers --------------------------------------------------------------------------------
+    def get_lr(it: int) -> float:
+        return cosine_lr(it, cfg.learning_rate, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
+
+    def latents_of(batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch's posterior sample (B, T, C*32), zero on padding, and its valid mask (B, T)."""
+        posterior = batch["posterior"].to(device, non_blocking=True)
+        valid = batch["valid"].to(device, non_blocking=True)
+        return sample_posterior(posterior, generator) * valid[..., None], valid
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        """LM and resynthesizer validation metrics over the fixed crops (shared out over ranks) with
+        the same posterior noise every time, and the quantizer's code usage."""
+        for m in model.children():
+            m.eval()
+        parts = [inner(calls[name]) for name in PARTS]
+        generator = torch.Generator(device).manual_seed(cfg.seed + ddp.rank)
+        sums = torch.zeros(4, device=device, dtype=torch.float64)  # lm ce, lm correct, resynth nll, positions
+        histogram = torch.zeros(cfg.vocab_size, device=device, dtype=torch.float64)
+        for batch in val_batches(val_set, cfg.batch_size, ddp.rank, ddp.world_size):
+            x, valid = latents_of(batch, generator)
+            with autocast(device, cfg.dtype):
+                out, stats = compute_losses(*parts, x, valid, cfg.duplex, ("lm_ce", "resynth_nll"),
+                                            compiled=cfg.compile)
+            n = stats["count"] * cfg.channels
+            sums += torch.stack([out["lm_ce"] * n, stats["lm_correct"], out["resynth_nll"] * n, n]).double()
+            codes = stats["indices"][valid.repeat(cfg.channels, 1)].long()
+            histogram += torch.bincount(codes, minlength=cfg.vocab_size).double()
+        if ddp.enabled:
+            dist.all_reduce(sums)
+            dist.all_reduce(histogram)
+        for name in trained:
+            getattr(model, name).train()
+        ce, correct, nll, n = (sums / sums[3].clamp_min(1)).tolist()[:3] + [sums[3].item()]
+        p = histogram / histogram.sum().clamp_min(1)
+        metrics = {"val/lm_ce": ce, "val/lm_acc": correct, "val/lm_ppl": math.exp(min(ce, 50.0)),
+                   "val/resynth_nll": nll, "val/code_usage": (histogram > 0).double().mean().item(),
+                   "val/code_perplexity": math.exp(-(p[p > 0] * p[p > 0].log()).sum().item()), "val/positions": n}
+        metrics["val/loss"] = sum(weights[k] * metrics[f"val/{k}"] for k in losses_of_stage)
+        return metrics
+
+    @torch.no_grad()
+    def audio_sample(it: int) -> dict:
+        """Continue the first validation crop (the first half of it, at most) for `sample_seconds`
+        with the cached sampling loop LM -> token -> resynthesizer -> latent; decode both."""
+        crop = val_set.crop(*val_set.crops[0])
+        prompt_len = max(1, min(int(crop["valid"].sum()), cfg.seq_len // 2))
+        prompt = crop["posterior"][None, :prompt_len, 0].to(device)  # the posterior mean, (1, P, C*32)
+        latents = complete([inner(calls[name]) for name in PARTS], prompt, round(cfg.sample_seconds * 8), cfg.duplex)
+        if not is_main:
+            return {}
+        audio = torch.cat([codec.decode(c.float()) for c in latents.chunk(cfg.channels, dim=-1)], dim=1)[0]  # (C, N)
+        from model.audio import save_audio
+        folder = run_dir / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        save_audio(str(folder / f"step_{it:08d}.wav"), audio.clamp(-1, 1).cpu().numpy(), cfg.sample_rate)
+        clip = logger.audio("samples/completion", audio.cpu().numpy(), cfg.sample_rate,
+                            caption=f"{prompt_len / 8:.1f} s prompt, {cfg.sample_seconds:.1f} s generated")
+        return {"samples/completion": clip} if clip is not None else {}
+
+    def save(it: int, metric) -> None:
+        """Training state (full, unsharded) to step_*.pt / latest.pt (/ best.pt), and the model as
+        latest.safetensors (/ best.safetensors) for load_hertz_dev. A collective under FSDP."""
+        model_state, optim_state = full_state_dicts(model, optimizer)
+        if not is_main:
+            return
+        best = checkpoints.best_metric()
+        improved = metric is not None and math.isfinite(metric) and (best is None or metric < best)
+        checkpoints.save(it, {"model": model_state, "optimizer": optim_state, "step": it,
+                              "config": dataclasses.asdict(cfg), "codec": fingerprint,
+                              "codec_source": cfg.codec_checkpoint, "rng_state": rng_state(),
+                              "world_size": ddp.world_size, "wandb_id": logger.run_id, "val/loss": metric}, metric)
+        export = _export_model(cfg, model_state)
+        extra = {"step": it, "stage": cfg.stage, "codec_fingerprint": fingerprint, "val/loss": metric}
+        save_transformer(run_dir / "latest.safetensors", export, codec_source=cfg.codec_checkpoint, extra=extra)
+        if improved:
+            save_transformer(run_dir / "best.safetensors", export, codec_source=cfg.codec_checkpoint, extra=extra)
+
+    def out_of_time() -> bool:
+        if cfg.max_minutes <= 0:
+            return False
+        flag = torch.tensor(float(time.time() - t_start > 60 * cfg.max_minutes), device=device)
+        if ddp.enabled:
+            dist.broadcast(flag, 0)  # every rank stops at the same step
+        return bool(flag.item())
+
+    if cfg.eval_only:  # prints the metrics, writes nothing
+        metrics = evaluate()
+        if is_main:
+            print(json.dumps({"eval": step, "source": source, **metrics}), flush=True)
+        teardown_distributed()
+        return metrics
+    logger = Logger(cfg.wandb, cfg.wandb_project, run_dir, cfg, is_main=is_main,
+                    resume_id=state.get("wandb_id") if state else None)
+
+    # --- training loop --------------------------------------------------------------------------
+    loader = torch.utils.data.DataLoader(
+        train_set, batch_size=cfg.batch_size, num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+        sampler=StepSampler(cfg.batch_size, cfg.grad_accum_steps, ddp.rank, ddp.world_size, start_step=step))
+    batches = iter(loader)
+    latents_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum_steps * ddp.world_size
+    flops_per_latent = train_flops_per_latent(cfg, cfg.stage, cfg.seq_len)
+    peak = peak_flops(device, cfg.peak_tflops)
+    noise = torch.Generator(device)
+    codes = torch.zeros(cfg.vocab_size, device=device)  # FSQ code histogram since the last log
+    wrapped = [calls[name] for name in trained]
+    say(f"training from step {step} to {cfg.max_steps}: {latents_per_step} latents "
+        f"({cfg.batch_size} x {cfg.seq_len} x {cfg.grad_accum_steps} x {ddp.world_size}) per step, "
+        f"{flops_per_latent / 1e9:.2f} GFLOP per latent; run folder {run_dir}")
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not is_main, dynamic_ncols=True, desc=f"train {cfg.stage}")
+    start_step, t_log = step, time.time()
+    sums, steps_since_log, metrics = {}, 0, {}
+    while True:
+        # evaluation and checkpoints come before the step: they describe the model after `step` updates
+        t_pause = time.time()
+        stop = step >= cfg.max_steps or (step > start_step and step % cfg.log_interval == 0 and out_of_time())
+        evaluated = False
+        if (step % cfg.eval_interval == 0 and step != start_step) or step == 0 or stop:
+            metrics = evaluate()
+            media = audio_sample(step) if cfg.sample_seconds > 0 else {}
+            logger.log({**metrics, **media}, step)
+            if is_main:
+                print(json.dumps({"eval": step, **{k: round(v, 5) for k, v in metrics.items()}}), flush=True)
+            evaluated = True
+        if step > start_step and (step % cfg.save_interval == 0 or evaluated):
+            save(step, metrics.get("val/loss") if evaluated else None)
+        if stop:
+            if step < cfg.max_steps:
+                say(f"max_minutes={cfg.max_minutes} reached at step {step}: run the same command to resume")
+            break
+        t_log += time.time() - t_pause  # throughput counts training time only
+
+        lr = get_lr(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for micro in range(cfg.grad_accum_steps):
+            batch = next(batches)
+            # the posterior noise depends on (seed, step, micro-batch, rank) only: exact resume
+            noise.manual_seed(int(np.random.SeedSequence([cfg.seed, step, micro, ddp.rank]).generate_state(1)[0]))
+            x, valid = latents_of(batch, noise)
+            with gradient_sync(wrapped, micro == cfg.grad_accum_steps - 1):
+                with autocast(device, cfg.dtype):
+                    losses, stats = compute_losses(calls["quantizer"], calls["lm"], calls["resynth"], x, valid,
+                                                   cfg.duplex, losses_of_stage, "quantizer" in trained,
+                                                   cfg.activation_checkpointing, cfg.compile)
+                    losses["total"] = sum(weights[k] * losses[k] for k in losses_of_stage)
+                (losses["total"] / cfg.grad_accum_steps).backward()
+            for k, v in losses.items():
+                sums.setdefault(f"train/{k}", []).append(v.detach().float())
+            if "lm_correct" in stats:
+                sums.setdefault("train/lm_acc", []).append(stats["lm_correct"] / (cfg.channels * stats["count"]).clamp_min(1))
+            # code usage from a histogram (no host sync); padding adds zero counts
+            codes.index_add_(0, stats["indices"].flatten().long(), valid.repeat(cfg.channels, 1).flatten().float())
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        steps_since_log += 1
+        bar.update(1)
+
+        if step % cfg.log_interval == 0 or step == cfg.max_steps:
+            dt = time.time() - t_log
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            row = {k: all_reduce_mean(torch.stack(v).mean()).item() for k, v in sums.items()}
+            row["train/code_usage"] = all_reduce_mean((codes > 0).float().mean()).item()  # per rank, since the last log
+            rate = latents_per_step * steps_since_log / dt
+            row.update({"lr": lr, "grad_norm": grad_norm.item(), "perf/latents_per_s": rate,
+                        "perf/step_s": dt / steps_since_log})
+            if "train/lm_ce" in row:
+                row["train/lm_ppl"] = math.exp(min(row["train/lm_ce"], 50.0))
+            if peak:
+                row["perf/mfu"] = rate * flops_per_latent / (peak * ddp.world_size)
+            if device.type == "cuda":
+                row["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+            logger.log(row, step)
+            bar.set_postfix(loss=f"{row['train/total']:.3f}", latents_s=f"{rate:.0f}")
+            sums, steps_since_log, t_log = {}, 0, time.time()
+            codes.zero_()
+
+    bar.close()
+    say(f"done at step {step}: {run_dir / 'latest.safetensors'}")
+    logger.finish()
+    teardown_distributed()
+    return metrics
+
+
+# --- small pieces used by main --------------------------------------------------------------------
+
+def check_config(cfg: TransformerConfig) -> None:
+    if cfg.stage not in STAGES:
+        raise ConfigError(f"stage must be one of {', '.join(STAGES)}, got {cfg.stage!r}")
+    if cfg.parallel not in ("ddp", "fsdp"):
+        raise ConfigError(f"parallel must be ddp or fsdp, got {cfg.parallel!r}")
+    if cfg.plex_roll != 1:
+        raise ConfigError("training assumes plex_roll=1 (the official value): position t predicts latent t+1 "
+                          "given the code of latent t+1")
+    if cfg.mono_to_stereo not in ("silence", "duplicate"):
+        raise ConfigError(f"mono_to_stereo must be silence or duplicate, got {cfg.mono_to_stereo!r}")
+    if cfg.seq_len < 2:
+        raise ConfigError("seq_len must be at least 2 latents (one prediction)")
+
+
+def frozen_codec(cfg: TransformerConfig, device: torch.device):
+    """The codec that makes the latents (and decodes the audio samples), frozen, in float32."""
+    source = cfg.codec_checkpoint
+    if source != "official" and not os.path.isfile(source):
+        hint = ("train one with `python train_codec.py --config tiny` (it writes checkpoints/codec/best.safetensors)"
+                if source == PRESETS["tiny"].codec_checkpoint else "check the path")
+        raise ConfigError(f"codec_checkpoint={source!r}: no such file; {hint}, or pass codec_checkpoint=official "
+                          "or codec_checkpoint=PATH to one of our codecs")
+    return load_codec(source, device=device, dtype=torch.float32, ckpt_dir=cfg.ckpt_dir).eval().requires_grad_(False)
+
+
+def initial_weights(cfg: TransformerConfig) -> tuple[HertzDev, str]:
+    """A model on the CPU in float32 from init_from: "official" (the variant of this run's
+    `duplex`), a variant name (duplex, mono, mono-pure-audio), or one of our .safetensors."""
+    source = cfg.init_from
+    if source == "official" or source in hub.VARIANTS:
+        variant = ("duplex" if cfg.duplex else "mono") if source == "official" else source
+        if hub.VARIANTS[variant][2] != cfg.duplex:
+            raise ConfigError(f"init_from={source} is {'duplex' if hub.VARIANTS[variant][2] else 'mono'}, "
+                              f"this run has duplex={cfg.duplex}")
+        try:
+            model = load_hertz_dev(variant, device="cpu", dtype=torch.float32, codec=None, ckpt_dir=cfg.ckpt_dir,
+                                   config=cfg)
+        except RuntimeError as e:
+            raise ConfigError(f"init_from={source}: {e}\nThe official weights have the hertz_dev architecture: use "
+                              "--config hertz_dev (or its architecture fields).") from None
+        label = f"official {variant}"
+    elif os.path.isfile(source):
+        saved = read_metadata(source)["config"]
+        diffs = [f"  {k}: {source} has {saved.get(k)!r}, this run has {getattr(cfg, k)!r}" for k in ARCH_FIELDS
+                 if k in saved and (tuple(saved[k]) if isinstance(saved[k], list) else saved[k]) != getattr(cfg, k)]
+        if diffs:
+            raise ConfigMismatch(f"init_from={source} has another architecture:\n" + "\n".join(diffs) +
+                                 "\nPass the same values (a matching --config preset or key=value overrides).")
+        model = load_hertz_dev(source, device="cpu", dtype=torch.float32, codec=None)
+        label = source
+    else:
+        raise ConfigError(f"init_from={source!r} is neither official, a variant ({', '.join(hub.VARIANTS)}) "
+                          "nor an existing .safetensors file")
+    model.config = cfg
+    return model, label
+
+
+def _export_model(cfg: TransformerConfig, state: dict) -> HertzDev:
+    """A HertzDev holding a full state dict (no copy), for save_transformer."""
+    with torch.device("meta"):
+        export = HertzDev(cfg)
+    export.load_state_dict(state, strict=True, assign=True)
+    return export
+
+
+def val_batches(dataset: LatentCrops, batch_size: int, rank: int, world: int):
+    """This rank's share of the validation crops in full batches; every rank gets the same number
+    of batches (padding crops are all invalid), as FSDP needs every rank in every forward."""
+    per_rank = math.ceil(len(dataset) / world)
+    mine = list(range(rank, len(dataset), world))
+    mine += [-1] * (math.ceil(per_rank / batch_size) * batch_size - len(mine))
+    empty = {"posterior": torch.zeros(dataset.seq_len, 2, dataset.dim),
+             "valid": torch.zeros(dataset.seq_len, dtype=torch.bool)}
+    for i in range(0, len(mine), batch_size):
+        items = [dataset[j] if j >= 0 else empty for j in mine[i:i + batch_size]]
+        yield {k: torch.stack([item[k] for item in items]) for k in items[0]}
+
+
+@torch.no_grad()
+def complete(parts, prompt: torch.Tensor, n: int, duplex: bool, token_temp: float = 0.8,
+             mixture_temp: float = 0.5, gaussian_temp: float = 0.1) -> torch.Tensor:
+    """Continue `prompt` (1, P, C*32) by `n` latents: the LM samples each channel's next code, the
+    resynthesizer turns the codes into the next latent; KV caches for both. Returns (1, P + n, C*32).
+    Compiled blocks run eagerly here (a decode step has other shapes than training)."""
+    quantizer, lm, resynth = parts
+    from torch.distributed.fsdp import FSDPModule
+    C = 2 if duplex else 1
+    with torch.compiler.set_stance("force_eager"):
+        B, P = prompt.shape[:2]
+        lm_cache, rs_cache = lm.make_cache(B, P + n), resynth.make_cache(B, P + n)
+        pos = torch.arange(P, device=prompt.device)[None]
+        logits = lm(prompt, lm_cache, pos)
+        codes, _ = quantizer(torch.cat(prompt.chunk(C, dim=-1), dim=0))
+        plex = [c[:, 1:] for c in codes.chunk(C, dim=0)]  # code of latent t+1 at position t
+        if P > 1:
+            resynth(prompt[:, :-1], tuple(plex) if duplex else plex[0], rs_cache, pos[:, :-1])
+        sharded = isinstance(quantizer, FSDPModule)
+        if sharded:  # indices_to_codes is not a forward: gather the quantizer's weights by hand
+            quantizer.unshard()
+        last, out = prompt[:, -1:], [prompt]
+        for i in range(n):
+            p = torch.tensor([[P - 1 + i]], device=prompt.device)
+            tokens = [sample_token(h[:, -1].float(), token_temp)[:, None] for h in (logits if duplex else (logits,))]
+            codes = [quantizer.indices_to_codes(t) for t in tokens]
+            mixtures = resynth(last, tuple(codes) if duplex else codes[0], rs_cache, p)
+            last = torch.cat([sample_latent(*(t.float() for t in m), mixture_temp, gaussian_temp)
+                              for m in (mixtures if duplex else (mixtures,))], dim=-1)  # (1, 1, C*32)
+            out.append(last)
+            logits = lm(last, lm_cache, p + 1)
+        if sharded:
+            quantizer.reshard()
+    return torch.cat(out, dim=1)
+
+
+if __name__ == "__main__":
+    main()
