@@ -46,7 +46,7 @@ from model.checkpoint import read_metadata
 from model.latents import LatentCrops, StepSampler, codec_fingerprint, prepare_latents, sample_posterior
 from model.objectives import STAGE_LOSSES, STAGES, compute_losses, peak_flops, train_flops_per_latent
 from model.parallel import (compile_blocks, full_state_dicts, gradient_sync, inner, load_full_state_dicts,
-                            parallelize)
+                            parallelize, rank0_first)
 from model.training import (Checkpoints, ConfigMismatch, Logger, all_reduce_mean, autocast, check_resumable,
                             cosine_lr, rng_state, setup_distributed, teardown_distributed)
 
@@ -75,7 +75,7 @@ def main(argv=None) -> dict:
     checkpoints = Checkpoints(run_dir, keep=cfg.keep_checkpoints)
     t_start = time.time()
 
-    codec = frozen_codec(cfg, device)
+    codec = rank0_first(lambda: frozen_codec(cfg, device))  # rank 0 downloads the official codec if missing
     fingerprint = codec_fingerprint(codec)
     channels = "stereo" if cfg.duplex else "mono"
     folders = {split: prepare_latents(path, codec, channels, cfg.latents_dir, cfg.sample_rate, cfg.mono_to_stereo,
@@ -107,7 +107,7 @@ def main(argv=None) -> dict:
         say(f"resume=false: moved the previous run in {run_dir} to {old}")
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     if state is None and cfg.init_from:
-        model, source = initial_weights(cfg)
+        model, source = rank0_first(lambda: initial_weights(cfg))
     else:
         model = build(HertzDev, cfg)
     fsdp = ddp.enabled and cfg.parallel == "fsdp"

@@ -27,7 +27,6 @@ import json
 import os
 import re
 import warnings
-from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -38,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .checkpoint import atomic_write
 from .codec import Codec
+from .parallel import long_barrier
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -114,15 +114,6 @@ def _corpus_key(root: str, files, fingerprint: str, channels: str, mono_to_stere
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:12]
 
 
-def _barrier() -> None:
-    """Wait for every rank, however long the slowest one encodes (a gloo group with a day's timeout:
-    the default NCCL timeout would kill a long encoding)."""
-    if dist.is_available() and dist.is_initialized():
-        group = dist.new_group(backend="gloo", timeout=timedelta(days=1))
-        dist.barrier(group=group)
-        dist.destroy_process_group(group)
-
-
 def prepare_latents(root: str, codec, channels: str, out_dir: str, sample_rate: int = 16000,
                     mono_to_stereo: str = "silence", fingerprint: Optional[str] = None, num_workers: int = 0,
                     chunk_seconds: float = 60.0, log: Callable[[str], None] = print) -> Path:
@@ -175,7 +166,7 @@ def prepare_latents(root: str, codec, channels: str, out_dir: str, sample_rate: 
         out.flush()
         os.fsync(out.fileno())
     atomic_write(folder / f"shard_{rank:05d}.json", lambda tmp: Path(tmp).write_text(json.dumps(entries)))
-    _barrier()
+    long_barrier()
     if rank == 0:
         merged = []
         for r in range(world):
@@ -190,7 +181,7 @@ def prepare_latents(root: str, codec, channels: str, out_dir: str, sample_rate: 
         atomic_write(folder / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=0)))
         log(f"encoded {manifest['latents']} latents ({manifest['latents'] * hop / sample_rate / 3600:.2f} h) "
             f"from {len(merged)} files")
-    _barrier()
+    long_barrier()
     return folder
 
 

@@ -14,11 +14,36 @@ One code path for both data-parallel modes (and a single process, where nothing 
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
-from typing import Iterable, Optional
+from datetime import timedelta
+from typing import Callable, Iterable, Optional, TypeVar
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+
+T = TypeVar("T")
+
+
+def long_barrier() -> None:
+    """Wait for every rank however long the slowest takes (a gloo group with a day's timeout: the
+    default NCCL timeout would kill a long download or encoding). No-op in a single process."""
+    if dist.is_available() and dist.is_initialized():
+        group = dist.new_group(backend="gloo", timeout=timedelta(days=1))
+        dist.barrier(group=group)
+        dist.destroy_process_group(group)
+
+
+def rank0_first(fn: Callable[[], T]) -> T:
+    """`fn()` on rank 0, then on the other ranks: what rank 0 downloads, the others find in place."""
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        long_barrier()
+        return fn()
+    try:
+        return fn()
+    finally:  # on an error too: the other ranks then meet it themselves
+        long_barrier()
 
 
 def blocks_of(component: nn.Module) -> Optional[nn.ModuleList]:
@@ -33,6 +58,9 @@ def blocks_of(component: nn.Module) -> Optional[nn.ModuleList]:
 def compile_blocks(component: nn.Module) -> None:
     """Replace every block by its compiled version (parameter names gain `_orig_mod.`, which the
     state-dict functions below remove)."""
+    # All blocks of both stacks share one code object, and dynamo keeps a bounded number of graphs
+    # per code object: (training, evaluation) x (LM, resynthesizer lower half, upper half at 2x batch).
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
     blocks = blocks_of(component)
     for i, block in enumerate(blocks if blocks is not None else []):
         blocks[i] = torch.compile(block)
