@@ -2,7 +2,7 @@
 memory-mapped shards of the posterior (mu, logvar), and training sequences cut from them.
 
 Why precompute rather than encode on the fly: the encoder costs about 1.2 GFLOP per latent and
-channel (the official codec; about 40% of a 1B-parameter model's training FLOPs in duplex, as
+channel (the official codec; about a third of a 1B-parameter duplex model's training FLOPs, as
 small, memory-bound convolutions) and decoding 4-minute crops of compressed audio costs CPU time
 every step; an encoded corpus is small (256 bytes per latent and channel) and read at memory speed.
 The posterior is stored, not a sample of it, so every read draws a fresh z = mu + sigma * eps, the
