@@ -74,7 +74,7 @@ def frame_mask(mask: Tensor, hop: int, frames: int) -> Tensor:
 
 
 class MelSpectrogram(nn.Module):
-    """(B, 1, N) audio -> (B, n_mels, N // hop + 1) mel magnitudes (power 1), hop = window / 4."""
+    """(B, 1, N) audio -> (B, n_mels, N // hop + 1) float32 mel magnitudes (power 1), hop = window / 4."""
 
     def __init__(self, window: int, n_mels: int, sample_rate: int):
         super().__init__()
@@ -83,8 +83,9 @@ class MelSpectrogram(nn.Module):
         self.register_buffer("filters", mel_filterbank(window, n_mels, sample_rate), persistent=False)
 
     def forward(self, audio: Tensor) -> Tensor:
-        spec = stft(audio, self.window, self.hop).abs()  # (B, F, T)
-        return torch.matmul(self.filters, spec)
+        with torch.autocast(audio.device.type, enabled=False):  # float32 even under bf16 autocast
+            spec = stft(audio, self.window, self.hop).abs()  # (B, F, T)
+            return torch.matmul(self.filters, spec)
 
 
 class MultiResolutionMelLoss(nn.Module):

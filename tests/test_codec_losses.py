@@ -118,3 +118,22 @@ def test_discriminators_shapes_and_gradients():
     assert feats[0].shape[-1] == 3
     logits, feats = STFTDiscriminator(256, channels=4)(torch.randn(1, 1, 4000))
     assert len(feats) == 25 and logits.shape[1] == 1
+
+
+def test_spectra_stay_float32_under_bf16_autocast():
+    """On CUDA the recipe runs under bf16 autocast; STFTs, mel projections and the losses must not
+    drop to bf16 (checked with CPU autocast, which casts the same matmuls and convolutions)."""
+    cfg = PRESETS["tiny"]
+    x = tone(300.0, n=8000, batch=2)
+    y = x + 0.01 * torch.randn_like(x)
+    loss = MultiResolutionMelLoss(cfg.mel_windows, cfg.mel_bins, SR)
+    d = Discriminators(cfg)
+    want = loss(y, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert MelSpectrogram(512, 40, SR)(x).dtype == torch.float32
+        got = loss(y, x)
+        outputs = d(y)
+        kl = latent_kl(torch.randn(2, 4, 32, dtype=torch.bfloat16), torch.randn(2, 4, 32, dtype=torch.bfloat16))
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(want.item(), rel=1e-6)
+    assert outputs[0][0].dtype == torch.bfloat16  # the convolutions themselves do run in bf16
+    assert kl.dtype == torch.float32
