@@ -22,6 +22,7 @@ moves an old run aside); init_from=official|PATH starts a fresh run from existin
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import sys
@@ -70,6 +71,11 @@ def main(argv=None) -> dict:
         torch.backends.cudnn.benchmark = True  # fixed crop length: let cuDNN pick the fastest convs
     run_dir = Path(cfg.checkpoint_dir)
     checkpoints = Checkpoints(run_dir, keep=cfg.keep_checkpoints)
+    have_stoi, have_plots = (importlib.util.find_spec(m) is not None for m in ("pystoi", "matplotlib"))
+    if not have_stoi:
+        say("note: pystoi is not installed, so STOI is reported as NaN (pip install pystoi)")
+    if not have_plots:
+        say("note: matplotlib is not installed, so no mel images or loss curves (pip install matplotlib)")
     hop = math.prod(cfg.strides)
     segment = round(cfg.segment_seconds * cfg.sample_rate)
     if segment % hop:
@@ -168,7 +174,7 @@ def main(argv=None) -> dict:
             for i in keep.nonzero().flatten().tolist():
                 n = int(mask[i].sum())
                 x, y = real[i, 0, :n].cpu().numpy(), recon[i, 0, :n].cpu().numpy()
-                stois.append(stoi(y, x, cfg.sample_rate))  # NaN for a crop of (almost) silence
+                stois.append(stoi(y, x, cfg.sample_rate) if have_stoi else math.nan)  # NaN: (almost) silence
                 if len(pairs) < cfg.num_audio_samples and np.sqrt(np.mean(x ** 2)) > 1e-3:
                     pairs.append((x, y))
         codec.train()
@@ -189,8 +195,8 @@ def main(argv=None) -> dict:
 
     # gen_model / disc_model: the (compiled) modules, called directly when no gradient sync is
     # wanted; generator / discriminators: the same, wrapped in DDP when distributed
-    gen_model = torch.compile(generator) if cfg.compile else generator
-    disc_model = torch.compile(discriminators) if cfg.compile else discriminators
+    gen_model = torch.compile(generator, dynamic=False) if cfg.compile else generator
+    disc_model = torch.compile(discriminators, dynamic=False) if cfg.compile else discriminators
     generator, discriminators = gen_model, disc_model
     if ddp.enabled:
         generator = DDP(gen_model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -243,7 +249,7 @@ def main(argv=None) -> dict:
         if (step % cfg.eval_interval == 0 and not (state and step == start_step)) or stop:
             if is_main:
                 metrics, pairs = evaluate()
-                media = log_samples(run_dir, pairs, cfg.sample_rate, logger)
+                media = log_samples(run_dir, pairs, cfg.sample_rate, logger, have_plots)
                 logger.log({**metrics, **media}, step)
                 say(f"step {step}: val mel distance {metrics['val/mel_distance']:.4f} | "
                     f"SI-SDR {metrics['val/si_sdr']:.2f} dB | STOI {metrics['val/stoi']:.4f}")
@@ -331,7 +337,8 @@ def main(argv=None) -> dict:
 
     bar.close()
     if is_main:
-        png = plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss_curves.png", title=f"codec ({run_dir})")
+        png = have_plots and plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss_curves.png",
+                                          title=f"codec ({run_dir})")
         say(f"done at step {step}: {run_dir / 'latest.safetensors'}" + (f", curves in {png}" if png else ""))
     logger.finish()
     teardown_distributed()
@@ -401,7 +408,7 @@ def describe(name: str, dataset: AudioCropDataset) -> str:
             f"{len(dataset)} crops" + (f"; {skipped} unreadable files skipped (named above)" if skipped else ""))
 
 
-def log_samples(run_dir: Path, pairs: list, sample_rate: int, logger: Logger) -> dict:
+def log_samples(run_dir: Path, pairs: list, sample_rate: int, logger: Logger, figure: bool = True) -> dict:
     """Write the latest (input, reconstruction) pairs and their mel spectrograms to
     `run_dir/samples/`; W&B media of the same for `logger.log`."""
     folder = run_dir / "samples"
@@ -413,7 +420,7 @@ def log_samples(run_dir: Path, pairs: list, sample_rate: int, logger: Logger) ->
         if logger.run is not None:
             media[f"audio/{i}_input"] = logger.audio("input", x[None], sample_rate)
             media[f"audio/{i}_recon"] = logger.audio("recon", y[None], sample_rate)
-    if pairs:
+    if pairs and figure:
         png = save_mel_figure(folder / "mels.png", pairs, sample_rate)
         if logger.run is not None:
             media["mels"] = logger.image(png)

@@ -60,7 +60,9 @@ def bench(preset: str, mode: str, args) -> dict:
     mel_loss = MultiResolutionMelLoss(cfg.mel_windows, cfg.mel_bins, cfg.sample_rate).to(device)
     opt_g = torch.optim.AdamW(generator.parameters(), lr=1e-4, betas=(cfg.beta1, cfg.beta2), fused=cuda)
     opt_d = torch.optim.AdamW(discriminators.parameters(), lr=1e-4, betas=(cfg.beta1, cfg.beta2), fused=cuda)
-    gen, disc = (torch.compile(generator), torch.compile(discriminators)) if use_compile else (generator, discriminators)
+    gen, disc = generator, discriminators
+    if use_compile:  # as train_codec.py does
+        gen, disc = torch.compile(generator, dynamic=False), torch.compile(discriminators, dynamic=False)
     samples = round(args.seconds * cfg.sample_rate)
     audio = synthetic_audio(args.batch, samples, cfg.sample_rate, device)
     mask = torch.ones(args.batch, samples, device=device)
