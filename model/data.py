@@ -272,19 +272,24 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: Optional[bool] = Non
     """A DataLoader over `dataset`; shuffle and drop_last default to the dataset's `train` flag.
 
     distributed=None uses a DistributedSampler whenever torch.distributed is initialised, so each
-    rank reads its own share. Call `set_epoch(loader, epoch)` before each epoch.
+    rank reads its own share; distributed=True uses one in a single process too (one replica), so
+    the order of an epoch depends only on (seed, epoch) and `infinite_batches(skip=...)` can resume
+    in the middle of one. Call `set_epoch(loader, epoch)` before each epoch. The loader draws its
+    worker seeds from its own generator, never from the global torch RNG, so iterating it does
+    not change the random numbers a training step sees (exact resume).
     """
     train = getattr(dataset, "train", True)
     shuffle = train if shuffle is None else shuffle
     drop_last = train if drop_last is None else drop_last
+    initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
     if distributed is None:
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    sampler, generator = None, None
+        distributed = initialized
+    sampler = None
     if distributed:
-        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        replicas = {} if initialized else {"num_replicas": 1, "rank": 0}
+        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last, **replicas)
         shuffle = False  # the sampler shuffles
-    elif shuffle:
-        generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, generator=generator,
                       num_workers=num_workers, drop_last=drop_last, pin_memory=torch.cuda.is_available(),
                       persistent_workers=False)
@@ -297,11 +302,24 @@ def set_epoch(loader: DataLoader, epoch: int) -> None:
             obj.set_epoch(epoch)
 
 
-def infinite_batches(loader: DataLoader, start_epoch: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+def infinite_batches(loader: DataLoader, start_epoch: int = 0, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
     """Yield batches forever, moving to the next epoch each time the loader is exhausted; for
-    step-based training loops."""
+    step-based training loops.
+
+    skip: leave out the first `skip` batches of `start_epoch` without reading them, to resume in
+    the middle of an epoch. Needs a loader whose order depends only on the epoch (a
+    `DistributedSampler`, see `make_loader(distributed=True)`).
+    """
     epoch = start_epoch
     while True:
         set_epoch(loader, epoch)
-        yield from loader
+        if skip:
+            if not isinstance(loader.sampler, DistributedSampler):
+                raise ValueError("infinite_batches(skip=...) needs a loader with a DistributedSampler")
+            rest = list(loader.batch_sampler)[skip:]  # indices only: no audio is read
+            yield from DataLoader(loader.dataset, batch_sampler=rest, num_workers=loader.num_workers,
+                                  pin_memory=loader.pin_memory, generator=loader.generator)
+            skip = 0
+        else:
+            yield from loader
         epoch += 1

@@ -10,8 +10,8 @@ import torch
 
 import model.audio
 from model.audio import SUPPORTED_EXTENSIONS, AudioError, load_audio, save_audio
-from model.data import (INDEX_FILENAME, AudioCropDataset, SkippedAudioWarning, make_loader,
-                        scan_audio_folder)
+from model.data import (INDEX_FILENAME, AudioCropDataset, SkippedAudioWarning, infinite_batches,
+                        make_loader, scan_audio_folder)
 
 SR = 16000
 WRITE_ARGS = {".wav": {}, ".flac": {}, ".ogg": {"subtype": "VORBIS"}, ".mp3": {"subtype": "MPEG_LAYER_III"}}
@@ -241,6 +241,26 @@ def test_loader_workers_give_the_same_batches(tmp_path):
     assert batches[0][0]["mask"].shape == (4, SR // 2)
     for a, b in zip(*batches):
         assert torch.equal(a["audio"], b["audio"]) and torch.equal(a["mask"], b["mask"])
+
+
+def test_resuming_in_the_middle_of_an_epoch_gives_the_same_batches(tmp_path):
+    """make_loader(distributed=True) in one process: the order of an epoch depends only on
+    (seed, epoch), so infinite_batches(skip=k) continues exactly where a run stopped, without
+    touching the global RNG."""
+    for i in range(3):
+        write(tmp_path / f"{i}.wav", tone(1.0 + i, freq=200.0 * (i + 1)))
+    ds = AudioCropDataset(tmp_path, segment_seconds=0.25, seed=2)  # 24 crops: 6 batches an epoch
+    loader = make_loader(ds, batch_size=4, distributed=True, seed=3)
+    assert len(loader) == 6
+    rng = torch.get_rng_state()
+    stream = infinite_batches(loader)
+    straight = [next(stream)["audio"] for _ in range(15)]
+    assert torch.equal(torch.get_rng_state(), rng)
+    for start in (0, 4, 6, 9):
+        epoch, skip = divmod(start, len(loader))
+        resumed = infinite_batches(loader, start_epoch=epoch, skip=skip)
+        for want in straight[start:]:
+            assert torch.equal(next(resumed)["audio"], want)
 
 
 def test_stereo_mode_keeps_speakers_apart_and_mono_is_a_monologue(tmp_path):

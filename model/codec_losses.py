@@ -1,0 +1,225 @@
+"""Losses and metrics of the codec recipe (DAC / HiFi-GAN family), in plain torch.
+
+- `MultiResolutionMelLoss`: L1 between log10 mel spectrograms at several STFT window sizes
+  (torch.stft and a Slaney mel filterbank built here; no torchaudio), padding excluded.
+- `latent_kl`: KL of the Gaussian latent to N(0, I), padding excluded.
+- `discriminator_loss`, `generator_adversarial_loss` (LSGAN or hinge) and `feature_matching_loss`
+  over the outputs of `model.discriminators.Discriminators`.
+- `si_sdr` and `stoi` (pystoi, imported when called): evaluation metrics on unpadded audio.
+
+Audio is (B, 1, N) and `mask` is (B, N): 1 on real samples, 0 on the padding that
+`model.data.AudioCropDataset` adds after a short clip. The codec is causal, so padding after the
+end never changes the reconstruction of real samples; callers zero both signals on the padding
+(`audio * mask`) and the reconstruction losses below also leave padded frames out of their mean.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+DiscOutputs = Sequence[tuple[Tensor, Sequence[Tensor]]]  # per discriminator: (logits, feature maps)
+
+
+# --- mel spectrograms ---------------------------------------------------------------------------
+
+def hz_to_mel(freq: Tensor) -> Tensor:
+    """Slaney's mel scale (librosa's default): linear below 1 kHz, logarithmic above."""
+    f_sp, min_log_hz, logstep = 200.0 / 3, 1000.0, math.log(6.4) / 27.0
+    min_log_mel = min_log_hz / f_sp
+    return torch.where(freq < min_log_hz, freq / f_sp,
+                       min_log_mel + torch.log(freq.clamp_min(min_log_hz) / min_log_hz) / logstep)
+
+
+def mel_to_hz(mel: Tensor) -> Tensor:
+    f_sp, min_log_hz, logstep = 200.0 / 3, 1000.0, math.log(6.4) / 27.0
+    min_log_mel = min_log_hz / f_sp
+    return torch.where(mel < min_log_mel, mel * f_sp, min_log_hz * torch.exp(logstep * (mel - min_log_mel)))
+
+
+def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int, fmin: float = 0.0,
+                   fmax: Optional[float] = None) -> Tensor:
+    """(n_mels, n_fft // 2 + 1) triangular filters, evenly spaced on the Slaney mel scale and
+    area-normalised (librosa `filters.mel` defaults: htk=False, norm="slaney")."""
+    fmax = sample_rate / 2 if fmax is None else fmax
+    fft_freqs = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1, dtype=torch.float64)
+    mels = torch.linspace(hz_to_mel(torch.tensor(fmin, dtype=torch.float64)).item(),
+                          hz_to_mel(torch.tensor(fmax, dtype=torch.float64)).item(), n_mels + 2, dtype=torch.float64)
+    edges = mel_to_hz(mels)  # (n_mels + 2,)
+    lower = (fft_freqs[None] - edges[:-2, None]) / (edges[1:-1] - edges[:-2])[:, None]
+    upper = (edges[2:, None] - fft_freqs[None]) / (edges[2:] - edges[1:-1])[:, None]
+    weights = torch.clamp(torch.minimum(lower, upper), min=0.0)
+    weights *= (2.0 / (edges[2:] - edges[:-2]))[:, None]
+    return weights.float()
+
+
+def stft(audio: Tensor, window: Tensor, hop: int) -> Tensor:
+    """(B, 1, N) -> complex (B, F, T) STFT, centred (frame t is centred on sample t * hop), always
+    in float32: bf16 has no FFT and too little precision for log spectra."""
+    with torch.autocast(audio.device.type, enabled=False):
+        return torch.stft(audio.squeeze(1).float(), n_fft=window.numel(), hop_length=hop, window=window.float(),
+                          center=True, pad_mode="reflect", return_complex=True)
+
+
+def frame_mask(mask: Tensor, hop: int, frames: int) -> Tensor:
+    """(B, N) sample mask -> (B, frames) mask of the STFT frames centred on real samples."""
+    centres = (torch.arange(frames, device=mask.device) * hop).clamp(max=mask.shape[-1] - 1)
+    return mask[:, centres]
+
+
+class MelSpectrogram(nn.Module):
+    """(B, 1, N) audio -> (B, n_mels, N // hop + 1) float32 mel magnitudes (power 1), hop = window / 4."""
+
+    def __init__(self, window: int, n_mels: int, sample_rate: int):
+        super().__init__()
+        self.hop = window // 4
+        self.register_buffer("window", torch.hann_window(window), persistent=False)
+        self.register_buffer("filters", mel_filterbank(window, n_mels, sample_rate), persistent=False)
+
+    def forward(self, audio: Tensor) -> Tensor:
+        with torch.autocast(audio.device.type, enabled=False):  # float32 even under bf16 autocast
+            spec = stft(audio, self.window, self.hop).abs()  # (B, F, T)
+            return torch.matmul(self.filters, spec)
+
+
+class MultiResolutionMelLoss(nn.Module):
+    """Multi-resolution mel distance (DAC's `MelSpectrogramLoss` with pow=1, mag_weight=0):
+
+        L_mel(x, y) = sum_r  mean_{b, t real, m} | log10 max(M_r(x), eps) - log10 max(M_r(y), eps) |
+
+    over resolutions r (STFT windows `windows`, `bins` mel bands each, hop = window / 4), where
+    the mean runs over the frames t centred on real (unpadded) samples only. With DAC's seven
+    windows this is the "mel distance" DAC reports; it is also the validation metric here.
+    """
+
+    def __init__(self, windows: Sequence[int], bins: Sequence[int], sample_rate: int, eps: float = 1e-5):
+        super().__init__()
+        if len(windows) != len(bins):
+            raise ValueError(f"mel_windows and mel_bins must have the same length, got {windows} and {bins}")
+        self.eps = eps
+        self.mels = nn.ModuleList(MelSpectrogram(w, n, sample_rate) for w, n in zip(windows, bins))
+
+    def forward(self, x: Tensor, y: Tensor, mask: Optional[Tensor] = None, per_item: bool = False) -> Tensor:
+        """x, y: (B, 1, N); mask: (B, N) or None. A scalar, or (B,) with `per_item=True`."""
+        total = 0.0
+        for mel in self.mels:
+            err = (torch.log10(mel(x).clamp_min(self.eps)) - torch.log10(mel(y).clamp_min(self.eps))).abs()
+            err = err.mean(dim=1)  # (B, T): mean over mel bands
+            m = torch.ones_like(err) if mask is None else frame_mask(mask, mel.hop, err.shape[-1]).to(err.dtype)
+            if per_item:
+                total = total + (err * m).sum(-1) / m.sum(-1).clamp_min(1)
+            else:
+                total = total + (err * m).sum() / m.sum().clamp_min(1)
+        return total
+
+
+# --- latent -------------------------------------------------------------------------------------
+
+def latent_mask(mask: Tensor, hop: int) -> Tensor:
+    """(B, N) sample mask -> (B, N / hop) mask of the latents whose first sample is real."""
+    return mask[:, ::hop]
+
+
+def latent_kl(mu: Tensor, logvar: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    """KL(N(mu, sigma^2) || N(0, I)) per latent, averaged over the real latents:
+
+        L_kl = mean_{b, t real} sum_d -0.5 * (1 + logvar - mu^2 - exp(logvar))
+
+    mu, logvar: (B, L, D); mask: (B, L) or None. Equals `model.codec.kl_divergence / L` unmasked.
+    """
+    mu, logvar = mu.float(), logvar.float()
+    kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1)  # (B, L)
+    if mask is None:
+        return kl.mean()
+    m = mask.to(kl.dtype)
+    return (kl * m).sum() / m.sum().clamp_min(1)
+
+
+# --- adversarial --------------------------------------------------------------------------------
+
+def discriminator_loss(real: DiscOutputs, fake: DiscOutputs, kind: str = "lsgan") -> Tensor:
+    """Discriminator objective, summed over the discriminators k:
+
+        lsgan: sum_k mean (1 - D_k(x))^2 + mean D_k(G(z))^2          (HiFi-GAN, DAC)
+        hinge: sum_k mean relu(1 - D_k(x)) + mean relu(1 + D_k(G(z)))  (MelGAN, EnCodec)
+    """
+    loss = 0.0
+    for (d_real, _), (d_fake, _) in zip(real, fake):
+        d_real, d_fake = d_real.float(), d_fake.float()
+        if kind == "lsgan":
+            loss = loss + torch.mean((1 - d_real) ** 2) + torch.mean(d_fake ** 2)
+        elif kind == "hinge":
+            loss = loss + torch.mean(F.relu(1 - d_real)) + torch.mean(F.relu(1 + d_fake))
+        else:
+            raise ValueError(f"gan_loss must be lsgan or hinge, got {kind!r}")
+    return loss
+
+
+def generator_adversarial_loss(fake: DiscOutputs, kind: str = "lsgan") -> Tensor:
+    """Generator objective, summed over the discriminators k:
+
+        lsgan: sum_k mean (1 - D_k(G(z)))^2
+        hinge: sum_k mean relu(1 - D_k(G(z)))
+    """
+    loss = 0.0
+    for d_fake, _ in fake:
+        d_fake = d_fake.float()
+        if kind == "lsgan":
+            loss = loss + torch.mean((1 - d_fake) ** 2)
+        elif kind == "hinge":
+            loss = loss + torch.mean(F.relu(1 - d_fake))
+        else:
+            raise ValueError(f"gan_loss must be lsgan or hinge, got {kind!r}")
+    return loss
+
+
+def feature_matching_loss(real: DiscOutputs, fake: DiscOutputs) -> Tensor:
+    """L1 between the discriminators' feature maps of real and generated audio (HiFi-GAN, DAC):
+
+        L_fm = sum_k sum_l mean | f_k^l(x) - f_k^l(G(z)) |
+
+    The real features are constants (detached); gradients flow into G(z) only.
+    """
+    loss = 0.0
+    for (_, f_real), (_, f_fake) in zip(real, fake):
+        for a, b in zip(f_real, f_fake):
+            loss = loss + torch.mean((a.detach().float() - b.float()).abs())
+    return loss
+
+
+# --- evaluation metrics -------------------------------------------------------------------------
+
+def si_sdr(estimate: Tensor, reference: Tensor, mask: Optional[Tensor] = None, eps: float = 1e-8) -> Tensor:
+    """Scale-invariant signal-to-distortion ratio in dB, per item (Le Roux et al. 2019):
+
+        s = <y, x> x / |x|^2,  SI-SDR = 10 log10(|s|^2 / |y - s|^2)
+
+    with y the estimate and x the reference, both made zero-mean over their real samples.
+    estimate, reference: (B, 1, N) or (B, N); mask: (B, N). Returns (B,).
+    """
+    y, x = estimate.reshape(estimate.shape[0], -1).double(), reference.reshape(reference.shape[0], -1).double()
+    m = torch.ones_like(x) if mask is None else mask.double()
+    n = m.sum(-1, keepdim=True).clamp_min(1)
+    x = (x - (x * m).sum(-1, keepdim=True) / n) * m
+    y = (y - (y * m).sum(-1, keepdim=True) / n) * m
+    s = (y * x).sum(-1, keepdim=True) / ((x * x).sum(-1, keepdim=True) + eps) * x
+    return (10 * torch.log10(((s * s).sum(-1) + eps) / (((y - s) ** 2).sum(-1) + eps))).float()
+
+
+def stoi(estimate: np.ndarray, reference: np.ndarray, sample_rate: int) -> float:
+    """Short-time objective intelligibility (Taal et al. 2011) of 1-D signals, through pystoi;
+    NaN when the reference holds too little non-silent speech to score (pystoi would return 1e-5)."""
+    from pystoi import stoi as pystoi_stoi
+
+    if not np.any(reference):
+        return float("nan")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        score = float(pystoi_stoi(reference, estimate, sample_rate, extended=False))
+    return float("nan") if any("Not enough STFT frames" in str(w.message) for w in caught) else score

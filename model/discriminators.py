@@ -1,0 +1,97 @@
+"""Discriminators of the codec recipe: HiFi-GAN's multi-period discriminator and DAC's
+multi-resolution complex-STFT discriminator.
+
+Each discriminator maps (B, 1, N) audio to `(logits, features)`: the last map, and every
+intermediate activation for feature matching. `Discriminators` runs them all and returns the list.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.utils.parametrizations import weight_norm
+
+from .codec_losses import stft
+
+# Frequency bands of the STFT discriminator, as fractions of the Nyquist frequency (DAC).
+BANDS = ((0.0, 0.1), (0.1, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0))
+
+
+class PeriodDiscriminator(nn.Module):
+    """HiFi-GAN MPD sub-discriminator: the waveform folded into (N / p, p) columns of samples
+    `period` apart, then 2-D convolutions along time only (kernel (5, 1), stride (3, 1))."""
+
+    def __init__(self, period: int, channels: Sequence[int] = (32, 128, 512, 1024, 1024)):
+        super().__init__()
+        self.period = period
+        widths = (1,) + tuple(channels)
+        self.convs = nn.ModuleList(
+            weight_norm(nn.Conv2d(cin, cout, (5, 1), (3 if i < len(channels) - 1 else 1, 1), padding=(2, 0)))
+            for i, (cin, cout) in enumerate(zip(widths[:-1], widths[1:])))
+        self.post = weight_norm(nn.Conv2d(widths[-1], 1, (3, 1), padding=(1, 0)))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        b, c, n = x.shape
+        if n % self.period:
+            x = F.pad(x, (0, self.period - n % self.period), mode="reflect")
+        x = x.view(b, c, -1, self.period)  # (B, 1, N / p, p)
+        features = []
+        for conv in self.convs:
+            x = F.leaky_relu(conv(x), 0.1)
+            features.append(x)
+        return self.post(x), features
+
+
+class STFTDiscriminator(nn.Module):
+    """DAC MRD sub-discriminator: the complex STFT (real and imaginary parts as two channels,
+    (B, 2, T, F)) split into frequency bands, each band through its own 2-D conv stack, the
+    bands concatenated along frequency and mapped to one logit map."""
+
+    def __init__(self, window: int, channels: int = 32, bands: Sequence[tuple[float, float]] = BANDS):
+        super().__init__()
+        self.hop = window // 4
+        self.register_buffer("window", torch.hann_window(window), persistent=False)
+        bins = window // 2 + 1
+        self.bands = [(int(lo * bins), int(hi * bins)) for lo, hi in bands]
+        ch = channels
+
+        def stack() -> nn.ModuleList:
+            return nn.ModuleList([
+                weight_norm(nn.Conv2d(2, ch, (3, 9), (1, 1), padding=(1, 4))),
+                weight_norm(nn.Conv2d(ch, ch, (3, 9), (1, 2), padding=(1, 4))),
+                weight_norm(nn.Conv2d(ch, ch, (3, 9), (1, 2), padding=(1, 4))),
+                weight_norm(nn.Conv2d(ch, ch, (3, 9), (1, 2), padding=(1, 4))),
+                weight_norm(nn.Conv2d(ch, ch, (3, 3), (1, 1), padding=(1, 1))),
+            ])
+
+        self.band_convs = nn.ModuleList(stack() for _ in self.bands)
+        self.post = weight_norm(nn.Conv2d(ch, 1, (3, 3), padding=(1, 1)))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        spec = torch.view_as_real(stft(x, self.window, self.hop))  # (B, F, T, 2), float32
+        spec = spec.permute(0, 3, 2, 1)  # (B, 2, T, F); autocast casts it for the convs
+        features, outs = [], []
+        for (lo, hi), convs in zip(self.bands, self.band_convs):
+            h = spec[..., lo:hi]
+            for conv in convs:
+                h = F.leaky_relu(conv(h), 0.1)
+                features.append(h)
+            outs.append(h)
+        return self.post(torch.cat(outs, dim=-1)), features
+
+
+class Discriminators(nn.Module):
+    """All discriminators of a config: one `PeriodDiscriminator` per period in `mpd_periods`, one
+    `STFTDiscriminator` per window in `mrd_windows`. (B, 1, N) -> [(logits, features), ...]."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.discriminators = nn.ModuleList(
+            [PeriodDiscriminator(p, cfg.mpd_channels) for p in cfg.mpd_periods] +
+            [STFTDiscriminator(w, cfg.mrd_channels) for w in cfg.mrd_windows])
+
+    def forward(self, x: Tensor) -> list[tuple[Tensor, list[Tensor]]]:
+        return [d(x) for d in self.discriminators]

@@ -1,0 +1,139 @@
+"""The codec recipe's losses, metrics and discriminators on small tensors."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from config.codec_config import PRESETS
+from model.codec import kl_divergence
+from model.codec_losses import (MelSpectrogram, MultiResolutionMelLoss, discriminator_loss, feature_matching_loss,
+                                generator_adversarial_loss, hz_to_mel, latent_kl, mel_filterbank, mel_to_hz, si_sdr,
+                                stoi)
+from model.discriminators import Discriminators, PeriodDiscriminator, STFTDiscriminator
+
+SR = 16000
+
+
+def tone(freq, n=SR, batch=1):
+    t = torch.arange(n) / SR
+    return (0.3 * torch.sin(2 * math.pi * freq * t)).expand(batch, 1, n).clone()  # (B, 1, N)
+
+
+def test_slaney_mel_scale_and_filterbank():
+    # librosa's reference points: 1 kHz is mel 15, the scale is linear below it
+    assert hz_to_mel(torch.tensor([0.0, 500.0, 1000.0])).tolist() == pytest.approx([0.0, 7.5, 15.0])
+    f = torch.tensor([100.0, 999.0, 1000.0, 4000.0, 8000.0], dtype=torch.float64)
+    assert torch.allclose(mel_to_hz(hz_to_mel(f)), f)
+    for window, bins in zip(PRESETS["hertz_dev"].mel_windows, PRESETS["hertz_dev"].mel_bins):
+        fb = mel_filterbank(window, bins, SR)
+        assert fb.shape == (bins, window // 2 + 1) and (fb >= 0).all()
+        assert (fb.sum(1) > 0).all()  # no empty band at any of the recipe's resolutions
+    # a pure tone lights up the band around its frequency
+    mel = MelSpectrogram(1024, 80, SR)
+    spec = mel(tone(1000.0))[0].mean(-1)
+    centre = mel_to_hz(torch.linspace(0, hz_to_mel(torch.tensor(8000.0)).item(), 82))[1:-1]
+    assert abs(centre[spec.argmax()].item() - 1000.0) < 60
+
+
+def test_mel_loss_is_zero_for_equal_signals_and_ignores_padding():
+    loss = MultiResolutionMelLoss((64, 256, 1024), (10, 40, 80), SR)
+    x = tone(440.0, batch=2)
+    assert loss(x, x).item() == 0.0
+    assert loss(x, tone(660.0, batch=2)).item() > 1.0
+    # whatever a model outputs on the padding is ignored once both signals are masked
+    mask = torch.ones(2, SR)
+    mask[:, SR // 2:] = 0
+    y = x.clone()
+    y[..., SR // 2:] = torch.randn(2, 1, SR // 2)
+    assert loss(y * mask[:, None], x * mask[:, None], mask).item() == pytest.approx(0.0, abs=1e-6)
+    # padded frames are left out of the mean: half a clip of error weighs as much as a whole one
+    z = x + 0.05 * torch.randn_like(x)
+    half = loss(z * mask[:, None], x * mask[:, None], mask, per_item=True)
+    assert half.shape == (2,)
+    assert half.mean().item() == pytest.approx(loss(z[..., :SR // 2], x[..., :SR // 2]).item(), rel=0.1)
+
+
+def test_latent_kl_matches_the_codec_kl_and_masks_latents():
+    mu, logvar = torch.randn(3, 8, 32), torch.randn(3, 8, 32)
+    assert latent_kl(mu, logvar).item() == pytest.approx(kl_divergence(mu, logvar).item() / 8, rel=1e-5)
+    assert latent_kl(torch.zeros(2, 4, 32), torch.zeros(2, 4, 32)).item() == 0.0
+    mask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]])
+    big = torch.zeros(2, 4, 32)
+    big[0, 2:] = 100.0  # only on masked latents
+    big[1, 1:] = 100.0
+    assert latent_kl(big, torch.zeros_like(big), mask).item() == 0.0
+
+
+def test_adversarial_losses_have_their_stated_values():
+    ones, zeros = torch.ones(2, 1, 5), torch.zeros(2, 1, 5)
+    real, fake = [(ones, []), (ones, [])], [(zeros, []), (zeros, [])]
+    # a perfect discriminator: real -> 1, fake -> 0
+    assert discriminator_loss(real, fake, "lsgan").item() == 0.0
+    assert generator_adversarial_loss(fake, "lsgan").item() == 2.0  # (1 - 0)^2 per discriminator
+    assert discriminator_loss(real, fake, "hinge").item() == 2.0  # relu(1 + 0) per discriminator
+    assert generator_adversarial_loss(real, "hinge").item() == 0.0
+    with pytest.raises(ValueError, match="lsgan or hinge"):
+        discriminator_loss(real, fake, "wasserstein")
+    feats = [torch.ones(2, 3), torch.zeros(2, 4)]
+    assert feature_matching_loss([(ones, feats)], [(ones, feats)]).item() == 0.0
+    shifted = [f + 0.5 for f in feats]
+    assert feature_matching_loss([(ones, feats)], [(ones, shifted)]).item() == pytest.approx(1.0)
+
+
+def test_si_sdr_and_stoi():
+    x = tone(300.0, batch=2) + 0.01 * torch.randn(2, 1, SR)
+    noise = torch.randn_like(x)
+    noise = noise * x.norm() / noise.norm() / math.sqrt(10)  # 10 dB below the signal
+    assert si_sdr(x + noise, x).mean().item() == pytest.approx(10.0, abs=0.5)
+    assert si_sdr(3.0 * (x + noise), x).tolist() == pytest.approx(si_sdr(x + noise, x).tolist(), abs=1e-4)
+    mask = torch.ones(2, SR)
+    mask[:, SR // 2:] = 0
+    garbage = x.clone()
+    garbage[..., SR // 2:] = torch.randn(2, 1, SR // 2)
+    assert (si_sdr(garbage * mask[:, None], x * mask[:, None], mask) > 60).all()  # padding does not count
+    rng = np.random.default_rng(0)
+    speechy = np.repeat(rng.standard_normal(200), 160) * np.sin(np.linspace(0, 400, 32000))
+    assert stoi(speechy, speechy, SR) == pytest.approx(1.0, abs=1e-6)
+    assert stoi(rng.standard_normal(32000), speechy, SR) < 0.3
+    assert math.isnan(stoi(np.zeros(32000), np.zeros(32000), SR))  # nothing to score
+    blip = np.zeros(32000)
+    blip[:3000] = speechy[:3000]
+    assert math.isnan(stoi(blip, blip, SR))  # too little speech: pystoi would say 1e-5
+
+
+def test_discriminators_shapes_and_gradients():
+    cfg = PRESETS["tiny"]
+    d = Discriminators(cfg)
+    assert len(d.discriminators) == len(cfg.mpd_periods) + len(cfg.mrd_windows)
+    x = tone(200.0, n=8000, batch=2).requires_grad_()
+    outputs = d(x)
+    for logits, features in outputs:
+        assert logits.shape[0] == 2 and len(features) >= 5
+    generator_adversarial_loss(outputs).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in d.parameters())
+    # HiFi-GAN MPD folds the signal by its period; DAC MRD sees real and imaginary STFT parts
+    logits, feats = PeriodDiscriminator(3, (4, 4, 4, 4, 4))(torch.randn(1, 1, 1000))
+    assert feats[0].shape[-1] == 3
+    logits, feats = STFTDiscriminator(256, channels=4)(torch.randn(1, 1, 4000))
+    assert len(feats) == 25 and logits.shape[1] == 1
+
+
+def test_spectra_stay_float32_under_bf16_autocast():
+    """On CUDA the recipe runs under bf16 autocast; STFTs, mel projections and the losses must not
+    drop to bf16 (checked with CPU autocast, which casts the same matmuls and convolutions)."""
+    cfg = PRESETS["tiny"]
+    x = tone(300.0, n=8000, batch=2)
+    y = x + 0.01 * torch.randn_like(x)
+    loss = MultiResolutionMelLoss(cfg.mel_windows, cfg.mel_bins, SR)
+    d = Discriminators(cfg)
+    want = loss(y, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert MelSpectrogram(512, 40, SR)(x).dtype == torch.float32
+        got = loss(y, x)
+        outputs = d(y)
+        kl = latent_kl(torch.randn(2, 4, 32, dtype=torch.bfloat16), torch.randn(2, 4, 32, dtype=torch.bfloat16))
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(want.item(), rel=1e-6)
+    assert outputs[0][0].dtype == torch.bfloat16  # the convolutions themselves do run in bf16
+    assert kl.dtype == torch.float32

@@ -1,0 +1,259 @@
+"""train_codec.py end to end on the demo corpus (tiny preset, CPU): runs, checkpoints and their
+exports, exact resume after a SIGKILL, two-process DDP, evaluation, init_from, errors, and the
+speed benchmark's CPU smoke run."""
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import train_codec
+from model import hub, load_codec
+from model.training import ConfigMismatch
+
+from hub_server import HubServer
+from reference import PARITY_DIR, codec_config, require
+
+ROOT = Path(__file__).resolve().parents[1]
+pytest.importorskip("espeakng_loader", reason="the demo corpus needs `pip install espeakng-loader`")
+pytestmark = pytest.mark.filterwarnings("ignore::model.data.SkippedAudioWarning")  # the corpus' broken.wav
+
+
+def rows(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def train_rows(path):
+    return [r for r in rows(path) if "loss/total" in r]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """The demo corpus (half a minute), plus one corrupt file in the training folder."""
+    out = tmp_path_factory.mktemp("corpus")
+    subprocess.run([sys.executable, str(ROOT / "data" / "demo" / "prepare.py"), "--minutes", "0.5", "--seed", "0",
+                    "--out", str(out)], check=True, capture_output=True, timeout=120)
+    (out / "train" / "broken.wav").write_bytes(b"RIFF\x10\x00\x00\x00WAVEfmt garbage")
+    return out
+
+
+def args(corpus, run_dir, *extra):
+    return ["--config", "tiny", f"train_data_path={corpus / 'train'}", f"val_data_path={corpus / 'val'}",
+            f"checkpoint_dir={run_dir}", "wandb=disabled", "max_steps=8", "log_interval=1", "save_interval=4",
+            "eval_interval=4", *extra]
+
+
+# One thread per process: on a shared CPU, OpenMP threads that outnumber the free cores spin and
+# can make a step 20x slower; the numbers these tests compare do not depend on it.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(argv, env=None, timeout=300, module=None):
+    cmd = [sys.executable] + (["-m", module] if module else []) + argv
+    return subprocess.run(cmd, cwd=ROOT, env=env or ONE_THREAD, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory):
+    """One uninterrupted 8-step run, W&B asked for online without being logged in."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    env = {k: v for k, v in ONE_THREAD.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp), WANDB_DIR=str(tmp))  # no ~/.netrc: not logged in
+    result = run(["train_codec.py"] + args(corpus, tmp / "run", "wandb=online"), env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp / "run", result
+
+
+def test_a_few_steps_end_to_end(trained):
+    run_dir, result = trained
+    assert "not logged in, logging offline" in result.stdout
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+    # the corrupt file is skipped, named and counted; the run goes on
+    assert "broken.wav" in result.stderr and "1 unreadable files skipped" in result.stdout
+    for name in ("step_00000004.pt", "step_00000008.pt", "latest.pt", "best.pt", "latest.safetensors",
+                 "best.safetensors", "loss_curves.png", "samples/mels.png", "samples/0_input.wav",
+                 "samples/0_recon.wav"):
+        assert (run_dir / name).is_file(), name
+    train, val = train_rows(run_dir / "metrics.jsonl"), [r for r in rows(run_dir / "metrics.jsonl") if "val/stoi" in r]
+    assert [r["step"] for r in train] == list(range(1, 9))
+    for key in ("loss/mel", "loss/kl", "loss/adv", "loss/feature", "loss/total", "loss/disc", "lr", "lr_disc",
+                "grad_norm/generator", "grad_norm/discriminators", "perf/samples_per_s"):
+        assert all(np.isfinite(r[key]) for r in train), key
+    assert [r["step"] for r in val] == [0, 4, 8]
+    assert all(np.isfinite([r["val/mel_distance"], r["val/si_sdr"], r["val/stoi"]]).all() for r in val)
+    assert "step 0: val mel distance" in result.stdout and "STOI" in result.stdout
+    # the exports load with the public API and hold the trained generator
+    state = torch.load(run_dir / "latest.pt", weights_only=False)
+    assert state["step"] == 8 and state["config"]["encode_channels"] == 4 and len(state["rng_state"]) == 1
+    codec = load_codec(run_dir / "latest.safetensors")
+    for k, v in codec.state_dict().items():
+        assert torch.equal(v, state["generator"][k]), k
+    best_step = json.loads((run_dir / "checkpoints.json").read_text())["best_step"]
+    assert torch.load(run_dir / "best.pt", weights_only=False)["step"] == best_step
+    load_codec(run_dir / "best.safetensors")
+
+
+def test_killed_run_resumes_at_the_same_step_lr_and_data(corpus, trained, tmp_path):
+    """SIGKILL after the step-4 checkpoint, restart: steps 5-8 repeat the uninterrupted run exactly
+    (same LR, same crops, same noise)."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "train_codec.py"] + args(corpus, run_dir)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (run_dir / "step_00000004.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL  # killed, not finished
+    done = len(rows(run_dir / "metrics.jsonl"))
+    result = run(cmd[1:])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(step 4)" in result.stdout
+    resumed = [r for r in rows(run_dir / "metrics.jsonl")[done:] if "loss/total" in r]
+    reference = {r["step"]: r for r in train_rows(trained[0] / "metrics.jsonl")}
+    assert [r["step"] for r in resumed] == [5, 6, 7, 8]
+    for r in resumed:
+        assert r["lr"] == reference[r["step"]]["lr"]
+        assert r["loss/total"] == pytest.approx(reference[r["step"]]["loss/total"], rel=1e-5)
+        assert r["loss/disc"] == pytest.approx(reference[r["step"]]["loss/disc"], rel=1e-5)
+
+
+def test_two_process_ddp_with_gradient_accumulation(corpus, tmp_path):
+    result = run(["--nproc_per_node", "2", "train_codec.py"] +
+                 args(corpus, tmp_path / "run", "device=cpu", "max_steps=4", "eval_interval=100",
+                      "grad_accum_steps=2", "batch_size=2"),
+                 module="torch.distributed.run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = torch.load(tmp_path / "run" / "latest.pt", weights_only=False)
+    assert state["step"] == 4 and state["world_size"] == 2 and len(state["rng_state"]) == 2
+    assert [r["step"] for r in train_rows(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3, 4]  # rank 0 only
+    assert "8 crops of 1.0 s per step on 2 x cpu" in result.stdout  # 2 per micro-batch x 2 x 2 ranks
+
+
+def test_total_loss_falls_on_one_fixed_batch(corpus, tmp_path):
+    """Overfit one 1 s clip (batch of one, always the same crop) for 30 steps. The discriminators
+    stay off: the mel + KL total must fall, while an adversarial game need not."""
+    audio, sr = sf.read(corpus / "train" / "mono" / "mono_00001.wav", dtype="float32")
+    energy = [np.sum(audio[i:i + sr] ** 2) for i in range(0, len(audio) - sr, sr // 10)]
+    start = int(np.argmax(energy)) * (sr // 10)
+    (tmp_path / "one").mkdir()
+    sf.write(tmp_path / "one" / "clip.wav", audio[start:start + sr], sr)
+    one = tmp_path / "one"
+    train_codec.main(["--config", "tiny", f"train_data_path={one}", f"val_data_path={one}", "batch_size=1",
+                      f"checkpoint_dir={tmp_path / 'run'}", "wandb=disabled", "max_steps=30", "warmup_steps=2",
+                      "learning_rate=3e-3", "disc_start_step=1000", "log_interval=5", "eval_interval=1000"])
+    train = train_rows(tmp_path / "run" / "metrics.jsonl")
+    assert train[-1]["loss/total"] < 0.8 * train[0]["loss/total"]
+    assert train[-1]["loss/mel"] < 0.8 * train[0]["loss/mel"]
+
+
+def test_max_minutes_stops_cleanly_and_the_next_segment_resumes(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    segment = args(corpus, run_dir, "max_steps=1000", "max_minutes=0.001", "eval_interval=1000")
+    first = train_codec.main(segment)
+    stopped = torch.load(run_dir / "latest.pt", weights_only=False)["step"]
+    assert 0 < stopped < 1000 and np.isfinite(list(first.values())).all()
+    last_val = [r for r in rows(run_dir / "metrics.jsonl") if "val/stoi" in r][-1]
+    assert last_val["step"] == stopped  # evaluated, then saved, at the step it stopped
+    train_codec.main(segment)
+    assert torch.load(run_dir / "latest.pt", weights_only=False)["step"] > stopped
+    assert train_rows(run_dir / "metrics.jsonl")[-1]["step"] > stopped
+
+
+def test_empty_train_folder_is_a_clear_error(corpus, tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = run(["train_codec.py"] + args(corpus, tmp_path / "run", f"train_data_path={tmp_path / 'empty'}"))
+    assert result.returncode != 0
+    assert f"error: audio folder {tmp_path / 'empty'} has no audio files" in result.stderr
+    assert ".wav, .flac, .ogg, .mp3" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_eval_only_prints_the_metrics_of_a_checkpoint(corpus, trained, capsys):
+    run_dir = trained[0]
+    common = ["--config", "tiny", f"val_data_path={corpus / 'val'}", "eval_only=true"]
+    best = train_codec.main(common + [f"checkpoint_dir={run_dir}", f"init_from={run_dir / 'best.safetensors'}"])
+    table = capsys.readouterr().out
+    assert "| mel distance | SI-SDR (dB) | STOI |" in table and "best.safetensors" in table
+    # the same numbers as the evaluation logged when best.pt was saved
+    best_step = json.loads((run_dir / "checkpoints.json").read_text())["best_step"]
+    logged = next(r for r in rows(run_dir / "metrics.jsonl") if r["step"] == best_step and "val/stoi" in r)
+    for key in ("val/mel_distance", "val/si_sdr", "val/stoi"):
+        assert best[key] == pytest.approx(logged[key], rel=1e-5), key
+    # a training state (.pt) as init_from, and the latest checkpoint of a run folder by default
+    assert train_codec.main(common + [f"init_from={run_dir / 'best.pt'}"]) == pytest.approx(best)
+    latest = train_codec.main(common + [f"checkpoint_dir={run_dir}"])
+    assert "latest.pt" in capsys.readouterr().out and np.isfinite(list(latest.values())).all()
+
+
+def test_resume_checks_the_config_and_resume_false_starts_afresh(corpus, trained, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained[0], run_dir)
+    with pytest.raises(ConfigMismatch, match="encode_channels: checkpoint has 4, this run has 8"):
+        train_codec.main(args(corpus, run_dir, "encode_channels=8"))
+    with pytest.raises(ConfigMismatch, match="batch_size"):
+        train_codec.main(args(corpus, run_dir, "batch_size=2"))
+    train_codec.main(args(corpus, run_dir, "resume=false", "max_steps=1", "eval_interval=100"))
+    old = list(tmp_path.glob("run.old-*"))
+    assert len(old) == 1 and (old[0] / "step_00000008.pt").is_file()  # moved aside, not deleted
+    assert torch.load(run_dir / "latest.pt", weights_only=False)["step"] == 1
+    assert not (run_dir / "step_00000008.pt").exists()
+
+
+def test_init_from_official_weights_served_by_a_hub(corpus, tmp_path, monkeypatch, capsys):
+    """init_from=official downloads the official codec file through the Hub client and starts
+    from it: a file in the official layout (the parity codec) served on loopback, with its md5
+    registered, and the parity architecture given as key=value overrides."""
+    fixture = require(PARITY_DIR / "codec_state_dict.pt")
+    arch = codec_config()
+    overrides = [f"{k}={getattr(arch, k)!r}" for k in train_codec.ARCH_FIELDS]
+    common = ["--config", "tiny", *overrides, f"train_data_path={corpus / 'train'}",
+              f"val_data_path={corpus / 'val'}", "wandb=disabled", "init_from=official"]
+    with HubServer() as server:
+        data = server.add(f"{hub.CODEC}.pt", fixture)
+        monkeypatch.setitem(hub.OFFICIAL_FILES, hub.CODEC,
+                            hub.OfficialFile(hub.CODEC, hashlib.md5(data).hexdigest(), len(data), "codec"))
+        monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+        monkeypatch.chdir(tmp_path)  # official files go to ./ckpt
+        # learning rate 0: one step leaves the official weights as they are, and exports them
+        train_codec.main(common + [f"checkpoint_dir={tmp_path / 'run'}", "max_steps=1", "learning_rate=0.0",
+                                  "min_lr=0.0", "disc_learning_rate=0.0", "eval_interval=100"])
+        metrics = train_codec.main(common + ["eval_only=true"])
+        downloads = [r for r in server.requests if r.endswith(".pt")]  # huggingface_hub may ask other things
+        assert len(downloads) == 1, server.requests  # downloaded once, then verified in ./ckpt
+    assert "weights from the official codec" in capsys.readouterr().out
+    official = torch.load(fixture, weights_only=True)
+    ours = load_codec(tmp_path / "run" / "latest.safetensors").state_dict()
+    assert ours.keys() == official.keys()
+    for k, v in official.items():
+        assert torch.equal(ours[k], v), k
+    assert np.isfinite(list(metrics.values())).all()
+
+
+def test_benchmark_cpu_smoke_run_needs_no_audio_packages():
+    """benchmarks/codec_train.py on the GPU machine has torch and numpy but no soundfile, soxr,
+    wandb or pystoi: block them and run it."""
+    code = ("import sys, runpy\n"
+            "for m in ('soundfile', 'soxr', 'wandb', 'pystoi', 'matplotlib', 'espeakng_loader'): sys.modules[m] = None\n"
+            "sys.argv = ['codec_train.py', '--device', 'cpu', '--presets', 'tiny', '--batch', '2', '--seconds', '1',"
+            " '--steps', '2', '--warmup', '1', '--modes', 'fp32-eager']\n"
+            "runpy.run_path('benchmarks/codec_train.py', run_name='__main__')\n")
+    result = run(["-c", code])
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    assert line["preset"] == "tiny" and line["mode"] == "fp32-eager" and line["samples_per_s"] > 0

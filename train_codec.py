@@ -1,0 +1,440 @@
+"""Train the hertz-dev codec VAE on folders of audio (WAV, FLAC, OGG, MP3).
+
+    python data/demo/prepare.py --minutes 20                 # an offline demo corpus
+    python train_codec.py --config tiny                      # seconds on a CPU
+    python train_codec.py --config small device=cuda         # one GPU
+    torchrun --nproc_per_node 8 train_codec.py --config hertz_dev
+    python train_codec.py --config small eval_only=true init_from=checkpoints/codec/best.safetensors
+
+Recipe (DAC / HiFi-GAN): multi-resolution log-mel L1 + KL of the Gaussian latent + LSGAN (or
+hinge) losses of multi-period and multi-resolution STFT discriminators + feature matching; the
+total is `sum(weights[k] * losses[k])` with every weight a config field. Each optimizer step is a
+generator step on `grad_accum_steps` micro-batches (the discriminators judge them, frozen), then
+a discriminator step on the same real audio and the reconstructions just made: one generator
+forward per micro-batch, even with gradient accumulation.
+
+Everything goes to `checkpoint_dir`: `step_*.pt`, `latest.pt` and `best.pt` (by validation mel
+distance) training states, `latest.safetensors` / `best.safetensors` codecs for
+`model.load_codec`, `metrics.jsonl`, `loss_curves.png`, `samples/` and the W&B run. A run resumes
+from `latest.pt` by default at the same step, LR and data position (resume=false starts fresh and
+moves an old run aside); init_from=official|PATH starts a fresh run from existing weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from config import ConfigError, parse_args
+from config.codec_config import ARCH_FIELDS, DISC_ARCH_FIELDS, PRESETS, CodecConfig
+from model.audio import save_audio
+from model.checkpoint import read_metadata
+from model.codec import Codec
+from model.codec_losses import (MultiResolutionMelLoss, discriminator_loss, feature_matching_loss,
+                                generator_adversarial_loss, latent_kl, latent_mask, si_sdr, stoi)
+from model.data import AudioCropDataset, infinite_batches, make_loader
+from model.discriminators import Discriminators
+from model.loading import load_codec, save_codec
+from model.plots import plot_metrics, save_mel_figure
+from model.training import (Checkpoints, ConfigMismatch, Logger, all_reduce_mean, autocast, check_resumable, cosine_lr, rng_state,
+                            seed_everything, set_rng_state, setup_distributed, teardown_distributed, unwrap)
+
+# A resumed run must agree with its checkpoint on these: the networks, and what fixes the data
+# order (the position is counted in micro-batches). Schedule fields may change (with a warning).
+RESUME_FIELDS = ARCH_FIELDS + DISC_ARCH_FIELDS + ("segment_seconds", "batch_size", "grad_accum_steps", "seed")
+SCHEDULE_FIELDS = ("learning_rate", "min_lr", "warmup_steps", "max_steps", "disc_learning_rate", "disc_start_step")
+
+
+def main(argv=None) -> dict:
+    # --- config ---------------------------------------------------------------------------------
+    cfg = parse_args(sys.argv[1:] if argv is None else argv, PRESETS)
+    weights = {"mel": cfg.mel_weight, "kl": cfg.kl_weight, "adv": cfg.adv_weight, "feature": cfg.feature_weight}
+
+    # --- setup ----------------------------------------------------------------------------------
+    ddp = setup_distributed(cfg.device)
+    device, is_main = ddp.device, ddp.is_main
+    say = tqdm.write if is_main else (lambda *a, **k: None)
+    seed_everything(cfg.seed + ddp.rank)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # fixed crop length: let cuDNN pick the fastest convs
+    run_dir = Path(cfg.checkpoint_dir)
+    checkpoints = Checkpoints(run_dir, keep=cfg.keep_checkpoints)
+    have_stoi, have_plots = (importlib.util.find_spec(m) is not None for m in ("pystoi", "matplotlib"))
+    if not have_stoi:
+        say("note: pystoi is not installed, so STOI is reported as NaN (pip install pystoi)")
+    if not have_plots:
+        say("note: matplotlib is not installed, so no mel images or loss curves (pip install matplotlib)")
+    hop = math.prod(cfg.strides)
+    segment = round(cfg.segment_seconds * cfg.sample_rate)
+    if segment % hop:
+        raise ConfigError(f"segment_seconds={cfg.segment_seconds} gives {segment} samples, not a multiple of "
+                          f"the codec's {hop} samples per latent")
+
+    # data: every rank reads its own share of the training crops; rank 0 alone evaluates, so the
+    # validation numbers do not depend on the number of GPUs
+    val_set, val_loader, train_set, train_loader = None, None, None, None
+    if is_main:
+        val_set = AudioCropDataset(cfg.val_data_path, cfg.segment_seconds, cfg.sample_rate, train=False,
+                                   max_val_crops=cfg.val_crops)
+        val_loader = make_loader(val_set, cfg.batch_size, num_workers=cfg.num_workers, distributed=False)
+        say(describe("val", val_set))
+    if not cfg.eval_only:
+        train_set = AudioCropDataset(cfg.train_data_path, cfg.segment_seconds, cfg.sample_rate, train=True,
+                                     seed=cfg.seed)
+        train_loader = make_loader(train_set, cfg.batch_size, num_workers=cfg.num_workers, distributed=True,
+                                   seed=cfg.seed)
+        if len(train_loader) == 0:
+            raise ConfigError(f"{train_set.root} gives {len(train_set)} training crops of {cfg.segment_seconds} s, "
+                              f"fewer than batch_size={cfg.batch_size} per process: add audio or lower batch_size")
+        say(describe("train", train_set))
+
+    # models, optimizers, and where the weights come from: the latest checkpoint (resume), else
+    # init_from, else a fresh initialisation
+    generator = Codec(cfg).to(device)
+    discriminators = Discriminators(cfg).to(device)
+    mel_loss = MultiResolutionMelLoss(cfg.mel_windows, cfg.mel_bins, cfg.sample_rate).to(device)
+    opt_g = adamw(generator, cfg.learning_rate, cfg, device)
+    opt_d = adamw(discriminators, cfg.disc_learning_rate, cfg, device)
+    step, state, source = 0, None, "random init"
+    if cfg.eval_only:
+        if cfg.init_from:
+            source = load_weights(cfg.init_from, cfg, generator)
+        elif checkpoints.latest:
+            state = checkpoints.load(map_location="cpu")
+            check_resumable(state["config"], cfg, ARCH_FIELDS)
+            generator.load_state_dict(state["generator"])
+            source = str(checkpoints.latest)
+        else:
+            raise ConfigError(f"eval_only=true: nothing to evaluate in {run_dir} (no latest.pt); "
+                              "pass init_from=official or init_from=PATH")
+    elif cfg.resume and checkpoints.latest:
+        state = checkpoints.load(map_location="cpu")
+        check_resumable(state["config"], cfg, RESUME_FIELDS)
+        changed = [k for k in SCHEDULE_FIELDS if state["config"].get(k) != getattr(cfg, k)]
+        if changed:
+            say("note: resuming with a changed schedule: " +
+                ", ".join(f"{k} {state['config'][k]!r} -> {getattr(cfg, k)!r}" for k in changed))
+        if state.get("world_size", 1) != ddp.world_size:
+            say(f"note: checkpoint made with {state.get('world_size', 1)} processes, resumed with "
+                f"{ddp.world_size}: the step and LR continue, the data order does not")
+        generator.load_state_dict(state["generator"])
+        discriminators.load_state_dict(state["discriminators"])
+        opt_g.load_state_dict(state["opt_g"])
+        opt_d.load_state_dict(state["opt_d"])
+        step = state["step"]
+        rngs = state["rng_state"]  # one per rank
+        if ddp.rank < len(rngs):
+            set_rng_state(rngs[ddp.rank])
+        else:
+            seed_everything(cfg.seed + ddp.rank + step)
+        source = f"{checkpoints.latest} (step {step})"
+        if cfg.init_from:
+            say(f"note: resuming from {checkpoints.latest}; init_from={cfg.init_from} only starts fresh runs")
+    else:
+        if is_main and not cfg.resume and (run_dir / "latest.pt").exists():
+            old = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+            run_dir.rename(old)
+            say(f"resume=false: moved the previous run in {run_dir} to {old}")
+        if cfg.init_from and is_main:  # DDP broadcasts rank 0's weights to the others
+            source = load_weights(cfg.init_from, cfg, generator, discriminators)
+    start_step = step
+    say(f"codec: {sum(p.numel() for p in generator.parameters()) / 1e6:.2f}M parameters, discriminators: "
+        f"{sum(p.numel() for p in discriminators.parameters()) / 1e6:.2f}M; weights from {source}")
+
+    # --- helpers --------------------------------------------------------------------------------
+    def get_lr(it: int) -> float:
+        return cosine_lr(it, cfg.learning_rate, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
+
+    @torch.no_grad()
+    def evaluate() -> tuple[dict, list]:
+        """Validation metrics of the posterior mean's reconstruction, and a few (input, output) pairs."""
+        codec = unwrap(generator).eval()
+        mels, sdrs, stois, pairs = [], [], [], []
+        for batch in val_loader:
+            audio, mask = batch["audio"].to(device), batch["mask"].to(device)
+            with autocast(device, cfg.dtype):
+                mu, _ = codec.encode(audio)
+                recon = codec.decode(mu)
+            real, recon = audio * mask[:, None], recon.float() * mask[:, None]
+            keep = mask.sum(-1) > 0  # an unreadable file's crop is all padding
+            mels.append(mel_loss(recon, real, mask, per_item=True)[keep].cpu())
+            sdrs.append(si_sdr(recon, real, mask)[keep].cpu())
+            for i in keep.nonzero().flatten().tolist():
+                n = int(mask[i].sum())
+                x, y = real[i, 0, :n].cpu().numpy(), recon[i, 0, :n].cpu().numpy()
+                stois.append(stoi(y, x, cfg.sample_rate) if have_stoi else math.nan)  # NaN: (almost) silence
+                if len(pairs) < cfg.num_audio_samples and np.sqrt(np.mean(x ** 2)) > 1e-3:
+                    pairs.append((x, y))
+        codec.train()
+        metrics = {"val/mel_distance": torch.cat(mels).mean().item(), "val/si_sdr": torch.cat(sdrs).mean().item(),
+                   "val/stoi": float(np.nanmean(stois)) if np.isfinite(stois).any() else float("nan")}
+        return metrics, pairs
+
+    if cfg.eval_only:
+        if is_main:
+            metrics, _ = evaluate()
+            print_table(source, metrics, len(val_set))
+        teardown_distributed()
+        return metrics if is_main else {}
+
+    # exact data position: micro-batches already consumed by this rank
+    epoch, skip = divmod(step * cfg.grad_accum_steps, len(train_loader))
+    batches = infinite_batches(train_loader, start_epoch=epoch, skip=skip)
+
+    # gen_model / disc_model: the (compiled) modules, called directly when no gradient sync is
+    # wanted; generator / discriminators: the same, wrapped in DDP when distributed
+    gen_model = torch.compile(generator, dynamic=False) if cfg.compile else generator
+    disc_model = torch.compile(discriminators, dynamic=False) if cfg.compile else discriminators
+    generator, discriminators = gen_model, disc_model
+    if ddp.enabled:
+        generator = DDP(gen_model, device_ids=[device.index] if device.type == "cuda" else None)
+        discriminators = DDP(disc_model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    logger = Logger(cfg.wandb, cfg.wandb_project, run_dir, cfg, is_main=is_main,
+                    resume_id=state.get("wandb_id") if state else None)
+
+    def save(it: int, metric: float | None) -> None:
+        """Training state to step_*.pt / latest.pt (/ best.pt), and the codec beside it as safetensors."""
+        rngs = [rng_state()]
+        if ddp.enabled:
+            rngs = [None] * ddp.world_size
+            dist.all_gather_object(rngs, rng_state())
+        if not is_main:
+            return
+        best = checkpoints.best_metric()
+        improved = metric is not None and math.isfinite(metric) and (best is None or metric < best)
+        checkpoints.save(it, {
+            "generator": unwrap(generator).state_dict(), "discriminators": unwrap(discriminators).state_dict(),
+            "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "step": it, "rng_state": rngs,
+            "config": dataclasses.asdict(cfg), "world_size": ddp.world_size, "wandb_id": logger.run_id,
+            "val/mel_distance": metric}, metric)  # the LR is a function of the step: no scheduler state
+        extra = {"step": it, "val/mel_distance": metric}
+        save_codec(run_dir / "latest.safetensors", unwrap(generator), extra)
+        if improved:
+            save_codec(run_dir / "best.safetensors", unwrap(generator), extra)
+
+    def out_of_time() -> bool:
+        if cfg.max_minutes <= 0:
+            return False
+        flag = torch.tensor(float(time.time() - t_start > 60 * cfg.max_minutes), device=device)
+        if ddp.enabled:
+            dist.broadcast(flag, 0)  # every rank stops at the same step
+        return bool(flag.item())
+
+    # --- training loop --------------------------------------------------------------------------
+    samples_per_step = cfg.batch_size * cfg.grad_accum_steps * ddp.world_size
+    say(f"training from step {step} to {cfg.max_steps}: {samples_per_step} crops of {cfg.segment_seconds} s "
+        f"per step on {ddp.world_size} x {device}, run folder {run_dir}")
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not is_main, dynamic_ncols=True, desc="train")
+    t_start = t_log = time.time()
+    sums, steps_since_log = {}, 0  # loss name -> list of per-micro-batch values since the last log
+    metrics = {}
+    while True:
+        # evaluation (rank 0) and checkpoints, before the step: they describe the model after `step` updates
+        t_pause = time.time()
+        stop = step >= cfg.max_steps or out_of_time()
+        evaluated = False
+        if (step % cfg.eval_interval == 0 and not (state and step == start_step)) or stop:
+            if is_main:
+                metrics, pairs = evaluate()
+                media = log_samples(run_dir, pairs, cfg.sample_rate, logger, have_plots)
+                logger.log({**metrics, **media}, step)
+                say(f"step {step}: val mel distance {metrics['val/mel_distance']:.4f} | "
+                    f"SI-SDR {metrics['val/si_sdr']:.2f} dB | STOI {metrics['val/stoi']:.4f}")
+            evaluated = True
+        if step > start_step and (step % cfg.save_interval == 0 or evaluated):
+            save(step, metrics.get("val/mel_distance") if evaluated else None)
+        if ddp.enabled:
+            dist.barrier()
+        if stop:
+            break
+        t_log += time.time() - t_pause  # throughput counts training time only
+
+        lr = get_lr(step)
+        lr_d = lr * cfg.disc_learning_rate / cfg.learning_rate if cfg.learning_rate > 0 else cfg.disc_learning_rate
+        for group in opt_g.param_groups:
+            group["lr"] = lr
+        for group in opt_d.param_groups:
+            group["lr"] = lr_d
+        use_disc = step >= cfg.disc_start_step
+
+        # generator step: reconstruction losses, and the frozen discriminators' verdict
+        disc_model.requires_grad_(False)
+        made = []  # (real, reconstruction) of each micro-batch, for the discriminator step
+        for micro in range(cfg.grad_accum_steps):
+            batch = next(batches)
+            audio = batch["audio"].to(device, non_blocking=True)  # (B, 1, N)
+            mask = batch["mask"].to(device, non_blocking=True)    # (B, N): 0 on padding
+            real = audio * mask[:, None]
+            if ddp.enabled:
+                generator.require_backward_grad_sync = micro == cfg.grad_accum_steps - 1
+            with autocast(device, cfg.dtype):
+                out = generator(audio)
+                fake = out["recon"] * mask[:, None]  # the codec is causal: padding never leaks back
+                losses = {"mel": mel_loss(fake, real, mask),
+                          "kl": latent_kl(out["mu"], out["logvar"], latent_mask(mask, hop))}
+                if use_disc:
+                    d_fake = disc_model(fake)
+                    with torch.no_grad():
+                        d_real = disc_model(real)
+                    losses["adv"] = generator_adversarial_loss(d_fake, cfg.gan_loss)
+                    losses["feature"] = feature_matching_loss(d_real, d_fake)
+                losses["total"] = sum(weights[k] * losses[k] for k in losses)
+            (losses["total"] / cfg.grad_accum_steps).backward()
+            made.append((real, fake.detach()))
+            for k, v in losses.items():
+                sums.setdefault(k, []).append(v.detach().float())
+        norms = {"grad_norm/generator": clip(gen_model, cfg.grad_clip)}
+        opt_g.step()
+        opt_g.zero_grad(set_to_none=True)
+
+        # discriminator step: real audio against the reconstructions just made
+        if use_disc:
+            disc_model.requires_grad_(True)
+            for micro, (real, fake) in enumerate(made):
+                if ddp.enabled:
+                    discriminators.require_backward_grad_sync = micro == len(made) - 1
+                with autocast(device, cfg.dtype):
+                    both = discriminators(torch.cat([real, fake]))  # one forward: real and fake halves
+                    d_real = [(logits.chunk(2)[0], []) for logits, _ in both]
+                    d_fake = [(logits.chunk(2)[1], []) for logits, _ in both]
+                    loss_d = discriminator_loss(d_real, d_fake, cfg.gan_loss)
+                (loss_d / len(made)).backward()
+                sums.setdefault("disc", []).append(loss_d.detach().float())
+            norms["grad_norm/discriminators"] = clip(disc_model, cfg.disc_grad_clip)
+            opt_d.step()
+            opt_d.zero_grad(set_to_none=True)
+        step += 1
+        steps_since_log += 1
+        bar.update(1)
+
+        if step % cfg.log_interval == 0 or step == cfg.max_steps:
+            dt = time.time() - t_log
+            keys = sorted(sums)  # the same on every rank
+            means = all_reduce_mean(torch.stack([torch.stack(sums[k]).mean() for k in keys])).tolist()
+            row = {f"loss/{k}": v for k, v in zip(keys, means)}
+            row.update({k: v.item() for k, v in norms.items()}, lr=lr, lr_disc=lr_d,
+                       **{"perf/samples_per_s": samples_per_step * steps_since_log / dt,
+                          "perf/step_s": dt / steps_since_log})
+            if device.type == "cuda":
+                row["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+            logger.log(row, step)
+            bar.set_postfix(loss=f"{row['loss/total']:.3f}", mel=f"{row['loss/mel']:.3f}",
+                            samples_s=f"{row['perf/samples_per_s']:.1f}")
+            sums, steps_since_log, t_log = {}, 0, time.time()
+
+    bar.close()
+    if is_main:
+        png = have_plots and plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss_curves.png",
+                                          title=f"codec ({run_dir})")
+        say(f"done at step {step}: {run_dir / 'latest.safetensors'}" + (f", curves in {png}" if png else ""))
+    logger.finish()
+    teardown_distributed()
+    return metrics
+
+
+# --- small pieces used by main --------------------------------------------------------------------
+
+def adamw(module: torch.nn.Module, lr: float, cfg: CodecConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on the convolution and linear weights only: not on biases nor on
+    the weight-norm magnitudes (`original0`), which set the scale of each output channel."""
+    decay, rest = [], []
+    for name, p in module.named_parameters():
+        (decay if p.dim() >= 2 and not name.endswith("original0") else rest).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+
+
+def clip(module: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the gradients' global norm to `max_norm` (no clipping when <= 0); the norm before clipping."""
+    return torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm if max_norm > 0 else float("inf"))
+
+
+def load_weights(source: str, cfg: CodecConfig, generator: Codec, discriminators=None) -> str:
+    """Fill `generator` from init_from: "official", one of our codecs (.safetensors), or a training
+    state (.pt; its discriminators too when they have this run's architecture). Returns a label."""
+    if source == "official":
+        try:
+            codec = load_codec("official", config=cfg)  # the official file in this run's architecture
+        except RuntimeError as e:
+            raise ConfigError(f"init_from=official: {e}\nThe official codec has the hertz_dev architecture: "
+                              "use --config hertz_dev (or its architecture fields).") from None
+        generator.load_state_dict(codec.state_dict())
+        return "the official codec"
+    if not os.path.isfile(source):
+        raise ConfigError(f"init_from={source!r} is neither 'official' nor an existing .safetensors or .pt file")
+    if source.endswith(".safetensors"):
+        check_architecture(read_metadata(source)["config"], cfg, ARCH_FIELDS, source)
+        generator.load_state_dict(load_codec(source).state_dict())
+        return source
+    state = torch.load(source, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or "generator" not in state:
+        raise ConfigError(f"init_from={source}: not a codec training state written by train_codec.py")
+    check_architecture(state["config"], cfg, ARCH_FIELDS, source)
+    generator.load_state_dict(state["generator"])
+    if discriminators is not None and all(_same(state["config"].get(k), getattr(cfg, k)) for k in DISC_ARCH_FIELDS):
+        discriminators.load_state_dict(state["discriminators"])
+        return f"{source} (codec and discriminators)"
+    return source
+
+
+def _same(saved, now) -> bool:
+    return (tuple(saved) if isinstance(saved, list) else saved) == now
+
+
+def check_architecture(saved: dict, cfg: CodecConfig, fields, source: str) -> None:
+    diffs = [f"  {k}: {source} has {saved.get(k)!r}, this run has {getattr(cfg, k)!r}"
+             for k in fields if k in saved and not _same(saved[k], getattr(cfg, k))]
+    if diffs:
+        raise ConfigMismatch(f"init_from={source} has another architecture:\n" + "\n".join(diffs) +
+                             "\nPass the same values (a matching --config preset or key=value overrides).")
+
+
+def describe(name: str, dataset: AudioCropDataset) -> str:
+    skipped = len(dataset.files.skipped)
+    return (f"{name}: {len(dataset.files)} files, {dataset.total_seconds / 60:.1f} min in {dataset.root}, "
+            f"{len(dataset)} crops" + (f"; {skipped} unreadable files skipped (named above)" if skipped else ""))
+
+
+def log_samples(run_dir: Path, pairs: list, sample_rate: int, logger: Logger, figure: bool = True) -> dict:
+    """Write the latest (input, reconstruction) pairs and their mel spectrograms to
+    `run_dir/samples/`; W&B media of the same for `logger.log`."""
+    folder = run_dir / "samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    media = {}
+    for i, (x, y) in enumerate(pairs):
+        save_audio(folder / f"{i}_input.wav", x, sample_rate)
+        save_audio(folder / f"{i}_recon.wav", y, sample_rate)
+        if logger.run is not None:
+            media[f"audio/{i}_input"] = logger.audio("input", x[None], sample_rate)
+            media[f"audio/{i}_recon"] = logger.audio("recon", y[None], sample_rate)
+    if pairs and figure:
+        png = save_mel_figure(folder / "mels.png", pairs, sample_rate)
+        if logger.run is not None:
+            media["mels"] = logger.image(png)
+    return media
+
+
+def print_table(source: str, metrics: dict, crops: int) -> None:
+    print(f"\n| codec | val crops | mel distance | SI-SDR (dB) | STOI |\n|---|---|---|---|---|\n"
+          f"| {source} | {crops} | {metrics['val/mel_distance']:.4f} | {metrics['val/si_sdr']:.2f} | "
+          f"{metrics['val/stoi']:.4f} |")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, ConfigMismatch, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
