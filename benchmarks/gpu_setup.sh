@@ -1,0 +1,8 @@
+# Source this on the lent GPU machine (its image has torch but not soundfile, soxr, pystoi,
+# espeakng-loader): installs the wheels carried in .whl/ and makes the demo corpus.
+#   source benchmarks/gpu_setup.sh [MINUTES]
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+python3 data/demo/prepare.py --minutes "${1:-60}" --seed 0 | tail -1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch; print('torch', torch.__version__)"
