@@ -14,7 +14,8 @@ from model.generate import LiveEngine
 
 TOL = 1e-5
 STEPS = 12
-PARAMS = [SamplingParams(), SamplingParams(token_temp=0.5, top_p=0.9), SamplingParams(mixture_temp=0, gaussian_temp=0.3)]
+PARAMS = [SamplingParams(), SamplingParams(token_temp=0.5, top_p=0.9),
+          SamplingParams(mixture_temp=0, gaussian_temp=0.3)]
 
 
 @pytest.fixture(scope="module")
