@@ -756,14 +756,21 @@ class LiveEngine:
         audio = self.kernels.decode(self.codec, m, self.dec).float()  # (B, 2000)
         self.audio.copy_(torch.where(a[:, 0], audio, 0))
 
+    @property
+    def sample_rate(self) -> int:
+        return self.model.config.sample_rate
+
     @torch.no_grad()
     def reset(self, row: int, params: SamplingParams = SamplingParams(), seed: Optional[int] = None,
-              prompt: Optional[Tensor] = None) -> None:
+              prompt: Optional[Tensor] = None, prompt_latents: Optional[Tensor] = None) -> None:
         """Start a session in slot `row`: position 0, fresh codec streams, `params`, and `seed`
-        (None: a fresh random one). `prompt` (2, N) audio at 16 kHz, [user, model] channels, N cut
-        to whole 2000-sample chunks: warm start -- the prompt is encoded (priming the row's
-        encoder and decoder streams), prefilled, and the model's next frame predicted, so the
-        next `step` continues the conversation after it. Other rows are not disturbed."""
+        (None: a fresh random one). Other rows are not disturbed.
+
+        Warm start, from `prompt` (2, N) audio at 16 kHz, [user, model] channels, N cut to whole
+        2000-sample chunks: the prompt is encoded (priming the row's encoder and decoder streams),
+        prefilled, and the model's next frame predicted, so the next `step` continues the
+        conversation after it. Or from `prompt_latents` (T, 2 Z), e.g. `encode_frames` of a
+        prompt computed once for many sessions: the same, but the user encoder starts fresh."""
         if not 0 <= row < self.max_sessions:
             raise IndexError(f"row {row} is not a slot of this engine (0..{self.max_sessions - 1})")
         st = self.state
@@ -773,28 +780,35 @@ class LiveEngine:
         self.enc.reset(slice(row, row + 1))
         self.dec.reset(slice(row, row + 1))
         self.occupied[row] = True
-        if prompt is None:
+        if prompt is not None and prompt_latents is not None:
+            raise ValueError("give prompt audio or prompt latents, not both")
+        if prompt is None and prompt_latents is None:
             self.m[row] = self.silence
             return
-        hop = self.chunk
-        if prompt.dim() != 2 or prompt.shape[0] != 2:
-            raise ValueError(f"a live prompt is (2, N) audio [user, model], got {tuple(prompt.shape)}")
-        n = prompt.shape[1] // hop * hop
-        if n == 0:
-            raise ValueError("a live prompt needs at least one 2000-sample chunk")
-        if n // hop > st.max_len:
-            raise ValueError(f"a prompt of {n // hop} frames does not fit the context of {st.max_len}")
-        prompt = prompt[:, :n].to(self.user.device, self.user.dtype)
-        view = st.row(row)
-        frames = encode_frames(self.model.codec, prompt[None], self.encode, view.seed)[0]  # (T, 2 Z)
+        hop, view, Z = self.chunk, st.row(row), self.m.shape[-1]
+        if prompt is not None:
+            if prompt.dim() != 2 or prompt.shape[0] != 2:
+                raise ValueError(f"a live prompt is (2, N) audio [user, model], got {tuple(prompt.shape)}")
+            prompt = prompt[:, :prompt.shape[1] // hop * hop].to(self.user.device, self.user.dtype)
+            if prompt.shape[1] == 0:
+                raise ValueError("a live prompt needs at least one 2000-sample chunk")
+            if prompt.shape[1] // hop > st.max_len:
+                raise ValueError(f"a prompt of {prompt.shape[1] // hop} frames does not fit the context "
+                                 f"of {st.max_len}")
+            frames = encode_frames(self.model.codec, prompt[None], self.encode, view.seed)[0]  # (T, 2 Z)
+        else:
+            frames = prompt_latents.to(self.user.device, self.user.dtype)
+            if frames.dim() != 2 or frames.shape[1] != 2 * Z or not 1 <= frames.shape[0] <= st.max_len:
+                raise ValueError(f"prompt latents must be (T, {2 * Z}) with 1 <= T <= {st.max_len}, "
+                                 f"got {tuple(frames.shape)}")
         x = prompt_prefill(self.model, view, frames)
         nxt, _ = decode_step(self.model, view, x, self.graphs.key(frames.shape[0], True).window)
         view.host_pos += 1
-        Z = self.m.shape[-1]
         self.m[row] = nxt[:, None, Z:][0]
         # Prime the row's codec streams: the encoder with the user channel, the decoder with the
         # model channel, so the next chunks continue the prompt's signals.
-        self.codec.encode(prompt[:1], self.enc.row(row))
+        if prompt is not None:
+            self.codec.encode(prompt[:1], self.enc.row(row))
         self.codec.decode(frames[None, :, Z:], self.dec.row(row))
 
     def release(self, row: int) -> None:
