@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -138,3 +139,31 @@ def save_audio(path: str, audio, sample_rate: int, subtype: str = "PCM_16") -> N
         if os.path.exists(tmp):
             os.remove(tmp)
         raise AudioError(f"cannot write audio file {path}: {_reason(e)}") from e
+
+
+def load_prompt(path: str, channels: int, sample_rate: int = 16000, hop: int = 2000,
+                max_frames: Optional[int] = None) -> np.ndarray:
+    """A prompt file for a model of `channels` (1 or 2) channels, as (channels, hop * T) float32.
+
+    Any format `load_audio` reads, resampled to `sample_rate`. One channel: the file's channels
+    are averaged. Two channels (speaker 0, speaker 1): a one-channel file is put on both, as the
+    original does, and a file with more keeps its first two. The end is cut to whole frames of
+    `hop` samples; a prompt longer than `max_frames` frames keeps its last `max_frames` frames,
+    with a warning. Raises AudioError for unreadable files and ValueError for a prompt shorter
+    than one frame.
+    """
+    if channels not in (1, 2):
+        raise ValueError(f"channels must be 1 or 2, got {channels}")
+    audio = load_audio(path, sample_rate, channels="mono" if channels == 1 else None)
+    if channels == 2:
+        audio = np.repeat(audio, 2, axis=0) if audio.shape[0] == 1 else audio[:2]
+    frames = audio.shape[1] // hop
+    if frames == 0:
+        raise ValueError(f"{path} is {audio.shape[1] / sample_rate:.3f} s long: a prompt needs at least "
+                         f"{hop / sample_rate:.3f} s ({hop} samples)")
+    if max_frames is not None and frames > max_frames:
+        context = max_frames * hop / sample_rate
+        warnings.warn(f"{path} is {frames * hop / sample_rate:.1f} s long, more than the model's context of "
+                      f"{context:.1f} s: keeping its last {context:.1f} s", stacklevel=2)
+        frames = max_frames
+    return np.ascontiguousarray(audio[:, audio.shape[1] // hop * hop - frames * hop: audio.shape[1] // hop * hop])

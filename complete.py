@@ -1,0 +1,119 @@
+"""Complete a prompt file with hertz-dev: prompt audio in, WAV out.
+
+    python complete.py prompt.wav out.wav                          # duplex (official weights), 10 s more
+    python complete.py prompt.flac out.wav --variant mono --seconds 20 --seed 3
+    python complete.py prompt.wav out.wav --variant checkpoints/transformer/best.safetensors
+    python complete.py prompt.wav out.wav --token-temp 0.7 --top-p 0.95 --num 4   # out-0.wav ... out-3.wav
+
+The prompt is any file soundfile reads, resampled to 16 kHz. Mono variants average its channels;
+duplex puts a one-channel file on both speakers (as the original) and keeps the first two channels
+of a longer one. A prompt longer than the context is trimmed to its last part, with a warning.
+The output holds the prompt (as the codec reconstructs it) and the continuation, mono or stereo
+(duplex: speaker 0 left, speaker 1 right); `--continuation-only` drops the prompt.
+
+Sampling defaults are the original's `temps=(0.8, (0.5, 0.1))`: token temperature 0.8, mixture
+temperature 0.5, Gaussian temperature 0.1; no top-p (1.0) and no min-p (0.0).
+"""
+import argparse
+import os
+import sys
+import time
+import warnings
+
+import torch
+
+from model import SamplingParams, load_hertz_dev
+from model.audio import AudioError, load_prompt, save_audio
+from model.generate import Generator
+from model.hub import VARIANTS
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("prompt", help="prompt audio file (WAV, FLAC, OGG, MP3)")
+    ap.add_argument("out", help="output WAV; with --num N > 1, OUT-0.wav ... OUT-(N-1).wav")
+    ap.add_argument("--variant", default="duplex",
+                    help=f"{' | '.join(VARIANTS)} (official weights, downloaded to --ckpt-dir) or a checkpoint path")
+    ap.add_argument("--codec", default="auto",
+                    help="auto (official, or the one recorded in the checkpoint), official, or a path")
+    ap.add_argument("--ckpt-dir", default="ckpt")
+    ap.add_argument("--seconds", type=float, default=10.0, help="length of the continuation (8 latents per second)")
+    ap.add_argument("--token-temp", type=float, default=0.8, help="LM softmax temperature (0: greedy)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling of tokens (1: off)")
+    ap.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p times the likeliest (0: off)")
+    ap.add_argument("--mixture-temp", type=float, default=0.5, help="temperature of the mixture component choice")
+    ap.add_argument("--gaussian-temp", type=float, default=0.1, help="scale of the Gaussian noise of a latent")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--num", type=int, default=1, help="completions of the same prompt, generated as one batch")
+    ap.add_argument("--encode", choices=("sample", "mean"), default="sample",
+                    help="prompt latents: a draw from the codec posterior (as the original) or its mean")
+    ap.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cuda:1, cpu")
+    ap.add_argument("--dtype", default="auto", choices=("auto",) + tuple(DTYPES),
+                    help="auto: bfloat16 on cuda, float32 on cpu")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the transformer block (slower start, faster steps)")
+    ap.add_argument("--no-cuda-graphs", action="store_true")
+    ap.add_argument("--continuation-only", action="store_true", help="write the continuation without the prompt")
+    ap.add_argument("--offline", action="store_true", help="never download official weights")
+    args = ap.parse_args(argv)
+    if args.seconds <= 0 or args.num < 1:
+        ap.error("--seconds must be > 0 and --num >= 1")
+    try:
+        args.params = SamplingParams(args.token_temp, args.top_p, args.min_p, args.mixture_temp,
+                                     args.gaussian_temp).validate()
+    except ValueError as e:
+        ap.error(str(e))
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if args.variant not in VARIANTS and not os.path.isfile(args.variant):
+        print(f"error: --variant {args.variant!r} is neither one of {', '.join(VARIANTS)} nor a file", file=sys.stderr)
+        return 2
+
+    t0 = time.time()
+    model = load_hertz_dev(args.variant, device=device, dtype=dtype, ckpt_dir=args.ckpt_dir,
+                           codec=args.codec, offline=args.offline or None)
+    cfg = model.config
+    hop = model.codec.hop_length
+    print(f"loaded {args.variant} ({'duplex' if cfg.duplex else 'mono'}) on {device} in {dtype} "
+          f"in {time.time() - t0:.1f} s", file=sys.stderr)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            prompt = load_prompt(args.prompt, cfg.channels, cfg.sample_rate, hop, max_frames=cfg.seq_len)
+        for w in caught:
+            print(f"warning: {w.message}", file=sys.stderr)
+    except (AudioError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    steps = max(1, round(args.seconds * cfg.sample_rate / hop))
+    frames = prompt.shape[1] // hop
+    print(f"prompt {frames * hop / cfg.sample_rate:.2f} s ({frames} latents), generating {steps} latents "
+          f"({steps * hop / cfg.sample_rate:.2f} s) x {args.num}", file=sys.stderr)
+    gen = Generator(model, batch_size=args.num, compile=args.compile,
+                    cuda_graphs=False if args.no_cuda_graphs else None)
+    audio = torch.from_numpy(prompt)[None].expand(args.num, -1, -1)
+    t0 = time.time()
+    out = gen.complete(audio, steps, args.params, seed=args.seed, encode=args.encode, progress=True)
+    elapsed = time.time() - t0
+    if args.continuation_only:
+        out = out[..., frames * hop:]
+    root, ext = os.path.splitext(args.out)
+    paths = [args.out] if args.num == 1 else [f"{root}-{i}{ext or '.wav'}" for i in range(args.num)]
+    for path, wav in zip(paths, out.cpu()):
+        save_audio(path, wav.clamp(-1, 1), cfg.sample_rate)
+        print(f"wrote {path} ({wav.shape[0]} channel{'s' if wav.shape[0] > 1 else ''}, "
+              f"{wav.shape[1] / cfg.sample_rate:.2f} s)", file=sys.stderr)
+    print(f"{steps * args.num / elapsed:.1f} latents/s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""The codec for live streaming: one chunk at a time, as few GPU kernels as possible.
+
+`StreamCodec(codec)` computes exactly `Codec.encode_step` / `Codec.decode_step` (same weights,
+weight norm folded once), in an inference layout: activations are channel-last (B, L, C), and
+every causal convolution is one matrix product over its taps (the taps gathered by `unfold`),
+instead of a cuDNN convolution. For the short sequences of a live step (one 2000-sample chunk,
+one latent) that is several times fewer kernels and none of cuDNN's layout conversions.
+
+The streaming state (`StreamCodecState`, the left context of each convolution) is preallocated
+for a batch; each row advances only where `active` is set, so sessions sharing a batch can be
+paused, reset (`reset(rows)`) and warm-started (`row(r)`) independently.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .codec import CausalConv1d, CausalConvTranspose1d, CausalResUnit, Codec, ResNetBlock
+
+
+def _weight(m: nn.Module) -> Tensor:
+    """A module's weight as used in its forward (weight norm applied), detached."""
+    return m.weight.detach().clone()
+
+
+def _bias(m: nn.Module) -> Optional[Tensor]:
+    return m.bias.detach().clone() if m.bias is not None else None
+
+
+class StreamCodecState:
+    """Left context of every convolution of a StreamCodec, for `batch_size` streams.
+
+    buffers[i]: (B, pad_i, C_i) channel-last; fresh[i]: (B, 1, 1) for transposed convolutions
+    (their first frame is padded by replication); active: (B, 1, 1) rows that advance."""
+
+    def __init__(self, shapes: list[tuple[int, int]], fresh: list[int], batch_size: int, device, dtype,
+                 active: Optional[Tensor] = None):
+        self.buffers = [torch.zeros(batch_size, p, c, device=device, dtype=dtype) for p, c in shapes]
+        self.fresh = {i: torch.ones(batch_size, 1, 1, device=device, dtype=torch.bool) for i in fresh}
+        self.active = active if active is not None else torch.ones(batch_size, 1, 1, device=device, dtype=torch.bool)
+
+    @property
+    def batch_size(self) -> int:
+        return self.active.shape[0]
+
+    def reset(self, rows: Union[None, slice, Tensor] = None) -> None:
+        """Restart all streams, or only `rows` (a slice or an index tensor)."""
+        rows = slice(None) if rows is None else rows
+        for b in self.buffers:
+            b[rows] = 0
+        for f in self.fresh.values():
+            f[rows] = True
+
+    def row(self, r: int) -> "StreamCodecState":
+        """Row `r` alone (views: writes land here), always active."""
+        view = copy.copy(self)
+        view.buffers = [b[r:r + 1] for b in self.buffers]
+        view.fresh = {i: f[r:r + 1] for i, f in self.fresh.items()}
+        view.active = torch.ones(1, 1, 1, device=self.active.device, dtype=torch.bool)
+        return view
+
+
+class _Conv:
+    """Causal convolution (kernel k, dilation d, stride s) as (B*L', C_in*k) @ (C_in*k, C_out)."""
+
+    def __init__(self, m: CausalConv1d, slot: int):
+        conv = m.conv
+        w = _weight(conv)  # (C_out, C_in, k)
+        self.cout, self.cin, self.k = w.shape
+        self.w = w.reshape(self.cout, self.cin * self.k).t().contiguous()  # rows ordered (c, j)
+        self.b = _bias(conv)
+        self.d, self.s, self.pad, self.slot = conv.dilation[0], conv.stride[0], m.pad_length, slot
+
+    def __call__(self, x: Tensor, st: StreamCodecState) -> Tensor:
+        B = x.shape[0]
+        buf = st.buffers[self.slot]
+        full = torch.cat([buf, x], dim=1)  # (B, pad + L, C_in)
+        torch.where(st.active, full[:, full.shape[1] - self.pad:], buf, out=buf)
+        taps = full.unfold(1, (self.k - 1) * self.d + 1, self.s)[..., ::self.d]  # (B, L', C_in, k)
+        L = taps.shape[1]
+        cols = taps.reshape(B * L, self.cin * self.k)
+        y = torch.addmm(self.b, cols, self.w) if self.b is not None else cols @ self.w
+        return y.view(B, L, self.cout)
+
+
+class _Deconv:
+    """Causal transposed convolution (kernel 2s, stride s): output frame t (s samples) is
+    W[..., :s]^T x[t] + W[..., s:]^T x[t-1], one matrix product over (x[t], x[t-1]) pairs."""
+
+    def __init__(self, m: CausalConvTranspose1d, slot: int):
+        w = _weight(m.deconv)  # (C_in, C_out, 2s)
+        self.cin, self.cout, k = w.shape
+        self.s = m.stride
+        assert k == 2 * self.s and m.pad_length == 1, "only kernel = 2 * stride is supported"
+        w = torch.cat([w[:, :, :self.s], w[:, :, self.s:]], dim=0)  # (2 C_in, C_out, s)
+        self.w = w.permute(0, 2, 1).reshape(2 * self.cin, self.s * self.cout).contiguous()
+        bias = m.deconv.bias
+        self.b = bias.detach().repeat(self.s) if bias is not None else None
+        self.slot = slot
+
+    def __call__(self, x: Tensor, st: StreamCodecState) -> Tensor:
+        B, L, _ = x.shape
+        buf, fresh = st.buffers[self.slot], st.fresh[self.slot]
+        buf.copy_(torch.where(fresh & st.active, x[:, :1], buf))
+        fresh.logical_and_(~st.active)
+        full = torch.cat([buf, x], dim=1)  # (B, 1 + L, C_in)
+        torch.where(st.active, full[:, -1:], buf, out=buf)
+        pairs = torch.cat([full[:, 1:], full[:, :-1]], dim=-1).reshape(B * L, 2 * self.cin)
+        y = torch.addmm(self.b, pairs, self.w) if self.b is not None else pairs @ self.w
+        return y.view(B, L * self.s, self.cout)
+
+
+class _ResUnit:
+    """x + conv1x1(elu(dilated causal conv(elu(x))))."""
+
+    def __init__(self, m: CausalResUnit, slot: int):
+        self.conv1 = _Conv(m.conv1, slot)
+        self.w2 = _weight(m.conv2)[..., 0].t().contiguous()  # (C, C)
+        self.b2 = _bias(m.conv2)
+
+    def __call__(self, x: Tensor, st: StreamCodecState) -> Tensor:
+        y = F.elu(self.conv1(F.elu(x), st))
+        y = torch.addmm(self.b2, y.flatten(0, 1), self.w2) if self.b2 is not None else y.flatten(0, 1) @ self.w2
+        return x + y.view(x.shape)
+
+
+class _Pool:
+    def __init__(self, s: int):
+        self.s = s
+
+    def __call__(self, x: Tensor, st) -> Tensor:
+        B, L, C = x.shape
+        return x.view(B, L // self.s, self.s, C).mean(dim=2)
+
+
+class _Upsample:
+    def __init__(self, s: int):
+        self.s = s
+
+    def __call__(self, x: Tensor, st) -> Tensor:
+        B, L, C = x.shape
+        return x[:, :, None].expand(B, L, self.s, C).reshape(B, L * self.s, C)
+
+
+class _Half:
+    """The ops of one codec half (encoder or decoder) in order, and its state layout."""
+
+    def __init__(self, stack):
+        self.ops, self.shapes, self.fresh = [], [], []
+        self.multiplier = None
+        if getattr(stack, "multiplier_proj", None) is not None:
+            m = stack.multiplier_proj
+            self.multiplier = (_weight(m)[..., 0].contiguous(), _bias(m))
+        for m in stack.res_stack:
+            for sub in (m.res_block if isinstance(m, ResNetBlock) else [m]):
+                self._add(sub)
+
+    def _add(self, m: nn.Module) -> None:
+        slot = len(self.shapes)
+        if isinstance(m, CausalConv1d):
+            self.ops.append(_Conv(m, slot))
+            self.shapes.append((m.pad_length, m.in_channels))
+        elif isinstance(m, CausalResUnit):
+            self.ops.append(_ResUnit(m, slot))
+            self.shapes.append((m.conv1.pad_length, m.conv1.in_channels))
+        elif isinstance(m, CausalConvTranspose1d):
+            self.ops.append(_Deconv(m, slot))
+            self.shapes.append((1, m.in_channels))
+            self.fresh.append(slot)
+        elif isinstance(m, nn.AvgPool1d):
+            k = m.kernel_size[0] if isinstance(m.kernel_size, tuple) else m.kernel_size
+            self.ops.append(_Pool(k))
+        elif isinstance(m, nn.Upsample):
+            assert m.mode == "nearest"
+            self.ops.append(_Upsample(int(m.scale_factor)))
+        elif not isinstance(m, nn.Identity):
+            raise TypeError(f"StreamCodec does not know {type(m).__name__}")
+
+    def __call__(self, x: Tensor, st: StreamCodecState) -> Tensor:
+        if self.multiplier is not None:
+            w, b = self.multiplier
+            x = F.linear(x, w, b)
+        for op in self.ops:
+            x = op(x, st)
+        return x
+
+
+class StreamCodec:
+    """Streaming encode and decode of a Codec (its weights copied once, in matrix layout).
+
+    encode(audio (B, 2000 k), state) -> mu, logvar (B, k, Z); decode(latents (B, k, Z), state)
+    -> (B, 2000 k). Equal to `Codec.encode_step` / `decode_step` up to rounding.
+    """
+
+    def __init__(self, codec: Codec):
+        with torch.no_grad():
+            self.encoder = _Half(codec.encoder)
+            self.decoder = _Half(codec.decoder)
+            z = codec.compressor
+            self.w_in, self.b_in = _weight(z.proj_in), _bias(z.proj_in)
+            self.w_out, self.b_out = _weight(z.proj_out), _bias(z.proj_out)
+        self.norm_stddev = codec.norm_stddev
+        self.hop_length = codec.hop_length
+        p = next(codec.parameters())
+        self.device, self.dtype = p.device, p.dtype
+
+    def init_state(self, batch_size: int, active: Optional[Tensor] = None) -> tuple[StreamCodecState, StreamCodecState]:
+        """Preallocated (encoder, decoder) states; `active` (B, 1, 1) bool, shared if given."""
+        return tuple(StreamCodecState(h.shapes, h.fresh, batch_size, self.device, self.dtype, active)
+                     for h in (self.encoder, self.decoder))
+
+    def encode(self, audio: Tensor, state: StreamCodecState) -> tuple[Tensor, Tensor]:
+        x = (audio.to(self.dtype) / self.norm_stddev)[..., None]  # (B, N, 1)
+        h = self.encoder(x, state)  # (B, N / 2000, C)
+        return F.linear(h, self.w_in, self.b_in).chunk(2, dim=-1)
+
+    def decode(self, latents: Tensor, state: StreamCodecState) -> Tensor:
+        h = F.linear(latents.to(self.dtype), self.w_out, self.b_out)  # (B, T, C)
+        return self.decoder(h, state)[..., 0] * self.norm_stddev

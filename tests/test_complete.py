@@ -1,0 +1,84 @@
+"""complete.py end to end in a subprocess, on tiny checkpoints written to a temporary folder."""
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from config.codec_config import PRESETS as CODEC_PRESETS
+from config.transformer_config import PRESETS
+from model import Codec, HertzDev, build, save_codec, save_transformer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_checkpoints(folder: Path) -> dict:
+    """Tiny random codec, duplex and mono transformer checkpoints (ours), and prompt files."""
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    codec = str(save_codec(folder / "codec.safetensors", build(Codec, CODEC_PRESETS["tiny"])))
+    paths = {"codec": codec}
+    for name, duplex in (("duplex", True), ("mono", False)):
+        model = build(HertzDev, dataclasses.replace(PRESETS["tiny"], duplex=duplex))
+        paths[name] = str(save_transformer(folder / f"{name}.safetensors", model, codec_source=codec))
+    t = np.arange(int(44100 * 1.5)) / 44100
+    stereo = np.stack([0.3 * np.sin(2 * np.pi * 220 * t), 0.2 * np.sin(2 * np.pi * 330 * t)], axis=1)
+    sf.write(folder / "stereo.flac", stereo, 44100)  # resampled, 1.5 s -> 12 whole frames
+    sf.write(folder / "mono.wav", 0.3 * np.sin(2 * np.pi * 200 * np.arange(16000 * 10) / 16000), 16000)
+    paths["stereo"], paths["mono_prompt"] = str(folder / "stereo.flac"), str(folder / "mono.wav")
+    return paths
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    return make_checkpoints(tmp_path_factory.mktemp("ckpt"))
+
+
+def run(*args):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(REPO / "complete.py"), *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_duplex_completion_writes_stereo(ckpts, tmp_path):
+    out = tmp_path / "duplex.wav"
+    r = run(ckpts["stereo"], out, "--variant", ckpts["duplex"], "--seconds", 1, "--seed", 3, "--top-p", 0.9)
+    assert r.returncode == 0, r.stderr
+    info = sf.info(out)
+    assert info.channels == 2 and info.samplerate == 16000 and info.frames == 2000 * (12 + 8)
+    assert "latent/s" in r.stderr  # the progress bar
+    again = tmp_path / "again.wav"
+    r = run(ckpts["stereo"], again, "--variant", ckpts["duplex"], "--seconds", 1, "--seed", 3, "--top-p", 0.9)
+    assert r.returncode == 0, r.stderr
+    assert np.array_equal(sf.read(out)[0], sf.read(again)[0])  # same seed, same file
+
+
+@pytest.mark.slow
+def test_mono_completion_trims_a_long_prompt_and_writes_one_file_per_completion(ckpts, tmp_path):
+    out = tmp_path / "mono.wav"
+    r = run(ckpts["mono_prompt"], out, "--variant", ckpts["mono"], "--seconds", 0.5, "--num", 2,
+            "--continuation-only", "--device", "cpu", "--dtype", "float32")
+    assert r.returncode == 0, r.stderr
+    assert "context" in r.stderr and "keeping its last 8.0 s" in r.stderr  # 10 s prompt, 64-latent context
+    for i in range(2):
+        info = sf.info(tmp_path / f"mono-{i}.wav")
+        assert info.channels == 1 and info.frames == 2000 * 4
+
+
+def test_bad_inputs_are_clear_errors(ckpts, tmp_path, capsys):
+    import complete
+
+    assert complete.main([str(tmp_path / "missing.wav"), str(tmp_path / "o.wav"), "--variant", ckpts["mono"]]) == 2
+    assert "error" in capsys.readouterr().err
+    missing_ckpt = str(tmp_path / "nope.safetensors")
+    assert complete.main([ckpts["stereo"], str(tmp_path / "o.wav"), "--variant", missing_ckpt]) == 2
+    assert "neither" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        complete.main([ckpts["stereo"], str(tmp_path / "o.wav"), "--top-p", "0"])
+    assert e.value.code == 2 and "top_p" in capsys.readouterr().err

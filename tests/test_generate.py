@@ -1,0 +1,152 @@
+"""The generation engine (model/generate.py) on tiny random models, float32, CPU.
+
+Completions have the requested length; the same seed gives the same output; the cached engine
+equals an uncached reference (full forwards every step) draw for draw; batch rows are
+independent; a context slide continues exactly as a fresh prefill of the kept frames would.
+"""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from config.codec_config import PRESETS as CODEC_PRESETS
+from config.transformer_config import PRESETS
+from model import Codec, HertzDev, SamplingParams, build
+from model.generate import (DecodeState, Generator, attention_windows, decode_step, generate_uncached,
+                            prompt_prefill, row_seed)
+
+TOL = 1e-4
+PARAMS = [SamplingParams(), SamplingParams(token_temp=1.0, top_p=0.9, min_p=0.05, mixture_temp=1.0, gaussian_temp=0.3)]
+
+
+def tiny(duplex: bool, **overrides) -> HertzDev:
+    torch.manual_seed(0)
+    model = build(HertzDev, dataclasses.replace(PRESETS["tiny"], duplex=duplex, **overrides)).eval()
+    model.codec = build(Codec, CODEC_PRESETS["tiny"]).eval()
+    return model
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["mono", "duplex"])
+def model(request):
+    return tiny(request.param)
+
+
+def prompt_latents(model, B=2, T=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, T, 32 * model.config.channels, generator=g)
+
+
+@torch.no_grad()
+def test_completion_lengths_and_shapes(model):
+    C = model.config.channels
+    gen = Generator(model, batch_size=2)
+    out = gen.generate(prompt_latents(model), 9, seed=0)
+    assert out.shape == (2, 6 + 9, 32 * C) and torch.isfinite(out).all()
+    audio = torch.randn(2, C, 2000 * 3 + 123) * 0.1  # cut to whole frames
+    wav = gen.complete(audio, 5, seed=0)
+    assert wav.shape == (2, C, 2000 * (3 + 5)) and wav.dtype == torch.float32 and torch.isfinite(wav).all()
+
+
+@torch.no_grad()
+def test_same_seed_same_output_other_seed_other_output(model):
+    gen = Generator(model, batch_size=2)
+    p = prompt_latents(model)
+    a, b = gen.generate(p, 8, seed=5), gen.generate(p, 8, seed=5)
+    c = Generator(model, batch_size=2).generate(p, 8, seed=5)  # a fresh engine too
+    d = gen.generate(p, 8, seed=6)
+    assert torch.equal(a, b) and torch.equal(a, c)
+    assert not torch.allclose(a[:, 6:], d[:, 6:])
+    assert torch.equal(a[:, :6], p)  # the prompt is returned as given
+
+
+@pytest.mark.parametrize("params", PARAMS, ids=["default", "top_p-min_p"])
+@torch.no_grad()
+def test_cached_equals_uncached_reference(model, params):
+    p = prompt_latents(model)
+    cached = Generator(model, batch_size=2).generate(p, 12, params, seed=3)
+    reference = generate_uncached(model, p, 12, params, seed=3)
+    assert (cached - reference).abs().max() <= TOL
+
+
+@torch.no_grad()
+def test_rows_are_independent_of_the_batch(model):
+    """Row r of a batch equals the same prompt generated alone with that row's seed, and each
+    row may have its own sampling parameters."""
+    p = prompt_latents(model, B=3)
+    params = [PARAMS[0], PARAMS[1], SamplingParams(token_temp=0, mixture_temp=0, gaussian_temp=0)]
+    batch = Generator(model, batch_size=3).generate(p, 8, params, seed=11)
+    alone = Generator(model, batch_size=1)
+    for r in range(3):
+        one = alone.generate(p[r:r + 1], 8, params[r], seed=[row_seed(11, r)])
+        assert (one[0] - batch[r]).abs().max() <= TOL
+    greedy = generate_uncached(model, p[2:3], 8, params[2], seed=0)  # no randomness at all
+    assert (greedy[0] - batch[2]).abs().max() <= TOL
+
+
+@torch.no_grad()
+def test_slide_continues_like_a_fresh_prefill_of_the_kept_frames():
+    """Past the context, a row keeps its last `keep` frames (with the tokens they were made
+    with) and goes on: what follows equals the uncached reference started from those frames."""
+    model = tiny(True)
+    L, keep, T = 24, 10, 6
+    gen = Generator(model, batch_size=2, max_len=L, keep=keep)
+    p = prompt_latents(model, T=T)
+    out = gen.generate(p, 30, seed=2)  # slides once, when the position reaches L
+    assert out.shape[1] == T + 30 and torch.isfinite(out).all()
+    steps_before = L - (T - 1)  # steps taken when the slide happens
+    kept = out[:, L - keep:L + 1]  # the kept frames and the pending frame
+    tokens = gen.state.toks[:, :keep].clone()  # slots below `keep` still hold the kept tokens
+    ref = generate_uncached(model, kept, 10, seed=2, prompt_tokens=tokens, first_counter=steps_before)
+    assert (ref[:, keep + 1:] - out[:, L + 1:L + 11]).abs().max() <= TOL
+
+
+@torch.no_grad()
+def test_prompt_longer_than_context_is_an_error():
+    model = tiny(False)
+    gen = Generator(model, batch_size=1, max_len=16, keep=8)
+    with pytest.raises(ValueError, match="context"):
+        gen.generate(torch.randn(1, 17, 32), 2)
+    with pytest.raises(ValueError):
+        gen.generate(torch.randn(2, 4, 32), 2)  # wrong batch
+
+
+@torch.no_grad()
+def test_dry_run_leaves_the_state_as_it_was(model):
+    """Graph capture warms up by running the step with every row inactive: nothing may move."""
+    p = prompt_latents(model)
+    ref = Generator(model, batch_size=2).generate(p, 6, seed=4)
+    gen = Generator(model, batch_size=2)
+    orig = gen.graphs.run
+
+    def run_with_dry_runs(fn, key):
+        gen.graphs.dry_run(fn, key)
+        orig(fn, key)
+    gen.graphs.run = run_with_dry_runs
+    assert torch.equal(gen.generate(p, 6, seed=4), ref)
+
+
+@torch.no_grad()
+def test_positions_windows_and_histories():
+    model = tiny(True)
+    st = DecodeState.make(model, 2, 32)
+    frames = prompt_latents(model, B=1, T=5)[0]
+    x = prompt_prefill(model, st.row(1), frames)
+    assert st.host_pos.tolist() == [0, 4] and st.pos.tolist() == [0, 4]
+    assert torch.equal(st.hist[1, :4], frames[:4]) and torch.equal(x[0, 0], frames[4])
+    st.active[0] = False  # row 0 is free: it must not move
+    xs = torch.zeros(2, 1, 64)
+    xs[1] = x[0]
+    decode_step(model, st, xs, 8)
+    assert st.pos.tolist() == [0, 5] and st.counter.tolist() == [0, 1]
+    assert torch.equal(st.hist[1, 4], frames[4])
+    assert attention_windows(2048) == [128, 256, 512, 1024, 2048] and attention_windows(64) == [64]
+
+
+def test_sampling_params_are_validated():
+    gen = Generator(tiny(False), batch_size=1)
+    with pytest.raises(ValueError):
+        gen.generate(torch.randn(1, 3, 32), 1, SamplingParams(top_p=0))
+    with pytest.raises(ValueError):
+        gen.generate(torch.randn(1, 3, 32), 1, [SamplingParams()] * 2)
+    assert np.array_equal(gen.state.host_pos, gen.state.pos.numpy())

@@ -1,0 +1,170 @@
+"""The live duplex engine (LiveEngine) on a tiny random model, float32, CPU: batched sessions equal
+the same sessions run alone; resets, warm starts and paused rows leave the other rows untouched;
+a row past the context slides and goes on; the matrix-product streaming codec equals the codec."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from config.codec_config import PRESETS as CODEC_PRESETS
+from config.transformer_config import PRESETS
+from model import Codec, HertzDev, SamplingParams, build
+from model.generate import LiveEngine
+
+TOL = 1e-5
+STEPS = 12
+PARAMS = [SamplingParams(), SamplingParams(token_temp=0.5, top_p=0.9),
+          SamplingParams(mixture_temp=0, gaussian_temp=0.3)]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = build(HertzDev, dataclasses.replace(PRESETS["tiny"], duplex=True)).eval()
+    m.codec = build(Codec, CODEC_PRESETS["tiny"]).eval()
+    return m
+
+
+def signal(n, rows, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, rows, 2000, generator=g) * 0.1
+
+
+PROMPTS = [signal(1, 2, 7)[0].reshape(2, 1, 2000).repeat(1, 1, 3).reshape(2, 6000), None, signal(1, 2, 8)[0]]
+
+
+def start(engine, row, i):
+    engine.reset(row, PARAMS[i], seed=100 + i, prompt=PROMPTS[i])
+
+
+@torch.no_grad()
+def test_batched_sessions_equal_sessions_alone(model):
+    user = signal(STEPS, 3, 1)
+    batched = LiveEngine(model, max_sessions=3)
+    for r in range(3):
+        start(batched, r, r)
+    out = torch.stack([batched.step(u) for u in user])  # (steps, 3, 2000)
+    assert out.shape == (STEPS, 3, 2000) and out.abs().sum() > 0
+    for r in range(3):
+        alone = LiveEngine(model, max_sessions=1)
+        start(alone, 0, r)
+        one = torch.stack([alone.step(u[r:r + 1]) for u in user])
+        assert (one[:, 0] - out[:, r]).abs().max() <= TOL
+    # warm start: 3 prompt frames = 2 prefilled, the last one stepped; then one frame per step
+    assert batched.positions.tolist() == [3 + STEPS, STEPS, 1 + STEPS]
+    assert np.array_equal(batched.state.pos.numpy(), batched.positions)
+
+
+@torch.no_grad()
+def test_reset_and_warm_start_leave_other_rows_untouched(model):
+    user = signal(STEPS, 2, 2)
+    ref = LiveEngine(model, max_sessions=2)
+    start(ref, 0, 0)
+    start(ref, 1, 1)
+    want = torch.stack([ref.step(u) for u in user])
+
+    e = LiveEngine(model, max_sessions=2)
+    start(e, 0, 0)
+    start(e, 1, 2)  # another session in row 1 first ...
+    got = [e.step(u) for u in user[:4]]
+    e.release(1)
+    start(e, 1, 1)  # ... replaced mid-stream: a fresh session, warm-started or not
+    got += [e.step(torch.cat([u[:1], v[1:]])) for u, v in zip(user[4:], user)]
+    got = torch.stack(got)
+    assert (got[:, 0] - want[:, 0]).abs().max() <= TOL  # row 0 never noticed
+    assert (got[4:, 1] - want[:STEPS - 4, 1]).abs().max() <= TOL  # row 1 is a brand-new session
+
+
+@torch.no_grad()
+def test_inactive_rows_are_frozen(model):
+    user = signal(STEPS, 2, 3)
+    ref = LiveEngine(model, max_sessions=2)
+    start(ref, 0, 0)
+    start(ref, 1, 2)
+    want = torch.stack([ref.step(u) for u in user])
+    e = LiveEngine(model, max_sessions=2)
+    start(e, 0, 0)
+    start(e, 1, 2)
+    got, k = [], 0
+    for i in range(STEPS + 3):  # row 1 pauses for steps 3..5, then goes on where it was
+        paused = 3 <= i < 6
+        u = torch.stack([user[min(i, STEPS - 1), 0], user[k, 1]])
+        out = e.step(u, active=[True, not paused])
+        if paused:
+            assert out[1].abs().max() == 0
+        else:
+            got.append(out[1])
+            k += 1
+        if k == STEPS:
+            break
+    assert (torch.stack(got) - want[:, 1]).abs().max() <= TOL
+    free = e.step(torch.zeros(2, 2000), active=[True, False])
+    e.release(0)
+    assert e.step(torch.zeros(2, 2000), active=[True, False]).abs().max() == 0  # nothing occupied
+    assert free[0].abs().max() > 0
+
+
+@torch.no_grad()
+def test_context_overflow_slides_the_row_only(model):
+    """A row at the end of its context keeps its last `keep` frames and goes on; a row beside it
+    that is far from its end is not disturbed."""
+    L, keep = 16, 8
+    user = signal(2 * L, 2, 4)
+    e = LiveEngine(model, max_sessions=2, max_len=L, keep=keep)
+    start(e, 0, 1)
+    outs, pos0 = [], []
+    for i, u in enumerate(user):
+        if i == L - 4:
+            start(e, 1, 1)  # row 1 starts late: it never reaches the end
+        outs.append(e.step(u))
+        pos0.append(int(e.positions[0]))
+    assert max(pos0) == L and pos0[L] == keep + 1  # slid from L back to keep, then stepped
+    assert torch.isfinite(torch.stack(outs)).all()
+    alone = LiveEngine(model, max_sessions=1, max_len=L, keep=keep)
+    start(alone, 0, 1)
+    late = torch.stack([alone.step(u[1:]) for u in user[L - 4:]])
+    assert (late[:, 0] - torch.stack(outs[L - 4:])[:, 1]).abs().max() <= TOL
+
+
+@torch.no_grad()
+def test_codec_implementations_agree(model):
+    """The live step with the matrix-product streaming codec equals the one with the module codec."""
+    user = signal(6, 2, 5)
+    outs = []
+    for codec in ("matmul", "conv"):
+        e = LiveEngine(model, max_sessions=2, codec=codec)
+        start(e, 0, 0)
+        start(e, 1, 2)
+        outs.append(torch.stack([e.step(u) for u in user]))
+    assert (outs[0] - outs[1]).abs().max() <= TOL
+
+
+def test_bad_arguments(model):
+    e = LiveEngine(model, max_sessions=2)
+    with pytest.raises(ValueError):
+        e.step(torch.zeros(3, 2000))
+    with pytest.raises(IndexError):
+        e.reset(2)
+    with pytest.raises(ValueError):
+        e.reset(0, prompt=torch.zeros(1, 4000))  # a live prompt has two channels
+    with pytest.raises(ValueError):
+        e.set_params(0, SamplingParams(gaussian_temp=float("nan")))
+    mono = build(HertzDev, dataclasses.replace(PRESETS["tiny"], duplex=False))
+    mono.codec = model.codec
+    with pytest.raises(ValueError, match="duplex"):
+        LiveEngine(mono)
+
+
+@torch.no_grad()
+def test_warm_start_from_latents(model):
+    """Prompt latents computed once (e.g. for many sessions) warm-start a row as its audio does."""
+    from model.generate import encode_frames
+
+    a, b = LiveEngine(model, max_sessions=2), LiveEngine(model, max_sessions=2)
+    a.reset(1, PARAMS[0], seed=5, prompt=PROMPTS[2])
+    frames = encode_frames(model.codec, PROMPTS[2][None], "sample", torch.tensor([5]))[0]
+    b.reset(1, PARAMS[0], seed=5, prompt_latents=frames)
+    assert torch.equal(a.m[1], b.m[1]) and a.positions.tolist() == b.positions.tolist() == [0, 1]
+    with pytest.raises(ValueError):
+        b.reset(0, prompt=PROMPTS[2], prompt_latents=frames)
