@@ -668,7 +668,8 @@ class Server:
             try:
                 if session.recorder is not None:  # after the session's writes: one disk thread, in order
                     path = await self.disk(session.recorder.close)
-                    log.info("session %s recorded to %s", session.id, path)
+                    if path is not None:
+                        log.info("session %s recorded to %s", session.id, path)
             except Exception as e:
                 log.error("session %s: the recording failed: %r", session.id, e)
             finally:
@@ -864,7 +865,10 @@ def main(argv=None) -> None:
                     max_queue=args.queue_chunks, params=params)
     where = f"http://{args.host}:{args.port}/"
     log.info("browser client: %s%s", where, "?token=TOKEN" if args.token else "")
-    serve(server, args.host, args.port, args.max_message_bytes, args.log_level, args.access_log)
+    try:
+        serve(server, args.host, args.port, args.max_message_bytes, args.log_level, args.access_log)
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down gracefully
+        pass
 
 
 if __name__ == "__main__":
