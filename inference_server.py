@@ -117,8 +117,7 @@ class EngineWorker:
         self.stopping = False
         self.ready = threading.Event()
         self.thread: Optional[threading.Thread] = None
-        self.step_ms: collections.deque = collections.deque(maxlen=2000)
-        self.batch: collections.deque = collections.deque(maxlen=2000)
+        self.history: collections.deque = collections.deque(maxlen=4000)  # (time, step ms, rows stepped)
         self.steps = 0
         self.failed: Optional[BaseException] = None
 
@@ -178,12 +177,16 @@ class EngineWorker:
     async def set_params(self, row: int, params) -> None:
         await self.call(_engine_set_params, row, params)
 
-    def stats(self) -> dict:
+    def stats(self, window_s: Optional[float] = None) -> dict:
+        """Step count, and step time and rows per step over the last `window_s` seconds (default:
+        the last 4000 steps)."""
+        since = -1.0 if window_s is None else time.perf_counter() - window_s
         with self.cond:
-            step_ms, batch = list(self.step_ms), list(self.batch)
+            recent = [(ms, n) for t, ms, n in self.history if t >= since]
             queued = sum(len(q) for q in self.inbox)
-        return {"steps": self.steps, "step_ms": percentiles(step_ms),
-                "batch_mean": round(float(np.mean(batch)), 2) if batch else None, "queued_chunks": queued}
+        return {"steps": self.steps, "step_ms": percentiles([ms for ms, _ in recent]),
+                "batch_mean": round(float(np.mean([n for _, n in recent])), 2) if recent else None,
+                "queued_chunks": queued}
 
     # -- the thread --
     def _settle(self, fut: asyncio.Future, result=None, exc: Optional[BaseException] = None) -> None:
@@ -241,8 +244,7 @@ class EngineWorker:
             ms = 1000 * (time.perf_counter() - t)
             replies = float_to_pcm(out)
             with self.cond:
-                self.step_ms.append(ms)
-                self.batch.append(len(batch))
+                self.history.append((t, ms, len(batch)))
                 self.steps += 1
             for r, chunk, dropped in batch:
                 self.loop.call_soon_threadsafe(chunk.session.on_reply, chunk, replies[r], dropped)
@@ -528,7 +530,8 @@ class Session:
         # The model's context frame is (this user chunk, the model audio of the previous reply).
         self.record(np.stack([chunk.pcm, self.model_prev], axis=1))
         self.model_prev = reply
-        self.server.latency_ms.append(1000 * (time.perf_counter() - chunk.t_recv))
+        now = time.perf_counter()
+        self.server.latency_ms.append((now, 1000 * (now - chunk.t_recv)))
 
     def on_engine_error(self, e: BaseException) -> None:
         self.fail(CLOSE_INTERNAL, f"engine error: {type(e).__name__}")
@@ -561,7 +564,7 @@ class Server:
         self.recordings = Path(recordings) if recordings else None
         self.max_recording_frames = int(max_recording_seconds * SAMPLE_RATE)
         self.counts = collections.Counter()
-        self.latency_ms: collections.deque = collections.deque(maxlen=2000)
+        self.latency_ms: collections.deque = collections.deque(maxlen=4000)  # (time, chunk arrival to reply ms)
         self.started = time.time()
         self.warmup = warmup
         self._disk: Optional[concurrent.futures.ThreadPoolExecutor] = None
@@ -605,14 +608,15 @@ class Server:
             raise ProtocolError("bad_seed", f"seed must be an integer in [0, 2**63), got {json.dumps(value)}")
         return value
 
-    def health(self) -> dict:
+    def health(self, window_s: Optional[float] = None) -> dict:
+        since = -1.0 if window_s is None else time.perf_counter() - window_s
         return {
             "status": "ok",
             "sessions": len(self.sessions),
             "capacity": self.engine.max_sessions,
             "uptime_s": round(time.time() - self.started, 1),
-            **self.worker.stats(),
-            "chunk_latency_ms": percentiles(list(self.latency_ms)),
+            **self.worker.stats(window_s),
+            "chunk_latency_ms": percentiles([ms for t, ms in list(self.latency_ms) if t >= since]),
             **{k: self.counts[k] for k in ("sessions_total", "refused", "dropped_in", "dropped_out", "bad_messages")},
             "prompt_s": 0 if self.prompt is None else self.prompt.shape[1] / SAMPLE_RATE,
             "replay_chunks": len(self.replay),
@@ -729,8 +733,9 @@ def make_app(server: Server):
                         headers={"Cache-Control": "no-store"})
 
     @http.get("/health")
-    async def health():
-        return server.health()
+    async def health(window: Optional[float] = None):
+        """window: seconds the step and latency figures cover (default: the last 4000 steps)."""
+        return server.health(window)
 
     @http.post("/set_temperature")
     async def set_temperature(token_temp: Optional[float] = None, categorical_temp: Optional[float] = None,

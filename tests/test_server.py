@@ -84,6 +84,10 @@ def test_binary_frames_10s(server, model):
     assert np.abs(as_pcm(replies)).max() > 0
     h = health(server)
     assert h["steps"] - steps == 80 and h["step_ms"]["p50"] > 0 and h["chunk_latency_ms"]["p99"] > 0
+    assert h["sessions"] == 0 and h["capacity"] == 3 and h["dropped_in"] == 0
+    time.sleep(0.3)
+    quiet = json.loads(http(server.http + "/health?window=0.2")[1])  # figures over the last 0.2 s: no steps
+    assert quiet["step_ms"]["p50"] is None and quiet["batch_mean"] is None
 
 
 def test_text_frames_exactly_as_the_original_client(model):
