@@ -82,6 +82,7 @@ def test_binary_frames_10s(server, model):
     assert len(replies) == 80 and all(isinstance(r, bytes) and len(r) == 4000 for r in replies)
     assert_close(as_pcm(replies), reference_replies(model, CHUNKS, seed=5, where=at))
     assert np.abs(as_pcm(replies)).max() > 0
+    wait_idle(server)
     h = health(server)
     assert h["steps"] - steps == 80 and h["step_ms"]["p50"] > 0 and h["chunk_latency_ms"]["p99"] > 0
     assert h["sessions"] == 0 and h["capacity"] == 3 and h["dropped_in"] == 0
