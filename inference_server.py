@@ -38,7 +38,7 @@ import secrets
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -511,9 +511,11 @@ class Session:
             if set(body) - {"seed"}:
                 raise ProtocolError("bad_message", f"reset takes only an optional seed, got {sorted(body)}")
             seed = self.server.seed_from(body.get("seed"))
+            # Chunks still queued from before are stepped after the reset, in the new conversation.
             await self.server.worker.open_row(self.row, self.params, seed, self.server.prompt)
             self.seed = seed
             self.replay_left = len(self.server.replay)
+            self.model_prev = np.zeros(CHUNK, dtype="<i2")
             self.send_json(type="ack", request=kind, seed=seed, **echo)
         elif kind == "status":
             self.send_json(type="status", **self.info(), seed=self.seed, params=dataclasses.asdict(self.params), **echo)
@@ -557,6 +559,7 @@ class Server:
         self.params = (params or SamplingParams()).validate()
         self.prompt = prompt  # (2, N) float32, [user, model], N a multiple of CHUNK
         self.replay: list[np.ndarray] = []
+        self.prompt_pcm = None if prompt is None else float_to_pcm(prompt.T)  # (N, 2): the start of each recording
         if prompt is not None:
             mono = float_to_pcm(prompt.mean(axis=0))  # the original replays both speakers, mixed
             n = len(mono) // CHUNK if replay_seconds is None else min(len(mono) // CHUNK, int(replay_seconds * SAMPLE_RATE) // CHUNK)
@@ -650,7 +653,7 @@ class Server:
             session.recorder = Recorder(self.recordings / name, self.max_recording_frames)
             self.disk(session.recorder.open)
             if self.prompt is not None:  # the recording starts with the prompt, as the original's
-                session.record(float_to_pcm(self.prompt.T))
+                session.record(self.prompt_pcm)
         sender = asyncio.create_task(session.sender())
         receiver = asyncio.create_task(session.receive())
         closing = asyncio.create_task(session.closing.wait())
@@ -714,9 +717,7 @@ def make_app(server: Server):
     @contextlib.asynccontextmanager
     async def lifespan(app):
         server.attach(asyncio.get_running_loop())
-        yield
-        for session in list(server.sessions.values()):
-            session.fail(1001, "the server is shutting down")
+        yield  # at shutdown uvicorn closes every websocket with 1012 before this returns
 
     def require_token(request: Request) -> None:
         if not server.authorized(request.headers, request.query_params):
