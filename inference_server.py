@@ -57,7 +57,6 @@ PARAM_NAMES = ("token_temp", "top_p", "min_p", "mixture_temp", "gaussian_temp")
 WEB_DIR = Path(__file__).resolve().parent / "web"
 
 # Close codes (RFC 6455 and the IANA registry); 1009 comes from the websocket layer itself.
-CLOSE_NORMAL = 1000
 CLOSE_POLICY = 1008       # too many bad messages, or a client that does not read its replies
 CLOSE_TOO_BIG = 1009      # a message over --max-message-bytes
 CLOSE_INTERNAL = 1011     # the engine failed for this session
@@ -313,6 +312,8 @@ class Recorder:
         if self.file is None:
             return None
         self.file.close()
+        if self.truncated:
+            log.warning("%s: cut at %.0f s (--max-recording-seconds)", self.path.name, self.max_frames / SAMPLE_RATE)
         if self.frames == 0:
             os.remove(self.tmp)
             return None
