@@ -499,3 +499,14 @@ def test_command_line_refuses_to_expose_without_token():
         srv.parse_args(["--host", "0.0.0.0"])
     assert srv.parse_args(["--host", "0.0.0.0", "--token", "x"]).token == "x"
     assert srv.parse_args([]).host == "127.0.0.1"
+
+
+def test_recording_is_capped(model, tmp_path):
+    with running_server(model, max_sessions=1, recordings=str(tmp_path), max_recording_seconds=0.5) as server:
+        async def run():
+            async with connect(server.ws + "/audio") as ws:
+                await stream(ws, CHUNKS[:8])
+        asyncio.run(asyncio.wait_for(run(), 30))
+        wait_idle(server)
+    (wav,) = list(tmp_path.glob("*.wav"))
+    assert sf.info(wav).frames == 8000 and sf.info(wav).channels == 2
