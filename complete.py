@@ -36,7 +36,8 @@ def parse_args(argv=None):
     ap.add_argument("out", help="output WAV; with --num N > 1, OUT-0.wav ... OUT-(N-1).wav")
     ap.add_argument("--variant", default="duplex",
                     help=f"{' | '.join(VARIANTS)} (official weights, downloaded to --ckpt-dir) or a checkpoint path")
-    ap.add_argument("--codec", default="auto", help="auto (official, or the one recorded in the checkpoint), official, or a path")
+    ap.add_argument("--codec", default="auto",
+                    help="auto (official, or the one recorded in the checkpoint), official, or a path")
     ap.add_argument("--ckpt-dir", default="ckpt")
     ap.add_argument("--seconds", type=float, default=10.0, help="length of the continuation (8 latents per second)")
     ap.add_argument("--token-temp", type=float, default=0.8, help="LM softmax temperature (0: greedy)")
@@ -49,8 +50,10 @@ def parse_args(argv=None):
     ap.add_argument("--encode", choices=("sample", "mean"), default="sample",
                     help="prompt latents: a draw from the codec posterior (as the original) or its mean")
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cuda:1, cpu")
-    ap.add_argument("--dtype", default="auto", choices=("auto",) + tuple(DTYPES), help="auto: bfloat16 on cuda, float32 on cpu")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the transformer block (slower start, faster steps)")
+    ap.add_argument("--dtype", default="auto", choices=("auto",) + tuple(DTYPES),
+                    help="auto: bfloat16 on cuda, float32 on cpu")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the transformer block (slower start, faster steps)")
     ap.add_argument("--no-cuda-graphs", action="store_true")
     ap.add_argument("--continuation-only", action="store_true", help="write the continuation without the prompt")
     ap.add_argument("--offline", action="store_true", help="never download official weights")
@@ -58,7 +61,8 @@ def parse_args(argv=None):
     if args.seconds <= 0 or args.num < 1:
         ap.error("--seconds must be > 0 and --num >= 1")
     try:
-        args.params = SamplingParams(args.token_temp, args.top_p, args.min_p, args.mixture_temp, args.gaussian_temp).validate()
+        args.params = SamplingParams(args.token_temp, args.top_p, args.min_p, args.mixture_temp,
+                                     args.gaussian_temp).validate()
     except ValueError as e:
         ap.error(str(e))
     return args
@@ -77,8 +81,8 @@ def main(argv=None) -> int:
                            codec=args.codec, offline=args.offline or None)
     cfg = model.config
     hop = model.codec.hop_length
-    print(f"loaded {args.variant} ({'duplex' if cfg.duplex else 'mono'}) on {device} in {dtype} in {time.time() - t0:.1f} s",
-          file=sys.stderr)
+    print(f"loaded {args.variant} ({'duplex' if cfg.duplex else 'mono'}) on {device} in {dtype} "
+          f"in {time.time() - t0:.1f} s", file=sys.stderr)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -93,7 +97,8 @@ def main(argv=None) -> int:
     frames = prompt.shape[1] // hop
     print(f"prompt {frames * hop / cfg.sample_rate:.2f} s ({frames} latents), generating {steps} latents "
           f"({steps * hop / cfg.sample_rate:.2f} s) x {args.num}", file=sys.stderr)
-    gen = Generator(model, batch_size=args.num, compile=args.compile, cuda_graphs=False if args.no_cuda_graphs else None)
+    gen = Generator(model, batch_size=args.num, compile=args.compile,
+                    cuda_graphs=False if args.no_cuda_graphs else None)
     audio = torch.from_numpy(prompt)[None].expand(args.num, -1, -1)
     t0 = time.time()
     out = gen.complete(audio, steps, args.params, seed=args.seed, encode=args.encode, progress=True)

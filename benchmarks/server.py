@@ -4,7 +4,7 @@ random weights at full size, and N real websocket clients streaming at real time
 object per line.
 
     python benchmarks/server.py                              # CUDA, hertz_dev size, bf16, N = 1 2 4 8 12 16, 20 s
-    python benchmarks/server.py --sessions 8 16 --seconds 30 --compile
+    python benchmarks/server.py --sessions 8 16 --seconds 30 --no-compile
     python benchmarks/server.py --smoke                      # CPU, tiny model, N = 1 2, 3 s (a check, not a figure)
 
 The server runs one engine with --max-sessions rows (default: the largest N), warmed up (CUDA
@@ -86,7 +86,7 @@ def serve(args) -> None:
     codec_size = args.size if args.size in CODEC_PRESETS else "hertz_dev"
     model.codec = build(Codec, CODEC_PRESETS[codec_size], device=args.device, dtype=dtype)
     model = model.eval().requires_grad_(False)
-    engine = LiveEngine(model, max_sessions=args.max_sessions, compile=args.compile,
+    engine = LiveEngine(model, max_sessions=args.max_sessions, compile=False if args.no_compile else "auto",
                         cuda_graphs=False if args.no_cuda_graphs else None)
     print(f"built {args.size} on {args.device} in {time.time() - t:.1f} s; warming up", file=sys.stderr, flush=True)
     server = srv.Server(engine, max_queue=args.queue_chunks)
@@ -160,7 +160,8 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, help="default bfloat16 (--smoke: float32)")
     ap.add_argument("--max-sessions", type=int, default=None, help="engine rows (default: the largest N)")
     ap.add_argument("--queue-chunks", type=int, default=4)
-    ap.add_argument("--compile", action="store_true", help="torch.compile the transformer block")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="no torch.compile of the transformer block (the engine compiles it on CUDA by default)")
     ap.add_argument("--no-cuda-graphs", action="store_true")
     ap.add_argument("--deadline-ms", type=float, default=250.0, help="p99 round trip a session at cadence stays under")
     ap.add_argument("--startup-timeout", type=float, default=900.0)
@@ -181,7 +182,7 @@ def main() -> None:
     child = [sys.executable, os.path.abspath(__file__), "--serve", "--port", str(port), "--size", args.size,
              "--device", args.device, "--dtype", args.dtype, "--max-sessions", str(args.max_sessions),
              "--queue-chunks", str(args.queue_chunks), "--sessions", *map(str, args.sessions)]
-    child += ["--compile"] * args.compile + ["--no-cuda-graphs"] * args.no_cuda_graphs
+    child += ["--no-compile"] * args.no_compile + ["--no-cuda-graphs"] * args.no_cuda_graphs
     http, ws = f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}"
     t = time.time()
     proc = subprocess.Popen(child)  # its output goes to ours (stderr: progress and errors)
@@ -197,7 +198,8 @@ def main() -> None:
                     raise SystemExit("the server did not start in time")
                 time.sleep(0.5)
         emit(bench="server_config", size=args.size, device=args.device, dtype=args.dtype, engine_rows=args.max_sessions,
-             compile=args.compile, cuda_graphs=args.device.startswith("cuda") and not args.no_cuda_graphs, queue_chunks=args.queue_chunks,
+             compile_block=args.device.startswith("cuda") and not args.no_compile,
+             cuda_graphs=args.device.startswith("cuda") and not args.no_cuda_graphs, queue_chunks=args.queue_chunks,
              seconds=args.seconds, deadline_ms=args.deadline_ms, startup_s=round(time.time() - t, 1))
         for n in args.sessions:
             if n > args.max_sessions:

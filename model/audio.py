@@ -162,8 +162,8 @@ def load_prompt(path: str, channels: int, sample_rate: int = 16000, hop: int = 2
         raise ValueError(f"{path} is {audio.shape[1] / sample_rate:.3f} s long: a prompt needs at least "
                          f"{hop / sample_rate:.3f} s ({hop} samples)")
     if max_frames is not None and frames > max_frames:
+        context = max_frames * hop / sample_rate
         warnings.warn(f"{path} is {frames * hop / sample_rate:.1f} s long, more than the model's context of "
-                      f"{max_frames * hop / sample_rate:.1f} s: keeping its last {max_frames * hop / sample_rate:.1f} s",
-                      stacklevel=2)
+                      f"{context:.1f} s: keeping its last {context:.1f} s", stacklevel=2)
         frames = max_frames
     return np.ascontiguousarray(audio[:, audio.shape[1] // hop * hop - frames * hop: audio.shape[1] // hop * hop])

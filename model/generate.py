@@ -15,9 +15,10 @@ the original's cached `next_latent` (default temperatures `(0.8, (0.5, 0.1))`).
 State is explicit and preallocated (`DecodeState`: KV caches, per-row positions, latent and token
 histories, seeds, counters, sampling parameters; `StreamCodecState`: the live codec's streams),
 so a step has static shapes: on CUDA it is captured once per attention window (the cache prefix
-attention reads: 128, 256, ... slots) as a CUDA graph and replayed with no host synchronisation. Randomness is counter-based (`model.sampling.StepNoise`): a row's
-draws depend on its seed and step count only, so a session gives the same output alone or
-batched with others, and the cached step equals `generate_uncached` draw for draw.
+attention reads: 128, 256, ... slots) as a CUDA graph and replayed with no host synchronisation.
+Randomness is counter-based (`model.sampling.StepNoise`): a row's draws depend on its seed and
+step count only, so a session gives the same output alone or batched with others, and the
+cached step equals `generate_uncached` draw for draw.
 
 Positions: slot t of the caches holds frame t. After prefill of a prompt of T frames, slots
 0..T-2 are filled and frame T-1 is the pending input of the first step. The resynthesizer slot t
@@ -36,7 +37,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -265,16 +266,17 @@ def draw_noise(model, state: DecodeState) -> StepNoise:
 
 
 def decode_step(model, state: DecodeState, x: Tensor, window: int, noise: Optional[StepNoise] = None,
-                kernels: Kernels = EAGER) -> tuple[Tensor, Tensor]:
+                kernels: Kernels = EAGER, top_p: bool = True) -> tuple[Tensor, Tensor]:
     """One generation step for every row: the input frames x (B, 1, C*Z) at `state.pos` ->
     (next frames (B, C*Z) in the model dtype, tokens (B, C)). Active rows record x and the tokens
     in their histories and advance pos and counter. Attention covers slots < `window`, which must
-    exceed every active row's position. No host synchronisation: CUDA-graph safe."""
+    exceed every active row's position; `top_p=False` when no active row uses top-p (it skips a
+    sort of the vocabulary). No host synchronisation: CUDA-graph safe."""
     noise = noise if noise is not None else draw_noise(model, state)
     B, blk = x.shape[0], kernels.block
     pos = state.pos.clamp(max=window - 1)  # inactive rows may sit anywhere; keep their scratch writes in range
     logits = lm_logits(model.lm, x, pos, state.lm, window, state.rows, blk)
-    tokens = sample_tokens(logits, noise.token, state.params)
+    tokens = sample_tokens(logits, noise.token, state.params, top_p)
     mixture = resynth_mixture(model, x, tokens, pos, state.rs, window, state.rows, blk)
     nxt = sample_latents(*mixture, noise.mixture, noise.gaussian, state.params).to(x.dtype).view(B, -1)
     a = state.active
@@ -344,61 +346,70 @@ def attention_windows(max_len: int, smallest: int = 128) -> list[int]:
     return windows + [max_len]
 
 
-class StepGraphs:
-    """Runs a step `fn(window)` (which reads and writes only preallocated tensors) eagerly, or,
-    when `enabled`, as one CUDA graph per attention window, captured on first use.
+class StepKey(NamedTuple):
+    """What a step's graph is specialised for: the attention window, and whether top-p is on."""
+    window: int
+    top_p: bool
 
-    Capture runs `fn` twice for warm-up (compilation, autotuning) with every row of `active`
-    cleared, so that no state advances; the caller's mask is restored afterwards. The step
-    function is passed at each call rather than stored, so an engine and its graphs form no
-    reference cycle and free their memory as soon as the engine is dropped.
+
+class StepGraphs:
+    """Runs a step `fn(key)` (which reads and writes only preallocated tensors) eagerly, or, when
+    `enabled`, as one CUDA graph per StepKey, captured on first use (or by `capture`).
+
+    Capture warms up by running `fn` twice with every row of `active` cleared, so that no state
+    advances; the caller's mask is restored afterwards. The step function is passed at each
+    call rather than stored, so an engine and its graphs form no reference cycle and free their
+    memory as soon as the engine is dropped.
     """
 
     def __init__(self, windows: Sequence[int], active: Tensor, enabled: bool):
         self.windows, self.active, self.enabled = list(windows), active, enabled
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[StepKey, torch.cuda.CUDAGraph] = {}
         self.pool = torch.cuda.graph_pool_handle() if enabled else None
 
-    def window_for(self, length: int) -> int:
-        """The smallest window holding `length` slots."""
+    def key(self, length: int, top_p: bool) -> StepKey:
+        """The key of a step over `length` slots: the smallest window holding them."""
         for w in self.windows:
             if w >= length:
-                return w
+                return StepKey(w, bool(top_p))
         raise ValueError(f"{length} slots exceed the context of {self.windows[-1]}")
 
-    def dry_run(self, fn: Callable[[int], None], window: int, times: int = 2) -> None:
+    def all_keys(self) -> list[StepKey]:
+        return [StepKey(w, t) for w in self.windows for t in (False, True)]
+
+    def dry_run(self, fn: Callable[[StepKey], None], key: StepKey, times: int = 2) -> None:
         """Run `fn` with every row cleared from `active` (nothing advances), then restore it."""
         saved = self.active.clone()
         self.active.zero_()
         try:
             for _ in range(times):
-                fn(window)
+                fn(key)
         finally:
             self.active.copy_(saved)
 
-    def capture(self, fn: Callable[[int], None], windows: Optional[Sequence[int]] = None) -> None:
+    def capture(self, fn: Callable[[StepKey], None], keys: Optional[Sequence[StepKey]] = None) -> None:
         if not self.enabled:
             return
-        for w in windows or self.windows:
-            if w in self.graphs:
+        for key in keys or self.all_keys():
+            if key in self.graphs:
                 continue
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                self.dry_run(fn, w)  # warm-up: compilation, autotuning, cuDNN/cuBLAS plans
+                self.dry_run(fn, key)  # warm-up: compilation, autotuning, cuBLAS plans
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                fn(w)  # recorded, not run
-            self.graphs[w] = graph
+                fn(key)  # recorded, not run
+            self.graphs[key] = graph
 
-    def run(self, fn: Callable[[int], None], window: int) -> None:
+    def run(self, fn: Callable[[StepKey], None], key: StepKey) -> None:
         if not self.enabled:
-            fn(window)
+            fn(key)
             return
-        if window not in self.graphs:
-            self.capture(fn, [window])
-        self.graphs[window].replay()
+        if key not in self.graphs:
+            self.capture(fn, [key])
+        self.graphs[key].replay()
 
 
 def _use_graphs(flag: Optional[bool], device: torch.device) -> bool:
@@ -535,10 +546,11 @@ class Generator:
         self.x = torch.zeros(batch_size, 1, model.config.channels * model.config.latent_dim,
                              device=self.state.pos.device, dtype=self.state.hist.dtype)
         self.kernels = Kernels.make(compile)
-        self.graphs = StepGraphs(attention_windows(L), self.state.active, _use_graphs(cuda_graphs, self.state.pos.device))
+        self.graphs = StepGraphs(attention_windows(L), self.state.active,
+                                 _use_graphs(cuda_graphs, self.state.pos.device))
 
-    def _step(self, window: int) -> None:
-        nxt, _ = decode_step(self.model, self.state, self.x, window, kernels=self.kernels)
+    def _step(self, key: StepKey) -> None:
+        nxt, _ = decode_step(self.model, self.state, self.x, key.window, kernels=self.kernels, top_p=key.top_p)
         self.x.copy_(torch.where(self.state.active[:, None, None], nxt[:, None], self.x))
 
     @torch.no_grad()
@@ -555,7 +567,9 @@ class Generator:
             raise ValueError(f"a prompt of {T} latents does not fit the context of {st.max_len}: trim it")
         seeds = [row_seed(seed, r) for r in range(B)] if isinstance(seed, int) else [int(s) for s in seed]
         prompt = prompt.to(device=self.x.device, dtype=self.x.dtype)
-        for r, p in enumerate(_as_params(params, B)):
+        params = _as_params(params, B)
+        top_p = any(p.top_p < 1 for p in params)
+        for r, p in enumerate(params):
             st.reset(r, seeds[r], p)
             self.x[r] = prompt_prefill(self.model, st.row(r), prompt[r])[0]
         st.active.fill_(True)
@@ -566,7 +580,7 @@ class Generator:
             if st.host_pos[0] >= st.max_len:
                 for r in range(B):
                     slide(self.model, st.row(r), self.keep)
-            self.graphs.run(self._step, self.graphs.window_for(int(st.host_pos[0]) + 1))
+            self.graphs.run(self._step, self.graphs.key(int(st.host_pos[0]) + 1, top_p))
             st.host_pos += 1
             out[:, T + s] = self.x[:, 0]
             bar.update(1)
@@ -666,13 +680,19 @@ class LiveEngine:
     pending latents unchanged), e.g. while a client's audio has not arrived or a prompt is being
     replayed. A row reaching `max_len` slides (module docstring). Not thread-safe: call it from
     one thread (the server's GPU worker).
+
+    Arguments: `max_sessions` rows; `max_len` context in latents (default: the model's, 2048) and
+    `keep` latents kept by a slide (default 3/4 of it); `cuda_graphs` (default: on CUDA);
+    `compile` ("auto": the transformer block with torch.compile on CUDA; False; or parts of
+    COMPILABLE); `encode` "sample" (user latents drawn from the codec posterior, as the original
+    tokenizer) or "mean"; `codec` "matmul" (StreamCodec, the fast one) or "conv" (the module codec).
     """
 
     chunk = 2000
 
     def __init__(self, model, max_sessions: int = 8, max_len: Optional[int] = None, keep: Optional[int] = None,
-                 cuda_graphs: Optional[bool] = None, compile: Union[bool, Sequence[str]] = False, encode: str = "sample",
-                 codec: str = "matmul"):
+                 cuda_graphs: Optional[bool] = None, compile: Union[bool, str, Sequence[str]] = "auto",
+                 encode: str = "sample", codec: str = "matmul"):
         cfg = model.config
         if not cfg.duplex:
             raise ValueError("the live engine needs a duplex (two-channel) model")
@@ -699,10 +719,13 @@ class LiveEngine:
         with torch.no_grad():  # the model's first frame in a session without prompt: the latent of silence
             self.silence = model.codec.encode(torch.zeros(1, 1, self.chunk, device=device, dtype=dtype))[0][0]
         self.occupied = np.zeros(B, dtype=bool)
+        self._top_p = np.zeros(B, dtype=bool)  # rows using top-p (host mirror: picks the graph)
         pinned = device.type == "cuda"
         self._user_host = torch.zeros(B, self.chunk, pin_memory=pinned)
         self._active_host = torch.zeros(B, dtype=torch.bool, pin_memory=pinned)
         self._audio_host = torch.zeros(B, self.chunk, pin_memory=pinned)
+        if compile == "auto":  # the transformer block compiled on CUDA (about 15 s at start, 15% faster steps)
+            compile = ("block",) if device.type == "cuda" else False
         self.kernels = Kernels.make(compile)
         self.graphs = StepGraphs(attention_windows(L), st.active, _use_graphs(cuda_graphs, device))
         st.active.zero_()
@@ -717,60 +740,75 @@ class LiveEngine:
         return self.state.host_pos.copy()
 
     def warmup(self) -> None:
-        """Capture the CUDA graph of every attention window now rather than on first use."""
+        """Capture the CUDA graphs of every attention window now rather than on first use."""
         with torch.no_grad():
             self.graphs.capture(self._step)
 
-    def _step(self, window: int) -> None:
+    def _step(self, key: StepKey) -> None:
         model, st = self.model, self.state
         noise = draw_noise(model, st)
         mu, logvar = self.kernels.encode(self.codec, self.user, self.enc)  # (B, 1, Z)
         u = mu + noise.posterior[:, None].to(mu.dtype) * torch.exp(0.5 * logvar) if self.encode == "sample" else mu
         a = st.active[:, None, None]
-        nxt, _ = decode_step(model, st, torch.cat([u, self.m], dim=-1), window, noise, self.kernels)
+        nxt, _ = decode_step(model, st, torch.cat([u, self.m], dim=-1), key.window, noise, self.kernels, key.top_p)
         m = nxt[:, None, self.m.shape[-1]:]
         self.m.copy_(torch.where(a, m, self.m))
         audio = self.kernels.decode(self.codec, m, self.dec).float()  # (B, 2000)
         self.audio.copy_(torch.where(a[:, 0], audio, 0))
 
+    @property
+    def sample_rate(self) -> int:
+        return self.model.config.sample_rate
+
     @torch.no_grad()
     def reset(self, row: int, params: SamplingParams = SamplingParams(), seed: Optional[int] = None,
-              prompt: Optional[Tensor] = None) -> None:
+              prompt: Optional[Tensor] = None, prompt_latents: Optional[Tensor] = None) -> None:
         """Start a session in slot `row`: position 0, fresh codec streams, `params`, and `seed`
-        (None: a fresh random one). `prompt` (2, N) audio at 16 kHz, [user, model] channels, N cut
-        to whole 2000-sample chunks: warm start -- the prompt is encoded (priming the row's
-        encoder and decoder streams), prefilled, and the model's next frame predicted, so the
-        next `step` continues the conversation after it. Other rows are not disturbed."""
+        (None: a fresh random one). Other rows are not disturbed.
+
+        Warm start, from `prompt` (2, N) audio at 16 kHz, [user, model] channels, N cut to whole
+        2000-sample chunks: the prompt is encoded (priming the row's encoder and decoder streams),
+        prefilled, and the model's next frame predicted, so the next `step` continues the
+        conversation after it. Or from `prompt_latents` (T, 2 Z), e.g. `encode_frames` of a
+        prompt computed once for many sessions: the same, but the user encoder starts fresh."""
         if not 0 <= row < self.max_sessions:
             raise IndexError(f"row {row} is not a slot of this engine (0..{self.max_sessions - 1})")
         st = self.state
         seed = int(torch.randint(0, 2 ** 62, ()).item()) if seed is None else int(seed)
         st.reset(row, seed, params)
+        self._top_p[row] = params.top_p < 1
         self.enc.reset(slice(row, row + 1))
         self.dec.reset(slice(row, row + 1))
         self.occupied[row] = True
-        if prompt is None:
+        if prompt is not None and prompt_latents is not None:
+            raise ValueError("give prompt audio or prompt latents, not both")
+        if prompt is None and prompt_latents is None:
             self.m[row] = self.silence
             return
-        hop = self.chunk
-        if prompt.dim() != 2 or prompt.shape[0] != 2:
-            raise ValueError(f"a live prompt is (2, N) audio [user, model], got {tuple(prompt.shape)}")
-        n = prompt.shape[1] // hop * hop
-        if n == 0:
-            raise ValueError("a live prompt needs at least one 2000-sample chunk")
-        if n // hop > st.max_len:
-            raise ValueError(f"a prompt of {n // hop} frames does not fit the context of {st.max_len}")
-        prompt = prompt[:, :n].to(self.user.device, self.user.dtype)
-        view = st.row(row)
-        frames = encode_frames(self.model.codec, prompt[None], self.encode, view.seed)[0]  # (T, 2 Z)
+        hop, view, Z = self.chunk, st.row(row), self.m.shape[-1]
+        if prompt is not None:
+            if prompt.dim() != 2 or prompt.shape[0] != 2:
+                raise ValueError(f"a live prompt is (2, N) audio [user, model], got {tuple(prompt.shape)}")
+            prompt = prompt[:, :prompt.shape[1] // hop * hop].to(self.user.device, self.user.dtype)
+            if prompt.shape[1] == 0:
+                raise ValueError("a live prompt needs at least one 2000-sample chunk")
+            if prompt.shape[1] // hop > st.max_len:
+                raise ValueError(f"a prompt of {prompt.shape[1] // hop} frames does not fit the context "
+                                 f"of {st.max_len}")
+            frames = encode_frames(self.model.codec, prompt[None], self.encode, view.seed)[0]  # (T, 2 Z)
+        else:
+            frames = prompt_latents.to(self.user.device, self.user.dtype)
+            if frames.dim() != 2 or frames.shape[1] != 2 * Z or not 1 <= frames.shape[0] <= st.max_len:
+                raise ValueError(f"prompt latents must be (T, {2 * Z}) with 1 <= T <= {st.max_len}, "
+                                 f"got {tuple(frames.shape)}")
         x = prompt_prefill(self.model, view, frames)
-        nxt, _ = decode_step(self.model, view, x, self.graphs.window_for(frames.shape[0]))
+        nxt, _ = decode_step(self.model, view, x, self.graphs.key(frames.shape[0], True).window)
         view.host_pos += 1
-        Z = self.m.shape[-1]
         self.m[row] = nxt[:, None, Z:][0]
         # Prime the row's codec streams: the encoder with the user channel, the decoder with the
         # model channel, so the next chunks continue the prompt's signals.
-        self.codec.encode(prompt[:1], self.enc.row(row))
+        if prompt is not None:
+            self.codec.encode(prompt[:1], self.enc.row(row))
         self.codec.decode(frames[None, :, Z:], self.dec.row(row))
 
     def release(self, row: int) -> None:
@@ -782,6 +820,7 @@ class LiveEngine:
     def set_params(self, row: int, params: SamplingParams) -> None:
         """Change a session's sampling parameters (effective from the next step)."""
         self.state.params.set(row, params)
+        self._top_p[row] = params.top_p < 1
 
     @torch.no_grad()
     def step(self, user_chunks, active=None) -> Tensor:
@@ -801,7 +840,8 @@ class LiveEngine:
         self.user.copy_(self._user_host, non_blocking=True)
         st.active.copy_(self._active_host, non_blocking=True)
         occupied_pos = st.host_pos[self.occupied]
-        self.graphs.run(self._step, self.graphs.window_for(int(occupied_pos.max(initial=0)) + 1))
+        key = self.graphs.key(int(occupied_pos.max(initial=0)) + 1, bool((self._top_p & run).any()))
+        self.graphs.run(self._step, key)
         st.host_pos += run
         self._audio_host.copy_(self.audio, non_blocking=True)
         if self._audio_host.is_pinned():

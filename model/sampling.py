@@ -160,7 +160,8 @@ class RowParams:
 
     @staticmethod
     def make(batch_size: int, device=None, params: SamplingParams = SamplingParams()) -> "RowParams":
-        return RowParams(*(torch.full((batch_size,), float(getattr(params, f)), device=device) for f in RowParams.FIELDS))
+        return RowParams(*(torch.full((batch_size,), float(getattr(params, f)), device=device)
+                           for f in RowParams.FIELDS))
 
     def set(self, row, params: SamplingParams) -> None:
         """Set the parameters of `row` (an int or a slice); no host synchronisation."""
@@ -177,20 +178,22 @@ def inverse_cdf(probs: Tensor, u: Tensor) -> Tensor:
     return idx.clamp_(max=probs.shape[-1] - 1).squeeze(-1)
 
 
-def sample_tokens(logits: Tensor, u: Tensor, params: RowParams) -> Tensor:
+def sample_tokens(logits: Tensor, u: Tensor, params: RowParams, top_p: bool = True) -> Tensor:
     """(B, C, V) logits and (B, C) uniforms -> (B, C) int64 tokens, each row with its own
     temperature, top-p and min-p (the semantics of `sample_token`; temperature <= 0: argmax).
+    `top_p=False` skips the sort that top-p needs, for batches where no row uses it.
 
     The draw walks the CDF in vocabulary order (sorting only finds the top-p threshold), so
     logits that differ by rounding give the same token unless u falls on a boundary."""
     temp = params.token_temp[:, None, None]
     probs = torch.softmax(logits.float() / temp.clamp_min(1e-6), dim=-1)
-    sorted_p = torch.sort(probs, dim=-1, descending=True).values
-    before = torch.cumsum(sorted_p, dim=-1) - sorted_p  # mass of strictly more likely tokens
-    top_p = params.top_p[:, None, None]
-    n_keep = (before < top_p * (before[..., -1:] + sorted_p[..., -1:])).sum(dim=-1, keepdim=True).clamp_(min=1)
-    threshold = torch.gather(sorted_p, -1, n_keep - 1)
-    keep = ((probs >= threshold) | (top_p >= 1)) & (probs >= params.min_p[:, None, None] * sorted_p[..., :1])
+    keep = probs >= params.min_p[:, None, None] * probs.amax(dim=-1, keepdim=True)
+    if top_p:
+        sorted_p = torch.sort(probs, dim=-1, descending=True).values
+        before = torch.cumsum(sorted_p, dim=-1) - sorted_p  # mass of strictly more likely tokens
+        p = params.top_p[:, None, None]
+        n_keep = (before < p * (before[..., -1:] + sorted_p[..., -1:])).sum(dim=-1, keepdim=True).clamp_(min=1)
+        keep &= (probs >= torch.gather(sorted_p, -1, n_keep - 1)) | (p >= 1)
     drawn = inverse_cdf(probs * keep, u)
     return torch.where(params.token_temp[:, None] > 0, drawn, torch.argmax(logits, dim=-1))
 

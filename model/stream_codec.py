@@ -28,6 +28,10 @@ def _weight(m: nn.Module) -> Tensor:
     return m.weight.detach().clone()
 
 
+def _bias(m: nn.Module) -> Optional[Tensor]:
+    return m.bias.detach().clone() if m.bias is not None else None
+
+
 class StreamCodecState:
     """Left context of every convolution of a StreamCodec, for `batch_size` streams.
 
@@ -69,7 +73,7 @@ class _Conv:
         w = _weight(conv)  # (C_out, C_in, k)
         self.cout, self.cin, self.k = w.shape
         self.w = w.reshape(self.cout, self.cin * self.k).t().contiguous()  # rows ordered (c, j)
-        self.b = conv.bias.detach().clone() if conv.bias is not None else None
+        self.b = _bias(conv)
         self.d, self.s, self.pad, self.slot = conv.dilation[0], conv.stride[0], m.pad_length, slot
 
     def __call__(self, x: Tensor, st: StreamCodecState) -> Tensor:
@@ -117,7 +121,7 @@ class _ResUnit:
     def __init__(self, m: CausalResUnit, slot: int):
         self.conv1 = _Conv(m.conv1, slot)
         self.w2 = _weight(m.conv2)[..., 0].t().contiguous()  # (C, C)
-        self.b2 = m.conv2.bias.detach().clone() if m.conv2.bias is not None else None
+        self.b2 = _bias(m.conv2)
 
     def __call__(self, x: Tensor, st: StreamCodecState) -> Tensor:
         y = F.elu(self.conv1(F.elu(x), st))
@@ -151,7 +155,7 @@ class _Half:
         self.multiplier = None
         if getattr(stack, "multiplier_proj", None) is not None:
             m = stack.multiplier_proj
-            self.multiplier = (_weight(m)[..., 0].contiguous(), m.bias.detach().clone() if m.bias is not None else None)
+            self.multiplier = (_weight(m)[..., 0].contiguous(), _bias(m))
         for m in stack.res_stack:
             for sub in (m.res_block if isinstance(m, ResNetBlock) else [m]):
                 self._add(sub)
@@ -198,8 +202,8 @@ class StreamCodec:
             self.encoder = _Half(codec.encoder)
             self.decoder = _Half(codec.decoder)
             z = codec.compressor
-            self.w_in, self.b_in = _weight(z.proj_in), z.proj_in.bias.detach().clone() if z.proj_in.bias is not None else None
-            self.w_out, self.b_out = _weight(z.proj_out), z.proj_out.bias.detach().clone() if z.proj_out.bias is not None else None
+            self.w_in, self.b_in = _weight(z.proj_in), _bias(z.proj_in)
+            self.w_out, self.b_out = _weight(z.proj_out), _bias(z.proj_out)
         self.norm_stddev = codec.norm_stddev
         self.hop_length = codec.hop_length
         p = next(codec.parameters())

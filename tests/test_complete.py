@@ -54,7 +54,8 @@ def test_duplex_completion_writes_stereo(ckpts, tmp_path):
     assert info.channels == 2 and info.samplerate == 16000 and info.frames == 2000 * (12 + 8)
     assert "latent/s" in r.stderr  # the progress bar
     again = tmp_path / "again.wav"
-    assert run(ckpts["stereo"], again, "--variant", ckpts["duplex"], "--seconds", 1, "--seed", 3, "--top-p", 0.9).returncode == 0
+    r = run(ckpts["stereo"], again, "--variant", ckpts["duplex"], "--seconds", 1, "--seed", 3, "--top-p", 0.9)
+    assert r.returncode == 0, r.stderr
     assert np.array_equal(sf.read(out)[0], sf.read(again)[0])  # same seed, same file
 
 
@@ -75,7 +76,8 @@ def test_bad_inputs_are_clear_errors(ckpts, tmp_path, capsys):
 
     assert complete.main([str(tmp_path / "missing.wav"), str(tmp_path / "o.wav"), "--variant", ckpts["mono"]]) == 2
     assert "error" in capsys.readouterr().err
-    assert complete.main([ckpts["stereo"], str(tmp_path / "o.wav"), "--variant", str(tmp_path / "nope.safetensors")]) == 2
+    missing_ckpt = str(tmp_path / "nope.safetensors")
+    assert complete.main([ckpts["stereo"], str(tmp_path / "o.wav"), "--variant", missing_ckpt]) == 2
     assert "neither" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         complete.main([ckpts["stereo"], str(tmp_path / "o.wav"), "--top-p", "0"])

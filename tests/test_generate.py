@@ -119,9 +119,9 @@ def test_dry_run_leaves_the_state_as_it_was(model):
     gen = Generator(model, batch_size=2)
     orig = gen.graphs.run
 
-    def run_with_dry_runs(fn, window):
-        gen.graphs.dry_run(fn, window)
-        orig(fn, window)
+    def run_with_dry_runs(fn, key):
+        gen.graphs.dry_run(fn, key)
+        orig(fn, key)
     gen.graphs.run = run_with_dry_runs
     assert torch.equal(gen.generate(p, 6, seed=4), ref)
 

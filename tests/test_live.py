@@ -14,7 +14,8 @@ from model.generate import LiveEngine
 
 TOL = 1e-5
 STEPS = 12
-PARAMS = [SamplingParams(), SamplingParams(token_temp=0.5, top_p=0.9), SamplingParams(mixture_temp=0, gaussian_temp=0.3)]
+PARAMS = [SamplingParams(), SamplingParams(token_temp=0.5, top_p=0.9),
+          SamplingParams(mixture_temp=0, gaussian_temp=0.3)]
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +154,17 @@ def test_bad_arguments(model):
     mono.codec = model.codec
     with pytest.raises(ValueError, match="duplex"):
         LiveEngine(mono)
+
+
+@torch.no_grad()
+def test_warm_start_from_latents(model):
+    """Prompt latents computed once (e.g. for many sessions) warm-start a row as its audio does."""
+    from model.generate import encode_frames
+
+    a, b = LiveEngine(model, max_sessions=2), LiveEngine(model, max_sessions=2)
+    a.reset(1, PARAMS[0], seed=5, prompt=PROMPTS[2])
+    frames = encode_frames(model.codec, PROMPTS[2][None], "sample", torch.tensor([5]))[0]
+    b.reset(1, PARAMS[0], seed=5, prompt_latents=frames)
+    assert torch.equal(a.m[1], b.m[1]) and a.positions.tolist() == b.positions.tolist() == [0, 1]
+    with pytest.raises(ValueError):
+        b.reset(0, prompt=PROMPTS[2], prompt_latents=frames)

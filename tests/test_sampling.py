@@ -117,8 +117,17 @@ def test_row_latent_sampling():
     scales = torch.ones(N, 1, K, Z)
     logits = torch.log(torch.tensor([0.7, 0.2, 0.1])).expand(N, 1, K)
     noise = StepNoise.draw(torch.arange(N), torch.zeros(N, dtype=torch.long), 1, Z)
-    x = sample_latents(locs, scales, logits, noise.mixture, noise.gaussian, rows(N, mixture_temp=[1.0] * N, gaussian_temp=[0.0] * N))
+    x = sample_latents(locs, scales, logits, noise.mixture, noise.gaussian,
+                       rows(N, mixture_temp=[1.0] * N, gaussian_temp=[0.0] * N))
     freq = torch.bincount((x[:, 0, 0] / 10).round().long(), minlength=K).float() / N
     assert torch.allclose(freq, torch.tensor([0.7, 0.2, 0.1]), atol=0.02)
-    x = sample_latents(locs, scales, logits, noise.mixture, noise.gaussian, rows(N, mixture_temp=[0.0] * N, gaussian_temp=[0.5] * N))
+    x = sample_latents(locs, scales, logits, noise.mixture, noise.gaussian,
+                       rows(N, mixture_temp=[0.0] * N, gaussian_temp=[0.5] * N))
     assert abs(x.std().item() - 0.5) < 0.02 and abs(x.mean().item()) < 0.02
+
+
+def test_skipping_the_top_p_sort_changes_nothing_when_no_row_uses_it():
+    logits = torch.randn(5, 2, 32768) * 3
+    u = torch.rand(5, 2)
+    p = rows(5, token_temp=[0.8, 1.0, 0.0, 0.5, 1.3], min_p=[0.0, 0.1, 0.0, 0.02, 0.0])
+    assert torch.equal(sample_tokens(logits, u, p, top_p=True), sample_tokens(logits, u, p, top_p=False))

@@ -1,0 +1,349 @@
+"""Inference speed with random weights and synthetic audio: the live duplex step, a mono
+completion, peak GPU memory. One JSON object per line.
+
+    python benchmarks/inference.py                      # CUDA, hertz_dev size, batches 1,4,8
+    python benchmarks/inference.py --check              # first: graph/compiled steps vs eager on the GPU
+    python benchmarks/inference.py --device cpu         # tiny and small on the CPU, for reference
+
+Lines: {"bench": "live_step", batch, p50_ms, p99_ms, ...} (one live step as the server calls it:
+stream-encode one user chunk per row + LM + resynthesizer + stream-decode one model chunk per
+row, host copies included), "live_step_full_context" (the same with every row at the end of the
+context), "mono_completion" (3 s prompt + 20 s: latents/s), "peak_memory" (duplex, batch 1),
+"breakdown" (each part of the step as its own CUDA graph), "check" (equalities on the GPU).
+Needs only torch, numpy and tqdm (no soundfile/soxr).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from config.codec_config import PRESETS as CODEC_PRESETS  # noqa: E402
+from config.transformer_config import PRESETS as TRANSFORMER_PRESETS  # noqa: E402
+from model import Codec, HertzDev, build  # noqa: E402
+from model.generate import (Generator, LiveEngine, draw_noise, lm_logits, resynth_mixture,  # noqa: E402
+                            row_seed)
+from model.sampling import SamplingParams, sample_latents, sample_tokens  # noqa: E402
+
+T0 = time.time()
+
+
+def emit(**fields) -> None:
+    print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in fields.items()}), flush=True)
+
+
+def make_model(size: str, duplex: bool, device, dtype) -> HertzDev:
+    cfg = dataclasses.replace(TRANSFORMER_PRESETS[size], duplex=duplex)
+    model = build(HertzDev, cfg, device=device, dtype=dtype)
+    codec_size = size if size in CODEC_PRESETS else "hertz_dev"
+    model.codec = build(Codec, CODEC_PRESETS[codec_size], device=device, dtype=dtype)
+    return model.eval().requires_grad_(False)
+
+
+def synthetic_audio(channels: int, seconds: float, seed: int = 0) -> torch.Tensor:
+    """(channels, N) chirps, tones and noise at speech-like levels (never zeros)."""
+    g = np.random.default_rng(seed)
+    t = np.arange(int(seconds * 16000)) / 16000
+    out = []
+    for c in range(channels):
+        f0 = 120 + 80 * c
+        x = 0.2 * np.sin(2 * np.pi * f0 * t * (1 + 0.3 * np.sin(2 * np.pi * 0.5 * t)))
+        x += 0.05 * g.standard_normal(t.shape) * (np.sin(2 * np.pi * 3 * t) > 0)
+        out.append(x)
+    return torch.tensor(np.stack(out), dtype=torch.float32)
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def percentiles(times_ms) -> dict:
+    a = np.asarray(times_ms)
+    return {"p50_ms": float(np.percentile(a, 50)), "p90_ms": float(np.percentile(a, 90)),
+            "p99_ms": float(np.percentile(a, 99)), "mean_ms": float(a.mean())}
+
+
+def live_engine(model, batch, variant, prompt_s=3.0):
+    e = LiveEngine(model, max_sessions=batch, **variant)
+    prompt = synthetic_audio(2, prompt_s, seed=1)
+    for r in range(batch):
+        e.reset(r, seed=row_seed(0, r), prompt=prompt)
+    return e
+
+
+def time_live(e: LiveEngine, steps: int, warm: int = 5) -> tuple[list, float]:
+    B = e.max_sessions
+    user = synthetic_audio(B, (steps + warm) * 0.125, seed=2).numpy().reshape(B, steps + warm, 2000).transpose(1, 0, 2)
+    for i in range(warm):
+        e.step(user[i])
+    times = []
+    for i in range(steps):
+        t = time.perf_counter()
+        e.step(user[warm + i])
+        times.append((time.perf_counter() - t) * 1e3)
+    return times, float(np.mean(e.positions))
+
+
+def bench_live(model, batch, variant, name, steps, device, full_context=True):
+    e = live_engine(model, batch, variant)
+    t = time.perf_counter()
+    e.warmup()
+    sync(device)
+    start = time.perf_counter() - t
+    times, mean_pos = time_live(e, steps)
+    stats = percentiles(times)
+    emit(bench="live_step", variant=name, batch=batch, steps=steps, mean_position=mean_pos, **stats, setup_s=start,
+         keeps_cadence=bool(stats["p99_ms"] < 125))
+    if full_context:
+        st = e.state
+        near_end = st.max_len - steps - 10
+        st.pos.fill_(near_end)
+        st.host_pos[:] = near_end
+        times, mean_pos = time_live(e, steps)
+        emit(bench="live_step_full_context", variant=name, batch=batch, steps=steps, mean_position=mean_pos,
+             **percentiles(times))
+    return e, stats["p50_ms"]
+
+
+def graph_time(fn, iters=50) -> float:
+    """Median ms of `fn` captured as a CUDA graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return float(np.median(times))
+
+
+@torch.no_grad()
+def breakdown(e: LiveEngine, name: str) -> None:
+    """Each part of the live step alone, as its own CUDA graph (rows inactive: no state moves)."""
+    model, st, k = e.model, e.state, e.kernels
+    saved = st.active.clone()
+    st.active.zero_()
+    key = e.graphs.key(int(st.host_pos.max()) + 1, False)
+    W = key.window
+    pos = st.pos.clamp(max=W - 1)
+    x = torch.cat([e.m, e.m], dim=-1)
+    noise = draw_noise(model, st)
+    logits = lm_logits(model.lm, x, pos, st.lm, W, st.rows, k.block)
+    tokens = sample_tokens(logits, noise.token, st.params, top_p=False)
+    mixture = resynth_mixture(model, x, tokens, pos, st.rs, W, st.rows, k.block)
+    parts = {
+        "encode": lambda: k.encode(e.codec, e.user, e.enc),
+        "noise": lambda: draw_noise(model, st),
+        "lm": lambda: lm_logits(model.lm, x, pos, st.lm, W, st.rows, k.block),
+        "sample_tokens": lambda: sample_tokens(logits, noise.token, st.params, top_p=False),
+        "sample_tokens_top_p": lambda: sample_tokens(logits, noise.token, st.params, top_p=True),
+        "resynth": lambda: resynth_mixture(model, x, tokens, pos, st.rs, W, st.rows, k.block),
+        "sample_latents": lambda: sample_latents(*mixture, noise.mixture, noise.gaussian, st.params),
+        "decode": lambda: k.decode(e.codec, e.m, e.dec),
+        "step": lambda: e._step(key),
+    }
+    out = {p: graph_time(f) for p, f in parts.items()}
+    st.active.copy_(saved)
+    emit(bench="breakdown", variant=name, batch=e.max_sessions, window=W, **{f"{p}_ms": v for p, v in out.items()},
+         parts_sum_ms=sum(v for p, v in out.items() if p not in ("step", "sample_tokens_top_p")))
+
+
+def bandwidth() -> tuple[float, float]:
+    """GB/s of a device-to-device copy (bytes read + written) and of a sum (bytes read)."""
+    n = 2 * 1024 ** 3 // 2  # 2 GiB of bf16
+    src = torch.empty(n, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    copy_ms = graph_time(lambda: dst.copy_(src), iters=20)
+    read_ms = graph_time(lambda: src.sum(dtype=torch.float32), iters=20)
+    src = dst = None
+    torch.cuda.empty_cache()
+    return 2 * 2 * 1024 ** 3 / (copy_ms * 1e-3) / 1e9, 2 * 1024 ** 3 / (read_ms * 1e-3) / 1e9
+
+
+def weight_bytes(model) -> int:
+    parts = [model.lm, model.resynth, model.quantizer, model.codec]
+    return sum(p.numel() * p.element_size() for m in parts for p in m.parameters())
+
+
+@torch.no_grad()
+def bench_completion(model, variant, name, device, prompt_s=3.0, gen_s=20.0):
+    g = Generator(model, batch_size=1, **variant)
+    audio = synthetic_audio(1, prompt_s, seed=3)[None]
+    steps = int(gen_s * 8)
+    t = time.perf_counter()
+    g.complete(audio, steps, seed=0)  # first call: compilation and graph capture
+    sync(device)
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    out = g.complete(audio, steps, seed=1)
+    sync(device)
+    wall = time.perf_counter() - t
+    frames = g.codec.encode(audio.to(device, next(g.codec.parameters()).dtype))[0]
+    t = time.perf_counter()
+    g.generate(frames, steps, seed=2)
+    sync(device)
+    gen = time.perf_counter() - t
+    emit(bench="mono_completion", variant=name, prompt_s=prompt_s, generated_s=gen_s, latents=steps,
+         latents_per_s=steps / wall, wall_s=wall, generate_only_latents_per_s=steps / gen,
+         realtime_factor=gen_s / wall, first_call_s=first, out_samples=int(out.shape[-1]))
+
+
+@torch.no_grad()
+def check(device) -> None:
+    """On the GPU: CUDA-graph steps equal eager steps; compiled steps match eager ones."""
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        model = make_model("small", True, device, dtype)
+        prompt = synthetic_audio(2, 2.0, seed=5)
+        user = synthetic_audio(2, 30 * 0.125, seed=6).numpy().reshape(2, 30, 2000).transpose(1, 0, 2)
+        outs = {}
+        variants = [("eager", dict(cuda_graphs=False, compile=False)),
+                    ("graphs", dict(cuda_graphs=True, compile=False))]
+        if dtype == torch.float32:  # other kernels round differently: compare them where rounding is small
+            variants += [("graphs+conv-codec", dict(cuda_graphs=True, compile=False, codec="conv")),
+                         ("graphs+compile-block", dict(cuda_graphs=True, compile=("block",)))]
+        for name, variant in variants:
+            e = LiveEngine(model, max_sessions=2, **variant)
+            for r in range(2):  # row 1 uses top-p for 15 steps, then not: both graphs of a window run
+                e.reset(r, SamplingParams(top_p=0.9) if r else SamplingParams(), seed=r, prompt=prompt)
+            o = []
+            for i, u in enumerate(user):
+                if i == 15:
+                    e.set_params(1, SamplingParams())
+                o.append(e.step(u))
+            o = torch.stack(o)
+            outs[name] = (o, e.state.toks.clone(), e.positions, e.state.pos.cpu().numpy())
+        ref, ref_toks, ref_pos, _ = outs["eager"]
+        for name, (o, toks, pos, dev_pos) in outs.items():
+            emit(bench="check", what="live", dtype=str(dtype), variant=name,
+                 rel_err=float((o - ref).norm() / ref.norm()),
+                 max_abs=float((o - ref).abs().max()), token_slots_equal=int((toks == ref_toks).all(-1).all(0).sum()),
+                 slots=int(pos.max()), positions_equal=bool((pos == ref_pos).all()),
+                 device_matches_host=bool((dev_pos == pos).all()))
+        g_ref = Generator(model, batch_size=2, cuda_graphs=False).complete(prompt[None].expand(2, -1, -1), 30, seed=1)
+        g = Generator(model, batch_size=2, cuda_graphs=True).complete(prompt[None].expand(2, -1, -1), 30, seed=1)
+        emit(bench="check", what="completion", dtype=str(dtype), variant="graphs",
+             max_abs=float((g - g_ref).abs().max()), rel_err=float((g - g_ref).norm() / g_ref.norm()))
+        del model
+        emit(bench="check_done", elapsed_s=time.time() - T0)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--sizes", default=None,
+                    help="comma-separated presets (default: hertz_dev on cuda, tiny,small on cpu)")
+    ap.add_argument("--batches", default=None, help="live batch sizes (default 1,4,8 on cuda, 1,4 on cpu)")
+    ap.add_argument("--steps", type=int, default=None, help="timed live steps per batch")
+    ap.add_argument("--variants", default="graphs,graphs+compile-block",
+                    help="cuda: some of eager, graphs, graphs+compile-block, graphs+compile-block+conv-codec, "
+                         "graphs+compile; the fastest at batch 1 runs the other batches and the completion")
+    ap.add_argument("--check", action="store_true", help="GPU equality checks first")
+    ap.add_argument("--breakdown", action="store_true", help="time each part of the live step")
+    ap.add_argument("--no-mono", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="skip what would start after this many seconds")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    sizes = (args.sizes or ("hertz_dev" if cuda else "tiny,small")).split(",")
+    batches = [int(b) for b in (args.batches or ("1,4,8" if cuda else "1,4")).split(",")]
+    steps = args.steps or (200 if cuda else 20)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    variants = {"eager": dict(cuda_graphs=False, compile=False), "graphs": dict(cuda_graphs=True, compile=False),
+                "graphs+compile-block": dict(cuda_graphs=True, compile=("block",)),
+                "graphs+compile-block+conv-codec": dict(cuda_graphs=True, compile=("block",), codec="conv"),
+                "graphs+compile": dict(cuda_graphs=True, compile=True)}
+    names = args.variants.split(",") if cuda else ["eager"]
+    emit(bench="env", torch=torch.__version__, device=torch.cuda.get_device_name() if cuda else "cpu",
+         threads=torch.get_num_threads())
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        copy_bw, read_bw = bandwidth()
+        emit(bench="bandwidth", copy_gb_per_s=copy_bw, read_gb_per_s=read_bw)
+
+    def over():
+        return time.time() - T0 > args.budget_s
+
+    for size in sizes:
+        model = make_model(size, True, device, dtype)
+        if cuda:
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            wb = weight_bytes(model)
+            emit(bench="weights", size=size, gb=wb / 1e9, floor_ms=wb / (read_bw * 1e9) * 1e3)
+        p50, peak_done = {}, False
+        for name in names:
+            if over():
+                break
+            try:
+                e, p50[name] = bench_live(model, 1, variants[name], name, min(steps, 50) if name == "eager" else steps,
+                                          device, full_context=name != "eager" or not cuda)
+            except Exception as ex:  # a failed variant is reported, the others still run
+                emit(bench="live_step", variant=name, batch=1, error=f"{type(ex).__name__}: {ex}"[:500])
+                continue
+            if cuda and name != "eager" and not peak_done:  # weights + one engine, before other variants' pools
+                peak_done = True
+                emit(bench="peak_memory", what="duplex live, batch 1", size=size,
+                     gb=torch.cuda.max_memory_allocated() / 1e9, reserved_gb=torch.cuda.max_memory_reserved() / 1e9,
+                     allocated_now_gb=torch.cuda.memory_allocated() / 1e9)
+            if cuda and args.breakdown and name != "eager" and not over():
+                breakdown(e, name)
+            del e
+            gc.collect()
+        if not p50:
+            continue
+        best = min(p50, key=p50.get)
+        for b in batches:
+            if b == 1 or over():
+                continue
+            if cuda:
+                gc.collect()
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            e, _ = bench_live(model, b, variants[best], best, steps, device)
+            if cuda:
+                emit(bench="peak_memory", what=f"duplex live, batch {b}", size=size,
+                     gb=torch.cuda.max_memory_allocated() / 1e9)
+            del e
+        del model
+        if cuda:
+            torch.cuda.empty_cache()
+        if args.no_mono or over():
+            continue
+        model = make_model(size, False, device, dtype)
+        gen_variant = {k: v for k, v in variants[best].items() if k != "codec"}
+        bench_completion(model, gen_variant, best, device)
+        del model
+        if cuda:
+            torch.cuda.empty_cache()
+    if args.check and cuda and not over():  # last: the equalities were also checked in earlier runs
+        try:
+            check(device)
+        except Exception as ex:
+            emit(bench="check", error=f"{type(ex).__name__}: {ex}"[:1000])
+    emit(bench="done", elapsed_s=time.time() - T0)
+
+
+if __name__ == "__main__":
+    main()
