@@ -1,0 +1,196 @@
+"""inference_server.py and inference_client.py end to end, each in its own process: the server
+from the command line on tiny checkpoints (token, prompt with replay, recordings), the client in
+file mode (as fast as answered, at real time, interrupted with Ctrl-C)."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+import inference_client as client
+from live_server import save_tiny, speech_like, tiny_duplex
+
+REPO = Path(__file__).resolve().parents[1]
+TOKEN = "t0ken"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`python inference_server.py ...` on a free port; yields (ws URL, folder)."""
+    folder = tmp_path_factory.mktemp("live")
+    checkpoint = save_tiny(tiny_duplex(), folder / "ckpt")
+    t = np.arange(8000) / 16000  # 0.5 s prompt: 4 chunks, the last 2 replayed
+    sf.write(folder / "prompt.wav", np.stack([0.3 * np.sin(2 * np.pi * 200 * t), 0.2 * np.sin(2 * np.pi * 300 * t)], 1), 16000)
+    port = free_port()
+    log = open(folder / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "inference_server.py", "--checkpoint", str(checkpoint), "--device", "cpu", "--port", str(port),
+         "--token", TOKEN, "--max-sessions", "2", "--prompt-path", str(folder / "prompt.wav"), "--replay-seconds", "0.25",
+         "--recordings", str(folder / "recordings")],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 60
+    while True:
+        try:
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/health", headers={"Authorization": f"Bearer {TOKEN}"})
+            with urllib.request.urlopen(req, timeout=2) as r:
+                assert json.loads(r.read())["replay_chunks"] == 2
+            break
+        except OSError:
+            assert proc.poll() is None, (folder / "server.log").read_text()
+            assert time.time() < deadline, "the server did not come up"
+            time.sleep(0.2)
+    yield f"ws://127.0.0.1:{port}", folder
+    proc.send_signal(signal.SIGINT)
+    try:
+        assert proc.wait(timeout=20) == 0, (folder / "server.log").read_text()
+    finally:
+        proc.kill()
+        log.close()
+
+
+def run_client(*args, timeout=60):
+    return subprocess.run([sys.executable, "inference_client.py", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def stats(stdout: str) -> dict:
+    return json.loads(next(line for line in stdout.splitlines() if line.startswith("stats "))[6:])
+
+
+def test_file_mode_end_to_end(server, tmp_path):
+    url, folder = server
+    audio = speech_like(3.1, rate=22050)  # resampled by the client; 3.1 s -> 25 chunks (the last padded)
+    sf.write(tmp_path / "in.wav", audio, 22050)
+    r = run_client("--server", url, "--token", TOKEN, "--input-wav", tmp_path / "in.wav", "--output-wav",
+                   tmp_path / "out.wav", "--no-realtime", "--seed", 3, "--token-temp", 0.7)
+    assert r.returncode == 0, r.stderr
+    s = stats(r.stdout)
+    assert s["sent"] == s["replies"] == 25 and s["dropped_by_server"] == 0 and s["p99_ms"] > 0
+    assert "round trip over 25 chunks" in r.stdout and "token_temp=0.7" in r.stderr
+    out, rate = sf.read(tmp_path / "out.wav", dtype="int16")
+    assert rate == 16000 and out.shape == (25 * 2000, 2)
+    sent = client.to_pcm(client.read_audio(str(tmp_path / "in.wav")))
+    assert np.array_equal(out[:len(sent), 0], sent) and not out[len(sent):, 0].any()
+    prompt = sf.read(folder / "prompt.wav", dtype="float32")[0].mean(axis=1)
+    assert np.abs(out[:4000, 1] - client.to_pcm(prompt[4000:])).max() <= 1  # the replayed end of the prompt
+    assert np.abs(out[4000:, 1]).max() > 0  # then the model
+    # The server recorded the session: the prompt, then the 23 live chunks (user, model).
+    deadline = time.time() + 10
+    while not list((folder / "recordings").glob("*.wav")) and time.time() < deadline:
+        time.sleep(0.1)
+    (rec,) = list((folder / "recordings").glob("*.wav"))
+    recorded, _ = sf.read(rec, dtype="int16")
+    assert recorded.shape == (8000 + 23 * 2000, 2)
+    assert np.array_equal(recorded[8000:, 0], out[4000:, 0])
+
+
+def test_file_mode_real_time_and_ctrl_c(server, tmp_path):
+    url, _ = server
+    sf.write(tmp_path / "in.wav", speech_like(1.5), 16000)
+    t = time.time()
+    r = run_client("--server", url, "--token", TOKEN, "--input-wav", tmp_path / "in.wav", "--output-wav", tmp_path / "rt.wav")
+    assert r.returncode == 0, r.stderr
+    assert time.time() - t >= 1.4 - 0.125  # 12 chunks at 125 ms
+    assert stats(r.stdout)["replies"] == 12 and sf.info(tmp_path / "rt.wav").frames == 12 * 2000
+
+    sf.write(tmp_path / "long.wav", speech_like(20.0), 16000)
+    proc = subprocess.Popen([sys.executable, "inference_client.py", "--server", url, "--token", TOKEN, "--input-wav",
+                             tmp_path / "long.wav", "--output-wav", tmp_path / "cut.wav"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(4.0)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=20)
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr and 0 < stats(stdout)["sent"] < 160
+    assert 0 < sf.info(tmp_path / "cut.wav").frames < 20 * 16000
+
+
+def test_wrong_token_and_bad_parameters(server, tmp_path):
+    url, _ = server
+    sf.write(tmp_path / "in.wav", speech_like(0.5), 16000)
+    common = ("--server", url, "--input-wav", tmp_path / "in.wav", "--output-wav", tmp_path / "o.wav", "--no-realtime")
+    r = run_client(*common, "--token", "nope")
+    assert r.returncode != 0 and "HTTP 403" in r.stderr and "token" in r.stderr and "Traceback" not in r.stderr
+    r = run_client(*common, "--token", TOKEN, "--gaussian-temp", "-1")
+    assert r.returncode != 0 and "gaussian_temp must be >= 0" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_live_mode_without_audio_devices_says_so():
+    """CI machines have no sound card: the live path must fail with a clear message."""
+    r = run_client("--server", "ws://127.0.0.1:9", "--list-devices", timeout=30)
+    assert r.returncode == 0 or "PortAudio" in r.stderr
+    r = run_client("--server", "ws://127.0.0.1:9", timeout=30)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and r.stderr.startswith("error:")
+
+
+def test_audio_url():
+    assert client.audio_url("ws://h:8000") == "ws://h:8000/audio"
+    assert client.audio_url("http://h:8000/", seed=3) == "ws://h:8000/audio?seed=3"
+    assert client.audio_url("https://h/x/audio") == "wss://h/x/audio"
+    assert client.audio_url("127.0.0.1:8000") == "ws://127.0.0.1:8000/audio"
+    with pytest.raises(ValueError):
+        client.audio_url("ftp://h")
+
+
+def test_speaker_callback_never_blocks_and_plays_silence_when_empty():
+    sp = client.Speaker(max_chunks=2)
+    out = np.full((2000, 1), 7, dtype=np.int16)
+    sp.callback(out, 2000, None, None)
+    assert not out.any() and sp.underruns == 1
+    for v in (1, 2, 3):  # the oldest is dropped when full
+        sp.put(np.full(2000, v, dtype="<i2"))
+    assert sp.overflows == 1
+    out = np.zeros((1500, 1), dtype=np.int16)
+    sp.callback(out, 1500, None, None)
+    assert (out == 2).all()
+    out = np.zeros((1000, 1), dtype=np.int16)
+    sp.callback(out, 1000, None, None)
+    assert (out[:500] == 2).all() and (out[500:] == 3).all()
+
+
+ASOUNDRC = """pcm.!default {
+    type asym
+    playback.pcm "null"
+    capture.pcm { type file; slave.pcm "null"; file "/dev/null"; infile "%s"; format "raw" }
+}
+"""
+
+
+def test_live_mode_on_a_virtual_sound_card(server, tmp_path):
+    """The microphone path with sounddevice on ALSA's null device (a user ~/.asoundrc): the
+    capture reads a raw file and nothing paces it, so the microphone runs far faster than real
+    time. The client streams, plays replies, survives the flood (the server drops and says so),
+    prints latency lines, and exits cleanly on Ctrl-C."""
+    try:
+        import sounddevice  # noqa: F401
+    except OSError as e:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"PortAudio is not installed ({e}); .ci/run installs libportaudio2")
+    url, _ = server
+    client.to_pcm(speech_like(3.0)).tofile(tmp_path / "mic.raw")
+    (tmp_path / ".asoundrc").write_text(ASOUNDRC % (tmp_path / "mic.raw"))
+    env = {**os.environ, "HOME": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "inference_client.py", "--server", url, "--token", TOKEN, "--stats-every", "1"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3.5)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=20)
+    assert proc.returncode == 0, stderr
+    assert "live: speak now" in stderr and "round trip p50" in stderr and "Traceback" not in stderr
+    s = stats(stdout)
+    assert s["replies"] >= 5 and s["sent"] > s["replies"] and s["dropped_by_server"] > 0
