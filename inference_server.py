@@ -258,13 +258,6 @@ def _engine_reset(engine, row, params, seed, prompt):
 
 
 def _engine_step(engine, chunks, active):
-    # LiveEngine.step sizes its attention window over every occupied row, so an occupied row that
-    # waits (inactive) exactly at the end of its context fails the whole step ("65 slots exceed
-    # the context of 64"). Slide such rows first, exactly as their own next step would.
-    from model.generate import slide
-    st = engine.state
-    for r in np.flatnonzero(engine.occupied & ~active & (st.host_pos >= st.max_len)):
-        slide(engine.model, st.row(int(r)), engine.keep)
     return engine.step(chunks, active)
 
 

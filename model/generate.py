@@ -833,7 +833,9 @@ class LiveEngine:
         if chunks.shape != (B, self.chunk):
             raise ValueError(f"user_chunks must be ({B}, {self.chunk}), got {tuple(chunks.shape)}")
         run = self.occupied.copy() if active is None else (self.occupied & np.asarray(active, dtype=bool))
-        for r in np.flatnonzero(run & (st.host_pos >= st.max_len)):
+        # Slide every occupied row at the end of its context, paused ones too: the attention window
+        # covers all occupied rows, and a slide is what a paused row's own next step would do first.
+        for r in np.flatnonzero(self.occupied & (st.host_pos >= st.max_len)):
             slide(self.model, st.row(int(r)), self.keep)
         self._user_host.copy_(chunks)
         self._active_host.copy_(torch.from_numpy(run))

@@ -106,6 +106,31 @@ def test_inactive_rows_are_frozen(model):
 
 
 @torch.no_grad()
+def test_row_paused_at_the_end_of_its_context(model):
+    """An occupied row that waits (no chunk) exactly at the end of its context neither breaks the
+    steps of the other rows nor changes its own output when it resumes."""
+    L, keep = 16, 8
+    user = signal(2 * L, 2, 5)
+    ref = LiveEngine(model, max_sessions=2, max_len=L, keep=keep)
+    start(ref, 0, 1)
+    want = [ref.step(torch.stack([user[i, 0], user[i, 1]]))[0] for i in range(L + 4)]
+    e = LiveEngine(model, max_sessions=2, max_len=L, keep=keep)
+    start(e, 0, 1)
+    start(e, 1, 1)
+    got, k = [], 0
+    for i in range(L + 8):
+        paused = L <= i < L + 4 and e.positions[0] == L  # row 0 waits at the end of its context
+        out = e.step(torch.stack([user[k, 0], user[i % L, 1]]), active=[not paused, True])
+        if not paused:
+            got.append(out[0])
+            k += 1
+        assert torch.isfinite(out).all()
+        if k == L + 4:
+            break
+    assert (torch.stack(got) - torch.stack(want)).abs().max() <= TOL
+
+
+@torch.no_grad()
 def test_context_overflow_slides_the_row_only(model):
     """A row at the end of its context keeps its last `keep` frames and goes on; a row beside it
     that is far from its end is not disturbed."""
