@@ -1,70 +1,76 @@
-"""The embedded default job: a tiny, CPU-only round trip through every part of hertz-dev.
+"""The embedded default job: raw audio to a generated conversation, end to end, on a CPU.
 
-    python demo.py [--out outputs/demo]
+    python demo.py                 # about a minute on 2 cores
+    python demo.py --codec-steps 400 --transformer-steps 400   # longer, better-sounding runs
 
-Builds the `tiny` codec and transformer (random weights), encodes a synthetic signal to latents,
-quantizes them, runs the LM and the resynthesizer with their KV caches for a few steps,
-decodes the generated latents and writes the result as a WAV.
+1. `data/demo/prepare.py`: an offline eSpeak NG corpus (monologues and two-speaker dialogues).
+2. `train_codec.py --config tiny`: a tiny codec VAE on it (mel + KL + adversarial losses).
+3. `train_transformer.py --config tiny`: a tiny duplex quantizer + LM + resynthesizer on the
+   codec's latents.
+4. `complete.py`: continues a validation dialogue with the trained model.
+
+Every step is the real command a researcher would run (printed as it starts). Checkpoints go to
+`checkpoints/codec` and `checkpoints/transformer`; running the demo again resumes them (nothing
+to do once `max_steps` is reached); `--fresh` starts over.
 """
 import argparse
+import json
+import shlex
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+ROOT = Path(__file__).resolve().parent
 
-from config.codec_config import PRESETS as CODEC_PRESETS
-from config.transformer_config import PRESETS as TRANSFORMER_PRESETS
-from model import Codec, HertzDev, build, plex_codes, sample_latent, sample_token
+
+def run(args: list[str]) -> None:
+    print(f"\n$ {' '.join(shlex.quote(a) for a in args)}", flush=True)
+    done = subprocess.run([sys.executable] + args, cwd=ROOT)
+    if done.returncode != 0:
+        sys.exit(f"demo: step failed with exit code {done.returncode}: {' '.join(args)}")
+
+
+def evals(metrics: Path, keys: tuple[str, ...]) -> list[dict]:
+    """The evaluation rows of a run's metrics.jsonl (those that have all `keys`)."""
+    if not metrics.is_file():
+        return []
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return [r for r in rows if all(k in r for k in keys)]
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="outputs/demo")
-    ap.add_argument("--steps", type=int, default=16)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--minutes", type=float, default=20, help="size of the demo corpus")
+    ap.add_argument("--codec-steps", type=int, default=20)
+    ap.add_argument("--transformer-steps", type=int, default=20)
+    ap.add_argument("--seconds", type=float, default=4, help="length of the generated continuation")
+    ap.add_argument("--out", default="outputs/demo/completion.wav")
+    ap.add_argument("--fresh", action="store_true", help="start both trainings over (resume=false)")
     args = ap.parse_args()
-    torch.manual_seed(args.seed)
     t0 = time.time()
+    resume = "resume=false" if args.fresh else "resume=true"
 
-    codec = build(Codec, CODEC_PRESETS["tiny"]).eval()
-    model = build(HertzDev, TRANSFORMER_PRESETS["tiny"]).eval()  # duplex
-    sr = codec.config.sample_rate
-    t = torch.arange(2 * sr) / sr
-    prompt = torch.stack([0.3 * torch.sin(2 * np.pi * 220 * t * (1 + t)), 0.3 * torch.sin(2 * np.pi * 330 * t)])[:, None]
+    run(["data/demo/prepare.py", "--minutes", str(args.minutes), "--seed", "0"])
+    run(["train_codec.py", "--config", "tiny", f"max_steps={args.codec_steps}", "wandb=disabled", resume])
+    run(["train_transformer.py", "--config", "tiny", f"max_steps={args.transformer_steps}", "wandb=disabled",
+         "codec_checkpoint=checkpoints/codec/best.safetensors", resume])
+    prompt = sorted((ROOT / "data/demo/val/dialogue").glob("*.wav"))[0]
+    run(["complete.py", str(prompt.relative_to(ROOT)), args.out, "--variant",
+         "checkpoints/transformer/best.safetensors", "--seconds", str(args.seconds), "--seed", "0"])
 
-    with torch.no_grad():
-        mu, logvar = codec.encode(prompt)                            # (2 channels, 16, 32)
-        latents = torch.cat([mu[0], mu[1]], dim=-1)[None]           # (1, 16, 64): duplex latents
-        _, indices = model.quantizer(mu)
-        print(f"prompt: {prompt.shape[-1] / sr:.1f} s -> latents {tuple(latents.shape)}, "
-              f"{len(indices.unique())} distinct FSQ codes")
-
-        B, T = 1, latents.shape[1]
-        lm_cache, rs_cache = model.lm.make_cache(B, T + args.steps), model.resynth.make_cache(B, T + args.steps)
-        pos = torch.arange(T)[None]
-        logits = model.lm(latents, lm_cache, pos)
-        model.resynth(latents[:, :-1], tuple(p[:, :-1] for p in plex_codes(model.quantizer, latents, True)),
-                      rs_cache, pos[:, :-1])
-        last = latents[:, -1:]
-        generated = []
-        for step in range(args.steps):
-            p = T - 1 + step
-            tokens = [sample_token(l[:, -1], 0.8)[:, None] for l in logits]          # next code per channel
-            plex = tuple(model.quantizer.indices_to_codes(tok) for tok in tokens)
-            mixtures = model.resynth(last, plex, rs_cache, torch.tensor([[p]]))
-            last = torch.cat([sample_latent(*m, 0.5, 0.1) for m in mixtures], dim=-1)  # (1, 1, 64)
-            generated.append(last)
-            logits = model.lm(last, lm_cache, torch.tensor([[p + 1]]))
-        gen = torch.cat(generated, dim=1)
-        audio = torch.cat([codec.decode(gen[..., :32]), codec.decode(gen[..., 32:])], dim=1)  # (1, 2, N)
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    import soundfile as sf
-    sf.write(out / "roundtrip.wav", audio[0].T.numpy(), sr)
-    print(f"generated {args.steps} latents ({audio.shape[-1] / sr:.1f} s, 2 channels) -> {out / 'roundtrip.wav'} "
-          f"in {time.time() - t0:.1f} s")
+    codec = evals(ROOT / "checkpoints/codec/metrics.jsonl", ("val/mel_distance",))
+    model = evals(ROOT / "checkpoints/transformer/metrics.jsonl", ("val/lm_ce", "val/resynth_nll"))
+    print(f"\ndemo finished in {time.time() - t0:.0f} s")
+    if codec:
+        a, b = codec[0], codec[-1]
+        print(f"  codec       val mel distance {a['val/mel_distance']:.3f} -> {b['val/mel_distance']:.3f} "
+              f"(steps {a['step']} -> {b['step']})")
+    if model:
+        a, b = model[0], model[-1]
+        print(f"  transformer val LM cross-entropy {a['val/lm_ce']:.3f} -> {b['val/lm_ce']:.3f}, "
+              f"resynthesizer NLL {a['val/resynth_nll']:.2f} -> {b['val/resynth_nll']:.2f}")
+    print(f"  completion  {args.out} (prompt {prompt.relative_to(ROOT)}; left: speaker 0, right: speaker 1)")
 
 
 if __name__ == "__main__":
