@@ -12,14 +12,7 @@ from model import Codec, build
 from model.audio import save_audio
 from model.latents import LatentCrops, StepSampler, prepare_latents, sample_posterior
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one thread is faster, and immune to other processes on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

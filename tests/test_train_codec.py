@@ -25,7 +25,8 @@ from reference import PARITY_DIR, codec_config, require
 
 ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("espeakng_loader", reason="the demo corpus needs `pip install espeakng-loader`")
-pytestmark = pytest.mark.filterwarnings("ignore::model.data.SkippedAudioWarning")  # the corpus' broken.wav
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore::model.data.SkippedAudioWarning")]  # the corpus' broken.wav
 
 
 def rows(path):
@@ -57,12 +58,6 @@ def args(corpus, run_dir, *extra):
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run(argv, env=None, timeout=300, module=None):

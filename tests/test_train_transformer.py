@@ -23,16 +23,9 @@ from reference import PARITY_DIR, require, transformer_config
 
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ("quantizer", "lm", "resynth")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one thread is faster, and immune to other processes on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
