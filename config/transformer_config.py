@@ -108,11 +108,6 @@ class TransformerConfig:
         return 2 if self.duplex else 1
 
 
-def default_ff_dim(dim: int) -> int:
-    """The original FFNN width when none is given: 256 * ceil(int(8 * dim / 3) / 256)."""
-    return 256 * ((int(2 * 4 * dim / 3) + 256 - 1) // 256)
-
-
 hertz_dev = TransformerConfig()
 
 medium = dataclasses.replace(

@@ -174,12 +174,6 @@ def _step_positions(head_dim: int, theta: float, pos: Tensor, window: int, dtype
     return Positions(P.cos, P.sin, P.input_pos, bias)
 
 
-def _stack_positions(pos: Positions, n: int) -> Positions:
-    def rep(t):
-        return None if t is None else torch.cat([t] * n, dim=0)
-    return Positions(rep(pos.cos), rep(pos.sin), rep(pos.input_pos), rep(pos.mask))
-
-
 def lm_logits(lm, x: Tensor, pos: Tensor, cache: KVCache, window: int, rows: Tensor, block=block_step) -> Tensor:
     """x (B, 1, C*Z) at positions pos (B,) -> logits (B, C, V) over each channel's next token."""
     h = lm.embed(x)
@@ -210,7 +204,7 @@ def resynth_mixture(model, x: Tensor, tokens: Tensor, pos: Tensor, cache: Resynt
     if rs.duplex:
         # The two channels' upper streams, stacked on the batch axis as in `Resynthesizer.forward`.
         h = torch.cat([h + rs.plex_projection(codes[:, 0:1]), h + rs.plex_projection2(codes[:, 1:2])], dim=0)
-        P, rows = _stack_positions(P, 2), torch.cat([rows, rows + B])
+        P, rows = P.repeat(2), torch.cat([rows, rows + B])
     else:
         h = h + rs.plex_projection(codes)
     for j, i in enumerate(range(rs.plex_layer, len(layers))):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor
 
-from .transformer import Block, KVCache, Norm, Positions, positions_for
+from .transformer import Block, KVCache, Norm, positions_for
 
 Mixture = tuple[Tensor, Tensor, Tensor]  # locs (B, T, K, 32), scales (B, T, K, 32), logits (B, T, K)
 
@@ -127,7 +127,7 @@ class Resynthesizer(nn.Module):
             plex1, plex2 = plex
             # Two streams stacked on the batch axis: (2B, T, D).
             x = torch.cat([x + self.plex_projection(plex1), x + self.plex_projection2(plex2)], dim=0)
-            pos = _repeat_positions(pos, 2)
+            pos = pos.repeat(2)
         else:
             x = x + self.plex_projection(plex)
         for i in range(self.plex_layer, len(layers)):
@@ -141,12 +141,6 @@ class Resynthesizer(nn.Module):
         if checkpoint and self.training:
             return torch.utils.checkpoint.checkpoint(layer, x, pos, cache, index, use_reentrant=False)
         return layer(x, pos, cache, index)
-
-
-def _repeat_positions(pos, n: int):
-    def rep(t):
-        return None if t is None else (t if t.shape[0] == 1 else torch.cat([t] * n, dim=0))
-    return Positions(rep(pos.cos), rep(pos.sin), rep(pos.input_pos), rep(pos.mask))
 
 
 def plex_codes(quantizer, latents: Tensor, duplex: bool, roll: int = 1,

@@ -79,6 +79,13 @@ class Positions:
             mask = (slots[None, None, :] <= pos[..., None])[:, None]  # (B, 1, T, L)
         return Positions(emb.cos(), emb.sin(), pos if cache_len is not None else None, mask)
 
+    def repeat(self, n: int) -> "Positions":
+        """The same positions for `n` streams stacked on the batch axis; tensors with a batch of 1
+        are left to broadcast."""
+        def rep(t):
+            return t if t is None or t.shape[0] == 1 else torch.cat([t] * n, dim=0)
+        return Positions(rep(self.cos), rep(self.sin), rep(self.input_pos), rep(self.mask))
+
 
 def rotate_half(x: Tensor) -> Tensor:
     x1, x2 = x.chunk(2, dim=-1)
