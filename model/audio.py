@@ -60,6 +60,17 @@ def convert_channels(audio: np.ndarray, channels: Optional[str], path: str = "<a
     raise ValueError(f"channels must be one of {CHANNEL_MODES}, got {channels!r}")
 
 
+def two_speakers(audio: np.ndarray, mono: str = "silence") -> np.ndarray:
+    """(C, T) -> (2, T), one speaker per channel: the first two channels of a multi-channel
+    signal; a one-channel signal is speaker 0 with silence as speaker 1 (`mono="silence"`, a
+    monologue) or with itself on both (`mono="duplicate"`)."""
+    if audio.shape[0] == 1:
+        if mono not in ("silence", "duplicate"):
+            raise ValueError(f"mono must be 'silence' or 'duplicate', got {mono!r}")
+        return np.concatenate([audio, audio if mono == "duplicate" else np.zeros_like(audio)])
+    return audio[:2]
+
+
 def resample(audio: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
     """(C, T) at `from_rate` -> (C, T') at `to_rate` with soxr's high-quality filter."""
     if from_rate == to_rate or audio.shape[-1] == 0:
@@ -156,7 +167,7 @@ def load_prompt(path: str, channels: int, sample_rate: int = 16000, hop: int = 2
         raise ValueError(f"channels must be 1 or 2, got {channels}")
     audio = load_audio(path, sample_rate, channels="mono" if channels == 1 else None)
     if channels == 2:
-        audio = np.repeat(audio, 2, axis=0) if audio.shape[0] == 1 else audio[:2]
+        audio = two_speakers(audio, mono="duplicate")
     frames = audio.shape[1] // hop
     if frames == 0:
         raise ValueError(f"{path} is {audio.shape[1] / sample_rate:.3f} s long: a prompt needs at least "

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from model.audio import SUPPORTED_EXTENSIONS, AudioError, audio_info, load_audio
+from model.audio import SUPPORTED_EXTENSIONS, AudioError, audio_info, load_audio, two_speakers
 
 INDEX_FILENAME = ".hertz_index.json"
 INDEX_VERSION = 1
@@ -221,10 +221,7 @@ class AudioCropDataset(Dataset):
         audio = load_audio(info.path, self.sample_rate, channels="mono" if self.channels == "mono" else None,
                            start=start, num_samples=self.segment)  # (C, n), n <= N
         if self.channels == "stereo":
-            if audio.shape[0] == 1:
-                other = audio if self.mono_to_stereo == "duplicate" else np.zeros_like(audio)
-                audio = np.concatenate([audio, other])
-            audio = audio[:2]
+            audio = two_speakers(audio, self.mono_to_stereo)
         n = audio.shape[1]
         out = torch.zeros(audio.shape[0], self.segment)  # (C, N)
         out[:, :n] = torch.from_numpy(audio)

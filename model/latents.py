@@ -71,16 +71,13 @@ class _AudioFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        from .audio import AudioError, load_audio
+        from .audio import AudioError, load_audio, two_speakers
         try:
             audio = load_audio(self.paths[i], self.sample_rate, "mono" if self.channels == "mono" else None)
         except AudioError as e:
             return i, None, str(e)
         if self.channels == "stereo":
-            if audio.shape[0] == 1:
-                other = audio if self.mono_to_stereo == "duplicate" else np.zeros_like(audio)
-                audio = np.concatenate([audio, other])
-            audio = audio[:2]
+            audio = two_speakers(audio, self.mono_to_stereo)
         return i, torch.from_numpy(audio), None
 
 
