@@ -21,7 +21,7 @@ from config.transformer_config import TransformerConfig
 from config.transformer_config import hertz_dev as TRANSFORMER_HERTZ_DEV
 
 from . import hub
-from .checkpoint import read_metadata, read_weights, save_weights, substate
+from .checkpoint import read_weights, save_weights, substate
 from .codec import Codec
 from .lm import LatentLM
 from .quantizer import LatentQuantizer
@@ -166,6 +166,3 @@ def save_transformer(path: Union[str, os.PathLike], model: HertzDev, codec_sourc
         state.update({f"{part}.{k}": v for k, v in getattr(model, part).state_dict().items()})
     return save_weights(path, state, "transformer", model.config, {**(extra or {}), "codec": codec_source})
 
-
-def checkpoint_kind(path: Union[str, os.PathLike]) -> str:
-    return read_metadata(path)["kind"]

@@ -214,19 +214,6 @@ class Checkpoints:
             old.unlink(missing_ok=True)
         return path
 
-    def mark_best(self, step: int, metric: float) -> bool:
-        """Record `metric` for an already saved step; link it as best if it improves."""
-        path = self.folder / f"step_{step:08d}.pt"
-        info = self._info()
-        best = info.get("best_metric")
-        if not path.is_file() or not math.isfinite(metric) or (
-                best is not None and not (metric < best if self.lower_is_better else metric > best)):
-            return False
-        _link(path, self.folder / "best.pt")
-        info.update(best_metric=metric, best_step=step)
-        atomic_write(self.folder / "checkpoints.json", lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1)))
-        return True
-
     def load(self, path: Optional[str | os.PathLike] = None, map_location="cpu") -> Optional[dict]:
         """The training state at `path` (default: latest), or None when there is none."""
         path = Path(path) if path else self.latest
