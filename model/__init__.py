@@ -6,17 +6,28 @@ Public API:
     save_codec(path, codec), save_transformer(path, model, codec_source)
     Generator(model, batch_size).complete(audio, steps, params, seed)      completions
     LiveEngine(model, max_sessions).reset(row, ...) / .step(user_chunks)   live duplex
-"""
-from .codec import Codec, CodecStream
-from .generate import Generator, LiveEngine, generate_uncached
-from .lm import LatentLM
-from .loading import HertzDev, build, load_codec, load_hertz_dev, save_codec, save_transformer
-from .quantizer import LatentQuantizer
-from .resynth import Resynthesizer, mixture_nll, plex_codes
-from .sampling import SamplingParams, sample_latent, sample_token
-from .stream_codec import StreamCodec
-from .transformer import KVCache
 
-__all__ = ["Codec", "CodecStream", "LatentLM", "HertzDev", "build", "load_codec", "load_hertz_dev", "save_codec",
-           "save_transformer", "LatentQuantizer", "Resynthesizer", "mixture_nll", "plex_codes", "SamplingParams",
-           "sample_latent", "sample_token", "KVCache", "Generator", "LiveEngine", "generate_uncached", "StreamCodec"]
+`model.protocol` (the live protocol and parameter ranges) imports only numpy: the names below are
+imported lazily, so `import model.protocol` works where torch is not installed (the clients).
+"""
+import importlib
+
+_EXPORTS = {
+    "Codec": "codec", "CodecStream": "codec",
+    "Generator": "generate", "LiveEngine": "generate", "generate_uncached": "generate",
+    "LatentLM": "lm",
+    "HertzDev": "loading", "build": "loading", "load_codec": "loading", "load_hertz_dev": "loading",
+    "save_codec": "loading", "save_transformer": "loading",
+    "LatentQuantizer": "quantizer",
+    "Resynthesizer": "resynth", "mixture_nll": "resynth", "plex_codes": "resynth",
+    "SamplingParams": "sampling", "sample_latent": "sampling", "sample_token": "sampling",
+    "StreamCodec": "stream_codec",
+    "KVCache": "transformer",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

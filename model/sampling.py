@@ -8,11 +8,13 @@ Temperature 0 means greedy (argmax; the mixture's mean component for latents).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from .protocol import check_params
 
 
 @dataclass(frozen=True)
@@ -25,16 +27,9 @@ class SamplingParams:
     gaussian_temp: float = 0.1     # scale of the Gaussian noise around the chosen component
 
     def validate(self) -> "SamplingParams":
-        for name in ("token_temp", "mixture_temp", "gaussian_temp", "top_p", "min_p"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value != value or value in (float("inf"), float("-inf")):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.min_p > 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        """Self, or ValueError naming the first field outside its documented range
+        (`model.protocol.PARAM_RANGES`, the one place every entry point checks against)."""
+        check_params(asdict(self))
         return self
 
 

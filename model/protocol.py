@@ -1,0 +1,74 @@
+"""The live-conversation protocol and the sampling-parameter ranges, in one numpy-only module.
+
+Imported by the server, the clients (which run without torch), the benchmark, the tests,
+`complete.py` and the notebook, so that every entry point validates the same way.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import numpy as np
+
+SAMPLE_RATE = 16000
+CHUNK = 2000                          # samples per step: one latent, 125 ms
+CHUNK_BYTES = 2 * CHUNK               # 16-bit PCM
+CHUNK_MS = 1000 * CHUNK / SAMPLE_RATE
+TEXT_PREFIX = "data:audio/raw;base64,"  # the original server's audio text frames
+
+# Sampling parameters: name -> (low, high, low inclusive, high inclusive, what it is).
+PARAM_RANGES: dict[str, tuple[float, float, bool, bool, str]] = {
+    "token_temp": (0.0, 5.0, True, True, "LM softmax temperature (0 = greedy)"),
+    "top_p": (0.0, 1.0, False, True, "nucleus mass kept"),
+    "min_p": (0.0, 1.0, True, False, "drop tokens below min_p * p_max"),
+    "mixture_temp": (0.0, 5.0, True, True, "temperature of the mixture component choice"),
+    "gaussian_temp": (0.0, 5.0, True, True, "scale of the Gaussian noise around the component"),
+}
+PARAM_NAMES = tuple(PARAM_RANGES)
+
+
+def describe_range(name: str) -> str:
+    lo, hi, lo_in, hi_in, _ = PARAM_RANGES[name]
+    return f"{'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+
+
+def check_param(name: str, value) -> float:
+    """The value as a float, or ValueError naming the parameter and its documented range.
+    Refuses bools, non-numbers, integers too large for a float, non-finite values and values
+    outside the range."""
+    if name not in PARAM_RANGES:
+        raise ValueError(f"unknown parameter {name!r}; known: {', '.join(PARAM_NAMES)}")
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a number in {describe_range(name)}, got {value!r}"[:200])
+    try:
+        x = float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be a number in {describe_range(name)}, got an integer too large") from None
+    lo, hi, lo_in, hi_in, _ = PARAM_RANGES[name]
+    if not math.isfinite(x) or x < lo or x > hi or (x == lo and not lo_in) or (x == hi and not hi_in):
+        raise ValueError(f"{name} must be in {describe_range(name)}, got {value!r}"[:200])
+    return x
+
+
+def check_params(values: Mapping[str, object]) -> dict[str, float]:
+    """Every given parameter checked by `check_param`; returns {name: float}."""
+    return {name: check_param(name, value) for name, value in values.items()}
+
+
+def pcm_to_float(pcm: np.ndarray) -> np.ndarray:
+    """int16 PCM -> float32 in [-1, 1] (the original's scale: / 32767)."""
+    return np.clip(pcm.astype(np.float32) / 32767.0, -1.0, 1.0)
+
+
+def float_to_pcm(audio: np.ndarray) -> np.ndarray:
+    """float audio -> int16 little-endian PCM, clipped (no wrap-around on loud samples; NaN -> 0)."""
+    a = np.nan_to_num(np.asarray(audio, dtype=np.float32), nan=0.0, posinf=1.0, neginf=-1.0)
+    return np.clip(np.round(a * 32767.0), -32768, 32767).astype("<i2")
+
+
+def percentiles(values, qs=(50, 99)) -> dict:
+    """{"p50": ..., "p99": ...} rounded to 0.01, None where there are no values."""
+    if len(values) == 0:
+        return {f"p{q}": None for q in qs}
+    a = np.asarray(values, dtype=np.float64)
+    return {f"p{q}": round(float(np.percentile(a, q)), 2) for q in qs}
