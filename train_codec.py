@@ -35,8 +35,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from config import ConfigError, parse_args
-from config.codec_config import ARCH_FIELDS, DISC_ARCH_FIELDS, PRESETS, CodecConfig
+from config import ConfigError, config_diff, fields_marked, parse_args
+from config.codec_config import PRESETS, CodecConfig
 from model.audio import save_audio
 from model.checkpoint import read_metadata
 from model.codec import Codec
@@ -46,13 +46,9 @@ from model.data import AudioCropDataset, infinite_batches, make_loader
 from model.discriminators import Discriminators
 from model.loading import load_codec, save_codec
 from model.plots import plot_metrics, save_mel_figure
-from model.training import (Checkpoints, ConfigMismatch, Logger, all_reduce_mean, autocast, check_resumable, cosine_lr, rng_state,
-                            seed_everything, set_rng_state, setup_distributed, teardown_distributed, unwrap)
-
-# A resumed run must agree with its checkpoint on these: the networks, and what fixes the data
-# order (the position is counted in micro-batches). Schedule fields may change (with a warning).
-RESUME_FIELDS = ARCH_FIELDS + DISC_ARCH_FIELDS + ("segment_seconds", "batch_size", "grad_accum_steps", "seed")
-SCHEDULE_FIELDS = ("learning_rate", "min_lr", "warmup_steps", "max_steps", "disc_learning_rate", "disc_start_step")
+from model.training import (Checkpoints, ConfigMismatch, Logger, all_reduce_mean, autocast, check_architecture,
+                            check_resumable, cosine_lr, rng_state, seed_everything, set_rng_state, setup_distributed,
+                            teardown_distributed, unwrap)
 
 
 def main(argv=None) -> dict:
@@ -113,7 +109,7 @@ def main(argv=None) -> dict:
             source = load_weights(cfg.init_from, cfg, generator)
         elif checkpoints.latest:
             state = checkpoints.load(map_location="cpu")
-            check_resumable(state["config"], cfg, ARCH_FIELDS)
+            check_resumable(state["config"], cfg, fields_marked(CodecConfig, "arch"))
             generator.load_state_dict(state["generator"])
             source = str(checkpoints.latest)
         else:
@@ -121,11 +117,12 @@ def main(argv=None) -> dict:
                               "pass init_from=official or init_from=PATH")
     elif cfg.resume and checkpoints.latest:
         state = checkpoints.load(map_location="cpu")
-        check_resumable(state["config"], cfg, RESUME_FIELDS)
-        changed = [k for k in SCHEDULE_FIELDS if state["config"].get(k) != getattr(cfg, k)]
+        # the networks and what fixes the data order (counted in micro-batches) must agree; the
+        # schedule may change
+        check_resumable(state["config"], cfg, fields_marked(CodecConfig, "arch", "disc", "resume"))
+        changed = config_diff(state["config"], cfg, fields_marked(CodecConfig, "schedule"))
         if changed:
-            say("note: resuming with a changed schedule: " +
-                ", ".join(f"{k} {state['config'][k]!r} -> {getattr(cfg, k)!r}" for k in changed))
+            say("note: resuming with a changed schedule:\n" + "\n".join(changed))
         if state.get("world_size", 1) != ddp.world_size:
             say(f"note: checkpoint made with {state.get('world_size', 1)} processes, resumed with "
                 f"{ddp.world_size}: the step and LR continue, the data order does not")
@@ -376,30 +373,18 @@ def load_weights(source: str, cfg: CodecConfig, generator: Codec, discriminators
     if not os.path.isfile(source):
         raise ConfigError(f"init_from={source!r} is neither 'official' nor an existing .safetensors or .pt file")
     if source.endswith(".safetensors"):
-        check_architecture(read_metadata(source)["config"], cfg, ARCH_FIELDS, source)
+        check_architecture(read_metadata(source)["config"], cfg, source)
         generator.load_state_dict(load_codec(source).state_dict())
         return source
     state = torch.load(source, map_location="cpu", weights_only=False)
     if not isinstance(state, dict) or "generator" not in state:
         raise ConfigError(f"init_from={source}: not a codec training state written by train_codec.py")
-    check_architecture(state["config"], cfg, ARCH_FIELDS, source)
+    check_architecture(state["config"], cfg, source)
     generator.load_state_dict(state["generator"])
-    if discriminators is not None and all(_same(state["config"].get(k), getattr(cfg, k)) for k in DISC_ARCH_FIELDS):
+    if discriminators is not None and not config_diff(state["config"], cfg, fields_marked(CodecConfig, "disc")):
         discriminators.load_state_dict(state["discriminators"])
         return f"{source} (codec and discriminators)"
     return source
-
-
-def _same(saved, now) -> bool:
-    return (tuple(saved) if isinstance(saved, list) else saved) == now
-
-
-def check_architecture(saved: dict, cfg: CodecConfig, fields, source: str) -> None:
-    diffs = [f"  {k}: {source} has {saved.get(k)!r}, this run has {getattr(cfg, k)!r}"
-             for k in fields if k in saved and not _same(saved[k], getattr(cfg, k))]
-    if diffs:
-        raise ConfigMismatch(f"init_from={source} has another architecture:\n" + "\n".join(diffs) +
-                             "\nPass the same values (a matching --config preset or key=value overrides).")
 
 
 def describe(name: str, dataset: AudioCropDataset) -> str:

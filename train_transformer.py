@@ -39,20 +39,18 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from config import ConfigError, parse_args
-from config.transformer_config import ARCH_FIELDS, PRESETS, TransformerConfig
+from config import ConfigError, fields_marked, parse_args
+from config.transformer_config import PRESETS, TransformerConfig
 from model import HertzDev, build, hub, load_codec, load_hertz_dev, sample_latent, sample_token, save_transformer
 from model.checkpoint import read_metadata
 from model.latents import LatentCrops, StepSampler, codec_fingerprint, prepare_latents, sample_posterior
 from model.objectives import STAGE_LOSSES, STAGES, compute_losses, peak_flops, train_flops_per_latent
 from model.parallel import (compile_blocks, full_state_dicts, gradient_sync, inner, load_full_state_dicts,
                             parallelize, rank0_first)
-from model.training import (Checkpoints, ConfigMismatch, Logger, all_reduce_mean, autocast, check_resumable,
-                            cosine_lr, rng_state, setup_distributed, teardown_distributed)
+from model.training import (Checkpoints, ConfigMismatch, Logger, all_reduce_mean, autocast, check_architecture,
+                            check_resumable, cosine_lr, rng_state, setup_distributed, teardown_distributed)
 
 PARTS = ("quantizer", "lm", "resynth")
-# A resumed run must agree with its checkpoint on the networks and on what is being trained.
-RESUME_FIELDS = ARCH_FIELDS + ("stage",)
 # FSDP2 warns about every module output that is a view; none of ours is modified in place.
 warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 
@@ -92,7 +90,8 @@ def main(argv=None) -> dict:
     step, state, source = 0, None, "random init"
     if checkpoints.latest and (cfg.eval_only and not cfg.init_from or cfg.resume and not cfg.eval_only):
         state = torch.load(checkpoints.latest, map_location="cpu", mmap=True, weights_only=False)
-        check_resumable(state["config"], cfg, RESUME_FIELDS if not cfg.eval_only else ARCH_FIELDS)
+        marks = ("arch",) if cfg.eval_only else ("arch", "resume")  # resuming must also train the same stage
+        check_resumable(state["config"], cfg, fields_marked(TransformerConfig, *marks))
         if state["codec"] != fingerprint:
             raise ConfigMismatch(f"{checkpoints.latest} was trained on latents of codec {state['codec']} "
                                  f"({state['codec_source']}), this run's codec {cfg.codec_checkpoint} is {fingerprint}. "
@@ -329,15 +328,9 @@ def main(argv=None) -> dict:
 # --- small pieces used by main --------------------------------------------------------------------
 
 def check_config(cfg: TransformerConfig) -> None:
-    if cfg.stage not in STAGES:
-        raise ConfigError(f"stage must be one of {', '.join(STAGES)}, got {cfg.stage!r}")
-    if cfg.parallel not in ("ddp", "fsdp"):
-        raise ConfigError(f"parallel must be ddp or fsdp, got {cfg.parallel!r}")
     if cfg.plex_roll != 1:
         raise ConfigError("training assumes plex_roll=1 (the official value): position t predicts latent t+1 "
                           "given the code of latent t+1")
-    if cfg.mono_to_stereo not in ("silence", "duplicate"):
-        raise ConfigError(f"mono_to_stereo must be silence or duplicate, got {cfg.mono_to_stereo!r}")
     if cfg.seq_len < 2:
         raise ConfigError("seq_len must be at least 2 latents (one prediction)")
 
@@ -370,12 +363,7 @@ def initial_weights(cfg: TransformerConfig) -> tuple[HertzDev, str]:
                               "--config hertz_dev (or its architecture fields).") from None
         label = f"official {variant}"
     elif os.path.isfile(source):
-        saved = read_metadata(source)["config"]
-        diffs = [f"  {k}: {source} has {saved.get(k)!r}, this run has {getattr(cfg, k)!r}" for k in ARCH_FIELDS
-                 if k in saved and (tuple(saved[k]) if isinstance(saved[k], list) else saved[k]) != getattr(cfg, k)]
-        if diffs:
-            raise ConfigMismatch(f"init_from={source} has another architecture:\n" + "\n".join(diffs) +
-                                 "\nPass the same values (a matching --config preset or key=value overrides).")
+        check_architecture(read_metadata(source)["config"], cfg, source)
         model = load_hertz_dev(source, device="cpu", dtype=torch.float32, codec=None)
         label = source
     else:

@@ -2,7 +2,12 @@
 
 A config is a frozen dataclass. Scripts pick a named preset with `--config NAME` and override
 any field with `key=value`; values are parsed with `ast.literal_eval` (bare words are taken as
-strings) and checked against the field's declared type, nanoGPT-configurator style, without exec.
+strings) and checked against the field's declared type, nanoGPT-configurator style, without exec;
+an enumerated option is a `Literal[...]` field, so an unknown value is refused with the choices.
+
+What a checkpoint must agree on is marked on the field itself, `field(metadata={"arch": True})`
+(the network; also "disc", "resume", "schedule"): `fields_marked` lists the marked fields and
+`config_diff` is the one comparison that resume, `init_from` and the codec fingerprint use.
 """
 from __future__ import annotations
 
@@ -10,11 +15,15 @@ import ast
 import dataclasses
 import types
 import typing
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 
 class ConfigError(ValueError):
     """A bad preset name, unknown key or wrongly typed value on the command line."""
+
+
+class ConfigMismatch(ConfigError):
+    """This run's config contradicts a checkpoint's in fields they must agree on."""
 
 
 def _type_name(tp) -> str:
@@ -42,7 +51,7 @@ def _coerce(value: Any, tp, key: str) -> Any:
     if origin is typing.Literal:
         if value in args:
             return value
-        raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
+        raise ConfigError(f"{key}: expected one of {', '.join(map(str, args))}; got {value!r}")
     if origin in (tuple, list):
         if not isinstance(value, (tuple, list)):
             raise ConfigError(f"{key}: expected a tuple like (1, 2), got {value!r}")
@@ -86,6 +95,34 @@ def field_types(cls) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+def fields_marked(cls, *marks: str) -> tuple[str, ...]:
+    """The fields of `cls` whose metadata sets any of `marks`, in declaration order."""
+    return tuple(f.name for f in dataclasses.fields(cls) if any(f.metadata.get(m) for m in marks))
+
+
+def config_diff(saved: Mapping[str, Any], cfg, fields: Iterable[str]) -> list[str]:
+    """One line per field of `fields` where a saved config (`asdict`, perhaps through JSON) and
+    `cfg` differ: `  strides: the checkpoint has (2, 4), this run has (2, 2)`. Fields the saved
+    config lacks (older checkpoints) are not compared."""
+    lines = []
+    for key in fields:
+        if key not in saved:
+            continue
+        old, now = saved[key], getattr(cfg, key)
+        old = tuple(old) if isinstance(old, list) else old
+        if old != now:
+            lines.append(f"  {key}: the checkpoint has {old!r}, this run has {now!r}")
+    return lines
+
+
+def check_compatible(saved: Mapping[str, Any], cfg, fields: Iterable[str], what: str, fix: str) -> None:
+    """Raise ConfigMismatch, one block naming each differing field, if `config_diff` finds any:
+    `what` heads it (which checkpoint, for what) and `fix` ends it (what to do)."""
+    diffs = config_diff(saved, cfg, fields)
+    if diffs:
+        raise ConfigMismatch(f"{what}:\n" + "\n".join(diffs) + f"\n{fix}")
+
+
 def apply_overrides(cfg, overrides: Mapping[str, Any]):
     """Return a copy of `cfg` with `overrides` applied and type-checked."""
     types_ = field_types(type(cfg))
@@ -123,8 +160,11 @@ def parse_args(argv: Sequence[str], presets: Mapping[str, Any], default: str = "
             cfg = presets[name]
             lines = [f"presets: {', '.join(presets)} (choose with --config NAME)",
                      f"fields of {type(cfg).__name__} (preset {name!r}); override with key=value:"]
+            types_ = field_types(type(cfg))
             for f in dataclasses.fields(cfg):
-                lines.append(f"  {f.name}={getattr(cfg, f.name)!r}")
+                choices = typing.get_args(types_[f.name]) if typing.get_origin(types_[f.name]) is typing.Literal else ()
+                lines.append(f"  {f.name}={getattr(cfg, f.name)!r}" +
+                             (f"  (one of: {', '.join(map(str, choices))})" if choices else ""))
             print("\n".join(lines))
             raise SystemExit(0)
         if arg == "--config":

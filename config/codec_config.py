@@ -12,37 +12,36 @@ a small KL term that keeps the latent Gaussian.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Literal, Optional
 
-# Fields that define the network; a checkpoint whose values differ cannot be loaded into it.
-ARCH_FIELDS = ("input_channels", "output_channels", "encode_channels", "decode_channel_multiplier",
-               "kernel_size", "bias", "channel_ratios", "strides", "latent_dim", "norm_stddev",
-               "weight_norm", "sample_rate")
-# Fields that define the discriminators (checked when a run resumes).
-DISC_ARCH_FIELDS = ("mpd_periods", "mpd_channels", "mrd_windows", "mrd_channels")
+# Marks on the fields (`fields_marked`, `config_diff` in config/__init__.py):
+ARCH = {"arch": True}          # the codec network: a checkpoint that differs cannot be loaded into it
+DISC = {"disc": True}          # the discriminators: a resumed run must agree; init_from loads them if equal
+RESUME = {"resume": True}      # fixes the data order (counted in micro-batches): a resumed run must agree
+SCHEDULE = {"schedule": True}  # may change on resume, with a note
 
 
 @dataclass(frozen=True)
 class CodecConfig:
     # --- architecture -------------------------------------------------------------------------
-    input_channels: int = 1
-    output_channels: int = 1
-    encode_channels: int = 16                   # encoder width at the waveform end
-    decode_channel_multiplier: int = 4          # decoder is this much wider than the encoder
-    kernel_size: int = 7
-    bias: bool = True
-    channel_ratios: tuple[int, ...] = (4, 8, 16, 16, 16, 16)
-    strides: tuple[int, ...] = (2, 2, 4, 5, 5, 5)   # product 2000: 8 latents/s at 16 kHz
-    latent_dim: int = 32
-    norm_stddev: float = 0.05                   # audio is divided by this before the encoder
-    weight_norm: bool = True
-    sample_rate: int = 16000
+    input_channels: int = field(default=1, metadata=ARCH)
+    output_channels: int = field(default=1, metadata=ARCH)
+    encode_channels: int = field(default=16, metadata=ARCH)             # encoder width at the waveform end
+    decode_channel_multiplier: int = field(default=4, metadata=ARCH)    # decoder is this much wider
+    kernel_size: int = field(default=7, metadata=ARCH)
+    bias: bool = field(default=True, metadata=ARCH)
+    channel_ratios: tuple[int, ...] = field(default=(4, 8, 16, 16, 16, 16), metadata=ARCH)
+    strides: tuple[int, ...] = field(default=(2, 2, 4, 5, 5, 5), metadata=ARCH)  # product 2000: 8 latents/s
+    latent_dim: int = field(default=32, metadata=ARCH)
+    norm_stddev: float = field(default=0.05, metadata=ARCH)             # audio is divided by this first
+    weight_norm: bool = field(default=True, metadata=ARCH)
+    sample_rate: int = field(default=16000, metadata=ARCH)
 
     # --- data ---------------------------------------------------------------------------------
     train_data_path: str = "data/demo/train"
     val_data_path: str = "data/demo/val"
-    segment_seconds: float = 6.0                # random crops for training, fixed crops for val
+    segment_seconds: float = field(default=6.0, metadata=RESUME)        # random crops to train, fixed for val
     num_workers: int = 2
     val_crops: int = 128                        # at most this many validation crops (STOI runs on CPU)
 
@@ -51,26 +50,26 @@ class CodecConfig:
     kl_weight: float = 1e-4                     # KL per latent (summed over its 32 dims)
     adv_weight: float = 1.0
     feature_weight: float = 2.0
-    gan_loss: str = "lsgan"                     # lsgan | hinge
+    gan_loss: Literal["lsgan", "hinge"] = "lsgan"      # least-squares (HiFi-GAN, DAC) or hinge (MelGAN)
     mel_windows: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048)   # hop = window / 4
     mel_bins: tuple[int, ...] = (5, 10, 20, 40, 80, 160, 320)            # one per window
 
     # --- discriminators -------------------------------------------------------------------------
-    mpd_periods: tuple[int, ...] = (2, 3, 5, 7, 11)           # HiFi-GAN multi-period
-    mpd_channels: tuple[int, ...] = (32, 128, 512, 1024, 1024)
-    mrd_windows: tuple[int, ...] = (2048, 1024, 512)          # DAC multi-resolution complex STFT
-    mrd_channels: int = 32
-    disc_start_step: int = 0                    # adversarial losses and D updates from this step
-    disc_learning_rate: float = 1e-4            # follows the generator's schedule, scaled
+    mpd_periods: tuple[int, ...] = field(default=(2, 3, 5, 7, 11), metadata=DISC)   # HiFi-GAN multi-period
+    mpd_channels: tuple[int, ...] = field(default=(32, 128, 512, 1024, 1024), metadata=DISC)
+    mrd_windows: tuple[int, ...] = field(default=(2048, 1024, 512), metadata=DISC)  # DAC multi-res. complex STFT
+    mrd_channels: int = field(default=32, metadata=DISC)
+    disc_start_step: int = field(default=0, metadata=SCHEDULE)          # adversarial losses and D updates from here
+    disc_learning_rate: float = field(default=1e-4, metadata=SCHEDULE)  # follows the generator's schedule, scaled
     disc_grad_clip: float = 10.0
 
     # --- optimisation -------------------------------------------------------------------------
-    batch_size: int = 32
-    grad_accum_steps: int = 1
-    learning_rate: float = 1e-4
-    min_lr: float = 1e-5
-    warmup_steps: int = 1000
-    max_steps: int = 100_000
+    batch_size: int = field(default=32, metadata=RESUME)
+    grad_accum_steps: int = field(default=1, metadata=RESUME)
+    learning_rate: float = field(default=1e-4, metadata=SCHEDULE)
+    min_lr: float = field(default=1e-5, metadata=SCHEDULE)
+    warmup_steps: int = field(default=1000, metadata=SCHEDULE)
+    max_steps: int = field(default=100_000, metadata=SCHEDULE)
     weight_decay: float = 0.01
     beta1: float = 0.8
     beta2: float = 0.99
@@ -85,13 +84,13 @@ class CodecConfig:
     num_audio_samples: int = 3                  # input/reconstruction pairs logged at each evaluation
     checkpoint_dir: str = "checkpoints/codec"   # the run folder: checkpoints, metrics, plots, samples
     device: str = "cuda"
-    dtype: str = "bfloat16"
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     compile: bool = False
-    seed: int = 1337
+    seed: int = field(default=1337, metadata=RESUME)
     init_from: Optional[str] = None             # None, "official" or a path to one of ours
     resume: bool = True
     eval_only: bool = False
-    wandb: str = "offline"                      # online | offline | disabled
+    wandb: Literal["online", "offline", "disabled"] = "offline"
     wandb_project: str = "hertz-dev-codec"
 
 

@@ -9,45 +9,43 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Literal, Optional
 
-# Fields that define the networks; a checkpoint whose values differ cannot be loaded into them.
-ARCH_FIELDS = ("latent_dim", "duplex", "fsq_levels", "quantizer_dim", "quantizer_ff_dim",
-               "lm_dim", "lm_layers", "lm_heads", "lm_kv_heads", "lm_ff_dim",
-               "resynth_dim", "resynth_layers", "resynth_heads", "resynth_kv_heads",
-               "resynth_ff_dim", "num_components", "plex_roll", "theta", "eps")
+# Marks on the fields (`fields_marked`, `config_diff` in config/__init__.py):
+ARCH = {"arch": True}          # the networks: a checkpoint that differs cannot be loaded into them
+RESUME = {"resume": True}      # what is trained: a resumed run must agree (as on the architecture)
 
 
 @dataclass(frozen=True)
 class TransformerConfig:
     # --- shared -------------------------------------------------------------------------------
-    latent_dim: int = 32                        # per channel; duplex inputs are 2 * latent_dim
-    duplex: bool = True                         # two channels, one speaker each
+    latent_dim: int = field(default=32, metadata=ARCH)                # per channel; duplex inputs are 2 * latent_dim
+    duplex: bool = field(default=True, metadata=ARCH)                 # two channels, one speaker each
     seq_len: int = 2048                         # context in latents (8 per second)
-    theta: float = 10_000.0                     # rotary base
-    eps: float = 1e-5                           # LayerNorm eps
+    theta: float = field(default=10_000.0, metadata=ARCH)             # rotary base
+    eps: float = field(default=1e-5, metadata=ARCH)                   # LayerNorm eps
 
     # --- latent quantizer: Linear -> SwiGLU FFN -> FSQ ----------------------------------------
-    fsq_levels: tuple[int, ...] = (8, 8, 8, 8, 8)   # 8**5 = 32768 codes (15 bits)
-    quantizer_dim: int = 2048
-    quantizer_ff_dim: int = 8192
+    fsq_levels: tuple[int, ...] = field(default=(8, 8, 8, 8, 8), metadata=ARCH)  # 8**5 = 32768 codes (15 bits)
+    quantizer_dim: int = field(default=2048, metadata=ARCH)
+    quantizer_ff_dim: int = field(default=8192, metadata=ARCH)
 
     # --- latent LM: predicts the FSQ index of the next latent ---------------------------------
-    lm_dim: int = 4096
-    lm_layers: int = 32
-    lm_heads: int = 32
-    lm_kv_heads: Optional[int] = None           # None: as many as lm_heads
-    lm_ff_dim: Optional[int] = None             # None: 256 * ceil(int(8 * dim / 3) / 256)
+    lm_dim: int = field(default=4096, metadata=ARCH)
+    lm_layers: int = field(default=32, metadata=ARCH)
+    lm_heads: int = field(default=32, metadata=ARCH)
+    lm_kv_heads: Optional[int] = field(default=None, metadata=ARCH)   # None: as many as lm_heads
+    lm_ff_dim: Optional[int] = field(default=None, metadata=ARCH)     # None: 256 * ceil(int(8 * dim / 3) / 256)
 
     # --- resynthesizer: next continuous latent, Gaussian mixture, code injected mid-stack ------
-    resynth_dim: int = 4096
-    resynth_layers: int = 8
-    resynth_heads: int = 16
-    resynth_kv_heads: Optional[int] = 16
-    resynth_ff_dim: Optional[int] = 11008
-    num_components: int = 8
-    plex_roll: int = 1                          # the code injected at t is that of latent t+1
+    resynth_dim: int = field(default=4096, metadata=ARCH)
+    resynth_layers: int = field(default=8, metadata=ARCH)
+    resynth_heads: int = field(default=16, metadata=ARCH)
+    resynth_kv_heads: Optional[int] = field(default=16, metadata=ARCH)
+    resynth_ff_dim: Optional[int] = field(default=11008, metadata=ARCH)
+    num_components: int = field(default=8, metadata=ARCH)
+    plex_roll: int = field(default=1, metadata=ARCH)                  # the code injected at t is that of latent t+1
 
     # --- data ---------------------------------------------------------------------------------
     train_data_path: str = "data/demo/train"
@@ -55,14 +53,15 @@ class TransformerConfig:
     sample_rate: int = 16000
     codec_checkpoint: str = "official"          # "official" or a path to one of our codecs
     latents_dir: str = "data/latents"           # encoded corpora (mu, logvar), one folder per codec
-    mono_to_stereo: str = "silence"             # duplex, one-channel file: "silence" or "duplicate"
+    mono_to_stereo: Literal["silence", "duplicate"] = "silence"   # duplex: a one-channel file's 2nd speaker
     num_workers: int = 2                        # DataLoader workers (audio decoding, latent crops)
     val_crops: int = 256                        # validation sequences at most (fixed crops)
     val_crops_per_file: int = 4
     ckpt_dir: str = "ckpt"                      # where official weights are looked up / downloaded
 
     # --- optimisation -------------------------------------------------------------------------
-    stage: str = "all"                          # quantizer | resynthesizer | lm | all (see README)
+    # what is trained (see README); model/objectives.py STAGES says which parts each trains
+    stage: Literal["quantizer", "resynthesizer", "lm", "all"] = field(default="all", metadata=RESUME)
     lm_loss_weight: float = 1.0                 # total = sum(weight[k] * loss[k])
     resynth_loss_weight: float = 1.0
     batch_size: int = 8
@@ -77,7 +76,7 @@ class TransformerConfig:
     grad_clip: float = 1.0
 
     # --- scale --------------------------------------------------------------------------------
-    parallel: str = "fsdp"                      # ddp | fsdp: how torchrun ranks share the model
+    parallel: Literal["ddp", "fsdp"] = "fsdp"  # how torchrun ranks share the model
     activation_checkpointing: bool = True       # recompute each block in backward
 
     # --- run ----------------------------------------------------------------------------------
@@ -90,13 +89,13 @@ class TransformerConfig:
     sample_seconds: float = 5.0                 # audio completion generated at each evaluation
     peak_tflops: float = 0.0                    # per GPU, for MFU; 0: known GPUs (H100/H200 989)
     device: str = "cuda"
-    dtype: str = "bfloat16"
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     compile: bool = True                        # torch.compile each transformer block and the losses
     seed: int = 1337
     init_from: Optional[str] = None             # None, "official", a variant name, or one of ours (.safetensors)
     resume: bool = True
     eval_only: bool = False
-    wandb: str = "offline"                      # online | offline | disabled
+    wandb: Literal["online", "offline", "disabled"] = "offline"
     wandb_project: str = "hertz-dev-transformer"
 
     @property

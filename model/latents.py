@@ -48,10 +48,10 @@ MANIFEST = "manifest.json"
 def codec_fingerprint(codec: torch.nn.Module) -> str:
     """16 hex digits of SHA-256 over the codec's architecture fields and every weight (float32),
     so two codecs share a fingerprint only if they encode identically."""
-    from config.codec_config import ARCH_FIELDS
+    from config import fields_marked
     h = hashlib.sha256()
     cfg = dataclasses.asdict(codec.config)
-    h.update(json.dumps({k: cfg[k] for k in ARCH_FIELDS}, sort_keys=True).encode())
+    h.update(json.dumps({k: cfg[k] for k in fields_marked(type(codec.config), "arch")}, sort_keys=True).encode())
     for name, tensor in sorted(codec.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())

@@ -6,7 +6,8 @@
   `latest.pt` and `best.pt` (hard links, so no extra space), plus our `.safetensors` model
   exports beside them for the loading API.
 - `rng_state` / `set_rng_state`: exact resume of python, numpy and torch generators.
-- `check_resumable`: a resumed config that contradicts the checkpoint's is a clear error.
+- `check_resumable` / `check_architecture`: a resumed or init_from config that contradicts the
+  checkpoint's is a `ConfigMismatch` naming each field (`config.config_diff`).
 - `Logger`: Weights & Biases (online, offline fallback, disabled) plus a local `metrics.jsonl`.
 """
 from __future__ import annotations
@@ -26,6 +27,8 @@ from typing import Any, Iterable, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from config import ConfigMismatch, check_compatible, fields_marked
 
 from .checkpoint import atomic_torch_save, atomic_write
 
@@ -94,7 +97,9 @@ def cosine_lr(step: int, learning_rate: float, min_lr: float, warmup_steps: int,
 
 def autocast(device: torch.device, dtype: str):
     """bf16/fp16 autocast on CUDA; float32 elsewhere (CPU autocast is slower than it helps)."""
-    if device.type == "cuda" and dtype in ("bfloat16", "float16"):
+    if dtype not in ("bfloat16", "float16", "float32"):  # never train in float32 by a typo
+        raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype!r}")
+    if device.type == "cuda" and dtype != "float32":
         return torch.autocast("cuda", dtype=getattr(torch, dtype))
     return nullcontext()
 
@@ -135,22 +140,18 @@ def set_rng_state(state: dict) -> None:
 
 # --- checkpoints ----------------------------------------------------------------------------
 
-class ConfigMismatch(ValueError):
-    pass
-
-
 def check_resumable(saved: dict, cfg, fields: Iterable[str]) -> None:
-    """Raise if any of `fields` differs between the checkpoint's config and this run's."""
-    now = dataclasses.asdict(cfg)
-    diffs = []
-    for key in fields:
-        old = saved.get(key)
-        old = tuple(old) if isinstance(old, list) else old
-        if key in saved and old != now[key]:
-            diffs.append(f"  {key}: checkpoint has {old!r}, this run has {now[key]!r}")
-    if diffs:
-        raise ConfigMismatch("the config contradicts the checkpoint it would resume from:\n" + "\n".join(diffs) +
-                             "\nUse the checkpoint's values, another checkpoint_dir, or resume=false to start fresh.")
+    """Raise ConfigMismatch naming each of `fields` that differs between the checkpoint's config
+    and this run's (`fields_marked(type(cfg), "arch", "resume")` and the like)."""
+    check_compatible(saved, cfg, fields, "the config contradicts the checkpoint it would resume from",
+                     "Use the checkpoint's values, another checkpoint_dir, or resume=false to start fresh.")
+
+
+def check_architecture(saved: dict, cfg, source) -> None:
+    """Raise ConfigMismatch naming each architecture field (`metadata={"arch": True}`) in which
+    the config saved with `source` (an init_from checkpoint) differs from this run's."""
+    check_compatible(saved, cfg, fields_marked(type(cfg), "arch"), f"init_from={source} has another architecture",
+                     "Pass the same values (a matching --config preset or key=value overrides).")
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -234,8 +235,6 @@ class Logger:
 
     def __init__(self, mode: str, project: str, run_dir: str | os.PathLike, config, is_main: bool = True,
                  name: Optional[str] = None, resume_id: Optional[str] = None):
-        if mode not in ("online", "offline", "disabled"):
-            raise ValueError(f"wandb must be online, offline or disabled, got {mode!r}")
         self.is_main = is_main
         self.run = None
         self.run_dir = Path(run_dir)

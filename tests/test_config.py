@@ -1,13 +1,21 @@
 """Presets, typed key=value overrides and their errors."""
 import dataclasses
+import json
 import subprocess
 import sys
+import typing
+from pathlib import Path
 
 import pytest
 
-from config import ConfigError, apply_overrides, from_dict, parse_args
+from config import (ConfigError, ConfigMismatch, apply_overrides, check_compatible, config_diff, fields_marked,
+                    from_dict, parse_args)
 from config.codec_config import PRESETS as CODEC_PRESETS
+from config.codec_config import CodecConfig
 from config.transformer_config import PRESETS as TRANSFORMER_PRESETS
+from config.transformer_config import TransformerConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("presets", [CODEC_PRESETS, TRANSFORMER_PRESETS])
@@ -79,3 +87,83 @@ def test_help_lists_fields(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, "--config", "small", "--help"], capture_output=True, text=True,
                          cwd=str(tmp_path.parent), env={"PYTHONPATH": str(__import__('pathlib').Path(__file__).parents[1])})
     assert out.returncode == 0 and "batch_size=32" in out.stdout and "hertz_dev" in out.stdout
+    assert "gan_loss='lsgan'  (one of: lsgan, hinge)" in out.stdout
+    assert "dtype='bfloat16'  (one of: bfloat16, float16, float32)" in out.stdout
+
+
+ENUMS = [(CODEC_PRESETS, "dtype=bf16", ("bfloat16", "float16", "float32")),
+         (CODEC_PRESETS, "gan_loss=x", ("lsgan", "hinge")),
+         (CODEC_PRESETS, "wandb=on", ("online", "offline", "disabled")),
+         (TRANSFORMER_PRESETS, "dtype=bf16", ("bfloat16", "float16", "float32")),
+         (TRANSFORMER_PRESETS, "stage=foo", ("quantizer", "resynthesizer", "lm", "all")),
+         (TRANSFORMER_PRESETS, "parallel=tp", ("ddp", "fsdp")),
+         (TRANSFORMER_PRESETS, "mono_to_stereo=copy", ("silence", "duplicate"))]
+
+
+@pytest.mark.parametrize("presets,arg,choices", ENUMS)
+def test_unknown_enumerated_value_lists_the_choices(presets, arg, choices):
+    key, value = arg.split("=")
+    with pytest.raises(ConfigError) as e:
+        parse_args([arg], presets)
+    assert str(e.value) == f"{key}: expected one of {', '.join(choices)}; got {value!r}"
+    for choice in choices:  # and every choice is accepted
+        assert getattr(parse_args([f"{key}={choice}"], presets), key) == choice
+
+
+def test_stages_are_the_stage_choices():
+    from model.objectives import STAGE_LOSSES, STAGES
+    choices = typing.get_args(typing.get_type_hints(TransformerConfig)["stage"])
+    assert set(STAGES) == set(STAGE_LOSSES) == set(choices)
+
+
+def test_bad_enumerated_value_is_one_error_line_of_the_codec_trainer(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "train_codec.py"), "--config", "tiny", "dtype=bf16",
+                          f"checkpoint_dir={tmp_path / 'run'}"], capture_output=True, text=True, cwd=str(tmp_path),
+                         timeout=300)
+    assert out.returncode != 0 and out.stdout == ""
+    assert out.stderr == "error: dtype: expected one of bfloat16, float16, float32; got 'bf16'\n"
+    assert not (tmp_path / "run").exists()
+
+
+# The specification of what each checkpoint check compares (written once, here).
+CODEC_ARCH = ("input_channels", "output_channels", "encode_channels", "decode_channel_multiplier", "kernel_size",
+              "bias", "channel_ratios", "strides", "latent_dim", "norm_stddev", "weight_norm", "sample_rate")
+CODEC_DISC = ("mpd_periods", "mpd_channels", "mrd_windows", "mrd_channels")
+CODEC_RESUME = ("segment_seconds", "batch_size", "grad_accum_steps", "seed")
+CODEC_SCHEDULE = ("learning_rate", "min_lr", "warmup_steps", "max_steps", "disc_learning_rate", "disc_start_step")
+TRANSFORMER_ARCH = ("latent_dim", "duplex", "fsq_levels", "quantizer_dim", "quantizer_ff_dim", "lm_dim", "lm_layers",
+                    "lm_heads", "lm_kv_heads", "lm_ff_dim", "resynth_dim", "resynth_layers", "resynth_heads",
+                    "resynth_kv_heads", "resynth_ff_dim", "num_components", "plex_roll", "theta", "eps")
+TRANSFORMER_RESUME = ("stage",)
+
+
+def test_marked_fields_are_the_specification():
+    assert set(fields_marked(CodecConfig, "arch")) == set(CODEC_ARCH)
+    assert set(fields_marked(CodecConfig, "disc")) == set(CODEC_DISC)
+    assert set(fields_marked(CodecConfig, "resume")) == set(CODEC_RESUME)
+    assert set(fields_marked(CodecConfig, "schedule")) == set(CODEC_SCHEDULE)
+    assert set(fields_marked(TransformerConfig, "arch")) == set(TRANSFORMER_ARCH)
+    assert set(fields_marked(TransformerConfig, "resume")) == set(TRANSFORMER_RESUME)
+    assert fields_marked(TransformerConfig, "disc", "schedule") == ()
+    # several marks: their union, in declaration order
+    both = fields_marked(CodecConfig, "arch", "disc")
+    assert set(both) == set(CODEC_ARCH + CODEC_DISC)
+    names = [f.name for f in dataclasses.fields(CodecConfig)]
+    assert list(both) == sorted(both, key=names.index)
+
+
+def test_config_diff_names_each_differing_field():
+    cfg = CODEC_PRESETS["tiny"]
+    other = dataclasses.replace(cfg, encode_channels=8, strides=(2, 4), batch_size=2, mel_weight=1.0)
+    saved = json.loads(json.dumps(dataclasses.asdict(other)))  # tuples come back as lists, as from a .safetensors
+    del saved["kernel_size"]  # a field an older checkpoint did not have is not compared
+    assert config_diff(saved, cfg, CODEC_ARCH) == [
+        "  encode_channels: the checkpoint has 8, this run has 4",
+        f"  strides: the checkpoint has (2, 4), this run has {cfg.strides!r}"]
+    assert config_diff(saved, cfg, ("kernel_size", "mel_windows", "channel_ratios")) == []
+    with pytest.raises(ConfigMismatch) as e:
+        check_compatible(saved, cfg, CODEC_ARCH + CODEC_RESUME, "x.pt differs", "Do this.")
+    assert str(e.value) == ("x.pt differs:\n  encode_channels: the checkpoint has 8, this run has 4\n"
+                            f"  strides: the checkpoint has (2, 4), this run has {cfg.strides!r}\n"
+                            "  batch_size: the checkpoint has 2, this run has 4\nDo this.")
+    assert isinstance(e.value, ConfigError)  # the trainers' error exit names it in one `error:` block

@@ -1,5 +1,6 @@
 """Encoded corpora: what mono and duplex store, the cache key that rules out stale latents, and
 the crops and sample order the trainer reads."""
+import dataclasses
 import itertools
 import json
 
@@ -7,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from config import fields_marked
 from config.codec_config import PRESETS as CODEC_PRESETS
+from config.codec_config import CodecConfig
 from model import Codec, build
 from model.audio import save_audio
-from model.latents import LatentCrops, StepSampler, prepare_latents, sample_posterior
+from model.latents import LatentCrops, StepSampler, codec_fingerprint, prepare_latents, sample_posterior
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -71,6 +74,30 @@ def test_another_codec_or_a_changed_file_is_encoded_anew(codec, folder):
     save_audio(str(folder / "audio" / "solo.wav"), np.zeros((1, 8_000), np.float32), 16000)
     changed = prepare_latents(str(folder / "audio"), codec, **kw)
     assert changed != first and rows(changed, "solo.wav").shape[0] == 4
+
+
+def test_fingerprint_covers_exactly_the_architecture_fields(codec):
+    """The latent cache is keyed by the fingerprint: every field marked `arch` changes it, no
+    other field does (so a run's batch size or paths never invalidate encoded corpora)."""
+    cfg, base = codec.config, codec_fingerprint(codec)
+    arch = set(fields_marked(CodecConfig, "arch"))
+
+    def other(value):
+        if isinstance(value, bool):
+            return not value
+        if isinstance(value, (int, float)):
+            return value * 2 + 1
+        if isinstance(value, tuple):
+            return value + (1,)
+        return (value or "") + "x"  # a string, or None (init_from)
+
+    try:
+        for f in dataclasses.fields(cfg):
+            codec.config = dataclasses.replace(cfg, **{f.name: other(getattr(cfg, f.name))})
+            assert (codec_fingerprint(codec) != base) == (f.name in arch), f.name
+    finally:
+        codec.config = cfg
+    assert codec_fingerprint(codec) == base
 
 
 def test_crops_pad_short_files_and_are_reproducible(codec, folder):

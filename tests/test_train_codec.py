@@ -17,6 +17,8 @@ import soundfile as sf
 import torch
 
 import train_codec
+from config import fields_marked
+from config.codec_config import CodecConfig
 from model import hub, load_codec
 from model.training import ConfigMismatch
 
@@ -199,7 +201,7 @@ def test_eval_only_prints_the_metrics_of_a_checkpoint(corpus, trained, capsys):
 def test_resume_checks_the_config_and_resume_false_starts_afresh(corpus, trained, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(trained[0], run_dir)
-    with pytest.raises(ConfigMismatch, match="encode_channels: checkpoint has 4, this run has 8"):
+    with pytest.raises(ConfigMismatch, match="encode_channels: the checkpoint has 4, this run has 8"):
         train_codec.main(args(corpus, run_dir, "encode_channels=8"))
     with pytest.raises(ConfigMismatch, match="batch_size"):
         train_codec.main(args(corpus, run_dir, "batch_size=2"))
@@ -216,7 +218,7 @@ def test_init_from_official_weights_served_by_a_hub(corpus, tmp_path, monkeypatc
     registered, and the parity architecture given as key=value overrides."""
     fixture = require(PARITY_DIR / "codec_state_dict.pt")
     arch = codec_config()
-    overrides = [f"{k}={getattr(arch, k)!r}" for k in train_codec.ARCH_FIELDS]
+    overrides = [f"{k}={getattr(arch, k)!r}" for k in fields_marked(CodecConfig, "arch")]
     common = ["--config", "tiny", *overrides, f"train_data_path={corpus / 'train'}",
               f"val_data_path={corpus / 'val'}", "wandb=disabled", "init_from=official"]
     with HubServer() as server:

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from config import fields_marked
 from config.codec_config import PRESETS as CODEC_PRESETS
-from config.transformer_config import ARCH_FIELDS, PRESETS
+from config.transformer_config import PRESETS, TransformerConfig
 from model import Codec, HertzDev, build, load_hertz_dev, sample_latent, sample_token, save_codec
 from model.checkpoint import read_weights, substate
 from model.objectives import STAGES, compute_losses
@@ -173,7 +174,7 @@ def test_init_from_official_fine_tunes_files_in_the_official_layout(setup, tmp_p
     exactly the official tensors."""
     require(PARITY_DIR)
     arch = transformer_config(True)
-    overrides = {k: getattr(arch, k) for k in ARCH_FIELDS if getattr(arch, k) != getattr(PRESETS["tiny"], k)}
+    overrides = {k: getattr(arch, k) for k in fields_marked(TransformerConfig, "arch") if getattr(arch, k) != getattr(PRESETS["tiny"], k)}
     files = {"inference_volcano_3": "quantizer_state_dict.pt", "inference_scion_54000": "lm_duplex_state_dict.pt",
              "inference_care_50000": "resynthesizer_duplex_state_dict.pt"}
     with HubServer() as server:

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from config.codec_config import PRESETS
-from model.training import (Checkpoints, ConfigMismatch, Logger, check_resumable, cosine_lr, rng_state,
-                            set_rng_state)
+from config import fields_marked
+from config.codec_config import PRESETS, CodecConfig
+from model.training import (Checkpoints, ConfigMismatch, Logger, autocast, check_architecture, check_resumable,
+                            cosine_lr, rng_state, set_rng_state)
 
 
 def test_cosine_lr_warms_up_then_decays_to_min():
@@ -32,11 +33,34 @@ def test_checkpoints_keep_last_n_latest_and_best(tmp_path):
 
 def test_resume_check_names_each_difference():
     cfg = PRESETS["tiny"]
-    saved = dataclasses.asdict(dataclasses.replace(cfg, encode_channels=8, strides=(2, 2, 4, 5, 5, 5)))
+    saved = dataclasses.asdict(dataclasses.replace(cfg, encode_channels=8, strides=(2, 4, 250), seed=1))
     saved["strides"] = list(saved["strides"])
-    with pytest.raises(ConfigMismatch, match="encode_channels: checkpoint has 8"):
-        check_resumable(saved, cfg, ["encode_channels", "strides"])
-    check_resumable(saved, cfg, ["strides", "kernel_size"])
+    with pytest.raises(ConfigMismatch) as e:
+        check_resumable(saved, cfg, fields_marked(CodecConfig, "arch", "resume"))
+    lines = str(e.value).splitlines()
+    assert lines[0] == "the config contradicts the checkpoint it would resume from:"
+    assert lines[1:4] == ["  encode_channels: the checkpoint has 8, this run has 4",
+                          f"  strides: the checkpoint has (2, 4, 250), this run has {cfg.strides!r}",
+                          "  seed: the checkpoint has 1, this run has 1337"]
+    assert "resume=false" in lines[4] and len(lines) == 5
+    check_resumable(saved, dataclasses.replace(cfg, encode_channels=8, strides=(2, 4, 250)),
+                    fields_marked(CodecConfig, "arch"))
+
+
+def test_init_from_check_compares_the_architecture_only():
+    cfg = PRESETS["tiny"]
+    saved = dataclasses.asdict(dataclasses.replace(cfg, latent_dim=16, batch_size=1, mpd_channels=(1,) * 5))
+    with pytest.raises(ConfigMismatch) as e:
+        check_architecture(saved, cfg, "x.safetensors")
+    assert str(e.value).splitlines()[:2] == ["init_from=x.safetensors has another architecture:",
+                                             "  latent_dim: the checkpoint has 16, this run has 32"]
+    assert len(str(e.value).splitlines()) == 3
+    check_architecture(saved, dataclasses.replace(cfg, latent_dim=16), "x.safetensors")
+
+
+def test_autocast_refuses_an_unknown_dtype():
+    with pytest.raises(ValueError, match="bf16"):
+        autocast(torch.device("cpu"), "bf16")
 
 
 def test_rng_state_round_trip():
