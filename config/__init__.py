@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import re
 import types
 import typing
 from typing import Any, Iterable, Mapping, Sequence
@@ -24,6 +25,10 @@ class ConfigError(ValueError):
 
 class ConfigMismatch(ConfigError):
     """This run's config contradicts a checkpoint's in fields they must agree on."""
+
+
+# Metadata of a free-form string field with a checked shape: (regular expression, what it means).
+DEVICE = {"pattern": (r"cpu|mps|cuda(:\d+)?", "cpu, cuda, cuda:N or mps")}
 
 
 def _type_name(tp) -> str:
@@ -126,12 +131,16 @@ def check_compatible(saved: Mapping[str, Any], cfg, fields: Iterable[str], what:
 def apply_overrides(cfg, overrides: Mapping[str, Any]):
     """Return a copy of `cfg` with `overrides` applied and type-checked."""
     types_ = field_types(type(cfg))
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
     changes = {}
     for key, value in overrides.items():
         if key not in types_:
             valid = ", ".join(sorted(types_))
             raise ConfigError(f"unknown config key {key!r} for {type(cfg).__name__}. Valid keys: {valid}")
         changes[key] = _coerce(value, types_[key], key)
+        pattern, means = fields[key].metadata.get("pattern", (None, None))
+        if pattern and not re.fullmatch(pattern, changes[key]):
+            raise ConfigError(f"{key}: expected {means}; got {changes[key]!r}")
     return dataclasses.replace(cfg, **changes)
 
 
@@ -163,8 +172,8 @@ def parse_args(argv: Sequence[str], presets: Mapping[str, Any], default: str = "
             types_ = field_types(type(cfg))
             for f in dataclasses.fields(cfg):
                 choices = typing.get_args(types_[f.name]) if typing.get_origin(types_[f.name]) is typing.Literal else ()
-                lines.append(f"  {f.name}={getattr(cfg, f.name)!r}" +
-                             (f"  (one of: {', '.join(map(str, choices))})" if choices else ""))
+                means = ", ".join(map(str, choices)) or f.metadata.get("pattern", (None, ""))[1]
+                lines.append(f"  {f.name}={getattr(cfg, f.name)!r}" + (f"  (one of: {means})" if means else ""))
             print("\n".join(lines))
             raise SystemExit(0)
         if arg == "--config":

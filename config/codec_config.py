@@ -15,6 +15,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from config import DEVICE
+
 # Marks on the fields (`fields_marked`, `config_diff` in config/__init__.py):
 ARCH = {"arch": True}          # the codec network: a checkpoint that differs cannot be loaded into it
 DISC = {"disc": True}          # the discriminators: a resumed run must agree; init_from loads them if equal
@@ -83,7 +85,7 @@ class CodecConfig:
     max_minutes: float = 0.0                    # stop cleanly (eval + save) after this wall time; 0: never
     num_audio_samples: int = 3                  # input/reconstruction pairs logged at each evaluation
     checkpoint_dir: str = "checkpoints/codec"   # the run folder: checkpoints, metrics, plots, samples
-    device: str = "cuda"
+    device: str = field(default="cuda", metadata=DEVICE)
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     compile: bool = False
     seed: int = field(default=1337, metadata=RESUME)

@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from config import DEVICE
+
 # Marks on the fields (`fields_marked`, `config_diff` in config/__init__.py):
 ARCH = {"arch": True}          # the networks: a checkpoint that differs cannot be loaded into them
 RESUME = {"resume": True}      # what is trained: a resumed run must agree (as on the architecture)
@@ -88,7 +90,7 @@ class TransformerConfig:
     max_minutes: float = 0.0                    # > 0: checkpoint and stop after this wall time
     sample_seconds: float = 5.0                 # audio completion generated at each evaluation
     peak_tflops: float = 0.0                    # per GPU, for MFU; 0: known GPUs (H100/H200 989)
-    device: str = "cuda"
+    device: str = field(default="cuda", metadata=DEVICE)
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     compile: bool = True                        # torch.compile each transformer block and the losses
     seed: int = 1337

@@ -89,6 +89,7 @@ def test_help_lists_fields(tmp_path):
     assert out.returncode == 0 and "batch_size=32" in out.stdout and "hertz_dev" in out.stdout
     assert "gan_loss='lsgan'  (one of: lsgan, hinge)" in out.stdout
     assert "dtype='bfloat16'  (one of: bfloat16, float16, float32)" in out.stdout
+    assert "device='cuda'  (one of: cpu, cuda, cuda:N or mps)" in out.stdout
 
 
 ENUMS = [(CODEC_PRESETS, "dtype=bf16", ("bfloat16", "float16", "float32")),
@@ -108,6 +109,16 @@ def test_unknown_enumerated_value_lists_the_choices(presets, arg, choices):
     assert str(e.value) == f"{key}: expected one of {', '.join(choices)}; got {value!r}"
     for choice in choices:  # and every choice is accepted
         assert getattr(parse_args([f"{key}={choice}"], presets), key) == choice
+
+
+@pytest.mark.parametrize("presets", [CODEC_PRESETS, TRANSFORMER_PRESETS])
+def test_device_is_checked_for_its_shape(presets):
+    for device in ("cpu", "cuda", "cuda:1", "mps"):
+        assert parse_args([f"device={device}"], presets).device == device
+    for device in ("gpu", "cuda:x", "cuda1", "cpu "):
+        with pytest.raises(ConfigError) as e:
+            parse_args([f"device={device}"], presets)
+        assert str(e.value) == f"device: expected cpu, cuda, cuda:N or mps; got {device!r}"
 
 
 def test_stages_are_the_stage_choices():
