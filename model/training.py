@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from config import ConfigMismatch, check_compatible, fields_marked
+from config import ConfigMismatch, check_compatible, fields_marked  # noqa: F401 (ConfigMismatch: re-exported)
 
 from .checkpoint import atomic_torch_save, atomic_write
 
