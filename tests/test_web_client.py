@@ -7,25 +7,27 @@ bounded. The page's constants come from the server (model/protocol.py)."""
 import asyncio
 import json
 import os
-import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 
-from benchmarks.browser_latency import Page, chromium_page
+from benchmarks.browser_latency import Page, chromium_page, find_chromium
 from live_server import running_server, tiny_duplex
 from model.protocol import CHUNK, PARAM_RANGES, SAMPLE_RATE
 
+REPO = Path(__file__).resolve().parents[1]
 TOKEN = "br0wser"
 
 
 def chromium_path():
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
+    path = find_chromium()
+    if path:
+        return path
     if os.environ.get("CI"):
         pytest.fail("chromium is not installed: .ci/run installs it (apt-get install chromium)")
     pytest.skip("chromium is not installed (apt-get install chromium); CI installs and runs it")
@@ -102,3 +104,18 @@ def test_browser_client_talks_both_ways(tmp_path):
     peak = np.argmax(spectrum) * 16000 / len(user)
     assert abs(peak - 440) < 5, f"the microphone's 440 Hz arrived at {peak:.1f} Hz"
     assert np.abs(audio[:, 1]).max() > 0  # and the model's side of the conversation
+
+
+def test_browser_latency_benchmark(tmp_path):
+    """benchmarks/browser_latency.py end to end (a short run): its figures are the page's, the
+    prompt's playback is not timed, and the implied GPU figure follows its formula."""
+    chromium_path()
+    r = subprocess.run([sys.executable, "benchmarks/browser_latency.py", "--seconds", "2", "--gpu-step-ms", "5"],
+                       cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    config, result = (json.loads(line) for line in r.stdout.splitlines())
+    assert config["bench"] == "browser_latency_config" and result["bench"] == "browser_latency"
+    assert result["replayed"] == 4 and result["timed"] == result["received"] - 4 >= 16  # 0.5 s replayed
+    c2p, step = result["c2p_ms"]["p50"], result["step_ms"]["p50"]
+    assert c2p > 0 and result["implied_gpu_c2p_p50_ms"] == pytest.approx(c2p - step + 5, abs=0.1)
+    assert result["max_buffered_ms"] <= result["buffer_bound_ms"]
