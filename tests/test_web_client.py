@@ -18,6 +18,7 @@ import soundfile as sf
 
 from benchmarks.browser_latency import Page, chromium_page, find_chromium
 from live_server import running_server, tiny_duplex
+from model import SamplingParams
 from model.protocol import CHUNK, PARAM_RANGES, SAMPLE_RATE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,8 +43,9 @@ def test_browser_client_talks_both_ways(tmp_path):
     recordings = tmp_path / "recordings"
     tp = np.arange(8000) / 16000  # a 0.5 s prompt; its last 2 chunks are played back first, and again after Reset
     prompt = np.stack([0.3 * np.sin(2 * np.pi * 200 * tp), 0.2 * np.sin(2 * np.pi * 300 * tp)]).astype(np.float32)
+    defaults = SamplingParams(token_temp=0.65, gaussian_temp=0.2)  # the sliders start at the server's defaults
     with running_server(tiny_duplex(), max_sessions=2, token=TOKEN, recordings=str(recordings), prompt=prompt,
-                        replay_seconds=0.25) as server:
+                        replay_seconds=0.25, params=defaults) as server:
         url = f"{server.http}/?token={TOKEN}"
         with chromium_page(chromium, tmp_path / "profile", tmp_path / "mic.wav", url) as devtools:
             async def run():
@@ -95,7 +97,7 @@ def test_browser_client_talks_both_ways(tmp_path):
         r_lo, r_hi, lo_in, hi_in, _ = PARAM_RANGES[name]
         assert (lo == r_lo) if lo_in else (r_lo < lo <= r_lo + step + 1e-9), name
         assert (hi == r_hi) if hi_in else (r_hi - step - 1e-9 <= hi < r_hi), name
-        assert lo <= value <= hi
+        assert value == pytest.approx(getattr(defaults, name))
     (wav,) = list(recordings.glob("*.wav"))
     audio, sr = sf.read(wav, dtype="float32")
     user = audio[16000:, 0]  # after the prompt (0.5 s) and the first half second
