@@ -14,8 +14,11 @@ microphone's frames are handed to the event loop, and the speaker reads replies 
 `get_nowait()`, playing silence when none is there. File mode streams the file at real time (or
 `--no-realtime`: as fast as the server answers) and writes a stereo WAV: channel 0 the user (the
 input, padded to whole chunks), channel 1 the model's reply to each chunk, under that chunk.
-Round-trip latency statistics are printed at the end (and every --stats-every seconds live).
-Ctrl-C stops cleanly (file mode writes what it has).
+Latency statistics are printed at the end (and every --stats-every seconds live): the round trip
+(a chunk sent to its reply received) and, live, capture to playback (a chunk's last sample
+captured to the first sample of its reply played). Both count only replies to the user's own
+chunks: with a server `--prompt-path`, the prompt's playback at the start is not timed.
+Ctrl-C stops cleanly (file mode writes what it has). Needs numpy and websockets, not torch.
 """
 from __future__ import annotations
 
@@ -33,9 +36,15 @@ from typing import Callable, Optional
 
 import numpy as np
 
-SAMPLE_RATE = 16000
-CHUNK = 2000
-PARAM_FLAGS = ("token_temp", "top_p", "min_p", "mixture_temp", "gaussian_temp")
+from model.protocol import (CHUNK, CHUNK_BYTES, PARAM_NAMES, PARAM_RANGES, SAMPLE_RATE, check_param, describe_range,
+                            float_to_pcm, percentiles)
+
+# The command-line flags of each sampling parameter (the original client's names too).
+PARAM_FLAGS = {"token_temp": ("--token-temp", "--token_temp", "-t1"),
+               "top_p": ("--top-p", "--top_p"),
+               "min_p": ("--min-p", "--min_p"),
+               "mixture_temp": ("--mixture-temp", "--categorical-temp", "--categorical_temp", "-t2"),
+               "gaussian_temp": ("--gaussian-temp", "--gaussian_temp", "-t3")}
 
 
 def audio_url(server: str, seed: Optional[int] = None) -> str:
@@ -53,13 +62,11 @@ def audio_url(server: str, seed: Optional[int] = None) -> str:
     return urllib.parse.urlunsplit((scheme, u.netloc, path, urllib.parse.urlencode(query), ""))
 
 
-def latency_summary(rtt_s: list) -> dict:
-    if not rtt_s:
-        return {"replies": 0}
-    a = 1000 * np.asarray(rtt_s)
-    return {"replies": len(a), "p50_ms": round(float(np.percentile(a, 50)), 1),
-            "p90_ms": round(float(np.percentile(a, 90)), 1), "p99_ms": round(float(np.percentile(a, 99)), 1),
-            "max_ms": round(float(a.max()), 1), "mean_ms": round(float(a.mean()), 1)}
+def latency_summary(seconds: list) -> dict:
+    """{"p50_ms", "p90_ms", "p99_ms", "max_ms"} of durations in seconds (None where there are none)."""
+    ms = 1000 * np.asarray(seconds, dtype=np.float64)
+    return {**{f"{k}_ms": v for k, v in percentiles(ms, (50, 90, 99)).items()},
+            "max_ms": round(float(ms.max()), 2) if len(ms) else None}
 
 
 def log(*args) -> None:
@@ -68,14 +75,18 @@ def log(*args) -> None:
 
 class Conversation:
     """One session over an open websocket: sends 16-bit chunks, hands each reply to `on_audio`,
-    and keeps round-trip times (a reply answers the oldest unanswered chunk; a `dropped` notice
-    from the server stands for that many chunks)."""
+    and keeps round-trip times. A reply answers the oldest unanswered chunk; a `dropped` notice
+    from the server stands for that many chunks. The replies between the server's `replay` and
+    `live` notices are the prompt's playback: they answer chunks too, but are not timed, and
+    `on_audio` gets them with no capture time."""
 
-    def __init__(self, ws, on_audio: Callable[[np.ndarray], None], on_dropped: Callable[[int], None] = lambda n: None):
+    def __init__(self, ws, on_audio: Callable[[np.ndarray, Optional[float]], None],
+                 on_dropped: Callable[[int], None] = lambda n: None):
         self.ws, self.on_audio, self.on_dropped = ws, on_audio, on_dropped
-        self.pending: collections.deque = collections.deque()  # send times of unanswered chunks
+        self.pending: collections.deque = collections.deque()  # (send time, capture time) of unanswered chunks
         self.rtt: list[float] = []
-        self.sent = self.replies = self.dropped = 0
+        self.sent = self.replies = self.replayed = self.dropped = 0
+        self.replaying = False
         self.answered = asyncio.Event()
 
     async def control(self, **message) -> dict:
@@ -88,8 +99,9 @@ class Conversation:
                 if reply.get("type") in ("ack", "error", "status"):
                     return reply
 
-    async def send(self, chunk: bytes) -> None:
-        self.pending.append(time.perf_counter())
+    async def send(self, chunk: bytes, captured: Optional[float] = None) -> None:
+        """Send one chunk; `captured`: the time.perf_counter() its last sample was captured at."""
+        self.pending.append((time.perf_counter(), captured))
         self.sent += 1
         await self.ws.send(chunk)
 
@@ -99,19 +111,26 @@ class Conversation:
         try:
             async for message in self.ws:
                 if isinstance(message, bytes):
-                    if self.pending:
-                        self.rtt.append(time.perf_counter() - self.pending.popleft())
+                    sent, captured = self.pending.popleft() if self.pending else (None, None)
                     self.replies += 1
-                    self.on_audio(np.frombuffer(message, dtype="<i2"))
+                    if self.replaying:
+                        self.replayed += 1
+                        captured = None
+                    elif sent is not None:
+                        self.rtt.append(time.perf_counter() - sent)
+                    self.on_audio(np.frombuffer(message, dtype="<i2"), captured)
                 else:
                     m = json.loads(message)
-                    if m.get("type") == "dropped":
+                    kind = m.get("type")
+                    if kind == "dropped":
                         n = int(m["chunks"])
                         for _ in range(min(n, len(self.pending))):
                             self.pending.popleft()
                         self.dropped += n
                         self.on_dropped(n)
-                    elif m.get("type") == "error":
+                    elif kind in ("replay", "live"):
+                        self.replaying = kind == "replay"
+                    elif kind == "error":
                         log(f"server: {m.get('message')}")
                 self.answered.set()
         except websockets.ConnectionClosedError:
@@ -122,14 +141,19 @@ class Conversation:
         return len(self.pending)
 
     def summary(self) -> dict:
-        return {**latency_summary(self.rtt), "sent": self.sent, "dropped_by_server": self.dropped}
+        return {"replies": self.replies, "replayed": self.replayed, "timed": len(self.rtt),
+                **latency_summary(self.rtt), "sent": self.sent, "dropped_by_server": self.dropped}
 
 
 def print_summary(conv: Conversation, **extra) -> None:
     s = {**conv.summary(), **extra}
-    if s.get("replies"):
-        print(f"round trip over {s['replies']} chunks: p50 {s['p50_ms']} ms, p90 {s['p90_ms']} ms, "
+    if s["timed"]:
+        replayed = f" (not counting {s['replayed']} of prompt playback)" if s["replayed"] else ""
+        print(f"round trip over {s['timed']} chunks{replayed}: p50 {s['p50_ms']} ms, p90 {s['p90_ms']} ms, "
               f"p99 {s['p99_ms']} ms, max {s['max_ms']} ms", flush=True)
+    if s.get("c2p", {}).get("p50_ms") is not None:
+        c = s["c2p"]
+        print(f"capture to playback over {c['chunks']} chunks: p50 {c['p50_ms']} ms, p99 {c['p99_ms']} ms", flush=True)
     print("stats " + json.dumps(s), flush=True)
 
 
@@ -152,7 +176,7 @@ async def open_session(args):
 async def start(args, on_audio, on_dropped=lambda n: None) -> Conversation:
     ws = await open_session(args)
     conv = Conversation(ws, on_audio, on_dropped)
-    params = {k: getattr(args, k) for k in PARAM_FLAGS if getattr(args, k) is not None}
+    params = {k: getattr(args, k) for k in PARAM_NAMES if getattr(args, k) is not None}
     try:
         if params:
             reply = await conv.control(type="set_params", **params)
@@ -202,19 +226,15 @@ def write_wav(path: str, stereo: np.ndarray) -> None:
         raise
 
 
-def to_pcm(audio: np.ndarray) -> np.ndarray:
-    return np.clip(np.round(audio * 32767), -32768, 32767).astype("<i2")
-
-
 async def file_mode(args) -> int:
     audio = read_audio(args.input_wav)
     n = max(1, -(-len(audio) // CHUNK))
     user = np.zeros(n * CHUNK, dtype="<i2")
-    user[:len(audio)] = to_pcm(audio)
+    user[:len(audio)] = float_to_pcm(audio)
     model = np.zeros(n * CHUNK, dtype="<i2")
     slot = 0  # the chunk the next reply answers
 
-    def on_audio(pcm):
+    def on_audio(pcm, captured):
         nonlocal slot
         if slot < n:
             model[slot * CHUNK:(slot + 1) * CHUNK] = pcm
@@ -265,19 +285,34 @@ async def file_mode(args) -> int:
 
 # --- live mode ---------------------------------------------------------------------------------
 
+def stream_offset(time_info, field: str) -> float:
+    """Seconds from a sound card callback's `currentTime` to `field` of its time_info (the ADC
+    time of the input's first sample, or the DAC time of the output's); 0 where the host API
+    gives no times."""
+    try:
+        now, then = time_info.currentTime, getattr(time_info, field)
+    except AttributeError:
+        return 0.0
+    return then - now if now > 0 and then > 0 and abs(then - now) < 1 else 0.0
+
+
 class Speaker:
     """The output callback's side: whole replies from a bounded queue, read without blocking;
-    silence when none is there. The event loop side drops the oldest reply when it is full."""
+    silence when none is there. The event loop side drops the oldest reply when it is full.
+    For each reply put with the capture time of the chunk it answers, it keeps the capture to
+    playback time: from that chunk's last sample captured to the reply's first sample played."""
 
-    def __init__(self, max_chunks: int = 8):
+    def __init__(self, max_chunks: int = 8, clock: Callable[[], float] = time.perf_counter):
         self.queue: queue.Queue = queue.Queue(maxsize=max_chunks)
+        self.clock = clock
         self.current = np.zeros(0, dtype="<i2")
         self.underruns = self.overflows = 0
+        self.c2p: list[float] = []  # seconds
 
-    def put(self, pcm: np.ndarray) -> None:  # event loop
+    def put(self, pcm: np.ndarray, captured: Optional[float] = None) -> None:  # event loop
         while True:
             try:
-                self.queue.put_nowait(pcm)
+                self.queue.put_nowait((pcm, captured))
                 return
             except queue.Full:
                 try:
@@ -287,16 +322,19 @@ class Speaker:
                     pass
 
     def callback(self, outdata, frames, time_info, status) -> None:  # audio thread: never blocks
+        plays_at = self.clock() + stream_offset(time_info, "outputBufferDacTime")  # this block's first sample
         out = outdata[:, 0]
         filled = 0
         while filled < frames:
             if len(self.current) == 0:
                 try:
-                    self.current = self.queue.get_nowait()
+                    self.current, captured = self.queue.get_nowait()
                 except queue.Empty:
                     out[filled:] = 0
                     self.underruns += 1
                     break
+                if captured is not None:
+                    self.c2p.append(plays_at + filled / SAMPLE_RATE - captured)
             take = min(frames - filled, len(self.current))
             out[filled:filled + take] = self.current[:take]
             self.current = self.current[take:]
@@ -338,21 +376,26 @@ async def live_mode(args) -> int:
     speaker = Speaker()
     lost_mic = 0
 
-    def take_mic(data: bytes) -> None:  # event loop
+    def take_mic(data: bytes, captured: float) -> None:  # event loop
         nonlocal lost_mic
         if mic.full():  # the connection is not keeping up: drop the oldest microphone audio
             mic.get_nowait()
             lost_mic += 1
-        mic.put_nowait(data)
+        mic.put_nowait((data, captured))
 
     def on_input(indata, frames, time_info, status) -> None:  # audio thread: hand over, never block
-        loop.call_soon_threadsafe(take_mic, bytes(indata))
+        # When the block's last sample was captured, on time.perf_counter()'s clock (without the
+        # host's times: now, as the callback comes once the block is complete).
+        first = stream_offset(time_info, "inputBufferAdcTime")  # < 0: the first sample's age
+        last = time.perf_counter() + (first + (frames - 1) / SAMPLE_RATE if first else 0.0)
+        loop.call_soon_threadsafe(take_mic, bytes(indata), last)
 
     streams = []  # opened first: no server slot is taken for a machine without a microphone
     try:
         streams.append(sd.InputStream(samplerate=SAMPLE_RATE, blocksize=CHUNK, channels=1, dtype="int16",
                                       device=device_arg(args.input_device), callback=on_input))
-        streams.append(sd.OutputStream(samplerate=SAMPLE_RATE, blocksize=CHUNK, channels=1, dtype="int16",
+        # Output in the host's small blocks: a reply starts playing soon after it arrives.
+        streams.append(sd.OutputStream(samplerate=SAMPLE_RATE, blocksize=0, latency="low", channels=1, dtype="int16",
                                        device=device_arg(args.output_device), callback=speaker.callback))
         conv = await start(args, speaker.put)
     except BaseException as e:
@@ -365,20 +408,22 @@ async def live_mode(args) -> int:
     receiver = asyncio.create_task(conv.receive())
 
     async def send_mic():
-        pending = b""
+        pending, end = b"", 0.0  # end: when the last sample of `pending` was captured
         while True:
-            pending += await mic.get()
-            while len(pending) >= 2 * CHUNK:
-                await conv.send(pending[:2 * CHUNK])
-                pending = pending[2 * CHUNK:]
+            data, end = await mic.get()
+            pending += data
+            while len(pending) >= CHUNK_BYTES:
+                await conv.send(pending[:CHUNK_BYTES], captured=end - (len(pending) - CHUNK_BYTES) / 2 / SAMPLE_RATE)
+                pending = pending[CHUNK_BYTES:]
 
     async def report():
         while True:
             await asyncio.sleep(args.stats_every)
-            recent = latency_summary(conv.rtt[-int(8 * args.stats_every):])
-            log(f"round trip p50 {recent.get('p50_ms')} ms, p99 {recent.get('p99_ms')} ms | "
-                f"sent {conv.sent}, received {conv.replies}, dropped {conv.dropped}, "
-                f"speaker underruns {speaker.underruns}")
+            recent = int(8 * args.stats_every)  # about the chunks of the last interval
+            rtt, c2p = latency_summary(conv.rtt[-recent:]), latency_summary(speaker.c2p[-recent:])
+            log(f"round trip p50 {rtt['p50_ms']} ms, p99 {rtt['p99_ms']} ms | capture to playback p50 "
+                f"{c2p['p50_ms']} ms, p99 {c2p['p99_ms']} ms | sent {conv.sent}, received {conv.replies} "
+                f"({conv.replayed} prompt playback), dropped {conv.dropped}, speaker underruns {speaker.underruns}")
 
     tasks = []
     try:
@@ -390,8 +435,8 @@ async def live_mode(args) -> int:
         for t in tasks + [receiver]:
             t.cancel()
         await conv.ws.close()
-        print_summary(conv, speaker_underruns=speaker.underruns, speaker_overflows=speaker.overflows,
-                      microphone_dropped=lost_mic)
+        print_summary(conv, c2p={"chunks": len(speaker.c2p), **latency_summary(speaker.c2p)},
+                      speaker_underruns=speaker.underruns, speaker_overflows=speaker.overflows, microphone_dropped=lost_mic)
     reason = close_reason(conv.ws)
     if reason:
         log(reason)
@@ -406,13 +451,9 @@ def parse_args(argv=None):
     ap.add_argument("--server", "-s", default="ws://127.0.0.1:8000", help="the server (ws://, wss://, http://, https://)")
     ap.add_argument("--token", default=os.environ.get("HERTZ_TOKEN"), help="the server's token (default: $HERTZ_TOKEN)")
     ap.add_argument("--seed", type=int, help="the session's random seed (default: the server picks one)")
-    ap.add_argument("--token-temp", "--token_temp", "-t1", dest="token_temp", type=float, help="LM token temperature")
-    ap.add_argument("--mixture-temp", "--categorical-temp", "--categorical_temp", "-t2", dest="mixture_temp",
-                    type=float, help="temperature of the mixture component choice")
-    ap.add_argument("--gaussian-temp", "--gaussian_temp", "-t3", dest="gaussian_temp", type=float,
-                    help="scale of the Gaussian noise of a latent")
-    ap.add_argument("--top-p", dest="top_p", type=float, help="nucleus sampling of tokens")
-    ap.add_argument("--min-p", dest="min_p", type=float, help="drop tokens below min-p times the likeliest")
+    for name in PARAM_NAMES:
+        what = PARAM_RANGES[name][4]
+        ap.add_argument(*PARAM_FLAGS[name], dest=name, type=float, help=f"{what}, in {describe_range(name)}")
     live = ap.add_argument_group("live audio (sounddevice)")
     live.add_argument("--list-devices", action="store_true", help="print the audio devices and exit")
     live.add_argument("--input-device", help="microphone: index or part of the name (default: the system's)")
@@ -428,11 +469,14 @@ def parse_args(argv=None):
     files.add_argument("--reply-timeout", type=float, default=10.0, help="seconds to wait for the last replies")
     args = ap.parse_args(argv)
     if bool(args.input_wav) != bool(args.output_wav):
-        ap.error("--input-wav and --output-wav go together")
+        raise SystemExit("error: --input-wav and --output-wav go together")
     try:
         audio_url(args.server)
+        for name in PARAM_NAMES:  # found here, before connecting
+            if getattr(args, name) is not None:
+                check_param(name, getattr(args, name))
     except ValueError as e:
-        ap.error(str(e))
+        raise SystemExit(f"error: {e}")
     return args
 
 

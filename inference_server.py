@@ -47,6 +47,8 @@ import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
 
+from model.protocol import page_constants
+
 log = logging.getLogger("hertz.server")
 
 SAMPLE_RATE = 16000
@@ -483,9 +485,15 @@ class Session:
 
     def on_audio(self, pcm: np.ndarray, fmt: str) -> None:
         if self.replay_left > 0:  # the prompt is played back before the conversation goes live
+            # Binary clients are told which replies are playback, so that they time only the
+            # replies to their own chunks (the original's text clients expect audio only).
+            if fmt == "binary" and self.replay_left == len(self.server.replay):
+                self.send_json(type="replay", chunks=self.replay_left)
             self.send_audio(self.server.replay[len(self.server.replay) - self.replay_left], fmt)
             self.replay_left -= 1
             self.counts["replayed"] += 1
+            if fmt == "binary" and self.replay_left == 0:
+                self.send_json(type="live")
             return
         self.counts["chunks_in"] += 1
         if self.server.worker.submit(self.row, Chunk(self, pcm, fmt, time.perf_counter())):
@@ -565,7 +573,9 @@ class Server:
         self.started = time.time()
         self.warmup = warmup
         self._disk: Optional[concurrent.futures.ThreadPoolExecutor] = None
-        self.index_html = (WEB_DIR / "index.html").read_bytes()
+        # The page takes the protocol's constants and this server's defaults from here.
+        self.index_html = (WEB_DIR / "index.html").read_text().replace(
+            "{{PROTOCOL}}", page_constants(dataclasses.asdict(self.params))).encode()
 
     # -- lifecycle --
     def start(self) -> None:

@@ -72,3 +72,15 @@ def percentiles(values, qs=(50, 99)) -> dict:
         return {f"p{q}": None for q in qs}
     a = np.asarray(values, dtype=np.float64)
     return {f"p{q}": round(float(np.percentile(a, q)), 2) for q in qs}
+
+
+def page_constants(defaults: Mapping[str, float]) -> str:
+    """The constants the browser page (web/index.html) needs, as JSON safe inside a <script>
+    element: sampleRate, chunk, textPrefix, and for each parameter its range and `defaults` value:
+    {"params": {name: {"min", "max", "minInclusive", "maxInclusive", "what", "default"}}}."""
+    import json
+    params = {name: {"min": lo, "max": hi, "minInclusive": lo_in, "maxInclusive": hi_in, "what": what,
+                     "default": float(defaults[name])}
+              for name, (lo, hi, lo_in, hi_in, what) in PARAM_RANGES.items()}
+    text = json.dumps({"sampleRate": SAMPLE_RATE, "chunk": CHUNK, "textPrefix": TEXT_PREFIX, "params": params})
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")

@@ -157,4 +157,5 @@ async def where(ws, server) -> tuple[int, int]:
 
 
 def as_pcm(replies: list) -> np.ndarray:
-    return np.stack([np.frombuffer(r, dtype="<i2") for r in replies])
+    """The audio among `stream`'s replies (its JSON notices left out)."""
+    return np.stack([np.frombuffer(r, dtype="<i2") for r in replies if isinstance(r, bytes)])

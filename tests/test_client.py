@@ -17,6 +17,7 @@ import soundfile as sf
 
 import inference_client as client
 from live_server import save_tiny, speech_like, tiny_duplex
+from model.protocol import float_to_pcm
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "t0ken"
@@ -71,22 +72,32 @@ def stats(stdout: str) -> dict:
     return json.loads(next(line for line in stdout.splitlines() if line.startswith("stats "))[6:])
 
 
+def without_torch(tmp_path) -> dict:
+    """An environment in which `import torch` fails (the clients must not need it)."""
+    (tmp_path / "torch.py").write_text("raise ImportError('torch is not installed here')\n")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+
+
 def test_file_mode_end_to_end(server, tmp_path):
     url, folder = server
     audio = speech_like(3.1, rate=22050)  # resampled by the client; 3.1 s -> 25 chunks (the last padded)
     sf.write(tmp_path / "in.wav", audio, 22050)
-    r = run_client("--server", url, "--token", TOKEN, "--input-wav", tmp_path / "in.wav", "--output-wav",
-                   tmp_path / "out.wav", "--no-realtime", "--seed", 3, "--token-temp", 0.7)
+    r = subprocess.run([sys.executable, "inference_client.py", "--server", url, "--token", TOKEN, "--input-wav",
+                        str(tmp_path / "in.wav"), "--output-wav", str(tmp_path / "out.wav"), "--no-realtime", "--seed", "3",
+                        "--token-temp", "0.7"], cwd=REPO, env=without_torch(tmp_path), capture_output=True, text=True,
+                       timeout=60)
     assert r.returncode == 0, r.stderr
     s = stats(r.stdout)
-    assert s["sent"] == s["replies"] == 25 and s["dropped_by_server"] == 0 and s["p99_ms"] > 0
-    assert "round trip over 25 chunks" in r.stdout and "token_temp=0.7" in r.stderr
+    # 25 replies: the prompt's playback answers the first 2 chunks (not timed), the model the other 23.
+    assert s["sent"] == s["replies"] == 25 and s["replayed"] == 2 and s["timed"] == 23
+    assert s["dropped_by_server"] == 0 and s["p99_ms"] > 0
+    assert "round trip over 23 chunks (not counting 2 of prompt playback)" in r.stdout and "token_temp=0.7" in r.stderr
     out, rate = sf.read(tmp_path / "out.wav", dtype="int16")
     assert rate == 16000 and out.shape == (25 * 2000, 2)
-    sent = client.to_pcm(client.read_audio(str(tmp_path / "in.wav")))
+    sent = float_to_pcm(client.read_audio(str(tmp_path / "in.wav")))
     assert np.array_equal(out[:len(sent), 0], sent) and not out[len(sent):, 0].any()
     prompt = sf.read(folder / "prompt.wav", dtype="float32")[0].mean(axis=1)
-    assert np.abs(out[:4000, 1] - client.to_pcm(prompt[4000:])).max() <= 1  # the replayed end of the prompt
+    assert np.abs(out[:4000, 1] - float_to_pcm(prompt[4000:])).max() <= 1  # the replayed end of the prompt
     assert np.abs(out[4000:, 1]).max() > 0  # then the model
     # The server recorded the session: the prompt, then the 23 live chunks (user, model).
     deadline = time.time() + 10
@@ -126,7 +137,22 @@ def test_wrong_token_and_bad_parameters(server, tmp_path):
     r = run_client(*common, "--token", "nope")
     assert r.returncode != 0 and "HTTP 403" in r.stderr and "token" in r.stderr and "Traceback" not in r.stderr
     r = run_client(*common, "--token", TOKEN, "--gaussian-temp", "-1")
-    assert r.returncode != 0 and "gaussian_temp must be >= 0" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode != 0 and r.stderr == "error: gaussian_temp must be in [0, 5], got -1.0\n"
+
+
+def test_absurd_sampling_values_are_refused_before_connecting():
+    """Checked against model.protocol's ranges when the flags are parsed: nothing listens on the
+    port, so an error about the value (not about the connection) shows the order."""
+    for flag, value, name in (("--token-temp", "1e9", "token_temp"), ("--top-p", "0", "top_p"),
+                              ("--min-p", "1", "min_p"), ("-t3", "nan", "gaussian_temp"), ("-t2", "-0.5", "mixture_temp")):
+        r = run_client("--server", "ws://127.0.0.1:9", flag, value, timeout=30)
+        assert r.returncode != 0 and r.stderr.startswith(f"error: {name} must be in ") and len(r.stderr.splitlines()) == 1
+
+
+def test_client_imports_no_torch():
+    code = "import sys, inference_client; assert 'torch' not in sys.modules, 'torch was imported'"
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
 
 
 def test_live_mode_without_audio_devices_says_so():
@@ -144,6 +170,33 @@ def test_audio_url():
     assert client.audio_url("127.0.0.1:8000") == "ws://127.0.0.1:8000/audio"
     with pytest.raises(ValueError):
         client.audio_url("ftp://h")
+
+
+class Times:
+    """A sound card callback's time_info (PortAudio's stream times, in seconds)."""
+
+    def __init__(self, current, dac):
+        self.currentTime, self.outputBufferDacTime = current, dac
+
+
+def test_speaker_times_capture_to_playback():
+    """From a chunk's last sample captured to the first sample of its reply played: the callback's
+    clock, plus where the reply starts in the block, plus the card's output delay."""
+    now = [100.0]
+    sp = client.Speaker(clock=lambda: now[0])
+    sp.put(np.ones(2000, dtype="<i2"), captured=99.9)
+    sp.put(np.ones(2000, dtype="<i2"), captured=None)  # the prompt's playback: not timed
+    sp.put(np.ones(2000, dtype="<i2"), captured=100.05)
+    out = np.zeros((1000, 1), dtype=np.int16)
+    sp.callback(out, 1000, Times(5.0, 5.02), None)  # plays 20 ms after the callback
+    assert sp.c2p == [pytest.approx(0.12)]
+    now[0] = 100.0625
+    out = np.zeros((1200, 1), dtype=np.int16)
+    for _ in range(3):
+        sp.callback(out, 1200, None, None)  # no stream times: played from the callback on
+    # 1000 + 3 * 1200 samples played: the third reply started 600 samples into the last block
+    assert sp.c2p == [pytest.approx(0.12), pytest.approx(100.0625 + 600 / 16000 - 100.05)]
+    assert sp.underruns == 0 and (out[600:] == 1).all()
 
 
 def test_speaker_callback_never_blocks_and_plays_silence_when_empty():
@@ -182,7 +235,7 @@ def test_live_mode_on_a_virtual_sound_card(server, tmp_path):
             raise
         pytest.skip(f"PortAudio is not installed ({e}); .ci/run installs libportaudio2")
     url, _ = server
-    client.to_pcm(speech_like(3.0)).tofile(tmp_path / "mic.raw")
+    float_to_pcm(speech_like(3.0)).tofile(tmp_path / "mic.raw")
     (tmp_path / ".asoundrc").write_text(ASOUNDRC % (tmp_path / "mic.raw"))
     env = {**os.environ, "HOME": str(tmp_path)}
     proc = subprocess.Popen([sys.executable, "inference_client.py", "--server", url, "--token", TOKEN, "--stats-every", "1"],
@@ -192,5 +245,8 @@ def test_live_mode_on_a_virtual_sound_card(server, tmp_path):
     stdout, stderr = proc.communicate(timeout=20)
     assert proc.returncode == 0, stderr
     assert "live: speak now" in stderr and "round trip p50" in stderr and "Traceback" not in stderr
+    assert "capture to playback p50" in stderr
     s = stats(stdout)
     assert s["replies"] >= 5 and s["sent"] > s["replies"] and s["dropped_by_server"] > 0
+    # The server replays 2 chunks of its prompt first: answered, not timed.
+    assert s["replayed"] == 2 and s["timed"] == s["replies"] - 2 and 0 < s["c2p"]["chunks"] <= s["timed"]

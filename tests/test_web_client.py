@@ -1,87 +1,37 @@
 """The browser client (web/index.html, served at /) in headless Chromium, driven over the Chrome
 DevTools protocol: the fake microphone plays a 440 Hz WAV through getUserMedia and the
 AudioWorklet; the server must receive it (its recording's user channel holds 440 Hz, so the
-resampling to 16 kHz is right) and the page must receive and play the model's audio."""
+resampling to 16 kHz is right) and the page must receive and play the model's audio, time only
+the replies to its own chunks (not the prompt's playback), and keep its jitter buffer small and
+bounded. The page's constants come from the server (model/protocol.py)."""
 import asyncio
 import json
 import os
-import shutil
 import subprocess
+import sys
 import time
-import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 
+from benchmarks.browser_latency import Page, chromium_page, find_chromium
 from live_server import running_server, tiny_duplex
+from model import SamplingParams
+from model.protocol import CHUNK, PARAM_RANGES, SAMPLE_RATE
 
+REPO = Path(__file__).resolve().parents[1]
 TOKEN = "br0wser"
 
 
 def chromium_path():
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
+    path = find_chromium()
+    if path:
+        return path
     if os.environ.get("CI"):
         pytest.fail("chromium is not installed: .ci/run installs it (apt-get install chromium)")
     pytest.skip("chromium is not installed (apt-get install chromium); CI installs and runs it")
-
-
-class Page:
-    """A page of a headless Chromium, through the DevTools protocol over a websocket."""
-
-    def __init__(self, ws):
-        self.ws, self.next_id = ws, 0
-
-    async def call(self, method, **params):
-        self.next_id += 1
-        await self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
-        while True:
-            reply = json.loads(await asyncio.wait_for(self.ws.recv(), 30))
-            if reply.get("id") == self.next_id:
-                if "error" in reply:
-                    raise RuntimeError(reply["error"])
-                return reply["result"]
-
-    async def js(self, expression, gesture=False):
-        result = await self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True,
-                                 userGesture=gesture)
-        if "exceptionDetails" in result:
-            raise RuntimeError(result["exceptionDetails"])
-        return result["result"].get("value")
-
-    async def wait_for(self, expression, timeout=30.0):
-        deadline = time.time() + timeout
-        while not await self.js(expression):
-            if time.time() > deadline:
-                raise AssertionError(f"timed out waiting for {expression}: {await self.js('JSON.stringify(window.hertz)')}")
-            await asyncio.sleep(0.2)
-
-
-def launch(chromium, profile, mic_wav, url):
-    args = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            f"--user-data-dir={profile}", "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-            f"--use-file-for-fake-audio-capture={mic_wav}", "--autoplay-policy=no-user-gesture-required",
-            "--remote-debugging-port=0", "--remote-debugging-address=127.0.0.1", url]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    port_file = profile / "DevToolsActivePort"
-    deadline = time.time() + 30
-    while not (port_file.exists() and port_file.read_text().strip()):
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            raise RuntimeError("chromium did not start: " + proc.stderr.read().decode(errors="replace")[-2000:])
-        time.sleep(0.1)
-    port = int(port_file.read_text().split()[0])
-    for _ in range(100):
-        targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=5).read())
-        pages = [t for t in targets if t["type"] == "page" and t["url"].startswith(url.split("?")[0])]
-        if pages:
-            return proc, pages[0]["webSocketDebuggerUrl"]
-        time.sleep(0.1)
-    raise RuntimeError(f"no page for {url} among {targets}")
 
 
 def test_browser_client_talks_both_ways(tmp_path):
@@ -91,47 +41,83 @@ def test_browser_client_talks_both_ways(tmp_path):
     tone = 0.3 * np.sin(2 * np.pi * 440 * t) + 0.01 * np.random.default_rng(0).standard_normal(t.shape)
     sf.write(tmp_path / "mic.wav", tone.astype(np.float32), rate, subtype="PCM_16")
     recordings = tmp_path / "recordings"
-    with running_server(tiny_duplex(), max_sessions=2, token=TOKEN, recordings=str(recordings)) as server:
+    tp = np.arange(8000) / 16000  # a 0.5 s prompt; its last 2 chunks are played back first, and again after Reset
+    prompt = np.stack([0.3 * np.sin(2 * np.pi * 200 * tp), 0.2 * np.sin(2 * np.pi * 300 * tp)]).astype(np.float32)
+    defaults = SamplingParams(token_temp=0.65, gaussian_temp=0.2)  # the sliders start at the server's defaults
+    with running_server(tiny_duplex(), max_sessions=2, token=TOKEN, recordings=str(recordings), prompt=prompt,
+                        replay_seconds=0.25, params=defaults) as server:
         url = f"{server.http}/?token={TOKEN}"
-        proc, devtools = launch(chromium, tmp_path / "profile", tmp_path / "mic.wav", url)
-        try:
+        with chromium_page(chromium, tmp_path / "profile", tmp_path / "mic.wav", url) as devtools:
             async def run():
                 from websockets.asyncio.client import connect
                 async with connect(devtools, max_size=None) as ws:
                     page = Page(ws)
                     await page.wait_for("document.readyState === 'complete' && !!window.hertz")
+                    protocol = await page.js("JSON.stringify(PROTOCOL)")
+                    sliders = await page.js("""JSON.stringify([...document.querySelectorAll('#params input')].map(
+                                               (s) => [s.name, +s.min, +s.max, +s.step, +s.value]))""")
                     await page.js("document.getElementById('start').click()", gesture=True)
                     await page.wait_for("window.hertz.state === 'live'")
                     # A temperature slider moved, then Reset: the server acknowledges both.
                     await page.js("""(() => { const s = document.querySelector('input[name=token_temp]');
                                      s.value = '0.6'; s.dispatchEvent(new Event('input')); })()""")
-                    await page.wait_for("window.hertz.acks >= 2")
+                    await page.wait_for("window.hertz.acks >= 2 && window.hertz.replayed >= 2")
                     await page.js("document.getElementById('reset').click()", gesture=True)
-                    await page.wait_for("window.hertz.received >= 24 && window.hertz.played > 16000 && window.hertz.acks >= 3")
+                    await page.wait_for("window.hertz.received >= 28 && window.hertz.played > 16000 && "
+                                        "window.hertz.acks >= 3 && window.hertz.replayed >= 4 && window.hertz.c2pCount >= 10",
+                                        timeout=60)
                     state = await page.js("JSON.stringify(window.hertz)")
-                    readout = await page.js("document.getElementById('rtt').textContent")
+                    readouts = await page.js("['rtt', 'c2p', 'c2p_p'].map((id) => document.getElementById(id).textContent)")
                     await page.js("document.getElementById('stop').click()", gesture=True)
                     await page.wait_for("window.hertz.state === 'stopped'")
-                    return json.loads(state), readout
-            hertz, readout = asyncio.run(asyncio.wait_for(run(), 90))
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+                    return json.loads(state), readouts, json.loads(protocol), json.loads(sliders)
+            hertz, readouts, protocol, sliders = asyncio.run(asyncio.wait_for(run(), 120))
         deadline = time.time() + 10
         while not list(recordings.glob("*.wav")) and time.time() < deadline:
             time.sleep(0.1)
     assert hertz["errors"] == [] and hertz["dropped"] == 0
-    assert hertz["sent"] >= hertz["received"] >= 24
+    assert hertz["sent"] >= hertz["received"] >= 28
     assert hertz["playedEnergy"] > 0  # the model's audio went out through the worklet
-    assert len(hertz["rtt"]) >= 20 and readout.endswith("ms")
+    # Latency: only the replies to the page's own chunks are timed, not the prompt's playback.
+    assert hertz["replayed"] == 4 and hertz["timed"] == hertz["received"] - hertz["replayed"]
+    assert len(hertz["rtt"]) == min(200, hertz["timed"]) and min(hertz["rtt"]) > 0
+    # Capture to playback: one figure per reply to the page's own chunks that started playing.
+    assert 10 <= hertz["c2pCount"] <= hertz["timed"] and min(hertz["c2p"]) >= 0
+    assert all(r.endswith("ms") for r in readouts)
+    # The jitter buffer starts small, grows only on underruns, and stays within its bound.
+    jitter = hertz["jitter"]
+    assert jitter["marginStartMs"] <= 1000 * CHUNK / SAMPLE_RATE
+    assert hertz["maxMarginMs"] <= min(jitter["marginMaxMs"], jitter["marginStartMs"] + jitter["growMs"] * hertz["underruns"]) + 0.1
+    assert hertz["maxBufferedMs"] <= jitter["boundMs"] + 0.1
+    assert jitter["boundMs"] == jitter["marginMaxMs"] + 2 * 1000 * CHUNK / SAMPLE_RATE
+    # The page's constants are the server's (model/protocol.py), its sliders span the documented ranges.
+    assert protocol["sampleRate"] == SAMPLE_RATE and protocol["chunk"] == CHUNK
+    assert sorted(name for name, *_ in sliders) == sorted(PARAM_RANGES)
+    for name, lo, hi, step, value in sliders:
+        r_lo, r_hi, lo_in, hi_in, _ = PARAM_RANGES[name]
+        assert (lo == r_lo) if lo_in else (r_lo < lo <= r_lo + step + 1e-9), name
+        assert (hi == r_hi) if hi_in else (r_hi - step - 1e-9 <= hi < r_hi), name
+        assert value == pytest.approx(getattr(defaults, name))
     (wav,) = list(recordings.glob("*.wav"))
     audio, sr = sf.read(wav, dtype="float32")
-    user = audio[8000:, 0]  # after the first half second
+    user = audio[16000:, 0]  # after the prompt (0.5 s) and the first half second
     assert sr == 16000 and len(user) >= 16000 and np.sqrt(np.mean(user ** 2)) > 0.01
     spectrum = np.abs(np.fft.rfft(user * np.hanning(len(user))))
     peak = np.argmax(spectrum) * 16000 / len(user)
     assert abs(peak - 440) < 5, f"the microphone's 440 Hz arrived at {peak:.1f} Hz"
     assert np.abs(audio[:, 1]).max() > 0  # and the model's side of the conversation
+
+
+def test_browser_latency_benchmark(tmp_path):
+    """benchmarks/browser_latency.py end to end (a short run): its figures are the page's, the
+    prompt's playback is not timed, and the implied GPU figure follows its formula."""
+    chromium_path()
+    r = subprocess.run([sys.executable, "benchmarks/browser_latency.py", "--seconds", "2", "--gpu-step-ms", "5"],
+                       cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    config, result = (json.loads(line) for line in r.stdout.splitlines())
+    assert config["bench"] == "browser_latency_config" and result["bench"] == "browser_latency"
+    assert result["replayed"] == 4 and result["timed"] == result["received"] - 4 >= 16  # 0.5 s replayed
+    c2p, step = result["c2p_ms"]["p50"], result["step_ms"]["p50"]
+    assert c2p > 0 and result["implied_gpu_c2p_p50_ms"] == pytest.approx(c2p - step + 5, abs=0.1)
+    assert result["max_buffered_ms"] <= result["buffer_bound_ms"]
