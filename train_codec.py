@@ -47,7 +47,7 @@ from model.discriminators import Discriminators
 from model.loading import load_codec, save_codec
 from model.plots import plot_metrics, save_mel_figure
 from model.training import (Checkpoints, ConfigMismatch, Logger, all_reduce_mean, autocast, check_resumable, cosine_lr, rng_state,
-                            seed_everything, set_rng_state, setup_distributed, teardown_distributed, unwrap)
+                            run_script, seed_everything, set_rng_state, setup_distributed, teardown_distributed, unwrap)
 
 # A resumed run must agree with its checkpoint on these: the networks, and what fixes the data
 # order (the position is counted in micro-batches). Schedule fields may change (with a warning).
@@ -434,7 +434,4 @@ def print_table(source: str, metrics: dict, crops: int) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, ConfigMismatch, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
+    run_script(main)
