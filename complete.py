@@ -11,6 +11,10 @@ of a longer one. A prompt longer than the context is trimmed to its last part, w
 The output holds the prompt (as the codec reconstructs it) and the continuation, mono or stereo
 (duplex: speaker 0 left, speaker 1 right); `--continuation-only` drops the prompt.
 
+The arguments, the sampling parameters (ranges of `model/protocol.py`) and the prompt file are
+checked before any weights are loaded or downloaded: a mistake is one `error: ...` line, exit
+code 2, and no file written.
+
 Sampling defaults are the original's `temps=(0.8, (0.5, 0.1))`: token temperature 0.8, mixture
 temperature 0.5, Gaussian temperature 0.1; no top-p (1.0) and no min-p (0.0).
 """
@@ -23,7 +27,7 @@ import warnings
 import torch
 
 from model import SamplingParams, load_hertz_dev
-from model.audio import AudioError, load_prompt, save_audio
+from model.audio import AudioError, check_prompt, load_prompt, save_audio
 from model.generate import Generator
 from model.hub import VARIANTS
 
@@ -74,6 +78,14 @@ def main(argv=None) -> int:
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.variant not in VARIANTS and not os.path.isfile(args.variant):
         print(f"error: --variant {args.variant!r} is neither one of {', '.join(VARIANTS)} nor a file", file=sys.stderr)
+        return 2
+    if args.codec not in ("auto", "official") and not os.path.isfile(args.codec):
+        print(f"error: --codec: no such file: {args.codec}", file=sys.stderr)
+        return 2
+    try:  # before the weights: loading them can take minutes (or a 34 GB download)
+        check_prompt(args.prompt)
+    except AudioError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
 
     t0 = time.time()

@@ -11,7 +11,9 @@
 
 Every step is the real command a researcher would run (printed as it starts). Checkpoints go to
 `checkpoints/codec` and `checkpoints/transformer`; running the demo again resumes them (nothing
-to do once `max_steps` is reached); `--fresh` starts over.
+to do once `max_steps` is reached), with other step counts too. When the codec has changed since
+the transformer was trained (more codec steps), the transformer starts over on the new codec's
+latents, with a note, and its old run is moved aside. `--fresh` starts both over.
 """
 import argparse
 import json
@@ -22,13 +24,29 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+CODEC = "checkpoints/codec/best.safetensors"
+TRANSFORMER_DIR = "checkpoints/transformer"
+START_OVER = "to start the demo over: python demo.py --fresh"
 
 
 def run(args: list[str]) -> None:
     print(f"\n$ {' '.join(shlex.quote(a) for a in args)}", flush=True)
     done = subprocess.run([sys.executable] + args, cwd=ROOT)
     if done.returncode != 0:
-        sys.exit(f"demo: step failed with exit code {done.returncode}: {' '.join(args)}")
+        sys.exit(f"demo: step failed with exit code {done.returncode}: {' '.join(args)}\n{START_OVER}")
+
+
+def codec_changed() -> bool:
+    """Whether the transformer run to resume was trained on the latents of another codec than the
+    current `CODEC` (the codec trained further since): it cannot resume on these latents."""
+    latest = ROOT / TRANSFORMER_DIR / "latest.pt"
+    if not latest.is_file():
+        return False
+    import torch
+    from model import load_codec
+    from model.latents import codec_fingerprint
+    trained_on = torch.load(latest, map_location="cpu", mmap=True, weights_only=False)["codec"]
+    return trained_on != codec_fingerprint(load_codec(ROOT / CODEC))
 
 
 def evals(metrics: Path, keys: tuple[str, ...]) -> list[dict]:
@@ -53,14 +71,22 @@ def main():
 
     run(["data/demo/prepare.py", "--minutes", str(args.minutes), "--seed", "0"])
     run(["train_codec.py", "--config", "tiny", f"max_steps={args.codec_steps}", "wandb=disabled", resume])
+    try:
+        changed = not args.fresh and codec_changed()
+    except (OSError, RuntimeError, KeyError, ValueError) as e:  # a damaged checkpoint
+        sys.exit(f"demo: cannot compare the codec with the one {TRANSFORMER_DIR} was trained on: {e}\n{START_OVER}")
+    if changed:
+        print(f"\nnote: the codec changed since {TRANSFORMER_DIR} was trained: the transformer starts over on the "
+              "new codec's latents (resume=false moves its previous run aside)", flush=True)
+        resume = "resume=false"
     run(["train_transformer.py", "--config", "tiny", f"max_steps={args.transformer_steps}", "wandb=disabled",
-         "codec_checkpoint=checkpoints/codec/best.safetensors", resume])
+         f"codec_checkpoint={CODEC}", resume])
     prompt = sorted((ROOT / "data/demo/val/dialogue").glob("*.wav"))[0]
     run(["complete.py", str(prompt.relative_to(ROOT)), args.out, "--variant",
-         "checkpoints/transformer/best.safetensors", "--seconds", str(args.seconds), "--seed", "0"])
+         f"{TRANSFORMER_DIR}/best.safetensors", "--seconds", str(args.seconds), "--seed", "0"])
 
     codec = evals(ROOT / "checkpoints/codec/metrics.jsonl", ("val/mel_distance",))
-    model = evals(ROOT / "checkpoints/transformer/metrics.jsonl", ("val/lm_ce", "val/resynth_nll"))
+    model = evals(ROOT / TRANSFORMER_DIR / "metrics.jsonl", ("val/lm_ce", "val/resynth_nll"))
     print(f"\ndemo finished in {time.time() - t0:.0f} s")
     if codec:
         a, b = codec[0], codec[-1]

@@ -47,8 +47,8 @@ from model.discriminators import Discriminators
 from model.loading import load_codec, save_codec
 from model.plots import plot_metrics, save_mel_figure
 from model.training import (Checkpoints, ConfigMismatch, Logger, all_reduce_mean, autocast, check_architecture,
-                            check_resumable, cosine_lr, rng_state, seed_everything, set_rng_state, setup_distributed,
-                            teardown_distributed, unwrap)
+                            check_resumable, cosine_lr, rng_state, run_script, seed_everything, set_rng_state,
+                            setup_distributed, teardown_distributed, unwrap)
 
 
 def main(argv=None) -> dict:
@@ -419,7 +419,4 @@ def print_table(source: str, metrics: dict, crops: int) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, ConfigMismatch, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
+    run_script(main)

@@ -48,7 +48,7 @@ from model.objectives import STAGE_LOSSES, STAGES, compute_losses, peak_flops, t
 from model.parallel import (compile_blocks, full_state_dicts, gradient_sync, inner, load_full_state_dicts,
                             parallelize, rank0_first)
 from model.training import (Checkpoints, ConfigMismatch, Logger, all_reduce_mean, autocast, check_architecture,
-                            check_resumable, cosine_lr, rng_state, setup_distributed, teardown_distributed)
+                            check_resumable, cosine_lr, rng_state, run_script, setup_distributed, teardown_distributed)
 
 PARTS = ("quantizer", "lm", "resynth")
 # FSDP2 warns about every module output that is a view; none of ours is modified in place.
@@ -73,8 +73,29 @@ def main(argv=None) -> dict:
     checkpoints = Checkpoints(run_dir, keep=cfg.keep_checkpoints)
     t_start = time.time()
 
+    # Where the weights come from: the latest checkpoint (resume), else init_from, else fresh.
+    # eval_only evaluates init_from if given, else the latest checkpoint. Checked before the codec
+    # loads and the latents are encoded, so a contradicting config fails at once.
+    step, state, source = 0, None, "random init"
+    if checkpoints.latest and (cfg.eval_only and not cfg.init_from or cfg.resume and not cfg.eval_only):
+        state = torch.load(checkpoints.latest, map_location="cpu", mmap=True, weights_only=False)
+        marks = ("arch",) if cfg.eval_only else ("arch", "resume")  # resuming must also train the same stage
+        check_resumable(state["config"], cfg, fields_marked(TransformerConfig, *marks))
+        step, source = state["step"], f"{checkpoints.latest} (step {state['step']})"
+    elif cfg.eval_only and not cfg.init_from:
+        raise ConfigError(f"eval_only=true: nothing to evaluate in {run_dir} (no latest.pt); "
+                          "pass init_from=official or init_from=PATH")
+
     codec = rank0_first(lambda: frozen_codec(cfg, device))  # rank 0 downloads the official codec if missing
     fingerprint = codec_fingerprint(codec)
+    if state is not None and state["codec"] != fingerprint:
+        raise ConfigMismatch(f"{checkpoints.latest} was trained on latents of codec {state['codec']} "
+                             f"({state['codec_source']}), this run's codec {cfg.codec_checkpoint} is {fingerprint}. "
+                             "Use the same codec, another checkpoint_dir, or resume=false.")
+    if is_main and not cfg.resume and not cfg.eval_only and (run_dir / "latest.pt").exists():
+        old = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir.rename(old)
+        say(f"resume=false: moved the previous run in {run_dir} to {old}")
     channels = "stereo" if cfg.duplex else "mono"
     folders = {split: prepare_latents(path, codec, channels, cfg.latents_dir, cfg.sample_rate, cfg.mono_to_stereo,
                                       fingerprint, cfg.num_workers, log=say)
@@ -84,26 +105,6 @@ def main(argv=None) -> dict:
                           max_crops=cfg.val_crops)
     say(f"latents (codec {fingerprint}, {channels}): train {train_set.lengths.sum()} in {len(train_set.files)} files, "
         f"val {len(val_set)} crops of <= {cfg.seq_len}")
-
-    # Where the weights come from: the latest checkpoint (resume), else init_from, else fresh.
-    # eval_only evaluates init_from if given, else the latest checkpoint.
-    step, state, source = 0, None, "random init"
-    if checkpoints.latest and (cfg.eval_only and not cfg.init_from or cfg.resume and not cfg.eval_only):
-        state = torch.load(checkpoints.latest, map_location="cpu", mmap=True, weights_only=False)
-        marks = ("arch",) if cfg.eval_only else ("arch", "resume")  # resuming must also train the same stage
-        check_resumable(state["config"], cfg, fields_marked(TransformerConfig, *marks))
-        if state["codec"] != fingerprint:
-            raise ConfigMismatch(f"{checkpoints.latest} was trained on latents of codec {state['codec']} "
-                                 f"({state['codec_source']}), this run's codec {cfg.codec_checkpoint} is {fingerprint}. "
-                                 "Use the same codec, another checkpoint_dir, or resume=false.")
-        step, source = state["step"], f"{checkpoints.latest} (step {state['step']})"
-    elif cfg.eval_only and not cfg.init_from:
-        raise ConfigError(f"eval_only=true: nothing to evaluate in {run_dir} (no latest.pt); "
-                          "pass init_from=official or init_from=PATH")
-    elif is_main and not cfg.resume and not cfg.eval_only and (run_dir / "latest.pt").exists():
-        old = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        run_dir.rename(old)
-        say(f"resume=false: moved the previous run in {run_dir} to {old}")
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     if state is None and cfg.init_from:
         model, source = rank0_first(lambda: initial_weights(cfg))
@@ -328,22 +329,29 @@ def main(argv=None) -> dict:
 # --- small pieces used by main --------------------------------------------------------------------
 
 def check_config(cfg: TransformerConfig) -> None:
+    """Mistakes found from the config alone and the file system, before anything slow."""
     if cfg.plex_roll != 1:
         raise ConfigError("training assumes plex_roll=1 (the official value): position t predicts latent t+1 "
                           "given the code of latent t+1")
     if cfg.seq_len < 2:
         raise ConfigError("seq_len must be at least 2 latents (one prediction)")
-
-
-def frozen_codec(cfg: TransformerConfig, device: torch.device):
-    """The codec that makes the latents (and decodes the audio samples), frozen, in float32."""
     source = cfg.codec_checkpoint
     if source != "official" and not os.path.isfile(source):
         hint = ("train one with `python train_codec.py --config tiny` (it writes checkpoints/codec/best.safetensors)"
                 if source == PRESETS["tiny"].codec_checkpoint else "check the path")
         raise ConfigError(f"codec_checkpoint={source!r}: no such file; {hint}, or pass codec_checkpoint=official "
                           "or codec_checkpoint=PATH to one of our codecs")
-    return load_codec(source, device=device, dtype=torch.float32, ckpt_dir=cfg.ckpt_dir).eval().requires_grad_(False)
+    for key in ("train_data_path", "val_data_path"):
+        folder = getattr(cfg, key)
+        if not os.path.isdir(folder):
+            raise ConfigError(f"{key}={folder!r}: no such folder; expected a folder of audio files "
+                              "(for the demo corpus run `python data/demo/prepare.py`)")
+
+
+def frozen_codec(cfg: TransformerConfig, device: torch.device):
+    """The codec that makes the latents (and decodes the audio samples), frozen, in float32."""
+    return (load_codec(cfg.codec_checkpoint, device=device, dtype=torch.float32, ckpt_dir=cfg.ckpt_dir)
+            .eval().requires_grad_(False))
 
 
 def initial_weights(cfg: TransformerConfig) -> tuple[HertzDev, str]:
@@ -431,4 +439,4 @@ def complete(parts, prompt: torch.Tensor, n: int, duplex: bool, token_temp: floa
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -178,3 +178,13 @@ def load_prompt(path: str, channels: int, sample_rate: int = 16000, hop: int = 2
                       f"{context:.1f} s: keeping its last {context:.1f} s", stacklevel=2)
         frames = max_frames
     return np.ascontiguousarray(audio[:, audio.shape[1] // hop * hop - frames * hop: audio.shape[1] // hop * hop])
+
+
+def check_prompt(path: str) -> None:
+    """Raise AudioError when a prompt file is missing ("no such file: PATH"), unreadable as audio,
+    or holds non-finite samples; scripts call it before they load any weights."""
+    if not os.path.isfile(path):
+        raise AudioError(f"no such file: {path}")
+    audio = load_audio(path, audio_info(path)[1], channels=None)  # at the file's own rate: no resampling
+    if not np.isfinite(audio).all():
+        raise AudioError(f"{path} holds non-finite samples (NaN or infinity): not a usable prompt")

@@ -9,6 +9,7 @@
 - `check_resumable` / `check_architecture`: a resumed or init_from config that contradicts the
   checkpoint's is a `ConfigMismatch` naming each field (`config.config_diff`).
 - `Logger`: Weights & Biases (online, offline fallback, disabled) plus a local `metrics.jsonl`.
+- `run_script`: a script's user errors end it with one `error: ...` line instead of a traceback.
 """
 from __future__ import annotations
 
@@ -22,15 +23,28 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from config import ConfigMismatch, check_compatible, fields_marked  # noqa: F401 (ConfigMismatch: re-exported)
+from config import ConfigError, ConfigMismatch, check_compatible, fields_marked  # noqa: F401 (ConfigMismatch: re-exported)
 
 from .checkpoint import atomic_torch_save, atomic_write
+
+
+# --- the error exit ---------------------------------------------------------------------------
+
+def run_script(main: Callable[[], Any]) -> None:
+    """Run a script's `main`. A user's mistake (ConfigError, ConfigMismatch, FileNotFoundError:
+    a bad preset, key, value or path, a config that contradicts its checkpoint) ends the process
+    with one `error: ...` line on stderr and exit code 1; any other exception is a bug and keeps
+    its traceback."""
+    try:
+        main()
+    except (ConfigError, ConfigMismatch, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 # --- distributed ----------------------------------------------------------------------------

@@ -1,5 +1,10 @@
-"""The parity fixtures of ../shared/reference/parity (made with the original implementation)
-and the configs that rebuild their small models."""
+"""The parity fixtures (made with the original implementation) and the configs that rebuild their
+small models.
+
+Two sets of the same files: `tests/fixtures/parity-compact` lives in the repository, so every
+checkout tests parity; the larger `../shared/reference/parity` (or HERTZ_PARITY_DIR) is tested
+too where it is present, and must be present under CI. Tests that only need parity-size files in
+the official layout use the compact set (PARITY_DIR)."""
 from __future__ import annotations
 
 import json
@@ -14,8 +19,16 @@ from config.codec_config import CodecConfig
 from config.transformer_config import TransformerConfig
 
 REPO = Path(__file__).resolve().parents[1]
-PARITY_DIR = Path(os.environ.get("HERTZ_PARITY_DIR", REPO.parent / "shared" / "reference" / "parity"))
-LAYOUT_FILE = PARITY_DIR.parent / "official_checkpoint_layout.json"
+FIXTURES = REPO / "tests" / "fixtures"
+PARITY_DIR = FIXTURES / "parity-compact"
+FULL_PARITY_DIR = Path(os.environ.get("HERTZ_PARITY_DIR", REPO.parent / "shared" / "reference" / "parity"))
+LAYOUT_FILE = FIXTURES / "official_checkpoint_layout.json"
+
+
+def parity_sets() -> list[Path]:
+    """The fixture folders to test: the compact set, and the full one when present (always under CI,
+    where its absence then fails in `require`)."""
+    return [PARITY_DIR] + ([FULL_PARITY_DIR] if FULL_PARITY_DIR.is_dir() or os.environ.get("CI") else [])
 
 
 def require(path: Path) -> Path:
@@ -28,21 +41,21 @@ def require(path: Path) -> Path:
     return path
 
 
-def load(name: str):
-    return torch.load(require(PARITY_DIR / name), weights_only=True)
+def load(name: str, folder: Path = PARITY_DIR):
+    return torch.load(require(folder / name), weights_only=True)
 
 
-def configs() -> dict:
-    return json.loads(require(PARITY_DIR / "configs.json").read_text())
+def configs(folder: Path = PARITY_DIR) -> dict:
+    return json.loads(require(folder / "configs.json").read_text())
 
 
-def codec_config() -> CodecConfig:
-    return from_dict(CodecConfig, configs()["codec"])
+def codec_config(folder: Path = PARITY_DIR) -> CodecConfig:
+    return from_dict(CodecConfig, configs(folder)["codec"])
 
 
-def transformer_config(duplex: bool) -> TransformerConfig:
-    """The parity LM + resynthesizer + quantizer as one TransformerConfig."""
-    c = configs()
+def transformer_config(duplex: bool, folder: Path = PARITY_DIR) -> TransformerConfig:
+    """The parity LM + resynthesizer + quantizer of `folder` as one TransformerConfig."""
+    c = configs(folder)
     q, lm, rs = c["quantizer"], c["lm_duplex" if duplex else "lm_mono"], c["resynthesizer_duplex" if duplex else "resynthesizer_mono"]
     assert lm["split"] == rs["split"] == duplex and rs["plex_layer"] == rs["layers"] // 2
     assert lm["vocab_size"] == 8 ** len(q["levels"]) and lm["theta"] == rs["theta"] and lm["eps"] == rs["eps"]

@@ -82,3 +82,29 @@ def test_bad_inputs_are_clear_errors(ckpts, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         complete.main([ckpts["stereo"], str(tmp_path / "o.wav"), "--top-p", "0"])
     assert e.value.code == 2 and "top_p" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("prompt, flags, message", [
+    ("missing.wav", [], "error: no such file: {prompt}"),
+    ("nan.wav", [], "non-finite samples"),
+    ("noise.wav", [], "cannot read audio file"),
+    ("ok.wav", ["--token-temp", "1e6"], "token_temp must be in [0, 5]"),
+    ("ok.wav", ["--gaussian-temp", "inf"], "gaussian_temp must be in [0, 5]"),
+    ("ok.wav", ["--top-p", "1.5"], "top_p must be in (0, 1]"),
+    ("ok.wav", ["--min-p", "1"], "min_p must be in [0, 1)"),
+], ids=["missing", "nan", "not-audio", "token-temp", "gaussian-temp", "top-p", "min-p"])
+def test_prompt_and_arguments_are_checked_before_any_weights(tmp_path, prompt, flags, message):
+    """The official duplex variant, offline, with an empty weights folder: loading the weights
+    would fail, so each error shows that the check came first; no output file is written."""
+    sr = 16000
+    t = np.arange(sr) / sr
+    sf.write(tmp_path / "ok.wav", 0.3 * np.sin(2 * np.pi * 220 * t), sr)
+    sf.write(tmp_path / "nan.wav", np.where(t < 0.5, 0.1, np.nan).astype(np.float32), sr, subtype="FLOAT")
+    (tmp_path / "noise.wav").write_bytes(b"not a wav file at all" * 10)
+    out = tmp_path / "out.wav"
+    r = run(tmp_path / prompt, out, "--variant", "duplex", "--offline", "--ckpt-dir", tmp_path / "ckpt", *flags)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    errors = [line for line in r.stderr.splitlines() if "error: " in line]
+    assert len(errors) == 1 and message.format(prompt=tmp_path / prompt) in errors[0], r.stderr
+    assert "System error" not in r.stderr and "loaded" not in r.stderr
+    assert not out.exists() and not list(tmp_path.glob("*out*"))

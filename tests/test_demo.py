@@ -1,29 +1,71 @@
 """The README's main job, `python demo.py`, runs end to end in a scratch copy of the repository:
-demo corpus -> tiny codec -> tiny transformer -> a stereo completion WAV."""
+demo corpus -> tiny codec -> tiny transformer -> a stereo completion WAV; and again after any
+earlier demo run, with other step counts."""
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import soundfile as sf
 
 REPO = Path(__file__).resolve().parents[1]
+SMALL = ["--minutes", "1.5", "--seconds", "2"]
 
 
-def test_demo_runs_end_to_end(tmp_path):
+def scratch_copy(folder: Path) -> Path:
+    """The files the demo needs, copied without any corpus, checkpoint or output."""
     for name in ("config", "model", "data/demo", "demo.py", "train_codec.py", "train_transformer.py", "complete.py"):
-        src, dst = REPO / name, tmp_path / name
+        src, dst = REPO / name, folder / name
         if src.is_dir():
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns("train", "val", "manifest.json", "__pycache__"))
         else:
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, dst)
-    done = subprocess.run([sys.executable, "demo.py", "--minutes", "1.5", "--codec-steps", "6",
-                           "--transformer-steps", "6", "--seconds", "2"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    return folder
+
+
+def demo(folder: Path, *args) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "demo.py", *SMALL, *map(str, args)], cwd=folder, capture_output=True,
+                          text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "demo finished" in done.stdout and "val mel distance" in done.stdout
+    assert "demo finished" in done.stdout
+    return done
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path):
+    done = demo(scratch_copy(tmp_path), "--codec-steps", 6, "--transformer-steps", 6)
+    assert "val mel distance" in done.stdout
     audio, sr = sf.read(tmp_path / "outputs/demo/completion.wav")
     assert sr == 16000 and audio.ndim == 2 and audio.shape[1] == 2 and len(audio) >= 2 * 16000
     assert (tmp_path / "checkpoints/codec/best.safetensors").is_file()
     assert (tmp_path / "checkpoints/transformer/best.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_other_step_counts_after_an_earlier_demo(tmp_path):
+    """More codec steps change the codec: the transformer starts over (old run moved aside, with a
+    note) instead of failing to resume; then the first command again, and more transformer steps,
+    resume what is there."""
+    folder = scratch_copy(tmp_path)
+    first = ["--codec-steps", 2, "--transformer-steps", 2]
+    demo(folder, *first)
+    done = demo(folder, "--codec-steps", 4, "--transformer-steps", 2)
+    assert "note: the codec changed since checkpoints/transformer was trained" in done.stdout
+    assert len(list((folder / "checkpoints").glob("transformer.old-*"))) == 1
+    done = demo(folder, *first)  # the codec is past 2 steps already: nothing changes, all resume
+    assert "note: the codec changed" not in done.stdout
+    done = demo(folder, "--codec-steps", 2, "--transformer-steps", 3)
+    assert "note: the codec changed" not in done.stdout and "(step 2)" in done.stdout + done.stderr
+    assert len(list((folder / "checkpoints").glob("transformer.old-*"))) == 1
+    assert sf.info(folder / "outputs/demo/completion.wav").channels == 2
+
+
+def test_a_failing_step_says_how_to_start_over(tmp_path):
+    folder = scratch_copy(tmp_path)
+    (folder / "train_codec.py").write_text("import sys\nsys.exit('error: broken on purpose')\n")
+    (folder / "data/demo/prepare.py").write_text("")  # the corpus step succeeds at once
+    done = subprocess.run([sys.executable, "demo.py"], cwd=folder, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "step failed" in done.stderr and "python demo.py --fresh" in done.stderr

@@ -1,12 +1,20 @@
 """inference.ipynb runs headless on tiny checkpoints, parameters injected after its `parameters`
-cell as papermill does, and writes the completion WAV."""
+cell as papermill does, and writes the completion WAV; the README's papermill command works after
+the demo; bad parameters and prompts stop it before any weights load."""
 import json
+import os
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pytest
 import soundfile as sf
 from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
 
 from test_complete import make_checkpoints
 
@@ -21,21 +29,72 @@ def test_notebook_is_committed_without_outputs():
     assert all(not c.outputs and c.execution_count is None for c in code)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("variant", ["duplex", "mono"])
-def test_notebook_runs_headless(variant, tmp_path):
-    paths = make_checkpoints(tmp_path / "ckpt")
-    out = tmp_path / "completion.wav"
-    params = {"PROMPT": paths["stereo"], "VARIANT": paths[variant], "SECONDS": 0.5, "NUM_COMPLETIONS": 1,
-              "DEVICE": "cpu", "OUT": str(out), "SEED": 1}
+def execute(params: dict):
+    """The notebook with `params` injected after its parameters cell, run in the repository."""
     nb = nbformat.read(NOTEBOOK, as_version=4)
     first = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
     injected = nbformat.v4.new_code_cell("\n".join(f"{k} = {json.dumps(v)}" for k, v in params.items()),
                                          metadata={"tags": ["injected-parameters"]})
     nb.cells.insert(first + 1, injected)
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
+    return nb
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["duplex", "mono"])
+def test_notebook_runs_headless(variant, tmp_path):
+    paths = make_checkpoints(tmp_path / "ckpt")
+    out = tmp_path / "completion.wav"
+    nb = execute({"PROMPT": paths["stereo"], "VARIANT": paths[variant], "SECONDS": 0.5, "NUM_COMPLETIONS": 1,
+                  "DEVICE": "cpu", "OUT": str(out), "SEED": 1})
     info = sf.info(out)
     assert info.channels == (2 if variant == "duplex" else 1) and info.frames == 2000 * (12 + 4)
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the plots
     assert any("text/html" in o.get("data", {}) for o in outputs)  # the audio players
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"PROMPT": "MISSING"}, "no such file: MISSING"),
+    ({"PROMPT": "NAN"}, "non-finite samples"),
+    ({"TOKEN_TEMP": 1e6}, "token_temp must be in [0, 5]"),
+    ({"TOP_P": 0.0}, "top_p must be in (0, 1]"),
+    ({"SECONDS": -1}, "SECONDS must be > 0"),
+], ids=["missing", "nan", "token-temp", "top-p", "seconds"])
+def test_bad_parameters_stop_before_the_weights_load(tmp_path, params, message):
+    """VARIANT names a checkpoint that does not exist: loading would fail on it, so the error
+    about the parameter shows that the check came first."""
+    files = {"MISSING": str(tmp_path / "missing.wav"), "NAN": str(tmp_path / "nan.wav"), "OK": str(tmp_path / "ok.wav")}
+    sf.write(files["OK"], 0.3 * np.sin(np.arange(16000) / 10), 16000)
+    sf.write(files["NAN"], np.full(16000, np.nan, dtype=np.float32), 16000, subtype="FLOAT")
+    params = {"PROMPT": files["OK"], "VARIANT": str(tmp_path / "no-such.safetensors"), "OUT": str(tmp_path / "out.wav"),
+              "DEVICE": "cpu", **{k: files.get(v, v) if isinstance(v, str) else v for k, v in params.items()}}
+    with pytest.raises(CellExecutionError) as e:
+        execute(params)
+    for name, path in files.items():
+        message = message.replace(name, path)
+    assert message in str(e.value) and "no-such.safetensors" not in str(e.value)
+    assert not list(tmp_path.glob("out*.wav"))
+
+
+@pytest.mark.slow
+def test_readme_papermill_command_after_the_demo(tmp_path):
+    """The README's notebook command, verbatim, in a folder laid out as after `python demo.py`
+    (a tiny duplex checkpoint, a demo prompt and the output folder at the paths it names)."""
+    command = re.search(r"^papermill inference\.ipynb .*$", (REPO / "README.md").read_text(), re.M).group(0)
+    for name in ("config", "model", "inference.ipynb"):
+        (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(REPO / name, tmp_path / name)
+    paths = make_checkpoints(tmp_path / "made")
+    (tmp_path / "checkpoints/transformer").mkdir(parents=True)
+    shutil.copy(paths["duplex"], tmp_path / "checkpoints/transformer/best.safetensors")
+    (tmp_path / "data/demo/val/dialogue").mkdir(parents=True)
+    (tmp_path / "outputs/demo").mkdir(parents=True)  # where the demo wrote its completion
+    sf.write(tmp_path / "data/demo/val/dialogue/dialogue_00000.wav", sf.read(paths["stereo"])[0], 44100)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    written = sorted(tmp_path.glob("outputs/**/*"))
+    assert any(p.suffix == ".ipynb" for p in written), written
+    wavs = [p for p in written if p.suffix == ".wav"]
+    assert wavs and all(sf.info(p).channels == 2 for p in wavs)

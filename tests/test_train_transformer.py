@@ -204,6 +204,44 @@ def test_missing_default_codec_names_the_command(tmp_path, monkeypatch):
         train_transformer.main(["--config", "tiny", "wandb=disabled"])
 
 
+def fails(args) -> str:
+    """Run the trainer in a subprocess that must fail with one `error:` line and no traceback."""
+    out = subprocess.run([sys.executable, "train_transformer.py", *map(str, args)], cwd=REPO, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, out.stderr[-3000:]
+    return out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("mistake, message", [
+    (["--config", "huge"], "unknown preset 'huge'"),
+    (["max_step=3"], "unknown config key 'max_step'"),
+    (["max_steps=many"], "max_steps: expected an int, got 'many'"),
+    (["train_data_path=MISSING"], "train_data_path="),
+    (["val_data_path=MISSING"], "val_data_path="),
+], ids=["preset", "key", "type", "train-folder", "val-folder"])
+def test_user_errors_are_one_error_line(setup, tmp_path, mistake, message):
+    args = base_args(setup, tmp_path / "run", latents_dir=tmp_path / "latents")
+    args += [a.replace("MISSING", str(tmp_path / "missing")) for a in mistake]
+    assert message in fails(args)
+    assert not (tmp_path / "latents").exists()
+
+
+def test_a_contradicting_resume_fails_before_encoding(setup, tmp_path):
+    """A run to resume, then the same folder with another architecture, or latents of another
+    codec: one error line, found before any latent is encoded (no latents folder is made)."""
+    run_dir = tmp_path / "run"
+    train(base_args(setup, run_dir, max_steps=1, eval_interval=1, save_interval=1, sample_seconds=0))
+    log = fails(base_args(setup, run_dir, lm_layers=3, latents_dir=tmp_path / "latents-arch"))
+    assert "contradicts the checkpoint" in log and "lm_layers" in log and "resume=false" in log
+    torch.manual_seed(1)
+    other = save_codec(tmp_path / "other-codec.safetensors", build(Codec, CODEC_PRESETS["tiny"]))
+    log = fails(base_args(setup, run_dir, codec_checkpoint=other, latents_dir=tmp_path / "latents-codec"))
+    assert "was trained on latents of codec" in log and "encoding" not in log
+    assert not (tmp_path / "latents-arch").exists() and not (tmp_path / "latents-codec").exists()
+
+
 @pytest.mark.parametrize("duplex", [False, True], ids=["mono", "duplex"])
 def test_overfits_a_fixed_batch(duplex):
     """LM cross-entropy and mixture NLL of one fixed batch (padding included) fall far."""
