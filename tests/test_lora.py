@@ -15,7 +15,8 @@ from model import hub
 from model.lora import (AdapterError, LoRAConfig, LoRALinear, adapted, apply_lora, base_fingerprint,
                         load_adapter, lora_state_dict, merge_lora, read_adapter, save_adapter)
 
-from reference import LAYOUT_FILE, require
+from hub_server import HubServer
+from reference import LAYOUT_FILE, PARITY_DIR, load, require, transformer_config
 
 CFG = dataclasses.replace(PRESETS["tiny"], duplex=True)
 LORA = LoRAConfig(rank=4, alpha=8.0, dropout=0.1, targets="both", parts=("lm", "resynth"))
@@ -217,6 +218,32 @@ def test_an_adapter_of_another_base_is_refused_naming_both(tmp_path):
     assert base_fingerprint("mono") in str(e.value) and base_fingerprint(a) in str(e.value)
     with pytest.raises(AdapterError, match="not an adapter file"):
         load_hertz_dev(a, codec=None, adapter=b)
+
+
+@torch.no_grad()
+def test_an_official_variant_takes_its_adapter_through_the_hub(one_thread, tmp_path, monkeypatch):
+    """Official files (the parity-size fixtures in the official layout, served by a loopback hub):
+    an adapter saved against base_fingerprint("duplex") applies to load_hertz_dev("duplex")."""
+    require(PARITY_DIR)
+    files = {"inference_volcano_3": "quantizer_state_dict.pt", "inference_scion_54000": "lm_duplex_state_dict.pt",
+             "inference_care_50000": "resynthesizer_duplex_state_dict.pt"}
+    with HubServer() as server:
+        for name, fixture in files.items():
+            data = server.add(f"{name}.pt", PARITY_DIR / fixture)
+            monkeypatch.setitem(hub.OFFICIAL_FILES, name,
+                                hub.OfficialFile(name, hashlib.md5(data).hexdigest(), len(data), "test"))
+        kw = dict(ckpt_dir=tmp_path / "ckpt", endpoint=server.endpoint, config=transformer_config(True), codec=None)
+        trained = load_hertz_dev("duplex", **kw)
+        cfg = LoRAConfig(rank=4, alpha=8.0, targets="attention", parts=("lm",))
+        apply_lora(trained, **dataclasses.asdict(cfg))
+        for v in lora_state_dict(trained).values():
+            v.normal_(std=0.05)  # stands for trained adapters
+        adapter = save_adapter(tmp_path / "duplex.adapter.safetensors", trained, cfg, base_fingerprint("duplex"), "duplex")
+        model = load_hertz_dev("duplex", adapter=adapter, **kw)
+    latents = load("transformers_duplex_io.pt")["latents"]
+    for got, want in zip(model.lm(latents), trained.lm(latents)):
+        assert torch.equal(got, want)
+    assert read_adapter(adapter)[1]["base_fingerprint"].startswith("official:inference_volcano_3=")
 
 
 def test_base_fingerprints(tmp_path):
