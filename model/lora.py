@@ -108,6 +108,7 @@ class LoRALinear(nn.Module):
     lora_B: nn.Parameter
     lora_alpha: float
     lora_dropout: float
+    base_class: type  # the layer's class before adapting (what `merge_lora` restores)
 
     @property
     def lora_rank(self) -> int:
@@ -117,13 +118,12 @@ class LoRALinear(nn.Module):
     def lora_scale(self) -> float:
         return self.lora_alpha / self.lora_rank
 
-    base_class: type  # the layer's class before adapting (what `merge_lora` restores)
-
     def forward(self, x: Tensor) -> Tensor:
         y = super().forward(x)
         h = F.dropout(x, self.lora_dropout, self.training) if self.lora_dropout else x
-        delta = F.linear(F.linear(h, self.lora_A.to(h.dtype)), self.lora_B.to(h.dtype))  # (..., out)
-        return y + (delta * self.lora_scale).to(y.dtype)
+        # The scale goes on B (out, rank), not on the (..., out) product: one less pass over it.
+        delta = F.linear(F.linear(h, self.lora_A.to(h.dtype)), (self.lora_B * self.lora_scale).to(h.dtype))
+        return y + delta.to(y.dtype)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, lora_rank={self.lora_rank}, lora_alpha={self.lora_alpha}, "
