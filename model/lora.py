@@ -16,7 +16,8 @@ int4 layers of `model/quant.py` (QLoRA-style).
 Precision: A and B are float32 master weights. The forward casts them to the input's dtype
 (bfloat16 for a bfloat16 base), as autocast would: the adapter's matmuls run at the base's speed
 and no float32 copy of the activations is made, while gradients and optimizer updates accumulate
-in float32. Casting the model (`.to(dtype)`) after adapting it casts the adapters too: adapt the
+in float32. (H200, a 4096 -> 12288 layer, 4096 tokens, rank 128, forward + backward: 2.18 ms,
+against 1.89 ms for the frozen bf16 layer alone and 3.72 ms with the adapter path in float32.) Casting the model (`.to(dtype)`) after adapting it casts the adapters too: adapt the
 model in the dtype it will train in.
 
 Adapter files are our `.safetensors` format (`model/checkpoint.py`) of kind "adapter": the
