@@ -17,17 +17,20 @@ Precision: A and B are float32 master weights. The forward casts them to the inp
 (bfloat16 for a bfloat16 base), as autocast would: the adapter's matmuls run at the base's speed
 and no float32 copy of the activations is made, while gradients and optimizer updates accumulate
 in float32. (H200, a 4096 -> 12288 layer, 4096 tokens, rank 128, forward + backward: 2.18 ms,
-against 1.89 ms for the frozen bf16 layer alone and 3.72 ms with the adapter path in float32.) Casting the model (`.to(dtype)`) after adapting it casts the adapters too: adapt the
-model in the dtype it will train in.
+against 1.89 ms for the frozen bf16 layer alone and 3.72 ms with the adapter path in float32.)
+Casting the model (`.to(dtype)`) after adapting it casts the adapters too: adapt the model in the
+dtype it will train in.
 
 Adapter files are our `.safetensors` format (`model/checkpoint.py`) of kind "adapter": the
 adapter tensors (keys relative to the `HertzDev`, e.g. `lm.layers.0.attn.attn.proj_qkv.lora_A`),
 the `LoRAConfig`, and the fingerprint of the base they were trained on (`base_fingerprint`).
 
-    paths = apply_lora(model, "both", rank=128, alpha=256, parts=("lm",))  # then train the adapters
-    save_adapter("run/latest.adapter.safetensors", model, cfg, base_fingerprint("duplex"))
-    load_adapter(fresh_model, "run/latest.adapter.safetensors", base_fingerprint("duplex"))
-    merge_lora(fresh_model)                                      # fold into float weights
+    cfg = LoRAConfig(rank=128, alpha=256.0, targets="both", parts=("lm",))
+    apply_lora(model, **dataclasses.asdict(cfg))           # then train the adapters
+    save_adapter("run/latest.adapter.safetensors", model, cfg, base_fingerprint("duplex"), "duplex")
+    load_adapter(fresh, "run/latest.adapter.safetensors", base_fingerprint("duplex"))
+    merge_lora(fresh)                                       # fold into the float weights
+    load_hertz_dev("duplex", adapter="run/latest.adapter.safetensors", merge=True)  # the same, in one call
 """
 from __future__ import annotations
 
