@@ -20,7 +20,7 @@ from config.codec_config import hertz_dev as CODEC_HERTZ_DEV
 from config.transformer_config import TransformerConfig
 from config.transformer_config import hertz_dev as TRANSFORMER_HERTZ_DEV
 
-from . import hub
+from . import hub, lora
 from .checkpoint import read_weights, save_weights, substate
 from .codec import Codec
 from .lm import LatentLM
@@ -127,11 +127,20 @@ def official_transformer_config(variant: str) -> TransformerConfig:
 def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dtype: Optional[torch.dtype] = None,
                    ckpt_dir: Union[str, os.PathLike] = hub.DEFAULT_CKPT_DIR, offline: Optional[bool] = None,
                    codec: Optional[Union[str, os.PathLike]] = "auto", endpoint: Optional[str] = None,
-                   config: Optional[TransformerConfig] = None, codec_config: Optional[CodecConfig] = None) -> HertzDev:
+                   config: Optional[TransformerConfig] = None, codec_config: Optional[CodecConfig] = None,
+                   adapter: Optional[Union[str, os.PathLike]] = None, merge: bool = False) -> HertzDev:
     """Quantizer + LM + resynthesizer (+ codec) from an official variant (`duplex`, `mono`,
     `mono-pure-audio`; missing files are downloaded to `ckpt_dir`) or one of our transformer
     checkpoints. `codec`: "auto" (the official codec for official variants, the codec recorded
-    in our checkpoint otherwise), "official", a path, or None for no codec."""
+    in our checkpoint otherwise), "official", a path, or None for no codec.
+
+    `adapter`: a LoRA adapter file (`model/lora.py`) to apply; one trained on another base is an
+    error, raised before any weights load. `merge=True` folds it into the weights."""
+    if merge and adapter is None:
+        raise ValueError("merge=True needs an adapter= file to merge")
+    if adapter is not None:
+        fingerprint = lora.base_fingerprint(source)
+        lora.check_adapter(adapter, fingerprint, str(source))
     dtype = dtype or default_dtype(device)
     if str(source) in hub.VARIANTS:
         cfg = official_transformer_config(str(source))
@@ -154,6 +163,10 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
         codec_source = meta["extra"].get("codec", "official") if codec == "auto" else codec
     if codec_source is not None:
         model.codec = load_codec(codec_source, device, dtype, ckpt_dir, offline, endpoint, codec_config)
+    if adapter is not None:
+        lora.load_adapter(model, adapter, fingerprint, str(source))
+        if merge:
+            lora.merge_lora(model)
     return model.eval().requires_grad_(False)
 
 

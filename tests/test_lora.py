@@ -1,0 +1,306 @@
+"""LoRA adapters (model/lora.py): a frozen base, trainable low-rank adapters, merging, adapter
+files bound to their base, and load_hertz_dev(adapter=...)."""
+import dataclasses
+import hashlib
+import importlib.util
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from config.transformer_config import PRESETS
+from model import HertzDev, build, load_hertz_dev, mixture_nll, plex_codes, save_transformer
+from model import hub
+from model.lora import (AdapterError, LoRAConfig, LoRALinear, adapted, apply_lora, base_fingerprint,
+                        load_adapter, lora_state_dict, merge_lora, read_adapter, save_adapter)
+
+from hub_server import HubServer
+from reference import LAYOUT_FILE, PARITY_DIR, load, require, transformer_config
+
+CFG = dataclasses.replace(PRESETS["tiny"], duplex=True)
+LORA = LoRAConfig(rank=4, alpha=8.0, dropout=0.1, targets="both", parts=("lm", "resynth"))
+
+
+def tiny(seed=0) -> HertzDev:
+    torch.manual_seed(seed)
+    return build(HertzDev, CFG).eval()
+
+
+def batch(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 9, 2 * CFG.latent_dim, generator=g)
+
+
+def outputs(model, latents) -> list[torch.Tensor]:
+    """Every output of the LM and the resynthesizer on `latents` (both channels, every head)."""
+    lm = model.lm(latents)
+    resynth = model.resynth(latents, plex_codes(model.quantizer, latents, CFG.duplex))
+    return torch.utils._pytree.tree_leaves((lm, resynth))
+
+
+def loss(model, latents):
+    """LM cross entropy on the next latent's FSQ index plus the resynthesizer's mixture NLL of the
+    next latent, both channels: what the trainer optimises."""
+    channels = latents.chunk(2, dim=-1)
+    total = 0.0
+    for logits, x in zip(model.lm(latents), channels):
+        _, idx = model.quantizer(x)
+        total = total + F.cross_entropy(logits[:, :-1].flatten(0, 1), idx[:, 1:].flatten().long())
+    for mix, x in zip(model.resynth(latents, plex_codes(model.quantizer, latents, True)), channels):
+        total = total + mixture_nll(x[:, 1:], tuple(t[:, :-1] for t in mix)).mean()
+    return total
+
+
+def train(model, steps=2, lr=1e-2):
+    """`steps` Adam steps on the trainable parameters (the adapters)."""
+    model.train()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for step in range(steps):
+        opt.zero_grad()
+        loss(model, batch(10 + step)).backward()
+        opt.step()
+    return model.eval()
+
+
+def base_state(model) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items() if not k.endswith((".lora_A", ".lora_B"))}
+
+
+@pytest.mark.parametrize("targets,names", [("attention", {"proj_qkv", "attn_out"}),
+                                           ("feedforward", {"gateup_proj", "down_proj"}),
+                                           ("both", {"proj_qkv", "attn_out", "gateup_proj", "down_proj"})])
+@torch.no_grad()
+def test_adapting_keeps_outputs_and_base_keys(one_thread, targets, names):
+    model = tiny()
+    x = batch()
+    before, keys = outputs(model, x), set(model.state_dict())
+    paths = apply_lora(model, targets, rank=4, alpha=8.0)
+    assert {p.rpartition(".")[2] for p in paths} == names
+    assert len(paths) == len(names) * (CFG.lm_layers + CFG.resynth_layers)
+    assert all(p.startswith(("lm.layers.", "resynth.stack.layers.")) for p in paths)
+    # B starts at zero: the adapted model computes exactly what the base does.
+    for got, want in zip(outputs(model, x), before):
+        assert torch.equal(got, want)
+    # The base keys are the original ones; the adapters add <path>.lora_A/B and nothing else.
+    state = model.state_dict()
+    assert set(lora_state_dict(model)) == {f"{p}.lora_{ab}" for p in paths for ab in "AB"}
+    assert set(state) - set(lora_state_dict(model)) == keys
+    # Only the adapters train, in float32.
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(lora_state_dict(model))
+    assert all(v.dtype == torch.float32 for v in lora_state_dict(model).values())
+    # The adapted model's base weights load strict=True into a model built fresh.
+    fresh = tiny(seed=5)
+    fresh.load_state_dict(base_state(model), strict=True)
+    for got, want in zip(outputs(fresh, x), before):
+        assert torch.equal(got, want)
+
+
+def test_full_size_adapted_model_keeps_the_official_layout():
+    """hertz_dev duplex on meta, adapted at rank 128: the LM and resynthesizer state dicts minus
+    the adapters are exactly the official files' keys, and those load strict=True."""
+    import json
+    layout = json.loads(require(LAYOUT_FILE).read_text())
+    official = {title.split(" (")[0]: tensors for title, tensors in layout.items()}
+    cfg = PRESETS["hertz_dev"]
+    with torch.device("meta"):
+        model = HertzDev(cfg)
+    paths = apply_lora(model, "both", rank=128, alpha=256.0)
+    adapters = lora_state_dict(model)
+    for part, name in (("lm", "inference_scion_54000"), ("resynth", "inference_care_50000")):
+        keys = {k for k in getattr(model, part).state_dict() if not k.endswith((".lora_A", ".lora_B"))}
+        assert keys == set(official[name])
+        with torch.device("meta"):
+            fresh = getattr(HertzDev(cfg), part)
+        fresh.load_state_dict({k: torch.empty(s, device="meta") for k, (s, _) in official[name].items()},
+                              strict=True, assign=True)
+    assert len(paths) == 4 * (cfg.lm_layers + cfg.resynth_layers)
+    n = sum(v.numel() for v in adapters.values())
+    assert 0.01 < n / sum(p.numel() for p in model.parameters()) < 0.05  # rank 128: a few % of 8.5B
+
+
+def test_a_training_step_changes_only_the_adapters(one_thread):
+    model = tiny()
+    x = batch()
+    before = outputs(model, x)
+    apply_lora(model, **dataclasses.asdict(LORA))
+    base = base_state(model)
+    init = {k: v.clone() for k, v in lora_state_dict(model).items()}
+    train(model)
+    assert all(torch.equal(v, base[k]) for k, v in base_state(model).items())  # bit-identical
+    assert all(not torch.equal(v, init[k]) for k, v in lora_state_dict(model).items())
+    with torch.no_grad():
+        assert not torch.allclose(outputs(model, x)[0], before[0])
+
+
+@torch.no_grad()
+def test_merged_equals_adapted_and_saves_as_an_ordinary_checkpoint(one_thread, tmp_path):
+    model = tiny()
+    apply_lora(model, **dataclasses.asdict(LORA))
+    with torch.enable_grad():
+        train(model)
+    x = batch()
+    want = outputs(model, x)
+    paths = merge_lora(model)
+    assert len(paths) == 4 * (CFG.lm_layers + CFG.resynth_layers) and not adapted(model)
+    assert all(type(model.get_submodule(p)) is nn.Linear for p in paths)
+    assert set(model.state_dict()) == set(tiny().state_dict())
+    for got, w in zip(outputs(model, x), want):
+        torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-5)
+    path = save_transformer(tmp_path / "merged.safetensors", model)
+    loaded = load_hertz_dev(path, codec=None)
+    for got, w in zip(outputs(loaded, x), outputs(model, x)):
+        assert torch.equal(got, w)
+
+
+@torch.no_grad()
+def test_adapter_file_round_trip(one_thread, tmp_path):
+    model = tiny()
+    apply_lora(model, **dataclasses.asdict(LORA))
+    with torch.enable_grad():
+        train(model)
+    path = save_adapter(tmp_path / "latest.adapter.safetensors", model, LORA, "file-sha256:abc", "base.safetensors")
+    cfg, extra = read_adapter(path)
+    assert cfg == LORA and extra == {"base_fingerprint": "file-sha256:abc", "base_source": "base.safetensors"}
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        assert set(f.keys()) == set(lora_state_dict(model))  # only the adapters
+    fresh = tiny()
+    assert load_adapter(fresh, path, "file-sha256:abc") == LORA
+    x = batch()
+    for got, want in zip(outputs(fresh, x), outputs(model, x)):
+        assert torch.equal(got, want)
+    with pytest.raises(AdapterError, match="not those of"):
+        save_adapter(tmp_path / "x.safetensors", model, dataclasses.replace(LORA, rank=8), "file-sha256:abc")
+
+
+def test_load_hertz_dev_applies_and_merges_an_adapter(one_thread, tmp_path):
+    base = tiny()
+    ckpt = save_transformer(tmp_path / "duplex.safetensors", base)
+    fingerprint = base_fingerprint(ckpt)
+    trained = load_hertz_dev(ckpt, codec=None)
+    apply_lora(trained, **dataclasses.asdict(LORA))
+    train(trained)
+    adapter = save_adapter(tmp_path / "a.adapter.safetensors", trained, LORA, fingerprint, str(ckpt))
+    x = batch()
+    with torch.no_grad():
+        want = outputs(trained, x)
+        model = load_hertz_dev(ckpt, codec=None, adapter=adapter)
+        assert len(adapted(model)) == 4 * (CFG.lm_layers + CFG.resynth_layers)
+        assert not any(p.requires_grad for p in model.parameters())
+        for got, w in zip(outputs(model, x), want):
+            assert torch.equal(got, w)
+        merged = load_hertz_dev(ckpt, codec=None, adapter=adapter, merge=True)
+        assert not adapted(merged)
+        for got, w in zip(outputs(merged, x), want):
+            torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="merge=True needs an adapter"):
+        load_hertz_dev(ckpt, codec=None, merge=True)
+
+
+def test_an_adapter_of_another_base_is_refused_naming_both(tmp_path):
+    a = save_transformer(tmp_path / "a.safetensors", tiny(seed=0))
+    b = save_transformer(tmp_path / "b.safetensors", tiny(seed=1))
+    model = load_hertz_dev(a, codec=None)
+    apply_lora(model, **dataclasses.asdict(LORA))
+    adapter = save_adapter(tmp_path / "a.adapter.safetensors", model, LORA, base_fingerprint(a), str(a))
+    with pytest.raises(AdapterError) as e:
+        load_hertz_dev(b, codec=None, adapter=adapter)
+    message = str(e.value)
+    assert "\n" not in message
+    for part in (str(adapter), str(a), base_fingerprint(a), str(b), base_fingerprint(b)):
+        assert part in message
+    # Found before any weights load: the official files are absent here, offline, and the error
+    # is still the adapter's.
+    with pytest.raises(AdapterError) as e:
+        load_hertz_dev("mono", codec=None, ckpt_dir=tmp_path / "empty", offline=True, adapter=adapter)
+    assert base_fingerprint("mono") in str(e.value) and base_fingerprint(a) in str(e.value)
+    with pytest.raises(AdapterError, match="not an adapter file"):
+        load_hertz_dev(a, codec=None, adapter=b)
+
+
+@torch.no_grad()
+def test_an_official_variant_takes_its_adapter_through_the_hub(one_thread, tmp_path, monkeypatch):
+    """Official files (the parity-size fixtures in the official layout, served by a loopback hub):
+    an adapter saved against base_fingerprint("duplex") applies to load_hertz_dev("duplex")."""
+    require(PARITY_DIR)
+    files = {"inference_volcano_3": "quantizer_state_dict.pt", "inference_scion_54000": "lm_duplex_state_dict.pt",
+             "inference_care_50000": "resynthesizer_duplex_state_dict.pt"}
+    with HubServer() as server:
+        for name, fixture in files.items():
+            data = server.add(f"{name}.pt", PARITY_DIR / fixture)
+            monkeypatch.setitem(hub.OFFICIAL_FILES, name,
+                                hub.OfficialFile(name, hashlib.md5(data).hexdigest(), len(data), "test"))
+        kw = dict(ckpt_dir=tmp_path / "ckpt", endpoint=server.endpoint, config=transformer_config(True), codec=None)
+        trained = load_hertz_dev("duplex", **kw)
+        cfg = LoRAConfig(rank=4, alpha=8.0, targets="attention", parts=("lm",))
+        apply_lora(trained, **dataclasses.asdict(cfg))
+        for v in lora_state_dict(trained).values():
+            v.normal_(std=0.05)  # stands for trained adapters
+        adapter = save_adapter(tmp_path / "duplex.adapter.safetensors", trained, cfg, base_fingerprint("duplex"), "duplex")
+        model = load_hertz_dev("duplex", adapter=adapter, **kw)
+    latents = load("transformers_duplex_io.pt")["latents"]
+    for got, want in zip(model.lm(latents), trained.lm(latents)):
+        assert torch.equal(got, want)
+    assert read_adapter(adapter)[1]["base_fingerprint"].startswith("official:inference_volcano_3=")
+
+
+def test_base_fingerprints(tmp_path):
+    lm, resynth, _ = hub.VARIANTS["duplex"]
+    fp = base_fingerprint("duplex")
+    for name in (hub.QUANTIZER, lm, resynth):
+        assert f"{name}={hub.OFFICIAL_FILES[name].md5}" in fp
+    assert base_fingerprint("mono") != base_fingerprint("mono-pure-audio") != fp
+    path = save_transformer(tmp_path / "m.safetensors", tiny())
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        stored = (f.metadata() or {}).get("content_sha256")
+    if stored:  # checkpoints that carry a content hash are fingerprinted by it
+        assert base_fingerprint(path) == f"content-sha256:{stored}"
+    else:
+        assert base_fingerprint(path) == "file-sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    with pytest.raises(FileNotFoundError, match="neither an official variant"):
+        base_fingerprint(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize("kwargs,match", [({"rank": 0}, "rank"), ({"alpha": 0.0}, "alpha"),
+                                          ({"dropout": 1.0}, "dropout"), ({"targets": "mlp"}, "targets"),
+                                          ({"parts": ("codec",)}, "parts")])
+def test_bad_lora_settings_are_clear_errors(kwargs, match):
+    model = tiny()
+    with pytest.raises(ValueError, match=match):
+        apply_lora(model, **{**dataclasses.asdict(LORA), **kwargs})
+    assert not adapted(model)
+
+
+def test_adapting_twice_is_refused():
+    model = tiny()
+    apply_lora(model, "attention", 4, 8.0)
+    with pytest.raises(AdapterError, match="already has adapters"):
+        apply_lora(model, "feedforward", 4, 8.0)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("model.quant") is None,
+                    reason="model/quant.py (int8 layers, issue 12) is not merged into this branch yet")
+def test_lora_on_an_int8_base(one_thread):
+    from model.quant import Int8Linear, quantize_model
+
+    model = tiny()
+    quantize_model(model, "int8")
+    x = batch()
+    with torch.no_grad():
+        before = outputs(model, x)
+    paths = apply_lora(model, **dataclasses.asdict(LORA))
+    assert all(isinstance(model.get_submodule(p), (Int8Linear, LoRALinear)) for p in paths)
+    with torch.no_grad():
+        for got, want in zip(outputs(model, x), before):
+            assert torch.equal(got, want)
+    base = base_state(model)
+    init = {k: v.clone() for k, v in lora_state_dict(model).items()}
+    train(model)
+    assert all(torch.equal(v, base[k]) for k, v in base_state(model).items())
+    assert all(not torch.equal(v, init[k]) for k, v in lora_state_dict(model).items())
+    with pytest.raises(AdapterError, match="Int8Linear"):
+        merge_lora(model)
+    assert len(adapted(model)) == len(paths)  # a refused merge changes nothing
