@@ -1003,10 +1003,11 @@ def uvicorn_config(app, host="127.0.0.1", port: int = 8000, max_message_bytes: i
     """uvicorn's settings for the app; installs `RedactToken` on the log handlers it configures."""
     # per-message deflate off: PCM does not compress and it would cost CPU on every frame.
     # Slow HTTP clients: an idle keep-alive connection is closed after 5 s, headers are capped
-    # at 16 KiB, and past 256 open connections new ones get 503 (uvicorn has no header timeout).
-    config = uvicorn.Config(app, host=host, port=port, ws="websockets-sansio", ws_max_size=max_message_bytes,
-                            ws_per_message_deflate=False, log_level=log_level, access_log=access_log,
-                            lifespan="on", timeout_graceful_shutdown=5, timeout_keep_alive=5,
+    # at 16 KiB (h11, whose limit this is, rather than httptools where installed), and past 256
+    # open connections new ones get 503 (uvicorn has no header timeout).
+    config = uvicorn.Config(app, host=host, port=port, http="h11", ws="websockets-sansio",
+                            ws_max_size=max_message_bytes, ws_per_message_deflate=False, log_level=log_level,
+                            access_log=access_log, lifespan="on", timeout_graceful_shutdown=5, timeout_keep_alive=5,
                             h11_max_incomplete_event_size=16 * 1024, limit_concurrency=256)
     redact_logs(token)
     return config

@@ -908,3 +908,27 @@ def test_token_never_reaches_the_log(model, tmp_path):
     log = open(tmp_path / "out.txt").read() + open(tmp_path / "err.txt").read()
     assert "token=REDACTED" in log and "/audio" in log and "GET /health" in log  # the lines are there ...
     assert token not in log and token[4:] not in log                           # ... without the token
+
+
+def test_slow_or_huge_http_requests_are_cut(server):
+    """An idle keep-alive connection is closed by the server (uvicorn's keep-alive timeout) and
+    headers that go on past 16 KiB are refused, without harming the server."""
+    import socket
+    with socket.create_connection(("127.0.0.1", server.port), timeout=15) as sock:
+        sock.sendall(f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nX-Pad: ".encode())
+        for _ in range(40):  # never ending the headers
+            try:
+                sock.sendall(b"a" * 1024)
+            except OSError:
+                break
+            time.sleep(0.005)
+        reply = sock.recv(1024)
+        assert reply == b"" or int(reply.split(b" ")[1]) >= 400, reply
+    with socket.create_connection(("127.0.0.1", server.port), timeout=15) as sock:
+        sock.sendall(f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n\r\n".encode())
+        t0 = time.perf_counter()
+        data = b""
+        while chunk := sock.recv(4096):  # the reply, then the end of the stream when the server closes
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 200") and 4 < time.perf_counter() - t0 < 12
+    assert health(server)["status"] == "ok"
