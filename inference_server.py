@@ -16,8 +16,11 @@ The weights load once into a `LiveEngine`; a single GPU worker thread owns it an
 session whose chunk is ready in one batched forward (the others stay frozen), so the event loop
 never waits on the GPU. Bounded per-session queues drop the oldest input when a client sends
 faster than real time or compute falls behind, and count it. GET / serves the browser client,
-GET /health reports load and latency, POST /set_temperature is the original's endpoint. See the
-README's "Live conversation" section for the protocol.
+GET /health reports load and latency (counts, no session ids), POST /set_temperature (a JSON
+body) is the original's endpoint. Foreign Origin and Host headers are refused (`Access`),
+expensive control messages are rate-limited and silent sessions closed (`Limits`), tokens are
+redacted from every log line (`RedactToken`). See the README's "Live conversation" section for
+the protocol and the security model.
 """
 from __future__ import annotations
 
@@ -33,7 +36,9 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import os
+import re
 import secrets
 import threading
 import time
@@ -47,43 +52,18 @@ import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
 
-from model.protocol import page_constants
+from model.protocol import (CHUNK, CHUNK_BYTES, CLOSE_IDLE, CLOSE_INTERNAL, CLOSE_POLICY, CLOSE_TRY_AGAIN, PARAM_NAMES,
+                            SAMPLE_RATE, TEXT_PREFIX, check_param, check_params, float_to_pcm, page_constants,
+                            pcm_to_float, percentiles)
 
 log = logging.getLogger("hertz.server")
 
-SAMPLE_RATE = 16000
-CHUNK = 2000                          # samples per step: one latent, 125 ms
-CHUNK_BYTES = 2 * CHUNK               # 16-bit PCM
-TEXT_PREFIX = "data:audio/raw;base64,"  # the original server's audio text frames
-PARAM_NAMES = ("token_temp", "top_p", "min_p", "mixture_temp", "gaussian_temp")
 WEB_DIR = Path(__file__).resolve().parent / "web"
-
-# Close codes (RFC 6455 and the IANA registry); 1009 comes from the websocket layer itself.
-CLOSE_POLICY = 1008       # too many bad messages, or a client that does not read its replies
-CLOSE_TOO_BIG = 1009      # a message over --max-message-bytes
-CLOSE_INTERNAL = 1011     # the engine failed for this session
-CLOSE_TRY_AGAIN = 1013    # every slot is taken: try again later
 
 MAX_BAD_MESSAGES = 32     # a session that sends more than this many bad messages is closed
 MAX_OUTBOX_AUDIO = 16     # replies waiting for a slow client (2 s); older ones are dropped
 MAX_OUTBOX = 256          # everything waiting; beyond it the client is not reading: closed
-
-
-def pcm_to_float(pcm: np.ndarray) -> np.ndarray:
-    """int16 PCM -> float32 in [-1, 1] (the original's scale: / 32767)."""
-    return np.clip(pcm.astype(np.float32) / 32767.0, -1.0, 1.0)
-
-
-def float_to_pcm(audio: np.ndarray) -> np.ndarray:
-    """float audio -> int16 little-endian PCM, clipped (no wrap-around on loud samples)."""
-    return np.clip(np.round(np.asarray(audio, dtype=np.float32) * 32767.0), -32768, 32767).astype("<i2")
-
-
-def percentiles(values, qs=(50, 99)) -> dict:
-    if len(values) == 0:
-        return {f"p{q}": None for q in qs}
-    a = np.asarray(values, dtype=np.float64)
-    return {f"p{q}": round(float(np.percentile(a, q)), 2) for q in qs}
+MAX_HTTP_BODY = 4096      # bytes of a JSON request body
 
 
 # --- the engine and its thread ----------------------------------------------------------------
@@ -333,22 +313,67 @@ def _reject_constant(name: str):
     raise NonFinite(f"{name} is not a finite number")
 
 
+def parse_json(text: str, max_depth: int = 16):
+    """A JSON text as Python values; ProtocolError for anything that is not JSON, for NaN and
+    Infinity, and for arrays or objects nested deeper than `max_depth` (whether or not the
+    parser's recursion limit caught them first)."""
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except NonFinite as e:
+        raise ProtocolError("bad_params", f"{e}: NaN and Infinity are not accepted") from None
+    except RecursionError:
+        raise ProtocolError("bad_json", f"JSON nested deeper than {max_depth} levels") from None
+    except ValueError as e:
+        raise ProtocolError("bad_json", f"not JSON ({str(e)[:100]})") from None
+    level = [(value, 1)]
+    while level:  # iterative: a deep value must not exhaust the stack here either
+        v, depth = level.pop()
+        if isinstance(v, (list, dict)):
+            if depth > max_depth:
+                raise ProtocolError("bad_json", f"JSON nested deeper than {max_depth} levels")
+            level.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return value
+
+
 def parse_params(base, values: dict, names: dict[str, str]):
     """`base` SamplingParams updated from a dict of {given name: value}; `names` maps the accepted
-    names to SamplingParams fields. Raises ProtocolError for unknown names and for values that
-    are not finite non-negative numbers in range."""
+    names to SamplingParams fields. Each value is checked by `model.protocol.check_param` (numbers
+    in their documented ranges); ProtocolError for unknown names and bad values."""
     unknown = sorted(set(values) - set(names))
     if unknown:
-        raise ProtocolError("bad_params", f"unknown parameter(s) {unknown}; known: {sorted(names)}")
+        raise ProtocolError("bad_params", f"unknown parameter(s) {unknown[:8]}; known: {sorted(names)}"[:300])
     update = {}
     for name, value in values.items():
-        if type(value) not in (int, float):  # bool is an int subclass: refuse it explicitly
-            raise ProtocolError("bad_params", f"{name} must be a number, got {json.dumps(value)}")
-        update[names[name]] = float(value)
-    try:
-        return dataclasses.replace(base, **update).validate()
-    except ValueError as e:
-        raise ProtocolError("bad_params", str(e)) from None
+        try:
+            update[names[name]] = check_param(names[name], value)
+        except ValueError as e:
+            raise ProtocolError("bad_params", str(e) if name == names[name] else f"{name}: {e}") from None
+    return dataclasses.replace(base, **update)
+
+
+def _valid_id(value) -> bool:
+    """What a control message's "id" may be: echoed in the answer, so short and valid JSON."""
+    if isinstance(value, str):
+        return len(value) <= 64
+    return (type(value) is int and abs(value) < 2 ** 53) or (type(value) is float and math.isfinite(value))
+
+
+class Bucket:
+    """A token bucket: `burst` actions at once, then `rate` per second."""
+
+    def __init__(self, rate: float, burst: float):
+        self.rate, self.burst = rate, burst
+        self.tokens, self.t = burst, time.monotonic()
+
+    def take(self) -> float:
+        """0 if an action may go now (and count it), else the seconds until one may."""
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.t) * self.rate)
+        self.t = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate if self.rate > 0 else float("inf")
 
 
 class Session:
@@ -370,11 +395,15 @@ class Session:
         self.counts = collections.Counter()
         self.model_prev = np.zeros(CHUNK, dtype="<i2")  # the model's audio of the current frame
         self.recorder: Optional[Recorder] = None
+        self.last_audio = time.monotonic()
+        lim = server.limits  # this session's token buckets (`Limits`)
+        self.limits = {"control": Bucket(lim.control_rate, lim.control_burst),
+                       "reset": Bucket(lim.reset_rate, lim.reset_burst)}
 
     def info(self) -> dict:
         return {"session": self.id, "row": self.row, "seconds": round(time.time() - self.started, 1),
                 "replay_left": self.replay_left, **{k: self.counts[k] for k in
-                ("chunks_in", "chunks_out", "dropped_in", "dropped_out", "bad_messages", "replayed")}}
+                ("chunks_in", "chunks_out", "dropped_in", "dropped_out", "bad_messages", "rate_limited", "replayed")}}
 
     # -- outgoing --
     def send(self, message, audio: bool = False) -> None:
@@ -402,11 +431,11 @@ class Session:
         self.send(data if fmt == "binary" else TEXT_PREFIX + base64.b64encode(data).decode("ascii"), audio=True)
         self.counts["chunks_out"] += 1
 
-    def error(self, code: str, message: str) -> None:
+    def error(self, code: str, message: str, **extra) -> None:
         """Answer a bad message with {"type": "error"}; too many of them close the session."""
         self.counts["bad_messages"] += 1
         self.server.counts["bad_messages"] += 1
-        self.send_json(type="error", error=code, message=message)
+        self.send_json(type="error", error=code, message=message, **extra)
         if self.counts["bad_messages"] > MAX_BAD_MESSAGES:
             self.fail(CLOSE_POLICY, f"more than {MAX_BAD_MESSAGES} bad messages")
 
@@ -470,20 +499,17 @@ class Session:
                                                f"{CHUNK_BYTES} bytes; got {len(data)} bytes{hint}")
             return self.on_audio(np.frombuffer(data, dtype="<i2"), "text")
         try:
-            message = json.loads(text, parse_constant=_reject_constant)
-        except NonFinite as e:
-            return self.error("bad_params", f"{e}: NaN and Infinity are not accepted")
-        except ValueError as e:
-            return self.error("bad_json", f"a text frame is a JSON control message or a data:audio/raw;base64 "
-                                          f"audio frame; this one is neither ({e})")
-        if not isinstance(message, dict) or not isinstance(message.get("type"), str):
-            return self.error("bad_message", 'a control message is a JSON object with a string "type"')
-        try:
+            message = parse_json(text)
+            if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+                raise ProtocolError("bad_message", 'a control message is a JSON object with a string "type"')
+            if not _valid_id(message.get("id", "")):
+                raise ProtocolError("bad_message", "id must be a string of at most 64 characters or a finite number")
             await self.on_control(message)
         except ProtocolError as e:
             self.error(e.code, e.message)
 
     def on_audio(self, pcm: np.ndarray, fmt: str) -> None:
+        self.last_audio = time.monotonic()
         if self.replay_left > 0:  # the prompt is played back before the conversation goes live
             # Binary clients are told which replies are playback, so that they time only the
             # replies to their own chunks (the original's text clients expect audio only).
@@ -504,6 +530,14 @@ class Session:
         kind = message["type"]
         echo = {"id": message["id"]} if "id" in message else {}
         body = {k: v for k, v in message.items() if k not in ("type", "id")}
+        for limit in ("control", kind):
+            if limit in self.limits and (wait := self.limits[limit].take()) > 0:
+                # Counted as a bad message too: a client that goes on after being told is closed
+                # (and a reconnection goes through the server's bucket of new sessions).
+                self.counts["rate_limited"] += 1
+                self.server.counts["rate_limited"] += 1
+                return self.error("rate_limited", f"too many {limit} messages: try again in {wait:.1f} s",
+                                  retry_after=round(wait, 2), **echo)
         if kind == "set_params":
             params = parse_params(self.params, body, {n: n for n in PARAM_NAMES})
             await self.server.worker.set_params(self.row, params)
@@ -537,6 +571,15 @@ class Session:
         now = time.perf_counter()
         self.server.latency_ms.append((now, 1000 * (now - chunk.t_recv)))
 
+    async def watch_idle(self, timeout: float) -> None:
+        """Close the session once no audio has arrived for `timeout` seconds (control messages do
+        not count): a client that holds a slot without talking frees it."""
+        while True:
+            left = self.last_audio + timeout - time.monotonic()
+            if left <= 0:
+                return self.fail(CLOSE_IDLE, f"no audio for {timeout:g} s")
+            await asyncio.sleep(left)
+
     def on_engine_error(self, e: BaseException) -> None:
         self.fail(CLOSE_INTERNAL, f"engine error: {type(e).__name__}")
 
@@ -545,16 +588,36 @@ class Session:
             self.server.disk(self.recorder.write, stereo)
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one client may cost. Token buckets (`burst` at once, then `rate` per second): per
+    session, every control message (`control_*`: generous, a dragged slider sends dozens), and
+    within it `reset` (a prompt prefill with --prompt-path); over a bucket, a message is answered
+    with a `rate_limited` error, which counts as a bad message (MAX_BAD_MESSAGES of them close the
+    session). Over all clients, new sessions (each starts with the same prefill; refused with
+    CLOSE_TRY_AGAIN). A session without audio for `idle_timeout` seconds is closed (CLOSE_IDLE)."""
+    reset_rate: float = 0.2
+    reset_burst: float = 2
+    control_rate: float = 50.0
+    control_burst: float = 100
+    start_rate: float = 1.0
+    start_burst: float = 8
+    idle_timeout: float = 30.0
+
+
 class Server:
     """What the app's routes share: the engine worker, the free rows, the sessions, the prompt,
     the default sampling parameters, and counters. Created once per app (no module state)."""
 
     def __init__(self, engine, token: Optional[str] = None, prompt: Optional[np.ndarray] = None,
                  replay_seconds: Optional[float] = None, recordings: Optional[str] = None,
-                 max_recording_seconds: float = 3600.0, max_queue: int = 4, params=None, warmup: bool = True):
+                 max_recording_seconds: float = 3600.0, max_queue: int = 4, params=None, warmup: bool = True,
+                 limits: Limits = Limits()):
         from model import SamplingParams
         self.engine = engine
         self.token = token
+        self.limits = limits
+        self.starts = Bucket(limits.start_rate, limits.start_burst)
         self.worker = EngineWorker(engine, max_queue)
         self.free = list(range(engine.max_sessions))[::-1]
         self.sessions: dict[str, Session] = {}
@@ -579,7 +642,10 @@ class Server:
 
     # -- lifecycle --
     def start(self) -> None:
-        """Warm the engine up and start its thread (before the server listens)."""
+        """Finish leftover recordings, warm the engine up and start its thread (before the
+        server listens)."""
+        if self.recordings is not None:
+            recover_recordings(self.recordings)
         self.worker.start(self.warmup)
         self._disk = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="disk")
 
@@ -612,7 +678,8 @@ class Server:
         if value is None:
             return secrets.randbits(62)
         if type(value) is not int or not 0 <= value < 2 ** 63:
-            raise ProtocolError("bad_seed", f"seed must be an integer in [0, 2**63), got {json.dumps(value)}")
+            got = str(value) if type(value) is int and abs(value) < 10 ** 30 else f"a value of type {type(value).__name__}"
+            raise ProtocolError("bad_seed", f"seed must be an integer in [0, 2**63), got {got}")
         return value
 
     def health(self, window_s: Optional[float] = None) -> dict:
@@ -624,10 +691,10 @@ class Server:
             "uptime_s": round(time.time() - self.started, 1),
             **self.worker.stats(window_s),
             "chunk_latency_ms": percentiles([ms for t, ms in list(self.latency_ms) if t >= since]),
-            **{k: self.counts[k] for k in ("sessions_total", "refused", "dropped_in", "dropped_out", "bad_messages")},
+            **{k: self.counts[k] for k in ("sessions_total", "refused", "dropped_in", "dropped_out", "bad_messages",
+                                           "rate_limited")},
             "prompt_s": 0 if self.prompt is None else self.prompt.shape[1] / SAMPLE_RATE,
             "replay_chunks": len(self.replay),
-            "details": [s.info() for s in self.sessions.values()],
         }
 
     # -- a session, start to end --
@@ -642,11 +709,15 @@ class Server:
             self.counts["refused"] += 1
             return await ws.close(CLOSE_TRY_AGAIN, f"the server is at capacity ({self.engine.max_sessions} sessions); "
                                                    "try again later")
+        if (wait := self.starts.take()) > 0:  # every start prefills the prompt: bounded like resets
+            self.counts["refused"] += 1
+            return await ws.close(CLOSE_TRY_AGAIN, f"too many new sessions; try again in {wait:.1f} s")
         row = self.free.pop()
         session = Session(self, ws, row, self.params, seed)
         try:
             await self.worker.open_row(row, self.params, seed, self.prompt)
         except Exception as e:
+            self.worker.release_row(row)  # a half-reset row is never stepped
             self.free.append(row)
             return await ws.close(CLOSE_INTERNAL, f"could not start a session: {type(e).__name__}")
         self.sessions[session.id] = session
@@ -661,6 +732,7 @@ class Server:
         sender = asyncio.create_task(session.sender())
         receiver = asyncio.create_task(session.receive())
         closing = asyncio.create_task(session.closing.wait())
+        idle = asyncio.create_task(session.watch_idle(self.limits.idle_timeout))
         try:
             # Until the client leaves, or the session is closed from our side (then the sender
             # flushes and sends the close frame; a client that does not read gets 5 s).
@@ -670,7 +742,7 @@ class Server:
                     await asyncio.wait_for(asyncio.shield(sender), timeout=5)
         finally:
             session.closed = True
-            for task in (sender, receiver, closing):
+            for task in (sender, receiver, closing, idle):
                 task.cancel()
             if receiver.done() and not receiver.cancelled() and receiver.exception() is not None:
                 log.info("session %s: %r", session.id, receiver.exception())
@@ -687,19 +759,21 @@ class Server:
                 self.sessions.pop(session.id, None)
                 log.info("session %s ended: %s", session.id, session.info())
 
-    async def set_temperature(self, token_temp, categorical_temp, gaussian_temp, session_id) -> dict:
-        names = {"token_temp": "token_temp", "categorical_temp": "mixture_temp", "gaussian_temp": "gaussian_temp"}
-        given = {k: v for k, v in (("token_temp", token_temp), ("categorical_temp", categorical_temp),
-                                   ("gaussian_temp", gaussian_temp)) if v is not None}
+    async def set_temperature(self, body: dict) -> dict:
+        """POST /set_temperature: {"token_temp", "categorical_temp" (the original's names) or any
+        of PARAM_NAMES, "session": optional}. Without "session" it changes the defaults of new
+        sessions; with it, that session's parameters (the caller has the token: see make_app)."""
+        names = {"categorical_temp": "mixture_temp", **{n: n for n in PARAM_NAMES}}
+        session_id = body.pop("session", None)
         if session_id is None:
-            self.params = parse_params(self.params, given, names)
+            self.params = parse_params(self.params, body, names)
             target = "new sessions"
             params = self.params
         else:
-            session = self.sessions.get(session_id)
+            session = self.sessions.get(session_id) if isinstance(session_id, str) else None
             if session is None:
-                raise ProtocolError("unknown_session", f"no session {session_id!r}")
-            params = parse_params(session.params, given, names)
+                raise ProtocolError("unknown_session", "no such session")
+            params = parse_params(session.params, body, names)
             await self.worker.set_params(session.row, params)
             session.params = params
             target = f"session {session_id}"
@@ -708,15 +782,125 @@ class Server:
                 "params": dataclasses.asdict(params)}
 
 
+def recover_recordings(folder: Path) -> None:
+    """Recordings a killed server left as `.NAME.part`: rewritten as NAME (a complete WAV) when
+    their audio is readable and not empty, removed otherwise; one log line each."""
+    import soundfile as sf
+    for stale in sorted(folder.glob(".*.part.tmp")) if folder.is_dir() else []:  # a recovery cut short
+        os.remove(stale)
+    for part in sorted(folder.glob(".*.part")) if folder.is_dir() else []:
+        target = part.with_name(part.name[1:-len(".part")])
+        try:
+            audio, rate = sf.read(str(part), dtype="int16", always_2d=True)
+        except Exception as e:
+            audio, rate, why = None, 0, f"unreadable ({type(e).__name__})"
+        else:
+            why = "empty" if len(audio) == 0 else f"{target.name} exists" if target.exists() else None
+        if why is None:
+            tmp = part.with_name(part.name + ".tmp")
+            sf.write(str(tmp), audio, rate, "PCM_16", format="WAV")
+            os.replace(tmp, target)
+            os.remove(part)
+            log.warning("recovered %.1f s of an interrupted recording: %s", len(audio) / rate, target)
+        else:
+            os.remove(part)
+            log.warning("removed an interrupted recording %s: %s", part, why)
+
+
 def _log_failure(fut) -> None:
     if not fut.cancelled() and fut.exception() is not None:
         log.error("%r", fut.exception())
 
 
-# --- the app ----------------------------------------------------------------------------------
+# --- the app ---------------------------------------------------------------------------------
 
-def make_app(server: Server):
-    """The FastAPI app of a `Server` (call `server.start()` first)."""
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def _hostname(netloc: str) -> str:
+    """The host of a Host header or URL netloc, lowercased, without port or IPv6 brackets."""
+    netloc = netloc.strip().lower()
+    if netloc.startswith("["):
+        return netloc[1:netloc.find("]")] if "]" in netloc else netloc
+    return netloc.rsplit(":", 1)[0] if netloc.count(":") == 1 else netloc
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class Access:
+    """Which Host and Origin headers the server answers (the defence against other web pages
+    and DNS rebinding; the token, when set, is checked as well).
+
+    Host: the loopback names (localhost, 127.0.0.1, ::1), the `host` the server listens on, and
+    `allow_hosts`; when listening on every interface (0.0.0.0 or ::), also any IP address (a
+    page cannot rebind a literal address), while other names need `allow_hosts`. A request with
+    no Host header (HTTP/1.0) is answered.
+    Origin (sent by browsers): none (a program, not a page), the server's own origin (the Origin's
+    host:port is the Host header), a page on a loopback origin (http://localhost:*,
+    http://127.0.0.1:*, http://[::1]:*), or one of `allow_origins` (scheme://host[:port])."""
+    host: str = "127.0.0.1"
+    allow_hosts: tuple[str, ...] = ()
+    allow_origins: tuple[str, ...] = ()
+
+    def host_allowed(self, header: Optional[str]) -> bool:
+        if header is None:
+            return True
+        name = _hostname(header)
+        if name in LOOPBACK_NAMES or name == _hostname(self.host) or name in {_hostname(h) for h in self.allow_hosts}:
+            return True
+        return self.host in ("0.0.0.0", "::", "") and _is_ip(name)
+
+    def origin_allowed(self, origin: Optional[str], host: Optional[str]) -> bool:
+        if origin is None:
+            return True
+        origin = origin.strip().lower().rstrip("/")
+        scheme, sep, netloc = origin.partition("://")
+        if not sep or scheme not in ("http", "https") or not netloc or "/" in netloc:
+            return False  # "null" (sandboxed pages, file://) and anything unparseable
+        if host is not None and netloc == host.strip().lower():
+            return True
+        if _hostname(netloc) in LOOPBACK_NAMES:
+            return True
+        return origin in {o.strip().lower().rstrip("/") for o in self.allow_origins}
+
+
+class AccessGuard:
+    """ASGI middleware: HTTP requests and websocket handshakes with a Host or Origin that `Access`
+    does not allow get 403 before any route runs."""
+
+    def __init__(self, app, access: Access):
+        self.app, self.access = app, access
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        headers = {}
+        for k, v in scope["headers"]:
+            headers.setdefault(k.decode("latin-1").lower(), v.decode("latin-1"))
+        host, origin = headers.get("host"), headers.get("origin")
+        if not self.access.host_allowed(host):
+            reason = "this server does not answer to that Host (start it with --allow-host)"
+        elif not self.access.origin_allowed(origin, host):
+            reason = "pages of that origin may not use this server (start it with --allow-origin)"
+        else:
+            return await self.app(scope, receive, send)
+        if scope["type"] == "websocket":  # closed before the handshake completes: HTTP 403
+            return await send({"type": "websocket.close", "code": CLOSE_POLICY, "reason": reason})
+        body = json.dumps({"status": "error", "error": "forbidden", "message": reason}).encode()
+        await send({"type": "http.response.start", "status": 403,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def make_app(server: Server, access: Access = Access()):
+    """The FastAPI app of a `Server` (call `server.start()` first), behind an `AccessGuard`."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -730,7 +914,11 @@ def make_app(server: Server):
 
     # No /docs or /openapi.json: they would answer without the token.
     app = FastAPI(title="hertz-dev live", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(AccessGuard, access=access)
     http = APIRouter(dependencies=[Depends(require_token)])
+
+    def error(status: int, code: str, message: str) -> JSONResponse:
+        return JSONResponse({"message": message, "status": "error", "error": code}, status_code=status)
 
     @http.get("/")
     async def index():
@@ -743,13 +931,24 @@ def make_app(server: Server):
         return server.health(window)
 
     @http.post("/set_temperature")
-    async def set_temperature(token_temp: Optional[float] = None, categorical_temp: Optional[float] = None,
-                              gaussian_temp: Optional[float] = None, session: Optional[str] = None):
+    async def set_temperature(request: Request):
+        # A JSON body only: a cross-site form cannot send one without a CORS preflight, which
+        # this server never grants.
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+            return error(415, "bad_content_type", "the body must be a JSON object (Content-Type: application/json)")
+        body = await request.body()
+        if len(body) > MAX_HTTP_BODY:
+            return error(413, "too_big", f"the body is over {MAX_HTTP_BODY} bytes")
         try:
-            return await server.set_temperature(token_temp, categorical_temp, gaussian_temp, session)
+            values = parse_json(body.decode("utf-8", errors="replace"))
+            if not isinstance(values, dict):
+                raise ProtocolError("bad_message", "the body must be a JSON object")
+            if "session" in values and server.token is None:
+                return error(403, "needs_token", "a session's parameters change through its own websocket "
+                                                 "(set_params), or over HTTP on a server started with --token")
+            return await server.set_temperature(values)
         except ProtocolError as e:
-            return JSONResponse({"message": e.message, "status": "error", "error": e.code},
-                                status_code=404 if e.code == "unknown_session" else 400)
+            return error(404 if e.code == "unknown_session" else 400, e.code, e.message)
 
     app.include_router(http)
 
@@ -763,22 +962,72 @@ def make_app(server: Server):
     return app
 
 
+class RedactToken(logging.Filter):
+    """Removes tokens from log records: `token=...` in URLs, `Bearer ...`, and the server's token
+    wherever it appears. Installed on every handler, so records of every logger (uvicorn's
+    access and websocket lines, the websockets library at debug level, ours) pass through it."""
+
+    PATTERN = re.compile(r"(token=|bearer\s+)[^\s&\"']+", re.IGNORECASE)
+
+    def __init__(self, token: Optional[str] = None):
+        super().__init__()
+        self.token = token
+
+    def clean(self, text: str) -> str:
+        text = self.PATTERN.sub(r"\1REDACTED", text)
+        return text.replace(self.token, "REDACTED") if self.token else text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # Each part is cleaned in place, as formatters (uvicorn's access lines) read the args.
+        if isinstance(record.msg, str):
+            record.msg = self.clean(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(self.clean_arg(a) for a in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {k: self.clean_arg(a) for k, a in record.args.items()}
+        return True
+
+    def clean_arg(self, a):
+        if isinstance(a, (int, float)) or a is None:
+            return a
+        text = a if isinstance(a, str) else str(a)
+        clean = self.clean(text)
+        return a if clean == text else clean
+
+
+def redact_logs(token: Optional[str]) -> None:
+    """Install `RedactToken` on the handlers of the root logger and of uvicorn's loggers (call it
+    after logging is configured)."""
+    for name in (None, "uvicorn", "uvicorn.error", "uvicorn.access"):
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, RedactToken) for f in handler.filters):
+                handler.addFilter(RedactToken(token))
+
+
 # --- command line -------------------------------------------------------------------------------
 
 def uvicorn_config(app, host="127.0.0.1", port: int = 8000, max_message_bytes: int = 1 << 16,
-                   log_level: str = "info", access_log: bool = False):
+                   log_level: str = "info", access_log: bool = False, token: Optional[str] = None):
+    """uvicorn's settings for the app; installs `RedactToken` on the log handlers it configures."""
     # per-message deflate off: PCM does not compress and it would cost CPU on every frame.
-    return uvicorn.Config(app, host=host, port=port, ws="websockets-sansio", ws_max_size=max_message_bytes,
-                          ws_per_message_deflate=False, log_level=log_level, access_log=access_log,
-                          lifespan="on", timeout_graceful_shutdown=5)
+    # Slow HTTP clients: an idle keep-alive connection is closed after 5 s, headers are capped
+    # at 16 KiB (h11, whose limit this is, rather than httptools where installed), and past 256
+    # open connections new ones get 503 (uvicorn has no header timeout).
+    config = uvicorn.Config(app, host=host, port=port, http="h11", ws="websockets-sansio",
+                            ws_max_size=max_message_bytes, ws_per_message_deflate=False, log_level=log_level,
+                            access_log=access_log, lifespan="on", timeout_graceful_shutdown=5, timeout_keep_alive=5,
+                            h11_max_incomplete_event_size=16 * 1024, limit_concurrency=256)
+    redact_logs(token)
+    return config
 
 
 def serve(server: Server, host: str, port: int, max_message_bytes: int = 1 << 16, log_level: str = "info",
-          access_log: bool = False, sockets=None) -> None:
+          access_log: bool = False, sockets=None, access: Optional[Access] = None) -> None:
     """Start the engine, then serve until interrupted."""
     server.start()
     try:
-        config = uvicorn_config(make_app(server), host, port, max_message_bytes, log_level, access_log)
+        config = uvicorn_config(make_app(server, access or Access(host)), host, port, max_message_bytes, log_level,
+                                access_log, server.token)
         uvicorn.Server(config).run(sockets=sockets)
     finally:
         server.stop()
@@ -811,7 +1060,15 @@ def parse_args(argv=None):
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cuda:1, cpu")
     ap.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
                     help="auto: bfloat16 on cuda, float32 on cpu")
-    ap.add_argument("--max-sessions", type=int, default=8, help="concurrent sessions (engine rows); more are refused")
+    ap.add_argument("--allow-origin", action="append", default=[], metavar="URL",
+                    help="also accept browser pages of this origin (scheme://host[:port]; repeatable); the "
+                         "server's own page and loopback pages are always accepted")
+    ap.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                    help="also answer requests for this host name (repeatable; e.g. the machine's DNS name when "
+                         "listening on 0.0.0.0); loopback names and the --host value are always answered")
+    ap.add_argument("--max-sessions", default="auto",
+                    help="concurrent sessions (engine rows); more are refused. auto: 8 on CUDA, 1 on CPU (every "
+                         "row costs a CPU step time even when silent)")
     ap.add_argument("--max-len", type=int, default=None, help="context in latents (default: the model's)")
     ap.add_argument("--no-compile", action="store_true",
                     help="do not torch.compile the transformer block (on CUDA it is by default: ~15 s at start, faster steps)")
@@ -828,19 +1085,51 @@ def parse_args(argv=None):
     ap.add_argument("--queue-chunks", type=int, default=4,
                     help="chunks a session may have waiting; beyond it the oldest is dropped (bounded latency)")
     ap.add_argument("--max-message-bytes", type=int, default=1 << 16, help="larger websocket messages close the session (1009)")
+    ap.add_argument("--idle-timeout", type=float, default=Limits.idle_timeout,
+                    help="close a session that sends no audio for this many seconds (close code 4408)")
+    ap.add_argument("--reset-rate", type=float, default=Limits.reset_rate,
+                    help=f"reset messages per second and session, after a burst of {Limits.reset_burst:g} "
+                         "(a reset prefills the prompt)")
     ap.add_argument("--token-temp", type=float, default=0.8)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--min-p", type=float, default=0.0)
     ap.add_argument("--mixture-temp", type=float, default=0.5)
     ap.add_argument("--gaussian-temp", type=float, default=0.1)
     ap.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
-    ap.add_argument("--access-log", action="store_true", help="log every HTTP request (the log shows ?token=)")
+    ap.add_argument("--access-log", action="store_true", help="log every HTTP request (tokens are redacted)")
     args = ap.parse_args(argv)
     if not is_loopback(args.host) and not args.token and not args.insecure:
         ap.error(f"--host {args.host} exposes the server: give a --token (or --insecure to expose it without one)")
-    if args.max_sessions < 1 or args.queue_chunks < 1:
-        ap.error("--max-sessions and --queue-chunks must be >= 1")
+    if args.max_sessions != "auto" and not (args.max_sessions.isdigit() and int(args.max_sessions) >= 1):
+        ap.error(f"--max-sessions must be auto or an integer >= 1, got {args.max_sessions!r}")
+    if args.queue_chunks < 1:
+        ap.error("--queue-chunks must be >= 1")
+    if not (args.idle_timeout > 0 and args.reset_rate > 0):  # also refuses NaN
+        ap.error("--idle-timeout and --reset-rate must be > 0")
     return args
+
+
+def check_args(args):
+    """The user's mistakes that loading the weights would otherwise hide: SystemExit("error: ...")
+    for sampling parameters outside their ranges, missing files and an unreadable prompt (all
+    without importing torch). Returns (sampling parameters {name: value}, prompt (2, N) float32
+    or None)."""
+    from model.audio import AudioError, load_prompt
+    values = {name: getattr(args, name) for name in PARAM_NAMES}
+    try:
+        params = check_params(values)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    for path in (args.checkpoint, args.prompt_path, None if args.codec in ("auto", "official") else args.codec):
+        if path is not None and not os.path.isfile(path):
+            raise SystemExit(f"error: no such file: {path}")
+    prompt = None
+    if args.prompt_path:
+        try:
+            prompt = load_prompt(args.prompt_path, 2, SAMPLE_RATE, CHUNK)
+        except (AudioError, ValueError) as e:
+            raise SystemExit(f"error: {e}")
+    return params, prompt
 
 
 def load_engine(args):
@@ -853,31 +1142,35 @@ def load_engine(args):
     log.info("loading %s on %s", source, device)
     model = load_hertz_dev(source, device=device, dtype=dtype, ckpt_dir=args.ckpt_dir, offline=args.offline or None,
                            codec=args.codec)
-    return LiveEngine(model, max_sessions=args.max_sessions, max_len=args.max_len,
+    max_sessions = int(args.max_sessions) if args.max_sessions != "auto" else 8 if device.startswith("cuda") else 1
+    return LiveEngine(model, max_sessions=max_sessions, max_len=args.max_len,
                       cuda_graphs=False if args.no_cuda_graphs else None, compile=False if args.no_compile else "auto", encode=args.encode)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    redact_logs(args.token)
+    values, prompt = check_args(args)
     from model import SamplingParams
-    try:
-        params = SamplingParams(args.token_temp, args.top_p, args.min_p, args.mixture_temp, args.gaussian_temp).validate()
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
+    params = SamplingParams(**values)
     engine = load_engine(args)
-    prompt = None
-    if args.prompt_path:
-        from model.audio import load_prompt
-        prompt = load_prompt(args.prompt_path, 2, SAMPLE_RATE, CHUNK, max_frames=engine.state.max_len - 1)
+    if prompt is not None:
+        max_frames = engine.state.max_len - 1
+        if prompt.shape[1] > max_frames * CHUNK:
+            log.warning("%s is longer than the context of %.1f s: keeping its end", args.prompt_path,
+                        max_frames * CHUNK / SAMPLE_RATE)
+            prompt = np.ascontiguousarray(prompt[:, -max_frames * CHUNK:])
         log.info("prompt %s: %.1f s", args.prompt_path, prompt.shape[1] / SAMPLE_RATE)
+    limits = Limits(reset_rate=args.reset_rate, idle_timeout=args.idle_timeout)
     server = Server(engine, token=args.token, prompt=prompt, replay_seconds=args.replay_seconds,
                     recordings=args.recordings, max_recording_seconds=args.max_recording_seconds,
-                    max_queue=args.queue_chunks, params=params)
+                    max_queue=args.queue_chunks, params=params, limits=limits)
     where = f"http://{args.host}:{args.port}/"
     log.info("browser client: %s%s", where, "?token=TOKEN" if args.token else "")
     try:
-        serve(server, args.host, args.port, args.max_message_bytes, args.log_level, args.access_log)
+        serve(server, args.host, args.port, args.max_message_bytes, args.log_level, args.access_log,
+              access=Access(args.host, tuple(args.allow_host), tuple(args.allow_origin)))
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down gracefully
         pass
 

@@ -40,29 +40,27 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-CHUNK = 2000
-STEP_S = CHUNK / 16000
+from model.protocol import CHUNK, SAMPLE_RATE, float_to_pcm, percentiles  # noqa: E402 (numpy only)
+
+STEP_S = CHUNK / SAMPLE_RATE
 
 
 def emit(**fields) -> None:
     print(json.dumps(fields), flush=True)
 
 
-def percentiles(values_ms) -> dict:
-    if not len(values_ms):
-        return {"p50": None, "p90": None, "p99": None, "max": None}
-    a = np.asarray(values_ms)
-    return {"p50": round(float(np.percentile(a, 50)), 1), "p90": round(float(np.percentile(a, 90)), 1),
-            "p99": round(float(np.percentile(a, 99)), 1), "max": round(float(a.max()), 1)}
+def rtt_stats(values_ms) -> dict:
+    """p50, p90, p99 and max of round trips in ms (None without values)."""
+    return {**percentiles(values_ms, (50, 90, 99)), "max": round(float(max(values_ms)), 2) if len(values_ms) else None}
 
 
 def synthetic_chunks(seconds: float, seed: int) -> list[bytes]:
     """Speech-like 16-bit chunks: a gliding tone with noise bursts (never silent)."""
     g = np.random.default_rng(seed)
-    t = np.arange(int(seconds / STEP_S) * CHUNK) / 16000
+    t = np.arange(int(seconds / STEP_S) * CHUNK) / SAMPLE_RATE
     x = 0.2 * np.sin(2 * np.pi * (120 + 10 * (seed % 8)) * t * (1 + 0.3 * np.sin(2 * np.pi * 0.5 * t)))
     x += 0.05 * g.standard_normal(t.shape) * (np.sin(2 * np.pi * 3 * t) > 0)
-    pcm = np.clip(np.round(x * 32767), -32768, 32767).astype("<i2")
+    pcm = float_to_pcm(x)
     return [pcm[i:i + CHUNK].tobytes() for i in range(0, len(pcm), CHUNK)]
 
 
@@ -89,7 +87,9 @@ def serve(args) -> None:
     engine = LiveEngine(model, max_sessions=args.max_sessions, compile=False if args.no_compile else "auto",
                         cuda_graphs=False if args.no_cuda_graphs else None)
     print(f"built {args.size} on {args.device} in {time.time() - t:.1f} s; warming up", file=sys.stderr, flush=True)
-    server = srv.Server(engine, max_queue=args.queue_chunks)
+    # Every client of a run connects at once: no bucket for new sessions.
+    limits = srv.Limits(start_rate=1000, start_burst=1000)
+    server = srv.Server(engine, max_queue=args.queue_chunks, limits=limits)
     try:
         srv.serve(server, "127.0.0.1", args.port, log_level="warning")
     except KeyboardInterrupt:
@@ -210,11 +210,11 @@ def main() -> None:
             results = asyncio.run(run_sessions(ws, n, args.seconds))
             after = health(http, window=time.time() - t_run)
             expected = int(args.seconds / STEP_S)
-            per = [percentiles(r["rtt"])["p99"] for r in results]
+            per = [rtt_stats(r["rtt"])["p99"] for r in results]
             at_cadence = sum(r["replies"] == expected and p is not None and p <= args.deadline_ms
                              for r, p in zip(results, per))
             emit(bench="server_sessions", sessions=n, at_cadence=at_cadence,
-                 rtt_ms=percentiles([x for r in results for x in r["rtt"]]),
+                 rtt_ms=rtt_stats([x for r in results for x in r["rtt"]]),
                  worst_session_p99_ms=max((p for p in per if p is not None), default=None),
                  replies=sum(r["replies"] for r in results), expected=n * expected,
                  dropped_in=after["dropped_in"] - before["dropped_in"],

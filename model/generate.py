@@ -764,22 +764,18 @@ class LiveEngine:
         2000-sample chunks: the prompt is encoded (priming the row's encoder and decoder streams),
         prefilled, and the model's next frame predicted, so the next `step` continues the
         conversation after it. Or from `prompt_latents` (T, 2 Z), e.g. `encode_frames` of a
-        prompt computed once for many sessions: the same, but the user encoder starts fresh."""
+        prompt computed once for many sessions: the same, but the user encoder starts fresh.
+
+        Every piece of the row's state is cleared (KV caches, histories, codec streams, pending
+        latent, random stream, parameters), so a session's output does not depend on what the
+        row held before, even non-finite values. The arguments are checked before the row is
+        touched: a ValueError or IndexError leaves it as it was."""
         if not 0 <= row < self.max_sessions:
             raise IndexError(f"row {row} is not a slot of this engine (0..{self.max_sessions - 1})")
-        st = self.state
-        seed = int(torch.randint(0, 2 ** 62, ()).item()) if seed is None else int(seed)
-        st.reset(row, seed, params)
-        self._top_p[row] = params.top_p < 1
-        self.enc.reset(slice(row, row + 1))
-        self.dec.reset(slice(row, row + 1))
-        self.occupied[row] = True
+        params.validate()
         if prompt is not None and prompt_latents is not None:
             raise ValueError("give prompt audio or prompt latents, not both")
-        if prompt is None and prompt_latents is None:
-            self.m[row] = self.silence
-            return
-        hop, view, Z = self.chunk, st.row(row), self.m.shape[-1]
+        st, hop, Z = self.state, self.chunk, self.m.shape[-1]
         if prompt is not None:
             if prompt.dim() != 2 or prompt.shape[0] != 2:
                 raise ValueError(f"a live prompt is (2, N) audio [user, model], got {tuple(prompt.shape)}")
@@ -789,12 +785,38 @@ class LiveEngine:
             if prompt.shape[1] // hop > st.max_len:
                 raise ValueError(f"a prompt of {prompt.shape[1] // hop} frames does not fit the context "
                                  f"of {st.max_len}")
-            frames = encode_frames(self.model.codec, prompt[None], self.encode, view.seed)[0]  # (T, 2 Z)
-        else:
+            if not bool(torch.isfinite(prompt).all()):
+                raise ValueError("a live prompt must hold finite samples")
+        if prompt_latents is not None:
             frames = prompt_latents.to(self.user.device, self.user.dtype)
             if frames.dim() != 2 or frames.shape[1] != 2 * Z or not 1 <= frames.shape[0] <= st.max_len:
                 raise ValueError(f"prompt latents must be (T, {2 * Z}) with 1 <= T <= {st.max_len}, "
                                  f"got {tuple(frames.shape)}")
+            if not bool(torch.isfinite(frames).all()):
+                raise ValueError("prompt latents must be finite")
+        seed = int(torch.randint(0, 2 ** 62, ()).item()) if seed is None else int(seed)
+        if not 0 <= seed < 2 ** 63:
+            raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+        view = st.row(row)
+        # Slots beyond a row's position are masked, but a masked NaN still poisons attention
+        # (0 * NaN): clear everything the last session of this row may have written.
+        for cache in (view.lm, view.rs.lower, view.rs.upper):
+            cache.k.zero_()
+            cache.v.zero_()
+        view.hist.zero_()
+        view.toks.zero_()
+        st.reset(row, seed, params)
+        self._top_p[row] = params.top_p < 1
+        self.enc.reset(slice(row, row + 1))
+        self.dec.reset(slice(row, row + 1))
+        self.user[row] = 0
+        self.audio[row] = 0
+        self.occupied[row] = True
+        if prompt is None and prompt_latents is None:
+            self.m[row] = self.silence
+            return
+        if prompt is not None:
+            frames = encode_frames(self.model.codec, prompt[None], self.encode, view.seed)[0]  # (T, 2 Z)
         x = prompt_prefill(self.model, view, frames)
         nxt, _ = decode_step(self.model, view, x, self.graphs.key(frames.shape[0], True).window)
         view.host_pos += 1
@@ -807,13 +829,18 @@ class LiveEngine:
 
     def release(self, row: int) -> None:
         """Free slot `row`; it is not stepped until the next `reset`."""
+        if not 0 <= row < self.max_sessions:
+            raise IndexError(f"row {row} is not a slot of this engine (0..{self.max_sessions - 1})")
         self.occupied[row] = False
         self.state.host_pos[row] = 0
         self.state.pos[row] = 0
 
     def set_params(self, row: int, params: SamplingParams) -> None:
-        """Change a session's sampling parameters (effective from the next step)."""
-        self.state.params.set(row, params)
+        """Change a session's sampling parameters (effective from the next step); ValueError
+        (row unchanged) for values outside their ranges."""
+        if not 0 <= row < self.max_sessions:
+            raise IndexError(f"row {row} is not a slot of this engine (0..{self.max_sessions - 1})")
+        self.state.params.set(row, params.validate())
         self._top_p[row] = params.top_p < 1
 
     @torch.no_grad()

@@ -16,6 +16,13 @@ CHUNK_BYTES = 2 * CHUNK               # 16-bit PCM
 CHUNK_MS = 1000 * CHUNK / SAMPLE_RATE
 TEXT_PREFIX = "data:audio/raw;base64,"  # the original server's audio text frames
 
+# Websocket close codes of the live server (RFC 6455 and the IANA registry; 4000-4999 are ours).
+CLOSE_POLICY = 1008       # no valid token, too many bad messages, or a client that does not read its replies
+CLOSE_TOO_BIG = 1009      # a message over the server's --max-message-bytes (from the websocket layer)
+CLOSE_INTERNAL = 1011     # the engine failed for this session
+CLOSE_TRY_AGAIN = 1013    # every slot is taken: try again later
+CLOSE_IDLE = 4408         # no audio for the server's --idle-timeout seconds (as HTTP 408)
+
 # Sampling parameters: name -> (low, high, low inclusive, high inclusive, what it is).
 PARAM_RANGES: dict[str, tuple[float, float, bool, bool, str]] = {
     "token_temp": (0.0, 5.0, True, True, "LM softmax temperature (0 = greedy)"),

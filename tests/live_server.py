@@ -17,10 +17,9 @@ from config.codec_config import PRESETS as CODEC_PRESETS
 from config.transformer_config import PRESETS
 from model import Codec, HertzDev, build, save_codec, save_transformer
 from model.generate import LiveEngine
+from model.protocol import CHUNK, TEXT_PREFIX, float_to_pcm, pcm_to_float
 
 import inference_server as srv
-
-CHUNK = 2000
 
 
 def tiny_duplex(seed: int = 0) -> HertzDev:
@@ -47,7 +46,7 @@ def speech_like(seconds: float, seed: int = 0, rate: int = 16000) -> np.ndarray:
 
 
 def pcm_chunks(audio: np.ndarray) -> list[bytes]:
-    pcm = srv.float_to_pcm(audio[: len(audio) // CHUNK * CHUNK])
+    pcm = float_to_pcm(audio[: len(audio) // CHUNK * CHUNK])
     return [pcm[i:i + CHUNK].tobytes() for i in range(0, len(pcm), CHUNK)]
 
 
@@ -56,6 +55,10 @@ def free_socket() -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     return sock
+
+
+# Tests open sessions and send control messages faster than people do.
+TEST_LIMITS = srv.Limits(start_rate=100, start_burst=100, control_rate=1000, control_burst=1000)
 
 
 class SlowEngine:
@@ -74,15 +77,17 @@ class SlowEngine:
 
 @contextlib.contextmanager
 def running_server(model, max_sessions: int = 3, max_message_bytes: int = 1 << 16, slow: float = 0.0,
-                   log_level: str = "warning", **kwargs):
-    """Yields the `Server` with `.http` and `.ws` base URLs set."""
+                   log_level: str = "warning", access: srv.Access = srv.Access(), limits: srv.Limits = TEST_LIMITS,
+                   **kwargs):
+    """Yields the `Server` with `.http` and `.ws` base URLs set (and `.port`)."""
     import uvicorn
     engine = LiveEngine(model, max_sessions=max_sessions)
-    server = srv.Server(SlowEngine(engine, slow) if slow else engine, **kwargs)
+    server = srv.Server(SlowEngine(engine, slow) if slow else engine, limits=limits, **kwargs)
     server.start()
     sock = free_socket()
     port = sock.getsockname()[1]
-    config = srv.uvicorn_config(srv.make_app(server), "127.0.0.1", port, max_message_bytes, log_level=log_level)
+    config = srv.uvicorn_config(srv.make_app(server, access), "127.0.0.1", port, max_message_bytes, log_level=log_level,
+                                token=server.token)
     userver = uvicorn.Server(config)
     thread = threading.Thread(target=userver.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -90,7 +95,7 @@ def running_server(model, max_sessions: int = 3, max_message_bytes: int = 1 << 1
     while not userver.started:
         assert thread.is_alive() and time.time() < deadline, "the server did not start"
         time.sleep(0.02)
-    server.http, server.ws = f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}"
+    server.http, server.ws, server.port = f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}", port
     try:
         yield server
     finally:
@@ -119,7 +124,7 @@ async def stream(ws, chunks: list, window: int = 2, text: bool = False) -> list:
     while got < len(chunks):
         while sent < len(chunks) and sent - got < window:
             c = chunks[sent]
-            await ws.send(srv.TEXT_PREFIX + base64.b64encode(c).decode() if text else c)
+            await ws.send(TEXT_PREFIX + base64.b64encode(c).decode() if text else c)
             sent += 1
         msg = await asyncio.wait_for(ws.recv(), timeout=20)
         if isinstance(msg, bytes):
@@ -144,8 +149,8 @@ def reference_replies(model, chunks: list, seed: int, params=None, prompt=None, 
     out, active = [], np.arange(B) == row
     for c in chunks:
         x = np.zeros((B, CHUNK), dtype=np.float32)
-        x[row] = srv.pcm_to_float(np.frombuffer(c, dtype="<i2"))
-        out.append(srv.float_to_pcm(engine.step(x, active).numpy()[row]))
+        x[row] = pcm_to_float(np.frombuffer(c, dtype="<i2"))
+        out.append(float_to_pcm(engine.step(x, active).numpy()[row]))
     return np.stack(out)
 
 

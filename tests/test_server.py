@@ -18,9 +18,12 @@ import inference_server as srv
 from live_server import (as_pcm, connect, pcm_chunks, reference_replies, running_server, speech_like, stream,
                          tiny_duplex, where)
 from model import SamplingParams
+from model.protocol import (CLOSE_IDLE, CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_TRY_AGAIN, TEXT_PREFIX, float_to_pcm)
 
 CHUNKS = pcm_chunks(speech_like(10.0))  # 80 chunks: 10 s
-B64 = srv.TEXT_PREFIX
+B64 = TEXT_PREFIX
+# The module's server answers these besides loopback names and pages (--allow-host, --allow-origin).
+ACCESS = srv.Access("127.0.0.1", allow_hosts=("hertz.example",), allow_origins=("https://app.example",))
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +33,18 @@ def model():
 
 @pytest.fixture(scope="module")
 def server(model):
-    with running_server(model, max_sessions=3) as s:
+    with running_server(model, max_sessions=3, access=ACCESS) as s:
         yield s
 
 
-def http(url, method="GET", headers=None):
-    req = urllib.request.Request(url, method=method, headers=headers or {}, data=b"" if method == "POST" else None)
+def http(url, method="GET", headers=None, body=None):
+    """(status, body bytes, headers); `body` a dict is sent as JSON, bytes as they are."""
+    headers = dict(headers or {})
+    if isinstance(body, dict):
+        body = json.dumps(body).encode()
+        headers.setdefault("Content-Type", "application/json")
+    data = body if body is not None else (b"" if method == "POST" else None)
+    req = urllib.request.Request(url, method=method, headers=headers, data=data)
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
             return r.status, r.read(), r.headers
@@ -95,8 +104,8 @@ def test_text_frames_exactly_as_the_original_client(model):
     """The original inference_client.py: POST /set_temperature with its query names, then
     lock-step `data:audio/raw;base64,` frames of 2000 int16 samples; replies parsed as it does."""
     with running_server(model, max_sessions=2) as server:
-        status, body, _ = http(server.http + "/set_temperature?token_temp=0.6&categorical_temp=0.4&gaussian_temp=0.2",
-                               method="POST")
+        status, body, _ = http(server.http + "/set_temperature", method="POST",
+                               body={"token_temp": 0.6, "categorical_temp": 0.4, "gaussian_temp": 0.2})
         assert status == 200 and json.loads(body)["status"] == "success"
         assert "Temperature updated to: (0.6, (0.4, 0.2))" in json.loads(body)["message"]
 
@@ -166,21 +175,109 @@ def test_control_messages(server, model):
     assert_close(as_pcm(replies), reference_replies(model, CHUNKS[:8], 3, SamplingParams(mixture_temp=0.0), where=at))
 
 
-def test_set_temperature_for_one_session(server):
+def test_set_temperature_for_one_session_needs_the_token(model):
+    """With the token, HTTP may change one session's parameters by id (from its status); bad values
+    are refused and change nothing; an unknown id is 404."""
+    token = "t0ken-for-sessions"
+    auth = {"Authorization": f"Bearer {token}"}
+    with running_server(model, max_sessions=1, token=token) as server:
+        async def run():
+            async with connect(server.ws + "/audio", token=token) as ws:
+                sid = (await control(ws, type="status"))["session"]
+                url = server.http + "/set_temperature"
+                status, body, _ = await asyncio.to_thread(http, url, "POST", auth, {"token_temp": 0.5, "session": sid})
+                assert status == 200 and json.loads(body)["params"]["token_temp"] == 0.5
+                assert (await control(ws, type="status"))["params"]["token_temp"] == 0.5
+                for bad in ({"token_temp": 5.5}, {"gaussian_temp": -1}, {"top_p": 0}, {"token_temp": "hot"}):
+                    status, body, _ = await asyncio.to_thread(http, url, "POST", auth, {**bad, "session": sid})
+                    assert status == 400 and json.loads(body)["error"] == "bad_params", body
+                assert (await control(ws, type="status"))["params"]["token_temp"] == 0.5
+        asyncio.run(asyncio.wait_for(run(), 30))
+        status, body, _ = http(server.http + "/set_temperature", "POST", auth, {"token_temp": 0.5, "session": "nope"})
+        assert status == 404
+
+
+def test_set_temperature_is_a_json_post_and_sessions_need_a_token(server):
+    """No simple cross-site request can change anything: a form, text or query-string POST is
+    415; without a token HTTP changes only the defaults of new sessions, never a session by id;
+    bad values are 400 and change nothing."""
+    url = server.http + "/set_temperature"
+    before = server.params
+    for body, ctype in ((b"token_temp=4", "application/x-www-form-urlencoded"), (b'{"token_temp": 4}', "text/plain"),
+                        (b"", None)):
+        headers = {"Content-Type": ctype} if ctype else {}
+        status, reply, _ = http(url + "?token_temp=4", "POST", headers, body)
+        assert status == 415 and json.loads(reply)["error"] == "bad_content_type"
+    assert http(url, "GET")[0] == 405
+
     async def run():
         async with connect(server.ws + "/audio") as ws:
             sid = (await control(ws, type="status"))["session"]
-            url = server.http + "/set_temperature?token_temp=0.5&session=" + sid
-            status, body, _ = await asyncio.to_thread(http, url, "POST")
-            assert status == 200 and json.loads(body)["params"]["token_temp"] == 0.5
-            assert (await control(ws, type="status"))["params"]["token_temp"] == 0.5
-            for query, code in (("token_temp=nan", 400), ("gaussian_temp=-1", 400), ("token_temp=inf", 400)):
-                status, body, _ = await asyncio.to_thread(http, server.http + f"/set_temperature?{query}&session={sid}", "POST")
-                assert status == code and json.loads(body)["status"] == "error"
-            assert (await control(ws, type="status"))["params"]["token_temp"] == 0.5
+            status, reply, _ = await asyncio.to_thread(http, url, "POST", None, {"token_temp": 0.1, "session": sid})
+            assert status == 403 and json.loads(reply)["error"] == "needs_token"
+            assert (await control(ws, type="status"))["params"]["token_temp"] == SamplingParams().token_temp
     asyncio.run(asyncio.wait_for(run(), 30))
-    status, body, _ = http(server.http + "/set_temperature?token_temp=0.5&session=nope", "POST")
-    assert status == 404
+    for body in (b'{"token_temp": 1e999}', b'{"token_temp": 1' + b"0" * 400 + b"}", b'{"gaussian_temp": 5.01}',
+                 b'{"top_p": 0}', b'{"min_p": 1}', b'{"token_temp": NaN}', b"[" * 2000 + b"]" * 2000, b"[0.5]",
+                 b'{"token_temp": true}', b'{"temperature": 1}', b"{not json"):
+        status, reply, _ = http(url, "POST", {"Content-Type": "application/json"}, body)
+        assert status == 400 and json.loads(reply)["status"] == "error", (body[:40], status, reply)
+    assert server.params == before
+    status, reply, _ = http(url, "POST", None, {"token_temp": 0.7, "categorical_temp": 0.3})
+    assert status == 200 and server.params.token_temp == 0.7 and server.params.mixture_temp == 0.3
+    assert http(url, "POST", None, {"token_temp": 0.8, "categorical_temp": 0.5})[0] == 200  # the defaults again
+    assert server.params == SamplingParams()
+
+
+# --- origins and hosts ----------------------------------------------------------------------
+
+def handshake(port: int, headers: dict) -> int:
+    """The HTTP status of a websocket handshake to /audio with these extra headers (Host given
+    explicitly: a page after a DNS rebinding sends its own name)."""
+    import socket
+    lines = ["GET /audio HTTP/1.1", "Upgrade: websocket", "Connection: Upgrade",
+             "Sec-WebSocket-Key: " + base64.b64encode(b"0123456789abcdef").decode(), "Sec-WebSocket-Version: 13"]
+    lines += [f"{k}: {v}" for k, v in {"Host": f"127.0.0.1:{port}", **headers}.items()]
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        return int(sock.recv(1024).split(b" ")[1])
+
+
+def test_foreign_origins_and_hosts_are_refused(server):
+    """A page of another site (Origin), or any site after a DNS rebinding (Host), gets 403 on the
+    websocket and on HTTP; programs (no Origin), the server's own page, loopback pages and what the
+    server was started for (--allow-origin, --allow-host) are answered."""
+    port = server.port
+    refused = [{"Origin": "https://evil.example"}, {"Origin": "null"}, {"Origin": "http://127.0.0.1.evil.example"},
+               {"Origin": f"http://192.168.1.9:{port}"}, {"Origin": "https://app.example:444"},
+               {"Host": f"evil.example:{port}"}, {"Host": "localhost.evil.example"}, {"Host": f"10.0.0.1:{port}"},
+               {"Host": f"hertz.example:{port}", "Origin": "https://evil.example"}]
+    allowed = [{}, {"Origin": f"http://127.0.0.1:{port}"}, {"Origin": "http://localhost:5173"},
+               {"Origin": "http://[::1]:8080"}, {"Origin": "https://app.example"},
+               {"Host": f"localhost:{port}"}, {"Host": f"[::1]:{port}"},
+               {"Host": f"hertz.example:{port}", "Origin": f"http://hertz.example:{port}"}]
+    for headers in refused:
+        assert handshake(port, headers) == 403, headers
+        status, body, _ = http(server.http + "/health", headers=headers)
+        assert status == 403 and json.loads(body)["error"] == "forbidden", headers
+        status, _, _ = http(server.http + "/set_temperature", "POST", headers, {"token_temp": 3.0})
+        assert status == 403, headers
+    assert server.params == SamplingParams()  # the cross-site POST changed nothing
+    for headers in allowed:
+        assert handshake(port, headers) == 101, headers
+        assert http(server.http + "/health", headers=headers)[0] == 200, headers
+    wait_idle(server)
+
+
+def test_access_on_every_interface():
+    """Listening on 0.0.0.0 (with a token): IP addresses (a page cannot rebind a literal address)
+    and loopback names are answered, other names only with --allow-host."""
+    access = srv.Access("0.0.0.0", allow_hosts=("box.lan",))
+    assert all(access.host_allowed(h) for h in ("192.168.1.9:8000", "[fe80::1]:8000", "localhost:8000", "box.lan"))
+    assert not any(access.host_allowed(h) for h in ("evil.example:8000", "box.lan.evil.example"))
+    args = srv.parse_args(["--host", "0.0.0.0", "--token", "x", "--allow-host", "box.lan",
+                           "--allow-origin", "https://a.example", "--allow-origin", "https://b.example"])
+    assert args.allow_host == ["box.lan"] and args.allow_origin == ["https://a.example", "https://b.example"]
 
 
 # --- bad input ------------------------------------------------------------------------------
@@ -206,6 +303,22 @@ BAD = {
     "Infinity": ('{"type": "set_params", "gaussian_temp": Infinity}', "bad_params"),
     "-Infinity": ('{"type": "set_params", "mixture_temp": -Infinity}', "bad_params"),
     "overflowing float": ('{"type": "set_params", "token_temp": 1e999}', "bad_params"),
+    "integer too large for a float": ('{"type": "set_params", "token_temp": 1' + "0" * 400 + "}", "bad_params"),
+    "integer too long to parse": ('{"type": "set_params", "token_temp": 1' + "0" * 5000 + "}", "bad_json"),
+    "huge seed": ('{"type": "reset", "seed": 1' + "0" * 400 + "}", "bad_seed"),
+    "JSON nested 5000 deep": ("[" * 5000 + "]" * 5000, "bad_json"),
+    "parameter nested 5000 deep": ('{"type": "set_params", "token_temp": ' + "[" * 5000 + "]" * 5000 + "}", "bad_json"),
+    "id nested 900 deep": ('{"type": "status", "id": ' + "[" * 900 + "]" * 900 + "}", "bad_json"),
+    "id an object": ('{"type": "status", "id": {"a": 1}}', "bad_message"),
+    "id overflowing": ('{"type": "status", "id": 1e999}', "bad_message"),
+    "id a huge integer": ('{"type": "status", "id": 1' + "0" * 400 + "}", "bad_message"),
+    "json string": ('"set_params"', "bad_message"),
+    "json number": ("42", "bad_message"),
+    "json null": ("null", "bad_message"),
+    "type not a string": ('{"type": 7}', "bad_message"),
+    "temperature above 5": ('{"type": "set_params", "gaussian_temp": 5.5}', "bad_params"),
+    "min_p of 1": ('{"type": "set_params", "min_p": 1}', "bad_params"),
+    "temperature as a list": ('{"type": "set_params", "token_temp": [0.5]}', "bad_params"),
     "negative temperature": ('{"type": "set_params", "token_temp": -0.1}', "bad_params"),
     "top_p out of range": ('{"type": "set_params", "top_p": 0}', "bad_params"),
     "boolean temperature": ('{"type": "set_params", "token_temp": true}', "bad_params"),
@@ -245,7 +358,7 @@ def test_oversized_message_closes_that_session(model, kind):
                 with pytest.raises(websockets.ConnectionClosed):
                     await asyncio.wait_for(ws.recv(), 10)
                 return ws.close_code
-        assert asyncio.run(run()) == srv.CLOSE_TOO_BIG
+        assert asyncio.run(run()) == CLOSE_TOO_BIG
         wait_idle(server)
 
 
@@ -261,7 +374,7 @@ def test_too_many_bad_messages_close_the_session(server):
                     errors += msg["type"] == "error"
             return errors, ws.close_code, ws.close_reason
     errors, code, reason = asyncio.run(run())
-    assert errors == srv.MAX_BAD_MESSAGES + 1 and code == srv.CLOSE_POLICY and "bad messages" in reason
+    assert errors == srv.MAX_BAD_MESSAGES + 1 and code == CLOSE_POLICY and "bad messages" in reason
     wait_idle(server)
 
 
@@ -315,7 +428,7 @@ def test_bad_clients_do_not_disturb_a_session_at_real_time(model):
 
         async def bad_inputs():
             async with connect(server.ws + "/audio") as ws:
-                for message, _ in BAD.values():
+                for message, _ in list(BAD.values())[:srv.MAX_BAD_MESSAGES]:  # one more would close it
                     await ws.send(message)
                     assert json.loads(await ws.recv())["type"] == "error"
                     await asyncio.sleep(0.02)
@@ -336,7 +449,7 @@ def test_bad_clients_do_not_disturb_a_session_at_real_time(model):
                         await asyncio.sleep(0.001)
                     while True:
                         await ws.recv()
-            assert ws.close_code == srv.CLOSE_POLICY
+            assert ws.close_code == CLOSE_POLICY
 
         async def vanishing():
             for _ in range(3):
@@ -357,7 +470,7 @@ def test_bad_clients_do_not_disturb_a_session_at_real_time(model):
         assert max(rtt) < 0.25, f"round trips {sorted(rtt)[-3:]} s: the session lost its cadence"
         wait_idle(server)
         h = health(server)
-        assert h["dropped_in"] == 0 and h["bad_messages"] > len(BAD)
+        assert h["dropped_in"] == 0 and h["bad_messages"] > srv.MAX_BAD_MESSAGES
 
 
 # --- load, capacity, auth -------------------------------------------------------------------
@@ -380,7 +493,7 @@ def test_capacity_refuses_with_1013(model):
             await b.close()
             return refused
         code, reason = asyncio.run(asyncio.wait_for(run(), 30))
-        assert code == srv.CLOSE_TRY_AGAIN and "capacity" in reason and "try again later" in reason
+        assert code == CLOSE_TRY_AGAIN and "capacity" in reason and "try again later" in reason
         h = health(server)
         assert h["refused"] == 1 and h["capacity"] == 2
 
@@ -412,6 +525,7 @@ def test_outbox_is_bounded_for_a_client_that_does_not_read():
     class Stub:
         counts = __import__("collections").Counter()
         replay = []
+        limits = srv.Limits()
 
     async def run():
         s = srv.Session(Stub(), ws=None, row=0, params=SamplingParams(), seed=0)
@@ -420,20 +534,20 @@ def test_outbox_is_bounded_for_a_client_that_does_not_read():
         assert sum(a for a, _ in s.outbox) == srv.MAX_OUTBOX_AUDIO and s.counts["dropped_out"] == 40 - srv.MAX_OUTBOX_AUDIO
         for _ in range(srv.MAX_OUTBOX):
             s.send_json(type="x")
-        assert s.close_code[0] == srv.CLOSE_POLICY
+        assert s.close_code[0] == CLOSE_POLICY
     asyncio.run(run())
 
 
 def test_token_auth(model):
     token = "s3cret-token"
     with running_server(model, max_sessions=2, token=token) as server:
-        for path, method in (("/health", "GET"), ("/", "GET"), ("/set_temperature?token_temp=0.7", "POST")):
-            assert http(server.http + path, method)[0] == 401
-            status, _, headers = http(server.http + path, method, headers={"Authorization": "Bearer wrong"})
+        for path, method, body in (("/health", "GET", None), ("/", "GET", None),
+                                   ("/set_temperature", "POST", {"token_temp": 0.7})):
+            assert http(server.http + path, method, body=body)[0] == 401
+            status, _, headers = http(server.http + path, method, headers={"Authorization": "Bearer wrong"}, body=body)
             assert status == 401 and headers["WWW-Authenticate"] == "Bearer"
-            assert http(server.http + path, method, headers={"Authorization": f"Bearer {token}"})[0] == 200
-            sep = "&" if "?" in path else "?"
-            assert http(server.http + path + f"{sep}token={token}", method)[0] == 200
+            assert http(server.http + path, method, headers={"Authorization": f"Bearer {token}"}, body=body)[0] == 200
+            assert http(server.http + path + f"?token={token}", method, body=body)[0] == 200
         status, body, _ = http(server.http + f"/?token={token}")
         assert b"<title>hertz-dev" in body
 
@@ -472,14 +586,14 @@ def test_prompt_replay_and_recording(model, tmp_path):
         at, replies = asyncio.run(asyncio.wait_for(run(), 30))
         replies = as_pcm(replies)
         wait_idle(server)
-    mono = srv.float_to_pcm(prompt.mean(axis=0))
+    mono = float_to_pcm(prompt.mean(axis=0))
     assert np.array_equal(replies[:4].reshape(-1), mono)  # the prompt is played back first ...
     assert_close(replies[4:], reference_replies(model, live, 7, prompt=prompt, where=at))  # ... then the warm-started model
     files = list((tmp_path / "rec").iterdir())
     assert len(files) == 1 and files[0].suffix == ".wav"
     audio, rate = sf.read(files[0], dtype="int16")
     assert rate == 16000 and audio.shape == (8000 + 10 * 2000, 2)
-    assert np.array_equal(audio[:8000], srv.float_to_pcm(prompt.T))
+    assert np.array_equal(audio[:8000], float_to_pcm(prompt.T))
     assert np.array_equal(audio[8000:, 0], as_pcm(live).reshape(-1))       # the user, as received
     assert np.array_equal(audio[8000:10000, 1], np.zeros(2000))           # the model, one frame behind:
     assert np.array_equal(audio[10000:, 1], replies[4:-1].reshape(-1))    # its reply to chunk t is frame t+1
@@ -510,3 +624,311 @@ def test_recording_is_capped(model, tmp_path):
         wait_idle(server)
     (wav,) = list(tmp_path.glob("*.wav"))
     assert sf.info(wav).frames == 8000 and sf.info(wav).channels == 2
+
+
+# --- engine rows, limits, timeouts ----------------------------------------------------------
+
+def test_reset_clears_every_piece_of_a_row(model):
+    """A row whose every state tensor holds NaN or garbage (what an absurd session may leave),
+    once reset, gives exactly the replies of a fresh engine; a reset with bad arguments raises
+    before touching the row."""
+    import torch
+    from model.generate import LiveEngine
+    engine = LiveEngine(model, max_sessions=2)
+    engine.reset(0, SamplingParams(token_temp=5, mixture_temp=5, gaussian_temp=5), seed=1)
+    engine.step(np.ones((2, 2000), dtype=np.float32), np.array([True, False]))
+    st, row = engine.state, engine.state.row(0)
+    for t in (row.lm.k, row.lm.v, row.rs.lower.k, row.rs.lower.v, row.rs.upper.k, row.rs.upper.v, row.hist,
+              engine.m[0], engine.user[0], engine.audio[0], *(b[0] for b in engine.enc.buffers + engine.dec.buffers)):
+        t.fill_(float("nan"))
+    row.toks.fill_(7), st.counter[0].fill_(12345)
+    for f in st.params.FIELDS:
+        getattr(st.params, f)[0] = float("nan")
+    pos = engine.positions
+    for bad in (dict(params=SamplingParams(token_temp=9)), dict(seed=-1), dict(seed=2 ** 64),
+                dict(prompt=torch.full((2, 4000), float("nan"))), dict(prompt=torch.zeros(3, 4000))):
+        with pytest.raises((ValueError, IndexError)):
+            engine.reset(0, **{"params": SamplingParams(), **bad})
+        assert np.array_equal(engine.positions, pos) and torch.isnan(engine.m[0]).all()  # untouched
+    engine.reset(0, SamplingParams(), seed=3)
+    got = []
+    for c in CHUNKS[:6]:
+        x = np.zeros((2, 2000), dtype=np.float32)
+        x[0] = np.frombuffer(c, dtype="<i2") / 32767
+        got.append(float_to_pcm(engine.step(x, np.array([True, False])).numpy()[0]))
+    assert_close(np.stack(got), reference_replies(model, CHUNKS[:6], 3, where=(2, 0)))
+
+
+def test_a_poisoned_row_gives_a_clean_next_session(model):
+    """On a one-row server: a clean session; then one at the maximum in-range temperatures fed
+    full-scale noise; then the clean session again: bit for bit the same replies."""
+    noise = np.random.default_rng(1).integers(-32768, 32768, (24, 2000)).astype("<i2")
+    with running_server(model, max_sessions=1) as server:
+        async def session(seed, chunks, **params):
+            async with connect(server.ws + f"/audio?seed={seed}") as ws:
+                if params:
+                    assert (await control(ws, type="set_params", **params))["type"] == "ack"
+                return as_pcm([r for r in await stream(ws, chunks) if isinstance(r, bytes)])
+        first = asyncio.run(asyncio.wait_for(session(3, CHUNKS[:8]), 30))
+        wait_idle(server)
+        loud = asyncio.run(asyncio.wait_for(session(4, [c.tobytes() for c in noise], token_temp=5, mixture_temp=5,
+                                                    gaussian_temp=5, top_p=1, min_p=0), 30))
+        wait_idle(server)
+        again = asyncio.run(asyncio.wait_for(session(3, CHUNKS[:8]), 30))
+    assert len(loud) == 24 and not np.array_equal(loud[:8], first)
+    assert_close(again, first)
+
+
+def test_a_session_that_fails_to_start_leaves_its_row_free(model):
+    """A prompt longer than the context: each session is closed with 1011 and its row is not
+    left occupied (stepped, sliding and widening the attention window of the others)."""
+    prompt = np.zeros((2, 70 * 2000), dtype=np.float32)  # the tiny model's context is 64 frames
+    with running_server(model, max_sessions=1, prompt=prompt) as server:
+        async def run():
+            async with connect(server.ws + "/audio") as ws:
+                with pytest.raises(websockets.ConnectionClosed):
+                    await asyncio.wait_for(ws.recv(), 10)
+                return ws.close_code, ws.close_reason
+        for _ in range(2):
+            code, reason = asyncio.run(run())
+            assert code == 1011 and "could not start a session" in reason
+        time.sleep(0.2)
+        assert not server.engine.occupied.any() and health(server)["sessions"] == 0
+
+
+def test_idle_session_is_closed_and_frees_its_slot(model):
+    """No audio for --idle-timeout seconds (control messages do not count): closed with
+    CLOSE_IDLE and a reason; the one slot serves the next client."""
+    with running_server(model, max_sessions=1, limits=srv.Limits(idle_timeout=0.6)) as server:
+        async def idle(talk: bool):
+            async with connect(server.ws + "/audio") as ws:
+                t0 = time.perf_counter()
+                if talk:
+                    await stream(ws, CHUNKS[:2])
+                with pytest.raises(websockets.ConnectionClosed):
+                    while True:
+                        await ws.send(json.dumps({"type": "status"}))
+                        await asyncio.wait_for(ws.recv(), 10)
+                        await asyncio.sleep(0.1)
+                return ws.close_code, ws.close_reason, time.perf_counter() - t0
+        for talk in (False, True):
+            code, reason, elapsed = asyncio.run(asyncio.wait_for(idle(talk), 30))
+            assert code == CLOSE_IDLE and "no audio for 0.6 s" in reason and 0.5 < elapsed < 8
+            wait_idle(server)
+
+        async def next_client():
+            async with connect(server.ws + "/audio") as ws:
+                return await stream(ws, CHUNKS[:2])
+        assert len(asyncio.run(asyncio.wait_for(next_client(), 30))) == 2
+
+
+def test_reset_rate_limit_holds_another_sessions_cadence(model):
+    """With a prompt (every reset and every new session prefills it), three clients resetting in a
+    loop, and reconnecting when closed for it, get `rate_limited` errors, closes and refusals, and
+    a session at real time beside them keeps every reply (none dropped: its queue holds 1 s)."""
+    prompt = np.stack([speech_like(1.0, seed=1), speech_like(1.0, seed=2)])
+    limits = srv.Limits(reset_rate=0.2, reset_burst=2, start_rate=0.2, start_burst=4)
+    with running_server(model, max_sessions=4, prompt=prompt, replay_seconds=0, limits=limits, max_queue=8) as server:
+        good_chunks = CHUNKS[:24]
+
+        async def good(ws, ready, done):
+            sent, rtt = [], []
+            await asyncio.gather(*(r.wait() for r in ready))
+
+            async def send():
+                t0 = time.perf_counter()
+                for i, c in enumerate(good_chunks):
+                    await asyncio.sleep(max(0.0, t0 + i * 0.125 - time.perf_counter()))
+                    sent.append(time.perf_counter())
+                    await ws.send(c)
+            sender = asyncio.create_task(send())
+            while len(rtt) < len(good_chunks):
+                msg = await asyncio.wait_for(ws.recv(), 10)
+                assert isinstance(msg, bytes), msg  # no {"type": "dropped"}
+                rtt.append(time.perf_counter() - sent[len(rtt)])
+            await sender
+            done.set()
+            return rtt
+
+        async def spam(ready, done):
+            acks, limited, closed = 0, 0, []
+            while not done.is_set():
+                async with connect(server.ws + "/audio") as ws:
+                    try:
+                        while not done.is_set():
+                            reply = await control(ws, type="reset")
+                            acks += reply["type"] == "ack"
+                            limited += reply.get("error") == "rate_limited"
+                    except websockets.ConnectionClosed:
+                        closed.append(ws.close_code)
+                        ready.set()
+            return acks, limited, closed
+
+        async def run():
+            ready, done = [asyncio.Event() for _ in range(3)], asyncio.Event()
+            async with connect(server.ws + "/audio") as ws:
+                await control(ws, type="status")  # started before the spammers
+                return await asyncio.gather(good(ws, ready, done), *(spam(r, done) for r in ready))
+        rtt, *spammers = asyncio.run(asyncio.wait_for(run(), 90))
+        h = health(server)
+    print(f"round trips: p50 {np.median(rtt) * 1000:.0f} ms, max {max(rtt) * 1000:.0f} ms; "
+          f"resets acknowledged {[a for a, _, _ in spammers]}, sessions {h['sessions_total']}, refused {h['refused']}")
+    starts = h["sessions_total"]
+    assert sum(acks for acks, _, _ in spammers) <= limits.reset_burst * starts
+    assert all(limited >= srv.MAX_BAD_MESSAGES and CLOSE_POLICY in closed for _, limited, closed in spammers)
+    assert h["refused"] > 0 and starts <= limits.start_burst + 1 + limits.start_rate * 10
+    assert max(rtt) < 1.0, f"round trips {sorted(rtt)[-3:]} s: the session lost its cadence"
+
+
+def test_health_shows_counts_not_session_ids(server):
+    async def run():
+        async with connect(server.ws + "/audio") as ws:
+            sid = (await control(ws, type="status"))["session"]
+            return sid, await asyncio.to_thread(http, server.http + "/health")
+    sid, (status, body, _) = asyncio.run(asyncio.wait_for(run(), 30))
+    assert status == 200 and json.loads(body)["sessions"] == 1 and sid.encode() not in body
+    assert all(not isinstance(v, (list, dict)) or k in ("step_ms", "chunk_latency_ms")
+               for k, v in json.loads(body).items())
+    wait_idle(server)
+
+
+def test_leftover_part_recordings_are_finished_or_removed(model, tmp_path, caplog):
+    """What a killed server leaves: a readable `.part` becomes its WAV, an unreadable or empty one
+    is removed; each with a log line."""
+    import subprocess
+    import sys
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    kill = ("import os, numpy as np, soundfile as sf\n"
+            f"f = sf.SoundFile({str(rec / '.a.wav.part')!r}, 'w', 16000, 2, 'PCM_16', format='WAV')\n"
+            "f.write(np.full((16000, 2), 100, dtype='int16'))\nos._exit(9)\n")
+    assert subprocess.run([sys.executable, "-c", kill], timeout=60).returncode == 9
+    (rec / ".b.wav.part").write_bytes(b"RIFF\x00\x00garbage")
+    sf.write(rec / ".c.wav.part", np.zeros((0, 2), dtype="int16"), 16000, "PCM_16", format="WAV")
+    with caplog.at_level("WARNING", logger="hertz.server"):
+        with running_server(model, max_sessions=1, recordings=str(rec)):
+            pass
+    assert sorted(p.name for p in rec.iterdir()) == ["a.wav"]
+    audio, rate = sf.read(rec / "a.wav", dtype="int16")
+    assert rate == 16000 and audio.shape == (16000, 2) and (audio == 100).all()
+    assert "recovered 1.0 s" in caplog.text and caplog.text.count("removed an interrupted recording") == 2
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+def run_cli(*args, timeout=120):
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, "inference_server.py", *args], cwd=repo, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_cli_errors(tmp_path, cases: dict) -> None:
+    """Each command line of `cases` {args: [start of the line, other parts]} exits with one
+    `error:` line, found before the weights load (none are there to load: --offline, an empty
+    --ckpt-dir)."""
+    import concurrent.futures
+    base = ["--offline", "--ckpt-dir", str(tmp_path / "empty"), "--device", "cpu"]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = dict(zip(cases, pool.map(lambda a: run_cli(*base, *a), cases)))
+    for args, want in cases.items():
+        r = results[args]
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith(want[0]), (args, r.stderr[-2000:])
+        assert all(w in lines[0] for w in want), (args, lines)
+
+
+def test_cli_errors_before_loading_weights(tmp_path):
+    """Sampling flags outside their ranges and missing files: one `error:` line, before loading."""
+    missing = str(tmp_path / "missing.safetensors")
+    assert_cli_errors(tmp_path, {
+        ("--token-temp", "9"): ["error: token_temp must be in [0, 5]"],
+        ("--gaussian-temp", "inf"): ["error: gaussian_temp must be in [0, 5]"],
+        ("--top-p", "0"): ["error: top_p must be in (0, 1]"],
+        ("--min-p", "1e999"): ["error: min_p must be in [0, 1)"],
+        ("--checkpoint", missing): [f"error: no such file: {missing}"],
+        ("--prompt-path", missing + ".wav"): [f"error: no such file: {missing}.wav"]})
+
+
+def test_cli_refuses_a_non_finite_prompt(tmp_path):
+    from model.audio import AudioError, load_audio
+    nan = tmp_path / "nan.wav"
+    sf.write(nan, np.full((16000, 2), np.nan, dtype=np.float32), 16000, subtype="FLOAT")
+    try:
+        load_audio(str(nan))
+        pytest.skip("model.audio.load_audio does not refuse non-finite samples yet (issue 10, data part)")
+    except AudioError:
+        pass
+    assert_cli_errors(tmp_path, {("--prompt-path", str(nan)): ["error: ", str(nan), "non-finite"]})
+
+
+def test_token_never_reaches_the_log(model, tmp_path):
+    """The server command at --log-level debug with --access-log: a client with ?token= in the
+    websocket and HTTP URLs and in the Authorization header; the token appears nowhere in the
+    output (the redacted URLs do). With no --max-sessions, a CPU server has one engine row."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+    from live_server import save_tiny
+    token = "tok-" + "7f3a9c" * 4
+    checkpoint = save_tiny(model, tmp_path / "ckpt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out, err = open(tmp_path / "out.txt", "w+"), open(tmp_path / "err.txt", "w+")
+    proc = subprocess.Popen([sys.executable, "inference_server.py", "--checkpoint", str(checkpoint), "--device", "cpu",
+                             "--port", str(port), "--token", token, "--log-level", "debug", "--access-log"],
+                            cwd=Path(__file__).resolve().parents[1], stdout=out, stderr=err)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                status, body, _ = http(base + f"/health?token={token}")
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, open(tmp_path / "err.txt").read()[-3000:]
+                time.sleep(0.3)
+        assert status == 200 and json.loads(body)["capacity"] == 1
+        assert http(base + "/health", headers={"Authorization": f"Bearer {token}"})[0] == 200
+        assert http(base + f"/health?token={token}x")[0] == 401
+
+        async def talk():
+            async with connect(f"ws://127.0.0.1:{port}/audio", token=token, header=False) as ws:
+                await stream(ws, CHUNKS[:2])
+            async with connect(f"ws://127.0.0.1:{port}/audio", token=token) as ws:
+                await stream(ws, CHUNKS[:1])
+        asyncio.run(asyncio.wait_for(talk(), 60))
+    finally:
+        proc.send_signal(__import__("signal").SIGINT)
+        proc.wait(timeout=30)
+    log = open(tmp_path / "out.txt").read() + open(tmp_path / "err.txt").read()
+    assert "token=REDACTED" in log and "/audio" in log and "GET /health" in log  # the lines are there ...
+    assert token not in log and token[4:] not in log                           # ... without the token
+
+
+def test_slow_or_huge_http_requests_are_cut(server):
+    """An idle keep-alive connection is closed by the server (uvicorn's keep-alive timeout) and
+    headers that go on past 16 KiB are refused, without harming the server."""
+    import socket
+    with socket.create_connection(("127.0.0.1", server.port), timeout=15) as sock:
+        sock.sendall(f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nX-Pad: ".encode())
+        for _ in range(40):  # never ending the headers
+            try:
+                sock.sendall(b"a" * 1024)
+            except OSError:
+                break
+            time.sleep(0.005)
+        reply = sock.recv(1024)
+        assert reply == b"" or int(reply.split(b" ")[1]) >= 400, reply
+    with socket.create_connection(("127.0.0.1", server.port), timeout=15) as sock:
+        sock.sendall(f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n\r\n".encode())
+        t0 = time.perf_counter()
+        data = b""
+        while chunk := sock.recv(4096):  # the reply, then the end of the stream when the server closes
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 200") and 4 < time.perf_counter() - t0 < 12
+    assert health(server)["status"] == "ok"
