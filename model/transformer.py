@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -114,12 +114,15 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
 
 
-class LayerCache(NamedTuple):
+class LayerCache:
     """One layer's keys and values over an attention window: k, v (B, kv_heads, W, head_dim),
-    views of a `KVCache`; rows (B,) = 0..B-1, the batch index of each row's write."""
-    k: Tensor
-    v: Tensor
-    rows: Tensor
+    views of a `KVCache`; rows (B,) = 0..B-1, the batch index of each row's write.
+
+    A plain class, not a tuple or dataclass: wrappers that cast or move the tensors of a forward's
+    arguments (FSDP2 mixed precision) must not replace the cache by a copy."""
+
+    def __init__(self, k: Tensor, v: Tensor, rows: Tensor):
+        self.k, self.v, self.rows = k, v, rows
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k, v (B, T, kv_heads, D) at slots input_pos (B|1, T) of each row (an in-place
