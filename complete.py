@@ -28,7 +28,7 @@ import torch
 
 from model import SamplingParams, load_hertz_dev
 from model.audio import AudioError, check_prompt, load_prompt, save_audio
-from model.generate import Generator
+from model.generator import Generator
 from model.hub import VARIANTS
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

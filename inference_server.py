@@ -1135,7 +1135,7 @@ def check_args(args):
 def load_engine(args):
     import torch
     from model import load_hertz_dev
-    from model.generate import LiveEngine
+    from model.live import LiveEngine
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     source = args.checkpoint or args.variant

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from config import ConfigError, fields_marked, parse_args
 from config.transformer_config import PRESETS, TransformerConfig
-from model import HertzDev, build, hub, load_codec, load_hertz_dev, sample_latent, sample_token, save_transformer
+from model import Generator, HertzDev, build, hub, load_codec, load_hertz_dev, save_transformer
 from model.checkpoint import read_metadata
 from model.latents import LatentCrops, StepSampler, codec_fingerprint, prepare_latents, sample_posterior
 from model.objectives import STAGE_LOSSES, STAGES, compute_losses, peak_flops, train_flops_per_latent
@@ -188,7 +188,7 @@ def main(argv=None) -> dict:
         crop = val_set.crop(*val_set.crops[0])
         prompt_len = max(1, min(int(crop["valid"].sum()), cfg.seq_len // 2))
         prompt = crop["posterior"][None, :prompt_len, 0].to(device)  # the posterior mean, (1, P, C*32)
-        latents = complete([inner(calls[name]) for name in PARTS], prompt, round(cfg.sample_seconds * 8), cfg.duplex)
+        latents = complete(model, prompt, round(cfg.sample_seconds * 8), seed=it)
         if not is_main:
             return {}
         audio = torch.cat([codec.decode(c.float()) for c in latents.chunk(cfg.channels, dim=-1)], dim=1)[0]  # (C, N)
@@ -403,39 +403,21 @@ def val_batches(dataset: LatentCrops, batch_size: int, rank: int, world: int):
 
 
 @torch.no_grad()
-def complete(parts, prompt: torch.Tensor, n: int, duplex: bool, token_temp: float = 0.8,
-             mixture_temp: float = 0.5, gaussian_temp: float = 0.1) -> torch.Tensor:
-    """Continue `prompt` (1, P, C*32) by `n` latents: the LM samples each channel's next code, the
-    resynthesizer turns the codes into the next latent; KV caches for both. Returns (1, P + n, C*32).
-    Compiled blocks run eagerly here (a decode step has other shapes than training)."""
-    quantizer, lm, resynth = parts
+def complete(model: HertzDev, prompt: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """Continue `prompt` (1, P, C*32) by `n` latents with the completion engine (`Generator`: the
+    cached LM -> token -> resynthesizer -> latent step, default sampling parameters); returns
+    (1, P + n, C*32). Eager, without CUDA graphs: the parts may be sharded (FSDP) and their
+    compiled blocks were compiled for training shapes."""
     from torch.distributed.fsdp import FSDPModule
-    C = 2 if duplex else 1
+    sharded = isinstance(model.quantizer, FSDPModule)
     with torch.compiler.set_stance("force_eager"):
-        B, P = prompt.shape[:2]
-        lm_cache, rs_cache = lm.make_cache(B, P + n), resynth.make_cache(B, P + n)
-        pos = torch.arange(P, device=prompt.device)[None]
-        logits = lm(prompt, lm_cache, pos)
-        codes, _ = quantizer(torch.cat(prompt.chunk(C, dim=-1), dim=0))
-        plex = [c[:, 1:] for c in codes.chunk(C, dim=0)]  # code of latent t+1 at position t
-        if P > 1:
-            resynth(prompt[:, :-1], tuple(plex) if duplex else plex[0], rs_cache, pos[:, :-1])
-        sharded = isinstance(quantizer, FSDPModule)
         if sharded:  # indices_to_codes is not a forward: gather the quantizer's weights by hand
-            quantizer.unshard()
-        last, out = prompt[:, -1:], [prompt]
-        for i in range(n):
-            p = torch.tensor([[P - 1 + i]], device=prompt.device)
-            tokens = [sample_token(h[:, -1].float(), token_temp)[:, None] for h in (logits if duplex else (logits,))]
-            codes = [quantizer.indices_to_codes(t) for t in tokens]
-            mixtures = resynth(last, tuple(codes) if duplex else codes[0], rs_cache, p)
-            last = torch.cat([sample_latent(*(t.float() for t in m), mixture_temp, gaussian_temp)
-                              for m in (mixtures if duplex else (mixtures,))], dim=-1)  # (1, 1, C*32)
-            out.append(last)
-            logits = lm(last, lm_cache, p + 1)
-        if sharded:
-            quantizer.reshard()
-    return torch.cat(out, dim=1)
+            model.quantizer.unshard()
+        try:
+            return Generator(model, batch_size=1, cuda_graphs=False).generate(prompt, n, seed=seed)
+        finally:
+            if sharded:
+                model.quantizer.reshard()
 
 
 if __name__ == "__main__":

@@ -30,9 +30,10 @@ import torch  # noqa: E402
 from config.codec_config import PRESETS as CODEC_PRESETS  # noqa: E402
 from config.transformer_config import PRESETS as TRANSFORMER_PRESETS  # noqa: E402
 from model import Codec, HertzDev, build  # noqa: E402
-from model.generate import (Generator, LiveEngine, draw_noise, lm_logits, resynth_mixture,  # noqa: E402
-                            row_seed)
-from model.sampling import SamplingParams, sample_latents, sample_tokens  # noqa: E402
+from model.decode import draw_noise, step_logits, step_mixture  # noqa: E402
+from model.generator import Generator  # noqa: E402
+from model.live import LiveEngine  # noqa: E402
+from model.sampling import SamplingParams, row_seed, sample_latents, sample_tokens  # noqa: E402
 
 T0 = time.time()
 
@@ -145,19 +146,19 @@ def breakdown(e: LiveEngine, name: str) -> None:
     st.active.zero_()
     key = e.graphs.key(int(st.host_pos.max()) + 1, False)
     W = key.window
-    pos = st.pos.clamp(max=W - 1)
+    pos = st.pos.clamp(max=W - 1)[:, None]
     x = torch.cat([e.m, e.m], dim=-1)
     noise = draw_noise(model, st)
-    logits = lm_logits(model.lm, x, pos, st.lm, W, st.rows, k.block)
+    logits = step_logits(model, x, pos, st, W, k.block)
     tokens = sample_tokens(logits, noise.token, st.params, top_p=False)
-    mixture = resynth_mixture(model, x, tokens, pos, st.rs, W, st.rows, k.block)
+    mixture = step_mixture(model, x, tokens, pos, st, W, k.block)
     parts = {
         "encode": lambda: k.encode(e.codec, e.user, e.enc),
         "noise": lambda: draw_noise(model, st),
-        "lm": lambda: lm_logits(model.lm, x, pos, st.lm, W, st.rows, k.block),
+        "lm": lambda: step_logits(model, x, pos, st, W, k.block),
         "sample_tokens": lambda: sample_tokens(logits, noise.token, st.params, top_p=False),
         "sample_tokens_top_p": lambda: sample_tokens(logits, noise.token, st.params, top_p=True),
-        "resynth": lambda: resynth_mixture(model, x, tokens, pos, st.rs, W, st.rows, k.block),
+        "resynth": lambda: step_mixture(model, x, tokens, pos, st, W, k.block),
         "sample_latents": lambda: sample_latents(*mixture, noise.mixture, noise.gaussian, st.params),
         "decode": lambda: k.decode(e.codec, e.m, e.dec),
         "step": lambda: e._step(key),
@@ -220,7 +221,8 @@ def check(device) -> None:
         variants = [("eager", dict(cuda_graphs=False, compile=False)),
                     ("graphs", dict(cuda_graphs=True, compile=False))]
         if dtype == torch.float32:  # other kernels round differently: compare them where rounding is small
-            variants += [("graphs+conv-codec", dict(cuda_graphs=True, compile=False, codec="conv")),
+            from tests.conv_stream import ConvStreamCodec  # the reference codec (cuDNN convolutions)
+            variants += [("graphs+conv-codec", dict(cuda_graphs=True, compile=False, codec=ConvStreamCodec(model.codec))),
                          ("graphs+compile-block", dict(cuda_graphs=True, compile=("block",)))]
         for name, variant in variants:
             e = LiveEngine(model, max_sessions=2, **variant)
@@ -256,8 +258,7 @@ def main():
     ap.add_argument("--batches", default=None, help="live batch sizes (default 1,4,8 on cuda, 1,4 on cpu)")
     ap.add_argument("--steps", type=int, default=None, help="timed live steps per batch")
     ap.add_argument("--variants", default="graphs,graphs+compile-block",
-                    help="cuda: some of eager, graphs, graphs+compile-block, graphs+compile-block+conv-codec, "
-                         "graphs+compile; the fastest at batch 1 runs the other batches and the completion")
+                    help="cuda: some of eager, graphs, graphs+compile-block, graphs+compile; the fastest at batch 1 runs the other batches and the completion")
     ap.add_argument("--check", action="store_true", help="GPU equality checks first")
     ap.add_argument("--breakdown", action="store_true", help="time each part of the live step")
     ap.add_argument("--no-mono", action="store_true")
@@ -271,7 +272,6 @@ def main():
     dtype = torch.bfloat16 if cuda else torch.float32
     variants = {"eager": dict(cuda_graphs=False, compile=False), "graphs": dict(cuda_graphs=True, compile=False),
                 "graphs+compile-block": dict(cuda_graphs=True, compile=("block",)),
-                "graphs+compile-block+conv-codec": dict(cuda_graphs=True, compile=("block",), codec="conv"),
                 "graphs+compile": dict(cuda_graphs=True, compile=True)}
     names = args.variants.split(",") if cuda else ["eager"]
     emit(bench="env", torch=torch.__version__, device=torch.cuda.get_device_name() if cuda else "cpu",
@@ -332,8 +332,7 @@ def main():
         if args.no_mono or over():
             continue
         model = make_model(size, False, device, dtype)
-        gen_variant = {k: v for k, v in variants[best].items() if k != "codec"}
-        bench_completion(model, gen_variant, best, device)
+        bench_completion(model, variants[best], best, device)
         del model
         if cuda:
             torch.cuda.empty_cache()

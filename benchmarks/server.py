@@ -75,7 +75,7 @@ def serve(args) -> None:
     from config.codec_config import PRESETS as CODEC_PRESETS
     from config.transformer_config import PRESETS
     from model import Codec, HertzDev, build
-    from model.generate import LiveEngine
+    from model.live import LiveEngine
 
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)

@@ -14,14 +14,14 @@ import importlib
 
 _EXPORTS = {
     "Codec": "codec", "CodecStream": "codec",
-    "Generator": "generate", "LiveEngine": "generate", "generate_uncached": "generate",
+    "Generator": "generator", "LiveEngine": "live",
     "LatentLM": "lm",
     "HertzDev": "loading", "build": "loading", "load_codec": "loading", "load_hertz_dev": "loading",
     "save_codec": "loading", "save_transformer": "loading",
     "LatentQuantizer": "quantizer",
     "Resynthesizer": "resynth", "mixture_nll": "resynth", "plex_codes": "resynth",
-    "SamplingParams": "sampling", "sample_latent": "sampling", "sample_token": "sampling",
-    "StreamCodec": "stream_codec",
+    "SamplingParams": "sampling", "row_seed": "sampling",
+    "StreamCodec": "stream_codec", "decode_frames": "stream_codec", "encode_frames": "stream_codec",
     "KVCache": "transformer",
 }
 __all__ = list(_EXPORTS)

@@ -255,9 +255,3 @@ class Codec(nn.Module):
     def decode_step(self, latents: Tensor, stream: CodecStream) -> Tensor:
         """Next (B, k, 32) latents -> their (B, 1, 2000 k) samples."""
         return self.decode(latents, stream)
-
-
-def kl_divergence(mu: Tensor, logvar: Tensor) -> Tensor:
-    """KL(N(mu, sigma^2) || N(0, 1)) summed over latent dims and time, averaged over the batch:
-    mean_b -0.5 * sum_{t,d} (1 + logvar - mu^2 - exp(logvar))."""
-    return torch.mean(-0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=(1, 2)))

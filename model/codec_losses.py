@@ -131,7 +131,7 @@ def latent_kl(mu: Tensor, logvar: Tensor, mask: Optional[Tensor] = None) -> Tens
 
         L_kl = mean_{b, t real} sum_d -0.5 * (1 + logvar - mu^2 - exp(logvar))
 
-    mu, logvar: (B, L, D); mask: (B, L) or None. Equals `model.codec.kl_divergence / L` unmasked.
+    mu, logvar: (B, L, D); mask: (B, L) or None.
     """
     mu, logvar = mu.float(), logvar.float()
     kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1)  # (B, L)

@@ -7,14 +7,14 @@ so the official LM files load with `strict=True`.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 from torch import Tensor
 
-from .transformer import Block, KVCache, Norm, positions_for
+from .transformer import Block, KVCache, Norm, positions_for, run_block
 
 
 class GPTOutput(nn.Module):
@@ -31,11 +31,14 @@ class GPTOutput(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
+        """Truncated normal output weights with std 1/dim."""
         std = 1.0 / self.dim  # the original: 1 / sqrt(dim ** 2)
         nn.init.trunc_normal_(self.output.weight, std=std, a=-3 * std, b=3 * std)
 
 
 class LatentLM(nn.Module):
+    """The latent LM: input projection(s), pre-norm blocks, one output head per channel."""
+
     def __init__(self, cfg):
         super().__init__()
         self.config = cfg
@@ -52,11 +55,14 @@ class LatentLM(nn.Module):
             self.output2 = GPTOutput(cfg.lm_dim, cfg.vocab_size, cfg.eps)
 
     def init_weights(self) -> None:
+        """The original initialisation of the blocks and output heads."""
         for m in self.modules():
             if m is not self and hasattr(m, "init_weights"):
                 m.init_weights()
 
     def make_cache(self, batch_size: int, max_len: Optional[int] = None, device=None, dtype=None) -> KVCache:
+        """A zeroed KV cache for `batch_size` rows of `max_len` slots (default: seq_len), on the
+        weights' device and dtype unless given."""
         p = self.input.weight
         return KVCache(len(self.layers), batch_size, self.kv_heads, max_len or self.config.seq_len,
                        self.head_dim, device or p.device, dtype or p.dtype)
@@ -69,25 +75,33 @@ class LatentLM(nn.Module):
         return self.input(latents)
 
     def hidden(self, latents: Tensor, cache: Optional[KVCache] = None, input_pos: Optional[Tensor] = None,
-               checkpoint: bool = False) -> Tensor:
-        """(B, T, C*32) -> last hidden states (B, T, dim). With a cache, `input_pos` (B, T) are
-        the slots of these latents and attention covers everything cached before them."""
+               window: Optional[int] = None, checkpoint: bool = False, block: Callable = run_block) -> Tensor:
+        """(B, T, C*32) -> last hidden states (B, T, dim). See `forward`."""
         x = self.embed(latents)
-        pos = positions_for(x, self.head_dim, self.config.theta, cache, input_pos)
+        pos = positions_for(x, self.head_dim, self.config.theta, cache, input_pos, window)
         for i, layer in enumerate(self.layers):
+            c = cache.layer(i, pos.window) if cache is not None else None
             if checkpoint and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, pos, cache, i, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, layer, x, pos, c, use_reentrant=False)
             else:
-                x = layer(x, pos, cache, i)
+                x = block(layer, x, pos, c)
         return x
 
     def heads(self, h: Tensor) -> Union[Tensor, tuple[Tensor, Tensor]]:
+        """Hidden states (B, T, dim) -> logits (B, T, 32768); duplex: one per channel."""
         if self.duplex:
             return self.output(h), self.output2(h)
         return self.output(h)
 
     def forward(self, latents: Tensor, cache: Optional[KVCache] = None, input_pos: Optional[Tensor] = None,
-                checkpoint: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
+                window: Optional[int] = None, checkpoint: bool = False,
+                block: Callable = run_block) -> Union[Tensor, tuple[Tensor, Tensor]]:
         """(B, T, C*32) latents -> logits (B, T, 32768) over the next latent's FSQ index;
-        duplex: a pair, one per channel."""
-        return self.heads(self.hidden(latents, cache, input_pos, checkpoint))
+        duplex: a pair, one per channel.
+
+        Training and full forwards: no cache (positions 0..T-1, causal). Prefill and decode:
+        `cache` and `input_pos` (B|1, T), the slots of these latents; the keys and values are
+        written there and attention covers the first `window` slots (default: the whole cache).
+        `checkpoint`: activation checkpointing per block while training. `block`: the function
+        that runs a block (`run_block`, or a compiled version of it)."""
+        return self.heads(self.hidden(latents, cache, input_pos, window, checkpoint, block))

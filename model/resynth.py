@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor
 
-from .transformer import Block, KVCache, Norm, positions_for
+from .transformer import Block, KVCache, Norm, positions_for, run_block
 
 Mixture = tuple[Tensor, Tensor, Tensor]  # locs (B, T, K, 32), scales (B, T, K, 32), logits (B, T, K)
 
@@ -68,18 +68,24 @@ class ResynthCache:
     lower: KVCache
     upper: KVCache
 
-    def reset(self) -> None:
-        self.lower.reset()
-        self.upper.reset()
+    def row(self, r: int) -> "ResynthCache":
+        """Batch row `r` alone, as views (writes land here). The upper streams are stacked
+        channel-major on the batch axis, so row r's streams are r, r + B, ..."""
+        B = self.lower.batch_size
+        return ResynthCache(self.lower.select(slice(r, r + 1)), self.upper.select(slice(r, None, B)))
 
 
 class _Stack(nn.Module):
+    """The blocks, under the original's name `stack.layers`."""
+
     def __init__(self, layers):
         super().__init__()
         self.layers = nn.ModuleList(layers)
 
 
 class Resynthesizer(nn.Module):
+    """The resynthesizer: latents and the next latent's codes -> a Gaussian mixture over it."""
+
     def __init__(self, cfg):
         super().__init__()
         self.config = cfg
@@ -98,10 +104,12 @@ class Resynthesizer(nn.Module):
             self.plex_projection2 = nn.Linear(cfg.quantizer_dim, cfg.resynth_dim)
 
     def init_weights(self) -> None:
+        """The original initialisation of the blocks."""
         for layer in self.stack.layers:
             layer.init_weights()
 
     def make_cache(self, batch_size: int, max_len: Optional[int] = None, device=None, dtype=None) -> ResynthCache:
+        """Zeroed caches for `batch_size` rows of `max_len` slots (default: seq_len)."""
         p = self.plex_projection.weight
         args = (self.kv_heads, max_len or self.config.seq_len, self.head_dim, device or p.device, dtype or p.dtype)
         n = len(self.stack.layers)
@@ -109,20 +117,23 @@ class Resynthesizer(nn.Module):
                             KVCache(n - self.plex_layer, batch_size * self.channels, *args))
 
     def forward(self, latents: Tensor, plex: Union[Tensor, tuple[Tensor, ...]], cache: Optional[ResynthCache] = None,
-                input_pos: Optional[Tensor] = None, checkpoint: bool = False) -> Union[Mixture, tuple[Mixture, Mixture]]:
+                input_pos: Optional[Tensor] = None, window: Optional[int] = None, checkpoint: bool = False,
+                block: Callable = run_block) -> Union[Mixture, tuple[Mixture, Mixture]]:
         """latents (B, T, C*32) and plex, the projected FSQ codes of the *next* latent at each
         position ((B, T, qdim), or one per channel for duplex) -> the mixture over latent t+1;
-        duplex: a pair of mixtures, one per channel."""
+        duplex: a pair of mixtures, one per channel.
+
+        Positions, cache, window, checkpointing and `block` as in `LatentLM.forward`."""
         B = latents.shape[0]
         if self.duplex:
             x1, x2 = latents.chunk(2, dim=-1)
             x = self.io.input_projection(x1) + self.io2.input_projection(x2)
         else:
             x = self.io.input_projection(latents)
-        pos = positions_for(x, self.head_dim, self.config.theta, cache.lower if cache else None, input_pos)
+        pos = positions_for(x, self.head_dim, self.config.theta, cache.lower if cache else None, input_pos, window)
         layers = self.stack.layers
         for i in range(self.plex_layer):
-            x = self._layer(layers[i], x, pos, cache.lower if cache else None, i, checkpoint)
+            x = self._layer(block, layers[i], x, pos, cache.lower if cache else None, i, checkpoint)
         if self.duplex:
             plex1, plex2 = plex
             # Two streams stacked on the batch axis: (2B, T, D).
@@ -131,16 +142,17 @@ class Resynthesizer(nn.Module):
         else:
             x = x + self.plex_projection(plex)
         for i in range(self.plex_layer, len(layers)):
-            x = self._layer(layers[i], x, pos, cache.upper if cache else None, i - self.plex_layer, checkpoint)
+            x = self._layer(block, layers[i], x, pos, cache.upper if cache else None, i - self.plex_layer, checkpoint)
         out = self.io.output(self.out_norm(x))
         if self.duplex:
             return tuple(t[:B] for t in out), tuple(t[B:] for t in out)
         return out
 
-    def _layer(self, layer, x, pos, cache, index, checkpoint):
+    def _layer(self, block, layer, x, pos, cache, index, checkpoint):
+        c = cache.layer(index, pos.window) if cache is not None else None
         if checkpoint and self.training:
-            return torch.utils.checkpoint.checkpoint(layer, x, pos, cache, index, use_reentrant=False)
-        return layer(x, pos, cache, index)
+            return torch.utils.checkpoint.checkpoint(block, layer, x, pos, c, use_reentrant=False)
+        return block(layer, x, pos, c)
 
 
 def plex_codes(quantizer, latents: Tensor, duplex: bool, roll: int = 1,

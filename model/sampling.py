@@ -1,15 +1,14 @@
 """Sampling the next FSQ token (temperature, top-p, min-p) and the next latent from the mixture
-(mixture temperature, Gaussian temperature).
+(mixture temperature, Gaussian temperature), for a batch of rows with their own parameters and
+their own counter-based random streams.
 
-No host synchronisation: categorical draws use the exponential-race form of the Gumbel-max trick
-(argmax p / E, E ~ Exp(1)), so a whole generation step can be captured in a CUDA graph.
-Temperature 0 means greedy (argmax; the mixture's mean component for latents).
+No host synchronisation and no generator state: a whole generation step can be captured in a
+CUDA graph. Temperature 0 means greedy (argmax; the likeliest mixture component for latents).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -33,52 +32,6 @@ class SamplingParams:
         return self
 
 
-def _race(probs: Tensor, generator: Optional[torch.Generator]) -> Tensor:
-    """One categorical draw per row of (..., K) probabilities: argmax p / Exp(1)."""
-    e = torch.empty_like(probs).exponential_(1, generator=generator)
-    return torch.argmax(probs / e, dim=-1)
-
-
-def filter_probs(probs: Tensor, top_p: float = 1.0, min_p: float = 0.0) -> Tensor:
-    """Zero out tokens outside the top-p nucleus or below min_p * max; rows are not renormalised
-    (the race draw does not need it)."""
-    if min_p > 0:
-        probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0)
-    if top_p < 1:
-        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
-        before = torch.cumsum(sorted_p, dim=-1) - sorted_p  # mass of strictly more likely tokens
-        total = sorted_p.sum(dim=-1, keepdim=True)
-        sorted_p = sorted_p.masked_fill(before >= top_p * total, 0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return probs
-
-
-def sample_token(logits: Tensor, temperature: float = 0.8, top_p: float = 1.0, min_p: float = 0.0,
-                 generator: Optional[torch.Generator] = None) -> Tensor:
-    """(..., V) logits -> (...) int64 token ids."""
-    if temperature <= 0:
-        return torch.argmax(logits, dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    return _race(filter_probs(probs, top_p, min_p), generator)
-
-
-def sample_latent(locs: Tensor, scales: Tensor, logits: Tensor, mixture_temp: float = 0.5,
-                  gaussian_temp: float = 0.1, generator: Optional[torch.Generator] = None) -> Tensor:
-    """Mixture (..., K, Z), (..., K, Z), (..., K) -> a latent (..., Z): choose a component from
-    softmax(logits / mixture_temp), then loc + gaussian_temp * scale * N(0, 1)."""
-    if mixture_temp <= 0:
-        k = torch.argmax(logits, dim=-1)
-    else:
-        k = _race(torch.softmax(logits.float() / mixture_temp, dim=-1), generator)
-    idx = k[..., None, None].expand(*k.shape, 1, locs.shape[-1])
-    loc = torch.gather(locs, -2, idx).squeeze(-2)
-    scale = torch.gather(scales, -2, idx).squeeze(-2)
-    noise = torch.randn(loc.shape, device=loc.device, dtype=loc.dtype, generator=generator)
-    return loc + gaussian_temp * scale * noise
-
-
-# --- per-row parameters and explicit noise, for batched engines (model.generate) -----------------
-#
 # Each batch row (a completion, or a session of the live server) has its own temperatures and its
 # own random stream. Noise is a pure function of (row seed, stream, row counter, index): a
 # counter-based generator made of integer hashing, so a row draws the same numbers whatever the
@@ -88,6 +41,15 @@ def sample_latent(locs: Tensor, scales: Tensor, logits: Tensor, mixture_temp: fl
 
 _M32 = 0xFFFFFFFF
 STEP_STREAM, PROMPT_STREAM = 1, 2
+
+
+def row_seed(seed: int, row: int = 0) -> int:
+    """A 63-bit seed for batch row `row` of a generation seeded with `seed` (splitmix64), so rows
+    of one call draw independent streams and a call's rows do not depend on the batch size."""
+    z = (int(seed) * 0x9E3779B97F4A7C15 + (int(row) + 1) * 0xBF58476D1CE4E5B9) & (2 ** 64 - 1)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2 ** 64 - 1)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2 ** 64 - 1)
+    return (z ^ (z >> 31)) >> 1
 
 
 def _mix32(x: Tensor) -> Tensor:
@@ -175,8 +137,8 @@ def inverse_cdf(probs: Tensor, u: Tensor) -> Tensor:
 
 def sample_tokens(logits: Tensor, u: Tensor, params: RowParams, top_p: bool = True) -> Tensor:
     """(B, C, V) logits and (B, C) uniforms -> (B, C) int64 tokens, each row with its own
-    temperature, top-p and min-p (the semantics of `sample_token`; temperature <= 0: argmax).
-    `top_p=False` skips the sort that top-p needs, for batches where no row uses it.
+    temperature (<= 0: argmax), top-p (keep the smallest set of tokens with mass >= top_p) and
+    min-p (drop tokens with p < min_p * p_max). `top_p=False` skips the sort that top-p needs, for batches where no row uses it.
 
     The draw walks the CDF in vocabulary order (sorting only finds the top-p threshold), so
     logits that differ by rounding give the same token unless u falls on a boundary."""
@@ -197,7 +159,7 @@ def sample_latents(locs: Tensor, scales: Tensor, logits: Tensor, u: Tensor, norm
                    params: RowParams) -> Tensor:
     """Mixtures (B, C, K, Z), (B, C, K, Z), (B, C, K), uniforms (B, C) and N(0, 1) noise
     (B, C, Z) -> latents (B, C, Z) float32: a component from softmax(logits / mixture_temp)
-    (<= 0: the likeliest), then loc + gaussian_temp * scale * N(0, 1) (as `sample_latent`)."""
+    (<= 0: the likeliest), then loc + gaussian_temp * scale * N(0, 1)."""
     temp = params.mixture_temp[:, None, None]
     probs = torch.softmax(logits.float() / temp.clamp_min(1e-6), dim=-1)
     k = torch.where(temp[..., 0] > 0, inverse_cdf(probs, u), torch.argmax(logits, dim=-1))

@@ -1,4 +1,5 @@
-"""The codec for live streaming: one chunk at a time, as few GPU kernels as possible.
+"""Codec streaming for generation: `StreamCodec`, the live engine's chunk-at-a-time codec, and
+`encode_frames` / `decode_frames`, whole prompts to latent frames and frames back to audio.
 
 `StreamCodec(codec)` computes exactly `Codec.encode_step` / `Codec.decode_step` (same weights,
 weight norm folded once), in an inference layout: activations are channel-last (B, L, C), and
@@ -20,7 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .codec import CausalConv1d, CausalConvTranspose1d, CausalResUnit, Codec, ResNetBlock
+from .codec import CausalConv1d, CausalConvTranspose1d, CausalResUnit, Codec, CodecStream, ResNetBlock
+from .sampling import PROMPT_STREAM, counter_normal
 
 
 def _weight(m: nn.Module) -> Tensor:
@@ -29,6 +31,7 @@ def _weight(m: nn.Module) -> Tensor:
 
 
 def _bias(m: nn.Module) -> Optional[Tensor]:
+    """A module's bias (or None), detached."""
     return m.bias.detach().clone() if m.bias is not None else None
 
 
@@ -130,6 +133,8 @@ class _ResUnit:
 
 
 class _Pool:
+    """Average pooling by `s` over time, channel-last."""
+
     def __init__(self, s: int):
         self.s = s
 
@@ -139,6 +144,8 @@ class _Pool:
 
 
 class _Upsample:
+    """Nearest upsampling by `s` over time, channel-last."""
+
     def __init__(self, s: int):
         self.s = s
 
@@ -215,10 +222,41 @@ class StreamCodec:
                      for h in (self.encoder, self.decoder))
 
     def encode(self, audio: Tensor, state: StreamCodecState) -> tuple[Tensor, Tensor]:
+        """(B, 2000 k) audio -> mu, logvar (B, k, Z); advances the active rows' encoder streams."""
         x = (audio.to(self.dtype) / self.norm_stddev)[..., None]  # (B, N, 1)
         h = self.encoder(x, state)  # (B, N / 2000, C)
         return F.linear(h, self.w_in, self.b_in).chunk(2, dim=-1)
 
     def decode(self, latents: Tensor, state: StreamCodecState) -> Tensor:
+        """(B, k, Z) latents -> (B, 2000 k) audio; advances the active rows' decoder streams."""
         h = F.linear(latents.to(self.dtype), self.w_out, self.b_out)  # (B, T, C)
         return self.decoder(h, state)[..., 0] * self.norm_stddev
+
+
+def encode_frames(codec: Codec, audio: Tensor, mode: str = "sample", seed: Optional[Tensor] = None,
+                  stream: Optional[CodecStream] = None) -> Tensor:
+    """(B, C, N) audio (N a multiple of 2000) -> (B, N/2000, C*Z) frames, channel by channel.
+    mode "sample": a draw from the codec posterior, as the original tokenizer (noise from the
+    rows' `seed` (B,), counter-based); "mean": its mean. `stream` (encoders of B*C streams, for a
+    batch of one channel) continues a streaming encoder."""
+    B, C, N = audio.shape
+    mu, logvar = codec.encode(audio.reshape(B * C, 1, N).to(next(codec.parameters()).dtype), stream)  # (B*C, T, Z)
+    T, Z = mu.shape[1:]
+    if mode == "sample":
+        seed = seed if seed is not None else torch.zeros(B, dtype=torch.int64, device=mu.device)
+        eps = counter_normal(seed, torch.zeros_like(seed), PROMPT_STREAM, C * T * Z).view(B * C, T, Z)
+        mu = mu + eps.to(mu.dtype) * torch.exp(0.5 * logvar)
+    elif mode != "mean":
+        raise ValueError(f"encode mode must be 'sample' or 'mean', got {mode!r}")
+    return mu.view(B, C, T, Z).transpose(1, 2).reshape(B, T, C * Z)
+
+
+def decode_frames(codec: Codec, frames: Tensor, channels: int, chunk: int = 64) -> Tensor:
+    """(B, T, C*Z) frames -> (B, C, 2000 T) float32 audio, decoded `chunk` latents at a time
+    through a streaming decoder (the same output as one pass, with bounded memory)."""
+    B, T, _ = frames.shape
+    z = frames.view(B, T, channels, -1).transpose(1, 2).reshape(B * channels, T, -1)
+    z = z.to(next(codec.parameters()).dtype)
+    _, stream = codec.init_stream(B * channels)
+    audio = torch.cat([codec.decode_step(z[:, i:i + chunk], stream) for i in range(0, T, chunk)], dim=-1)
+    return audio.view(B, channels, -1).float()

@@ -4,13 +4,16 @@ Pre-norm blocks, LayerNorm (no bias) on the full q and k projections, rotary pos
 (half-rotation, as in the original `ShapeRotator`), SwiGLU feed-forward, fused QKV projection,
 grouped-query capable. Parameter names follow the original `transformer.py`.
 
-Caching: a `KVCache` is preallocated at full length for a batch and written by position
-(`index`/`scatter` with a position tensor, never by concatenation), so a decode step has static
-shapes and can be compiled or captured in a CUDA graph. Each batch row has its own positions,
-so rows (server sessions) may be at different points of their streams.
+One forward serves training (no cache: causal attention over the input), prefill and one-step
+decode (a cache passed in). A `KVCache` is preallocated at full length for a batch and written by
+position (`index_put_` with a position tensor, never by concatenation); attention reads a window
+(a prefix of the cache, `Positions.window`), so a decode step has static shapes and can be
+compiled or captured in a CUDA graph per window. Each batch row has its own positions, so rows
+(server sessions) may be at different points of their streams.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -57,27 +60,38 @@ class Positions:
     """Where a forward pass sits in time, computed once per pass and shared by every layer.
 
     cos, sin: (B|1, T, head_dim) rotary tables for the queries and new keys.
-    input_pos: (B, T) cache slots the new keys and values are written to (cached passes only).
-    mask: (B, 1, T, L) which cache slots each query may attend to (cached passes only).
+    input_pos: (B|1, T) cache slots the new keys and values are written to (cached passes only).
+    mask: (B|1, 1, T, W) additive attention bias over the first W cache slots (0 where a query
+    may attend, -inf elsewhere; cached passes only). W is the attention window: a decode step
+    attends over a prefix of the cache only, so it has the same shapes for every position below W
+    (what a CUDA graph per window needs).
     """
     cos: Tensor
     sin: Tensor
     input_pos: Optional[Tensor] = None
     mask: Optional[Tensor] = None
 
+    @property
+    def window(self) -> Optional[int]:
+        """The cache slots attention covers (None: no cache, causal attention over the input)."""
+        return None if self.mask is None else self.mask.shape[-1]
+
     @staticmethod
-    def make(head_dim: int, theta: float, pos: Tensor, cache_len: Optional[int] = None) -> "Positions":
-        """Rotary tables for integer positions `pos` (B|1, T); with `cache_len`, also the write
-        slots and the causal mask over a cache of that length."""
+    def make(head_dim: int, theta: float, pos: Tensor, window: Optional[int] = None,
+             dtype: torch.dtype = torch.float32) -> "Positions":
+        """Rotary tables for integer positions `pos` (B|1, T); with `window`, also the write
+        slots and the causal mask over the first `window` cache slots, as a bias in `dtype`."""
         # float32 as the original: t * inv_freq, then cos/sin of cat(freqs, freqs).
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim))
         freqs = pos.to(torch.float32)[..., None] * inv_freq  # (B, T, hd/2)
         emb = torch.cat([freqs, freqs], dim=-1)
-        mask = None
-        if cache_len is not None:
-            slots = torch.arange(cache_len, device=pos.device)
-            mask = (slots[None, None, :] <= pos[..., None])[:, None]  # (B, 1, T, L)
-        return Positions(emb.cos(), emb.sin(), pos if cache_len is not None else None, mask)
+        if window is None:
+            return Positions(emb.cos(), emb.sin())
+        slots = torch.arange(window, device=pos.device)
+        allowed = (slots[None, None, :] <= pos[..., None])[:, None]  # (B, 1, T, W)
+        # An additive bias, made once per pass instead of once per layer inside attention.
+        bias = torch.zeros(allowed.shape, device=pos.device, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+        return Positions(emb.cos(), emb.sin(), pos, bias)
 
     def repeat(self, n: int) -> "Positions":
         """The same positions for `n` streams stacked on the batch axis; tensors with a batch of 1
@@ -88,6 +102,7 @@ class Positions:
 
 
 def rotate_half(x: Tensor) -> Tensor:
+    """(..., D) -> cat(-x[..., D/2:], x[..., :D/2]): the half-rotation of the original rotary."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
@@ -99,11 +114,31 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
 
 
+class LayerCache:
+    """One layer's keys and values over an attention window: k, v (B, kv_heads, W, head_dim),
+    views of a `KVCache`; rows (B,) = 0..B-1, the batch index of each row's write.
+
+    A plain class, not a tuple or dataclass: wrappers that cast or move the tensors of a forward's
+    arguments (FSDP2 mixed precision) must not replace the cache by a copy."""
+
+    def __init__(self, k: Tensor, v: Tensor, rows: Tensor):
+        self.k, self.v, self.rows = k, v, rows
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, T, kv_heads, D) at slots input_pos (B|1, T) of each row (an in-place
+        `index_put_`, which torch.compile keeps in place); returns the window's k and v."""
+        idx = (self.rows[:, None], slice(None), input_pos)
+        self.k[idx] = k.to(self.k.dtype)
+        self.v[idx] = v.to(self.v.dtype)
+        return self.k, self.v
+
+
 class KVCache:
     """Keys and values of a stack of layers: (layers, B, kv_heads, max_len, head_dim), zeroed.
 
-    `update` writes the new entries at their positions and returns the layer's whole cache;
-    the mask in `Positions` hides slots not yet written (or left over from an earlier stream).
+    `layer(i, window)` is layer i's cache over the first `window` slots; attention writes the new
+    entries there at their positions (`LayerCache.update`) and reads the window, masked by
+    `Positions` (slots not yet written, or left from an earlier stream, are hidden).
     """
 
     def __init__(self, layers: int, batch_size: int, kv_heads: int, max_len: int, head_dim: int,
@@ -111,23 +146,24 @@ class KVCache:
         shape = (layers, batch_size, kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.rows = torch.arange(batch_size, device=device)  # preallocated: the write index of each row
         self.max_len = max_len
 
     @property
     def batch_size(self) -> int:
         return self.k.shape[1]
 
-    def update(self, layer: int, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """k, v (B, kv_heads, T, D) at positions input_pos (B, T)."""
-        idx = input_pos[:, None, :, None].expand_as(k)
-        kc, vc = self.k[layer], self.v[layer]
-        kc.scatter_(2, idx, k.to(kc.dtype))
-        vc.scatter_(2, idx, v.to(vc.dtype))
-        return kc, vc
+    def layer(self, i: int, window: Optional[int] = None) -> LayerCache:
+        """Layer i over slots 0..window-1 (default: all), as views (writes land here)."""
+        w = window or self.max_len
+        return LayerCache(self.k[i, :, :, :w], self.v[i, :, :, :w], self.rows)
 
-    def reset(self) -> None:
-        self.k.zero_()
-        self.v.zero_()
+    def select(self, rows: slice) -> "KVCache":
+        """The same memory restricted to some batch rows (writes land here)."""
+        view = copy.copy(self)
+        view.k, view.v = self.k[:, rows], self.v[:, rows]
+        view.rows = self.rows[:view.k.shape[1]]
+        return view
 
 
 class GQA(nn.Module):
@@ -144,40 +180,49 @@ class GQA(nn.Module):
         self.norm_k = Norm(self.head_dim * self.kv_heads, eps=eps)
         self.attn_out = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x: Tensor, pos: Positions, cache: Optional[KVCache] = None, layer: int = 0) -> Tensor:
+    def forward(self, x: Tensor, pos: Positions, cache: Optional[LayerCache] = None) -> Tensor:
+        """x (B, T, dim) -> (B, T, dim). Without a cache: causal attention over x (training, full
+        forwards). With one: the new keys and values are written at `pos.input_pos` and the
+        queries attend over the cache window, masked by `pos.mask` (prefill, decode steps)."""
         B, T, _ = x.shape
-        hd = self.head_dim
-        q, k, v = self.proj_qkv(x).split([self.n_heads * hd, self.kv_heads * hd, self.kv_heads * hd], dim=-1)
-        q = self.norm_q(q).view(B, T, self.n_heads, hd).transpose(1, 2)   # (B, H, T, hd)
-        k = self.norm_k(k).view(B, T, self.kv_heads, hd).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = v.view(B, T, self.kv_heads, hd).transpose(1, 2)
-        q, k = apply_rotary(q, pos.cos, pos.sin), apply_rotary(k, pos.cos, pos.sin)
-        gqa = self.kv_heads != self.n_heads
+        H, Hkv, hd = self.n_heads, self.kv_heads, self.head_dim
+        q, k, v = self.proj_qkv(x).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
+        # q and k rotated together: one rotary pass instead of two (fewer kernels when not compiled).
+        qk = torch.cat([self.norm_q(q).view(B, T, H, hd), self.norm_k(k).view(B, T, Hkv, hd)], dim=2).transpose(1, 2)
+        q, k = apply_rotary(qk, pos.cos, pos.sin).split([H, Hkv], dim=1)  # (B, H|Hkv, T, hd)
+        gqa = Hkv != H
         if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v.view(B, T, Hkv, hd).transpose(1, 2), is_causal=True,
+                                               enable_gqa=gqa)
         else:
-            k, v = cache.update(layer, pos.input_pos, k, v)
-            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=pos.mask, enable_gqa=gqa)
+            kc, vc = cache.update(pos.input_pos, k.transpose(1, 2), v.view(B, T, Hkv, hd))
+            y = F.scaled_dot_product_attention(q, kc.to(q.dtype), vc.to(q.dtype), attn_mask=pos.mask, enable_gqa=gqa)
         return self.attn_out(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class PreNormAttn(nn.Module):
+    """Pre-norm attention with its residual."""
+
     def __init__(self, dim, n_head, kv_heads=None, eps=1e-5):
         super().__init__()
         self.attn_norm = Norm(dim, eps=eps)
         self.attn = GQA(dim, n_head, kv_heads, eps=eps)
 
-    def forward(self, x, pos, cache=None, layer=0):
-        return x + self.attn(self.attn_norm(x), pos, cache, layer)
+    def forward(self, x: Tensor, pos: Positions, cache: Optional[LayerCache] = None) -> Tensor:
+        """x + attention(norm(x))."""
+        return x + self.attn(self.attn_norm(x), pos, cache)
 
 
 class PreNormFFNN(nn.Module):
+    """Pre-norm feed-forward with its residual."""
+
     def __init__(self, dim, ff_dim=None, eps=1e-5):
         super().__init__()
         self.ffnn_norm = Norm(dim, eps=eps)
         self.ffnn = FFNN(dim, ff_dim)
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
+        """x + ffnn(norm(x))."""
         return x + self.ffnn(self.ffnn_norm(x))
 
 
@@ -191,8 +236,9 @@ class Block(nn.Module):
         self.ffnn = PreNormFFNN(dim, ff_dim, eps=eps)
         self.dim = dim
 
-    def forward(self, x: Tensor, pos: Positions, cache: Optional[KVCache] = None, layer: int = 0) -> Tensor:
-        return self.ffnn(self.attn(x, pos, cache, layer))
+    def forward(self, x: Tensor, pos: Positions, cache: Optional[LayerCache] = None) -> Tensor:
+        """x (B, T, dim) at `pos` -> (B, T, dim); `cache`: this layer's, written and attended."""
+        return self.ffnn(self.attn(x, pos, cache))
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -204,13 +250,20 @@ class Block(nn.Module):
         nn.init.trunc_normal_(self.ffnn.ffnn.down_proj.weight, std=xstd, a=-3 * xstd, b=3 * xstd)
 
 
+def run_block(block: Block, x: Tensor, pos: Positions, cache: Optional[LayerCache] = None) -> Tensor:
+    """`block(x, pos, cache)`: how the LM and the resynthesizer run a block by default. An engine
+    passes `torch.compile(run_block)` instead to compile one block, reused by every layer."""
+    return block(x, pos, cache)
+
+
 def positions_for(x: Tensor, head_dim: int, theta: float, cache: Optional[KVCache],
-                  input_pos: Optional[Tensor]) -> Positions:
-    """Positions of a pass over x (B, T, ...): 0..T-1 without a cache, `input_pos` (B, T) with one."""
+                  input_pos: Optional[Tensor], window: Optional[int] = None) -> Positions:
+    """Positions of a pass over x (B, T, ...): without a cache, 0..T-1 (or `input_pos`); with one,
+    `input_pos` (B|1, T), attending over the first `window` slots (default: the whole cache)."""
     if cache is None:
         if input_pos is None:
             input_pos = torch.arange(x.shape[1], device=x.device)[None]
         return Positions.make(head_dim, theta, input_pos)
     if input_pos is None:
         raise ValueError("a cached pass needs input_pos (B, T): the cache slots of the new latents")
-    return Positions.make(head_dim, theta, input_pos, cache.max_len)
+    return Positions.make(head_dim, theta, input_pos, window or cache.max_len, x.dtype)

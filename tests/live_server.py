@@ -16,7 +16,7 @@ import torch
 from config.codec_config import PRESETS as CODEC_PRESETS
 from config.transformer_config import PRESETS
 from model import Codec, HertzDev, build, save_codec, save_transformer
-from model.generate import LiveEngine
+from model.live import LiveEngine
 from model.protocol import CHUNK, TEXT_PREFIX, float_to_pcm, pcm_to_float
 
 import inference_server as srv

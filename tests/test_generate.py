@@ -1,4 +1,4 @@
-"""The generation engine (model/generate.py) on tiny random models, float32, CPU.
+"""The completion engine (model/generator.py, model/decode.py) on tiny random models, float32, CPU.
 
 Completions have the requested length; the same seed gives the same output; the cached engine
 equals an uncached reference (full forwards every step) draw for draw; batch rows are
@@ -13,8 +13,12 @@ import torch
 from config.codec_config import PRESETS as CODEC_PRESETS
 from config.transformer_config import PRESETS
 from model import Codec, HertzDev, SamplingParams, build
-from model.generate import (DecodeState, Generator, attention_windows, decode_step, generate_uncached,
-                            prompt_prefill, row_seed)
+from model.cuda_graphs import attention_windows
+from model.decode import DecodeState, decode_step, prompt_prefill
+from model.generator import Generator
+from model.sampling import row_seed
+
+from uncached import generate_uncached
 
 TOL = 1e-4
 PARAMS = [SamplingParams(), SamplingParams(token_temp=1.0, top_p=0.9, min_p=0.05, mixture_temp=1.0, gaussian_temp=0.3)]

@@ -10,7 +10,9 @@ import torch
 from config.codec_config import PRESETS as CODEC_PRESETS
 from config.transformer_config import PRESETS
 from model import Codec, HertzDev, SamplingParams, build
-from model.generate import LiveEngine
+from model.live import LiveEngine
+
+from conv_stream import ConvStreamCodec
 
 TOL = 1e-5
 STEPS = 12
@@ -157,7 +159,7 @@ def test_codec_implementations_agree(model):
     """The live step with the matrix-product streaming codec equals the one with the module codec."""
     user = signal(6, 2, 5)
     outs = []
-    for codec in ("matmul", "conv"):
+    for codec in (None, ConvStreamCodec(model.codec)):
         e = LiveEngine(model, max_sessions=2, codec=codec)
         start(e, 0, 0)
         start(e, 1, 2)
@@ -184,7 +186,7 @@ def test_bad_arguments(model):
 @torch.no_grad()
 def test_warm_start_from_latents(model):
     """Prompt latents computed once (e.g. for many sessions) warm-start a row as its audio does."""
-    from model.generate import encode_frames
+    from model.stream_codec import encode_frames
 
     a, b = LiveEngine(model, max_sessions=2), LiveEngine(model, max_sessions=2)
     a.reset(1, PARAMS[0], seed=5, prompt=PROMPTS[2])

@@ -1,62 +1,61 @@
-"""Token sampling (temperature, top-p, min-p) and mixture sampling (mixture and Gaussian temps)."""
+"""Token sampling (temperature, top-p, min-p) and mixture sampling (mixture and Gaussian temps), per
+row, with counter-based noise (the engines' API)."""
 import math
 
 import pytest
 import torch
 
-from model.sampling import SamplingParams, filter_probs, sample_latent, sample_token
+from model.sampling import RowParams, SamplingParams, StepNoise, counter_uniform, sample_latents, sample_tokens
+
+
+def rows(n, **values):
+    p = RowParams.make(n)
+    for k, v in values.items():
+        getattr(p, k).copy_(torch.as_tensor(v, dtype=torch.float32))
+    return p
+
+
+def drawable(probs, n=2000, **values):
+    """The set of tokens `sample_tokens` draws from `probs` over a fine grid of uniforms."""
+    u = ((torch.arange(n) + 0.5) / n).view(n, 1)
+    logits = probs.log().expand(n, 1, len(probs))
+    return set(sample_tokens(logits, u, rows(n, **{k: [v] * n for k, v in values.items()}))[:, 0].tolist())
 
 
 def test_temperature_zero_is_greedy():
-    logits = torch.randn(4, 100)
-    assert torch.equal(sample_token(logits, temperature=0), logits.argmax(-1))
+    logits = torch.randn(4, 2, 100)
+    assert torch.equal(sample_tokens(logits, torch.rand(4, 2), rows(4, token_temp=[0.0] * 4)), logits.argmax(-1))
 
 
 def test_top_p_keeps_the_nucleus_only():
-    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
-    kept = filter_probs(probs, top_p=0.8)
-    assert torch.equal(kept > 0, torch.tensor([[True, True, False, False]]))
-    kept = filter_probs(probs, top_p=0.81)
-    assert torch.equal(kept > 0, torch.tensor([[True, True, True, False]]))
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    assert drawable(probs, token_temp=1.0, top_p=0.8) == {0, 1}
+    assert drawable(probs, token_temp=1.0, top_p=0.81) == {0, 1, 2}
 
 
 def test_min_p_drops_unlikely_tokens():
-    probs = torch.tensor([[0.6, 0.3, 0.07, 0.03]])
-    assert torch.equal(filter_probs(probs, min_p=0.1) > 0, torch.tensor([[True, True, True, False]]))
-
-
-def test_samples_follow_the_filtered_distribution():
-    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05])).expand(20000, 4)
-    g = torch.Generator().manual_seed(0)
-    draws = sample_token(logits, temperature=1.0, top_p=0.8, generator=g)
-    freq = torch.bincount(draws, minlength=4).float() / len(draws)
-    assert freq[2] == 0 and freq[3] == 0
-    assert abs(freq[0].item() - 0.5 / 0.8) < 0.02
+    probs = torch.tensor([0.6, 0.3, 0.07, 0.03])
+    assert drawable(probs, token_temp=1.0, min_p=0.1) == {0, 1, 2}
+    assert drawable(probs, token_temp=1.0) == {0, 1, 2, 3}
 
 
 def test_same_seed_same_tokens():
-    logits = torch.randn(3, 32768)
-    a = sample_token(logits, 0.8, 0.95, 0.05, torch.Generator().manual_seed(7))
-    b = sample_token(logits, 0.8, 0.95, 0.05, torch.Generator().manual_seed(7))
-    c = sample_token(logits, 0.8, 0.95, 0.05, torch.Generator().manual_seed(8))
-    assert torch.equal(a, b) and not torch.equal(a, c)
+    logits = torch.randn(3, 2, 32768)
+    p = rows(3, top_p=[0.95] * 3, min_p=[0.05] * 3)
+
+    def draw(seed):
+        return sample_tokens(logits, StepNoise.draw(torch.full((3,), seed), torch.zeros(3, dtype=torch.long), 2, 32).token, p)
+    assert torch.equal(draw(7), draw(7)) and not torch.equal(draw(7), draw(8))
 
 
-def test_mixture_sampling():
-    B, K, Z = 5000, 3, 4
-    locs = torch.arange(K, dtype=torch.float32).view(1, K, 1).expand(B, K, Z) * 10
-    scales = torch.ones(B, K, Z)
-    logits = torch.log(torch.tensor([0.7, 0.2, 0.1])).expand(B, K)
-    g = torch.Generator().manual_seed(0)
-    # Gaussian temperature 0: exactly a component's mean; mixture temperature 0: the likeliest.
-    x = sample_latent(locs, scales, logits, mixture_temp=0.0, gaussian_temp=0.0)
-    assert torch.equal(x, torch.zeros(B, Z))
-    x = sample_latent(locs, scales, logits, mixture_temp=1.0, gaussian_temp=0.0, generator=g)
-    comp = (x[:, 0] / 10).round().long()
-    freq = torch.bincount(comp, minlength=K).float() / B
-    assert torch.allclose(freq, torch.tensor([0.7, 0.2, 0.1]), atol=0.03)
-    x = sample_latent(locs, scales, logits, mixture_temp=0.0, gaussian_temp=0.5, generator=g)
-    assert abs(x.std().item() - 0.5) < 0.03
+def test_greedy_mixture_sampling_is_the_likeliest_mean():
+    B, K, Z = 50, 3, 4
+    locs = (torch.arange(K, dtype=torch.float32) * 10 - 10).view(1, 1, K, 1).expand(B, 1, K, Z)
+    logits = torch.log(torch.tensor([0.2, 0.7, 0.1])).expand(B, 1, K)
+    noise = StepNoise.draw(torch.arange(B), torch.zeros(B, dtype=torch.long), 1, Z)
+    x = sample_latents(locs, torch.ones(B, 1, K, Z), logits, noise.mixture, noise.gaussian,
+                       rows(B, mixture_temp=[0.0] * B, gaussian_temp=[0.0] * B))
+    assert torch.equal(x, torch.zeros(B, 1, Z))
 
 
 @pytest.mark.parametrize("bad", [{"token_temp": math.nan}, {"gaussian_temp": math.inf}, {"top_p": 0},
@@ -64,11 +63,6 @@ def test_mixture_sampling():
 def test_invalid_params_are_rejected(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad).validate()
-
-
-# --- per-row sampling with explicit counter-based noise (the engines') ------------------------
-
-from model.sampling import RowParams, StepNoise, counter_uniform, sample_latents, sample_tokens  # noqa: E402
 
 
 def test_counter_noise_is_a_pure_function_of_seed_and_counter():
@@ -84,13 +78,6 @@ def test_counter_noise_is_a_pure_function_of_seed_and_counter():
     assert ((hist - 2500) ** 2 / 2500).sum(1).max() < 60  # chi-square, 19 degrees of freedom
     noise = StepNoise.draw(seed, counter, 2, 32)
     assert noise.token.shape == (3, 2) and noise.gaussian.shape == (3, 2, 32) and noise.posterior.shape == (3, 32)
-
-
-def rows(n, **values):
-    p = RowParams.make(n)
-    for k, v in values.items():
-        getattr(p, k).copy_(torch.as_tensor(v, dtype=torch.float32))
-    return p
 
 
 def test_row_sampling_follows_each_rows_parameters():

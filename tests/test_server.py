@@ -600,7 +600,7 @@ def test_prompt_replay_and_recording(model, tmp_path):
 
 
 def test_replay_seconds(model):
-    from model.generate import LiveEngine
+    from model.live import LiveEngine
     prompt = np.zeros((2, 16000), dtype=np.float32)
     engine = LiveEngine(model, max_sessions=1)
     assert len(srv.Server(engine, prompt=prompt).replay) == 8

@@ -15,7 +15,7 @@ import torch
 from config import fields_marked
 from config.codec_config import PRESETS as CODEC_PRESETS
 from config.transformer_config import PRESETS, TransformerConfig
-from model import Codec, HertzDev, build, load_hertz_dev, sample_latent, sample_token, save_codec
+from model import Codec, Generator, HertzDev, build, load_hertz_dev, save_codec
 from model.checkpoint import read_weights, substate
 from model.objectives import STAGES, compute_losses
 
@@ -112,20 +112,7 @@ def test_exported_model_loads_and_generates(setup, duplex):
     audio = 0.1 * torch.randn(C, 1, P * 2000)
     mu, _ = hertz.codec.encode(audio)  # (C, P, 32)
     prompt = torch.cat(list(mu), dim=-1)[None]  # (1, P, C*32)
-    lm_cache, rs_cache = hertz.lm.make_cache(1, P + n), hertz.resynth.make_cache(1, P + n)
-    logits = hertz.lm(prompt, lm_cache, torch.arange(P)[None])
-    codes = [hertz.quantizer(x)[0][:, 1:] for x in prompt.chunk(C, dim=-1)]
-    hertz.resynth(prompt[:, :-1], tuple(codes) if duplex else codes[0], rs_cache, torch.arange(P - 1)[None])
-    last, out = prompt[:, -1:], []
-    for i in range(n):
-        pos = torch.tensor([[P - 1 + i]])
-        tokens = [sample_token(h[:, -1], 0.8)[:, None] for h in (logits if duplex else (logits,))]
-        plex = [hertz.quantizer.indices_to_codes(t) for t in tokens]
-        mix = hertz.resynth(last, tuple(plex) if duplex else plex[0], rs_cache, pos)
-        last = torch.cat([sample_latent(*m) for m in (mix if duplex else (mix,))], dim=-1)
-        out.append(last)
-        logits = hertz.lm(last, lm_cache, pos + 1)
-    latents = torch.cat(out, dim=1)
+    latents = Generator(hertz, batch_size=1).generate(prompt, n, seed=0)[:, P:]
     assert latents.shape == (1, n, 32 * C) and torch.isfinite(latents).all()
     wave = hertz.codec.decode(latents[..., :32])
     assert wave.shape == (1, 1, n * 2000) and torch.isfinite(wave).all()
