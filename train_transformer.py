@@ -169,6 +169,7 @@ def main(argv=None) -> dict:
             n = stats["count"] * cfg.channels
             sums += torch.stack([out["lm_ce"] * n, stats["lm_correct"], out["resynth_nll"] * n, n]).double()
             codes = stats["indices"][valid.repeat(cfg.channels, 1)].long()
+            codes = codes[(codes >= 0) & (codes < cfg.vocab_size)]  # NaN codes of a diverged quantizer
             histogram += torch.bincount(codes, minlength=cfg.vocab_size).double()
         if ddp.enabled:
             dist.all_reduce(sums)
@@ -300,8 +301,11 @@ def main(argv=None) -> dict:
                 sums.setdefault(f"train/{k}", []).append(v.detach().float())
             if "lm_correct" in stats:
                 sums.setdefault("train/lm_acc", []).append(stats["lm_correct"] / (cfg.channels * stats["count"]).clamp_min(1))
-            # code usage from a histogram (no host sync); padding adds zero counts
-            codes.index_add_(0, stats["indices"].flatten().long(), valid.repeat(cfg.channels, 1).flatten().float())
+            # code usage from a histogram (no host sync); padding adds zero counts, and so do the
+            # out-of-range indices of NaN codes (a diverged quantizer, which check_finite_step reports)
+            index = stats["indices"].flatten().long()
+            inside = (index >= 0) & (index < cfg.vocab_size)
+            codes.index_add_(0, index.where(inside, 0), (valid.repeat(cfg.channels, 1).flatten() & inside).float())
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         check_finite_step(step, step_loss, grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm,
                           lambda: [train_set.files[train_set.draw(j)[0]]["name"] for j in loader.sampler.indices(step)])

@@ -4,6 +4,7 @@ speed benchmark's CPU smoke run."""
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -252,3 +253,35 @@ def test_benchmark_cpu_smoke_run_needs_no_audio_packages():
     assert result.returncode == 0, result.stderr[-3000:]
     line = json.loads(result.stdout.strip().splitlines()[-1])
     assert line["preset"] == "tiny" and line["mode"] == "fp32-eager" and line["samples_per_s"] > 0
+
+
+def finite_everywhere(run_dir):
+    """Every tensor of every checkpoint in `run_dir` is finite (and the exports pass their hash)."""
+    from model.checkpoint import non_finite, read_weights
+    files = sorted(Path(run_dir).glob("*.pt")) + sorted(Path(run_dir).glob("*.safetensors"))
+    for path in files:
+        state = torch.load(path, weights_only=False) if path.suffix == ".pt" else read_weights(path)[0]
+        assert non_finite(state) == [], path
+    return [p.name for p in files]
+
+
+def test_non_finite_audio_is_skipped_and_a_non_finite_loss_stops_with_an_error(corpus, tmp_path):
+    """A NaN float WAV is named once and counted, never trained on; a diverging run (learning
+    rate 1e30) stops at the step whose loss is not finite, naming it and the batch's files, with
+    no checkpoint holding NaN or inf."""
+    data = tmp_path / "train"
+    shutil.copytree(corpus / "train", data)
+    audio, rate = sf.read(str(next(p for p in sorted(data.rglob("*.wav")) if p.name != "broken.wav")), dtype="float32")
+    audio[len(audio) // 2] = np.nan
+    sf.write(str(data / "nan.wav"), audio, rate, subtype="FLOAT")
+    argv = ["train_codec.py"] + args(corpus, tmp_path / "run", f"train_data_path={data}", "learning_rate=1e30",
+                                     "save_interval=1", "eval_interval=1", "max_steps=6")
+    result = run(argv)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"error: non-finite (loss|gradient norm) \(\S+\) at step [1-5] on a batch from \S+\.wav.*", last), \
+        result.stderr[-3000:]
+    assert "nan.wav" not in last and "Traceback" not in result.stderr
+    out = result.stdout + result.stderr
+    assert len(re.findall(r"nan.wav: \d non-finite samples", out)) == 1 and "2 unreadable files skipped" in out
+    assert "latest.pt" in finite_everywhere(tmp_path / "run")
