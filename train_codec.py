@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from config import ConfigError, from_dict, parse_args
 from config.codec_config import ARCH_FIELDS, DISC_ARCH_FIELDS, PRESETS, CodecConfig
-from model.audio import save_audio
+from model.audio import AudioError, save_audio
 from model.checkpoint import CheckpointError, read_metadata
 from model.codec import Codec
 from model.codec_losses import (MultiResolutionMelLoss, discriminator_loss, feature_matching_loss,
@@ -450,5 +450,6 @@ def print_table(source: str, metrics: dict, crops: int) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, ConfigMismatch, FileNotFoundError, CheckpointError, TrainingError) as e:
-        raise SystemExit(f"error: {e}")
+    except (ConfigError, ConfigMismatch, FileNotFoundError, AudioError, CheckpointError, TrainingError) as e:
+        tqdm.write(f"error: {e}", file=sys.stderr)  # its own line, even under an open progress bar
+        raise SystemExit(1)

@@ -42,6 +42,7 @@ from tqdm import tqdm
 from config import ConfigError, from_dict, parse_args
 from config.transformer_config import ARCH_FIELDS, PRESETS, TransformerConfig
 from model import HertzDev, build, hub, load_codec, load_hertz_dev, sample_latent, sample_token
+from model.audio import AudioError
 from model.checkpoint import CheckpointError, read_metadata
 from model.loading import write_transformer
 from model.latents import LatentCrops, StepSampler, codec_fingerprint, prepare_latents, sample_posterior
@@ -460,5 +461,6 @@ def complete(parts, prompt: torch.Tensor, n: int, duplex: bool, token_temp: floa
 if __name__ == "__main__":
     try:
         main()
-    except (CheckpointError, TrainingError) as e:
-        raise SystemExit(f"error: {e}")
+    except (AudioError, CheckpointError, TrainingError) as e:
+        tqdm.write(f"error: {e}", file=sys.stderr)  # its own line, even under an open progress bar
+        raise SystemExit(1)

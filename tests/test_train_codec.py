@@ -255,6 +255,13 @@ def test_benchmark_cpu_smoke_run_needs_no_audio_packages():
     assert line["preset"] == "tiny" and line["mode"] == "fp32-eager" and line["samples_per_s"] > 0
 
 
+def error_line(stderr):
+    """The one `error:` line of a failed run, on a line of its own (progress bars redraw with \\r)."""
+    errors = [line for line in re.split(r"[\r\n]+", stderr) if line.startswith("error:")]
+    assert len(errors) == 1, stderr[-3000:]
+    return errors[0]
+
+
 def finite_everywhere(run_dir):
     """Every tensor of every checkpoint in `run_dir` is finite (and the exports pass their hash)."""
     from model.checkpoint import non_finite, read_weights
@@ -278,10 +285,26 @@ def test_non_finite_audio_is_skipped_and_a_non_finite_loss_stops_with_an_error(c
                                      "save_interval=1", "eval_interval=1", "max_steps=6")
     result = run(argv)
     assert result.returncode != 0
-    last = result.stderr.strip().splitlines()[-1]
+    last = error_line(result.stderr)
     assert re.fullmatch(r"error: non-finite (loss|gradient norm) \(\S+\) at step [1-5] on a batch from \S+\.wav.*", last), \
         result.stderr[-3000:]
     assert "nan.wav" not in last and "Traceback" not in result.stderr
     out = result.stdout + result.stderr
     assert len(re.findall(r"nan.wav: \d non-finite samples", out)) == 1 and "2 unreadable files skipped" in out
     assert "latest.pt" in finite_everywhere(tmp_path / "run")
+
+
+def test_a_full_disk_is_one_error_line(corpus, tmp_path):
+    """checkpoint_dir on a 640 KiB tmpfs (a real full disk; needs the right to mount): the first
+    checkpoint does not fit, and the run ends with one line naming the file and the reason."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=640k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        result = run(["train_codec.py"] + args(corpus, disk / "run", "num_audio_samples=1"))
+        assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert re.fullmatch(r"error: cannot write \S+/run/\S+: No space left on device", error_line(result.stderr))
+        assert not list((disk / "run").glob(".*.tmp"))
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

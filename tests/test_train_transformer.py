@@ -239,11 +239,13 @@ def test_benchmark_smoke():
 
 
 def train_fails(args, timeout=300):
-    """Run the trainer expecting it to fail; its stderr's last line."""
+    """Run the trainer expecting it to fail; its one `error:` line."""
     out = subprocess.run([sys.executable, "train_transformer.py"] + [str(a) for a in args], cwd=REPO,
                          capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
-    return out.stderr.strip().splitlines()[-1]
+    errors = [line for line in re.split(r"[\r\n]+", out.stderr) if line.startswith("error:")]
+    assert len(errors) == 1, out.stderr[-3000:]  # on a line of its own (progress bars redraw with \r)
+    return errors[0]
 
 
 def test_a_non_finite_loss_stops_with_an_error_and_no_non_finite_checkpoint(setup):
