@@ -224,8 +224,9 @@ def main(argv=None) -> dict:
 
     def export_state(saved: dict, tmp: str) -> None:
         """The codec of a training state, as save() exports it: rebuilds an export a kill left behind."""
-        codec = Codec(from_dict(CodecConfig, saved["config"], strict=False))
-        codec.load_state_dict(saved["generator"])
+        with torch.device("meta"):  # no initialisation: it would draw from the RNG an exact resume restored
+            codec = Codec(from_dict(CodecConfig, saved["config"], strict=False))
+        codec.load_state_dict(saved["generator"], assign=True)
         write_codec(tmp, codec, {"step": saved["step"], "val/mel_distance": saved.get("val/mel_distance")})
 
     if is_main:

@@ -18,7 +18,9 @@ import soundfile as sf
 import torch
 
 import train_codec
-from model import hub, load_codec
+from config.codec_config import PRESETS
+from model import Codec, build, hub, load_codec, save_codec
+from model.checkpoint import read_metadata
 from model.training import ConfigMismatch
 
 from hub_server import HubServer
@@ -118,9 +120,16 @@ def test_killed_run_resumes_at_the_same_step_lr_and_data(corpus, trained, tmp_pa
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL  # killed, not finished
     done = len(rows(run_dir / "metrics.jsonl"))
+    # what a kill inside a save can leave besides: a temporary, and an export behind its .pt
+    (run_dir / ".latest.safetensors.killed00.tmp").write_bytes(b"partial")
+    save_codec(run_dir / "latest.safetensors", build(Codec, PRESETS["tiny"]), {"step": 0})
     result = run(cmd[1:])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "(step 4)" in result.stdout
+    assert "note: removed .latest.safetensors.killed00.tmp, left by an interrupted save" in result.stdout
+    assert "note: rebuilt latest.safetensors from latest.pt (step 4; it held step 0)" in result.stdout
+    assert read_metadata(run_dir / "latest.safetensors")["extra"]["step"] == 8 and load_codec(run_dir / "latest.safetensors")
+    assert not list(run_dir.glob(".*.tmp"))
     resumed = [r for r in rows(run_dir / "metrics.jsonl")[done:] if "loss/total" in r]
     reference = {r["step"]: r for r in train_rows(trained[0] / "metrics.jsonl")}
     assert [r["step"] for r in resumed] == [5, 6, 7, 8]
