@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from config import ConfigError, config_diff, fields_marked, parse_args
+from config import ConfigError, config_diff, fields_marked, from_dict, parse_args
 from config.codec_config import PRESETS, CodecConfig
 from model.audio import save_audio
 from model.checkpoint import read_metadata
@@ -44,11 +44,11 @@ from model.codec_losses import (MultiResolutionMelLoss, discriminator_loss, feat
                                 generator_adversarial_loss, latent_kl, latent_mask, si_sdr, stoi)
 from model.data import AudioCropDataset, infinite_batches, make_loader
 from model.discriminators import Discriminators
-from model.loading import load_codec, save_codec
+from model.loading import load_codec, write_codec
 from model.plots import plot_metrics, save_mel_figure
 from model.training import (Checkpoints, ConfigMismatch, Logger, all_reduce_mean, autocast, check_architecture,
-                            check_resumable, cosine_lr, rng_state, run_script, seed_everything, set_rng_state,
-                            setup_distributed, teardown_distributed, unwrap)
+                            check_finite_step, check_resumable, cosine_lr, rng_state, run_script, seed_everything,
+                            set_rng_state, setup_distributed, teardown_distributed, unwrap)
 
 
 def main(argv=None) -> dict:
@@ -210,17 +210,24 @@ def main(argv=None) -> dict:
             dist.all_gather_object(rngs, rng_state())
         if not is_main:
             return
-        best = checkpoints.best_metric()
-        improved = metric is not None and math.isfinite(metric) and (best is None or metric < best)
+        extra = {"step": it, "val/mel_distance": metric}
         checkpoints.save(it, {
             "generator": unwrap(generator).state_dict(), "discriminators": unwrap(discriminators).state_dict(),
             "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "step": it, "rng_state": rngs,
             "config": dataclasses.asdict(cfg), "world_size": ddp.world_size, "wandb_id": logger.run_id,
-            "val/mel_distance": metric}, metric)  # the LR is a function of the step: no scheduler state
-        extra = {"step": it, "val/mel_distance": metric}
-        save_codec(run_dir / "latest.safetensors", unwrap(generator), extra)
-        if improved:
-            save_codec(run_dir / "best.safetensors", unwrap(generator), extra)
+            "val/mel_distance": metric}, metric,  # the LR is a function of the step: no scheduler state
+            export=lambda tmp: write_codec(tmp, unwrap(generator), extra))
+
+    def export_state(saved: dict, tmp: str) -> None:
+        """The codec of a training state, as save() exports it: rebuilds an export a kill left behind."""
+        with torch.device("meta"):  # no initialisation: it would draw from the RNG an exact resume restored
+            codec = Codec(from_dict(CodecConfig, saved["config"], strict=False))
+        codec.load_state_dict(saved["generator"], assign=True)
+        write_codec(tmp, codec, {"step": saved["step"], "val/mel_distance": saved.get("val/mel_distance")})
+
+    if is_main:
+        for note in checkpoints.recover(export_state):
+            say(f"note: {note}")
 
     def out_of_time() -> bool:
         if cfg.max_minutes <= 0:
@@ -270,8 +277,10 @@ def main(argv=None) -> dict:
         # generator step: reconstruction losses, and the frozen discriminators' verdict
         disc_model.requires_grad_(False)
         made = []  # (real, reconstruction) of each micro-batch, for the discriminator step
+        step_loss, files = 0.0, []
         for micro in range(cfg.grad_accum_steps):
             batch = next(batches)
+            files += [train_set.files[i].path for i in batch["file"].tolist()]
             audio = batch["audio"].to(device, non_blocking=True)  # (B, 1, N)
             mask = batch["mask"].to(device, non_blocking=True)    # (B, N): 0 on padding
             real = audio * mask[:, None]
@@ -291,15 +300,18 @@ def main(argv=None) -> dict:
                 losses["total"] = sum(weights[k] * losses[k] for k in losses)
             (losses["total"] / cfg.grad_accum_steps).backward()
             made.append((real, fake.detach()))
+            step_loss = step_loss + losses["total"].detach()
             for k, v in losses.items():
                 sums.setdefault(k, []).append(v.detach().float())
         norms = {"grad_norm/generator": clip(gen_model, cfg.grad_clip)}
+        check_finite_step(step, step_loss, norms["grad_norm/generator"], lambda: files)
         opt_g.step()
         opt_g.zero_grad(set_to_none=True)
 
         # discriminator step: real audio against the reconstructions just made
         if use_disc:
             disc_model.requires_grad_(True)
+            step_loss = 0.0
             for micro, (real, fake) in enumerate(made):
                 if ddp.enabled:
                     discriminators.require_backward_grad_sync = micro == len(made) - 1
@@ -310,7 +322,9 @@ def main(argv=None) -> dict:
                     loss_d = discriminator_loss(d_real, d_fake, cfg.gan_loss)
                 (loss_d / len(made)).backward()
                 sums.setdefault("disc", []).append(loss_d.detach().float())
+                step_loss = step_loss + loss_d.detach()
             norms["grad_norm/discriminators"] = clip(disc_model, cfg.disc_grad_clip)
+            check_finite_step(step, step_loss, norms["grad_norm/discriminators"], lambda: files)
             opt_d.step()
             opt_d.zero_grad(set_to_none=True)
         step += 1

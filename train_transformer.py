@@ -39,16 +39,18 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from config import ConfigError, fields_marked, parse_args
+from config import ConfigError, fields_marked, from_dict, parse_args
 from config.transformer_config import PRESETS, TransformerConfig
-from model import Generator, HertzDev, build, hub, load_codec, load_hertz_dev, save_transformer
+from model import Generator, HertzDev, build, hub, load_codec, load_hertz_dev
 from model.checkpoint import read_metadata
+from model.loading import write_transformer
 from model.latents import LatentCrops, StepSampler, codec_fingerprint, prepare_latents, sample_posterior
 from model.objectives import STAGE_LOSSES, STAGES, compute_losses, peak_flops, train_flops_per_latent
 from model.parallel import (compile_blocks, full_state_dicts, gradient_sync, inner, load_full_state_dicts,
                             parallelize, rank0_first)
 from model.training import (Checkpoints, ConfigMismatch, Logger, all_reduce_mean, autocast, check_architecture,
-                            check_resumable, cosine_lr, rng_state, run_script, setup_distributed, teardown_distributed)
+                            check_finite_step, check_resumable, cosine_lr, rng_state, run_script,
+                            setup_distributed, teardown_distributed)
 
 PARTS = ("quantizer", "lm", "resynth")
 # FSDP2 warns about every module output that is a view; none of ours is modified in place.
@@ -167,6 +169,7 @@ def main(argv=None) -> dict:
             n = stats["count"] * cfg.channels
             sums += torch.stack([out["lm_ce"] * n, stats["lm_correct"], out["resynth_nll"] * n, n]).double()
             codes = stats["indices"][valid.repeat(cfg.channels, 1)].long()
+            codes = codes[(codes >= 0) & (codes < cfg.vocab_size)]  # NaN codes of a diverged quantizer
             histogram += torch.bincount(codes, minlength=cfg.vocab_size).double()
         if ddp.enabled:
             dist.all_reduce(sums)
@@ -206,17 +209,19 @@ def main(argv=None) -> dict:
         model_state, optim_state = full_state_dicts(model, optimizer)
         if not is_main:
             return
-        best = checkpoints.best_metric()
-        improved = metric is not None and math.isfinite(metric) and (best is None or metric < best)
-        checkpoints.save(it, {"model": model_state, "optimizer": optim_state, "step": it,
-                              "config": dataclasses.asdict(cfg), "codec": fingerprint,
-                              "codec_source": cfg.codec_checkpoint, "rng_state": rng_state(),
-                              "world_size": ddp.world_size, "wandb_id": logger.run_id, "val/loss": metric}, metric)
-        export = _export_model(cfg, model_state)
-        extra = {"step": it, "stage": cfg.stage, "codec_fingerprint": fingerprint, "val/loss": metric}
-        save_transformer(run_dir / "latest.safetensors", export, codec_source=cfg.codec_checkpoint, extra=extra)
-        if improved:
-            save_transformer(run_dir / "best.safetensors", export, codec_source=cfg.codec_checkpoint, extra=extra)
+        training_state = {"model": model_state, "optimizer": optim_state, "step": it,
+                          "config": dataclasses.asdict(cfg), "codec": fingerprint, "codec_source": cfg.codec_checkpoint,
+                          "rng_state": rng_state(), "world_size": ddp.world_size, "wandb_id": logger.run_id,
+                          "val/loss": metric}
+        checkpoints.save(it, training_state, metric, export=lambda tmp: export_state(training_state, tmp))
+
+    def export_state(saved: dict, tmp: str) -> None:
+        """The model of a training state as our .safetensors (for load_hertz_dev); also rebuilds an
+        export that a kill left behind its .pt."""
+        extra = {"step": saved["step"], "stage": saved["config"]["stage"], "codec_fingerprint": saved["codec"],
+                 "val/loss": saved.get("val/loss")}
+        write_transformer(tmp, _export_model(from_dict(TransformerConfig, saved["config"], strict=False), saved["model"]),
+                          codec_source=saved["codec_source"], extra=extra)
 
     def out_of_time() -> bool:
         if cfg.max_minutes <= 0:
@@ -234,6 +239,9 @@ def main(argv=None) -> dict:
         return metrics
     logger = Logger(cfg.wandb, cfg.wandb_project, run_dir, cfg, is_main=is_main,
                     resume_id=state.get("wandb_id") if state else None)
+    if is_main:
+        for note in checkpoints.recover(export_state):
+            say(f"note: {note}")
 
     # --- training loop --------------------------------------------------------------------------
     loader = torch.utils.data.DataLoader(
@@ -275,6 +283,7 @@ def main(argv=None) -> dict:
         lr = get_lr(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        step_loss = 0.0
         for micro in range(cfg.grad_accum_steps):
             batch = next(batches)
             # the posterior noise depends on (seed, step, micro-batch, rank) only: exact resume
@@ -287,13 +296,19 @@ def main(argv=None) -> dict:
                                                    cfg.activation_checkpointing, cfg.compile)
                     losses["total"] = sum(weights[k] * losses[k] for k in losses_of_stage)
                 (losses["total"] / cfg.grad_accum_steps).backward()
+            step_loss = step_loss + losses["total"].detach()
             for k, v in losses.items():
                 sums.setdefault(f"train/{k}", []).append(v.detach().float())
             if "lm_correct" in stats:
                 sums.setdefault("train/lm_acc", []).append(stats["lm_correct"] / (cfg.channels * stats["count"]).clamp_min(1))
-            # code usage from a histogram (no host sync); padding adds zero counts
-            codes.index_add_(0, stats["indices"].flatten().long(), valid.repeat(cfg.channels, 1).flatten().float())
+            # code usage from a histogram (no host sync); padding adds zero counts, and so do the
+            # out-of-range indices of NaN codes (a diverged quantizer, which check_finite_step reports)
+            index = stats["indices"].flatten().long()
+            inside = (index >= 0) & (index < cfg.vocab_size)
+            codes.index_add_(0, index.where(inside, 0), (valid.repeat(cfg.channels, 1).flatten() & inside).float())
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        check_finite_step(step, step_loss, grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm,
+                          lambda: [train_set.files[train_set.draw(j)[0]]["name"] for j in loader.sampler.indices(step)])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -382,7 +397,7 @@ def initial_weights(cfg: TransformerConfig) -> tuple[HertzDev, str]:
 
 
 def _export_model(cfg: TransformerConfig, state: dict) -> HertzDev:
-    """A HertzDev holding a full state dict (no copy), for save_transformer."""
+    """A HertzDev holding a full state dict (no copy), for write_transformer."""
     with torch.device("meta"):
         export = HertzDev(cfg)
     export.load_state_dict(state, strict=True, assign=True)

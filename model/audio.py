@@ -1,6 +1,11 @@
 """Audio file I/O: soundfile for reading and writing, soxr for resampling.
 
 Arrays are float32 in [-1, 1] and channel-first, `(C, T)`, the layout the models take.
+
+What counts as audio: every sample finite and at most `MAX_SAMPLE_MAGNITUDE` in magnitude. Float
+files may go a little past full scale (1.0: inter-sample peaks, mastering without a limiter), but
+NaN, inf or a value 60 dB above full scale is a broken or mis-scaled file, not a sound; reading one
+raises AudioError naming the file, so datasets skip it and prompts are refused.
 """
 from __future__ import annotations
 
@@ -21,6 +26,10 @@ CHANNEL_MODES = (None, "mono", "stereo")
 # crop edges instead of a step from zero (which would ring into the first/last milliseconds).
 _RESAMPLE_MARGIN = 1024
 
+MAX_SAMPLE_MAGNITUDE = 1000.0  # 60 dB above full scale; see the module docstring
+# Subtypes whose samples are stored as floats; integer PCM (and FLAC) cannot leave [-1, 1].
+FLOAT_SUBTYPES = ("FLOAT", "DOUBLE")
+
 
 class AudioError(RuntimeError):
     """A file that cannot be read or written as audio; the message names the file."""
@@ -40,6 +49,34 @@ def audio_info(path: str) -> tuple[int, int, int]:
         raise AudioError(f"cannot read audio file {path}: bad header "
                          f"(rate={info.samplerate}, channels={info.channels}, frames={info.frames})")
     return int(info.frames), int(info.samplerate), int(info.channels)
+
+
+def check_samples(audio: np.ndarray, path: str = "<array>") -> None:
+    """Raise AudioError naming `path` if any sample is NaN, inf, or beyond MAX_SAMPLE_MAGNITUDE."""
+    peak = float(np.abs(audio).max(initial=0.0))  # NaN propagates through max: one pass checks all
+    if peak <= MAX_SAMPLE_MAGNITUDE:
+        return
+    if not np.isfinite(audio).all():
+        reason = f"{int(np.count_nonzero(~np.isfinite(audio)))} non-finite samples (NaN or inf)"
+    else:
+        reason = f"samples of magnitude up to {peak:.3g}, beyond {MAX_SAMPLE_MAGNITUDE:g} (full scale is 1)"
+    raise AudioError(f"cannot read audio file {path}: {reason}")
+
+
+def scan_samples(path: str, block: int = 1 << 20) -> None:
+    """`check_samples` a whole float file (WAV/AIFF subtype FLOAT or DOUBLE), block by block in
+    bounded memory, so a scan catches it before training rather than when a crop hits it. Files
+    that store integers (PCM, FLAC) or a lossy code (MP3, Vorbis) are not decoded: nothing to find."""
+    try:
+        with sf.SoundFile(str(path)) as f:
+            if f.subtype not in FLOAT_SUBTYPES:
+                return
+            for data in f.blocks(blocksize=block, dtype="float32", always_2d=True):
+                check_samples(data, path)
+    except AudioError:
+        raise
+    except Exception as e:
+        raise AudioError(f"cannot read audio file {path}: {_reason(e)}") from e
 
 
 def convert_channels(audio: np.ndarray, channels: Optional[str], path: str = "<array>") -> np.ndarray:
@@ -88,7 +125,8 @@ def load_audio(path: str, sample_rate: int = 16000, channels: Optional[str] = "m
     start, num_samples: the span to read, counted in samples at `sample_rate`; only those frames
         (and, when resampling, 1024 more on each side) are decoded, so crops of long files are
         cheap. Near the end of the file fewer than `num_samples` come back; callers pad.
-    Raises AudioError naming the file when it cannot be read.
+    Raises AudioError naming the file when it cannot be read, or when the span read holds a
+    non-finite sample or one beyond MAX_SAMPLE_MAGNITUDE.
     """
     path = str(path)
     if start < 0 or (num_samples is not None and num_samples < 0):
@@ -114,6 +152,7 @@ def load_audio(path: str, sample_rate: int = 16000, channels: Optional[str] = "m
             audio = f.read(max(hi - lo, 0), dtype="float32", always_2d=True).T  # (C, T)
     except Exception as e:
         raise AudioError(f"cannot read audio file {path}: {_reason(e)}") from e
+    check_samples(audio, path)
     audio = convert_channels(audio, channels, path)  # before resampling: fewer channels to filter
     audio = resample(audio, rate, sample_rate)
     end = None if num_samples is None else offset + num_samples
@@ -160,8 +199,8 @@ def load_prompt(path: str, channels: int, sample_rate: int = 16000, hop: int = 2
     are averaged. Two channels (speaker 0, speaker 1): a one-channel file is put on both, as the
     original does, and a file with more keeps its first two. The end is cut to whole frames of
     `hop` samples; a prompt longer than `max_frames` frames keeps its last `max_frames` frames,
-    with a warning. Raises AudioError for unreadable files and ValueError for a prompt shorter
-    than one frame.
+    with a warning. Raises AudioError for unreadable files (non-finite or huge samples included)
+    and ValueError for a prompt shorter than one frame.
     """
     if channels not in (1, 2):
         raise ValueError(f"channels must be 1 or 2, got {channels}")

@@ -2,75 +2,269 @@
 
 The tensors are the modules' state dicts (for a transformer checkpoint, prefixed `quantizer.`,
 `lm.` and `resynth.`), and the safetensors header metadata holds the format tag, the kind of
-model (`codec` or `transformer`) and the full config as JSON (`dataclasses.asdict`). Every write
-goes to a temporary file in the same folder, is fsynced, then renamed into place.
+model (`codec` or `transformer`), the full config as JSON (`dataclasses.asdict`) and a content
+hash: SHA-256 over the other metadata and, in sorted order, each tensor's name, dtype, shape and
+bytes. Loading recomputes it (`verify=True`, about 1 GB/s), so changed or damaged bytes are an
+error, not a model that quietly generates noise; files written before the hash load with a warning.
+
+Every write goes to a temporary file `.NAME.XXXXXXXX.tmp` in the same folder, is fsynced, then
+renamed into place; a file holding NaN or inf weights is never written. Every failure is a
+CheckpointError whose one-line message names the file: a full disk or an unwritable folder, a
+file of another kind (a codec where a transformer is expected, a training state `.pt`, an
+official `.pt`), changed bytes.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import pickletools
+import re
 import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
 FORMAT = "hertz-dev/1"
+HASH_KEY = "content_sha256"
+TEMP_SUFFIX = ".tmp"  # atomic_write's temporaries are `.NAME.<random>.tmp`
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be written, read or trusted; the message is one line naming the file."""
+
+
+def os_reason(e: OSError, path: Optional[Path] = None) -> str:
+    """`No space left on device`, `Read-only file system`, ...: what the OS said, without the path;
+    for a `path` under a regular file, which file is in the way."""
+    if path is not None and isinstance(e, (FileExistsError, NotADirectoryError)):
+        above = next((p for p in path.parents if p.exists()), None)
+        if above is not None and not above.is_dir():
+            return f"{above} is a file, not a folder"
+    return e.strerror or str(e) or type(e).__name__
+
+
+def write_temp(path: str | os.PathLike, write: Callable[[str], None]) -> str:
+    """Call `write(tmp)` on a new temporary file beside `path` and fsync it; returns the temporary
+    path, for the caller to rename. The temporary is removed if anything fails; an OSError (full
+    disk, read-only folder, a path under a file) becomes a CheckpointError naming `path`."""
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+        os.close(fd)
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        return tmp
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise CheckpointError(f"cannot write {path}: {os_reason(e, path)}") from None
+        raise
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call `write(tmp_path)` then rename the temporary file to `path` (same folder, fsynced),
-    so `path` is either the old complete file or the new complete one."""
+    so `path` is either the old complete file or the new complete one. Raises CheckpointError
+    naming `path` when the disk is full or the folder cannot be written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = write_temp(path, write)
     try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except OSError as e:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        raise CheckpointError(f"cannot write {path}: {os_reason(e)}") from None
     return path
 
 
+def torch_save(obj: Any, path: str) -> None:
+    """torch.save through a Python file object: a full disk then raises OSError(ENOSPC), where
+    saving to a path name ends in `RuntimeError: [enforce fail at inline_container.cc]`."""
+    with open(path, "wb") as f:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:  # torch's writer wraps the OSError when it closes the archive
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    return atomic_write(path, lambda tmp: torch_save(obj, tmp))
+
+
+# --- what a file holds ------------------------------------------------------------------------
+
+def non_finite(obj: Any, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors holding NaN or inf anywhere in `obj` (nested dicts,
+    lists and tuples: a state dict, an optimizer state, a whole training state)."""
+    if isinstance(obj, torch.Tensor):
+        if (obj.is_floating_point() or obj.is_complex()) and not bool(torch.isfinite(obj).all()):
+            return [prefix or "<tensor>"]
+        return []
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return []
+    return [name for k, v in items for name in non_finite(v, f"{prefix}.{k}" if prefix else str(k))]
+
+
+def refuse_non_finite(obj: Any, path: str | os.PathLike) -> None:
+    """Raise CheckpointError naming `path` if `obj` holds NaN or inf weights."""
+    bad = non_finite(obj)
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise CheckpointError(f"refusing to write {path}: {len(bad)} tensors hold NaN or inf ({shown}); "
+                              "the training diverged: lower the learning rate or resume from an earlier checkpoint")
+
+
+def _pickled_strings(path: Path) -> set[str]:
+    """The strings in a torch zip file's pickle, read without unpickling (no code runs)."""
+    with zipfile.ZipFile(path) as z:
+        name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+        data = z.read(name) if name else b""
+    strings = set()
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if isinstance(arg, str):
+                strings.add(arg)
+    except Exception:  # a truncated pickle: what was read so far is enough to tell kinds apart
+        pass
+    return strings
+
+
+def file_kind(path: str | os.PathLike) -> str:
+    """What a file holds, read from its header only: "codec" or "transformer" (our safetensors),
+    "codec training state" / "transformer training state" (a trainer's .pt), "PyTorch state dict"
+    (a .pt such as the official files), or a description of another file."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head.startswith(b"PK\x03\x04"):  # torch.save's zip format
+        strings = _pickled_strings(path)
+        if {"generator", "opt_g"} <= strings:
+            return "codec training state"
+        if {"model", "optimizer", "codec_source"} <= strings:
+            return "transformer training state"
+        return "PyTorch state dict"
+    if head[:1] == b"\x80":  # torch.save's legacy pickle format
+        return "PyTorch state dict"
+    try:
+        meta = _header(path)
+    except CheckpointError:
+        return "file that is neither safetensors nor PyTorch"
+    return meta.get("kind", "?") if meta.get("format") == FORMAT else "safetensors file not written by hertz-dev"
+
+
+def _header(path: Path) -> dict:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # SafetensorError: "header too large", "invalid header", ...
+        raise CheckpointError(f"{path} is not a safetensors checkpoint ({e})") from None
+
+
+def _wrong_file(path: Path, expected: str, found: str) -> CheckpointError:
+    want = f"a {expected} checkpoint (.safetensors)" if expected else "a .safetensors checkpoint"
+    hint = ""
+    if found.endswith("training state"):
+        export = path.with_suffix(".safetensors")
+        hint = (f"; load {export} beside it (its weights, exported for loading)" if export.is_file() else
+                f"; its export {export.name} is not beside it: rerun the trainer (it rebuilds the export at resume)")
+    elif found == "PyTorch state dict":
+        hint = "; official weights load by name: load_codec('official'), load_hertz_dev('duplex' | 'mono' | ...)"
+    return CheckpointError(f"{path}: expected {want}, found a {found}{hint}")
+
+
+def read_metadata(path: str | os.PathLike, kind: Optional[str] = None) -> dict:
+    """The header of one of our checkpoints: kind, config (dict), extra (dict) and the stored
+    content hash (None for files written before hashes). `kind` ("codec" or "transformer"):
+    a file of another kind, a .pt or a foreign file is a CheckpointError naming both kinds."""
+    path = Path(path)
+    found = file_kind(path)
+    if found not in ("codec", "transformer") or (kind is not None and found != kind):
+        if found.startswith("safetensors file not written"):
+            meta = _header(path)
+            raise CheckpointError(f"{path} is not a hertz-dev checkpoint written by this repository "
+                                  f"(format {meta.get('format')!r}, expected {FORMAT!r})")
+        raise _wrong_file(path, kind or "", found)
+    meta = _header(path)
+    return {"kind": meta["kind"], "config_class": meta.get("config_class"),
+            "config": json.loads(meta["config"]), "extra": json.loads(meta.get("extra", "{}")),
+            "hash": meta.get(HASH_KEY)}
+
+
+def content_hash(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """SHA-256 over `metadata` (without the hash itself) and each tensor's name, dtype, shape and
+    bytes, in sorted order."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in metadata.items() if k != HASH_KEY}, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+# --- writing and reading weights ----------------------------------------------------------------
+
+def write_weights(path: str | os.PathLike, state: dict[str, torch.Tensor], kind: str, config,
+                  extra: Optional[dict] = None, label: Optional[str] = None) -> None:
+    """Write `state`, the config that built it (a dataclass) and its content hash to `path`
+    directly (callers make it atomic: see `save_weights`). NaN or inf weights are refused with a
+    CheckpointError naming `label` (default: `path`)."""
+    from safetensors.torch import save_file
+
+    refuse_non_finite(state, label or path)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    meta = {"format": FORMAT, "kind": kind, "config_class": type(config).__name__,
+            "config": json.dumps(dataclasses.asdict(config)), "extra": json.dumps(extra or {})}
+    meta[HASH_KEY] = content_hash(tensors, meta)
+    try:
+        save_file(tensors, str(path), metadata=meta)
+    except Exception as e:  # safetensors reports I/O errors as SafetensorError("... (os error 28)")
+        code = re.search(r"os error (\d+)", str(e))
+        if code:
+            raise OSError(int(code[1]), os.strerror(int(code[1]))) from None
+        raise
 
 
 def save_weights(path: str | os.PathLike, state: dict[str, torch.Tensor], kind: str, config,
                  extra: Optional[dict] = None) -> Path:
-    """Write `state` and the config that built it (a dataclass) to one safetensors file."""
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    meta = {"format": FORMAT, "kind": kind, "config_class": type(config).__name__,
-            "config": json.dumps(dataclasses.asdict(config)), "extra": json.dumps(extra or {})}
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    """`write_weights` to `path` atomically."""
+    refuse_non_finite(state, path)
+    return atomic_write(path, lambda tmp: write_weights(tmp, state, kind, config, extra, label=str(path)))
 
 
-def read_metadata(path: str | os.PathLike) -> dict:
-    """The header of one of our checkpoints: kind, config (dict) and extra (dict)."""
-    from safetensors import safe_open
+def read_weights(path: str | os.PathLike, device: str = "cpu", kind: Optional[str] = None,
+                 verify: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict, metadata) of one of our checkpoints, of `kind` if given (see `read_metadata`).
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a hertz-dev checkpoint written by this repository "
-                         f"(format {meta.get('format')!r}, expected {FORMAT!r})")
-    return {"kind": meta["kind"], "config_class": meta.get("config_class"),
-            "config": json.loads(meta["config"]), "extra": json.loads(meta.get("extra", "{}"))}
-
-
-def read_weights(path: str | os.PathLike, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
-    """(state dict, metadata) of one of our checkpoints."""
+    verify: recompute the content hash and raise CheckpointError if the bytes changed; a file
+    without a hash (written before hashes) loads with a warning. verify=False skips both.
+    """
     from safetensors.torch import load_file
 
-    meta = read_metadata(path)
-    return load_file(str(path), device=device), meta
+    meta = read_metadata(path, kind)
+    state = load_file(str(path), device=device)
+    if verify:
+        if meta["hash"] is None:
+            warnings.warn(f"{path} has no content hash (written before hashes were added): loading it unchecked; "
+                          "re-save it to add one", stacklevel=2)
+        elif content_hash(state, _header(Path(path))) != meta["hash"]:
+            raise CheckpointError(f"{path} is corrupted: its content does not match the hash in its header; "
+                                  "re-export or re-download it (verify=False / --no-verify loads it anyway)")
+    return state, meta
 
 
 def substate(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

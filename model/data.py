@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from model.audio import SUPPORTED_EXTENSIONS, AudioError, audio_info, load_audio, two_speakers
+from model.audio import SUPPORTED_EXTENSIONS, AudioError, audio_info, load_audio, scan_samples, two_speakers
 
 INDEX_FILENAME = ".hertz_index.json"
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: float files are read whole once, for non-finite or huge samples
 
 
 class SkippedAudioWarning(UserWarning):
@@ -101,8 +101,10 @@ def scan_audio_folder(root: str, use_cache: bool = True) -> AudioFileList:
 
     Lengths come from the cache `<root>/.hertz_index.json` when a file's size and mtime match
     the cached ones, so a large dataset starts without opening every file; new or changed files
-    are read and the cache is rewritten (skipped if the folder is read-only). Unreadable files
-    are left out, each named in one SkippedAudioWarning, and listed in the result's `skipped`.
+    are read and the cache is rewritten (skipped if the folder is read-only): their headers, and
+    the whole file for float formats (WAV/AIFF FLOAT or DOUBLE), whose samples can be NaN, inf or
+    huge (see `model.audio`). Unreadable files are left out, each named in one
+    SkippedAudioWarning, and listed in the result's `skipped`.
     Raises FileNotFoundError, naming the folder and the formats, if it holds no readable audio.
     """
     root = os.path.abspath(os.fspath(root))
@@ -124,6 +126,7 @@ def scan_audio_folder(root: str, use_cache: bool = True) -> AudioFileList:
                 entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
                 try:
                     entry["frames"], entry["sample_rate"], entry["channels"] = audio_info(path)
+                    scan_samples(path)
                 except AudioError as e:
                     entry["error"] = str(e)  # cached too, so a bad file is not reopened every run
         entries[rel] = entry
@@ -143,7 +146,8 @@ def scan_audio_folder(root: str, use_cache: bool = True) -> AudioFileList:
 
 
 class AudioCropDataset(Dataset):
-    """Fixed-length crops of a folder of audio, as `{"audio": (C, N) float32, "mask": (N,) float32}`.
+    """Fixed-length crops of a folder of audio, as `{"audio": (C, N) float32, "mask": (N,) float32,
+    "file": int}`, `file` indexing `files` (so a trainer can name the files of a bad batch).
 
     train=True: item i of epoch e is a random crop, reproducible from (seed, e, i) whatever the
         worker that reads it: a file drawn with probability proportional to its duration, then a
@@ -247,7 +251,7 @@ class AudioCropDataset(Dataset):
                 self._skip(i, e)
                 channels = 1 if self.channels == "mono" else 2
                 audio, mask = torch.zeros(channels, self.segment), torch.zeros(self.segment)
-            return {"audio": audio, "mask": mask}
+            return {"audio": audio, "mask": mask, "file": i}
         rng = np.random.default_rng((self.seed, self.epoch, index))
         for _ in range(100):
             i, start = self._random_crop(rng)
@@ -258,7 +262,7 @@ class AudioCropDataset(Dataset):
             except AudioError as e:
                 self._skip(i, e)
                 continue
-            return {"audio": audio, "mask": mask}
+            return {"audio": audio, "mask": mask, "file": i}
         raise RuntimeError(f"could not read a crop from {self.root}: {len(self._bad)} of {len(self.files)} "
                            "files failed to read")
 

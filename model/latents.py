@@ -119,10 +119,11 @@ def prepare_latents(root: str, codec, channels: str, out_dir: str, sample_rate: 
 
     channels: "mono" (files averaged to one channel; 32-dim latents) or "stereo" (two speakers,
     one per channel; 64-dim latents). Files shorter than one latent (2000 samples) hold nothing
-    and are left out; the last partial latent of a file is dropped. Unreadable files are skipped
-    with a warning.
+    and are left out; the last partial latent of a file is dropped. Unreadable files (non-finite
+    or huge samples included, see `model.audio`) are skipped, and so is a file whose latents come
+    out non-finite: never stored, each named in a SkippedAudioWarning and counted in the log.
     """
-    from .data import scan_audio_folder
+    from .data import SkippedAudioWarning, scan_audio_folder
     if channels not in ("mono", "stereo"):
         raise ValueError(f"channels must be 'mono' or 'stereo', got {channels!r}")
     files = scan_audio_folder(root)
@@ -144,40 +145,50 @@ def prepare_latents(root: str, codec, channels: str, out_dir: str, sample_rate: 
             f"({channels}) into {folder}")
     reader = DataLoader(_AudioFiles([files[i].path for i in mine], sample_rate, channels, mono_to_stereo),
                         batch_size=None, num_workers=num_workers)
-    entries, offset = [], 0
+    entries, offset, skipped = [], 0, len(files.skipped)
     shard = f"shard_{rank:05d}.bin"
     from tqdm import tqdm
     with open(folder / shard, "wb") as out:
         for j, audio, error in tqdm(reader, total=len(mine), desc="encoding", disable=rank != 0, leave=False):
             path = files[mine[j]].path
             if error is not None:
-                warnings.warn(f"skipping unreadable audio: {error}")
+                warnings.warn(f"skipping unreadable audio: {error}", SkippedAudioWarning)
+                skipped += 1
                 continue
             n = audio.shape[-1] // hop * hop
             if n == 0:
                 continue
             rows = _encode(codec, audio[:, :n], chunk)
+            if not np.isfinite(rows).all():  # a diverged codec: latents that would poison training
+                warnings.warn(f"skipping {path}: codec {fingerprint} encodes it to non-finite latents "
+                              f"({int(np.count_nonzero(~np.isfinite(rows)))} values)", SkippedAudioWarning)
+                skipped += 1
+                continue
             out.write(rows.tobytes())
             entries.append({"name": os.path.relpath(path, root), "shard": shard, "offset": offset, "length": len(rows)})
             offset += len(rows)
         out.flush()
         os.fsync(out.fileno())
-    atomic_write(folder / f"shard_{rank:05d}.json", lambda tmp: Path(tmp).write_text(json.dumps(entries)))
+    atomic_write(folder / f"shard_{rank:05d}.json",
+                 lambda tmp: Path(tmp).write_text(json.dumps({"files": entries, "skipped": skipped})))
     long_barrier()
     if rank == 0:
-        merged = []
+        merged, skipped = [], 0
         for r in range(world):
-            merged += json.loads((folder / f"shard_{r:05d}.json").read_text())
+            part = json.loads((folder / f"shard_{r:05d}.json").read_text())
+            merged += part["files"]
+            skipped += part["skipped"] - (len(files.skipped) if r else 0)  # every rank counts the scan's
         merged.sort(key=lambda e: e["name"])
         if not merged:
-            raise FileNotFoundError(f"no file in {root} is at least one latent ({hop} samples) long")
+            raise FileNotFoundError(f"no file in {root} gives latents: none is at least one latent ({hop} samples) "
+                                    f"long, readable and encoded to finite values ({skipped} skipped, named above)")
         manifest = {"format": FORMAT, "root": root, "codec": fingerprint, "channels": channels,
                     "mono_to_stereo": mono_to_stereo, "sample_rate": sample_rate, "hop_length": hop,
                     "latent_dim": int(codec.config.latent_dim) * (2 if channels == "stereo" else 1),
                     "latents": sum(e["length"] for e in merged), "files": merged}
         atomic_write(folder / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=0)))
         log(f"encoded {manifest['latents']} latents ({manifest['latents'] * hop / sample_rate / 3600:.2f} h) "
-            f"from {len(merged)} files")
+            f"from {len(merged)} files" + (f"; {skipped} unreadable files skipped (named above)" if skipped else ""))
     long_barrier()
     return folder
 
@@ -248,13 +259,17 @@ class LatentCrops(Dataset):
         valid[:n] = True
         return {"posterior": posterior, "valid": valid}
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def draw(self, index: int) -> tuple[int, int]:
+        """(file, start) of item `index`: for train=True the random crop `__getitem__` reads."""
         if not self.train:
-            return self.crop(*self.crops[index])
+            return self.crops[index]
         rng = np.random.default_rng((self.seed, index))
         i = int(np.searchsorted(self._cumulative, rng.integers(self._cumulative[-1]), side="right"))
         start = int(rng.integers(max(int(self.lengths[i]) - self.seq_len, 0) + 1))
-        return self.crop(i, start)
+        return i, start
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.crop(*self.draw(index))
 
 
 class StepSampler(Sampler[int]):
@@ -265,6 +280,11 @@ class StepSampler(Sampler[int]):
     def __init__(self, batch_size: int, grad_accum_steps: int = 1, rank: int = 0, world_size: int = 1,
                  start_step: int = 0):
         self.batch, self.accum, self.rank, self.world, self.start = batch_size, grad_accum_steps, rank, world_size, start_step
+
+    def indices(self, step: int) -> list[int]:
+        """The items this rank reads at `step`, all micro-batches."""
+        return [((step * self.accum + m) * self.world + self.rank) * self.batch + k
+                for m in range(self.accum) for k in range(self.batch)]
 
     def __iter__(self) -> Iterator[int]:
         step = self.start

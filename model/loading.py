@@ -21,7 +21,7 @@ from config.transformer_config import TransformerConfig
 from config.transformer_config import hertz_dev as TRANSFORMER_HERTZ_DEV
 
 from . import hub, lora
-from .checkpoint import read_weights, save_weights, substate
+from .checkpoint import atomic_write, read_weights, substate, write_weights
 from .codec import Codec
 from .lm import LatentLM
 from .quantizer import LatentQuantizer
@@ -96,24 +96,31 @@ def _meta(cls, *args):
 
 def load_codec(source: Union[str, os.PathLike] = "official", device="cpu", dtype: Optional[torch.dtype] = None,
                ckpt_dir: Union[str, os.PathLike] = hub.DEFAULT_CKPT_DIR, offline: Optional[bool] = None,
-               endpoint: Optional[str] = None, config: Optional[CodecConfig] = None) -> Codec:
+               endpoint: Optional[str] = None, config: Optional[CodecConfig] = None, verify: bool = True) -> Codec:
     """The codec from `"official"` (downloaded to `ckpt_dir` if missing) or one of our
-    checkpoints (a `.safetensors` written by `save_codec` or train_codec.py). `config` replaces
-    the official architecture, for files in the official layout at another size (tests)."""
+    checkpoints (a `.safetensors` written by `save_codec` or train_codec.py; any other file, a
+    training state `.pt` included, is a CheckpointError naming what it is and what to load
+    instead). `verify=False` skips the content-hash check. `config` replaces the official
+    architecture, for files in the official layout at another size (tests)."""
     dtype = dtype or default_dtype(device)
     if str(source) == "official":
         path = hub.official_file(hub.CODEC, ckpt_dir, offline, endpoint)
         cfg = config or CODEC_HERTZ_DEV
         return _fill(_meta(Codec, cfg), hub.load_state_dict(path), device, dtype, str(path))
-    state, meta = read_weights(_existing(source, '"official"'))
-    if meta["kind"] != "codec":
-        raise ValueError(f"{source} is a {meta['kind']} checkpoint, not a codec")
+    state, meta = read_weights(_existing(source, '"official"'), kind="codec", verify=verify)
     cfg = from_dict(CodecConfig, meta["config"], strict=False)
     return _fill(_meta(Codec, cfg), substate(state, "codec") or state, device, dtype, str(source))
 
 
+def write_codec(path: Union[str, os.PathLike], codec: Codec, extra: Optional[dict] = None,
+                label: Optional[str] = None) -> None:
+    """The codec and its config as one of our checkpoints, written to `path` directly."""
+    write_weights(path, {f"codec.{k}": v for k, v in codec.state_dict().items()}, "codec", codec.config, extra, label)
+
+
 def save_codec(path: Union[str, os.PathLike], codec: Codec, extra: Optional[dict] = None) -> Path:
-    return save_weights(path, {f"codec.{k}": v for k, v in codec.state_dict().items()}, "codec", codec.config, extra)
+    """`write_codec`, atomically."""
+    return atomic_write(path, lambda tmp: write_codec(tmp, codec, extra, label=str(path)))
 
 
 # --- quantizer, LM, resynthesizer ------------------------------------------------------------
@@ -128,11 +135,14 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
                    ckpt_dir: Union[str, os.PathLike] = hub.DEFAULT_CKPT_DIR, offline: Optional[bool] = None,
                    codec: Optional[Union[str, os.PathLike]] = "auto", endpoint: Optional[str] = None,
                    config: Optional[TransformerConfig] = None, codec_config: Optional[CodecConfig] = None,
-                   adapter: Optional[Union[str, os.PathLike]] = None, merge: bool = False) -> HertzDev:
+                   verify: bool = True, adapter: Optional[Union[str, os.PathLike]] = None,
+                   merge: bool = False) -> HertzDev:
     """Quantizer + LM + resynthesizer (+ codec) from an official variant (`duplex`, `mono`,
     `mono-pure-audio`; missing files are downloaded to `ckpt_dir`) or one of our transformer
-    checkpoints. `codec`: "auto" (the official codec for official variants, the codec recorded
-    in our checkpoint otherwise), "official", a path, or None for no codec.
+    checkpoints (`.safetensors`; another file, a training state `.pt` included, is a
+    CheckpointError naming what it is and what to load instead). `codec`: "auto" (the official
+    codec for official variants, the codec recorded in our checkpoint otherwise), "official", a
+    path, or None for no codec. `verify=False` skips the content-hash check of our files.
 
     `adapter`: a LoRA adapter file (`model/lora.py`) to apply; one trained on another base is an
     error, raised before any weights load. `merge=True` folds it into the weights."""
@@ -153,16 +163,15 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
             _fill(getattr(model, part), hub.load_state_dict(paths[name]), device, dtype, str(paths[name]))
         codec_source = "official" if codec == "auto" else codec
     else:
-        state, meta = read_weights(_existing(source, "an official variant (" + ", ".join(hub.VARIANTS) + ")"))
-        if meta["kind"] != "transformer":
-            raise ValueError(f"{source} is a {meta['kind']} checkpoint, not a transformer")
+        state, meta = read_weights(_existing(source, "an official variant (" + ", ".join(hub.VARIANTS) + ")"),
+                                   kind="transformer", verify=verify)
         cfg = from_dict(TransformerConfig, meta["config"], strict=False)
         model = _meta(HertzDev, cfg)
         for part in ("quantizer", "lm", "resynth"):
             _fill(getattr(model, part), substate(state, part), device, dtype, f"{source} ({part})")
         codec_source = meta["extra"].get("codec", "official") if codec == "auto" else codec
     if codec_source is not None:
-        model.codec = load_codec(codec_source, device, dtype, ckpt_dir, offline, endpoint, codec_config)
+        model.codec = load_codec(codec_source, device, dtype, ckpt_dir, offline, endpoint, codec_config, verify)
     if adapter is not None:
         lora.load_adapter(model, adapter, fingerprint, str(source))
         if merge:
@@ -170,12 +179,18 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
     return model.eval().requires_grad_(False)
 
 
-def save_transformer(path: Union[str, os.PathLike], model: HertzDev, codec_source: Optional[str] = None,
-                     extra: Optional[dict] = None) -> Path:
-    """Write quantizer, LM and resynthesizer (not the codec: `codec_source` records which one
-    produced the latents it was trained on) with their config."""
+def write_transformer(path: Union[str, os.PathLike], model: HertzDev, codec_source: Optional[str] = None,
+                      extra: Optional[dict] = None, label: Optional[str] = None) -> None:
+    """Quantizer, LM and resynthesizer (not the codec: `codec_source` records which one produced
+    the latents it was trained on) with their config, written to `path` directly."""
     state = {}
     for part in ("quantizer", "lm", "resynth"):
         state.update({f"{part}.{k}": v for k, v in getattr(model, part).state_dict().items()})
-    return save_weights(path, state, "transformer", model.config, {**(extra or {}), "codec": codec_source})
+    write_weights(path, state, "transformer", model.config, {**(extra or {}), "codec": codec_source}, label)
+
+
+def save_transformer(path: Union[str, os.PathLike], model: HertzDev, codec_source: Optional[str] = None,
+                     extra: Optional[dict] = None) -> Path:
+    """`write_transformer`, atomically."""
+    return atomic_write(path, lambda tmp: write_transformer(tmp, model, codec_source, extra, label=str(path)))
 

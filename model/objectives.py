@@ -33,9 +33,14 @@ STAGE_LOSSES: dict[str, tuple[str, ...]] = {
 
 def masked_cross_entropy(logits: Tensor, targets: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """sum_t m_t * -log softmax(logits_t)[y_t] (float32) and the number of masked positions whose
-    top-1 prediction is y_t. logits (B, T, V), targets (B, T) int, mask (B, T) float."""
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten().long(), reduction="none")  # (B*T,)
-    correct = (logits.argmax(dim=-1) == targets).float() * mask
+    top-1 prediction is y_t. logits (B, T, V), targets (B, T) int, mask (B, T) float. A target
+    outside [0, V) (the index of a NaN code, when training diverged) gives a NaN loss, for the
+    trainer's finite-loss check to report, rather than an IndexError (a device assert on CUDA)."""
+    targets = targets.flatten().long()
+    inside = (targets >= 0) & (targets < logits.shape[-1])
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), torch.where(inside, targets, 0), reduction="none")  # (B*T,)
+    ce = torch.where(inside, ce, float("nan"))
+    correct = (logits.argmax(dim=-1).flatten() == targets).float() * mask.flatten()
     return (ce * mask.flatten()).sum(), correct.sum()
 
 

@@ -4,7 +4,8 @@
 - `cosine_lr`: linear warmup then cosine decay to `min_lr`.
 - `Checkpoints`: atomic training checkpoints in a folder: `step_XXXXXXXX.pt` (the last N kept),
   `latest.pt` and `best.pt` (hard links, so no extra space), plus our `.safetensors` model
-  exports beside them for the loading API.
+  exports beside them for the loading API, saved together with the state; never non-finite.
+- `check_finite_step`: a non-finite loss or gradient stops training with a TrainingError.
 - `rng_state` / `set_rng_state`: exact resume of python, numpy and torch generators.
 - `check_resumable` / `check_architecture`: a resumed or init_from config that contradicts the
   checkpoint's is a `ConfigMismatch` naming each field (`config.config_diff`).
@@ -17,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import random
 import re
 import time
@@ -31,20 +33,25 @@ import torch.distributed as dist
 
 from config import ConfigError, ConfigMismatch, check_compatible, fields_marked  # noqa: F401 (ConfigMismatch: re-exported)
 
-from .checkpoint import atomic_torch_save, atomic_write
+from .audio import AudioError
+from .checkpoint import (TEMP_SUFFIX, CheckpointError, atomic_write, os_reason, read_metadata, refuse_non_finite,
+                         torch_save, write_temp)
 
 
 # --- the error exit ---------------------------------------------------------------------------
 
 def run_script(main: Callable[[], Any]) -> None:
     """Run a script's `main`. A user's mistake (ConfigError, ConfigMismatch, FileNotFoundError:
-    a bad preset, key, value or path, a config that contradicts its checkpoint) ends the process
-    with one `error: ...` line on stderr and exit code 1; any other exception is a bug and keeps
-    its traceback."""
+    a bad preset, key, value or path, a config that contradicts its checkpoint; AudioError,
+    CheckpointError: an unusable file) or a run that cannot go on (TrainingError: a non-finite
+    loss) ends the process with one `error: ...` line on stderr, on a line of its own even under
+    an open progress bar, and exit code 1; any other exception is a bug and keeps its traceback."""
     try:
         main()
-    except (ConfigError, ConfigMismatch, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+    except (ConfigError, ConfigMismatch, FileNotFoundError, AudioError, CheckpointError, TrainingError) as e:
+        from tqdm import tqdm
+        tqdm.write(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 # --- distributed ----------------------------------------------------------------------------
@@ -152,6 +159,31 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class TrainingError(RuntimeError):
+    """A run that cannot go on (a non-finite loss); the scripts print it as one `error:` line."""
+
+
+def check_finite_step(step: int, loss: torch.Tensor, grad_norm: torch.Tensor,
+                      files: Callable[[], Iterable[str]] = tuple) -> None:
+    """Raise TrainingError naming `step` (and the batch's files, `files()`) if the step's loss or gradient
+    norm is NaN or inf, before the optimizer applies it. Under torch.distributed every rank
+    learns whether any rank failed, so all stop at the same step (one host sync per step)."""
+    values = torch.stack([loss.detach().float().reshape(()), grad_norm.detach().float().reshape(())])
+    finite = torch.isfinite(values).all().float()
+    if dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if finite.item() == 1:
+        return
+    loss_value, norm = values.tolist()
+    what = (f"non-finite loss ({loss_value})" if not math.isfinite(loss_value) else
+            f"non-finite gradient norm ({norm})" if not math.isfinite(norm) else "a non-finite loss on another rank")
+    names = sorted(set(files()))
+    shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    raise TrainingError(f"{what} at step {step}" + (f" on a batch from {shown}" if names else "") +
+                        "; stopped before updating the weights (the checkpoints hold the last finite ones): "
+                        "lower the learning rate, or check the data")
+
+
 # --- checkpoints ----------------------------------------------------------------------------
 
 def check_resumable(saved: dict, cfg, fields: Iterable[str]) -> None:
@@ -168,9 +200,12 @@ def check_architecture(saved: dict, cfg, source) -> None:
                      "Pass the same values (a matching --config preset or key=value overrides).")
 
 
+LINK_SUFFIX = ".link"  # _link's temporary: `.NAME.link`
+
+
 def _link(src: Path, dst: Path) -> None:
     """Make `dst` name the same file as `src`, atomically (hard link, or a copy if links fail)."""
-    tmp = dst.with_name(f".{dst.name}.link")
+    tmp = dst.with_name(f".{dst.name}{LINK_SUFFIX}")
     tmp.unlink(missing_ok=True)
     try:
         os.link(src, tmp)
@@ -182,7 +217,13 @@ def _link(src: Path, dst: Path) -> None:
 
 class Checkpoints:
     """A folder of training checkpoints: `step_XXXXXXXX.pt` (last `keep` kept), `latest.pt`,
-    `best.pt`, and `metrics.json` recording which step is best and by what value."""
+    `best.pt`, their model exports `latest.safetensors` / `best.safetensors`, and
+    `checkpoints.json` recording which step is best and by what value.
+
+    A state and its export are saved together: both are written to temporary files first, then
+    renamed, so a kill leaves at worst an export one save behind its `.pt`, which `recover`
+    finds (by the step recorded in both) and rebuilds. Nothing holding NaN or inf is written.
+    """
 
     STEP = re.compile(r"step_(\d{8})\.pt$")
 
@@ -210,24 +251,72 @@ class Checkpoints:
     def best_metric(self) -> Optional[float]:
         return self._info().get("best_metric")
 
-    def save(self, step: int, state: dict, metric: Optional[float] = None) -> Path:
-        """Write the step's training state; update latest, best (if `metric` improves) and the
-        rotation. Returns the step file."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = atomic_torch_save(state, self.folder / f"step_{step:08d}.pt")
-        _link(path, self.folder / "latest.pt")
-        info = self._info()
-        info["latest_step"] = step
-        best = info.get("best_metric")
-        if metric is not None and math.isfinite(metric) and (
-                best is None or (metric < best if self.lower_is_better else metric > best)):
-            _link(path, self.folder / "best.pt")
-            info.update(best_metric=metric, best_step=step)
+    def save(self, step: int, state: dict, metric: Optional[float] = None,
+             export: Optional[Callable[[str], None]] = None) -> Path:
+        """Write the step's training state, and with it `export(path)` (the model as our
+        .safetensors) to latest.safetensors; update latest, best (if `metric` improves, with
+        best.safetensors) and the rotation. Returns the step file. Raises CheckpointError, and
+        writes nothing, if the state holds NaN or inf or the folder cannot be written."""
+        path = self.folder / f"step_{step:08d}.pt"
+        refuse_non_finite(state, path)
+        exported = self.folder / "latest.safetensors"
+        tmp_state = write_temp(path, lambda tmp: torch_save(state, tmp))
+        try:
+            tmp_export = write_temp(exported, export) if export else None
+        except BaseException:
+            Path(tmp_state).unlink(missing_ok=True)
+            raise
+        try:
+            os.replace(tmp_state, path)
+            if tmp_export:
+                os.replace(tmp_export, exported)
+            _link(path, self.folder / "latest.pt")
+            info = self._info()
+            info["latest_step"] = step
+            best = info.get("best_metric")
+            if metric is not None and math.isfinite(metric) and (
+                    best is None or (metric < best if self.lower_is_better else metric > best)):
+                _link(path, self.folder / "best.pt")
+                if export:
+                    _link(exported, self.folder / "best.safetensors")
+                info.update(best_metric=metric, best_step=step)
+        except OSError as e:
+            for tmp in (tmp_state, tmp_export):
+                if tmp:
+                    Path(tmp).unlink(missing_ok=True)
+            raise CheckpointError(f"cannot write {path}: {os_reason(e)}") from None
         atomic_write(self.folder / "checkpoints.json", lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1)))
         steps = sorted(self.folder.glob("step_*.pt"))
         for old in steps[:-self.keep] if self.keep > 0 else []:
             old.unlink(missing_ok=True)
         return path
+
+    def recover(self, export: Callable[[dict, str], None]) -> list[str]:
+        """Tidy the folder after an interrupted save, at the start of a run: remove the stale
+        temporaries (`.*.tmp` of atomic writes, `.*.link` of links) and rebuild latest/best
+        .safetensors with `export(state, path)` where its step differs from its .pt's. Returns
+        one note per thing done."""
+        notes = []
+        if not self.folder.is_dir():
+            return notes
+        for pattern in (f".*{TEMP_SUFFIX}", f".*{LINK_SUFFIX}"):
+            for stale in sorted(self.folder.glob(pattern)):
+                stale.unlink(missing_ok=True)
+                notes.append(f"removed {stale.name}, left by an interrupted save")
+        for name in ("latest", "best"):
+            pt, exported = self.folder / f"{name}.pt", self.folder / f"{name}.safetensors"
+            if not pt.is_file():
+                continue
+            state = torch.load(pt, map_location="cpu", mmap=True, weights_only=False)
+            try:
+                have = read_metadata(exported)["extra"].get("step") if exported.is_file() else None
+            except CheckpointError:
+                have = None  # not one of ours, or damaged: rebuild it
+            if have != state["step"]:
+                atomic_write(exported, lambda tmp: export(state, tmp))
+                notes.append(f"rebuilt {exported.name} from {pt.name} (step {state['step']}; "
+                             f"it held {'nothing' if have is None else f'step {have}'})")
+        return notes
 
     def load(self, path: Optional[str | os.PathLike] = None, map_location="cpu") -> Optional[dict]:
         """The training state at `path` (default: latest), or None when there is none."""

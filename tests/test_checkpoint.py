@@ -1,5 +1,7 @@
 """Our checkpoint format: weights + config in one safetensors file; round trips rebuild the model."""
 import dataclasses
+import re
+import subprocess
 
 import pytest
 import torch
@@ -7,7 +9,13 @@ import torch
 from config.codec_config import PRESETS as CODEC_PRESETS
 from config.transformer_config import PRESETS as TRANSFORMER_PRESETS
 from model import Codec, HertzDev, build, load_codec, load_hertz_dev, save_codec, save_transformer
-from model.checkpoint import atomic_write, read_metadata
+from model.checkpoint import CheckpointError, _header as header, atomic_write, content_hash, file_kind, read_metadata
+from model.loading import write_codec
+from model.training import Checkpoints
+
+
+def codec_state(codec):
+    return {f"codec.{k}": v for k, v in codec.state_dict().items()}
 
 
 @torch.no_grad()
@@ -42,14 +50,142 @@ def test_transformer_round_trip_with_codec(tmp_path, duplex):
     assert load_hertz_dev(path, codec=None).codec is None
 
 
+def training_folder(tmp_path, steps=(1, 2)):
+    """A Checkpoints folder as the codec trainer leaves it: training states and their exports."""
+    torch.manual_seed(0)
+    codec = build(Codec, CODEC_PRESETS["tiny"])
+    folder = Checkpoints(tmp_path / "run")
+    for step in steps:
+        state = {"generator": codec.state_dict(), "opt_g": {}, "step": step,
+                 "config": dataclasses.asdict(codec.config)}
+        folder.save(step, state, metric=1.0 / step, export=lambda tmp: write_codec(tmp, codec, {"step": step}))
+    return folder, codec
+
+
+def export_state(state, tmp):
+    codec = build(Codec, CODEC_PRESETS["tiny"])
+    codec.load_state_dict(state["generator"])
+    write_codec(tmp, codec, {"step": state["step"]})
+
+
 def test_wrong_kind_and_foreign_files_are_clear_errors(tmp_path):
     codec_path = save_codec(tmp_path / "codec.safetensors", build(Codec, CODEC_PRESETS["tiny"]))
-    with pytest.raises(ValueError, match="not a transformer"):
+    with pytest.raises(CheckpointError, match="expected a transformer checkpoint .*found a codec"):
         load_hertz_dev(codec_path)
+    model_path = save_transformer(tmp_path / "model.safetensors", build(HertzDev, TRANSFORMER_PRESETS["tiny"]))
+    with pytest.raises(CheckpointError, match="expected a codec checkpoint .*found a transformer"):
+        load_codec(model_path)
     from safetensors.torch import save_file
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not a hertz-dev checkpoint"):
         load_codec(tmp_path / "other.safetensors")
+    torch.save(build(Codec, CODEC_PRESETS["tiny"]).state_dict(), tmp_path / "official_layout.pt")
+    with pytest.raises(CheckpointError, match="expected a codec checkpoint .*found a PyTorch state dict.*'official'"):
+        load_codec(tmp_path / "official_layout.pt")
+    (tmp_path / "noise.bin").write_bytes(b"\xff" * 64)
+    with pytest.raises(CheckpointError, match="noise.bin: expected a codec .*neither safetensors nor PyTorch"):
+        load_codec(tmp_path / "noise.bin")
+
+
+def test_a_training_state_names_the_export_beside_it(tmp_path):
+    folder, _ = training_folder(tmp_path)
+    best = folder.folder / "best.pt"
+    assert file_kind(best) == "codec training state"
+    for load in (load_codec, load_hertz_dev):  # never "SafetensorError: header too large"
+        with pytest.raises(CheckpointError, match=re.escape(f"{best}: expected a ") + ".*found a codec training "
+                           f"state; load {re.escape(str(best.with_suffix('.safetensors')))} beside it"):
+            load(best)
+    (folder.folder / "best.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="its export best.safetensors is not beside it"):
+        load_codec(best)
+
+
+def test_changed_bytes_are_detected_on_load(tmp_path):
+    codec = build(Codec, CODEC_PRESETS["tiny"])
+    path = save_codec(tmp_path / "codec.safetensors", codec)
+    assert read_metadata(path)["hash"] == content_hash(codec_state(codec), header(path))
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0x01  # one bit of one weight
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=re.escape(str(path)) + " is corrupted.*verify=False"):
+        load_codec(path)
+    loaded = load_codec(path, verify=False)
+    assert not all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), codec.state_dict().values()))
+
+
+def test_a_file_without_hash_loads_with_a_warning(tmp_path):
+    from safetensors.torch import save_file
+    codec = build(Codec, CODEC_PRESETS["tiny"])
+    meta = {k: v for k, v in header(save_codec(tmp_path / "new.safetensors", codec)).items() if k != "content_sha256"}
+    save_file(codec_state(codec), str(tmp_path / "old.safetensors"), metadata=meta)
+    with pytest.warns(UserWarning, match="old.safetensors has no content hash"):
+        loaded = load_codec(tmp_path / "old.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), codec.state_dict().values()))
+
+
+def test_non_finite_weights_are_never_written(tmp_path):
+    codec = build(Codec, CODEC_PRESETS["tiny"])
+    with torch.no_grad():
+        next(codec.parameters())[0].fill_(float("nan"))
+    with pytest.raises(CheckpointError, match="refusing to write .*codec.safetensors: 1 tensors hold NaN or inf"):
+        save_codec(tmp_path / "codec.safetensors", codec)
+    folder = Checkpoints(tmp_path / "run")
+    state = {"generator": codec.state_dict(), "step": 3}
+    with pytest.raises(CheckpointError, match="refusing to write .*step_00000003.pt: 1 tensors hold NaN"):
+        folder.save(3, state, export=lambda tmp: write_codec(tmp, codec))
+    assert not list(tmp_path.rglob("*.*"))  # not a file, not a temporary
+
+
+def test_state_and_export_are_saved_together_and_recovered(tmp_path):
+    folder, codec = training_folder(tmp_path)
+    run = folder.folder
+    assert read_metadata(run / "latest.safetensors")["extra"]["step"] == torch.load(run / "latest.pt")["step"] == 2
+    assert read_metadata(run / "best.safetensors")["extra"]["step"] == torch.load(run / "best.pt")["step"] == 2
+    # a kill between the renames of a third save: the .pt moved on, its export did not; and
+    # temporaries of interrupted writes and links
+    save = Checkpoints(run)
+    save.save(3, {**torch.load(run / "latest.pt"), "step": 3}, metric=5.0)  # no export: latest lags
+    (run / ".latest.pt.a1b2c3d4.tmp").write_bytes(b"partial")
+    (run / ".best.pt.link").write_bytes(b"")
+    notes = save.recover(export_state)
+    assert notes[:2] == ["removed .latest.pt.a1b2c3d4.tmp, left by an interrupted save",
+                         "removed .best.pt.link, left by an interrupted save"]
+    assert notes[2:] == ["rebuilt latest.safetensors from latest.pt (step 3; it held step 2)"]
+    assert read_metadata(run / "latest.safetensors")["extra"]["step"] == 3
+    assert not list(run.glob(".*")) and load_codec(run / "latest.safetensors") is not None
+    assert save.recover(export_state) == []  # nothing left to do
+
+
+def test_an_unwritable_folder_is_one_clear_error(tmp_path):
+    (tmp_path / "file").write_text("a regular file, not a folder")
+    folder = Checkpoints(tmp_path / "file" / "run")
+    with pytest.raises(CheckpointError, match=r"cannot write .*file/run/step_00000001.pt: .*/file is a file, not a folder$"):
+        folder.save(1, {"step": 1})
+    with pytest.raises(CheckpointError, match=r"cannot write .*file/x.safetensors: .*/file is a file, not a folder$"):
+        save_codec(tmp_path / "file" / "x.safetensors", build(Codec, CODEC_PRESETS["tiny"]))
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 256 KiB tmpfs: a real full disk. Needs the right to mount (root in a container)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_is_one_clear_error_and_leaves_no_temporaries(tiny_disk):
+    big = {"w": torch.ones(200_000), "step": 1}  # 800 kB
+    folder = Checkpoints(tiny_disk / "run")
+    with pytest.raises(CheckpointError, match=r"cannot write .*step_00000001.pt: No space left on device$"):
+        folder.save(1, big)
+    codec = build(Codec, dataclasses.replace(CODEC_PRESETS["tiny"], encode_channels=64))
+    with pytest.raises(CheckpointError, match=r"cannot write .*codec.safetensors: No space left on device$"):
+        save_codec(tiny_disk / "codec.safetensors", codec)
+    assert [p.name for p in tiny_disk.rglob("*") if p.is_file()] == []
 
 
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):

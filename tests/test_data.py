@@ -1,6 +1,7 @@
 """Audio I/O and datasets on real files written with soundfile (no mocks of what is tested)."""
 import json
 import os
+import re
 import warnings
 
 import numpy as np
@@ -101,6 +102,53 @@ def test_load_error_names_the_file(tmp_path):
         load_audio(bad)
     with pytest.raises(AudioError, match="missing.flac"):
         load_audio(tmp_path / "missing.flac")
+
+
+def broken_float_files(folder):
+    """Float WAVs no recording holds (a NaN, an inf, a 1e30) beside a good one that goes past full
+    scale as float files may; returns {name: the reason load_audio must give}."""
+    x = tone(1.0)
+    for name, index, value in (("nan.wav", 9000, np.nan), ("inf.wav", 100, -np.inf), ("huge.wav", 15000, 1e30)):
+        bad = x.copy()
+        bad[index] = value
+        write(folder / name, bad, subtype="FLOAT")
+    write(folder / "loud.wav", 1.5 * x, subtype="FLOAT")
+    return {"nan.wav": "1 non-finite samples", "inf.wav": "1 non-finite samples", "huge.wav": "samples of magnitude up to 1e+30"}
+
+
+def test_non_finite_or_huge_samples_make_a_file_unreadable(tmp_path):
+    broken = broken_float_files(tmp_path)
+    for name, reason in broken.items():
+        with pytest.raises(AudioError, match=re.escape(f"{name}: {reason}")):
+            load_audio(tmp_path / name)
+        with pytest.raises(AudioError, match=name):  # every prompt reader goes through load_prompt
+            model.audio.load_prompt(tmp_path / name, channels=2)
+    assert np.abs(load_audio(tmp_path / "loud.wav")).max() == pytest.approx(0.75, abs=1e-3)  # 1.5 x 0.5
+    # a crop is checked when read: the one holding the NaN fails, one before it reads fine
+    assert np.isfinite(load_audio(tmp_path / "nan.wav", start=0, num_samples=8000)).all()
+    with pytest.raises(AudioError, match="nan.wav"):
+        load_audio(tmp_path / "nan.wav", start=8000, num_samples=2000)
+    with pytest.raises(AudioError, match="nan.wav"):  # resampling reads it too
+        load_audio(tmp_path / "nan.wav", sample_rate=24000)
+
+
+def test_scan_skips_names_and_counts_non_finite_files_and_no_batch_holds_them(tmp_path):
+    broken = broken_float_files(tmp_path)
+    with pytest.warns(SkippedAudioWarning) as record:
+        files = scan_audio_folder(tmp_path)
+    assert [os.path.basename(f.path) for f in files] == ["loud.wav"]
+    assert files.skipped == sorted(broken)
+    messages = skipped_names(record)
+    for name, reason in broken.items():
+        assert sum(name in m and reason in m for m in messages) == 1
+    with pytest.warns(SkippedAudioWarning) as record:  # cached: named again without reading
+        assert len(scan_audio_folder(tmp_path).skipped) == 3
+    assert len(skipped_names(record)) == 3
+    with pytest.warns(SkippedAudioWarning):
+        ds = AudioCropDataset(tmp_path, segment_seconds=0.25, seed=0)
+    batch = next(iter(make_loader(ds, batch_size=len(ds))))
+    assert torch.isfinite(batch["audio"]).all() and batch["audio"].abs().max() > 0.7
+    assert batch["file"].tolist() == [0] * len(ds)  # `file` names the source of every crop
 
 
 @pytest.mark.parametrize("subtype,atol", [("PCM_16", 1e-4), ("FLOAT", 0.0)])

@@ -3,6 +3,7 @@ the crops and sample order the trainer reads."""
 import dataclasses
 import itertools
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from config.codec_config import PRESETS as CODEC_PRESETS
 from config.codec_config import CodecConfig
 from model import Codec, build
 from model.audio import save_audio
+from model.data import SkippedAudioWarning
 from model.latents import LatentCrops, StepSampler, codec_fingerprint, prepare_latents, sample_posterior
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -119,3 +121,42 @@ def test_sampler_resumes_where_it_stopped():
     assert list(itertools.islice(iter(resumed), 12)) == first[12:]
     other = list(itertools.islice(iter(StepSampler(3, 2, rank=0, world_size=2)), 24))
     assert not set(first) & set(other)  # ranks read disjoint samples
+
+
+def test_non_finite_audio_is_skipped_and_named(codec, folder):
+    import soundfile as sf
+    bad = 0.1 * np.ones((6_000, 2), np.float32)
+    bad[4_321, 1] = np.nan
+    sf.write(str(folder / "audio" / "nan.wav"), bad, 16000, subtype="FLOAT")
+    logs = []
+    with pytest.warns(SkippedAudioWarning, match="nan.wav: 1 non-finite samples"):
+        out = prepare_latents(str(folder / "audio"), codec, "stereo", str(folder / "latents"), log=logs.append)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [f["name"] for f in manifest["files"]] == ["solo.wav", "talk.wav"]
+    assert "1 unreadable files skipped" in logs[-1]
+    assert np.isfinite(np.fromfile(out / "shard_00000.bin", dtype=np.float32)).all()
+
+
+def test_non_finite_latents_are_never_cached(codec, folder):
+    broken = build(Codec, CODEC_PRESETS["tiny"]).eval()
+    broken.load_state_dict(codec.state_dict())
+    with torch.no_grad():
+        next(broken.parameters()).fill_(float("nan"))
+    with warnings.catch_warnings(record=True) as record, pytest.raises(FileNotFoundError, match="2 skipped"):
+        warnings.simplefilter("always")
+        prepare_latents(str(folder / "audio"), broken, "mono", str(folder / "latents"), log=lambda m: None)
+    messages = [str(w.message) for w in record if issubclass(w.category, SkippedAudioWarning)]
+    assert len(messages) == 2 and all("non-finite latents" in m for m in messages)
+    assert {"solo.wav", "talk.wav"} == {m.split("/")[-1].split(":")[0] for m in messages}
+    assert not list((folder / "latents").glob("*/manifest.json"))
+    assert all(p.stat().st_size == 0 for p in (folder / "latents").glob("*/shard_*.bin"))
+
+
+def test_draw_and_indices_name_what_a_step_reads(codec, folder):
+    out = prepare_latents(str(folder / "audio"), codec, "mono", str(folder / "latents"), log=lambda m: None)
+    train = LatentCrops(out, seq_len=2, train=True, seed=1)
+    sampler = StepSampler(batch_size=3, grad_accum_steps=2, rank=1, world_size=2)
+    stream = list(itertools.islice(iter(sampler), 6 * 3))
+    assert sampler.indices(2) == stream[12:18]
+    for j in sampler.indices(2):
+        assert torch.equal(train[j]["posterior"], train.crop(*train.draw(j))["posterior"])

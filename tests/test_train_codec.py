@@ -4,6 +4,7 @@ speed benchmark's CPU smoke run."""
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,7 +20,9 @@ import torch
 import train_codec
 from config import fields_marked
 from config.codec_config import CodecConfig
-from model import hub, load_codec
+from model import Codec, build, hub, load_codec, save_codec
+from model.checkpoint import read_metadata
+from config.codec_config import PRESETS
 from model.training import ConfigMismatch
 
 from hub_server import HubServer
@@ -119,9 +122,16 @@ def test_killed_run_resumes_at_the_same_step_lr_and_data(corpus, trained, tmp_pa
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL  # killed, not finished
     done = len(rows(run_dir / "metrics.jsonl"))
+    # what a kill inside a save can leave besides: a temporary, and an export behind its .pt
+    (run_dir / ".latest.safetensors.killed00.tmp").write_bytes(b"partial")
+    save_codec(run_dir / "latest.safetensors", build(Codec, PRESETS["tiny"]), {"step": 0})
     result = run(cmd[1:])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "(step 4)" in result.stdout
+    assert "note: removed .latest.safetensors.killed00.tmp, left by an interrupted save" in result.stdout
+    assert "note: rebuilt latest.safetensors from latest.pt (step 4; it held step 0)" in result.stdout
+    assert read_metadata(run_dir / "latest.safetensors")["extra"]["step"] == 8 and load_codec(run_dir / "latest.safetensors")
+    assert not list(run_dir.glob(".*.tmp"))
     resumed = [r for r in rows(run_dir / "metrics.jsonl")[done:] if "loss/total" in r]
     reference = {r["step"]: r for r in train_rows(trained[0] / "metrics.jsonl")}
     assert [r["step"] for r in resumed] == [5, 6, 7, 8]
@@ -254,3 +264,58 @@ def test_benchmark_cpu_smoke_run_needs_no_audio_packages():
     assert result.returncode == 0, result.stderr[-3000:]
     line = json.loads(result.stdout.strip().splitlines()[-1])
     assert line["preset"] == "tiny" and line["mode"] == "fp32-eager" and line["samples_per_s"] > 0
+
+
+def error_line(stderr):
+    """The one `error:` line of a failed run, on a line of its own (progress bars redraw with \\r)."""
+    errors = [line for line in re.split(r"[\r\n]+", stderr) if line.startswith("error:")]
+    assert len(errors) == 1, stderr[-3000:]
+    return errors[0]
+
+
+def finite_everywhere(run_dir):
+    """Every tensor of every checkpoint in `run_dir` is finite (and the exports pass their hash)."""
+    from model.checkpoint import non_finite, read_weights
+    files = sorted(Path(run_dir).glob("*.pt")) + sorted(Path(run_dir).glob("*.safetensors"))
+    for path in files:
+        state = torch.load(path, weights_only=False) if path.suffix == ".pt" else read_weights(path)[0]
+        assert non_finite(state) == [], path
+    return [p.name for p in files]
+
+
+def test_non_finite_audio_is_skipped_and_a_non_finite_loss_stops_with_an_error(corpus, tmp_path):
+    """A NaN float WAV is named once and counted, never trained on; a diverging run (learning
+    rate 1e30) stops at the step whose loss is not finite, naming it and the batch's files, with
+    no checkpoint holding NaN or inf."""
+    data = tmp_path / "train"
+    shutil.copytree(corpus / "train", data)
+    audio, rate = sf.read(str(next(p for p in sorted(data.rglob("*.wav")) if p.name != "broken.wav")), dtype="float32")
+    audio[len(audio) // 2] = np.nan
+    sf.write(str(data / "nan.wav"), audio, rate, subtype="FLOAT")
+    argv = ["train_codec.py"] + args(corpus, tmp_path / "run", f"train_data_path={data}", "learning_rate=1e30",
+                                     "save_interval=1", "eval_interval=1", "max_steps=6")
+    result = run(argv)
+    assert result.returncode != 0
+    last = error_line(result.stderr)
+    assert re.fullmatch(r"error: non-finite (loss|gradient norm) \(\S+\) at step [1-5] on a batch from \S+\.wav.*", last), \
+        result.stderr[-3000:]
+    assert "nan.wav" not in last and "Traceback" not in result.stderr
+    out = result.stdout + result.stderr
+    assert len(re.findall(r"nan.wav: \d non-finite samples", out)) == 1 and "2 unreadable files skipped" in out
+    assert "latest.pt" in finite_everywhere(tmp_path / "run")
+
+
+def test_a_full_disk_is_one_error_line(corpus, tmp_path):
+    """checkpoint_dir on a 640 KiB tmpfs (a real full disk; needs the right to mount): the first
+    checkpoint does not fit, and the run ends with one line naming the file and the reason."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=640k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        result = run(["train_codec.py"] + args(corpus, disk / "run", "num_audio_samples=1"))
+        assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert re.fullmatch(r"error: cannot write \S+/run/\S+: No space left on device", error_line(result.stderr))
+        assert not list((disk / "run").glob(".*.tmp"))
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
