@@ -12,8 +12,8 @@ Stale latents cannot be used: a corpus is stored under a folder named by a key o
 listing (paths, sizes, modification times), the codec fingerprint (a hash of its architecture
 and weights), the channel mode (with, for stereo, `mono_to_stereo` and which file channel is the
 model's) and the sample rate. Another codec, a changed file or another channel mode is another
-key, hence another folder, encoded anew; `prepare_latents` is the only way
-to get a folder, and it always computes the key from the codec in hand.
+key, hence another folder, encoded anew; `prepare_latents` is the only way to get a folder, and it
+always computes the key from the codec in hand.
 
 Layout of an encoded folder:
     manifest.json                      format, key inputs, and per file: name, shard, offset, length
@@ -66,9 +66,9 @@ class _AudioFiles(Dataset):
     the first two (swapped when the model's speaker is on the file's channel 0), and a
     one-channel file gets silence (or itself) as the second speaker."""
 
-    def __init__(self, paths: list[str], sample_rate: int, channels: str, mono_to_stereo: str, model_channel: int = 1):
-        self.paths, self.sample_rate, self.channels, self.mono_to_stereo = paths, sample_rate, channels, mono_to_stereo
-        self.model_channel = model_channel
+    def __init__(self, paths: list[str], sample_rate: int, channels: str, mono_to_stereo: str, model_channel: int):
+        self.paths, self.sample_rate, self.channels = paths, sample_rate, channels
+        self.mono_to_stereo, self.model_channel = mono_to_stereo, model_channel
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -129,9 +129,9 @@ def prepare_latents(root: str, codec, channels: str, out_dir: str, sample_rate: 
     one per channel; 64-dim latents). `root` is a folder or a jsonl manifest (`model/manifest.py`).
     model_channel (stereo): the file channel that holds the speaker the model is to become; it
     goes to channel 1, as in the live engine, so 0 swaps a file's two channels (moshi-finetune's
-    layout has the model on the left); one-channel files follow mono_to_stereo. Files shorter than one latent (2000 samples) hold nothing
-    and are left out; the last partial latent of a file is dropped. Unreadable files are skipped
-    with a warning.
+    layout has the model on the left); one-channel files follow mono_to_stereo. Files shorter than
+    one latent (2000 samples) hold nothing and are left out; the last partial latent of a file is
+    dropped. Unreadable files are skipped with a warning.
     """
     from .data import scan_audio_folder
     if channels not in ("mono", "stereo"):
@@ -153,10 +153,10 @@ def prepare_latents(root: str, codec, channels: str, out_dir: str, sample_rate: 
     chunk = max(1, int(chunk_seconds * sample_rate) // hop) * hop
     folder.mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        log(f"encoding {len(files)} files ({files[0].path if len(files) == 1 else files.source}) with codec {fingerprint} "
+        log(f"encoding {len(files)} files ({files[0].path if len(files) == 1 else root}) with codec {fingerprint} "
             f"({channels}) into {folder}")
-    reader = DataLoader(_AudioFiles([files[i].path for i in mine], sample_rate, channels, mono_to_stereo, model_channel),
-                        batch_size=None, num_workers=num_workers)
+    reader = DataLoader(_AudioFiles([files[i].path for i in mine], sample_rate, channels, mono_to_stereo,
+                                    model_channel), batch_size=None, num_workers=num_workers)
     entries, offset = [], 0
     shard = f"shard_{rank:05d}.bin"
     from tqdm import tqdm
