@@ -4,6 +4,7 @@
     python complete.py prompt.flac out.wav --variant mono --seconds 20 --seed 3
     python complete.py prompt.wav out.wav --variant checkpoints/transformer/best.safetensors
     python complete.py prompt.wav out.wav --token-temp 0.7 --top-p 0.95 --num 4   # out-0.wav ... out-3.wav
+    python complete.py prompt.wav out.wav --adapter checkpoints/transformer/best.adapter.safetensors
 
 The prompt is any file soundfile reads, resampled to 16 kHz. Mono variants average its channels;
 duplex puts a one-channel file on both speakers (as the original) and keeps the first two channels
@@ -11,8 +12,11 @@ of a longer one. A prompt longer than the context is trimmed to its last part, w
 The output holds the prompt (as the codec reconstructs it) and the continuation, mono or stereo
 (duplex: speaker 0 left, speaker 1 right); `--continuation-only` drops the prompt.
 
-The arguments, the sampling parameters (ranges of `model/protocol.py`) and the prompt file are
-checked before any weights are loaded or downloaded: a mistake is one `error: ...` line, exit
+`--adapter` applies a LoRA adapter file (`model/lora.py`) to the `--variant` it was trained on;
+an adapter of another base is refused, naming both.
+
+The arguments, the sampling parameters (ranges of `model/protocol.py`), the adapter file and the
+prompt file are checked before any weights are loaded or downloaded: a mistake is one `error: ...` line, exit
 code 2, and no file written.
 
 Sampling defaults are the original's `temps=(0.8, (0.5, 0.1))`: token temperature 0.8, mixture
@@ -30,6 +34,7 @@ from model import SamplingParams, load_hertz_dev
 from model.audio import AudioError, check_prompt, load_prompt, save_audio
 from model.generator import Generator
 from model.hub import VARIANTS
+from model.lora import AdapterError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -40,6 +45,7 @@ def parse_args(argv=None):
     ap.add_argument("out", help="output WAV; with --num N > 1, OUT-0.wav ... OUT-(N-1).wav")
     ap.add_argument("--variant", default="duplex",
                     help=f"{' | '.join(VARIANTS)} (official weights, downloaded to --ckpt-dir) or a checkpoint path")
+    ap.add_argument("--adapter", metavar="PATH", help="a LoRA adapter file (.adapter.safetensors) trained on --variant")
     ap.add_argument("--codec", default="auto",
                     help="auto (official, or the one recorded in the checkpoint), official, or a path")
     ap.add_argument("--ckpt-dir", default="ckpt")
@@ -82,6 +88,9 @@ def main(argv=None) -> int:
     if args.codec not in ("auto", "official") and not os.path.isfile(args.codec):
         print(f"error: --codec: no such file: {args.codec}", file=sys.stderr)
         return 2
+    if args.adapter is not None and not os.path.isfile(args.adapter):
+        print(f"error: no such file: {args.adapter}", file=sys.stderr)
+        return 2
     try:  # before the weights: loading them can take minutes (or a 34 GB download)
         check_prompt(args.prompt)
     except AudioError as e:
@@ -89,11 +98,16 @@ def main(argv=None) -> int:
         return 2
 
     t0 = time.time()
-    model = load_hertz_dev(args.variant, device=device, dtype=dtype, ckpt_dir=args.ckpt_dir,
-                           codec=args.codec, offline=args.offline or None)
+    try:  # an adapter of another base is refused before any weights load
+        model = load_hertz_dev(args.variant, device=device, dtype=dtype, ckpt_dir=args.ckpt_dir,
+                               codec=args.codec, offline=args.offline or None, adapter=args.adapter)
+    except AdapterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     cfg = model.config
     hop = model.codec.hop_length
-    print(f"loaded {args.variant} ({'duplex' if cfg.duplex else 'mono'}) on {device} in {dtype} "
+    print(f"loaded {args.variant} ({'duplex' if cfg.duplex else 'mono'})"
+          f"{f' with adapter {args.adapter}' if args.adapter else ''} on {device} in {dtype} "
           f"in {time.time() - t0:.1f} s", file=sys.stderr)
     try:
         with warnings.catch_warnings(record=True) as caught:

@@ -403,7 +403,7 @@ def load_weights(source: str, cfg: CodecConfig, generator: Codec, discriminators
 
 def describe(name: str, dataset: AudioCropDataset) -> str:
     skipped = len(dataset.files.skipped)
-    return (f"{name}: {len(dataset.files)} files, {dataset.total_seconds / 60:.1f} min in {dataset.root}, "
+    return (f"{name}: {len(dataset.files)} files, {dataset.total_seconds / 60:.1f} min in {dataset.files.source}, "
             f"{len(dataset)} crops" + (f"; {skipped} unreadable files skipped (named above)" if skipped else ""))
 
 

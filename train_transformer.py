@@ -45,6 +45,7 @@ from model import Generator, HertzDev, build, hub, load_codec, load_hertz_dev
 from model.checkpoint import read_metadata
 from model.loading import write_transformer
 from model.latents import LatentCrops, StepSampler, codec_fingerprint, prepare_latents, sample_posterior
+from model.manifest import ManifestError, is_manifest, read_manifest
 from model.objectives import STAGE_LOSSES, STAGES, compute_losses, peak_flops, train_flops_per_latent
 from model.parallel import (compile_blocks, full_state_dicts, gradient_sync, inner, load_full_state_dicts,
                             parallelize, rank0_first)
@@ -100,7 +101,7 @@ def main(argv=None) -> dict:
         say(f"resume=false: moved the previous run in {run_dir} to {old}")
     channels = "stereo" if cfg.duplex else "mono"
     folders = {split: prepare_latents(path, codec, channels, cfg.latents_dir, cfg.sample_rate, cfg.mono_to_stereo,
-                                      fingerprint, cfg.num_workers, log=say)
+                                      fingerprint, cfg.num_workers, log=say, model_channel=cfg.model_channel)
                for split, path in (("train", cfg.train_data_path), ("val", cfg.val_data_path))}
     train_set = LatentCrops(folders["train"], cfg.seq_len, train=True, seed=cfg.seed)
     val_set = LatentCrops(folders["val"], cfg.seq_len, train=False, val_crops_per_file=cfg.val_crops_per_file,
@@ -358,9 +359,14 @@ def check_config(cfg: TransformerConfig) -> None:
                           "or codec_checkpoint=PATH to one of our codecs")
     for key in ("train_data_path", "val_data_path"):
         folder = getattr(cfg, key)
-        if not os.path.isdir(folder):
-            raise ConfigError(f"{key}={folder!r}: no such folder; expected a folder of audio files "
-                              "(for the demo corpus run `python data/demo/prepare.py`)")
+        if is_manifest(folder):
+            try:  # a bad line or a missing file is an error now, not after the codec loads
+                read_manifest(folder)
+            except ManifestError as e:
+                raise ConfigError(f"{key}: {e}") from None
+        elif not os.path.isdir(folder):
+            raise ConfigError(f"{key}={folder!r}: no such folder; expected a folder of audio files or a .jsonl "
+                              "manifest (for the demo corpus run `python data/demo/prepare.py`)")
 
 
 def frozen_codec(cfg: TransformerConfig, device: torch.device):

@@ -41,7 +41,7 @@ class CodecConfig:
     sample_rate: int = field(default=16000, metadata=ARCH)
 
     # --- data ---------------------------------------------------------------------------------
-    train_data_path: str = "data/demo/train"
+    train_data_path: str = "data/demo/train"   # a folder of audio files, or a .jsonl manifest of them
     val_data_path: str = "data/demo/val"
     segment_seconds: float = field(default=6.0, metadata=RESUME)        # random crops to train, fixed for val
     num_workers: int = 2

@@ -50,12 +50,14 @@ class TransformerConfig:
     plex_roll: int = field(default=1, metadata=ARCH)                  # the code injected at t is that of latent t+1
 
     # --- data ---------------------------------------------------------------------------------
-    train_data_path: str = "data/demo/train"
+    train_data_path: str = "data/demo/train"   # a folder of audio files, or a .jsonl manifest of them
     val_data_path: str = "data/demo/val"
     sample_rate: int = 16000
     codec_checkpoint: str = "official"          # "official" or a path to one of our codecs
     latents_dir: str = "data/latents"           # encoded corpora (mu, logvar), one folder per codec
     mono_to_stereo: Literal["silence", "duplicate"] = "silence"   # duplex: a one-channel file's 2nd speaker
+    model_channel: Literal[0, 1] = 1            # duplex: the stereo files' channel whose speaker the model is
+                                                # to be (0 swaps the channels: moshi-finetune has it on the left)
     num_workers: int = 2                        # DataLoader workers (audio decoding, latent crops)
     val_crops: int = 256                        # validation sequences at most (fixed crops)
     val_crops_per_file: int = 4

@@ -1,8 +1,9 @@
 """Audio datasets shared by the codec and transformer trainers.
 
-A dataset is a folder of audio files (any depth; WAV, FLAC, OGG, MP3). `scan_audio_folder` lists
-them with their lengths, cached in `<root>/.hertz_index.json`; `AudioCropDataset` cuts fixed-length
-crops from them: random ones for training, fixed ones for validation.
+A dataset is a folder of audio files (any depth; WAV, FLAC, OGG, MP3), or a jsonl manifest of them
+(`model/manifest.py`). `scan_audio_folder` lists them with their lengths, cached in
+`<root>/.hertz_index.json`; `AudioCropDataset` cuts fixed-length crops from them: random ones for
+training, fixed ones for validation.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from model.audio import SUPPORTED_EXTENSIONS, AudioError, audio_info, load_audio, scan_samples, two_speakers
+from model.manifest import is_manifest, read_manifest
 
 INDEX_FILENAME = ".hertz_index.json"
 INDEX_VERSION = 2  # 2: float files are read whole once, for non-finite or huge samples
@@ -40,11 +42,12 @@ class AudioFileInfo:
 
 
 class AudioFileList(list):
-    """The readable files of a folder, sorted by path; `skipped` names those that were not."""
+    """The readable files of a folder (or manifest), sorted by path; `skipped` names those that were not."""
 
-    def __init__(self, files, root: str, skipped: list[str]):
+    def __init__(self, files, root: str, skipped: list[str], source: Optional[str] = None):
         super().__init__(files)
         self.root = root
+        self.source = source or root  # the folder, or the manifest that listed the files
         self.skipped = skipped  # paths relative to root
 
 
@@ -106,15 +109,23 @@ def scan_audio_folder(root: str, use_cache: bool = True) -> AudioFileList:
     huge (see `model.audio`). Unreadable files are left out, each named in one
     SkippedAudioWarning, and listed in the result's `skipped`.
     Raises FileNotFoundError, naming the folder and the formats, if it holds no readable audio.
+
+    `root` may also be a jsonl manifest (`model/manifest.py`): then its files are listed instead,
+    `root` of the result is the manifest's folder, and the cache is `.hertz_index.<name>.json` there.
     """
-    root = os.path.abspath(os.fspath(root))
-    if not os.path.isdir(root):
+    source = root = os.path.abspath(os.fspath(root))
+    if is_manifest(source):
+        root = os.path.dirname(source)
+        listing = sorted(os.path.relpath(p, root) for p in read_manifest(source))
+        index_path = os.path.join(root, f"{INDEX_FILENAME[:-len('.json')]}.{os.path.basename(source)}.json")
+    elif not os.path.isdir(root):
         raise FileNotFoundError(f"audio folder {root} does not exist; expected a folder of {_formats()} "
-                                "files (for a demo corpus run `python data/demo/prepare.py`)")
-    index_path = os.path.join(root, INDEX_FILENAME)
+                                "files, or a .jsonl manifest (for a demo corpus run `python data/demo/prepare.py`)")
+    else:
+        listing, index_path = _list_audio_files(root), os.path.join(root, INDEX_FILENAME)
     cached = _read_index(index_path) if use_cache else {}
     entries, files, skipped = {}, [], []
-    for rel in _list_audio_files(root):
+    for rel in listing:
         path = os.path.join(root, rel)
         try:
             st = os.stat(path)
@@ -140,9 +151,10 @@ def scan_audio_folder(root: str, use_cache: bool = True) -> AudioFileList:
         _write_index(index_path, entries)
     if not files:
         what = f"no readable audio ({len(skipped)} unreadable files skipped)" if skipped else "no audio files"
-        raise FileNotFoundError(f"audio folder {root} has {what}; expected {_formats()} files "
+        where = f"manifest {source}" if source != root else f"audio folder {root}"
+        raise FileNotFoundError(f"{where} has {what}; expected {_formats()} files "
                                 "(for a demo corpus run `python data/demo/prepare.py`)")
-    return AudioFileList(files, root, skipped)
+    return AudioFileList(files, root, skipped, source)
 
 
 class AudioCropDataset(Dataset):

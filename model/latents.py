@@ -10,9 +10,10 @@ augmentation on-the-fly encoding would give.
 
 Stale latents cannot be used: a corpus is stored under a folder named by a key over the audio
 listing (paths, sizes, modification times), the codec fingerprint (a hash of its architecture
-and weights), the channel mode and the sample rate. Another codec, a changed file or the other
-channel mode is another key, hence another folder, encoded anew; `prepare_latents` is the only way
-to get a folder, and it always computes the key from the codec in hand.
+and weights), the channel mode (with, for stereo, `mono_to_stereo` and which file channel is the
+model's) and the sample rate. Another codec, a changed file or another channel mode is another
+key, hence another folder, encoded anew; `prepare_latents` is the only way to get a folder, and it
+always computes the key from the codec in hand.
 
 Layout of an encoded folder:
     manifest.json                      format, key inputs, and per file: name, shard, offset, length
@@ -62,10 +63,12 @@ def codec_fingerprint(codec: torch.nn.Module) -> str:
 
 class _AudioFiles(Dataset):
     """Whole files as (C, N) float32 at `sample_rate`: mono averages the channels; stereo keeps
-    the first two, and a one-channel file gets silence (or itself) as the second speaker."""
+    the first two (swapped when the model's speaker is on the file's channel 0), and a
+    one-channel file gets silence (or itself) as the second speaker."""
 
-    def __init__(self, paths: list[str], sample_rate: int, channels: str, mono_to_stereo: str):
-        self.paths, self.sample_rate, self.channels, self.mono_to_stereo = paths, sample_rate, channels, mono_to_stereo
+    def __init__(self, paths: list[str], sample_rate: int, channels: str, mono_to_stereo: str, model_channel: int):
+        self.paths, self.sample_rate, self.channels = paths, sample_rate, channels
+        self.mono_to_stereo, self.model_channel = mono_to_stereo, model_channel
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -77,6 +80,8 @@ class _AudioFiles(Dataset):
         except AudioError as e:
             return i, None, str(e)
         if self.channels == "stereo":
+            if self.model_channel == 0 and audio.shape[0] > 1:
+                audio = audio[[1, 0]]  # the model's speaker goes to channel 1, where the live engine puts it
             audio = two_speakers(audio, self.mono_to_stereo)
         return i, torch.from_numpy(audio), None
 
@@ -101,36 +106,45 @@ def _encode(codec, audio: torch.Tensor, chunk: int) -> np.ndarray:
     return rows.float().cpu().numpy()
 
 
-def _corpus_key(root: str, files, fingerprint: str, channels: str, mono_to_stereo: str, sample_rate: int) -> str:
+def _corpus_key(root: str, files, fingerprint: str, channels: str, mono_to_stereo: str, sample_rate: int,
+                model_channel: int = 1) -> str:
     listing = []
     for f in files:
         st = os.stat(f.path)
         listing.append([os.path.relpath(f.path, root), st.st_size, st.st_mtime_ns])
     spec = {"format": FORMAT, "root": root, "files": listing, "codec": fingerprint, "channels": channels,
             "mono_to_stereo": mono_to_stereo if channels == "stereo" else None, "sample_rate": sample_rate}
+    if channels == "stereo" and model_channel != 1:
+        spec["model_channel"] = model_channel  # only when swapped, so corpora encoded before keep their keys
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:12]
 
 
 def prepare_latents(root: str, codec, channels: str, out_dir: str, sample_rate: int = 16000,
                     mono_to_stereo: str = "silence", fingerprint: Optional[str] = None, num_workers: int = 0,
-                    chunk_seconds: float = 60.0, log: Callable[[str], None] = print) -> Path:
+                    chunk_seconds: float = 60.0, log: Callable[[str], None] = print, model_channel: int = 1) -> Path:
     """The encoded folder of `root` for this codec and channel mode, encoding it first if it does
     not exist yet. Under torchrun every rank encodes its share of the files (one shard each).
 
     channels: "mono" (files averaged to one channel; 32-dim latents) or "stereo" (two speakers,
-    one per channel; 64-dim latents). Files shorter than one latent (2000 samples) hold nothing
-    and are left out; the last partial latent of a file is dropped. Unreadable files (non-finite
-    or huge samples included, see `model.audio`) are skipped, and so is a file whose latents come
-    out non-finite: never stored, each named in a SkippedAudioWarning and counted in the log.
+    one per channel; 64-dim latents). `root` is a folder or a jsonl manifest (`model/manifest.py`).
+    model_channel (stereo): the file channel that holds the speaker the model is to become; it
+    goes to channel 1, as in the live engine, so 0 swaps a file's two channels (moshi-finetune's
+    layout has the model on the left); one-channel files follow mono_to_stereo. Files shorter than
+    one latent (2000 samples) hold nothing and are left out; the last partial latent of a file is
+    dropped. Unreadable files (non-finite or huge samples included, see `model.audio`) are
+    skipped, and so is a file whose latents come out non-finite: never stored, each named in a
+    SkippedAudioWarning and counted in the log.
     """
     from .data import SkippedAudioWarning, scan_audio_folder
     if channels not in ("mono", "stereo"):
         raise ValueError(f"channels must be 'mono' or 'stereo', got {channels!r}")
+    if model_channel not in (0, 1):
+        raise ValueError(f"model_channel must be 0 or 1, got {model_channel!r}")
     files = scan_audio_folder(root)
     root = files.root
     fingerprint = fingerprint or codec_fingerprint(codec)
-    key = _corpus_key(root, files, fingerprint, channels, mono_to_stereo, sample_rate)
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.basename(root.rstrip("/")) or "audio")
+    key = _corpus_key(root, files, fingerprint, channels, mono_to_stereo, sample_rate, model_channel)
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.basename(files.source.rstrip("/")) or "audio")
     folder = Path(out_dir) / f"{name}-{channels}-{key}"
     if (folder / MANIFEST).is_file():
         return folder
@@ -143,8 +157,8 @@ def prepare_latents(root: str, codec, channels: str, out_dir: str, sample_rate: 
     if rank == 0:
         log(f"encoding {len(files)} files ({files[0].path if len(files) == 1 else root}) with codec {fingerprint} "
             f"({channels}) into {folder}")
-    reader = DataLoader(_AudioFiles([files[i].path for i in mine], sample_rate, channels, mono_to_stereo),
-                        batch_size=None, num_workers=num_workers)
+    reader = DataLoader(_AudioFiles([files[i].path for i in mine], sample_rate, channels, mono_to_stereo,
+                                    model_channel), batch_size=None, num_workers=num_workers)
     entries, offset, skipped = [], 0, len(files.skipped)
     shard = f"shard_{rank:05d}.bin"
     from tqdm import tqdm
@@ -183,7 +197,8 @@ def prepare_latents(root: str, codec, channels: str, out_dir: str, sample_rate: 
             raise FileNotFoundError(f"no file in {root} gives latents: none is at least one latent ({hop} samples) "
                                     f"long, readable and encoded to finite values ({skipped} skipped, named above)")
         manifest = {"format": FORMAT, "root": root, "codec": fingerprint, "channels": channels,
-                    "mono_to_stereo": mono_to_stereo, "sample_rate": sample_rate, "hop_length": hop,
+                    "mono_to_stereo": mono_to_stereo, "model_channel": model_channel, "sample_rate": sample_rate,
+                    "hop_length": hop,
                     "latent_dim": int(codec.config.latent_dim) * (2 if channels == "stereo" else 1),
                     "latents": sum(e["length"] for e in merged), "files": merged}
         atomic_write(folder / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=0)))

@@ -108,3 +108,59 @@ def test_prompt_and_arguments_are_checked_before_any_weights(tmp_path, prompt, f
     assert len(errors) == 1 and message.format(prompt=tmp_path / prompt) in errors[0], r.stderr
     assert "System error" not in r.stderr and "loaded" not in r.stderr
     assert not out.exists() and not list(tmp_path.glob("*out*"))
+
+
+def make_adapter(base: str, path: Path, seed: int = 0) -> str:
+    """A LoRA adapter file for the checkpoint `base`, with B drawn nonzero (as if trained), so that
+    it changes what the model computes."""
+    from model import load_hertz_dev
+    from model.lora import LoRAConfig, apply_lora, base_fingerprint, lora_state_dict, save_adapter
+
+    torch.manual_seed(seed)
+    model = load_hertz_dev(base, codec=None)
+    cfg = LoRAConfig(rank=2, alpha=4.0, targets="both")
+    apply_lora(model, **dataclasses.asdict(cfg))
+    with torch.no_grad():
+        for key, value in lora_state_dict(model).items():
+            if key.endswith("lora_B"):
+                value.normal_(std=0.5)
+    return str(save_adapter(path, model, cfg, base_fingerprint(base), base))
+
+
+@pytest.mark.slow
+def test_adapter_changes_the_completion_and_a_wrong_base_is_refused(ckpts, tmp_path):
+    adapter = make_adapter(ckpts["duplex"], tmp_path / "duplex.adapter.safetensors")
+    common = ["--variant", ckpts["duplex"], "--seconds", 1, "--seed", 3, "--continuation-only",
+              "--device", "cpu", "--dtype", "float32"]
+    plain, adapted = tmp_path / "plain.wav", tmp_path / "adapted.wav"
+    r = run(ckpts["stereo"], plain, *common)
+    assert r.returncode == 0, r.stderr
+    r = run(ckpts["stereo"], adapted, *common, "--adapter", adapter)
+    assert r.returncode == 0, r.stderr
+    assert f"with adapter {adapter}" in r.stderr
+    a, b = sf.read(plain)[0], sf.read(adapted)[0]
+    assert a.shape == b.shape == (2000 * 8, 2) and not np.allclose(a, b, atol=1e-3)
+    # an adapter of the duplex checkpoint on the mono one: the one-line error of model/lora.py
+    out = tmp_path / "wrong.wav"
+    r = run(ckpts["mono_prompt"], out, "--variant", ckpts["mono"], "--seconds", 0.5, "--adapter", adapter)
+    errors = [line for line in r.stderr.splitlines() if "error: " in line]
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(errors) == 1, r.stderr
+    assert errors[0].startswith(f"error: adapter {adapter} belongs to another base")
+    assert ckpts["duplex"] in errors[0] and ckpts["mono"] in errors[0] and "loaded" not in r.stderr
+    assert not out.exists()
+
+
+def test_adapter_is_checked_before_any_weights(ckpts, tmp_path):
+    """The official duplex variant, offline, with an empty weights folder: a missing adapter file
+    and one trained on another base are errors before loading would fail."""
+    sf.write(tmp_path / "ok.wav", 0.3 * np.sin(2 * np.pi * 220 * np.arange(16000) / 16000), 16000)
+    adapter = make_adapter(ckpts["duplex"], tmp_path / "ours.adapter.safetensors")
+    for given, message in ((tmp_path / "missing.adapter.safetensors",
+                            f"error: no such file: {tmp_path / 'missing.adapter.safetensors'}"),
+                           (adapter, f"error: adapter {adapter} belongs to another base")):
+        r = run(tmp_path / "ok.wav", tmp_path / "out.wav", "--variant", "duplex", "--offline",
+                "--ckpt-dir", tmp_path / "ckpt", "--adapter", given)
+        errors = [line for line in r.stderr.splitlines() if "error: " in line]
+        assert r.returncode == 2 and "Traceback" not in r.stderr and len(errors) == 1, r.stderr
+        assert errors[0].startswith(message) and "loaded" not in r.stderr
+        assert not (tmp_path / "out.wav").exists() and not (tmp_path / "ckpt").exists()

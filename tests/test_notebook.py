@@ -54,13 +54,35 @@ def test_notebook_runs_headless(variant, tmp_path):
     assert any("text/html" in o.get("data", {}) for o in outputs)  # the audio players
 
 
+@pytest.mark.slow
+def test_notebook_applies_an_adapter(tmp_path):
+    """ADAPTER set: the notebook loads the checkpoint with it and completes; an adapter of another
+    base stops it with the error of model/lora.py naming both."""
+    from test_complete import make_adapter
+
+    paths = make_checkpoints(tmp_path / "ckpt")
+    adapter = make_adapter(paths["duplex"], tmp_path / "duplex.adapter.safetensors")
+    out = tmp_path / "completion.wav"
+    nb = execute({"PROMPT": paths["stereo"], "VARIANT": paths["duplex"], "ADAPTER": adapter, "SECONDS": 0.5,
+                  "NUM_COMPLETIONS": 1, "DEVICE": "cpu", "OUT": str(out), "SEED": 1})
+    assert sf.info(out).frames == 2000 * (12 + 4)
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert f"+ adapter {adapter}" in text
+    with pytest.raises(CellExecutionError) as e:
+        execute({"PROMPT": paths["stereo"], "VARIANT": paths["mono"], "ADAPTER": adapter, "DEVICE": "cpu",
+                 "OUT": str(tmp_path / "wrong.wav")})
+    assert f"adapter {adapter} belongs to another base" in str(e.value)
+    assert not (tmp_path / "wrong.wav").exists()
+
+
 @pytest.mark.parametrize("params, message", [
     ({"PROMPT": "MISSING"}, "no such file: MISSING"),
     ({"PROMPT": "NAN"}, "non-finite samples"),
     ({"TOKEN_TEMP": 1e6}, "token_temp must be in [0, 5]"),
     ({"TOP_P": 0.0}, "top_p must be in (0, 1]"),
     ({"SECONDS": -1}, "SECONDS must be > 0"),
-], ids=["missing", "nan", "token-temp", "top-p", "seconds"])
+    ({"ADAPTER": "MISSING"}, "no such file: MISSING"),
+], ids=["missing", "nan", "token-temp", "top-p", "seconds", "adapter"])
 def test_bad_parameters_stop_before_the_weights_load(tmp_path, params, message):
     """VARIANT names a checkpoint that does not exist: loading would fail on it, so the error
     about the parameter shows that the check came first."""

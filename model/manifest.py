@@ -1,0 +1,77 @@
+"""jsonl manifests: a list of audio files as people already have it for conversation data.
+
+One JSON object per line, `{"path": "dialogues/a.wav", "duration": 24.5}` (the layout
+moshi-finetune reads): `path` relative to the manifest's folder (an absolute path is allowed),
+`duration` in seconds, optional. Blank lines are ignored; any other key is ignored too, so a
+manifest written for another trainer reads as it is.
+
+`duration` is only checked to be a number >= 0: the lengths the datasets use always come from the
+files' headers, which are read anyway (and cached), so a stale or rounded duration cannot
+desynchronise crops from the audio.
+
+A listed file that does not exist is an error, not a skip: a manifest names its files on purpose,
+so a missing one means a wrong base folder (paths written relative to another directory) or a stale
+manifest, and training on whatever subset happens to exist would hide that. A file that exists but
+cannot be decoded is the folder scan's business: skipped and named (`model/data.py`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+MANIFEST_SUFFIX = ".jsonl"
+
+
+class ManifestError(FileNotFoundError):
+    """A manifest that cannot be used; the message names the manifest and the line. A subclass of
+    FileNotFoundError, as a missing folder is, so scripts report it as one `error:` line."""
+
+
+def is_manifest(path: str | os.PathLike) -> bool:
+    """Whether a data path names a jsonl manifest rather than a folder."""
+    return os.fspath(path).lower().endswith(MANIFEST_SUFFIX)
+
+
+def read_manifest(path: str | os.PathLike) -> list[str]:
+    """The absolute paths of the audio files a manifest lists, in its order.
+
+    Raises ManifestError naming the manifest and the line number for a line that is not a JSON
+    object, lacks a string `path`, has a `duration` that is not a number >= 0, lists a file twice,
+    or names a file that does not exist (the first such line, and how many more there are)."""
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isfile(path):
+        raise ManifestError(f"manifest {path} does not exist; expected a .jsonl file with one "
+                            '{"path": ..., "duration": ...} per line')
+    base = os.path.dirname(path)
+    files, lines, missing = [], {}, []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"manifest {path} line {number}"
+            try:
+                entry = json.loads(line)
+            except ValueError as e:
+                raise ManifestError(f"{where}: not JSON ({e})") from None
+            if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not entry["path"]:
+                raise ManifestError(f'{where}: expected an object with a "path" string, got {line.strip()[:80]}')
+            duration = entry.get("duration")
+            if duration is not None and (isinstance(duration, bool) or not isinstance(duration, (int, float))
+                                         or not math.isfinite(duration) or duration < 0):
+                raise ManifestError(f'{where}: "duration" must be a number of seconds >= 0, got {duration!r}')
+            file = os.path.normpath(os.path.join(base, entry["path"]))  # an absolute path stays as it is
+            if file in lines:
+                raise ManifestError(f"{where}: {entry['path']} is listed twice (lines {lines[file]} and {number})")
+            lines[file] = number
+            if not os.path.isfile(file):
+                missing.append((number, file))
+            files.append(file)
+    if missing:
+        number, file = missing[0]
+        more = f" (and {len(missing) - 1} more missing files)" if len(missing) > 1 else ""
+        raise ManifestError(f"manifest {path} line {number}: no such file: {file}{more}; paths are relative "
+                            f"to the manifest's folder {base}")
+    if not files:
+        raise ManifestError(f"manifest {path} lists no files")
+    return files

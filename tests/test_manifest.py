@@ -1,0 +1,194 @@
+"""jsonl manifests as training data (model/manifest.py): the same files and latents as a folder,
+bad lines as one error naming the manifest and the line, `model_channel` swapping the speakers
+of stereo files, and both trainers run on manifests in subprocesses."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from config.codec_config import PRESETS as CODEC_PRESETS
+from model import Codec, build, save_codec
+from model.data import AudioCropDataset, scan_audio_folder
+from model.latents import prepare_latents
+from model.manifest import ManifestError, read_manifest
+
+from test_latents import rows
+
+REPO = Path(__file__).resolve().parents[1]
+SR = 16000
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def conversation(seconds, seed):
+    """Two different speakers (noise-modulated tones), one per channel: (N, 2) as soundfile writes."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * SR)) / SR
+    a = 0.3 * np.sin(2 * np.pi * (180 + 40 * seed) * t) * (rng.random(t.size) > 0.3)
+    b = 0.2 * rng.standard_normal(t.size) * (np.sin(2 * np.pi * 0.5 * t) > 0)
+    return np.stack([a, b], axis=1).astype(np.float32)
+
+
+def write_corpus(root: Path, files: int = 3, seconds: float = 9.0) -> list[str]:
+    """Stereo dialogues in two subfolders (one FLAC at 24 kHz), a mono monologue, and the
+    manifest `root/train.jsonl` listing them with paths relative to `root`."""
+    paths = []
+    for i in range(files):
+        rel = f"{'a' if i % 2 else 'b'}/dialogue_{i}.wav"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        sf.write(root / rel, conversation(seconds, i), SR)
+        paths.append(rel)
+    (root / "c").mkdir(exist_ok=True)
+    stereo = conversation(seconds, 7)
+    sf.write(root / "c/call.flac", np.stack([np.interp(np.arange(int(seconds * 24000)) / 24000,
+                                                       np.arange(len(stereo)) / SR, stereo[:, k]) for k in (0, 1)], 1),
+             24000)
+    sf.write(root / "c/solo.wav", conversation(seconds, 9)[:, 0], SR)
+    paths += ["c/call.flac", "c/solo.wav"]
+    with open(root / "train.jsonl", "w") as f:
+        for rel in paths:
+            f.write(json.dumps({"path": rel, "duration": seconds}) + "\n")
+    return paths
+
+
+@pytest.fixture(scope="module")
+def codec_file(tmp_path_factory):
+    torch.manual_seed(0)
+    return save_codec(tmp_path_factory.mktemp("codec") / "codec.safetensors", build(Codec, CODEC_PRESETS["tiny"]))
+
+
+@pytest.fixture(scope="module")
+def codec():
+    torch.manual_seed(0)
+    return build(Codec, CODEC_PRESETS["tiny"]).eval()
+
+
+def test_manifest_lists_the_same_files_as_the_folder(tmp_path):
+    paths = write_corpus(tmp_path / "corpus")
+    listed = scan_audio_folder(str(tmp_path / "corpus" / "train.jsonl"))
+    folder = scan_audio_folder(str(tmp_path / "corpus"))
+    assert [f.path for f in listed] == [f.path for f in folder] == sorted(str(tmp_path / "corpus" / p) for p in paths)
+    assert [(f.frames, f.sample_rate, f.channels) for f in listed] == [(f.frames, f.sample_rate, f.channels)
+                                                                        for f in folder]
+    assert listed.root == folder.root and listed.source.endswith("train.jsonl")
+    # the codec trainer's crops: stereo files mixed down to mono, as from a folder
+    crops = AudioCropDataset(str(tmp_path / "corpus" / "train.jsonl"), 1.0, SR, train=False)
+    first = crops[0]["audio"]
+    assert first.shape == (1, SR)
+    assert torch.allclose(first[0], torch.from_numpy(conversation(9.0, 1)[:SR].mean(1)), atol=1e-4)  # a/dialogue_1
+    # an absolute path is allowed; a manifest may list a subset, in any order
+    sub = tmp_path / "elsewhere" / "some.jsonl"
+    sub.parent.mkdir()
+    sub.write_text(json.dumps({"path": str(tmp_path / "corpus/c/solo.wav")}) + "\n\n"
+                   + json.dumps({"path": "../corpus/a/dialogue_1.wav", "duration": 9}) + "\n")
+    assert [Path(f.path).name for f in scan_audio_folder(str(sub))] == ["dialogue_1.wav", "solo.wav"]
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"path": "a/dialogue_1.wav", "duration": 9.0', "line 2: not JSON"),
+    ('{"duration": 9.0}', 'line 2: expected an object with a "path" string'),
+    ('["a/dialogue_1.wav"]', 'line 2: expected an object with a "path" string'),
+    ('{"path": "a/gone.wav"}', "line 2: no such file: {root}/a/gone.wav"),
+    ('{"path": "a/dialogue_1.wav", "duration": "long"}', 'line 2: "duration" must be a number'),
+    ('{"path": "b/dialogue_0.wav"}', "line 2: b/dialogue_0.wav is listed twice (lines 1 and 2)"),
+], ids=["json", "no-path", "not-object", "missing-file", "duration", "twice"])
+def test_bad_lines_name_the_manifest_and_the_line(tmp_path, line, message):
+    write_corpus(tmp_path)
+    manifest = tmp_path / "bad.jsonl"
+    manifest.write_text(json.dumps({"path": "b/dialogue_0.wav"}) + "\n" + line + "\n"
+                        + json.dumps({"path": "c/solo.wav"}) + "\n")
+    with pytest.raises(ManifestError) as e:
+        read_manifest(manifest)
+    assert str(e.value).startswith(f"manifest {manifest} line 2: ") and message.format(root=tmp_path) in str(e.value)
+    with pytest.raises(ManifestError):  # the datasets read manifests through the same function
+        scan_audio_folder(str(manifest))
+
+
+def test_missing_files_are_counted_and_an_empty_manifest_is_an_error(tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"path": f"x{i}.wav"}) + "\n" for i in range(3)))
+    with pytest.raises(ManifestError, match=r"line 1: no such file: .*x0.wav \(and 2 more missing files\)"):
+        read_manifest(manifest)
+    manifest.write_text("\n")
+    with pytest.raises(ManifestError, match="lists no files"):
+        read_manifest(manifest)
+
+
+def test_manifest_and_folder_give_the_same_latents_and_model_channel_swaps_speakers(codec, tmp_path):
+    write_corpus(tmp_path / "corpus", files=2, seconds=1.5)
+    quiet = dict(log=lambda m: None)
+    by_folder = prepare_latents(str(tmp_path / "corpus"), codec, "stereo", str(tmp_path / "latents-folder"), **quiet)
+    by_manifest = prepare_latents(str(tmp_path / "corpus/train.jsonl"), codec, "stereo",
+                                  str(tmp_path / "latents-manifest"), **quiet)
+    swapped = prepare_latents(str(tmp_path / "corpus/train.jsonl"), codec, "stereo",
+                              str(tmp_path / "latents-manifest"), model_channel=0, **quiet)
+    assert swapped != by_manifest and swapped.parent == by_manifest.parent  # another cache key, another folder
+    assert json.loads((swapped / "manifest.json").read_text())["model_channel"] == 0
+    names = [e["name"] for e in json.loads((by_folder / "manifest.json").read_text())["files"]]
+    assert names == [e["name"] for e in json.loads((by_manifest / "manifest.json").read_text())["files"]]
+    assert names == ["a/dialogue_1.wav", "b/dialogue_0.wav", "c/call.flac", "c/solo.wav"]
+    for name in names:
+        plain = rows(by_folder, name)  # (L, 2, 64): [mu, logvar], channel 0's 32 dims first
+        assert torch.equal(rows(by_manifest, name), plain)
+        swap = rows(swapped, name)
+        if name == "c/solo.wav":  # one channel: mono_to_stereo decides, the swap does not apply
+            assert torch.equal(swap, plain)
+        else:
+            assert not torch.allclose(plain[..., :32], plain[..., 32:], atol=1e-3)  # two distinct speakers
+            assert torch.allclose(swap[..., :32], plain[..., 32:], atol=1e-5)
+            assert torch.allclose(swap[..., 32:], plain[..., :32], atol=1e-5)
+
+
+def run(script, *args):
+    return subprocess.run([sys.executable, script, *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.slow
+def test_train_transformer_on_a_stereo_manifest(codec_file, tmp_path):
+    write_corpus(tmp_path / "corpus")
+    common = ["--config", "tiny", f"codec_checkpoint={codec_file}", f"latents_dir={tmp_path / 'latents'}",
+              f"train_data_path={tmp_path / 'corpus/train.jsonl'}", f"val_data_path={tmp_path / 'corpus/train.jsonl'}",
+              "wandb=disabled", "max_steps=2", "eval_interval=2", "save_interval=2", "log_interval=1",
+              "batch_size=2", "val_crops=2", "sample_seconds=0", "seq_len=16"]
+    out = run("train_transformer.py", *common, f"checkpoint_dir={tmp_path / 'run'}", "model_channel=0")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "in 5 files" in out.stdout + out.stderr
+    assert (tmp_path / "run" / "latest.pt").is_file()
+    encoded = sorted(p.name for p in (tmp_path / "latents").iterdir())
+    assert len(encoded) == 1 and encoded[0].startswith("train.jsonl-stereo-")  # train and val: the same files
+
+    # a bad line: one error line naming the manifest and the line, before any latent is encoded
+    bad = tmp_path / "corpus" / "val.jsonl"
+    bad.write_text(json.dumps({"path": "c/solo.wav"}) + "\n" + json.dumps({"path": "c/nope.wav"}) + "\n")
+    out = run("train_transformer.py", *common, f"checkpoint_dir={tmp_path / 'run2'}", f"val_data_path={bad}",
+              f"latents_dir={tmp_path / 'latents2'}")
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert out.returncode != 0 and "Traceback" not in out.stderr and len(errors) == 1, out.stderr[-3000:]
+    assert f"val_data_path: manifest {bad} line 2: no such file: {tmp_path}/corpus/c/nope.wav" in errors[0]
+    assert not (tmp_path / "latents2").exists() and not (tmp_path / "run2" / "latest.pt").exists()
+
+
+@pytest.mark.slow
+def test_train_codec_on_a_manifest_mixes_stereo_down(tmp_path):
+    write_corpus(tmp_path / "corpus", seconds=3.0)
+    manifest = tmp_path / "corpus/train.jsonl"
+    out = run("train_codec.py", "--config", "tiny", f"train_data_path={manifest}", f"val_data_path={manifest}",
+              f"checkpoint_dir={tmp_path / 'run'}", "wandb=disabled", "max_steps=2", "eval_interval=2",
+              "save_interval=2", "log_interval=1", "val_crops=2", "num_audio_samples=0")
+    assert out.returncode == 0, out.stderr[-3000:]
+    log = out.stdout + out.stderr
+    assert f"train: 5 files, 0.2 min in {manifest}" in log
+    assert (tmp_path / "run" / "latest.pt").is_file()
+    bad = tmp_path / "corpus/bad.jsonl"
+    bad.write_text("{not json}\n")
+    out = run("train_codec.py", "--config", "tiny", f"train_data_path={bad}", f"val_data_path={manifest}",
+              f"checkpoint_dir={tmp_path / 'run2'}", "wandb=disabled", "max_steps=2")
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert out.returncode != 0 and "Traceback" not in out.stderr and len(errors) == 1, out.stderr[-3000:]
+    assert f"manifest {bad} line 1: not JSON" in errors[0]
