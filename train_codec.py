@@ -77,15 +77,16 @@ def main(argv=None) -> dict:
     elif cfg.sample_rate != 16000:
         have_pesq = False
         say(f"note: wideband PESQ needs 16 kHz audio, so it is reported as NaN at sample_rate={cfg.sample_rate}")
-    if cfg.val_mos and cfg.sample_rate != 16000:
-        raise ConfigError(f"val_mos=true: DNSMOS needs 16 kHz audio, not sample_rate={cfg.sample_rate}")
-    missing = [m for m in ("speechmos", "onnxruntime", "librosa") if importlib.util.find_spec(m) is None]
-    if cfg.val_mos and missing:
-        raise ConfigError(f"val_mos=true needs {', '.join(missing)}: pip install {' '.join(missing)}, "
-                          "or set val_mos=false")
-    dnsmos = DNSMOS() if cfg.val_mos and is_main else None  # rank 0 alone evaluates
     if not have_plots:
         say("note: matplotlib is not installed, so no mel images or loss curves (pip install matplotlib)")
+    if cfg.val_mos:
+        missing = [m for m in ("speechmos", "onnxruntime", "librosa") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ConfigError(f"val_mos=true needs {', '.join(missing)}: pip install {' '.join(missing)}, "
+                              "or set val_mos=false")
+        if cfg.sample_rate != 16000:
+            raise ConfigError(f"val_mos=true: DNSMOS needs 16 kHz audio, not sample_rate={cfg.sample_rate}")
+    dnsmos = DNSMOS() if cfg.val_mos and is_main else None  # rank 0 alone evaluates
     hop = math.prod(cfg.strides)
     segment = round(cfg.segment_seconds * cfg.sample_rate)
     if segment % hop:
