@@ -18,9 +18,9 @@ PREPARE = os.path.join(ROOT, "data", "demo", "prepare.py")
 pytest.importorskip("espeakng_loader", reason="the demo corpus needs `pip install espeakng-loader`")
 
 
-def prepare(out, seed=0, minutes=0.5, *extra):
+def prepare(out, seed=0, minutes=0.5, *extra, env=None):
     result = subprocess.run([sys.executable, PREPARE, "--minutes", str(minutes), "--seed", str(seed),
-                             "--out", str(out), *extra], capture_output=True, text=True, timeout=120)
+                             "--out", str(out), *extra], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -149,3 +149,14 @@ def test_corpus_loads_as_a_stereo_dataset(demo_corpus):
     assert item["audio"].shape == (2, 32000) and item["mask"].shape == (32000,)
     val = AudioCropDataset(demo_corpus / "val", segment_seconds=2.0, train=False)
     assert len(val) > 0 and val[0]["audio"].shape == (1, 32000)
+
+
+def test_without_flite_or_festival_it_is_the_espeak_only_corpus(tmp_path):
+    """No synthesizer program on PATH (as on a machine without them): the corpus still builds,
+    byte for byte the one `--engines espeak` makes where they are installed."""
+    (tmp_path / "bin").mkdir()
+    prepare(tmp_path / "bare", env={**os.environ, "PATH": str(tmp_path / "bin")})
+    prepare(tmp_path / "espeak", 0, 0.5, "--engines", "espeak")
+    assert digests(tmp_path / "bare") == digests(tmp_path / "espeak")
+    manifest = json.loads((tmp_path / "bare" / "manifest.json").read_text())
+    assert {v["engine"] for f in manifest["files"] for v in f["voices"]} == {"espeak"}
