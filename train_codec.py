@@ -40,8 +40,9 @@ from config.codec_config import PRESETS, CodecConfig
 from model.audio import save_audio
 from model.checkpoint import read_metadata
 from model.codec import Codec
-from model.codec_losses import (MultiResolutionMelLoss, discriminator_loss, feature_matching_loss,
-                                generator_adversarial_loss, latent_kl, latent_mask, si_sdr, stoi)
+from model.codec_losses import (DNSMOS, MultiResolutionMelLoss, discriminator_loss, feature_matching_loss,
+                                generator_adversarial_loss, kl_bits_per_second, latent_kl, latent_mask, pesq_wb,
+                                si_sdr, stoi)
 from model.data import AudioCropDataset, infinite_batches, make_loader
 from model.discriminators import Discriminators
 from model.loading import load_codec, write_codec
@@ -67,11 +68,25 @@ def main(argv=None) -> dict:
         torch.backends.cudnn.benchmark = True  # fixed crop length: let cuDNN pick the fastest convs
     run_dir = Path(cfg.checkpoint_dir)
     checkpoints = Checkpoints(run_dir, keep=cfg.keep_checkpoints)
-    have_stoi, have_plots = (importlib.util.find_spec(m) is not None for m in ("pystoi", "matplotlib"))
+    have_stoi, have_pesq, have_plots = (importlib.util.find_spec(m) is not None
+                                        for m in ("pystoi", "pesq", "matplotlib"))
     if not have_stoi:
         say("note: pystoi is not installed, so STOI is reported as NaN (pip install pystoi)")
+    if not have_pesq:
+        say("note: pesq is not installed, so PESQ is reported as NaN (pip install pesq)")
+    elif cfg.sample_rate != 16000:
+        have_pesq = False
+        say(f"note: wideband PESQ needs 16 kHz audio, so it is reported as NaN at sample_rate={cfg.sample_rate}")
     if not have_plots:
         say("note: matplotlib is not installed, so no mel images or loss curves (pip install matplotlib)")
+    if cfg.val_mos:
+        missing = [m for m in ("speechmos", "onnxruntime", "librosa") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ConfigError(f"val_mos=true needs {', '.join(missing)}: pip install {' '.join(missing)}, "
+                              "or set val_mos=false")
+        if cfg.sample_rate != 16000:
+            raise ConfigError(f"val_mos=true: DNSMOS needs 16 kHz audio, not sample_rate={cfg.sample_rate}")
+    dnsmos = DNSMOS() if cfg.val_mos and is_main else None  # rank 0 alone evaluates
     hop = math.prod(cfg.strides)
     segment = round(cfg.segment_seconds * cfg.sample_rate)
     if segment % hop:
@@ -156,27 +171,39 @@ def main(argv=None) -> dict:
 
     @torch.no_grad()
     def evaluate() -> tuple[dict, list]:
-        """Validation metrics of the posterior mean's reconstruction, and a few (input, output) pairs."""
+        """Validation metrics of the posterior mean's reconstruction (mel distance, SI-SDR, STOI,
+        wideband PESQ, DNSMOS with val_mos), the latent's KL rate, and a few (input, output) pairs."""
         codec = unwrap(generator).eval()
-        mels, sdrs, stois, pairs = [], [], [], []
+        mels, sdrs, stois, pesqs, moses, pairs = [], [], [], [], [], []
+        kl_sum, latents = 0.0, 0
         for batch in val_loader:
             audio, mask = batch["audio"].to(device), batch["mask"].to(device)
             with autocast(device, cfg.dtype):
-                mu, _ = codec.encode(audio)
+                mu, logvar = codec.encode(audio)
                 recon = codec.decode(mu)
             real, recon = audio * mask[:, None], recon.float() * mask[:, None]
             keep = mask.sum(-1) > 0  # an unreadable file's crop is all padding
             mels.append(mel_loss(recon, real, mask, per_item=True)[keep].cpu())
             sdrs.append(si_sdr(recon, real, mask)[keep].cpu())
+            real_latents = latent_mask(mask, hop)
+            kl_sum += latent_kl(mu, logvar, real_latents).item() * real_latents.sum().item()
+            latents += int(real_latents.sum().item())
             for i in keep.nonzero().flatten().tolist():
                 n = int(mask[i].sum())
                 x, y = real[i, 0, :n].cpu().numpy(), recon[i, 0, :n].cpu().numpy()
-                stois.append(stoi(y, x, cfg.sample_rate) if have_stoi else math.nan)  # NaN: (almost) silence
+                # NaN where a metric cannot score the crop: (almost) silence, too short
+                stois.append(stoi(y, x, cfg.sample_rate) if have_stoi else math.nan)
+                pesqs.append(pesq_wb(y, x, cfg.sample_rate) if have_pesq else math.nan)
+                if dnsmos is not None:
+                    moses.append(dnsmos(y, cfg.sample_rate))
                 if len(pairs) < cfg.num_audio_samples and np.sqrt(np.mean(x ** 2)) > 1e-3:
                     pairs.append((x, y))
         codec.train()
         metrics = {"val/mel_distance": torch.cat(mels).mean().item(), "val/si_sdr": torch.cat(sdrs).mean().item(),
-                   "val/stoi": float(np.nanmean(stois)) if np.isfinite(stois).any() else float("nan")}
+                   "val/stoi": nanmean(stois), "val/pesq": nanmean(pesqs),
+                   "val/kl_bits_per_s": kl_bits_per_second(kl_sum / max(latents, 1), cfg.sample_rate / hop)}
+        if dnsmos is not None:
+            metrics["val/dnsmos"] = nanmean(moses)
         return metrics, pairs
 
     if cfg.eval_only:
@@ -256,7 +283,9 @@ def main(argv=None) -> dict:
                 media = log_samples(run_dir, pairs, cfg.sample_rate, logger, have_plots)
                 logger.log({**metrics, **media}, step)
                 say(f"step {step}: val mel distance {metrics['val/mel_distance']:.4f} | "
-                    f"SI-SDR {metrics['val/si_sdr']:.2f} dB | STOI {metrics['val/stoi']:.4f}")
+                    f"SI-SDR {metrics['val/si_sdr']:.2f} dB | STOI {metrics['val/stoi']:.4f} | "
+                    f"PESQ {metrics['val/pesq']:.3f} | KL {metrics['val/kl_bits_per_s']:.1f} bits/s"
+                    + (f" | DNSMOS {metrics['val/dnsmos']:.3f}" if "val/dnsmos" in metrics else ""))
             evaluated = True
         if step > start_step and (step % cfg.save_interval == 0 or evaluated):
             save(step, metrics.get("val/mel_distance") if evaluated else None)
@@ -336,6 +365,7 @@ def main(argv=None) -> dict:
             keys = sorted(sums)  # the same on every rank
             means = all_reduce_mean(torch.stack([torch.stack(sums[k]).mean() for k in keys])).tolist()
             row = {f"loss/{k}": v for k, v in zip(keys, means)}
+            row["rate/kl_bits_per_s"] = kl_bits_per_second(row["loss/kl"], cfg.sample_rate / hop)
             row.update({k: v.item() for k, v in norms.items()}, lr=lr, lr_disc=lr_d,
                        **{"perf/samples_per_s": samples_per_step * steps_since_log / dt,
                           "perf/step_s": dt / steps_since_log})
@@ -426,10 +456,19 @@ def log_samples(run_dir: Path, pairs: list, sample_rate: int, logger: Logger, fi
     return media
 
 
+def nanmean(values: list) -> float:
+    """Mean of the finite values (a metric is NaN where it cannot score a crop); NaN if none."""
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
 def print_table(source: str, metrics: dict, crops: int) -> None:
-    print(f"\n| codec | val crops | mel distance | SI-SDR (dB) | STOI |\n|---|---|---|---|---|\n"
+    mos = "val/dnsmos" in metrics
+    print(f"\n| codec | val crops | mel distance | SI-SDR (dB) | STOI | PESQ | KL (bits/s) |"
+          + (" DNSMOS |" if mos else "") + "\n|---|---|---|---|---|---|---|" + ("---|" if mos else "") + "\n"
           f"| {source} | {crops} | {metrics['val/mel_distance']:.4f} | {metrics['val/si_sdr']:.2f} | "
-          f"{metrics['val/stoi']:.4f} |")
+          f"{metrics['val/stoi']:.4f} | {metrics['val/pesq']:.3f} | {metrics['val/kl_bits_per_s']:.1f} |"
+          + (f" {metrics['val/dnsmos']:.3f} |" if mos else ""))
 
 
 if __name__ == "__main__":

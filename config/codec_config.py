@@ -46,6 +46,7 @@ class CodecConfig:
     segment_seconds: float = field(default=6.0, metadata=RESUME)        # random crops to train, fixed for val
     num_workers: int = 2
     val_crops: int = 128                        # at most this many validation crops (STOI runs on CPU)
+    val_mos: bool = False                       # DNSMOS column too (pip install speechmos onnxruntime librosa)
 
     # --- recipe: losses and their weights (total = sum of weight * loss) ----------------------
     mel_weight: float = 15.0

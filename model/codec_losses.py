@@ -5,7 +5,9 @@
 - `latent_kl`: KL of the Gaussian latent to N(0, I), padding excluded.
 - `discriminator_loss`, `generator_adversarial_loss` (LSGAN or hinge) and `feature_matching_loss`
   over the outputs of `model.discriminators.Discriminators`.
-- `si_sdr` and `stoi` (pystoi, imported when called): evaluation metrics on unpadded audio.
+- `si_sdr`, `stoi` (pystoi), `pesq_wb` (pesq) and `dnsmos` (speechmos): evaluation metrics on
+  unpadded audio; the optional packages are imported when called. `kl_bits_per_second` turns
+  `latent_kl` into the latent's information rate.
 
 Audio is (B, 1, N) and `mask` is (B, N): 1 on real samples, 0 on the padding that
 `model.data.AudioCropDataset` adds after a short clip. The codec is causal, so padding after the
@@ -15,6 +17,7 @@ end never changes the reconstruction of real samples; callers zero both signals 
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from typing import Optional, Sequence
 
@@ -141,6 +144,18 @@ def latent_kl(mu: Tensor, logvar: Tensor, mask: Optional[Tensor] = None) -> Tens
     return (kl * m).sum() / m.sum().clamp_min(1)
 
 
+def kl_bits_per_second(kl_nats: float, latents_per_second: float) -> float:
+    """The latent's information rate in bits per second, from `latent_kl` (nats per latent, i.e.
+    summed over the latent's D dimensions, averaged over latents):
+
+        rate = KL / ln 2 * latents_per_second      (latents_per_second = sample_rate / prod(strides))
+
+    KL(q(z|x) || p(z)) bounds the bits a decoder can read from the sampled latent (the "rate" of
+    the VAE's rate-distortion view), so this is what a language model of the latents must model.
+    """
+    return kl_nats / math.log(2) * latents_per_second
+
+
 # --- adversarial --------------------------------------------------------------------------------
 
 def discriminator_loss(real: DiscOutputs, fake: DiscOutputs, kind: str = "lsgan") -> Tensor:
@@ -223,3 +238,44 @@ def stoi(estimate: np.ndarray, reference: np.ndarray, sample_rate: int) -> float
         warnings.simplefilter("always")
         score = float(pystoi_stoi(reference, estimate, sample_rate, extended=False))
     return float("nan") if any("Not enough STFT frames" in str(w.message) for w in caught) else score
+
+
+def pesq_wb(estimate: np.ndarray, reference: np.ndarray, sample_rate: int) -> float:
+    """Wideband PESQ (ITU-T P.862.2, MOS-LQO from 1.04 to 4.64) of 1-D 16 kHz signals, through the
+    `pesq` package; NaN where PESQ cannot score: a silent or too short (< 1/4 s) reference, or no
+    speech found in it."""
+    from pesq import PesqError, pesq
+
+    if sample_rate != 16000:
+        raise ValueError(f"wideband PESQ needs 16 kHz audio, got {sample_rate} Hz")
+    if not np.any(reference):
+        return float("nan")
+    try:
+        return float(pesq(sample_rate, reference.astype(np.float32), estimate.astype(np.float32), "wb"))
+    except PesqError:  # pesq's own errors: too short, or no utterance detected
+        return float("nan")
+
+
+DNSMOS_SECONDS = 9.01  # the DNSMOS models' input length
+
+
+class DNSMOS:
+    """Non-intrusive MOS estimate (DNSMOS P.835, Reddy et al. 2022) of one 16 kHz signal, from the
+    ONNX models that the `speechmos` wheel ships (it needs onnxruntime and librosa). `__call__`
+    returns the overall-quality score OVRL (1 to 5) of a clip, tiled cyclically to the models'
+    9.01 s input, as DNSMOS pads short clips, so that each clip is scored once; NaN for silence.
+    """
+
+    def __init__(self):
+        from speechmos import dnsmos
+
+        folder = os.path.join(os.path.dirname(dnsmos.__file__), "dnsmos_models")
+        self.model = dnsmos.DNSMOS(os.path.join(folder, "sig_bak_ovr.onnx"), os.path.join(folder, "model_v8.onnx"))
+
+    def __call__(self, audio: np.ndarray, sample_rate: int) -> float:
+        if sample_rate != 16000:
+            raise ValueError(f"DNSMOS needs 16 kHz audio, got {sample_rate} Hz")
+        if not np.any(audio):
+            return float("nan")
+        clip = np.resize(np.clip(audio, -1, 1).astype(np.float32), int(DNSMOS_SECONDS * sample_rate))
+        return float(self.model(clip, sample_rate, False)["ovrl_mos"])

@@ -1,17 +1,40 @@
-"""The codec recipe's losses, metrics and discriminators on small tensors."""
+"""The codec recipe's losses, metrics and discriminators on small tensors, and the perceptual
+metrics on real speech from the demo corpus."""
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 
 from config.codec_config import PRESETS
-from model.codec_losses import (MelSpectrogram, MultiResolutionMelLoss, discriminator_loss, feature_matching_loss,
-                                generator_adversarial_loss, hz_to_mel, latent_kl, mel_filterbank, mel_to_hz, si_sdr,
-                                stoi)
+from model.codec_losses import (DNSMOS, MelSpectrogram, MultiResolutionMelLoss, discriminator_loss,
+                                feature_matching_loss, generator_adversarial_loss, hz_to_mel, kl_bits_per_second,
+                                latent_kl, mel_filterbank, mel_to_hz, pesq_wb, si_sdr, stoi)
 from model.discriminators import Discriminators, PeriodDiscriminator, STFTDiscriminator
 
 SR = 16000
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory):
+    """A few seconds of real (synthetic) speech: the first validation monologue of a demo corpus."""
+    pytest.importorskip("espeakng_loader", reason="the demo corpus needs `pip install espeakng-loader`")
+    out = tmp_path_factory.mktemp("demo")
+    subprocess.run([sys.executable, os.path.join(ROOT, "data", "demo", "prepare.py"), "--minutes", "0.3",
+                    "--out", str(out), "--engines", "espeak"], check=True, capture_output=True, timeout=120)
+    audio, rate = sf.read(str(sorted(out.glob("val/mono/*.wav"))[0]), dtype="float32")
+    assert rate == SR and len(audio) > 2 * SR
+    return audio
+
+
+def noisy(audio, snr_db, seed=0):
+    noise = np.random.default_rng(seed).standard_normal(len(audio)).astype(np.float32)
+    return audio + noise * np.sqrt(np.mean(audio ** 2) / 10 ** (snr_db / 10))
 
 
 def tone(freq, n=SR, batch=1):
@@ -33,6 +56,19 @@ def test_slaney_mel_scale_and_filterbank():
     spec = mel(tone(1000.0))[0].mean(-1)
     centre = mel_to_hz(torch.linspace(0, hz_to_mel(torch.tensor(8000.0)).item(), 82))[1:-1]
     assert abs(centre[spec.argmax()].item() - 1000.0) < 60
+
+
+@pytest.mark.parametrize("window,bins", list(zip(PRESETS["hertz_dev"].mel_windows, PRESETS["hertz_dev"].mel_bins))
+                         + [(400, 80), (512, 64)])
+def test_mel_filterbank_matches_librosa(window, bins):
+    """Our filterbank against librosa's `filters.mel` with its defaults (htk=False, norm="slaney"),
+    which is what the docstring claims, at every resolution of the recipe."""
+    librosa = pytest.importorskip("librosa")
+    ours = mel_filterbank(window, bins, SR).double().numpy()
+    ref = librosa.filters.mel(sr=SR, n_fft=window, n_mels=bins, fmin=0.0, fmax=SR / 2, htk=False, norm="slaney",
+                              dtype=np.float64)
+    assert ours.shape == ref.shape
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-7 * ref.max())
 
 
 def test_mel_loss_is_zero_for_equal_signals_and_ignores_padding():
@@ -67,6 +103,20 @@ def test_latent_kl_matches_the_closed_form_kl_and_masks_latents():
     big[0, 2:] = 100.0  # only on masked latents
     big[1, 1:] = 100.0
     assert latent_kl(big, torch.zeros_like(big), mask).item() == 0.0
+
+
+def test_kl_bits_per_second_of_a_known_gaussian():
+    """KL(N(mu, s^2) || N(0, 1)) = ln(1/s) + (s^2 + mu^2 - 1) / 2 per dimension, by hand."""
+    cfg = PRESETS["small"]
+    mu, sigma, dims = 1.0, 0.5, cfg.latent_dim
+    by_hand = dims * (math.log(1 / sigma) + (sigma ** 2 + mu ** 2 - 1) / 2)  # 26.18 nats per latent
+    kl = latent_kl(torch.full((2, 5, dims), mu), torch.full((2, 5, dims), 2 * math.log(sigma)))
+    assert kl.item() == pytest.approx(by_hand, rel=1e-6)
+    latents_per_second = cfg.sample_rate / math.prod(cfg.strides)
+    assert latents_per_second == 8
+    assert kl_bits_per_second(kl.item(), latents_per_second) == pytest.approx(by_hand / math.log(2) * 8, rel=1e-6)
+    assert kl_bits_per_second(by_hand, 8) == pytest.approx(302.2, abs=0.1)
+    assert kl_bits_per_second(0.0, 8) == 0.0  # the prior itself carries no information
 
 
 def test_adversarial_losses_have_their_stated_values():
@@ -141,3 +191,23 @@ def test_spectra_stay_float32_under_bf16_autocast():
     assert got.dtype == torch.float32 and got.item() == pytest.approx(want.item(), rel=1e-6)
     assert outputs[0][0].dtype == torch.bfloat16  # the convolutions themselves do run in bf16
     assert kl.dtype == torch.float32
+
+
+def test_pesq_is_near_its_maximum_on_clean_speech_and_falls_with_noise(speech):
+    pytest.importorskip("pesq")
+    assert pesq_wb(speech, speech, SR) > 4.5  # wideband PESQ tops out at 4.64
+    scores = [pesq_wb(noisy(speech, snr), speech, SR) for snr in (30, 15, 0)]
+    assert 4.64 > scores[0] > scores[1] > scores[2] >= 1.0, scores
+    assert math.isnan(pesq_wb(speech, np.zeros_like(speech), SR))  # a silent reference
+    assert math.isnan(pesq_wb(speech[:1000], speech[:1000], SR))    # too short to score
+    with pytest.raises(ValueError, match="16 kHz"):
+        pesq_wb(speech, speech, 24000)
+
+
+def test_dnsmos_prefers_clean_speech_to_noisy_speech(speech):
+    for package in ("speechmos", "onnxruntime", "librosa"):
+        pytest.importorskip(package)
+    mos = DNSMOS()
+    clean, buried = mos(speech, SR), mos(noisy(speech, 0), SR)
+    assert 1.0 <= buried < clean <= 5.0, (clean, buried)
+    assert math.isnan(mos(np.zeros(SR, np.float32), SR))

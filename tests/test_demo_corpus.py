@@ -1,7 +1,9 @@
-"""data/demo/prepare.py, run as a script: deterministic, idempotent, the right kinds of files."""
+"""data/demo/prepare.py, run as a script: deterministic, idempotent, the right kinds of files,
+validation voices held out of training, Flite and Festival voices where installed."""
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -16,9 +18,9 @@ PREPARE = os.path.join(ROOT, "data", "demo", "prepare.py")
 pytest.importorskip("espeakng_loader", reason="the demo corpus needs `pip install espeakng-loader`")
 
 
-def prepare(out, seed=0, minutes=0.5, *extra):
+def prepare(out, seed=0, minutes=0.5, *extra, env=None):
     result = subprocess.run([sys.executable, PREPARE, "--minutes", str(minutes), "--seed", str(seed),
-                             "--out", str(out), *extra], capture_output=True, text=True, timeout=120)
+                             "--out", str(out), *extra], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -70,7 +72,44 @@ def test_layout_lengths_and_manifest(demo_corpus):
             assert any(p.startswith(f"{split}/{kind}/") for p in paths), (split, kind)
     total = sum(f["seconds"] for f in manifest["files"])
     assert 20 < total < 90  # half a minute asked; each part gets at least one file
-    assert len({v["variant"] + v["language"] for f in manifest["files"] for v in f["voices"]}) > 3
+    assert len({v["speaker"] + v["language"] for f in manifest["files"] for v in f["voices"]}) > 3
+
+
+def voices_of(manifest, split):
+    return {f'{v["engine"]}:{v["speaker"]}' for f in manifest["files"] if f["path"].startswith(split + "/")
+            for v in f["voices"]}
+
+
+def test_validation_voices_are_held_out_of_training(tmp_path):
+    out = tmp_path / "c"
+    prepare(out, 0, 3)
+    manifest = json.loads((out / "manifest.json").read_text())
+    listed = manifest["settings"]["voices"]
+    assert listed["val"] and listed["train"] and not set(listed["val"]) & set(listed["train"])
+    train, val = voices_of(manifest, "train"), voices_of(manifest, "val")
+    assert len(val) >= 2 and len(train) > len(val)
+    assert val <= set(listed["val"]) and train <= set(listed["train"])
+    assert not train & val  # the speakers validation is scored on were never trained on
+    # dialogues in val still have two different held-out speakers
+    for f in manifest["files"]:
+        if "/dialogue/" in f["path"]:
+            assert f["voices"][0]["speaker"] != f["voices"][1]["speaker"] or \
+                f["voices"][0]["engine"] != f["voices"][1]["engine"]
+
+
+@pytest.mark.skipif(not (shutil.which("flite") or shutil.which("festival")),
+                    reason="neither flite nor festival is installed (apt-get install flite festival)")
+def test_installed_synthesizers_are_used_and_can_be_left_out(tmp_path):
+    prepare(tmp_path / "all", 0, 3)
+    prepare(tmp_path / "espeak", 0, 3, "--engines", "espeak")
+    everything = json.loads((tmp_path / "all" / "manifest.json").read_text())
+    engines = {v["engine"] for f in everything["files"] for v in f["voices"]}
+    assert engines == {"espeak"} | {e for e in ("flite", "festival") if shutil.which(e)}
+    only = json.loads((tmp_path / "espeak" / "manifest.json").read_text())
+    assert {v["engine"] for f in only["files"] for v in f["voices"]} == {"espeak"}
+    assert all(v.startswith("espeak:") for split in ("train", "val") for v in only["settings"]["voices"][split])
+    # another set of voices is another corpus: rerunning with all engines rebuilds it
+    assert "already" not in prepare(tmp_path / "espeak", 0, 3)
 
 
 def test_mono_files_are_mono_16k_speech(demo_corpus):
@@ -110,3 +149,14 @@ def test_corpus_loads_as_a_stereo_dataset(demo_corpus):
     assert item["audio"].shape == (2, 32000) and item["mask"].shape == (32000,)
     val = AudioCropDataset(demo_corpus / "val", segment_seconds=2.0, train=False)
     assert len(val) > 0 and val[0]["audio"].shape == (1, 32000)
+
+
+def test_without_flite_or_festival_it_is_the_espeak_only_corpus(tmp_path):
+    """No synthesizer program on PATH (as on a machine without them): the corpus still builds,
+    byte for byte the one `--engines espeak` makes where they are installed."""
+    (tmp_path / "bin").mkdir()
+    prepare(tmp_path / "bare", env={**os.environ, "PATH": str(tmp_path / "bin")})
+    prepare(tmp_path / "espeak", 0, 0.5, "--engines", "espeak")
+    assert digests(tmp_path / "bare") == digests(tmp_path / "espeak")
+    manifest = json.loads((tmp_path / "bare" / "manifest.json").read_text())
+    assert {v["engine"] for f in manifest["files"] for v in f["voices"]} == {"espeak"}

@@ -94,11 +94,15 @@ def test_a_few_steps_end_to_end(trained):
     train, val = train_rows(run_dir / "metrics.jsonl"), [r for r in rows(run_dir / "metrics.jsonl") if "val/stoi" in r]
     assert [r["step"] for r in train] == list(range(1, 9))
     for key in ("loss/mel", "loss/kl", "loss/adv", "loss/feature", "loss/total", "loss/disc", "lr", "lr_disc",
-                "grad_norm/generator", "grad_norm/discriminators", "perf/samples_per_s"):
+                "grad_norm/generator", "grad_norm/discriminators", "perf/samples_per_s", "rate/kl_bits_per_s"):
         assert all(np.isfinite(r[key]) for r in train), key
+    # the KL rate is the logged KL (nats per latent) in bits, at 8 latents a second
+    assert all(r["rate/kl_bits_per_s"] == pytest.approx(r["loss/kl"] / np.log(2) * 8) for r in train)
     assert [r["step"] for r in val] == [0, 4, 8]
-    assert all(np.isfinite([r["val/mel_distance"], r["val/si_sdr"], r["val/stoi"]]).all() for r in val)
-    assert "step 0: val mel distance" in result.stdout and "STOI" in result.stdout
+    for key in ("val/mel_distance", "val/si_sdr", "val/stoi", "val/pesq", "val/kl_bits_per_s"):
+        assert all(np.isfinite(r[key]) for r in val), key
+    assert all(1.0 <= r["val/pesq"] <= 4.65 and r["val/kl_bits_per_s"] > 0 for r in val)
+    assert "step 0: val mel distance" in result.stdout and "STOI" in result.stdout and "PESQ" in result.stdout
     # the exports load with the public API and hold the trained generator
     state = torch.load(run_dir / "latest.pt", weights_only=False)
     assert state["step"] == 8 and state["config"]["encode_channels"] == 4 and len(state["rng_state"]) == 1
@@ -196,16 +200,28 @@ def test_eval_only_prints_the_metrics_of_a_checkpoint(corpus, trained, capsys):
     common = ["--config", "tiny", f"val_data_path={corpus / 'val'}", "eval_only=true"]
     best = train_codec.main(common + [f"checkpoint_dir={run_dir}", f"init_from={run_dir / 'best.safetensors'}"])
     table = capsys.readouterr().out
-    assert "| mel distance | SI-SDR (dB) | STOI |" in table and "best.safetensors" in table
+    assert "| mel distance | SI-SDR (dB) | STOI | PESQ | KL (bits/s) |" in table and "best.safetensors" in table
+    assert "DNSMOS" not in table and "val/dnsmos" not in best  # an opt-in column
     # the same numbers as the evaluation logged when best.pt was saved
     best_step = json.loads((run_dir / "checkpoints.json").read_text())["best_step"]
     logged = next(r for r in rows(run_dir / "metrics.jsonl") if r["step"] == best_step and "val/stoi" in r)
-    for key in ("val/mel_distance", "val/si_sdr", "val/stoi"):
+    for key in ("val/mel_distance", "val/si_sdr", "val/stoi", "val/pesq", "val/kl_bits_per_s"):
         assert best[key] == pytest.approx(logged[key], rel=1e-5), key
     # a training state (.pt) as init_from, and the latest checkpoint of a run folder by default
     assert train_codec.main(common + [f"init_from={run_dir / 'best.pt'}"]) == pytest.approx(best)
     latest = train_codec.main(common + [f"checkpoint_dir={run_dir}"])
     assert "latest.pt" in capsys.readouterr().out and np.isfinite(list(latest.values())).all()
+
+
+def test_eval_only_with_the_dnsmos_column(corpus, trained, capsys):
+    for package in ("speechmos", "onnxruntime", "librosa"):
+        pytest.importorskip(package)
+    metrics = train_codec.main(["--config", "tiny", f"val_data_path={corpus / 'val'}", "eval_only=true",
+                                f"init_from={trained[0] / 'best.safetensors'}", "val_mos=true", "val_crops=3"])
+    table = capsys.readouterr().out
+    assert "| PESQ | KL (bits/s) | DNSMOS |" in table
+    assert 1.0 <= metrics["val/dnsmos"] <= 5.0
+    assert f"{metrics['val/dnsmos']:.3f} |" in table
 
 
 def test_resume_checks_the_config_and_resume_false_starts_afresh(corpus, trained, tmp_path):

@@ -1,4 +1,4 @@
-"""Make a small offline speech corpus with eSpeak NG, for the demo and the tests.
+"""Make a small offline speech corpus with eSpeak NG (and Flite, Festival), for the demo and the tests.
 
     python data/demo/prepare.py --minutes 20 --seed 0
 
@@ -8,13 +8,17 @@ writes 16 kHz WAV files under --out (default data/demo):
     train/dialogue/dialogue_NNNNN.wav  two voices, one per channel: turns, pauses, some overlaps,
                                        short backchannels ("mm-hm", "right") from the listener
     val/...                            the same, about --val-fraction of the audio
-    manifest.json                      settings, and every file's voices and text with timings
+    manifest.json                      settings, the train and held-out voices, and every file's
+                                       voices and text with timings
 
-Half the audio is monologue, half dialogue. The speech is robotic but varied (eight English
-accents, 25 voice variants, random pitch, range and rate), which is enough to train and check the
-pipeline end to end without downloading anything. Synthesis runs through libespeak-ng from the
-`espeakng-loader` wheel via ctypes. The same --seed and --minutes give byte-identical files, and
-a corpus that already exists with the same settings is left alone (--force rebuilds it).
+Half the audio is monologue, half dialogue. The speech is synthetic but varied: eSpeak NG (eight
+English accents, 40 voice variants with whispered and creaky ones, random pitch, range and rate)
+through libespeak-ng from the `espeakng-loader` wheel via ctypes, and, where installed, Debian's
+`flite` (voices slt, rms, awb, kal16) and Festival's `text2wave` (kal_diphone, ked_diphone,
+cmu_us_slt_arctic_hts), at random speeds. Validation speakers are held out of training
+(HELD_OUT), so validation figures measure how a model does on voices it never heard. The same
+--seed, --minutes and installed voices give byte-identical files, and a corpus that already
+exists with the same settings and voices is left alone (--force rebuilds it).
 """
 from __future__ import annotations
 
@@ -23,7 +27,10 @@ import ctypes
 import glob
 import json
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -33,14 +40,22 @@ import soxr
 from tqdm import tqdm
 
 SAMPLE_RATE = 16000
-RECIPE_VERSION = 1  # bump when the recipe changes, so corpora made by an older one are rebuilt
+RECIPE_VERSION = 2  # bump when the recipe changes, so corpora made by an older one are rebuilt
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 LANGUAGES = ("en-us", "en", "en-gb-x-rp", "en-gb-scotland", "en-us-nyc", "en-029", "en-gb-x-gbclan",
              "en-gb-x-gbcwmd")
-VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4",
+VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "f1", "f2", "f3", "f4", "f5",
             "Alex", "Andy", "Annie", "belinda", "benjamin", "david", "edward", "linda", "max",
-            "norbert", "paul", "robert", "steph", "klatt2")
+            "norbert", "paul", "robert", "steph", "klatt2", "klatt4", "aunty", "caleb", "grandma",
+            "grandpa", "john", "quincy", "shelby", "travis", "Lee",
+            "croak", "whisper", "whisperf")  # the last three: a creaky and two whispered styles
+FLITE_VOICES = {"slt": 170, "rms": 100, "awb": 110, "kal16": 105}  # voice: its usual f0 in Hz
+FESTIVAL_VOICES = ("kal_diphone", "ked_diphone", "cmu_us_slt_arctic_hts")
+ENGINES = ("espeak", "flite", "festival")
+ENGINE_WEIGHTS = {"espeak": 0.5, "flite": 0.3, "festival": 0.2}  # share of speakers, among those installed
+# speakers of val/ only, never in train/: validation measures unseen voices (accents are shared)
+HELD_OUT = {"espeak": ("m4", "f3", "david", "aunty"), "flite": ("awb",), "festival": ("ked_diphone",)}
 
 # espeak-ng's speak_lib.h
 AUDIO_OUTPUT_SYNCHRONOUS = 2
@@ -53,16 +68,17 @@ SYNTH_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), 
 
 @dataclass(frozen=True)
 class Voice:
-    language: str
-    variant: str
-    pitch: int    # 0-100, eSpeak's default 50
-    range: int    # intonation range 0-100
-    rate: int     # words per minute
+    engine: str   # espeak, flite or festival
+    speaker: str  # eSpeak variant, Flite or Festival voice
+    language: str  # eSpeak's accent; "en" for the others
+    pitch: int    # 0-100, eSpeak's default 50; Flite: its f0 scaled by 2^((pitch - 50) / 100)
+    range: int    # intonation range 0-100 (eSpeak only)
+    rate: int     # words per minute; Flite and Festival stretch durations by 175 / rate
     level: float  # peak amplitude of this speaker's speech in the file
 
     @property
     def name(self) -> str:
-        return f"{self.language}+{self.variant}"
+        return f"{self.language}+{self.speaker}" if self.engine == "espeak" else f"{self.engine}:{self.speaker}"
 
 
 class ESpeak:
@@ -100,14 +116,15 @@ class ESpeak:
             self._chunks.append(np.ctypeslib.as_array(wav, shape=(num_samples,)).copy())
         return 0  # 0: go on synthesising
 
-    def check_voices(self) -> None:
-        """Fail early, and clearly, if this eSpeak build lacks a language or variant we use."""
+    def voices(self) -> list[str]:
+        """The variants we use; fails early, and clearly, if this eSpeak build lacks one (or a language)."""
         for language in LANGUAGES:
             if self.lib.espeak_SetVoiceByName(language.encode()) != 0:
                 raise RuntimeError(f"eSpeak NG at {self.data_path} has no voice {language!r}")
         for variant in VARIANTS:  # an unknown variant is silently ignored by eSpeak, so look for it
             if not os.path.exists(os.path.join(self.data_path, "voices", "!v", variant)):
                 raise RuntimeError(f"eSpeak NG at {self.data_path} has no variant {variant!r}")
+        return list(VARIANTS)
 
     def synth(self, text: str, voice: Voice, seed: int) -> np.ndarray:
         """Speak `text`; returns float32 (T,) at 16 kHz scaled to the voice's level."""
@@ -128,8 +145,104 @@ class ESpeak:
         if err != 0 or not self._chunks:
             raise RuntimeError(f"eSpeak NG failed (error {err}) on {text!r} with voice {voice.name}")
         audio = np.concatenate(self._chunks).astype(np.float32) / 32768.0  # (T,) at 22050 Hz
-        audio = soxr.resample(audio, self.rate, SAMPLE_RATE, quality="HQ").astype(np.float32)
-        return audio * (voice.level / max(float(np.abs(audio).max()), 1e-4))
+        return to_level(audio, self.rate, voice.level)
+
+
+def to_level(audio: np.ndarray, rate: int, level: float) -> np.ndarray:
+    """float (T,) at `rate` -> float32 at 16 kHz with peak `level`."""
+    if rate != SAMPLE_RATE:
+        audio = soxr.resample(audio, rate, SAMPLE_RATE, quality="HQ")
+    audio = audio.astype(np.float32)
+    return audio * (level / max(float(np.abs(audio).max()), 1e-4))
+
+
+class Flite:
+    """Debian's `flite`, run once per utterance (deterministic: no random source)."""
+
+    def __init__(self, folder: str):
+        self.path = os.path.join(folder, "flite.wav")
+
+    def voices(self) -> list[str]:
+        """The voices of FLITE_VOICES installed here, in a fixed order; [] without flite."""
+        if shutil.which("flite") is None:
+            return []
+        listed = subprocess.run(["flite", "-lv"], capture_output=True, text=True).stdout.split()
+        return [v for v in FLITE_VOICES if v in listed]
+
+    def synth(self, text: str, voice: Voice, seed: int) -> np.ndarray:
+        f0 = FLITE_VOICES[voice.speaker] * 2 ** ((voice.pitch - 50) / 100)  # rms ignores it
+        result = subprocess.run(["flite", "-voice", voice.speaker, "--setf", f"duration_stretch={175 / voice.rate:.3f}",
+                                 "--setf", f"int_f0_target_mean={f0:.1f}", "-t", text, "-o", self.path],
+                                capture_output=True, text=True)
+        if result.returncode != 0 or not os.path.exists(self.path):
+            raise RuntimeError(f"flite failed on {text!r} with voice {voice.speaker}: {result.stderr[-500:]}")
+        return read_wav(self.path, voice.level)
+
+
+class Festival:
+    """One Festival process (`festival --pipe`) kept for the whole corpus, since starting one costs
+    more than an utterance; it is fed Scheme and says "done" after writing each utterance's WAV."""
+
+    def __init__(self, folder: str):
+        self.path, self.process = os.path.join(folder, "festival.wav"), None
+
+    def voices(self) -> list[str]:
+        """The voices of FESTIVAL_VOICES installed here, in a fixed order; [] without Festival."""
+        if shutil.which("festival") is None or shutil.which("stdbuf") is None:
+            return []
+        return [v for v in FESTIVAL_VOICES if glob.glob(f"/usr/share/festival/voices/*/{v}")]
+
+    def synth(self, text: str, voice: Voice, seed: int) -> np.ndarray:
+        if self.process is None:
+            # stdbuf: line-buffered, or "done" would wait in festival's buffer for ever
+            self.process = subprocess.Popen(["stdbuf", "-oL", "festival", "--pipe"], stdin=subprocess.PIPE,
+                                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        quoted = text.replace("\\", "\\\\").replace('"', '\\"')
+        self.process.stdin.write(f"(voice_{voice.speaker})\n(Parameter.set 'Duration_Stretch {175 / voice.rate:.3f})\n"
+                                 f'(utt.save.wave (utt.synth (Utterance Text "{quoted}")) "{self.path}" \'riff)\n'
+                                 '(print "done")\n')
+        self.process.stdin.flush()
+        while (line := self.process.stdout.readline()) and line.strip() != '"done"':
+            pass
+        if not line or not os.path.exists(self.path):
+            raise RuntimeError(f"festival failed on {text!r} with voice {voice.speaker}")
+        return read_wav(self.path, voice.level)
+
+    def close(self) -> None:
+        if self.process is not None:
+            self.process.stdin.close()
+            self.process.wait()
+
+
+def read_wav(path: str, level: float) -> np.ndarray:
+    """A synthesizer's WAV file -> float32 (T,) at 16 kHz with peak `level`; the file is removed."""
+    audio, rate = sf.read(path, dtype="float32")
+    os.remove(path)
+    return to_level(audio if audio.ndim == 1 else audio.mean(1), rate, level)
+
+
+class Speakers:
+    """Every installed synthesizer; `synth` speaks with whichever one the voice names."""
+
+    def __init__(self, engines: list[str], folder: str):
+        self.engines = {}
+        for engine in engines:
+            synth = ESpeak() if engine == "espeak" else (Flite if engine == "flite" else Festival)(folder)
+            voices = synth.voices()
+            if voices:
+                self.engines[engine] = (synth, voices)
+
+    def pool(self, split: str) -> list[tuple[str, str]]:
+        """(engine, speaker) of the voices of a split: the held-out ones for val, the others for train."""
+        return [(engine, v) for engine, (_, voices) in self.engines.items() for v in voices
+                if (v in HELD_OUT[engine]) == (split == "val")]
+
+    def synth(self, text: str, voice: Voice, seed: int) -> np.ndarray:
+        return self.engines[voice.engine][0].synth(text, voice, seed)
+
+    def close(self) -> None:
+        if "festival" in self.engines:
+            self.engines["festival"][0].close()
 
 
 def read_text(path: str) -> tuple[list[str], list[str]]:
@@ -148,12 +261,20 @@ def read_text(path: str) -> tuple[list[str], list[str]]:
     return sections["sentences"], sections["backchannels"]
 
 
-def random_voice(rng: np.random.Generator, unlike: Voice | None = None) -> Voice:
+def random_voice(rng: np.random.Generator, pool: list[tuple[str, str]], unlike: Voice | None = None) -> Voice:
+    """A speaker from `pool` ((engine, speaker) pairs): an engine by ENGINE_WEIGHTS, then one of
+    its speakers, with random accent (eSpeak), pitch, range, rate and level."""
+    engines = sorted({e for e, _ in pool}, key=ENGINES.index)
+    weights = np.array([ENGINE_WEIGHTS[e] for e in engines])
     while True:
-        voice = Voice(language=str(rng.choice(LANGUAGES)), variant=str(rng.choice(VARIANTS)),
+        engine = engines[int(rng.choice(len(engines), p=weights / weights.sum()))]
+        speakers = [s for e, s in pool if e == engine]
+        voice = Voice(engine=engine, speaker=str(rng.choice(speakers)),
+                      language=str(rng.choice(LANGUAGES)) if engine == "espeak" else "en",
                       pitch=int(rng.integers(25, 76)), range=int(rng.integers(30, 91)),
                       rate=int(rng.integers(140, 201)), level=float(rng.uniform(0.25, 0.8)))
-        if unlike is None or voice.variant != unlike.variant:  # two speakers should sound apart
+        # two speakers should sound apart
+        if unlike is None or (voice.engine, voice.speaker) != (unlike.engine, unlike.speaker) or len(pool) == 1:
             return voice
 
 
@@ -161,9 +282,9 @@ def seconds(rng: np.random.Generator, low: float, high: float) -> int:
     return int(rng.uniform(low, high) * SAMPLE_RATE)
 
 
-def make_monologue(tts: ESpeak, rng: np.random.Generator, sentences: list[str]):
-    """One voice, 1-4 sentences with pauses -> (audio (1, T), manifest entry)."""
-    voice = random_voice(rng)
+def make_monologue(tts: Speakers, rng: np.random.Generator, pool: list, sentences: list[str]):
+    """One voice of `pool`, 1-4 sentences with pauses -> (audio (1, T), manifest entry)."""
+    voice = random_voice(rng, pool)
     picks = rng.choice(len(sentences), size=int(rng.integers(1, 5)), replace=False)
     parts, turns = [np.zeros(seconds(rng, 0.1, 0.5), np.float32)], []
     t = len(parts[0])  # where the next sentence starts
@@ -180,11 +301,11 @@ def make_monologue(tts: ESpeak, rng: np.random.Generator, sentences: list[str]):
     return audio, {"voices": [voice.__dict__], "turns": turns}
 
 
-def make_dialogue(tts: ESpeak, rng: np.random.Generator, sentences: list[str], backchannels: list[str],
-                  target_seconds: float):
-    """Two voices taking turns, one per channel -> (audio (2, T), manifest entry)."""
-    voices = [random_voice(rng)]
-    voices.append(random_voice(rng, unlike=voices[0]))
+def make_dialogue(tts: Speakers, rng: np.random.Generator, pool: list, sentences: list[str],
+                  backchannels: list[str], target_seconds: float):
+    """Two voices of `pool` taking turns, one per channel -> (audio (2, T), manifest entry)."""
+    voices = [random_voice(rng, pool)]
+    voices.append(random_voice(rng, pool, unlike=voices[0]))
     margin = int(0.1 * SAMPLE_RATE)              # a speaker never overlaps themselves
     events = []                                  # (channel, start sample, audio (T,), text)
     free = [0, 0]                                # where each speaker's own speech ends
@@ -261,22 +382,30 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=HERE, help="output folder (default: this folder)")
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--force", action="store_true", help="rebuild even if the corpus exists")
+    parser.add_argument("--engines", default=",".join(ENGINES),
+                        help="synthesizers to use where installed (default: %(default)s; espeak is required)")
     args = parser.parse_args(argv)
     if args.minutes <= 0 or not 0 < args.val_fraction < 1:
         parser.error("--minutes must be positive and --val-fraction between 0 and 1")
+    engines = args.engines.split(",")
+    if "espeak" not in engines or not set(engines) <= set(ENGINES):
+        parser.error(f"--engines must list espeak and any of {', '.join(ENGINES[1:])}, got {args.engines!r}")
 
+    began = time.time()
+    scratch = tempfile.TemporaryDirectory(prefix="demo-corpus-")
+    tts = Speakers(engines, scratch.name)
+    voices = {split: [f"{e}:{s}" for e, s in tts.pool(split)] for split in ("train", "val")}
     settings = {"recipe_version": RECIPE_VERSION, "seed": args.seed, "minutes": args.minutes,
-                "val_fraction": args.val_fraction, "sample_rate": SAMPLE_RATE}
+                "val_fraction": args.val_fraction, "sample_rate": SAMPLE_RATE, "voices": voices}
     if not args.force and is_complete(args.out, settings):
-        print(f"demo corpus already in {args.out} (seed {args.seed}, {args.minutes} minutes); "
+        print(f"demo corpus already in {args.out} (seed {args.seed}, {args.minutes} minutes, the same voices); "
               "--force rebuilds it")
         return
     remove_old_corpus(args.out)
+    print(f"synthesizers: {', '.join(tts.engines)}; {len(voices['train'])} training voices, "
+          f"{len(voices['val'])} held out for validation: {', '.join(voices['val'])}")
 
-    began = time.time()
     sentences, backchannels = read_text(os.path.join(HERE, "sentences.txt"))
-    tts = ESpeak()
-    tts.check_voices()
     files = []
     with tqdm(total=round(args.minutes * 60), desc="synthesising", dynamic_ncols=True,
               bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s of audio [{elapsed}]") as bar:
@@ -286,17 +415,20 @@ def main(argv=None) -> None:
             os.makedirs(folder, exist_ok=True)
             made, count = 0.0, 0
             while made < budget or count == 0:  # every part gets at least one file
+                pool = tts.pool(split)
                 if kind == "mono":
-                    audio, entry = make_monologue(tts, rng, sentences)
+                    audio, entry = make_monologue(tts, rng, pool, sentences)
                 else:
                     target = min(rng.uniform(20, 50), max(budget - made, 6.0))
-                    audio, entry = make_dialogue(tts, rng, sentences, backchannels, target)
+                    audio, entry = make_dialogue(tts, rng, pool, sentences, backchannels, target)
                 rel = f"{split}/{kind}/{kind}_{count:05d}.wav"
                 sf.write(os.path.join(args.out, rel), audio.T, SAMPLE_RATE, subtype="PCM_16")
                 duration = audio.shape[1] / SAMPLE_RATE
                 files.append({"path": rel, "seconds": round(duration, 3), **entry})
                 made, count = made + duration, count + 1
                 bar.update(min(duration, bar.total - bar.n))  # dialogues overshoot their share
+    tts.close()
+    scratch.cleanup()
     with open(os.path.join(args.out, "manifest.json"), "w") as f:  # last: marks the corpus complete
         json.dump({"settings": settings, "files": files}, f, indent=1)
     total = sum(f["seconds"] for f in files) / 60
