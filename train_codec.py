@@ -47,20 +47,23 @@ from model.data import AudioCropDataset, infinite_batches, make_loader
 from model.discriminators import Discriminators
 from model.loading import load_codec, write_codec
 from model.plots import plot_metrics, save_mel_figure
-from model.training import (Checkpoints, ConfigMismatch, Logger, all_reduce_mean, autocast, check_architecture,
-                            check_finite_step, check_resumable, cosine_lr, rng_state, run_script, seed_everything,
-                            set_rng_state, setup_distributed, teardown_distributed, unwrap)
+from model.training import (Checkpoints, Deadline, Logger, all_reduce_mean, autocast, before_step, check_architecture,
+                            check_finite_step, check_resumable, cosine_lr, move_aside, rng_state, run_script,
+                            seed_everything, set_rng_state, setup_distributed, state_to_load, teardown_distributed,
+                            unwrap)
 
 
 def main(argv=None) -> dict:
     # --- config ---------------------------------------------------------------------------------
     cfg = parse_args(sys.argv[1:] if argv is None else argv, PRESETS)
+    check_config(cfg)
     weights = {"mel": cfg.mel_weight, "kl": cfg.kl_weight, "adv": cfg.adv_weight, "feature": cfg.feature_weight}
 
     # --- setup ----------------------------------------------------------------------------------
     ddp = setup_distributed(cfg.device)
     device, is_main = ddp.device, ddp.is_main
     say = tqdm.write if is_main else (lambda *a, **k: None)
+    deadline = Deadline(cfg.max_minutes, device)
     seed_everything(cfg.seed + ddp.rank)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -68,30 +71,10 @@ def main(argv=None) -> dict:
         torch.backends.cudnn.benchmark = True  # fixed crop length: let cuDNN pick the fastest convs
     run_dir = Path(cfg.checkpoint_dir)
     checkpoints = Checkpoints(run_dir, keep=cfg.keep_checkpoints)
-    have_stoi, have_pesq, have_plots = (importlib.util.find_spec(m) is not None
-                                        for m in ("pystoi", "pesq", "matplotlib"))
-    if not have_stoi:
-        say("note: pystoi is not installed, so STOI is reported as NaN (pip install pystoi)")
-    if not have_pesq:
-        say("note: pesq is not installed, so PESQ is reported as NaN (pip install pesq)")
-    elif cfg.sample_rate != 16000:
-        have_pesq = False
-        say(f"note: wideband PESQ needs 16 kHz audio, so it is reported as NaN at sample_rate={cfg.sample_rate}")
-    if not have_plots:
-        say("note: matplotlib is not installed, so no mel images or loss curves (pip install matplotlib)")
-    if cfg.val_mos:
-        missing = [m for m in ("speechmos", "onnxruntime", "librosa") if importlib.util.find_spec(m) is None]
-        if missing:
-            raise ConfigError(f"val_mos=true needs {', '.join(missing)}: pip install {' '.join(missing)}, "
-                              "or set val_mos=false")
-        if cfg.sample_rate != 16000:
-            raise ConfigError(f"val_mos=true: DNSMOS needs 16 kHz audio, not sample_rate={cfg.sample_rate}")
+    latest = state_to_load(checkpoints, cfg.resume, cfg.eval_only, cfg.init_from)  # before the slow work
+    have_stoi, have_pesq, have_plots = optional_packages(cfg, say)
     dnsmos = DNSMOS() if cfg.val_mos and is_main else None  # rank 0 alone evaluates
     hop = math.prod(cfg.strides)
-    segment = round(cfg.segment_seconds * cfg.sample_rate)
-    if segment % hop:
-        raise ConfigError(f"segment_seconds={cfg.segment_seconds} gives {segment} samples, not a multiple of "
-                          f"the codec's {hop} samples per latent")
 
     # data: every rank reads its own share of the training crops; rank 0 alone evaluates, so the
     # validation numbers do not depend on the number of GPUs
@@ -119,29 +102,17 @@ def main(argv=None) -> dict:
     opt_g = adamw(generator, cfg.learning_rate, cfg, device)
     opt_d = adamw(discriminators, cfg.disc_learning_rate, cfg, device)
     step, state, source = 0, None, "random init"
-    if cfg.eval_only:
-        if cfg.init_from:
-            source = load_weights(cfg.init_from, cfg, generator)
-        elif checkpoints.latest:
-            state = checkpoints.load(map_location="cpu")
-            check_resumable(state["config"], cfg, fields_marked(CodecConfig, "arch"))
-            generator.load_state_dict(state["generator"])
-            source = str(checkpoints.latest)
-        else:
-            raise ConfigError(f"eval_only=true: nothing to evaluate in {run_dir} (no latest.pt); "
-                              "pass init_from=official or init_from=PATH")
-    elif cfg.resume and checkpoints.latest:
-        state = checkpoints.load(map_location="cpu")
-        # the networks and what fixes the data order (counted in micro-batches) must agree; the
-        # schedule may change
-        check_resumable(state["config"], cfg, fields_marked(CodecConfig, "arch", "disc", "resume"))
-        changed = config_diff(state["config"], cfg, fields_marked(CodecConfig, "schedule"))
-        if changed:
-            say("note: resuming with a changed schedule:\n" + "\n".join(changed))
-        if state.get("world_size", 1) != ddp.world_size:
-            say(f"note: checkpoint made with {state.get('world_size', 1)} processes, resumed with "
-                f"{ddp.world_size}: the step and LR continue, the data order does not")
+    if latest:
+        state = checkpoints.load(latest, map_location="cpu")
+        # evaluating needs the same codec; resuming, the same discriminators too and what fixes
+        # the data order (counted in micro-batches). The schedule may change.
+        check_resumable(state["config"], cfg, fields_marked(CodecConfig, *(
+            ("arch",) if cfg.eval_only else ("arch", "disc", "resume"))))
         generator.load_state_dict(state["generator"])
+        source = f"{latest} (step {state['step']})"
+    if state and not cfg.eval_only:
+        for note in resume_notes(state, cfg, ddp.world_size):
+            say(f"note: {note}")
         discriminators.load_state_dict(state["discriminators"])
         opt_g.load_state_dict(state["opt_g"])
         opt_d.load_state_dict(state["opt_d"])
@@ -151,16 +122,10 @@ def main(argv=None) -> dict:
             set_rng_state(rngs[ddp.rank])
         else:
             seed_everything(cfg.seed + ddp.rank + step)
-        source = f"{checkpoints.latest} (step {step})"
-        if cfg.init_from:
-            say(f"note: resuming from {checkpoints.latest}; init_from={cfg.init_from} only starts fresh runs")
-    else:
-        if is_main and not cfg.resume and (run_dir / "latest.pt").exists():
-            old = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-            run_dir.rename(old)
-            say(f"resume=false: moved the previous run in {run_dir} to {old}")
-        if cfg.init_from and is_main:  # DDP broadcasts rank 0's weights to the others
-            source = load_weights(cfg.init_from, cfg, generator, discriminators)
+    elif cfg.init_from and (is_main or cfg.eval_only):  # DDP broadcasts rank 0's weights to the others
+        source = load_weights(cfg.init_from, cfg, generator, None if cfg.eval_only else discriminators)
+    if is_main and not cfg.resume and not cfg.eval_only and (old := move_aside(run_dir)):
+        say(f"resume=false: moved the previous run in {run_dir} to {old}")
     start_step = step
     say(f"codec: {sum(p.numel() for p in generator.parameters()) / 1e6:.2f}M parameters, discriminators: "
         f"{sum(p.numel() for p in discriminators.parameters()) / 1e6:.2f}M; weights from {source}")
@@ -256,42 +221,34 @@ def main(argv=None) -> dict:
         for note in checkpoints.recover(export_state):
             say(f"note: {note}")
 
-    def out_of_time() -> bool:
-        if cfg.max_minutes <= 0:
-            return False
-        flag = torch.tensor(float(time.time() - t_start > 60 * cfg.max_minutes), device=device)
-        if ddp.enabled:
-            dist.broadcast(flag, 0)  # every rank stops at the same step
-        return bool(flag.item())
-
     # --- training loop --------------------------------------------------------------------------
     samples_per_step = cfg.batch_size * cfg.grad_accum_steps * ddp.world_size
     say(f"training from step {step} to {cfg.max_steps}: {samples_per_step} crops of {cfg.segment_seconds} s "
         f"per step on {ddp.world_size} x {device}, run folder {run_dir}")
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not is_main, dynamic_ncols=True, desc="train")
-    t_start = t_log = time.time()
+    t_log = time.time()
     sums, steps_since_log = {}, 0  # loss name -> list of per-micro-batch values since the last log
     metrics = {}
     while True:
         # evaluation (rank 0) and checkpoints, before the step: they describe the model after `step` updates
         t_pause = time.time()
-        stop = step >= cfg.max_steps or out_of_time()
-        evaluated = False
-        if (step % cfg.eval_interval == 0 and not (state and step == start_step)) or stop:
-            if is_main:
-                metrics, pairs = evaluate()
-                media = log_samples(run_dir, pairs, cfg.sample_rate, logger, have_plots)
-                logger.log({**metrics, **media}, step)
-                say(f"step {step}: val mel distance {metrics['val/mel_distance']:.4f} | "
-                    f"SI-SDR {metrics['val/si_sdr']:.2f} dB | STOI {metrics['val/stoi']:.4f} | "
-                    f"PESQ {metrics['val/pesq']:.3f} | KL {metrics['val/kl_bits_per_s']:.1f} bits/s"
-                    + (f" | DNSMOS {metrics['val/dnsmos']:.3f}" if "val/dnsmos" in metrics else ""))
-            evaluated = True
-        if step > start_step and (step % cfg.save_interval == 0 or evaluated):
-            save(step, metrics.get("val/mel_distance") if evaluated else None)
-        if ddp.enabled:
-            dist.barrier()
-        if stop:
+        due = before_step(step, start_step, cfg.max_steps, cfg.log_interval, cfg.eval_interval, cfg.save_interval,
+                          deadline)
+        if due.evaluate and is_main:
+            metrics, pairs = evaluate()
+            media = log_samples(run_dir, pairs, cfg.sample_rate, logger, have_plots)
+            logger.log({**metrics, **media}, step)
+            say(f"step {step}: val mel distance {metrics['val/mel_distance']:.4f} | "
+                f"SI-SDR {metrics['val/si_sdr']:.2f} dB | STOI {metrics['val/stoi']:.4f} | "
+                f"PESQ {metrics['val/pesq']:.3f} | KL {metrics['val/kl_bits_per_s']:.1f} bits/s"
+                + (f" | DNSMOS {metrics['val/dnsmos']:.3f}" if "val/dnsmos" in metrics else ""))
+        if due.save:
+            save(step, due.best_metric(metrics, "val/mel_distance"))
+        if ddp.enabled and (due.evaluate or due.save):
+            dist.barrier()  # rank 0 evaluated or wrote alone: the others wait here, not inside the next all-reduce
+        if due.stop:
+            if step < cfg.max_steps:
+                say(f"max_minutes={cfg.max_minutes} reached at step {step}: run the same command to resume")
             break
         t_log += time.time() - t_pause  # throughput counts training time only
 
@@ -387,6 +344,54 @@ def main(argv=None) -> dict:
 
 
 # --- small pieces used by main --------------------------------------------------------------------
+
+def check_config(cfg: CodecConfig) -> None:
+    """Mistakes found from the config alone and the installed packages, before anything slow."""
+    if cfg.val_mos:
+        missing = [m for m in ("speechmos", "onnxruntime", "librosa") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ConfigError(f"val_mos=true needs {', '.join(missing)}: pip install {' '.join(missing)}, "
+                              "or set val_mos=false")
+        if cfg.sample_rate != 16000:
+            raise ConfigError(f"val_mos=true: DNSMOS needs 16 kHz audio, not sample_rate={cfg.sample_rate}")
+    hop = math.prod(cfg.strides)
+    segment = round(cfg.segment_seconds * cfg.sample_rate)
+    if segment % hop:
+        raise ConfigError(f"segment_seconds={cfg.segment_seconds} gives {segment} samples, not a multiple of "
+                          f"the codec's {hop} samples per latent")
+
+
+def resume_notes(state: dict, cfg: CodecConfig, world_size: int) -> list[str]:
+    """What a resumed run changes against its checkpoint and is allowed to: the schedule, the
+    number of processes, an init_from that only fresh runs use."""
+    notes = []
+    changed = config_diff(state["config"], cfg, fields_marked(CodecConfig, "schedule"))
+    if changed:
+        notes.append("resuming with a changed schedule:\n" + "\n".join(changed))
+    if state.get("world_size", 1) != world_size:
+        notes.append(f"checkpoint made with {state.get('world_size', 1)} processes, resumed with {world_size}: "
+                     "the step and LR continue, the data order does not")
+    if cfg.init_from:
+        notes.append(f"resuming from {Path(cfg.checkpoint_dir) / 'latest.pt'}; init_from={cfg.init_from} only starts fresh runs")
+    return notes
+
+
+def optional_packages(cfg: CodecConfig, say) -> tuple[bool, bool, bool]:
+    """Whether STOI, wideband PESQ and the plots can be made (pystoi, pesq at 16 kHz,
+    matplotlib); `say`s a note for each that cannot."""
+    have_stoi, have_pesq, have_plots = (importlib.util.find_spec(m) is not None
+                                        for m in ("pystoi", "pesq", "matplotlib"))
+    if not have_stoi:
+        say("note: pystoi is not installed, so STOI is reported as NaN (pip install pystoi)")
+    if not have_pesq:
+        say("note: pesq is not installed, so PESQ is reported as NaN (pip install pesq)")
+    elif cfg.sample_rate != 16000:
+        have_pesq = False
+        say(f"note: wideband PESQ needs 16 kHz audio, so it is reported as NaN at sample_rate={cfg.sample_rate}")
+    if not have_plots:
+        say("note: matplotlib is not installed, so no mel images or loss curves (pip install matplotlib)")
+    return have_stoi, have_pesq, have_plots
+
 
 def adamw(module: torch.nn.Module, lr: float, cfg: CodecConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW with weight decay on the convolution and linear weights only: not on biases nor on

@@ -49,9 +49,9 @@ from model.manifest import ManifestError, is_manifest, read_manifest
 from model.objectives import STAGE_LOSSES, STAGES, compute_losses, peak_flops, train_flops_per_latent
 from model.parallel import (compile_blocks, full_state_dicts, gradient_sync, inner, load_full_state_dicts,
                             parallelize, rank0_first)
-from model.training import (Checkpoints, ConfigMismatch, Logger, all_reduce_mean, autocast, check_architecture,
-                            check_finite_step, check_resumable, cosine_lr, rng_state, run_script,
-                            setup_distributed, teardown_distributed)
+from model.training import (Checkpoints, ConfigMismatch, Deadline, Logger, all_reduce_mean, autocast, before_step,
+                            check_architecture, check_finite_step, check_resumable, cosine_lr, move_aside, rng_state,
+                            run_script, setup_distributed, state_to_load, teardown_distributed)
 
 PARTS = ("quantizer", "lm", "resynth")
 # FSDP2 warns about every module output that is a view; none of ours is modified in place.
@@ -72,32 +72,28 @@ def main(argv=None) -> dict:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    deadline = Deadline(cfg.max_minutes, device)
     run_dir = Path(cfg.checkpoint_dir)
     checkpoints = Checkpoints(run_dir, keep=cfg.keep_checkpoints)
-    t_start = time.time()
 
     # Where the weights come from: the latest checkpoint (resume), else init_from, else fresh.
     # eval_only evaluates init_from if given, else the latest checkpoint. Checked before the codec
     # loads and the latents are encoded, so a contradicting config fails at once.
     step, state, source = 0, None, "random init"
-    if checkpoints.latest and (cfg.eval_only and not cfg.init_from or cfg.resume and not cfg.eval_only):
-        state = torch.load(checkpoints.latest, map_location="cpu", mmap=True, weights_only=False)
+    latest = state_to_load(checkpoints, cfg.resume, cfg.eval_only, cfg.init_from)
+    if latest:
+        state = torch.load(latest, map_location="cpu", mmap=True, weights_only=False)
         marks = ("arch",) if cfg.eval_only else ("arch", "resume")  # resuming must also train the same stage
         check_resumable(state["config"], cfg, fields_marked(TransformerConfig, *marks))
-        step, source = state["step"], f"{checkpoints.latest} (step {state['step']})"
-    elif cfg.eval_only and not cfg.init_from:
-        raise ConfigError(f"eval_only=true: nothing to evaluate in {run_dir} (no latest.pt); "
-                          "pass init_from=official or init_from=PATH")
+        step, source = state["step"], f"{latest} (step {state['step']})"
 
     codec = rank0_first(lambda: frozen_codec(cfg, device))  # rank 0 downloads the official codec if missing
     fingerprint = codec_fingerprint(codec)
     if state is not None and state["codec"] != fingerprint:
-        raise ConfigMismatch(f"{checkpoints.latest} was trained on latents of codec {state['codec']} "
+        raise ConfigMismatch(f"{latest} was trained on latents of codec {state['codec']} "
                              f"({state['codec_source']}), this run's codec {cfg.codec_checkpoint} is {fingerprint}. "
                              "Use the same codec, another checkpoint_dir, or resume=false.")
-    if is_main and not cfg.resume and not cfg.eval_only and (run_dir / "latest.pt").exists():
-        old = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        run_dir.rename(old)
+    if is_main and not cfg.resume and not cfg.eval_only and (old := move_aside(run_dir)):
         say(f"resume=false: moved the previous run in {run_dir} to {old}")
     channels = "stereo" if cfg.duplex else "mono"
     folders = {split: prepare_latents(path, codec, channels, cfg.latents_dir, cfg.sample_rate, cfg.mono_to_stereo,
@@ -224,14 +220,6 @@ def main(argv=None) -> dict:
         write_transformer(tmp, _export_model(from_dict(TransformerConfig, saved["config"], strict=False), saved["model"]),
                           codec_source=saved["codec_source"], extra=extra)
 
-    def out_of_time() -> bool:
-        if cfg.max_minutes <= 0:
-            return False
-        flag = torch.tensor(float(time.time() - t_start > 60 * cfg.max_minutes), device=device)
-        if ddp.enabled:
-            dist.broadcast(flag, 0)  # every rank stops at the same step
-        return bool(flag.item())
-
     if cfg.eval_only:  # prints the metrics, writes nothing
         metrics = evaluate()
         if is_main:
@@ -264,18 +252,17 @@ def main(argv=None) -> dict:
     while True:
         # evaluation and checkpoints come before the step: they describe the model after `step` updates
         t_pause = time.time()
-        stop = step >= cfg.max_steps or (step > start_step and step % cfg.log_interval == 0 and out_of_time())
-        evaluated = False
-        if (step % cfg.eval_interval == 0 and step != start_step) or step == 0 or stop:
+        due = before_step(step, start_step, cfg.max_steps, cfg.log_interval, cfg.eval_interval, cfg.save_interval,
+                          deadline)
+        if due.evaluate:
             metrics = evaluate()
             media = audio_sample(step) if cfg.sample_seconds > 0 else {}
             logger.log({**metrics, **media}, step)
             if is_main:
                 print(json.dumps({"eval": step, **{k: round(v, 5) for k, v in metrics.items()}}), flush=True)
-            evaluated = True
-        if step > start_step and (step % cfg.save_interval == 0 or evaluated):
-            save(step, metrics.get("val/loss") if evaluated else None)
-        if stop:
+        if due.save:
+            save(step, due.best_metric(metrics, "val/loss"))
+        if due.stop:
             if step < cfg.max_steps:
                 say(f"max_minutes={cfg.max_minutes} reached at step {step}: run the same command to resume")
             break

@@ -7,6 +7,11 @@
   exports beside them for the loading API, saved together with the state; never non-finite.
 - `check_finite_step`: a non-finite loss or gradient stops training with a TrainingError.
 - `rng_state` / `set_rng_state`: exact resume of python, numpy and torch generators.
+- `state_to_load` / `move_aside`: where a run's weights come from (`latest.pt` when resuming or
+  evaluating it), and a run with `resume=false` moving the previous run's folder aside.
+- `Deadline` / `before_step`: the loop's schedule, the same in both trainers: when it stops (at
+  `max_steps`, or at a log step once `max_minutes` have passed), evaluates and saves, and which
+  value ranks a checkpoint for `best.pt`.
 - `check_resumable` / `check_architecture`: a resumed or init_from config that contradicts the
   checkpoint's is a `ConfigMismatch` naming each field (`config.config_diff`).
 - `Logger`: Weights & Biases (online, offline fallback, disabled) plus a local `metrics.jsonl`.
@@ -81,7 +86,7 @@ def setup_distributed(device: str) -> Dist:
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("device=cuda but no GPU is visible; use device=cpu")
+            raise ConfigError("device=cuda but no GPU is visible; use device=cpu")
         dev = torch.device("cuda", local if world > 1 else (dev.index or 0))
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
@@ -324,6 +329,91 @@ class Checkpoints:
         if path is None or not path.is_file():
             return None
         return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def state_to_load(checkpoints: Checkpoints, resume: bool, eval_only: bool, init_from: str) -> Optional[Path]:
+    """The training state a run starts from: `latest.pt` when a training run resumes (`resume`),
+    or when `eval_only` has no `init_from` (it evaluates the latest checkpoint); None when the
+    weights come from `init_from` or a fresh initialisation. Raises ConfigError for `eval_only`
+    with neither."""
+    if eval_only and not init_from and checkpoints.latest is None:
+        raise ConfigError(f"eval_only=true: nothing to evaluate in {checkpoints.folder} (no latest.pt); "
+                          "pass init_from=official or init_from=PATH")
+    if eval_only:
+        return None if init_from else checkpoints.latest
+    return checkpoints.latest if resume else None
+
+
+def move_aside(folder: str | os.PathLike) -> Optional[Path]:
+    """Rename a run folder that holds `latest.pt` to `NAME.old-YYYYmmdd-HHMMSS` (`-2`, `-3`, ...
+    appended when that name is taken), so a fresh run starts empty and nothing is deleted.
+    Returns the new name, or None when the folder holds no run."""
+    folder = Path(folder)
+    if not (folder / "latest.pt").exists():
+        return None
+    old = folder.with_name(f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while old.exists() or old.is_symlink():
+        n += 1
+        old = old.with_name(f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+    folder.rename(old)
+    return old
+
+
+# --- the loop's schedule --------------------------------------------------------------------
+
+class Deadline:
+    """`max_minutes` of wall time, counted from when the Deadline is made (at the start of a
+    run's setup, so that a time-limited job's loading and encoding count too); 0: none."""
+
+    def __init__(self, max_minutes: float, device: torch.device):
+        self.seconds = 60 * max_minutes
+        self.device = device
+        self.start = time.time()
+
+    def passed(self) -> bool:
+        """Whether the time is up, as rank 0 sees it. Under torch.distributed a collective (every
+        rank stops at the same step) and a host sync: `before_step` asks on log steps only."""
+        if self.seconds <= 0:
+            return False
+        flag = torch.tensor(float(time.time() - self.start > self.seconds), device=self.device)
+        if dist.is_initialized():
+            dist.broadcast(flag, 0)
+        return bool(flag.item())
+
+
+@dataclass(frozen=True)
+class Due:
+    """What a training loop does before its next step: `before_step`'s answer."""
+    stop: bool      # leave the loop (after evaluating and saving)
+    evaluate: bool  # run the validation
+    save: bool      # write a checkpoint
+
+    def best_metric(self, metrics: dict, key: str) -> Optional[float]:
+        """The value that ranks this step's checkpoint for best.pt (`Checkpoints.save`'s
+        `metric`): `metrics[key]` of the evaluation made at this step, None when the step was not
+        evaluated (an earlier evaluation describes other weights) or `metrics` lacks it (on a
+        rank that does not evaluate)."""
+        return metrics.get(key) if self.evaluate else None
+
+
+def before_step(step: int, start_step: int, max_steps: int, log_interval: int, eval_interval: int,
+                save_interval: int, deadline: Deadline) -> Due:
+    """The schedule of both trainers, asked before training step `step` (the model has had `step`
+    updates; this run segment started at `start_step`):
+
+    - stop at `max_steps`, or once the deadline has passed; the deadline is asked only on log
+      steps (`step % log_interval == 0`) after the segment's first step, so a segment always
+      trains at least one step and the collective it costs comes once per log, not per step;
+    - evaluate at step 0, every `eval_interval` steps and when stopping, but not at the step a
+      resumed segment starts from (it was evaluated before that checkpoint was saved) unless
+      it stops there;
+    - save every `save_interval` steps and after every evaluation, but never the state a
+      segment started from."""
+    stop = step >= max_steps or (step > start_step and step % log_interval == 0 and deadline.passed())
+    evaluate = stop or (step % eval_interval == 0 and (step != start_step or step == 0))
+    save = step > start_step and (evaluate or step % save_interval == 0)
+    return Due(stop, evaluate, save)
 
 
 # --- logging --------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import random
+import time
 
 import numpy as np
 import pytest
@@ -9,8 +10,9 @@ import torch
 
 from config import fields_marked
 from config.codec_config import PRESETS, CodecConfig
-from model.training import (Checkpoints, ConfigMismatch, Logger, autocast, check_architecture, check_resumable,
-                            cosine_lr, rng_state, set_rng_state)
+from config import ConfigError
+from model.training import (Checkpoints, ConfigMismatch, Deadline, Logger, autocast, before_step, check_architecture,
+                            check_resumable, cosine_lr, move_aside, rng_state, set_rng_state, state_to_load)
 
 
 def test_cosine_lr_warms_up_then_decays_to_min():
@@ -89,3 +91,95 @@ def test_logger_disabled_only_writes_jsonl(tmp_path):
     log.log({"a": 1}, 1)
     log.finish()
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1 and not (tmp_path / "wandb").exists()
+
+
+CPU = torch.device("cpu")
+
+
+def schedule(deadline, start_step=0, max_steps=12, log_interval=2, eval_interval=4, save_interval=6):
+    """before_step over a segment from `start_step`, as the trainers' loops ask it; the steps
+    where it stops, evaluates and saves."""
+    stops, evals, saves = [], [], []
+    for step in range(start_step, max_steps + 1):
+        due = before_step(step, start_step, max_steps, log_interval, eval_interval, save_interval, deadline)
+        for happened, record in ((due.evaluate, evals), (due.save, saves), (due.stop, stops)):
+            if happened:
+                record.append(step)
+        if due.stop:
+            break
+    return stops, evals, saves
+
+
+def test_a_fresh_and_a_resumed_segment_evaluate_and_save_on_the_same_rule():
+    never = Deadline(0, CPU)
+    assert schedule(never) == ([12], [0, 4, 8, 12], [4, 6, 8, 12])
+    # resumed from step 6: its start was saved (and evaluated if due) by the segment before
+    assert schedule(never, start_step=6) == ([12], [8, 12], [8, 12])
+    assert schedule(never, start_step=8) == ([12], [12], [12])
+    # a finished run run again evaluates its weights once and writes nothing
+    assert schedule(never, start_step=12) == ([12], [12], [])
+    # an hour is never reached in this test
+    assert schedule(Deadline(60, CPU)) == ([12], [0, 4, 8, 12], [4, 6, 8, 12])
+
+
+def test_the_deadline_is_asked_on_log_steps_only_and_never_at_a_segment_start():
+    passed = Deadline(1e-9, CPU)
+    time.sleep(0.01)
+    assert passed.passed()
+    # stops at the first log step after the segment's start: evaluates and saves there
+    assert schedule(passed) == ([2], [0, 2], [2])
+    assert schedule(passed, log_interval=5) == ([5], [0, 4, 5], [4, 5])
+    assert schedule(passed, start_step=6, log_interval=3) == ([9], [8, 9], [8, 9])
+    # not a log step: the passed deadline is not looked at
+    due = before_step(7, 6, 12, 2, 4, 6, passed)
+    assert not due.stop and not due.evaluate and due.save is False
+    assert not Deadline(0, CPU).passed() and not Deadline(60, CPU).passed()
+
+
+def test_only_the_evaluation_of_the_step_saved_ranks_it_for_best(tmp_path):
+    never = Deadline(0, CPU)
+    ck = Checkpoints(tmp_path)
+    metrics = {}
+    for step in range(0, 13):
+        due = before_step(step, 0, 12, 1, 4, 6, never)
+        if due.evaluate:  # the validation loss falls to step 8, rises at 12
+            metrics = {"val/loss": {0: 9.0, 4: 3.0, 8: 1.0, 12: 2.0}[step]}
+        if due.save:
+            ck.save(step, {"step": step}, due.best_metric(metrics, "val/loss"))
+    assert ck.best_metric() == 1.0 and ck.load(ck.best)["step"] == 8
+    # step 6 was saved between evaluations: it is not ranked with step 4's metric
+    assert json.loads((tmp_path / "checkpoints.json").read_text())["best_step"] == 8
+    assert before_step(6, 0, 12, 1, 4, 6, never).best_metric({"val/loss": 0.5}, "val/loss") is None
+    # a rank that did not evaluate has no metric to give
+    assert before_step(8, 0, 12, 1, 4, 6, never).best_metric({}, "val/loss") is None
+
+
+def test_move_aside_keeps_every_old_run_and_skips_a_folder_without_one(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("{}")
+    assert move_aside(run) is None and run.is_dir()  # no latest.pt: not a run, left in place
+    olds = []
+    for i in range(3):  # three fresh starts within the same second get three names
+        run.mkdir(exist_ok=True)
+        (run / "latest.pt").write_text(str(i))
+        olds.append(move_aside(run))
+        assert not run.exists()
+    assert len(set(olds)) == 3 and all(o.parent == tmp_path and o.name.startswith("run.old-") for o in olds)
+    assert [(o / "latest.pt").read_text() for o in olds] == ["0", "1", "2"]
+    assert move_aside(tmp_path / "missing") is None
+
+
+def test_state_to_load_picks_latest_for_resume_and_eval_only(tmp_path):
+    ck = Checkpoints(tmp_path / "run")
+    with pytest.raises(ConfigError, match="eval_only=true: nothing to evaluate in .*run .no latest.pt."):
+        state_to_load(ck, True, True, "")
+    assert state_to_load(ck, True, False, "") is None  # a fresh run
+    assert state_to_load(ck, True, True, "x.safetensors") is None
+    ck.save(1, {"step": 1})
+    latest = tmp_path / "run" / "latest.pt"
+    assert state_to_load(ck, True, False, "") == latest
+    assert state_to_load(ck, True, False, "x.safetensors") == latest  # init_from only starts fresh runs
+    assert state_to_load(ck, False, False, "") is None  # resume=false
+    assert state_to_load(ck, False, True, "") == latest  # eval_only evaluates the latest checkpoint
+    assert state_to_load(ck, True, True, "x.safetensors") is None  # ... or init_from
