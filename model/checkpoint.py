@@ -42,18 +42,22 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
 
 
 def save_weights(path: str | os.PathLike, state: dict[str, torch.Tensor], kind: str, config,
-                 extra: Optional[dict] = None) -> Path:
-    """Write `state` and the config that built it (a dataclass) to one safetensors file."""
+                 extra: Optional[dict] = None, quantization: Optional[dict] = None) -> Path:
+    """Write `state` and the config that built it (a dataclass) to one safetensors file;
+    `quantization` records which layers hold quantized weights (`model.quant.quantization_of`)."""
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     meta = {"format": FORMAT, "kind": kind, "config_class": type(config).__name__,
             "config": json.dumps(dataclasses.asdict(config)), "extra": json.dumps(extra or {})}
+    if quantization is not None:
+        meta["quantization"] = json.dumps(quantization)
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
-    """The header of one of our checkpoints: kind, config (dict) and extra (dict)."""
+    """The header of one of our checkpoints: kind, config (dict), extra (dict) and quantization
+    (dict, or None for float weights)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -62,7 +66,8 @@ def read_metadata(path: str | os.PathLike) -> dict:
         raise ValueError(f"{path} is not a hertz-dev checkpoint written by this repository "
                          f"(format {meta.get('format')!r}, expected {FORMAT!r})")
     return {"kind": meta["kind"], "config_class": meta.get("config_class"),
-            "config": json.loads(meta["config"]), "extra": json.loads(meta.get("extra", "{}"))}
+            "config": json.loads(meta["config"]), "extra": json.loads(meta.get("extra", "{}")),
+            "quantization": json.loads(meta["quantization"]) if "quantization" in meta else None}
 
 
 def read_weights(path: str | os.PathLike, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict]:

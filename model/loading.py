@@ -3,6 +3,7 @@ with memory-mapped weights (`assign=True`), so even the 8.5B model loads without
 
     codec = load_codec("official")                       # or a path to one of our codecs
     hertz = load_hertz_dev("duplex", device="cuda")      # "mono", "mono-pure-audio", or a path
+    hertz = load_hertz_dev("duplex", device="cuda", quantize="int8")   # or "int4" (model/quant.py)
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from . import hub
 from .checkpoint import read_weights, save_weights, substate
 from .codec import Codec
 from .lm import LatentLM
+from .quant import MODES, apply_plan, quantization_of, quantization_plan, quantize_state
 from .quantizer import LatentQuantizer
 from .resynth import Resynthesizer
 
@@ -127,11 +129,20 @@ def official_transformer_config(variant: str) -> TransformerConfig:
 def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dtype: Optional[torch.dtype] = None,
                    ckpt_dir: Union[str, os.PathLike] = hub.DEFAULT_CKPT_DIR, offline: Optional[bool] = None,
                    codec: Optional[Union[str, os.PathLike]] = "auto", endpoint: Optional[str] = None,
-                   config: Optional[TransformerConfig] = None, codec_config: Optional[CodecConfig] = None) -> HertzDev:
+                   config: Optional[TransformerConfig] = None, codec_config: Optional[CodecConfig] = None,
+                   quantize: Optional[str] = None) -> HertzDev:
     """Quantizer + LM + resynthesizer (+ codec) from an official variant (`duplex`, `mono`,
     `mono-pure-audio`; missing files are downloaded to `ckpt_dir`) or one of our transformer
     checkpoints. `codec`: "auto" (the official codec for official variants, the codec recorded
-    in our checkpoint otherwise), "official", a path, or None for no codec."""
+    in our checkpoint otherwise), "official", a path, or None for no codec.
+
+    `quantize`: "int8" or "int4" quantizes the weights while loading (`model.quant`; the codec
+    stays float): each Linear's float weight is read from the memory-mapped file and quantized on
+    `device` a few rows at a time, one layer after another, so neither the device nor the host
+    ever holds a float copy of the model. A checkpoint saved quantized (`save_transformer`) loads
+    quantized without it."""
+    if quantize is not None and quantize not in MODES:
+        raise ValueError(f"quantize must be one of {', '.join(MODES)} (or None), not {quantize!r}")
     dtype = dtype or default_dtype(device)
     if str(source) in hub.VARIANTS:
         cfg = official_transformer_config(str(source))
@@ -141,28 +152,50 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
         paths = hub.official_files([hub.QUANTIZER, lm_name, resynth_name], ckpt_dir, offline, endpoint)
         model = _meta(HertzDev, cfg)
         for part, name in (("quantizer", hub.QUANTIZER), ("lm", lm_name), ("resynth", resynth_name)):
-            _fill(getattr(model, part), hub.load_state_dict(paths[name]), device, dtype, str(paths[name]))
+            state = _quantized(getattr(model, part), hub.load_state_dict(paths[name]), quantize, device)
+            _fill(getattr(model, part), state, device, dtype, str(paths[name]))
         codec_source = "official" if codec == "auto" else codec
     else:
         state, meta = read_weights(_existing(source, "an official variant (" + ", ".join(hub.VARIANTS) + ")"))
         if meta["kind"] != "transformer":
             raise ValueError(f"{source} is a {meta['kind']} checkpoint, not a transformer")
+        recorded = meta.get("quantization")
+        if recorded and quantize not in (None, recorded["mode"]):
+            raise ValueError(f"{source} holds {recorded['mode']} weights: load it without quantize= "
+                             f"(requantizing quantized weights is not supported)")
         cfg = from_dict(TransformerConfig, meta["config"], strict=False)
         model = _meta(HertzDev, cfg)
         for part in ("quantizer", "lm", "resynth"):
-            _fill(getattr(model, part), substate(state, part), device, dtype, f"{source} ({part})")
+            module, sub = getattr(model, part), substate(state, part)
+            if recorded:
+                apply_plan(module, substate(recorded["layers"], part), quantize=False)
+            else:
+                sub = _quantized(module, sub, quantize, device)
+            _fill(module, sub, device, dtype, f"{source} ({part})")
         codec_source = meta["extra"].get("codec", "official") if codec == "auto" else codec
     if codec_source is not None:
         model.codec = load_codec(codec_source, device, dtype, ckpt_dir, offline, endpoint, codec_config)
     return model.eval().requires_grad_(False)
 
 
+def _quantized(module: nn.Module, state: dict, quantize: Optional[str], device) -> dict:
+    """With `quantize`, turn the meta-built `module`'s Linears into empty quantized layers and
+    return `state` with their weights quantized on `device` (layer by layer); else `state`."""
+    if quantize is None:
+        return state
+    plan = quantization_plan(module, quantize)
+    apply_plan(module, plan, quantize=False)
+    return quantize_state(state, plan, device)
+
+
 def save_transformer(path: Union[str, os.PathLike], model: HertzDev, codec_source: Optional[str] = None,
                      extra: Optional[dict] = None) -> Path:
     """Write quantizer, LM and resynthesizer (not the codec: `codec_source` records which one
-    produced the latents it was trained on) with their config."""
+    produced the latents it was trained on) with their config, and, for a quantized model, which
+    layers are quantized how (so it loads quantized)."""
     state = {}
     for part in ("quantizer", "lm", "resynth"):
         state.update({f"{part}.{k}": v for k, v in getattr(model, part).state_dict().items()})
-    return save_weights(path, state, "transformer", model.config, {**(extra or {}), "codec": codec_source})
+    return save_weights(path, state, "transformer", model.config, {**(extra or {}), "codec": codec_source},
+                        quantization_of(model))
 
