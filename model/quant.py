@@ -41,7 +41,7 @@ from torch import Tensor
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # what tinygemm implements
 INNER_K_TILES = 8                 # tinygemm packing: in_features must be a multiple of 16 * 8
-_CHUNK = 1 << 22                  # weights are quantized this many elements at a time (bounded scratch)
+_CHUNK = 1 << 20                  # weights are quantized this many elements at a time (bounded scratch)
 
 
 def _compute_dtype(dtype: Optional[torch.dtype]) -> torch.dtype:
@@ -83,26 +83,27 @@ def unpack_nibbles(packed: Tensor) -> Tensor:
     return torch.stack([packed >> 4, packed & 15], dim=-1).view(packed.shape[0], -1)
 
 
-def _rows(w: Tensor, fn, device, *cat_dims):
-    """Apply a row-wise quantizer `fn` to w (N, K) a few rows at a time, each chunk moved to
-    `device` as float32 first, so the float scratch stays small whatever the layer's size; the
-    outputs are concatenated along `cat_dims`."""
-    N, K = w.shape
-    step = max(1, _CHUNK // K)
-    parts = [fn(w[r:r + step].to(device=device, dtype=torch.float32)) for r in range(0, N, step)]
-    return [torch.cat(p, dim=d) for p, d in zip(zip(*parts), cat_dims)]
-
-
 def quantized_tensors(w: Tensor, spec: str, device=None) -> dict[str, Tensor]:
     """The state-dict tensors (`qweight`, `scale` or `scales_and_zeros`) of float weight w (N, K)
-    quantized as `spec` ("int8" or "int4/<group size>"), computed on `device` (default: w's),
-    a few rows at a time: w may be a memory-mapped CPU tensor and device a GPU."""
+    quantized as `spec` ("int8" or "int4/<group size>"), computed on `device` (default: w's).
+    w may be a memory-mapped CPU tensor and device a GPU: it is read, moved and quantized a few
+    rows at a time into the preallocated outputs, so the float scratch stays small whatever the
+    layer's size."""
     device = device or w.device
     kind, group = parse_spec(spec)
+    N, K = w.shape
+    step = max(1, _CHUNK // K)
+    rows = ((r, w[r:r + step].to(device=device, dtype=torch.float32)) for r in range(0, N, step))
     if kind == "int8":
-        q, s = _rows(w, quantize_int8, device, 0, 0)
-        return {"qweight": q, "scale": s}
-    q, sz = _rows(w, lambda c: quantize_int4(c, group), device, 0, 1)
+        q = torch.empty(N, K, dtype=torch.int8, device=device)
+        scale = torch.empty(N, dtype=torch.float32, device=device)
+        for r, chunk in rows:
+            q[r:r + step], scale[r:r + step] = quantize_int8(chunk)
+        return {"qweight": q, "scale": scale}
+    q = torch.empty(N, K // 2, dtype=torch.uint8, device=device)
+    sz = torch.empty(K // group, N, 2, dtype=torch.float32, device=device)
+    for r, chunk in rows:
+        q[r:r + step], sz[:, r:r + step] = quantize_int4(chunk, group)
     return {"qweight": q, "scales_and_zeros": sz}
 
 
@@ -237,12 +238,18 @@ class Int4Linear(nn.Module):
             destination[prefix + "qweight"] = self._portable_qweight()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        if self.packed:  # the state dict holds the portable layout: load into one, then pack
+        # The state dict holds the portable layout. A packed layer loads into a portable one and
+        # packs again; a portable one (built on `meta`, filled with `assign=True`) stays so until
+        # it is moved (`_apply`), when the loader no longer holds the loaded tensor: packing here
+        # would keep both copies of every layer alive until loading ends.
+        was_packed = self.packed
+        if was_packed:
             self.qweight = (torch.empty(self.out_features, self.in_features // 2, dtype=torch.uint8,
                                         device=self.qweight.device)
                             if prefix + "qweight" in state_dict else self._portable_qweight())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._pack_for_device()
+        if was_packed:
+            self._pack_for_device()
 
 
 QUANTIZED = (Int8Linear, Int4Linear)

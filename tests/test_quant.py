@@ -227,6 +227,26 @@ def test_cuda_quantized_model_close_to_float_and_saved_on_gpu_loads_on_cpu(mode,
     cpu_out = outputs(cpu, x, plex)
     assert max(rel_err(g, w) for g, w in zip(cpu_out, ref)) <= TOL[mode]
     back = load_hertz_dev(path, codec=None, device="cuda")
+    assert back.lm.layers[0].attn.attn.proj_qkv.packed == (mode == "int4")
     again = outputs(back, x.cuda().bfloat16(), tuple(p.cuda().bfloat16() for p in plex))
     for a, b in zip(again, got):
         assert torch.equal(a, b)
+
+
+@cuda
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@torch.no_grad()
+def test_cuda_quantizing_while_loading_peaks_near_the_final_size(mode, tmp_path, monkeypatch):
+    """GPU memory while loading official-layout float32 files quantized: the final quantized
+    weights plus a few MB of scratch, never a float layer or a second copy of the model."""
+    cfg = dataclasses.replace(CFG, lm_dim=1024, lm_heads=8, lm_layers=8, resynth_dim=1024, resynth_heads=8,
+                              resynth_ff_dim=2816)
+    torch.manual_seed(0)
+    folder = official_files(tmp_path, monkeypatch, build(HertzDev, cfg))
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    m = load_hertz_dev("duplex", device="cuda", ckpt_dir=folder, offline=True, codec=None, config=cfg, quantize=mode)
+    final, peak = torch.cuda.memory_allocated() - base, torch.cuda.max_memory_allocated() - base
+    assert abs(final - weight_bytes(m)["total"]) <= 2**20
+    assert peak - final <= 32 * 2**20, (peak, final)  # the largest float32 layer alone is 128 MB
