@@ -13,16 +13,21 @@ Two modes, chosen per model by `quantize_model(model, mode)` or at load time
   output is rounded to discrete FSQ codes, where a 4-bit error would flip codes for almost no memory
   saved (its weights are 0.6% of the model).
 
-Kernels (figures of ../shared/notes/h200-linear-kernels.md, H200, eight LM-sized layers, batch 1):
-int8 computes `F.linear(x, w.to(x.dtype)) * scale`, which `torch.compile` fuses into one read of
-the int8 weights when the whole step is one compiled region (0.527 ms against 0.897 ms in bf16;
+Kernels (../shared/notes/h200-linear-kernels.md, H200, eight LM-sized layers, batch 1): int8
+computes `F.linear(x, w.to(x.dtype)) * scale`, which `torch.compile` fuses into one read of the
+int8 weights when the whole step is one compiled region (0.527 ms against 0.897 ms in bf16;
 `aten._weight_int8pack_mm` has no real CUDA kernel: 13.2 ms); int4 on CUDA calls tinygemm,
 `aten._weight_int4pack_mm` (0.512 ms). On the CPU, int4 dequantizes in the forward (for tests).
+Measured here on four hertz_dev LM layers and both heads, one cached step replayed from a CUDA
+graph (B=1): bf16 0.92 ms eager, 0.73 ms compiled; int4 0.74 eager, 0.50-0.52 compiled; int8 3.9
+eager (the cast makes a bf16 copy of each weight), 0.80-1.03 compiled with inductor's
+`coordinate_descent_tuning` and 9.2 without it: in the model, this int8 kernel is no faster than
+bf16 (it halves the memory only). At B=8: bf16 1.0-1.1, int4 1.2, int8 24 ms compiled.
 
 Layout: the state dict always holds the device-independent form (`qweight` int8 (N, K), or uint8
 (N, K/2) with two 4-bit values a byte, high nibble first; float scales), so a model quantized on
 one device loads on another. On CUDA an `Int4Linear` holds its weights in tinygemm's packed
-layout instead (converted when the module moves there or is loaded there, converted back for
+layout instead (converted when the module is moved there, as the loader does, and read back for
 `state_dict()`), so only one copy is ever in memory.
 
 Each quantized layer keeps `in_features`, `out_features` and `bias` as `nn.Linear` has them and
