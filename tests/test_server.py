@@ -633,7 +633,7 @@ def test_reset_clears_every_piece_of_a_row(model):
     once reset, gives exactly the replies of a fresh engine; a reset with bad arguments raises
     before touching the row."""
     import torch
-    from model.generate import LiveEngine
+    from model.live import LiveEngine
     engine = LiveEngine(model, max_sessions=2)
     engine.reset(0, SamplingParams(token_temp=5, mixture_temp=5, gaussian_temp=5), seed=1)
     engine.step(np.ones((2, 2000), dtype=np.float32), np.array([True, False]))
