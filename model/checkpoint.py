@@ -96,10 +96,6 @@ def torch_save(obj: Any, path: str) -> None:
             raise
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    return atomic_write(path, lambda tmp: torch_save(obj, tmp))
-
-
 # --- what a file holds ------------------------------------------------------------------------
 
 def non_finite(obj: Any, prefix: str = "") -> list[str]:
