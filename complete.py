@@ -32,6 +32,7 @@ import torch
 
 from model import SamplingParams, load_hertz_dev
 from model.audio import AudioError, check_prompt, load_prompt, save_audio
+from model.checkpoint import CheckpointError
 from model.generator import Generator
 from model.hub import VARIANTS
 from model.lora import AdapterError
@@ -67,6 +68,8 @@ def parse_args(argv=None):
     ap.add_argument("--no-cuda-graphs", action="store_true")
     ap.add_argument("--continuation-only", action="store_true", help="write the continuation without the prompt")
     ap.add_argument("--offline", action="store_true", help="never download official weights")
+    ap.add_argument("--no-verify", action="store_true",
+                    help="skip the content-hash check of our .safetensors files (a changed file is an error by default)")
     args = ap.parse_args(argv)
     if args.seconds <= 0 or args.num < 1:
         ap.error("--seconds must be > 0 and --num >= 1")
@@ -100,8 +103,9 @@ def main(argv=None) -> int:
     t0 = time.time()
     try:  # an adapter of another base is refused before any weights load
         model = load_hertz_dev(args.variant, device=device, dtype=dtype, ckpt_dir=args.ckpt_dir,
-                               codec=args.codec, offline=args.offline or None, adapter=args.adapter)
-    except AdapterError as e:
+                               codec=args.codec, offline=args.offline or None, adapter=args.adapter,
+                               verify=not args.no_verify)
+    except (AdapterError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     cfg = model.config

@@ -1057,6 +1057,8 @@ def parse_args(argv=None):
     ap.add_argument("--codec", default="auto", help="auto (official, or the one recorded in the checkpoint), official, or a path")
     ap.add_argument("--ckpt-dir", default="ckpt")
     ap.add_argument("--offline", action="store_true", help="never download official weights")
+    ap.add_argument("--no-verify", action="store_true",
+                    help="skip the content-hash check of our .safetensors files (a changed file is an error by default)")
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cuda:1, cpu")
     ap.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
                     help="auto: bfloat16 on cuda, float32 on cpu")
@@ -1141,7 +1143,7 @@ def load_engine(args):
     source = args.checkpoint or args.variant
     log.info("loading %s on %s", source, device)
     model = load_hertz_dev(source, device=device, dtype=dtype, ckpt_dir=args.ckpt_dir, offline=args.offline or None,
-                           codec=args.codec)
+                           codec=args.codec, verify=not args.no_verify)
     max_sessions = int(args.max_sessions) if args.max_sessions != "auto" else 8 if device.startswith("cuda") else 1
     return LiveEngine(model, max_sessions=max_sessions, max_len=args.max_len,
                       cuda_graphs=False if args.no_cuda_graphs else None, compile=False if args.no_compile else "auto", encode=args.encode)
@@ -1154,7 +1156,11 @@ def main(argv=None) -> None:
     values, prompt = check_args(args)
     from model import SamplingParams
     params = SamplingParams(**values)
-    engine = load_engine(args)
+    from model.checkpoint import CheckpointError
+    try:
+        engine = load_engine(args)
+    except CheckpointError as e:  # a corrupted file, or a file of the wrong kind: the user's to fix
+        raise SystemExit(f"error: {e}") from None
     if prompt is not None:
         max_frames = engine.state.max_len - 1
         if prompt.shape[1] > max_frames * CHUNK:

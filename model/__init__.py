@@ -19,6 +19,7 @@ _EXPORTS = {
     "HertzDev": "loading", "build": "loading", "load_codec": "loading", "load_hertz_dev": "loading",
     "save_codec": "loading", "save_transformer": "loading",
     "LatentQuantizer": "quantizer",
+    "quantize_model": "quant", "weight_bytes": "quant",
     "Resynthesizer": "resynth", "mixture_nll": "resynth", "plex_codes": "resynth",
     "SamplingParams": "sampling", "row_seed": "sampling",
     "StreamCodec": "stream_codec", "decode_frames": "stream_codec", "encode_frames": "stream_codec",

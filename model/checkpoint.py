@@ -96,10 +96,6 @@ def torch_save(obj: Any, path: str) -> None:
             raise
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    return atomic_write(path, lambda tmp: torch_save(obj, tmp))
-
-
 # --- what a file holds ------------------------------------------------------------------------
 
 def non_finite(obj: Any, prefix: str = "") -> list[str]:
@@ -188,8 +184,9 @@ def _wrong_file(path: Path, expected: str, found: str) -> CheckpointError:
 
 
 def read_metadata(path: str | os.PathLike, kind: Optional[str] = None) -> dict:
-    """The header of one of our checkpoints: kind, config (dict), extra (dict) and the stored
-    content hash (None for files written before hashes). `kind` ("codec" or "transformer"):
+    """The header of one of our checkpoints: kind, config (dict), extra (dict), the stored
+    content hash (None for files written before hashes) and the quantization (dict, or None for
+    float weights). `kind` ("codec" or "transformer"):
     a file of another kind, a .pt or a foreign file is a CheckpointError naming both kinds."""
     path = Path(path)
     found = file_kind(path)
@@ -202,7 +199,8 @@ def read_metadata(path: str | os.PathLike, kind: Optional[str] = None) -> dict:
     meta = _header(path)
     return {"kind": meta["kind"], "config_class": meta.get("config_class"),
             "config": json.loads(meta["config"]), "extra": json.loads(meta.get("extra", "{}")),
-            "hash": meta.get(HASH_KEY)}
+            "hash": meta.get(HASH_KEY),
+            "quantization": json.loads(meta["quantization"]) if "quantization" in meta else None}
 
 
 def content_hash(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
@@ -219,16 +217,20 @@ def content_hash(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> 
 # --- writing and reading weights ----------------------------------------------------------------
 
 def write_weights(path: str | os.PathLike, state: dict[str, torch.Tensor], kind: str, config,
-                  extra: Optional[dict] = None, label: Optional[str] = None) -> None:
+                  extra: Optional[dict] = None, label: Optional[str] = None,
+                  quantization: Optional[dict] = None) -> None:
     """Write `state`, the config that built it (a dataclass) and its content hash to `path`
     directly (callers make it atomic: see `save_weights`). NaN or inf weights are refused with a
-    CheckpointError naming `label` (default: `path`)."""
+    CheckpointError naming `label` (default: `path`). `quantization` records which layers hold
+    quantized weights (`model.quant.quantization_of`), so the file loads quantized."""
     from safetensors.torch import save_file
 
     refuse_non_finite(state, label or path)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     meta = {"format": FORMAT, "kind": kind, "config_class": type(config).__name__,
             "config": json.dumps(dataclasses.asdict(config)), "extra": json.dumps(extra or {})}
+    if quantization is not None:
+        meta["quantization"] = json.dumps(quantization)
     meta[HASH_KEY] = content_hash(tensors, meta)
     try:
         save_file(tensors, str(path), metadata=meta)
@@ -240,10 +242,11 @@ def write_weights(path: str | os.PathLike, state: dict[str, torch.Tensor], kind:
 
 
 def save_weights(path: str | os.PathLike, state: dict[str, torch.Tensor], kind: str, config,
-                 extra: Optional[dict] = None) -> Path:
+                 extra: Optional[dict] = None, quantization: Optional[dict] = None) -> Path:
     """`write_weights` to `path` atomically."""
     refuse_non_finite(state, path)
-    return atomic_write(path, lambda tmp: write_weights(tmp, state, kind, config, extra, label=str(path)))
+    return atomic_write(path, lambda tmp: write_weights(tmp, state, kind, config, extra, label=str(path),
+                                                        quantization=quantization))
 
 
 def read_weights(path: str | os.PathLike, device: str = "cpu", kind: Optional[str] = None,

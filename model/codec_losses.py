@@ -242,18 +242,18 @@ def stoi(estimate: np.ndarray, reference: np.ndarray, sample_rate: int) -> float
 
 def pesq_wb(estimate: np.ndarray, reference: np.ndarray, sample_rate: int) -> float:
     """Wideband PESQ (ITU-T P.862.2, MOS-LQO from 1.04 to 4.64) of 1-D 16 kHz signals, through the
-    `pesq` package; NaN where PESQ cannot score: a silent or too short (< 1/4 s) reference, or no
-    speech found in it."""
+    `pesq` package; NaN where PESQ cannot score: a silent or too short (< 1/4 s) reference, no
+    speech found in it, or non-finite or absurd samples (a diverged codec)."""
     from pesq import PesqError, pesq
 
     if sample_rate != 16000:
         raise ValueError(f"wideband PESQ needs 16 kHz audio, got {sample_rate} Hz")
-    if not np.any(reference):
+    if not np.any(reference) or not (np.isfinite(reference).all() and np.isfinite(estimate).all()):
         return float("nan")
     try:
         return float(pesq(sample_rate, reference.astype(np.float32), estimate.astype(np.float32), "wb"))
-    except PesqError:  # pesq's own errors: too short, or no utterance detected
-        return float("nan")
+    except (PesqError, ValueError):  # pesq's own errors (too short, no utterance detected), and the
+        return float("nan")          # ValueError its C code raises on absurd levels (a diverged codec)
 
 
 DNSMOS_SECONDS = 9.01  # the DNSMOS models' input length

@@ -3,6 +3,7 @@ with memory-mapped weights (`assign=True`), so even the 8.5B model loads without
 
     codec = load_codec("official")                       # or a path to one of our codecs
     hertz = load_hertz_dev("duplex", device="cuda")      # "mono", "mono-pure-audio", or a path
+    hertz = load_hertz_dev("duplex", device="cuda", quantize="int8")   # or "int4" (model/quant.py)
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from . import hub, lora
 from .checkpoint import atomic_write, read_weights, substate, write_weights
 from .codec import Codec
 from .lm import LatentLM
+from .quant import MODES, apply_plan, quantization_of, quantization_plan, quantize_state
 from .quantizer import LatentQuantizer
 from .resynth import Resynthesizer
 
@@ -61,6 +63,9 @@ def _fill(module: nn.Module, state: dict, device, dtype, what: str) -> nn.Module
         module.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         raise RuntimeError(f"{what} does not match the model built from its config:\n{e}") from None
+    # Let go of the loaded tensors: each one the move below replaces (or an Int4Linear repacks for
+    # CUDA) is then freed as it goes, not at the end.
+    state.clear()
     init_buffers(module)
     return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
@@ -136,7 +141,7 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
                    codec: Optional[Union[str, os.PathLike]] = "auto", endpoint: Optional[str] = None,
                    config: Optional[TransformerConfig] = None, codec_config: Optional[CodecConfig] = None,
                    verify: bool = True, adapter: Optional[Union[str, os.PathLike]] = None,
-                   merge: bool = False) -> HertzDev:
+                   merge: bool = False, quantize: Optional[str] = None) -> HertzDev:
     """Quantizer + LM + resynthesizer (+ codec) from an official variant (`duplex`, `mono`,
     `mono-pure-audio`; missing files are downloaded to `ckpt_dir`) or one of our transformer
     checkpoints (`.safetensors`; another file, a training state `.pt` included, is a
@@ -145,7 +150,17 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
     path, or None for no codec. `verify=False` skips the content-hash check of our files.
 
     `adapter`: a LoRA adapter file (`model/lora.py`) to apply; one trained on another base is an
-    error, raised before any weights load. `merge=True` folds it into the weights."""
+    error, raised before any weights load. `merge=True` folds it into the weights.
+
+    `quantize`: "int8" or "int4" quantizes the weights while loading (`model.quant`; the codec
+    stays float): each Linear's float weight is read from the memory-mapped file and quantized on
+    `device` a few rows at a time, one layer after another, so neither the device nor the host
+    ever holds a float copy of the model. A checkpoint saved quantized (`save_transformer`) loads
+    quantized without it."""
+    if quantize is not None and quantize not in MODES:
+        raise ValueError(f"quantize must be one of {', '.join(MODES)} (or None), not {quantize!r}")
+    if merge and quantize is not None:
+        raise ValueError("merge=True folds the adapter into float weights: load without quantize=")
     if merge and adapter is None:
         raise ValueError("merge=True needs an adapter= file to merge")
     if adapter is not None:
@@ -160,15 +175,25 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
         paths = hub.official_files([hub.QUANTIZER, lm_name, resynth_name], ckpt_dir, offline, endpoint)
         model = _meta(HertzDev, cfg)
         for part, name in (("quantizer", hub.QUANTIZER), ("lm", lm_name), ("resynth", resynth_name)):
-            _fill(getattr(model, part), hub.load_state_dict(paths[name]), device, dtype, str(paths[name]))
+            state = _quantized(getattr(model, part), hub.load_state_dict(paths[name]), quantize, device)
+            _fill(getattr(model, part), state, device, dtype, str(paths[name]))
         codec_source = "official" if codec == "auto" else codec
     else:
         state, meta = read_weights(_existing(source, "an official variant (" + ", ".join(hub.VARIANTS) + ")"),
                                    kind="transformer", verify=verify)
+        recorded = meta.get("quantization")
+        if recorded and quantize not in (None, recorded["mode"]):
+            raise ValueError(f"{source} holds {recorded['mode']} weights: load it without quantize= "
+                             f"(requantizing quantized weights is not supported)")
         cfg = from_dict(TransformerConfig, meta["config"], strict=False)
         model = _meta(HertzDev, cfg)
         for part in ("quantizer", "lm", "resynth"):
-            _fill(getattr(model, part), substate(state, part), device, dtype, f"{source} ({part})")
+            module, sub = getattr(model, part), substate(state, part)
+            if recorded:
+                apply_plan(module, substate(recorded["layers"], part), quantize=False)
+            else:
+                sub = _quantized(module, sub, quantize, device)
+            _fill(module, sub, device, dtype, f"{source} ({part})")
         codec_source = meta["extra"].get("codec", "official") if codec == "auto" else codec
     if codec_source is not None:
         model.codec = load_codec(codec_source, device, dtype, ckpt_dir, offline, endpoint, codec_config, verify)
@@ -186,11 +211,23 @@ def write_transformer(path: Union[str, os.PathLike], model: HertzDev, codec_sour
     state = {}
     for part in ("quantizer", "lm", "resynth"):
         state.update({f"{part}.{k}": v for k, v in getattr(model, part).state_dict().items()})
-    write_weights(path, state, "transformer", model.config, {**(extra or {}), "codec": codec_source}, label)
+    write_weights(path, state, "transformer", model.config, {**(extra or {}), "codec": codec_source}, label,
+                  quantization_of(model))
+
+
+def _quantized(module: nn.Module, state: dict, quantize: Optional[str], device) -> dict:
+    """With `quantize`, turn the meta-built `module`'s Linears into empty quantized layers and
+    return `state` with their weights quantized on `device` (layer by layer); else `state`."""
+    if quantize is None:
+        return state
+    plan = quantization_plan(module, quantize)
+    apply_plan(module, plan, quantize=False)
+    return quantize_state(state, plan, device)
 
 
 def save_transformer(path: Union[str, os.PathLike], model: HertzDev, codec_source: Optional[str] = None,
                      extra: Optional[dict] = None) -> Path:
-    """`write_transformer`, atomically."""
+    """`write_transformer`, atomically (a quantized model records which layers are quantized how,
+    so it loads quantized)."""
     return atomic_write(path, lambda tmp: write_transformer(tmp, model, codec_source, extra, label=str(path)))
 

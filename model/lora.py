@@ -52,7 +52,7 @@ from torch import Tensor
 from config import from_dict
 
 from . import hub
-from .checkpoint import FORMAT, save_weights
+from .checkpoint import FORMAT, HASH_KEY, save_weights
 
 # Layers adapted, by the last component of their path: the attention's fused q/k/v and output
 # projections, the SwiGLU's fused gate/up and down projections (model/transformer.py; in every
@@ -67,7 +67,6 @@ PARTS = ("lm", "resynth")
 KIND = "adapter"
 # The key of the content hash in our checkpoints' metadata (model/checkpoint.py, once every file
 # carries one); files without it are fingerprinted by hashing their bytes.
-CONTENT_HASH_KEY = "content_sha256"
 
 
 class AdapterError(ValueError):
@@ -249,7 +248,7 @@ def base_fingerprint(source: Union[str, os.PathLike]) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"{str(source)!r} is neither an official variant ({', '.join(hub.VARIANTS)}) "
                                 "nor an existing checkpoint file")
-    stored = _header(path).get(CONTENT_HASH_KEY)
+    stored = _header(path).get(HASH_KEY)
     if stored:
         return f"content-sha256:{stored}"
     h = hashlib.sha256()

@@ -13,7 +13,6 @@ import numpy as np
 SAMPLE_RATE = 16000
 CHUNK = 2000                          # samples per step: one latent, 125 ms
 CHUNK_BYTES = 2 * CHUNK               # 16-bit PCM
-CHUNK_MS = 1000 * CHUNK / SAMPLE_RATE
 TEXT_PREFIX = "data:audio/raw;base64,"  # the original server's audio text frames
 
 # Websocket close codes of the live server (RFC 6455 and the IANA registry; 4000-4999 are ours).

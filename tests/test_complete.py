@@ -164,3 +164,19 @@ def test_adapter_is_checked_before_any_weights(ckpts, tmp_path):
         assert r.returncode == 2 and "Traceback" not in r.stderr and len(errors) == 1, r.stderr
         assert errors[0].startswith(message) and "loaded" not in r.stderr
         assert not (tmp_path / "out.wav").exists() and not (tmp_path / "ckpt").exists()
+
+
+def test_a_corrupted_checkpoint_is_one_error_line_unless_not_verified(ckpts, tmp_path):
+    """Changed tensor bytes: the content hash no longer matches, one `error:` line naming the
+    file and no output; --no-verify loads it anyway and completes."""
+    corrupted = tmp_path / "duplex.safetensors"
+    data = bytearray(Path(ckpts["duplex"]).read_bytes())
+    data[-100] ^= 0x01  # one bit of one weight
+    corrupted.write_bytes(bytes(data))
+    out = tmp_path / "out.wav"
+    r = run(ckpts["stereo"], out, "--variant", corrupted, "--seconds", 0.25)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-2000:]
+    assert str(corrupted) in lines[0] and "corrupted" in lines[0] and not out.exists()
+    r = run(ckpts["stereo"], out, "--variant", corrupted, "--seconds", 0.25, "--no-verify")
+    assert r.returncode == 0 and out.exists(), r.stderr[-2000:]

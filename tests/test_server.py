@@ -633,7 +633,7 @@ def test_reset_clears_every_piece_of_a_row(model):
     once reset, gives exactly the replies of a fresh engine; a reset with bad arguments raises
     before touching the row."""
     import torch
-    from model.generate import LiveEngine
+    from model.live import LiveEngine
     engine = LiveEngine(model, max_sessions=2)
     engine.reset(0, SamplingParams(token_temp=5, mixture_temp=5, gaussian_temp=5), seed=1)
     engine.step(np.ones((2, 2000), dtype=np.float32), np.array([True, False]))
@@ -853,15 +853,31 @@ def test_cli_errors_before_loading_weights(tmp_path):
 
 
 def test_cli_refuses_a_non_finite_prompt(tmp_path):
-    from model.audio import AudioError, load_audio
     nan = tmp_path / "nan.wav"
     sf.write(nan, np.full((16000, 2), np.nan, dtype=np.float32), 16000, subtype="FLOAT")
-    try:
-        load_audio(str(nan))
-        pytest.skip("model.audio.load_audio does not refuse non-finite samples yet (issue 10, data part)")
-    except AudioError:
-        pass
     assert_cli_errors(tmp_path, {("--prompt-path", str(nan)): ["error: ", str(nan), "non-finite"]})
+
+
+def test_cli_refuses_a_corrupted_checkpoint_unless_told_not_to_verify(model, tmp_path):
+    """A checkpoint whose tensor bytes changed is one `error:` line naming it (its content hash
+    no longer matches); --no-verify loads it (and gets as far as binding its port, here taken)."""
+    import socket
+    from live_server import save_tiny
+    checkpoint = save_tiny(model, tmp_path / "ckpt")
+    data = bytearray(checkpoint.read_bytes())
+    data[-100] ^= 0x01  # one bit of one weight
+    checkpoint.write_bytes(bytes(data))
+    r = run_cli("--checkpoint", str(checkpoint), "--device", "cpu")
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert len(errors) == 1 and str(checkpoint) in errors[0] and "corrupted" in errors[0], r.stderr[-2000:]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        r = run_cli("--checkpoint", str(checkpoint), "--device", "cpu", "--no-verify",
+                    "--port", str(taken.getsockname()[1]), timeout=120)
+    assert "does not match the hash" not in r.stderr and "loading" in r.stderr, r.stderr[-2000:]
+    assert "address already in use" in r.stderr.lower(), r.stderr[-2000:]
 
 
 def test_token_never_reaches_the_log(model, tmp_path):

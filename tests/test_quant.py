@@ -1,0 +1,253 @@
+"""Weight-only int8 / int4 quantization (model/quant.py): the formulas' error bound, quantized
+forwards close to the float ones, cached == full forward, save/load round trip in our format,
+quantizing while loading official-layout files == quantizing after loading. CPU, tiny sizes;
+the CUDA kernels (tinygemm layout, CUDA graphs, torch.compile) are checked where CUDA exists."""
+import copy
+import dataclasses
+import hashlib
+
+import pytest
+import torch
+
+from config.transformer_config import PRESETS
+from model import HertzDev, build, hub, load_hertz_dev, plex_codes, save_transformer
+from model.checkpoint import read_metadata
+from model.hub import OfficialFile
+from model.quant import (Int4Linear, Int8Linear, quantization_of, quantization_plan, quantize_int4, quantize_int8,
+                         quantize_model, unpack_nibbles, weight_bytes)
+
+from reference import rel_err
+
+# Relative error of the outputs against the float model at this size (random weights): int8 is
+# about 1.5%, int4 (group 128) about 20%; the bounds leave a margin of about 2x.
+TOL = {"int8": 0.03, "int4": 0.4}
+CACHE_TOL = 1e-5
+
+# `tiny` at width 128, so the LM and resynthesizer layers have the in_features int4 needs.
+CFG = dataclasses.replace(PRESETS["tiny"], lm_dim=128, resynth_dim=128, resynth_ff_dim=256,
+                          quantizer_dim=128, quantizer_ff_dim=256)
+
+
+def float_model(duplex=True):
+    torch.manual_seed(0)
+    return build(HertzDev, dataclasses.replace(CFG, duplex=duplex)).eval()
+
+
+def flat(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for o in out for t in flat(o)]
+
+
+def outputs(m, x, plex):
+    """LM logits and resynthesizer mixtures (locs, scales, logits) of both channels, as a list."""
+    return flat(m.lm(x)) + flat(m.resynth(x, plex))
+
+
+@pytest.mark.parametrize("group", [32, 128])
+def test_quantized_weights_within_half_a_step(group):
+    torch.manual_seed(0)
+    w = torch.randn(48, 256) * torch.rand(48, 1)  # rows of different magnitudes
+    q, scale = quantize_int8(w)
+    assert q.dtype == torch.int8 and (w - q.float() * scale[:, None]).abs().le(scale[:, None] / 2 + 1e-6).all()
+    packed, sz = quantize_int4(w, group)
+    assert packed.shape == (48, 128) and sz.shape == (256 // group, 48, 2)
+    q4 = unpack_nibbles(packed).float().view(48, -1, group)
+    s4, z4 = sz[..., 0].t()[..., None], sz[..., 1].t()[..., None]
+    err = (w.view(48, -1, group) - ((q4 - 8) * s4 + z4)).abs()
+    assert err.le(s4 / 2 + 1e-6).all()
+
+
+def test_plan_int4_falls_back_to_int8_where_the_kernel_does_not_fit():
+    m = float_model()
+    plan = quantization_plan(m, "int4")
+    linears = [n for n, mod in m.named_modules() if type(mod) is torch.nn.Linear]
+    assert sorted(plan) == sorted(linears)
+    # the quantizer stays int8; 32-wide latent inputs cannot be int4 (in_features % 128 != 0)
+    assert all(plan[n] == "int8" for n in plan if n.startswith("quantizer."))
+    for n in ("lm.input", "lm.input2", "resynth.io.input_projection", "resynth.io2.input_projection"):
+        assert plan[n] == "int8"
+    int4 = [n for n in plan if plan[n] == "int4/128"]
+    assert "lm.layers.0.attn.attn.proj_qkv" in int4 and "lm.output.output" in int4 and "resynth.plex_projection" in int4
+    assert set(quantization_plan(m, "int8").values()) == {"int8"}
+    with pytest.raises(ValueError, match="quantize must be one of"):
+        quantization_plan(m, "int3")
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@torch.no_grad()
+def test_quantized_forward_close_to_float(mode, one_thread):
+    m = float_model()
+    x = torch.randn(2, 16, 64)
+    plex = plex_codes(m.quantizer, x, True)  # the same codes for both, so the resynthesizer is compared alone
+    want = outputs(m, x, plex)
+    q = quantize_model(copy.deepcopy(m), mode)
+    assert isinstance(q.lm.layers[0].attn.attn.proj_qkv, Int8Linear if mode == "int8" else Int4Linear)
+    got = outputs(q, x, plex)
+    assert len(got) == len(want) == 8
+    errs = [rel_err(g, w) for g, w in zip(got, want)]
+    assert max(errs) <= TOL[mode], errs
+    assert max(errs) > 0  # the weights did change
+    # the quantizer too (int8 in both modes): its projected codes stay close
+    assert rel_err(q.quantizer(x[..., :32])[0], m.quantizer(x[..., :32])[0]) <= TOL["int8"] * 3
+    sizes, floats = weight_bytes(q), weight_bytes(m)
+    # float32 -> int8 is a quarter, int4 an eighth (plus scales, norms, biases and int8 fallbacks)
+    assert sizes["lm"] < floats["lm"] * (0.27 if mode == "int8" else 0.16)
+    assert sizes["total"] == sizes["quantizer"] + sizes["lm"] + sizes["resynth"]
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("duplex", [False, True], ids=["mono", "duplex"])
+@torch.no_grad()
+def test_cached_equals_full_forward_when_quantized(mode, duplex, one_thread):
+    m = quantize_model(float_model(duplex), mode)
+    B, T = 2, 12
+    x = torch.randn(B, T, 32 * m.config.channels)
+    full = flat(m.lm(x))
+    cache = m.lm.make_cache(B, max_len=16)
+    assert cache.k.dtype == torch.float32  # a quantized layer's `.weight` is its float weight
+    steps = [m.lm(x[:, :4], cache, torch.arange(4).expand(B, 4))]
+    steps += [m.lm(x[:, t:t + 1], cache, torch.full((B, 1), t)) for t in range(4, T)]
+    for got, want in zip([torch.cat(p, 1) for p in zip(*map(flat, steps))], full):
+        assert rel_err(got, want) <= CACHE_TOL
+
+    plex = plex_codes(m.quantizer, x, duplex)
+    full = flat(m.resynth(x, plex))
+    rc = m.resynth.make_cache(B, max_len=16)
+    sl = (lambda a, b: tuple(p[:, a:b] for p in plex)) if duplex else (lambda a, b: plex[:, a:b])
+    steps = [m.resynth(x[:, t:t + 1], sl(t, t + 1), rc, torch.full((B, 1), t)) for t in range(T)]
+    for got, want in zip([torch.cat(p, 1) for p in zip(*map(flat, steps))], full):
+        assert rel_err(got, want) <= CACHE_TOL
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@torch.no_grad()
+def test_quantized_save_load_round_trip(mode, tmp_path, one_thread):
+    q = quantize_model(float_model(), mode)
+    path = save_transformer(tmp_path / "q.safetensors", q)
+    recorded = read_metadata(path)["quantization"]
+    assert recorded == quantization_of(q) and recorded["mode"] == mode
+    floats = save_transformer(tmp_path / "f.safetensors", float_model())
+    assert path.stat().st_size < floats.stat().st_size * (0.3 if mode == "int8" else 0.2)
+
+    loaded = load_hertz_dev(path, codec=None)  # no quantize=: the file says how
+    assert quantization_of(loaded) == recorded
+    x = torch.randn(1, 8, 64)
+    plex = plex_codes(q.quantizer, x, True)
+    for got, want in zip(outputs(loaded, x, plex), outputs(q, x, plex)):
+        assert torch.equal(got, want)
+    assert load_hertz_dev(path, codec=None, quantize=mode) is not None
+    other = "int4" if mode == "int8" else "int8"
+    with pytest.raises(ValueError, match=f"holds {mode} weights"):
+        load_hertz_dev(path, codec=None, quantize=other)
+
+
+def official_files(tmp_path, monkeypatch, model):
+    """The parts of `model` written as official-layout files (flat float32 state dicts in `.pt`)
+    under the names of the duplex variant, registered with their md5s: loadable offline."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    lm, resynth, _ = hub.VARIANTS["duplex"]
+    for name, part in ((hub.QUANTIZER, model.quantizer), (lm, model.lm), (resynth, model.resynth)):
+        path = folder / f"{name}.pt"
+        torch.save(part.state_dict(), path)
+        data = path.read_bytes()
+        monkeypatch.setitem(hub.OFFICIAL_FILES, name,
+                            OfficialFile(name, hashlib.md5(data).hexdigest(), len(data), "test"))
+    return folder
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@torch.no_grad()
+def test_quantizing_while_loading_equals_quantizing_after(mode, tmp_path, monkeypatch, one_thread):
+    folder = official_files(tmp_path, monkeypatch, float_model())
+    kw = dict(ckpt_dir=folder, offline=True, codec=None, config=CFG)
+    while_loading = load_hertz_dev("duplex", quantize=mode, **kw)
+    after = quantize_model(load_hertz_dev("duplex", **kw), mode)
+    assert quantization_of(while_loading) == quantization_of(after) is not None
+    a, b = while_loading.state_dict(), after.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.randn(1, 8, 64)
+    plex = plex_codes(after.quantizer, x, True)
+    for got, want in zip(outputs(while_loading, x, plex), outputs(after, x, plex)):
+        assert torch.equal(got, want)
+
+
+def test_unknown_quantize_mode_is_refused_before_loading(tmp_path):
+    with pytest.raises(ValueError, match="quantize must be one of int8, int4"):
+        load_hertz_dev("duplex", ckpt_dir=tmp_path / "nothing-here", offline=True, quantize="fp4")
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@torch.no_grad()
+def test_cuda_int4_tinygemm_layout_and_kernels():
+    """On CUDA an Int4Linear holds tinygemm's layout: its forward matches the portable dequantized
+    one, its state dict is the portable layout bit for bit, it moves back to the CPU intact, and
+    it runs inside a CUDA graph and under torch.compile."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(512, 256, bias=True).to(torch.bfloat16)
+    cpu = quantize_model(torch.nn.Sequential(lin), "int4")[0]
+    gpu = copy.deepcopy(cpu).cuda()
+    assert gpu.packed and not cpu.packed
+    sd = gpu.state_dict()
+    assert all(torch.equal(sd[k].cpu(), v) for k, v in cpu.state_dict().items())
+    assert torch.equal(gpu.cpu().qweight, cpu.qweight)
+    gpu.cuda()
+    x = torch.randn(4, 512, dtype=torch.bfloat16, device="cuda")
+    want = torch.nn.functional.linear(x.float(), cpu.dequantize(torch.float32).cuda(), cpu.bias.float().cuda())
+    y = gpu(x)
+    assert rel_err(y, want) <= 1e-2
+    static = x.clone()
+    graph = torch.cuda.CUDAGraph()
+    gpu(static)
+    with torch.cuda.graph(graph):
+        out = gpu(static)
+    static.copy_(x * 2)
+    graph.replay()
+    assert rel_err(out, gpu(x * 2)) <= 1e-3
+    assert rel_err(torch.compile(gpu, fullgraph=True)(x), y) <= 1e-3
+
+
+@cuda
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@torch.no_grad()
+def test_cuda_quantized_model_close_to_float_and_saved_on_gpu_loads_on_cpu(mode, tmp_path):
+    m = float_model()
+    x = torch.randn(1, 8, 64)
+    plex = plex_codes(m.quantizer, x, True)
+    ref = outputs(m, x, plex)
+    gpu = quantize_model(copy.deepcopy(m).cuda().to(torch.bfloat16), mode)
+    got = outputs(gpu, x.cuda().bfloat16(), tuple(p.cuda().bfloat16() for p in plex))
+    assert max(rel_err(g.float().cpu(), w) for g, w in zip(got, ref)) <= TOL[mode]
+    path = save_transformer(tmp_path / "q.safetensors", gpu)
+    cpu = load_hertz_dev(path, codec=None, dtype=torch.float32)
+    cpu_out = outputs(cpu, x, plex)
+    assert max(rel_err(g, w) for g, w in zip(cpu_out, ref)) <= TOL[mode]
+    back = load_hertz_dev(path, codec=None, device="cuda")
+    layer = back.lm.layers[0].attn.attn.proj_qkv
+    assert isinstance(layer, Int8Linear) if mode == "int8" else layer.packed  # tinygemm's layout on CUDA
+    again = outputs(back, x.cuda().bfloat16(), tuple(p.cuda().bfloat16() for p in plex))
+    for a, b in zip(again, got):
+        assert torch.equal(a, b)
+
+
+@cuda
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@torch.no_grad()
+def test_cuda_quantizing_while_loading_peaks_near_the_final_size(mode, tmp_path, monkeypatch):
+    """GPU memory while loading official-layout float32 files quantized: the final quantized
+    weights plus a few MB of scratch, never a float layer or a second copy of the model."""
+    cfg = dataclasses.replace(CFG, lm_dim=1024, lm_heads=8, lm_layers=8, resynth_dim=1024, resynth_heads=8,
+                              resynth_ff_dim=2816)
+    torch.manual_seed(0)
+    folder = official_files(tmp_path, monkeypatch, build(HertzDev, cfg))
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    m = load_hertz_dev("duplex", device="cuda", ckpt_dir=folder, offline=True, codec=None, config=cfg, quantize=mode)
+    final, peak = torch.cuda.memory_allocated() - base, torch.cuda.max_memory_allocated() - base
+    assert abs(final - weight_bytes(m)["total"]) <= 2**20
+    assert peak - final <= 32 * 2**20, (peak, final)  # the largest float32 layer alone is 128 MB
