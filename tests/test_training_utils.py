@@ -183,3 +183,10 @@ def test_state_to_load_picks_latest_for_resume_and_eval_only(tmp_path):
     assert state_to_load(ck, False, False, "") is None  # resume=false
     assert state_to_load(ck, False, True, "") == latest  # eval_only evaluates the latest checkpoint
     assert state_to_load(ck, True, True, "x.safetensors") is None  # ... or init_from
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_device_cuda_without_a_gpu_is_a_user_error():
+    from model.training import setup_distributed
+    with pytest.raises(ConfigError, match="device=cuda but no GPU is visible; use device=cpu"):
+        setup_distributed("cuda")
