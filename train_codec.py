@@ -372,7 +372,8 @@ def resume_notes(state: dict, cfg: CodecConfig, world_size: int) -> list[str]:
         notes.append(f"checkpoint made with {state.get('world_size', 1)} processes, resumed with {world_size}: "
                      "the step and LR continue, the data order does not")
     if cfg.init_from:
-        notes.append(f"resuming from {Path(cfg.checkpoint_dir) / 'latest.pt'}; init_from={cfg.init_from} only starts fresh runs")
+        notes.append(f"resuming from {Path(cfg.checkpoint_dir) / 'latest.pt'}; "
+                     f"init_from={cfg.init_from} only starts fresh runs")
     return notes
 
 

@@ -83,7 +83,7 @@ class CodecConfig:
     eval_interval: int = 1000
     save_interval: int = 1000                   # also saved after every evaluation and at the end
     keep_checkpoints: int = 3                   # step_*.pt files kept (latest and best always kept)
-    max_minutes: float = 0.0                    # stop cleanly (eval + save) after this wall time; 0: never
+    max_minutes: float = 0.0                    # stop (eval + save) at a log step past this wall time; 0: never
     num_audio_samples: int = 3                  # input/reconstruction pairs logged at each evaluation
     checkpoint_dir: str = "checkpoints/codec"   # the run folder: checkpoints, metrics, plots, samples
     device: str = field(default="cuda", metadata=DEVICE)

@@ -89,7 +89,7 @@ class TransformerConfig:
     save_interval: int = 1000
     checkpoint_dir: str = "checkpoints/transformer"
     keep_checkpoints: int = 3                   # step_*.pt files kept (plus latest and best)
-    max_minutes: float = 0.0                    # > 0: checkpoint and stop after this wall time
+    max_minutes: float = 0.0                    # > 0: eval, save and stop at a log step past this wall time
     sample_seconds: float = 5.0                 # audio completion generated at each evaluation
     peak_tflops: float = 0.0                    # per GPU, for MFU; 0: known GPUs (H100/H200 989)
     device: str = field(default="cuda", metadata=DEVICE)

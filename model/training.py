@@ -260,8 +260,10 @@ class Checkpoints:
              export: Optional[Callable[[str], None]] = None) -> Path:
         """Write the step's training state, and with it `export(path)` (the model as our
         .safetensors) to latest.safetensors; update latest, best (if `metric` improves, with
-        best.safetensors) and the rotation. Returns the step file. Raises CheckpointError, and
-        writes nothing, if the state holds NaN or inf or the folder cannot be written."""
+        best.safetensors) and the rotation. `metric` is the trainers' `Due.best_metric`: the
+        validation value of an evaluation made at this step, None for a step not evaluated.
+        Returns the step file. Raises CheckpointError, and writes nothing, if the state holds NaN
+        or inf or the folder cannot be written."""
         path = self.folder / f"step_{step:08d}.pt"
         refuse_non_finite(state, path)
         exported = self.folder / "latest.safetensors"
