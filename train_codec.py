@@ -210,13 +210,6 @@ def main(argv=None) -> dict:
             "val/mel_distance": metric}, metric,  # the LR is a function of the step: no scheduler state
             export=lambda tmp: write_codec(tmp, unwrap(generator), extra))
 
-    def export_state(saved: dict, tmp: str) -> None:
-        """The codec of a training state, as save() exports it: rebuilds an export a kill left behind."""
-        with torch.device("meta"):  # no initialisation: it would draw from the RNG an exact resume restored
-            codec = Codec(from_dict(CodecConfig, saved["config"], strict=False))
-        codec.load_state_dict(saved["generator"], assign=True)
-        write_codec(tmp, codec, {"step": saved["step"], "val/mel_distance": saved.get("val/mel_distance")})
-
     if is_main:
         for note in checkpoints.recover(export_state):
             say(f"note: {note}")
@@ -435,6 +428,14 @@ def load_weights(source: str, cfg: CodecConfig, generator: Codec, discriminators
         discriminators.load_state_dict(state["discriminators"])
         return f"{source} (codec and discriminators)"
     return source
+
+
+def export_state(saved: dict, tmp: str) -> None:
+    """The codec of a training state, as main's save() exports it: rebuilds an export a kill left behind."""
+    with torch.device("meta"):  # no initialisation: it would draw from the RNG an exact resume restored
+        codec = Codec(from_dict(CodecConfig, saved["config"], strict=False))
+    codec.load_state_dict(saved["generator"], assign=True)
+    write_codec(tmp, codec, {"step": saved["step"], "val/mel_distance": saved.get("val/mel_distance")})
 
 
 def describe(name: str, dataset: AudioCropDataset) -> str:
