@@ -116,7 +116,8 @@ def main(argv=None) -> dict:
         f"val {len(val_set)} crops of <= {cfg.seq_len}")
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     if (state is None or lora) and cfg.init_from:  # a LoRA run's state holds the adapters, not the base
-        model, source = rank0_first(lambda: initial_weights(cfg))
+        model, label = rank0_first(lambda: initial_weights(cfg))
+        source = label if state is None else f"{label}, adapters from {source}"
     else:
         model = build(HertzDev, cfg)
     fsdp = ddp.enabled and cfg.parallel == "fsdp"
