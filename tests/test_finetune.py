@@ -5,6 +5,9 @@ an int8 base (once model/quant.py is merged) and the one-line config errors."""
 import hashlib
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -18,7 +21,7 @@ from model.lora import base_fingerprint, read_adapter
 
 from hub_server import HubServer
 from reference import PARITY_DIR, require, transformer_config
-from test_train_transformer import REGISTER, base_args, fails, setup, train, train_rows  # noqa: F401 (setup: fixture)
+from test_train_transformer import REGISTER, REPO, base_args, fails, setup, train, train_rows  # noqa: F401 (setup: fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 LORA = {"finetune": "lora", "lora_rank": 4, "lora_alpha": 8.0}
@@ -148,3 +151,13 @@ def test_lora_config_errors_are_one_line(setup, base, tmp_path, mistake, message
                      **{k: (base if v == "BASE" else v) for k, v in mistake.items()})
     assert message in fails(args)
     assert not (tmp_path / "latents").exists()  # found before any latent is encoded
+
+
+def test_benchmark_lora_smoke():
+    out = subprocess.run([sys.executable, "benchmarks/transformer_train.py", "--device", "cpu", "--preset", "tiny",
+                          "--steps", "2", "--finetune", "lora", "--lora-rank", "4"], cwd=REPO, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert len(rows) == 1 and rows[0]["finetune"] == "lora" and rows[0]["latents_per_s"] > 0
+    assert 0 < rows[0]["trainable_m"] < 0.01 * sum(rows[0]["params_m"].values())
