@@ -161,3 +161,24 @@ def test_benchmark_lora_smoke():
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert len(rows) == 1 and rows[0]["finetune"] == "lora" and rows[0]["latents_per_s"] > 0
     assert 0 < rows[0]["trainable_m"] < 0.01 * sum(rows[0]["params_m"].values())
+
+
+def test_lora_adapter_export_lost_to_a_kill_is_rebuilt(setup, base, tmp_path):
+    """A kill between a state's rename and its export's: the next start rebuilds the adapter file
+    from the training state, the same file as the one written with it."""
+    import shutil
+    run_dir, _, _ = lora_run(setup, base)
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    def content(path):  # the header's order of keys varies from one write to the next
+        with safe_open(str(path), "pt") as f:
+            return f.metadata(), load_file(str(path))
+    meta, tensors = content(copy / "latest.adapter.safetensors")
+    (copy / "latest.adapter.safetensors").unlink()
+    log, _ = train(base_args(setup, copy, init_from=base, **LORA))
+    assert "rebuilt latest.adapter.safetensors from latest.pt (step 2; it held nothing)" in log
+    meta2, tensors2 = content(copy / "latest.adapter.safetensors")
+    assert meta2 == meta and tensors2.keys() == tensors.keys() and all(torch.equal(tensors2[k], v) for k, v in tensors.items())
