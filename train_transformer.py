@@ -5,6 +5,7 @@
     python train_transformer.py --config tiny                       # seconds on a CPU
     python train_transformer.py --config small device=cuda codec_checkpoint=official duplex=false
     torchrun --nproc_per_node 8 train_transformer.py --config hertz_dev init_from=official stage=lm
+    python train_transformer.py --config hertz_dev init_from=official finetune=lora   # LoRA on one GPU
 
 Stages (`stage=`), each resumable (see the README):
   quantizer      quantizer + resynthesizer jointly: the resynthesizer's mixture NLL of the next latent
@@ -19,7 +20,8 @@ Latents: the train and val folders are encoded once by the frozen codec (`codec_
 read draws z = mu + sigma * eps. Duplex reads two-channel files, one speaker per channel.
 
 Everything goes to `checkpoint_dir`: `step_*.pt`, `latest.pt`, `best.pt` (by the stage's validation
-loss) training states; `latest.safetensors` / `best.safetensors` for `model.load_hertz_dev`;
+loss) training states; `latest.safetensors` / `best.safetensors` for `model.load_hertz_dev` (LoRA runs,
+`finetune=lora`: `latest.adapter.safetensors` / `best.adapter.safetensors`, see model/finetune.py);
 `metrics.jsonl`, `samples/` (an audio completion per evaluation) and the W&B run. Evaluations also
 print one JSON line each (`{"eval": step, ...}`).
 """
@@ -305,7 +307,10 @@ def main(argv=None) -> dict:
         for micro in range(cfg.grad_accum_steps):
             batch = next(batches)
             # the posterior noise depends on (seed, step, micro-batch, rank) only: exact resume
-            noise.manual_seed(int(np.random.SeedSequence([cfg.seed, step, micro, ddp.rank]).generate_state(1)[0]))
+            seed = int(np.random.SeedSequence([cfg.seed, step, micro, ddp.rank]).generate_state(1)[0])
+            noise.manual_seed(seed)
+            if lora and cfg.lora_dropout:  # the adapters' dropout draws from the global generator
+                torch.manual_seed(seed)
             x, valid = latents_of(batch, noise)
             with gradient_sync(wrapped, micro == cfg.grad_accum_steps - 1):
                 with autocast(device, cfg.dtype):

@@ -70,12 +70,14 @@ def test_lora_trains_only_the_adapters_and_exports_them(setup, base):
         {k: v for k, v in evals[2].items() if k.startswith("val/")}
 
 
-def test_lora_resume_continues_exactly(setup, base):
-    run_dir, _, evals = lora_run(setup, base)
-    resumed = setup["root"] / "run-lora-resumed"
-    log, first = train(base_args(setup, resumed, init_from=base, max_minutes=1e-9, **LORA))
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_lora_resume_continues_exactly(setup, base, dropout):
+    """Stopped after one step and resumed: the same losses and final validation as in one go."""
+    run_dir, _, evals = lora_run(setup, base, f"run-lora-{dropout}", lora_dropout=dropout)
+    resumed = setup["root"] / f"run-lora-resumed-{dropout}"
+    log, first = train(base_args(setup, resumed, init_from=base, max_minutes=1e-9, lora_dropout=dropout, **LORA))
     assert "reached at step 1" in log and sorted(first) == [0, 1]
-    log, second = train(base_args(setup, resumed, init_from=base, **LORA))
+    log, second = train(base_args(setup, resumed, init_from=base, lora_dropout=dropout, **LORA))
     assert f"{resumed / 'latest.pt'} (step 1)" in log and sorted(second) == [2]
     assert train_rows(resumed) == train_rows(run_dir)
     assert second[2] == evals[2]
