@@ -85,13 +85,13 @@ def main(argv=None) -> dict:
     # eval_only evaluates init_from if given, else the latest checkpoint. Checked before the codec
     # loads and the latents are encoded, so a contradicting config fails at once.
     step, state, source = 0, None, "random init"
-    base = finetune.base_of(cfg) if lora else None  # (source, fingerprint) of the LoRA base
+    base = finetune.base_of(cfg) if lora else {}  # base_source, base_fingerprint of the LoRA base
     if checkpoints.latest and (cfg.eval_only and (lora or not cfg.init_from) or cfg.resume and not cfg.eval_only):
         state = torch.load(checkpoints.latest, map_location="cpu", mmap=True, weights_only=False)
         marks = ("arch",) if cfg.eval_only else ("arch", "resume")  # resuming must also train the same stage
         check_resumable(state["config"], cfg, fields_marked(TransformerConfig, *marks))
         if lora:
-            finetune.check_resume(state, *reversed(base), checkpoints.latest)
+            finetune.check_resume(state, base, checkpoints.latest)
         step, source = state["step"], f"{checkpoints.latest} (step {state['step']})"
     elif cfg.eval_only and not cfg.init_from:
         raise ConfigError(f"eval_only=true: nothing to evaluate in {run_dir} (no latest.pt); "
@@ -157,7 +157,7 @@ def main(argv=None) -> dict:
         f"{source}; {ddp.world_size} x {device}" + (f" ({cfg.parallel})" if ddp.enabled else ""))
     if lora:
         say(f"finetune=lora: {sum(p.numel() for p in params) / 1e6:.2f}M adapter parameters (rank {cfg.lora_rank}, "
-            f"{cfg.lora_targets}) on the frozen base {base[0]}" + (f" in {cfg.base_quantize}" if cfg.base_quantize else ""))
+            f"{cfg.lora_targets}) on the frozen base {base['base_source']}" + (f" in {cfg.base_quantize}" if cfg.base_quantize else ""))
 
     # --- helpers --------------------------------------------------------------------------------
     def get_lr(it: int) -> float:
@@ -230,7 +230,7 @@ def main(argv=None) -> dict:
         training_state = {"model": model_state, "optimizer": optim_state, "step": it,
                           "config": dataclasses.asdict(cfg), "codec": fingerprint, "codec_source": cfg.codec_checkpoint,
                           "rng_state": rng_state(), "world_size": ddp.world_size, "wandb_id": logger.run_id,
-                          "val/loss": metric, **(dict(zip(("base_source", "base_fingerprint"), base)) if lora else {})}
+                          "val/loss": metric, **base}
         checkpoints.save(it, training_state, metric, export=lambda tmp: export(training_state, tmp))
 
     def export_state(saved: dict, tmp: str) -> None:

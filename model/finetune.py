@@ -70,18 +70,20 @@ def trained_parts(cfg: TransformerConfig) -> tuple[str, ...]:
     return STAGES[cfg.stage]
 
 
-def base_of(cfg: TransformerConfig) -> tuple[str, str]:
-    """(source, fingerprint) of a LoRA run's base: init_from, "official" read as this run's variant."""
+def base_of(cfg: TransformerConfig) -> dict:
+    """{"base_source", "base_fingerprint"} of a LoRA run's base (as its training states record
+    them): init_from, "official" read as this run's variant, and its `base_fingerprint`."""
     source = ("duplex" if cfg.duplex else "mono") if cfg.init_from == "official" else cfg.init_from
-    return source, base_fingerprint(source)
+    return {"base_source": source, "base_fingerprint": base_fingerprint(source)}
 
 
-def check_resume(state: dict, fingerprint: str, source: str, path) -> None:
-    """A LoRA training state resumes only on the base it was trained on (ConfigMismatch)."""
-    if state.get("base_fingerprint") != fingerprint:
+def check_resume(state: dict, base: dict, path) -> None:
+    """A LoRA training state resumes only on the base (`base_of`) it was trained on (ConfigMismatch)."""
+    if state.get("base_fingerprint") != base["base_fingerprint"]:
         raise ConfigMismatch(f"{path} holds adapters of base {state.get('base_source')} "
-                             f"({state.get('base_fingerprint')}), init_from is {source} ({fingerprint}). "
-                             "Use the run's init_from, another checkpoint_dir, or resume=false.")
+                             f"({state.get('base_fingerprint')}), init_from is {base['base_source']} "
+                             f"({base['base_fingerprint']}). Use the run's init_from, another checkpoint_dir, "
+                             "or resume=false.")
 
 
 def setup(model: nn.Module, cfg: TransformerConfig, compute_dtype: torch.dtype) -> LoRAConfig:
