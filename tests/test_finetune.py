@@ -83,13 +83,15 @@ def test_lora_resume_continues_exactly(setup, base, dropout):
     assert second[2] == evals[2]
 
 
-def test_lora_resume_on_another_base_is_refused(setup, base, tmp_path):
+def test_lora_resume_on_another_base_or_rank_is_refused(setup, base, tmp_path):
     run_dir, _, _ = lora_run(setup, base)
     torch.manual_seed(2)
     other = save_transformer(tmp_path / "other.safetensors", build(HertzDev, PRESETS["tiny"]),
                              codec_source=str(setup["codec"]))
     log = fails(base_args(setup, run_dir, init_from=other, max_steps=3, **LORA))
     assert f"holds adapters of base {base}" in log and f"init_from is {other}" in log
+    log = fails(base_args(setup, run_dir, init_from=base, max_steps=3, **{**LORA, "lora_rank": 8}))
+    assert "contradicts the checkpoint" in log and "lora_rank" in log
 
 
 def test_lora_ddp_two_processes(setup, base):
