@@ -2,6 +2,7 @@
 the adapters learn, the base stays bit-identical, adapter files are exported, exact resume, a
 contradicting base refused, two-process gloo DDP, init_from=official through the loopback hub,
 an int8 base (once model/quant.py is merged) and the one-line config errors."""
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -186,3 +187,14 @@ def test_lora_adapter_export_lost_to_a_kill_is_rebuilt(setup, base, tmp_path):
     assert "rebuilt latest.adapter.safetensors from latest.pt (step 2; it held nothing)" in log
     meta2, tensors2 = content(copy / "latest.adapter.safetensors")
     assert meta2 == meta and tensors2.keys() == tensors.keys() and all(torch.equal(tensors2[k], v) for k, v in tensors.items())
+
+
+def test_lora_under_torchrun_needs_ddp():
+    """Every GPU of a LoRA run holds the whole frozen base: FSDP (hertz_dev's default) is refused."""
+    from config import ConfigError
+    from model import finetune
+    cfg = dataclasses.replace(PRESETS["hertz_dev"], finetune="lora", init_from="official")
+    finetune.check_config(cfg, 1)
+    finetune.check_config(dataclasses.replace(cfg, parallel="ddp"), 2)
+    with pytest.raises(ConfigError, match="pass parallel=ddp with torchrun"):
+        finetune.check_config(cfg, 2)
