@@ -4,6 +4,7 @@
     python inference_server.py --host 0.0.0.0 --token "$(openssl rand -hex 16)" --max-sessions 8
     python inference_server.py --checkpoint checkpoints/transformer/best.safetensors --device cpu
     python inference_server.py --prompt-path prompts/bob_mono.wav --recordings recordings/
+    python inference_server.py --adapter checkpoints/transformer/best.adapter.safetensors   # a LoRA fine-tune
 
 Each websocket connection to /audio is a session with its own slot in the live engine: every
 2000-sample user chunk (125 ms at 16 kHz) is one model step and 2000 samples of model audio back,
@@ -1054,6 +1055,8 @@ def parse_args(argv=None):
     src.add_argument("--variant", default="duplex", help="official weights (downloaded to --ckpt-dir); the live "
                                                          "server needs the duplex variant")
     src.add_argument("--checkpoint", help="one of our duplex transformer checkpoints (.safetensors)")
+    ap.add_argument("--adapter", metavar="PATH", help="a LoRA adapter file (.adapter.safetensors) trained on "
+                    "--variant or --checkpoint (train_transformer.py finetune=lora)")
     ap.add_argument("--codec", default="auto", help="auto (official, or the one recorded in the checkpoint), official, or a path")
     ap.add_argument("--ckpt-dir", default="ckpt")
     ap.add_argument("--offline", action="store_true", help="never download official weights")
@@ -1122,7 +1125,7 @@ def check_args(args):
         params = check_params(values)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    for path in (args.checkpoint, args.prompt_path, None if args.codec in ("auto", "official") else args.codec):
+    for path in (args.checkpoint, args.adapter, args.prompt_path, None if args.codec in ("auto", "official") else args.codec):
         if path is not None and not os.path.isfile(path):
             raise SystemExit(f"error: no such file: {path}")
     prompt = None
@@ -1141,9 +1144,17 @@ def load_engine(args):
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     source = args.checkpoint or args.variant
+    if args.adapter:  # an adapter of another base is refused before any weights load
+        from model.lora import AdapterError, base_fingerprint, check_adapter
+        try:
+            check_adapter(args.adapter, base_fingerprint(source), source)
+        except AdapterError as e:
+            raise SystemExit(f"error: {e}")
     log.info("loading %s on %s", source, device)
     model = load_hertz_dev(source, device=device, dtype=dtype, ckpt_dir=args.ckpt_dir, offline=args.offline or None,
-                           codec=args.codec, verify=not args.no_verify)
+                           codec=args.codec, adapter=args.adapter, verify=not args.no_verify)
+    if args.adapter:
+        log.info("adapter %s applied", args.adapter)
     max_sessions = int(args.max_sessions) if args.max_sessions != "auto" else 8 if device.startswith("cuda") else 1
     return LiveEngine(model, max_sessions=max_sessions, max_len=args.max_len,
                       cuda_graphs=False if args.no_cuda_graphs else None, compile=False if args.no_compile else "auto", encode=args.encode)

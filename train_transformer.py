@@ -5,6 +5,7 @@
     python train_transformer.py --config tiny                       # seconds on a CPU
     python train_transformer.py --config small device=cuda codec_checkpoint=official duplex=false
     torchrun --nproc_per_node 8 train_transformer.py --config hertz_dev init_from=official stage=lm
+    python train_transformer.py --config hertz_dev init_from=official finetune=lora   # LoRA on one GPU
 
 Stages (`stage=`), each resumable (see the README):
   quantizer      quantizer + resynthesizer jointly: the resynthesizer's mixture NLL of the next latent
@@ -19,7 +20,8 @@ Latents: the train and val folders are encoded once by the frozen codec (`codec_
 read draws z = mu + sigma * eps. Duplex reads two-channel files, one speaker per channel.
 
 Everything goes to `checkpoint_dir`: `step_*.pt`, `latest.pt`, `best.pt` (by the stage's validation
-loss) training states; `latest.safetensors` / `best.safetensors` for `model.load_hertz_dev`;
+loss) training states; `latest.safetensors` / `best.safetensors` for `model.load_hertz_dev` (LoRA runs,
+`finetune=lora`: `latest.adapter.safetensors` / `best.adapter.safetensors`, see model/finetune.py);
 `metrics.jsonl`, `samples/` (an audio completion per evaluation) and the W&B run. Evaluations also
 print one JSON line each (`{"eval": step, ...}`).
 """
@@ -41,12 +43,12 @@ from tqdm import tqdm
 
 from config import ConfigError, fields_marked, from_dict, parse_args
 from config.transformer_config import PRESETS, TransformerConfig
-from model import Generator, HertzDev, build, hub, load_codec, load_hertz_dev
+from model import Generator, HertzDev, build, finetune, hub, load_codec, load_hertz_dev
 from model.checkpoint import read_metadata
 from model.loading import write_transformer
 from model.latents import LatentCrops, StepSampler, codec_fingerprint, prepare_latents, sample_posterior
 from model.manifest import ManifestError, is_manifest, read_manifest
-from model.objectives import STAGE_LOSSES, STAGES, compute_losses, peak_flops, train_flops_per_latent
+from model.objectives import STAGE_LOSSES, compute_losses, peak_flops, train_flops_per_latent
 from model.parallel import (compile_blocks, full_state_dicts, gradient_sync, inner, load_full_state_dicts,
                             parallelize, rank0_first)
 from model.training import (Checkpoints, ConfigMismatch, Deadline, Logger, all_reduce_mean, autocast, before_step,
@@ -62,8 +64,10 @@ def main(argv=None) -> dict:
     # --- config ---------------------------------------------------------------------------------
     cfg = parse_args(sys.argv[1:] if argv is None else argv, PRESETS)
     check_config(cfg)
+    lora = cfg.finetune == "lora"  # adapters on a frozen init_from base (model/finetune.py)
+    finetune.check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     weights = {"lm_ce": cfg.lm_loss_weight, "resynth_nll": cfg.resynth_loss_weight}
-    losses_of_stage, trained = STAGE_LOSSES[cfg.stage], STAGES[cfg.stage]
+    losses_of_stage, trained = STAGE_LOSSES[cfg.stage], finetune.trained_parts(cfg)
 
     # --- setup ----------------------------------------------------------------------------------
     ddp = setup_distributed(cfg.device)
@@ -74,17 +78,21 @@ def main(argv=None) -> dict:
         torch.backends.cudnn.allow_tf32 = True
     deadline = Deadline(cfg.max_minutes, device)
     run_dir = Path(cfg.checkpoint_dir)
-    checkpoints = Checkpoints(run_dir, keep=cfg.keep_checkpoints)
+    checkpoints = Checkpoints(run_dir, keep=cfg.keep_checkpoints,
+                              export_suffix=finetune.ADAPTER_SUFFIX if lora else ".safetensors")
 
     # Where the weights come from: the latest checkpoint (resume), else init_from, else fresh.
     # eval_only evaluates init_from if given, else the latest checkpoint. Checked before the codec
     # loads and the latents are encoded, so a contradicting config fails at once.
     step, state, source = 0, None, "random init"
-    latest = state_to_load(checkpoints, cfg.resume, cfg.eval_only, cfg.init_from)
+    base = finetune.base_of(cfg) if lora else {}  # base_source, base_fingerprint of the LoRA base
+    latest = state_to_load(checkpoints, cfg.resume, cfg.eval_only, cfg.init_from, adapters=lora)
     if latest:
         state = torch.load(latest, map_location="cpu", mmap=True, weights_only=False)
         marks = ("arch",) if cfg.eval_only else ("arch", "resume")  # resuming must also train the same stage
         check_resumable(state["config"], cfg, fields_marked(TransformerConfig, *marks))
+        if lora:
+            finetune.check_resume(state, base, latest)
         step, source = state["step"], f"{latest} (step {state['step']})"
 
     codec = rank0_first(lambda: frozen_codec(cfg, device))  # rank 0 downloads the official codec if missing
@@ -105,16 +113,21 @@ def main(argv=None) -> dict:
     say(f"latents (codec {fingerprint}, {channels}): train {train_set.lengths.sum()} in {len(train_set.files)} files, "
         f"val {len(val_set)} crops of <= {cfg.seq_len}")
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    if state is None and cfg.init_from:
-        model, source = rank0_first(lambda: initial_weights(cfg))
+    if (state is None or lora) and cfg.init_from:  # a LoRA run's state holds the adapters, not the base
+        model, label = rank0_first(lambda: initial_weights(cfg))
+        source = label if state is None else f"{label}, adapters from {source}"
     else:
         model = build(HertzDev, cfg)
     fsdp = ddp.enabled and cfg.parallel == "fsdp"
+    compute_dtype = torch.bfloat16 if device.type == "cuda" and cfg.dtype == "bfloat16" else torch.float32
+    if lora:  # cast, quantize and adapt the base on the CPU; only the adapters then learn
+        finetune.setup(model, cfg, compute_dtype)
     for name in PARTS:  # trained parts learn; the others are frozen (and left out of the optimizer)
-        part = getattr(model, name).requires_grad_(name in trained).train(name in trained)
+        part = getattr(model, name).train(name in trained)
+        if not lora:  # a LoRA model's trainable parameters are its adapters (finetune.setup)
+            part.requires_grad_(name in trained)
         if not (fsdp and name in trained):
             part.to(device)  # FSDP moves a trained part to the GPUs block by block, as it shards it
-    compute_dtype = torch.bfloat16 if device.type == "cuda" and cfg.dtype == "bfloat16" else torch.float32
     if cfg.compile:
         for name in ("lm", "resynth"):
             compile_blocks(getattr(model, name))
@@ -131,12 +144,16 @@ def main(argv=None) -> dict:
         lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
         fused=device.type == "cuda" and not fsdp)
     if state is not None:
-        load_full_state_dicts(model, state["model"], *((optimizer, state["optimizer"]) if not cfg.eval_only else ()))
+        load = finetune.load_state_dicts if lora else load_full_state_dicts
+        load(model, state["model"], *((optimizer, state["optimizer"]) if not cfg.eval_only else ()))
         del state["model"], state["optimizer"]
     n_params = {name: sum(p.numel() for p in getattr(model, name).parameters()) for name in PARTS}
     say(f"stage {cfg.stage}: training {' + '.join(trained)} ({sum(n_params[n] for n in trained) / 1e6:.2f}M of "
         f"{sum(n_params.values()) / 1e6:.2f}M parameters), {'duplex' if cfg.duplex else 'mono'}, weights from "
         f"{source}; {ddp.world_size} x {device}" + (f" ({cfg.parallel})" if ddp.enabled else ""))
+    if lora:
+        say(f"finetune=lora: {sum(p.numel() for p in params) / 1e6:.2f}M adapter parameters (rank {cfg.lora_rank}, "
+            f"{cfg.lora_targets}) on the frozen base {base['base_source']}" + (f" in {cfg.base_quantize}" if cfg.base_quantize else ""))
 
     # --- helpers --------------------------------------------------------------------------------
     def get_lr(it: int) -> float:
@@ -203,14 +220,14 @@ def main(argv=None) -> dict:
     def save(it: int, metric) -> None:
         """Training state (full, unsharded) to step_*.pt / latest.pt (/ best.pt), and the model as
         latest.safetensors (/ best.safetensors) for load_hertz_dev. A collective under FSDP."""
-        model_state, optim_state = full_state_dicts(model, optimizer)
+        model_state, optim_state = (finetune.state_dicts if lora else full_state_dicts)(model, optimizer)
         if not is_main:
             return
         training_state = {"model": model_state, "optimizer": optim_state, "step": it,
                           "config": dataclasses.asdict(cfg), "codec": fingerprint, "codec_source": cfg.codec_checkpoint,
                           "rng_state": rng_state(), "world_size": ddp.world_size, "wandb_id": logger.run_id,
-                          "val/loss": metric}
-        checkpoints.save(it, training_state, metric, export=lambda tmp: export_state(training_state, tmp))
+                          "val/loss": metric, **base}
+        checkpoints.save(it, training_state, metric, export=lambda tmp: export(training_state, tmp))
 
     def export_state(saved: dict, tmp: str) -> None:
         """The model of a training state as our .safetensors (for load_hertz_dev); also rebuilds an
@@ -219,6 +236,8 @@ def main(argv=None) -> dict:
                  "val/loss": saved.get("val/loss")}
         write_transformer(tmp, _export_model(from_dict(TransformerConfig, saved["config"], strict=False), saved["model"]),
                           codec_source=saved["codec_source"], extra=extra)
+
+    export = finetune.export_adapter if lora else export_state
 
     if cfg.eval_only:  # prints the metrics, writes nothing
         metrics = evaluate()
@@ -229,7 +248,7 @@ def main(argv=None) -> dict:
     logger = Logger(cfg.wandb, cfg.wandb_project, run_dir, cfg, is_main=is_main,
                     resume_id=state.get("wandb_id") if state else None)
     if is_main:
-        for note in checkpoints.recover(export_state):
+        for note in checkpoints.recover(export):
             say(f"note: {note}")
 
     # --- training loop --------------------------------------------------------------------------
@@ -275,7 +294,10 @@ def main(argv=None) -> dict:
         for micro in range(cfg.grad_accum_steps):
             batch = next(batches)
             # the posterior noise depends on (seed, step, micro-batch, rank) only: exact resume
-            noise.manual_seed(int(np.random.SeedSequence([cfg.seed, step, micro, ddp.rank]).generate_state(1)[0]))
+            seed = int(np.random.SeedSequence([cfg.seed, step, micro, ddp.rank]).generate_state(1)[0])
+            noise.manual_seed(seed)
+            if lora and cfg.lora_dropout:  # the adapters' dropout draws from the global generator
+                torch.manual_seed(seed)
             x, valid = latents_of(batch, noise)
             with gradient_sync(wrapped, micro == cfg.grad_accum_steps - 1):
                 with autocast(device, cfg.dtype):
@@ -323,7 +345,7 @@ def main(argv=None) -> dict:
             codes.zero_()
 
     bar.close()
-    say(f"done at step {step}: {run_dir / 'latest.safetensors'}")
+    say(f"done at step {step}: {run_dir / f'latest{checkpoints.export_suffix}'}")
     logger.finish()
     teardown_distributed()
     return metrics

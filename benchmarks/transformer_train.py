@@ -2,6 +2,8 @@
 
     python benchmarks/transformer_train.py                           # H100: medium preset (1.07B), ~3 min
     python benchmarks/transformer_train.py --device cpu --preset tiny --steps 2   # smoke test
+    python benchmarks/transformer_train.py --preset hertz_dev --finetune lora --configs compile:1:ac
+    python benchmarks/transformer_train.py --preset hertz_dev --finetune lora --base-quantize int8 --configs compile:1:ac
 
 The training step of train_transformer.py (`model.objectives.compute_losses`, blocks compiled by
 `model.parallel.compile_blocks`, fused AdamW over float32 master weights, bf16 autocast, flash
@@ -15,6 +17,11 @@ plus attention 6 * d * T per layer and stream (causal: QK^T and AV over T/2 keys
 for forward + backward), plus the quantizer. `mfu` divides by 989 TFLOP/s (H100/H200 dense bf16)
 or --peak-tflops; `mfu_palm` counts attention as PaLM does (12 * L * d * T, no causal halving).
 Activation recomputation is never counted.
+
+`--finetune lora` trains rank-`--lora-rank` adapters on a frozen base (`model/finetune.py`, as
+train_transformer.py finetune=lora: the LM and resynthesizer in bf16 on CUDA, or in int8 with
+`--base-quantize int8`; the quantizer frozen). Its FLOPs are counted as full training's, though
+the frozen weights get no weight gradients: its MFU overstates the work; compare latents/s.
 """
 from __future__ import annotations
 
@@ -31,7 +38,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from config.transformer_config import PRESETS  # noqa: E402
-from model import HertzDev, build  # noqa: E402
+from model import HertzDev, build, finetune  # noqa: E402
 from model.objectives import STAGE_LOSSES, STAGES, compute_losses, peak_flops, train_flops_per_latent  # noqa: E402
 from model.parallel import compile_blocks  # noqa: E402
 
@@ -39,10 +46,13 @@ from model.parallel import compile_blocks  # noqa: E402
 def run(cfg, stage: str, micro_batch: int, compiled: bool, checkpointing: bool, steps: int, warmup: int,
         device: torch.device, peak: float | None) -> dict:
     torch.manual_seed(0)
+    cfg = dataclasses.replace(cfg, stage=stage)
     model = build(HertzDev, cfg, device=device)
-    trained = STAGES[stage]
+    trained = finetune.trained_parts(cfg)
     for name in ("quantizer", "lm", "resynth"):
         getattr(model, name).requires_grad_(name in trained).train(name in trained)
+    if cfg.finetune == "lora":  # the frozen base cast (and quantized), then adapted
+        finetune.setup(model, cfg, torch.bfloat16 if device.type == "cuda" else torch.float32)
     if compiled:
         compile_blocks(model.lm)
         compile_blocks(model.resynth)
@@ -83,7 +93,9 @@ def run(cfg, stage: str, micro_batch: int, compiled: bool, checkpointing: bool, 
     flops = train_flops_per_latent(cfg, stage, T)
     flops_palm = train_flops_per_latent(cfg, stage, T, causal=False)
     n = {name: sum(p.numel() for p in getattr(model, name).parameters()) for name in ("quantizer", "lm", "resynth")}
-    row = {"preset": cfg_name(cfg), "stage": stage, "duplex": cfg.duplex, "compile": compiled,
+    row = {"preset": cfg_name(cfg), "stage": stage, "duplex": cfg.duplex, "finetune": cfg.finetune,
+           "base_quantize": cfg.base_quantize, "trainable_m": round(sum(p.numel() for p in params) / 1e6, 2),
+           "compile": compiled,
            "activation_checkpointing": checkpointing, "micro_batch": micro_batch, "seq_len": T,
            "params_m": {k: round(v / 1e6, 1) for k, v in n.items()}, "gflop_per_latent": round(flops / 1e9, 3),
            "step_s": round(dt, 4), "latents_per_s": round(rate), "tflops": round(rate * flops / 1e12, 1),
@@ -110,6 +122,11 @@ def main():
     ap.add_argument("--preset", default="medium", choices=list(PRESETS))
     ap.add_argument("--stage", default="all", choices=list(STAGES))
     ap.add_argument("--mono", action="store_true", help="the mono variant (default: duplex)")
+    ap.add_argument("--finetune", default="full", choices=("full", "lora"),
+                    help="full: every weight of the stage; lora: adapters on a frozen base")
+    ap.add_argument("--base-quantize", default=None, choices=("int8",), help="--finetune lora: the base in int8")
+    ap.add_argument("--lora-rank", type=int, default=128)
+    ap.add_argument("--lora-targets", default="both", choices=("attention", "feedforward", "both"))
     ap.add_argument("--seq-len", type=int, default=None, help="default: 2048 (the preset's on CPU)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (compile); default 3, 1 on CPU")
@@ -123,7 +140,14 @@ def main():
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
-    cfg = dataclasses.replace(PRESETS[args.preset], duplex=not args.mono)
+    cfg = dataclasses.replace(PRESETS[args.preset], duplex=not args.mono, finetune=args.finetune,
+                              base_quantize=args.base_quantize, lora_rank=args.lora_rank,
+                              lora_alpha=2.0 * args.lora_rank, lora_targets=args.lora_targets,
+                              init_from="random")  # the benchmark's base: random weights of the preset
+    try:
+        finetune.check_config(cfg, 1)
+    except ValueError as e:  # ConfigError: one line, as the trainer
+        ap.error(str(e))
     cfg = dataclasses.replace(cfg, seq_len=args.seq_len or (2048 if cuda else cfg.seq_len))
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     peak = peak_flops(device, args.peak_tflops)

@@ -79,6 +79,16 @@ class TransformerConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
 
+    # --- fine-tuning (README "Fine-tuning the official model"; model/finetune.py) ---------------
+    # "lora": low-rank adapters on the frozen init_from base (stage=lm the LM, stage=resynthesizer the
+    # resynthesizer, stage=all both; the quantizer stays frozen); "full": every weight of the stage
+    finetune: Literal["full", "lora"] = field(default="full", metadata=RESUME)
+    lora_rank: int = field(default=128, metadata=RESUME)
+    lora_alpha: float = field(default=256.0, metadata=RESUME)    # the update is scaled by alpha / rank
+    lora_dropout: float = 0.0                   # a training setting, as learning_rate: may change on resume
+    lora_targets: Literal["attention", "feedforward", "both"] = field(default="both", metadata=RESUME)
+    base_quantize: Optional[Literal["int8"]] = field(default=None, metadata=RESUME)  # the frozen base in int8
+
     # --- scale --------------------------------------------------------------------------------
     parallel: Literal["ddp", "fsdp"] = "fsdp"  # how torchrun ranks share the model
     activation_checkpointing: bool = True       # recompute each block in backward

@@ -52,7 +52,7 @@ from torch import Tensor
 from config import from_dict
 
 from . import hub
-from .checkpoint import FORMAT, HASH_KEY, save_weights
+from .checkpoint import FORMAT, HASH_KEY, atomic_write, write_weights
 
 # Layers adapted, by the last component of their path: the attention's fused q/k/v and output
 # projections, the SwiGLU's fused gate/up and down projections (model/transformer.py; in every
@@ -270,9 +270,18 @@ def save_adapter(path: Union[str, os.PathLike], model: nn.Module, config: LoRACo
     wrong = [p for p, m in layers.items() if m.lora_rank != config.rank or m.lora_alpha != config.alpha]
     if sorted(layers) != sorted(expected) or wrong:
         raise AdapterError(f"the model's adapters ({len(layers)} layers) are not those of {config}")
-    state = {k: v.float() for k, v in lora_state_dict(model).items()}
-    return save_weights(path, state, KIND, config,
-                        {"base_fingerprint": base_fingerprint, "base_source": base_source})
+    return atomic_write(path, lambda tmp: write_adapter(tmp, lora_state_dict(model), config, base_fingerprint,
+                                                        base_source, label=str(path)))
+
+
+def write_adapter(path: Union[str, os.PathLike], state: dict[str, Tensor], config: LoRAConfig, base_fingerprint: str,
+                  base_source: Optional[str] = None, extra: Optional[dict] = None, label: Optional[str] = None) -> None:
+    """Adapter tensors `state` (as `lora_state_dict` returns them), in float32, with `config`, the
+    base's fingerprint and `extra` (e.g. the training step), written to `path` directly (the
+    trainer's checkpoints write to a temporary file and rename it). Raises CheckpointError, writing
+    nothing, if a tensor holds NaN or inf."""
+    write_weights(path, {k: v.float() for k, v in state.items()}, KIND, config,
+                  {**(extra or {}), "base_fingerprint": base_fingerprint, "base_source": base_source}, label)
 
 
 def read_adapter(path: Union[str, os.PathLike]) -> tuple[LoRAConfig, dict]:

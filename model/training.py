@@ -39,8 +39,9 @@ import torch.distributed as dist
 from config import ConfigError, ConfigMismatch, check_compatible, fields_marked  # noqa: F401 (ConfigMismatch: re-exported)
 
 from .audio import AudioError
-from .checkpoint import (TEMP_SUFFIX, CheckpointError, atomic_write, os_reason, read_metadata, refuse_non_finite,
-                         torch_save, write_temp)
+from .checkpoint import (TEMP_SUFFIX, CheckpointError, atomic_write, os_reason, refuse_non_finite, torch_save,
+                         write_temp)
+from .checkpoint import _header as header
 
 
 # --- the error exit ---------------------------------------------------------------------------
@@ -232,8 +233,10 @@ class Checkpoints:
 
     STEP = re.compile(r"step_(\d{8})\.pt$")
 
-    def __init__(self, folder: str | os.PathLike, keep: int = 3, lower_is_better: bool = True):
+    def __init__(self, folder: str | os.PathLike, keep: int = 3, lower_is_better: bool = True,
+                 export_suffix: str = ".safetensors"):
         self.folder = Path(folder)
+        self.export_suffix = export_suffix  # ".adapter.safetensors" for LoRA runs (model/finetune.py)
         self.keep = keep
         self.lower_is_better = lower_is_better
 
@@ -266,7 +269,7 @@ class Checkpoints:
         or inf or the folder cannot be written."""
         path = self.folder / f"step_{step:08d}.pt"
         refuse_non_finite(state, path)
-        exported = self.folder / "latest.safetensors"
+        exported = self.folder / f"latest{self.export_suffix}"
         tmp_state = write_temp(path, lambda tmp: torch_save(state, tmp))
         try:
             tmp_export = write_temp(exported, export) if export else None
@@ -285,7 +288,7 @@ class Checkpoints:
                     best is None or (metric < best if self.lower_is_better else metric > best)):
                 _link(path, self.folder / "best.pt")
                 if export:
-                    _link(exported, self.folder / "best.safetensors")
+                    _link(exported, self.folder / f"best{self.export_suffix}")
                 info.update(best_metric=metric, best_step=step)
         except OSError as e:
             for tmp in (tmp_state, tmp_export):
@@ -311,13 +314,13 @@ class Checkpoints:
                 stale.unlink(missing_ok=True)
                 notes.append(f"removed {stale.name}, left by an interrupted save")
         for name in ("latest", "best"):
-            pt, exported = self.folder / f"{name}.pt", self.folder / f"{name}.safetensors"
+            pt, exported = self.folder / f"{name}.pt", self.folder / f"{name}{self.export_suffix}"
             if not pt.is_file():
                 continue
             state = torch.load(pt, map_location="cpu", mmap=True, weights_only=False)
             try:
-                have = read_metadata(exported)["extra"].get("step") if exported.is_file() else None
-            except CheckpointError:
+                have = json.loads(header(exported).get("extra", "{}")).get("step") if exported.is_file() else None
+            except (CheckpointError, ValueError):
                 have = None  # not one of ours, or damaged: rebuild it
             if have != state["step"]:
                 atomic_write(exported, lambda tmp: export(state, tmp))
@@ -333,16 +336,19 @@ class Checkpoints:
         return torch.load(path, map_location=map_location, weights_only=False)
 
 
-def state_to_load(checkpoints: Checkpoints, resume: bool, eval_only: bool, init_from: str) -> Optional[Path]:
+def state_to_load(checkpoints: Checkpoints, resume: bool, eval_only: bool, init_from: str,
+                  adapters: bool = False) -> Optional[Path]:
     """The training state a run starts from: `latest.pt` when a training run resumes (`resume`),
     or when `eval_only` has no `init_from` (it evaluates the latest checkpoint); None when the
-    weights come from `init_from` or a fresh initialisation. Raises ConfigError for `eval_only`
-    with neither."""
+    weights come from `init_from` or a fresh initialisation. With `adapters` (a LoRA run: its
+    states hold adapters on the `init_from` base) eval_only loads `latest.pt`, if there is one,
+    together with `init_from` instead of in its place. Raises ConfigError for `eval_only` with
+    neither."""
     if eval_only and not init_from and checkpoints.latest is None:
         raise ConfigError(f"eval_only=true: nothing to evaluate in {checkpoints.folder} (no latest.pt); "
                           "pass init_from=official or init_from=PATH")
     if eval_only:
-        return None if init_from else checkpoints.latest
+        return checkpoints.latest if adapters or not init_from else None
     return checkpoints.latest if resume else None
 
 

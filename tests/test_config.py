@@ -145,7 +145,7 @@ CODEC_SCHEDULE = ("learning_rate", "min_lr", "warmup_steps", "max_steps", "disc_
 TRANSFORMER_ARCH = ("latent_dim", "duplex", "fsq_levels", "quantizer_dim", "quantizer_ff_dim", "lm_dim", "lm_layers",
                     "lm_heads", "lm_kv_heads", "lm_ff_dim", "resynth_dim", "resynth_layers", "resynth_heads",
                     "resynth_kv_heads", "resynth_ff_dim", "num_components", "plex_roll", "theta", "eps")
-TRANSFORMER_RESUME = ("stage",)
+TRANSFORMER_RESUME = ("stage", "finetune", "lora_rank", "lora_alpha", "lora_targets", "base_quantize")
 
 
 def test_marked_fields_are_the_specification():

@@ -948,3 +948,53 @@ def test_slow_or_huge_http_requests_are_cut(server):
             data += chunk
         assert data.startswith(b"HTTP/1.1 200") and 4 < time.perf_counter() - t0 < 12
     assert health(server)["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_cli_adapter_end_to_end_and_a_wrong_base_refused(model, tmp_path):
+    """The server command with --checkpoint and a LoRA --adapter: a real websocket client's
+    replies are exactly those of the adapted model alone in an engine (and not the base's); an
+    adapter of another base, or a missing one, is one `error:` line before any weights load."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+    from live_server import save_tiny, tiny_duplex
+    from model import load_hertz_dev
+    from test_complete import make_adapter
+    checkpoint = save_tiny(model, tmp_path / "ckpt")
+    adapter = make_adapter(str(checkpoint), tmp_path / "ckpt.adapter.safetensors")
+    other = save_tiny(tiny_duplex(seed=1), tmp_path / "other")
+    missing = str(tmp_path / "missing.adapter.safetensors")
+    assert_cli_errors(tmp_path, {
+        ("--checkpoint", str(other), "--adapter", adapter): [f"error: adapter {adapter} belongs to another base",
+                                                             str(other), str(checkpoint)],
+        ("--adapter", missing): [f"error: no such file: {missing}"]})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    err = open(tmp_path / "err.txt", "w+")
+    proc = subprocess.Popen([sys.executable, "inference_server.py", "--checkpoint", str(checkpoint), "--adapter", adapter,
+                             "--device", "cpu", "--port", str(port)],
+                            cwd=Path(__file__).resolve().parents[1], stdout=err, stderr=err)
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                assert http(f"http://127.0.0.1:{port}/health")[0] == 200
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, open(tmp_path / "err.txt").read()[-3000:]
+                time.sleep(0.3)
+
+        async def talk():
+            async with connect(f"ws://127.0.0.1:{port}/audio?seed=5") as ws:
+                return await stream(ws, CHUNKS[:8])
+        replies = as_pcm(asyncio.run(asyncio.wait_for(talk(), 60)))
+    finally:
+        proc.send_signal(__import__("signal").SIGINT)
+        proc.wait(timeout=30)
+    assert f"adapter {adapter} applied" in open(tmp_path / "err.txt").read()
+    adapted = load_hertz_dev(checkpoint, adapter=adapter)
+    assert_close(replies, reference_replies(adapted, CHUNKS[:8], seed=5))
+    assert not np.array_equal(replies, reference_replies(model, CHUNKS[:8], seed=5))

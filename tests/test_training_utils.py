@@ -183,6 +183,9 @@ def test_state_to_load_picks_latest_for_resume_and_eval_only(tmp_path):
     assert state_to_load(ck, False, False, "") is None  # resume=false
     assert state_to_load(ck, False, True, "") == latest  # eval_only evaluates the latest checkpoint
     assert state_to_load(ck, True, True, "x.safetensors") is None  # ... or init_from
+    # a LoRA run's state holds adapters for the init_from base: evaluated together
+    assert state_to_load(ck, True, True, "official", adapters=True) == latest
+    assert state_to_load(Checkpoints(tmp_path / "none"), True, True, "official", adapters=True) is None
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
