@@ -1058,6 +1058,10 @@ def parse_args(argv=None):
     ap.add_argument("--ckpt-dir", default="ckpt")
     ap.add_argument("--offline", action="store_true", help="never download official weights")
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cuda:1, cpu")
+    ap.add_argument("--quantize", choices=("int8", "int4"), help="weight-only int8 or int4 transformer weights "
+                    "(model/quant.py; default: float)")
+    ap.add_argument("--kv-dtype", choices=("auto", "fp8"), default="auto",
+                    help="KV caches: auto (the weights' dtype) or fp8 (half the bytes: more sessions)")
     ap.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
                     help="auto: bfloat16 on cuda, float32 on cpu")
     ap.add_argument("--allow-origin", action="append", default=[], metavar="URL",
@@ -1141,10 +1145,11 @@ def load_engine(args):
     source = args.checkpoint or args.variant
     log.info("loading %s on %s", source, device)
     model = load_hertz_dev(source, device=device, dtype=dtype, ckpt_dir=args.ckpt_dir, offline=args.offline or None,
-                           codec=args.codec)
+                           codec=args.codec, quantize=args.quantize)
     max_sessions = int(args.max_sessions) if args.max_sessions != "auto" else 8 if device.startswith("cuda") else 1
     return LiveEngine(model, max_sessions=max_sessions, max_len=args.max_len,
-                      cuda_graphs=False if args.no_cuda_graphs else None, compile=False if args.no_compile else "auto", encode=args.encode)
+                      cuda_graphs=False if args.no_cuda_graphs else None, compile=False if args.no_compile else "auto", encode=args.encode,
+                      kv_dtype=args.kv_dtype)
 
 
 def main(argv=None) -> None:
