@@ -113,3 +113,28 @@ def test_generator_with_fp8_cache(one_thread):
     assert Generator(m, batch_size=1, max_len=32, kv_dtype="fp8").state.rs.upper.k.dtype == FP8
     assert got.shape == (2, 11, 32) and torch.isfinite(got).all()
     assert torch.equal(got[:, :5], prompt)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_compiled_block_with_fp8_cache_and_int8_weights_equals_eager(one_thread):
+    """The engines' compiled block (`Kernels.make`, with the coordinate-descent option an int8 model
+    turns on) writing and reading an fp8 cache (inductor on the CPU) gives the eager block's output
+    and cache contents."""
+    from model.decode import Kernels
+    from model.quant import quantize_model
+    from model.transformer import Block, positions_for
+
+    torch.manual_seed(0)
+    block = quantize_model(Block(64, 4, 2), "int8")
+    x = torch.randn(2, 3, 64)
+    pos = torch.tensor([[0, 1, 2], [4, 5, 6]])
+    out = {}
+    for name, kernels in (("eager", Kernels()), ("compiled", Kernels.make(("block",), quantized=True))):
+        cache = KVCache(1, 2, 2, 8, 16, dtype=FP8)
+        p = positions_for(x, 16, 1e4, cache, pos, window=8)
+        out[name] = kernels.block(block, x, p, cache.layer(0, 8)), cache
+    (y0, c0), (y1, c1) = out["eager"], out["compiled"]
+    assert rel_err(y1, y0) <= 1e-5
+    # one fp8 rounding step apart at most where the float values straddle a rounding boundary
+    assert (c1.k.float() - c0.k.float()).abs().max() <= 0.125 and c1.k.float().abs().sum() > 0
