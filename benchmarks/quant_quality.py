@@ -21,6 +21,12 @@ each), or --checkpoint/--codec given, evaluated on the validation crops by the t
 evaluation (`train_transformer.py eval_only=true`, with `eval_quantize=int8|int4` and
 `eval_kv_dtype=fp8`): val/lm_ce and val/resynth_nll in bf16, int8, int4, fp8_kv, and each one's
 relative change against bf16 with the issue's bound (int8 1%, int4 3%, fp8 KV 0.5%).
+
+Part (b) trains for about --codec-minutes + 2 x --transformer-minutes (11 by default) after the
+corpus is built: more than one 10-minute device command. Each finished stage leaves a marker in
+--work (`<stage>.done`) and is skipped when the script runs again (an unfinished one resumes from
+its latest.pt), so running the same command again continues; or start it in the background as
+benchmarks/learning_proofs.sh does.
 """
 from __future__ import annotations
 
@@ -136,6 +142,16 @@ def run(cmd: list, log: Path) -> str:
     return r.stdout
 
 
+def stage(work: Path, name: str, cmd: list, log: Path) -> None:
+    """Run a training stage unless an earlier run of this script finished it (`<name>.done`)."""
+    done = work / f"{name}.done"
+    if done.exists():
+        emit(bench="reused", stage=name)
+        return
+    run(cmd, log)
+    done.touch()
+
+
 def train(args, work: Path, log: Path) -> tuple[str, str]:
     """Corpus, codec and transformer of part (b); returns (transformer, codec) checkpoint paths."""
     corpus = Path(args.corpus)
@@ -149,7 +165,8 @@ def train(args, work: Path, log: Path) -> tuple[str, str]:
         steps = ["max_steps=4", "eval_interval=2", "save_interval=2", "log_interval=1"] if args.smoke else \
             ["max_steps=20000", "warmup_steps=200", "eval_interval=250", "save_interval=250", "log_interval=50",
              "num_workers=6", f"max_minutes={args.codec_minutes}"]
-        run(["train_codec.py", "--config", args.preset, *common, f"checkpoint_dir={codec_dir}", *steps], log)
+        stage(work, "codec", ["train_codec.py", "--config", args.preset, *common, f"checkpoint_dir={codec_dir}", *steps],
+              log)
         codec = str(codec_dir / "best.safetensors")
         emit(bench="trained", what="codec", path=codec, elapsed_s=time.time() - T0)
     steps = ["max_steps=4", "eval_interval=2", "save_interval=2", "log_interval=1", "batch_size=2", "val_crops=4",
@@ -159,10 +176,10 @@ def train(args, work: Path, log: Path) -> tuple[str, str]:
          f"max_minutes={args.transformer_minutes}"]
     common += [f"codec_checkpoint={codec}", f"latents_dir={work / 'latents'}", "compile=false", "duplex=true"]
     q_dir, lm_dir = work / "transformer-q", work / "transformer-lm"
-    run(["train_transformer.py", "--config", args.preset, *common, *steps, "stage=quantizer",
-         f"checkpoint_dir={q_dir}"], log)
-    run(["train_transformer.py", "--config", args.preset, *common, *steps, "stage=lm",
-         f"init_from={q_dir / 'best.safetensors'}", f"checkpoint_dir={lm_dir}"], log)
+    stage(work, "transformer-q", ["train_transformer.py", "--config", args.preset, *common, *steps,
+                                  "stage=quantizer", f"checkpoint_dir={q_dir}"], log)
+    stage(work, "transformer-lm", ["train_transformer.py", "--config", args.preset, *common, *steps, "stage=lm",
+                                   f"init_from={q_dir / 'best.safetensors'}", f"checkpoint_dir={lm_dir}"], log)
     emit(bench="trained", what="transformer", path=str(lm_dir / "best.safetensors"), elapsed_s=time.time() - T0)
     return str(lm_dir / "best.safetensors"), codec
 

@@ -43,6 +43,15 @@ def test_quant_quality_smoke(tmp_path):
             assert abs(val[mode][f"{k}_rel_change"]) < 0.05
         assert isinstance(val[mode]["within_bound"], bool)
     assert (tmp_path / "work" / "transformer-lm" / "best.safetensors").is_file()
+    # again: the finished training stages are reused, the evaluation runs again
+    r = subprocess.run([sys.executable, "benchmarks/quant_quality.py", "--smoke", "--part", "b", "--corpus",
+                        str(tmp_path / "corpus"), "--work", str(tmp_path / "work")], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [line["stage"] for line in lines if line["bench"] == "reused"] == ["codec", "transformer-q", "transformer-lm"]
+    again = {line["mode"]: line for line in lines if line["bench"] == "val"}
+    assert again["int8"]["lm_ce"] == val["int8"]["lm_ce"]  # the same checkpoint, the same crops
 
 
 def test_eval_quantize_and_kv_dtype_need_eval_only():
