@@ -22,6 +22,8 @@ evaluation (`train_transformer.py eval_only=true`, with `eval_quantize=int8|int4
 `eval_kv_dtype=fp8`): val/lm_ce and val/resynth_nll in bf16, int8, int4, fp8_kv, and each one's
 relative change against bf16 with the issue's bound (int8 1%, int4 3%, fp8 KV 0.5%).
 
+Part (a) needs torch only. Part (b) runs the trainers, which need the packages the GPU image lacks
+(soundfile, soxr, ...): `source benchmarks/gpu_setup.sh` first (it also builds the demo corpus).
 Part (b) trains for about --codec-minutes + 2 x --transformer-minutes (11 by default) after the
 corpus is built: more than one 10-minute device command. Each finished stage leaves a marker in
 --work (`<stage>.done`) and is skipped when the script runs again (an unfinished one resumes from
