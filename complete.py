@@ -5,6 +5,7 @@
     python complete.py prompt.wav out.wav --variant checkpoints/transformer/best.safetensors
     python complete.py prompt.wav out.wav --token-temp 0.7 --top-p 0.95 --num 4   # out-0.wav ... out-3.wav
     python complete.py prompt.wav out.wav --adapter checkpoints/transformer/best.adapter.safetensors
+    python complete.py prompt.wav out.wav --quantize int8       # half the GPU memory (int4: a quarter)
 
 The prompt is any file soundfile reads, resampled to 16 kHz. Mono variants average its channels;
 duplex puts a one-channel file on both speakers (as the original) and keeps the first two channels
@@ -13,7 +14,9 @@ The output holds the prompt (as the codec reconstructs it) and the continuation,
 (duplex: speaker 0 left, speaker 1 right); `--continuation-only` drops the prompt.
 
 `--adapter` applies a LoRA adapter file (`model/lora.py`) to the `--variant` it was trained on;
-an adapter of another base is refused, naming both.
+an adapter of another base is refused, naming both. `--quantize int8|int4` quantizes the
+transformer weights while loading (`model/quant.py`; the codec stays float); `--kv-dtype fp8`
+keeps the KV caches in float8.
 
 The arguments, the sampling parameters (ranges of `model/protocol.py`), the adapter file and the
 prompt file are checked before any weights are loaded or downloaded: a mistake is one `error: ...` line, exit
@@ -36,6 +39,8 @@ from model.checkpoint import CheckpointError
 from model.generator import Generator
 from model.hub import VARIANTS
 from model.lora import AdapterError
+from model.quant import MODES
+from model.transformer import KV_DTYPES
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -63,6 +68,9 @@ def parse_args(argv=None):
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cuda:1, cpu")
     ap.add_argument("--dtype", default="auto", choices=("auto",) + tuple(DTYPES),
                     help="auto: bfloat16 on cuda, float32 on cpu")
+    ap.add_argument("--quantize", choices=MODES, help="weight-only int8 or int4 transformer weights (default: float)")
+    ap.add_argument("--kv-dtype", choices=tuple(KV_DTYPES), default="auto",
+                    help="KV caches: auto (the weights' dtype) or fp8 (half the bytes of bf16)")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the transformer block (slower start, faster steps)")
     ap.add_argument("--no-cuda-graphs", action="store_true")
@@ -101,17 +109,18 @@ def main(argv=None) -> int:
         return 2
 
     t0 = time.time()
-    try:  # an adapter of another base is refused before any weights load
+    try:  # an adapter of another base (or requantizing a quantized checkpoint) is refused before any weights load
         model = load_hertz_dev(args.variant, device=device, dtype=dtype, ckpt_dir=args.ckpt_dir,
                                codec=args.codec, offline=args.offline or None, adapter=args.adapter,
-                               verify=not args.no_verify)
-    except (AdapterError, CheckpointError) as e:
+                               verify=not args.no_verify, quantize=args.quantize)
+    except (AdapterError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     cfg = model.config
     hop = model.codec.hop_length
     print(f"loaded {args.variant} ({'duplex' if cfg.duplex else 'mono'})"
-          f"{f' with adapter {args.adapter}' if args.adapter else ''} on {device} in {dtype} "
+          f"{f' with adapter {args.adapter}' if args.adapter else ''} on {device} in {dtype}"
+          f"{f' ({args.quantize} weights)' if args.quantize else ''} "
           f"in {time.time() - t0:.1f} s", file=sys.stderr)
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -128,7 +137,7 @@ def main(argv=None) -> int:
     print(f"prompt {frames * hop / cfg.sample_rate:.2f} s ({frames} latents), generating {steps} latents "
           f"({steps * hop / cfg.sample_rate:.2f} s) x {args.num}", file=sys.stderr)
     gen = Generator(model, batch_size=args.num, compile=args.compile,
-                    cuda_graphs=False if args.no_cuda_graphs else None)
+                    cuda_graphs=False if args.no_cuda_graphs else None, kv_dtype=args.kv_dtype)
     audio = torch.from_numpy(prompt)[None].expand(args.num, -1, -1)
     t0 = time.time()
     out = gen.complete(audio, steps, args.params, seed=args.seed, encode=args.encode, progress=True)

@@ -1063,6 +1063,10 @@ def parse_args(argv=None):
     ap.add_argument("--no-verify", action="store_true",
                     help="skip the content-hash check of our .safetensors files (a changed file is an error by default)")
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cuda:1, cpu")
+    ap.add_argument("--quantize", choices=("int8", "int4"), help="weight-only int8 or int4 transformer weights "
+                    "(model/quant.py; default: float)")
+    ap.add_argument("--kv-dtype", choices=("auto", "fp8"), default="auto",
+                    help="KV caches: auto (the weights' dtype) or fp8 (half the bytes: more sessions)")
     ap.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
                     help="auto: bfloat16 on cuda, float32 on cpu")
     ap.add_argument("--allow-origin", action="append", default=[], metavar="URL",
@@ -1152,12 +1156,14 @@ def load_engine(args):
             raise SystemExit(f"error: {e}")
     log.info("loading %s on %s", source, device)
     model = load_hertz_dev(source, device=device, dtype=dtype, ckpt_dir=args.ckpt_dir, offline=args.offline or None,
-                           codec=args.codec, adapter=args.adapter, verify=not args.no_verify)
+                           codec=args.codec, adapter=args.adapter, verify=not args.no_verify,
+                           quantize=args.quantize)
     if args.adapter:
         log.info("adapter %s applied", args.adapter)
     max_sessions = int(args.max_sessions) if args.max_sessions != "auto" else 8 if device.startswith("cuda") else 1
     return LiveEngine(model, max_sessions=max_sessions, max_len=args.max_len,
-                      cuda_graphs=False if args.no_cuda_graphs else None, compile=False if args.no_compile else "auto", encode=args.encode)
+                      cuda_graphs=False if args.no_cuda_graphs else None, compile=False if args.no_compile else "auto", encode=args.encode,
+                      kv_dtype=args.kv_dtype)
 
 
 def main(argv=None) -> None:

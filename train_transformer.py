@@ -48,9 +48,10 @@ from model.checkpoint import read_metadata
 from model.loading import write_transformer
 from model.latents import LatentCrops, StepSampler, codec_fingerprint, prepare_latents, sample_posterior
 from model.manifest import ManifestError, is_manifest, read_manifest
-from model.objectives import STAGE_LOSSES, compute_losses, peak_flops, train_flops_per_latent
+from model.objectives import STAGE_LOSSES, compute_losses, peak_flops, through_cache, train_flops_per_latent
 from model.parallel import (compile_blocks, full_state_dicts, gradient_sync, inner, load_full_state_dicts,
                             parallelize, rank0_first)
+from model.quant import quantize_model
 from model.training import (Checkpoints, ConfigMismatch, Deadline, Logger, all_reduce_mean, autocast, before_step,
                             check_architecture, check_finite_step, check_resumable, cosine_lr, move_aside, rng_state,
                             run_script, setup_distributed, state_to_load, teardown_distributed)
@@ -147,6 +148,8 @@ def main(argv=None) -> dict:
         load = finetune.load_state_dicts if lora else load_full_state_dicts
         load(model, state["model"], *((optimizer, state["optimizer"]) if not cfg.eval_only else ()))
         del state["model"], state["optimizer"]
+    if cfg.eval_quantize != "none":  # eval_only (check_config): the weights as a quantized deployment holds them
+        quantize_model(model, cfg.eval_quantize)
     n_params = {name: sum(p.numel() for p in getattr(model, name).parameters()) for name in PARTS}
     say(f"stage {cfg.stage}: training {' + '.join(trained)} ({sum(n_params[n] for n in trained) / 1e6:.2f}M of "
         f"{sum(n_params.values()) / 1e6:.2f}M parameters), {'duplex' if cfg.duplex else 'mono'}, weights from "
@@ -172,6 +175,8 @@ def main(argv=None) -> dict:
         for m in model.children():
             m.eval()
         parts = [inner(calls[name]) for name in PARTS]
+        if cfg.eval_kv_dtype != "none":  # eval_only: the LM and resynthesizer read their keys/values from a cache
+            parts[1:] = [through_cache(p, cfg.eval_kv_dtype) for p in parts[1:]]
         generator = torch.Generator(device).manual_seed(cfg.seed + ddp.rank)
         sums = torch.zeros(4, device=device, dtype=torch.float64)  # lm ce, lm correct, resynth nll, positions
         histogram = torch.zeros(cfg.vocab_size, device=device, dtype=torch.float64)
@@ -360,6 +365,8 @@ def check_config(cfg: TransformerConfig) -> None:
                           "given the code of latent t+1")
     if cfg.seq_len < 2:
         raise ConfigError("seq_len must be at least 2 latents (one prediction)")
+    if not cfg.eval_only and (cfg.eval_quantize != "none" or cfg.eval_kv_dtype != "none"):
+        raise ConfigError("eval_quantize and eval_kv_dtype apply to eval_only=true (training stays in float)")
     source = cfg.codec_checkpoint
     if source != "official" and not os.path.isfile(source):
         hint = ("train one with `python train_codec.py --config tiny` (it writes checkpoints/codec/best.safetensors)"

@@ -4,12 +4,16 @@ completion, peak GPU memory. One JSON object per line.
     python benchmarks/inference.py                      # CUDA, hertz_dev size, batches 1,4,8
     python benchmarks/inference.py --check              # first: graph/compiled steps vs eager on the GPU
     python benchmarks/inference.py --device cpu         # tiny and small on the CPU, for reference
+    python benchmarks/inference.py --quantize none,int8,int4 --kv-dtype auto,fp8   # modes side by side
 
 Lines: {"bench": "live_step", batch, p50_ms, p99_ms, ...} (one live step as the server calls it:
 stream-encode one user chunk per row + LM + resynthesizer + stream-decode one model chunk per
 row, host copies included), "live_step_full_context" (the same with every row at the end of the
 context), "mono_completion" (3 s prompt + 20 s: latents/s), "peak_memory" (duplex, batch 1),
-"breakdown" (each part of the step as its own CUDA graph), "check" (equalities on the GPU).
+"breakdown" (each part of the step as its own CUDA graph), "check" (equalities on the GPU),
+"weights" (bytes of the weights, and the step's floor at the measured read bandwidth).
+Every line of a mode carries its `quantize` (none, int8, int4: weight-only, `model/quant.py`)
+and `kv_dtype` (auto, fp8); modes run one after another, the previous model freed first.
 Needs only torch, numpy and tqdm (no soundfile/soxr).
 """
 from __future__ import annotations
@@ -33,6 +37,8 @@ from model import Codec, HertzDev, build  # noqa: E402
 from model.decode import draw_noise, step_logits, step_mixture  # noqa: E402
 from model.generator import Generator  # noqa: E402
 from model.live import LiveEngine  # noqa: E402
+from model.quant import MODES, quantize_model, weight_bytes  # noqa: E402
+from model.transformer import KV_DTYPES  # noqa: E402
 from model.sampling import SamplingParams, row_seed, sample_latents, sample_tokens  # noqa: E402
 
 T0 = time.time()
@@ -42,9 +48,13 @@ def emit(**fields) -> None:
     print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in fields.items()}), flush=True)
 
 
-def make_model(size: str, duplex: bool, device, dtype) -> HertzDev:
+def make_model(size: str, duplex: bool, device, dtype, quantize: str = "none") -> HertzDev:
+    """Random weights; `quantize` int8 or int4 quantizes the transformer in place, layer by layer
+    (each float weight is dropped once its layer is quantized)."""
     cfg = dataclasses.replace(TRANSFORMER_PRESETS[size], duplex=duplex)
     model = build(HertzDev, cfg, device=device, dtype=dtype)
+    if quantize != "none":
+        quantize_model(model, quantize)
     codec_size = size if size in CODEC_PRESETS else "hertz_dev"
     model.codec = build(Codec, CODEC_PRESETS[codec_size], device=device, dtype=dtype)
     return model.eval().requires_grad_(False)
@@ -95,7 +105,7 @@ def time_live(e: LiveEngine, steps: int, warm: int = 5) -> tuple[list, float]:
     return times, float(np.mean(e.positions))
 
 
-def bench_live(model, batch, variant, name, steps, device, full_context=True):
+def bench_live(model, batch, variant, name, steps, device, full_context=True, tags=None):
     e = live_engine(model, batch, variant)
     t = time.perf_counter()
     e.warmup()
@@ -103,16 +113,16 @@ def bench_live(model, batch, variant, name, steps, device, full_context=True):
     start = time.perf_counter() - t
     times, mean_pos = time_live(e, steps)
     stats = percentiles(times)
-    emit(bench="live_step", variant=name, batch=batch, steps=steps, mean_position=mean_pos, **stats, setup_s=start,
-         keeps_cadence=bool(stats["p99_ms"] < 125))
+    emit(bench="live_step", variant=name, **(tags or {}), batch=batch, steps=steps, mean_position=mean_pos, **stats,
+         setup_s=start, keeps_cadence=bool(stats["p99_ms"] < 125))
     if full_context:
         st = e.state
         near_end = st.max_len - steps - 10
         st.pos.fill_(near_end)
         st.host_pos[:] = near_end
         times, mean_pos = time_live(e, steps)
-        emit(bench="live_step_full_context", variant=name, batch=batch, steps=steps, mean_position=mean_pos,
-             **percentiles(times))
+        emit(bench="live_step_full_context", variant=name, **(tags or {}), batch=batch, steps=steps,
+             mean_position=mean_pos, **percentiles(times))
     return e, stats["p50_ms"]
 
 
@@ -181,13 +191,8 @@ def bandwidth() -> tuple[float, float]:
     return 2 * 2 * 1024 ** 3 / (copy_ms * 1e-3) / 1e9, 2 * 1024 ** 3 / (read_ms * 1e-3) / 1e9
 
 
-def weight_bytes(model) -> int:
-    parts = [model.lm, model.resynth, model.quantizer, model.codec]
-    return sum(p.numel() * p.element_size() for m in parts for p in m.parameters())
-
-
 @torch.no_grad()
-def bench_completion(model, variant, name, device, prompt_s=3.0, gen_s=20.0):
+def bench_completion(model, variant, name, device, prompt_s=3.0, gen_s=20.0, tags=None):
     g = Generator(model, batch_size=1, **variant)
     audio = synthetic_audio(1, prompt_s, seed=3)[None]
     steps = int(gen_s * 8)
@@ -204,7 +209,7 @@ def bench_completion(model, variant, name, device, prompt_s=3.0, gen_s=20.0):
     g.generate(frames, steps, seed=2)
     sync(device)
     gen = time.perf_counter() - t
-    emit(bench="mono_completion", variant=name, prompt_s=prompt_s, generated_s=gen_s, latents=steps,
+    emit(bench="mono_completion", variant=name, **(tags or {}), prompt_s=prompt_s, generated_s=gen_s, latents=steps,
          latents_per_s=steps / wall, wall_s=wall, generate_only_latents_per_s=steps / gen,
          realtime_factor=gen_s / wall, first_call_s=first, out_samples=int(out.shape[-1]))
 
@@ -250,6 +255,64 @@ def check(device) -> None:
         emit(bench="check_done", elapsed_s=time.time() - T0)
 
 
+def free(cuda: bool) -> None:
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def bench_mode(args, size, quantize, kv, device, dtype, names, variants, batches, steps, read_bw, over) -> None:
+    """Everything for one size and mode: weights, the live step at batch 1 (each variant), the
+    other batches (the fastest variant), the mono completion. The model is freed at the end."""
+    cuda = device.type == "cuda"
+    tags = dict(size=size, quantize=quantize, kv_dtype=kv)
+    model = make_model(size, True, device, dtype, quantize)
+    free(cuda)  # the peak from here on: quantized weights + engine, not the float model quantized from
+    wb = weight_bytes(model)
+    emit(bench="weights", **tags, gb=wb["total"] / 1e9, transformer_bytes=wb["total"] - wb["codec"],
+         floor_ms=wb["total"] / (read_bw * 1e9) * 1e3 if read_bw else None)
+    p50, peak_done = {}, False
+    for name in names:
+        if over():
+            break
+        try:
+            e, p50[name] = bench_live(model, 1, dict(variants[name], kv_dtype=kv), name,
+                                      min(steps, 50) if name == "eager" else steps, device,
+                                      full_context=name != "eager" or not cuda, tags=tags)
+        except Exception as ex:  # a failed variant is reported, the others still run
+            emit(bench="live_step", variant=name, **tags, batch=1, error=f"{type(ex).__name__}: {ex}"[:500])
+            continue
+        if cuda and name != "eager" and not peak_done:  # weights + one engine, before other variants' pools
+            peak_done = True
+            emit(bench="peak_memory", what="duplex live, batch 1", **tags,
+                 gb=torch.cuda.max_memory_allocated() / 1e9, reserved_gb=torch.cuda.max_memory_reserved() / 1e9,
+                 allocated_now_gb=torch.cuda.memory_allocated() / 1e9, kv_bytes=e.state.kv_bytes)
+        if cuda and args.breakdown and name != "eager" and not over():
+            breakdown(e, name)
+        del e
+        gc.collect()
+    if p50:
+        best = min(p50, key=p50.get)
+        for b in batches:
+            if b == 1 or over():
+                continue
+            free(cuda)
+            e, _ = bench_live(model, b, dict(variants[best], kv_dtype=kv), best, steps, device, tags=tags)
+            emit(bench="peak_memory", what=f"duplex live, batch {b}", **tags, kv_bytes=e.state.kv_bytes,
+                 gb=torch.cuda.max_memory_allocated() / 1e9 if cuda else None)
+            del e
+    del model
+    free(cuda)
+    if args.no_mono or over() or not p50:
+        return
+    model = make_model(size, False, device, dtype, quantize)
+    free(cuda)
+    bench_completion(model, dict(variants[best], kv_dtype=kv), best, device, gen_s=args.gen_seconds, tags=tags)
+    del model
+    free(cuda)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
@@ -263,7 +326,16 @@ def main():
     ap.add_argument("--breakdown", action="store_true", help="time each part of the live step")
     ap.add_argument("--no-mono", action="store_true")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip what would start after this many seconds")
+    ap.add_argument("--quantize", default="none", help=f"comma-separated weight modes: none, {', '.join(MODES)}")
+    ap.add_argument("--kv-dtype", default="auto", help="comma-separated KV cache dtypes: auto, fp8")
+    ap.add_argument("--gen-seconds", type=float, default=20.0, help="length of the mono completion")
     args = ap.parse_args()
+    for q in args.quantize.split(","):
+        if q not in ("none",) + MODES:
+            ap.error(f"--quantize: unknown mode {q!r}; choose from none, {', '.join(MODES)}")
+    for kv in args.kv_dtype.split(","):
+        if kv not in KV_DTYPES:
+            ap.error(f"--kv-dtype: unknown dtype {kv!r}; choose from {', '.join(KV_DTYPES)}")
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     sizes = (args.sizes or ("hertz_dev" if cuda else "tiny,small")).split(",")
@@ -284,58 +356,12 @@ def main():
     def over():
         return time.time() - T0 > args.budget_s
 
+    modes = [(q, kv) for q in args.quantize.split(",") for kv in args.kv_dtype.split(",")]
     for size in sizes:
-        model = make_model(size, True, device, dtype)
-        if cuda:
-            gc.collect()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            wb = weight_bytes(model)
-            emit(bench="weights", size=size, gb=wb / 1e9, floor_ms=wb / (read_bw * 1e9) * 1e3)
-        p50, peak_done = {}, False
-        for name in names:
-            if over():
-                break
-            try:
-                e, p50[name] = bench_live(model, 1, variants[name], name, min(steps, 50) if name == "eager" else steps,
-                                          device, full_context=name != "eager" or not cuda)
-            except Exception as ex:  # a failed variant is reported, the others still run
-                emit(bench="live_step", variant=name, batch=1, error=f"{type(ex).__name__}: {ex}"[:500])
-                continue
-            if cuda and name != "eager" and not peak_done:  # weights + one engine, before other variants' pools
-                peak_done = True
-                emit(bench="peak_memory", what="duplex live, batch 1", size=size,
-                     gb=torch.cuda.max_memory_allocated() / 1e9, reserved_gb=torch.cuda.max_memory_reserved() / 1e9,
-                     allocated_now_gb=torch.cuda.memory_allocated() / 1e9)
-            if cuda and args.breakdown and name != "eager" and not over():
-                breakdown(e, name)
-            del e
-            gc.collect()
-        if not p50:
-            continue
-        best = min(p50, key=p50.get)
-        for b in batches:
-            if b == 1 or over():
-                continue
-            if cuda:
-                gc.collect()
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            e, _ = bench_live(model, b, variants[best], best, steps, device)
-            if cuda:
-                emit(bench="peak_memory", what=f"duplex live, batch {b}", size=size,
-                     gb=torch.cuda.max_memory_allocated() / 1e9)
-            del e
-        del model
-        if cuda:
-            torch.cuda.empty_cache()
-        if args.no_mono or over():
-            continue
-        model = make_model(size, False, device, dtype)
-        bench_completion(model, variants[best], best, device)
-        del model
-        if cuda:
-            torch.cuda.empty_cache()
+        for quantize, kv in modes:
+            if not over():
+                bench_mode(args, size, quantize, kv, device, dtype, names, variants, batches, steps,
+                           read_bw if cuda else None, over)
     if args.check and cuda and not over():  # last: the equalities were also checked in earlier runs
         try:
             check(device)

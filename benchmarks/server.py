@@ -6,6 +6,7 @@ object per line.
     python benchmarks/server.py                              # CUDA, hertz_dev size, bf16, N = 1 2 4 8 12 16, 20 s
     python benchmarks/server.py --sessions 8 16 --seconds 30 --no-compile
     python benchmarks/server.py --smoke                      # CPU, tiny model, N = 1 2, 3 s (a check, not a figure)
+    python benchmarks/server.py --quantize int8 --kv-dtype fp8 --sessions 64 128 144   # many sessions
 
 The server runs one engine with --max-sessions rows (default: the largest N), warmed up (CUDA
 graphs captured) before the clients start, as a deployment would. For each N, N clients connect
@@ -76,6 +77,7 @@ def serve(args) -> None:
     from config.transformer_config import PRESETS
     from model import Codec, HertzDev, build
     from model.live import LiveEngine
+    from model.quant import quantize_model, weight_bytes
 
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
@@ -83,10 +85,14 @@ def serve(args) -> None:
     model = build(HertzDev, dataclasses.replace(PRESETS[args.size], duplex=True), device=args.device, dtype=dtype)
     codec_size = args.size if args.size in CODEC_PRESETS else "hertz_dev"
     model.codec = build(Codec, CODEC_PRESETS[codec_size], device=args.device, dtype=dtype)
+    if args.quantize != "none":  # layer by layer: each float weight is dropped once its layer is quantized
+        quantize_model(model, args.quantize)
     model = model.eval().requires_grad_(False)
     engine = LiveEngine(model, max_sessions=args.max_sessions, compile=False if args.no_compile else "auto",
-                        cuda_graphs=False if args.no_cuda_graphs else None)
-    print(f"built {args.size} on {args.device} in {time.time() - t:.1f} s; warming up", file=sys.stderr, flush=True)
+                        cuda_graphs=False if args.no_cuda_graphs else None, kv_dtype=args.kv_dtype)
+    print(f"built {args.size} ({args.quantize} weights: {weight_bytes(model)['total'] / 1e9:.3f} GB, "
+          f"{args.kv_dtype} KV caches of {args.max_sessions} rows: {engine.state.kv_bytes / 1e9:.3f} GB) on "
+          f"{args.device} in {time.time() - t:.1f} s; warming up", file=sys.stderr, flush=True)
     # Every client of a run connects at once: no bucket for new sessions.
     limits = srv.Limits(start_rate=1000, start_burst=1000)
     server = srv.Server(engine, max_queue=args.queue_chunks, limits=limits)
@@ -160,6 +166,9 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, help="default bfloat16 (--smoke: float32)")
     ap.add_argument("--max-sessions", type=int, default=None, help="engine rows (default: the largest N)")
     ap.add_argument("--queue-chunks", type=int, default=4)
+    ap.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
+                    help="weight-only quantization of the transformer (model/quant.py)")
+    ap.add_argument("--kv-dtype", choices=("auto", "fp8"), default="auto", help="KV caches: the weights' dtype or fp8")
     ap.add_argument("--no-compile", action="store_true",
                     help="no torch.compile of the transformer block (the engine compiles it on CUDA by default)")
     ap.add_argument("--no-cuda-graphs", action="store_true")
@@ -181,7 +190,8 @@ def main() -> None:
     port = free_port()
     child = [sys.executable, os.path.abspath(__file__), "--serve", "--port", str(port), "--size", args.size,
              "--device", args.device, "--dtype", args.dtype, "--max-sessions", str(args.max_sessions),
-             "--queue-chunks", str(args.queue_chunks), "--sessions", *map(str, args.sessions)]
+             "--queue-chunks", str(args.queue_chunks), "--quantize", args.quantize, "--kv-dtype", args.kv_dtype,
+             "--sessions", *map(str, args.sessions)]
     child += ["--no-compile"] * args.no_compile + ["--no-cuda-graphs"] * args.no_cuda_graphs
     http, ws = f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}"
     t = time.time()
@@ -197,7 +207,8 @@ def main() -> None:
                 if time.time() - t > args.startup_timeout:
                     raise SystemExit("the server did not start in time")
                 time.sleep(0.5)
-        emit(bench="server_config", size=args.size, device=args.device, dtype=args.dtype, engine_rows=args.max_sessions,
+        emit(bench="server_config", size=args.size, device=args.device, dtype=args.dtype, quantize=args.quantize,
+             kv_dtype=args.kv_dtype, engine_rows=args.max_sessions,
              compile_block=args.device.startswith("cuda") and not args.no_compile,
              cuda_graphs=args.device.startswith("cuda") and not args.no_cuda_graphs, queue_chunks=args.queue_chunks,
              seconds=args.seconds, deadline_ms=args.deadline_ms, startup_s=round(time.time() - t, 1))

@@ -109,6 +109,8 @@ class TransformerConfig:
     init_from: Optional[str] = None             # None, "official", a variant name, or one of ours (.safetensors)
     resume: bool = True
     eval_only: bool = False
+    eval_quantize: Literal["none", "int8", "int4"] = "none"  # eval_only: the weights quantized (model/quant.py)
+    eval_kv_dtype: Literal["none", "fp8"] = "none"  # eval_only: forwards through a KV cache in float8
     wandb: Literal["online", "offline", "disabled"] = "offline"
     wandb_project: str = "hertz-dev-transformer"
 

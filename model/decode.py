@@ -38,7 +38,7 @@ from torch import Tensor
 
 from .resynth import ResynthCache
 from .sampling import RowParams, SamplingParams, StepNoise, sample_latents, sample_tokens
-from .transformer import KVCache, run_block
+from .transformer import KVCache, kv_dtype_of, run_block
 
 
 @dataclass
@@ -66,19 +66,22 @@ class DecodeState:
     host_pos: np.ndarray = field(repr=False)
 
     @staticmethod
-    def make(model, batch_size: int, max_len: Optional[int] = None) -> "DecodeState":
+    def make(model, batch_size: int, max_len: Optional[int] = None,
+             kv_dtype: Union[str, torch.dtype, None] = None) -> "DecodeState":
         """A zeroed state for `batch_size` rows of `max_len` frames (default: the model's seq_len),
-        on the device and in the dtype of the model's weights; every row active."""
+        on the device and in the dtype of the model's weights, the KV caches in `kv_dtype` (None or
+        "auto": the weights' dtype; "fp8": float8 e4m3, `model.transformer`); every row active."""
         cfg = model.config
         p = model.lm.input.weight
         device, dtype = p.device, p.dtype
+        kv = kv_dtype_of(kv_dtype)
         max_len = max_len or cfg.seq_len
         C, Z = cfg.channels, cfg.latent_dim
 
         def z(*shape, dt=torch.int64):
             return torch.zeros(shape, device=device, dtype=dt)
         return DecodeState(
-            lm=model.lm.make_cache(batch_size, max_len), rs=model.resynth.make_cache(batch_size, max_len),
+            lm=model.lm.make_cache(batch_size, max_len, dtype=kv), rs=model.resynth.make_cache(batch_size, max_len, dtype=kv),
             pos=z(batch_size), hist=z(batch_size, max_len, C * Z, dt=dtype), toks=z(batch_size, max_len, C),
             seed=z(batch_size), counter=z(batch_size), params=RowParams.make(batch_size, device),
             active=torch.ones(batch_size, device=device, dtype=torch.bool),
@@ -91,6 +94,11 @@ class DecodeState:
     @property
     def max_len(self) -> int:
         return self.hist.shape[1]
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of the LM and resynthesizer KV caches (the bulk of a state)."""
+        return self.lm.nbytes + self.rs.nbytes
 
     def row(self, r: int) -> "DecodeState":
         """A one-row state whose tensors are views of row `r` (writes land here), always active."""
@@ -136,17 +144,22 @@ class Kernels:
     decode: Callable = codec_decode
 
     @staticmethod
-    def make(compile: Union[bool, Sequence[str]] = False) -> "Kernels":
+    def make(compile: Union[bool, Sequence[str]] = False, quantized: bool = False) -> "Kernels":
         """compile: False, True (all of COMPILABLE), or some of "block" (the transformer block:
         norms, rotary, cache write and residuals fused around the matrix products) and "codec"
-        (the streaming encoder and decoder)."""
+        (the streaming encoder and decoder). `quantized` (the model holds int8/int4 layers:
+        `model.quant.quantization_of`): the block is compiled with inductor's
+        `coordinate_descent_tuning`, which the int8 matmul with its fused dequantisation needs to be
+        fast (9.2 ms -> ~1 ms on four hertz_dev layers, `model.quant`); it lengthens the compile,
+        so float models go without it. The option is scoped to this compile."""
         parts = set(COMPILABLE if compile is True else (compile or ()))
         if parts - set(COMPILABLE):
             raise ValueError(f"unknown parts to compile {sorted(parts - set(COMPILABLE))}; choose from {COMPILABLE}")
         c = partial(torch.compile, dynamic=True)
         k = Kernels()
         if "block" in parts:
-            k = replace(k, block=c(run_block))
+            options = {"coordinate_descent_tuning": True} if quantized else None
+            k = replace(k, block=c(run_block, options=options))
         if "codec" in parts:
             k = replace(k, encode=c(codec_encode), decode=c(codec_decode))
         return k

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .cuda_graphs import StepGraphs, StepKey, attention_windows, use_graphs
 from .decode import DecodeState, Kernels, decode_step, prompt_prefill, slide
+from .quant import quantization_of
 from .sampling import SamplingParams, row_seed
 from .stream_codec import decode_frames, encode_frames
 
@@ -43,13 +44,15 @@ class Generator:
     On CUDA, a step (LM -> token -> resynthesizer -> latent, for all rows) is a CUDA graph per
     attention window, captured on first use; `compile=True` also compiles the transformer block
     with torch.compile (slower start, faster steps). `max_len`: context in latents (default: the
-    model's), `keep`: latents kept by a slide (default 3/4 of it).
+    model's), `keep`: latents kept by a slide (default 3/4 of it), `kv_dtype`: of the KV caches
+    (None or "auto": the weights'; "fp8": float8, `model.transformer`).
     """
 
     def __init__(self, model, batch_size: int = 1, max_len: Optional[int] = None, keep: Optional[int] = None,
-                 cuda_graphs: Optional[bool] = None, compile: Union[bool, Sequence[str]] = False):
+                 cuda_graphs: Optional[bool] = None, compile: Union[bool, Sequence[str]] = False,
+                 kv_dtype: Union[str, torch.dtype, None] = None):
         self.model = model
-        self.state = DecodeState.make(model, batch_size, max_len)
+        self.state = DecodeState.make(model, batch_size, max_len, kv_dtype)
         L = self.state.max_len
         self.keep = keep or max(1, 3 * L // 4)
         if not 0 < self.keep < L:
@@ -57,7 +60,7 @@ class Generator:
         self.codec = model.codec
         self.x = torch.zeros(batch_size, 1, model.config.channels * model.config.latent_dim,
                              device=self.state.pos.device, dtype=self.state.hist.dtype)
-        self.kernels = Kernels.make(compile)
+        self.kernels = Kernels.make(compile, quantized=quantization_of(model) is not None)
         self.graphs = StepGraphs(attention_windows(L), self.state.active,
                                  use_graphs(cuda_graphs, self.state.pos.device))
 

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .cuda_graphs import StepGraphs, StepKey, attention_windows, use_graphs
 from .decode import DecodeState, Kernels, decode_step, draw_noise, prompt_prefill, slide
+from .quant import quantization_of
 from .sampling import SamplingParams
 from .stream_codec import StreamCodec, encode_frames
 
@@ -45,14 +46,15 @@ class LiveEngine:
     `compile` ("auto": the transformer block with torch.compile on CUDA; False; or parts of
     COMPILABLE); `encode` "sample" (user latents drawn from the codec posterior, as the original
     tokenizer) or "mean"; `codec`: the streaming codec (default `StreamCodec(model.codec)`; any object
-    with its `init_state` / `encode` / `decode` / `hop_length`).
+    with its `init_state` / `encode` / `decode` / `hop_length`); `kv_dtype` of the KV caches (None or
+    "auto": the weights' dtype; "fp8": float8, half the bytes of bf16, `model.transformer`).
     """
 
     chunk = 2000
 
     def __init__(self, model, max_sessions: int = 8, max_len: Optional[int] = None, keep: Optional[int] = None,
                  cuda_graphs: Optional[bool] = None, compile: Union[bool, str, Sequence[str]] = "auto",
-                 encode: str = "sample", codec=None):
+                 encode: str = "sample", codec=None, kv_dtype: Union[str, torch.dtype, None] = None):
         cfg = model.config
         if not cfg.duplex:
             raise ValueError("the live engine needs a duplex (two-channel) model")
@@ -61,7 +63,7 @@ class LiveEngine:
         if encode not in ("sample", "mean"):
             raise ValueError(f"encode must be 'sample' or 'mean', got {encode!r}")
         self.model, self.encode = model, encode
-        self.state = st = DecodeState.make(model, max_sessions, max_len)
+        self.state = st = DecodeState.make(model, max_sessions, max_len, kv_dtype)
         L = st.max_len
         self.keep = keep or max(1, 3 * L // 4)
         if not 0 < self.keep < L:
@@ -84,7 +86,7 @@ class LiveEngine:
         self._audio_host = torch.zeros(B, self.chunk, pin_memory=pinned)
         if compile == "auto":  # the transformer block compiled on CUDA (about 15 s at start, 15% faster steps)
             compile = ("block",) if device.type == "cuda" else False
-        self.kernels = Kernels.make(compile)
+        self.kernels = Kernels.make(compile, quantized=quantization_of(model) is not None)
         self.graphs = StepGraphs(attention_windows(L), st.active, use_graphs(cuda_graphs, device))
         st.active.zero_()
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .resynth import mixture_nll
+from .transformer import kv_dtype_of
 
 # What each stage trains (the other components are frozen), and the losses it optimises.
 STAGES: dict[str, tuple[str, ...]] = {
@@ -100,6 +101,17 @@ def compute_losses(quantizer, lm, resynth, latents: Tensor, valid: Tensor, duple
             total = total + (nll * mask).sum()
         out["resynth_nll"] = total / denominator
     return out, stats
+
+
+def through_cache(module, kv_dtype) -> Callable:
+    """`module` (a LatentLM or a Resynthesizer) called as `compute_losses` calls it, but each forward
+    writes its keys and values into a fresh KV cache in `kv_dtype` and attends over the cache, as
+    generation does: the losses then include the cache's rounding (a float8 cache, say)."""
+    def forward(latents: Tensor, *plex, checkpoint: bool = False):
+        B, T = latents.shape[:2]
+        cache = module.make_cache(B, T, dtype=kv_dtype_of(kv_dtype))
+        return module(latents, *plex, cache=cache, input_pos=torch.arange(T, device=latents.device)[None].expand(B, T))
+    return forward
 
 
 # --- FLOPs ------------------------------------------------------------------------------------

@@ -68,6 +68,11 @@ class ResynthCache:
     lower: KVCache
     upper: KVCache
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the keys and values."""
+        return self.lower.nbytes + self.upper.nbytes
+
     def row(self, r: int) -> "ResynthCache":
         """Batch row `r` alone, as views (writes land here). The upper streams are stacked
         channel-major on the batch axis, so row r's streams are r, r + B, ..."""

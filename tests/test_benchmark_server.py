@@ -25,3 +25,21 @@ def test_server_benchmark_smoke(tmp_path):
     for n, line in runs.items():
         assert line["expected"] == 12 * n and line["replies"] == line["expected"] and line["missing"] == 0
         assert line["at_cadence"] == n and line["rtt_ms"]["p99"] < 250 and line["steps"] >= 12
+
+
+def test_server_benchmark_int8_fp8_with_130_engine_rows(tmp_path):
+    """--quantize int8 --kv-dtype fp8 with more than 128 engine rows (the GPU run's configuration;
+    on the CPU a step over 130 rows is too slow for the cadence, so only that every chunk is
+    answered or counted as dropped is checked)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "benchmarks/server.py", "--smoke", "--seconds", "1.5", "--quantize", "int8",
+                        "--kv-dtype", "fp8", "--sessions", "2", "--max-sessions", "130"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert lines[0]["bench"] == "server_config" and lines[0]["engine_rows"] == 130
+    assert (lines[0]["quantize"], lines[0]["kv_dtype"]) == ("int8", "fp8")
+    assert "int8 weights" in r.stderr and "fp8 KV caches of 130 rows" in r.stderr
+    run = lines[1]
+    assert run["sessions"] == 2 and run["missing"] == 0 and run["replies"] > 0
+    assert run["replies"] + run["dropped_in"] + run["dropped_out"] == run["expected"]

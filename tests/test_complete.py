@@ -92,7 +92,9 @@ def test_bad_inputs_are_clear_errors(ckpts, tmp_path, capsys):
     ("ok.wav", ["--gaussian-temp", "inf"], "gaussian_temp must be in [0, 5]"),
     ("ok.wav", ["--top-p", "1.5"], "top_p must be in (0, 1]"),
     ("ok.wav", ["--min-p", "1"], "min_p must be in [0, 1)"),
-], ids=["missing", "nan", "not-audio", "token-temp", "gaussian-temp", "top-p", "min-p"])
+    ("ok.wav", ["--quantize", "int3"], "argument --quantize: invalid choice: 'int3'"),
+    ("ok.wav", ["--kv-dtype", "fp4"], "argument --kv-dtype: invalid choice: 'fp4'"),
+], ids=["missing", "nan", "not-audio", "token-temp", "gaussian-temp", "top-p", "min-p", "quantize", "kv-dtype"])
 def test_prompt_and_arguments_are_checked_before_any_weights(tmp_path, prompt, flags, message):
     """The official duplex variant, offline, with an empty weights folder: loading the weights
     would fail, so each error shows that the check came first; no output file is written."""
@@ -108,6 +110,27 @@ def test_prompt_and_arguments_are_checked_before_any_weights(tmp_path, prompt, f
     assert len(errors) == 1 and message.format(prompt=tmp_path / prompt) in errors[0], r.stderr
     assert "System error" not in r.stderr and "loaded" not in r.stderr
     assert not out.exists() and not list(tmp_path.glob("*out*"))
+
+
+@pytest.mark.slow
+def test_quantized_completion_with_fp8_cache(ckpts, tmp_path):
+    """--quantize int8 with --kv-dtype fp8 end to end; int4 on a checkpoint saved int8 is refused
+    in one line (a quantized checkpoint is not requantized)."""
+    out = tmp_path / "q.wav"
+    r = run(ckpts["stereo"], out, "--variant", ckpts["duplex"], "--seconds", 0.5, "--quantize", "int8",
+            "--kv-dtype", "fp8")
+    assert r.returncode == 0, r.stderr
+    assert "(int8 weights)" in r.stderr
+    audio, sr = sf.read(out)
+    assert audio.shape == (2000 * (12 + 4), 2) and np.isfinite(audio).all() and np.abs(audio[12 * 2000:]).max() > 0
+
+    from model import load_hertz_dev, save_transformer
+    saved = save_transformer(tmp_path / "int8.safetensors", load_hertz_dev(ckpts["duplex"], codec=None, quantize="int8"),
+                             codec_source=ckpts["codec"])
+    r = run(ckpts["stereo"], out, "--variant", saved, "--quantize", "int4")
+    errors = [line for line in r.stderr.splitlines() if "error: " in line]
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(errors) == 1, r.stderr
+    assert "holds int8 weights" in errors[0]
 
 
 def make_adapter(base: str, path: Path, seed: int = 0) -> str:

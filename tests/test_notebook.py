@@ -75,6 +75,18 @@ def test_notebook_applies_an_adapter(tmp_path):
     assert not (tmp_path / "wrong.wav").exists()
 
 
+@pytest.mark.slow
+def test_notebook_with_int8_weights_and_fp8_cache(tmp_path):
+    paths = make_checkpoints(tmp_path / "ckpt")
+    out = tmp_path / "completion.wav"
+    nb = execute({"PROMPT": paths["stereo"], "VARIANT": paths["duplex"], "QUANTIZE": "int8", "KV_DTYPE": "fp8",
+                  "SECONDS": 0.5, "NUM_COMPLETIONS": 1, "DEVICE": "cpu", "OUT": str(out), "SEED": 1})
+    audio, _ = sf.read(out)
+    assert audio.shape == (2000 * (12 + 4), 2) and np.isfinite(audio).all()
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "(int8 weights)" in text
+
+
 @pytest.mark.parametrize("params, message", [
     ({"PROMPT": "MISSING"}, "no such file: MISSING"),
     ({"PROMPT": "NAN"}, "non-finite samples"),
@@ -82,7 +94,9 @@ def test_notebook_applies_an_adapter(tmp_path):
     ({"TOP_P": 0.0}, "top_p must be in (0, 1]"),
     ({"SECONDS": -1}, "SECONDS must be > 0"),
     ({"ADAPTER": "MISSING"}, "no such file: MISSING"),
-], ids=["missing", "nan", "token-temp", "top-p", "seconds", "adapter"])
+    ({"QUANTIZE": "int3"}, "QUANTIZE must be None, 'int8' or 'int4', got 'int3'"),
+    ({"KV_DTYPE": "fp4"}, "KV_DTYPE must be 'auto' or 'fp8', got 'fp4'"),
+], ids=["missing", "nan", "token-temp", "top-p", "seconds", "adapter", "quantize", "kv-dtype"])
 def test_bad_parameters_stop_before_the_weights_load(tmp_path, params, message):
     """VARIANT names a checkpoint that does not exist: loading would fail on it, so the error
     about the parameter shows that the check came first."""

@@ -998,3 +998,46 @@ def test_cli_adapter_end_to_end_and_a_wrong_base_refused(model, tmp_path):
     adapted = load_hertz_dev(checkpoint, adapter=adapter)
     assert_close(replies, reference_replies(adapted, CHUNKS[:8], seed=5))
     assert not np.array_equal(replies, reference_replies(model, CHUNKS[:8], seed=5))
+
+
+def test_cli_server_with_int8_weights_and_fp8_cache_answers_with_audio(model, tmp_path):
+    """`inference_server.py --quantize int8 --kv-dtype fp8` on a tiny checkpoint: a real websocket
+    client streams two chunks and gets two chunks of audio back; bad values of either flag are one
+    `error:` line before anything loads."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+    from live_server import save_tiny
+    for flags, want in ((["--quantize", "int3"], "argument --quantize: invalid choice: 'int3'"),
+                        (["--kv-dtype", "fp4"], "argument --kv-dtype: invalid choice: 'fp4'")):
+        r = run_cli("--offline", "--ckpt-dir", str(tmp_path / "empty"), *flags)
+        errors = [line for line in r.stderr.splitlines() if "error: " in line]
+        assert r.returncode == 2 and len(errors) == 1 and want in errors[0], r.stderr
+    checkpoint = save_tiny(model, tmp_path / "ckpt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    err = open(tmp_path / "err.txt", "w+")
+    proc = subprocess.Popen([sys.executable, "inference_server.py", "--checkpoint", str(checkpoint), "--device", "cpu",
+                             "--port", str(port), "--quantize", "int8", "--kv-dtype", "fp8"],
+                            cwd=Path(__file__).resolve().parents[1], stdout=err, stderr=err)
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                assert http(f"http://127.0.0.1:{port}/health")[0] == 200
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, open(tmp_path / "err.txt").read()[-3000:]
+                time.sleep(0.3)
+
+        async def talk():
+            async with connect(f"ws://127.0.0.1:{port}/audio") as ws:
+                return await stream(ws, CHUNKS[:2])
+        replies = [m for m in asyncio.run(asyncio.wait_for(talk(), 60)) if isinstance(m, bytes)]
+    finally:
+        proc.send_signal(__import__("signal").SIGINT)
+        proc.wait(timeout=30)
+    assert len(replies) == 2 and all(len(r) == len(CHUNKS[0]) for r in replies)
+    assert any(np.frombuffer(r, "<i2").any() for r in replies)

@@ -1,0 +1,42 @@
+"""benchmarks/inference.py on the CPU with the tiny preset: every weight mode and KV dtype side by
+side in one run (the GPU run's code path, short), with the packages the GPU image lacks made
+unimportable."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from test_benchmark_server import NOT_ON_GPU_IMAGE
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_inference_benchmark_modes_side_by_side(tmp_path):
+    for name in NOT_ON_GPU_IMAGE:
+        (tmp_path / f"{name}.py").write_text(f"raise ImportError('{name} is not on the GPU image')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)]), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "benchmarks/inference.py", "--device", "cpu", "--sizes", "tiny",
+                        "--quantize", "none,int8,int4", "--kv-dtype", "auto,fp8", "--steps", "2", "--batches", "1,2",
+                        "--gen-seconds", "0.5"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert lines[-1]["bench"] == "done"
+    modes = [(q, kv) for q in ("none", "int8", "int4") for kv in ("auto", "fp8")]
+    by = {}
+    for line in lines:
+        if "quantize" in line:
+            by.setdefault((line["quantize"], line["kv_dtype"]), {}).setdefault(line["bench"], []).append(line)
+    assert list(by) == modes  # in order: one mode after another
+    for mode, b in by.items():
+        assert sorted(line["batch"] for line in b["live_step"]) == [1, 2], mode
+        assert all(line["p50_ms"] > 0 and "error" not in line for line in b["live_step"]), mode
+        assert b["mono_completion"][0]["latents_per_s"] > 0 and b["mono_completion"][0]["latents"] == 4
+    weights = {q: by[(q, "auto")]["weights"][0]["transformer_bytes"] for q in ("none", "int8", "int4")}
+    # float32 on the CPU: int8 is about a quarter; the tiny model's layers are mostly too narrow for int4
+    assert weights["int4"] <= weights["int8"] < weights["none"] / 3
+    kv = {k: by[("none", k)]["peak_memory"][0]["kv_bytes"] for k in ("auto", "fp8")}
+    assert kv["fp8"] * 4 == kv["auto"]  # float32 on the CPU
+    bad = subprocess.run([sys.executable, "benchmarks/inference.py", "--quantize", "int3"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "error: --quantize: unknown mode 'int3'" in bad.stderr

@@ -1,0 +1,61 @@
+"""benchmarks/quant_quality.py --smoke: both parts of the quality benchmark on the CPU with tiny
+presets (a tiny corpus, a codec and a duplex transformer trained a few steps in the run), and the
+trainer's eval_quantize / eval_kv_dtype options it relies on."""
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from config import ConfigError
+from config.transformer_config import PRESETS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_quant_quality_smoke(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "benchmarks/quant_quality.py", "--smoke", "--corpus", str(tmp_path / "corpus"),
+                        "--work", str(tmp_path / "work")], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert lines[-1]["bench"] == "done"
+    logits = {line["mode"]: line for line in lines if line["bench"] == "logits"}
+    assert list(logits) == ["int8", "int4", "fp8_kv", "int8+fp8_kv"]
+    # the tiny model: int8 within 3%, int4 within 15%, fp8 KV within 5% (tests/test_kv_fp8.py's bound)
+    for mode, bound in (("int8", 0.03), ("int4", 0.15), ("fp8_kv", 0.05)):
+        line = logits[mode]
+        assert 0 < line["lm_rel_err"] <= bound and 0 < line["resynth_rel_err"]["locs"] <= bound, line
+        assert 0.5 <= line["lm_top1"] <= 1 and line["code_agreement"] > 0.9, line
+    assert logits["int8"]["weights_gb"] < logits["fp8_kv"]["weights_gb"] / 3  # float32 weights vs int8
+    val = {line["mode"]: line for line in lines if line["bench"] == "val"}
+    assert list(val) == ["bf16", "int8", "int4", "fp8_kv"]
+    assert len({line["positions"] for line in val.values()}) == 1  # the same crops in every mode
+    for mode in ("int8", "int4", "fp8_kv"):
+        for k in ("lm_ce", "resynth_nll"):
+            assert math.isfinite(val[mode][k]) and val[mode][k] != val["bf16"][k]  # the mode took effect
+            assert abs(val[mode][f"{k}_rel_change"]) < 0.05
+        assert isinstance(val[mode]["within_bound"], bool)
+    assert (tmp_path / "work" / "transformer-lm" / "best.safetensors").is_file()
+    # again: the finished training stages are reused, the evaluation runs again
+    r = subprocess.run([sys.executable, "benchmarks/quant_quality.py", "--smoke", "--part", "b", "--corpus",
+                        str(tmp_path / "corpus"), "--work", str(tmp_path / "work")], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [line["stage"] for line in lines if line["bench"] == "reused"] == ["codec", "transformer-q", "transformer-lm"]
+    again = {line["mode"]: line for line in lines if line["bench"] == "val"}
+    assert again["int8"]["lm_ce"] == val["int8"]["lm_ce"]  # the same checkpoint, the same crops
+
+
+def test_eval_quantize_and_kv_dtype_need_eval_only():
+    from train_transformer import check_config
+    for field, value in (("eval_quantize", "int8"), ("eval_kv_dtype", "fp8")):
+        with pytest.raises(ConfigError, match="apply to eval_only=true"):
+            check_config(dataclasses.replace(PRESETS["tiny"], **{field: value}))
