@@ -28,11 +28,14 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from config import ConfigError, config_diff, fields_marked, from_dict, parse_args
@@ -47,10 +50,10 @@ from model.data import AudioCropDataset, infinite_batches, make_loader
 from model.discriminators import Discriminators
 from model.loading import load_codec, write_codec
 from model.plots import plot_metrics, save_mel_figure
-from model.training import (Checkpoints, Deadline, Logger, all_reduce_mean, autocast, before_step, check_architecture,
-                            check_finite_step, check_resumable, cosine_lr, move_aside, rng_state, run_script,
-                            seed_everything, set_rng_state, setup_distributed, state_to_load, teardown_distributed,
-                            unwrap)
+from model.training import (Checkpoints, Deadline, Dist, Logger, all_reduce_mean, autocast, before_step,
+                            check_architecture, check_finite_step, check_resumable, cosine_lr, move_aside, rng_state,
+                            run_script, seed_everything, set_rng_state, setup_distributed, state_to_load,
+                            teardown_distributed, unwrap)
 
 
 def main(argv=None) -> dict:
@@ -66,177 +69,66 @@ def main(argv=None) -> dict:
     deadline = Deadline(cfg.max_minutes, device)
     seed_everything(cfg.seed + ddp.rank)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True  # fixed crop length: let cuDNN pick the fastest convs
     run_dir = Path(cfg.checkpoint_dir)
     checkpoints = Checkpoints(run_dir, keep=cfg.keep_checkpoints)
     latest = state_to_load(checkpoints, cfg.resume, cfg.eval_only, cfg.init_from)  # before the slow work
-    have_stoi, have_pesq, have_plots = optional_packages(cfg, say)
+    have = optional_packages(cfg, say)
     dnsmos = DNSMOS() if cfg.val_mos and is_main else None  # rank 0 alone evaluates
     hop = math.prod(cfg.strides)
+    val_loader, train_loader = build_data(cfg, is_main, say)
+    generator, discriminators, mel_loss = build_models(cfg, device)
+    opt_g, opt_d = make_optimizers(cfg, generator, discriminators, device)
 
-    # data: every rank reads its own share of the training crops; rank 0 alone evaluates, so the
-    # validation numbers do not depend on the number of GPUs
-    val_set, val_loader, train_set, train_loader = None, None, None, None
-    if is_main:
-        val_set = AudioCropDataset(cfg.val_data_path, cfg.segment_seconds, cfg.sample_rate, train=False,
-                                   max_val_crops=cfg.val_crops)
-        val_loader = make_loader(val_set, cfg.batch_size, num_workers=cfg.num_workers, distributed=False)
-        say(describe("val", val_set))
-    if not cfg.eval_only:
-        train_set = AudioCropDataset(cfg.train_data_path, cfg.segment_seconds, cfg.sample_rate, train=True,
-                                     seed=cfg.seed)
-        train_loader = make_loader(train_set, cfg.batch_size, num_workers=cfg.num_workers, distributed=True,
-                                   seed=cfg.seed)
-        if len(train_loader) == 0:
-            raise ConfigError(f"{train_set.root} gives {len(train_set)} training crops of {cfg.segment_seconds} s, "
-                              f"fewer than batch_size={cfg.batch_size} per process: add audio or lower batch_size")
-        say(describe("train", train_set))
-
-    # models, optimizers, and where the weights come from: the latest checkpoint (resume), else
-    # init_from, else a fresh initialisation
-    generator = Codec(cfg).to(device)
-    discriminators = Discriminators(cfg).to(device)
-    mel_loss = MultiResolutionMelLoss(cfg.mel_windows, cfg.mel_bins, cfg.sample_rate).to(device)
-    opt_g = adamw(generator, cfg.learning_rate, cfg, device)
-    opt_d = adamw(discriminators, cfg.disc_learning_rate, cfg, device)
+    # where the weights come from: the latest checkpoint (resume), else init_from, else a fresh initialisation
     step, state, source = 0, None, "random init"
     if latest:
         state = checkpoints.load(latest, map_location="cpu")
-        # evaluating needs the same codec; resuming, the same discriminators too and what fixes
-        # the data order (counted in micro-batches). The schedule may change.
-        check_resumable(state["config"], cfg, fields_marked(CodecConfig, *(
-            ("arch",) if cfg.eval_only else ("arch", "disc", "resume"))))
-        generator.load_state_dict(state["generator"])
+        step = load_state(state, cfg, ddp, generator, discriminators, opt_g, opt_d, say)
         source = f"{latest} (step {state['step']})"
-    if state and not cfg.eval_only:
-        for note in resume_notes(state, cfg, ddp.world_size):
-            say(f"note: {note}")
-        discriminators.load_state_dict(state["discriminators"])
-        opt_g.load_state_dict(state["opt_g"])
-        opt_d.load_state_dict(state["opt_d"])
-        step = state["step"]
-        rngs = state["rng_state"]  # one per rank
-        if ddp.rank < len(rngs):
-            set_rng_state(rngs[ddp.rank])
-        else:
-            seed_everything(cfg.seed + ddp.rank + step)
     elif cfg.init_from and (is_main or cfg.eval_only):  # DDP broadcasts rank 0's weights to the others
         source = load_weights(cfg.init_from, cfg, generator, None if cfg.eval_only else discriminators)
     if is_main and not cfg.resume and not cfg.eval_only and (old := move_aside(run_dir)):
         say(f"resume=false: moved the previous run in {run_dir} to {old}")
-    start_step = step
     say(f"codec: {sum(p.numel() for p in generator.parameters()) / 1e6:.2f}M parameters, discriminators: "
         f"{sum(p.numel() for p in discriminators.parameters()) / 1e6:.2f}M; weights from {source}")
 
-    # --- helpers --------------------------------------------------------------------------------
-    def get_lr(it: int) -> float:
-        return cosine_lr(it, cfg.learning_rate, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
-
-    @torch.no_grad()
-    def evaluate() -> tuple[dict, list]:
-        """Validation metrics of the posterior mean's reconstruction (mel distance, SI-SDR, STOI,
-        wideband PESQ, DNSMOS with val_mos), the latent's KL rate, and a few (input, output) pairs."""
-        codec = unwrap(generator).eval()
-        mels, sdrs, stois, pesqs, moses, pairs = [], [], [], [], [], []
-        kl_sum, latents = 0.0, 0
-        for batch in val_loader:
-            audio, mask = batch["audio"].to(device), batch["mask"].to(device)
-            with autocast(device, cfg.dtype):
-                mu, logvar = codec.encode(audio)
-                recon = codec.decode(mu)
-            real, recon = audio * mask[:, None], recon.float() * mask[:, None]
-            keep = mask.sum(-1) > 0  # an unreadable file's crop is all padding
-            mels.append(mel_loss(recon, real, mask, per_item=True)[keep].cpu())
-            sdrs.append(si_sdr(recon, real, mask)[keep].cpu())
-            real_latents = latent_mask(mask, hop)
-            kl_sum += latent_kl(mu, logvar, real_latents).item() * real_latents.sum().item()
-            latents += int(real_latents.sum().item())
-            for i in keep.nonzero().flatten().tolist():
-                n = int(mask[i].sum())
-                x, y = real[i, 0, :n].cpu().numpy(), recon[i, 0, :n].cpu().numpy()
-                # NaN where a metric cannot score the crop: (almost) silence, too short
-                stois.append(stoi(y, x, cfg.sample_rate) if have_stoi else math.nan)
-                pesqs.append(pesq_wb(y, x, cfg.sample_rate) if have_pesq else math.nan)
-                if dnsmos is not None:
-                    moses.append(dnsmos(y, cfg.sample_rate))
-                if len(pairs) < cfg.num_audio_samples and np.sqrt(np.mean(x ** 2)) > 1e-3:
-                    pairs.append((x, y))
-        codec.train()
-        metrics = {"val/mel_distance": torch.cat(mels).mean().item(), "val/si_sdr": torch.cat(sdrs).mean().item(),
-                   "val/stoi": nanmean(stois), "val/pesq": nanmean(pesqs),
-                   "val/kl_bits_per_s": kl_bits_per_second(kl_sum / max(latents, 1), cfg.sample_rate / hop)}
-        if dnsmos is not None:
-            metrics["val/dnsmos"] = nanmean(moses)
-        return metrics, pairs
-
     if cfg.eval_only:
         if is_main:
-            metrics, _ = evaluate()
-            print_table(source, metrics, len(val_set))
+            metrics, _ = evaluate(generator, val_loader, mel_loss, cfg, have, dnsmos)
+            print_table(source, metrics, len(val_loader.dataset))
         teardown_distributed()
         return metrics if is_main else {}
 
-    # exact data position: micro-batches already consumed by this rank
-    epoch, skip = divmod(step * cfg.grad_accum_steps, len(train_loader))
+    # --- training loop --------------------------------------------------------------------------
+    epoch, skip = divmod(step * cfg.grad_accum_steps, len(train_loader))  # micro-batches this rank has read
     batches = infinite_batches(train_loader, start_epoch=epoch, skip=skip)
-
-    # gen_model / disc_model: the (compiled) modules, called directly when no gradient sync is
-    # wanted; generator / discriminators: the same, wrapped in DDP when distributed
-    gen_model = torch.compile(generator, dynamic=False) if cfg.compile else generator
-    disc_model = torch.compile(discriminators, dynamic=False) if cfg.compile else discriminators
-    generator, discriminators = gen_model, disc_model
-    if ddp.enabled:
-        generator = DDP(gen_model, device_ids=[device.index] if device.type == "cuda" else None)
-        discriminators = DDP(disc_model, device_ids=[device.index] if device.type == "cuda" else None)
-
+    # gen_model / disc_model: the (compiled) modules; generator / discriminators: the same in DDP when distributed
+    gen_model, generator = compile_and_wrap(generator, cfg.compile, ddp)
+    disc_model, discriminators = compile_and_wrap(discriminators, cfg.compile, ddp)
     logger = Logger(cfg.wandb, cfg.wandb_project, run_dir, cfg, is_main=is_main,
                     resume_id=state.get("wandb_id") if state else None)
-
-    def save(it: int, metric: float | None) -> None:
-        """Training state to step_*.pt / latest.pt (/ best.pt), and the codec beside it as safetensors."""
-        rngs = [rng_state()]
-        if ddp.enabled:
-            rngs = [None] * ddp.world_size
-            dist.all_gather_object(rngs, rng_state())
-        if not is_main:
-            return
-        extra = {"step": it, "val/mel_distance": metric}
-        checkpoints.save(it, {
-            "generator": unwrap(generator).state_dict(), "discriminators": unwrap(discriminators).state_dict(),
-            "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "step": it, "rng_state": rngs,
-            "config": dataclasses.asdict(cfg), "world_size": ddp.world_size, "wandb_id": logger.run_id,
-            "val/mel_distance": metric}, metric,  # the LR is a function of the step: no scheduler state
-            export=lambda tmp: write_codec(tmp, unwrap(generator), extra))
-
-    if is_main:
-        for note in checkpoints.recover(export_state):
-            say(f"note: {note}")
-
-    # --- training loop --------------------------------------------------------------------------
+    for note in checkpoints.recover(export_state) if is_main else []:
+        say(f"note: {note}")
     samples_per_step = cfg.batch_size * cfg.grad_accum_steps * ddp.world_size
     say(f"training from step {step} to {cfg.max_steps}: {samples_per_step} crops of {cfg.segment_seconds} s "
         f"per step on {ddp.world_size} x {device}, run folder {run_dir}")
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not is_main, dynamic_ncols=True, desc="train")
-    t_log = time.time()
-    sums, steps_since_log = {}, 0  # loss name -> list of per-micro-batch values since the last log
-    metrics = {}
+    start_step, t_log = step, time.time()
+    sums, steps_since_log, metrics = {}, 0, {}  # sums: loss name -> per-micro-batch values since the last log
     while True:
         # evaluation (rank 0) and checkpoints, before the step: they describe the model after `step` updates
         t_pause = time.time()
         due = before_step(step, start_step, cfg.max_steps, cfg.log_interval, cfg.eval_interval, cfg.save_interval,
                           deadline)
         if due.evaluate and is_main:
-            metrics, pairs = evaluate()
-            media = log_samples(run_dir, pairs, cfg.sample_rate, logger, have_plots)
-            logger.log({**metrics, **media}, step)
-            say(f"step {step}: val mel distance {metrics['val/mel_distance']:.4f} | "
-                f"SI-SDR {metrics['val/si_sdr']:.2f} dB | STOI {metrics['val/stoi']:.4f} | "
-                f"PESQ {metrics['val/pesq']:.3f} | KL {metrics['val/kl_bits_per_s']:.1f} bits/s"
-                + (f" | DNSMOS {metrics['val/dnsmos']:.3f}" if "val/dnsmos" in metrics else ""))
+            metrics, pairs = evaluate(generator, val_loader, mel_loss, cfg, have, dnsmos)
+            logger.log({**metrics, **log_samples(run_dir, pairs, cfg.sample_rate, logger, have.plots)}, step)
+            say(f"step {step}: {summary(metrics)}")
         if due.save:
-            save(step, due.best_metric(metrics, "val/mel_distance"))
+            save(step, due.best_metric(metrics, "val/mel_distance"), checkpoints, generator, discriminators,
+                 opt_g, opt_d, cfg, ddp, logger.run_id)
         if ddp.enabled and (due.evaluate or due.save):
             dist.barrier()  # rank 0 evaluated or wrote alone: the others wait here, not inside the next all-reduce
         if due.stop:
@@ -245,12 +137,10 @@ def main(argv=None) -> dict:
             break
         t_log += time.time() - t_pause  # throughput counts training time only
 
-        lr = get_lr(step)
-        lr_d = lr * cfg.disc_learning_rate / cfg.learning_rate if cfg.learning_rate > 0 else cfg.disc_learning_rate
-        for group in opt_g.param_groups:
-            group["lr"] = lr
-        for group in opt_d.param_groups:
-            group["lr"] = lr_d
+        lr, lr_d = get_lr(step, cfg)
+        for optimizer, value in ((opt_g, lr), (opt_d, lr_d)):
+            for group in optimizer.param_groups:
+                group["lr"] = value
         use_disc = step >= cfg.disc_start_step
 
         # generator step: reconstruction losses, and the frozen discriminators' verdict
@@ -259,7 +149,7 @@ def main(argv=None) -> dict:
         step_loss, files = 0.0, []
         for micro in range(cfg.grad_accum_steps):
             batch = next(batches)
-            files += [train_set.files[i].path for i in batch["file"].tolist()]
+            files += [train_loader.dataset.files[i].path for i in batch["file"].tolist()]
             audio = batch["audio"].to(device, non_blocking=True)  # (B, 1, N)
             mask = batch["mask"].to(device, non_blocking=True)    # (B, N): 0 on padding
             real = audio * mask[:, None]
@@ -311,16 +201,7 @@ def main(argv=None) -> dict:
         bar.update(1)
 
         if step % cfg.log_interval == 0 or step == cfg.max_steps:
-            dt = time.time() - t_log
-            keys = sorted(sums)  # the same on every rank
-            means = all_reduce_mean(torch.stack([torch.stack(sums[k]).mean() for k in keys])).tolist()
-            row = {f"loss/{k}": v for k, v in zip(keys, means)}
-            row["rate/kl_bits_per_s"] = kl_bits_per_second(row["loss/kl"], cfg.sample_rate / hop)
-            row.update({k: v.item() for k, v in norms.items()}, lr=lr, lr_disc=lr_d,
-                       **{"perf/samples_per_s": samples_per_step * steps_since_log / dt,
-                          "perf/step_s": dt / steps_since_log})
-            if device.type == "cuda":
-                row["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+            row = train_row(sums, norms, lr, lr_d, samples_per_step, steps_since_log, time.time() - t_log, cfg, device)
             logger.log(row, step)
             bar.set_postfix(loss=f"{row['loss/total']:.3f}", mel=f"{row['loss/mel']:.3f}",
                             samples_s=f"{row['perf/samples_per_s']:.1f}")
@@ -328,7 +209,7 @@ def main(argv=None) -> dict:
 
     bar.close()
     if is_main:
-        png = have_plots and plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss_curves.png",
+        png = have.plots and plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss_curves.png",
                                           title=f"codec ({run_dir})")
         say(f"done at step {step}: {run_dir / 'latest.safetensors'}" + (f", curves in {png}" if png else ""))
     logger.finish()
@@ -337,6 +218,171 @@ def main(argv=None) -> dict:
 
 
 # --- small pieces used by main --------------------------------------------------------------------
+
+class Available(NamedTuple):
+    """Which optional metrics and figures this run can make."""
+    stoi: bool
+    pesq: bool
+    plots: bool
+
+
+def get_lr(step: int, cfg: CodecConfig) -> tuple[float, float]:
+    """The generator's and the discriminators' learning rates at `step`: one cosine schedule, scaled."""
+    lr = cosine_lr(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
+    return lr, lr * cfg.disc_learning_rate / cfg.learning_rate if cfg.learning_rate > 0 else cfg.disc_learning_rate
+
+
+def build_data(cfg: CodecConfig, is_main: bool, say) -> tuple[DataLoader | None, DataLoader | None]:
+    """The validation loader (rank 0 only, None elsewhere) and the training loader (None with eval_only)."""
+    # every rank reads its own share of the training crops; rank 0 alone evaluates, so the
+    # validation numbers do not depend on the number of GPUs
+    val_loader, train_loader = None, None
+    if is_main:
+        val_set = AudioCropDataset(cfg.val_data_path, cfg.segment_seconds, cfg.sample_rate, train=False,
+                                   max_val_crops=cfg.val_crops)
+        val_loader = make_loader(val_set, cfg.batch_size, num_workers=cfg.num_workers, distributed=False)
+        say(describe("val", val_set))
+    if not cfg.eval_only:
+        train_set = AudioCropDataset(cfg.train_data_path, cfg.segment_seconds, cfg.sample_rate, train=True,
+                                     seed=cfg.seed)
+        train_loader = make_loader(train_set, cfg.batch_size, num_workers=cfg.num_workers, distributed=True,
+                                   seed=cfg.seed)
+        if len(train_loader) == 0:
+            raise ConfigError(f"{train_set.root} gives {len(train_set)} training crops of {cfg.segment_seconds} s, "
+                              f"fewer than batch_size={cfg.batch_size} per process: add audio or lower batch_size")
+        say(describe("train", train_set))
+    return val_loader, train_loader
+
+
+def build_models(cfg: CodecConfig, device: torch.device) -> tuple[Codec, Discriminators, MultiResolutionMelLoss]:
+    """The codec (the generator), the discriminators and the mel loss, freshly initialised on `device`."""
+    generator = Codec(cfg).to(device)
+    discriminators = Discriminators(cfg).to(device)
+    return generator, discriminators, MultiResolutionMelLoss(cfg.mel_windows, cfg.mel_bins, cfg.sample_rate).to(device)
+
+
+def make_optimizers(cfg: CodecConfig, generator: Codec, discriminators: Discriminators,
+                    device: torch.device) -> tuple[torch.optim.AdamW, torch.optim.AdamW]:
+    """The generator's and the discriminators' AdamW (`adamw`)."""
+    return (adamw(generator, cfg.learning_rate, cfg, device),
+            adamw(discriminators, cfg.disc_learning_rate, cfg, device))
+
+
+def load_state(state: dict, cfg: CodecConfig, ddp: Dist, generator: Codec, discriminators: Discriminators,
+               opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, say) -> int:
+    """Load a training state: its codec (all eval_only needs) and, resuming, its discriminators,
+    optimizers and this rank's RNG state. Returns the step to continue from (0 with eval_only)."""
+    # evaluating needs the same codec; resuming, the same discriminators too and what fixes
+    # the data order (counted in micro-batches). The schedule may change.
+    check_resumable(state["config"], cfg, fields_marked(CodecConfig, *(
+        ("arch",) if cfg.eval_only else ("arch", "disc", "resume"))))
+    generator.load_state_dict(state["generator"])
+    if cfg.eval_only:
+        return 0
+    for note in resume_notes(state, cfg, ddp.world_size):
+        say(f"note: {note}")
+    discriminators.load_state_dict(state["discriminators"])
+    opt_g.load_state_dict(state["opt_g"])
+    opt_d.load_state_dict(state["opt_d"])
+    rngs = state["rng_state"]  # one per rank
+    if ddp.rank < len(rngs):
+        set_rng_state(rngs[ddp.rank])
+    else:
+        seed_everything(cfg.seed + ddp.rank + state["step"])
+    return state["step"]
+
+
+def compile_and_wrap(module: nn.Module, compile: bool, ddp: Dist) -> tuple[nn.Module, nn.Module]:
+    """`module` compiled (with `compile`), called directly where no gradient sync is wanted, and the
+    same wrapped in DDP when distributed (else itself), called in the training step."""
+    compiled = torch.compile(module, dynamic=False) if compile else module
+    if not ddp.enabled:
+        return compiled, compiled
+    return compiled, DDP(compiled, device_ids=[ddp.device.index] if ddp.device.type == "cuda" else None)
+
+
+@torch.no_grad()
+def evaluate(generator: nn.Module, val_loader: DataLoader, mel_loss: MultiResolutionMelLoss, cfg: CodecConfig,
+             have: Available, dnsmos: DNSMOS | None) -> tuple[dict, list]:
+    """Validation metrics of the posterior mean's reconstruction (mel distance, SI-SDR, STOI,
+    wideband PESQ, DNSMOS with val_mos), the latent's KL rate, and a few (input, output) pairs."""
+    codec = unwrap(generator).eval()
+    device, hop = next(codec.parameters()).device, math.prod(cfg.strides)
+    mels, sdrs, stois, pesqs, moses, pairs = [], [], [], [], [], []
+    kl_sum, latents = 0.0, 0
+    for batch in val_loader:
+        audio, mask = batch["audio"].to(device), batch["mask"].to(device)
+        with autocast(device, cfg.dtype):
+            mu, logvar = codec.encode(audio)
+            recon = codec.decode(mu)
+        real, recon = audio * mask[:, None], recon.float() * mask[:, None]
+        keep = mask.sum(-1) > 0  # an unreadable file's crop is all padding
+        mels.append(mel_loss(recon, real, mask, per_item=True)[keep].cpu())
+        sdrs.append(si_sdr(recon, real, mask)[keep].cpu())
+        real_latents = latent_mask(mask, hop)
+        kl_sum += latent_kl(mu, logvar, real_latents).item() * real_latents.sum().item()
+        latents += int(real_latents.sum().item())
+        for i in keep.nonzero().flatten().tolist():
+            n = int(mask[i].sum())
+            x, y = real[i, 0, :n].cpu().numpy(), recon[i, 0, :n].cpu().numpy()
+            # NaN where a metric cannot score the crop: (almost) silence, too short
+            stois.append(stoi(y, x, cfg.sample_rate) if have.stoi else math.nan)
+            pesqs.append(pesq_wb(y, x, cfg.sample_rate) if have.pesq else math.nan)
+            if dnsmos is not None:
+                moses.append(dnsmos(y, cfg.sample_rate))
+            if len(pairs) < cfg.num_audio_samples and np.sqrt(np.mean(x ** 2)) > 1e-3:
+                pairs.append((x, y))
+    codec.train()
+    metrics = {"val/mel_distance": torch.cat(mels).mean().item(), "val/si_sdr": torch.cat(sdrs).mean().item(),
+               "val/stoi": nanmean(stois), "val/pesq": nanmean(pesqs),
+               "val/kl_bits_per_s": kl_bits_per_second(kl_sum / max(latents, 1), cfg.sample_rate / hop)}
+    if dnsmos is not None:
+        metrics["val/dnsmos"] = nanmean(moses)
+    return metrics, pairs
+
+
+def summary(metrics: dict) -> str:
+    """One line of an evaluation's metrics."""
+    return (f"val mel distance {metrics['val/mel_distance']:.4f} | SI-SDR {metrics['val/si_sdr']:.2f} dB | "
+            f"STOI {metrics['val/stoi']:.4f} | PESQ {metrics['val/pesq']:.3f} | "
+            f"KL {metrics['val/kl_bits_per_s']:.1f} bits/s"
+            + (f" | DNSMOS {metrics['val/dnsmos']:.3f}" if "val/dnsmos" in metrics else ""))
+
+
+def train_row(sums: dict, norms: dict, lr: float, lr_d: float, samples_per_step: int, steps: int, seconds: float,
+              cfg: CodecConfig, device: torch.device) -> dict:
+    """The log row of the last `steps` steps (`seconds` of training): each loss averaged over the
+    micro-batches and ranks (`sums`: name -> values), the KL rate, the last gradient norms, the
+    learning rates and the throughput. A collective under torch.distributed."""
+    keys = sorted(sums)  # the same on every rank
+    means = all_reduce_mean(torch.stack([torch.stack(sums[k]).mean() for k in keys])).tolist()
+    row = {f"loss/{k}": v for k, v in zip(keys, means)}
+    row["rate/kl_bits_per_s"] = kl_bits_per_second(row["loss/kl"], cfg.sample_rate / math.prod(cfg.strides))
+    row.update({k: v.item() for k, v in norms.items()}, lr=lr, lr_disc=lr_d,
+               **{"perf/samples_per_s": samples_per_step * steps / seconds, "perf/step_s": seconds / steps})
+    if device.type == "cuda":
+        row["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    return row
+
+
+def save(step: int, metric: float | None, checkpoints: Checkpoints, generator: nn.Module, discriminators: nn.Module,
+         opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, cfg: CodecConfig, ddp: Dist,
+         wandb_id: str | None) -> None:
+    """Training state to step_*.pt / latest.pt (/ best.pt), and the codec beside it as safetensors.
+    A collective under torch.distributed (every rank's RNG state is saved); rank 0 writes."""
+    rngs = [rng_state()]
+    if ddp.enabled:
+        rngs = [None] * ddp.world_size
+        dist.all_gather_object(rngs, rng_state())
+    if not ddp.is_main:
+        return
+    extra = {"step": step, "val/mel_distance": metric}
+    checkpoints.save(step, {
+        "generator": unwrap(generator).state_dict(), "discriminators": unwrap(discriminators).state_dict(),
+        "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "step": step, "rng_state": rngs,
+        "config": dataclasses.asdict(cfg), "world_size": ddp.world_size, "wandb_id": wandb_id,
+        "val/mel_distance": metric}, metric,  # the LR is a function of the step: no scheduler state
+        export=lambda tmp: write_codec(tmp, unwrap(generator), extra))
 
 def check_config(cfg: CodecConfig) -> None:
     """Mistakes found from the config alone and the installed packages, before anything slow."""
@@ -370,7 +416,7 @@ def resume_notes(state: dict, cfg: CodecConfig, world_size: int) -> list[str]:
     return notes
 
 
-def optional_packages(cfg: CodecConfig, say) -> tuple[bool, bool, bool]:
+def optional_packages(cfg: CodecConfig, say) -> Available:
     """Whether STOI, wideband PESQ and the plots can be made (pystoi, pesq at 16 kHz,
     matplotlib); `say`s a note for each that cannot."""
     have_stoi, have_pesq, have_plots = (importlib.util.find_spec(m) is not None
@@ -384,7 +430,7 @@ def optional_packages(cfg: CodecConfig, say) -> tuple[bool, bool, bool]:
         say(f"note: wideband PESQ needs 16 kHz audio, so it is reported as NaN at sample_rate={cfg.sample_rate}")
     if not have_plots:
         say("note: matplotlib is not installed, so no mel images or loss curves (pip install matplotlib)")
-    return have_stoi, have_pesq, have_plots
+    return Available(have_stoi, have_pesq, have_plots)
 
 
 def adamw(module: torch.nn.Module, lr: float, cfg: CodecConfig, device: torch.device) -> torch.optim.AdamW:

@@ -52,7 +52,7 @@ from model.objectives import STAGE_LOSSES, compute_losses, peak_flops, through_c
 from model.parallel import (compile_blocks, full_state_dicts, gradient_sync, inner, load_full_state_dicts,
                             parallelize, rank0_first)
 from model.quant import quantize_model
-from model.training import (Checkpoints, ConfigMismatch, Deadline, Logger, all_reduce_mean, autocast, before_step,
+from model.training import (Checkpoints, ConfigMismatch, Deadline, Dist, Logger, all_reduce_mean, autocast, before_step,
                             check_architecture, check_finite_step, check_resumable, cosine_lr, move_aside, rng_state,
                             run_script, setup_distributed, state_to_load, teardown_distributed)
 
@@ -75,8 +75,7 @@ def main(argv=None) -> dict:
     device, is_main = ddp.device, ddp.is_main
     say = tqdm.write if is_main else (lambda *a, **k: None)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     deadline = Deadline(cfg.max_minutes, device)
     run_dir = Path(cfg.checkpoint_dir)
     checkpoints = Checkpoints(run_dir, keep=cfg.keep_checkpoints,
@@ -85,176 +84,43 @@ def main(argv=None) -> dict:
     # Where the weights come from: the latest checkpoint (resume), else init_from, else fresh.
     # eval_only evaluates init_from if given, else the latest checkpoint. Checked before the codec
     # loads and the latents are encoded, so a contradicting config fails at once.
-    step, state, source = 0, None, "random init"
     base = finetune.base_of(cfg) if lora else {}  # base_source, base_fingerprint of the LoRA base
     latest = state_to_load(checkpoints, cfg.resume, cfg.eval_only, cfg.init_from, adapters=lora)
-    if latest:
-        state = torch.load(latest, map_location="cpu", mmap=True, weights_only=False)
-        marks = ("arch",) if cfg.eval_only else ("arch", "resume")  # resuming must also train the same stage
-        check_resumable(state["config"], cfg, fields_marked(TransformerConfig, *marks))
-        if lora:
-            finetune.check_resume(state, base, latest)
-        step, source = state["step"], f"{latest} (step {state['step']})"
-
+    state = read_state(latest, cfg, base) if latest else None
+    step, source = (state["step"], f"{latest} (step {state['step']})") if state else (0, "random init")
     codec = rank0_first(lambda: frozen_codec(cfg, device))  # rank 0 downloads the official codec if missing
     fingerprint = codec_fingerprint(codec)
-    if state is not None and state["codec"] != fingerprint:
-        raise ConfigMismatch(f"{latest} was trained on latents of codec {state['codec']} "
-                             f"({state['codec_source']}), this run's codec {cfg.codec_checkpoint} is {fingerprint}. "
-                             "Use the same codec, another checkpoint_dir, or resume=false.")
+    check_codec(state, latest, cfg, fingerprint)
     if is_main and not cfg.resume and not cfg.eval_only and (old := move_aside(run_dir)):
         say(f"resume=false: moved the previous run in {run_dir} to {old}")
-    channels = "stereo" if cfg.duplex else "mono"
-    folders = {split: prepare_latents(path, codec, channels, cfg.latents_dir, cfg.sample_rate, cfg.mono_to_stereo,
-                                      fingerprint, cfg.num_workers, log=say, model_channel=cfg.model_channel)
-               for split, path in (("train", cfg.train_data_path), ("val", cfg.val_data_path))}
-    train_set = LatentCrops(folders["train"], cfg.seq_len, train=True, seed=cfg.seed)
-    val_set = LatentCrops(folders["val"], cfg.seq_len, train=False, val_crops_per_file=cfg.val_crops_per_file,
-                          max_crops=cfg.val_crops)
-    say(f"latents (codec {fingerprint}, {channels}): train {train_set.lengths.sum()} in {len(train_set.files)} files, "
-        f"val {len(val_set)} crops of <= {cfg.seq_len}")
+    train_set, val_set = build_data(cfg, codec, fingerprint, say)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     if (state is None or lora) and cfg.init_from:  # a LoRA run's state holds the adapters, not the base
         model, label = rank0_first(lambda: initial_weights(cfg))
         source = label if state is None else f"{label}, adapters from {source}"
     else:
         model = build(HertzDev, cfg)
-    fsdp = ddp.enabled and cfg.parallel == "fsdp"
-    compute_dtype = torch.bfloat16 if device.type == "cuda" and cfg.dtype == "bfloat16" else torch.float32
-    if lora:  # cast, quantize and adapt the base on the CPU; only the adapters then learn
-        finetune.setup(model, cfg, compute_dtype)
-    for name in PARTS:  # trained parts learn; the others are frozen (and left out of the optimizer)
-        part = getattr(model, name).train(name in trained)
-        if not lora:  # a LoRA model's trainable parameters are its adapters (finetune.setup)
-            part.requires_grad_(name in trained)
-        if not (fsdp and name in trained):
-            part.to(device)  # FSDP moves a trained part to the GPUs block by block, as it shards it
-    if cfg.compile:
-        for name in ("lm", "resynth"):
-            compile_blocks(getattr(model, name))
-    mesh = None
-    if fsdp:
-        from torch.distributed.device_mesh import init_device_mesh
-        mesh = init_device_mesh(device.type, (ddp.world_size,))
-    calls = {name: parallelize(getattr(model, name), cfg.parallel, device, ddp.world_size, compute_dtype, mesh)
-             if name in trained else getattr(model, name) for name in PARTS}
+    calls = setup_model(model, cfg, ddp, trained)  # what the step calls for each part: itself, DDP or FSDP
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-        lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-        fused=device.type == "cuda" and not fsdp)
+    optimizer = make_optimizer(params, cfg, fsdp=ddp.enabled and cfg.parallel == "fsdp", device=device)
     if state is not None:
         load = finetune.load_state_dicts if lora else load_full_state_dicts
         load(model, state["model"], *((optimizer, state["optimizer"]) if not cfg.eval_only else ()))
         del state["model"], state["optimizer"]
     if cfg.eval_quantize != "none":  # eval_only (check_config): the weights as a quantized deployment holds them
         quantize_model(model, cfg.eval_quantize)
-    n_params = {name: sum(p.numel() for p in getattr(model, name).parameters()) for name in PARTS}
-    say(f"stage {cfg.stage}: training {' + '.join(trained)} ({sum(n_params[n] for n in trained) / 1e6:.2f}M of "
-        f"{sum(n_params.values()) / 1e6:.2f}M parameters), {'duplex' if cfg.duplex else 'mono'}, weights from "
-        f"{source}; {ddp.world_size} x {device}" + (f" ({cfg.parallel})" if ddp.enabled else ""))
-    if lora:
-        say(f"finetune=lora: {sum(p.numel() for p in params) / 1e6:.2f}M adapter parameters (rank {cfg.lora_rank}, "
-            f"{cfg.lora_targets}) on the frozen base {base['base_source']}" + (f" in {cfg.base_quantize}" if cfg.base_quantize else ""))
-
-    # --- helpers --------------------------------------------------------------------------------
-    def get_lr(it: int) -> float:
-        return cosine_lr(it, cfg.learning_rate, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
-
-    def latents_of(batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """A batch's posterior sample (B, T, C*32), zero on padding, and its valid mask (B, T)."""
-        posterior = batch["posterior"].to(device, non_blocking=True)
-        valid = batch["valid"].to(device, non_blocking=True)
-        return sample_posterior(posterior, generator) * valid[..., None], valid
-
-    @torch.no_grad()
-    def evaluate() -> dict:
-        """LM and resynthesizer validation metrics over the fixed crops (shared out over ranks) with
-        the same posterior noise every time, and the quantizer's code usage."""
-        for m in model.children():
-            m.eval()
-        parts = [inner(calls[name]) for name in PARTS]
-        if cfg.eval_kv_dtype != "none":  # eval_only: the LM and resynthesizer read their keys/values from a cache
-            parts[1:] = [through_cache(p, cfg.eval_kv_dtype) for p in parts[1:]]
-        generator = torch.Generator(device).manual_seed(cfg.seed + ddp.rank)
-        sums = torch.zeros(4, device=device, dtype=torch.float64)  # lm ce, lm correct, resynth nll, positions
-        histogram = torch.zeros(cfg.vocab_size, device=device, dtype=torch.float64)
-        for batch in val_batches(val_set, cfg.batch_size, ddp.rank, ddp.world_size):
-            x, valid = latents_of(batch, generator)
-            with autocast(device, cfg.dtype):
-                out, stats = compute_losses(*parts, x, valid, cfg.duplex, ("lm_ce", "resynth_nll"),
-                                            compiled=cfg.compile)
-            n = stats["count"] * cfg.channels
-            sums += torch.stack([out["lm_ce"] * n, stats["lm_correct"], out["resynth_nll"] * n, n]).double()
-            codes = stats["indices"][valid.repeat(cfg.channels, 1)].long()
-            codes = codes[(codes >= 0) & (codes < cfg.vocab_size)]  # NaN codes of a diverged quantizer
-            histogram += torch.bincount(codes, minlength=cfg.vocab_size).double()
-        if ddp.enabled:
-            dist.all_reduce(sums)
-            dist.all_reduce(histogram)
-        for name in trained:
-            getattr(model, name).train()
-        ce, correct, nll, n = (sums / sums[3].clamp_min(1)).tolist()[:3] + [sums[3].item()]
-        p = histogram / histogram.sum().clamp_min(1)
-        metrics = {"val/lm_ce": ce, "val/lm_acc": correct, "val/lm_ppl": math.exp(min(ce, 50.0)),
-                   "val/resynth_nll": nll, "val/code_usage": (histogram > 0).double().mean().item(),
-                   "val/code_perplexity": math.exp(-(p[p > 0] * p[p > 0].log()).sum().item()), "val/positions": n}
-        metrics["val/loss"] = sum(weights[k] * metrics[f"val/{k}"] for k in losses_of_stage)
-        return metrics
-
-    @torch.no_grad()
-    def audio_sample(it: int) -> dict:
-        """Continue the first validation crop (the first half of it, at most) for `sample_seconds`
-        with the cached sampling loop LM -> token -> resynthesizer -> latent; decode both."""
-        crop = val_set.crop(*val_set.crops[0])
-        prompt_len = max(1, min(int(crop["valid"].sum()), cfg.seq_len // 2))
-        prompt = crop["posterior"][None, :prompt_len, 0].to(device)  # the posterior mean, (1, P, C*32)
-        latents = complete(model, prompt, round(cfg.sample_seconds * 8), seed=it)
-        if not is_main:
-            return {}
-        audio = torch.cat([codec.decode(c.float()) for c in latents.chunk(cfg.channels, dim=-1)], dim=1)[0]  # (C, N)
-        from model.audio import save_audio
-        folder = run_dir / "samples"
-        folder.mkdir(parents=True, exist_ok=True)
-        save_audio(str(folder / f"step_{it:08d}.wav"), audio.clamp(-1, 1).cpu().numpy(), cfg.sample_rate)
-        clip = logger.audio("samples/completion", audio.cpu().numpy(), cfg.sample_rate,
-                            caption=f"{prompt_len / 8:.1f} s prompt, {cfg.sample_seconds:.1f} s generated")
-        return {"samples/completion": clip} if clip is not None else {}
-
-    def save(it: int, metric) -> None:
-        """Training state (full, unsharded) to step_*.pt / latest.pt (/ best.pt), and the model as
-        latest.safetensors (/ best.safetensors) for load_hertz_dev. A collective under FSDP."""
-        model_state, optim_state = (finetune.state_dicts if lora else full_state_dicts)(model, optimizer)
-        if not is_main:
-            return
-        training_state = {"model": model_state, "optimizer": optim_state, "step": it,
-                          "config": dataclasses.asdict(cfg), "codec": fingerprint, "codec_source": cfg.codec_checkpoint,
-                          "rng_state": rng_state(), "world_size": ddp.world_size, "wandb_id": logger.run_id,
-                          "val/loss": metric, **base}
-        checkpoints.save(it, training_state, metric, export=lambda tmp: export(training_state, tmp))
-
-    def export_state(saved: dict, tmp: str) -> None:
-        """The model of a training state as our .safetensors (for load_hertz_dev); also rebuilds an
-        export that a kill left behind its .pt."""
-        extra = {"step": saved["step"], "stage": saved["config"]["stage"], "codec_fingerprint": saved["codec"],
-                 "val/loss": saved.get("val/loss")}
-        write_transformer(tmp, _export_model(from_dict(TransformerConfig, saved["config"], strict=False), saved["model"]),
-                          codec_source=saved["codec_source"], extra=extra)
-
-    export = finetune.export_adapter if lora else export_state
+    say(describe(model, cfg, trained, params, source, base, ddp))
 
     if cfg.eval_only:  # prints the metrics, writes nothing
-        metrics = evaluate()
+        metrics = evaluate(model, calls, val_set, weights, cfg, ddp)
         if is_main:
             print(json.dumps({"eval": step, "source": source, **metrics}), flush=True)
         teardown_distributed()
         return metrics
     logger = Logger(cfg.wandb, cfg.wandb_project, run_dir, cfg, is_main=is_main,
                     resume_id=state.get("wandb_id") if state else None)
-    if is_main:
-        for note in checkpoints.recover(export):
-            say(f"note: {note}")
+    for note in checkpoints.recover(finetune.export_adapter if lora else export_state) if is_main else []:
+        say(f"note: {note}")
 
     # --- training loop --------------------------------------------------------------------------
     loader = torch.utils.data.DataLoader(
@@ -263,7 +129,6 @@ def main(argv=None) -> dict:
     batches = iter(loader)
     latents_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum_steps * ddp.world_size
     flops_per_latent = train_flops_per_latent(cfg, cfg.stage, cfg.seq_len)
-    peak = peak_flops(device, cfg.peak_tflops)
     noise = torch.Generator(device)
     codes = torch.zeros(cfg.vocab_size, device=device)  # FSQ code histogram since the last log
     wrapped = [calls[name] for name in trained]
@@ -279,20 +144,20 @@ def main(argv=None) -> dict:
         due = before_step(step, start_step, cfg.max_steps, cfg.log_interval, cfg.eval_interval, cfg.save_interval,
                           deadline)
         if due.evaluate:
-            metrics = evaluate()
-            media = audio_sample(step) if cfg.sample_seconds > 0 else {}
-            logger.log({**metrics, **media}, step)
+            metrics = evaluate(model, calls, val_set, weights, cfg, ddp)
+            logger.log({**metrics, **audio_sample(step, model, val_set, codec, cfg, run_dir, logger, is_main)}, step)
             if is_main:
                 print(json.dumps({"eval": step, **{k: round(v, 5) for k, v in metrics.items()}}), flush=True)
         if due.save:
-            save(step, due.best_metric(metrics, "val/loss"))
+            save(step, due.best_metric(metrics, "val/loss"), model, optimizer, cfg, checkpoints, ddp, logger.run_id,
+                 fingerprint, base)
         if due.stop:
             if step < cfg.max_steps:
                 say(f"max_minutes={cfg.max_minutes} reached at step {step}: run the same command to resume")
             break
         t_log += time.time() - t_pause  # throughput counts training time only
 
-        lr = get_lr(step)
+        lr = get_lr(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         step_loss = 0.0
@@ -303,7 +168,7 @@ def main(argv=None) -> dict:
             noise.manual_seed(seed)
             if lora and cfg.lora_dropout:  # the adapters' dropout draws from the global generator
                 torch.manual_seed(seed)
-            x, valid = latents_of(batch, noise)
+            x, valid = latents_of(batch, noise, device)
             with gradient_sync(wrapped, micro == cfg.grad_accum_steps - 1):
                 with autocast(device, cfg.dtype):
                     losses, stats = compute_losses(calls["quantizer"], calls["lm"], calls["resynth"], x, valid,
@@ -312,17 +177,10 @@ def main(argv=None) -> dict:
                     losses["total"] = sum(weights[k] * losses[k] for k in losses_of_stage)
                 (losses["total"] / cfg.grad_accum_steps).backward()
             step_loss = step_loss + losses["total"].detach()
-            for k, v in losses.items():
-                sums.setdefault(f"train/{k}", []).append(v.detach().float())
-            if "lm_correct" in stats:
-                sums.setdefault("train/lm_acc", []).append(stats["lm_correct"] / (cfg.channels * stats["count"]).clamp_min(1))
-            # code usage from a histogram (no host sync); padding adds zero counts, and so do the
-            # out-of-range indices of NaN codes (a diverged quantizer, which check_finite_step reports)
-            index = stats["indices"].flatten().long()
-            inside = (index >= 0) & (index < cfg.vocab_size)
-            codes.index_add_(0, index.where(inside, 0), (valid.repeat(cfg.channels, 1).flatten() & inside).float())
+            tally(sums, codes, losses, stats, valid, cfg)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        check_finite_step(step, step_loss, grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm,
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # a DTensor under FSDP
+        check_finite_step(step, step_loss, grad_norm,
                           lambda: [train_set.files[train_set.draw(j)[0]]["name"] for j in loader.sampler.indices(step)])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -331,21 +189,10 @@ def main(argv=None) -> dict:
         bar.update(1)
 
         if step % cfg.log_interval == 0 or step == cfg.max_steps:
-            dt = time.time() - t_log
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            row = {k: all_reduce_mean(torch.stack(v).mean()).item() for k, v in sums.items()}
-            row["train/code_usage"] = all_reduce_mean((codes > 0).float().mean()).item()  # per rank, since the last log
-            rate = latents_per_step * steps_since_log / dt
-            row.update({"lr": lr, "grad_norm": grad_norm.item(), "perf/latents_per_s": rate,
-                        "perf/step_s": dt / steps_since_log})
-            if "train/lm_ce" in row:
-                row["train/lm_ppl"] = math.exp(min(row["train/lm_ce"], 50.0))
-            if peak:
-                row["perf/mfu"] = rate * flops_per_latent / (peak * ddp.world_size)
-            if device.type == "cuda":
-                row["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+            row = train_row(sums, codes, lr, grad_norm, latents_per_step, flops_per_latent, steps_since_log,
+                            time.time() - t_log, cfg, ddp)
             logger.log(row, step)
-            bar.set_postfix(loss=f"{row['train/total']:.3f}", latents_s=f"{rate:.0f}")
+            bar.set_postfix(loss=f"{row['train/total']:.3f}", latents_s=f"{row['perf/latents_per_s']:.0f}")
             sums, steps_since_log, t_log = {}, 0, time.time()
             codes.zero_()
 
@@ -357,6 +204,220 @@ def main(argv=None) -> dict:
 
 
 # --- small pieces used by main --------------------------------------------------------------------
+
+def get_lr(step: int, cfg: TransformerConfig) -> float:
+    """The learning rate at `step`: linear warmup, then cosine decay to min_lr."""
+    return cosine_lr(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
+
+
+def read_state(path: Path, cfg: TransformerConfig, base: dict) -> dict:
+    """The training state at `path`, checked against this run: the architecture (evaluating), and
+    the stage and data fields too (resuming); for a LoRA run, the same base (`base`)."""
+    state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    marks = ("arch",) if cfg.eval_only else ("arch", "resume")  # resuming must also train the same stage
+    check_resumable(state["config"], cfg, fields_marked(TransformerConfig, *marks))
+    if cfg.finetune == "lora":
+        finetune.check_resume(state, base, path)
+    return state
+
+
+def check_codec(state: dict | None, path: Path | None, cfg: TransformerConfig, fingerprint: str) -> None:
+    """Raise ConfigMismatch if the state at `path` was trained on the latents of another codec."""
+    if state is not None and state["codec"] != fingerprint:
+        raise ConfigMismatch(f"{path} was trained on latents of codec {state['codec']} "
+                             f"({state['codec_source']}), this run's codec {cfg.codec_checkpoint} is {fingerprint}. "
+                             "Use the same codec, another checkpoint_dir, or resume=false.")
+
+
+def build_data(cfg: TransformerConfig, codec, fingerprint: str, say) -> tuple[LatentCrops, LatentCrops]:
+    """The training and validation crops of the train and val folders' latents, encoded by `codec`
+    into latents_dir first where they are missing or stale."""
+    channels = "stereo" if cfg.duplex else "mono"
+    folders = {split: prepare_latents(path, codec, channels, cfg.latents_dir, cfg.sample_rate, cfg.mono_to_stereo,
+                                      fingerprint, cfg.num_workers, log=say, model_channel=cfg.model_channel)
+               for split, path in (("train", cfg.train_data_path), ("val", cfg.val_data_path))}
+    train_set = LatentCrops(folders["train"], cfg.seq_len, train=True, seed=cfg.seed)
+    val_set = LatentCrops(folders["val"], cfg.seq_len, train=False, val_crops_per_file=cfg.val_crops_per_file,
+                          max_crops=cfg.val_crops)
+    say(f"latents (codec {fingerprint}, {channels}): train {train_set.lengths.sum()} in {len(train_set.files)} files, "
+        f"val {len(val_set)} crops of <= {cfg.seq_len}")
+    return train_set, val_set
+
+
+def setup_model(model: HertzDev, cfg: TransformerConfig, ddp: Dist, trained: tuple[str, ...]) -> dict:
+    """Make the trained parts learn (their weights, or with finetune=lora their adapters) and freeze
+    the others, move them to the device, compile their blocks (`compile`), and wrap the trained
+    parts for the processes (DDP or FSDP). Returns what the step calls for each part."""
+    lora, fsdp = cfg.finetune == "lora", ddp.enabled and cfg.parallel == "fsdp"
+    compute_dtype = torch.bfloat16 if ddp.device.type == "cuda" and cfg.dtype == "bfloat16" else torch.float32
+    if lora:  # cast, quantize and adapt the base on the CPU; only the adapters then learn
+        finetune.setup(model, cfg, compute_dtype)
+    for name in PARTS:  # trained parts learn; the others are frozen (and left out of the optimizer)
+        part = getattr(model, name).train(name in trained)
+        if not lora:  # a LoRA model's trainable parameters are its adapters (finetune.setup)
+            part.requires_grad_(name in trained)
+        if not (fsdp and name in trained):
+            part.to(ddp.device)  # FSDP moves a trained part to the GPUs block by block, as it shards it
+    if cfg.compile:
+        for name in ("lm", "resynth"):
+            compile_blocks(getattr(model, name))
+    mesh = None
+    if fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        mesh = init_device_mesh(ddp.device.type, (ddp.world_size,))
+    return {name: parallelize(getattr(model, name), cfg.parallel, ddp.device, ddp.world_size, compute_dtype, mesh)
+            if name in trained else getattr(model, name) for name in PARTS}
+
+
+def make_optimizer(params: list, cfg: TransformerConfig, fsdp: bool, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the trainable `params`, with weight decay on the matrices only."""
+    decay, rest = [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                             fused=device.type == "cuda" and not fsdp)
+
+
+def describe(model: HertzDev, cfg: TransformerConfig, trained: tuple[str, ...], params: list, source: str,
+             base: dict, ddp: Dist) -> str:
+    """What the run trains, on which weights and processes (and, for LoRA, its adapters)."""
+    n_params = {name: sum(p.numel() for p in getattr(model, name).parameters()) for name in PARTS}
+    text = (f"stage {cfg.stage}: training {' + '.join(trained)} ({sum(n_params[n] for n in trained) / 1e6:.2f}M of "
+            f"{sum(n_params.values()) / 1e6:.2f}M parameters), {'duplex' if cfg.duplex else 'mono'}, weights from "
+            f"{source}; {ddp.world_size} x {ddp.device}" + (f" ({cfg.parallel})" if ddp.enabled else ""))
+    if cfg.finetune == "lora":
+        text += (f"\nfinetune=lora: {sum(p.numel() for p in params) / 1e6:.2f}M adapter parameters "
+                 f"(rank {cfg.lora_rank}, {cfg.lora_targets}) on the frozen base {base['base_source']}"
+                 + (f" in {cfg.base_quantize}" if cfg.base_quantize else ""))
+    return text
+
+
+def latents_of(batch: dict, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's posterior sample (B, T, C*32), zero on padding, and its valid mask (B, T)."""
+    posterior = batch["posterior"].to(device, non_blocking=True)
+    valid = batch["valid"].to(device, non_blocking=True)
+    return sample_posterior(posterior, generator) * valid[..., None], valid
+
+
+@torch.no_grad()
+def evaluate(model: HertzDev, calls: dict, val_set: LatentCrops, weights: dict, cfg: TransformerConfig,
+             ddp: Dist) -> dict:
+    """LM and resynthesizer validation metrics over the fixed crops (shared out over ranks) with
+    the same posterior noise every time, and the quantizer's code usage; `val/loss` weighs the
+    stage's losses by `weights`. A collective under torch.distributed."""
+    device = ddp.device
+    for m in model.children():
+        m.eval()
+    parts = [inner(calls[name]) for name in PARTS]
+    if cfg.eval_kv_dtype != "none":  # eval_only: the LM and resynthesizer read their keys/values from a cache
+        parts[1:] = [through_cache(p, cfg.eval_kv_dtype) for p in parts[1:]]
+    generator = torch.Generator(device).manual_seed(cfg.seed + ddp.rank)
+    sums = torch.zeros(4, device=device, dtype=torch.float64)  # lm ce, lm correct, resynth nll, positions
+    histogram = torch.zeros(cfg.vocab_size, device=device, dtype=torch.float64)
+    for batch in val_batches(val_set, cfg.batch_size, ddp.rank, ddp.world_size):
+        x, valid = latents_of(batch, generator, device)
+        with autocast(device, cfg.dtype):
+            out, stats = compute_losses(*parts, x, valid, cfg.duplex, ("lm_ce", "resynth_nll"),
+                                        compiled=cfg.compile)
+        n = stats["count"] * cfg.channels
+        sums += torch.stack([out["lm_ce"] * n, stats["lm_correct"], out["resynth_nll"] * n, n]).double()
+        codes = stats["indices"][valid.repeat(cfg.channels, 1)].long()
+        codes = codes[(codes >= 0) & (codes < cfg.vocab_size)]  # NaN codes of a diverged quantizer
+        histogram += torch.bincount(codes, minlength=cfg.vocab_size).double()
+    if ddp.enabled:
+        dist.all_reduce(sums)
+        dist.all_reduce(histogram)
+    for name in finetune.trained_parts(cfg):
+        getattr(model, name).train()
+    ce, correct, nll, n = (sums / sums[3].clamp_min(1)).tolist()[:3] + [sums[3].item()]
+    p = histogram / histogram.sum().clamp_min(1)
+    metrics = {"val/lm_ce": ce, "val/lm_acc": correct, "val/lm_ppl": math.exp(min(ce, 50.0)),
+               "val/resynth_nll": nll, "val/code_usage": (histogram > 0).double().mean().item(),
+               "val/code_perplexity": math.exp(-(p[p > 0] * p[p > 0].log()).sum().item()), "val/positions": n}
+    metrics["val/loss"] = sum(weights[k] * metrics[f"val/{k}"] for k in STAGE_LOSSES[cfg.stage])
+    return metrics
+
+
+@torch.no_grad()
+def audio_sample(step: int, model: HertzDev, val_set: LatentCrops, codec, cfg: TransformerConfig, run_dir: Path,
+                 logger: Logger, is_main: bool) -> dict:
+    """Continue the first validation crop (the first half of it, at most) for `sample_seconds`
+    with the cached sampling loop LM -> token -> resynthesizer -> latent; decode both, write
+    samples/step_*.wav (rank 0) and return its W&B media. Nothing with sample_seconds=0."""
+    if cfg.sample_seconds <= 0:
+        return {}
+    crop = val_set.crop(*val_set.crops[0])
+    prompt_len = max(1, min(int(crop["valid"].sum()), cfg.seq_len // 2))
+    device = next(codec.parameters()).device
+    prompt = crop["posterior"][None, :prompt_len, 0].to(device)  # the posterior mean, (1, P, C*32)
+    latents = complete(model, prompt, round(cfg.sample_seconds * 8), seed=step)
+    if not is_main:
+        return {}
+    audio = torch.cat([codec.decode(c.float()) for c in latents.chunk(cfg.channels, dim=-1)], dim=1)[0]  # (C, N)
+    from model.audio import save_audio
+    folder = run_dir / "samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_audio(str(folder / f"step_{step:08d}.wav"), audio.clamp(-1, 1).cpu().numpy(), cfg.sample_rate)
+    clip = logger.audio("samples/completion", audio.cpu().numpy(), cfg.sample_rate,
+                        caption=f"{prompt_len / 8:.1f} s prompt, {cfg.sample_seconds:.1f} s generated")
+    return {"samples/completion": clip} if clip is not None else {}
+
+
+def tally(sums: dict, codes: torch.Tensor, losses: dict, stats: dict, valid: torch.Tensor,
+          cfg: TransformerConfig) -> None:
+    """Add a micro-batch's losses, LM accuracy and FSQ codes to what the next log row averages."""
+    for k, v in losses.items():
+        sums.setdefault(f"train/{k}", []).append(v.detach().float())
+    if "lm_correct" in stats:
+        sums.setdefault("train/lm_acc", []).append(stats["lm_correct"] / (cfg.channels * stats["count"]).clamp_min(1))
+    # code usage from a histogram (no host sync); padding adds zero counts, and so do the
+    # out-of-range indices of NaN codes (a diverged quantizer, which check_finite_step reports)
+    index = stats["indices"].flatten().long()
+    inside = (index >= 0) & (index < cfg.vocab_size)
+    codes.index_add_(0, index.where(inside, 0), (valid.repeat(cfg.channels, 1).flatten() & inside).float())
+
+
+def train_row(sums: dict, codes: torch.Tensor, lr: float, grad_norm: torch.Tensor, latents_per_step: int,
+              flops_per_latent: float, steps: int, seconds: float, cfg: TransformerConfig, ddp: Dist) -> dict:
+    """The log row of the last `steps` steps (`seconds` of training): the losses averaged over the
+    micro-batches and ranks, the code usage, the last gradient norm, the learning rate, the
+    throughput and the model FLOP utilisation. A collective under torch.distributed."""
+    row = {k: all_reduce_mean(torch.stack(v).mean()).item() for k, v in sums.items()}
+    row["train/code_usage"] = all_reduce_mean((codes > 0).float().mean()).item()  # per rank, since the last log
+    rate = latents_per_step * steps / seconds
+    row.update({"lr": lr, "grad_norm": grad_norm.item(), "perf/latents_per_s": rate, "perf/step_s": seconds / steps})
+    if "train/lm_ce" in row:
+        row["train/lm_ppl"] = math.exp(min(row["train/lm_ce"], 50.0))
+    if peak := peak_flops(ddp.device, cfg.peak_tflops):
+        row["perf/mfu"] = rate * flops_per_latent / (peak * ddp.world_size)
+    if ddp.device.type == "cuda":
+        row["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated(ddp.device) / 1e9
+    return row
+
+
+def save(step: int, metric: float | None, model: HertzDev, optimizer: torch.optim.Optimizer, cfg: TransformerConfig,
+         checkpoints: Checkpoints, ddp: Dist, wandb_id: str | None, fingerprint: str, base: dict) -> None:
+    """Training state (full, unsharded) to step_*.pt / latest.pt (/ best.pt), and the model as
+    latest.safetensors (/ best.safetensors) for load_hertz_dev, or with finetune=lora the adapters
+    (model/finetune.py). A collective under FSDP; rank 0 writes."""
+    lora = cfg.finetune == "lora"
+    model_state, optim_state = (finetune.state_dicts if lora else full_state_dicts)(model, optimizer)
+    if not ddp.is_main:
+        return
+    training_state = {"model": model_state, "optimizer": optim_state, "step": step,
+                      "config": dataclasses.asdict(cfg), "codec": fingerprint, "codec_source": cfg.codec_checkpoint,
+                      "rng_state": rng_state(), "world_size": ddp.world_size, "wandb_id": wandb_id,
+                      "val/loss": metric, **base}
+    export = finetune.export_adapter if lora else export_state
+    checkpoints.save(step, training_state, metric, export=lambda tmp: export(training_state, tmp))
+
+
+def export_state(saved: dict, tmp: str) -> None:
+    """The model of a training state as our .safetensors (for load_hertz_dev); also rebuilds an
+    export that a kill left behind its .pt."""
+    extra = {"step": saved["step"], "stage": saved["config"]["stage"], "codec_fingerprint": saved["codec"],
+             "val/loss": saved.get("val/loss")}
+    write_transformer(tmp, _export_model(from_dict(TransformerConfig, saved["config"], strict=False), saved["model"]),
+                      codec_source=saved["codec_source"], extra=extra)
 
 def check_config(cfg: TransformerConfig) -> None:
     """Mistakes found from the config alone and the file system, before anything slow."""
