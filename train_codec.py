@@ -49,6 +49,7 @@ from model.codec_losses import (DNSMOS, MultiResolutionMelLoss, discriminator_lo
 from model.data import AudioCropDataset, infinite_batches, make_loader
 from model.discriminators import Discriminators
 from model.loading import load_codec, write_codec
+from model.parallel import gradient_sync
 from model.plots import plot_metrics, save_mel_figure
 from model.training import (Checkpoints, Deadline, Dist, Logger, all_reduce_mean, autocast, before_step,
                             check_architecture, check_finite_step, check_resumable, cosine_lr, move_aside, rng_state,
@@ -153,21 +154,20 @@ def main(argv=None) -> dict:
             audio = batch["audio"].to(device, non_blocking=True)  # (B, 1, N)
             mask = batch["mask"].to(device, non_blocking=True)    # (B, N): 0 on padding
             real = audio * mask[:, None]
-            if ddp.enabled:
-                generator.require_backward_grad_sync = micro == cfg.grad_accum_steps - 1
-            with autocast(device, cfg.dtype):
-                out = generator(audio)
-                fake = out["recon"] * mask[:, None]  # the codec is causal: padding never leaks back
-                losses = {"mel": mel_loss(fake, real, mask),
-                          "kl": latent_kl(out["mu"], out["logvar"], latent_mask(mask, hop))}
-                if use_disc:
-                    d_fake = disc_model(fake)
-                    with torch.no_grad():
-                        d_real = disc_model(real)
-                    losses["adv"] = generator_adversarial_loss(d_fake, cfg.gan_loss)
-                    losses["feature"] = feature_matching_loss(d_real, d_fake)
-                losses["total"] = sum(weights[k] * losses[k] for k in losses)
-            (losses["total"] / cfg.grad_accum_steps).backward()
+            with gradient_sync([generator], micro == cfg.grad_accum_steps - 1):
+                with autocast(device, cfg.dtype):
+                    out = generator(audio)
+                    fake = out["recon"] * mask[:, None]  # the codec is causal: padding never leaks back
+                    losses = {"mel": mel_loss(fake, real, mask),
+                              "kl": latent_kl(out["mu"], out["logvar"], latent_mask(mask, hop))}
+                    if use_disc:
+                        d_fake = disc_model(fake)
+                        with torch.no_grad():
+                            d_real = disc_model(real)
+                        losses["adv"] = generator_adversarial_loss(d_fake, cfg.gan_loss)
+                        losses["feature"] = feature_matching_loss(d_real, d_fake)
+                    losses["total"] = sum(weights[k] * losses[k] for k in losses)
+                (losses["total"] / cfg.grad_accum_steps).backward()
             made.append((real, fake.detach()))
             step_loss = step_loss + losses["total"].detach()
             for k, v in losses.items():
@@ -182,14 +182,13 @@ def main(argv=None) -> dict:
             disc_model.requires_grad_(True)
             step_loss = 0.0
             for micro, (real, fake) in enumerate(made):
-                if ddp.enabled:
-                    discriminators.require_backward_grad_sync = micro == len(made) - 1
-                with autocast(device, cfg.dtype):
-                    both = discriminators(torch.cat([real, fake]))  # one forward: real and fake halves
-                    d_real = [(logits.chunk(2)[0], []) for logits, _ in both]
-                    d_fake = [(logits.chunk(2)[1], []) for logits, _ in both]
-                    loss_d = discriminator_loss(d_real, d_fake, cfg.gan_loss)
-                (loss_d / len(made)).backward()
+                with gradient_sync([discriminators], micro == len(made) - 1):
+                    with autocast(device, cfg.dtype):
+                        both = discriminators(torch.cat([real, fake]))  # one forward: real and fake halves
+                        d_real = [(logits.chunk(2)[0], []) for logits, _ in both]
+                        d_fake = [(logits.chunk(2)[1], []) for logits, _ in both]
+                        loss_d = discriminator_loss(d_real, d_fake, cfg.gan_loss)
+                    (loss_d / len(made)).backward()
                 sums.setdefault("disc", []).append(loss_d.detach().float())
                 step_loss = step_loss + loss_d.detach()
             norms["grad_norm/discriminators"] = clip(disc_model, cfg.disc_grad_clip)
@@ -208,10 +207,9 @@ def main(argv=None) -> dict:
             sums, steps_since_log, t_log = {}, 0, time.time()
 
     bar.close()
-    if is_main:
-        png = have.plots and plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss_curves.png",
-                                          title=f"codec ({run_dir})")
-        say(f"done at step {step}: {run_dir / 'latest.safetensors'}" + (f", curves in {png}" if png else ""))
+    png = is_main and have.plots and plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss_curves.png",
+                                                  title=f"codec ({run_dir})")
+    say(f"done at step {step}: {run_dir / 'latest.safetensors'}" + (f", curves in {png}" if png else ""))
     logger.finish()
     teardown_distributed()
     return metrics

@@ -104,9 +104,7 @@ def main(argv=None) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg, fsdp=ddp.enabled and cfg.parallel == "fsdp", device=device)
     if state is not None:
-        load = finetune.load_state_dicts if lora else load_full_state_dicts
-        load(model, state["model"], *((optimizer, state["optimizer"]) if not cfg.eval_only else ()))
-        del state["model"], state["optimizer"]
+        load_state(state, model, None if cfg.eval_only else optimizer, lora)
     if cfg.eval_quantize != "none":  # eval_only (check_config): the weights as a quantized deployment holds them
         quantize_model(model, cfg.eval_quantize)
     say(describe(model, cfg, trained, params, source, base, ddp))
@@ -123,9 +121,7 @@ def main(argv=None) -> dict:
         say(f"note: {note}")
 
     # --- training loop --------------------------------------------------------------------------
-    loader = torch.utils.data.DataLoader(
-        train_set, batch_size=cfg.batch_size, num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-        sampler=StepSampler(cfg.batch_size, cfg.grad_accum_steps, ddp.rank, ddp.world_size, start_step=step))
+    loader = train_loader(train_set, cfg, ddp, step)
     batches = iter(loader)
     latents_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum_steps * ddp.world_size
     flops_per_latent = train_flops_per_latent(cfg, cfg.stage, cfg.seq_len)
@@ -269,12 +265,28 @@ def setup_model(model: HertzDev, cfg: TransformerConfig, ddp: Dist, trained: tup
             if name in trained else getattr(model, name) for name in PARTS}
 
 
+def load_state(state: dict, model: HertzDev, optimizer: torch.optim.Optimizer | None, lora: bool) -> None:
+    """Load a training state's weights (LoRA: its adapters) into `model`, and its optimizer state
+    into `optimizer` unless None; then drop them from `state`, which the run keeps."""
+    load = finetune.load_state_dicts if lora else load_full_state_dicts
+    load(model, state["model"], *((optimizer, state["optimizer"]) if optimizer is not None else ()))
+    del state["model"], state["optimizer"]
+
+
 def make_optimizer(params: list, cfg: TransformerConfig, fsdp: bool, device: torch.device) -> torch.optim.AdamW:
     """AdamW over the trainable `params`, with weight decay on the matrices only."""
     decay, rest = [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                              fused=device.type == "cuda" and not fsdp)
+
+
+def train_loader(train_set: LatentCrops, cfg: TransformerConfig, ddp: Dist, step: int) -> torch.utils.data.DataLoader:
+    """This rank's training batches from `step` on (`StepSampler`: what a micro-batch reads depends
+    on its step, its index and the rank only, so a resumed run reads what an uninterrupted one would)."""
+    sampler = StepSampler(cfg.batch_size, cfg.grad_accum_steps, ddp.rank, ddp.world_size, start_step=step)
+    return torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                                       pin_memory=ddp.device.type == "cuda", sampler=sampler)
 
 
 def describe(model: HertzDev, cfg: TransformerConfig, trained: tuple[str, ...], params: list, source: str,
