@@ -475,7 +475,7 @@ def load_weights(source: str, cfg: CodecConfig, generator: Codec, discriminators
 
 
 def export_state(saved: dict, tmp: str) -> None:
-    """The codec of a training state, as main's save() exports it: rebuilds an export a kill left behind."""
+    """The codec of a training state, as `save` exports it: rebuilds an export a kill left behind."""
     with torch.device("meta"):  # no initialisation: it would draw from the RNG an exact resume restored
         codec = Codec(from_dict(CodecConfig, saved["config"], strict=False))
     codec.load_state_dict(saved["generator"], assign=True)
