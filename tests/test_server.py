@@ -3,6 +3,7 @@ CPU, and real websocket clients. Replies are compared with a fresh LiveEngine ru
 session alone (same seed, parameters and audio), so "isolated" and "unchanged by bad input" are
 checked sample for sample."""
 import asyncio
+import contextlib
 import base64
 import json
 import time
@@ -961,15 +962,42 @@ def test_slow_or_huge_http_requests_are_cut(server):
     assert health(server)["status"] == "ok"
 
 
+@contextlib.contextmanager
+def cli_server(tmp_path, *args):
+    """`inference_server.py ARGS` in a subprocess on a free loopback port, until /health answers;
+    yields (port, log path); stopped with Ctrl-C (SIGINT) on exit."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "err.txt"
+    with open(log, "w+") as err:
+        proc = subprocess.Popen([sys.executable, "inference_server.py", *args, "--port", str(port)],
+                                cwd=Path(__file__).resolve().parents[1], stdout=err, stderr=err)
+        try:
+            deadline = time.time() + 90
+            while True:
+                try:
+                    assert http(f"http://127.0.0.1:{port}/health")[0] == 200
+                    break
+                except OSError:
+                    assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+                    time.sleep(0.3)
+            yield port, log
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=30)
+
+
 @pytest.mark.slow
 def test_cli_adapter_end_to_end_and_a_wrong_base_refused(model, tmp_path):
     """The server command with --checkpoint and a LoRA --adapter: a real websocket client's
     replies are exactly those of the adapted model alone in an engine (and not the base's); an
     adapter of another base, or a missing one, is one `error:` line before any weights load."""
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
     from live_server import save_tiny, tiny_duplex
     from model import load_hertz_dev
     from test_complete import make_adapter
@@ -981,31 +1009,12 @@ def test_cli_adapter_end_to_end_and_a_wrong_base_refused(model, tmp_path):
         ("--checkpoint", str(other), "--adapter", adapter): [f"error: adapter {adapter} belongs to another base",
                                                              str(other), str(checkpoint)],
         ("--adapter", missing): [f"error: no such file: {missing}"]})
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    err = open(tmp_path / "err.txt", "w+")
-    proc = subprocess.Popen([sys.executable, "inference_server.py", "--checkpoint", str(checkpoint), "--adapter", adapter,
-                             "--device", "cpu", "--port", str(port)],
-                            cwd=Path(__file__).resolve().parents[1], stdout=err, stderr=err)
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                assert http(f"http://127.0.0.1:{port}/health")[0] == 200
-                break
-            except OSError:
-                assert proc.poll() is None and time.time() < deadline, open(tmp_path / "err.txt").read()[-3000:]
-                time.sleep(0.3)
-
+    with cli_server(tmp_path, "--checkpoint", str(checkpoint), "--adapter", adapter, "--device", "cpu") as (port, log):
         async def talk():
             async with connect(f"ws://127.0.0.1:{port}/audio?seed=5") as ws:
                 return await stream(ws, CHUNKS[:8])
         replies = as_pcm(asyncio.run(asyncio.wait_for(talk(), 60)))
-    finally:
-        proc.send_signal(__import__("signal").SIGINT)
-        proc.wait(timeout=30)
-    assert f"adapter {adapter} applied" in open(tmp_path / "err.txt").read()
+    assert f"adapter {adapter} applied" in log.read_text()
     adapted = load_hertz_dev(checkpoint, adapter=adapter)
     assert_close(replies, reference_replies(adapted, CHUNKS[:8], seed=5))
     assert not np.array_equal(replies, reference_replies(model, CHUNKS[:8], seed=5))
@@ -1015,10 +1024,6 @@ def test_cli_server_with_int8_weights_and_fp8_cache_answers_with_audio(model, tm
     """`inference_server.py --quantize int8 --kv-dtype fp8` on a tiny checkpoint: a real websocket
     client streams two chunks and gets two chunks of audio back; bad values of either flag are one
     `error:` line before anything loads."""
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
     from live_server import save_tiny
     for flags, want in ((["--quantize", "int3"], "argument --quantize: invalid choice: 'int3'"),
                         (["--kv-dtype", "fp4"], "argument --kv-dtype: invalid choice: 'fp4'")):
@@ -1026,29 +1031,11 @@ def test_cli_server_with_int8_weights_and_fp8_cache_answers_with_audio(model, tm
         errors = [line for line in r.stderr.splitlines() if "error: " in line]
         assert r.returncode == 2 and len(errors) == 1 and want in errors[0], r.stderr
     checkpoint = save_tiny(model, tmp_path / "ckpt")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    err = open(tmp_path / "err.txt", "w+")
-    proc = subprocess.Popen([sys.executable, "inference_server.py", "--checkpoint", str(checkpoint), "--device", "cpu",
-                             "--port", str(port), "--quantize", "int8", "--kv-dtype", "fp8"],
-                            cwd=Path(__file__).resolve().parents[1], stdout=err, stderr=err)
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                assert http(f"http://127.0.0.1:{port}/health")[0] == 200
-                break
-            except OSError:
-                assert proc.poll() is None and time.time() < deadline, open(tmp_path / "err.txt").read()[-3000:]
-                time.sleep(0.3)
-
+    with cli_server(tmp_path, "--checkpoint", str(checkpoint), "--device", "cpu", "--quantize", "int8",
+                    "--kv-dtype", "fp8") as (port, _):
         async def talk():
             async with connect(f"ws://127.0.0.1:{port}/audio") as ws:
                 return await stream(ws, CHUNKS[:2])
         replies = [m for m in asyncio.run(asyncio.wait_for(talk(), 60)) if isinstance(m, bytes)]
-    finally:
-        proc.send_signal(__import__("signal").SIGINT)
-        proc.wait(timeout=30)
     assert len(replies) == 2 and all(len(r) == len(CHUNKS[0]) for r in replies)
     assert any(np.frombuffer(r, "<i2").any() for r in replies)
