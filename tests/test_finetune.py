@@ -3,7 +3,6 @@ the adapters learn, the base stays bit-identical, adapter files are exported, ex
 contradicting base refused, two-process gloo DDP, init_from=official through the loopback hub,
 an int8 base (once model/quant.py is merged) and the one-line config errors."""
 import dataclasses
-import hashlib
 import importlib.util
 import json
 import os
@@ -13,16 +12,14 @@ import sys
 import pytest
 import torch
 
-from config import fields_marked
-from config.transformer_config import PRESETS, TransformerConfig
+from config.transformer_config import PRESETS
 from model import HertzDev, build, hub, load_hertz_dev
 from model.checkpoint import read_weights
 from model.loading import save_transformer
 from model.lora import base_fingerprint, read_adapter
 
-from hub_server import HubServer
-from reference import PARITY_DIR, require, transformer_config
-from test_train_transformer import REGISTER, REPO, base_args, fails, setup, train, train_rows  # noqa: F401 (setup: fixture)
+from test_train_transformer import (REPO, base_args, fails, setup, train,  # noqa: F401 (setup: fixture)
+                                    train_from_official_hub, train_rows)
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 LORA = {"finetune": "lora", "lora_rank": 4, "lora_alpha": 8.0}
@@ -111,23 +108,7 @@ def test_lora_ddp_two_processes(setup, base):
 def test_lora_from_official_through_the_hub(setup, tmp_path):
     """finetune=lora on init_from=official (parity-size official files from a loopback hub): the
     adapter records the official files' md5s as its base."""
-    require(PARITY_DIR)
-    arch = transformer_config(True)
-    overrides = {k: getattr(arch, k) for k in fields_marked(TransformerConfig, "arch")
-                 if getattr(arch, k) != getattr(PRESETS["tiny"], k)}
-    files = {"inference_volcano_3": "quantizer_state_dict.pt", "inference_scion_54000": "lm_duplex_state_dict.pt",
-             "inference_care_50000": "resynthesizer_duplex_state_dict.pt"}
-    with HubServer() as server:
-        md5s = {}
-        for name, fixture in files.items():
-            data = server.add(f"{name}.pt", PARITY_DIR / fixture)
-            md5s[name] = (hashlib.md5(data).hexdigest(), len(data))
-        run_dir = tmp_path / "run"
-        log, evals = train([json.dumps(md5s)] + base_args(setup, run_dir, stage="lm", init_from="official",
-                                                          ckpt_dir=tmp_path / "ckpt", max_steps=1, eval_interval=1,
-                                                          **LORA, **overrides),
-                           code=REGISTER, env={"HF_ENDPOINT": server.endpoint})
-        assert len([r for r in server.requests if "/resolve/" in r]) == 3 and "weights from official duplex" in log
+    run_dir, _, md5s, log, evals = train_from_official_hub(setup, tmp_path, **LORA)
     config, extra = read_adapter(run_dir / "latest.adapter.safetensors")
     assert config.parts == ("lm",) and extra["base_source"] == "duplex"
     assert extra["base_fingerprint"] == "official:" + ",".join(

@@ -156,26 +156,37 @@ REGISTER = ("import json, sys, runpy; from model import hub; "
             "sys.argv = ['train_transformer.py'] + sys.argv[2:]; runpy.run_path('train_transformer.py', run_name='__main__')")
 
 
-def test_init_from_official_fine_tunes_files_in_the_official_layout(setup, tmp_path):
-    """The official duplex files (parity-size state dicts served by a local hub, md5-checked) fill
-    the model; stage=lm then trains the LM only, so the exported quantizer and resynthesizer are
-    exactly the official tensors."""
+OFFICIAL_FIXTURES = {"inference_volcano_3": "quantizer_state_dict.pt", "inference_scion_54000": "lm_duplex_state_dict.pt",
+                     "inference_care_50000": "resynthesizer_duplex_state_dict.pt"}
+
+
+def train_from_official_hub(setup, tmp_path, **extra):
+    """A `stage=lm` run of one step with init_from=official, the official duplex files being the
+    parity-size state dicts served by a loopback hub (md5s registered); asserts that the three
+    files were downloaded. Returns (run folder, {official name: fixture}, md5s, log, evaluations)."""
     require(PARITY_DIR)
     arch = transformer_config(True)
-    overrides = {k: getattr(arch, k) for k in fields_marked(TransformerConfig, "arch") if getattr(arch, k) != getattr(PRESETS["tiny"], k)}
-    files = {"inference_volcano_3": "quantizer_state_dict.pt", "inference_scion_54000": "lm_duplex_state_dict.pt",
-             "inference_care_50000": "resynthesizer_duplex_state_dict.pt"}
+    overrides = {k: getattr(arch, k) for k in fields_marked(TransformerConfig, "arch")
+                 if getattr(arch, k) != getattr(PRESETS["tiny"], k)}
     with HubServer() as server:
         md5s = {}
-        for name, fixture in files.items():
+        for name, fixture in OFFICIAL_FIXTURES.items():
             data = server.add(f"{name}.pt", PARITY_DIR / fixture)
             md5s[name] = (hashlib.md5(data).hexdigest(), len(data))
         run_dir = tmp_path / "run"
         log, evals = train([json.dumps(md5s)] + base_args(setup, run_dir, stage="lm", init_from="official",
                                                           ckpt_dir=tmp_path / "ckpt", max_steps=1, eval_interval=1,
-                                                          **overrides),
+                                                          **overrides, **extra),
                            code=REGISTER, env={"HF_ENDPOINT": server.endpoint})
         assert len([r for r in server.requests if "/resolve/" in r]) == 3 and "weights from official duplex" in log
+    return run_dir, OFFICIAL_FIXTURES, md5s, log, evals
+
+
+def test_init_from_official_fine_tunes_files_in_the_official_layout(setup, tmp_path):
+    """The official duplex files (parity-size state dicts served by a local hub, md5-checked) fill
+    the model; stage=lm then trains the LM only, so the exported quantizer and resynthesizer are
+    exactly the official tensors."""
+    run_dir, files, md5s, log, evals = train_from_official_hub(setup, tmp_path)
     state, _ = read_weights(run_dir / "latest.safetensors")
     for part, fixture in (("quantizer", files["inference_volcano_3"]),
                           ("resynth", files["inference_care_50000"]), ("lm", files["inference_scion_54000"])):
