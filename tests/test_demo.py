@@ -34,23 +34,19 @@ def demo(folder: Path, *args) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end(tmp_path):
-    done = demo(scratch_copy(tmp_path), "--codec-steps", 6, "--transformer-steps", 6)
-    assert "val mel distance" in done.stdout
-    audio, sr = sf.read(tmp_path / "outputs/demo/completion.wav")
-    assert sr == 16000 and audio.ndim == 2 and audio.shape[1] == 2 and len(audio) >= 2 * 16000
-    assert (tmp_path / "checkpoints/codec/best.safetensors").is_file()
-    assert (tmp_path / "checkpoints/transformer/best.safetensors").is_file()
-
-
-@pytest.mark.slow
-def test_other_step_counts_after_an_earlier_demo(tmp_path):
-    """More codec steps change the codec: the transformer starts over (old run moved aside, with a
+def test_demo_end_to_end_then_other_step_counts(tmp_path):
+    """The demo runs end to end (codec and transformer checkpoints, a stereo completion). Then
+    more codec steps change the codec: the transformer starts over (old run moved aside, with a
     note) instead of failing to resume; then the first command again, and more transformer steps,
     resume what is there."""
     folder = scratch_copy(tmp_path)
     first = ["--codec-steps", 2, "--transformer-steps", 2]
-    demo(folder, *first)
+    done = demo(folder, *first)
+    assert "val mel distance" in done.stdout
+    audio, sr = sf.read(folder / "outputs/demo/completion.wav")
+    assert sr == 16000 and audio.ndim == 2 and audio.shape[1] == 2 and len(audio) >= 2 * 16000
+    assert (folder / "checkpoints/codec/best.safetensors").is_file()
+    assert (folder / "checkpoints/transformer/best.safetensors").is_file()
     done = demo(folder, "--codec-steps", 4, "--transformer-steps", 2)
     assert "note: the codec changed since checkpoints/transformer was trained" in done.stdout
     assert len(list((folder / "checkpoints").glob("transformer.old-*"))) == 1
