@@ -83,6 +83,15 @@ async def control(ws, **message):
 
 # --- streaming ------------------------------------------------------------------------------
 
+async def send_in_real_time(ws, chunks, sent: list) -> None:
+    """Send one chunk every 125 ms (a speaker at real time), appending each send time to `sent`."""
+    t0 = time.perf_counter()
+    for i, c in enumerate(chunks):
+        await asyncio.sleep(max(0.0, t0 + i * 0.125 - time.perf_counter()))
+        sent.append(time.perf_counter())
+        await ws.send(c)
+
+
 def test_binary_frames_10s(server, model):
     async def run():
         async with connect(server.ws + "/audio?seed=5") as ws:
@@ -412,13 +421,7 @@ def test_bad_clients_do_not_disturb_a_session_at_real_time(model):
             async with connect(server.ws + "/audio?seed=21") as ws:
                 at = await where(ws, server)
 
-                async def send():
-                    t0 = time.perf_counter()
-                    for i, c in enumerate(good_chunks):
-                        await asyncio.sleep(max(0.0, t0 + i * 0.125 - time.perf_counter()))
-                        sent.append(time.perf_counter())
-                        await ws.send(c)
-                sender = asyncio.create_task(send())
+                sender = asyncio.create_task(send_in_real_time(ws, good_chunks, sent))
                 while len(replies) < len(good_chunks):
                     msg = await asyncio.wait_for(ws.recv(), 10)
                     assert isinstance(msg, bytes), msg
@@ -737,13 +740,7 @@ def test_reset_rate_limit_holds_another_sessions_cadence(model):
             sent, rtt = [], []
             await asyncio.gather(*(r.wait() for r in ready))
 
-            async def send():
-                t0 = time.perf_counter()
-                for i, c in enumerate(good_chunks):
-                    await asyncio.sleep(max(0.0, t0 + i * 0.125 - time.perf_counter()))
-                    sent.append(time.perf_counter())
-                    await ws.send(c)
-            sender = asyncio.create_task(send())
+            sender = asyncio.create_task(send_in_real_time(ws, good_chunks, sent))
             dropped = 0
             while len(rtt) + dropped < len(good_chunks):
                 msg = await asyncio.wait_for(ws.recv(), 10)
