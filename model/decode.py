@@ -144,22 +144,18 @@ class Kernels:
     decode: Callable = codec_decode
 
     @staticmethod
-    def make(compile: Union[bool, Sequence[str]] = False, quantized: bool = False) -> "Kernels":
+    def make(compile: Union[bool, Sequence[str]] = False) -> "Kernels":
         """compile: False, True (all of COMPILABLE), or some of "block" (the transformer block:
-        norms, rotary, cache write and residuals fused around the matrix products) and "codec"
-        (the streaming encoder and decoder). `quantized` (the model holds int8/int4 layers:
-        `model.quant.quantization_of`): the block is compiled with inductor's
-        `coordinate_descent_tuning`, which the int8 matmul with its fused dequantisation needs to be
-        fast (9.2 ms -> ~1 ms on four hertz_dev layers, `model.quant`); it lengthens the compile,
-        so float models go without it. The option is scoped to this compile."""
+        norms, rotary, cache write and residuals fused around the matrix products; quantized
+        layers stay calls of their own kernels, `model.quant_kernels`) and "codec" (the streaming
+        encoder and decoder)."""
         parts = set(COMPILABLE if compile is True else (compile or ()))
         if parts - set(COMPILABLE):
             raise ValueError(f"unknown parts to compile {sorted(parts - set(COMPILABLE))}; choose from {COMPILABLE}")
         c = partial(torch.compile, dynamic=True)
         k = Kernels()
         if "block" in parts:
-            options = {"coordinate_descent_tuning": True} if quantized else None
-            k = replace(k, block=c(run_block, options=options))
+            k = replace(k, block=c(run_block))
         if "codec" in parts:
             k = replace(k, encode=c(codec_encode), decode=c(codec_decode))
         return k

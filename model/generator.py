@@ -16,7 +16,6 @@ from torch import Tensor
 
 from .cuda_graphs import StepGraphs, StepKey, attention_windows, use_graphs
 from .decode import DecodeState, Kernels, decode_step, prompt_prefill, slide
-from .quant import quantization_of
 from .sampling import SamplingParams, row_seed
 from .stream_codec import decode_frames, encode_frames
 
@@ -60,7 +59,7 @@ class Generator:
         self.codec = model.codec
         self.x = torch.zeros(batch_size, 1, model.config.channels * model.config.latent_dim,
                              device=self.state.pos.device, dtype=self.state.hist.dtype)
-        self.kernels = Kernels.make(compile, quantized=quantization_of(model) is not None)
+        self.kernels = Kernels.make(compile)
         self.graphs = StepGraphs(attention_windows(L), self.state.active,
                                  use_graphs(cuda_graphs, self.state.pos.device))
 

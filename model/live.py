@@ -19,7 +19,6 @@ from torch import Tensor
 
 from .cuda_graphs import StepGraphs, StepKey, attention_windows, use_graphs
 from .decode import DecodeState, Kernels, decode_step, draw_noise, prompt_prefill, slide
-from .quant import quantization_of
 from .sampling import SamplingParams
 from .stream_codec import StreamCodec, encode_frames
 
@@ -86,7 +85,7 @@ class LiveEngine:
         self._audio_host = torch.zeros(B, self.chunk, pin_memory=pinned)
         if compile == "auto":  # the transformer block compiled on CUDA (about 15 s at start, 15% faster steps)
             compile = ("block",) if device.type == "cuda" else False
-        self.kernels = Kernels.make(compile, quantized=quantization_of(model) is not None)
+        self.kernels = Kernels.make(compile)
         self.graphs = StepGraphs(attention_windows(L), st.active, use_graphs(cuda_graphs, device))
         st.active.zero_()
 

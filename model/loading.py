@@ -63,8 +63,8 @@ def _fill(module: nn.Module, state: dict, device, dtype, what: str) -> nn.Module
         module.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         raise RuntimeError(f"{what} does not match the model built from its config:\n{e}") from None
-    # Let go of the loaded tensors: each one the move below replaces (or an Int4Linear repacks for
-    # CUDA) is then freed as it goes, not at the end.
+    # Let go of the loaded tensors: each one the move below replaces is then freed as it goes,
+    # not at the end.
     state.clear()
     init_buffers(module)
     return module.to(device=device, dtype=dtype).eval().requires_grad_(False)

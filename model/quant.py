@@ -13,22 +13,19 @@ Two modes, chosen per model by `quantize_model(model, mode)` or at load time
   output is rounded to discrete FSQ codes, where a 4-bit error would flip codes for almost no memory
   saved (its weights are 0.6% of the model).
 
-Kernels (../shared/notes/h200-linear-kernels.md, H200, eight LM-sized layers, batch 1): int8
-computes `F.linear(x, w.to(x.dtype)) * scale`, which `torch.compile` fuses into one read of the
-int8 weights when the whole step is one compiled region (0.527 ms against 0.897 ms in bf16;
-`aten._weight_int8pack_mm` has no real CUDA kernel: 13.2 ms); int4 on CUDA calls tinygemm,
-`aten._weight_int4pack_mm` (0.512 ms). On the CPU, int4 dequantizes in the forward (for tests).
-Measured here on four hertz_dev LM layers and both heads, one cached step replayed from a CUDA
-graph (B=1): bf16 0.92 ms eager, 0.73 ms compiled; int4 0.74 eager, 0.50-0.52 compiled; int8 3.9
-eager (the cast makes a bf16 copy of each weight), 0.80-1.03 compiled with inductor's
-`coordinate_descent_tuning` and 9.2 without it: in the model, this int8 kernel is no faster than
-bf16 (it halves the memory only). At B=8: bf16 1.0-1.1, int4 1.2, int8 24 ms compiled.
+Kernels: on CUDA with bf16/fp16 activations both layers call the Triton kernels of
+`model.quant_kernels` (weights read once and dequantized in registers: a GEMV for one row, a
+tensor-core tile product for more), registered as custom ops so they sit inside the compiled block
+and its CUDA graphs. Elsewhere (the CPU, float32) they dequantize and call `F.linear`. Measured
+alternatives (../shared/notes/h200-linear-kernels.md and benchmarks/quant_kernels.py, eight LM
+layers at batch 1 on the H200): int8 with the dequantisation fused by `torch.compile` (gpt-fast)
+reads at ~73% of the bandwidth alone but was no faster than bf16 inside the compiled block and
+fell to 0.4x bf16 at 8 rows; `aten._weight_int8pack_mm` has no real CUDA kernel (13 ms);
+tinygemm's `aten._weight_int4pack_mm` reaches ~38% of the bandwidth at one row.
 
-Layout: the state dict always holds the device-independent form (`qweight` int8 (N, K), or uint8
-(N, K/2) with two 4-bit values a byte, high nibble first; float scales), so a model quantized on
-one device loads on another. On CUDA an `Int4Linear` holds its weights in tinygemm's packed
-layout instead (converted when the module is moved there, as the loader does, and read back for
-`state_dict()`), so only one copy is ever in memory.
+Layout: the state dict holds the same tensors the kernels read (`qweight` int8 (N, K), or uint8
+(N, K/2) with two 4-bit values a byte, high nibble first; scales in the model's dtype), on every
+device, so a model quantized on one device loads on another.
 
 Each quantized layer keeps `in_features`, `out_features` and `bias` as `nn.Linear` has them and
 takes the same call; `.weight` is the dequantized weight, computed on each access, for code that
@@ -45,7 +42,7 @@ from torch import Tensor
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # what tinygemm implements
-INNER_K_TILES = 8                 # tinygemm packing: in_features must be a multiple of 16 * 8
+INNER_K_TILES = 8                 # tinygemm's packing, whose shapes the format keeps: in_features a multiple of 16 * 8
 _CHUNK = 1 << 20                  # weights are quantized this many elements at a time (bounded scratch)
 
 
@@ -112,6 +109,21 @@ def quantized_tensors(w: Tensor, spec: str, device=None) -> dict[str, Tensor]:
     return {"qweight": q, "scales_and_zeros": sz}
 
 
+def dequantize_int8(qweight: Tensor, scale: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """The (N, K) float weights of `quantize_int8`'s output, in `dtype` (default: the scale's)."""
+    return (qweight.float() * scale.float()[:, None]).to(dtype or scale.dtype)
+
+
+def dequantize_int4(qweight: Tensor, scales_and_zeros: Tensor, group_size: int,
+                    dtype: Optional[torch.dtype] = None) -> Tensor:
+    """The (N, K) float weights of `quantize_int4`'s output, in `dtype` (default: the scales')."""
+    N, K = qweight.shape[0], qweight.shape[1] * 2
+    q = unpack_nibbles(qweight).view(N, K // group_size, group_size).float()
+    sz = scales_and_zeros.float()
+    scale, zero = sz[..., 0].t()[..., None], sz[..., 1].t()[..., None]  # (N, K/g, 1)
+    return ((q - 8) * scale + zero).view(N, K).to(dtype or scales_and_zeros.dtype)
+
+
 def parse_spec(spec: str) -> tuple[str, int]:
     """"int8" -> ("int8", 0); "int4/128" -> ("int4", 128)."""
     kind, _, group = spec.partition("/")
@@ -143,12 +155,15 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
 
     def forward(self, x: Tensor) -> Tensor:
-        # Under torch.compile the cast fuses into the matmul's read of the int8 weights.
-        y = F.linear(x, self.qweight.to(x.dtype)) * self.scale.to(x.dtype)
+        if _triton_ok(x):
+            y = _kernels().int8_linear(x.reshape(-1, self.in_features).contiguous(), self.qweight, self.scale)
+            y = y.view(*x.shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, self.qweight.to(x.dtype)) * self.scale.to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> Tensor:
-        return (self.qweight.float() * self.scale.float()[:, None]).to(dtype or self.scale.dtype)
+        return dequantize_int8(self.qweight, self.scale, dtype)
 
     @property
     def weight(self) -> Tensor:
@@ -160,8 +175,8 @@ class Int8Linear(nn.Module):
 
 class Int4Linear(nn.Module):
     """`nn.Linear` with 4-bit weights in groups of `group_size` input features, each group with a
-    scale and a zero point: w = (q - 8) * scale + zero. On CUDA the forward is tinygemm
-    (`aten._weight_int4pack_mm`, bf16 activations); elsewhere it dequantizes, then `F.linear`."""
+    scale and a zero point: w = (q - 8) * scale + zero (tinygemm's convention). On CUDA the
+    forward is `model.quant_kernels.int4_linear`; elsewhere it dequantizes, then `F.linear`."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 128,
                  device=None, dtype=None):
@@ -175,28 +190,17 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales_and_zeros",
                              torch.empty(in_features // group_size, out_features, 2, dtype=dtype, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
-        self._pack_for_device()
-
-    @property
-    def packed(self) -> bool:
-        """Whether the weights are in tinygemm's CUDA layout (int32) rather than the portable one."""
-        return self.qweight.dtype == torch.int32
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.packed:
-            x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-            y = torch.ops.aten._weight_int4pack_mm(x2, self.qweight, self.group_size,
-                                                   self.scales_and_zeros.to(torch.bfloat16))
-            y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        if _triton_ok(x):
+            y = _kernels().int4_linear(x.reshape(-1, self.in_features).contiguous(), self.qweight,
+                                       self.scales_and_zeros, self.group_size)
+            y = y.view(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias.to(x.dtype)
         return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> Tensor:
-        N, K, g = self.out_features, self.in_features, self.group_size
-        q = unpack_nibbles(self._portable_qweight()).view(N, K // g, g).float()
-        sz = self.scales_and_zeros.float()
-        scale, zero = sz[..., 0].t()[..., None], sz[..., 1].t()[..., None]  # (N, K/g, 1)
-        return ((q - 8) * scale + zero).view(N, K).to(dtype or self.scales_and_zeros.dtype)
+        return dequantize_int4(self.qweight, self.scales_and_zeros, self.group_size, dtype)
 
     @property
     def weight(self) -> Tensor:
@@ -206,55 +210,15 @@ class Int4Linear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, group_size={self.group_size}")
 
-    # --- the CUDA layout ---------------------------------------------------------------------
 
-    def _pack_for_device(self) -> None:
-        if self.qweight.is_cuda and not self.packed:
-            self.qweight = torch.ops.aten._convert_weight_to_int4pack(self.qweight.contiguous(), INNER_K_TILES)
+def _triton_ok(x: Tensor) -> bool:
+    """Whether the Triton kernels take these activations (CUDA, half precision)."""
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
 
-    def _portable_qweight(self) -> Tensor:
-        """The (N, K/2) uint8 form, read back from tinygemm's layout where needed: multiplying the
-        identity by the weights with scale 1 and zero 8 gives q exactly (integers below 16 are
-        exact in bf16), without depending on how the layout orders its nibbles."""
-        if not self.packed:
-            return self.qweight
-        N, K, g = self.out_features, self.in_features, self.group_size
-        dev = self.qweight.device
-        sz = torch.tensor([1.0, 8.0], dtype=torch.bfloat16, device=dev).expand(K // g, N, 2).contiguous()
-        q = torch.empty(N, K, dtype=torch.uint8, device=dev)
-        step = 1024
-        for k0 in range(0, K, step):
-            n = min(step, K - k0)
-            eye = torch.zeros(n, K, dtype=torch.bfloat16, device=dev)
-            eye.diagonal(offset=k0).fill_(1)
-            q[:, k0:k0 + n] = torch.ops.aten._weight_int4pack_mm(eye, self.qweight, g, sz).t().to(torch.uint8)
-        return pack_nibbles(q)
 
-    def _apply(self, fn, recurse=True):
-        if self.packed and fn(torch.empty(0, device=self.qweight.device)).device != self.qweight.device:
-            self.qweight = self._portable_qweight()  # leaving CUDA: tinygemm's layout means nothing elsewhere
-        super()._apply(fn, recurse)
-        self._pack_for_device()
-        return self
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.packed:
-            destination[prefix + "qweight"] = self._portable_qweight()
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # The state dict holds the portable layout. A packed layer loads into a portable one and
-        # packs again; a portable one (built on `meta`, filled with `assign=True`) stays so until
-        # it is moved (`_apply`), when the loader no longer holds the loaded tensor: packing here
-        # would keep both copies of every layer alive until loading ends.
-        was_packed = self.packed
-        if was_packed:
-            self.qweight = (torch.empty(self.out_features, self.in_features // 2, dtype=torch.uint8,
-                                        device=self.qweight.device)
-                            if prefix + "qweight" in state_dict else self._portable_qweight())
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if was_packed:
-            self._pack_for_device()
+def _kernels():
+    from . import quant_kernels  # Triton: imported only where CUDA is used
+    return quant_kernels
 
 
 QUANTIZED = (Int8Linear, Int4Linear)

@@ -130,7 +130,7 @@ def test_compiled_block_with_fp8_cache_and_int8_weights_equals_eager(one_thread)
     x = torch.randn(2, 3, 64)
     pos = torch.tensor([[0, 1, 2], [4, 5, 6]])
     out = {}
-    for name, kernels in (("eager", Kernels()), ("compiled", Kernels.make(("block",), quantized=True))):
+    for name, kernels in (("eager", Kernels()), ("compiled", Kernels.make(("block",)))):
         cache = KVCache(1, 2, 2, 8, 16, dtype=FP8)
         p = positions_for(x, 16, 1e4, cache, pos, window=8)
         out[name] = kernels.block(block, x, p, cache.layer(0, 8)), cache

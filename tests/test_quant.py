@@ -1,7 +1,7 @@
 """Weight-only int8 / int4 quantization (model/quant.py): the formulas' error bound, quantized
 forwards close to the float ones, cached == full forward, save/load round trip in our format,
 quantizing while loading official-layout files == quantizing after loading. CPU, tiny sizes;
-the CUDA kernels (tinygemm layout, CUDA graphs, torch.compile) are checked where CUDA exists."""
+the CUDA kernels (Triton, in CUDA graphs and under torch.compile) are checked where CUDA exists."""
 import copy
 import dataclasses
 import hashlib
@@ -182,24 +182,31 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 @cuda
+@pytest.mark.parametrize("mode", ["int8", "int4"])
 @torch.no_grad()
-def test_cuda_int4_tinygemm_layout_and_kernels():
-    """On CUDA an Int4Linear holds tinygemm's layout: its forward matches the portable dequantized
-    one, its state dict is the portable layout bit for bit, it moves back to the CPU intact, and
-    it runs inside a CUDA graph and under torch.compile."""
+def test_cuda_triton_kernels_match_the_dequantized_layer_in_graphs_and_compile(mode):
+    """On CUDA the quantized layers run the Triton kernels (GEMV for one row, tile products for
+    more): for 1, 2, 17 and 300 rows the forward equals F.linear with the dequantized weights to
+    bf16 rounding, and so does the activations' gradient (LoRA on a quantized base); the state
+    dict is the CPU layer's bit for bit, and it runs inside a CUDA graph and under torch.compile."""
     torch.manual_seed(0)
-    lin = torch.nn.Linear(512, 256, bias=True).to(torch.bfloat16)
-    cpu = quantize_model(torch.nn.Sequential(lin), "int4")[0]
+    lin = torch.nn.Linear(640, 264, bias=True).to(torch.bfloat16)
+    cpu = quantize_model(torch.nn.Sequential(lin), mode)[0]
     gpu = copy.deepcopy(cpu).cuda()
-    assert gpu.packed and not cpu.packed
-    sd = gpu.state_dict()
-    assert all(torch.equal(sd[k].cpu(), v) for k, v in cpu.state_dict().items())
-    assert torch.equal(gpu.cpu().qweight, cpu.qweight)
-    gpu.cuda()
-    x = torch.randn(4, 512, dtype=torch.bfloat16, device="cuda")
-    want = torch.nn.functional.linear(x.float(), cpu.dequantize(torch.float32).cuda(), cpu.bias.float().cuda())
+    assert all(torch.equal(v.cpu(), cpu.state_dict()[k]) for k, v in gpu.state_dict().items())
+    w = cpu.dequantize(torch.float32).cuda()
+    for rows in (1, 2, 17, 300):
+        x = torch.randn(rows, 640, dtype=torch.bfloat16, device="cuda")
+        want = torch.nn.functional.linear(x.float(), w, cpu.bias.float().cuda())
+        assert rel_err(gpu(x), want) <= 1e-2, rows
+    with torch.enable_grad():
+        x = torch.randn(3, 640, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+        gpu(x).square().sum().backward()
+        xf = x.detach().float().requires_grad_()
+        torch.nn.functional.linear(xf, w, cpu.bias.float().cuda()).square().sum().backward()
+        assert rel_err(x.grad, xf.grad) <= 2e-2
+    x = torch.randn(2, 1, 640, dtype=torch.bfloat16, device="cuda")
     y = gpu(x)
-    assert rel_err(y, want) <= 1e-2
     static = x.clone()
     graph = torch.cuda.CUDAGraph()
     gpu(static)
@@ -228,7 +235,7 @@ def test_cuda_quantized_model_close_to_float_and_saved_on_gpu_loads_on_cpu(mode,
     assert max(rel_err(g, w) for g, w in zip(cpu_out, ref)) <= TOL[mode]
     back = load_hertz_dev(path, codec=None, device="cuda")
     layer = back.lm.layers[0].attn.attn.proj_qkv
-    assert isinstance(layer, Int8Linear) if mode == "int8" else layer.packed  # tinygemm's layout on CUDA
+    assert isinstance(layer, Int8Linear if mode == "int8" else Int4Linear) and layer.qweight.is_cuda
     again = outputs(back, x.cuda().bfloat16(), tuple(p.cuda().bfloat16() for p in plex))
     for a, b in zip(again, got):
         assert torch.equal(a, b)

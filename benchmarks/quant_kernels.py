@@ -1,0 +1,180 @@
+"""The linear layers of one hertz_dev duplex step, alone, per weight format. One JSON object a line.
+
+    python benchmarks/quant_kernels.py                    # CUDA: rows 1 2 8 16 64 128
+    python benchmarks/quant_kernels.py --rows 1 --quick   # fewer kernels (no inductor / tinygemm)
+
+Every `nn.Linear` of the LM, resynthesizer and quantizer of the `hertz_dev` duplex model (shapes
+from a model built on `meta`; random weights), called once each in model order with `--rows`
+activation rows, the whole pass captured in one CUDA graph and replayed (median of 20 replays).
+Kernels: `bf16` (cuBLAS F.linear), `int8` / `int4` (`model.quant_kernels`, the one-row choice
+between GEMV and tile product made on first use, as in the model), `int8_gemv`, `int8_dot`,
+`int4_gemv`, `int4_dot` (each kernel forced), `int8_inductor` (with --inductor: F.linear on the int8 weights cast
+to bf16 times the scales, one torch.compile region over the whole pass: the gpt-fast recipe),
+`int4_tinygemm` (aten._weight_int4pack_mm, its own packed layout). Fields: ms (one pass), gb
+(bytes of weights read), tb_per_s, x_bf16 (speed-up over bf16), rel_err (output of the pass'
+last layer against F.linear with the dequantized weights in float32).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from config.transformer_config import PRESETS  # noqa: E402
+from model import HertzDev  # noqa: E402
+from model.quant import dequantize_int4, dequantize_int8, int4_fits  # noqa: E402
+
+T0 = time.time()
+
+
+def emit(**fields) -> None:
+    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in fields.items()}), flush=True)
+
+
+def shapes() -> list[tuple[int, int]]:
+    """(out, in) of every Linear of the duplex hertz_dev quantizer, LM and resynthesizer, in order."""
+    with torch.device("meta"):
+        model = HertzDev(PRESETS["hertz_dev"])
+    return [(m.out_features, m.in_features) for part in (model.quantizer, model.lm, model.resynth)
+            for m in part.modules() if type(m) is nn.Linear]
+
+
+def graph_ms(fn, reps: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+def rel_err(a, b) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 8, 16, 64, 128])
+    ap.add_argument("--quick", action="store_true", help="only bf16 and the model's int8 / int4 kernels")
+    ap.add_argument("--inductor", action="store_true", help="also int8_inductor (compiles the whole pass: minutes)")
+    args = ap.parse_args()
+    import model.quant_kernels as qk
+
+    dev, dt = "cuda", torch.bfloat16
+    torch.manual_seed(0)
+    layers = shapes()
+    emit(bench="env", torch=torch.__version__, device=torch.cuda.get_device_name(), layers=len(layers),
+         params=sum(n * k for n, k in layers))
+    weights = {"bf16": [], "int8": [], "int4": []}
+    for n, k in layers:
+        weights["bf16"].append(torch.randn(n, k, device=dev, dtype=dt) / k ** 0.5)
+        weights["int8"].append((torch.randint(-127, 128, (n, k), device=dev, dtype=torch.int8),
+                                torch.rand(n, device=dev, dtype=dt) / 127 / k ** 0.5))
+        fits = int4_fits(k, n, 128)
+        weights["int4"].append((torch.randint(0, 256, (n, k // 2), device=dev, dtype=torch.uint8),
+                                (torch.randn(k // 128, n, 2, device=dev, dtype=dt) / k ** 0.5)) if fits else None)
+    int8_bytes = [q.numel() + s.numel() * 2 for q, s in weights["int8"]]
+    nbytes = {"bf16": sum(w.numel() * 2 for w in weights["bf16"]), "int8": sum(int8_bytes),
+              "int4": sum(w4[0].numel() + w4[1].numel() * 2 if w4 else b8 for w4, b8 in zip(weights["int4"], int8_bytes))}
+
+    def int4_or_int8(i, x, int4_fn):
+        w4 = weights["int4"][i]
+        return int4_fn(x, *w4) if w4 is not None else qk.int8_linear(x, *weights["int8"][i])
+
+    tiny = {}
+    if not args.quick:
+        packed = []
+        for w4 in weights["int4"]:
+            if w4 is None:
+                packed.append(None)
+                continue
+            q, sz = w4
+            unpacked = torch.stack([q >> 4, q & 15], -1).view(q.shape[0], -1).to(torch.int32)
+            packed.append((torch.ops.aten._convert_weight_to_int4pack(
+                (unpacked[:, ::2] << 4 | unpacked[:, 1::2]).to(torch.uint8), 8), sz))
+        tiny["packed"] = packed
+
+    if args.inductor:
+        @torch.compile(fullgraph=True, dynamic=False, options={"coordinate_descent_tuning": True})
+        def inductor_pass(xs):
+            return [F.linear(xs[k], q.to(dt)) * s for (n, k), (q, s) in zip(layers, weights["int8"])]
+        tiny["inductor"] = inductor_pass
+
+    for M in args.rows:
+        xs = {k: torch.randn(M, k, device=dev, dtype=dt) for k in {k for _, k in layers}}
+        kernels = {
+            "bf16": lambda: [F.linear(xs[k], w) for (n, k), w in zip(layers, weights["bf16"])],
+            "int8": lambda: [qk.int8_linear(xs[k], q, s) for (n, k), (q, s) in zip(layers, weights["int8"])],
+            "int4": lambda: [int4_or_int8(i, xs[k], lambda x, q, sz: qk.int4_linear(x, q, sz, 128))
+                             for i, (n, k) in enumerate(layers)],
+        }
+        if not args.quick:
+            def forced(fn, fmt):
+                def run():
+                    out = []
+                    for i, (n, k) in enumerate(layers):
+                        y = torch.empty(M, n, device=dev, dtype=dt)
+                        if fmt == "int8" or weights["int4"][i] is None:
+                            q, s = weights["int8"][i]
+                            (fn if fmt == "int8" else qk._int8_dot_call)(xs[k], q, s, y)
+                        else:
+                            fn(xs[k], *weights["int4"][i], y, 128)
+                        out.append(y)
+                    return out
+                return run
+            kernels.update({
+                "int8_dot": forced(qk._int8_dot_call, "int8"),
+                "int4_dot": forced(qk._int4_dot_call, "int4"),
+                "int4_tinygemm": lambda: [int4_or_int8(i, xs[k], lambda x, q, sz: torch.ops.aten._weight_int4pack_mm(
+                    x, tiny["packed"][i][0], 128, sz)) for i, (n, k) in enumerate(layers)],
+            })
+            if args.inductor:
+                kernels["int8_inductor"] = lambda: tiny["inductor"](xs)
+            if M == 1:
+                kernels["int8_gemv"] = forced(qk._int8_gemv_call, "int8")
+                kernels["int4_gemv"] = forced(qk._int4_gemv_call, "int4")
+        base = None
+        for name, fn in kernels.items():
+            fmt = name.split("_")[0]
+            try:
+                t = time.time()
+                with torch.no_grad():
+                    out = fn()  # first call: autotuning, compilation
+                    ms = graph_ms(fn)
+                n, k = layers[-1]
+                if fmt == "bf16":
+                    w = weights["bf16"][-1].float()
+                elif fmt == "int4" and weights["int4"][-1] is not None:
+                    w = dequantize_int4(*weights["int4"][-1], 128, torch.float32)
+                else:
+                    w = dequantize_int8(*weights["int8"][-1], torch.float32)
+                err = rel_err(out[-1], xs[k].float() @ w.t())
+                base = ms if name == "bf16" else base
+                emit(bench="linears", rows=M, kernel=name, ms=ms, gb=nbytes[fmt] / 1e9,
+                     tb_per_s=nbytes[fmt] / ms / 1e9, x_bf16=base / ms if base else None, rel_err=err,
+                     first_call_s=time.time() - t)
+            except Exception as e:  # one kernel failing must not hide the others' figures
+                emit(bench="linears", rows=M, kernel=name, error=f"{type(e).__name__}: {e}"[:400])
+    emit(bench="choices", **{f"{k[0]}_{k[1]}x{k[2]}": v for k, v in qk.kernel_choices().items()})
+    emit(bench="done", elapsed_s=time.time() - T0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""Triton kernels of the weight-only quantized linears on CUDA: y = x @ dequant(W).T for bf16/fp16
+activations x (M, K) and int8 or 4-bit weights W (N, K), read once, dequantized in registers.
+
+- `int8_linear(x, qweight, scale)`: qweight int8 (N, K), one scale per output channel.
+- `int4_linear(x, qweight, scales_and_zeros, group_size)`: qweight uint8 (N, K/2) (the even column
+  in the high nibble, `model.quant.pack_nibbles`), scales_and_zeros (K/g, N, 2): w = (q - 8) * s + z.
+
+Each has two kernels: a GEMV for one row (weights times a vector on the CUDA cores, the decode
+step's case) and a tiled matrix product on the tensor cores (tl.dot, rows padded to 16) for more
+rows (batched sessions, prefill). Both are autotuned by Triton per weight shape and row bucket; for
+one row the faster of the two is chosen on first use by timing them (`_choose`), outside CUDA-graph
+capture (the engines' warm-up runs every shape first). The backward gives the activations'
+gradient only (frozen weights: LoRA on a quantized base). Both are registered as torch custom ops
+(`hertz::int8_linear`, `hertz::int4_linear`), so `torch.compile` keeps them as one call in the
+compiled block and CUDA graphs replay them. Figures: benchmarks/quant_kernels.py.
+
+Imported only on CUDA (`model.quant` calls it there): the CPU paths need no Triton.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+_DOT_MAX_ROWS = 128  # more rows (prefill): a tile of 128 rows a program, the grid grows along M
+
+
+def _gemv_configs():
+    out = []
+    for bn in (4, 8, 16, 32):
+        for bk in (256, 512, 1024):
+            if bn * bk > 16384:
+                continue
+            for warps in (2, 4, 8):
+                out.append(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=1))
+    return out
+
+
+def _dot_configs(bks):
+    out = []
+    for bn in (16, 32, 64, 128):
+        for bk in bks:
+            for warps in (4,):
+                for stages in (3, 5):
+                    out.append(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages))
+    return out
+
+
+# --- int8 ------------------------------------------------------------------------------------------
+
+@triton.autotune(configs=_gemv_configs(), key=["N", "K"])
+@triton.jit
+def _int8_gemv(x_ptr, w_ptr, s_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        w = tl.load(w_ptr + rn[:, None] * K + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K), other=0)
+        x = tl.load(x_ptr + kk, mask=kk < K, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    s = tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+    y = tl.sum(acc, axis=1) * s
+    tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
+
+
+@triton.autotune(configs=_dot_configs((64, 128, 256)), key=["BLOCK_M", "N", "K"])
+@triton.jit
+def _int8_dot(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        x = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+        w = tl.load(w_ptr + rn[None, :] * K + kk[:, None], mask=(rn[None, :] < N) & (kk[:, None] < K), other=0)
+        acc = tl.dot(x, w.to(x.dtype), acc)
+    s = tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+    y = acc * s[None, :]
+    tl.store(y_ptr + rm[:, None] * N + rn[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+# --- int4 ------------------------------------------------------------------------------------------
+
+@triton.autotune(configs=[triton.Config({"BLOCK_N": bn, "GROUPS": g}, num_warps=w, num_stages=1)
+                          for bn in (4, 8, 16, 32) for g in (1, 2, 4, 8) for w in (2, 4) if bn * g <= 64],
+                 key=["N", "K", "GROUP"])
+@triton.jit
+def _int4_gemv(x_ptr, w_ptr, sz_ptr, y_ptr, N, K, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+               GROUPS: tl.constexpr):
+    # Per group: sum_k w_k x_k = s * (sum_k q_k x_k - 8 sum_k x_k) + z * sum_k x_k, so the inner loop
+    # is one integer-to-float conversion and one multiply-add a weight.
+    HALF: tl.constexpr = GROUP // 2
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rg = tl.arange(0, GROUPS)
+    rj = tl.arange(0, HALF)
+    acc = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
+    n_groups = K // GROUP
+    for g0 in range(0, n_groups, GROUPS):
+        gg = g0 + rg                                                        # (G,)
+        gmask = gg < n_groups
+        byte = gg[:, None] * HALF + rj[None, :]                             # (G, HALF): byte within the row
+        b = tl.load(w_ptr + rn[:, None, None] * (K // 2) + byte[None, :, :],
+                    mask=(rn[:, None, None] < N) & gmask[None, :, None], other=0)   # (BN, G, HALF)
+        xe = tl.load(x_ptr + 2 * byte, mask=gmask[:, None], other=0.0).to(tl.float32)       # (G, HALF)
+        xo = tl.load(x_ptr + 2 * byte + 1, mask=gmask[:, None], other=0.0).to(tl.float32)
+        qx = tl.sum((b >> 4).to(tl.float32) * xe[None] + (b & 15).to(tl.float32) * xo[None], axis=2)  # (BN, G)
+        sx = tl.sum(xe + xo, axis=1)                                         # (G,)
+        szp = sz_ptr + (gg[None, :] * N + rn[:, None]) * 2
+        smask = (rn[:, None] < N) & gmask[None, :]
+        s = tl.load(szp, mask=smask, other=0.0).to(tl.float32)
+        z = tl.load(szp + 1, mask=smask, other=0.0).to(tl.float32)
+        acc += s * (qx - 8.0 * sx[None, :]) + z * sx[None, :]
+    y = tl.sum(acc, axis=1)
+    tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
+
+
+@triton.autotune(configs=[triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+                          for bn in (16, 32, 64, 128) for w in (4,) for s in (3, 5)],
+                 key=["BLOCK_M", "N", "K", "GROUP"])
+@triton.jit
+def _int4_dot(x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, GROUP: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # One group a step along K: its (BLOCK_N, GROUP) weights dequantized to the activations' dtype.
+    HALF: tl.constexpr = GROUP // 2
+    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rj = tl.arange(0, HALF)
+    rk = tl.arange(0, GROUP)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for g in range(0, K // GROUP):
+        x = tl.load(x_ptr + rm[:, None] * K + g * GROUP + rk[None, :], mask=rm[:, None] < M, other=0.0)
+        b = tl.load(w_ptr + rn[:, None] * (K // 2) + g * HALF + rj[None, :], mask=rn[:, None] < N, other=0)
+        q = tl.interleave(b >> 4, b & 15).to(tl.float32)                     # (BN, GROUP), even column first
+        szp = sz_ptr + (g * N + rn) * 2
+        s = tl.load(szp, mask=rn < N, other=0.0).to(tl.float32)
+        z = tl.load(szp + 1, mask=rn < N, other=0.0).to(tl.float32)
+        w = ((q - 8.0) * s[:, None] + z[:, None]).to(x.dtype)
+        acc = tl.dot(x, tl.trans(w), acc)
+    tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+# --- dispatch --------------------------------------------------------------------------------------
+
+def _block_m(M: int) -> int:
+    return min(_DOT_MAX_ROWS, max(16, triton.next_power_of_2(M)))
+
+
+def _int8_gemv_call(x, w, s, y):
+    N, K = w.shape
+    _int8_gemv[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](x, w, s, y, N, K)
+
+
+def _int8_dot_call(x, w, s, y):
+    M, (N, K) = x.shape[0], w.shape
+    bm = _block_m(M)
+    _int8_dot[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, bm))](x, w, s, y, M, N, K, BLOCK_M=bm)
+
+
+def _int4_gemv_call(x, w, sz, y, group):
+    N, K = w.shape[0], x.shape[1]
+    _int4_gemv[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](x, w, sz, y, N, K, GROUP=group)
+
+
+def _int4_dot_call(x, w, sz, y, group):
+    M, N, K = x.shape[0], w.shape[0], x.shape[1]
+    bm = _block_m(M)
+    _int4_dot[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, bm))](x, w, sz, y, M, N, K,
+                                                                                  GROUP=group, BLOCK_M=bm)
+
+
+_CHOSEN: dict = {}
+
+
+def _time(fn, reps: int = 5) -> float:
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def _choose(key, candidates: dict, *args):
+    """The faster of `candidates` for `key` (timed on first use, outside graph capture; while
+    capturing an unseen key the first candidate is used)."""
+    name = _CHOSEN.get(key)
+    if name is None:
+        if torch.cuda.is_current_stream_capturing():
+            name = next(iter(candidates))
+        else:
+            times = {n: _time(lambda f=f: f(*args)) for n, f in candidates.items()}
+            name = _CHOSEN[key] = min(times, key=times.get)
+    return candidates[name](*args)
+
+
+def kernel_choices() -> dict:
+    """{(kind, N, K): kernel} chosen so far (for the benchmarks)."""
+    return dict(_CHOSEN)
+
+
+@torch.library.custom_op("hertz::int8_linear", mutates_args=())
+def int8_linear(x: Tensor, qweight: Tensor, scale: Tensor) -> Tensor:
+    """x (M, K) bf16/fp16 contiguous, qweight int8 (N, K), scale (N,) -> (M, N) in x's dtype."""
+    y = torch.empty(x.shape[0], qweight.shape[0], dtype=x.dtype, device=x.device)
+    if x.shape[0] == 1:
+        _choose(("int8", *qweight.shape), {"dot": _int8_dot_call, "gemv": _int8_gemv_call}, x, qweight, scale, y)
+    else:
+        _int8_dot_call(x, qweight, scale, y)
+    return y
+
+
+@int8_linear.register_fake
+def _(x, qweight, scale):
+    return x.new_empty(x.shape[0], qweight.shape[0])
+
+
+@torch.library.custom_op("hertz::int4_linear", mutates_args=())
+def int4_linear(x: Tensor, qweight: Tensor, scales_and_zeros: Tensor, group_size: int) -> Tensor:
+    """x (M, K) bf16/fp16 contiguous, qweight uint8 (N, K/2), scales_and_zeros (K/g, N, 2) -> (M, N)."""
+    y = torch.empty(x.shape[0], qweight.shape[0], dtype=x.dtype, device=x.device)
+    if x.shape[0] == 1:
+        _choose(("int4", qweight.shape[0], x.shape[1]), {"dot": _int4_dot_call, "gemv": _int4_gemv_call},
+                x, qweight, scales_and_zeros, y, group_size)
+    else:
+        _int4_dot_call(x, qweight, scales_and_zeros, y, group_size)
+    return y
+
+
+@int4_linear.register_fake
+def _(x, qweight, scales_and_zeros, group_size):
+    return x.new_empty(x.shape[0], qweight.shape[0])
+
+
+# The weights are frozen: the backward gives the activations' gradient only (LoRA on a quantized
+# base, `model.lora`), through the dequantized weights, one layer at a time.
+
+def _save_weights(ctx, inputs, output):
+    ctx.weights = inputs[1:]
+
+
+def _int8_backward(ctx, grad):
+    from .quant import dequantize_int8
+    return grad @ dequantize_int8(*ctx.weights, grad.dtype), None, None
+
+
+def _int4_backward(ctx, grad):
+    from .quant import dequantize_int4
+    return grad @ dequantize_int4(*ctx.weights, grad.dtype), None, None, None
+
+
+int8_linear.register_autograd(_int8_backward, setup_context=_save_weights)
+int4_linear.register_autograd(_int4_backward, setup_context=_save_weights)
