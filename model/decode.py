@@ -153,6 +153,10 @@ class Kernels:
         if parts - set(COMPILABLE):
             raise ValueError(f"unknown parts to compile {sorted(parts - set(COMPILABLE))}; choose from {COMPILABLE}")
         c = partial(torch.compile, dynamic=True)
+        # The block is compiled again for each attention window (the rotary tables' size), model
+        # (LM, resynthesizer; float or quantized) and batch: more than Dynamo's default 8 entries
+        # in a process that runs several (a benchmark, a server with several engines).
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         k = Kernels()
         if "block" in parts:
             k = replace(k, block=c(run_block))

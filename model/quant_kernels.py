@@ -26,30 +26,26 @@ from torch import Tensor
 _DOT_MAX_ROWS = 128  # more rows (prefill): a tile of 128 rows a program, the grid grows along M
 
 
+# Few configurations, timed briefly (and remembered on disk): autotuning runs at the first call of
+# each weight shape, inside an engine's warm-up. The loads along K are software-pipelined
+# (num_stages): a one-row product is bound by how many bytes are in flight.
+def _bench(fn, quantiles):
+    return triton.testing.do_bench(fn, warmup=3, rep=12, quantiles=quantiles)
+
+
 def _gemv_configs():
-    out = []
-    for bn in (4, 8, 16, 32):
-        for bk in (256, 512, 1024):
-            if bn * bk > 16384:
-                continue
-            for warps in (2, 4, 8):
-                out.append(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=1))
-    return out
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bn, bk in ((8, 512), (16, 256), (16, 512), (32, 256)) for w in (4, 8) for s in (3, 4)]
 
 
 def _dot_configs(bks):
-    out = []
-    for bn in (16, 32, 64, 128):
-        for bk in bks:
-            for warps in (4,):
-                for stages in (3, 5):
-                    out.append(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages))
-    return out
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4, num_stages=s)
+            for bn in (16, 32, 64, 128) for bk in bks for s in (3, 5)]
 
 
 # --- int8 ------------------------------------------------------------------------------------------
 
-@triton.autotune(configs=_gemv_configs(), key=["N", "K"])
+@triton.autotune(configs=_gemv_configs(), key=["N", "K"], do_bench=_bench, cache_results=True)
 @triton.jit
 def _int8_gemv(x_ptr, w_ptr, s_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -65,7 +61,8 @@ def _int8_gemv(x_ptr, w_ptr, s_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K:
     tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
 
 
-@triton.autotune(configs=_dot_configs((64, 128, 256)), key=["BLOCK_M", "N", "K"])
+@triton.autotune(configs=_dot_configs((128, 256)), key=["BLOCK_M", "N", "K"], do_bench=_bench,
+                 cache_results=True)
 @triton.jit
 def _int8_dot(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -86,9 +83,9 @@ def _int8_dot(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K,
 
 # --- int4 ------------------------------------------------------------------------------------------
 
-@triton.autotune(configs=[triton.Config({"BLOCK_N": bn, "GROUPS": g}, num_warps=w, num_stages=1)
-                          for bn in (4, 8, 16, 32) for g in (1, 2, 4, 8) for w in (2, 4) if bn * g <= 64],
-                 key=["N", "K", "GROUP"])
+@triton.autotune(configs=[triton.Config({"BLOCK_N": bn, "GROUPS": g}, num_warps=w, num_stages=s)
+                          for bn, g in ((8, 4), (16, 2), (16, 4), (32, 2), (32, 4)) for w in (4, 8) for s in (3, 4)],
+                 key=["N", "K", "GROUP"], do_bench=_bench, cache_results=True)
 @triton.jit
 def _int4_gemv(x_ptr, w_ptr, sz_ptr, y_ptr, N, K, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                GROUPS: tl.constexpr):
@@ -119,9 +116,9 @@ def _int4_gemv(x_ptr, w_ptr, sz_ptr, y_ptr, N, K, GROUP: tl.constexpr, BLOCK_N: 
     tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
 
 
-@triton.autotune(configs=[triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-                          for bn in (16, 32, 64, 128) for w in (4,) for s in (3, 5)],
-                 key=["BLOCK_M", "N", "K", "GROUP"])
+@triton.autotune(configs=[triton.Config({"BLOCK_N": bn}, num_warps=4, num_stages=s)
+                          for bn in (32, 64, 128) for s in (3, 5)],
+                 key=["BLOCK_M", "N", "K", "GROUP"], do_bench=_bench, cache_results=True)
 @triton.jit
 def _int4_dot(x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, GROUP: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
