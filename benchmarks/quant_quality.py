@@ -33,6 +33,7 @@ benchmarks/learning_proofs.sh does.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -126,7 +127,7 @@ def part_a(size: str, device: str, batch: int, frames: int) -> None:
     del model
 
 
-# --- (b) validation metrics of a trained small model ---------------------------------------------
+# --- (b) the small duplex model trained in this run: quantization quality and fine-tuning -------
 
 def run(cmd: list, log: Path) -> str:
     """A trainer in a subprocess (its own process: GPU memory is freed after it); stdout, and the
@@ -144,18 +145,42 @@ def run(cmd: list, log: Path) -> str:
     return r.stdout
 
 
-def stage(work: Path, name: str, cmd: list, log: Path) -> None:
-    """Run a training stage unless an earlier run of this script finished it (`<name>.done`)."""
+def stage(work: Path, name: str, cmd: list, log: Path) -> dict:
+    """Run a training stage unless an earlier run of this script finished it (`<name>.done`, which
+    records the stage's wall time and the step it stopped at); returns that record."""
     done = work / f"{name}.done"
     if done.exists():
-        emit(bench="reused", stage=name)
-        return
-    run(cmd, log)
-    done.touch()
+        record = json.loads(done.read_text() or "{}")
+        emit(bench="reused", stage=name, **record)
+        return record
+    t = time.time()
+    out = run(cmd, log)
+    evals = [json.loads(line) for line in out.splitlines() if line.startswith('{"eval"')]
+    record = {"steps": evals[-1]["eval"] if evals else None, "wall_s": round(time.time() - t, 1)}
+    done.write_text(json.dumps(record))
+    emit(bench="stage", stage=name, **record, elapsed_s=time.time() - T0)
+    return record
+
+
+def dialogue_split(corpus: Path, work: Path) -> tuple[Path, Path]:
+    """jsonl manifests (model/manifest.py) of the fine-tuning dialogues and of the dev dialogues
+    that pick their best checkpoint: the last eighth (at least one) of train/dialogue's files.
+    The evaluation's dialogues are val/dialogue: other files, and speakers held out of train/."""
+    files = sorted((corpus / "train" / "dialogue").glob("*.wav"))
+    if len(files) < 2:
+        raise SystemExit(f"error: {corpus / 'train' / 'dialogue'} holds {len(files)} dialogues, the fine-tuning "
+                         "needs at least 2 (one to train on, one to pick the checkpoint): build a larger corpus")
+    n_dev = max(1, len(files) // 8)
+    paths = {"finetune-train": files[:-n_dev], "finetune-dev": files[-n_dev:]}
+    for name, chosen in paths.items():
+        (work / f"{name}.jsonl").write_text("".join(json.dumps({"path": str(p.resolve())}) + "\n" for p in chosen))
+    return work / "finetune-train.jsonl", work / "finetune-dev.jsonl"
 
 
 def train(args, work: Path, log: Path) -> tuple[str, str]:
-    """Corpus, codec and transformer of part (b); returns (transformer, codec) checkpoint paths."""
+    """Corpus, codec (unless --codec) and base transformer (unless --checkpoint); returns the
+    (base, codec) checkpoint paths. The base learns from the corpus's monologues only (channel 1
+    silent, mono_to_stereo=silence), so the dialogues are new to it."""
     corpus = Path(args.corpus)
     if not (corpus / "train").is_dir():
         run(["data/demo/prepare.py", "--minutes", args.corpus_minutes, "--seed", 0, "--out", corpus], log)
@@ -164,52 +189,143 @@ def train(args, work: Path, log: Path) -> tuple[str, str]:
     codec = args.codec
     if codec is None:
         codec_dir = work / "codec"
-        steps = ["max_steps=4", "eval_interval=2", "save_interval=2", "log_interval=1"] if args.smoke else \
+        steps = ["max_steps=2", "eval_interval=2", "save_interval=2", "log_interval=1"] if args.smoke else \
             ["max_steps=20000", "warmup_steps=200", "eval_interval=250", "save_interval=250", "log_interval=50",
              "num_workers=6", f"max_minutes={args.codec_minutes}"]
         stage(work, "codec", ["train_codec.py", "--config", args.preset, *common, f"checkpoint_dir={codec_dir}", *steps],
               log)
         codec = str(codec_dir / "best.safetensors")
-        emit(bench="trained", what="codec", path=codec, elapsed_s=time.time() - T0)
+    if args.checkpoint:
+        return args.checkpoint, codec
     steps = ["max_steps=4", "eval_interval=2", "save_interval=2", "log_interval=1", "batch_size=2", "val_crops=4",
-             "sample_seconds=0"] if args.smoke else \
-        ["seq_len=256", "batch_size=32", "max_steps=400", "warmup_steps=40", "learning_rate=6e-4", "min_lr=6e-5",
-         "eval_interval=50", "save_interval=400", "log_interval=25", "sample_seconds=0",
+             "seq_len=32"] if args.smoke else \
+        ["seq_len=256", "batch_size=32", "max_steps=300", "warmup_steps=30", "learning_rate=6e-4", "min_lr=6e-5",
+         "eval_interval=50", "save_interval=300", "log_interval=10", "num_workers=4",
          f"max_minutes={args.transformer_minutes}"]
-    common += [f"codec_checkpoint={codec}", f"latents_dir={work / 'latents'}", "compile=false", "duplex=true"]
-    q_dir, lm_dir = work / "transformer-q", work / "transformer-lm"
-    stage(work, "transformer-q", ["train_transformer.py", "--config", args.preset, *common, *steps,
+    common = [f"train_data_path={corpus / 'train' / 'mono'}", f"val_data_path={corpus / 'val' / 'mono'}",
+              "wandb=disabled", f"device={args.device}", f"codec_checkpoint={codec}", f"latents_dir={work / 'latents'}",
+              "compile=false", "duplex=true", "sample_seconds=0"]
+    q_dir, lm_dir = work / "base-quantizer", work / "base-lm"
+    stage(work, "base-quantizer", ["train_transformer.py", "--config", args.preset, *common, *steps,
                                   "stage=quantizer", f"checkpoint_dir={q_dir}"], log)
-    stage(work, "transformer-lm", ["train_transformer.py", "--config", args.preset, *common, *steps, "stage=lm",
+    stage(work, "base-lm", ["train_transformer.py", "--config", args.preset, *common, *steps, "stage=lm",
                                    f"init_from={q_dir / 'best.safetensors'}", f"checkpoint_dir={lm_dir}"], log)
-    emit(bench="trained", what="transformer", path=str(lm_dir / "best.safetensors"), elapsed_s=time.time() - T0)
     return str(lm_dir / "best.safetensors"), codec
 
 
-def part_b(args, work: Path) -> None:
+def finetune(args, work: Path, log: Path, base: str, codec: str) -> dict:
+    """The base fine-tuned on the training dialogues (stage=lm: the quantizer, hence the codes the
+    LM predicts, and the resynthesizer stay the base's), fully and with LoRA, for the same steps:
+    full fine-tuning for --finetune-minutes, then LoRA for as many steps as it made. Both at a
+    constant learning rate after a short warmup (so that the steps, not a schedule, differ from
+    the time limit's), each keeping its best checkpoint on the dev dialogues. Returns
+    {"full": .safetensors, "lora": .adapter.safetensors, "steps": {...}}."""
+    train_set, dev_set = dialogue_split(Path(args.corpus), work)
+    common = ["train_transformer.py", "--config", args.preset, f"init_from={base}", f"codec_checkpoint={codec}",
+              f"train_data_path={train_set}", f"val_data_path={dev_set}", f"latents_dir={work / 'latents'}",
+              "wandb=disabled", f"device={args.device}", "compile=false", "duplex=true", "stage=lm",
+              "sample_seconds=0", "keep_checkpoints=1"]
+    common += ["seq_len=32", "batch_size=2", "val_crops=4", "warmup_steps=1", "eval_interval=2", "log_interval=1"] \
+        if args.smoke else ["seq_len=256", "batch_size=16", "warmup_steps=10", "eval_interval=25", "log_interval=5",
+                            "num_workers=4"]
+    full_dir, lora_dir = work / "finetune-full", work / "finetune-lora"
+    limit = ["max_steps=4"] if args.smoke else ["max_steps=100000", f"max_minutes={args.finetune_minutes}"]
+    full = stage(work, "finetune-full", [*common, *limit, "finetune=full", f"learning_rate={args.full_lr}",
+                                         f"min_lr={args.full_lr}", f"save_interval=100000",
+                                         f"checkpoint_dir={full_dir}"], log)
+    # the same steps; the time limit only guards against a much slower LoRA step
+    lora = stage(work, "finetune-lora", [*common, f"max_steps={full['steps']}", "finetune=lora",
+                                         f"learning_rate={args.lora_lr}", f"min_lr={args.lora_lr}",
+                                         f"save_interval=100000", f"checkpoint_dir={lora_dir}"]
+                 + ([] if args.smoke else [f"max_minutes={2 * args.finetune_minutes}"]), log)
+    return {"full": str(full_dir / "best.safetensors"), "lora": str(lora_dir / "best.adapter.safetensors"),
+            "steps": {"full": full["steps"], "lora": lora["steps"]}}
+
+
+def evaluate(args, work: Path, log: Path, model: str, codec: str, train_path: Path, val_path: Path,
+             extra: tuple = ()) -> dict:
+    """The trainer's own evaluation (`train_transformer.py eval_only=true`) of `model` on the
+    validation crops of `val_path`, in this process (one process start for every evaluation; its
+    output goes to the log); returns its metrics, and `eval_s` its wall time."""
+    import train_transformer
+    argv = ["--config", args.preset, f"init_from={model}", f"codec_checkpoint={codec}", f"val_data_path={val_path}",
+            f"train_data_path={train_path}", f"latents_dir={work / 'latents'}", "eval_only=true", "compile=false",
+            "wandb=disabled", f"device={args.device}", "duplex=true", f"checkpoint_dir={work / 'eval'}",
+            f"seq_len={args.eval_seq_len}", *(["batch_size=2", "val_crops=4"] if args.smoke else []), *extra]
+    t = time.time()
+    with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        f.write(f"$ (in process) train_transformer.py {' '.join(argv)}\n")
+        metrics = train_transformer.main(argv)
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return {**metrics, "eval_s": time.time() - t}
+
+
+def merged(base: str, adapter: str, codec: str) -> str:
+    """The LoRA adapter folded into its base, saved beside it as an ordinary checkpoint (the
+    trainer's evaluation takes init_from files)."""
+    from model import load_hertz_dev, save_transformer
+    path = adapter.replace(".adapter.safetensors", ".merged.safetensors")
+    save_transformer(path, load_hertz_dev(base, device="cpu", dtype=torch.float32, codec=None, adapter=adapter,
+                                          merge=True), codec_source=codec)
+    return path
+
+
+def part_b(args, work: Path) -> int:
+    """Train (or reuse) the base and its two fine-tunes, then evaluate: the fine-tuning figures
+    (issue 13) first, then the quantized base (issue 12). An evaluation that fails prints its
+    error in its JSON line and the others still run; returns how many failed."""
     log = work / "log.txt"
-    if args.checkpoint:
-        checkpoint, codec = args.checkpoint, args.codec
-        if codec is None:
-            raise SystemExit("error: --checkpoint needs --codec (the codec its latents came from)")
-    else:
-        checkpoint, codec = train(args, work, log)
     corpus = Path(args.corpus)
-    base = ["train_transformer.py", "--config", args.preset, f"init_from={checkpoint}", f"codec_checkpoint={codec}",
-            f"val_data_path={corpus / 'val'}", f"train_data_path={corpus / 'train'}", f"latents_dir={work / 'latents'}",
-            "eval_only=true", "compile=false", "wandb=disabled", f"device={args.device}", "duplex=true",
-            f"checkpoint_dir={work / 'eval'}", f"seq_len={args.eval_seq_len}"]
-    if args.smoke:
-        base += ["batch_size=2", "val_crops=4"]
+    base, codec = train(args, work, log)
+    tuned = finetune(args, work, log, base, codec)
+    t = time.time()
+    lora = merged(base, tuned["lora"], codec)
+    emit(bench="stage", stage="merge-lora", wall_s=time.time() - t, elapsed_s=time.time() - T0)
+    failures = 0
+
+    def attempt(bench: str, label: dict, *where, extra=()) -> dict | None:
+        nonlocal failures
+        try:
+            return evaluate(args, work, log, *where, extra=extra)
+        except Exception as e:  # noqa: BLE001 - one failed evaluation must not cost the others' figures
+            failures += 1
+            emit(bench=bench, **label, error=f"{type(e).__name__}: {e}"[:500], elapsed_s=time.time() - T0)
+            return None
+
+    # issue 13, 4: base, full fine-tuning and LoRA on the held-out dialogues
+    ce = {}
+    for name, path in (("base", base), ("full", tuned["full"]), ("lora", lora)):
+        row = attempt("finetune", {"model": name}, path, codec, work / "finetune-train.jsonl",
+                      corpus / "val" / "dialogue")
+        if row is None:
+            continue
+        ce[name] = row["val/lm_ce"]
+        emit(bench="finetune", model=name, data="val/dialogue", checkpoint=path, steps=tuned["steps"].get(name, 0),
+             learning_rate={"full": args.full_lr, "lora": args.lora_lr}.get(name),
+             **{k: row[f"val/{k}"] for k in ("lm_ce", "resynth_nll", "lm_acc", "positions")}, eval_s=row["eval_s"],
+             elapsed_s=time.time() - T0)
+    if len(ce) == 3:
+        gain = {k: ce["base"] - ce[k] for k in ("full", "lora")}
+        recovered = gain["lora"] / gain["full"] if gain["full"] > 0 else None
+        emit(bench="finetune_summary", lm_ce_gain_full=gain["full"], lm_ce_gain_lora=gain["lora"],
+             lora_recovered=recovered, lora_below_base=ce["lora"] < ce["base"],
+             acceptance=bool(recovered is not None and recovered >= 0.7 and ce["lora"] < ce["base"]),
+             steps=tuned["steps"], lora_rank=PRESETS[args.preset].lora_rank,
+             lora_alpha=PRESETS[args.preset].lora_alpha, elapsed_s=time.time() - T0)
+
+    # issue 12, 4b: the base in bf16 and as deployed quantized, on the held-out monologues it learnt from
     metrics = {}
     for mode in ("bf16", "int8", "int4", "fp8_kv"):
         extra = {"bf16": [], "int8": ["eval_quantize=int8"], "int4": ["eval_quantize=int4"],
                  "fp8_kv": ["eval_kv_dtype=fp8"]}[mode]
-        out = run(base + extra, log)
-        row = [json.loads(line) for line in out.splitlines() if line.startswith('{"eval"')][-1]
+        row = attempt("val", {"mode": mode}, base, codec, corpus / "train" / "mono", corpus / "val" / "mono",
+                      extra=extra)
+        if row is None:
+            continue
         metrics[mode] = row
         fields = {k: row[f"val/{k}"] for k in ("lm_ce", "resynth_nll", "lm_acc", "code_usage", "positions")}
-        if mode != "bf16":
+        if mode != "bf16" and "bf16" in metrics:
             ref = metrics["bf16"]
             for k in ("lm_ce", "resynth_nll"):
                 # relative to |bf16| (a Gaussian-mixture NLL can be negative)
@@ -217,7 +333,9 @@ def part_b(args, work: Path) -> None:
             fields["bound"] = BOUNDS[mode]
             fields["within_bound"] = all(abs(fields[f"{k}_rel_change"]) <= BOUNDS[mode]
                                          for k in ("lm_ce", "resynth_nll"))
-        emit(bench="val", mode=mode, checkpoint=checkpoint, **fields, elapsed_s=time.time() - T0)
+        emit(bench="val", mode=mode, data="val/mono", checkpoint=base, **fields, eval_s=row["eval_s"],
+             elapsed_s=time.time() - T0)
+    return failures
 
 
 def main() -> None:
@@ -229,12 +347,16 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2, help="(a) rows of the fixed input")
     ap.add_argument("--frames", type=int, default=None, help="(a) latents a row (default 256; --smoke: 16)")
     ap.add_argument("--preset", default=None, help="(b) preset trained and evaluated (default small; --smoke: tiny)")
-    ap.add_argument("--checkpoint", help="(b) a trained duplex transformer (.safetensors) instead of training one")
-    ap.add_argument("--codec", help="(b) its codec (.safetensors); without --checkpoint: skip training a codec")
+    ap.add_argument("--checkpoint", help="(b) a trained duplex base (.safetensors) instead of training one")
+    ap.add_argument("--codec", help="(b) the codec (.safetensors) to use instead of training one")
     ap.add_argument("--corpus", default=None, help="(b) the demo corpus folder (built if missing; default data/demo)")
     ap.add_argument("--corpus-minutes", type=float, default=20.0, help="(b) minutes of the corpus, if built")
-    ap.add_argument("--codec-minutes", type=float, default=6.0)
-    ap.add_argument("--transformer-minutes", type=float, default=2.5, help="each of the two stages")
+    ap.add_argument("--codec-minutes", type=float, default=2.5, help="(b) codec training, unless --codec")
+    ap.add_argument("--transformer-minutes", type=float, default=1.0, help="(b) each of the two base stages")
+    ap.add_argument("--finetune-minutes", type=float, default=0.75,
+                    help="(b) full fine-tuning; LoRA then trains as many steps (at most 2x this long)")
+    ap.add_argument("--full-lr", type=float, default=3e-4, help="(b) learning rate of full fine-tuning")
+    ap.add_argument("--lora-lr", type=float, default=1e-3, help="(b) learning rate of LoRA (rank: the preset's)")
     ap.add_argument("--eval-seq-len", type=int, default=None, help="(b) latents a val crop (default 256; --smoke: 32)")
     ap.add_argument("--work", default=None, help="(b) folder for runs and latents (default: checkpoints/quant_quality)")
     args = ap.parse_args()
@@ -248,17 +370,20 @@ def main() -> None:
     for path in (args.checkpoint, args.codec):
         if path is not None and not os.path.isfile(path):
             ap.error(f"no such file: {path}")
+    if args.checkpoint and not args.codec:
+        ap.error("--checkpoint needs --codec (the codec its latents came from)")
     if smoke:
-        args.corpus_minutes = min(args.corpus_minutes, 1.0)
+        args.corpus_minutes = min(args.corpus_minutes, 2.0)  # 2 training dialogues: one trains, one picks
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     emit(bench="env", torch=torch.__version__, device=torch.cuda.get_device_name() if args.device.startswith("cuda")
          else "cpu", smoke=smoke)
     if args.part in ("a", "both"):
         part_a(args.size, args.device, args.batch, args.frames)
-    if args.part in ("b", "both"):
-        part_b(args, work)
-    emit(bench="done", elapsed_s=time.time() - T0)
+    failures = part_b(args, work) if args.part in ("b", "both") else 0
+    emit(bench="done", failures=failures, elapsed_s=time.time() - T0)
+    if failures:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
