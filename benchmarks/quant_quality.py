@@ -156,7 +156,8 @@ def part_a(size: str, device: str, batch: int, frames: int) -> None:
 def run(cmd: list, log: Path) -> str:
     """A trainer in a subprocess (its own process: GPU memory is freed after it); stdout, and the
     log file, which also holds stderr. A failure ends this script with the log's tail."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # the repository first, then what PYTHONPATH holds already (gpu_setup.sh's wheels in /tmp/site)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     with open(log, "a") as f:
         f.write(f"$ {' '.join(map(str, cmd))}\n")
         f.flush()
