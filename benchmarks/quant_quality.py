@@ -18,8 +18,9 @@ resynthesizer alone), and the same with the model's own codes (resynth_own_codes
 (b) a `small` duplex model trained on the demo corpus in this run (issue 12's item 4b and issue
 13's learning proof), in stages, each a trainer process with a time limit:
   codec           train_codec.py on corpus/train (--codec-minutes), unless --codec PATH is given;
-  base-quantizer  train_transformer.py stage=quantizer on the monologues only (train/mono, picked on
-                  val/mono; channel 1 silent), --transformer-minutes;
+  base-quantizer  train_transformer.py stage=quantizer on the training monologues (channel 1
+                  silent) and dialogues but the dev ones (below), picked on val/mono,
+                  --transformer-minutes;
   base-lm         stage=lm on them, from base-quantizer's best, --transformer-minutes: "the base"
                   (or --checkpoint PATH instead of these two);
   finetune-full   the base fine-tuned on the training dialogues, stage=lm (so the quantizer, the
@@ -29,18 +30,20 @@ resynthesizer alone), and the same with the model's own codes (resynth_own_codes
                   2 x rank, both targets) at --lora-lr, for as many steps as finetune-full made.
 Both fine-tunes warm up for 10 steps, then hold their learning rate (the time limit, not a
 schedule, ends them), evaluate every 25 steps on dev dialogues (the last eighth of
-train/dialogue's files, never trained on; finetune-{train,dev}.jsonl in --work) and keep their
-best checkpoint there. Evaluations then run in this process (the trainer's own `evaluate`, via
-`train_transformer.main` with eval_only=true: no process start each), on crops of
---eval-seq-len latents:
+train/dialogue's files, trained on by nothing; {base,finetune}-train.jsonl and finetune-dev.jsonl
+in --work list the files) and keep their best checkpoint there. The base hears dialogues too: a
+base that never heard two speakers leaves its LM's channel-1 input and head untrained, which full
+fine-tuning trains and LoRA's adapters (on the blocks' projections) cannot reach. Evaluations
+then run in this process (the trainer's own `evaluate`, via `train_transformer.main` with
+eval_only=true: no process start each), on crops of --eval-seq-len latents:
   "finetune": base, full and LoRA (its best adapter merged into the base) on val/dialogue (other
       files, and speakers held out of train/): val lm_ce, resynth_nll (the base's for all three:
       stage=lm), lm_acc, and the steps each trained; then "finetune_summary": each one's LM
       cross-entropy gain over the base, lora_recovered = LoRA's gain / full's, and `acceptance`
       (issue 13: recovered >= 0.7 and LoRA below the base);
-  "val": the base on val/mono in bf16, int8, int4 (`eval_quantize=`) and fp8_kv
-      (`eval_kv_dtype=fp8`: forwards through a float8 KV cache): val lm_ce and resynth_nll, and
-      each one's relative change against bf16 with the issue's bound (int8 1%, int4 3%, fp8 KV
+  "val": the base on val/mono (where it was picked) in bf16, int8, int4 (`eval_quantize=`) and
+      fp8_kv (`eval_kv_dtype=fp8`: forwards through a float8 KV cache): val lm_ce and resynth_nll,
+      and each one's relative change against bf16 with the issue's bound (int8 1%, int4 3%, fp8 KV
       0.5%) and `within_bound`.
 "stage" lines give each stage's wall time and the step it stopped at; an evaluation that fails
 prints its error in its line, the others still run, and the script exits 1 at the end.
@@ -187,28 +190,31 @@ def stage(work: Path, name: str, cmd: list, log: Path) -> dict:
     return record
 
 
-def dialogue_split(corpus: Path, work: Path) -> tuple[Path, Path]:
-    """jsonl manifests (model/manifest.py) of the fine-tuning dialogues and of the dev dialogues
-    that pick their best checkpoint: the last eighth (at least one) of train/dialogue's files.
-    The evaluation's dialogues are val/dialogue: other files, and speakers held out of train/."""
+def split(corpus: Path, work: Path) -> dict:
+    """jsonl manifests (model/manifest.py) in `work`: "finetune-dev", the last eighth (at least one)
+    of train/dialogue's files, which pick the fine-tunes' best checkpoints and are trained on by
+    nothing; "finetune-train", the other training dialogues; "base-train", those and the training
+    monologues. The evaluations read val/: other files, and speakers held out of train/."""
     files = sorted((corpus / "train" / "dialogue").glob("*.wav"))
     if len(files) < 2:
         raise SystemExit(f"error: {corpus / 'train' / 'dialogue'} holds {len(files)} dialogues, the fine-tuning "
                          "needs at least 2 (one to train on, one to pick the checkpoint): build a larger corpus")
     n_dev = max(1, len(files) // 8)
-    paths = {"finetune-train": files[:-n_dev], "finetune-dev": files[-n_dev:]}
-    for name, chosen in paths.items():
-        (work / f"{name}.jsonl").write_text("".join(json.dumps({"path": str(p.resolve())}) + "\n" for p in chosen))
-    return work / "finetune-train.jsonl", work / "finetune-dev.jsonl"
+    chosen = {"finetune-train": files[:-n_dev], "finetune-dev": files[-n_dev:],
+              "base-train": sorted((corpus / "train" / "mono").glob("*.wav")) + files[:-n_dev]}
+    for name, paths in chosen.items():
+        (work / f"{name}.jsonl").write_text("".join(json.dumps({"path": str(p.resolve())}) + "\n" for p in paths))
+    return {name: work / f"{name}.jsonl" for name in chosen}
 
 
 def train(args, work: Path, log: Path) -> tuple[str, str]:
     """Corpus, codec (unless --codec) and base transformer (unless --checkpoint); returns the
-    (base, codec) checkpoint paths. The base learns from the corpus's monologues only (channel 1
-    silent, mono_to_stereo=silence), so the dialogues are new to it."""
+    (base, codec) checkpoint paths. The base learns from the training monologues and dialogues
+    but the dev ones (`split`), and is picked on val/mono."""
     corpus = Path(args.corpus)
     if not (corpus / "train").is_dir():
         run(["data/demo/prepare.py", "--minutes", args.corpus_minutes, "--seed", 0, "--out", corpus], log)
+    manifests = split(corpus, work)
     common = [f"train_data_path={corpus / 'train'}", f"val_data_path={corpus / 'val'}", "wandb=disabled",
               f"device={args.device}"]
     codec = args.codec
@@ -227,14 +233,14 @@ def train(args, work: Path, log: Path) -> tuple[str, str]:
         ["seq_len=256", "batch_size=32", "max_steps=300", "warmup_steps=30", "learning_rate=6e-4", "min_lr=6e-5",
          "eval_interval=50", "save_interval=300", "log_interval=10", "num_workers=4",
          f"max_minutes={args.transformer_minutes}"]
-    common = [f"train_data_path={corpus / 'train' / 'mono'}", f"val_data_path={corpus / 'val' / 'mono'}",
+    common = [f"train_data_path={manifests['base-train']}", f"val_data_path={corpus / 'val' / 'mono'}",
               "wandb=disabled", f"device={args.device}", f"codec_checkpoint={codec}", f"latents_dir={work / 'latents'}",
               "compile=false", "duplex=true", "sample_seconds=0"]
     q_dir, lm_dir = work / "base-quantizer", work / "base-lm"
     stage(work, "base-quantizer", ["train_transformer.py", "--config", args.preset, *common, *steps,
-                                  "stage=quantizer", f"checkpoint_dir={q_dir}"], log)
+                                   "stage=quantizer", f"checkpoint_dir={q_dir}"], log)
     stage(work, "base-lm", ["train_transformer.py", "--config", args.preset, *common, *steps, "stage=lm",
-                                   f"init_from={q_dir / 'best.safetensors'}", f"checkpoint_dir={lm_dir}"], log)
+                            f"init_from={q_dir / 'best.safetensors'}", f"checkpoint_dir={lm_dir}"], log)
     return str(lm_dir / "best.safetensors"), codec
 
 
@@ -245,7 +251,7 @@ def finetune(args, work: Path, log: Path, base: str, codec: str) -> dict:
     constant learning rate after a short warmup (so that the steps, not a schedule, differ from
     the time limit's), each keeping its best checkpoint on the dev dialogues. Returns
     {"full": .safetensors, "lora": .adapter.safetensors, "steps": {...}}."""
-    train_set, dev_set = dialogue_split(Path(args.corpus), work)
+    train_set, dev_set = work / "finetune-train.jsonl", work / "finetune-dev.jsonl"  # split() wrote them
     common = ["train_transformer.py", "--config", args.preset, f"init_from={base}", f"codec_checkpoint={codec}",
               f"train_data_path={train_set}", f"val_data_path={dev_set}", f"latents_dir={work / 'latents'}",
               "wandb=disabled", f"device={args.device}", "compile=false", "duplex=true", "stage=lm",
@@ -256,13 +262,13 @@ def finetune(args, work: Path, log: Path, base: str, codec: str) -> dict:
     full_dir, lora_dir = work / "finetune-full", work / "finetune-lora"
     limit = ["max_steps=4"] if args.smoke else ["max_steps=100000", f"max_minutes={args.finetune_minutes}"]
     full = stage(work, "finetune-full", [*common, *limit, "finetune=full", f"learning_rate={args.full_lr}",
-                                         f"min_lr={args.full_lr}", f"save_interval=100000",
+                                         f"min_lr={args.full_lr}", "save_interval=100000",
                                          f"checkpoint_dir={full_dir}"], log)
     # the same steps; the time limit only guards against a much slower LoRA step
     lora = stage(work, "finetune-lora", [*common, f"max_steps={full['steps']}", "finetune=lora",
                                          f"lora_rank={args.lora_rank}", f"lora_alpha={2 * args.lora_rank}",
                                          f"learning_rate={args.lora_lr}", f"min_lr={args.lora_lr}",
-                                         f"save_interval=100000", f"checkpoint_dir={lora_dir}"]
+                                         "save_interval=100000", f"checkpoint_dir={lora_dir}"]
                  + ([] if args.smoke else [f"max_minutes={2 * args.finetune_minutes}"]), log)
     return {"full": str(full_dir / "best.safetensors"), "lora": str(lora_dir / "best.adapter.safetensors"),
             "steps": {"full": full["steps"], "lora": lora["steps"]}}
@@ -345,7 +351,7 @@ def part_b(args, work: Path) -> int:
     for mode in ("bf16", "int8", "int4", "fp8_kv"):
         extra = {"bf16": [], "int8": ["eval_quantize=int8"], "int4": ["eval_quantize=int4"],
                  "fp8_kv": ["eval_kv_dtype=fp8"]}[mode]
-        row = attempt("val", {"mode": mode}, base, codec, corpus / "train" / "mono", corpus / "val" / "mono",
+        row = attempt("val", {"mode": mode}, base, codec, work / "base-train.jsonl", corpus / "val" / "mono",
                       extra=extra)
         if row is None:
             continue

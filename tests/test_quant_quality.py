@@ -39,12 +39,14 @@ def test_quant_quality_smoke(tmp_path):
     assert list(stages) == ["codec", "base-quantizer", "base-lm", "finetune-full", "finetune-lora", "merge-lora"]
     assert all(line["wall_s"] > 0 for line in stages.values())
     # (b) the fine-tuning proof: both fine-tunes ran the same steps on training dialogues, picked on
-    # other training dialogues, and are evaluated on the val dialogues
+    # other training dialogues that the base did not hear either, and are evaluated on the val dialogues
     work = tmp_path / "work"
-    splits = {name: [json.loads(line)["path"] for line in (work / f"finetune-{name}.jsonl").read_text().splitlines()]
-              for name in ("train", "dev")}
-    assert splits["train"] and splits["dev"] and not set(splits["train"]) & set(splits["dev"])
-    assert all("/train/dialogue/" in p for p in splits["train"] + splits["dev"])
+    splits = {name: [json.loads(line)["path"] for line in (work / f"{name}.jsonl").read_text().splitlines()]
+              for name in ("base-train", "finetune-train", "finetune-dev")}
+    train, dev = splits["finetune-train"], splits["finetune-dev"]
+    assert train and dev and not set(train + splits["base-train"]) & set(dev)
+    assert all("/train/dialogue/" in p for p in train + dev)
+    assert set(train) < set(splits["base-train"]) and any("/train/mono/" in p for p in splits["base-train"])
     assert stages["finetune-full"]["steps"] == stages["finetune-lora"]["steps"] == 4
     tuned = {line["model"]: line for line in lines if line["bench"] == "finetune"}
     assert list(tuned) == ["base", "full", "lora"]
