@@ -34,17 +34,18 @@ train/dialogue's files, trained on by nothing; {base,finetune}-train.jsonl and f
 in --work list the files) and keep their best checkpoint there. The base hears dialogues too: a
 base that never heard two speakers leaves its LM's channel-1 input and head untrained, which full
 fine-tuning trains and LoRA's adapters (on the blocks' projections) cannot reach. Evaluations
-then run in this process (the trainer's own `evaluate`, via `train_transformer.main` with
-eval_only=true: no process start each), on crops of --eval-seq-len latents:
+run in this process (the trainer's own `evaluate`, via `train_transformer.main` with
+eval_only=true: no process start each), on crops of --eval-seq-len latents, "val" once the base
+is trained, "finetune" once the fine-tunes are:
+  "val": the base on val/mono (where it was picked) in bf16, int8, int4 (`eval_quantize=`) and
+      fp8_kv (`eval_kv_dtype=fp8`: forwards through a float8 KV cache): val lm_ce and resynth_nll,
+      and each one's relative change against bf16 with the issue's bound (int8 1%, int4 3%, fp8 KV
+      0.5%) and `within_bound`;
   "finetune": base, full and LoRA (its best adapter merged into the base) on val/dialogue (other
       files, and speakers held out of train/): val lm_ce, resynth_nll (the base's for all three:
       stage=lm), lm_acc, and the steps each trained; then "finetune_summary": each one's LM
       cross-entropy gain over the base, lora_recovered = LoRA's gain / full's, and `acceptance`
-      (issue 13: recovered >= 0.7 and LoRA below the base);
-  "val": the base on val/mono (where it was picked) in bf16, int8, int4 (`eval_quantize=`) and
-      fp8_kv (`eval_kv_dtype=fp8`: forwards through a float8 KV cache): val lm_ce and resynth_nll,
-      and each one's relative change against bf16 with the issue's bound (int8 1%, int4 3%, fp8 KV
-      0.5%) and `within_bound`.
+      (issue 13: recovered >= 0.7 and LoRA below the base).
 "stage" lines give each stage's wall time and the step it stopped at; an evaluation that fails
 prints its error in its line, the others still run, and the script exits 1 at the end.
 
@@ -304,16 +305,12 @@ def merged(base: str, adapter: str, codec: str) -> str:
 
 
 def part_b(args, work: Path) -> int:
-    """Train (or reuse) the base and its two fine-tunes, then evaluate: the fine-tuning figures
-    (issue 13) first, then the quantized base (issue 12). An evaluation that fails prints its
-    error in its JSON line and the others still run; returns how many failed."""
+    """Train (or reuse) the base and evaluate it quantized (issue 12), then fine-tune it and
+    evaluate the fine-tunes (issue 13). An evaluation that fails prints its error in its JSON line
+    and the others still run; returns how many failed."""
     log = work / "log.txt"
     corpus = Path(args.corpus)
     base, codec = train(args, work, log)
-    tuned = finetune(args, work, log, base, codec)
-    t = time.time()
-    lora = merged(base, tuned["lora"], codec)
-    emit(bench="stage", stage="merge-lora", wall_s=time.time() - t, elapsed_s=time.time() - T0)
     failures = 0
 
     def attempt(bench: str, label: dict, *where, extra=()) -> dict | None:
@@ -325,28 +322,7 @@ def part_b(args, work: Path) -> int:
             emit(bench=bench, **label, error=f"{type(e).__name__}: {e}"[:500], elapsed_s=time.time() - T0)
             return None
 
-    # issue 13, 4: base, full fine-tuning and LoRA on the held-out dialogues
-    ce = {}
-    for name, path in (("base", base), ("full", tuned["full"]), ("lora", lora)):
-        row = attempt("finetune", {"model": name}, path, codec, work / "finetune-train.jsonl",
-                      corpus / "val" / "dialogue")
-        if row is None:
-            continue
-        ce[name] = row["val/lm_ce"]
-        emit(bench="finetune", model=name, data="val/dialogue", checkpoint=path, steps=tuned["steps"].get(name, 0),
-             learning_rate={"full": args.full_lr, "lora": args.lora_lr}.get(name),
-             **{k: row[f"val/{k}"] for k in ("lm_ce", "resynth_nll", "lm_acc", "positions")}, eval_s=row["eval_s"],
-             elapsed_s=time.time() - T0)
-    if len(ce) == 3:
-        gain = {k: ce["base"] - ce[k] for k in ("full", "lora")}
-        recovered = gain["lora"] / gain["full"] if gain["full"] > 0 else None
-        emit(bench="finetune_summary", lm_ce_gain_full=gain["full"], lm_ce_gain_lora=gain["lora"],
-             lora_recovered=recovered, lora_below_base=ce["lora"] < ce["base"],
-             acceptance=bool(recovered is not None and recovered >= 0.7 and ce["lora"] < ce["base"]),
-             steps=tuned["steps"], lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank,
-             elapsed_s=time.time() - T0)
-
-    # issue 12, 4b: the base in bf16 and as deployed quantized, on the held-out monologues it learnt from
+    # issue 12, 4b: the base in bf16 and as deployed quantized, on the val monologues
     metrics = {}
     for mode in ("bf16", "int8", "int4", "fp8_kv"):
         extra = {"bf16": [], "int8": ["eval_quantize=int8"], "int4": ["eval_quantize=int4"],
@@ -366,6 +342,37 @@ def part_b(args, work: Path) -> int:
             fields["within_bound"] = all(abs(fields[f"{k}_rel_change"]) <= BOUNDS[mode]
                                          for k in ("lm_ce", "resynth_nll"))
         emit(bench="val", mode=mode, data="val/mono", checkpoint=base, **fields, eval_s=row["eval_s"],
+             elapsed_s=time.time() - T0)
+    # issue 13, 4: base, full fine-tuning and LoRA on the held-out dialogues
+    tuned = finetune(args, work, log, base, codec)
+    t = time.time()
+    try:
+        lora = merged(base, tuned["lora"], codec)
+        emit(bench="stage", stage="merge-lora", wall_s=time.time() - t, elapsed_s=time.time() - T0)
+    except Exception as e:  # noqa: BLE001 - as an evaluation's
+        failures += 1
+        lora = None
+        emit(bench="stage", stage="merge-lora", error=f"{type(e).__name__}: {e}"[:500], elapsed_s=time.time() - T0)
+    ce = {}
+    for name, path in (("base", base), ("full", tuned["full"]), ("lora", lora)):
+        if path is None:
+            continue
+        row = attempt("finetune", {"model": name}, path, codec, work / "finetune-train.jsonl",
+                      corpus / "val" / "dialogue")
+        if row is None:
+            continue
+        ce[name] = row["val/lm_ce"]
+        emit(bench="finetune", model=name, data="val/dialogue", checkpoint=path, steps=tuned["steps"].get(name, 0),
+             learning_rate={"full": args.full_lr, "lora": args.lora_lr}.get(name),
+             **{k: row[f"val/{k}"] for k in ("lm_ce", "resynth_nll", "lm_acc", "positions")}, eval_s=row["eval_s"],
+             elapsed_s=time.time() - T0)
+    if len(ce) == 3:
+        gain = {k: ce["base"] - ce[k] for k in ("full", "lora")}
+        recovered = gain["lora"] / gain["full"] if gain["full"] > 0 else None
+        emit(bench="finetune_summary", lm_ce_gain_full=gain["full"], lm_ce_gain_lora=gain["lora"],
+             lora_recovered=recovered, lora_below_base=ce["lora"] < ce["base"],
+             acceptance=bool(recovered is not None and recovered >= 0.7 and ce["lora"] < ce["base"]),
+             steps=tuned["steps"], lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank,
              elapsed_s=time.time() - T0)
     return failures
 
