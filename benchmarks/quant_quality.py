@@ -1,9 +1,9 @@
-"""What int8 / int4 weights and an fp8 KV cache cost in quality, shown twice. One JSON object a line.
+"""What int8 / int4 weights and an fp8 KV cache cost in quality, and what LoRA fine-tuning learns
+compared with full fine-tuning, on models trained in the run. One JSON object a line.
 
-    python benchmarks/quant_quality.py                       # GPU: (a) at hertz_dev size, (b) trains a small model
+    python benchmarks/quant_quality.py                       # GPU: (a) at hertz_dev size, (b) trains small models
     python benchmarks/quant_quality.py --part a
-    python benchmarks/quant_quality.py --part b --checkpoint checkpoints/proof-lm/best.safetensors \\
-        --codec checkpoints/codec_proof/best.safetensors     # (b) on a model trained before
+    python benchmarks/quant_quality.py --part b --codec checkpoints/codec_proof/best.safetensors   # reuse a codec
     python benchmarks/quant_quality.py --smoke               # CPU, tiny presets, a few steps: checks the path
 
 (a) "logits": the duplex model at --size (hertz_dev) with random weights, in bf16 on the GPU, on a
@@ -15,24 +15,53 @@ token is bf16's), code_agreement (the quantizer's FSQ indices equal to bf16's), 
 {locs, scales, logits} of the mixture (computed from bf16's codes, so it measures the
 resynthesizer alone), and the same with the model's own codes (resynth_own_codes_rel_err).
 
-(b) "val": a `small` duplex model trained on the demo corpus in this run (train_codec.py, then
-train_transformer.py stage=quantizer and stage=lm, as benchmarks/learning_proofs.sh; --*-minutes
-each), or --checkpoint/--codec given, evaluated on the validation crops by the trainer's own
-evaluation (`train_transformer.py eval_only=true`, with `eval_quantize=int8|int4` and
-`eval_kv_dtype=fp8`): val/lm_ce and val/resynth_nll in bf16, int8, int4, fp8_kv, and each one's
-relative change against bf16 with the issue's bound (int8 1%, int4 3%, fp8 KV 0.5%).
+(b) a `small` duplex model trained on the demo corpus in this run (issue 12's item 4b and issue
+13's learning proof), in stages, each a trainer process with a time limit:
+  codec           train_codec.py on corpus/train (--codec-minutes), unless --codec PATH is given;
+  base-quantizer  train_transformer.py stage=quantizer on the training monologues (channel 1
+                  silent) and dialogues but the dev ones (below), picked on val/mono,
+                  --transformer-minutes;
+  base-lm         stage=lm on them, from base-quantizer's best, --transformer-minutes: "the base"
+                  (or --checkpoint PATH instead of these two);
+  finetune-full   the base fine-tuned on the training dialogues, stage=lm (so the quantizer, the
+                  codes the LM predicts, and the resynthesizer stay the base's), every LM weight,
+                  at --full-lr, for --finetune-minutes;
+  finetune-lora   the same with finetune=lora (rank --lora-rank, default the preset's 128, alpha
+                  2 x rank, both targets) at --lora-lr, for as many steps as finetune-full made.
+Both fine-tunes warm up for 10 steps, then hold their learning rate (the time limit, not a
+schedule, ends them), evaluate every 25 steps on dev dialogues (the last eighth of
+train/dialogue's files, trained on by nothing; {base,finetune}-train.jsonl and finetune-dev.jsonl
+in --work list the files) and keep their best checkpoint there. The base hears dialogues too: a
+base that never heard two speakers leaves its LM's channel-1 input and head untrained, which full
+fine-tuning trains and LoRA's adapters (on the blocks' projections) cannot reach. Evaluations
+run in this process (the trainer's own `evaluate`, via `train_transformer.main` with
+eval_only=true: no process start each), on crops of --eval-seq-len latents, "val" once the base
+is trained, "finetune" once the fine-tunes are:
+  "val": the base on val/mono (where it was picked) in bf16, int8, int4 (`eval_quantize=`) and
+      fp8_kv (`eval_kv_dtype=fp8`: forwards through a float8 KV cache): val lm_ce and resynth_nll,
+      and each one's relative change against bf16 with the issue's bound (int8 1%, int4 3%, fp8 KV
+      0.5%) and `within_bound`;
+  "finetune": base, full and LoRA (its best adapter merged into the base) on val/dialogue (other
+      files, and speakers held out of train/): val lm_ce, resynth_nll (the base's for all three:
+      stage=lm), lm_acc, and the steps each trained; then "finetune_summary": each one's LM
+      cross-entropy gain over the base, lora_recovered = LoRA's gain / full's, and `acceptance`
+      (issue 13: recovered >= 0.7 and LoRA below the base).
+"stage" lines give each stage's wall time and the step it stopped at; an evaluation that fails
+prints its error in its line, the others still run, and the script exits 1 at the end.
 
 Part (a) needs torch only. Part (b) runs the trainers, which need the packages the GPU image lacks
-(soundfile, soxr, ...): `source benchmarks/gpu_setup.sh` first (it also builds the demo corpus).
-Part (b) trains for about --codec-minutes + 2 x --transformer-minutes (11 by default) after the
-corpus is built: more than one 10-minute device command. Each finished stage leaves a marker in
---work (`<stage>.done`) and is skipped when the script runs again (an unfinished one resumes from
-its latest.pt), so running the same command again continues; or start it in the background as
-benchmarks/learning_proofs.sh does.
+(soundfile, soxr, ...): `source benchmarks/gpu_setup.sh` first (it also builds the demo corpus;
+otherwise --corpus is built with --corpus-minutes if missing). With the defaults part (b) takes
+about 8 minutes on an H200 with the codec, 5.5 without: 2.5 + 2 x 1 + 0.75 + at most 1.5 minutes
+of stages plus a few seconds of start-up each, and seconds of evaluations. Each finished stage
+leaves a marker in --work (`<stage>.done`, with its wall time and steps) and is skipped when the
+script runs again (an unfinished one resumes from its latest.pt), so running the same command
+again continues.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -126,12 +155,13 @@ def part_a(size: str, device: str, batch: int, frames: int) -> None:
     del model
 
 
-# --- (b) validation metrics of a trained small model ---------------------------------------------
+# --- (b) the small duplex model trained in this run: quantization quality and fine-tuning -------
 
 def run(cmd: list, log: Path) -> str:
     """A trainer in a subprocess (its own process: GPU memory is freed after it); stdout, and the
     log file, which also holds stderr. A failure ends this script with the log's tail."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # the repository first, then what PYTHONPATH holds already (gpu_setup.sh's wheels in /tmp/site)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     with open(log, "a") as f:
         f.write(f"$ {' '.join(map(str, cmd))}\n")
         f.flush()
@@ -144,72 +174,166 @@ def run(cmd: list, log: Path) -> str:
     return r.stdout
 
 
-def stage(work: Path, name: str, cmd: list, log: Path) -> None:
-    """Run a training stage unless an earlier run of this script finished it (`<name>.done`)."""
+def stage(work: Path, name: str, cmd: list, log: Path) -> dict:
+    """Run a training stage unless an earlier run of this script finished it (`<name>.done`, which
+    records the stage's wall time and the step it stopped at); returns that record."""
     done = work / f"{name}.done"
     if done.exists():
-        emit(bench="reused", stage=name)
-        return
-    run(cmd, log)
-    done.touch()
+        record = json.loads(done.read_text() or "{}")
+        emit(bench="reused", stage=name, **record)
+        return record
+    t = time.time()
+    out = run(cmd, log)
+    evals = [json.loads(line) for line in out.splitlines() if line.startswith('{"eval"')]
+    record = {"steps": evals[-1]["eval"] if evals else None, "wall_s": round(time.time() - t, 1)}
+    done.write_text(json.dumps(record))
+    emit(bench="stage", stage=name, **record, elapsed_s=time.time() - T0)
+    return record
+
+
+def split(corpus: Path, work: Path) -> dict:
+    """jsonl manifests (model/manifest.py) in `work`: "finetune-dev", the last eighth (at least one)
+    of train/dialogue's files, which pick the fine-tunes' best checkpoints and are trained on by
+    nothing; "finetune-train", the other training dialogues; "base-train", those and the training
+    monologues. The evaluations read val/: other files, and speakers held out of train/."""
+    files = sorted((corpus / "train" / "dialogue").glob("*.wav"))
+    if len(files) < 2:
+        raise SystemExit(f"error: {corpus / 'train' / 'dialogue'} holds {len(files)} dialogues, the fine-tuning "
+                         "needs at least 2 (one to train on, one to pick the checkpoint): build a larger corpus")
+    n_dev = max(1, len(files) // 8)
+    chosen = {"finetune-train": files[:-n_dev], "finetune-dev": files[-n_dev:],
+              "base-train": sorted((corpus / "train" / "mono").glob("*.wav")) + files[:-n_dev]}
+    for name, paths in chosen.items():
+        (work / f"{name}.jsonl").write_text("".join(json.dumps({"path": str(p.resolve())}) + "\n" for p in paths))
+    return {name: work / f"{name}.jsonl" for name in chosen}
 
 
 def train(args, work: Path, log: Path) -> tuple[str, str]:
-    """Corpus, codec and transformer of part (b); returns (transformer, codec) checkpoint paths."""
+    """Corpus, codec (unless --codec) and base transformer (unless --checkpoint); returns the
+    (base, codec) checkpoint paths. The base learns from the training monologues and dialogues
+    but the dev ones (`split`), and is picked on val/mono."""
     corpus = Path(args.corpus)
     if not (corpus / "train").is_dir():
         run(["data/demo/prepare.py", "--minutes", args.corpus_minutes, "--seed", 0, "--out", corpus], log)
+    manifests = split(corpus, work)
     common = [f"train_data_path={corpus / 'train'}", f"val_data_path={corpus / 'val'}", "wandb=disabled",
               f"device={args.device}"]
     codec = args.codec
     if codec is None:
         codec_dir = work / "codec"
-        steps = ["max_steps=4", "eval_interval=2", "save_interval=2", "log_interval=1"] if args.smoke else \
+        steps = ["max_steps=2", "eval_interval=2", "save_interval=2", "log_interval=1"] if args.smoke else \
             ["max_steps=20000", "warmup_steps=200", "eval_interval=250", "save_interval=250", "log_interval=50",
              "num_workers=6", f"max_minutes={args.codec_minutes}"]
         stage(work, "codec", ["train_codec.py", "--config", args.preset, *common, f"checkpoint_dir={codec_dir}", *steps],
               log)
         codec = str(codec_dir / "best.safetensors")
-        emit(bench="trained", what="codec", path=codec, elapsed_s=time.time() - T0)
+    if args.checkpoint:
+        return args.checkpoint, codec
     steps = ["max_steps=4", "eval_interval=2", "save_interval=2", "log_interval=1", "batch_size=2", "val_crops=4",
-             "sample_seconds=0"] if args.smoke else \
-        ["seq_len=256", "batch_size=32", "max_steps=400", "warmup_steps=40", "learning_rate=6e-4", "min_lr=6e-5",
-         "eval_interval=50", "save_interval=400", "log_interval=25", "sample_seconds=0",
+             "seq_len=32"] if args.smoke else \
+        ["seq_len=256", "batch_size=32", "max_steps=300", "warmup_steps=30", "learning_rate=6e-4", "min_lr=6e-5",
+         "eval_interval=50", "save_interval=300", "log_interval=10", "num_workers=4",
          f"max_minutes={args.transformer_minutes}"]
-    common += [f"codec_checkpoint={codec}", f"latents_dir={work / 'latents'}", "compile=false", "duplex=true"]
-    q_dir, lm_dir = work / "transformer-q", work / "transformer-lm"
-    stage(work, "transformer-q", ["train_transformer.py", "--config", args.preset, *common, *steps,
-                                  "stage=quantizer", f"checkpoint_dir={q_dir}"], log)
-    stage(work, "transformer-lm", ["train_transformer.py", "--config", args.preset, *common, *steps, "stage=lm",
-                                   f"init_from={q_dir / 'best.safetensors'}", f"checkpoint_dir={lm_dir}"], log)
-    emit(bench="trained", what="transformer", path=str(lm_dir / "best.safetensors"), elapsed_s=time.time() - T0)
+    common = [f"train_data_path={manifests['base-train']}", f"val_data_path={corpus / 'val' / 'mono'}",
+              "wandb=disabled", f"device={args.device}", f"codec_checkpoint={codec}", f"latents_dir={work / 'latents'}",
+              "compile=false", "duplex=true", "sample_seconds=0"]
+    q_dir, lm_dir = work / "base-quantizer", work / "base-lm"
+    stage(work, "base-quantizer", ["train_transformer.py", "--config", args.preset, *common, *steps,
+                                   "stage=quantizer", f"checkpoint_dir={q_dir}"], log)
+    stage(work, "base-lm", ["train_transformer.py", "--config", args.preset, *common, *steps, "stage=lm",
+                            f"init_from={q_dir / 'best.safetensors'}", f"checkpoint_dir={lm_dir}"], log)
     return str(lm_dir / "best.safetensors"), codec
 
 
-def part_b(args, work: Path) -> None:
+def finetune(args, work: Path, log: Path, base: str, codec: str) -> dict:
+    """The base fine-tuned on the training dialogues (stage=lm: the quantizer, hence the codes the
+    LM predicts, and the resynthesizer stay the base's), fully and with LoRA, for the same steps:
+    full fine-tuning for --finetune-minutes, then LoRA for as many steps as it made. Both at a
+    constant learning rate after a short warmup (so that the steps, not a schedule, differ from
+    the time limit's), each keeping its best checkpoint on the dev dialogues. Returns
+    {"full": .safetensors, "lora": .adapter.safetensors, "steps": {...}}."""
+    train_set, dev_set = work / "finetune-train.jsonl", work / "finetune-dev.jsonl"  # split() wrote them
+    common = ["train_transformer.py", "--config", args.preset, f"init_from={base}", f"codec_checkpoint={codec}",
+              f"train_data_path={train_set}", f"val_data_path={dev_set}", f"latents_dir={work / 'latents'}",
+              "wandb=disabled", f"device={args.device}", "compile=false", "duplex=true", "stage=lm",
+              "sample_seconds=0", "keep_checkpoints=1"]
+    common += ["seq_len=32", "batch_size=2", "val_crops=4", "warmup_steps=1", "eval_interval=2", "log_interval=1"] \
+        if args.smoke else ["seq_len=256", "batch_size=16", "warmup_steps=10", "eval_interval=25", "log_interval=5",
+                            "num_workers=4"]
+    full_dir, lora_dir = work / "finetune-full", work / "finetune-lora"
+    limit = ["max_steps=4"] if args.smoke else ["max_steps=100000", f"max_minutes={args.finetune_minutes}"]
+    full = stage(work, "finetune-full", [*common, *limit, "finetune=full", f"learning_rate={args.full_lr}",
+                                         f"min_lr={args.full_lr}", "save_interval=100000",
+                                         f"checkpoint_dir={full_dir}"], log)
+    # the same steps; the time limit only guards against a much slower LoRA step
+    lora = stage(work, "finetune-lora", [*common, f"max_steps={full['steps']}", "finetune=lora",
+                                         f"lora_rank={args.lora_rank}", f"lora_alpha={2 * args.lora_rank}",
+                                         f"learning_rate={args.lora_lr}", f"min_lr={args.lora_lr}",
+                                         "save_interval=100000", f"checkpoint_dir={lora_dir}"]
+                 + ([] if args.smoke else [f"max_minutes={2 * args.finetune_minutes}"]), log)
+    return {"full": str(full_dir / "best.safetensors"), "lora": str(lora_dir / "best.adapter.safetensors"),
+            "steps": {"full": full["steps"], "lora": lora["steps"]}}
+
+
+def evaluate(args, work: Path, log: Path, model: str, codec: str, train_path: Path, val_path: Path,
+             extra: tuple = ()) -> dict:
+    """The trainer's own evaluation (`train_transformer.py eval_only=true`) of `model` on the
+    validation crops of `val_path`, in this process (one process start for every evaluation; its
+    output goes to the log); returns its metrics, and `eval_s` its wall time."""
+    import train_transformer
+    argv = ["--config", args.preset, f"init_from={model}", f"codec_checkpoint={codec}", f"val_data_path={val_path}",
+            f"train_data_path={train_path}", f"latents_dir={work / 'latents'}", "eval_only=true", "compile=false",
+            "wandb=disabled", f"device={args.device}", "duplex=true", f"checkpoint_dir={work / 'eval'}",
+            f"seq_len={args.eval_seq_len}", *(["batch_size=2", "val_crops=4"] if args.smoke else []), *extra]
+    t = time.time()
+    with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        f.write(f"$ (in process) train_transformer.py {' '.join(argv)}\n")
+        metrics = train_transformer.main(argv)
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return {**metrics, "eval_s": time.time() - t}
+
+
+def merged(base: str, adapter: str, codec: str) -> str:
+    """The LoRA adapter folded into its base, saved beside it as an ordinary checkpoint (the
+    trainer's evaluation takes init_from files)."""
+    from model import load_hertz_dev, save_transformer
+    path = adapter.replace(".adapter.safetensors", ".merged.safetensors")
+    save_transformer(path, load_hertz_dev(base, device="cpu", dtype=torch.float32, codec=None, adapter=adapter,
+                                          merge=True), codec_source=codec)
+    return path
+
+
+def part_b(args, work: Path) -> int:
+    """Train (or reuse) the base and evaluate it quantized (issue 12), then fine-tune it and
+    evaluate the fine-tunes (issue 13). An evaluation that fails prints its error in its JSON line
+    and the others still run; returns how many failed."""
     log = work / "log.txt"
-    if args.checkpoint:
-        checkpoint, codec = args.checkpoint, args.codec
-        if codec is None:
-            raise SystemExit("error: --checkpoint needs --codec (the codec its latents came from)")
-    else:
-        checkpoint, codec = train(args, work, log)
     corpus = Path(args.corpus)
-    base = ["train_transformer.py", "--config", args.preset, f"init_from={checkpoint}", f"codec_checkpoint={codec}",
-            f"val_data_path={corpus / 'val'}", f"train_data_path={corpus / 'train'}", f"latents_dir={work / 'latents'}",
-            "eval_only=true", "compile=false", "wandb=disabled", f"device={args.device}", "duplex=true",
-            f"checkpoint_dir={work / 'eval'}", f"seq_len={args.eval_seq_len}"]
-    if args.smoke:
-        base += ["batch_size=2", "val_crops=4"]
+    base, codec = train(args, work, log)
+    failures = 0
+
+    def attempt(bench: str, label: dict, *where, extra=()) -> dict | None:
+        nonlocal failures
+        try:
+            return evaluate(args, work, log, *where, extra=extra)
+        except Exception as e:  # noqa: BLE001 - one failed evaluation must not cost the others' figures
+            failures += 1
+            emit(bench=bench, **label, error=f"{type(e).__name__}: {e}"[:500], elapsed_s=time.time() - T0)
+            return None
+
+    # issue 12, 4b: the base in bf16 and as deployed quantized, on the val monologues
     metrics = {}
     for mode in ("bf16", "int8", "int4", "fp8_kv"):
         extra = {"bf16": [], "int8": ["eval_quantize=int8"], "int4": ["eval_quantize=int4"],
                  "fp8_kv": ["eval_kv_dtype=fp8"]}[mode]
-        out = run(base + extra, log)
-        row = [json.loads(line) for line in out.splitlines() if line.startswith('{"eval"')][-1]
+        row = attempt("val", {"mode": mode}, base, codec, work / "base-train.jsonl", corpus / "val" / "mono",
+                      extra=extra)
+        if row is None:
+            continue
         metrics[mode] = row
         fields = {k: row[f"val/{k}"] for k in ("lm_ce", "resynth_nll", "lm_acc", "code_usage", "positions")}
-        if mode != "bf16":
+        if mode != "bf16" and "bf16" in metrics:
             ref = metrics["bf16"]
             for k in ("lm_ce", "resynth_nll"):
                 # relative to |bf16| (a Gaussian-mixture NLL can be negative)
@@ -217,7 +341,40 @@ def part_b(args, work: Path) -> None:
             fields["bound"] = BOUNDS[mode]
             fields["within_bound"] = all(abs(fields[f"{k}_rel_change"]) <= BOUNDS[mode]
                                          for k in ("lm_ce", "resynth_nll"))
-        emit(bench="val", mode=mode, checkpoint=checkpoint, **fields, elapsed_s=time.time() - T0)
+        emit(bench="val", mode=mode, data="val/mono", checkpoint=base, **fields, eval_s=row["eval_s"],
+             elapsed_s=time.time() - T0)
+    # issue 13, 4: base, full fine-tuning and LoRA on the held-out dialogues
+    tuned = finetune(args, work, log, base, codec)
+    t = time.time()
+    try:
+        lora = merged(base, tuned["lora"], codec)
+        emit(bench="stage", stage="merge-lora", wall_s=time.time() - t, elapsed_s=time.time() - T0)
+    except Exception as e:  # noqa: BLE001 - as an evaluation's
+        failures += 1
+        lora = None
+        emit(bench="stage", stage="merge-lora", error=f"{type(e).__name__}: {e}"[:500], elapsed_s=time.time() - T0)
+    ce = {}
+    for name, path in (("base", base), ("full", tuned["full"]), ("lora", lora)):
+        if path is None:
+            continue
+        row = attempt("finetune", {"model": name}, path, codec, work / "finetune-train.jsonl",
+                      corpus / "val" / "dialogue")
+        if row is None:
+            continue
+        ce[name] = row["val/lm_ce"]
+        emit(bench="finetune", model=name, data="val/dialogue", checkpoint=path, steps=tuned["steps"].get(name, 0),
+             learning_rate={"full": args.full_lr, "lora": args.lora_lr}.get(name),
+             **{k: row[f"val/{k}"] for k in ("lm_ce", "resynth_nll", "lm_acc", "positions")}, eval_s=row["eval_s"],
+             elapsed_s=time.time() - T0)
+    if len(ce) == 3:
+        gain = {k: ce["base"] - ce[k] for k in ("full", "lora")}
+        recovered = gain["lora"] / gain["full"] if gain["full"] > 0 else None
+        emit(bench="finetune_summary", lm_ce_gain_full=gain["full"], lm_ce_gain_lora=gain["lora"],
+             lora_recovered=recovered, lora_below_base=ce["lora"] < ce["base"],
+             acceptance=bool(recovered is not None and recovered >= 0.7 and ce["lora"] < ce["base"]),
+             steps=tuned["steps"], lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank,
+             elapsed_s=time.time() - T0)
+    return failures
 
 
 def main() -> None:
@@ -229,12 +386,17 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2, help="(a) rows of the fixed input")
     ap.add_argument("--frames", type=int, default=None, help="(a) latents a row (default 256; --smoke: 16)")
     ap.add_argument("--preset", default=None, help="(b) preset trained and evaluated (default small; --smoke: tiny)")
-    ap.add_argument("--checkpoint", help="(b) a trained duplex transformer (.safetensors) instead of training one")
-    ap.add_argument("--codec", help="(b) its codec (.safetensors); without --checkpoint: skip training a codec")
+    ap.add_argument("--checkpoint", help="(b) a trained duplex base (.safetensors) instead of training one")
+    ap.add_argument("--codec", help="(b) the codec (.safetensors) to use instead of training one")
     ap.add_argument("--corpus", default=None, help="(b) the demo corpus folder (built if missing; default data/demo)")
     ap.add_argument("--corpus-minutes", type=float, default=20.0, help="(b) minutes of the corpus, if built")
-    ap.add_argument("--codec-minutes", type=float, default=6.0)
-    ap.add_argument("--transformer-minutes", type=float, default=2.5, help="each of the two stages")
+    ap.add_argument("--codec-minutes", type=float, default=2.5, help="(b) codec training, unless --codec")
+    ap.add_argument("--transformer-minutes", type=float, default=1.0, help="(b) each of the two base stages")
+    ap.add_argument("--finetune-minutes", type=float, default=0.75,
+                    help="(b) full fine-tuning; LoRA then trains as many steps (at most 2x this long)")
+    ap.add_argument("--full-lr", type=float, default=3e-4, help="(b) learning rate of full fine-tuning")
+    ap.add_argument("--lora-lr", type=float, default=1e-3, help="(b) learning rate of LoRA")
+    ap.add_argument("--lora-rank", type=int, default=None, help="(b) default: the preset's lora_rank (alpha: 2x rank)")
     ap.add_argument("--eval-seq-len", type=int, default=None, help="(b) latents a val crop (default 256; --smoke: 32)")
     ap.add_argument("--work", default=None, help="(b) folder for runs and latents (default: checkpoints/quant_quality)")
     args = ap.parse_args()
@@ -245,20 +407,25 @@ def main() -> None:
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.lora_rank is None:
+        args.lora_rank = PRESETS[args.preset].lora_rank
     for path in (args.checkpoint, args.codec):
         if path is not None and not os.path.isfile(path):
             ap.error(f"no such file: {path}")
+    if args.checkpoint and not args.codec:
+        ap.error("--checkpoint needs --codec (the codec its latents came from)")
     if smoke:
-        args.corpus_minutes = min(args.corpus_minutes, 1.0)
+        args.corpus_minutes = min(args.corpus_minutes, 2.0)  # 2 training dialogues: one trains, one picks
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     emit(bench="env", torch=torch.__version__, device=torch.cuda.get_device_name() if args.device.startswith("cuda")
          else "cpu", smoke=smoke)
     if args.part in ("a", "both"):
         part_a(args.size, args.device, args.batch, args.frames)
-    if args.part in ("b", "both"):
-        part_b(args, work)
-    emit(bench="done", elapsed_s=time.time() - T0)
+    failures = part_b(args, work) if args.part in ("b", "both") else 0
+    emit(bench="done", failures=failures, elapsed_s=time.time() - T0)
+    if failures:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""benchmarks/quant_quality.py --smoke: both parts of the quality benchmark on the CPU with tiny
-presets (a tiny corpus, a codec and a duplex transformer trained a few steps in the run), and the
-trainer's eval_quantize / eval_kv_dtype options it relies on."""
+"""benchmarks/quant_quality.py --smoke: both parts of the benchmark on the CPU with tiny presets (a
+tiny corpus, a codec, a duplex base and its full and LoRA fine-tunes trained a few steps in the
+run), and the trainer's eval_quantize / eval_kv_dtype options it relies on."""
 import dataclasses
 import json
 import math
@@ -34,6 +34,35 @@ def test_quant_quality_smoke(tmp_path):
         assert 0 < line["lm_rel_err"] <= bound and 0 < line["resynth_rel_err"]["locs"] <= bound, line
         assert 0.5 <= line["lm_top1"] <= 1 and line["code_agreement"] > 0.9, line
     assert logits["int8"]["weights_gb"] < logits["fp8_kv"]["weights_gb"] / 3  # float32 weights vs int8
+    assert lines[-1]["failures"] == 0
+    stages = {line["stage"]: line for line in lines if line["bench"] == "stage"}
+    assert list(stages) == ["codec", "base-quantizer", "base-lm", "finetune-full", "finetune-lora", "merge-lora"]
+    assert all(line["wall_s"] > 0 for line in stages.values())
+    # (b) the fine-tuning proof: both fine-tunes ran the same steps on training dialogues, picked on
+    # other training dialogues that the base did not hear either, and are evaluated on the val dialogues
+    work = tmp_path / "work"
+    splits = {name: [json.loads(line)["path"] for line in (work / f"{name}.jsonl").read_text().splitlines()]
+              for name in ("base-train", "finetune-train", "finetune-dev")}
+    train, dev = splits["finetune-train"], splits["finetune-dev"]
+    assert train and dev and not set(train + splits["base-train"]) & set(dev)
+    assert all("/train/dialogue/" in p for p in train + dev)
+    assert set(train) < set(splits["base-train"]) and any("/train/mono/" in p for p in splits["base-train"])
+    assert stages["finetune-full"]["steps"] == stages["finetune-lora"]["steps"] == 4
+    tuned = {line["model"]: line for line in lines if line["bench"] == "finetune"}
+    assert list(tuned) == ["base", "full", "lora"]
+    assert len({line["positions"] for line in tuned.values()}) == 1
+    for name in ("full", "lora"):
+        assert tuned[name]["steps"] == 4 and tuned[name]["lm_ce"] != tuned["base"]["lm_ce"]  # it learnt something
+        assert tuned[name]["resynth_nll"] == tuned["base"]["resynth_nll"]  # stage=lm: the resynthesizer is the base's
+    summary = next(line for line in lines if line["bench"] == "finetune_summary")
+    assert summary["lm_ce_gain_lora"] == pytest.approx(tuned["base"]["lm_ce"] - tuned["lora"]["lm_ce"], abs=1e-5)
+    if summary["lm_ce_gain_full"] > 0:
+        assert summary["lora_recovered"] == pytest.approx(summary["lm_ce_gain_lora"] / summary["lm_ce_gain_full"],
+                                                          rel=1e-3)
+    assert isinstance(summary["acceptance"], bool)
+    assert (work / "finetune-lora" / "best.adapter.safetensors").is_file()
+    assert (work / "finetune-full" / "best.safetensors").is_file()
+    # (b) the quantization figures of the base
     val = {line["mode"]: line for line in lines if line["bench"] == "val"}
     assert list(val) == ["bf16", "int8", "int4", "fp8_kv"]
     assert len({line["positions"] for line in val.values()}) == 1  # the same crops in every mode
@@ -42,16 +71,19 @@ def test_quant_quality_smoke(tmp_path):
             assert math.isfinite(val[mode][k]) and val[mode][k] != val["bf16"][k]  # the mode took effect
             assert abs(val[mode][f"{k}_rel_change"]) < 0.05
         assert isinstance(val[mode]["within_bound"], bool)
-    assert (tmp_path / "work" / "transformer-lm" / "best.safetensors").is_file()
-    # again: the finished training stages are reused, the evaluation runs again
+    # again: the finished training stages are reused (with their steps), the evaluations run again
     r = subprocess.run([sys.executable, "benchmarks/quant_quality.py", "--smoke", "--part", "b", "--corpus",
-                        str(tmp_path / "corpus"), "--work", str(tmp_path / "work")], cwd=REPO, env=env,
+                        str(tmp_path / "corpus"), "--work", str(work)], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [json.loads(line) for line in r.stdout.splitlines()]
-    assert [line["stage"] for line in lines if line["bench"] == "reused"] == ["codec", "transformer-q", "transformer-lm"]
+    reused = {line["stage"]: line for line in lines if line["bench"] == "reused"}
+    assert list(reused) == ["codec", "base-quantizer", "base-lm", "finetune-full", "finetune-lora"]
+    assert reused["finetune-full"]["steps"] == 4
     again = {line["mode"]: line for line in lines if line["bench"] == "val"}
     assert again["int8"]["lm_ce"] == val["int8"]["lm_ce"]  # the same checkpoint, the same crops
+    again = {line["model"]: line for line in lines if line["bench"] == "finetune"}
+    assert again["lora"]["lm_ce"] == tuned["lora"]["lm_ce"]
 
 
 def test_eval_quantize_and_kv_dtype_need_eval_only():
