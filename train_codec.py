@@ -237,12 +237,12 @@ def build_data(cfg: CodecConfig, is_main: bool, say) -> tuple[DataLoader | None,
     val_loader, train_loader = None, None
     if is_main:
         val_set = AudioCropDataset(cfg.val_data_path, cfg.segment_seconds, cfg.sample_rate, train=False,
-                                   max_val_crops=cfg.val_crops)
+                                   max_val_crops=cfg.val_crops, preload_max_gb=cfg.preload_max_gb)
         val_loader = make_loader(val_set, cfg.batch_size, num_workers=cfg.num_workers, distributed=False)
         say(describe("val", val_set))
     if not cfg.eval_only:
         train_set = AudioCropDataset(cfg.train_data_path, cfg.segment_seconds, cfg.sample_rate, train=True,
-                                     seed=cfg.seed)
+                                     seed=cfg.seed, preload_max_gb=cfg.preload_max_gb)
         train_loader = make_loader(train_set, cfg.batch_size, num_workers=cfg.num_workers, distributed=True,
                                    seed=cfg.seed)
         if len(train_loader) == 0:
@@ -485,7 +485,8 @@ def export_state(saved: dict, tmp: str) -> None:
 def describe(name: str, dataset: AudioCropDataset) -> str:
     skipped = len(dataset.files.skipped)
     return (f"{name}: {len(dataset.files)} files, {dataset.total_seconds / 60:.1f} min in {dataset.files.source}, "
-            f"{len(dataset)} crops" + (f"; {skipped} unreadable files skipped (named above)" if skipped else ""))
+            f"{len(dataset)} crops" + (", decoded into memory" if dataset.preloaded else "")
+            + (f"; {skipped} unreadable files skipped (named above)" if skipped else ""))
 
 
 def log_samples(run_dir: Path, pairs: list, sample_rate: int, logger: Logger, figure: bool = True) -> dict:

@@ -45,6 +45,7 @@ class CodecConfig:
     val_data_path: str = "data/demo/val"
     segment_seconds: float = field(default=6.0, metadata=RESUME)        # random crops to train, fixed for val
     num_workers: int = 2
+    preload_max_gb: float = 4.0                 # decode a corpus into RAM (float32) up to this size; 0: stream
     val_crops: int = 128                        # at most this many validation crops (STOI runs on CPU)
     val_mos: bool = False                       # DNSMOS column too (pip install speechmos onnxruntime librosa)
 
