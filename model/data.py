@@ -214,7 +214,7 @@ class AudioCropDataset(Dataset):
         else:
             self.crops = self._validation_crops(val_crops_per_file, max_val_crops)
         out_channels = 1 if channels == "mono" else 2
-        self.preloaded = 0 < self.lengths.sum() * out_channels * 4 <= preload_max_gb * 1e9
+        self.preloaded = bool(0 < self.lengths.sum() * out_channels * 4 <= preload_max_gb * 1e9)
         self._audio: list[Optional[np.ndarray]] = [self._decode(i) for i in range(len(self.files))] \
             if self.preloaded else []
 
@@ -262,11 +262,13 @@ class AudioCropDataset(Dataset):
             if self.channels == "stereo":
                 audio = two_speakers(audio, self.mono_to_stereo)
         n = audio.shape[1]
-        out = torch.zeros(audio.shape[0], self.segment)  # (C, N)
-        out[:, :n] = torch.from_numpy(audio)
-        mask = torch.zeros(self.segment)  # (N,)
+        # numpy, not torch.zeros: numpy's allocations come back from its heap, while each
+        # torch.zeros of a crop's size faulted in fresh pages (7 ms a crop on a 2-core VM)
+        out = np.zeros((audio.shape[0], self.segment), dtype=np.float32)  # (C, N)
+        out[:, :n] = audio
+        mask = np.zeros(self.segment, dtype=np.float32)  # (N,)
         mask[:n] = 1.0
-        return out, mask
+        return torch.from_numpy(out), torch.from_numpy(mask)
 
     def _skip(self, i: int, error: Exception) -> None:
         if i not in self._bad:
