@@ -244,8 +244,8 @@ def build_data(cfg: CodecConfig, is_main: bool, say) -> tuple[DataLoader | None,
     # validation numbers do not depend on the number of GPUs
     val_loader, train_loader = None, None
     if is_main:
-        val_set = AudioCropDataset(cfg.val_data_path, cfg.segment_seconds, cfg.sample_rate, train=False,
-                                   max_val_crops=cfg.val_crops, preload_max_gb=cfg.preload_max_gb)
+        val_set = AudioCropDataset(cfg.val_data_path, cfg.val_segment_seconds or cfg.segment_seconds, cfg.sample_rate,
+                                   train=False, max_val_crops=cfg.val_crops, preload_max_gb=cfg.preload_max_gb)
         val_loader = make_loader(val_set, cfg.batch_size, num_workers=cfg.num_workers, distributed=False)
         say(describe("val", val_set))
     if not cfg.eval_only:
@@ -404,10 +404,11 @@ def check_config(cfg: CodecConfig) -> None:
         if cfg.sample_rate != 16000:
             raise ConfigError(f"val_mos=true: DNSMOS needs 16 kHz audio, not sample_rate={cfg.sample_rate}")
     hop = math.prod(cfg.strides)
-    segment = round(cfg.segment_seconds * cfg.sample_rate)
-    if segment % hop:
-        raise ConfigError(f"segment_seconds={cfg.segment_seconds} gives {segment} samples, not a multiple of "
-                          f"the codec's {hop} samples per latent")
+    for key in ("segment_seconds", "val_segment_seconds"):
+        segment = round(getattr(cfg, key) * cfg.sample_rate)
+        if segment % hop:
+            raise ConfigError(f"{key}={getattr(cfg, key)} gives {segment} samples, not a multiple of "
+                              f"the codec's {hop} samples per latent")
 
 
 def resume_notes(state: dict, cfg: CodecConfig, world_size: int) -> list[str]:

@@ -44,6 +44,7 @@ class CodecConfig:
     train_data_path: str = "data/demo/train"   # a folder of audio files, or a .jsonl manifest of them
     val_data_path: str = "data/demo/val"
     segment_seconds: float = field(default=6.0, metadata=RESUME)        # random crops to train, fixed for val
+    val_segment_seconds: float = 0.0            # validation crops, if not segment_seconds (0): comparable figures
     num_workers: int = 2
     preload_max_gb: float = 4.0                 # decode a corpus into RAM (float32) up to this size; 0: stream
     val_crops: int = 128                        # at most this many validation crops (STOI runs on CPU)
@@ -132,7 +133,7 @@ tiny = dataclasses.replace(
 # - the rest is DAC's: mel 15, feature matching 2, adversarial 1, AdamW betas (0.8, 0.99).
 small_fast = dataclasses.replace(
     small,
-    segment_seconds=2.0, batch_size=32, learning_rate=6e-4, disc_learning_rate=6e-4, min_lr=6e-5,
+    segment_seconds=2.0, val_segment_seconds=6.0, batch_size=32, learning_rate=6e-4, disc_learning_rate=6e-4, min_lr=6e-5,
     warmup_steps=200, max_steps=6000, disc_start_step=400, num_workers=6,
     log_interval=25, eval_interval=500, save_interval=500,
 )
