@@ -299,6 +299,18 @@ def test_benchmark_cpu_smoke_run_needs_no_audio_packages():
     assert line["preset"] == "tiny" and line["mode"] == "fp32-eager" and line["samples_per_s"] > 0
 
 
+def test_benchmark_data_mode_reads_the_trainers_loader(corpus):
+    """--data: the training loader alone over several epochs (the corpus decoded into memory),
+    one JSON line with its throughput and batch waits."""
+    result = run(["benchmarks/codec_train.py", "--data", str(corpus / "train"), "--presets", "tiny",
+                  "--workers", "2", "--batches", "12"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    assert line["mode"] == "data" and line["preloaded"] and line["batches"] == 12
+    assert line["batches_per_epoch"] < 12  # it crossed epoch boundaries
+    assert line["samples_per_s"] > 0 and 0 < line["wait_ms_p50"] <= line["wait_ms_p99"] <= line["wait_ms_max"]
+
+
 def error_line(stderr):
     """The one `error:` line of a failed run, on a line of its own (progress bars redraw with \\r)."""
     errors = [line for line in re.split(r"[\r\n]+", stderr) if line.startswith("error:")]
