@@ -42,7 +42,7 @@ else
   DATA=data/demo
   COMMON="device=cuda wandb=disabled resume=false train_data_path=$DATA/train val_data_path=$DATA/val"
   SMALL="--config small $COMMON num_workers=6"
-  TUNED="--config small_fast $COMMON max_steps=100000 eval_interval=100000 save_interval=100000 val_crops=64"
+  TUNED="--config small_fast $COMMON max_steps=100000 eval_interval=100000 save_interval=500 val_crops=64"
   STEP_ARGS="--presets small --modes bf16-eager --warmup 2 --steps 6"
   COMPILE_ARGS="--presets hertz_dev --modes bf16-compile --warmup 2 --steps 5"
   LOADER_ARGS="--presets small --workers 6 --batches 80"
@@ -109,6 +109,7 @@ best = min(vals, key=lambda r: r["val/mel_distance"])
 print(json.dumps({"proof": "tuned", "start": pick(vals[0]), "end": pick(vals[-1]), "best": pick(best),
                   "steps": rows[-1]["step"], "samples_per_s": round(statistics.mean(r["perf/samples_per_s"]
                                                                                      for r in train[1:] or train), 1),
-                  "codec": os.path.abspath(os.path.join(run, "best.safetensors"))}))
+                  "codec": os.path.abspath(os.path.join(run, "best.safetensors")),
+                  "codec_exists": os.path.isfile(os.path.join(run, "best.safetensors"))}))
 EOF
 echo "{\"proof\": \"done\", \"elapsed_s\": $(elapsed)}"
