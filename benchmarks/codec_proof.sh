@@ -52,7 +52,10 @@ failed() {  # part, log: a JSON line saying so, and the log's tail on stderr
   python3 -c 'import json, sys; print(json.dumps({"proof": sys.argv[1], "error": "failed, see " + sys.argv[2]}))' "$1" "$2"
   tail -20 "$2" >&2
 }
-echo "{\"proof\": \"setup\", \"smoke\": $SMOKE, \"elapsed_s\": $(elapsed)}"
+python3 -c 'import importlib.util as u, json, sys
+print(json.dumps({"proof": "setup", "smoke": bool(int(sys.argv[1])), "elapsed_s": int(sys.argv[2]),
+                  **{m: u.find_spec(m) is not None for m in ("pystoi", "pesq", "soundfile", "soxr")}}))' \
+  "$SMOKE" "$(elapsed)"
 
 # 2. the loader alone
 python3 benchmarks/codec_train.py --data "$DATA/train" $LOADER_ARGS > "$OUT/loader.log" 2>&1 \
