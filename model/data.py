@@ -183,7 +183,7 @@ class AudioCropDataset(Dataset):
     or, when the decoded corpus takes at most `preload_max_gb` GB (float32), every file is decoded
     once here and crops are cut from memory (`preloaded`; DataLoader workers share it, forked).
     A preloaded file is resampled whole, so its crops may differ from streamed ones by the
-    resampler's edge effects (~1e-6); at the target rate they are the same samples.
+    resampler's edge effects (under 1e-6 on a test tone); at the target rate they are the same samples.
     A file that fails to read is named once (per process) in a SkippedAudioWarning; in training
     another crop is drawn instead, in validation the crop comes back all padding (mask all 0) so
     the validation set keeps its size.
