@@ -7,8 +7,9 @@
     python train_codec.py --config small eval_only=true init_from=checkpoints/codec/best.safetensors
 
 Recipe (DAC / HiFi-GAN): multi-resolution log-mel L1 + KL of the Gaussian latent + LSGAN (or
-hinge) losses of multi-period and multi-resolution STFT discriminators + feature matching; the
-total is `sum(weights[k] * losses[k])` with every weight a config field. Each optimizer step is a
+hinge) losses of multi-period and multi-resolution STFT discriminators + feature matching, and
+optional phase-aware terms (waveform L1, complex-STFT L1; weight 0 by default); the total is
+`sum(weights[k] * losses[k])` with every weight a config field. Each optimizer step is a
 generator step on `grad_accum_steps` micro-batches (the discriminators judge them, frozen), then
 a discriminator step on the same real audio and the reconstructions just made: one generator
 forward per micro-batch, even with gradient accumulation.
@@ -43,9 +44,9 @@ from config.codec_config import PRESETS, CodecConfig
 from model.audio import save_audio
 from model.checkpoint import read_metadata
 from model.codec import Codec
-from model.codec_losses import (DNSMOS, MultiResolutionMelLoss, discriminator_loss, feature_matching_loss,
-                                generator_adversarial_loss, kl_bits_per_second, latent_kl, latent_mask, pesq_wb,
-                                si_sdr, stoi)
+from model.codec_losses import (DNSMOS, MultiResolutionMelLoss, MultiResolutionSTFTLoss, discriminator_loss,
+                                feature_matching_loss, generator_adversarial_loss, kl_bits_per_second, latent_kl,
+                                latent_mask, pesq_wb, si_sdr, stoi, waveform_l1)
 from model.data import AudioCropDataset, infinite_batches, make_loader
 from model.discriminators import Discriminators
 from model.loading import load_codec, write_codec
@@ -61,7 +62,8 @@ def main(argv=None) -> dict:
     # --- config ---------------------------------------------------------------------------------
     cfg = parse_args(sys.argv[1:] if argv is None else argv, PRESETS)
     check_config(cfg)
-    weights = {"mel": cfg.mel_weight, "kl": cfg.kl_weight, "adv": cfg.adv_weight, "feature": cfg.feature_weight}
+    weights = {"mel": cfg.mel_weight, "kl": cfg.kl_weight, "adv": cfg.adv_weight, "feature": cfg.feature_weight,
+               "wave": cfg.wave_weight, "stft": cfg.stft_weight}
 
     # --- setup ----------------------------------------------------------------------------------
     ddp = setup_distributed(cfg.device)
@@ -80,6 +82,7 @@ def main(argv=None) -> dict:
     hop = math.prod(cfg.strides)
     val_loader, train_loader = build_data(cfg, is_main, say)
     generator, discriminators, mel_loss = build_models(cfg, device)
+    stft_loss = MultiResolutionSTFTLoss(cfg.stft_windows).to(device)
     opt_g, opt_d = make_optimizers(cfg, generator, discriminators, device)
 
     # where the weights come from: the latest checkpoint (resume), else init_from, else a fresh initialisation
@@ -117,7 +120,7 @@ def main(argv=None) -> dict:
         f"per step on {ddp.world_size} x {device}, run folder {run_dir}")
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not is_main, dynamic_ncols=True, desc="train")
     start_step, t_log = step, time.time()
-    sums, steps_since_log, metrics = {}, 0, {}  # sums: loss name -> per-micro-batch values since the last log
+    sums, step_times, metrics = {}, [], {}  # sums: loss name -> per-micro-batch values since the last log
     while True:
         # evaluation (rank 0) and checkpoints, before the step: they describe the model after `step` updates
         t_pause = time.time()
@@ -137,6 +140,7 @@ def main(argv=None) -> dict:
                 say(f"max_minutes={cfg.max_minutes} reached at step {step}: run the same command to resume")
             break
         t_log += time.time() - t_pause  # throughput counts training time only
+        t_step = time.time()
 
         lr, lr_d = get_lr(step, cfg)
         for optimizer, value in ((opt_g, lr), (opt_d, lr_d)):
@@ -160,6 +164,10 @@ def main(argv=None) -> dict:
                     fake = out["recon"] * mask[:, None]  # the codec is causal: padding never leaks back
                     losses = {"mel": mel_loss(fake, real, mask),
                               "kl": latent_kl(out["mu"], out["logvar"], latent_mask(mask, hop))}
+                    if cfg.wave_weight > 0:
+                        losses["wave"] = waveform_l1(fake, real, mask)
+                    if cfg.stft_weight > 0:
+                        losses["stft"] = stft_loss(fake, real, mask)
                     if use_disc:
                         d_fake = disc_model(fake)
                         with torch.no_grad():
@@ -196,15 +204,15 @@ def main(argv=None) -> dict:
             opt_d.step()
             opt_d.zero_grad(set_to_none=True)
         step += 1
-        steps_since_log += 1
+        step_times.append(time.time() - t_step)  # host time; the finite-step checks sync with the device
         bar.update(1)
 
         if step % cfg.log_interval == 0 or step == cfg.max_steps:
-            row = train_row(sums, norms, lr, lr_d, samples_per_step, steps_since_log, time.time() - t_log, cfg, device)
+            row = train_row(sums, norms, lr, lr_d, samples_per_step, step_times, time.time() - t_log, cfg, device)
             logger.log(row, step)
             bar.set_postfix(loss=f"{row['loss/total']:.3f}", mel=f"{row['loss/mel']:.3f}",
                             samples_s=f"{row['perf/samples_per_s']:.1f}")
-            sums, steps_since_log, t_log = {}, 0, time.time()
+            sums, step_times, t_log = {}, [], time.time()
 
     bar.close()
     png = is_main and have.plots and plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss_curves.png",
@@ -236,13 +244,13 @@ def build_data(cfg: CodecConfig, is_main: bool, say) -> tuple[DataLoader | None,
     # validation numbers do not depend on the number of GPUs
     val_loader, train_loader = None, None
     if is_main:
-        val_set = AudioCropDataset(cfg.val_data_path, cfg.segment_seconds, cfg.sample_rate, train=False,
-                                   max_val_crops=cfg.val_crops)
+        val_set = AudioCropDataset(cfg.val_data_path, cfg.val_segment_seconds or cfg.segment_seconds, cfg.sample_rate,
+                                   train=False, max_val_crops=cfg.val_crops, preload_max_gb=cfg.preload_max_gb)
         val_loader = make_loader(val_set, cfg.batch_size, num_workers=cfg.num_workers, distributed=False)
         say(describe("val", val_set))
     if not cfg.eval_only:
         train_set = AudioCropDataset(cfg.train_data_path, cfg.segment_seconds, cfg.sample_rate, train=True,
-                                     seed=cfg.seed)
+                                     seed=cfg.seed, preload_max_gb=cfg.preload_max_gb)
         train_loader = make_loader(train_set, cfg.batch_size, num_workers=cfg.num_workers, distributed=True,
                                    seed=cfg.seed)
         if len(train_loader) == 0:
@@ -347,17 +355,21 @@ def summary(metrics: dict) -> str:
             + (f" | DNSMOS {metrics['val/dnsmos']:.3f}" if "val/dnsmos" in metrics else ""))
 
 
-def train_row(sums: dict, norms: dict, lr: float, lr_d: float, samples_per_step: int, steps: int, seconds: float,
-              cfg: CodecConfig, device: torch.device) -> dict:
-    """The log row of the last `steps` steps (`seconds` of training): each loss averaged over the
-    micro-batches and ranks (`sums`: name -> values), the KL rate, the last gradient norms, the
-    learning rates and the throughput. A collective under torch.distributed."""
+def train_row(sums: dict, norms: dict, lr: float, lr_d: float, samples_per_step: int, step_times: list[float],
+              seconds: float, cfg: CodecConfig, device: torch.device) -> dict:
+    """The log row of the steps since the last (`step_times`, their durations; `seconds` of
+    training): each loss averaged over the micro-batches and ranks (`sums`: name -> values), the
+    KL rate, the last gradient norms, the learning rates and the throughput, with the median and
+    slowest step (a periodic stall shows as a max far above the median). A collective under
+    torch.distributed."""
+    steps = len(step_times)
     keys = sorted(sums)  # the same on every rank
     means = all_reduce_mean(torch.stack([torch.stack(sums[k]).mean() for k in keys])).tolist()
     row = {f"loss/{k}": v for k, v in zip(keys, means)}
     row["rate/kl_bits_per_s"] = kl_bits_per_second(row["loss/kl"], cfg.sample_rate / math.prod(cfg.strides))
     row.update({k: v.item() for k, v in norms.items()}, lr=lr, lr_disc=lr_d,
-               **{"perf/samples_per_s": samples_per_step * steps / seconds, "perf/step_s": seconds / steps})
+               **{"perf/samples_per_s": samples_per_step * steps / seconds, "perf/step_s": seconds / steps,
+                  "perf/step_s_p50": float(np.median(step_times)), "perf/step_s_max": max(step_times)})
     if device.type == "cuda":
         row["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
     return row
@@ -392,10 +404,11 @@ def check_config(cfg: CodecConfig) -> None:
         if cfg.sample_rate != 16000:
             raise ConfigError(f"val_mos=true: DNSMOS needs 16 kHz audio, not sample_rate={cfg.sample_rate}")
     hop = math.prod(cfg.strides)
-    segment = round(cfg.segment_seconds * cfg.sample_rate)
-    if segment % hop:
-        raise ConfigError(f"segment_seconds={cfg.segment_seconds} gives {segment} samples, not a multiple of "
-                          f"the codec's {hop} samples per latent")
+    for key in ("segment_seconds", "val_segment_seconds"):
+        segment = round(getattr(cfg, key) * cfg.sample_rate)
+        if segment % hop:
+            raise ConfigError(f"{key}={getattr(cfg, key)} gives {segment} samples, not a multiple of "
+                              f"the codec's {hop} samples per latent")
 
 
 def resume_notes(state: dict, cfg: CodecConfig, world_size: int) -> list[str]:
@@ -485,7 +498,8 @@ def export_state(saved: dict, tmp: str) -> None:
 def describe(name: str, dataset: AudioCropDataset) -> str:
     skipped = len(dataset.files.skipped)
     return (f"{name}: {len(dataset.files)} files, {dataset.total_seconds / 60:.1f} min in {dataset.files.source}, "
-            f"{len(dataset)} crops" + (f"; {skipped} unreadable files skipped (named above)" if skipped else ""))
+            f"{len(dataset)} crops" + (", decoded into memory" if dataset.preloaded else "")
+            + (f"; {skipped} unreadable files skipped (named above)" if skipped else ""))
 
 
 def log_samples(run_dir: Path, pairs: list, sample_rate: int, logger: Logger, figure: bool = True) -> dict:

@@ -6,6 +6,13 @@ discriminator step), bf16 autocast + torch.compile against fp32 eager.
     python benchmarks/codec_train.py --presets hertz_dev --modes bf16-compile bf16-eager
     python benchmarks/codec_train.py --device cpu --presets tiny --batch 2 --seconds 1 \
         --steps 2 --warmup 1 --modes fp32-eager                      # CPU smoke test
+    python benchmarks/codec_train.py --data data/demo/train --presets small --workers 6   # the loader alone
+
+`--data FOLDER` measures the trainer's input pipeline instead, no model: train_codec.py's training
+loader (its dataset, `preload_max_gb`, `make_loader`, `infinite_batches`, pinned memory) at the
+preset's batch and segment, iterated as fast as it delivers for `--batches` batches (several
+epochs of a small corpus, so an epoch-boundary stall shows): samples/s, the wait for each batch
+(p50, p99, max) and which batches waited over 3x the median.
 
 Prints one JSON line per (preset, mode); `warmup_s` includes compilation. The audio is synthetic
 (harmonic tones with a syllable envelope), so nothing but torch and numpy is needed: no audio
@@ -123,6 +130,36 @@ def bench(preset: str, mode: str, args) -> dict:
             "loss": round(losses[0].item(), 3), "loss_disc": round(losses[1].item(), 3)}
 
 
+def bench_data(preset: str, args) -> dict:
+    """The training loader of train_codec.py alone: samples/s and the wait for each batch."""
+    import numpy as np
+
+    from model.data import AudioCropDataset, infinite_batches, make_loader
+    cfg = PRESETS[preset]
+    t0 = time.perf_counter()
+    dataset = AudioCropDataset(args.data, cfg.segment_seconds, cfg.sample_rate, train=True, seed=cfg.seed,
+                               preload_max_gb=cfg.preload_max_gb if args.preload is None else args.preload)
+    loader = make_loader(dataset, cfg.batch_size, num_workers=args.workers, distributed=True, seed=cfg.seed)
+    batches = infinite_batches(loader)
+    setup_s = time.perf_counter() - t0
+    waits = []
+    t0 = time.perf_counter()
+    for _ in range(args.batches):
+        t = time.perf_counter()
+        next(batches)
+        waits.append(time.perf_counter() - t)
+    elapsed = time.perf_counter() - t0
+    ms = np.array(waits[1:]) * 1e3  # the first batch waits for the workers to start
+    return {"preset": preset, "mode": "data", "batch": cfg.batch_size, "seconds": cfg.segment_seconds,
+            "workers": args.workers, "preloaded": dataset.preloaded, "batches_per_epoch": len(loader),
+            "batches": args.batches, "setup_s": round(setup_s, 2), "first_batch_s": round(waits[0], 3),
+            "samples_per_s": round(cfg.batch_size * (args.batches - 1) / (elapsed - waits[0]), 1),
+            "wait_ms_p50": round(float(np.percentile(ms, 50)), 2), "wait_ms_p99": round(float(np.percentile(ms, 99)), 2),
+            "wait_ms_max": round(float(ms.max()), 2),
+            "slow_batches": [i + 1 for i, w in enumerate(ms) if w > 3 * max(float(np.median(ms)), 1.0)],
+            "cpus": os.cpu_count()}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", nargs="+", default=["small", "hertz_dev"], choices=list(PRESETS))
@@ -132,7 +169,15 @@ def main():
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
     ap.add_argument("--steps", type=int, default=6, help="timed steps")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--data", help="measure train_codec.py's training loader over this folder instead, no model")
+    ap.add_argument("--workers", type=int, default=6, help="DataLoader workers (--data)")
+    ap.add_argument("--batches", type=int, default=80, help="batches to read (--data)")
+    ap.add_argument("--preload", type=float, help="preload_max_gb (--data); default: the preset's")
     args = ap.parse_args()
+    if args.data:
+        for preset in args.presets:
+            print(json.dumps(bench_data(preset, args)), flush=True)
+        return
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

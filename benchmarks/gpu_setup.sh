@@ -1,4 +1,4 @@
-# Source this on the lent GPU machine (its image has torch but not soundfile, soxr, pystoi,
+# Source this on the lent GPU machine (its image has torch but not soundfile, soxr, pystoi, pesq,
 # espeakng-loader): installs the wheels carried in .whl/ and makes the demo corpus.
 #   source benchmarks/gpu_setup.sh [MINUTES]
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl

@@ -44,7 +44,9 @@ class CodecConfig:
     train_data_path: str = "data/demo/train"   # a folder of audio files, or a .jsonl manifest of them
     val_data_path: str = "data/demo/val"
     segment_seconds: float = field(default=6.0, metadata=RESUME)        # random crops to train, fixed for val
+    val_segment_seconds: float = 0.0            # validation crops, if not segment_seconds (0): comparable figures
     num_workers: int = 2
+    preload_max_gb: float = 4.0                 # decode a corpus into RAM (float32) up to this size; 0: stream
     val_crops: int = 128                        # at most this many validation crops (STOI runs on CPU)
     val_mos: bool = False                       # DNSMOS column too (pip install speechmos onnxruntime librosa)
 
@@ -56,6 +58,11 @@ class CodecConfig:
     gan_loss: Literal["lsgan", "hinge"] = "lsgan"      # least-squares (HiFi-GAN, DAC) or hinge (MelGAN)
     mel_windows: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048)   # hop = window / 4
     mel_bins: tuple[int, ...] = (5, 10, 20, 40, 80, 160, 320)            # one per window
+    # phase-aware terms, off by default (DAC has none; EnCodec has a waveform L1): the mel loss is
+    # blind to phase, these are not (SI-SDR); 0 leaves the term out of the loss and the logs
+    wave_weight: float = 0.0                    # waveform L1 over real samples
+    stft_weight: float = 0.0                    # complex-STFT L1, relative to the reference's magnitude
+    stft_windows: tuple[int, ...] = (128, 512, 2048)                     # its STFT windows, hop = window / 4
 
     # --- discriminators -------------------------------------------------------------------------
     mpd_periods: tuple[int, ...] = field(default=(2, 3, 5, 7, 11), metadata=DISC)   # HiFi-GAN multi-period
@@ -114,4 +121,22 @@ tiny = dataclasses.replace(
     mpd_channels=(4, 8, 16, 16, 16), mrd_windows=(512, 128), mrd_channels=4, disc_learning_rate=1e-3,
 )
 
-PRESETS = {"tiny": tiny, "small": small, "hertz_dev": hertz_dev}
+# `small`'s architecture and discriminators with a recipe for short runs (minutes on one GPU), so
+# a checkpoint of either can init_from the other. Argued in README (Training the codec, Recipe):
+# - 2 s crops (DAC 0.38 s, HiFi-GAN 0.5 s): a third of the compute per step, 3x the updates per
+#   GPU-second; 16 latents per crop still cover the decoder's context;
+# - learning rate 5e-4 with a 200-step warmup (small: 2e-4 after 500; HiFi-GAN 2e-4, EnCodec 3e-4,
+#   DAC 1e-4 for 400k steps): a 15-minute run is limited by its number of updates (small's mel
+#   distance was still falling steadily when its proof stopped), and grad_clip=1 guards the rate;
+# - mel loss alone for the first 400 steps (disc_start_step): without the discriminators a step
+#   costs about 40% of one with them, and the adversarial terms only refine a decoder that
+#   already reconstructs the spectrum (HiFi-GAN and DAC start them at 0 on runs 1000x longer);
+# - the rest is DAC's: mel 15, feature matching 2, adversarial 1, AdamW betas (0.8, 0.99).
+small_fast = dataclasses.replace(
+    small,
+    segment_seconds=2.0, val_segment_seconds=6.0, batch_size=32, learning_rate=5e-4, disc_learning_rate=5e-4, min_lr=5e-5,
+    warmup_steps=200, max_steps=6000, disc_start_step=400, num_workers=6,
+    log_interval=25, eval_interval=500, save_interval=500,
+)
+
+PRESETS = {"tiny": tiny, "small": small, "small_fast": small_fast, "hertz_dev": hertz_dev}

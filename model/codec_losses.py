@@ -2,6 +2,8 @@
 
 - `MultiResolutionMelLoss`: L1 between log10 mel spectrograms at several STFT window sizes
   (torch.stft and a Slaney mel filterbank built here; no torchaudio), padding excluded.
+- `waveform_l1` and `MultiResolutionSTFTLoss`: optional phase-aware terms (sample L1, complex
+  STFT L1), which the mel loss, blind to phase, leaves free.
 - `latent_kl`: KL of the Gaussian latent to N(0, I), padding excluded.
 - `discriminator_loss`, `generator_adversarial_loss` (LSGAN or hinge) and `feature_matching_loss`
   over the outputs of `model.discriminators.Discriminators`.
@@ -119,6 +121,47 @@ class MultiResolutionMelLoss(nn.Module):
                 total = total + (err * m).sum(-1) / m.sum(-1).clamp_min(1)
             else:
                 total = total + (err * m).sum() / m.sum().clamp_min(1)
+        return total
+
+
+# --- phase-aware terms (optional) ----------------------------------------------------------------
+
+def waveform_l1(x: Tensor, y: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    """Mean absolute sample error over real samples (EnCodec's time-domain term):
+
+        L_wave(x, y) = sum_{b, n real} |x_bn - y_bn| / #real samples
+    """
+    err = (x.float() - y.float()).abs().squeeze(1)  # (B, N)
+    if mask is None:
+        return err.mean()
+    return (err * mask).sum() / mask.sum().clamp_min(1)
+
+
+class MultiResolutionSTFTLoss(nn.Module):
+    """Complex-STFT L1 at several windows (hann, hop = window / 4), relative to the reference's
+    magnitude so that loud and quiet crops weigh alike:
+
+        L_stft(x, y) = sum_r  sum_{b, f, t real} |X_r - Y_r| / sum_{b, f, t real} |Y_r|
+
+    |X_r - Y_r| is the modulus of a complex difference, so it penalises phase errors as well as
+    magnitude ones (0 only for x = y), unlike the mel loss. Frames centred on padding are left out.
+    """
+
+    def __init__(self, windows: Sequence[int]):
+        super().__init__()
+        self.hops = [w // 4 for w in windows]
+        for i, w in enumerate(windows):
+            self.register_buffer(f"window{i}", torch.hann_window(w), persistent=False)
+
+    def forward(self, x: Tensor, y: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """x, y: (B, 1, N); mask: (B, N) or None. A scalar."""
+        total = 0.0
+        with torch.autocast(x.device.type, enabled=False):
+            for i, hop in enumerate(self.hops):
+                window = getattr(self, f"window{i}")
+                sx, sy = stft(x, window, hop), stft(y, window, hop)  # complex (B, F, T)
+                m = 1.0 if mask is None else frame_mask(mask, hop, sx.shape[-1])[:, None, :].float()
+                total = total + ((sx - sy).abs() * m).sum() / ((sy.abs() * m).sum() + 1e-5)
         return total
 
 

@@ -11,9 +11,10 @@ import soundfile as sf
 import torch
 
 from config.codec_config import PRESETS
-from model.codec_losses import (DNSMOS, MelSpectrogram, MultiResolutionMelLoss, discriminator_loss,
-                                feature_matching_loss, generator_adversarial_loss, hz_to_mel, kl_bits_per_second,
-                                latent_kl, mel_filterbank, mel_to_hz, pesq_wb, si_sdr, stoi)
+from model.codec_losses import (DNSMOS, MelSpectrogram, MultiResolutionMelLoss, MultiResolutionSTFTLoss,
+                                discriminator_loss, feature_matching_loss, generator_adversarial_loss, hz_to_mel,
+                                kl_bits_per_second, latent_kl, mel_filterbank, mel_to_hz, pesq_wb, si_sdr, stoi,
+                                waveform_l1)
 from model.discriminators import Discriminators, PeriodDiscriminator, STFTDiscriminator
 
 SR = 16000
@@ -87,6 +88,24 @@ def test_mel_loss_is_zero_for_equal_signals_and_ignores_padding():
     half = loss(z * mask[:, None], x * mask[:, None], mask, per_item=True)
     assert half.shape == (2,)
     assert half.mean().item() == pytest.approx(loss(z[..., :SR // 2], x[..., :SR // 2]).item(), rel=0.1)
+
+
+def test_phase_aware_terms_see_what_the_mel_loss_cannot():
+    """A polarity flip leaves every magnitude spectrum as it was (mel loss 0), while the waveform
+    L1 and the complex-STFT loss see it (|X - (-X)| / |X| = 2 at each resolution); both are 0 for
+    equal signals and leave the padding out."""
+    mel, spec = MultiResolutionMelLoss((64, 256), (10, 40), SR), MultiResolutionSTFTLoss((64, 256, 1024))
+    x = tone(440.0, batch=2)
+    assert mel(-x, x).item() == pytest.approx(0.0, abs=1e-6)
+    assert spec(x, x).item() == 0.0 and waveform_l1(x, x).item() == 0.0
+    assert spec(-x, x).item() == pytest.approx(6.0, rel=1e-3)
+    assert waveform_l1(-x, x).item() == pytest.approx(2 * x.abs().mean().item(), rel=1e-5)
+    mask = torch.ones(2, SR)
+    mask[:, SR // 2:] = 0
+    y = x.clone()
+    y[..., SR // 2:] = torch.randn(2, 1, SR // 2)
+    assert waveform_l1(y * mask[:, None], x * mask[:, None], mask).item() == 0.0
+    assert spec(y * mask[:, None], x * mask[:, None], mask).item() < 0.02  # only frames straddling the edge
 
 
 def kl_divergence(mu, logvar):

@@ -342,3 +342,39 @@ def test_files_failing_at_read_time_are_skipped_and_named_once(tmp_path):
     messages = skipped_names(record)
     assert len(messages) == 1 and "cut.flac" in messages[0]
     assert all(torch.all(item["mask"] == 1) for item in items)
+
+
+def test_preloaded_corpus_gives_the_crops_read_from_disk(tmp_path):
+    """preload_max_gb: the corpus decoded once into memory gives the same crops (same samples at
+    the file's own rate, within the resampler's edge effects otherwise), and an over-size corpus streams."""
+    for i in range(3):
+        write(tmp_path / f"{i}.wav", tone(1.0 + i, freq=200.0 * (i + 1)))
+    sf.write(tmp_path / "stereo_22k.wav", np.stack([tone(1.5, 22050, 300.0), tone(1.5, 22050, 500.0)]).T, 22050,
+             subtype="FLOAT")
+    for train in (True, False):
+        disk = AudioCropDataset(tmp_path, segment_seconds=0.25, train=train, seed=4)
+        ram = AudioCropDataset(tmp_path, segment_seconds=0.25, train=train, seed=4, preload_max_gb=1.0)
+        assert ram.preloaded and not disk.preloaded
+        for k in range(len(disk)):
+            a, b = disk[k], ram[k]
+            assert a["file"] == b["file"] and torch.equal(a["mask"], b["mask"])
+            np.testing.assert_allclose(a["audio"].numpy(), b["audio"].numpy(), atol=1e-4)
+            if not disk.files[a["file"]].path.endswith("22k.wav"):
+                assert torch.equal(a["audio"], b["audio"])
+    assert not AudioCropDataset(tmp_path, segment_seconds=0.25, preload_max_gb=1e-6).preloaded
+
+
+def test_infinite_batches_keep_their_workers_across_epochs(tmp_path):
+    """One iterator over every epoch: batches with two workers equal those read in the main process,
+    epoch after epoch, and item (epoch, i) is the crop `set_epoch(epoch)` then `[i]` gives."""
+    for i in range(3):
+        write(tmp_path / f"{i}.wav", tone(1.0 + i, freq=200.0 * (i + 1)))
+    ds = AudioCropDataset(tmp_path, segment_seconds=0.25, seed=2, preload_max_gb=1.0)  # 24 crops
+    streams = [infinite_batches(make_loader(ds, batch_size=4, num_workers=n, distributed=True, seed=3))
+               for n in (0, 2)]
+    for _ in range(14):  # two epochs and a bit
+        a, b = next(streams[0]), next(streams[1])
+        assert torch.equal(a["audio"], b["audio"]) and torch.equal(a["file"], b["file"])
+    ds.set_epoch(1)
+    assert torch.equal(ds[5]["audio"], ds[(1, 5)]["audio"])
+    assert not torch.equal(ds[(0, 5)]["audio"], ds[(1, 5)]["audio"])

@@ -174,6 +174,23 @@ def test_total_loss_falls_on_one_fixed_batch(corpus, tmp_path):
     assert train[-1]["loss/mel"] < 0.8 * train[0]["loss/mel"]
 
 
+def test_phase_aware_terms_are_logged_and_weighted_into_the_total(corpus, tmp_path):
+    """wave_weight and stft_weight add their terms to the logs and to the total with their weights;
+    at weight 0 (the default) they are neither computed nor logged."""
+    common = ["--config", "tiny", f"train_data_path={corpus / 'train'}", f"val_data_path={corpus / 'val'}",
+              "wandb=disabled", "max_steps=3", "log_interval=1", "eval_interval=1000", "disc_start_step=1000"]
+    train_codec.main(common + [f"checkpoint_dir={tmp_path / 'on'}", "wave_weight=2.0", "stft_weight=0.5"])
+    train_codec.main(common + [f"checkpoint_dir={tmp_path / 'off'}"])
+    on, off = train_rows(tmp_path / "on" / "metrics.jsonl"), train_rows(tmp_path / "off" / "metrics.jsonl")
+    cfg = PRESETS["tiny"]
+    for r in on:
+        assert r["loss/wave"] > 0 and r["loss/stft"] > 0
+        assert r["loss/total"] == pytest.approx(cfg.mel_weight * r["loss/mel"] + cfg.kl_weight * r["loss/kl"]
+                                                + 2.0 * r["loss/wave"] + 0.5 * r["loss/stft"], rel=1e-5)
+        assert r["perf/step_s_max"] >= r["perf/step_s_p50"] > 0
+    assert all("loss/wave" not in r and "loss/stft" not in r for r in off)
+
+
 def test_max_minutes_stops_cleanly_and_the_next_segment_resumes(corpus, tmp_path):
     run_dir = tmp_path / "run"
     segment = args(corpus, run_dir, "max_steps=1000", "max_minutes=0.001", "eval_interval=1000")
@@ -280,6 +297,18 @@ def test_benchmark_cpu_smoke_run_needs_no_audio_packages():
     assert result.returncode == 0, result.stderr[-3000:]
     line = json.loads(result.stdout.strip().splitlines()[-1])
     assert line["preset"] == "tiny" and line["mode"] == "fp32-eager" and line["samples_per_s"] > 0
+
+
+def test_benchmark_data_mode_reads_the_trainers_loader(corpus):
+    """--data: the training loader alone over several epochs (the corpus decoded into memory),
+    one JSON line with its throughput and batch waits."""
+    result = run(["benchmarks/codec_train.py", "--data", str(corpus / "train"), "--presets", "tiny",
+                  "--workers", "2", "--batches", "12"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    assert line["mode"] == "data" and line["preloaded"] and line["batches"] == 12
+    assert line["batches_per_epoch"] < 12  # it crossed epoch boundaries
+    assert line["samples_per_s"] > 0 and 0 < line["wait_ms_p50"] <= line["wait_ms_p99"] <= line["wait_ms_max"]
 
 
 def error_line(stderr):

@@ -1,0 +1,118 @@
+# The codec trainer's proof on one GPU in one call (issue 14), within a wall-time budget:
+#   1. set-up: benchmarks/gpu_setup.sh 60 (wheels, the 60-minute demo corpus);
+#   2. the training loader alone (benchmarks/codec_train.py --data): samples/s, batch wait p50/p99;
+#   3. the `small` step alone on synthetic audio (bf16 eager, what the GPU gives without data);
+#   4. train_codec.py --config small with the real loader for THROUGHPUT_STEPS steps: samples/s,
+#      median and slowest step of each log window (a periodic stall shows as max >> p50);
+#   5. the hertz_dev step with torch.compile, killed after COMPILE_S seconds ("did not finish");
+#   6. the tuned recipe (--config small_fast) trained until PROOF_SECONDS after the start, less
+#      END_MARGIN_S for its final evaluation and save, with validation (mel distance, STOI, PESQ,
+#      SI-SDR, KL bits/s) on held-out voices at the start and the end.
+#
+#   bash benchmarks/codec_proof.sh            # on the H200: about PROOF_SECONDS (default 530 s)
+#   bash benchmarks/codec_proof.sh --smoke    # every step above on a CPU with tiny presets (~4 min)
+#
+# Each part prints one JSON line, {"proof": PART, ...}; logs go to $OUT/*.log (their tail is printed
+# when a part fails). The tuned codec ends at $OUT/tuned/best.safetensors (best validation mel
+# distance), also named in its JSON line. Environment: OUT (default /tmp/codec_proof),
+# PROOF_SECONDS, COMPILE_S (default 120; 0 skips part 5), THROUGHPUT_STEPS (80), END_MARGIN_S (75),
+# TUNED_OVERRIDES (more key=value for the tuned run, e.g. "stft_weight=1.0").
+set -u
+start=$(date +%s)
+OUT=${OUT:-/tmp/codec_proof}
+mkdir -p "$OUT"
+if [ "${1:-}" = "--smoke" ]; then
+  SMOKE=1
+  PROOF_SECONDS=${PROOF_SECONDS:-240} COMPILE_S=${COMPILE_S:-15} THROUGHPUT_STEPS=${THROUGHPUT_STEPS:-4}
+  END_MARGIN_S=${END_MARGIN_S:-30}
+  export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+  python3 data/demo/prepare.py --minutes 2 --seed 0 --engines espeak --out "$OUT/demo" > "$OUT/setup.log" 2>&1
+  DATA=$OUT/demo
+  COMMON="device=cpu wandb=disabled resume=false train_data_path=$DATA/train val_data_path=$DATA/val"
+  SMALL="--config tiny $COMMON num_workers=2"
+  TUNED="--config tiny $COMMON max_steps=100000 log_interval=2 eval_interval=100000 save_interval=100000 val_crops=8"
+  STEP_ARGS="--device cpu --presets tiny --modes fp32-eager --batch 2 --seconds 1 --warmup 1 --steps 2"
+  COMPILE_ARGS="--device cpu --presets tiny --modes bf16-compile --batch 2 --seconds 1 --warmup 1 --steps 1"
+  LOADER_ARGS="--presets tiny --workers 2 --batches 20"
+else
+  SMOKE=0
+  PROOF_SECONDS=${PROOF_SECONDS:-530} COMPILE_S=${COMPILE_S:-120} THROUGHPUT_STEPS=${THROUGHPUT_STEPS:-80}
+  END_MARGIN_S=${END_MARGIN_S:-75}
+  source benchmarks/gpu_setup.sh 60 > "$OUT/setup.log" 2>&1
+  DATA=data/demo
+  COMMON="device=cuda wandb=disabled resume=false train_data_path=$DATA/train val_data_path=$DATA/val"
+  SMALL="--config small $COMMON num_workers=6"
+  TUNED="--config small_fast $COMMON max_steps=100000 eval_interval=100000 save_interval=500 val_crops=64"
+  STEP_ARGS="--presets small --modes bf16-eager --warmup 2 --steps 6"
+  COMPILE_ARGS="--presets hertz_dev --modes bf16-compile --warmup 2 --steps 5"
+  LOADER_ARGS="--presets small --workers 6 --batches 80"
+fi
+elapsed() { echo $(( $(date +%s) - start )); }
+failed() {  # part, log: a JSON line saying so, and the log's tail on stderr
+  python3 -c 'import json, sys; print(json.dumps({"proof": sys.argv[1], "error": "failed, see " + sys.argv[2]}))' "$1" "$2"
+  tail -20 "$2" >&2
+}
+python3 -c 'import importlib.util as u, json, sys
+print(json.dumps({"proof": "setup", "smoke": bool(int(sys.argv[1])), "elapsed_s": int(sys.argv[2]),
+                  **{m: u.find_spec(m) is not None for m in ("pystoi", "pesq", "soundfile", "soxr")}}))' \
+  "$SMOKE" "$(elapsed)"
+
+# 2. the loader alone
+python3 benchmarks/codec_train.py --data "$DATA/train" $LOADER_ARGS > "$OUT/loader.log" 2>&1 \
+  && grep '^{' "$OUT/loader.log" | sed 's/^{/{"proof": "loader", /' || failed loader "$OUT/loader.log"
+
+# 3. the small step alone, synthetic audio
+python3 benchmarks/codec_train.py $STEP_ARGS > "$OUT/step.log" 2>&1 \
+  && grep '^{' "$OUT/step.log" | sed 's/^{/{"proof": "step_synthetic", /' || failed step_synthetic "$OUT/step.log"
+
+# 4. the trainer with the real loader
+python3 train_codec.py $SMALL max_steps=$THROUGHPUT_STEPS log_interval=$(( THROUGHPUT_STEPS / 4 )) \
+  eval_interval=100000 save_interval=100000 val_crops=8 checkpoint_dir="$OUT/throughput" \
+  > "$OUT/throughput.log" 2>&1 || failed throughput "$OUT/throughput.log"
+python3 - "$OUT/throughput/metrics.jsonl" "${SMALL%% device=*}" <<'EOF' || failed throughput_report "$OUT/throughput.log"
+import json, statistics, sys
+rows = [r for r in map(json.loads, open(sys.argv[1])) if "perf/samples_per_s" in r]
+steady = rows[1:] or rows  # the first window includes cuDNN's autotuning and the workers' start
+print(json.dumps({"proof": "throughput", "run": sys.argv[2] + " (real loader)", "steps": rows[-1]["step"],
+                  "samples_per_s": round(statistics.mean(r["perf/samples_per_s"] for r in steady), 1),
+                  "samples_per_s_windows": [round(r["perf/samples_per_s"], 1) for r in rows],
+                  "step_s_p50": round(statistics.median(r["perf/step_s_p50"] for r in steady), 4),
+                  "step_s_max_windows": [round(r["perf/step_s_max"], 3) for r in rows],
+                  "gpu_mem_gb": rows[-1].get("perf/gpu_mem_gb")}))
+EOF
+
+# 5. hertz_dev with compile, capped (COMPILE_S=0 skips it)
+rc=0
+[ "$COMPILE_S" -gt 0 ] && { timeout --kill-after=10 "$COMPILE_S" python3 benchmarks/codec_train.py $COMPILE_ARGS \
+  > "$OUT/compile.log" 2>&1; rc=$?; }
+if [ "$COMPILE_S" -le 0 ]; then
+  echo '{"proof": "compile", "skipped": "COMPILE_S=0"}'
+elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+  echo "{\"proof\": \"compile\", \"error\": \"did not finish compiling in $COMPILE_S s\"}"
+elif [ $rc -eq 0 ]; then
+  grep '^{' "$OUT/compile.log" | sed 's/^{/{"proof": "compile", /'
+else
+  failed compile "$OUT/compile.log"
+fi
+
+# 6. the tuned recipe for the remaining time
+minutes=$(python3 -c "print(round(max($PROOF_SECONDS - $(elapsed) - $END_MARGIN_S, 30) / 60, 2))")
+echo "{\"proof\": \"tuned_start\", \"elapsed_s\": $(elapsed), \"max_minutes\": $minutes}"
+python3 train_codec.py $TUNED max_minutes=$minutes checkpoint_dir="$OUT/tuned" ${TUNED_OVERRIDES:-} \
+  > "$OUT/tuned.log" 2>&1 || failed tuned "$OUT/tuned.log"
+python3 - "$OUT/tuned" <<'EOF' || failed tuned_report "$OUT/tuned.log"
+import json, os, statistics, sys
+run = sys.argv[1]
+rows = list(map(json.loads, open(os.path.join(run, "metrics.jsonl"))))
+vals = [r for r in rows if "val/mel_distance" in r]
+train = [r for r in rows if "perf/samples_per_s" in r]
+keys = ("val/mel_distance", "val/stoi", "val/pesq", "val/si_sdr", "val/kl_bits_per_s")
+pick = lambda r: {"step": r["step"], **{k.split("/")[1]: round(r[k], 4) for k in keys if k in r}}
+best = min(vals, key=lambda r: r["val/mel_distance"])
+print(json.dumps({"proof": "tuned", "start": pick(vals[0]), "end": pick(vals[-1]), "best": pick(best),
+                  "steps": rows[-1]["step"], "samples_per_s": round(statistics.mean(r["perf/samples_per_s"]
+                                                                                     for r in train[1:] or train), 1),
+                  "codec": os.path.abspath(os.path.join(run, "best.safetensors")),
+                  "codec_exists": os.path.isfile(os.path.join(run, "best.safetensors"))}))
+EOF
+echo "{\"proof\": \"done\", \"elapsed_s\": $(elapsed)}"
