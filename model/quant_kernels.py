@@ -122,7 +122,10 @@ def _int4_gemv(x_ptr, w_ptr, sz_ptr, y_ptr, N, K, GROUP: tl.constexpr, BLOCK_N: 
 @triton.jit
 def _int4_dot(x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, GROUP: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # One group a step along K: its (BLOCK_N, GROUP) weights dequantized to the activations' dtype.
+    # One group a step along K. The 4-bit values go into the product as they are (integers below
+    # 16 are exact in bf16/fp16) and the group's scale and zero apply to the (BLOCK_M, BLOCK_N)
+    # partial sums: sum_k x_k w_k = s * (sum_k x_k q_k - 8 sum_k x_k) + z * sum_k x_k. Per weight
+    # that leaves unpacking and one conversion; the multiply-adds run on the tensor cores.
     HALF: tl.constexpr = GROUP // 2
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -132,12 +135,13 @@ def _int4_dot(x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, GROUP: tl.constexpr,
     for g in range(0, K // GROUP):
         x = tl.load(x_ptr + rm[:, None] * K + g * GROUP + rk[None, :], mask=rm[:, None] < M, other=0.0)
         b = tl.load(w_ptr + rn[:, None] * (K // 2) + g * HALF + rj[None, :], mask=rn[:, None] < N, other=0)
-        q = tl.interleave(b >> 4, b & 15).to(tl.float32)                     # (BN, GROUP), even column first
+        q = tl.interleave(b >> 4, b & 15).to(x.dtype)                        # (BN, GROUP), even column first
+        qx = tl.dot(x, tl.trans(q))                                           # (BM, BN), float32
+        sx = tl.sum(x.to(tl.float32), axis=1)                                 # (BM,)
         szp = sz_ptr + (g * N + rn) * 2
         s = tl.load(szp, mask=rn < N, other=0.0).to(tl.float32)
         z = tl.load(szp + 1, mask=rn < N, other=0.0).to(tl.float32)
-        w = ((q - 8.0) * s[:, None] + z[:, None]).to(x.dtype)
-        acc = tl.dot(x, tl.trans(w), acc)
+        acc += (qx - 8.0 * sx[:, None]) * s[None, :] + sx[:, None] * z[None, :]
     tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=(rm[:, None] < M) & (rn[None, :] < N))
 
