@@ -21,7 +21,9 @@ alternatives (../shared/notes/h200-linear-kernels.md and benchmarks/quant_kernel
 layers at batch 1 on the H200): int8 with the dequantisation fused by `torch.compile` (gpt-fast)
 reads at ~73% of the bandwidth alone but was no faster than bf16 inside the compiled block and
 fell to 0.4x bf16 at 8 rows; `aten._weight_int8pack_mm` has no real CUDA kernel (13 ms);
-tinygemm's `aten._weight_int4pack_mm` reaches ~38% of the bandwidth at one row.
+tinygemm's `aten._weight_int4pack_mm` reaches ~38% of the bandwidth at one row. These kernels,
+every Linear of a hertz_dev step at one row (benchmarks/quant_kernels.py, H200): int8 2.89 TB/s,
+1.60x bf16; int4 1.04 TB/s (its GEMV is bound by unpacking on the CUDA cores).
 
 Layout: the state dict holds the same tensors the kernels read (`qweight` int8 (N, K), or uint8
 (N, K/2) with two 4-bit values a byte, high nibble first; scales in the model's dtype), on every
