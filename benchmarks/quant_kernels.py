@@ -5,7 +5,8 @@
 
 Every `nn.Linear` of the LM, resynthesizer and quantizer of the `hertz_dev` duplex model (shapes
 from a model built on `meta`; random weights), called once each in model order with `--rows`
-activation rows, the whole pass captured in one CUDA graph and replayed (median of 20 replays).
+activation rows, the whole pass captured in one CUDA graph and replayed (median of 20 replays, `benchmarks/inference.py`'s
+`graph_time`).
 Kernels: `bf16` (cuBLAS F.linear), `int8` / `int4` (`model.quant_kernels`, the one-row choice
 between GEMV and tile product made on first use, as in the model), `int8_gemv`, `int8_dot`,
 `int4_gemv`, `int4_dot` (each kernel forced), `int8_inductor` (with --inductor: F.linear on the int8 weights cast
@@ -28,6 +29,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from benchmarks.inference import graph_time  # noqa: E402
 from config.transformer_config import PRESETS  # noqa: E402
 from model import HertzDev  # noqa: E402
 from model.quant import dequantize_int4, dequantize_int8, int4_fits  # noqa: E402
@@ -45,24 +47,6 @@ def shapes() -> list[tuple[int, int]]:
         model = HertzDev(PRESETS["hertz_dev"])
     return [(m.out_features, m.in_features) for part in (model.quantizer, model.lm, model.resynth)
             for m in part.modules() if type(m) is nn.Linear]
-
-
-def graph_ms(fn, reps: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
 
 
 def rel_err(a, b) -> float:
@@ -157,7 +141,7 @@ def main() -> None:
                 t = time.time()
                 with torch.no_grad():
                     out = fn()  # first call: autotuning, compilation
-                    ms = graph_ms(fn)
+                    ms = graph_time(fn, iters=20)
                 n, k = layers[-1]
                 if fmt == "bf16":
                     w = weights["bf16"][-1].float()
