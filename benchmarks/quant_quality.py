@@ -16,42 +16,54 @@ token is bf16's), code_agreement (the quantizer's FSQ indices equal to bf16's), 
 resynthesizer alone), and the same with the model's own codes (resynth_own_codes_rel_err).
 
 (b) a `small` duplex model trained on the demo corpus in this run (issue 12's item 4b and issue
-13's learning proof), in stages, each a trainer process with a time limit:
-  codec           train_codec.py on corpus/train (--codec-minutes), unless --codec PATH is given;
-  base-quantizer  train_transformer.py stage=quantizer on the training monologues (channel 1
-                  silent) and dialogues but the dev ones (below), picked on val/mono,
-                  --transformer-minutes;
+13's learning proof), then adapted to voices it never heard, as a user makes the model theirs.
+The split (`split`; a "split" line gives the voices and each set's files, dialogues and seconds;
+{base,finetune}-train.jsonl, finetune-dev.jsonl and finetune-val.jsonl in --work list the files)
+reads every file's voices from the corpus' manifest.json: the fine-tuning voices are eSpeak NG's
+whispered, creaky, Klatt and elderly variants (ADAPT_VOICES), plus the voices in most other
+dialogues where those speak in fewer than 3 training dialogues or under a third of their seconds
+(a small corpus, or Flite and Festival taking half the speakers). The training dialogues in which
+any of them speaks are dealt in file order, half to finetune-train, an eighth to finetune-dev,
+three eighths to finetune-val; the base learns from every other training file (monologues and
+dialogues: still most of the corpus) and never hears those voices. Stages, each a trainer process
+with a time limit:
+  codec           train_codec.py on corpus/train (--codec-minutes), unless --codec PATH is given
+                  (the codec is the fixed representation, trained on all of train/ as the official
+                  one was on broad speech; what is adapted is the LM);
+  base-quantizer  train_transformer.py stage=quantizer on base-train (monologues: channel 1
+                  silent), picked on val/mono, --transformer-minutes;
   base-lm         stage=lm on them, from base-quantizer's best, --transformer-minutes: "the base"
-                  (or --checkpoint PATH instead of these two);
-  finetune-full   the base fine-tuned on the training dialogues, stage=lm (so the quantizer, the
-                  codes the LM predicts, and the resynthesizer stay the base's), every LM weight,
-                  at --full-lr, for --finetune-minutes;
+                  (or --checkpoint PATH instead of these two, which should not have heard the
+                  fine-tuning voices either);
+  finetune-full   the base fine-tuned on finetune-train, stage=lm (so the quantizer, the codes the
+                  LM predicts, and the resynthesizer stay the base's), every LM weight, at
+                  --full-lr, for --finetune-minutes;
   finetune-lora   the same with finetune=lora (rank --lora-rank, default the preset's 128, alpha
                   2 x rank, both targets) at --lora-lr, for as many steps as finetune-full made.
 Both fine-tunes warm up for 10 steps, then hold their learning rate (the time limit, not a
-schedule, ends them), evaluate every 25 steps on dev dialogues (the last eighth of
-train/dialogue's files, trained on by nothing; {base,finetune}-train.jsonl and finetune-dev.jsonl
-in --work list the files) and keep their best checkpoint there. The base hears dialogues too: a
-base that never heard two speakers leaves its LM's channel-1 input and head untrained, which full
-fine-tuning trains and LoRA's adapters (on the blocks' projections) cannot reach. Evaluations
-run in this process (the trainer's own `evaluate`, via `train_transformer.main` with
-eval_only=true: no process start each), on crops of --eval-seq-len latents, "val" once the base
-is trained, "finetune" once the fine-tunes are:
+schedule, ends them), evaluate every 10 steps on finetune-dev and keep their best checkpoint
+there. The base hears dialogues too: a base that never heard two speakers leaves its LM's
+channel-1 input and head untrained, which full fine-tuning trains and LoRA's adapters (on the
+blocks' projections) cannot reach. Evaluations run in this process (the trainer's own
+`evaluate`, via `train_transformer.main` with eval_only=true: no process start each), on crops
+of --eval-seq-len latents, "val" once the base is trained, "finetune" once the fine-tunes are:
   "val": the base on val/mono (where it was picked) in bf16, int8, int4 (`eval_quantize=`) and
       fp8_kv (`eval_kv_dtype=fp8`: forwards through a float8 KV cache): val lm_ce and resynth_nll,
       and each one's relative change against bf16 with the issue's bound (int8 1%, int4 3%, fp8 KV
       0.5%) and `within_bound`;
-  "finetune": base, full and LoRA (its best adapter merged into the base) on val/dialogue (other
-      files, and speakers held out of train/): val lm_ce, resynth_nll (the base's for all three:
-      stage=lm), lm_acc, and the steps each trained; then "finetune_summary": each one's LM
-      cross-entropy gain over the base, lora_recovered = LoRA's gain / full's, and `acceptance`
-      (issue 13: recovered >= 0.7 and LoRA below the base).
+  "finetune": base, full and LoRA (its best adapter merged into the base) on finetune-val
+      (dialogues of the fine-tuning voices that neither trained on nor picked on): val lm_ce,
+      resynth_nll (the base's for all three: stage=lm), lm_acc, and the steps each trained; then
+      "finetune_summary": each one's LM cross-entropy gain over the base, lora_recovered =
+      LoRA's gain / full's, and `acceptance` (issue 13: recovered >= 0.7 and LoRA below the base).
 "stage" lines give each stage's wall time and the step it stopped at; an evaluation that fails
 prints its error in its line, the others still run, and the script exits 1 at the end.
 
 Part (a) needs torch only. Part (b) runs the trainers, which need the packages the GPU image lacks
-(soundfile, soxr, ...): `source benchmarks/gpu_setup.sh` first (it also builds the demo corpus;
-otherwise --corpus is built with --corpus-minutes if missing). With the defaults part (b) takes
+(soundfile, soxr, ...): `source benchmarks/gpu_setup.sh` first (it also builds the demo corpus, 60
+minutes; otherwise --corpus is built with --corpus-minutes, 60, if missing: with eSpeak NG alone
+the fine-tunes then train on 9 dialogues, 350 s, pick on 2 and are measured on 6, 253 s, and the
+base learns from 224 files, 2281 s, 25 of them dialogues). With the defaults part (b) takes
 about 8 minutes on an H200 with the codec, 5.5 without: 2.5 + 2 x 1 + 0.75 + at most 1.5 minutes
 of stages plus a few seconds of start-up each, and seconds of evaluations. Each finished stage
 leaves a marker in --work (`<stage>.done`, with its wall time and steps) and is skipped when the
@@ -69,6 +81,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,6 +96,14 @@ from model.quant import quantize_model, weight_bytes  # noqa: E402
 T0 = time.time()
 MODES = ("bf16", "int8", "int4", "fp8_kv", "int8+fp8_kv")
 BOUNDS = {"int8": 0.01, "int4": 0.03, "fp8_kv": 0.005}  # the issue's acceptance: relative change of the val metrics
+# (b) the voices the fine-tunes adapt the base to, which it never hears: eSpeak NG's whispered, creaky,
+# Klatt-synthesized and elderly variants, unlike any other training voice (data/demo/prepare.py's names)
+ADAPT_VOICES = ("espeak:whisper", "espeak:whisperf", "espeak:croak", "espeak:klatt2", "espeak:klatt4",
+                "espeak:grandma", "espeak:grandpa")
+ADAPT_SHARE = 1 / 3  # at least this share of the training dialogues' seconds has them (more voices are added if not)
+# how the dialogues with those voices are dealt, in file order: half train, three eighths val, an eighth dev
+ROLES = ("finetune-train", "finetune-val", "finetune-dev", "finetune-train", "finetune-val", "finetune-train",
+         "finetune-train", "finetune-val")
 
 
 def rounded(v):
@@ -191,30 +212,69 @@ def stage(work: Path, name: str, cmd: list, log: Path) -> dict:
     return record
 
 
+def voice_names(entry: dict) -> set[str]:
+    """The voices of a file of the demo corpus' manifest, as "engine:speaker" (prepare.py's names)."""
+    return {f"{v['engine']}:{v['speaker']}" for v in entry["voices"]}
+
+
+def adapt_voices(dialogues: dict[str, dict]) -> list[str]:
+    """The training voices whose dialogues the base never hears and the fine-tunes adapt it to:
+    ADAPT_VOICES that speak in the training dialogues (`dialogues`: path -> manifest entry), then,
+    while the dialogues with any of them are fewer than 3 or hold less than ADAPT_SHARE of the
+    training dialogues' seconds, the voice speaking in most of the others (ties by name)."""
+    spoken = set().union(*(voice_names(e) for e in dialogues.values()))
+    held = [v for v in ADAPT_VOICES if v in spoken]
+    total = sum(e["seconds"] for e in dialogues.values())
+    while True:
+        adapted = [e for e in dialogues.values() if voice_names(e) & set(held)]
+        counts = Counter(v for e in dialogues.values() if not voice_names(e) & set(held) for v in voice_names(e))
+        if not counts or (len(adapted) >= 3 and sum(e["seconds"] for e in adapted) >= ADAPT_SHARE * total):
+            return held
+        held.append(min(counts, key=lambda v: (-counts[v], v)))
+
+
 def split(corpus: Path, work: Path) -> dict:
-    """jsonl manifests (model/manifest.py) in `work`: "finetune-dev", the last eighth (at least one)
-    of train/dialogue's files, which pick the fine-tunes' best checkpoints and are trained on by
-    nothing; "finetune-train", the other training dialogues; "base-train", those and the training
-    monologues. The evaluations read val/: other files, and speakers held out of train/."""
-    files = sorted((corpus / "train" / "dialogue").glob("*.wav"))
-    if len(files) < 2:
-        raise SystemExit(f"error: {corpus / 'train' / 'dialogue'} holds {len(files)} dialogues, the fine-tuning "
-                         "needs at least 2 (one to train on, one to pick the checkpoint): build a larger corpus")
-    n_dev = max(1, len(files) // 8)
-    chosen = {"finetune-train": files[:-n_dev], "finetune-dev": files[-n_dev:],
-              "base-train": sorted((corpus / "train" / "mono").glob("*.wav")) + files[:-n_dev]}
+    """jsonl manifests (model/manifest.py) in `work`, from the voices the corpus' manifest.json
+    names for every file (`adapt_voices`): the training dialogues in which any of those voices
+    speaks are dealt in file order, by ROLES, to "finetune-train" (what the fine-tunes learn
+    from), "finetune-dev" (picks their best checkpoints) and "finetune-val" (the final figures);
+    "base-train" is every other training file, monologues and dialogues, without those voices.
+    The base's own picking and its quantization figures read val/ (other speakers). Emits a
+    "split" line with the voices and each set's files and seconds; returns {name: path}."""
+    try:
+        entries = json.loads((corpus / "manifest.json").read_text())["files"]
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"error: {corpus / 'manifest.json'}: cannot read the corpus' voices ({e}); "
+                         "rebuild it with data/demo/prepare.py --force") from None
+    files = {str((corpus / e["path"]).resolve()): e for e in entries if e["path"].startswith("train/")}
+    dialogues = {p: e for p, e in files.items() if e["path"].startswith("train/dialogue/")}
+    held = adapt_voices(dialogues)
+    adapted = sorted(p for p, e in dialogues.items() if voice_names(e) & set(held))
+    chosen = {name: [p for i, p in enumerate(adapted) if ROLES[i % len(ROLES)] == name]
+              for name in ("finetune-train", "finetune-dev", "finetune-val")}
+    chosen["base-train"] = sorted(p for p, e in files.items() if not voice_names(e) & set(held))
+    if len(adapted) < 3 or len(dialogues) == len(adapted):
+        raise SystemExit(f"error: {corpus / 'train' / 'dialogue'} holds {len(dialogues)} dialogues, {len(adapted)} "
+                         "with the fine-tuning voices; the split needs at least 3 of those (train, dev, val) and one "
+                         "other for the base: build a larger corpus (--corpus-minutes)")
     for name, paths in chosen.items():
-        (work / f"{name}.jsonl").write_text("".join(json.dumps({"path": str(p.resolve())}) + "\n" for p in paths))
+        (work / f"{name}.jsonl").write_text("".join(json.dumps({"path": p, "duration": files[p]["seconds"]}) + "\n"
+                                                  for p in paths))
+    emit(bench="split", adapt_voices=held,
+         **{name: {"files": len(paths), "dialogues": sum(p in dialogues for p in paths),
+                   "seconds": round(sum(files[p]["seconds"] for p in paths), 1)} for name, paths in chosen.items()})
     return {name: work / f"{name}.jsonl" for name in chosen}
 
 
 def train(args, work: Path, log: Path) -> tuple[str, str]:
     """Corpus, codec (unless --codec) and base transformer (unless --checkpoint); returns the
     (base, codec) checkpoint paths. The base learns from the training monologues and dialogues
-    but the dev ones (`split`), and is picked on val/mono."""
+    without the fine-tuning voices (`split`), and is picked on val/mono."""
     corpus = Path(args.corpus)
     if not (corpus / "train").is_dir():
-        run(["data/demo/prepare.py", "--minutes", args.corpus_minutes, "--seed", 0, "--out", corpus], log)
+        # --smoke: eSpeak NG alone, the fastest, and the same corpus wherever Flite and Festival are installed
+        run(["data/demo/prepare.py", "--minutes", args.corpus_minutes, "--seed", 0, "--out", corpus,
+             *(["--engines", "espeak"] if args.smoke else [])], log)
     manifests = split(corpus, work)
     common = [f"train_data_path={corpus / 'train'}", f"val_data_path={corpus / 'val'}", "wandb=disabled",
               f"device={args.device}"]
@@ -246,11 +306,13 @@ def train(args, work: Path, log: Path) -> tuple[str, str]:
 
 
 def finetune(args, work: Path, log: Path, base: str, codec: str) -> dict:
-    """The base fine-tuned on the training dialogues (stage=lm: the quantizer, hence the codes the
-    LM predicts, and the resynthesizer stay the base's), fully and with LoRA, for the same steps:
-    full fine-tuning for --finetune-minutes, then LoRA for as many steps as it made. Both at a
-    constant learning rate after a short warmup (so that the steps, not a schedule, differ from
-    the time limit's), each keeping its best checkpoint on the dev dialogues. Returns
+    """The base fine-tuned on the dialogues of voices it never heard (finetune-train; stage=lm: the
+    quantizer, hence the codes the LM predicts, and the resynthesizer stay the base's), fully and
+    with LoRA, for the same steps: full fine-tuning for --finetune-minutes, then LoRA for as many
+    steps as it made. Both at a constant learning rate after a short warmup (so that the steps,
+    not a schedule, differ from the time limit's), each keeping its best checkpoint on other
+    dialogues of those voices (finetune-dev), evaluated every 10 steps: a batch (16 crops of 32 s)
+    holds more audio than the few minutes they train on, so the best can come early. Returns
     {"full": .safetensors, "lora": .adapter.safetensors, "steps": {...}}."""
     train_set, dev_set = work / "finetune-train.jsonl", work / "finetune-dev.jsonl"  # split() wrote them
     common = ["train_transformer.py", "--config", args.preset, f"init_from={base}", f"codec_checkpoint={codec}",
@@ -258,7 +320,7 @@ def finetune(args, work: Path, log: Path, base: str, codec: str) -> dict:
               "wandb=disabled", f"device={args.device}", "compile=false", "duplex=true", "stage=lm",
               "sample_seconds=0", "keep_checkpoints=1"]
     common += ["seq_len=32", "batch_size=2", "val_crops=4", "warmup_steps=1", "eval_interval=2", "log_interval=1"] \
-        if args.smoke else ["seq_len=256", "batch_size=16", "warmup_steps=10", "eval_interval=25", "log_interval=5",
+        if args.smoke else ["seq_len=256", "batch_size=16", "warmup_steps=10", "eval_interval=10", "log_interval=5",
                             "num_workers=4"]
     full_dir, lora_dir = work / "finetune-full", work / "finetune-lora"
     limit = ["max_steps=4"] if args.smoke else ["max_steps=100000", f"max_minutes={args.finetune_minutes}"]
@@ -343,7 +405,7 @@ def part_b(args, work: Path) -> int:
                                          for k in ("lm_ce", "resynth_nll"))
         emit(bench="val", mode=mode, data="val/mono", checkpoint=base, **fields, eval_s=row["eval_s"],
              elapsed_s=time.time() - T0)
-    # issue 13, 4: base, full fine-tuning and LoRA on the held-out dialogues
+    # issue 13, 4: base, full fine-tuning and LoRA on dialogues of the fine-tuning voices they did not train on
     tuned = finetune(args, work, log, base, codec)
     t = time.time()
     try:
@@ -358,11 +420,11 @@ def part_b(args, work: Path) -> int:
         if path is None:
             continue
         row = attempt("finetune", {"model": name}, path, codec, work / "finetune-train.jsonl",
-                      corpus / "val" / "dialogue")
+                      work / "finetune-val.jsonl")
         if row is None:
             continue
         ce[name] = row["val/lm_ce"]
-        emit(bench="finetune", model=name, data="val/dialogue", checkpoint=path, steps=tuned["steps"].get(name, 0),
+        emit(bench="finetune", model=name, data="finetune-val", checkpoint=path, steps=tuned["steps"].get(name, 0),
              learning_rate={"full": args.full_lr, "lora": args.lora_lr}.get(name),
              **{k: row[f"val/{k}"] for k in ("lm_ce", "resynth_nll", "lm_acc", "positions")}, eval_s=row["eval_s"],
              elapsed_s=time.time() - T0)
@@ -389,7 +451,8 @@ def main() -> None:
     ap.add_argument("--checkpoint", help="(b) a trained duplex base (.safetensors) instead of training one")
     ap.add_argument("--codec", help="(b) the codec (.safetensors) to use instead of training one")
     ap.add_argument("--corpus", default=None, help="(b) the demo corpus folder (built if missing; default data/demo)")
-    ap.add_argument("--corpus-minutes", type=float, default=20.0, help="(b) minutes of the corpus, if built")
+    ap.add_argument("--corpus-minutes", type=float, default=60.0,
+                    help="(b) minutes of the corpus, if built (gpu_setup.sh's 60 by default)")
     ap.add_argument("--codec-minutes", type=float, default=2.5, help="(b) codec training, unless --codec")
     ap.add_argument("--transformer-minutes", type=float, default=1.0, help="(b) each of the two base stages")
     ap.add_argument("--finetune-minutes", type=float, default=0.75,
@@ -415,7 +478,8 @@ def main() -> None:
     if args.checkpoint and not args.codec:
         ap.error("--checkpoint needs --codec (the codec its latents came from)")
     if smoke:
-        args.corpus_minutes = min(args.corpus_minutes, 2.0)  # 2 training dialogues: one trains, one picks
+        # 5 training dialogues: 3 with the fine-tuning voices (train, dev, val), 2 for the base
+        args.corpus_minutes = min(args.corpus_minutes, 6.0)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     emit(bench="env", torch=torch.__version__, device=torch.cuda.get_device_name() if args.device.startswith("cuda")

@@ -1,6 +1,7 @@
 """benchmarks/quant_quality.py --smoke: both parts of the benchmark on the CPU with tiny presets (a
 tiny corpus, a codec, a duplex base and its full and LoRA fine-tunes trained a few steps in the
-run), and the trainer's eval_quantize / eval_kv_dtype options it relies on."""
+run; the fine-tunes on dialogues of voices the base never heard), and the trainer's eval_quantize /
+eval_kv_dtype options it relies on."""
 import dataclasses
 import json
 import math
@@ -38,18 +39,27 @@ def test_quant_quality_smoke(tmp_path):
     stages = {line["stage"]: line for line in lines if line["bench"] == "stage"}
     assert list(stages) == ["codec", "base-quantizer", "base-lm", "finetune-full", "finetune-lora", "merge-lora"]
     assert all(line["wall_s"] > 0 for line in stages.values())
-    # (b) the fine-tuning proof: both fine-tunes ran the same steps on training dialogues, picked on
-    # other training dialogues that the base did not hear either, and are evaluated on the val dialogues
+    # (b) the fine-tuning proof: the base never heard the fine-tuning voices; both fine-tunes ran the
+    # same steps on dialogues of those voices, picked on others, and are evaluated on yet others
     work = tmp_path / "work"
+    corpus = json.loads((tmp_path / "corpus" / "manifest.json").read_text())["files"]
+    voices = {str((tmp_path / "corpus" / f["path"]).resolve()): {f'{v["engine"]}:{v["speaker"]}' for v in f["voices"]}
+              for f in corpus}
+    names = ("base-train", "finetune-train", "finetune-dev", "finetune-val")
     splits = {name: [json.loads(line)["path"] for line in (work / f"{name}.jsonl").read_text().splitlines()]
-              for name in ("base-train", "finetune-train", "finetune-dev")}
-    train, dev = splits["finetune-train"], splits["finetune-dev"]
-    assert train and dev and not set(train + splits["base-train"]) & set(dev)
-    assert all("/train/dialogue/" in p for p in train + dev)
-    assert set(train) < set(splits["base-train"]) and any("/train/mono/" in p for p in splits["base-train"])
+              for name in names}
+    split = next(line for line in lines if line["bench"] == "split")
+    held = set(split["adapt_voices"])
+    assert held and all(split[name]["files"] == len(splits[name]) > 0 for name in names)
+    assert not any(voices[p] & held for p in splits["base-train"])
+    assert all(any(kind in p for p in splits["base-train"]) for kind in ("/train/mono/", "/train/dialogue/"))
+    tuning = [splits[name] for name in names[1:]]
+    assert sum(map(len, tuning)) == len(set().union(*tuning))  # disjoint
+    assert sorted(set().union(*tuning)) == sorted(p for p in voices if "/train/dialogue/" in p and voices[p] & held)
     assert stages["finetune-full"]["steps"] == stages["finetune-lora"]["steps"] == 4
     tuned = {line["model"]: line for line in lines if line["bench"] == "finetune"}
     assert list(tuned) == ["base", "full", "lora"]
+    assert all(line["data"] == "finetune-val" for line in tuned.values())
     assert len({line["positions"] for line in tuned.values()}) == 1
     for name in ("full", "lora"):
         assert tuned[name]["steps"] == 4 and tuned[name]["lm_ce"] != tuned["base"]["lm_ce"]  # it learnt something
@@ -91,3 +101,21 @@ def test_eval_quantize_and_kv_dtype_need_eval_only():
     for field, value in (("eval_quantize", "int8"), ("eval_kv_dtype", "fp8")):
         with pytest.raises(ConfigError, match="apply to eval_only=true"):
             check_config(dataclasses.replace(PRESETS["tiny"], **{field: value}))
+
+
+def test_adapt_voices_takes_the_listed_voices_then_the_most_frequent_to_a_third():
+    from benchmarks.quant_quality import adapt_voices
+
+    def dialogues(*pairs):  # 30 s each
+        return {str(i): {"seconds": 30.0, "voices": [dict(zip(("engine", "speaker"), v.split(":"))) for v in pair]}
+                for i, pair in enumerate(pairs)}
+    others = [("espeak:m1", "flite:slt"), ("espeak:m2", "flite:slt"), ("espeak:m1", "espeak:m3"),
+              ("espeak:m2", "flite:rms"), ("espeak:m3", "flite:slt")]
+    # whisper and croak speak in 3 of 8: a third is reached with the listed voices alone, in their order
+    assert adapt_voices(dialogues(("espeak:croak", "espeak:m1"), ("espeak:whisper", "espeak:m2"),
+                                  ("espeak:m3", "espeak:whisper"), *others)) == ["espeak:whisper", "espeak:croak"]
+    # croak alone: 1 of 6, so the voice in most of the other dialogues (Flite's slt, in 3) joins it
+    assert adapt_voices(dialogues(("espeak:croak", "espeak:m1"), *others)) == ["espeak:croak", "flite:slt"]
+    # none of them: m1 speaks in 2 of 5 dialogues, over a third, but 3 are needed (train, dev, val): ties by name
+    assert adapt_voices(dialogues(("espeak:m1", "espeak:m2"), ("espeak:m1", "espeak:m3"), ("espeak:m5", "espeak:m6"),
+                                  ("espeak:m4", "espeak:m7"), ("espeak:m8", "flite:slt"))) == ["espeak:m1", "espeak:m4"]
