@@ -240,7 +240,9 @@ def split(corpus: Path, work: Path) -> dict:
     from), "finetune-dev" (picks their best checkpoints) and "finetune-val" (the final figures);
     "base-train" is every other training file, monologues and dialogues, without those voices.
     The base's own picking and its quantization figures read val/ (other speakers). Emits a
-    "split" line with the voices and each set's files and seconds; returns {name: path}."""
+    "split" line with the voices and each set's files and seconds; returns {name: path}. A --work
+    whose manifests list other files (another corpus, or this script's earlier design, whose base
+    heard every training dialogue) is refused, since its finished stages would be reused."""
     try:
         entries = json.loads((corpus / "manifest.json").read_text())["files"]
     except (OSError, ValueError, KeyError) as e:
@@ -257,9 +259,16 @@ def split(corpus: Path, work: Path) -> dict:
         raise SystemExit(f"error: {corpus / 'train' / 'dialogue'} holds {len(dialogues)} dialogues, {len(adapted)} "
                          "with the fine-tuning voices; the split needs at least 3 of those (train, dev, val) and one "
                          "other for the base: build a larger corpus (--corpus-minutes)")
-    for name, paths in chosen.items():
-        (work / f"{name}.jsonl").write_text("".join(json.dumps({"path": p, "duration": files[p]["seconds"]}) + "\n"
-                                                  for p in paths))
+    texts = {name: "".join(json.dumps({"path": p, "duration": files[p]["seconds"]}) + "\n" for p in paths)
+             for name, paths in chosen.items()}
+    # the stages of an earlier run are reused: they must have learnt from the same files
+    stale = [f"{name}.jsonl" for name, text in texts.items()
+             if (work / f"{name}.jsonl").is_file() and (work / f"{name}.jsonl").read_text() != text]
+    if stale:
+        raise SystemExit(f"error: {work} holds runs of another split of the corpus ({', '.join(stale)} differ): "
+                         "use another --work, or delete it")
+    for name, text in texts.items():
+        (work / f"{name}.jsonl").write_text(text)
     emit(bench="split", adapt_voices=held,
          **{name: {"files": len(paths), "dialogues": sum(p in dialogues for p in paths),
                    "seconds": round(sum(files[p]["seconds"] for p in paths), 1)} for name, paths in chosen.items()})

@@ -119,3 +119,32 @@ def test_adapt_voices_takes_the_listed_voices_then_the_most_frequent_to_a_third(
     # none of them: m1 speaks in 2 of 5 dialogues, over a third, but 3 are needed (train, dev, val): ties by name
     assert adapt_voices(dialogues(("espeak:m1", "espeak:m2"), ("espeak:m1", "espeak:m3"), ("espeak:m5", "espeak:m6"),
                                   ("espeak:m4", "espeak:m7"), ("espeak:m8", "flite:slt"))) == ["espeak:m1", "espeak:m4"]
+
+
+def test_split_deals_the_voices_dialogues_and_refuses_a_work_folder_of_another_split(tmp_path, capsys):
+    from benchmarks.quant_quality import split
+
+    def entry(path, *voices):
+        return {"path": path, "seconds": 30.0, "voices": [{"engine": "espeak", "speaker": v} for v in voices]}
+    corpus, work = tmp_path / "corpus", tmp_path / "work"
+    corpus.mkdir()
+    work.mkdir()
+    files = [entry(f"train/dialogue/dialogue_{i:05d}.wav", "whisper" if i % 2 else "m1", "m2") for i in range(18)]
+    files += [entry("train/mono/mono_00000.wav", "whisper"), entry("train/mono/mono_00001.wav", "m1"),
+              entry("val/dialogue/dialogue_00000.wav", "m4", "f3")]
+    (corpus / "manifest.json").write_text(json.dumps({"files": files}))
+    paths = split(corpus, work)
+    listed = {name: [Path(json.loads(line)["path"]).name for line in path.read_text().splitlines()]
+              for name, path in paths.items()}
+    whispered = [f"dialogue_{i:05d}.wav" for i in range(1, 18, 2)]  # 9, dealt by ROLES in file order
+    assert listed["finetune-train"] == [whispered[i] for i in (0, 3, 5, 6, 8)]
+    assert listed["finetune-dev"] == [whispered[2]]
+    assert listed["finetune-val"] == [whispered[i] for i in (1, 4, 7)]
+    assert listed["base-train"] == [f"dialogue_{i:05d}.wav" for i in range(0, 18, 2)] + ["mono_00001.wav"]
+    line = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert line["adapt_voices"] == ["espeak:whisper"] and line["finetune-val"] == {"files": 3, "dialogues": 3,
+                                                                                 "seconds": 90.0}
+    assert split(corpus, work) == paths  # the same split again: the earlier stages may be reused
+    (work / "base-train.jsonl").write_text(json.dumps({"path": str(corpus / "train/mono/mono_00000.wav")}) + "\n")
+    with pytest.raises(SystemExit, match="another split of the corpus .*base-train.jsonl"):
+        split(corpus, work)
