@@ -158,10 +158,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if _triton_ok(x):
-            y = _kernels().int8_linear(x.reshape(-1, self.in_features).contiguous(), self.qweight, self.scale)
-            y = y.view(*x.shape[:-1], self.out_features)
-        else:
-            y = F.linear(x, self.qweight.to(x.dtype)) * self.scale.to(x.dtype)
+            return _on_kernel(self, x, _kernels().int8_linear, self.qweight, self.scale)
+        y = F.linear(x, self.qweight.to(x.dtype)) * self.scale.to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -195,10 +193,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if _triton_ok(x):
-            y = _kernels().int4_linear(x.reshape(-1, self.in_features).contiguous(), self.qweight,
-                                       self.scales_and_zeros, self.group_size)
-            y = y.view(*x.shape[:-1], self.out_features)
-            return y if self.bias is None else y + self.bias.to(x.dtype)
+            return _on_kernel(self, x, _kernels().int4_linear, self.qweight, self.scales_and_zeros, self.group_size)
         return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -216,6 +211,12 @@ class Int4Linear(nn.Module):
 def _triton_ok(x: Tensor) -> bool:
     """Whether the Triton kernels take these activations (CUDA, half precision)."""
     return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+
+
+def _on_kernel(layer: nn.Module, x: Tensor, op, *weights) -> Tensor:
+    """`layer`'s forward through a `model.quant_kernels` op, which takes rows (M, K)."""
+    y = op(x.reshape(-1, layer.in_features).contiguous(), *weights).view(*x.shape[:-1], layer.out_features)
+    return y if layer.bias is None else y + layer.bias.to(x.dtype)
 
 
 def _kernels():
