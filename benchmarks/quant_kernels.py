@@ -31,6 +31,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.inference import graph_time  # noqa: E402
 from config.transformer_config import PRESETS  # noqa: E402
+from tests.reference import rel_err  # noqa: E402
 from model import HertzDev  # noqa: E402
 from model.quant import dequantize_int4, dequantize_int8, int4_fits  # noqa: E402
 
@@ -47,10 +48,6 @@ def shapes() -> list[tuple[int, int]]:
         model = HertzDev(PRESETS["hertz_dev"])
     return [(m.out_features, m.in_features) for part in (model.quantizer, model.lm, model.resynth)
             for m in part.modules() if type(m) is nn.Linear]
-
-
-def rel_err(a, b) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12))
 
 
 def main() -> None:
@@ -90,9 +87,7 @@ def main() -> None:
                 packed.append(None)
                 continue
             q, sz = w4
-            unpacked = torch.stack([q >> 4, q & 15], -1).view(q.shape[0], -1).to(torch.int32)
-            packed.append((torch.ops.aten._convert_weight_to_int4pack(
-                (unpacked[:, ::2] << 4 | unpacked[:, 1::2]).to(torch.uint8), 8), sz))
+            packed.append((torch.ops.aten._convert_weight_to_int4pack(q, 8), sz))  # our nibble order is tinygemm's
         tiny["packed"] = packed
 
     if args.inductor:

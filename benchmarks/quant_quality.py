@@ -92,6 +92,7 @@ import torch  # noqa: E402
 from config.transformer_config import PRESETS  # noqa: E402
 from model import HertzDev, build, plex_codes  # noqa: E402
 from model.quant import quantize_model, weight_bytes  # noqa: E402
+from tests.reference import rel_err  # noqa: E402
 
 T0 = time.time()
 MODES = ("bf16", "int8", "int4", "fp8_kv", "int8+fp8_kv")
@@ -112,11 +113,6 @@ def rounded(v):
 
 def emit(**fields) -> None:
     print(json.dumps(rounded(fields)), flush=True)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float(), b.float()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 # --- (a) logits at full size, random weights ----------------------------------------------------
