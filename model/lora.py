@@ -52,7 +52,7 @@ from torch import Tensor
 from config import from_dict
 
 from . import hub
-from .checkpoint import FORMAT, HASH_KEY, atomic_write, write_weights
+from .checkpoint import FORMAT, HASH_KEY, CheckpointError, _header, atomic_write, write_weights
 
 # Layers adapted, by the last component of their path: the attention's fused q/k/v and output
 # projections, the SwiGLU's fused gate/up and down projections (model/transformer.py; in every
@@ -65,8 +65,6 @@ TARGETS = {
 }
 PARTS = ("lm", "resynth")
 KIND = "adapter"
-# The key of the content hash in our checkpoints' metadata (model/checkpoint.py, once every file
-# carries one); files without it are fingerprinted by hashing their bytes.
 
 
 class AdapterError(ValueError):
@@ -229,13 +227,6 @@ def merge_lora(model: nn.Module) -> list[str]:
 
 # --- fingerprints of bases -----------------------------------------------------------------------
 
-def _header(path: Union[str, os.PathLike]) -> dict:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata() or {}
-
-
 def base_fingerprint(source: Union[str, os.PathLike]) -> str:
     """What identifies a base model: for an official variant, the md5s of its quantizer, LM and
     resynthesizer files (from the table in model/hub.py; nothing is read), "official:NAME=MD5,...";
@@ -251,11 +242,8 @@ def base_fingerprint(source: Union[str, os.PathLike]) -> str:
     stored = _header(path).get(HASH_KEY)
     if stored:
         return f"content-sha256:{stored}"
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return f"file-sha256:{h.hexdigest()}"
+        return f"file-sha256:{hashlib.file_digest(f, 'sha256').hexdigest()}"
 
 
 # --- adapter files -------------------------------------------------------------------------------
@@ -292,7 +280,7 @@ def read_adapter(path: Union[str, os.PathLike]) -> tuple[LoRAConfig, dict]:
         raise FileNotFoundError(f"no such adapter file: {path}")
     try:
         meta = _header(path)
-    except Exception as e:  # safetensors raises its own error types for foreign or damaged files
+    except CheckpointError as e:  # a foreign or damaged file
         raise AdapterError(f"{path} is not an adapter file ({e})") from None
     if meta.get("format") != FORMAT or meta.get("kind") != KIND:
         raise AdapterError(f"{path} is not an adapter file (format {meta.get('format')!r}, kind "
