@@ -18,7 +18,6 @@ duplex model) at every save; `load_hertz_dev(base, adapter=..., merge=True)` and
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 from typing import Optional
 
 import torch
@@ -52,9 +51,6 @@ def check_config(cfg: TransformerConfig, world_size: int) -> None:
     if cfg.stage == "quantizer":
         raise ConfigError("finetune=lora adapts the LM and/or the resynthesizer, the quantizer stays frozen: "
                           "use stage=lm, stage=resynthesizer or stage=all")
-    if cfg.base_quantize and importlib.util.find_spec("model.quant") is None:
-        raise ConfigError(f"base_quantize={cfg.base_quantize}: not available in this checkout "
-                          "(model/quant.py, the quantized layers, is missing)")
     if world_size > 1 and cfg.parallel == "fsdp":
         raise ConfigError("finetune=lora keeps the frozen base whole on every GPU: pass parallel=ddp with torchrun")
     try:

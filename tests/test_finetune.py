@@ -3,7 +3,6 @@ the adapters learn, the base stays bit-identical, adapter files are exported, ex
 contradicting base refused, two-process gloo DDP, init_from=official through the loopback hub,
 an int8 base (once model/quant.py is merged) and the one-line config errors."""
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -23,7 +22,6 @@ from test_train_transformer import (REPO, base_args, fails, setup, train,  # noq
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 LORA = {"finetune": "lora", "lora_rank": 4, "lora_alpha": 8.0}
-HAVE_QUANT = importlib.util.find_spec("model.quant") is not None
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +114,6 @@ def test_lora_from_official_through_the_hub(setup, tmp_path):
     assert evals[1]["val/lm_ce"] != evals[0]["val/lm_ce"]  # the adapters learned
 
 
-@pytest.mark.skipif(not HAVE_QUANT, reason="model/quant.py (int8 layers, issue 12) is not merged into this branch yet")
 def test_lora_on_an_int8_base_runs(setup, base):
     run_dir, log, evals = lora_run(setup, base, "run-lora-int8", base_quantize="int8")
     assert "in int8" in log and all(torch.isfinite(torch.tensor(v)) for v in evals[2].values())
@@ -129,9 +126,7 @@ def test_lora_on_an_int8_base_runs(setup, base):
     ({"finetune": "lora", "init_from": "BASE", "stage": "quantizer"}, "the quantizer stays frozen"),
     ({"base_quantize": "int8"}, "pass finetune=lora too"),
     ({"finetune": "lora", "init_from": "BASE", "lora_rank": 0}, "lora rank must be a positive integer"),
-] + ([] if HAVE_QUANT else [({"finetune": "lora", "init_from": "BASE", "base_quantize": "int8"},
-                             "base_quantize=int8: not available in this checkout")]),
-    ids=["no-init-from", "quantizer-stage", "quantize-without-lora", "rank"] + ([] if HAVE_QUANT else ["no-quant"]))
+], ids=["no-init-from", "quantizer-stage", "quantize-without-lora", "rank"])
 def test_lora_config_errors_are_one_line(setup, base, tmp_path, mistake, message):
     args = base_args(setup, tmp_path / "run", latents_dir=tmp_path / "latents",
                      **{k: (base if v == "BASE" else v) for k, v in mistake.items()})
