@@ -304,9 +304,7 @@ class StepSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         step = self.start
         while True:
-            for micro in range(self.accum):
-                base = ((step * self.accum + micro) * self.world + self.rank) * self.batch
-                yield from range(base, base + self.batch)
+            yield from self.indices(step)
             step += 1
 
 

@@ -135,8 +135,7 @@ class LiveEngine:
         latent, random stream, parameters), so a session's output does not depend on what the
         row held before, even non-finite values. The arguments are checked before the row is
         touched: a ValueError or IndexError leaves it as it was."""
-        if not 0 <= row < self.max_sessions:
-            raise IndexError(f"row {row} is not a slot of this engine (0..{self.max_sessions - 1})")
+        self._check_row(row)
         params.validate()
         if prompt is not None and prompt_latents is not None:
             raise ValueError("give prompt audio or prompt latents, not both")
@@ -194,18 +193,20 @@ class LiveEngine:
 
     def release(self, row: int) -> None:
         """Free slot `row`; it is not stepped until the next `reset`."""
-        if not 0 <= row < self.max_sessions:
-            raise IndexError(f"row {row} is not a slot of this engine (0..{self.max_sessions - 1})")
+        self._check_row(row)
         self.occupied[row] = False
         self.state.host_pos[row] = 0
         self.state.pos[row] = 0
 
+    def _check_row(self, row: int) -> None:
+        if not 0 <= row < self.max_sessions:
+            raise IndexError(f"row {row} is not a slot of this engine (0..{self.max_sessions - 1})")
+
     def set_params(self, row: int, params: SamplingParams) -> None:
         """Change a session's sampling parameters (effective from the next step); ValueError
         (row unchanged) for values outside their ranges."""
-        if not 0 <= row < self.max_sessions:
-            raise IndexError(f"row {row} is not a slot of this engine (0..{self.max_sessions - 1})")
-        self.state.params.set(row, params.validate())
+        self._check_row(row)
+        self.state.params.set(row, params)  # validated there, before the row is written
         self._top_p[row] = params.top_p < 1
 
     @torch.no_grad()
