@@ -220,7 +220,7 @@ def write_weights(path: str | os.PathLike, state: dict[str, torch.Tensor], kind:
                   extra: Optional[dict] = None, label: Optional[str] = None,
                   quantization: Optional[dict] = None) -> None:
     """Write `state`, the config that built it (a dataclass) and its content hash to `path`
-    directly (callers make it atomic: see `save_weights`). NaN or inf weights are refused with a
+    directly (callers make it atomic: `atomic_write`, `model.training.Checkpoints`). NaN or inf weights are refused with a
     CheckpointError naming `label` (default: `path`). `quantization` records which layers hold
     quantized weights (`model.quant.quantization_of`), so the file loads quantized."""
     from safetensors.torch import save_file
@@ -239,14 +239,6 @@ def write_weights(path: str | os.PathLike, state: dict[str, torch.Tensor], kind:
         if code:
             raise OSError(int(code[1]), os.strerror(int(code[1]))) from None
         raise
-
-
-def save_weights(path: str | os.PathLike, state: dict[str, torch.Tensor], kind: str, config,
-                 extra: Optional[dict] = None, quantization: Optional[dict] = None) -> Path:
-    """`write_weights` to `path` atomically."""
-    refuse_non_finite(state, path)
-    return atomic_write(path, lambda tmp: write_weights(tmp, state, kind, config, extra, label=str(path),
-                                                        quantization=quantization))
 
 
 def read_weights(path: str | os.PathLike, device: str = "cpu", kind: Optional[str] = None,
