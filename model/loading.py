@@ -201,6 +201,9 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
         lora.load_adapter(model, adapter, fingerprint, str(source))
         if merge:
             lora.merge_lora(model)
+        else:  # held in the compute dtype: the forward would otherwise cast them at every step
+            for m in lora.adapted(model).values():
+                m.lora_A.data, m.lora_B.data = m.lora_A.data.to(dtype), m.lora_B.data.to(dtype)
     return model.eval().requires_grad_(False)
 
 
