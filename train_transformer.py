@@ -332,9 +332,7 @@ def evaluate(model: HertzDev, calls: dict, val_set: LatentCrops, weights: dict, 
                                         compiled=cfg.compile)
         n = stats["count"] * cfg.channels
         sums += torch.stack([out["lm_ce"] * n, stats["lm_correct"], out["resynth_nll"] * n, n]).double()
-        codes = stats["indices"][valid.repeat(cfg.channels, 1)].long()
-        codes = codes[(codes >= 0) & (codes < cfg.vocab_size)]  # NaN codes of a diverged quantizer
-        histogram += torch.bincount(codes, minlength=cfg.vocab_size).double()
+        count_codes(histogram, stats, valid, cfg)
     if ddp.enabled:
         dist.all_reduce(sums)
         dist.all_reduce(histogram)
@@ -381,11 +379,17 @@ def tally(sums: dict, codes: torch.Tensor, losses: dict, stats: dict, valid: tor
         sums.setdefault(f"train/{k}", []).append(v.detach().float())
     if "lm_correct" in stats:
         sums.setdefault("train/lm_acc", []).append(stats["lm_correct"] / (cfg.channels * stats["count"]).clamp_min(1))
-    # code usage from a histogram (no host sync); padding adds zero counts, and so do the
-    # out-of-range indices of NaN codes (a diverged quantizer, which check_finite_step reports)
+    count_codes(codes, stats, valid, cfg)
+
+
+def count_codes(histogram: torch.Tensor, stats: dict, valid: torch.Tensor, cfg: TransformerConfig) -> None:
+    """Add a batch's FSQ codes to `histogram` (vocab_size,) without a host sync: padding adds
+    zero counts, and so do the out-of-range indices of NaN codes (a diverged quantizer, which
+    check_finite_step reports)."""
     index = stats["indices"].flatten().long()
     inside = (index >= 0) & (index < cfg.vocab_size)
-    codes.index_add_(0, index.where(inside, 0), (valid.repeat(cfg.channels, 1).flatten() & inside).float())
+    counts = (valid.repeat(cfg.channels, 1).flatten() & inside).to(histogram.dtype)
+    histogram.index_add_(0, index.where(inside, 0), counts)
 
 
 def train_row(sums: dict, codes: torch.Tensor, lr: float, grad_norm: torch.Tensor, latents_per_step: int,
@@ -393,8 +397,11 @@ def train_row(sums: dict, codes: torch.Tensor, lr: float, grad_norm: torch.Tenso
     """The log row of the last `steps` steps (`seconds` of training): the losses averaged over the
     micro-batches and ranks, the code usage, the last gradient norm, the learning rate, the
     throughput and the model FLOP utilisation. A collective under torch.distributed."""
-    row = {k: all_reduce_mean(torch.stack(v).mean()).item() for k, v in sums.items()}
-    row["train/code_usage"] = all_reduce_mean((codes > 0).float().mean()).item()  # per rank, since the last log
+    keys = list(sums)
+    means = [torch.stack(sums[k]).mean().float() for k in keys] + [(codes > 0).float().mean()]
+    *values, usage = all_reduce_mean(torch.stack(means)).tolist()  # one collective, one host sync
+    row = dict(zip(keys, values))
+    row["train/code_usage"] = usage  # per rank, since the last log
     rate = latents_per_step * steps / seconds
     row.update({"lr": lr, "grad_norm": grad_norm.item(), "perf/latents_per_s": rate, "perf/step_s": seconds / steps})
     if "train/lm_ce" in row:
