@@ -384,9 +384,11 @@ class Deadline:
         rank stops at the same step) and a host sync: `before_step` asks on log steps only."""
         if self.seconds <= 0:
             return False
-        flag = torch.tensor(float(time.time() - self.start > self.seconds), device=self.device)
-        if dist.is_initialized():
-            dist.broadcast(flag, 0)
+        passed = time.time() - self.start > self.seconds
+        if not dist.is_initialized():
+            return passed
+        flag = torch.tensor(float(passed), device=self.device)
+        dist.broadcast(flag, 0)
         return bool(flag.item())
 
 
