@@ -2,8 +2,7 @@
 
     python benchmarks/transformer_train.py                           # H100: medium preset (1.07B), ~3 min
     python benchmarks/transformer_train.py --device cpu --preset tiny --steps 2   # smoke test
-    python benchmarks/transformer_train.py --preset hertz_dev --finetune lora --configs compile:1:ac
-    python benchmarks/transformer_train.py --preset hertz_dev --finetune lora --base-quantize int8 --configs compile:1:ac
+    python benchmarks/transformer_train.py --preset hertz_dev --finetune full,lora,lora-int8 --configs compile:1:ac
 
 The training step of train_transformer.py (`model.objectives.compute_losses`, blocks compiled by
 `model.parallel.compile_blocks`, fused AdamW over float32 master weights, bf16 autocast, flash
@@ -18,9 +17,11 @@ for forward + backward), plus the quantizer. `mfu` divides by 989 TFLOP/s (H100/
 or --peak-tflops; `mfu_palm` counts attention as PaLM does (12 * L * d * T, no causal halving).
 Activation recomputation is never counted.
 
-`--finetune lora` trains rank-`--lora-rank` adapters on a frozen base (`model/finetune.py`, as
-train_transformer.py finetune=lora: the LM and resynthesizer in bf16 on CUDA, or in int8 with
-`--base-quantize int8`; the quantizer frozen). Its FLOPs are counted as full training's, though
+`--finetune` takes a comma-separated list of modes, each run with every configuration, one after
+the other in one process: `full` trains every weight of the stage; `lora` trains rank-`--lora-rank`
+adapters on a frozen base (`model/finetune.py`, as train_transformer.py finetune=lora: the LM and
+resynthesizer in bf16 on CUDA, the quantizer frozen); `lora-int8` the same on an int8 base
+(base_quantize=int8). Its FLOPs are counted as full training's, though
 the frozen weights get no weight gradients: its MFU overstates the work; compare latents/s.
 """
 from __future__ import annotations
@@ -122,9 +123,9 @@ def main():
     ap.add_argument("--preset", default="medium", choices=list(PRESETS))
     ap.add_argument("--stage", default="all", choices=list(STAGES))
     ap.add_argument("--mono", action="store_true", help="the mono variant (default: duplex)")
-    ap.add_argument("--finetune", default="full", choices=("full", "lora"),
-                    help="full: every weight of the stage; lora: adapters on a frozen base")
-    ap.add_argument("--base-quantize", default=None, choices=("int8",), help="--finetune lora: the base in int8")
+    ap.add_argument("--finetune", default="full",
+                    help="comma-separated modes: full (every weight of the stage), lora (adapters on a frozen bf16 "
+                         "base), lora-int8 (adapters on a frozen int8 base)")
     ap.add_argument("--lora-rank", type=int, default=128)
     ap.add_argument("--lora-targets", default="both", choices=("attention", "feedforward", "both"))
     ap.add_argument("--seq-len", type=int, default=None, help="default: 2048 (the preset's on CPU)")
@@ -140,30 +141,43 @@ def main():
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
-    cfg = dataclasses.replace(PRESETS[args.preset], duplex=not args.mono, finetune=args.finetune,
-                              base_quantize=args.base_quantize, lora_rank=args.lora_rank,
-                              lora_alpha=2.0 * args.lora_rank, lora_targets=args.lora_targets,
-                              init_from="random")  # the benchmark's base: random weights of the preset
-    try:
-        finetune.check_config(cfg, 1)
-    except ValueError as e:  # ConfigError: one line, as the trainer
-        ap.error(str(e))
-    cfg = dataclasses.replace(cfg, seq_len=args.seq_len or (2048 if cuda else cfg.seq_len))
+    modes = {"full": ("full", None), "lora": ("lora", None), "lora-int8": ("lora", "int8")}
+    picked = args.finetune.split(",")
+    if unknown := [m for m in picked if m not in modes]:
+        ap.error(f"--finetune: unknown mode {unknown[0]!r}; expected a comma-separated list of {', '.join(modes)}")
+    cfgs = []
+    for name in picked:
+        cfg = dataclasses.replace(PRESETS[args.preset], duplex=not args.mono, finetune=modes[name][0],
+                                  base_quantize=modes[name][1], lora_rank=args.lora_rank,
+                                  lora_alpha=2.0 * args.lora_rank, lora_targets=args.lora_targets,
+                                  init_from="random")  # the benchmark's base: random weights of the preset
+        try:
+            finetune.check_config(cfg, 1)
+        except ValueError as e:  # ConfigError: one line, as the trainer
+            ap.error(str(e))
+        cfgs.append(dataclasses.replace(cfg, seq_len=args.seq_len or (2048 if cuda else cfg.seq_len)))
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     peak = peak_flops(device, args.peak_tflops)
     configs = args.configs or ("compile:8,compile:16:ac,eager:8" if cuda else "eager:2")
-    for spec in configs.split(","):
-        mode, mb, *rest = spec.split(":")
-        try:
-            row = run(cfg, args.stage, int(mb), mode == "compile", rest == ["ac"], args.steps, warmup, device, peak)
-        except torch.OutOfMemoryError:
-            row = {"preset": args.preset, "compile": mode == "compile", "micro_batch": int(mb),
-                   "activation_checkpointing": rest == ["ac"], "error": "out of memory"}
-        print(json.dumps(row), flush=True)
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
-        torch._dynamo.reset()
+    for cfg in cfgs:
+        for spec in configs.split(","):
+            one(cfg, spec, args, device, peak, warmup)
+
+
+def one(cfg, spec: str, args, device: torch.device, peak: float | None, warmup: int) -> None:
+    """One configuration (MODE:MICRO_BATCH[:ac]) of one fine-tuning mode: its JSON line, then memory freed."""
+    mode, mb, *rest = spec.split(":")
+    try:
+        row = run(cfg, args.stage, int(mb), mode == "compile", rest == ["ac"], args.steps, warmup, device, peak)
+    except torch.OutOfMemoryError:
+        row = {"preset": args.preset, "finetune": cfg.finetune, "base_quantize": cfg.base_quantize,
+               "compile": mode == "compile", "micro_batch": int(mb), "activation_checkpointing": rest == ["ac"],
+               "error": "out of memory"}
+    print(json.dumps(row), flush=True)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    torch._dynamo.reset()
 
 
 if __name__ == "__main__":

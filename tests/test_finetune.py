@@ -136,12 +136,13 @@ def test_lora_config_errors_are_one_line(setup, base, tmp_path, mistake, message
 
 def test_benchmark_lora_smoke():
     out = subprocess.run([sys.executable, "benchmarks/transformer_train.py", "--device", "cpu", "--preset", "tiny",
-                          "--steps", "2", "--finetune", "lora", "--lora-rank", "4"], cwd=REPO, capture_output=True,
+                          "--steps", "2", "--finetune", "full,lora", "--lora-rank", "4"], cwd=REPO, capture_output=True,
                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in out.stdout.splitlines()]
-    assert len(rows) == 1 and rows[0]["finetune"] == "lora" and rows[0]["latents_per_s"] > 0
-    assert 0 < rows[0]["trainable_m"] < 0.01 * sum(rows[0]["params_m"].values())
+    assert [r["finetune"] for r in rows] == ["full", "lora"] and all(r["latents_per_s"] > 0 for r in rows)
+    assert 0 < rows[1]["trainable_m"] < 0.01 * sum(rows[1]["params_m"].values())  # LoRA: adapters only
+    assert rows[0]["trainable_m"] > 0.9 * sum(rows[0]["params_m"].values())  # full: every weight
 
 
 def test_lora_adapter_export_lost_to_a_kill_is_rebuilt(setup, base, tmp_path):
