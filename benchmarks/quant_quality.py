@@ -39,7 +39,12 @@ with a time limit:
                   LM predicts, and the resynthesizer stay the base's), every LM weight, at
                   --full-lr, for --finetune-minutes;
   finetune-lora   the same with finetune=lora (rank --lora-rank, default the preset's 128, alpha
-                  2 x rank, both targets) at --lora-lr, for as many steps as finetune-full made.
+                  2 x rank, both targets) at --lora-lr, for as many steps as finetune-full made;
+                  with several learning rates (--lora-lr 1e-3,3e-3, the default: LoRA's adapters
+                  start at zero and usually want a higher rate than full fine-tuning) one stage
+                  each, finetune-lora-lrRATE, and the one of lowest LM cross-entropy on
+                  finetune-dev is "lora" ("finetune_pick" line): picked as its checkpoints are,
+                  on dialogues it is not measured on.
 Both fine-tunes warm up for 10 steps, then hold their learning rate (the time limit, not a
 schedule, ends them), evaluate every 10 steps on finetune-dev and keep their best checkpoint
 there. The base hears dialogues too: a base that never heard two speakers leaves its LM's
@@ -77,6 +82,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -202,7 +208,9 @@ def stage(work: Path, name: str, cmd: list, log: Path) -> dict:
     t = time.time()
     out = run(cmd, log)
     evals = [json.loads(line) for line in out.splitlines() if line.startswith('{"eval"')]
-    record = {"steps": evals[-1]["eval"] if evals else None, "wall_s": round(time.time() - t, 1)}
+    dev = [e["val/lm_ce"] for e in evals if "val/lm_ce" in e]
+    record = {"steps": evals[-1]["eval"] if evals else None, "wall_s": round(time.time() - t, 1),
+              "best_val_lm_ce": min(dev) if dev else None}
     done.write_text(json.dumps(record))
     emit(bench="stage", stage=name, **record, elapsed_s=time.time() - T0)
     return record
@@ -327,19 +335,29 @@ def finetune(args, work: Path, log: Path, base: str, codec: str) -> dict:
     common += ["seq_len=32", "batch_size=2", "val_crops=4", "warmup_steps=1", "eval_interval=2", "log_interval=1"] \
         if args.smoke else ["seq_len=256", "batch_size=16", "warmup_steps=10", "eval_interval=10", "log_interval=5",
                             "num_workers=4"]
-    full_dir, lora_dir = work / "finetune-full", work / "finetune-lora"
+    full_dir = work / "finetune-full"
     limit = ["max_steps=4"] if args.smoke else ["max_steps=100000", f"max_minutes={args.finetune_minutes}"]
     full = stage(work, "finetune-full", [*common, *limit, "finetune=full", f"learning_rate={args.full_lr}",
                                          f"min_lr={args.full_lr}", "save_interval=100000",
                                          f"checkpoint_dir={full_dir}"], log)
     # the same steps; the time limit only guards against a much slower LoRA step
-    lora = stage(work, "finetune-lora", [*common, f"max_steps={full['steps']}", "finetune=lora",
-                                         f"lora_rank={args.lora_rank}", f"lora_alpha={2 * args.lora_rank}",
-                                         f"learning_rate={args.lora_lr}", f"min_lr={args.lora_lr}",
-                                         "save_interval=100000", f"checkpoint_dir={lora_dir}"]
-                 + ([] if args.smoke else [f"max_minutes={2 * args.finetune_minutes}"]), log)
-    return {"full": str(full_dir / "best.safetensors"), "lora": str(lora_dir / "best.adapter.safetensors"),
-            "steps": {"full": full["steps"], "lora": lora["steps"]}}
+    runs = {}
+    for lr in args.lora_lr:
+        name = "finetune-lora" if len(args.lora_lr) == 1 else f"finetune-lora-lr{lr:g}"
+        record = stage(work, name, [*common, f"max_steps={full['steps']}", "finetune=lora",
+                                    f"lora_rank={args.lora_rank}", f"lora_alpha={2 * args.lora_rank}",
+                                    f"learning_rate={lr}", f"min_lr={lr}", "save_interval=100000",
+                                    f"checkpoint_dir={work / name}"]
+                       + ([] if args.smoke else [f"max_minutes={2 * args.finetune_minutes}"]), log)
+        runs[lr] = (name, record)
+    dev = {lr: record.get("best_val_lm_ce") for lr, (_, record) in runs.items()}
+    picked = min(runs, key=lambda lr: math.inf if dev[lr] is None else dev[lr])
+    if len(runs) > 1:
+        emit(bench="finetune_pick", model="lora", dev_lm_ce={f"{lr:g}": ce for lr, ce in dev.items()},
+             learning_rate=picked, elapsed_s=time.time() - T0)
+    name, lora = runs[picked]
+    return {"full": str(full_dir / "best.safetensors"), "lora": str(work / name / "best.adapter.safetensors"),
+            "steps": {"full": full["steps"], "lora": lora["steps"]}, "lr": {"full": args.full_lr, "lora": picked}}
 
 
 def evaluate(args, work: Path, log: Path, model: str, codec: str, train_path: Path, val_path: Path,
@@ -430,7 +448,7 @@ def part_b(args, work: Path) -> int:
             continue
         ce[name] = row["val/lm_ce"]
         emit(bench="finetune", model=name, data="finetune-val", checkpoint=path, steps=tuned["steps"].get(name, 0),
-             learning_rate={"full": args.full_lr, "lora": args.lora_lr}.get(name),
+             learning_rate=tuned["lr"].get(name),
              **{k: row[f"val/{k}"] for k in ("lm_ce", "resynth_nll", "lm_acc", "positions")}, eval_s=row["eval_s"],
              elapsed_s=time.time() - T0)
     if len(ce) == 3:
@@ -442,6 +460,17 @@ def part_b(args, work: Path) -> int:
              steps=tuned["steps"], lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank,
              elapsed_s=time.time() - T0)
     return failures
+
+
+def rates(text: str) -> list[float]:
+    """--lora-lr: comma-separated positive learning rates."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated learning rates, got {text!r}") from None
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"learning rates must be positive, got {text!r}")
+    return values
 
 
 def main() -> None:
@@ -463,7 +492,8 @@ def main() -> None:
     ap.add_argument("--finetune-minutes", type=float, default=0.75,
                     help="(b) full fine-tuning; LoRA then trains as many steps (at most 2x this long)")
     ap.add_argument("--full-lr", type=float, default=3e-4, help="(b) learning rate of full fine-tuning")
-    ap.add_argument("--lora-lr", type=float, default=1e-3, help="(b) learning rate of LoRA")
+    ap.add_argument("--lora-lr", type=rates, default=rates("1e-3,3e-3"),
+                    help="(b) learning rates of LoRA, comma-separated: one run each, the best on finetune-dev kept")
     ap.add_argument("--lora-rank", type=int, default=None, help="(b) default: the preset's lora_rank (alpha: 2x rank)")
     ap.add_argument("--eval-seq-len", type=int, default=None, help="(b) latents a val crop (default 256; --smoke: 32)")
     ap.add_argument("--work", default=None, help="(b) folder for runs and latents (default: checkpoints/quant_quality)")
