@@ -343,9 +343,11 @@ def finetune(args, work: Path, log: Path, base: str, codec: str) -> dict:
     # the same steps; the time limit only guards against a much slower LoRA step
     runs = {}
     for lr in args.lora_lr:
-        name = "finetune-lora" if len(args.lora_lr) == 1 else f"finetune-lora-lr{lr:g}"
+        name = ("finetune-lora" + ("" if args.lora_targets == "both" else f"-{args.lora_targets}")
+                + ("" if len(args.lora_lr) == 1 else f"-lr{lr:g}"))
         record = stage(work, name, [*common, f"max_steps={full['steps']}", "finetune=lora",
                                     f"lora_rank={args.lora_rank}", f"lora_alpha={2 * args.lora_rank}",
+                                    f"lora_targets={args.lora_targets}",
                                     f"learning_rate={lr}", f"min_lr={lr}", "save_interval=100000",
                                     f"checkpoint_dir={work / name}"]
                        + ([] if args.smoke else [f"max_minutes={2 * args.finetune_minutes}"]), log)
@@ -458,6 +460,7 @@ def part_b(args, work: Path) -> int:
              lora_recovered=recovered, lora_below_base=ce["lora"] < ce["base"],
              acceptance=bool(recovered is not None and recovered >= 0.7 and ce["lora"] < ce["base"]),
              steps=tuned["steps"], lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank,
+             lora_targets=args.lora_targets,
              elapsed_s=time.time() - T0)
     return failures
 
@@ -494,6 +497,8 @@ def main() -> None:
     ap.add_argument("--full-lr", type=float, default=3e-4, help="(b) learning rate of full fine-tuning")
     ap.add_argument("--lora-lr", type=rates, default=rates("1e-3,3e-3"),
                     help="(b) learning rates of LoRA, comma-separated: one run each, the best on finetune-dev kept")
+    ap.add_argument("--lora-targets", default="both", choices=("attention", "feedforward", "both", "all"),
+                    help="(b) the layers LoRA adapts (train_transformer.py lora_targets)")
     ap.add_argument("--lora-rank", type=int, default=None, help="(b) default: the preset's lora_rank (alpha: 2x rank)")
     ap.add_argument("--eval-seq-len", type=int, default=None, help="(b) latents a val crop (default 256; --smoke: 32)")
     ap.add_argument("--work", default=None, help="(b) folder for runs and latents (default: checkpoints/quant_quality)")

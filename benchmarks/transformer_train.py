@@ -127,7 +127,7 @@ def main():
                     help="comma-separated modes: full (every weight of the stage), lora (adapters on a frozen bf16 "
                          "base), lora-int8 (adapters on a frozen int8 base)")
     ap.add_argument("--lora-rank", type=int, default=128)
-    ap.add_argument("--lora-targets", default="both", choices=("attention", "feedforward", "both"))
+    ap.add_argument("--lora-targets", default="both", choices=("attention", "feedforward", "both", "all"))
     ap.add_argument("--seq-len", type=int, default=None, help="default: 2048 (the preset's on CPU)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (compile); default 3, 1 on CPU")

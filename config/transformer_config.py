@@ -86,7 +86,7 @@ class TransformerConfig:
     lora_rank: int = field(default=128, metadata=RESUME)
     lora_alpha: float = field(default=256.0, metadata=RESUME)    # the update is scaled by alpha / rank
     lora_dropout: float = 0.0                   # a training setting, as learning_rate: may change on resume
-    lora_targets: Literal["attention", "feedforward", "both"] = field(default="both", metadata=RESUME)
+    lora_targets: Literal["attention", "feedforward", "both", "all"] = field(default="both", metadata=RESUME)
     base_quantize: Optional[Literal["int8"]] = field(default=None, metadata=RESUME)  # the frozen base in int8
 
     # --- scale --------------------------------------------------------------------------------

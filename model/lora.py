@@ -57,11 +57,15 @@ from .checkpoint import FORMAT, HASH_KEY, CheckpointError, _header, atomic_write
 # Layers adapted, by the last component of their path: the attention's fused q/k/v and output
 # projections, the SwiGLU's fused gate/up and down projections (model/transformer.py; in every
 # transformer block of the LM, `layers.N.*`, and of the resynthesizer, `stack.layers.N.*`).
-# The latent input projections, the heads and the plex projections are not adapted.
+# "all" adds the output heads (the LM's code heads, the resynthesizer's mixture heads): a new
+# voice or style shifts which codes follow which, and the heads are where full fine-tuning moves
+# most. The latent input projections (32 inputs) and the plex projections are never adapted.
+HEADS = ("output", "fc_loc", "fc_scale", "fc_weight")
 TARGETS = {
     "attention": ("proj_qkv", "attn_out"),
     "feedforward": ("gateup_proj", "down_proj"),
     "both": ("proj_qkv", "attn_out", "gateup_proj", "down_proj"),
+    "all": ("proj_qkv", "attn_out", "gateup_proj", "down_proj", *HEADS),
 }
 PARTS = ("lm", "resynth")
 KIND = "adapter"
@@ -77,7 +81,7 @@ class LoRAConfig:
     rank: int
     alpha: float
     dropout: float = 0.0
-    targets: Literal["attention", "feedforward", "both"] = "both"
+    targets: Literal["attention", "feedforward", "both", "all"] = "both"
     parts: tuple[str, ...] = PARTS
 
     def __post_init__(self):
@@ -165,8 +169,8 @@ def add_lora(layer: nn.Module, rank: int, alpha: float, dropout: float = 0.0) ->
 def lora_targets(model: nn.Module, targets: str, parts=PARTS) -> list[str]:
     """Paths (relative to `model`, a `HertzDev`) of the layers `targets` names in `parts`."""
     names = TARGETS[targets]
-    return [f"{part}.{path}" for part in parts
-            for path, m in getattr(model, part).named_modules() if path.rpartition(".")[2] in names]
+    return [f"{part}.{path}" for part in parts for path, m in getattr(model, part).named_modules()
+            if path.rpartition(".")[2] in names and hasattr(m, "in_features")]  # `lm.output` holds `lm.output.output`
 
 
 def adapted(model: nn.Module) -> dict[str, LoRALinear]:
@@ -178,7 +182,8 @@ def apply_lora(model: nn.Module, targets: str = "both", rank: int = 128, alpha: 
                dropout: float = 0.0, parts=PARTS) -> list[str]:
     """Freeze every parameter of `model` (a `HertzDev`) and adapt the layers of `parts` ("lm",
     "resynth") that `targets` names: "attention" (`*.attn.attn.proj_qkv`, `*.attn.attn.attn_out`),
-    "feedforward" (`*.ffnn.ffnn.gateup_proj`, `*.ffnn.ffnn.down_proj`) or "both". Returns the
+    "feedforward" (`*.ffnn.ffnn.gateup_proj`, `*.ffnn.ffnn.down_proj`), "both", or "all" (both
+    and the output heads, `HEADS`). Returns the
     adapted paths; afterwards the trainable parameters of `model` are exactly the adapters."""
     cfg = LoRAConfig(rank, alpha, dropout, targets, tuple(parts))
     paths = lora_targets(model, cfg.targets, cfg.parts)

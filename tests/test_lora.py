@@ -69,16 +69,20 @@ def base_state(model) -> dict:
 
 @pytest.mark.parametrize("targets,names", [("attention", {"proj_qkv", "attn_out"}),
                                            ("feedforward", {"gateup_proj", "down_proj"}),
-                                           ("both", {"proj_qkv", "attn_out", "gateup_proj", "down_proj"})])
+                                           ("both", {"proj_qkv", "attn_out", "gateup_proj", "down_proj"}),
+                                           ("all", {"proj_qkv", "attn_out", "gateup_proj", "down_proj"})])
 @torch.no_grad()
 def test_adapting_keeps_outputs_and_base_keys(one_thread, targets, names):
     model = tiny()
     x = batch()
     before, keys = outputs(model, x), set(model.state_dict())
     paths = apply_lora(model, targets, rank=4, alpha=8.0)
-    assert {p.rpartition(".")[2] for p in paths} == names
-    assert len(paths) == len(names) * (CFG.lm_layers + CFG.resynth_layers)
-    assert all(p.startswith(("lm.layers.", "resynth.stack.layers.")) for p in paths)
+    heads = {"lm.output.output", "lm.output2.output", "resynth.io.fc_loc", "resynth.io.fc_scale",
+             "resynth.io.fc_weight"} if targets == "all" else set()  # duplex: the LM has a head per channel
+    blocks = [p for p in paths if p not in heads]
+    assert heads <= set(paths) and {p.rpartition(".")[2] for p in blocks} == names
+    assert len(blocks) == len(names) * (CFG.lm_layers + CFG.resynth_layers)
+    assert all(p.startswith(("lm.layers.", "resynth.stack.layers.")) for p in blocks)
     # B starts at zero: the adapted model computes exactly what the base does.
     for got, want in zip(outputs(model, x), before):
         assert torch.equal(got, want)
@@ -134,16 +138,17 @@ def test_a_training_step_changes_only_the_adapters(one_thread):
         assert not torch.allclose(outputs(model, x)[0], before[0])
 
 
+@pytest.mark.parametrize("targets", ["both", "all"])
 @torch.no_grad()
-def test_merged_equals_adapted_and_saves_as_an_ordinary_checkpoint(one_thread, tmp_path):
+def test_merged_equals_adapted_and_saves_as_an_ordinary_checkpoint(one_thread, tmp_path, targets):
     model = tiny()
-    apply_lora(model, **dataclasses.asdict(LORA))
+    apply_lora(model, **{**dataclasses.asdict(LORA), "targets": targets})
     with torch.enable_grad():
         train(model)
     x = batch()
     want = outputs(model, x)
     paths = merge_lora(model)
-    assert len(paths) == 4 * (CFG.lm_layers + CFG.resynth_layers) and not adapted(model)
+    assert len(paths) == 4 * (CFG.lm_layers + CFG.resynth_layers) + 5 * (targets == "all") and not adapted(model)
     assert all(type(model.get_submodule(p)) is nn.Linear for p in paths)
     assert set(model.state_dict()) == set(tiny().state_dict())
     for got, w in zip(outputs(model, x), want):
