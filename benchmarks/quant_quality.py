@@ -411,7 +411,7 @@ def part_b(args, work: Path) -> int:
 
     # issue 12, 4b: the base in bf16 and as deployed quantized, on the val monologues
     metrics = {}
-    for mode in ("bf16", "int8", "int4", "fp8_kv"):
+    for mode in ("bf16", "int8", "int4", "fp8_kv") if args.quant_eval else ():
         extra = {"bf16": [], "int8": ["eval_quantize=int8"], "int4": ["eval_quantize=int4"],
                  "fp8_kv": ["eval_kv_dtype=fp8"]}[mode]
         row = attempt("val", {"mode": mode}, base, codec, work / "base-train.jsonl", corpus / "val" / "mono",
@@ -487,6 +487,8 @@ def main() -> None:
     ap.add_argument("--preset", default=None, help="(b) preset trained and evaluated (default small; --smoke: tiny)")
     ap.add_argument("--checkpoint", help="(b) a trained duplex base (.safetensors) instead of training one")
     ap.add_argument("--codec", help="(b) the codec (.safetensors) to use instead of training one")
+    ap.add_argument("--no-quant-eval", dest="quant_eval", action="store_false",
+                    help="(b) only the fine-tuning proof: skip the base's quantized evaluations")
     ap.add_argument("--corpus", default=None, help="(b) the demo corpus folder (built if missing; default data/demo)")
     ap.add_argument("--corpus-minutes", type=float, default=60.0,
                     help="(b) minutes of the corpus, if built (gpu_setup.sh's 60 by default)")
@@ -497,7 +499,7 @@ def main() -> None:
     ap.add_argument("--full-lr", type=float, default=3e-4, help="(b) learning rate of full fine-tuning")
     ap.add_argument("--lora-lr", type=rates, default=rates("1e-3,3e-3"),
                     help="(b) learning rates of LoRA, comma-separated: one run each, the best on finetune-dev kept")
-    ap.add_argument("--lora-targets", default="both", choices=("attention", "feedforward", "both", "all"),
+    ap.add_argument("--lora-targets", default="all", choices=("attention", "feedforward", "both", "all"),
                     help="(b) the layers LoRA adapts (train_transformer.py lora_targets)")
     ap.add_argument("--lora-rank", type=int, default=None, help="(b) default: the preset's lora_rank (alpha: 2x rank)")
     ap.add_argument("--eval-seq-len", type=int, default=None, help="(b) latents a val crop (default 256; --smoke: 32)")
