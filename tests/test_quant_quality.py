@@ -37,7 +37,7 @@ def test_quant_quality_smoke(tmp_path):
     assert logits["int8"]["weights_gb"] < logits["fp8_kv"]["weights_gb"] / 3  # float32 weights vs int8
     assert lines[-1]["failures"] == 0
     stages = {line["stage"]: line for line in lines if line["bench"] == "stage"}
-    assert list(stages) == ["codec", "base-quantizer", "base-lm", "finetune-full", "finetune-lora-lr0.001", "finetune-lora-lr0.003", "merge-lora"]
+    assert list(stages) == ["codec", "base-quantizer", "base-lm", "finetune-full", "finetune-lora-all-lr0.001", "finetune-lora-all-lr0.003", "merge-lora"]
     assert all(line["wall_s"] > 0 for line in stages.values())
     # (b) the fine-tuning proof: the base never heard the fine-tuning voices; both fine-tunes ran the
     # same steps on dialogues of those voices, picked on others, and are evaluated on yet others
@@ -56,11 +56,11 @@ def test_quant_quality_smoke(tmp_path):
     tuning = [splits[name] for name in names[1:]]
     assert sum(map(len, tuning)) == len(set().union(*tuning))  # disjoint
     assert sorted(set().union(*tuning)) == sorted(p for p in voices if "/train/dialogue/" in p and voices[p] & held)
-    assert stages["finetune-full"]["steps"] == stages["finetune-lora-lr0.001"]["steps"] == 4
-    assert stages["finetune-lora-lr0.003"]["steps"] == 4
+    assert stages["finetune-full"]["steps"] == stages["finetune-lora-all-lr0.001"]["steps"] == 4
+    assert stages["finetune-lora-all-lr0.003"]["steps"] == 4
     # LoRA's learning rate picked on finetune-dev, where each run's best checkpoint was picked
     pick = next(line for line in lines if line["bench"] == "finetune_pick")
-    dev = {lr: stages[f"finetune-lora-lr{lr}"]["best_val_lm_ce"] for lr in ("0.001", "0.003")}
+    dev = {lr: stages[f"finetune-lora-all-lr{lr}"]["best_val_lm_ce"] for lr in ("0.001", "0.003")}
     assert pick["dev_lm_ce"] == dev and pick["learning_rate"] == float(min(dev, key=dev.get))
     tuned = {line["model"]: line for line in lines if line["bench"] == "finetune"}
     assert list(tuned) == ["base", "full", "lora"]
@@ -76,7 +76,7 @@ def test_quant_quality_smoke(tmp_path):
                                                           rel=1e-3)
     assert isinstance(summary["acceptance"], bool)
     assert tuned["lora"]["learning_rate"] == pick["learning_rate"]
-    assert tuned["lora"]["checkpoint"] == str(work / f"finetune-lora-lr{pick['learning_rate']:g}" / "best.merged.safetensors")
+    assert tuned["lora"]["checkpoint"] == str(work / f"finetune-lora-all-lr{pick['learning_rate']:g}" / "best.merged.safetensors")
     assert (work / "finetune-full" / "best.safetensors").is_file()
     # (b) the quantization figures of the base
     val = {line["mode"]: line for line in lines if line["bench"] == "val"}
@@ -94,7 +94,7 @@ def test_quant_quality_smoke(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [json.loads(line) for line in r.stdout.splitlines()]
     reused = {line["stage"]: line for line in lines if line["bench"] == "reused"}
-    assert list(reused) == ["codec", "base-quantizer", "base-lm", "finetune-full", "finetune-lora-lr0.001", "finetune-lora-lr0.003"]
+    assert list(reused) == ["codec", "base-quantizer", "base-lm", "finetune-full", "finetune-lora-all-lr0.001", "finetune-lora-all-lr0.003"]
     assert reused["finetune-full"]["steps"] == 4
     again = {line["mode"]: line for line in lines if line["bench"] == "val"}
     assert again["int8"]["lm_ce"] == val["int8"]["lm_ce"]  # the same checkpoint, the same crops
