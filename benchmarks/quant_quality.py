@@ -39,7 +39,9 @@ with a time limit:
                   LM predicts, and the resynthesizer stay the base's), every LM weight, at
                   --full-lr, for --finetune-minutes;
   finetune-lora   the same with finetune=lora (rank --lora-rank, default the preset's 128, alpha
-                  2 x rank, both targets) at --lora-lr, for as many steps as finetune-full made;
+                  2 x rank, --lora-targets, default all: the blocks' projections and the heads;
+                  with another, finetune-lora-TARGETS) at --lora-lr, for as many steps as
+                  finetune-full made;
                   with several learning rates (--lora-lr 1e-3,3e-3, the default: LoRA's adapters
                   start at zero and usually want a higher rate than full fine-tuning) one stage
                   each, finetune-lora-lrRATE, and the one of lowest LM cross-entropy on
@@ -48,8 +50,11 @@ with a time limit:
 Both fine-tunes warm up for 10 steps, then hold their learning rate (the time limit, not a
 schedule, ends them), evaluate every 10 steps on finetune-dev and keep their best checkpoint
 there. The base hears dialogues too: a base that never heard two speakers leaves its LM's
-channel-1 input and head untrained, which full fine-tuning trains and LoRA's adapters (on the
-blocks' projections) cannot reach. Evaluations run in this process (the trainer's own
+channel-1 input and head untrained, which full fine-tuning trains and LoRA's adapters cannot
+reach (the input projections are never adapted). The heads are: a new voice shifts which codes
+follow which, and on a briefly trained base most of full fine-tuning's gain is in the heads
+(measured on the CPU at tiny size, benchmarks/results/quant_lora_h200_session2.txt: LoRA on the
+blocks alone recovered 4% of full fine-tuning's gain, with the heads more than all of it). Evaluations run in this process (the trainer's own
 `evaluate`, via `train_transformer.main` with eval_only=true: no process start each), on crops
 of --eval-seq-len latents, "val" once the base is trained, "finetune" once the fine-tunes are:
   "val": the base on val/mono (where it was picked) in bf16, int8, int4 (`eval_quantize=`) and
@@ -69,8 +74,9 @@ Part (a) needs torch only. Part (b) runs the trainers, which need the packages t
 minutes; otherwise --corpus is built with --corpus-minutes, 60, if missing: with eSpeak NG alone
 the fine-tunes then train on 9 dialogues, 350 s, pick on 2 and are measured on 6, 253 s, and the
 base learns from 224 files, 2281 s, 25 of them dialogues). With the defaults part (b) takes
-about 8 minutes on an H200 with the codec, 5.5 without: 2.5 + 2 x 1 + 0.75 + at most 1.5 minutes
-of stages plus a few seconds of start-up each, and seconds of evaluations. Each finished stage
+about 8.5 minutes on an H200 with the codec, 6 without: 2.5 + 2 x 1 + 0.75 minutes of stages, two
+LoRA runs of about 25 s each, a few seconds of start-up each, and seconds of evaluations
+(--no-quant-eval skips the quantized ones). Each finished stage
 leaves a marker in --work (`<stage>.done`, with its wall time and steps) and is skipped when the
 script runs again (an unfinished one resumes from its latest.pt), so running the same command
 again continues.
