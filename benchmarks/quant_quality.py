@@ -39,14 +39,14 @@ with a time limit:
                   LM predicts, and the resynthesizer stay the base's), every LM weight, at
                   --full-lr, for --finetune-minutes;
   finetune-lora   the same with finetune=lora (rank --lora-rank, default the preset's 128, alpha
-                  2 x rank, --lora-targets, default all: the blocks' projections and the heads;
-                  with another, finetune-lora-TARGETS) at --lora-lr, for as many steps as
-                  finetune-full made;
-                  with several learning rates (--lora-lr 1e-3,3e-3, the default: LoRA's adapters
-                  start at zero and usually want a higher rate than full fine-tuning) one stage
-                  each, finetune-lora-lrRATE, and the one of lowest LM cross-entropy on
-                  finetune-dev is "lora" ("finetune_pick" line): picked as its checkpoints are,
-                  on dialogues it is not measured on.
+                  2 x rank, --lora-targets, default all: the blocks' projections and the heads)
+                  at --lora-lr, for as many steps as finetune-full made; with several learning
+                  rates (--lora-lr 1e-3,3e-3, the default: LoRA's adapters start at zero and
+                  usually want a higher rate than full fine-tuning) one stage each,
+                  finetune-lora[-TARGETS][-lrRATE] (TARGETS unless both, RATE when several),
+                  and the one of lowest LM cross-entropy on finetune-dev is "lora"
+                  ("finetune_pick" line): picked as its checkpoints are, on dialogues it is not
+                  measured on.
 Both fine-tunes warm up for 10 steps, then hold their learning rate (the time limit, not a
 schedule, ends them), evaluate every 10 steps on finetune-dev and keep their best checkpoint
 there. The base hears dialogues too: a base that never heard two speakers leaves its LM's
@@ -54,8 +54,8 @@ channel-1 input and head untrained, which full fine-tuning trains and LoRA's ada
 reach (the input projections are never adapted). The heads are: a new voice shifts which codes
 follow which, and on a briefly trained base most of full fine-tuning's gain is in the heads
 (measured on the CPU at tiny size, benchmarks/results/quant_lora_h200_session2.txt: LoRA on the
-blocks alone recovered 4% of full fine-tuning's gain, with the heads more than all of it). Evaluations run in this process (the trainer's own
-`evaluate`, via `train_transformer.main` with eval_only=true: no process start each), on crops
+blocks alone recovered 4% of full fine-tuning's gain, with the heads more than all of it).
+Evaluations run in this process (the trainer's own `evaluate`, via `train_transformer.main` with eval_only=true: no process start each), on crops
 of --eval-seq-len latents, "val" once the base is trained, "finetune" once the fine-tunes are:
   "val": the base on val/mono (where it was picked) in bf16, int8, int4 (`eval_quantize=`) and
       fp8_kv (`eval_kv_dtype=fp8`: forwards through a float8 KV cache): val lm_ce and resynth_nll,
