@@ -55,8 +55,9 @@ reach (the input projections are never adapted). The heads are: a new voice shif
 follow which, and on a briefly trained base most of full fine-tuning's gain is in the heads
 (measured on the CPU at tiny size, benchmarks/results/quant_lora_h200_session2.txt: LoRA on the
 blocks alone recovered 4% of full fine-tuning's gain, with the heads more than all of it).
-Evaluations run in this process (the trainer's own `evaluate`, via `train_transformer.main` with eval_only=true: no process start each), on crops
-of --eval-seq-len latents, "val" once the base is trained, "finetune" once the fine-tunes are:
+Evaluations run in this process (the trainer's own `evaluate`, via `train_transformer.main` with
+eval_only=true: no process start each), on crops of --eval-seq-len latents, "val" once the base
+is trained, "finetune" once the fine-tunes are:
   "val": the base on val/mono (where it was picked) in bf16, int8, int4 (`eval_quantize=`) and
       fp8_kv (`eval_kv_dtype=fp8`: forwards through a float8 KV cache): val lm_ce and resynth_nll,
       and each one's relative change against bf16 with the issue's bound (int8 1%, int4 3%, fp8 KV
