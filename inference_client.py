@@ -28,6 +28,7 @@ import collections
 import json
 import os
 import queue
+import signal
 import sys
 import tempfile
 import time
@@ -163,7 +164,8 @@ async def open_session(args):
     headers = {"Authorization": f"Bearer {args.token}"} if args.token else None
     url = audio_url(args.server, args.seed)
     try:
-        ws = await connect(url, additional_headers=headers, max_size=1 << 20, open_timeout=20)
+        # close_timeout: at the end (or Ctrl-C) wait at most 2 s for the server's closing handshake
+        ws = await connect(url, additional_headers=headers, max_size=1 << 20, open_timeout=20, close_timeout=2)
     except websockets.InvalidStatus as e:
         code = e.response.status_code
         hint = " (a missing or wrong --token)" if code in (401, 403) else ""
@@ -226,7 +228,7 @@ def write_wav(path: str, stereo: np.ndarray) -> None:
         raise
 
 
-async def file_mode(args) -> int:
+async def file_mode(args, stop: asyncio.Event) -> int:
     audio = read_audio(args.input_wav)
     n = max(1, -(-len(audio) // CHUNK))
     user = np.zeros(n * CHUNK, dtype="<i2")
@@ -257,12 +259,12 @@ async def file_mode(args) -> int:
                 while conv.unanswered >= args.window and not receiver.done():
                     conv.answered.clear()
                     await conv.answered.wait()
-            if receiver.done():
+            if receiver.done() or stop.is_set():
                 break
             await conv.send(user[i * CHUNK:(i + 1) * CHUNK].tobytes())
             sent += 1
         deadline = time.perf_counter() + args.reply_timeout
-        while slot < sent and not receiver.done() and time.perf_counter() < deadline:
+        while slot < sent and not receiver.done() and not stop.is_set() and time.perf_counter() < deadline:
             conv.answered.clear()
             with_timeout = max(0.01, deadline - time.perf_counter())
             try:
@@ -367,7 +369,7 @@ def choose_devices(sd, args) -> None:
     args.output_device = given or args.output_device
 
 
-async def live_mode(args) -> int:
+async def live_mode(args, stop: asyncio.Event) -> int:
     sd = import_sounddevice()
     if args.choose_devices:
         choose_devices(sd, args)
@@ -430,7 +432,10 @@ async def live_mode(args) -> int:
         with streams[0], streams[1]:
             log("live: speak now (Ctrl-C to stop)")
             tasks = [asyncio.create_task(send_mic())] + ([asyncio.create_task(report())] if args.stats_every > 0 else [])
-            await receiver  # until the server closes the session
+            stopped = asyncio.create_task(stop.wait())
+            tasks.append(stopped)
+            # until the server closes the session, or Ctrl-C
+            await asyncio.wait({receiver, stopped}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for t in tasks + [receiver]:
             t.cancel()
@@ -486,9 +491,43 @@ def main(argv=None) -> int:
         print(import_sounddevice().query_devices())
         return 0
     try:
-        return asyncio.run(file_mode(args) if args.input_wav else live_mode(args))
+        return asyncio.run(interruptible(file_mode if args.input_wav else live_mode, args))
     except KeyboardInterrupt:
         return 0
+
+
+async def interruptible(session, args) -> int:
+    """Run `session(args, stop)` until it ends or Ctrl-C stops it. The first Ctrl-C sets `stop`,
+    which the session's loops watch, and cancels the session (which then closes, writes and
+    reports what it has): a cancellation swallowed inside a library (asyncio.wait_for's race
+    before Python 3.12) still ends it at its next chunk. A second Ctrl-C exits at once (status
+    130, nothing written: what the first one would have written is what it gives up)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(session(args, stop))
+
+    def on_sigint() -> None:
+        if stop.is_set():
+            log("interrupted twice: exiting")
+            os._exit(130)
+        stop.set()
+        task.cancel()
+
+    try:
+        loop.add_signal_handler(signal.SIGINT, on_sigint)
+    except (NotImplementedError, RuntimeError):  # Windows' loops: Python's own KeyboardInterrupt
+        pass
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if stop.is_set():
+            return 0
+        raise
+    finally:
+        try:
+            loop.remove_signal_handler(signal.SIGINT)
+        except (NotImplementedError, RuntimeError):
+            pass
 
 
 if __name__ == "__main__":

@@ -130,6 +130,44 @@ def test_file_mode_real_time_and_ctrl_c(server, tmp_path):
     assert 0 < sf.info(tmp_path / "cut.wav").frames < 20 * 16000
 
 
+STUBBORN = """
+import asyncio, os, signal, sys
+import inference_client as client
+
+async def stubborn(args, stop):  # swallows every cancellation, as a library racing its own timeout can
+    print("ready", flush=True)
+    while not (sys.argv[1] == "watch" and stop.is_set()):
+        try:
+            await asyncio.sleep(0.01)
+        except asyncio.CancelledError:
+            pass
+    return 0
+
+print("returned", asyncio.run(client.interruptible(stubborn, None)), flush=True)
+"""
+
+
+@pytest.mark.parametrize("watch", ["watch", "deaf"])
+def test_ctrl_c_ends_a_session_whose_cancellation_is_swallowed(tmp_path, watch):
+    """The first Ctrl-C sets the session's stop event as well as cancelling it: a session whose
+    cancellation a library swallowed (asyncio.wait_for's race before Python 3.12) still ends, at
+    its next check, normally; a second Ctrl-C ends even a session that checks nothing (130)."""
+    (tmp_path / "stubborn.py").write_text(STUBBORN)
+    proc = subprocess.Popen([sys.executable, tmp_path / "stubborn.py", watch], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.stdout.readline() == "ready\n"
+    proc.send_signal(signal.SIGINT)
+    if watch == "deaf":
+        time.sleep(0.5)
+        assert proc.poll() is None  # the first Ctrl-C's cancellation was swallowed
+        proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=10)
+    if watch == "watch":
+        assert proc.returncode == 0 and stdout == "returned 0\n" and "Traceback" not in stderr, stderr
+    else:
+        assert proc.returncode == 130 and "interrupted twice" in stderr, stderr
+
+
 def test_wrong_token_and_bad_parameters(server, tmp_path):
     url, _ = server
     sf.write(tmp_path / "in.wav", speech_like(0.5), 16000)
