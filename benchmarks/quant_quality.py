@@ -36,17 +36,18 @@ with a time limit:
                   (or --checkpoint PATH instead of these two, which should not have heard the
                   fine-tuning voices either);
   finetune-full   the base fine-tuned on finetune-train, stage=lm (so the quantizer, the codes the
-                  LM predicts, and the resynthesizer stay the base's), every LM weight, at
-                  --full-lr, for --finetune-minutes;
+                  LM predicts, and the resynthesizer stay the base's), every LM weight, at each
+                  of --full-lr (default 3e-4,1e-3), the first for --finetune-minutes, the others
+                  for as many steps: one stage each, finetune-full[-lrRATE] (RATE when several);
   finetune-lora   the same with finetune=lora (rank --lora-rank, default the preset's 128, alpha
                   2 x rank, --lora-targets, default all: the blocks' projections and the heads)
-                  at --lora-lr, for as many steps as finetune-full made; with several learning
-                  rates (--lora-lr 1e-3,3e-3, the default: LoRA's adapters start at zero and
-                  usually want a higher rate than full fine-tuning) one stage each,
-                  finetune-lora[-TARGETS][-lrRATE] (TARGETS unless both, RATE when several),
-                  and the one of lowest LM cross-entropy on finetune-dev is "lora"
-                  ("finetune_pick" line): picked as its checkpoints are, on dialogues it is not
-                  measured on.
+                  at each of --lora-lr (default 1e-3,3e-3: LoRA's adapters start at zero and
+                  usually want a higher rate than full fine-tuning), for the same steps:
+                  finetune-lora[-TARGETS][-lrRATE] (TARGETS unless both).
+                  Of each kind the run of lowest LM cross-entropy on finetune-dev is "full" and
+                  "lora" ("finetune_pick" lines): rates picked as checkpoints are, on dialogues
+                  neither is measured on, so that neither kind is compared at a rate that suits
+                  only the other.
 Both fine-tunes warm up for 10 steps, then hold their learning rate (the time limit, not a
 schedule, ends them), evaluate every 10 steps on finetune-dev and keep their best checkpoint
 there. The base hears dialogues too: a base that never heard two speakers leaves its LM's
@@ -75,9 +76,9 @@ Part (a) needs torch only. Part (b) runs the trainers, which need the packages t
 minutes; otherwise --corpus is built with --corpus-minutes, 60, if missing: with eSpeak NG alone
 the fine-tunes then train on 9 dialogues, 350 s, pick on 2 and are measured on 6, 253 s, and the
 base learns from 224 files, 2281 s, 25 of them dialogues). With the defaults part (b) takes
-about 8.5 minutes on an H200 with the codec, 6 without: 2.5 + 2 x 1 + 0.75 minutes of stages, two
-LoRA runs of about 25 s each, a few seconds of start-up each, and seconds of evaluations
-(--no-quant-eval skips the quantized ones). Each finished stage
+about 9.5 minutes on an H200 with the codec, 7 without: 2.5 + 2 x 1 + 2 x 0.75 minutes of stages,
+two LoRA runs of about 25 s each, a few seconds of start-up each, and seconds of evaluations
+(--no-quant-eval skips the quantized ones; fewer rates or minutes make it shorter). Each finished stage
 leaves a marker in --work (`<stage>.done`, with its wall time and steps) and is skipped when the
 script runs again (an unfinished one resumes from its latest.pt), so running the same command
 again continues.
@@ -328,8 +329,8 @@ def train(args, work: Path, log: Path) -> tuple[str, str]:
 def finetune(args, work: Path, log: Path, base: str, codec: str) -> dict:
     """The base fine-tuned on the dialogues of voices it never heard (finetune-train; stage=lm: the
     quantizer, hence the codes the LM predicts, and the resynthesizer stay the base's), fully and
-    with LoRA, for the same steps: full fine-tuning for --finetune-minutes, then LoRA for as many
-    steps as it made. Both at a constant learning rate after a short warmup (so that the steps,
+    with LoRA, for the same steps: the first full run for --finetune-minutes, every other run for
+    as many steps as it made, each kind at each of its learning rates. All at a constant learning rate after a short warmup (so that the steps,
     not a schedule, differ from the time limit's), each keeping its best checkpoint on other
     dialogues of those voices (finetune-dev), evaluated every 10 steps: a batch (16 crops of 32 s)
     holds more audio than the few minutes they train on, so the best can come early. Returns
@@ -342,31 +343,39 @@ def finetune(args, work: Path, log: Path, base: str, codec: str) -> dict:
     common += ["seq_len=32", "batch_size=2", "val_crops=4", "warmup_steps=1", "eval_interval=2", "log_interval=1"] \
         if args.smoke else ["seq_len=256", "batch_size=16", "warmup_steps=10", "eval_interval=10", "log_interval=5",
                             "num_workers=4"]
-    full_dir = work / "finetune-full"
-    limit = ["max_steps=4"] if args.smoke else ["max_steps=100000", f"max_minutes={args.finetune_minutes}"]
-    full = stage(work, "finetune-full", [*common, *limit, "finetune=full", f"learning_rate={args.full_lr}",
-                                         f"min_lr={args.full_lr}", "save_interval=100000",
-                                         f"checkpoint_dir={full_dir}"], log)
-    # the same steps; the time limit only guards against a much slower LoRA step
-    runs = {}
-    for lr in args.lora_lr:
-        name = ("finetune-lora" + ("" if args.lora_targets == "both" else f"-{args.lora_targets}")
-                + ("" if len(args.lora_lr) == 1 else f"-lr{lr:g}"))
-        record = stage(work, name, [*common, f"max_steps={full['steps']}", "finetune=lora",
-                                    f"lora_rank={args.lora_rank}", f"lora_alpha={2 * args.lora_rank}",
-                                    f"lora_targets={args.lora_targets}",
-                                    f"learning_rate={lr}", f"min_lr={lr}", "save_interval=100000",
-                                    f"checkpoint_dir={work / name}"]
-                       + ([] if args.smoke else [f"max_minutes={2 * args.finetune_minutes}"]), log)
-        runs[lr] = (name, record)
-    dev = {lr: record.get("best_val_lm_ce") for lr, (_, record) in runs.items()}
-    picked = min(runs, key=lambda lr: math.inf if dev[lr] is None else dev[lr])
-    if len(runs) > 1:
-        emit(bench="finetune_pick", model="lora", dev_lm_ce={f"{lr:g}": ce for lr, ce in dev.items()},
-             learning_rate=picked, elapsed_s=time.time() - T0)
-    name, lora = runs[picked]
-    return {"full": str(full_dir / "best.safetensors"), "lora": str(work / name / "best.adapter.safetensors"),
-            "steps": {"full": full["steps"], "lora": lora["steps"]}, "lr": {"full": args.full_lr, "lora": picked}}
+    steps = None  # the first run's, which --finetune-minutes ends: every other run makes as many
+
+    def sweep(model: str, rates: list[float], prefix: str, settings: list[str]) -> tuple[Path, dict, float]:
+        """One stage per learning rate (`prefix`, with -lrRATE when there are several); returns
+        the (folder, record, rate) of the run of lowest LM cross-entropy on finetune-dev."""
+        nonlocal steps
+        runs = {}
+        for lr in rates:
+            name = prefix + ("" if len(rates) == 1 else f"-lr{lr:g}")
+            if args.smoke:
+                limit = ["max_steps=4"]
+            elif steps is None:
+                limit = ["max_steps=100000", f"max_minutes={args.finetune_minutes}"]
+            else:  # the time limit only guards against a much slower step
+                limit = [f"max_steps={steps}", f"max_minutes={2 * args.finetune_minutes}"]
+            record = stage(work, name, [*common, *limit, *settings, f"learning_rate={lr}", f"min_lr={lr}",
+                                        "save_interval=100000", f"checkpoint_dir={work / name}"], log)
+            steps = steps or record["steps"]
+            runs[lr] = (work / name, record)
+        dev = {lr: record.get("best_val_lm_ce") for lr, (_, record) in runs.items()}
+        picked = min(runs, key=lambda lr: math.inf if dev[lr] is None else dev[lr])
+        if len(runs) > 1:
+            emit(bench="finetune_pick", model=model, dev_lm_ce={f"{lr:g}": ce for lr, ce in dev.items()},
+                 learning_rate=picked, elapsed_s=time.time() - T0)
+        return (*runs[picked], picked)
+
+    full_dir, full, full_lr = sweep("full", args.full_lr, "finetune-full", ["finetune=full"])
+    targets = "" if args.lora_targets == "both" else f"-{args.lora_targets}"
+    lora_dir, lora, lora_lr = sweep("lora", args.lora_lr, f"finetune-lora{targets}",
+                                    ["finetune=lora", f"lora_rank={args.lora_rank}", f"lora_alpha={2 * args.lora_rank}",
+                                     f"lora_targets={args.lora_targets}"])
+    return {"full": str(full_dir / "best.safetensors"), "lora": str(lora_dir / "best.adapter.safetensors"),
+            "steps": {"full": full["steps"], "lora": lora["steps"]}, "lr": {"full": full_lr, "lora": lora_lr}}
 
 
 def evaluate(args, work: Path, log: Path, model: str, codec: str, train_path: Path, val_path: Path,
@@ -503,7 +512,9 @@ def main() -> None:
     ap.add_argument("--transformer-minutes", type=float, default=1.0, help="(b) each of the two base stages")
     ap.add_argument("--finetune-minutes", type=float, default=0.75,
                     help="(b) full fine-tuning; LoRA then trains as many steps (at most 2x this long)")
-    ap.add_argument("--full-lr", type=float, default=3e-4, help="(b) learning rate of full fine-tuning")
+    ap.add_argument("--full-lr", type=rates, default=rates("3e-4,1e-3"),
+                    help="(b) learning rates of full fine-tuning, comma-separated: one run each, the best on "
+                         "finetune-dev kept")
     ap.add_argument("--lora-lr", type=rates, default=rates("1e-3,3e-3"),
                     help="(b) learning rates of LoRA, comma-separated: one run each, the best on finetune-dev kept")
     ap.add_argument("--lora-targets", default="all", choices=("attention", "feedforward", "both", "all"),

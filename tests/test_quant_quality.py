@@ -37,8 +37,9 @@ def test_quant_quality_smoke(tmp_path):
     assert logits["int8"]["weights_gb"] < logits["fp8_kv"]["weights_gb"] / 3  # float32 weights vs int8
     assert lines[-1]["failures"] == 0
     stages = {line["stage"]: line for line in lines if line["bench"] == "stage"}
-    loras = ["finetune-lora-all-lr0.001", "finetune-lora-all-lr0.003"]  # the default targets and learning rates
-    assert list(stages) == ["codec", "base-quantizer", "base-lm", "finetune-full", *loras, "merge-lora"]
+    fulls = ["finetune-full-lr0.0003", "finetune-full-lr0.001"]  # the default learning rates
+    loras = ["finetune-lora-all-lr0.001", "finetune-lora-all-lr0.003"]  # and targets
+    assert list(stages) == ["codec", "base-quantizer", "base-lm", *fulls, *loras, "merge-lora"]
     assert all(line["wall_s"] > 0 for line in stages.values())
     # (b) the fine-tuning proof: the base never heard the fine-tuning voices; both fine-tunes ran the
     # same steps on dialogues of those voices, picked on others, and are evaluated on yet others
@@ -57,12 +58,12 @@ def test_quant_quality_smoke(tmp_path):
     tuning = [splits[name] for name in names[1:]]
     assert sum(map(len, tuning)) == len(set().union(*tuning))  # disjoint
     assert sorted(set().union(*tuning)) == sorted(p for p in voices if "/train/dialogue/" in p and voices[p] & held)
-    assert stages["finetune-full"]["steps"] == stages["finetune-lora-all-lr0.001"]["steps"] == 4
-    assert stages["finetune-lora-all-lr0.003"]["steps"] == 4
-    # LoRA's learning rate picked on finetune-dev, where each run's best checkpoint was picked
-    pick = next(line for line in lines if line["bench"] == "finetune_pick")
-    dev = {lr: stages[f"finetune-lora-all-lr{lr}"]["best_val_lm_ce"] for lr in ("0.001", "0.003")}
-    assert pick["dev_lm_ce"] == dev and pick["learning_rate"] == float(min(dev, key=dev.get))
+    assert all(stages[name]["steps"] == 4 for name in fulls + loras)
+    # each kind's learning rate picked on finetune-dev, where each run's best checkpoint was picked
+    picks = {line["model"]: line for line in lines if line["bench"] == "finetune_pick"}
+    for kind, names in (("full", fulls), ("lora", loras)):
+        dev = {name.rpartition("-lr")[2]: stages[name]["best_val_lm_ce"] for name in names}
+        assert picks[kind]["dev_lm_ce"] == dev and picks[kind]["learning_rate"] == float(min(dev, key=dev.get))
     tuned = {line["model"]: line for line in lines if line["bench"] == "finetune"}
     assert list(tuned) == ["base", "full", "lora"]
     assert all(line["data"] == "finetune-val" for line in tuned.values())
@@ -76,10 +77,13 @@ def test_quant_quality_smoke(tmp_path):
         assert summary["lora_recovered"] == pytest.approx(summary["lm_ce_gain_lora"] / summary["lm_ce_gain_full"],
                                                           rel=1e-3)
     assert isinstance(summary["acceptance"], bool)
-    assert tuned["lora"]["learning_rate"] == pick["learning_rate"]
-    picked = work / f"finetune-lora-all-lr{pick['learning_rate']:g}"
-    assert tuned["lora"]["checkpoint"] == str(picked / "best.merged.safetensors")
-    assert (work / "finetune-full" / "best.safetensors").is_file()
+    for kind in ("full", "lora"):
+        assert tuned[kind]["learning_rate"] == picks[kind]["learning_rate"]
+    full = work / f"finetune-full-lr{picks['full']['learning_rate']:g}"
+    assert tuned["full"]["checkpoint"] == str(full / "best.safetensors")
+    lora = work / f"finetune-lora-all-lr{picks['lora']['learning_rate']:g}"
+    assert tuned["lora"]["checkpoint"] == str(lora / "best.merged.safetensors")
+    assert all((work / name / "best.safetensors").is_file() for name in fulls)
     # (b) the quantization figures of the base
     val = {line["mode"]: line for line in lines if line["bench"] == "val"}
     assert list(val) == ["bf16", "int8", "int4", "fp8_kv"]
@@ -96,8 +100,8 @@ def test_quant_quality_smoke(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [json.loads(line) for line in r.stdout.splitlines()]
     reused = {line["stage"]: line for line in lines if line["bench"] == "reused"}
-    assert list(reused) == ["codec", "base-quantizer", "base-lm", "finetune-full", *loras]
-    assert reused["finetune-full"]["steps"] == 4
+    assert list(reused) == ["codec", "base-quantizer", "base-lm", *fulls, *loras]
+    assert reused["finetune-full-lr0.0003"]["steps"] == 4
     again = {line["mode"]: line for line in lines if line["bench"] == "val"}
     assert again["int8"]["lm_ce"] == val["int8"]["lm_ce"]  # the same checkpoint, the same crops
     again = {line["model"]: line for line in lines if line["bench"] == "finetune"}
