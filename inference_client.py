@@ -501,22 +501,32 @@ async def interruptible(session, args) -> int:
     which the session's loops watch, and cancels the session (which then closes, writes and
     reports what it has): a cancellation swallowed inside a library (asyncio.wait_for's race
     before Python 3.12) still ends it at its next chunk. A second Ctrl-C exits at once (status
-    130, nothing written: what the first one would have written is what it gives up)."""
+    130, nothing written: what the first one would have written is what it gives up).
+
+    A Python signal handler, not `loop.add_signal_handler`: asyncio's handler learns of the signal
+    through the loop's self-pipe, which a flood of `call_soon_threadsafe` calls (a microphone
+    delivering faster than real time) can fill, and a signal whose byte is lost there never acts."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     task = asyncio.ensure_future(session(args, stop))
+    count = 0
 
-    def on_sigint() -> None:
-        if stop.is_set():
-            log("interrupted twice: exiting")
-            os._exit(130)
+    def stop_session() -> None:
         stop.set()
         task.cancel()
 
+    def on_sigint(signum, frame) -> None:  # the main thread, between two bytecodes
+        nonlocal count
+        count += 1
+        if count > 1:
+            log("interrupted twice: exiting")
+            os._exit(130)
+        loop.call_soon_threadsafe(stop_session)
+
     try:
-        loop.add_signal_handler(signal.SIGINT, on_sigint)
-    except (NotImplementedError, RuntimeError):  # Windows' loops: Python's own KeyboardInterrupt
-        pass
+        previous = signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main thread: Python's (or the caller's) own Ctrl-C handling
+        previous = None
     try:
         return await task
     except asyncio.CancelledError:
@@ -524,10 +534,8 @@ async def interruptible(session, args) -> int:
             return 0
         raise
     finally:
-        try:
-            loop.remove_signal_handler(signal.SIGINT)
-        except (NotImplementedError, RuntimeError):
-            pass
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":
