@@ -330,11 +330,12 @@ def finetune(args, work: Path, log: Path, base: str, codec: str) -> dict:
     """The base fine-tuned on the dialogues of voices it never heard (finetune-train; stage=lm: the
     quantizer, hence the codes the LM predicts, and the resynthesizer stay the base's), fully and
     with LoRA, for the same steps: the first full run for --finetune-minutes, every other run for
-    as many steps as it made, each kind at each of its learning rates. All at a constant learning rate after a short warmup (so that the steps,
-    not a schedule, differ from the time limit's), each keeping its best checkpoint on other
-    dialogues of those voices (finetune-dev), evaluated every 10 steps: a batch (16 crops of 32 s)
-    holds more audio than the few minutes they train on, so the best can come early. Returns
-    {"full": .safetensors, "lora": .adapter.safetensors, "steps": {...}}."""
+    as many steps as it made, each kind at each of its learning rates. All at a constant learning
+    rate after a short warmup (so that the steps, not a schedule, differ from the time limit's),
+    each keeping its best checkpoint on other dialogues of those voices (finetune-dev), evaluated
+    every 10 steps: a batch (16 crops of 32 s) holds more audio than the few minutes they train on,
+    so the best can come early. Returns {"full": .safetensors, "lora": .adapter.safetensors,
+    "steps": {...}, "lr": {...}} (each kind's picked run and rate)."""
     train_set, dev_set = work / "finetune-train.jsonl", work / "finetune-dev.jsonl"  # split() wrote them
     common = ["train_transformer.py", "--config", args.preset, f"init_from={base}", f"codec_checkpoint={codec}",
               f"train_data_path={train_set}", f"val_data_path={dev_set}", f"latents_dir={work / 'latents'}",

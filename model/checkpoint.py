@@ -220,8 +220,8 @@ def write_weights(path: str | os.PathLike, state: dict[str, torch.Tensor], kind:
                   extra: Optional[dict] = None, label: Optional[str] = None,
                   quantization: Optional[dict] = None) -> None:
     """Write `state`, the config that built it (a dataclass) and its content hash to `path`
-    directly (callers make it atomic: `atomic_write`, `model.training.Checkpoints`). NaN or inf weights are refused with a
-    CheckpointError naming `label` (default: `path`). `quantization` records which layers hold
+    directly (callers make it atomic: `atomic_write`, `model.training.Checkpoints`). NaN or inf
+    weights are refused with a CheckpointError naming `label` (default: `path`). `quantization` records which layers hold
     quantized weights (`model.quant.quantization_of`), so the file loads quantized."""
     from safetensors.torch import save_file
 
