@@ -6,7 +6,32 @@ discriminator step), bf16 autocast + torch.compile against fp32 eager.
     python benchmarks/codec_train.py --presets hertz_dev --modes bf16-compile bf16-eager
     python benchmarks/codec_train.py --device cpu --presets tiny --batch 2 --seconds 1 \
         --steps 2 --warmup 1 --modes fp32-eager                      # CPU smoke test
+    python benchmarks/codec_train.py --presets small --modes bf16-eager --steps 3 --profile \
+        --variants base,channels_last,no_cudnn_benchmark,reuse_real      # where the time goes, and A/Bs
     python benchmarks/codec_train.py --data data/demo/train --presets small --workers 6   # the loader alone
+
+`--variants` (a comma list, default base) measures each variant in turn in the same process, from
+the same initial weights, one line each with its "variant":
+- `base`: train_codec.py's step, cuDNN benchmark mode on (as the trainer sets it on CUDA);
+- `channels_last`: the discriminators in channels_last. `.to(memory_format=...)` converts only the
+  weight-norm originals (the weight computed from them at each call is contiguous), so each Conv2d's
+  input is made channels_last as well, by a forward pre-hook here (model code unchanged);
+- `no_cudnn_benchmark`: cuDNN's default algorithm choice instead;
+- `reuse_real`: the generator step runs the discriminators once on cat[real, fake] (only the fake
+  half carries a gradient) instead of D(fake) and a no-grad D(real); same losses.
+Each line also says how many of the discriminators' Conv2d calls the layer before hands a
+channels_last input ("conv2d_inputs_channels_last": "k/n").
+
+`--profile` then runs `--steps` more steps under torch.profiler (CPU and CUDA activities on CUDA),
+with a record_function range around each phase of the step (gen_forward, mel_loss, kl,
+disc_on_fake, disc_on_real or disc_on_real_fake, adv_fm_loss, gen_backward, gen_clip_opt,
+disc_forward, disc_loss, disc_backward, disc_clip_opt), and prints after the variant's line one
+with "profile" ("cuda" or "cpu"), per step: `phases_ms` (CUDA: device time of the kernels launched
+inside each range, the backward's from autograd's own thread included; CPU: each range's wall
+time), `unattributed_ms` and `phase_spans_ms` (the ranges on the GPU timeline) on CUDA,
+`top_kernels` ([name, ms, calls] of the 20 kernels with the most device time; on CPU the ops with
+the most self CPU time), `total_device_ms`, and `step_s` (wall time of a profiled step). What the
+profiler does not offer is left out with an "error" and its own table, rather than a traceback.
 
 `--data FOLDER` measures the trainer's input pipeline instead, no model: train_codec.py's training
 loader (its dataset, `preload_max_gb`, `make_loader`, `infinite_batches`, pinned memory) at the
@@ -14,15 +39,17 @@ preset's batch and segment, iterated as fast as it delivers for `--batches` batc
 epochs of a small corpus, so an epoch-boundary stall shows): samples/s, the wait for each batch
 (p50, p99, max) and which batches waited over 3x the median.
 
-Prints one JSON line per (preset, mode); `warmup_s` includes compilation. The audio is synthetic
-(harmonic tones with a syllable envelope), so nothing but torch and numpy is needed: no audio
-files, soundfile, wandb or pystoi. A configuration that runs out of memory prints its line with
+Prints one JSON line per (preset, mode, variant); `warmup_s` includes compilation. The audio is
+synthetic (harmonic tones with a syllable envelope), so nothing but torch and numpy is needed: no
+audio files, soundfile, wandb or pystoi. A configuration that runs out of memory prints its line with
 "error" and the next one runs. TF32 is allowed for matmuls and convolutions in every mode, as in
 train_codec.py; bf16 autocast applies on CUDA only.
 """
 from __future__ import annotations
 
 import argparse
+import bisect
+import contextlib
 import gc
 import json
 import math
@@ -41,6 +68,11 @@ from model.codec_losses import (MultiResolutionMelLoss, discriminator_loss, feat
 from model.discriminators import Discriminators  # noqa: E402
 
 MODES = {"fp32-eager": ("float32", False), "bf16-compile": ("bfloat16", True), "bf16-eager": ("bfloat16", False)}
+VARIANTS = ("base", "channels_last", "no_cudnn_benchmark", "reuse_real")
+# record_function ranges of one step, in order (disc_on_real_fake replaces disc_on_fake and
+# disc_on_real in the reuse_real variant)
+PHASES = ("gen_forward", "mel_loss", "kl", "disc_on_fake", "disc_on_real", "disc_on_real_fake", "adv_fm_loss",
+          "gen_backward", "gen_clip_opt", "disc_forward", "disc_loss", "disc_backward", "disc_clip_opt")
 
 
 def synthetic_audio(batch: int, samples: int, sample_rate: int, device) -> torch.Tensor:
@@ -55,15 +87,27 @@ def synthetic_audio(batch: int, samples: int, sample_rate: int, device) -> torch
     return audio[:, None].to(device)
 
 
-def bench(preset: str, mode: str, args) -> dict:
+def bench(preset: str, mode: str, variant: str, args) -> tuple[dict, dict | None]:
+    """One (preset, mode, variant): its timed line, and with --profile the profiled steps' summary."""
     dtype, use_compile = MODES[mode]
     cfg = PRESETS[preset]
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    if cuda:  # train_codec.py lets cuDNN pick the fastest convs for its fixed crop length
+        torch.backends.cudnn.benchmark = variant != "no_cudnn_benchmark"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and dtype == "bfloat16" \
         else torch.autocast(device.type, enabled=False)
+    torch.manual_seed(0)  # every variant starts from the same weights
     generator = Codec(cfg).to(device)
     discriminators = Discriminators(cfg).to(device)
+    if variant == "channels_last":
+        # This converts the weight-norm originals (g, v) only: the weight that weight_norm computes
+        # from them at each call comes out contiguous. So each Conv2d's input is made channels_last
+        # too (a no-op once the layer before produced channels_last), and the conv follows its input.
+        discriminators = discriminators.to(memory_format=torch.channels_last)
+        for m in discriminators.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.register_forward_pre_hook(lambda m, a: (a[0].contiguous(memory_format=torch.channels_last),))
     mel_loss = MultiResolutionMelLoss(cfg.mel_windows, cfg.mel_bins, cfg.sample_rate).to(device)
     opt_g = torch.optim.AdamW(generator.parameters(), lr=1e-4, betas=(cfg.beta1, cfg.beta2), fused=cuda)
     opt_d = torch.optim.AdamW(discriminators.parameters(), lr=1e-4, betas=(cfg.beta1, cfg.beta2), fused=cuda)
@@ -74,34 +118,56 @@ def bench(preset: str, mode: str, args) -> dict:
     audio = synthetic_audio(args.batch, samples, cfg.sample_rate, device)
     mask = torch.ones(args.batch, samples, device=device)
     hop = math.prod(cfg.strides)
+    profiling = False
+
+    def phase(name):
+        return torch.profiler.record_function(name) if profiling else contextlib.nullcontext()
 
     def step():
         # generator step, discriminators frozen (as in train_codec.py)
         disc.requires_grad_(False)
         with autocast:
-            out = gen(audio)
-            fake = out["recon"] * mask[:, None]
-            d_fake = disc(fake)
-            with torch.no_grad():
-                d_real = disc(audio)
-            total = (cfg.mel_weight * mel_loss(fake, audio, mask) +
-                     cfg.kl_weight * latent_kl(out["mu"], out["logvar"], mask[:, ::hop]) +
-                     cfg.adv_weight * generator_adversarial_loss(d_fake, cfg.gan_loss) +
-                     cfg.feature_weight * feature_matching_loss(d_real, d_fake))
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(generator.parameters(), cfg.grad_clip)
-        opt_g.step()
-        opt_g.zero_grad(set_to_none=True)
+            with phase("gen_forward"):
+                out = gen(audio)
+                fake = out["recon"] * mask[:, None]
+            with phase("mel_loss"):
+                mel = mel_loss(fake, audio, mask)
+            with phase("kl"):
+                kl = latent_kl(out["mu"], out["logvar"], mask[:, ::hop])
+            if variant == "reuse_real":  # one forward of both halves; only the fake half carries a gradient
+                with phase("disc_on_real_fake"):
+                    both = disc(torch.cat([audio, fake]))
+                    d_real = [(l.chunk(2)[0], [f.chunk(2)[0] for f in fs]) for l, fs in both]
+                    d_fake = [(l.chunk(2)[1], [f.chunk(2)[1] for f in fs]) for l, fs in both]
+            else:
+                with phase("disc_on_fake"):
+                    d_fake = disc(fake)
+                with phase("disc_on_real"), torch.no_grad():
+                    d_real = disc(audio)
+            with phase("adv_fm_loss"):
+                total = (cfg.mel_weight * mel + cfg.kl_weight * kl +
+                         cfg.adv_weight * generator_adversarial_loss(d_fake, cfg.gan_loss) +
+                         cfg.feature_weight * feature_matching_loss(d_real, d_fake))
+        with phase("gen_backward"):
+            total.backward()
+        with phase("gen_clip_opt"):
+            torch.nn.utils.clip_grad_norm_(generator.parameters(), cfg.grad_clip)
+            opt_g.step()
+            opt_g.zero_grad(set_to_none=True)
         # discriminator step
         disc.requires_grad_(True)
         with autocast:
-            both = disc(torch.cat([audio, fake.detach()]))
-            loss_d = discriminator_loss([(l.chunk(2)[0], []) for l, _ in both],
-                                        [(l.chunk(2)[1], []) for l, _ in both], cfg.gan_loss)
-        loss_d.backward()
-        torch.nn.utils.clip_grad_norm_(discriminators.parameters(), cfg.disc_grad_clip)
-        opt_d.step()
-        opt_d.zero_grad(set_to_none=True)
+            with phase("disc_forward"):
+                both = disc(torch.cat([audio, fake.detach()]))
+            with phase("disc_loss"):
+                loss_d = discriminator_loss([(l.chunk(2)[0], []) for l, _ in both],
+                                            [(l.chunk(2)[1], []) for l, _ in both], cfg.gan_loss)
+        with phase("disc_backward"):
+            loss_d.backward()
+        with phase("disc_clip_opt"):
+            torch.nn.utils.clip_grad_norm_(discriminators.parameters(), cfg.disc_grad_clip)
+            opt_d.step()
+            opt_d.zero_grad(set_to_none=True)
         return total.detach(), loss_d.detach()
 
     def sync():
@@ -109,7 +175,7 @@ def bench(preset: str, mode: str, args) -> dict:
             torch.cuda.synchronize(device)
 
     t0 = time.perf_counter()
-    for _ in range(args.warmup):  # includes compilation
+    for _ in range(args.warmup):  # includes compilation and cuDNN's benchmarking
         step()
     sync()
     warmup_s = time.perf_counter() - t0
@@ -120,14 +186,120 @@ def bench(preset: str, mode: str, args) -> dict:
         losses = step()
     sync()
     elapsed = time.perf_counter() - t0
-    return {"preset": preset, "mode": mode, "batch": args.batch, "seconds": args.seconds,
-            "generator_params_m": round(sum(p.numel() for p in generator.parameters()) / 1e6, 2),
-            "discriminator_params_m": round(sum(p.numel() for p in discriminators.parameters()) / 1e6, 2),
-            "warmup_s": round(warmup_s, 1), "step_s": round(elapsed / args.steps, 4),
-            "samples_per_s": round(args.batch * args.steps / elapsed, 2),
-            "audio_s_per_s": round(args.batch * args.steps * args.seconds / elapsed, 1),
-            "peak_mem_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if cuda else None,
-            "loss": round(losses[0].item(), 3), "loss_disc": round(losses[1].item(), 3)}
+    row = {"preset": preset, "mode": mode, "variant": variant, "batch": args.batch, "seconds": args.seconds,
+           "generator_params_m": round(sum(p.numel() for p in generator.parameters()) / 1e6, 2),
+           "discriminator_params_m": round(sum(p.numel() for p in discriminators.parameters()) / 1e6, 2),
+           "warmup_s": round(warmup_s, 1), "step_s": round(elapsed / args.steps, 4),
+           "samples_per_s": round(args.batch * args.steps / elapsed, 2),
+           "audio_s_per_s": round(args.batch * args.steps * args.seconds / elapsed, 1),
+           "peak_mem_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if cuda else None,
+           "loss": round(losses[0].item(), 3), "loss_disc": round(losses[1].item(), 3),
+           "conv2d_inputs_channels_last": conv_input_formats(discriminators, audio, autocast)}
+    if not args.profile:
+        return row, None
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    profiling = True
+    with torch.profiler.profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        sync()
+        elapsed = time.perf_counter() - t0
+    return row, {"profile": "cuda" if cuda else "cpu", "preset": preset, "mode": mode, "variant": variant,
+                 "batch": args.batch, "seconds": args.seconds, "steps": args.steps,
+                 "step_s": round(elapsed / args.steps, 4), **profile_summary(prof, args.steps, cuda)}
+
+
+def conv_input_formats(discriminators, audio, autocast) -> str:
+    """"k/n": how many of the discriminators' n Conv2d calls are handed a channels_last input by the
+    layer before (ahead of the channels_last variant's conversion), in one no-grad forward of two
+    crops; a (B, 1, H, W) input counts as both layouts."""
+    seen = []
+
+    def note(module, inputs):
+        seen.append(inputs[0].is_contiguous(memory_format=torch.channels_last))
+
+    hooks = [m.register_forward_pre_hook(note, prepend=True)
+             for m in discriminators.modules() if isinstance(m, torch.nn.Conv2d)]
+    try:
+        with torch.no_grad(), autocast:
+            discriminators(audio[:2])
+    finally:
+        for h in hooks:
+            h.remove()
+    return f"{sum(seen)}/{len(seen)}"
+
+
+def profile_summary(prof, steps: int, cuda: bool) -> dict:
+    """Per-step milliseconds from a torch.profiler run over `steps` steps.
+
+    CUDA: `phases_ms` sums the device time of the kernels launched while each record_function
+    range was open, from any thread (backward's kernels are launched by autograd's device thread,
+    outside the range's own tree of ops, which is why a range's `device_time_total` in
+    `key_averages()` misses them); kernels are tied to the op that launched them by the
+    profiler's correlation ids. `unattributed_ms` is what no range claims, `phase_spans_ms` the
+    ranges' spans on the GPU timeline where the profiler records them. `top_kernels` are
+    [name, ms, calls] per step by device time. CPU: each range's wall time, and the ops by self
+    CPU time instead of kernels.
+    """
+    def ms(us):
+        return round(us / steps / 1e3, 3)
+
+    def on_cpu(e):
+        return str(getattr(e, "device_type", "DeviceType.CPU")).endswith("CPU")
+
+    out = {}
+    try:
+        events = list(prof.events())
+        ranges = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
+                        if on_cpu(e) and e.name in PHASES)
+        starts = [r[0] for r in ranges]
+
+        def phase_at(t):
+            i = bisect.bisect_right(starts, t) - 1
+            return ranges[i][2] if i >= 0 and t <= ranges[i][1] else None
+
+        phases = {}
+        if cuda:
+            for e in events:
+                launched = sum(k.duration for k in getattr(e, "kernels", ()) or ())
+                if on_cpu(e) and launched:
+                    name = phase_at(e.time_range.start) or "unattributed"
+                    phases[name] = phases.get(name, 0.0) + launched
+            kernels, spans = {}, {}
+            for e in events:
+                if on_cpu(e):
+                    continue
+                if e.name in PHASES:
+                    spans[e.name] = spans.get(e.name, 0.0) + e.time_range.elapsed_us()
+                elif not (getattr(e, "is_user_annotation", False) or e.name.startswith("ProfilerStep")):
+                    us, calls = kernels.get(e.name, (0.0, 0))
+                    kernels[e.name] = (us + e.time_range.elapsed_us(), calls + 1)
+            total = sum(us for us, _ in kernels.values())
+            unattributed = total - sum(v for k, v in phases.items() if k != "unattributed")
+            phases.pop("unattributed", None)
+            out["phases_ms"] = {k: ms(v) for k, v in sorted(phases.items(), key=lambda kv: PHASES.index(kv[0]))}
+            out["unattributed_ms"] = ms(unattributed)
+            if spans:
+                out["phase_spans_ms"] = {k: ms(v) for k, v in sorted(spans.items(), key=lambda kv: PHASES.index(kv[0]))}
+            top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:20]
+            out["top_kernels"] = [[name[:80], ms(us), round(calls / steps, 1)] for name, (us, calls) in top]
+            out["total_device_ms"] = ms(total)
+        else:
+            for start, end, name in ranges:
+                phases[name] = phases.get(name, 0.0) + end - start
+            out["phases_ms"] = {k: ms(v) for k, v in sorted(phases.items(), key=lambda kv: PHASES.index(kv[0]))}
+            ops = [a for a in prof.key_averages() if a.key not in PHASES and not a.key.startswith("ProfilerStep")]
+            ops.sort(key=lambda a: -a.self_cpu_time_total)
+            out["top_kernels"] = [[a.key[:80], ms(a.self_cpu_time_total), round(a.count / steps, 1)] for a in ops[:20]]
+            out["total_device_ms"] = ms(sum(phases.values()))
+    except Exception as e:  # an API this torch lacks: say so, and show what the profiler has
+        out["error"] = f"{type(e).__name__}: {e}"
+        try:
+            out["table"] = prof.key_averages().table(row_limit=30, max_name_column_width=60)
+        except Exception as e2:
+            out["table_error"] = f"{type(e2).__name__}: {e2}"
+    return out
 
 
 def bench_data(preset: str, args) -> dict:
@@ -169,11 +341,19 @@ def main():
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
     ap.add_argument("--steps", type=int, default=6, help="timed steps")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--variants", default="base",
+                    help=f"comma list, each measured in turn in this process: {','.join(VARIANTS)}")
+    ap.add_argument("--profile", action="store_true",
+                    help="then profile --steps more steps: device time per phase and the top kernels")
     ap.add_argument("--data", help="measure train_codec.py's training loader over this folder instead, no model")
     ap.add_argument("--workers", type=int, default=6, help="DataLoader workers (--data)")
     ap.add_argument("--batches", type=int, default=80, help="batches to read (--data)")
     ap.add_argument("--preload", type=float, help="preload_max_gb (--data); default: the preset's")
     args = ap.parse_args()
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        ap.error(f"--variants: unknown {','.join(unknown) or '(none given)'}; choose from {','.join(VARIANTS)}")
     if args.data:
         for preset in args.presets:
             print(json.dumps(bench_data(preset, args)), flush=True)
@@ -181,22 +361,24 @@ def main():
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.allow_tf32 = True  # cudnn.benchmark is set for each variant
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__}
     for preset in args.presets:
         for mode in args.modes:
-            try:
-                row = bench(preset, mode, args)
-            except torch.cuda.OutOfMemoryError:
-                row = {"preset": preset, "mode": mode, "batch": args.batch, "seconds": args.seconds,
-                       "error": "out of memory"}
-            print(json.dumps({**row, **info}), flush=True)
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            torch._dynamo.reset()
+            for variant in variants:
+                try:
+                    row, profile = bench(preset, mode, variant, args)
+                except torch.cuda.OutOfMemoryError:
+                    row, profile = {"preset": preset, "mode": mode, "variant": variant, "batch": args.batch,
+                                    "seconds": args.seconds, "error": "out of memory"}, None
+                print(json.dumps({**row, **info}), flush=True)
+                if profile is not None:
+                    print(json.dumps(profile), flush=True)
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                torch._dynamo.reset()
 
 
 if __name__ == "__main__":
