@@ -9,10 +9,14 @@
 Recipe (DAC / HiFi-GAN): multi-resolution log-mel L1 + KL of the Gaussian latent + LSGAN (or
 hinge) losses of multi-period and multi-resolution STFT discriminators + feature matching, and
 optional phase-aware terms (waveform L1, complex-STFT L1; weight 0 by default); the total is
-`sum(weights[k] * losses[k])` with every weight a config field. Each optimizer step is a
-generator step on `grad_accum_steps` micro-batches (the discriminators judge them, frozen), then
-a discriminator step on the same real audio and the reconstructions just made: one generator
-forward per micro-batch, even with gradient accumulation.
+`sum(weights[k] * losses[k])` with every weight a config field. Each optimizer step reads
+`grad_accum_steps` micro-batches; for each, one generator forward and one discriminator forward
+of the real audio and one of the reconstruction, whose verdicts feed both losses: the generator's
+back-propagates into the generator only, the discriminators' (real against reconstruction) into
+the discriminators only. Then the generator and the discriminators each take their step. This is
+the classic alternating GAN step (generator step with the discriminators frozen, then a
+discriminator step on the reconstructions just made) computed with half the discriminator
+forwards: the discriminators have not moved between the two, so their verdicts are the same.
 
 Everything goes to `checkpoint_dir`: `step_*.pt`, `latest.pt` and `best.pt` (by validation mel
 distance) training states, `latest.safetensors` / `best.safetensors` codecs for
@@ -50,7 +54,7 @@ from model.codec_losses import (DNSMOS, MultiResolutionMelLoss, MultiResolutionS
 from model.data import AudioCropDataset, infinite_batches, make_loader
 from model.discriminators import Discriminators
 from model.loading import load_codec, write_codec
-from model.parallel import gradient_sync
+from model.parallel import average_gradients, broadcast_parameters, gradient_sync
 from model.plots import plot_metrics, save_mel_figure
 from model.training import (Checkpoints, Deadline, Dist, Logger, all_reduce_mean, autocast, before_step,
                             check_architecture, check_finite_step, check_resumable, cosine_lr, move_aside, rng_state,
@@ -108,9 +112,15 @@ def main(argv=None) -> dict:
     # --- training loop --------------------------------------------------------------------------
     epoch, skip = divmod(step * cfg.grad_accum_steps, len(train_loader))  # micro-batches this rank has read
     batches = infinite_batches(train_loader, start_epoch=epoch, skip=skip)
-    # gen_model / disc_model: the (compiled) modules; generator / discriminators: the same in DDP when distributed
+    # gen_model / disc_model: the (compiled) modules; generator: the same in DDP when distributed. The
+    # discriminators' gradients are averaged by hand (average_gradients): their two losses each
+    # back-propagate through only part of the graph, which DDP's per-forward bookkeeping cannot follow
+    if device.type == "cuda":  # cuDNN's dilated convs are slow: the same convs as undilated ones over phases
+        generator.dilated_convs_polyphase()
     gen_model, generator = compile_and_wrap(generator, cfg.compile, ddp)
-    disc_model, discriminators = compile_and_wrap(discriminators, cfg.compile, ddp)
+    disc_model = torch.compile(discriminators, dynamic=False) if cfg.compile else discriminators
+    broadcast_parameters(discriminators)  # no-op in one process
+    gen_params, disc_params = list(generator.parameters()), list(discriminators.parameters())
     logger = Logger(cfg.wandb, cfg.wandb_project, run_dir, cfg, is_main=is_main,
                     resume_id=state.get("wandb_id") if state else None)
     for note in checkpoints.recover(export_state) if is_main else []:
@@ -148,10 +158,9 @@ def main(argv=None) -> dict:
                 group["lr"] = value
         use_disc = step >= cfg.disc_start_step
 
-        # generator step: reconstruction losses, and the frozen discriminators' verdict
-        disc_model.requires_grad_(False)
-        made = []  # (real, reconstruction) of each micro-batch, for the discriminator step
-        step_loss, files = 0.0, []
+        # one pass per micro-batch: the generator reconstructs, the discriminators judge real audio
+        # and the reconstruction once, and each side's loss back-propagates into its own weights only
+        step_loss, disc_loss, files = 0.0, 0.0, []
         for micro in range(cfg.grad_accum_steps):
             batch = next(batches)
             files += [train_loader.dataset.files[i].path for i in batch["file"].tolist()]
@@ -169,14 +178,16 @@ def main(argv=None) -> dict:
                     if cfg.stft_weight > 0:
                         losses["stft"] = stft_loss(fake, real, mask)
                     if use_disc:
-                        d_fake = disc_model(fake)
-                        with torch.no_grad():
-                            d_real = disc_model(real)
+                        d_real, d_fake = disc_model(real), disc_model(fake)
                         losses["adv"] = generator_adversarial_loss(d_fake, cfg.gan_loss)
                         losses["feature"] = feature_matching_loss(d_real, d_fake)
+                        loss_d = discriminator_loss(d_real, d_fake, cfg.gan_loss)
                     losses["total"] = sum(weights[k] * losses[k] for k in losses)
-                (losses["total"] / cfg.grad_accum_steps).backward()
-            made.append((real, fake.detach()))
+                (losses["total"] / cfg.grad_accum_steps).backward(inputs=gen_params, retain_graph=use_disc)
+            if use_disc:  # the same verdicts, differentiated into the discriminators only
+                (loss_d / cfg.grad_accum_steps).backward(inputs=disc_params)
+                sums.setdefault("disc", []).append(loss_d.detach().float())
+                disc_loss = disc_loss + loss_d.detach()
             step_loss = step_loss + losses["total"].detach()
             for k, v in losses.items():
                 sums.setdefault(k, []).append(v.detach().float())
@@ -184,23 +195,10 @@ def main(argv=None) -> dict:
         check_finite_step(step, step_loss, norms["grad_norm/generator"], lambda: files)
         opt_g.step()
         opt_g.zero_grad(set_to_none=True)
-
-        # discriminator step: real audio against the reconstructions just made
         if use_disc:
-            disc_model.requires_grad_(True)
-            step_loss = 0.0
-            for micro, (real, fake) in enumerate(made):
-                with gradient_sync([discriminators], micro == len(made) - 1):
-                    with autocast(device, cfg.dtype):
-                        both = discriminators(torch.cat([real, fake]))  # one forward: real and fake halves
-                        d_real = [(logits.chunk(2)[0], []) for logits, _ in both]
-                        d_fake = [(logits.chunk(2)[1], []) for logits, _ in both]
-                        loss_d = discriminator_loss(d_real, d_fake, cfg.gan_loss)
-                    (loss_d / len(made)).backward()
-                sums.setdefault("disc", []).append(loss_d.detach().float())
-                step_loss = step_loss + loss_d.detach()
-            norms["grad_norm/discriminators"] = clip(disc_model, cfg.disc_grad_clip)
-            check_finite_step(step, step_loss, norms["grad_norm/discriminators"], lambda: files)
+            average_gradients(discriminators)  # no-op in one process
+            norms["grad_norm/discriminators"] = clip(discriminators, cfg.disc_grad_clip)
+            check_finite_step(step, disc_loss, norms["grad_norm/discriminators"], lambda: files)
             opt_d.step()
             opt_d.zero_grad(set_to_none=True)
         step += 1

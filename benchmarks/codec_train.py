@@ -1,13 +1,14 @@
 """Codec training speed: samples/s and peak memory of one full training step of train_codec.py's
-recipe (generator step: mel + KL + adversarial + feature-matching losses, backward, AdamW; then
-discriminator step), bf16 autocast + torch.compile against fp32 eager.
+recipe (generator forward, discriminators on real and on the reconstruction, mel + KL +
+adversarial + feature-matching losses into the generator, LSGAN loss into the discriminators,
+AdamW on each), bf16 autocast + torch.compile against fp32 eager.
 
     python benchmarks/codec_train.py                                  # small and hertz_dev, 32 x 6 s, CUDA
     python benchmarks/codec_train.py --presets hertz_dev --modes bf16-compile bf16-eager
     python benchmarks/codec_train.py --device cpu --presets tiny --batch 2 --seconds 1 \
         --steps 2 --warmup 1 --modes fp32-eager                      # CPU smoke test
     python benchmarks/codec_train.py --presets small --modes bf16-eager --steps 3 --profile \
-        --variants base,channels_last,no_cudnn_benchmark,reuse_real      # where the time goes, and A/Bs
+        --variants base,alternating,channels_last          # where the time goes, and A/Bs
     python benchmarks/codec_train.py --data data/demo/train --presets small --workers 6   # the loader alone
 
 `--variants` (a comma list, default base) measures each variant in turn in the same process, from
@@ -17,15 +18,17 @@ the same initial weights, one line each with its "variant":
   weight-norm originals (the weight computed from them at each call is contiguous), so each Conv2d's
   input is made channels_last as well, by a forward pre-hook here (model code unchanged);
 - `no_cudnn_benchmark`: cuDNN's default algorithm choice instead;
-- `reuse_real`: the generator step runs the discriminators once on cat[real, fake] (only the fake
-  half carries a gradient) instead of D(fake) and a no-grad D(real); same losses.
+- `cudnn_dilated`: the generator's dilated convs by cuDNN, not over phases, else as `base`;
+- `alternating`: the step train_codec.py had before (cuDNN's dilated convs too): a generator step with the discriminators
+  frozen (D(fake) with a gradient, D(real) without, float32 feature matching), then a discriminator
+  step on cat[real, fake.detach()] — four discriminator forwards of a batch where `base` has two.
 Each line also says how many of the discriminators' Conv2d calls the layer before hands a
 channels_last input ("conv2d_inputs_channels_last": "k/n").
 
 `--profile` then runs `--steps` more steps under torch.profiler (CPU and CUDA activities on CUDA),
 with a record_function range around each phase of the step (gen_forward, mel_loss, kl,
-disc_on_fake, disc_on_real or disc_on_real_fake, adv_fm_loss, gen_backward, gen_clip_opt,
-disc_forward, disc_loss, disc_backward, disc_clip_opt), and prints after the variant's line one
+disc_on_real, disc_on_fake, adv_fm_loss, disc_loss, gen_backward, disc_backward, gen_clip_opt,
+disc_clip_opt; `alternating` also disc_forward), and prints after the variant's line one
 with "profile" ("cuda" or "cpu"), per step: `phases_ms` (CUDA: device time of the kernels launched
 inside each range, the backward's from autograd's own thread included; CPU: each range's wall
 time), `unattributed_ms` and `phase_spans_ms` (the ranges on the GPU timeline) on CUDA,
@@ -68,10 +71,9 @@ from model.codec_losses import (MultiResolutionMelLoss, discriminator_loss, feat
 from model.discriminators import Discriminators  # noqa: E402
 
 MODES = {"fp32-eager": ("float32", False), "bf16-compile": ("bfloat16", True), "bf16-eager": ("bfloat16", False)}
-VARIANTS = ("base", "channels_last", "no_cudnn_benchmark", "reuse_real")
-# record_function ranges of one step, in order (disc_on_real_fake replaces disc_on_fake and
-# disc_on_real in the reuse_real variant)
-PHASES = ("gen_forward", "mel_loss", "kl", "disc_on_fake", "disc_on_real", "disc_on_real_fake", "adv_fm_loss",
+VARIANTS = ("base", "alternating", "cudnn_dilated", "channels_last", "no_cudnn_benchmark")
+# record_function ranges of one step (disc_forward: the alternating variant's discriminator step)
+PHASES = ("gen_forward", "mel_loss", "kl", "disc_on_fake", "disc_on_real", "adv_fm_loss",
           "gen_backward", "gen_clip_opt", "disc_forward", "disc_loss", "disc_backward", "disc_clip_opt")
 
 
@@ -100,6 +102,8 @@ def bench(preset: str, mode: str, variant: str, args) -> tuple[dict, dict | None
     torch.manual_seed(0)  # every variant starts from the same weights
     generator = Codec(cfg).to(device)
     discriminators = Discriminators(cfg).to(device)
+    if cuda:  # as train_codec.py does; the step before (alternating) had cuDNN's dilated convs
+        generator.dilated_convs_polyphase(1 << 30 if variant in ("alternating", "cudnn_dilated") else 512)
     if variant == "channels_last":
         # This converts the weight-norm originals (g, v) only: the weight that weight_norm computes
         # from them at each call comes out contiguous. So each Conv2d's input is made channels_last
@@ -123,8 +127,49 @@ def bench(preset: str, mode: str, variant: str, args) -> tuple[dict, dict | None
     def phase(name):
         return torch.profiler.record_function(name) if profiling else contextlib.nullcontext()
 
+    gen_params, disc_params = list(generator.parameters()), list(discriminators.parameters())
+
     def step():
-        # generator step, discriminators frozen (as in train_codec.py)
+        if variant == "alternating":
+            return alternating_step()
+        # train_codec.py's step: one discriminator forward of real and one of fake; each loss
+        # back-propagates into its own side only
+        with autocast:
+            with phase("gen_forward"):
+                out = gen(audio)
+                fake = out["recon"] * mask[:, None]
+            with phase("mel_loss"):
+                mel = mel_loss(fake, audio, mask)
+            with phase("kl"):
+                kl = latent_kl(out["mu"], out["logvar"], mask[:, ::hop])
+            with phase("disc_on_real"):
+                d_real = disc(audio)
+            with phase("disc_on_fake"):
+                d_fake = disc(fake)
+            with phase("adv_fm_loss"):
+                total = (cfg.mel_weight * mel + cfg.kl_weight * kl +
+                         cfg.adv_weight * generator_adversarial_loss(d_fake, cfg.gan_loss) +
+                         cfg.feature_weight * feature_matching_loss(d_real, d_fake))
+            with phase("disc_loss"):
+                loss_d = discriminator_loss(d_real, d_fake, cfg.gan_loss)
+        with phase("gen_backward"):
+            total.backward(inputs=gen_params, retain_graph=True)
+        with phase("disc_backward"):
+            loss_d.backward(inputs=disc_params)
+        with phase("gen_clip_opt"):
+            torch.nn.utils.clip_grad_norm_(generator.parameters(), cfg.grad_clip)
+            opt_g.step()
+            opt_g.zero_grad(set_to_none=True)
+        with phase("disc_clip_opt"):
+            torch.nn.utils.clip_grad_norm_(discriminators.parameters(), cfg.disc_grad_clip)
+            opt_d.step()
+            opt_d.zero_grad(set_to_none=True)
+        return total.detach(), loss_d.detach()
+
+    def alternating_step():
+        # the step before (session 3): generator step with the discriminators frozen (D on fake
+        # with grad, D on real without), float32 feature matching; then a discriminator step on
+        # real and the detached fake concatenated
         disc.requires_grad_(False)
         with autocast:
             with phase("gen_forward"):
@@ -134,27 +179,21 @@ def bench(preset: str, mode: str, variant: str, args) -> tuple[dict, dict | None
                 mel = mel_loss(fake, audio, mask)
             with phase("kl"):
                 kl = latent_kl(out["mu"], out["logvar"], mask[:, ::hop])
-            if variant == "reuse_real":  # one forward of both halves; only the fake half carries a gradient
-                with phase("disc_on_real_fake"):
-                    both = disc(torch.cat([audio, fake]))
-                    d_real = [(l.chunk(2)[0], [f.chunk(2)[0] for f in fs]) for l, fs in both]
-                    d_fake = [(l.chunk(2)[1], [f.chunk(2)[1] for f in fs]) for l, fs in both]
-            else:
-                with phase("disc_on_fake"):
-                    d_fake = disc(fake)
-                with phase("disc_on_real"), torch.no_grad():
-                    d_real = disc(audio)
+            with phase("disc_on_fake"):
+                d_fake = disc(fake)
+            with phase("disc_on_real"), torch.no_grad():
+                d_real = disc(audio)
             with phase("adv_fm_loss"):
+                fm = sum(torch.mean((a.detach().float() - b.float()).abs())
+                         for (_, fr), (_, ff) in zip(d_real, d_fake) for a, b in zip(fr, ff))
                 total = (cfg.mel_weight * mel + cfg.kl_weight * kl +
-                         cfg.adv_weight * generator_adversarial_loss(d_fake, cfg.gan_loss) +
-                         cfg.feature_weight * feature_matching_loss(d_real, d_fake))
+                         cfg.adv_weight * generator_adversarial_loss(d_fake, cfg.gan_loss) + cfg.feature_weight * fm)
         with phase("gen_backward"):
             total.backward()
         with phase("gen_clip_opt"):
             torch.nn.utils.clip_grad_norm_(generator.parameters(), cfg.grad_clip)
             opt_g.step()
             opt_g.zero_grad(set_to_none=True)
-        # discriminator step
         disc.requires_grad_(True)
         with autocast:
             with phase("disc_forward"):
@@ -332,6 +371,55 @@ def bench_data(preset: str, args) -> dict:
             "cpus": os.cpu_count()}
 
 
+def bench_convs(preset: str, args) -> list[dict]:
+    """Each distinct stride-1 causal convolution of the preset's generator, forward and backward
+    (input and weight gradients) at the benchmark's batch and crop, bf16 autocast on CUDA: by
+    cuDNN, and for the dilated ones also over phases (`dilated_conv1d_polyphase`, the trainer's)."""
+    from model.codec import CausalConv1d, dilated_conv1d_polyphase
+    cfg = PRESETS[preset]
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    generator = Codec(cfg).to(device)
+    seen, rows = {}, []
+    samples = round(args.seconds * cfg.sample_rate)
+
+    def note(module, inputs, output):  # the input length each conv sees in a forward of the crop
+        key = (module.in_channels, module.conv.out_channels, module.conv.kernel_size[0], module.conv.dilation[0],
+               inputs[0].shape[-1])
+        if module.conv.stride[0] == 1 and key not in seen:
+            seen[key] = module
+    hooks = [m.register_forward_hook(note) for m in generator.modules() if isinstance(m, CausalConv1d)]
+    with torch.no_grad():
+        generator(torch.zeros(1, 1, samples, device=device))
+    for h in hooks:
+        h.remove()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    for (cin, cout, k, d, n), module in seen.items():
+        conv = torch.nn.Conv1d(cin, cout, k, dilation=d, bias=False).to(device)
+        x = torch.randn(args.batch, cin, n + (k - 1) * d, device=device,
+                        dtype=torch.bfloat16 if cuda else torch.float32, requires_grad=True)
+        row = {"preset": preset, "conv": f"{cin}->{cout} k{k} d{d}", "length": n, "batch": args.batch}
+        ways = [("cudnn_ms", lambda: conv(x))] + ([("polyphase_ms", lambda: dilated_conv1d_polyphase(x, conv))]
+                                                 if d > 1 else [])
+        for name, fn in ways:
+            def once():
+                with autocast:
+                    y = fn()
+                y.backward(torch.ones_like(y))
+            for _ in range(2):
+                once()
+            if cuda:
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                once()
+            if cuda:
+                torch.cuda.synchronize(device)
+            row[name] = round(1000 * (time.perf_counter() - t0) / args.steps, 3)
+        rows.append(row)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", nargs="+", default=["small", "hertz_dev"], choices=list(PRESETS))
@@ -345,6 +433,8 @@ def main():
                     help=f"comma list, each measured in turn in this process: {','.join(VARIANTS)}")
     ap.add_argument("--profile", action="store_true",
                     help="then profile --steps more steps: device time per phase and the top kernels")
+    ap.add_argument("--convs", action="store_true",
+                    help="instead: each stride-1 conv of the generator, forward + backward (cuDNN; dilated: also over phases)")
     ap.add_argument("--data", help="measure train_codec.py's training loader over this folder instead, no model")
     ap.add_argument("--workers", type=int, default=6, help="DataLoader workers (--data)")
     ap.add_argument("--batches", type=int, default=80, help="batches to read (--data)")
@@ -354,6 +444,12 @@ def main():
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants:
         ap.error(f"--variants: unknown {','.join(unknown) or '(none given)'}; choose from {','.join(VARIANTS)}")
+    if args.convs:
+        torch.backends.cudnn.benchmark = True
+        for preset in args.presets:
+            for row in bench_convs(preset, args):
+                print(json.dumps(row), flush=True)
+        return
     if args.data:
         for preset in args.presets:
             print(json.dumps(bench_data(preset, args)), flush=True)

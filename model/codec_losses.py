@@ -242,12 +242,14 @@ def feature_matching_loss(real: DiscOutputs, fake: DiscOutputs) -> Tensor:
 
         L_fm = sum_k sum_l mean | f_k^l(x) - f_k^l(G(z)) |
 
-    The real features are constants (detached); gradients flow into G(z) only.
+    The real features are constants (detached); gradients flow into G(z) only. The difference is
+    taken in the features' own dtype (bf16 under autocast: no float32 copy of the large maps) and
+    the mean accumulates in float32.
     """
     loss = 0.0
     for (_, f_real), (_, f_fake) in zip(real, fake):
         for a, b in zip(f_real, f_fake):
-            loss = loss + torch.mean((a.detach().float() - b.float()).abs())
+            loss = loss + torch.mean((a.detach() - b).abs(), dtype=torch.float32)
     return loss
 
 

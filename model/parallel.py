@@ -103,6 +103,29 @@ def gradient_sync(modules: Iterable[nn.Module], enabled: bool):
         yield
 
 
+def broadcast_parameters(module: nn.Module) -> None:
+    """Rank 0's parameters and buffers on every rank (what DDP does when it wraps a module), for a
+    module whose gradients are averaged by `average_gradients`; nothing in one process."""
+    if dist.is_initialized():
+        for tensor in module.state_dict().values():
+            dist.broadcast(tensor, src=0)
+
+
+def average_gradients(module: nn.Module) -> None:
+    """Average `module`'s gradients over the ranks (one flat all-reduce); nothing in one process.
+    For a module trained outside DDP: every rank must have run a backward into each parameter."""
+    if not dist.is_initialized():
+        return
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
 def full_state_dicts(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None):
     """(model state, optimizer state), unsharded, on the CPU, keyed by the model's own parameter
     names. A collective under FSDP: every rank calls it; rank 0 gets the tensors."""

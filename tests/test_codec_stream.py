@@ -93,3 +93,42 @@ def test_matmul_stream_codec_rows_reset_and_pause_alone():
     dec3.active[1] = True
     outs += [sc.decode(latents[:, i:i + 1], dec3) for i in range(1, 4)]
     assert (torch.cat(outs, -1)[1] - ref[1]).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("cin,cout,k,d,length", [(3, 5, 7, 3, 100), (4, 4, 7, 9, 97), (2, 3, 3, 2, 11)])
+def test_polyphase_dilated_conv_equals_the_dilated_conv(cin, cout, k, d, length):
+    """The trainer's dilated convs over phases (float64): the same outputs and gradients as the
+    dilated conv, also when the length is not a multiple of the dilation."""
+    from model.codec import dilated_conv1d_polyphase
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(cin, cout, k, dilation=d).double()
+    x = torch.randn(2, cin, length, dtype=torch.float64, requires_grad=True)
+    want, got = conv(x), dilated_conv1d_polyphase(x, conv)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    g = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got, (x, conv.weight, conv.bias), g),
+                    torch.autograd.grad(want, (x, conv.weight, conv.bias), g)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
+
+
+@torch.no_grad()
+def test_polyphase_switch_keeps_the_official_codecs_output_and_weights():
+    """Switched on for every dilated conv (min_channels=1), the parity codec (the official
+    architecture and weights) decodes as before up to float32 rounding, its state dict is
+    unchanged, and streaming still uses the plain convs (and still equals the whole signal)."""
+    _, parity = list(codecs())[1]
+    state = {k: v.clone() for k, v in parity.state_dict().items()}
+    latents = torch.randn(2, 6, 32)
+    want = parity.decode(latents)
+    assert parity.dilated_convs_polyphase(min_channels=1) == 24  # dilations 3 and 9 x 6 blocks x 2 stacks
+    try:
+        got = parity.decode(latents)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+        assert parity.state_dict().keys() == state.keys()
+        assert all(torch.equal(parity.state_dict()[k], v) for k, v in state.items())
+        _, dec = parity.init_stream(2)
+        streamed = torch.cat([parity.decode_step(latents[:, i:i + 2], dec) for i in range(0, 6, 2)], dim=-1)
+        torch.testing.assert_close(streamed, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+    finally:
+        assert parity.dilated_convs_polyphase(min_channels=1 << 30) == 0

@@ -193,3 +193,38 @@ def test_device_cuda_without_a_gpu_is_a_user_error():
     from model.training import setup_distributed
     with pytest.raises(ConfigError, match="device=cuda but no GPU is visible; use device=cpu"):
         setup_distributed("cuda")
+
+
+def _average_in_two_processes(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from model.parallel import average_gradients, broadcast_parameters
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(rank)  # different initial weights on each rank
+    module = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    broadcast_parameters(module)
+    module(torch.full((5, 3), float(rank + 1))).sum().backward()  # different gradients on each rank
+    local = [p.grad.clone() for p in module.parameters()]
+    average_gradients(module)
+    torch.save({"params": [p.detach() for p in module.parameters()], "local": local,
+                "averaged": [p.grad for p in module.parameters()]}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_broadcast_parameters_and_average_gradients_across_two_gloo_processes(tmp_path):
+    """The codec trainer's discriminators outside DDP: rank 0's weights on both ranks, then each
+    gradient the mean of the two ranks' gradients, on both."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_average_in_two_processes, args=(port, str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    torch.manual_seed(0)
+    first = [p.detach() for p in torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)).parameters()]
+    for a, b, c in zip(r0["params"], r1["params"], first):
+        assert torch.equal(a, c) and torch.equal(b, c)
+    assert not all(torch.equal(l0, l1) for l0, l1 in zip(r0["local"], r1["local"]))
+    for l0, l1, a0, a1 in zip(r0["local"], r1["local"], r0["averaged"], r1["averaged"]):
+        torch.testing.assert_close(a0, (l0 + l1) / 2)
+        assert torch.equal(a0, a1)
