@@ -129,26 +129,30 @@ def bench(preset: str, mode: str, variant: str, args) -> tuple[dict, dict | None
 
     gen_params, disc_params = list(generator.parameters()), list(discriminators.parameters())
 
+    def reconstruct():
+        """The generator's forward and its own losses (under autocast): fake, mel * w + kl * w."""
+        with phase("gen_forward"):
+            out = gen(audio)
+            fake = out["recon"] * mask[:, None]
+        with phase("mel_loss"):
+            mel = mel_loss(fake, audio, mask)
+        with phase("kl"):
+            kl = latent_kl(out["mu"], out["logvar"], mask[:, ::hop])
+        return fake, cfg.mel_weight * mel + cfg.kl_weight * kl
+
     def step():
         if variant == "alternating":
             return alternating_step()
         # train_codec.py's step: one discriminator forward of real and one of fake; each loss
         # back-propagates into its own side only
         with autocast:
-            with phase("gen_forward"):
-                out = gen(audio)
-                fake = out["recon"] * mask[:, None]
-            with phase("mel_loss"):
-                mel = mel_loss(fake, audio, mask)
-            with phase("kl"):
-                kl = latent_kl(out["mu"], out["logvar"], mask[:, ::hop])
+            fake, reconstruction = reconstruct()
             with phase("disc_on_real"):
                 d_real = disc(audio)
             with phase("disc_on_fake"):
                 d_fake = disc(fake)
             with phase("adv_fm_loss"):
-                total = (cfg.mel_weight * mel + cfg.kl_weight * kl +
-                         cfg.adv_weight * generator_adversarial_loss(d_fake, cfg.gan_loss) +
+                total = (reconstruction + cfg.adv_weight * generator_adversarial_loss(d_fake, cfg.gan_loss) +
                          cfg.feature_weight * feature_matching_loss(d_real, d_fake))
             with phase("disc_loss"):
                 loss_d = discriminator_loss(d_real, d_fake, cfg.gan_loss)
@@ -172,13 +176,7 @@ def bench(preset: str, mode: str, variant: str, args) -> tuple[dict, dict | None
         # real and the detached fake concatenated
         disc.requires_grad_(False)
         with autocast:
-            with phase("gen_forward"):
-                out = gen(audio)
-                fake = out["recon"] * mask[:, None]
-            with phase("mel_loss"):
-                mel = mel_loss(fake, audio, mask)
-            with phase("kl"):
-                kl = latent_kl(out["mu"], out["logvar"], mask[:, ::hop])
+            fake, reconstruction = reconstruct()
             with phase("disc_on_fake"):
                 d_fake = disc(fake)
             with phase("disc_on_real"), torch.no_grad():
@@ -186,8 +184,8 @@ def bench(preset: str, mode: str, variant: str, args) -> tuple[dict, dict | None
             with phase("adv_fm_loss"):
                 fm = sum(torch.mean((a.detach().float() - b.float()).abs())
                          for (_, fr), (_, ff) in zip(d_real, d_fake) for a, b in zip(fr, ff))
-                total = (cfg.mel_weight * mel + cfg.kl_weight * kl +
-                         cfg.adv_weight * generator_adversarial_loss(d_fake, cfg.gan_loss) + cfg.feature_weight * fm)
+                total = (reconstruction + cfg.adv_weight * generator_adversarial_loss(d_fake, cfg.gan_loss) +
+                         cfg.feature_weight * fm)
         with phase("gen_backward"):
             total.backward()
         with phase("gen_clip_opt"):
