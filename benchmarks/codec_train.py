@@ -129,6 +129,13 @@ def bench(preset: str, mode: str, variant: str, args) -> tuple[dict, dict | None
 
     gen_params, disc_params = list(generator.parameters()), list(discriminators.parameters())
 
+    def update(name, module, optimizer, max_norm):
+        """Clip `module`'s gradients and take `optimizer`'s step, as train_codec.py does."""
+        with phase(name):
+            torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
     def reconstruct():
         """The generator's forward and its own losses (under autocast): fake, mel * w + kl * w."""
         with phase("gen_forward"):
@@ -160,14 +167,8 @@ def bench(preset: str, mode: str, variant: str, args) -> tuple[dict, dict | None
             total.backward(inputs=gen_params, retain_graph=True)
         with phase("disc_backward"):
             loss_d.backward(inputs=disc_params)
-        with phase("gen_clip_opt"):
-            torch.nn.utils.clip_grad_norm_(generator.parameters(), cfg.grad_clip)
-            opt_g.step()
-            opt_g.zero_grad(set_to_none=True)
-        with phase("disc_clip_opt"):
-            torch.nn.utils.clip_grad_norm_(discriminators.parameters(), cfg.disc_grad_clip)
-            opt_d.step()
-            opt_d.zero_grad(set_to_none=True)
+        update("gen_clip_opt", generator, opt_g, cfg.grad_clip)
+        update("disc_clip_opt", discriminators, opt_d, cfg.disc_grad_clip)
         return total.detach(), loss_d.detach()
 
     def alternating_step():
@@ -188,10 +189,7 @@ def bench(preset: str, mode: str, variant: str, args) -> tuple[dict, dict | None
                          cfg.feature_weight * fm)
         with phase("gen_backward"):
             total.backward()
-        with phase("gen_clip_opt"):
-            torch.nn.utils.clip_grad_norm_(generator.parameters(), cfg.grad_clip)
-            opt_g.step()
-            opt_g.zero_grad(set_to_none=True)
+        update("gen_clip_opt", generator, opt_g, cfg.grad_clip)
         disc.requires_grad_(True)
         with autocast:
             with phase("disc_forward"):
@@ -201,10 +199,7 @@ def bench(preset: str, mode: str, variant: str, args) -> tuple[dict, dict | None
                                             [(l.chunk(2)[1], []) for l, _ in both], cfg.gan_loss)
         with phase("disc_backward"):
             loss_d.backward()
-        with phase("disc_clip_opt"):
-            torch.nn.utils.clip_grad_norm_(discriminators.parameters(), cfg.disc_grad_clip)
-            opt_d.step()
-            opt_d.zero_grad(set_to_none=True)
+        update("disc_clip_opt", discriminators, opt_d, cfg.disc_grad_clip)
         return total.detach(), loss_d.detach()
 
     def sync():

@@ -112,18 +112,15 @@ def broadcast_parameters(module: nn.Module) -> None:
 
 
 def average_gradients(module: nn.Module) -> None:
-    """Average `module`'s gradients over the ranks (one flat all-reduce); nothing in one process.
-    For a module trained outside DDP: every rank must have run a backward into each parameter."""
+    """Average `module`'s gradients over the ranks (one flat `all_reduce_mean`); nothing in one
+    process. For a module trained outside DDP: every rank must have run a backward into each parameter."""
     if not dist.is_initialized():
         return
+    from .training import all_reduce_mean
     grads = [p.grad for p in module.parameters() if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+    flat = all_reduce_mean(torch.cat([g.reshape(-1) for g in grads]))
+    for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(mean.view_as(g))
 
 
 def full_state_dicts(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None):
