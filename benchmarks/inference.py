@@ -11,9 +11,12 @@ stream-encode one user chunk per row + LM + resynthesizer + stream-decode one mo
 row, host copies included), "live_step_full_context" (the same with every row at the end of the
 context), "mono_completion" (3 s prompt + 20 s: latents/s), "peak_memory" (duplex, batch 1),
 "breakdown" (each part of the step as its own CUDA graph), "check" (equalities on the GPU),
-"weights" (bytes of the weights, and the step's floor at the measured read bandwidth).
+"weights" (bytes of the weights, and the step's floor at the measured read bandwidth),
+"memory_stages" (GPU memory of the weights, of an engine's state, of its CUDA graphs),
+"step_profile" / "step_kernel" (--profile: a step's device time by kind of kernel, its top kernels).
 Every line of a mode carries its `quantize` (none, int8, int4: weight-only, `model/quant.py`)
-and `kv_dtype` (auto, fp8); modes run one after another, the previous model freed first.
+and `kv_dtype` (auto, fp8); on CUDA, several modes run one after another, each in a process of
+its own (a process keeps some memory of a freed model: the next mode's peak would include it).
 Needs only torch, numpy and tqdm (no soundfile/soxr).
 """
 from __future__ import annotations
@@ -23,8 +26,11 @@ import dataclasses
 import gc
 import json
 import os
+import subprocess
 import sys
 import time
+from collections import defaultdict
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -105,12 +111,22 @@ def time_live(e: LiveEngine, steps: int, warm: int = 5) -> tuple[list, float]:
     return times, float(np.mean(e.positions))
 
 
+def allocated_gb(device) -> Optional[float]:
+    return torch.cuda.memory_allocated() / 1e9 if torch.device(device).type == "cuda" else None
+
+
 def bench_live(model, batch, variant, name, steps, device, full_context=True, tags=None):
+    before = allocated_gb(device)
     e = live_engine(model, batch, variant)
+    engine = allocated_gb(device)
     t = time.perf_counter()
     e.warmup()
     sync(device)
     start = time.perf_counter() - t
+    if before is not None:  # where the memory of a session goes: weights, engine state, graphs
+        emit(bench="memory_stages", variant=name, **(tags or {}), batch=batch, model_gb=before,
+             engine_state_gb=engine - before, graphs_gb=allocated_gb(device) - engine,
+             kv_gb=e.state.kv_bytes / 1e9)
     times, mean_pos = time_live(e, steps)
     stats = percentiles(times)
     emit(bench="live_step", variant=name, **(tags or {}), batch=batch, steps=steps, mean_position=mean_pos, **stats,
@@ -177,6 +193,41 @@ def breakdown(e: LiveEngine, name: str) -> None:
     st.active.copy_(saved)
     emit(bench="breakdown", variant=name, batch=e.max_sessions, window=W, **{f"{p}_ms": v for p, v in out.items()},
          parts_sum_ms=sum(v for p, v in out.items() if p not in ("step", "sample_tokens_top_p")))
+
+
+KERNEL_KINDS = (("quant_linear", ("int8_", "int4_")), ("cublas_linear", ("gemm", "gemv", "sm90_", "cutlass", "Kernel2")),
+                ("attention", ("attention", "fmha", "flash")), ("inductor_fused", ("triton_",)))
+
+
+@torch.no_grad()
+def profile_step(e: LiveEngine, name: str, reps: int = 5, top: int = 25) -> None:
+    """Device time of one live step by kernel (the step run eagerly with the engine's kernels,
+    `reps` times under torch.profiler): the `top` kernels, and the totals by kind."""
+    from torch.profiler import ProfilerActivity, profile
+    st = e.state
+    saved = st.active.clone()
+    st.active.zero_()
+    key = e.graphs.key(int(st.host_pos.max()) + 1, False)
+    e._step(key)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            e._step(key)
+        torch.cuda.synchronize()
+    st.active.copy_(saved)
+    total, count = defaultdict(float), defaultdict(int)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            total[ev.name] += ev.device_time_total / 1e3 / reps
+            count[ev.name] += 1
+    kinds = defaultdict(float)
+    for k, ms in total.items():
+        kind = next((kd for kd, marks in KERNEL_KINDS if any(m in k for m in marks)), "other")
+        kinds[kind] += ms
+    emit(bench="step_profile", variant=name, batch=e.max_sessions, window=key.window, kernels_per_step=sum(count.values()) / reps,
+         device_ms=sum(total.values()), **{f"{k}_ms": v for k, v in kinds.items()})
+    for k in sorted(total, key=total.get, reverse=True)[:top]:
+        emit(bench="step_kernel", variant=name, kernel=k[:90], ms=total[k], calls=count[k] / reps)
 
 
 def bandwidth() -> tuple[float, float]:
@@ -290,6 +341,8 @@ def bench_mode(args, size, quantize, kv, device, dtype, names, variants, batches
                  allocated_now_gb=torch.cuda.memory_allocated() / 1e9, kv_bytes=e.state.kv_bytes)
         if cuda and args.breakdown and name != "eager" and not over():
             breakdown(e, name)
+        if cuda and args.profile and name != "eager" and not over():
+            profile_step(e, name)
         del e
         gc.collect()
     if p50:
@@ -313,6 +366,21 @@ def bench_mode(args, size, quantize, kv, device, dtype, names, variants, batches
     free(cuda)
 
 
+def run_alone(args, size: str, quantize: str, kv: str, budget_s: float) -> None:
+    """This benchmark for one size and mode in a child process (its lines go to our stdout).
+    A process keeps ~0.5-0.7 GB of GPU memory after a model, its engines and its compiled blocks
+    are freed (measured on the H200), which the next mode's peak would otherwise include."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--device", args.device, "--sizes", size,
+           "--quantize", quantize, "--kv-dtype", kv, "--variants", args.variants,
+           "--gen-seconds", str(args.gen_seconds), "--budget-s", str(max(budget_s, 0.0))]
+    cmd += ["--batches", args.batches] if args.batches else []
+    cmd += ["--steps", str(args.steps)] if args.steps else []
+    cmd += [f"--{flag.replace('_', '-')}" for flag in ("breakdown", "profile", "no_mono") if getattr(args, flag)]
+    rc = subprocess.run(cmd).returncode
+    if rc:
+        emit(bench="mode_failed", size=size, quantize=quantize, kv_dtype=kv, returncode=rc)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
@@ -324,6 +392,7 @@ def main():
                     help="cuda: some of eager, graphs, graphs+compile-block, graphs+compile; the fastest at batch 1 runs the other batches and the completion")
     ap.add_argument("--check", action="store_true", help="GPU equality checks first")
     ap.add_argument("--breakdown", action="store_true", help="time each part of the live step")
+    ap.add_argument("--profile", action="store_true", help="device time of a live step by kernel (torch.profiler)")
     ap.add_argument("--no-mono", action="store_true")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip what would start after this many seconds")
     ap.add_argument("--quantize", default="none", help=f"comma-separated weight modes: none, {', '.join(MODES)}")
@@ -356,12 +425,15 @@ def main():
     def over():
         return time.time() - T0 > args.budget_s
 
-    modes = [(q, kv) for q in args.quantize.split(",") for kv in args.kv_dtype.split(",")]
-    for size in sizes:
-        for quantize, kv in modes:
-            if not over():
-                bench_mode(args, size, quantize, kv, device, dtype, names, variants, batches, steps,
-                           read_bw if cuda else None, over)
+    modes = [(size, q, kv) for size in sizes for q in args.quantize.split(",") for kv in args.kv_dtype.split(",")]
+    for size, quantize, kv in modes:
+        if over():
+            break
+        if cuda and len(modes) > 1:  # each mode alone in a process: its memory figures are its own
+            run_alone(args, size, quantize, kv, args.budget_s - (time.time() - T0))
+        else:
+            bench_mode(args, size, quantize, kv, device, dtype, names, variants, batches, steps,
+                       read_bw if cuda else None, over)
     if args.check and cuda and not over():  # last: the equalities were also checked in earlier runs
         try:
             check(device)

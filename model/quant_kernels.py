@@ -178,9 +178,14 @@ def _int4_dot_call(x, w, sz, y, group):
 _CHOSEN: dict = {}
 
 
-def _time(fn, reps: int = 5) -> float:
-    fn()
+def _time(fn, reps: int = 10) -> float:
+    """GPU milliseconds of `reps` calls of fn. The calls queue behind a ~2 ms sleep kernel, so
+    they run back to back: the time of the kernels, not of their launches from Python (which
+    take longer than a small layer's kernel and made the choice a matter of chance: the same
+    weights got different kernels from one process to the next)."""
+    fn()  # autotuning, compilation
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(4_000_000)
     start.record()
     for _ in range(reps):
         fn()
@@ -190,14 +195,14 @@ def _time(fn, reps: int = 5) -> float:
 
 
 def _choose(key, candidates: dict, *args):
-    """The faster of `candidates` for `key` (timed on first use, outside graph capture; while
-    capturing an unseen key the first candidate is used)."""
+    """The faster of `candidates` for `key` (each timed twice on first use, outside graph
+    capture, the better time kept; while capturing an unseen key the first candidate is used)."""
     name = _CHOSEN.get(key)
     if name is None:
         if torch.cuda.is_current_stream_capturing():
             name = next(iter(candidates))
         else:
-            times = {n: _time(lambda f=f: f(*args)) for n, f in candidates.items()}
+            times = {n: min(_time(lambda f=f: f(*args)) for _ in range(2)) for n, f in candidates.items()}
             name = _CHOSEN[key] = min(times, key=times.get)
     return candidates[name](*args)
 
