@@ -22,8 +22,13 @@ layers at batch 1 on the H200): int8 with the dequantisation fused by `torch.com
 reads at ~73% of the bandwidth alone but was no faster than bf16 inside the compiled block and
 fell to 0.4x bf16 at 8 rows; `aten._weight_int8pack_mm` has no real CUDA kernel (13 ms);
 tinygemm's `aten._weight_int4pack_mm` reaches ~38% of the bandwidth at one row. These kernels,
-every Linear of a hertz_dev step at one row (benchmarks/quant_kernels.py, H200): int8 2.89 TB/s,
-1.60x bf16; int4 1.04 TB/s (its GEMV is bound by unpacking on the CUDA cores).
+every Linear of a hertz_dev step at one row (benchmarks/quant_kernels.py, H200): int8 2.76-2.89
+TB/s, 1.55-1.60x bf16; int4 1.04 TB/s. Tried and measured slower on the H200 (session 4,
+benchmarks/results/h200_session4.txt), so not kept: GEMVs that read the weights as int32 words
+and make floats without the int-to-float instruction (an integer field OR-ed into the mantissa of
+1.0; int8 3.45 ms for all layers against 3.27 for the plain GEMV, int4 4.99 against 4.34: the
+conversion is not what bounds them), and an int4 tile product over the high and low nibbles
+separately, without the interleave (11.2 ms against 7.7).
 
 Layout: the state dict holds the same tensors the kernels read (`qweight` int8 (N, K), or uint8
 (N, K/2) with two 4-bit values a byte, high nibble first; scales in the model's dtype), on every
