@@ -202,14 +202,11 @@ def close_reason(ws) -> str:
 # --- file mode ---------------------------------------------------------------------------------
 
 def read_audio(path: str) -> np.ndarray:
-    """Any file soundfile reads -> mono float32 at 16 kHz."""
-    import soundfile as sf
-    audio, rate = sf.read(path, dtype="float32", always_2d=True)
-    audio = audio.mean(axis=1)
-    if rate != SAMPLE_RATE:
-        import soxr
-        audio = soxr.resample(audio, rate, SAMPLE_RATE).astype(np.float32)
-    return audio
+    """Any file soundfile reads -> mono float32 at 16 kHz. AudioError (naming the file) when it
+    cannot be read, or holds a NaN, an inf or a sample far beyond full scale: the rules of the
+    trainers and the server's prompt (`model.audio`)."""
+    from model.audio import load_audio  # soundfile and soxr: needed in file mode only
+    return load_audio(path, SAMPLE_RATE, channels="mono")[0]
 
 
 def write_wav(path: str, stereo: np.ndarray) -> None:
@@ -229,7 +226,7 @@ def write_wav(path: str, stereo: np.ndarray) -> None:
 
 
 async def file_mode(args, stop: asyncio.Event) -> int:
-    audio = read_audio(args.input_wav)
+    audio = args.audio  # read by parse_args, before connecting
     n = max(1, -(-len(audio) // CHUNK))
     user = np.zeros(n * CHUNK, dtype="<i2")
     user[:len(audio)] = float_to_pcm(audio)
@@ -480,7 +477,8 @@ def parse_args(argv=None):
         for name in PARAM_NAMES:  # found here, before connecting
             if getattr(args, name) is not None:
                 check_param(name, getattr(args, name))
-    except ValueError as e:
+        args.audio = read_audio(args.input_wav) if args.input_wav else None
+    except (ValueError, RuntimeError) as e:  # RuntimeError: model.audio.AudioError
         raise SystemExit(f"error: {e}")
     return args
 

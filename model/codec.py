@@ -271,10 +271,14 @@ class Codec(nn.Module):
         return self.decoder(h, stream) * self.norm_stddev
 
     @staticmethod
-    def sample(mu: Tensor, logvar: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
-        """Draw z = mu + sigma * eps from the posterior, as the original tokenizer does."""
-        eps = torch.randn(mu.shape, device=mu.device, dtype=mu.dtype, generator=generator)
-        return mu + eps * torch.exp(0.5 * logvar)
+    def sample(mu: Tensor, logvar: Tensor, generator: Optional[torch.Generator] = None,
+               eps: Optional[Tensor] = None) -> Tensor:
+        """Draw z = mu + sigma * eps from the posterior, as the original tokenizer does. `eps`:
+        standard normal draws to use (broadcast to mu; the engines' counter-based noise), else
+        drawn here from `generator`."""
+        if eps is None:
+            eps = torch.randn(mu.shape, device=mu.device, dtype=mu.dtype, generator=generator)
+        return mu + eps.to(mu.dtype) * torch.exp(0.5 * logvar)
 
     def forward(self, audio: Tensor) -> dict[str, Tensor]:
         """Training pass: encode, sample the posterior, decode."""

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .codec import Codec
 from .cuda_graphs import StepGraphs, StepKey, attention_windows, use_graphs
 from .decode import DecodeState, Kernels, decode_step, draw_noise, prompt_prefill, slide
 from .sampling import SamplingParams
@@ -107,7 +108,7 @@ class LiveEngine:
         model, st = self.model, self.state
         noise = draw_noise(model, st)
         mu, logvar = self.kernels.encode(self.codec, self.user, self.enc)  # (B, 1, Z)
-        u = mu + noise.posterior[:, None].to(mu.dtype) * torch.exp(0.5 * logvar) if self.encode == "sample" else mu
+        u = Codec.sample(mu, logvar, eps=noise.posterior[:, None]) if self.encode == "sample" else mu
         a = st.active[:, None, None]
         nxt, _ = decode_step(model, st, torch.cat([u, self.m], dim=-1), key.window, noise, self.kernels, key.top_p)
         m = nxt[:, None, self.m.shape[-1]:]

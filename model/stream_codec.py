@@ -245,7 +245,7 @@ def encode_frames(codec: Codec, audio: Tensor, mode: str = "sample", seed: Optio
     if mode == "sample":
         seed = seed if seed is not None else torch.zeros(B, dtype=torch.int64, device=mu.device)
         eps = counter_normal(seed, torch.zeros_like(seed), PROMPT_STREAM, C * T * Z).view(B * C, T, Z)
-        mu = mu + eps.to(mu.dtype) * torch.exp(0.5 * logvar)
+        mu = Codec.sample(mu, logvar, eps=eps)
     elif mode != "mean":
         raise ValueError(f"encode mode must be 'sample' or 'mean', got {mode!r}")
     return mu.view(B, C, T, Z).transpose(1, 2).reshape(B, T, C * Z)

@@ -288,3 +288,26 @@ def test_live_mode_on_a_virtual_sound_card(server, tmp_path):
     assert s["replies"] >= 5 and s["sent"] > s["replies"] and s["dropped_by_server"] > 0
     # The server replays 2 chunks of its prompt first: answered, not timed.
     assert s["replayed"] == 2 and s["timed"] == s["replies"] - 2 and 0 < s["c2p"]["chunks"] <= s["timed"]
+
+
+def test_a_bad_input_file_is_one_error_line_before_connecting(tmp_path):
+    """NaN, inf, a mis-scaled float file, a file that is not audio and a missing one: each is
+    refused naming the file, before connecting (nothing listens on the port), as the trainers and
+    the server's prompt refuse them (model.audio)."""
+    x = speech_like(0.5).astype(np.float32)
+    nan, inf, huge = x.copy(), x.copy(), x * 32768  # int16 values written as floats
+    nan[100] = np.nan
+    inf[200] = np.inf
+    for name, data in (("nan.wav", nan), ("inf.wav", inf), ("huge.wav", huge)):
+        sf.write(tmp_path / name, data, 16000, subtype="FLOAT")
+    (tmp_path / "text.wav").write_text("not a sound\n")
+    cases = {"nan.wav": "non-finite", "inf.wav": "non-finite", "huge.wav": "beyond", "text.wav": "cannot read",
+             "missing.wav": "cannot read"}
+    for name, reason in cases.items():
+        path = tmp_path / name
+        r = run_client("--server", "ws://127.0.0.1:9", "--input-wav", path, "--output-wav", tmp_path / "o.wav",
+                       timeout=30)
+        assert r.returncode != 0, name
+        assert r.stderr.startswith(f"error: cannot read audio file {path}") and reason in r.stderr, r.stderr
+        assert len(r.stderr.splitlines()) == 1 and "connect" not in r.stderr, r.stderr
+        assert not (tmp_path / "o.wav").exists()
