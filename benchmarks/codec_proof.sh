@@ -16,7 +16,15 @@
 # when a part fails). The tuned codec ends at $OUT/tuned/best.safetensors (best validation mel
 # distance), also named in its JSON line. Environment: OUT (default /tmp/codec_proof),
 # PROOF_SECONDS, COMPILE_S (default 120; 0 skips part 5), THROUGHPUT_STEPS (80), END_MARGIN_S (75),
-# TUNED_OVERRIDES (more key=value for the tuned run, e.g. "stft_weight=1.0").
+# TUNED_OVERRIDES (more key=value for the tuned run, e.g. "stft_weight=1.0"), PARTS (the parts to
+# run, default "loader step throughput compile tuned"), TUNED_DIR (the tuned run's folder, default
+# $OUT/tuned) and TUNED_RESUME=1 (continue the run in TUNED_DIR instead of starting afresh).
+#
+# A tuned run longer than one call (a device call lasts at most 10 minutes): keep the run in the
+# working tree, which a machine still warm keeps between calls, and call again at once:
+#   PARTS=tuned TUNED_DIR=checkpoints/codec_proof PROOF_SECONDS=580 bash benchmarks/codec_proof.sh
+#   PARTS=tuned TUNED_DIR=checkpoints/codec_proof TUNED_RESUME=1 PROOF_SECONDS=400 bash benchmarks/codec_proof.sh
+# The second call's `tuned` line covers the whole run (its first evaluation is the first call's).
 set -u
 start=$(date +%s)
 OUT=${OUT:-/tmp/codec_proof}
@@ -47,7 +55,12 @@ else
   COMPILE_ARGS="--presets hertz_dev --modes bf16-compile --warmup 2 --steps 5"
   LOADER_ARGS="--presets small --workers 6 --batches 80"
 fi
+PARTS=${PARTS:-loader step throughput compile tuned}
+TUNED_DIR=${TUNED_DIR:-$OUT/tuned}
+TUNED_RESUME=${TUNED_RESUME:-0}
+[ "$TUNED_RESUME" = 1 ] && TUNED=${TUNED/resume=false/resume=true}
 elapsed() { echo $(( $(date +%s) - start )); }
+wanted() { case " $PARTS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 failed() {  # part, log: a JSON line saying so, and the log's tail on stderr
   python3 -c 'import json, sys; print(json.dumps({"proof": sys.argv[1], "error": "failed, see " + sys.argv[2]}))' "$1" "$2"
   tail -20 "$2" >&2
@@ -58,14 +71,15 @@ print(json.dumps({"proof": "setup", "smoke": bool(int(sys.argv[1])), "elapsed_s"
   "$SMOKE" "$(elapsed)"
 
 # 2. the loader alone
-python3 benchmarks/codec_train.py --data "$DATA/train" $LOADER_ARGS > "$OUT/loader.log" 2>&1 \
-  && grep '^{' "$OUT/loader.log" | sed 's/^{/{"proof": "loader", /' || failed loader "$OUT/loader.log"
+wanted loader && { python3 benchmarks/codec_train.py --data "$DATA/train" $LOADER_ARGS > "$OUT/loader.log" 2>&1 \
+  && grep '^{' "$OUT/loader.log" | sed 's/^{/{"proof": "loader", /' || failed loader "$OUT/loader.log"; }
 
 # 3. the small step alone, synthetic audio
-python3 benchmarks/codec_train.py $STEP_ARGS > "$OUT/step.log" 2>&1 \
-  && grep '^{' "$OUT/step.log" | sed 's/^{/{"proof": "step_synthetic", /' || failed step_synthetic "$OUT/step.log"
+wanted step && { python3 benchmarks/codec_train.py $STEP_ARGS > "$OUT/step.log" 2>&1 \
+  && grep '^{' "$OUT/step.log" | sed 's/^{/{"proof": "step_synthetic", /' || failed step_synthetic "$OUT/step.log"; }
 
 # 4. the trainer with the real loader
+if wanted throughput; then
 python3 train_codec.py $SMALL max_steps=$THROUGHPUT_STEPS log_interval=$(( THROUGHPUT_STEPS / 4 )) \
   eval_interval=100000 save_interval=100000 val_crops=8 checkpoint_dir="$OUT/throughput" \
   > "$OUT/throughput.log" 2>&1 || failed throughput "$OUT/throughput.log"
@@ -80,12 +94,15 @@ print(json.dumps({"proof": "throughput", "run": sys.argv[2] + " (real loader)", 
                   "step_s_max_windows": [round(r["perf/step_s_max"], 3) for r in rows],
                   "gpu_mem_gb": rows[-1].get("perf/gpu_mem_gb")}))
 EOF
+fi
 
 # 5. hertz_dev with compile, capped (COMPILE_S=0 skips it)
 rc=0
-[ "$COMPILE_S" -gt 0 ] && { timeout --kill-after=10 "$COMPILE_S" python3 benchmarks/codec_train.py $COMPILE_ARGS \
-  > "$OUT/compile.log" 2>&1; rc=$?; }
-if [ "$COMPILE_S" -le 0 ]; then
+wanted compile && [ "$COMPILE_S" -gt 0 ] && { timeout --kill-after=10 "$COMPILE_S" python3 benchmarks/codec_train.py \
+  $COMPILE_ARGS > "$OUT/compile.log" 2>&1; rc=$?; }
+if ! wanted compile; then
+  :
+elif [ "$COMPILE_S" -le 0 ]; then
   echo '{"proof": "compile", "skipped": "COMPILE_S=0"}'
 elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
   echo "{\"proof\": \"compile\", \"error\": \"did not finish compiling in $COMPILE_S s\"}"
@@ -96,11 +113,12 @@ else
 fi
 
 # 6. the tuned recipe for the remaining time
+wanted tuned || { echo "{\"proof\": \"done\", \"elapsed_s\": $(elapsed)}"; exit 0; }
 minutes=$(python3 -c "print(round(max($PROOF_SECONDS - $(elapsed) - $END_MARGIN_S, 30) / 60, 2))")
 echo "{\"proof\": \"tuned_start\", \"elapsed_s\": $(elapsed), \"max_minutes\": $minutes}"
-python3 train_codec.py $TUNED max_minutes=$minutes checkpoint_dir="$OUT/tuned" ${TUNED_OVERRIDES:-} \
+python3 train_codec.py $TUNED max_minutes=$minutes checkpoint_dir="$TUNED_DIR" ${TUNED_OVERRIDES:-} \
   > "$OUT/tuned.log" 2>&1 || failed tuned "$OUT/tuned.log"
-python3 - "$OUT/tuned" <<'EOF' || failed tuned_report "$OUT/tuned.log"
+python3 - "$TUNED_DIR" <<'EOF' || failed tuned_report "$OUT/tuned.log"
 import json, os, statistics, sys
 run = sys.argv[1]
 rows = list(map(json.loads, open(os.path.join(run, "metrics.jsonl"))))
