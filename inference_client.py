@@ -477,9 +477,15 @@ def parse_args(argv=None):
         for name in PARAM_NAMES:  # found here, before connecting
             if getattr(args, name) is not None:
                 check_param(name, getattr(args, name))
-        args.audio = read_audio(args.input_wav) if args.input_wav else None
-    except (ValueError, RuntimeError) as e:  # RuntimeError: model.audio.AudioError
+    except ValueError as e:
         raise SystemExit(f"error: {e}")
+    args.audio = None
+    if args.input_wav:  # read here, before connecting
+        from model.audio import AudioError
+        try:
+            args.audio = read_audio(args.input_wav)
+        except AudioError as e:
+            raise SystemExit(f"error: {e}")
     return args
 
 

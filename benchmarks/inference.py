@@ -204,17 +204,12 @@ def profile_step(e: LiveEngine, name: str, reps: int = 5, top: int = 25) -> None
     """Device time of one live step by kernel (the step run eagerly with the engine's kernels,
     `reps` times under torch.profiler): the `top` kernels, and the totals by kind."""
     from torch.profiler import ProfilerActivity, profile
-    st = e.state
-    saved = st.active.clone()
-    st.active.zero_()
-    key = e.graphs.key(int(st.host_pos.max()) + 1, False)
-    e._step(key)
+    key = e.graphs.key(int(e.state.host_pos.max()) + 1, False)
+    e.graphs.dry_run(e._step, key, times=1)  # rows inactive: no state moves
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            e._step(key)
+        e.graphs.dry_run(e._step, key, times=reps)
         torch.cuda.synchronize()
-    st.active.copy_(saved)
     total, count = defaultdict(float), defaultdict(int)
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:
@@ -417,7 +412,9 @@ def main():
     names = args.variants.split(",") if cuda else ["eager"]
     emit(bench="env", torch=torch.__version__, device=torch.cuda.get_device_name() if cuda else "cpu",
          threads=torch.get_num_threads())
-    if cuda:
+    modes = [(size, q, kv) for size in sizes for q in args.quantize.split(",") for kv in args.kv_dtype.split(",")]
+    alone = cuda and len(modes) > 1  # each mode in a process of its own: its memory figures are its own
+    if cuda and not alone:  # (a child measures the bandwidth for its mode)
         torch.backends.cudnn.benchmark = True
         copy_bw, read_bw = bandwidth()
         emit(bench="bandwidth", copy_gb_per_s=copy_bw, read_gb_per_s=read_bw)
@@ -425,11 +422,10 @@ def main():
     def over():
         return time.time() - T0 > args.budget_s
 
-    modes = [(size, q, kv) for size in sizes for q in args.quantize.split(",") for kv in args.kv_dtype.split(",")]
     for size, quantize, kv in modes:
         if over():
             break
-        if cuda and len(modes) > 1:  # each mode alone in a process: its memory figures are its own
+        if alone:
             run_alone(args, size, quantize, kv, args.budget_s - (time.time() - T0))
         else:
             bench_mode(args, size, quantize, kv, device, dtype, names, variants, batches, steps,

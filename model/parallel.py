@@ -22,6 +22,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from .training import all_reduce_mean
+
 
 T = TypeVar("T")
 
@@ -116,7 +118,6 @@ def average_gradients(module: nn.Module) -> None:
     process. For a module trained outside DDP: every rank must have run a backward into each parameter."""
     if not dist.is_initialized():
         return
-    from .training import all_reduce_mean
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     flat = all_reduce_mean(torch.cat([g.reshape(-1) for g in grads]))
     for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
