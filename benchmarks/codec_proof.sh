@@ -18,7 +18,9 @@
 # PROOF_SECONDS, COMPILE_S (default 120; 0 skips part 5), THROUGHPUT_STEPS (80), END_MARGIN_S (75),
 # TUNED_OVERRIDES (more key=value for the tuned run, e.g. "stft_weight=1.0"), PARTS (the parts to
 # run, default "loader step throughput compile tuned"), TUNED_DIR (the tuned run's folder, default
-# $OUT/tuned) and TUNED_RESUME=1 (continue the run in TUNED_DIR instead of starting afresh).
+# $OUT/tuned), TUNED_RESUME=1 (continue the run in TUNED_DIR instead of starting afresh) and
+# TUNED_MINUTES (the tuned run's max_minutes, instead of what PROOF_SECONDS leaves). The tuned run
+# keeps small_fast's schedule (max_steps 6000: the learning rate decays over a ~15-minute run).
 #
 # A tuned run longer than one call (a device call lasts at most 10 minutes): keep the run in the
 # working tree, which a machine still warm keeps between calls, and call again at once:
@@ -50,7 +52,7 @@ else
   DATA=data/demo
   COMMON="device=cuda wandb=disabled resume=false train_data_path=$DATA/train val_data_path=$DATA/val"
   SMALL="--config small $COMMON num_workers=6"
-  TUNED="--config small_fast $COMMON max_steps=100000 eval_interval=100000 save_interval=500 val_crops=64"
+  TUNED="--config small_fast $COMMON eval_interval=100000 save_interval=500 val_crops=64"
   STEP_ARGS="--presets small --modes bf16-eager --warmup 2 --steps 6"
   COMPILE_ARGS="--presets hertz_dev --modes bf16-compile --warmup 2 --steps 5"
   LOADER_ARGS="--presets small --workers 6 --batches 80"
@@ -114,7 +116,7 @@ fi
 
 # 6. the tuned recipe for the remaining time
 wanted tuned || { echo "{\"proof\": \"done\", \"elapsed_s\": $(elapsed)}"; exit 0; }
-minutes=$(python3 -c "print(round(max($PROOF_SECONDS - $(elapsed) - $END_MARGIN_S, 30) / 60, 2))")
+minutes=${TUNED_MINUTES:-$(python3 -c "print(round(max($PROOF_SECONDS - $(elapsed) - $END_MARGIN_S, 30) / 60, 2))")}
 echo "{\"proof\": \"tuned_start\", \"elapsed_s\": $(elapsed), \"max_minutes\": $minutes}"
 python3 train_codec.py $TUNED max_minutes=$minutes checkpoint_dir="$TUNED_DIR" ${TUNED_OVERRIDES:-} \
   > "$OUT/tuned.log" 2>&1 || failed tuned "$OUT/tuned.log"
