@@ -20,13 +20,14 @@
 # run, default "loader step throughput compile tuned"), TUNED_DIR (the tuned run's folder, default
 # $OUT/tuned), TUNED_RESUME=1 (continue the run in TUNED_DIR instead of starting afresh) and
 # TUNED_MINUTES (the tuned run's max_minutes, instead of what PROOF_SECONDS leaves). The tuned run
-# keeps small_fast's schedule (max_steps 6000: the learning rate decays over a ~15-minute run).
+# keeps small_fast's schedule (max_steps 4000: the learning rate decays within a 15-minute run).
 #
 # A tuned run longer than one call (a device call lasts at most 10 minutes): keep the run in the
 # working tree, which a machine still warm keeps between calls, and call again at once:
-#   PARTS=tuned TUNED_DIR=checkpoints/codec_proof PROOF_SECONDS=580 bash benchmarks/codec_proof.sh
-#   PARTS=tuned TUNED_DIR=checkpoints/codec_proof TUNED_RESUME=1 PROOF_SECONDS=400 bash benchmarks/codec_proof.sh
-# The second call's `tuned` line covers the whole run (its first evaluation is the first call's).
+#   PARTS=tuned TUNED_DIR=checkpoints/codec_proof TUNED_MINUTES=7.5 bash benchmarks/codec_proof.sh
+#   PARTS=tuned TUNED_DIR=checkpoints/codec_proof TUNED_RESUME=1 TUNED_MINUTES=7.5 bash benchmarks/codec_proof.sh
+# (about 505 s and 495 s of command time on one H200). The second call's `tuned` line covers the
+# whole run (its first evaluation is the first call's).
 set -u
 start=$(date +%s)
 OUT=${OUT:-/tmp/codec_proof}
