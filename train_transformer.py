@@ -53,7 +53,7 @@ from model.parallel import (compile_blocks, full_state_dicts, gradient_sync, inn
                             parallelize, rank0_first)
 from model.quant import quantize_model
 from model.training import (Checkpoints, ConfigMismatch, Deadline, Dist, Logger, all_reduce_mean, autocast, before_step,
-                            check_architecture, check_finite_step, check_resumable, cosine_lr, move_aside, rng_state,
+                            check_architecture, check_finite_step, check_resumable, cosine_lr, move_aside,
                             run_script, setup_distributed, state_to_load, teardown_distributed)
 
 PARTS = ("quantizer", "lm", "resynth")
@@ -424,7 +424,7 @@ def save(step: int, metric: float | None, model: HertzDev, optimizer: torch.opti
         return
     training_state = {"model": model_state, "optimizer": optim_state, "step": step,
                       "config": dataclasses.asdict(cfg), "codec": fingerprint, "codec_source": cfg.codec_checkpoint,
-                      "rng_state": rng_state(), "world_size": ddp.world_size, "wandb_id": wandb_id,
+                      "world_size": ddp.world_size, "wandb_id": wandb_id,
                       "val/loss": metric, **base}
     export = finetune.export_adapter if lora else export_state
     checkpoints.save(step, training_state, metric, export=lambda tmp: export(training_state, tmp))
