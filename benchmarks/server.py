@@ -104,8 +104,10 @@ def serve(args) -> None:
 
 # --- the clients ------------------------------------------------------------------------------
 
-async def session(url: str, chunks: list[bytes], phase: float, t0: float) -> dict:
-    """Stream `chunks` at real time from t0 + phase; returns round trips (ms) and counts."""
+async def session(url: str, chunks: list[bytes], phase: float, t0: float, grace: float) -> dict:
+    """Stream `chunks` at real time from t0 + phase; returns round trips (ms) and counts. Replies
+    are awaited until `grace` seconds after the last chunk's time; those still unanswered then
+    are `missing`."""
     from websockets.asyncio.client import connect
     sent_at: list[float] = []
     rtt: list[float] = []
@@ -119,7 +121,7 @@ async def session(url: str, chunks: list[bytes], phase: float, t0: float) -> dic
                 await ws.send(c)
 
         sender = asyncio.create_task(send())
-        deadline = t0 + phase + len(chunks) * STEP_S + 3.0
+        deadline = t0 + phase + len(chunks) * STEP_S + grace
         try:
             while pending < len(chunks):
                 try:
@@ -145,10 +147,10 @@ def health(http: str, window: float | None = None) -> dict:
         return json.loads(r.read())
 
 
-async def run_sessions(ws: str, n: int, seconds: float) -> list[dict]:
+async def run_sessions(ws: str, n: int, seconds: float, grace: float) -> list[dict]:
     chunks = [synthetic_chunks(seconds, seed=k) for k in range(n)]
     t0 = time.perf_counter() + 1.0  # connect everyone first
-    return await asyncio.gather(*(session(ws + "/audio", chunks[k], k * STEP_S / n, t0) for k in range(n)))
+    return await asyncio.gather(*(session(ws + "/audio", chunks[k], k * STEP_S / n, t0, grace) for k in range(n)))
 
 
 def free_port() -> int:
@@ -173,6 +175,8 @@ def main() -> None:
                     help="no torch.compile of the transformer block (the engine compiles it on CUDA by default)")
     ap.add_argument("--no-cuda-graphs", action="store_true")
     ap.add_argument("--deadline-ms", type=float, default=250.0, help="p99 round trip a session at cadence stays under")
+    ap.add_argument("--grace-s", type=float, default=3.0,
+                    help="seconds after a run's last chunk to wait for replies still queued (then counted missing)")
     ap.add_argument("--startup-timeout", type=float, default=900.0)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, N = 1 2, 3 s: checks the benchmark runs")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the child process
@@ -218,7 +222,7 @@ def main() -> None:
                 continue
             before = health(http)
             t_run = time.time()
-            results = asyncio.run(run_sessions(ws, n, args.seconds))
+            results = asyncio.run(run_sessions(ws, n, args.seconds, args.grace_s))
             after = health(http, window=time.time() - t_run)
             expected = int(args.seconds / STEP_S)
             per = [rtt_stats(r["rtt"])["p99"] for r in results]
