@@ -100,19 +100,18 @@ EOF
 fi
 
 # 5. hertz_dev with compile, capped (COMPILE_S=0 skips it)
-rc=0
-wanted compile && [ "$COMPILE_S" -gt 0 ] && { timeout --kill-after=10 "$COMPILE_S" python3 benchmarks/codec_train.py \
-  $COMPILE_ARGS > "$OUT/compile.log" 2>&1; rc=$?; }
-if ! wanted compile; then
-  :
-elif [ "$COMPILE_S" -le 0 ]; then
+if wanted compile && [ "$COMPILE_S" -le 0 ]; then
   echo '{"proof": "compile", "skipped": "COMPILE_S=0"}'
-elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
-  echo "{\"proof\": \"compile\", \"error\": \"did not finish compiling in $COMPILE_S s\"}"
-elif [ $rc -eq 0 ]; then
-  grep '^{' "$OUT/compile.log" | sed 's/^{/{"proof": "compile", /'
-else
-  failed compile "$OUT/compile.log"
+elif wanted compile; then
+  timeout --kill-after=10 "$COMPILE_S" python3 benchmarks/codec_train.py $COMPILE_ARGS > "$OUT/compile.log" 2>&1
+  rc=$?
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+    echo "{\"proof\": \"compile\", \"error\": \"did not finish compiling in $COMPILE_S s\"}"
+  elif [ $rc -eq 0 ]; then
+    grep '^{' "$OUT/compile.log" | sed 's/^{/{"proof": "compile", /'
+  else
+    failed compile "$OUT/compile.log"
+  fi
 fi
 
 # 6. the tuned recipe for the remaining time
