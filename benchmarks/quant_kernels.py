@@ -55,6 +55,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 8, 16, 64, 128])
     ap.add_argument("--quick", action="store_true", help="only bf16 and the model's int8 / int4 kernels")
     ap.add_argument("--inductor", action="store_true", help="also int8_inductor (compiles the whole pass: minutes)")
+    ap.add_argument("--per-shape", action="store_true",
+                    help="also each weight shape alone (all layers of that shape in one graph): where the bandwidth is lost")
     args = ap.parse_args()
     import model.quant_kernels as qk
 
@@ -151,8 +153,41 @@ def main() -> None:
                      first_call_s=time.time() - t)
             except Exception as e:  # one kernel failing must not hide the others' figures
                 emit(bench="linears", rows=M, kernel=name, error=f"{type(e).__name__}: {e}"[:400])
+        if args.per_shape:
+            per_shape(layers, weights, xs, M, tiny.get("packed"), qk)
     emit(bench="choices", **{f"{k[0]}_{k[1]}x{k[2]}": v for k, v in qk.kernel_choices().items()})
     emit(bench="done", elapsed_s=time.time() - T0)
+
+
+@torch.no_grad()
+def per_shape(layers, weights, xs, M, packed, qk) -> None:
+    """Each distinct (out, in) shape: all its layers in one graph, per kernel; ms per layer and TB/s."""
+    groups: dict = {}
+    for i, shape in enumerate(layers):
+        groups.setdefault(shape, []).append(i)
+    for (n, k), idx in groups.items():
+        y = torch.empty(M, n, device="cuda", dtype=torch.bfloat16)
+        x = xs[k]
+        calls = {"bf16": (2 * n * k, lambda i: F.linear(x, weights["bf16"][i])),
+                 "int8": (n * k, lambda i: qk.int8_linear(x, *weights["int8"][i])),
+                 "int8_gemv": (n * k, lambda i: qk._int8_gemv_call(x, *weights["int8"][i], y)),
+                 "int8_dot": (n * k, lambda i: qk._int8_dot_call(x, *weights["int8"][i], y))}
+        if weights["int4"][idx[0]] is not None:
+            calls.update({"int4": (n * k // 2, lambda i: qk.int4_linear(x, *weights["int4"][i], 128)),
+                          "int4_gemv": (n * k // 2, lambda i: qk._int4_gemv_call(x, *weights["int4"][i], y, 128)),
+                          "int4_dot": (n * k // 2, lambda i: qk._int4_dot_call(x, *weights["int4"][i], y, 128))})
+            if packed is not None:
+                calls["int4_tinygemm"] = (n * k // 2, lambda i: torch.ops.aten._weight_int4pack_mm(
+                    x, packed[i][0], 128, packed[i][1]))
+        for name, (nbytes, call) in calls.items():
+            if M > 1 and name.endswith("_gemv"):
+                continue
+            try:
+                ms = graph_time(lambda: [call(i) for i in idx], iters=20) / len(idx)
+                emit(bench="shape", rows=M, out=n, inp=k, layers=len(idx), kernel=name, us=ms * 1e3,
+                     tb_per_s=nbytes / ms / 1e9)
+            except Exception as e:
+                emit(bench="shape", rows=M, out=n, inp=k, kernel=name, error=f"{type(e).__name__}: {e}"[:300])
 
 
 if __name__ == "__main__":

@@ -92,7 +92,7 @@ def setup(model: nn.Module, cfg: TransformerConfig, compute_dtype: torch.dtype) 
     if cfg.base_quantize:
         from .quant import quantize_model
         for part in ("lm", "resynth"):
-            quantize_model(getattr(model, part), cfg.base_quantize)
+            quantize_model(getattr(model, part), cfg.base_quantize, pack=False)  # the adapters need a backward
     apply_lora(model, **dataclasses.asdict(config))
     return config
 

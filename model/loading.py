@@ -25,7 +25,7 @@ from . import hub, lora
 from .checkpoint import atomic_write, read_weights, substate, write_weights
 from .codec import Codec
 from .lm import LatentLM
-from .quant import MODES, apply_plan, quantization_of, quantization_plan, quantize_state
+from .quant import MODES, apply_plan, pack_int4, quantization_of, quantization_plan, quantize_state
 from .quantizer import LatentQuantizer
 from .resynth import Resynthesizer
 
@@ -67,7 +67,7 @@ def _fill(module: nn.Module, state: dict, device, dtype, what: str) -> nn.Module
     # not at the end.
     state.clear()
     init_buffers(module)
-    return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return pack_int4(module.to(device=device, dtype=dtype)).eval().requires_grad_(False)
 
 
 def build(cls, cfg, device="cpu", dtype=torch.float32, init: bool = True) -> nn.Module:

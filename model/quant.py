@@ -13,26 +13,31 @@ Two modes, chosen per model by `quantize_model(model, mode)` or at load time
   output is rounded to discrete FSQ codes, where a 4-bit error would flip codes for almost no memory
   saved (its weights are 0.6% of the model).
 
-Kernels: on CUDA with bf16/fp16 activations both layers call the Triton kernels of
-`model.quant_kernels` (weights read once and dequantized in registers: a GEMV for one row, a
-tensor-core tile product for more), registered as custom ops so they sit inside the compiled block
-and its CUDA graphs. Elsewhere (the CPU, float32) they dequantize and call `F.linear`. Measured
-alternatives (../shared/notes/h200-linear-kernels.md and benchmarks/quant_kernels.py, eight LM
-layers at batch 1 on the H200): int8 with the dequantisation fused by `torch.compile` (gpt-fast)
-reads at ~73% of the bandwidth alone but was no faster than bf16 inside the compiled block and
-fell to 0.4x bf16 at 8 rows; `aten._weight_int8pack_mm` has no real CUDA kernel (13 ms);
-tinygemm's `aten._weight_int4pack_mm` reaches ~38% of the bandwidth at one row. These kernels,
-every Linear of a hertz_dev step at one row (benchmarks/quant_kernels.py, H200): int8 2.76-2.89
-TB/s, 1.55-1.60x bf16; int4 1.04 TB/s. Tried and measured slower on the H200 (session 4,
-benchmarks/results/h200_session4.txt), so not kept: GEMVs that read the weights as int32 words
-and make floats without the int-to-float instruction (an integer field OR-ed into the mantissa of
-1.0; int8 3.45 ms for all layers against 3.27 for the plain GEMV, int4 4.99 against 4.34: the
-conversion is not what bounds them), and an int4 tile product over the high and low nibbles
-separately, without the interleave (11.2 ms against 7.7).
+Kernels: on CUDA int8 layers call the Triton kernels of `model.quant_kernels` (weights read once
+and dequantized in registers: a GEMV for one row, a tensor-core tile product for more, the faster
+of the two per weight shape timed at first use), registered as custom ops so they sit inside the
+compiled block and its CUDA graphs. int4 layers on CUDA with bf16 scales are packed into
+tinygemm's tile layout (`Int4Linear.pack`, done by `load_hertz_dev` and `quantize_model`) and run
+`aten._weight_int4pack_mm` up to TINYGEMM_MAX_ROWS rows; unpacked ones, larger batches and
+gradients use the Triton int4 kernels. Elsewhere (the CPU, float32) the layers dequantize and call
+`F.linear`.
 
-Layout: the state dict holds the same tensors the kernels read (`qweight` int8 (N, K), or uint8
-(N, K/2) with two 4-bit values a byte, high nibble first; scales in the model's dtype), on every
-device, so a model quantized on one device loads on another.
+Measured on the H200 (benchmarks/quant_kernels.py; every Linear of a hertz_dev step once, one CUDA
+graph; benchmarks/results/h200_session6.txt): bf16 cuBLAS 4.76 ms (3.54 TB/s); int8 3.01 ms (2.80
+TB/s, 1.58x); int4 tinygemm 2.67 ms at one row, 2.83 at two, 5.89 at eight, 37.7 at 64 (the Triton
+int4 kernels: 4.36, 7.47, 7.45, 11.6 ms). Per shape, a layer costs a fixed ~4-5 us beyond its
+bytes (the 4096x4096 projection: 13.4 us bf16, 8.8 int8, 6.9 int4, against 4 us for its int8
+bytes), which is why int4 gains little over int8 per step. Tried and measured slower, so not kept:
+the dequantisation fused by `torch.compile` (gpt-fast; no faster than bf16 inside the compiled
+block, 0.4x at 8 rows); `aten._weight_int8pack_mm` (no real CUDA kernel, 13 ms); GEMVs that read
+the weights as int32 words and make floats without the int-to-float instruction (int8 3.45 ms
+against 3.27, int4 4.99 against 4.34; session 4); an int4 tile product over the high and low
+nibbles separately (11.2 ms against 7.7); a split-K int8 GEMV (the last of a row block's programs
+adding the partial sums: 3.47 ms against 3.01, slower for every shape; session 6).
+
+Layout: the state dict holds device-independent tensors (`qweight` int8 (N, K), or uint8 (N, K/2)
+with two 4-bit values a byte, high nibble first; scales in the model's dtype; a packed int4
+layer's state-dict hook unpacks), so a model quantized on one device loads on another.
 
 Each quantized layer keeps `in_features`, `out_features` and `bias` as `nn.Linear` has them and
 takes the same call; `.weight` is the dequantized weight, computed on each access, for code that
@@ -50,6 +55,7 @@ from torch import Tensor
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # what tinygemm implements
 INNER_K_TILES = 8                 # tinygemm's packing, whose shapes the format keeps: in_features a multiple of 16 * 8
+TINYGEMM_MAX_ROWS = 16            # a packed int4 layer runs tinygemm up to this many rows, unpacks beyond
 _CHUNK = 1 << 20                  # weights are quantized this many elements at a time (bounded scratch)
 
 
@@ -141,6 +147,59 @@ def parse_spec(spec: str) -> tuple[str, int]:
     raise ValueError(f"unknown layer quantization {spec!r} (expected 'int8' or 'int4/<{'|'.join(map(str, GROUP_SIZES))}>)")
 
 
+# --- tinygemm's tile layout (CUDA) ---------------------------------------------------------------
+# `torch.ops.aten._convert_weight_to_int4pack` turns our (N, K/2) nibbles into int32 words
+# (N/8, K/128, 32, 4): one tile of 8 rows x 128 columns a (row tile, column tile), its 1024 nibbles
+# permuted for the tensor-core fragments. The permutation within a tile is found once by packing
+# probe tiles whose nibbles spell their own positions, which gives the exact inverse without
+# restating tinygemm's layout here.
+
+_TILE = (8, 16 * INNER_K_TILES)
+_TILE_ORDER: dict[str, Tensor] = {}
+
+
+def _nibbles(words: Tensor) -> Tensor:
+    """int32 words (R, C, 32, 4) -> uint8 (R, C, 1024): each tile's nibbles, byte by byte, low first."""
+    b = words.contiguous().view(torch.uint8).reshape(*words.shape[:2], -1)
+    return torch.stack([b & 15, b >> 4], dim=-1).flatten(-2)
+
+
+def _tile_order(device) -> Tensor:
+    """For each nibble of a packed tile (`_nibbles` order), its position in the row-major tile."""
+    if "order" not in _TILE_ORDER:
+        n, k = _TILE
+        pos = torch.arange(n * k, device="cuda")
+        src = torch.zeros(n * k, dtype=torch.long, device="cuda")
+        for digit in range(3):  # 1024 positions: three 4-bit digits, one probe each
+            probe = ((pos >> 4 * digit) & 15).to(torch.uint8).view(n, k)
+            packed = torch.ops.aten._convert_weight_to_int4pack(pack_nibbles(probe), INNER_K_TILES)
+            src |= _nibbles(packed).flatten().long() << 4 * digit
+        if not torch.equal(src.sort().values, pos):
+            raise RuntimeError("tinygemm's int4 layout is not a permutation within 8 x 128 tiles in this "
+                               "PyTorch build; int4 layers cannot be packed")
+        _TILE_ORDER["order"] = src
+    key = str(device)
+    if key not in _TILE_ORDER:
+        _TILE_ORDER[key] = _TILE_ORDER["order"].to(device)
+    return _TILE_ORDER[key]
+
+
+def to_tinygemm(qweight: Tensor) -> Tensor:
+    """Our (N, K/2) uint8 nibbles (on CUDA) -> tinygemm's int32 words, the same bytes."""
+    packed = torch.ops.aten._convert_weight_to_int4pack(qweight.contiguous(), INNER_K_TILES)
+    _tile_order(qweight.device)  # checks the layout once, before any layer is packed
+    return packed
+
+
+def from_tinygemm(packed: Tensor) -> Tensor:
+    """Inverse of `to_tinygemm`, on the packed tensor's device (any, once a layer was packed)."""
+    R, C = packed.shape[:2]
+    (n, k), nib = _TILE, _nibbles(packed)
+    tiles = torch.empty_like(nib)
+    tiles[..., _tile_order(packed.device)] = nib
+    return pack_nibbles(tiles.view(R, C, n, k).transpose(1, 2).reshape(R * n, C * k))
+
+
 def int4_fits(in_features: int, out_features: int, group_size: int) -> bool:
     """Whether tinygemm takes a layer of this shape with this group size."""
     return (group_size in GROUP_SIZES and in_features % max(group_size, 16 * INNER_K_TILES) == 0
@@ -180,8 +239,15 @@ class Int8Linear(nn.Module):
 
 class Int4Linear(nn.Module):
     """`nn.Linear` with 4-bit weights in groups of `group_size` input features, each group with a
-    scale and a zero point: w = (q - 8) * scale + zero (tinygemm's convention). On CUDA the
-    forward is `model.quant_kernels.int4_linear`; elsewhere it dequantizes, then `F.linear`."""
+    scale and a zero point: w = (q - 8) * scale + zero (tinygemm's convention).
+
+    Forward: after `pack()` (CUDA, bf16 scales; `pack_int4` packs a whole model, as
+    `load_hertz_dev` and `quantize_model` do on CUDA) the weights sit in tinygemm's tile layout
+    and up to TINYGEMM_MAX_ROWS rows run `aten._weight_int4pack_mm` (tinygemm: 1.6x our GEMV at
+    one row, 2.6x our tile product at two, benchmarks/results/h200_session6.txt); more rows (a
+    prefill), and activations that need a gradient, unpack the layer's weights for that call and
+    take the unpacked path. Unpacked on CUDA: `model.quant_kernels.int4_linear`; elsewhere:
+    dequantize, then `F.linear`. The state dict always holds the portable (N, K/2) nibbles."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 128,
                  device=None, dtype=None):
@@ -195,14 +261,35 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales_and_zeros",
                              torch.empty(in_features // group_size, out_features, 2, dtype=dtype, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+        self.register_state_dict_post_hook(_portable_qweight)
+
+    @property
+    def packed(self) -> bool:
+        """Whether the weights are in tinygemm's layout (`pack`)."""
+        return self.qweight.dim() == 4
+
+    def pack(self) -> None:
+        """Put the weights in tinygemm's layout where its kernel runs (CUDA, bf16 scales), in place
+        (same bytes); elsewhere nothing changes."""
+        if not self.packed and self.qweight.is_cuda and self.scales_and_zeros.dtype == torch.bfloat16:
+            self.qweight = to_tinygemm(self.qweight)
 
     def forward(self, x: Tensor) -> Tensor:
+        qweight = self.qweight
+        if self.packed:
+            if (x.dtype == torch.bfloat16 and x.numel() <= TINYGEMM_MAX_ROWS * self.in_features
+                    and not (x.requires_grad and torch.is_grad_enabled())):
+                return _on_kernel(self, x, torch.ops.aten._weight_int4pack_mm, qweight, self.group_size,
+                                  self.scales_and_zeros)
+            qweight = from_tinygemm(qweight)  # the portable layout, for the paths below
         if _triton_ok(x):
-            return _on_kernel(self, x, _kernels().int4_linear, self.qweight, self.scales_and_zeros, self.group_size)
-        return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+            return _on_kernel(self, x, _kernels().int4_linear, qweight, self.scales_and_zeros, self.group_size)
+        w = dequantize_int4(qweight, self.scales_and_zeros, self.group_size, x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> Tensor:
-        return dequantize_int4(self.qweight, self.scales_and_zeros, self.group_size, dtype)
+        qweight = from_tinygemm(self.qweight) if self.packed else self.qweight
+        return dequantize_int4(qweight, self.scales_and_zeros, self.group_size, dtype)
 
     @property
     def weight(self) -> Tensor:
@@ -211,6 +298,12 @@ class Int4Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, group_size={self.group_size}")
+
+
+def _portable_qweight(module: Int4Linear, state: dict, prefix: str, local_metadata) -> None:
+    """State-dict hook: a packed layer's weights as the portable nibbles."""
+    if module.packed:
+        state[prefix + "qweight"] = from_tinygemm(state[prefix + "qweight"])
 
 
 def _triton_ok(x: Tensor) -> bool:
@@ -298,10 +391,21 @@ def apply_plan(module: nn.Module, plan: Mapping[str, str], quantize: bool = True
     return module
 
 
-def quantize_model(module: nn.Module, mode: str, group_size: int = 128) -> nn.Module:
+def quantize_model(module: nn.Module, mode: str, group_size: int = 128, pack: bool = True) -> nn.Module:
     """Quantize `module` (a `HertzDev`, or any part of one) in place, weight-only, as
-    `quantization_plan` says, and return it."""
-    return apply_plan(module, quantization_plan(module, mode, group_size))
+    `quantization_plan` says, and return it; `pack`: int4 layers in tinygemm's layout on CUDA
+    (`pack_int4`; inference; a LoRA base stays unpacked, its layers need a backward)."""
+    apply_plan(module, quantization_plan(module, mode, group_size))
+    return pack_int4(module) if pack else module
+
+
+def pack_int4(module: nn.Module) -> nn.Module:
+    """Every `Int4Linear` of `module` into tinygemm's layout where it runs (`Int4Linear.pack`),
+    one layer at a time; returns `module`."""
+    for m in module.modules():
+        if isinstance(m, Int4Linear):
+            m.pack()
+    return module
 
 
 def quantization_of(module: nn.Module) -> Optional[dict]:

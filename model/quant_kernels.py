@@ -35,7 +35,8 @@ def _bench(fn, quantiles):
 
 def _gemv_configs():
     return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bn, bk in ((8, 512), (16, 256), (16, 512), (32, 256)) for w in (4, 8) for s in (3, 4)]
+            for bn, bk in ((4, 1024), (8, 512), (8, 1024), (16, 256), (16, 512), (32, 256))
+            for w in (4, 8) for s in (3, 4)]
 
 
 def _dot_configs(bks):

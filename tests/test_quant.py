@@ -219,6 +219,52 @@ def test_cuda_triton_kernels_match_the_dequantized_layer_in_graphs_and_compile(m
 
 
 @cuda
+@torch.no_grad()
+def test_cuda_int4_packed_for_tinygemm_keeps_its_bytes_state_dict_and_outputs():
+    """`Int4Linear.pack` on CUDA: tinygemm's layout holds the same nibbles (unpacking a packed
+    multi-tile weight gives it back bit for bit), the state dict stays the portable one, and the
+    forward (tinygemm up to TINYGEMM_MAX_ROWS rows, unpacked kernels beyond and for gradients)
+    equals F.linear with the dequantized weights to bf16 rounding, in a CUDA graph and compiled."""
+    from model.quant import TINYGEMM_MAX_ROWS, from_tinygemm, to_tinygemm
+    torch.manual_seed(0)
+    q = torch.randint(0, 256, (24, 384), dtype=torch.uint8, device="cuda")  # 3 x 6 tiles of 8 x 128
+    packed = to_tinygemm(q)
+    assert packed.dtype == torch.int32 and packed.numel() * 4 == q.numel()
+    assert torch.equal(from_tinygemm(packed), q) and torch.equal(from_tinygemm(packed.cpu()), q.cpu())
+    lin = torch.nn.Linear(640, 264, bias=True).to(torch.bfloat16)
+    cpu = quantize_model(torch.nn.Sequential(lin), "int4")[0]
+    gpu = copy.deepcopy(cpu).cuda()
+    gpu.pack()
+    assert gpu.packed and not cpu.packed and gpu.qweight.dim() == 4
+    assert all(torch.equal(v.cpu(), cpu.state_dict()[k]) for k, v in gpu.state_dict().items())
+    w = cpu.dequantize(torch.float32).cuda()
+    assert torch.equal(gpu.dequantize(torch.float32), w)
+    for rows in (1, 2, TINYGEMM_MAX_ROWS, TINYGEMM_MAX_ROWS + 1, 300):
+        x = torch.randn(rows, 640, dtype=torch.bfloat16, device="cuda")
+        want = torch.nn.functional.linear(x.float(), w, cpu.bias.float().cuda())
+        assert rel_err(gpu(x), want) <= 1e-2, rows
+    with torch.enable_grad():
+        x = torch.randn(3, 640, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+        gpu(x).square().sum().backward()
+        xf = x.detach().float().requires_grad_()
+        torch.nn.functional.linear(xf, w, cpu.bias.float().cuda()).square().sum().backward()
+        assert rel_err(x.grad, xf.grad) <= 2e-2
+    x = torch.randn(2, 1, 640, dtype=torch.bfloat16, device="cuda")
+    y, static = gpu(x), x.clone()
+    graph = torch.cuda.CUDAGraph()
+    gpu(static)
+    with torch.cuda.graph(graph):
+        out = gpu(static)
+    static.copy_(x * 2)
+    graph.replay()
+    assert rel_err(out, gpu(x * 2)) <= 1e-3
+    assert rel_err(torch.compile(gpu, fullgraph=True)(x), y) <= 1e-3
+    moved = copy.deepcopy(gpu).float().cpu()  # a packed layer moved off CUDA still computes (unpacking)
+    xc = x.float().cpu()
+    assert moved.packed and rel_err(moved(xc), torch.nn.functional.linear(xc, w.cpu(), cpu.bias.float())) <= 1e-2
+
+
+@cuda
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 @torch.no_grad()
 def test_cuda_quantized_model_close_to_float_and_saved_on_gpu_loads_on_cpu(mode, tmp_path):
