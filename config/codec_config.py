@@ -129,7 +129,8 @@ tiny = dataclasses.replace(
 #   DAC 1e-4 for 400k steps): a 15-minute run is limited by its number of updates (small's mel
 #   distance was still falling steadily when its proof stopped), and grad_clip=1 guards the rate;
 # - max_steps 4000: what 15 minutes hold on one H200 (the proof ran 4,025 steps in 15 minutes), so
-#   the cosine decay ends within such a run (with 6000 that run ended at a third of the peak rate);
+#   the cosine decay ends within such a run (with 6000 that run ended at a third of the peak rate;
+#   measured since: no better at the same step, README);
 # - mel loss alone for the first 400 steps (disc_start_step): without the discriminators a step
 #   costs about 40% of one with them, and the adversarial terms only refine a decoder that
 #   already reconstructs the spectrum (HiFi-GAN and DAC start them at 0 on runs 1000x longer);
