@@ -1161,6 +1161,11 @@ def load_engine(args):
     if args.adapter:
         log.info("adapter %s applied", args.adapter)
     max_sessions = int(args.max_sessions) if args.max_sessions != "auto" else 8 if device.startswith("cuda") else 1
+    from model.quant import TINYGEMM_MAX_ROWS
+    if args.quantize == "int4" and device.startswith("cuda") and 2 * max_sessions > TINYGEMM_MAX_ROWS:
+        log.warning("int4 runs tinygemm up to %d rows a step; %d sessions give the resynthesizer %d rows, whose "
+                    "int4 layers then unpack their weights at every step (slow): use --quantize int8 for many "
+                    "sessions", TINYGEMM_MAX_ROWS, max_sessions, 2 * max_sessions)
     return LiveEngine(model, max_sessions=max_sessions, max_len=args.max_len,
                       cuda_graphs=False if args.no_cuda_graphs else None, compile=False if args.no_compile else "auto", encode=args.encode,
                       kv_dtype=args.kv_dtype)
