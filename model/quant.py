@@ -274,6 +274,12 @@ class Int4Linear(nn.Module):
         if not self.packed and self.qweight.is_cuda and self.scales_and_zeros.dtype == torch.bfloat16:
             self.qweight = to_tinygemm(self.qweight)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "qweight"  # portable nibbles into a packed layer: packed as they load
+        if self.packed and key in state_dict and state_dict[key].dim() == 2:
+            state_dict[key] = to_tinygemm(state_dict[key].to(self.qweight.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x: Tensor) -> Tensor:
         qweight = self.qweight
         if self.packed:

@@ -239,6 +239,10 @@ def test_cuda_int4_packed_for_tinygemm_keeps_its_bytes_state_dict_and_outputs():
     assert all(torch.equal(v.cpu(), cpu.state_dict()[k]) for k, v in gpu.state_dict().items())
     w = cpu.dequantize(torch.float32).cuda()
     assert torch.equal(gpu.dequantize(torch.float32), w)
+    again = copy.deepcopy(gpu)
+    again.qweight.zero_()
+    again.load_state_dict(cpu.state_dict())  # portable nibbles into a packed layer
+    assert again.packed and torch.equal(again.qweight, gpu.qweight)
     for rows in (1, 2, TINYGEMM_MAX_ROWS, TINYGEMM_MAX_ROWS + 1, 300):
         x = torch.randn(rows, 640, dtype=torch.bfloat16, device="cuda")
         want = torch.nn.functional.linear(x.float(), w, cpu.bias.float().cuda())
