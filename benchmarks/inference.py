@@ -422,8 +422,10 @@ def main():
     def over():
         return time.time() - T0 > args.budget_s
 
-    for size, quantize, kv in modes:
-        if over():
+    for i, (size, quantize, kv) in enumerate(modes):
+        if over():  # say what the budget left out rather than end silently
+            for size, quantize, kv in modes[i:]:
+                emit(bench="skipped", size=size, quantize=quantize, kv_dtype=kv, reason=f"--budget-s {args.budget_s:g} spent")
             break
         if alone:
             run_alone(args, size, quantize, kv, args.budget_s - (time.time() - T0))

@@ -40,3 +40,14 @@ def test_inference_benchmark_modes_side_by_side(tmp_path):
     bad = subprocess.run([sys.executable, "benchmarks/inference.py", "--quantize", "int3"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "error: --quantize: unknown mode 'int3'" in bad.stderr
+
+
+def test_inference_benchmark_names_the_modes_its_budget_leaves_out():
+    r = subprocess.run([sys.executable, "benchmarks/inference.py", "--device", "cpu", "--sizes", "tiny",
+                        "--quantize", "none,int8", "--budget-s", "0"], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    skipped = [(line["quantize"], line["kv_dtype"]) for line in lines if line["bench"] == "skipped"]
+    assert skipped == [("none", "auto"), ("int8", "auto")] and lines[-1]["bench"] == "done"
+    assert not any(line["bench"] == "live_step" for line in lines)
