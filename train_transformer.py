@@ -106,7 +106,7 @@ def main(argv=None) -> dict:
     if state is not None:
         load_state(state, model, None if cfg.eval_only else optimizer, lora)
     if cfg.eval_quantize != "none":  # eval_only (check_config): the weights as a quantized deployment holds them
-        quantize_model(model, cfg.eval_quantize)
+        quantize_model(model, cfg.eval_quantize, pack=False)  # whole sequences: no per-call unpacking of int4
     say(describe(model, cfg, trained, params, source, base, ddp))
 
     if cfg.eval_only:  # prints the metrics, writes nothing

@@ -424,8 +424,9 @@ def main():
 
     for i, (size, quantize, kv) in enumerate(modes):
         if over():  # say what the budget left out rather than end silently
-            for size, quantize, kv in modes[i:]:
-                emit(bench="skipped", size=size, quantize=quantize, kv_dtype=kv, reason=f"--budget-s {args.budget_s:g} spent")
+            for left in modes[i:]:
+                emit(bench="skipped", **dict(zip(("size", "quantize", "kv_dtype"), left)),
+                     reason=f"--budget-s {args.budget_s:g} spent")
             break
         if alone:
             run_alone(args, size, quantize, kv, args.budget_s - (time.time() - T0))

@@ -171,7 +171,7 @@ def part_a(size: str, device: str, batch: int, frames: int) -> None:
         weights, _, kv = mode.partition("+")
         if weights == "fp8_kv":
             weights, kv = "bf16", "fp8_kv"
-        m = model if weights == "bf16" else quantize_model(copy.deepcopy(model), weights)
+        m = model if weights == "bf16" else quantize_model(copy.deepcopy(model), weights, pack=False)
         out = outputs(m, x, torch.float8_e4m3fn if kv else None, ref_plex=ref["plex"])
         emit(bench="logits", size=size, mode=mode, weights_gb=weight_bytes(m)["total"] / 1e9,
              lm_rel_err=rel_err(out["logits"], ref["logits"]),

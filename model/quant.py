@@ -400,7 +400,8 @@ def apply_plan(module: nn.Module, plan: Mapping[str, str], quantize: bool = True
 def quantize_model(module: nn.Module, mode: str, group_size: int = 128, pack: bool = True) -> nn.Module:
     """Quantize `module` (a `HertzDev`, or any part of one) in place, weight-only, as
     `quantization_plan` says, and return it; `pack`: int4 layers in tinygemm's layout on CUDA
-    (`pack_int4`; inference; a LoRA base stays unpacked, its layers need a backward)."""
+    (`pack_int4`: for decode steps; a LoRA base, whose layers need a backward, and a model run on
+    whole sequences, more rows than tinygemm takes, stay unpacked)."""
     apply_plan(module, quantization_plan(module, mode, group_size))
     return pack_int4(module) if pack else module
 
