@@ -47,7 +47,7 @@ from config import ConfigError, config_diff, fields_marked, from_dict, parse_arg
 from config.codec_config import PRESETS, CodecConfig
 from model.audio import save_audio
 from model.checkpoint import read_metadata
-from model.codec import Codec
+from model.codec import Codec, compile_codec
 from model.codec_losses import (DNSMOS, MultiResolutionMelLoss, MultiResolutionSTFTLoss, discriminator_loss,
                                 feature_matching_loss, generator_adversarial_loss, kl_bits_per_second, latent_kl,
                                 latent_mask, pesq_wb, si_sdr, stoi, waveform_l1)
@@ -118,7 +118,7 @@ def main(argv=None) -> dict:
     if device.type == "cuda":  # cuDNN's dilated convs are slow: the same convs as undilated ones over phases
         generator.dilated_convs_polyphase()
     gen_model, generator = compile_and_wrap(generator, cfg.compile, ddp)
-    disc_model = torch.compile(discriminators, dynamic=False) if cfg.compile else discriminators
+    disc_model = compile_codec(discriminators) if cfg.compile else discriminators
     broadcast_parameters(discriminators)  # no-op in one process
     gen_params, disc_params = list(generator.parameters()), list(discriminators.parameters())
     logger = Logger(cfg.wandb, cfg.wandb_project, run_dir, cfg, is_main=is_main,
@@ -299,7 +299,7 @@ def load_state(state: dict, cfg: CodecConfig, ddp: Dist, generator: Codec, discr
 def compile_and_wrap(module: nn.Module, compile: bool, ddp: Dist) -> tuple[nn.Module, nn.Module]:
     """`module` compiled (with `compile`), called directly where no gradient sync is wanted, and the
     same wrapped in DDP when distributed (else itself), called in the training step."""
-    compiled = torch.compile(module, dynamic=False) if compile else module
+    compiled = compile_codec(module) if compile else module
     if not ddp.enabled:
         return compiled, compiled
     return compiled, DDP(compiled, device_ids=[ddp.device.index] if ddp.device.type == "cuda" else None)

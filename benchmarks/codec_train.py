@@ -65,7 +65,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from config.codec_config import PRESETS  # noqa: E402
-from model.codec import Codec  # noqa: E402
+from model.codec import Codec, compile_codec  # noqa: E402
 from model.codec_losses import (MultiResolutionMelLoss, discriminator_loss, feature_matching_loss,  # noqa: E402
                                 generator_adversarial_loss, latent_kl)
 from model.discriminators import Discriminators  # noqa: E402
@@ -117,7 +117,7 @@ def bench(preset: str, mode: str, variant: str, args) -> tuple[dict, dict | None
     opt_d = torch.optim.AdamW(discriminators.parameters(), lr=1e-4, betas=(cfg.beta1, cfg.beta2), fused=cuda)
     gen, disc = generator, discriminators
     if use_compile:  # as train_codec.py does
-        gen, disc = torch.compile(generator, dynamic=False), torch.compile(discriminators, dynamic=False)
+        gen, disc = compile_codec(generator), compile_codec(discriminators)
     samples = round(args.seconds * cfg.sample_rate)
     audio = synthetic_audio(args.batch, samples, cfg.sample_rate, device)
     mask = torch.ones(args.batch, samples, device=device)

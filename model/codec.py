@@ -301,3 +301,12 @@ class Codec(nn.Module):
     def decode_step(self, latents: Tensor, stream: CodecStream) -> Tensor:
         """Next (B, k, 32) latents -> their (B, 1, 2000 k) samples."""
         return self.decode(latents, stream)
+
+
+def compile_codec(module: torch.nn.Module) -> torch.nn.Module:
+    """torch.compile of a codec part (generator or discriminators), static shapes. Inductor's
+    coalescing tiling analysis is off: on torch 2.11 it fails on the codec's graphs (an internal
+    `CantSplit` raised without its arguments: "TypeError: CantSplit.__init__() missing 2 required
+    positional arguments"); later versions repaired it, and the default tiling is what they use
+    without that analysis."""
+    return torch.compile(module, dynamic=False, options={"triton.coalesce_tiling_analysis": False})

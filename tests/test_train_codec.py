@@ -396,3 +396,20 @@ def test_a_full_disk_is_one_error_line(corpus, tmp_path):
         assert not list((disk / "run").glob(".*.tmp"))
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_compile_codec_computes_what_the_eager_codec_computes():
+    """`compile_codec` (the codec trainer's torch.compile, with the Inductor setting that torch 2.11
+    needs for the codec's graphs): a codec block's output and gradients equal the eager ones."""
+    from model.codec import ResNetBlock, compile_codec
+    torch.manual_seed(0)
+    block = ResNetBlock(4, 8, 2, mode="encoder")
+    x = torch.randn(2, 4, 64, requires_grad=True)
+    inputs = [x] + list(block.parameters())
+    want = block(x)
+    want_grads = torch.autograd.grad(want.square().sum(), inputs)
+    got = compile_codec(block)(x)
+    got_grads = torch.autograd.grad(got.square().sum(), inputs)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4 * w.abs().max().item())
