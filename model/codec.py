@@ -304,9 +304,12 @@ class Codec(nn.Module):
 
 
 def compile_codec(module: torch.nn.Module) -> torch.nn.Module:
-    """torch.compile of a codec part (generator or discriminators), static shapes. Inductor's
-    coalescing tiling analysis is off: on torch 2.11 it fails on the codec's graphs (an internal
-    `CantSplit` raised without its arguments: "TypeError: CantSplit.__init__() missing 2 required
-    positional arguments"); later versions repaired it, and the default tiling is what they use
-    without that analysis."""
-    return torch.compile(module, dynamic=False, options={"triton.coalesce_tiling_analysis": False})
+    """torch.compile of a codec part (generator or discriminators), static shapes, with Inductor's
+    coalescing tiling analysis off where torch has it: on torch 2.11 that analysis fails on the
+    codec's graphs ("TypeError: CantSplit.__init__() missing 2 required positional arguments",
+    an internal exception raised without its arguments; repaired in later versions). Without it
+    Inductor chooses its tilings as it did before the analysis existed."""
+    import torch._inductor.config as inductor
+
+    off = hasattr(inductor.triton, "coalesce_tiling_analysis")
+    return torch.compile(module, dynamic=False, options={"triton.coalesce_tiling_analysis": False} if off else None)
