@@ -15,7 +15,7 @@
 # Each part prints one JSON line, {"proof": PART, ...}; logs go to $OUT/*.log (their tail is printed
 # when a part fails). The tuned codec ends at $OUT/tuned/best.safetensors (best validation mel
 # distance), also named in its JSON line. Environment: OUT (default /tmp/codec_proof),
-# PROOF_SECONDS, COMPILE_S (default 120; 0 skips part 5), THROUGHPUT_STEPS (80), END_MARGIN_S (75),
+# PROOF_SECONDS, COMPILE_S (default 180; 0 skips part 5), THROUGHPUT_STEPS (80), END_MARGIN_S (75),
 # TUNED_OVERRIDES (more key=value for the tuned run, e.g. "stft_weight=1.0"), PARTS (the parts to
 # run, default "loader step throughput compile tuned"), TUNED_DIR (the tuned run's folder, default
 # $OUT/tuned), TUNED_RESUME=1 (continue the run in TUNED_DIR instead of starting afresh) and
@@ -47,7 +47,7 @@ if [ "${1:-}" = "--smoke" ]; then
   LOADER_ARGS="--presets tiny --workers 2 --batches 20"
 else
   SMOKE=0
-  PROOF_SECONDS=${PROOF_SECONDS:-530} COMPILE_S=${COMPILE_S:-120} THROUGHPUT_STEPS=${THROUGHPUT_STEPS:-80}
+  PROOF_SECONDS=${PROOF_SECONDS:-530} COMPILE_S=${COMPILE_S:-180} THROUGHPUT_STEPS=${THROUGHPUT_STEPS:-80}
   END_MARGIN_S=${END_MARGIN_S:-75}
   source benchmarks/gpu_setup.sh 60 > "$OUT/setup.log" 2>&1
   DATA=data/demo

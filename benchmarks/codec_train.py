@@ -18,6 +18,10 @@ the same initial weights, one line each with its "variant":
   weight-norm originals (the weight computed from them at each call is contiguous), so each Conv2d's
   input is made channels_last as well, by a forward pre-hook here (model code unchanged);
 - `no_cudnn_benchmark`: cuDNN's default algorithm choice instead;
+- `compiled_disc`: with `bf16-compile`, the discriminators compiled as well as the generator
+  (train_codec.py compiles the generator only: a compiled discriminator's backward is one graph
+  that computes its weight gradients whenever the generator's loss back-propagates through it, so
+  that step does the discriminators' backward twice);
 - `cudnn_dilated`: the generator's dilated convs by cuDNN, not over phases, else as `base`;
 - `alternating`: the step train_codec.py had before (cuDNN's dilated convs too): a generator step with the discriminators
   frozen (D(fake) with a gradient, D(real) without, float32 feature matching), then a discriminator
@@ -71,7 +75,7 @@ from model.codec_losses import (MultiResolutionMelLoss, discriminator_loss, feat
 from model.discriminators import Discriminators  # noqa: E402
 
 MODES = {"fp32-eager": ("float32", False), "bf16-compile": ("bfloat16", True), "bf16-eager": ("bfloat16", False)}
-VARIANTS = ("base", "alternating", "cudnn_dilated", "channels_last", "no_cudnn_benchmark")
+VARIANTS = ("base", "alternating", "cudnn_dilated", "channels_last", "no_cudnn_benchmark", "compiled_disc")
 # record_function ranges of one step (disc_forward: the alternating variant's discriminator step)
 PHASES = ("gen_forward", "mel_loss", "kl", "disc_on_fake", "disc_on_real", "adv_fm_loss",
           "gen_backward", "gen_clip_opt", "disc_forward", "disc_loss", "disc_backward", "disc_clip_opt")
@@ -116,8 +120,9 @@ def bench(preset: str, mode: str, variant: str, args) -> tuple[dict, dict | None
     opt_g = torch.optim.AdamW(generator.parameters(), lr=1e-4, betas=(cfg.beta1, cfg.beta2), fused=cuda)
     opt_d = torch.optim.AdamW(discriminators.parameters(), lr=1e-4, betas=(cfg.beta1, cfg.beta2), fused=cuda)
     gen, disc = generator, discriminators
-    if use_compile:  # as train_codec.py does
-        gen, disc = compile_codec(generator), compile_codec(discriminators)
+    if use_compile:  # as train_codec.py does: the generator only
+        gen = compile_codec(generator)
+        disc = compile_codec(discriminators) if variant == "compiled_disc" else discriminators
     samples = round(args.seconds * cfg.sample_rate)
     audio = synthetic_audio(args.batch, samples, cfg.sample_rate, device)
     mask = torch.ones(args.batch, samples, device=device)
