@@ -95,7 +95,7 @@ class CodecConfig:
     checkpoint_dir: str = "checkpoints/codec"   # the run folder: checkpoints, metrics, plots, samples
     device: str = field(default="cuda", metadata=DEVICE)
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    compile: bool = False
+    compile: bool = False                       # torch.compile the generator (small, H200: 83 s, then 9% faster)
     seed: int = field(default=1337, metadata=RESUME)
     init_from: Optional[str] = None             # None, "official" or a path to one of ours
     resume: bool = True
