@@ -59,7 +59,7 @@ from model.plots import plot_metrics, save_mel_figure
 from model.training import (Checkpoints, Deadline, Dist, Logger, all_reduce_mean, autocast, before_step,
                             check_architecture, check_finite_step, check_resumable, cosine_lr, move_aside, rng_state,
                             run_script, seed_everything, set_rng_state, setup_distributed, state_to_load,
-                            teardown_distributed, unwrap)
+                            teardown_distributed, unwrap, window_peak_gb)
 
 
 def main(argv=None) -> dict:
@@ -371,8 +371,8 @@ def train_row(sums: dict, norms: dict, lr: float, lr_d: float, samples_per_step:
     row.update({k: v.item() for k, v in norms.items()}, lr=lr, lr_disc=lr_d,
                **{"perf/samples_per_s": samples_per_step * steps / seconds, "perf/step_s": seconds / steps,
                   "perf/step_s_p50": float(np.median(step_times)), "perf/step_s_max": max(step_times)})
-    if device.type == "cuda":
-        row["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    if (peak := window_peak_gb(device)) is not None:
+        row["perf/gpu_mem_gb"] = peak
     return row
 
 

@@ -54,7 +54,7 @@ from model.parallel import (compile_blocks, full_state_dicts, gradient_sync, inn
 from model.quant import quantize_model
 from model.training import (Checkpoints, ConfigMismatch, Deadline, Dist, Logger, all_reduce_mean, autocast, before_step,
                             check_architecture, check_finite_step, check_resumable, cosine_lr, move_aside,
-                            run_script, setup_distributed, state_to_load, teardown_distributed)
+                            run_script, setup_distributed, state_to_load, teardown_distributed, window_peak_gb)
 
 PARTS = ("quantizer", "lm", "resynth")
 # FSDP2 warns about every module output that is a view; none of ours is modified in place.
@@ -408,8 +408,8 @@ def train_row(sums: dict, codes: torch.Tensor, lr: float, grad_norm: torch.Tenso
         row["train/lm_ppl"] = math.exp(min(row["train/lm_ce"], 50.0))
     if peak := peak_flops(ddp.device, cfg.peak_tflops):
         row["perf/mfu"] = rate * flops_per_latent / (peak * ddp.world_size)
-    if ddp.device.type == "cuda":
-        row["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated(ddp.device) / 1e9
+    if (peak := window_peak_gb(ddp.device)) is not None:
+        row["perf/gpu_mem_gb"] = peak
     return row
 
 

@@ -12,7 +12,8 @@ from config import fields_marked
 from config.codec_config import PRESETS, CodecConfig
 from config import ConfigError
 from model.training import (Checkpoints, ConfigMismatch, Deadline, Logger, autocast, before_step, check_architecture,
-                            check_resumable, cosine_lr, move_aside, rng_state, set_rng_state, state_to_load)
+                            check_resumable, cosine_lr, move_aside, rng_state, set_rng_state, state_to_load,
+                            window_peak_gb)
 
 
 def test_cosine_lr_warms_up_then_decays_to_min():
@@ -228,3 +229,19 @@ def test_broadcast_parameters_and_average_gradients_across_two_gloo_processes(tm
     for l0, l1, a0, a1 in zip(r0["local"], r1["local"], r0["averaged"], r1["averaged"]):
         torch.testing.assert_close(a0, (l0 + l1) / 2)
         assert torch.equal(a0, a1)
+
+
+def test_window_peak_is_none_off_cuda():
+    assert window_peak_gb(torch.device("cpu")) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_window_peak_covers_its_window_only():
+    """Each call reports the peak since the one before: a large tensor freed within a window counts
+    there and not in the next."""
+    device = torch.device("cuda")
+    window_peak_gb(device)
+    big = torch.empty(int(2e9), dtype=torch.uint8, device=device)  # 2 GB
+    del big
+    assert window_peak_gb(device) >= 2.0
+    assert window_peak_gb(device) < 2.0
