@@ -371,8 +371,8 @@ def train_row(sums: dict, norms: dict, lr: float, lr_d: float, samples_per_step:
     row.update({k: v.item() for k, v in norms.items()}, lr=lr, lr_disc=lr_d,
                **{"perf/samples_per_s": samples_per_step * steps / seconds, "perf/step_s": seconds / steps,
                   "perf/step_s_p50": float(np.median(step_times)), "perf/step_s_max": max(step_times)})
-    if (peak := window_peak_gb(device)) is not None:
-        row["perf/gpu_mem_gb"] = peak
+    if (mem := window_peak_gb(device)) is not None:
+        row["perf/gpu_mem_gb"] = mem
     return row
 
 

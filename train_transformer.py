@@ -408,8 +408,8 @@ def train_row(sums: dict, codes: torch.Tensor, lr: float, grad_norm: torch.Tenso
         row["train/lm_ppl"] = math.exp(min(row["train/lm_ce"], 50.0))
     if peak := peak_flops(ddp.device, cfg.peak_tflops):
         row["perf/mfu"] = rate * flops_per_latent / (peak * ddp.world_size)
-    if (peak := window_peak_gb(ddp.device)) is not None:
-        row["perf/gpu_mem_gb"] = peak
+    if (mem := window_peak_gb(ddp.device)) is not None:
+        row["perf/gpu_mem_gb"] = mem
     return row
 
 

@@ -311,5 +311,6 @@ def compile_codec(module: torch.nn.Module) -> torch.nn.Module:
     Inductor chooses its tilings as it did before the analysis existed."""
     import torch._inductor.config as inductor
 
-    off = hasattr(inductor.triton, "coalesce_tiling_analysis")
-    return torch.compile(module, dynamic=False, options={"triton.coalesce_tiling_analysis": False} if off else None)
+    has_setting = hasattr(inductor.triton, "coalesce_tiling_analysis")
+    return torch.compile(module, dynamic=False,
+                         options={"triton.coalesce_tiling_analysis": False} if has_setting else None)

@@ -112,17 +112,6 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
 
 # --- optimisation ---------------------------------------------------------------------------
 
-def window_peak_gb(device: torch.device) -> Optional[float]:
-    """Peak GPU memory allocated since the last call (the first: since the process started), in GB,
-    and the peak counter reset, so that each log row shows its own window; None off CUDA. The first
-    window also holds compilation and cuDNN's algorithm trials, which later ones do not."""
-    if device.type != "cuda":
-        return None
-    peak = torch.cuda.max_memory_allocated(device) / 1e9
-    torch.cuda.reset_peak_memory_stats(device)
-    return peak
-
-
 def cosine_lr(step: int, learning_rate: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
     """Linear warmup for `warmup_steps`, then cosine decay to `min_lr` at `max_steps`."""
     if step < warmup_steps:
@@ -438,6 +427,17 @@ def before_step(step: int, start_step: int, max_steps: int, log_interval: int, e
 
 
 # --- logging --------------------------------------------------------------------------------
+
+def window_peak_gb(device: torch.device) -> Optional[float]:
+    """Peak GPU memory allocated since the last call (the first: since the process started), in GB,
+    and the peak counter reset, so that each log row shows its own window; None off CUDA. The first
+    window also holds compilation and cuDNN's algorithm trials, which later ones do not."""
+    if device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated(device) / 1e9
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
+
 
 class Logger:
     """Weights & Biases on rank 0 plus a local `metrics.jsonl`.
