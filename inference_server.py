@@ -53,6 +53,7 @@ import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
 
+from config.transformer_config import KV_DTYPE_NAMES, QUANTIZE_MODES
 from model.protocol import (CHUNK, CHUNK_BYTES, CLOSE_IDLE, CLOSE_INTERNAL, CLOSE_POLICY, CLOSE_TRY_AGAIN, PARAM_NAMES,
                             SAMPLE_RATE, TEXT_PREFIX, check_param, check_params, float_to_pcm, page_constants,
                             pcm_to_float, percentiles)
@@ -1063,9 +1064,9 @@ def parse_args(argv=None):
     ap.add_argument("--no-verify", action="store_true",
                     help="skip the content-hash check of our .safetensors files (a changed file is an error by default)")
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cuda:1, cpu")
-    ap.add_argument("--quantize", choices=("int8", "int4"), help="weight-only int8 or int4 transformer weights "
+    ap.add_argument("--quantize", choices=QUANTIZE_MODES, help="weight-only int8 or int4 transformer weights "
                     "(model/quant.py; default: float)")
-    ap.add_argument("--kv-dtype", choices=("auto", "fp8"), default="auto",
+    ap.add_argument("--kv-dtype", choices=KV_DTYPE_NAMES, default="auto",
                     help="KV caches: auto (the weights' dtype) or fp8 (half the bytes: more sessions)")
     ap.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
                     help="auto: bfloat16 on cuda, float32 on cpu")
@@ -1148,18 +1149,12 @@ def load_engine(args):
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     source = args.checkpoint or args.variant
-    if args.adapter:  # an adapter of another base is refused before any weights load
-        from model.lora import AdapterError, base_fingerprint, check_adapter
-        try:
-            check_adapter(args.adapter, base_fingerprint(source), source)
-        except AdapterError as e:
-            raise SystemExit(f"error: {e}")
-    log.info("loading %s on %s", source, device)
+    t0 = time.monotonic()
     model = load_hertz_dev(source, device=device, dtype=dtype, ckpt_dir=args.ckpt_dir, offline=args.offline or None,
                            codec=args.codec, adapter=args.adapter, verify=not args.no_verify,
                            quantize=args.quantize)
-    if args.adapter:
-        log.info("adapter %s applied", args.adapter)
+    log.info("loaded %s on %s in %.1f s%s", source, device, time.monotonic() - t0,
+             f", adapter {args.adapter} applied" if args.adapter else "")
     max_sessions = int(args.max_sessions) if args.max_sessions != "auto" else 8 if device.startswith("cuda") else 1
     from model.quant import TINYGEMM_MAX_ROWS
     if args.quantize == "int4" and device.startswith("cuda") and 2 * max_sessions > TINYGEMM_MAX_ROWS:
@@ -1179,9 +1174,12 @@ def main(argv=None) -> None:
     from model import SamplingParams
     params = SamplingParams(**values)
     from model.checkpoint import CheckpointError
+    from model.lora import AdapterError
     try:
         engine = load_engine(args)
-    except CheckpointError as e:  # a corrupted file, or a file of the wrong kind: the user's to fix
+    # a corrupted file, a file of the wrong kind, an adapter of another base (refused before any
+    # weights load): the user's to fix
+    except (AdapterError, CheckpointError) as e:
         raise SystemExit(f"error: {e}") from None
     if prompt is not None:
         max_frames = engine.state.max_len - 1

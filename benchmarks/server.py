@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
+from config.transformer_config import KV_DTYPE_NAMES, QUANTIZE_MODES  # noqa: E402 (no torch)
 from model.protocol import CHUNK, SAMPLE_RATE, float_to_pcm, percentiles  # noqa: E402 (numpy only)
 
 STEP_S = CHUNK / SAMPLE_RATE
@@ -168,9 +169,9 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, help="default bfloat16 (--smoke: float32)")
     ap.add_argument("--max-sessions", type=int, default=None, help="engine rows (default: the largest N)")
     ap.add_argument("--queue-chunks", type=int, default=4)
-    ap.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
+    ap.add_argument("--quantize", choices=("none",) + QUANTIZE_MODES, default="none",
                     help="weight-only quantization of the transformer (model/quant.py)")
-    ap.add_argument("--kv-dtype", choices=("auto", "fp8"), default="auto", help="KV caches: the weights' dtype or fp8")
+    ap.add_argument("--kv-dtype", choices=KV_DTYPE_NAMES, default="auto", help="KV caches: the weights' dtype or fp8")
     ap.add_argument("--no-compile", action="store_true",
                     help="no torch.compile of the transformer block (the engine compiles it on CUDA by default)")
     ap.add_argument("--no-cuda-graphs", action="store_true")

@@ -10,9 +10,17 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, get_args
 
 from config import DEVICE
+
+# What a user can name on the command line and in configs, kept here (no torch) so every parser
+# offers the same choices: the weight-only quantization modes (`model/quant.py`) and the KV
+# cache element types (`model/transformer.py` KV_DTYPES; auto: the weights' dtype).
+Quantize = Literal["int8", "int4"]
+KVDtype = Literal["auto", "fp8"]
+QUANTIZE_MODES: tuple[str, ...] = get_args(Quantize)
+KV_DTYPE_NAMES: tuple[str, ...] = get_args(KVDtype)
 
 # Marks on the fields (`fields_marked`, `config_diff` in config/__init__.py):
 ARCH = {"arch": True}          # the networks: a checkpoint that differs cannot be loaded into them
@@ -109,7 +117,7 @@ class TransformerConfig:
     init_from: Optional[str] = None             # None, "official", a variant name, or one of ours (.safetensors)
     resume: bool = True
     eval_only: bool = False
-    eval_quantize: Literal["none", "int8", "int4"] = "none"  # eval_only: the weights quantized (model/quant.py)
+    eval_quantize: Literal["none", Quantize] = "none"  # eval_only: the weights quantized (model/quant.py)
     eval_kv_dtype: Literal["none", "fp8"] = "none"  # eval_only: forwards through a KV cache in float8
     wandb: Literal["online", "offline", "disabled"] = "offline"
     wandb_project: str = "hertz-dev-transformer"

@@ -52,7 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-MODES = ("int8", "int4")
+from config.transformer_config import QUANTIZE_MODES as MODES  # "int8", "int4": the names every parser offers
 GROUP_SIZES = (32, 64, 128, 256)  # what tinygemm implements
 INNER_K_TILES = 8                 # tinygemm's packing, whose shapes the format keeps: in_features a multiple of 16 * 8
 TINYGEMM_MAX_ROWS = 16            # a packed int4 layer runs tinygemm up to this many rows, unpacks beyond

@@ -33,6 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from config.transformer_config import KV_DTYPE_NAMES
+
 
 class Norm(nn.Module):
     """LayerNorm with a weight and no bias."""
@@ -125,6 +127,7 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 KV_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn}  # what --kv-dtype names; auto: the weights' dtype
+assert tuple(KV_DTYPES) == KV_DTYPE_NAMES, "a KV dtype named in config/transformer_config.py without its torch dtype here"
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
 
 

@@ -885,7 +885,7 @@ def test_cli_refuses_a_corrupted_checkpoint_unless_told_not_to_verify(model, tmp
         taken.listen()
         r = run_cli("--checkpoint", str(checkpoint), "--device", "cpu", "--no-verify",
                     "--port", str(taken.getsockname()[1]), timeout=120)
-    assert "does not match the hash" not in r.stderr and "loading" in r.stderr, r.stderr[-2000:]
+    assert "does not match the hash" not in r.stderr and f"loaded {checkpoint} on cpu" in r.stderr, r.stderr[-2000:]
     assert "address already in use" in r.stderr.lower(), r.stderr[-2000:]
 
 
