@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .cuda_graphs import StepGraphs, attention_windows, use_graphs
 from .resynth import ResynthCache
 from .sampling import RowParams, SamplingParams, StepNoise, sample_latents, sample_tokens
 from .transformer import KVCache, kv_dtype_of, run_block
@@ -166,6 +167,28 @@ class Kernels:
 
 
 EAGER = Kernels()
+
+
+class Engine:
+    """What the engines (`Generator`, `LiveEngine`) are built on: the `DecodeState` of their
+    `batch_size` rows (`max_len` latents of context, default the model's; KV caches of
+    `kv_dtype`), the `keep` latents a row keeps when it slides (default 3/4 of the context), the
+    step's `Kernels` (`compile`: as `Kernels.make`, or "auto": the transformer block on CUDA) and
+    its `StepGraphs` (one CUDA graph per attention window; `cuda_graphs` default: on CUDA)."""
+
+    def __init__(self, model, batch_size: int, max_len: Optional[int], keep: Optional[int],
+                 kv_dtype: Union[str, torch.dtype, None], compile: Union[bool, str, Sequence[str]],
+                 cuda_graphs: Optional[bool]):
+        self.model = model
+        self.state = DecodeState.make(model, batch_size, max_len, kv_dtype)
+        L, device = self.state.max_len, self.state.pos.device
+        self.keep = keep or max(1, 3 * L // 4)
+        if not 0 < self.keep < L:
+            raise ValueError(f"keep must be in [1, {L - 1}], got {self.keep}")
+        if compile == "auto":  # about 15 s at start for 15% faster steps
+            compile = ("block",) if device.type == "cuda" else False
+        self.kernels = Kernels.make(compile)
+        self.graphs = StepGraphs(attention_windows(L), self.state.active, use_graphs(cuda_graphs, device))
 
 
 def draw_noise(model, state: DecodeState) -> StepNoise:

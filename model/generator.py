@@ -14,8 +14,8 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .cuda_graphs import StepGraphs, StepKey, attention_windows, use_graphs
-from .decode import DecodeState, Kernels, decode_step, prompt_prefill, slide
+from .cuda_graphs import StepKey
+from .decode import Engine, decode_step, prompt_prefill, slide
 from .sampling import SamplingParams, row_seed
 from .stream_codec import decode_frames, encode_frames
 
@@ -37,31 +37,24 @@ def row_seeds(seed: Union[int, Sequence[int]], n: int) -> list[int]:
     return [row_seed(seed, r) for r in range(n)] if isinstance(seed, int) else [int(s) for s in seed]
 
 
-class Generator:
+class Generator(Engine):
     """Completions of B prompts at once (mono or duplex), reusable across calls.
 
     On CUDA, a step (LM -> token -> resynthesizer -> latent, for all rows) is a CUDA graph per
-    attention window, captured on first use; `compile=True` also compiles the transformer block
-    with torch.compile (slower start, faster steps). `max_len`: context in latents (default: the
-    model's), `keep`: latents kept by a slide (default 3/4 of it), `kv_dtype`: of the KV caches
-    (None or "auto": the weights'; "fp8": float8, `model.transformer`).
+    attention window, captured on first use; `compile=True` (or "auto", on CUDA) also compiles the
+    transformer block with torch.compile (slower start, faster steps). `max_len`: context in
+    latents (default: the model's), `keep`: latents kept by a slide (default 3/4 of it),
+    `kv_dtype`: of the KV caches (None or "auto": the weights'; "fp8": float8, `model.transformer`).
+    The state, kernels and graphs are built by `model.decode.Engine`.
     """
 
     def __init__(self, model, batch_size: int = 1, max_len: Optional[int] = None, keep: Optional[int] = None,
-                 cuda_graphs: Optional[bool] = None, compile: Union[bool, Sequence[str]] = False,
+                 cuda_graphs: Optional[bool] = None, compile: Union[bool, str, Sequence[str]] = False,
                  kv_dtype: Union[str, torch.dtype, None] = None):
-        self.model = model
-        self.state = DecodeState.make(model, batch_size, max_len, kv_dtype)
-        L = self.state.max_len
-        self.keep = keep or max(1, 3 * L // 4)
-        if not 0 < self.keep < L:
-            raise ValueError(f"keep must be in [1, {L - 1}], got {self.keep}")
+        super().__init__(model, batch_size, max_len, keep, kv_dtype, compile, cuda_graphs)
         self.codec = model.codec
         self.x = torch.zeros(batch_size, 1, model.config.channels * model.config.latent_dim,
                              device=self.state.pos.device, dtype=self.state.hist.dtype)
-        self.kernels = Kernels.make(compile)
-        self.graphs = StepGraphs(attention_windows(L), self.state.active,
-                                 use_graphs(cuda_graphs, self.state.pos.device))
 
     def _step(self, key: StepKey) -> None:
         nxt, _ = decode_step(self.model, self.state, self.x, key.window, kernels=self.kernels, top_p=key.top_p)

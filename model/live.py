@@ -18,13 +18,13 @@ import torch
 from torch import Tensor
 
 from .codec import Codec
-from .cuda_graphs import StepGraphs, StepKey, attention_windows, use_graphs
-from .decode import DecodeState, Kernels, decode_step, draw_noise, prompt_prefill, slide
+from .cuda_graphs import StepKey
+from .decode import Engine, decode_step, draw_noise, prompt_prefill, slide
 from .sampling import SamplingParams
 from .stream_codec import StreamCodec, encode_frames
 
 
-class LiveEngine:
+class LiveEngine(Engine):
     """Full-duplex conversation for `max_sessions` sessions at once, one batch row each.
 
     Channel 0 is the user, channel 1 the model (as the original server). Each `step` takes one
@@ -62,14 +62,10 @@ class LiveEngine:
             raise ValueError("the live engine needs the model's codec")
         if encode not in ("sample", "mean"):
             raise ValueError(f"encode must be 'sample' or 'mean', got {encode!r}")
-        self.model, self.encode = model, encode
-        self.state = st = DecodeState.make(model, max_sessions, max_len, kv_dtype)
-        L = st.max_len
-        self.keep = keep or max(1, 3 * L // 4)
-        if not 0 < self.keep < L:
-            raise ValueError(f"keep must be in [1, {L - 1}], got {self.keep}")
         if model.codec.hop_length != self.chunk:
             raise ValueError(f"the codec has {model.codec.hop_length} samples per latent, expected {self.chunk}")
+        super().__init__(model, max_sessions, max_len, keep, kv_dtype, compile, cuda_graphs)
+        self.encode, st = encode, self.state
         self.codec = StreamCodec(model.codec) if codec is None else codec
         B, Z, device, dtype = max_sessions, cfg.latent_dim, st.pos.device, st.hist.dtype
         self.enc, self.dec = self.codec.init_state(B, active=st.active.view(B, 1, 1))
@@ -84,10 +80,6 @@ class LiveEngine:
         self._user_host = torch.zeros(B, self.chunk, pin_memory=pinned)
         self._active_host = torch.zeros(B, dtype=torch.bool, pin_memory=pinned)
         self._audio_host = torch.zeros(B, self.chunk, pin_memory=pinned)
-        if compile == "auto":  # the transformer block compiled on CUDA (about 15 s at start, 15% faster steps)
-            compile = ("block",) if device.type == "cuda" else False
-        self.kernels = Kernels.make(compile)
-        self.graphs = StepGraphs(attention_windows(L), st.active, use_graphs(cuda_graphs, device))
         st.active.zero_()
 
     @property
