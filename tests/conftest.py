@@ -1,6 +1,14 @@
-"""Fixtures shared by several test modules."""
-import pytest
-import torch
+"""Fixtures shared by several test modules.
+
+The suite runs in two processes (the README's `-n 2`): each, and every subprocess a test starts,
+gets one OpenMP thread unless OMP_NUM_THREADS says otherwise, so the processes do not compete for
+the cores (tiny tensors gain nothing from more threads; set before torch is imported)."""
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture
