@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import collections
 import json
+import math
 import os
 import queue
 import signal
@@ -33,12 +34,12 @@ import sys
 import tempfile
 import time
 import urllib.parse
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import numpy as np
 
-from model.protocol import (CHUNK, CHUNK_BYTES, PARAM_NAMES, PARAM_RANGES, SAMPLE_RATE, check_param, describe_range,
-                            float_to_pcm, percentiles)
+from model.protocol import (CHUNK, CHUNK_BYTES, JITTER, PARAM_NAMES, PARAM_RANGES, SAMPLE_RATE, check_param,
+                            describe_range, float_to_pcm, percentiles)
 
 # The command-line flags of each sampling parameter (the original client's names too).
 PARAM_FLAGS = {"token_temp": ("--token-temp", "--token_temp", "-t1"),
@@ -295,49 +296,132 @@ def stream_offset(time_info, field: str) -> float:
     return then - now if now > 0 and then > 0 and abs(then - now) < 1 else 0.0
 
 
-class Speaker:
-    """The output callback's side: whole replies from a bounded queue, read without blocking;
-    silence when none is there. The event loop side drops the oldest reply when it is full.
-    For each reply put with the capture time of the chunk it answers, it keeps the capture to
-    playback time: from that chunk's last sample captured to the reply's first sample played."""
+def samples_ms(n: int) -> float:
+    """n samples at 16 kHz in milliseconds."""
+    return 1000 * n / SAMPLE_RATE
 
-    def __init__(self, max_chunks: int = 8, clock: Callable[[], float] = time.perf_counter):
-        self.queue: queue.Queue = queue.Queue(maxsize=max_chunks)
+
+class Speaker:
+    """The output callback's side: the model's replies through the adaptive jitter buffer of the
+    browser page (`model.protocol.JITTER`, one policy for both clients): after silence a reply
+    starts playing `margin` after it arrived (20 ms at first); each underrun (the buffer ran dry
+    while playing) grows the margin by 20 ms, up to 250 ms, so a network that delays replies
+    unevenly costs a little latency instead of a gap every few chunks; after 5 s without an
+    underrun it shrinks by 10 ms, down to the start, dropping up to 10 ms of what the buffer held
+    beyond it. The buffer holds at most the margin plus two chunks (a burst beyond drops the
+    oldest reply: an overflow).
+
+    `put` (the event loop) hands a reply over through a bounded thread-safe queue; the callback
+    (the audio thread) takes what arrived, keeps the buffer and never blocks. Times are counted
+    in samples played. For each reply put with the capture time of the chunk it answers, it
+    keeps the capture to playback time: from that chunk's last sample captured to the reply's
+    first sample played."""
+
+    def __init__(self, jitter: Mapping[str, float] = JITTER, clock: Callable[[], float] = time.perf_counter,
+                 max_pending: int = 64):
+        def samples(ms: float) -> int:
+            return round(ms / 1000 * SAMPLE_RATE)
+        self.incoming: queue.Queue = queue.Queue(maxsize=max_pending)  # put -> callback
         self.clock = clock
-        self.current = np.zeros(0, dtype="<i2")
-        self.underruns = self.overflows = 0
+        self.buffer: collections.deque = collections.deque()  # (pcm, captured) not yet played
+        self.head = 0                # samples of buffer[0] already played
+        self.buffered = 0            # samples in the buffer from the head on
+        self.margin = self.margin_min = samples(jitter["marginStartMs"])
+        self.margin_max, self.grow, self.step = (samples(jitter[k]) for k in ("marginMaxMs", "growMs", "shrinkMs"))
+        self.shrink_after = samples(jitter["shrinkAfterMs"])
+        self.playing = False
+        self.waited = 0              # samples the reply after silence has waited to start
+        self.dry = False             # ran dry while playing, and no reply since
+        self.slack = math.inf        # the least the buffer held when a reply arrived while playing
+        self.stable = 0              # samples played since the last underrun or change of margin
+        self.max_margin = self.margin
+        self.underruns = self.trimmed = self.burst_drops = self.lost = 0
         self.c2p: list[float] = []  # seconds
 
-    def put(self, pcm: np.ndarray, captured: Optional[float] = None) -> None:  # event loop
+    @property
+    def overflows(self) -> int:
+        """Replies dropped: bursts beyond the bound, and replies the callback did not take in time."""
+        return self.burst_drops + self.lost
+
+    def put(self, pcm: np.ndarray, captured: Optional[float] = None) -> None:  # event loop: never blocks
         while True:
             try:
-                self.queue.put_nowait((pcm, captured))
+                self.incoming.put_nowait((pcm, captured))
                 return
-            except queue.Full:
+            except queue.Full:  # the audio thread is not running: keep the newest
                 try:
-                    self.queue.get_nowait()
-                    self.overflows += 1
+                    self.incoming.get_nowait()
+                    self.lost += 1
                 except queue.Empty:
                     pass
 
+    def _arrive(self, pcm: np.ndarray, captured: Optional[float]) -> None:
+        if self.playing:
+            self.slack = min(self.slack, self.buffered)
+        if self.dry:  # the reply after an underrun: a larger margin from now on
+            self.margin = min(self.margin_max, self.margin + self.grow)
+            self.max_margin = max(self.max_margin, self.margin)
+            self.dry, self.stable, self.slack = False, 0, math.inf
+        self.buffer.append((pcm, captured))
+        self.buffered += len(pcm)
+        while self.buffered > self.margin + 2 * CHUNK and len(self.buffer) > 1:  # a burst: drop the oldest
+            self.buffered -= len(self.buffer.popleft()[0]) - self.head
+            self.head = 0
+            self.burst_drops += 1
+
+    def _drop(self, n: int) -> None:
+        """Skip up to n samples from the head of the buffer."""
+        while n > 0 and self.buffer:
+            take = min(n, len(self.buffer[0][0]) - self.head)
+            self.head += take
+            self.buffered -= take
+            self.trimmed += take
+            n -= take
+            if self.head == len(self.buffer[0][0]):
+                self.buffer.popleft()
+                self.head = 0
+
     def callback(self, outdata, frames, time_info, status) -> None:  # audio thread: never blocks
         plays_at = self.clock() + stream_offset(time_info, "outputBufferDacTime")  # this block's first sample
+        while True:
+            try:
+                self._arrive(*self.incoming.get_nowait())
+            except queue.Empty:
+                break
         out = outdata[:, 0]
-        filled = 0
-        while filled < frames:
-            if len(self.current) == 0:
-                try:
-                    self.current, captured = self.queue.get_nowait()
-                except queue.Empty:
-                    out[filled:] = 0
-                    self.underruns += 1
-                    break
-                if captured is not None:
-                    self.c2p.append(plays_at + filled / SAMPLE_RATE - captured)
-            take = min(frames - filled, len(self.current))
-            out[filled:filled + take] = self.current[:take]
-            self.current = self.current[take:]
+        start = 0 if self.playing else frames  # where this block's playback starts
+        if not self.playing and self.buffered:  # a reply after silence: it waits the margin first
+            start = max(0, self.margin - self.waited)
+            self.waited += frames
+            if start < frames:
+                self.playing, self.waited = True, 0
+        out[:start] = 0
+        filled = start
+        while self.playing and filled < frames:
+            if not self.buffer:  # ran dry
+                out[filled:] = 0
+                self.playing, self.dry = False, True
+                self.underruns += 1
+                break
+            pcm, captured = self.buffer[0]
+            if self.head == 0 and captured is not None:
+                self.c2p.append(plays_at + filled / SAMPLE_RATE - captured)
+            take = min(frames - filled, len(pcm) - self.head)
+            out[filled:filled + take] = pcm[self.head:self.head + take]
+            self.head += take
+            self.buffered -= take
             filled += take
+            if self.head == len(pcm):
+                self.buffer.popleft()
+                self.head = 0
+        if self.playing:
+            self.stable += frames
+            if self.stable >= self.shrink_after:  # stable for a while: less margin, less held beyond it
+                if self.margin > self.margin_min or self.slack - self.margin > self.step:
+                    self.margin = max(self.margin_min, self.margin - self.step)
+                    self._drop(min(self.slack - self.margin, self.step))
+                    self.slack = math.inf
+                self.stable = 0
         for c in range(1, outdata.shape[1]):
             outdata[:, c] = out
 
@@ -422,7 +506,8 @@ async def live_mode(args, stop: asyncio.Event) -> int:
             rtt, c2p = latency_summary(conv.rtt[-recent:]), latency_summary(speaker.c2p[-recent:])
             log(f"round trip p50 {rtt['p50_ms']} ms, p99 {rtt['p99_ms']} ms | capture to playback p50 "
                 f"{c2p['p50_ms']} ms, p99 {c2p['p99_ms']} ms | sent {conv.sent}, received {conv.replies} "
-                f"({conv.replayed} prompt playback), dropped {conv.dropped}, speaker underruns {speaker.underruns}")
+                f"({conv.replayed} prompt playback), dropped {conv.dropped}, speaker underruns {speaker.underruns}, "
+                f"jitter margin {samples_ms(speaker.margin):.0f} ms")
 
     tasks = []
     try:
@@ -438,7 +523,9 @@ async def live_mode(args, stop: asyncio.Event) -> int:
             t.cancel()
         await conv.ws.close()
         print_summary(conv, c2p={"chunks": len(speaker.c2p), **latency_summary(speaker.c2p)},
-                      speaker_underruns=speaker.underruns, speaker_overflows=speaker.overflows, microphone_dropped=lost_mic)
+                      speaker_underruns=speaker.underruns, speaker_overflows=speaker.overflows,
+                      speaker_max_margin_ms=samples_ms(speaker.max_margin),
+                      speaker_trimmed_ms=samples_ms(speaker.trimmed), microphone_dropped=lost_mic)
     reason = close_reason(conv.ws)
     if reason:
         log(reason)

@@ -22,6 +22,14 @@ CLOSE_INTERNAL = 1011     # the engine failed for this session
 CLOSE_TRY_AGAIN = 1013    # every slot is taken: try again later
 CLOSE_IDLE = 4408         # no audio for the server's --idle-timeout seconds (as HTTP 408)
 
+# The clients' adaptive jitter buffer (the browser page's audio worklet and inference_client.py's
+# Speaker), in milliseconds: after silence a reply starts playing `margin` after it arrived
+# (marginStartMs at first); each underrun grows the margin by growMs, up to marginMaxMs; after
+# shrinkAfterMs without one it shrinks by shrinkMs, down to the start, dropping up to shrinkMs of
+# what the buffer held beyond it. The buffer holds at most the margin plus two chunks.
+JITTER: dict[str, float] = {"marginStartMs": 20, "marginMaxMs": 250, "growMs": 20, "shrinkMs": 10,
+                            "shrinkAfterMs": 5000}
+
 # Sampling parameters: name -> (low, high, low inclusive, high inclusive, what it is).
 PARAM_RANGES: dict[str, tuple[float, float, bool, bool, str]] = {
     "token_temp": (0.0, 5.0, True, True, "LM softmax temperature (0 = greedy)"),
@@ -82,11 +90,12 @@ def percentiles(values, qs=(50, 99)) -> dict:
 
 def page_constants(defaults: Mapping[str, float]) -> str:
     """The constants the browser page (web/index.html) needs, as JSON safe inside a <script>
-    element: sampleRate, chunk, textPrefix, and for each parameter its range and `defaults` value:
-    {"params": {name: {"min", "max", "minInclusive", "maxInclusive", "what", "default"}}}."""
+    element: sampleRate, chunk, textPrefix, jitter (`JITTER`), and for each parameter its range and
+    `defaults` value: {"params": {name: {"min", "max", "minInclusive", "maxInclusive", "what", "default"}}}."""
     import json
     params = {name: {"min": lo, "max": hi, "minInclusive": lo_in, "maxInclusive": hi_in, "what": what,
                      "default": float(defaults[name])}
               for name, (lo, hi, lo_in, hi_in, what) in PARAM_RANGES.items()}
-    text = json.dumps({"sampleRate": SAMPLE_RATE, "chunk": CHUNK, "textPrefix": TEXT_PREFIX, "params": params})
+    text = json.dumps({"sampleRate": SAMPLE_RATE, "chunk": CHUNK, "textPrefix": TEXT_PREFIX, "jitter": JITTER,
+                       "params": params})
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")

@@ -219,38 +219,94 @@ class Times:
 
 def test_speaker_times_capture_to_playback():
     """From a chunk's last sample captured to the first sample of its reply played: the callback's
-    clock, plus where the reply starts in the block, plus the card's output delay."""
+    clock, plus where the reply starts in the block (after the jitter margin, 20 ms = 320 samples,
+    for the first reply after silence), plus the card's output delay."""
     now = [100.0]
     sp = client.Speaker(clock=lambda: now[0])
-    sp.put(np.ones(2000, dtype="<i2"), captured=99.9)
-    sp.put(np.ones(2000, dtype="<i2"), captured=None)  # the prompt's playback: not timed
-    sp.put(np.ones(2000, dtype="<i2"), captured=100.05)
-    out = np.zeros((1000, 1), dtype=np.int16)
-    sp.callback(out, 1000, Times(5.0, 5.02), None)  # plays 20 ms after the callback
-    assert sp.c2p == [pytest.approx(0.12)]
+    sp.put(np.full(2000, 1, dtype="<i2"), captured=99.9)
+    out = np.full((1000, 1), 9, dtype=np.int16)
+    sp.callback(out, 1000, Times(5.0, 5.02), None)  # the block plays 20 ms after the callback
+    assert sp.c2p == [pytest.approx(100.0 + 0.02 + 320 / 16000 - 99.9)]
+    assert (out[:320] == 0).all() and (out[320:] == 1).all()
+    sp.put(np.full(2000, 2, dtype="<i2"), captured=None)  # the prompt's playback: not timed
     now[0] = 100.0625
     out = np.zeros((1200, 1), dtype=np.int16)
-    for _ in range(3):
+    for _ in range(2):
         sp.callback(out, 1200, None, None)  # no stream times: played from the callback on
-    # 1000 + 3 * 1200 samples played: the third reply started 600 samples into the last block
-    assert sp.c2p == [pytest.approx(0.12), pytest.approx(100.0625 + 600 / 16000 - 100.05)]
-    assert sp.underruns == 0 and (out[600:] == 1).all()
+    sp.put(np.full(2000, 3, dtype="<i2"), captured=100.05)
+    sp.callback(out, 1200, None, None)
+    # 680 + 3 * 1200 samples played: the third reply started 920 samples into the last block
+    assert sp.c2p == [pytest.approx(0.14), pytest.approx(100.0625 + 920 / 16000 - 100.05)]
+    assert (out[:920] == 2).all() and (out[920:] == 3).all()
+    assert sp.underruns == 0 and sp.overflows == 0
 
 
-def test_speaker_callback_never_blocks_and_plays_silence_when_empty():
-    sp = client.Speaker(max_chunks=2)
+def test_speaker_callback_never_blocks_plays_silence_and_bounds_its_buffer():
+    sp = client.Speaker()
     out = np.full((2000, 1), 7, dtype=np.int16)
     sp.callback(out, 2000, None, None)
-    assert not out.any() and sp.underruns == 1
-    for v in (1, 2, 3):  # the oldest is dropped when full
+    assert not out.any() and sp.underruns == 0  # silence before any reply is not an underrun
+    for v in (1, 2, 3):  # a burst: the buffer keeps the margin plus two chunks, the oldest goes
         sp.put(np.full(2000, v, dtype="<i2"))
-    assert sp.overflows == 1
     out = np.zeros((1500, 1), dtype=np.int16)
     sp.callback(out, 1500, None, None)
-    assert (out == 2).all()
-    out = np.zeros((1000, 1), dtype=np.int16)
-    sp.callback(out, 1000, None, None)
-    assert (out[:500] == 2).all() and (out[500:] == 3).all()
+    assert sp.overflows == 1 and (out[:320] == 0).all() and (out[320:] == 2).all()
+    out = np.zeros((3000, 1), dtype=np.int16)
+    sp.callback(out, 3000, None, None)
+    assert (out[:820] == 2).all() and (out[820:2820] == 3).all() and (out[2820:] == 0).all()
+    assert sp.underruns == 1  # it ran dry while playing
+    lost = client.Speaker(max_pending=2)  # the audio thread not running: put keeps the newest, never blocks
+    for v in (1, 2, 3):
+        lost.put(np.full(2000, v, dtype="<i2"))
+    assert lost.overflows == 1 and [int(pcm[0]) for pcm, _ in list(lost.incoming.queue)] == [2, 3]
+
+
+def play(sp, replies_at, blocks, block=400):
+    """Run `blocks` callbacks of `block` samples; before block i, put a 2000-sample reply for each
+    entry of replies_at equal to i. Returns the audio played (samples) and the block index of
+    every underrun."""
+    played, underruns = [], []
+    for i in range(blocks):
+        for _ in range(replies_at.count(i)):
+            sp.put(np.full(2000, 1, dtype="<i2"))
+        before = sp.underruns
+        out = np.zeros((block, 1), dtype=np.int16)
+        sp.callback(out, block, None, None)
+        played.append(out[:, 0].copy())
+        if sp.underruns > before:
+            underruns.append(i)
+    return np.concatenate(played), underruns
+
+
+def test_speaker_jitter_margin_grows_on_underruns_and_shrinks_when_stable():
+    """Replies every 125 ms (5 blocks of 25 ms): steady playback at the start margin. A reply late
+    by 75 ms makes one underrun, and the margin grows by 20 ms (320 samples); a reply 25 ms late
+    then no longer runs it dry (at the start margin it does). Many late replies stop at 250 ms.
+    After 5 s without an underrun the margin gives back 10 ms (160 samples), never below 20 ms."""
+    sp = client.Speaker()
+    steady = list(range(0, 40, 5))
+    _, underruns = play(sp, steady, 40)
+    assert underruns == [] and sp.margin == 320
+    sp = client.Speaker()  # the second reply late by 3 blocks (75 ms): the first runs out in block 5
+    played, underruns = play(sp, [0] + list(range(8, 40, 5)), 40)
+    assert underruns == [5] and sp.margin == 320 + 320 == sp.max_margin
+    assert sp.overflows == 0 and sp.trimmed == 0  # late audio is delayed, never dropped
+    assert (played[:320] == 0).all() and (played[320:2320] == 1).all()  # the first reply, after the margin
+    # with the larger margin a reply one block (25 ms) late finds audio still buffered
+    _, underruns = play(sp, [3, 8, 14, 18, 23], 25)  # blocks 43, 48, 54 (one late), 58, 63
+    assert underruns == [] and sp.margin == 640
+    _, underruns = play(client.Speaker(), [0, 5, 11, 15, 20], 25)  # the same lateness at the start margin
+    assert underruns == [10]
+    worst = client.Speaker()
+    for _ in range(30):  # a reply, then silence until it ran dry: an underrun each time
+        play(worst, [0], 20)
+    assert worst.underruns == 30 and worst.margin == 4000 == worst.max_margin  # 250 ms
+    calm = client.Speaker()
+    calm.margin = 320 + 160 * 3
+    _, underruns = play(calm, list(range(0, 1000, 5)), 1000)  # 25 s of steady replies
+    assert underruns == []
+    assert calm.margin == 320  # one step a 5 s, never below the start
+    assert calm.trimmed > 0 and calm.overflows == 0
 
 
 ASOUNDRC = """pcm.!default {

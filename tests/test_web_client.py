@@ -19,7 +19,7 @@ import soundfile as sf
 from benchmarks.browser_latency import Page, chromium_page, find_chromium
 from live_server import running_server, tiny_duplex
 from model import SamplingParams
-from model.protocol import CHUNK, PARAM_RANGES, SAMPLE_RATE
+from model.protocol import CHUNK, JITTER, PARAM_RANGES, SAMPLE_RATE
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "br0wser"
@@ -86,6 +86,7 @@ def test_browser_client_talks_both_ways(tmp_path):
     assert all(r.endswith("ms") for r in readouts)
     # The jitter buffer starts small, grows only on underruns, and stays within its bound.
     jitter = hertz["jitter"]
+    assert {k: jitter[k] for k in JITTER} == JITTER  # the server's settings, the mic client's too
     assert jitter["marginStartMs"] <= 1000 * CHUNK / SAMPLE_RATE
     assert hertz["maxMarginMs"] <= min(jitter["marginMaxMs"], jitter["marginStartMs"] + jitter["growMs"] * hertz["underruns"]) + 0.1
     assert hertz["maxBufferedMs"] <= jitter["boundMs"] + 0.1
