@@ -34,7 +34,7 @@ import warnings
 import torch
 
 from model import SamplingParams, load_hertz_dev
-from model.audio import AudioError, check_prompt, load_prompt, save_audio
+from model.audio import AudioError, check_output, check_prompt, load_prompt, save_audio
 from model.checkpoint import CheckpointError
 from model.generator import Generator
 from model.hub import VARIANTS
@@ -104,6 +104,7 @@ def main(argv=None) -> int:
         return 2
     try:  # before the weights: loading them can take minutes (or a 34 GB download)
         check_prompt(args.prompt)
+        check_output(args.out)
     except AudioError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

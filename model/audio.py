@@ -219,11 +219,31 @@ def load_prompt(path: str, channels: int, sample_rate: int = 16000, hop: int = 2
     return np.ascontiguousarray(audio[:, audio.shape[1] // hop * hop - frames * hop: audio.shape[1] // hop * hop])
 
 
-def check_prompt(path: str) -> None:
-    """Raise AudioError when a prompt file is missing ("no such file: PATH"), unreadable as audio,
-    or holds non-finite samples; scripts call it before they load any weights."""
+def check_prompt(path: str, sample_rate: int = 16000, hop: int = 2000) -> None:
+    """Raise AudioError when a prompt file is missing ("no such file: PATH"), unreadable as audio
+    (non-finite or huge samples included) or shorter than one latent frame (`load_prompt`'s
+    rules); scripts call it before they load any weights."""
     if not os.path.isfile(path):
         raise AudioError(f"no such file: {path}")
-    audio = load_audio(path, audio_info(path)[1], channels=None)  # at the file's own rate: no resampling
-    if not np.isfinite(audio).all():
-        raise AudioError(f"{path} holds non-finite samples (NaN or infinity): not a usable prompt")
+    try:
+        load_prompt(path, 1, sample_rate, hop)
+    except ValueError as e:  # shorter than one frame
+        raise AudioError(str(e)) from None
+
+
+def check_output(path: str) -> None:
+    """Raise AudioError when `save_audio` could not write `path`: an extension naming a format
+    soundfile does not write, or a folder that cannot be made; scripts call it before slow work
+    (the folder is made here)."""
+    ext = os.path.splitext(path)[1].lower() or ".wav"
+    if ext[1:].upper() not in sf.available_formats():
+        raise AudioError(f"cannot write {path}: soundfile writes no {ext} files (.wav, .flac or .ogg, for example)")
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise AudioError(f"cannot write {path}: {folder} is a file, not a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise AudioError(f"cannot write {path}: {_reason(e)}") from None
+    if not os.access(folder, os.W_OK):
+        raise AudioError(f"cannot write {path}: the folder {folder} is not writable")

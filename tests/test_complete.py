@@ -88,13 +88,14 @@ def test_bad_inputs_are_clear_errors(ckpts, tmp_path, capsys):
     ("missing.wav", [], "error: no such file: {prompt}"),
     ("nan.wav", [], "non-finite samples"),
     ("noise.wav", [], "cannot read audio file"),
+    ("short.wav", [], "{prompt} is 0.062 s long: a prompt needs at least 0.125 s"),
     ("ok.wav", ["--token-temp", "1e6"], "token_temp must be in [0, 5]"),
     ("ok.wav", ["--gaussian-temp", "inf"], "gaussian_temp must be in [0, 5]"),
     ("ok.wav", ["--top-p", "1.5"], "top_p must be in (0, 1]"),
     ("ok.wav", ["--min-p", "1"], "min_p must be in [0, 1)"),
     ("ok.wav", ["--quantize", "int3"], "argument --quantize: invalid choice: 'int3'"),
     ("ok.wav", ["--kv-dtype", "fp4"], "argument --kv-dtype: invalid choice: 'fp4'"),
-], ids=["missing", "nan", "not-audio", "token-temp", "gaussian-temp", "top-p", "min-p", "quantize", "kv-dtype"])
+], ids=["missing", "nan", "not-audio", "short", "token-temp", "gaussian-temp", "top-p", "min-p", "quantize", "kv-dtype"])
 def test_prompt_and_arguments_are_checked_before_any_weights(tmp_path, prompt, flags, message):
     """The official duplex variant, offline, with an empty weights folder: loading the weights
     would fail, so each error shows that the check came first; no output file is written."""
@@ -103,6 +104,7 @@ def test_prompt_and_arguments_are_checked_before_any_weights(tmp_path, prompt, f
     sf.write(tmp_path / "ok.wav", 0.3 * np.sin(2 * np.pi * 220 * t), sr)
     sf.write(tmp_path / "nan.wav", np.where(t < 0.5, 0.1, np.nan).astype(np.float32), sr, subtype="FLOAT")
     (tmp_path / "noise.wav").write_bytes(b"not a wav file at all" * 10)
+    sf.write(tmp_path / "short.wav", t[:1000], sr)  # less than one latent (2000 samples)
     out = tmp_path / "out.wav"
     r = run(tmp_path / prompt, out, "--variant", "duplex", "--offline", "--ckpt-dir", tmp_path / "ckpt", *flags)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
@@ -110,6 +112,21 @@ def test_prompt_and_arguments_are_checked_before_any_weights(tmp_path, prompt, f
     assert len(errors) == 1 and message.format(prompt=tmp_path / prompt) in errors[0], r.stderr
     assert "System error" not in r.stderr and "loaded" not in r.stderr
     assert not out.exists() and not list(tmp_path.glob("*out*"))
+
+
+@pytest.mark.parametrize("out, message", [
+    ("out.mp4", "cannot write {out}: soundfile writes no .mp4 files"),
+    ("ok.wav/out.wav", "cannot write {out}: {tmp}/ok.wav is a file, not a folder"),
+], ids=["format", "folder-is-a-file"])
+def test_an_output_that_cannot_be_written_is_an_error_before_any_weights(tmp_path, out, message):
+    """As above: the output path is checked before the weights (which are missing) would load,
+    not after the completion was generated."""
+    sr = 16000
+    sf.write(tmp_path / "ok.wav", 0.3 * np.sin(2 * np.pi * 220 * np.arange(sr) / sr), sr)
+    r = run(tmp_path / "ok.wav", tmp_path / out, "--variant", "duplex", "--offline", "--ckpt-dir", tmp_path / "ckpt")
+    errors = [line for line in r.stderr.splitlines() if "error: " in line]
+    assert r.returncode == 2 and len(errors) == 1, r.stderr
+    assert message.format(out=tmp_path / out, tmp=tmp_path) in errors[0], r.stderr
 
 
 @pytest.mark.slow

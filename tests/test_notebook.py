@@ -94,9 +94,10 @@ def test_notebook_with_int8_weights_and_fp8_cache(tmp_path):
     ({"TOP_P": 0.0}, "top_p must be in (0, 1]"),
     ({"SECONDS": -1}, "SECONDS must be > 0"),
     ({"ADAPTER": "MISSING"}, "no such file: MISSING"),
-    ({"QUANTIZE": "int3"}, "QUANTIZE must be None, 'int8' or 'int4', got 'int3'"),
-    ({"KV_DTYPE": "fp4"}, "KV_DTYPE must be 'auto' or 'fp8', got 'fp4'"),
-], ids=["missing", "nan", "token-temp", "top-p", "seconds", "adapter", "quantize", "kv-dtype"])
+    ({"QUANTIZE": "int3"}, "QUANTIZE must be None or one of ('int8', 'int4'), got 'int3'"),
+    ({"KV_DTYPE": "fp4"}, "KV_DTYPE must be one of ('auto', 'fp8'), got 'fp4'"),
+    ({"OUT": "out.mp4"}, "soundfile writes no .mp4 files"),
+], ids=["missing", "nan", "token-temp", "top-p", "seconds", "adapter", "quantize", "kv-dtype", "output"])
 def test_bad_parameters_stop_before_the_weights_load(tmp_path, params, message):
     """VARIANT names a checkpoint that does not exist: loading would fail on it, so the error
     about the parameter shows that the check came first."""
