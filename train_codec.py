@@ -57,9 +57,9 @@ from model.loading import load_codec, write_codec
 from model.parallel import average_gradients, broadcast_parameters, gradient_sync
 from model.plots import plot_metrics, save_mel_figure
 from model.training import (Checkpoints, Deadline, Dist, Logger, all_reduce_mean, autocast, before_step,
-                            check_architecture, check_finite_step, check_resumable, cosine_lr, move_aside, rng_state,
-                            run_script, seed_everything, set_rng_state, setup_distributed, state_to_load,
-                            teardown_distributed, unwrap, window_peak_gb)
+                            check_architecture, check_finite_step, check_folders, check_resumable, cosine_lr,
+                            move_aside, rng_state, run_script, seed_everything, set_rng_state, setup_distributed,
+                            state_to_load, teardown_distributed, unwrap, window_peak_gb)
 
 
 def main(argv=None) -> dict:
@@ -396,7 +396,9 @@ def save(step: int, metric: float | None, checkpoints: Checkpoints, generator: n
         export=lambda tmp: write_codec(tmp, unwrap(generator), extra))
 
 def check_config(cfg: CodecConfig) -> None:
-    """Mistakes found from the config alone and the installed packages, before anything slow."""
+    """Mistakes found from the config alone, the file system and the installed packages, before
+    anything slow."""
+    check_folders(cfg, "checkpoint_dir")
     if cfg.val_mos:
         missing = [m for m in ("speechmos", "onnxruntime", "librosa") if importlib.util.find_spec(m) is None]
         if missing:

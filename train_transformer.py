@@ -53,8 +53,9 @@ from model.parallel import (compile_blocks, full_state_dicts, gradient_sync, inn
                             parallelize, rank0_first)
 from model.quant import quantize_model
 from model.training import (Checkpoints, ConfigMismatch, Deadline, Dist, Logger, all_reduce_mean, autocast, before_step,
-                            check_architecture, check_finite_step, check_resumable, cosine_lr, move_aside,
-                            run_script, setup_distributed, state_to_load, teardown_distributed, window_peak_gb)
+                            check_architecture, check_finite_step, check_folders, check_resumable, cosine_lr,
+                            move_aside, run_script, setup_distributed, state_to_load, teardown_distributed,
+                            window_peak_gb)
 
 PARTS = ("quantizer", "lm", "resynth")
 # FSDP2 warns about every module output that is a view; none of ours is modified in place.
@@ -440,6 +441,7 @@ def export_state(saved: dict, tmp: str) -> None:
 
 def check_config(cfg: TransformerConfig) -> None:
     """Mistakes found from the config alone and the file system, before anything slow."""
+    check_folders(cfg, "checkpoint_dir", "latents_dir", "ckpt_dir")
     if cfg.plex_roll != 1:
         raise ConfigError("training assumes plex_roll=1 (the official value): position t predicts latent t+1 "
                           "given the code of latent t+1")

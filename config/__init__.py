@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -29,6 +30,14 @@ class ConfigMismatch(ConfigError):
 
 # Metadata of a free-form string field with a checked shape: (regular expression, what it means).
 DEVICE = {"pattern": (r"cpu|mps|cuda(:\d+)?", "cpu, cuda, cuda:N or mps")}
+
+# Metadata of a number field (or of each number of a tuple field) with a range, checked on
+# overrides (`apply_overrides`) with the field named in the error; combined with the marks below,
+# e.g. `field(default=32, metadata={**RESUME, **COUNT})`. Floats must be finite as well.
+COUNT = {"min": 1}                   # sizes, steps between events, widths: >= 1
+NON_NEGATIVE = {"min": 0}            # loss weights, learning rates, limits where 0 means "none"
+POSITIVE = {"above": 0}              # lengths in seconds, scales: > 0
+FRACTION = {"min": 0, "below": 1}    # Adam's betas, dropout: in [0, 1)
 
 
 def _type_name(tp) -> str:
@@ -141,7 +150,22 @@ def apply_overrides(cfg, overrides: Mapping[str, Any]):
         pattern, means = fields[key].metadata.get("pattern", (None, None))
         if pattern and not re.fullmatch(pattern, changes[key]):
             raise ConfigError(f"{key}: expected {means}; got {changes[key]!r}")
+        _check_range(key, changes[key], fields[key].metadata)
     return dataclasses.replace(cfg, **changes)
+
+
+def _check_range(key: str, value: Any, metadata: Mapping[str, Any]) -> None:
+    """ConfigError naming `key` when `value` (or an item of it) is outside the field's range."""
+    bounds = [(m, metadata[m]) for m in ("min", "above", "below") if m in metadata]
+    if not bounds or value is None:
+        return
+    says = {"min": ">=", "above": ">", "below": "<"}
+    expected = " and ".join(f"{says[m]} {b}" for m, b in bounds)
+    for v in value if isinstance(value, tuple) else (value,):
+        ok = math.isfinite(v) and all(v >= b if m == "min" else v > b if m == "above" else v < b for m, b in bounds)
+        if not ok:
+            what = "each item" if isinstance(value, tuple) else "a number" if math.isfinite(v) else "a finite number"
+            raise ConfigError(f"{key}: expected {what} {expected}, got {value!r}")
 
 
 def from_dict(cls, data: Mapping[str, Any], strict: bool = True):

@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from config import DEVICE
+from config import COUNT, DEVICE, FRACTION, NON_NEGATIVE, POSITIVE
 
 # Marks on the fields (`fields_marked`, `config_diff` in config/__init__.py):
 ARCH = {"arch": True}          # the codec network: a checkpoint that differs cannot be loaded into it
@@ -27,71 +27,83 @@ SCHEDULE = {"schedule": True}  # may change on resume, with a note
 @dataclass(frozen=True)
 class CodecConfig:
     # --- architecture -------------------------------------------------------------------------
-    input_channels: int = field(default=1, metadata=ARCH)
-    output_channels: int = field(default=1, metadata=ARCH)
-    encode_channels: int = field(default=16, metadata=ARCH)             # encoder width at the waveform end
-    decode_channel_multiplier: int = field(default=4, metadata=ARCH)    # decoder is this much wider
-    kernel_size: int = field(default=7, metadata=ARCH)
+    input_channels: int = field(default=1, metadata={**ARCH, **COUNT})
+    output_channels: int = field(default=1, metadata={**ARCH, **COUNT})
+    encode_channels: int = field(default=16, metadata={**ARCH, **COUNT})  # encoder width at the waveform end
+    decode_channel_multiplier: int = field(default=4, metadata={**ARCH, **COUNT})  # decoder is this much wider
+    kernel_size: int = field(default=7, metadata={**ARCH, **COUNT})
     bias: bool = field(default=True, metadata=ARCH)
-    channel_ratios: tuple[int, ...] = field(default=(4, 8, 16, 16, 16, 16), metadata=ARCH)
-    strides: tuple[int, ...] = field(default=(2, 2, 4, 5, 5, 5), metadata=ARCH)  # product 2000: 8 latents/s
-    latent_dim: int = field(default=32, metadata=ARCH)
-    norm_stddev: float = field(default=0.05, metadata=ARCH)             # audio is divided by this first
+    channel_ratios: tuple[int, ...] = field(default=(4, 8, 16, 16, 16, 16), metadata={**ARCH, **COUNT})
+    # product 2000: 8 latents/s
+    strides: tuple[int, ...] = field(default=(2, 2, 4, 5, 5, 5), metadata={**ARCH, **COUNT})
+    latent_dim: int = field(default=32, metadata={**ARCH, **COUNT})
+    norm_stddev: float = field(default=0.05, metadata={**ARCH, **POSITIVE})  # audio is divided by this first
     weight_norm: bool = field(default=True, metadata=ARCH)
-    sample_rate: int = field(default=16000, metadata=ARCH)
+    sample_rate: int = field(default=16000, metadata={**ARCH, **COUNT})
 
     # --- data ---------------------------------------------------------------------------------
     train_data_path: str = "data/demo/train"   # a folder of audio files, or a .jsonl manifest of them
     val_data_path: str = "data/demo/val"
-    segment_seconds: float = field(default=6.0, metadata=RESUME)        # random crops to train, fixed for val
-    val_segment_seconds: float = 0.0            # validation crops, if not segment_seconds (0): comparable figures
-    num_workers: int = 2
-    preload_max_gb: float = 4.0                 # decode a corpus into RAM (float32) up to this size; 0: stream
-    val_crops: int = 128                        # at most this many validation crops (STOI runs on CPU)
+    segment_seconds: float = field(default=6.0, metadata={**RESUME, **POSITIVE})  # random crops to train, fixed for val
+    # validation crops, if not segment_seconds (0): comparable figures
+    val_segment_seconds: float = field(default=0.0, metadata=NON_NEGATIVE)
+    num_workers: int = field(default=2, metadata=NON_NEGATIVE)
+    # decode a corpus into RAM (float32) up to this size; 0: stream
+    preload_max_gb: float = field(default=4.0, metadata=NON_NEGATIVE)
+    val_crops: int = field(default=128, metadata=COUNT)  # at most this many validation crops (STOI runs on CPU)
     val_mos: bool = False                       # DNSMOS column too (pip install speechmos onnxruntime librosa)
 
     # --- recipe: losses and their weights (total = sum of weight * loss) ----------------------
-    mel_weight: float = 15.0
-    kl_weight: float = 1e-4                     # KL per latent (summed over its 32 dims)
-    adv_weight: float = 1.0
-    feature_weight: float = 2.0
+    mel_weight: float = field(default=15.0, metadata=NON_NEGATIVE)
+    kl_weight: float = field(default=1e-4, metadata=NON_NEGATIVE)  # KL per latent (summed over its 32 dims)
+    adv_weight: float = field(default=1.0, metadata=NON_NEGATIVE)
+    feature_weight: float = field(default=2.0, metadata=NON_NEGATIVE)
     gan_loss: Literal["lsgan", "hinge"] = "lsgan"      # least-squares (HiFi-GAN, DAC) or hinge (MelGAN)
-    mel_windows: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048)   # hop = window / 4
-    mel_bins: tuple[int, ...] = (5, 10, 20, 40, 80, 160, 320)            # one per window
+    # hop = window / 4
+    mel_windows: tuple[int, ...] = field(default=(32, 64, 128, 256, 512, 1024, 2048), metadata=COUNT)
+    mel_bins: tuple[int, ...] = field(default=(5, 10, 20, 40, 80, 160, 320), metadata=COUNT)  # one per window
     # phase-aware terms, off by default (DAC has none; EnCodec has a waveform L1): the mel loss is
     # blind to phase, these are not (SI-SDR); 0 leaves the term out of the loss and the logs
-    wave_weight: float = 0.0                    # waveform L1 over real samples
-    stft_weight: float = 0.0                    # complex-STFT L1, relative to the reference's magnitude
-    stft_windows: tuple[int, ...] = (128, 512, 2048)                     # its STFT windows, hop = window / 4
+    wave_weight: float = field(default=0.0, metadata=NON_NEGATIVE)  # waveform L1 over real samples
+    # complex-STFT L1, relative to the reference's magnitude
+    stft_weight: float = field(default=0.0, metadata=NON_NEGATIVE)
+    # its STFT windows, hop = window / 4
+    stft_windows: tuple[int, ...] = field(default=(128, 512, 2048), metadata=COUNT)
 
     # --- discriminators -------------------------------------------------------------------------
-    mpd_periods: tuple[int, ...] = field(default=(2, 3, 5, 7, 11), metadata=DISC)   # HiFi-GAN multi-period
-    mpd_channels: tuple[int, ...] = field(default=(32, 128, 512, 1024, 1024), metadata=DISC)
-    mrd_windows: tuple[int, ...] = field(default=(2048, 1024, 512), metadata=DISC)  # DAC multi-res. complex STFT
-    mrd_channels: int = field(default=32, metadata=DISC)
-    disc_start_step: int = field(default=0, metadata=SCHEDULE)          # adversarial losses and D updates from here
-    disc_learning_rate: float = field(default=1e-4, metadata=SCHEDULE)  # follows the generator's schedule, scaled
-    disc_grad_clip: float = 10.0
+    mpd_periods: tuple[int, ...] = field(default=(2, 3, 5, 7, 11), metadata={**DISC, **COUNT})  # HiFi-GAN multi-period
+    mpd_channels: tuple[int, ...] = field(default=(32, 128, 512, 1024, 1024), metadata={**DISC, **COUNT})
+    # DAC multi-res. complex STFT
+    mrd_windows: tuple[int, ...] = field(default=(2048, 1024, 512), metadata={**DISC, **COUNT})
+    mrd_channels: int = field(default=32, metadata={**DISC, **COUNT})
+    # adversarial losses and D updates from here
+    disc_start_step: int = field(default=0, metadata={**SCHEDULE, **NON_NEGATIVE})
+    # follows the generator's schedule, scaled
+    disc_learning_rate: float = field(default=1e-4, metadata={**SCHEDULE, **NON_NEGATIVE})
+    disc_grad_clip: float = field(default=10.0, metadata=NON_NEGATIVE)
 
     # --- optimisation -------------------------------------------------------------------------
-    batch_size: int = field(default=32, metadata=RESUME)
-    grad_accum_steps: int = field(default=1, metadata=RESUME)
-    learning_rate: float = field(default=1e-4, metadata=SCHEDULE)
-    min_lr: float = field(default=1e-5, metadata=SCHEDULE)
-    warmup_steps: int = field(default=1000, metadata=SCHEDULE)
-    max_steps: int = field(default=100_000, metadata=SCHEDULE)
-    weight_decay: float = 0.01
-    beta1: float = 0.8
-    beta2: float = 0.99
-    grad_clip: float = 1.0
+    batch_size: int = field(default=32, metadata={**RESUME, **COUNT})
+    grad_accum_steps: int = field(default=1, metadata={**RESUME, **COUNT})
+    learning_rate: float = field(default=1e-4, metadata={**SCHEDULE, **NON_NEGATIVE})
+    min_lr: float = field(default=1e-5, metadata={**SCHEDULE, **NON_NEGATIVE})
+    warmup_steps: int = field(default=1000, metadata={**SCHEDULE, **NON_NEGATIVE})
+    max_steps: int = field(default=100_000, metadata={**SCHEDULE, **NON_NEGATIVE})
+    weight_decay: float = field(default=0.01, metadata=NON_NEGATIVE)
+    beta1: float = field(default=0.8, metadata=FRACTION)
+    beta2: float = field(default=0.99, metadata=FRACTION)
+    grad_clip: float = field(default=1.0, metadata=NON_NEGATIVE)
 
     # --- run ----------------------------------------------------------------------------------
-    log_interval: int = 50
-    eval_interval: int = 1000
-    save_interval: int = 1000                   # also saved after every evaluation and at the end
-    keep_checkpoints: int = 3                   # step_*.pt files kept (latest and best always kept)
-    max_minutes: float = 0.0                    # stop (eval + save) at a log step past this wall time; 0: never
-    num_audio_samples: int = 3                  # input/reconstruction pairs logged at each evaluation
+    log_interval: int = field(default=50, metadata=COUNT)
+    eval_interval: int = field(default=1000, metadata=COUNT)
+    save_interval: int = field(default=1000, metadata=COUNT)  # also saved after every evaluation and at the end
+    # step_*.pt files kept (latest and best always kept)
+    keep_checkpoints: int = field(default=3, metadata=NON_NEGATIVE)
+    # stop (eval + save) at a log step past this wall time; 0: never
+    max_minutes: float = field(default=0.0, metadata=NON_NEGATIVE)
+    # input/reconstruction pairs logged at each evaluation
+    num_audio_samples: int = field(default=3, metadata=NON_NEGATIVE)
     checkpoint_dir: str = "checkpoints/codec"   # the run folder: checkpoints, metrics, plots, samples
     device: str = field(default="cuda", metadata=DEVICE)
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"

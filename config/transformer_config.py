@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional, get_args
 
-from config import DEVICE
+from config import COUNT, DEVICE, FRACTION, NON_NEGATIVE, POSITIVE
 
 # What a user can name on the command line and in configs, kept here (no torch) so every parser
 # offers the same choices: the weight-only quantization modes (`model/quant.py`) and the KV
@@ -30,70 +30,73 @@ RESUME = {"resume": True}      # what is trained: a resumed run must agree (as o
 @dataclass(frozen=True)
 class TransformerConfig:
     # --- shared -------------------------------------------------------------------------------
-    latent_dim: int = field(default=32, metadata=ARCH)                # per channel; duplex inputs are 2 * latent_dim
+    latent_dim: int = field(default=32, metadata={**ARCH, **COUNT})   # per channel; duplex inputs are 2 * latent_dim
     duplex: bool = field(default=True, metadata=ARCH)                 # two channels, one speaker each
-    seq_len: int = 2048                         # context in latents (8 per second)
-    theta: float = field(default=10_000.0, metadata=ARCH)             # rotary base
-    eps: float = field(default=1e-5, metadata=ARCH)                   # LayerNorm eps
+    seq_len: int = field(default=2048, metadata=COUNT)  # context in latents (8 per second)
+    theta: float = field(default=10_000.0, metadata={**ARCH, **POSITIVE})  # rotary base
+    eps: float = field(default=1e-5, metadata={**ARCH, **POSITIVE})   # LayerNorm eps
 
     # --- latent quantizer: Linear -> SwiGLU FFN -> FSQ ----------------------------------------
-    fsq_levels: tuple[int, ...] = field(default=(8, 8, 8, 8, 8), metadata=ARCH)  # 8**5 = 32768 codes (15 bits)
-    quantizer_dim: int = field(default=2048, metadata=ARCH)
-    quantizer_ff_dim: int = field(default=8192, metadata=ARCH)
+    # 8**5 = 32768 codes (15 bits)
+    fsq_levels: tuple[int, ...] = field(default=(8, 8, 8, 8, 8), metadata={**ARCH, **COUNT})
+    quantizer_dim: int = field(default=2048, metadata={**ARCH, **COUNT})
+    quantizer_ff_dim: int = field(default=8192, metadata={**ARCH, **COUNT})
 
     # --- latent LM: predicts the FSQ index of the next latent ---------------------------------
-    lm_dim: int = field(default=4096, metadata=ARCH)
-    lm_layers: int = field(default=32, metadata=ARCH)
-    lm_heads: int = field(default=32, metadata=ARCH)
-    lm_kv_heads: Optional[int] = field(default=None, metadata=ARCH)   # None: as many as lm_heads
-    lm_ff_dim: Optional[int] = field(default=None, metadata=ARCH)     # None: 256 * ceil(int(8 * dim / 3) / 256)
+    lm_dim: int = field(default=4096, metadata={**ARCH, **COUNT})
+    lm_layers: int = field(default=32, metadata={**ARCH, **COUNT})
+    lm_heads: int = field(default=32, metadata={**ARCH, **COUNT})
+    lm_kv_heads: Optional[int] = field(default=None, metadata={**ARCH, **COUNT})  # None: as many as lm_heads
+    # None: 256 * ceil(int(8 * dim / 3) / 256)
+    lm_ff_dim: Optional[int] = field(default=None, metadata={**ARCH, **COUNT})
 
     # --- resynthesizer: next continuous latent, Gaussian mixture, code injected mid-stack ------
-    resynth_dim: int = field(default=4096, metadata=ARCH)
-    resynth_layers: int = field(default=8, metadata=ARCH)
-    resynth_heads: int = field(default=16, metadata=ARCH)
-    resynth_kv_heads: Optional[int] = field(default=16, metadata=ARCH)
-    resynth_ff_dim: Optional[int] = field(default=11008, metadata=ARCH)
-    num_components: int = field(default=8, metadata=ARCH)
-    plex_roll: int = field(default=1, metadata=ARCH)                  # the code injected at t is that of latent t+1
+    resynth_dim: int = field(default=4096, metadata={**ARCH, **COUNT})
+    resynth_layers: int = field(default=8, metadata={**ARCH, **COUNT})
+    resynth_heads: int = field(default=16, metadata={**ARCH, **COUNT})
+    resynth_kv_heads: Optional[int] = field(default=16, metadata={**ARCH, **COUNT})
+    resynth_ff_dim: Optional[int] = field(default=11008, metadata={**ARCH, **COUNT})
+    num_components: int = field(default=8, metadata={**ARCH, **COUNT})
+    plex_roll: int = field(default=1, metadata={**ARCH, **NON_NEGATIVE})  # the code injected at t is that of latent t+1
 
     # --- data ---------------------------------------------------------------------------------
     train_data_path: str = "data/demo/train"   # a folder of audio files, or a .jsonl manifest of them
     val_data_path: str = "data/demo/val"
-    sample_rate: int = 16000
+    sample_rate: int = field(default=16000, metadata=COUNT)
     codec_checkpoint: str = "official"          # "official" or a path to one of our codecs
     latents_dir: str = "data/latents"           # encoded corpora (mu, logvar), one folder per codec
     mono_to_stereo: Literal["silence", "duplicate"] = "silence"   # duplex: a one-channel file's 2nd speaker
     model_channel: Literal[0, 1] = 1            # duplex: the stereo files' channel whose speaker the model is
                                                 # to be (0 swaps the channels: moshi-finetune has it on the left)
-    num_workers: int = 2                        # DataLoader workers (audio decoding, latent crops)
-    val_crops: int = 256                        # validation sequences at most (fixed crops)
-    val_crops_per_file: int = 4
+    num_workers: int = field(default=2, metadata=NON_NEGATIVE)  # DataLoader workers (audio decoding, latent crops)
+    val_crops: int = field(default=256, metadata=COUNT)  # validation sequences at most (fixed crops)
+    val_crops_per_file: int = field(default=4, metadata=COUNT)
     ckpt_dir: str = "ckpt"                      # where official weights are looked up / downloaded
 
     # --- optimisation -------------------------------------------------------------------------
     # what is trained (see README); model/objectives.py STAGES says which parts each trains
     stage: Literal["quantizer", "resynthesizer", "lm", "all"] = field(default="all", metadata=RESUME)
-    lm_loss_weight: float = 1.0                 # total = sum(weight[k] * loss[k])
-    resynth_loss_weight: float = 1.0
-    batch_size: int = 8
-    grad_accum_steps: int = 1
-    learning_rate: float = 3e-4
-    min_lr: float = 3e-5
-    warmup_steps: int = 1000
-    max_steps: int = 100_000
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
+    lm_loss_weight: float = field(default=1.0, metadata=NON_NEGATIVE)  # total = sum(weight[k] * loss[k])
+    resynth_loss_weight: float = field(default=1.0, metadata=NON_NEGATIVE)
+    batch_size: int = field(default=8, metadata=COUNT)
+    grad_accum_steps: int = field(default=1, metadata=COUNT)
+    learning_rate: float = field(default=3e-4, metadata=NON_NEGATIVE)
+    min_lr: float = field(default=3e-5, metadata=NON_NEGATIVE)
+    warmup_steps: int = field(default=1000, metadata=NON_NEGATIVE)
+    max_steps: int = field(default=100_000, metadata=NON_NEGATIVE)
+    weight_decay: float = field(default=0.1, metadata=NON_NEGATIVE)
+    beta1: float = field(default=0.9, metadata=FRACTION)
+    beta2: float = field(default=0.95, metadata=FRACTION)
+    grad_clip: float = field(default=1.0, metadata=NON_NEGATIVE)
 
     # --- fine-tuning (README "Fine-tuning the official model"; model/finetune.py) ---------------
     # "lora": low-rank adapters on the frozen init_from base (stage=lm the LM, stage=resynthesizer the
     # resynthesizer, stage=all both; the quantizer stays frozen); "full": every weight of the stage
     finetune: Literal["full", "lora"] = field(default="full", metadata=RESUME)
-    lora_rank: int = field(default=128, metadata=RESUME)
-    lora_alpha: float = field(default=256.0, metadata=RESUME)    # the update is scaled by alpha / rank
-    lora_dropout: float = 0.0                   # a training setting, as learning_rate: may change on resume
+    lora_rank: int = field(default=128, metadata={**RESUME, **COUNT})
+    lora_alpha: float = field(default=256.0, metadata={**RESUME, **POSITIVE})  # the update is scaled by alpha / rank
+    # a training setting, as learning_rate: may change on resume
+    lora_dropout: float = field(default=0.0, metadata=FRACTION)
     lora_targets: Literal["attention", "feedforward", "both", "all"] = field(default="both", metadata=RESUME)
     base_quantize: Optional[Literal["int8"]] = field(default=None, metadata=RESUME)  # the frozen base in int8
 
@@ -102,14 +105,15 @@ class TransformerConfig:
     activation_checkpointing: bool = True       # recompute each block in backward
 
     # --- run ----------------------------------------------------------------------------------
-    log_interval: int = 50
-    eval_interval: int = 1000
-    save_interval: int = 1000
+    log_interval: int = field(default=50, metadata=COUNT)
+    eval_interval: int = field(default=1000, metadata=COUNT)
+    save_interval: int = field(default=1000, metadata=COUNT)
     checkpoint_dir: str = "checkpoints/transformer"
-    keep_checkpoints: int = 3                   # step_*.pt files kept (plus latest and best)
-    max_minutes: float = 0.0                    # > 0: eval, save and stop at a log step past this wall time
-    sample_seconds: float = 5.0                 # audio completion generated at each evaluation
-    peak_tflops: float = 0.0                    # per GPU, for MFU; 0: known GPUs (H100/H200 989)
+    keep_checkpoints: int = field(default=3, metadata=NON_NEGATIVE)  # step_*.pt files kept (plus latest and best)
+    # > 0: eval, save and stop at a log step past this wall time
+    max_minutes: float = field(default=0.0, metadata=NON_NEGATIVE)
+    sample_seconds: float = field(default=5.0, metadata=NON_NEGATIVE)  # audio completion generated at each evaluation
+    peak_tflops: float = field(default=0.0, metadata=NON_NEGATIVE)  # per GPU, for MFU; 0: known GPUs (H100/H200 989)
     device: str = field(default="cuda", metadata=DEVICE)
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     compile: bool = True                        # torch.compile each transformer block and the losses

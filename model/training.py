@@ -192,6 +192,15 @@ def check_finite_step(step: int, loss: torch.Tensor, grad_norm: torch.Tensor,
 
 # --- checkpoints ----------------------------------------------------------------------------
 
+def check_folders(cfg, *keys: str) -> None:
+    """ConfigError naming the key when one of these config paths is a file where the run will make
+    or read a folder (found before anything slow, not when the first checkpoint is written)."""
+    for key in keys:
+        path = getattr(cfg, key)
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ConfigError(f"{key}={path!r} is a file, not a folder")
+
+
 def check_resumable(saved: dict, cfg, fields: Iterable[str]) -> None:
     """Raise ConfigMismatch naming each of `fields` that differs between the checkpoint's config
     and this run's (`fields_marked(type(cfg), "arch", "resume")` and the like)."""

@@ -121,6 +121,51 @@ def test_device_is_checked_for_its_shape(presets):
         assert str(e.value) == f"device: expected cpu, cuda, cuda:N or mps; got {device!r}"
 
 
+RANGES = [(CODEC_PRESETS, "batch_size=0", "batch_size: expected a number >= 1, got 0"),
+          (CODEC_PRESETS, "segment_seconds=0", "segment_seconds: expected a number > 0, got 0.0"),
+          (CODEC_PRESETS, "learning_rate=-1e-4", "learning_rate: expected a number >= 0, got -0.0001"),
+          (CODEC_PRESETS, "kl_weight=1e999", "kl_weight: expected a finite number >= 0, got inf"),
+          (CODEC_PRESETS, "strides=(2,0,5)", "strides: expected each item >= 1, got (2, 0, 5)"),
+          (CODEC_PRESETS, "beta2=1", "beta2: expected a number >= 0 and < 1, got 1.0"),
+          (TRANSFORMER_PRESETS, "lm_heads=0", "lm_heads: expected a number >= 1, got 0"),
+          (TRANSFORMER_PRESETS, "lm_kv_heads=-2", "lm_kv_heads: expected a number >= 1, got -2"),
+          (TRANSFORMER_PRESETS, "lora_dropout=1.5", "lora_dropout: expected a number >= 0 and < 1, got 1.5"),
+          (TRANSFORMER_PRESETS, "eval_interval=0", "eval_interval: expected a number >= 1, got 0")]
+
+
+@pytest.mark.parametrize("presets,arg,message", RANGES)
+def test_values_outside_a_fields_range_are_refused_naming_the_field(presets, arg, message):
+    with pytest.raises(ConfigError) as e:
+        parse_args([arg], presets)
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize("presets", [CODEC_PRESETS, TRANSFORMER_PRESETS])
+def test_every_preset_value_is_inside_its_range_and_the_bounds_are_accepted(presets):
+    """Each preset's own values pass its fields' ranges (overriding a field with its preset value
+    is never refused), and so do the bounds themselves: 0 where 0 is allowed, None for optional
+    sizes."""
+    for name, cfg in presets.items():
+        ranged = [f for f in dataclasses.fields(cfg) if {"min", "above", "below"} & set(f.metadata)]
+        assert len(ranged) > 20
+        assert apply_overrides(cfg, {f.name: getattr(cfg, f.name) for f in ranged}) == cfg, name
+    cfg = next(iter(presets.values()))
+    assert apply_overrides(cfg, {"max_steps": 0, "grad_clip": 0.0, "beta1": 0.0}).max_steps == 0
+    if "lm_kv_heads" in {f.name for f in dataclasses.fields(cfg)}:
+        assert apply_overrides(cfg, {"lm_kv_heads": None}).lm_kv_heads is None
+
+
+@pytest.mark.parametrize("script, key", [("train_codec.py", "checkpoint_dir"),
+                                         ("train_transformer.py", "latents_dir")])
+def test_a_file_where_a_run_folder_goes_is_one_error_line_before_anything_slow(tmp_path, script, key):
+    (tmp_path / "taken").write_text("not a folder")
+    out = subprocess.run([sys.executable, str(ROOT / script), "--config", "tiny", f"{key}={tmp_path / 'taken'}",
+                          f"train_data_path={tmp_path / 'no-corpus'}"], capture_output=True, text=True,
+                         cwd=str(tmp_path), timeout=300)
+    assert out.returncode != 0 and out.stdout == ""
+    assert out.stderr == f"error: {key}={str(tmp_path / 'taken')!r} is a file, not a folder\n"
+
+
 def test_stages_are_the_stage_choices():
     from model.objectives import STAGE_LOSSES, STAGES
     choices = typing.get_args(typing.get_type_hints(TransformerConfig)["stage"])

@@ -125,7 +125,7 @@ def test_lora_on_an_int8_base_runs(setup, base):
     ({"finetune": "lora"}, "finetune=lora adapts a trained base: pass init_from=official"),
     ({"finetune": "lora", "init_from": "BASE", "stage": "quantizer"}, "the quantizer stays frozen"),
     ({"base_quantize": "int8"}, "pass finetune=lora too"),
-    ({"finetune": "lora", "init_from": "BASE", "lora_rank": 0}, "lora rank must be a positive integer"),
+    ({"finetune": "lora", "init_from": "BASE", "lora_rank": 0}, "lora_rank: expected a number >= 1, got 0"),
 ], ids=["no-init-from", "quantizer-stage", "quantize-without-lora", "rank"])
 def test_lora_config_errors_are_one_line(setup, base, tmp_path, mistake, message):
     args = base_args(setup, tmp_path / "run", latents_dir=tmp_path / "latents",
