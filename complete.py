@@ -26,6 +26,7 @@ Sampling defaults are the original's `temps=(0.8, (0.5, 0.1))`: token temperatur
 temperature 0.5, Gaussian temperature 0.1; no top-p (1.0) and no min-p (0.0).
 """
 import argparse
+import math
 import os
 import sys
 import time
@@ -79,8 +80,8 @@ def parse_args(argv=None):
     ap.add_argument("--no-verify", action="store_true",
                     help="skip the content-hash check of our .safetensors files (a changed file is an error by default)")
     args = ap.parse_args(argv)
-    if args.seconds <= 0 or args.num < 1:
-        ap.error("--seconds must be > 0 and --num >= 1")
+    if not (0 < args.seconds < math.inf) or args.num < 1:  # also refuses NaN
+        ap.error("--seconds must be a finite number > 0 and --num >= 1")
     try:
         args.params = SamplingParams(args.token_temp, args.top_p, args.min_p, args.mixture_temp,
                                      args.gaussian_temp).validate()

@@ -1114,6 +1114,10 @@ def parse_args(argv=None):
         ap.error(f"--max-sessions must be auto or an integer >= 1, got {args.max_sessions!r}")
     if args.queue_chunks < 1:
         ap.error("--queue-chunks must be >= 1")
+    if not 0 <= args.port <= 65535:
+        ap.error(f"--port must be in 0..65535, got {args.port}")
+    if args.max_len is not None and args.max_len < 2:  # a slide keeps at least one latent of it
+        ap.error(f"--max-len must be at least 2 latents, got {args.max_len}")
     if not (args.idle_timeout > 0 and args.reset_rate > 0):  # also refuses NaN
         ap.error("--idle-timeout and --reset-rate must be > 0")
     return args

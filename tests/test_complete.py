@@ -95,7 +95,9 @@ def test_bad_inputs_are_clear_errors(ckpts, tmp_path, capsys):
     ("ok.wav", ["--min-p", "1"], "min_p must be in [0, 1)"),
     ("ok.wav", ["--quantize", "int3"], "argument --quantize: invalid choice: 'int3'"),
     ("ok.wav", ["--kv-dtype", "fp4"], "argument --kv-dtype: invalid choice: 'fp4'"),
-], ids=["missing", "nan", "not-audio", "short", "token-temp", "gaussian-temp", "top-p", "min-p", "quantize", "kv-dtype"])
+    ("ok.wav", ["--seconds", "nan"], "--seconds must be a finite number > 0"),
+], ids=["missing", "nan", "not-audio", "short", "token-temp", "gaussian-temp", "top-p", "min-p", "quantize", "kv-dtype",
+        "seconds"])
 def test_prompt_and_arguments_are_checked_before_any_weights(tmp_path, prompt, flags, message):
     """The official duplex variant, offline, with an empty weights folder: loading the weights
     would fail, so each error shows that the check came first; no output file is written."""

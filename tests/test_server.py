@@ -619,6 +619,19 @@ def test_command_line_refuses_to_expose_without_token():
     assert srv.parse_args([]).host == "127.0.0.1"
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--port", "70000"], "--port must be in 0..65535, got 70000"),
+    (["--max-len", "1"], "--max-len must be at least 2 latents, got 1"),
+    (["--max-sessions", "0"], "--max-sessions must be auto or an integer >= 1, got '0'"),
+    (["--queue-chunks", "0"], "--queue-chunks must be >= 1"),
+    (["--idle-timeout", "nan"], "--idle-timeout and --reset-rate must be > 0"),
+], ids=["port", "max-len", "max-sessions", "queue-chunks", "idle-timeout"])
+def test_command_line_values_out_of_range_are_refused_when_parsed(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        srv.parse_args(args)
+    assert e.value.code == 2 and f"error: {message}" in capsys.readouterr().err
+
+
 def test_recording_is_capped(model, tmp_path):
     with running_server(model, max_sessions=1, recordings=str(tmp_path), max_recording_seconds=0.5) as server:
         async def run():
