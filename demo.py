@@ -17,6 +17,7 @@ latents, with a note, and its old run is moved aside. `--fresh` starts both over
 """
 import argparse
 import json
+import math
 import shlex
 import subprocess
 import sys
@@ -66,6 +67,10 @@ def main():
     ap.add_argument("--out", default="outputs/demo/completion.wav")
     ap.add_argument("--fresh", action="store_true", help="start both trainings over (resume=false)")
     args = ap.parse_args()
+    if not (0 < args.minutes < math.inf and 0 < args.seconds < math.inf):  # also refuses NaN
+        ap.error("--minutes and --seconds must be finite numbers > 0")
+    if args.codec_steps < 1 or args.transformer_steps < 1:
+        ap.error("--codec-steps and --transformer-steps must be >= 1")
     t0 = time.time()
     resume = "resume=false" if args.fresh else "resume=true"
 

@@ -58,6 +58,18 @@ def test_demo_end_to_end_then_other_step_counts(tmp_path):
     assert sf.info(folder / "outputs/demo/completion.wav").channels == 2
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--minutes", "nan"], "--minutes and --seconds must be finite numbers > 0"),
+    (["--seconds", "inf"], "--minutes and --seconds must be finite numbers > 0"),
+    (["--codec-steps", "0"], "--codec-steps and --transformer-steps must be >= 1"),
+], ids=["minutes", "seconds", "steps"])
+def test_bad_arguments_stop_before_the_first_step(tmp_path, args, message):
+    folder = scratch_copy(tmp_path)
+    done = subprocess.run([sys.executable, "demo.py", *args], cwd=folder, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.splitlines()[-1] == f"demo.py: error: {message}"
+    assert done.stdout == "" and not (folder / "data/demo/train").exists()
+
+
 def test_a_failing_step_says_how_to_start_over(tmp_path):
     folder = scratch_copy(tmp_path)
     (folder / "train_codec.py").write_text("import sys\nsys.exit('error: broken on purpose')\n")

@@ -160,3 +160,18 @@ def test_without_flite_or_festival_it_is_the_espeak_only_corpus(tmp_path):
     assert digests(tmp_path / "bare") == digests(tmp_path / "espeak")
     manifest = json.loads((tmp_path / "bare" / "manifest.json").read_text())
     assert {v["engine"] for f in manifest["files"] for v in f["voices"]} == {"espeak"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--minutes", "nan"], "--minutes must be a finite number > 0 and --val-fraction between 0 and 1"),
+    (["--minutes", "1", "--val-fraction", "1"], "--minutes must be a finite number > 0 and --val-fraction between"),
+    (["--minutes", "1", "--out", "FILE"], "--out FILE is a file, not a folder"),
+], ids=["minutes-nan", "val-fraction", "out-is-a-file"])
+def test_bad_arguments_are_one_error_line_and_nothing_is_written(tmp_path, args, message):
+    (tmp_path / "file").write_text("taken")
+    args = [str(tmp_path / "file") if a == "FILE" else a for a in args]
+    result = subprocess.run([sys.executable, PREPARE, *args], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    want = "prepare.py: error: " + message.replace("FILE", str(tmp_path / "file"))
+    assert result.stderr.splitlines()[-1].startswith(want)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

@@ -26,6 +26,7 @@ import argparse
 import ctypes
 import glob
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -385,8 +386,10 @@ def main(argv=None) -> None:
     parser.add_argument("--engines", default=",".join(ENGINES),
                         help="synthesizers to use where installed (default: %(default)s; espeak is required)")
     args = parser.parse_args(argv)
-    if args.minutes <= 0 or not 0 < args.val_fraction < 1:
-        parser.error("--minutes must be positive and --val-fraction between 0 and 1")
+    if not (0 < args.minutes < math.inf and 0 < args.val_fraction < 1):  # also refuses NaN
+        parser.error("--minutes must be a finite number > 0 and --val-fraction between 0 and 1")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"--out {args.out} is a file, not a folder")
     engines = args.engines.split(",")
     if "espeak" not in engines or not set(engines) <= set(ENGINES):
         parser.error(f"--engines must list espeak and any of {', '.join(ENGINES[1:])}, got {args.engines!r}")
