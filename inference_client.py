@@ -573,6 +573,13 @@ def parse_args(argv=None):
             args.audio = read_audio(args.input_wav)
         except AudioError as e:
             raise SystemExit(f"error: {e}")
+        folder = os.path.dirname(os.path.abspath(args.output_wav))  # and where the conversation goes
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise SystemExit(f"error: cannot write {args.output_wav}: {folder} is a file, not a folder")
+        if os.path.isdir(args.output_wav):
+            raise SystemExit(f"error: cannot write {args.output_wav}: it is a folder")
+    if not args.stats_every >= 0:  # also refuses NaN
+        raise SystemExit(f"error: --stats-every must be >= 0 seconds, got {args.stats_every}")
     return args
 
 

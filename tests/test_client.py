@@ -367,3 +367,15 @@ def test_a_bad_input_file_is_one_error_line_before_connecting(tmp_path):
         assert r.stderr.startswith(f"error: cannot read audio file {path}") and reason in r.stderr, r.stderr
         assert len(r.stderr.splitlines()) == 1 and "connect" not in r.stderr, r.stderr
         assert not (tmp_path / "o.wav").exists()
+
+
+def test_an_output_that_cannot_be_written_is_one_error_line_before_connecting(tmp_path):
+    """The conversation would be lost at the end: refused before connecting (nothing listens)."""
+    sf.write(tmp_path / "in.wav", speech_like(0.5).astype(np.float32), 16000)
+    (tmp_path / "taken").write_text("a file")
+    cases = {tmp_path / "taken" / "o.wav": f"{tmp_path / 'taken'} is a file, not a folder",
+             tmp_path: "it is a folder"}
+    for out, reason in cases.items():
+        r = run_client("--server", "ws://127.0.0.1:9", "--input-wav", tmp_path / "in.wav", "--output-wav", out,
+                       timeout=30)
+        assert r.returncode != 0 and r.stderr == f"error: cannot write {out}: {reason}\n", r.stderr
