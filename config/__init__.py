@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import math
+import operator
 import re
 import types
 import typing
@@ -154,17 +155,18 @@ def apply_overrides(cfg, overrides: Mapping[str, Any]):
     return dataclasses.replace(cfg, **changes)
 
 
+_BOUNDS = {"min": (">=", operator.ge), "above": (">", operator.gt), "below": ("<", operator.lt)}
+
+
 def _check_range(key: str, value: Any, metadata: Mapping[str, Any]) -> None:
-    """ConfigError naming `key` when `value` (or an item of it) is outside the field's range."""
-    bounds = [(m, metadata[m]) for m in ("min", "above", "below") if m in metadata]
+    """ConfigError naming `key` when `value` (or an item of a tuple) is outside the field's range."""
+    bounds = [(sign, test, metadata[m]) for m, (sign, test) in _BOUNDS.items() if m in metadata]
     if not bounds or value is None:
         return
-    says = {"min": ">=", "above": ">", "below": "<"}
-    expected = " and ".join(f"{says[m]} {b}" for m, b in bounds)
     for v in value if isinstance(value, tuple) else (value,):
-        ok = math.isfinite(v) and all(v >= b if m == "min" else v > b if m == "above" else v < b for m, b in bounds)
-        if not ok:
+        if not (math.isfinite(v) and all(test(v, bound) for _, test, bound in bounds)):
             what = "each item" if isinstance(value, tuple) else "a number" if math.isfinite(v) else "a finite number"
+            expected = " and ".join(f"{sign} {bound}" for sign, _, bound in bounds)
             raise ConfigError(f"{key}: expected {what} {expected}, got {value!r}")
 
 
