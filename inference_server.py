@@ -1181,9 +1181,9 @@ def main(argv=None) -> None:
     from model.lora import AdapterError
     try:
         engine = load_engine(args)
-    # a corrupted file, a file of the wrong kind, an adapter of another base (refused before any
-    # weights load): the user's to fix
     except (AdapterError, CheckpointError) as e:
+        # a corrupted file, a file of the wrong kind, an adapter of another base (refused before
+        # any weights load): the user's to fix
         raise SystemExit(f"error: {e}") from None
     if prompt is not None:
         max_frames = engine.state.max_len - 1
