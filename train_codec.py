@@ -58,8 +58,8 @@ from model.parallel import average_gradients, broadcast_parameters, gradient_syn
 from model.plots import plot_metrics, save_mel_figure
 from model.training import (Checkpoints, Deadline, Dist, Logger, all_reduce_mean, autocast, before_step,
                             check_architecture, check_finite_step, check_folders, check_resumable, cosine_lr,
-                            move_aside, rng_state, run_script, seed_everything, set_rng_state, setup_distributed,
-                            state_to_load, teardown_distributed, unwrap, window_peak_gb)
+                            load_training_state, move_aside, rng_state, run_script, seed_everything, set_rng_state,
+                            setup_distributed, state_to_load, teardown_distributed, unwrap, window_peak_gb)
 
 
 def main(argv=None) -> dict:
@@ -479,8 +479,8 @@ def load_weights(source: str, cfg: CodecConfig, generator: Codec, discriminators
         check_architecture(read_metadata(source)["config"], cfg, source)
         generator.load_state_dict(load_codec(source).state_dict())
         return source
-    state = torch.load(source, map_location="cpu", weights_only=False)
-    if not isinstance(state, dict) or "generator" not in state:
+    state = load_training_state(source)
+    if "generator" not in state:
         raise ConfigError(f"init_from={source}: not a codec training state written by train_codec.py")
     check_architecture(state["config"], cfg, source)
     generator.load_state_dict(state["generator"])

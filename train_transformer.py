@@ -54,8 +54,8 @@ from model.parallel import (compile_blocks, full_state_dicts, gradient_sync, inn
 from model.quant import quantize_model
 from model.training import (Checkpoints, ConfigMismatch, Deadline, Dist, Logger, all_reduce_mean, autocast, before_step,
                             check_architecture, check_finite_step, check_folders, check_resumable, cosine_lr,
-                            move_aside, run_script, setup_distributed, state_to_load, teardown_distributed,
-                            window_peak_gb)
+                            load_training_state, move_aside, run_script, setup_distributed, state_to_load,
+                            teardown_distributed, window_peak_gb)
 
 PARTS = ("quantizer", "lm", "resynth")
 # FSDP2 warns about every module output that is a view; none of ours is modified in place.
@@ -210,7 +210,7 @@ def get_lr(step: int, cfg: TransformerConfig) -> float:
 def read_state(path: Path, cfg: TransformerConfig, base: dict) -> dict:
     """The training state at `path`, checked against this run: the architecture (evaluating), and
     the stage and data fields too (resuming); for a LoRA run, the same base (`base`)."""
-    state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    state = load_training_state(path, mmap=True)
     marks = ("arch",) if cfg.eval_only else ("arch", "resume")  # resuming must also train the same stage
     check_resumable(state["config"], cfg, fields_marked(TransformerConfig, *marks))
     if cfg.finetune == "lora":

@@ -201,6 +201,19 @@ def check_folders(cfg, *keys: str) -> None:
             raise ConfigError(f"{key}={path!r} is a file, not a folder")
 
 
+def load_training_state(path: str | os.PathLike, mmap: bool = False, map_location="cpu") -> dict:
+    """A training state (`.pt`) written by a trainer, or CheckpointError naming the file when it is
+    not one (damaged, or another kind of file) instead of the unpickler's traceback."""
+    try:
+        state = torch.load(path, map_location=map_location, mmap=mmap, weights_only=False)
+    except Exception as e:  # pickle, zip or storage errors: a file this cannot read back
+        raise CheckpointError(f"{path} is not a training state written by the trainers (it cannot be read: "
+                              f"{str(e).strip() or type(e).__name__})") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{path} is not a training state written by the trainers (no step in it)")
+    return state
+
+
 def check_resumable(saved: dict, cfg, fields: Iterable[str]) -> None:
     """Raise ConfigMismatch naming each of `fields` that differs between the checkpoint's config
     and this run's (`fields_marked(type(cfg), "arch", "resume")` and the like)."""
@@ -326,7 +339,7 @@ class Checkpoints:
             pt, exported = self.folder / f"{name}.pt", self.folder / f"{name}{self.export_suffix}"
             if not pt.is_file():
                 continue
-            state = torch.load(pt, map_location="cpu", mmap=True, weights_only=False)
+            state = load_training_state(pt, mmap=True)
             try:
                 have = json.loads(header(exported).get("extra", "{}")).get("step") if exported.is_file() else None
             except (CheckpointError, ValueError):
@@ -342,7 +355,7 @@ class Checkpoints:
         path = Path(path) if path else self.latest
         if path is None or not path.is_file():
             return None
-        return torch.load(path, map_location=map_location, weights_only=False)
+        return load_training_state(path, map_location=map_location)
 
 
 def state_to_load(checkpoints: Checkpoints, resume: bool, eval_only: bool, init_from: str,

@@ -212,6 +212,18 @@ def test_empty_train_folder_is_a_clear_error(corpus, tmp_path):
     assert ".wav, .flac, .ogg, .mp3" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_an_init_from_that_is_not_a_training_state_is_one_error_line(corpus, tmp_path):
+    """A damaged or foreign .pt as init_from: the file named, no unpickler traceback."""
+    (tmp_path / "garbage.pt").write_bytes(b"not a pickle at all")
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    for name, reason in (("garbage.pt", "it cannot be read"), ("list.pt", "no step in it")):
+        path = tmp_path / name
+        result = run(["train_codec.py"] + args(corpus, tmp_path / "run", f"init_from={path}"))
+        assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert error_line(result.stderr).startswith(f"error: {path} is not a training state written by the trainers")
+        assert reason in error_line(result.stderr)
+
+
 def test_eval_only_prints_the_metrics_of_a_checkpoint(corpus, trained, capsys):
     run_dir = trained[0]
     common = ["--config", "tiny", f"val_data_path={corpus / 'val'}", "eval_only=true"]
