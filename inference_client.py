@@ -568,14 +568,12 @@ def parse_args(argv=None):
         raise SystemExit(f"error: {e}")
     args.audio = None
     if args.input_wav:  # read here, before connecting
-        from model.audio import AudioError
+        from model.audio import AudioError, check_output_folder
         try:
             args.audio = read_audio(args.input_wav)
+            check_output_folder(args.output_wav)  # and where the conversation goes (a WAV, whatever its name)
         except AudioError as e:
             raise SystemExit(f"error: {e}")
-        folder = os.path.dirname(os.path.abspath(args.output_wav))  # and where the conversation goes
-        if os.path.exists(folder) and not os.path.isdir(folder):
-            raise SystemExit(f"error: cannot write {args.output_wav}: {folder} is a file, not a folder")
         if os.path.isdir(args.output_wav):
             raise SystemExit(f"error: cannot write {args.output_wav}: it is a folder")
     if not args.stats_every >= 0:  # also refuses NaN

@@ -238,6 +238,12 @@ def check_output(path: str) -> None:
     ext = os.path.splitext(path)[1].lower() or ".wav"
     if ext[1:].upper() not in sf.available_formats():
         raise AudioError(f"cannot write {path}: soundfile writes no {ext} files (.wav, .flac or .ogg, for example)")
+    check_output_folder(path)
+
+
+def check_output_folder(path: str) -> None:
+    """Raise AudioError when the folder `path` goes in cannot be made or written (a file in its
+    way, no permission); the folder is made here."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise AudioError(f"cannot write {path}: {folder} is a file, not a folder")
