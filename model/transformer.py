@@ -17,9 +17,11 @@ and the rotary (a rotation), values out of a projection of a normed input, so bo
 (measured on the tiny random model: |k|, |v| <= 4), far inside e4m3's +-448, and e4m3 keeps 3
 mantissa bits at every magnitude down to 2^-6, so a per-tensor scale would not add precision
 (and without one, each row's entries depend on that row alone). The outputs of cached forwards
-move by 0.8-3% relative on the tiny model (tests/test_kv_fp8.py). Writes clamp to +-448 (a cast beyond it gives NaN on CUDA). Attention upcasts the
-window to the compute dtype before SDPA; the same code runs on the CPU, under torch.compile and
-in CUDA graphs (static shapes, no host reads).
+move by 0.8-3% relative on the tiny model (tests/test_kv_fp8.py). Writes clamp to +-448 (a cast
+beyond it gives NaN on CUDA). A CUDA decode step reads the float8 window as it is
+(`model.attention_kernels`); elsewhere attention upcasts the window to the compute dtype before
+SDPA. The same code runs on the CPU, under torch.compile and in CUDA graphs (static shapes, no
+host reads).
 """
 from __future__ import annotations
 
@@ -128,7 +130,8 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 KV_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn}  # what --kv-dtype names; auto: the weights' dtype
 assert tuple(KV_DTYPES) == KV_DTYPE_NAMES, "a KV dtype named in config/transformer_config.py without its torch dtype here"
-FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max
 
 
 def kv_dtype_of(name: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
@@ -205,6 +208,29 @@ class KVCache:
         return view
 
 
+# Decode steps on CUDA (one query per row) over a float8 cache whose window holds at least
+# DECODE_KERNEL_MIN_SLOTS slots of all rows together attend with `model.attention_kernels`; below
+# it, and with DECODE_KERNEL False, with SDPA as everywhere else. Measured in the int8 live step on
+# the H200 (benchmarks/decode_attention.py --step, batch 1): the kernel saves 0.79 ms a step at a
+# window of 2048 and costs 0.21 ms at windows of 128-256, where the cache is small and its second
+# launch (the combine) is not paid back.
+DECODE_KERNEL = True
+DECODE_KERNEL_MIN_SLOTS = 1024
+
+
+def attend_cache(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, gqa: bool) -> Tensor:
+    """Attention of q (B, H, T, D) over a cache window k, v (B, Hkv, W, D) with the additive
+    `mask` (B|1, 1, T, W) -> (B, H, T, D). A decode step on CUDA over a large enough float8 cache
+    (above) runs the split-window kernel of `model.attention_kernels`, which reads the cache as it
+    is stored; otherwise SDPA, a float8 cache upcast first (one window-sized copy per layer). On a
+    bf16 cache cuDNN's SDPA is as fast or faster (benchmarks/decode_attention.py)."""
+    if (DECODE_KERNEL and q.is_cuda and q.shape[2] == 1 and k.dtype == FP8
+            and k.shape[0] * k.shape[2] >= DECODE_KERNEL_MIN_SLOTS):
+        from .attention_kernels import decode_attention  # Triton: imported only where CUDA is used
+        return decode_attention(q, k, v, mask)
+    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=gqa)
+
+
 class GQA(nn.Module):
     """Causal self-attention with a fused QKV projection, full-width q/k LayerNorms and rotary."""
 
@@ -235,8 +261,7 @@ class GQA(nn.Module):
                                                enable_gqa=gqa)
         else:
             kc, vc = cache.update(pos.input_pos, k.transpose(1, 2), v.view(B, T, Hkv, hd))
-            # A float8 cache is read upcast: one window-sized copy per layer (a no-op otherwise).
-            y = F.scaled_dot_product_attention(q, kc.to(q.dtype), vc.to(q.dtype), attn_mask=pos.mask, enable_gqa=gqa)
+            y = attend_cache(q, kc, vc, pos.mask, gqa)
         return self.attn_out(y.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -1,0 +1,122 @@
+"""The decode step's attention kernel (`model.attention_kernels.decode_attention`): on the CPU in
+Triton's interpreter against SDPA (every shape the engines give it: several chunks of a window,
+grouped-query heads, a mask per row or broadcast, cache views with the strides of a `KVCache`,
+rows that may see one slot only); on CUDA the tiny model's decode steps over a float8 cache with
+the kernel against the same steps with SDPA, eager and compiled."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+triton = pytest.importorskip("triton", reason="Triton (requirements.txt, Linux) runs the kernel's interpreter")
+
+# The interpreter must be switched on before Triton is imported: a process of its own.
+INTERPRETED = r"""
+import json, torch
+import torch.nn.functional as F
+from model import attention_kernels as ak
+torch.manual_seed(0)
+out = []
+# B, H, Hkv, W, D, dtype, per-row mask, TARGET_PROGRAMS (small: many chunks a window); last: the
+# cache in float8 (the case the engines use the kernel for)
+for B, H, Hkv, W, D, dt, per_row, target in [
+        (1, 4, 4, 600, 16, torch.float32, False, 512), (3, 8, 2, 300, 32, torch.float32, True, 64),
+        (2, 4, 1, 129, 16, torch.float32, True, 8), (2, 4, 4, 64, 16, torch.bfloat16, True, 512),
+        (2, 2, 2, 40, 64, torch.float32, True, 1), (3, 4, 2, 200, 32, torch.bfloat16, True, 256)]:
+    ak.TARGET_PROGRAMS = target
+    kv_dt = torch.float8_e4m3fn if W == 200 else dt
+    L = W + 37  # a cache longer than the window, one row more than the batch: strided views
+    k = torch.randn(B + 1, Hkv, L, D).to(kv_dt)[:B, :, :W]
+    v = torch.randn(B + 1, Hkv, L, D).to(kv_dt)[:B, :, :W]
+    q = torch.randn(B, H, 1, D, dtype=dt)
+    rows = B if per_row else 1
+    pos = torch.randint(0, W, (rows,))
+    pos[0] = 0  # a row that sees its first slot only
+    bias = torch.zeros(rows, 1, 1, W, dtype=dt).masked_fill_(~(torch.arange(W) <= pos[:, None])[:, None, None],
+                                                              float("-inf"))
+    y = ak.decode_attention(q, k, v, bias)
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias.float(),
+                                         enable_gqa=Hkv != H)
+    out.append(dict(case=[B, H, Hkv, W, D, str(dt), per_row], kv=str(k.dtype), chunks=-(-W // ak.chunk_length(B * H, W)),
+                    shape=list(y.shape), dtype=str(y.dtype), max_abs=float((y.float() - ref).abs().max()),
+                    finite=bool(y.isfinite().all())))
+print(json.dumps(out))
+"""
+
+
+def test_decode_attention_equals_sdpa_in_the_triton_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cases = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(cases) == 6 and cases[-1]["kv"] == "torch.float8_e4m3fn"
+    assert max(c["chunks"] for c in cases) >= 8  # the combine of many chunks is exercised
+    for c in cases:
+        B, H, Hkv, W, D, dt, _ = c["case"]
+        assert c["shape"] == [B, H, 1, D] and c["dtype"] == dt and c["finite"], c
+        assert c["max_abs"] < (2e-2 if "bfloat16" in dt else 2e-6), c
+
+
+def test_chunks_aim_at_the_target_number_of_programs():
+    from model.attention_kernels import BLOCK_S, TARGET_PROGRAMS, chunk_length
+    for rows_heads in (1, 16, 32, 256, 2048):
+        for window in (1, 31, 128, 256, 2048, 8192):
+            c = chunk_length(rows_heads, window)
+            assert c >= BLOCK_S and c & (c - 1) == 0
+            chunks = -(-window // c)
+            assert chunks * rows_heads <= max(TARGET_PROGRAMS, rows_heads)  # never more programs than aimed at
+            assert c == BLOCK_S or 2 * chunks * rows_heads > TARGET_PROGRAMS // 2  # nor far fewer than it allows
+
+
+def flat(out):
+    return [out] if isinstance(out, torch.Tensor) else [t for o in out for t in flat(o)]
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_decode_steps_over_a_float8_cache_use_the_kernel_and_match_sdpa_on_cuda(dtype):
+    from config.transformer_config import PRESETS
+    from model import HertzDev, build, plex_codes, transformer
+    from model.decode import Kernels
+    from model.transformer import FP8
+    torch.manual_seed(0)
+    m = build(HertzDev, dataclasses.replace(PRESETS["tiny"], duplex=True)).eval().to("cuda", dtype)
+    x = torch.randn(3, 40, 64, device="cuda", dtype=dtype)
+    plex = plex_codes(m.quantizer, x, True)
+    min_slots = transformer.DECODE_KERNEL_MIN_SLOTS
+
+    def steps(kernel, block=None):
+        """The LM's and resynthesizer's outputs of 32 decode steps after an 8-latent prefill, and
+        whether the kernel ran (for every window size: these caches are small)."""
+        transformer.DECODE_KERNEL, transformer.DECODE_KERNEL_MIN_SLOTS = kernel, 0
+        kw = {"block": block} if block else {}
+        try:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                lc, rc = m.lm.make_cache(3, max_len=64, dtype=FP8), m.resynth.make_cache(3, max_len=64, dtype=FP8)
+                out = [m.lm(x[:, :8], lc, torch.arange(8, device="cuda").expand(3, 8))]
+                for t in range(8, 40):
+                    p = torch.full((3, 1), t, device="cuda")
+                    out.append(m.lm(x[:, t:t + 1], lc, p, 64, **kw))
+                    out.append(m.resynth(x[:, t:t + 1], tuple(c[:, t:t + 1] for c in plex), rc, p, 64, **kw))
+            ran = any("decode_attention" in e.name for e in prof.events())
+            return torch.cat([t.float().flatten() for o in out for t in flat(o)]), ran
+        finally:
+            transformer.DECODE_KERNEL, transformer.DECODE_KERNEL_MIN_SLOTS = True, min_slots
+
+    ref, ran = steps(False)
+    assert not ran
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for block in (None, Kernels.make(("block",)).block):  # eager, and inside the compiled block
+        got, ran = steps(True, block)
+        assert ran
+        assert float((got - ref).norm() / ref.norm()) < tol
