@@ -44,6 +44,7 @@ from model.decode import draw_noise, step_logits, step_mixture  # noqa: E402
 from model.generator import Generator  # noqa: E402
 from model.live import LiveEngine  # noqa: E402
 from model.quant import MODES, quantize_model, weight_bytes  # noqa: E402
+from model import transformer  # noqa: E402
 from model.transformer import KV_DTYPES  # noqa: E402
 from model.sampling import SamplingParams, row_seed, sample_latents, sample_tokens  # noqa: E402
 
@@ -90,8 +91,16 @@ def percentiles(times_ms) -> dict:
             "p99_ms": float(np.percentile(a, 99)), "mean_ms": float(a.mean())}
 
 
+def engine_args(variant: dict) -> dict:
+    """An engine's keyword arguments from a variant; its "attention" ("kernel", the default, or
+    "sdpa") sets how decode steps attend (`model.transformer.DECODE_KERNEL`)."""
+    variant = dict(variant)
+    transformer.DECODE_KERNEL = variant.pop("attention", "kernel") == "kernel"
+    return variant
+
+
 def live_engine(model, batch, variant, prompt_s=3.0):
-    e = LiveEngine(model, max_sessions=batch, **variant)
+    e = LiveEngine(model, max_sessions=batch, **engine_args(variant))
     prompt = synthetic_audio(2, prompt_s, seed=1)
     for r in range(batch):
         e.reset(r, seed=row_seed(0, r), prompt=prompt)
@@ -203,8 +212,12 @@ KERNEL_KINDS = (("quant_linear", ("int8_", "int4_")), ("cublas_linear", ("gemm",
 def profile_step(e: LiveEngine, name: str, reps: int = 5, top: int = 25) -> None:
     """Device time of one live step by kernel (the step run eagerly with the engine's kernels,
     `reps` times under torch.profiler): the `top` kernels, and the totals by kind."""
+    for slot in (200, int(e.state.host_pos.max()) + 1):  # an early window (256 slots), and the rows' own
+        profile_window(e, name, e.graphs.key(slot, False), reps, top)
+
+
+def profile_window(e: LiveEngine, name: str, key, reps: int, top: int) -> None:
     from torch.profiler import ProfilerActivity, profile
-    key = e.graphs.key(int(e.state.host_pos.max()) + 1, False)
     e.graphs.dry_run(e._step, key, times=1)  # rows inactive: no state moves
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -239,7 +252,7 @@ def bandwidth() -> tuple[float, float]:
 
 @torch.no_grad()
 def bench_completion(model, variant, name, device, prompt_s=3.0, gen_s=20.0, tags=None):
-    g = Generator(model, batch_size=1, **variant)
+    g = Generator(model, batch_size=1, **engine_args(variant))
     audio = synthetic_audio(1, prompt_s, seed=3)[None]
     steps = int(gen_s * 8)
     t = time.perf_counter()
@@ -274,9 +287,10 @@ def check(device) -> None:
         if dtype == torch.float32:  # other kernels round differently: compare them where rounding is small
             from tests.conv_stream import ConvStreamCodec  # the reference codec (cuDNN convolutions)
             variants += [("graphs+conv-codec", dict(cuda_graphs=True, compile=False, codec=ConvStreamCodec(model.codec))),
-                         ("graphs+compile-block", dict(cuda_graphs=True, compile=("block",)))]
+                         ("graphs+compile-block", dict(cuda_graphs=True, compile=("block",))),
+                         ("eager+sdpa", dict(cuda_graphs=False, compile=False, attention="sdpa"))]
         for name, variant in variants:
-            e = LiveEngine(model, max_sessions=2, **variant)
+            e = LiveEngine(model, max_sessions=2, **engine_args(variant))
             for r in range(2):  # row 1 uses top-p for 15 steps, then not: both graphs of a window run
                 e.reset(r, SamplingParams(top_p=0.9) if r else SamplingParams(), seed=r, prompt=prompt)
             o = []
@@ -286,6 +300,7 @@ def check(device) -> None:
                 o.append(e.step(u))
             o = torch.stack(o)
             outs[name] = (o, e.state.toks.clone(), e.positions, e.state.pos.cpu().numpy())
+        transformer.DECODE_KERNEL = True
         ref, ref_toks, ref_pos, _ = outs["eager"]
         for name, (o, toks, pos, dev_pos) in outs.items():
             emit(bench="check", what="live", dtype=str(dtype), variant=name,
@@ -384,7 +399,7 @@ def main():
     ap.add_argument("--batches", default=None, help="live batch sizes (default 1,4,8 on cuda, 1,4 on cpu)")
     ap.add_argument("--steps", type=int, default=None, help="timed live steps per batch")
     ap.add_argument("--variants", default="graphs,graphs+compile-block",
-                    help="cuda: some of eager, graphs, graphs+compile-block, graphs+compile; the fastest at batch 1 runs the other batches and the completion")
+                    help="cuda: some of eager, graphs, graphs+compile-block, graphs+compile-block+sdpa (decode attention by SDPA, as before the decode kernel), graphs+compile; the fastest at batch 1 runs the other batches and the completion")
     ap.add_argument("--check", action="store_true", help="GPU equality checks first")
     ap.add_argument("--breakdown", action="store_true", help="time each part of the live step")
     ap.add_argument("--profile", action="store_true", help="device time of a live step by kernel (torch.profiler)")
@@ -408,6 +423,7 @@ def main():
     dtype = torch.bfloat16 if cuda else torch.float32
     variants = {"eager": dict(cuda_graphs=False, compile=False), "graphs": dict(cuda_graphs=True, compile=False),
                 "graphs+compile-block": dict(cuda_graphs=True, compile=("block",)),
+                "graphs+compile-block+sdpa": dict(cuda_graphs=True, compile=("block",), attention="sdpa"),
                 "graphs+compile": dict(cuda_graphs=True, compile=True)}
     names = args.variants.split(",") if cuda else ["eager"]
     emit(bench="env", torch=torch.__version__, device=torch.cuda.get_device_name() if cuda else "cpu",
