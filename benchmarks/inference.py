@@ -211,7 +211,8 @@ KERNEL_KINDS = (("quant_linear", ("int8_", "int4_")), ("cublas_linear", ("gemm",
 @torch.no_grad()
 def profile_step(e: LiveEngine, name: str, reps: int = 5, top: int = 25) -> None:
     """Device time of one live step by kernel (the step run eagerly with the engine's kernels,
-    `reps` times under torch.profiler): the `top` kernels, and the totals by kind."""
+    `reps` times under torch.profiler), at an early window and at the rows' position: the `top`
+    kernels, and the totals by kind."""
     for slot in (200, int(e.state.host_pos.max()) + 1):  # an early window (256 slots), and the rows' own
         profile_window(e, name, e.graphs.key(slot, False), reps, top)
 
@@ -287,8 +288,7 @@ def check(device) -> None:
         if dtype == torch.float32:  # other kernels round differently: compare them where rounding is small
             from tests.conv_stream import ConvStreamCodec  # the reference codec (cuDNN convolutions)
             variants += [("graphs+conv-codec", dict(cuda_graphs=True, compile=False, codec=ConvStreamCodec(model.codec))),
-                         ("graphs+compile-block", dict(cuda_graphs=True, compile=("block",))),
-                         ("eager+sdpa", dict(cuda_graphs=False, compile=False, attention="sdpa"))]
+                         ("graphs+compile-block", dict(cuda_graphs=True, compile=("block",)))]
         for name, variant in variants:
             e = LiveEngine(model, max_sessions=2, **engine_args(variant))
             for r in range(2):  # row 1 uses top-p for 15 steps, then not: both graphs of a window run
@@ -300,7 +300,6 @@ def check(device) -> None:
                 o.append(e.step(u))
             o = torch.stack(o)
             outs[name] = (o, e.state.toks.clone(), e.positions, e.state.pos.cpu().numpy())
-        transformer.DECODE_KERNEL = True
         ref, ref_toks, ref_pos, _ = outs["eager"]
         for name, (o, toks, pos, dev_pos) in outs.items():
             emit(bench="check", what="live", dtype=str(dtype), variant=name,

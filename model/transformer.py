@@ -18,9 +18,9 @@ and the rotary (a rotation), values out of a projection of a normed input, so bo
 mantissa bits at every magnitude down to 2^-6, so a per-tensor scale would not add precision
 (and without one, each row's entries depend on that row alone). The outputs of cached forwards
 move by 0.8-3% relative on the tiny model (tests/test_kv_fp8.py). Writes clamp to +-448 (a cast
-beyond it gives NaN on CUDA). A CUDA decode step reads the float8 window as it is
-(`model.attention_kernels`); elsewhere attention upcasts the window to the compute dtype before
-SDPA. The same code runs on the CPU, under torch.compile and in CUDA graphs (static shapes, no
+beyond it gives NaN on CUDA). A CUDA decode step over a large window reads the float8 cache as
+it is (`attend_cache`, `model.attention_kernels`); elsewhere attention upcasts the window to the
+compute dtype before SDPA. The same code runs on the CPU, under torch.compile and in CUDA graphs (static shapes, no
 host reads).
 """
 from __future__ import annotations
@@ -212,8 +212,8 @@ class KVCache:
 # DECODE_KERNEL_MIN_SLOTS slots of all rows together attend with `model.attention_kernels`; below
 # it, and with DECODE_KERNEL False, with SDPA as everywhere else. Measured in the int8 live step on
 # the H200 (benchmarks/decode_attention.py --step, batch 1): the kernel saves 0.79 ms a step at a
-# window of 2048 and costs 0.21 ms at windows of 128-256, where the cache is small and its second
-# launch (the combine) is not paid back.
+# window of 2048 and costs 0.21 ms at windows of 128-256 (a small cache; timed alone, one layer's
+# call is faster than SDPA's there too, and why the step is not was not found).
 DECODE_KERNEL = True
 DECODE_KERNEL_MIN_SLOTS = 1024
 
