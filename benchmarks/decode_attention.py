@@ -2,7 +2,10 @@
 upcast first) against `model.attention_kernels.decode_attention`, at the hertz_dev shapes (LM: 32
 heads of 128; resynthesizer: 16 heads of 256), for each attention window of the engines, a few
 batch sizes and both cache dtypes. Each figure is the time of one layer's call, from a CUDA graph
-of one call per layer over enough layers that the caches do not fit in L2. One JSON line each.
+of one call per layer over 4-40 layers (about 400 MB of caches, at most 40 layers): at one row and
+windows up to 512 the 40 layers' caches (40-84 MB) are partly or wholly in the H200's 50 MB L2, so
+those figures are of a warm cache, which the live step, streaming its weights, does not have.
+One JSON line each.
 
     python benchmarks/decode_attention.py                   # the table
     python benchmarks/decode_attention.py --sweep           # also the kernel's chunking settings

@@ -11,8 +11,8 @@ hertz_dev LM layer at batch 1, and spend 12-22 us a layer on the H200 where the 
 values are a few MB (benchmarks/decode_attention.py). Here the window is split into chunks
 (flash-decoding): each program reads one chunk of one head's keys and values once and keeps a
 running softmax (its maximum, its sum and the weighted sum of values, in float32); a second small
-kernel combines the chunks of each head. The chunk length is chosen so that a step has a few
-hundred programs on the GPU's multiprocessors.
+kernel combines the chunks of each head. The chunk length is chosen so that a call has about
+TARGET_PROGRAMS programs (fewer when the window is short: a chunk is at least BLOCK_S slots).
 
 Registered as a torch custom op (`hertz::decode_attention`), so torch.compile keeps it as one call
 in the compiled block and CUDA graphs replay it. Forward only (decoding needs no gradient).

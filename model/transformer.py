@@ -213,7 +213,8 @@ class KVCache:
 # it, and with DECODE_KERNEL False, with SDPA as everywhere else. Measured in the int8 live step on
 # the H200 (benchmarks/decode_attention.py --step, batch 1): the kernel saves 0.79 ms a step at a
 # window of 2048 and costs 0.21 ms at windows of 128-256 (a small cache; timed alone, one layer's
-# call is faster than SDPA's there too, and why the step is not was not found).
+# call is faster than SDPA's there too, but with the caches warm in L2; why the step is not was
+# not found).
 DECODE_KERNEL = True
 DECODE_KERNEL_MIN_SLOTS = 1024
 

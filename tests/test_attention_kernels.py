@@ -22,14 +22,14 @@ import torch.nn.functional as F
 from model import attention_kernels as ak
 torch.manual_seed(0)
 out = []
-# B, H, Hkv, W, D, dtype, per-row mask, TARGET_PROGRAMS (small: many chunks a window); last: the
-# cache in float8 (the case the engines use the kernel for)
-for B, H, Hkv, W, D, dt, per_row, target in [
-        (1, 4, 4, 600, 16, torch.float32, False, 512), (3, 8, 2, 300, 32, torch.float32, True, 64),
-        (2, 4, 1, 129, 16, torch.float32, True, 8), (2, 4, 4, 64, 16, torch.bfloat16, True, 512),
-        (2, 2, 2, 40, 64, torch.float32, True, 1), (3, 4, 2, 200, 32, torch.bfloat16, True, 256)]:
+F32, BF16, FP8 = torch.float32, torch.bfloat16, torch.float8_e4m3fn
+# B, H, Hkv, W, D, query dtype, cache dtype, per-row mask, TARGET_PROGRAMS (small: many chunks a
+# window); the last case's cache is float8, the case the engines use the kernel for
+for B, H, Hkv, W, D, dt, kv_dt, per_row, target in [
+        (1, 4, 4, 600, 16, F32, F32, False, 512), (3, 8, 2, 300, 32, F32, F32, True, 64),
+        (2, 4, 1, 129, 16, F32, F32, True, 8), (2, 4, 4, 64, 16, BF16, BF16, True, 512),
+        (2, 2, 2, 40, 64, F32, F32, True, 1), (3, 4, 2, 200, 32, BF16, FP8, True, 256)]:
     ak.TARGET_PROGRAMS = target
-    kv_dt = torch.float8_e4m3fn if W == 200 else dt
     L = W + 37  # a cache longer than the window, one row more than the batch: strided views
     k = torch.randn(B + 1, Hkv, L, D).to(kv_dt)[:B, :, :W]
     v = torch.randn(B + 1, Hkv, L, D).to(kv_dt)[:B, :, :W]
