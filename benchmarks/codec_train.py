@@ -13,8 +13,11 @@ AdamW on each), bf16 autocast + torch.compile against fp32 eager.
 
 `--variants` (a comma list, default base) measures each variant in turn in the same process, from
 the same initial weights, one line each with its "variant":
-- `base`: train_codec.py's step, cuDNN benchmark mode on (as the trainer sets it on CUDA);
-- `channels_last`: the discriminators in channels_last. `.to(memory_format=...)` converts only the
+- `base`: train_codec.py's step, cuDNN benchmark mode on (as the trainer sets it on CUDA), the
+  generator on (B, C, 1, L) channels-last activations (`Codec.use_channels_last`, as the trainer on CUDA);
+- `ncl`: the generator on (B, C, L) activations, as the trainer before 2026-12-03 (cuDNN converts
+  each conv's input, output and gradients to and from NHWC);
+- `channels_last`: the discriminators in channels_last too. `.to(memory_format=...)` converts only the
   weight-norm originals (the weight computed from them at each call is contiguous), so each Conv2d's
   input is made channels_last as well, by a forward pre-hook here (model code unchanged);
 - `no_cudnn_benchmark`: cuDNN's default algorithm choice instead;
@@ -75,7 +78,7 @@ from model.codec_losses import (MultiResolutionMelLoss, discriminator_loss, feat
 from model.discriminators import Discriminators  # noqa: E402
 
 MODES = {"fp32-eager": ("float32", False), "bf16-compile": ("bfloat16", True), "bf16-eager": ("bfloat16", False)}
-VARIANTS = ("base", "alternating", "cudnn_dilated", "channels_last", "no_cudnn_benchmark", "compiled_disc")
+VARIANTS = ("base", "alternating", "ncl", "cudnn_dilated", "channels_last", "no_cudnn_benchmark", "compiled_disc")
 # record_function ranges of one step (disc_forward: the alternating variant's discriminator step)
 PHASES = ("gen_forward", "mel_loss", "kl", "disc_on_fake", "disc_on_real", "adv_fm_loss",
           "gen_backward", "gen_clip_opt", "disc_forward", "disc_loss", "disc_backward", "disc_clip_opt")
@@ -106,8 +109,9 @@ def bench(preset: str, mode: str, variant: str, args) -> tuple[dict, dict | None
     torch.manual_seed(0)  # every variant starts from the same weights
     generator = Codec(cfg).to(device)
     discriminators = Discriminators(cfg).to(device)
-    if cuda:  # as train_codec.py does; the step before (alternating) had cuDNN's dilated convs
+    if cuda:  # as train_codec.py does; the step before (alternating) had cuDNN's dilated convs and (B, C, L)
         generator.dilated_convs_polyphase(1 << 30 if variant in ("alternating", "cudnn_dilated") else 512)
+        generator.use_channels_last(variant not in ("alternating", "ncl"))
     if variant == "channels_last":
         # This converts the weight-norm originals (g, v) only: the weight that weight_norm computes
         # from them at each call comes out contiguous. So each Conv2d's input is made channels_last

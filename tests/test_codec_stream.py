@@ -112,6 +112,63 @@ def test_polyphase_dilated_conv_equals_the_dilated_conv(cin, cout, k, d, length)
         torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
 
 
+@pytest.mark.parametrize("polyphase", [False, True])
+def test_channels_last_layout_gives_the_same_training_pass_and_gradients(polyphase, monkeypatch):
+    """The trainer's layout on CUDA (`use_channels_last`: (B, C, 1, L) channels-last, each conv as
+    the 2-D conv of the same weights, causal zeros as the conv's own padding), here on the parity
+    codec (the official architecture and weights) in float64: the training pass (reconstruction,
+    posterior, latents) and the gradients of the input and of every parameter equal those of the
+    (B, C, L) layout, with and without the polyphase dilated convs; every convolution is handed a
+    channels-last input and its output goes on channels-last; the state dict is untouched and a
+    stream still decodes as the whole signal."""
+    import torch.nn.functional as F
+    _, parity = list(codecs())[1]
+    codec = parity.double().train()
+    state = {k: v.clone() for k, v in codec.state_dict().items()}
+    audio = (0.1 * torch.randn(2, 1, 5 * 2000, dtype=torch.float64)).requires_grad_()
+
+    def run():
+        torch.manual_seed(1)  # the posterior draw
+        out = codec(audio)
+        loss = out["recon"].square().sum() + (out["mu"] * out["logvar"]).sum()
+        return out, torch.autograd.grad(loss, [audio] + list(codec.parameters()))
+
+    codec.dilated_convs_polyphase(min_channels=1 if polyphase else 1 << 30)
+    want, want_grads = run()
+    formats = []
+
+    def recording(conv):
+        def call(x, *args, **kwargs):
+            formats.append(x.is_contiguous(memory_format=torch.channels_last))
+            return conv(x, *args, **kwargs)
+        return call
+
+    monkeypatch.setattr(F, "conv2d", recording(F.conv2d))
+    monkeypatch.setattr(F, "conv_transpose2d", recording(F.conv_transpose2d))
+    codec.use_channels_last()
+    try:
+        got, got_grads = run()
+    finally:
+        codec.use_channels_last(False)
+        codec.dilated_convs_polyphase(min_channels=1 << 30)
+    assert len(formats) == 81 and all(formats), formats  # every conv of the encoder and decoder
+    for k in want:
+        assert got[k].shape == want[k].shape, k
+        torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-12)
+    scale = max(g.abs().max().item() for g in want_grads)  # some gradients are ~0 (rounding-level)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9 * scale)
+    assert all(torch.equal(codec.state_dict()[k].double(), v.double()) for k, v in state.items())
+    codec.use_channels_last()
+    with torch.no_grad():
+        latents = torch.randn(2, 4, 32, dtype=torch.float64)
+        whole = codec.decode(latents)
+        _, dec = codec.init_stream(2)
+        streamed = torch.cat([codec.decode_step(latents[:, i:i + 1], dec) for i in range(4)], dim=-1)
+    codec.use_channels_last(False)
+    torch.testing.assert_close(streamed, whole, rtol=1e-9, atol=1e-12)
+
+
 @torch.no_grad()
 def test_polyphase_switch_keeps_the_official_codecs_output_and_weights():
     """Switched on for every dilated conv (min_channels=1), the parity codec (the official
