@@ -35,7 +35,8 @@ channels_last input ("conv2d_inputs_channels_last": "k/n").
 `--profile` then runs `--steps` more steps under torch.profiler (CPU and CUDA activities on CUDA),
 with a record_function range around each phase of the step (gen_forward, mel_loss, kl,
 disc_on_real, disc_on_fake, adv_fm_loss, disc_loss, gen_backward, disc_backward, gen_clip_opt,
-disc_clip_opt; `alternating` also disc_forward), and prints after the variant's line one
+disc_clip_opt; `alternating` also disc_forward; inside the discriminators' passes, mpd_forward and
+mrd_forward: each kind of discriminator's forward), and prints after the variant's line one
 with "profile" ("cuda" or "cpu"), per step: `phases_ms` (CUDA: device time of the kernels launched
 inside each range, the backward's from autograd's own thread included; CPU: each range's wall
 time), `unattributed_ms` and `phase_spans_ms` (the ranges on the GPU timeline) on CUDA,
@@ -75,13 +76,13 @@ from config.codec_config import PRESETS  # noqa: E402
 from model.codec import Codec, compile_codec  # noqa: E402
 from model.codec_losses import (MultiResolutionMelLoss, discriminator_loss, feature_matching_loss,  # noqa: E402
                                 generator_adversarial_loss, latent_kl)
-from model.discriminators import Discriminators  # noqa: E402
+from model.discriminators import Discriminators, PeriodDiscriminator  # noqa: E402
 
 MODES = {"fp32-eager": ("float32", False), "bf16-compile": ("bfloat16", True), "bf16-eager": ("bfloat16", False)}
 VARIANTS = ("base", "alternating", "ncl", "cudnn_dilated", "channels_last", "no_cudnn_benchmark", "compiled_disc")
 # record_function ranges of one step (disc_forward: the alternating variant's discriminator step)
-PHASES = ("gen_forward", "mel_loss", "kl", "disc_on_fake", "disc_on_real", "adv_fm_loss",
-          "gen_backward", "gen_clip_opt", "disc_forward", "disc_loss", "disc_backward", "disc_clip_opt")
+PHASES = ("gen_forward", "mel_loss", "kl", "disc_on_fake", "disc_on_real", "mpd_forward", "mrd_forward",
+          "adv_fm_loss", "gen_backward", "gen_clip_opt", "disc_forward", "disc_loss", "disc_backward", "disc_clip_opt")
 
 
 def synthetic_audio(batch: int, samples: int, sample_rate: int, device) -> torch.Tensor:
@@ -240,6 +241,13 @@ def bench(preset: str, mode: str, variant: str, args) -> tuple[dict, dict | None
         return row, None
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     profiling = True
+    # the forwards of the two kinds of discriminator, as ranges of their own (inside disc_on_*)
+    open_ranges = []
+    for sub in discriminators.discriminators:
+        name = "mpd_forward" if isinstance(sub, PeriodDiscriminator) else "mrd_forward"
+        sub.register_forward_pre_hook(lambda m, a, name=name: open_ranges.append(
+            torch.profiler.record_function(name).__enter__()))
+        sub.register_forward_hook(lambda m, a, out: open_ranges.pop().__exit__(None, None, None))
     with torch.profiler.profile(activities=activities) as prof:
         t0 = time.perf_counter()
         for _ in range(args.steps):
