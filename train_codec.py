@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -182,7 +183,8 @@ def main(argv=None) -> dict:
                     if cfg.stft_weight > 0:
                         losses["stft"] = stft_loss(fake, real, mask)
                     if use_disc:
-                        d_real, d_fake = discriminators(real), discriminators(fake)
+                        with parametrize.cached():  # each weight-normed weight computed once for both passes
+                            d_real, d_fake = discriminators(real), discriminators(fake)
                         losses["adv"] = generator_adversarial_loss(d_fake, cfg.gan_loss)
                         losses["feature"] = feature_matching_loss(d_real, d_fake)
                         loss_d = discriminator_loss(d_real, d_fake, cfg.gan_loss)

@@ -15,8 +15,12 @@ AdamW on each), bf16 autocast + torch.compile against fp32 eager.
 the same initial weights, one line each with its "variant":
 - `base`: train_codec.py's step, cuDNN benchmark mode on (as the trainer sets it on CUDA), the
   generator on (B, C, 1, L) channels-last activations (`Codec.use_channels_last`, as the trainer on CUDA);
-- `ncl`: the generator on (B, C, L) activations, as the trainer before 2026-12-03 (cuDNN converts
-  each conv's input, output and gradients to and from NHWC);
+  and the discriminators' weight-normed weights computed once for their two passes
+  (`parametrize.cached()`, as the trainer);
+- `ncl`: the step as the trainer had it before 2026-12-03: the generator on (B, C, L) activations
+  (cuDNN converts each conv's input, output and gradients to and from NHWC), the discriminators'
+  weights computed at each pass;
+- `uncached`: `base` with the discriminators' weights computed at each pass;
 - `channels_last`: the discriminators in channels_last too. `.to(memory_format=...)` converts only the
   weight-norm originals (the weight computed from them at each call is contiguous), so each Conv2d's
   input is made channels_last as well, by a forward pre-hook here (model code unchanged);
@@ -38,7 +42,7 @@ disc_on_real, disc_on_fake, adv_fm_loss, disc_loss, gen_backward, disc_backward,
 disc_clip_opt; `alternating` also disc_forward; inside the discriminators' passes, mpd_forward and
 mrd_forward: each kind of discriminator's forward), and prints after the variant's line one
 with "profile" ("cuda" or "cpu"), per step: `phases_ms` (CUDA: device time of the kernels launched
-inside each range, the backward's from autograd's own thread included; CPU: each range's wall
+inside each range, the backward's from autograd's own thread included; CPU: each range's own wall
 time), `unattributed_ms` and `phase_spans_ms` (the ranges on the GPU timeline) on CUDA,
 `top_kernels` ([name, ms, calls] of the 20 kernels with the most device time; on CPU the ops with
 the most self CPU time), `total_device_ms`, and `step_s` (wall time of a profiled step). What the
@@ -79,7 +83,7 @@ from model.codec_losses import (MultiResolutionMelLoss, discriminator_loss, feat
 from model.discriminators import Discriminators, PeriodDiscriminator  # noqa: E402
 
 MODES = {"fp32-eager": ("float32", False), "bf16-compile": ("bfloat16", True), "bf16-eager": ("bfloat16", False)}
-VARIANTS = ("base", "alternating", "ncl", "cudnn_dilated", "channels_last", "no_cudnn_benchmark", "compiled_disc")
+VARIANTS = ("base", "alternating", "ncl", "uncached", "cudnn_dilated", "channels_last", "no_cudnn_benchmark", "compiled_disc")
 # record_function ranges of one step (disc_forward: the alternating variant's discriminator step)
 PHASES = ("gen_forward", "mel_loss", "kl", "disc_on_fake", "disc_on_real", "mpd_forward", "mrd_forward",
           "adv_fm_loss", "gen_backward", "gen_clip_opt", "disc_forward", "disc_loss", "disc_backward", "disc_clip_opt")
@@ -139,6 +143,11 @@ def bench(preset: str, mode: str, variant: str, args) -> tuple[dict, dict | None
 
     gen_params, disc_params = list(generator.parameters()), list(discriminators.parameters())
 
+    def weights_once():
+        """As train_codec.py: the discriminators' weight-normed weights computed once for both passes."""
+        cache = variant not in ("ncl", "uncached", "compiled_disc")
+        return torch.nn.utils.parametrize.cached() if cache else contextlib.nullcontext()
+
     def update(name, module, optimizer, max_norm):
         """Clip `module`'s gradients and take `optimizer`'s step, as train_codec.py does."""
         with phase(name):
@@ -164,10 +173,11 @@ def bench(preset: str, mode: str, variant: str, args) -> tuple[dict, dict | None
         # back-propagates into its own side only
         with autocast:
             fake, reconstruction = reconstruct()
-            with phase("disc_on_real"):
-                d_real = disc(audio)
-            with phase("disc_on_fake"):
-                d_fake = disc(fake)
+            with weights_once():
+                with phase("disc_on_real"):
+                    d_real = disc(audio)
+                with phase("disc_on_fake"):
+                    d_fake = disc(fake)
             with phase("adv_fm_loss"):
                 total = (reconstruction + cfg.adv_weight * generator_adversarial_loss(d_fake, cfg.gan_loss) +
                          cfg.feature_weight * feature_matching_loss(d_real, d_fake))
@@ -288,7 +298,7 @@ def profile_summary(prof, steps: int, cuda: bool) -> dict:
     `key_averages()` misses them); kernels are tied to the op that launched them by the
     profiler's correlation ids. `unattributed_ms` is what no range claims, `phase_spans_ms` the
     ranges' spans on the GPU timeline where the profiler records them. `top_kernels` are
-    [name, ms, calls] per step by device time. CPU: each range's wall time, and the ops by self
+    [name, ms, calls] per step by device time. CPU: each range's own wall time (less the ranges inside it), and the ops by self
     CPU time instead of kernels.
     """
     def ms(us):
@@ -335,8 +345,11 @@ def profile_summary(prof, steps: int, cuda: bool) -> dict:
             out["top_kernels"] = [[name[:80], ms(us), round(calls / steps, 1)] for name, (us, calls) in top]
             out["total_device_ms"] = ms(total)
         else:
-            for start, end, name in ranges:
+            for i, (start, end, name) in enumerate(ranges):  # each range's own time: less the ranges inside it
                 phases[name] = phases.get(name, 0.0) + end - start
+                outer = [r for r in ranges[:i] if r[1] >= end]
+                if outer:
+                    phases[outer[-1][2]] -= end - start
             out["phases_ms"] = {k: ms(v) for k, v in sorted(phases.items(), key=lambda kv: PHASES.index(kv[0]))}
             ops = [a for a in prof.key_averages() if a.key not in PHASES and not a.key.startswith("ProfilerStep")]
             ops.sort(key=lambda a: -a.self_cpu_time_total)

@@ -327,6 +327,7 @@ def test_benchmark_profiles_each_phase_and_measures_each_variant():
     assert list(timed) == list(profiled) == ["base", "alternating"]
     common = {"gen_forward", "mel_loss", "kl", "disc_on_fake", "disc_on_real", "adv_fm_loss", "gen_backward",
               "gen_clip_opt", "disc_loss", "disc_backward", "disc_clip_opt"}
+    common |= {"mpd_forward", "mrd_forward"}  # inside disc_on_* (and disc_forward)
     assert set(profiled["base"]["phases_ms"]) == common
     assert set(profiled["alternating"]["phases_ms"]) == common | {"disc_forward"}
     for variant, p in profiled.items():
