@@ -77,7 +77,8 @@ def conv_any(conv: nn.Module, x: Tensor, padding: int = 0) -> Tensor:
     """An `nn.Conv1d` or `nn.ConvTranspose1d` (no padding of its own) applied to (B, C, L), or to
     (B, C, 1, L) channels-last (the training layout, `Codec.use_channels_last`) as the 2-D
     convolution of the same weights, whose output is made channels-last too (cuDNN returns the
-    contiguous layout for a one-channel input). `padding` zeros on both sides of L (4-D only)."""
+    contiguous layout for a one-channel input). `padding` along L (4-D only; for a transposed conv,
+    the outputs it trims from each end)."""
     if x.dim() == 3:
         return conv(x)
     w = conv.weight.unsqueeze(2)
@@ -121,9 +122,7 @@ class CausalConv1d(nn.Module):
     """Conv1d padded on the left only: output t sees input up to t.
 
     `polyphase` (set by `Codec.dilated_convs_polyphase` for training; never for streaming)
-    computes a dilated convolution with `dilated_conv1d_polyphase` instead. On (B, C, 1, L)
-    channels-last input (training) the causal zeros are the convolution's own padding, with the
-    outputs that see the right padding dropped: no padded copy of the input.
+    computes a dilated convolution with `dilated_conv1d_polyphase` instead.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, dilation=1, bias=True):
@@ -135,12 +134,10 @@ class CausalConv1d(nn.Module):
         self.polyphase = False
 
     def forward(self, x: Tensor, stream: Optional[CodecStream] = None) -> Tensor:
-        if x.dim() == 4 and not self.polyphase:  # output i of either padding sees the same inputs
-            return conv_any(self.conv, x, padding=self.pad_length)[..., :(x.shape[-1] - 1) // self.conv.stride[0] + 1]
         x = F.pad(x, (self.pad_length, 0)) if stream is None else stream.push(self, x)
         if self.polyphase and stream is None:
             return dilated_conv1d_polyphase(x, self.conv)
-        return self.conv(x)
+        return conv_any(self.conv, x)
 
 
 class CausalConvTranspose1d(nn.Module):
@@ -161,11 +158,17 @@ class CausalConvTranspose1d(nn.Module):
         self.register_buffer("pad_buffer", torch.zeros(1, in_channels, self.pad_length))
 
     def forward(self, x: Tensor, stream: Optional[CodecStream] = None) -> Tensor:
+        if x.dim() == 4:
+            # The training layout: the replication as a concatenation and the trim as the transposed
+            # conv's own padding, whose backwards keep the gradients channels-last (those of a
+            # replication pad and of a slice are allocated channels-first).
+            x = torch.cat([x[..., :1].expand(*x.shape[:-1], self.pad_length), x], dim=-1)
+            return conv_any(self.deconv, x, padding=self.stride)
         if stream is None:
-            x = F.pad(x, (self.pad_length, 0) + (0, 0) * (x.dim() - 3), mode="replicate")
+            x = F.pad(x, (self.pad_length, 0), mode="replicate")
         else:
             x = stream.push(self, x)
-        return conv_any(self.deconv, x)[..., self.stride:-self.stride]
+        return self.deconv(x)[:, :, self.stride:-self.stride]
 
 
 class CausalResUnit(nn.Module):
@@ -330,7 +333,7 @@ class Codec(nn.Module):
         """(B, 1, N) audio in [-1, 1], N a multiple of 2000 -> mu, logvar, each (B, N/2000, 32)."""
         x = audio / self.norm_stddev
         if self.channels_last and stream is None:
-            h = self.encoder(x.unsqueeze(2), stream)[:, :, 0]  # (B, C, L), stored as (B, L, C)
+            h = self.encoder(x.unsqueeze(2), stream).squeeze(2)  # (B, C, L), stored as (B, L, C)
         else:
             h = self.encoder(x, stream)  # (B, C, L)
         return self.compressor(h.transpose(1, 2))
@@ -339,7 +342,8 @@ class Codec(nn.Module):
         """(B, L, 32) latents -> (B, 1, 2000 L) audio."""
         h = self.compressor.proj_out(latents).transpose(1, 2)  # (B, C, L)
         if self.channels_last and stream is None:
-            return self.decoder(h.unsqueeze(2).contiguous(memory_format=CHANNELS_LAST))[:, :, 0] * self.norm_stddev
+            # squeeze, not [:, :, 0]: the backward of a view keeps the gradient's layout
+            return self.decoder(h.unsqueeze(2).contiguous(memory_format=CHANNELS_LAST)).squeeze(2) * self.norm_stddev
         return self.decoder(h, stream) * self.norm_stddev
 
     @staticmethod

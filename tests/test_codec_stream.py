@@ -119,8 +119,10 @@ def test_channels_last_layout_gives_the_same_training_pass_and_gradients(polypha
     codec (the official architecture and weights) in float64: the training pass (reconstruction,
     posterior, latents) and the gradients of the input and of every parameter equal those of the
     (B, C, L) layout, with and without the polyphase dilated convs; every convolution is handed a
-    channels-last input and its output goes on channels-last; the state dict is untouched and a
-    stream still decodes as the whole signal."""
+    channels-last input, and in the backward the gradient of every convolution's output is
+    channels-last too (a gradient allocated channels-first, as the backwards of a slice or a
+    replication pad do, makes cuDNN convert it: that made the layout slower than (B, C, L)); the
+    state dict is untouched and a stream still decodes as the whole signal."""
     import torch.nn.functional as F
     _, parity = list(codecs())[1]
     codec = parity.double().train()
@@ -135,12 +137,15 @@ def test_channels_last_layout_gives_the_same_training_pass_and_gradients(polypha
 
     codec.dilated_convs_polyphase(min_channels=1 if polyphase else 1 << 30)
     want, want_grads = run()
-    formats = []
+    formats, grad_formats = [], []
 
     def recording(conv):
         def call(x, *args, **kwargs):
             formats.append(x.is_contiguous(memory_format=torch.channels_last))
-            return conv(x, *args, **kwargs)
+            y = conv(x, *args, **kwargs)
+            if y.requires_grad:
+                y.register_hook(lambda g: grad_formats.append(g.is_contiguous(memory_format=torch.channels_last)))
+            return y
         return call
 
     monkeypatch.setattr(F, "conv2d", recording(F.conv2d))
@@ -152,6 +157,8 @@ def test_channels_last_layout_gives_the_same_training_pass_and_gradients(polypha
         codec.use_channels_last(False)
         codec.dilated_convs_polyphase(min_channels=1 << 30)
     assert len(formats) == 81 and all(formats), formats  # every conv of the encoder and decoder
+    assert len(grad_formats) == 81 and all(grad_formats), grad_formats
+    formats.clear()
     for k in want:
         assert got[k].shape == want[k].shape, k
         torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-12)
