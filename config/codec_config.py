@@ -107,7 +107,7 @@ class CodecConfig:
     checkpoint_dir: str = "checkpoints/codec"   # the run folder: checkpoints, metrics, plots, samples
     device: str = field(default="cuda", metadata=DEVICE)
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    compile: bool = False                       # torch.compile the generator (small, H200: 83 s, then 9% faster)
+    compile: bool = False                       # torch.compile the generator (small, H200: ~150 s, then 10% faster)
     seed: int = field(default=1337, metadata=RESUME)
     init_from: Optional[str] = None             # None, "official" or a path to one of ours
     resume: bool = True
@@ -142,7 +142,8 @@ tiny = dataclasses.replace(
 #   distance was still falling steadily when its proof stopped), and grad_clip=1 guards the rate;
 # - max_steps 4000: what 15 minutes hold on one H200 (the proof ran 4,025 steps in 15 minutes), so
 #   the cosine decay ends within such a run (with 6000 that run ended at a third of the peak rate;
-#   measured since: no better at the same step, README);
+#   measured since: no better at the same step, README); with the faster step of 2026-12-03
+#   (channels-last generator) 15 minutes hold more, which has not been re-run;
 # - mel loss alone for the first 400 steps (disc_start_step): without the discriminators a step
 #   costs about 40% of one with them, and the adversarial terms only refine a decoder that
 #   already reconstructs the spectrum (HiFi-GAN and DAC start them at 0 on runs 1000x longer);
