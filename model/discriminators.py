@@ -3,6 +3,7 @@ multi-resolution complex-STFT discriminator.
 
 Each discriminator maps (B, 1, N) audio to `(logits, features)`: the last map, and every
 intermediate activation for feature matching. `Discriminators` runs them all and returns the list.
+`Discriminators.use_channels_last()` runs them on channels-last activations (the trainer on CUDA).
 """
 from __future__ import annotations
 
@@ -18,6 +19,18 @@ from .codec_losses import stft
 
 # Frequency bands of the STFT discriminator, as fractions of the Nyquist frequency (DAC).
 BANDS = ((0.0, 0.1), (0.1, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0))
+CHANNELS_LAST = torch.channels_last
+
+
+def conv2d(conv: nn.Conv2d, x: Tensor, channels_last: bool) -> Tensor:
+    """`conv(x)`; with `channels_last`, the weight is handed to the convolution channels-last,
+    which makes the output channels-last even where the input's layout is ambiguous (one channel).
+    A clone, not `.contiguous`: a one-channel weight is already "contiguous" in both layouts and
+    would keep the strides that read as channels-first."""
+    if not channels_last:
+        return conv(x)
+    return F.conv2d(x, conv.weight.clone(memory_format=CHANNELS_LAST), conv.bias, conv.stride, conv.padding,
+                    conv.dilation, conv.groups)
 
 
 class PeriodDiscriminator(nn.Module):
@@ -32,6 +45,7 @@ class PeriodDiscriminator(nn.Module):
             weight_norm(nn.Conv2d(cin, cout, (5, 1), (3 if i < len(channels) - 1 else 1, 1), padding=(2, 0)))
             for i, (cin, cout) in enumerate(zip(widths[:-1], widths[1:])))
         self.post = weight_norm(nn.Conv2d(widths[-1], 1, (3, 1), padding=(1, 0)))
+        self.channels_last = False
 
     def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         b, c, n = x.shape
@@ -40,9 +54,9 @@ class PeriodDiscriminator(nn.Module):
         x = x.view(b, c, -1, self.period)  # (B, 1, N / p, p)
         features = []
         for conv in self.convs:
-            x = F.leaky_relu(conv(x), 0.1)
+            x = F.leaky_relu(conv2d(conv, x, self.channels_last), 0.1)
             features.append(x)
-        return self.post(x), features
+        return conv2d(self.post, x, self.channels_last), features
 
 
 class STFTDiscriminator(nn.Module):
@@ -69,18 +83,22 @@ class STFTDiscriminator(nn.Module):
 
         self.band_convs = nn.ModuleList(stack() for _ in self.bands)
         self.post = weight_norm(nn.Conv2d(ch, 1, (3, 3), padding=(1, 1)))
+        self.channels_last = False
 
     def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         spec = torch.view_as_real(stft(x, self.window, self.hop))  # (B, F, T, 2), float32
-        spec = spec.permute(0, 3, 2, 1)  # (B, 2, T, F); autocast casts it for the convs
+        if self.channels_last:  # (B, T, F, 2) in memory, so each band is a channels-last (B, 2, T, f)
+            spec = spec.transpose(1, 2).contiguous().permute(0, 3, 1, 2)
+        else:
+            spec = spec.permute(0, 3, 2, 1)  # (B, 2, T, F); autocast casts it for the convs
         features, outs = [], []
         for (lo, hi), convs in zip(self.bands, self.band_convs):
-            h = spec[..., lo:hi]
+            h = spec[..., lo:hi].contiguous(memory_format=CHANNELS_LAST) if self.channels_last else spec[..., lo:hi]
             for conv in convs:
-                h = F.leaky_relu(conv(h), 0.1)
+                h = F.leaky_relu(conv2d(conv, h, self.channels_last), 0.1)
                 features.append(h)
             outs.append(h)
-        return self.post(torch.cat(outs, dim=-1)), features
+        return conv2d(self.post, torch.cat(outs, dim=-1), self.channels_last), features
 
 
 class Discriminators(nn.Module):
@@ -92,6 +110,17 @@ class Discriminators(nn.Module):
         self.discriminators = nn.ModuleList(
             [PeriodDiscriminator(p, cfg.mpd_channels) for p in cfg.mpd_periods] +
             [STFTDiscriminator(w, cfg.mrd_channels) for w in cfg.mrd_windows])
+
+    def use_channels_last(self, on: bool = True) -> None:
+        """Run every convolution on channels-last activations: a training speed switch for CUDA
+        (the trainer sets it there), the same values up to rounding, the parameters untouched
+        (each weight is handed to cuDNN channels-last). On contiguous activations cuDNN converts
+        each bf16 convolution's input, output and gradients to and from NHWC; the period
+        discriminators' one-channel input reads as contiguous, and the STFT discriminator's
+        bands were strided views, so before this only 68 of `small`'s 108 convolutions were
+        handed a channels-last input."""
+        for d in self.discriminators:
+            d.channels_last = on
 
     def forward(self, x: Tensor) -> list[tuple[Tensor, list[Tensor]]]:
         return [d(x) for d in self.discriminators]

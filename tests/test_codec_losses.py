@@ -193,6 +193,59 @@ def test_discriminators_shapes_and_gradients():
     assert len(feats) == 25 and logits.shape[1] == 1
 
 
+def test_channels_last_discriminators_give_the_same_verdicts_and_gradients(monkeypatch):
+    """The trainer's discriminator layout on CUDA (`Discriminators.use_channels_last`), with the
+    recipe's periods and STFT windows (all 108 convolutions of `small`, narrower): the trainer's
+    losses on real audio and a reconstruction (weights computed once for both passes, as the
+    trainer) and their gradients into the input and every parameter equal those of the contiguous
+    layout; every convolution is handed a channels-last input (the period discriminators' first
+    convolution sees one channel, ambiguous, and must still put out channels-last), returns a
+    channels-last output and gets a channels-last gradient back; the parameters keep their layout."""
+    import torch.nn.functional as F
+    from torch.nn.utils import parametrize
+    cfg = PRESETS["small"]
+    torch.manual_seed(0)
+    d = Discriminators(cfg)
+    d.discriminators = torch.nn.ModuleList(  # the recipe's structure, 8x narrower: seconds on a CPU
+        [PeriodDiscriminator(p, (4, 16, 64, 128, 128)) for p in cfg.mpd_periods] +
+        [STFTDiscriminator(w, 4) for w in cfg.mrd_windows])
+    state = {k: v.clone() for k, v in d.state_dict().items()}
+    real = tone(220.0, n=6000, batch=2) + 0.05 * torch.randn(2, 1, 6000)
+    fake = (0.5 * real + 0.05 * torch.randn(2, 1, 6000)).requires_grad_()
+
+    def run():
+        with parametrize.cached():
+            d_real, d_fake = d(real), d(fake)
+        gen = generator_adversarial_loss(d_fake) + feature_matching_loss(d_real, d_fake)
+        disc = discriminator_loss(d_real, d_fake)
+        return (gen, disc), torch.autograd.grad(gen + disc, [fake] + list(d.parameters()))
+
+    want, want_grads = run()
+    inputs, outputs, grads, conv2d = [], [], [], F.conv2d
+
+    def recording(x, *args, **kwargs):
+        inputs.append(x.is_contiguous(memory_format=torch.channels_last))
+        y = conv2d(x, *args, **kwargs)
+        outputs.append(y.is_contiguous(memory_format=torch.channels_last) and y.stride()[1] == 1)
+        y.register_hook(lambda g: grads.append(g.is_contiguous(memory_format=torch.channels_last)))
+        return y
+
+    monkeypatch.setattr(F, "conv2d", recording)
+    d.use_channels_last()
+    got, got_grads = run()
+    n = 2 * 108  # two passes (real, reconstruction)
+    assert len(inputs) == n and all(inputs), inputs
+    assert len(outputs) == n and all(outputs), outputs
+    assert len(grads) == n and all(grads), grads
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    scale = max(g.abs().max().item() for g in want_grads)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale)
+    assert all(torch.equal(d.state_dict()[k], v) for k, v in state.items())
+    assert all(p.is_contiguous() for p in d.parameters())
+
+
 def test_spectra_stay_float32_under_bf16_autocast():
     """On CUDA the recipe runs under bf16 autocast; STFTs, mel projections and the losses must not
     drop to bf16 (checked with CPU autocast, which casts the same matmuls and convolutions)."""
