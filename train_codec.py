@@ -58,9 +58,9 @@ from model.loading import load_codec, write_codec
 from model.parallel import average_gradients, broadcast_parameters, gradient_sync
 from model.plots import plot_metrics, save_mel_figure
 from model.training import (Checkpoints, Deadline, Dist, Logger, all_reduce_mean, autocast, before_step,
-                            check_architecture, check_finite_step, check_folders, check_resumable, cosine_lr,
+                            FiniteGuard, check_architecture, check_folders, check_resumable, cosine_lr,
                             load_training_state, move_aside, rng_state, run_script, seed_everything, set_rng_state,
-                            setup_distributed, state_to_load, teardown_distributed, unwrap, window_peak_gb)
+                            setup_distributed, StepTimer, state_to_load, teardown_distributed, unwrap, window_peak_gb)
 
 
 def main(argv=None) -> dict:
@@ -127,6 +127,7 @@ def main(argv=None) -> dict:
     gen_model, generator = compile_and_wrap(generator, cfg.compile, ddp)
     broadcast_parameters(discriminators)  # no-op in one process
     gen_params, disc_params = list(generator.parameters()), list(discriminators.parameters())
+    guard = FiniteGuard(opt_g, opt_d)
     logger = Logger(cfg.wandb, cfg.wandb_project, run_dir, cfg, is_main=is_main,
                     resume_id=state.get("wandb_id") if state else None)
     for note in checkpoints.recover(export_state) if is_main else []:
@@ -136,12 +137,15 @@ def main(argv=None) -> dict:
         f"per step on {ddp.world_size} x {device}, run folder {run_dir}")
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not is_main, dynamic_ncols=True, desc="train")
     start_step, t_log = step, time.time()
-    sums, step_times, metrics = {}, [], {}  # sums: loss name -> per-micro-batch values since the last log
+    sums, metrics, timer = {}, {}, StepTimer(device)  # sums: loss name -> per-micro-batch values since the last log
     while True:
         # evaluation (rank 0) and checkpoints, before the step: they describe the model after `step` updates
-        t_pause = time.time()
         due = before_step(step, start_step, cfg.max_steps, cfg.log_interval, cfg.eval_interval, cfg.save_interval,
                           deadline)
+        if due.evaluate or due.save or due.stop:
+            guard.check()  # nothing is evaluated or saved after a non-finite step
+            timer.pause()
+        t_pause = time.time()
         if due.evaluate and is_main:
             metrics, pairs = evaluate(generator, val_loader, mel_loss, cfg, have, dnsmos)
             logger.log({**metrics, **log_samples(run_dir, pairs, cfg.sample_rate, logger, have.plots)}, step)
@@ -156,7 +160,7 @@ def main(argv=None) -> dict:
                 say(f"max_minutes={cfg.max_minutes} reached at step {step}: run the same command to resume")
             break
         t_log += time.time() - t_pause  # throughput counts training time only
-        t_step = time.time()
+        timer.step_start()
 
         lr, lr_d = get_lr(step, cfg)
         for optimizer, value in ((opt_g, lr), (opt_d, lr_d)):
@@ -199,25 +203,28 @@ def main(argv=None) -> dict:
             for k, v in losses.items():
                 sums.setdefault(k, []).append(v.detach().float())
         norms = {"grad_norm/generator": clip(gen_model, cfg.grad_clip)}
-        check_finite_step(step, step_loss, norms["grad_norm/generator"], lambda: files)
-        opt_g.step()
-        opt_g.zero_grad(set_to_none=True)
         if use_disc:
             average_gradients(discriminators)  # no-op in one process
             norms["grad_norm/discriminators"] = clip(discriminators, cfg.disc_grad_clip)
-            check_finite_step(step, disc_loss, norms["grad_norm/discriminators"], lambda: files)
-            opt_d.step()
-            opt_d.zero_grad(set_to_none=True)
+        # a non-finite step's updates are skipped on the device; `guard.check()` reports it
+        guard.flag(step, {"loss": step_loss, "gradient norm": norms["grad_norm/generator"],
+                          **({"discriminator loss": disc_loss, "discriminator gradient norm":
+                              norms["grad_norm/discriminators"]} if use_disc else {})}, files)
+        for optimizer in (opt_g, opt_d) if use_disc else (opt_g,):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         step += 1
-        step_times.append(time.time() - t_step)  # host time; the finite-step checks sync with the device
+        timer.step_end()
         bar.update(1)
 
         if step % cfg.log_interval == 0 or step == cfg.max_steps:
-            row = train_row(sums, norms, lr, lr_d, samples_per_step, step_times, time.time() - t_log, cfg, device)
+            guard.check()  # (the device has caught up: the wall time below is the steps')
+            row = train_row(sums, norms, lr, lr_d, samples_per_step, timer.durations(), time.time() - t_log, cfg,
+                            device)
             logger.log(row, step)
             bar.set_postfix(loss=f"{row['loss/total']:.3f}", mel=f"{row['loss/mel']:.3f}",
                             samples_s=f"{row['perf/samples_per_s']:.1f}")
-            sums, step_times, t_log = {}, [], time.time()
+            sums, t_log = {}, time.time()
 
     bar.close()
     png = is_main and have.plots and plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss_curves.png",
@@ -458,7 +465,7 @@ def adamw(module: torch.nn.Module, lr: float, cfg: CodecConfig, device: torch.de
     for name, p in module.named_parameters():
         (decay if p.dim() >= 2 and not name.endswith("original0") else rest).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), fused=True)  # FiniteGuard needs fused
 
 
 def clip(module: torch.nn.Module, max_norm: float) -> torch.Tensor:

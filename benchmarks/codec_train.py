@@ -8,22 +8,25 @@ AdamW on each), bf16 autocast + torch.compile against fp32 eager.
     python benchmarks/codec_train.py --device cpu --presets tiny --batch 2 --seconds 1 \
         --steps 2 --warmup 1 --modes fp32-eager                      # CPU smoke test
     python benchmarks/codec_train.py --presets small --modes bf16-eager --steps 3 --profile \
-        --variants base,alternating,channels_last          # where the time goes, and A/Bs
+        --variants base,disc_nchw,host_sync               # where the time goes, and A/Bs
     python benchmarks/codec_train.py --data data/demo/train --presets small --workers 6   # the loader alone
 
 `--variants` (a comma list, default base) measures each variant in turn in the same process, from
 the same initial weights, one line each with its "variant":
 - `base`: train_codec.py's step, cuDNN benchmark mode on (as the trainer sets it on CUDA), the
-  generator on (B, C, 1, L) channels-last activations (`Codec.use_channels_last`, as the trainer on CUDA);
-  and the discriminators' weight-normed weights computed once for their two passes
+  generator on (B, C, 1, L) channels-last activations (`Codec.use_channels_last`) and the
+  discriminators on channels-last activations (`Discriminators.use_channels_last`), as the trainer
+  on CUDA; and the discriminators' weight-normed weights computed once for their two passes
   (`parametrize.cached()`, as the trainer);
+- `disc_nchw`: `base` with the discriminators on contiguous (NCHW) activations, the trainer's
+  step of session 11 (2026-12-03);
+- `host_sync`: `base` with the host checking each update's loss and gradient norm before it
+  (two syncs a step, as the trainer did before its `FiniteGuard`; `ncl` and `alternating` too),
+  where `base` skips a non-finite update on the device;
 - `ncl`: the step as the trainer had it before 2026-12-03: the generator on (B, C, L) activations
-  (cuDNN converts each conv's input, output and gradients to and from NHWC), the discriminators'
-  weights computed at each pass;
+  (cuDNN converts each conv's input, output and gradients to and from NHWC), the discriminators
+  on NCHW activations and their weights computed at each pass;
 - `uncached`: `base` with the discriminators' weights computed at each pass;
-- `channels_last`: the discriminators in channels_last too. `.to(memory_format=...)` converts only the
-  weight-norm originals (the weight computed from them at each call is contiguous), so each Conv2d's
-  input is made channels_last as well, by a forward pre-hook here (model code unchanged);
 - `no_cudnn_benchmark`: cuDNN's default algorithm choice instead;
 - `compiled_disc`: with `bf16-compile`, the discriminators compiled as well as the generator
   (train_codec.py compiles the generator only: a compiled discriminator's backward is one graph
@@ -33,8 +36,8 @@ the same initial weights, one line each with its "variant":
 - `alternating`: the step train_codec.py had before (cuDNN's dilated convs too): a generator step with the discriminators
   frozen (D(fake) with a gradient, D(real) without, float32 feature matching), then a discriminator
   step on cat[real, fake.detach()] — four discriminator forwards of a batch where `base` has two.
-Each line also says how many of the discriminators' Conv2d calls the layer before hands a
-channels_last input ("conv2d_inputs_channels_last": "k/n").
+Each line also says how many of the discriminators' 2-D convolutions are handed a channels_last
+input ("conv2d_inputs_channels_last": "k/n").
 
 `--profile` then runs `--steps` more steps under torch.profiler (CPU and CUDA activities on CUDA),
 with a record_function range around each phase of the step (gen_forward, mel_loss, kl,
@@ -73,6 +76,7 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -83,7 +87,7 @@ from model.codec_losses import (MultiResolutionMelLoss, discriminator_loss, feat
 from model.discriminators import Discriminators, PeriodDiscriminator  # noqa: E402
 
 MODES = {"fp32-eager": ("float32", False), "bf16-compile": ("bfloat16", True), "bf16-eager": ("bfloat16", False)}
-VARIANTS = ("base", "alternating", "ncl", "uncached", "cudnn_dilated", "channels_last", "no_cudnn_benchmark", "compiled_disc")
+VARIANTS = ("base", "alternating", "ncl", "uncached", "cudnn_dilated", "disc_nchw", "host_sync", "no_cudnn_benchmark", "compiled_disc")
 # record_function ranges of one step (disc_forward: the alternating variant's discriminator step)
 PHASES = ("gen_forward", "mel_loss", "kl", "disc_on_fake", "disc_on_real", "mpd_forward", "mrd_forward",
           "adv_fm_loss", "gen_backward", "gen_clip_opt", "disc_forward", "disc_loss", "disc_backward", "disc_clip_opt")
@@ -117,17 +121,10 @@ def bench(preset: str, mode: str, variant: str, args) -> tuple[dict, dict | None
     if cuda:  # as train_codec.py does; the step before (alternating) had cuDNN's dilated convs and (B, C, L)
         generator.dilated_convs_polyphase(1 << 30 if variant in ("alternating", "cudnn_dilated") else 512)
         generator.use_channels_last(variant not in ("alternating", "ncl"))
-    if variant == "channels_last":
-        # This converts the weight-norm originals (g, v) only: the weight that weight_norm computes
-        # from them at each call comes out contiguous. So each Conv2d's input is made channels_last
-        # too (a no-op once the layer before produced channels_last), and the conv follows its input.
-        discriminators = discriminators.to(memory_format=torch.channels_last)
-        for m in discriminators.modules():
-            if isinstance(m, torch.nn.Conv2d):
-                m.register_forward_pre_hook(lambda m, a: (a[0].contiguous(memory_format=torch.channels_last),))
+        discriminators.use_channels_last(variant not in ("alternating", "ncl", "disc_nchw"))
     mel_loss = MultiResolutionMelLoss(cfg.mel_windows, cfg.mel_bins, cfg.sample_rate).to(device)
-    opt_g = torch.optim.AdamW(generator.parameters(), lr=1e-4, betas=(cfg.beta1, cfg.beta2), fused=cuda)
-    opt_d = torch.optim.AdamW(discriminators.parameters(), lr=1e-4, betas=(cfg.beta1, cfg.beta2), fused=cuda)
+    opt_g = torch.optim.AdamW(generator.parameters(), lr=1e-4, betas=(cfg.beta1, cfg.beta2), fused=True)
+    opt_d = torch.optim.AdamW(discriminators.parameters(), lr=1e-4, betas=(cfg.beta1, cfg.beta2), fused=True)
     gen, disc = generator, discriminators
     if use_compile:  # as train_codec.py does: the generator only
         gen = compile_codec(generator)
@@ -148,10 +145,17 @@ def bench(preset: str, mode: str, variant: str, args) -> tuple[dict, dict | None
         cache = variant not in ("ncl", "uncached", "compiled_disc")
         return torch.nn.utils.parametrize.cached() if cache else contextlib.nullcontext()
 
-    def update(name, module, optimizer, max_norm):
-        """Clip `module`'s gradients and take `optimizer`'s step, as train_codec.py does."""
+    def update(name, module, optimizer, max_norm, loss):
+        """Clip `module`'s gradients and take `optimizer`'s step, as train_codec.py does: the step
+        skipped on the device if the loss or the norm is not finite (`FiniteGuard`), or with
+        `host_sync` after the host has checked them (the trainer's rule before 2026-12-03)."""
         with phase(name):
-            torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
+            norm = torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
+            finite = torch.isfinite(torch.stack([loss.float(), norm.float()])).all().float()
+            if variant in ("host_sync", "ncl", "alternating"):
+                assert finite.item() == 1
+            else:
+                optimizer.found_inf = 1.0 - finite
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -187,8 +191,8 @@ def bench(preset: str, mode: str, variant: str, args) -> tuple[dict, dict | None
             total.backward(inputs=gen_params, retain_graph=True)
         with phase("disc_backward"):
             loss_d.backward(inputs=disc_params)
-        update("gen_clip_opt", generator, opt_g, cfg.grad_clip)
-        update("disc_clip_opt", discriminators, opt_d, cfg.disc_grad_clip)
+        update("gen_clip_opt", generator, opt_g, cfg.grad_clip, total.detach())
+        update("disc_clip_opt", discriminators, opt_d, cfg.disc_grad_clip, loss_d.detach())
         return total.detach(), loss_d.detach()
 
     def alternating_step():
@@ -209,7 +213,7 @@ def bench(preset: str, mode: str, variant: str, args) -> tuple[dict, dict | None
                          cfg.feature_weight * fm)
         with phase("gen_backward"):
             total.backward()
-        update("gen_clip_opt", generator, opt_g, cfg.grad_clip)
+        update("gen_clip_opt", generator, opt_g, cfg.grad_clip, total.detach())
         disc.requires_grad_(True)
         with autocast:
             with phase("disc_forward"):
@@ -219,7 +223,7 @@ def bench(preset: str, mode: str, variant: str, args) -> tuple[dict, dict | None
                                             [(l.chunk(2)[1], []) for l, _ in both], cfg.gan_loss)
         with phase("disc_backward"):
             loss_d.backward()
-        update("disc_clip_opt", discriminators, opt_d, cfg.disc_grad_clip)
+        update("disc_clip_opt", discriminators, opt_d, cfg.disc_grad_clip, loss_d.detach())
         return total.detach(), loss_d.detach()
 
     def sync():
@@ -270,22 +274,20 @@ def bench(preset: str, mode: str, variant: str, args) -> tuple[dict, dict | None
 
 
 def conv_input_formats(discriminators, audio, autocast) -> str:
-    """"k/n": how many of the discriminators' n Conv2d calls are handed a channels_last input by the
-    layer before (ahead of the channels_last variant's conversion), in one no-grad forward of two
-    crops; a (B, 1, H, W) input counts as both layouts."""
-    seen = []
+    """"k/n": how many of the discriminators' n 2-D convolutions are handed a channels_last input,
+    in one no-grad forward of two crops; a (B, 1, H, W) input counts as both layouts."""
+    seen, conv2d = [], F.conv2d
 
-    def note(module, inputs):
-        seen.append(inputs[0].is_contiguous(memory_format=torch.channels_last))
+    def noting(x, *args, **kwargs):
+        seen.append(x.is_contiguous(memory_format=torch.channels_last))
+        return conv2d(x, *args, **kwargs)
 
-    hooks = [m.register_forward_pre_hook(note, prepend=True)
-             for m in discriminators.modules() if isinstance(m, torch.nn.Conv2d)]
+    F.conv2d = noting  # what nn.Conv2d and the channels-last path both call
     try:
         with torch.no_grad(), autocast:
             discriminators(audio[:2])
     finally:
-        for h in hooks:
-            h.remove()
+        F.conv2d = conv2d
     return f"{sum(seen)}/{len(seen)}"
 
 

@@ -5,7 +5,9 @@
 - `Checkpoints`: atomic training checkpoints in a folder: `step_XXXXXXXX.pt` (the last N kept),
   `latest.pt` and `best.pt` (hard links, so no extra space), plus our `.safetensors` model
   exports beside them for the loading API, saved together with the state; never non-finite.
-- `check_finite_step`: a non-finite loss or gradient stops training with a TrainingError.
+- `check_finite_step`: a non-finite loss or gradient stops training with a TrainingError;
+  `FiniteGuard` the same without a host sync per step (fused optimizers), `StepTimer` the step
+  times without one.
 - `rng_state` / `set_rng_state`: exact resume of python, numpy and torch generators.
 - `state_to_load` / `move_aside`: where a run's weights come from (`latest.pt` when resuming or
   evaluating it), and a run with `resume=false` moving the previous run's folder aside.
@@ -180,14 +182,99 @@ def check_finite_step(step: int, loss: torch.Tensor, grad_norm: torch.Tensor,
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     if finite.item() == 1:
         return
-    loss_value, norm = values.tolist()
-    what = (f"non-finite loss ({loss_value})" if not math.isfinite(loss_value) else
-            f"non-finite gradient norm ({norm})" if not math.isfinite(norm) else "a non-finite loss on another rank")
-    names = sorted(set(files()))
+    raise TrainingError(non_finite_message(step, dict(zip(("loss", "gradient norm"), values.tolist())), files(),
+                                           "stopped before updating the weights"))
+
+
+class FiniteGuard:
+    """`check_finite_step`'s rule without a host sync per step, for fused AdamW optimizers (they
+    read `found_inf`, as under a GradScaler). `flag` decides on the device whether a step's values
+    (losses, gradient norms) are all finite on every rank and hands that to the optimizers, so a
+    non-finite step's updates are skipped on the device; `check` reads the decisions made since the
+    last check (one sync) and raises the TrainingError naming the first non-finite step and its
+    batch's files. The trainer checks at every log row and before it evaluates, saves or stops, so
+    no checkpoint or metric follows an unchecked step, and each step's kernels queue behind the
+    last step's without the device draining in between (a codec step at 2 s crops is short
+    enough for that to show)."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer):
+        for optimizer in optimizers:
+            if not optimizer.defaults.get("fused"):
+                raise ValueError("FiniteGuard needs fused optimizers: the others ignore found_inf")
+        self.optimizers = optimizers
+        self.pending: list[tuple[int, dict[str, torch.Tensor], torch.Tensor, Iterable[str]]] = []
+
+    def flag(self, step: int, values: dict[str, torch.Tensor], files: Iterable[str] = ()) -> None:
+        """Before the optimizers' steps: `values` (name -> scalar tensor) of `step`, whose batch came
+        from `files`."""
+        found_inf = 1.0 - torch.isfinite(torch.stack([v.detach().float().reshape(()) for v in values.values()])
+                                         ).all().float()
+        if dist.is_initialized():
+            dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
+        for optimizer in self.optimizers:
+            optimizer.found_inf = found_inf
+        self.pending.append((step, values, found_inf, files))
+
+    def check(self) -> None:
+        pending, self.pending = self.pending, []
+        if not pending:
+            return
+        flags = torch.stack([found_inf for _, _, found_inf, _ in pending]).tolist()
+        if not any(flags):
+            return
+        step, values, _, files = pending[flags.index(1.0)]
+        raise TrainingError(non_finite_message(step, {k: v.float().item() for k, v in values.items()}, files,
+                                               "its update was skipped and training stopped"))
+
+
+class StepTimer:
+    """Each step's duration without a host sync per step (see `FiniteGuard`). On CUDA, the time
+    between events the device passes as it finishes one step's work and the next's, so whatever
+    the device waited on (the host, the loader, a stall) counts in the step it delayed; on other
+    devices the host's time. `pause()` after anything that is not a step (an evaluation, a save);
+    `durations()` returns the steps' seconds since its last call, after the device caught up."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.last = None  # where the next step starts: the last step's end, None after a pause
+        self.spans: list = []  # (start, end) of the steps since the last `durations()`
+
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def pause(self) -> None:
+        self.last = None
+
+    def step_start(self) -> None:
+        if self.last is None:
+            self.last = self._now()
+
+    def step_end(self) -> None:
+        end = self._now()
+        self.spans.append((self.last, end))
+        self.last = end
+
+    def durations(self) -> list[float]:
+        spans, self.spans = self.spans, []
+        if self.cuda and spans:
+            spans[-1][1].synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in spans]
+        return [b - a for a, b in spans]
+
+
+def non_finite_message(step: int, values: dict[str, float], files: Iterable[str], what_happened: str) -> str:
+    """The finite-step rule's error: the first non-finite value by name, the step, the batch's files."""
+    bad = next(((name, v) for name, v in values.items() if not math.isfinite(v)), None)
+    what = f"non-finite {bad[0]} ({bad[1]})" if bad else "a non-finite loss on another rank"
+    names = sorted(set(files))
     shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
-    raise TrainingError(f"{what} at step {step}" + (f" on a batch from {shown}" if names else "") +
-                        "; stopped before updating the weights (the checkpoints hold the last finite ones): "
-                        "lower the learning rate, or check the data")
+    return (f"{what} at step {step}" + (f" on a batch from {shown}" if names else "") +
+            f"; {what_happened} (the checkpoints hold the last finite weights): lower the learning rate, "
+            "or check the data")
 
 
 # --- checkpoints ----------------------------------------------------------------------------

@@ -11,9 +11,9 @@ import torch
 from config import fields_marked
 from config.codec_config import PRESETS, CodecConfig
 from config import ConfigError
-from model.training import (Checkpoints, ConfigMismatch, Deadline, Logger, autocast, before_step, check_architecture,
-                            check_resumable, cosine_lr, move_aside, rng_state, set_rng_state, state_to_load,
-                            window_peak_gb)
+from model.training import (Checkpoints, ConfigMismatch, Deadline, FiniteGuard, Logger, StepTimer, TrainingError,
+                            autocast, before_step, check_architecture, check_resumable, cosine_lr, move_aside,
+                            rng_state, set_rng_state, state_to_load, window_peak_gb)
 
 
 def test_cosine_lr_warms_up_then_decays_to_min():
@@ -59,6 +59,66 @@ def test_init_from_check_compares_the_architecture_only():
                                              "  latent_dim: the checkpoint has 16, this run has 32"]
     assert len(str(e.value).splitlines()) == 3
     check_architecture(saved, dataclasses.replace(cfg, latent_dim=16), "x.safetensors")
+
+
+def test_finite_guard_skips_a_non_finite_update_on_the_device_and_names_it_at_the_check():
+    """Two fused AdamW (as the codec trainer): finite steps update the weights; a step whose loss
+    or gradient norm is not finite leaves every weight, moment and step count as they were (the
+    device skips it, no host check); the next steps update again, and the check names the first
+    non-finite step, the value at fault and its batch's files, then forgets what it reported."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)
+    opts = [torch.optim.AdamW(m.parameters(), lr=0.1, fused=True) for m in (a, b)]
+    guard = FiniteGuard(*opts)
+    x = torch.randn(8, 4)
+
+    def step(n, scale=1.0):
+        loss = b(a(x)).square().mean() * scale
+        loss.backward()
+        norms = [torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0) for m in (a, b)]
+        guard.flag(n, {"loss": loss, "gradient norm": norms[0], "discriminator gradient norm": norms[1]},
+                   [f"clip{n}.wav", f"clip{n}.wav"])
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    def snapshot():
+        return [p.detach().clone() for m in (a, b) for p in m.parameters()] + \
+            [v.clone() for opt in opts for state in opt.state.values() for v in state.values()]
+
+    step(0)
+    guard.check()  # all finite: nothing to say
+    before = snapshot()
+    step(1, scale=float("inf"))
+    assert all(torch.equal(u, v) for u, v in zip(snapshot(), before))  # skipped, moments and counts too
+    step(2)
+    assert not any(torch.equal(u, v) for u, v in zip(snapshot()[:4], before[:4]))  # the next step updates
+    with pytest.raises(TrainingError, match=r"^non-finite loss \(inf\) at step 1 on a batch from clip1\.wav; "
+                                            r"its update was skipped"):
+        guard.check()
+    guard.check()  # reported once
+    with pytest.raises(ValueError, match="fused"):
+        FiniteGuard(torch.optim.AdamW(a.parameters(), foreach=True))
+
+
+def test_step_timer_counts_each_step_from_the_last_ones_end():
+    """Host time off CUDA: a step's duration runs from the previous step's end (what happens
+    between two steps counts), and a pause (an evaluation) is not counted in the next step."""
+    timer = StepTimer(torch.device("cpu"))
+    timer.step_start()
+    time.sleep(0.02)
+    timer.step_end()
+    time.sleep(0.03)  # between steps: the loader, say
+    timer.step_start()
+    timer.step_end()
+    timer.pause()
+    time.sleep(0.05)  # an evaluation
+    timer.step_start()
+    time.sleep(0.01)
+    timer.step_end()
+    first, second, third = timer.durations()
+    assert 0.02 <= first < 0.03 and 0.03 <= second < 0.045 and 0.01 <= third < 0.03
+    assert timer.durations() == []
 
 
 def test_autocast_refuses_an_unknown_dtype():
