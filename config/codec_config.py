@@ -140,10 +140,9 @@ tiny = dataclasses.replace(
 # - learning rate 5e-4 with a 200-step warmup (small: 2e-4 after 500; HiFi-GAN 2e-4, EnCodec 3e-4,
 #   DAC 1e-4 for 400k steps): a 15-minute run is limited by its number of updates (small's mel
 #   distance was still falling steadily when its proof stopped), and grad_clip=1 guards the rate;
-# - max_steps 4000: what 15 minutes hold on one H200 (the proof ran 4,025 steps in 15 minutes), so
-#   the cosine decay ends within such a run (with 6000 that run ended at a third of the peak rate;
-#   measured since: no better at the same step, README); with the faster step of 2026-12-03
-#   (channels-last generator) 15 minutes hold more, which has not been re-run;
+# - max_steps 5000: about what 15 minutes hold on one H200, so the cosine decay ends near the end
+#   of such a run (the proof of 2026-12-03, channels-last generator and discriminators, ran 4,525
+#   steps in 15 minutes with it; the first proof 4,025 with the slower step);
 # - mel loss alone for the first 400 steps (disc_start_step): without the discriminators a step
 #   costs about 40% of one with them, and the adversarial terms only refine a decoder that
 #   already reconstructs the spectrum (HiFi-GAN and DAC start them at 0 on runs 1000x longer);
@@ -151,7 +150,7 @@ tiny = dataclasses.replace(
 small_fast = dataclasses.replace(
     small,
     segment_seconds=2.0, val_segment_seconds=6.0, batch_size=32, learning_rate=5e-4, disc_learning_rate=5e-4, min_lr=5e-5,
-    warmup_steps=200, max_steps=4000, disc_start_step=400, num_workers=6,
+    warmup_steps=200, max_steps=5000, disc_start_step=400, num_workers=6,
     log_interval=25, eval_interval=500, save_interval=500,
 )
 
