@@ -305,3 +305,33 @@ def test_window_peak_covers_its_window_only():
     del big
     assert window_peak_gb(device) >= 2.0
     assert window_peak_gb(device) < 2.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_finite_guard_and_step_timer_on_cuda():
+    """On CUDA (the trainer's case): a non-finite step's fused AdamW update is skipped on the
+    device and reported at the check; the step timer's durations are the device's, so a step whose
+    kernels run long (a sleep kernel of 40M cycles, ~20 ms, queued by a host that returns at
+    once) reads long."""
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 4, device=device)
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.1, fused=True)
+    guard, timer = FiniteGuard(opt), StepTimer(device)
+    x = torch.randn(8, 4, device=device)
+    for n, scale in enumerate((1.0, float("nan"), 1.0)):
+        timer.step_start()
+        if n == 1:
+            torch.cuda._sleep(40_000_000)  # cycles: ~20 ms at 2 GHz
+        loss = layer(x).square().mean() * scale
+        loss.backward()
+        before = [p.detach().clone() for p in layer.parameters()]
+        guard.flag(n, {"loss": loss, "gradient norm": torch.nn.utils.clip_grad_norm_(layer.parameters(), 1.0)})
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        assert all(torch.equal(p, b) for p, b in zip(layer.parameters(), before)) == (n == 1)
+        timer.step_end()
+    with pytest.raises(TrainingError, match=r"^non-finite loss \(nan\) at step 1; its update was skipped"):
+        guard.check()
+    fast, slow, fast2 = timer.durations()
+    assert slow > 0.005 and slow > 5 * max(fast, fast2)
