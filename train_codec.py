@@ -88,7 +88,7 @@ def main(argv=None) -> dict:
     val_loader, train_loader = build_data(cfg, is_main, say)
     generator, discriminators, mel_loss = build_models(cfg, device)
     stft_loss = MultiResolutionSTFTLoss(cfg.stft_windows).to(device)
-    opt_g, opt_d = make_optimizers(cfg, generator, discriminators, device)
+    opt_g, opt_d = make_optimizers(cfg, generator, discriminators)
 
     # where the weights come from: the latest checkpoint (resume), else init_from, else a fresh initialisation
     step, state, source = 0, None, "random init"
@@ -279,11 +279,10 @@ def build_models(cfg: CodecConfig, device: torch.device) -> tuple[Codec, Discrim
     return generator, discriminators, MultiResolutionMelLoss(cfg.mel_windows, cfg.mel_bins, cfg.sample_rate).to(device)
 
 
-def make_optimizers(cfg: CodecConfig, generator: Codec, discriminators: Discriminators,
-                    device: torch.device) -> tuple[torch.optim.AdamW, torch.optim.AdamW]:
+def make_optimizers(cfg: CodecConfig, generator: Codec,
+                    discriminators: Discriminators) -> tuple[torch.optim.AdamW, torch.optim.AdamW]:
     """The generator's and the discriminators' AdamW (`adamw`)."""
-    return (adamw(generator, cfg.learning_rate, cfg, device),
-            adamw(discriminators, cfg.disc_learning_rate, cfg, device))
+    return adamw(generator, cfg.learning_rate, cfg), adamw(discriminators, cfg.disc_learning_rate, cfg)
 
 
 def load_state(state: dict, cfg: CodecConfig, ddp: Dist, generator: Codec, discriminators: Discriminators,
@@ -458,14 +457,15 @@ def optional_packages(cfg: CodecConfig, say) -> Available:
     return Available(have_stoi, have_pesq, have_plots)
 
 
-def adamw(module: torch.nn.Module, lr: float, cfg: CodecConfig, device: torch.device) -> torch.optim.AdamW:
+def adamw(module: torch.nn.Module, lr: float, cfg: CodecConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on the convolution and linear weights only: not on biases nor on
-    the weight-norm magnitudes (`original0`), which set the scale of each output channel."""
+    the weight-norm magnitudes (`original0`), which set the scale of each output channel; fused
+    (on the CPU too), which `FiniteGuard` needs."""
     decay, rest = [], []
     for name, p in module.named_parameters():
         (decay if p.dim() >= 2 and not name.endswith("original0") else rest).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), fused=True)  # FiniteGuard needs fused
+    return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
 def clip(module: torch.nn.Module, max_norm: float) -> torch.Tensor:
