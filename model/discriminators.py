@@ -19,7 +19,6 @@ from .codec_losses import stft
 
 # Frequency bands of the STFT discriminator, as fractions of the Nyquist frequency (DAC).
 BANDS = ((0.0, 0.1), (0.1, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0))
-CHANNELS_LAST = torch.channels_last
 
 
 def conv2d(conv: nn.Conv2d, x: Tensor, channels_last: bool) -> Tensor:
@@ -29,7 +28,7 @@ def conv2d(conv: nn.Conv2d, x: Tensor, channels_last: bool) -> Tensor:
     would keep the strides that read as channels-first."""
     if not channels_last:
         return conv(x)
-    return F.conv2d(x, conv.weight.clone(memory_format=CHANNELS_LAST), conv.bias, conv.stride, conv.padding,
+    return F.conv2d(x, conv.weight.clone(memory_format=torch.channels_last), conv.bias, conv.stride, conv.padding,
                     conv.dilation, conv.groups)
 
 
@@ -93,7 +92,9 @@ class STFTDiscriminator(nn.Module):
             spec = spec.permute(0, 3, 2, 1)  # (B, 2, T, F); autocast casts it for the convs
         features, outs = [], []
         for (lo, hi), convs in zip(self.bands, self.band_convs):
-            h = spec[..., lo:hi].contiguous(memory_format=CHANNELS_LAST) if self.channels_last else spec[..., lo:hi]
+            h = spec[..., lo:hi]
+            if self.channels_last:
+                h = h.contiguous(memory_format=torch.channels_last)
             for conv in convs:
                 h = F.leaky_relu(conv2d(conv, h, self.channels_last), 0.1)
                 features.append(h)
