@@ -59,8 +59,8 @@ from model.parallel import average_gradients, broadcast_parameters, gradient_syn
 from model.plots import plot_metrics, save_mel_figure
 from model.training import (Checkpoints, Deadline, Dist, Logger, all_reduce_mean, autocast, before_step,
                             FiniteGuard, check_architecture, check_folders, check_resumable, cosine_lr,
-                            load_training_state, move_aside, rng_state, run_script, seed_everything, set_rng_state,
-                            setup_distributed, StepTimer, state_to_load, teardown_distributed, unwrap, window_peak_gb)
+                            last_step, load_training_state, move_aside, rng_state, run_script, seed_everything,
+                            set_rng_state, setup_distributed, StepTimer, state_to_load, stop_message, teardown_distributed, unwrap, window_peak_gb)
 
 
 def main(argv=None) -> dict:
@@ -133,14 +133,15 @@ def main(argv=None) -> dict:
     for note in checkpoints.recover(export_state) if is_main else []:
         say(f"note: {note}")
     samples_per_step = cfg.batch_size * cfg.grad_accum_steps * ddp.world_size
-    say(f"training from step {step} to {cfg.max_steps}: {samples_per_step} crops of {cfg.segment_seconds} s "
+    last = last_step(cfg.max_steps, cfg.stop_step)  # the schedule still ends at max_steps
+    say(f"training from step {step} to {last}: {samples_per_step} crops of {cfg.segment_seconds} s "
         f"per step on {ddp.world_size} x {device}, run folder {run_dir}")
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not is_main, dynamic_ncols=True, desc="train")
+    bar = tqdm(total=last, initial=step, disable=not is_main, dynamic_ncols=True, desc="train")
     start_step, t_log = step, time.time()
     sums, metrics, timer = {}, {}, StepTimer(device)  # sums: loss name -> per-micro-batch values since the last log
     while True:
         # evaluation (rank 0) and checkpoints, before the step: they describe the model after `step` updates
-        due = before_step(step, start_step, cfg.max_steps, cfg.log_interval, cfg.eval_interval, cfg.save_interval,
+        due = before_step(step, start_step, last, cfg.log_interval, cfg.eval_interval, cfg.save_interval,
                           deadline)
         if due.evaluate or due.save or due.stop:
             guard.check()  # nothing is evaluated or saved after a non-finite step
@@ -156,8 +157,8 @@ def main(argv=None) -> dict:
         if ddp.enabled and (due.evaluate or due.save):
             dist.barrier()  # rank 0 evaluated or wrote alone: the others wait here, not inside the next all-reduce
         if due.stop:
-            if step < cfg.max_steps:
-                say(f"max_minutes={cfg.max_minutes} reached at step {step}: run the same command to resume")
+            if note := stop_message(step, cfg.max_steps, cfg.stop_step, cfg.max_minutes):
+                say(note)
             break
         t_log += time.time() - t_pause  # throughput counts training time only
         timer.step_start()
@@ -217,7 +218,7 @@ def main(argv=None) -> dict:
         timer.step_end()
         bar.update(1)
 
-        if step % cfg.log_interval == 0 or step == cfg.max_steps:
+        if step % cfg.log_interval == 0 or step == last:
             guard.check()  # (the device has caught up: the wall time below is the steps')
             row = train_row(sums, norms, lr, lr_d, samples_per_step, timer.durations(), time.time() - t_log, cfg,
                             device)

@@ -54,8 +54,8 @@ from model.parallel import (compile_blocks, full_state_dicts, gradient_sync, inn
 from model.quant import quantize_model
 from model.training import (Checkpoints, ConfigMismatch, Deadline, Dist, Logger, all_reduce_mean, autocast, before_step,
                             check_architecture, check_finite_step, check_folders, check_resumable, cosine_lr,
-                            load_training_state, move_aside, run_script, setup_distributed, state_to_load,
-                            teardown_distributed, window_peak_gb)
+                            last_step, load_training_state, move_aside, run_script, setup_distributed, state_to_load,
+                            stop_message, teardown_distributed, window_peak_gb)
 
 PARTS = ("quantizer", "lm", "resynth")
 # FSDP2 warns about every module output that is a view; none of ours is modified in place.
@@ -129,16 +129,17 @@ def main(argv=None) -> dict:
     noise = torch.Generator(device)
     codes = torch.zeros(cfg.vocab_size, device=device)  # FSQ code histogram since the last log
     wrapped = [calls[name] for name in trained]
-    say(f"training from step {step} to {cfg.max_steps}: {latents_per_step} latents "
+    last = last_step(cfg.max_steps, cfg.stop_step)  # the schedule still ends at max_steps
+    say(f"training from step {step} to {last}: {latents_per_step} latents "
         f"({cfg.batch_size} x {cfg.seq_len} x {cfg.grad_accum_steps} x {ddp.world_size}) per step, "
         f"{flops_per_latent / 1e9:.2f} GFLOP per latent; run folder {run_dir}")
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not is_main, dynamic_ncols=True, desc=f"train {cfg.stage}")
+    bar = tqdm(total=last, initial=step, disable=not is_main, dynamic_ncols=True, desc=f"train {cfg.stage}")
     start_step, t_log = step, time.time()
     sums, steps_since_log, metrics = {}, 0, {}
     while True:
         # evaluation and checkpoints come before the step: they describe the model after `step` updates
         t_pause = time.time()
-        due = before_step(step, start_step, cfg.max_steps, cfg.log_interval, cfg.eval_interval, cfg.save_interval,
+        due = before_step(step, start_step, last, cfg.log_interval, cfg.eval_interval, cfg.save_interval,
                           deadline)
         if due.evaluate:
             metrics = evaluate(model, calls, val_set, weights, cfg, ddp)
@@ -149,8 +150,8 @@ def main(argv=None) -> dict:
             save(step, due.best_metric(metrics, "val/loss"), model, optimizer, cfg, checkpoints, ddp, logger.run_id,
                  fingerprint, base)
         if due.stop:
-            if step < cfg.max_steps:
-                say(f"max_minutes={cfg.max_minutes} reached at step {step}: run the same command to resume")
+            if note := stop_message(step, cfg.max_steps, cfg.stop_step, cfg.max_minutes):
+                say(note)
             break
         t_log += time.time() - t_pause  # throughput counts training time only
 
@@ -185,7 +186,7 @@ def main(argv=None) -> dict:
         steps_since_log += 1
         bar.update(1)
 
-        if step % cfg.log_interval == 0 or step == cfg.max_steps:
+        if step % cfg.log_interval == 0 or step == last:
             row = train_row(sums, codes, lr, grad_norm, latents_per_step, flops_per_latent, steps_since_log,
                             time.time() - t_log, cfg, ddp)
             logger.log(row, step)

@@ -102,6 +102,9 @@ class CodecConfig:
     keep_checkpoints: int = field(default=3, metadata=NON_NEGATIVE)
     # stop (eval + save) at a log step past this wall time; 0: never
     max_minutes: float = field(default=0.0, metadata=NON_NEGATIVE)
+    # stop (eval + save) at this step; 0: at max_steps. The schedule still ends at max_steps, so runs
+    # of one recipe stopped early compare at equal steps, and a stopped run continues when run again
+    stop_step: int = field(default=0, metadata=NON_NEGATIVE)
     # input/reconstruction pairs logged at each evaluation
     num_audio_samples: int = field(default=3, metadata=NON_NEGATIVE)
     checkpoint_dir: str = "checkpoints/codec"   # the run folder: checkpoints, metrics, plots, samples

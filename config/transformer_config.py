@@ -112,6 +112,8 @@ class TransformerConfig:
     keep_checkpoints: int = field(default=3, metadata=NON_NEGATIVE)  # step_*.pt files kept (plus latest and best)
     # > 0: eval, save and stop at a log step past this wall time
     max_minutes: float = field(default=0.0, metadata=NON_NEGATIVE)
+    # > 0: eval, save and stop at this step; the schedule still ends at max_steps (run again to continue)
+    stop_step: int = field(default=0, metadata=NON_NEGATIVE)
     sample_seconds: float = field(default=5.0, metadata=NON_NEGATIVE)  # audio completion generated at each evaluation
     peak_tflops: float = field(default=0.0, metadata=NON_NEGATIVE)  # per GPU, for MFU; 0: known GPUs (H100/H200 989)
     device: str = field(default="cuda", metadata=DEVICE)

@@ -11,9 +11,9 @@
 - `rng_state` / `set_rng_state`: exact resume of python, numpy and torch generators.
 - `state_to_load` / `move_aside`: where a run's weights come from (`latest.pt` when resuming or
   evaluating it), and a run with `resume=false` moving the previous run's folder aside.
-- `Deadline` / `before_step`: the loop's schedule, the same in both trainers: when it stops (at
-  `max_steps`, or at a log step once `max_minutes` have passed), evaluates and saves, and which
-  value ranks a checkpoint for `best.pt`.
+- `Deadline` / `last_step` / `before_step`: the loop's schedule, the same in both trainers: when it
+  stops (at `max_steps` or an earlier `stop_step`, or at a log step once `max_minutes` have
+  passed), evaluates and saves, and which value ranks a checkpoint for `best.pt`.
 - `check_resumable` / `check_architecture`: a resumed or init_from config that contradicts the
   checkpoint's is a `ConfigMismatch` naming each field (`config.config_diff`).
 - `Logger`: Weights & Biases (online, offline fallback, disabled) plus a local `metrics.jsonl`.
@@ -514,6 +514,23 @@ class Due:
         evaluated (an earlier evaluation describes other weights) or `metrics` lacks it (on a
         rank that does not evaluate)."""
         return metrics.get(key) if self.evaluate else None
+
+
+def last_step(max_steps: int, stop_step: int) -> int:
+    """The step a run stops at: `stop_step` when set (> 0; a run ended early on purpose, e.g. to
+    compare recipes at equal steps), else `max_steps`; the learning-rate schedule always ends at
+    `max_steps`, so a run stopped early continues on the same schedule when run again."""
+    return min(stop_step, max_steps) if stop_step > 0 else max_steps
+
+
+def stop_message(step: int, max_steps: int, stop_step: int, max_minutes: float) -> Optional[str]:
+    """What a run that stopped at `step` says about it (None at max_steps: it is done)."""
+    if step < last_step(max_steps, stop_step):
+        return f"max_minutes={max_minutes} reached at step {step}: run the same command to resume"
+    if step < max_steps:
+        return (f"stop_step={stop_step} reached; the schedule runs to max_steps={max_steps}: "
+                f"run again with a later stop_step (or 0) to continue")
+    return None
 
 
 def before_step(step: int, start_step: int, max_steps: int, log_interval: int, eval_interval: int,

@@ -204,6 +204,32 @@ def test_max_minutes_stops_cleanly_and_the_next_segment_resumes(corpus, tmp_path
     assert train_rows(run_dir / "metrics.jsonl")[-1]["step"] > stopped
 
 
+def test_stop_step_ends_early_on_the_full_schedule_and_the_next_run_continues(corpus, trained, tmp_path):
+    """stop_step=3 of max_steps=8: the run evaluates and saves at step 3 and stops, its learning
+    rates those of the 8-step schedule; run again without it, steps 4-8 repeat the uninterrupted
+    8-step run exactly (same LR, crops and noise), as runs of a recipe compared at equal steps."""
+    run_dir = tmp_path / "run"
+    result = run(["train_codec.py"] + args(corpus, run_dir, "stop_step=3"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "training from step 0 to 3:" in result.stdout
+    assert "stop_step=3 reached; the schedule runs to max_steps=8: run again with a later stop_step (or 0) to continue" \
+        in result.stdout
+    assert torch.load(run_dir / "latest.pt", weights_only=False)["step"] == 3
+    assert [r["step"] for r in rows(run_dir / "metrics.jsonl") if "val/stoi" in r] == [0, 3]
+    reference = {r["step"]: r for r in train_rows(trained[0] / "metrics.jsonl")}
+    assert reference[3]["lr"] > reference[8]["lr"]  # mid-schedule: not the end of a 3-step one
+    done = len(rows(run_dir / "metrics.jsonl"))
+    result = run(["train_codec.py"] + args(corpus, run_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "training from step 3 to 8:" in result.stdout
+    steps = train_rows(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    for r in steps:
+        assert r["lr"] == reference[r["step"]]["lr"]
+        assert r["loss/total"] == pytest.approx(reference[r["step"]]["loss/total"], rel=1e-5)
+    assert [r["step"] for r in rows(run_dir / "metrics.jsonl")[done:] if "val/stoi" in r] == [4, 8]
+
+
 def test_empty_train_folder_is_a_clear_error(corpus, tmp_path):
     (tmp_path / "empty").mkdir()
     result = run(["train_codec.py"] + args(corpus, tmp_path / "run", f"train_data_path={tmp_path / 'empty'}"))

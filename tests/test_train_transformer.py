@@ -119,13 +119,17 @@ def test_exported_model_loads_and_generates(setup, duplex):
     assert wave.shape == (1, 1, n * 2000) and torch.isfinite(wave).all()
 
 
-def test_resume_continues_at_the_same_step_exactly(setup):
-    """Stopped by max_minutes after one step and resumed: the same losses, step for step, and the
-    same final validation as the uninterrupted run."""
+@pytest.mark.parametrize("stop", ["max_minutes", "stop_step"])
+def test_resume_continues_at_the_same_step_exactly(setup, stop):
+    """Stopped after one step, by max_minutes or by stop_step (the schedule still that of
+    max_steps), and run again: the same losses, step for step, and the same final validation as the
+    uninterrupted run."""
     run_dir, _, evals = run_stage(setup, "all", True)
-    resumed = setup["root"] / "run-resumed"
-    log, first = train(base_args(setup, resumed, stage="all", max_minutes=1e-9))
-    assert "max_minutes=1e-09 reached at step 1" in log and sorted(first) == [0, 1]
+    resumed = setup["root"] / f"run-resumed-{stop}"
+    log, first = train(base_args(setup, resumed, stage="all", **{stop: 1e-9 if stop == "max_minutes" else 1}))
+    assert sorted(first) == [0, 1]
+    assert ("max_minutes=1e-09 reached at step 1" if stop == "max_minutes" else
+            "stop_step=1 reached; the schedule runs to max_steps=2") in log
     log, second = train(base_args(setup, resumed, stage="all"))
     assert f"{resumed / 'latest.pt'} (step 1)" in log and sorted(second) == [2]
     assert train_rows(resumed) == train_rows(run_dir)
