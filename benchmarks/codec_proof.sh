@@ -28,6 +28,11 @@
 #   PARTS=tuned TUNED_DIR=checkpoints/codec_proof TUNED_RESUME=1 TUNED_MINUTES=7.5 bash benchmarks/codec_proof.sh
 # (about 505 s and 495 s of command time on one H200). The second call's `tuned` line covers the
 # whole run (its first evaluation is the first call's).
+#
+# A recipe screen at equal steps: each arm a tuned run stopped at the same step on small_fast's own
+# schedule (stop_step), its end evaluated there, e.g. (about 500 s each on one H200):
+#   PARTS=tuned TUNED_DIR=checkpoints/arm_adv2 TUNED_MINUTES=20 \
+#     TUNED_OVERRIDES="stop_step=2275 adv_weight=2" bash benchmarks/codec_proof.sh
 set -u
 start=$(date +%s)
 OUT=${OUT:-/tmp/codec_proof}
