@@ -60,7 +60,8 @@ from model.plots import plot_metrics, save_mel_figure
 from model.training import (Checkpoints, Deadline, Dist, Logger, all_reduce_mean, autocast, before_step,
                             FiniteGuard, check_architecture, check_folders, check_resumable, cosine_lr,
                             last_step, load_training_state, move_aside, rng_state, run_script, seed_everything,
-                            set_rng_state, setup_distributed, StepTimer, state_to_load, stop_message, teardown_distributed, unwrap, window_peak_gb)
+                            set_rng_state, setup_distributed, StepTimer, state_to_load, stop_message,
+                            teardown_distributed, unwrap, window_peak_gb)
 
 
 def main(argv=None) -> dict:

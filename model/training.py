@@ -533,20 +533,21 @@ def stop_message(step: int, max_steps: int, stop_step: int, max_minutes: float) 
     return None
 
 
-def before_step(step: int, start_step: int, max_steps: int, log_interval: int, eval_interval: int,
+def before_step(step: int, start_step: int, end_step: int, log_interval: int, eval_interval: int,
                 save_interval: int, deadline: Deadline) -> Due:
     """The schedule of both trainers, asked before training step `step` (the model has had `step`
     updates; this run segment started at `start_step`):
 
-    - stop at `max_steps`, or once the deadline has passed; the deadline is asked only on log
-      steps (`step % log_interval == 0`) after the segment's first step, so a segment always
-      trains at least one step and the collective it costs comes once per log, not per step;
+    - stop at `end_step` (`last_step`: max_steps or an earlier stop_step), or once the deadline
+      has passed; the deadline is asked only on log steps (`step % log_interval == 0`) after the
+      segment's first step, so a segment always trains at least one step and the collective it
+      costs comes once per log, not per step;
     - evaluate at step 0, every `eval_interval` steps and when stopping, but not at the step a
       resumed segment starts from (it was evaluated before that checkpoint was saved) unless
       it stops there;
     - save every `save_interval` steps and after every evaluation, but never the state a
       segment started from."""
-    stop = step >= max_steps or (step > start_step and step % log_interval == 0 and deadline.passed())
+    stop = step >= end_step or (step > start_step and step % log_interval == 0 and deadline.passed())
     evaluate = stop or (step % eval_interval == 0 and (step != start_step or step == 0))
     save = step > start_step and (evaluate or step % save_interval == 0)
     return Due(stop, evaluate, save)
