@@ -86,14 +86,11 @@ class STFTDiscriminator(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         spec = torch.view_as_real(stft(x, self.window, self.hop))  # (B, F, T, 2), float32
-        if self.channels_last:  # (B, T, F, 2) in memory, so each band is a channels-last (B, 2, T, f)
-            spec = spec.transpose(1, 2).contiguous().permute(0, 3, 1, 2)
-        else:
-            spec = spec.permute(0, 3, 2, 1)  # (B, 2, T, F); autocast casts it for the convs
+        spec = spec.permute(0, 3, 2, 1)  # (B, 2, T, F); autocast casts it for the convs
         features, outs = [], []
         for (lo, hi), convs in zip(self.bands, self.band_convs):
             h = spec[..., lo:hi]
-            if self.channels_last:
+            if self.channels_last:  # each band copied once, into a channels-last (B, 2, T, f)
                 h = h.contiguous(memory_format=torch.channels_last)
             for conv in convs:
                 h = F.leaky_relu(conv2d(conv, h, self.channels_last), 0.1)
