@@ -327,6 +327,9 @@ def bench_mode(args, size, quantize, kv, device, dtype, names, variants, batches
     other batches (the fastest variant), the mono completion. The model is freed at the end."""
     cuda = device.type == "cuda"
     tags = dict(size=size, quantize=quantize, kv_dtype=kv)
+    if args.int_to_float and cuda and quantize != "none":
+        import model.quant_kernels as qk  # the quantized kernels as before their floats came from bits
+        qk.BITS, tags["convert"] = False, "instruction"
     model = make_model(size, True, device, dtype, quantize)
     free(cuda)  # the peak from here on: quantized weights + engine, not the float model quantized from
     wb = weight_bytes(model)
@@ -384,7 +387,8 @@ def run_alone(args, size: str, quantize: str, kv: str, budget_s: float) -> None:
            "--gen-seconds", str(args.gen_seconds), "--budget-s", str(max(budget_s, 0.0))]
     cmd += ["--batches", args.batches] if args.batches else []
     cmd += ["--steps", str(args.steps)] if args.steps else []
-    cmd += [f"--{flag.replace('_', '-')}" for flag in ("breakdown", "profile", "no_mono") if getattr(args, flag)]
+    cmd += [f"--{flag.replace('_', '-')}" for flag in ("breakdown", "profile", "no_mono", "int_to_float")
+            if getattr(args, flag)]
     rc = subprocess.run(cmd).returncode
     if rc:
         emit(bench="mode_failed", size=size, quantize=quantize, kv_dtype=kv, returncode=rc)
@@ -407,6 +411,9 @@ def main():
     ap.add_argument("--quantize", default="none", help=f"comma-separated weight modes: none, {', '.join(MODES)}")
     ap.add_argument("--kv-dtype", default="auto", help="comma-separated KV cache dtypes: auto, fp8")
     ap.add_argument("--gen-seconds", type=float, default=20.0, help="length of the mono completion")
+    ap.add_argument("--int-to-float", action="store_true",
+                    help="quantized kernels convert with the int-to-float instruction (model.quant_kernels.BITS "
+                         "off), to compare; lines say convert: instruction")
     args = ap.parse_args()
     for q in args.quantize.split(","):
         if q not in ("none",) + MODES:

@@ -9,8 +9,10 @@ activation rows, the whole pass captured in one CUDA graph and replayed (median 
 `graph_time`).
 Kernels: `bf16` (cuBLAS F.linear), `int8` / `int4` (`model.quant_kernels`, the one-row choice
 between GEMV and tile product made on first use, as in the model), `int8_gemv`, `int8_dot`,
-`int4_gemv`, `int4_dot` (each kernel forced), `int8_inductor` (with --inductor: F.linear on the int8 weights cast
-to bf16 times the scales, one torch.compile region over the whole pass: the gpt-fast recipe),
+`int4_gemv`, `int4_dot` (each kernel forced), `int8_cast` and `int8_gemv_cast` (the same with the
+GEMV's floats made by the int-to-float instruction, `model.quant_kernels.BITS` off),
+`int8_inductor` (with --inductor: F.linear on the int8 weights cast to bf16 times the scales,
+one torch.compile region over the whole pass: the gpt-fast recipe),
 `int4_tinygemm` (aten._weight_int4pack_mm, its own packed layout). Fields: ms (one pass), gb
 (bytes of weights read), tb_per_s, x_bf16 (speed-up over bf16), rel_err (output of the pass'
 last layer against F.linear with the dequantized weights in float32).
@@ -22,6 +24,7 @@ import json
 import os
 import sys
 import time
+from functools import partial
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -121,6 +124,7 @@ def main() -> None:
                     return out
                 return run
             kernels.update({
+                "int8_cast": lambda: with_bits(False, kernels["int8"]),
                 "int8_dot": forced(qk._int8_dot_call, "int8"),
                 "int4_dot": forced(qk._int4_dot_call, "int4"),
                 "int4_tinygemm": lambda: [int4_or_int8(i, xs[k], lambda x, q, sz: torch.ops.aten._weight_int4pack_mm(
@@ -130,6 +134,7 @@ def main() -> None:
                 kernels["int8_inductor"] = lambda: tiny["inductor"](xs)
             if M == 1:
                 kernels["int8_gemv"] = forced(qk._int8_gemv_call, "int8")
+                kernels["int8_gemv_cast"] = forced(partial(qk._int8_gemv_call, bits=False), "int8")
                 kernels["int4_gemv"] = forced(qk._int4_gemv_call, "int4")
         base = None
         for name, fn in kernels.items():
@@ -155,8 +160,19 @@ def main() -> None:
                 emit(bench="linears", rows=M, kernel=name, error=f"{type(e).__name__}: {e}"[:400])
         if args.per_shape:
             per_shape(layers, weights, xs, M, tiny.get("packed"), qk)
-    emit(bench="choices", **{f"{k[0]}_{k[1]}x{k[2]}": v for k, v in qk.kernel_choices().items()})
+    emit(bench="choices", **{f"{k[0]}_{k[1]}x{k[2]}{'_cast' if k[3:] == (False,) else ''}": v
+                             for k, v in qk.kernel_choices().items()})
     emit(bench="done", elapsed_s=time.time() - T0)
+
+
+def with_bits(bits: bool, fn):
+    """fn() with `model.quant_kernels.BITS` set (the model's kernels, their one-row choice included)."""
+    import model.quant_kernels as qk
+    before, qk.BITS = qk.BITS, bits
+    try:
+        return fn()
+    finally:
+        qk.BITS = before
 
 
 @torch.no_grad()
@@ -170,7 +186,9 @@ def per_shape(layers, weights, xs, M, packed, qk) -> None:
         x = xs[k]
         calls = {"bf16": (2 * n * k, lambda i: F.linear(x, weights["bf16"][i])),
                  "int8": (n * k, lambda i: qk.int8_linear(x, *weights["int8"][i])),
+                 "int8_cast": (n * k, lambda i: with_bits(False, lambda: qk.int8_linear(x, *weights["int8"][i]))),
                  "int8_gemv": (n * k, lambda i: qk._int8_gemv_call(x, *weights["int8"][i], y)),
+                 "int8_gemv_cast": (n * k, lambda i: qk._int8_gemv_call(x, *weights["int8"][i], y, bits=False)),
                  "int8_dot": (n * k, lambda i: qk._int8_dot_call(x, *weights["int8"][i], y))}
         if weights["int4"][idx[0]] is not None:
             calls.update({"int4": (n * k // 2, lambda i: qk.int4_linear(x, *weights["int4"][i], 128)),

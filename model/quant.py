@@ -27,11 +27,15 @@ graph; benchmarks/results/h200_session6.txt): bf16 cuBLAS 4.76 ms (3.54 TB/s); i
 TB/s, 1.58x); int4 tinygemm 2.67 ms at one row, 2.83 at two, 5.89 at eight, 37.7 at 64 (the Triton
 int4 kernels: 4.36, 7.47, 7.45, 11.6 ms). Per shape, a layer costs a fixed ~4-5 us beyond its
 bytes (the 4096x4096 projection: 13.4 us bf16, 8.8 int8, 6.9 int4, against 4 us for its int8
-bytes), which is why int4 gains little over int8 per step. Tried and measured slower, so not kept:
-the dequantisation fused by `torch.compile` (gpt-fast; no faster than bf16 inside the compiled
-block, 0.4x at 8 rows); `aten._weight_int8pack_mm` (no real CUDA kernel, 13 ms); GEMVs that read
-the weights as int32 words and make floats without the int-to-float instruction (int8 3.45 ms
-against 3.27, int4 4.99 against 4.34; session 4); an int4 tile product over the high and low
+bytes), which is why int4 gains little over int8 per step. The int8 GEMV makes its floats from the
+integers' bits rather than with the int-to-float instruction (`model.quant_kernels.BITS`): the int8
+pass 3.00 -> 2.76 ms (3.05 TB/s; benchmarks/results/h200_session14.txt). Tried and measured slower,
+so not kept: the dequantisation fused by `torch.compile` (gpt-fast; no faster than bf16 inside the
+compiled block, 0.4x at 8 rows); `aten._weight_int8pack_mm` (no real CUDA kernel, 13 ms); GEMVs
+that read the weights as int32 words and make floats from their bits (int8 3.45 ms against 3.27,
+int4 4.99 against 4.34; session 4); floats from the bits in the tile products and in the int4
+GEMV, byte by byte (the int8 tile product 3.06 -> 3.74 ms, the int4 GEMV 4.61 -> 4.92; session
+14); an int4 GEMV keeping per-lane sums (no faster; session 14); an int4 tile product over the high and low
 nibbles separately (11.2 ms against 7.7); a split-K int8 GEMV (the last of a row block's programs
 adding the partial sums: 3.47 ms against 3.01, slower for every shape; session 6).
 

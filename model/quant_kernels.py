@@ -24,6 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 _DOT_MAX_ROWS = 128  # more rows (prefill): a tile of 128 rows a program, the grid grows along M
+BITS = True          # the int8 GEMV makes floats from the integers' bits (see below), not by conversion
 
 
 # Few configurations, timed briefly (and remembered on disk): autotuning runs at the first call of
@@ -45,10 +46,30 @@ def _dot_configs(bks):
 
 
 # --- int8 ------------------------------------------------------------------------------------------
+# The int-to-float instruction runs at a quarter of the float rate (16 a clock per SM on the H100 /
+# H200), and a one-row product converts every weight it reads once, so at int8 converting takes
+# about as long as reading. With BITS the GEMV makes the float from the integer's bits instead (the
+# "magic number" of FasterTransformer's and Marlin's dequantizers): for 0 <= u < 2^23 the float whose
+# bits are 0x4B000000 | u is 2^23 + u exactly, so one bitwise op and one float subtraction give the
+# weight, exactly. Measured (H200, benchmarks/quant_kernels.py --per-shape, us per layer, instruction
+# -> bits): 4096x11008 19.2 -> 15.4, 4096x4096 8.7 -> 7.4, 12288x4096 18.8 -> 17.2, 22016x4096
+# 30.6 -> 28.1. Not in the tile product, whose weights then need a float32 -> bf16 conversion
+# (slower there: 19.6 -> 25.6 us at 4096x11008), nor for int4 (the GEMV lost 4.61 -> 4.92 ms a
+# pass; benchmarks/results/h200_session14.txt).
 
-@triton.autotune(configs=_gemv_configs(), key=["N", "K"], do_bench=_bench, cache_results=True)
 @triton.jit
-def _int8_gemv(x_ptr, w_ptr, s_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _f32_of_int8(w, BITS: tl.constexpr):
+    """int8 -> float32, exact."""
+    if BITS:
+        u = w.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x4B000080  # bits of 2^23 + (w + 128)
+        return u.to(tl.float32, bitcast=True) - 8388736.0
+    else:
+        return w.to(tl.float32)
+
+
+@triton.autotune(configs=_gemv_configs(), key=["N", "K", "BITS"], do_bench=_bench, cache_results=True)
+@triton.jit
+def _int8_gemv(x_ptr, w_ptr, s_ptr, y_ptr, N, K, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -56,7 +77,7 @@ def _int8_gemv(x_ptr, w_ptr, s_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K:
         kk = k0 + rk
         w = tl.load(w_ptr + rn[:, None] * K + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K), other=0)
         x = tl.load(x_ptr + kk, mask=kk < K, other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        acc += _f32_of_int8(w, BITS) * x.to(tl.float32)[None, :]
     s = tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
     y = tl.sum(acc, axis=1) * s
     tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
@@ -153,9 +174,10 @@ def _block_m(M: int) -> int:
     return min(_DOT_MAX_ROWS, max(16, triton.next_power_of_2(M)))
 
 
-def _int8_gemv_call(x, w, s, y):
+def _int8_gemv_call(x, w, s, y, bits=None):
     N, K = w.shape
-    _int8_gemv[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](x, w, s, y, N, K)
+    bits = BITS if bits is None else bits  # read at each call: the benchmarks set BITS
+    _int8_gemv[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](x, w, s, y, N, K, BITS=bits)
 
 
 def _int8_dot_call(x, w, s, y):
@@ -209,7 +231,7 @@ def _choose(key, candidates: dict, *args):
 
 
 def kernel_choices() -> dict:
-    """{(kind, N, K): kernel} chosen so far (for the benchmarks)."""
+    """{(kind, N, K[, BITS]): kernel} chosen so far (for the benchmarks)."""
     return dict(_CHOSEN)
 
 
@@ -218,7 +240,8 @@ def int8_linear(x: Tensor, qweight: Tensor, scale: Tensor) -> Tensor:
     """x (M, K) bf16/fp16 contiguous, qweight int8 (N, K), scale (N,) -> (M, N) in x's dtype."""
     y = torch.empty(x.shape[0], qweight.shape[0], dtype=x.dtype, device=x.device)
     if x.shape[0] == 1:
-        _choose(("int8", *qweight.shape), {"dot": _int8_dot_call, "gemv": _int8_gemv_call}, x, qweight, scale, y)
+        _choose(("int8", *qweight.shape, BITS), {"dot": _int8_dot_call, "gemv": _int8_gemv_call},
+                x, qweight, scale, y)
     else:
         _int8_dot_call(x, qweight, scale, y)
     return y
