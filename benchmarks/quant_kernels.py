@@ -2,6 +2,7 @@
 
     python benchmarks/quant_kernels.py                    # CUDA: rows 1 2 8 16 64 128
     python benchmarks/quant_kernels.py --rows 1 --quick   # fewer kernels (no inductor / tinygemm)
+    python benchmarks/quant_kernels.py --sweep            # int8 one-row kernels over a grid of configurations
 
 Every `nn.Linear` of the LM, resynthesizer and quantizer of the `hertz_dev` duplex model (shapes
 from a model built on `meta`; random weights), called once each in model order with `--rows`
@@ -60,8 +61,13 @@ def main() -> None:
     ap.add_argument("--inductor", action="store_true", help="also int8_inductor (compiles the whole pass: minutes)")
     ap.add_argument("--per-shape", action="store_true",
                     help="also each weight shape alone (all layers of that shape in one graph): where the bandwidth is lost")
+    ap.add_argument("--sweep", action="store_true",
+                    help="only: the one-row int8 GEMV and tile product at each configuration of a wider grid than "
+                         "their autotuners', per weight shape of 4+ layers ('sweep' lines, us per layer)")
     args = ap.parse_args()
     import model.quant_kernels as qk
+    if args.sweep:
+        return sweep(qk)
 
     dev, dt = "cuda", torch.bfloat16
     torch.manual_seed(0)
@@ -173,6 +179,50 @@ def with_bits(bits: bool, fn):
         return fn()
     finally:
         qk.BITS = before
+
+
+@torch.no_grad()
+def sweep(qk) -> None:
+    """Each int8 one-row kernel configuration on all layers of each repeated shape (one CUDA graph,
+    cold weights as in the step), to see what the autotuners' grids leave out. The configurations
+    in `model.quant_kernels`' grids are marked `in_grid`."""
+    import triton
+    groups: dict = {}
+    for i, shape in enumerate(shapes()):
+        groups.setdefault(shape, []).append(i)
+    gemv_grid = {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) for c in qk._gemv_configs()}
+    dot_grid = {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+                for c in qk._dot_configs((128, 256))}
+    gemv = [(bn, bk, w, st) for bn in (4, 8, 16, 32, 64) for bk in (256, 512, 1024, 2048)
+            if 2048 <= bn * bk <= 32768 for w in (4, 8) for st in (2, 3, 4)]
+    dot = [(bn, bk, w, st) for bn in (32, 64, 128) for bk in (128, 256, 512) for w in (4, 8) for st in (3, 4)]
+    emit(bench="sweep_grid", gemv=len(gemv), dot=len(dot))
+    for (n, k), idx in groups.items():
+        if len(idx) < 4 or n * k < 1 << 20:
+            continue
+        torch.manual_seed(0)
+        ws = [(torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8),
+               torch.rand(n, device="cuda", dtype=torch.bfloat16) / 127 / k ** 0.5) for _ in idx]
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        y = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
+        for kind, grid_cfgs, in_grid in (("gemv", gemv, gemv_grid), ("dot", dot, dot_grid)):
+            for bn, bk, w, st in grid_cfgs:
+                if kind == "gemv":
+                    def call(q, sc, bn=bn, bk=bk, w=w, st=st):
+                        qk._int8_gemv.fn[(triton.cdiv(n, bn),)](x, q, sc, y, n, k, BITS=True, BLOCK_N=bn, BLOCK_K=bk,
+                                                                 num_warps=w, num_stages=st)
+                else:
+                    def call(q, sc, bn=bn, bk=bk, w=w, st=st):
+                        qk._int8_dot.fn[(triton.cdiv(n, bn), 1)](x, q, sc, y, 1, n, k, BLOCK_M=16, BLOCK_N=bn,
+                                                                  BLOCK_K=bk, num_warps=w, num_stages=st)
+                try:
+                    us = graph_time(lambda: [call(q, sc) for q, sc in ws], iters=10) / len(ws) * 1e3
+                    emit(bench="sweep", kernel=kind, out=n, inp=k, block_n=bn, block_k=bk, warps=w, stages=st,
+                         us=us, tb_per_s=n * k / us / 1e6, in_grid=(bn, bk, w, st) in in_grid)
+                except Exception as e:  # a configuration out of resources: say so, go on
+                    emit(bench="sweep", kernel=kind, out=n, inp=k, block_n=bn, block_k=bk, warps=w, stages=st,
+                         error=f"{type(e).__name__}: {e}"[:200])
+    emit(bench="done", elapsed_s=time.time() - T0)
 
 
 @torch.no_grad()
