@@ -238,8 +238,8 @@ def check_kernel_outputs(cases, dtype_eps):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the same cases run natively (the next test); the "
-                    "interpreter of the H200 image's Triton 3.6 fails on these kernels (benchmarks/results/"
-                    "h200_session14.txt, call 3)")
+                    "H200 image's Triton 3.6 interpreter cannot take a runtime int as a loop bound under numpy 2.4 "
+                    "(range(0, K, ...) raises TypeError: benchmarks/results/h200_session14.txt, call 3)")
 def test_quantized_kernels_in_the_triton_interpreter():
     pytest.importorskip("triton", reason="Triton (requirements.txt, Linux) runs the kernels' interpreter")
     import json
