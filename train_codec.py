@@ -59,9 +59,9 @@ from model.parallel import average_gradients, broadcast_parameters, gradient_syn
 from model.plots import plot_metrics, save_mel_figure
 from model.training import (Checkpoints, Deadline, Dist, Logger, all_reduce_mean, autocast, before_step,
                             FiniteGuard, check_architecture, check_folders, check_resumable, cosine_lr,
-                            last_step, load_training_state, move_aside, rng_state, run_script, seed_everything,
-                            set_rng_state, setup_distributed, StepTimer, state_to_load, stop_message,
-                            teardown_distributed, unwrap, window_peak_gb)
+                            last_step, load_training_state, loss_scaler, move_aside, rng_state, run_script,
+                            seed_everything, set_rng_state, setup_distributed, StepTimer, state_to_load,
+                            stop_message, teardown_distributed, unwrap, window_peak_gb)
 
 
 def main(argv=None) -> dict:
@@ -90,12 +90,13 @@ def main(argv=None) -> dict:
     generator, discriminators, mel_loss = build_models(cfg, device)
     stft_loss = MultiResolutionSTFTLoss(cfg.stft_windows).to(device)
     opt_g, opt_d = make_optimizers(cfg, generator, discriminators)
+    scaler = loss_scaler(device, cfg.dtype)  # float16 only; passes everything through otherwise
 
     # where the weights come from: the latest checkpoint (resume), else init_from, else a fresh initialisation
     step, state, source = 0, None, "random init"
     if latest:
         state = checkpoints.load(latest, map_location="cpu")
-        step = load_state(state, cfg, ddp, generator, discriminators, opt_g, opt_d, say)
+        step = load_state(state, cfg, ddp, generator, discriminators, opt_g, opt_d, scaler, say)
         source = f"{latest} (step {state['step']})"
     elif cfg.init_from and (is_main or cfg.eval_only):  # DDP broadcasts rank 0's weights to the others
         source = load_weights(cfg.init_from, cfg, generator, None if cfg.eval_only else discriminators)
@@ -154,7 +155,7 @@ def main(argv=None) -> dict:
             say(f"step {step}: {summary(metrics)}")
         if due.save:
             save(step, due.best_metric(metrics, "val/mel_distance"), checkpoints, generator, discriminators,
-                 opt_g, opt_d, cfg, ddp, logger.run_id)
+                 opt_g, opt_d, scaler, cfg, ddp, logger.run_id)
         if ddp.enabled and (due.evaluate or due.save):
             dist.barrier()  # rank 0 evaluated or wrote alone: the others wait here, not inside the next all-reduce
         if due.stop:
@@ -196,25 +197,34 @@ def main(argv=None) -> dict:
                         losses["feature"] = feature_matching_loss(d_real, d_fake)
                         loss_d = discriminator_loss(d_real, d_fake, cfg.gan_loss)
                     losses["total"] = sum(weights[k] * losses[k] for k in losses)
-                (losses["total"] / cfg.grad_accum_steps).backward(inputs=gen_params, retain_graph=use_disc)
+                scaler.scale(losses["total"] / cfg.grad_accum_steps).backward(inputs=gen_params,
+                                                                              retain_graph=use_disc)
             if use_disc:  # the same verdicts, differentiated into the discriminators only
-                (loss_d / cfg.grad_accum_steps).backward(inputs=disc_params)
+                scaler.scale(loss_d / cfg.grad_accum_steps).backward(inputs=disc_params)
                 sums.setdefault("disc", []).append(loss_d.detach().float())
                 disc_loss = disc_loss + loss_d.detach()
             step_loss = step_loss + losses["total"].detach()
             for k, v in losses.items():
                 sums.setdefault(k, []).append(v.detach().float())
-        norms = {"grad_norm/generator": clip(gen_model, cfg.grad_clip)}
+        optimizers = (opt_g, opt_d) if use_disc else (opt_g,)
         if use_disc:
             average_gradients(discriminators)  # no-op in one process
+        for optimizer in optimizers:
+            scaler.unscale_(optimizer)  # (float16) the true gradients, before clipping
+        norms = {"grad_norm/generator": clip(gen_model, cfg.grad_clip)}
+        if use_disc:
             norms["grad_norm/discriminators"] = clip(discriminators, cfg.disc_grad_clip)
-        # a non-finite step's updates are skipped on the device; `guard.check()` reports it
-        guard.flag(step, {"loss": step_loss, "gradient norm": norms["grad_norm/generator"],
-                          **({"discriminator loss": disc_loss, "discriminator gradient norm":
-                              norms["grad_norm/discriminators"]} if use_disc else {})}, files)
-        for optimizer in (opt_g, opt_d) if use_disc else (opt_g,):
+        # a non-finite step's updates are skipped on the device; `guard.check()` reports it (under a
+        # float16 loss scale an overflowing gradient is skipped without an error, and the scale lowered)
+        finite = {"loss": step_loss, **({"discriminator loss": disc_loss} if use_disc else {})}
+        grads = {"gradient norm": norms["grad_norm/generator"],
+                 **({"discriminator gradient norm": norms["grad_norm/discriminators"]} if use_disc else {})}
+        guard.flag(step, finite if scaler.is_enabled() else {**finite, **grads}, files,
+                   skippable=grads if scaler.is_enabled() else None)
+        for optimizer in optimizers:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        scaler.update()
         step += 1
         timer.step_end()
         bar.update(1)
@@ -288,9 +298,10 @@ def make_optimizers(cfg: CodecConfig, generator: Codec,
 
 
 def load_state(state: dict, cfg: CodecConfig, ddp: Dist, generator: Codec, discriminators: Discriminators,
-               opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, say) -> int:
+               opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               say) -> int:
     """Load a training state: its codec (all eval_only needs) and, resuming, its discriminators,
-    optimizers and this rank's RNG state. Returns the step to continue from (0 with eval_only)."""
+    optimizers, loss scale (float16) and this rank's RNG state. Returns the step to continue from (0 with eval_only)."""
     # evaluating needs the same codec; resuming, the same discriminators too and what fixes
     # the data order (counted in micro-batches). The schedule may change.
     check_resumable(state["config"], cfg, fields_marked(CodecConfig, *(
@@ -303,6 +314,8 @@ def load_state(state: dict, cfg: CodecConfig, ddp: Dist, generator: Codec, discr
     discriminators.load_state_dict(state["discriminators"])
     opt_g.load_state_dict(state["opt_g"])
     opt_d.load_state_dict(state["opt_d"])
+    if state.get("scaler"):  # saved by a float16 run (others save none)
+        scaler.load_state_dict(state["scaler"])
     rngs = state["rng_state"]  # one per rank
     if ddp.rank < len(rngs):
         set_rng_state(rngs[ddp.rank])
@@ -389,8 +402,8 @@ def train_row(sums: dict, norms: dict, lr: float, lr_d: float, samples_per_step:
 
 
 def save(step: int, metric: float | None, checkpoints: Checkpoints, generator: nn.Module, discriminators: nn.Module,
-         opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, cfg: CodecConfig, ddp: Dist,
-         wandb_id: str | None) -> None:
+         opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, scaler: torch.amp.GradScaler, cfg: CodecConfig,
+         ddp: Dist, wandb_id: str | None) -> None:
     """Training state to step_*.pt / latest.pt (/ best.pt), and the codec beside it as safetensors.
     A collective under torch.distributed (every rank's RNG state is saved); rank 0 writes."""
     rngs = [rng_state()]
@@ -402,7 +415,8 @@ def save(step: int, metric: float | None, checkpoints: Checkpoints, generator: n
     extra = {"step": step, "val/mel_distance": metric}
     checkpoints.save(step, {
         "generator": unwrap(generator).state_dict(), "discriminators": unwrap(discriminators).state_dict(),
-        "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "step": step, "rng_state": rngs,
+        "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "scaler": scaler.state_dict(), "step": step,
+        "rng_state": rngs,
         "config": dataclasses.asdict(cfg), "world_size": ddp.world_size, "wandb_id": wandb_id,
         "val/mel_distance": metric}, metric,  # the LR is a function of the step: no scheduler state
         export=lambda tmp: write_codec(tmp, unwrap(generator), extra))

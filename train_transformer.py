@@ -54,8 +54,8 @@ from model.parallel import (compile_blocks, full_state_dicts, gradient_sync, inn
 from model.quant import quantize_model
 from model.training import (Checkpoints, ConfigMismatch, Deadline, Dist, Logger, all_reduce_mean, autocast, before_step,
                             check_architecture, check_finite_step, check_folders, check_resumable, cosine_lr,
-                            last_step, load_training_state, move_aside, run_script, setup_distributed, state_to_load,
-                            stop_message, teardown_distributed, window_peak_gb)
+                            last_step, load_training_state, loss_scaler, move_aside, run_script, setup_distributed,
+                            state_to_load, stop_message, teardown_distributed, window_peak_gb)
 
 PARTS = ("quantizer", "lm", "resynth")
 # FSDP2 warns about every module output that is a view; none of ours is modified in place.
@@ -68,6 +68,9 @@ def main(argv=None) -> dict:
     check_config(cfg)
     lora = cfg.finetune == "lora"  # adapters on a frozen init_from base (model/finetune.py)
     finetune.check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    if cfg.dtype == "float16" and cfg.parallel == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("dtype=float16 with parallel=fsdp: the float16 loss scale (model.training.loss_scaler) "
+                          "is not sharded here; use dtype=bfloat16 (GPUs since Ampere), float32, or parallel=ddp")
     weights = {"lm_ce": cfg.lm_loss_weight, "resynth_nll": cfg.resynth_loss_weight}
     losses_of_stage, trained = STAGE_LOSSES[cfg.stage], finetune.trained_parts(cfg)
 
@@ -104,8 +107,9 @@ def main(argv=None) -> dict:
     calls = setup_model(model, cfg, ddp, trained)  # what the step calls for each part: itself, DDP or FSDP
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg, fsdp=ddp.enabled and cfg.parallel == "fsdp", device=device)
+    scaler = loss_scaler(device, cfg.dtype)  # float16 only; passes everything through otherwise
     if state is not None:
-        load_state(state, model, None if cfg.eval_only else optimizer, lora)
+        load_state(state, model, None if cfg.eval_only else optimizer, scaler, lora)
     if cfg.eval_quantize != "none":  # eval_only (check_config): the weights as a quantized deployment holds them
         quantize_model(model, cfg.eval_quantize, pack=False)  # whole sequences: no per-call unpacking of int4
     say(describe(model, cfg, trained, params, source, base, ddp))
@@ -147,8 +151,8 @@ def main(argv=None) -> dict:
             if is_main:
                 print(json.dumps({"eval": step, **{k: round(v, 5) for k, v in metrics.items()}}), flush=True)
         if due.save:
-            save(step, due.best_metric(metrics, "val/loss"), model, optimizer, cfg, checkpoints, ddp, logger.run_id,
-                 fingerprint, base)
+            save(step, due.best_metric(metrics, "val/loss"), model, optimizer, scaler, cfg, checkpoints, ddp,
+                 logger.run_id, fingerprint, base)
         if due.stop:
             if note := stop_message(step, cfg.max_steps, cfg.stop_step, cfg.max_minutes):
                 say(note)
@@ -173,14 +177,17 @@ def main(argv=None) -> dict:
                                                    cfg.duplex, losses_of_stage, "quantizer" in trained,
                                                    cfg.activation_checkpointing, cfg.compile)
                     losses["total"] = sum(weights[k] * losses[k] for k in losses_of_stage)
-                (losses["total"] / cfg.grad_accum_steps).backward()
+                scaler.scale(losses["total"] / cfg.grad_accum_steps).backward()
             step_loss = step_loss + losses["total"].detach()
             tally(sums, codes, losses, stats, valid, cfg)
+        scaler.unscale_(optimizer)  # (float16) the true gradients, before clipping
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # a DTensor under FSDP
-        check_finite_step(step, step_loss, grad_norm,
+        # under a float16 loss scale an overflowing gradient skips the step and lowers the scale
+        check_finite_step(step, step_loss, None if scaler.is_enabled() else grad_norm,
                           lambda: [train_set.files[train_set.draw(j)[0]]["name"] for j in loader.sampler.indices(step)])
-        optimizer.step()
+        scaler.step(optimizer)  # optimizer.step(), unless float16 gradients overflowed
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         steps_since_log += 1
@@ -267,11 +274,15 @@ def setup_model(model: HertzDev, cfg: TransformerConfig, ddp: Dist, trained: tup
             if name in trained else getattr(model, name) for name in PARTS}
 
 
-def load_state(state: dict, model: HertzDev, optimizer: torch.optim.Optimizer | None, lora: bool) -> None:
+def load_state(state: dict, model: HertzDev, optimizer: torch.optim.Optimizer | None,
+               scaler: torch.amp.GradScaler, lora: bool) -> None:
     """Load a training state's weights (LoRA: its adapters) into `model`, and its optimizer state
-    into `optimizer` unless None; then drop them from `state`, which the run keeps."""
+    and loss scale (float16) unless `optimizer` is None; then drop them from `state`, which the run
+    keeps."""
     load = finetune.load_state_dicts if lora else load_full_state_dicts
     load(model, state["model"], *((optimizer, state["optimizer"]) if optimizer is not None else ()))
+    if optimizer is not None and state.get("scaler"):  # saved by a float16 run (others save none)
+        scaler.load_state_dict(state["scaler"])
     del state["model"], state["optimizer"]
 
 
@@ -415,8 +426,9 @@ def train_row(sums: dict, codes: torch.Tensor, lr: float, grad_norm: torch.Tenso
     return row
 
 
-def save(step: int, metric: float | None, model: HertzDev, optimizer: torch.optim.Optimizer, cfg: TransformerConfig,
-         checkpoints: Checkpoints, ddp: Dist, wandb_id: str | None, fingerprint: str, base: dict) -> None:
+def save(step: int, metric: float | None, model: HertzDev, optimizer: torch.optim.Optimizer,
+         scaler: torch.amp.GradScaler, cfg: TransformerConfig, checkpoints: Checkpoints, ddp: Dist,
+         wandb_id: str | None, fingerprint: str, base: dict) -> None:
     """Training state (full, unsharded) to step_*.pt / latest.pt (/ best.pt), and the model as
     latest.safetensors (/ best.safetensors) for load_hertz_dev, or with finetune=lora the adapters
     (model/finetune.py). A collective under FSDP; rank 0 writes."""
@@ -424,7 +436,7 @@ def save(step: int, metric: float | None, model: HertzDev, optimizer: torch.opti
     model_state, optim_state = (finetune.state_dicts if lora else full_state_dicts)(model, optimizer)
     if not ddp.is_main:
         return
-    training_state = {"model": model_state, "optimizer": optim_state, "step": step,
+    training_state = {"model": model_state, "optimizer": optim_state, "scaler": scaler.state_dict(), "step": step,
                       "config": dataclasses.asdict(cfg), "codec": fingerprint, "codec_source": cfg.codec_checkpoint,
                       "world_size": ddp.world_size, "wandb_id": wandb_id,
                       "val/loss": metric, **base}

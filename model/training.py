@@ -133,6 +133,17 @@ def autocast(device: torch.device, dtype: str):
     return nullcontext()
 
 
+def loss_scaler(device: torch.device, dtype: str) -> torch.amp.GradScaler:
+    """A dynamic loss scale for float16 training (nanoGPT's rule: float16 gradients underflow
+    without one; the scale halves at a step whose gradients overflow, which is skipped, and doubles
+    after 2000 clean steps). bfloat16 and float32 get a disabled scaler, which passes everything
+    through. On the CPU, where autocast is off and float16 computes in float32, the scale (a power
+    of two) changes no value. Trainers scale each loss before `backward`, `unscale_` each optimizer
+    before clipping, and call `update` after the optimizers' steps; its `state_dict` goes into
+    the checkpoint."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == "float16")
+
+
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     """The model inside DDP and/or torch.compile wrappers."""
     while True:
@@ -171,18 +182,21 @@ class TrainingError(RuntimeError):
     """A run that cannot go on (a non-finite loss); the scripts print it as one `error:` line."""
 
 
-def check_finite_step(step: int, loss: torch.Tensor, grad_norm: torch.Tensor,
+def check_finite_step(step: int, loss: torch.Tensor, grad_norm: Optional[torch.Tensor],
                       files: Callable[[], Iterable[str]] = tuple) -> None:
     """Raise TrainingError naming `step` (and the batch's files, `files()`) if the step's loss or gradient
     norm is NaN or inf, before the optimizer applies it. Under torch.distributed every rank
-    learns whether any rank failed, so all stop at the same step (one host sync per step)."""
-    values = torch.stack([loss.detach().float().reshape(()), grad_norm.detach().float().reshape(())])
+    learns whether any rank failed, so all stop at the same step (one host sync per step).
+    `grad_norm` None: the loss alone (under a float16 loss scale an overflowing gradient is the
+    scaler's to skip, `loss_scaler`)."""
+    named = {"loss": loss} if grad_norm is None else {"loss": loss, "gradient norm": grad_norm}
+    values = torch.stack([v.detach().float().reshape(()) for v in named.values()])
     finite = torch.isfinite(values).all().float()
     if dist.is_initialized():
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     if finite.item() == 1:
         return
-    raise TrainingError(non_finite_message(step, dict(zip(("loss", "gradient norm"), values.tolist())), files(),
+    raise TrainingError(non_finite_message(step, dict(zip(named, values.tolist())), files(),
                                            "stopped before updating the weights"))
 
 
@@ -204,22 +218,27 @@ class FiniteGuard:
         self.optimizers = optimizers
         self.pending: list[tuple[int, dict[str, torch.Tensor], torch.Tensor, Iterable[str]]] = []
 
-    def flag(self, step: int, values: dict[str, torch.Tensor], files: Iterable[str] = ()) -> None:
+    def flag(self, step: int, values: dict[str, torch.Tensor], files: Iterable[str] = (),
+             skippable: Optional[dict[str, torch.Tensor]] = None) -> None:
         """Before the optimizers' steps: `values` (name -> scalar tensor) of `step`, whose batch came
-        from `files`."""
-        found_inf = 1.0 - torch.isfinite(torch.stack([v.detach().float().reshape(()) for v in values.values()])
-                                         ).all().float()
+        from `files`. `skippable`: values whose being non-finite skips the step without an error
+        (the gradient norms under a float16 loss scale, which overflow now and then: `loss_scaler`)."""
+        def bad(named):
+            return 1.0 - torch.isfinite(torch.stack([v.detach().float().reshape(()) for v in named.values()])
+                                        ).all().float()
+        flags = torch.stack([bad(values), bad(skippable) if skippable else bad(values)])  # error, skip
         if dist.is_initialized():
-            dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        error, found_inf = flags[0], flags.max()
         for optimizer in self.optimizers:
             optimizer.found_inf = found_inf
-        self.pending.append((step, values, found_inf, files))
+        self.pending.append((step, values, error, files))
 
     def check(self) -> None:
         pending, self.pending = self.pending, []
         if not pending:
             return
-        flags = torch.stack([found_inf for _, _, found_inf, _ in pending]).tolist()
+        flags = torch.stack([error for _, _, error, _ in pending]).tolist()
         if not any(flags):
             return
         step, values, _, files = pending[flags.index(1.0)]

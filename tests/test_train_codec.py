@@ -230,6 +230,26 @@ def test_stop_step_ends_early_on_the_full_schedule_and_the_next_run_continues(co
     assert [r["step"] for r in rows(run_dir / "metrics.jsonl")[done:] if "val/stoi" in r] == [4, 8]
 
 
+def test_float16_scales_the_loss_and_resumes_its_scale(corpus, trained, tmp_path):
+    """dtype=float16 trains with a dynamic loss scale (model.training.loss_scaler): on the CPU
+    (float32 arithmetic; the scale a power of two) every loss and learning rate of an 8-step run
+    stopped at 3 and continued equals the float32 run's, and the checkpoint carries the scale and
+    its count of clean steps across the resume."""
+    run_dir = tmp_path / "run"
+    for extra in (("stop_step=3",), ()):
+        result = run(["train_codec.py"] + args(corpus, run_dir, "dtype=float16", *extra))
+        assert result.returncode == 0, result.stderr[-3000:]
+    reference = {r["step"]: r for r in train_rows(trained[0] / "metrics.jsonl")}
+    steps = train_rows(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    for r in steps:
+        assert r["lr"] == reference[r["step"]]["lr"]
+        assert r["loss/total"] == pytest.approx(reference[r["step"]]["loss/total"], rel=1e-5)
+    scaler = torch.load(run_dir / "latest.pt", weights_only=False)["scaler"]
+    assert scaler["scale"] == 65536.0 and scaler["_growth_tracker"] == 8
+    assert torch.load(trained[0] / "latest.pt", weights_only=False)["scaler"] == {}  # float32: none
+
+
 def test_empty_train_folder_is_a_clear_error(corpus, tmp_path):
     (tmp_path / "empty").mkdir()
     result = run(["train_codec.py"] + args(corpus, tmp_path / "run", f"train_data_path={tmp_path / 'empty'}"))

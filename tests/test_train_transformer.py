@@ -119,21 +119,28 @@ def test_exported_model_loads_and_generates(setup, duplex):
     assert wave.shape == (1, 1, n * 2000) and torch.isfinite(wave).all()
 
 
-@pytest.mark.parametrize("stop", ["max_minutes", "stop_step"])
+@pytest.mark.parametrize("stop", ["max_minutes", "stop_step", "stop_step, float16"])
 def test_resume_continues_at_the_same_step_exactly(setup, stop):
     """Stopped after one step, by max_minutes or by stop_step (the schedule still that of
     max_steps), and run again: the same losses, step for step, and the same final validation as the
-    uninterrupted run."""
+    uninterrupted run. With dtype=float16 the loss is scaled (model.training.loss_scaler), which on
+    the CPU (float32 arithmetic; the scale a power of two) changes no value, and the scale and its
+    growth count are saved and resumed."""
     run_dir, _, evals = run_stage(setup, "all", True)
-    resumed = setup["root"] / f"run-resumed-{stop}"
-    log, first = train(base_args(setup, resumed, stage="all", **{stop: 1e-9 if stop == "max_minutes" else 1}))
+    resumed = setup["root"] / f"run-resumed-{stop.replace(', ', '-')}"
+    extra = {"dtype": "float16"} if "float16" in stop else {}
+    log, first = train(base_args(setup, resumed, stage="all", **extra,
+                                 **({"max_minutes": 1e-9} if stop == "max_minutes" else {"stop_step": 1})))
     assert sorted(first) == [0, 1]
     assert ("max_minutes=1e-09 reached at step 1" if stop == "max_minutes" else
             "stop_step=1 reached; the schedule runs to max_steps=2") in log
-    log, second = train(base_args(setup, resumed, stage="all"))
+    log, second = train(base_args(setup, resumed, stage="all", **extra))
     assert f"{resumed / 'latest.pt'} (step 1)" in log and sorted(second) == [2]
     assert train_rows(resumed) == train_rows(run_dir)
     assert second[2] == evals[2]
+    scaler = torch.load(resumed / "latest.pt", weights_only=False)["scaler"]
+    assert scaler == ({"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+                       "_growth_tracker": 2} if extra else {})  # two clean steps counted across the resume
 
 
 def test_ddp_and_fsdp_agree_and_fsdp_resumes(setup):
@@ -207,10 +214,10 @@ def test_missing_default_codec_names_the_command(tmp_path, monkeypatch):
         train_transformer.main(["--config", "tiny", "wandb=disabled"])
 
 
-def fails(args) -> str:
+def fails(args, env=None) -> str:
     """Run the trainer in a subprocess that must fail with one `error:` line and no traceback."""
     out = subprocess.run([sys.executable, "train_transformer.py", *map(str, args)], cwd=REPO, capture_output=True,
-                         text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
     errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, out.stderr[-3000:]
@@ -228,6 +235,15 @@ def test_user_errors_are_one_error_line(setup, tmp_path, mistake, message):
     args = base_args(setup, tmp_path / "run", latents_dir=tmp_path / "latents")
     args += [a.replace("MISSING", str(tmp_path / "missing")) for a in mistake]
     assert message in fails(args)
+    assert not (tmp_path / "latents").exists()
+
+
+def test_float16_with_fsdp_across_processes_is_one_error_line(setup, tmp_path):
+    """FSDP shards the gradients, and the float16 loss scale here is not sharded: refused at once
+    (as torchrun's WORLD_SIZE says), before anything loads or encodes; one process, or DDP, trains."""
+    log = fails(base_args(setup, tmp_path / "run", dtype="float16", parallel="fsdp", latents_dir=tmp_path / "latents"),
+                env={"WORLD_SIZE": "2"})
+    assert "error: dtype=float16 with parallel=fsdp" in log and "parallel=ddp" in log
     assert not (tmp_path / "latents").exists()
 
 

@@ -12,8 +12,8 @@ from config import fields_marked
 from config.codec_config import PRESETS, CodecConfig
 from config import ConfigError
 from model.training import (Checkpoints, ConfigMismatch, Deadline, FiniteGuard, Logger, StepTimer, TrainingError,
-                            autocast, before_step, check_architecture, check_resumable, cosine_lr, move_aside,
-                            rng_state, set_rng_state, state_to_load, window_peak_gb)
+                            autocast, before_step, check_architecture, check_finite_step, check_resumable, cosine_lr,
+                            move_aside, rng_state, set_rng_state, state_to_load, window_peak_gb)
 
 
 def test_cosine_lr_warms_up_then_decays_to_min():
@@ -99,6 +99,39 @@ def test_finite_guard_skips_a_non_finite_update_on_the_device_and_names_it_at_th
     guard.check()  # reported once
     with pytest.raises(ValueError, match="fused"):
         FiniteGuard(torch.optim.AdamW(a.parameters(), foreach=True))
+
+
+def test_finite_guard_skips_an_overflowing_float16_step_without_an_error():
+    """Under a float16 loss scale the gradient norms are `skippable`: a step whose gradients
+    overflow is skipped on the device (weights and moments unchanged) and the check says nothing,
+    while a non-finite loss is still an error; check_finite_step without a gradient norm checks
+    the loss alone."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 1)
+    opt = torch.optim.AdamW(lin.parameters(), lr=0.1, fused=True)
+    guard = FiniteGuard(opt)
+    x = torch.randn(8, 4)
+
+    def step(n, grad_scale=1.0, loss_scale=1.0):
+        loss = lin(x).square().mean()
+        (loss * grad_scale).backward()
+        norm = torch.nn.utils.clip_grad_norm_(lin.parameters(), 1.0)
+        guard.flag(n, {"loss": loss * loss_scale}, [f"clip{n}.wav"], skippable={"gradient norm": norm})
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step(0)
+    before = [p.detach().clone() for p in lin.parameters()] + [v.clone() for v in opt.state[lin.weight].values()]
+    step(1, grad_scale=float("inf"))  # the gradients overflow: skipped, silently
+    after = [p.detach().clone() for p in lin.parameters()] + [v.clone() for v in opt.state[lin.weight].values()]
+    assert all(torch.equal(u, v) for u, v in zip(after, before))
+    guard.check()
+    step(2, loss_scale=float("nan"))
+    with pytest.raises(TrainingError, match=r"^non-finite loss \(nan\) at step 2 on a batch from clip2\.wav"):
+        guard.check()
+    check_finite_step(3, torch.tensor(1.0), None)
+    with pytest.raises(TrainingError, match=r"^non-finite loss \(inf\) at step 4"):
+        check_finite_step(4, torch.tensor(float("inf")), None)
 
 
 def test_step_timer_counts_each_step_from_the_last_ones_end():
