@@ -9,8 +9,9 @@ Each has two kernels: a GEMV for one row (weights times a vector on the CUDA cor
 step's case) and a tiled matrix product on the tensor cores (tl.dot, rows padded to 16) for more
 rows (batched sessions, prefill). Both are autotuned by Triton per weight shape and row bucket; for
 one row the faster of the two is chosen on first use by timing them (`_choose`), outside CUDA-graph
-capture (the engines' warm-up runs every shape first). The backward gives the activations'
-gradient only (frozen weights: LoRA on a quantized base). Both are registered as torch custom ops
+capture (the engines' warm-up runs every shape first). The int8 GEMV makes each weight's float from
+its bits rather than with the int-to-float instruction (`BITS`, below). The backward gives the
+activations' gradient only (frozen weights: LoRA on a quantized base). Both are registered as torch custom ops
 (`hertz::int8_linear`, `hertz::int4_linear`), so `torch.compile` keeps them as one call in the
 compiled block and CUDA graphs replay them. Figures: benchmarks/quant_kernels.py.
 
