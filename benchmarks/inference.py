@@ -330,6 +330,9 @@ def bench_mode(args, size, quantize, kv, device, dtype, names, variants, batches
     if args.int_to_float and cuda and quantize != "none":
         import model.quant_kernels as qk  # the quantized kernels as before their floats came from bits
         qk.BITS, tags["convert"] = False, "instruction"
+    if args.fused_prologue and cuda:
+        import model.transformer as tr  # the decode step's attention prologue in one kernel
+        tr.FUSED_PROLOGUE, tags["prologue"] = True, "fused"
     model = make_model(size, True, device, dtype, quantize)
     free(cuda)  # the peak from here on: quantized weights + engine, not the float model quantized from
     wb = weight_bytes(model)
@@ -387,8 +390,8 @@ def run_alone(args, size: str, quantize: str, kv: str, budget_s: float) -> None:
            "--gen-seconds", str(args.gen_seconds), "--budget-s", str(max(budget_s, 0.0))]
     cmd += ["--batches", args.batches] if args.batches else []
     cmd += ["--steps", str(args.steps)] if args.steps else []
-    cmd += [f"--{flag.replace('_', '-')}" for flag in ("breakdown", "profile", "no_mono", "int_to_float")
-            if getattr(args, flag)]
+    flags = ("breakdown", "profile", "no_mono", "int_to_float", "fused_prologue")
+    cmd += [f"--{flag.replace('_', '-')}" for flag in flags if getattr(args, flag)]
     rc = subprocess.run(cmd).returncode
     if rc:
         emit(bench="mode_failed", size=size, quantize=quantize, kv_dtype=kv, returncode=rc)
@@ -414,6 +417,9 @@ def main():
     ap.add_argument("--int-to-float", action="store_true",
                     help="quantized kernels convert with the int-to-float instruction (model.quant_kernels.BITS "
                          "off), to compare; lines say convert: instruction")
+    ap.add_argument("--fused-prologue", action="store_true",
+                    help="decode steps run the attention prologue as one kernel (model.transformer.FUSED_PROLOGUE, "
+                         "off by default until measured); lines say prologue: fused")
     args = ap.parse_args()
     for q in args.quantize.split(","):
         if q not in ("none",) + MODES:

@@ -16,6 +16,10 @@ TARGET_PROGRAMS programs (fewer when the window is short: a chunk is at least BL
 
 Registered as a torch custom op (`hertz::decode_attention`), so torch.compile keeps it as one call
 in the compiled block and CUDA graphs replay it. Forward only (decoding needs no gradient).
+
+`decode_prologue(...)` (below): the step's attention up to the attention itself (q/k LayerNorms,
+rotary, the cache writes) as one kernel, `hertz::decode_prologue`, which writes the caches in
+place; used when `model.transformer.FUSED_PROLOGUE` is on (off until measured).
 Imported where a CUDA decode step runs (`model.transformer`); the tests also run it on the CPU in
 Triton's interpreter (TRITON_INTERPRET=1).
 """
@@ -125,3 +129,104 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
 @decode_attention.register_fake
 def _(q, k, v, bias):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+# --- the decode step's attention prologue ---------------------------------------------------------
+# In a decode step each layer's attention starts with five small kernels under torch.compile (the
+# q and k LayerNorms, the rotary and its concatenation, the key and value cache writes: ~1.5 us
+# each on the H200 plus the gap before the next, 40 layers a step). `decode_prologue` does all of
+# it in one kernel, one program per row. Off by default (`model.transformer.FUSED_PROLOGUE`) until
+# measured in the step (`benchmarks/inference.py --fused-prologue`).
+
+@triton.jit
+def _prologue(qkv_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, eps,
+              s_xb, s_cb, s_pb, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs,
+              H: tl.constexpr, HKV: tl.constexpr, BH: tl.constexpr, BHKV: tl.constexpr, D: tl.constexpr,
+              FP8: tl.constexpr):
+    b = tl.program_id(0)
+    HALF: tl.constexpr = D // 2
+    rj = tl.arange(0, HALF)
+    x_row = qkv_ptr + b * s_xb
+    c1 = tl.load(cos_ptr + b * s_cb + rj)
+    c2 = tl.load(cos_ptr + b * s_cb + HALF + rj)
+    s1 = tl.load(sin_ptr + b * s_cb + rj)
+    s2 = tl.load(sin_ptr + b * s_cb + HALF + rj)
+    pos = tl.load(pos_ptr + b * s_pb)
+
+    # q: LayerNorm over all H * D features (float32 statistics, the output rounded to the model's
+    # dtype as F.layer_norm returns it), then each head rotated by halves in float32.
+    rh = tl.arange(0, BH)
+    hm = (rh < H)[:, None]
+    off = rh[:, None] * D + rj[None, :]
+    q1 = tl.load(x_row + off, mask=hm, other=0.0).to(tl.float32)
+    q2 = tl.load(x_row + off + HALF, mask=hm, other=0.0).to(tl.float32)
+    mean = (tl.sum(tl.sum(q1, 1), 0) + tl.sum(tl.sum(q2, 1), 0)) / (H * D)
+    d1, d2 = tl.where(hm, q1 - mean, 0.0), tl.where(hm, q2 - mean, 0.0)
+    rstd = 1.0 / tl.sqrt((tl.sum(tl.sum(d1 * d1, 1), 0) + tl.sum(tl.sum(d2 * d2, 1), 0)) / (H * D) + eps)
+    dt = q_ptr.dtype.element_ty
+    n1 = (d1 * rstd * tl.load(wq_ptr + off, mask=hm, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+    n2 = (d2 * rstd * tl.load(wq_ptr + off + HALF, mask=hm, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+    tl.store(q_ptr + b * H * D + off, (n1 * c1[None, :] - n2 * s1[None, :]).to(dt), mask=hm)
+    tl.store(q_ptr + b * H * D + off + HALF, (n2 * c2[None, :] + n1 * s2[None, :]).to(dt), mask=hm)
+
+    # k: the same over its HKV * D features, written into the cache at the row's slot.
+    rk = tl.arange(0, BHKV)
+    km = (rk < HKV)[:, None]
+    offk = rk[:, None] * D + rj[None, :]
+    k1 = tl.load(x_row + H * D + offk, mask=km, other=0.0).to(tl.float32)
+    k2 = tl.load(x_row + H * D + offk + HALF, mask=km, other=0.0).to(tl.float32)
+    mean = (tl.sum(tl.sum(k1, 1), 0) + tl.sum(tl.sum(k2, 1), 0)) / (HKV * D)
+    d1, d2 = tl.where(km, k1 - mean, 0.0), tl.where(km, k2 - mean, 0.0)
+    rstd = 1.0 / tl.sqrt((tl.sum(tl.sum(d1 * d1, 1), 0) + tl.sum(tl.sum(d2 * d2, 1), 0)) / (HKV * D) + eps)
+    n1 = (d1 * rstd * tl.load(wk_ptr + offk, mask=km, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+    n2 = (d2 * rstd * tl.load(wk_ptr + offk + HALF, mask=km, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+    o1 = (n1 * c1[None, :] - n2 * s1[None, :]).to(dt).to(tl.float32)
+    o2 = (n2 * c2[None, :] + n1 * s2[None, :]).to(dt).to(tl.float32)
+    if FP8:  # `model.transformer.to_cache`: saturate at +-448 rather than overflow
+        o1, o2 = tl.clamp(o1, -448.0, 448.0), tl.clamp(o2, -448.0, 448.0)
+    kslot = k_ptr + b * s_kb + pos * s_ks + rk[:, None] * s_kh + rj[None, :]
+    tl.store(kslot, o1.to(k_ptr.dtype.element_ty), mask=km)
+    tl.store(kslot + HALF, o2.to(k_ptr.dtype.element_ty), mask=km)
+
+    # v: as projected, into the cache.
+    v1 = tl.load(x_row + (H + HKV) * D + offk, mask=km, other=0.0).to(tl.float32)
+    v2 = tl.load(x_row + (H + HKV) * D + offk + HALF, mask=km, other=0.0).to(tl.float32)
+    if FP8:
+        v1, v2 = tl.clamp(v1, -448.0, 448.0), tl.clamp(v2, -448.0, 448.0)
+    vslot = v_ptr + b * s_vb + pos * s_vs + rk[:, None] * s_vh + rj[None, :]
+    tl.store(vslot, v1.to(v_ptr.dtype.element_ty), mask=km)
+    tl.store(vslot + HALF, v2.to(v_ptr.dtype.element_ty), mask=km)
+
+
+@torch.library.custom_op("hertz::decode_prologue", mutates_args=("k_cache", "v_cache"))
+def decode_prologue(qkv: Tensor, wq: Tensor, wk: Tensor, eps: float, cos: Tensor, sin: Tensor, input_pos: Tensor,
+                    k_cache: Tensor, v_cache: Tensor, n_heads: int) -> Tensor:
+    """A decode step's attention up to the attention itself, for one query per row: qkv (B, 1,
+    (H + 2 Hkv) D) the fused projection; wq (H D,), wk (Hkv D,) the q and k LayerNorms' weights
+    (no bias), `eps` theirs; cos, sin (B|1, 1, D) float32 rotary tables; input_pos (B|1, 1) the
+    slot each row writes; k_cache, v_cache (B, Hkv, W, D) views of a `KVCache` (written in place:
+    the row's rotated key and its value at its slot). Returns the rotated queries (B, H, 1, D)."""
+    B, T, width = qkv.shape
+    Hkv, D = k_cache.shape[1], k_cache.shape[3]
+    if T != 1 or width != (n_heads + 2 * Hkv) * D or D & (D - 1) or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        raise ValueError(f"decode_prologue: one query per row, D a power of two, caches contiguous in D; got "
+                         f"qkv {tuple(qkv.shape)}, {n_heads} heads, cache {tuple(k_cache.shape)} "
+                         f"strides {k_cache.stride()}")
+    qkv = qkv.reshape(B, width)
+    if qkv.stride(1) != 1:
+        qkv = qkv.contiguous()
+    cos, sin = cos.reshape(cos.shape[0], D).contiguous(), sin.reshape(sin.shape[0], D).contiguous()
+    pos = input_pos.reshape(input_pos.shape[0])
+    q = torch.empty(B, n_heads, 1, D, device=qkv.device, dtype=qkv.dtype)
+    _prologue[(B,)](qkv, wq, wk, cos, sin, pos, q, k_cache, v_cache, eps,
+                    qkv.stride(0), cos.stride(0) if cos.shape[0] > 1 else 0, pos.stride(0) if pos.shape[0] > 1 else 0,
+                    k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                    v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+                    H=n_heads, HKV=Hkv, BH=triton.next_power_of_2(n_heads), BHKV=triton.next_power_of_2(Hkv),
+                    D=D, FP8=k_cache.dtype == torch.float8_e4m3fn, num_warps=4)
+    return q
+
+
+@decode_prologue.register_fake
+def _(qkv, wq, wk, eps, cos, sin, input_pos, k_cache, v_cache, n_heads):
+    return qkv.new_empty(qkv.shape[0], n_heads, 1, k_cache.shape[3])

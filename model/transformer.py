@@ -217,6 +217,9 @@ class KVCache:
 # not found).
 DECODE_KERNEL = True
 DECODE_KERNEL_MIN_SLOTS = 1024
+# A CUDA decode step's q/k norms, rotary and cache writes in one kernel (`model.attention_kernels.
+# decode_prologue`, five kernels a layer otherwise). Off until measured in the step.
+FUSED_PROLOGUE = False
 
 
 def attend_cache(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, gqa: bool) -> Tensor:
@@ -252,6 +255,12 @@ class GQA(nn.Module):
         queries attend over the cache window, masked by `pos.mask` (prefill, decode steps)."""
         B, T, _ = x.shape
         H, Hkv, hd = self.n_heads, self.kv_heads, self.head_dim
+        if FUSED_PROLOGUE and cache is not None and T == 1 and x.is_cuda:
+            from .attention_kernels import decode_prologue  # Triton: imported only where CUDA is used
+            q = decode_prologue(self.proj_qkv(x), self.norm_q.weight, self.norm_k.weight, self.norm_q.eps,
+                                pos.cos, pos.sin, pos.input_pos, cache.k, cache.v, H)
+            y = attend_cache(q, cache.k, cache.v, pos.mask, Hkv != H)
+            return self.attn_out(y.transpose(1, 2).reshape(B, T, -1))
         q, k, v = self.proj_qkv(x).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
         # q and k rotated together: one rotary pass instead of two (fewer kernels when not compiled).
         qk = torch.cat([self.norm_q(q).view(B, T, H, hd), self.norm_k(k).view(B, T, Hkv, hd)], dim=2).transpose(1, 2)

@@ -120,3 +120,103 @@ def test_decode_steps_over_a_float8_cache_use_the_kernel_and_match_sdpa_on_cuda(
         got, ran = steps(True, block)
         assert ran
         assert float((got - ref).norm() / ref.norm()) < tol
+
+
+# The fused prologue (`decode_prologue`) against the module's own decode path: one attention layer
+# (`GQA`) with random norm weights, a cache longer than the window and one row more than the batch
+# (strided views), rows at their own positions or all at one; the attention output and every cache
+# slot after the write. Interpreted on the CPU (the op is called directly: the module takes it on
+# CUDA only), for float32 and bfloat16 and a float8 cache, grouped-query heads, a head count that
+# is not a power of two.
+PROLOGUE = r"""
+import json, torch
+from model import attention_kernels as ak, transformer as tr
+from model.transformer import GQA, KVCache, Positions, attend_cache
+torch.manual_seed(0)
+out = []
+F32, BF16, FP8 = torch.float32, torch.bfloat16, torch.float8_e4m3fn
+for B, H, Hkv, D, dt, kv_dt, per_row in [(1, 4, 4, 16, F32, F32, False), (3, 4, 2, 32, F32, F32, True),
+                                         (2, 6, 3, 16, F32, F32, True), (3, 4, 2, 16, BF16, BF16, True),
+                                         (3, 4, 4, 16, BF16, FP8, True)]:
+    W, L = 24, 40
+    gqa = GQA(H * D, H, Hkv).to(dt)
+    with torch.no_grad():
+        gqa.norm_q.weight.uniform_(0.5, 1.5), gqa.norm_k.weight.uniform_(0.5, 1.5)
+    x = torch.randn(B, 1, H * D, dtype=dt)
+    p = torch.randint(0, W, (B if per_row else 1, 1))
+    pos = Positions.make(D, 10000.0, p, W, dt)
+    caches = []
+    for _ in range(2):
+        c = KVCache(1, B + 1, Hkv, L, D, dtype=kv_dt)
+        c.k.copy_(torch.randn(c.k.shape).to(kv_dt)), c.v.copy_(torch.randn(c.v.shape).to(kv_dt))
+        caches.append(c)
+    caches[1].k.copy_(caches[0].k), caches[1].v.copy_(caches[0].v)
+    ref_layer, layer = caches[0].select(slice(0, B)).layer(0, W), caches[1].select(slice(0, B)).layer(0, W)
+    with torch.no_grad():
+        ref = gqa(x, pos, ref_layer)
+        q = ak.decode_prologue(gqa.proj_qkv(x), gqa.norm_q.weight, gqa.norm_k.weight, gqa.norm_q.eps, pos.cos,
+                               pos.sin, pos.input_pos, layer.k, layer.v, H)
+        got = gqa.attn_out(attend_cache(q, layer.k, layer.v, pos.mask, Hkv != H).transpose(1, 2).reshape(B, 1, -1))
+    cache_err = max(float((a.float() - b.float()).abs().max()) for a, b in ((caches[0].k, caches[1].k),
+                                                                             (caches[0].v, caches[1].v)))
+    out.append(dict(case=[B, H, Hkv, D, str(dt), str(kv_dt), per_row], q_shape=list(q.shape),
+                    rel=float((got.float() - ref.float()).norm() / ref.float().norm()), cache_err=cache_err))
+print(json.dumps(out))
+"""
+
+
+def test_decode_prologue_equals_the_modules_decode_path_in_the_triton_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, "-c", PROLOGUE], env=env, cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cases = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(cases) == 5
+    for c in cases:
+        B, H, Hkv, D, dt, kv, _ = c["case"]
+        assert c["q_shape"] == [B, H, 1, D], c
+        f32 = "float32" in dt
+        assert c["rel"] < (1e-5 if f32 else 2e-2), c  # the attention output, through the cache
+        # every slot equal, the written ones included (float32: to rounding; bf16 / float8: a unit
+        # of the last place of the cache's dtype at most)
+        assert c["cache_err"] < (1e-5 if f32 else 0.07 if "float8" not in kv else 0.26), c
+
+
+@cuda
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8"])
+@torch.no_grad()
+def test_decode_steps_with_the_fused_prologue_match_the_unfused_ones_on_cuda(kv_dtype):
+    """The tiny duplex model's LM and resynthesizer decode steps (bf16) with FUSED_PROLOGUE against
+    the same steps without it, eager and inside the compiled block: the same outputs to bf16
+    rounding, and the prologue ran."""
+    from config.transformer_config import PRESETS
+    from model import HertzDev, build, plex_codes, transformer
+    from model.decode import Kernels
+    torch.manual_seed(0)
+    m = build(HertzDev, dataclasses.replace(PRESETS["tiny"], duplex=True)).eval().to("cuda", torch.bfloat16)
+    x = torch.randn(3, 40, 64, device="cuda", dtype=torch.bfloat16)
+    plex = plex_codes(m.quantizer, x, True)
+    dtype = transformer.kv_dtype_of(kv_dtype)
+
+    def steps(fused, block=None):
+        transformer.FUSED_PROLOGUE = fused
+        kw = {"block": block} if block else {}
+        try:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                lc, rc = m.lm.make_cache(3, max_len=64, dtype=dtype), m.resynth.make_cache(3, max_len=64, dtype=dtype)
+                out = [m.lm(x[:, :8], lc, torch.arange(8, device="cuda").expand(3, 8))]
+                for t in range(8, 40):
+                    p = torch.tensor([[t], [t - 3], [t - 7]], device="cuda")  # rows at their own positions
+                    out.append(m.lm(x[:, t:t + 1], lc, p, 64, **kw))
+                    out.append(m.resynth(x[:, t:t + 1], tuple(c[:, t:t + 1] for c in plex), rc, p, 64, **kw))
+            ran = any("decode_prologue" in e.name for e in prof.events())
+            return torch.cat([t.float().flatten() for o in out for t in flat(o)]), ran
+        finally:
+            transformer.FUSED_PROLOGUE = False
+
+    ref, ran = steps(False)
+    assert not ran
+    for block in (None, Kernels.make(("block",)).block):  # eager, and inside the compiled block
+        got, ran = steps(True, block)
+        assert ran
+        assert float((got - ref).norm() / ref.norm()) < 3e-2
