@@ -49,12 +49,17 @@ print(json.dumps(out))
 """
 
 
-def test_decode_attention_equals_sdpa_in_the_triton_interpreter():
+def interpreted(script: str) -> list:
+    """The JSON list `script` prints last, run in a process with Triton's interpreter on."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
-    r = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, cwd=ROOT, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    cases = json.loads(r.stdout.strip().splitlines()[-1])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_decode_attention_equals_sdpa_in_the_triton_interpreter():
+    cases = interpreted(INTERPRETED)
     assert len(cases) == 6 and cases[-1]["kv"] == "torch.float8_e4m3fn"
     assert max(c["chunks"] for c in cases) >= 8  # the combine of many chunks is exercised
     for c in cases:
@@ -81,6 +86,22 @@ def flat(out):
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+def decode_outputs(m, x, plex, kv_dtype, block, stagger, marker):
+    """The tiny model's LM and resynthesizer outputs of 32 decode steps of 3 rows after an 8-latent
+    prefill (row r at step t - stagger[r]), eager or in `block`, and whether a kernel whose name
+    holds `marker` ran."""
+    kw = {"block": block} if block else {}
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        lc, rc = m.lm.make_cache(3, max_len=64, dtype=kv_dtype), m.resynth.make_cache(3, max_len=64, dtype=kv_dtype)
+        out = [m.lm(x[:, :8], lc, torch.arange(8, device="cuda").expand(3, 8))]
+        for t in range(8, 40):
+            p = (t - torch.tensor(stagger, device="cuda"))[:, None]
+            out.append(m.lm(x[:, t:t + 1], lc, p, 64, **kw))
+            out.append(m.resynth(x[:, t:t + 1], tuple(c[:, t:t + 1] for c in plex), rc, p, 64, **kw))
+    ran = any(marker in e.name for e in prof.events())
+    return torch.cat([t.float().flatten() for o in out for t in flat(o)]), ran
+
+
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @torch.no_grad()
@@ -96,20 +117,10 @@ def test_decode_steps_over_a_float8_cache_use_the_kernel_and_match_sdpa_on_cuda(
     min_slots = transformer.DECODE_KERNEL_MIN_SLOTS
 
     def steps(kernel, block=None):
-        """The LM's and resynthesizer's outputs of 32 decode steps after an 8-latent prefill, and
-        whether the kernel ran (for every window size: these caches are small)."""
+        """Whether the kernel ran (for every window size: these caches are small)."""
         transformer.DECODE_KERNEL, transformer.DECODE_KERNEL_MIN_SLOTS = kernel, 0
-        kw = {"block": block} if block else {}
         try:
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-                lc, rc = m.lm.make_cache(3, max_len=64, dtype=FP8), m.resynth.make_cache(3, max_len=64, dtype=FP8)
-                out = [m.lm(x[:, :8], lc, torch.arange(8, device="cuda").expand(3, 8))]
-                for t in range(8, 40):
-                    p = torch.full((3, 1), t, device="cuda")
-                    out.append(m.lm(x[:, t:t + 1], lc, p, 64, **kw))
-                    out.append(m.resynth(x[:, t:t + 1], tuple(c[:, t:t + 1] for c in plex), rc, p, 64, **kw))
-            ran = any("decode_attention" in e.name for e in prof.events())
-            return torch.cat([t.float().flatten() for o in out for t in flat(o)]), ran
+            return decode_outputs(m, x, plex, FP8, block, (0, 0, 0), "decode_attention")
         finally:
             transformer.DECODE_KERNEL, transformer.DECODE_KERNEL_MIN_SLOTS = True, min_slots
 
@@ -166,11 +177,7 @@ print(json.dumps(out))
 
 
 def test_decode_prologue_equals_the_modules_decode_path_in_the_triton_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
-    r = subprocess.run([sys.executable, "-c", PROLOGUE], env=env, cwd=ROOT, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    cases = json.loads(r.stdout.strip().splitlines()[-1])
+    cases = interpreted(PROLOGUE)
     assert len(cases) == 5
     for c in cases:
         B, H, Hkv, D, dt, kv, _ = c["case"]
@@ -200,17 +207,8 @@ def test_decode_steps_with_the_fused_prologue_match_the_unfused_ones_on_cuda(kv_
 
     def steps(fused, block=None):
         transformer.FUSED_PROLOGUE = fused
-        kw = {"block": block} if block else {}
-        try:
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-                lc, rc = m.lm.make_cache(3, max_len=64, dtype=dtype), m.resynth.make_cache(3, max_len=64, dtype=dtype)
-                out = [m.lm(x[:, :8], lc, torch.arange(8, device="cuda").expand(3, 8))]
-                for t in range(8, 40):
-                    p = torch.tensor([[t], [t - 3], [t - 7]], device="cuda")  # rows at their own positions
-                    out.append(m.lm(x[:, t:t + 1], lc, p, 64, **kw))
-                    out.append(m.resynth(x[:, t:t + 1], tuple(c[:, t:t + 1] for c in plex), rc, p, 64, **kw))
-            ran = any("decode_prologue" in e.name for e in prof.events())
-            return torch.cat([t.float().flatten() for o in out for t in flat(o)]), ran
+        try:  # rows at their own positions
+            return decode_outputs(m, x, plex, dtype, block, (0, 3, 7), "decode_prologue")
         finally:
             transformer.FUSED_PROLOGUE = False
 
