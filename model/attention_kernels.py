@@ -139,6 +139,26 @@ def _(q, k, v, bias):
 # measured in the step (`benchmarks/inference.py --fused-prologue`).
 
 @triton.jit
+def _norm_rotate(x_ptr, w_ptr, eps, c1, c2, s1, s2, dt, N: tl.constexpr, BN: tl.constexpr, D: tl.constexpr):
+    """N heads of D features at x_ptr: a LayerNorm over all N * D (float32 statistics, weight at
+    w_ptr, no bias, the output rounded to the model's dtype `dt` as F.layer_norm returns it), then
+    each head rotated by halves in float32 as `model.transformer.apply_rotary` does. Returns both
+    halves (BN, D/2) in float32, the offsets of the first half and the mask of the real heads."""
+    HALF: tl.constexpr = D // 2
+    rh = tl.arange(0, BN)
+    m = (rh < N)[:, None]
+    off = rh[:, None] * D + tl.arange(0, HALF)[None, :]
+    x1 = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + off + HALF, mask=m, other=0.0).to(tl.float32)
+    mean = (tl.sum(tl.sum(x1, 1), 0) + tl.sum(tl.sum(x2, 1), 0)) / (N * D)
+    d1, d2 = tl.where(m, x1 - mean, 0.0), tl.where(m, x2 - mean, 0.0)
+    rstd = 1.0 / tl.sqrt((tl.sum(tl.sum(d1 * d1, 1), 0) + tl.sum(tl.sum(d2 * d2, 1), 0)) / (N * D) + eps)
+    n1 = (d1 * rstd * tl.load(w_ptr + off, mask=m, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+    n2 = (d2 * rstd * tl.load(w_ptr + off + HALF, mask=m, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+    return n1 * c1[None, :] - n2 * s1[None, :], n2 * c2[None, :] + n1 * s2[None, :], off, m
+
+
+@triton.jit
 def _prologue(qkv_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, eps,
               s_xb, s_cb, s_pb, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs,
               H: tl.constexpr, HKV: tl.constexpr, BH: tl.constexpr, BHKV: tl.constexpr, D: tl.constexpr,
@@ -152,50 +172,31 @@ def _prologue(qkv_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, 
     s1 = tl.load(sin_ptr + b * s_cb + rj)
     s2 = tl.load(sin_ptr + b * s_cb + HALF + rj)
     pos = tl.load(pos_ptr + b * s_pb)
-
-    # q: LayerNorm over all H * D features (float32 statistics, the output rounded to the model's
-    # dtype as F.layer_norm returns it), then each head rotated by halves in float32.
-    rh = tl.arange(0, BH)
-    hm = (rh < H)[:, None]
-    off = rh[:, None] * D + rj[None, :]
-    q1 = tl.load(x_row + off, mask=hm, other=0.0).to(tl.float32)
-    q2 = tl.load(x_row + off + HALF, mask=hm, other=0.0).to(tl.float32)
-    mean = (tl.sum(tl.sum(q1, 1), 0) + tl.sum(tl.sum(q2, 1), 0)) / (H * D)
-    d1, d2 = tl.where(hm, q1 - mean, 0.0), tl.where(hm, q2 - mean, 0.0)
-    rstd = 1.0 / tl.sqrt((tl.sum(tl.sum(d1 * d1, 1), 0) + tl.sum(tl.sum(d2 * d2, 1), 0)) / (H * D) + eps)
     dt = q_ptr.dtype.element_ty
-    n1 = (d1 * rstd * tl.load(wq_ptr + off, mask=hm, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
-    n2 = (d2 * rstd * tl.load(wq_ptr + off + HALF, mask=hm, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
-    tl.store(q_ptr + b * H * D + off, (n1 * c1[None, :] - n2 * s1[None, :]).to(dt), mask=hm)
-    tl.store(q_ptr + b * H * D + off + HALF, (n2 * c2[None, :] + n1 * s2[None, :]).to(dt), mask=hm)
 
-    # k: the same over its HKV * D features, written into the cache at the row's slot.
-    rk = tl.arange(0, BHKV)
-    km = (rk < HKV)[:, None]
-    offk = rk[:, None] * D + rj[None, :]
-    k1 = tl.load(x_row + H * D + offk, mask=km, other=0.0).to(tl.float32)
-    k2 = tl.load(x_row + H * D + offk + HALF, mask=km, other=0.0).to(tl.float32)
-    mean = (tl.sum(tl.sum(k1, 1), 0) + tl.sum(tl.sum(k2, 1), 0)) / (HKV * D)
-    d1, d2 = tl.where(km, k1 - mean, 0.0), tl.where(km, k2 - mean, 0.0)
-    rstd = 1.0 / tl.sqrt((tl.sum(tl.sum(d1 * d1, 1), 0) + tl.sum(tl.sum(d2 * d2, 1), 0)) / (HKV * D) + eps)
-    n1 = (d1 * rstd * tl.load(wk_ptr + offk, mask=km, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
-    n2 = (d2 * rstd * tl.load(wk_ptr + offk + HALF, mask=km, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
-    o1 = (n1 * c1[None, :] - n2 * s1[None, :]).to(dt).to(tl.float32)
-    o2 = (n2 * c2[None, :] + n1 * s2[None, :]).to(dt).to(tl.float32)
+    # q: normed and rotated, out in the model's dtype
+    o1, o2, off, m = _norm_rotate(x_row, wq_ptr, eps, c1, c2, s1, s2, dt, H, BH, D)
+    tl.store(q_ptr + b * H * D + off, o1.to(dt), mask=m)
+    tl.store(q_ptr + b * H * D + off + HALF, o2.to(dt), mask=m)
+
+    # k: the same over its HKV heads, rounded to the model's dtype, then into the cache at the row's slot
+    o1, o2, off, m = _norm_rotate(x_row + H * D, wk_ptr, eps, c1, c2, s1, s2, dt, HKV, BHKV, D)
+    o1, o2 = o1.to(dt).to(tl.float32), o2.to(dt).to(tl.float32)
     if FP8:  # `model.transformer.to_cache`: saturate at +-448 rather than overflow
         o1, o2 = tl.clamp(o1, -448.0, 448.0), tl.clamp(o2, -448.0, 448.0)
+    rk = tl.arange(0, BHKV)
     kslot = k_ptr + b * s_kb + pos * s_ks + rk[:, None] * s_kh + rj[None, :]
-    tl.store(kslot, o1.to(k_ptr.dtype.element_ty), mask=km)
-    tl.store(kslot + HALF, o2.to(k_ptr.dtype.element_ty), mask=km)
+    tl.store(kslot, o1.to(k_ptr.dtype.element_ty), mask=m)
+    tl.store(kslot + HALF, o2.to(k_ptr.dtype.element_ty), mask=m)
 
-    # v: as projected, into the cache.
-    v1 = tl.load(x_row + (H + HKV) * D + offk, mask=km, other=0.0).to(tl.float32)
-    v2 = tl.load(x_row + (H + HKV) * D + offk + HALF, mask=km, other=0.0).to(tl.float32)
+    # v: as projected, into the cache
+    v1 = tl.load(x_row + (H + HKV) * D + off, mask=m, other=0.0).to(tl.float32)
+    v2 = tl.load(x_row + (H + HKV) * D + off + HALF, mask=m, other=0.0).to(tl.float32)
     if FP8:
         v1, v2 = tl.clamp(v1, -448.0, 448.0), tl.clamp(v2, -448.0, 448.0)
     vslot = v_ptr + b * s_vb + pos * s_vs + rk[:, None] * s_vh + rj[None, :]
-    tl.store(vslot, v1.to(v_ptr.dtype.element_ty), mask=km)
-    tl.store(vslot + HALF, v2.to(v_ptr.dtype.element_ty), mask=km)
+    tl.store(vslot, v1.to(v_ptr.dtype.element_ty), mask=m)
+    tl.store(vslot + HALF, v2.to(v_ptr.dtype.element_ty), mask=m)
 
 
 @torch.library.custom_op("hertz::decode_prologue", mutates_args=("k_cache", "v_cache"))

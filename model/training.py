@@ -226,7 +226,8 @@ class FiniteGuard:
         def bad(named):
             return 1.0 - torch.isfinite(torch.stack([v.detach().float().reshape(()) for v in named.values()])
                                         ).all().float()
-        flags = torch.stack([bad(values), bad(skippable) if skippable else bad(values)])  # error, skip
+        error = bad(values)
+        flags = torch.stack([error, bad(skippable)]) if skippable else error[None]  # error(, skip)
         if dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         error, found_inf = flags[0], flags.max()
