@@ -333,6 +333,9 @@ def bench_mode(args, size, quantize, kv, device, dtype, names, variants, batches
     if args.fused_prologue and cuda:
         import model.transformer as tr  # the decode step's attention prologue in one kernel
         tr.FUSED_PROLOGUE, tags["prologue"] = True, "fused"
+    if args.torch_noise and cuda:
+        import model.sampling as sampling  # the noise's uniforms as ~60 elementwise kernels
+        sampling.NOISE_KERNEL, tags["noise"] = False, "torch"
     model = make_model(size, True, device, dtype, quantize)
     free(cuda)  # the peak from here on: quantized weights + engine, not the float model quantized from
     wb = weight_bytes(model)
@@ -390,7 +393,7 @@ def run_alone(args, size: str, quantize: str, kv: str, budget_s: float) -> None:
            "--gen-seconds", str(args.gen_seconds), "--budget-s", str(max(budget_s, 0.0))]
     cmd += ["--batches", args.batches] if args.batches else []
     cmd += ["--steps", str(args.steps)] if args.steps else []
-    flags = ("breakdown", "profile", "no_mono", "int_to_float", "fused_prologue")
+    flags = ("breakdown", "profile", "no_mono", "int_to_float", "fused_prologue", "torch_noise")
     cmd += [f"--{flag.replace('_', '-')}" for flag in flags if getattr(args, flag)]
     rc = subprocess.run(cmd).returncode
     if rc:
@@ -420,6 +423,9 @@ def main():
     ap.add_argument("--fused-prologue", action="store_true",
                     help="decode steps run the attention prologue as one kernel (model.transformer.FUSED_PROLOGUE, "
                          "off by default until measured); lines say prologue: fused")
+    ap.add_argument("--torch-noise", action="store_true",
+                    help="the step's noise by torch's elementwise kernels, as before its Triton kernel "
+                         "(model.sampling.NOISE_KERNEL off), to compare; lines say noise: torch")
     args = ap.parse_args()
     for q in args.quantize.split(","):
         if q not in ("none",) + MODES:

@@ -62,8 +62,16 @@ def _mix32(x: Tensor) -> Tensor:
     return x ^ (x >> 15)
 
 
+# On CUDA the uniforms come from one Triton kernel (`model.sampling_kernels`), equal bit for bit;
+# False: the torch version everywhere (benchmarks compare the two).
+NOISE_KERNEL = True
+
+
 def counter_uniform(seed: Tensor, counter: Tensor, stream: int, n: int) -> Tensor:
     """(B,) int64 row seeds and counters -> (B, n) float32 uniforms in (0, 1), with 24 bits each."""
+    if NOISE_KERNEL and seed.is_cuda:
+        from . import sampling_kernels  # Triton, imported where a CUDA step draws
+        return sampling_kernels.counter_uniform(seed, counter, stream, n)
     key = _mix32((seed & _M32) ^ _mix32(((seed >> 32) & _M32) ^ stream))
     key = _mix32(key ^ (counter & _M32))
     idx = _mix32(torch.arange(n, device=seed.device, dtype=torch.int64) + 0x9E3779B9)

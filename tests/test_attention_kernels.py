@@ -4,15 +4,12 @@ grouped-query heads, a mask per row or broadcast, cache views with the strides o
 rows that may see one slot only); on CUDA the tiny model's decode steps over a float8 cache with
 the kernel against the same steps with SDPA, eager and compiled."""
 import dataclasses
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from triton_interpreter import interpreted
+
 triton = pytest.importorskip("triton", reason="Triton (requirements.txt, Linux) runs the kernel's interpreter")
 
 # The interpreter must be switched on before Triton is imported: a process of its own.
@@ -47,15 +44,6 @@ for B, H, Hkv, W, D, dt, kv_dt, per_row, target in [
                     finite=bool(y.isfinite().all())))
 print(json.dumps(out))
 """
-
-
-def interpreted(script: str) -> list:
-    """The JSON list `script` prints last, run in a process with Triton's interpreter on."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
-    r = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def test_decode_attention_equals_sdpa_in_the_triton_interpreter():

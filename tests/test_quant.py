@@ -242,17 +242,10 @@ def check_kernel_outputs(cases, dtype_eps):
                     "(range(0, K, ...) raises TypeError: benchmarks/results/h200_session14.txt, call 3)")
 def test_quantized_kernels_in_the_triton_interpreter():
     pytest.importorskip("triton", reason="Triton (requirements.txt, Linux) runs the kernels' interpreter")
-    import json
-    import os
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    from triton_interpreter import interpreted
     script = KERNEL_CASES + "\nprint(json.dumps(kernel_outputs('cpu', torch.float16, " \
                             "lambda k, grid, *a, **m: k.fn[grid](*a, **m))))\n"
-    r = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root),
-                       cwd=root, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    check_kernel_outputs(json.loads(r.stdout.strip().splitlines()[-1]), 2e-3)
+    check_kernel_outputs(interpreted(script), 2e-3)
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

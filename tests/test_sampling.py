@@ -80,6 +80,52 @@ def test_counter_noise_is_a_pure_function_of_seed_and_counter():
     assert noise.token.shape == (3, 2) and noise.gaussian.shape == (3, 2, 32) and noise.posterior.shape == (3, 32)
 
 
+# Seeds and counters over the whole int64 range (negative ones too), and sizes around the kernel's
+# block: the kernel's uniforms against the torch version's, bit for bit.
+NOISE_CASES = r"""
+import json, torch
+from model import sampling, sampling_kernels
+
+def noise_cases(device):
+    seed = torch.tensor([0, 1, 2 ** 40 + 3, 2 ** 63 - 1, -5, -2 ** 63, 123456789012345], device=device)
+    counter = torch.tensor([0, 5, 2 ** 33 + 7, 2 ** 63 - 1, 3, -1, 77], device=device)
+    out = []
+    for stream, n in [(1, 1), (1, 196), (2, 256), (1, 257), (2, 5000)]:
+        sampling.NOISE_KERNEL = False
+        ref = sampling.counter_uniform(seed.cpu(), counter.cpu(), stream, n)
+        got = sampling_kernels.counter_uniform(seed, counter, stream, n).cpu()
+        out.append(dict(n=n, shape=list(got.shape), equal=bool(torch.equal(got, ref))))
+    sampling.NOISE_KERNEL = True  # what StepNoise.draw uses on this device
+    a = sampling.StepNoise.draw(seed, counter, 2, 32)
+    sampling.NOISE_KERNEL = False
+    b = sampling.StepNoise.draw(seed.cpu(), counter.cpu(), 2, 32)
+    out.append(dict(n="step", equal=all(torch.equal(getattr(a, f).cpu(), getattr(b, f))
+                                        for f in ("token", "mixture", "gaussian", "posterior"))))
+    return out
+"""
+
+
+def check_noise_cases(cases):
+    assert len(cases) == 6
+    for c in cases:
+        assert c["equal"], c
+        if c["n"] != "step":
+            assert c["shape"] == [7, c["n"]]
+
+
+def test_noise_kernel_equals_the_torch_noise_bit_for_bit_in_the_triton_interpreter():
+    pytest.importorskip("triton", reason="Triton (requirements.txt, Linux) runs the kernel's interpreter")
+    from triton_interpreter import interpreted
+    check_noise_cases(interpreted(NOISE_CASES + "\nprint(json.dumps(noise_cases('cpu')))\n"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_noise_kernel_equals_the_torch_noise_bit_for_bit_on_cuda():
+    namespace = {}
+    exec(NOISE_CASES, namespace)
+    check_noise_cases(namespace["noise_cases"]("cuda"))
+
+
 def test_row_sampling_follows_each_rows_parameters():
     N = 20000
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
