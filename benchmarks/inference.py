@@ -330,9 +330,9 @@ def bench_mode(args, size, quantize, kv, device, dtype, names, variants, batches
     if args.int_to_float and cuda and quantize != "none":
         import model.quant_kernels as qk  # the quantized kernels as before their floats came from bits
         qk.BITS, tags["convert"] = False, "instruction"
-    if args.fused_prologue and cuda:
-        import model.transformer as tr  # the decode step's attention prologue in one kernel
-        tr.FUSED_PROLOGUE, tags["prologue"] = True, "fused"
+    if args.unfused_prologue and cuda:
+        import model.transformer as tr  # the decode step's attention prologue as five kernels a layer
+        tr.FUSED_PROLOGUE, tags["prologue"] = False, "unfused"
     if args.torch_noise and cuda:
         import model.sampling as sampling  # the noise's uniforms as ~60 elementwise kernels
         sampling.NOISE_KERNEL, tags["noise"] = False, "torch"
@@ -393,7 +393,7 @@ def run_alone(args, size: str, quantize: str, kv: str, budget_s: float) -> None:
            "--gen-seconds", str(args.gen_seconds), "--budget-s", str(max(budget_s, 0.0))]
     cmd += ["--batches", args.batches] if args.batches else []
     cmd += ["--steps", str(args.steps)] if args.steps else []
-    flags = ("breakdown", "profile", "no_mono", "int_to_float", "fused_prologue", "torch_noise")
+    flags = ("breakdown", "profile", "no_mono", "int_to_float", "unfused_prologue", "torch_noise")
     cmd += [f"--{flag.replace('_', '-')}" for flag in flags if getattr(args, flag)]
     rc = subprocess.run(cmd).returncode
     if rc:
@@ -420,9 +420,9 @@ def main():
     ap.add_argument("--int-to-float", action="store_true",
                     help="quantized kernels convert with the int-to-float instruction (model.quant_kernels.BITS "
                          "off), to compare; lines say convert: instruction")
-    ap.add_argument("--fused-prologue", action="store_true",
-                    help="decode steps run the attention prologue as one kernel (model.transformer.FUSED_PROLOGUE, "
-                         "off by default until measured); lines say prologue: fused")
+    ap.add_argument("--unfused-prologue", action="store_true",
+                    help="decode steps run the attention prologue as five kernels a layer, as before its one kernel "
+                         "(model.transformer.FUSED_PROLOGUE off), to compare; lines say prologue: unfused")
     ap.add_argument("--torch-noise", action="store_true",
                     help="the step's noise by torch's elementwise kernels, as before its Triton kernel "
                          "(model.sampling.NOISE_KERNEL off), to compare; lines say noise: torch")

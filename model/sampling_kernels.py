@@ -40,7 +40,7 @@ def _uniform(seed_ptr, counter_ptr, u_ptr, n, stream, s_seed, s_counter, BLOCK: 
     counter = tl.load(counter_ptr + b * s_counter)
     lo = (seed & 0xFFFFFFFF).to(tl.uint32)
     hi = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    key = _mix32(lo ^ _mix32(hi ^ stream.to(tl.uint32)))
+    key = _mix32(lo ^ _mix32(hi ^ tl.cast(stream, tl.uint32)))  # (a stream of 1 arrives as a constant)
     key = _mix32(key ^ (counter & 0xFFFFFFFF).to(tl.uint32))
     i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     x = _mix32(key ^ _mix32(i.to(tl.uint32) + 0x9E3779B9))

@@ -194,11 +194,11 @@ def test_decode_steps_with_the_fused_prologue_match_the_unfused_ones_on_cuda(kv_
     dtype = transformer.kv_dtype_of(kv_dtype)
 
     def steps(fused, block=None):
-        transformer.FUSED_PROLOGUE = fused
+        default, transformer.FUSED_PROLOGUE = transformer.FUSED_PROLOGUE, fused
         try:  # rows at their own positions
             return decode_outputs(m, x, plex, dtype, block, (0, 3, 7), "decode_prologue")
         finally:
-            transformer.FUSED_PROLOGUE = False
+            transformer.FUSED_PROLOGUE = default
 
     ref, ran = steps(False)
     assert not ran

@@ -95,11 +95,12 @@ def noise_cases(device):
         ref = sampling.counter_uniform(seed.cpu(), counter.cpu(), stream, n)
         got = sampling_kernels.counter_uniform(seed, counter, stream, n).cpu()
         out.append(dict(n=n, shape=list(got.shape), equal=bool(torch.equal(got, ref))))
-    sampling.NOISE_KERNEL = True  # what StepNoise.draw uses on this device
-    a = sampling.StepNoise.draw(seed, counter, 2, 32)
+    sampling.NOISE_KERNEL = True  # a step's noise with the kernel and without, on this device (its
+    a = sampling.StepNoise.draw(seed, counter, 2, 32)  # log and cos round as they do on this device)
     sampling.NOISE_KERNEL = False
-    b = sampling.StepNoise.draw(seed.cpu(), counter.cpu(), 2, 32)
-    out.append(dict(n="step", equal=all(torch.equal(getattr(a, f).cpu(), getattr(b, f))
+    b = sampling.StepNoise.draw(seed, counter, 2, 32)
+    sampling.NOISE_KERNEL = True
+    out.append(dict(n="step", equal=all(torch.equal(getattr(a, f), getattr(b, f))
                                         for f in ("token", "mixture", "gaussian", "posterior"))))
     return out
 """
