@@ -67,8 +67,9 @@ def main(argv=None) -> dict:
     cfg = parse_args(sys.argv[1:] if argv is None else argv, PRESETS)
     check_config(cfg)
     lora = cfg.finetune == "lora"  # adapters on a frozen init_from base (model/finetune.py)
-    finetune.check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    if cfg.dtype == "float16" and cfg.parallel == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's, before any process group
+    finetune.check_config(cfg, world_size)
+    if cfg.dtype == "float16" and cfg.parallel == "fsdp" and world_size > 1:
         raise ConfigError("dtype=float16 with parallel=fsdp: the float16 loss scale (model.training.loss_scaler) "
                           "is not sharded here; use dtype=bfloat16 (GPUs since Ampere), float32, or parallel=ddp")
     weights = {"lm_ce": cfg.lm_loss_weight, "resynth_nll": cfg.resynth_loss_weight}

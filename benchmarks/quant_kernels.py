@@ -25,7 +25,6 @@ import json
 import os
 import sys
 import time
-from functools import partial
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -140,7 +139,7 @@ def main() -> None:
                 kernels["int8_inductor"] = lambda: tiny["inductor"](xs)
             if M == 1:
                 kernels["int8_gemv"] = forced(qk._int8_gemv_call, "int8")
-                kernels["int8_gemv_cast"] = forced(partial(qk._int8_gemv_call, bits=False), "int8")
+                kernels["int8_gemv_cast"] = lambda: with_bits(False, forced(qk._int8_gemv_call, "int8"))
                 kernels["int4_gemv"] = forced(qk._int4_gemv_call, "int4")
         base = None
         for name, fn in kernels.items():
@@ -238,7 +237,7 @@ def per_shape(layers, weights, xs, M, packed, qk) -> None:
                  "int8": (n * k, lambda i: qk.int8_linear(x, *weights["int8"][i])),
                  "int8_cast": (n * k, lambda i: with_bits(False, lambda: qk.int8_linear(x, *weights["int8"][i]))),
                  "int8_gemv": (n * k, lambda i: qk._int8_gemv_call(x, *weights["int8"][i], y)),
-                 "int8_gemv_cast": (n * k, lambda i: qk._int8_gemv_call(x, *weights["int8"][i], y, bits=False)),
+                 "int8_gemv_cast": (n * k, lambda i: with_bits(False, lambda: qk._int8_gemv_call(x, *weights["int8"][i], y))),
                  "int8_dot": (n * k, lambda i: qk._int8_dot_call(x, *weights["int8"][i], y))}
         if weights["int4"][idx[0]] is not None:
             calls.update({"int4": (n * k // 2, lambda i: qk.int4_linear(x, *weights["int4"][i], 128)),

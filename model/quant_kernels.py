@@ -175,10 +175,9 @@ def _block_m(M: int) -> int:
     return min(_DOT_MAX_ROWS, max(16, triton.next_power_of_2(M)))
 
 
-def _int8_gemv_call(x, w, s, y, bits=None):
-    N, K = w.shape
-    bits = BITS if bits is None else bits  # read at each call: the benchmarks set BITS
-    _int8_gemv[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](x, w, s, y, N, K, BITS=bits)
+def _int8_gemv_call(x, w, s, y):
+    N, K = w.shape  # BITS read at each call: the benchmarks set it
+    _int8_gemv[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](x, w, s, y, N, K, BITS=BITS)
 
 
 def _int8_dot_call(x, w, s, y):
