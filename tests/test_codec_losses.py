@@ -193,6 +193,52 @@ def test_discriminators_shapes_and_gradients():
     assert len(feats) == 25 and logits.shape[1] == 1
 
 
+def narrow_recipe_discriminators(seed: int = 0) -> Discriminators:
+    """`small`'s discriminators (its periods and STFT windows, all 108 convolutions), 8x narrower:
+    seconds on a CPU."""
+    cfg = PRESETS["small"]
+    torch.manual_seed(seed)
+    d = Discriminators(cfg)
+    d.discriminators = torch.nn.ModuleList(
+        [PeriodDiscriminator(p, (4, 16, 64, 128, 128)) for p in cfg.mpd_periods] +
+        [STFTDiscriminator(w, 4) for w in cfg.mrd_windows])
+    return d
+
+
+def test_judging_real_and_fake_together_equals_two_passes():
+    """`Discriminators.judge` (one forward of real audio and the reconstruction together) gives
+    the verdicts, features, losses and gradients (into the reconstruction and every parameter) of
+    two separate passes, as the trainer's step takes them: the generator's losses into the
+    reconstruction only, the discriminators' loss into their parameters only."""
+    d = narrow_recipe_discriminators()
+    params = list(d.parameters())
+    real = tone(220.0, n=6000, batch=3) + 0.05 * torch.randn(3, 1, 6000)
+    fake = (0.5 * real + 0.05 * torch.randn(3, 1, 6000)).requires_grad_()
+
+    def step(judge):
+        d_real, d_fake = d.judge(real, fake) if judge else (d(real), d(fake))
+        gen = generator_adversarial_loss(d_fake) + feature_matching_loss(d_real, d_fake)
+        disc = discriminator_loss(d_real, d_fake)
+        (into_fake,) = torch.autograd.grad(gen, [fake], retain_graph=True)
+        return d_real, d_fake, (gen, disc), [into_fake, *torch.autograd.grad(disc, params)]
+
+    want, got = step(False), step(True)
+    for side in (0, 1):  # each discriminator's logits and every feature map, real and fake
+        pairs = [(a, b) for (la, fa), (lb, fb) in zip(got[side], want[side]) for a, b in zip([la, *fa], [lb, *fb])]
+        assert len(pairs) == len(d.discriminators) + 100
+        for a, b in pairs:
+            assert a.shape == b.shape
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(got[2], want[2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    scale = max(g.abs().max().item() for g in want[3])
+    assert len(got[3]) == 1 + len(params) and got[3][0].abs().sum() > 0
+    for a, b in zip(got[3], want[3]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale)
+    with pytest.raises(ValueError, match="one shape"):
+        d.judge(real, fake[:2])
+
+
 def test_channels_last_discriminators_give_the_same_verdicts_and_gradients(monkeypatch):
     """The trainer's discriminator layout on CUDA (`Discriminators.use_channels_last`), with the
     recipe's periods and STFT windows (all 108 convolutions of `small`, narrower): the trainer's
@@ -203,12 +249,7 @@ def test_channels_last_discriminators_give_the_same_verdicts_and_gradients(monke
     channels-last output and gets a channels-last gradient back; the parameters keep their layout."""
     import torch.nn.functional as F
     from torch.nn.utils import parametrize
-    cfg = PRESETS["small"]
-    torch.manual_seed(0)
-    d = Discriminators(cfg)
-    d.discriminators = torch.nn.ModuleList(  # the recipe's structure, 8x narrower: seconds on a CPU
-        [PeriodDiscriminator(p, (4, 16, 64, 128, 128)) for p in cfg.mpd_periods] +
-        [STFTDiscriminator(w, 4) for w in cfg.mrd_windows])
+    d = narrow_recipe_discriminators()
     state = {k: v.clone() for k, v in d.state_dict().items()}
     real = tone(220.0, n=6000, batch=2) + 0.05 * torch.randn(2, 1, 6000)
     fake = (0.5 * real + 0.05 * torch.randn(2, 1, 6000)).requires_grad_()
