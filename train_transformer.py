@@ -35,6 +35,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -52,8 +53,8 @@ from model.objectives import STAGE_LOSSES, compute_losses, peak_flops, through_c
 from model.parallel import (compile_blocks, full_state_dicts, gradient_sync, inner, load_full_state_dicts,
                             parallelize, rank0_first)
 from model.quant import quantize_model
-from model.training import (Checkpoints, ConfigMismatch, Deadline, Dist, Logger, all_reduce_mean, autocast, before_step,
-                            check_architecture, check_finite_step, check_folders, check_resumable, cosine_lr,
+from model.training import (Checkpoints, ConfigMismatch, Deadline, Dist, FiniteGuard, Logger, all_reduce_mean, autocast,
+                            before_step, check_architecture, check_finite_step, check_folders, check_resumable, cosine_lr,
                             last_step, load_training_state, loss_scaler, move_aside, run_script, setup_distributed,
                             state_to_load, stop_message, teardown_distributed, window_peak_gb)
 
@@ -107,7 +108,7 @@ def main(argv=None) -> dict:
         model = build(HertzDev, cfg)
     calls = setup_model(model, cfg, ddp, trained)  # what the step calls for each part: itself, DDP or FSDP
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, cfg, fsdp=ddp.enabled and cfg.parallel == "fsdp", device=device)
+    optimizer = make_optimizer(params, cfg, fsdp=ddp.enabled and cfg.parallel == "fsdp")
     scaler = loss_scaler(device, cfg.dtype)  # float16 only; passes everything through otherwise
     if state is not None:
         load_state(state, model, None if cfg.eval_only else optimizer, scaler, lora)
@@ -134,6 +135,9 @@ def main(argv=None) -> dict:
     noise = torch.Generator(device)
     codes = torch.zeros(cfg.vocab_size, device=device)  # FSQ code histogram since the last log
     wrapped = [calls[name] for name in trained]
+    # a fused optimizer skips a non-finite step on the device (FiniteGuard: no host sync a step);
+    # under FSDP (not fused) the host checks each step before it is applied
+    guard = FiniteGuard(optimizer) if optimizer.defaults.get("fused") else None
     last = last_step(cfg.max_steps, cfg.stop_step)  # the schedule still ends at max_steps
     say(f"training from step {step} to {last}: {latents_per_step} latents "
         f"({cfg.batch_size} x {cfg.seq_len} x {cfg.grad_accum_steps} x {ddp.world_size}) per step, "
@@ -146,6 +150,8 @@ def main(argv=None) -> dict:
         t_pause = time.time()
         due = before_step(step, start_step, last, cfg.log_interval, cfg.eval_interval, cfg.save_interval,
                           deadline)
+        if guard and (due.evaluate or due.save or due.stop):
+            guard.check()  # nothing is evaluated or saved after a non-finite step
         if due.evaluate:
             metrics = evaluate(model, calls, val_set, weights, cfg, ddp)
             logger.log({**metrics, **audio_sample(step, model, val_set, codec, cfg, run_dir, logger, is_main)}, step)
@@ -185,9 +191,15 @@ def main(argv=None) -> dict:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # a DTensor under FSDP
         # under a float16 loss scale an overflowing gradient skips the step and lowers the scale
-        check_finite_step(step, step_loss, None if scaler.is_enabled() else grad_norm,
-                          lambda: [train_set.files[train_set.draw(j)[0]]["name"] for j in loader.sampler.indices(step)])
-        scaler.step(optimizer)  # optimizer.step(), unless float16 gradients overflowed
+        files = batch_files(train_set, loader.sampler, step)  # read only if the step is reported
+        if guard:
+            guard.flag(step, {"loss": step_loss} if scaler.is_enabled() else
+                       {"loss": step_loss, "gradient norm": grad_norm}, files,
+                       skippable={"gradient norm": grad_norm} if scaler.is_enabled() else None)
+            optimizer.step()  # skipped on the device if flagged
+        else:
+            check_finite_step(step, step_loss, None if scaler.is_enabled() else grad_norm, lambda: files)
+            scaler.step(optimizer)  # optimizer.step(), unless float16 gradients overflowed
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -195,6 +207,8 @@ def main(argv=None) -> dict:
         bar.update(1)
 
         if step % cfg.log_interval == 0 or step == last:
+            if guard:
+                guard.check()  # (the row below syncs anyway)
             row = train_row(sums, codes, lr, grad_norm, latents_per_step, flops_per_latent, steps_since_log,
                             time.time() - t_log, cfg, ddp)
             logger.log(row, step)
@@ -287,12 +301,19 @@ def load_state(state: dict, model: HertzDev, optimizer: torch.optim.Optimizer | 
     del state["model"], state["optimizer"]
 
 
-def make_optimizer(params: list, cfg: TransformerConfig, fsdp: bool, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over the trainable `params`, with weight decay on the matrices only."""
+def make_optimizer(params: list, cfg: TransformerConfig, fsdp: bool) -> torch.optim.AdamW:
+    """AdamW over the trainable `params`, with weight decay on the matrices only; fused (one
+    kernel a step, and a non-finite step skipped on the device: `FiniteGuard`) except under FSDP
+    (as before: there the host checks each step, `check_finite_step`)."""
     decay, rest = [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                             fused=device.type == "cuda" and not fsdp)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=not fsdp)
+
+
+def batch_files(train_set: LatentCrops, sampler: StepSampler, step: int) -> Iterator[str]:
+    """The files of this rank's batch at `step`, computed when read (a reported step only)."""
+    for j in sampler.indices(step):
+        yield train_set.files[train_set.draw(j)[0]]["name"]
 
 
 def train_loader(train_set: LatentCrops, cfg: TransformerConfig, ddp: Dist, step: int) -> torch.utils.data.DataLoader:

@@ -151,7 +151,9 @@ def bench(preset: str, mode: str, variant: str, args) -> tuple[dict, dict | None
     def update(name, module, optimizer, max_norm, loss):
         """Clip `module`'s gradients and take `optimizer`'s step, as train_codec.py does: the step
         skipped on the device if the loss or the norm is not finite (`FiniteGuard`), or with
-        `host_sync` after the host has checked them (the trainer's rule before 2026-12-03)."""
+        `host_sync` after the host has checked them (the trainer's rule before 2026-12-03). The
+        rule is restated here, not imported: `model.training` imports `model.audio`, hence
+        soundfile, which the GPU image lacks (`tests/test_train_codec.py` runs this without it)."""
         with phase(name):
             norm = torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
             finite = torch.isfinite(torch.stack([loss.float(), norm.float()])).all().float()
