@@ -53,9 +53,9 @@ from model.objectives import STAGE_LOSSES, compute_losses, peak_flops, through_c
 from model.parallel import (compile_blocks, full_state_dicts, gradient_sync, inner, load_full_state_dicts,
                             parallelize, rank0_first)
 from model.quant import quantize_model
-from model.training import (Checkpoints, ConfigMismatch, Deadline, Dist, FiniteGuard, Logger, all_reduce_mean, autocast,
-                            before_step, check_architecture, check_finite_step, check_folders, check_resumable, cosine_lr,
-                            last_step, load_training_state, loss_scaler, move_aside, run_script, setup_distributed,
+from model.training import (Checkpoints, ConfigMismatch, Deadline, Dist, FiniteGuard, Logger, all_reduce_mean,
+                            autocast, before_step, check_architecture, check_finite_step, check_folders,
+                            check_resumable, cosine_lr, last_step, load_training_state, loss_scaler, move_aside, run_script, setup_distributed,
                             state_to_load, stop_message, teardown_distributed, window_peak_gb)
 
 PARTS = ("quantizer", "lm", "resynth")

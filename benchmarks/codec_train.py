@@ -44,8 +44,8 @@ input ("conv2d_inputs_channels_last": "k/n").
 
 `--profile` then runs `--steps` more steps under torch.profiler (CPU and CUDA activities on CUDA),
 with a record_function range around each phase of the step (gen_forward, mel_loss, kl,
-disc_on_real, disc_on_fake (`joint_disc`: disc_on_both), adv_fm_loss, disc_loss, gen_backward, disc_backward, gen_clip_opt,
-disc_clip_opt; `alternating` also disc_forward; inside the discriminators' passes, mpd_forward and
+disc_on_real, disc_on_fake (`joint_disc`: disc_on_both), adv_fm_loss, disc_loss, gen_backward,
+disc_backward, gen_clip_opt, disc_clip_opt; `alternating` also disc_forward; inside the discriminators' passes, mpd_forward and
 mrd_forward: each kind of discriminator's forward), and prints after the variant's line one
 with "profile" ("cuda" or "cpu"), per step: `phases_ms` (CUDA: device time of the kernels launched
 inside each range, the backward's from autograd's own thread included; CPU: each range's own wall
@@ -90,7 +90,8 @@ from model.codec_losses import (MultiResolutionMelLoss, discriminator_loss, feat
 from model.discriminators import Discriminators, PeriodDiscriminator  # noqa: E402
 
 MODES = {"fp32-eager": ("float32", False), "bf16-compile": ("bfloat16", True), "bf16-eager": ("bfloat16", False)}
-VARIANTS = ("base", "joint_disc", "alternating", "ncl", "uncached", "cudnn_dilated", "disc_nchw", "host_sync", "no_cudnn_benchmark", "compiled_disc")
+VARIANTS = ("base", "joint_disc", "alternating", "ncl", "uncached", "cudnn_dilated", "disc_nchw", "host_sync",
+            "no_cudnn_benchmark", "compiled_disc")
 # record_function ranges of one step (disc_forward: the alternating variant's discriminator step)
 PHASES = ("gen_forward", "mel_loss", "kl", "disc_on_both", "disc_on_fake", "disc_on_real", "mpd_forward", "mrd_forward",
           "adv_fm_loss", "gen_backward", "gen_clip_opt", "disc_forward", "disc_loss", "disc_backward", "disc_clip_opt")
