@@ -55,8 +55,9 @@ from model.parallel import (compile_blocks, full_state_dicts, gradient_sync, inn
 from model.quant import quantize_model
 from model.training import (Checkpoints, ConfigMismatch, Deadline, Dist, FiniteGuard, Logger, all_reduce_mean,
                             autocast, before_step, check_architecture, check_finite_step, check_folders,
-                            check_resumable, cosine_lr, last_step, load_training_state, loss_scaler, move_aside, run_script, setup_distributed,
-                            state_to_load, stop_message, teardown_distributed, window_peak_gb)
+                            check_resumable, cosine_lr, last_step, load_training_state, loss_scaler, move_aside,
+                            run_script, setup_distributed, state_to_load, stop_message, teardown_distributed,
+                            window_peak_gb)
 
 PARTS = ("quantizer", "lm", "resynth")
 # FSDP2 warns about every module output that is a view; none of ours is modified in place.

@@ -43,13 +43,13 @@ Each line also says how many of the discriminators' 2-D convolutions are handed 
 input ("conv2d_inputs_channels_last": "k/n").
 
 `--profile` then runs `--steps` more steps under torch.profiler (CPU and CUDA activities on CUDA),
-with a record_function range around each phase of the step (gen_forward, mel_loss, kl,
-disc_on_real, disc_on_fake (`joint_disc`: disc_on_both), adv_fm_loss, disc_loss, gen_backward,
-disc_backward, gen_clip_opt, disc_clip_opt; `alternating` also disc_forward; inside the discriminators' passes, mpd_forward and
-mrd_forward: each kind of discriminator's forward), and prints after the variant's line one
-with "profile" ("cuda" or "cpu"), per step: `phases_ms` (CUDA: device time of the kernels launched
-inside each range, the backward's from autograd's own thread included; CPU: each range's own wall
-time), `unattributed_ms` and `phase_spans_ms` (the ranges on the GPU timeline) on CUDA,
+with a record_function range around each phase of the step (gen_forward, mel_loss, kl, disc_on_real,
+disc_on_fake (`joint_disc`: disc_on_both), adv_fm_loss, disc_loss, gen_backward, disc_backward,
+gen_clip_opt, disc_clip_opt; `alternating` also disc_forward; inside the discriminators' passes,
+mpd_forward and mrd_forward: each kind of discriminator's forward), and prints after the variant's
+line one with "profile" ("cuda" or "cpu"), per step: `phases_ms` (CUDA: device time of the kernels
+launched inside each range, the backward's from autograd's own thread included; CPU: each range's
+own wall time), `unattributed_ms` and `phase_spans_ms` (the ranges on the GPU timeline) on CUDA,
 `top_kernels` ([name, ms, calls] of the 20 kernels with the most device time; on CPU the ops with
 the most self CPU time), `total_device_ms`, and `step_s` (wall time of a profiled step). What the
 profiler does not offer is left out with an "error" and its own table, rather than a traceback.
@@ -93,8 +93,9 @@ MODES = {"fp32-eager": ("float32", False), "bf16-compile": ("bfloat16", True), "
 VARIANTS = ("base", "joint_disc", "alternating", "ncl", "uncached", "cudnn_dilated", "disc_nchw", "host_sync",
             "no_cudnn_benchmark", "compiled_disc")
 # record_function ranges of one step (disc_forward: the alternating variant's discriminator step)
-PHASES = ("gen_forward", "mel_loss", "kl", "disc_on_both", "disc_on_fake", "disc_on_real", "mpd_forward", "mrd_forward",
-          "adv_fm_loss", "gen_backward", "gen_clip_opt", "disc_forward", "disc_loss", "disc_backward", "disc_clip_opt")
+PHASES = ("gen_forward", "mel_loss", "kl", "disc_on_both", "disc_on_fake", "disc_on_real", "mpd_forward",
+          "mrd_forward", "adv_fm_loss", "gen_backward", "gen_clip_opt", "disc_forward", "disc_loss", "disc_backward",
+          "disc_clip_opt")
 
 
 def synthetic_audio(batch: int, samples: int, sample_rate: int, device) -> torch.Tensor:

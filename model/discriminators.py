@@ -134,5 +134,6 @@ class Discriminators(nn.Module):
         if real.shape != fake.shape:
             raise ValueError(f"judge takes real and fake audio of one shape, got {tuple(real.shape)} and "
                              f"{tuple(fake.shape)}")
-        both = [(logits.chunk(2), [f.chunk(2) for f in features]) for logits, features in self(torch.cat([real, fake]))]
+        both = [(logits.chunk(2), [f.chunk(2) for f in features])
+                for logits, features in self(torch.cat([real, fake]))]
         return tuple([(logits[i], [f[i] for f in features]) for logits, features in both] for i in (0, 1))

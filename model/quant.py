@@ -37,9 +37,10 @@ int4 4.99 against 4.34; session 4); floats from the bits in the tile products an
 GEMV, byte by byte (the int8 tile product 3.06 -> 3.74 ms, the int4 GEMV 4.61 -> 4.92; session
 14); an int4 GEMV keeping per-lane sums (no faster; session 14); an int4 GEMV on int32 words making
 each weight's float from its bits as 1 + q/16 (one shift and one bitwise op, the scale applied per
-word: 4.30 ms a pass against 4.36 at one row, 15.5 against 7.5 at eight; session 16); an int4 tile product over the high and low
-nibbles separately (11.2 ms against 7.7); a split-K int8 GEMV (the last of a row block's programs
-adding the partial sums: 3.47 ms against 3.01, slower for every shape; session 6).
+word: 4.30 ms a pass against 4.36 at one row, 15.5 against 7.5 at eight; session 16); an int4 tile
+product over the high and low nibbles separately (11.2 ms against 7.7); a split-K int8 GEMV (the
+last of a row block's programs adding the partial sums: 3.47 ms against 3.01, slower for every
+shape; session 6).
 
 Layout: the state dict holds device-independent tensors (`qweight` int8 (N, K), or uint8 (N, K/2)
 with two 4-bit values a byte, high nibble first; scales in the model's dtype; a packed int4
