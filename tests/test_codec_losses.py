@@ -239,6 +239,31 @@ def test_judging_real_and_fake_together_equals_two_passes():
         d.judge(real, fake[:2])
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_feature_matching_in_multi_tensor_ops_equals_the_loop(autocast):
+    """`feature_matching_loss(..., foreach=True)` (torch's multi-tensor ops) gives the loop's loss
+    and gradient into the reconstruction, in float32 and with bf16 feature maps (CPU autocast),
+    and no gradient into the real features."""
+    d = narrow_recipe_discriminators()
+    real = tone(220.0, n=6000, batch=2) + 0.05 * torch.randn(2, 1, 6000)
+    fake = (0.5 * real + 0.05 * torch.randn(2, 1, 6000)).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        d_real, d_fake = d(real), d(fake)
+    assert (d_fake[0][1][0].dtype == torch.bfloat16) == autocast
+    want = feature_matching_loss(d_real, d_fake)
+    got = feature_matching_loss(d_real, d_fake, foreach=True)
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    (g_want,) = torch.autograd.grad(want, [fake], retain_graph=True)
+    (g_got,) = torch.autograd.grad(got, [fake], retain_graph=True)
+    assert g_want.abs().sum() > 0
+    torch.testing.assert_close(g_got, g_want, rtol=1e-3 if autocast else 1e-5, atol=1e-3 * g_want.abs().max().item())
+    real_maps = [f for _, features in d_real for f in features]
+    assert all(g is None for g in torch.autograd.grad(got, real_maps, allow_unused=True, retain_graph=True))
+    doubled = [(logits, [2 * f for f in features]) for logits, features in d_fake]
+    assert feature_matching_loss(d_real, doubled, foreach=True).item() != pytest.approx(got.item(), rel=1e-3)
+
+
 def test_channels_last_discriminators_give_the_same_verdicts_and_gradients(monkeypatch):
     """The trainer's discriminator layout on CUDA (`Discriminators.use_channels_last`), with the
     recipe's periods and STFT windows (all 108 convolutions of `small`, narrower): the trainer's
