@@ -333,6 +333,9 @@ def bench_mode(args, size, quantize, kv, device, dtype, names, variants, batches
     if args.unfused_prologue and cuda:
         import model.transformer as tr  # the decode step's attention prologue as five kernels a layer
         tr.FUSED_PROLOGUE, tags["prologue"] = False, "unfused"
+    if args.split_prologue and cuda:
+        import model.attention_kernels as ak  # three programs a row (q, k, v) in the fused prologue
+        ak.SPLIT_PROLOGUE, tags["prologue"] = True, "split"
     if args.torch_noise and cuda:
         import model.sampling as sampling  # the noise's uniforms as ~60 elementwise kernels
         sampling.NOISE_KERNEL, tags["noise"] = False, "torch"
@@ -393,7 +396,7 @@ def run_alone(args, size: str, quantize: str, kv: str, budget_s: float) -> None:
            "--gen-seconds", str(args.gen_seconds), "--budget-s", str(max(budget_s, 0.0))]
     cmd += ["--batches", args.batches] if args.batches else []
     cmd += ["--steps", str(args.steps)] if args.steps else []
-    flags = ("breakdown", "profile", "no_mono", "int_to_float", "unfused_prologue", "torch_noise")
+    flags = ("breakdown", "profile", "no_mono", "int_to_float", "unfused_prologue", "split_prologue", "torch_noise")
     cmd += [f"--{flag.replace('_', '-')}" for flag in flags if getattr(args, flag)]
     rc = subprocess.run(cmd).returncode
     if rc:
@@ -423,6 +426,9 @@ def main():
     ap.add_argument("--unfused-prologue", action="store_true",
                     help="decode steps run the attention prologue as five kernels a layer, as before its one kernel "
                          "(model.transformer.FUSED_PROLOGUE off), to compare; lines say prologue: unfused")
+    ap.add_argument("--split-prologue", action="store_true",
+                    help="the fused prologue with three programs a row, q, k and v side by side "
+                         "(model.attention_kernels.SPLIT_PROLOGUE on), to compare; lines say prologue: split")
     ap.add_argument("--torch-noise", action="store_true",
                     help="the step's noise by torch's elementwise kernels, as before its Triton kernel "
                          "(model.sampling.NOISE_KERNEL off), to compare; lines say noise: torch")

@@ -137,7 +137,11 @@ def _(q, k, v, bias):
 # q and k LayerNorms, the rotary and its concatenation, the key and value cache writes: ~1.5 us
 # each on the H200 plus the gap before the next, 40 layers a step). `decode_prologue` does all of
 # it in one kernel, one program per row (`model.transformer.FUSED_PROLOGUE`, on by default;
-# `benchmarks/inference.py --unfused-prologue` compares).
+# `benchmarks/inference.py --unfused-prologue` compares). At one session that one program is the
+# whole kernel (4.6 us a layer on the H200, its q, k and v parts one after another):
+# `SPLIT_PROLOGUE` runs three programs a row instead, one per part, side by side (the LayerNorm of
+# q or k needs only its own part). Off until measured (`benchmarks/inference.py --split-prologue`).
+SPLIT_PROLOGUE = False
 
 @triton.jit
 def _norm_rotate(x_ptr, w_ptr, eps, c1, c2, s1, s2, dt, N: tl.constexpr, BN: tl.constexpr, D: tl.constexpr):
@@ -160,10 +164,54 @@ def _norm_rotate(x_ptr, w_ptr, eps, c1, c2, s1, s2, dt, N: tl.constexpr, BN: tl.
 
 
 @triton.jit
+def _prologue_q(x_row, wq_ptr, q_ptr, b, eps, c1, c2, s1, s2, H: tl.constexpr, BH: tl.constexpr, D: tl.constexpr):
+    """q: normed and rotated, out in the model's dtype."""
+    HALF: tl.constexpr = D // 2
+    dt = q_ptr.dtype.element_ty
+    o1, o2, off, m = _norm_rotate(x_row, wq_ptr, eps, c1, c2, s1, s2, dt, H, BH, D)
+    tl.store(q_ptr + b * H * D + off, o1.to(dt), mask=m)
+    tl.store(q_ptr + b * H * D + off + HALF, o2.to(dt), mask=m)
+
+
+@triton.jit
+def _prologue_k(x_row, wk_ptr, k_ptr, dt, b, pos, eps, c1, c2, s1, s2, s_kb, s_kh, s_ks,
+                H: tl.constexpr, HKV: tl.constexpr, BHKV: tl.constexpr, D: tl.constexpr, FP8: tl.constexpr):
+    """k: the same over its HKV heads, rounded to the model's dtype, then into the cache at the row's slot."""
+    HALF: tl.constexpr = D // 2
+    rj = tl.arange(0, HALF)
+    rk = tl.arange(0, BHKV)
+    o1, o2, off, m = _norm_rotate(x_row + H * D, wk_ptr, eps, c1, c2, s1, s2, dt, HKV, BHKV, D)
+    o1, o2 = o1.to(dt).to(tl.float32), o2.to(dt).to(tl.float32)
+    if FP8:  # `model.transformer.to_cache`: saturate at +-448 rather than overflow
+        o1, o2 = tl.clamp(o1, -448.0, 448.0), tl.clamp(o2, -448.0, 448.0)
+    kslot = k_ptr + b * s_kb + pos * s_ks + rk[:, None] * s_kh + rj[None, :]
+    tl.store(kslot, o1.to(k_ptr.dtype.element_ty), mask=m)
+    tl.store(kslot + HALF, o2.to(k_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _prologue_v(x_row, v_ptr, b, pos, s_vb, s_vh, s_vs,
+                H: tl.constexpr, HKV: tl.constexpr, BHKV: tl.constexpr, D: tl.constexpr, FP8: tl.constexpr):
+    """v: as projected, into the cache."""
+    HALF: tl.constexpr = D // 2
+    rj = tl.arange(0, HALF)
+    rk = tl.arange(0, BHKV)
+    m = (rk < HKV)[:, None]
+    off = rk[:, None] * D + rj[None, :]
+    v1 = tl.load(x_row + (H + HKV) * D + off, mask=m, other=0.0).to(tl.float32)
+    v2 = tl.load(x_row + (H + HKV) * D + off + HALF, mask=m, other=0.0).to(tl.float32)
+    if FP8:
+        v1, v2 = tl.clamp(v1, -448.0, 448.0), tl.clamp(v2, -448.0, 448.0)
+    vslot = v_ptr + b * s_vb + pos * s_vs + rk[:, None] * s_vh + rj[None, :]
+    tl.store(vslot, v1.to(v_ptr.dtype.element_ty), mask=m)
+    tl.store(vslot + HALF, v2.to(v_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _prologue(qkv_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, eps,
               s_xb, s_cb, s_pb, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs,
               H: tl.constexpr, HKV: tl.constexpr, BH: tl.constexpr, BHKV: tl.constexpr, D: tl.constexpr,
-              FP8: tl.constexpr):
+              FP8: tl.constexpr, SPLIT: tl.constexpr):
     b = tl.program_id(0)
     HALF: tl.constexpr = D // 2
     rj = tl.arange(0, HALF)
@@ -174,30 +222,18 @@ def _prologue(qkv_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, 
     s2 = tl.load(sin_ptr + b * s_cb + HALF + rj)
     pos = tl.load(pos_ptr + b * s_pb)
     dt = q_ptr.dtype.element_ty
-
-    # q: normed and rotated, out in the model's dtype
-    o1, o2, off, m = _norm_rotate(x_row, wq_ptr, eps, c1, c2, s1, s2, dt, H, BH, D)
-    tl.store(q_ptr + b * H * D + off, o1.to(dt), mask=m)
-    tl.store(q_ptr + b * H * D + off + HALF, o2.to(dt), mask=m)
-
-    # k: the same over its HKV heads, rounded to the model's dtype, then into the cache at the row's slot
-    o1, o2, off, m = _norm_rotate(x_row + H * D, wk_ptr, eps, c1, c2, s1, s2, dt, HKV, BHKV, D)
-    o1, o2 = o1.to(dt).to(tl.float32), o2.to(dt).to(tl.float32)
-    if FP8:  # `model.transformer.to_cache`: saturate at +-448 rather than overflow
-        o1, o2 = tl.clamp(o1, -448.0, 448.0), tl.clamp(o2, -448.0, 448.0)
-    rk = tl.arange(0, BHKV)
-    kslot = k_ptr + b * s_kb + pos * s_ks + rk[:, None] * s_kh + rj[None, :]
-    tl.store(kslot, o1.to(k_ptr.dtype.element_ty), mask=m)
-    tl.store(kslot + HALF, o2.to(k_ptr.dtype.element_ty), mask=m)
-
-    # v: as projected, into the cache
-    v1 = tl.load(x_row + (H + HKV) * D + off, mask=m, other=0.0).to(tl.float32)
-    v2 = tl.load(x_row + (H + HKV) * D + off + HALF, mask=m, other=0.0).to(tl.float32)
-    if FP8:
-        v1, v2 = tl.clamp(v1, -448.0, 448.0), tl.clamp(v2, -448.0, 448.0)
-    vslot = v_ptr + b * s_vb + pos * s_vs + rk[:, None] * s_vh + rj[None, :]
-    tl.store(vslot, v1.to(v_ptr.dtype.element_ty), mask=m)
-    tl.store(vslot + HALF, v2.to(v_ptr.dtype.element_ty), mask=m)
+    if SPLIT:  # three programs a row, one part each
+        part = tl.program_id(1)
+        if part == 0:
+            _prologue_q(x_row, wq_ptr, q_ptr, b, eps, c1, c2, s1, s2, H, BH, D)
+        elif part == 1:
+            _prologue_k(x_row, wk_ptr, k_ptr, dt, b, pos, eps, c1, c2, s1, s2, s_kb, s_kh, s_ks, H, HKV, BHKV, D, FP8)
+        else:
+            _prologue_v(x_row, v_ptr, b, pos, s_vb, s_vh, s_vs, H, HKV, BHKV, D, FP8)
+    else:  # one program a row, the parts one after another
+        _prologue_q(x_row, wq_ptr, q_ptr, b, eps, c1, c2, s1, s2, H, BH, D)
+        _prologue_k(x_row, wk_ptr, k_ptr, dt, b, pos, eps, c1, c2, s1, s2, s_kb, s_kh, s_ks, H, HKV, BHKV, D, FP8)
+        _prologue_v(x_row, v_ptr, b, pos, s_vb, s_vh, s_vs, H, HKV, BHKV, D, FP8)
 
 
 @torch.library.custom_op("hertz::decode_prologue", mutates_args=("k_cache", "v_cache"))
@@ -220,12 +256,12 @@ def decode_prologue(qkv: Tensor, wq: Tensor, wk: Tensor, eps: float, cos: Tensor
     cos, sin = cos.reshape(cos.shape[0], D).contiguous(), sin.reshape(sin.shape[0], D).contiguous()
     pos = input_pos.reshape(input_pos.shape[0])
     q = torch.empty(B, n_heads, 1, D, device=qkv.device, dtype=qkv.dtype)
-    _prologue[(B,)](qkv, wq, wk, cos, sin, pos, q, k_cache, v_cache, eps,
+    _prologue[(B, 3 if SPLIT_PROLOGUE else 1)](qkv, wq, wk, cos, sin, pos, q, k_cache, v_cache, eps,
                     qkv.stride(0), cos.stride(0) if cos.shape[0] > 1 else 0, pos.stride(0) if pos.shape[0] > 1 else 0,
                     k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                     v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
                     H=n_heads, HKV=Hkv, BH=triton.next_power_of_2(n_heads), BHKV=triton.next_power_of_2(Hkv),
-                    D=D, FP8=k_cache.dtype == torch.float8_e4m3fn, num_warps=4)
+                    D=D, FP8=k_cache.dtype == torch.float8_e4m3fn, SPLIT=SPLIT_PROLOGUE, num_warps=4)
     return q
 
 

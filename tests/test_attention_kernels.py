@@ -164,8 +164,12 @@ print(json.dumps(out))
 """
 
 
-def test_decode_prologue_equals_the_modules_decode_path_in_the_triton_interpreter():
-    cases = interpreted(PROLOGUE)
+@pytest.mark.parametrize("split", [False, True])
+def test_decode_prologue_equals_the_modules_decode_path_in_the_triton_interpreter(split):
+    """One program a row (the default), or three (`SPLIT_PROLOGUE`: q, k and v side by side)."""
+    script = PROLOGUE.replace("torch.manual_seed(0)\n", f"torch.manual_seed(0)\nak.SPLIT_PROLOGUE = {split}\n", 1)
+    assert script != PROLOGUE
+    cases = interpreted(script)
     assert len(cases) == 5
     for c in cases:
         B, H, Hkv, D, dt, kv, _ = c["case"]
@@ -178,14 +182,15 @@ def test_decode_prologue_equals_the_modules_decode_path_in_the_triton_interprete
 
 
 @cuda
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("kv_dtype", ["auto", "fp8"])
 @torch.no_grad()
-def test_decode_steps_with_the_fused_prologue_match_the_unfused_ones_on_cuda(kv_dtype):
-    """The tiny duplex model's LM and resynthesizer decode steps (bf16) with FUSED_PROLOGUE against
-    the same steps without it, eager and inside the compiled block: the same outputs to bf16
-    rounding, and the prologue ran."""
+def test_decode_steps_with_the_fused_prologue_match_the_unfused_ones_on_cuda(kv_dtype, split):
+    """The tiny duplex model's LM and resynthesizer decode steps (bf16) with FUSED_PROLOGUE (one
+    program a row, or three with SPLIT_PROLOGUE) against the same steps without it, eager and
+    inside the compiled block: the same outputs to bf16 rounding, and the prologue ran."""
     from config.transformer_config import PRESETS
-    from model import HertzDev, build, plex_codes, transformer
+    from model import HertzDev, attention_kernels, build, plex_codes, transformer
     from model.decode import Kernels
     torch.manual_seed(0)
     m = build(HertzDev, dataclasses.replace(PRESETS["tiny"], duplex=True)).eval().to("cuda", torch.bfloat16)
@@ -195,10 +200,11 @@ def test_decode_steps_with_the_fused_prologue_match_the_unfused_ones_on_cuda(kv_
 
     def steps(fused, block=None):
         default, transformer.FUSED_PROLOGUE = transformer.FUSED_PROLOGUE, fused
+        attention_kernels.SPLIT_PROLOGUE = split
         try:  # rows at their own positions
             return decode_outputs(m, x, plex, dtype, block, (0, 3, 7), "decode_prologue")
         finally:
-            transformer.FUSED_PROLOGUE = default
+            transformer.FUSED_PROLOGUE, attention_kernels.SPLIT_PROLOGUE = default, False
 
     ref, ran = steps(False)
     assert not ran
