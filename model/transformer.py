@@ -143,6 +143,33 @@ def kv_dtype_of(name: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
     return KV_DTYPES[name]
 
 
+# Triton compiles float8 (e4m3) loads and stores for compute capability 8.9 and up only (Ada,
+# Hopper, Blackwell; tests/test_kernels_compile.py checks the bound against the compiler). On older
+# GPUs (A100, A10, RTX 30xx, V100, T4) a float8 cache still halves the memory, but its decode steps
+# take the torch paths: the prologue's five kernels and SDPA over an upcast window.
+FP8_KERNELS_MIN_CAPABILITY = (8, 9)
+
+
+def fp8_kernels_supported(capability: tuple[int, int]) -> bool:
+    """Whether the Triton kernels can read and write a float8 cache on a GPU of this capability."""
+    return tuple(capability) >= FP8_KERNELS_MIN_CAPABILITY
+
+
+_FP8_KERNELS: dict = {}
+
+
+@torch.compiler.assume_constant_result
+def _fp8_kernels_on(index: int) -> bool:
+    if index not in _FP8_KERNELS:
+        _FP8_KERNELS[index] = fp8_kernels_supported(torch.cuda.get_device_capability(index))
+    return _FP8_KERNELS[index]
+
+
+def fp8_kernels_on(device: torch.device) -> bool:
+    """`fp8_kernels_supported` for a CUDA device (asked once per device; a constant to torch.compile)."""
+    return _fp8_kernels_on(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def to_cache(x: Tensor, dtype: torch.dtype) -> Tensor:
     """x in the cache's dtype; float8 saturates at +-448 instead of overflowing to NaN."""
     if dtype == torch.float8_e4m3fn:
@@ -227,10 +254,11 @@ def attend_cache(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, gqa: bool) -> Te
     """Attention of q (B, H, T, D) over a cache window k, v (B, Hkv, W, D) with the additive
     `mask` (B|1, 1, T, W) -> (B, H, T, D). A decode step on CUDA over a large enough float8 cache
     (above) runs the split-window kernel of `model.attention_kernels`, which reads the cache as it
-    is stored; otherwise SDPA, a float8 cache upcast first (one window-sized copy per layer). On a
-    bf16 cache cuDNN's SDPA is as fast or faster (benchmarks/decode_attention.py)."""
+    is stored (on GPUs of capability 8.9 and up: `fp8_kernels_on`); otherwise SDPA, a float8 cache
+    upcast first (one window-sized copy per layer). On a bf16 cache cuDNN's SDPA is as fast or
+    faster (benchmarks/decode_attention.py)."""
     if (DECODE_KERNEL and q.is_cuda and q.shape[2] == 1 and k.dtype == FP8
-            and k.shape[0] * k.shape[2] >= DECODE_KERNEL_MIN_SLOTS):
+            and k.shape[0] * k.shape[2] >= DECODE_KERNEL_MIN_SLOTS and fp8_kernels_on(q.device)):
         from .attention_kernels import decode_attention  # Triton: imported only where CUDA is used
         return decode_attention(q, k, v, mask)
     return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=gqa)
@@ -256,7 +284,8 @@ class GQA(nn.Module):
         queries attend over the cache window, masked by `pos.mask` (prefill, decode steps)."""
         B, T, _ = x.shape
         H, Hkv, hd = self.n_heads, self.kv_heads, self.head_dim
-        if FUSED_PROLOGUE and cache is not None and T == 1 and x.is_cuda:
+        if (FUSED_PROLOGUE and cache is not None and T == 1 and x.is_cuda
+                and (cache.k.dtype != FP8 or fp8_kernels_on(x.device))):
             from .attention_kernels import decode_prologue  # Triton: imported only where CUDA is used
             q = decode_prologue(self.proj_qkv(x), self.norm_q.weight, self.norm_k.weight, self.norm_q.eps,
                                 pos.cos, pos.sin, pos.input_pos, cache.k, cache.v, H)

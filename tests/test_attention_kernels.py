@@ -212,3 +212,36 @@ def test_decode_steps_with_the_fused_prologue_match_the_unfused_ones_on_cuda(kv_
         got, ran = steps(True, block)
         assert ran
         assert float((got - ref).norm() / ref.norm()) < 3e-2
+
+
+@cuda
+@torch.no_grad()
+def test_decode_steps_over_a_float8_cache_take_the_torch_paths_where_triton_has_no_float8_on_cuda():
+    """On a GPU below compute capability 8.9 (A100, RTX 30xx, T4...) Triton cannot compile float8
+    loads and stores: decode steps over a float8 cache must then run neither the fused prologue nor
+    the decode-attention kernel, and give what those kernels give. Simulated here by reporting this
+    GPU as such (`model.transformer._FP8_KERNELS`), eager and inside the compiled block."""
+    from config.transformer_config import PRESETS
+    from model import HertzDev, build, plex_codes, transformer
+    from model.decode import Kernels
+    torch.manual_seed(0)
+    m = build(HertzDev, dataclasses.replace(PRESETS["tiny"], duplex=True)).eval().to("cuda", torch.bfloat16)
+    x = torch.randn(3, 40, 64, device="cuda", dtype=torch.bfloat16)
+    plex = plex_codes(m.quantizer, x, True)
+    index, min_slots = torch.cuda.current_device(), transformer.DECODE_KERNEL_MIN_SLOTS
+    transformer.DECODE_KERNEL_MIN_SLOTS = 0
+    try:
+        want, ran = decode_outputs(m, x, plex, transformer.FP8, None, (0, 3, 7), "decode_")
+        assert ran and transformer.fp8_kernels_on(torch.device("cuda", index))  # this GPU: the kernels
+        for block in (None, Kernels.make(("block",)).block):
+            torch._dynamo.reset()
+            transformer._FP8_KERNELS[index] = False
+            try:
+                got, ran = decode_outputs(m, x, plex, transformer.FP8, block, (0, 3, 7), "decode_")
+            finally:
+                transformer._FP8_KERNELS.pop(index)
+            assert not ran  # neither decode_prologue nor decode_attention
+            assert float((got - want).norm() / want.norm()) < 3e-2
+    finally:
+        transformer.DECODE_KERNEL_MIN_SLOTS = min_slots
+        torch._dynamo.reset()

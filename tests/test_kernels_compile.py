@@ -62,3 +62,29 @@ def test_kernel_compiles_for_sm90(name, ints):
     assert set(constexprs) <= {p.name for p in fn.params if p.is_constexpr}, "a constexpr that is not the kernel's"
     compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants), target=SM90)
     assert compiled.asm["cubin"] and ".target sm_90" in compiled.asm["ptx"]
+
+
+@pytest.mark.parametrize("capability", [(7, 5), (8, 0), (8, 6), (8, 9), (9, 0)])
+def test_float8_kernels_are_used_exactly_where_triton_compiles_them(capability):
+    """`model.transformer.fp8_kernels_supported` (which GPUs run the prologue and decode-attention
+    kernels over a float8 cache; the others take the torch paths) agrees with the compiler: the
+    float8 prologue and attention compile for a capability exactly when it says so, while their
+    bf16 / fp16 versions (and the quantized linears) compile on all of these."""
+    from model.transformer import fp8_kernels_supported
+    target = GPUTarget("cuda", 10 * capability[0] + capability[1], 32)
+    for name in ("decode_attention_partial", "decode_prologue"):
+        fn, pointers, floats, constexprs = kernels()[name]
+        for fp8 in (True, False):
+            half = "*bf16" if capability >= (8, 0) else "*fp16"
+            types = {k: (v if fp8 else half) if v == "*fp8e4nv" else v.replace("*bf16", half)
+                     for k, v in pointers.items()}
+            constants = dict(constexprs, **({"FP8": fp8} if "FP8" in constexprs else {}))
+            signature = {p.name: "constexpr" if p.is_constexpr else
+                         types.get(p.name, "fp32" if p.name in floats else "i32") for p in fn.params}
+            try:
+                triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants), target=target)
+                compiled = True
+            except Exception as e:  # Triton: "type fp8e4nv not supported in this architecture"
+                assert "fp8e4nv" in str(e), e
+                compiled = False
+            assert compiled == (fp8_kernels_supported(capability) or not fp8), (name, capability, fp8)
