@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import importlib
 import json
 import os
 import subprocess
@@ -49,6 +50,19 @@ from model.transformer import KV_DTYPES  # noqa: E402
 from model.sampling import SamplingParams, row_seed, sample_latents, sample_tokens  # noqa: E402
 
 T0 = time.time()
+# Switches that run a CUDA step as it was before a kernel, to compare, in the same run: flag ->
+# (module, attribute, value, tag, tag value, what). Each sets the attribute before the model is
+# built; the lines of that mode carry the tag. --int-to-float applies to quantized modes only.
+SWITCHES = {
+    "int_to_float": ("model.quant_kernels", "BITS", False, "convert", "instruction",
+                     "quantized kernels convert with the int-to-float instruction"),
+    "unfused_prologue": ("model.transformer", "FUSED_PROLOGUE", False, "prologue", "unfused",
+                         "decode steps run the attention prologue as five kernels a layer, as before its one kernel"),
+    "split_prologue": ("model.attention_kernels", "SPLIT_PROLOGUE", True, "prologue", "split",
+                       "the fused prologue with three programs a row, q, k and v side by side"),
+    "torch_noise": ("model.sampling", "NOISE_KERNEL", False, "noise", "torch",
+                    "the step's noise by torch's elementwise kernels, as before its Triton kernel"),
+}
 
 
 def emit(**fields) -> None:
@@ -327,18 +341,10 @@ def bench_mode(args, size, quantize, kv, device, dtype, names, variants, batches
     other batches (the fastest variant), the mono completion. The model is freed at the end."""
     cuda = device.type == "cuda"
     tags = dict(size=size, quantize=quantize, kv_dtype=kv)
-    if args.int_to_float and cuda and quantize != "none":
-        import model.quant_kernels as qk  # the quantized kernels as before their floats came from bits
-        qk.BITS, tags["convert"] = False, "instruction"
-    if args.unfused_prologue and cuda:
-        import model.transformer as tr  # the decode step's attention prologue as five kernels a layer
-        tr.FUSED_PROLOGUE, tags["prologue"] = False, "unfused"
-    if args.split_prologue and cuda:
-        import model.attention_kernels as ak  # three programs a row (q, k, v) in the fused prologue
-        ak.SPLIT_PROLOGUE, tags["prologue"] = True, "split"
-    if args.torch_noise and cuda:
-        import model.sampling as sampling  # the noise's uniforms as ~60 elementwise kernels
-        sampling.NOISE_KERNEL, tags["noise"] = False, "torch"
+    for flag, (module, name, value, tag, tag_value, _) in SWITCHES.items():
+        if getattr(args, flag) and cuda and (flag != "int_to_float" or quantize != "none"):
+            setattr(importlib.import_module(module), name, value)
+            tags[tag] = tag_value
     model = make_model(size, True, device, dtype, quantize)
     free(cuda)  # the peak from here on: quantized weights + engine, not the float model quantized from
     wb = weight_bytes(model)
@@ -396,7 +402,7 @@ def run_alone(args, size: str, quantize: str, kv: str, budget_s: float) -> None:
            "--gen-seconds", str(args.gen_seconds), "--budget-s", str(max(budget_s, 0.0))]
     cmd += ["--batches", args.batches] if args.batches else []
     cmd += ["--steps", str(args.steps)] if args.steps else []
-    flags = ("breakdown", "profile", "no_mono", "int_to_float", "unfused_prologue", "split_prologue", "torch_noise")
+    flags = ("breakdown", "profile", "no_mono", *SWITCHES)
     cmd += [f"--{flag.replace('_', '-')}" for flag in flags if getattr(args, flag)]
     rc = subprocess.run(cmd).returncode
     if rc:
@@ -420,18 +426,9 @@ def main():
     ap.add_argument("--quantize", default="none", help=f"comma-separated weight modes: none, {', '.join(MODES)}")
     ap.add_argument("--kv-dtype", default="auto", help="comma-separated KV cache dtypes: auto, fp8")
     ap.add_argument("--gen-seconds", type=float, default=20.0, help="length of the mono completion")
-    ap.add_argument("--int-to-float", action="store_true",
-                    help="quantized kernels convert with the int-to-float instruction (model.quant_kernels.BITS "
-                         "off), to compare; lines say convert: instruction")
-    ap.add_argument("--unfused-prologue", action="store_true",
-                    help="decode steps run the attention prologue as five kernels a layer, as before its one kernel "
-                         "(model.transformer.FUSED_PROLOGUE off), to compare; lines say prologue: unfused")
-    ap.add_argument("--split-prologue", action="store_true",
-                    help="the fused prologue with three programs a row, q, k and v side by side "
-                         "(model.attention_kernels.SPLIT_PROLOGUE on), to compare; lines say prologue: split")
-    ap.add_argument("--torch-noise", action="store_true",
-                    help="the step's noise by torch's elementwise kernels, as before its Triton kernel "
-                         "(model.sampling.NOISE_KERNEL off), to compare; lines say noise: torch")
+    for flag, (module, name, value, tag, tag_value, what) in SWITCHES.items():
+        ap.add_argument(f"--{flag.replace('_', '-')}", action="store_true",
+                        help=f"{what} ({module}.{name} = {value}), to compare (CUDA); lines say {tag}: {tag_value}")
     args = ap.parse_args()
     for q in args.quantize.split(","):
         if q not in ("none",) + MODES:

@@ -74,6 +74,16 @@ def flat(out):
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+def tiny_duplex_on_cuda(dtype):
+    """The tiny duplex model on CUDA in `dtype`, 40 latents of 3 rows and their plex codes."""
+    from config.transformer_config import PRESETS
+    from model import HertzDev, build, plex_codes
+    torch.manual_seed(0)
+    m = build(HertzDev, dataclasses.replace(PRESETS["tiny"], duplex=True)).eval().to("cuda", dtype)
+    x = torch.randn(3, 40, 64, device="cuda", dtype=dtype)
+    return m, x, plex_codes(m.quantizer, x, True)
+
+
 def decode_outputs(m, x, plex, kv_dtype, block, stagger, marker):
     """The tiny model's LM and resynthesizer outputs of 32 decode steps of 3 rows after an 8-latent
     prefill (row r at step t - stagger[r]), eager or in `block`, and whether a kernel whose name
@@ -94,14 +104,10 @@ def decode_outputs(m, x, plex, kv_dtype, block, stagger, marker):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @torch.no_grad()
 def test_decode_steps_over_a_float8_cache_use_the_kernel_and_match_sdpa_on_cuda(dtype):
-    from config.transformer_config import PRESETS
-    from model import HertzDev, build, plex_codes, transformer
+    from model import transformer
     from model.decode import Kernels
     from model.transformer import FP8
-    torch.manual_seed(0)
-    m = build(HertzDev, dataclasses.replace(PRESETS["tiny"], duplex=True)).eval().to("cuda", dtype)
-    x = torch.randn(3, 40, 64, device="cuda", dtype=dtype)
-    plex = plex_codes(m.quantizer, x, True)
+    m, x, plex = tiny_duplex_on_cuda(dtype)
     min_slots = transformer.DECODE_KERNEL_MIN_SLOTS
 
     def steps(kernel, block=None):
@@ -189,13 +195,9 @@ def test_decode_steps_with_the_fused_prologue_match_the_unfused_ones_on_cuda(kv_
     """The tiny duplex model's LM and resynthesizer decode steps (bf16) with FUSED_PROLOGUE (one
     program a row, or three with SPLIT_PROLOGUE) against the same steps without it, eager and
     inside the compiled block: the same outputs to bf16 rounding, and the prologue ran."""
-    from config.transformer_config import PRESETS
-    from model import HertzDev, attention_kernels, build, plex_codes, transformer
+    from model import attention_kernels, transformer
     from model.decode import Kernels
-    torch.manual_seed(0)
-    m = build(HertzDev, dataclasses.replace(PRESETS["tiny"], duplex=True)).eval().to("cuda", torch.bfloat16)
-    x = torch.randn(3, 40, 64, device="cuda", dtype=torch.bfloat16)
-    plex = plex_codes(m.quantizer, x, True)
+    m, x, plex = tiny_duplex_on_cuda(torch.bfloat16)
     dtype = transformer.kv_dtype_of(kv_dtype)
 
     def steps(fused, block=None):
@@ -221,13 +223,9 @@ def test_decode_steps_over_a_float8_cache_take_the_torch_paths_where_triton_has_
     loads and stores: decode steps over a float8 cache must then run neither the fused prologue nor
     the decode-attention kernel, and give what those kernels give. Simulated here by reporting this
     GPU as such (`model.transformer._FP8_KERNELS`), eager and inside the compiled block."""
-    from config.transformer_config import PRESETS
-    from model import HertzDev, build, plex_codes, transformer
+    from model import transformer
     from model.decode import Kernels
-    torch.manual_seed(0)
-    m = build(HertzDev, dataclasses.replace(PRESETS["tiny"], duplex=True)).eval().to("cuda", torch.bfloat16)
-    x = torch.randn(3, 40, 64, device="cuda", dtype=torch.bfloat16)
-    plex = plex_codes(m.quantizer, x, True)
+    m, x, plex = tiny_duplex_on_cuda(torch.bfloat16)
     index, min_slots = torch.cuda.current_device(), transformer.DECODE_KERNEL_MIN_SLOTS
     transformer.DECODE_KERNEL_MIN_SLOTS = 0
     try:

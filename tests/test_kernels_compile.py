@@ -43,10 +43,9 @@ def kernels() -> dict:
     }
 
 
-@pytest.mark.parametrize("ints", ["runtime", "ones"])
-@pytest.mark.parametrize("name", list(kernels()))
-def test_kernel_compiles_for_sm90(name, ints):
-    fn, pointers, floats, constexprs = kernels()[name]
+def source(fn, pointers: dict, floats: set, constexprs: dict, ones: bool = False) -> ASTSource:
+    """`fn` with these pointer types, float32 `floats`, the other scalars int32 (`ones`: all the
+    constant 1, the launcher's specialisation of an int argument equal to 1)."""
     signature, constants = {}, dict(constexprs)
     for p in fn.params:
         if p.is_constexpr:
@@ -55,12 +54,19 @@ def test_kernel_compiles_for_sm90(name, ints):
             signature[p.name] = pointers[p.name]
         elif p.name in floats:
             signature[p.name] = "fp32"
-        elif ints == "ones":  # the launcher's specialisation of an int argument equal to 1
+        elif ones:
             signature[p.name], constants[p.name] = "constexpr", 1
         else:
             signature[p.name] = "i32"
+    return ASTSource(fn=fn, signature=signature, constexprs=constants)
+
+
+@pytest.mark.parametrize("ints", ["runtime", "ones"])
+@pytest.mark.parametrize("name", list(kernels()))
+def test_kernel_compiles_for_sm90(name, ints):
+    fn, pointers, floats, constexprs = kernels()[name]
     assert set(constexprs) <= {p.name for p in fn.params if p.is_constexpr}, "a constexpr that is not the kernel's"
-    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants), target=SM90)
+    compiled = triton.compile(source(fn, pointers, floats, constexprs, ints == "ones"), target=SM90)
     assert compiled.asm["cubin"] and ".target sm_90" in compiled.asm["ptx"]
 
 
@@ -69,7 +75,7 @@ def test_float8_kernels_are_used_exactly_where_triton_compiles_them(capability):
     """`model.transformer.fp8_kernels_supported` (which GPUs run the prologue and decode-attention
     kernels over a float8 cache; the others take the torch paths) agrees with the compiler: the
     float8 prologue and attention compile for a capability exactly when it says so, while their
-    bf16 / fp16 versions (and the quantized linears) compile on all of these."""
+    bf16 / fp16 versions compile on all of these."""
     from model.transformer import fp8_kernels_supported
     target = GPUTarget("cuda", 10 * capability[0] + capability[1], 32)
     for name in ("decode_attention_partial", "decode_prologue"):
@@ -79,10 +85,8 @@ def test_float8_kernels_are_used_exactly_where_triton_compiles_them(capability):
             types = {k: (v if fp8 else half) if v == "*fp8e4nv" else v.replace("*bf16", half)
                      for k, v in pointers.items()}
             constants = dict(constexprs, **({"FP8": fp8} if "FP8" in constexprs else {}))
-            signature = {p.name: "constexpr" if p.is_constexpr else
-                         types.get(p.name, "fp32" if p.name in floats else "i32") for p in fn.params}
             try:
-                triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants), target=target)
+                triton.compile(source(fn, types, floats, constants), target=target)
                 compiled = True
             except Exception as e:  # Triton: "type fp8e4nv not supported in this architecture"
                 assert "fp8e4nv" in str(e), e
