@@ -359,11 +359,24 @@ def test_cuda_quantized_model_close_to_float_and_saved_on_gpu_loads_on_cpu(mode,
 
 
 def stray_cuda_tensors(model) -> list:
-    """Shapes and dtypes of the live CUDA tensors that are not `model`'s own (a failure's message)."""
+    """Shapes, dtypes and bytes of the live CUDA tensors that are not `model`'s own (a failure's
+    message; tensors with no storage, such as the fake tensors of an earlier compilation, skipped)."""
     import gc
     own = {t.data_ptr() for t in model.state_dict().values()}
-    return sorted({(tuple(o.shape), str(o.dtype)) for o in gc.get_objects()
-                   if isinstance(o, torch.Tensor) and o.is_cuda and o.data_ptr() not in own})[:20]
+    found = set()
+    for o in gc.get_objects():
+        try:
+            if isinstance(o, torch.Tensor) and o.is_cuda and o.data_ptr() not in own:
+                found.add((tuple(o.shape), str(o.dtype), o.untyped_storage().nbytes()))
+        except (RuntimeError, NotImplementedError):
+            continue
+    return sorted(found, key=lambda f: -f[2])[:20]
+
+
+def requested_bytes() -> int:
+    """The bytes the live CUDA tensors asked the caching allocator for (its blocks may be larger)."""
+    return sum(block["requested_size"] for segment in torch.cuda.memory._snapshot()["segments"]
+               for block in segment["blocks"] if block["state"] == "active_allocated")
 
 
 @cuda
@@ -371,15 +384,21 @@ def stray_cuda_tensors(model) -> list:
 @torch.no_grad()
 def test_cuda_quantizing_while_loading_peaks_near_the_final_size(mode, tmp_path, monkeypatch):
     """GPU memory while loading official-layout float32 files quantized: the final quantized
-    weights plus a few MB of scratch, never a float layer or a second copy of the model."""
+    weights plus a few MB of scratch, never a float layer or a second copy of the model. The final
+    size is counted in the bytes the live tensors asked for (the allocator's snapshot): the caching
+    allocator may hand a tensor a whole freed block (it splits a large block only for a remainder
+    over 1 MB), so `memory_allocated` ran up to 1.3 MB over the weights, depending on the blocks
+    earlier tests had left (sessions 15 and 17 on the H200; session 17's snapshot showed no live
+    block besides the model's but one of 512 bytes)."""
     cfg = dataclasses.replace(CFG, lm_dim=1024, lm_heads=8, lm_layers=8, resynth_dim=1024, resynth_heads=8,
                               resynth_ff_dim=2816)
     torch.manual_seed(0)
     folder = official_files(tmp_path, monkeypatch, build(HertzDev, cfg))
     torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
+    base, asked = torch.cuda.memory_allocated(), requested_bytes()
     torch.cuda.reset_peak_memory_stats()
     m = load_hertz_dev("duplex", device="cuda", ckpt_dir=folder, offline=True, codec=None, config=cfg, quantize=mode)
     final, peak = torch.cuda.memory_allocated() - base, torch.cuda.max_memory_allocated() - base
-    assert abs(final - weight_bytes(m)["total"]) <= 2**20, (final, weight_bytes(m)["total"], stray_cuda_tensors(m))
+    weights = requested_bytes() - asked
+    assert abs(weights - weight_bytes(m)["total"]) <= 2**16, (weights, weight_bytes(m)["total"], stray_cuda_tensors(m))
     assert peak - final <= 32 * 2**20, (peak, final)  # the largest float32 layer alone is 128 MB
