@@ -1178,12 +1178,13 @@ def main(argv=None) -> None:
     from model import SamplingParams
     params = SamplingParams(**values)
     from model.checkpoint import CheckpointError
+    from model.hub import WeightsError
     from model.lora import AdapterError
     try:
         engine = load_engine(args)
-    except (AdapterError, CheckpointError) as e:
+    except (AdapterError, CheckpointError, WeightsError) as e:
         # a corrupted file, a file of the wrong kind, an adapter of another base (refused before
-        # any weights load): the user's to fix
+        # any weights load), official weights missing offline or not downloadable: the user's to fix
         raise SystemExit(f"error: {e}") from None
     if prompt is not None:
         max_frames = engine.state.max_len - 1

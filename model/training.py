@@ -44,6 +44,7 @@ from .audio import AudioError
 from .checkpoint import (TEMP_SUFFIX, CheckpointError, atomic_write, os_reason, refuse_non_finite, torch_save,
                          write_temp)
 from .checkpoint import _header as header
+from .hub import WeightsError
 
 
 # --- the error exit ---------------------------------------------------------------------------
@@ -51,12 +52,14 @@ from .checkpoint import _header as header
 def run_script(main: Callable[[], Any]) -> None:
     """Run a script's `main`. A user's mistake (ConfigError, ConfigMismatch, FileNotFoundError:
     a bad preset, key, value or path, a config that contradicts its checkpoint; AudioError,
-    CheckpointError: an unusable file) or a run that cannot go on (TrainingError: a non-finite
-    loss) ends the process with one `error: ...` line on stderr, on a line of its own even under
-    an open progress bar, and exit code 1; any other exception is a bug and keeps its traceback."""
+    CheckpointError: an unusable file; WeightsError: official weights missing offline, corrupt or
+    not downloadable) or a run that cannot go on (TrainingError: a non-finite loss) ends the
+    process with one `error: ...` line on stderr, on a line of its own even under an open progress
+    bar, and exit code 1; any other exception is a bug and keeps its traceback."""
     try:
         main()
-    except (ConfigError, ConfigMismatch, FileNotFoundError, AudioError, CheckpointError, TrainingError) as e:
+    except (ConfigError, ConfigMismatch, FileNotFoundError, AudioError, CheckpointError, WeightsError,
+            TrainingError) as e:
         from tqdm import tqdm
         tqdm.write(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None

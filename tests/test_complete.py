@@ -222,3 +222,28 @@ def test_a_corrupted_checkpoint_is_one_error_line_unless_not_verified(ckpts, tmp
     assert str(corrupted) in lines[0] and "corrupted" in lines[0] and not out.exists()
     r = run(ckpts["stereo"], out, "--variant", corrupted, "--seconds", 0.25, "--no-verify")
     assert r.returncode == 0 and out.exists(), r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("state", ["missing", "corrupt"])
+def test_official_weights_missing_offline_or_corrupt_are_an_error_not_a_traceback(ckpts, tmp_path, state):
+    """The official weights not in --ckpt-dir with --offline (or there but with the wrong md5):
+    an `error:` naming the files (missing: each with its size and md5, and where to put them;
+    corrupt: the file and both md5s), exit code 2, no traceback and no output. Until session 17
+    this was hub's WeightsError as a traceback."""
+    from model.hub import OFFICIAL_FILES, QUANTIZER, VARIANTS
+    folder = tmp_path / "official"
+    folder.mkdir()
+    names = [QUANTIZER, *VARIANTS["duplex"][:2]]
+    if state == "corrupt":
+        for name in names:
+            (folder / OFFICIAL_FILES[name].filename).write_bytes(b"not the weights")
+    out = tmp_path / "out.wav"
+    r = run(ckpts["stereo"], out, "--offline", "--ckpt-dir", folder, "--seconds", 0.25)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and not out.exists(), r.stderr[-2000:]
+    assert r.stderr.startswith("error: "), r.stderr[-2000:]
+    if state == "missing":
+        assert "offline mode and these official hertz-dev files are missing" in r.stderr
+        assert all(OFFICIAL_FILES[n].filename in r.stderr and OFFICIAL_FILES[n].md5 in r.stderr for n in names)
+        assert str(folder.resolve()) in r.stderr
+    else:
+        assert "is corrupt" in r.stderr and OFFICIAL_FILES[QUANTIZER].md5 in r.stderr

@@ -874,6 +874,18 @@ def test_cli_errors_before_loading_weights(tmp_path):
         ("--prompt-path", missing + ".wav"): [f"error: no such file: {missing}.wav"]})
 
 
+def test_cli_official_weights_missing_offline_are_an_error_not_a_traceback(tmp_path):
+    """The official duplex weights not in --ckpt-dir with --offline: an `error:` naming each
+    missing file and where to put it, no traceback (until session 17: hub's WeightsError as one)."""
+    from model.hub import OFFICIAL_FILES, QUANTIZER, VARIANTS
+    folder = tmp_path / "empty"
+    r = run_cli("--offline", "--ckpt-dir", str(folder), "--device", "cpu")
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: offline mode and these official hertz-dev files are missing:"], r.stderr[-2000:]
+    assert all(OFFICIAL_FILES[n].filename in r.stderr for n in (QUANTIZER, *VARIANTS["duplex"][:2]))
+
+
 def test_cli_refuses_a_non_finite_prompt(tmp_path):
     nan = tmp_path / "nan.wav"
     sf.write(nan, np.full((16000, 2), np.nan, dtype=np.float32), 16000, subtype="FLOAT")

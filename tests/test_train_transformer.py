@@ -238,6 +238,18 @@ def test_user_errors_are_one_error_line(setup, tmp_path, mistake, message):
     assert not (tmp_path / "latents").exists()
 
 
+def test_the_official_codec_missing_offline_is_an_error_not_a_traceback(setup, tmp_path):
+    """codec_checkpoint=official with the file not in ckpt_dir and HF_HUB_OFFLINE=1: an `error:`
+    naming the codec's file and where to put it (until session 17: hub's WeightsError as a
+    traceback)."""
+    from model.hub import CODEC, OFFICIAL_FILES
+    folder = tmp_path / "official"
+    args = base_args(setup, tmp_path / "run", latents_dir=tmp_path / "latents")
+    log = fails(args + ["codec_checkpoint=official", f"ckpt_dir={folder}"], env={"HF_HUB_OFFLINE": "1"})
+    assert "error: offline mode and these official hertz-dev files are missing" in log
+    assert OFFICIAL_FILES[CODEC].filename in log and "Traceback" not in log
+
+
 def test_float16_with_fsdp_across_processes_is_one_error_line(setup, tmp_path):
     """FSDP shards the gradients, and the float16 loss scale here is not sharded: refused at once
     (as torchrun's WORLD_SIZE says), before anything loads or encodes; one process, or DDP, trains."""
