@@ -116,7 +116,7 @@ def main(argv=None) -> int:
                                codec=args.codec, offline=args.offline or None, adapter=args.adapter,
                                verify=not args.no_verify, quantize=args.quantize)
     except (AdapterError, CheckpointError, WeightsError, ValueError) as e:  # WeightsError: official files
-        print(f"error: {e}", file=sys.stderr)                                # missing offline, corrupt, undownloadable
+        print(f"error: {e}", file=sys.stderr)  # missing offline, corrupt or not downloadable
         return 2
     cfg = model.config
     hop = model.codec.hop_length
