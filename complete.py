@@ -36,10 +36,9 @@ import torch
 
 from model import SamplingParams, load_hertz_dev
 from model.audio import AudioError, check_output, check_prompt, load_prompt, save_audio
-from model.checkpoint import CheckpointError
 from model.generator import Generator
-from model.hub import VARIANTS, WeightsError
-from model.lora import AdapterError
+from model.hub import VARIANTS
+from model.loading import LOAD_ERRORS
 from model.quant import MODES
 from model.transformer import KV_DTYPES
 
@@ -115,8 +114,8 @@ def main(argv=None) -> int:
         model = load_hertz_dev(args.variant, device=device, dtype=dtype, ckpt_dir=args.ckpt_dir,
                                codec=args.codec, offline=args.offline or None, adapter=args.adapter,
                                verify=not args.no_verify, quantize=args.quantize)
-    except (AdapterError, CheckpointError, WeightsError, ValueError) as e:  # WeightsError: official files
-        print(f"error: {e}", file=sys.stderr)  # missing offline, corrupt or not downloadable
+    except (*LOAD_ERRORS, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     cfg = model.config
     hop = model.codec.hop_length

@@ -1177,14 +1177,10 @@ def main(argv=None) -> None:
     values, prompt = check_args(args)
     from model import SamplingParams
     params = SamplingParams(**values)
-    from model.checkpoint import CheckpointError
-    from model.hub import WeightsError
-    from model.lora import AdapterError
+    from model.loading import LOAD_ERRORS
     try:
         engine = load_engine(args)
-    except (AdapterError, CheckpointError, WeightsError) as e:
-        # a corrupted file, a file of the wrong kind, an adapter of another base (refused before
-        # any weights load), official weights missing offline or not downloadable: the user's to fix
+    except LOAD_ERRORS as e:  # a file the user must fix (refused before any weights load where it can be)
         raise SystemExit(f"error: {e}") from None
     if prompt is not None:
         max_frames = engine.state.max_len - 1

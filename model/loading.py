@@ -22,7 +22,7 @@ from config.transformer_config import TransformerConfig
 from config.transformer_config import hertz_dev as TRANSFORMER_HERTZ_DEV
 
 from . import hub, lora
-from .checkpoint import atomic_write, read_weights, substate, write_weights
+from .checkpoint import CheckpointError, atomic_write, read_weights, substate, write_weights
 from .codec import Codec
 from .lm import LatentLM
 from .quant import MODES, apply_plan, pack_int4, quantization_of, quantization_plan, quantize_state
@@ -134,6 +134,12 @@ def official_transformer_config(variant: str) -> TransformerConfig:
     if variant not in hub.VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(hub.VARIANTS)}")
     return dataclasses.replace(TRANSFORMER_HERTZ_DEV, duplex=hub.VARIANTS[variant][2])
+
+
+# What `load_codec` / `load_hertz_dev` raise for a file the user must fix (the scripts print it as
+# one `error:`): an unusable checkpoint, an adapter of another base, official weights missing
+# offline, corrupt or not downloadable.
+LOAD_ERRORS = (CheckpointError, lora.AdapterError, hub.WeightsError)
 
 
 def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dtype: Optional[torch.dtype] = None,
