@@ -186,29 +186,19 @@ def parse_args(argv: Sequence[str], presets: Mapping[str, Any], default: str = "
 
     `--help` raises SystemExit after printing every field with its preset value.
     """
-    name, overrides = default, {}
+    name, overrides, want_help = default, {}, False
     args = list(argv)
     i = 0
     while i < len(args):
         arg = args[i]
-        if arg in ("-h", "--help"):
-            cfg = presets[name]
-            lines = [f"presets: {', '.join(presets)} (choose with --config NAME)",
-                     f"fields of {type(cfg).__name__} (preset {name!r}); override with key=value:"]
-            types_ = field_types(type(cfg))
-            for f in dataclasses.fields(cfg):
-                choices = typing.get_args(types_[f.name]) if typing.get_origin(types_[f.name]) is typing.Literal else ()
-                means = ", ".join(map(str, choices)) or f.metadata.get("pattern", (None, ""))[1]
-                lines.append(f"  {f.name}={getattr(cfg, f.name)!r}" + (f"  (one of: {means})" if means else ""))
-            print("\n".join(lines))
-            raise SystemExit(0)
-        if arg == "--config":
+        if arg in ("-h", "--help"):  # answered once the preset is known: `--help --config small` too
+            want_help = True
+        elif arg == "--config":
             if i + 1 >= len(args):
                 raise ConfigError("--config needs a preset name")
             name = args[i + 1]
-            i += 2
-            continue
-        if arg.startswith("--config="):
+            i += 1
+        elif arg.startswith("--config="):
             name = arg.split("=", 1)[1]
         elif "=" in arg:
             key, text = arg.split("=", 1)
@@ -218,4 +208,18 @@ def parse_args(argv: Sequence[str], presets: Mapping[str, Any], default: str = "
         i += 1
     if name not in presets:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(presets)}")
-    return apply_overrides(presets[name], overrides)
+    cfg = presets[name]
+    if want_help:
+        lines = [f"presets: {', '.join(presets)} (choose with --config NAME)",
+                 f"fields of {type(cfg).__name__} (preset {name!r}); override with key=value:"]
+        types_ = field_types(type(cfg))
+        for f in dataclasses.fields(cfg):
+            choices = typing.get_args(types_[f.name]) if typing.get_origin(types_[f.name]) is typing.Literal else ()
+            means = ", ".join(map(str, choices)) or f.metadata.get("pattern", (None, ""))[1]
+            lines.append(f"  {f.name}={getattr(cfg, f.name)!r}" + (f"  (one of: {means})" if means else ""))
+        print("\n".join(lines))
+        raise SystemExit(0)
+    for key, value in overrides.items():  # `checkpoint_dir=` would be the current folder, `train_data_path=` all of it
+        if isinstance(value, str) and not value.strip() and hasattr(cfg, key):
+            raise ConfigError(f"{key}: no value given ({key}=); give one, e.g. {key}={getattr(cfg, key)!r}")
+    return apply_overrides(cfg, overrides)

@@ -92,6 +92,39 @@ def test_help_lists_fields(tmp_path):
     assert "device='cuda'  (one of: cpu, cuda, cuda:N or mps)" in out.stdout
 
 
+def test_help_describes_the_preset_named_after_it_and_an_unknown_one_is_an_error(tmp_path):
+    """`--help --config small` describes small (it described tiny), and `--config nope --help`
+    is one `error:` line of the trainer (it was a KeyError traceback)."""
+    code = ("import sys; from config import parse_args; from config.codec_config import PRESETS; "
+            "parse_args(sys.argv[1:], PRESETS)")
+    env = {"PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code, "--help", "--config", "small"], capture_output=True, text=True,
+                         env=env)
+    assert out.returncode == 0 and "(preset 'small')" in out.stdout and "batch_size=32" in out.stdout, out.stderr
+    r = subprocess.run([sys.executable, str(ROOT / "train_codec.py"), "--config", "nope", "--help"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines() == ["error: unknown preset 'nope'; choose one of tiny, small, small_fast, "
+                                             "hertz_dev"]
+
+
+@pytest.mark.parametrize("script, key", [("train_codec.py", "checkpoint_dir"), ("train_codec.py", "train_data_path"),
+                                         ("train_transformer.py", "latents_dir"),
+                                         ("train_transformer.py", "init_from")])
+def test_an_empty_value_is_an_error_not_the_current_folder(tmp_path, script, key):
+    """`checkpoint_dir=` used to train into the current folder (and `train_data_path=` to scan
+    all of it, .venv included): an empty value is one `error:` line, and nothing is written."""
+    r = subprocess.run([sys.executable, str(ROOT / script), "--config", "tiny", "device=cpu", f"{key}="],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"error: {key}: no value given ({key}=); give one, e.g. {key}="), lines
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ConfigError, match="unknown config key 'bogus'"):  # an unknown key is named as such
+        parse_args(["bogus="], CODEC_PRESETS)
+
+
 ENUMS = [(CODEC_PRESETS, "dtype=bf16", ("bfloat16", "float16", "float32")),
          (CODEC_PRESETS, "gan_loss=x", ("lsgan", "hinge")),
          (CODEC_PRESETS, "wandb=on", ("online", "offline", "disabled")),
