@@ -45,11 +45,15 @@ def read_manifest(path: str | os.PathLike) -> list[str]:
                             '{"path": ..., "duration": ...} per line')
     base = os.path.dirname(path)
     files, lines, missing = [], {}, []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:  # decoded line by line: a line that is not UTF-8 is named like any bad line
+        for number, raw in enumerate(f, start=1):
+            where = f"manifest {path} line {number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ManifestError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 continue
-            where = f"manifest {path} line {number}"
             try:
                 entry = json.loads(line)
             except ValueError as e:

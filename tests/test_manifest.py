@@ -109,6 +109,18 @@ def test_bad_lines_name_the_manifest_and_the_line(tmp_path, line, message):
         scan_audio_folder(str(manifest))
 
 
+def test_a_line_that_is_not_utf8_is_named(tmp_path):
+    """A manifest saved in another encoding (here Latin-1): the line named, not a UnicodeDecodeError
+    traceback from the middle of the file's reading."""
+    write_corpus(tmp_path)
+    manifest = tmp_path / "latin1.jsonl"
+    manifest.write_bytes(json.dumps({"path": "b/dialogue_0.wav"}).encode() + b"\n"
+                         + '{"path": "a/dialogue_1.wav", "speaker": "Jos\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(ManifestError) as e:
+        read_manifest(manifest)
+    assert str(e.value) == f"manifest {manifest} line 2: not UTF-8 text (invalid continuation byte at byte 44)"
+
+
 def test_missing_files_are_counted_and_an_empty_manifest_is_an_error(tmp_path):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("".join(json.dumps({"path": f"x{i}.wav"}) + "\n" for i in range(3)))
