@@ -166,10 +166,13 @@ def test_without_flite_or_festival_it_is_the_espeak_only_corpus(tmp_path):
     (["--minutes", "nan"], "--minutes must be a finite number > 0 and --val-fraction between 0 and 1"),
     (["--minutes", "1", "--val-fraction", "1"], "--minutes must be a finite number > 0 and --val-fraction between"),
     (["--minutes", "1", "--out", "FILE"], "--out FILE is a file, not a folder"),
-], ids=["minutes-nan", "val-fraction", "out-is-a-file"])
+    (["--minutes", "1", "--out", "FILE/sub"], "--out FILE/sub: cannot make the folder (Not a directory)"),
+    (["--minutes", "1", "--out", ""], "--out needs a folder"),
+    (["--minutes", "1", "--seed", "-1", "--out", "sub"], "--seed must be an integer >= 0, got -1"),
+], ids=["minutes-nan", "val-fraction", "out-is-a-file", "out-under-a-file", "out-empty", "seed"])
 def test_bad_arguments_are_one_error_line_and_nothing_is_written(tmp_path, args, message):
     (tmp_path / "file").write_text("taken")
-    args = [str(tmp_path / "file") if a == "FILE" else a for a in args]
+    args = [a.replace("FILE", str(tmp_path / "file")) for a in args]  # "--out ''" wrote into the current folder
     result = subprocess.run([sys.executable, PREPARE, *args], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     want = "prepare.py: error: " + message.replace("FILE", str(tmp_path / "file"))

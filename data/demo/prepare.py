@@ -388,8 +388,18 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if not (0 < args.minutes < math.inf and 0 < args.val_fraction < 1):  # also refuses NaN
         parser.error("--minutes must be a finite number > 0 and --val-fraction between 0 and 1")
+    if args.seed < 0:  # numpy's seed sequences take non-negative integers
+        parser.error(f"--seed must be an integer >= 0, got {args.seed}")
+    if not args.out.strip():  # not the current folder by accident
+        parser.error("--out needs a folder")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         parser.error(f"--out {args.out} is a file, not a folder")
+    try:  # made now: a folder that cannot be made or written is found before any synthesis
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        parser.error(f"--out {args.out}: cannot make the folder ({e.strerror or e})")
+    if not os.access(args.out, os.W_OK | os.X_OK):
+        parser.error(f"--out {args.out}: the folder is not writable")
     engines = args.engines.split(",")
     if "espeak" not in engines or not set(engines) <= set(ENGINES):
         parser.error(f"--engines must list espeak and any of {', '.join(ENGINES[1:])}, got {args.engines!r}")
