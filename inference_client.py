@@ -104,8 +104,8 @@ class Conversation:
     async def send(self, chunk: bytes, captured: Optional[float] = None) -> None:
         """Send one chunk; `captured`: the time.perf_counter() its last sample was captured at."""
         self.pending.append((time.perf_counter(), captured))
-        self.sent += 1
         await self.ws.send(chunk)
+        self.sent += 1
 
     async def receive(self) -> None:
         """Until the server closes the connection."""
@@ -137,6 +137,8 @@ class Conversation:
                 self.answered.set()
         except websockets.ConnectionClosedError:
             pass
+        finally:  # wake a sender waiting for replies (--no-realtime's window): none will come now
+            self.answered.set()
 
     @property
     def unanswered(self) -> int:
@@ -177,6 +179,7 @@ async def open_session(args):
 
 
 async def start(args, on_audio, on_dropped=lambda n: None) -> Conversation:
+    import websockets
     ws = await open_session(args)
     conv = Conversation(ws, on_audio, on_dropped)
     params = {k: getattr(args, k) for k in PARAM_NAMES if getattr(args, k) is not None}
@@ -186,6 +189,8 @@ async def start(args, on_audio, on_dropped=lambda n: None) -> Conversation:
             if reply["type"] == "error":
                 raise SystemExit(f"error: {reply['message']}")
             log("sampling: " + ", ".join(f"{k}={v}" for k, v in reply["params"].items()))
+    except websockets.ConnectionClosed:  # the server refused the session (at capacity, a bad seed)
+        raise SystemExit(f"error: {close_reason(ws) or 'the server closed the session'}") from None
     except Exception:
         await ws.close()
         raise
@@ -227,6 +232,7 @@ def write_wav(path: str, stereo: np.ndarray) -> None:
 
 
 async def file_mode(args, stop: asyncio.Event) -> int:
+    import websockets
     audio = args.audio  # read by parse_args, before connecting
     n = max(1, -(-len(audio) // CHUNK))
     user = np.zeros(n * CHUNK, dtype="<i2")
@@ -259,7 +265,10 @@ async def file_mode(args, stop: asyncio.Event) -> int:
                     await conv.answered.wait()
             if receiver.done() or stop.is_set():
                 break
-            await conv.send(user[i * CHUNK:(i + 1) * CHUNK].tobytes())
+            try:
+                await conv.send(user[i * CHUNK:(i + 1) * CHUNK].tobytes())
+            except websockets.ConnectionClosed:  # the server ended the session: its reason is reported below
+                break
             sent += 1
         deadline = time.perf_counter() + args.reply_timeout
         while slot < sent and not receiver.done() and not stop.is_set() and time.perf_counter() < deadline:
@@ -272,9 +281,12 @@ async def file_mode(args, stop: asyncio.Event) -> int:
     finally:  # also on Ctrl-C: close, write what there is, print the statistics
         await conv.ws.close()
         receiver.cancel()
-        stereo = np.stack([user[:sent * CHUNK], model[:sent * CHUNK]], axis=1)
-        write_wav(args.output_wav, stereo)
-        log(f"wrote {args.output_wav}: {sent * CHUNK / SAMPLE_RATE:.1f} s, stereo (user, model)")
+        if conv.replies:  # a session refused at its start does not replace an earlier conversation
+            stereo = np.stack([user[:sent * CHUNK], model[:sent * CHUNK]], axis=1)
+            write_wav(args.output_wav, stereo)
+            log(f"wrote {args.output_wav}: {sent * CHUNK / SAMPLE_RATE:.1f} s, stereo (user, model)")
+        else:
+            log(f"the server answered nothing: {args.output_wav} not written")
         print_summary(conv, missing=max(0, sent - slot))
     reason = close_reason(conv.ws)
     if reason:
@@ -578,6 +590,12 @@ def parse_args(argv=None):
             raise SystemExit(f"error: cannot write {args.output_wav}: it is a folder")
     if not args.stats_every >= 0:  # also refuses NaN
         raise SystemExit(f"error: --stats-every must be >= 0 seconds, got {args.stats_every}")
+    if args.window < 1:  # no chunk could ever be sent
+        raise SystemExit(f"error: --window must be >= 1 chunk, got {args.window}")
+    if not args.reply_timeout > 0:  # also refuses NaN, which would give up on every last reply
+        raise SystemExit(f"error: --reply-timeout must be > 0 seconds, got {args.reply_timeout}")
+    if args.seed is not None and not 0 <= args.seed < 2 ** 63:  # the server's range: refused before connecting
+        raise SystemExit(f"error: --seed must be an integer in [0, 2**63), got {args.seed}")
     return args
 
 

@@ -187,6 +187,66 @@ def test_absurd_sampling_values_are_refused_before_connecting():
         assert r.returncode != 0 and r.stderr.startswith(f"error: {name} must be in ") and len(r.stderr.splitlines()) == 1
 
 
+def test_bad_flags_are_one_error_line_before_connecting(tmp_path):
+    """Nothing listens on the port: each flag is refused when parsed. --window 0 used to hang,
+    --reply-timeout nan to drop the last replies, --seed -1 to end in the server's close as a
+    traceback."""
+    sf.write(tmp_path / "in.wav", speech_like(0.5), 16000)
+    common = ("--server", "ws://127.0.0.1:9", "--input-wav", tmp_path / "in.wav", "--output-wav", tmp_path / "o.wav")
+    for flags, message in ((("--no-realtime", "--window", "0"), "--window must be >= 1 chunk, got 0"),
+                           (("--reply-timeout", "nan"), "--reply-timeout must be > 0 seconds, got nan"),
+                           (("--seed", "-1"), "--seed must be an integer in [0, 2**63), got -1"),
+                           (("--seed", str(2 ** 63)), f"--seed must be an integer in [0, 2**63), got {2 ** 63}")):
+        r = run_client(*common, *flags, timeout=30)
+        assert r.returncode != 0 and r.stderr == f"error: {message}\n", (flags, r.stderr)
+        assert not (tmp_path / "o.wav").exists()
+
+
+def test_a_session_refused_at_capacity_is_one_line_and_keeps_the_old_output(server, tmp_path):
+    """Both rows of the server taken: the client's session is closed at once (1013). Until session
+    18 that was a traceback, after an empty WAV had replaced the output; now it is the server's
+    reason and exit code 1 (with sampling flags: one `error:` line), and the output is untouched."""
+    import asyncio
+    from live_server import connect
+    url, _ = server
+    sf.write(tmp_path / "in.wav", speech_like(0.5), 16000)
+    (tmp_path / "o.wav").write_bytes(b"an earlier conversation")
+    common = ["inference_client.py", "--server", url, "--token", TOKEN, "--input-wav", str(tmp_path / "in.wav"),
+              "--output-wav", str(tmp_path / "o.wav"), "--no-realtime"]
+
+    async def client(*flags):
+        p = await asyncio.create_subprocess_exec(sys.executable, *common, *flags, cwd=REPO,
+                                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = await asyncio.wait_for(p.communicate(), 60)
+        return p.returncode, err.decode()
+
+    async def run():
+        holders = []
+        try:
+            for _ in range(30):  # both rows (a start refused by the server's rate limit is tried again)
+                if len(holders) == 2:
+                    break
+                ws = await connect(url + "/audio", token=TOKEN)
+                try:
+                    await ws.send(json.dumps({"type": "status"}))
+                    json.loads(await asyncio.wait_for(ws.recv(), 10))
+                    holders.append(ws)
+                except Exception:
+                    await ws.close()
+                    await asyncio.sleep(1)
+            assert len(holders) == 2, "the server did not give both rows"
+            return await client(), await client("--token-temp", "0.5")
+        finally:
+            for ws in holders:
+                await ws.close()
+    (rc, err), (rc_params, err_params) = asyncio.run(run())
+    assert rc == 1 and "Traceback" not in err, err[-2000:]
+    assert "the server closed the session: 1013" in err and "capacity" in err and "answered nothing" in err, err
+    assert rc_params == 1 and err_params.startswith("error: the server closed the session: 1013"), err_params
+    assert len(err_params.splitlines()) == 1, err_params
+    assert (tmp_path / "o.wav").read_bytes() == b"an earlier conversation"
+
+
 def test_client_imports_no_torch():
     code = "import sys, inference_client; assert 'torch' not in sys.modules, 'torch was imported'"
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
