@@ -58,7 +58,7 @@ from model.loading import load_codec, write_codec
 from model.parallel import average_gradients, broadcast_parameters, gradient_sync
 from model.plots import plot_metrics, save_mel_figure
 from model.training import (Checkpoints, Deadline, Dist, Logger, all_reduce_mean, autocast, before_step,
-                            FiniteGuard, check_architecture, check_folders, check_resumable, cosine_lr,
+                            FiniteGuard, check_architecture, check_folders, check_trainer, check_resumable, cosine_lr,
                             last_step, load_training_state, loss_scaler, move_aside, rng_state, run_script,
                             seed_everything, set_rng_state, setup_distributed, StepTimer, state_to_load,
                             stop_message, teardown_distributed, unwrap, window_peak_gb)
@@ -83,6 +83,10 @@ def main(argv=None) -> dict:
     run_dir = Path(cfg.checkpoint_dir)
     checkpoints = Checkpoints(run_dir, keep=cfg.keep_checkpoints)
     latest = state_to_load(checkpoints, cfg.resume, cfg.eval_only, cfg.init_from)  # before the slow work
+    state = checkpoints.load(latest, map_location="cpu") if latest else None
+    if state is not None:  # a foreign or contradicting state is refused before the data is decoded
+        check_trainer(state, latest, "generator", "train_codec.py")
+        check_resumable(state["config"], cfg, resumed_fields(cfg))
     have = optional_packages(cfg, say)
     dnsmos = DNSMOS() if cfg.val_mos and is_main else None  # rank 0 alone evaluates
     hop = math.prod(cfg.strides)
@@ -93,9 +97,8 @@ def main(argv=None) -> dict:
     scaler = loss_scaler(device, cfg.dtype)  # float16 only; passes everything through otherwise
 
     # where the weights come from: the latest checkpoint (resume), else init_from, else a fresh initialisation
-    step, state, source = 0, None, "random init"
+    step, source = 0, "random init"
     if latest:
-        state = checkpoints.load(latest, map_location="cpu")
         step = load_state(state, cfg, ddp, generator, discriminators, opt_g, opt_d, scaler, say)
         source = f"{latest} (step {state['step']})"
     elif cfg.init_from and (is_main or cfg.eval_only):  # DDP broadcasts rank 0's weights to the others
@@ -302,11 +305,7 @@ def load_state(state: dict, cfg: CodecConfig, ddp: Dist, generator: Codec, discr
                say) -> int:
     """Load a training state: its codec (all eval_only needs) and, resuming, its discriminators,
     optimizers, loss scale (float16) and this rank's RNG state. Returns the step to continue from (0 with eval_only)."""
-    # evaluating needs the same codec; resuming, the same discriminators too and what fixes
-    # the data order (counted in micro-batches). The schedule may change.
-    check_resumable(state["config"], cfg, fields_marked(CodecConfig, *(
-        ("arch",) if cfg.eval_only else ("arch", "disc", "resume"))))
-    generator.load_state_dict(state["generator"])
+    generator.load_state_dict(state["generator"])  # (main checked the state's kind and config)
     if cfg.eval_only:
         return 0
     for note in resume_notes(state, cfg, ddp.world_size):
@@ -322,6 +321,13 @@ def load_state(state: dict, cfg: CodecConfig, ddp: Dist, generator: Codec, discr
     else:
         seed_everything(cfg.seed + ddp.rank + state["step"])
     return state["step"]
+
+
+def resumed_fields(cfg: CodecConfig) -> tuple[str, ...]:
+    """What a state must agree on: evaluating needs the same codec; resuming, the same
+    discriminators too and what fixes the data order (counted in micro-batches). The schedule may
+    change."""
+    return fields_marked(CodecConfig, *(("arch",) if cfg.eval_only else ("arch", "disc", "resume")))
 
 
 def compile_and_wrap(module: nn.Module, compile: bool, ddp: Dist) -> tuple[nn.Module, nn.Module]:

@@ -55,9 +55,9 @@ from model.parallel import (compile_blocks, full_state_dicts, gradient_sync, inn
 from model.quant import quantize_model
 from model.training import (Checkpoints, ConfigMismatch, Deadline, Dist, FiniteGuard, Logger, all_reduce_mean,
                             autocast, before_step, check_architecture, check_finite_step, check_folders,
-                            check_resumable, cosine_lr, last_step, load_training_state, loss_scaler, move_aside,
-                            run_script, setup_distributed, state_to_load, stop_message, teardown_distributed,
-                            window_peak_gb)
+                            check_resumable, check_trainer, cosine_lr, last_step, load_training_state, loss_scaler,
+                            move_aside, run_script, setup_distributed, state_to_load, stop_message,
+                            teardown_distributed, window_peak_gb)
 
 PARTS = ("quantizer", "lm", "resynth")
 # FSDP2 warns about every module output that is a view; none of ours is modified in place.
@@ -235,6 +235,7 @@ def read_state(path: Path, cfg: TransformerConfig, base: dict) -> dict:
     """The training state at `path`, checked against this run: the architecture (evaluating), and
     the stage and data fields too (resuming); for a LoRA run, the same base (`base`)."""
     state = load_training_state(path, mmap=True)
+    check_trainer(state, path, "model", "train_transformer.py")
     marks = ("arch",) if cfg.eval_only else ("arch", "resume")  # resuming must also train the same stage
     check_resumable(state["config"], cfg, fields_marked(TransformerConfig, *marks))
     if cfg.finetune == "lora":
@@ -491,6 +492,8 @@ def check_config(cfg: TransformerConfig) -> None:
                 if source == PRESETS["tiny"].codec_checkpoint else "check the path")
         raise ConfigError(f"codec_checkpoint={source!r}: no such file; {hint}, or pass codec_checkpoint=official "
                           "or codec_checkpoint=PATH to one of our codecs")
+    if cfg.init_from is not None:  # its kind and architecture from the header, before the latents are encoded
+        check_init_from(cfg)
     for key in ("train_data_path", "val_data_path"):
         folder = getattr(cfg, key)
         if is_manifest(folder):
@@ -509,15 +512,30 @@ def frozen_codec(cfg: TransformerConfig, device: torch.device):
             .eval().requires_grad_(False))
 
 
-def initial_weights(cfg: TransformerConfig) -> tuple[HertzDev, str]:
-    """A model on the CPU in float32 from init_from: "official" (the variant of this run's
-    `duplex`), a variant name (duplex, mono, mono-pure-audio), or one of our .safetensors."""
+def check_init_from(cfg: TransformerConfig) -> None:
+    """ConfigError (or CheckpointError) for an init_from that `initial_weights` would refuse: an
+    official variant of the other channel mode, a path that is not a file, or a file that is not
+    one of our transformers of this run's architecture (read from its header only)."""
     source = cfg.init_from
     if source == "official" or source in hub.VARIANTS:
         variant = ("duplex" if cfg.duplex else "mono") if source == "official" else source
         if hub.VARIANTS[variant][2] != cfg.duplex:
             raise ConfigError(f"init_from={source} is {'duplex' if hub.VARIANTS[variant][2] else 'mono'}, "
                               f"this run has duplex={cfg.duplex}")
+    elif os.path.isfile(source):
+        check_architecture(read_metadata(source, "transformer")["config"], cfg, source)
+    else:
+        raise ConfigError(f"init_from={source!r} is neither official, a variant ({', '.join(hub.VARIANTS)}) "
+                          "nor an existing .safetensors file")
+
+
+def initial_weights(cfg: TransformerConfig) -> tuple[HertzDev, str]:
+    """A model on the CPU in float32 from init_from: "official" (the variant of this run's
+    `duplex`), a variant name (duplex, mono, mono-pure-audio), or one of our .safetensors
+    (`check_init_from` has checked it)."""
+    source = cfg.init_from
+    if source == "official" or source in hub.VARIANTS:
+        variant = ("duplex" if cfg.duplex else "mono") if source == "official" else source
         try:
             model = load_hertz_dev(variant, device="cpu", dtype=torch.float32, codec=None, ckpt_dir=cfg.ckpt_dir,
                                    config=cfg)
@@ -525,13 +543,9 @@ def initial_weights(cfg: TransformerConfig) -> tuple[HertzDev, str]:
             raise ConfigError(f"init_from={source}: {e}\nThe official weights have the hertz_dev architecture: use "
                               "--config hertz_dev (or its architecture fields).") from None
         label = f"official {variant}"
-    elif os.path.isfile(source):
-        check_architecture(read_metadata(source)["config"], cfg, source)
+    else:
         model = load_hertz_dev(source, device="cpu", dtype=torch.float32, codec=None)
         label = source
-    else:
-        raise ConfigError(f"init_from={source!r} is neither official, a variant ({', '.join(hub.VARIANTS)}) "
-                          "nor an existing .safetensors file")
     model.config = cfg
     return model, label
 

@@ -90,9 +90,13 @@ def setup_distributed(device: str) -> Dist:
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     dev = torch.device(device)
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device=mps but MPS (Apple GPUs) is not available here; use device=cpu")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("device=cuda but no GPU is visible; use device=cpu")
+        if world == 1 and (dev.index or 0) >= torch.cuda.device_count():
+            raise ConfigError(f"device={device}: only {torch.cuda.device_count()} GPU(s) visible")
         dev = torch.device("cuda", local if world > 1 else (dev.index or 0))
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
@@ -322,6 +326,15 @@ def load_training_state(path: str | os.PathLike, mmap: bool = False, map_locatio
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"{path} is not a training state written by the trainers (no step in it)")
     return state
+
+
+def check_trainer(state: dict, path: str | os.PathLike, key: str, trainer: str) -> None:
+    """CheckpointError naming `path` when a training state lacks `key`, what every state of
+    `trainer` holds: the other trainer's run (a codec run's folder as the transformer's
+    checkpoint_dir, or the other way round), found before its weights are used."""
+    if key not in state:
+        raise CheckpointError(f"{path} is not a training state of {trainer} (it holds no {key!r}: another "
+                              "trainer's run?); use another checkpoint_dir, or resume=false to start fresh")
 
 
 def check_resumable(saved: dict, cfg, fields: Iterable[str]) -> None:

@@ -1,6 +1,7 @@
 """train_codec.py end to end on the demo corpus (tiny preset, CPU): runs, checkpoints and their
 exports, exact resume after a SIGKILL, two-process DDP, evaluation, init_from, errors, and the
 speed benchmark's CPU smoke run."""
+import dataclasses
 import hashlib
 import json
 import os
@@ -268,6 +269,25 @@ def test_an_init_from_that_is_not_a_training_state_is_one_error_line(corpus, tmp
         assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
         assert error_line(result.stderr).startswith(f"error: {path} is not a training state written by the trainers")
         assert reason in error_line(result.stderr)
+
+
+def test_a_transformer_run_folder_is_one_error_line_before_the_data(corpus, tmp_path):
+    """checkpoint_dir naming a run of train_transformer.py (its latest.pt holds `model`, not
+    `generator`): one line naming the file, before any audio is decoded; it was a KeyError
+    traceback after the corpus had been decoded into memory."""
+    from config.transformer_config import PRESETS as TRANSFORMER_PRESETS
+    run_dir = tmp_path / "transformer-run"
+    run_dir.mkdir()
+    torch.save({"model": {}, "optimizer": {}, "scaler": {}, "step": 2, "codec": "0" * 16, "codec_source": "x",
+                "config": dataclasses.asdict(TRANSFORMER_PRESETS["tiny"])}, run_dir / "latest.pt")
+    for extra in ((), ("eval_only=true",)):
+        result = run(["train_codec.py"] + args(corpus, run_dir, *extra))
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert error_line(result.stderr) == (f"error: {run_dir / 'latest.pt'} is not a training state of "
+                                             "train_codec.py (it holds no 'generator': another trainer's run?); "
+                                             "use another checkpoint_dir, or resume=false to start fresh")
+        assert "val:" not in result.stdout + result.stderr  # the data was not read
+        assert sorted(p.name for p in run_dir.iterdir()) == ["latest.pt"]
 
 
 def test_eval_only_prints_the_metrics_of_a_checkpoint(corpus, trained, capsys):

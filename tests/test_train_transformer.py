@@ -16,7 +16,7 @@ import torch
 from config import fields_marked
 from config.codec_config import PRESETS as CODEC_PRESETS
 from config.transformer_config import PRESETS, TransformerConfig
-from model import Codec, Generator, HertzDev, build, load_hertz_dev, save_codec
+from model import Codec, Generator, HertzDev, build, load_hertz_dev, save_codec, save_transformer
 from model.checkpoint import read_weights, substate
 from model.objectives import STAGES, compute_losses
 
@@ -271,6 +271,30 @@ def test_a_contradicting_resume_fails_before_encoding(setup, tmp_path):
     log = fails(base_args(setup, run_dir, codec_checkpoint=other, latents_dir=tmp_path / "latents-codec"))
     assert "was trained on latents of codec" in log and "encoding" not in log
     assert not (tmp_path / "latents-arch").exists() and not (tmp_path / "latents-codec").exists()
+
+
+def test_a_codec_run_or_a_wrong_init_from_fails_before_encoding(setup, tmp_path):
+    """checkpoint_dir naming a run of train_codec.py (it was a KeyError traceback), and init_from
+    naming a codec, a file that is not a checkpoint or a transformer of another architecture
+    (found after the latents were encoded): one error line each, no latents folder made."""
+    codec_run = tmp_path / "codec-run"
+    codec_run.mkdir()
+    torch.save({"generator": build(Codec, CODEC_PRESETS["tiny"]).state_dict(), "discriminators": {}, "opt_g": {},
+                "opt_d": {}, "step": 2, "config": dataclasses.asdict(CODEC_PRESETS["tiny"]), "rng_state": []},
+               codec_run / "latest.pt")
+    other = dataclasses.replace(tiny(True), lm_layers=3)
+    wider = save_transformer(tmp_path / "wider.safetensors", build(HertzDev, other), codec_source=str(setup["codec"]))
+    (tmp_path / "text.safetensors").write_text("not a checkpoint")
+    latents = tmp_path / "latents"
+    log = fails(base_args(setup, codec_run, latents_dir=latents))
+    assert (f"error: {codec_run / 'latest.pt'} is not a training state of train_transformer.py (it holds no "
+            "'model'") in log
+    for init_from, message in ((setup["codec"], "expected a transformer checkpoint (.safetensors), found a codec"),
+                               (tmp_path / "text.safetensors", "found a file that is neither safetensors nor PyTorch"),
+                               (wider, "lm_layers: the checkpoint has 3, this run has 2")):
+        log = fails(base_args(setup, tmp_path / "run", latents_dir=latents, init_from=init_from))
+        assert message in log and "encoding" not in log, log[-2000:]
+    assert not latents.exists()
 
 
 @pytest.mark.parametrize("duplex", [False, True], ids=["mono", "duplex"])

@@ -289,6 +289,14 @@ def test_device_cuda_without_a_gpu_is_a_user_error():
         setup_distributed("cuda")
 
 
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")
+def test_device_mps_without_mps_is_a_user_error():
+    """It was a traceback from the first `.to("mps")`, after the data had been read."""
+    from model.training import setup_distributed
+    with pytest.raises(ConfigError, match=r"device=mps but MPS \(Apple GPUs\) is not available here; use device=cpu"):
+        setup_distributed("mps")
+
+
 def _average_in_two_processes(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
     from model.parallel import average_gradients, broadcast_parameters
