@@ -38,7 +38,7 @@ from model import SamplingParams, load_hertz_dev
 from model.audio import AudioError, check_output, check_prompt, load_prompt, save_audio
 from model.generator import Generator
 from model.hub import VARIANTS
-from model.loading import LOAD_ERRORS
+from model.loading import LOAD_ERRORS, resolve_device
 from model.quant import MODES
 from model.transformer import KV_DTYPES
 
@@ -91,7 +91,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.variant not in VARIANTS and not os.path.isfile(args.variant):
         print(f"error: --variant {args.variant!r} is neither one of {', '.join(VARIANTS)} nor a file", file=sys.stderr)

@@ -66,6 +66,7 @@ MAX_BAD_MESSAGES = 32     # a session that sends more than this many bad message
 MAX_OUTBOX_AUDIO = 16     # replies waiting for a slow client (2 s); older ones are dropped
 MAX_OUTBOX = 256          # everything waiting; beyond it the client is not reading: closed
 MAX_HTTP_BODY = 4096      # bytes of a JSON request body
+MIN_MESSAGE_BYTES = len(TEXT_PREFIX) + 4 * math.ceil(CHUNK_BYTES / 3)  # a chunk as a text frame: 5358 bytes
 
 
 # --- the engine and its thread ----------------------------------------------------------------
@@ -1120,6 +1121,15 @@ def parse_args(argv=None):
         ap.error(f"--max-len must be at least 2 latents, got {args.max_len}")
     if not (args.idle_timeout > 0 and args.reset_rate > 0):  # also refuses NaN
         ap.error("--idle-timeout and --reset-rate must be > 0")
+    if args.replay_seconds is not None and not 0 <= args.replay_seconds < math.inf:
+        ap.error(f"--replay-seconds must be a finite number >= 0, got {args.replay_seconds}")
+    if not 0 < args.max_recording_seconds < math.inf:
+        ap.error(f"--max-recording-seconds must be a finite number > 0, got {args.max_recording_seconds}")
+    if args.max_message_bytes < MIN_MESSAGE_BYTES:  # every session would be closed at its first chunk
+        ap.error(f"--max-message-bytes must be at least {MIN_MESSAGE_BYTES} (one audio chunk as a text frame), "
+                 f"got {args.max_message_bytes}")
+    if args.recordings is not None and not args.recordings.strip():
+        ap.error("--recordings needs a folder")
     return args
 
 
@@ -1128,7 +1138,7 @@ def check_args(args):
     for sampling parameters outside their ranges, missing files and an unreadable prompt (all
     without importing torch). Returns (sampling parameters {name: value}, prompt (2, N) float32
     or None)."""
-    from model.audio import AudioError, load_prompt
+    from model.audio import AudioError, load_prompt, make_folder
     values = {name: getattr(args, name) for name in PARAM_NAMES}
     try:
         params = check_params(values)
@@ -1137,6 +1147,11 @@ def check_args(args):
     for path in (args.checkpoint, args.adapter, args.prompt_path, None if args.codec in ("auto", "official") else args.codec):
         if path is not None and not os.path.isfile(path):
             raise SystemExit(f"error: no such file: {path}")
+    if args.recordings is not None:  # found now, not as a lost recording at each session's start
+        try:
+            make_folder(args.recordings, "--recordings")
+        except AudioError as e:
+            raise SystemExit(f"error: {e}") from None
     prompt = None
     if args.prompt_path:
         try:
@@ -1150,13 +1165,20 @@ def load_engine(args):
     import torch
     from model import load_hertz_dev
     from model.live import LiveEngine
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    from model.loading import resolve_device
+    try:
+        device = str(resolve_device(args.device))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     source = args.checkpoint or args.variant
     t0 = time.monotonic()
     model = load_hertz_dev(source, device=device, dtype=dtype, ckpt_dir=args.ckpt_dir, offline=args.offline or None,
                            codec=args.codec, adapter=args.adapter, verify=not args.no_verify,
                            quantize=args.quantize)
+    if args.max_len is not None and args.max_len > model.config.seq_len:  # before the caches are allocated
+        raise SystemExit(f"error: --max-len {args.max_len} is beyond the model's context of "
+                         f"{model.config.seq_len} latents")
     log.info("loaded %s on %s in %.1f s%s", source, device, time.monotonic() - t0,
              f", adapter {args.adapter} applied" if args.adapter else "")
     max_sessions = int(args.max_sessions) if args.max_sessions != "auto" else 8 if device.startswith("cuda") else 1

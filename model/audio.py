@@ -163,8 +163,9 @@ def load_audio(path: str, sample_rate: int = 16000, channels: Optional[str] = "m
 def save_audio(path: str, audio, sample_rate: int, subtype: str = "PCM_16") -> None:
     """Write (C, T) or (T,) audio in [-1, 1] to a WAV (or FLAC, by extension) file, atomically.
 
-    subtype: "PCM_16" (default), "PCM_24" or "FLOAT". The data goes to a temporary file in the same
-    folder that is then renamed over `path`, so a reader never sees half a file.
+    subtype: "PCM_16" (default), "PCM_24" or "FLOAT"; a format that cannot hold it (OGG, MP3) is
+    written in its own encoding (Vorbis, MPEG layer III). The data goes to a temporary file in the
+    same folder that is then renamed over `path`, so a reader never sees half a file.
     """
     path = str(path)
     if hasattr(audio, "detach"):  # a torch tensor
@@ -174,11 +175,12 @@ def save_audio(path: str, audio, sample_rate: int, subtype: str = "PCM_16") -> N
         audio = audio[None]
     if audio.ndim != 2:
         raise ValueError(f"audio must be (C, T) or (T,), got shape {audio.shape}")
+    folder, name = os.path.split(os.path.abspath(path))
+    ext = os.path.splitext(name)[1].lower() or ".wav"
+    subtype = _subtype_for(ext[1:].upper(), subtype) or subtype  # an unknown format: sf.write names it
     if subtype.startswith("PCM"):
         audio = np.clip(audio, -1.0, 1.0)  # integer formats would wrap around otherwise
-    folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    ext = os.path.splitext(name)[1].lower() or ".wav"
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=ext)
     os.close(fd)
     try:
@@ -231,12 +233,23 @@ def check_prompt(path: str, sample_rate: int = 16000, hop: int = 2000) -> None:
         raise AudioError(str(e)) from None
 
 
+def _subtype_for(fmt: str, subtype: str) -> Optional[str]:
+    """`subtype` if the format `fmt` (soundfile's name: "WAV", "OGG") holds it, else the format's
+    own (OGG: VORBIS, MP3: MPEG_LAYER_III); None for a format soundfile does not write."""
+    if fmt not in sf.available_formats():
+        return None
+    return subtype if sf.check_format(fmt, subtype) else sf.default_subtype(fmt)
+
+
 def check_output(path: str) -> None:
-    """Raise AudioError when `save_audio` could not write `path`: an extension naming a format
-    soundfile does not write, or a folder that cannot be made; scripts call it before slow work
-    (the folder is made here)."""
+    """Raise AudioError when `save_audio` could not write `path`: no name, a folder, an extension
+    naming a format soundfile does not write, or a folder that cannot be made; scripts call it
+    before slow work (the folder is made here)."""
+    if not os.path.basename(path) or os.path.isdir(path):
+        raise AudioError(f"cannot write {path!r}: {'it names a folder' if path else 'no file name given'}; "
+                         "name an audio file (out.wav, for example)")
     ext = os.path.splitext(path)[1].lower() or ".wav"
-    if ext[1:].upper() not in sf.available_formats():
+    if _subtype_for(ext[1:].upper(), "PCM_16") is None:
         raise AudioError(f"cannot write {path}: soundfile writes no {ext} files (.wav, .flac or .ogg, for example)")
     check_output_folder(path)
 
@@ -244,12 +257,17 @@ def check_output(path: str) -> None:
 def check_output_folder(path: str) -> None:
     """Raise AudioError when the folder `path` goes in cannot be made or written (a file in its
     way, no permission); the folder is made here."""
-    folder = os.path.dirname(os.path.abspath(path))
+    make_folder(os.path.dirname(os.path.abspath(path)), f"cannot write {path}")
+
+
+def make_folder(folder: str, what: str) -> None:
+    """Make `folder`, where files will be written, or raise AudioError("{what}: ...") saying why
+    it cannot be made or written: a file in its way, no permission."""
     if os.path.exists(folder) and not os.path.isdir(folder):
-        raise AudioError(f"cannot write {path}: {folder} is a file, not a folder")
+        raise AudioError(f"{what}: {folder} is a file, not a folder")
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
-        raise AudioError(f"cannot write {path}: {_reason(e)}") from None
-    if not os.access(folder, os.W_OK):
-        raise AudioError(f"cannot write {path}: the folder {folder} is not writable")
+        raise AudioError(f"{what}: {_reason(e)}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise AudioError(f"{what}: the folder {folder} is not writable")

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 import torch.nn as nn
 
-from config import from_dict
+from config import DEVICE, from_dict
 from config.codec_config import CodecConfig
 from config.codec_config import hertz_dev as CODEC_HERTZ_DEV
 from config.transformer_config import TransformerConfig
@@ -48,6 +49,24 @@ class HertzDev(nn.Module):
 
 def default_dtype(device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device a script's `--device` names: `auto` (cuda when a GPU is visible, else cpu), or
+    cpu, cuda, cuda:N or mps when this machine has it; ValueError naming the value otherwise, so
+    scripts refuse it before any weights load."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(DEVICE["pattern"][0], name):
+        raise ValueError(f"--device {name!r}: expected auto, {DEVICE['pattern'][1]}")
+    device = torch.device(name)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        visible = torch.cuda.device_count()
+        raise ValueError(f"--device {name}: " + (f"only {visible} GPU(s) visible" if visible else
+                                                   "no GPU is visible; use --device cpu"))
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS (Apple GPUs) is not available here; use --device cpu")
+    return device
 
 
 def init_buffers(module: nn.Module) -> nn.Module:

@@ -96,8 +96,10 @@ def test_bad_inputs_are_clear_errors(ckpts, tmp_path, capsys):
     ("ok.wav", ["--quantize", "int3"], "argument --quantize: invalid choice: 'int3'"),
     ("ok.wav", ["--kv-dtype", "fp4"], "argument --kv-dtype: invalid choice: 'fp4'"),
     ("ok.wav", ["--seconds", "nan"], "--seconds must be a finite number > 0"),
+    ("ok.wav", ["--device", "gpu"], "--device 'gpu': expected auto, cpu, cuda, cuda:N or mps"),
+    ("ok.wav", ["--device", "cuda:99"], "--device cuda:99: "),
 ], ids=["missing", "nan", "not-audio", "short", "token-temp", "gaussian-temp", "top-p", "min-p", "quantize", "kv-dtype",
-        "seconds"])
+        "seconds", "device", "device-absent"])
 def test_prompt_and_arguments_are_checked_before_any_weights(tmp_path, prompt, flags, message):
     """The official duplex variant, offline, with an empty weights folder: loading the weights
     would fail, so each error shows that the check came first; no output file is written."""
@@ -119,16 +121,32 @@ def test_prompt_and_arguments_are_checked_before_any_weights(tmp_path, prompt, f
 @pytest.mark.parametrize("out, message", [
     ("out.mp4", "cannot write {out}: soundfile writes no .mp4 files"),
     ("ok.wav/out.wav", "cannot write {out}: {tmp}/ok.wav is a file, not a folder"),
-], ids=["format", "folder-is-a-file"])
+    ("", "cannot write {out!r}: it names a folder"),
+    ("", "cannot write '': no file name given"),
+], ids=["format", "folder-is-a-file", "folder", "empty"])
 def test_an_output_that_cannot_be_written_is_an_error_before_any_weights(tmp_path, out, message):
     """As above: the output path is checked before the weights (which are missing) would load,
     not after the completion was generated."""
     sr = 16000
     sf.write(tmp_path / "ok.wav", 0.3 * np.sin(2 * np.pi * 220 * np.arange(sr) / sr), sr)
-    r = run(tmp_path / "ok.wav", tmp_path / out, "--variant", "duplex", "--offline", "--ckpt-dir", tmp_path / "ckpt")
+    out = "" if "''" in message else str(tmp_path / out)  # "folder": the output names tmp_path itself
+    r = run(tmp_path / "ok.wav", out, "--variant", "duplex", "--offline", "--ckpt-dir", tmp_path / "ckpt")
     errors = [line for line in r.stderr.splitlines() if "error: " in line]
     assert r.returncode == 2 and len(errors) == 1, r.stderr
-    assert message.format(out=tmp_path / out, tmp=tmp_path) in errors[0], r.stderr
+    assert message.format(out=out, tmp=tmp_path) in errors[0], r.stderr
+
+
+@pytest.mark.parametrize("ext, subtype", [(".ogg", "VORBIS"), (".mp3", "MPEG_LAYER_III")])
+def test_an_ogg_or_mp3_output_is_written_in_its_own_encoding(ckpts, tmp_path, ext, subtype):
+    """Until session 18 these passed the output check and failed after the completion was
+    generated ("Invalid combination of format, subtype"), losing it: 16-bit PCM fits no OGG/MP3."""
+    if ext[1:].upper() not in sf.available_formats():
+        pytest.skip(f"this libsndfile writes no {ext}")
+    out = tmp_path / f"out{ext}"
+    r = run(ckpts["stereo"], out, "--variant", ckpts["duplex"], "--seconds", 0.25, "--device", "cpu")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    info = sf.info(out)
+    assert info.subtype == subtype and info.channels == 2 and info.samplerate == 16000
 
 
 @pytest.mark.slow

@@ -625,7 +625,12 @@ def test_command_line_refuses_to_expose_without_token():
     (["--max-sessions", "0"], "--max-sessions must be auto or an integer >= 1, got '0'"),
     (["--queue-chunks", "0"], "--queue-chunks must be >= 1"),
     (["--idle-timeout", "nan"], "--idle-timeout and --reset-rate must be > 0"),
-], ids=["port", "max-len", "max-sessions", "queue-chunks", "idle-timeout"])
+    (["--replay-seconds", "nan"], "--replay-seconds must be a finite number >= 0, got nan"),
+    (["--max-recording-seconds", "-1"], "--max-recording-seconds must be a finite number > 0, got -1.0"),
+    (["--max-message-bytes", "0"], "--max-message-bytes must be at least 5358 (one audio chunk as a text frame)"),
+    (["--recordings", ""], "--recordings needs a folder"),
+], ids=["port", "max-len", "max-sessions", "queue-chunks", "idle-timeout", "replay-seconds", "max-recording-seconds",
+        "max-message-bytes", "recordings"])
 def test_command_line_values_out_of_range_are_refused_when_parsed(args, message, capsys):
     with pytest.raises(SystemExit) as e:
         srv.parse_args(args)
@@ -872,6 +877,23 @@ def test_cli_errors_before_loading_weights(tmp_path):
         ("--min-p", "1e999"): ["error: min_p must be in [0, 1)"],
         ("--checkpoint", missing): [f"error: no such file: {missing}"],
         ("--prompt-path", missing + ".wav"): [f"error: no such file: {missing}.wav"]})
+
+
+def test_cli_device_recordings_and_context_are_errors_before_serving(model, tmp_path):
+    """A device this machine lacks and a --recordings folder that cannot be written: one `error:`
+    line before loading (they were a traceback, and every session's recording silently lost); a
+    --max-len beyond the model's context: one line before its caches are allocated."""
+    from live_server import save_tiny
+    file = tmp_path / "file"
+    file.write_text("not a folder")
+    checkpoint = str(save_tiny(model, tmp_path / "ckpt"))
+    assert_cli_errors(tmp_path, {
+        ("--device", "gpu"): ["error: --device 'gpu': expected auto, cpu, cuda, cuda:N or mps"],
+        ("--device", "cuda:99"): ["error: --device cuda:99: "],
+        ("--recordings", str(file)): [f"error: --recordings: {file} is a file, not a folder"],
+        ("--recordings", str(file / "sub")): [f"error: --recordings: [Errno 20] Not a directory: '{file / 'sub'}'"],
+        ("--checkpoint", checkpoint, "--max-len", "100000000"):
+            ["error: --max-len 100000000 is beyond the model's context of 64 latents"]})
 
 
 def test_cli_official_weights_missing_offline_are_an_error_not_a_traceback(tmp_path):
