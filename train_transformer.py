@@ -97,7 +97,7 @@ def main(argv=None) -> dict:
     step, source = (state["step"], f"{latest} (step {state['step']})") if state else (0, "random init")
     codec = rank0_first(lambda: frozen_codec(cfg, device))  # rank 0 downloads the official codec if missing
     fingerprint = codec_fingerprint(codec)
-    check_codec(state, latest, cfg, fingerprint)
+    check_codec(state, latest, cfg, fingerprint, say)
     if is_main and not cfg.resume and not cfg.eval_only and (old := move_aside(run_dir)):
         say(f"resume=false: moved the previous run in {run_dir} to {old}")
     train_set, val_set = build_data(cfg, codec, fingerprint, say)
@@ -243,12 +243,20 @@ def read_state(path: Path, cfg: TransformerConfig, base: dict) -> dict:
     return state
 
 
-def check_codec(state: dict | None, path: Path | None, cfg: TransformerConfig, fingerprint: str) -> None:
-    """Raise ConfigMismatch if the state at `path` was trained on the latents of another codec."""
+def check_codec(state: dict | None, path: Path | None, cfg: TransformerConfig, fingerprint: str, say) -> None:
+    """Raise ConfigMismatch if the state at `path` was trained on the latents of another codec. A
+    new run from one of our exports (init_from) that learnt another codec's latents is allowed (moving
+    a model onto a fine-tuned codec is a workflow) but said, since it may as well be a mistake."""
     if state is not None and state["codec"] != fingerprint:
         raise ConfigMismatch(f"{path} was trained on latents of codec {state['codec']} "
                              f"({state['codec_source']}), this run's codec {cfg.codec_checkpoint} is {fingerprint}. "
                              "Use the same codec, another checkpoint_dir, or resume=false.")
+    if (state is None or cfg.finetune == "lora") and cfg.init_from and os.path.isfile(cfg.init_from):
+        extra = read_metadata(cfg.init_from, "transformer")["extra"]
+        if extra.get("codec_fingerprint", fingerprint) != fingerprint:
+            say(f"note: init_from={cfg.init_from} was trained on latents of codec {extra['codec_fingerprint']} "
+                f"({extra.get('codec')}); this run's codec {cfg.codec_checkpoint} is {fingerprint}, whose latents "
+                "it has not seen (pass its codec as codec_checkpoint if that is not what you meant)")
 
 
 def build_data(cfg: TransformerConfig, codec, fingerprint: str, say) -> tuple[LatentCrops, LatentCrops]:

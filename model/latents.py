@@ -44,6 +44,43 @@ FORMAT = 1
 MANIFEST = "manifest.json"
 
 
+class LatentsError(FileNotFoundError):
+    """An encoded folder that cannot be used (damaged, or written by another version or codec); the
+    message names the folder and what to do. A FileNotFoundError, as a missing folder is, so the
+    scripts report it as one `error:` line."""
+
+
+def read_encoded(folder: str | os.PathLike, fingerprint: Optional[str] = None) -> dict:
+    """The manifest of an encoded folder, checked against its shards: it is JSON of this code's
+    format (and of the codec `fingerprint`, when given), and every shard it names exists and holds
+    every row it lists. Raises LatentsError naming the folder, so a damaged cache (a killed copy,
+    a full disk, a deleted shard) is refused when the run starts, not by a crop read mid-training."""
+    folder = Path(folder)
+    fix = f"delete {folder} and run again to encode it anew"
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        if manifest.get("format") != FORMAT:
+            raise LatentsError(f"latents folder {folder} was encoded by another version of this code; {fix}")
+        files, row_bytes = manifest["files"], 2 * int(manifest["latent_dim"]) * 4
+        ends = {}  # shard -> rows its entries need
+        for f in files:
+            ends[f["shard"]] = max(ends.get(f["shard"], 0), int(f["offset"]) + int(f["length"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise LatentsError(f"latents folder {folder} is damaged: its {MANIFEST} cannot be read "
+                           f"({type(e).__name__}: {str(e).strip()}); {fix}") from None
+    if fingerprint is not None and manifest.get("codec") != fingerprint:
+        raise LatentsError(f"latents folder {folder} was encoded by codec {manifest.get('codec')}, not by this "
+                           f"run's codec {fingerprint}; {fix}")
+    for shard, rows in sorted(ends.items()):
+        path = folder / shard
+        size = path.stat().st_size if path.is_file() else None
+        if size is None or size < rows * row_bytes:
+            held = "is missing" if size is None else f"holds {size} bytes"
+            raise LatentsError(f"latents folder {folder} is damaged: {shard} {held}, where its {MANIFEST} lists "
+                               f"{rows} latents ({rows * row_bytes} bytes); {fix}")
+    return manifest
+
+
 # --- the codec's identity -------------------------------------------------------------------
 
 def codec_fingerprint(codec: torch.nn.Module) -> str:
@@ -147,6 +184,7 @@ def prepare_latents(root: str, codec, channels: str, out_dir: str, sample_rate: 
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.basename(files.source.rstrip("/")) or "audio")
     folder = Path(out_dir) / f"{name}-{channels}-{key}"
     if (folder / MANIFEST).is_file():
+        read_encoded(folder, fingerprint)  # a damaged folder is refused now, before any encoding
         return folder
 
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
@@ -228,9 +266,7 @@ class LatentCrops(Dataset):
     def __init__(self, folder: str | os.PathLike, seq_len: int, train: bool = True, seed: int = 0,
                  val_crops_per_file: int = 4, max_crops: Optional[int] = 256):
         self.folder = Path(folder)
-        self.manifest = json.loads((self.folder / MANIFEST).read_text())
-        if self.manifest.get("format") != FORMAT:
-            raise ValueError(f"{self.folder} was encoded by another version of this code; delete it to re-encode")
+        self.manifest = read_encoded(self.folder)
         self.files = self.manifest["files"]
         self.dim = self.manifest["latent_dim"]
         self.seq_len, self.train, self.seed = seq_len, train, seed

@@ -3,6 +3,8 @@ the crops and sample order the trainer reads."""
 import dataclasses
 import itertools
 import json
+import os
+import re
 import warnings
 
 import numpy as np
@@ -15,7 +17,8 @@ from config.codec_config import CodecConfig
 from model import Codec, build
 from model.audio import save_audio
 from model.data import SkippedAudioWarning
-from model.latents import LatentCrops, StepSampler, codec_fingerprint, prepare_latents, sample_posterior
+from model.latents import (LatentCrops, LatentsError, StepSampler, codec_fingerprint, prepare_latents,
+                           sample_posterior)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -160,3 +163,30 @@ def test_draw_and_indices_name_what_a_step_reads(codec, folder):
     assert sampler.indices(2) == stream[12:18]
     for j in sampler.indices(2):
         assert torch.equal(train[j]["posterior"], train.crop(*train.draw(j))["posterior"])
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda out: (out / "manifest.json").write_text("{not json"), "its manifest.json cannot be read (JSONDecodeError"),
+    (lambda out: (out / "manifest.json").write_text("[]"), "its manifest.json cannot be read (AttributeError"),
+    (lambda out: os.truncate(out / "shard_00000.bin", 1000), "shard_00000.bin holds 1000 bytes, where its "
+                                                                "manifest.json lists 8 latents (2048 bytes)"),
+    (lambda out: (out / "shard_00000.bin").unlink(), "shard_00000.bin is missing"),
+    (lambda out: (out / "manifest.json").write_text(
+        (out / "manifest.json").read_text().replace('"format": 1', '"format": 0')), "another version of this code"),
+    (lambda out: (out / "manifest.json").write_text(
+        re.sub(r'"codec": "\w+"', '"codec": "0123456789abcdef"', (out / "manifest.json").read_text())),
+     "encoded by codec 0123456789abcdef, not by this run's codec"),
+], ids=["not-json", "not-an-object", "truncated-shard", "deleted-shard", "old-format", "another-codec"])
+def test_a_damaged_encoded_folder_is_refused_naming_it(codec, folder, damage, message):
+    """A damaged cache (truncated or deleted shard, a manifest that is not JSON) or one of another
+    version or codec: a LatentsError (a FileNotFoundError: one `error:` line) naming the folder and
+    the fix, when the folder is opened; it was a JSONDecodeError, a crop's RuntimeError mid-training,
+    or numpy's "cannot mmap an empty file" traceback."""
+    out = prepare_latents(str(folder / "audio"), codec, "mono", str(folder / "latents"), log=lambda m: None)
+    damage(out)
+    with pytest.raises(LatentsError, match=re.escape(message)) as error:
+        prepare_latents(str(folder / "audio"), codec, "mono", str(folder / "latents"), log=lambda m: None)
+    assert isinstance(error.value, FileNotFoundError) and f"delete {out} and run again" in str(error.value)
+    if "codec" not in message:  # the crops check what they can without the codec
+        with pytest.raises(LatentsError, match=re.escape(message)):
+            LatentCrops(out, seq_len=4)

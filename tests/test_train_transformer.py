@@ -28,8 +28,6 @@ PARTS = ("quantizer", "lm", "resynth")
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A 1.4-minute demo corpus (monologues and dialogues), a tiny random codec, a latents folder."""
@@ -295,6 +293,31 @@ def test_a_codec_run_or_a_wrong_init_from_fails_before_encoding(setup, tmp_path)
         log = fails(base_args(setup, tmp_path / "run", latents_dir=latents, init_from=init_from))
         assert message in log and "encoding" not in log, log[-2000:]
     assert not latents.exists()
+
+
+def test_an_init_from_trained_on_another_codec_is_said_before_encoding(setup, tmp_path):
+    """init_from one of our exports, which records the fingerprint of the codec whose latents it
+    learnt, with another codec_checkpoint: allowed (a model moved onto a fine-tuned codec), but said
+    in a note before any latent is encoded; it was silent."""
+    model = save_transformer(tmp_path / "other.safetensors", build(HertzDev, tiny(True)),
+                             codec_source="other-codec.safetensors", extra={"codec_fingerprint": "0123456789abcdef"})
+    log, _ = train(base_args(setup, tmp_path / "run", latents_dir=tmp_path / "latents", init_from=model, max_steps=1,
+                             sample_seconds=0))
+    note = (f"note: init_from={model} was trained on latents of codec 0123456789abcdef (other-codec.safetensors); "
+            f"this run's codec {setup['codec']} is ")
+    assert note in log and log.index(note) < log.index("encod"), log[-2000:]
+
+
+def test_a_damaged_latents_folder_is_one_error_line(setup, tmp_path):
+    """A latents shard cut short (a full disk, a killed copy): one line naming the folder and the
+    fix, before training; it was a RuntimeError traceback from the first crop that reached the cut."""
+    latents = tmp_path / "latents"
+    train(base_args(setup, tmp_path / "run", latents_dir=latents, max_steps=1, sample_seconds=0))
+    folder = next(latents.glob("train-*"))
+    os.truncate(folder / "shard_00000.bin", 1000)
+    log = fails(base_args(setup, tmp_path / "run2", latents_dir=latents, max_steps=1, sample_seconds=0))
+    assert f"error: latents folder {folder} is damaged: shard_00000.bin holds 1000 bytes" in log
+    assert f"delete {folder} and run again to encode it anew" in log and "training from step" not in log
 
 
 @pytest.mark.parametrize("duplex", [False, True], ids=["mono", "duplex"])
