@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from config import ConfigError, config_diff, fields_marked, from_dict, parse_args
 from config.codec_config import PRESETS, CodecConfig
-from model.audio import save_audio
+from model.audio import AudioError, save_audio
 from model.checkpoint import read_metadata
 from model.codec import Codec, compile_codec
 from model.codec_losses import (DNSMOS, MultiResolutionMelLoss, MultiResolutionSTFTLoss, discriminator_loss,
@@ -371,6 +371,10 @@ def evaluate(generator: nn.Module, val_loader: DataLoader, mel_loss: MultiResolu
             if len(pairs) < cfg.num_audio_samples and np.sqrt(np.mean(x ** 2)) > 1e-3:
                 pairs.append((x, y))
     codec.train()
+    if not sum(len(m) for m in mels):  # every crop all padding: NaN metrics, and no step could become best.pt
+        files = val_loader.dataset.files
+        raise AudioError(f"no audio to evaluate on in {files.source}: its {len(files)} files failed to read "
+                         "(named above); set val_data_path to a folder of readable audio")
     metrics = {"val/mel_distance": torch.cat(mels).mean().item(), "val/si_sdr": torch.cat(sdrs).mean().item(),
                "val/stoi": nanmean(stois), "val/pesq": nanmean(pesqs),
                "val/kl_bits_per_s": kl_bits_per_second(kl_sum / max(latents, 1), cfg.sample_rate / hop)}

@@ -261,7 +261,14 @@ class AudioCropDataset(Dataset):
                                start=start, num_samples=self.segment)  # (C, n), n <= N
             if self.channels == "stereo":
                 audio = two_speakers(audio, self.mono_to_stereo)
-        n = audio.shape[1]
+        n, length = audio.shape[1], int(self.lengths[i])
+        if n < min(self.segment, length - start) and length - (start + n) >= max(self.sample_rate, length // 10):
+            # the data ends before its header says, by a second and a tenth of the file at least (a
+            # truncated file, or one replaced since the scan): most crops would be padding only. A
+            # header's estimate a little long (an MP3 without a frame index) only pads the last crops,
+            # which the losses leave out.
+            raise AudioError(f"cannot read audio file {self.files[i].path}: it ends before its header says "
+                             f"({start + n} of {length} samples at {self.sample_rate} Hz: a truncated file?)")
         # numpy, not torch.zeros: numpy's allocations come back from its heap, while each
         # torch.zeros of a crop's size faulted in fresh pages (7 ms a crop on a 2-core VM)
         out = np.zeros((audio.shape[0], self.segment), dtype=np.float32)  # (C, N)
@@ -291,7 +298,7 @@ class AudioCropDataset(Dataset):
                 audio, mask = torch.zeros(channels, self.segment), torch.zeros(self.segment)
             return {"audio": audio, "mask": mask, "file": i}
         rng = np.random.default_rng((self.seed, epoch, index))
-        for _ in range(100):
+        while len(self._bad) < len(self.files):  # draws of failed files are cheap: no read
             i, start = self._random_crop(rng)
             if i in self._bad:
                 continue
@@ -301,8 +308,8 @@ class AudioCropDataset(Dataset):
                 self._skip(i, e)
                 continue
             return {"audio": audio, "mask": mask, "file": i}
-        raise RuntimeError(f"could not read a crop from {self.root}: {len(self._bad)} of {len(self.files)} "
-                           "files failed to read")
+        raise AudioError(f"could not read a crop from {self.files.source}: {len(self._bad)} of {len(self.files)} "
+                         "files failed to read (named above)")
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: Optional[bool] = None, num_workers: int = 0,

@@ -41,8 +41,8 @@ import torch.distributed as dist
 from config import ConfigError, ConfigMismatch, check_compatible, fields_marked  # noqa: F401 (ConfigMismatch: re-exported)
 
 from .audio import AudioError
-from .checkpoint import (TEMP_SUFFIX, CheckpointError, atomic_write, os_reason, refuse_non_finite, torch_save,
-                         write_temp)
+from .checkpoint import (TEMP_SUFFIX, CheckpointError, atomic_write, non_finite, os_reason, refuse_non_finite,
+                         torch_save, write_temp)
 from .checkpoint import _header as header
 from .hub import WeightsError
 
@@ -61,8 +61,20 @@ def run_script(main: Callable[[], Any]) -> None:
     except (ConfigError, ConfigMismatch, FileNotFoundError, AudioError, CheckpointError, WeightsError,
             TrainingError) as e:
         from tqdm import tqdm
-        tqdm.write(f"error: {e}", file=sys.stderr)
+        tqdm.write(f"error: {own_message(e)}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def own_message(error: Exception) -> str:
+    """The message of `error`; for one raised in a DataLoader worker, which torch raises again in
+    the main process with the worker's traceback as its message, the original message (the last
+    line of that traceback)."""
+    text = str(error)
+    kind = type(error)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    if text.startswith(f"Caught {kind.__name__} in DataLoader worker") and f"\n{name}: " in text:
+        return text.rsplit(f"\n{name}: ", 1)[1].strip()
+    return text
 
 
 # --- distributed ----------------------------------------------------------------------------
@@ -317,7 +329,8 @@ def check_folders(cfg, *keys: str) -> None:
 
 def load_training_state(path: str | os.PathLike, mmap: bool = False, map_location="cpu") -> dict:
     """A training state (`.pt`) written by a trainer, or CheckpointError naming the file when it is
-    not one (damaged, or another kind of file) instead of the unpickler's traceback."""
+    not one (damaged, or another kind of file) instead of the unpickler's traceback, or when it holds
+    NaN or inf (found now, not as a non-finite loss that would blame the data)."""
     try:
         state = torch.load(path, map_location=map_location, mmap=mmap, weights_only=False)
     except Exception as e:  # pickle, zip or storage errors: a file this cannot read back
@@ -325,6 +338,11 @@ def load_training_state(path: str | os.PathLike, mmap: bool = False, map_locatio
                               f"{str(e).strip() or type(e).__name__})") from None
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"{path} is not a training state written by the trainers (no step in it)")
+    if bad := non_finite(state):  # never saved by `Checkpoints.save`: a damaged or hand-made file
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise CheckpointError(f"{path} holds NaN or inf in {len(bad)} tensors ({shown}), which the trainers never "
+                              "save: it was damaged or made by other means; put an earlier step_*.pt in its place, "
+                              "or start afresh (resume=false)")
     return state
 
 
@@ -428,7 +446,8 @@ class Checkpoints:
             _link(path, self.folder / "latest.pt")
             info = self._info()
             info["latest_step"] = step
-            best = info.get("best_metric")
+            # a best.pt deleted since is no bar: else no later step could ever become best again
+            best = info.get("best_metric") if self.best else None
             if metric is not None and math.isfinite(metric) and (
                     best is None or (metric < best if self.lower_is_better else metric > best)):
                 _link(path, self.folder / "best.pt")

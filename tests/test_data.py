@@ -37,6 +37,7 @@ def skipped_names(record):
 
 # --- model/audio.py ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("ext", SUPPORTED_EXTENSIONS)
 def test_reads_every_supported_format(tmp_path, ext):
     x = tone(1.0)
@@ -166,6 +167,7 @@ def test_save_audio_roundtrip_atomic(tmp_path, subtype, atol):
 
 # --- model/data.py: scanning -------------------------------------------------------------------
 
+
 def test_corrupt_files_are_skipped_named_once_and_counted(tmp_path):
     write(tmp_path / "good.wav", tone(1.0))
     (tmp_path / "garbage.wav").write_bytes(os.urandom(3000))
@@ -229,6 +231,7 @@ def test_scan_works_when_the_cache_cannot_be_written(tmp_path):
 
 
 # --- model/data.py: crops ----------------------------------------------------------------------
+
 
 def test_short_clip_is_padded_and_masked(tmp_path):
     x = tone(0.5)
@@ -342,6 +345,46 @@ def test_files_failing_at_read_time_are_skipped_and_named_once(tmp_path):
     messages = skipped_names(record)
     assert len(messages) == 1 and "cut.flac" in messages[0]
     assert all(torch.all(item["mask"] == 1) for item in items)
+
+
+@pytest.mark.parametrize("preload", [0.0, 1.0], ids=["streamed", "preloaded"])
+def test_a_file_shorter_than_its_header_is_skipped_not_trained_on_as_padding(tmp_path, preload):
+    """A file whose data ends before the length the scan found (a truncated MP3, or a file replaced
+    by a shorter one with the same size and time, so the index is stale): skipped and named; its
+    crops came back as padding (mask 0) and were trained on as if they were audio."""
+    write(tmp_path / "good.wav", tone(2.0))
+    write(tmp_path / "cut.wav", tone(2.0, freq=220.0))
+    scan_audio_folder(tmp_path)  # the index now says cut.wav holds 2 s
+    st = os.stat(tmp_path / "cut.wav")
+    write(tmp_path / "cut.wav", np.stack([tone(1.0, freq=220.0)] * 2))  # 1 s of stereo: the same size
+    os.utime(tmp_path / "cut.wav", ns=(st.st_atime_ns, st.st_mtime_ns))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        ds = AudioCropDataset(tmp_path, segment_seconds=0.5, seed=0, preload_max_gb=preload)
+        assert ds.lengths.tolist() == [2 * SR, 2 * SR]  # from the stale index
+        items = [ds[i] for i in range(len(ds))]
+        val = AudioCropDataset(tmp_path, segment_seconds=1.0, train=False, preload_max_gb=preload)
+        val_items = [val[i] for i in range(len(val))]
+    messages = skipped_names(record)
+    assert messages and all(re.search(r"cut\.wav: it ends before its header says \(\d+ of 32000 samples", m)
+                            for m in messages), messages
+    assert all(ds.files[item["file"]].path.endswith("good.wav") and torch.all(item["mask"] == 1) for item in items)
+    # cut.wav's first second is there; its second crop is all padding, which evaluations leave out
+    assert [int(item["mask"].sum()) for item in val_items] == [SR, 0, SR, SR]
+
+
+def test_a_folder_whose_every_file_fails_at_read_time_is_an_audio_error(tmp_path):
+    """Every file readable at the scan but not at the read (changed since, or damaged past the
+    header): an AudioError (one `error:` line in the trainers) naming the folder, once every file
+    has failed; it was a RuntimeError, raised after 100 draws even while readable files remained."""
+    for name in ("a.wav", "b.wav"):
+        write(tmp_path / name, tone(1.0))
+    ds = AudioCropDataset(tmp_path, segment_seconds=0.5, seed=0)
+    for name in ("a.wav", "b.wav"):
+        (tmp_path / name).write_bytes(b"RIFF\x10\x00\x00\x00WAVEfmt garbage")
+    with pytest.warns(SkippedAudioWarning), pytest.raises(AudioError, match=re.escape(
+            f"could not read a crop from {tmp_path}: 2 of 2 files failed to read (named above)")):
+        ds[0]
 
 
 def test_preloaded_corpus_gives_the_crops_read_from_disk(tmp_path):

@@ -64,8 +64,6 @@ def args(corpus, run_dir, *extra):
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-
-
 def run(argv, env=None, timeout=300, module=None):
     cmd = [sys.executable] + (["-m", module] if module else []) + argv
     return subprocess.run(cmd, cwd=ROOT, env=env or ONE_THREAD, capture_output=True, text=True, timeout=timeout)
@@ -259,6 +257,40 @@ def test_empty_train_folder_is_a_clear_error(corpus, tmp_path):
     assert ".wav, .flac, .ogg, .mp3" in result.stderr and "Traceback" not in result.stderr
 
 
+def unreadable_since_the_scan(src, folder):
+    """A copy of the audio folder `src` whose files the scan's index still lists (same size and
+    time) but whose bytes are garbage now, as a file damaged or replaced after indexing is."""
+    from model.data import scan_audio_folder
+    shutil.copytree(src, folder)
+    scan_audio_folder(folder)
+    for path in folder.rglob("*.wav"):
+        st = path.stat()
+        path.write_bytes(b"\0" * st.st_size)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    return folder
+
+
+def test_a_folder_whose_every_file_fails_when_read_is_one_error_line(corpus, tmp_path):
+    """Every training file failing at read time: one line naming the folder, also when the
+    DataLoader's workers read (torch raises it again with the worker's traceback as its message); it
+    was a RuntimeError traceback. Every validation file failing: one line at the step-0
+    evaluation, before any training, and no checkpoint; it was a run with NaN metrics and no best.pt."""
+    train, val = unreadable_since_the_scan(corpus / "train", tmp_path / "train"), \
+        unreadable_since_the_scan(corpus / "val", tmp_path / "val")
+    result = run(["train_codec.py"] + args(corpus, tmp_path / "run", f"train_data_path={train}", "num_workers=2",
+                                           "preload_max_gb=0"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    n = len(list(train.rglob("*.wav"))) - 1  # broken.wav was skipped at the scan
+    assert error_line(result.stderr) == (f"error: could not read a crop from {train}: {n} of {n} files failed "
+                                         "to read (named above)")
+    result = run(["train_codec.py"] + args(corpus, tmp_path / "run2", f"val_data_path={val}"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    n = len(list(val.rglob("*.wav")))
+    assert error_line(result.stderr) == (f"error: no audio to evaluate on in {val}: its {n} files failed to read "
+                                         "(named above); set val_data_path to a folder of readable audio")
+    assert "step 0: val" not in result.stdout and not list((tmp_path / "run2").glob("*.pt"))
+
+
 def test_an_init_from_that_is_not_a_training_state_is_one_error_line(corpus, tmp_path):
     """A damaged or foreign .pt as init_from: the file named, no unpickler traceback."""
     (tmp_path / "garbage.pt").write_bytes(b"not a pickle at all")
@@ -288,6 +320,27 @@ def test_a_transformer_run_folder_is_one_error_line_before_the_data(corpus, tmp_
                                              "use another checkpoint_dir, or resume=false to start fresh")
         assert "val:" not in result.stdout + result.stderr  # the data was not read
         assert sorted(p.name for p in run_dir.iterdir()) == ["latest.pt"]
+
+
+def test_a_latest_pt_holding_nan_is_one_error_line_before_the_data(corpus, trained, tmp_path):
+    """A latest.pt whose weights hold NaN (the trainers never write one: made by hand, or damaged):
+    refused when loaded, naming the file and a tensor, before any audio is read; it resumed, and
+    the first step stopped with "non-finite loss ... check the data", blaming the batch's files."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained[0], run_dir)
+    state = torch.load(run_dir / "latest.pt", weights_only=False)
+    name = next(iter(state["generator"]))
+    state["generator"][name].view(-1)[0] = float("nan")
+    (run_dir / "latest.pt").unlink()  # a hard link to step_00000008.pt
+    torch.save(state, run_dir / "latest.pt")
+    for extra in ((), ("eval_only=true",)):
+        result = run(["train_codec.py"] + args(corpus, run_dir, "max_steps=12", *extra))
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert error_line(result.stderr) == (
+            f"error: {run_dir / 'latest.pt'} holds NaN or inf in 1 tensors (generator.{name}), which the trainers "
+            "never save: it was damaged or made by other means; put an earlier step_*.pt in its place, or start "
+            "afresh (resume=false)")
+        assert "val:" not in result.stdout + result.stderr  # the data was not read
 
 
 def test_eval_only_prints_the_metrics_of_a_checkpoint(corpus, trained, capsys):
@@ -375,7 +428,6 @@ def test_benchmark_cpu_smoke_run_needs_no_audio_packages():
     assert result.returncode == 0, result.stderr[-3000:]
     line = json.loads(result.stdout.strip().splitlines()[-1])
     assert line["preset"] == "tiny" and line["mode"] == "fp32-eager" and line["samples_per_s"] > 0
-
 
 
 def test_benchmark_profiles_each_phase_and_measures_each_variant():

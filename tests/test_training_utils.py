@@ -3,6 +3,7 @@ import dataclasses
 import json
 import random
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,6 +33,20 @@ def test_checkpoints_keep_last_n_latest_and_best(tmp_path):
     assert ck.load(ck.best)["step"] == 20  # rotated away as a step file, kept as best
     assert ck.best_metric() == 1.0
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_deleted_best_pt_is_made_again_at_the_next_evaluated_save(tmp_path):
+    """best.pt (and its export) deleted by hand while checkpoints.json keeps its value: the next
+    evaluated step becomes best again; it never did, unless it beat the deleted one."""
+    ck = Checkpoints(tmp_path, keep=1)
+    ck.save(10, {"step": 10}, 1.0, export=lambda tmp: Path(tmp).write_text("10"))
+    (tmp_path / "best.pt").unlink()
+    (tmp_path / "best.safetensors").unlink()
+    ck.save(20, {"step": 20}, None)  # not evaluated: nothing to rank
+    assert ck.best is None
+    ck.save(30, {"step": 30}, 2.0, export=lambda tmp: Path(tmp).write_text("30"))
+    assert ck.load(ck.best)["step"] == 30 and (tmp_path / "best.safetensors").read_text() == "30"
+    assert ck.best_metric() == 2.0
 
 
 def test_resume_check_names_each_difference():
