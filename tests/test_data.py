@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import struct
 import warnings
 
 import numpy as np
@@ -371,6 +372,32 @@ def test_a_file_shorter_than_its_header_is_skipped_not_trained_on_as_padding(tmp
     assert all(ds.files[item["file"]].path.endswith("good.wav") and torch.all(item["mask"] == 1) for item in items)
     # cut.wav's first second is there; its second crop is all padding, which evaluations leave out
     assert [int(item["mask"].sum()) for item in val_items] == [SR, 0, SR, SR]
+
+
+@pytest.mark.parametrize("preload", [0, 4], ids=["streamed", "preloaded"])
+def test_a_file_a_little_shorter_than_its_header_is_kept(tmp_path, preload):
+    """A header's length that is a little long (as an MP3's estimate without a frame index can be):
+    here a stale index, the file replaced by one 0.1 s shorter with the same size and time (a JUNK
+    chunk makes up the bytes). It is kept, not skipped as a truncated file: its last crops are
+    partly padding, which the mask leaves out of the losses."""
+    write(tmp_path / "f.wav", tone(2.0))
+    scan_audio_folder(tmp_path)  # the index now says f.wav holds 2 s
+    st = os.stat(tmp_path / "f.wav")
+    pcm = (tone(1.9) * 32767).astype("<i2").tobytes()
+    junk = st.st_size - 44 - len(pcm) - 8
+    fmt = b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, SR, 2 * SR, 2, 16)  # PCM, mono, 16 bits
+    body = (b"WAVE" + fmt + b"data" + struct.pack("<I", len(pcm)) + pcm
+            + b"JUNK" + struct.pack("<I", junk) + b"\0" * junk)
+    (tmp_path / "f.wav").write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
+    os.utime(tmp_path / "f.wav", ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.path.getsize(tmp_path / "f.wav") == st.st_size and sf.info(str(tmp_path / "f.wav")).frames == 1.9 * SR
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        ds = AudioCropDataset(tmp_path, segment_seconds=0.5, seed=0, preload_max_gb=preload)
+        assert ds.lengths.tolist() == [2 * SR]  # from the stale index
+        masks = [ds._read(0, start)[1] for start in (0, int(1.5 * SR), int(1.9 * SR))]
+    assert not skipped_names(record)
+    assert [int(m.sum()) for m in masks] == [SR // 2, int(0.4 * SR), 0]
 
 
 def test_a_folder_whose_every_file_fails_at_read_time_is_an_audio_error(tmp_path):
