@@ -524,9 +524,8 @@ def check_init_from(cfg: TransformerConfig) -> None:
     """ConfigError (or CheckpointError) for an init_from that `initial_weights` would refuse: an
     official variant of the other channel mode, a path that is not a file, or a file that is not
     one of our transformers of this run's architecture (read from its header only)."""
-    source = cfg.init_from
-    if source == "official" or source in hub.VARIANTS:
-        variant = ("duplex" if cfg.duplex else "mono") if source == "official" else source
+    source, variant = cfg.init_from, finetune.init_source(cfg)
+    if variant in hub.VARIANTS:
         if hub.VARIANTS[variant][2] != cfg.duplex:
             raise ConfigError(f"init_from={source} is {'duplex' if hub.VARIANTS[variant][2] else 'mono'}, "
                               f"this run has duplex={cfg.duplex}")
@@ -541,9 +540,8 @@ def initial_weights(cfg: TransformerConfig) -> tuple[HertzDev, str]:
     """A model on the CPU in float32 from init_from: "official" (the variant of this run's
     `duplex`), a variant name (duplex, mono, mono-pure-audio), or one of our .safetensors
     (`check_init_from` has checked it)."""
-    source = cfg.init_from
-    if source == "official" or source in hub.VARIANTS:
-        variant = ("duplex" if cfg.duplex else "mono") if source == "official" else source
+    source, variant = cfg.init_from, finetune.init_source(cfg)
+    if variant in hub.VARIANTS:
         try:
             model = load_hertz_dev(variant, device="cpu", dtype=torch.float32, codec=None, ckpt_dir=cfg.ckpt_dir,
                                    config=cfg)

@@ -66,10 +66,15 @@ def trained_parts(cfg: TransformerConfig) -> tuple[str, ...]:
     return STAGES[cfg.stage]
 
 
+def init_source(cfg: TransformerConfig) -> str:
+    """init_from with "official" read as this run's official variant (duplex or mono)."""
+    return ("duplex" if cfg.duplex else "mono") if cfg.init_from == "official" else cfg.init_from
+
+
 def base_of(cfg: TransformerConfig) -> dict:
     """{"base_source", "base_fingerprint"} of a LoRA run's base (as its training states record
-    them): init_from, "official" read as this run's variant, and its `base_fingerprint`."""
-    source = ("duplex" if cfg.duplex else "mono") if cfg.init_from == "official" else cfg.init_from
+    them): `init_source`, and its `base_fingerprint`."""
+    source = init_source(cfg)
     return {"base_source": source, "base_fingerprint": base_fingerprint(source)}
 
 
