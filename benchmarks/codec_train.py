@@ -38,6 +38,12 @@ the same initial weights, one line each with its "variant":
   (train_codec.py compiles the generator only: a compiled discriminator's backward is one graph
   that computes its weight gradients whenever the generator's loss back-propagates through it, so
   that step does the discriminators' backward twice);
+- `unfused_act`: `base` with each discriminator convolution's bias added by cuDNN's own add and the
+  leaky ReLU and the bias gradient as torch's ops (`model.discriminators.FUSED_BIAS_ACT` off), not
+  the fused Triton kernels (`model.discriminator_kernels.bias_leaky_relu`);
+- `torch_fm`: `base` with the feature-matching L1 as torch's multi-tensor ops
+  (`model.codec_losses.FEATURE_KERNEL` off), not a Triton kernel a map each way;
+- `no_disc_kernels`: both of the above off, the trainer's step of session 18 (2026-12-04);
 - `cudnn_dilated`: the generator's dilated convs by cuDNN, not over phases, else as `base`;
 - `alternating`: the step train_codec.py had before (cuDNN's dilated convs too): a generator step with the discriminators
   frozen (D(fake) with a gradient, D(real) without, float32 feature matching), then a discriminator
@@ -91,10 +97,13 @@ from model.codec import Codec, compile_codec  # noqa: E402
 from model.codec_losses import (MultiResolutionMelLoss, discriminator_loss, feature_matching_loss,  # noqa: E402
                                 generator_adversarial_loss, latent_kl)
 from model.discriminators import Discriminators, PeriodDiscriminator  # noqa: E402
+import model.codec_losses  # noqa: E402  (the variants switch its FEATURE_KERNEL)
+import model.discriminators  # noqa: E402  (and its FUSED_BIAS_ACT)
 
 MODES = {"fp32-eager": ("float32", False), "bf16-compile": ("bfloat16", True), "bf16-eager": ("bfloat16", False)}
 VARIANTS = ("base", "joint_disc", "loop_fm", "alternating", "ncl", "uncached", "cudnn_dilated",
-            "disc_nchw", "host_sync", "no_cudnn_benchmark", "compiled_disc")
+            "disc_nchw", "host_sync", "no_cudnn_benchmark", "compiled_disc", "unfused_act", "torch_fm",
+            "no_disc_kernels")
 # record_function ranges of one step (disc_forward: the alternating variant's discriminator step)
 PHASES = ("gen_forward", "mel_loss", "kl", "disc_on_both", "disc_on_fake", "disc_on_real", "mpd_forward",
           "mrd_forward", "adv_fm_loss", "gen_backward", "gen_clip_opt", "disc_forward", "disc_loss", "disc_backward",
@@ -123,6 +132,9 @@ def bench(preset: str, mode: str, variant: str, args) -> tuple[dict, dict | None
         torch.backends.cudnn.benchmark = variant != "no_cudnn_benchmark"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and dtype == "bfloat16" \
         else torch.autocast(device.type, enabled=False)
+    # the discriminators' Triton kernels (on CUDA): on unless the variant turns them off
+    model.discriminators.FUSED_BIAS_ACT = variant not in ("unfused_act", "no_disc_kernels")
+    model.codec_losses.FEATURE_KERNEL = variant not in ("torch_fm", "no_disc_kernels")
     torch.manual_seed(0)  # every variant starts from the same weights
     generator = Codec(cfg).to(device)
     discriminators = Discriminators(cfg).to(device)

@@ -19,6 +19,16 @@ from .codec_losses import stft
 
 # Frequency bands of the STFT discriminator, as fractions of the Nyquist frequency (DAC).
 BANDS = ((0.0, 0.1), (0.1, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0))
+SLOPE = 0.1  # of every leaky ReLU
+# On CUDA with channels-last activations, each convolution's bias and the leaky ReLU after it run
+# as one Triton kernel forward and one backward (`model.discriminator_kernels`) instead of cuDNN's
+# separate bias add, the activation and the bias gradient's reduction; False: torch's ops, to compare.
+FUSED_BIAS_ACT = True
+
+
+def fused_on(x: Tensor) -> bool:
+    """Whether `conv2d_leaky` takes the Triton kernels for `x`: on CUDA, when `FUSED_BIAS_ACT`."""
+    return FUSED_BIAS_ACT and x.is_cuda
 
 
 def conv2d(conv: nn.Conv2d, x: Tensor, channels_last: bool) -> Tensor:
@@ -30,6 +40,19 @@ def conv2d(conv: nn.Conv2d, x: Tensor, channels_last: bool) -> Tensor:
         return conv(x)
     return F.conv2d(x, conv.weight.clone(memory_format=torch.channels_last), conv.bias, conv.stride, conv.padding,
                     conv.dilation, conv.groups)
+
+
+def conv2d_leaky(conv: nn.Conv2d, x: Tensor, channels_last: bool) -> Tensor:
+    """`leaky_relu(conv(x), SLOPE)`. On CUDA with `channels_last` (`fused_on`), cuDNN's
+    convolution without the bias, then the bias and the activation in one kernel each way
+    (`model.discriminator_kernels.bias_leaky_relu`): the same values up to rounding (the bias is
+    added in float32, not in the activations' bf16)."""
+    if not (channels_last and conv.bias is not None and fused_on(x)):
+        return F.leaky_relu(conv2d(conv, x, channels_last), SLOPE)
+    from .discriminator_kernels import bias_leaky_relu  # Triton, imported where a CUDA step uses it
+    y = F.conv2d(x, conv.weight.clone(memory_format=torch.channels_last), None, conv.stride, conv.padding,
+                 conv.dilation, conv.groups)
+    return bias_leaky_relu(y, conv.bias, SLOPE)
 
 
 class PeriodDiscriminator(nn.Module):
@@ -53,7 +76,7 @@ class PeriodDiscriminator(nn.Module):
         x = x.view(b, c, -1, self.period)  # (B, 1, N / p, p)
         features = []
         for conv in self.convs:
-            x = F.leaky_relu(conv2d(conv, x, self.channels_last), 0.1)
+            x = conv2d_leaky(conv, x, self.channels_last)
             features.append(x)
         return conv2d(self.post, x, self.channels_last), features
 
@@ -93,7 +116,7 @@ class STFTDiscriminator(nn.Module):
             if self.channels_last:  # each band copied once, into a channels-last (B, 2, T, f)
                 h = h.contiguous(memory_format=torch.channels_last)
             for conv in convs:
-                h = F.leaky_relu(conv2d(conv, h, self.channels_last), 0.1)
+                h = conv2d_leaky(conv, h, self.channels_last)
                 features.append(h)
             outs.append(h)
         return conv2d(self.post, torch.cat(outs, dim=-1), self.channels_last), features

@@ -18,7 +18,7 @@ SM90 = GPUTarget("cuda", 90, 32)
 
 def kernels() -> dict:
     """name -> (kernel, pointer types, float arguments, constexprs), at the hertz_dev shapes."""
-    from model import attention_kernels as ak, quant_kernels as qk, sampling_kernels as sk
+    from model import attention_kernels as ak, discriminator_kernels as dk, quant_kernels as qk, sampling_kernels as sk
     bf16 = "*bf16"
     prologue = dict(qkv_ptr=bf16, wq_ptr=bf16, wk_ptr=bf16, cos_ptr="*fp32", sin_ptr="*fp32", pos_ptr="*i64",
                     q_ptr=bf16, k_ptr="*fp8e4nv", v_ptr="*fp8e4nv")
@@ -40,6 +40,14 @@ def kernels() -> dict:
         "int4_dot": (qk._int4_dot.fn, int4, set(), dict(GROUP=128, BLOCK_M=16, BLOCK_N=64)),
         "noise_uniform": (sk._uniform, dict(seed_ptr="*i64", counter_ptr="*i64", u_ptr="*fp32"), set(),
                           dict(BLOCK=256)),
+        "bias_leaky_forward": (dk._forward, dict(y_ptr=bf16, b_ptr="*fp32", out_ptr=bf16), {"slope"},
+                               dict(BLOCK_M=64, BLOCK_C=128)),
+        "bias_leaky_backward": (dk._backward, dict(g_ptr=bf16, out_ptr=bf16, gy_ptr=bf16, partial_ptr="*fp32"),
+                                {"slope"}, dict(BLOCK_M=256, BLOCK_C=32)),
+        "feature_l1_forward": (dk._l1_forward, dict(a_ptr=bf16, b_ptr=bf16, partial_ptr="*fp32"), {"inv_n"},
+                               dict(BLOCK=dk.L1_BLOCK)),
+        "feature_l1_backward": (dk._l1_backward, dict(a_ptr=bf16, b_ptr=bf16, g_ptr="*fp32", gb_ptr=bf16),
+                                {"inv_n"}, dict(BLOCK=dk.L1_BLOCK)),
     }
 
 
