@@ -31,15 +31,15 @@ def fused_on(x: Tensor) -> bool:
     return FUSED_BIAS_ACT and x.is_cuda
 
 
-def conv2d(conv: nn.Conv2d, x: Tensor, channels_last: bool) -> Tensor:
-    """`conv(x)`; with `channels_last`, the weight is handed to the convolution channels-last,
-    which makes the output channels-last even where the input's layout is ambiguous (one channel).
-    A clone, not `.contiguous`: a one-channel weight is already "contiguous" in both layouts and
-    would keep the strides that read as channels-first."""
-    if not channels_last:
+def conv2d(conv: nn.Conv2d, x: Tensor, channels_last: bool, bias: bool = True) -> Tensor:
+    """`conv(x)` (without its bias if not `bias`); with `channels_last`, the weight is handed to the
+    convolution channels-last, which makes the output channels-last even where the input's layout
+    is ambiguous (one channel). A clone, not `.contiguous`: a one-channel weight is already
+    "contiguous" in both layouts and would keep the strides that read as channels-first."""
+    if not channels_last and bias:
         return conv(x)
-    return F.conv2d(x, conv.weight.clone(memory_format=torch.channels_last), conv.bias, conv.stride, conv.padding,
-                    conv.dilation, conv.groups)
+    weight = conv.weight.clone(memory_format=torch.channels_last) if channels_last else conv.weight
+    return F.conv2d(x, weight, conv.bias if bias else None, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 def conv2d_leaky(conv: nn.Conv2d, x: Tensor, channels_last: bool) -> Tensor:
@@ -50,9 +50,7 @@ def conv2d_leaky(conv: nn.Conv2d, x: Tensor, channels_last: bool) -> Tensor:
     if not (channels_last and conv.bias is not None and fused_on(x)):
         return F.leaky_relu(conv2d(conv, x, channels_last), SLOPE)
     from .discriminator_kernels import bias_leaky_relu  # Triton, imported where a CUDA step uses it
-    y = F.conv2d(x, conv.weight.clone(memory_format=torch.channels_last), None, conv.stride, conv.padding,
-                 conv.dilation, conv.groups)
-    return bias_leaky_relu(y, conv.bias, SLOPE)
+    return bias_leaky_relu(conv2d(conv, x, channels_last, bias=False), conv.bias, SLOPE)
 
 
 class PeriodDiscriminator(nn.Module):
