@@ -77,7 +77,7 @@ class BiasLeakyReLU(torch.autograd.Function):
         if m:
             block_m, block_c = blocks(m, c)
             _forward[(triton.cdiv(m, block_m), triton.cdiv(c, block_c))](
-                rows_of(y), bias.detach(), rows_of(out), m, c, slope, BLOCK_M=block_m, BLOCK_C=block_c)
+                rows_of(y), bias.detach().contiguous(), rows_of(out), m, c, slope, BLOCK_M=block_m, BLOCK_C=block_c)
         ctx.save_for_backward(out)
         ctx.slope, ctx.bias_dtype = slope, bias.dtype
         return out
@@ -166,7 +166,6 @@ class FeatureL1(torch.autograd.Function):
                 _l1_forward[(count,)](a, b, partial[start:], b.numel(), 1.0 / b.numel(), BLOCK=L1_BLOCK)
             start += count
         ctx.save_for_backward(*[t for pair in pairs for t in pair])
-        ctx.shapes = [(b.shape, b.stride()) for _, b in pairs]
         return partial.sum()
 
     @staticmethod
