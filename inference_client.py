@@ -210,9 +210,12 @@ def close_reason(ws) -> str:
 def read_audio(path: str) -> np.ndarray:
     """Any file soundfile reads -> mono float32 at 16 kHz. AudioError (naming the file) when it
     cannot be read, or holds a NaN, an inf or a sample far beyond full scale: the rules of the
-    trainers and the server's prompt (`model.audio`)."""
-    from model.audio import load_audio  # soundfile and soxr: needed in file mode only
-    return load_audio(path, SAMPLE_RATE, channels="mono")[0]
+    trainers and the server's prompt (`model.audio`); also when it holds no samples (nothing to send)."""
+    from model.audio import AudioError, load_audio  # soundfile and soxr: needed in file mode only
+    audio = load_audio(path, SAMPLE_RATE, channels="mono")[0]
+    if len(audio) == 0:
+        raise AudioError(f"cannot read audio file {path}: it holds no audio (0 samples)")
+    return audio
 
 
 def write_wav(path: str, stereo: np.ndarray) -> None:

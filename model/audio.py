@@ -5,7 +5,9 @@ Arrays are float32 in [-1, 1] and channel-first, `(C, T)`, the layout the models
 What counts as audio: every sample finite and at most `MAX_SAMPLE_MAGNITUDE` in magnitude. Float
 files may go a little past full scale (1.0: inter-sample peaks, mastering without a limiter), but
 NaN, inf or a value 60 dB above full scale is a broken or mis-scaled file, not a sound; reading one
-raises AudioError naming the file, so datasets skip it and prompts are refused.
+raises AudioError naming the file, so datasets skip it and prompts are refused. So does a sample rate
+below `MIN_SAMPLE_RATE`: a broken header (resampled to 16 kHz, a small file at 1 Hz would need
+gigabytes), not a recording.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ CHANNEL_MODES = (None, "mono", "stereo")
 _RESAMPLE_MARGIN = 1024
 
 MAX_SAMPLE_MAGNITUDE = 1000.0  # 60 dB above full scale; see the module docstring
+MIN_SAMPLE_RATE = 4000  # Hz; lower holds no speech band: a broken header (see the module docstring)
 # Subtypes whose samples are stored as floats; integer PCM (and FLAC) cannot leave [-1, 1].
 FLOAT_SUBTYPES = ("FLOAT", "DOUBLE")
 
@@ -35,8 +38,18 @@ class AudioError(RuntimeError):
     """A file that cannot be read or written as audio; the message names the file."""
 
 
-def _reason(e: Exception) -> str:
+def _reason(e: Exception, path: Optional[str] = None) -> str:
+    """Why reading (or writing) failed; for a `path` that is missing or a folder, that (libsndfile
+    says "System error." or "Format not recognised.")."""
+    if path is not None and not os.path.isfile(path):
+        return "it is a folder" if os.path.isdir(path) else "no such file"
     return str(e).strip() or repr(e)  # libsndfile errors sometimes carry an empty message
+
+
+def _check_rate(rate: int, path: str) -> None:
+    if rate < MIN_SAMPLE_RATE:
+        raise AudioError(f"cannot read audio file {path}: a sample rate of {rate} Hz, below {MIN_SAMPLE_RATE} Hz "
+                         "(a broken header?)")
 
 
 def audio_info(path: str) -> tuple[int, int, int]:
@@ -44,10 +57,11 @@ def audio_info(path: str) -> tuple[int, int, int]:
     try:
         info = sf.info(str(path))
     except Exception as e:  # soundfile raises LibsndfileError, RuntimeError or TypeError
-        raise AudioError(f"cannot read audio file {path}: {_reason(e)}") from e
+        raise AudioError(f"cannot read audio file {path}: {_reason(e, str(path))}") from e
     if info.samplerate <= 0 or info.channels <= 0 or info.frames < 0:
         raise AudioError(f"cannot read audio file {path}: bad header "
                          f"(rate={info.samplerate}, channels={info.channels}, frames={info.frames})")
+    _check_rate(info.samplerate, path)
     return int(info.frames), int(info.samplerate), int(info.channels)
 
 
@@ -76,7 +90,7 @@ def scan_samples(path: str, block: int = 1 << 20) -> None:
     except AudioError:
         raise
     except Exception as e:
-        raise AudioError(f"cannot read audio file {path}: {_reason(e)}") from e
+        raise AudioError(f"cannot read audio file {path}: {_reason(e, str(path))}") from e
 
 
 def convert_channels(audio: np.ndarray, channels: Optional[str], path: str = "<array>") -> np.ndarray:
@@ -134,6 +148,7 @@ def load_audio(path: str, sample_rate: int = 16000, channels: Optional[str] = "m
     try:
         with sf.SoundFile(path) as f:
             rate, total = f.samplerate, f.frames
+            _check_rate(rate, path)
             if rate == sample_rate:
                 lo, offset = min(start, total), 0
                 hi = total if num_samples is None else min(start + num_samples, total)
@@ -150,8 +165,10 @@ def load_audio(path: str, sample_rate: int = 16000, channels: Optional[str] = "m
                     min(math.ceil((start + num_samples) * rate / sample_rate) + _RESAMPLE_MARGIN, total)
             f.seek(lo)
             audio = f.read(max(hi - lo, 0), dtype="float32", always_2d=True).T  # (C, T)
+    except AudioError:
+        raise
     except Exception as e:
-        raise AudioError(f"cannot read audio file {path}: {_reason(e)}") from e
+        raise AudioError(f"cannot read audio file {path}: {_reason(e, path)}") from e
     check_samples(audio, path)
     audio = convert_channels(audio, channels, path)  # before resampling: fewer channels to filter
     audio = resample(audio, rate, sample_rate)

@@ -417,8 +417,14 @@ def test_a_bad_input_file_is_one_error_line_before_connecting(tmp_path):
     for name, data in (("nan.wav", nan), ("inf.wav", inf), ("huge.wav", huge)):
         sf.write(tmp_path / name, data, 16000, subtype="FLOAT")
     (tmp_path / "text.wav").write_text("not a sound\n")
+    # Not refused before: an empty file (it sent a chunk of silence and wrote it) and a 1 Hz one (upsampled:
+    # gigabytes for a large file); a missing file or a folder said "System error." or "Format not recognised.".
+    sf.write(tmp_path / "empty.wav", np.zeros(0, np.float32), 16000)
+    (tmp_path / "folder.wav").mkdir()
+    sf.write(tmp_path / "1hz.wav", np.full(2000, 0.1, np.float32), 1)
     cases = {"nan.wav": "non-finite", "inf.wav": "non-finite", "huge.wav": "beyond", "text.wav": "cannot read",
-             "missing.wav": "cannot read"}
+             "missing.wav": ": no such file", "folder.wav": ": it is a folder", "empty.wav": "holds no audio",
+             "1hz.wav": "a sample rate of 1 Hz, below 4000 Hz"}
     for name, reason in cases.items():
         path = tmp_path / name
         r = run_client("--server", "ws://127.0.0.1:9", "--input-wav", path, "--output-wav", tmp_path / "o.wav",

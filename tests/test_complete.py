@@ -89,6 +89,8 @@ def test_bad_inputs_are_clear_errors(ckpts, tmp_path, capsys):
     ("nan.wav", [], "non-finite samples"),
     ("noise.wav", [], "cannot read audio file"),
     ("short.wav", [], "{prompt} is 0.062 s long: a prompt needs at least 0.125 s"),
+    # A broken header's rate: resampled to 16 kHz, 0.4 MB at 1 Hz was 13 GB (a MemoryError).
+    ("1hz.wav", [], "cannot read audio file {prompt}: a sample rate of 1 Hz, below 4000 Hz"),
     ("ok.wav", ["--token-temp", "1e6"], "token_temp must be in [0, 5]"),
     ("ok.wav", ["--gaussian-temp", "inf"], "gaussian_temp must be in [0, 5]"),
     ("ok.wav", ["--top-p", "1.5"], "top_p must be in (0, 1]"),
@@ -98,8 +100,8 @@ def test_bad_inputs_are_clear_errors(ckpts, tmp_path, capsys):
     ("ok.wav", ["--seconds", "nan"], "--seconds must be a finite number > 0"),
     ("ok.wav", ["--device", "gpu"], "--device 'gpu': expected auto, cpu, cuda, cuda:N or mps"),
     ("ok.wav", ["--device", "cuda:99"], "--device cuda:99: "),
-], ids=["missing", "nan", "not-audio", "short", "token-temp", "gaussian-temp", "top-p", "min-p", "quantize", "kv-dtype",
-        "seconds", "device", "device-absent"])
+], ids=["missing", "nan", "not-audio", "short", "rate-1hz", "token-temp", "gaussian-temp", "top-p", "min-p", "quantize",
+        "kv-dtype", "seconds", "device", "device-absent"])
 def test_prompt_and_arguments_are_checked_before_any_weights(tmp_path, prompt, flags, message):
     """The official duplex variant, offline, with an empty weights folder: loading the weights
     would fail, so each error shows that the check came first; no output file is written."""
@@ -109,6 +111,7 @@ def test_prompt_and_arguments_are_checked_before_any_weights(tmp_path, prompt, f
     sf.write(tmp_path / "nan.wav", np.where(t < 0.5, 0.1, np.nan).astype(np.float32), sr, subtype="FLOAT")
     (tmp_path / "noise.wav").write_bytes(b"not a wav file at all" * 10)
     sf.write(tmp_path / "short.wav", t[:1000], sr)  # less than one latent (2000 samples)
+    sf.write(tmp_path / "1hz.wav", np.full(2000, 0.1), 1)  # 2000 s once resampled: long enough
     out = tmp_path / "out.wav"
     r = run(tmp_path / prompt, out, "--variant", "duplex", "--offline", "--ckpt-dir", tmp_path / "ckpt", *flags)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
