@@ -490,8 +490,9 @@ class Session:
     async def on_text(self, text: str) -> None:
         if text.startswith("data:"):
             header, comma, payload = text.partition(",")
-            if not comma or not header.endswith(";base64"):
-                return self.error("bad_frame", "an audio text frame is data:audio/raw;base64,<16-bit PCM>")
+            if header + comma != TEXT_PREFIX:  # another type (audio/wav, float32) is not this PCM
+                return self.error("bad_frame", f"an audio text frame is {TEXT_PREFIX}<16-bit PCM>; got "
+                                               f"{header[:40]!r}")
             try:
                 data = base64.b64decode(payload, validate=True)
             except (binascii.Error, ValueError):
@@ -557,6 +558,8 @@ class Session:
             self.model_prev = np.zeros(CHUNK, dtype="<i2")
             self.send_json(type="ack", request=kind, seed=seed, **echo)
         elif kind == "status":
+            if body:
+                raise ProtocolError("bad_message", f"status takes no fields, got {sorted(body)[:8]}"[:300])
             self.send_json(type="status", **self.info(), seed=self.seed, params=dataclasses.asdict(self.params), **echo)
         else:
             raise ProtocolError("unknown_type", f"unknown control message type {kind!r}; known: set_params, reset, status")

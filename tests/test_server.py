@@ -301,6 +301,10 @@ BAD = {
     "base64, odd byte count": (b64(b"\x01" * 3999), "bad_chunk"),
     "base64, wrong chunk length": (b64(b"\x00" * 400), "bad_chunk"),
     "data url without base64": ("data:audio/raw,AAAA", "bad_frame"),
+    # A chunk's worth of bytes of another type was taken for 16-bit PCM (heard as noise).
+    "data url of float32 samples": ("data:audio/float32;base64," + base64.b64encode(np.full(1000, np.nan, "<f4")).decode(),
+                                    "bad_frame"),
+    "data url of a WAV": ("data:audio/wav;base64," + base64.b64encode(b"RIFF" + b"\x00" * 3996).decode(), "bad_frame"),
     "binary, odd byte count": (b"\x01" * 3999, "bad_chunk"),
     "binary, wrong chunk length": (b"\x00" * 4002, "bad_chunk"),
     "binary garbage": (np.random.default_rng(0).bytes(1234), "bad_chunk"),
@@ -337,6 +341,7 @@ BAD = {
     "negative seed": ('{"type": "reset", "seed": -3}', "bad_seed"),
     "fractional seed": ('{"type": "reset", "seed": 1.5}', "bad_seed"),
     "reset with extra fields": ('{"type": "reset", "hard": true}', "bad_message"),
+    "status with extra fields": ('{"type": "status", "verbose": true}', "bad_message"),  # was answered as if valid
 }
 
 
