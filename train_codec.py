@@ -47,7 +47,7 @@ from tqdm import tqdm
 from config import ConfigError, config_diff, fields_marked, from_dict, parse_args
 from config.codec_config import PRESETS, CodecConfig
 from model.audio import AudioError, save_audio
-from model.checkpoint import read_metadata
+from model.checkpoint import CheckpointError, read_metadata
 from model.codec import Codec, compile_codec
 from model.codec_losses import (DNSMOS, MultiResolutionMelLoss, MultiResolutionSTFTLoss, discriminator_loss,
                                 feature_matching_loss, generator_adversarial_loss, kl_bits_per_second, latent_kl,
@@ -505,7 +505,7 @@ def load_weights(source: str, cfg: CodecConfig, generator: Codec, discriminators
     if source == "official":
         try:
             codec = load_codec("official", config=cfg)  # the official file in this run's architecture
-        except RuntimeError as e:
+        except (RuntimeError, CheckpointError) as e:  # not downloadable, or another architecture
             raise ConfigError(f"init_from=official: {e}\nThe official codec has the hertz_dev architecture: "
                               "use --config hertz_dev (or its architecture fields).") from None
         generator.load_state_dict(codec.state_dict())

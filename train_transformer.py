@@ -45,7 +45,7 @@ from tqdm import tqdm
 from config import ConfigError, fields_marked, from_dict, parse_args
 from config.transformer_config import PRESETS, TransformerConfig
 from model import Generator, HertzDev, build, finetune, hub, load_codec, load_hertz_dev
-from model.checkpoint import read_metadata
+from model.checkpoint import CheckpointError, read_metadata
 from model.loading import write_transformer
 from model.latents import LatentCrops, StepSampler, codec_fingerprint, prepare_latents, sample_posterior
 from model.manifest import ManifestError, is_manifest, read_manifest
@@ -545,7 +545,7 @@ def initial_weights(cfg: TransformerConfig) -> tuple[HertzDev, str]:
         try:
             model = load_hertz_dev(variant, device="cpu", dtype=torch.float32, codec=None, ckpt_dir=cfg.ckpt_dir,
                                    config=cfg)
-        except RuntimeError as e:
+        except (RuntimeError, CheckpointError) as e:  # not downloadable, or another architecture
             raise ConfigError(f"init_from={source}: {e}\nThe official weights have the hertz_dev architecture: use "
                               "--config hertz_dev (or its architecture fields).") from None
         label = f"official {variant}"

@@ -5,7 +5,8 @@ The tensors are the modules' state dicts (for a transformer checkpoint, prefixed
 model (`codec` or `transformer`), the full config as JSON (`dataclasses.asdict`) and a content
 hash: SHA-256 over the other metadata and, in sorted order, each tensor's name, dtype, shape and
 bytes. Loading recomputes it (`verify=True`, about 1 GB/s), so changed or damaged bytes are an
-error, not a model that quietly generates noise; files written before the hash load with a warning.
+error, not a model that quietly generates noise, and so are NaN or inf weights; files written
+before the hash load with a warning.
 
 Every write goes to a temporary file `.NAME.XXXXXXXX.tmp` in the same folder, is fsynced, then
 renamed into place; a file holding NaN or inf weights is never written. Every failure is a
@@ -114,12 +115,16 @@ def non_finite(obj: Any, prefix: str = "") -> list[str]:
     return [name for k, v in items for name in non_finite(v, f"{prefix}.{k}" if prefix else str(k))]
 
 
+def listed(names: list[str], shown: int = 3) -> str:
+    """The first few of `names` and how many more: "a, b, c and 5 more"."""
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
 def refuse_non_finite(obj: Any, path: str | os.PathLike) -> None:
     """Raise CheckpointError naming `path` if `obj` holds NaN or inf weights."""
     bad = non_finite(obj)
     if bad:
-        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-        raise CheckpointError(f"refusing to write {path}: {len(bad)} tensors hold NaN or inf ({shown}); "
+        raise CheckpointError(f"refusing to write {path}: {len(bad)} tensors hold NaN or inf ({listed(bad)}); "
                               "the training diverged: lower the learning rate or resume from an earlier checkpoint")
 
 
@@ -198,9 +203,40 @@ def read_metadata(path: str | os.PathLike, kind: Optional[str] = None) -> dict:
         raise _wrong_file(path, kind or "", found)
     meta = _header(path)
     return {"kind": meta["kind"], "config_class": meta.get("config_class"),
-            "config": json.loads(meta["config"]), "extra": json.loads(meta.get("extra", "{}")),
-            "hash": meta.get(HASH_KEY),
-            "quantization": json.loads(meta["quantization"]) if "quantization" in meta else None}
+            "config": header_json(path, meta, "config"), "extra": header_json(path, meta, "extra", {}),
+            "hash": meta.get(HASH_KEY), "quantization": header_json(path, meta, "quantization", None)}
+
+
+_REQUIRED = object()
+
+
+def header_json(path: str | os.PathLike, meta: dict, key: str, default: Any = _REQUIRED) -> Any:
+    """The JSON object (a dict) stored under `key` in the header `meta` of `path`, or `default`
+    where the key is absent and not required; a CheckpointError naming the file and the field if
+    it is missing, not JSON or not an object (a file edited or written by another tool)."""
+    if key not in meta:
+        if default is _REQUIRED:
+            raise CheckpointError(f"{path}: its header has no {key!r} field; re-export or re-download it")
+        return default
+    try:
+        value = json.loads(meta[key])
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: the {key!r} field of its header is not a JSON object; "
+                              "re-export or re-download it")
+    return value
+
+
+def config_from(cls, data: dict, path: str | os.PathLike, strict: bool = False):
+    """The `cls` config a checkpoint's header records (`config.from_dict`); a CheckpointError naming
+    the file and the field where it does not make one (a wrong type, a value out of range, a
+    required field missing)."""
+    from config import from_dict
+    try:
+        return from_dict(cls, data, strict=strict)
+    except (TypeError, ValueError) as e:  # ConfigError (a ValueError), or a required field missing
+        raise CheckpointError(f"{path}: its config is not a valid {cls.__name__}: {e}") from None
 
 
 def content_hash(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
@@ -245,21 +281,34 @@ def read_weights(path: str | os.PathLike, device: str = "cpu", kind: Optional[st
                  verify: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
     """(state dict, metadata) of one of our checkpoints, of `kind` if given (see `read_metadata`).
 
-    verify: recompute the content hash and raise CheckpointError if the bytes changed; a file
-    without a hash (written before hashes) loads with a warning. verify=False skips both.
+    verify: recompute the content hash and raise CheckpointError if the bytes changed or a weight is
+    NaN or inf (`verify_content`); a file without a hash (written before hashes) loads with a
+    warning. verify=False skips all three.
     """
     from safetensors.torch import load_file
 
     meta = read_metadata(path, kind)
     state = load_file(str(path), device=device)
     if verify:
-        if meta["hash"] is None:
-            warnings.warn(f"{path} has no content hash (written before hashes were added): loading it unchecked; "
-                          "re-save it to add one", stacklevel=2)
-        elif content_hash(state, _header(Path(path))) != meta["hash"]:
-            raise CheckpointError(f"{path} is corrupted: its content does not match the hash in its header; "
-                                  "re-export or re-download it (verify=False / --no-verify loads it anyway)")
+        verify_content(path, state, meta["hash"])
     return state, meta
+
+
+def verify_content(path: str | os.PathLike, state: dict[str, torch.Tensor], stored_hash: Optional[str]) -> None:
+    """Check the tensors `state` read from `path` against the content hash of its header
+    (`stored_hash`; None, for files written before hashes, is a warning) and refuse NaN or inf
+    weights (a file written by another tool, or before writes refused them): CheckpointError
+    naming the file."""
+    if stored_hash is None:
+        warnings.warn(f"{path} has no content hash (written before hashes were added): loading it unchecked; "
+                      "re-save it to add one", stacklevel=3)
+    elif content_hash(state, _header(Path(path))) != stored_hash:
+        raise CheckpointError(f"{path} is corrupted: its content does not match the hash in its header; "
+                              "re-export or re-download it (verify=False / --no-verify loads it anyway)")
+    bad = non_finite(state)
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} tensors hold NaN or inf ({listed(bad)}); a model with them "
+                              "generates noise or silence: re-export it from a good training state")
 
 
 def substate(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -16,14 +16,15 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from config import DEVICE, from_dict
+from config import DEVICE
 from config.codec_config import CodecConfig
 from config.codec_config import hertz_dev as CODEC_HERTZ_DEV
 from config.transformer_config import TransformerConfig
 from config.transformer_config import hertz_dev as TRANSFORMER_HERTZ_DEV
 
 from . import hub, lora
-from .checkpoint import CheckpointError, atomic_write, read_weights, substate, write_weights
+from .checkpoint import (CheckpointError, atomic_write, config_from, listed, read_metadata, read_weights, substate,
+                         write_weights)
 from .codec import Codec
 from .lm import LatentLM
 from .quant import MODES, apply_plan, pack_int4, quantization_of, quantization_plan, quantize_state
@@ -51,21 +52,21 @@ def default_dtype(device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def resolve_device(name: str) -> torch.device:
-    """The device a script's `--device` names: `auto` (cuda when a GPU is visible, else cpu), or
-    cpu, cuda, cuda:N or mps when this machine has it; ValueError naming the value otherwise, so
-    scripts refuse it before any weights load."""
+def resolve_device(name: str, flag: str = "--device") -> torch.device:
+    """The device a script's `--device` (the notebook's `flag="DEVICE ="`) names: `auto` (cuda
+    when a GPU is visible, else cpu), or cpu, cuda, cuda:N or mps when this machine has it;
+    ValueError naming the value otherwise, so scripts refuse it before any weights load."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not re.fullmatch(DEVICE["pattern"][0], name):
-        raise ValueError(f"--device {name!r}: expected auto, {DEVICE['pattern'][1]}")
+    if not (isinstance(name, str) and re.fullmatch(DEVICE["pattern"][0], name)):
+        raise ValueError(f"{flag} {name!r}: expected auto, {DEVICE['pattern'][1]}")
     device = torch.device(name)
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         visible = torch.cuda.device_count()
-        raise ValueError(f"--device {name}: " + (f"only {visible} GPU(s) visible" if visible else
-                                                   "no GPU is visible; use --device cpu"))
+        raise ValueError(f"{flag} {name}: " + (f"only {visible} GPU(s) visible" if visible else
+                                               f"no GPU is visible; use {flag} cpu"))
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {name}: MPS (Apple GPUs) is not available here; use --device cpu")
+        raise ValueError(f"{flag} {name}: MPS (Apple GPUs) is not available here; use {flag} cpu")
     return device
 
 
@@ -78,10 +79,20 @@ def init_buffers(module: nn.Module) -> nn.Module:
 
 
 def _fill(module: nn.Module, state: dict, device, dtype, what: str) -> nn.Module:
+    expected = module.state_dict()  # names and shapes (a meta build holds no data)
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)}, not {tuple(expected[k].shape)}" for k in expected
+              if k in state and state[k].shape != expected[k].shape]
+    problems = [f"{label} {len(names)} tensors ({listed(names)})" for label, names in
+                (("missing", missing), ("unexpected", unexpected), ("wrong shapes of", shapes)) if names]
+    if problems:
+        raise CheckpointError(f"{what} does not match the model built from its config: {'; '.join(problems)}")
     try:
         module.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as e:
-        raise RuntimeError(f"{what} does not match the model built from its config:\n{e}") from None
+    except RuntimeError as e:  # a tensor of a dtype the parameter cannot take
+        raise CheckpointError(f"{what} does not match the model built from its config: "
+                              f"{' '.join(str(e).split())}") from None
     # Let go of the loaded tensors: each one the move below replaces is then freed as it goes,
     # not at the end.
     state.clear()
@@ -132,7 +143,7 @@ def load_codec(source: Union[str, os.PathLike] = "official", device="cpu", dtype
         cfg = config or CODEC_HERTZ_DEV
         return _fill(_meta(Codec, cfg), hub.load_state_dict(path), device, dtype, str(path))
     state, meta = read_weights(_existing(source, '"official"'), kind="codec", verify=verify)
-    cfg = from_dict(CodecConfig, meta["config"], strict=False)
+    cfg = config_from(CodecConfig, meta["config"], source)
     return _fill(_meta(Codec, cfg), substate(state, "codec") or state, device, dtype, str(source))
 
 
@@ -172,7 +183,9 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
     checkpoints (`.safetensors`; another file, a training state `.pt` included, is a
     CheckpointError naming what it is and what to load instead). `codec`: "auto" (the official
     codec for official variants, the codec recorded in our checkpoint otherwise), "official", a
-    path, or None for no codec. `verify=False` skips the content-hash check of our files.
+    path, or None for no codec. `verify=False` skips the content-hash and NaN/inf checks of our files
+    and of the adapter. The header's mistakes (its config, quantization, a recorded codec that is
+    gone) are CheckpointErrors raised before any weights load.
 
     `adapter`: a LoRA adapter file (`model/lora.py`) to apply; one trained on another base is an
     error, raised before any weights load. `merge=True` folds it into the weights.
@@ -192,6 +205,28 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
         fingerprint = lora.base_fingerprint(source)
         lora.check_adapter(adapter, fingerprint, str(source))
     dtype = dtype or default_dtype(device)
+    if str(source) not in hub.VARIANTS:  # the header's mistakes, before any weights load
+        path = _existing(source, "an official variant (" + ", ".join(hub.VARIANTS) + ")")
+        meta = read_metadata(path, kind="transformer")
+        cfg = config_from(TransformerConfig, meta["config"], source)
+        recorded = meta["quantization"]
+        if recorded is not None and (recorded.get("mode") not in MODES or not isinstance(recorded.get("layers"), dict)):
+            raise CheckpointError(f"{source}: its header records an unknown quantization {recorded.get('mode')!r} "
+                                  f"(expected one of {', '.join(MODES)} with its layers); re-export it")
+        if recorded and quantize not in (None, recorded["mode"]):
+            raise CheckpointError(f"{source} holds {recorded['mode']} weights: load it without quantize= "
+                                  f"(requantizing quantized weights is not supported)")
+        codec_source = meta["extra"].get("codec", "official") if codec == "auto" else codec
+    else:
+        codec_source = "official" if codec == "auto" else codec
+    if codec_source is not None and str(codec_source) != "official":
+        try:
+            read_metadata(_existing(codec_source, '"official"'), kind="codec")
+        except FileNotFoundError:
+            if codec != "auto":
+                raise
+            raise CheckpointError(f"{source} records its codec as {codec_source}, which is not there (moved or "
+                                  "deleted): pass its new path as codec= (--codec), or 'official'") from None
     if str(source) in hub.VARIANTS:
         cfg = official_transformer_config(str(source))
         if config is not None:
@@ -202,28 +237,25 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
         for part, name in (("quantizer", hub.QUANTIZER), ("lm", lm_name), ("resynth", resynth_name)):
             state = _quantized(getattr(model, part), hub.load_state_dict(paths[name]), quantize, device)
             _fill(getattr(model, part), state, device, dtype, str(paths[name]))
-        codec_source = "official" if codec == "auto" else codec
     else:
-        state, meta = read_weights(_existing(source, "an official variant (" + ", ".join(hub.VARIANTS) + ")"),
-                                   kind="transformer", verify=verify)
-        recorded = meta.get("quantization")
-        if recorded and quantize not in (None, recorded["mode"]):
-            raise ValueError(f"{source} holds {recorded['mode']} weights: load it without quantize= "
-                             f"(requantizing quantized weights is not supported)")
-        cfg = from_dict(TransformerConfig, meta["config"], strict=False)
         model = _meta(HertzDev, cfg)
+        if recorded:
+            try:
+                for part in ("quantizer", "lm", "resynth"):
+                    apply_plan(getattr(model, part), substate(recorded["layers"], part), quantize=False)
+            except (ValueError, AttributeError) as e:  # an unknown layer, spec or shape
+                raise CheckpointError(f"{source}: the quantization its header records does not fit its "
+                                      f"model: {e}") from None
+        state, meta = read_weights(path, kind="transformer", verify=verify)
         for part in ("quantizer", "lm", "resynth"):
             module, sub = getattr(model, part), substate(state, part)
-            if recorded:
-                apply_plan(module, substate(recorded["layers"], part), quantize=False)
-            else:
+            if not recorded:
                 sub = _quantized(module, sub, quantize, device)
             _fill(module, sub, device, dtype, f"{source} ({part})")
-        codec_source = meta["extra"].get("codec", "official") if codec == "auto" else codec
     if codec_source is not None:
         model.codec = load_codec(codec_source, device, dtype, ckpt_dir, offline, endpoint, codec_config, verify)
     if adapter is not None:
-        lora.load_adapter(model, adapter, fingerprint, str(source))
+        lora.load_adapter(model, adapter, fingerprint, str(source), verify)
         if merge:
             lora.merge_lora(model)
         else:  # held in the compute dtype: the forward would otherwise cast them at every step

@@ -37,7 +37,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -49,10 +48,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from config import from_dict
-
 from . import hub
-from .checkpoint import FORMAT, HASH_KEY, CheckpointError, _header, atomic_write, write_weights
+from .checkpoint import (FORMAT, HASH_KEY, CheckpointError, _header, atomic_write, config_from, header_json,
+                         verify_content, write_weights)
 
 # Layers adapted, by the last component of their path: the attention's fused q/k/v and output
 # projections, the SwiGLU's fused gate/up and down projections (model/transformer.py; in every
@@ -290,7 +288,8 @@ def read_adapter(path: Union[str, os.PathLike]) -> tuple[LoRAConfig, dict]:
     if meta.get("format") != FORMAT or meta.get("kind") != KIND:
         raise AdapterError(f"{path} is not an adapter file (format {meta.get('format')!r}, kind "
                            f"{meta.get('kind')!r}; expected {FORMAT!r}, {KIND!r})")
-    return from_dict(LoRAConfig, json.loads(meta["config"])), json.loads(meta.get("extra", "{}"))
+    config = config_from(LoRAConfig, header_json(path, meta, "config"), path, strict=True)
+    return config, header_json(path, meta, "extra", {})
 
 
 def check_adapter(path: Union[str, os.PathLike], expected_fingerprint: str, source: Optional[str] = None) -> LoRAConfig:
@@ -306,13 +305,16 @@ def check_adapter(path: Union[str, os.PathLike], expected_fingerprint: str, sour
 
 
 def load_adapter(model: nn.Module, path: Union[str, os.PathLike], expected_fingerprint: str,
-                 source: Optional[str] = None) -> LoRAConfig:
+                 source: Optional[str] = None, verify: bool = True) -> LoRAConfig:
     """Adapt `model` (a `HertzDev` without adapters) as the file at `path` says and fill the
-    adapters from it, after checking its base fingerprint (see `check_adapter`); returns its config."""
+    adapters from it, after checking its base fingerprint (see `check_adapter`) and, with `verify`,
+    its content hash and that no weight is NaN or inf (`verify_content`); returns its config."""
     from safetensors.torch import load_file
 
     cfg = check_adapter(path, expected_fingerprint, source)
     state = load_file(str(path))
+    if verify:
+        verify_content(path, state, _header(Path(path)).get(HASH_KEY))
     shapes = {}
     for p in lora_targets(model, cfg.targets, cfg.parts):
         m = model.get_submodule(p)

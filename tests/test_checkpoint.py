@@ -200,3 +200,100 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
         atomic_write(target, failing)
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.bin"]
+
+
+def rewritten(src, dst, meta=None, state=None):
+    """`src` written again to `dst` with its header changed by `meta` and its tensors by `state`,
+    and its content hash made again: a file as another tool (or an edit by hand) would leave it."""
+    from safetensors.torch import load_file, save_file
+    tensors, fields = load_file(str(src)), header(src)
+    tensors, fields = (state or dict)(tensors), (meta or dict)(fields)
+    fields["content_sha256"] = content_hash(tensors, fields)
+    save_file(tensors, str(dst), metadata=fields)
+    return dst
+
+
+def edited(key, value):
+    def edit(fields):
+        fields = dict(fields)
+        if value is None:
+            del fields[key]
+        else:
+            fields[key] = value
+        return fields
+    return edit
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("config", "{not json", "the 'config' field of its header is not a JSON object"),
+    ("config", None, "its header has no 'config' field"),
+    ("config", '{"lm_layers": "three"}', "its config is not a valid TransformerConfig: lm_layers: expected an int"),
+    ("extra", "[]", "the 'extra' field of its header is not a JSON object"),
+    ("quantization", '{"mode": "int3", "layers": {}}', "records an unknown quantization 'int3'"),
+    ("quantization", '{"mode": "int8", "layers": {"lm.input": "int3"}}',
+     "the quantization its header records does not fit its model: unknown layer quantization 'int3'"),
+    ("quantization", '{"mode": "int8", "layers": {"lm.nowhere": "int8"}}',
+     "the quantization its header records does not fit its model"),
+], ids=["config-json", "config-missing", "config-type", "extra-list", "mode", "layer-spec", "layer-path"])
+def test_a_damaged_header_is_one_error_naming_the_file_and_field(tmp_path, monkeypatch, key, value, message):
+    """Header fields that are not JSON, missing, of the wrong type, or a quantization this code does
+    not know: a CheckpointError naming the file and the field, before any weights are read. They
+    were a JSONDecodeError, KeyError, AttributeError or ConfigError naming no file, or (an unknown
+    mode) silently ignored."""
+    good = save_transformer(tmp_path / "good.safetensors", build(HertzDev, TRANSFORMER_PRESETS["tiny"]))
+    path = rewritten(good, tmp_path / "bad.safetensors", edited(key, value))
+    monkeypatch.setattr("model.loading.read_weights", lambda *a, **k: pytest.fail("weights read"))
+    with pytest.raises(CheckpointError) as e:
+        load_hertz_dev(path, codec=None)
+    assert str(e.value).startswith(str(path)) and message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_tensors_that_do_not_fit_their_config_are_one_line(tmp_path):
+    """A file whose config builds another model than its tensors (a consistent hash: written so):
+    one CheckpointError line naming the file, the part and the tensors at fault; it was a
+    RuntimeError with torch's message of every missing key, one per line (a traceback in the
+    scripts)."""
+    from model.checkpoint import write_weights
+    model = build(HertzDev, TRANSFORMER_PRESETS["tiny"])
+    state = {f"{p}.{k}": v for p in ("quantizer", "lm", "resynth") for k, v in getattr(model, p).state_dict().items()}
+    path = tmp_path / "model.safetensors"
+    write_weights(path, state, "transformer", dataclasses.replace(model.config, lm_layers=model.config.lm_layers + 2))
+    with pytest.raises(CheckpointError, match=re.escape(f"{path} (lm) does not match the model built from its "
+                                                        "config: missing 16 tensors (layers.")) as e:
+        load_hertz_dev(path, codec=None)
+    assert "\n" not in str(e.value)
+    state["lm.input.weight"] = state["lm.input.weight"].to(torch.int32)  # a dtype the parameter cannot take
+    write_weights(path, state, "transformer", model.config)
+    with pytest.raises(CheckpointError, match=re.escape(f"{path} (lm) does not match")) as e:
+        load_hertz_dev(path, codec=None)
+    assert "\n" not in str(e.value)
+
+
+def test_non_finite_weights_are_refused_when_loaded(tmp_path):
+    """NaN in a file whose hash matches (written by another tool, or before writes refused them):
+    a CheckpointError naming the file and tensor, not a model that generates noise; verify=False
+    loads it anyway. It loaded silently."""
+    def poison(state):
+        next(iter(state.values())).view(-1)[0] = float("nan")
+        return state
+    good = save_codec(tmp_path / "codec.safetensors", build(Codec, CODEC_PRESETS["tiny"]))
+    bad = rewritten(good, tmp_path / "nan.safetensors", state=poison)
+    with pytest.raises(CheckpointError, match=re.escape(str(bad)) + ": 1 tensors hold NaN or inf"):
+        load_codec(bad)
+    load_codec(bad, verify=False)
+
+
+def test_a_recorded_codec_that_is_gone_is_found_before_the_weights(tmp_path, monkeypatch):
+    """The codec a checkpoint records, moved since: a CheckpointError naming both files and the
+    fix, before the transformer's weights are read (it was a FileNotFoundError naming the codec
+    only, after them); a codec= of another kind is refused before them too."""
+    codec = save_codec(tmp_path / "codec.safetensors", build(Codec, CODEC_PRESETS["tiny"]))
+    path = save_transformer(tmp_path / "model.safetensors", build(HertzDev, TRANSFORMER_PRESETS["tiny"]),
+                            codec_source=str(codec))
+    codec.rename(tmp_path / "moved.safetensors")
+    monkeypatch.setattr("model.loading.read_weights", lambda *a, **k: pytest.fail("weights read"))
+    with pytest.raises(CheckpointError, match=re.escape(f"{path} records its codec as {codec}, which is not "
+                                                        "there (moved or deleted): pass its new path as codec=")):
+        load_hertz_dev(path)
+    with pytest.raises(CheckpointError, match="expected a codec checkpoint .*found a transformer"):
+        load_hertz_dev(path, codec=path)

@@ -3,6 +3,7 @@ files bound to their base, and load_hertz_dev(adapter=...)."""
 import dataclasses
 import hashlib
 import importlib.util
+import re
 
 import pytest
 import torch
@@ -223,6 +224,42 @@ def test_an_adapter_of_another_base_is_refused_naming_both(tmp_path):
     assert base_fingerprint("mono") in str(e.value) and base_fingerprint(a) in str(e.value)
     with pytest.raises(AdapterError, match="not an adapter file"):
         load_hertz_dev(a, codec=None, adapter=b)
+
+
+
+def test_an_adapter_with_changed_bytes_nan_or_a_damaged_header_is_refused(tmp_path):
+    """Adapter files are checked as checkpoints are: changed bytes (the hash in the header no longer
+    matches) and NaN weights (with a matching hash) are a CheckpointError naming the file, and
+    load_hertz_dev(verify=False) skips both; a header whose config is not JSON or not a LoRAConfig
+    names the file and the field. The adapter's hash was never checked (both loaded, NaN and all),
+    and the header's mistakes were a JSONDecodeError, KeyError or TypeError naming no file."""
+    from safetensors.torch import load_file, save_file
+    from model.checkpoint import CheckpointError, _header, content_hash
+    base = save_transformer(tmp_path / "base.safetensors", tiny())
+    model = load_hertz_dev(base, codec=None)
+    apply_lora(model, **dataclasses.asdict(LORA))
+    good = save_adapter(tmp_path / "good.adapter.safetensors", model, LORA, base_fingerprint(base), str(base))
+
+    def write(name, rehash=True, **fields):
+        state, meta = load_file(str(good)), {**_header(good), **fields}
+        state[sorted(state)[0]].view(-1)[0] = float("nan")
+        if rehash:
+            meta["content_sha256"] = content_hash(state, meta)
+        save_file(state, str(tmp_path / name), metadata=meta)
+        return tmp_path / name
+
+    for path, message in ((write("changed.safetensors", rehash=False), " is corrupted"),
+                          (write("nan.safetensors"), ": 1 tensors hold NaN or inf")):
+        with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}{message}"):
+            load_hertz_dev(base, codec=None, adapter=path)
+        load_hertz_dev(base, codec=None, adapter=path, verify=False)
+    for config, message in (("{", "the 'config' field of its header is not a JSON object"),
+                            ('{"alpha": 8.0}', "its config is not a valid LoRAConfig: "),
+                            ('{"rank": "4", "alpha": 8.0}',
+                             "its config is not a valid LoRAConfig: rank: expected an int")):
+        path = write("config.safetensors", config=config)
+        with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: {message}"):
+            load_hertz_dev(base, codec=None, adapter=path)
 
 
 @torch.no_grad()
