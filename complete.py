@@ -36,6 +36,7 @@ import torch
 
 from model import SamplingParams, load_hertz_dev
 from model.audio import AudioError, check_output, check_prompt, load_prompt, save_audio
+from model.checkpoint import read_metadata
 from model.generator import Generator
 from model.hub import VARIANTS
 from model.loading import LOAD_ERRORS, resolve_device
@@ -106,6 +107,16 @@ def main(argv=None) -> int:
     if args.adapter is not None and not os.path.isfile(args.adapter):
         print(f"error: no such file: {args.adapter}", file=sys.stderr)
         return 2
+    if args.codec == "auto" and args.variant not in VARIANTS:  # one of ours: the codec its header records
+        try:
+            recorded = read_metadata(args.variant, kind="transformer")["extra"].get("codec", "official")
+        except LOAD_ERRORS as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if recorded is None:
+            print(f"error: --variant {args.variant} records no codec (saved without codec_source): pass --codec "
+                  "official or the path of the codec it was trained with", file=sys.stderr)
+            return 2
     try:  # before the weights: loading them can take minutes (or a 34 GB download)
         check_prompt(args.prompt)
         check_output(args.out)

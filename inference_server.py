@@ -1147,6 +1147,9 @@ def check_args(args):
         params = check_params(values)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
+    if args.checkpoint is None and args.variant != "duplex":  # found now, not after downloading its weights
+        raise SystemExit(f"error: --variant {args.variant}: the live server needs the duplex variant "
+                         "(or --checkpoint with one of our duplex checkpoints)")
     for path in (args.checkpoint, args.adapter, args.prompt_path, None if args.codec in ("auto", "official") else args.codec):
         if path is not None and not os.path.isfile(path):
             raise SystemExit(f"error: no such file: {path}")
@@ -1175,6 +1178,15 @@ def load_engine(args):
         raise SystemExit(f"error: {e}") from None
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     source = args.checkpoint or args.variant
+    if args.checkpoint is not None:  # its header says what the weights would, once loaded
+        from model.checkpoint import read_metadata
+        meta = read_metadata(args.checkpoint, kind="transformer")
+        if not meta["config"].get("duplex", True):
+            raise SystemExit(f"error: --checkpoint {args.checkpoint} is a mono model: "
+                             "the live server needs a duplex one")
+        if args.codec == "auto" and meta["extra"].get("codec", "official") is None:
+            raise SystemExit(f"error: --checkpoint {args.checkpoint} records no codec (saved without codec_source): "
+                             "pass --codec official or the path of the codec it was trained with")
     t0 = time.monotonic()
     model = load_hertz_dev(source, device=device, dtype=dtype, ckpt_dir=args.ckpt_dir, offline=args.offline or None,
                            codec=args.codec, adapter=args.adapter, verify=not args.no_verify,

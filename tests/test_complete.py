@@ -84,6 +84,34 @@ def test_bad_inputs_are_clear_errors(ckpts, tmp_path, capsys):
     assert e.value.code == 2 and "top_p" in capsys.readouterr().err
 
 
+
+def test_a_checkpoint_whose_codec_is_unknown_or_whose_weights_are_nan_is_one_error(ckpts, tmp_path, capsys):
+    """A checkpoint recording a codec moved since, one recording none (saved without codec_source),
+    one holding NaN weights under a matching hash: one `error:` line naming the file, before any
+    weights load (NaN: when they are read), and no output. They were a FileNotFoundError traceback
+    after the transformer's weights loaded, an AttributeError traceback after loading, and a
+    completion written from NaN weights."""
+    import complete
+    from safetensors.torch import load_file, save_file
+    from model.checkpoint import _header, content_hash
+    model = build(HertzDev, PRESETS["tiny"])
+    moved = save_transformer(tmp_path / "moved.safetensors", model, codec_source=str(tmp_path / "gone.safetensors"))
+    no_codec = save_transformer(tmp_path / "no-codec.safetensors", model)
+    state, meta = load_file(ckpts["duplex"]), _header(Path(ckpts["duplex"]))
+    state["lm.input.weight"][0, 0] = float("nan")
+    save_file(state, str(tmp_path / "nan.safetensors"), metadata={**meta, "content_sha256": content_hash(state, meta)})
+    out = tmp_path / "out.wav"
+    for variant, message in ((moved, f"error: {moved} records its codec as {tmp_path / 'gone.safetensors'}, which "
+                                     "is not there (moved or deleted): pass its new path as codec= (--codec)"),
+                             (no_codec, f"error: --variant {no_codec} records no codec"),
+                             (tmp_path / "nan.safetensors", f"error: {tmp_path / 'nan.safetensors'}: 1 tensors hold "
+                                                            "NaN or inf (lm.input.weight)")):
+        assert complete.main([ckpts["stereo"], str(out), "--variant", str(variant), "--device", "cpu"]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(message), lines
+        assert not out.exists()
+
+
 @pytest.mark.parametrize("prompt, flags, message", [
     ("missing.wav", [], "error: no such file: {prompt}"),
     ("nan.wav", [], "non-finite samples"),

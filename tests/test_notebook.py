@@ -97,7 +97,10 @@ def test_notebook_with_int8_weights_and_fp8_cache(tmp_path):
     ({"QUANTIZE": "int3"}, "QUANTIZE must be None or one of ('int8', 'int4'), got 'int3'"),
     ({"KV_DTYPE": "fp4"}, "KV_DTYPE must be one of ('auto', 'fp8'), got 'fp4'"),
     ({"OUT": "out.mp4"}, "soundfile writes no .mp4 files"),
-], ids=["missing", "nan", "token-temp", "top-p", "seconds", "adapter", "quantize", "kv-dtype", "output"])
+    ({"DEVICE": "gpu"}, "DEVICE = 'gpu': expected auto, cpu, cuda, cuda:N or mps"),  # was torch's RuntimeError
+    ({"DTYPE": "bf16"}, "DTYPE must be one of ('auto', 'bfloat16', 'float16', 'float32'), got 'bf16'"),  # KeyError
+], ids=["missing", "nan", "token-temp", "top-p", "seconds", "adapter", "quantize", "kv-dtype", "output", "device",
+        "dtype"])
 def test_bad_parameters_stop_before_the_weights_load(tmp_path, params, message):
     """VARIANT names a checkpoint that does not exist: loading would fail on it, so the error
     about the parameter shows that the check came first."""

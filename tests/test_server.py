@@ -913,6 +913,28 @@ def test_cli_official_weights_missing_offline_are_an_error_not_a_traceback(tmp_p
     assert all(OFFICIAL_FILES[n].filename in r.stderr for n in (QUANTIZER, *VARIANTS["duplex"][:2]))
 
 
+
+def test_cli_weights_the_live_server_cannot_use_are_errors_before_loading(model, tmp_path):
+    """A mono variant or checkpoint, a checkpoint that records no codec, and --quantize on a
+    checkpoint saved quantized: one `error:` line, before any weights load. They were a traceback
+    (mono, the quantization) after loading the weights, or after downloading 34 GB of official mono
+    weights (--variant mono), or a traceback when the engine reached for the codec."""
+    import dataclasses
+    from config.transformer_config import PRESETS
+    from model import HertzDev, build, save_transformer
+    from model.quant import quantize_model
+    mono = save_transformer(tmp_path / "mono.safetensors",
+                            build(HertzDev, dataclasses.replace(PRESETS["tiny"], duplex=False)))
+    no_codec = save_transformer(tmp_path / "no-codec.safetensors", model)
+    int8 = save_transformer(tmp_path / "int8.safetensors", quantize_model(build(HertzDev, PRESETS["tiny"]), "int8"))
+    assert_cli_errors(tmp_path, {
+        ("--variant", "mono"): ["error: --variant mono: the live server needs the duplex variant"],
+        ("--checkpoint", str(mono)): [f"error: --checkpoint {mono} is a mono model"],
+        ("--checkpoint", str(no_codec)): [f"error: --checkpoint {no_codec} records no codec", "--codec official"],
+        ("--checkpoint", str(int8), "--codec", "official", "--quantize", "int4"):
+            [f"error: {int8} holds int8 weights: load it without quantize="]})
+
+
 def test_cli_refuses_a_non_finite_prompt(tmp_path):
     nan = tmp_path / "nan.wav"
     sf.write(nan, np.full((16000, 2), np.nan, dtype=np.float32), 16000, subtype="FLOAT")
