@@ -58,10 +58,10 @@ from model.loading import load_codec, write_codec
 from model.parallel import average_gradients, broadcast_parameters, gradient_sync
 from model.plots import plot_metrics, save_mel_figure
 from model.training import (Checkpoints, Deadline, Dist, Logger, all_reduce_mean, autocast, before_step,
-                            FiniteGuard, check_architecture, check_folders, check_trainer, check_resumable, cosine_lr,
-                            last_step, load_training_state, loss_scaler, move_aside, rng_state, run_script,
-                            seed_everything, set_rng_state, setup_distributed, StepTimer, state_to_load,
-                            stop_message, teardown_distributed, unwrap, window_peak_gb)
+                            FiniteGuard, check_architecture, check_data_paths, check_folders, check_trainer,
+                            check_resumable, check_schedule, cosine_lr, last_step, load_training_state, loss_scaler,
+                            move_aside, rng_state, run_script, seed_everything, set_rng_state, setup_distributed,
+                            StepTimer, state_to_load, stop_message, teardown_distributed, unwrap, window_peak_gb)
 
 
 def main(argv=None) -> dict:
@@ -442,12 +442,33 @@ def check_config(cfg: CodecConfig) -> None:
                               "or set val_mos=false")
         if cfg.sample_rate != 16000:
             raise ConfigError(f"val_mos=true: DNSMOS needs 16 kHz audio, not sample_rate={cfg.sample_rate}")
+    check_data_paths(cfg, "val_data_path", *(() if cfg.eval_only else ("train_data_path",)))
+    if len(cfg.strides) != len(cfg.channel_ratios):
+        raise ConfigError(f"strides={cfg.strides} and channel_ratios={cfg.channel_ratios} need one item per "
+                          "encoder block each")
     hop = math.prod(cfg.strides)
     for key in ("segment_seconds", "val_segment_seconds"):
         segment = round(getattr(cfg, key) * cfg.sample_rate)
-        if segment % hop:
-            raise ConfigError(f"{key}={getattr(cfg, key)} gives {segment} samples, not a multiple of "
+        if segment % hop or (segment == 0 and getattr(cfg, key) > 0):  # (val_segment_seconds=0: segment_seconds)
+            raise ConfigError(f"{key}={getattr(cfg, key)} gives {segment} samples, not a positive multiple of "
                               f"the codec's {hop} samples per latent")
+    if not cfg.mel_windows or len(cfg.mel_windows) != len(cfg.mel_bins):
+        raise ConfigError(f"mel_windows={cfg.mel_windows} and mel_bins={cfg.mel_bins}: give one number of mel "
+                          "bands per window, at least one window")
+    if not cfg.mpd_periods and not cfg.mrd_windows:
+        raise ConfigError("mpd_periods=() and mrd_windows=(): no discriminator left; keep at least one (to train "
+                          "without the adversarial terms, set disc_start_step beyond max_steps)")
+    if cfg.mpd_periods and not cfg.mpd_channels:
+        raise ConfigError("mpd_channels=(): the period discriminators need their layers' widths (or mpd_periods=())")
+    if cfg.stft_weight > 0 and not cfg.stft_windows:
+        raise ConfigError("stft_weight > 0 with stft_windows=(): give the complex-STFT term its windows, "
+                          "or set stft_weight=0")
+    if not cfg.eval_only:
+        check_schedule(cfg)
+        weights = ("mel_weight", "kl_weight", "adv_weight", "feature_weight", "wave_weight", "stft_weight")
+        if not any(getattr(cfg, k) for k in weights):
+            raise ConfigError(f"{', '.join(weights)} are all 0: the generator would learn nothing; "
+                              "give at least one loss a weight > 0")
 
 
 def resume_notes(state: dict, cfg: CodecConfig, world_size: int) -> list[str]:

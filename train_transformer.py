@@ -43,21 +43,21 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from config import ConfigError, fields_marked, from_dict, parse_args
+from config.codec_config import PRESETS as CODEC_PRESETS
 from config.transformer_config import PRESETS, TransformerConfig
 from model import Generator, HertzDev, build, finetune, hub, load_codec, load_hertz_dev
 from model.checkpoint import CheckpointError, read_metadata
 from model.loading import write_transformer
 from model.latents import LatentCrops, StepSampler, codec_fingerprint, prepare_latents, sample_posterior
-from model.manifest import ManifestError, is_manifest, read_manifest
 from model.objectives import STAGE_LOSSES, compute_losses, peak_flops, through_cache, train_flops_per_latent
 from model.parallel import (compile_blocks, full_state_dicts, gradient_sync, inner, load_full_state_dicts,
                             parallelize, rank0_first)
 from model.quant import quantize_model
 from model.training import (Checkpoints, ConfigMismatch, Deadline, Dist, FiniteGuard, Logger, all_reduce_mean,
-                            autocast, before_step, check_architecture, check_finite_step, check_folders,
-                            check_resumable, check_trainer, cosine_lr, last_step, load_training_state, loss_scaler,
-                            move_aside, run_script, setup_distributed, state_to_load, stop_message,
-                            teardown_distributed, window_peak_gb)
+                            autocast, before_step, check_architecture, check_data_paths, check_finite_step,
+                            check_folders, check_resumable, check_schedule, check_trainer, cosine_lr, last_step,
+                            load_training_state, loss_scaler, move_aside, run_script, setup_distributed,
+                            state_to_load, stop_message, teardown_distributed, window_peak_gb)
 
 PARTS = ("quantizer", "lm", "resynth")
 # FSDP2 warns about every module output that is a view; none of ours is modified in place.
@@ -494,24 +494,34 @@ def check_config(cfg: TransformerConfig) -> None:
         raise ConfigError("seq_len must be at least 2 latents (one prediction)")
     if not cfg.eval_only and (cfg.eval_quantize != "none" or cfg.eval_kv_dtype != "none"):
         raise ConfigError("eval_quantize and eval_kv_dtype apply to eval_only=true (training stays in float)")
+    stereo_only = [f"{k}={getattr(cfg, k)}" for k, default in (("model_channel", 1), ("mono_to_stereo", "silence"))
+                   if getattr(cfg, k) != default]
+    if not cfg.duplex and stereo_only:  # a mono run averages the channels: these would be ignored
+        raise ConfigError(f"{' and '.join(stereo_only)} with duplex=false: it applies to duplex runs only (a mono "
+                          "run averages every file's channels); drop it or set duplex=true")
+    if not cfg.eval_only:
+        check_schedule(cfg)
+        # a stage's loss at weight 0: the parts it trains get zero gradients, and weight decay only
+        for loss, key, other in (("lm_ce", "lm_loss_weight", "quantizer"),
+                                 ("resynth_nll", "resynth_loss_weight", "lm")):
+            if loss in STAGE_LOSSES[cfg.stage] and getattr(cfg, key) == 0:
+                raise ConfigError(f"{key}=0 with stage={cfg.stage}, which trains on {loss}: nothing would learn "
+                                  f"from it; set {key} > 0" + (f", or stage={other}" if cfg.stage == "all" else ""))
     source = cfg.codec_checkpoint
     if source != "official" and not os.path.isfile(source):
         hint = ("train one with `python train_codec.py --config tiny` (it writes checkpoints/codec/best.safetensors)"
                 if source == PRESETS["tiny"].codec_checkpoint else "check the path")
         raise ConfigError(f"codec_checkpoint={source!r}: no such file; {hint}, or pass codec_checkpoint=official "
                           "or codec_checkpoint=PATH to one of our codecs")
+    # the codec's rate, from its header: audio resampled to another rate would encode into other latents
+    rate = (CODEC_PRESETS["hertz_dev"].sample_rate if source == "official"
+            else read_metadata(source, "codec")["config"].get("sample_rate", CODEC_PRESETS["hertz_dev"].sample_rate))
+    if rate != cfg.sample_rate:
+        raise ConfigError(f"sample_rate={cfg.sample_rate}, but codec_checkpoint={source} encodes {rate} Hz audio: "
+                          f"set sample_rate={rate}")
     if cfg.init_from is not None:  # its kind and architecture from the header, before the latents are encoded
         check_init_from(cfg)
-    for key in ("train_data_path", "val_data_path"):
-        folder = getattr(cfg, key)
-        if is_manifest(folder):
-            try:  # a bad line or a missing file is an error now, not after the codec loads
-                read_manifest(folder)
-            except ManifestError as e:
-                raise ConfigError(f"{key}: {e}") from None
-        elif not os.path.isdir(folder):
-            raise ConfigError(f"{key}={folder!r}: no such folder; expected a folder of audio files or a .jsonl "
-                              "manifest (for the demo corpus run `python data/demo/prepare.py`)")
+    check_data_paths(cfg, "train_data_path", "val_data_path")  # a bad manifest line now, not after the codec loads
 
 
 def frozen_codec(cfg: TransformerConfig, device: torch.device):

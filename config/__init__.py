@@ -39,6 +39,7 @@ COUNT = {"min": 1}                   # sizes, steps between events, widths: >= 1
 NON_NEGATIVE = {"min": 0}            # loss weights, learning rates, limits where 0 means "none"
 POSITIVE = {"above": 0}              # lengths in seconds, scales: > 0
 FRACTION = {"min": 0, "below": 1}    # Adam's betas, dropout: in [0, 1)
+WINDOW = {"min": 4}                  # STFT windows in samples, hop = window / 4: >= 4
 
 
 def _type_name(tp) -> str:

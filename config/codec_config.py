@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from config import COUNT, DEVICE, FRACTION, NON_NEGATIVE, POSITIVE
+from config import COUNT, DEVICE, FRACTION, NON_NEGATIVE, POSITIVE, WINDOW
 
 # Marks on the fields (`fields_marked`, `config_diff` in config/__init__.py):
 ARCH = {"arch": True}          # the codec network: a checkpoint that differs cannot be loaded into it
@@ -60,7 +60,7 @@ class CodecConfig:
     feature_weight: float = field(default=2.0, metadata=NON_NEGATIVE)
     gan_loss: Literal["lsgan", "hinge"] = "lsgan"      # least-squares (HiFi-GAN, DAC) or hinge (MelGAN)
     # hop = window / 4
-    mel_windows: tuple[int, ...] = field(default=(32, 64, 128, 256, 512, 1024, 2048), metadata=COUNT)
+    mel_windows: tuple[int, ...] = field(default=(32, 64, 128, 256, 512, 1024, 2048), metadata=WINDOW)
     mel_bins: tuple[int, ...] = field(default=(5, 10, 20, 40, 80, 160, 320), metadata=COUNT)  # one per window
     # phase-aware terms, off by default (DAC has none; EnCodec has a waveform L1): the mel loss is
     # blind to phase, these are not (SI-SDR); 0 leaves the term out of the loss and the logs
@@ -68,13 +68,13 @@ class CodecConfig:
     # complex-STFT L1, relative to the reference's magnitude
     stft_weight: float = field(default=0.0, metadata=NON_NEGATIVE)
     # its STFT windows, hop = window / 4
-    stft_windows: tuple[int, ...] = field(default=(128, 512, 2048), metadata=COUNT)
+    stft_windows: tuple[int, ...] = field(default=(128, 512, 2048), metadata=WINDOW)
 
     # --- discriminators -------------------------------------------------------------------------
     mpd_periods: tuple[int, ...] = field(default=(2, 3, 5, 7, 11), metadata={**DISC, **COUNT})  # HiFi-GAN multi-period
     mpd_channels: tuple[int, ...] = field(default=(32, 128, 512, 1024, 1024), metadata={**DISC, **COUNT})
     # DAC multi-res. complex STFT
-    mrd_windows: tuple[int, ...] = field(default=(2048, 1024, 512), metadata={**DISC, **COUNT})
+    mrd_windows: tuple[int, ...] = field(default=(2048, 1024, 512), metadata={**DISC, **WINDOW})
     mrd_channels: int = field(default=32, metadata={**DISC, **COUNT})
     # adversarial losses and D updates from here
     disc_start_step: int = field(default=0, metadata={**SCHEDULE, **NON_NEGATIVE})
@@ -88,7 +88,7 @@ class CodecConfig:
     learning_rate: float = field(default=1e-4, metadata={**SCHEDULE, **NON_NEGATIVE})
     min_lr: float = field(default=1e-5, metadata={**SCHEDULE, **NON_NEGATIVE})
     warmup_steps: int = field(default=1000, metadata={**SCHEDULE, **NON_NEGATIVE})
-    max_steps: int = field(default=100_000, metadata={**SCHEDULE, **NON_NEGATIVE})
+    max_steps: int = field(default=100_000, metadata={**SCHEDULE, **COUNT})
     weight_decay: float = field(default=0.01, metadata=NON_NEGATIVE)
     beta1: float = field(default=0.8, metadata=FRACTION)
     beta2: float = field(default=0.99, metadata=FRACTION)
@@ -98,7 +98,7 @@ class CodecConfig:
     log_interval: int = field(default=50, metadata=COUNT)
     eval_interval: int = field(default=1000, metadata=COUNT)
     save_interval: int = field(default=1000, metadata=COUNT)  # also saved after every evaluation and at the end
-    # step_*.pt files kept (latest and best always kept)
+    # step_*.pt files kept (latest and best always kept); 0: every one
     keep_checkpoints: int = field(default=3, metadata=NON_NEGATIVE)
     # stop (eval + save) at a log step past this wall time; 0: never
     max_minutes: float = field(default=0.0, metadata=NON_NEGATIVE)

@@ -83,7 +83,7 @@ class TransformerConfig:
     learning_rate: float = field(default=3e-4, metadata=NON_NEGATIVE)
     min_lr: float = field(default=3e-5, metadata=NON_NEGATIVE)
     warmup_steps: int = field(default=1000, metadata=NON_NEGATIVE)
-    max_steps: int = field(default=100_000, metadata=NON_NEGATIVE)
+    max_steps: int = field(default=100_000, metadata=COUNT)
     weight_decay: float = field(default=0.1, metadata=NON_NEGATIVE)
     beta1: float = field(default=0.9, metadata=FRACTION)
     beta2: float = field(default=0.95, metadata=FRACTION)
@@ -109,7 +109,7 @@ class TransformerConfig:
     eval_interval: int = field(default=1000, metadata=COUNT)
     save_interval: int = field(default=1000, metadata=COUNT)
     checkpoint_dir: str = "checkpoints/transformer"
-    keep_checkpoints: int = field(default=3, metadata=NON_NEGATIVE)  # step_*.pt files kept (plus latest and best)
+    keep_checkpoints: int = field(default=3, metadata=NON_NEGATIVE)  # step_*.pt kept (and latest, best); 0: all
     # > 0: eval, save and stop at a log step past this wall time
     max_minutes: float = field(default=0.0, metadata=NON_NEGATIVE)
     # > 0: eval, save and stop at this step; the schedule still ends at max_steps (run again to continue)

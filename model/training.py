@@ -14,6 +14,9 @@
 - `Deadline` / `last_step` / `before_step`: the loop's schedule, the same in both trainers: when it
   stops (at `max_steps` or an earlier `stop_step`, or at a log step once `max_minutes` have
   passed), evaluates and saves, and which value ranks a checkpoint for `best.pt`.
+- `check_folders` / `check_data_paths` / `check_schedule`: config mistakes both trainers find
+  before anything slow (a file where a run folder goes, a missing data folder or bad manifest,
+  `min_lr` above `learning_rate`).
 - `check_resumable` / `check_architecture`: a resumed or init_from config that contradicts the
   checkpoint's is a `ConfigMismatch` naming each field (`config.config_diff`).
 - `Logger`: Weights & Biases (online, offline fallback, disabled) plus a local `metrics.jsonl`.
@@ -45,6 +48,7 @@ from .checkpoint import (TEMP_SUFFIX, CheckpointError, atomic_write, non_finite,
                          torch_save, write_temp)
 from .checkpoint import _header as header
 from .hub import WeightsError
+from .manifest import ManifestError, is_manifest, read_manifest
 
 
 # --- the error exit ---------------------------------------------------------------------------
@@ -325,6 +329,30 @@ def check_folders(cfg, *keys: str) -> None:
         path = getattr(cfg, key)
         if os.path.exists(path) and not os.path.isdir(path):
             raise ConfigError(f"{key}={path!r} is a file, not a folder")
+
+
+def check_data_paths(cfg, *keys: str) -> None:
+    """ConfigError naming the key when one of these config paths is neither a folder nor a usable
+    jsonl manifest (a bad line, a missing file: `read_manifest`), before the codec loads or any
+    audio is read."""
+    for key in keys:
+        folder = getattr(cfg, key)
+        if is_manifest(folder):
+            try:
+                read_manifest(folder)
+            except ManifestError as e:
+                raise ConfigError(f"{key}: {e}") from None
+        elif not os.path.isdir(folder):
+            raise ConfigError(f"{key}={folder!r}: no such folder; expected a folder of audio files or a .jsonl "
+                              "manifest (for the demo corpus run `python data/demo/prepare.py`)")
+
+
+def check_schedule(cfg) -> None:
+    """ConfigError when the learning-rate schedule (`cosine_lr`) contradicts itself: a `min_lr`
+    above `learning_rate` would make the decay raise the rate."""
+    if cfg.min_lr > cfg.learning_rate:
+        raise ConfigError(f"min_lr={cfg.min_lr} is above learning_rate={cfg.learning_rate}: the cosine decay would "
+                          f"raise the rate; set min_lr <= learning_rate (e.g. min_lr={cfg.learning_rate / 10:g})")
 
 
 def load_training_state(path: str | os.PathLike, mmap: bool = False, map_location="cpu") -> dict:

@@ -163,7 +163,13 @@ RANGES = [(CODEC_PRESETS, "batch_size=0", "batch_size: expected a number >= 1, g
           (TRANSFORMER_PRESETS, "lm_heads=0", "lm_heads: expected a number >= 1, got 0"),
           (TRANSFORMER_PRESETS, "lm_kv_heads=-2", "lm_kv_heads: expected a number >= 1, got -2"),
           (TRANSFORMER_PRESETS, "lora_dropout=1.5", "lora_dropout: expected a number >= 0 and < 1, got 1.5"),
-          (TRANSFORMER_PRESETS, "eval_interval=0", "eval_interval: expected a number >= 1, got 0")]
+          (TRANSFORMER_PRESETS, "eval_interval=0", "eval_interval: expected a number >= 1, got 0"),
+          # no step to train: the run would evaluate once and say done, with no checkpoint written
+          (CODEC_PRESETS, "max_steps=0", "max_steps: expected a number >= 1, got 0"),
+          (TRANSFORMER_PRESETS, "max_steps=0", "max_steps: expected a number >= 1, got 0"),
+          # hop = window / 4: a window under 4 samples has no hop (torch.stft's error in the first step)
+          (CODEC_PRESETS, "mel_windows=(2,64)", "mel_windows: expected each item >= 4, got (2, 64)"),
+          (CODEC_PRESETS, "mrd_windows=(3,)", "mrd_windows: expected each item >= 4, got (3,)")]
 
 
 @pytest.mark.parametrize("presets,arg,message", RANGES)
@@ -183,7 +189,7 @@ def test_every_preset_value_is_inside_its_range_and_the_bounds_are_accepted(pres
         assert len(ranged) > 20
         assert apply_overrides(cfg, {f.name: getattr(cfg, f.name) for f in ranged}) == cfg, name
     cfg = next(iter(presets.values()))
-    assert apply_overrides(cfg, {"max_steps": 0, "grad_clip": 0.0, "beta1": 0.0}).max_steps == 0
+    assert apply_overrides(cfg, {"warmup_steps": 0, "grad_clip": 0.0, "beta1": 0.0}).warmup_steps == 0
     if "lm_kv_heads" in {f.name for f in dataclasses.fields(cfg)}:
         assert apply_overrides(cfg, {"lm_kv_heads": None}).lm_kv_heads is None
 

@@ -19,7 +19,7 @@ import soundfile as sf
 import torch
 
 import train_codec
-from config import fields_marked
+from config import ConfigError, fields_marked, parse_args
 from config.codec_config import CodecConfig
 from model import Codec, build, hub, load_codec, save_codec
 from model.checkpoint import read_metadata
@@ -255,6 +255,50 @@ def test_empty_train_folder_is_a_clear_error(corpus, tmp_path):
     assert result.returncode != 0
     assert f"error: audio folder {tmp_path / 'empty'} has no audio files" in result.stderr
     assert ".wav, .flac, .ogg, .mp3" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("overrides, message", [
+    # rounds to 0 samples, a multiple of every hop: a ValueError traceback from the dataset
+    (["segment_seconds=0.00001"], "segment_seconds=1e-05 gives 0 samples, not a positive multiple"),
+    (["val_segment_seconds=0.00001"], "val_segment_seconds=1e-05 gives 0 samples"),
+    # an AssertionError when the codec was built, after the data
+    (["strides=(2,2,4,5,5)"], "strides=(2, 2, 4, 5, 5) and channel_ratios=(1, 2, 4, 4, 4, 4) need one item"),
+    # a ValueError when the loss was built, after the data; with both empty, a TypeError at step 0
+    (["mel_windows=(32,64)"], "mel_windows=(32, 64) and mel_bins=(5, 10, 20, 40, 80, 160, 320): give one"),
+    (["mel_windows=()", "mel_bins=()"], "mel_windows=() and mel_bins=(): give one number"),
+    # tracebacks in the first step (no discriminator's verdict to back-propagate, an empty feature map list)
+    (["mpd_periods=()", "mrd_windows=()"], "mpd_periods=() and mrd_windows=(): no discriminator left"),
+    (["mpd_channels=()"], "mpd_channels=(): the period discriminators need"),
+    (["stft_weight=1.0", "stft_windows=()"], "stft_weight > 0 with stft_windows=()"),
+    # trained silently: nothing learnt (only weight decay), or a rate rising from 1e-5 to min_lr
+    (["mel_weight=0.0", "kl_weight=0.0", "adv_weight=0.0", "feature_weight=0.0"],
+     "mel_weight, kl_weight, adv_weight, feature_weight, wave_weight, stft_weight are all 0"),
+    (["learning_rate=1e-5"], "min_lr=0.0001 is above learning_rate=1e-05: the cosine decay would raise the rate"),
+], ids=["segment-0-samples", "val-segment-0-samples", "strides-ratios", "mel-lengths", "mel-empty", "no-disc",
+        "mpd-channels-empty", "stft-windows-empty", "all-weights-0", "min-lr-above-lr"])
+def test_contradicting_settings_are_config_errors(corpus, tmp_path, overrides, message):
+    """Settings each valid alone that cannot train together: check_config names them (before any
+    audio is read or a model is built)."""
+    cfg = parse_args(args(corpus, tmp_path / "run", *overrides), PRESETS)
+    with pytest.raises(ConfigError) as e:
+        train_codec.check_config(cfg)
+    assert message in str(e.value)
+    train_codec.check_config(parse_args(args(corpus, tmp_path / "run"), PRESETS))  # the run without them passes
+
+
+def test_a_manifest_relative_to_another_folder_is_one_error_line_before_the_data(corpus, tmp_path):
+    """A training manifest whose paths are relative to the corpus folder, not to its own: one line
+    naming the manifest, its line and the folder paths are read from, before the validation audio
+    is decoded (it came after, from the training set's scan)."""
+    manifest = tmp_path / "lists" / "train.jsonl"
+    manifest.parent.mkdir()
+    files = sorted((corpus / "train").rglob("*.wav"))[:3]
+    manifest.write_text("".join(json.dumps({"path": str(f.relative_to(corpus / "train"))}) + "\n" for f in files))
+    result = run(["train_codec.py"] + args(corpus, tmp_path / "run", f"train_data_path={manifest}"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert error_line(result.stderr).startswith(f"error: train_data_path: manifest {manifest} line 1: no such file")
+    assert "val:" not in result.stdout + result.stderr  # the validation audio was not read
+    assert not (tmp_path / "run").exists()
 
 
 def unreadable_since_the_scan(src, folder):

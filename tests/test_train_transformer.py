@@ -228,7 +228,18 @@ def fails(args, env=None) -> str:
     (["max_steps=many"], "max_steps: expected an int, got 'many'"),
     (["train_data_path=MISSING"], "train_data_path="),
     (["val_data_path=MISSING"], "val_data_path="),
-], ids=["preset", "key", "type", "train-folder", "val-folder"])
+    # each valid alone, contradicting together: before, each trained (the first three silently
+    # on nothing but weight decay, the last with a rate rising to min_lr, the fourth ignored)
+    (["stage=lm", "lm_loss_weight=0.0"], "lm_loss_weight=0 with stage=lm, which trains on lm_ce"),
+    (["resynth_loss_weight=0.0"], "resynth_loss_weight=0 with stage=all, which trains on resynth_nll: nothing "
+                                  "would learn from it; set resynth_loss_weight > 0, or stage=lm"),
+    (["stage=quantizer", "resynth_loss_weight=0.0"], "resynth_loss_weight=0 with stage=quantizer"),
+    (["duplex=false", "model_channel=0"], "model_channel=0 with duplex=false: it applies to duplex runs only"),
+    (["learning_rate=1e-5"], "min_lr=0.0001 is above learning_rate=1e-05"),
+    # the audio resampled to 8 kHz and encoded by a 16 kHz codec: other latents, trained on silently
+    (["sample_rate=8000"], "sample_rate=8000, but codec_checkpoint="),
+], ids=["preset", "key", "type", "train-folder", "val-folder", "lm-weight-0", "resynth-weight-0",
+        "quantizer-weight-0", "mono-model-channel", "min-lr-above-lr", "codec-rate"])
 def test_user_errors_are_one_error_line(setup, tmp_path, mistake, message):
     args = base_args(setup, tmp_path / "run", latents_dir=tmp_path / "latents")
     args += [a.replace("MISSING", str(tmp_path / "missing")) for a in mistake]
