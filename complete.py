@@ -35,7 +35,7 @@ import warnings
 import torch
 
 from model import SamplingParams, load_hertz_dev
-from model.audio import AudioError, check_output, check_prompt, load_prompt, save_audio
+from model.audio import AudioError, check_output, check_prompt, file_problem, load_prompt, save_audio
 from model.checkpoint import read_metadata
 from model.generator import Generator
 from model.hub import VARIANTS
@@ -101,11 +101,11 @@ def main(argv=None) -> int:
     if args.variant not in VARIANTS and not os.path.isfile(args.variant):
         print(f"error: --variant {args.variant!r} is neither one of {', '.join(VARIANTS)} nor a file", file=sys.stderr)
         return 2
-    if args.codec not in ("auto", "official") and not os.path.isfile(args.codec):
-        print(f"error: --codec: no such file: {args.codec}", file=sys.stderr)
+    if args.codec not in ("auto", "official") and (problem := file_problem(args.codec)):
+        print(f"error: --codec: {problem}", file=sys.stderr)
         return 2
-    if args.adapter is not None and not os.path.isfile(args.adapter):
-        print(f"error: no such file: {args.adapter}", file=sys.stderr)
+    if args.adapter is not None and (problem := file_problem(args.adapter)):
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     if args.codec == "auto" and args.variant not in VARIANTS:  # one of ours: the codec its header records
         try:

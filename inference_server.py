@@ -1141,7 +1141,7 @@ def check_args(args):
     for sampling parameters outside their ranges, missing files and an unreadable prompt (all
     without importing torch). Returns (sampling parameters {name: value}, prompt (2, N) float32
     or None)."""
-    from model.audio import AudioError, load_prompt, make_folder
+    from model.audio import AudioError, file_problem, load_prompt, make_folder
     values = {name: getattr(args, name) for name in PARAM_NAMES}
     try:
         params = check_params(values)
@@ -1151,8 +1151,8 @@ def check_args(args):
         raise SystemExit(f"error: --variant {args.variant}: the live server needs the duplex variant "
                          "(or --checkpoint with one of our duplex checkpoints)")
     for path in (args.checkpoint, args.adapter, args.prompt_path, None if args.codec in ("auto", "official") else args.codec):
-        if path is not None and not os.path.isfile(path):
-            raise SystemExit(f"error: no such file: {path}")
+        if path is not None and (problem := file_problem(path)):
+            raise SystemExit(f"error: {problem}")
     if args.recordings is not None:  # found now, not as a lost recording at each session's start
         try:
             make_folder(args.recordings, "--recordings")

@@ -238,12 +238,20 @@ def load_prompt(path: str, channels: int, sample_rate: int = 16000, hop: int = 2
     return np.ascontiguousarray(audio[:, audio.shape[1] // hop * hop - frames * hop: audio.shape[1] // hop * hop])
 
 
+def file_problem(path: str) -> Optional[str]:
+    """Why `path` is not a file to read ("no such file: PATH", "PATH is a folder, not a file"), or
+    None: the scripts' check of the files they are given, before any weights load."""
+    if os.path.isfile(path):
+        return None
+    return f"{path} is a folder, not a file" if os.path.isdir(path) else f"no such file: {path}"
+
+
 def check_prompt(path: str, sample_rate: int = 16000, hop: int = 2000) -> None:
-    """Raise AudioError when a prompt file is missing ("no such file: PATH"), unreadable as audio
-    (non-finite or huge samples included) or shorter than one latent frame (`load_prompt`'s
+    """Raise AudioError when a prompt file is missing or a folder (`file_problem`), unreadable as
+    audio (non-finite or huge samples included) or shorter than one latent frame (`load_prompt`'s
     rules); scripts call it before they load any weights."""
-    if not os.path.isfile(path):
-        raise AudioError(f"no such file: {path}")
+    if problem := file_problem(path):
+        raise AudioError(problem)
     try:
         load_prompt(path, 1, sample_rate, hop)
     except ValueError as e:  # shorter than one frame

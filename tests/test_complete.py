@@ -114,6 +114,7 @@ def test_a_checkpoint_whose_codec_is_unknown_or_whose_weights_are_nan_is_one_err
 
 @pytest.mark.parametrize("prompt, flags, message", [
     ("missing.wav", [], "error: no such file: {prompt}"),
+    ("folder.wav", [], "error: {prompt} is a folder, not a file"),  # it said "no such file"
     ("nan.wav", [], "non-finite samples"),
     ("noise.wav", [], "cannot read audio file"),
     ("short.wav", [], "{prompt} is 0.062 s long: a prompt needs at least 0.125 s"),
@@ -128,8 +129,8 @@ def test_a_checkpoint_whose_codec_is_unknown_or_whose_weights_are_nan_is_one_err
     ("ok.wav", ["--seconds", "nan"], "--seconds must be a finite number > 0"),
     ("ok.wav", ["--device", "gpu"], "--device 'gpu': expected auto, cpu, cuda, cuda:N or mps"),
     ("ok.wav", ["--device", "cuda:99"], "--device cuda:99: "),
-], ids=["missing", "nan", "not-audio", "short", "rate-1hz", "token-temp", "gaussian-temp", "top-p", "min-p", "quantize",
-        "kv-dtype", "seconds", "device", "device-absent"])
+], ids=["missing", "folder", "nan", "not-audio", "short", "rate-1hz", "token-temp", "gaussian-temp", "top-p", "min-p",
+        "quantize", "kv-dtype", "seconds", "device", "device-absent"])
 def test_prompt_and_arguments_are_checked_before_any_weights(tmp_path, prompt, flags, message):
     """The official duplex variant, offline, with an empty weights folder: loading the weights
     would fail, so each error shows that the check came first; no output file is written."""
@@ -139,7 +140,8 @@ def test_prompt_and_arguments_are_checked_before_any_weights(tmp_path, prompt, f
     sf.write(tmp_path / "nan.wav", np.where(t < 0.5, 0.1, np.nan).astype(np.float32), sr, subtype="FLOAT")
     (tmp_path / "noise.wav").write_bytes(b"not a wav file at all" * 10)
     sf.write(tmp_path / "short.wav", t[:1000], sr)  # less than one latent (2000 samples)
-    sf.write(tmp_path / "1hz.wav", np.full(2000, 0.1), 1)  # 2000 s once resampled: long enough
+    sf.write(tmp_path / "1hz.wav", np.full(2000, 0.1), 1)
+    (tmp_path / "folder.wav").mkdir()  # 2000 s once resampled: long enough
     out = tmp_path / "out.wav"
     r = run(tmp_path / prompt, out, "--variant", "duplex", "--offline", "--ckpt-dir", tmp_path / "ckpt", *flags)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
