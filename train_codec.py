@@ -172,7 +172,8 @@ def main(argv=None) -> dict:
         for optimizer, value in ((opt_g, lr), (opt_d, lr_d)):
             for group in optimizer.param_groups:
                 group["lr"] = value
-        use_disc = step >= cfg.disc_start_step
+        # the discriminators judge (and learn) only when a generator term uses their verdicts
+        use_disc = step >= cfg.disc_start_step and (cfg.adv_weight > 0 or cfg.feature_weight > 0)
 
         # one pass per micro-batch: the generator reconstructs, the discriminators judge real audio
         # and the reconstruction once, and each side's loss back-propagates into its own weights only
@@ -196,8 +197,10 @@ def main(argv=None) -> dict:
                     if use_disc:
                         with parametrize.cached():  # each weight-normed weight computed once for both passes
                             d_real, d_fake = discriminators(real), discriminators(fake)
-                        losses["adv"] = generator_adversarial_loss(d_fake, cfg.gan_loss)
-                        losses["feature"] = feature_matching_loss(d_real, d_fake)
+                        if cfg.adv_weight > 0:
+                            losses["adv"] = generator_adversarial_loss(d_fake, cfg.gan_loss)
+                        if cfg.feature_weight > 0:
+                            losses["feature"] = feature_matching_loss(d_real, d_fake)
                         loss_d = discriminator_loss(d_real, d_fake, cfg.gan_loss)
                     losses["total"] = sum(weights[k] * losses[k] for k in losses)
                 scaler.scale(losses["total"] / cfg.grad_accum_steps).backward(inputs=gen_params,

@@ -190,6 +190,22 @@ def test_phase_aware_terms_are_logged_and_weighted_into_the_total(corpus, tmp_pa
     assert all("loss/wave" not in r and "loss/stft" not in r for r in off)
 
 
+def test_adversarial_terms_at_weight_0_are_not_computed_and_their_discriminators_idle(corpus, tmp_path):
+    """A term at weight 0 is neither computed nor logged; with both the adversarial and the
+    feature-matching weights 0 the discriminators neither judge nor learn (they were run and
+    trained every step for nothing)."""
+    common = ["--config", "tiny", f"train_data_path={corpus / 'train'}", f"val_data_path={corpus / 'val'}",
+              "wandb=disabled", "max_steps=2", "log_interval=1", "eval_interval=1000", "disc_start_step=0"]
+    train_codec.main(common + [f"checkpoint_dir={tmp_path / 'fm'}", "adv_weight=0"])
+    train_codec.main(common + [f"checkpoint_dir={tmp_path / 'none'}", "adv_weight=0", "feature_weight=0"])
+    fm, none = train_rows(tmp_path / "fm" / "metrics.jsonl"), train_rows(tmp_path / "none" / "metrics.jsonl")
+    assert fm and all("loss/adv" not in r and r["loss/feature"] > 0 and "loss/disc" in r for r in fm)
+    assert none and all(not any(k.startswith(("loss/adv", "loss/feature", "loss/disc", "grad_norm/disc")) for k in r)
+                        for r in none)
+    untrained = torch.load(tmp_path / "none" / "latest.pt", weights_only=False)
+    assert not untrained["opt_d"]["state"]  # no discriminator step taken: AdamW holds no moments
+
+
 def test_max_minutes_stops_cleanly_and_the_next_segment_resumes(corpus, tmp_path):
     run_dir = tmp_path / "run"
     segment = args(corpus, run_dir, "max_steps=1000", "max_minutes=0.001", "eval_interval=1000")
