@@ -460,7 +460,8 @@ def check_config(cfg: CodecConfig) -> None:
                           "bands per window, at least one window")
     if not cfg.mpd_periods and not cfg.mrd_windows:
         raise ConfigError("mpd_periods=() and mrd_windows=(): no discriminator left; keep at least one (to train "
-                          "without the adversarial terms, set disc_start_step beyond max_steps)")
+                          "without the adversarial terms, set adv_weight=0 feature_weight=0: the discriminators "
+                          "then neither run nor learn)")
     if cfg.mpd_periods and not cfg.mpd_channels:
         raise ConfigError("mpd_channels=(): the period discriminators need their layers' widths (or mpd_periods=())")
     if cfg.stft_weight > 0 and not cfg.stft_windows:
