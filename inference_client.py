@@ -57,6 +57,14 @@ def audio_url(server: str, seed: Optional[int] = None) -> str:
     scheme = {"http": "ws", "https": "wss"}.get(u.scheme, u.scheme)
     if scheme not in ("ws", "wss"):
         raise ValueError(f"--server must be ws://, wss://, http:// or https://, got {server!r}")
+    try:
+        u.port  # a port that is not a number in 0..65535 raises here
+    except ValueError as e:
+        raise ValueError(f"--server {server!r}: {e}") from None
+    if not u.hostname:
+        raise ValueError(f"--server {server!r} names no host (ws://HOST:PORT)")
+    if u.username is not None:
+        raise ValueError(f"--server {server!r}: a user name in the address is not supported (use --token)")
     path = u.path if u.path not in ("", "/") else "/audio"
     query = urllib.parse.parse_qsl(u.query)
     if seed is not None:
@@ -89,6 +97,7 @@ class Conversation:
         self.rtt: list[float] = []
         self.sent = self.replies = self.replayed = self.dropped = 0
         self.replaying = False
+        self.failure = ""  # what the server sent that no hertz-dev server sends
         self.answered = asyncio.Event()
 
     async def control(self, **message) -> dict:
@@ -97,7 +106,7 @@ class Conversation:
         while True:
             reply = await self.ws.recv()
             if isinstance(reply, str):
-                reply = json.loads(reply)
+                reply = server_notice(reply)
                 if reply.get("type") in ("ack", "error", "status"):
                     return reply
 
@@ -113,6 +122,8 @@ class Conversation:
         try:
             async for message in self.ws:
                 if isinstance(message, bytes):
+                    if len(message) != CHUNK_BYTES:
+                        raise ValueError(f"a binary message of {len(message)} bytes, not one chunk ({CHUNK_BYTES})")
                     sent, captured = self.pending.popleft() if self.pending else (None, None)
                     self.replies += 1
                     if self.replaying:
@@ -122,10 +133,12 @@ class Conversation:
                         self.rtt.append(time.perf_counter() - sent)
                     self.on_audio(np.frombuffer(message, dtype="<i2"), captured)
                 else:
-                    m = json.loads(message)
+                    m = server_notice(message)
                     kind = m.get("type")
                     if kind == "dropped":
-                        n = int(m["chunks"])
+                        n = m.get("chunks")
+                        if not isinstance(n, int) or n < 0:
+                            raise ValueError(f"a dropped notice without a chunk count: {message[:80]!r}")
                         for _ in range(min(n, len(self.pending))):
                             self.pending.popleft()
                         self.dropped += n
@@ -137,6 +150,9 @@ class Conversation:
                 self.answered.set()
         except websockets.ConnectionClosedError:
             pass
+        except ValueError as e:  # not a hertz-dev server, or another version of the protocol
+            self.failure = f"the server broke the protocol: {e}"
+            await self.ws.close()
         finally:  # wake a sender waiting for replies (--no-realtime's window): none will come now
             self.answered.set()
 
@@ -147,6 +163,17 @@ class Conversation:
     def summary(self) -> dict:
         return {"replies": self.replies, "replayed": self.replayed, "timed": len(self.rtt),
                 **latency_summary(self.rtt), "sent": self.sent, "dropped_by_server": self.dropped}
+
+
+def server_notice(text: str) -> dict:
+    """A text message of the server -> its JSON object; ValueError (naming it) when it is none."""
+    try:
+        m = json.loads(text)
+    except ValueError:
+        m = None
+    if not isinstance(m, dict):
+        raise ValueError(f"a text message that is not a JSON object: {text[:80]!r}")
+    return m
 
 
 def print_summary(conv: Conversation, **extra) -> None:
@@ -170,9 +197,14 @@ async def open_session(args):
         # close_timeout: at the end (or Ctrl-C) wait at most 2 s for the server's closing handshake
         ws = await connect(url, additional_headers=headers, max_size=1 << 20, open_timeout=20, close_timeout=2)
     except websockets.InvalidStatus as e:
-        code = e.response.status_code
-        hint = " (a missing or wrong --token)" if code in (401, 403) else ""
+        code, path = e.response.status_code, urllib.parse.urlsplit(url).path
+        if code in (401, 403):  # the server refuses a websocket to another path with 403 too
+            hint = " (a missing or wrong --token" + ("" if path.endswith("/audio") else f", or no websocket at {path}") + ")"
+        else:
+            hint = " (not a hertz-dev server: its websocket is ws://HOST:PORT/audio)"
         raise SystemExit(f"error: the server refused the connection: HTTP {code}{hint}")
+    except websockets.InvalidHandshake as e:  # something listens there, but it does not speak websocket
+        raise SystemExit(f"error: {url} is not a websocket server ({e})")
     except OSError as e:
         raise SystemExit(f"error: cannot reach {url}: {e}")
     return ws
@@ -191,6 +223,9 @@ async def start(args, on_audio, on_dropped=lambda n: None) -> Conversation:
             log("sampling: " + ", ".join(f"{k}={v}" for k, v in reply["params"].items()))
     except websockets.ConnectionClosed:  # the server refused the session (at capacity, a bad seed)
         raise SystemExit(f"error: {close_reason(ws) or 'the server closed the session'}") from None
+    except ValueError as e:  # its answer was not JSON: not a hertz-dev server
+        await ws.close()
+        raise SystemExit(f"error: the server broke the protocol: {e}") from None
     except Exception:
         await ws.close()
         raise
@@ -201,7 +236,9 @@ def close_reason(ws) -> str:
     code = ws.close_code
     if code in (None, 1000):
         return ""
-    reason = ws.close_reason or ""
+    if code == 1006:  # no closing handshake: the server died or the network went away
+        return "the connection to the server was lost (1006)"
+    reason = ws.close_reason or {1012: "the server is shutting down"}.get(code, "")
     return f"the server closed the session: {code} {reason}".strip()
 
 
@@ -291,9 +328,9 @@ async def file_mode(args, stop: asyncio.Event) -> int:
         else:
             log(f"the server answered nothing: {args.output_wav} not written")
         print_summary(conv, missing=max(0, sent - slot))
-    reason = close_reason(conv.ws)
+    reason = conv.failure or close_reason(conv.ws)
     if reason:
-        log(reason)
+        log(f"error: {reason}")
         return 1
     return 0
 
@@ -457,18 +494,21 @@ def import_sounddevice():
 
 
 def choose_devices(sd, args) -> None:
+    """Ask for the devices on the terminal (before the event loop starts: input() blocks)."""
     print(sd.query_devices())
     default_in, default_out = sd.default.device
-    given = input(f"input device [{default_in}]: ").strip()
-    args.input_device = given or args.input_device
-    given = input(f"output device [{default_out}]: ").strip()
-    args.output_device = given or args.output_device
+    try:
+        given = input(f"input device [{default_in}]: ").strip()
+        args.input_device = given or args.input_device
+        given = input(f"output device [{default_out}]: ").strip()
+        args.output_device = given or args.output_device
+    except EOFError:
+        raise SystemExit("\nerror: --choose-devices asks on the terminal, and its input ended; "
+                         "give --input-device and --output-device instead") from None
 
 
 async def live_mode(args, stop: asyncio.Event) -> int:
     sd = import_sounddevice()
-    if args.choose_devices:
-        choose_devices(sd, args)
     loop = asyncio.get_running_loop()
     mic: asyncio.Queue = asyncio.Queue(maxsize=16)
     speaker = Speaker()
@@ -541,9 +581,9 @@ async def live_mode(args, stop: asyncio.Event) -> int:
                       speaker_underruns=speaker.underruns, speaker_overflows=speaker.overflows,
                       speaker_max_margin_ms=samples_ms(speaker.max_margin),
                       speaker_trimmed_ms=samples_ms(speaker.trimmed), microphone_dropped=lost_mic)
-    reason = close_reason(conv.ws)
+    reason = conv.failure or close_reason(conv.ws)
     if reason:
-        log(reason)
+        log(f"error: {reason}")
         return 1
     return 0
 
@@ -597,6 +637,9 @@ def parse_args(argv=None):
         raise SystemExit(f"error: --window must be >= 1 chunk, got {args.window}")
     if not args.reply_timeout > 0:  # also refuses NaN, which would give up on every last reply
         raise SystemExit(f"error: --reply-timeout must be > 0 seconds, got {args.reply_timeout}")
+    if args.token and not args.token.isprintable():  # an HTTP header cannot carry it
+        raise SystemExit("error: --token (or $HERTZ_TOKEN) holds a control character: a newline or carriage return "
+                         "read from a file?")
     if args.seed is not None and not 0 <= args.seed < 2 ** 63:  # the server's range: refused before connecting
         raise SystemExit(f"error: --seed must be an integer in [0, 2**63), got {args.seed}")
     return args
@@ -608,6 +651,8 @@ def main(argv=None) -> int:
         print(import_sounddevice().query_devices())
         return 0
     try:
+        if args.choose_devices and not args.input_wav:
+            choose_devices(import_sounddevice(), args)
         return asyncio.run(interruptible(file_mode if args.input_wav else live_mode, args))
     except KeyboardInterrupt:
         return 0

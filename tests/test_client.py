@@ -1,6 +1,7 @@
 """inference_server.py and inference_client.py end to end, each in its own process: the server
 from the command line on tiny checkpoints (token, prompt with replay, recordings), the client in
 file mode (as fast as answered, at real time, interrupted with Ctrl-C)."""
+import contextlib
 import json
 import os
 import signal
@@ -196,7 +197,14 @@ def test_bad_flags_are_one_error_line_before_connecting(tmp_path):
     for flags, message in ((("--no-realtime", "--window", "0"), "--window must be >= 1 chunk, got 0"),
                            (("--reply-timeout", "nan"), "--reply-timeout must be > 0 seconds, got nan"),
                            (("--seed", "-1"), "--seed must be an integer in [0, 2**63), got -1"),
-                           (("--seed", str(2 ** 63)), f"--seed must be an integer in [0, 2**63), got {2 ** 63}")):
+                           (("--seed", str(2 ** 63)), f"--seed must be an integer in [0, 2**63), got {2 ** 63}"),
+                           # These were tracebacks from the websocket library, after the input file was read.
+                           (("--server", "ws://"), "--server 'ws://' names no host (ws://HOST:PORT)"),
+                           (("--server", "ws://:8000"), "--server 'ws://:8000' names no host (ws://HOST:PORT)"),
+                           (("--server", "ws://127.0.0.1:99999"), "--server 'ws://127.0.0.1:99999': Port out of range 0-65535"),
+                           (("--server", "ws://h:port"), "--server 'ws://h:port': Port could not be cast to integer value as 'port'"),
+                           (("--token", "t0ken\r"), "--token (or $HERTZ_TOKEN) holds a control character: a newline or "
+                                                    "carriage return read from a file?")):
         r = run_client(*common, *flags, timeout=30)
         assert r.returncode != 0 and r.stderr == f"error: {message}\n", (flags, r.stderr)
         assert not (tmp_path / "o.wav").exists()
@@ -245,6 +253,115 @@ def test_a_session_refused_at_capacity_is_one_line_and_keeps_the_old_output(serv
     assert rc_params == 1 and err_params.startswith("error: the server closed the session: 1013"), err_params
     assert len(err_params.splitlines()) == 1, err_params
     assert (tmp_path / "o.wav").read_bytes() == b"an earlier conversation"
+
+
+@contextlib.contextmanager
+def peer(handler, websocket=True):
+    """A server on a free loopback port, in a thread of its own: a websockets server calling
+    `handler(ws)`, or (websocket=False) a plain TCP server calling `handler(reader, writer)`.
+    Yields its ws:// URL."""
+    import asyncio
+    import threading
+    from websockets.asyncio.server import serve
+    ready, loop, holder = threading.Event(), asyncio.new_event_loop(), {}
+
+    async def main():
+        holder["stop"] = asyncio.Event()
+        sock = socket.create_server(("127.0.0.1", 0))
+        holder["port"] = sock.getsockname()[1]
+        opened = serve(handler, sock=sock) if websocket else asyncio.start_server(handler, sock=sock)
+        async with await opened if not websocket else opened:
+            ready.set()
+            await holder["stop"].wait()
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    try:
+        yield f"ws://127.0.0.1:{holder['port']}"
+    finally:
+        loop.call_soon_threadsafe(holder["stop"].set)
+        thread.join(10)
+
+
+def test_a_peer_that_is_not_a_hertz_dev_server_is_one_error_line(server, tmp_path):
+    """Something else listening at --server: the client says so, naming what went wrong, exits 1
+    and keeps an earlier output. Before, a peer that does not speak HTTP or closes at once was a
+    traceback (InvalidMessage); an HTTP 200 said 'refused'; a websocket server that sends other
+    messages (not JSON, short binary frames) ended the receiver silently with exit code 0; and a
+    websocket at another path of the real server was blamed on the token."""
+    url, _ = server
+    sf.write(tmp_path / "in.wav", speech_like(0.5), 16000)
+    (tmp_path / "o.wav").write_bytes(b"an earlier conversation")
+    common = ("--token", TOKEN, "--input-wav", tmp_path / "in.wav", "--output-wav", tmp_path / "o.wav", "--no-realtime")
+
+    async def garbage(reader, writer):
+        writer.write(b"SSH-2.0-OpenSSH_9.6\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def http_200(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    def answering(reply):
+        async def handler(ws):
+            async for _ in ws:
+                await ws.send(reply)
+        return handler
+
+    cases = [(peer(garbage, websocket=False), "is not a websocket server (did not receive a valid HTTP response)"),
+             (peer(http_200, websocket=False), "HTTP 200 (not a hertz-dev server"),
+             (peer(answering("hello")), "the server broke the protocol: a text message that is not a JSON object: 'hello'"),
+             (peer(answering(b"abc")), "the server broke the protocol: a binary message of 3 bytes, not one chunk"),
+             (peer(answering('{"type": "dropped"}')), "the server broke the protocol: a dropped notice without"),
+             (contextlib.nullcontext(url + "/nowhere"), "HTTP 403 (a missing or wrong --token, or no websocket at /nowhere)")]
+    for context, message in cases:
+        with context as where:
+            r = run_client("--server", where, *common, timeout=30)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.splitlines()[-1].startswith("error: ") and message in r.stderr, r.stderr
+        assert (tmp_path / "o.wav").read_bytes() == b"an earlier conversation"
+    with peer(answering("hello")) as where:  # the answer to set_params, before any audio
+        r = run_client("--server", where, *common, "--token-temp", "0.5", timeout=30)
+    assert r.returncode == 1 and r.stderr == ("error: the server broke the protocol: "
+                                              "a text message that is not a JSON object: 'hello'\n"), r.stderr
+
+
+@pytest.mark.parametrize("end", ["1012", "lost"])
+def test_a_server_gone_mid_session_is_named_and_the_conversation_kept(tmp_path, end):
+    """A server that answers 3 chunks, then shuts down (1012, uvicorn gives no reason) or vanishes
+    (no closing handshake: 1006). Before, both were 'the server closed the session: 1012' or
+    '...: 1006', numbers only; now they say what happened, and the answered chunks are written."""
+    async def handler(ws):
+        for _ in range(3):
+            await ws.send(await ws.recv())
+        if end == "lost":
+            ws.transport.abort()
+        else:
+            await ws.close(1012)
+    sf.write(tmp_path / "in.wav", speech_like(1.0), 16000)
+    with peer(handler) as url:
+        r = run_client("--server", url, "--input-wav", tmp_path / "in.wav", "--output-wav", tmp_path / "o.wav",
+                       "--no-realtime", "--window", "1", timeout=30)
+    message = {"1012": "error: the server closed the session: 1012 the server is shutting down",
+               "lost": "error: the connection to the server was lost (1006)"}[end]
+    assert r.returncode == 1 and r.stderr.splitlines()[-1] == message, r.stderr
+    assert sf.info(tmp_path / "o.wav").frames >= 3 * 2000  # and the chunk in flight, unanswered
+
+
+def test_choose_devices_without_a_terminal_is_one_error_line():
+    """--choose-devices asks on stdin: at its end, one line instead of an EOFError traceback (and
+    it asks before the event loop starts, so that Ctrl-C at the prompt is not held up)."""
+    try:
+        import sounddevice  # noqa: F401
+    except OSError as e:
+        pytest.skip(f"PortAudio is not installed ({e})")
+    r = subprocess.run([sys.executable, "inference_client.py", "--server", "ws://127.0.0.1:9", "--choose-devices"],
+                       cwd=REPO, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.splitlines()[-1].startswith("error: --choose-devices asks on the terminal"), r.stderr
 
 
 def test_client_imports_no_torch():

@@ -5,6 +5,7 @@ resampling to 16 kHz is right) and the page must receive and play the model's au
 the replies to its own chunks (not the prompt's playback), and keep its jitter buffer small and
 bounded. The page's constants come from the server (model/protocol.py)."""
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -17,7 +18,7 @@ import pytest
 import soundfile as sf
 
 from benchmarks.browser_latency import Page, chromium_page, find_chromium
-from live_server import running_server, tiny_duplex
+from live_server import connect as session, running_server, tiny_duplex
 from model import SamplingParams
 from model.protocol import CHUNK, JITTER, PARAM_RANGES, SAMPLE_RATE
 
@@ -122,3 +123,60 @@ def test_browser_latency_benchmark(tmp_path):
     c2p, step = result["c2p_ms"]["p50"], result["step_ms"]["p50"]
     assert c2p > 0 and result["implied_gpu_c2p_p50_ms"] == pytest.approx(c2p - step + 5, abs=0.1)
     assert result["max_buffered_ms"] <= result["buffer_bound_ms"]
+
+
+def test_browser_client_says_why_a_session_ended(tmp_path):
+    """The page names what went wrong: the server at capacity (1013, with its reason), a token the
+    server refuses (the handshake's 403 reaches a page only as 1006; the page asks /health), the
+    server shutting down mid-session (1012, no reason from uvicorn). Stop then Start at once keeps
+    the new session: the old socket's close used to stop it, and stop()'s tail marked it stopped.
+    Before: 'the server is full' for every 1013, 'closed (1006)' for a refused token, 'closed
+    (1012)', and the new session ended."""
+    chromium = chromium_path()
+    t = np.arange(48000 * 2) / 48000
+    sf.write(tmp_path / "mic.wav", (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 48000, subtype="PCM_16")
+    serving = contextlib.ExitStack()
+    server = serving.enter_context(running_server(tiny_duplex(), max_sessions=1, token=TOKEN))
+    state = "[window.hertz.state, document.getElementById('state').className, document.getElementById('start').disabled]"
+
+    async def run(steps):
+        from websockets.asyncio.client import connect
+        async with connect(devtools, max_size=None) as ws:
+            return await steps(Page(ws))
+
+    async def refused(page):
+        await page.wait_for("document.readyState === 'complete' && !!window.hertz")
+        async with session(server.ws + "/audio", token=TOKEN) as holder:  # the only row taken
+            await holder.send(json.dumps({"type": "status"}))
+            await holder.recv()
+            await page.js("document.getElementById('start').click()", gesture=True)
+            await page.wait_for("window.hertz.state.includes('1013')")
+            full = await page.js(state)
+        server.token = "rotated"  # as if the server restarted with another token
+        await page.js("document.getElementById('start').click()", gesture=True)
+        await page.wait_for("window.hertz.state.includes('token')")
+        token = await page.js(state)
+        server.token = TOKEN
+        await page.js("document.getElementById('start').click()", gesture=True)
+        await page.wait_for("window.hertz.state === 'live'")
+        await page.js("document.getElementById('stop').click(); document.getElementById('start').click()", gesture=True)
+        await page.wait_for("window.hertz.state === 'live'")
+        received = await page.js("window.hertz.received")
+        await page.wait_for(f"window.hertz.received >= {received + 8}")  # the new session goes on
+        return full, token, await page.js(state)
+
+    try:
+        with chromium_page(chromium, tmp_path / "profile", tmp_path / "mic.wav", f"{server.http}/?token={TOKEN}") as devtools:
+            full, token, again = asyncio.run(asyncio.wait_for(run(refused), 120))
+            serving.close()  # the server shuts down mid-session: uvicorn closes the websocket with 1012
+
+            async def gone(page):
+                await page.wait_for("window.hertz.closeCode !== null")
+                return await page.js(state)
+            shutdown = asyncio.run(asyncio.wait_for(run(gone), 60))
+    finally:
+        serving.close()
+    assert full == ["the server is busy: the server is at capacity (1 sessions); try again later (1013)", "error", False]
+    assert token == ["the server refused the token: open the page with its ?token=", "error", False]
+    assert again == ["live", "live", True]
+    assert shutdown == ["closed (1012: the server is shutting down)", "error", False]
