@@ -48,7 +48,7 @@ from config.transformer_config import PRESETS, TransformerConfig
 from model import Generator, HertzDev, build, finetune, hub, load_codec, load_hertz_dev
 from model.checkpoint import CheckpointError, read_metadata
 from model.loading import write_transformer
-from model.latents import LatentCrops, StepSampler, codec_fingerprint, prepare_latents, sample_posterior
+from model.latents import LatentCrops, StepSampler, codec_fingerprint, prepare_latents, sample_posterior, scan_corpus
 from model.objectives import STAGE_LOSSES, compute_losses, peak_flops, through_cache, train_flops_per_latent
 from model.parallel import (compile_blocks, full_state_dicts, gradient_sync, inner, load_full_state_dicts,
                             parallelize, rank0_first)
@@ -263,6 +263,8 @@ def build_data(cfg: TransformerConfig, codec, fingerprint: str, say) -> tuple[La
     """The training and validation crops of the train and val folders' latents, encoded by `codec`
     into latents_dir first where they are missing or stale."""
     channels = "stereo" if cfg.duplex else "mono"
+    for path in (cfg.train_data_path, cfg.val_data_path):  # a val folder without usable audio, before train is encoded
+        scan_corpus(path, cfg.sample_rate, codec.hop_length)
     folders = {split: prepare_latents(path, codec, channels, cfg.latents_dir, cfg.sample_rate, cfg.mono_to_stereo,
                                       fingerprint, cfg.num_workers, log=say, model_channel=cfg.model_channel)
                for split, path in (("train", cfg.train_data_path), ("val", cfg.val_data_path))}
@@ -513,12 +515,17 @@ def check_config(cfg: TransformerConfig) -> None:
                 if source == PRESETS["tiny"].codec_checkpoint else "check the path")
         raise ConfigError(f"codec_checkpoint={source!r}: no such file; {hint}, or pass codec_checkpoint=official "
                           "or codec_checkpoint=PATH to one of our codecs")
-    # the codec's rate, from its header: audio resampled to another rate would encode into other latents
-    rate = (CODEC_PRESETS["hertz_dev"].sample_rate if source == "official"
-            else read_metadata(source, "codec")["config"].get("sample_rate", CODEC_PRESETS["hertz_dev"].sample_rate))
-    if rate != cfg.sample_rate:
-        raise ConfigError(f"sample_rate={cfg.sample_rate}, but codec_checkpoint={source} encodes {rate} Hz audio: "
-                          f"set sample_rate={rate}")
+    # the codec's rate and latent size, from its header: audio resampled to another rate would encode
+    # into other latents, and latents of another size do not fit the model (a shape error after encoding)
+    codec_cfg = {**dataclasses.asdict(CODEC_PRESETS["hertz_dev"]),
+                 **({} if source == "official" else read_metadata(source, "codec")["config"])}
+    if codec_cfg["sample_rate"] != cfg.sample_rate:
+        raise ConfigError(f"sample_rate={cfg.sample_rate}, but codec_checkpoint={source} encodes "
+                          f"{codec_cfg['sample_rate']} Hz audio: set sample_rate={codec_cfg['sample_rate']}")
+    if codec_cfg["latent_dim"] != cfg.latent_dim:
+        raise ConfigError(f"latent_dim={cfg.latent_dim}, but codec_checkpoint={source} makes "
+                          f"{codec_cfg['latent_dim']}-dim latents: set latent_dim={codec_cfg['latent_dim']} "
+                          "(or use a codec of the model's latent_dim)")
     if cfg.init_from is not None:  # its kind and architecture from the header, before the latents are encoded
         check_init_from(cfg)
     check_data_paths(cfg, "train_data_path", "val_data_path")  # a bad manifest line now, not after the codec loads

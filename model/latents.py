@@ -156,6 +156,21 @@ def _corpus_key(root: str, files, fingerprint: str, channels: str, mono_to_stere
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:12]
 
 
+def scan_corpus(root: str, sample_rate: int, hop: int):
+    """The audio files of `root` (`model.data.scan_audio_folder`: a folder or a jsonl manifest), or
+    FileNotFoundError naming it when no file is two latents (`2 * hop` samples) long: a crop of one
+    latent predicts nothing (position t predicts latent t+1), so a corpus of shorter files would
+    train on nothing, or validate to a loss of 0 that every checkpoint would "improve" on. Read
+    from the files' headers (cached), so the trainer checks both corpora before encoding either."""
+    from .data import scan_audio_folder
+    files = scan_audio_folder(root)
+    if not any(f.frames * sample_rate // f.sample_rate >= 2 * hop for f in files):
+        longest = max(f.frames / f.sample_rate for f in files)
+        raise FileNotFoundError(f"{files.source}: no audio file is at least 2 latents ({2 * hop / sample_rate:g} s) "
+                                f"long (the longest is {longest:.3f} s): its crops would hold nothing to predict")
+    return files
+
+
 def prepare_latents(root: str, codec, channels: str, out_dir: str, sample_rate: int = 16000,
                     mono_to_stereo: str = "silence", fingerprint: Optional[str] = None, num_workers: int = 0,
                     chunk_seconds: float = 60.0, log: Callable[[str], None] = print, model_channel: int = 1) -> Path:
@@ -167,17 +182,19 @@ def prepare_latents(root: str, codec, channels: str, out_dir: str, sample_rate: 
     model_channel (stereo): the file channel that holds the speaker the model is to become; it
     goes to channel 1, as in the live engine, so 0 swaps a file's two channels (moshi-finetune's
     layout has the model on the left); one-channel files follow mono_to_stereo. Files shorter than
-    one latent (2000 samples) hold nothing and are left out; the last partial latent of a file is
+    one latent (2000 samples) hold nothing and are left out, and a corpus with no file of two
+    latents is refused before encoding (`scan_corpus`); the last partial latent of a file is
     dropped. Unreadable files (non-finite or huge samples included, see `model.audio`) are
     skipped, and so is a file whose latents come out non-finite: never stored, each named in a
     SkippedAudioWarning and counted in the log.
     """
-    from .data import SkippedAudioWarning, scan_audio_folder
+    from .data import SkippedAudioWarning
     if channels not in ("mono", "stereo"):
         raise ValueError(f"channels must be 'mono' or 'stereo', got {channels!r}")
     if model_channel not in (0, 1):
         raise ValueError(f"model_channel must be 0 or 1, got {model_channel!r}")
-    files = scan_audio_folder(root)
+    hop = codec.hop_length
+    files = scan_corpus(root, sample_rate, hop)
     root = files.root
     fingerprint = fingerprint or codec_fingerprint(codec)
     key = _corpus_key(root, files, fingerprint, channels, mono_to_stereo, sample_rate, model_channel)
@@ -189,7 +206,6 @@ def prepare_latents(root: str, codec, channels: str, out_dir: str, sample_rate: 
 
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     mine = list(range(rank, len(files), world))
-    hop = codec.hop_length
     chunk = max(1, int(chunk_seconds * sample_rate) // hop) * hop
     folder.mkdir(parents=True, exist_ok=True)
     if rank == 0:
@@ -200,27 +216,33 @@ def prepare_latents(root: str, codec, channels: str, out_dir: str, sample_rate: 
     entries, offset, skipped = [], 0, len(files.skipped)
     shard = f"shard_{rank:05d}.bin"
     from tqdm import tqdm
-    with open(folder / shard, "wb") as out:
-        for j, audio, error in tqdm(reader, total=len(mine), desc="encoding", disable=rank != 0, leave=False):
-            path = files[mine[j]].path
-            if error is not None:
-                warnings.warn(f"skipping unreadable audio: {error}", SkippedAudioWarning)
-                skipped += 1
-                continue
-            n = audio.shape[-1] // hop * hop
-            if n == 0:
-                continue
-            rows = _encode(codec, audio[:, :n], chunk)
-            if not np.isfinite(rows).all():  # a diverged codec: latents that would poison training
-                warnings.warn(f"skipping {path}: codec {fingerprint} encodes it to non-finite latents "
-                              f"({int(np.count_nonzero(~np.isfinite(rows)))} values)", SkippedAudioWarning)
-                skipped += 1
-                continue
-            out.write(rows.tobytes())
-            entries.append({"name": os.path.relpath(path, root), "shard": shard, "offset": offset, "length": len(rows)})
-            offset += len(rows)
-        out.flush()
-        os.fsync(out.fileno())
+
+    def write_shard(tmp: str) -> None:
+        nonlocal offset, skipped
+        with open(tmp, "wb") as out:
+            for j, audio, error in tqdm(reader, total=len(mine), desc="encoding", disable=rank != 0, leave=False):
+                path = files[mine[j]].path
+                if error is not None:
+                    warnings.warn(f"skipping unreadable audio: {error}", SkippedAudioWarning)
+                    skipped += 1
+                    continue
+                n = audio.shape[-1] // hop * hop
+                if n == 0:
+                    continue
+                rows = _encode(codec, audio[:, :n], chunk)
+                if not np.isfinite(rows).all():  # a diverged codec: latents that would poison training
+                    warnings.warn(f"skipping {path}: codec {fingerprint} encodes it to non-finite latents "
+                                  f"({int(np.count_nonzero(~np.isfinite(rows)))} values)", SkippedAudioWarning)
+                    skipped += 1
+                    continue
+                out.write(rows.tobytes())
+                entries.append({"name": os.path.relpath(path, root), "shard": shard, "offset": offset,
+                                "length": len(rows)})
+                offset += len(rows)
+
+    # written beside and renamed into place: another run encoding the same corpus into the same
+    # latents_dir at the same time never truncates a shard that this one has listed or maps
+    atomic_write(folder / shard, write_shard)
     atomic_write(folder / f"shard_{rank:05d}.json",
                  lambda tmp: Path(tmp).write_text(json.dumps({"files": entries, "skipped": skipped})))
     long_barrier()
@@ -231,8 +253,8 @@ def prepare_latents(root: str, codec, channels: str, out_dir: str, sample_rate: 
             merged += part["files"]
             skipped += part["skipped"] - (len(files.skipped) if r else 0)  # every rank counts the scan's
         merged.sort(key=lambda e: e["name"])
-        if not merged:
-            raise FileNotFoundError(f"no file in {root} gives latents: none is at least one latent ({hop} samples) "
+        if not any(e["length"] >= 2 for e in merged):  # the longer files were unreadable (see scan_corpus)
+            raise FileNotFoundError(f"no file in {root} gives latents: none is at least 2 latents ({2 * hop} samples) "
                                     f"long, readable and encoded to finite values ({skipped} skipped, named above)")
         manifest = {"format": FORMAT, "root": root, "codec": fingerprint, "channels": channels,
                     "mono_to_stereo": mono_to_stereo, "model_channel": model_channel, "sample_rate": sample_rate,

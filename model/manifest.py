@@ -20,6 +20,8 @@ import json
 import math
 import os
 
+from .audio import file_problem
+
 MANIFEST_SUFFIX = ".jsonl"
 
 
@@ -38,7 +40,7 @@ def read_manifest(path: str | os.PathLike) -> list[str]:
 
     Raises ManifestError naming the manifest and the line number for a line that is not a JSON
     object, lacks a string `path`, has a `duration` that is not a number >= 0, lists a file twice,
-    or names a file that does not exist (the first such line, and how many more there are)."""
+    or names a file that does not exist or a folder (the first such line, and how many more there are)."""
     path = os.path.abspath(os.fspath(path))
     if not os.path.isfile(path):
         raise ManifestError(f"manifest {path} does not exist; expected a .jsonl file with one "
@@ -68,13 +70,13 @@ def read_manifest(path: str | os.PathLike) -> list[str]:
             if file in lines:
                 raise ManifestError(f"{where}: {entry['path']} is listed twice (lines {lines[file]} and {number})")
             lines[file] = number
-            if not os.path.isfile(file):
-                missing.append((number, file))
+            if problem := file_problem(file):  # missing, or a folder where a file belongs
+                missing.append((number, problem))
             files.append(file)
     if missing:
-        number, file = missing[0]
+        number, problem = missing[0]
         more = f" (and {len(missing) - 1} more missing files)" if len(missing) > 1 else ""
-        raise ManifestError(f"manifest {path} line {number}: no such file: {file}{more}; paths are relative "
+        raise ManifestError(f"manifest {path} line {number}: {problem}{more}; paths are relative "
                             f"to the manifest's folder {base}")
     if not files:
         raise ManifestError(f"manifest {path} lists no files")

@@ -81,6 +81,47 @@ def test_another_codec_or_a_changed_file_is_encoded_anew(codec, folder):
     assert changed != first and rows(changed, "solo.wav").shape[0] == 4
 
 
+def test_another_run_killed_while_encoding_the_same_folder_leaves_this_ones_latents_whole(codec, folder,
+                                                                                          monkeypatch):
+    """Two runs sharing latents_dir encode the same corpus into the same folder: the second one's
+    shard used to be opened with truncation over the first one's, so the first run, finishing
+    after the other was killed, listed rows that had become zeros and trained on them silently."""
+    import model.latents as latents
+    encode, calls = latents._encode, []
+    kw = dict(channels="mono", out_dir=str(folder / "latents"), log=lambda m: None)
+    long = 0.1 * np.random.default_rng(1).standard_normal((1, 80_000)).astype(np.float32)
+    save_audio(str(folder / "audio" / "long.wav"), long, 16000)  # 40 latents: more than a write buffer
+
+    def encode_while_another_run_starts(*args):
+        calls.append(args)
+        if len(calls) == 2:  # this run has written long.wav; another starts on the folder and is killed
+            with pytest.raises(KeyboardInterrupt):
+                prepare_latents(str(folder / "audio"), codec, **kw)
+        elif len(calls) == 3:  # the other run, in its first file
+            raise KeyboardInterrupt
+        return encode(*args)
+
+    monkeypatch.setattr(latents, "_encode", encode_while_another_run_starts)
+    out = prepare_latents(str(folder / "audio"), codec, **kw)
+    monkeypatch.undo()
+    alone = prepare_latents(str(folder / "audio"), codec, **{**kw, "out_dir": str(folder / "alone")})
+    assert torch.equal(rows(out, "long.wav"), rows(alone, "long.wav"))  # long.wav's rows were all zeros
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # the killed run's temporary is gone
+
+
+def test_a_corpus_too_short_to_predict_anything_is_refused_before_encoding(codec, tmp_path):
+    """Files under 2 latents (here 1.5 and 0.5) give crops with no prediction in them: a corpus of
+    only those trained on nothing and validated to a loss of 0 (which every checkpoint "improved" on).
+    Refused, naming the folder, from the headers before anything is encoded."""
+    rng = np.random.default_rng(0)
+    for name, n in (("a.wav", 3_000), ("b.wav", 1_000)):
+        save_audio(str(tmp_path / "audio" / name), 0.1 * rng.standard_normal((1, n)).astype(np.float32), 16000)
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path / 'audio'}: no audio file is at least 2 "
+                                                          "latents (0.25 s) long (the longest is 0.188 s)")):
+        prepare_latents(str(tmp_path / "audio"), codec, "mono", str(tmp_path / "latents"), log=lambda m: None)
+    assert not (tmp_path / "latents").exists()
+
+
 def test_fingerprint_covers_exactly_the_architecture_fields(codec):
     """The latent cache is keyed by the fingerprint: every field marked `arch` changes it, no
     other field does (so a run's batch size or paths never invalidate encoded corpora)."""

@@ -94,9 +94,10 @@ def test_manifest_lists_the_same_files_as_the_folder(tmp_path):
     ('{"duration": 9.0}', 'line 2: expected an object with a "path" string'),
     ('["a/dialogue_1.wav"]', 'line 2: expected an object with a "path" string'),
     ('{"path": "a/gone.wav"}', "line 2: no such file: {root}/a/gone.wav"),
+    ('{"path": "a"}', "line 2: {root}/a is a folder, not a file"),  # was "no such file: .../a"
     ('{"path": "a/dialogue_1.wav", "duration": "long"}', 'line 2: "duration" must be a number'),
     ('{"path": "b/dialogue_0.wav"}', "line 2: b/dialogue_0.wav is listed twice (lines 1 and 2)"),
-], ids=["json", "no-path", "not-object", "missing-file", "duration", "twice"])
+], ids=["json", "no-path", "not-object", "missing-file", "folder", "duration", "twice"])
 def test_bad_lines_name_the_manifest_and_the_line(tmp_path, line, message):
     write_corpus(tmp_path)
     manifest = tmp_path / "bad.jsonl"

@@ -238,11 +238,16 @@ def fails(args, env=None) -> str:
     (["learning_rate=1e-5"], "min_lr=0.0001 is above learning_rate=1e-05"),
     # the audio resampled to 8 kHz and encoded by a 16 kHz codec: other latents, trained on silently
     (["sample_rate=8000"], "sample_rate=8000, but codec_checkpoint="),
+    # latents of another size than the model reads: a shape traceback at the first step, after encoding
+    (["latent_dim=16"], "latent_dim=16, but codec_checkpoint="),
+    # a val folder without audio: found after the train folder was encoded (EMPTY: tmp_path, no audio in it)
+    (["val_data_path=EMPTY"], "has no audio files"),
 ], ids=["preset", "key", "type", "train-folder", "val-folder", "lm-weight-0", "resynth-weight-0",
-        "quantizer-weight-0", "mono-model-channel", "min-lr-above-lr", "codec-rate"])
+        "quantizer-weight-0", "mono-model-channel", "min-lr-above-lr", "codec-rate", "codec-latent-dim",
+        "val-without-audio"])
 def test_user_errors_are_one_error_line(setup, tmp_path, mistake, message):
     args = base_args(setup, tmp_path / "run", latents_dir=tmp_path / "latents")
-    args += [a.replace("MISSING", str(tmp_path / "missing")) for a in mistake]
+    args += [a.replace("MISSING", str(tmp_path / "missing")).replace("EMPTY", str(tmp_path)) for a in mistake]
     assert message in fails(args)
     assert not (tmp_path / "latents").exists()
 
