@@ -39,7 +39,7 @@ from model.audio import AudioError, check_output, check_prompt, file_problem, lo
 from model.checkpoint import read_metadata
 from model.generator import Generator
 from model.hub import VARIANTS
-from model.loading import LOAD_ERRORS, resolve_device
+from model.loading import LOAD_ERRORS, no_codec_problem, resolve_device
 from model.quant import MODES
 from model.transformer import KV_DTYPES
 
@@ -109,13 +109,12 @@ def main(argv=None) -> int:
         return 2
     if args.codec == "auto" and args.variant not in VARIANTS:  # one of ours: the codec its header records
         try:
-            recorded = read_metadata(args.variant, kind="transformer")["extra"].get("codec", "official")
+            problem = no_codec_problem("--variant", args.variant, read_metadata(args.variant, kind="transformer"),
+                                       args.codec)
         except LOAD_ERRORS as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        if recorded is None:
-            print(f"error: --variant {args.variant} records no codec (saved without codec_source): pass --codec "
-                  "official or the path of the codec it was trained with", file=sys.stderr)
+            problem = str(e)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
             return 2
     try:  # before the weights: loading them can take minutes (or a 34 GB download)
         check_prompt(args.prompt)

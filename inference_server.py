@@ -1171,7 +1171,7 @@ def load_engine(args):
     import torch
     from model import load_hertz_dev
     from model.live import LiveEngine
-    from model.loading import resolve_device
+    from model.loading import no_codec_problem, resolve_device
     try:
         device = str(resolve_device(args.device))
     except ValueError as e:
@@ -1184,9 +1184,8 @@ def load_engine(args):
         if not meta["config"].get("duplex", True):
             raise SystemExit(f"error: --checkpoint {args.checkpoint} is a mono model: "
                              "the live server needs a duplex one")
-        if args.codec == "auto" and meta["extra"].get("codec", "official") is None:
-            raise SystemExit(f"error: --checkpoint {args.checkpoint} records no codec (saved without codec_source): "
-                             "pass --codec official or the path of the codec it was trained with")
+        if problem := no_codec_problem("--checkpoint", args.checkpoint, meta, args.codec):
+            raise SystemExit(f"error: {problem}")
     t0 = time.monotonic()
     model = load_hertz_dev(source, device=device, dtype=dtype, ckpt_dir=args.ckpt_dir, offline=args.offline or None,
                            codec=args.codec, adapter=args.adapter, verify=not args.no_verify,

@@ -172,6 +172,16 @@ def official_transformer_config(variant: str) -> TransformerConfig:
 LOAD_ERRORS = (CheckpointError, lora.AdapterError, hub.WeightsError)
 
 
+def no_codec_problem(flag: str, path, meta: dict, codec: str) -> Optional[str]:
+    """The scripts' error (`complete.py`, the server) for one of our checkpoints at `path` (header
+    `meta`) that records no codec, loaded with `--codec auto`: `load_hertz_dev` would build a model
+    without one, which cannot make audio. None when there is a codec to load."""
+    if codec == "auto" and meta["extra"].get("codec", "official") is None:
+        return (f"{flag} {path} records no codec (saved without codec_source): pass --codec official or the path "
+                "of the codec it was trained with")
+    return None
+
+
 def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dtype: Optional[torch.dtype] = None,
                    ckpt_dir: Union[str, os.PathLike] = hub.DEFAULT_CKPT_DIR, offline: Optional[bool] = None,
                    codec: Optional[Union[str, os.PathLike]] = "auto", endpoint: Optional[str] = None,

@@ -44,8 +44,8 @@ import torch.distributed as dist
 from config import ConfigError, ConfigMismatch, check_compatible, fields_marked  # noqa: F401 (ConfigMismatch: re-exported)
 
 from .audio import AudioError
-from .checkpoint import (TEMP_SUFFIX, CheckpointError, atomic_write, non_finite, os_reason, refuse_non_finite,
-                         torch_save, write_temp)
+from .checkpoint import (TEMP_SUFFIX, CheckpointError, atomic_write, listed, non_finite, os_reason,
+                         refuse_non_finite, torch_save, write_temp)
 from .checkpoint import _header as header
 from .hub import WeightsError
 from .manifest import ManifestError, is_manifest, read_manifest
@@ -314,8 +314,7 @@ def non_finite_message(step: int, values: dict[str, float], files: Iterable[str]
     bad = next(((name, v) for name, v in values.items() if not math.isfinite(v)), None)
     what = f"non-finite {bad[0]} ({bad[1]})" if bad else "a non-finite loss on another rank"
     names = sorted(set(files))
-    shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
-    return (f"{what} at step {step}" + (f" on a batch from {shown}" if names else "") +
+    return (f"{what} at step {step}" + (f" on a batch from {listed(names, 8)}" if names else "") +
             f"; {what_happened} (the checkpoints hold the last finite weights): lower the learning rate, "
             "or check the data")
 
@@ -367,8 +366,7 @@ def load_training_state(path: str | os.PathLike, mmap: bool = False, map_locatio
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"{path} is not a training state written by the trainers (no step in it)")
     if bad := non_finite(state):  # never saved by `Checkpoints.save`: a damaged or hand-made file
-        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-        raise CheckpointError(f"{path} holds NaN or inf in {len(bad)} tensors ({shown}), which the trainers never "
+        raise CheckpointError(f"{path} holds NaN or inf in {len(bad)} tensors ({listed(bad)}), which the trainers never "
                               "save: it was damaged or made by other means; put an earlier step_*.pt in its place, "
                               "or start afresh (resume=false)")
     return state
