@@ -40,12 +40,13 @@ def run(args: list[str]) -> None:
 def codec_changed() -> bool:
     """Whether the transformer run to resume was trained on the latents of another codec than the
     current `CODEC` (the codec trained further since): it cannot resume on these latents."""
-    latest = ROOT / TRANSFORMER_DIR / "latest.pt"
-    if not latest.is_file():
-        return False
     import torch
     from model import load_codec
     from model.latents import codec_fingerprint
+    from model.training import Checkpoints
+    latest = Checkpoints(ROOT / TRANSFORMER_DIR).latest  # what the trainer would resume from
+    if latest is None:
+        return False
     trained_on = torch.load(latest, map_location="cpu", mmap=True, weights_only=False)["codec"]
     return trained_on != codec_fingerprint(load_codec(ROOT / CODEC))
 

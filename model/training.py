@@ -417,7 +417,8 @@ class Checkpoints:
 
     A state and its export are saved together: both are written to temporary files first, then
     renamed, so a kill leaves at worst an export one save behind its `.pt`, which `recover`
-    finds (by the step recorded in both) and rebuilds. Nothing holding NaN or inf is written.
+    finds (by the step recorded in both) and rebuilds, or a step file that `latest.pt` does not
+    name yet, which `latest` returns and `recover` names. Nothing holding NaN or inf is written.
     """
 
     STEP = re.compile(r"step_(\d{8})\.pt$")
@@ -431,8 +432,24 @@ class Checkpoints:
 
     @property
     def latest(self) -> Optional[Path]:
+        """`latest.pt`, or the step file of a save killed before it named `latest.pt` (see
+        `unnamed_step`)."""
         path = self.folder / "latest.pt"
-        return path if path.is_file() else None
+        return self.unnamed_step() or (path if path.is_file() else None)
+
+    def unnamed_step(self) -> Optional[Path]:
+        """The newest `step_*.pt` when a save was killed after renaming it into place but before
+        recording it as the latest (in `checkpoints.json`, written last): a whole state, newer
+        than what `latest.pt` names. None otherwise, so a `latest.pt` put back by hand in place of
+        a damaged newest step is kept."""
+        steps = sorted(self.folder.glob("step_*.pt"))
+        if not steps:
+            return None
+        latest, recorded = self.folder / "latest.pt", self._info().get("latest_step")
+        if latest.is_file() and os.path.samefile(latest, steps[-1]):
+            return None
+        newest = int(self.STEP.search(steps[-1].name).group(1))
+        return steps[-1] if not isinstance(recorded, int) or newest > recorded else None
 
     @property
     def best(self) -> Optional[Path]:
@@ -444,6 +461,9 @@ class Checkpoints:
             return json.loads((self.folder / "checkpoints.json").read_text())
         except (OSError, ValueError):
             return {}
+
+    def _record(self, info: dict) -> None:
+        atomic_write(self.folder / "checkpoints.json", lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1)))
 
     def best_metric(self) -> Optional[float]:
         return self._info().get("best_metric")
@@ -485,7 +505,7 @@ class Checkpoints:
                 if tmp:
                     Path(tmp).unlink(missing_ok=True)
             raise CheckpointError(f"cannot write {path}: {os_reason(e)}") from None
-        atomic_write(self.folder / "checkpoints.json", lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1)))
+        self._record(info)
         steps = sorted(self.folder.glob("step_*.pt"))
         for old in steps[:-self.keep] if self.keep > 0 else []:
             old.unlink(missing_ok=True)
@@ -503,6 +523,13 @@ class Checkpoints:
             for stale in sorted(self.folder.glob(pattern)):
                 stale.unlink(missing_ok=True)
                 notes.append(f"removed {stale.name}, left by an interrupted save")
+        unnamed = self.unnamed_step()
+        if unnamed:
+            _link(unnamed, self.folder / "latest.pt")
+            info = self._info()
+            info["latest_step"] = int(self.STEP.search(unnamed.name).group(1))
+            self._record(info)
+            notes.append(f"latest.pt now names {unnamed.name}, whose save was interrupted before it did")
         for name in ("latest", "best"):
             pt, exported = self.folder / f"{name}.pt", self.folder / f"{name}{self.export_suffix}"
             if not pt.is_file():
@@ -547,7 +574,7 @@ def move_aside(folder: str | os.PathLike) -> Optional[Path]:
     appended when that name is taken), so a fresh run starts empty and nothing is deleted.
     Returns the new name, or None when the folder holds no run."""
     folder = Path(folder)
-    if not (folder / "latest.pt").exists():
+    if not (folder / "latest.pt").exists() and Checkpoints(folder).unnamed_step() is None:
         return None
     old = folder.with_name(f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
     n = 1

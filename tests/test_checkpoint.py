@@ -11,6 +11,7 @@ from config.transformer_config import PRESETS as TRANSFORMER_PRESETS
 from model import Codec, HertzDev, build, load_codec, load_hertz_dev, save_codec, save_transformer
 from model.checkpoint import CheckpointError, _header as header, atomic_write, content_hash, file_kind, read_metadata
 from model.loading import write_codec
+from model import training
 from model.training import Checkpoints
 
 
@@ -154,6 +155,41 @@ def test_state_and_export_are_saved_together_and_recovered(tmp_path):
     assert read_metadata(run / "latest.safetensors")["extra"]["step"] == 3
     assert not list(run.glob(".*")) and load_codec(run / "latest.safetensors") is not None
     assert save.recover(export_state) == []  # nothing left to do
+
+
+def test_a_save_killed_before_it_named_its_step_latest_is_resumed_from_that_step(tmp_path, monkeypatch):
+    """A kill after a save renamed step_00000003.pt into place but before it linked latest.pt (or
+    recorded the step in checkpoints.json): the run resumes from step 3, not 2, and recover names it."""
+    folder, codec = training_folder(tmp_path)
+    run = folder.folder
+
+    def killed(src, dst):
+        raise KeyboardInterrupt(f"killed before linking {dst.name}")
+
+    monkeypatch.setattr(training, "_link", killed)
+    with pytest.raises(KeyboardInterrupt):
+        folder.save(3, {**torch.load(run / "latest.pt"), "step": 3},
+                    export=lambda tmp: write_codec(tmp, codec, {"step": 3}))
+    monkeypatch.undo()
+    assert torch.load(run / "latest.pt")["step"] == 2 and (run / "step_00000003.pt").is_file()
+    assert folder.latest == run / "step_00000003.pt" and folder.load()["step"] == 3
+    assert training.state_to_load(folder, resume=True, eval_only=False, init_from="") == run / "step_00000003.pt"
+    assert folder.recover(export_state) == ["latest.pt now names step_00000003.pt, whose save was interrupted before it did"]
+    assert torch.load(run / "latest.pt")["step"] == 3 and folder.latest == run / "latest.pt"
+    assert torch.load(run / "best.pt")["step"] == 2  # its evaluation was never recorded
+    assert folder.recover(export_state) == []
+    # a latest.pt put back by hand in place of a damaged newest step is kept
+    (run / "latest.pt").unlink()
+    (run / "latest.pt").write_bytes((run / "step_00000002.pt").read_bytes())
+    assert folder.latest == run / "latest.pt" and folder.load()["step"] == 2
+    # and a folder whose only save was killed so is a run that resume=false moves aside
+    lone = Checkpoints(tmp_path / "lone")
+    monkeypatch.setattr(training, "_link", killed)
+    with pytest.raises(KeyboardInterrupt):
+        lone.save(1, {"step": 1})
+    monkeypatch.undo()
+    assert lone.latest == lone.folder / "step_00000001.pt"
+    assert training.move_aside(lone.folder) is not None and not lone.folder.exists()
 
 
 def test_an_unwritable_folder_is_one_clear_error(tmp_path):
