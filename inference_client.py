@@ -31,7 +31,6 @@ import os
 import queue
 import signal
 import sys
-import tempfile
 import time
 import urllib.parse
 from typing import Callable, Mapping, Optional
@@ -258,17 +257,10 @@ def read_audio(path: str) -> np.ndarray:
 def write_wav(path: str, stereo: np.ndarray) -> None:
     """(T, 2) int16 -> a WAV, atomically (temporary file beside it, then renamed)."""
     import soundfile as sf
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".client-", suffix=".wav")
-    os.close(fd)
-    try:
-        sf.write(tmp, stereo, SAMPLE_RATE, subtype="PCM_16")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.remove(tmp)
-        raise
+
+    from model.files import replace_atomically
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    replace_atomically(path, lambda tmp: sf.write(tmp, stereo, SAMPLE_RATE, subtype="PCM_16"), suffix=".wav")
 
 
 async def file_mode(args, stop: asyncio.Event) -> int:

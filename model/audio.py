@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import warnings
 from typing import Optional
 
 import numpy as np
 import soundfile as sf
 import soxr
+
+from .files import replace_atomically
 
 SUPPORTED_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 CHANNEL_MODES = (None, "mono", "stereo")
@@ -198,15 +199,10 @@ def save_audio(path: str, audio, sample_rate: int, subtype: str = "PCM_16") -> N
     if subtype.startswith("PCM"):
         audio = np.clip(audio, -1.0, 1.0)  # integer formats would wrap around otherwise
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=ext)
-    os.close(fd)
     try:
-        sf.write(tmp, audio.T, sample_rate, subtype=subtype, format=ext[1:].upper())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a dataset file should be readable by others
-        os.replace(tmp, path)
+        replace_atomically(path, lambda tmp: sf.write(tmp, audio.T, sample_rate, subtype=subtype,
+                                                      format=ext[1:].upper()), suffix=ext)
     except Exception as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         raise AudioError(f"cannot write audio file {path}: {_reason(e)}") from e
 
 

@@ -8,11 +8,11 @@ bytes. Loading recomputes it (`verify=True`, about 1 GB/s), so changed or damage
 error, not a model that quietly generates noise, and so are NaN or inf weights; files written
 before the hash load with a warning.
 
-Every write goes to a temporary file `.NAME.XXXXXXXX.tmp` in the same folder, is fsynced, then
-renamed into place; a file holding NaN or inf weights is never written. Every failure is a
-CheckpointError whose one-line message names the file: a full disk or an unwritable folder, a
-file of another kind (a codec where a transformer is expected, a training state `.pt`, an
-official `.pt`), changed bytes.
+Every write goes to a temporary file `.NAME.XXXXXXXX.tmp` in the same folder, with the mode a
+plain `open()` gives (`model.files.temp_beside`), is fsynced, then renamed into place; a file
+holding NaN or inf weights is never written. Every failure is a CheckpointError whose one-line
+message names the file: a full disk or an unwritable folder, a file of another kind (a codec where
+a transformer is expected, a training state `.pt`, an official `.pt`), changed bytes.
 """
 from __future__ import annotations
 
@@ -22,13 +22,14 @@ import json
 import os
 import pickletools
 import re
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+
+from .files import temp_beside
 
 FORMAT = "hertz-dev/1"
 HASH_KEY = "content_sha256"
@@ -54,21 +55,17 @@ def write_temp(path: str | os.PathLike, write: Callable[[str], None]) -> str:
     path, for the caller to rename. The temporary is removed if anything fails; an OSError (full
     disk, read-only folder, a path under a file) becomes a CheckpointError naming `path`."""
     path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
-        os.close(fd)
+
+    def write_and_sync(tmp: str) -> None:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        return tmp
-    except BaseException as e:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise CheckpointError(f"cannot write {path}: {os_reason(e, path)}") from None
-        raise
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return temp_beside(path.parent, f".{path.name}.", TEMP_SUFFIX, write_and_sync)
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path}: {os_reason(e, path)}") from None
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -19,6 +18,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
 
 from model.audio import SUPPORTED_EXTENSIONS, AudioError, audio_info, load_audio, scan_samples, two_speakers
+from model.files import replace_atomically
 from model.manifest import is_manifest, read_manifest
 
 INDEX_FILENAME = ".hertz_index.json"
@@ -84,19 +84,14 @@ def _read_index(index_path: str) -> dict:
 
 def _write_index(index_path: str, entries: dict) -> None:
     """Write the cache atomically; a read-only dataset folder just goes without one."""
-    folder = os.path.dirname(index_path)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=INDEX_FILENAME + ".", suffix=".tmp")
-    except OSError:
-        return
-    try:
-        with os.fdopen(fd, "w") as f:
+    def dump(tmp: str) -> None:
+        with open(tmp, "w") as f:
             json.dump({"version": INDEX_VERSION, "files": entries}, f, indent=0, sort_keys=True)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, index_path)
+
+    try:
+        replace_atomically(index_path, dump)
     except OSError:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        pass
 
 
 def scan_audio_folder(root: str, use_cache: bool = True) -> AudioFileList:

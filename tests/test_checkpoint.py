@@ -1,5 +1,6 @@
 """Our checkpoint format: weights + config in one safetensors file; round trips rebuild the model."""
 import dataclasses
+import os
 import re
 import subprocess
 
@@ -333,3 +334,28 @@ def test_a_recorded_codec_that_is_gone_is_found_before_the_weights(tmp_path, mon
         load_hertz_dev(path)
     with pytest.raises(CheckpointError, match="expected a codec checkpoint .*found a transformer"):
         load_hertz_dev(path, codec=path)
+
+
+def test_atomically_written_files_get_the_mode_a_plain_open_gives(tmp_path):
+    """mkstemp's temporaries are 0600, and renamed into place they stayed so: on a shared machine
+    a lab mate could not read a checkpoint, an encoded latents shard, a saved WAV or the dataset
+    index. Every atomic writer now gives 0o666 less the umask, as open() does."""
+    import numpy as np
+    from model.audio import save_audio
+    from model.data import INDEX_FILENAME, scan_audio_folder
+    from model.latents import prepare_latents
+    old = os.umask(0o002)  # a group-shared umask: 0o664, which neither 0600 nor a fixed 0644 gives
+    try:
+        torch.manual_seed(0)
+        codec = build(Codec, CODEC_PRESETS["tiny"]).eval()
+        save_codec(tmp_path / "codec.safetensors", codec)
+        atomic_write(tmp_path / "state.pt", lambda tmp: torch.save({"step": 1}, tmp))
+        save_audio(tmp_path / "audio" / "a.wav", np.zeros((1, 8000), np.float32), 16000)
+        scan_audio_folder(tmp_path / "audio")
+        out = prepare_latents(str(tmp_path / "audio"), codec, "mono", str(tmp_path / "latents"), log=lambda m: None)
+        written = [tmp_path / "codec.safetensors", tmp_path / "state.pt", tmp_path / "audio" / "a.wav",
+                   tmp_path / "audio" / INDEX_FILENAME, out / "manifest.json", out / "shard_00000.bin"]
+        modes = {p.name: oct(p.stat().st_mode & 0o777) for p in written}
+    finally:
+        os.umask(old)
+    assert modes == {p.name: "0o664" for p in written}

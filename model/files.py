@@ -1,0 +1,54 @@
+"""Files written atomically: each writer fills a temporary file beside its target and renames it
+over the target when complete (`model.checkpoint.atomic_write`, `model.audio.save_audio`, the
+dataset index, the client's recordings). Imports only the standard library: the client uses it."""
+from __future__ import annotations
+
+import os
+import secrets
+from typing import Callable
+
+
+def temp_beside(folder: str | os.PathLike, prefix: str, suffix: str, write: Callable[[str], None]) -> str:
+    """Create a new file `folder/PREFIX<8 hex>SUFFIX`, call `write(path)` on it and return its
+    path, for the caller to rename into place; the file is removed if anything fails (and the
+    error raised as it is).
+
+    The file has the mode a plain `open()` gives (0o666 less the umask), not the 0600 of
+    `tempfile.mkstemp` or of writers that make their own file (safetensors): renamed into place,
+    a checkpoint, a latents shard or a WAV that a lab mate on a shared machine cannot read is of
+    no use to them."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        path = os.path.join(os.fspath(folder), f"{prefix}{secrets.token_hex(4)}{suffix}")
+        try:
+            fd = os.open(path, flags, 0o666)  # the kernel applies the umask, as open() does
+            break
+        except FileExistsError:  # another writer drew the same name: draw again
+            continue
+    else:
+        raise FileExistsError(f"no free temporary name {prefix}XXXXXXXX{suffix} in {folder}")
+    try:
+        mode = os.fstat(fd).st_mode & 0o7777
+        os.close(fd)
+        write(path)
+        if os.stat(path).st_mode & 0o7777 != mode:  # the writer replaced the file with its own
+            os.chmod(path, mode)
+        return path
+    except BaseException:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+        raise
+
+
+def replace_atomically(path: str | os.PathLike, write: Callable[[str], None], suffix: str = ".tmp") -> None:
+    """`write(tmp)` on a `temp_beside` file `.NAME.<8 hex>SUFFIX` and rename it over `path`, so
+    `path` is the old complete file or the new complete one; nothing is left behind on failure."""
+    folder, name = os.path.split(os.path.abspath(os.fspath(path)))
+    tmp = temp_beside(folder, f".{name}.", suffix, write)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.remove(tmp)
+        raise
