@@ -1,9 +1,9 @@
 """Audio datasets shared by the codec and transformer trainers.
 
-A dataset is a folder of audio files (any depth; WAV, FLAC, OGG, MP3), or a jsonl manifest of them
-(`model/manifest.py`). `scan_audio_folder` lists them with their lengths, cached in
-`<root>/.hertz_index.json`; `AudioCropDataset` cuts fixed-length crops from them: random ones for
-training, fixed ones for validation.
+A dataset is a folder of audio files (any depth, hidden entries left out; WAV, FLAC, OGG, MP3), or
+a jsonl manifest of them (`model/manifest.py`). `scan_audio_folder` lists them with their lengths,
+cached in `<root>/.hertz_index.json`; `AudioCropDataset` cuts fixed-length crops from them: random
+ones for training, fixed ones for validation.
 """
 from __future__ import annotations
 
@@ -57,7 +57,9 @@ def _formats() -> str:
 
 def _list_audio_files(root: str) -> list[str]:
     """Relative paths of every supported file under `root`, sorted so the order never depends on
-    the file system. Symlinked folders are followed, each real folder once."""
+    the file system. Symlinked folders are followed, each real folder once. Hidden entries below
+    `root` (`.git/`, `.ipynb_checkpoints/`, `.cache/`, our index) are left out; `root` itself may
+    lie under a hidden folder."""
     found, seen = [], set()
     for folder, dirs, files in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
@@ -65,6 +67,7 @@ def _list_audio_files(root: str) -> list[str]:
             dirs[:] = []
             continue
         seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]  # pruned in place: os.walk skips them
         for name in files:
             if name.lower().endswith(SUPPORTED_EXTENSIONS) and not name.startswith("."):
                 found.append(os.path.relpath(os.path.join(folder, name), root))

@@ -62,6 +62,25 @@ def test_uppercase_extension_and_nested_folders_are_scanned(tmp_path):
     assert found == [os.path.join("a", "b", "LOUD.WAV"), "c.Flac"]
 
 
+def test_hidden_files_and_folders_below_the_corpus_folder_are_left_out(tmp_path):
+    """A corpus folder that is a git checkout, a notebook folder or a cache holds `.git/`,
+    `.ipynb_checkpoints/`, `.cache/`: their audio (stale copies, checkpoints of a notebook's
+    outputs) was trained on. Only entries below the named folder are filtered: a corpus that
+    itself lives under a hidden folder is scanned as usual."""
+    root = tmp_path / ".cache" / "corpus"  # the named folder may sit under a hidden one
+    write(root / "a.wav", tone(0.5))
+    write(root / "talks" / "b.wav", tone(0.5))
+    for hidden in (".git/objects/x.wav", ".ipynb_checkpoints/a-checkpoint.wav", "talks/.cache/c.wav",
+                   ".trash/d.flac", "talks/.e.wav"):
+        write(root / hidden, tone(0.5))
+    files = scan_audio_folder(root)
+    assert [os.path.relpath(f.path, root) for f in files] == ["a.wav", os.path.join("talks", "b.wav")]
+    assert files.skipped == []
+    hidden_root = tmp_path / ".corpus"  # named by the user: used even though it is hidden
+    write(hidden_root / "f.wav", tone(0.5))
+    assert [os.path.basename(f.path) for f in scan_audio_folder(hidden_root)] == ["f.wav"]
+
+
 @pytest.mark.parametrize("rate", [44100, 22050])
 def test_resampling_to_16k_gives_the_right_length_and_pitch(tmp_path, rate):
     path = write(tmp_path / "x.wav", tone(1.5, rate=rate, freq=1000.0), rate)
