@@ -561,10 +561,8 @@ def export_state(saved: dict, tmp: str) -> None:
 
 
 def describe(name: str, dataset: AudioCropDataset) -> str:
-    skipped = len(dataset.files.skipped)
     return (f"{name}: {len(dataset.files)} files, {dataset.total_seconds / 60:.1f} min in {dataset.files.source}, "
-            f"{len(dataset)} crops" + (", decoded into memory" if dataset.preloaded else "")
-            + (f"; {skipped} unreadable files skipped (named above)" if skipped else ""))
+            f"{len(dataset)} crops" + (", decoded into memory" if dataset.preloaded else "") + dataset.files.left_out())
 
 
 def log_samples(run_dir: Path, pairs: list, sample_rate: int, logger: Logger, figure: bool = True) -> dict:

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
 
 from model.audio import SUPPORTED_EXTENSIONS, AudioError, audio_info, load_audio, scan_samples, two_speakers
+from model.checkpoint import listed
 from model.files import replace_atomically
 from model.manifest import is_manifest, read_manifest
 
@@ -26,7 +27,8 @@ INDEX_VERSION = 2  # 2: float files are read whole once, for non-finite or huge 
 
 
 class SkippedAudioWarning(UserWarning):
-    """An audio file was left out of a dataset because it could not be read."""
+    """Audio files were left out of a dataset: unreadable (one warning each) or too short to use
+    (one warning naming the first few and counting them)."""
 
 
 @dataclass(frozen=True)
@@ -42,13 +44,33 @@ class AudioFileInfo:
 
 
 class AudioFileList(list):
-    """The readable files of a folder (or manifest), sorted by path; `skipped` names those that were not."""
+    """The usable files of a folder (or manifest), sorted by path; `skipped` names those that could
+    not be read, `short` those too short to use (empty; for the transformer, under 2 latents)."""
 
-    def __init__(self, files, root: str, skipped: list[str], source: Optional[str] = None):
+    def __init__(self, files, root: str, skipped: list[str], source: Optional[str] = None,
+                 short: Optional[list[str]] = None):
         super().__init__(files)
         self.root = root
         self.source = source or root  # the folder, or the manifest that listed the files
         self.skipped = skipped  # paths relative to root
+        self.short = short or []  # paths relative to root
+
+    def left_out(self, unreadable: Optional[int] = None) -> str:
+        """"; 2 unreadable files skipped, 3 too short to use (named above)" for a log line, or ""
+        when nothing was left out; `unreadable` counts the unreadable files instead of `skipped`
+        (files that failed later, when encoded)."""
+        unreadable = len(self.skipped) if unreadable is None else unreadable
+        parts = ([f"{unreadable} unreadable files skipped"] if unreadable else []) \
+            + ([f"{len(self.short)} too short to use"] if self.short else [])
+        return f"; {', '.join(parts)} (named above)" if parts else ""
+
+
+def skip_short(files: list[str], why: str, source: str) -> None:
+    """Name the files left out as too short (`why`: "empty (0 samples)"), the first few and a count,
+    in one SkippedAudioWarning."""
+    if files:
+        warnings.warn(f"skipping {len(files)} audio files in {source} {why}: {listed(files)}",
+                      SkippedAudioWarning, stacklevel=3)
 
 
 def _formats() -> str:
@@ -105,7 +127,8 @@ def scan_audio_folder(root: str, use_cache: bool = True) -> AudioFileList:
     are read and the cache is rewritten (skipped if the folder is read-only): their headers, and
     the whole file for float formats (WAV/AIFF FLOAT or DOUBLE), whose samples can be NaN, inf or
     huge (see `model.audio`). Unreadable files are left out, each named in one
-    SkippedAudioWarning, and listed in the result's `skipped`.
+    SkippedAudioWarning, and listed in the result's `skipped`; empty ones (0 samples) too, named
+    together in one SkippedAudioWarning, and listed in its `short`.
     Raises FileNotFoundError, naming the folder and the formats, if it holds no readable audio.
 
     `root` may also be a jsonl manifest (`model/manifest.py`): then its files are listed instead,
@@ -122,7 +145,7 @@ def scan_audio_folder(root: str, use_cache: bool = True) -> AudioFileList:
     else:
         listing, index_path = _list_audio_files(root), os.path.join(root, INDEX_FILENAME)
     cached = _read_index(index_path) if use_cache else {}
-    entries, files, skipped = {}, [], []
+    entries, files, skipped, empty = {}, [], [], []
     for rel in listing:
         path = os.path.join(root, rel)
         try:
@@ -143,16 +166,20 @@ def scan_audio_folder(root: str, use_cache: bool = True) -> AudioFileList:
             skipped.append(rel)
             # the error names the file: "cannot read audio file PATH: reason"
             warnings.warn(f"skipping unreadable audio: {entry['error']}", SkippedAudioWarning, stacklevel=2)
-        elif entry["frames"] > 0:  # an empty file holds nothing to crop; not worth a warning
+        elif entry["frames"] == 0:  # an empty file holds nothing to crop
+            empty.append(rel)
+        else:
             files.append(AudioFileInfo(path, entry["frames"], entry["sample_rate"], entry["channels"]))
     if use_cache and entries != cached:
         _write_index(index_path, entries)
+    skip_short(empty, "empty (0 samples)", source)
     if not files:
-        what = f"no readable audio ({len(skipped)} unreadable files skipped)" if skipped else "no audio files"
+        bad = [f"{len(skipped)} unreadable"] * bool(skipped) + [f"{len(empty)} empty"] * bool(empty)
+        what = f"no readable audio ({' and '.join(bad)} files skipped)" if bad else "no audio files"
         where = f"manifest {source}" if source != root else f"audio folder {root}"
         raise FileNotFoundError(f"{where} has {what}; expected {_formats()} files "
                                 "(for a demo corpus run `python data/demo/prepare.py`)")
-    return AudioFileList(files, root, skipped, source)
+    return AudioFileList(files, root, skipped, source, empty)
 
 
 class AudioCropDataset(Dataset):

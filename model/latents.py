@@ -157,18 +157,24 @@ def _corpus_key(root: str, files, fingerprint: str, channels: str, mono_to_stere
 
 
 def scan_corpus(root: str, sample_rate: int, hop: int):
-    """The audio files of `root` (`model.data.scan_audio_folder`: a folder or a jsonl manifest), or
-    FileNotFoundError naming it when no file is two latents (`2 * hop` samples) long: a crop of one
-    latent predicts nothing (position t predicts latent t+1), so a corpus of shorter files would
-    train on nothing, or validate to a loss of 0 that every checkpoint would "improve" on. Read
-    from the files' headers (cached), so the trainer checks both corpora before encoding either."""
-    from .data import scan_audio_folder
+    """The audio files of `root` (`model.data.scan_audio_folder`: a folder or a jsonl manifest) at
+    least two latents (`2 * hop` samples) long: a crop of one latent predicts nothing (position t
+    predicts latent t+1). Shorter files are left out, named together in one SkippedAudioWarning and
+    listed in the result's `short`; FileNotFoundError naming `root` when no file is left, as a
+    corpus of shorter files would train on nothing, or validate to a loss of 0 that every
+    checkpoint would "improve" on. Read from the files' headers (cached), so the trainer checks
+    both corpora before encoding either."""
+    from .data import AudioFileList, scan_audio_folder, skip_short
     files = scan_audio_folder(root)
-    if not any(f.frames * sample_rate // f.sample_rate >= 2 * hop for f in files):
+    long_enough = [f.frames * sample_rate // f.sample_rate >= 2 * hop for f in files]
+    usable = [f for f, ok in zip(files, long_enough) if ok]
+    if not usable:
         longest = max(f.frames / f.sample_rate for f in files)
         raise FileNotFoundError(f"{files.source}: no audio file is at least 2 latents ({2 * hop / sample_rate:g} s) "
                                 f"long (the longest is {longest:.3f} s): its crops would hold nothing to predict")
-    return files
+    short = [os.path.relpath(f.path, files.root) for f, ok in zip(files, long_enough) if not ok]
+    skip_short(short, f"shorter than 2 latents ({2 * hop / sample_rate:g} s)", files.source)
+    return AudioFileList(usable, files.root, files.skipped, files.source, files.short + short)
 
 
 def prepare_latents(root: str, codec, channels: str, out_dir: str, sample_rate: int = 16000,
@@ -182,11 +188,12 @@ def prepare_latents(root: str, codec, channels: str, out_dir: str, sample_rate: 
     model_channel (stereo): the file channel that holds the speaker the model is to become; it
     goes to channel 1, as in the live engine, so 0 swaps a file's two channels (moshi-finetune's
     layout has the model on the left); one-channel files follow mono_to_stereo. Files shorter than
-    one latent (2000 samples) hold nothing and are left out, and a corpus with no file of two
-    latents is refused before encoding (`scan_corpus`); the last partial latent of a file is
-    dropped. Unreadable files (non-finite or huge samples included, see `model.audio`) are
-    skipped, and so is a file whose latents come out non-finite: never stored, each named in a
-    SkippedAudioWarning and counted in the log.
+    two latents (`2 * hop` samples) predict nothing: left out and named (`scan_corpus`, from the
+    headers; or when decoded shorter than the header said), and a corpus with none longer is
+    refused before encoding; the last partial latent of a file is dropped. Unreadable files
+    (non-finite or huge samples included, see `model.audio`) are skipped, and so is a file whose
+    latents come out non-finite: never stored, each named in a SkippedAudioWarning and counted in
+    the log.
     """
     from .data import SkippedAudioWarning
     if channels not in ("mono", "stereo"):
@@ -227,7 +234,10 @@ def prepare_latents(root: str, codec, channels: str, out_dir: str, sample_rate: 
                     skipped += 1
                     continue
                 n = audio.shape[-1] // hop * hop
-                if n == 0:
+                if n < 2 * hop:  # its header said longer (scan_corpus left out the others)
+                    warnings.warn(f"skipping {path}: {audio.shape[-1]} samples decoded, shorter than 2 latents "
+                                  f"({2 * hop} samples) though its header says longer", SkippedAudioWarning)
+                    skipped += 1
                     continue
                 rows = _encode(codec, audio[:, :n], chunk)
                 if not np.isfinite(rows).all():  # a diverged codec: latents that would poison training
@@ -263,7 +273,7 @@ def prepare_latents(root: str, codec, channels: str, out_dir: str, sample_rate: 
                     "latents": sum(e["length"] for e in merged), "files": merged}
         atomic_write(folder / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=0)))
         log(f"encoded {manifest['latents']} latents ({manifest['latents'] * hop / sample_rate / 3600:.2f} h) "
-            f"from {len(merged)} files" + (f"; {skipped} unreadable files skipped (named above)" if skipped else ""))
+            f"from {len(merged)} files" + files.left_out(skipped))
     long_barrier()
     return folder
 

@@ -207,6 +207,24 @@ def test_corrupt_files_are_skipped_named_once_and_counted(tmp_path):
     assert len(skipped_names(record)) == 2
 
 
+def test_empty_files_are_named_together_and_counted(tmp_path):
+    """Files of 0 samples were dropped from a corpus without a word, where unreadable ones are
+    named: now one warning names the first few and counts them, and the log line counts them."""
+    write(tmp_path / "good.wav", tone(0.5))
+    for i in range(5):
+        write(tmp_path / f"empty{i}.wav", np.zeros(0, np.float32))
+    with pytest.warns(SkippedAudioWarning) as record:
+        files = scan_audio_folder(tmp_path)
+    assert [os.path.basename(f.path) for f in files] == ["good.wav"]
+    assert files.short == [f"empty{i}.wav" for i in range(5)] and files.skipped == []
+    assert skipped_names(record) == [f"skipping 5 audio files in {tmp_path} empty (0 samples): "
+                                     "empty0.wav, empty1.wav, empty2.wav and 2 more"]
+    assert files.left_out() == "; 5 too short to use (named above)"
+    os.remove(tmp_path / "good.wav")
+    with pytest.warns(SkippedAudioWarning), pytest.raises(FileNotFoundError, match=r"\(5 empty files skipped\)"):
+        scan_audio_folder(tmp_path)
+
+
 def test_missing_and_empty_folders_name_the_path_and_formats(tmp_path):
     missing = tmp_path / "nope"
     with pytest.raises(FileNotFoundError, match="nope") as e:

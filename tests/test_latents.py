@@ -122,6 +122,24 @@ def test_a_corpus_too_short_to_predict_anything_is_refused_before_encoding(codec
     assert not (tmp_path / "latents").exists()
 
 
+def test_files_shorter_than_two_latents_are_left_out_and_named(codec, folder):
+    """A file of one latent (its crop predicts nothing) was encoded and drawn for crops, one of
+    less than a latent dropped, both without a word: now both are left out before encoding, named
+    together in one warning and counted in the log line."""
+    rng = np.random.default_rng(1)
+    for name, n in (("one.wav", 3_000), ("blip.wav", 1_000)):
+        save_audio(str(folder / "audio" / name), 0.1 * rng.standard_normal((1, n)).astype(np.float32), 16000)
+    logs = []
+    with pytest.warns(SkippedAudioWarning) as record:
+        out = prepare_latents(str(folder / "audio"), codec, "mono", str(folder / "latents"), log=logs.append)
+    messages = [str(w.message) for w in record if issubclass(w.category, SkippedAudioWarning)]
+    assert messages == [f"skipping 2 audio files in {folder / 'audio'} shorter than 2 latents (0.25 s): "
+                        "blip.wav, one.wav"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [f["name"] for f in manifest["files"]] == ["solo.wav", "talk.wav"]
+    assert logs[-1].endswith("from 2 files; 2 too short to use (named above)")
+
+
 def test_fingerprint_covers_exactly_the_architecture_fields(codec):
     """The latent cache is keyed by the fingerprint: every field marked `arch` changes it, no
     other field does (so a run's batch size or paths never invalidate encoded corpora)."""
