@@ -70,7 +70,7 @@ def skip_short(files: list[str], why: str, source: str) -> None:
     in one SkippedAudioWarning."""
     if files:
         warnings.warn(f"skipping {len(files)} audio files in {source} {why}: {listed(files)}",
-                      SkippedAudioWarning, stacklevel=3)
+                      SkippedAudioWarning, stacklevel=2)  # one place: repeated scans say it once
 
 
 def _formats() -> str:
