@@ -235,11 +235,16 @@ def load_prompt(path: str, channels: int, sample_rate: int = 16000, hop: int = 2
 
 
 def file_problem(path: str) -> Optional[str]:
-    """Why `path` is not a file to read ("no such file: PATH", "PATH is a folder, not a file"), or
-    None: the scripts' check of the files they are given, before any weights load."""
+    """Why `path` is not a file to read ("no such file: PATH", "PATH is a folder, not a file", "PATH
+    is not a regular file": a named pipe, whose reading would wait for a writer), or None: the
+    scripts' check of the files they are given, before any weights load."""
     if os.path.isfile(path):
         return None
-    return f"{path} is a folder, not a file" if os.path.isdir(path) else f"no such file: {path}"
+    if os.path.isdir(path):
+        return f"{path} is a folder, not a file"
+    if os.path.exists(path):
+        return f"{path} is not a regular file (a named pipe or a device)"
+    return f"no such file: {path}"
 
 
 def check_prompt(path: str, sample_rate: int = 16000, hop: int = 2000) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -154,7 +155,10 @@ def scan_audio_folder(root: str, use_cache: bool = True) -> AudioFileList:
             entry = {"size": -1, "mtime_ns": -1, "error": str(e)}
         else:
             entry = cached.get(rel)
-            if entry is None or entry.get("size") != st.st_size or entry.get("mtime_ns") != st.st_mtime_ns:
+            if not stat.S_ISREG(st.st_mode):  # a named pipe: opening it would wait for a writer forever
+                entry = {"size": -1, "mtime_ns": -1,
+                         "error": f"cannot read audio file {path}: not a regular file (a named pipe or a device)"}
+            elif entry is None or entry.get("size") != st.st_size or entry.get("mtime_ns") != st.st_mtime_ns:
                 entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
                 try:
                     entry["frames"], entry["sample_rate"], entry["channels"] = audio_info(path)

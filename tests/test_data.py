@@ -225,6 +225,35 @@ def test_empty_files_are_named_together_and_counted(tmp_path):
         scan_audio_folder(tmp_path)
 
 
+def test_a_named_pipe_in_a_corpus_is_skipped_and_named_not_waited_on(tmp_path):
+    """A FIFO named like audio (a leftover of a streaming tool) in a corpus folder: the scan opened
+    it and waited for a writer forever, so training never started and said nothing. Now it is
+    skipped and named like an unreadable file; a manifest listing one names its line."""
+    import threading
+
+    from model.manifest import ManifestError
+    write(tmp_path / "good.wav", tone(0.5))
+    os.mkfifo(tmp_path / "pipe.wav")
+    result = {}
+    with warnings.catch_warnings(record=True) as record:  # catches the scanning thread's warnings too
+        warnings.simplefilter("always")
+        scan = threading.Thread(target=lambda: result.update(files=scan_audio_folder(tmp_path)), daemon=True)
+        scan.start()
+        scan.join(timeout=20)
+        if scan.is_alive():  # release the reader blocked in open(), then fail
+            os.close(os.open(tmp_path / "pipe.wav", os.O_WRONLY | os.O_NONBLOCK))
+            scan.join()
+            pytest.fail("the scan waited on a named pipe")
+    assert [os.path.basename(f.path) for f in result["files"]] == ["good.wav"]
+    assert result["files"].skipped == ["pipe.wav"]
+    assert skipped_names(record) == [f"skipping unreadable audio: cannot read audio file {tmp_path / 'pipe.wav'}: "
+                                     "not a regular file (a named pipe or a device)"]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"path": "good.wav"}\n{"path": "pipe.wav"}\n')
+    with pytest.raises(ManifestError, match=re.escape(f"line 2: {tmp_path / 'pipe.wav'} is not a regular file")):
+        scan_audio_folder(manifest)
+
+
 def test_missing_and_empty_folders_name_the_path_and_formats(tmp_path):
     missing = tmp_path / "nope"
     with pytest.raises(FileNotFoundError, match="nope") as e:
