@@ -78,6 +78,16 @@ def _formats() -> str:
     return ", ".join(SUPPORTED_EXTENSIONS)
 
 
+def folder_problem(path: str) -> Optional[str]:
+    """Why a data path that is not a manifest is no folder to scan ("does not exist; expected ...",
+    "is a file, not a folder; expected ...": an audio file, or a manifest not named .jsonl), or None."""
+    if os.path.isdir(path):
+        return None
+    what = "is a file, not a folder" if os.path.exists(path) else "does not exist"
+    return (f"{what}; expected a folder of {_formats()} files, or a .jsonl manifest listing them "
+            "(for a demo corpus run `python data/demo/prepare.py`)")
+
+
 def _list_audio_files(root: str) -> list[str]:
     """Relative paths of every supported file under `root`, sorted so the order never depends on
     the file system. Symlinked folders are followed, each real folder once. Hidden entries below
@@ -140,9 +150,8 @@ def scan_audio_folder(root: str, use_cache: bool = True) -> AudioFileList:
         root = os.path.dirname(source)
         listing = sorted(os.path.relpath(p, root) for p in read_manifest(source))
         index_path = os.path.join(root, f"{INDEX_FILENAME[:-len('.json')]}.{os.path.basename(source)}.json")
-    elif not os.path.isdir(root):
-        raise FileNotFoundError(f"audio folder {root} does not exist; expected a folder of {_formats()} "
-                                "files, or a .jsonl manifest (for a demo corpus run `python data/demo/prepare.py`)")
+    elif problem := folder_problem(root):
+        raise FileNotFoundError(f"audio folder {root} {problem}")
     else:
         listing, index_path = _list_audio_files(root), os.path.join(root, INDEX_FILENAME)
     cached = _read_index(index_path) if use_cache else {}

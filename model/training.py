@@ -48,6 +48,7 @@ from .checkpoint import (TEMP_SUFFIX, CheckpointError, atomic_write, listed, non
                          refuse_non_finite, torch_save, write_temp)
 from .checkpoint import _header as header
 from .hub import WeightsError
+from .data import folder_problem
 from .manifest import ManifestError, is_manifest, read_manifest
 
 
@@ -341,9 +342,8 @@ def check_data_paths(cfg, *keys: str) -> None:
                 read_manifest(folder)
             except ManifestError as e:
                 raise ConfigError(f"{key}: {e}") from None
-        elif not os.path.isdir(folder):
-            raise ConfigError(f"{key}={folder!r}: no such folder; expected a folder of audio files or a .jsonl "
-                              "manifest (for the demo corpus run `python data/demo/prepare.py`)")
+        elif problem := folder_problem(folder):
+            raise ConfigError(f"{key}={folder!r} {problem}")
 
 
 def check_schedule(cfg) -> None:

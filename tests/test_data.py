@@ -270,6 +270,19 @@ def test_missing_and_empty_folders_name_the_path_and_formats(tmp_path):
         scan_audio_folder(empty)
 
 
+@pytest.mark.parametrize("name", ["one.wav", "list.txt"])
+def test_a_data_path_naming_a_file_says_so(tmp_path, name):
+    """train_data_path=one.wav (or a manifest not named .jsonl) was reported as a folder that
+    "does not exist", though it does: now it says it is a file, and what is expected."""
+    path = write(tmp_path / "one.wav", tone(0.5)) if name == "one.wav" else tmp_path / name
+    if name == "list.txt":
+        path.write_text('{"path": "one.wav"}\n')
+    with pytest.raises(FileNotFoundError) as e:
+        scan_audio_folder(path)
+    assert str(e.value).startswith(f"audio folder {path} is a file, not a folder; expected a folder of .wav")
+    assert "or a .jsonl manifest listing them" in str(e.value)  # the trainers' config check: test_train_transformer
+
+
 def test_index_cache_is_reused_and_refreshed(tmp_path, monkeypatch):
     for i in range(3):
         write(tmp_path / f"{i}.wav", tone(0.5 + i))

@@ -228,6 +228,8 @@ def fails(args, env=None) -> str:
     (["max_steps=many"], "max_steps: expected an int, got 'many'"),
     (["train_data_path=MISSING"], "train_data_path="),
     (["val_data_path=MISSING"], "val_data_path="),
+    # an audio file where a folder belongs: was "no such folder", though it exists
+    (["train_data_path=FILE"], "train_data_path='FILE' is a file, not a folder; expected a folder of .wav"),
     # each valid alone, contradicting together: before, each trained (the first three silently
     # on nothing but weight decay, the last with a rate rising to min_lr, the fourth ignored)
     (["stage=lm", "lm_loss_weight=0.0"], "lm_loss_weight=0 with stage=lm, which trains on lm_ce"),
@@ -242,13 +244,16 @@ def fails(args, env=None) -> str:
     (["latent_dim=16"], "latent_dim=16, but codec_checkpoint="),
     # a val folder without audio: found after the train folder was encoded (EMPTY: tmp_path, no audio in it)
     (["val_data_path=EMPTY"], "has no audio files"),
-], ids=["preset", "key", "type", "train-folder", "val-folder", "lm-weight-0", "resynth-weight-0",
+], ids=["preset", "key", "type", "train-folder", "val-folder", "train-file", "lm-weight-0", "resynth-weight-0",
         "quantizer-weight-0", "mono-model-channel", "min-lr-above-lr", "codec-rate", "codec-latent-dim",
         "val-without-audio"])
 def test_user_errors_are_one_error_line(setup, tmp_path, mistake, message):
     args = base_args(setup, tmp_path / "run", latents_dir=tmp_path / "latents")
-    args += [a.replace("MISSING", str(tmp_path / "missing")).replace("EMPTY", str(tmp_path)) for a in mistake]
-    assert message in fails(args)
+    if any("FILE" in a for a in mistake):
+        (tmp_path / "one.wav").write_bytes(b"")
+    args += [a.replace("MISSING", str(tmp_path / "missing")).replace("EMPTY", str(tmp_path))
+             .replace("FILE", str(tmp_path / "one.wav")) for a in mistake]
+    assert message.replace("FILE", str(tmp_path / "one.wav")) in fails(args)
     assert not (tmp_path / "latents").exists()
 
 
