@@ -2,8 +2,8 @@
 
 One JSON object per line, `{"path": "dialogues/a.wav", "duration": 24.5}` (the layout
 moshi-finetune reads): `path` relative to the manifest's folder (an absolute path is allowed),
-`duration` in seconds, optional. Blank lines are ignored; any other key is ignored too, so a
-manifest written for another trainer reads as it is.
+`duration` in seconds, optional. Blank lines, Windows line ends and a UTF-8 byte-order mark are
+ignored; any other key is ignored too, so a manifest written for another trainer reads as it is.
 
 `duration` is only checked to be a number >= 0: the lengths the datasets use always come from the
 files' headers, which are read anyway (and cached), so a stale or rounded duration cannot
@@ -50,6 +50,8 @@ def read_manifest(path: str | os.PathLike) -> list[str]:
     with open(path, "rb") as f:  # decoded line by line: a line that is not UTF-8 is named like any bad line
         for number, raw in enumerate(f, start=1):
             where = f"manifest {path} line {number}"
+            if number == 1:  # a byte-order mark, as Notepad and Excel write UTF-8: not part of the JSON
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:

@@ -122,6 +122,15 @@ def test_a_line_that_is_not_utf8_is_named(tmp_path):
     assert str(e.value) == f"manifest {manifest} line 2: not UTF-8 text (invalid continuation byte at byte 44)"
 
 
+def test_a_manifest_saved_on_windows_reads_as_it_is(tmp_path):
+    """A manifest saved by Notepad or Excel ("UTF-8" there: a byte-order mark, CRLF line ends,
+    blank lines) was refused at line 1 as "not JSON (Unexpected UTF-8 BOM ...)"."""
+    write_corpus(tmp_path)
+    manifest = tmp_path / "windows.jsonl"
+    manifest.write_bytes(b"\xef\xbb\xbf" + b'{"path": "b/dialogue_0.wav"}\r\n\r\n{"path": "c/solo.wav"}\r\n')
+    assert read_manifest(manifest) == [str(tmp_path / "b" / "dialogue_0.wav"), str(tmp_path / "c" / "solo.wav")]
+
+
 def test_missing_files_are_counted_and_an_empty_manifest_is_an_error(tmp_path):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("".join(json.dumps({"path": f"x{i}.wav"}) + "\n" for i in range(3)))
