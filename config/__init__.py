@@ -188,24 +188,34 @@ def parse_args(argv: Sequence[str], presets: Mapping[str, Any], default: str = "
     `--help` raises SystemExit after printing every field with its preset value.
     """
     name, overrides, want_help = default, {}, False
+    given = {}  # "--config" or a key -> the argument that set it: a second one is an error, not the winner
     args = list(argv)
     i = 0
     while i < len(args):
         arg = args[i]
         if arg in ("-h", "--help"):  # answered once the preset is known: `--help --config small` too
             want_help = True
-        elif arg == "--config":
+            i += 1
+            continue
+        if arg == "--config":
             if i + 1 >= len(args):
                 raise ConfigError("--config needs a preset name")
-            name = args[i + 1]
+            key, text, arg = "--config", args[i + 1], f"--config {args[i + 1]}"
             i += 1
         elif arg.startswith("--config="):
-            name = arg.split("=", 1)[1]
+            key, text = "--config", arg.split("=", 1)[1]
         elif "=" in arg:
             key, text = arg.split("=", 1)
-            overrides[key.lstrip("-")] = _parse_value(text)
+            key = key.lstrip("-")
         else:
             raise ConfigError(f"cannot parse argument {arg!r}: use --config NAME and key=value")
+        if key in given:  # the last one won silently: a command line edited in one place and not the other
+            raise ConfigError(f"{key} is given twice ({given[key]} and {arg}); give it once")
+        given[key] = arg
+        if key == "--config":
+            name = text
+        else:
+            overrides[key] = _parse_value(text)
         i += 1
     if name not in presets:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(presets)}")

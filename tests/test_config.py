@@ -73,6 +73,19 @@ def test_unknown_preset_and_bad_argument():
         parse_args(["batch_size"], CODEC_PRESETS)
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["learning_rate=1e-3", "batch_size=2", "learning_rate=2e-3"],
+     "learning_rate is given twice (learning_rate=1e-3 and learning_rate=2e-3); give it once"),
+    (["--batch_size=1", "batch_size=1"], "batch_size is given twice (--batch_size=1 and batch_size=1); give it once"),
+    (["--config", "tiny", "--config=small"], "--config is given twice (--config tiny and --config=small); give it once")])
+def test_a_key_given_twice_is_an_error_naming_it(argv, message):
+    """The second of two values for one key (or two presets) silently won: a command line edited
+    in one place and not the other trained with a value nobody meant. Now an error naming both."""
+    with pytest.raises(ConfigError) as e:
+        parse_args(argv, CODEC_PRESETS)
+    assert str(e.value) == message
+
+
 def test_from_dict_round_trip_turns_lists_into_tuples():
     cfg = apply_overrides(TRANSFORMER_PRESETS["tiny"], {"fsq_levels": (8, 8, 8)})
     data = dataclasses.asdict(cfg)
