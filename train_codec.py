@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from config import ConfigError, config_diff, fields_marked, from_dict, parse_args
 from config.codec_config import PRESETS, CodecConfig
+from config.transformer_config import TransformerConfig
 from model.audio import AudioError, save_audio
 from model.checkpoint import CheckpointError, read_metadata
 from model.codec import Codec, compile_codec
@@ -66,7 +67,8 @@ from model.training import (Checkpoints, Deadline, Dist, Logger, all_reduce_mean
 
 def main(argv=None) -> dict:
     # --- config ---------------------------------------------------------------------------------
-    cfg = parse_args(sys.argv[1:] if argv is None else argv, PRESETS)
+    cfg = parse_args(sys.argv[1:] if argv is None else argv, PRESETS,
+                     elsewhere={"train_transformer.py": TransformerConfig})  # a key of the other trainer is named so
     check_config(cfg)
     weights = {"mel": cfg.mel_weight, "kl": cfg.kl_weight, "adv": cfg.adv_weight, "feature": cfg.feature_weight,
                "wave": cfg.wave_weight, "stft": cfg.stft_weight}

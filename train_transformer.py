@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from config import ConfigError, fields_marked, from_dict, parse_args
 from config.codec_config import PRESETS as CODEC_PRESETS
+from config.codec_config import CodecConfig
 from config.transformer_config import PRESETS, TransformerConfig
 from model import Generator, HertzDev, build, finetune, hub, load_codec, load_hertz_dev
 from model.checkpoint import CheckpointError, read_metadata
@@ -66,7 +67,8 @@ warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a v
 
 def main(argv=None) -> dict:
     # --- config ---------------------------------------------------------------------------------
-    cfg = parse_args(sys.argv[1:] if argv is None else argv, PRESETS)
+    cfg = parse_args(sys.argv[1:] if argv is None else argv, PRESETS,
+                     elsewhere={"train_codec.py": CodecConfig})  # a key of the other trainer is named so
     check_config(cfg)
     lora = cfg.finetune == "lora"  # adapters on a frozen init_from base (model/finetune.py)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's, before any process group

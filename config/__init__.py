@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import math
 import operator
 import re
@@ -139,15 +140,29 @@ def check_compatible(saved: Mapping[str, Any], cfg, fields: Iterable[str], what:
         raise ConfigMismatch(f"{what}:\n" + "\n".join(diffs) + f"\n{fix}")
 
 
-def apply_overrides(cfg, overrides: Mapping[str, Any]):
-    """Return a copy of `cfg` with `overrides` applied and type-checked."""
+def unknown_key(key: str, cls, elsewhere: Mapping[str, type] = {}) -> str:
+    """The error for a key `cls` lacks: the other script's key when `elsewhere` (script -> its
+    config class) has it, else the closest keys (a typo, `batch-size`, or initials: `lr`)."""
+    head = f"unknown config key {key!r} for {cls.__name__}"
+    for script, other in elsewhere.items():
+        if key in field_types(other):
+            return f"{head}: it is a key of {script} ({other.__name__}), not of this script"
+    keys = list(field_types(cls))
+    close = difflib.get_close_matches(key.replace("-", "_"), keys, n=3, cutoff=0.6)
+    close += [k for k in keys if key and "".join(w[0] for w in k.split("_")) == key and k not in close]
+    guess = f"; did you mean {', '.join(close[:-1])}{' or ' if len(close) > 1 else ''}{close[-1]}?" if close else ""
+    return f"{head}{guess} (--help lists every key)"
+
+
+def apply_overrides(cfg, overrides: Mapping[str, Any], elsewhere: Mapping[str, type] = {}):
+    """Return a copy of `cfg` with `overrides` applied and type-checked; an unknown key is an
+    error (`unknown_key`, which names the script of `elsewhere` that has it)."""
     types_ = field_types(type(cfg))
     fields = {f.name: f for f in dataclasses.fields(cfg)}
     changes = {}
     for key, value in overrides.items():
         if key not in types_:
-            valid = ", ".join(sorted(types_))
-            raise ConfigError(f"unknown config key {key!r} for {type(cfg).__name__}. Valid keys: {valid}")
+            raise ConfigError(unknown_key(key, type(cfg), elsewhere))
         changes[key] = _coerce(value, types_[key], key)
         pattern, means = fields[key].metadata.get("pattern", (None, None))
         if pattern and not re.fullmatch(pattern, changes[key]):
@@ -182,8 +197,10 @@ def from_dict(cls, data: Mapping[str, Any], strict: bool = True):
     return cls(**values)
 
 
-def parse_args(argv: Sequence[str], presets: Mapping[str, Any], default: str = "tiny"):
-    """`--config NAME key=value ...` -> a frozen config.
+def parse_args(argv: Sequence[str], presets: Mapping[str, Any], default: str = "tiny",
+               elsewhere: Mapping[str, type] = {}):
+    """`--config NAME key=value ...` -> a frozen config. `elsewhere`: the other scripts' config
+    classes (script name -> class), to name the script a key given here belongs to.
 
     `--help` raises SystemExit after printing every field with its preset value.
     """
@@ -207,6 +224,8 @@ def parse_args(argv: Sequence[str], presets: Mapping[str, Any], default: str = "
         elif "=" in arg:
             key, text = arg.split("=", 1)
             key = key.lstrip("-")
+            if not key:
+                raise ConfigError(f"cannot parse argument {arg!r}: no key before '='; use key=value")
         else:
             raise ConfigError(f"cannot parse argument {arg!r}: use --config NAME and key=value")
         if key in given:  # the last one won silently: a command line edited in one place and not the other
@@ -233,4 +252,4 @@ def parse_args(argv: Sequence[str], presets: Mapping[str, Any], default: str = "
     for key, value in overrides.items():  # `checkpoint_dir=` would be the current folder, `train_data_path=` all of it
         if isinstance(value, str) and not value.strip() and hasattr(cfg, key):
             raise ConfigError(f"{key}: no value given ({key}=); give one, e.g. {key}={getattr(cfg, key)!r}")
-    return apply_overrides(cfg, overrides)
+    return apply_overrides(cfg, overrides, elsewhere)
