@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import math
 import operator
+import os
 import re
 import types
 import typing
@@ -32,6 +33,10 @@ class ConfigMismatch(ConfigError):
 
 # Metadata of a free-form string field with a checked shape: (regular expression, what it means).
 DEVICE = {"pattern": (r"cpu|mps|cuda(:\d+)?", "cpu, cuda, cuda:N or mps")}
+
+# Metadata of a file or folder field: `~` is expanded (a shell leaves it in `key=~/x`: zsh, or quoted),
+# so that `checkpoint_dir=~/runs` is not a folder named `~` in the current one.
+PATH = {"path": True}
 
 # Metadata of a number field (or of each number of a tuple field) with a range, checked on
 # overrides (`apply_overrides`) with the field named in the error; combined with the marks below,
@@ -164,6 +169,8 @@ def apply_overrides(cfg, overrides: Mapping[str, Any], elsewhere: Mapping[str, t
         if key not in types_:
             raise ConfigError(unknown_key(key, type(cfg), elsewhere))
         changes[key] = _coerce(value, types_[key], key)
+        if fields[key].metadata.get("path") and isinstance(changes[key], str):
+            changes[key] = os.path.expanduser(changes[key])
         pattern, means = fields[key].metadata.get("pattern", (None, None))
         if pattern and not re.fullmatch(pattern, changes[key]):
             raise ConfigError(f"{key}: expected {means}; got {changes[key]!r}")

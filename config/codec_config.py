@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from config import COUNT, DEVICE, FRACTION, NON_NEGATIVE, POSITIVE, WINDOW
+from config import COUNT, DEVICE, FRACTION, NON_NEGATIVE, POSITIVE, WINDOW, PATH
 
 # Marks on the fields (`fields_marked`, `config_diff` in config/__init__.py):
 ARCH = {"arch": True}          # the codec network: a checkpoint that differs cannot be loaded into it
@@ -42,8 +42,9 @@ class CodecConfig:
     sample_rate: int = field(default=16000, metadata={**ARCH, **COUNT})
 
     # --- data ---------------------------------------------------------------------------------
-    train_data_path: str = "data/demo/train"   # a folder of audio files, or a .jsonl manifest of them
-    val_data_path: str = "data/demo/val"
+    # a folder of audio files, or a .jsonl manifest of them; `~` is expanded in every path (PATH)
+    train_data_path: str = field(default="data/demo/train", metadata=PATH)
+    val_data_path: str = field(default="data/demo/val", metadata=PATH)
     segment_seconds: float = field(default=6.0, metadata={**RESUME, **POSITIVE})  # random crops to train, fixed for val
     # validation crops, if not segment_seconds (0): comparable figures
     val_segment_seconds: float = field(default=0.0, metadata=NON_NEGATIVE)
@@ -107,12 +108,13 @@ class CodecConfig:
     stop_step: int = field(default=0, metadata=NON_NEGATIVE)
     # input/reconstruction pairs logged at each evaluation
     num_audio_samples: int = field(default=3, metadata=NON_NEGATIVE)
-    checkpoint_dir: str = "checkpoints/codec"   # the run folder: checkpoints, metrics, plots, samples
+    # the run folder: checkpoints, metrics, plots, samples
+    checkpoint_dir: str = field(default="checkpoints/codec", metadata=PATH)
     device: str = field(default="cuda", metadata=DEVICE)
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     compile: bool = False                       # torch.compile the generator (small, H200: ~150 s, then 10% faster)
     seed: int = field(default=1337, metadata=RESUME)
-    init_from: Optional[str] = None             # None, "official" or a path to one of ours
+    init_from: Optional[str] = field(default=None, metadata=PATH)  # None, "official" or a path to one of ours
     resume: bool = True
     eval_only: bool = False
     wandb: Literal["online", "offline", "disabled"] = "offline"

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional, get_args
 
-from config import COUNT, DEVICE, FRACTION, NON_NEGATIVE, POSITIVE
+from config import COUNT, DEVICE, FRACTION, NON_NEGATIVE, POSITIVE, PATH
 
 # What a user can name on the command line and in configs, kept here (no torch) so every parser
 # offers the same choices: the weight-only quantization modes (`model/quant.py`) and the KV
@@ -60,18 +60,20 @@ class TransformerConfig:
     plex_roll: int = field(default=1, metadata={**ARCH, **NON_NEGATIVE})  # the code injected at t is that of latent t+1
 
     # --- data ---------------------------------------------------------------------------------
-    train_data_path: str = "data/demo/train"   # a folder of audio files, or a .jsonl manifest of them
-    val_data_path: str = "data/demo/val"
+    # a folder of audio files, or a .jsonl manifest of them; `~` is expanded in every path (PATH)
+    train_data_path: str = field(default="data/demo/train", metadata=PATH)
+    val_data_path: str = field(default="data/demo/val", metadata=PATH)
     sample_rate: int = field(default=16000, metadata=COUNT)
-    codec_checkpoint: str = "official"          # "official" or a path to one of our codecs
-    latents_dir: str = "data/latents"           # encoded corpora (mu, logvar), one folder per codec
+    codec_checkpoint: str = field(default="official", metadata=PATH)  # "official" or a path to one of our codecs
+    # encoded corpora (mu, logvar), one folder per codec
+    latents_dir: str = field(default="data/latents", metadata=PATH)
     mono_to_stereo: Literal["silence", "duplicate"] = "silence"   # duplex: a one-channel file's 2nd speaker
     model_channel: Literal[0, 1] = 1            # duplex: the stereo files' channel whose speaker the model is
                                                 # to be (0 swaps the channels: moshi-finetune has it on the left)
     num_workers: int = field(default=2, metadata=NON_NEGATIVE)  # DataLoader workers (audio decoding, latent crops)
     val_crops: int = field(default=256, metadata=COUNT)  # validation sequences at most (fixed crops)
     val_crops_per_file: int = field(default=4, metadata=COUNT)
-    ckpt_dir: str = "ckpt"                      # where official weights are looked up / downloaded
+    ckpt_dir: str = field(default="ckpt", metadata=PATH)  # where official weights are looked up / downloaded
 
     # --- optimisation -------------------------------------------------------------------------
     # what is trained (see README); model/objectives.py STAGES says which parts each trains
@@ -108,7 +110,7 @@ class TransformerConfig:
     log_interval: int = field(default=50, metadata=COUNT)
     eval_interval: int = field(default=1000, metadata=COUNT)
     save_interval: int = field(default=1000, metadata=COUNT)
-    checkpoint_dir: str = "checkpoints/transformer"
+    checkpoint_dir: str = field(default="checkpoints/transformer", metadata=PATH)
     keep_checkpoints: int = field(default=3, metadata=NON_NEGATIVE)  # step_*.pt kept (and latest, best); 0: all
     # > 0: eval, save and stop at a log step past this wall time
     max_minutes: float = field(default=0.0, metadata=NON_NEGATIVE)
@@ -120,7 +122,8 @@ class TransformerConfig:
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     compile: bool = True                        # torch.compile each transformer block and the losses
     seed: int = 1337
-    init_from: Optional[str] = None             # None, "official", a variant name, or one of ours (.safetensors)
+    # None, "official", a variant name, or one of ours (.safetensors)
+    init_from: Optional[str] = field(default=None, metadata=PATH)
     resume: bool = True
     eval_only: bool = False
     eval_quantize: Literal["none", Quantize] = "none"  # eval_only: the weights quantized (model/quant.py)

@@ -115,6 +115,17 @@ def test_a_key_given_twice_is_an_error_naming_it(argv, message):
     assert str(e.value) == message
 
 
+@pytest.mark.parametrize("presets, key", [(CODEC_PRESETS, "checkpoint_dir"), (CODEC_PRESETS, "init_from"),
+                                          (TRANSFORMER_PRESETS, "latents_dir"), (TRANSFORMER_PRESETS, "codec_checkpoint"),
+                                          (TRANSFORMER_PRESETS, "ckpt_dir"), (TRANSFORMER_PRESETS, "val_data_path")])
+def test_a_path_starting_with_a_tilde_is_in_the_home_folder(presets, key, tmp_path, monkeypatch):
+    """`checkpoint_dir=~/runs` reaches the script unexpanded from zsh or in quotes, and made a
+    folder named `~` in the current one; paths are expanded, other strings are not."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = parse_args([f"{key}=~/runs/a", "wandb_project=~x"], presets)
+    assert getattr(cfg, key) == str(tmp_path / "runs" / "a") and cfg.wandb_project == "~x"
+
+
 def test_from_dict_round_trip_turns_lists_into_tuples():
     cfg = apply_overrides(TRANSFORMER_PRESETS["tiny"], {"fsq_levels": (8, 8, 8)})
     data = dataclasses.asdict(cfg)
