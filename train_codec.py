@@ -60,9 +60,10 @@ from model.parallel import average_gradients, broadcast_parameters, gradient_syn
 from model.plots import plot_metrics, save_mel_figure
 from model.training import (Checkpoints, Deadline, Dist, Logger, all_reduce_mean, autocast, before_step,
                             FiniteGuard, check_architecture, check_data_paths, check_folders, check_trainer,
-                            check_resumable, check_schedule, cosine_lr, last_step, load_training_state, loss_scaler,
-                            move_aside, rng_state, run_script, seed_everything, set_rng_state, setup_distributed,
-                            StepTimer, state_to_load, stop_message, teardown_distributed, unwrap, window_peak_gb)
+                            check_resumable, check_schedule, cosine_lr, finished, last_step, load_training_state,
+                            loss_scaler, move_aside, rng_state, run_script, seed_everything, set_rng_state,
+                            setup_distributed, StepTimer, state_to_load, stop_message, teardown_distributed, unwrap,
+                            window_peak_gb)
 
 
 def main(argv=None) -> dict:
@@ -89,6 +90,9 @@ def main(argv=None) -> dict:
     if state is not None:  # a foreign or contradicting state is refused before the data is decoded
         check_trainer(state, latest, "generator", "train_codec.py")
         check_resumable(state["config"], cfg, resumed_fields(cfg))
+    if finished(state, cfg, checkpoints, export_state, is_main, say):  # the same command again: nothing to train
+        teardown_distributed()
+        return {}
     have = optional_packages(cfg, say)
     dnsmos = DNSMOS() if cfg.val_mos and is_main else None  # rank 0 alone evaluates
     hop = math.prod(cfg.strides)

@@ -56,8 +56,8 @@ from model.parallel import (compile_blocks, full_state_dicts, gradient_sync, inn
 from model.quant import quantize_model
 from model.training import (Checkpoints, ConfigMismatch, Deadline, Dist, FiniteGuard, Logger, all_reduce_mean,
                             autocast, before_step, check_architecture, check_data_paths, check_finite_step,
-                            check_folders, check_resumable, check_schedule, check_trainer, cosine_lr, last_step,
-                            load_training_state, loss_scaler, move_aside, run_script, setup_distributed,
+                            check_folders, check_resumable, check_schedule, check_trainer, cosine_lr, finished,
+                            last_step, load_training_state, loss_scaler, move_aside, run_script, setup_distributed,
                             state_to_load, stop_message, teardown_distributed, window_peak_gb)
 
 PARTS = ("quantizer", "lm", "resynth")
@@ -97,6 +97,9 @@ def main(argv=None) -> dict:
     latest = state_to_load(checkpoints, cfg.resume, cfg.eval_only, cfg.init_from, adapters=lora)
     state = read_state(latest, cfg, base) if latest else None
     step, source = (state["step"], f"{latest} (step {state['step']})") if state else (0, "random init")
+    if finished(state, cfg, checkpoints, finetune.export_adapter if lora else export_state, is_main, say):
+        teardown_distributed()  # the same command again: nothing to train, nothing to encode
+        return {}
     codec = rank0_first(lambda: frozen_codec(cfg, device))  # rank 0 downloads the official codec if missing
     fingerprint = codec_fingerprint(codec)
     check_codec(state, latest, cfg, fingerprint, say)

@@ -13,7 +13,8 @@
   evaluating it), and a run with `resume=false` moving the previous run's folder aside.
 - `Deadline` / `last_step` / `before_step`: the loop's schedule, the same in both trainers: when it
   stops (at `max_steps` or an earlier `stop_step`, or at a log step once `max_minutes` have
-  passed), evaluates and saves, and which value ranks a checkpoint for `best.pt`.
+  passed), evaluates and saves, and which value ranks a checkpoint for `best.pt`; `finished`: a
+  run resumed at its last step says so and ends (nothing re-evaluated or re-saved).
 - `check_folders` / `check_data_paths` / `check_schedule`: config mistakes both trainers find
   before anything slow (a file where a run folder goes, a missing data folder or bad manifest,
   `min_lr` above `learning_rate`).
@@ -639,6 +640,34 @@ def stop_message(step: int, max_steps: int, stop_step: int, max_minutes: float) 
         return (f"stop_step={stop_step} reached; the schedule runs to max_steps={max_steps}: "
                 f"run again with a later stop_step (or 0) to continue")
     return None
+
+
+def finished_message(step: int, max_steps: int, stop_step: int, folder: str | os.PathLike) -> Optional[str]:
+    """What a training run resumed at `step` says instead of training when nothing is left to
+    train (its `last_step` reached: the same command run again after it finished); None otherwise."""
+    if step < last_step(max_steps, stop_step):
+        return None
+    if step < max_steps:
+        return (f"the run in {folder} already stopped at step {step} (stop_step={stop_step}); nothing to train: run "
+                f"again with a later stop_step (or 0) to continue to max_steps={max_steps}")
+    return (f"the run in {folder} is already finished at step {step} (max_steps={max_steps}); nothing to train. "
+            f"To train further, raise max_steps (e.g. max_steps={2 * step}: the cosine decay is then stretched to "
+            "it, so the learning rate rises again); to start afresh, resume=false")
+
+
+def finished(state: Optional[dict], cfg, checkpoints: "Checkpoints", export: Callable[[dict, str], None],
+             is_main: bool, say: Callable[[str], None]) -> bool:
+    """True, having said so (`finished_message`), when a training run (not eval_only) would resume
+    from `state` with nothing left to train; before that, rank 0 completes an interrupted last
+    save (`Checkpoints.recover`). The trainer then ends without loading data, evaluating or saving."""
+    done = state is not None and not cfg.eval_only and finished_message(state["step"], cfg.max_steps, cfg.stop_step,
+                                                                         checkpoints.folder)
+    if not done:
+        return False
+    for note in checkpoints.recover(export) if is_main else []:
+        say(f"note: {note}")
+    say(done)
+    return True
 
 
 def before_step(step: int, start_step: int, end_step: int, log_interval: int, eval_interval: int,

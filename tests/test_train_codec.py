@@ -54,9 +54,11 @@ def corpus(tmp_path_factory):
 
 
 def args(corpus, run_dir, *extra):
-    return ["--config", "tiny", f"train_data_path={corpus / 'train'}", f"val_data_path={corpus / 'val'}",
-            f"checkpoint_dir={run_dir}", "wandb=disabled", "max_steps=8", "log_interval=1", "save_interval=4",
-            "eval_interval=4", *extra]
+    """The trainer's arguments: `extra` key=value replace the defaults' (a key is given once)."""
+    values = {"train_data_path": corpus / "train", "val_data_path": corpus / "val", "checkpoint_dir": run_dir,
+              "wandb": "disabled", "max_steps": 8, "log_interval": 1, "save_interval": 4, "eval_interval": 4,
+              **dict(arg.split("=", 1) for arg in extra)}
+    return ["--config", "tiny"] + [f"{key}={value}" for key, value in values.items()]
 
 
 # One thread per process: on a shared CPU, OpenMP threads that outnumber the free cores spin and
@@ -243,6 +245,27 @@ def test_stop_step_ends_early_on_the_full_schedule_and_the_next_run_continues(co
         assert r["lr"] == reference[r["step"]]["lr"]
         assert r["loss/total"] == pytest.approx(reference[r["step"]]["loss/total"], rel=1e-5)
     assert [r["step"] for r in rows(run_dir / "metrics.jsonl")[done:] if "val/stoi" in r] == [4, 8]
+
+
+def files_of(run_dir):
+    return {p.relative_to(run_dir): (p.stat().st_mtime_ns, p.read_bytes()) for p in run_dir.rglob("*") if p.is_file()}
+
+
+def test_the_same_command_after_the_run_finished_says_so_and_changes_nothing(corpus, trained, tmp_path, capsys):
+    """Run again once finished (latest.pt at max_steps): it read the data, built the models,
+    evaluated step 8 once more (a second row in metrics.jsonl), redrew the curves and said "done
+    at step 8". Now one line says the run is finished and how to train further, before the data
+    is read, and no file of the run changes."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained[0], run_dir)
+    before = files_of(run_dir)
+    assert train_codec.main(args(corpus, run_dir)) == {}
+    out = capsys.readouterr().out
+    assert out.strip().splitlines() == [
+        f"the run in {run_dir} is already finished at step 8 (max_steps=8); nothing to train. To train further, "
+        "raise max_steps (e.g. max_steps=16: the cosine decay is then stretched to it, so the learning rate rises "
+        "again); to start afresh, resume=false"]
+    assert files_of(run_dir) == before
 
 
 def test_float16_scales_the_loss_and_resumes_its_scale(corpus, trained, tmp_path):

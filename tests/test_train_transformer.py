@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,13 +40,13 @@ def setup(tmp_path_factory):
     return {"root": root, "codec": codec, "runs": {}}
 
 
-def base_args(setup, run_dir, duplex=True, **overrides):
+def base_args(setup, run_dir, duplex=True, preset="tiny", **overrides):
     args = {"codec_checkpoint": setup["codec"], "train_data_path": setup["root"] / "corpus/train",
             "val_data_path": setup["root"] / "corpus/val", "latents_dir": setup["root"] / "latents",
             "checkpoint_dir": run_dir, "duplex": duplex, "wandb": "disabled", "max_steps": 2, "eval_interval": 2,
             "save_interval": 2, "log_interval": 1, "batch_size": 2, "val_crops": 4, "sample_seconds": 0.5,
             **overrides}
-    return ["--config", "tiny"] + [f"{k}={v}" for k, v in args.items()]
+    return ["--config", preset] + [f"{k}={v}" for k, v in args.items()]
 
 
 def train(args, nproc=1, code=None, env=None, timeout=300):
@@ -139,6 +140,23 @@ def test_resume_continues_at_the_same_step_exactly(setup, stop):
     scaler = torch.load(resumed / "latest.pt", weights_only=False)["scaler"]
     assert scaler == ({"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
                        "_growth_tracker": 2} if extra else {})  # two clean steps counted across the resume
+
+
+def test_the_same_command_after_the_run_finished_says_so_and_changes_nothing(setup, tmp_path):
+    """Run again once finished (latest.pt at max_steps): it loaded the codec, checked the latents,
+    evaluated step 2 once more (a second row in metrics.jsonl, the sample rewritten) and said
+    "done at step 2". Now one line says the run is finished and how to train further, before the
+    codec loads, and no file of the run changes."""
+    done, _, _ = run_stage(setup, "all", True)
+    run_dir = tmp_path / "run"
+    shutil.copytree(done, run_dir)
+    before = {p.relative_to(run_dir): (p.stat().st_mtime_ns, p.read_bytes()) for p in run_dir.rglob("*") if p.is_file()}
+    log, evals = train(base_args(setup, run_dir, stage="all"))
+    assert evals == {} and "encod" not in log
+    assert (f"the run in {run_dir} is already finished at step 2 (max_steps=2); nothing to train. To train further, "
+            "raise max_steps (e.g. max_steps=4") in log
+    assert {p.relative_to(run_dir): (p.stat().st_mtime_ns, p.read_bytes()) for p in run_dir.rglob("*")
+            if p.is_file()} == before
 
 
 def test_ddp_and_fsdp_agree_and_fsdp_resumes(setup):
@@ -248,11 +266,13 @@ def fails(args, env=None) -> str:
         "quantizer-weight-0", "mono-model-channel", "min-lr-above-lr", "codec-rate", "codec-latent-dim",
         "val-without-audio"])
 def test_user_errors_are_one_error_line(setup, tmp_path, mistake, message):
-    args = base_args(setup, tmp_path / "run", latents_dir=tmp_path / "latents")
     if any("FILE" in a for a in mistake):
         (tmp_path / "one.wav").write_bytes(b"")
-    args += [a.replace("MISSING", str(tmp_path / "missing")).replace("EMPTY", str(tmp_path))
-             .replace("FILE", str(tmp_path / "one.wav")) for a in mistake]
+    mistake = [a.replace("MISSING", str(tmp_path / "missing")).replace("EMPTY", str(tmp_path))
+               .replace("FILE", str(tmp_path / "one.wav")) for a in mistake]
+    preset = mistake[1] if mistake[0] == "--config" else "tiny"  # each key given once: a second one is an error
+    args = base_args(setup, tmp_path / "run", latents_dir=tmp_path / "latents", preset=preset,
+                     **dict(a.split("=", 1) for a in mistake if "=" in a))
     assert message.replace("FILE", str(tmp_path / "one.wav")) in fails(args)
     assert not (tmp_path / "latents").exists()
 
@@ -263,8 +283,9 @@ def test_the_official_codec_missing_offline_is_an_error_not_a_traceback(setup, t
     traceback)."""
     from model.hub import CODEC, OFFICIAL_FILES
     folder = tmp_path / "official"
-    args = base_args(setup, tmp_path / "run", latents_dir=tmp_path / "latents")
-    log = fails(args + ["codec_checkpoint=official", f"ckpt_dir={folder}"], env={"HF_HUB_OFFLINE": "1"})
+    args = base_args(setup, tmp_path / "run", latents_dir=tmp_path / "latents", codec_checkpoint="official",
+                     ckpt_dir=folder)
+    log = fails(args, env={"HF_HUB_OFFLINE": "1"})
     assert "error: offline mode and these official hertz-dev files are missing" in log
     assert OFFICIAL_FILES[CODEC].filename in log and "Traceback" not in log
 

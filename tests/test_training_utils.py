@@ -14,7 +14,7 @@ from config.codec_config import PRESETS, CodecConfig
 from config import ConfigError
 from model.training import (Checkpoints, ConfigMismatch, Deadline, FiniteGuard, Logger, StepTimer, TrainingError,
                             autocast, before_step, check_architecture, check_finite_step, check_resumable, cosine_lr,
-                            move_aside, rng_state, set_rng_state, state_to_load, window_peak_gb)
+                            finished_message, move_aside, rng_state, set_rng_state, state_to_load, window_peak_gb)
 
 
 def test_cosine_lr_warms_up_then_decays_to_min():
@@ -392,3 +392,16 @@ def test_finite_guard_and_step_timer_on_cuda():
         guard.check()
     _, fast, slow, fast2 = timer.durations()
     assert slow > 0.005 and slow > 5 * max(fast, fast2)
+
+
+def test_finished_message_says_what_is_left_to_train():
+    """A run resumed at its last step (what `finished` tells the trainers to say and end on):
+    nothing at max_steps but raising it; stopped by stop_step, a later stop_step."""
+    assert finished_message(5, 8, 0, "run") is None and finished_message(3, 8, 4, "run") is None
+    assert finished_message(8, 8, 0, "run").startswith(
+        "the run in run is already finished at step 8 (max_steps=8); nothing to train. To train further, raise "
+        "max_steps (e.g. max_steps=16")
+    assert finished_message(12, 8, 0, "run").startswith("the run in run is already finished at step 12 (max_steps=8)")
+    assert finished_message(4, 8, 4, "run") == ("the run in run already stopped at step 4 (stop_step=4); nothing to "
+                                                "train: run again with a later stop_step (or 0) to continue to "
+                                                "max_steps=8")
