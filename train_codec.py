@@ -61,9 +61,9 @@ from model.plots import plot_metrics, save_mel_figure
 from model.training import (Checkpoints, Deadline, Dist, Logger, all_reduce_mean, autocast, before_step,
                             FiniteGuard, check_architecture, check_data_paths, check_folders, check_trainer,
                             check_resumable, check_schedule, cosine_lr, finished, last_step, load_training_state,
-                            loss_scaler, move_aside, rng_state, run_script, seed_everything, set_rng_state,
-                            setup_distributed, StepTimer, state_to_load, stop_message, teardown_distributed, unwrap,
-                            window_peak_gb)
+                            loss_scaler, move_aside, rng_state, run_script, schedule_notes, seed_everything,
+                            set_rng_state, setup_distributed, StepTimer, state_to_load, stop_message,
+                            teardown_distributed, unwrap, window_peak_gb)
 
 
 def main(argv=None) -> dict:
@@ -93,6 +93,8 @@ def main(argv=None) -> dict:
     if finished(state, cfg, checkpoints, export_state, is_main, say):  # the same command again: nothing to train
         teardown_distributed()
         return {}
+    for note in [] if cfg.eval_only else schedule_notes(cfg):
+        say(f"note: {note}")
     have = optional_packages(cfg, say)
     dnsmos = DNSMOS() if cfg.val_mos and is_main else None  # rank 0 alone evaluates
     hop = math.prod(cfg.strides)

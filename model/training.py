@@ -17,7 +17,8 @@
   run resumed at its last step says so and ends (nothing re-evaluated or re-saved).
 - `check_folders` / `check_data_paths` / `check_schedule`: config mistakes both trainers find
   before anything slow (a file where a run folder goes, a missing data folder or bad manifest,
-  `min_lr` above `learning_rate`).
+  `min_lr` above `learning_rate`); `schedule_notes`: what is allowed but may not be meant (a
+  warmup as long as the run).
 - `check_resumable` / `check_architecture`: a resumed or init_from config that contradicts the
   checkpoint's is a `ConfigMismatch` naming each field (`config.config_diff`).
 - `Logger`: Weights & Biases (online, offline fallback, disabled) plus a local `metrics.jsonl`.
@@ -353,6 +354,19 @@ def check_schedule(cfg) -> None:
     if cfg.min_lr > cfg.learning_rate:
         raise ConfigError(f"min_lr={cfg.min_lr} is above learning_rate={cfg.learning_rate}: the cosine decay would "
                           f"raise the rate; set min_lr <= learning_rate (e.g. min_lr={cfg.learning_rate / 10:g})")
+
+
+def schedule_notes(cfg) -> list[str]:
+    """What a training run's schedule does that is allowed but may not be meant (said as notes):
+    a warmup as long as the run (`warmup_steps >= max_steps`) never reaches the peak rate and
+    never decays; on purpose in a short trial run, so not an error."""
+    if cfg.warmup_steps < cfg.max_steps:
+        return []
+    last = cosine_lr(cfg.max_steps - 1, cfg.learning_rate, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
+    share = f"{last / cfg.learning_rate:.0%} of learning_rate" if cfg.learning_rate > 0 else "learning_rate"
+    return [f"warmup_steps={cfg.warmup_steps} >= max_steps={cfg.max_steps}: the learning rate rises for the whole "
+            f"run, to {last:g} ({share}={cfg.learning_rate:g}) at its last step, and never decays; lower "
+            "warmup_steps unless this is meant"]
 
 
 def load_training_state(path: str | os.PathLike, mmap: bool = False, map_location="cpu") -> dict:

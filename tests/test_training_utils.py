@@ -14,7 +14,7 @@ from config.codec_config import PRESETS, CodecConfig
 from config import ConfigError
 from model.training import (Checkpoints, ConfigMismatch, Deadline, FiniteGuard, Logger, StepTimer, TrainingError,
                             autocast, before_step, check_architecture, check_finite_step, check_resumable, cosine_lr,
-                            finished_message, move_aside, rng_state, set_rng_state, state_to_load, window_peak_gb)
+                            finished_message, move_aside, rng_state, schedule_notes, set_rng_state, state_to_load, window_peak_gb)
 
 
 def test_cosine_lr_warms_up_then_decays_to_min():
@@ -405,3 +405,18 @@ def test_finished_message_says_what_is_left_to_train():
     assert finished_message(4, 8, 4, "run") == ("the run in run already stopped at step 4 (stop_step=4); nothing to "
                                                 "train: run again with a later stop_step (or 0) to continue to "
                                                 "max_steps=8")
+
+
+def test_a_warmup_as_long_as_the_run_is_a_note():
+    """warmup_steps above max_steps was accepted silently: the rate never reached its peak nor
+    decayed (cosine_lr has no division by zero or negative progress there, and a short trial run
+    may mean it), so it is a note naming both fields and the rate the run ends at."""
+    tiny = PRESETS["tiny"]  # learning_rate 1e-3, warmup 5 of 20 steps
+    assert schedule_notes(tiny) == [] and schedule_notes(dataclasses.replace(tiny, warmup_steps=19)) == []
+    assert schedule_notes(dataclasses.replace(tiny, warmup_steps=40)) == [
+        "warmup_steps=40 >= max_steps=20: the learning rate rises for the whole run, to 0.0005 (50% of "
+        "learning_rate=0.001) at its last step, and never decays; lower warmup_steps unless this is meant"]
+    assert "to 0.001 (100% of learning_rate=0.001)" in schedule_notes(dataclasses.replace(tiny, warmup_steps=20))[0]
+    for warmup in (0, 19, 20, 40):  # the rates the note describes: finite, never above the peak
+        rates = [cosine_lr(s, 1e-3, 1e-4, warmup, 20) for s in range(21)]
+        assert all(0 < r <= 1e-3 for r in rates)
