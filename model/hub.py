@@ -3,15 +3,20 @@
 Files live in `./ckpt` (configurable). What is missing is downloaded from `si-pbc/hertz-dev`
 through `huggingface_hub` (its URL scheme, endpoint and session), streamed into a temporary
 file in the same folder, md5-checked, then renamed into place: a file under its final name is
-always complete and verified. Interrupted transfers are retried a bounded number of times; an
-md5 mismatch is downloaded once more, then reported. Offline (`offline=True` or
+always complete and verified (a temporary left by a killed download is started over). Interrupted
+transfers and HTTP 5xx answers are retried a bounded number of times; an md5 mismatch is
+downloaded once more, then reported. What another attempt cannot change is one WeightsError at
+once: an HTTP 4xx answer, a folder that cannot be written (a file in its place, read-only, a full
+disk), and a disk with less room than the file needs, found before the download starts. Offline (`offline=True` or
 `HF_HUB_OFFLINE=1`), a missing file is an error that names each file, its size and where to put it.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,9 +110,18 @@ class _Verified:
             pass  # a read-only folder only costs a re-hash next time
 
 
+def _cannot_write(path: Path, error: OSError, what: str) -> WeightsError:
+    """The error for an official file that cannot be written here (a full disk, a read-only
+    folder, a file where the folder goes): local, so not retried."""
+    from .checkpoint import os_reason  # (torch: only on this path)
+    return WeightsError(f"cannot write {path}: {os_reason(error, path)}; {what}")
+
+
 def _download_once(url: str, dest: Path, expected_size: Optional[int], progress: bool) -> str:
     """Stream `url` into a temporary file beside `dest`; return its md5 and leave it as
-    `dest.with_suffix('.download')`. Raises on any transfer error or short read."""
+    `.{dest.name}.download`. Raises WeightsError for what another attempt cannot change (an HTTP
+    4xx answer, a file that cannot be written) and IOError or the client's error for a transfer
+    that may succeed when tried again (an HTTP 5xx, a dropped connection, a short read)."""
     from huggingface_hub.utils import build_hf_headers, get_session
 
     tmp = dest.with_name(f".{dest.name}.download")
@@ -115,21 +129,34 @@ def _download_once(url: str, dest: Path, expected_size: Optional[int], progress:
     got = 0
     session = get_session()
     with session.stream("GET", url, headers=build_hf_headers(), follow_redirects=True, timeout=60) as r:
-        r.raise_for_status()
+        if r.status_code >= 400:  # (the client's own error spans two lines, with a link)
+            answer = f"HTTP {r.status_code} {r.reason_phrase}"
+            if r.status_code < 500 and r.status_code not in (408, 429):
+                raise WeightsError(f"{url} answered {answer}; check HF_ENDPOINT and the access token (HF_TOKEN), "
+                                   f"or download {dest.name} from https://huggingface.co/{HF_REPO} into {dest.parent}/")
+            raise IOError(answer)
         total = int(r.headers.get("content-length") or 0) or expected_size
         bar = None
         if progress:
             from tqdm import tqdm
             bar = tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, leave=False)
-        with open(tmp, "wb") as f:
-            for block in r.iter_bytes(1 << 20):
-                f.write(block)
-                h.update(block)
-                got += len(block)
-                if bar:
-                    bar.update(len(block))
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "wb") as f:
+                for block in r.iter_bytes(1 << 20):
+                    f.write(block)
+                    h.update(block)
+                    got += len(block)
+                    if bar:
+                        bar.update(len(block))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            if e.filename is None and e.errno is None:  # the transfer's (a dropped connection), not the disk's
+                raise
+            full = e.errno == errno.ENOSPC
+            raise _cannot_write(dest, e, f"{dest.name} needs about {_human(total or got)}: free space there or "
+                                         "choose another folder (ckpt_dir)" if full else
+                                "choose a folder this process can write (ckpt_dir)") from None
         if bar:
             bar.close()
         declared = r.headers.get("content-length")
@@ -160,7 +187,11 @@ def official_files(names, ckpt_dir: str | os.PathLike = DEFAULT_CKPT_DIR, offlin
                 "offline mode and these official hertz-dev files are missing:\n" + "\n".join(lines) +
                 f"\nDownload them from https://huggingface.co/{HF_REPO} and put them in "
                 f"{folder.resolve()}/ (or run once without offline mode / HF_HUB_OFFLINE).")
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _cannot_write(folder / files[0].filename, e, "choose another folder for the official weights "
+                                                         "(ckpt_dir)") from None
     verified = _Verified(folder)
     out = {}
     for f in files:
@@ -178,6 +209,10 @@ def official_files(names, ckpt_dir: str | os.PathLike = DEFAULT_CKPT_DIR, offlin
                 raise WeightsError(f"{path} is corrupt: md5 {digest}, expected {f.md5}. Delete it and "
                                    f"download it again from https://huggingface.co/{HF_REPO}.")
             log(f"{path} has md5 {digest}, expected {f.md5}: downloading it again")
+        free = shutil.disk_usage(folder).free
+        if free < f.size:  # found now, not after hours of downloading (the temporary goes beside the file)
+            raise WeightsError(f"{folder} has {_human(free)} free and {f.filename} ({f.component}) needs about "
+                               f"{_human(f.size)}: free space there or choose another folder (ckpt_dir)")
         out[f.name] = _fetch(f, path, endpoint, retries, progress, log, backoff)
         verified.add(out[f.name], f.md5)
     return out
@@ -195,8 +230,11 @@ def _fetch(f: OfficialFile, path: Path, endpoint: Optional[str], retries: int, p
         attempt += 1
         try:
             digest = _download_once(url, path, f.size, progress)
-        except Exception as e:  # network errors, HTTP errors, short reads
-            tmp.unlink(missing_ok=True)
+        except WeightsError:  # another attempt would not change it
+            _remove(tmp)
+            raise
+        except Exception as e:  # network errors, HTTP 5xx, short reads
+            _remove(tmp)
             if attempt >= retries:
                 raise WeightsError(f"could not download {f.filename} from {url} after {attempt} attempts: {e}") from e
             wait = min(2 ** (attempt - 1), 30) * backoff
@@ -204,7 +242,7 @@ def _fetch(f: OfficialFile, path: Path, endpoint: Optional[str], retries: int, p
             time.sleep(wait)
             continue
         if digest != f.md5:
-            tmp.unlink(missing_ok=True)
+            _remove(tmp)
             md5_failures += 1
             if md5_failures >= 2:
                 raise WeightsError(f"{f.filename} from {url} has md5 {digest} twice, expected {f.md5}; "
@@ -213,6 +251,15 @@ def _fetch(f: OfficialFile, path: Path, endpoint: Optional[str], retries: int, p
             continue
         os.replace(tmp, path)
         return path
+
+
+def _remove(tmp: Path) -> None:
+    """Remove a download's temporary if there is one (on a read-only folder, there is none and
+    even asking raises)."""
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def load_state_dict(path: Path) -> dict:

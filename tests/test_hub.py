@@ -1,6 +1,7 @@
 """Official weights: download through huggingface_hub from a real HTTP server on loopback that
 serves files in the official layout, md5 verification, atomic writes, retries, offline mode."""
 import hashlib
+import subprocess
 
 import pytest
 import torch
@@ -84,6 +85,87 @@ def test_retries_are_bounded(server, tmp_path, monkeypatch):
     assert len(server.requests) == 2
     assert not (tmp_path / "ckpt" / "inference_volcano_3.pt").exists()
     assert leftovers(tmp_path / "ckpt") == []
+
+
+def test_an_http_4xx_is_not_retried_and_any_error_is_one_line(server, tmp_path, monkeypatch):
+    """A 404 was asked for three times (with backoff), and the client's message spans two lines
+    (it ends with a link): one request, one line naming the URL and the status; a 500 is still
+    retried, its message one line."""
+    data = b"x" * 100
+    register(monkeypatch, "inference_volcano_3", data)
+    with pytest.raises(WeightsError) as e:
+        fetch(server, tmp_path, "inference_volcano_3")
+    assert len(server.requests) == 1 and "\n" not in str(e.value)
+    assert str(e.value).startswith(f"{server.endpoint}/si-pbc/hertz-dev/resolve/main/inference_volcano_3.pt "
+                                   "answered HTTP 404 Not Found; check HF_ENDPOINT")
+    server.add("inference_volcano_3.pt", data)
+    server.faults["inference_volcano_3.pt"] = ["error"] * 3
+    with pytest.raises(WeightsError) as e:
+        fetch(server, tmp_path, "inference_volcano_3", retries=3)
+    assert len(server.requests) == 4 and str(e.value).endswith("after 3 attempts: HTTP 500 Internal Server Error")
+
+
+def test_a_file_where_the_folder_goes_is_one_error(server, tmp_path, monkeypatch):
+    """ckpt_dir naming a file (or a folder under one) was a FileExistsError or NotADirectoryError
+    traceback: a WeightsError naming the file in the way, before any request."""
+    register(monkeypatch, "inference_volcano_3", b"x")
+    (tmp_path / "ckpt").write_text("not a folder")
+    for folder in (tmp_path / "ckpt", tmp_path / "ckpt" / "sub"):
+        with pytest.raises(WeightsError) as e:
+            hub.official_file("inference_volcano_3", folder, endpoint=server.endpoint, progress=False)
+        assert str(e.value) == (f"cannot write {folder / 'inference_volcano_3.pt'}: {tmp_path / 'ckpt'} is a file, "
+                                "not a folder; choose another folder for the official weights (ckpt_dir)")
+    assert server.requests == []
+
+
+@pytest.fixture
+def mount(tmp_path):
+    """`mount(options)`: a real tmpfs (read-only, or small) under tmp_path; needs the right to
+    mount (root in a container)."""
+    mounted = []
+
+    def make(options):
+        folder = tmp_path / f"disk{len(mounted)}"
+        folder.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                          capture_output=True).returncode != 0:
+            pytest.skip("cannot mount a tmpfs here")
+        mounted.append(folder)
+        return folder
+    yield make
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_disk_without_room_is_said_before_downloading_and_a_full_one_is_not_retried(server, tmp_path, monkeypatch,
+                                                                                      mount):
+    """A full disk was retried three times (each download filling it again) and reported as a
+    failed download: a folder with less room than the file needs is refused before the first
+    request, and a disk that fills up anyway (the file larger than recorded) ends at once, naming
+    the file and the room it needs; a read-only folder is named as such (it raised an OSError
+    traceback from removing a temporary that was never made). Nothing is left behind."""
+    data = bytes(range(256)) * 4096  # 1 MiB
+    register(monkeypatch, "inference_volcano_3", data)
+    server.add("inference_volcano_3.pt", data)
+    small = mount("size=256k")
+    with pytest.raises(WeightsError, match=r"has 2\d\d\.\d KB free and inference_volcano_3.pt \(test\) needs about "
+                                           r"1\.0 MB: free space there or choose another folder \(ckpt_dir\)$"):
+        hub.official_file("inference_volcano_3", small, endpoint=server.endpoint, progress=False, backoff=0)
+    assert server.requests == []
+    monkeypatch.setitem(hub.OFFICIAL_FILES, "inference_volcano_3",  # recorded smaller than it is
+                        OfficialFile("inference_volcano_3", hashlib.md5(data).hexdigest(), 1000, "test"))
+    with pytest.raises(WeightsError) as e:
+        hub.official_file("inference_volcano_3", small, endpoint=server.endpoint, progress=False, backoff=0)
+    assert str(e.value) == (f"cannot write {small / 'inference_volcano_3.pt'}: No space left on device; "
+                            "inference_volcano_3.pt needs about 1.0 MB: free space there or choose another folder "
+                            "(ckpt_dir)")
+    assert len(server.requests) == 1 and [p.name for p in small.iterdir() if p.name != ".verified.json"] == []
+    read_only = mount("ro,size=4m")
+    with pytest.raises(WeightsError) as e:
+        hub.official_file("inference_volcano_3", read_only, endpoint=server.endpoint, progress=False, backoff=0)
+    assert str(e.value) == (f"cannot write {read_only / 'inference_volcano_3.pt'}: Read-only file system; choose a "
+                            "folder this process can write (ckpt_dir)")
+    assert len(server.requests) == 2
 
 
 def test_corrupt_local_file_is_replaced(server, tmp_path, monkeypatch):
