@@ -37,8 +37,8 @@ from typing import Callable, Mapping, Optional
 
 import numpy as np
 
-from model.protocol import (CHUNK, CHUNK_BYTES, JITTER, PARAM_NAMES, PARAM_RANGES, SAMPLE_RATE, check_param,
-                            describe_range, float_to_pcm, percentiles)
+from model.protocol import (CHUNK, CHUNK_BYTES, CLOSE_RESTART, JITTER, PARAM_NAMES, PARAM_RANGES, SAMPLE_RATE,
+                            SHUTDOWN_REASON, check_param, describe_range, float_to_pcm, percentiles)
 
 # The command-line flags of each sampling parameter (the original client's names too).
 PARAM_FLAGS = {"token_temp": ("--token-temp", "--token_temp", "-t1"),
@@ -237,7 +237,7 @@ def close_reason(ws) -> str:
         return ""
     if code == 1006:  # no closing handshake: the server died or the network went away
         return "the connection to the server was lost (1006)"
-    reason = ws.close_reason or {1012: "the server is shutting down"}.get(code, "")
+    reason = ws.close_reason or {CLOSE_RESTART: SHUTDOWN_REASON}.get(code, "")  # (a close by uvicorn itself gives none)
     return f"the server closed the session: {code} {reason}".strip()
 
 

@@ -54,9 +54,9 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, WebSock
 from fastapi.responses import JSONResponse, Response
 
 from config.transformer_config import KV_DTYPE_NAMES, QUANTIZE_MODES
-from model.protocol import (CHUNK, CHUNK_BYTES, CLOSE_IDLE, CLOSE_INTERNAL, CLOSE_POLICY, CLOSE_TRY_AGAIN, PARAM_NAMES,
-                            SAMPLE_RATE, TEXT_PREFIX, check_param, check_params, float_to_pcm, page_constants,
-                            pcm_to_float, percentiles)
+from model.protocol import (CHUNK, CHUNK_BYTES, CLOSE_IDLE, CLOSE_INTERNAL, CLOSE_POLICY, CLOSE_RESTART,
+                            CLOSE_TRY_AGAIN, PARAM_NAMES, SAMPLE_RATE, SHUTDOWN_REASON, TEXT_PREFIX, check_param,
+                            check_params, float_to_pcm, page_constants, pcm_to_float, percentiles)
 
 log = logging.getLogger("hertz.server")
 
@@ -641,6 +641,7 @@ class Server:
         self.latency_ms: collections.deque = collections.deque(maxlen=4000)  # (time, chunk arrival to reply ms)
         self.started = time.time()
         self.warmup = warmup
+        self.stopping = False  # set by close_sessions: new sessions are refused
         self._disk: Optional[concurrent.futures.ThreadPoolExecutor] = None
         # The page takes the protocol's constants and this server's defaults from here.
         self.index_html = (WEB_DIR / "index.html").read_text().replace(
@@ -662,6 +663,17 @@ class Server:
         self.worker.stop()
         if self._disk is not None:
             self._disk.shutdown(wait=True)
+
+    async def close_sessions(self, timeout: float = 2.0) -> None:
+        """At shutdown: refuse new sessions, close every session with CLOSE_RESTART and
+        SHUTDOWN_REASON (after what is queued for it), and wait up to `timeout` seconds for them
+        to end (uvicorn then closes what is left, without a reason)."""
+        self.stopping = True
+        deadline = time.monotonic() + timeout
+        while (self.sessions or len(self.free) < self.engine.max_sessions) and time.monotonic() < deadline:
+            for session in list(self.sessions.values()):  # again each time: one may have been starting
+                session.fail(CLOSE_RESTART, SHUTDOWN_REASON)
+            await asyncio.sleep(0.02)
 
     def disk(self, fn, *args) -> asyncio.Future:
         """Run file I/O on the disk thread (one thread: a session's writes stay in order)."""
@@ -711,6 +723,8 @@ class Server:
             await ws.accept()
             return await ws.close(CLOSE_POLICY, "seed must be an integer in [0, 2**63)")
         await ws.accept()
+        if self.stopping:
+            return await ws.close(CLOSE_RESTART, SHUTDOWN_REASON)
         if not self.free:
             self.counts["refused"] += 1
             return await ws.close(CLOSE_TRY_AGAIN, f"the server is at capacity ({self.engine.max_sessions} sessions); "
@@ -911,7 +925,7 @@ def make_app(server: Server, access: Access = Access()):
     @contextlib.asynccontextmanager
     async def lifespan(app):
         server.attach(asyncio.get_running_loop())
-        yield  # at shutdown uvicorn closes every websocket with 1012 before this returns
+        yield  # at shutdown HttpServer has closed every session (1012, with a reason) before this returns
 
     def require_token(request: Request) -> None:
         if not server.authorized(request.headers, request.query_params):
@@ -1027,6 +1041,19 @@ def uvicorn_config(app, host="127.0.0.1", port: int = 8000, max_message_bytes: i
     return config
 
 
+class HttpServer(uvicorn.Server):
+    """uvicorn's server, whose shutdown first closes the sessions itself (`Server.close_sessions`):
+    uvicorn closes the websockets it still holds with 1012 and no reason."""
+
+    def __init__(self, config: uvicorn.Config, server: Server):
+        super().__init__(config)
+        self.app_server = server
+
+    async def shutdown(self, sockets=None) -> None:
+        await self.app_server.close_sessions()
+        await super().shutdown(sockets)
+
+
 def serve(server: Server, host: str, port: int, max_message_bytes: int = 1 << 16, log_level: str = "info",
           access_log: bool = False, sockets=None, access: Optional[Access] = None) -> None:
     """Start the engine, then serve until interrupted."""
@@ -1034,7 +1061,7 @@ def serve(server: Server, host: str, port: int, max_message_bytes: int = 1 << 16
     try:
         config = uvicorn_config(make_app(server, access or Access(host)), host, port, max_message_bytes, log_level,
                                 access_log, server.token)
-        uvicorn.Server(config).run(sockets=sockets)
+        HttpServer(config, server).run(sockets=sockets)
     finally:
         server.stop()
 

@@ -19,8 +19,10 @@ TEXT_PREFIX = "data:audio/raw;base64,"  # the original server's audio text frame
 CLOSE_POLICY = 1008       # no valid token, too many bad messages, or a client that does not read its replies
 CLOSE_TOO_BIG = 1009      # a message over the server's --max-message-bytes (from the websocket layer)
 CLOSE_INTERNAL = 1011     # the engine failed for this session
+CLOSE_RESTART = 1012      # the server is shutting down (or restarting), with SHUTDOWN_REASON
 CLOSE_TRY_AGAIN = 1013    # every slot is taken: try again later
 CLOSE_IDLE = 4408         # no audio for the server's --idle-timeout seconds (as HTTP 408)
+SHUTDOWN_REASON = "the server is shutting down"
 
 # The clients' adaptive jitter buffer (the browser page's audio worklet and inference_client.py's
 # Speaker), in milliseconds: after silence a reply starts playing `margin` after it arrived

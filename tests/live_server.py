@@ -80,7 +80,6 @@ def running_server(model, max_sessions: int = 3, max_message_bytes: int = 1 << 1
                    log_level: str = "warning", access: srv.Access = srv.Access(), limits: srv.Limits = TEST_LIMITS,
                    **kwargs):
     """Yields the `Server` with `.http` and `.ws` base URLs set (and `.port`)."""
-    import uvicorn
     engine = LiveEngine(model, max_sessions=max_sessions)
     server = srv.Server(SlowEngine(engine, slow) if slow else engine, limits=limits, **kwargs)
     server.start()
@@ -88,7 +87,7 @@ def running_server(model, max_sessions: int = 3, max_message_bytes: int = 1 << 1
     port = sock.getsockname()[1]
     config = srv.uvicorn_config(srv.make_app(server, access), "127.0.0.1", port, max_message_bytes, log_level=log_level,
                                 token=server.token)
-    userver = uvicorn.Server(config)
+    userver = srv.HttpServer(config, server)
     thread = threading.Thread(target=userver.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 20

@@ -19,7 +19,8 @@ import inference_server as srv
 from live_server import (as_pcm, connect, pcm_chunks, reference_replies, running_server, speech_like, stream,
                          tiny_duplex, where)
 from model import SamplingParams
-from model.protocol import (CLOSE_IDLE, CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_TRY_AGAIN, TEXT_PREFIX, float_to_pcm)
+from model.protocol import (CLOSE_IDLE, CLOSE_POLICY, CLOSE_RESTART, CLOSE_TOO_BIG, CLOSE_TRY_AGAIN, TEXT_PREFIX,
+                            float_to_pcm)
 
 CHUNKS = pcm_chunks(speech_like(10.0))  # 80 chunks: 10 s
 B64 = TEXT_PREFIX
@@ -505,6 +506,23 @@ def test_capacity_refuses_with_1013(model):
         assert code == CLOSE_TRY_AGAIN and "capacity" in reason and "try again later" in reason
         h = health(server)
         assert h["refused"] == 1 and h["capacity"] == 2
+
+
+def test_shutdown_closes_sessions_with_1012_and_a_reason(model):
+    """Stopping the server closes a live session with 1012 and a reason the clients can show
+    (uvicorn's own close at shutdown gave none), after the replies already queued for it."""
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(running_server(model, max_sessions=1))
+
+        async def run():
+            async with connect(server.ws + "/audio") as ws:
+                assert len((await stream(ws, CHUNKS[:1]))[0]) == 4000
+                await asyncio.to_thread(stack.close)  # the server stops (as on Ctrl-C)
+                with pytest.raises(websockets.ConnectionClosed):
+                    await asyncio.wait_for(ws.recv(), 10)
+                return ws.close_code, ws.close_reason
+        code, reason = asyncio.run(asyncio.wait_for(run(), 30))
+    assert (code, reason) == (CLOSE_RESTART, "the server is shutting down")
 
 
 def test_drop_policy_when_compute_falls_behind(model):
