@@ -197,8 +197,10 @@ async def open_session(args):
         ws = await connect(url, additional_headers=headers, max_size=1 << 20, open_timeout=20, close_timeout=2)
     except websockets.InvalidStatus as e:
         code, path = e.response.status_code, urllib.parse.urlsplit(url).path
-        if code in (401, 403):  # the server refuses a websocket to another path with 403 too
-            hint = " (a missing or wrong --token" + ("" if path.endswith("/audio") else f", or no websocket at {path}") + ")"
+        if code in (401, 403):
+            hint = " (a missing or wrong --token)"
+        elif code == 404:
+            hint = f" (no websocket at {path}: a hertz-dev server's is ws://HOST:PORT/audio)"
         else:
             hint = " (not a hertz-dev server: its websocket is ws://HOST:PORT/audio)"
         raise SystemExit(f"error: the server refused the connection: HTTP {code}{hint}")

@@ -52,6 +52,7 @@ import numpy as np
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from config.transformer_config import KV_DTYPE_NAMES, QUANTIZE_MODES
 from model.protocol import (CHUNK, CHUNK_BYTES, CLOSE_IDLE, CLOSE_INTERNAL, CLOSE_POLICY, CLOSE_RESTART,
@@ -972,12 +973,29 @@ def make_app(server: Server, access: Access = Access()):
 
     app.include_router(http)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        """Starlette's refusals (an unknown path, a method a route does not take) and the token's,
+        in the shape of the server's other errors, naming what was refused."""
+        path = request.url.path[:200]
+        code, message = {404: ("not_found", f"no such path: {path}"),
+                         405: ("method_not_allowed", f"{request.method} {path} is not allowed; allowed: "
+                                                     f"{(e.headers or {}).get('Allow', '')}")}.get(
+            e.status_code, ("unauthorized" if e.status_code == 401 else "http_error", str(e.detail)))
+        return JSONResponse({"message": message, "status": "error", "error": code}, status_code=e.status_code,
+                            headers=e.headers)
+
     @app.websocket("/audio")
     async def audio(ws: WebSocket):
         if not server.authorized(ws.headers, ws.query_params):
             await ws.close(CLOSE_POLICY, "a valid token is required")  # before accept: HTTP 403
             return
         await server.run_session(ws)
+
+    @app.websocket("/{path:path}")  # after /audio: any other path (Starlette's default refusal is a 403)
+    async def no_websocket(ws: WebSocket, path: str):
+        await ws.send_denial_response(error(404, "not_found", f"no websocket at {ws.url.path[:200]}: "
+                                                              "the server's websocket is /audio"))
 
     return app
 

@@ -316,7 +316,8 @@ def test_a_peer_that_is_not_a_hertz_dev_server_is_one_error_line(server, tmp_pat
              (peer(answering("hello")), "the server broke the protocol: a text message that is not a JSON object: 'hello'"),
              (peer(answering(b"abc")), "the server broke the protocol: a binary message of 3 bytes, not one chunk"),
              (peer(answering('{"type": "dropped"}')), "the server broke the protocol: a dropped notice without"),
-             (contextlib.nullcontext(url + "/nowhere"), "HTTP 403 (a missing or wrong --token, or no websocket at /nowhere)")]
+             (contextlib.nullcontext(url + "/nowhere"),
+              "HTTP 404 (no websocket at /nowhere: a hertz-dev server's is ws://HOST:PORT/audio)")]
     for context, message in cases:
         with context as where:
             r = run_client("--server", where, *common, timeout=30)

@@ -598,6 +598,31 @@ def test_index_and_no_unauthenticated_docs(server):
         assert http(server.http + path)[0] == 404
 
 
+def test_unknown_paths_and_methods_are_refused_naming_them(server):
+    """A websocket or HTTP request for a path the server does not have is 404, naming the path
+    (a websocket was refused with 403, as for a bad token); /audio itself is still a session. A
+    method a path does not take is 405 naming both (was `{"detail": "Method Not Allowed"}`)."""
+    async def ws_status(path):
+        try:
+            async with connect(server.ws + path):
+                return 101, b""
+        except websockets.InvalidStatus as e:
+            return e.response.status_code, e.response.body
+    for path in ("/nowhere", "/audio/", "/audio/x", "/health"):
+        status, body = asyncio.run(ws_status(path))
+        assert status == 404 and json.loads(body)["error"] == "not_found", (path, status, body)
+        assert f"no websocket at {path}" in json.loads(body)["message"] and "/audio" in json.loads(body)["message"]
+    for method in ("GET", "POST"):
+        status, body, _ = http(server.http + "/nowhere", method)
+        assert status == 404 and json.loads(body) == {"status": "error", "error": "not_found",
+                                                      "message": "no such path: /nowhere"}, (method, body)
+    status, body, headers = http(server.http + "/health", "POST")
+    assert status == 405 and headers["Allow"] == "GET" and json.loads(body) == {
+        "status": "error", "error": "method_not_allowed", "message": "POST /health is not allowed; allowed: GET"}
+    assert asyncio.run(ws_status("/audio"))[0] == 101
+    wait_idle(server)
+
+
 # --- prompt, replay, recordings -------------------------------------------------------------
 
 def test_prompt_replay_and_recording(model, tmp_path):
