@@ -38,7 +38,7 @@ from typing import Callable, Mapping, Optional
 import numpy as np
 
 from model.protocol import (CHUNK, CHUNK_BYTES, CLOSE_RESTART, JITTER, PARAM_NAMES, PARAM_RANGES, SAMPLE_RATE,
-                            SHUTDOWN_REASON, check_param, describe_range, float_to_pcm, percentiles)
+                            SEED_MAX, SHUTDOWN_REASON, check_param, describe_range, float_to_pcm, percentiles)
 
 # The command-line flags of each sampling parameter (the original client's names too).
 PARAM_FLAGS = {"token_temp": ("--token-temp", "--token_temp", "-t1"),
@@ -634,7 +634,7 @@ def parse_args(argv=None):
     if args.token and not args.token.isprintable():  # an HTTP header cannot carry it
         raise SystemExit("error: --token (or $HERTZ_TOKEN) holds a control character: a newline or carriage return "
                          "read from a file?")
-    if args.seed is not None and not 0 <= args.seed < 2 ** 63:  # the server's range: refused before connecting
+    if args.seed is not None and not 0 <= args.seed < SEED_MAX:  # the server's range: refused before connecting
         raise SystemExit(f"error: --seed must be an integer in [0, 2**63), got {args.seed}")
     return args
 

@@ -56,8 +56,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from config.transformer_config import KV_DTYPE_NAMES, QUANTIZE_MODES
 from model.protocol import (CHUNK, CHUNK_BYTES, CLOSE_IDLE, CLOSE_INTERNAL, CLOSE_POLICY, CLOSE_RESTART,
-                            CLOSE_TRY_AGAIN, PARAM_NAMES, SAMPLE_RATE, SHUTDOWN_REASON, TEXT_PREFIX, check_param,
-                            check_params, float_to_pcm, page_constants, pcm_to_float, percentiles)
+                            CLOSE_TRY_AGAIN, PARAM_NAMES, SAMPLE_RATE, SEED_MAX, SHUTDOWN_REASON, TEXT_PREFIX,
+                            check_param, check_params, float_to_pcm, page_constants, pcm_to_float, percentiles,
+                            query_params, query_seed, query_window)
 
 log = logging.getLogger("hertz.server")
 
@@ -696,7 +697,7 @@ class Server:
     def seed_from(value) -> int:
         if value is None:
             return secrets.randbits(62)
-        if type(value) is not int or not 0 <= value < 2 ** 63:
+        if type(value) is not int or not 0 <= value < SEED_MAX:
             got = str(value) if type(value) is int and abs(value) < 10 ** 30 else f"a value of type {type(value).__name__}"
             raise ProtocolError("bad_seed", f"seed must be an integer in [0, 2**63), got {got}")
         return value
@@ -719,10 +720,11 @@ class Server:
     # -- a session, start to end --
     async def run_session(self, ws) -> None:
         try:
-            seed = self.seed_from(int(ws.query_params["seed"])) if "seed" in ws.query_params else self.seed_from(None)
-        except (ValueError, ProtocolError):
+            query = query_params(ws.query_params.multi_items(), ("seed",))
+            seed = self.seed_from(query_seed(query["seed"]) if "seed" in query else None)
+        except ValueError as e:  # accepted first: browsers show a close reason, not a refused handshake's status
             await ws.accept()
-            return await ws.close(CLOSE_POLICY, "seed must be an integer in [0, 2**63)")
+            return await ws.close(CLOSE_POLICY, str(e))
         await ws.accept()
         if self.stopping:
             return await ws.close(CLOSE_RESTART, SHUTDOWN_REASON)
@@ -947,9 +949,13 @@ def make_app(server: Server, access: Access = Access()):
                         headers={"Cache-Control": "no-store"})
 
     @http.get("/health")
-    async def health(window: Optional[float] = None):
-        """window: seconds the step and latency figures cover (default: the last 4000 steps)."""
-        return server.health(window)
+    async def health(request: Request):
+        """?window=: seconds the step and latency figures cover (default: the last 4000 steps)."""
+        try:
+            query = query_params(request.query_params.multi_items(), ("window",))
+            return server.health(query_window(query["window"]) if "window" in query else None)
+        except ValueError as e:
+            return error(400, "bad_query", str(e))
 
     @http.post("/set_temperature")
     async def set_temperature(request: Request):

@@ -6,7 +6,8 @@ Imported by the server, the clients (which run without torch), the benchmark, th
 from __future__ import annotations
 
 import math
-from typing import Mapping
+import re
+from typing import Iterable, Mapping
 
 import numpy as np
 
@@ -41,6 +42,42 @@ PARAM_RANGES: dict[str, tuple[float, float, bool, bool, str]] = {
     "gaussian_temp": (0.0, 5.0, True, True, "scale of the Gaussian noise around the component"),
 }
 PARAM_NAMES = tuple(PARAM_RANGES)
+
+
+# URL query parameters: the websocket's `?seed=` and `/health`'s `?window=` (and `?token=` everywhere).
+SEED_MAX = 2 ** 63  # seeds are integers in [0, SEED_MAX)
+_DECIMAL = re.compile(r"[0-9]{1,32}(\.[0-9]{0,32})?")
+
+
+def query_params(pairs: Iterable[tuple[str, str]], known: Iterable[str]) -> dict[str, str]:
+    """A URL query's (name, value) pairs as {name: value}; ValueError naming the first parameter
+    that is not one of `known` (nor `token`), is given twice, or is empty."""
+    known = ("token", *known)
+    out: dict[str, str] = {}
+    for name, value in pairs:
+        if name not in known:
+            raise ValueError(f"unknown query parameter {ascii(name)[:24]}; known: {', '.join(known)}")
+        if name in out:
+            raise ValueError(f"query parameter {name} given twice")
+        if not value:
+            raise ValueError(f"query parameter {name} is empty")
+        out[name] = value
+    return out
+
+
+def query_seed(text: str) -> int:
+    """`?seed=` as an int: plain decimal digits in [0, SEED_MAX) (no sign, space, underscore or
+    other digits that int() takes); ValueError naming it."""
+    if not (_DECIMAL.fullmatch(text) and "." not in text and int(text) < SEED_MAX):
+        raise ValueError(f"seed must be a decimal integer in [0, 2**63), got {ascii(text)[:24]}")
+    return int(text)
+
+
+def query_window(text: str) -> float:
+    """`/health?window=` seconds: a plain decimal number > 0; ValueError naming it."""
+    if not (_DECIMAL.fullmatch(text) and float(text) > 0):
+        raise ValueError(f"window must be a decimal number of seconds > 0, got {ascii(text)[:24]}")
+    return float(text)
 
 
 def describe_range(name: str) -> str:

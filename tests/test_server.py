@@ -623,6 +623,47 @@ def test_unknown_paths_and_methods_are_refused_naming_them(server):
     wait_idle(server)
 
 
+BAD_QUERIES = {  # query -> what the refusal names
+    "seed=1_000": "seed must be a decimal integer in [0, 2**63), got '1_000'",  # int() takes these four
+    "seed=%2B5": "got '+5'", "seed=%205": "got ' 5'", "seed=%D9%A3": "got '\\u0663'",
+    "seed=0x10": "got '0x10'", "seed=-1": "got '-1'", "seed=1.0": "got '1.0'",
+    "seed=9223372036854775808": "in [0, 2**63), got '9223372036854775808'", "seed=" + "9" * 5000: "got '99999",
+    "seed=1&seed=2": "query parameter seed given twice", "seed=": "query parameter seed is empty",
+    "seed": "query parameter seed is empty", "sed=5": "unknown query parameter 'sed'; known: token, seed",
+    "token_temp=0.5": "unknown query parameter 'token_temp'",
+}
+
+
+def test_query_parameters_are_plain_decimals_named_when_refused(server):
+    """`?seed=` is decimal digits in [0, 2**63), given once; unknown or empty parameters are
+    refused too, each naming the parameter (1_000, +5, ' 5' and '٣' were taken by int(), a second
+    seed and unknown names ignored); /health's `?window=` likewise (NaN and -1 were taken)."""
+    async def refusal(query):
+        async with connect(server.ws + "/audio?" + query) as ws:
+            try:
+                await ws.send(json.dumps({"type": "status"}))
+                return "a session with seed", json.loads(await asyncio.wait_for(ws.recv(), 10))["seed"]
+            except websockets.ConnectionClosed:
+                return ws.close_code, ws.close_reason
+
+    async def run():
+        return {q: await refusal(q) for q in BAD_QUERIES}
+    for query, (code, reason) in asyncio.run(asyncio.wait_for(run(), 30)).items():
+        assert code == CLOSE_POLICY and BAD_QUERIES[query] in reason, (query, code, reason)
+
+    async def good():
+        async with connect(server.ws + "/audio?seed=9223372036854775807") as ws:
+            return (await control(ws, type="status"))["seed"]
+    assert asyncio.run(asyncio.wait_for(good(), 30)) == 2 ** 63 - 1
+    for query, message in (("window=nan", "window must be a decimal number of seconds > 0, got 'nan'"),
+                           ("window=-1", "got '-1'"), ("window=1e3", "got '1e3'"), ("window=0", "got '0'"),
+                           ("window=1&window=2", "window given twice"), ("windw=1", "unknown query parameter 'windw'")):
+        status, body, _ = http(server.http + "/health?" + query)
+        assert status == 400 and json.loads(body)["error"] == "bad_query" and message in json.loads(body)["message"], body
+    assert http(server.http + "/health?window=2.5")[0] == 200
+    wait_idle(server)
+
+
 # --- prompt, replay, recordings -------------------------------------------------------------
 
 def test_prompt_replay_and_recording(model, tmp_path):
