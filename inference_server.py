@@ -53,6 +53,7 @@ import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from config.transformer_config import KV_DTYPE_NAMES, QUANTIZE_MODES
 from model.protocol import (CHUNK, CHUNK_BYTES, CLOSE_IDLE, CLOSE_INTERNAL, CLOSE_POLICY, CLOSE_RESTART,
@@ -68,6 +69,7 @@ MAX_BAD_MESSAGES = 32     # a session that sends more than this many bad message
 MAX_OUTBOX_AUDIO = 16     # replies waiting for a slow client (2 s); older ones are dropped
 MAX_OUTBOX = 256          # everything waiting; beyond it the client is not reading: closed
 MAX_HTTP_BODY = 4096      # bytes of a JSON request body
+MAX_WRITE_BACKLOG = 1 << 20  # bytes waiting for a client; beyond it the connection is dropped (WebSocketProtocol)
 MIN_MESSAGE_BYTES = len(TEXT_PREFIX) + 4 * math.ceil(CHUNK_BYTES / 3)  # a chunk as a text frame: 5358 bytes
 
 
@@ -1057,12 +1059,28 @@ def uvicorn_config(app, host="127.0.0.1", port: int = 8000, max_message_bytes: i
     # Slow HTTP clients: an idle keep-alive connection is closed after 5 s, headers are capped
     # at 16 KiB (h11, whose limit this is, rather than httptools where installed), and past 256
     # open connections new ones get 503 (uvicorn has no header timeout).
-    config = uvicorn.Config(app, host=host, port=port, http="h11", ws="websockets-sansio",
+    config = uvicorn.Config(app, host=host, port=port, http="h11", ws=WebSocketProtocol,
                             ws_max_size=max_message_bytes, ws_per_message_deflate=False, log_level=log_level,
                             access_log=access_log, lifespan="on", timeout_graceful_shutdown=5, timeout_keep_alive=5,
                             h11_max_incomplete_event_size=16 * 1024, limit_concurrency=256)
     redact_logs(token)
     return config
+
+
+class WebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's websocket protocol (its "websockets-sansio"), hardened where a client reaches past
+    the app: uvicorn answers every ping with a pong at once, whatever waits for the client, so a
+    client that pings and never reads grew the server's write buffer without bound. The app's own
+    sends wait while the buffer is over its high-water mark (64 KiB), so a buffer over
+    MAX_WRITE_BACKLOG is pongs piling up: the connection is dropped (its session ends as if the
+    client had vanished)."""
+
+    def handle_ping(self) -> None:
+        super().handle_ping()
+        if self.transport.get_write_buffer_size() > MAX_WRITE_BACKLOG:
+            log.warning("%s: dropped a connection that sends pings and does not read the pongs",
+                        "%s:%d" % tuple(self.client[:2]) if self.client else "a client")
+            self.transport.abort()
 
 
 class HttpServer(uvicorn.Server):

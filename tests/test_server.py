@@ -483,6 +483,46 @@ def test_bad_clients_do_not_disturb_a_session_at_real_time(model):
         assert h["dropped_in"] == 0 and h["bad_messages"] > srv.MAX_BAD_MESSAGES
 
 
+def raw_websocket(port: int):
+    """A socket that has completed a websocket handshake to /audio (for frames no library sends)."""
+    import socket
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a client that reads nothing fills little
+    lines = ["GET /audio HTTP/1.1", f"Host: 127.0.0.1:{port}", "Upgrade: websocket", "Connection: Upgrade",
+             "Sec-WebSocket-Key: " + base64.b64encode(b"0123456789abcdef").decode(), "Sec-WebSocket-Version: 13"]
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+    assert sock.recv(4096).startswith(b"HTTP/1.1 101")
+    return sock
+
+
+def client_frame(opcode: int, payload: bytes) -> bytes:
+    """One masked frame of at most 125 bytes (a client's frames are masked)."""
+    mask = b"\x01\x02\x03\x04"
+    return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def test_a_ping_flood_that_reads_no_pongs_is_cut_off(server):
+    """A client that sends pings and never reads: the server answered each with a pong at once,
+    so its write buffer for that client grew without bound (40 MB in 5 s, all of it memory); now
+    the connection is dropped once over MAX_WRITE_BACKLOG, and the server goes on serving."""
+    sock = raw_websocket(server.port)
+    pings = client_frame(0x9, b"p" * 125) * 2000  # 262 KB
+    sent, t0 = 0, time.perf_counter()
+    with pytest.raises(OSError):  # reset by the server (or a send that can no longer go out)
+        while time.perf_counter() - t0 < 5:
+            sock.sendall(pings)
+            sent += len(pings)
+    sock.close()
+    assert sent < 40 * srv.MAX_WRITE_BACKLOG, f"{sent / 1e6:.0f} MB of pings were taken"
+    wait_idle(server)
+
+    async def next_client():
+        async with connect(server.ws + "/audio") as ws:
+            return await stream(ws, CHUNKS[:1])
+    assert len(asyncio.run(asyncio.wait_for(next_client(), 30))[0]) == 4000
+    wait_idle(server)
+
+
 # --- load, capacity, auth -------------------------------------------------------------------
 
 def test_capacity_refuses_with_1013(model):
