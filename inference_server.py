@@ -56,10 +56,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from config.transformer_config import KV_DTYPE_NAMES, QUANTIZE_MODES
-from model.protocol import (CHUNK, CHUNK_BYTES, CLOSE_IDLE, CLOSE_INTERNAL, CLOSE_POLICY, CLOSE_RESTART,
-                            CLOSE_TRY_AGAIN, PARAM_NAMES, SAMPLE_RATE, SEED_MAX, SHUTDOWN_REASON, TEXT_PREFIX,
-                            check_param, check_params, float_to_pcm, page_constants, pcm_to_float, percentiles,
-                            query_params, query_seed, query_window)
+from model.protocol import (CHUNK, CHUNK_BYTES, CLOSE_BAD_DATA, CLOSE_IDLE, CLOSE_INTERNAL, CLOSE_POLICY,
+                            CLOSE_RESTART, CLOSE_TRY_AGAIN, PARAM_NAMES, SAMPLE_RATE, SEED_MAX, SHUTDOWN_REASON,
+                            TEXT_PREFIX, check_param, check_params, float_to_pcm, page_constants, pcm_to_float,
+                            percentiles, query_params, query_seed, query_window)
 
 log = logging.getLogger("hertz.server")
 
@@ -1069,11 +1069,12 @@ def uvicorn_config(app, host="127.0.0.1", port: int = 8000, max_message_bytes: i
 
 class WebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's websocket protocol (its "websockets-sansio"), hardened where a client reaches past
-    the app: uvicorn answers every ping with a pong at once, whatever waits for the client, so a
-    client that pings and never reads grew the server's write buffer without bound. The app's own
-    sends wait while the buffer is over its high-water mark (64 KiB), so a buffer over
+    the app. Pings: uvicorn answers every ping with a pong at once, whatever waits for the client,
+    so a client that pings and never reads grew the server's write buffer without bound. The app's
+    own sends wait while the buffer is over its high-water mark (64 KiB), so a buffer over
     MAX_WRITE_BACKLOG is pongs piling up: the connection is dropped (its session ends as if the
-    client had vanished)."""
+    client had vanished). Text that is not UTF-8: uvicorn logged a traceback and closed with 1007
+    and no reason; now closed with CLOSE_BAD_DATA and a reason, without a traceback."""
 
     def handle_ping(self) -> None:
         super().handle_ping()
@@ -1081,6 +1082,17 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
             log.warning("%s: dropped a connection that sends pings and does not read the pongs",
                         "%s:%d" % tuple(self.client[:2]) if self.client else "a client")
             self.transport.abort()
+
+    def send_receive_event_to_app(self) -> None:
+        if self.curr_msg_data_type == "text" and not self.close_sent:
+            try:
+                b"".join(self.frames).decode()
+            except UnicodeDecodeError:
+                self.frames = []
+                self.conn.fail(CLOSE_BAD_DATA, "a text message that is not UTF-8")
+                self.handle_parser_exception()  # the app sees the disconnect; the transport closes
+                return
+        super().send_receive_event_to_app()
 
 
 class HttpServer(uvicorn.Server):

@@ -17,6 +17,7 @@ CHUNK_BYTES = 2 * CHUNK               # 16-bit PCM
 TEXT_PREFIX = "data:audio/raw;base64,"  # the original server's audio text frames
 
 # Websocket close codes of the live server (RFC 6455 and the IANA registry; 4000-4999 are ours).
+CLOSE_BAD_DATA = 1007     # a text message that is not UTF-8
 CLOSE_POLICY = 1008       # no valid token, too many bad messages, or a client that does not read its replies
 CLOSE_TOO_BIG = 1009      # a message over the server's --max-message-bytes (from the websocket layer)
 CLOSE_INTERNAL = 1011     # the engine failed for this session

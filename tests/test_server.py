@@ -19,8 +19,8 @@ import inference_server as srv
 from live_server import (as_pcm, connect, pcm_chunks, reference_replies, running_server, speech_like, stream,
                          tiny_duplex, where)
 from model import SamplingParams
-from model.protocol import (CLOSE_IDLE, CLOSE_POLICY, CLOSE_RESTART, CLOSE_TOO_BIG, CLOSE_TRY_AGAIN, TEXT_PREFIX,
-                            float_to_pcm)
+from model.protocol import (CLOSE_BAD_DATA, CLOSE_IDLE, CLOSE_POLICY, CLOSE_RESTART, CLOSE_TOO_BIG, CLOSE_TRY_AGAIN,
+                            TEXT_PREFIX, float_to_pcm)
 
 CHUNKS = pcm_chunks(speech_like(10.0))  # 80 chunks: 10 s
 B64 = TEXT_PREFIX
@@ -521,6 +521,28 @@ def test_a_ping_flood_that_reads_no_pongs_is_cut_off(server):
             return await stream(ws, CHUNKS[:1])
     assert len(asyncio.run(asyncio.wait_for(next_client(), 30))[0]) == 4000
     wait_idle(server)
+
+
+def test_a_text_message_that_is_not_utf8_closes_with_1007_and_no_traceback(server, caplog):
+    """Text frames must be UTF-8 (RFC 6455): the session is closed with 1007 and a reason naming
+    the message; the server logged a traceback for it (uvicorn's), and the close had no reason."""
+    import logging
+    import struct
+    sock = raw_websocket(server.port)
+    uvicorn_log = logging.getLogger("uvicorn.error")  # it does not propagate to the root logger
+    uvicorn_log.addHandler(caplog.handler)
+    try:
+        sock.sendall(client_frame(0x1, b'{"type": "\xff"}'))
+        reply = b""
+        while len(reply) < 4 or len(reply) < 2 + reply[1]:
+            reply += sock.recv(4096)
+        sock.close()
+        wait_idle(server)
+    finally:
+        uvicorn_log.removeHandler(caplog.handler)
+    assert reply[0] == 0x88 and struct.unpack("!H", reply[2:4])[0] == CLOSE_BAD_DATA, reply
+    assert reply[4:2 + reply[1]] == b"a text message that is not UTF-8", reply
+    assert "Traceback" not in caplog.text and not any(r.exc_info for r in caplog.records), caplog.text
 
 
 # --- load, capacity, auth -------------------------------------------------------------------
