@@ -945,12 +945,12 @@ def make_app(server: Server, access: Access = Access()):
     def error(status: int, code: str, message: str) -> JSONResponse:
         return JSONResponse({"message": message, "status": "error", "error": code}, status_code=status)
 
-    @http.get("/")
+    @http.api_route("/", methods=["GET", "HEAD"])  # HEAD: what monitors and curl -I send
     async def index():
         return Response(server.index_html, media_type="text/html; charset=utf-8",
                         headers={"Cache-Control": "no-store"})
 
-    @http.get("/health")
+    @http.api_route("/health", methods=["GET", "HEAD"])
     async def health(request: Request):
         """?window=: seconds the step and latency figures cover (default: the last 4000 steps)."""
         try:

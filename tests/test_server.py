@@ -678,9 +678,14 @@ def test_unknown_paths_and_methods_are_refused_naming_them(server):
         status, body, _ = http(server.http + "/nowhere", method)
         assert status == 404 and json.loads(body) == {"status": "error", "error": "not_found",
                                                       "message": "no such path: /nowhere"}, (method, body)
-    status, body, headers = http(server.http + "/health", "POST")
-    assert status == 405 and headers["Allow"] == "GET" and json.loads(body) == {
-        "status": "error", "error": "method_not_allowed", "message": "POST /health is not allowed; allowed: GET"}
+    for method in ("POST", "PUT", "DELETE"):
+        status, body, headers = http(server.http + "/health", method)
+        assert status == 405 and headers["Allow"] == "GET, HEAD" and json.loads(body) == {
+            "status": "error", "error": "method_not_allowed",
+            "message": f"{method} /health is not allowed; allowed: GET, HEAD"}, (method, body)
+    for path in ("/", "/health"):  # HEAD was 405 (a GET route answers HEAD: RFC 9110), as monitors send it
+        status, body, headers = http(server.http + path, "HEAD")
+        assert status == 200 and body == b"" and int(headers["Content-Length"]) > 0, (path, status)
     assert asyncio.run(ws_status("/audio"))[0] == 101
     wait_idle(server)
 
