@@ -986,10 +986,10 @@ def make_app(server: Server, access: Access = Access()):
         """Starlette's refusals (an unknown path, a method a route does not take) and the token's,
         in the shape of the server's other errors, naming what was refused."""
         path = request.url.path[:200]
+        allowed = ", ".join(sorted((e.headers or {}).get("Allow", "").split(", ")))  # (a set's order otherwise)
         code, message = {404: ("not_found", f"no such path: {path}"),
-                         405: ("method_not_allowed", f"{request.method} {path} is not allowed; allowed: "
-                                                     f"{(e.headers or {}).get('Allow', '')}")}.get(
-            e.status_code, ("unauthorized" if e.status_code == 401 else "http_error", str(e.detail)))
+                         405: ("method_not_allowed", f"{request.method} {path} is not allowed; allowed: {allowed}"),
+                         401: ("unauthorized", str(e.detail))}.get(e.status_code, ("http_error", str(e.detail)))
         return JSONResponse({"message": message, "status": "error", "error": code}, status_code=e.status_code,
                             headers=e.headers)
 
