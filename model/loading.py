@@ -172,11 +172,23 @@ def official_transformer_config(variant: str) -> TransformerConfig:
 LOAD_ERRORS = (CheckpointError, lora.AdapterError, hub.WeightsError)
 
 
+def recorded_codec(path, meta: dict) -> Optional[str]:
+    """The codec the transformer checkpoint at `path` (header `meta`) records: "official" (also
+    for files that record none), a path, or None (saved without codec_source); a CheckpointError
+    naming the file and the field where it is anything else (a number, a list: an edited header)."""
+    value = meta["extra"].get("codec", "official")
+    if value is not None and not (isinstance(value, str) and value):
+        raise CheckpointError(f"{path}: the 'codec' field of its header's extra is {value!r}, not the "
+                              "path of a codec or 'official'; pass --codec (codec=) or re-export it")
+    return value
+
+
 def no_codec_problem(flag: str, path, meta: dict, codec: str) -> Optional[str]:
     """The scripts' error (`complete.py`, the server) for one of our checkpoints at `path` (header
     `meta`) that records no codec, loaded with `--codec auto`: `load_hertz_dev` would build a model
-    without one, which cannot make audio. None when there is a codec to load."""
-    if codec == "auto" and meta["extra"].get("codec", "official") is None:
+    without one, which cannot make audio. None when there is a codec to load; a CheckpointError
+    when the recorded codec is not a path (`recorded_codec`)."""
+    if codec == "auto" and recorded_codec(path, meta) is None:
         return (f"{flag} {path} records no codec (saved without codec_source): pass --codec official or the path "
                 "of the codec it was trained with")
     return None
@@ -226,7 +238,7 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
         if recorded and quantize not in (None, recorded["mode"]):
             raise CheckpointError(f"{source} holds {recorded['mode']} weights: load it without quantize= "
                                   f"(requantizing quantized weights is not supported)")
-        codec_source = meta["extra"].get("codec", "official") if codec == "auto" else codec
+        codec_source = recorded_codec(source, meta) if codec == "auto" else codec
     else:
         codec_source = "official" if codec == "auto" else codec
     if codec_source is not None and str(codec_source) != "official":

@@ -359,3 +359,19 @@ def test_atomically_written_files_get_the_mode_a_plain_open_gives(tmp_path):
     finally:
         os.umask(old)
     assert modes == {p.name: "0o664" for p in written}
+
+
+@pytest.mark.parametrize("value", [123, ["codec.safetensors"], ""], ids=["number", "list", "empty"])
+def test_a_recorded_codec_that_is_not_a_path_is_one_error_naming_the_file_and_field(tmp_path, monkeypatch, value):
+    """A header whose extra records the codec as a number, a list or an empty string (edited, or
+    written by another tool; the hash matches): a CheckpointError naming the file and the field,
+    before any weights are read. It was a TypeError from os.fspath; codec= given loads it."""
+    model = build(HertzDev, TRANSFORMER_PRESETS["tiny"])
+    path = save_transformer(tmp_path / "model.safetensors", model, codec_source=value)
+    with monkeypatch.context() as m:
+        m.setattr("model.loading.read_weights", lambda *a, **k: pytest.fail("weights read"))
+        with pytest.raises(CheckpointError) as e:
+            load_hertz_dev(path)
+    assert str(e.value).startswith(f"{path}: the 'codec' field of its header's extra is {value!r}")
+    assert "\n" not in str(e.value)
+    assert load_hertz_dev(path, codec=None).codec is None

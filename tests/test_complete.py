@@ -97,6 +97,7 @@ def test_a_checkpoint_whose_codec_is_unknown_or_whose_weights_are_nan_is_one_err
     model = build(HertzDev, PRESETS["tiny"])
     moved = save_transformer(tmp_path / "moved.safetensors", model, codec_source=str(tmp_path / "gone.safetensors"))
     no_codec = save_transformer(tmp_path / "no-codec.safetensors", model)
+    number = save_transformer(tmp_path / "number.safetensors", model, codec_source=7)  # a TypeError traceback
     state, meta = load_file(ckpts["duplex"]), _header(Path(ckpts["duplex"]))
     state["lm.input.weight"][0, 0] = float("nan")
     save_file(state, str(tmp_path / "nan.safetensors"), metadata={**meta, "content_sha256": content_hash(state, meta)})
@@ -104,6 +105,7 @@ def test_a_checkpoint_whose_codec_is_unknown_or_whose_weights_are_nan_is_one_err
     for variant, message in ((moved, f"error: {moved} records its codec as {tmp_path / 'gone.safetensors'}, which "
                                      "is not there (moved or deleted): pass its new path as codec= (--codec)"),
                              (no_codec, f"error: --variant {no_codec} records no codec"),
+                             (number, f"error: {number}: the 'codec' field of its header's extra is 7, not the path"),
                              (tmp_path / "nan.safetensors", f"error: {tmp_path / 'nan.safetensors'}: 1 tensors hold "
                                                             "NaN or inf (lm.input.weight)")):
         assert complete.main([ckpts["stereo"], str(out), "--variant", str(variant), "--device", "cpu"]) == 2
