@@ -183,14 +183,14 @@ def recorded_codec(path, meta: dict) -> Optional[str]:
     return value
 
 
-def no_codec_problem(flag: str, path, meta: dict, codec: str) -> Optional[str]:
-    """The scripts' error (`complete.py`, the server) for one of our checkpoints at `path` (header
-    `meta`) that records no codec, loaded with `--codec auto`: `load_hertz_dev` would build a model
-    without one, which cannot make audio. None when there is a codec to load; a CheckpointError
-    when the recorded codec is not a path (`recorded_codec`)."""
+def no_codec_problem(flag: str, path, meta: dict, codec: str, codec_flag: str = "--codec") -> Optional[str]:
+    """The scripts' error (`complete.py`, the server, the notebook) for one of our checkpoints at
+    `path` (header `meta`) that records no codec, loaded with `--codec auto` (`codec_flag`):
+    `load_hertz_dev` would build a model without one, which cannot make audio. None when there is a
+    codec to load; a CheckpointError when the recorded codec is not a path (`recorded_codec`)."""
     if codec == "auto" and recorded_codec(path, meta) is None:
-        return (f"{flag} {path} records no codec (saved without codec_source): pass --codec official or the path "
-                "of the codec it was trained with")
+        return (f"{flag} {path} records no codec (saved without codec_source): pass {codec_flag} official or the "
+                "path of the codec it was trained with")
     return None
 
 

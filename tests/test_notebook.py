@@ -93,13 +93,14 @@ def test_notebook_with_int8_weights_and_fp8_cache(tmp_path):
     ({"TOKEN_TEMP": 1e6}, "token_temp must be in [0, 5]"),
     ({"TOP_P": 0.0}, "top_p must be in (0, 1]"),
     ({"SECONDS": -1}, "SECONDS must be > 0"),
-    ({"ADAPTER": "MISSING"}, "no such file: MISSING"),
+    ({"ADAPTER": "MISSING"}, "ADAPTER: no such file: MISSING"),
+    ({"CODEC": "MISSING"}, "CODEC: no such file: MISSING"),  # was load_hertz_dev's FileNotFoundError
     ({"QUANTIZE": "int3"}, "QUANTIZE must be None or one of ('int8', 'int4'), got 'int3'"),
     ({"KV_DTYPE": "fp4"}, "KV_DTYPE must be one of ('auto', 'fp8'), got 'fp4'"),
     ({"OUT": "out.mp4"}, "soundfile writes no .mp4 files"),
     ({"DEVICE": "gpu"}, "DEVICE = 'gpu': expected auto, cpu, cuda, cuda:N or mps"),  # was torch's RuntimeError
     ({"DTYPE": "bf16"}, "DTYPE must be one of ('auto', 'bfloat16', 'float16', 'float32'), got 'bf16'"),  # KeyError
-], ids=["missing", "nan", "token-temp", "top-p", "seconds", "adapter", "quantize", "kv-dtype", "output", "device",
+], ids=["missing", "nan", "token-temp", "top-p", "seconds", "adapter", "codec", "quantize", "kv-dtype", "output", "device",
         "dtype"])
 def test_bad_parameters_stop_before_the_weights_load(tmp_path, params, message):
     """VARIANT names a checkpoint that does not exist: loading would fail on it, so the error
@@ -115,6 +116,24 @@ def test_bad_parameters_stop_before_the_weights_load(tmp_path, params, message):
         message = message.replace(name, path)
     assert message in str(e.value) and "no-such.safetensors" not in str(e.value)
     assert not list(tmp_path.glob("out*.wav"))
+
+
+def test_a_checkpoint_that_records_no_codec_stops_before_its_weights_load(tmp_path):
+    """VARIANT one of ours saved without codec_source, CODEC "auto": the error complete.py gives
+    (naming CODEC), before the weights load; it was an AttributeError on `model.codec` after them."""
+    import torch
+    from config.transformer_config import PRESETS
+    from model import HertzDev, build, save_transformer
+
+    torch.manual_seed(0)
+    variant = save_transformer(tmp_path / "no-codec.safetensors", build(HertzDev, PRESETS["tiny"]))
+    sf.write(tmp_path / "ok.wav", 0.3 * np.sin(np.arange(16000) / 10), 16000)
+    with pytest.raises(CellExecutionError) as e:
+        execute({"PROMPT": str(tmp_path / "ok.wav"), "VARIANT": str(variant), "OUT": str(tmp_path / "out.wav"),
+                 "DEVICE": "cpu"})
+    assert (f"VARIANT {variant} records no codec (saved without codec_source): pass CODEC = official or the path"
+            in str(e.value))
+    assert e.value.ename == "ValueError" and not list(tmp_path.glob("out*.wav"))
 
 
 @pytest.mark.slow
