@@ -39,6 +39,7 @@ from model.audio import AudioError, check_output, check_prompt, file_problem, lo
 from model.checkpoint import read_metadata
 from model.generator import Generator
 from model.hub import VARIANTS
+from model.lora import read_adapter
 from model.loading import LOAD_ERRORS, no_codec_problem, resolve_device
 from model.quant import MODES
 from model.transformer import KV_DTYPES
@@ -104,9 +105,12 @@ def main(argv=None) -> int:
     if args.codec not in ("auto", "official") and (problem := file_problem(args.codec)):
         print(f"error: --codec: {problem}", file=sys.stderr)
         return 2
-    if args.adapter is not None and (problem := file_problem(args.adapter)):
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
+    if args.adapter is not None:  # its header: a folder (naming the adapter files in it), another kind of file
+        try:
+            read_adapter(args.adapter)
+        except (FileNotFoundError, *LOAD_ERRORS) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if args.codec == "auto" and args.variant not in VARIANTS:  # one of ours: the codec its header records
         try:
             problem = no_codec_problem("--variant", args.variant, read_metadata(args.variant, kind="transformer"),

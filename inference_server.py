@@ -1233,6 +1233,12 @@ def check_args(args):
                          "(or --checkpoint with one of our duplex checkpoints)")
     for path in (args.checkpoint, args.adapter, args.prompt_path, None if args.codec in ("auto", "official") else args.codec):
         if path is not None and (problem := file_problem(path)):
+            if path == args.adapter and os.path.isdir(path):  # a run's folder: name the adapter files in it
+                from model.lora import AdapterError, read_adapter
+                try:
+                    read_adapter(path)
+                except AdapterError as e:
+                    problem = str(e)
             raise SystemExit(f"error: {problem}")
     if args.recordings is not None:  # found now, not as a lost recording at each session's start
         try:

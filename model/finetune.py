@@ -26,10 +26,8 @@ import torch.nn as nn
 from config import ConfigError, ConfigMismatch, from_dict
 from config.transformer_config import TransformerConfig
 
-from .lora import LoRAConfig, apply_lora, base_fingerprint, write_adapter
+from .lora import ADAPTER_SUFFIX, LoRAConfig, apply_lora, base_fingerprint, write_adapter  # noqa: F401 (ADAPTER_SUFFIX)
 from .objectives import STAGES
-
-ADAPTER_SUFFIX = ".adapter.safetensors"
 
 
 def lora_config(cfg: TransformerConfig) -> LoRAConfig:

@@ -209,8 +209,9 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
     and of the adapter. The header's mistakes (its config, quantization, a recorded codec that is
     gone) are CheckpointErrors raised before any weights load.
 
-    `adapter`: a LoRA adapter file (`model/lora.py`) to apply; one trained on another base is an
-    error, raised before any weights load. `merge=True` folds it into the weights.
+    `adapter`: a LoRA adapter file (`model/lora.py`) to apply; one trained on another base, or whose
+    tensors are not those its header's rank and targets put on the base's config, is an error,
+    raised before any weights load. `merge=True` folds it into the weights.
 
     `quantize`: "int8" or "int4" quantizes the weights while loading (`model.quant`; the codec
     stays float): each Linear's float weight is read from the memory-mapped file and quantized on
@@ -225,7 +226,7 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
         raise ValueError("merge=True needs an adapter= file to merge")
     if adapter is not None:
         fingerprint = lora.base_fingerprint(source)
-        lora.check_adapter(adapter, fingerprint, str(source))
+        adapter_cfg = lora.check_adapter(adapter, fingerprint, str(source))
     dtype = dtype or default_dtype(device)
     if str(source) not in hub.VARIANTS:  # the header's mistakes, before any weights load
         path = _existing(source, "an official variant (" + ", ".join(hub.VARIANTS) + ")")
@@ -240,7 +241,12 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
                                   f"(requantizing quantized weights is not supported)")
         codec_source = recorded_codec(source, meta) if codec == "auto" else codec
     else:
+        cfg = official_transformer_config(str(source))
+        if config is not None:
+            cfg = dataclasses.replace(config, duplex=cfg.duplex)
         codec_source = "official" if codec == "auto" else codec
+    if adapter is not None:  # its header against the base's config: the tensors it would put on which layers
+        lora.check_fit(_meta(HertzDev, cfg), adapter, adapter_cfg, lora.tensor_shapes(adapter), str(source))
     if codec_source is not None and str(codec_source) != "official":
         try:
             read_metadata(_existing(codec_source, '"official"'), kind="codec")
@@ -250,9 +256,6 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
             raise CheckpointError(f"{source} records its codec as {codec_source}, which is not there (moved or "
                                   "deleted): pass its new path as codec= (--codec), or 'official'") from None
     if str(source) in hub.VARIANTS:
-        cfg = official_transformer_config(str(source))
-        if config is not None:
-            cfg = dataclasses.replace(config, duplex=cfg.duplex)
         lm_name, resynth_name, _ = hub.VARIANTS[str(source)]
         paths = hub.official_files([hub.QUANTIZER, lm_name, resynth_name], ckpt_dir, offline, endpoint)
         model = _meta(HertzDev, cfg)

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import hub
-from .checkpoint import (FORMAT, HASH_KEY, CheckpointError, _header, atomic_write, config_from, header_json,
+from .checkpoint import (FORMAT, HASH_KEY, CheckpointError, _header, atomic_write, config_from, header_json, listed,
                          verify_content, write_weights)
 
 # Layers adapted, by the last component of their path: the attention's fused q/k/v and output
@@ -67,6 +67,7 @@ TARGETS = {
 }
 PARTS = ("lm", "resynth")
 KIND = "adapter"
+ADAPTER_SUFFIX = ".adapter.safetensors"  # the trainer's exports: latest.adapter.safetensors, best...
 
 
 class AdapterError(ValueError):
@@ -279,8 +280,13 @@ def read_adapter(path: Union[str, os.PathLike]) -> tuple[LoRAConfig, dict]:
     """(config, extra) of an adapter file, from its header (no tensors are read); extra holds
     `base_fingerprint` and `base_source`."""
     path = Path(path)
+    if path.is_dir():  # a run's folder, say: name the adapter files it holds
+        found = sorted(str(p) for p in path.glob(f"*{ADAPTER_SUFFIX}"))
+        raise AdapterError(f"{path} is a folder, not an adapter file: " + (
+            f"pass one of its adapter files, {listed(found)}" if found else
+            f"it holds no *{ADAPTER_SUFFIX} file (a LoRA run exports best{ADAPTER_SUFFIX} in its checkpoint_dir)"))
     if not path.is_file():
-        raise FileNotFoundError(f"no such adapter file: {path}")
+        raise FileNotFoundError(f"no such file: {path}")
     try:
         meta = _header(path)
     except CheckpointError as e:  # a foreign or damaged file
@@ -304,6 +310,33 @@ def check_adapter(path: Union[str, os.PathLike], expected_fingerprint: str, sour
     return cfg
 
 
+def tensor_shapes(path: Union[str, os.PathLike]) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of the tensors of the safetensors file at `path`, from its header (no data read)."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def check_fit(model: nn.Module, path: Union[str, os.PathLike], cfg: LoRAConfig, shapes: dict[str, tuple[int, ...]],
+              source: Optional[str] = None) -> None:
+    """AdapterError naming the adapter at `path` (config `cfg`, tensors of `shapes`) if its tensors
+    are not those `cfg` puts on `model` (a `HertzDev` without adapters; a `meta` build is enough, so
+    loaders check before the base's weights load): layers missing or not in the model, or a rank or
+    size that differs."""
+    expected = {}
+    for p in lora_targets(model, cfg.targets, cfg.parts):
+        m = model.get_submodule(p)
+        expected[f"{p}.lora_A"], expected[f"{p}.lora_B"] = (cfg.rank, m.in_features), (m.out_features, cfg.rank)
+    missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+    wrong = [f"{k} {shapes[k]}, not {expected[k]}" for k in sorted(set(expected) & set(shapes)) if shapes[k] != expected[k]]
+    problems = [f"{label} {len(names)} tensors ({listed(names)})" for label, names in
+                (("missing", missing), ("unexpected", unexpected), ("wrong shapes of", wrong)) if names]
+    if problems:
+        raise AdapterError(f"adapter {path} does not fit {source or 'this model'}: its header says rank {cfg.rank}, "
+                           f"targets {cfg.targets} of {'+'.join(cfg.parts)}, and its tensors are not those: "
+                           f"{'; '.join(problems)}")
+
+
 def load_adapter(model: nn.Module, path: Union[str, os.PathLike], expected_fingerprint: str,
                  source: Optional[str] = None, verify: bool = True) -> LoRAConfig:
     """Adapt `model` (a `HertzDev` without adapters) as the file at `path` says and fill the
@@ -315,15 +348,7 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], expected_finge
     state = load_file(str(path))
     if verify:
         verify_content(path, state, _header(Path(path)).get(HASH_KEY))
-    shapes = {}
-    for p in lora_targets(model, cfg.targets, cfg.parts):
-        m = model.get_submodule(p)
-        shapes[f"{p}.lora_A"], shapes[f"{p}.lora_B"] = (cfg.rank, m.in_features), (m.out_features, cfg.rank)
-    missing, unexpected = sorted(set(shapes) - set(state)), sorted(set(state) - set(shapes))
-    wrong = sorted(k for k in set(shapes) & set(state) if tuple(state[k].shape) != shapes[k])
-    if missing or unexpected or wrong:
-        raise AdapterError(f"adapter {path} does not fit this model: missing {missing[:3]}, unexpected "
-                           f"{unexpected[:3]}, wrong shapes {wrong[:3]}")
+    check_fit(model, path, cfg, {k: tuple(v.shape) for k, v in state.items()}, source)
     apply_lora(model, **dataclasses.asdict(cfg))
     with torch.no_grad():
         for k, v in lora_state_dict(model).items():

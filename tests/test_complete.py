@@ -246,12 +246,15 @@ def test_adapter_changes_the_completion_and_a_wrong_base_is_refused(ckpts, tmp_p
 
 
 def test_adapter_is_checked_before_any_weights(ckpts, tmp_path):
-    """The official duplex variant, offline, with an empty weights folder: a missing adapter file
-    and one trained on another base are errors before loading would fail."""
+    """The official duplex variant, offline, with an empty weights folder: a missing adapter file,
+    a folder (naming the adapter files in it) and one trained on another base are errors before
+    loading would fail."""
     sf.write(tmp_path / "ok.wav", 0.3 * np.sin(2 * np.pi * 220 * np.arange(16000) / 16000), 16000)
     adapter = make_adapter(ckpts["duplex"], tmp_path / "ours.adapter.safetensors")
     for given, message in ((tmp_path / "missing.adapter.safetensors",
                             f"error: no such file: {tmp_path / 'missing.adapter.safetensors'}"),
+                           (tmp_path, f"error: {tmp_path} is a folder, not an adapter file: pass one of its adapter "
+                                      f"files, {adapter}"),  # a run's folder: was "{tmp_path} is a folder, not a file"
                            (adapter, f"error: adapter {adapter} belongs to another base")):
         r = run(tmp_path / "ok.wav", tmp_path / "out.wav", "--variant", "duplex", "--offline",
                 "--ckpt-dir", tmp_path / "ckpt", "--adapter", given)

@@ -227,6 +227,34 @@ def test_an_adapter_of_another_base_is_refused_naming_both(tmp_path):
 
 
 
+def test_an_adapter_whose_header_contradicts_the_base_is_refused_before_the_base_loads(tmp_path, monkeypatch):
+    """An adapter of this base (its fingerprint matches) whose header's rank or targets are not
+    those of its tensors on the base's config (a rank edited, an export with another run's
+    targets): one AdapterError naming the file, the header's rank and targets and the tensors at
+    fault, before the base's weights are read (it was found only after they had loaded); a run's
+    folder given for the file names the adapter files in it (it was 'no such adapter file')."""
+    from model.lora import write_adapter
+    base = save_transformer(tmp_path / "base.safetensors", tiny())
+    model = tiny()
+    apply_lora(model, **dataclasses.asdict(LORA))
+    state = lora_state_dict(model)
+    for name, config, message in (
+            ("rank", dataclasses.replace(LORA, rank=3), "its header says rank 3, targets both of lm+resynth, and "
+                                                        "its tensors are not those: wrong shapes of 32 tensors (lm."),
+            ("targets", dataclasses.replace(LORA, targets="all"), "missing 10 tensors (lm.output.output.lora_A")):
+        path = tmp_path / f"{name}.adapter.safetensors"
+        write_adapter(path, state, config, base_fingerprint(base), str(base))
+        with monkeypatch.context() as m:
+            m.setattr("model.loading.read_weights", lambda *a, **k: pytest.fail("weights read"))
+            with pytest.raises(AdapterError) as e:
+                load_hertz_dev(base, codec=None, adapter=path)
+        assert str(e.value).startswith(f"adapter {path} does not fit {base}: ") and message in str(e.value)
+        assert "\n" not in str(e.value)
+    with pytest.raises(AdapterError, match=re.escape(f"{tmp_path} is a folder, not an adapter file: pass one of its "
+                                                     f"adapter files, {tmp_path / 'rank.adapter.safetensors'}, ")):
+        load_hertz_dev(base, codec=None, adapter=tmp_path)
+
+
 def test_an_adapter_with_changed_bytes_nan_or_a_damaged_header_is_refused(tmp_path):
     """Adapter files are checked as checkpoints are: changed bytes (the hash in the header no longer
     matches) and NaN weights (with a matching hash) are a CheckpointError naming the file, and

@@ -93,19 +93,23 @@ def test_notebook_with_int8_weights_and_fp8_cache(tmp_path):
     ({"TOKEN_TEMP": 1e6}, "token_temp must be in [0, 5]"),
     ({"TOP_P": 0.0}, "top_p must be in (0, 1]"),
     ({"SECONDS": -1}, "SECONDS must be > 0"),
-    ({"ADAPTER": "MISSING"}, "ADAPTER: no such file: MISSING"),
+    ({"ADAPTER": "MISSING"}, "no such file: MISSING"),
+    ({"ADAPTER": "FOLDER"}, "FOLDER is a folder, not an adapter file: pass one of its adapter files, FOLDER/b"),
     ({"CODEC": "MISSING"}, "CODEC: no such file: MISSING"),  # was load_hertz_dev's FileNotFoundError
     ({"QUANTIZE": "int3"}, "QUANTIZE must be None or one of ('int8', 'int4'), got 'int3'"),
     ({"KV_DTYPE": "fp4"}, "KV_DTYPE must be one of ('auto', 'fp8'), got 'fp4'"),
     ({"OUT": "out.mp4"}, "soundfile writes no .mp4 files"),
     ({"DEVICE": "gpu"}, "DEVICE = 'gpu': expected auto, cpu, cuda, cuda:N or mps"),  # was torch's RuntimeError
     ({"DTYPE": "bf16"}, "DTYPE must be one of ('auto', 'bfloat16', 'float16', 'float32'), got 'bf16'"),  # KeyError
-], ids=["missing", "nan", "token-temp", "top-p", "seconds", "adapter", "codec", "quantize", "kv-dtype", "output", "device",
+], ids=["missing", "nan", "token-temp", "top-p", "seconds", "adapter", "adapter-folder", "codec", "quantize", "kv-dtype", "output", "device",
         "dtype"])
 def test_bad_parameters_stop_before_the_weights_load(tmp_path, params, message):
     """VARIANT names a checkpoint that does not exist: loading would fail on it, so the error
     about the parameter shows that the check came first."""
-    files = {"MISSING": str(tmp_path / "missing.wav"), "NAN": str(tmp_path / "nan.wav"), "OK": str(tmp_path / "ok.wav")}
+    files = {"MISSING": str(tmp_path / "missing.wav"), "NAN": str(tmp_path / "nan.wav"), "OK": str(tmp_path / "ok.wav"),
+             "FOLDER": str(tmp_path / "run")}
+    (tmp_path / "run").mkdir()  # a LoRA run's folder, given for its adapter file (was "no such file")
+    (tmp_path / "run" / "best.adapter.safetensors").write_bytes(b"")
     sf.write(files["OK"], 0.3 * np.sin(np.arange(16000) / 10), 16000)
     sf.write(files["NAN"], np.full(16000, np.nan, dtype=np.float32), 16000, subtype="FLOAT")
     params = {"PROMPT": files["OK"], "VARIANT": str(tmp_path / "no-such.safetensors"), "OUT": str(tmp_path / "out.wav"),

@@ -1033,7 +1033,9 @@ def test_cli_errors_before_loading_weights(tmp_path):
         ("--min-p", "1e999"): ["error: min_p must be in [0, 1)"],
         ("--checkpoint", missing): [f"error: no such file: {missing}"],
         ("--prompt-path", missing + ".wav"): [f"error: no such file: {missing}.wav"],
-        ("--prompt-path", str(tmp_path)): [f"error: {tmp_path} is a folder, not a file"]})  # was "no such file"
+        ("--prompt-path", str(tmp_path)): [f"error: {tmp_path} is a folder, not a file"],  # was "no such file"
+        ("--adapter", str(tmp_path)): [f"error: {tmp_path} is a folder, not an adapter file: it holds no "
+                                       "*.adapter.safetensors file"]})  # was "... is a folder, not a file"
 
 
 def test_cli_device_recordings_and_context_are_errors_before_serving(model, tmp_path):
