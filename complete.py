@@ -26,7 +26,6 @@ Sampling defaults are the original's `temps=(0.8, (0.5, 0.1))`: token temperatur
 temperature 0.5, Gaussian temperature 0.1; no top-p (1.0) and no min-p (0.0).
 """
 import argparse
-import math
 import os
 import sys
 import time
@@ -37,10 +36,10 @@ import torch
 from model import SamplingParams, load_hertz_dev
 from model.audio import AudioError, check_output, check_prompt, file_problem, load_prompt, save_audio
 from model.checkpoint import read_metadata
-from model.generator import Generator
+from model.generator import Generator, completion_problem, completion_steps
 from model.hub import VARIANTS
 from model.lora import read_adapter
-from model.loading import LOAD_ERRORS, no_codec_problem, resolve_device
+from model.loading import LOAD_ERRORS, no_codec_problem, resolve_device, transformer_config_of
 from model.quant import MODES
 from model.transformer import KV_DTYPES
 
@@ -81,8 +80,8 @@ def parse_args(argv=None):
     ap.add_argument("--no-verify", action="store_true",
                     help="skip the content-hash check of our .safetensors files (a changed file is an error by default)")
     args = ap.parse_args(argv)
-    if not (0 < args.seconds < math.inf) or args.num < 1:  # also refuses NaN
-        ap.error("--seconds must be a finite number > 0 and --num >= 1")
+    if problem := completion_problem(args.seconds, args.num):  # NaN, inf, <= 0 (their memory: once the config is read)
+        ap.error(problem)
     try:
         args.params = SamplingParams(args.token_temp, args.top_p, args.min_p, args.mixture_temp,
                                      args.gaussian_temp).validate()
@@ -111,15 +110,18 @@ def main(argv=None) -> int:
         except (FileNotFoundError, *LOAD_ERRORS) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-    if args.codec == "auto" and args.variant not in VARIANTS:  # one of ours: the codec its header records
-        try:
+    try:  # the headers: the codec ours records, what --num x --seconds needs of this machine's memory
+        problem = None
+        if args.codec == "auto" and args.variant not in VARIANTS:
             problem = no_codec_problem("--variant", args.variant, read_metadata(args.variant, kind="transformer"),
                                        args.codec)
-        except LOAD_ERRORS as e:
-            problem = str(e)
-        if problem:
-            print(f"error: {problem}", file=sys.stderr)
-            return 2
+        problem = problem or completion_problem(args.seconds, args.num, transformer_config_of(args.variant), device,
+                                                dtype, args.kv_dtype)
+    except LOAD_ERRORS as e:
+        problem = str(e)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:  # before the weights: loading them can take minutes (or a 34 GB download)
         check_prompt(args.prompt)
         check_output(args.out)
@@ -151,7 +153,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    steps = max(1, round(args.seconds * cfg.sample_rate / hop))
+    steps = completion_steps(args.seconds, cfg.sample_rate, hop)
     frames = prompt.shape[1] // hop
     print(f"prompt {frames * hop / cfg.sample_rate:.2f} s ({frames} latents), generating {steps} latents "
           f"({steps * hop / cfg.sample_rate:.2f} s) x {args.num}", file=sys.stderr)

@@ -9,6 +9,7 @@ CUDA a CUDA graph per attention window); rows reaching the context slide (`model
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence, Union
 
 import torch
@@ -20,6 +21,49 @@ from .sampling import SamplingParams, row_seed
 from .stream_codec import decode_frames, encode_frames
 
 ParamsLike = Union[SamplingParams, Sequence[SamplingParams]]
+
+
+def completion_steps(seconds: float, sample_rate: int = 16000, hop: int = 2000) -> int:
+    """Latents of a continuation of `seconds` (rounded; at least one)."""
+    return max(1, round(seconds * sample_rate / hop))
+
+
+def completion_problem(seconds, num, cfg=None, device=None, dtype: Optional[torch.dtype] = None,
+                       kv_dtype: Union[str, torch.dtype, None] = None,
+                       names: tuple[str, str] = ("--seconds", "--num"), hop: int = 2000) -> Optional[str]:
+    """Why `num` completions of `seconds` each cannot be made, or None: the scripts' check of their
+    length and count (`names`: how they are called there), before any weights load.
+
+    `seconds` must be a finite number > 0 and `num` an integer >= 1. With the model's `cfg` and
+    the `device` and `dtype` it will run in, they must also fit its memory: the decode state
+    (`num` rows of KV caches at full context, `DecodeState.make` on a `meta` build) and the
+    completions' audio (float32, held whole on the device, then on the host to be written) must
+    each be less than the device's (and the host's) memory. There is no limit on length beyond
+    that: past the context a row slides (`model.decode.slide`)."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < float("inf"):
+        return f"{names[0]} must be a finite number > 0, got {seconds!r}"
+    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+        return f"{names[1]} must be an integer >= 1, got {num!r}"
+    if cfg is None:
+        return None
+    from .decode import DecodeState
+    from .loading import HertzDev
+    with torch.device("meta"):
+        model = HertzDev(cfg).to(dtype or torch.float32)
+    kv = DecodeState.make(model, num, kv_dtype=kv_dtype).kv_bytes
+    audio = num * cfg.channels * hop * (completion_steps(seconds, cfg.sample_rate, hop) + 1) * 4  # and a prompt latent
+    device = torch.device(device or "cpu")
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limits = [(f"this machine's memory ({host / 1e9:.1f} GB)", host, audio + (kv if device.type == "cpu" else 0))]
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        limits.append((f"{device}'s memory ({total / 1e9:.1f} GB)", total, kv + audio))
+    for where, have, need in limits:
+        if need > have:
+            return (f"{names[1]} {num} x {names[0]} {seconds:g} need at least {need / 1e9:.3g} GB (KV caches "
+                    f"{kv / 1e9:.3g} GB, audio {audio / 1e9:.3g} GB), more than {where}: ask for fewer or shorter "
+                    "completions (any length fits the context, which slides)")
+    return None
 
 
 def as_params(params: ParamsLike, n: int) -> list[SamplingParams]:

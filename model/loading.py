@@ -166,6 +166,15 @@ def official_transformer_config(variant: str) -> TransformerConfig:
     return dataclasses.replace(TRANSFORMER_HERTZ_DEV, duplex=hub.VARIANTS[variant][2])
 
 
+def transformer_config_of(source: Union[str, os.PathLike]) -> TransformerConfig:
+    """The config `load_hertz_dev(source)` builds, known before any weights load: an official
+    variant's, or the one the header of our checkpoint at `source` records (CheckpointError naming
+    the file where it holds none)."""
+    if str(source) in hub.VARIANTS:
+        return official_transformer_config(str(source))
+    return config_from(TransformerConfig, read_metadata(source, kind="transformer")["config"], source)
+
+
 # What `load_codec` / `load_hertz_dev` raise for a file the user must fix (the scripts print it as
 # one `error:`): an unusable checkpoint, an adapter of another base, official weights missing
 # offline, corrupt or not downloadable.

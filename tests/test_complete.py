@@ -128,11 +128,15 @@ def test_a_checkpoint_whose_codec_is_unknown_or_whose_weights_are_nan_is_one_err
     ("ok.wav", ["--min-p", "1"], "min_p must be in [0, 1)"),
     ("ok.wav", ["--quantize", "int3"], "argument --quantize: invalid choice: 'int3'"),
     ("ok.wav", ["--kv-dtype", "fp4"], "argument --kv-dtype: invalid choice: 'fp4'"),
-    ("ok.wav", ["--seconds", "nan"], "--seconds must be a finite number > 0"),
+    ("ok.wav", ["--seconds", "nan"], "--seconds must be a finite number > 0, got nan"),
+    # 1.3e5 GB of audio, 3e5 GB of KV caches (the official duplex model, float32 on the CPU): they
+    # were taken, and failed to allocate once the weights had loaded
+    ("ok.wav", ["--seconds", "1e9"], "--num 1 x --seconds 1e+09 need at least "),
+    ("ok.wav", ["--num", "100000"], "--num 100000 x --seconds 10 need at least "),
     ("ok.wav", ["--device", "gpu"], "--device 'gpu': expected auto, cpu, cuda, cuda:N or mps"),
     ("ok.wav", ["--device", "cuda:99"], "--device cuda:99: "),
 ], ids=["missing", "folder", "nan", "not-audio", "short", "rate-1hz", "token-temp", "gaussian-temp", "top-p", "min-p",
-        "quantize", "kv-dtype", "seconds", "device", "device-absent"])
+        "quantize", "kv-dtype", "seconds", "seconds-memory", "num-memory", "device", "device-absent"])
 def test_prompt_and_arguments_are_checked_before_any_weights(tmp_path, prompt, flags, message):
     """The official duplex variant, offline, with an empty weights folder: loading the weights
     would fail, so each error shows that the check came first; no output file is written."""
@@ -151,6 +155,15 @@ def test_prompt_and_arguments_are_checked_before_any_weights(tmp_path, prompt, f
     assert len(errors) == 1 and message.format(prompt=tmp_path / prompt) in errors[0], r.stderr
     assert "System error" not in r.stderr and "loaded" not in r.stderr
     assert not out.exists() and not list(tmp_path.glob("*out*"))
+
+
+def test_long_completions_are_not_refused():
+    """The memory check refuses what cannot fit, not length: past the context a row slides, so an
+    hour of a tiny model (or of the official one, on a GPU) is taken."""
+    from model.generator import completion_problem
+    assert completion_problem(3600.0, 3, PRESETS["tiny"]) is None
+    assert completion_problem(1e-9, 1, PRESETS["tiny"]) is None  # rounded up to one latent
+    assert "--num 1 x --seconds 1e+300 need at least" in completion_problem(1e300, 1, PRESETS["tiny"])
 
 
 @pytest.mark.parametrize("out, message", [

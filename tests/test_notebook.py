@@ -92,7 +92,9 @@ def test_notebook_with_int8_weights_and_fp8_cache(tmp_path):
     ({"PROMPT": "NAN"}, "non-finite samples"),
     ({"TOKEN_TEMP": 1e6}, "token_temp must be in [0, 5]"),
     ({"TOP_P": 0.0}, "top_p must be in (0, 1]"),
-    ({"SECONDS": -1}, "SECONDS must be > 0"),
+    ({"SECONDS": -1}, "SECONDS must be a finite number > 0, got -1"),
+    ({"SECONDS": 1e9, "VARIANT": "mono", "CKPT_DIR": "MISSING"},  # 1.3e5 GB of audio: it was taken, as NaN was
+     "NUM_COMPLETIONS 2 x SECONDS 1e+09 need at least "),
     ({"ADAPTER": "MISSING"}, "no such file: MISSING"),
     ({"ADAPTER": "FOLDER"}, "FOLDER is a folder, not an adapter file: pass one of its adapter files, FOLDER/b"),
     ({"CODEC": "MISSING"}, "CODEC: no such file: MISSING"),  # was load_hertz_dev's FileNotFoundError
@@ -101,11 +103,12 @@ def test_notebook_with_int8_weights_and_fp8_cache(tmp_path):
     ({"OUT": "out.mp4"}, "soundfile writes no .mp4 files"),
     ({"DEVICE": "gpu"}, "DEVICE = 'gpu': expected auto, cpu, cuda, cuda:N or mps"),  # was torch's RuntimeError
     ({"DTYPE": "bf16"}, "DTYPE must be one of ('auto', 'bfloat16', 'float16', 'float32'), got 'bf16'"),  # KeyError
-], ids=["missing", "nan", "token-temp", "top-p", "seconds", "adapter", "adapter-folder", "codec", "quantize", "kv-dtype", "output", "device",
+], ids=["missing", "nan", "token-temp", "top-p", "seconds", "seconds-memory", "adapter", "adapter-folder", "codec", "quantize", "kv-dtype", "output", "device",
         "dtype"])
-def test_bad_parameters_stop_before_the_weights_load(tmp_path, params, message):
-    """VARIANT names a checkpoint that does not exist: loading would fail on it, so the error
-    about the parameter shows that the check came first."""
+def test_bad_parameters_stop_before_the_weights_load(tmp_path, monkeypatch, params, message):
+    """VARIANT names a checkpoint that does not exist (or an official one, offline, with no files):
+    loading would fail on it, so the error about the parameter shows that the check came first."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the kernel's environment: nothing is downloaded
     files = {"MISSING": str(tmp_path / "missing.wav"), "NAN": str(tmp_path / "nan.wav"), "OK": str(tmp_path / "ok.wav"),
              "FOLDER": str(tmp_path / "run")}
     (tmp_path / "run").mkdir()  # a LoRA run's folder, given for its adapter file (was "no such file")
