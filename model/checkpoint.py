@@ -182,7 +182,11 @@ def _wrong_file(path: Path, expected: str, found: str) -> CheckpointError:
                 f"; its export {export.name} is not beside it: rerun the trainer (it rebuilds the export at resume)")
     elif found == "PyTorch state dict":
         hint = "; official weights load by name: load_codec('official'), load_hertz_dev('duplex' | 'mono' | ...)"
-    return CheckpointError(f"{path}: expected {want}, found a {found}{hint}")
+    elif found == "adapter":  # a LoRA adapter (model/lora.py): it goes on top of the base it was trained on
+        base = header_json(path, _header(path), "extra", {}).get("base_source")
+        hint = (f"; load the base it was trained on ({base or 'its header names none'}) and pass the adapter as "
+                "adapter= (--adapter, ADAPTER)")
+    return CheckpointError(f"{path}: expected {want}, found {'an' if found[0] in 'aeiou' else 'a'} {found}{hint}")
 
 
 def read_metadata(path: str | os.PathLike, kind: Optional[str] = None) -> dict:

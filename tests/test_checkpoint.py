@@ -375,3 +375,18 @@ def test_a_recorded_codec_that_is_not_a_path_is_one_error_naming_the_file_and_fi
     assert str(e.value).startswith(f"{path}: the 'codec' field of its header's extra is {value!r}")
     assert "\n" not in str(e.value)
     assert load_hertz_dev(path, codec=None).codec is None
+
+
+def test_an_adapter_given_for_a_model_names_its_base(tmp_path):
+    """A LoRA adapter file where a transformer checkpoint is expected (--variant, --checkpoint):
+    one line naming the base it goes on and how to pass it; it said 'found a adapter' and no more."""
+    from model.lora import LoRAConfig, apply_lora, base_fingerprint, save_adapter
+    base = save_transformer(tmp_path / "base.safetensors", build(HertzDev, TRANSFORMER_PRESETS["tiny"]))
+    model = build(HertzDev, TRANSFORMER_PRESETS["tiny"])
+    cfg = LoRAConfig(rank=2, alpha=4.0)
+    apply_lora(model, **dataclasses.asdict(cfg))
+    adapter = save_adapter(tmp_path / "best.adapter.safetensors", model, cfg, base_fingerprint(base), str(base))
+    with pytest.raises(CheckpointError) as e:
+        load_hertz_dev(adapter)
+    assert str(e.value) == (f"{adapter}: expected a transformer checkpoint (.safetensors), found an adapter; load the "
+                            f"base it was trained on ({base}) and pass the adapter as adapter= (--adapter, ADAPTER)")
