@@ -175,10 +175,11 @@ def run(script, *args):
 def test_train_transformer_on_a_stereo_manifest(codec_file, tmp_path):
     write_corpus(tmp_path / "corpus")
     common = ["--config", "tiny", f"codec_checkpoint={codec_file}", f"latents_dir={tmp_path / 'latents'}",
-              f"train_data_path={tmp_path / 'corpus/train.jsonl'}", f"val_data_path={tmp_path / 'corpus/train.jsonl'}",
+              f"train_data_path={tmp_path / 'corpus/train.jsonl'}",
               "wandb=disabled", "max_steps=2", "eval_interval=2", "save_interval=2", "log_interval=1",
               "batch_size=2", "val_crops=2", "sample_seconds=0", "seq_len=16"]
-    out = run("train_transformer.py", *common, f"checkpoint_dir={tmp_path / 'run'}", "model_channel=0")
+    out = run("train_transformer.py", *common, f"val_data_path={tmp_path / 'corpus/train.jsonl'}",
+              f"checkpoint_dir={tmp_path / 'run'}", "model_channel=0")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "in 5 files" in out.stdout + out.stderr
     assert (tmp_path / "run" / "latest.pt").is_file()
@@ -188,8 +189,8 @@ def test_train_transformer_on_a_stereo_manifest(codec_file, tmp_path):
     # a bad line: one error line naming the manifest and the line, before any latent is encoded
     bad = tmp_path / "corpus" / "val.jsonl"
     bad.write_text(json.dumps({"path": "c/solo.wav"}) + "\n" + json.dumps({"path": "c/nope.wav"}) + "\n")
-    out = run("train_transformer.py", *common, f"checkpoint_dir={tmp_path / 'run2'}", f"val_data_path={bad}",
-              f"latents_dir={tmp_path / 'latents2'}")
+    common = [a.replace(str(tmp_path / "latents"), str(tmp_path / "latents2")) for a in common]
+    out = run("train_transformer.py", *common, f"checkpoint_dir={tmp_path / 'run2'}", f"val_data_path={bad}")
     errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
     assert out.returncode != 0 and "Traceback" not in out.stderr and len(errors) == 1, out.stderr[-3000:]
     assert f"val_data_path: manifest {bad} line 2: no such file: {tmp_path}/corpus/c/nope.wav" in errors[0]
