@@ -1258,7 +1258,7 @@ def load_engine(args):
     import torch
     from model import load_hertz_dev
     from model.live import LiveEngine
-    from model.loading import no_codec_problem, resolve_device
+    from model.loading import no_codec_problem, resolve_device, transformer_config_of
     try:
         device = str(resolve_device(args.device))
     except ValueError as e:
@@ -1273,13 +1273,13 @@ def load_engine(args):
                              "the live server needs a duplex one")
         if problem := no_codec_problem("--checkpoint", args.checkpoint, meta, args.codec):
             raise SystemExit(f"error: {problem}")
+    context = transformer_config_of(source).seq_len  # from the header or the official config
+    if args.max_len is not None and args.max_len > context:  # before the weights (and caches) load
+        raise SystemExit(f"error: --max-len {args.max_len} is beyond the model's context of {context} latents")
     t0 = time.monotonic()
     model = load_hertz_dev(source, device=device, dtype=dtype, ckpt_dir=args.ckpt_dir, offline=args.offline or None,
                            codec=args.codec, adapter=args.adapter, verify=not args.no_verify,
                            quantize=args.quantize)
-    if args.max_len is not None and args.max_len > model.config.seq_len:  # before the caches are allocated
-        raise SystemExit(f"error: --max-len {args.max_len} is beyond the model's context of "
-                         f"{model.config.seq_len} latents")
     log.info("loaded %s on %s in %.1f s%s", source, device, time.monotonic() - t0,
              f", adapter {args.adapter} applied" if args.adapter else "")
     max_sessions = int(args.max_sessions) if args.max_sessions != "auto" else 8 if device.startswith("cuda") else 1

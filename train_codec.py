@@ -600,7 +600,7 @@ def nanmean(values: list) -> float:
 
 def print_table(source: str, metrics: dict, crops: int) -> None:
     mos = "val/dnsmos" in metrics
-    print(f"\n| codec | val crops | mel distance | SI-SDR (dB) | STOI | PESQ | KL (bits/s) |"
+    print("\n| codec | val crops | mel distance | SI-SDR (dB) | STOI | PESQ | KL (bits/s) |"
           + (" DNSMOS |" if mos else "") + "\n|---|---|---|---|---|---|---|" + ("---|" if mos else "") + "\n"
           f"| {source} | {crops} | {metrics['val/mel_distance']:.4f} | {metrics['val/si_sdr']:.2f} | "
           f"{metrics['val/stoi']:.4f} | {metrics['val/pesq']:.3f} | {metrics['val/kl_bits_per_s']:.1f} |"

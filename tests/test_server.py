@@ -1041,7 +1041,7 @@ def test_cli_errors_before_loading_weights(tmp_path):
 def test_cli_device_recordings_and_context_are_errors_before_serving(model, tmp_path):
     """A device this machine lacks and a --recordings folder that cannot be written: one `error:`
     line before loading (they were a traceback, and every session's recording silently lost); a
-    --max-len beyond the model's context: one line before its caches are allocated."""
+    --max-len beyond the model's context: one line before its weights load."""
     from live_server import save_tiny
     file = tmp_path / "file"
     file.write_text("not a folder")
@@ -1052,7 +1052,10 @@ def test_cli_device_recordings_and_context_are_errors_before_serving(model, tmp_
         ("--recordings", str(file)): [f"error: --recordings: {file} is a file, not a folder"],
         ("--recordings", str(file / "sub")): [f"error: --recordings: [Errno 20] Not a directory: '{file / 'sub'}'"],
         ("--checkpoint", checkpoint, "--max-len", "100000000"):
-            ["error: --max-len 100000000 is beyond the model's context of 64 latents"]})
+            ["error: --max-len 100000000 is beyond the model's context of 64 latents"],
+        # the official config's, found before looking for its weights (none in this folder)
+        ("--max-len", "100000000"):
+            ["error: --max-len 100000000 is beyond the model's context of 2048 latents"]})
 
 
 def test_cli_official_weights_missing_offline_are_an_error_not_a_traceback(tmp_path):
