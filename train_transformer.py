@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from config import ConfigError, fields_marked, from_dict, parse_args
+from config import ConfigError, check_compatible, fields_marked, from_dict, parse_args
 from config.codec_config import PRESETS as CODEC_PRESETS
 from config.codec_config import CodecConfig
 from config.transformer_config import PRESETS, TransformerConfig
@@ -239,12 +239,18 @@ def get_lr(step: int, cfg: TransformerConfig) -> float:
 
 
 def read_state(path: Path, cfg: TransformerConfig, base: dict) -> dict:
-    """The training state at `path`, checked against this run: the architecture (evaluating), and
-    the stage and data fields too (resuming); for a LoRA run, the same base (`base`)."""
+    """The training state at `path`, checked against this run: the architecture and what its weights
+    are (full or adapters, and the adapters' shape and scale: evaluating), or every field a resumed
+    run must keep (resuming); for a LoRA run, the same base (`base`)."""
     state = load_training_state(path, mmap=True)
     check_trainer(state, path, "model", "train_transformer.py")
-    marks = ("arch",) if cfg.eval_only else ("arch", "resume")  # resuming must also train the same stage
-    check_resumable(state["config"], cfg, fields_marked(TransformerConfig, *marks))
+    if cfg.eval_only:  # a LoRA state's adapters, loaded as full weights or as other adapters: a late traceback
+        fields = fields_marked(TransformerConfig, "arch") + ("finetune",) + (
+            finetune.ADAPTER_FIELDS if cfg.finetune == "lora" else ())
+        check_compatible(state["config"], cfg, fields, f"the config contradicts the checkpoint it would evaluate, "
+                         f"{path}", "Use the checkpoint's values, or another checkpoint_dir.")
+    else:  # resuming must also train the same stage, the same way
+        check_resumable(state["config"], cfg, fields_marked(TransformerConfig, "arch", "resume"))
     if cfg.finetune == "lora":
         finetune.check_resume(state, base, path)
     return state

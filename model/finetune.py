@@ -30,6 +30,11 @@ from .lora import ADAPTER_SUFFIX, LoRAConfig, apply_lora, base_fingerprint, writ
 from .objectives import STAGES
 
 
+# What the adapters of a LoRA training state are made for: the parts they adapt (by `stage`), their
+# shapes, scale and layers; evaluating them (eval_only) needs the same values as they were trained with.
+ADAPTER_FIELDS = ("stage", "lora_rank", "lora_alpha", "lora_targets")
+
+
 def lora_config(cfg: TransformerConfig) -> LoRAConfig:
     """The adapters of a run: the parts its stage trains (the LM, the resynthesizer or both)."""
     parts = tuple(p for p in ("lm", "resynth") if p in STAGES[cfg.stage])

@@ -175,3 +175,36 @@ def test_lora_under_torchrun_needs_ddp():
     finetune.check_config(dataclasses.replace(cfg, parallel="ddp"), 2)
     with pytest.raises(ConfigError, match="pass parallel=ddp with torchrun"):
         finetune.check_config(cfg, 2)
+
+
+@pytest.mark.parametrize("run, overrides, message", [
+    # was: the adapters loaded as the full model, a strict load_state_dict traceback after encoding
+    ("lora", {"finetune": "full", "init_from": None}, "finetune: the checkpoint has 'lora', this run has 'full'"),
+    # was: "holds adapters of base None (None)"
+    ("full", {}, "finetune: the checkpoint has 'full', this run has 'lora'"),
+    # was: a copy_ shape traceback after the base loaded
+    ("lora", {"lora_rank": 8}, "lora_rank: the checkpoint has 4, this run has 8"),
+    # was: evaluated silently with the adapters scaled by 16 / 4 instead of 8 / 4
+    ("lora", {"lora_alpha": 16.0}, "lora_alpha: the checkpoint has 8.0, this run has 16.0"),
+    # was: a ConfigMismatch about tensor counts, after the base loaded
+    ("lora", {"stage": "lm"}, "stage: the checkpoint has 'all', this run has 'lm'"),
+], ids=["lora-as-full", "full-as-lora", "rank", "alpha", "stage"])
+def test_eval_only_checks_what_the_state_holds(tmp_path, run, overrides, message):
+    """eval_only reads latest.pt as adapters (finetune=lora) or full weights: a state of the other
+    kind, or adapters of another rank, scale or stage, is refused from its config (read_state), before
+    any weights load; the training settings (dropout, base_quantize) may differ."""
+    import train_transformer
+    from config import ConfigMismatch
+    from model import finetune
+    lora = dataclasses.replace(PRESETS["tiny"], init_from="official", checkpoint_dir=str(tmp_path),
+                               **{k: v for k, v in LORA.items() if k != "finetune"}, finetune="lora")
+    saved = lora if run == "lora" else dataclasses.replace(lora, finetune="full", init_from=None)
+    torch.save({"model": {}, "optimizer": {}, "step": 2, "config": dataclasses.asdict(saved), "codec": "0",
+                **finetune.base_of(lora)}, tmp_path / "latest.pt")
+    same = dataclasses.replace(lora, eval_only=True, lora_dropout=0.1, base_quantize="int8")
+    if run == "lora":
+        assert train_transformer.read_state(tmp_path / "latest.pt", same, finetune.base_of(same))["step"] == 2
+    cfg = dataclasses.replace(same, **overrides)
+    with pytest.raises(ConfigMismatch, match="contradicts the checkpoint it would evaluate") as e:
+        train_transformer.read_state(tmp_path / "latest.pt", cfg, finetune.base_of(cfg) if cfg.finetune == "lora" else {})
+    assert message in str(e.value)
