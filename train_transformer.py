@@ -48,7 +48,7 @@ from config.codec_config import CodecConfig
 from config.transformer_config import PRESETS, TransformerConfig
 from model import Generator, HertzDev, build, finetune, hub, load_codec, load_hertz_dev
 from model.checkpoint import CheckpointError, read_metadata
-from model.loading import write_transformer
+from model.loading import official_transformer_config, write_transformer
 from model.latents import LatentCrops, StepSampler, codec_fingerprint, prepare_latents, sample_posterior, scan_corpus
 from model.objectives import STAGE_LOSSES, compute_losses, peak_flops, through_cache, train_flops_per_latent
 from model.parallel import (compile_blocks, full_state_dicts, gradient_sync, inner, load_full_state_dicts,
@@ -551,14 +551,20 @@ def frozen_codec(cfg: TransformerConfig, device: torch.device):
 
 
 def check_init_from(cfg: TransformerConfig) -> None:
-    """ConfigError (or CheckpointError) for an init_from that `initial_weights` would refuse: an
-    official variant of the other channel mode, a path that is not a file, or a file that is not
-    one of our transformers of this run's architecture (read from its header only)."""
+    """ConfigError (or CheckpointError, WeightsError) for an init_from that `initial_weights` would
+    refuse: an official variant of the other channel mode or of another architecture than this
+    run's, or whose files are missing offline; a path that is not a file, or a file that is not one
+    of our transformers of this run's architecture (read from its header only)."""
     source, variant = cfg.init_from, finetune.init_source(cfg)
     if variant in hub.VARIANTS:
         if hub.VARIANTS[variant][2] != cfg.duplex:
             raise ConfigError(f"init_from={source} is {'duplex' if hub.VARIANTS[variant][2] else 'mono'}, "
                               f"this run has duplex={cfg.duplex}")
+        # found after the latents were encoded (and the files downloaded) before
+        check_compatible(dataclasses.asdict(official_transformer_config(variant)), cfg,
+                         fields_marked(TransformerConfig, "arch"), f"init_from={source} has the official architecture",
+                         "Use --config hertz_dev (or its architecture fields).")
+        hub.check_offline((hub.QUANTIZER, *hub.VARIANTS[variant][:2]), cfg.ckpt_dir)
     elif os.path.isfile(source):
         check_architecture(read_metadata(source, "transformer")["config"], cfg, source)
     else:

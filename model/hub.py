@@ -165,6 +165,21 @@ def _download_once(url: str, dest: Path, expected_size: Optional[int], progress:
     return h.hexdigest()
 
 
+def check_offline(names, ckpt_dir: str | os.PathLike = DEFAULT_CKPT_DIR, offline: Optional[bool] = None) -> None:
+    """WeightsError naming every one of these official files that is not in `ckpt_dir` when offline
+    (what `official_files` would refuse), from the file names alone: a script asks it before slow work."""
+    if not _is_offline(offline):
+        return
+    folder = Path(ckpt_dir)
+    missing = [f for f in (OFFICIAL_FILES[n] for n in names) if not (folder / f.filename).is_file()]
+    if missing:
+        lines = [f"  {f.filename}  ({f.component}, about {_human(f.size)}, md5 {f.md5})" for f in missing]
+        raise WeightsError(
+            "offline mode and these official hertz-dev files are missing:\n" + "\n".join(lines) +
+            f"\nDownload them from https://huggingface.co/{HF_REPO} and put them in "
+            f"{folder.resolve()}/ (or run once without offline mode / HF_HUB_OFFLINE).")
+
+
 def official_file(name: str, ckpt_dir: str | os.PathLike = DEFAULT_CKPT_DIR, offline: Optional[bool] = None,
                   endpoint: Optional[str] = None, retries: int = 3, progress: bool = True,
                   log: Callable[[str], None] = print, backoff: float = 1.0) -> Path:
@@ -179,14 +194,7 @@ def official_files(names, ckpt_dir: str | os.PathLike = DEFAULT_CKPT_DIR, offlin
     Offline, every missing file is named in one error."""
     folder = Path(ckpt_dir)
     files = [OFFICIAL_FILES[n] for n in names]
-    if _is_offline(offline):
-        missing = [f for f in files if not (folder / f.filename).is_file()]
-        if missing:
-            lines = [f"  {f.filename}  ({f.component}, about {_human(f.size)}, md5 {f.md5})" for f in missing]
-            raise WeightsError(
-                "offline mode and these official hertz-dev files are missing:\n" + "\n".join(lines) +
-                f"\nDownload them from https://huggingface.co/{HF_REPO} and put them in "
-                f"{folder.resolve()}/ (or run once without offline mode / HF_HUB_OFFLINE).")
+    check_offline(names, ckpt_dir, offline)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:

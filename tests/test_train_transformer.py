@@ -177,9 +177,12 @@ def test_ddp_and_fsdp_agree_and_fsdp_resumes(setup):
     assert load_hertz_dev(fsdp_dir / "latest.safetensors", codec=None).config.parallel == "fsdp"
 
 
-REGISTER = ("import json, sys, runpy; from model import hub; "
-            "[hub.OFFICIAL_FILES.__setitem__(n, hub.OfficialFile(n, m, s, 'test')) "
-            "for n, (m, s) in json.loads(sys.argv[1]).items()]; "
+# argv[1]: JSON [{official name: [md5, size]}, {architecture field: value}], the files served and
+# the architecture that `model.loading` takes as the official one (the parity fixtures' size)
+REGISTER = ("import json, sys, runpy; from model import hub, loading; files, arch = json.loads(sys.argv[1]); "
+            "[hub.OFFICIAL_FILES.__setitem__(n, hub.OfficialFile(n, m, s, 'test')) for n, (m, s) in files.items()]; "
+            "loading.TRANSFORMER_HERTZ_DEV = loading.dataclasses.replace(loading.TRANSFORMER_HERTZ_DEV, "
+            "**{k: tuple(v) if isinstance(v, list) else v for k, v in arch.items()}); "
             "sys.argv = ['train_transformer.py'] + sys.argv[2:]; runpy.run_path('train_transformer.py', run_name='__main__')")
 
 
@@ -193,17 +196,17 @@ def train_from_official_hub(setup, tmp_path, **extra):
     files were downloaded. Returns (run folder, {official name: fixture}, md5s, log, evaluations)."""
     require(PARITY_DIR)
     arch = transformer_config(True)
-    overrides = {k: getattr(arch, k) for k in fields_marked(TransformerConfig, "arch")
-                 if getattr(arch, k) != getattr(PRESETS["tiny"], k)}
+    official = {k: getattr(arch, k) for k in fields_marked(TransformerConfig, "arch")}  # registered as official
+    overrides = {k: v for k, v in official.items() if v != getattr(PRESETS["tiny"], k)}
     with HubServer() as server:
         md5s = {}
         for name, fixture in OFFICIAL_FIXTURES.items():
             data = server.add(f"{name}.pt", PARITY_DIR / fixture)
             md5s[name] = (hashlib.md5(data).hexdigest(), len(data))
         run_dir = tmp_path / "run"
-        log, evals = train([json.dumps(md5s)] + base_args(setup, run_dir, stage="lm", init_from="official",
-                                                          ckpt_dir=tmp_path / "ckpt", max_steps=1, eval_interval=1,
-                                                          **overrides, **extra),
+        log, evals = train([json.dumps([md5s, official])] + base_args(setup, run_dir, stage="lm", init_from="official",
+                                                                      ckpt_dir=tmp_path / "ckpt", max_steps=1,
+                                                                      eval_interval=1, **overrides, **extra),
                            code=REGISTER, env={"HF_ENDPOINT": server.endpoint})
         assert len([r for r in server.requests if "/resolve/" in r]) == 3 and "weights from official duplex" in log
     return run_dir, OFFICIAL_FIXTURES, md5s, log, evals
@@ -335,6 +338,27 @@ def test_a_codec_run_or_a_wrong_init_from_fails_before_encoding(setup, tmp_path)
         log = fails(base_args(setup, tmp_path / "run", latents_dir=latents, init_from=init_from))
         assert message in log and "encoding" not in log, log[-2000:]
     assert not latents.exists()
+
+
+def test_init_from_official_of_another_architecture_or_missing_offline_is_found_first(tmp_path, monkeypatch):
+    """init_from=official (or a variant) on a run whose architecture is not the official one, or
+    whose official files are not in ckpt_dir offline: refused by check_init_from, before the codec
+    loads; both were found by initial_weights, after the latents were encoded (and, online, after
+    the 34 GB had downloaded)."""
+    from config import ConfigMismatch
+    from model.hub import WeightsError
+    from train_transformer import check_init_from
+    with pytest.raises(ConfigMismatch, match=r"init_from=official has the official architecture:\n  quantizer_dim: "
+                       r"the checkpoint has 2048, this run has 32\n(.|\n)*--config hertz_dev"):
+        check_init_from(dataclasses.replace(PRESETS["tiny"], init_from="official"))
+    with pytest.raises(ConfigMismatch, match="init_from=mono has the official architecture"):
+        check_init_from(dataclasses.replace(PRESETS["tiny"], init_from="mono", duplex=False))
+    mono = dataclasses.replace(PRESETS["hertz_dev"], init_from="official", duplex=False, ckpt_dir=str(tmp_path))
+    check_init_from(mono)  # online: downloaded when the weights load
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsError, match=r"offline mode and these official hertz-dev files are missing:\n"
+                       r"  inference_volcano_3.pt (.|\n)*  inference_caraway_\S*.pt"):
+        check_init_from(mono)
 
 
 def test_an_init_from_trained_on_another_codec_is_said_before_encoding(setup, tmp_path):
