@@ -48,6 +48,7 @@ from config.codec_config import CodecConfig
 from config.transformer_config import PRESETS, TransformerConfig
 from model import Generator, HertzDev, build, finetune, hub, load_codec, load_hertz_dev
 from model.checkpoint import CheckpointError, read_metadata
+from model.generator import completion_problem
 from model.loading import official_transformer_config, write_transformer
 from model.latents import LatentCrops, StepSampler, codec_fingerprint, prepare_latents, sample_posterior, scan_corpus
 from model.objectives import STAGE_LOSSES, compute_losses, peak_flops, through_cache, train_flops_per_latent
@@ -522,6 +523,10 @@ def check_config(cfg: TransformerConfig) -> None:
             if loss in STAGE_LOSSES[cfg.stage] and getattr(cfg, key) == 0:
                 raise ConfigError(f"{key}=0 with stage={cfg.stage}, which trains on {loss}: nothing would learn "
                                   f"from it; set {key} > 0" + (f", or stage={other}" if cfg.stage == "all" else ""))
+        # each evaluation's audio sample, held whole (a failed allocation at the first evaluation, after encoding)
+        if cfg.sample_seconds > 0 and (problem := completion_problem(cfg.sample_seconds, 1, cfg,
+                                                                     names=("sample_seconds", "audio samples"))):
+            raise ConfigError(f"{problem}; sample_seconds=0 makes none")
     source = cfg.codec_checkpoint
     if source != "official" and not os.path.isfile(source):
         hint = ("train one with `python train_codec.py --config tiny` (it writes checkpoints/codec/best.safetensors)"

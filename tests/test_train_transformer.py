@@ -361,6 +361,22 @@ def test_init_from_official_of_another_architecture_or_missing_offline_is_found_
         check_init_from(mono)
 
 
+def test_an_audio_sample_larger_than_memory_is_refused_by_check_config(tmp_path):
+    """sample_seconds=1e9: each evaluation's completion would be a 2 TB tensor, a failed allocation
+    (traceback) at the step-0 evaluation after the latents were encoded; check_config refuses it
+    (model.generator.completion_problem, as complete.py's --seconds), eval_only (no samples) does not."""
+    from config import ConfigError
+    from train_transformer import check_config
+    cfg = dataclasses.replace(PRESETS["tiny"], codec_checkpoint="official", sample_seconds=1e9,
+                              train_data_path=str(REPO / "tests"), val_data_path=str(REPO / "tests"),
+                              checkpoint_dir=str(tmp_path / "run"), latents_dir=str(tmp_path / "latents"))
+    with pytest.raises(ConfigError, match=r"audio samples 1 x sample_seconds 1e\+09 need at least .* GB .*more than "
+                       r"this machine's memory .*sample_seconds=0 makes none"):
+        check_config(cfg)
+    check_config(dataclasses.replace(cfg, sample_seconds=600.0))  # ten minutes fit
+    check_config(dataclasses.replace(cfg, eval_only=True))
+
+
 def test_an_init_from_trained_on_another_codec_is_said_before_encoding(setup, tmp_path):
     """init_from one of our exports, which records the fingerprint of the codec whose latents it
     learnt, with another codec_checkpoint: allowed (a model moved onto a fine-tuned codec), but said
