@@ -9,14 +9,18 @@ CUDA a CUDA graph per attention window); rows reaching the context slide (`model
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from .audio import MAX_SAMPLE_MAGNITUDE
 from .cuda_graphs import StepKey
 from .decode import Engine, decode_step, prompt_prefill, slide
+from .protocol import SEED_MAX
 from .sampling import SamplingParams, row_seed
 from .stream_codec import decode_frames, encode_frames
 
@@ -67,18 +71,65 @@ def completion_problem(seconds, num, cfg=None, device=None, dtype: Optional[torc
 
 
 def as_params(params: ParamsLike, n: int) -> list[SamplingParams]:
-    """One SamplingParams for each of `n` rows: the one given for all, or a list of n."""
+    """One SamplingParams for each of `n` rows: the one given for all, or a list of n; each
+    validated (`SamplingParams.validate`). TypeError or ValueError naming `params` otherwise."""
     if isinstance(params, SamplingParams):
-        return [params] * n
-    params = list(params)
+        params = [params] * n
+    elif not (isinstance(params, (list, tuple)) and all(isinstance(p, SamplingParams) for p in params)):
+        hint = ": make it SamplingParams(**params)" if isinstance(params, dict) else ""
+        raise TypeError(f"params must be a SamplingParams or a list of {n} (one per row), "
+                        f"got {type(params).__name__}{hint}")
     if len(params) != n:
         raise ValueError(f"{len(params)} sampling parameter sets for {n} rows")
-    return params
+    return [p.validate() for p in params]
 
 
 def row_seeds(seed: Union[int, Sequence[int]], n: int) -> list[int]:
-    """Each row's seed: `row_seed(seed, r)` for one int, or the n seeds given."""
-    return [row_seed(seed, r) for r in range(n)] if isinstance(seed, int) else [int(s) for s in seed]
+    """Each row's seed: `row_seed(seed, r)` for one int, or the n seeds given, each in [0, 2**63);
+    TypeError or ValueError naming `seed` otherwise."""
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        return [row_seed(seed, r) for r in range(n)]
+    seeds = seed.tolist() if isinstance(seed, (np.ndarray, Tensor)) else seed
+    what = f"seed must be an int, or a list of {n} ints in [0, 2**63) (one per row), got {seed!r}"[:300]
+    if not isinstance(seeds, (list, tuple)):
+        raise TypeError(what)
+    if len(seeds) != n or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and 0 <= s < SEED_MAX
+                                  for s in seeds):
+        raise ValueError(what)
+    return [int(s) for s in seeds]
+
+
+def check_steps(steps) -> int:
+    """`steps` (latents to generate) as an int >= 0; TypeError or ValueError naming it."""
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
+        raise TypeError(f"steps must be an integer >= 0 (latents to generate), got {steps!r}")
+    if steps < 0:
+        raise ValueError(f"steps must be an integer >= 0 (latents to generate), got {steps}")
+    return int(steps)
+
+
+def as_prompt(x, name: str, shape: str, audio: bool) -> Tensor:
+    """A prompt given as a tensor or a numpy array, as a tensor; TypeError naming `name` (of the
+    expected `shape`) if it is neither or not floating point, ValueError if it holds NaN or inf
+    (they would poison the caches) or, for `audio`, peaks beyond `model.audio.MAX_SAMPLE_MAGNITUDE`
+    (int16 PCM made float without / 32768: the codec makes non-finite latents of it). One reduction
+    and one host sync, at the entry of a call."""
+    hint = " (int16 PCM: divide by 32768, or model.protocol.pcm_to_float)" if audio else ""
+    if isinstance(x, np.ndarray):
+        if x.dtype.kind != "f":
+            raise TypeError(f"{name} must be floating point {shape}, got numpy {x.dtype}{hint}")
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch tensor or numpy array {shape}, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be floating point {shape}, got {x.dtype}{hint}")
+    peak = float(x.abs().amax()) if x.numel() else 0.0
+    if not math.isfinite(peak):
+        raise ValueError(f"{name} holds NaN or infinite values")
+    if audio and peak > MAX_SAMPLE_MAGNITUDE:
+        raise ValueError(f"{name} peaks at {peak:.4g}, beyond {MAX_SAMPLE_MAGNITUDE:g} (full scale is 1): "
+                         "int16 PCM made float? divide it by 32768")
+    return x
 
 
 class Generator(Engine):
@@ -110,15 +161,23 @@ class Generator(Engine):
         """prompt (B, T, C*Z) latent frames (T >= 1) -> (B, T + steps, C*Z): the prompt, then
         `steps` generated frames. `seed`: one int (row r draws with `row_seed(seed, r)`) or one
         seed per row. Beyond the context the rows slide (`model.decode`)."""
-        st, B = self.state, self.state.batch_size
-        if prompt.dim() != 3 or prompt.shape[0] != B or prompt.shape[2] != self.x.shape[2]:
-            raise ValueError(f"prompt must be ({B}, T, {self.x.shape[2]}), got {tuple(prompt.shape)}")
-        T = prompt.shape[1]
-        if not 1 <= T <= st.max_len:
-            raise ValueError(f"a prompt of {T} latents does not fit the context of {st.max_len}: trim it")
-        seeds = row_seeds(seed, B)
+        B, D = self.state.batch_size, self.x.shape[2]
+        prompt = as_prompt(prompt, "prompt", f"({B}, T, {D})", audio=False)
+        if prompt.dim() != 3 or prompt.shape[0] != B or prompt.shape[2] != D:
+            raise ValueError(f"prompt must be ({B}, T, {D}), got {tuple(prompt.shape)}")
+        self._check_length(prompt.shape[1])
+        return self._generate(prompt, check_steps(steps), as_params(params, B), row_seeds(seed, B), progress)
+
+    def _check_length(self, T: int) -> None:
+        if not 1 <= T <= self.state.max_len:
+            raise ValueError(f"a prompt of {T} latents does not fit the context of {self.state.max_len}"
+                             + (": trim it" if T else ""))
+
+    def _generate(self, prompt: Tensor, steps: int, params: list[SamplingParams], seeds: list[int],
+                  progress: bool) -> Tensor:
+        """`generate` on checked arguments: one parameter set and one seed per row."""
+        st, B, T = self.state, self.state.batch_size, prompt.shape[1]
         prompt = prompt.to(device=self.x.device, dtype=self.x.dtype)
-        params = as_params(params, B)
         top_p = any(p.top_p < 1 for p in params)
         for r, p in enumerate(params):
             st.reset(r, seeds[r], p)
@@ -141,19 +200,29 @@ class Generator(Engine):
     @torch.no_grad()
     def complete(self, audio: Tensor, steps: int, params: ParamsLike = SamplingParams(),
                  seed: Union[int, Sequence[int]] = 0, encode: str = "sample", progress: bool = False) -> Tensor:
-        """Prompt audio (B, C, N) at 16 kHz (C = 2 for duplex: [speaker 0, speaker 1]; N is cut
-        to whole 2000-sample frames) -> (B, C, 2000 (N // 2000 + steps)) float32: the prompt as
-        the codec reconstructs it, then the completion."""
+        """Prompt audio (B, C, N) at 16 kHz, float in [-1, 1], a tensor or numpy array (C = 2
+        for duplex: [speaker 0, speaker 1]; N is cut to whole 2000-sample frames, at least one)
+        -> (B, C, 2000 (N // 2000 + steps)) float32: the prompt as the codec reconstructs it, then
+        the completion. Every argument is checked before any encoding: a TypeError or ValueError
+        naming it."""
         if self.codec is None:
             raise ValueError("this model has no codec: load it with codec=... or use generate() on latents")
-        C, hop = self.model.config.channels, self.codec.hop_length
+        B, C, hop = self.state.batch_size, self.model.config.channels, self.codec.hop_length
+        audio = as_prompt(audio, "prompt audio", f"({B}, {C}, N)", audio=True)
         if audio.dim() != 3 or audio.shape[1] != C:
-            raise ValueError(f"prompt audio must be (B, {C}, N), got {tuple(audio.shape)}")
-        seeds = row_seeds(seed, audio.shape[0])
+            kind = "a duplex model ([speaker 0, speaker 1])" if C == 2 else "a mono model"
+            raise ValueError(f"prompt audio must be (B, {C}, N) for {kind}, got {tuple(audio.shape)}")
+        if audio.shape[0] != B:
+            raise ValueError(f"prompt audio holds {audio.shape[0]} prompts, this Generator was made for "
+                             f"batch_size={B}")
+        if audio.shape[-1] < hop:
+            raise ValueError(f"prompt audio of {audio.shape[-1]} samples is shorter than one latent "
+                             f"({hop} samples, {hop / self.model.config.sample_rate:g} s)")
+        self._check_length(audio.shape[-1] // hop)
+        steps, params, seeds = check_steps(steps), as_params(params, B), row_seeds(seed, B)
         audio = audio[..., :audio.shape[-1] // hop * hop].to(self.x.device)
         frames = encode_frames(self.codec, audio, encode, torch.tensor(seeds, device=self.x.device))
-        latents = self.generate(frames, steps, params, seeds, progress)
-        return decode_frames(self.codec, latents, C)
+        return decode_frames(self.codec, self._generate(frames, steps, params, seeds, progress), C)
 
 
 class _NoBar:

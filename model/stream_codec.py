@@ -239,6 +239,8 @@ def encode_frames(codec: Codec, audio: Tensor, mode: str = "sample", seed: Optio
     mode "sample": a draw from the codec posterior, as the original tokenizer (noise from the
     rows' `seed` (B,), counter-based); "mean": its mean. `stream` (encoders of B*C streams, for a
     batch of one channel) continues a streaming encoder."""
+    if mode not in ("sample", "mean"):  # before the encoding
+        raise ValueError(f"encode mode must be 'sample' or 'mean', got {mode!r}")
     B, C, N = audio.shape
     mu, logvar = codec.encode(audio.reshape(B * C, 1, N).to(next(codec.parameters()).dtype), stream)  # (B*C, T, Z)
     T, Z = mu.shape[1:]
@@ -246,8 +248,6 @@ def encode_frames(codec: Codec, audio: Tensor, mode: str = "sample", seed: Optio
         seed = seed if seed is not None else torch.zeros(B, dtype=torch.int64, device=mu.device)
         eps = counter_normal(seed, torch.zeros_like(seed), PROMPT_STREAM, C * T * Z).view(B * C, T, Z)
         mu = Codec.sample(mu, logvar, eps=eps)
-    elif mode != "mean":
-        raise ValueError(f"encode mode must be 'sample' or 'mean', got {mode!r}")
     return mu.view(B, C, T, Z).transpose(1, 2).reshape(B, T, C * Z)
 
 

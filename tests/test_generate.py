@@ -157,3 +157,72 @@ def test_sampling_params_are_validated():
     with pytest.raises(ValueError):
         gen.generate(torch.randn(1, 3, 32), 1, [SamplingParams()] * 2)
     assert np.array_equal(gen.state.host_pos, gen.state.pos.numpy())
+
+
+@pytest.fixture(scope="module")
+def mono():
+    return tiny(False)
+
+
+@torch.no_grad()
+def test_a_non_finite_prompt_is_refused_and_leaves_the_engine_usable(mono):
+    """A NaN or inf prompt is one ValueError at the entry; before, it was taken, gave NaN audio,
+    and left NaN in the caches, so every later call on that Generator gave NaN too."""
+    audio = torch.randn(1, 1, 4000) * 0.1
+    gen = Generator(mono, batch_size=1)
+    ref = Generator(mono, batch_size=1).complete(audio, 3, seed=1)
+    for bad in (float("nan"), float("inf")):
+        poisoned = audio.clone()
+        poisoned[0, 0, 100] = bad
+        with pytest.raises(ValueError, match="prompt audio holds NaN or infinite"):
+            gen.complete(poisoned, 3, seed=1)
+        with pytest.raises(ValueError, match="prompt holds NaN or infinite"):
+            gen.generate(torch.full((1, 2, 32), bad), 3)
+    assert torch.equal(gen.complete(audio, 3, seed=1), ref)
+
+
+@torch.no_grad()
+def test_prompt_audio_must_be_float_audio_at_its_scale(mono):
+    """int16 PCM, or PCM made float without scaling, gave non-finite audio: now one error saying
+    what to do; a numpy array (or float64) is taken as the same tensor would be."""
+    audio = torch.randn(1, 1, 4000) * 0.1
+    gen = Generator(mono, batch_size=1)
+    ref = gen.complete(audio, 2, seed=0)
+    pcm = (audio * 32767).round().to(torch.int16)
+    with pytest.raises(TypeError, match=r"prompt audio must be floating point .*int16 PCM: divide by 32768"):
+        gen.complete(pcm, 2)
+    with pytest.raises(ValueError, match=r"prompt audio peaks at .*full scale is 1.*divide it by 32768"):
+        gen.complete(pcm.float(), 2)
+    assert torch.equal(gen.complete(audio.numpy(), 2, seed=0), ref)
+    assert torch.equal(gen.complete(audio.double(), 2, seed=0), ref)
+    assert torch.equal(gen.generate(torch.zeros(1, 2, 32).numpy(), 1), gen.generate(torch.zeros(1, 2, 32), 1))
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(audio=torch.zeros(2, 1, 4000)), ValueError, "holds 2 prompts, this Generator was made for batch_size=1"),
+    (dict(audio=torch.zeros(1, 2, 4000)), ValueError, r"must be \(B, 1, N\) for a mono model"),
+    (dict(audio=torch.zeros(1, 1, 1999)), ValueError, "1999 samples is shorter than one latent"),
+    (dict(steps=-1), ValueError, "steps must be an integer >= 0"),
+    (dict(steps=2.5), TypeError, "steps must be an integer >= 0"),
+    (dict(params={"token_temp": 0.5}), TypeError, r"params must be a SamplingParams .*SamplingParams\(\*\*params\)"),
+    (dict(params=SamplingParams(token_temp=-1)), ValueError, r"token_temp must be in \[0, 5\]"),
+    (dict(seed=1.5), TypeError, "seed must be an int"),
+    (dict(seed="3"), TypeError, "seed must be an int"),
+    (dict(seed=[1, 2]), ValueError, r"seed must be an int, or a list of 1 ints"),
+    (dict(encode="median"), ValueError, "encode mode must be 'sample' or 'mean'"),
+], ids=["batch", "channels", "short", "steps<0", "steps-float", "params-dict", "params-range", "seed-float",
+        "seed-str", "seed-list", "encode"])
+def test_bad_completion_arguments_are_one_error_naming_them_before_any_encoding(mono, kwargs, error, message):
+    """Each was a deep traceback (or, seed="3", silently taken as the per-row seed list [3]);
+    now it is refused before the codec runs."""
+    gen = Generator(mono, batch_size=1)
+    args = dict(audio=torch.zeros(1, 1, 4000), steps=2) | kwargs
+    calls = []
+    encode = mono.codec.encode
+    mono.codec.encode = lambda *a, **k: calls.append(1) or encode(*a, **k)  # counts the encodings
+    try:
+        with pytest.raises(error, match=message):
+            gen.complete(**args)
+    finally:
+        del mono.codec.encode
+    assert calls == []
