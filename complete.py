@@ -39,11 +39,9 @@ from model.checkpoint import read_metadata
 from model.generator import Generator, completion_problem, completion_steps
 from model.hub import VARIANTS
 from model.lora import read_adapter
-from model.loading import LOAD_ERRORS, no_codec_problem, resolve_device, transformer_config_of
+from model.loading import DTYPES, LOAD_ERRORS, no_codec_problem, resolve_device, resolve_dtype, transformer_config_of
 from model.quant import MODES
 from model.transformer import KV_DTYPES
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def parse_args(argv=None):
@@ -97,7 +95,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = resolve_dtype(args.dtype, device, "--dtype")  # one of its choices
     if args.variant not in VARIANTS and not os.path.isfile(args.variant):
         print(f"error: --variant {args.variant!r} is neither one of {', '.join(VARIANTS)} nor a file", file=sys.stderr)
         return 2

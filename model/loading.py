@@ -52,10 +52,30 @@ def default_dtype(device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
+# The dtypes the loaders take by name (`dtype="bfloat16"`, complete.py's --dtype); float64 also as a torch dtype.
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_dtype(dtype, device, flag: str = "dtype=") -> torch.dtype:
+    """The loaders' `dtype`: None or "auto" (`default_dtype(device)`), a name of DTYPES, or one of
+    those torch dtypes or torch.float64; ValueError naming the value otherwise, before any weights
+    load."""
+    if dtype is None or dtype == "auto":
+        return default_dtype(device)
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    if dtype in (*DTYPES.values(), torch.float64):
+        return dtype
+    raise ValueError(f"{flag} {dtype!r}: expected auto, {', '.join(DTYPES)} (or torch.float64)")
+
+
 def resolve_device(name: str, flag: str = "--device") -> torch.device:
     """The device a script's `--device` (the notebook's `flag="DEVICE ="`) names: `auto` (cuda
     when a GPU is visible, else cpu), or cpu, cuda, cuda:N or mps when this machine has it;
-    ValueError naming the value otherwise, so scripts refuse it before any weights load."""
+    ValueError naming the value otherwise, so scripts refuse it before any weights load. A
+    `torch.device` is taken as its name."""
+    if isinstance(name, torch.device):
+        name = str(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not (isinstance(name, str) and re.fullmatch(DEVICE["pattern"][0], name)):
@@ -136,8 +156,12 @@ def load_codec(source: Union[str, os.PathLike] = "official", device="cpu", dtype
     checkpoints (a `.safetensors` written by `save_codec` or train_codec.py; any other file, a
     training state `.pt` included, is a CheckpointError naming what it is and what to load
     instead). `verify=False` skips the content-hash check. `config` replaces the official
-    architecture, for files in the official layout at another size (tests)."""
-    dtype = dtype or default_dtype(device)
+    architecture, for files in the official layout at another size (tests). `device`: "auto",
+    cpu, cuda, cuda:N or mps (a string or torch.device, one this machine has); `dtype`: "auto"
+    (None), a name of DTYPES or a float torch.dtype (`resolve_dtype`): a ValueError naming either
+    before any weights load."""
+    device = resolve_device(device, "device=")
+    dtype = resolve_dtype(dtype, device)
     if str(source) == "official":
         path = hub.official_file(hub.CODEC, ckpt_dir, offline, endpoint)
         cfg = config or CODEC_HERTZ_DEV
@@ -226,7 +250,9 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
     stays float): each Linear's float weight is read from the memory-mapped file and quantized on
     `device` a few rows at a time, one layer after another, so neither the device nor the host
     ever holds a float copy of the model. A checkpoint saved quantized (`save_transformer`) loads
-    quantized without it."""
+    quantized without it. `device` and `dtype` as for `load_codec`, checked first."""
+    device = resolve_device(device, "device=")
+    dtype = resolve_dtype(dtype, device)
     if quantize is not None and quantize not in MODES:
         raise ValueError(f"quantize must be one of {', '.join(MODES)} (or None), not {quantize!r}")
     if merge and quantize is not None:
@@ -236,7 +262,6 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
     if adapter is not None:
         fingerprint = lora.base_fingerprint(source)
         adapter_cfg = lora.check_adapter(adapter, fingerprint, str(source))
-    dtype = dtype or default_dtype(device)
     if str(source) not in hub.VARIANTS:  # the header's mistakes, before any weights load
         path = _existing(source, "an official variant (" + ", ".join(hub.VARIANTS) + ")")
         meta = read_metadata(path, kind="transformer")

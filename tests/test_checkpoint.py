@@ -390,3 +390,25 @@ def test_an_adapter_given_for_a_model_names_its_base(tmp_path):
         load_hertz_dev(adapter)
     assert str(e.value) == (f"{adapter}: expected a transformer checkpoint (.safetensors), found an adapter; load the "
                             f"base it was trained on ({base}) and pass the adapter as adapter= (--adapter, ADAPTER)")
+
+
+def test_device_and_dtype_are_taken_by_name_and_checked_before_any_weights(tmp_path):
+    """dtype="bfloat16" was a TypeError from deep inside Module.to, raised after the weights were
+    read; device="gpu" or a GPU this machine lacks failed after reading (official: after the
+    download). Now a name or a torch object works, and a bad one is a ValueError naming it first."""
+    path = save_codec(tmp_path / "codec.safetensors", build(Codec, CODEC_PRESETS["tiny"]))
+    model = save_transformer(tmp_path / "model.safetensors", build(HertzDev, TRANSFORMER_PRESETS["tiny"]), str(path))
+    assert next(load_codec(path, dtype="bfloat16").parameters()).dtype == torch.bfloat16
+    loaded = load_hertz_dev(model, device=torch.device("cpu"), dtype="float16")
+    assert {p.dtype for p in loaded.parameters()} == {torch.float16}
+    (tmp_path / "noise.bin").write_bytes(os.urandom(64))  # reading it would be a CheckpointError
+    for kwargs, message in ((dict(dtype="bf16"), r"dtype= 'bf16': expected auto, bfloat16, float16, float32"),
+                            (dict(dtype=torch.int8), r"dtype= torch.int8: expected"),
+                            (dict(device="gpu"), r"device= 'gpu': expected auto, cpu, cuda"),
+                            (dict(device="cuda:99"), r"device= cuda:99: (only \d+ GPU|no GPU is visible)")):
+        with pytest.raises(ValueError, match=message):
+            load_codec(tmp_path / "noise.bin", **kwargs)
+        with pytest.raises(ValueError, match=message):
+            load_hertz_dev(tmp_path / "noise.bin", **kwargs)
+        with pytest.raises(ValueError, match=message):  # before looking for (or downloading) the official files
+            load_hertz_dev("duplex", ckpt_dir=tmp_path / "empty", offline=True, **kwargs)
