@@ -177,8 +177,20 @@ def write_codec(path: Union[str, os.PathLike], codec: Codec, extra: Optional[dic
     write_weights(path, {f"codec.{k}": v for k, v in codec.state_dict().items()}, "codec", codec.config, extra, label)
 
 
+def _check_save(path, module, cls, what: str) -> None:
+    """save_codec's and save_transformer's arguments: TypeError naming the one of the wrong type
+    (a HertzDev given to save_codec was written as a codec file that no loader could read)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike (the file to write), got {type(path).__name__}")
+    if not isinstance(module, cls):
+        hint = {("Codec", "HertzDev"): ": its codec is model.codec",
+                ("HertzDev", "Codec"): ": a codec is saved with save_codec"}.get((cls.__name__, type(module).__name__), "")
+        raise TypeError(f"{what} must be a {cls.__name__}, got {type(module).__name__}{hint}")
+
+
 def save_codec(path: Union[str, os.PathLike], codec: Codec, extra: Optional[dict] = None) -> Path:
-    """`write_codec`, atomically."""
+    """`write_codec`, atomically; TypeError naming `path` or `codec` if one is of the wrong type."""
+    _check_save(path, codec, Codec, "codec")
     return atomic_write(path, lambda tmp: write_codec(tmp, codec, extra, label=str(path)))
 
 
@@ -347,6 +359,13 @@ def _quantized(module: nn.Module, state: dict, quantize: Optional[str], device) 
 def save_transformer(path: Union[str, os.PathLike], model: HertzDev, codec_source: Optional[str] = None,
                      extra: Optional[dict] = None) -> Path:
     """`write_transformer`, atomically (a quantized model records which layers are quantized how,
-    so it loads quantized)."""
+    so it loads quantized). `codec_source`: the path of the codec (or "official"), or None; a
+    TypeError naming the argument of the wrong type."""
+    _check_save(path, model, HertzDev, "model")
+    if codec_source is not None and not isinstance(codec_source, (str, os.PathLike)):
+        raise TypeError(f"codec_source must be the path of the codec (or 'official') or None, got "
+                        f"{type(codec_source).__name__}" + (": save it with save_codec and pass that path"
+                                                            if isinstance(codec_source, Codec) else ""))
+    codec_source = None if codec_source is None else str(codec_source)
     return atomic_write(path, lambda tmp: write_transformer(tmp, model, codec_source, extra, label=str(path)))
 

@@ -412,3 +412,22 @@ def test_device_and_dtype_are_taken_by_name_and_checked_before_any_weights(tmp_p
             load_hertz_dev(tmp_path / "noise.bin", **kwargs)
         with pytest.raises(ValueError, match=message):  # before looking for (or downloading) the official files
             load_hertz_dev("duplex", ckpt_dir=tmp_path / "empty", offline=True, **kwargs)
+
+
+def test_saving_the_wrong_object_is_a_type_error_naming_it_and_writes_nothing(tmp_path):
+    """save_codec(path, a HertzDev) wrote a 'codec' file no loader could read; save_transformer of
+    a Codec, or with the Codec object as codec_source, failed deep (in json). The Path that
+    save_codec returns is taken as codec_source (it was a JSON error)."""
+    codec, model = build(Codec, CODEC_PRESETS["tiny"]), build(HertzDev, TRANSFORMER_PRESETS["tiny"])
+    with pytest.raises(TypeError, match="codec must be a Codec, got HertzDev: its codec is model.codec"):
+        save_codec(tmp_path / "a.safetensors", model)
+    with pytest.raises(TypeError, match="model must be a HertzDev, got Codec: a codec is saved with save_codec"):
+        save_transformer(tmp_path / "b.safetensors", codec)
+    with pytest.raises(TypeError, match="codec_source must be the path of the codec .*save it with save_codec"):
+        save_transformer(tmp_path / "c.safetensors", model, codec)
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike"):
+        save_codec(None, codec)
+    assert list(tmp_path.iterdir()) == []
+    codec_path = save_codec(tmp_path / "codec.safetensors", codec)
+    loaded = load_hertz_dev(save_transformer(tmp_path / "model.safetensors", model, codec_path))
+    assert torch.equal(loaded.codec.compressor.proj_out.bias, codec.compressor.proj_out.bias)
