@@ -331,8 +331,30 @@ class Codec(nn.Module):
         return count
 
     # --- whole signals ---------------------------------------------------------------------------
+    def _input(self, x: Tensor, name: str, shape: str, hint: str = "") -> Tensor:
+        """`x` in the weights' dtype (any float dtype is taken), or a TypeError or ValueError naming
+        `name` (of the expected `shape`): not a tensor, not floating point, on another device.
+        Shape, dtype and device only: no host synchronisation."""
+        p = next(self.parameters())
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch tensor {shape}, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be floating point {shape}, got {x.dtype}{hint}")
+        if x.device != p.device:
+            raise ValueError(f"{name} is on {x.device}, the codec on {p.device}: move it with .to({str(p.device)!r})")
+        return x.to(p.dtype)
+
     def encode(self, audio: Tensor, stream: Optional[CodecStream] = None) -> tuple[Tensor, Tensor]:
-        """(B, 1, N) audio in [-1, 1], N a multiple of 2000 -> mu, logvar, each (B, N/2000, 32)."""
+        """(B, 1, N) audio in [-1, 1], N a multiple of 2000 -> mu, logvar, each (B, N/2000, 32).
+        Audio of another float dtype is cast to the weights'; another rank or channel count, fewer
+        than 2000 samples, integer samples or another device is a ValueError or TypeError."""
+        audio = self._input(audio, "audio", "(B, 1, N)", " (int16 PCM: divide by 32768)")
+        cin = self.config.input_channels
+        if audio.dim() != 3 or audio.shape[1] != cin:
+            hint = ": one channel per row (a duplex pair is audio.reshape(B * 2, 1, N))" if cin == 1 else ""
+            raise ValueError(f"audio must be (B, {cin}, N), got {tuple(audio.shape)}{hint}")
+        if audio.shape[-1] < self.hop_length:
+            raise ValueError(f"audio of {audio.shape[-1]} samples is shorter than one latent ({self.hop_length})")
         x = audio / self.norm_stddev
         if self.channels_last and stream is None:
             h = self.encoder(x.unsqueeze(2)).squeeze(2)  # (B, C, L), stored as (B, L, C)
@@ -341,7 +363,13 @@ class Codec(nn.Module):
         return self.compressor(h.transpose(1, 2))
 
     def decode(self, latents: Tensor, stream: Optional[CodecStream] = None) -> Tensor:
-        """(B, L, 32) latents -> (B, 1, 2000 L) audio."""
+        """(B, L, 32) latents -> (B, 1, 2000 L) audio. Latents of another float dtype are cast to the
+        weights'; another shape (L = 0 included), integers or another device is a ValueError or
+        TypeError."""
+        Z = self.config.latent_dim
+        latents = self._input(latents, "latents", f"(B, L, {Z})")
+        if latents.dim() != 3 or latents.shape[2] != Z or latents.shape[1] == 0:
+            raise ValueError(f"latents must be (B, L, {Z}) with L >= 1, got {tuple(latents.shape)}")
         h = self.compressor.proj_out(latents).transpose(1, 2)  # (B, C, L)
         if self.channels_last and stream is None:
             # squeeze, not [:, :, 0]: the backward of a view keeps the gradient's layout

@@ -195,3 +195,32 @@ def test_polyphase_switch_keeps_the_official_codecs_output_and_weights():
         torch.testing.assert_close(streamed, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
     finally:
         assert parity.dilated_convs_polyphase(min_channels=1 << 30) == 0
+
+
+@torch.no_grad()
+def test_encode_and_decode_take_any_float_and_refuse_the_rest_with_one_error():
+    """Float64 audio or latents were a dtype-mismatch RuntimeError (so was float32 audio into a
+    bf16 codec): now cast to the weights' dtype. Int16 samples were encoded as if full scale were
+    32767 (garbage latents); a (B, N) or two-channel signal, an empty one, latents of the wrong
+    width and a tensor on another device were errors from deep inside a convolution: now one
+    error naming the argument."""
+    torch.manual_seed(0)
+    codec = build(Codec, PRESETS["tiny"]).eval()
+    audio = torch.randn(2, 1, 4000) * 0.1
+    latents = torch.randn(2, 3, 32)
+    assert torch.allclose(codec.encode(audio.double())[0], codec.encode(audio)[0])
+    assert torch.allclose(codec.decode(latents.double()), codec.decode(latents))
+    bf16 = build(Codec, PRESETS["tiny"], dtype=torch.bfloat16).eval()
+    assert bf16.encode(audio)[0].dtype == torch.bfloat16
+    with pytest.raises(TypeError, match=r"audio must be floating point \(B, 1, N\), got torch.int16"):
+        codec.encode((audio * 32767).to(torch.int16))
+    for bad in (audio[:, 0], audio.expand(2, 2, 4000)):
+        with pytest.raises(ValueError, match=r"audio must be \(B, 1, N\), got .*one channel per row"):
+            codec.encode(bad)
+    with pytest.raises(ValueError, match="audio of 0 samples is shorter than one latent"):
+        codec.encode(audio[..., :0])
+    with pytest.raises(ValueError, match="audio is on meta, the codec on cpu"):
+        codec.encode(audio.to("meta"))
+    for bad in (latents[0], latents[..., :16], latents[:, :0]):
+        with pytest.raises(ValueError, match=r"latents must be \(B, L, 32\) with L >= 1"):
+            codec.decode(bad)
