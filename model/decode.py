@@ -174,11 +174,14 @@ class Engine:
     `batch_size` rows (`max_len` latents of context, default the model's; KV caches of
     `kv_dtype`), the `keep` latents a row keeps when it slides (default 3/4 of the context), the
     step's `Kernels` (`compile`: as `Kernels.make`, or "auto": the transformer block on CUDA) and
-    its `StepGraphs` (one CUDA graph per attention window; `cuda_graphs` default: on CUDA)."""
+    its `StepGraphs` (one CUDA graph per attention window; `cuda_graphs` default: on CUDA).
+    `batch_name`: what the engine calls `batch_size`, for its error."""
 
     def __init__(self, model, batch_size: int, max_len: Optional[int], keep: Optional[int],
                  kv_dtype: Union[str, torch.dtype, None], compile: Union[bool, str, Sequence[str]],
-                 cuda_graphs: Optional[bool]):
+                 cuda_graphs: Optional[bool], batch_name: str = "batch_size"):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"{batch_name} must be an integer >= 1, got {batch_size!r}")
         self.model = model
         self.state = DecodeState.make(model, batch_size, max_len, kv_dtype)
         L, device = self.state.max_len, self.state.pos.device

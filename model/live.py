@@ -64,7 +64,7 @@ class LiveEngine(Engine):
             raise ValueError(f"encode must be 'sample' or 'mean', got {encode!r}")
         if model.codec.hop_length != self.chunk:
             raise ValueError(f"the codec has {model.codec.hop_length} samples per latent, expected {self.chunk}")
-        super().__init__(model, max_sessions, max_len, keep, kv_dtype, compile, cuda_graphs)
+        super().__init__(model, max_sessions, max_len, keep, kv_dtype, compile, cuda_graphs, "max_sessions")
         self.encode, st = encode, self.state
         self.codec = StreamCodec(model.codec) if codec is None else codec
         B, Z, device, dtype = max_sessions, cfg.latent_dim, st.pos.device, st.hist.dtype

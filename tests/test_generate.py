@@ -226,3 +226,14 @@ def test_bad_completion_arguments_are_one_error_naming_them_before_any_encoding(
     finally:
         del mono.codec.encode
     assert calls == []
+
+
+@pytest.mark.parametrize("size", [0, -1, 1.5, True])
+def test_an_engine_of_no_rows_is_refused_naming_its_argument(mono, size):
+    """batch_size 0 made an engine that completes nothing, -1 or 1.5 failed deep in a cache's
+    allocation; now one ValueError naming the argument (LiveEngine's max_sessions too)."""
+    from model import LiveEngine
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        Generator(mono, batch_size=size)
+    with pytest.raises(ValueError, match="max_sessions must be an integer >= 1"):
+        LiveEngine(tiny(True), max_sessions=size)
