@@ -102,7 +102,7 @@ def test_notebook_with_int8_weights_and_fp8_cache(tmp_path):
     ({"KV_DTYPE": "fp4"}, "KV_DTYPE must be one of ('auto', 'fp8'), got 'fp4'"),
     ({"OUT": "out.mp4"}, "soundfile writes no .mp4 files"),
     ({"DEVICE": "gpu"}, "DEVICE = 'gpu': expected auto, cpu, cuda, cuda:N or mps"),  # was torch's RuntimeError
-    ({"DTYPE": "bf16"}, "DTYPE must be one of ('auto', 'bfloat16', 'float16', 'float32'), got 'bf16'"),  # KeyError
+    ({"DTYPE": "bf16"}, "DTYPE = 'bf16': expected auto, bfloat16, float16, float32"),  # KeyError
 ], ids=["missing", "nan", "token-temp", "top-p", "seconds", "seconds-memory", "adapter", "adapter-folder", "codec", "quantize", "kv-dtype", "output", "device",
         "dtype"])
 def test_bad_parameters_stop_before_the_weights_load(tmp_path, monkeypatch, params, message):
