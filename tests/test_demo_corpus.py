@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -178,3 +179,77 @@ def test_bad_arguments_are_one_error_line_and_nothing_is_written(tmp_path, args,
     want = "prepare.py: error: " + message.replace("FILE", str(tmp_path / "file"))
     assert result.stderr.splitlines()[-1].startswith(want)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_a_huge_length_is_refused_before_any_synthesis(tmp_path):
+    """--minutes 1e12 (3.5 billion GB of WAV files): one line comparing it with the free disk; it
+    was taken, and synthesis ran until the disk was full."""
+    result = subprocess.run([sys.executable, PREPARE, "--minutes", "1e12", "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("prepare.py: error: --minutes 1e+12 makes about 3.46e+09 GB "
+                                                     "of WAV files, more than the ")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_engine_asked_for_but_not_installed_is_named_with_those_installed(tmp_path):
+    """--engines espeak,flite where flite is not on PATH: one line naming it and what is installed;
+    it was left out silently, and the corpus made with eSpeak NG alone."""
+    (tmp_path / "bin").mkdir()
+    result = subprocess.run([sys.executable, PREPARE, "--minutes", "0.1", "--engines", "espeak,flite",
+                             "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PATH": str(tmp_path / "bin")})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == ("prepare.py: error: --engines espeak,flite: flite is not installed "
+                                              "here (installed: espeak): install or leave out (data/demo/README.md)")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("manifest.json", '{"files": ["mine.wav"]}', "manifest.json is not a demo corpus's manifest"),
+    ("train/mono/speech.wav", "my own recording", "train/mono/speech.wav was not written by this script"),
+], ids=["another-manifest", "other-audio"])
+def test_an_out_folder_holding_what_this_script_did_not_write_is_left_as_it_was(tmp_path, name, content, message):
+    """--out holding another corpus' manifest.json (it was deleted) or other files under train/
+    (they were mixed into the corpus): one line naming the file, and nothing is changed."""
+    out = tmp_path / "out"
+    (out / name).parent.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text(content)
+    before = digests(out)
+    result = subprocess.run([sys.executable, PREPARE, "--minutes", "0.1", "--out", str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (f"prepare.py: error: --out {out}: {out / name} "
+                                              f"{message.split(' ', 1)[1]}; choose an empty folder, or one holding "
+                                              "a demo corpus")
+    assert digests(out) == before
+
+
+def visible(folder):
+    """`digests` of what the data loaders read: hidden files left out."""
+    return {k: v for k, v in digests(folder).items() if not any(p.startswith(".") for p in k.split(os.sep))}
+
+
+def test_a_killed_rebuild_leaves_the_previous_corpus_whole_and_the_rerun_finds_it(demo_corpus, tmp_path):
+    """A --force rebuild killed midway: the previous corpus is still there, byte for byte, with
+    nothing of the new one mixed in where the loaders look, and a rerun of the previous settings
+    finds it complete and removes the killed run's files. Before, the old corpus was deleted first
+    and the killed run's files lay in train/ and val/ without a manifest, where training read them
+    as a corpus."""
+    out = tmp_path / "c"
+    shutil.copytree(demo_corpus, out)
+    run = subprocess.Popen([sys.executable, PREPARE, "--minutes", "5", "--seed", "1", "--force", "--out", str(out)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):  # until it has written some of the new corpus
+            if list(out.rglob(".*.partial")) or not (out / "manifest.json").exists():
+                break
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert run.poll() is None, "the run ended before it was killed"
+    finally:
+        run.kill()
+        run.wait()
+    assert visible(out) == visible(demo_corpus)
+    assert "already" in prepare(out)
+    assert digests(out) == digests(demo_corpus)

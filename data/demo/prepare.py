@@ -43,6 +43,7 @@ from tqdm import tqdm
 SAMPLE_RATE = 16000
 RECIPE_VERSION = 2  # bump when the recipe changes, so corpora made by an older one are rebuilt
 HERE = os.path.dirname(os.path.abspath(__file__))
+BYTES_PER_SECOND = 1.2 * SAMPLE_RATE * 2 * 1.5  # 16-bit, half mono half stereo, dialogues overshooting
 
 LANGUAGES = ("en-us", "en", "en-gb-x-rp", "en-gb-scotland", "en-us-nyc", "en-029", "en-gb-x-gbclan",
              "en-gb-x-gbcwmd")
@@ -232,6 +233,7 @@ class Speakers:
             voices = synth.voices()
             if voices:
                 self.engines[engine] = (synth, voices)
+        self.missing = [e for e in engines if e not in self.engines]  # asked for, with no voice installed
 
     def pool(self, split: str) -> list[tuple[str, str]]:
         """(engine, speaker) of the voices of a split: the held-out ones for val, the others for train."""
@@ -355,15 +357,63 @@ def plan(minutes: float, val_fraction: float) -> list[tuple[str, str, float]]:
     return parts
 
 
+UNFINISHED = ".{kind}_[0-9][0-9][0-9][0-9][0-9].wav.partial"
+
+
+def unfinished(path: str) -> str:
+    """Where a file of the corpus is written until the whole corpus is: a hidden name beside it."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}.partial")
+
+
+def corpus_files(out: str, pattern: str = "{kind}_[0-9][0-9][0-9][0-9][0-9].wav") -> list[str]:
+    """The files of a corpus in `out` (`pattern`: its WAV files' names; with a dot before, the
+    unfinished ones of a run in progress)."""
+    return sorted(path for split in ("train", "val") for kind in ("mono", "dialogue")
+                  for path in glob.glob(os.path.join(glob.escape(out), split, kind, pattern.format(kind=kind))))
+
+
+def strangers(out: str) -> str | None:
+    """Why `out` cannot take a corpus, or None: a manifest.json that is not a demo corpus's (it
+    would be replaced), or files under train/ and val/ that no run of this script wrote (they
+    would be mixed into the corpus, and into training on it). Hidden files (the trainers' indexes,
+    unfinished files of a killed run) are left alone, as the data loaders leave them out."""
+    manifest = os.path.join(out, "manifest.json")
+    if os.path.lexists(manifest):
+        try:
+            with open(manifest, encoding="utf-8") as f:
+                ours = "recipe_version" in json.load(f).get("settings", {})
+        except (OSError, ValueError, AttributeError, TypeError):
+            ours = False
+        if not ours:
+            return f"{manifest} is not a demo corpus's manifest"
+    made, others = set(corpus_files(out)), []
+    for split in ("train", "val"):
+        for root, dirs, names in os.walk(os.path.join(out, split)):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            others += [os.path.join(root, n) for n in names
+                       if not n.startswith(".") and os.path.join(root, n) not in made]
+    if others:
+        more = f" and {len(others) - 1} more files were" if len(others) > 1 else " was"
+        return f"{others[0]}{more} not written by this script"
+    return None
+
+
 def remove_old_corpus(out: str) -> None:
     """Delete what an earlier run wrote (and only that), so a smaller rebuild leaves no strays."""
     manifest = os.path.join(out, "manifest.json")
     if os.path.exists(manifest):
-        os.remove(manifest)  # first: a half-rebuilt corpus must not look complete
-    for split in ("train", "val"):
-        for kind in ("mono", "dialogue"):
-            for path in glob.glob(os.path.join(out, split, kind, f"{kind}_[0-9][0-9][0-9][0-9][0-9].wav")):
-                os.remove(path)
+        os.remove(manifest)  # first: a half-replaced corpus must not look complete
+    for path in corpus_files(out):
+        os.remove(path)
+
+
+def existing_folder(path: str) -> str:
+    """`path`, or the nearest of its parents that exists (where it would be made)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
 
 
 def is_complete(out: str, settings: dict) -> bool:
@@ -383,8 +433,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=HERE, help="output folder (default: this folder)")
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--force", action="store_true", help="rebuild even if the corpus exists")
-    parser.add_argument("--engines", default=",".join(ENGINES),
-                        help="synthesizers to use where installed (default: %(default)s; espeak is required)")
+    parser.add_argument("--engines", help=f"synthesizers to use, each of which must be installed (default: those "
+                        f"of {', '.join(ENGINES)} installed; espeak is required)")
     args = parser.parse_args(argv)
     if not (0 < args.minutes < math.inf and 0 < args.val_fraction < 1):  # also refuses NaN
         parser.error("--minutes must be a finite number > 0 and --val-fraction between 0 and 1")
@@ -394,27 +444,39 @@ def main(argv=None) -> None:
         parser.error("--out needs a folder")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         parser.error(f"--out {args.out} is a file, not a folder")
-    try:  # made now: a folder that cannot be made or written is found before any synthesis
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as e:
-        parser.error(f"--out {args.out}: cannot make the folder ({e.strerror or e})")
-    if not os.access(args.out, os.W_OK | os.X_OK):
-        parser.error(f"--out {args.out}: the folder is not writable")
-    engines = args.engines.split(",")
+    engines = list(ENGINES) if args.engines is None else args.engines.split(",")
     if "espeak" not in engines or not set(engines) <= set(ENGINES):
         parser.error(f"--engines must list espeak and any of {', '.join(ENGINES[1:])}, got {args.engines!r}")
 
     began = time.time()
     scratch = tempfile.TemporaryDirectory(prefix="demo-corpus-")
     tts = Speakers(engines, scratch.name)
+    if args.engines is not None and tts.missing:
+        parser.error(f"--engines {args.engines}: {', '.join(tts.missing)} {'is' if len(tts.missing) == 1 else 'are'} "
+                     f"not installed here (installed: {', '.join(tts.engines)}): install or leave out "
+                     "(data/demo/README.md)")
+    if os.path.isdir(args.out) and (problem := strangers(args.out)):  # nothing of them is deleted, nor mixed in
+        parser.error(f"--out {args.out}: {problem}; choose an empty folder, or one holding a demo corpus")
+    need, free = args.minutes * 60 * BYTES_PER_SECOND, shutil.disk_usage(existing_folder(args.out)).free
+    if need > free:
+        parser.error(f"--minutes {args.minutes:g} makes about {need / 1e9:.3g} GB of WAV files, more than the "
+                     f"{free / 1e9:.3g} GB free for {args.out}")
+    try:  # made now: a folder that cannot be made or written is found before any synthesis
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        parser.error(f"--out {args.out}: cannot make the folder ({e.strerror or e})")
+    if not os.access(args.out, os.W_OK | os.X_OK):
+        parser.error(f"--out {args.out}: the folder is not writable")
+    manifest = os.path.join(args.out, "manifest.json")
     voices = {split: [f"{e}:{s}" for e, s in tts.pool(split)] for split in ("train", "val")}
     settings = {"recipe_version": RECIPE_VERSION, "seed": args.seed, "minutes": args.minutes,
                 "val_fraction": args.val_fraction, "sample_rate": SAMPLE_RATE, "voices": voices}
+    for path in corpus_files(args.out, UNFINISHED) + glob.glob(unfinished(glob.escape(manifest))):  # a killed run's
+        os.remove(path)
     if not args.force and is_complete(args.out, settings):
         print(f"demo corpus already in {args.out} (seed {args.seed}, {args.minutes} minutes, the same voices); "
               "--force rebuilds it")
         return
-    remove_old_corpus(args.out)
     print(f"synthesizers: {', '.join(tts.engines)}; {len(voices['train'])} training voices, "
           f"{len(voices['val'])} held out for validation: {', '.join(voices['val'])}")
 
@@ -435,15 +497,23 @@ def main(argv=None) -> None:
                     target = min(rng.uniform(20, 50), max(budget - made, 6.0))
                     audio, entry = make_dialogue(tts, rng, pool, sentences, backchannels, target)
                 rel = f"{split}/{kind}/{kind}_{count:05d}.wav"
-                sf.write(os.path.join(args.out, rel), audio.T, SAMPLE_RATE, subtype="PCM_16")
+                sf.write(unfinished(os.path.join(args.out, rel)), audio.T, SAMPLE_RATE, format="WAV",
+                         subtype="PCM_16")
                 duration = audio.shape[1] / SAMPLE_RATE
                 files.append({"path": rel, "seconds": round(duration, 3), **entry})
                 made, count = made + duration, count + 1
                 bar.update(min(duration, bar.total - bar.n))  # dialogues overshoot their share
     tts.close()
     scratch.cleanup()
-    with open(os.path.join(args.out, "manifest.json"), "w") as f:  # last: marks the corpus complete
+    # the previous corpus stays whole until this one is: killed before here, a run leaves it as it
+    # was, and its own files hidden (ignored by the data loaders, removed by the next run)
+    remove_old_corpus(args.out)
+    for entry in files:
+        path = os.path.join(args.out, entry["path"])
+        os.replace(unfinished(path), path)
+    with open(unfinished(manifest), "w") as f:
         json.dump({"settings": settings, "files": files}, f, indent=1)
+    os.replace(unfinished(manifest), manifest)  # last: marks the corpus complete
     total = sum(f["seconds"] for f in files) / 60
     print(f"wrote {len(files)} files, {total:.1f} minutes, to {args.out} in {time.time() - began:.1f}s")
 
