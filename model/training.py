@@ -746,6 +746,9 @@ class Logger:
         if mode == "online" and not _wandb_logged_in(wandb):
             print("wandb: not logged in, logging offline instead (run `wandb login`, then `wandb sync` the run)")
             mode = "offline"
+        if mode == "online" and (why := _wandb_unreachable(wandb)):  # wandb.init would retry for 90 s, then raise
+            print(f"wandb: {why}, logging offline instead (`wandb sync` the run when online)")
+            mode = "offline"
         self.mode = mode
         os.environ.setdefault("WANDB_SILENT", "true")
         self.run = wandb.init(project=project, name=name, dir=str(self.run_dir), mode=mode,
@@ -791,6 +794,22 @@ class Logger:
 
 def _is_media(value) -> bool:
     return type(value).__module__.startswith("wandb") or isinstance(value, (list, dict))
+
+
+def _wandb_unreachable(wandb, timeout: float = 5.0) -> Optional[str]:
+    """Why the W&B server (WANDB_BASE_URL, or wandb's default) cannot be reached, or None: one TCP
+    connection, at most `timeout` seconds."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = wandb.setup().settings.base_url
+    parts = urlsplit(url)
+    try:
+        socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+    except OSError as e:
+        return f"cannot reach {url} ({os_reason(e)})"
+    return None
 
 
 def _wandb_logged_in(wandb) -> bool:

@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import random
+import socket
 import time
 from pathlib import Path
 
@@ -193,6 +194,26 @@ def test_logger_offline_writes_a_wandb_run_and_jsonl(tmp_path, monkeypatch, caps
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["step"] == 3 and rows[0]["loss/mel"] == 1.5
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+
+
+def test_logger_online_without_a_network_logs_offline_at_once(tmp_path, monkeypatch, capsys):
+    """wandb=online, logged in, with the W&B server out of reach: one note and an offline run,
+    within seconds; wandb.init retried for 90 s and raised a CommError traceback."""
+    wandb = pytest.importorskip("wandb")
+    with socket.socket() as s:  # a port nothing listens on: the connection is refused
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", url)
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "20")  # without the check: fail in 20 s, not 90
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    wandb.teardown()  # settings are read from the environment once per wandb.setup
+    began = time.time()
+    log = Logger("online", "hertz-test", tmp_path / "run", PRESETS["tiny"])
+    log.finish()
+    assert f"wandb: cannot reach {url} (Connection refused), logging offline instead" in capsys.readouterr().out
+    assert time.time() - began < 15 and list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    wandb.teardown()
 
 
 def test_logger_disabled_only_writes_jsonl(tmp_path):
