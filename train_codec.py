@@ -95,6 +95,9 @@ def main(argv=None) -> dict:
         return {}
     for note in [] if cfg.eval_only else schedule_notes(cfg):
         say(f"note: {note}")
+    init = None  # init_from's weights, read (and checked) before the data; DDP broadcasts rank 0's to the others
+    if not latest and cfg.init_from and (is_main or cfg.eval_only):
+        init = read_init(cfg.init_from, cfg, discriminators=not cfg.eval_only)
     have = optional_packages(cfg, say)
     dnsmos = DNSMOS() if cfg.val_mos and is_main else None  # rank 0 alone evaluates
     hop = math.prod(cfg.strides)
@@ -109,8 +112,11 @@ def main(argv=None) -> dict:
     if latest:
         step = load_state(state, cfg, ddp, generator, discriminators, opt_g, opt_d, scaler, say)
         source = f"{latest} (step {state['step']})"
-    elif cfg.init_from and (is_main or cfg.eval_only):  # DDP broadcasts rank 0's weights to the others
-        source = load_weights(cfg.init_from, cfg, generator, None if cfg.eval_only else discriminators)
+    elif init is not None:
+        generator.load_state_dict(init.generator)
+        if init.discriminators is not None:
+            discriminators.load_state_dict(init.discriminators)
+        source, init = init.label, None  # (the weights are the modules' now)
     if is_main and not cfg.resume and not cfg.eval_only and (old := move_aside(run_dir)):
         say(f"resume=false: moved the previous run in {run_dir} to {old}")
     say(f"codec: {sum(p.numel() for p in generator.parameters()) / 1e6:.2f}M parameters, discriminators: "
@@ -532,32 +538,37 @@ def clip(module: torch.nn.Module, max_norm: float) -> torch.Tensor:
     return torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm if max_norm > 0 else float("inf"))
 
 
-def load_weights(source: str, cfg: CodecConfig, generator: Codec, discriminators=None) -> str:
-    """Fill `generator` from init_from: "official", one of our codecs (.safetensors), or a training
-    state (.pt; its discriminators too when they have this run's architecture). Returns a label."""
+class InitWeights(NamedTuple):
+    """The weights init_from names, read before the data: the codec's, the discriminators' (None
+    when not wanted or of another architecture), and a label for the log."""
+    generator: dict
+    discriminators: dict | None
+    label: str
+
+
+def read_init(source: str, cfg: CodecConfig, discriminators: bool) -> InitWeights:
+    """The weights of init_from: "official", one of our codecs (.safetensors), or a training state
+    (.pt; its discriminators too, with `discriminators`, when they have this run's architecture).
+    Raises ConfigError naming the file when it is none of those, or of another architecture."""
     if source == "official":
         try:
             codec = load_codec("official", config=cfg)  # the official file in this run's architecture
         except (RuntimeError, CheckpointError) as e:  # not downloadable, or another architecture
             raise ConfigError(f"init_from=official: {e}\nThe official codec has the hertz_dev architecture: "
                               "use --config hertz_dev (or its architecture fields).") from None
-        generator.load_state_dict(codec.state_dict())
-        return "the official codec"
+        return InitWeights(codec.state_dict(), None, "the official codec")
     if not os.path.isfile(source):
         raise ConfigError(f"init_from={source!r} is neither 'official' nor an existing .safetensors or .pt file")
     if source.endswith(".safetensors"):
         check_architecture(read_metadata(source)["config"], cfg, source)
-        generator.load_state_dict(load_codec(source).state_dict())
-        return source
+        return InitWeights(load_codec(source).state_dict(), None, source)
     state = load_training_state(source)
     if "generator" not in state:
         raise ConfigError(f"init_from={source}: not a codec training state written by train_codec.py")
     check_architecture(state["config"], cfg, source)
-    generator.load_state_dict(state["generator"])
-    if discriminators is not None and not config_diff(state["config"], cfg, fields_marked(CodecConfig, "disc")):
-        discriminators.load_state_dict(state["discriminators"])
-        return f"{source} (codec and discriminators)"
-    return source
+    if discriminators and not config_diff(state["config"], cfg, fields_marked(CodecConfig, "disc")):
+        return InitWeights(state["generator"], state["discriminators"], f"{source} (codec and discriminators)")
+    return InitWeights(state["generator"], None, source)
 
 
 def export_state(saved: dict, tmp: str) -> None:

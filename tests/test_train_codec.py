@@ -375,15 +375,25 @@ def test_a_folder_whose_every_file_fails_when_read_is_one_error_line(corpus, tmp
 
 
 def test_an_init_from_that_is_not_a_training_state_is_one_error_line(corpus, tmp_path):
-    """A damaged or foreign .pt as init_from: the file named, no unpickler traceback."""
+    """A damaged or foreign .pt as init_from (a transformer's state with eval_only=true too): the
+    file named, no unpickler traceback, before any audio is decoded (it came after the validation
+    and training sets had been decoded into memory)."""
+    from config.transformer_config import PRESETS as TRANSFORMER_PRESETS
     (tmp_path / "garbage.pt").write_bytes(b"not a pickle at all")
     torch.save([1, 2, 3], tmp_path / "list.pt")
-    for name, reason in (("garbage.pt", "it cannot be read"), ("list.pt", "no step in it")):
+    torch.save({"model": {}, "optimizer": {}, "step": 2, "config": dataclasses.asdict(TRANSFORMER_PRESETS["tiny"])},
+               tmp_path / "transformer.pt")
+    for name, extra, message in (
+            ("garbage.pt", (), "is not a training state written by the trainers (it cannot be read"),
+            ("list.pt", (), "is not a training state written by the trainers (no step in it"),
+            ("transformer.pt", ("eval_only=true",), ": not a codec training state written by train_codec.py")):
         path = tmp_path / name
-        result = run(["train_codec.py"] + args(corpus, tmp_path / "run", f"init_from={path}"))
+        result = run(["train_codec.py"] + args(corpus, tmp_path / "run", f"init_from={path}", *extra))
         assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
-        assert error_line(result.stderr).startswith(f"error: {path} is not a training state written by the trainers")
-        assert reason in error_line(result.stderr)
+        line = error_line(result.stderr)
+        assert line.startswith(f"error: {path}") or line.startswith(f"error: init_from={path}"), line
+        assert message in line, line
+        assert "val:" not in result.stdout + result.stderr  # the data was not read
 
 
 def test_a_transformer_run_folder_is_one_error_line_before_the_data(corpus, tmp_path):
