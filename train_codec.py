@@ -55,6 +55,7 @@ from model.codec_losses import (DNSMOS, MultiResolutionMelLoss, MultiResolutionS
                                 latent_mask, pesq_wb, si_sdr, stoi, waveform_l1)
 from model.data import AudioCropDataset, infinite_batches, make_loader
 from model.discriminators import Discriminators
+from model.hub import WeightsError
 from model.loading import load_codec, write_codec
 from model.parallel import average_gradients, broadcast_parameters, gradient_sync
 from model.plots import plot_metrics, save_mel_figure
@@ -553,7 +554,9 @@ def read_init(source: str, cfg: CodecConfig, discriminators: bool) -> InitWeight
     if source == "official":
         try:
             codec = load_codec("official", config=cfg)  # the official file in this run's architecture
-        except (RuntimeError, CheckpointError) as e:  # not downloadable, or another architecture
+        except WeightsError as e:  # not downloadable, or missing offline: no word on the architecture
+            raise ConfigError(f"init_from=official: {e}") from None
+        except (RuntimeError, CheckpointError) as e:  # another architecture
             raise ConfigError(f"init_from=official: {e}\nThe official codec has the hertz_dev architecture: "
                               "use --config hertz_dev (or its architecture fields).") from None
         return InitWeights(codec.state_dict(), None, "the official codec")
