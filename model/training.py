@@ -798,17 +798,21 @@ def _is_media(value) -> bool:
 
 def _wandb_unreachable(wandb, timeout: float = 5.0) -> Optional[str]:
     """Why the W&B server (WANDB_BASE_URL, or wandb's default) cannot be reached, or None: one TCP
-    connection, at most `timeout` seconds."""
+    connection to it, or to the proxy the environment sets for it, at most `timeout` seconds."""
     import socket
     from urllib.parse import urlsplit
+    from urllib.request import getproxies, proxy_bypass
 
     url = wandb.setup().settings.base_url
-    parts = urlsplit(url)
+    server = urlsplit(url)
+    proxy = getproxies().get(server.scheme)
+    target = urlsplit(proxy if proxy and not proxy_bypass(server.hostname or "") else url)
     try:
-        socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
+        socket.create_connection((target.hostname, target.port or (443 if target.scheme == "https" else 80)),
                                  timeout=timeout).close()
     except OSError as e:
-        return f"cannot reach {url} ({os_reason(e)})"
+        return f"cannot reach {url}" + (f" through the proxy {proxy}" if target.geturl() != server.geturl() else "") \
+            + f" ({os_reason(e)})"
     return None
 
 
