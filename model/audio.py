@@ -17,8 +17,6 @@ import warnings
 from typing import Optional
 
 import numpy as np
-import soundfile as sf
-import soxr
 
 from .files import replace_atomically
 
@@ -55,6 +53,7 @@ def _check_rate(rate: int, path: str) -> None:
 
 def audio_info(path: str) -> tuple[int, int, int]:
     """Return `(frames, sample_rate, channels)` of a file without decoding it."""
+    import soundfile as sf  # here, not at the top: the GPU image's benchmarks import this module without it
     try:
         info = sf.info(str(path))
     except Exception as e:  # soundfile raises LibsndfileError, RuntimeError or TypeError
@@ -82,6 +81,7 @@ def scan_samples(path: str, block: int = 1 << 20) -> None:
     """`check_samples` a whole float file (WAV/AIFF subtype FLOAT or DOUBLE), block by block in
     bounded memory, so a scan catches it before training rather than when a crop hits it. Files
     that store integers (PCM, FLAC) or a lossy code (MP3, Vorbis) are not decoded: nothing to find."""
+    import soundfile as sf
     try:
         with sf.SoundFile(str(path)) as f:
             if f.subtype not in FLOAT_SUBTYPES:
@@ -127,6 +127,7 @@ def resample(audio: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
     """(C, T) at `from_rate` -> (C, T') at `to_rate` with soxr's high-quality filter."""
     if from_rate == to_rate or audio.shape[-1] == 0:
         return audio
+    import soxr
     out = soxr.resample(audio.T, from_rate, to_rate, quality="HQ")  # soxr is time-major: (T, C)
     return np.ascontiguousarray(out.T, dtype=np.float32)
 
@@ -146,6 +147,7 @@ def load_audio(path: str, sample_rate: int = 16000, channels: Optional[str] = "m
     path = str(path)
     if start < 0 or (num_samples is not None and num_samples < 0):
         raise ValueError(f"start and num_samples must be >= 0, got {start}, {num_samples}")
+    import soundfile as sf
     try:
         with sf.SoundFile(path) as f:
             rate, total = f.samplerate, f.frames
@@ -195,6 +197,7 @@ def save_audio(path: str, audio, sample_rate: int, subtype: str = "PCM_16") -> N
         raise ValueError(f"audio must be (C, T) or (T,), got shape {audio.shape}")
     folder, name = os.path.split(os.path.abspath(path))
     ext = os.path.splitext(name)[1].lower() or ".wav"
+    import soundfile as sf
     subtype = _subtype_for(ext[1:].upper(), subtype) or subtype  # an unknown format: sf.write names it
     if subtype.startswith("PCM"):
         audio = np.clip(audio, -1.0, 1.0)  # integer formats would wrap around otherwise
@@ -262,6 +265,7 @@ def check_prompt(path: str, sample_rate: int = 16000, hop: int = 2000) -> None:
 def _subtype_for(fmt: str, subtype: str) -> Optional[str]:
     """`subtype` if the format `fmt` (soundfile's name: "WAV", "OGG") holds it, else the format's
     own (OGG: VORBIS, MP3: MPEG_LAYER_III); None for a format soundfile does not write."""
+    import soundfile as sf
     if fmt not in sf.available_formats():
         return None
     return subtype if sf.check_format(fmt, subtype) else sf.default_subtype(fmt)

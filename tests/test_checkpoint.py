@@ -11,7 +11,7 @@ from config.codec_config import PRESETS as CODEC_PRESETS
 from config.transformer_config import PRESETS as TRANSFORMER_PRESETS
 from model import Codec, HertzDev, build, load_codec, load_hertz_dev, save_codec, save_transformer
 from model.checkpoint import CheckpointError, _header as header, atomic_write, content_hash, file_kind, read_metadata
-from model.loading import write_codec
+from model.loading import write_codec, write_transformer
 from model import training
 from model.training import Checkpoints
 
@@ -367,7 +367,8 @@ def test_a_recorded_codec_that_is_not_a_path_is_one_error_naming_the_file_and_fi
     written by another tool; the hash matches): a CheckpointError naming the file and the field,
     before any weights are read. It was a TypeError from os.fspath; codec= given loads it."""
     model = build(HertzDev, TRANSFORMER_PRESETS["tiny"])
-    path = save_transformer(tmp_path / "model.safetensors", model, codec_source=value)
+    path = tmp_path / "model.safetensors"
+    write_transformer(path, model, codec_source=value)  # the unchecked writer: save_transformer refuses these
     with monkeypatch.context() as m:
         m.setattr("model.loading.read_weights", lambda *a, **k: pytest.fail("weights read"))
         with pytest.raises(CheckpointError) as e:

@@ -94,10 +94,12 @@ def test_a_checkpoint_whose_codec_is_unknown_or_whose_weights_are_nan_is_one_err
     import complete
     from safetensors.torch import load_file, save_file
     from model.checkpoint import _header, content_hash
+    from model.loading import write_transformer
     model = build(HertzDev, PRESETS["tiny"])
     moved = save_transformer(tmp_path / "moved.safetensors", model, codec_source=str(tmp_path / "gone.safetensors"))
     no_codec = save_transformer(tmp_path / "no-codec.safetensors", model)
-    number = save_transformer(tmp_path / "number.safetensors", model, codec_source=7)  # a TypeError traceback
+    number = tmp_path / "number.safetensors"  # a header edited, or written by another tool: a TypeError traceback
+    write_transformer(number, model, codec_source=7)  # the unchecked writer (save_transformer refuses a number)
     state, meta = load_file(ckpts["duplex"]), _header(Path(ckpts["duplex"]))
     state["lm.input.weight"][0, 0] = float("nan")
     save_file(state, str(tmp_path / "nan.safetensors"), metadata={**meta, "content_sha256": content_hash(state, meta)})
