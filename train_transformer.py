@@ -48,7 +48,7 @@ from config.codec_config import CodecConfig
 from config.transformer_config import PRESETS, TransformerConfig
 from model import Generator, HertzDev, build, finetune, hub, load_codec, load_hertz_dev
 from model.checkpoint import CheckpointError, read_metadata
-from model.generator import completion_problem
+from model.generator import completion_problem, completion_steps
 from model.loading import official_transformer_config, write_transformer
 from model.latents import LatentCrops, StepSampler, codec_fingerprint, prepare_latents, sample_posterior, scan_corpus
 from model.objectives import STAGE_LOSSES, compute_losses, peak_flops, through_cache, train_flops_per_latent
@@ -420,7 +420,7 @@ def audio_sample(step: int, model: HertzDev, val_set: LatentCrops, codec, cfg: T
     prompt_len = max(1, min(int(crop["valid"].sum()), cfg.seq_len // 2))
     device = next(codec.parameters()).device
     prompt = crop["posterior"][None, :prompt_len, 0].to(device)  # the posterior mean, (1, P, C*32)
-    latents = complete(model, prompt, round(cfg.sample_seconds * 8), seed=step)
+    latents = complete(model, prompt, completion_steps(cfg.sample_seconds, cfg.sample_rate), seed=step)
     if not is_main:
         return {}
     audio = torch.cat([codec.decode(c.float()) for c in latents.chunk(cfg.channels, dim=-1)], dim=1)[0]  # (C, N)

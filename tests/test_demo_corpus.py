@@ -181,6 +181,16 @@ def test_bad_arguments_are_one_error_line_and_nothing_is_written(tmp_path, args,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
+def test_without_espeak_ng_it_is_one_error_line(tmp_path):
+    """The espeakng-loader wheel missing (a stand-in module that fails to import, first on the
+    path): one `error:` line saying what to install; it was the same line without `error:`."""
+    (tmp_path / "espeakng_loader.py").write_text("raise ImportError('not installed')\n")
+    result = subprocess.run([sys.executable, PREPARE, "--minutes", "0.1", "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == ["error: the demo corpus needs eSpeak NG: pip install espeakng-loader"]
+
+
 def test_a_huge_length_is_refused_before_any_synthesis(tmp_path):
     """--minutes 1e12 (3.5 billion GB of WAV files): one line comparing it with the free disk; it
     was taken, and synthesis ran until the disk was full."""

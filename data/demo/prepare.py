@@ -95,7 +95,7 @@ class ESpeak:
         try:
             import espeakng_loader
         except ImportError as e:
-            raise SystemExit("the demo corpus needs eSpeak NG: pip install espeakng-loader") from e
+            raise SystemExit("error: the demo corpus needs eSpeak NG: pip install espeakng-loader") from e
         self.data_path = espeakng_loader.get_data_path()
         lib = ctypes.CDLL(espeakng_loader.get_library_path())
         lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
