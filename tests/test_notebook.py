@@ -1,7 +1,6 @@
 """inference.ipynb runs headless on tiny checkpoints, parameters injected after its `parameters`
 cell as papermill does, and writes the completion WAV; the README's papermill command works after
 the demo; bad parameters and prompts stop it before any weights load."""
-import json
 import os
 import re
 import shutil
@@ -33,7 +32,7 @@ def execute(params: dict):
     """The notebook with `params` injected after its parameters cell, run in the repository."""
     nb = nbformat.read(NOTEBOOK, as_version=4)
     first = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
-    injected = nbformat.v4.new_code_cell("\n".join(f"{k} = {json.dumps(v)}" for k, v in params.items()),
+    injected = nbformat.v4.new_code_cell("\n".join(f"{k} = {v!r}" for k, v in params.items()),  # None: not json's null
                                          metadata={"tags": ["injected-parameters"]})
     nb.cells.insert(first + 1, injected)
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
@@ -98,12 +97,13 @@ def test_notebook_with_int8_weights_and_fp8_cache(tmp_path):
     ({"ADAPTER": "MISSING"}, "no such file: MISSING"),
     ({"ADAPTER": "FOLDER"}, "FOLDER is a folder, not an adapter file: pass one of its adapter files, FOLDER/b"),
     ({"CODEC": "MISSING"}, "CODEC: no such file: MISSING"),  # was load_hertz_dev's FileNotFoundError
+    ({"CODEC": None}, "CODEC = None: the notebook makes audio, so it needs a codec"),  # an AttributeError after loading
     ({"QUANTIZE": "int3"}, "QUANTIZE must be None or one of ('int8', 'int4'), got 'int3'"),
     ({"KV_DTYPE": "fp4"}, "KV_DTYPE must be one of ('auto', 'fp8'), got 'fp4'"),
     ({"OUT": "out.mp4"}, "soundfile writes no .mp4 files"),
     ({"DEVICE": "gpu"}, "DEVICE = 'gpu': expected auto, cpu, cuda, cuda:N or mps"),  # was torch's RuntimeError
     ({"DTYPE": "bf16"}, "DTYPE = 'bf16': expected auto, bfloat16, float16, float32"),  # KeyError
-], ids=["missing", "nan", "token-temp", "top-p", "seconds", "seconds-memory", "adapter", "adapter-folder", "codec", "quantize", "kv-dtype", "output", "device",
+], ids=["missing", "nan", "token-temp", "top-p", "seconds", "seconds-memory", "adapter", "adapter-folder", "codec", "codec-none", "quantize", "kv-dtype", "output", "device",
         "dtype"])
 def test_bad_parameters_stop_before_the_weights_load(tmp_path, monkeypatch, params, message):
     """VARIANT names a checkpoint that does not exist (or an official one, offline, with no files):
