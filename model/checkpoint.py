@@ -177,8 +177,11 @@ def _wrong_file(path: Path, expected: str, found: str) -> CheckpointError:
     want = f"a {expected} checkpoint (.safetensors)" if expected else "a .safetensors checkpoint"
     hint = ""
     if found.endswith("training state"):
-        export = path.with_suffix(".safetensors")
+        from .lora import ADAPTER_SUFFIX  # a LoRA run exports its adapters, not the model
+        export, adapter = path.with_suffix(".safetensors"), path.with_suffix(ADAPTER_SUFFIX)
         hint = (f"; load {export} beside it (its weights, exported for loading)" if export.is_file() else
+                f"; it is a LoRA run's: pass {adapter} beside it as adapter= (--adapter, ADAPTER) on the base it "
+                "was trained on" if adapter.is_file() else
                 f"; its export {export.name} is not beside it: rerun the trainer (it rebuilds the export at resume)")
     elif found == "PyTorch state dict":
         hint = "; official weights load by name: load_codec('official'), load_hertz_dev('duplex' | 'mono' | ...)"

@@ -100,6 +100,10 @@ def test_a_training_state_names_the_export_beside_it(tmp_path):
     (folder.folder / "best.safetensors").unlink()
     with pytest.raises(CheckpointError, match="its export best.safetensors is not beside it"):
         load_codec(best)
+    (folder.folder / "best.adapter.safetensors").write_bytes(b"")  # a LoRA run exports its adapters instead
+    with pytest.raises(CheckpointError, match=re.escape(f"it is a LoRA run's: pass {best.with_suffix('.adapter.safetensors')} "
+                                                        "beside it as adapter=")):
+        load_codec(best)
 
 
 def test_changed_bytes_are_detected_on_load(tmp_path):
