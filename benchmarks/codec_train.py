@@ -43,7 +43,7 @@ the same initial weights, one line each with its "variant":
   the fused Triton kernels (`model.discriminator_kernels.bias_leaky_relu`);
 - `torch_fm`: `base` with the feature-matching L1 as torch's multi-tensor ops
   (`model.codec_losses.FEATURE_KERNEL` off), not a Triton kernel a map each way;
-- `no_disc_kernels`: both of the above off, the trainer's step (the kernels are off in train_codec.py until measured);
+- `no_disc_kernels`: both of the above off, the trainer's step of session 18 (2026-12-04);
 - `cudnn_dilated`: the generator's dilated convs by cuDNN, not over phases, else as `base`;
 - `alternating`: the step train_codec.py had before (cuDNN's dilated convs too): a generator step with the discriminators
   frozen (D(fake) with a gradient, D(real) without, float32 feature matching), then a discriminator
@@ -132,8 +132,7 @@ def bench(preset: str, mode: str, variant: str, args) -> tuple[dict, dict | None
         torch.backends.cudnn.benchmark = variant != "no_cudnn_benchmark"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and dtype == "bfloat16" \
         else torch.autocast(device.type, enabled=False)
-    # the discriminators' Triton kernels (on CUDA; off in the trainer until measured): `base` has
-    # both, and the variants turn them off to compare with the trainer's step
+    # the discriminators' Triton kernels (on CUDA): on unless the variant turns them off
     model.discriminators.FUSED_BIAS_ACT = variant not in ("unfused_act", "no_disc_kernels")
     model.codec_losses.FEATURE_KERNEL = variant not in ("torch_fm", "no_disc_kernels")
     torch.manual_seed(0)  # every variant starts from the same weights

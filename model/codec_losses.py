@@ -239,8 +239,8 @@ def generator_adversarial_loss(fake: DiscOutputs, kind: str = "lsgan") -> Tensor
 
 # On CUDA, feature matching's L1 between each pair of maps as one Triton kernel each way
 # (`model.discriminator_kernels.feature_l1`: no difference maps written or kept); False: torch's
-# multi-tensor ops. Off until a GPU run has measured it (as `model.discriminators.FUSED_BIAS_ACT`).
-FEATURE_KERNEL = False
+# multi-tensor ops, to compare (measured with `model.discriminators.FUSED_BIAS_ACT`).
+FEATURE_KERNEL = True
 
 
 def feature_kernel_on(t: Tensor) -> bool:

@@ -22,9 +22,9 @@ BANDS = ((0.0, 0.1), (0.1, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0))
 SLOPE = 0.1  # of every leaky ReLU
 # On CUDA with channels-last activations, each convolution's bias and the leaky ReLU after it run
 # as one Triton kernel forward and one backward (`model.discriminator_kernels`) instead of cuDNN's
-# separate bias add, the activation and the bias gradient's reduction; False: torch's ops. Off until
-# a GPU run has measured them (README, "Training the codec"): their CUDA tests and speed are unrun.
-FUSED_BIAS_ACT = False
+# separate bias add, the activation and the bias gradient's reduction; False: torch's ops, to compare
+# (H200, small, compiled: 125.4 samples/s with both kernels, 112.3 without; benchmarks/results/h200_session20.txt).
+FUSED_BIAS_ACT = True
 
 
 def fused_on(x: Tensor) -> bool:
