@@ -942,8 +942,9 @@ def make_app(server: Server, access: Access = Access()):
     app.add_middleware(AccessGuard, access=access)
     http = APIRouter(dependencies=[Depends(require_token)])
 
-    def error(status: int, code: str, message: str) -> JSONResponse:
-        return JSONResponse({"message": message, "status": "error", "error": code}, status_code=status)
+    def error(status: int, code: str, message: str, headers=None) -> JSONResponse:
+        return JSONResponse({"message": message, "status": "error", "error": code}, status_code=status,
+                            headers=headers)
 
     @http.api_route("/", methods=["GET", "HEAD"])  # HEAD: what monitors and curl -I send
     async def index():
@@ -990,8 +991,7 @@ def make_app(server: Server, access: Access = Access()):
         code, message = {404: ("not_found", f"no such path: {path}"),
                          405: ("method_not_allowed", f"{request.method} {path} is not allowed; allowed: {allowed}"),
                          401: ("unauthorized", str(e.detail))}.get(e.status_code, ("http_error", str(e.detail)))
-        return JSONResponse({"message": message, "status": "error", "error": code}, status_code=e.status_code,
-                            headers=e.headers)
+        return error(e.status_code, code, message, headers=e.headers)
 
     @app.websocket("/audio")
     async def audio(ws: WebSocket):
@@ -1265,17 +1265,17 @@ def load_engine(args):
         raise SystemExit(f"error: {e}") from None
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     source = args.checkpoint or args.variant
-    if args.checkpoint is not None:  # its header says what the weights would, once loaded
+    cfg = transformer_config_of(source)  # what the weights would say once loaded: the header or the official config
+    if args.checkpoint is not None:
         from model.checkpoint import read_metadata
-        meta = read_metadata(args.checkpoint, kind="transformer")
-        if not meta["config"].get("duplex", True):
+        if not cfg.duplex:
             raise SystemExit(f"error: --checkpoint {args.checkpoint} is a mono model: "
                              "the live server needs a duplex one")
+        meta = read_metadata(args.checkpoint, kind="transformer")
         if problem := no_codec_problem("--checkpoint", args.checkpoint, meta, args.codec):
             raise SystemExit(f"error: {problem}")
-    context = transformer_config_of(source).seq_len  # from the header or the official config
-    if args.max_len is not None and args.max_len > context:  # before the weights (and caches) load
-        raise SystemExit(f"error: --max-len {args.max_len} is beyond the model's context of {context} latents")
+    if args.max_len is not None and args.max_len > cfg.seq_len:  # before the weights (and caches) load
+        raise SystemExit(f"error: --max-len {args.max_len} is beyond the model's context of {cfg.seq_len} latents")
     t0 = time.monotonic()
     model = load_hertz_dev(source, device=device, dtype=dtype, ckpt_dir=args.ckpt_dir, offline=args.offline or None,
                            codec=args.codec, adapter=args.adapter, verify=not args.no_verify,

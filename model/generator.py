@@ -90,13 +90,11 @@ def row_seeds(seed: Union[int, Sequence[int]], n: int) -> list[int]:
     if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
         return [row_seed(seed, r) for r in range(n)]
     seeds = seed.tolist() if isinstance(seed, (np.ndarray, Tensor)) else seed
+    if isinstance(seeds, (list, tuple)) and len(seeds) == n and all(
+            isinstance(s, (int, np.integer)) and not isinstance(s, bool) and 0 <= s < SEED_MAX for s in seeds):
+        return [int(s) for s in seeds]
     what = f"seed must be an int, or a list of {n} ints in [0, 2**63) (one per row), got {seed!r}"[:300]
-    if not isinstance(seeds, (list, tuple)):
-        raise TypeError(what)
-    if len(seeds) != n or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and 0 <= s < SEED_MAX
-                                  for s in seeds):
-        raise ValueError(what)
-    return [int(s) for s in seeds]
+    raise (ValueError if isinstance(seeds, (list, tuple)) else TypeError)(what)
 
 
 def check_steps(steps) -> int:

@@ -291,8 +291,9 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
         if config is not None:
             cfg = dataclasses.replace(config, duplex=cfg.duplex)
         codec_source = "official" if codec == "auto" else codec
+    model = _meta(HertzDev, cfg)  # filled below; without adapters until load_adapter
     if adapter is not None:  # its header against the base's config: the tensors it would put on which layers
-        lora.check_fit(_meta(HertzDev, cfg), adapter, adapter_cfg, lora.tensor_shapes(adapter), str(source))
+        lora.check_fit(model, adapter, adapter_cfg, lora.tensor_shapes(adapter), str(source))
     if codec_source is not None and str(codec_source) != "official":
         try:
             read_metadata(_existing(codec_source, '"official"'), kind="codec")
@@ -304,12 +305,10 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
     if str(source) in hub.VARIANTS:
         lm_name, resynth_name, _ = hub.VARIANTS[str(source)]
         paths = hub.official_files([hub.QUANTIZER, lm_name, resynth_name], ckpt_dir, offline, endpoint)
-        model = _meta(HertzDev, cfg)
         for part, name in (("quantizer", hub.QUANTIZER), ("lm", lm_name), ("resynth", resynth_name)):
             state = _quantized(getattr(model, part), hub.load_state_dict(paths[name]), quantize, device)
             _fill(getattr(model, part), state, device, dtype, str(paths[name]))
     else:
-        model = _meta(HertzDev, cfg)
         if recorded:
             try:
                 for part in ("quantizer", "lm", "resynth"):

@@ -242,7 +242,7 @@ def encode_frames(codec: Codec, audio: Tensor, mode: str = "sample", seed: Optio
     if mode not in ("sample", "mean"):  # before the encoding
         raise ValueError(f"encode mode must be 'sample' or 'mean', got {mode!r}")
     B, C, N = audio.shape
-    mu, logvar = codec.encode(audio.reshape(B * C, 1, N).to(next(codec.parameters()).dtype), stream)  # (B*C, T, Z)
+    mu, logvar = codec.encode(audio.reshape(B * C, 1, N), stream)  # (B*C, T, Z); it casts to its weights' dtype
     T, Z = mu.shape[1:]
     if mode == "sample":
         seed = seed if seed is not None else torch.zeros(B, dtype=torch.int64, device=mu.device)

@@ -447,6 +447,12 @@ def main(argv=None) -> None:
     engines = list(ENGINES) if args.engines is None else args.engines.split(",")
     if "espeak" not in engines or not set(engines) <= set(ENGINES):
         parser.error(f"--engines must list espeak and any of {', '.join(ENGINES[1:])}, got {args.engines!r}")
+    if os.path.isdir(args.out) and (problem := strangers(args.out)):  # nothing of them is deleted, nor mixed in
+        parser.error(f"--out {args.out}: {problem}; choose an empty folder, or one holding a demo corpus")
+    need, free = args.minutes * 60 * BYTES_PER_SECOND, shutil.disk_usage(existing_folder(args.out)).free
+    if need > free:
+        parser.error(f"--minutes {args.minutes:g} makes about {need / 1e9:.3g} GB of WAV files, more than the "
+                     f"{free / 1e9:.3g} GB free for {args.out}")
 
     began = time.time()
     scratch = tempfile.TemporaryDirectory(prefix="demo-corpus-")
@@ -455,12 +461,6 @@ def main(argv=None) -> None:
         parser.error(f"--engines {args.engines}: {', '.join(tts.missing)} {'is' if len(tts.missing) == 1 else 'are'} "
                      f"not installed here (installed: {', '.join(tts.engines)}): install or leave out "
                      "(data/demo/README.md)")
-    if os.path.isdir(args.out) and (problem := strangers(args.out)):  # nothing of them is deleted, nor mixed in
-        parser.error(f"--out {args.out}: {problem}; choose an empty folder, or one holding a demo corpus")
-    need, free = args.minutes * 60 * BYTES_PER_SECOND, shutil.disk_usage(existing_folder(args.out)).free
-    if need > free:
-        parser.error(f"--minutes {args.minutes:g} makes about {need / 1e9:.3g} GB of WAV files, more than the "
-                     f"{free / 1e9:.3g} GB free for {args.out}")
     try:  # made now: a folder that cannot be made or written is found before any synthesis
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:
