@@ -144,6 +144,8 @@ def main(argv=None) -> dict:
         generator.use_channels_last()
         discriminators.use_channels_last()
         generator.dilated_convs_polyphase()
+    disc_kernels = cfg.disc_kernels and device.type == "cuda"  # Triton: CUDA only
+    discriminators.use_kernels(disc_kernels)
     gen_model, generator = compile_and_wrap(generator, cfg.compile, ddp)
     broadcast_parameters(discriminators)  # no-op in one process
     gen_params, disc_params = list(generator.parameters()), list(discriminators.parameters())
@@ -215,7 +217,7 @@ def main(argv=None) -> dict:
                         if cfg.adv_weight > 0:
                             losses["adv"] = generator_adversarial_loss(d_fake, cfg.gan_loss)
                         if cfg.feature_weight > 0:
-                            losses["feature"] = feature_matching_loss(d_real, d_fake)
+                            losses["feature"] = feature_matching_loss(d_real, d_fake, kernel=disc_kernels)
                         loss_d = discriminator_loss(d_real, d_fake, cfg.gan_loss)
                     losses["total"] = sum(weights[k] * losses[k] for k in losses)
                 scaler.scale(losses["total"] / cfg.grad_accum_steps).backward(inputs=gen_params,

@@ -38,12 +38,14 @@ the same initial weights, one line each with its "variant":
   (train_codec.py compiles the generator only: a compiled discriminator's backward is one graph
   that computes its weight gradients whenever the generator's loss back-propagates through it, so
   that step does the discriminators' backward twice);
-- `unfused_act`: `base` with each discriminator convolution's bias added by cuDNN's own add and the
-  leaky ReLU and the bias gradient as torch's ops (`model.discriminators.FUSED_BIAS_ACT` off), not
-  the fused Triton kernels (`model.discriminator_kernels.bias_leaky_relu`);
-- `torch_fm`: `base` with the feature-matching L1 as torch's multi-tensor ops
-  (`model.codec_losses.FEATURE_KERNEL` off), not a Triton kernel a map each way;
-- `no_disc_kernels`: both of the above off, the trainer's step of session 18 (2026-12-04);
+- `unfused_act`: `base` (with the preset's `disc_kernels` on) with each discriminator convolution's
+  bias added by cuDNN's own add and the leaky ReLU and the bias gradient as torch's ops
+  (`Discriminators.use_kernels(False)`), not the fused Triton kernels
+  (`model.discriminator_kernels.bias_leaky_relu`);
+- `torch_fm`: `base` (with `disc_kernels` on) with the feature-matching L1 as torch's multi-tensor
+  ops (`feature_matching_loss(..., kernel=False)`), not a Triton kernel a map each way;
+- `no_disc_kernels`: both of the above off (`disc_kernels=false`), the trainer's step of session
+  18 (2026-12-04) and `small_fast`'s; `disc_kernels`: both on, whatever the preset says;
 - `cudnn_dilated`: the generator's dilated convs by cuDNN, not over phases, else as `base`;
 - `alternating`: the step train_codec.py had before (cuDNN's dilated convs too): a generator step with the discriminators
   frozen (D(fake) with a gradient, D(real) without, float32 feature matching), then a discriminator
@@ -97,13 +99,11 @@ from model.codec import Codec, compile_codec  # noqa: E402
 from model.codec_losses import (MultiResolutionMelLoss, discriminator_loss, feature_matching_loss,  # noqa: E402
                                 generator_adversarial_loss, latent_kl)
 from model.discriminators import Discriminators, PeriodDiscriminator  # noqa: E402
-import model.codec_losses  # noqa: E402  (the variants switch its FEATURE_KERNEL)
-import model.discriminators  # noqa: E402  (and its FUSED_BIAS_ACT)
 
 MODES = {"fp32-eager": ("float32", False), "bf16-compile": ("bfloat16", True), "bf16-eager": ("bfloat16", False)}
 VARIANTS = ("base", "joint_disc", "loop_fm", "alternating", "ncl", "uncached", "cudnn_dilated",
             "disc_nchw", "host_sync", "no_cudnn_benchmark", "compiled_disc", "unfused_act", "torch_fm",
-            "no_disc_kernels")
+            "no_disc_kernels", "disc_kernels")
 # record_function ranges of one step (disc_forward: the alternating variant's discriminator step)
 PHASES = ("gen_forward", "mel_loss", "kl", "disc_on_both", "disc_on_fake", "disc_on_real", "mpd_forward",
           "mrd_forward", "adv_fm_loss", "gen_backward", "gen_clip_opt", "disc_forward", "disc_loss", "disc_backward",
@@ -132,9 +132,10 @@ def bench(preset: str, mode: str, variant: str, args) -> tuple[dict, dict | None
         torch.backends.cudnn.benchmark = variant != "no_cudnn_benchmark"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and dtype == "bfloat16" \
         else torch.autocast(device.type, enabled=False)
-    # the discriminators' Triton kernels (on CUDA): on unless the variant turns them off
-    model.discriminators.FUSED_BIAS_ACT = variant not in ("unfused_act", "no_disc_kernels")
-    model.codec_losses.FEATURE_KERNEL = variant not in ("torch_fm", "no_disc_kernels")
+    # the discriminators' Triton kernels (on CUDA): as the preset's disc_kernels, unless the variant says
+    kernels = cuda and (variant == "disc_kernels" or (cfg.disc_kernels and variant != "no_disc_kernels"))
+    fused_act = kernels and variant != "unfused_act"
+    feature_kernel = kernels and variant != "torch_fm"
     torch.manual_seed(0)  # every variant starts from the same weights
     generator = Codec(cfg).to(device)
     discriminators = Discriminators(cfg).to(device)
@@ -142,6 +143,7 @@ def bench(preset: str, mode: str, variant: str, args) -> tuple[dict, dict | None
         generator.dilated_convs_polyphase(1 << 30 if variant in ("alternating", "cudnn_dilated") else 512)
         generator.use_channels_last(variant not in ("alternating", "ncl"))
         discriminators.use_channels_last(variant not in ("alternating", "ncl", "disc_nchw"))
+        discriminators.use_kernels(fused_act)
     mel_loss = MultiResolutionMelLoss(cfg.mel_windows, cfg.mel_bins, cfg.sample_rate).to(device)
     opt_g = torch.optim.AdamW(generator.parameters(), lr=1e-4, betas=(cfg.beta1, cfg.beta2), fused=True)
     opt_d = torch.optim.AdamW(discriminators.parameters(), lr=1e-4, betas=(cfg.beta1, cfg.beta2), fused=True)
@@ -210,7 +212,8 @@ def bench(preset: str, mode: str, variant: str, args) -> tuple[dict, dict | None
                         d_fake = disc(fake)
             with phase("adv_fm_loss"):
                 total = (reconstruction + cfg.adv_weight * generator_adversarial_loss(d_fake, cfg.gan_loss) +
-                         cfg.feature_weight * feature_matching_loss(d_real, d_fake, foreach=variant != "loop_fm"))
+                         cfg.feature_weight * feature_matching_loss(d_real, d_fake, foreach=variant != "loop_fm",
+                                                                           kernel=feature_kernel))
             with phase("disc_loss"):
                 loss_d = discriminator_loss(d_real, d_fake, cfg.gan_loss)
         with phase("gen_backward"):

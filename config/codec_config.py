@@ -82,6 +82,10 @@ class CodecConfig:
     # follows the generator's schedule, scaled
     disc_learning_rate: float = field(default=1e-4, metadata={**SCHEDULE, **NON_NEGATIVE})
     disc_grad_clip: float = field(default=10.0, metadata=NON_NEGATIVE)
+    # on CUDA, the discriminators' bias + leaky ReLU and feature matching as Triton kernels: fewer
+    # passes over their activations on the GPU (small, 6 s crops: +12%), two launches from Python a
+    # layer on the host (2 s crops, a step the host already bounds: slower); same values up to rounding
+    disc_kernels: bool = True
 
     # --- optimisation -------------------------------------------------------------------------
     batch_size: int = field(default=32, metadata={**RESUME, **COUNT})
@@ -151,11 +155,13 @@ tiny = dataclasses.replace(
 # - mel loss alone for the first 400 steps (disc_start_step): without the discriminators a step
 #   costs about 40% of one with them, and the adversarial terms only refine a decoder that
 #   already reconstructs the spectrum (HiFi-GAN and DAC start them at 0 on runs 1000x longer);
+# - no discriminator kernels: a 2 s crop's step is bound by the host, where they add launches
+#   (H200: 0.24-0.26 s a step with them, 0.17-0.18 without; benchmarks/results/h200_session21.txt);
 # - the rest is DAC's: mel 15, feature matching 2, adversarial 1, AdamW betas (0.8, 0.99).
 small_fast = dataclasses.replace(
     small,
     segment_seconds=2.0, val_segment_seconds=6.0, batch_size=32, learning_rate=5e-4, disc_learning_rate=5e-4, min_lr=5e-5,
-    warmup_steps=200, max_steps=5000, disc_start_step=400, num_workers=6,
+    warmup_steps=200, max_steps=5000, disc_start_step=400, num_workers=6, disc_kernels=False,
     log_interval=25, eval_interval=500, save_interval=500,
 )
 

@@ -237,19 +237,7 @@ def generator_adversarial_loss(fake: DiscOutputs, kind: str = "lsgan") -> Tensor
     return loss
 
 
-# On CUDA, feature matching's L1 between each pair of maps as one Triton kernel each way
-# (`model.discriminator_kernels.feature_l1`: no difference maps written or kept); False: torch's
-# multi-tensor ops, to compare (measured with `model.discriminators.FUSED_BIAS_ACT`).
-FEATURE_KERNEL = True
-
-
-def feature_kernel_on(t: Tensor) -> bool:
-    """Whether `feature_matching_loss` takes the Triton kernel for maps like `t`: on CUDA, when
-    `FEATURE_KERNEL`."""
-    return FEATURE_KERNEL and t.is_cuda
-
-
-def feature_matching_loss(real: DiscOutputs, fake: DiscOutputs, foreach: bool = True) -> Tensor:
+def feature_matching_loss(real: DiscOutputs, fake: DiscOutputs, foreach: bool = True, kernel: bool = False) -> Tensor:
     """L1 between the discriminators' feature maps of real and generated audio (HiFi-GAN, DAC):
 
         L_fm = sum_k sum_l mean | f_k^l(x) - f_k^l(G(z)) |
@@ -261,12 +249,14 @@ def feature_matching_loss(real: DiscOutputs, fake: DiscOutputs, foreach: bool = 
     recipe); False: the per-map loop, the same loss and gradients. On one H200 the `small` step
     (32 x 6 s, bf16 eager) took 0.321 s instead of 0.352 (91.0 -> 99.6 samples/s,
     `benchmarks/codec_train.py --variants base,loop_fm`, benchmarks/results/h200_session17.txt).
-    On CUDA with `foreach` (`feature_kernel_on`) each pair of maps is one Triton kernel forward
-    and one backward (`model.discriminator_kernels.feature_l1`), the difference in float32.
+    `kernel` (the trainer's `disc_kernels` on CUDA; on the CPU Triton runs only in its
+    interpreter): each pair of maps is one Triton kernel forward and one backward
+    (`model.discriminator_kernels.feature_l1`), the difference in float32, no difference map
+    written or kept.
     """
     loss = 0.0
     for (_, f_real), (_, f_fake) in zip(real, fake):
-        if foreach and feature_kernel_on(f_fake[0]):
+        if kernel:
             from .discriminator_kernels import feature_l1  # Triton, imported where a CUDA step uses it
             loss = loss + feature_l1([a.detach() for a in f_real], list(f_fake))
             continue

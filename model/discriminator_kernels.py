@@ -58,12 +58,12 @@ def blocks(m: int, c: int) -> tuple[int, int]:
     return max(ELEMENTS // block_c, 16), block_c
 
 
-def rows_of(t: Tensor) -> Tensor:
-    """A channels-last (B, C, H, W) tensor as its (B*H*W, C) matrix, copied only if it is not
-    channels-last dense (a gradient arriving as a strided view, e.g. the slice of a concatenation)."""
-    t = t.contiguous(memory_format=torch.channels_last)
-    b, c, h, w = t.shape
-    return t.permute(0, 2, 3, 1).reshape(b * h * w, c)
+def channels_last_dense(t: Tensor) -> Tensor:
+    """A (B, C, H, W) tensor whose memory is its (B*H*W, C) matrix, row after row: `t` itself when it
+    is channels-last dense, which the kernels read through its pointer (no view is made: each is a
+    call into torch, and a step makes about 500 of these calls), else a channels-last copy (a
+    gradient arriving as a strided view, e.g. the slice of a concatenation)."""
+    return t if t.is_contiguous(memory_format=torch.channels_last) else t.contiguous(memory_format=torch.channels_last)
 
 
 class BiasLeakyReLU(torch.autograd.Function):
@@ -72,12 +72,14 @@ class BiasLeakyReLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y: Tensor, bias: Tensor, slope: float) -> Tensor:
-        out = torch.empty_like(y, memory_format=torch.channels_last)
-        m, c = y.numel() // y.shape[1], y.shape[1]
+        y = channels_last_dense(y)
+        out = torch.empty_like(y)  # channels-last, as `y`
+        c = y.shape[1]
+        m = y.numel() // c
         if m:
             block_m, block_c = blocks(m, c)
             _forward[(triton.cdiv(m, block_m), triton.cdiv(c, block_c))](
-                rows_of(y), bias.detach().contiguous(), rows_of(out), m, c, slope, BLOCK_M=block_m, BLOCK_C=block_c)
+                y, bias, out, m, c, slope, BLOCK_M=block_m, BLOCK_C=block_c)
         ctx.save_for_backward(out)
         ctx.slope, ctx.bias_dtype = slope, bias.dtype
         return out
@@ -85,14 +87,19 @@ class BiasLeakyReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         out, = ctx.saved_tensors
-        gy = torch.empty_like(out, memory_format=torch.channels_last)
-        m, c = out.numel() // out.shape[1], out.shape[1]
-        block_m, block_c = blocks(max(m, 1), c)
-        partial = torch.zeros(max(triton.cdiv(m, block_m), 1), c, device=out.device, dtype=torch.float32)
-        if m:
-            _backward[(triton.cdiv(m, block_m), triton.cdiv(c, block_c))](
-                rows_of(grad), rows_of(out), rows_of(gy), partial, m, c, ctx.slope, BLOCK_M=block_m, BLOCK_C=block_c)
-        bias_grad = partial.sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[1] else None
+        gy = torch.empty_like(out)  # channels-last, as `out`
+        c = out.shape[1]
+        m = out.numel() // c
+        if not m:
+            return gy, torch.zeros(c, device=out.device, dtype=ctx.bias_dtype), None
+        block_m, block_c = blocks(m, c)
+        # every (program row, channel) entry is written by its program: no zeroing needed
+        partial = torch.empty(triton.cdiv(m, block_m), c, device=out.device, dtype=torch.float32)
+        _backward[(triton.cdiv(m, block_m), triton.cdiv(c, block_c))](
+            channels_last_dense(grad), out, gy, partial, m, c, ctx.slope, BLOCK_M=block_m, BLOCK_C=block_c)
+        bias_grad = partial.sum(0) if ctx.needs_input_grad[1] else None
+        if bias_grad is not None and bias_grad.dtype != ctx.bias_dtype:
+            bias_grad = bias_grad.to(ctx.bias_dtype)
         return gy, bias_grad, None
 
 
@@ -110,11 +117,11 @@ L1_BLOCK = 4096  # values a program sums
 
 
 @triton.jit
-def _l1_forward(a_ptr, b_ptr, partial_ptr, n, inv_n, BLOCK: tl.constexpr):
+def _l1_forward(a_ptr, b_ptr, partial_ptr, start, n, inv_n, BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     a = tl.load(a_ptr + i, mask=i < n, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + i, mask=i < n, other=0.0).to(tl.float32)
-    tl.store(partial_ptr + tl.program_id(0), tl.sum(tl.abs(a - b), axis=0) * inv_n)
+    tl.store(partial_ptr + start + tl.program_id(0), tl.sum(tl.abs(a - b), axis=0) * inv_n)
 
 
 @triton.jit
@@ -141,6 +148,8 @@ def dense_pair(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     """`a` and `b` laid out alike and without gaps, so that their storage can be read as flat
     arrays of the same elements (any layout: the sum of |a - b| does not depend on the order); a
     copy of one or both only when they are not."""
+    if a.stride() == b.stride() and (b.is_contiguous() or b.is_contiguous(memory_format=torch.channels_last)):
+        return a, b  # the common case, without `dense`'s loop in Python
     if a.stride() != b.stride() or not dense(b):
         a, b = a.contiguous(), b.contiguous()
     return a, b
@@ -159,11 +168,13 @@ class FeatureL1(torch.autograd.Function):
         half = len(maps) // 2
         pairs = [dense_pair(a.detach(), b) for a, b in zip(maps[:half], maps[half:])]
         blocks_of = [triton.cdiv(b.numel(), L1_BLOCK) for _, b in pairs]
-        partial = torch.zeros(max(sum(blocks_of), 1), device=maps[0].device, dtype=torch.float32)
+        # every block of every map writes its own entry: no zeroing needed (but at least one entry)
+        total = sum(blocks_of)
+        partial = (torch.empty if total else torch.zeros)(max(total, 1), device=maps[0].device, dtype=torch.float32)
         start = 0
         for (a, b), count in zip(pairs, blocks_of):
             if count:
-                _l1_forward[(count,)](a, b, partial[start:], b.numel(), 1.0 / b.numel(), BLOCK=L1_BLOCK)
+                _l1_forward[(count,)](a, b, partial, start, b.numel(), 1.0 / b.numel(), BLOCK=L1_BLOCK)
             start += count
         ctx.save_for_backward(*[t for pair in pairs for t in pair])
         return partial.sum()
@@ -175,7 +186,7 @@ class FeatureL1(torch.autograd.Function):
         grads = []
         for i in range(0, len(saved), 2):
             a, b = saved[i], saved[i + 1]
-            gb = torch.empty_strided(b.shape, b.stride(), device=b.device, dtype=b.dtype)
+            gb = torch.empty_like(b)  # `b` is dense (`dense_pair`): the same strides
             if b.numel():
                 _l1_backward[(triton.cdiv(b.numel(), L1_BLOCK),)](a, b, grad, gb, b.numel(), 1.0 / b.numel(),
                                                                   BLOCK=L1_BLOCK)

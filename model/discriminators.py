@@ -20,16 +20,6 @@ from .codec_losses import stft
 # Frequency bands of the STFT discriminator, as fractions of the Nyquist frequency (DAC).
 BANDS = ((0.0, 0.1), (0.1, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0))
 SLOPE = 0.1  # of every leaky ReLU
-# On CUDA with channels-last activations, each convolution's bias and the leaky ReLU after it run
-# as one Triton kernel forward and one backward (`model.discriminator_kernels`) instead of cuDNN's
-# separate bias add, the activation and the bias gradient's reduction; False: torch's ops, to compare
-# (H200, small, compiled: 125.4 samples/s with both kernels, 112.3 without; benchmarks/results/h200_session20.txt).
-FUSED_BIAS_ACT = True
-
-
-def fused_on(x: Tensor) -> bool:
-    """Whether `conv2d_leaky` takes the Triton kernels for `x`: on CUDA, when `FUSED_BIAS_ACT`."""
-    return FUSED_BIAS_ACT and x.is_cuda
 
 
 def conv2d(conv: nn.Conv2d, x: Tensor, channels_last: bool, bias: bool = True) -> Tensor:
@@ -43,12 +33,12 @@ def conv2d(conv: nn.Conv2d, x: Tensor, channels_last: bool, bias: bool = True) -
     return F.conv2d(x, weight, conv.bias if bias else None, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
-def conv2d_leaky(conv: nn.Conv2d, x: Tensor, channels_last: bool) -> Tensor:
-    """`leaky_relu(conv(x), SLOPE)`. On CUDA with `channels_last` (`fused_on`), cuDNN's
-    convolution without the bias, then the bias and the activation in one kernel each way
-    (`model.discriminator_kernels.bias_leaky_relu`): the same values up to rounding (the bias is
-    added in float32, not in the activations' bf16)."""
-    if not (channels_last and conv.bias is not None and fused_on(x)):
+def conv2d_leaky(conv: nn.Conv2d, x: Tensor, channels_last: bool, kernels: bool = False) -> Tensor:
+    """`leaky_relu(conv(x), SLOPE)`. With `kernels` and `channels_last` (on CUDA, or on the CPU in
+    Triton's interpreter), the convolution without the bias, then the bias and the activation in
+    one kernel each way (`model.discriminator_kernels.bias_leaky_relu`): the same values up to
+    rounding (the bias is added in float32, not in the activations' bf16)."""
+    if not (kernels and channels_last and conv.bias is not None):
         return F.leaky_relu(conv2d(conv, x, channels_last), SLOPE)
     from .discriminator_kernels import bias_leaky_relu  # Triton, imported where a CUDA step uses it
     return bias_leaky_relu(conv2d(conv, x, channels_last, bias=False), conv.bias, SLOPE)
@@ -67,6 +57,7 @@ class PeriodDiscriminator(nn.Module):
             for i, (cin, cout) in enumerate(zip(widths[:-1], widths[1:])))
         self.post = weight_norm(nn.Conv2d(widths[-1], 1, (3, 1), padding=(1, 0)))
         self.channels_last = False
+        self.kernels = False  # `Discriminators.use_kernels`
 
     def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         b, c, n = x.shape
@@ -75,7 +66,7 @@ class PeriodDiscriminator(nn.Module):
         x = x.view(b, c, -1, self.period)  # (B, 1, N / p, p)
         features = []
         for conv in self.convs:
-            x = conv2d_leaky(conv, x, self.channels_last)
+            x = conv2d_leaky(conv, x, self.channels_last, self.kernels)
             features.append(x)
         return conv2d(self.post, x, self.channels_last), features
 
@@ -105,6 +96,7 @@ class STFTDiscriminator(nn.Module):
         self.band_convs = nn.ModuleList(stack() for _ in self.bands)
         self.post = weight_norm(nn.Conv2d(ch, 1, (3, 3), padding=(1, 1)))
         self.channels_last = False
+        self.kernels = False  # `Discriminators.use_kernels`
 
     def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         spec = torch.view_as_real(stft(x, self.window, self.hop))  # (B, F, T, 2), float32
@@ -115,7 +107,7 @@ class STFTDiscriminator(nn.Module):
             if self.channels_last:  # each band copied once, into a channels-last (B, 2, T, f)
                 h = h.contiguous(memory_format=torch.channels_last)
             for conv in convs:
-                h = conv2d_leaky(conv, h, self.channels_last)
+                h = conv2d_leaky(conv, h, self.channels_last, self.kernels)
                 features.append(h)
             outs.append(h)
         return conv2d(self.post, torch.cat(outs, dim=-1), self.channels_last), features
@@ -141,6 +133,17 @@ class Discriminators(nn.Module):
         handed a channels-last input."""
         for d in self.discriminators:
             d.channels_last = on
+
+    def use_kernels(self, on: bool = True) -> None:
+        """With channels-last activations on CUDA, each convolution's bias and the leaky ReLU after
+        it as one Triton kernel forward and one backward (`model.discriminator_kernels`) instead of
+        cuDNN's separate bias add, the activation and the bias gradient's reduction: the same
+        values up to rounding, fewer passes over the activations on the GPU, more work for the
+        host (two kernel launches from Python a layer). The trainer sets it from `disc_kernels` on
+        CUDA (what it gains or costs: README, Training the codec); Triton runs on the CPU only in
+        its interpreter (the tests)."""
+        for d in self.discriminators:
+            d.kernels = on
 
     def forward(self, x: Tensor) -> list[tuple[Tensor, list[Tensor]]]:
         return [d(x) for d in self.discriminators]

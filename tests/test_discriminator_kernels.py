@@ -131,15 +131,14 @@ def step(device, kernels):
     with the Triton kernels (here forced on for the device) or with torch's ops: the generator's
     loss (adversarial + feature matching) into the reconstruction, the discriminators' into
     their weights."""
-    md.fused_on = lambda x: kernels
-    cl.feature_kernel_on = lambda t: kernels
     torch.manual_seed(0)
     disc = md.Discriminators(PRESETS["small"]).to(device)
     disc.use_channels_last()
+    disc.use_kernels(kernels)
     real = 0.1 * torch.randn(1, 1, 4000, device=device)
     fake = (0.1 * torch.randn(1, 1, 4000, device=device)).requires_grad_()
     d_real, d_fake = disc(real), disc(fake)
-    loss_g = cl.generator_adversarial_loss(d_fake) + cl.feature_matching_loss(d_real, d_fake)
+    loss_g = cl.generator_adversarial_loss(d_fake) + cl.feature_matching_loss(d_real, d_fake, kernel=kernels)
     loss_d = cl.discriminator_loss(d_real, d_fake)
     loss_g.backward(inputs=[fake], retain_graph=True)
     loss_d.backward(inputs=list(disc.parameters()))
@@ -177,7 +176,7 @@ def test_bias_leaky_relu_equals_torch_on_cuda():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_discriminators_with_the_fused_activation_match_torchs_ops_on_cuda(monkeypatch):
+def test_discriminators_with_the_fused_activation_match_torchs_ops_on_cuda():
     """The trainer's discriminators (channels-last, bf16 autocast) with and without the fused bias
     and activation: the same logits, feature maps and weight gradients up to bf16 rounding."""
     import model.discriminators as md
@@ -188,7 +187,7 @@ def test_discriminators_with_the_fused_activation_match_torchs_ops_on_cuda(monke
     audio = 0.1 * torch.randn(2, 1, 16000, device="cuda")
     results = {}
     for fused in (False, True):
-        monkeypatch.setattr(md, "FUSED_BIAS_ACT", fused)
+        disc.use_kernels(fused)
         disc.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             outs = disc(audio)
