@@ -506,15 +506,17 @@ class Session:
                 return self.error("bad_chunk", f"an audio frame is one chunk of {CHUNK} samples of 16-bit PCM, "
                                                f"{CHUNK_BYTES} bytes; got {len(data)} bytes{hint}")
             return self.on_audio(np.frombuffer(data, dtype="<i2"), "text")
+        echo = {}  # the message's "id", once it is known to be one: the error answering it carries it too
         try:
             message = parse_json(text)
             if not isinstance(message, dict) or not isinstance(message.get("type"), str):
                 raise ProtocolError("bad_message", 'a control message is a JSON object with a string "type"')
             if not _valid_id(message.get("id", "")):
                 raise ProtocolError("bad_message", "id must be a string of at most 64 characters or a finite number")
+            echo = {"id": message["id"]} if "id" in message else {}
             await self.on_control(message)
         except ProtocolError as e:
-            self.error(e.code, e.message)
+            self.error(e.code, e.message, **echo)
 
     def on_audio(self, pcm: np.ndarray, fmt: str) -> None:
         self.last_audio = time.monotonic()

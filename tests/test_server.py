@@ -186,6 +186,23 @@ def test_control_messages(server, model):
     assert_close(as_pcm(replies), reference_replies(model, CHUNKS[:8], 3, SamplingParams(mixture_temp=0.0), where=at))
 
 
+def test_an_error_answering_a_control_message_echoes_its_id(server):
+    """The README: an "id" is echoed in the answer, and an error is the answer to a bad control
+    message. Only rate_limited errors carried it: a client matching answers by id never learnt
+    which of its requests a bad_params, bad_seed, bad_message or unknown_type answered. An id
+    that is itself bad is not echoed."""
+    async def run():
+        async with connect(server.ws + "/audio") as ws:
+            return [await control(ws, **message) for message in (
+                {"type": "set_params", "id": 5, "token_temp": 9}, {"type": "reset", "id": "r1", "seed": -1},
+                {"type": "status", "id": 7.5, "verbose": True}, {"type": "dance", "id": "d"},
+                {"type": "set_params", "id": [1], "token_temp": 0.5})]
+    answers = asyncio.run(asyncio.wait_for(run(), 30))
+    assert [(a["error"], a.get("id")) for a in answers] == [
+        ("bad_params", 5), ("bad_seed", "r1"), ("bad_message", 7.5), ("unknown_type", "d"), ("bad_message", None)]
+    wait_idle(server)
+
+
 def test_set_temperature_for_one_session_needs_the_token(model):
     """With the token, HTTP may change one session's parameters by id (from its status); bad values
     are refused and change nothing; an unknown id is 404."""
