@@ -69,6 +69,7 @@ MAX_BAD_MESSAGES = 32     # a session that sends more than this many bad message
 MAX_OUTBOX_AUDIO = 16     # replies waiting for a slow client (2 s); older ones are dropped
 MAX_OUTBOX = 256          # everything waiting; beyond it the client is not reading: closed
 MAX_HTTP_BODY = 4096      # bytes of a JSON request body
+HTTP_BODY_TIMEOUT = 4.0   # seconds for it to arrive (under uvicorn's 5 s graceful shutdown)
 MAX_WRITE_BACKLOG = 1 << 20  # bytes waiting for a client; beyond it the connection is dropped (WebSocketProtocol)
 MIN_MESSAGE_BYTES = len(TEXT_PREFIX) + 4 * math.ceil(CHUNK_BYTES / 3)  # a chunk as a text frame: 5358 bytes
 
@@ -926,6 +927,17 @@ class AccessGuard:
         await send({"type": "http.response.body", "body": body})
 
 
+async def read_body(request: Request, limit: int) -> Optional[bytes]:
+    """A request's body, or None as soon as it goes past `limit` bytes (the rest is never read:
+    a chunked body has no length to refuse it by beforehand)."""
+    body = b""
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            return None
+    return body
+
+
 def make_app(server: Server, access: Access = Access()):
     """The FastAPI app of a `Server` (call `server.start()` first), behind an `AccessGuard`."""
 
@@ -968,9 +980,16 @@ def make_app(server: Server, access: Access = Access()):
         # this server never grants.
         if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
             return error(415, "bad_content_type", "the body must be a JSON object (Content-Type: application/json)")
-        body = await request.body()
-        if len(body) > MAX_HTTP_BODY:
-            return error(413, "too_big", f"the body is over {MAX_HTTP_BODY} bytes")
+        too_big = error(413, "too_big", f"the body is over {MAX_HTTP_BODY} bytes")
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > MAX_HTTP_BODY:  # refused before any of it is read
+            return too_big
+        try:
+            body = await asyncio.wait_for(read_body(request, MAX_HTTP_BODY), HTTP_BODY_TIMEOUT)
+        except asyncio.TimeoutError:
+            return error(408, "timeout", f"the body did not arrive within {HTTP_BODY_TIMEOUT:g} s")
+        if body is None:
+            return too_big
         try:
             values = parse_json(body.decode("utf-8", errors="replace"))
             if not isinstance(values, dict):

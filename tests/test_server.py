@@ -1207,6 +1207,36 @@ def test_slow_or_huge_http_requests_are_cut(server):
     assert health(server)["status"] == "ok"
 
 
+def test_a_request_body_over_the_limit_or_that_never_ends_is_answered_at_once(server, monkeypatch):
+    """POST /set_temperature read the whole body before checking its size: a chunked body was
+    held in memory however large (200 MB sent: the server grew by 200 MB, then said 413), and a
+    Content-Length over the limit whose body never came was waited for forever (a traceback when
+    the server stopped). Now a declared length over MAX_HTTP_BODY is 413 before any body is read,
+    a chunked one is 413 once past it (the rest never read), and a body that stalls is 408."""
+    import socket
+    monkeypatch.setattr(srv, "HTTP_BODY_TIMEOUT", 0.5)
+    head = (f"POST /set_temperature HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+            "Content-Type: application/json\r\n").encode()
+
+    def answer(request: bytes) -> tuple[int, dict]:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(request)  # and never the end of the body: the answer must not wait for it
+            reply = b""
+            while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+                reply += sock.recv(4096)
+        status, body = int(reply.split(b" ")[1]), json.loads(reply.split(b"\r\n\r\n", 1)[1])
+        return status, body
+    status, body = answer(head + b"Content-Length: 100000000000\r\n\r\n{")
+    assert status == 413 and body["error"] == "too_big"
+    part = b"x" * 8192
+    status, body = answer(head + b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n" % len(part) + part + b"\r\n")
+    assert status == 413 and body["error"] == "too_big"
+    status, body = answer(head + b"Content-Length: 20\r\n\r\n" + b'{"token_temp"')
+    assert status == 408 and body["error"] == "timeout" and "0.5 s" in body["message"]
+    assert http(server.http + "/set_temperature", "POST", None, {"token_temp": 0.8})[0] == 200
+    assert health(server)["status"] == "ok" and server.params == SamplingParams()
+
+
 @contextlib.contextmanager
 def cli_server(tmp_path, *args):
     """`inference_server.py ARGS` in a subprocess on a free loopback port, until /health answers;
