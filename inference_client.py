@@ -287,17 +287,25 @@ async def file_mode(args, stop: asyncio.Event) -> int:
     conv = await start(args, on_audio, on_dropped)
     receiver = asyncio.create_task(conv.receive())
     log(f"streaming {args.input_wav}: {n * CHUNK / SAMPLE_RATE:.1f} s, {'real time' if args.realtime else 'as fast as answered'}")
-    sent = 0
+    async def answered_within(seconds: float) -> bool:
+        """Wait for the server's next message; False when none came within `seconds`."""
+        conv.answered.clear()
+        try:
+            await asyncio.wait_for(conv.answered.wait(), max(0.01, seconds))
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    sent, stalled = 0, False
     try:
         t0 = time.perf_counter()
         for i in range(n):
             if args.realtime:
                 await asyncio.sleep(max(0.0, t0 + i * CHUNK / SAMPLE_RATE - time.perf_counter()))
-            else:
-                while conv.unanswered >= args.window and not receiver.done():
-                    conv.answered.clear()
-                    await conv.answered.wait()
-            if receiver.done() or stop.is_set():
+            else:  # a server that takes chunks and answers none must not hold the window shut forever
+                while conv.unanswered >= args.window and not receiver.done() and not stalled:
+                    stalled = not await answered_within(args.reply_timeout)
+            if receiver.done() or stop.is_set() or stalled:
                 break
             try:
                 await conv.send(user[i * CHUNK:(i + 1) * CHUNK].tobytes())
@@ -306,11 +314,7 @@ async def file_mode(args, stop: asyncio.Event) -> int:
             sent += 1
         deadline = time.perf_counter() + args.reply_timeout
         while slot < sent and not receiver.done() and not stop.is_set() and time.perf_counter() < deadline:
-            conv.answered.clear()
-            with_timeout = max(0.01, deadline - time.perf_counter())
-            try:
-                await asyncio.wait_for(conv.answered.wait(), with_timeout)
-            except asyncio.TimeoutError:
+            if not await answered_within(deadline - time.perf_counter()):
                 break
     finally:  # also on Ctrl-C: close, write what there is, print the statistics
         await conv.ws.close()
@@ -323,6 +327,9 @@ async def file_mode(args, stop: asyncio.Event) -> int:
             log(f"the server answered nothing: {args.output_wav} not written")
         print_summary(conv, missing=max(0, sent - slot))
     reason = conv.failure or close_reason(conv.ws)
+    if not reason and slot < sent and not stop.is_set():  # a server that stopped answering is no success
+        reason = (f"{sent - slot} of {sent} chunks got no reply within --reply-timeout ({args.reply_timeout:g} s): "
+                  "the server stopped answering")
     if reason:
         log(f"error: {reason}")
         return 1
@@ -604,7 +611,8 @@ def parse_args(argv=None):
     files.add_argument("--realtime", action=argparse.BooleanOptionalAction, default=True,
                        help="send at real time (default), or as fast as the server answers")
     files.add_argument("--window", type=int, default=2, help="--no-realtime: chunks in flight at once")
-    files.add_argument("--reply-timeout", type=float, default=10.0, help="seconds to wait for the last replies")
+    files.add_argument("--reply-timeout", type=float, default=10.0,
+                       help="seconds to wait for a reply (the last ones; --no-realtime: any) before giving up")
     args = ap.parse_args(argv)
     if bool(args.input_wav) != bool(args.output_wav):
         raise SystemExit("error: --input-wav and --output-wav go together")

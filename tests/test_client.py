@@ -352,6 +352,29 @@ def test_a_server_gone_mid_session_is_named_and_the_conversation_kept(tmp_path, 
     assert sf.info(tmp_path / "o.wav").frames >= 3 * 2000  # and the chunk in flight, unanswered
 
 
+@pytest.mark.parametrize("mode", ["--realtime", "--no-realtime"])
+def test_a_server_that_stops_answering_is_an_error_not_a_hang(tmp_path, mode):
+    """A server that answers 2 chunks, then takes the others and answers none (a hung engine)
+    without closing. Before, --no-realtime waited for its window forever, and --realtime said
+    nothing of the missing replies and exited 0; now both give up after --reply-timeout, write
+    what was answered, and exit 1 with one line naming the missing replies."""
+    async def handler(ws):
+        for _ in range(2):
+            await ws.send(await ws.recv())
+        async for _ in ws:
+            pass
+    sf.write(tmp_path / "in.wav", speech_like(0.75), 16000)  # 6 chunks
+    with peer(handler) as url:
+        t0 = time.perf_counter()
+        r = run_client("--server", url, "--input-wav", tmp_path / "in.wav", "--output-wav", tmp_path / "o.wav",
+                       mode, "--reply-timeout", "1", timeout=30)
+    sent = 6 if mode == "--realtime" else 4  # the window of 2 is never answered again
+    assert r.returncode == 1 and time.perf_counter() - t0 < 15, r.stderr
+    assert r.stderr.splitlines()[-1] == (f"error: {sent - 2} of {sent} chunks got no reply within --reply-timeout "
+                                         "(1 s): the server stopped answering"), r.stderr
+    assert stats(r.stdout)["missing"] == sent - 2 and sf.info(tmp_path / "o.wav").frames == sent * 2000
+
+
 def test_choose_devices_without_a_terminal_is_one_error_line():
     """--choose-devices asks on stdin: at its end, one line instead of an EOFError traceback (and
     it asks before the event loop starts, so that Ctrl-C at the prompt is not held up)."""
