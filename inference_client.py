@@ -218,9 +218,16 @@ async def start(args, on_audio, on_dropped=lambda n: None) -> Conversation:
     params = {k: getattr(args, k) for k in PARAM_NAMES if getattr(args, k) is not None}
     try:
         if params:
-            reply = await conv.control(type="set_params", **params)
+            try:
+                reply = await asyncio.wait_for(conv.control(type="set_params", **params), args.reply_timeout)
+            except asyncio.TimeoutError:  # it took the session and answers nothing
+                await ws.close()
+                raise SystemExit(f"error: the server did not answer set_params within --reply-timeout "
+                                 f"({args.reply_timeout:g} s)") from None
             if reply["type"] == "error":
-                raise SystemExit(f"error: {reply['message']}")
+                raise SystemExit(f"error: {reply.get('message') or 'the server refused set_params'}")
+            if not isinstance(reply.get("params"), dict):
+                raise ValueError(f"an answer to set_params without the session's params: {json.dumps(reply)[:80]}")
             log("sampling: " + ", ".join(f"{k}={v}" for k, v in reply["params"].items()))
     except websockets.ConnectionClosed:  # the server refused the session (at capacity, a bad seed)
         raise SystemExit(f"error: {close_reason(ws) or 'the server closed the session'}") from None
@@ -612,7 +619,8 @@ def parse_args(argv=None):
                        help="send at real time (default), or as fast as the server answers")
     files.add_argument("--window", type=int, default=2, help="--no-realtime: chunks in flight at once")
     files.add_argument("--reply-timeout", type=float, default=10.0,
-                       help="seconds to wait for a reply (the last ones; --no-realtime: any) before giving up")
+                       help="seconds to wait for a reply (to the sampling flags; in file mode the last "
+                            "ones, and with --no-realtime any) before giving up")
     args = ap.parse_args(argv)
     if bool(args.input_wav) != bool(args.output_wav):
         raise SystemExit("error: --input-wav and --output-wav go together")

@@ -375,6 +375,29 @@ def test_a_server_that_stops_answering_is_an_error_not_a_hang(tmp_path, mode):
     assert stats(r.stdout)["missing"] == sent - 2 and sf.info(tmp_path / "o.wav").frames == sent * 2000
 
 
+def test_an_unanswered_or_odd_answer_to_the_sampling_flags_is_one_error_line(tmp_path):
+    """The sampling flags are sent as set_params before any audio. A server that took the session
+    and never answered it held the client forever; an ack without the session's params was a
+    KeyError traceback; an error without a message printed 'error: None'."""
+    def answering(reply):
+        async def handler(ws):
+            async for _ in ws:
+                if reply is not None:
+                    await ws.send(reply)
+        return handler
+    sf.write(tmp_path / "in.wav", speech_like(0.25), 16000)
+    cases = {None: "error: the server did not answer set_params within --reply-timeout (1 s)",
+             '{"type": "ack"}': 'error: the server broke the protocol: an answer to set_params without the '
+                                'session\'s params: {"type": "ack"}',
+             '{"type": "error"}': "error: the server refused set_params"}
+    for reply, message in cases.items():
+        with peer(answering(reply)) as url:
+            r = run_client("--server", url, "--input-wav", tmp_path / "in.wav", "--output-wav", tmp_path / "o.wav",
+                           "--token-temp", "0.5", "--reply-timeout", "1", timeout=20)
+        assert r.returncode == 1 and r.stderr.splitlines()[-1] == message, r.stderr
+        assert "Traceback" not in r.stderr and not (tmp_path / "o.wav").exists()
+
+
 def test_choose_devices_without_a_terminal_is_one_error_line():
     """--choose-devices asks on stdin: at its end, one line instead of an EOFError traceback (and
     it asks before the event loop starts, so that Ctrl-C at the prompt is not held up)."""
