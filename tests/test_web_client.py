@@ -180,3 +180,40 @@ def test_browser_client_says_why_a_session_ended(tmp_path):
     assert token == ["the server refused the token: open the page with its ?token=", "error", False]
     assert again == ["live", "live", True]
     assert shutdown == ["closed (1012: the server is shutting down)", "error", False]
+
+
+def test_a_dragged_slider_keeps_within_the_servers_control_limit(tmp_path):
+    """A dragged slider fires an input event per frame (60-144 a second); the page sent a
+    set_params for each, past the server's 50 control messages a second, so after the burst every
+    one was answered rate_limited, and 32 of those closed the session (1008) under the user's
+    hand. The page now sends at most one set_params per 100 ms, and the last value always."""
+    import inference_server as srv
+    chromium = chromium_path()
+    t = np.arange(48000 * 2) / 48000
+    sf.write(tmp_path / "mic.wav", (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 48000, subtype="PCM_16")
+    with running_server(tiny_duplex(), max_sessions=1, limits=srv.Limits()) as server:  # the server's own limits
+        with chromium_page(chromium, tmp_path / "profile", tmp_path / "mic.wav", f"{server.http}/") as devtools:
+            async def run():
+                from websockets.asyncio.client import connect
+                async with connect(devtools, max_size=None) as ws:
+                    page = Page(ws)
+                    await page.wait_for("document.readyState === 'complete' && !!window.hertz")
+                    await page.js("document.getElementById('start').click()", gesture=True)
+                    await page.wait_for("window.hertz.state === 'live' && window.hertz.acks >= 1")
+                    # 3 s of dragging at 200 events a second, ending at 0.35
+                    await page.js("""new Promise((done) => {
+                        const s = document.querySelector('input[name=token_temp]'), t0 = performance.now();
+                        const drag = setInterval(() => {
+                          const left = 3000 - (performance.now() - t0);
+                          s.value = left > 0 ? String(0.1 + (Math.floor(left) % 40) / 10) : '0.35';
+                          s.dispatchEvent(new Event('input'));
+                          if (left <= 0) { clearInterval(drag); done(); }
+                        }, 5);
+                      })""")
+                    await asyncio.sleep(0.5)
+                    return json.loads(await page.js("JSON.stringify(window.hertz)"))
+            hertz = asyncio.run(asyncio.wait_for(run(), 90))
+            sessions = [(s.params.token_temp, s.counts["rate_limited"]) for s in server.sessions.values()]
+    assert hertz["state"] == "live" and hertz["closeCode"] is None and hertz["errors"] == [], \
+        (hertz["state"], hertz["errors"][:2])
+    assert sessions == [(0.35, 0)]
