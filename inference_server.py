@@ -792,13 +792,16 @@ class Server:
         of PARAM_NAMES, "session": optional}. Without "session" it changes the defaults of new
         sessions; with it, that session's parameters (the caller has the token: see make_app)."""
         names = {"categorical_temp": "mixture_temp", **{n: n for n in PARAM_NAMES}}
-        session_id = body.pop("session", None)
-        if session_id is None:
+        if "session" not in body:
             self.params = parse_params(self.params, body, names)
             target = "new sessions"
             params = self.params
-        else:
-            session = self.sessions.get(session_id) if isinstance(session_id, str) else None
+        else:  # null too: a caller whose id lookup failed must not change every new session instead
+            session_id = body.pop("session")
+            if not isinstance(session_id, str):
+                raise ProtocolError("bad_message", 'session must be a session id (a string: "session" in its '
+                                                   f"status), got {json.dumps(session_id)[:40]}")
+            session = self.sessions.get(session_id)
             if session is None:
                 raise ProtocolError("unknown_session", "no such session")
             params = parse_params(session.params, body, names)

@@ -223,6 +223,12 @@ def test_set_temperature_for_one_session_needs_the_token(model):
         asyncio.run(asyncio.wait_for(run(), 30))
         status, body, _ = http(server.http + "/set_temperature", "POST", auth, {"token_temp": 0.5, "session": "nope"})
         assert status == 404
+        # A session that is not an id (a caller's failed lookup: null) changed the defaults of every new session.
+        for sid in (None, 5, ["a"]):
+            status, body, _ = http(server.http + "/set_temperature", "POST", auth, {"token_temp": 0.3, "session": sid})
+            assert status == 400 and json.loads(body)["error"] == "bad_message", body
+            assert "session must be a session id" in json.loads(body)["message"]
+        assert server.params == SamplingParams()
 
 
 def test_set_temperature_is_a_json_post_and_sessions_need_a_token(server):
