@@ -265,9 +265,14 @@ def fails(args, env=None) -> str:
     (["latent_dim=16"], "latent_dim=16, but codec_checkpoint="),
     # a val folder without audio: found after the train folder was encoded (EMPTY: tmp_path, no audio in it)
     (["val_data_path=EMPTY"], "has no audio files"),
+    # heads that do not split the width: an AssertionError traceback from check_config's meta build;
+    # an odd head size (rotary turns pairs): a shape traceback at the first step, after encoding
+    (["lm_heads=3"], "lm_dim=64 and lm_heads=3: the heads split lm_dim into equal heads of an even size"),
+    (["resynth_dim=60"], "resynth_dim=60 and resynth_heads=4: the heads split resynth_dim"),
+    (["lm_kv_heads=3"], "lm_heads=4 and lm_kv_heads=3: each key/value head serves an equal group"),
 ], ids=["preset", "key", "type", "train-folder", "val-folder", "train-file", "lm-weight-0", "resynth-weight-0",
         "quantizer-weight-0", "mono-model-channel", "min-lr-above-lr", "codec-rate", "codec-latent-dim",
-        "val-without-audio"])
+        "val-without-audio", "heads-split-width", "odd-head-size", "kv-heads"])
 def test_user_errors_are_one_error_line(setup, tmp_path, mistake, message):
     if any("FILE" in a for a in mistake):
         (tmp_path / "one.wav").write_bytes(b"")
