@@ -475,6 +475,7 @@ def check_config(cfg: CodecConfig) -> None:
     if not cfg.mel_windows or len(cfg.mel_windows) != len(cfg.mel_bins):
         raise ConfigError(f"mel_windows={cfg.mel_windows} and mel_bins={cfg.mel_bins}: give one number of mel "
                           "bands per window, at least one window")
+    check_windows(cfg)
     if not cfg.mpd_periods and not cfg.mrd_windows:
         raise ConfigError("mpd_periods=() and mrd_windows=(): no discriminator left; keep at least one (to train "
                           "without the adversarial terms, set adv_weight=0 feature_weight=0: the discriminators "
@@ -490,6 +491,30 @@ def check_config(cfg: CodecConfig) -> None:
         if not any(getattr(cfg, k) for k in weights):
             raise ConfigError(f"{', '.join(weights)} are all 0: the generator would learn nothing; "
                               "give at least one loss a weight > 0")
+
+
+def check_windows(cfg: CodecConfig) -> None:
+    """ConfigError naming both fields when an STFT window or a period is too long for the crops it
+    reads (a traceback in the first step, after the data and the first evaluation): a crop is padded
+    by reflection, by half a window at each end for an STFT, to a whole number of periods for the
+    period discriminator, and reflection needs fewer padded samples than the crop holds."""
+    train = round(cfg.segment_seconds * cfg.sample_rate)
+    val = round((cfg.val_segment_seconds or cfg.segment_seconds) * cfg.sample_rate)
+    training = not cfg.eval_only
+    adversarial = training and (cfg.adv_weight > 0 or cfg.feature_weight > 0)  # else the discriminators never run
+    for key, crop_key, crop, used in (
+            ("mel_windows", "segment_seconds", train, training or not cfg.val_segment_seconds),
+            ("mel_windows", "val_segment_seconds", val, cfg.val_segment_seconds > 0),
+            ("stft_windows", "segment_seconds", train, training and cfg.stft_weight > 0),
+            ("mrd_windows", "segment_seconds", train, adversarial),
+            ("mpd_periods", "segment_seconds", train, adversarial)):
+        longest = max(getattr(cfg, key), default=0)
+        if used and longest >= 2 * crop:
+            pad = "to whole periods" if key == "mpd_periods" else "by half a window at each end"
+            raise ConfigError(f"{key}={getattr(cfg, key)}: {longest} is too long for the {crop}-sample crops of "
+                              f"{crop_key}={getattr(cfg, crop_key)}; it must be under {2 * crop} (a crop is padded "
+                              f"by reflection, {pad}, which needs fewer samples than the crop holds): use shorter "
+                              f"{key} or a longer {crop_key}")
 
 
 def resume_notes(state: dict, cfg: CodecConfig, world_size: int) -> list[str]:

@@ -313,8 +313,18 @@ def test_empty_train_folder_is_a_clear_error(corpus, tmp_path):
     (["mel_weight=0.0", "kl_weight=0.0", "adv_weight=0.0", "feature_weight=0.0"],
      "mel_weight, kl_weight, adv_weight, feature_weight, wave_weight, stft_weight are all 0"),
     (["learning_rate=1e-5"], "min_lr=0.0001 is above learning_rate=1e-05: the cosine decay would raise the rate"),
+    # reflection padding longer than the crop: a traceback in the first step, after the data and an evaluation
+    (["mel_windows=(32,32000)", "mel_bins=(5,80)"], "mel_windows=(32, 32000): 32000 is too long for the "
+                                                    "16000-sample crops of segment_seconds=1.0; it must be under 32000"),
+    (["val_segment_seconds=0.125", "mel_windows=(32,4096)", "mel_bins=(5,80)"],
+     "mel_windows=(32, 4096): 4096 is too long for the 2000-sample crops of val_segment_seconds=0.125; it must be "
+     "under 4000"),
+    (["stft_weight=1.0", "stft_windows=(32768,)"], "stft_windows=(32768,): 32768 is too long"),
+    (["mrd_windows=(32768,)"], "mrd_windows=(32768,): 32768 is too long for the 16000-sample crops"),
+    (["mpd_periods=(2,40000)"], "mpd_periods=(2, 40000): 40000 is too long"),
 ], ids=["segment-0-samples", "val-segment-0-samples", "strides-ratios", "mel-lengths", "mel-empty", "no-disc",
-        "mpd-channels-empty", "stft-windows-empty", "all-weights-0", "min-lr-above-lr"])
+        "mpd-channels-empty", "stft-windows-empty", "all-weights-0", "min-lr-above-lr", "mel-window-crop",
+        "mel-window-val-crop", "stft-window-crop", "mrd-window-crop", "mpd-period-crop"])
 def test_contradicting_settings_are_config_errors(corpus, tmp_path, overrides, message):
     """Settings each valid alone that cannot train together: check_config names them (before any
     audio is read or a model is built)."""
