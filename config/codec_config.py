@@ -74,8 +74,8 @@ class CodecConfig:
     # --- discriminators -------------------------------------------------------------------------
     mpd_periods: tuple[int, ...] = field(default=(2, 3, 5, 7, 11), metadata={**DISC, **COUNT})  # HiFi-GAN multi-period
     mpd_channels: tuple[int, ...] = field(default=(32, 128, 512, 1024, 1024), metadata={**DISC, **COUNT})
-    # DAC multi-res. complex STFT
-    mrd_windows: tuple[int, ...] = field(default=(2048, 1024, 512), metadata={**DISC, **WINDOW})
+    # DAC multi-res. complex STFT; >= 18: its lowest band, a tenth of the window / 2 + 1 bins, holds one
+    mrd_windows: tuple[int, ...] = field(default=(2048, 1024, 512), metadata={**DISC, "min": 18})
     mrd_channels: int = field(default=32, metadata={**DISC, **COUNT})
     # adversarial losses and D updates from here
     disc_start_step: int = field(default=0, metadata={**SCHEDULE, **NON_NEGATIVE})

@@ -37,8 +37,8 @@ class TransformerConfig:
     eps: float = field(default=1e-5, metadata={**ARCH, **POSITIVE})   # LayerNorm eps
 
     # --- latent quantizer: Linear -> SwiGLU FFN -> FSQ ----------------------------------------
-    # 8**5 = 32768 codes (15 bits)
-    fsq_levels: tuple[int, ...] = field(default=(8, 8, 8, 8, 8), metadata={**ARCH, **COUNT})
+    # 8**5 = 32768 codes (15 bits); >= 2 each: FSQ scales by (level - 1) / 2, so a level of 1 is a NaN loss
+    fsq_levels: tuple[int, ...] = field(default=(8, 8, 8, 8, 8), metadata={**ARCH, "min": 2})
     quantizer_dim: int = field(default=2048, metadata={**ARCH, **COUNT})
     quantizer_ff_dim: int = field(default=8192, metadata={**ARCH, **COUNT})
 
