@@ -463,6 +463,10 @@ def check_config(cfg: CodecConfig) -> None:
         if cfg.sample_rate != 16000:
             raise ConfigError(f"val_mos=true: DNSMOS needs 16 kHz audio, not sample_rate={cfg.sample_rate}")
     check_data_paths(cfg, "val_data_path", *(() if cfg.eval_only else ("train_data_path",)))
+    if (cfg.input_channels, cfg.output_channels) != (1, 1):  # a traceback in the first step, after the data
+        raise ConfigError(f"input_channels={cfg.input_channels} and output_channels={cfg.output_channels}: this "
+                          "trainer reads mono crops and its losses compare one channel; keep both at 1 (the duplex "
+                          "model encodes each speaker's channel with a mono codec)")
     if len(cfg.strides) != len(cfg.channel_ratios):
         raise ConfigError(f"strides={cfg.strides} and channel_ratios={cfg.channel_ratios} need one item per "
                           "encoder block each")

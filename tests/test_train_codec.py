@@ -322,9 +322,13 @@ def test_empty_train_folder_is_a_clear_error(corpus, tmp_path):
     (["stft_weight=1.0", "stft_windows=(32768,)"], "stft_windows=(32768,): 32768 is too long"),
     (["mrd_windows=(32768,)"], "mrd_windows=(32768,): 32768 is too long for the 16000-sample crops"),
     (["mpd_periods=(2,40000)"], "mpd_periods=(2, 40000): 40000 is too long"),
+    # the crops are mono: a shape traceback in the first step
+    (["input_channels=2"], "input_channels=2 and output_channels=1: this trainer reads mono crops"),
+    (["output_channels=2"], "input_channels=1 and output_channels=2: this trainer reads mono crops"),
 ], ids=["segment-0-samples", "val-segment-0-samples", "strides-ratios", "mel-lengths", "mel-empty", "no-disc",
         "mpd-channels-empty", "stft-windows-empty", "all-weights-0", "min-lr-above-lr", "mel-window-crop",
-        "mel-window-val-crop", "stft-window-crop", "mrd-window-crop", "mpd-period-crop"])
+        "mel-window-val-crop", "stft-window-crop", "mrd-window-crop", "mpd-period-crop",
+        "stereo-input", "stereo-output"])
 def test_contradicting_settings_are_config_errors(corpus, tmp_path, overrides, message):
     """Settings each valid alone that cannot train together: check_config names them (before any
     audio is read or a model is built)."""
