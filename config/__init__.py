@@ -52,6 +52,14 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _expected(tp) -> str:
+    """What a value of type `tp` is, in an error: `an int`, `one of int8, int4`, `None`."""
+    if typing.get_origin(tp) is typing.Literal:
+        return f"one of {', '.join(map(str, typing.get_args(tp)))}"
+    return {int: "an int", float: "a float", str: "a string", bool: "a bool (true/false)",
+            type(None): "None"}.get(tp, _type_name(tp))
+
+
 def _coerce(value: Any, tp, key: str) -> Any:
     """Return `value` as type `tp`, or raise ConfigError naming `key`."""
     origin = typing.get_origin(tp)
@@ -61,15 +69,15 @@ def _coerce(value: Any, tp, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+            except ConfigError:
+                pass
+        expected = " or ".join(_expected(arg) for arg in args)  # not `Optional`, the name of the union
+        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
     if origin is typing.Literal:
         if value in args:
             return value

@@ -95,6 +95,17 @@ def test_wrong_type_is_a_clear_error(arg, field):
         parse_args([arg], presets)
 
 
+@pytest.mark.parametrize("presets, arg, message", [
+    (TRANSFORMER_PRESETS, "base_quantize=int4", "base_quantize: expected one of int8 or None, got 'int4'"),
+    (TRANSFORMER_PRESETS, "lm_ff_dim=none", "lm_ff_dim: expected an int or None, got 'none'"),
+    (CODEC_PRESETS, "init_from=5", "init_from: expected a string or None, got 5")])
+def test_a_wrong_value_of_an_optional_field_names_what_it_takes(presets, arg, message):
+    """An Optional field's error said `expected Optional`: not its choices nor its type."""
+    with pytest.raises(ConfigError) as e:
+        parse_args([arg], presets)
+    assert str(e.value) == message
+
+
 def test_unknown_preset_and_bad_argument():
     with pytest.raises(ConfigError, match="tiny"):
         parse_args(["--config", "huge"], CODEC_PRESETS)
