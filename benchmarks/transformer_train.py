@@ -147,10 +147,11 @@ def main():
         ap.error(f"--finetune: unknown mode {unknown[0]!r}; expected a comma-separated list of {', '.join(modes)}")
     cfgs = []
     for name in picked:
+        lora = {"lora_rank": args.lora_rank, "lora_alpha": 2.0 * args.lora_rank,
+                "lora_targets": args.lora_targets} if modes[name][0] == "lora" else {}
         cfg = dataclasses.replace(PRESETS[args.preset], duplex=not args.mono, finetune=modes[name][0],
-                                  base_quantize=modes[name][1], lora_rank=args.lora_rank,
-                                  lora_alpha=2.0 * args.lora_rank, lora_targets=args.lora_targets,
-                                  init_from="random")  # the benchmark's base: random weights of the preset
+                                  base_quantize=modes[name][1], init_from="random",  # the base: random weights
+                                  **lora)
         try:
             finetune.check_config(cfg, 1)
         except ValueError as e:  # ConfigError: one line, as the trainer

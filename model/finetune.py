@@ -47,6 +47,13 @@ def check_config(cfg: TransformerConfig, world_size: int) -> None:
         if cfg.base_quantize:
             raise ConfigError(f"base_quantize={cfg.base_quantize} quantizes the frozen base of a LoRA run: "
                               "pass finetune=lora too, or drop base_quantize")
+        # a forgotten finetune=lora: every weight of the stage trained instead of adapters, silently
+        given = [f"{f.name}={getattr(cfg, f.name)!r}" for f in dataclasses.fields(TransformerConfig)
+                 if f.name.startswith("lora_") and getattr(cfg, f.name) != f.default]
+        if given:
+            raise ConfigError(f"{', '.join(given)} with finetune={cfg.finetune}: LoRA settings, which a full "
+                              "fine-tune ignores (it trains every weight of the stage); pass finetune=lora too, "
+                              f"or drop {'them' if len(given) > 1 else 'it'}")
         return
     if not cfg.init_from:
         raise ConfigError("finetune=lora adapts a trained base: pass init_from=official (or a variant, or the "

@@ -126,7 +126,10 @@ def test_lora_on_an_int8_base_runs(setup, base):
     ({"finetune": "lora", "init_from": "BASE", "stage": "quantizer"}, "the quantizer stays frozen"),
     ({"base_quantize": "int8"}, "pass finetune=lora too"),
     ({"finetune": "lora", "init_from": "BASE", "lora_rank": 0}, "lora_rank: expected a number >= 1, got 0"),
-], ids=["no-init-from", "quantizer-stage", "quantize-without-lora", "rank"])
+    # finetune=lora forgotten: every weight of the stage trained (and exported whole), silently
+    ({"init_from": "BASE", "lora_rank": 8, "lora_targets": "all"},
+     "lora_rank=8, lora_targets='all' with finetune=full: LoRA settings, which a full fine-tune ignores"),
+], ids=["no-init-from", "quantizer-stage", "quantize-without-lora", "rank", "lora-fields-without-lora"])
 def test_lora_config_errors_are_one_line(setup, base, tmp_path, mistake, message):
     args = base_args(setup, tmp_path / "run", latents_dir=tmp_path / "latents",
                      **{k: (base if v == "BASE" else v) for k, v in mistake.items()})
