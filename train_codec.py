@@ -94,7 +94,7 @@ def main(argv=None) -> dict:
     if finished(state, cfg, checkpoints, export_state, is_main, say):  # the same command again: nothing to train
         teardown_distributed()
         return {}
-    for note in [] if cfg.eval_only else schedule_notes(cfg):
+    for note in [] if cfg.eval_only else schedule_notes(cfg) + recipe_notes(cfg):
         say(f"note: {note}")
     init = None  # init_from's weights, read (and checked) before the data; DDP broadcasts rank 0's to the others
     if not latest and cfg.init_from and (is_main or cfg.eval_only):
@@ -519,6 +519,19 @@ def check_windows(cfg: CodecConfig) -> None:
                               f"{crop_key}={getattr(cfg, crop_key)}; it must be under {2 * crop} (a crop is padded "
                               f"by reflection, {pad}, which needs fewer samples than the crop holds): use shorter "
                               f"{key} or a longer {crop_key}")
+
+
+def recipe_notes(cfg: CodecConfig) -> list[str]:
+    """What a recipe does that is allowed but may not be meant (said as notes, as `schedule_notes`):
+    discriminators that start at or after max_steps never run, so the adversarial terms that
+    adv_weight and feature_weight ask for are left out of the whole run (a short trial of a recipe
+    with a mel-only start, small_fast's, may mean it)."""
+    if cfg.disc_start_step < cfg.max_steps or not (cfg.adv_weight > 0 or cfg.feature_weight > 0):
+        return []
+    return [f"disc_start_step={cfg.disc_start_step} >= max_steps={cfg.max_steps}: the discriminators never start, "
+            f"so no adversarial or feature-matching term is trained (adv_weight={cfg.adv_weight:g}, feature_weight="
+            f"{cfg.feature_weight:g}); lower disc_start_step unless this is meant (adv_weight=0 feature_weight=0 "
+            "says so)"]
 
 
 def resume_notes(state: dict, cfg: CodecConfig, world_size: int) -> list[str]:

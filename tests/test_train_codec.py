@@ -158,9 +158,10 @@ def test_two_process_ddp_with_gradient_accumulation(corpus, tmp_path):
     assert "8 crops of 1.0 s per step on 2 x cpu" in result.stdout  # 2 per micro-batch x 2 x 2 ranks
 
 
-def test_total_loss_falls_on_one_fixed_batch(corpus, tmp_path):
+def test_total_loss_falls_on_one_fixed_batch(corpus, tmp_path, capsys):
     """Overfit one 1 s clip (batch of one, always the same crop) for 30 steps. The discriminators
-    stay off: the mel + KL total must fall, while an adversarial game need not."""
+    stay off (disc_start_step past max_steps, which the run notes): the mel + KL total must fall,
+    while an adversarial game need not."""
     audio, sr = sf.read(corpus / "train" / "mono" / "mono_00001.wav", dtype="float32")
     energy = [np.sum(audio[i:i + sr] ** 2) for i in range(0, len(audio) - sr, sr // 10)]
     start = int(np.argmax(energy)) * (sr // 10)
@@ -170,9 +171,24 @@ def test_total_loss_falls_on_one_fixed_batch(corpus, tmp_path):
     train_codec.main(["--config", "tiny", f"train_data_path={one}", f"val_data_path={one}", "batch_size=1",
                       f"checkpoint_dir={tmp_path / 'run'}", "wandb=disabled", "max_steps=30", "warmup_steps=2",
                       "learning_rate=3e-3", "disc_start_step=1000", "log_interval=5", "eval_interval=1000"])
+    assert "note: disc_start_step=1000 >= max_steps=30: the discriminators never start" in capsys.readouterr().out
     train = train_rows(tmp_path / "run" / "metrics.jsonl")
     assert train[-1]["loss/total"] < 0.8 * train[0]["loss/total"]
     assert train[-1]["loss/mel"] < 0.8 * train[0]["loss/mel"]
+
+
+def test_discriminators_that_never_start_are_a_note():
+    """disc_start_step at or past max_steps with adversarial weights > 0 was accepted silently: the
+    whole run trained without the terms its weights asked for. A short trial of a recipe with a
+    mel-only start may mean it, so it is a note naming the fields; none when the terms are off."""
+    tiny = PRESETS["tiny"]  # max_steps 20
+    assert train_codec.recipe_notes(dataclasses.replace(tiny, disc_start_step=19)) == []
+    assert train_codec.recipe_notes(dataclasses.replace(tiny, disc_start_step=20)) == [
+        "disc_start_step=20 >= max_steps=20: the discriminators never start, so no adversarial or feature-matching "
+        "term is trained (adv_weight=1, feature_weight=2); lower disc_start_step unless this is meant (adv_weight=0 "
+        "feature_weight=0 says so)"]
+    assert train_codec.recipe_notes(dataclasses.replace(tiny, disc_start_step=20, adv_weight=0.0,
+                                                        feature_weight=0.0)) == []
 
 
 def test_phase_aware_terms_are_logged_and_weighted_into_the_total(corpus, tmp_path):
