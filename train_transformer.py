@@ -580,7 +580,16 @@ def check_init_from(cfg: TransformerConfig) -> None:
                          "Use --config hertz_dev (or its architecture fields).")
         hub.check_offline((hub.QUANTIZER, *hub.VARIANTS[variant][:2]), cfg.ckpt_dir)
     elif os.path.isfile(source):
-        check_architecture(read_metadata(source, "transformer")["config"], cfg, source)
+        meta = read_metadata(source, "transformer")
+        check_architecture(meta["config"], cfg, source)
+        mode = (meta["quantization"] or {}).get("mode")
+        if mode and not cfg.eval_only and cfg.finetune != "lora":  # its Linears hold no parameters to train
+            raise ConfigError(f"init_from={source} holds {mode} weights, which full training cannot update: "
+                              "init from the float checkpoint it was quantized from, or pass finetune=lora "
+                              "(adapters on the quantized base)")
+        if mode and cfg.eval_quantize not in ("none", mode):
+            raise ConfigError(f"init_from={source} holds {mode} weights: eval_quantize={cfg.eval_quantize} "
+                              "would evaluate them as they are; drop eval_quantize, or init from the float checkpoint")
     else:
         raise ConfigError(f"init_from={source!r} is neither official, a variant ({', '.join(hub.VARIANTS)}) "
                           "nor an existing .safetensors file")

@@ -395,6 +395,25 @@ def test_an_init_from_trained_on_another_codec_is_said_before_encoding(setup, tm
     assert note in log and log.index(note) < log.index("encod"), log[-2000:]
 
 
+def test_a_quantized_init_from_is_refused_for_full_training_before_encoding(setup, tmp_path):
+    """init_from one of our int8 exports with full training: its Linears hold int8 buffers, no
+    parameters, so the run trained only the norms and biases, then crashed at its first save with
+    a RuntimeError traceback (the export's state dict names qweight/scale); eval_quantize=int4 on it
+    evaluated the int8 weights as they were. Now one error line each, before any latent is encoded;
+    finetune=lora on it (adapters on a quantized base) is still allowed by the check."""
+    from model.quant import quantize_model
+    from train_transformer import check_init_from
+    model = save_transformer(tmp_path / "int8.safetensors", quantize_model(build(HertzDev, tiny(True)), "int8"),
+                             codec_source=str(setup["codec"]))
+    log = fails(base_args(setup, tmp_path / "run", latents_dir=tmp_path / "latents", init_from=model))
+    assert f"error: init_from={model} holds int8 weights, which full training cannot update" in log
+    assert not (tmp_path / "latents").exists() and not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="eval_quantize=int4 would evaluate them as they are"):
+        check_init_from(dataclasses.replace(tiny(True), init_from=str(model), eval_only=True, eval_quantize="int4"))
+    check_init_from(dataclasses.replace(tiny(True), init_from=str(model), eval_only=True, eval_quantize="int8"))
+    check_init_from(dataclasses.replace(tiny(True), init_from=str(model), finetune="lora"))
+
+
 def test_a_damaged_latents_folder_is_one_error_line(setup, tmp_path):
     """A latents shard cut short (a full disk, a killed copy): one line naming the folder and the
     fix, before training; it was a RuntimeError traceback from the first crop that reached the cut."""
