@@ -315,6 +315,31 @@ def verify_content(path: str | os.PathLike, state: dict[str, torch.Tensor], stor
                               "generates noise or silence: re-export it from a good training state")
 
 
+# The dtypes of a safetensors header (its names) that a hertz-dev checkpoint may hold.
+HEADER_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "BOOL": torch.bool}
+
+
+def tensor_specs(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """{name: an empty `meta` tensor of its shape and dtype} for each tensor of the safetensors file
+    at `path`, from its header alone (no data is read): what the loaders check a file's tensors
+    against the model with before reading and hashing them. A CheckpointError naming the file and
+    tensor for a dtype no hertz-dev model holds (float8, complex, ...)."""
+    from safetensors import safe_open
+
+    specs = {}
+    with safe_open(str(path), framework="pt") as f:
+        for name in f.keys():
+            piece = f.get_slice(name)
+            dtype = HEADER_DTYPES.get(piece.get_dtype())
+            if dtype is None:
+                raise CheckpointError(f"{path}: tensor {name} is of dtype {piece.get_dtype()}, which no hertz-dev "
+                                      "model holds; re-export it")
+            specs[name] = torch.empty(piece.get_shape(), dtype=dtype, device="meta")
+    return specs
+
+
 def substate(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The entries of `state` under `prefix.`, with the prefix removed."""
     p = prefix + "."

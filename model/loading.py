@@ -24,7 +24,7 @@ from config.transformer_config import hertz_dev as TRANSFORMER_HERTZ_DEV
 
 from . import hub, lora
 from .checkpoint import (CheckpointError, atomic_write, config_from, listed, read_metadata, read_weights, substate,
-                         write_weights)
+                         tensor_specs, write_weights)
 from .codec import Codec
 from .lm import LatentLM
 from .quant import MODES, apply_plan, pack_int4, quantization_of, quantization_plan, quantize_state
@@ -98,16 +98,30 @@ def init_buffers(module: nn.Module) -> nn.Module:
     return module
 
 
-def _fill(module: nn.Module, state: dict, device, dtype, what: str) -> nn.Module:
-    expected = module.state_dict()  # names and shapes (a meta build holds no data)
+def check_tensors(module: nn.Module, state: dict, what: str) -> None:
+    """CheckpointError naming `what` if the tensors of `state` (loaded, or `tensor_specs`' meta
+    tensors read from a header) are not those of `module` (built on `meta` is enough): names,
+    shapes, and dtypes (float weights of any float dtype are cast when loaded; the integer buffers
+    of quantized layers must be their own dtype: `assign=True` keeps a buffer's, so int32 or signed
+    nibbles loaded silently)."""
+    expected = module.state_dict()  # names, shapes and dtypes (a meta build holds no data)
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     shapes = [f"{k} {tuple(state[k].shape)}, not {tuple(expected[k].shape)}" for k in expected
               if k in state and state[k].shape != expected[k].shape]
+    dtypes = [f"{k} {str(state[k].dtype)[6:]}, not {'a float' if want.is_floating_point() else str(want.dtype)[6:]}"
+              for k, want in expected.items() if k in state and (
+                  state[k].is_floating_point() != want.is_floating_point()
+                  or (not want.is_floating_point() and state[k].dtype != want.dtype))]
     problems = [f"{label} {len(names)} tensors ({listed(names)})" for label, names in
-                (("missing", missing), ("unexpected", unexpected), ("wrong shapes of", shapes)) if names]
+                (("missing", missing), ("unexpected", unexpected), ("wrong shapes of", shapes),
+                 ("wrong dtypes of", dtypes)) if names]
     if problems:
         raise CheckpointError(f"{what} does not match the model built from its config: {'; '.join(problems)}")
+
+
+def _fill(module: nn.Module, state: dict, device, dtype, what: str) -> nn.Module:
+    check_tensors(module, state, what)
     try:
         module.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:  # a tensor of a dtype the parameter cannot take
@@ -166,9 +180,12 @@ def load_codec(source: Union[str, os.PathLike] = "official", device="cpu", dtype
         path = hub.official_file(hub.CODEC, ckpt_dir, offline, endpoint)
         cfg = config or CODEC_HERTZ_DEV
         return _fill(_meta(Codec, cfg), hub.load_state_dict(path), device, dtype, str(path))
-    state, meta = read_weights(_existing(source, '"official"'), kind="codec", verify=verify)
-    cfg = config_from(CodecConfig, meta["config"], source)
-    return _fill(_meta(Codec, cfg), substate(state, "codec") or state, device, dtype, str(source))
+    path = _existing(source, '"official"')
+    cfg = config_from(CodecConfig, read_metadata(path, kind="codec")["config"], source)
+    codec, specs = _meta(Codec, cfg), tensor_specs(path)
+    check_tensors(codec, substate(specs, "codec") or specs, str(source))  # from the header, before reading and hashing
+    state, _ = read_weights(path, kind="codec", verify=verify)
+    return _fill(codec, substate(state, "codec") or state, device, dtype, str(source))
 
 
 def write_codec(path: Union[str, os.PathLike], codec: Codec, extra: Optional[dict] = None,
@@ -316,6 +333,9 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
             except (ValueError, AttributeError) as e:  # an unknown layer, spec or shape
                 raise CheckpointError(f"{source}: the quantization its header records does not fit its "
                                       f"model: {e}") from None
+        specs = tensor_specs(path)  # the tensors against the model from the header, before reading and hashing them
+        for part in ("quantizer", "lm", "resynth"):
+            check_tensors(getattr(model, part), substate(specs, part), f"{source} ({part})")
         state, meta = read_weights(path, kind="transformer", verify=verify)
         for part in ("quantizer", "lm", "resynth"):
             module, sub = getattr(model, part), substate(state, part)

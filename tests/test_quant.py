@@ -142,6 +142,40 @@ def test_quantized_save_load_round_trip(mode, tmp_path, one_thread):
         load_hertz_dev(path, codec=None, quantize=other)
 
 
+def retyped(suffix, dtype):
+    """A state edit: every tensor whose name ends with `suffix` in `dtype` (bits kept where the size is)."""
+    def edit(state):
+        for k, v in state.items():
+            if k.endswith(suffix):
+                state[k] = v.view(dtype) if v.element_size() == dtype.itemsize else v.to(dtype)
+        return state
+    return edit
+
+
+@pytest.mark.parametrize("mode, suffix, dtype, message", [
+    ("int8", "proj_qkv.qweight", torch.int32, "proj_qkv.qweight int32, not int8"),
+    ("int8", "proj_qkv.qweight", torch.float32, "proj_qkv.qweight float32, not int8"),
+    ("int8", "proj_qkv.scale", torch.int32, "proj_qkv.scale int32, not a float"),
+    ("int4", "proj_qkv.qweight", torch.int8, "proj_qkv.qweight int8, not uint8"),
+    ("int4", "proj_qkv.scales_and_zeros", torch.int16, "proj_qkv.scales_and_zeros int16, not a float"),
+], ids=["int8-qweight-int32", "int8-qweight-float", "int8-scale-int", "int4-signed-nibbles", "int4-scales-int"])
+def test_quantized_tensors_of_the_wrong_dtype_are_refused_from_the_header(mode, suffix, dtype, message, tmp_path,
+                                                                          monkeypatch):
+    """A quantized file (its hash consistent: another tool wrote it) whose packed weights or scales
+    are of another dtype than its layers hold: one CheckpointError naming the file, the part and the
+    tensors, found from the header before any weight is read. They loaded silently (`assign=True`
+    keeps a buffer's dtype): int32 weights into the int8 kernels, signed nibbles unpacked by an
+    arithmetic shift into other weights, integer scales rounded to 0."""
+    from test_checkpoint import rewritten
+    good = save_transformer(tmp_path / "good.safetensors", quantize_model(float_model(), mode))
+    bad = rewritten(good, tmp_path / "bad.safetensors", state=retyped(suffix, dtype))
+    monkeypatch.setattr("model.loading.read_weights", lambda *a, **k: pytest.fail("weights read"))
+    with pytest.raises(ValueError) as e:
+        load_hertz_dev(bad, codec=None)
+    assert str(e.value).startswith(f"{bad} (lm) does not match the model built from its config: wrong dtypes of 2 "
+                                   "tensors (layers.0.") and message in str(e.value) and "\n" not in str(e.value)
+
+
 def official_files(tmp_path, monkeypatch, model):
     """The parts of `model` written as official-layout files (flat float32 state dicts in `.pt`)
     under the names of the duplex variant, registered with their md5s: loadable offline."""
