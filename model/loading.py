@@ -310,7 +310,7 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
         codec_source = "official" if codec == "auto" else codec
     model = _meta(HertzDev, cfg)  # filled below; without adapters until load_adapter
     if adapter is not None:  # its header against the base's config: the tensors it would put on which layers
-        lora.check_fit(model, adapter, adapter_cfg, lora.tensor_shapes(adapter), str(source))
+        lora.check_fit(model, adapter, adapter_cfg, tensor_specs(adapter), str(source))
     if codec_source is not None and str(codec_source) != "official":
         try:
             read_metadata(_existing(codec_source, '"official"'), kind="codec")

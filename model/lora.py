@@ -86,8 +86,8 @@ class LoRAConfig:
     def __post_init__(self):
         if not (isinstance(self.rank, int) and self.rank >= 1):
             raise ValueError(f"lora rank must be a positive integer, not {self.rank!r}")
-        if not self.alpha > 0:
-            raise ValueError(f"lora alpha must be positive, not {self.alpha!r}")
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):  # an infinite scale makes every output NaN
+            raise ValueError(f"lora alpha must be positive and finite, not {self.alpha!r}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"lora dropout must be in [0, 1), not {self.dropout!r}")
         if self.targets not in TARGETS:
@@ -310,27 +310,24 @@ def check_adapter(path: Union[str, os.PathLike], expected_fingerprint: str, sour
     return cfg
 
 
-def tensor_shapes(path: Union[str, os.PathLike]) -> dict[str, tuple[int, ...]]:
-    """{name: shape} of the tensors of the safetensors file at `path`, from its header (no data read)."""
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
-        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-
-
-def check_fit(model: nn.Module, path: Union[str, os.PathLike], cfg: LoRAConfig, shapes: dict[str, tuple[int, ...]],
+def check_fit(model: nn.Module, path: Union[str, os.PathLike], cfg: LoRAConfig, tensors: dict[str, Tensor],
               source: Optional[str] = None) -> None:
-    """AdapterError naming the adapter at `path` (config `cfg`, tensors of `shapes`) if its tensors
-    are not those `cfg` puts on `model` (a `HertzDev` without adapters; a `meta` build is enough, so
-    loaders check before the base's weights load): layers missing or not in the model, or a rank or
-    size that differs."""
+    """AdapterError naming the adapter at `path` (config `cfg`, its `tensors`: loaded, or the meta
+    tensors `checkpoint.tensor_specs` reads from its header) if they are not those `cfg` puts on
+    `model` (a `HertzDev` without adapters; a `meta` build is enough, so loaders check before the
+    base's weights load): layers missing or not in the model, a rank or size that differs, or a
+    dtype that is not a float (copied into the float32 adapters, integers and booleans loaded silently)."""
     expected = {}
     for p in lora_targets(model, cfg.targets, cfg.parts):
         m = model.get_submodule(p)
         expected[f"{p}.lora_A"], expected[f"{p}.lora_B"] = (cfg.rank, m.in_features), (m.out_features, cfg.rank)
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
     missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
     wrong = [f"{k} {shapes[k]}, not {expected[k]}" for k in sorted(set(expected) & set(shapes)) if shapes[k] != expected[k]]
+    dtypes = [f"{k} {str(v.dtype)[6:]}" for k, v in sorted(tensors.items()) if not v.is_floating_point()]
     problems = [f"{label} {len(names)} tensors ({listed(names)})" for label, names in
-                (("missing", missing), ("unexpected", unexpected), ("wrong shapes of", wrong)) if names]
+                (("missing", missing), ("unexpected", unexpected), ("wrong shapes of", wrong),
+                 ("not float", dtypes)) if names]
     if problems:
         raise AdapterError(f"adapter {path} does not fit {source or 'this model'}: its header says rank {cfg.rank}, "
                            f"targets {cfg.targets} of {'+'.join(cfg.parts)}, and its tensors are not those: "
@@ -348,7 +345,7 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], expected_finge
     state = load_file(str(path))
     if verify:
         verify_content(path, state, _header(Path(path)).get(HASH_KEY))
-    check_fit(model, path, cfg, {k: tuple(v.shape) for k, v in state.items()}, source)
+    check_fit(model, path, cfg, state, source)
     apply_lora(model, **dataclasses.asdict(cfg))
     with torch.no_grad():
         for k, v in lora_state_dict(model).items():

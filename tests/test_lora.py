@@ -255,6 +255,33 @@ def test_an_adapter_whose_header_contradicts_the_base_is_refused_before_the_base
         load_hertz_dev(base, codec=None, adapter=tmp_path)
 
 
+def test_an_adapter_of_integer_tensors_or_an_infinite_alpha_is_refused_before_the_base_loads(tmp_path, monkeypatch):
+    """An adapter whose hash matches (another tool wrote it) but whose tensors are integers or
+    booleans, or whose header's alpha is infinite: refused before the base's weights are read,
+    naming the file and what is wrong. The tensors were copied into the float32 adapters and the
+    infinite scale applied, silently: every output of the model NaN."""
+    from test_checkpoint import rewritten
+    from model.checkpoint import CheckpointError
+    base = save_transformer(tmp_path / "base.safetensors", tiny())
+    model = tiny()
+    apply_lora(model, **dataclasses.asdict(LORA))
+    good = save_adapter(tmp_path / "good.adapter.safetensors", model, LORA, base_fingerprint(base), str(base))
+    monkeypatch.setattr("model.loading.read_weights", lambda *a, **k: pytest.fail("weights read"))
+    for dtype in (torch.int32, torch.bool):
+        path = rewritten(good, tmp_path / "int.adapter.safetensors",
+                         state=lambda state: {k: v.to(dtype) for k, v in state.items()})
+        with pytest.raises(AdapterError) as e:
+            load_hertz_dev(base, codec=None, adapter=path)
+        assert str(e.value).startswith(f"adapter {path} does not fit {base}: ") and "\n" not in str(e.value)
+        assert f"its tensors are not those: not float 32 tensors (lm.layers.0.attn.attn.attn_out.lora_A {str(dtype)[6:]}" \
+            in str(e.value)
+    path = rewritten(good, tmp_path / "inf.adapter.safetensors",
+                     meta=lambda meta: {**meta, "config": meta["config"].replace('"alpha": 8.0', '"alpha": Infinity')})
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: its config is not a valid LoRAConfig: lora "
+                                              "alpha must be positive and finite, not inf$"):
+        load_hertz_dev(base, codec=None, adapter=path)
+
+
 def test_an_adapter_with_changed_bytes_nan_or_a_damaged_header_is_refused(tmp_path):
     """Adapter files are checked as checkpoints are: changed bytes (the hash in the header no longer
     matches) and NaN weights (with a matching hash) are a CheckpointError naming the file, and
@@ -335,6 +362,7 @@ def test_base_fingerprints(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs,match", [({"rank": 0}, "rank"), ({"alpha": 0.0}, "alpha"),
+                                          ({"alpha": float("inf")}, "alpha must be positive and finite"),
                                           ({"dropout": 1.0}, "dropout"), ({"targets": "mlp"}, "targets"),
                                           ({"parts": ("codec",)}, "parts")])
 def test_bad_lora_settings_are_clear_errors(kwargs, match):
