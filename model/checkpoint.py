@@ -147,8 +147,13 @@ def file_kind(path: str | os.PathLike) -> str:
     path = Path(path)
     with open(path, "rb") as f:
         head = f.read(8)
+    if not head:
+        return "empty file"
     if head.startswith(b"PK\x03\x04"):  # torch.save's zip format
-        strings = _pickled_strings(path)
+        try:
+            strings = _pickled_strings(path)
+        except zipfile.BadZipFile:  # its index, at the end of the file, is missing
+            return "PyTorch file cut short or damaged (an incomplete copy or download?)"
         if {"generator", "opt_g"} <= strings:
             return "codec training state"
         if {"model", "optimizer", "codec_source"} <= strings:
@@ -159,8 +164,30 @@ def file_kind(path: str | os.PathLike) -> str:
     try:
         meta = _header(path)
     except CheckpointError:
-        return "file that is neither safetensors nor PyTorch"
+        return _cut_short(path, head) or "file that is neither safetensors nor PyTorch"
     return meta.get("kind", "?") if meta.get("format") == FORMAT else "safetensors file not written by hertz-dev"
+
+
+def _cut_short(path: Path, head: bytes) -> Optional[str]:
+    """For a safetensors file that ends before what its header describes (an interrupted copy or
+    download), a description saying so and by how much; None for any other file."""
+    length, size = int.from_bytes(head, "little"), path.stat().st_size
+    if len(head) < 8 or length > 100 << 20:  # safetensors' own bound on a header
+        return None
+    with open(path, "rb") as f:
+        f.seek(8)
+        text = f.read(length)
+    if not text.startswith(b"{"):
+        return None
+    if len(text) < length:
+        return (f"safetensors file cut short: {size} bytes, shorter than its own {length}-byte header "
+                "(an incomplete copy or download?)")
+    try:
+        end = 8 + length + max(e["data_offsets"][1] for k, e in json.loads(text).items() if k != "__metadata__")
+    except (ValueError, TypeError, KeyError, IndexError):  # not a safetensors header after all
+        return None
+    return (f"safetensors file cut short: {size} bytes of the {end} its header describes (an incomplete copy "
+            "or download?)") if end > size else None
 
 
 def _header(path: Path) -> dict:

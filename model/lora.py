@@ -49,8 +49,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import hub
-from .checkpoint import (FORMAT, HASH_KEY, CheckpointError, _header, atomic_write, config_from, header_json, listed,
-                         verify_content, write_weights)
+from .checkpoint import (HASH_KEY, _header, atomic_write, config_from, file_kind, header_json,
+                         listed, verify_content, write_weights)
 
 # Layers adapted, by the last component of their path: the attention's fused q/k/v and output
 # projections, the SwiGLU's fused gate/up and down projections (model/transformer.py; in every
@@ -287,13 +287,14 @@ def read_adapter(path: Union[str, os.PathLike]) -> tuple[LoRAConfig, dict]:
             f"it holds no *{ADAPTER_SUFFIX} file (a LoRA run exports best{ADAPTER_SUFFIX} in its checkpoint_dir)"))
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
-    try:
-        meta = _header(path)
-    except CheckpointError as e:  # a foreign or damaged file
-        raise AdapterError(f"{path} is not an adapter file ({e})") from None
-    if meta.get("format") != FORMAT or meta.get("kind") != KIND:
-        raise AdapterError(f"{path} is not an adapter file (format {meta.get('format')!r}, kind "
-                           f"{meta.get('kind')!r}; expected {FORMAT!r}, {KIND!r})")
+    found = file_kind(path)
+    if found != KIND:  # a model, a training state, a file cut short, a foreign file: say which
+        beside = path.with_suffix(ADAPTER_SUFFIX)
+        hint = (f"; the adapter exported beside it is {beside}" if found.endswith("training state") and beside.is_file()
+                else "")
+        found += " checkpoint" if found in ("codec", "transformer") else ""
+        raise AdapterError(f"{path} is not an adapter file: it is {'an' if found[0] in 'aeiou' else 'a'} {found}{hint}")
+    meta = _header(path)
     config = config_from(LoRAConfig, header_json(path, meta, "config"), path, strict=True)
     return config, header_json(path, meta, "extra", {})
 

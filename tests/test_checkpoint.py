@@ -382,6 +382,43 @@ def test_a_recorded_codec_that_is_not_a_path_is_one_error_naming_the_file_and_fi
     assert load_hertz_dev(path, codec=None).codec is None
 
 
+def test_files_cut_short_or_empty_are_named_so_wherever_a_model_or_adapter_is_expected(tmp_path):
+    """A checkpoint cut short (an interrupted copy or download: in its tensors, or in its header),
+    a training state `.pt` cut short, an empty file: one CheckpointError (AdapterError for an
+    adapter) saying so. The `.pt` was a zipfile.BadZipFile traceback in every loader and script, the
+    others 'a file that is neither safetensors nor PyTorch'; a LoRA run's training state given as
+    the adapter names the adapter exported beside it (it was 'header too large')."""
+    from model.lora import AdapterError
+    model = save_transformer(tmp_path / "model.safetensors", build(HertzDev, TRANSFORMER_PRESETS["tiny"]))
+    data = model.read_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    folder, _ = training_folder(tmp_path)
+    state = (folder.folder / "latest.pt").read_bytes()
+    cases = {"tensors.safetensors": (data[:len(data) - 10], f"a safetensors file cut short: {len(data) - 10} bytes of "
+                                                            f"the {len(data)} its header describes"),
+             "header.safetensors": (data[:100], f"a safetensors file cut short: 100 bytes, shorter than its own "
+                                                f"{header_end - 8}-byte header"),
+             "state.pt": (state[:len(state) // 2], "a PyTorch file cut short or damaged"),
+             "empty.safetensors": (b"", "an empty file")}
+    for name, (content, found) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        for load in (load_codec, load_hertz_dev):
+            with pytest.raises(CheckpointError) as e:
+                load(tmp_path / name)
+            assert str(e.value).startswith(f"{tmp_path / name}: expected a ") and f", found {found}" in str(e.value)
+        with pytest.raises(AdapterError, match=f"^{re.escape(str(tmp_path / name))} is not an adapter file: it is "
+                                               f"{re.escape(found)}"):
+            load_hertz_dev(model, adapter=tmp_path / name)
+    lora_run = tmp_path / "lora"
+    lora_run.mkdir()
+    torch.save({"model": {}, "optimizer": {}, "codec_source": None, "step": 2}, lora_run / "latest.pt")
+    (lora_run / "latest.adapter.safetensors").write_bytes(b"")
+    with pytest.raises(AdapterError, match=re.escape(f"{lora_run / 'latest.pt'} is not an adapter file: it is a "
+                                                     "transformer training state; the adapter exported beside it is "
+                                                     f"{lora_run / 'latest.adapter.safetensors'}")):
+        load_hertz_dev(model, adapter=lora_run / "latest.pt")
+
+
 def test_an_adapter_given_for_a_model_names_its_base(tmp_path):
     """A LoRA adapter file where a transformer checkpoint is expected (--variant, --checkpoint):
     one line naming the base it goes on and how to pass it; it said 'found a adapter' and no more."""

@@ -79,6 +79,11 @@ def test_bad_inputs_are_clear_errors(ckpts, tmp_path, capsys):
     missing_ckpt = str(tmp_path / "nope.safetensors")
     assert complete.main([ckpts["stereo"], str(tmp_path / "o.wav"), "--variant", missing_ckpt]) == 2
     assert "neither" in capsys.readouterr().err
+    torch.save({"model": {}}, tmp_path / "cut.pt")  # a .pt cut short: it was a zipfile.BadZipFile traceback
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "cut.pt").read_bytes()[:200])
+    assert complete.main([ckpts["stereo"], str(tmp_path / "o.wav"), "--variant", str(tmp_path / "cut.pt")]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'cut.pt'}: expected a transformer checkpoint (.safetensors), "
+                                       "found a PyTorch file cut short or damaged (an incomplete copy or download?)\n")
     with pytest.raises(SystemExit) as e:
         complete.main([ckpts["stereo"], str(tmp_path / "o.wav"), "--top-p", "0"])
     assert e.value.code == 2 and "top_p" in capsys.readouterr().err
