@@ -27,7 +27,7 @@ from .checkpoint import (CheckpointError, atomic_write, config_from, listed, rea
                          tensor_specs, write_weights)
 from .codec import Codec
 from .lm import LatentLM
-from .quant import MODES, apply_plan, pack_int4, quantization_of, quantization_plan, quantize_state
+from .quant import MODES, apply_plan, bad_scales, pack_int4, quantization_of, quantization_plan, quantize_state
 from .quantizer import LatentQuantizer
 from .resynth import Resynthesizer
 
@@ -337,6 +337,10 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
         for part in ("quantizer", "lm", "resynth"):
             check_tensors(getattr(model, part), substate(specs, part), f"{source} ({part})")
         state, meta = read_weights(path, kind="transformer", verify=verify)
+        if verify and recorded and (bad := bad_scales(state, recorded["layers"])):
+            raise CheckpointError(f"{source}: {len(bad)} quantized layers hold scales no quantization makes (negative, "
+                                  f"or zero for weights that are not: {listed(bad)}); a model with them generates "
+                                  "noise: re-export it from the float model (verify=False / --no-verify loads it anyway)")
         for part in ("quantizer", "lm", "resynth"):
             module, sub = getattr(model, part), substate(state, part)
             if not recorded:

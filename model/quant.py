@@ -446,6 +446,23 @@ def quantize_state(state: Mapping[str, Tensor], plan: Mapping[str, str], device)
     return out
 
 
+def bad_scales(state: Mapping[str, Tensor], layers: Mapping[str, str]) -> list[str]:
+    """The layers of `layers` ({path: spec}, a checkpoint's recorded quantization) whose scales in
+    `state` no quantization makes: int8, a negative scale, or a zero one on a row of nonzero integers
+    (a row of zero weights quantizes to zeros, whose scale may round to 0 in float16); int4, a scale
+    that is not positive. Tensors missing are `check_tensors`' to name, NaN `verify_content`'s."""
+    bad = []
+    for path, spec in layers.items():
+        if spec == "int8":
+            scale, q = state.get(f"{path}.scale"), state.get(f"{path}.qweight")
+            if scale is not None and q is not None and scale.shape == q.shape[:1] and (
+                    bool((scale < 0).any()) or bool((q[scale == 0] != 0).any())):  # reads the zero-scale rows only
+                bad.append(path)
+        elif (sz := state.get(f"{path}.scales_and_zeros")) is not None and not bool((sz[..., 0] > 0).all()):
+            bad.append(path)
+    return bad
+
+
 def weight_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes of the weights held by each part of a `HertzDev` (`quantizer`, `lm`, `resynth`,
     `codec` where present; parameters and persistent buffers, as stored in memory) and `total`."""

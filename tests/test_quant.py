@@ -176,6 +176,41 @@ def test_quantized_tensors_of_the_wrong_dtype_are_refused_from_the_header(mode, 
                                    "tensors (layers.0.") and message in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("mode, suffix, edit", [
+    ("int8", "proj_qkv.scale", lambda t: t.neg_()),
+    ("int8", "proj_qkv.scale", lambda t: t[:3].zero_()),
+    ("int4", "proj_qkv.scales_and_zeros", lambda t: t[..., 0].zero_()),
+    ("int4", "proj_qkv.scales_and_zeros", lambda t: t[0, :, 0].neg_()),
+], ids=["int8-negative", "int8-zero", "int4-zero", "int4-negative"])
+def test_quantized_scales_no_quantization_makes_are_refused_unless_not_verified(mode, suffix, edit, tmp_path,
+                                                                                 request):
+    """Scales that are negative or zero (hash consistent: another tool wrote them) loaded silently
+    into a model whose layers' outputs were negated or zero; now a CheckpointError naming the file
+    and the layers, which verify=False skips. A row of zero weights quantized in float16, whose int8
+    scale rounds to 0, still loads."""
+    from test_checkpoint import rewritten
+
+    def edited(state):
+        for k in state:
+            if k.endswith(suffix):
+                edit(state[k])
+        return state
+    good = save_transformer(tmp_path / "good.safetensors", quantize_model(float_model(), mode))
+    bad = rewritten(good, tmp_path / "bad.safetensors", state=edited)
+    with pytest.raises(ValueError) as e:
+        load_hertz_dev(bad, codec=None)
+    assert str(e.value).startswith(f"{bad}: 4 quantized layers hold scales no quantization makes (negative, or zero "
+                                   "for weights that are not: lm.layers.0.attn.attn.proj_qkv, ") and "\n" not in str(e.value)
+    load_hertz_dev(bad, codec=None, verify=False)
+    if request.node.callspec.id != "int8-zero":
+        return
+    model = float_model().half()
+    with torch.no_grad():
+        model.lm.layers[0].attn.attn.proj_qkv.weight[0] = 0
+    zero_row = save_transformer(tmp_path / "zero-row.safetensors", quantize_model(model, "int8"))
+    assert load_hertz_dev(zero_row, codec=None).lm.layers[0].attn.attn.proj_qkv.scale[0] == 0
+
+
 def official_files(tmp_path, monkeypatch, model):
     """The parts of `model` written as official-layout files (flat float32 state dicts in `.pt`)
     under the names of the duplex variant, registered with their md5s: loadable offline."""
