@@ -383,12 +383,17 @@ def save_transformer(path: Union[str, os.PathLike], model: HertzDev, codec_sourc
                      extra: Optional[dict] = None) -> Path:
     """`write_transformer`, atomically (a quantized model records which layers are quantized how,
     so it loads quantized). `codec_source`: the path of the codec (or "official"), or None; a
-    TypeError naming the argument of the wrong type."""
+    TypeError naming the argument of the wrong type, a ValueError for a model with unmerged LoRA
+    adapters (merge them first); nothing is written then."""
     _check_save(path, model, HertzDev, "model")
     if codec_source is not None and not isinstance(codec_source, (str, os.PathLike)):
         raise TypeError(f"codec_source must be the path of the codec (or 'official') or None, got "
                         f"{type(codec_source).__name__}" + (": save it with save_codec and pass that path"
                                                             if isinstance(codec_source, Codec) else ""))
+    if layers := lora.adapted(model):  # their lora_A/lora_B would be written as weights no loader takes
+        raise ValueError(f"model holds LoRA adapters on {len(layers)} layers ({listed(list(layers))}): merge them "
+                         "first (lora.merge_lora(model), or load_hertz_dev(..., adapter=, merge=True)) for an ordinary "
+                         "checkpoint, or save the adapters alone with lora.save_adapter")
     codec_source = None if codec_source is None else str(codec_source)
     return atomic_write(path, lambda tmp: write_transformer(tmp, model, codec_source, extra, label=str(path)))
 

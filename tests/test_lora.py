@@ -148,6 +148,11 @@ def test_merged_equals_adapted_and_saves_as_an_ordinary_checkpoint(one_thread, t
         train(model)
     x = batch()
     want = outputs(model, x)
+    # Unmerged, the adapters were written as weights that no loader took (found only when loading it)
+    with pytest.raises(ValueError, match=r"^model holds LoRA adapters on \d+ layers \(lm\.layers\.0\.attn\.attn\."
+                                         r"proj_qkv, .*: merge them first"):
+        save_transformer(tmp_path / "unmerged.safetensors", model)
+    assert not list(tmp_path.iterdir())
     paths = merge_lora(model)
     assert len(paths) == 4 * (CFG.lm_layers + CFG.resynth_layers) + 5 * (targets == "all") and not adapted(model)
     assert all(type(model.get_submodule(p)) is nn.Linear for p in paths)
