@@ -302,6 +302,9 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
         if recorded and quantize not in (None, recorded["mode"]):
             raise CheckpointError(f"{source} holds {recorded['mode']} weights: load it without quantize= "
                                   f"(requantizing quantized weights is not supported)")
+        if recorded and merge:  # merge_lora refuses quantized layers: found now, not after the weights load
+            raise ValueError(f"merge=True folds the adapter into float weights, and {source} holds {recorded['mode']} "
+                             "weights: keep the adapter unmerged, or merge it on the float checkpoint")
         codec_source = recorded_codec(source, meta) if codec == "auto" else codec
     else:
         cfg = official_transformer_config(str(source))

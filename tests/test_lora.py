@@ -407,3 +407,19 @@ def test_lora_on_an_int8_base(one_thread):
     with pytest.raises(AdapterError, match="Int8Linear"):
         merge_lora(model)
     assert len(adapted(model)) == len(paths)  # a refused merge changes nothing
+
+
+def test_merging_onto_a_quantized_checkpoint_is_refused_before_its_weights_load(tmp_path, monkeypatch):
+    """An adapter trained on one of our int8 checkpoints (init_from it, finetune=lora) applies to it
+    unmerged; merge=True was refused by merge_lora only after every weight had been read and
+    hashed, and is now a ValueError before."""
+    from model.quant import quantize_model
+    base = save_transformer(tmp_path / "int8.safetensors", quantize_model(tiny(), "int8"))
+    model = load_hertz_dev(base, codec=None)
+    apply_lora(model, **dataclasses.asdict(LORA))
+    adapter = save_adapter(tmp_path / "a.adapter.safetensors", model, LORA, base_fingerprint(base), str(base))
+    assert adapted(load_hertz_dev(base, codec=None, adapter=adapter))
+    monkeypatch.setattr("model.loading.read_weights", lambda *a, **k: pytest.fail("weights read"))
+    with pytest.raises(ValueError, match=f"^merge=True folds the adapter into float weights, and {re.escape(str(base))} "
+                                         "holds int8 weights: keep the adapter unmerged"):
+        load_hertz_dev(base, codec=None, adapter=adapter, merge=True)
