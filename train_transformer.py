@@ -273,20 +273,22 @@ def check_codec(state: dict | None, path: Path | None, cfg: TransformerConfig, f
                 "it has not seen (pass its codec as codec_checkpoint if that is not what you meant)")
 
 
-def build_data(cfg: TransformerConfig, codec, fingerprint: str, say) -> tuple[LatentCrops, LatentCrops]:
+def build_data(cfg: TransformerConfig, codec, fingerprint: str, say) -> tuple[LatentCrops | None, LatentCrops]:
     """The training and validation crops of the train and val folders' latents, encoded by `codec`
-    into latents_dir first where they are missing or stale."""
+    into latents_dir first where they are missing or stale; with eval_only the val folder's only
+    (the training crops are None: the train folder is neither read nor encoded)."""
     channels = "stereo" if cfg.duplex else "mono"
-    for path in (cfg.train_data_path, cfg.val_data_path):  # a val folder without usable audio, before train is encoded
+    splits = {"val": cfg.val_data_path} if cfg.eval_only else {"train": cfg.train_data_path, "val": cfg.val_data_path}
+    for path in splits.values():  # a val folder without usable audio, before train is encoded
         scan_corpus(path, cfg.sample_rate, codec.hop_length)
     folders = {split: prepare_latents(path, codec, channels, cfg.latents_dir, cfg.sample_rate, cfg.mono_to_stereo,
                                       fingerprint, cfg.num_workers, log=say, model_channel=cfg.model_channel)
-               for split, path in (("train", cfg.train_data_path), ("val", cfg.val_data_path))}
-    train_set = LatentCrops(folders["train"], cfg.seq_len, train=True, seed=cfg.seed)
+               for split, path in splits.items()}
+    train_set = LatentCrops(folders["train"], cfg.seq_len, train=True, seed=cfg.seed) if "train" in folders else None
     val_set = LatentCrops(folders["val"], cfg.seq_len, train=False, val_crops_per_file=cfg.val_crops_per_file,
                           max_crops=cfg.val_crops)
-    say(f"latents (codec {fingerprint}, {channels}): train {train_set.lengths.sum()} in {len(train_set.files)} files, "
-        f"val {len(val_set)} crops of <= {cfg.seq_len}")
+    train = f"train {train_set.lengths.sum()} in {len(train_set.files)} files, " if train_set else ""
+    say(f"latents (codec {fingerprint}, {channels}): {train}val {len(val_set)} crops of <= {cfg.seq_len}")
     return train_set, val_set
 
 
@@ -555,7 +557,8 @@ def check_config(cfg: TransformerConfig) -> None:
                           "(or use a codec of the model's latent_dim)")
     if cfg.init_from is not None:  # its kind and architecture from the header, before the latents are encoded
         check_init_from(cfg)
-    check_data_paths(cfg, "train_data_path", "val_data_path")  # a bad manifest line now, not after the codec loads
+    # a bad manifest line now, not after the codec loads; eval_only reads the val data only
+    check_data_paths(cfg, "val_data_path", *(() if cfg.eval_only else ("train_data_path",)))
 
 
 def frozen_codec(cfg: TransformerConfig, device: torch.device):

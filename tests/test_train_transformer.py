@@ -426,6 +426,18 @@ def test_a_damaged_latents_folder_is_one_error_line(setup, tmp_path):
     assert f"delete {folder} and run again to encode it anew" in log and "training from step" not in log
 
 
+def test_eval_only_reads_and_encodes_the_val_data_only(setup, tmp_path):
+    """eval_only evaluates on val_data_path: the train folder was still required and encoded (a
+    corpus of hours, for nothing), and a missing one (the default data/demo/train on a machine
+    that only evaluates) was an error."""
+    model = save_transformer(tmp_path / "model.safetensors", build(HertzDev, tiny(True)), codec_source=str(setup["codec"]))
+    latents = tmp_path / "latents"
+    log, evals = train(base_args(setup, tmp_path / "run", latents_dir=latents, init_from=model, eval_only=True,
+                                 train_data_path=tmp_path / "missing"))
+    assert list(evals) == [0] and evals[0]["source"] == str(model)
+    assert [p.name.split("-")[0] for p in latents.iterdir()] == ["val"] and "encoding" in log
+
+
 @pytest.mark.parametrize("duplex", [False, True], ids=["mono", "duplex"])
 def test_overfits_a_fixed_batch(duplex):
     """LM cross-entropy and mixture NLL of one fixed batch (padding included) fall far."""
