@@ -292,7 +292,9 @@ class LatentCrops(Dataset):
 
     A file shorter than `seq_len` gives a shorter crop, zero-padded at the end with `valid`
     False there: padded positions are left out of every loss (causal attention means they never
-    influence a real position either). Sequences are never packed across files.
+    influence a real position either). Sequences are never packed across files. A crop holding
+    NaN or inf (a damaged shard: `prepare_latents` never writes one) raises LatentsError naming
+    the folder and the file, rather than training to a non-finite loss or validating to NaN.
     """
 
     def __init__(self, folder: str | os.PathLike, seq_len: int, train: bool = True, seed: int = 0,
@@ -335,9 +337,13 @@ class LatentCrops(Dataset):
     def crop(self, file: int, start: int) -> dict[str, torch.Tensor]:
         f = self.files[file]
         n = min(self.seq_len, f["length"] - start)
-        rows = self._array(f["shard"])[f["offset"] + start: f["offset"] + start + n]
+        rows = np.array(self._array(f["shard"])[f["offset"] + start: f["offset"] + start + n])
+        if not np.isfinite(rows).all():  # never written so (prepare_latents): a damaged shard, not a diverged model
+            raise LatentsError(f"latents folder {self.folder} is damaged: {f['shard']} holds non-finite values in the "
+                               f"latents of {f['name']} ({start} to {start + n}); delete {self.folder} and run "
+                               "again to encode it anew")
         posterior = torch.zeros(self.seq_len, 2, self.dim)
-        posterior[:n] = torch.from_numpy(np.array(rows))
+        posterior[:n] = torch.from_numpy(rows)
         valid = torch.zeros(self.seq_len, dtype=torch.bool)
         valid[:n] = True
         return {"posterior": posterior, "valid": valid}

@@ -249,3 +249,20 @@ def test_a_damaged_encoded_folder_is_refused_naming_it(codec, folder, damage, me
     if "codec" not in message:  # the crops check what they can without the codec
         with pytest.raises(LatentsError, match=re.escape(message)):
             LatentCrops(out, seq_len=4)
+
+
+def test_a_shard_holding_nan_is_refused_when_a_crop_reads_it(codec, folder):
+    """Latents that became NaN on disk (prepare_latents never writes any): every validation loss
+    came out NaN, silently (no best checkpoint ever), and a training step stopped on a "non-finite
+    loss: lower the learning rate"; the crop now names the damaged folder, the file and the fix."""
+    out = prepare_latents(str(folder / "audio"), codec, "mono", str(folder / "latents"), log=lambda m: None)
+    manifest = json.loads((out / "manifest.json").read_text())
+    talk = next(e for e in manifest["files"] if e["name"] == "talk.wav")
+    data = np.fromfile(out / talk["shard"], dtype=np.float32).reshape(-1, 2, 32)
+    data[talk["offset"] + 3, 1, 7] = np.nan
+    data.tofile(out / talk["shard"])
+    val = LatentCrops(out, seq_len=4, train=False)
+    assert val[0]["posterior"].isfinite().all()  # solo.wav
+    with pytest.raises(LatentsError, match=re.escape(f"latents folder {out} is damaged: {talk['shard']} holds "
+                                                     f"non-finite values in the latents of talk.wav (0 to 4); delete")):
+        val[1]
