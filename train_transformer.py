@@ -57,9 +57,10 @@ from model.parallel import (compile_blocks, full_state_dicts, gradient_sync, inn
 from model.quant import quantize_model
 from model.training import (Checkpoints, ConfigMismatch, Deadline, Dist, FiniteGuard, Logger, all_reduce_mean,
                             autocast, before_step, check_architecture, check_data_paths, check_finite_step,
-                            check_folders, check_resumable, check_schedule, check_trainer, cosine_lr, finished,
-                            last_step, load_training_state, loss_scaler, move_aside, run_script, schedule_notes,
-                            setup_distributed, state_to_load, stop_message, teardown_distributed, window_peak_gb)
+                            check_folders, check_outside_data, check_resumable, check_schedule, check_trainer,
+                            cosine_lr, finished, last_step, load_training_state, loss_scaler, move_aside, run_script,
+                            schedule_notes, setup_distributed, state_to_load, stop_message, teardown_distributed,
+                            window_peak_gb)
 
 PARTS = ("quantizer", "lm", "resynth")
 # FSDP2 warns about every module output that is a view; none of ours is modified in place.
@@ -559,6 +560,8 @@ def check_config(cfg: TransformerConfig) -> None:
         check_init_from(cfg)
     # a bad manifest line now, not after the codec loads; eval_only reads the val data only
     check_data_paths(cfg, "val_data_path", *(() if cfg.eval_only else ("train_data_path",)))
+    if cfg.sample_seconds > 0 and not cfg.eval_only:  # samples/step_*.wav
+        check_outside_data(cfg, "checkpoint_dir", "train_data_path", "val_data_path")
 
 
 def frozen_codec(cfg: TransformerConfig, device: torch.device):

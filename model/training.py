@@ -333,6 +333,23 @@ def check_folders(cfg, *keys: str) -> None:
             raise ConfigError(f"{key}={path!r} is a file, not a folder")
 
 
+def check_outside_data(cfg, output: str, *keys: str) -> None:
+    """ConfigError when the folder `output` names (where a run writes its audio samples) lies in
+    one of these data folders, where a folder scan would find it (a manifest lists its own files):
+    the next run, or a resumed one, would train and validate on the model's own output, and encode
+    the corpus anew each time its samples change."""
+    folder = os.path.realpath(getattr(cfg, output))
+    for key in keys:
+        data = getattr(cfg, key)
+        if is_manifest(data) or not os.path.isdir(data):
+            continue
+        rel = os.path.relpath(folder, os.path.realpath(data))
+        parts = [] if rel == "." else rel.split(os.sep)
+        if (not parts or parts[0] != "..") and not any(p.startswith(".") for p in parts):  # hidden ones are not scanned
+            raise ConfigError(f"{output}={getattr(cfg, output)!r} lies inside {key}={data!r}: the audio samples the "
+                              "run writes there would join the corpus and be trained on; put it elsewhere")
+
+
 def check_data_paths(cfg, *keys: str) -> None:
     """ConfigError naming the key when one of these config paths is neither a folder nor a usable
     jsonl manifest (a bad line, a missing file: `read_manifest`), before the codec loads or any

@@ -270,18 +270,22 @@ def fails(args, env=None) -> str:
     (["lm_heads=3"], "lm_dim=64 and lm_heads=3: the heads split lm_dim into equal heads of an even size"),
     (["resynth_dim=60"], "resynth_dim=60 and resynth_heads=4: the heads split resynth_dim"),
     (["lm_kv_heads=3"], "lm_heads=4 and lm_kv_heads=3: each key/value head serves an equal group"),
+    # its samples/step_*.wav joined the corpus: a resumed run encoded it anew and trained on them
+    (["checkpoint_dir=VAL/run"], "checkpoint_dir='VAL/run' lies inside val_data_path='VAL': the audio samples"),
 ], ids=["preset", "key", "type", "train-folder", "val-folder", "train-file", "lm-weight-0", "resynth-weight-0",
         "quantizer-weight-0", "mono-model-channel", "min-lr-above-lr", "codec-rate", "codec-latent-dim",
-        "val-without-audio", "heads-split-width", "odd-head-size", "kv-heads"])
+        "val-without-audio", "heads-split-width", "odd-head-size", "kv-heads", "run-inside-data"])
 def test_user_errors_are_one_error_line(setup, tmp_path, mistake, message):
     if any("FILE" in a for a in mistake):
         (tmp_path / "one.wav").write_bytes(b"")
-    mistake = [a.replace("MISSING", str(tmp_path / "missing")).replace("EMPTY", str(tmp_path))
-               .replace("FILE", str(tmp_path / "one.wav")) for a in mistake]
+    names = {"MISSING": str(tmp_path / "missing"), "EMPTY": str(tmp_path), "FILE": str(tmp_path / "one.wav"),
+             "VAL": str(setup["root"] / "corpus/val")}
+    for name, path in names.items():
+        mistake, message = [a.replace(name, path) for a in mistake], message.replace(name, path)
     preset = mistake[1] if mistake[0] == "--config" else "tiny"  # each key given once: a second one is an error
     args = base_args(setup, tmp_path / "run", latents_dir=tmp_path / "latents", preset=preset,
                      **dict(a.split("=", 1) for a in mistake if "=" in a))
-    assert message.replace("FILE", str(tmp_path / "one.wav")) in fails(args)
+    assert message in fails(args)
     assert not (tmp_path / "latents").exists()
 
 
@@ -364,6 +368,27 @@ def test_init_from_official_of_another_architecture_or_missing_offline_is_found_
     with pytest.raises(WeightsError, match=r"offline mode and these official hertz-dev files are missing:\n"
                        r"  inference_volcano_3.pt (.|\n)*  inference_caraway_\S*.pt"):
         check_init_from(mono)
+
+
+def test_a_run_folder_beside_or_hidden_in_the_data_is_allowed(tmp_path):
+    """check_outside_data refuses checkpoint_dir inside a scanned data folder only: a sibling
+    whose name extends the folder's, a hidden subfolder (never scanned) and a manifest's folder
+    (it lists its own files) are fine, and so is any folder with sample_seconds=0 (no audio written)."""
+    from config import ConfigError
+    from train_transformer import check_config
+    (tmp_path / "data").mkdir()
+    (tmp_path / "a.wav").write_bytes(b"")
+    (tmp_path / "data.jsonl").write_text(json.dumps({"path": "a.wav"}) + "\n")
+    cfg = dataclasses.replace(PRESETS["tiny"], codec_checkpoint="official", train_data_path=str(tmp_path / "data"),
+                              val_data_path=str(tmp_path / "data"), latents_dir=str(tmp_path / "latents"))
+    for run in ("data2/run", "data/.runs/a", "data/x/../../elsewhere"):
+        check_config(dataclasses.replace(cfg, checkpoint_dir=str(tmp_path / run)))
+    check_config(dataclasses.replace(cfg, checkpoint_dir=str(tmp_path / "data/run"), sample_seconds=0.0))
+    with pytest.raises(ConfigError, match="lies inside train_data_path="):
+        check_config(dataclasses.replace(cfg, checkpoint_dir=str(tmp_path / "data")))
+    manifest = str(tmp_path / "data.jsonl")  # the run in the manifest's folder
+    check_config(dataclasses.replace(cfg, checkpoint_dir=str(tmp_path / "run"), train_data_path=manifest,
+                                      val_data_path=manifest))
 
 
 def test_an_audio_sample_larger_than_memory_is_refused_by_check_config(tmp_path):
