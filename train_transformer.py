@@ -280,8 +280,14 @@ def build_data(cfg: TransformerConfig, codec, fingerprint: str, say) -> tuple[La
     (the training crops are None: the train folder is neither read nor encoded)."""
     channels = "stereo" if cfg.duplex else "mono"
     splits = {"val": cfg.val_data_path} if cfg.eval_only else {"train": cfg.train_data_path, "val": cfg.val_data_path}
-    for path in splits.values():  # a val folder without usable audio, before train is encoded
-        scan_corpus(path, cfg.sample_rate, codec.hop_length)
+    # a val folder without usable audio, before train is encoded
+    files = {split: scan_corpus(path, cfg.sample_rate, codec.hop_length) for split, path in splits.items()}
+    if cfg.duplex and "train" in files and all(f.channels == 1 for f in files["train"]):
+        learns = "stay silent" if cfg.mono_to_stereo == "silence" else "repeat its partner"
+        say(f"note: every file of train_data_path={cfg.train_data_path} has one channel: duplex=true pairs each with "
+            f"{'silence' if cfg.mono_to_stereo == 'silence' else 'itself'} (mono_to_stereo={cfg.mono_to_stereo}), "
+            f"so the model learns to {learns} on channel 1, the voice it becomes; set duplex=false for a mono model, "
+            "or give it two-channel conversations")
     folders = {split: prepare_latents(path, codec, channels, cfg.latents_dir, cfg.sample_rate, cfg.mono_to_stereo,
                                       fingerprint, cfg.num_workers, log=say, model_channel=cfg.model_channel)
                for split, path in splits.items()}

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -389,6 +390,34 @@ def test_a_run_folder_beside_or_hidden_in_the_data_is_allowed(tmp_path):
     manifest = str(tmp_path / "data.jsonl")  # the run in the manifest's folder
     check_config(dataclasses.replace(cfg, checkpoint_dir=str(tmp_path / "run"), train_data_path=manifest,
                                       val_data_path=manifest))
+
+
+def test_a_duplex_run_on_one_channel_files_only_says_what_the_model_learns(tmp_path):
+    """duplex=true (every preset's default) on a folder of mono recordings trained, silently, a
+    model whose own channel (1) was silence in every file: it learnt to say nothing. Now a note,
+    before encoding; a corpus with one two-channel file, or duplex=false, gets none."""
+    import soundfile as sf
+    from train_transformer import build_data
+    rng = np.random.default_rng(0)
+    (tmp_path / "mono").mkdir()
+    for name in ("a.wav", "b.wav"):
+        sf.write(tmp_path / "mono" / name, 0.1 * rng.standard_normal(8_000).astype(np.float32), 16000)
+    torch.manual_seed(0)
+    codec = build(Codec, CODEC_PRESETS["tiny"]).eval()
+    cfg = dataclasses.replace(tiny(True), train_data_path=str(tmp_path / "mono"), val_data_path=str(tmp_path / "mono"),
+                              latents_dir=str(tmp_path / "latents"), seq_len=4)
+    said = []
+    build_data(cfg, codec, "f", said.append)
+    notes = [m for m in said if m.startswith("note:")]
+    assert notes == [f"note: every file of train_data_path={tmp_path / 'mono'} has one channel: duplex=true pairs each "
+                     "with silence (mono_to_stereo=silence), so the model learns to stay silent on channel 1, the voice "
+                     "it becomes; set duplex=false for a mono model, or give it two-channel conversations"]
+    assert notes[0] == said[0]  # before encoding
+    said.clear()
+    build_data(dataclasses.replace(cfg, duplex=False), codec, "f", said.append)
+    sf.write(tmp_path / "mono" / "c.wav", 0.1 * rng.standard_normal((8_000, 2)).astype(np.float32), 16000)
+    build_data(cfg, codec, "f", said.append)
+    assert not [m for m in said if m.startswith("note:")]
 
 
 def test_an_audio_sample_larger_than_memory_is_refused_by_check_config(tmp_path):
