@@ -420,6 +420,32 @@ def test_a_duplex_run_on_one_channel_files_only_says_what_the_model_learns(tmp_p
     assert not [m for m in said if m.startswith("note:")]
 
 
+def test_a_val_set_sharing_files_with_the_train_set_is_said(tmp_path):
+    """A val manifest listing training files (here one of two, and through another path) picked
+    best.pt by a loss on training data, silently; now a note naming the shared files, before encoding."""
+    import soundfile as sf
+    from train_transformer import build_data
+    rng = np.random.default_rng(0)
+    (tmp_path / "train").mkdir()
+    for name in ("a.wav", "b.wav", "c.wav"):
+        sf.write(tmp_path / "train" / name, 0.1 * rng.standard_normal(8_000).astype(np.float32), 16000)
+    (tmp_path / "other").symlink_to(tmp_path / "train")
+    (tmp_path / "val.jsonl").write_text('{"path": "other/a.wav"}\n{"path": "train/../c.wav"}\n')
+    os.replace(tmp_path / "train/c.wav", tmp_path / "c.wav")
+    torch.manual_seed(0)
+    codec = build(Codec, CODEC_PRESETS["tiny"]).eval()
+    cfg = dataclasses.replace(tiny(False), train_data_path=str(tmp_path / "train"), latents_dir=str(tmp_path / "lat"),
+                              val_data_path=str(tmp_path / "val.jsonl"), seq_len=4)
+    said = []
+    build_data(cfg, codec, "f", said.append)
+    assert said[0] == (f"note: val_data_path={tmp_path / 'val.jsonl'} shares 1 of its 2 files with train_data_path "
+                       "(other/a.wav): its loss, which picks best.pt, measures how well the model fits its training "
+                       "data, not how it generalises")
+    said.clear()
+    build_data(dataclasses.replace(cfg, eval_only=True), codec, "f", said.append)
+    assert not [m for m in said if m.startswith("note:")]
+
+
 def test_an_audio_sample_larger_than_memory_is_refused_by_check_config(tmp_path):
     """sample_seconds=1e9: each evaluation's completion would be a 2 TB tensor, a failed allocation
     (traceback) at the step-0 evaluation after the latents were encoded; check_config refuses it
