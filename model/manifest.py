@@ -39,8 +39,8 @@ def read_manifest(path: str | os.PathLike) -> list[str]:
     """The absolute paths of the audio files a manifest lists, in its order.
 
     Raises ManifestError naming the manifest and the line number for a line that is not a JSON
-    object, lacks a string `path`, has a `duration` that is not a number >= 0, lists a file twice,
-    or names a file that does not exist or a folder (the first such line, and how many more there are)."""
+    object, lacks a string `path`, has a `duration` that is not a number >= 0, lists a file twice
+    (under the same path or another one: a linked folder), or names a file that does not exist or a folder (the first such line, and how many more there are)."""
     path = os.path.abspath(os.fspath(path))
     if not os.path.isfile(path):
         raise ManifestError(f"manifest {path} does not exist; expected a .jsonl file with one "
@@ -69,9 +69,12 @@ def read_manifest(path: str | os.PathLike) -> list[str]:
                                          or not math.isfinite(duration) or duration < 0):
                 raise ManifestError(f'{where}: "duration" must be a number of seconds >= 0, got {duration!r}')
             file = os.path.normpath(os.path.join(base, entry["path"]))  # an absolute path stays as it is
-            if file in lines:
-                raise ManifestError(f"{where}: {entry['path']} is listed twice (lines {lines[file]} and {number})")
-            lines[file] = number
+            real = os.path.realpath(file)  # the same file through a linked folder is listed twice too
+            if real in lines:
+                first, path_there = lines[real]
+                other = "" if path_there == file else f" (as {path_there} there: the same file under another path)"
+                raise ManifestError(f"{where}: {entry['path']} is listed twice (lines {first} and {number}){other}")
+            lines[real] = number, file
             if problem := file_problem(file):  # missing, or a folder where a file belongs
                 missing.append((number, problem))
             files.append(file)

@@ -110,6 +110,19 @@ def test_bad_lines_name_the_manifest_and_the_line(tmp_path, line, message):
         scan_audio_folder(str(manifest))
 
 
+def test_a_file_listed_under_two_paths_is_listed_twice(tmp_path):
+    """A file listed through a linked folder and directly was read, encoded and trained on twice
+    (its crops drawn twice as often), silently; refused as a file listed twice is."""
+    write_corpus(tmp_path)
+    (tmp_path / "link").symlink_to(tmp_path / "b")
+    manifest = tmp_path / "linked.jsonl"
+    manifest.write_text('{"path": "b/dialogue_0.wav"}\n{"path": "c/solo.wav"}\n{"path": "link/dialogue_0.wav"}\n')
+    with pytest.raises(ManifestError) as e:
+        read_manifest(manifest)
+    assert str(e.value) == (f"manifest {manifest} line 3: link/dialogue_0.wav is listed twice (lines 1 and 3) (as "
+                            f"{tmp_path / 'b/dialogue_0.wav'} there: the same file under another path)")
+
+
 def test_a_line_that_is_not_utf8_is_named(tmp_path):
     """A manifest saved in another encoding (here Latin-1): the line named, not a UnicodeDecodeError
     traceback from the middle of the file's reading."""
