@@ -326,11 +326,17 @@ def non_finite_message(step: int, values: dict[str, float], files: Iterable[str]
 
 def check_folders(cfg, *keys: str) -> None:
     """ConfigError naming the key when one of these config paths is a file where the run will make
-    or read a folder (found before anything slow, not when the first checkpoint is written)."""
+    or read a folder, or lies under a file (found before anything slow, not when the first
+    checkpoint is written or the latents are encoded)."""
     for key in keys:
         path = getattr(cfg, key)
         if os.path.exists(path) and not os.path.isdir(path):
             raise ConfigError(f"{key}={path!r} is a file, not a folder")
+        above = os.path.dirname(os.path.abspath(path))  # the folder to be made in: under a file it cannot be
+        while not os.path.exists(above):
+            above = os.path.dirname(above)
+        if not os.path.isdir(above):
+            raise ConfigError(f"{key}={path!r} cannot be made: {above} is a file, not a folder")
 
 
 def check_outside_data(cfg, output: str, *keys: str) -> None:

@@ -273,9 +273,11 @@ def fails(args, env=None) -> str:
     (["lm_kv_heads=3"], "lm_heads=4 and lm_kv_heads=3: each key/value head serves an equal group"),
     # its samples/step_*.wav joined the corpus: a resumed run encoded it anew and trained on them
     (["checkpoint_dir=VAL/run"], "checkpoint_dir='VAL/run' lies inside val_data_path='VAL': the audio samples"),
+    # a folder under a file: a NotADirectoryError traceback when the run folder was made, after encoding
+    (["checkpoint_dir=FILE/run"], "checkpoint_dir='FILE/run' cannot be made: FILE is a file, not a folder"),
 ], ids=["preset", "key", "type", "train-folder", "val-folder", "train-file", "lm-weight-0", "resynth-weight-0",
         "quantizer-weight-0", "mono-model-channel", "min-lr-above-lr", "codec-rate", "codec-latent-dim",
-        "val-without-audio", "heads-split-width", "odd-head-size", "kv-heads", "run-inside-data"])
+        "val-without-audio", "heads-split-width", "odd-head-size", "kv-heads", "run-inside-data", "run-under-file"])
 def test_user_errors_are_one_error_line(setup, tmp_path, mistake, message):
     if any("FILE" in a for a in mistake):
         (tmp_path / "one.wav").write_bytes(b"")
