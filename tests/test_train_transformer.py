@@ -264,7 +264,7 @@ def fails(args, env=None) -> str:
     (["sample_rate=8000"], "sample_rate=8000, but codec_checkpoint="),
     # latents of another size than the model reads: a shape traceback at the first step, after encoding
     (["latent_dim=16"], "latent_dim=16, but codec_checkpoint="),
-    # a val folder without audio: found after the train folder was encoded (EMPTY: tmp_path, no audio in it)
+    # a val folder without audio: found after the train folder was encoded (EMPTY: a folder with no audio in it)
     (["val_data_path=EMPTY"], "has no audio files"),
     # heads that do not split the width: an AssertionError traceback from check_config's meta build;
     # an odd head size (rotary turns pairs): a shape traceback at the first step, after encoding
@@ -281,8 +281,9 @@ def fails(args, env=None) -> str:
 def test_user_errors_are_one_error_line(setup, tmp_path, mistake, message):
     if any("FILE" in a for a in mistake):
         (tmp_path / "one.wav").write_bytes(b"")
-    names = {"MISSING": str(tmp_path / "missing"), "EMPTY": str(tmp_path), "FILE": str(tmp_path / "one.wav"),
-             "VAL": str(setup["root"] / "corpus/val")}
+    (tmp_path / "empty").mkdir()
+    names = {"MISSING": str(tmp_path / "missing"), "EMPTY": str(tmp_path / "empty"),
+             "FILE": str(tmp_path / "one.wav"), "VAL": str(setup["root"] / "corpus/val")}
     for name, path in names.items():
         mistake, message = [a.replace(name, path) for a in mistake], message.replace(name, path)
     preset = mistake[1] if mistake[0] == "--config" else "tiny"  # each key given once: a second one is an error
@@ -410,16 +411,16 @@ def test_a_duplex_run_on_one_channel_files_only_says_what_the_model_learns(tmp_p
                               latents_dir=str(tmp_path / "latents"), seq_len=4)
     said = []
     build_data(cfg, codec, "f", said.append)
-    notes = [m for m in said if m.startswith("note:")]
-    assert notes == [f"note: every file of train_data_path={tmp_path / 'mono'} has one channel: duplex=true pairs each "
-                     "with silence (mono_to_stereo=silence), so the model learns to stay silent on channel 1, the voice "
-                     "it becomes; set duplex=false for a mono model, or give it two-channel conversations"]
+    notes = [m for m in said if "has one channel" in m]  # (train is val: a note says that too)
+    assert notes == [f"note: every file of train_data_path={tmp_path / 'mono'} has one channel: duplex=true pairs "
+                     "each with silence (mono_to_stereo=silence), so the model learns to stay silent on channel 1, "
+                     "the voice it becomes; set duplex=false for a mono model, or give it two-channel conversations"]
     assert notes[0] == said[0]  # before encoding
     said.clear()
     build_data(dataclasses.replace(cfg, duplex=False), codec, "f", said.append)
     sf.write(tmp_path / "mono" / "c.wav", 0.1 * rng.standard_normal((8_000, 2)).astype(np.float32), 16000)
     build_data(cfg, codec, "f", said.append)
-    assert not [m for m in said if m.startswith("note:")]
+    assert not [m for m in said if "has one channel" in m]
 
 
 def test_a_val_set_sharing_files_with_the_train_set_is_said(tmp_path):
@@ -512,7 +513,8 @@ def test_eval_only_reads_and_encodes_the_val_data_only(setup, tmp_path):
     """eval_only evaluates on val_data_path: the train folder was still required and encoded (a
     corpus of hours, for nothing), and a missing one (the default data/demo/train on a machine
     that only evaluates) was an error."""
-    model = save_transformer(tmp_path / "model.safetensors", build(HertzDev, tiny(True)), codec_source=str(setup["codec"]))
+    model = save_transformer(tmp_path / "model.safetensors", build(HertzDev, tiny(True)),
+                             codec_source=str(setup["codec"]))
     latents = tmp_path / "latents"
     log, evals = train(base_args(setup, tmp_path / "run", latents_dir=latents, init_from=model, eval_only=True,
                                  train_data_path=tmp_path / "missing"))
