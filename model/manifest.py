@@ -40,7 +40,8 @@ def read_manifest(path: str | os.PathLike) -> list[str]:
 
     Raises ManifestError naming the manifest and the line number for a line that is not a JSON
     object, lacks a string `path`, has a `duration` that is not a number >= 0, lists a file twice
-    (under the same path or another one: a linked folder), or names a file that does not exist or a folder (the first such line, and how many more there are)."""
+    (under the same path or another one: a linked folder), or names a file that does not exist or
+    a folder (the first such line, and how many more there are)."""
     path = os.path.abspath(os.fspath(path))
     if not os.path.isfile(path):
         raise ManifestError(f"manifest {path} does not exist; expected a .jsonl file with one "
