@@ -59,8 +59,8 @@ from model.hub import WeightsError
 from model.loading import load_codec, write_codec
 from model.parallel import average_gradients, broadcast_parameters, gradient_sync
 from model.plots import plot_metrics, save_mel_figure
-from model.training import (Checkpoints, Deadline, Dist, Logger, all_reduce_mean, autocast, before_step,
-                            FiniteGuard, check_architecture, check_data_paths, check_folders, check_trainer,
+from model.training import (Checkpoints, Deadline, Dist, Logger, all_reduce_mean, autocast, before_step, FiniteGuard,
+                            check_architecture, check_data_paths, check_folders, check_outside_data, check_trainer,
                             check_resumable, check_schedule, cosine_lr, finished, last_step, load_training_state,
                             loss_scaler, move_aside, rng_state, run_script, schedule_notes, seed_everything,
                             set_rng_state, setup_distributed, StepTimer, state_to_load, stop_message,
@@ -463,6 +463,8 @@ def check_config(cfg: CodecConfig) -> None:
         if cfg.sample_rate != 16000:
             raise ConfigError(f"val_mos=true: DNSMOS needs 16 kHz audio, not sample_rate={cfg.sample_rate}")
     check_data_paths(cfg, "val_data_path", *(() if cfg.eval_only else ("train_data_path",)))
+    if cfg.num_audio_samples > 0 and not cfg.eval_only:  # samples/*.wav, which a scan of the data would find
+        check_outside_data(cfg, "checkpoint_dir", "train_data_path", "val_data_path")
     if (cfg.input_channels, cfg.output_channels) != (1, 1):  # a traceback in the first step, after the data
         raise ConfigError(f"input_channels={cfg.input_channels} and output_channels={cfg.output_channels}: this "
                           "trainer reads mono crops and its losses compare one channel; keep both at 1 (the duplex "

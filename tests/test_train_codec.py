@@ -355,6 +355,20 @@ def test_contradicting_settings_are_config_errors(corpus, tmp_path, overrides, m
     train_codec.check_config(parse_args(args(corpus, tmp_path / "run"), PRESETS))  # the run without them passes
 
 
+def test_a_run_folder_inside_the_data_is_refused_since_its_samples_would_join_the_corpus(corpus, tmp_path):
+    """The trainer writes input/reconstruction WAVs into checkpoint_dir/samples: inside a data folder
+    they would be trained and validated on by the next run. Refused by check_config, unless no
+    samples are written (num_audio_samples=0) or the folder is hidden (scans skip it)."""
+    inside = corpus / "val" / "run"
+    cfg = parse_args(args(corpus, inside), PRESETS)
+    with pytest.raises(ConfigError) as e:
+        train_codec.check_config(cfg)
+    assert f"checkpoint_dir={str(inside)!r} lies inside val_data_path=" in str(e.value)
+    train_codec.check_config(parse_args(args(corpus, inside, "num_audio_samples=0"), PRESETS))
+    train_codec.check_config(parse_args(args(corpus, corpus / "train" / ".runs" / "a"), PRESETS))
+    assert not inside.exists()
+
+
 def test_a_manifest_relative_to_another_folder_is_one_error_line_before_the_data(corpus, tmp_path):
     """A training manifest whose paths are relative to the corpus folder, not to its own: one line
     naming the manifest, its line and the folder paths are read from, before the validation audio
