@@ -20,6 +20,7 @@ from torch import Tensor
 from .codec import Codec
 from .cuda_graphs import StepKey
 from .decode import Engine, decode_step, draw_noise, prompt_prefill, slide
+from .generator import as_prompt
 from .sampling import SamplingParams
 from .stream_codec import StreamCodec, encode_frames
 
@@ -133,7 +134,8 @@ class LiveEngine(Engine):
         if prompt is not None and prompt_latents is not None:
             raise ValueError("give prompt audio or prompt latents, not both")
         st, hop, Z = self.state, self.chunk, self.m.shape[-1]
-        if prompt is not None:
+        if prompt is not None:  # float audio at full scale 1, finite (int16 PCM would be encoded 32768x too loud)
+            prompt = as_prompt(prompt, "prompt", "(2, N) audio [user, model]", audio=True)
             if prompt.dim() != 2 or prompt.shape[0] != 2:
                 raise ValueError(f"a live prompt is (2, N) audio [user, model], got {tuple(prompt.shape)}")
             prompt = prompt[:, :prompt.shape[1] // hop * hop].to(self.user.device, self.user.dtype)
@@ -142,15 +144,12 @@ class LiveEngine(Engine):
             if prompt.shape[1] // hop > st.max_len:
                 raise ValueError(f"a prompt of {prompt.shape[1] // hop} frames does not fit the context "
                                  f"of {st.max_len}")
-            if not bool(torch.isfinite(prompt).all()):
-                raise ValueError("a live prompt must hold finite samples")
         if prompt_latents is not None:
-            frames = prompt_latents.to(self.user.device, self.user.dtype)
+            frames = as_prompt(prompt_latents, "prompt_latents", f"(T, {2 * Z})", audio=False)
+            frames = frames.to(self.user.device, self.user.dtype)
             if frames.dim() != 2 or frames.shape[1] != 2 * Z or not 1 <= frames.shape[0] <= st.max_len:
                 raise ValueError(f"prompt latents must be (T, {2 * Z}) with 1 <= T <= {st.max_len}, "
                                  f"got {tuple(frames.shape)}")
-            if not bool(torch.isfinite(frames).all()):
-                raise ValueError("prompt latents must be finite")
         seed = int(torch.randint(0, 2 ** 62, ()).item()) if seed is None else int(seed)
         if not 0 <= seed < 2 ** 63:
             raise ValueError(f"seed must be in [0, 2**63), got {seed}")

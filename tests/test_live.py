@@ -175,6 +175,18 @@ def test_bad_arguments(model):
         e.reset(2)
     with pytest.raises(ValueError):
         e.reset(0, prompt=torch.zeros(1, 4000))  # a live prompt has two channels
+    # int16 PCM, as such or made float without / 32768, and NaN: refused naming the prompt, the row untouched
+    pcm = (PROMPTS[2] * 32767).round()
+    for bad, error, message in ((pcm.to(torch.int16), TypeError, "prompt must be floating point"),
+                                (pcm, ValueError, "prompt peaks at"),
+                                (PROMPTS[2].clone().index_fill_(1, torch.tensor([7]), float("nan")), ValueError,
+                                 "prompt holds NaN"),
+                                (PROMPTS[2].numpy().astype("int16"), TypeError, "prompt must be floating point")):
+        with pytest.raises(error, match=message):
+            e.reset(0, prompt=bad)
+    with pytest.raises(ValueError, match="prompt_latents holds NaN"):
+        e.reset(0, prompt_latents=torch.full((2, 2 * PRESETS["tiny"].latent_dim), float("nan")))
+    e.reset(0, prompt=PROMPTS[2].numpy())  # float numpy audio is taken as the tensor is
     with pytest.raises(ValueError):
         e.set_params(0, SamplingParams(gaussian_temp=float("nan")))
     mono = build(HertzDev, dataclasses.replace(PRESETS["tiny"], duplex=False))
