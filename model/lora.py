@@ -35,7 +35,6 @@ the `LoRAConfig`, and the fingerprint of the base they were trained on (`base_fi
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import math
 import os
@@ -246,8 +245,7 @@ def base_fingerprint(source: Union[str, os.PathLike]) -> str:
     stored = _header(path).get(HASH_KEY)
     if stored:
         return f"content-sha256:{stored}"
-    with open(path, "rb") as f:
-        return f"file-sha256:{hashlib.file_digest(f, 'sha256').hexdigest()}"
+    return f"file-sha256:{hub.file_digest(path, 'sha256')}"
 
 
 # --- adapter files -------------------------------------------------------------------------------

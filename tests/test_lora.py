@@ -366,6 +366,21 @@ def test_base_fingerprints(tmp_path):
         base_fingerprint(tmp_path / "missing.safetensors")
 
 
+def test_a_base_without_a_content_hash_is_fingerprinted_on_python_3_10(tmp_path, monkeypatch):
+    """A checkpoint written before the content hash existed is fingerprinted by the SHA-256 of its
+    bytes, also with Python 3.10's hashlib (the README's minimum), which has no `file_digest`."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    path = save_transformer(tmp_path / "m.safetensors", tiny())
+    with safe_open(str(path), framework="pt") as f:
+        metadata = {k: v for k, v in (f.metadata() or {}).items() if k != "content_sha256"}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata=metadata)
+    monkeypatch.delattr(hashlib, "file_digest", raising=False)
+    assert base_fingerprint(old) == "file-sha256:" + hashlib.sha256(old.read_bytes()).hexdigest()
+
+
 @pytest.mark.parametrize("kwargs,match", [({"rank": 0}, "rank"), ({"alpha": 0.0}, "alpha"),
                                           ({"alpha": float("inf")}, "alpha must be positive and finite"),
                                           ({"dropout": 1.0}, "dropout"), ({"targets": "mlp"}, "targets"),
