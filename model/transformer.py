@@ -158,7 +158,15 @@ def fp8_kernels_supported(capability: tuple[int, int]) -> bool:
 _FP8_KERNELS: dict = {}
 
 
-@torch.compiler.assume_constant_result
+def assume_constant_result(fn):
+    """`torch.compiler.assume_constant_result` without its `import torch._dynamo` (seconds at every
+    process start, for the servers, `complete.py` and every trainer that stops at a config error):
+    the mark Dynamo's tracer reads (torch/_dynamo/decorators.py sets just this attribute)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@assume_constant_result
 def _fp8_kernels_on(index: int) -> bool:
     if index not in _FP8_KERNELS:
         _FP8_KERNELS[index] = fp8_kernels_supported(torch.cuda.get_device_capability(index))

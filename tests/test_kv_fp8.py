@@ -138,3 +138,14 @@ def test_compiled_block_with_fp8_cache_and_int8_weights_equals_eager(one_thread)
     assert rel_err(y1, y0) <= 1e-5
     # one fp8 rounding step apart at most where the float values straddle a rounding boundary
     assert (c1.k.float() - c0.k.float()).abs().max() <= 0.125 and c1.k.float().abs().sum() > 0
+
+
+def test_the_fp8_kernel_probe_is_marked_constant_as_torch_marks_it():
+    """model.transformer marks `_fp8_kernels_on` constant for torch.compile itself (torch's decorator
+    imports torch._dynamo, seconds at every process start): the mark is the one torch sets."""
+    from model import transformer
+
+    def probe():
+        return True
+    marked = torch.compiler.assume_constant_result(probe)
+    assert marked is probe and vars(probe) and vars(transformer._fp8_kernels_on).items() >= vars(probe).items()
