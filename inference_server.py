@@ -983,16 +983,17 @@ def make_app(server: Server, access: Access = Access()):
         # this server never grants.
         if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
             return error(415, "bad_content_type", "the body must be a JSON object (Content-Type: application/json)")
-        too_big = error(413, "too_big", f"the body is over {MAX_HTTP_BODY} bytes")
+        def too_big():  # made only when sent
+            return error(413, "too_big", f"the body is over {MAX_HTTP_BODY} bytes")
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > MAX_HTTP_BODY:  # refused before any of it is read
-            return too_big
+            return too_big()
         try:
             body = await asyncio.wait_for(read_body(request, MAX_HTTP_BODY), HTTP_BODY_TIMEOUT)
         except asyncio.TimeoutError:
             return error(408, "timeout", f"the body did not arrive within {HTTP_BODY_TIMEOUT:g} s")
         if body is None:
-            return too_big
+            return too_big()
         try:
             values = parse_json(body.decode("utf-8", errors="replace"))
             if not isinstance(values, dict):

@@ -395,18 +395,25 @@ def test_a_run_folder_beside_or_hidden_in_the_data_is_allowed(tmp_path):
                                       val_data_path=manifest))
 
 
+def noise_files(folder, names):
+    """Half-second mono noise files `names` in a new `folder`, and a tiny codec (seed 0); returns the
+    random generator (for more files) and the codec."""
+    import soundfile as sf
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    for name in names:
+        sf.write(folder / name, 0.1 * rng.standard_normal(8_000).astype(np.float32), 16000)
+    torch.manual_seed(0)
+    return rng, build(Codec, CODEC_PRESETS["tiny"]).eval()
+
+
 def test_a_duplex_run_on_one_channel_files_only_says_what_the_model_learns(tmp_path):
     """duplex=true (every preset's default) on a folder of mono recordings trained, silently, a
     model whose own channel (1) was silence in every file: it learnt to say nothing. Now a note,
     before encoding; a corpus with one two-channel file, or duplex=false, gets none."""
     import soundfile as sf
     from train_transformer import build_data
-    rng = np.random.default_rng(0)
-    (tmp_path / "mono").mkdir()
-    for name in ("a.wav", "b.wav"):
-        sf.write(tmp_path / "mono" / name, 0.1 * rng.standard_normal(8_000).astype(np.float32), 16000)
-    torch.manual_seed(0)
-    codec = build(Codec, CODEC_PRESETS["tiny"]).eval()
+    rng, codec = noise_files(tmp_path / "mono", ("a.wav", "b.wav"))
     cfg = dataclasses.replace(tiny(True), train_data_path=str(tmp_path / "mono"), val_data_path=str(tmp_path / "mono"),
                               latents_dir=str(tmp_path / "latents"), seq_len=4)
     said = []
@@ -426,17 +433,11 @@ def test_a_duplex_run_on_one_channel_files_only_says_what_the_model_learns(tmp_p
 def test_a_val_set_sharing_files_with_the_train_set_is_said(tmp_path):
     """A val manifest listing training files (here one of two, and through another path) picked
     best.pt by a loss on training data, silently; now a note naming the shared files, before encoding."""
-    import soundfile as sf
     from train_transformer import build_data
-    rng = np.random.default_rng(0)
-    (tmp_path / "train").mkdir()
-    for name in ("a.wav", "b.wav", "c.wav"):
-        sf.write(tmp_path / "train" / name, 0.1 * rng.standard_normal(8_000).astype(np.float32), 16000)
+    _, codec = noise_files(tmp_path / "train", ("a.wav", "b.wav", "c.wav"))
     (tmp_path / "other").symlink_to(tmp_path / "train")
     (tmp_path / "val.jsonl").write_text('{"path": "other/a.wav"}\n{"path": "train/../c.wav"}\n')
     os.replace(tmp_path / "train/c.wav", tmp_path / "c.wav")
-    torch.manual_seed(0)
-    codec = build(Codec, CODEC_PRESETS["tiny"]).eval()
     cfg = dataclasses.replace(tiny(False), train_data_path=str(tmp_path / "train"), latents_dir=str(tmp_path / "lat"),
                               val_data_path=str(tmp_path / "val.jsonl"), seq_len=4)
     said = []
