@@ -7,8 +7,14 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -19,3 +25,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def setup(tmp_path_factory):
+    """The transformer trainer's tests' (test_train_transformer.py, test_finetune.py: once per
+    process, not once per module): a 1.4-minute demo corpus (monologues and dialogues), a tiny random codec, a
+    latents folder (encoded by the first run), and `runs`, the runs made so far by name."""
+    from config.codec_config import PRESETS as CODEC_PRESETS
+    from model import Codec, build, save_codec
+    root = tmp_path_factory.mktemp("transformer")
+    subprocess.run([sys.executable, "data/demo/prepare.py", "--minutes", "1", "--seed", "0",
+                    "--out", str(root / "corpus")], cwd=REPO, check=True, capture_output=True)
+    torch.manual_seed(0)
+    codec = save_codec(root / "codec.safetensors", build(Codec, CODEC_PRESETS["tiny"]))
+    return {"root": root, "codec": codec, "runs": {}}

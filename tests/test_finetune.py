@@ -17,10 +17,9 @@ from model.checkpoint import read_weights
 from model.loading import save_transformer
 from model.lora import base_fingerprint, read_adapter
 
-from test_train_transformer import (REPO, base_args, fails, setup, train,  # noqa: F401 (setup: fixture)
-                                    train_from_official_hub, train_rows)
+from test_train_transformer import REPO, base_args, fails, train, train_from_official_hub, train_rows
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # `setup`: conftest.py
 LORA = {"finetune": "lora", "lora_rank": 4, "lora_alpha": 8.0}
 
 

@@ -27,18 +27,7 @@ from reference import PARITY_DIR, require, transformer_config
 
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ("quantizer", "lm", "resynth")
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A 1.4-minute demo corpus (monologues and dialogues), a tiny random codec, a latents folder."""
-    root = tmp_path_factory.mktemp("transformer")
-    subprocess.run([sys.executable, "data/demo/prepare.py", "--minutes", "1", "--seed", "0", "--out", str(root / "corpus")],
-                   cwd=REPO, check=True, capture_output=True)
-    torch.manual_seed(0)
-    codec = save_codec(root / "codec.safetensors", build(Codec, CODEC_PRESETS["tiny"]))
-    return {"root": root, "codec": codec, "runs": {}}
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # `setup`: conftest.py
 
 
 def base_args(setup, run_dir, duplex=True, preset="tiny", **overrides):
