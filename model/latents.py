@@ -19,14 +19,19 @@ Layout of an encoded folder:
     manifest.json                      format, key inputs, and per file: name, shard, offset, length
     shard_RRRRR.bin                    float32 rows (length, 2, channels * 32): [mu, logvar], the
                                        channels side by side (channel 0 first) as the duplex model reads them
+    shard_RRRRR.json                   rank R's files, merged into manifest.json by rank 0
+While rank R encodes, its rows go to `shard_RRRRR.bin.partial` and the files done to
+`shard_RRRRR.progress.jsonl` (`_PartialShard`), so a run that stops is resumed by the next one.
 """
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
 import re
+import time
 import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -36,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .checkpoint import atomic_write
+from .checkpoint import CheckpointError, atomic_write, os_reason
 from .codec import Codec
 from .parallel import long_barrier
 
@@ -143,6 +148,135 @@ def _encode(codec, audio: torch.Tensor, chunk: int) -> np.ndarray:
     return rows.float().cpu().numpy()
 
 
+COMMIT_SECONDS = 5.0  # how often encoding progress is made durable: a run that stops loses at most this much
+
+
+class _PartialShard:
+    """One rank's shard while it is encoded, kept in its folder so that a run that stops (killed,
+    Ctrl-C, out of memory) loses at most `COMMIT_SECONDS` of work: `shard_R.bin.partial` holds the
+    rows so far and `shard_R.progress.jsonl` a header line, then one line per file done (its entry,
+    or the warning that skipped it), appended only once the rows it lists are on disk (fsynced).
+    The next run of the same key takes those lines over (`taken`), cuts the partial after the last
+    row they list (a write the stopped run had not committed) and encodes the files after them.
+    Both files are used under an exclusive lock on the partial, held until it is renamed into place
+    (`finish`), so two runs never write one partial."""
+
+    def __init__(self, path: Path, out, progress: Path, lines, taken: list[dict], world: Optional[int]):
+        self.path, self.out, self.progress, self.lines, self.taken = path, out, progress, lines, taken
+        self.world = world  # the number of processes of a stopped run whose files this one shares out otherwise
+        self.pending: list[bytes] = []
+        self.committed = time.monotonic()
+
+    @staticmethod
+    def lock(path: Path):
+        """`path` opened for reading and writing (made if missing) and locked for this process alone;
+        BlockingIOError while another run holds it (or has just renamed it away)."""
+        out = open(os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666), "r+b")
+        try:
+            fcntl.flock(out, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            mine, now = os.fstat(out.fileno()), (os.stat(path) if path.exists() else None)
+            if now is None or (mine.st_dev, mine.st_ino) != (now.st_dev, now.st_ino):  # renamed as we opened it
+                raise BlockingIOError(f"{path} was renamed")
+        except BaseException:
+            out.close()
+            raise
+        return out
+
+    @classmethod
+    def open(cls, folder: Path, rank: int, header: dict, row_bytes: int) -> tuple[Optional["_PartialShard"], str]:
+        """The partial shard of `rank`, locked, with what a stopped run of the same `header` (format,
+        number of processes, files in this rank's share) committed; or (None, why) when another run
+        holds it (or this file system has no locks)."""
+        path, progress = folder / f"shard_{rank:05d}.bin.partial", folder / f"shard_{rank:05d}.progress.jsonl"
+        try:
+            out = cls.lock(path)
+        except BlockingIOError:
+            return None, "another run is encoding the same files now"
+        except OSError as e:
+            return None, f"cannot lock {path} ({os_reason(e)})"
+        try:
+            raw = progress.read_bytes()
+        except FileNotFoundError:
+            raw = b""
+        taken, good, rows = [], 0, 0  # lines taken over, the bytes of the log they fill, the rows they list
+        for number, line in enumerate(raw.splitlines(keepends=True)):
+            try:  # a line cut short by the stop ends what is taken over
+                item = json.loads(line) if line.endswith(b"\n") else None
+                if number == 0 and item != header:  # another layout (number of processes), or no log
+                    break
+                if number:
+                    length = int(item["entry"]["length"]) if "entry" in item else 0
+                    if item["file"] != len(taken) or "entry" in item and item["entry"]["offset"] != rows:
+                        break
+                    taken.append(item)
+                    rows += length
+            except (ValueError, KeyError, TypeError):
+                break
+            good += len(line)
+        if not good or os.fstat(out.fileno()).st_size < rows * row_bytes:  # nothing to take over: start anew
+            taken, good, rows = [], 0, 0
+        try:
+            stopped = json.loads(raw.split(b"\n", 1)[0]) if raw else {}
+        except ValueError:
+            stopped = {}
+        world = stopped.get("world") if isinstance(stopped, dict) and stopped.get("world") != header["world"] else None
+        out.truncate(rows * row_bytes)
+        out.seek(rows * row_bytes)
+        lines = open(progress, "r+b" if good else "wb")
+        lines.truncate(good)
+        lines.seek(good)
+        if not good:
+            lines.write(json.dumps(header).encode() + b"\n")
+        return cls(path, out, progress, lines, taken, world), ""
+
+    def done(self, item: dict) -> None:
+        """Note a file done (its rows already written to `out`); commit every `COMMIT_SECONDS`."""
+        self.pending.append(json.dumps(item).encode() + b"\n")
+        if time.monotonic() - self.committed >= COMMIT_SECONDS:
+            self.commit()
+
+    def commit(self) -> None:
+        """Make the rows written so far durable, then the lines that list them."""
+        for f, data in ((self.out, b""), (self.lines, b"".join(self.pending))):
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        self.pending.clear()
+        self.committed = time.monotonic()
+
+    def finish(self, shard: Path) -> None:
+        """Drop the progress log, then rename the committed partial into place as `shard` (in this
+        order: a run that opens the partial's path once it is renamed must find no log there)."""
+        self.progress.unlink(missing_ok=True)
+        os.replace(self.path, shard)
+
+    @staticmethod
+    def drop_stale(folder: Path, world: int) -> None:
+        """Delete the partial shards (and logs) of ranks beyond `world` that a stopped run of more
+        processes left, and that no run holds now: the folder is complete, none will be resumed."""
+        for path in folder.glob("shard_*.bin.partial"):
+            if (rank := re.fullmatch(r"shard_(\d+)\.bin\.partial", path.name)) and int(rank[1]) >= world:
+                try:
+                    with _PartialShard.lock(path):
+                        (folder / path.name.replace(".bin.partial", ".progress.jsonl")).unlink(missing_ok=True)
+                        path.unlink()
+                except OSError:  # another run's, in use
+                    pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, *exc) -> None:
+        try:
+            if kind is not None and not self.out.closed:  # Ctrl-C, an error: keep what is done
+                self.commit()  # (the rows of every pending line are written: a torn row comes after them)
+        except OSError:
+            pass
+        finally:
+            self.lines.close()
+            self.out.close()  # releases the lock
+
+
 def _corpus_key(root: str, files, fingerprint: str, channels: str, mono_to_stereo: str, sample_rate: int,
                 model_channel: int = 1) -> str:
     listing = []
@@ -193,7 +327,10 @@ def prepare_latents(root: str, codec, channels: str, out_dir: str, sample_rate: 
     refused before encoding; the last partial latent of a file is dropped. Unreadable files
     (non-finite or huge samples included, see `model.audio`) are skipped, and so is a file whose
     latents come out non-finite: never stored, each named in a SkippedAudioWarning and counted in
-    the log.
+    the log. A run that stops while encoding (killed, Ctrl-C, out of memory) keeps what it had
+    committed (every `COMMIT_SECONDS`) and the next call with the same key resumes after it, with
+    the same result as an uninterrupted encoding (`_PartialShard`); the same number of processes
+    is needed to take it over.
     """
     from .data import SkippedAudioWarning
     if channels not in ("mono", "stereo"):
@@ -214,47 +351,86 @@ def prepare_latents(root: str, codec, channels: str, out_dir: str, sample_rate: 
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     mine = list(range(rank, len(files), world))
     chunk = max(1, int(chunk_seconds * sample_rate) // hop) * hop
+    latent_dim = int(codec.config.latent_dim) * (2 if channels == "stereo" else 1)
     folder.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         log(f"encoding {len(files)} files ({files[0].path if len(files) == 1 else root}) with codec {fingerprint} "
             f"({channels}) into {folder}")
-    reader = DataLoader(_AudioFiles([files[i].path for i in mine], sample_rate, channels, mono_to_stereo,
-                                    model_channel), batch_size=None, num_workers=num_workers)
     entries, offset, skipped = [], 0, len(files.skipped)
     shard = f"shard_{rank:05d}.bin"
+    share = f" (rank {rank}'s share)" if world > 1 else ""
+    partial, busy = _PartialShard.open(folder, rank, {"format": FORMAT, "world": world, "files": len(mine)},
+                                       2 * latent_dim * 4)
+    if partial is None:
+        log(f"note: {busy}: this run encodes {folder}{share} into a file of its own, which a run that stops "
+            "cannot resume")
+    elif partial.world is not None:
+        log(f"note: the run that stopped encoding {folder} shared its files out among {partial.world} processes, "
+            f"this one among {world}: encoding{share} anew")
+    elif partial.taken:
+        for item in partial.taken:  # named again, so that "named above" holds for this run's log too
+            if "skipped" in item:
+                warnings.warn(item["skipped"], SkippedAudioWarning)
+                skipped += 1
+            else:
+                entries.append(item["entry"])
+                offset += item["entry"]["length"]
+        log(f"resuming the encoding of {folder}{share}: {len(partial.taken)} of {len(mine)} files were done by a run "
+            "that stopped")
     from tqdm import tqdm
 
-    def write_shard(tmp: str) -> None:
+    def encode(out, start: int, done: Callable[[dict], None]) -> None:
+        """Encode this rank's files from the `start`-th on, their rows written to `out` and each file's
+        entry (or, for a file skipped, the warning naming it) given to `done`."""
         nonlocal offset, skipped
-        with open(tmp, "wb") as out:
-            for j, audio, error in tqdm(reader, total=len(mine), desc="encoding", disable=rank != 0, leave=False):
-                path = files[mine[j]].path
-                if error is not None:
-                    warnings.warn(f"skipping unreadable audio: {error}", SkippedAudioWarning)
-                    skipped += 1
-                    continue
-                n = audio.shape[-1] // hop * hop
-                if n < 2 * hop:  # its header said longer (scan_corpus left out the others)
-                    warnings.warn(f"skipping {path}: {audio.shape[-1]} samples decoded, shorter than 2 latents "
-                                  f"({2 * hop} samples) though its header says longer", SkippedAudioWarning)
-                    skipped += 1
-                    continue
+        reader = DataLoader(_AudioFiles([files[i].path for i in mine[start:]], sample_rate, channels, mono_to_stereo,
+                                        model_channel), batch_size=None, num_workers=num_workers)
+        for j, audio, error in tqdm(reader, initial=start, total=len(mine), desc="encoding", disable=rank != 0,
+                                    leave=False):
+            j += start
+            path = files[mine[j]].path
+            why = rows = None
+            if error is not None:
+                why = f"skipping unreadable audio: {error}"
+            elif (n := audio.shape[-1] // hop * hop) < 2 * hop:  # its header said longer (scan_corpus: the others)
+                why = (f"skipping {path}: {audio.shape[-1]} samples decoded, shorter than 2 latents "
+                       f"({2 * hop} samples) though its header says longer")
+            else:
                 rows = _encode(codec, audio[:, :n], chunk)
                 if not np.isfinite(rows).all():  # a diverged codec: latents that would poison training
-                    warnings.warn(f"skipping {path}: codec {fingerprint} encodes it to non-finite latents "
-                                  f"({int(np.count_nonzero(~np.isfinite(rows)))} values)", SkippedAudioWarning)
-                    skipped += 1
-                    continue
-                out.write(rows.tobytes())
-                entries.append({"name": os.path.relpath(path, root), "shard": shard, "offset": offset,
-                                "length": len(rows)})
-                offset += len(rows)
+                    why = (f"skipping {path}: codec {fingerprint} encodes it to non-finite latents "
+                           f"({int(np.count_nonzero(~np.isfinite(rows)))} values)")
+            if why is not None:
+                warnings.warn(why, SkippedAudioWarning)
+                skipped += 1
+                done({"file": j, "skipped": why})
+                continue
+            out.write(rows.tobytes())
+            entries.append({"name": os.path.relpath(path, root), "shard": shard, "offset": offset, "length": len(rows)})
+            offset += len(rows)
+            done({"file": j, "entry": entries[-1]})
 
-    # written beside and renamed into place: another run encoding the same corpus into the same
-    # latents_dir at the same time never truncates a shard that this one has listed or maps
-    atomic_write(folder / shard, write_shard)
-    atomic_write(folder / f"shard_{rank:05d}.json",
-                 lambda tmp: Path(tmp).write_text(json.dumps({"files": entries, "skipped": skipped})))
+    def write_list(tmp: str) -> None:
+        Path(tmp).write_text(json.dumps({"files": entries, "skipped": skipped}))
+
+    if partial is None:
+        # written beside and renamed into place: another run encoding the same corpus into the same
+        # latents_dir at the same time never truncates a shard that this one has listed or maps
+        def write_shard(tmp: str) -> None:
+            with open(tmp, "wb") as out:
+                encode(out, 0, lambda item: None)
+
+        atomic_write(folder / shard, write_shard)
+        atomic_write(folder / f"shard_{rank:05d}.json", write_list)
+    else:
+        with partial:
+            try:
+                encode(partial.out, len(partial.taken), partial.done)
+                partial.commit()
+            except OSError as e:  # a full disk
+                raise CheckpointError(f"cannot write {folder / shard}: {os_reason(e)}") from None
+            atomic_write(folder / f"shard_{rank:05d}.json", write_list)
+            partial.finish(folder / shard)  # renamed into place, as above: never written again
     long_barrier()
     if rank == 0:
         merged, skipped = [], 0
@@ -268,10 +444,10 @@ def prepare_latents(root: str, codec, channels: str, out_dir: str, sample_rate: 
                                     f"long, readable and encoded to finite values ({skipped} skipped, named above)")
         manifest = {"format": FORMAT, "root": root, "codec": fingerprint, "channels": channels,
                     "mono_to_stereo": mono_to_stereo, "model_channel": model_channel, "sample_rate": sample_rate,
-                    "hop_length": hop,
-                    "latent_dim": int(codec.config.latent_dim) * (2 if channels == "stereo" else 1),
+                    "hop_length": hop, "latent_dim": latent_dim,
                     "latents": sum(e["length"] for e in merged), "files": merged}
         atomic_write(folder / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=0)))
+        _PartialShard.drop_stale(folder, world)
         log(f"encoded {manifest['latents']} latents ({manifest['latents'] * hop / sample_rate / 3600:.2f} h) "
             f"from {len(merged)} files" + files.left_out(skipped))
     long_barrier()

@@ -109,6 +109,89 @@ def test_another_run_killed_while_encoding_the_same_folder_leaves_this_ones_late
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # the killed run's temporary is gone
 
 
+KILLED_ENCODER = """
+import sys, time
+import torch
+import model.latents as latents
+from config.codec_config import PRESETS
+from model import Codec, build
+latents.COMMIT_SECONDS = 0  # commit after every file, so the kill below finds some committed
+encode = latents._encode
+def slow(*args):  # a codec slow enough for the test to kill the run mid-corpus
+    time.sleep(0.4)
+    return encode(*args)
+latents._encode = slow
+torch.manual_seed(0)
+latents.prepare_latents(sys.argv[1], build(Codec, PRESETS["tiny"]).eval(), "mono", sys.argv[2], log=print)
+"""
+
+
+def test_an_encoding_killed_midway_resumes_after_the_files_it_committed(codec, tmp_path):
+    """A run killed (SIGKILL, as the OOM killer does) while encoding a corpus lost all its encoding
+    (the shard was written beside and renamed in only at the end), and the next run started over.
+    Now the files committed stay in the folder and the next run takes them over, cuts what was
+    written after the last commit, and ends with the folder an uninterrupted encoding writes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    rng = np.random.default_rng(2)
+    for k in range(6):
+        save_audio(str(tmp_path / "audio" / f"f{k}.wav"), 0.1 * rng.standard_normal((1, 6_000 + 2_000 * k)).astype(
+            np.float32), 16000)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    child = subprocess.Popen([sys.executable, "-c", KILLED_ENCODER, str(tmp_path / "audio"), str(tmp_path / "latents")],
+                             cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not [p for p in (tmp_path / "latents").glob("*/shard_00000.progress.jsonl")
+                   if len(p.read_bytes().splitlines()) >= 2] and time.monotonic() < deadline:  # header, 1 file
+            assert child.poll() is None, "the encoding ended before it was killed"
+            time.sleep(0.02)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    folder, = (tmp_path / "latents").iterdir()
+    assert not (folder / "manifest.json").exists()
+    with open(folder / "shard_00000.bin.partial", "ab") as f:  # killed mid-write: rows not yet committed
+        f.write(b"\xff" * 1000)
+    with open(folder / "shard_00000.progress.jsonl", "ab") as f:  # and a line cut short
+        f.write(b'{"file": 5, "ent')
+    logs = []
+    out = prepare_latents(str(tmp_path / "audio"), codec, "mono", str(tmp_path / "latents"), log=logs.append)
+    resumed = [m for m in logs if m.startswith("resuming")]
+    assert len(resumed) == 1 and re.fullmatch(rf"resuming the encoding of {re.escape(str(folder))}: [1-5] of 6 files "
+                                              "were done by a run that stopped", resumed[0]), logs
+    alone = prepare_latents(str(tmp_path / "audio"), codec, "mono", str(tmp_path / "alone"), log=lambda m: None)
+    assert out == folder and sorted(p.name for p in out.iterdir()) == sorted(p.name for p in alone.iterdir())
+    for p in alone.iterdir():
+        assert (out / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+def test_ctrl_c_while_encoding_keeps_the_files_done(codec, folder, monkeypatch):
+    """Ctrl-C (or an error) between two commits: the files encoded since the last one are committed
+    on the way out, so the next run takes them over rather than encoding them again."""
+    import model.latents as latents
+    encode, calls = latents._encode, []
+
+    def interrupted_in_the_second_file(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return encode(*args)
+
+    monkeypatch.setattr(latents, "_encode", interrupted_in_the_second_file)
+    kw = dict(channels="mono", out_dir=str(folder / "latents"), log=lambda m: None)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_latents(str(folder / "audio"), codec, **kw)
+    monkeypatch.undo()
+    logs = []
+    out = prepare_latents(str(folder / "audio"), codec, **{**kw, "log": logs.append})
+    assert logs[1] == f"resuming the encoding of {out}: 1 of 2 files were done by a run that stopped"
+    alone = prepare_latents(str(folder / "audio"), codec, **{**kw, "out_dir": str(folder / "alone")})
+    assert (out / "shard_00000.bin").read_bytes() == (alone / "shard_00000.bin").read_bytes()
+
+
 def test_a_corpus_too_short_to_predict_anything_is_refused_before_encoding(codec, tmp_path):
     """Files under 2 latents (here 1.5 and 0.5) give crops with no prediction in them: a corpus of
     only those trained on nothing and validated to a loss of 0 (which every checkpoint "improved" on).
