@@ -46,15 +46,17 @@ class AudioFileInfo:
 
 class AudioFileList(list):
     """The usable files of a folder (or manifest), sorted by path; `skipped` names those that could
-    not be read, `short` those too short to use (empty; for the transformer, under 2 latents)."""
+    not be read, `short` those too short to use (empty; for the transformer, under 2 latents),
+    `linked` those reached again through a link (a file listed already, left out)."""
 
     def __init__(self, files, root: str, skipped: list[str], source: Optional[str] = None,
-                 short: Optional[list[str]] = None):
+                 short: Optional[list[str]] = None, linked: Optional[list[str]] = None):
         super().__init__(files)
         self.root = root
         self.source = source or root  # the folder, or the manifest that listed the files
         self.skipped = skipped  # paths relative to root
         self.short = short or []  # paths relative to root
+        self.linked = linked or []  # paths relative to root
 
     def left_out(self, unreadable: Optional[int] = None) -> str:
         """"; 2 unreadable files skipped, 3 too short to use (named above)" for a log line, or ""
@@ -62,13 +64,14 @@ class AudioFileList(list):
         (files that failed later, when encoded)."""
         unreadable = len(self.skipped) if unreadable is None else unreadable
         parts = ([f"{unreadable} unreadable files skipped"] if unreadable else []) \
-            + ([f"{len(self.short)} too short to use"] if self.short else [])
+            + ([f"{len(self.short)} too short to use"] if self.short else []) \
+            + ([f"{len(self.linked)} listed already under another path"] if self.linked else [])
         return f"; {', '.join(parts)} (named above)" if parts else ""
 
 
 def skip_short(files: list[str], why: str, source: str) -> None:
-    """Name the files left out as too short (`why`: "empty (0 samples)"), the first few and a count,
-    in one SkippedAudioWarning."""
+    """Name the files left out as too short (`why`: "empty (0 samples)"), or for another reason
+    shared by all, the first few and a count, in one SkippedAudioWarning."""
     if files:
         warnings.warn(f"skipping {len(files)} audio files in {source} {why}: {listed(files)}",
                       SkippedAudioWarning, stacklevel=2)  # one place: repeated scans say it once
@@ -139,7 +142,10 @@ def scan_audio_folder(root: str, use_cache: bool = True) -> AudioFileList:
     the whole file for float formats (WAV/AIFF FLOAT or DOUBLE), whose samples can be NaN, inf or
     huge (see `model.audio`). Unreadable files are left out, each named in one
     SkippedAudioWarning, and listed in the result's `skipped`; empty ones (0 samples) too, named
-    together in one SkippedAudioWarning, and listed in its `short`.
+    together in one SkippedAudioWarning, and listed in its `short`; and so is a file reached again
+    under another path (a link to a file of the folder, a hard link: the same device and inode),
+    which would be trained on twice as often: the first path in sorted order is kept, the others
+    named together and listed in `linked`.
     Raises FileNotFoundError, naming the folder and the formats, if it holds no readable audio.
 
     `root` may also be a jsonl manifest (`model/manifest.py`): then its files are listed instead,
@@ -155,7 +161,7 @@ def scan_audio_folder(root: str, use_cache: bool = True) -> AudioFileList:
     else:
         listing, index_path = _list_audio_files(root), os.path.join(root, INDEX_FILENAME)
     cached = _read_index(index_path) if use_cache else {}
-    entries, files, skipped, empty = {}, [], [], []
+    entries, files, skipped, empty, linked, first = {}, [], [], [], [], {}
     for rel in listing:
         path = os.path.join(root, rel)
         try:
@@ -181,18 +187,22 @@ def scan_audio_folder(root: str, use_cache: bool = True) -> AudioFileList:
             warnings.warn(f"skipping unreadable audio: {entry['error']}", SkippedAudioWarning, stacklevel=2)
         elif entry["frames"] == 0:  # an empty file holds nothing to crop
             empty.append(rel)
+        elif (kept := first.setdefault((st.st_dev, st.st_ino), rel)) != rel:  # a link to a file listed already
+            linked.append((rel, kept))
         else:
             files.append(AudioFileInfo(path, entry["frames"], entry["sample_rate"], entry["channels"]))
     if use_cache and entries != cached:
         _write_index(index_path, entries)
     skip_short(empty, "empty (0 samples)", source)
+    skip_short([f"{rel} (= {kept})" for rel, kept in linked], "that are files listed already, under another path "
+               "(links)", source)
     if not files:
         bad = [f"{len(skipped)} unreadable"] * bool(skipped) + [f"{len(empty)} empty"] * bool(empty)
         what = f"no readable audio ({' and '.join(bad)} files skipped)" if bad else "no audio files"
         where = f"manifest {source}" if source != root else f"audio folder {root}"
         raise FileNotFoundError(f"{where} has {what}; expected {_formats()} files "
                                 "(for a demo corpus run `python data/demo/prepare.py`)")
-    return AudioFileList(files, root, skipped, source, empty)
+    return AudioFileList(files, root, skipped, source, empty, [rel for rel, _ in linked])
 
 
 class AudioCropDataset(Dataset):

@@ -308,7 +308,7 @@ def scan_corpus(root: str, sample_rate: int, hop: int):
                                 f"long (the longest is {longest:.3f} s): its crops would hold nothing to predict")
     short = [os.path.relpath(f.path, files.root) for f, ok in zip(files, long_enough) if not ok]
     skip_short(short, f"shorter than 2 latents ({2 * hop / sample_rate:g} s)", files.source)
-    return AudioFileList(usable, files.root, files.skipped, files.source, files.short + short)
+    return AudioFileList(usable, files.root, files.skipped, files.source, files.short + short, files.linked)
 
 
 def prepare_latents(root: str, codec, channels: str, out_dir: str, sample_rate: int = 16000,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from typing import Optional
 
 from .audio import file_problem
 
@@ -35,12 +36,19 @@ def is_manifest(path: str | os.PathLike) -> bool:
     return os.fspath(path).lower().endswith(MANIFEST_SUFFIX)
 
 
+def _stat(path: str) -> Optional[os.stat_result]:
+    try:
+        return os.stat(path)
+    except (OSError, ValueError):  # missing (said below), or a name the OS refuses
+        return None
+
+
 def read_manifest(path: str | os.PathLike) -> list[str]:
     """The absolute paths of the audio files a manifest lists, in its order.
 
     Raises ManifestError naming the manifest and the line number for a line that is not a JSON
     object, lacks a string `path`, has a `duration` that is not a number >= 0, lists a file twice
-    (under the same path or another one: a linked folder), or names a file that does not exist or
+    (under the same path or another one: a linked folder, a link, a hard link), or names a file that does not exist or
     a folder (the first such line, and how many more there are)."""
     path = os.path.abspath(os.fspath(path))
     if not os.path.isfile(path):
@@ -70,7 +78,8 @@ def read_manifest(path: str | os.PathLike) -> list[str]:
                                          or not math.isfinite(duration) or duration < 0):
                 raise ManifestError(f'{where}: "duration" must be a number of seconds >= 0, got {duration!r}')
             file = os.path.normpath(os.path.join(base, entry["path"]))  # an absolute path stays as it is
-            real = os.path.realpath(file)  # the same file through a linked folder is listed twice too
+            # the same file through a linked folder, or a hard link, is listed twice too
+            real = (st.st_dev, st.st_ino) if (st := _stat(file)) else os.path.realpath(file)
             if real in lines:
                 first, path_there = lines[real]
                 other = "" if path_there == file else f" (as {path_there} there: the same file under another path)"

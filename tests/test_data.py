@@ -225,6 +225,24 @@ def test_empty_files_are_named_together_and_counted(tmp_path):
         scan_audio_folder(tmp_path)
 
 
+def test_a_file_reached_again_through_a_link_is_listed_once_and_named(tmp_path):
+    """A link to a file of the corpus (a symlink, a hard link) was listed as another file: its
+    audio was encoded and drawn twice as often, without a word. Now the first path in sorted order
+    is kept, the others named together and counted in the log line."""
+    write(tmp_path / "b.wav", tone(0.5))
+    write(tmp_path / "c.wav", tone(0.5, freq=220))
+    (tmp_path / "a.wav").symlink_to("b.wav")
+    os.link(tmp_path / "b.wav", tmp_path / "d.wav")
+    with pytest.warns(SkippedAudioWarning) as record:
+        files = scan_audio_folder(tmp_path)
+    assert [os.path.basename(f.path) for f in files] == ["a.wav", "c.wav"] and files.linked == ["b.wav", "d.wav"]
+    assert skipped_names(record) == [f"skipping 2 audio files in {tmp_path} that are files listed already, under "
+                                     "another path (links): b.wav (= a.wav), d.wav (= a.wav)"]
+    assert files.left_out() == "; 2 listed already under another path (named above)"
+    with pytest.warns(SkippedAudioWarning, match="b.wav"):  # the cached scan too
+        assert len(AudioCropDataset(str(tmp_path), 0.1, train=False).files) == 2
+
+
 def test_a_named_pipe_in_a_corpus_is_skipped_and_named_not_waited_on(tmp_path):
     """A FIFO named like audio (a leftover of a streaming tool) in a corpus folder: the scan opened
     it and waited for a writer forever, so training never started and said nothing. Now it is

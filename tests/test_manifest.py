@@ -121,6 +121,10 @@ def test_a_file_listed_under_two_paths_is_listed_twice(tmp_path):
         read_manifest(manifest)
     assert str(e.value) == (f"manifest {manifest} line 3: link/dialogue_0.wav is listed twice (lines 1 and 3) (as "
                             f"{tmp_path / 'b/dialogue_0.wav'} there: the same file under another path)")
+    os.link(tmp_path / "c/solo.wav", tmp_path / "c/hard.wav")  # a hard link: another path, the same inode
+    manifest.write_text('{"path": "c/solo.wav"}\n{"path": "c/hard.wav"}\n')
+    with pytest.raises(ManifestError, match=r"line 2: c/hard.wav is listed twice \(lines 1 and 2\)"):
+        read_manifest(manifest)
 
 
 def test_a_line_that_is_not_utf8_is_named(tmp_path):
