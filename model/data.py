@@ -58,12 +58,14 @@ class AudioFileList(list):
         self.short = short or []  # paths relative to root
         self.linked = linked or []  # paths relative to root
 
-    def left_out(self, unreadable: Optional[int] = None) -> str:
+    def left_out(self, unreadable: Optional[int] = None, later: Optional[dict[str, int]] = None) -> str:
         """"; 2 unreadable files skipped, 3 too short to use (named above)" for a log line, or ""
         when nothing was left out; `unreadable` counts the unreadable files instead of `skipped`
-        (files that failed later, when encoded)."""
+        (files that failed later, when encoded), and `later` the files left out then for other
+        reasons ({"encoded to non-finite latents": 1})."""
         unreadable = len(self.skipped) if unreadable is None else unreadable
         parts = ([f"{unreadable} unreadable files skipped"] if unreadable else []) \
+            + [f"{n} files {why}" for why, n in (later or {}).items() if n] \
             + ([f"{len(self.short)} too short to use"] if self.short else []) \
             + ([f"{len(self.linked)} listed already under another path"] if self.linked else [])
         return f"; {', '.join(parts)} (named above)" if parts else ""

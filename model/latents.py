@@ -148,6 +148,9 @@ def _encode(codec, audio: torch.Tensor, chunk: int) -> np.ndarray:
     return rows.float().cpu().numpy()
 
 
+# why a file was skipped when encoded -> how the log line counts it
+SKIPPED = {"unreadable": "unreadable", "shorter than its header": "decoded shorter than their headers say",
+           "non-finite latents": "encoded to non-finite latents"}
 COMMIT_SECONDS = 5.0  # how often encoding progress is made durable: a run that stops loses at most this much
 
 
@@ -356,7 +359,8 @@ def prepare_latents(root: str, codec, channels: str, out_dir: str, sample_rate: 
     if rank == 0:
         log(f"encoding {len(files)} files ({files[0].path if len(files) == 1 else root}) with codec {fingerprint} "
             f"({channels}) into {folder}")
-    entries, offset, skipped = [], 0, len(files.skipped)
+    # files skipped when encoded, by what was wrong (the scan's unreadable ones are in files.skipped)
+    entries, offset, skipped = [], 0, dict.fromkeys(SKIPPED, 0)
     shard = f"shard_{rank:05d}.bin"
     share = f" (rank {rank}'s share)" if world > 1 else ""
     partial, busy = _PartialShard.open(folder, rank, {"format": FORMAT, "world": world, "files": len(mine)},
@@ -371,7 +375,7 @@ def prepare_latents(root: str, codec, channels: str, out_dir: str, sample_rate: 
         for item in partial.taken:  # named again, so that "named above" holds for this run's log too
             if "skipped" in item:
                 warnings.warn(item["skipped"], SkippedAudioWarning)
-                skipped += 1
+                skipped[item.get("as", "unreadable")] += 1
             else:
                 entries.append(item["entry"])
                 offset += item["entry"]["length"]
@@ -382,7 +386,7 @@ def prepare_latents(root: str, codec, channels: str, out_dir: str, sample_rate: 
     def encode(out, start: int, done: Callable[[dict], None]) -> None:
         """Encode this rank's files from the `start`-th on, their rows written to `out` and each file's
         entry (or, for a file skipped, the warning naming it) given to `done`."""
-        nonlocal offset, skipped
+        nonlocal offset
         reader = DataLoader(_AudioFiles([files[i].path for i in mine[start:]], sample_rate, channels, mono_to_stereo,
                                         model_channel), batch_size=None, num_workers=num_workers)
         for j, audio, error in tqdm(reader, initial=start, total=len(mine), desc="encoding", disable=rank != 0,
@@ -391,19 +395,21 @@ def prepare_latents(root: str, codec, channels: str, out_dir: str, sample_rate: 
             path = files[mine[j]].path
             why = rows = None
             if error is not None:
-                why = f"skipping unreadable audio: {error}"
+                why, kind = f"skipping unreadable audio: {error}", "unreadable"
             elif (n := audio.shape[-1] // hop * hop) < 2 * hop:  # its header said longer (scan_corpus: the others)
                 why = (f"skipping {path}: {audio.shape[-1]} samples decoded, shorter than 2 latents "
                        f"({2 * hop} samples) though its header says longer")
+                kind = "shorter than its header"
             else:
                 rows = _encode(codec, audio[:, :n], chunk)
                 if not np.isfinite(rows).all():  # a diverged codec: latents that would poison training
                     why = (f"skipping {path}: codec {fingerprint} encodes it to non-finite latents "
                            f"({int(np.count_nonzero(~np.isfinite(rows)))} values)")
+                    kind = "non-finite latents"
             if why is not None:
                 warnings.warn(why, SkippedAudioWarning)
-                skipped += 1
-                done({"file": j, "skipped": why})
+                skipped[kind] += 1
+                done({"file": j, "skipped": why, "as": kind})
                 continue
             out.write(rows.tobytes())
             entries.append({"name": os.path.relpath(path, root), "shard": shard, "offset": offset, "length": len(rows)})
@@ -433,15 +439,17 @@ def prepare_latents(root: str, codec, channels: str, out_dir: str, sample_rate: 
             partial.finish(folder / shard)  # renamed into place, as above: never written again
     long_barrier()
     if rank == 0:
-        merged, skipped = [], 0
+        merged, skipped = [], dict.fromkeys(SKIPPED, 0)
         for r in range(world):
             part = json.loads((folder / f"shard_{r:05d}.json").read_text())
             merged += part["files"]
-            skipped += part["skipped"] - (len(files.skipped) if r else 0)  # every rank counts the scan's
+            for kind, n in part["skipped"].items():
+                skipped[kind] += n
         merged.sort(key=lambda e: e["name"])
         if not any(e["length"] >= 2 for e in merged):  # the longer files were unreadable (see scan_corpus)
             raise FileNotFoundError(f"no file in {root} gives latents: none is at least 2 latents ({2 * hop} samples) "
-                                    f"long, readable and encoded to finite values ({skipped} skipped, named above)")
+                                    f"long, readable and encoded to finite values "
+                                    f"({len(files.skipped) + sum(skipped.values())} skipped, named above)")
         manifest = {"format": FORMAT, "root": root, "codec": fingerprint, "channels": channels,
                     "mono_to_stereo": mono_to_stereo, "model_channel": model_channel, "sample_rate": sample_rate,
                     "hop_length": hop, "latent_dim": latent_dim,
@@ -449,7 +457,8 @@ def prepare_latents(root: str, codec, channels: str, out_dir: str, sample_rate: 
         atomic_write(folder / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=0)))
         _PartialShard.drop_stale(folder, world)
         log(f"encoded {manifest['latents']} latents ({manifest['latents'] * hop / sample_rate / 3600:.2f} h) "
-            f"from {len(merged)} files" + files.left_out(skipped))
+            f"from {len(merged)} files" + files.left_out(len(files.skipped) + skipped.pop("unreadable"),
+                                                          {SKIPPED[k]: n for k, n in skipped.items()}))
     long_barrier()
     return folder
 

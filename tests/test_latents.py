@@ -297,6 +297,32 @@ def test_non_finite_latents_are_never_cached(codec, folder):
     assert all(p.stat().st_size == 0 for p in (folder / "latents").glob("*/shard_*.bin"))
 
 
+def test_files_skipped_when_encoded_are_counted_for_what_was_wrong(codec, folder):
+    """A file decoding shorter than its header says, or encoding to non-finite latents, was counted
+    as "unreadable" in the log line; each is now counted for what it is."""
+    from model.data import scan_audio_folder
+    loud = 50 * np.random.default_rng(3).standard_normal((1, 6_000)).astype(np.float32)  # loud, not broken (< 1e3)
+    save_audio(str(folder / "audio" / "loud.wav"), loud, 16000, subtype="FLOAT")
+    cut = folder / "audio" / "cut.wav"
+    save_audio(str(cut), 0.1 * np.ones((1, 6_000), np.float32), 16000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scan_audio_folder(str(folder / "audio"))  # the index now says cut.wav holds 6000 samples
+    st = cut.stat()
+    save_audio(str(cut), 0.1 * np.ones((2, 3_000), np.float32), 16000)  # 3000 of stereo: the same size
+    os.utime(cut, ns=(st.st_atime_ns, st.st_mtime_ns))
+    touchy = build(Codec, CODEC_PRESETS["tiny"]).eval()  # overflows to inf on loud.wav only
+    touchy.load_state_dict(codec.state_dict())
+    with torch.no_grad():
+        next(touchy.parameters()).mul_(1e36)
+    logs = []
+    with pytest.warns(SkippedAudioWarning) as record:
+        prepare_latents(str(folder / "audio"), touchy, "mono", str(folder / "latents"), log=logs.append)
+    assert [re.sub(r": .*", "", str(w.message)).split("/")[-1] for w in record] == ["cut.wav", "loud.wav"]
+    assert logs[-1].endswith("from 2 files; 1 files decoded shorter than their headers say, 1 files encoded to "
+                             "non-finite latents (named above)"), logs[-1]
+
+
 def test_draw_and_indices_name_what_a_step_reads(codec, folder):
     out = prepare_latents(str(folder / "audio"), codec, "mono", str(folder / "latents"), log=lambda m: None)
     train = LatentCrops(out, seq_len=2, train=True, seed=1)
