@@ -42,6 +42,9 @@ def _reason(e: Exception, path: Optional[str] = None) -> str:
     says "System error." or "Format not recognised.")."""
     if path is not None and not os.path.isfile(path):
         return "it is a folder" if os.path.isdir(path) else "no such file"
+    if isinstance(e, UnicodeEncodeError):  # soundfile encodes names strictly: bytes that are not UTF-8 fail
+        byte = os.fsencode(e.object[e.start:e.end])[:1].hex()
+        return f"its file name is not valid {e.encoding} (byte 0x{byte}), which soundfile cannot open; rename the file"
     return str(e).strip() or repr(e)  # libsndfile errors sometimes carry an empty message
 
 

@@ -137,6 +137,23 @@ def broken_float_files(folder):
     return {"nan.wav": "1 non-finite samples", "inf.wav": "1 non-finite samples", "huge.wav": "samples of magnitude up to 1e+30"}
 
 
+def test_a_file_name_that_is_not_utf8_is_named_for_what_is_wrong(tmp_path):
+    """A file named in another encoding (Latin-1, from an old archive) was skipped with soundfile's
+    "'utf-8' codec can't encode character '\\udce9' ...: surrogates not allowed"; now the reason says so."""
+    write(tmp_path / "good.wav", tone(0.5))
+    try:
+        os.rename(tmp_path / "good.wav", os.path.join(os.fsencode(tmp_path), b"caf\xe9.wav"))
+    except OSError:
+        pytest.skip("this file system takes UTF-8 names only")
+    write(tmp_path / "good.wav", tone(0.5))
+    with pytest.warns(SkippedAudioWarning) as record:
+        files = scan_audio_folder(tmp_path)
+    assert [os.path.basename(f.path) for f in files] == ["good.wav"]
+    assert skipped_names(record) == [f"skipping unreadable audio: cannot read audio file {tmp_path}/caf\udce9.wav: its "
+                                     "file name is not valid utf-8 (byte 0xe9), which soundfile cannot open; rename "
+                                     "the file"]
+
+
 def test_non_finite_or_huge_samples_make_a_file_unreadable(tmp_path):
     broken = broken_float_files(tmp_path)
     for name, reason in broken.items():
