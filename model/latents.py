@@ -340,6 +340,8 @@ def prepare_latents(root: str, codec, channels: str, out_dir: str, sample_rate: 
         raise ValueError(f"channels must be 'mono' or 'stereo', got {channels!r}")
     if model_channel not in (0, 1):
         raise ValueError(f"model_channel must be 0 or 1, got {model_channel!r}")
+    if mono_to_stereo not in ("silence", "duplicate"):  # else found by the first one-channel file, mid-encoding
+        raise ValueError(f"mono_to_stereo must be 'silence' or 'duplicate', got {mono_to_stereo!r}")
     hop = codec.hop_length
     files = scan_corpus(root, sample_rate, hop)
     root = files.root

@@ -223,6 +223,17 @@ def test_files_shorter_than_two_latents_are_left_out_and_named(codec, folder):
     assert logs[-1].endswith("from 2 files; 2 too short to use (named above)")
 
 
+@pytest.mark.parametrize("argument, value", [("channels", "duplex"), ("mono_to_stereo", "silent"),
+                                             ("model_channel", 2)])
+def test_a_bad_argument_is_refused_naming_it_before_encoding(codec, folder, argument, value):
+    """mono_to_stereo="silent" was found by the first one-channel file, mid-encoding, as two_speakers'
+    "mono must be 'silence' or 'duplicate'"; each argument is now checked first, by its name."""
+    kw = {"channels": "stereo", "out_dir": str(folder / "latents"), "log": lambda m: None, argument: value}
+    with pytest.raises(ValueError, match=f"^{argument} must be "):
+        prepare_latents(str(folder / "audio"), codec, **kw)
+    assert not (folder / "latents").exists()
+
+
 def test_fingerprint_covers_exactly_the_architecture_fields(codec):
     """The latent cache is keyed by the fingerprint: every field marked `arch` changes it, no
     other field does (so a run's batch size or paths never invalidate encoded corpora)."""
