@@ -198,6 +198,14 @@ class _PartialShard:
         except OSError as e:
             return None, f"cannot lock {path} ({os_reason(e)})"
         try:
+            return cls._take_over(path, out, progress, header, row_bytes), ""
+        except BaseException:
+            out.close()
+            raise
+
+    @classmethod
+    def _take_over(cls, path: Path, out, progress: Path, header: dict, row_bytes: int) -> "_PartialShard":
+        try:
             raw = progress.read_bytes()
         except FileNotFoundError:
             raw = b""
@@ -230,7 +238,7 @@ class _PartialShard:
         lines.seek(good)
         if not good:
             lines.write(json.dumps(header).encode() + b"\n")
-        return cls(path, out, progress, lines, taken, world), ""
+        return cls(path, out, progress, lines, taken, world)
 
     def done(self, item: dict) -> None:
         """Note a file done (its rows already written to `out`); commit every `COMMIT_SECONDS`."""
