@@ -33,7 +33,10 @@ class TransformerConfig:
     latent_dim: int = field(default=32, metadata={**ARCH, **COUNT})   # per channel; duplex inputs are 2 * latent_dim
     duplex: bool = field(default=True, metadata=ARCH)                 # two channels, one speaker each
     seq_len: int = field(default=2048, metadata=COUNT)  # context in latents (8 per second)
-    theta: float = field(default=10_000.0, metadata={**ARCH, **POSITIVE})  # rotary base
+    # rotary base: pair i of a head turns theta ** (-2i / head_dim) radians a position; > 1, so that
+    # the pairs turn ever slower (at or below 1 none is slower than a radian a position, and a tiny
+    # base makes the rates infinite in float32: NaN attention at the first step)
+    theta: float = field(default=10_000.0, metadata={**ARCH, "above": 1})
     eps: float = field(default=1e-5, metadata={**ARCH, **POSITIVE})   # LayerNorm eps
 
     # --- latent quantizer: Linear -> SwiGLU FFN -> FSQ ----------------------------------------

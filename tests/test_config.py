@@ -237,7 +237,10 @@ RANGES = [(CODEC_PRESETS, "batch_size=0", "batch_size: expected a number >= 1, g
           # a convolution's traceback in the first step
           (CODEC_PRESETS, "mrd_windows=(512,16)", "mrd_windows: expected each item >= 18, got (512, 16)"),
           # FSQ divides by level - 1: a NaN loss at the first step, after the corpus was encoded
-          (TRANSFORMER_PRESETS, "fsq_levels=(8,1)", "fsq_levels: expected each item >= 2, got (8, 1)")]
+          (TRANSFORMER_PRESETS, "fsq_levels=(8,1)", "fsq_levels: expected each item >= 2, got (8, 1)"),
+          # the rotary rates theta ** (-2i / head_dim) infinite in float32: NaN at the first step, blamed on the data
+          (TRANSFORMER_PRESETS, "theta=1e-300", "theta: expected a number > 1, got 1e-300"),
+          (TRANSFORMER_PRESETS, "theta=1", "theta: expected a number > 1, got 1.0")]
 
 
 @pytest.mark.parametrize("presets,arg,message", RANGES)
