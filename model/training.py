@@ -373,10 +373,20 @@ def check_data_paths(cfg, *keys: str) -> None:
 
 def check_schedule(cfg) -> None:
     """ConfigError when the learning-rate schedule (`cosine_lr`) contradicts itself: a `min_lr`
-    above `learning_rate` would make the decay raise the rate."""
+    above `learning_rate` would make the decay raise the rate; or when a peak rate (`learning_rate`,
+    the codec's `disc_learning_rate` too) times `weight_decay` reaches 1: AdamW's decoupled decay
+    multiplies the weights by 1 - rate * weight_decay each step, which then zeroes or flips them
+    (a run trained on silently: a tiny transformer's quantizer collapsed to one code)."""
     if cfg.min_lr > cfg.learning_rate:
         raise ConfigError(f"min_lr={cfg.min_lr} is above learning_rate={cfg.learning_rate}: the cosine decay would "
                           f"raise the rate; set min_lr <= learning_rate (e.g. min_lr={cfg.learning_rate / 10:g})")
+    for key in ("learning_rate", "disc_learning_rate"):
+        rate = getattr(cfg, key, 0.0)
+        if rate * cfg.weight_decay >= 1:
+            raise ConfigError(f"{key}={rate:g} with weight_decay={cfg.weight_decay:g}: AdamW multiplies the weights "
+                              f"by 1 - {key} * weight_decay = {1 - rate * cfg.weight_decay:g} each step, which zeroes "
+                              "or flips them; the decay is decoupled from the gradient, so keep the product far "
+                              "below 1 (weight_decay 0.01-0.1 is usual)")
 
 
 def schedule_notes(cfg) -> list[str]:

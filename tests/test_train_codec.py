@@ -329,6 +329,10 @@ def test_empty_train_folder_is_a_clear_error(corpus, tmp_path):
     (["mel_weight=0.0", "kl_weight=0.0", "adv_weight=0.0", "feature_weight=0.0"],
      "mel_weight, kl_weight, adv_weight, feature_weight, wave_weight, stft_weight are all 0"),
     (["learning_rate=1e-5"], "min_lr=0.0001 is above learning_rate=1e-05: the cosine decay would raise the rate"),
+    # AdamW's decay factor 1 - rate * weight_decay at or below 0: the weights zeroed or flipped each step
+    (["weight_decay=2000.0"], "learning_rate=0.001 with weight_decay=2000: AdamW multiplies the weights by "
+                              "1 - learning_rate * weight_decay = -1 each step"),
+    (["learning_rate=1e-4", "min_lr=0", "weight_decay=2000.0"], "disc_learning_rate=0.001 with weight_decay=2000"),
     # reflection padding longer than the crop: a traceback in the first step, after the data and an evaluation
     (["mel_windows=(32,32000)", "mel_bins=(5,80)"], "mel_windows=(32, 32000): 32000 is too long for the "
                                                     "16000-sample crops of segment_seconds=1.0; it must be under 32000"),
@@ -342,7 +346,8 @@ def test_empty_train_folder_is_a_clear_error(corpus, tmp_path):
     (["input_channels=2"], "input_channels=2 and output_channels=1: this trainer reads mono crops"),
     (["output_channels=2"], "input_channels=1 and output_channels=2: this trainer reads mono crops"),
 ], ids=["segment-0-samples", "val-segment-0-samples", "strides-ratios", "mel-lengths", "mel-empty", "no-disc",
-        "mpd-channels-empty", "stft-windows-empty", "all-weights-0", "min-lr-above-lr", "mel-window-crop",
+        "mpd-channels-empty", "stft-windows-empty", "all-weights-0", "min-lr-above-lr", "decay-flips-weights",
+        "decay-flips-disc-weights", "mel-window-crop",
         "mel-window-val-crop", "stft-window-crop", "mrd-window-crop", "mpd-period-crop",
         "stereo-input", "stereo-output"])
 def test_contradicting_settings_are_config_errors(corpus, tmp_path, overrides, message):

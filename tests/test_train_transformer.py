@@ -249,6 +249,9 @@ def fails(args, env=None) -> str:
     (["stage=quantizer", "resynth_loss_weight=0.0"], "resynth_loss_weight=0 with stage=quantizer"),
     (["duplex=false", "model_channel=0"], "model_channel=0 with duplex=false: it applies to duplex runs only"),
     (["learning_rate=1e-5"], "min_lr=0.0001 is above learning_rate=1e-05"),
+    # the decay factor 1 - 0.02 * 100 = -1: the weights flipped each step; it trained on, its quantizer
+    # collapsed to one code
+    (["learning_rate=0.02", "weight_decay=100.0"], "learning_rate=0.02 with weight_decay=100: AdamW multiplies"),
     # the audio resampled to 8 kHz and encoded by a 16 kHz codec: other latents, trained on silently
     (["sample_rate=8000"], "sample_rate=8000, but codec_checkpoint="),
     # latents of another size than the model reads: a shape traceback at the first step, after encoding
@@ -265,7 +268,7 @@ def fails(args, env=None) -> str:
     # a folder under a file: a NotADirectoryError traceback when the run folder was made, after encoding
     (["checkpoint_dir=FILE/run"], "checkpoint_dir='FILE/run' cannot be made: FILE is a file, not a folder"),
 ], ids=["preset", "key", "type", "train-folder", "val-folder", "train-file", "lm-weight-0", "resynth-weight-0",
-        "quantizer-weight-0", "mono-model-channel", "min-lr-above-lr", "codec-rate", "codec-latent-dim",
+        "quantizer-weight-0", "mono-model-channel", "min-lr-above-lr", "decay-flips-weights", "codec-rate", "codec-latent-dim",
         "val-without-audio", "heads-split-width", "odd-head-size", "kv-heads", "run-inside-data", "run-under-file"])
 def test_user_errors_are_one_error_line(setup, tmp_path, mistake, message):
     if any("FILE" in a for a in mistake):
