@@ -67,6 +67,10 @@ TARGETS = {
 PARTS = ("lm", "resynth")
 KIND = "adapter"
 ADAPTER_SUFFIX = ".adapter.safetensors"  # the trainer's exports: latest.adapter.safetensors, best...
+# The largest alpha / rank: B starts at zero and Adam moves it about a learning rate a step, so the
+# scale multiplies the adapters' steps as a learning rate would (PEFT's and moshi-finetune's scales
+# are 1-2, QLoRA's 0.25). 1e300 / 4 is inf in float32: every output NaN at the first step.
+MAX_SCALE = 1e4
 
 
 class AdapterError(ValueError):
@@ -87,6 +91,10 @@ class LoRAConfig:
             raise ValueError(f"lora rank must be a positive integer, not {self.rank!r}")
         if not (self.alpha > 0 and math.isfinite(self.alpha)):  # an infinite scale makes every output NaN
             raise ValueError(f"lora alpha must be positive and finite, not {self.alpha!r}")
+        if self.scale > MAX_SCALE:
+            raise ValueError(f"lora_alpha / lora_rank = {self.alpha:g} / {self.rank} = {self.scale:g}, the adapters' "
+                             f"scale, is above {MAX_SCALE:g}: it multiplies the adapters' steps as a learning rate "
+                             "would (1-2 is usual); lower lora_alpha")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"lora dropout must be in [0, 1), not {self.dropout!r}")
         if self.targets not in TARGETS:

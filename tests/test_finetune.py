@@ -125,10 +125,13 @@ def test_lora_on_an_int8_base_runs(setup, base):
     ({"finetune": "lora", "init_from": "BASE", "stage": "quantizer"}, "the quantizer stays frozen"),
     ({"base_quantize": "int8"}, "pass finetune=lora too"),
     ({"finetune": "lora", "init_from": "BASE", "lora_rank": 0}, "lora_rank: expected a number >= 1, got 0"),
+    # every output NaN at step 0 (1e300 / 4 is inf in float32), blamed on the learning rate or the data
+    ({"finetune": "lora", "init_from": "BASE", "lora_rank": 4, "lora_alpha": 1e300},
+     "error: lora_alpha / lora_rank = 1e+300 / 4 = 2.5e+299, the adapters' scale, is above 10000"),
     # finetune=lora forgotten: every weight of the stage trained (and exported whole), silently
     ({"init_from": "BASE", "lora_rank": 8, "lora_targets": "all"},
      "lora_rank=8, lora_targets='all' with finetune=full: LoRA settings, which a full fine-tune ignores"),
-], ids=["no-init-from", "quantizer-stage", "quantize-without-lora", "rank", "lora-fields-without-lora"])
+], ids=["no-init-from", "quantizer-stage", "quantize-without-lora", "rank", "scale", "lora-fields-without-lora"])
 def test_lora_config_errors_are_one_line(setup, base, tmp_path, mistake, message):
     args = base_args(setup, tmp_path / "run", latents_dir=tmp_path / "latents",
                      **{k: (base if v == "BASE" else v) for k, v in mistake.items()})

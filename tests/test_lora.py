@@ -383,6 +383,10 @@ def test_a_base_without_a_content_hash_is_fingerprinted_on_python_3_10(tmp_path,
 
 @pytest.mark.parametrize("kwargs,match", [({"rank": 0}, "rank"), ({"alpha": 0.0}, "alpha"),
                                           ({"alpha": float("inf")}, "alpha must be positive and finite"),
+                                          # finite, but inf in float32 (1e300 / 4): NaN at the first step
+                                          ({"alpha": 1e300}, r"lora_alpha / lora_rank = 1e\+300 / 4 = 2.5e\+299, "),
+                                          ({"alpha": 4e4 + 4}, r"lora_alpha / lora_rank = 40004 / 4 = 10001, the "
+                                                               "adapters' scale, is above 10000"),
                                           ({"dropout": 1.0}, "dropout"), ({"targets": "mlp"}, "targets"),
                                           ({"parts": ("codec",)}, "parts")])
 def test_bad_lora_settings_are_clear_errors(kwargs, match):
