@@ -436,7 +436,8 @@ def audio_sample(step: int, model: HertzDev, val_set: LatentCrops, codec, cfg: T
     prompt_len = max(1, min(int(crop["valid"].sum()), cfg.seq_len // 2))
     device = next(codec.parameters()).device
     prompt = crop["posterior"][None, :prompt_len, 0].to(device)  # the posterior mean, (1, P, C*32)
-    latents = complete(model, prompt, completion_steps(cfg.sample_seconds, cfg.sample_rate), seed=step)
+    hop = codec.hop_length  # samples per latent: 2000 for the official codec, another for one of ours
+    latents = complete(model, prompt, completion_steps(cfg.sample_seconds, cfg.sample_rate, hop), seed=step)
     if not is_main:
         return {}
     audio = torch.cat([codec.decode(c.float()) for c in latents.chunk(cfg.channels, dim=-1)], dim=1)[0]  # (C, N)
@@ -445,7 +446,7 @@ def audio_sample(step: int, model: HertzDev, val_set: LatentCrops, codec, cfg: T
     folder.mkdir(parents=True, exist_ok=True)
     save_audio(str(folder / f"step_{step:08d}.wav"), audio.clamp(-1, 1).cpu().numpy(), cfg.sample_rate)
     clip = logger.audio("samples/completion", audio.cpu().numpy(), cfg.sample_rate,
-                        caption=f"{prompt_len / 8:.1f} s prompt, {cfg.sample_seconds:.1f} s generated")
+                        caption=f"{prompt_len * hop / cfg.sample_rate:.1f} s prompt, {cfg.sample_seconds:.1f} s generated")
     return {"samples/completion": clip} if clip is not None else {}
 
 
@@ -548,10 +549,6 @@ def check_config(cfg: TransformerConfig) -> None:
             if loss in STAGE_LOSSES[cfg.stage] and getattr(cfg, key) == 0:
                 raise ConfigError(f"{key}=0 with stage={cfg.stage}, which trains on {loss}: nothing would learn "
                                   f"from it; set {key} > 0" + (f", or stage={other}" if cfg.stage == "all" else ""))
-        # each evaluation's audio sample, held whole (a failed allocation at the first evaluation, after encoding)
-        if cfg.sample_seconds > 0 and (problem := completion_problem(cfg.sample_seconds, 1, cfg,
-                                                                     names=("sample_seconds", "audio samples"))):
-            raise ConfigError(f"{problem}; sample_seconds=0 makes none")
     source = cfg.codec_checkpoint
     if source != "official" and not os.path.isfile(source):
         hint = ("train one with `python train_codec.py --config tiny` (it writes checkpoints/codec/best.safetensors)"
@@ -569,6 +566,11 @@ def check_config(cfg: TransformerConfig) -> None:
         raise ConfigError(f"latent_dim={cfg.latent_dim}, but codec_checkpoint={source} makes "
                           f"{codec_cfg['latent_dim']}-dim latents: set latent_dim={codec_cfg['latent_dim']} "
                           "(or use a codec of the model's latent_dim)")
+    # each evaluation's audio sample, held whole (a failed allocation at the first evaluation, after encoding),
+    # in latents of the codec's hop
+    if not cfg.eval_only and cfg.sample_seconds > 0 and (problem := completion_problem(
+            cfg.sample_seconds, 1, cfg, names=("sample_seconds", "audio samples"), hop=math.prod(codec_cfg["strides"]))):
+        raise ConfigError(f"{problem}; sample_seconds=0 makes none")
     if cfg.init_from is not None:  # its kind and architecture from the header, before the latents are encoded
         check_init_from(cfg)
     # a bad manifest line now, not after the codec loads; eval_only reads the val data only

@@ -442,6 +442,30 @@ def test_a_val_set_sharing_files_with_the_train_set_is_said(tmp_path):
     assert not [m for m in said if m.startswith("note:")]
 
 
+@torch.no_grad()
+def test_the_audio_sample_lasts_sample_seconds_with_a_codec_of_another_hop(setup, tmp_path):
+    """A codec of 1000 samples per latent (16 latents/s): each evaluation's sample continued its
+    prompt by sample_seconds * 8 latents (the official codec's rate), half the asked length, and its
+    caption called the prompt twice as long. The sample written is the prompt plus sample_seconds."""
+    import soundfile as sf
+    from model.latents import codec_fingerprint
+    from model.training import Logger
+    from train_transformer import audio_sample, build_data, frozen_codec
+    torch.manual_seed(0)
+    save_codec(tmp_path / "codec.safetensors", build(Codec, dataclasses.replace(CODEC_PRESETS["tiny"],
+                                                                                strides=(2, 2, 2, 5, 5, 5))))
+    cfg = dataclasses.replace(PRESETS["tiny"], duplex=False, eval_only=True, sample_seconds=1.0,
+                              codec_checkpoint=str(tmp_path / "codec.safetensors"),
+                              val_data_path=str(setup["root"] / "corpus/val"), latents_dir=str(tmp_path / "latents"))
+    codec = frozen_codec(cfg, torch.device("cpu"))
+    _, val_set = build_data(cfg, codec, codec_fingerprint(codec), lambda *a: None)
+    audio_sample(3, build(HertzDev, cfg), val_set, codec, cfg, tmp_path / "run",
+                 Logger("disabled", "test", tmp_path / "run", cfg), is_main=True)
+    prompt = min(int(val_set.crop(*val_set.crops[0])["valid"].sum()), cfg.seq_len // 2)
+    info = sf.info(str(tmp_path / "run/samples/step_00000003.wav"))
+    assert info.frames == (prompt + 16) * 1000  # the prompt's latents and 1 s at 16 latents/s
+
+
 def test_an_audio_sample_larger_than_memory_is_refused_by_check_config(tmp_path):
     """sample_seconds=1e9: each evaluation's completion would be a 2 TB tensor, a failed allocation
     (traceback) at the step-0 evaluation after the latents were encoded; check_config refuses it
