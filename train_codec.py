@@ -62,9 +62,9 @@ from model.plots import plot_metrics, save_mel_figure
 from model.training import (Checkpoints, Deadline, Dist, Logger, all_reduce_mean, autocast, before_step, FiniteGuard,
                             check_architecture, check_data_paths, check_folders, check_outside_data, check_trainer,
                             check_resumable, check_schedule, cosine_lr, finished, last_step, load_training_state,
-                            loss_scaler, move_aside, rng_state, run_script, schedule_notes, seed_everything,
-                            set_rng_state, setup_distributed, StepTimer, state_to_load, stop_message,
-                            teardown_distributed, unwrap, window_peak_gb)
+                            loss_scaler, move_aside, preload_limit_gb, resource_notes, rng_state, run_script,
+                            schedule_notes, seed_everything, set_rng_state, setup_distributed, StepTimer, state_to_load,
+                            stop_message, teardown_distributed, unwrap, window_peak_gb)
 
 
 def main(argv=None) -> dict:
@@ -94,7 +94,7 @@ def main(argv=None) -> dict:
     if finished(state, cfg, checkpoints, export_state, is_main, say):  # the same command again: nothing to train
         teardown_distributed()
         return {}
-    for note in [] if cfg.eval_only else schedule_notes(cfg) + recipe_notes(cfg):
+    for note in resource_notes(cfg) + ([] if cfg.eval_only else schedule_notes(cfg) + recipe_notes(cfg)):
         say(f"note: {note}")
     init = None  # init_from's weights, read (and checked) before the data; DDP broadcasts rank 0's to the others
     if not latest and cfg.init_from and (is_main or cfg.eval_only):
@@ -290,14 +290,15 @@ def build_data(cfg: CodecConfig, is_main: bool, say) -> tuple[DataLoader | None,
     # every rank reads its own share of the training crops; rank 0 alone evaluates, so the
     # validation numbers do not depend on the number of GPUs
     val_loader, train_loader = None, None
+    preload_gb = preload_limit_gb(cfg.preload_max_gb)  # (resource_notes says when it is lower)
     if is_main:
         val_set = AudioCropDataset(cfg.val_data_path, cfg.val_segment_seconds or cfg.segment_seconds, cfg.sample_rate,
-                                   train=False, max_val_crops=cfg.val_crops, preload_max_gb=cfg.preload_max_gb)
+                                   train=False, max_val_crops=cfg.val_crops, preload_max_gb=preload_gb)
         val_loader = make_loader(val_set, cfg.batch_size, num_workers=cfg.num_workers, distributed=False)
         say(describe("val", val_set))
     if not cfg.eval_only:
         train_set = AudioCropDataset(cfg.train_data_path, cfg.segment_seconds, cfg.sample_rate, train=True,
-                                     seed=cfg.seed, preload_max_gb=cfg.preload_max_gb)
+                                     seed=cfg.seed, preload_max_gb=preload_gb)
         train_loader = make_loader(train_set, cfg.batch_size, num_workers=cfg.num_workers, distributed=True,
                                    seed=cfg.seed)
         if len(train_loader) == 0:

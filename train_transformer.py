@@ -59,7 +59,7 @@ from model.training import (Checkpoints, ConfigMismatch, Deadline, Dist, FiniteG
                             autocast, before_step, check_architecture, check_data_paths, check_finite_step,
                             check_folders, check_outside_data, check_resumable, check_schedule, check_trainer,
                             cosine_lr, finished, last_step, load_training_state, loss_scaler, move_aside, run_script,
-                            schedule_notes, setup_distributed, state_to_load, stop_message, teardown_distributed,
+                            resource_notes, schedule_notes, setup_distributed, state_to_load, stop_message, teardown_distributed,
                             window_peak_gb)
 
 PARTS = ("quantizer", "lm", "resynth")
@@ -102,7 +102,7 @@ def main(argv=None) -> dict:
     if finished(state, cfg, checkpoints, finetune.export_adapter if lora else export_state, is_main, say):
         teardown_distributed()  # the same command again: nothing to train, nothing to encode
         return {}
-    for note in [] if cfg.eval_only else schedule_notes(cfg):
+    for note in resource_notes(cfg) + ([] if cfg.eval_only else schedule_notes(cfg)):
         say(f"note: {note}")
     codec = rank0_first(lambda: frozen_codec(cfg, device))  # rank 0 downloads the official codec if missing
     fingerprint = codec_fingerprint(codec)

@@ -18,7 +18,8 @@
 - `check_folders` / `check_data_paths` / `check_schedule`: config mistakes both trainers find
   before anything slow (a file where a run folder goes, a missing data folder or bad manifest,
   `min_lr` above `learning_rate`); `schedule_notes`: what is allowed but may not be meant (a
-  warmup as long as the run).
+  warmup as long as the run); `resource_notes`: more loader workers than cores, a preload larger
+  than the memory (`preload_limit_gb`).
 - `check_resumable` / `check_architecture`: a resumed or init_from config that contradicts the
   checkpoint's is a `ConfigMismatch` naming each field (`config.config_diff`).
 - `Logger`: Weights & Biases (online, offline fallback, disabled) plus a local `metrics.jsonl`.
@@ -400,6 +401,52 @@ def schedule_notes(cfg) -> list[str]:
     return [f"warmup_steps={cfg.warmup_steps} >= max_steps={cfg.max_steps}: the learning rate rises for the whole "
             f"run, to {last:g} ({share}={cfg.learning_rate:g}) at its last step, and never decays; lower "
             "warmup_steps unless this is meant"]
+
+
+def processes_here() -> int:
+    """The trainer's processes on this machine: torchrun's LOCAL_WORLD_SIZE, else 1."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def memory_available() -> int:
+    """Bytes of memory this machine can still give without swapping: MemAvailable of /proc/meminfo
+    (Linux), else its physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def preload_limit_gb(preload_max_gb: float) -> float:
+    """The size up to which a corpus is decoded into memory (`AudioCropDataset`'s preload_max_gb):
+    `preload_max_gb`, at most half the memory available to each process here, since the validation
+    and the training corpus are each decoded up to it (and every torchrun process decodes its own);
+    a corpus above it is streamed, not decoded until the machine runs out of memory."""
+    return min(preload_max_gb, memory_available() / 2 / processes_here() / 1e9)
+
+
+def resource_notes(cfg) -> list[str]:
+    """What a config asks of this machine beyond what it has (said as notes, once, before the data
+    loads): more DataLoader workers (`num_workers`) than CPU cores for each process, each a process
+    with its own memory (more can still help where files are slow to read, a network file system);
+    a `preload_max_gb` (the codec's) above `preload_limit_gb`, which is lowered to it."""
+    notes, processes = [], processes_here()
+    each = f" for each of {processes} processes" if processes > 1 else ""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if cfg.num_workers > max(1, cores // processes):
+        notes.append(f"num_workers={cfg.num_workers} is more than the {cores} CPU cores here{each}: each worker is a "
+                     "process with its own memory, and more of them than cores decode no faster; lower num_workers "
+                     "unless the files are slow to read (a network file system)")
+    wanted = getattr(cfg, "preload_max_gb", 0.0)
+    if wanted and (limit := preload_limit_gb(wanted)) < wanted:
+        notes.append(f"preload_max_gb={wanted:g} is more than half the {memory_available() / 1e9:.1f} GB of memory "
+                     f"available here{each} (the validation and the training corpus are each decoded up to it): a "
+                     f"corpus over {limit:.1f} GB is streamed instead")
+    return notes
 
 
 def load_training_state(path: str | os.PathLike, mmap: bool = False, map_location="cpu") -> dict:

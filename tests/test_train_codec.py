@@ -170,8 +170,13 @@ def test_total_loss_falls_on_one_fixed_batch(corpus, tmp_path, capsys):
     one = tmp_path / "one"
     train_codec.main(["--config", "tiny", f"train_data_path={one}", f"val_data_path={one}", "batch_size=1",
                       f"checkpoint_dir={tmp_path / 'run'}", "wandb=disabled", "max_steps=30", "warmup_steps=2",
-                      "learning_rate=3e-3", "disc_start_step=1000", "log_interval=5", "eval_interval=1000"])
-    assert "note: disc_start_step=1000 >= max_steps=30: the discriminators never start" in capsys.readouterr().out
+                      "learning_rate=3e-3", "disc_start_step=1000", "log_interval=5", "eval_interval=1000",
+                      "preload_max_gb=1e6"])
+    out = capsys.readouterr().out
+    assert "note: disc_start_step=1000 >= max_steps=30: the discriminators never start" in out
+    # a preload larger than the machine's memory is lowered to half of it, said once; the clip still fits
+    assert re.search(r"note: preload_max_gb=1e\+06 is more than half the [\d.]+ GB of memory available here", out)
+    assert re.search(r"train: 1 files, .*, 1 crops, decoded into memory", out)
     train = train_rows(tmp_path / "run" / "metrics.jsonl")
     assert train[-1]["loss/total"] < 0.8 * train[0]["loss/total"]
     assert train[-1]["loss/mel"] < 0.8 * train[0]["loss/mel"]

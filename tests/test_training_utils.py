@@ -1,7 +1,9 @@
 """The shared training toolkit: LR schedule, checkpoint rotation, resume checks, RNG state, logging."""
 import dataclasses
 import json
+import os
 import random
+import re
 import socket
 import time
 from pathlib import Path
@@ -428,6 +430,31 @@ def test_finished_message_says_what_is_left_to_train():
     assert finished_message(4, 8, 4, "run") == ("the run in run already stopped at step 4 (stop_step=4); nothing to "
                                                 "train: run again with a later stop_step (or 0) to continue to "
                                                 "max_steps=8")
+
+
+def test_more_workers_than_cores_and_a_preload_larger_than_memory_are_notes(monkeypatch):
+    """num_workers above the cores, and preload_max_gb above the memory, were taken silently: each
+    worker is a process of its own, and a corpus decoded up to a cap over the memory ran the machine
+    out of it (per torchrun process: each decodes its own). One note each (both trainers); the cap
+    is lowered to half the memory available to each process (validation and training each decode
+    up to it), and a cap within it is kept."""
+    from config.transformer_config import PRESETS as TRANSFORMER_PRESETS
+    from model.training import memory_available, preload_limit_gb, resource_notes
+    cores = len(os.sched_getaffinity(0))
+    cfg = dataclasses.replace(PRESETS["tiny"], num_workers=cores, preload_max_gb=0.001)
+    assert resource_notes(cfg) == [] and preload_limit_gb(0.001) == 0.001
+    notes = resource_notes(dataclasses.replace(cfg, num_workers=cores + 1, preload_max_gb=1e6))
+    assert notes[0].startswith(f"num_workers={cores + 1} is more than the {cores} CPU cores here: each worker is a "
+                               "process with its own memory")
+    assert re.fullmatch(r"preload_max_gb=1e\+06 is more than half the [\d.]+ GB of memory available here \(the "
+                        r"validation and the training corpus are each decoded up to it\): a corpus over [\d.]+ GB is "
+                        r"streamed instead", notes[1])
+    assert 0 < preload_limit_gb(1e6) <= memory_available() / 2e9
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun's: two processes on this machine, a copy each
+    assert preload_limit_gb(1e6) <= memory_available() / 4e9
+    notes = resource_notes(dataclasses.replace(cfg, num_workers=cores, preload_max_gb=1e6))
+    assert "for each of 2 processes" in notes[-1] and len(notes) == (2 if cores > 1 else 1)
+    assert resource_notes(dataclasses.replace(TRANSFORMER_PRESETS["tiny"], num_workers=0)) == []
 
 
 def test_a_warmup_as_long_as_the_run_is_a_note():
