@@ -37,7 +37,9 @@ class CodecConfig:
     # product 2000: 8 latents/s
     strides: tuple[int, ...] = field(default=(2, 2, 4, 5, 5, 5), metadata={**ARCH, **COUNT})
     latent_dim: int = field(default=32, metadata={**ARCH, **COUNT})
-    norm_stddev: float = field(default=0.05, metadata={**ARCH, **POSITIVE})  # audio is divided by this first
+    # audio is divided by this first (its standard deviation); >= one 16-bit step, 2 ** -15: below it no
+    # audio's, and 1e-30 made the latents infinite (a NaN loss at step 0, blamed on the data)
+    norm_stddev: float = field(default=0.05, metadata={**ARCH, "min": 2 ** -15})
     weight_norm: bool = field(default=True, metadata=ARCH)
     sample_rate: int = field(default=16000, metadata={**ARCH, **COUNT})
 

@@ -238,6 +238,8 @@ RANGES = [(CODEC_PRESETS, "batch_size=0", "batch_size: expected a number >= 1, g
           (CODEC_PRESETS, "mrd_windows=(512,16)", "mrd_windows: expected each item >= 18, got (512, 16)"),
           # FSQ divides by level - 1: a NaN loss at the first step, after the corpus was encoded
           (TRANSFORMER_PRESETS, "fsq_levels=(8,1)", "fsq_levels: expected each item >= 2, got (8, 1)"),
+          # the audio divided by 1e-30: infinite latents, a NaN loss at step 0 blamed on the data
+          (CODEC_PRESETS, "norm_stddev=1e-30", "norm_stddev: expected a number >= 3.0517578125e-05, got 1e-30"),
           # the rotary rates theta ** (-2i / head_dim) infinite in float32: NaN at the first step, blamed on the data
           (TRANSFORMER_PRESETS, "theta=1e-300", "theta: expected a number > 1, got 1e-300"),
           (TRANSFORMER_PRESETS, "theta=1", "theta: expected a number > 1, got 1.0")]
