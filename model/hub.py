@@ -2,12 +2,17 @@
 
 Files live in `./ckpt` (configurable). What is missing is downloaded from `si-pbc/hertz-dev`
 through `huggingface_hub` (its URL scheme, endpoint and session), streamed into a temporary
-file in the same folder, md5-checked, then renamed into place: a file under its final name is
-always complete and verified (a temporary left by a killed download is started over). Interrupted
-transfers and HTTP 5xx answers are retried a bounded number of times; an md5 mismatch is
-downloaded once more, then reported. What another attempt cannot change is one WeightsError at
-once: an HTTP 4xx answer, a folder that cannot be written (a file in its place, read-only, a full
-disk), and a disk with less room than the file needs, found before the download starts. Offline (`offline=True` or
+`.NAME.pt.download` in the same folder, md5-checked, then renamed into place: a file under its
+final name is always complete and verified. What a dropped connection, an error or a killed
+process leaves in the temporary is kept, and the next attempt (a retry, or a later run) asks for
+the rest with `Range: bytes=N-`, hashing the kept bytes first; a sidecar `.NAME.pt.download.json`
+names the md5 and size the temporary is a prefix of, so a partial of another version of the file
+is never resumed, and a server that does not answer the range asked for (a 200, another start) is
+downloaded from the start. Interrupted transfers and HTTP 5xx answers are retried a bounded
+number of times; an md5 mismatch is downloaded once more from zero, then reported. What another
+attempt cannot change is one WeightsError at once: an HTTP 4xx answer, a folder that cannot be
+written (a file in its place, read-only, a full disk), and a disk with less room than the rest
+of the file needs, found before the download starts. Offline (`offline=True` or
 `HF_HUB_OFFLINE=1`), a missing file is an error that names each file, its size and where to put it.
 """
 from __future__ import annotations
@@ -16,6 +21,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -119,52 +125,208 @@ def _cannot_write(path: Path, error: OSError, what: str) -> WeightsError:
     return WeightsError(f"cannot write {path}: {os_reason(error, path)}; {what}")
 
 
-def _download_once(url: str, dest: Path, expected_size: Optional[int], progress: bool) -> str:
-    """Stream `url` into a temporary file beside `dest`; return its md5 and leave it as
-    `.{dest.name}.download`. Raises WeightsError for what another attempt cannot change (an HTTP
-    4xx answer, a file that cannot be written) and IOError or the client's error for a transfer
-    that may succeed when tried again (an HTTP 5xx, a dropped connection, a short read)."""
+class _Partial:
+    """A download's temporary `.NAME.pt.download` beside the file, with a sidecar
+    `.NAME.pt.download.json` naming the md5 it is a prefix of and the file's size as the server
+    gave it. A partial whose sidecar names another md5 (an older OFFICIAL_FILES entry) or none is
+    started over; one that matches is resumed: its bytes are hashed again and the rest is asked
+    for with `Range: bytes=N-`."""
+
+    def __init__(self, path: Path, md5: str, file):
+        self.tmp = _temporary(path)
+        self.meta = _sidecar(self.tmp)
+        self.md5 = md5
+        self.file = file  # (the temporary, opened r+b)
+        self.size: Optional[int] = None  # the whole file's, as the server said
+        self.got = 0
+        self.hash = hashlib.md5()
+
+    @classmethod
+    def open(cls, path: Path, md5: str) -> "_Partial":
+        """The temporary of `path`, its kept prefix hashed."""
+        file = open(os.open(_temporary(path), os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666), "r+b",
+                    buffering=0)
+        try:
+            part = cls(path, md5, file)
+            part.take_over()
+            return part
+        except BaseException:
+            file.close()
+            raise
+
+    def take_over(self) -> None:
+        """Keep what an earlier attempt of the same file left (hashing it), or start over."""
+        size = _kept_size(self.meta, self.md5)
+        kept = os.fstat(self.file.fileno()).st_size
+        if size is None or kept > size:
+            self.restart()
+            return
+        self.size = size
+        self.file.seek(0)
+        while self.got < kept:
+            block = self.file.read(min(1 << 22, kept - self.got))
+            if not block:
+                break
+            self.hash.update(block)
+            self.got += len(block)
+
+    def restart(self) -> None:
+        """Start over from byte 0 (the sidecar goes first: a sidecar always describes a prefix)."""
+        _remove(self.meta)
+        self.file.seek(0)
+        self.file.truncate()
+        self.size, self.got, self.hash = None, 0, hashlib.md5()
+
+    def begin(self, size: Optional[int]) -> None:
+        """A whole file is coming from byte 0, of `size` bytes if the server said."""
+        self.restart()
+        if size:
+            self.meta.write_text(json.dumps({"md5": self.md5, "size": size}))
+            self.size = size
+
+    def write(self, pending: bytearray) -> None:
+        """Append `pending`, emptying it as it goes (the file is unbuffered: `got` and the hash
+        count what reached it, even when a full disk takes part of a block)."""
+        while pending:
+            n = self.file.write(pending)
+            self.hash.update(pending[:n])
+            self.got += n
+            del pending[:n]
+
+    def settle(self) -> None:
+        """After an attempt: the file ends where the hash does, and is on disk."""
+        self.file.truncate(self.got)
+        os.fsync(self.file.fileno())
+
+    def finish(self, path: Path) -> None:
+        """Rename the verified temporary into place."""
+        os.replace(self.tmp, path)
+        _remove(self.meta)
+
+    def discard(self) -> None:
+        _remove(self.meta)
+        _remove(self.tmp)
+        self.close()
+
+    def close(self) -> None:
+        """Close (and drop the temporary if nothing is in it: no empty litter)."""
+        if not self.file.closed:
+            if self.got == 0 and self.tmp.exists() and os.path.samestat(os.fstat(self.file.fileno()), self.tmp.stat()):
+                _remove(self.meta)
+                _remove(self.tmp)
+            self.file.close()
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.download")
+
+
+def _sidecar(tmp: Path) -> Path:
+    return tmp.with_name(f"{tmp.name}.json")
+
+
+def _kept_size(meta: Path, md5: str) -> Optional[int]:
+    """The whole file's size a partial download of the file of `md5` is a prefix of, or None when
+    its sidecar is missing, unreadable or names another md5 (another version of the file)."""
+    try:
+        said = json.loads(meta.read_text())
+        return int(said["size"]) if said.get("md5") == md5 and int(said["size"]) > 0 else None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
+def _kept_bytes(path: Path, md5: str) -> int:
+    """Bytes a partial download of `path` (of `md5`) already holds, to be resumed."""
+    tmp = _temporary(path)
+    try:
+        return tmp.stat().st_size if _kept_size(_sidecar(tmp), md5) is not None else 0
+    except OSError:
+        return 0
+
+
+def _content_range(r) -> Optional[tuple[int, int]]:
+    """(first byte, whole size) of a 206 answer's `Content-Range: bytes FIRST-LAST/SIZE`."""
+    m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", r.headers.get("content-range", "").strip())
+    return (int(m.group(1)), int(m.group(3))) if m else None
+
+
+def _download_once(url: str, dest: Path, part: _Partial, expected_size: Optional[int], progress: bool,
+                   log: Callable[[str], None]) -> str:
+    """Stream `url` into the locked temporary `part` (resuming at what it holds when the server
+    answers the range asked for, else from byte 0); return the whole file's md5. Raises
+    WeightsError for what another attempt cannot change (an HTTP 4xx answer, a file that cannot be
+    written) and IOError or the client's error for a transfer that may succeed when tried again
+    (an HTTP 5xx, a dropped connection, a short read); the bytes received are kept either way."""
     from huggingface_hub.utils import build_hf_headers, get_session
 
-    tmp = dest.with_name(f".{dest.name}.download")
-    h = hashlib.md5()
-    got = 0
     session = get_session()
-    with session.stream("GET", url, headers=build_hf_headers(), follow_redirects=True, timeout=60) as r:
-        if r.status_code >= 400:  # (the client's own error spans two lines, with a link)
-            answer = f"HTTP {r.status_code} {r.reason_phrase}"
-            if r.status_code < 500 and r.status_code not in (408, 429):
-                raise WeightsError(f"{url} answered {answer}; check HF_ENDPOINT and the access token (HF_TOKEN), "
-                                   f"or download {dest.name} from https://huggingface.co/{HF_REPO} into {dest.parent}/")
-            raise IOError(answer)
-        total = int(r.headers.get("content-length") or 0) or expected_size
-        bar = None
-        if progress:
-            from tqdm import tqdm
-            bar = tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, leave=False)
+    while True:
+        start = part.got
+        if start and start == part.size:  # all there already (a run killed before the rename)
+            return part.hash.hexdigest()
+        headers = build_hf_headers()
+        if start:
+            headers["Range"] = f"bytes={start}-"
+            log(f"resuming {dest.name} at {_human(start)} of {_human(part.size)}")
+        with session.stream("GET", url, headers=headers, follow_redirects=True, timeout=60) as r:
+            if start and (r.status_code == 416 or r.status_code == 206 and _content_range(r) != (start, part.size)):
+                log(f"{url} did not answer the range asked for ({r.status_code} "
+                    f"{r.headers.get('content-range', '')}); downloading {dest.name} from the start")
+                part.restart()  # (the file there changed, or a server that does ranges its own way)
+                continue
+            if r.status_code >= 400:  # (the client's own error spans two lines, with a link)
+                answer = f"HTTP {r.status_code} {r.reason_phrase}"
+                if r.status_code < 500 and r.status_code not in (408, 429):
+                    raise WeightsError(f"{url} answered {answer}; check HF_ENDPOINT and the access token (HF_TOKEN), "
+                                       f"or download {dest.name} from https://huggingface.co/{HF_REPO} into "
+                                       f"{dest.parent}/")
+                raise IOError(answer)
+            declared = r.headers.get("content-length")
+            try:
+                if r.status_code != 206:  # the whole file (a server that ignores Range too)
+                    if start:
+                        log(f"{url} does not resume downloads; downloading {dest.name} from the start")
+                    part.begin(int(declared) if declared else None)
+                _receive(r, dest, part, part.size or expected_size, progress)
+            except OSError as e:
+                if e.filename is None and e.errno is None:  # the transfer's (a dropped connection), not the disk's
+                    raise
+                if e.errno != errno.ENOSPC:
+                    raise _cannot_write(dest, e, "choose a folder this process can write (ckpt_dir)") from None
+                kept = f" (the {_human(part.got)} downloaded are kept for the next run to resume)" if part.got else ""
+                raise _cannot_write(dest, e, f"{dest.name} needs about {_human(part.size or expected_size or part.got)}"
+                                             f": free space there or choose another folder (ckpt_dir){kept}") from None
+            if declared is not None and int(declared) != part.got - (start if r.status_code == 206 else 0):
+                raise IOError(f"transfer of {dest.name} ended after {part.got} of {part.size or declared} bytes")
+        return part.hash.hexdigest()
+
+
+def _receive(r, dest: Path, part: _Partial, total: Optional[int], progress: bool) -> None:
+    """The body of answer `r` appended to `part`, with a progress bar from where it starts."""
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total, initial=part.got, unit="B", unit_scale=True, desc=dest.name, leave=False)
+    pending = bytearray()  # (the client's own chunking would lose what it holds when the connection drops)
+    try:
+        part.file.seek(part.got)
+        for block in r.iter_bytes():
+            pending += block
+            if len(pending) >= 1 << 20:
+                part.write(pending)
+                if bar:
+                    bar.update(part.got - bar.n)
+        part.write(pending)
+    except BaseException:
         try:
-            with open(tmp, "wb") as f:
-                for block in r.iter_bytes(1 << 20):
-                    f.write(block)
-                    h.update(block)
-                    got += len(block)
-                    if bar:
-                        bar.update(len(block))
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as e:
-            if e.filename is None and e.errno is None:  # the transfer's (a dropped connection), not the disk's
-                raise
-            full = e.errno == errno.ENOSPC
-            raise _cannot_write(dest, e, f"{dest.name} needs about {_human(total or got)}: free space there or "
-                                         "choose another folder (ckpt_dir)" if full else
-                                "choose a folder this process can write (ckpt_dir)") from None
+            part.write(pending)  # what arrived before the connection dropped is kept
+        except OSError:
+            pass
+        raise
+    finally:
+        part.settle()
         if bar:
             bar.close()
-        declared = r.headers.get("content-length")
-        if declared is not None and int(declared) != got:
-            raise IOError(f"transfer of {dest.name} ended after {got} of {declared} bytes")
-    return h.hexdigest()
 
 
 def check_offline(names, ckpt_dir: str | os.PathLike = DEFAULT_CKPT_DIR, offline: Optional[bool] = None) -> None:
@@ -219,10 +381,11 @@ def official_files(names, ckpt_dir: str | os.PathLike = DEFAULT_CKPT_DIR, offlin
                 raise WeightsError(f"{path} is corrupt: md5 {digest}, expected {f.md5}. Delete it and "
                                    f"download it again from https://huggingface.co/{HF_REPO}.")
             log(f"{path} has md5 {digest}, expected {f.md5}: downloading it again")
-        free = shutil.disk_usage(folder).free
-        if free < f.size:  # found now, not after hours of downloading (the temporary goes beside the file)
+        free, kept = shutil.disk_usage(folder).free, _kept_bytes(path, f.md5)
+        if free < f.size - kept:  # found now, not after hours of downloading (the temporary goes beside the file)
+            more = f" more ({_human(kept)} of it downloaded)" if kept else ""
             raise WeightsError(f"{folder} has {_human(free)} free and {f.filename} ({f.component}) needs about "
-                               f"{_human(f.size)}: free space there or choose another folder (ckpt_dir)")
+                               f"{_human(f.size - kept)}{more}: free space there or choose another folder (ckpt_dir)")
         out[f.name] = _fetch(f, path, endpoint, retries, progress, log, backoff)
         verified.add(out[f.name], f.md5)
     return out
@@ -230,37 +393,46 @@ def official_files(names, ckpt_dir: str | os.PathLike = DEFAULT_CKPT_DIR, offlin
 
 def _fetch(f: OfficialFile, path: Path, endpoint: Optional[str], retries: int, progress: bool,
            log: Callable[[str], None], backoff: float) -> Path:
+    """Download `f` into `path` through its temporary (resumed where an earlier attempt or run
+    stopped), verify it and rename it into place."""
     from huggingface_hub import hf_hub_url
 
     url = hf_hub_url(HF_REPO, f.filename, endpoint=endpoint or os.environ.get("HF_ENDPOINT"))
-    tmp = path.with_name(f".{path.name}.download")
-    md5_failures = 0
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            digest = _download_once(url, path, f.size, progress)
-        except WeightsError:  # another attempt would not change it
-            _remove(tmp)
-            raise
-        except Exception as e:  # network errors, HTTP 5xx, short reads
-            _remove(tmp)
-            if attempt >= retries:
-                raise WeightsError(f"could not download {f.filename} from {url} after {attempt} attempts: {e}") from e
-            wait = min(2 ** (attempt - 1), 30) * backoff
-            log(f"download of {f.filename} failed ({e}); retrying in {wait:.1f}s ({attempt}/{retries})")
-            time.sleep(wait)
-            continue
-        if digest != f.md5:
-            _remove(tmp)
-            md5_failures += 1
-            if md5_failures >= 2:
-                raise WeightsError(f"{f.filename} from {url} has md5 {digest} twice, expected {f.md5}; "
-                                   "the download source or the file is corrupt")
-            log(f"{f.filename}: md5 {digest} does not match {f.md5}; downloading once more")
-            continue
-        os.replace(tmp, path)
-        return path
+    try:
+        part = _Partial.open(path, f.md5)
+    except OSError as e:
+        raise _cannot_write(path, e, "choose a folder this process can write (ckpt_dir)") from None
+    try:
+        md5_failures = 0
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                digest = _download_once(url, path, part, f.size, progress, log)
+            except WeightsError:  # another attempt would not change it
+                raise
+            except Exception as e:  # network errors, HTTP 5xx, short reads
+                if attempt >= retries:
+                    kept = (f"; the {_human(part.got)} downloaded are kept in {part.tmp} and the next run resumes "
+                            "from there" if part.got else "")
+                    raise WeightsError(f"could not download {f.filename} from {url} after {attempt} attempts: "
+                                       f"{e}{kept}") from e
+                wait = min(2 ** (attempt - 1), 30) * backoff
+                log(f"download of {f.filename} failed ({e}); retrying in {wait:.1f}s ({attempt}/{retries})")
+                time.sleep(wait)
+                continue
+            if digest != f.md5:
+                part.restart()
+                md5_failures += 1
+                if md5_failures >= 2:
+                    raise WeightsError(f"{f.filename} from {url} has md5 {digest} twice, expected {f.md5}; "
+                                       "the download source or the file is corrupt")
+                log(f"{f.filename}: md5 {digest} does not match {f.md5}; downloading once more")
+                continue
+            part.finish(path)
+            return path
+    finally:
+        part.close()
 
 
 def _remove(tmp: Path) -> None:

@@ -1,22 +1,33 @@
 """A real HTTP server on loopback that serves files the way the Hugging Face Hub does
-(`/{repo}/resolve/{revision}/{filename}`), with switchable faults, for the download tests."""
+(`/{repo}/resolve/{revision}/{filename}`, `Range: bytes=N-` answered with 206), with switchable
+faults and a throttle, for the download tests."""
 from __future__ import annotations
 
+import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 
 class HubServer:
     """`files`: filename -> bytes. `faults`: filename -> list of faults consumed one per GET:
-    "truncate" (send half the body, then drop the connection), "corrupt" (send other bytes),
-    "error" (HTTP 500). `requests` records every path asked for."""
+    "truncate" (send half the body, then drop the connection), "drop@F" (send the file up to the
+    fraction F of its length, then drop the connection), "corrupt" (send other bytes), "error"
+    (HTTP 500), "ignore-range" (answer 200 with the whole file to a Range request), "bad-range"
+    (answer a Range request with 206 and the whole file, `Content-Range: bytes 0-...`).
+    `rate`: bytes per second of every body (None: as fast as it goes). `requests` records every
+    path asked for, `ranges` the Range header of each (None without), `sent` the body bytes sent."""
 
     def __init__(self, repo: str = "si-pbc/hertz-dev"):
         self.repo = repo
         self.files: dict[str, bytes] = {}
         self.faults: dict[str, list[str]] = {}
         self.requests: list[str] = []
+        self.ranges: list[str | None] = []
+        self.sent = 0
+        self.rate: float | None = None
+        self.lock = threading.Lock()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -25,37 +36,65 @@ class HubServer:
             def log_message(self, *args):
                 pass
 
+            def empty(self, status: int, headers: dict | None = None):
+                self.send_response(status)
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
             def do_GET(self):
                 server.requests.append(self.path)
+                asked = self.headers.get("Range")
+                server.ranges.append(asked)
                 prefix = f"/{server.repo}/resolve/main/"
                 name = self.path[len(prefix):] if self.path.startswith(prefix) else None
                 if name not in server.files:
-                    self.send_response(404)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                body = server.files[name]
+                    return self.empty(404)
+                data = server.files[name]
                 fault = server.faults.get(name, []).pop(0) if server.faults.get(name) else None
                 if fault == "error":
-                    self.send_response(500)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
+                    return self.empty(500)
                 if fault == "corrupt":
-                    body = bytes(b ^ 0xFF for b in body)
-                self.send_response(200)
+                    data = bytes(b ^ 0xFF for b in data)
+                start = 0
+                m = re.fullmatch(r"bytes=(\d+)-", asked or "")
+                if m and fault not in ("ignore-range", "bad-range"):
+                    start = int(m.group(1))
+                    if start >= len(data):
+                        return self.empty(416, {"Content-Range": f"bytes */{len(data)}"})
+                self.send_response(206 if m and fault != "ignore-range" else 200)
                 self.send_header("Content-Type", "application/octet-stream")
-                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Content-Length", str(len(data) - start))
+                if m and fault != "ignore-range":
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
                 self.end_headers()
+                end = len(data)
                 if fault == "truncate":
-                    self.wfile.write(body[: len(body) // 2])
-                    self.wfile.flush()
+                    end = start + (len(data) - start) // 2
+                elif fault and fault.startswith("drop@"):
+                    end = max(start, int(len(data) * float(fault[5:])))
+                try:
+                    self.send_body(data, start, end)
+                    if end < len(data):
+                        self.close_connection = True
+                        self.connection.shutdown(2)
+                except OSError:  # the client went away (a killed download)
                     self.close_connection = True
-                    self.connection.shutdown(2)
-                    return
-                self.wfile.write(body)
+
+            def send_body(self, data: bytes, start: int, end: int):
+                step = 1 << 16
+                for i in range(start, end, step):
+                    block = data[i:min(i + step, end)]
+                    self.wfile.write(block)
+                    self.wfile.flush()
+                    with server.lock:
+                        server.sent += len(block)
+                    if server.rate:
+                        time.sleep(len(block) / server.rate)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
         self.endpoint = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
