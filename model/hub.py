@@ -3,7 +3,9 @@
 Files live in `./ckpt` (configurable). What is missing is downloaded from `si-pbc/hertz-dev`
 through `huggingface_hub` (its URL scheme, endpoint and session), streamed into a temporary
 `.NAME.pt.download` in the same folder, md5-checked, then renamed into place: a file under its
-final name is always complete and verified. What a dropped connection, an error or a killed
+final name is always complete and verified. A process writes the temporary under an exclusive
+`flock`: a second one downloading the same file waits for it, then finds the verified file in
+place (or takes the partial over if the first died). What a dropped connection, an error or a killed
 process leaves in the temporary is kept, and the next attempt (a retry, or a later run) asks for
 the rest with `Range: bytes=N-`, hashing the kept bytes first; a sidecar `.NAME.pt.download.json`
 names the md5 and size the temporary is a prefix of, so a partial of another version of the file
@@ -18,6 +20,7 @@ of the file needs, found before the download starts. Offline (`offline=True` or
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -98,24 +101,30 @@ class _Verified:
 
     def __init__(self, folder: Path):
         self.path = folder / ".verified.json"
+        self.data = self._read()
+
+    def _read(self) -> dict:
         try:
-            self.data = json.loads(self.path.read_text())
+            data = json.loads(self.path.read_text())
+            return data if isinstance(data, dict) else {}
         except (OSError, ValueError):
-            self.data = {}
+            return {}
 
     def ok(self, file: Path, md5: str) -> bool:
         st = file.stat()
         return self.data.get(file.name) == [st.st_size, st.st_mtime_ns, md5]
 
     def add(self, file: Path, md5: str) -> None:
+        """Record `file`, keeping what other processes recorded since this one read the record
+        (each writes its own temporary, then renames it into place)."""
         st = file.stat()
-        self.data[file.name] = [st.st_size, st.st_mtime_ns, md5]
-        tmp = self.path.with_suffix(".tmp")
+        self.data = {**self._read(), file.name: [st.st_size, st.st_mtime_ns, md5]}
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         try:
             tmp.write_text(json.dumps(self.data, indent=1))
             os.replace(tmp, self.path)
         except OSError:
-            pass  # a read-only folder only costs a re-hash next time
+            _remove(tmp)  # a read-only folder only costs a re-hash next time
 
 
 def _cannot_write(path: Path, error: OSError, what: str) -> WeightsError:
@@ -126,7 +135,9 @@ def _cannot_write(path: Path, error: OSError, what: str) -> WeightsError:
 
 
 class _Partial:
-    """A download's temporary `.NAME.pt.download` beside the file, with a sidecar
+    """A download's temporary `.NAME.pt.download` beside the file, held under an exclusive `flock`
+    while it is written (a second process downloading the same file waits for the first, then finds
+    the verified file in place, or takes the partial over if the first died), with a sidecar
     `.NAME.pt.download.json` naming the md5 it is a prefix of and the file's size as the server
     gave it. A partial whose sidecar names another md5 (an older OFFICIAL_FILES entry) or none is
     started over; one that matches is resumed: its bytes are hashed again and the rest is asked
@@ -136,23 +147,44 @@ class _Partial:
         self.tmp = _temporary(path)
         self.meta = _sidecar(self.tmp)
         self.md5 = md5
-        self.file = file  # (the temporary, opened r+b)
+        self.file = file  # (the temporary, opened r+b and locked)
         self.size: Optional[int] = None  # the whole file's, as the server said
         self.got = 0
         self.hash = hashlib.md5()
 
     @classmethod
-    def open(cls, path: Path, md5: str) -> "_Partial":
-        """The temporary of `path`, its kept prefix hashed."""
-        file = open(os.open(_temporary(path), os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666), "r+b",
-                    buffering=0)
-        try:
-            part = cls(path, md5, file)
-            part.take_over()
-            return part
-        except BaseException:
-            file.close()
-            raise
+    def lock(cls, path: Path, md5: str, verified: Callable[[], bool], log: Callable[[str], None]) -> Optional["_Partial"]:
+        """The locked temporary of `path`, its kept prefix hashed, or None once `verified()` (the
+        file is in place and verified: another process finished it while this one waited)."""
+        tmp, said = _temporary(path), False
+        while True:
+            if verified():
+                return None
+            file = open(os.open(tmp, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666), "r+b", buffering=0)
+            try:
+                try:
+                    fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    if not said:
+                        log(f"another process is downloading {path.name} into {path.parent}; waiting for it")
+                        said = True
+                    fcntl.flock(file, fcntl.LOCK_EX)
+                except OSError:
+                    pass  # a file system without locks: go on unlocked, as before
+                mine = os.fstat(file.fileno())
+                now = tmp.stat() if tmp.exists() else None
+                if now is None or (mine.st_dev, mine.st_ino) != (now.st_dev, now.st_ino):
+                    file.close()  # renamed into place (or removed) while this process waited: look again
+                    continue
+                part = cls(path, md5, file)
+                if verified():
+                    part.discard()
+                    return None
+                part.take_over()
+                return part
+            except BaseException:
+                file.close()
+                raise
 
     def take_over(self) -> None:
         """Keep what an earlier attempt of the same file left (hashing it), or start over."""
@@ -199,7 +231,7 @@ class _Partial:
         os.fsync(self.file.fileno())
 
     def finish(self, path: Path) -> None:
-        """Rename the verified temporary into place."""
+        """Rename the verified temporary into place (still locked: a waiting process then finds it)."""
         os.replace(self.tmp, path)
         _remove(self.meta)
 
@@ -209,7 +241,7 @@ class _Partial:
         self.close()
 
     def close(self) -> None:
-        """Close (and drop the temporary if nothing is in it: no empty litter)."""
+        """Unlock (and drop the temporary if nothing is in it: no empty litter)."""
         if not self.file.closed:
             if self.got == 0 and self.tmp.exists() and os.path.samestat(os.fstat(self.file.fileno()), self.tmp.stat()):
                 _remove(self.meta)
@@ -387,21 +419,27 @@ def official_files(names, ckpt_dir: str | os.PathLike = DEFAULT_CKPT_DIR, offlin
             raise WeightsError(f"{folder} has {_human(free)} free and {f.filename} ({f.component}) needs about "
                                f"{_human(f.size - kept)}{more}: free space there or choose another folder (ckpt_dir)")
         out[f.name] = _fetch(f, path, endpoint, retries, progress, log, backoff)
-        verified.add(out[f.name], f.md5)
     return out
 
 
 def _fetch(f: OfficialFile, path: Path, endpoint: Optional[str], retries: int, progress: bool,
            log: Callable[[str], None], backoff: float) -> Path:
-    """Download `f` into `path` through its temporary (resumed where an earlier attempt or run
-    stopped), verify it and rename it into place."""
+    """Download `f` into `path` through its locked temporary (resumed where an earlier attempt or
+    run stopped), verify it and rename it into place; or find it there once another process that
+    held the temporary has."""
     from huggingface_hub import hf_hub_url
 
     url = hf_hub_url(HF_REPO, f.filename, endpoint=endpoint or os.environ.get("HF_ENDPOINT"))
+
+    def verified() -> bool:  # (read again: another process records what it finished)
+        return path.is_file() and _Verified(path.parent).ok(path, f.md5)
+
     try:
-        part = _Partial.open(path, f.md5)
+        part = _Partial.lock(path, f.md5, verified, log)
     except OSError as e:
         raise _cannot_write(path, e, "choose a folder this process can write (ckpt_dir)") from None
+    if part is None:
+        return path
     try:
         md5_failures = 0
         attempt = 0
@@ -430,6 +468,7 @@ def _fetch(f: OfficialFile, path: Path, endpoint: Optional[str], retries: int, p
                 log(f"{f.filename}: md5 {digest} does not match {f.md5}; downloading once more")
                 continue
             part.finish(path)
+            _Verified(path.parent).add(path, f.md5)  # (before unlocking: a waiting process finds it verified)
             return path
     finally:
         part.close()

@@ -186,6 +186,42 @@ def test_a_killed_download_is_resumed_by_the_next_run(server, tmp_path, monkeypa
     assert logs == [f"resuming inference_volcano_3.pt at {hub._human(kept)} of 4.2 MB"]
 
 
+def test_two_processes_downloading_one_file_share_one_download(server, tmp_path, monkeypatch):
+    """Two processes downloading the same file at once wrote the same temporary: the second
+    truncated the first's, the first renamed a file with a hole in it into place and returned it,
+    the second failed with a FileNotFoundError traceback. Now the second waits (one log line) and
+    finds the verified file in place; when the first is killed, the second takes its partial over."""
+    data = os.urandom(3 << 20)
+    register(monkeypatch, "inference_volcano_3", data)
+    server.add("inference_volcano_3.pt", data)
+    server.rate = 1 << 20  # (3 s: the second starts while the first downloads)
+    folder = tmp_path / "ckpt"
+    tmp = folder / ".inference_volcano_3.pt.download"
+    first = downloader(server, folder, "inference_volcano_3", data)
+    wait_for(lambda: tmp.exists(), first, "no download seen")
+    second = downloader(server, folder, "inference_volcano_3", data)
+    out = [p.communicate()[0] for p in (first, second)]
+    assert out[0].splitlines()[-1] == "done True" and out[1].splitlines()[-1] == "done True", out
+    assert out[1].splitlines()[0] == f"another process is downloading inference_volcano_3.pt into {folder}; waiting for it"
+    assert (folder / "inference_volcano_3.pt").read_bytes() == data and leftovers(folder) == []
+    assert len(server.requests) == 1 and server.sent == len(data)
+    (folder / "inference_volcano_3.pt").unlink()
+    first = downloader(server, folder, "inference_volcano_3", data)
+    try:
+        wait_for(lambda: tmp.exists() and tmp.stat().st_size > 0, first, "no download seen")
+        second = downloader(server, folder, "inference_volcano_3", data)
+        assert second.stdout.readline().startswith("another process is downloading")
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    server.rate = None
+    out = second.communicate()[0].splitlines()
+    assert len(server.ranges) == 3 and re.fullmatch(r"bytes=\d+-", server.ranges[2])
+    kept = int(server.ranges[2][6:-1])  # (what the first had written when it was killed)
+    assert out == [f"resuming inference_volcano_3.pt at {hub._human(kept)} of 3.1 MB", "done True"] and kept > 0
+    assert (folder / "inference_volcano_3.pt").read_bytes() == data and leftovers(folder) == []
+
+
 def test_retries_are_bounded(server, tmp_path, monkeypatch):
     data = bytes(range(256)) * 4096
     register(monkeypatch, "inference_volcano_3", data)
