@@ -50,6 +50,22 @@ def test_good_file_is_downloaded_verified_and_reused(server, tmp_path, monkeypat
     assert leftovers(path.parent) == []
 
 
+def test_every_file_verified_stays_recorded(server, tmp_path, monkeypatch):
+    """A file downloaded (recorded by the download, under its lock) then one found in place and
+    hashed in the same call: the second record was written from what was read before the download,
+    dropping the first, which was hashed again (a minute for 27 GB) at every later load."""
+    quantizer, codec = b"q" * 1000, b"c" * 1000
+    register(monkeypatch, "inference_volcano_3", quantizer)
+    register(monkeypatch, "inference_apatosaurus_95000", codec)
+    server.add("inference_volcano_3.pt", quantizer)
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "inference_apatosaurus_95000.pt").write_bytes(codec)  # (copied by hand)
+    hub.official_files(["inference_volcano_3", "inference_apatosaurus_95000"], tmp_path / "ckpt",
+                       endpoint=server.endpoint, progress=False, log=lambda m: None)
+    record = json.loads((tmp_path / "ckpt" / ".verified.json").read_text())
+    assert sorted(record) == ["inference_apatosaurus_95000.pt", "inference_volcano_3.pt"]
+
+
 def test_md5_mismatch_is_downloaded_once_more(server, tmp_path, monkeypatch):
     data = bytes(range(256)) * 64
     register(monkeypatch, "inference_volcano_3", data)
