@@ -413,6 +413,9 @@ def official_files(names, ckpt_dir: str | os.PathLike = DEFAULT_CKPT_DIR, offlin
                 raise WeightsError(f"{path} is corrupt: md5 {digest}, expected {f.md5}. Delete it and "
                                    f"download it again from https://huggingface.co/{HF_REPO}.")
             log(f"{path} has md5 {digest}, expected {f.md5}: downloading it again")
+        elif path.is_dir():  # (found now: the rename into place would fail after the whole download)
+            raise WeightsError(f"cannot write {path}: a folder is in its place; move it away or choose another "
+                               "folder for the official weights (ckpt_dir)")
         free, kept = shutil.disk_usage(folder).free, _kept_bytes(path, f.md5)
         if free < f.size - kept:  # found now, not after hours of downloading (the temporary goes beside the file)
             more = f" more ({_human(kept)} of it downloaded)" if kept else ""

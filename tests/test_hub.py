@@ -275,7 +275,8 @@ def test_an_http_4xx_is_not_retried_and_any_error_is_one_line(server, tmp_path, 
 
 def test_a_file_where_the_folder_goes_is_one_error(server, tmp_path, monkeypatch):
     """ckpt_dir naming a file (or a folder under one) was a FileExistsError or NotADirectoryError
-    traceback: a WeightsError naming the file in the way, before any request."""
+    traceback, and a folder under the official file's name an IsADirectoryError after the whole
+    download: a WeightsError naming what is in the way, before any request."""
     register(monkeypatch, "inference_volcano_3", b"x")
     (tmp_path / "ckpt").write_text("not a folder")
     for folder in (tmp_path / "ckpt", tmp_path / "ckpt" / "sub"):
@@ -284,6 +285,14 @@ def test_a_file_where_the_folder_goes_is_one_error(server, tmp_path, monkeypatch
         assert str(e.value) == (f"cannot write {folder / 'inference_volcano_3.pt'}: {tmp_path / 'ckpt'} is a file, "
                                 "not a folder; choose another folder for the official weights (ckpt_dir)")
     assert server.requests == []
+    (tmp_path / "ckpt").unlink()
+    (tmp_path / "ckpt" / "inference_volcano_3.pt").mkdir(parents=True)  # a folder under the file's name
+    server.add("inference_volcano_3.pt", b"x")
+    with pytest.raises(WeightsError) as e:  # (was IsADirectoryError, after the whole download)
+        hub.official_file("inference_volcano_3", tmp_path / "ckpt", endpoint=server.endpoint, progress=False)
+    assert str(e.value) == (f"cannot write {tmp_path / 'ckpt' / 'inference_volcano_3.pt'}: a folder is in its place; "
+                            "move it away or choose another folder for the official weights (ckpt_dir)")
+    assert server.requests == [] and leftovers(tmp_path / "ckpt") == []
 
 
 @pytest.fixture
