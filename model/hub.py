@@ -11,7 +11,7 @@ the rest with `Range: bytes=N-`, hashing the kept bytes first; a sidecar `.NAME.
 names the md5 and size the temporary is a prefix of, so a partial of another version of the file
 is never resumed, and a server that does not answer the range asked for (a 200, another start) is
 downloaded from the start. Interrupted transfers and HTTP 5xx answers are retried a bounded
-number of times; an md5 mismatch is downloaded once more from zero, then reported. What another
+number of times in a row (an attempt that added bytes starts the count anew); an md5 mismatch is downloaded once more from zero, then reported. What another
 attempt cannot change is one WeightsError at once: an HTTP 4xx answer, a folder that cannot be
 written (a file in its place, read-only, a full disk), and a disk with less room than the rest
 of the file needs, found before the download starts. Offline (`offline=True` or
@@ -445,14 +445,15 @@ def _fetch(f: OfficialFile, path: Path, endpoint: Optional[str], retries: int, p
         return path
     try:
         md5_failures = 0
-        attempt = 0
+        attempt = 0  # failed attempts in a row that added nothing to the temporary
         while True:
-            attempt += 1
+            before = part.got
             try:
                 digest = _download_once(url, path, part, f.size, progress, log)
             except WeightsError:  # another attempt would not change it
                 raise
             except Exception as e:  # network errors, HTTP 5xx, short reads
+                attempt = 1 if part.got > before else attempt + 1  # (a drop after progress starts the count anew)
                 if attempt >= retries:
                     kept = (f"; the {_human(part.got)} downloaded are kept in {part.tmp} and the next run resumes "
                             "from there" if part.got else "")

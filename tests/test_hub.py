@@ -112,6 +112,17 @@ def test_a_dropped_connection_resumes_where_it_stopped(server, tmp_path, monkeyp
     assert logs[-1] == "resuming inference_volcano_3.pt at 629.1 KB of 1.0 MB", logs
 
 
+def test_a_download_that_goes_on_is_not_given_up(server, tmp_path, monkeypatch):
+    """Drops that each came after progress used up the retries as failed attempts did (three drops
+    over a 27 GB download were an error): an attempt that added bytes starts the count anew."""
+    data = os.urandom(1 << 20)
+    register(monkeypatch, "inference_volcano_3", data)
+    server.add("inference_volcano_3.pt", data)
+    server.faults["inference_volcano_3.pt"] = ["drop@0.25", "drop@0.5", "drop@0.75"]
+    assert fetch(server, tmp_path, "inference_volcano_3", retries=2).read_bytes() == data
+    assert server.ranges == [None] + [f"bytes={int(f * len(data))}-" for f in (0.25, 0.5, 0.75)]
+
+
 def test_a_server_that_does_not_answer_the_range_is_downloaded_from_the_start(server, tmp_path, monkeypatch):
     """A server answering 200 (the whole file) to a Range request, or a 206 from another byte, is
     not appended to the kept prefix: the download starts over from 0 and the file is verified."""
@@ -242,8 +253,8 @@ def test_retries_are_bounded(server, tmp_path, monkeypatch):
     data = bytes(range(256)) * 4096
     register(monkeypatch, "inference_volcano_3", data)
     server.add("inference_volcano_3.pt", data)
-    server.faults["inference_volcano_3.pt"] = ["truncate"] * 10
-    with pytest.raises(WeightsError, match="after 2 attempts: .*; the 786.4 KB downloaded are kept in .*"
+    server.faults["inference_volcano_3.pt"] = ["truncate"] + ["error"] * 10
+    with pytest.raises(WeightsError, match="after 2 attempts: .*; the 524.3 KB downloaded are kept in .*"
                                            r"\.inference_volcano_3\.pt\.download and the next run resumes from there$"):
         fetch(server, tmp_path, "inference_volcano_3", retries=2)
     assert len(server.requests) == 2
@@ -251,7 +262,7 @@ def test_retries_are_bounded(server, tmp_path, monkeypatch):
     assert leftovers(tmp_path / "ckpt") == [".inference_volcano_3.pt.download", ".inference_volcano_3.pt.download.json"]
     server.faults.clear()  # the next run asks for the rest
     assert fetch(server, tmp_path, "inference_volcano_3").read_bytes() == data
-    assert server.ranges == [None, "bytes=524288-", "bytes=786432-"] and server.sent == len(data)
+    assert server.ranges == [None, "bytes=524288-", "bytes=524288-"] and server.sent == len(data)
     assert leftovers(tmp_path / "ckpt") == []
 
 
