@@ -14,7 +14,7 @@ downloaded from the start. Interrupted transfers and HTTP 5xx answers are retrie
 number of times in a row (an attempt that added bytes starts the count anew); an md5 mismatch is downloaded once more from zero, then reported. What another
 attempt cannot change is one WeightsError at once: an HTTP 4xx answer, a folder that cannot be
 written (a file in its place, read-only, a full disk), and a disk with less room than the rest
-of the file needs, found before the download starts. Offline (`offline=True` or
+of the missing files need, found before the first download starts. Offline (`offline=True` or
 `HF_HUB_OFFLINE=1`), a missing file is an error that names each file, its size and where to put it.
 """
 from __future__ import annotations
@@ -389,7 +389,7 @@ def official_files(names, ckpt_dir: str | os.PathLike = DEFAULT_CKPT_DIR, offlin
     """Verified local paths of several official files; downloads what is missing unless offline.
     Offline, every missing file is named in one error."""
     folder = Path(ckpt_dir)
-    files = [OFFICIAL_FILES[n] for n in names]
+    files = [OFFICIAL_FILES[n] for n in dict.fromkeys(names)]
     check_offline(names, ckpt_dir, offline)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -397,7 +397,7 @@ def official_files(names, ckpt_dir: str | os.PathLike = DEFAULT_CKPT_DIR, offlin
         raise _cannot_write(folder / files[0].filename, e, "choose another folder for the official weights "
                                                          "(ckpt_dir)") from None
     verified = _Verified(folder)
-    out = {}
+    out, missing = {}, []
     for f in files:
         path = folder / f.filename
         if path.is_file():
@@ -416,13 +416,19 @@ def official_files(names, ckpt_dir: str | os.PathLike = DEFAULT_CKPT_DIR, offlin
         elif path.is_dir():  # (found now: the rename into place would fail after the whole download)
             raise WeightsError(f"cannot write {path}: a folder is in its place; move it away or choose another "
                                "folder for the official weights (ckpt_dir)")
-        free, kept = shutil.disk_usage(folder).free, _kept_bytes(path, f.md5)
-        if free < f.size - kept:  # found now, not after hours of downloading (the temporary goes beside the file)
-            more = f" more ({_human(kept)} of it downloaded)" if kept else ""
-            raise WeightsError(f"{folder} has {_human(free)} free and {f.filename} ({f.component}) needs about "
-                               f"{_human(f.size - kept)}{more}: free space there or choose another folder (ckpt_dir)")
-        out[f.name] = _fetch(f, path, endpoint, retries, progress, log, backoff)
-    return out
+        missing.append(f)
+    # Room for all of them, found now, not after hours of downloading the first (the temporaries go beside the files).
+    free, kept = shutil.disk_usage(folder).free, sum(_kept_bytes(folder / f.filename, f.md5) for f in missing)
+    need = sum(f.size for f in missing) - kept
+    if missing and free < need:
+        more = f" more ({_human(kept)} already downloaded)" if kept else ""
+        raise WeightsError(f"{folder} has {_human(free)} free and "
+                           f"{', '.join(f'{f.filename} ({f.component})' for f in missing)} need"
+                           f"{'s' if len(missing) == 1 else ''} about {_human(need)}{more}: free space there or choose "
+                           "another folder (ckpt_dir)")
+    for f in missing:
+        out[f.name] = _fetch(f, folder / f.filename, endpoint, retries, progress, log, backoff)
+    return {f.name: out[f.name] for f in files}
 
 
 def _fetch(f: OfficialFile, path: Path, endpoint: Optional[str], retries: int, progress: bool,

@@ -361,6 +361,23 @@ def test_a_disk_without_room_is_said_before_downloading_and_a_full_one_is_not_re
     assert len(server.requests) == 1
 
 
+def test_a_disk_without_room_for_all_the_files_is_said_before_the_first(server, tmp_path, monkeypatch, mount):
+    """Room was checked one file at a time, before each download: a disk with room for the 27 GB
+    LM but not for the resynthesizer after it was found once the LM was downloaded. Now the room
+    all the missing files need (less what their partials hold) is checked before the first request."""
+    data = {name: os.urandom(1 << 20) for name in ("inference_volcano_3", "inference_apatosaurus_95000")}
+    for name, body in data.items():
+        register(monkeypatch, name, body)
+        server.add(f"{name}.pt", body)
+    small = mount("size=1600k")
+    with pytest.raises(WeightsError) as e:
+        hub.official_files(list(data), small, endpoint=server.endpoint, progress=False, backoff=0)
+    assert re.fullmatch(r"\S+ has 1\.6 MB free and inference_volcano_3\.pt \(test\), inference_apatosaurus_95000\.pt "
+                        r"\(test\) need about 2\.1 MB: free space there or choose another folder \(ckpt_dir\)",
+                        str(e.value)), str(e.value)
+    assert server.requests == [] and list(small.iterdir()) == []
+
+
 def test_corrupt_local_file_is_replaced(server, tmp_path, monkeypatch):
     data = b"good" * 100
     register(monkeypatch, "inference_volcano_3", data)
