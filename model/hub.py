@@ -241,9 +241,9 @@ class _Partial:
         self.close()
 
     def close(self) -> None:
-        """Unlock (and drop the temporary if nothing is in it: no empty litter)."""
+        """Unlock (and drop the temporary if nothing in it can be resumed: no litter)."""
         if not self.file.closed:
-            if self.got == 0 and self.tmp.exists() and os.path.samestat(os.fstat(self.file.fileno()), self.tmp.stat()):
+            if (self.got == 0 or self.size is None) and self.tmp.exists() and os.path.samestat(os.fstat(self.file.fileno()), self.tmp.stat()):
                 _remove(self.meta)
                 _remove(self.tmp)
             self.file.close()
@@ -293,6 +293,8 @@ def _download_once(url: str, dest: Path, part: _Partial, expected_size: Optional
 
     session = get_session()
     while True:
+        if part.got and part.size is None:  # (the server gave no size: a range answer cannot be checked)
+            part.restart()
         start = part.got
         if start and start == part.size:  # all there already (a run killed before the rename)
             return part.hash.hexdigest()
@@ -462,7 +464,7 @@ def _fetch(f: OfficialFile, path: Path, endpoint: Optional[str], retries: int, p
                 attempt = 1 if part.got > before else attempt + 1  # (a drop after progress starts the count anew)
                 if attempt >= retries:
                     kept = (f"; the {_human(part.got)} downloaded are kept in {part.tmp} and the next run resumes "
-                            "from there" if part.got else "")
+                            "from there" if part.got and part.size else "")
                     raise WeightsError(f"could not download {f.filename} from {url} after {attempt} attempts: "
                                        f"{e}{kept}") from e
                 wait = min(2 ** (attempt - 1), 30) * backoff

@@ -4,6 +4,8 @@ faults and a throttle, for the download tests."""
 from __future__ import annotations
 
 import re
+import socket
+import struct
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -13,9 +15,10 @@ from pathlib import Path
 class HubServer:
     """`files`: filename -> bytes. `faults`: filename -> list of faults consumed one per GET:
     "truncate" (send half the body, then drop the connection), "drop@F" (send the file up to the
-    fraction F of its length, then drop the connection), "corrupt" (send other bytes), "error"
+    fraction F of its length, then drop the connection; "reset@F" resets it), "corrupt" (send other bytes), "error"
     (HTTP 500), "ignore-range" (answer 200 with the whole file to a Range request), "bad-range"
-    (answer a Range request with 206 and the whole file, `Content-Range: bytes 0-...`).
+    (answer a Range request with 206 and the whole file, `Content-Range: bytes 0-...`), "unsized"
+    (no Content-Length: the body ends when the connection closes; "unsized+drop@F" with a drop).
     `rate`: bytes per second of every body (None: as fast as it goes). `requests` records every
     path asked for, `ranges` the Range header of each (None without), `sent` the body bytes sent."""
 
@@ -53,6 +56,9 @@ class HubServer:
                     return self.empty(404)
                 data = server.files[name]
                 fault = server.faults.get(name, []).pop(0) if server.faults.get(name) else None
+                unsized = fault is not None and fault.startswith("unsized")  # (no Content-Length: the body ends at the close)
+                if unsized:
+                    fault = fault[len("unsized"):].lstrip("+") or None
                 if fault == "error":
                     return self.empty(500)
                 if fault == "corrupt":
@@ -65,20 +71,27 @@ class HubServer:
                         return self.empty(416, {"Content-Range": f"bytes */{len(data)}"})
                 self.send_response(206 if m and fault != "ignore-range" else 200)
                 self.send_header("Content-Type", "application/octet-stream")
-                self.send_header("Content-Length", str(len(data) - start))
+                if unsized:
+                    self.close_connection = True
+                else:
+                    self.send_header("Content-Length", str(len(data) - start))
                 if m and fault != "ignore-range":
                     self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
                 self.end_headers()
                 end = len(data)
                 if fault == "truncate":
                     end = start + (len(data) - start) // 2
-                elif fault and fault.startswith("drop@"):
-                    end = max(start, int(len(data) * float(fault[5:])))
+                elif fault and fault.startswith(("drop@", "reset@")):
+                    end = max(start, int(len(data) * float(fault.split("@")[1])))
                 try:
                     self.send_body(data, start, end)
                     if end < len(data):
                         self.close_connection = True
-                        self.connection.shutdown(2)
+                        if fault.startswith("reset@"):  # (a reset, not an orderly close: the client sees an error)
+                            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                            self.connection.close()
+                        else:
+                            self.connection.shutdown(2)
                 except OSError:  # the client went away (a killed download)
                     self.close_connection = True
 

@@ -140,6 +140,24 @@ def test_a_server_that_does_not_answer_the_range_is_downloaded_from_the_start(se
     assert server.ranges[2:] == [None, f"bytes={len(data) // 2}-", None] and leftovers(path.parent) == []
 
 
+def test_a_download_of_unknown_size_is_retried_from_the_start(server, tmp_path, monkeypatch):
+    """A server that gives no Content-Length, then resets the connection: the retry failed on the
+    'resuming ... of <unknown size>' line until the retries ran out, and the error said the bytes
+    were kept for the next run. A range answer cannot be checked without the size: the retry
+    downloads from the start, and a failure keeps nothing."""
+    data = os.urandom(1 << 20)
+    register(monkeypatch, "inference_volcano_3", data)
+    server.add("inference_volcano_3.pt", data)
+    server.faults["inference_volcano_3.pt"] = ["unsized+reset@0.5", "unsized"]
+    assert fetch(server, tmp_path, "inference_volcano_3").read_bytes() == data
+    assert server.ranges == [None, None] and leftovers(tmp_path / "ckpt") == []
+    (tmp_path / "ckpt" / "inference_volcano_3.pt").unlink()
+    server.faults["inference_volcano_3.pt"] = ["unsized+reset@0.5", "error"]
+    with pytest.raises(WeightsError) as e:
+        fetch(server, tmp_path, "inference_volcano_3", retries=2)
+    assert str(e.value).endswith("after 2 attempts: HTTP 500 Internal Server Error") and leftovers(tmp_path / "ckpt") == []
+
+
 def test_a_partial_of_another_file_version_is_not_resumed(server, tmp_path, monkeypatch):
     """A temporary left by an older run for another md5 (a changed OFFICIAL_FILES entry), or by a
     version of this code that kept no sidecar, is started over, never resumed; one whose kept
