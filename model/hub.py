@@ -1,21 +1,22 @@
 """The official hertz-dev weights: names, md5s, download from the Hugging Face Hub, verification.
 
-Files live in `./ckpt` (configurable). What is missing is downloaded from `si-pbc/hertz-dev`
-through `huggingface_hub` (its URL scheme, endpoint and session), streamed into a temporary
-`.NAME.pt.download` in the same folder, md5-checked, then renamed into place: a file under its
-final name is always complete and verified. A process writes the temporary under an exclusive
-`flock`: a second one downloading the same file waits for it, then finds the verified file in
-place (or takes the partial over if the first died). What a dropped connection, an error or a killed
-process leaves in the temporary is kept, and the next attempt (a retry, or a later run) asks for
-the rest with `Range: bytes=N-`, hashing the kept bytes first; a sidecar `.NAME.pt.download.json`
-names the md5 and size the temporary is a prefix of, so a partial of another version of the file
-is never resumed, and a server that does not answer the range asked for (a 200, another start) is
-downloaded from the start. Interrupted transfers and HTTP 5xx answers are retried a bounded
-number of times in a row (an attempt that added bytes starts the count anew); an md5 mismatch is downloaded once more from zero, then reported. What another
-attempt cannot change is one WeightsError at once: an HTTP 4xx answer, a folder that cannot be
-written (a file in its place, read-only, a full disk), and a disk with less room than the rest
-of the missing files need, found before the first download starts. Offline (`offline=True` or
-`HF_HUB_OFFLINE=1`), a missing file is an error that names each file, its size and where to put it.
+Files live in `./ckpt` (configurable). What is missing is downloaded from `si-pbc/hertz-dev` through
+`huggingface_hub` (its URL scheme, endpoint and session), streamed into a temporary
+`.NAME.pt.download` in the same folder, md5-checked, then renamed into place: a file under its final
+name is always complete and verified. A process writes the temporary under an exclusive `flock`: a
+second one downloading the same file waits for it, then finds the verified file in place (or takes
+the partial over if the first died). What a dropped connection, an error or a killed process leaves
+in the temporary is kept, and the next attempt (a retry, or a later run) asks for the rest with
+`Range: bytes=N-`, hashing the kept bytes first; a sidecar `.NAME.pt.download.json` names the md5
+and size the temporary is a prefix of, so a partial of another version of the file is never resumed,
+and a server that does not answer the range asked for (a 200, another start) is downloaded from the
+start. Interrupted transfers and HTTP 5xx answers are retried a bounded number of times in a row (an
+attempt that added bytes starts the count anew); an md5 mismatch is downloaded once more from zero,
+then reported. What another attempt cannot change is one WeightsError at once: an HTTP 4xx answer, a
+folder that cannot be written (a file in its place, read-only, a full disk), and a disk with less
+room than the rest of the missing files need, found before the first download starts. Offline
+(`offline=True` or `HF_HUB_OFFLINE=1`), a missing file is an error that names each file, its size
+and where to put it.
 """
 from __future__ import annotations
 
@@ -153,7 +154,8 @@ class _Partial:
         self.hash = hashlib.md5()
 
     @classmethod
-    def lock(cls, path: Path, md5: str, verified: Callable[[], bool], log: Callable[[str], None]) -> Optional["_Partial"]:
+    def lock(cls, path: Path, md5: str, verified: Callable[[], bool],
+             log: Callable[[str], None]) -> Optional["_Partial"]:
         """The locked temporary of `path`, its kept prefix hashed, or None once `verified()` (the
         file is in place and verified: another process finished it while this one waited)."""
         tmp, said = _temporary(path), False
@@ -243,7 +245,8 @@ class _Partial:
     def close(self) -> None:
         """Unlock (and drop the temporary if nothing in it can be resumed: no litter)."""
         if not self.file.closed:
-            if (self.got == 0 or self.size is None) and self.tmp.exists() and os.path.samestat(os.fstat(self.file.fileno()), self.tmp.stat()):
+            mine = self.tmp.exists() and os.path.samestat(os.fstat(self.file.fileno()), self.tmp.stat())
+            if mine and (self.got == 0 or self.size is None):
                 _remove(self.meta)
                 _remove(self.tmp)
             self.file.close()

@@ -56,7 +56,7 @@ class HubServer:
                     return self.empty(404)
                 data = server.files[name]
                 fault = server.faults.get(name, []).pop(0) if server.faults.get(name) else None
-                unsized = fault is not None and fault.startswith("unsized")  # (no Content-Length: the body ends at the close)
+                unsized = fault is not None and fault.startswith("unsized")  # (the body ends at the close)
                 if unsized:
                     fault = fault[len("unsized"):].lstrip("+") or None
                 if fault == "error":

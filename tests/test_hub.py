@@ -155,7 +155,8 @@ def test_a_download_of_unknown_size_is_retried_from_the_start(server, tmp_path, 
     server.faults["inference_volcano_3.pt"] = ["unsized+reset@0.5", "error"]
     with pytest.raises(WeightsError) as e:
         fetch(server, tmp_path, "inference_volcano_3", retries=2)
-    assert str(e.value).endswith("after 2 attempts: HTTP 500 Internal Server Error") and leftovers(tmp_path / "ckpt") == []
+    assert str(e.value).endswith("after 2 attempts: HTTP 500 Internal Server Error")
+    assert leftovers(tmp_path / "ckpt") == []
 
 
 def test_a_partial_of_another_file_version_is_not_resumed(server, tmp_path, monkeypatch):
@@ -247,7 +248,8 @@ def test_two_processes_downloading_one_file_share_one_download(server, tmp_path,
     second = downloader(server, folder, "inference_volcano_3", data)
     out = [p.communicate()[0] for p in (first, second)]
     assert out[0].splitlines()[-1] == "done True" and out[1].splitlines()[-1] == "done True", out
-    assert out[1].splitlines()[0] == f"another process is downloading inference_volcano_3.pt into {folder}; waiting for it"
+    assert out[1].splitlines()[0] == (f"another process is downloading inference_volcano_3.pt into {folder}; "
+                                      "waiting for it")
     assert (folder / "inference_volcano_3.pt").read_bytes() == data and leftovers(folder) == []
     assert len(server.requests) == 1 and server.sent == len(data)
     (folder / "inference_volcano_3.pt").unlink()
