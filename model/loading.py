@@ -324,7 +324,10 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
                                   "deleted): pass its new path as codec= (--codec), or 'official'") from None
     if str(source) in hub.VARIANTS:
         lm_name, resynth_name, _ = hub.VARIANTS[str(source)]
-        paths = hub.official_files([hub.QUANTIZER, lm_name, resynth_name], ckpt_dir, offline, endpoint)
+        # the official codec too, in the same call: the room all the missing files need is found
+        # before the first of them downloads (load_codec below then finds it in place, verified)
+        codec_file = [hub.CODEC] if codec_source is not None and str(codec_source) == "official" else []
+        paths = hub.official_files([hub.QUANTIZER, lm_name, resynth_name] + codec_file, ckpt_dir, offline, endpoint)
         for part, name in (("quantizer", hub.QUANTIZER), ("lm", lm_name), ("resynth", resynth_name)):
             state = _quantized(getattr(model, part), hub.load_state_dict(paths[name]), quantize, device)
             _fill(getattr(model, part), state, device, dtype, str(paths[name]))

@@ -398,6 +398,21 @@ def test_a_disk_without_room_for_all_the_files_is_said_before_the_first(server, 
     assert server.requests == [] and list(small.iterdir()) == []
 
 
+def test_loading_an_official_variant_checks_the_room_for_the_codec_too(server, monkeypatch, mount):
+    """load_hertz_dev asked for the quantizer, LM and resynthesizer in one call and for the codec in
+    another: a disk with room for the transformer's files but not the codec's was found only after
+    the transformer's were downloaded. All four are asked for at once."""
+    data = {name: os.urandom(400 << 10) for name in ("inference_volcano_3", "inference_scion_54000",
+                                                     "inference_care_50000", "inference_apatosaurus_95000")}
+    for name, body in data.items():
+        register(monkeypatch, name, body)
+        server.add(f"{name}.pt", body)
+    small = mount("size=1400k")  # room for three of the files
+    with pytest.raises(WeightsError, match=r"inference_apatosaurus_95000\.pt \(test\) need about 1\.6 MB"):
+        load_hertz_dev("duplex", ckpt_dir=small, endpoint=server.endpoint)
+    assert server.requests == [] and list(small.iterdir()) == []
+
+
 def test_corrupt_local_file_is_replaced(server, tmp_path, monkeypatch):
     data = b"good" * 100
     register(monkeypatch, "inference_volcano_3", data)
