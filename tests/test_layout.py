@@ -1,10 +1,14 @@
-"""The hertz_dev presets build exactly the official key layout (all seven files), on meta."""
+"""The hertz_dev presets build exactly the official key layout (all seven files), on meta; the
+README names only files, tests, sections, flags and config keys that exist."""
 import dataclasses
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
+from config import ConfigError, parse_args
 from config.codec_config import PRESETS as CODEC_PRESETS
 from config.transformer_config import PRESETS as TRANSFORMER_PRESETS
 from model import Codec, LatentLM, LatentQuantizer, Resynthesizer
@@ -60,3 +64,56 @@ def test_full_size_parameter_counts():
     assert round(counts["inference_care_50000"] / 1e9, 2) == 1.64
     assert round(counts["inference_volcano_3"] / 1e9, 2) == 0.05
     assert round(counts["inference_apatosaurus_95000"] / 1e9, 2) == 0.09
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def readme_drift(text: str) -> list[str]:
+    """What README text names that does not exist: section links, repository files (results by bare
+    name too), `tests/x.py::name` tests, `model.x.name` objects, a command's script and `--flags`,
+    and a trainer command that its parser refuses (an unknown key or preset, a value of the wrong
+    type, choice or range)."""
+    bad = []
+    slugs = {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-")
+             for h in re.findall(r"^#+ (.+)$", text, re.M)}
+    bad += [f"#{a}" for a in re.findall(r"\]\(#([^)]+)\)", text) if a not in slugs]
+    fence = r"^```.*?$(.*?)^```$"
+    code = re.findall(fence, text, re.M | re.S) + re.findall(r"`([^`]+)`", re.sub(fence, "", text, flags=re.M | re.S))
+    tokens = [t.strip("(),;:") for span in code for t in span.split()]
+    for t in tokens:
+        path = re.fullmatch(r"((?:config|model|tests|benchmarks|data|web)/[\w./*-]+\.(?:py|md|sh|json|html|ipynb|txt))"
+                            r"(?:::(\w+))?", t)
+        if path and not list(REPO.glob(path[1])):
+            bad.append(path[1])
+        elif path and path[2] and not re.search(rf"^def {path[2]}\(", (REPO / path[1]).read_text(), re.M):
+            bad.append(t)
+        if re.fullmatch(r"[\w*]+_session\d*\.txt|quant_lora_h200[\w*]*\.txt", t) and \
+                not list((REPO / "benchmarks/results").glob(t)):
+            bad.append(t)
+        ref = re.match(r"model\.(\w+)\.(\w+)", t)
+        if ref and not (REPO / f"model/{ref[1]}.py").exists():
+            bad.append(ref[0])
+        elif ref and not re.search(rf"^(?:def |class )?{ref[2]}\b", (REPO / f"model/{ref[1]}.py").read_text(), re.M):
+            bad.append(ref[0])
+    presets = {"train_codec.py": CODEC_PRESETS, "train_transformer.py": TRANSFORMER_PRESETS}
+    commands = [c for span in code for c in re.findall(r"((?:python3? |bash )?)(?<![\w/])((?:benchmarks/|data/demo/)?"
+                                                        r"\w+\.(?:py|sh))((?: [^#\n]*)?)", span.replace("\\\n", " "))]
+    for run, script, args in commands:
+        if not (REPO / script).exists():  # a module named in prose (`codec.py`), or a script that is not
+            bad += [script] if run else []
+        elif script in presets:  # parsed as the trainer parses it: keys, presets, types, choices, ranges
+            try:
+                parse_args([a for a in args.split() if a != "--help"], presets[script])
+            except ConfigError as e:
+                bad.append(f"{script}{args}: {e}")
+        else:
+            source = (REPO / script).read_text()  # argparse's "--flag" (BooleanOptionalAction: "--no-" too)
+            quoted = (lambda f: f in source) if script.endswith(".sh") else (lambda f: f'"{f}"' in source)
+            bad += [f"{script} {f}" for f in re.findall(r"(?<![\w-])--[a-z][\w-]*", args)
+                    if f != "--help" and not quoted(f) and not quoted(f.replace("--no-", "--", 1))]
+    return bad
+
+
+def test_the_readme_names_only_what_exists():
+    assert readme_drift((REPO / "README.md").read_text()) == []
