@@ -60,6 +60,13 @@ def _expected(tp) -> str:
             type(None): "None"}.get(tp, _type_name(tp))
 
 
+def _choices(tp) -> str:
+    """The values an enumerated type takes, for --help: `int8, int4`; `int8, None` if Optional."""
+    members = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    literals = [a for m in members if typing.get_origin(m) is typing.Literal for a in typing.get_args(m)]
+    return ", ".join(map(str, literals + ([None] if literals and type(None) in members else [])))
+
+
 def _coerce(value: Any, tp, key: str) -> Any:
     """Return `value` as type `tp`, or raise ConfigError naming `key`."""
     origin = typing.get_origin(tp)
@@ -259,8 +266,7 @@ def parse_args(argv: Sequence[str], presets: Mapping[str, Any], default: str = "
                  f"fields of {type(cfg).__name__} (preset {name!r}); override with key=value:"]
         types_ = field_types(type(cfg))
         for f in dataclasses.fields(cfg):
-            choices = typing.get_args(types_[f.name]) if typing.get_origin(types_[f.name]) is typing.Literal else ()
-            means = ", ".join(map(str, choices)) or f.metadata.get("pattern", (None, ""))[1]
+            means = _choices(types_[f.name]) or f.metadata.get("pattern", (None, ""))[1]
             lines.append(f"  {f.name}={getattr(cfg, f.name)!r}" + (f"  (one of: {means})" if means else ""))
         print("\n".join(lines))
         raise SystemExit(0)
