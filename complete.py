@@ -113,15 +113,15 @@ def main(argv=None) -> int:
         if args.codec == "auto" and args.variant not in VARIANTS:
             problem = no_codec_problem("--variant", args.variant, read_metadata(args.variant, kind="transformer"),
                                        args.codec)
-        problem = problem or completion_problem(args.seconds, args.num, transformer_config_of(args.variant), device,
-                                                dtype, args.kv_dtype)
+        cfg = transformer_config_of(args.variant)
+        problem = problem or completion_problem(args.seconds, args.num, cfg, device, dtype, args.kv_dtype)
     except LOAD_ERRORS as e:
         problem = str(e)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     try:  # before the weights: loading them can take minutes (or a 34 GB download)
-        check_prompt(args.prompt)
+        check_prompt(args.prompt, cfg.sample_rate, max_frames=cfg.seq_len)  # the part of it that is used
         check_output(args.out)
     except AudioError as e:
         print(f"error: {e}", file=sys.stderr)

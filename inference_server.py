@@ -44,6 +44,7 @@ import secrets
 import threading
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -1244,10 +1245,10 @@ def parse_args(argv=None):
 
 def check_args(args):
     """The user's mistakes that loading the weights would otherwise hide: SystemExit("error: ...")
-    for sampling parameters outside their ranges, missing files and an unreadable prompt (all
-    without importing torch). Returns (sampling parameters {name: value}, prompt (2, N) float32
-    or None)."""
-    from model.audio import AudioError, file_problem, load_prompt, make_folder
+    for sampling parameters outside their ranges and missing files (all without importing torch;
+    the prompt's audio is read by `load_engine`, which knows the context). Returns the sampling
+    parameters {name: value}."""
+    from model.audio import AudioError, file_problem, make_folder
     values = {name: getattr(args, name) for name in PARAM_NAMES}
     try:
         params = check_params(values)
@@ -1270,13 +1271,22 @@ def check_args(args):
             make_folder(args.recordings, "--recordings")
         except AudioError as e:
             raise SystemExit(f"error: {e}") from None
-    prompt = None
-    if args.prompt_path:
-        try:
-            prompt = load_prompt(args.prompt_path, 2, SAMPLE_RATE, CHUNK)
-        except (AudioError, ValueError) as e:
-            raise SystemExit(f"error: {e}")
-    return params, prompt
+    return params
+
+
+def load_prompt_file(path: str, max_frames: int):
+    """The --prompt-path file as (2, N) float32, its last `max_frames` chunks at most (only those
+    are read), or SystemExit("error: ...") for a file unreadable as audio or shorter than a chunk."""
+    from model.audio import AudioError, load_prompt
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            prompt = load_prompt(path, 2, SAMPLE_RATE, CHUNK, max_frames=max_frames)
+    except (AudioError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    for w in caught:  # longer than the context: its end is kept
+        log.warning("%s", w.message)
+    return prompt
 
 
 def load_engine(args):
@@ -1301,6 +1311,8 @@ def load_engine(args):
             raise SystemExit(f"error: {problem}")
     if args.max_len is not None and args.max_len > cfg.seq_len:  # before the weights (and caches) load
         raise SystemExit(f"error: --max-len {args.max_len} is beyond the model's context of {cfg.seq_len} latents")
+    # the prompt is prefilled with room for one more latent: its last context - 1 chunks at most
+    prompt = None if args.prompt_path is None else load_prompt_file(args.prompt_path, (args.max_len or cfg.seq_len) - 1)
     t0 = time.monotonic()
     model = load_hertz_dev(source, device=device, dtype=dtype, ckpt_dir=args.ckpt_dir, offline=args.offline or None,
                            codec=args.codec, adapter=args.adapter, verify=not args.no_verify,
@@ -1313,29 +1325,25 @@ def load_engine(args):
         log.warning("int4 runs tinygemm up to %d rows a step; %d sessions give the resynthesizer %d rows, whose "
                     "int4 layers then unpack their weights at every step (slow): use --quantize int8 for many "
                     "sessions", TINYGEMM_MAX_ROWS, max_sessions, 2 * max_sessions)
-    return LiveEngine(model, max_sessions=max_sessions, max_len=args.max_len,
-                      cuda_graphs=False if args.no_cuda_graphs else None, compile=False if args.no_compile else "auto", encode=args.encode,
-                      kv_dtype=args.kv_dtype)
+    engine = LiveEngine(model, max_sessions=max_sessions, max_len=args.max_len,
+                        cuda_graphs=False if args.no_cuda_graphs else None, compile=False if args.no_compile else "auto",
+                        encode=args.encode, kv_dtype=args.kv_dtype)
+    return engine, prompt
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     redact_logs(args.token)
-    values, prompt = check_args(args)
+    values = check_args(args)
     from model import SamplingParams
     params = SamplingParams(**values)
     from model.loading import LOAD_ERRORS
     try:
-        engine = load_engine(args)
+        engine, prompt = load_engine(args)
     except LOAD_ERRORS as e:  # a file the user must fix (refused before any weights load where it can be)
         raise SystemExit(f"error: {e}") from None
     if prompt is not None:
-        max_frames = engine.state.max_len - 1
-        if prompt.shape[1] > max_frames * CHUNK:
-            log.warning("%s is longer than the context of %.1f s: keeping its end", args.prompt_path,
-                        max_frames * CHUNK / SAMPLE_RATE)
-            prompt = np.ascontiguousarray(prompt[:, -max_frames * CHUNK:])
         log.info("prompt %s: %.1f s", args.prompt_path, prompt.shape[1] / SAMPLE_RATE)
     limits = Limits(reset_rate=args.reset_rate, idle_timeout=args.idle_timeout)
     server = Server(engine, token=args.token, prompt=prompt, replay_seconds=args.replay_seconds,

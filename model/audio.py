@@ -220,24 +220,32 @@ def load_prompt(path: str, channels: int, sample_rate: int = 16000, hop: int = 2
     are averaged. Two channels (speaker 0, speaker 1): a one-channel file is put on both, as the
     original does, and a file with more keeps its first two. The end is cut to whole frames of
     `hop` samples; a prompt longer than `max_frames` frames keeps its last `max_frames` frames,
-    with a warning. Raises AudioError for unreadable files (non-finite or huge samples included)
+    with a warning, and only those are read from the file (its length comes from the header).
+    Raises AudioError for unreadable files (non-finite or huge samples in the part kept included)
     and ValueError for a prompt shorter than one frame.
     """
     if channels not in (1, 2):
         raise ValueError(f"channels must be 1 or 2, got {channels}")
-    audio = load_audio(path, sample_rate, channels="mono" if channels == 1 else None)
-    if channels == 2:
-        audio = two_speakers(audio, mono="duplicate")
-    frames = audio.shape[1] // hop
+    file_frames, rate, _ = audio_info(path)
+    length = (2 * file_frames * sample_rate + rate) // (2 * rate)  # soxr's output length: rounded half up
+    frames = length // hop
     if frames == 0:
-        raise ValueError(f"{path} is {audio.shape[1] / sample_rate:.3f} s long: a prompt needs at least "
+        raise ValueError(f"{path} is {length / sample_rate:.3f} s long: a prompt needs at least "
                          f"{hop / sample_rate:.3f} s ({hop} samples)")
     if max_frames is not None and frames > max_frames:
         context = max_frames * hop / sample_rate
         warnings.warn(f"{path} is {frames * hop / sample_rate:.1f} s long, more than the model's context of "
                       f"{context:.1f} s: keeping its last {context:.1f} s", stacklevel=2)
         frames = max_frames
-    return np.ascontiguousarray(audio[:, audio.shape[1] // hop * hop - frames * hop: audio.shape[1] // hop * hop])
+    # Only the span kept is decoded (an hour-long prompt is not read whole for its last minutes).
+    audio = load_audio(path, sample_rate, channels="mono" if channels == 1 else None,
+                       start=length // hop * hop - frames * hop, num_samples=frames * hop)
+    if channels == 2:
+        audio = two_speakers(audio, mono="duplicate")
+    if audio.shape[1] < frames * hop:  # a header counting more frames than the file holds (a cut-short file)
+        raise AudioError(f"cannot read audio file {path}: its header counts {file_frames} frames, but it holds "
+                         "fewer (a file cut short?)")
+    return audio
 
 
 def file_problem(path: str) -> Optional[str]:
@@ -253,14 +261,17 @@ def file_problem(path: str) -> Optional[str]:
     return f"no such file: {path}"
 
 
-def check_prompt(path: str, sample_rate: int = 16000, hop: int = 2000) -> None:
+def check_prompt(path: str, sample_rate: int = 16000, hop: int = 2000, max_frames: Optional[int] = None) -> None:
     """Raise AudioError when a prompt file is missing or a folder (`file_problem`), unreadable as
-    audio (non-finite or huge samples included) or shorter than one latent frame (`load_prompt`'s
-    rules); scripts call it before they load any weights."""
+    audio or shorter than one latent frame (`load_prompt`'s rules: its header, then the samples of
+    the last `max_frames` frames, the part a model of that context uses, for non-finite or huge
+    values); scripts call it before they load any weights."""
     if problem := file_problem(path):
         raise AudioError(problem)
     try:
-        load_prompt(path, 1, sample_rate, hop)
+        with warnings.catch_warnings():  # too long for the context: `load_prompt` warns when it is used
+            warnings.simplefilter("ignore")
+            load_prompt(path, 1, sample_rate, hop, max_frames)
     except ValueError as e:  # shorter than one frame
         raise AudioError(str(e)) from None
 

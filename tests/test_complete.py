@@ -13,6 +13,7 @@ import torch
 from config.codec_config import PRESETS as CODEC_PRESETS
 from config.transformer_config import PRESETS
 from model import Codec, HertzDev, build, save_codec, save_transformer
+from model.audio import AudioError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -162,6 +163,35 @@ def test_prompt_and_arguments_are_checked_before_any_weights(tmp_path, prompt, f
     assert len(errors) == 1 and message.format(prompt=tmp_path / prompt) in errors[0], r.stderr
     assert "System error" not in r.stderr and "loaded" not in r.stderr
     assert not out.exists() and not list(tmp_path.glob("*out*"))
+
+
+@pytest.mark.parametrize("rate, channels", [(16000, 1), (44100, 2), (22050, 1)])
+def test_a_long_prompt_is_read_only_for_the_context_it_keeps(tmp_path, rate, channels):
+    """A prompt longer than the context keeps its last `max_frames` frames, the same samples as
+    reading the whole file and cutting it, but only that tail is decoded: a float WAV whose first
+    half is NaN (as a file that would take GB to read whole is, in its unread part) loads and
+    passes the scripts' check. It was read whole, twice (check_prompt, then load_prompt), so the
+    NaN head was refused."""
+    from model.audio import check_prompt, load_audio, load_prompt
+    rng = np.random.default_rng(0)
+    n = int(rate * 20.3)  # 162 whole latents at 16 kHz, cut at the end to whole frames
+    audio = rng.uniform(-0.5, 0.5, (n, 2)).astype(np.float32)
+    path = tmp_path / "long.wav"
+    sf.write(path, audio, rate, subtype="FLOAT")
+    full = load_audio(path, channels="mono" if channels == 1 else None)  # the old read: all, then cut
+    full = full[:, :full.shape[1] // 2000 * 2000][:, -64 * 2000:]
+    with pytest.warns(UserWarning, match="keeping its last 8.0 s"):
+        tail = load_prompt(path, channels, max_frames=64)
+    assert tail.shape == (channels, 64 * 2000)
+    np.testing.assert_allclose(tail, full, atol=1e-5 if rate != 16000 else 0)
+    audio[:n // 2] = np.nan  # the first 10 s, outside the last 8 s kept
+    sf.write(path, audio, rate, subtype="FLOAT")
+    check_prompt(str(path), max_frames=64)
+    with pytest.warns(UserWarning, match="keeping its last 8.0 s"):
+        tail = load_prompt(path, channels, max_frames=64)
+    np.testing.assert_allclose(tail, full, atol=1e-5 if rate != 16000 else 0)
+    with pytest.raises(AudioError, match="non-finite samples"):  # what is kept is still checked
+        check_prompt(str(path), max_frames=120)
 
 
 def test_long_completions_are_not_refused():

@@ -87,8 +87,10 @@ def test_notebook_with_int8_weights_and_fp8_cache(tmp_path):
 
 
 @pytest.mark.parametrize("params, message", [
-    ({"PROMPT": "MISSING"}, "no such file: MISSING"),
-    ({"PROMPT": "NAN"}, "non-finite samples"),
+    # The prompt is checked once the model's context is known (only its last context's worth is
+    # read): VARIANT names an official model, offline with no weights, for its config
+    ({"PROMPT": "MISSING", "VARIANT": "mono", "CKPT_DIR": "MISSING"}, "no such file: MISSING"),
+    ({"PROMPT": "NAN", "VARIANT": "mono", "CKPT_DIR": "MISSING"}, "non-finite samples"),
     ({"TOKEN_TEMP": 1e6}, "token_temp must be in [0, 5]"),
     ({"TOP_P": 0.0}, "top_p must be in (0, 1]"),
     ({"SECONDS": -1}, "SECONDS must be a finite number > 0, got -1"),

@@ -1115,10 +1115,26 @@ def test_cli_weights_the_live_server_cannot_use_are_errors_before_loading(model,
             [f"error: {int8} holds int8 weights: load it without quantize="]})
 
 
-def test_cli_refuses_a_non_finite_prompt(tmp_path):
+def test_cli_refuses_a_non_finite_prompt_and_reads_only_the_context_of_a_long_one(model, tmp_path):
+    """A NaN prompt is one `error:` line before loading. A prompt longer than the context is read
+    only for its last (context - 1) chunks, which are kept: a 20 s file whose first 10 s are NaN
+    serves (up to binding its port, here taken). It was read whole, and refused."""
+    import socket
+    from live_server import save_tiny
     nan = tmp_path / "nan.wav"
     sf.write(nan, np.full((16000, 2), np.nan, dtype=np.float32), 16000, subtype="FLOAT")
     assert_cli_errors(tmp_path, {("--prompt-path", str(nan)): ["error: ", str(nan), "non-finite"]})
+    long = tmp_path / "long.wav"
+    audio = np.random.default_rng(0).uniform(-0.3, 0.3, (20 * 16000, 2)).astype(np.float32)
+    audio[:10 * 16000] = np.nan
+    sf.write(long, audio, 16000, subtype="FLOAT")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        r = run_cli("--checkpoint", str(save_tiny(model, tmp_path / "ckpt")), "--device", "cpu", "--max-len", "33",
+                    "--prompt-path", str(long), "--port", str(taken.getsockname()[1]))
+    assert "keeping its last 4.0 s" in r.stderr and f"prompt {long}: 4.0 s" in r.stderr, r.stderr[-2000:]
+    assert "address already in use" in r.stderr.lower(), r.stderr[-2000:]
 
 
 def test_cli_refuses_a_corrupted_checkpoint_unless_told_not_to_verify(model, tmp_path):
