@@ -81,8 +81,7 @@ def parse_args(argv=None):
     if problem := completion_problem(args.seconds, args.num):  # NaN, inf, <= 0 (their memory: once the config is read)
         ap.error(problem)
     try:
-        args.params = SamplingParams(args.token_temp, args.top_p, args.min_p, args.mixture_temp,
-                                     args.gaussian_temp).validate()
+        args.params = SamplingParams(args.token_temp, args.top_p, args.min_p, args.mixture_temp, args.gaussian_temp)
     except ValueError as e:
         ap.error(str(e))
     return args

@@ -635,7 +635,7 @@ class Server:
         self.worker = EngineWorker(engine, max_queue)
         self.free = list(range(engine.max_sessions))[::-1]
         self.sessions: dict[str, Session] = {}
-        self.params = (params or SamplingParams()).validate()
+        self.params = params or SamplingParams()
         self.prompt = prompt  # (2, N) float32, [user, model], N a multiple of CHUNK
         self.replay: list[np.ndarray] = []
         self.prompt_pcm = None if prompt is None else float_to_pcm(prompt.T)  # (N, 2): the start of each recording

@@ -71,8 +71,8 @@ def completion_problem(seconds, num, cfg=None, device=None, dtype: Optional[torc
 
 
 def as_params(params: ParamsLike, n: int) -> list[SamplingParams]:
-    """One SamplingParams for each of `n` rows: the one given for all, or a list of n; each
-    validated (`SamplingParams.validate`). TypeError or ValueError naming `params` otherwise."""
+    """One SamplingParams for each of `n` rows (each checked when it was made): the one given for
+    all, or a list of n. TypeError or ValueError naming `params` otherwise."""
     if isinstance(params, SamplingParams):
         params = [params] * n
     elif not (isinstance(params, (list, tuple)) and all(isinstance(p, SamplingParams) for p in params)):
@@ -81,7 +81,7 @@ def as_params(params: ParamsLike, n: int) -> list[SamplingParams]:
                         f"got {type(params).__name__}{hint}")
     if len(params) != n:
         raise ValueError(f"{len(params)} sampling parameter sets for {n} rows")
-    return [p.validate() for p in params]
+    return list(params)
 
 
 def row_seeds(seed: Union[int, Sequence[int]], n: int) -> list[int]:

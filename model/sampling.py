@@ -18,16 +18,21 @@ from .protocol import check_params
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Defaults are the original's `temps=(0.8, (0.5, 0.1))`."""
+    """Defaults are the original's `temps=(0.8, (0.5, 0.1))`. Checked when made (`validate`): a
+    value outside its range is a ValueError naming the field where it is written, not later."""
     token_temp: float = 0.8        # LM softmax temperature
     top_p: float = 1.0             # nucleus: keep the smallest set of tokens with mass >= top_p
     min_p: float = 0.0             # drop tokens with p < min_p * p_max
     mixture_temp: float = 0.5      # temperature of the mixture component choice
     gaussian_temp: float = 0.1     # scale of the Gaussian noise around the chosen component
 
+    def __post_init__(self):
+        self.validate()
+
     def validate(self) -> "SamplingParams":
         """Self, or ValueError naming the first field outside its documented range
-        (`model.protocol.PARAM_RANGES`, the one place every entry point checks against)."""
+        (`model.protocol.PARAM_RANGES`, the one place every entry point checks against). Run when
+        made (`dataclasses.replace` included); callers taking any object call it as a type check."""
         check_params(asdict(self))
         return self
 

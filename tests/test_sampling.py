@@ -59,10 +59,17 @@ def test_greedy_mixture_sampling_is_the_likeliest_mean():
 
 
 @pytest.mark.parametrize("bad", [{"token_temp": math.nan}, {"gaussian_temp": math.inf}, {"top_p": 0},
-                                 {"mixture_temp": -1}, {"min_p": 2}])
-def test_invalid_params_are_rejected(bad):
-    with pytest.raises(ValueError):
-        SamplingParams(**bad).validate()
+                                 {"mixture_temp": -1}, {"min_p": 2}, {"token_temp": "0.5"}])
+def test_invalid_params_are_rejected_when_made(bad):
+    """A value outside its range is a ValueError naming the field where the SamplingParams is made
+    (or `dataclasses.replace`d), not where it is used: it was made, and a NaN temperature reached
+    `RowParams.make`'s tensors unchecked."""
+    import dataclasses
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=f"^{name} must be"):
+        SamplingParams(**bad)
+    with pytest.raises(ValueError, match=f"^{name} must be"):
+        dataclasses.replace(SamplingParams(), **bad)
 
 
 def test_counter_noise_is_a_pure_function_of_seed_and_counter():
