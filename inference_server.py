@@ -322,12 +322,23 @@ def _reject_constant(name: str):
     raise NonFinite(f"{name} is not a finite number")
 
 
+def _unique_keys(pairs: list) -> dict:
+    """An object's (key, value) pairs as a dict; ProtocolError naming a key given twice (json.loads
+    would keep the last one silently: {"token_temp": 0.5, "token_temp": 9} is 9)."""
+    value = dict(pairs)
+    if len(value) < len(pairs):
+        seen = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ProtocolError("bad_message", f"key {ascii(twice)[:40]} given twice in one object")
+    return value
+
+
 def parse_json(text: str, max_depth: int = 16):
     """A JSON text as Python values; ProtocolError for anything that is not JSON, for NaN and
-    Infinity, and for arrays or objects nested deeper than `max_depth` (whether or not the
-    parser's recursion limit caught them first)."""
+    Infinity, for an object with a key given twice, and for arrays or objects nested deeper than
+    `max_depth` (whether or not the parser's recursion limit caught them first)."""
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
     except NonFinite as e:
         raise ProtocolError("bad_params", f"{e}: NaN and Infinity are not accepted") from None
     except RecursionError:
@@ -353,6 +364,9 @@ def parse_params(base, values: dict, names: dict[str, str]):
         raise ProtocolError("bad_params", f"unknown parameter(s) {unknown[:8]}; known: {sorted(names)}"[:300])
     update = {}
     for name, value in values.items():
+        if names[name] in update:  # a parameter and its alias (mixture_temp, categorical_temp): which one?
+            given = [n for n in values if names[n] == names[name]]
+            raise ProtocolError("bad_params", f"{names[name]} given twice (as {' and '.join(given)})")
         try:
             update[names[name]] = check_param(names[name], value)
         except ValueError as e:

@@ -203,6 +203,32 @@ def test_an_error_answering_a_control_message_echoes_its_id(server):
     wait_idle(server)
 
 
+def test_a_key_given_twice_is_refused_naming_it(server):
+    """A control message (or a /set_temperature body) with a key given twice, or a parameter given
+    under both its names: refused, naming it, and nothing changes. json.loads kept the last value
+    silently, so {"token_temp": 0.5, "token_temp": 4} set 4."""
+    async def run():
+        async with connect(server.ws + "/audio") as ws:
+            answers = [await control(ws, type="status")]
+            for text in ('{"type": "set_params", "id": 1, "token_temp": 0.5, "token_temp": 4}',
+                         '{"type": "set_params", "id": 2, "params": {"a": 1, "a": 2}}'):
+                await ws.send(text)
+                answers.append(json.loads(await asyncio.wait_for(ws.recv(), 10)))
+            return answers + [await control(ws, type="status")]
+    before, twice, nested, after = asyncio.run(asyncio.wait_for(run(), 30))
+    assert (twice["error"], twice["message"]) == ("bad_message", "key 'token_temp' given twice in one object")
+    assert (nested["error"], nested["message"]) == ("bad_message", "key 'a' given twice in one object")
+    assert before["params"] == after["params"] == SamplingParams().__dict__
+    url, defaults = server.http + "/set_temperature", server.params
+    status, body, _ = http(url, "POST", {"Content-Type": "application/json"}, b'{"token_temp": 0.5, "token_temp": 4}')
+    assert status == 400 and json.loads(body)["message"] == "key 'token_temp' given twice in one object"
+    status, body, _ = http(url, "POST", None, {"mixture_temp": 0.2, "categorical_temp": 0.3})  # its original name
+    assert (status, json.loads(body)["error"]) == (400, "bad_params")
+    assert json.loads(body)["message"] == "mixture_temp given twice (as mixture_temp and categorical_temp)"
+    assert server.params == defaults
+    wait_idle(server)
+
+
 def test_set_temperature_for_one_session_needs_the_token(model):
     """With the token, HTTP may change one session's parameters by id (from its status); bad values
     are refused and change nothing; an unknown id is 404."""
@@ -366,6 +392,9 @@ BAD = {
     "fractional seed": ('{"type": "reset", "seed": 1.5}', "bad_seed"),
     "reset with extra fields": ('{"type": "reset", "hard": true}', "bad_message"),
     "status with extra fields": ('{"type": "status", "verbose": true}', "bad_message"),  # was answered as if valid
+    # The last of a key given twice was taken silently (set to 9 had the first been 5.5)
+    "parameter given twice": ('{"type": "set_params", "token_temp": 0.5, "token_temp": 9}', "bad_message"),
+    "type given twice": ('{"type": "status", "type": "set_params", "token_temp": 0.5}', "bad_message"),
 }
 
 
