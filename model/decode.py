@@ -112,11 +112,20 @@ class DecodeState:
             host_pos=self.host_pos[one])
 
     def reset(self, r: int, seed: int, params: SamplingParams = SamplingParams()) -> None:
-        """Start row `r` afresh: position 0, step counter 0, a new seed and parameters."""
+        """Start row `r` afresh: position 0, step counter 0, a new seed and parameters, and its KV
+        caches, frames and tokens zeroed, so that what the row computes does not depend on what it
+        held before, even non-finite values (slots beyond a row's position are masked, but a masked
+        NaN still poisons attention: 0 * NaN). Device writes only, no host sync."""
+        self.params.set(r, params)  # checked there before anything is written
+        rs = self.rs.row(r)
+        for cache in (self.lm.select(slice(r, r + 1)), rs.lower, rs.upper):
+            cache.k.zero_()
+            cache.v.zero_()
+        self.hist[r].zero_()
+        self.toks[r].zero_()
         self.pos[r] = 0
         self.counter[r] = 0
         self.seed[r] = int(seed)
-        self.params.set(r, params)
         self.host_pos[r] = 0
 
 

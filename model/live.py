@@ -154,14 +154,7 @@ class LiveEngine(Engine):
         if not 0 <= seed < 2 ** 63:
             raise ValueError(f"seed must be in [0, 2**63), got {seed}")
         view = st.row(row)
-        # Slots beyond a row's position are masked, but a masked NaN still poisons attention
-        # (0 * NaN): clear everything the last session of this row may have written.
-        for cache in (view.lm, view.rs.lower, view.rs.upper):
-            cache.k.zero_()
-            cache.v.zero_()
-        view.hist.zero_()
-        view.toks.zero_()
-        st.reset(row, seed, params)
+        st.reset(row, seed, params)  # its KV caches, frames and tokens zeroed too
         self._top_p[row] = params.top_p < 1
         self.enc.reset(slice(row, row + 1))
         self.dec.reset(slice(row, row + 1))

@@ -65,6 +65,20 @@ def test_same_seed_same_output_other_seed_other_output(model):
     assert torch.equal(a[:, :6], p)  # the prompt is returned as given
 
 
+@torch.no_grad()
+def test_a_call_does_not_depend_on_what_an_earlier_call_left_in_the_caches(model):
+    """An earlier call whose prompt overflowed the KV caches (latents of 1e30: inf and NaN there),
+    longer than the next call's: the next call equals a fresh engine's. A row's caches were not
+    cleared between calls, and their stale slots past the new prompt, though masked, made every
+    output NaN (0 * NaN in the attention)."""
+    p = prompt_latents(model, T=3)
+    want = Generator(model, batch_size=2).generate(p, 4, seed=1)
+    gen = Generator(model, batch_size=2)
+    gen.generate(prompt_latents(model, T=20) * 1e30, 2, seed=1)
+    assert not torch.isfinite(gen.state.lm.k).all()  # the earlier call did poison them
+    assert torch.equal(gen.generate(p, 4, seed=1), want)
+
+
 @pytest.mark.parametrize("params", PARAMS, ids=["default", "top_p-min_p"])
 @torch.no_grad()
 def test_cached_equals_uncached_reference(model, params):
