@@ -492,6 +492,15 @@ def device_arg(value):
     return int(value) if value.strip().isdigit() else value
 
 
+def check_websockets() -> None:
+    """SystemExit("error: ...") where websockets (13 or later: its asyncio client) is missing: one
+    line before connecting, not a traceback at the first `import websockets`."""
+    try:
+        import websockets.asyncio.client  # noqa: F401 (the module `open_session` connects with)
+    except ImportError as e:
+        raise SystemExit(f"error: the client needs websockets 13 or later ({e}): pip install 'websockets>=13.0'")
+
+
 def import_sounddevice():
     try:
         import sounddevice as sd
@@ -660,6 +669,7 @@ def main(argv=None) -> int:
     if args.list_devices:
         print(import_sounddevice().query_devices())
         return 0
+    check_websockets()
     try:
         if args.choose_devices and not args.input_wav:
             choose_devices(import_sounddevice(), args)

@@ -50,11 +50,16 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
-import uvicorn
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, WebSocket
-from fastapi.responses import JSONResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+try:  # the server's own packages (requirements.txt: optional for training): one line where one is missing
+    import uvicorn
+    from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, WebSocket
+    from fastapi.responses import JSONResponse, Response
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+except ImportError as e:
+    raise SystemExit(f"error: the live server needs fastapi, uvicorn and websockets ({e}): pip install "
+                     "'fastapi>=0.110' 'uvicorn>=0.52.1,<0.56' 'websockets>=13.0'") from None
 
 from config.transformer_config import KV_DTYPE_NAMES, QUANTIZE_MODES
 from model.protocol import (CHUNK, CHUNK_BYTES, CLOSE_BAD_DATA, CLOSE_IDLE, CLOSE_INTERNAL, CLOSE_POLICY,

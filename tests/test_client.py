@@ -411,6 +411,21 @@ def test_choose_devices_without_a_terminal_is_one_error_line():
     assert r.stderr.splitlines()[-1].startswith("error: --choose-devices asks on the terminal"), r.stderr
 
 
+def test_without_websockets_it_is_one_error_line(tmp_path):
+    """websockets missing (a stand-in module that fails to import, first on the path): one `error:`
+    line saying what to install, before anything else; it was an ImportError traceback when the
+    first session opened."""
+    sf.write(tmp_path / "in.wav", np.zeros(4000), 16000)
+    (tmp_path / "websockets.py").write_text("raise ImportError('No module named websockets')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    r = subprocess.run([sys.executable, "inference_client.py", "--server", "ws://127.0.0.1:9", "--input-wav",
+                        str(tmp_path / "in.wav"), "--output-wav", str(tmp_path / "out.wav")],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.splitlines() == [
+        "error: the client needs websockets 13 or later (No module named websockets): pip install 'websockets>=13.0'"]
+    assert not (tmp_path / "out.wav").exists()
+
+
 def test_client_imports_no_torch():
     code = "import sys, inference_client; assert 'torch' not in sys.modules, 'torch was imported'"
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)

@@ -1144,6 +1144,24 @@ def test_cli_weights_the_live_server_cannot_use_are_errors_before_loading(model,
             [f"error: {int8} holds int8 weights: load it without quantize="]})
 
 
+@pytest.mark.parametrize("package", ["fastapi", "uvicorn", "websockets"])
+def test_cli_without_a_server_package_is_one_error_line(tmp_path, package):
+    """fastapi, uvicorn or websockets missing (a stand-in module that fails to import, first on the
+    path): one `error:` line saying what to install; it was an ImportError traceback."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    (tmp_path / f"{package}.py").write_text(f"raise ImportError('No module named {package}')\n")
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "inference_server.py", "--offline", "--ckpt-dir", str(tmp_path / "empty")],
+                       cwd=repo, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(repo)])})
+    assert r.returncode == 1 and r.stderr.splitlines() == [
+        f"error: the live server needs fastapi, uvicorn and websockets (No module named {package}): pip install "
+        "'fastapi>=0.110' 'uvicorn>=0.52.1,<0.56' 'websockets>=13.0'"], r.stderr[-2000:]
+
+
 def test_cli_refuses_a_non_finite_prompt_and_reads_only_the_context_of_a_long_one(model, tmp_path):
     """A NaN prompt is one `error:` line before loading. A prompt longer than the context is read
     only for its last (context - 1) chunks, which are kept: a 20 s file whose first 10 s are NaN
