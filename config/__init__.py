@@ -2,8 +2,9 @@
 
 A config is a frozen dataclass. Scripts pick a named preset with `--config NAME` and override
 any field with `key=value`; values are parsed with `ast.literal_eval` (bare words are taken as
-strings) and checked against the field's declared type, nanoGPT-configurator style, without exec;
-an enumerated option is a `Literal[...]` field, so an unknown value is refused with the choices.
+strings; `none` or `null` is None where the field may be None) and checked against the field's
+declared type, nanoGPT-configurator style, without exec; an enumerated option is a `Literal[...]`
+field, so an unknown value is refused with the choices.
 
 What a checkpoint must agree on is marked on the field itself, `field(metadata={"arch": True})`
 (the network; also "disc", "resume", "schedule"): `fields_marked` lists the marked fields and
@@ -183,6 +184,8 @@ def apply_overrides(cfg, overrides: Mapping[str, Any], elsewhere: Mapping[str, t
     for key, value in overrides.items():
         if key not in types_:
             raise ConfigError(unknown_key(key, type(cfg), elsewhere))
+        if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in typing.get_args(types_[key]):
+            value = None  # the bare word (as `eval_quantize=none` is written): unset, not a path named "none"
         changes[key] = _coerce(value, types_[key], key)
         if fields[key].metadata.get("path") and isinstance(changes[key], str):
             changes[key] = os.path.expanduser(changes[key])
