@@ -1,11 +1,13 @@
 """Files written atomically: each writer fills a temporary file beside its target and renames it
 over the target when complete (`model.checkpoint.atomic_write`, `model.audio.save_audio`, the
-dataset index, the client's recordings). Imports only the standard library: the client uses it."""
+dataset index, the client's recordings); and partial files that processes take over from each
+other under a lock (`open_locked`: a download's temporary, a latents shard being encoded). Imports
+only the standard library: the client uses it."""
 from __future__ import annotations
 
 import os
 import secrets
-from typing import Callable
+from typing import Callable, Optional
 
 
 def temp_beside(folder: str | os.PathLike, prefix: str, suffix: str, write: Callable[[str], None]) -> str:
@@ -52,3 +54,38 @@ def replace_atomically(path: str | os.PathLike, write: Callable[[str], None], su
     except BaseException:
         os.remove(tmp)
         raise
+
+
+def open_locked(path: str | os.PathLike, waiting: Optional[Callable[[], None]] = None, buffering: int = -1,
+                locks_optional: bool = False):
+    """`path` opened for reading and writing (made if missing, with the mode `temp_beside` gives)
+    under an exclusive `flock` held until the file is closed: how processes share one partial file,
+    each taking over what the last one left. While another process holds it: BlockingIOError, or
+    with `waiting`, `waiting()` is called once and the lock waited for. None when the file was
+    renamed or removed as it was locked (its holder finished with it): look again. On a file system
+    without locks: that OSError, or with `locks_optional`, the file unlocked."""
+    import fcntl  # (Unix; imported here, so that this module imports everywhere)
+    file = open(os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666), "r+b",
+                buffering=buffering)
+    try:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting is None:
+                raise
+            waiting()
+            fcntl.flock(file, fcntl.LOCK_EX)
+        except OSError:
+            if not locks_optional:
+                raise
+        try:
+            same = os.path.samestat(os.fstat(file.fileno()), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if not same:
+            file.close()
+            return None
+    except BaseException:
+        file.close()
+        raise
+    return file

@@ -21,7 +21,6 @@ and where to put it.
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -31,6 +30,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
+
+from .files import open_locked
 
 HF_REPO = "si-pbc/hertz-dev"
 DEFAULT_CKPT_DIR = "ckpt"
@@ -158,26 +159,21 @@ class _Partial:
              log: Callable[[str], None]) -> Optional["_Partial"]:
         """The locked temporary of `path`, its kept prefix hashed, or None once `verified()` (the
         file is in place and verified: another process finished it while this one waited)."""
-        tmp, said = _temporary(path), False
+        tmp, said = _temporary(path), []
+
+        def waiting() -> None:
+            if not said:
+                log(f"another process is downloading {path.name} into {path.parent}; waiting for it")
+                said.append(True)
+
         while True:
             if verified():
                 return None
-            file = open(os.open(tmp, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666), "r+b", buffering=0)
+            # (a file system without locks: go on unlocked, as before)
+            file = open_locked(tmp, waiting, buffering=0, locks_optional=True)
+            if file is None:  # renamed into place (or removed) while this process waited: look again
+                continue
             try:
-                try:
-                    fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    if not said:
-                        log(f"another process is downloading {path.name} into {path.parent}; waiting for it")
-                        said = True
-                    fcntl.flock(file, fcntl.LOCK_EX)
-                except OSError:
-                    pass  # a file system without locks: go on unlocked, as before
-                mine = os.fstat(file.fileno())
-                now = tmp.stat() if tmp.exists() else None
-                if now is None or (mine.st_dev, mine.st_ino) != (now.st_dev, now.st_ino):
-                    file.close()  # renamed into place (or removed) while this process waited: look again
-                    continue
                 part = cls(path, md5, file)
                 if verified():
                     part.discard()

@@ -26,7 +26,6 @@ While rank R encodes, its rows go to `shard_RRRRR.bin.partial` and the files don
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
@@ -42,6 +41,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .checkpoint import CheckpointError, atomic_write, os_reason
+from .files import open_locked
 from .codec import Codec
 from .parallel import long_barrier
 
@@ -170,21 +170,6 @@ class _PartialShard:
         self.pending: list[bytes] = []
         self.committed = time.monotonic()
 
-    @staticmethod
-    def lock(path: Path):
-        """`path` opened for reading and writing (made if missing) and locked for this process alone;
-        BlockingIOError while another run holds it (or has just renamed it away)."""
-        out = open(os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666), "r+b")
-        try:
-            fcntl.flock(out, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            mine, now = os.fstat(out.fileno()), (os.stat(path) if path.exists() else None)
-            if now is None or (mine.st_dev, mine.st_ino) != (now.st_dev, now.st_ino):  # renamed as we opened it
-                raise BlockingIOError(f"{path} was renamed")
-        except BaseException:
-            out.close()
-            raise
-        return out
-
     @classmethod
     def open(cls, folder: Path, rank: int, header: dict, row_bytes: int) -> tuple[Optional["_PartialShard"], str]:
         """The partial shard of `rank`, locked, with what a stopped run of the same `header` (format,
@@ -192,11 +177,13 @@ class _PartialShard:
         holds it (or this file system has no locks)."""
         path, progress = folder / f"shard_{rank:05d}.bin.partial", folder / f"shard_{rank:05d}.progress.jsonl"
         try:
-            out = cls.lock(path)
+            out = open_locked(path)  # None: renamed into place by a run that finished it as this one looked
         except BlockingIOError:
-            return None, "another run is encoding the same files now"
+            out = None
         except OSError as e:
             return None, f"cannot lock {path} ({os_reason(e)})"
+        if out is None:
+            return None, "another run is encoding the same files now"
         try:
             return cls._take_over(path, out, progress, header, row_bytes), ""
         except BaseException:
@@ -268,11 +255,13 @@ class _PartialShard:
         for path in folder.glob("shard_*.bin.partial"):
             if (rank := re.fullmatch(r"shard_(\d+)\.bin\.partial", path.name)) and int(rank[1]) >= world:
                 try:
-                    with _PartialShard.lock(path):
+                    held = open_locked(path)
+                except OSError:  # another run's, in use
+                    continue
+                if held is not None:
+                    with held:
                         (folder / path.name.replace(".bin.partial", ".progress.jsonl")).unlink(missing_ok=True)
                         path.unlink()
-                except OSError:  # another run's, in use
-                    pass
 
     def __enter__(self):
         return self
