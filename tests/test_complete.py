@@ -336,12 +336,12 @@ def test_official_weights_missing_offline_or_corrupt_are_an_error_not_a_tracebac
     an `error:` naming the files (missing: each with its size and md5, and where to put them;
     corrupt: the file and both md5s), exit code 2, no traceback and no output. Until session 17
     this was hub's WeightsError as a traceback."""
-    from model.hub import OFFICIAL_FILES, QUANTIZER, VARIANTS
+    from model.hub import CODEC, OFFICIAL_FILES, QUANTIZER, VARIANTS
     folder = tmp_path / "official"
     folder.mkdir()
     names = [QUANTIZER, *VARIANTS["duplex"][:2]]
-    if state == "corrupt":
-        for name in names:
+    if state == "corrupt":  # all four (a missing codec is named with the others: load_hertz_dev asks for all at once)
+        for name in names + [CODEC]:
             (folder / OFFICIAL_FILES[name].filename).write_bytes(b"not the weights")
     out = tmp_path / "out.wav"
     r = run(ckpts["stereo"], out, "--offline", "--ckpt-dir", folder, "--seconds", 0.25)
