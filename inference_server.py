@@ -74,6 +74,8 @@ WEB_DIR = Path(__file__).resolve().parent / "web"
 MAX_BAD_MESSAGES = 32     # a session that sends more than this many bad messages is closed
 MAX_OUTBOX_AUDIO = 16     # replies waiting for a slow client (2 s); older ones are dropped
 MAX_OUTBOX = 256          # everything waiting; beyond it the client is not reading: closed
+MAX_INBOX = 32            # messages read while one waits on the engine; beyond it reading waits too
+RELEASE_GRACE = 0.5       # seconds a new session waits for a row being given back before it is refused
 MAX_HTTP_BODY = 4096      # bytes of a JSON request body
 HTTP_BODY_TIMEOUT = 4.0   # seconds for it to arrive (under uvicorn's 5 s graceful shutdown)
 MAX_WRITE_BACKLOG = 1 << 20  # bytes waiting for a client; beyond it the connection is dropped (WebSocketProtocol)
@@ -158,8 +160,9 @@ class EngineWorker:
             self.cond.notify()
         return fut
 
-    async def open_row(self, row: int, params, seed: int, prompt=None) -> None:
-        await self.call(_engine_reset, row, params, seed, prompt)
+    def open_row(self, row: int, params, seed: int, prompt=None) -> asyncio.Future:
+        """Reset `row` for a new session (queued now: the future resolves once it has run)."""
+        return self.call(_engine_reset, row, params, seed, prompt)
 
     def release_row(self, row: int) -> None:
         """Free `row`: its queued chunks are discarded now, the engine slot once the commands
@@ -415,9 +418,11 @@ class Session:
         self.params, self.seed = params, seed
         self.started = time.time()
         self.outbox: collections.deque = collections.deque()
+        self.inbox: asyncio.Queue = asyncio.Queue(MAX_INBOX)  # read, not yet handled
         self.wakeup = asyncio.Event()
         self.closing = asyncio.Event()  # set by fail()
         self.closed = False
+        self.released = False  # the row is given back (`release`)
         self.close_code: Optional[tuple[int, str]] = None
         self.replay_left = len(server.replay)
         self.counts = collections.Counter()
@@ -432,6 +437,16 @@ class Session:
         return {"session": self.id, "row": self.row, "seconds": round(time.time() - self.started, 1),
                 "replay_left": self.replay_left, **{k: self.counts[k] for k in
                 ("chunks_in", "chunks_out", "dropped_in", "dropped_out", "bad_messages", "rate_limited", "replayed")}}
+
+    def release(self) -> None:
+        """Give the row back (once). The engine's release runs after every command the session
+        queued before it; from then on nothing of this session reaches the row."""
+        if self.released:
+            return
+        self.released = self.closed = True
+        self.server.worker.release_row(self.row)
+        self.server.free.append(self.row)
+        self.server.row_freed.set()
 
     # -- outgoing --
     def send(self, message, audio: bool = False) -> None:
@@ -494,12 +509,21 @@ class Session:
             self.closed = True
 
     # -- incoming --
-    async def receive(self) -> None:
-        ws = self.ws
+    async def read(self) -> None:
+        """Read the client's messages as they come, into `inbox`; returns when the client leaves.
+        Apart from `handle`: the websocket layer reads nothing more while a message waits for the
+        app, so a client's close frame behind a message would go unseen (and its row held) while
+        `handle` waits on the engine (the session's start, a reset's prefill)."""
         while True:
-            message = await ws.receive()
+            message = await self.ws.receive()
             if message["type"] == "websocket.disconnect":
                 return
+            await self.inbox.put(message)
+
+    async def handle(self) -> None:
+        """Handle what `read` took, in order."""
+        while True:
+            message = await self.inbox.get()
             if message.get("bytes") is not None:
                 self.on_binary(message["bytes"])
             elif message.get("text") is not None:
@@ -669,6 +693,7 @@ class Server:
         self.started = time.time()
         self.warmup = warmup
         self.stopping = False  # set by close_sessions: new sessions are refused
+        self.row_freed = asyncio.Event()  # set by Session.release
         self._disk: Optional[concurrent.futures.ThreadPoolExecutor] = None
         # The page takes the protocol's constants and this server's defaults from here.
         self.index_html = (WEB_DIR / "index.html").read_text().replace(
@@ -701,6 +726,16 @@ class Server:
             for session in list(self.sessions.values()):  # again each time: one may have been starting
                 session.fail(CLOSE_RESTART, SHUTDOWN_REASON)
             await asyncio.sleep(0.02)
+
+    async def row_given_back(self, timeout: float) -> None:
+        """Wait up to `timeout` seconds for a row to be free: a client that closed its session and
+        reconnects at once (a page reloaded) finds its own row, even when the server has not read
+        its close yet, or has but not yet ended its session."""
+        deadline = time.monotonic() + timeout
+        while not self.free and (left := deadline - time.monotonic()) > 0:
+            self.row_freed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.row_freed.wait(), left)
 
     def disk(self, fn, *args) -> asyncio.Future:
         """Run file I/O on the disk thread (one thread: a session's writes stay in order)."""
@@ -751,6 +786,8 @@ class Server:
             await ws.accept()
             return await ws.close(CLOSE_POLICY, str(e))
         await ws.accept()
+        if not self.free and not self.stopping:
+            await self.row_given_back(RELEASE_GRACE)
         if self.stopping:
             return await ws.close(CLOSE_RESTART, SHUTDOWN_REASON)
         if not self.free:
@@ -762,12 +799,16 @@ class Server:
             return await ws.close(CLOSE_TRY_AGAIN, f"too many new sessions; try again in {wait:.1f} s")
         row = self.free.pop()
         session = Session(self, ws, row, self.params, seed)
-        try:
-            await self.worker.open_row(row, self.params, seed, self.prompt)
-        except Exception as e:
-            self.worker.release_row(row)  # a half-reset row is never stepped
-            self.free.append(row)
-            return await ws.close(CLOSE_INTERNAL, f"could not start a session: {type(e).__name__}")
+        opened = self.worker.open_row(row, self.params, seed, self.prompt)
+        reader = asyncio.create_task(session.read())  # meanwhile too: a client leaving is seen at once
+        await asyncio.wait({opened, reader}, return_when=asyncio.FIRST_COMPLETED)
+        if not opened.done():  # gone during the start: the row comes back now (released after the reset)
+            opened.add_done_callback(_log_failure)
+            return session.release()
+        if opened.exception() is not None:
+            session.release()  # a half-reset row is never stepped
+            reader.cancel()
+            return await ws.close(CLOSE_INTERNAL, f"could not start a session: {type(opened.exception()).__name__}")
         self.sessions[session.id] = session
         self.counts["sessions_total"] += 1
         log.info("session %s started in row %d (%d/%d)", session.id, row, len(self.sessions), self.engine.max_sessions)
@@ -778,24 +819,24 @@ class Server:
             if self.prompt is not None:  # the recording starts with the prompt, as the original's
                 session.record(self.prompt_pcm)
         sender = asyncio.create_task(session.sender())
-        receiver = asyncio.create_task(session.receive())
+        handler = asyncio.create_task(session.handle())
         closing = asyncio.create_task(session.closing.wait())
         idle = asyncio.create_task(session.watch_idle(self.limits.idle_timeout))
         try:
             # Until the client leaves, or the session is closed from our side (then the sender
             # flushes and sends the close frame; a client that does not read gets 5 s).
-            await asyncio.wait({receiver, closing}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({reader, handler, closing}, return_when=asyncio.FIRST_COMPLETED)
             if session.close_code is not None:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(asyncio.shield(sender), timeout=5)
         finally:
             session.closed = True
-            for task in (sender, receiver, closing, idle):
+            for task in (sender, reader, handler, closing, idle):
                 task.cancel()
-            if receiver.done() and not receiver.cancelled() and receiver.exception() is not None:
-                log.info("session %s: %r", session.id, receiver.exception())
-            self.worker.release_row(row)
-            self.free.append(row)  # safe at once: the next reset of this row runs after the release
+            for task in (reader, handler):
+                if task.done() and not task.cancelled() and task.exception() is not None:
+                    log.info("session %s: %r", session.id, task.exception())
+            session.release()  # safe at once: the next reset of this row runs after the release
             try:
                 if session.recorder is not None:  # after the session's writes: one disk thread, in order
                     path = await self.disk(session.recorder.close)

@@ -548,9 +548,11 @@ def raw_websocket(port: int):
 
 
 def client_frame(opcode: int, payload: bytes) -> bytes:
-    """One masked frame of at most 125 bytes (a client's frames are masked)."""
+    """One masked frame of less than 64 KiB (a client's frames are masked)."""
     mask = b"\x01\x02\x03\x04"
-    return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    n = len(payload)
+    size = bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big")
+    return bytes([0x80 | opcode]) + size + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
 def test_a_ping_flood_that_reads_no_pongs_is_cut_off(server):
@@ -620,6 +622,51 @@ def test_capacity_refuses_with_1013(model):
         assert code == CLOSE_TRY_AGAIN and "capacity" in reason and "try again later" in reason
         h = health(server)
         assert h["refused"] == 1 and h["capacity"] == 2
+
+
+def test_a_client_that_closes_and_reconnects_at_once_gets_its_slot_back(model):
+    """One slot, whose sessions start with a prompt's prefill: 16 times over, a client closes its
+    session (after audio, a reset or a status; mid-start, or a raw client that sends a chunk and
+    a close frame and leaves at once) and reconnects at once: never refused. The server read the
+    close only after the message in front of it had been handled, which waited on the start's
+    prefill, and gave the row back after that; a reconnection in between was refused with 1013.
+    A session truly open still gets a second one refused with 1013."""
+    prompt = np.stack([speech_like(1.0, seed=1), speech_like(1.0, seed=2)])
+    with running_server(model, max_sessions=1, prompt=prompt, replay_seconds=0) as server:
+        N = 16
+
+        async def leave(i):
+            if i % 2:  # a raw client: a chunk, then its close frame a moment later, not waiting for the answer
+                sock = await asyncio.to_thread(raw_websocket, server.port)
+                sock.sendall(client_frame(0x2, CHUNKS[0]))
+                await asyncio.sleep(0.03)
+                sock.sendall(client_frame(0x8, (1001).to_bytes(2, "big")))
+                return sock
+            async with connect(server.ws + "/audio") as ws:
+                if i % 4 == 2:
+                    await stream(ws, CHUNKS[:1])
+                    await ws.send(json.dumps({"type": "reset"}))
+                await ws.send(CHUNKS[1])
+
+        async def run():
+            outcomes = []
+            for i in range(N):
+                sock = await leave(i)
+                async with connect(server.ws + "/audio") as ws:
+                    try:
+                        outcomes.append(len((await stream(ws, CHUNKS[:1]))[0]))
+                    except websockets.ConnectionClosed:
+                        outcomes.append((ws.close_code, ws.close_reason))
+                    if i == N - 1:  # a session truly open: another one is refused
+                        async with connect(server.ws + "/audio") as other:
+                            with pytest.raises(websockets.ConnectionClosed):
+                                await asyncio.wait_for(other.recv(), 10)
+                            outcomes.append(other.close_code)
+                if sock is not None:
+                    sock.close()
+            return outcomes
+        outcomes = asyncio.run(asyncio.wait_for(run(), 60))
+    assert outcomes == [4000] * N + [CLOSE_TRY_AGAIN], outcomes
 
 
 def test_shutdown_closes_sessions_with_1012_and_a_reason(model):
