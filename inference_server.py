@@ -41,6 +41,7 @@ import math
 import os
 import re
 import secrets
+import signal
 import threading
 import time
 import uuid
@@ -1411,10 +1412,14 @@ def main(argv=None) -> None:
                     max_queue=args.queue_chunks, params=params, limits=limits)
     where = f"http://{args.host}:{args.port}/"
     log.info("browser client: %s%s", where, "?token=TOKEN" if args.token else "")
+    # SIGTERM (kill, docker stop, systemd) ends the server as Ctrl-C does: uvicorn re-raised it
+    # once shut down, and its default action ended the process there, with status 143 and
+    # without stopping the engine and the recordings' disk thread (`serve`'s finally).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         serve(server, args.host, args.port, args.max_message_bytes, args.log_level, args.access_log,
               access=Access(args.host, tuple(args.allow_host), tuple(args.allow_origin)))
-    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down gracefully
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C (and SIGTERM) once it has shut down gracefully
         pass
 
 

@@ -1299,6 +1299,54 @@ def test_token_never_reaches_the_log(model, tmp_path):
     assert token not in log and token[4:] not in log                           # ... without the token
 
 
+def test_sigterm_closes_sessions_with_a_reason_and_exits_0(model, tmp_path):
+    """The server command stopped with SIGTERM (kill, docker stop, systemd) while a session talks:
+    the client gets 1012 and its reason, the recording is complete, and the process exits 0 (it
+    ended with status 143, killed by the signal uvicorn re-raised, before the engine and the
+    recordings' disk thread were stopped)."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+    from live_server import save_tiny
+    checkpoint = save_tiny(model, tmp_path / "ckpt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    err = open(tmp_path / "err.txt", "w+")
+    proc = subprocess.Popen([sys.executable, "inference_server.py", "--checkpoint", str(checkpoint), "--device", "cpu",
+                             "--port", str(port), "--recordings", str(tmp_path / "rec")],
+                            cwd=Path(__file__).resolve().parents[1], stdout=err, stderr=err)
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                http(f"http://127.0.0.1:{port}/health")
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, open(tmp_path / "err.txt").read()[-3000:]
+                time.sleep(0.3)
+
+        async def talk():
+            async with connect(f"ws://127.0.0.1:{port}/audio") as ws:
+                await stream(ws, CHUNKS[:4])
+                proc.send_signal(signal.SIGTERM)
+                with pytest.raises(websockets.ConnectionClosed):
+                    for c in CHUNKS[4:]:
+                        await ws.send(c)
+                        await asyncio.wait_for(ws.recv(), 10)
+                return ws.close_code, ws.close_reason
+        closed = asyncio.run(asyncio.wait_for(talk(), 60))
+        status = proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert closed == (CLOSE_RESTART, "the server is shutting down")
+    assert status == 0, open(tmp_path / "err.txt").read()[-3000:]
+    wavs = list((tmp_path / "rec").glob("*.wav"))
+    assert len(wavs) == 1 and not list((tmp_path / "rec").glob(".*.part")) and sf.info(str(wavs[0])).frames >= 4 * 2000
+
+
 def test_slow_or_huge_http_requests_are_cut(server):
     """An idle keep-alive connection is closed by the server (uvicorn's keep-alive timeout) and
     headers that go on past 16 KiB are refused, without harming the server."""
