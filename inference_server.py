@@ -441,10 +441,12 @@ class Session:
 
     def release(self) -> None:
         """Give the row back (once). The engine's release runs after every command the session
-        queued before it; from then on nothing of this session reaches the row."""
+        queued before it; from then on nothing of this session reaches the row, nor does its id
+        (POST /set_temperature) while its recording is closed."""
         if self.released:
             return
         self.released = self.closed = True
+        self.server.sessions.pop(self.id, None)
         self.server.worker.release_row(self.row)
         self.server.free.append(self.row)
         self.server.row_freed.set()
@@ -838,6 +840,7 @@ class Server:
                 if task.done() and not task.cancelled() and task.exception() is not None:
                     log.info("session %s: %r", session.id, task.exception())
             session.release()  # safe at once: the next reset of this row runs after the release
+            log.info("session %s ended: %s", session.id, session.info())
             try:
                 if session.recorder is not None:  # after the session's writes: one disk thread, in order
                     path = await self.disk(session.recorder.close)
@@ -845,9 +848,6 @@ class Server:
                         log.info("session %s recorded to %s", session.id, path)
             except Exception as e:
                 log.error("session %s: the recording failed: %r", session.id, e)
-            finally:
-                self.sessions.pop(session.id, None)
-                log.info("session %s ended: %s", session.id, session.info())
 
     async def set_temperature(self, body: dict) -> dict:
         """POST /set_temperature: {"token_temp", "categorical_temp" (the original's names) or any

@@ -257,6 +257,34 @@ def test_set_temperature_for_one_session_needs_the_token(model):
         assert server.params == SamplingParams()
 
 
+def test_an_ended_session_is_not_addressed_while_its_recording_closes(model, tmp_path):
+    """A session's row is given back when it ends, and its recording is closed after (on the disk
+    thread, which may be slow). Its id, addressed over HTTP in between, is unknown (404); it
+    changed the parameters of the row's next session, whose replies are those of a session alone."""
+    import threading
+    token = "t0ken-for-sessions"
+    auth = {"Authorization": f"Bearer {token}"}
+    with running_server(model, max_sessions=1, token=token, recordings=str(tmp_path)) as server:
+        disk_free = threading.Event()
+        async def run():
+            async with connect(server.ws + "/audio", token=token) as ws:
+                old = (await control(ws, type="status"))["session"]
+                await stream(ws, CHUNKS[:1])
+                server._disk.submit(disk_free.wait, 30)  # the disk is busy: the recording's close waits
+            async with connect(server.ws + "/audio?seed=5", token=token) as ws:
+                at = await where(ws, server)
+                url = server.http + "/set_temperature"
+                status, body, _ = await asyncio.to_thread(http, url, "POST", auth, {"token_temp": 0, "session": old})
+                disk_free.set()
+                return status, json.loads(body), at, await stream(ws, CHUNKS[:4])
+        try:
+            status, body, at, replies = asyncio.run(asyncio.wait_for(run(), 30))
+        finally:
+            disk_free.set()
+    assert status == 404 and body.get("error") == "unknown_session", body
+    assert_close(as_pcm(replies), reference_replies(model, CHUNKS[:4], 5, where=at))
+
+
 def test_set_temperature_is_a_json_post_and_sessions_need_a_token(server):
     """No simple cross-site request can change anything: a form, text or query-string POST is
     415; without a token HTTP changes only the defaults of new sessions, never a session by id;
