@@ -80,6 +80,7 @@ RELEASE_GRACE = 0.5       # seconds a new session waits for a row being given ba
 MAX_HTTP_BODY = 4096      # bytes of a JSON request body
 HTTP_BODY_TIMEOUT = 4.0   # seconds for it to arrive (under uvicorn's 5 s graceful shutdown)
 MAX_WRITE_BACKLOG = 1 << 20  # bytes waiting for a client; beyond it the connection is dropped (WebSocketProtocol)
+WRITE_STALL_TIMEOUT = 10.0   # seconds a client may leave its replies unread (write buffer full); then dropped
 MIN_MESSAGE_BYTES = len(TEXT_PREFIX) + 4 * math.ceil(CHUNK_BYTES / 3)  # a chunk as a text frame: 5358 bytes
 
 
@@ -1161,7 +1162,37 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
     own sends wait while the buffer is over its high-water mark (64 KiB), so a buffer over
     MAX_WRITE_BACKLOG is pongs piling up: the connection is dropped (its session ends as if the
     client had vanished). Text that is not UTF-8: uvicorn logged a traceback and closed with 1007
-    and no reason; now closed with CLOSE_BAD_DATA and a reason, without a traceback."""
+    and no reason; now closed with CLOSE_BAD_DATA and a reason, without a traceback. A client
+    that reads nothing while it goes on sending audio: its session kept its slot (its replies
+    dropped) until uvicorn's keepalive gave up on it, 40 s; now, once its write buffer has stayed
+    full for WRITE_STALL_TIMEOUT seconds, the connection is dropped (no close frame could reach
+    it) and the session ends as if the client had vanished."""
+
+    stall_timer: Optional[asyncio.TimerHandle] = None
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.stall_timer is None:
+            self.stall_timer = self.loop.call_later(WRITE_STALL_TIMEOUT, self.drop_stalled)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self.cancel_stall_timer()
+
+    def connection_lost(self, exc) -> None:
+        self.cancel_stall_timer()
+        super().connection_lost(exc)
+
+    def cancel_stall_timer(self) -> None:
+        if self.stall_timer is not None:
+            self.stall_timer.cancel()
+            self.stall_timer = None
+
+    def drop_stalled(self) -> None:
+        self.stall_timer = None
+        log.warning("%s: dropped a connection that has read none of its replies for %g s",
+                    "%s:%d" % tuple(self.client[:2]) if self.client else "a client", WRITE_STALL_TIMEOUT)
+        self.transport.abort()
 
     def handle_ping(self) -> None:
         super().handle_ping()

@@ -50,9 +50,13 @@ def pcm_chunks(audio: np.ndarray) -> list[bytes]:
     return [pcm[i:i + CHUNK].tobytes() for i in range(0, len(pcm), CHUNK)]
 
 
-def free_socket() -> socket.socket:
+def free_socket(send_buffer: int | None = None) -> socket.socket:
+    """A listening socket's to be; `send_buffer`: the SO_SNDBUF its connections inherit (the
+    kernel's autotuned buffers otherwise absorb megabytes for a client that does not read)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if send_buffer is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
     sock.bind(("127.0.0.1", 0))
     return sock
 
@@ -78,12 +82,12 @@ class SlowEngine:
 @contextlib.contextmanager
 def running_server(model, max_sessions: int = 3, max_message_bytes: int = 1 << 16, slow: float = 0.0,
                    log_level: str = "warning", access: srv.Access = srv.Access(), limits: srv.Limits = TEST_LIMITS,
-                   **kwargs):
+                   send_buffer: int | None = None, **kwargs):
     """Yields the `Server` with `.http` and `.ws` base URLs set (and `.port`)."""
     engine = LiveEngine(model, max_sessions=max_sessions)
     server = srv.Server(SlowEngine(engine, slow) if slow else engine, limits=limits, **kwargs)
     server.start()
-    sock = free_socket()
+    sock = free_socket(send_buffer)
     port = sock.getsockname()[1]
     config = srv.uvicorn_config(srv.make_app(server, access), "127.0.0.1", port, max_message_bytes, log_level=log_level,
                                 token=server.token)

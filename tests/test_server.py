@@ -563,6 +563,55 @@ def test_bad_clients_do_not_disturb_a_session_at_real_time(model):
         assert h["dropped_in"] == 0 and h["bad_messages"] > srv.MAX_BAD_MESSAGES
 
 
+def test_a_client_that_stops_reading_is_dropped_and_the_others_keep_their_cadence(model, monkeypatch):
+    """Two sessions: one client sends audio and never reads (its replies fill the connection's
+    buffers, and the server's sends to it wait); the other streams at real time beside it and keeps
+    its cadence (every reply, in time). The one that does not read is dropped once its replies
+    have waited WRITE_STALL_TIMEOUT seconds (1 s here, 10 by default), freeing its slot: it held
+    it, sending audio, until uvicorn's keepalive gave up on it (40 s)."""
+    import threading
+    monkeypatch.setattr(srv, "WRITE_STALL_TIMEOUT", 1.0)
+    with running_server(model, max_sessions=2, send_buffer=4096) as server:
+        stop, ended = threading.Event(), []
+
+        def deaf():
+            sock = raw_websocket(server.port)
+            t0 = time.perf_counter()
+            try:
+                for i in range(600):  # 30 s at most
+                    if stop.wait(max(0.0, t0 + i * 0.05 - time.perf_counter())):
+                        break
+                    sock.sendall(client_frame(0x2, CHUNKS[i % len(CHUNKS)]))
+            except OSError:  # dropped by the server
+                ended.append(time.perf_counter() - t0)
+            sock.close()
+        thread = threading.Thread(target=deaf, daemon=True)
+        thread.start()
+
+        async def good():
+            sent, rtt = [], []
+            async with connect(server.ws + "/audio") as ws:
+                sender = asyncio.create_task(send_in_real_time(ws, CHUNKS[:24], sent))
+                while len(rtt) < 24:
+                    msg = await asyncio.wait_for(ws.recv(), 10)
+                    assert isinstance(msg, bytes), msg
+                    rtt.append(time.perf_counter() - sent[len(rtt)])
+                await sender
+                deadline = time.perf_counter() + 15
+                while health(server)["sessions"] > 1 and time.perf_counter() < deadline:
+                    await asyncio.sleep(0.1)
+                return rtt, health(server)["sessions"]
+        try:
+            rtt, sessions = asyncio.run(asyncio.wait_for(good(), 60))
+        finally:
+            stop.set()
+            thread.join(timeout=20)
+    print(f"round trips: p50 {np.median(rtt) * 1000:.0f} ms, max {max(rtt) * 1000:.0f} ms; the deaf client "
+          f"dropped after {ended} s")
+    assert np.median(rtt) < 0.25, f"round trips {sorted(rtt)[-3:]} s: the session lost its cadence"
+    assert sessions == 1 and ended, "the client that does not read still holds its slot"
+
+
 def raw_websocket(port: int):
     """A socket that has completed a websocket handshake to /audio (for frames no library sends)."""
     import socket
