@@ -1,5 +1,6 @@
 """data/demo/prepare.py, run as a script: deterministic, idempotent, the right kinds of files,
 validation voices held out of training, Flite and Festival voices where installed."""
+import glob
 import hashlib
 import json
 import os
@@ -263,3 +264,56 @@ def test_a_killed_rebuild_leaves_the_previous_corpus_whole_and_the_rerun_finds_i
     assert visible(out) == visible(demo_corpus)
     assert "already" in prepare(out)
     assert digests(out) == digests(demo_corpus)
+
+
+BROKEN = {  # a synthesizer on PATH that is installed but fails: it lists its voices, then exits 1
+    "flite": '#!/bin/sh\nif [ "$1" = "-lv" ]; then echo "Voices available: kal awb rms slt"; exit 0; fi\n'
+             'echo "flite: cannot open the audio device" >&2; exit 1\n',
+    "festival": "#!/bin/sh\nexit 1\n",  # its voices are looked for on disk, like the real one's
+}
+
+
+@pytest.mark.parametrize("engine", ["flite", "festival"])
+def test_an_installed_synthesizer_that_fails_is_found_before_any_synthesis(tmp_path, engine):
+    """A flite that exits 1, a festival that exits at once (put first on PATH): left out with a
+    note when the engines are not named (the corpus is made by those that work), one error line
+    naming it when --engines asks for it. Before, both stopped midway with a traceback."""
+    if engine == "festival" and not any(glob.glob(f"/usr/share/festival/voices/*/{v}")
+                                        for v in ("kal_diphone", "ked_diphone", "cmu_us_slt_arctic_hts")):
+        pytest.skip("no Festival voices installed to be found")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / engine).write_text(BROKEN[engine])
+    (tmp_path / "bin" / engine).chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    note = prepare(tmp_path / "default", 0, 0.3, env=env)
+    assert f"note: {engine} is left out, it fails here: {engine}" in note
+    manifest = json.loads((tmp_path / "default" / "manifest.json").read_text())
+    assert engine not in {v["engine"] for f in manifest["files"] for v in f["voices"]}
+    assert not any(v.startswith(engine) for split in ("train", "val") for v in manifest["settings"]["voices"][split])
+    result = subprocess.run([sys.executable, PREPARE, "--minutes", "0.3", "--engines", f"espeak,{engine}",
+                             "--out", str(tmp_path / "named")], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith(f"prepare.py: error: --engines espeak,{engine}: {engine} ")
+    assert last.endswith(": repair it or leave it out")
+    assert not (tmp_path / "named").exists()
+
+
+@pytest.mark.skipif(not shutil.which("flite"), reason="flite is not installed (apt-get install flite)")
+def test_a_synthesizer_failing_midway_is_one_error_line_and_the_corpus_is_left_as_it_was(demo_corpus, tmp_path):
+    """A flite that speaks "Hello." (the check before synthesis) and fails on anything else: one
+    `error:` line naming it, and the corpus already in --out is untouched."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "flite").write_text(f'#!/bin/sh\ncase "$*" in *"-t Hello. "*|-lv) exec {shutil.which("flite")} '
+                                            '"$@";; esac\necho "flite: out of memory" >&2; exit 1\n')
+    (tmp_path / "bin" / "flite").chmod(0o755)
+    out = tmp_path / "c"
+    shutil.copytree(demo_corpus, out)
+    result = subprocess.run([sys.executable, PREPARE, "--minutes", "3", "--seed", "1", "--out", str(out)],
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("error: flite failed (exit status 1) on ") and "flite: out of memory" in last
+    assert last.endswith(f"; the corpus in {out} is left as it was")
+    assert visible(out) == visible(demo_corpus)

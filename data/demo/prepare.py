@@ -177,7 +177,9 @@ class Flite:
                                  "--setf", f"int_f0_target_mean={f0:.1f}", "-t", text, "-o", self.path],
                                 capture_output=True, text=True)
         if result.returncode != 0 or not os.path.exists(self.path):
-            raise RuntimeError(f"flite failed on {text!r} with voice {voice.speaker}: {result.stderr[-500:]}")
+            said = " ".join(result.stderr.split())[-300:]  # one line
+            raise RuntimeError(f"flite failed (exit status {result.returncode}) on {text!r} with voice "
+                               f"{voice.speaker}{': ' + said if said else ''}")
         return read_wav(self.path, voice.level)
 
 
@@ -200,10 +202,14 @@ class Festival:
             self.process = subprocess.Popen(["stdbuf", "-oL", "festival", "--pipe"], stdin=subprocess.PIPE,
                                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         quoted = text.replace("\\", "\\\\").replace('"', '\\"')
-        self.process.stdin.write(f"(voice_{voice.speaker})\n(Parameter.set 'Duration_Stretch {175 / voice.rate:.3f})\n"
-                                 f'(utt.save.wave (utt.synth (Utterance Text "{quoted}")) "{self.path}" \'riff)\n'
-                                 '(print "done")\n')
-        self.process.stdin.flush()
+        try:  # a festival that has exited: its stdin is a broken pipe
+            self.process.stdin.write(f"(voice_{voice.speaker})\n(Parameter.set 'Duration_Stretch {175 / voice.rate:.3f})\n"
+                                     f'(utt.save.wave (utt.synth (Utterance Text "{quoted}")) "{self.path}" \'riff)\n'
+                                     '(print "done")\n')
+            self.process.stdin.flush()
+        except OSError as e:
+            raise RuntimeError(f"festival exited (status {self.process.poll()}) before {text!r} with voice "
+                               f"{voice.speaker}: {e.strerror or e}") from None
         while (line := self.process.stdout.readline()) and line.strip() != '"done"':
             pass
         if not line or not os.path.exists(self.path):
@@ -212,8 +218,12 @@ class Festival:
 
     def close(self) -> None:
         if self.process is not None:
-            self.process.stdin.close()
+            try:
+                self.process.stdin.close()
+            except OSError:  # it has exited already
+                pass
             self.process.wait()
+            self.process = None
 
 
 def read_wav(path: str, level: float) -> np.ndarray:
@@ -227,13 +237,29 @@ class Speakers:
     """Every installed synthesizer; `synth` speaks with whichever one the voice names."""
 
     def __init__(self, engines: list[str], folder: str):
-        self.engines = {}
+        self.engines, self.broken = {}, {}
         for engine in engines:
             synth = ESpeak() if engine == "espeak" else (Flite if engine == "flite" else Festival)(folder)
             voices = synth.voices()
-            if voices:
+            if voices and engine != "espeak" and (problem := self.fails(synth, engine, voices[0])):
+                self.broken[engine] = problem  # installed, but it fails: found before any synthesis
+            elif voices:
                 self.engines[engine] = (synth, voices)
-        self.missing = [e for e in engines if e not in self.engines]  # asked for, with no voice installed
+        # asked for, with no voice installed
+        self.missing = [e for e in engines if e not in self.engines and e not in self.broken]
+
+    @staticmethod
+    def fails(synth, engine: str, speaker: str) -> str | None:
+        """Why `synth` cannot speak a word with `speaker`, or None. Festival is started again after
+        (`close`), so the corpus is the one made without this check."""
+        try:
+            synth.synth("Hello.", Voice(engine, speaker, "en", 50, 50, 175, 0.5), seed=0)
+        except (RuntimeError, OSError) as e:  # soundfile's errors on a bad WAV are RuntimeErrors
+            return str(e)
+        finally:
+            if engine == "festival":
+                synth.close()
+        return None
 
     def pool(self, split: str) -> list[tuple[str, str]]:
         """(engine, speaker) of the voices of a split: the held-out ones for val, the others for train."""
@@ -457,6 +483,10 @@ def main(argv=None) -> None:
     began = time.time()
     scratch = tempfile.TemporaryDirectory(prefix="demo-corpus-")
     tts = Speakers(engines, scratch.name)
+    if args.engines is not None and tts.broken:
+        parser.error(f"--engines {args.engines}: {'; '.join(tts.broken.values())}: repair it or leave it out")
+    for engine, problem in tts.broken.items():  # those installed that work make the corpus
+        print(f"note: {engine} is left out, it fails here: {problem}", flush=True)
     if args.engines is not None and tts.missing:
         parser.error(f"--engines {args.engines}: {', '.join(tts.missing)} {'is' if len(tts.missing) == 1 else 'are'} "
                      f"not installed here (installed: {', '.join(tts.engines)}): install or leave out "
@@ -482,27 +512,31 @@ def main(argv=None) -> None:
 
     sentences, backchannels = read_text(os.path.join(HERE, "sentences.txt"))
     files = []
-    with tqdm(total=round(args.minutes * 60), desc="synthesising", dynamic_ncols=True,
-              bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s of audio [{elapsed}]") as bar:
-        for part, (split, kind, budget) in enumerate(plan(args.minutes, args.val_fraction)):
-            rng = np.random.default_rng([args.seed, part])
-            folder = os.path.join(args.out, split, kind)
-            os.makedirs(folder, exist_ok=True)
-            made, count = 0.0, 0
-            while made < budget or count == 0:  # every part gets at least one file
-                pool = tts.pool(split)
-                if kind == "mono":
-                    audio, entry = make_monologue(tts, rng, pool, sentences)
-                else:
-                    target = min(rng.uniform(20, 50), max(budget - made, 6.0))
-                    audio, entry = make_dialogue(tts, rng, pool, sentences, backchannels, target)
-                rel = f"{split}/{kind}/{kind}_{count:05d}.wav"
-                sf.write(unfinished(os.path.join(args.out, rel)), audio.T, SAMPLE_RATE, format="WAV",
-                         subtype="PCM_16")
-                duration = audio.shape[1] / SAMPLE_RATE
-                files.append({"path": rel, "seconds": round(duration, 3), **entry})
-                made, count = made + duration, count + 1
-                bar.update(min(duration, bar.total - bar.n))  # dialogues overshoot their share
+    try:
+        with tqdm(total=round(args.minutes * 60), desc="synthesising", dynamic_ncols=True,
+                  bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s of audio [{elapsed}]") as bar:
+            for part, (split, kind, budget) in enumerate(plan(args.minutes, args.val_fraction)):
+                rng = np.random.default_rng([args.seed, part])
+                folder = os.path.join(args.out, split, kind)
+                os.makedirs(folder, exist_ok=True)
+                made, count = 0.0, 0
+                while made < budget or count == 0:  # every part gets at least one file
+                    pool = tts.pool(split)
+                    if kind == "mono":
+                        audio, entry = make_monologue(tts, rng, pool, sentences)
+                    else:
+                        target = min(rng.uniform(20, 50), max(budget - made, 6.0))
+                        audio, entry = make_dialogue(tts, rng, pool, sentences, backchannels, target)
+                    rel = f"{split}/{kind}/{kind}_{count:05d}.wav"
+                    sf.write(unfinished(os.path.join(args.out, rel)), audio.T, SAMPLE_RATE, format="WAV",
+                             subtype="PCM_16")
+                    duration = audio.shape[1] / SAMPLE_RATE
+                    files.append({"path": rel, "seconds": round(duration, 3), **entry})
+                    made, count = made + duration, count + 1
+                    bar.update(min(duration, bar.total - bar.n))  # dialogues overshoot their share
+    except RuntimeError as e:  # a synthesizer failing on a sentence (or a full disk): nothing is replaced
+        tts.close()
+        sys.exit(f"error: {e}; the corpus in {args.out} is left as it was")
     tts.close()
     scratch.cleanup()
     # the previous corpus stays whole until this one is: killed before here, a run leaves it as it
