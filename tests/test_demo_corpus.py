@@ -317,3 +317,27 @@ def test_a_synthesizer_failing_midway_is_one_error_line_and_the_corpus_is_left_a
     assert last.startswith("error: flite failed (exit status 1) on ") and "flite: out of memory" in last
     assert last.endswith(f"; the corpus in {out} is left as it was")
     assert visible(out) == visible(demo_corpus)
+
+
+def test_a_second_run_on_the_same_folder_waits_for_the_first_and_finds_its_corpus(tmp_path):
+    """Two runs on one --out at once (two demos started together): the second waits for the first
+    (a note says so), then finds the corpus complete; both succeed and the corpus is whole. Before,
+    the second removed the first's unfinished files as a killed run's: one of them failed with a
+    traceback and the folder was left without a manifest."""
+    out = tmp_path / "c"
+    first = subprocess.Popen([sys.executable, PREPARE, "--minutes", "4", "--out", str(out)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):  # until it is synthesising
+            if list(out.rglob(".*.partial")):
+                break
+            time.sleep(0.02)
+        assert first.poll() is None, "the first run ended before the second started"
+        second = prepare(out, 0, 4)
+    finally:
+        _, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    assert "waiting for another prepare.py writing a corpus in" in second and "already" in second
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {k for k in visible(out) if k.endswith(".wav")} == {f["path"] for f in manifest["files"]}
+    assert not list(out.rglob(".*.partial"))

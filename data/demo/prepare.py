@@ -442,6 +442,23 @@ def existing_folder(path: str) -> str:
     return path
 
 
+def hold_lock(out: str):
+    """Hold `out`'s lock (a hidden file, `.prepare.lock`) until this process ends; returns the open
+    file. A second run on the same folder (two demos started at once) waits for the first, then
+    finds its corpus complete, instead of removing the files the first is writing as a killed run's."""
+    f = open(os.path.join(out, ".prepare.lock"), "a")
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock
+        return f
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"waiting for another prepare.py writing a corpus in {out}", flush=True)
+        fcntl.flock(f, fcntl.LOCK_EX)
+    return f
+
+
 def is_complete(out: str, settings: dict) -> bool:
     try:
         with open(os.path.join(out, "manifest.json")) as f:
@@ -497,6 +514,7 @@ def main(argv=None) -> None:
         parser.error(f"--out {args.out}: cannot make the folder ({e.strerror or e})")
     if not os.access(args.out, os.W_OK | os.X_OK):
         parser.error(f"--out {args.out}: the folder is not writable")
+    lock = hold_lock(args.out)  # noqa: F841 (held until the process ends)
     manifest = os.path.join(args.out, "manifest.json")
     voices = {split: [f"{e}:{s}" for e, s in tts.pool(split)] for split in ("train", "val")}
     settings = {"recipe_version": RECIPE_VERSION, "seed": args.seed, "minutes": args.minutes,
