@@ -65,13 +65,21 @@ def main():
     ap.add_argument("--codec-steps", type=int, default=20)
     ap.add_argument("--transformer-steps", type=int, default=20)
     ap.add_argument("--seconds", type=float, default=4, help="length of the generated continuation")
-    ap.add_argument("--out", default="outputs/demo/completion.wav")
+    ap.add_argument("--out", help="the completion WAV, relative to where demo.py is run (default: "
+                    "outputs/demo/completion.wav in the repository, beside its checkpoints)")
     ap.add_argument("--fresh", action="store_true", help="start both trainings over (resume=false)")
     args = ap.parse_args()
     if not (0 < args.minutes < math.inf and 0 < args.seconds < math.inf):  # also refuses NaN
         ap.error("--minutes and --seconds must be finite numbers > 0")
     if args.codec_steps < 1 or args.transformer_steps < 1:
         ap.error("--codec-steps and --transformer-steps must be >= 1")
+    from model.audio import AudioError, check_output
+    # the steps run in ROOT; a path given is from where demo.py is run
+    out = ROOT / "outputs/demo/completion.wav" if args.out is None else Path(args.out).absolute()
+    try:  # what complete.py would refuse, found before the corpus and the trainings
+        check_output(str(out))
+    except AudioError as e:
+        ap.error(f"--out: {e}")
     t0 = time.time()
     resume = "resume=false" if args.fresh else "resume=true"
 
@@ -88,7 +96,7 @@ def main():
     run(["train_transformer.py", "--config", "tiny", f"max_steps={args.transformer_steps}", "wandb=disabled",
          f"codec_checkpoint={CODEC}", resume])
     prompt = sorted((ROOT / "data/demo/val/dialogue").glob("*.wav"))[0]
-    run(["complete.py", str(prompt.relative_to(ROOT)), args.out, "--variant",
+    run(["complete.py", str(prompt.relative_to(ROOT)), str(out), "--variant",
          f"{TRANSFORMER_DIR}/best.safetensors", "--seconds", str(args.seconds), "--seed", "0"])
 
     codec = evals(ROOT / "checkpoints/codec/metrics.jsonl", ("val/mel_distance",))
@@ -102,7 +110,8 @@ def main():
         a, b = model[0], model[-1]
         print(f"  transformer val LM cross-entropy {a['val/lm_ce']:.3f} -> {b['val/lm_ce']:.3f}, "
               f"resynthesizer NLL {a['val/resynth_nll']:.2f} -> {b['val/resynth_nll']:.2f}")
-    print(f"  completion  {args.out} (prompt {prompt.relative_to(ROOT)}; left: speaker 0, right: speaker 1)")
+    print(f"  completion  {args.out or out.relative_to(ROOT)} (prompt {prompt.relative_to(ROOT)}; "
+          "left: speaker 0, right: speaker 1)")
 
 
 if __name__ == "__main__":

@@ -77,3 +77,37 @@ def test_a_failing_step_says_how_to_start_over(tmp_path):
     done = subprocess.run([sys.executable, "demo.py"], cwd=folder, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "step failed" in done.stderr and "python demo.py --fresh" in done.stderr
+
+
+@pytest.mark.parametrize("out, message", [
+    (".", "--out: cannot write '{cwd}': it names a folder; name an audio file (out.wav, for example)"),
+    ("out.xyz", "--out: cannot write {cwd}/out.xyz: soundfile writes no .xyz files (.wav, .flac or .ogg, for example)"),
+], ids=["a-folder", "no-such-format"])
+def test_an_out_that_complete_py_would_refuse_stops_the_demo_before_the_first_step(tmp_path, out, message):
+    """An --out complete.py cannot write was found only at the last step, after the corpus and both
+    trainings; and a relative one was taken from the repository, where the steps run, not from
+    where demo.py was run."""
+    folder, cwd = scratch_copy(tmp_path / "repo"), tmp_path / "elsewhere"
+    cwd.mkdir()
+    done = subprocess.run([sys.executable, folder / "demo.py", "--out", out], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.splitlines()[-1] == "demo.py: error: " + message.format(cwd=cwd)
+    assert done.stdout == "" and not (folder / "data/demo/train").exists()
+
+
+def test_a_relative_out_is_taken_from_where_demo_py_is_run(tmp_path):
+    """`python path/to/demo.py --out talk.wav` writes ./talk.wav, not path/to/talk.wav (the steps run
+    in the repository). The steps are stand-ins here: the last one writes the file it is given."""
+    folder, cwd = scratch_copy(tmp_path / "repo"), tmp_path / "elsewhere"
+    cwd.mkdir()
+    (folder / "data/demo/prepare.py").write_text(
+        "import os\nos.makedirs('data/demo/val/dialogue', exist_ok=True)\n"
+        "open('data/demo/val/dialogue/dialogue_00000.wav', 'wb').close()\n")
+    (folder / "train_codec.py").write_text("")
+    (folder / "train_transformer.py").write_text("")
+    (folder / "complete.py").write_text("import sys\nopen(sys.argv[2], 'w').write('completion')\n")
+    done = subprocess.run([sys.executable, folder / "demo.py", "--out", "talk.wav"], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (cwd / "talk.wav").read_text() == "completion" and not (folder / "talk.wav").exists()
+    assert "completion  talk.wav" in done.stdout
