@@ -73,7 +73,11 @@ def main():
         ap.error("--minutes and --seconds must be finite numbers > 0")
     if args.codec_steps < 1 or args.transformer_steps < 1:
         ap.error("--codec-steps and --transformer-steps must be >= 1")
+    from config.transformer_config import PRESETS
     from model.audio import AudioError, check_output
+    from model.generator import completion_problem
+    if problem := completion_problem(args.seconds, 1, PRESETS["tiny"]):  # this machine's memory
+        ap.error(problem)
     # the steps run in ROOT; a path given is from where demo.py is run
     out = ROOT / "outputs/demo/completion.wav" if args.out is None else Path(args.out).absolute()
     try:  # what complete.py would refuse, found before the corpus and the trainings
