@@ -196,27 +196,27 @@ class _PartialShard:
             raw = progress.read_bytes()
         except FileNotFoundError:
             raw = b""
+        head, _, body = raw.partition(b"\n")
+        try:  # the header of the stopped run's log: format, number of processes, files in the share
+            stopped = json.loads(head) if raw.startswith(head + b"\n") else None
+        except ValueError:
+            stopped = None
         taken, good, rows = [], 0, 0  # lines taken over, the bytes of the log they fill, the rows they list
-        for number, line in enumerate(raw.splitlines(keepends=True)):
-            try:  # a line cut short by the stop ends what is taken over
-                item = json.loads(line) if line.endswith(b"\n") else None
-                if number == 0 and item != header:  # another layout (number of processes), or no log
-                    break
-                if number:
+        if stopped == header:  # (another layout, or no log: nothing is taken over)
+            good = len(head) + 1
+            for line in body.splitlines(keepends=True):
+                try:  # a line cut short by the stop ends what is taken over
+                    item = json.loads(line) if line.endswith(b"\n") else None
                     length = int(item["entry"]["length"]) if "entry" in item else 0
                     if item["file"] != len(taken) or "entry" in item and item["entry"]["offset"] != rows:
                         break
-                    taken.append(item)
-                    rows += length
-            except (ValueError, KeyError, TypeError):
-                break
-            good += len(line)
+                except (ValueError, KeyError, TypeError):
+                    break
+                taken.append(item)
+                rows += length
+                good += len(line)
         if not good or os.fstat(out.fileno()).st_size < rows * row_bytes:  # nothing to take over: start anew
             taken, good, rows = [], 0, 0
-        try:
-            stopped = json.loads(raw.split(b"\n", 1)[0]) if raw else {}
-        except ValueError:
-            stopped = {}
         world = stopped.get("world") if isinstance(stopped, dict) and stopped.get("world") != header["world"] else None
         out.truncate(rows * row_bytes)
         out.seek(rows * row_bytes)

@@ -421,12 +421,13 @@ def memory_available() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def preload_limit_gb(preload_max_gb: float) -> float:
+def preload_limit_gb(preload_max_gb: float, available: Optional[int] = None) -> float:
     """The size up to which a corpus is decoded into memory (`AudioCropDataset`'s preload_max_gb):
     `preload_max_gb`, at most half the memory available to each process here, since the validation
     and the training corpus are each decoded up to it (and every torchrun process decodes its own);
     a corpus above it is streamed, not decoded until the machine runs out of memory."""
-    return min(preload_max_gb, memory_available() / 2 / processes_here() / 1e9)
+    available = memory_available() if available is None else available  # (bytes)
+    return min(preload_max_gb, available / 2 / processes_here() / 1e9)
 
 
 def resource_notes(cfg) -> list[str]:
@@ -442,8 +443,9 @@ def resource_notes(cfg) -> list[str]:
                      "process with its own memory, and more of them than cores decode no faster; lower num_workers "
                      "unless the files are slow to read (a network file system)")
     wanted = getattr(cfg, "preload_max_gb", 0.0)
-    if wanted and (limit := preload_limit_gb(wanted)) < wanted:
-        notes.append(f"preload_max_gb={wanted:g} is more than half the {memory_available() / 1e9:.1f} GB of memory "
+    available = memory_available()  # (read once: the note's figures agree with each other)
+    if wanted and (limit := preload_limit_gb(wanted, available)) < wanted:
+        notes.append(f"preload_max_gb={wanted:g} is more than half the {available / 1e9:.1f} GB of memory "
                      f"available here{each} (the validation and the training corpus are each decoded up to it): a "
                      f"corpus over {limit:.1f} GB is streamed instead")
     return notes
