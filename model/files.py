@@ -46,7 +46,12 @@ def temp_beside(folder: str | os.PathLike, prefix: str, suffix: str, write: Call
 
 def replace_atomically(path: str | os.PathLike, write: Callable[[str], None], suffix: str = ".tmp") -> None:
     """`write(tmp)` on a `temp_beside` file `.NAME.<8 hex>SUFFIX` and rename it over `path`, so
-    `path` is the old complete file or the new complete one; nothing is left behind on failure."""
+    `path` is the old complete file or the new complete one; nothing is left behind on failure.
+    A `path` that is a device or a pipe (`/dev/null`, or a link to one) is written into with
+    `write(path)`: renamed over, the device itself would be replaced by a file (as root, /dev/null
+    for every process of the machine)."""
+    if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
+        return write(os.fspath(path))
     folder, name = os.path.split(os.path.abspath(os.fspath(path)))
     tmp = temp_beside(folder, f".{name}.", suffix, write)
     try:

@@ -624,3 +624,18 @@ def test_an_output_that_cannot_be_written_is_one_error_line_before_connecting(tm
         r = run_client("--server", "ws://127.0.0.1:9", "--input-wav", tmp_path / "in.wav", "--output-wav", out,
                        timeout=30)
         assert r.returncode != 0 and r.stderr == f"error: cannot write {out}: {reason}\n", r.stderr
+
+
+def test_an_output_that_is_a_device_is_written_into_not_replaced(server, tmp_path):
+    """--output-wav /dev/null (a benchmark that keeps nothing) was renamed over: the client wrote
+    its temporary file beside it and replaced the device with a regular file, which as root broke
+    /dev/null for the whole machine. A device (here through a link, so that a failing run replaces
+    the link, not the device) is now written into."""
+    url, _ = server
+    sf.write(tmp_path / "in.wav", speech_like(0.5), 16000)
+    (tmp_path / "out.wav").symlink_to("/dev/null")
+    r = run_client("--server", url, "--token", TOKEN, "--input-wav", tmp_path / "in.wav", "--output-wav",
+                   tmp_path / "out.wav", "--no-realtime")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out.wav").is_symlink() and os.readlink(tmp_path / "out.wav") == "/dev/null"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.wav", "out.wav"]  # no temporary left beside it
