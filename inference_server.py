@@ -53,10 +53,12 @@ from typing import Callable, Optional
 import numpy as np
 
 try:  # the server's own packages (requirements.txt: optional for training): one line where one is missing
+    import h11  # uvicorn's HTTP/1.1 parser (HttpProtocol)
     import uvicorn
     from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, WebSocket
     from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from uvicorn.protocols.http.h11_impl import H11Protocol
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 except ImportError as e:
     raise SystemExit(f"error: the live server needs fastapi, uvicorn and websockets ({e}): pip install "
@@ -81,6 +83,7 @@ MAX_HTTP_BODY = 4096      # bytes of a JSON request body
 HTTP_BODY_TIMEOUT = 4.0   # seconds for it to arrive (under uvicorn's 5 s graceful shutdown)
 MAX_WRITE_BACKLOG = 1 << 20  # bytes waiting for a client; beyond it the connection is dropped (WebSocketProtocol)
 WRITE_STALL_TIMEOUT = 10.0   # seconds a client may leave its replies unread (write buffer full); then dropped
+HEADER_TIMEOUT = 10.0     # seconds for a request's line and headers to arrive (HttpProtocol); then closed
 MIN_MESSAGE_BYTES = len(TEXT_PREFIX) + 4 * math.ceil(CHUNK_BYTES / 3)  # a chunk as a text frame: 5358 bytes
 
 
@@ -1144,15 +1147,67 @@ def uvicorn_config(app, host="127.0.0.1", port: int = 8000, max_message_bytes: i
                    log_level: str = "info", access_log: bool = False, token: Optional[str] = None):
     """uvicorn's settings for the app; installs `RedactToken` on the log handlers it configures."""
     # per-message deflate off: PCM does not compress and it would cost CPU on every frame.
-    # Slow HTTP clients: an idle keep-alive connection is closed after 5 s, headers are capped
-    # at 16 KiB (h11, whose limit this is, rather than httptools where installed), and past 256
-    # open connections new ones get 503 (uvicorn has no header timeout).
-    config = uvicorn.Config(app, host=host, port=port, http="h11", ws=WebSocketProtocol,
+    # Slow HTTP clients: an idle keep-alive connection is closed after 5 s, a request's headers
+    # must arrive within HEADER_TIMEOUT (HttpProtocol) and are capped at 16 KiB (h11, whose limit
+    # this is, rather than httptools where installed), and past 256 open connections new ones get 503.
+    config = uvicorn.Config(app, host=host, port=port, http=HttpProtocol, ws=WebSocketProtocol,
                             ws_max_size=max_message_bytes, ws_per_message_deflate=False, log_level=log_level,
                             access_log=access_log, lifespan="on", timeout_graceful_shutdown=5, timeout_keep_alive=5,
                             h11_max_incomplete_event_size=16 * 1024, limit_concurrency=256)
     redact_logs(token)
     return config
+
+
+class HttpProtocol(H11Protocol):
+    """uvicorn's h11 protocol, with a deadline for each request's head. uvicorn waits for a
+    request forever: its keep-alive timeout starts only after a response, and the next request's
+    first byte stops it. So a connection that sends nothing, or its headers a byte at a time, was
+    held open for good, and 256 of them (`limit_concurrency`) made every HTTP request a 503 (the
+    page, /health). Now a connection whose request line and headers have not arrived within
+    HEADER_TIMEOUT seconds of it opening, or of the previous response, is closed. Once a request
+    has arrived (its body: the app's HTTP_BODY_TIMEOUT) or the connection is a websocket (the
+    session's --idle-timeout), this deadline no longer applies."""
+
+    head_timer: Optional[asyncio.TimerHandle] = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.arm_head_timer()
+
+    def on_response_complete(self) -> None:
+        self.arm_head_timer()  # before: it handles a pipelined request at once, which disarms it
+        super().on_response_complete()
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.conn.their_state is not h11.IDLE:  # a request's head has arrived (or the connection ended)
+            self.cancel_head_timer()
+
+    def handle_websocket_upgrade(self, event) -> None:
+        self.cancel_head_timer()  # the transport goes to the websocket protocol
+        super().handle_websocket_upgrade(event)
+
+    def connection_lost(self, exc) -> None:
+        self.cancel_head_timer()
+        super().connection_lost(exc)
+
+    def arm_head_timer(self) -> None:
+        self.cancel_head_timer()
+        self.head_timer = self.loop.call_later(HEADER_TIMEOUT, self.head_timeout)
+
+    def cancel_head_timer(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+
+    def head_timeout(self) -> None:
+        self.head_timer = None
+        if not self.transport.is_closing():
+            log.info("%s: closed a connection that sent no request within %g s",
+                     "%s:%d" % tuple(self.client[:2]) if self.client else "a client", HEADER_TIMEOUT)
+            with contextlib.suppress(h11.LocalProtocolError):
+                self.conn.send(h11.ConnectionClosed())
+            self.transport.close()
 
 
 class WebSocketProtocol(WebSocketsSansIOProtocol):

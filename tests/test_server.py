@@ -612,6 +612,46 @@ def test_a_client_that_stops_reading_is_dropped_and_the_others_keep_their_cadenc
     assert sessions == 1 and ended, "the client that does not read still holds its slot"
 
 
+def test_a_connection_that_sends_no_request_is_closed_and_sessions_are_not(model, monkeypatch):
+    """A connection that sends nothing, its headers a byte at a time, or after a response only the
+    start of the next request, was held open for good (uvicorn's keep-alive timeout starts only
+    after a response, and a byte stops it): 256 of them made every HTTP request a 503. Each is now
+    closed HEADER_TIMEOUT seconds (0.5 s here, 10 by default) after it opened or was answered; a
+    websocket session that outlives it goes on."""
+    import select
+    import socket
+    monkeypatch.setattr(srv, "HEADER_TIMEOUT", 0.5)
+    with running_server(model, max_sessions=1) as server:
+        def opened():
+            return socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        request = f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n\r\n".encode()
+
+        async def session_and_sockets():
+            async with connect(server.ws + "/audio") as ws:
+                silent, trickling, answered = opened(), opened(), opened()
+                answered.sendall(request)
+                assert answered.recv(4096).startswith(b"HTTP/1.1 200")
+                answered.sendall(b"GET /hea")  # the next request, begun and never finished
+                trickling.sendall(b"GET /health HTTP/1.1\r\n")
+                t0, closed = time.perf_counter(), {}
+                while len(closed) < 3 and time.perf_counter() - t0 < 5:
+                    with contextlib.suppress(OSError):
+                        trickling.sendall(b"X")  # a header, a byte every 50 ms
+                    for name, sock in (("silent", silent), ("trickling", trickling), ("answered", answered)):
+                        if name not in closed and select.select([sock], [], [], 0)[0]:
+                            with contextlib.suppress(OSError):
+                                if sock.recv(4096) == b"":
+                                    closed[name] = round(time.perf_counter() - t0, 2)
+                    await asyncio.sleep(0.05)
+                for sock in (silent, trickling, answered):
+                    sock.close()
+                status = await control(ws, type="status")  # the session, open for longer, goes on
+                return closed, status["type"]
+        closed, status = asyncio.run(asyncio.wait_for(session_and_sockets(), 30))
+        assert sorted(closed) == ["answered", "silent", "trickling"] and max(closed.values()) < 2, closed
+        assert status == "status"
+
+
 def raw_websocket(port: int):
     """A socket that has completed a websocket handshake to /audio (for frames no library sends)."""
     import socket
