@@ -650,6 +650,9 @@ def parse_args(argv=None):
             raise SystemExit(f"error: {e}")
         if os.path.isdir(args.output_wav):
             raise SystemExit(f"error: cannot write {args.output_wav}: it is a folder")
+        if os.path.exists(args.output_wav) and os.path.samefile(args.input_wav, args.output_wav):
+            raise SystemExit(f"error: --output-wav {args.output_wav} is the --input-wav file: the conversation "
+                             "would replace it; name another file")
     if not args.stats_every >= 0:  # also refuses NaN
         raise SystemExit(f"error: --stats-every must be >= 0 seconds, got {args.stats_every}")
     if args.window < 1:  # no chunk could ever be sent

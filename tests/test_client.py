@@ -624,6 +624,15 @@ def test_an_output_that_cannot_be_written_is_one_error_line_before_connecting(tm
         r = run_client("--server", "ws://127.0.0.1:9", "--input-wav", tmp_path / "in.wav", "--output-wav", out,
                        timeout=30)
         assert r.returncode != 0 and r.stderr == f"error: cannot write {out}: {reason}\n", r.stderr
+    # The input itself (by another name too) would be replaced by the conversation: it was.
+    before = (tmp_path / "in.wav").read_bytes()
+    (tmp_path / "link.wav").symlink_to(tmp_path / "in.wav")
+    for out in (tmp_path / "in.wav", tmp_path / "." / "link.wav"):
+        r = run_client("--server", "ws://127.0.0.1:9", "--input-wav", tmp_path / "in.wav", "--output-wav", out,
+                       timeout=30)
+        assert r.returncode != 0 and r.stderr == (f"error: --output-wav {out} is the --input-wav file: the "
+                                                  "conversation would replace it; name another file\n"), r.stderr
+    assert (tmp_path / "in.wav").read_bytes() == before
 
 
 def test_an_output_that_is_a_device_is_written_into_not_replaced(server, tmp_path):
