@@ -269,7 +269,9 @@ def write_wav(path: str, stereo: np.ndarray) -> None:
 
     from model.files import replace_atomically
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    replace_atomically(path, lambda tmp: sf.write(tmp, stereo, SAMPLE_RATE, subtype="PCM_16"), suffix=".wav")
+    # format: soundfile takes it from the name, which a device (/dev/null) written into has none of
+    replace_atomically(path, lambda tmp: sf.write(tmp, stereo, SAMPLE_RATE, subtype="PCM_16", format="WAV"),
+                       suffix=".wav")
 
 
 async def file_mode(args, stop: asyncio.Event) -> int:

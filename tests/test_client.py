@@ -642,9 +642,10 @@ def test_an_output_that_is_a_device_is_written_into_not_replaced(server, tmp_pat
     the link, not the device) is now written into."""
     url, _ = server
     sf.write(tmp_path / "in.wav", speech_like(0.5), 16000)
-    (tmp_path / "out.wav").symlink_to("/dev/null")
-    r = run_client("--server", url, "--token", TOKEN, "--input-wav", tmp_path / "in.wav", "--output-wav",
-                   tmp_path / "out.wav", "--no-realtime")
-    assert r.returncode == 0, r.stderr
-    assert (tmp_path / "out.wav").is_symlink() and os.readlink(tmp_path / "out.wav") == "/dev/null"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.wav", "out.wav"]  # no temporary left beside it
+    for name in ("out.wav", "null"):  # without an extension, as /dev/null: a WAV all the same
+        (tmp_path / name).symlink_to("/dev/null")
+        r = run_client("--server", url, "--token", TOKEN, "--input-wav", tmp_path / "in.wav", "--output-wav",
+                       tmp_path / name, "--no-realtime")
+        assert r.returncode == 0, r.stderr
+        assert (tmp_path / name).is_symlink() and os.readlink(tmp_path / name) == "/dev/null"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.wav", "null", "out.wav"]  # no temporary left beside it
