@@ -274,6 +274,25 @@ def write_wav(path: str, stereo: np.ndarray) -> None:
                        suffix=".wav")
 
 
+def save_conversation(path: str, stereo: np.ndarray) -> str:
+    """Write the conversation to `path` (`write_wav`); "" when written, else one line saying why
+    not and where it went instead (a new file in the temporary folder), so that a disk that filled
+    up, or a folder gone, during the session does not lose it."""
+    import tempfile
+    try:
+        write_wav(path, stereo)
+        return ""
+    except (OSError, RuntimeError) as e:  # RuntimeError: soundfile's errors
+        problem = f"cannot write {path}: {e}"
+    try:
+        fd, rescue = tempfile.mkstemp(prefix="hertz-conversation-", suffix=".wav")
+        os.close(fd)
+        write_wav(rescue, stereo)
+    except (OSError, RuntimeError) as e:
+        return f"{problem}; nor a copy in the temporary folder ({e}): the conversation is lost"
+    return f"{problem}; the conversation is in {rescue}"
+
+
 async def file_mode(args, stop: asyncio.Event) -> int:
     import websockets
     audio = args.audio  # read by parse_args, before connecting
@@ -305,7 +324,7 @@ async def file_mode(args, stop: asyncio.Event) -> int:
         except asyncio.TimeoutError:
             return False
 
-    sent, stalled = 0, False
+    sent, stalled, unwritten = 0, False, ""
     try:
         t0 = time.perf_counter()
         for i in range(n):
@@ -330,8 +349,10 @@ async def file_mode(args, stop: asyncio.Event) -> int:
         receiver.cancel()
         if conv.replies:  # a session refused at its start does not replace an earlier conversation
             stereo = np.stack([user[:sent * CHUNK], model[:sent * CHUNK]], axis=1)
-            write_wav(args.output_wav, stereo)
-            log(f"wrote {args.output_wav}: {sent * CHUNK / SAMPLE_RATE:.1f} s, stereo (user, model)")
+            if unwritten := save_conversation(args.output_wav, stereo):
+                log(f"error: {unwritten}")  # here: on Ctrl-C nothing after this block runs
+            else:
+                log(f"wrote {args.output_wav}: {sent * CHUNK / SAMPLE_RATE:.1f} s, stereo (user, model)")
         else:
             log(f"the server answered nothing: {args.output_wav} not written")
         print_summary(conv, missing=max(0, sent - slot))
@@ -341,8 +362,7 @@ async def file_mode(args, stop: asyncio.Event) -> int:
                   "the server stopped answering")
     if reason:
         log(f"error: {reason}")
-        return 1
-    return 0
+    return 1 if reason or unwritten else 0
 
 
 # --- live mode ---------------------------------------------------------------------------------

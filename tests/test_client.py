@@ -649,3 +649,27 @@ def test_an_output_that_is_a_device_is_written_into_not_replaced(server, tmp_pat
         assert r.returncode == 0, r.stderr
         assert (tmp_path / name).is_symlink() and os.readlink(tmp_path / name) == "/dev/null"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.wav", "null", "out.wav"]  # no temporary left beside it
+
+
+def test_an_output_that_fails_at_the_end_is_one_error_line_and_the_conversation_is_kept(server, tmp_path):
+    """The output checked before connecting can still fail when written, after the session (a disk
+    that filled up: here /dev/full, through a link). That was a traceback, and the conversation
+    lost; it is one `error:` line naming the file and why, exit status 1, and the conversation is
+    written to the temporary folder instead, named on that line."""
+    url, _ = server
+    sf.write(tmp_path / "in.wav", speech_like(0.5), 16000)
+    (tmp_path / "full.wav").symlink_to("/dev/full")
+    (tmp_path / "tmp").mkdir()
+    r = subprocess.run([sys.executable, "inference_client.py", "--server", url, "--token", TOKEN, "--input-wav",
+                        str(tmp_path / "in.wav"), "--output-wav", str(tmp_path / "full.wav"), "--no-realtime"],
+                       cwd=REPO, env={**os.environ, "TMPDIR": str(tmp_path / "tmp")}, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    (rescue,) = list((tmp_path / "tmp").iterdir())
+    line = r.stderr.splitlines()[-1]
+    assert line.startswith(f"error: cannot write {tmp_path / 'full.wav'}: ") and \
+        line.endswith(f"; the conversation is in {rescue}"), r.stderr
+    kept, rate = sf.read(rescue, dtype="int16")
+    assert rate == 16000 and kept.shape == (4 * 2000, 2)
+    assert np.array_equal(kept[:, 0], float_to_pcm(client.read_audio(str(tmp_path / "in.wav"))))
+    assert stats(r.stdout)["replies"] == 4
