@@ -168,7 +168,7 @@ def server_notice(text: str) -> dict:
     """A text message of the server -> its JSON object; ValueError (naming it) when it is none."""
     try:
         m = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: arrays or objects nested thousands deep
         m = None
     if not isinstance(m, dict):
         raise ValueError(f"a text message that is not a JSON object: {text[:80]!r}")

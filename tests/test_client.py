@@ -316,6 +316,8 @@ def test_a_peer_that_is_not_a_hertz_dev_server_is_one_error_line(server, tmp_pat
              (peer(answering("hello")), "the server broke the protocol: a text message that is not a JSON object: 'hello'"),
              (peer(answering(b"abc")), "the server broke the protocol: a binary message of 3 bytes, not one chunk"),
              (peer(answering('{"type": "dropped"}')), "the server broke the protocol: a dropped notice without"),
+             (peer(answering("[" * 100000 + "]" * 100000)),  # was a RecursionError, or "stopped answering"
+              "the server broke the protocol: a text message that is not a JSON object: '[[[["),
              (contextlib.nullcontext(url + "/nowhere"),
               "HTTP 404 (no websocket at /nowhere: a hertz-dev server's is ws://HOST:PORT/audio)")]
     for context, message in cases:
@@ -324,10 +326,11 @@ def test_a_peer_that_is_not_a_hertz_dev_server_is_one_error_line(server, tmp_pat
         assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
         assert r.stderr.splitlines()[-1].startswith("error: ") and message in r.stderr, r.stderr
         assert (tmp_path / "o.wav").read_bytes() == b"an earlier conversation"
-    with peer(answering("hello")) as where:  # the answer to set_params, before any audio
-        r = run_client("--server", where, *common, "--token-temp", "0.5", timeout=30)
-    assert r.returncode == 1 and r.stderr == ("error: the server broke the protocol: "
-                                              "a text message that is not a JSON object: 'hello'\n"), r.stderr
+    for reply in ("hello", "[" * 100000 + "]" * 100000):  # the answer to set_params, before any audio
+        with peer(answering(reply)) as where:
+            r = run_client("--server", where, *common, "--token-temp", "0.5", timeout=30)
+        assert r.returncode == 1 and r.stderr == ("error: the server broke the protocol: a text message that is "
+                                                  f"not a JSON object: {reply[:80]!r}\n"), r.stderr
 
 
 @pytest.mark.parametrize("end", ["1012", "lost"])
