@@ -30,6 +30,7 @@ import math
 import os
 import queue
 import signal
+import stat
 import sys
 import time
 import urllib.parse
@@ -672,6 +673,10 @@ def parse_args(argv=None):
             raise SystemExit(f"error: {e}")
         if os.path.isdir(args.output_wav):
             raise SystemExit(f"error: cannot write {args.output_wav}: it is a folder")
+        if os.path.exists(args.output_wav) and stat.S_ISFIFO(os.stat(args.output_wav).st_mode):
+            # a named pipe: opening it waits for a reader, and then no WAV can be written into it
+            raise SystemExit(f"error: cannot write {args.output_wav}: it is a pipe, and a WAV is written with seeks "
+                             "(its header last); name a file")
         if os.path.exists(args.output_wav) and os.path.samefile(args.input_wav, args.output_wav):
             raise SystemExit(f"error: --output-wav {args.output_wav} is the --input-wav file: the conversation "
                              "would replace it; name another file")

@@ -676,3 +676,16 @@ def test_an_output_that_fails_at_the_end_is_one_error_line_and_the_conversation_
     assert rate == 16000 and kept.shape == (4 * 2000, 2)
     assert np.array_equal(kept[:, 0], float_to_pcm(client.read_audio(str(tmp_path / "in.wav"))))
     assert stats(r.stdout)["replies"] == 4
+
+
+def test_an_output_that_is_a_pipe_is_one_error_line_before_connecting(server, tmp_path):
+    """A named pipe as --output-wav (or /dev/stdout piped on) passed the checks; after the session
+    the client waited forever for a reader to open it (and then could not write a WAV into it:
+    soundfile seeks to write its header). It is refused before connecting."""
+    url, _ = server
+    sf.write(tmp_path / "in.wav", speech_like(0.5), 16000)
+    os.mkfifo(tmp_path / "pipe.wav")
+    r = run_client("--server", url, "--token", TOKEN, "--input-wav", tmp_path / "in.wav", "--output-wav",
+                   tmp_path / "pipe.wav", "--no-realtime", timeout=30)
+    assert r.returncode == 1 and r.stderr == (f"error: cannot write {tmp_path / 'pipe.wav'}: it is a pipe, and a WAV "
+                                              "is written with seeks (its header last); name a file\n"), r.stderr
