@@ -39,7 +39,8 @@ from typing import Callable, Mapping, Optional
 import numpy as np
 
 from model.protocol import (CHUNK, CHUNK_BYTES, CLOSE_RESTART, JITTER, PARAM_NAMES, PARAM_RANGES, SAMPLE_RATE,
-                            SEED_MAX, SHUTDOWN_REASON, check_param, describe_range, float_to_pcm, percentiles)
+                            SEED_MAX, SHUTDOWN_REASON, check_param, describe_range, float_to_pcm, percentiles,
+                            redact_tokens)
 
 # The command-line flags of each sampling parameter (the original client's names too).
 PARAM_FLAGS = {"token_temp": ("--token-temp", "--token_temp", "-t1"),
@@ -193,6 +194,7 @@ async def open_session(args):
     from websockets.asyncio.client import connect
     headers = {"Authorization": f"Bearer {args.token}"} if args.token else None
     url = audio_url(args.server, args.seed)
+    shown = redact_tokens(url)  # a ?token= in --server is not printed
     try:
         # close_timeout: at the end (or Ctrl-C) wait at most 2 s for the server's closing handshake
         ws = await connect(url, additional_headers=headers, max_size=1 << 20, open_timeout=20, close_timeout=2)
@@ -206,9 +208,9 @@ async def open_session(args):
             hint = " (not a hertz-dev server: its websocket is ws://HOST:PORT/audio)"
         raise SystemExit(f"error: the server refused the connection: HTTP {code}{hint}")
     except websockets.InvalidHandshake as e:  # something listens there, but it does not speak websocket
-        raise SystemExit(f"error: {url} is not a websocket server ({e})")
+        raise SystemExit(f"error: {shown} is not a websocket server ({e})")
     except OSError as e:
-        raise SystemExit(f"error: cannot reach {url}: {e}")
+        raise SystemExit(f"error: cannot reach {shown}: {e}")
     return ws
 
 
@@ -662,7 +664,7 @@ def parse_args(argv=None):
             if getattr(args, name) is not None:
                 check_param(name, getattr(args, name))
     except ValueError as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {redact_tokens(str(e))}")
     args.audio = None
     if args.input_wav:  # read here, before connecting
         from model.audio import AudioError, check_output_folder

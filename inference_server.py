@@ -39,7 +39,6 @@ import json
 import logging
 import math
 import os
-import re
 import secrets
 import signal
 import threading
@@ -68,7 +67,7 @@ from config.transformer_config import KV_DTYPE_NAMES, QUANTIZE_MODES
 from model.protocol import (CHUNK, CHUNK_BYTES, CLOSE_BAD_DATA, CLOSE_IDLE, CLOSE_INTERNAL, CLOSE_POLICY,
                             CLOSE_RESTART, CLOSE_TRY_AGAIN, PARAM_NAMES, SAMPLE_RATE, SEED_MAX, SHUTDOWN_REASON,
                             TEXT_PREFIX, check_param, check_params, float_to_pcm, page_constants, pcm_to_float,
-                            percentiles, query_params, query_seed, query_window)
+                            percentiles, query_params, query_seed, query_window, redact_tokens)
 
 log = logging.getLogger("hertz.server")
 
@@ -1104,14 +1103,12 @@ class RedactToken(logging.Filter):
     wherever it appears. Installed on every handler, so records of every logger (uvicorn's
     access and websocket lines, the websockets library at debug level, ours) pass through it."""
 
-    PATTERN = re.compile(r"(token=|bearer\s+)[^\s&\"']+", re.IGNORECASE)
-
     def __init__(self, token: Optional[str] = None):
         super().__init__()
         self.token = token
 
     def clean(self, text: str) -> str:
-        text = self.PATTERN.sub(r"\1REDACTED", text)
+        text = redact_tokens(text)
         return text.replace(self.token, "REDACTED") if self.token else text
 
     def filter(self, record: logging.LogRecord) -> bool:

@@ -81,6 +81,15 @@ def query_window(text: str) -> float:
     return float(text)
 
 
+_TOKEN_IN_TEXT = re.compile(r"(token=|bearer\s+)[^\s&\"']+", re.IGNORECASE)
+
+
+def redact_tokens(text: str) -> str:
+    """`text` with the value of every `token=...` (a URL's query) and `Bearer ...` (a header)
+    replaced by REDACTED: what the server logs and the client prints never shows a token."""
+    return _TOKEN_IN_TEXT.sub(r"\1REDACTED", text)
+
+
 def describe_range(name: str) -> str:
     lo, hi, lo_in, hi_in, _ = PARAM_RANGES[name]
     return f"{'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"

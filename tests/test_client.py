@@ -208,6 +208,12 @@ def test_bad_flags_are_one_error_line_before_connecting(tmp_path):
         r = run_client(*common, *flags, timeout=30)
         assert r.returncode != 0 and r.stderr == f"error: {message}\n", (flags, r.stderr)
         assert not (tmp_path / "o.wav").exists()
+    # A token in --server's query is not printed (it was, in these lines; the server redacts its logs too).
+    for server, message in (("ws://127.0.0.1:99999/?token=s3cret", "--server 'ws://127.0.0.1:99999/?token=REDACTED': "
+                                                                   "Port out of range 0-65535"),
+                            ("ws://127.0.0.1:9/audio?token=s3cret", "cannot reach ws://127.0.0.1:9/audio?token=REDACTED: ")):
+        r = run_client(*common, "--server", server, timeout=30)
+        assert r.returncode == 1 and r.stderr.startswith(f"error: {message}") and "s3cret" not in r.stderr, r.stderr
 
 
 def test_a_session_refused_at_capacity_is_one_line_and_keeps_the_old_output(server, tmp_path):
