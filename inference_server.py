@@ -39,6 +39,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import signal
 import threading
@@ -1106,10 +1107,13 @@ class RedactToken(logging.Filter):
     def __init__(self, token: Optional[str] = None):
         super().__init__()
         self.token = token
+        # the token where it stands alone, not inside a longer word: a short --token ("tok") would
+        # otherwise garble every "token=" into "REDACTEDen="
+        self.literal = re.compile(rf"(?<![\w-]){re.escape(token)}(?![\w-])") if token else None
 
     def clean(self, text: str) -> str:
         text = redact_tokens(text)
-        return text.replace(self.token, "REDACTED") if self.token else text
+        return self.literal.sub("REDACTED", text) if self.literal else text
 
     def filter(self, record: logging.LogRecord) -> bool:
         # Each part is cleaned in place, as formatters (uvicorn's access lines) read the args.

@@ -1416,6 +1416,21 @@ def test_token_never_reaches_the_log(model, tmp_path):
     assert token not in log and token[4:] not in log                           # ... without the token
 
 
+def test_a_short_token_is_redacted_where_it_stands_alone_without_garbling_the_lines():
+    """The log filter replaced the server's token wherever its letters appeared, so `--token tok`
+    turned every `token=` into `REDACTEDen=` (the start-up line read `?REDACTEDen=REDACTED`). The
+    token is removed where it stands alone, and from every query and header as before."""
+    import logging
+    redact = srv.RedactToken("tok")
+    assert redact.clean("open http://127.0.0.1:8000/?token=tok") == "open http://127.0.0.1:8000/?token=REDACTED"
+    assert redact.clean("the tokens: tok, 'tok' and tok") == "the tokens: REDACTED, 'REDACTED' and REDACTED"
+    assert redact.clean("Authorization: Bearer tok") == "Authorization: Bearer REDACTED"
+    assert redact.clean("?tokenizer=stock&t=tok_2") == "?tokenizer=stock&t=tok_2"  # other words keep their letters
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "%s asked with %s", ("GET /?token=tok", "tok"), None)
+    redact.filter(record)
+    assert record.getMessage() == "GET /?token=REDACTED asked with REDACTED"
+
+
 def test_sigterm_closes_sessions_with_a_reason_and_exits_0(model, tmp_path):
     """The server command stopped with SIGTERM (kill, docker stop, systemd) while a session talks:
     the client gets 1012 and its reason, the recording is complete, and the process exits 0 (it
