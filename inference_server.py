@@ -1107,9 +1107,10 @@ class RedactToken(logging.Filter):
     def __init__(self, token: Optional[str] = None):
         super().__init__()
         self.token = token
-        # the token where it stands alone, not inside a longer word: a short --token ("tok") would
-        # otherwise garble every "token=" into "REDACTEDen="
-        self.literal = re.compile(rf"(?<![\w-]){re.escape(token)}(?![\w-])") if token else None
+        # wherever it appears; a short one (under 8 characters) only where it stands alone, not
+        # inside a longer word: `--token tok` would otherwise garble every "token=" into "REDACTEDen="
+        alone = (r"(?<![\w-])", r"(?![\w-])") if token and len(token) < 8 else ("", "")
+        self.literal = re.compile(alone[0] + re.escape(token) + alone[1]) if token else None
 
     def clean(self, text: str) -> str:
         text = redact_tokens(text)

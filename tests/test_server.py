@@ -1419,7 +1419,8 @@ def test_token_never_reaches_the_log(model, tmp_path):
 def test_a_short_token_is_redacted_where_it_stands_alone_without_garbling_the_lines():
     """The log filter replaced the server's token wherever its letters appeared, so `--token tok`
     turned every `token=` into `REDACTEDen=` (the start-up line read `?REDACTEDen=REDACTED`). The
-    token is removed where it stands alone, and from every query and header as before."""
+    token is removed wherever it appears when it has 8 characters or more, a shorter one where it
+    stands alone; every query's and header's token as before."""
     import logging
     redact = srv.RedactToken("tok")
     assert redact.clean("open http://127.0.0.1:8000/?token=tok") == "open http://127.0.0.1:8000/?token=REDACTED"
@@ -1429,6 +1430,7 @@ def test_a_short_token_is_redacted_where_it_stands_alone_without_garbling_the_li
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "%s asked with %s", ("GET /?token=tok", "tok"), None)
     redact.filter(record)
     assert record.getMessage() == "GET /?token=REDACTED asked with REDACTED"
+    assert srv.RedactToken("s3cret-and-long").clean("/audios3cret-and-longx") == "/audioREDACTEDx"  # a long one anywhere
 
 
 def test_sigterm_closes_sessions_with_a_reason_and_exits_0(model, tmp_path):
