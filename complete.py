@@ -33,6 +33,7 @@ import warnings
 
 import torch
 
+from config import ArgumentParser
 from model import SamplingParams, load_hertz_dev
 from model.audio import AudioError, check_output, check_prompt, file_problem, load_prompt, save_audio
 from model.checkpoint import read_metadata
@@ -45,7 +46,7 @@ from model.transformer import KV_DTYPES
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("prompt", help="prompt audio file (WAV, FLAC, OGG, MP3)")
     ap.add_argument("out", help="output WAV; with --num N > 1, OUT-0.wav ... OUT-(N-1).wav")
     ap.add_argument("--variant", default="duplex",

@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from config import ArgumentParser
+
 ROOT = Path(__file__).resolve().parent
 CODEC = "checkpoints/codec/best.safetensors"
 TRANSFORMER_DIR = "checkpoints/transformer"
@@ -60,7 +62,7 @@ def evals(metrics: Path, keys: tuple[str, ...]) -> list[dict]:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=20, help="size of the demo corpus")
     ap.add_argument("--codec-steps", type=int, default=20)
     ap.add_argument("--transformer-steps", type=int, default=20)

@@ -38,6 +38,7 @@ from typing import Callable, Mapping, Optional
 
 import numpy as np
 
+from config import ArgumentParser
 from model.protocol import (CHUNK, CHUNK_BYTES, CLOSE_RESTART, JITTER, PARAM_NAMES, PARAM_RANGES, SAMPLE_RATE,
                             SEED_MAX, SHUTDOWN_REASON, check_param, describe_range, float_to_pcm, percentiles,
                             redact_tokens)
@@ -633,7 +634,7 @@ async def live_mode(args, stop: asyncio.Event) -> int:
 # --- command line ------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--server", "-s", default="ws://127.0.0.1:8000", help="the server (ws://, wss://, http://, https://)")
     ap.add_argument("--token", default=os.environ.get("HERTZ_TOKEN"), help="the server's token (default: $HERTZ_TOKEN)")
     ap.add_argument("--seed", type=int, help="the session's random seed (default: the server picks one)")

@@ -64,6 +64,7 @@ except ImportError as e:
     raise SystemExit(f"error: the live server needs fastapi, uvicorn and websockets ({e}): pip install "
                      "'fastapi>=0.110' 'uvicorn>=0.52.1,<0.56' 'websockets>=13.0'") from None
 
+from config import ArgumentParser
 from config.transformer_config import KV_DTYPE_NAMES, QUANTIZE_MODES
 from model.protocol import (CHUNK, CHUNK_BYTES, CLOSE_BAD_DATA, CLOSE_IDLE, CLOSE_INTERNAL, CLOSE_POLICY,
                             CLOSE_RESTART, CLOSE_TRY_AGAIN, PARAM_NAMES, SAMPLE_RATE, SEED_MAX, SHUTDOWN_REASON,
@@ -1305,7 +1306,7 @@ def is_loopback(host: str) -> bool:
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes it: use --token)")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--token", default=os.environ.get("HERTZ_TOKEN"),

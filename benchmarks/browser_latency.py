@@ -49,6 +49,7 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
+from config import ArgumentParser  # noqa: E402
 from model.protocol import SAMPLE_RATE, percentiles  # noqa: E402
 
 
@@ -219,7 +220,7 @@ def summary(hertz: dict, health: dict, gpu_step_ms: float) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=20.0, help="conversation measured, after the first timed reply")
     ap.add_argument("--prompt-seconds", type=float, default=1.0, help="the server's prompt")
     ap.add_argument("--replay-seconds", type=float, default=0.5, help="the prompt's end played back first")

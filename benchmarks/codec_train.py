@@ -94,6 +94,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from config import ArgumentParser  # noqa: E402
 from config.codec_config import PRESETS  # noqa: E402
 from model.codec import Codec, compile_codec  # noqa: E402
 from model.codec_losses import (MultiResolutionMelLoss, discriminator_loss, feature_matching_loss,  # noqa: E402
@@ -475,7 +476,7 @@ def bench_convs(preset: str, args) -> list[dict]:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", nargs="+", default=["small", "hertz_dev"], choices=list(PRESETS))
     ap.add_argument("--modes", nargs="+", default=["fp32-eager", "bf16-compile"], choices=list(MODES))
     ap.add_argument("--batch", type=int, default=32)

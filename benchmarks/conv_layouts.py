@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from config import ArgumentParser  # noqa: E402
 from config.codec_config import PRESETS  # noqa: E402
 from model.codec import Codec  # noqa: E402
 
@@ -98,7 +99,7 @@ def step_fn(call: dict, layout: str, dtype):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small", choices=list(PRESETS))
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=6.0)

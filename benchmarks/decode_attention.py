@@ -31,6 +31,7 @@ sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from config import ArgumentParser  # noqa: E402
 from model import attention_kernels as ak  # noqa: E402
 
 SHAPES = {"lm": (32, 32, 128), "resynth": (16, 16, 256)}  # heads, kv heads, head dim
@@ -130,7 +131,7 @@ def step_compare(batches, steps: int = 50, rounds: int = 4) -> None:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--windows", default="128,256,512,1024,2048")
     ap.add_argument("--batches", default="1,8,64")
     ap.add_argument("--sweep", action="store_true", help="time TARGET_PROGRAMS and BLOCK_S choices first")

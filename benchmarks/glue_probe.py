@@ -7,7 +7,6 @@ and with torch.compile (dynamic=False), checked equal. One JSON object a line.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -18,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from benchmarks.inference import graph_time  # noqa: E402
+from config import ArgumentParser  # noqa: E402
 from model.sampling import RowParams, SamplingParams, StepNoise, sample_latents, sample_tokens  # noqa: E402
 
 
@@ -33,7 +33,7 @@ def glue(seed, counter, logits, locs, scales, mix_logits, params, top_p: bool):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     args = ap.parse_args()
     dev, dt = "cuda", torch.bfloat16

@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from config import ArgumentParser  # noqa: E402
 from config.codec_config import PRESETS as CODEC_PRESETS  # noqa: E402
 from config.transformer_config import PRESETS as TRANSFORMER_PRESETS  # noqa: E402
 from model import Codec, HertzDev, build  # noqa: E402
@@ -410,7 +411,7 @@ def run_alone(args, size: str, quantize: str, kv: str, budget_s: float) -> None:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--sizes", default=None,
                     help="comma-separated presets (default: hertz_dev on cuda, tiny,small on cpu)")

@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from config import ArgumentParser  # noqa: E402
 from config.codec_config import small_fast  # noqa: E402
 from model.codec_losses import MultiResolutionMelLoss, pesq_wb, si_sdr, stoi  # noqa: E402
 from model.data import AudioCropDataset  # noqa: E402
@@ -77,7 +78,7 @@ def pause_noise(x: torch.Tensor, below_db: float, gen: torch.Generator, frame: i
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--val", default="data/demo/val", help="validation folder or manifest (as val_data_path)")
     ap.add_argument("--crops", type=int, default=64, help="at most this many crops (as val_crops)")
     ap.add_argument("--seconds", type=float, default=6.0, help="crop length (as val_segment_seconds)")

@@ -33,6 +33,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.inference import graph_time  # noqa: E402
+from config import ArgumentParser  # noqa: E402
 from config.transformer_config import PRESETS  # noqa: E402
 from tests.reference import rel_err  # noqa: E402
 from model import HertzDev  # noqa: E402
@@ -54,7 +55,7 @@ def shapes() -> list[tuple[int, int]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 8, 16, 64, 128])
     ap.add_argument("--quick", action="store_true", help="only bf16 and the model's int8 / int4 kernels")
     ap.add_argument("--inductor", action="store_true", help="also int8_inductor (compiles the whole pass: minutes)")

@@ -103,6 +103,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from config import ArgumentParser  # noqa: E402
 from config.transformer_config import PRESETS  # noqa: E402
 from model import HertzDev, build, plex_codes  # noqa: E402
 from model.quant import quantize_model, weight_bytes  # noqa: E402
@@ -494,7 +495,7 @@ def rates(text: str) -> list[float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=("a", "b", "both"), default="both")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny presets, a few steps: checks the code path")
     ap.add_argument("--device", default=None, help="default cuda (--smoke: cpu)")

@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
+from config import ArgumentParser  # noqa: E402
 from config.transformer_config import KV_DTYPE_NAMES, QUANTIZE_MODES  # noqa: E402 (no torch)
 from model.protocol import CHUNK, SAMPLE_RATE, float_to_pcm, percentiles  # noqa: E402 (numpy only)
 
@@ -161,7 +162,7 @@ def free_port() -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sessions", type=int, nargs="+", default=None, help="N values (default 1 2 4 8 12 16)")
     ap.add_argument("--seconds", type=float, default=None, help="streaming time per N (default 20)")
     ap.add_argument("--size", default=None, help="transformer preset (default hertz_dev; --smoke: tiny)")

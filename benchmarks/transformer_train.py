@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from config import ArgumentParser  # noqa: E402
 from config.transformer_config import PRESETS  # noqa: E402
 from model import HertzDev, build, finetune  # noqa: E402
 from model.objectives import STAGE_LOSSES, STAGES, compute_losses, peak_flops, train_flops_per_latent  # noqa: E402
@@ -118,7 +119,7 @@ def cfg_name(cfg) -> str:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--preset", default="medium", choices=list(PRESETS))
     ap.add_argument("--stage", default="all", choices=list(STAGES))

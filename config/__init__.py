@@ -1,4 +1,5 @@
-"""Config presets and `key=value` overrides shared by every script.
+"""Config presets and `key=value` overrides shared by every script, and the `ArgumentParser` of
+the scripts that take flags.
 
 A config is a frozen dataclass. Scripts pick a named preset with `--config NAME` and override
 any field with `key=value`; values are parsed with `ast.literal_eval` (bare words are taken as
@@ -12,6 +13,7 @@ What a checkpoint must agree on is marked on the field itself, `field(metadata={
 """
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import difflib
@@ -277,3 +279,31 @@ def parse_args(argv: Sequence[str], presets: Mapping[str, Any], default: str = "
         if isinstance(value, str) and not value.strip() and hasattr(cfg, key):
             raise ConfigError(f"{key}: no value given ({key}=); give one, e.g. {key}={getattr(cfg, key)!r}")
     return apply_overrides(cfg, overrides, elsewhere)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's error format, for every script that takes flags: a mistake is
+    one line, `error: MESSAGE`, exit status 2, without argparse's usage lines before it (`--help`
+    prints them, as before). A flag argparse itself refuses (unknown, missing its value, of the
+    wrong type) is named by argparse, and the line ends with where the flags are listed; a
+    script's own `error(...)` after parsing (a value out of range) is the line alone."""
+
+    _parsing = False  # inside parse_args: an error is argparse's own, about the command line
+
+    def parse_known_args(self, args=None, namespace=None):
+        outer, self._parsing = self._parsing, True
+        try:
+            return super().parse_known_args(args, namespace)
+        finally:
+            self._parsing = outer
+
+    def parse_args(self, args=None, namespace=None):  # its unknown flags are refused after parse_known_args
+        outer, self._parsing = self._parsing, True
+        try:
+            return super().parse_args(args, namespace)
+        finally:
+            self._parsing = outer
+
+    def error(self, message: str):
+        hint = f" ({self.prog} --help lists the flags)" if self._parsing else ""
+        self.exit(2, f"error: {message}{hint}\n")

@@ -364,3 +364,38 @@ def test_config_diff_names_each_differing_field():
                             f"  strides: the checkpoint has (2, 4), this run has {cfg.strides!r}\n"
                             "  batch_size: the checkpoint has 2, this run has 4\nDo this.")
     assert isinstance(e.value, ConfigError)  # the trainers' error exit names it in one `error:` block
+
+
+FLAG_SCRIPTS = ["complete.py", "demo.py", "inference_client.py", "inference_server.py", "data/demo/prepare.py",
+                *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "benchmarks").glob("*.py"))]
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("demo.py", ["--seconds", "abc"], "argument --seconds: invalid float value: 'abc'"),
+    ("data/demo/prepare.py", ["--minutes"], "argument --minutes: expected one argument"),
+    ("inference_client.py", ["--bogus", "1"], "unrecognized arguments: --bogus 1"),
+    ("inference_server.py", ["--port", "x"], "argument --port: invalid int value: 'x'"),
+    ("benchmarks/server.py", ["--seconds"], "argument --seconds: expected one argument"),
+], ids=["bad-type", "missing-value", "unknown-flag", "server", "benchmark"])
+def test_a_bad_flag_is_one_error_line_naming_it_with_a_hint_to_help(script, args, message):
+    """An unknown flag, a flag missing its value or of the wrong type: one `error:` line naming the
+    flag and where the flags are listed, exit status 2; argparse printed its usage lines before
+    `prog: error: ...`. A script's own check after parsing is the line alone, and --help is intact."""
+    r = subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, timeout=60)
+    name = Path(script).name
+    assert (r.returncode, r.stdout, r.stderr) == (2, "", f"error: {message} ({name} --help lists the flags)\n")
+    if script == "data/demo/prepare.py":
+        r = subprocess.run([sys.executable, str(ROOT / script), "--minutes", "nan"], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 2 and r.stderr.startswith("error: --minutes must be a finite number > 0")
+        assert len(r.stderr.splitlines()) == 1
+        r = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and r.stdout.startswith("usage: prepare.py [-h] [--minutes MINUTES]")
+
+
+@pytest.mark.parametrize("script", FLAG_SCRIPTS)
+def test_every_script_with_flags_parses_them_with_the_shared_parser(script):
+    """Each script's flags go through config.ArgumentParser, so its errors have the one format above."""
+    text = (ROOT / script).read_text()
+    assert "argparse.ArgumentParser(" not in text
+    assert "ArgumentParser(" not in text or "from config import ArgumentParser" in text

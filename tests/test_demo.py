@@ -67,7 +67,7 @@ def test_demo_end_to_end_then_other_step_counts(tmp_path):
 def test_bad_arguments_stop_before_the_first_step(tmp_path, args, message):
     folder = scratch_copy(tmp_path)
     done = subprocess.run([sys.executable, "demo.py", *args], cwd=folder, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and done.stderr.splitlines()[-1].startswith(f"demo.py: error: {message}")
+    assert done.returncode == 2 and done.stderr.splitlines()[-1].startswith(f"error: {message}")
     assert done.stdout == "" and not (folder / "data/demo/train").exists()
 
 
@@ -92,7 +92,7 @@ def test_an_out_that_complete_py_would_refuse_stops_the_demo_before_the_first_st
     cwd.mkdir()
     done = subprocess.run([sys.executable, folder / "demo.py", "--out", out], cwd=cwd, capture_output=True,
                           text=True, timeout=120)
-    assert done.returncode == 2 and done.stderr.splitlines()[-1] == "demo.py: error: " + message.format(cwd=cwd)
+    assert done.returncode == 2 and done.stderr.splitlines()[-1] == "error: " + message.format(cwd=cwd)
     assert done.stdout == "" and not (folder / "data/demo/train").exists()
 
 

@@ -177,7 +177,7 @@ def test_bad_arguments_are_one_error_line_and_nothing_is_written(tmp_path, args,
     args = [a.replace("FILE", str(tmp_path / "file")) for a in args]  # "--out ''" wrote into the current folder
     result = subprocess.run([sys.executable, PREPARE, *args], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    want = "prepare.py: error: " + message.replace("FILE", str(tmp_path / "file"))
+    want = "error: " + message.replace("FILE", str(tmp_path / "file"))
     assert result.stderr.splitlines()[-1].startswith(want)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
@@ -198,7 +198,7 @@ def test_a_huge_length_is_refused_before_any_synthesis(tmp_path):
     result = subprocess.run([sys.executable, PREPARE, "--minutes", "1e12", "--out", str(tmp_path / "out")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.splitlines()[-1].startswith("prepare.py: error: --minutes 1e+12 makes about 3.46e+09 GB "
+    assert result.stderr.splitlines()[-1].startswith("error: --minutes 1e+12 makes about 3.46e+09 GB "
                                                      "of WAV files, more than the ")
     assert not (tmp_path / "out").exists()
 
@@ -211,7 +211,7 @@ def test_an_engine_asked_for_but_not_installed_is_named_with_those_installed(tmp
                              "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
                             env={**os.environ, "PATH": str(tmp_path / "bin")})
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.splitlines()[-1] == ("prepare.py: error: --engines espeak,flite: flite is not installed "
+    assert result.stderr.splitlines()[-1] == ("error: --engines espeak,flite: flite is not installed "
                                               "here (installed: espeak): install or leave out (data/demo/README.md)")
     assert not (tmp_path / "out").exists()
 
@@ -230,7 +230,7 @@ def test_an_out_folder_holding_what_this_script_did_not_write_is_left_as_it_was(
     result = subprocess.run([sys.executable, PREPARE, "--minutes", "0.1", "--out", str(out)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.splitlines()[-1] == (f"prepare.py: error: --out {out}: {out / name} "
+    assert result.stderr.splitlines()[-1] == (f"error: --out {out}: {out / name} "
                                               f"{message.split(' ', 1)[1]}; choose an empty folder, or one holding "
                                               "a demo corpus")
     assert digests(out) == before
@@ -294,7 +294,7 @@ def test_an_installed_synthesizer_that_fails_is_found_before_any_synthesis(tmp_p
                              "--out", str(tmp_path / "named")], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     last = result.stderr.splitlines()[-1]
-    assert last.startswith(f"prepare.py: error: --engines espeak,{engine}: {engine} ")
+    assert last.startswith(f"error: --engines espeak,{engine}: {engine} ")
     assert last.endswith(": repair it or leave it out")
     assert not (tmp_path / "named").exists()
 

@@ -22,7 +22,6 @@ exists with the same settings and voices is left alone (--force rebuilds it).
 """
 from __future__ import annotations
 
-import argparse
 import ctypes
 import glob
 import json
@@ -39,6 +38,9 @@ import numpy as np
 import soundfile as sf
 import soxr
 from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from config import ArgumentParser  # noqa: E402 (the repository's, for its one-line errors)
 
 SAMPLE_RATE = 16000
 RECIPE_VERSION = 2  # bump when the recipe changes, so corpora made by an older one are rebuilt
@@ -470,7 +472,7 @@ def is_complete(out: str, settings: dict) -> bool:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=20.0, help="total minutes of audio")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=HERE, help="output folder (default: this folder)")
