@@ -64,9 +64,11 @@ def completion_problem(seconds, num, cfg=None, device=None, dtype: Optional[torc
         limits.append((f"{device}'s memory ({total / 1e9:.1f} GB)", total, kv + audio))
     for where, have, need in limits:
         if need > have:
-            return (f"{names[1]} {num} x {names[0]} {seconds:g} need at least {need / 1e9:.3g} GB (KV caches "
-                    f"{kv / 1e9:.3g} GB, audio {audio / 1e9:.3g} GB), more than {where}: ask for fewer or shorter "
-                    "completions (any length fits the context, which slides)")
+            # one completion: its count is not named (demo.py and the trainer's samples have no such flag)
+            asked = f"{names[0]} {seconds:g} needs" if num == 1 else f"{names[1]} {num} x {names[0]} {seconds:g} need"
+            fix = "a shorter completion" if num == 1 else "fewer or shorter completions"
+            return (f"{asked} at least {need / 1e9:.3g} GB (KV caches {kv / 1e9:.3g} GB, audio {audio / 1e9:.3g} "
+                    f"GB), more than {where}: ask for {fix} (any length fits the context, which slides)")
     return None
 
 
