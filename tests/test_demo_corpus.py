@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -263,6 +264,31 @@ def test_a_killed_rebuild_leaves_the_previous_corpus_whole_and_the_rerun_finds_i
         run.wait()
     assert visible(out) == visible(demo_corpus)
     assert "already" in prepare(out)
+    assert digests(out) == digests(demo_corpus)
+
+
+def test_ctrl_c_stops_cleanly_leaving_the_previous_corpus_whole(demo_corpus, tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it, synthesizers included) during a
+    --force rebuild: one line saying so, exit status 130, the previous corpus byte for byte and
+    none of the new run's files left. It was a KeyboardInterrupt traceback."""
+    out = tmp_path / "c"
+    shutil.copytree(demo_corpus, out)
+    run = subprocess.Popen([sys.executable, PREPARE, "--minutes", "5", "--seed", "1", "--force", "--out", str(out)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        for _ in range(600):  # until it has written some of the new corpus
+            if list(out.rglob(".*.partial")):
+                break
+            time.sleep(0.02)
+        assert run.poll() is None, "the run ended before it was interrupted"
+        os.killpg(run.pid, signal.SIGINT)
+        _, err = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert err.splitlines()[-1] == f"interrupted: the corpus in {out} is left as it was"
     assert digests(out) == digests(demo_corpus)
 
 

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -498,7 +499,15 @@ def main(argv=None) -> None:
     if need > free:
         parser.error(f"--minutes {args.minutes:g} makes about {need / 1e9:.3g} GB of WAV files, more than the "
                      f"{free / 1e9:.3g} GB free for {args.out}")
+    try:
+        make_corpus(args, engines, parser)
+    except KeyboardInterrupt:  # Ctrl-C: as a killed run, the previous corpus whole; said in one line
+        print(f"interrupted: the corpus in {args.out} is left as it was", file=sys.stderr)
+        raise SystemExit(130) from None
 
+
+def make_corpus(args, engines: list[str], parser) -> None:
+    """Synthesize the corpus `args` describe into args.out, then put it in place of the previous one."""
     began = time.time()
     scratch = tempfile.TemporaryDirectory(prefix="demo-corpus-")
     tts = Speakers(engines, scratch.name)
@@ -555,12 +564,18 @@ def main(argv=None) -> None:
                     made, count = made + duration, count + 1
                     bar.update(min(duration, bar.total - bar.n))  # dialogues overshoot their share
     except RuntimeError as e:  # a synthesizer failing on a sentence (or a full disk): nothing is replaced
-        tts.close()
         sys.exit(f"error: {e}; the corpus in {args.out} is left as it was")
-    tts.close()
+    except KeyboardInterrupt:  # what a killed run leaves for the next one to remove, removed now
+        for path in corpus_files(args.out, UNFINISHED):
+            os.remove(path)
+        raise
+    finally:
+        tts.close()
     scratch.cleanup()
     # the previous corpus stays whole until this one is: killed before here, a run leaves it as it
-    # was, and its own files hidden (ignored by the data loaders, removed by the next run)
+    # was, and its own files hidden (ignored by the data loaders, removed by the next run). A
+    # Ctrl-C from here on is ignored: these few renames would otherwise leave half of each corpus.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     remove_old_corpus(args.out)
     for entry in files:
         path = os.path.join(args.out, entry["path"])
@@ -568,6 +583,7 @@ def main(argv=None) -> None:
     with open(unfinished(manifest), "w") as f:
         json.dump({"settings": settings, "files": files}, f, indent=1)
     os.replace(unfinished(manifest), manifest)  # last: marks the corpus complete
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     total = sum(f["seconds"] for f in files) / 60
     print(f"wrote {len(files)} files, {total:.1f} minutes, to {args.out} in {time.time() - began:.1f}s")
 
