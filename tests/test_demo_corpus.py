@@ -325,6 +325,28 @@ def test_an_installed_synthesizer_that_fails_is_found_before_any_synthesis(tmp_p
     assert not (tmp_path / "named").exists()
 
 
+@pytest.mark.skipif(not shutil.which("festival") or not glob.glob("/usr/share/festival/voices/*/kal_diphone")
+                    or not glob.glob("/usr/share/festival/voices/*/ked_diphone"),
+                    reason="needs Festival with kal_diphone and ked_diphone (data/demo/README.md)")
+def test_a_festival_voice_that_fails_is_left_out_and_named_never_spoken_by_another(tmp_path):
+    """The real festival with its ked_diphone voice broken (its voice function raises an error):
+    festival went on with the voice before, so kal_diphone's speech was written as ked_diphone's
+    (only the first voice was tried). Each voice is tried now: ked_diphone is left out with a note
+    naming it and festival's error, kal_diphone still speaks, and no file is labelled ked_diphone."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "broken.scm").write_text('(define (voice_ked_diphone) (error "ked_diphone is broken here"))\n')
+    (tmp_path / "bin" / "festival").write_text(f'#!/bin/sh\nexec {shutil.which("festival")} {tmp_path / "broken.scm"} "$@"\n')
+    (tmp_path / "bin" / "festival").chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    note = prepare(tmp_path / "c", 0, 0.5, "--engines", "espeak,festival", env=env)
+    assert "note: festival:ked_diphone is left out, it fails here: festival failed on 'Hello.' with voice " \
+           "ked_diphone: SIOD ERROR: ked_diphone is broken here" in note
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert "festival:kal_diphone" in manifest["settings"]["voices"]["train"]
+    assert not any("ked_diphone" in v for split in ("train", "val") for v in manifest["settings"]["voices"][split])
+    assert not any(v["speaker"] == "ked_diphone" for f in manifest["files"] for v in f["voices"])
+
+
 @pytest.mark.skipif(not shutil.which("flite"), reason="flite is not installed (apt-get install flite)")
 def test_a_synthesizer_failing_midway_is_one_error_line_and_the_corpus_is_left_as_it_was(demo_corpus, tmp_path):
     """A flite that speaks "Hello." (the check before synthesis) and fails on anything else: one

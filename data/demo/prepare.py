@@ -188,10 +188,12 @@ class Flite:
 
 class Festival:
     """One Festival process (`festival --pipe`) kept for the whole corpus, since starting one costs
-    more than an utterance; it is fed Scheme and says "done" after writing each utterance's WAV."""
+    more than an utterance; it is fed Scheme and says "done" after writing each utterance's WAV.
+    Its errors go to a log beside the WAV, named when it fails."""
 
     def __init__(self, folder: str):
         self.path, self.process = os.path.join(folder, "festival.wav"), None
+        self.log = os.path.join(folder, "festival.log")
 
     def voices(self) -> list[str]:
         """The voices of FESTIVAL_VOICES installed here, in a fixed order; [] without Festival."""
@@ -202,13 +204,18 @@ class Festival:
     def synth(self, text: str, voice: Voice, seed: int) -> np.ndarray:
         if self.process is None:
             # stdbuf: line-buffered, or "done" would wait in festival's buffer for ever
-            self.process = subprocess.Popen(["stdbuf", "-oL", "festival", "--pipe"], stdin=subprocess.PIPE,
-                                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            with open(self.log, "w") as log:
+                self.process = subprocess.Popen(["stdbuf", "-oL", "festival", "--pipe"], stdin=subprocess.PIPE,
+                                                stdout=subprocess.PIPE, stderr=log, text=True)
         quoted = text.replace("\\", "\\\\").replace('"', '\\"')
+        if os.path.exists(self.path):  # never read as this utterance's
+            os.remove(self.path)
         try:  # a festival that has exited: its stdin is a broken pipe
-            self.process.stdin.write(f"(voice_{voice.speaker})\n(Parameter.set 'Duration_Stretch {175 / voice.rate:.3f})\n"
-                                     f'(utt.save.wave (utt.synth (Utterance Text "{quoted}")) "{self.path}" \'riff)\n'
-                                     '(print "done")\n')
+            # one expression: a voice that fails to load aborts it, no WAV is written; as separate ones
+            # festival went on with the previous voice, and its speech was labelled with this one
+            self.process.stdin.write(f"(begin (voice_{voice.speaker}) (Parameter.set 'Duration_Stretch "
+                                     f'{175 / voice.rate:.3f}) (utt.save.wave (utt.synth (Utterance Text "{quoted}")) '
+                                     f'"{self.path}" \'riff))\n(print "done")\n')
             self.process.stdin.flush()
         except OSError as e:
             raise RuntimeError(f"festival exited (status {self.process.poll()}) before {text!r} with voice "
@@ -216,8 +223,17 @@ class Festival:
         while (line := self.process.stdout.readline()) and line.strip() != '"done"':
             pass
         if not line or not os.path.exists(self.path):
-            raise RuntimeError(f"festival failed on {text!r} with voice {voice.speaker}")
+            raise RuntimeError(f"festival failed on {text!r} with voice {voice.speaker}{self.said()}")
         return read_wav(self.path, voice.level)
+
+    def said(self) -> str:
+        """The last line festival wrote to its log (its error), as `: LINE`, or ''."""
+        try:
+            with open(self.log, errors="replace") as f:
+                lines = [line.strip() for line in f.read().splitlines() if line.strip()]
+        except OSError:
+            return ""
+        return f": {lines[-1][-300:]}" if lines else ""
 
     def close(self) -> None:
         if self.process is not None:
@@ -240,29 +256,37 @@ class Speakers:
     """Every installed synthesizer; `synth` speaks with whichever one the voice names."""
 
     def __init__(self, engines: list[str], folder: str):
-        self.engines, self.broken = {}, {}
+        self.engines, self.broken, self.left_out = {}, {}, {}
         for engine in engines:
             synth = ESpeak() if engine == "espeak" else (Flite if engine == "flite" else Festival)(folder)
             voices = synth.voices()
-            if voices and engine != "espeak" and (problem := self.fails(synth, engine, voices[0])):
-                self.broken[engine] = problem  # installed, but it fails: found before any synthesis
-            elif voices:
-                self.engines[engine] = (synth, voices)
+            problems = {} if engine == "espeak" else self.failing(synth, engine, voices)
+            working = [v for v in voices if v not in problems]
+            if voices and not working:
+                self.broken[engine] = problems[voices[0]]  # installed, but it fails: found before any synthesis
+            elif working:
+                self.engines[engine] = (synth, working)
+                # a voice that fails is left out: never spoken by another voice under its name
+                self.left_out.update({f"{engine}:{v}": problem for v, problem in problems.items()})
         # asked for, with no voice installed
         self.missing = [e for e in engines if e not in self.engines and e not in self.broken]
 
     @staticmethod
-    def fails(synth, engine: str, speaker: str) -> str | None:
-        """Why `synth` cannot speak a word with `speaker`, or None. Festival is started again after
-        (`close`), so the corpus is the one made without this check."""
-        try:
-            synth.synth("Hello.", Voice(engine, speaker, "en", 50, 50, 175, 0.5), seed=0)
-        except (RuntimeError, OSError) as e:  # soundfile's errors on a bad WAV are RuntimeErrors
-            return str(e)
-        finally:
-            if engine == "festival":
-                synth.close()
-        return None
+    def failing(synth, engine: str, voices: list[str]) -> dict[str, str]:
+        """{voice: why `synth` cannot speak a word with it} for each of `voices` that fails. Festival
+        is started again after a failure and after the last voice (`close`), so each voice is tried
+        on its own and the corpus is the one made without this check."""
+        problems = {}
+        for speaker in voices:
+            try:
+                synth.synth("Hello.", Voice(engine, speaker, "en", 50, 50, 175, 0.5), seed=0)
+            except (RuntimeError, OSError) as e:  # soundfile's errors on a bad WAV are RuntimeErrors
+                problems[speaker] = str(e)
+                if engine == "festival":
+                    synth.close()
+        if engine == "festival":
+            synth.close()
+        return problems
 
     def pool(self, split: str) -> list[tuple[str, str]]:
         """(engine, speaker) of the voices of a split: the held-out ones for val, the others for train."""
@@ -513,8 +537,8 @@ def make_corpus(args, engines: list[str], parser) -> None:
     tts = Speakers(engines, scratch.name)
     if args.engines is not None and tts.broken:
         parser.error(f"--engines {args.engines}: {'; '.join(tts.broken.values())}: repair it or leave it out")
-    for engine, problem in tts.broken.items():  # those installed that work make the corpus
-        print(f"note: {engine} is left out, it fails here: {problem}", flush=True)
+    for name, problem in (tts.broken | tts.left_out).items():  # those installed that work make the corpus
+        print(f"note: {name} is left out, it fails here: {problem}", flush=True)
     if args.engines is not None and tts.missing:
         parser.error(f"--engines {args.engines}: {', '.join(tts.missing)} {'is' if len(tts.missing) == 1 else 'are'} "
                      f"not installed here (installed: {', '.join(tts.engines)}): install or leave out "
