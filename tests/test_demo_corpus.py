@@ -367,6 +367,55 @@ def test_a_synthesizer_failing_midway_is_one_error_line_and_the_corpus_is_left_a
     assert visible(out) == visible(demo_corpus)
 
 
+def gone(pid: int) -> bool:
+    """Whether process `pid` has ended (a zombie not yet reaped by init counts), within 5 s."""
+    for _ in range(100):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.skipif(not shutil.which("stdbuf") or not glob.glob("/usr/share/festival/voices/*/kal_diphone"),
+                    reason="needs Festival's kal_diphone voice and stdbuf")
+def test_a_synthesizer_that_hangs_is_stopped_after_the_timeout(demo_corpus, tmp_path):
+    """A festival that never answers (a wrapper whose child hangs): it was waited for for ever. Past
+    --timeout it is stopped, child included, and left out with a note. A flite that speaks "Hello."
+    (the check before synthesis) and hangs on anything else: one `error:` line naming the timeout,
+    the corpus already in --out untouched, its child stopped."""
+    hang = f'sleep 1000 & echo $! >> {tmp_path / "pids"}; wait\n'
+    (tmp_path / "festival").mkdir()
+    (tmp_path / "festival" / "festival").write_text("#!/bin/sh\n" + hang)
+    (tmp_path / "festival" / "festival").chmod(0o755)
+    began = time.monotonic()
+    note = prepare(tmp_path / "c", 0, 0.2, "--timeout", "0.5",
+                   env={**os.environ, "PATH": f"{tmp_path / 'festival'}{os.pathsep}{os.environ['PATH']}"})
+    assert "note: festival is left out, it fails here: festival did not finish within 0.5 s on 'Hello.' with " \
+           "voice kal_diphone (--timeout)" in note
+    assert time.monotonic() - began < 60
+    if shutil.which("flite"):
+        (tmp_path / "flite").mkdir()
+        (tmp_path / "flite" / "flite").write_text(f'#!/bin/sh\ncase "$*" in *"-t Hello. "*|-lv) exec '
+                                                  f'{shutil.which("flite")} "$@";; esac\n{hang}')
+        (tmp_path / "flite" / "flite").chmod(0o755)
+        out = tmp_path / "old"
+        shutil.copytree(demo_corpus, out)
+        result = subprocess.run([sys.executable, PREPARE, "--minutes", "3", "--seed", "1", "--timeout", "0.5",
+                                 "--engines", "espeak,flite", "--out", str(out)], capture_output=True, text=True,
+                                timeout=120, env={**os.environ, "PATH": f"{tmp_path / 'flite'}{os.pathsep}{os.environ['PATH']}"})
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        last = result.stderr.splitlines()[-1]
+        assert last.startswith("error: flite did not finish within 0.5 s on ") and "(--timeout)" in last
+        assert last.endswith(f"; the corpus in {out} is left as it was")
+        assert visible(out) == visible(demo_corpus)
+    pids = [int(p) for p in (tmp_path / "pids").read_text().split()]
+    assert len(pids) >= 3 and all(gone(p) for p in pids)  # festival's voices, flite's sentence
+
+
 def test_a_second_run_on_the_same_folder_waits_for_the_first_and_finds_its_corpus(tmp_path):
     """Two runs on one --out at once (two demos started together): the second waits for the first
     (a note says so), then finds the corpus complete; both succeed and the corpus is whole. Before,

@@ -27,6 +27,7 @@ import glob
 import json
 import math
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -161,24 +162,55 @@ def to_level(audio: np.ndarray, rate: int, level: float) -> np.ndarray:
     return audio * (level / max(float(np.abs(audio).max()), 1e-4))
 
 
+def run_for(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """subprocess.run(args, capture_output=True, text=True), stopped past `timeout` seconds
+    (subprocess.TimeoutExpired) or on Ctrl-C with its whole process group: a wrapper script's
+    children would hold its pipes open, and run() would wait for them."""
+    with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as process:  # closes the pipes when it ends
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except BaseException:
+            stop(process)
+            raise
+    return subprocess.CompletedProcess(args, process.returncode, out, err)
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Kill a synthesizer started in its own session (`start_new_session`), with its children."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:  # it has exited, its group with it
+        pass
+    process.wait()
+
+
 class Flite:
     """Debian's `flite`, run once per utterance (deterministic: no random source)."""
 
-    def __init__(self, folder: str):
-        self.path = os.path.join(folder, "flite.wav")
+    def __init__(self, folder: str, timeout: float):
+        self.path, self.timeout = os.path.join(folder, "flite.wav"), timeout
 
     def voices(self) -> list[str]:
         """The voices of FLITE_VOICES installed here, in a fixed order; [] without flite."""
         if shutil.which("flite") is None:
             return []
-        listed = subprocess.run(["flite", "-lv"], capture_output=True, text=True).stdout.split()
+        try:
+            listed = run_for(["flite", "-lv"], self.timeout).stdout.split()
+        except subprocess.TimeoutExpired:  # a flite that hangs: no voice of it is used
+            return []
         return [v for v in FLITE_VOICES if v in listed]
 
     def synth(self, text: str, voice: Voice, seed: int) -> np.ndarray:
         f0 = FLITE_VOICES[voice.speaker] * 2 ** ((voice.pitch - 50) / 100)  # rms ignores it
-        result = subprocess.run(["flite", "-voice", voice.speaker, "--setf", f"duration_stretch={175 / voice.rate:.3f}",
-                                 "--setf", f"int_f0_target_mean={f0:.1f}", "-t", text, "-o", self.path],
-                                capture_output=True, text=True)
+        if os.path.exists(self.path):  # never read as this utterance's
+            os.remove(self.path)
+        try:
+            result = run_for(["flite", "-voice", voice.speaker, "--setf", f"duration_stretch={175 / voice.rate:.3f}",
+                              "--setf", f"int_f0_target_mean={f0:.1f}", "-t", text, "-o", self.path], self.timeout)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"flite did not finish within {self.timeout:g} s on {text!r} with voice "
+                               f"{voice.speaker} (--timeout)") from None
         if result.returncode != 0 or not os.path.exists(self.path):
             said = " ".join(result.stderr.split())[-300:]  # one line
             raise RuntimeError(f"flite failed (exit status {result.returncode}) on {text!r} with voice "
@@ -189,10 +221,11 @@ class Flite:
 class Festival:
     """One Festival process (`festival --pipe`) kept for the whole corpus, since starting one costs
     more than an utterance; it is fed Scheme and says "done" after writing each utterance's WAV.
-    Its errors go to a log beside the WAV, named when it fails."""
+    Its errors go to a log beside the WAV, named when it fails; one that has not said "done"
+    within `timeout` seconds of an utterance is stopped."""
 
-    def __init__(self, folder: str):
-        self.path, self.process = os.path.join(folder, "festival.wav"), None
+    def __init__(self, folder: str, timeout: float):
+        self.path, self.process, self.timeout = os.path.join(folder, "festival.wav"), None, timeout
         self.log = os.path.join(folder, "festival.log")
 
     def voices(self) -> list[str]:
@@ -206,25 +239,40 @@ class Festival:
             # stdbuf: line-buffered, or "done" would wait in festival's buffer for ever
             with open(self.log, "w") as log:
                 self.process = subprocess.Popen(["stdbuf", "-oL", "festival", "--pipe"], stdin=subprocess.PIPE,
-                                                stdout=subprocess.PIPE, stderr=log, text=True)
+                                                stdout=subprocess.PIPE, stderr=log, start_new_session=True)
+            self.output = b""  # read but not yet used
         quoted = text.replace("\\", "\\\\").replace('"', '\\"')
         if os.path.exists(self.path):  # never read as this utterance's
             os.remove(self.path)
         try:  # a festival that has exited: its stdin is a broken pipe
             # one expression: a voice that fails to load aborts it, no WAV is written; as separate ones
             # festival went on with the previous voice, and its speech was labelled with this one
-            self.process.stdin.write(f"(begin (voice_{voice.speaker}) (Parameter.set 'Duration_Stretch "
+            self.process.stdin.write((f"(begin (voice_{voice.speaker}) (Parameter.set 'Duration_Stretch "
                                      f'{175 / voice.rate:.3f}) (utt.save.wave (utt.synth (Utterance Text "{quoted}")) '
-                                     f'"{self.path}" \'riff))\n(print "done")\n')
+                                     f'"{self.path}" \'riff))\n(print "done")\n').encode())
             self.process.stdin.flush()
         except OSError as e:
             raise RuntimeError(f"festival exited (status {self.process.poll()}) before {text!r} with voice "
                                f"{voice.speaker}: {e.strerror or e}") from None
-        while (line := self.process.stdout.readline()) and line.strip() != '"done"':
-            pass
-        if not line or not os.path.exists(self.path):
+        if not self.wait_done(text, voice) or not os.path.exists(self.path):
             raise RuntimeError(f"festival failed on {text!r} with voice {voice.speaker}{self.said()}")
         return read_wav(self.path, voice.level)
+
+    def wait_done(self, text: str, voice: Voice) -> bool:
+        """Read festival's output up to its "done" line: True; False if it exits first. Past the
+        timeout, festival is stopped and RuntimeError raised."""
+        fd, deadline = self.process.stdout.fileno(), time.monotonic() + self.timeout
+        while not any(line.strip() == b'"done"' for line in self.output.split(b"\n")[:-1]):  # whole lines
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                self.close(kill=True)
+                raise RuntimeError(f"festival did not finish within {self.timeout:g} s on {text!r} with voice "
+                                   f"{voice.speaker} (--timeout)")
+            if not (chunk := os.read(fd, 65536)):
+                return False
+            self.output += chunk
+        self.output = b""  # nothing follows "done": festival waits for the next utterance
+        return True
 
     def said(self) -> str:
         """The last line festival wrote to its log (its error), as `: LINE`, or ''."""
@@ -235,13 +283,17 @@ class Festival:
             return ""
         return f": {lines[-1][-300:]}" if lines else ""
 
-    def close(self) -> None:
+    def close(self, kill: bool = False) -> None:
+        """End festival: its input closed, it exits; one that does not (or `kill`) is stopped."""
         if self.process is not None:
             try:
                 self.process.stdin.close()
             except OSError:  # it has exited already
                 pass
-            self.process.wait()
+            try:
+                self.process.wait(timeout=0 if kill else self.timeout)
+            except subprocess.TimeoutExpired:
+                stop(self.process)
             self.process = None
 
 
@@ -255,10 +307,10 @@ def read_wav(path: str, level: float) -> np.ndarray:
 class Speakers:
     """Every installed synthesizer; `synth` speaks with whichever one the voice names."""
 
-    def __init__(self, engines: list[str], folder: str):
+    def __init__(self, engines: list[str], folder: str, timeout: float):
         self.engines, self.broken, self.left_out = {}, {}, {}
         for engine in engines:
-            synth = ESpeak() if engine == "espeak" else (Flite if engine == "flite" else Festival)(folder)
+            synth = ESpeak() if engine == "espeak" else (Flite if engine == "flite" else Festival)(folder, timeout)
             voices = synth.voices()
             problems = {} if engine == "espeak" else self.failing(synth, engine, voices)
             working = [v for v in voices if v not in problems]
@@ -503,11 +555,15 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=HERE, help="output folder (default: this folder)")
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--force", action="store_true", help="rebuild even if the corpus exists")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds Flite or Festival may take on one "
+                        "utterance (default 60): one that takes longer is stopped, as failing")
     parser.add_argument("--engines", help=f"synthesizers to use, each of which must be installed (default: those "
                         f"of {', '.join(ENGINES)} installed; espeak is required)")
     args = parser.parse_args(argv)
     if not (0 < args.minutes < math.inf and 0 < args.val_fraction < 1):  # also refuses NaN
         parser.error("--minutes must be a finite number > 0 and --val-fraction between 0 and 1")
+    if not 0 < args.timeout < math.inf:
+        parser.error(f"--timeout must be a finite number of seconds > 0, got {args.timeout}")
     if args.seed < 0:  # numpy's seed sequences take non-negative integers
         parser.error(f"--seed must be an integer >= 0, got {args.seed}")
     if not args.out.strip():  # not the current folder by accident
@@ -534,7 +590,7 @@ def make_corpus(args, engines: list[str], parser) -> None:
     """Synthesize the corpus `args` describe into args.out, then put it in place of the previous one."""
     began = time.time()
     scratch = tempfile.TemporaryDirectory(prefix="demo-corpus-")
-    tts = Speakers(engines, scratch.name)
+    tts = Speakers(engines, scratch.name, args.timeout)
     if args.engines is not None and tts.broken:
         parser.error(f"--engines {args.engines}: {'; '.join(tts.broken.values())}: repair it or leave it out")
     for name, problem in (tts.broken | tts.left_out).items():  # those installed that work make the corpus
