@@ -416,6 +416,25 @@ def test_a_synthesizer_that_hangs_is_stopped_after_the_timeout(demo_corpus, tmp_
     assert len(pids) >= 3 and all(gone(p) for p in pids)  # festival's voices, flite's sentence
 
 
+def test_a_disk_filling_up_is_one_error_line_naming_the_file_and_the_corpus_is_left_as_it_was(demo_corpus, tmp_path):
+    """Writes failing midway (a file size limit, as a full disk: the kernel refuses the write): it
+    was `error: System error.` (soundfile's words), and the new run's files were left on the full
+    disk. Now one line names the file and the reason, the previous corpus is whole, and no file
+    of the failed run is left."""
+    import resource
+    out = tmp_path / "c"
+    shutil.copytree(demo_corpus, out)
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # noqa: E731
+    result = subprocess.run([sys.executable, PREPARE, "--minutes", "0.5", "--seed", "1", "--force", "--engines",
+                             "espeak", "--out", str(out)], capture_output=True, text=True, timeout=120,
+                            preexec_fn=limit)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith(f"error: cannot write {out}{os.sep}") and ".wav.partial (File too large); " in last
+    assert last.endswith(f"; the corpus in {out} is left as it was")
+    assert digests(out) == digests(demo_corpus)
+
+
 def test_a_second_run_on_the_same_folder_waits_for_the_first_and_finds_its_corpus(tmp_path):
     """Two runs on one --out at once (two demos started together): the second waits for the first
     (a note says so), then finds the corpus complete; both succeed and the corpus is whole. Before,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import io
 import json
 import math
 import os
@@ -504,6 +505,24 @@ def strangers(out: str) -> str | None:
     return None
 
 
+def remove_unfinished(out: str) -> None:
+    """Delete the files a run writes before its corpus is complete (hidden, `unfinished`)."""
+    for path in corpus_files(out, UNFINISHED) + glob.glob(unfinished(glob.escape(os.path.join(out, "manifest.json")))):
+        os.remove(path)
+
+
+def write_wav(path: str, audio: np.ndarray) -> None:
+    """audio (C, T) -> a 16-bit WAV file. Made in memory, then written: a full disk is an OSError
+    naming `path` (soundfile, writing to the file, said only "System error.")."""
+    wav = io.BytesIO()
+    sf.write(wav, audio.T, SAMPLE_RATE, format="WAV", subtype="PCM_16")
+    try:
+        with open(path, "wb") as f:
+            f.write(wav.getbuffer())
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, path) from None
+
+
 def remove_old_corpus(out: str) -> None:
     """Delete what an earlier run wrote (and only that), so a smaller rebuild leaves no strays."""
     manifest = os.path.join(out, "manifest.json")
@@ -610,8 +629,7 @@ def make_corpus(args, engines: list[str], parser) -> None:
     voices = {split: [f"{e}:{s}" for e, s in tts.pool(split)] for split in ("train", "val")}
     settings = {"recipe_version": RECIPE_VERSION, "seed": args.seed, "minutes": args.minutes,
                 "val_fraction": args.val_fraction, "sample_rate": SAMPLE_RATE, "voices": voices}
-    for path in corpus_files(args.out, UNFINISHED) + glob.glob(unfinished(glob.escape(manifest))):  # a killed run's
-        os.remove(path)
+    remove_unfinished(args.out)  # a killed run's
     if not args.force and is_complete(args.out, settings):
         print(f"demo corpus already in {args.out} (seed {args.seed}, {args.minutes} minutes, the same voices); "
               "--force rebuilds it")
@@ -637,18 +655,21 @@ def make_corpus(args, engines: list[str], parser) -> None:
                         target = min(rng.uniform(20, 50), max(budget - made, 6.0))
                         audio, entry = make_dialogue(tts, rng, pool, sentences, backchannels, target)
                     rel = f"{split}/{kind}/{kind}_{count:05d}.wav"
-                    sf.write(unfinished(os.path.join(args.out, rel)), audio.T, SAMPLE_RATE, format="WAV",
-                             subtype="PCM_16")
+                    write_wav(unfinished(os.path.join(args.out, rel)), audio)
                     duration = audio.shape[1] / SAMPLE_RATE
                     files.append({"path": rel, "seconds": round(duration, 3), **entry})
                     made, count = made + duration, count + 1
                     bar.update(min(duration, bar.total - bar.n))  # dialogues overshoot their share
-    except RuntimeError as e:  # a synthesizer failing on a sentence (or a full disk): nothing is replaced
-        sys.exit(f"error: {e}; the corpus in {args.out} is left as it was")
-    except KeyboardInterrupt:  # what a killed run leaves for the next one to remove, removed now
-        for path in corpus_files(args.out, UNFINISHED):
-            os.remove(path)
-        raise
+        # written before the previous corpus is removed: a disk filling up now leaves that one whole
+        with open(unfinished(manifest), "w") as f:
+            json.dump({"settings": settings, "files": files}, f, indent=1)
+    except (RuntimeError, OSError, KeyboardInterrupt) as e:  # nothing is replaced
+        remove_unfinished(args.out)  # what a killed run leaves for the next one to remove, removed now
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        # a synthesizer failing on a sentence; a full disk
+        problem = f"cannot write {e.filename} ({e.strerror})" if isinstance(e, OSError) and e.filename else e
+        sys.exit(f"error: {problem}; the corpus in {args.out} is left as it was")
     finally:
         tts.close()
     scratch.cleanup()
@@ -660,8 +681,6 @@ def make_corpus(args, engines: list[str], parser) -> None:
     for entry in files:
         path = os.path.join(args.out, entry["path"])
         os.replace(unfinished(path), path)
-    with open(unfinished(manifest), "w") as f:
-        json.dump({"settings": settings, "files": files}, f, indent=1)
     os.replace(unfinished(manifest), manifest)  # last: marks the corpus complete
     signal.signal(signal.SIGINT, signal.default_int_handler)
     total = sum(f["seconds"] for f in files) / 60
