@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -30,13 +31,35 @@ ROOT = Path(__file__).resolve().parent
 CODEC = "checkpoints/codec/best.safetensors"
 TRANSFORMER_DIR = "checkpoints/transformer"
 START_OVER = "to start the demo over: python demo.py --fresh"
+STEP_GRACE = 10  # seconds a step is given to stop after a Ctrl-C
 
 
 def run(args: list[str]) -> None:
     print(f"\n$ {' '.join(shlex.quote(a) for a in args)}", flush=True)
-    done = subprocess.run([sys.executable] + args, cwd=ROOT)
-    if done.returncode != 0:
-        sys.exit(f"demo: step failed with exit code {done.returncode}: {' '.join(args)}\n{START_OVER}")
+    step = subprocess.Popen([sys.executable] + args, cwd=ROOT)
+    try:
+        code = step.wait()
+    except KeyboardInterrupt:
+        stop(step)
+        raise
+    if code != 0:
+        sys.exit(f"demo: step failed with exit code {code}: {' '.join(args)}\n{START_OVER}")
+
+
+def stop(step: subprocess.Popen) -> None:
+    """After a Ctrl-C: let the step end as it does on its own Ctrl-C (a terminal sends it to both),
+    rather than killing it mid-write, as subprocess.run did after 0.25 s. One that goes on (only
+    demo.py was signalled) is sent a Ctrl-C of its own after STEP_GRACE seconds; one that still
+    does not end, or a second Ctrl-C, kills it."""
+    try:
+        try:
+            step.wait(timeout=STEP_GRACE)
+        except subprocess.TimeoutExpired:
+            step.send_signal(signal.SIGINT)
+            step.wait(timeout=STEP_GRACE)
+    except (subprocess.TimeoutExpired, KeyboardInterrupt):
+        step.kill()
+        step.wait()
 
 
 def codec_changed() -> bool:
@@ -121,4 +144,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # one line, not a traceback: the corpus and checkpoints made so far are kept
+        print("interrupted: run the same command again to go on from where it stopped", file=sys.stderr)
+        raise SystemExit(130) from None

@@ -1,7 +1,9 @@
 """The README's main job, `python demo.py`, runs end to end in a scratch copy of the repository:
 demo corpus -> tiny codec -> tiny transformer -> a stereo completion WAV; and again after any
 earlier demo run, with other step counts."""
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -113,3 +115,27 @@ def test_a_relative_out_is_taken_from_where_demo_py_is_run(tmp_path):
     assert done.returncode == 0, done.stderr
     assert (cwd / "talk.wav").read_text() == "completion" and not (folder / "talk.wav").exists()
     assert "completion  talk.wav" in done.stdout
+
+
+def test_ctrl_c_lets_the_running_step_stop_on_its_own_and_is_one_line(tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) during a step: demo.py printed a
+    KeyboardInterrupt traceback, and subprocess.run killed the step 0.25 s later, in the middle of
+    whatever it does on its own Ctrl-C (a save). Now the step ends by itself (here a stand-in taking
+    a second to), and demo.py says in one line how to go on, exit status 130."""
+    folder = scratch_copy(tmp_path)
+    (folder / "data/demo/prepare.py").write_text(
+        "import time\nprint('started', flush=True)\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
+        "    time.sleep(1)\n    open('stopped', 'w').write('on its own')\n    raise SystemExit(130)\n")
+    demo = subprocess.Popen([sys.executable, "demo.py"], cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        assert demo.stdout.readline() == "\n" and demo.stdout.readline().startswith("$ data/demo/prepare.py")
+        assert demo.stdout.readline() == "started\n"
+        os.killpg(demo.pid, signal.SIGINT)
+        _, err = demo.communicate(timeout=60)
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+            demo.wait()
+    assert (folder / "stopped").read_text() == "on its own"
+    assert demo.returncode == 130 and err == "interrupted: run the same command again to go on from where it stopped\n"
