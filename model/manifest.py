@@ -2,8 +2,8 @@
 
 One JSON object per line, `{"path": "dialogues/a.wav", "duration": 24.5}` (the layout
 moshi-finetune reads): `path` relative to the manifest's folder (an absolute path is allowed),
-`duration` in seconds, optional. Blank lines, Windows line ends and a UTF-8 byte-order mark are
-ignored; any other key is ignored too, so a manifest written for another trainer reads as it is.
+`duration` in seconds, optional. Blank lines, comment lines (starting with `#`, which no JSON
+line does), Windows line ends and a UTF-8 byte-order mark are ignored; any other key is ignored too, so a manifest written for another trainer reads as it is.
 
 `duration` is only checked to be a number >= 0: the lengths the datasets use always come from the
 files' headers, which are read anyway (and cached), so a stale or rounded duration cannot
@@ -65,7 +65,7 @@ def read_manifest(path: str | os.PathLike) -> list[str]:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise ManifestError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-            if not line.strip():
+            if not line.strip() or line.lstrip().startswith("#"):  # a blank line, a comment
                 continue
             try:
                 entry = json.loads(line)

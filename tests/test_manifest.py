@@ -110,6 +110,19 @@ def test_bad_lines_name_the_manifest_and_the_line(tmp_path, line, message):
         scan_audio_folder(str(manifest))
 
 
+def test_comment_lines_are_ignored_and_a_bad_line_after_them_keeps_its_number(tmp_path):
+    """A `#` line (a header, a file left out for now) was 'line N: not JSON'; list files commonly take
+    comments, and no JSON line starts with `#`. Line numbers still count them."""
+    write_corpus(tmp_path)
+    manifest = tmp_path / "commented.jsonl"
+    manifest.write_text("# calls, recorded 2024\n" + json.dumps({"path": "b/dialogue_0.wav"}) + "\n"
+                        + '  # {"path": "a/dialogue_1.wav"}  (left out for now)\n' + json.dumps({"path": "c/solo.wav"}) + "\n")
+    assert read_manifest(manifest) == [str(tmp_path / "b/dialogue_0.wav"), str(tmp_path / "c/solo.wav")]
+    manifest.write_text("# header\n" + json.dumps({"path": "b/dialogue_0.wav"}) + "\n{oops\n")
+    with pytest.raises(ManifestError, match=r"line 3: not JSON"):
+        read_manifest(manifest)
+
+
 def test_a_file_listed_under_two_paths_is_listed_twice(tmp_path):
     """A file listed through a linked folder and directly was read, encoded and trained on twice
     (its crops drawn twice as often), silently; refused as a file listed twice is."""
