@@ -245,6 +245,46 @@ def recorded_codec(path, meta: dict) -> Optional[str]:
     return value
 
 
+def codec_config_of(source: Union[str, os.PathLike], codec: Optional[Union[str, os.PathLike]] = "auto",
+                    config: Optional[TransformerConfig] = None) -> Optional[CodecConfig]:
+    """The config of the codec `load_hertz_dev(source, codec=codec)` loads, known before any weights
+    load (its hop, for the scripts' prompt checks): the official codec's, the one the header of ours
+    records, or None where it loads none (codec=None, or "auto" on one of our checkpoints saved
+    without codec_source). The CheckpointErrors `load_hertz_dev` raises for it: a recorded codec that
+    is gone, a file of another kind, a codec of another sample rate or latent size than the model's
+    (`config`: default `transformer_config_of(source)`)."""
+    if str(source) in hub.VARIANTS:
+        codec_source = "official" if codec == "auto" else codec
+    else:
+        codec_source = recorded_codec(source, read_metadata(source, kind="transformer")) if codec == "auto" else codec
+    return _codec_config(source, codec, codec_source, config or transformer_config_of(source))
+
+
+def _codec_config(source, codec, codec_source, cfg: TransformerConfig,
+                  official: CodecConfig = CODEC_HERTZ_DEV) -> Optional[CodecConfig]:
+    """`codec_config_of` for the `codec_source` that `codec` resolves to ("official": `official`)."""
+    if codec_source is None:
+        return None
+    if str(codec_source) == "official":
+        codec_cfg = official
+    else:
+        try:
+            path = _existing(codec_source, '"official"')
+        except FileNotFoundError:
+            if codec != "auto":
+                raise
+            raise CheckpointError(f"{source} records its codec as {codec_source}, which is not there (moved or "
+                                  "deleted): pass its new path as codec= (--codec), or 'official'") from None
+        codec_cfg = config_from(CodecConfig, read_metadata(path, kind="codec")["config"], codec_source)
+    # audio of another rate would be made at the wrong speed, latents of another size a shape error mid-generation
+    if (codec_cfg.sample_rate, codec_cfg.latent_dim) != (cfg.sample_rate, cfg.latent_dim):
+        raise CheckpointError(
+            f"the codec {codec_source} makes {codec_cfg.latent_dim}-dim latents of {codec_cfg.sample_rate} Hz audio, "
+            f"but {source} takes {cfg.latent_dim}-dim latents of {cfg.sample_rate} Hz audio: pass the codec it was "
+            "trained with as codec= (--codec)")
+    return codec_cfg
+
+
 def no_codec_problem(flag: str, path, meta: dict, codec: str, codec_flag: str = "--codec") -> Optional[str]:
     """The scripts' error (`complete.py`, the server, the notebook) for one of our checkpoints at
     `path` (header `meta`) that records no codec, loaded with `--codec auto` (`codec_flag`):
@@ -269,7 +309,8 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
     codec for official variants, the codec recorded in our checkpoint otherwise), "official", a
     path, or None for no codec. `verify=False` skips the content-hash and NaN/inf checks of our files
     and of the adapter. The header's mistakes (its config, quantization, a recorded codec that is
-    gone) are CheckpointErrors raised before any weights load.
+    gone) and a codec of another sample rate or latent size than the model's (`codec_config_of`)
+    are CheckpointErrors raised before any weights load.
 
     `adapter`: a LoRA adapter file (`model/lora.py`) to apply; one trained on another base, or whose
     tensors are not those its header's rank and targets put on the base's config, is an error,
@@ -314,14 +355,7 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
     model = _meta(HertzDev, cfg)  # filled below; without adapters until load_adapter
     if adapter is not None:  # its header against the base's config: the tensors it would put on which layers
         lora.check_fit(model, adapter, adapter_cfg, tensor_specs(adapter), str(source))
-    if codec_source is not None and str(codec_source) != "official":
-        try:
-            read_metadata(_existing(codec_source, '"official"'), kind="codec")
-        except FileNotFoundError:
-            if codec != "auto":
-                raise
-            raise CheckpointError(f"{source} records its codec as {codec_source}, which is not there (moved or "
-                                  "deleted): pass its new path as codec= (--codec), or 'official'") from None
+    _codec_config(source, codec, codec_source, cfg, codec_config or CODEC_HERTZ_DEV)  # its header against cfg
     if str(source) in hub.VARIANTS:
         lm_name, resynth_name, _ = hub.VARIANTS[str(source)]
         # the official codec too, in the same call: the room all the missing files need is found

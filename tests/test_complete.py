@@ -122,6 +122,30 @@ def test_a_checkpoint_whose_codec_is_unknown_or_whose_weights_are_nan_is_one_err
         assert not out.exists()
 
 
+@pytest.mark.parametrize("field, value", [("latent_dim", 16), ("sample_rate", 24000)])
+def test_a_codec_of_another_latent_size_or_rate_is_one_error_before_any_weights(ckpts, tmp_path, capsys, field, value):
+    """--codec of 16-dim latents for a model of 32 was a shape-error traceback mid-generation;
+    one of 24 kHz audio for a 16 kHz model wrote a completion at the wrong speed. Both are one
+    `error:` naming the codec and both sizes, found from the headers: the model's weights here
+    are corrupt (one bit), which reading them would report."""
+    import complete
+    torch.manual_seed(0)
+    codec = save_codec(tmp_path / f"{field}.safetensors",
+                       build(Codec, dataclasses.replace(CODEC_PRESETS["tiny"], **{field: value})))
+    model = tmp_path / "mono.safetensors"
+    data = bytearray(Path(ckpts["mono"]).read_bytes())
+    data[-100] ^= 0x01
+    model.write_bytes(bytes(data))
+    out = tmp_path / "out.wav"
+    assert complete.main([ckpts["stereo"], str(out), "--variant", str(model), "--codec", str(codec),
+                          "--device", "cpu"]) == 2
+    z, rate = (16, 16000) if field == "latent_dim" else (32, 24000)
+    assert capsys.readouterr().err == (f"error: the codec {codec} makes {z}-dim latents of {rate} Hz audio, but {model} "
+                                       "takes 32-dim latents of 16000 Hz audio: pass the codec it was trained with as "
+                                       "codec= (--codec)\n")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("prompt, flags, message", [
     ("missing.wav", [], "error: no such file: {prompt}"),
     ("folder.wav", [], "error: {prompt} is a folder, not a file"),  # it said "no such file"
