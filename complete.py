@@ -26,6 +26,7 @@ Sampling defaults are the original's `temps=(0.8, (0.5, 0.1))`: token temperatur
 temperature 0.5, Gaussian temperature 0.1; no top-p (1.0) and no min-p (0.0).
 """
 import argparse
+import math
 import os
 import sys
 import time
@@ -40,7 +41,8 @@ from model.checkpoint import read_metadata
 from model.generator import Generator, completion_problem, completion_steps
 from model.hub import VARIANTS
 from model.lora import read_adapter
-from model.loading import DTYPES, LOAD_ERRORS, no_codec_problem, resolve_device, resolve_dtype, transformer_config_of
+from model.loading import (DTYPES, LOAD_ERRORS, codec_config_of, no_codec_problem, resolve_device, resolve_dtype,
+                           transformer_config_of)
 from model.quant import MODES
 from model.transformer import KV_DTYPES
 
@@ -114,14 +116,16 @@ def main(argv=None) -> int:
             problem = no_codec_problem("--variant", args.variant, read_metadata(args.variant, kind="transformer"),
                                        args.codec)
         cfg = transformer_config_of(args.variant)
-        problem = problem or completion_problem(args.seconds, args.num, cfg, device, dtype, args.kv_dtype)
+        if not problem:  # the codec's hop (samples per latent): the prompt's frames, the completions' audio
+            hop = math.prod(codec_config_of(args.variant, args.codec, cfg).strides)
+            problem = completion_problem(args.seconds, args.num, cfg, device, dtype, args.kv_dtype, hop=hop)
     except LOAD_ERRORS as e:
         problem = str(e)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     try:  # before the weights: loading them can take minutes (or a 34 GB download)
-        check_prompt(args.prompt, cfg.sample_rate, max_frames=cfg.seq_len)  # the part of it that is used
+        check_prompt(args.prompt, cfg.sample_rate, hop, max_frames=cfg.seq_len)  # the part of it that is used
         check_output(args.out)
     except AudioError as e:
         print(f"error: {e}", file=sys.stderr)

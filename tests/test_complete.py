@@ -46,6 +46,21 @@ def run(*args):
                           capture_output=True, text=True, timeout=300)
 
 
+def corrupted_copy(path, folder: Path) -> Path:
+    """A copy of the checkpoint at `path` with one bit of one weight flipped: reading its weights
+    is an error (its content hash), so an error about something else shows it came first."""
+    data = bytearray(Path(path).read_bytes())
+    data[-100] ^= 0x01
+    (folder / Path(path).name).write_bytes(bytes(data))
+    return folder / Path(path).name
+
+
+def codec_of_hop(folder: Path, strides: tuple) -> str:
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(CODEC_PRESETS["tiny"], strides=strides)
+    return str(save_codec(folder / f"codec-{np.prod(strides)}.safetensors", build(Codec, cfg)))
+
+
 @pytest.mark.slow
 def test_duplex_completion_writes_stereo(ckpts, tmp_path):
     out = tmp_path / "duplex.wav"
@@ -132,10 +147,7 @@ def test_a_codec_of_another_latent_size_or_rate_is_one_error_before_any_weights(
     torch.manual_seed(0)
     codec = save_codec(tmp_path / f"{field}.safetensors",
                        build(Codec, dataclasses.replace(CODEC_PRESETS["tiny"], **{field: value})))
-    model = tmp_path / "mono.safetensors"
-    data = bytearray(Path(ckpts["mono"]).read_bytes())
-    data[-100] ^= 0x01
-    model.write_bytes(bytes(data))
+    model = corrupted_copy(ckpts["mono"], tmp_path)
     out = tmp_path / "out.wav"
     assert complete.main([ckpts["stereo"], str(out), "--variant", str(model), "--codec", str(codec),
                           "--device", "cpu"]) == 2
@@ -143,6 +155,28 @@ def test_a_codec_of_another_latent_size_or_rate_is_one_error_before_any_weights(
     assert capsys.readouterr().err == (f"error: the codec {codec} makes {z}-dim latents of {rate} Hz audio, but {model} "
                                        "takes 32-dim latents of 16000 Hz audio: pass the codec it was trained with as "
                                        "codec= (--codec)\n")
+    assert not out.exists()
+
+
+def test_the_prompt_is_checked_in_latents_of_the_codec_s_hop(ckpts, tmp_path):
+    """A codec of ours of another hop than the official 2000 samples: the check before the weights
+    load took 2000, so a prompt of 1500 samples was refused for a codec of 1000 (one whole latent),
+    and one of 3000 passed for a codec of 4000, to fail once the weights had loaded. Both now go by
+    the codec's hop, read from its header."""
+    rng = np.random.default_rng(0)
+    for n in (1500, 3000):
+        sf.write(tmp_path / f"{n}.wav", rng.uniform(-0.3, 0.3, n), 16000)
+    out = tmp_path / "out.wav"
+    r = run(tmp_path / "1500.wav", out, "--variant", ckpts["mono"], "--codec", codec_of_hop(tmp_path, (2, 2, 2, 5, 5, 5)),
+            "--seconds", 0.125, "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sf.info(out).frames == 1000 * (1 + 2)  # the prompt's latent and two more (1000 samples each)
+    out.unlink()
+    model = corrupted_copy(ckpts["mono"], tmp_path)
+    r = run(tmp_path / "3000.wav", out, "--variant", model, "--codec", codec_of_hop(tmp_path, (2, 2, 4, 5, 5, 10)),
+            "--device", "cpu")
+    assert r.returncode == 2 and r.stderr == (f"error: {tmp_path / '3000.wav'} is 0.188 s long: a prompt needs at "
+                                              "least 0.250 s (4000 samples)\n"), r.stderr[-2000:]
     assert not out.exists()
 
 

@@ -145,6 +145,22 @@ def test_a_checkpoint_that_records_no_codec_stops_before_its_weights_load(tmp_pa
     assert e.value.ename == "ValueError" and not list(tmp_path.glob("out*.wav"))
 
 
+def test_the_prompt_is_checked_in_latents_of_the_codec_s_hop(tmp_path):
+    """CODEC one of ours of 4000 samples per latent: the check before the weights load took the
+    official 2000, so a prompt of 3000 samples passed it and failed once the weights had loaded
+    (here they are corrupt, which reading them would report)."""
+    from test_complete import codec_of_hop, corrupted_copy
+
+    paths = make_checkpoints(tmp_path / "ckpt")
+    sf.write(tmp_path / "short.wav", 0.3 * np.sin(np.arange(3000) / 10), 16000)
+    with pytest.raises(CellExecutionError) as e:
+        execute({"PROMPT": str(tmp_path / "short.wav"), "VARIANT": str(corrupted_copy(paths["mono"], tmp_path)),
+                 "CODEC": codec_of_hop(tmp_path, (2, 2, 4, 5, 5, 10)), "DEVICE": "cpu",
+                 "OUT": str(tmp_path / "out.wav")})
+    assert "short.wav is 0.188 s long: a prompt needs at least 0.250 s (4000 samples)" in str(e.value)
+    assert not list(tmp_path.glob("out*.wav"))
+
+
 @pytest.mark.slow
 def test_readme_papermill_command_after_the_demo(tmp_path):
     """The README's notebook command, verbatim, in a folder laid out as after `python demo.py`
