@@ -26,6 +26,11 @@ from .stream_codec import decode_frames, encode_frames
 
 ParamsLike = Union[SamplingParams, Sequence[SamplingParams]]
 
+# Codec latents are about unit scale (the codec's KL term keeps them near N(0, 1)); a prompt of
+# latents beyond this is a mis-scaled or garbage array, and from about 1e19 the model's float32
+# (bf16: the same range) arithmetic overflows to NaN, which the completion then is, silently.
+MAX_LATENT_MAGNITUDE = 1e4
+
 
 def completion_steps(seconds: float, sample_rate: int = 16000, hop: int = 2000) -> int:
     """Latents of a continuation of `seconds` (rounded; at least one)."""
@@ -111,9 +116,9 @@ def check_steps(steps) -> int:
 def as_prompt(x, name: str, shape: str, audio: bool) -> Tensor:
     """A prompt given as a tensor or a numpy array, as a tensor; TypeError naming `name` (of the
     expected `shape`) if it is neither or not floating point, ValueError if it holds NaN or inf
-    (they would poison the caches) or, for `audio`, peaks beyond `model.audio.MAX_SAMPLE_MAGNITUDE`
-    (int16 PCM made float without / 32768: the codec makes non-finite latents of it). One reduction
-    and one host sync, at the entry of a call."""
+    (they would poison the caches) or peaks beyond `model.audio.MAX_SAMPLE_MAGNITUDE` for `audio`
+    (int16 PCM made float without / 32768: the codec makes non-finite latents of it), beyond
+    `MAX_LATENT_MAGNITUDE` for latents. One reduction and one host sync, at the entry of a call."""
     hint = " (int16 PCM: divide by 32768, or model.protocol.pcm_to_float)" if audio else ""
     if isinstance(x, np.ndarray):
         if x.dtype.kind != "f":
@@ -129,6 +134,9 @@ def as_prompt(x, name: str, shape: str, audio: bool) -> Tensor:
     if audio and peak > MAX_SAMPLE_MAGNITUDE:
         raise ValueError(f"{name} peaks at {peak:.4g}, beyond {MAX_SAMPLE_MAGNITUDE:g} (full scale is 1): "
                          "int16 PCM made float? divide it by 32768")
+    if not audio and peak > MAX_LATENT_MAGNITUDE:
+        raise ValueError(f"{name} peaks at {peak:.4g}, beyond {MAX_LATENT_MAGNITUDE:g}: codec latents are about unit "
+                         "scale (the model would overflow to NaN); pass the codec's latents (encode_frames)")
     return x
 
 

@@ -6,6 +6,7 @@ independent; a context slide continues exactly as a fresh prefill of the kept fr
 """
 import copy
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -70,11 +71,12 @@ def test_a_call_does_not_depend_on_what_an_earlier_call_left_in_the_caches(model
     """An earlier call whose prompt overflowed the KV caches (latents of 1e30: inf and NaN there),
     longer than the next call's: the next call equals a fresh engine's. A row's caches were not
     cleared between calls, and their stale slots past the new prompt, though masked, made every
-    output NaN (0 * NaN in the attention)."""
+    output NaN (0 * NaN in the attention). (`generate` now refuses such a prompt at its entry;
+    the call past its checks stands for anything that leaves non-finite values behind.)"""
     p = prompt_latents(model, T=3)
     want = Generator(model, batch_size=2).generate(p, 4, seed=1)
     gen = Generator(model, batch_size=2)
-    gen.generate(prompt_latents(model, T=20) * 1e30, 2, seed=1)
+    gen._generate(prompt_latents(model, T=20) * 1e30, 2, [SamplingParams()] * 2, [1, 2], False)
     assert not torch.isfinite(gen.state.lm.k).all()  # the earlier call did poison them
     assert torch.equal(gen.generate(p, 4, seed=1), want)
 
@@ -193,6 +195,27 @@ def test_a_non_finite_prompt_is_refused_and_leaves_the_engine_usable(mono):
         with pytest.raises(ValueError, match="prompt holds NaN or infinite"):
             gen.generate(torch.full((1, 2, 32), bad), 3)
     assert torch.equal(gen.complete(audio, 3, seed=1), ref)
+
+
+@torch.no_grad()
+def test_a_prompt_of_huge_latents_is_refused_and_leaves_the_engine_usable(mono):
+    """Latents of 1e20 or 1e30 are finite, so they passed the entry's NaN check, overflowed inside
+    the model and gave a NaN completion without a word; now one ValueError naming the prompt and
+    the bound (the Generator's and the live engine's entry). Latents up to it are taken."""
+    from model import LiveEngine
+    from model.generator import MAX_LATENT_MAGNITUDE
+    gen = Generator(mono, batch_size=1)
+    ok = torch.randn(1, 3, 32)
+    ref = gen.generate(ok, 2, seed=1)
+    for peak in (1e20, 1e30):
+        with pytest.raises(ValueError, match=re.escape(f"prompt peaks at {peak:.4g}, beyond 10000: codec latents are")):
+            gen.generate(ok * 0 + peak, 2)
+    assert torch.equal(gen.generate(ok, 2, seed=1), ref)
+    big = gen.generate(ok / ok.abs().max() * MAX_LATENT_MAGNITUDE, 2)
+    assert torch.isfinite(big).all()
+    live = LiveEngine(tiny(True), max_sessions=1, compile=False)
+    with pytest.raises(ValueError, match="prompt_latents peaks at 1e\\+30, beyond"):
+        live.reset(0, prompt_latents=torch.full((2, 64), 1e30))
 
 
 @torch.no_grad()
