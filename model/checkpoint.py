@@ -210,8 +210,12 @@ def _wrong_file(path: Path, expected: str, found: str) -> CheckpointError:
                 f"; it is a LoRA run's: pass {adapter} beside it as adapter= (--adapter, ADAPTER) on the base it "
                 "was trained on" if adapter.is_file() else
                 f"; its export {export.name} is not beside it: rerun the trainer (it rebuilds the export at resume)")
-    elif found == "PyTorch state dict":
-        hint = "; official weights load by name: load_codec('official'), load_hertz_dev('duplex' | 'mono' | ...)"
+    elif found == "PyTorch state dict":  # as the official files are: they load by name, in each place's spelling
+        from .hub import VARIANTS
+        codec = "the official codec loads by name: --codec official (codec_checkpoint=official, load_codec('official'))"
+        model = (f"official weights load by name: --variant {' | '.join(VARIANTS)} (init_from=official, "
+                 "load_hertz_dev('duplex'))")
+        hint = "; " + {"codec": codec, "transformer": model}.get(expected, f"{model}; {codec}")
     elif found == "adapter":  # a LoRA adapter (model/lora.py): it goes on top of the base it was trained on
         base = header_json(path, _header(path), "extra", {}).get("base_source")
         hint = (f"; load the base it was trained on ({base or 'its header names none'}) and pass the adapter as "

@@ -106,6 +106,23 @@ def test_bad_inputs_are_clear_errors(ckpts, tmp_path, capsys):
 
 
 
+def test_a_pt_state_dict_names_the_flag_that_loads_the_official_weights_by_name(ckpts, tmp_path, capsys):
+    """An official-style .pt given as --variant or --codec: the hint named the Python API
+    (load_hertz_dev('duplex' | ...), load_codec('official')) to a user of the command line; it
+    names the flag's value that loads them (--variant duplex | mono | ..., --codec official)."""
+    import complete
+    torch.save(build(Codec, CODEC_PRESETS["tiny"]).state_dict(), tmp_path / "official_layout.pt")
+    pt, out = str(tmp_path / "official_layout.pt"), str(tmp_path / "out.wav")
+    assert complete.main([ckpts["stereo"], out, "--variant", pt]) == 2
+    assert capsys.readouterr().err == (f"error: {pt}: expected a transformer checkpoint (.safetensors), found a PyTorch "
+                                       "state dict; official weights load by name: --variant duplex | mono | "
+                                       "mono-pure-audio (init_from=official, load_hertz_dev('duplex'))\n")
+    assert complete.main([ckpts["stereo"], out, "--variant", ckpts["mono"], "--codec", pt]) == 2
+    assert capsys.readouterr().err == (f"error: {pt}: expected a codec checkpoint (.safetensors), found a PyTorch state "
+                                       "dict; the official codec loads by name: --codec official "
+                                       "(codec_checkpoint=official, load_codec('official'))\n")
+    assert not os.path.exists(out)
+
 def test_a_checkpoint_whose_codec_is_unknown_or_whose_weights_are_nan_is_one_error(ckpts, tmp_path, capsys):
     """A checkpoint recording a codec moved since, one recording none (saved without codec_source),
     one holding NaN weights under a matching hash: one `error:` line naming the file, before any
