@@ -206,10 +206,15 @@ def _wrong_file(path: Path, expected: str, found: str) -> CheckpointError:
     if found.endswith("training state"):
         from .lora import ADAPTER_SUFFIX  # a LoRA run exports its adapters, not the model
         export, adapter = path.with_suffix(".safetensors"), path.with_suffix(ADAPTER_SUFFIX)
-        hint = (f"; load {export} beside it (its weights, exported for loading)" if export.is_file() else
-                f"; it is a LoRA run's: pass {adapter} beside it as adapter= (--adapter, ADAPTER) on the base it "
-                "was trained on" if adapter.is_file() else
-                f"; its export {export.name} is not beside it: rerun the trainer (it rebuilds the export at resume)")
+        # a LoRA run's state records its base (model.finetune.base_of); its export is the adapters
+        lora = found.startswith("transformer") and "base_fingerprint" in _pickled_strings(path)
+        rerun = "is not beside it: rerun the trainer (it rebuilds the export at resume)"
+        if lora or (adapter.is_file() and not export.is_file()):
+            hint = (f"; it is a LoRA run's: pass {adapter} beside it as adapter= (--adapter, ADAPTER) on the base it "
+                    "was trained on" if adapter.is_file() else f"; it is a LoRA run's, and its export {adapter.name} {rerun}")
+        else:
+            hint = (f"; load {export} beside it (its weights, exported for loading)" if export.is_file() else
+                    f"; its export {export.name} {rerun}")
     elif found == "PyTorch state dict":  # as the official files are: they load by name, in each place's spelling
         from .hub import VARIANTS
         codec = "the official codec loads by name: --codec official (codec_checkpoint=official, load_codec('official'))"

@@ -106,6 +106,32 @@ def test_a_training_state_names_the_export_beside_it(tmp_path):
         load_codec(best)
 
 
+def test_a_lora_run_s_training_state_names_its_adapter_export(tmp_path):
+    """A LoRA run's latest.pt (the trainer's keys: adapters as "model", the base it records) given
+    for a model: its export is latest.adapter.safetensors, but with the export gone the message
+    named latest.safetensors, a file such a run never writes; it names the adapter file now, and
+    a full run's state still names latest.safetensors."""
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = dataclasses.asdict(dataclasses.replace(TRANSFORMER_PRESETS["tiny"], finetune="lora", init_from="official"))
+    common = {"optimizer": {}, "scaler": {}, "step": 2, "config": cfg, "codec": "0", "codec_source": "official",
+              "world_size": 1, "wandb_id": None, "val/loss": 1.0}
+    torch.save({"model": {"lm.layers.0.attn.wqkv.lora_A": torch.zeros(4, 8)}, **common,
+                "base_source": "official", "base_fingerprint": "f" * 16}, run / "latest.pt")
+    with pytest.raises(CheckpointError, match=re.escape(f"{run / 'latest.pt'}: expected a transformer checkpoint "
+                                                        "(.safetensors), found a transformer training state; it is a "
+                                                        "LoRA run's, and its export latest.adapter.safetensors is not "
+                                                        "beside it: rerun the trainer")):
+        load_hertz_dev(run / "latest.pt")
+    (run / "latest.adapter.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=re.escape(f"it is a LoRA run's: pass {run / 'latest.adapter.safetensors'} "
+                                                        "beside it as adapter=")):
+        load_hertz_dev(run / "latest.pt")
+    torch.save({"model": {}, **common}, run / "best.pt")  # a full run's
+    with pytest.raises(CheckpointError, match="; its export best.safetensors is not beside it"):
+        load_hertz_dev(run / "best.pt")
+
+
 def test_changed_bytes_are_detected_on_load(tmp_path):
     codec = build(Codec, CODEC_PRESETS["tiny"])
     path = save_codec(tmp_path / "codec.safetensors", codec)
