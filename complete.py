@@ -38,7 +38,7 @@ from config import ArgumentParser
 from model import SamplingParams, load_hertz_dev
 from model.audio import AudioError, check_output, check_prompt, file_problem, load_prompt, save_audio
 from model.checkpoint import read_metadata
-from model.generator import Generator, completion_problem, completion_steps
+from model.generator import Generator, completion_problem, completion_steps, row_seeds
 from model.hub import VARIANTS
 from model.lora import read_adapter
 from model.loading import (DTYPES, LOAD_ERRORS, codec_config_of, no_codec_problem, resolve_device, resolve_dtype,
@@ -83,6 +83,10 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if problem := completion_problem(args.seconds, args.num):  # NaN, inf, <= 0 (their memory: once the config is read)
         ap.error(problem)
+    try:
+        row_seeds(args.seed, args.num)  # in [0, 2**63)
+    except ValueError as e:
+        ap.error(f"--seed: {e}")
     try:
         args.params = SamplingParams(args.token_temp, args.top_p, args.min_p, args.mixture_temp, args.gaussian_temp)
     except ValueError as e:

@@ -92,9 +92,12 @@ def as_params(params: ParamsLike, n: int) -> list[SamplingParams]:
 
 
 def row_seeds(seed: Union[int, Sequence[int]], n: int) -> list[int]:
-    """Each row's seed: `row_seed(seed, r)` for one int, or the n seeds given, each in [0, 2**63);
+    """Each row's seed: `row_seed(seed, r)` for one int, or the n seeds given, each in [0, 2**63)
+    (`row_seed` works modulo 2**64: -1 or 2**64 would silently be another seed's draws);
     TypeError or ValueError naming `seed` otherwise."""
     if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        if not 0 <= seed < SEED_MAX:
+            raise ValueError(f"seed must be an int in [0, 2**63), got {seed}"[:300])
         return [row_seed(seed, r) for r in range(n)]
     seeds = seed.tolist() if isinstance(seed, (np.ndarray, Tensor)) else seed
     if isinstance(seeds, (list, tuple)) and len(seeds) == n and all(

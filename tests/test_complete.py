@@ -212,6 +212,7 @@ def test_the_prompt_is_checked_in_latents_of_the_codec_s_hop(ckpts, tmp_path):
     ("ok.wav", ["--quantize", "int3"], "argument --quantize: invalid choice: 'int3'"),
     ("ok.wav", ["--kv-dtype", "fp4"], "argument --kv-dtype: invalid choice: 'fp4'"),
     ("ok.wav", ["--seconds", "nan"], "--seconds must be a finite number > 0, got nan"),
+    ("ok.wav", ["--seed", "-1"], "--seed: seed must be an int in [0, 2**63), got -1"),  # was seed 2**64 - 1's draws
     # 1.3e5 GB of audio, 3e5 GB of KV caches (the official duplex model, float32 on the CPU): they
     # were taken, and failed to allocate once the weights had loaded
     ("ok.wav", ["--seconds", "1e9"], "--seconds 1e+09 needs at least "),
@@ -219,7 +220,7 @@ def test_the_prompt_is_checked_in_latents_of_the_codec_s_hop(ckpts, tmp_path):
     ("ok.wav", ["--device", "gpu"], "--device 'gpu': expected auto, cpu, cuda, cuda:N or mps"),
     ("ok.wav", ["--device", "cuda:99"], "--device cuda:99: "),
 ], ids=["missing", "folder", "nan", "not-audio", "short", "rate-1hz", "token-temp", "gaussian-temp", "top-p", "min-p",
-        "quantize", "kv-dtype", "seconds", "seconds-memory", "num-memory", "device", "device-absent"])
+        "quantize", "kv-dtype", "seconds", "seed", "seconds-memory", "num-memory", "device", "device-absent"])
 def test_prompt_and_arguments_are_checked_before_any_weights(tmp_path, prompt, flags, message):
     """The official duplex variant, offline, with an empty weights folder: loading the weights
     would fail, so each error shows that the check came first; no output file is written."""

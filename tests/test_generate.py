@@ -245,9 +245,12 @@ def test_prompt_audio_must_be_float_audio_at_its_scale(mono):
     (dict(seed=1.5), TypeError, "seed must be an int"),
     (dict(seed="3"), TypeError, "seed must be an int"),
     (dict(seed=[1, 2]), ValueError, r"seed must be an int, or a list of 1 ints"),
+    # row_seed works modulo 2**64: these were the draws of seeds 2**64 - 1 and 0, without a word
+    (dict(seed=-1), ValueError, r"seed must be an int in \[0, 2\*\*63\), got -1"),
+    (dict(seed=2 ** 64), ValueError, r"seed must be an int in \[0, 2\*\*63\), got 18446744073709551616"),
     (dict(encode="median"), ValueError, "encode mode must be 'sample' or 'mean'"),
 ], ids=["batch", "channels", "short", "steps<0", "steps-float", "params-dict", "seed-float",
-        "seed-str", "seed-list", "encode"])
+        "seed-str", "seed-list", "seed-negative", "seed-2**64", "encode"])
 def test_bad_completion_arguments_are_one_error_naming_them_before_any_encoding(mono, kwargs, error, message):
     """Each was a deep traceback (or, seed="3", silently taken as the per-row seed list [3]);
     now it is refused before the codec runs."""

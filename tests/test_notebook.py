@@ -94,6 +94,7 @@ def test_notebook_with_int8_weights_and_fp8_cache(tmp_path):
     ({"TOKEN_TEMP": 1e6}, "token_temp must be in [0, 5]"),
     ({"TOP_P": 0.0}, "top_p must be in (0, 1]"),
     ({"SECONDS": -1}, "SECONDS must be a finite number > 0, got -1"),
+    ({"SEED": -1}, "seed must be an int in [0, 2**63), got -1"),  # was taken as seed 2**64 - 1, after loading
     ({"SECONDS": 1e9, "VARIANT": "mono", "CKPT_DIR": "MISSING"},  # 1.3e5 GB of audio: it was taken, as NaN was
      "NUM_COMPLETIONS 2 x SECONDS 1e+09 need at least "),
     ({"ADAPTER": "MISSING"}, "no such file: MISSING"),
@@ -105,7 +106,7 @@ def test_notebook_with_int8_weights_and_fp8_cache(tmp_path):
     ({"OUT": "out.mp4"}, "soundfile writes no .mp4 files"),
     ({"DEVICE": "gpu"}, "DEVICE = 'gpu': expected auto, cpu, cuda, cuda:N or mps"),  # was torch's RuntimeError
     ({"DTYPE": "bf16"}, "DTYPE = 'bf16': expected auto, bfloat16, float16, float32"),  # KeyError
-], ids=["missing", "nan", "token-temp", "top-p", "seconds", "seconds-memory", "adapter", "adapter-folder", "codec", "codec-none", "quantize", "kv-dtype", "output", "device",
+], ids=["missing", "nan", "token-temp", "top-p", "seconds", "seed", "seconds-memory", "adapter", "adapter-folder", "codec", "codec-none", "quantize", "kv-dtype", "output", "device",
         "dtype"])
 def test_bad_parameters_stop_before_the_weights_load(tmp_path, monkeypatch, params, message):
     """VARIANT names a checkpoint that does not exist (or an official one, offline, with no files):
