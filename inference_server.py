@@ -1443,7 +1443,7 @@ def load_engine(args):
     import torch
     from model import load_hertz_dev
     from model.live import LiveEngine
-    from model.loading import no_codec_problem, resolve_device, transformer_config_of
+    from model.loading import codec_config_of, no_codec_problem, recorded_codec, resolve_device, transformer_config_of
     try:
         device = str(resolve_device(args.device))
     except ValueError as e:
@@ -1459,6 +1459,12 @@ def load_engine(args):
         meta = read_metadata(args.checkpoint, kind="transformer")
         if problem := no_codec_problem("--checkpoint", args.checkpoint, meta, args.codec):
             raise SystemExit(f"error: {problem}")
+    codec_cfg = codec_config_of(source, args.codec, cfg)  # from its header: the engine streams 2000-sample chunks
+    if codec_cfg is not None and (hop := math.prod(codec_cfg.strides)) != CHUNK:
+        named = args.codec if args.codec != "auto" else recorded_codec(args.checkpoint, meta)  # official: 2000
+        raise SystemExit(f"error: the codec {named} has {hop} samples per latent; the live "
+                         f"server streams chunks of {CHUNK} ({CHUNK * 1000 // SAMPLE_RATE} ms): pass a codec of "
+                         f"{CHUNK} (--codec official)")
     if args.max_len is not None and args.max_len > cfg.seq_len:  # before the weights (and caches) load
         raise SystemExit(f"error: --max-len {args.max_len} is beyond the model's context of {cfg.seq_len} latents")
     # the prompt is prefilled with room for one more latent: its last context - 1 chunks at most

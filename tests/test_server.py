@@ -1300,7 +1300,17 @@ def test_cli_weights_the_live_server_cannot_use_are_errors_before_loading(model,
                             build(HertzDev, dataclasses.replace(PRESETS["tiny"], duplex=False)))
     no_codec = save_transformer(tmp_path / "no-codec.safetensors", model)
     int8 = save_transformer(tmp_path / "int8.safetensors", quantize_model(build(HertzDev, PRESETS["tiny"]), "int8"))
+    # a codec of 1000 samples per latent (found once the weights had loaded, by the engine), and a
+    # checkpoint recording one
+    from config.codec_config import PRESETS as CODEC_PRESETS
+    from model import Codec, save_codec
+    hop1000 = save_codec(tmp_path / "hop1000.safetensors",
+                         build(Codec, dataclasses.replace(CODEC_PRESETS["tiny"], strides=(2, 2, 2, 5, 5, 5))))
+    records = save_transformer(tmp_path / "records.safetensors", model, codec_source=str(hop1000))
     assert_cli_errors(tmp_path, {
+        ("--checkpoint", str(no_codec), "--codec", str(hop1000)):
+            [f"error: the codec {hop1000} has 1000 samples per latent; the live server streams chunks of 2000 (125 ms)"],
+        ("--checkpoint", str(records)): [f"error: the codec {hop1000} has 1000 samples per latent"],
         ("--variant", "mono"): ["error: --variant mono: the live server needs the duplex variant"],
         ("--checkpoint", str(mono)): [f"error: --checkpoint {mono} is a mono model"],
         ("--checkpoint", str(no_codec)): [f"error: --checkpoint {no_codec} records no codec", "--codec official"],
