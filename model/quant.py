@@ -72,26 +72,31 @@ def _compute_dtype(dtype: Optional[torch.dtype]) -> torch.dtype:
 
 # --- the quantization formulas -------------------------------------------------------------------
 
-def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
-    """(N, K) float -> qweight int8 (N, K), scale float32 (N,) with w ~= qweight * scale[:, None].
-    Per output channel, symmetric: scale = max|w_row| / 127."""
+def quantize_int8(w: Tensor, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """(N, K) float -> qweight int8 (N, K), scale (N,) in `dtype` (the model's, as the layer stores
+    it) with w ~= qweight * scale[:, None]. Per output channel, symmetric: scale = max|w_row| / 127,
+    and the weights are rounded against the scale as stored: a scale that rounds to 0 in float16
+    (a row whose weights are all below 7.6e-6) makes a row of zeros, not one of +-127 against a
+    zero scale, which no file could hold (`bad_scales`)."""
     w = w.float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-    return (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
+    scale = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).to(dtype)
+    s = scale.float()[:, None]
+    return torch.where(s > 0, w / s, 0).round().clamp(-127, 127).to(torch.int8), scale
 
 
-def quantize_int4(w: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+def quantize_int4(w: Tensor, group_size: int, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
     """(N, K) float -> qweight uint8 (N, K/2) (two 4-bit values q in [0, 15] a byte, the even
-    column in the high nibble), scales_and_zeros float32 (K/group_size, N, 2), with
+    column in the high nibble), scales_and_zeros (K/group_size, N, 2) in `dtype` (the model's), with
     w ~= (q - 8) * scale + zero in each group (tinygemm's convention): scale = (max - min) / 15,
-    zero = min + 8 * scale."""
+    zero = min + 8 * scale, and q rounded against the scale and zero as stored (their rounding to
+    `dtype` is then part of what q makes up for, not an offset added to every weight)."""
     N, K = w.shape
     wg = w.float().view(N, K // group_size, group_size)
     lo, hi = wg.amin(dim=-1, keepdim=True), wg.amax(dim=-1, keepdim=True)
-    scale = (hi - lo).clamp(min=1e-6) / 15
-    q = ((wg - lo) / scale).round().clamp(0, 15).to(torch.uint8).view(N, K)
-    zero = lo + 8 * scale
-    sz = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous()  # (K/g, N, 2)
+    scale = ((hi - lo).clamp(min=1e-6) / 15).to(dtype).float()  # > 0 in every float dtype (float16: 6e-8)
+    zero = (lo + 8 * scale).to(dtype).float()
+    q = ((wg - zero) / scale + 8).round().clamp(0, 15).to(torch.uint8).view(N, K)
+    sz = torch.cat([scale, zero], dim=-1).transpose(0, 1).to(dtype).contiguous()  # (K/g, N, 2)
     return pack_nibbles(q), sz
 
 
@@ -105,27 +110,28 @@ def unpack_nibbles(packed: Tensor) -> Tensor:
     return torch.stack([packed >> 4, packed & 15], dim=-1).view(packed.shape[0], -1)
 
 
-def quantized_tensors(w: Tensor, spec: str, device=None) -> dict[str, Tensor]:
+def quantized_tensors(w: Tensor, spec: str, device=None, dtype: Optional[torch.dtype] = None) -> dict[str, Tensor]:
     """The state-dict tensors (`qweight`, `scale` or `scales_and_zeros`) of float weight w (N, K)
-    quantized as `spec` ("int8" or "int4/<group size>"), computed on `device` (default: w's).
+    quantized as `spec` ("int8" or "int4/<group size>"), computed on `device` (default: w's), the
+    scales in `dtype` (default: w's; the model's, which the weights are rounded against).
     w may be a memory-mapped CPU tensor and device a GPU: it is read, moved and quantized a few
     rows at a time into the preallocated outputs, so the float scratch stays small whatever the
     layer's size."""
-    device = device or w.device
+    device, dtype = device or w.device, dtype or w.dtype
     kind, group = parse_spec(spec)
     N, K = w.shape
     step = max(1, _CHUNK // K)
     rows = ((r, w[r:r + step].to(device=device, dtype=torch.float32)) for r in range(0, N, step))
     if kind == "int8":
         q = torch.empty(N, K, dtype=torch.int8, device=device)
-        scale = torch.empty(N, dtype=torch.float32, device=device)
+        scale = torch.empty(N, dtype=dtype, device=device)
         for r, chunk in rows:
-            q[r:r + step], scale[r:r + step] = quantize_int8(chunk)
+            q[r:r + step], scale[r:r + step] = quantize_int8(chunk, dtype)
         return {"qweight": q, "scale": scale}
     q = torch.empty(N, K // 2, dtype=torch.uint8, device=device)
-    sz = torch.empty(K // group, N, 2, dtype=torch.float32, device=device)
+    sz = torch.empty(K // group, N, 2, dtype=dtype, device=device)
     for r, chunk in rows:
-        q[r:r + step], sz[:, r:r + step] = quantize_int4(chunk, group)
+        q[r:r + step], sz[:, r:r + step] = quantize_int4(chunk, group, dtype)
     return {"qweight": q, "scales_and_zeros": sz}
 
 
@@ -395,8 +401,7 @@ def apply_plan(module: nn.Module, plan: Mapping[str, str], quantize: bool = True
         layer = make_layer(spec, lin.in_features, lin.out_features, lin.bias is not None, w.device, w.dtype)
         if quantize and not w.is_meta:
             with torch.no_grad():
-                state = {k: v.to(w.dtype) if v.is_floating_point() else v
-                         for k, v in quantized_tensors(w.detach(), spec).items()}
+                state = quantized_tensors(w.detach(), spec)  # the scales in the weights' dtype
                 if lin.bias is not None:
                     state["bias"] = lin.bias.detach().clone()
             layer.load_state_dict(state, strict=True)
@@ -431,16 +436,18 @@ def quantization_of(module: nn.Module) -> Optional[dict]:
     return {"mode": "int4" if any(s.startswith("int4") for s in layers.values()) else "int8", "layers": layers}
 
 
-def quantize_state(state: Mapping[str, Tensor], plan: Mapping[str, str], device) -> dict[str, Tensor]:
+def quantize_state(state: Mapping[str, Tensor], plan: Mapping[str, str], device,
+                   dtype: Optional[torch.dtype] = None) -> dict[str, Tensor]:
     """A float state dict as the state dict of the same module quantized by `plan`: each planned
     layer's `weight` is read (from a memory-mapped file, say), quantized on `device` a few rows at
-    a time and dropped, one layer after another, so no full float copy exists anywhere.
+    a time and dropped, one layer after another, so no full float copy exists anywhere. The scales
+    are in `dtype` (the model's; default: each weight's), which the weights are rounded against.
     Other entries are passed through as they are."""
     out = {}
     for key in list(state.keys()):
         layer, _, leaf = key.rpartition(".")
         if leaf == "weight" and layer in plan:
-            out.update({f"{layer}.{k}": v for k, v in quantized_tensors(state[key], plan[layer], device).items()})
+            out.update({f"{layer}.{k}": v for k, v in quantized_tensors(state[key], plan[layer], device, dtype).items()})
         else:
             out[key] = state[key]
     return out

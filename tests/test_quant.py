@@ -44,16 +44,27 @@ def outputs(m, x, plex):
     return flat(m.lm(x)) + flat(m.resynth(x, plex))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group", [32, 128])
-def test_quantized_weights_within_half_a_step(group):
+def test_quantized_weights_within_half_a_step(group, dtype):
+    """Within half a step of the scales as stored in the model's dtype: the weights are rounded
+    against the rounded scale (and zero point), so the rounding of a bfloat16 scale is not added to
+    every weight of its row (up to 8 steps x 2^-9 of it, and the zero point's own). A float16 row of
+    weights below 7.6e-6, whose int8 scale rounds to 0, is a row of zeros (it was +-127 against a
+    zero scale, which no file may hold)."""
     torch.manual_seed(0)
     w = torch.randn(48, 256) * torch.rand(48, 1)  # rows of different magnitudes
-    q, scale = quantize_int8(w)
-    assert q.dtype == torch.int8 and (w - q.float() * scale[:, None]).abs().le(scale[:, None] / 2 + 1e-6).all()
-    packed, sz = quantize_int4(w, group)
-    assert packed.shape == (48, 128) and sz.shape == (256 // group, 48, 2)
+    w[1] *= 1e-6
+    q, scale = quantize_int8(w, dtype)
+    assert q.dtype == torch.int8 and scale.dtype == dtype
+    s = scale.float()[:, None]
+    assert (w - q.float() * s).abs().le(torch.where(s > 0, s / 2, 127 * 6e-8) + 1e-6).all()
+    if dtype == torch.float16:
+        assert scale[1] == 0 and not q[1].any()
+    packed, sz = quantize_int4(w, group, dtype)
+    assert packed.shape == (48, 128) and sz.shape == (256 // group, 48, 2) and sz.dtype == dtype
     q4 = unpack_nibbles(packed).float().view(48, -1, group)
-    s4, z4 = sz[..., 0].t()[..., None], sz[..., 1].t()[..., None]
+    s4, z4 = sz[..., 0].float().t()[..., None], sz[..., 1].float().t()[..., None]
     err = (w.view(48, -1, group) - ((q4 - 8) * s4 + z4)).abs()
     assert err.le(s4 / 2 + 1e-6).all()
 
@@ -186,8 +197,9 @@ def test_quantized_scales_no_quantization_makes_are_refused_unless_not_verified(
                                                                                  request):
     """Scales that are negative or zero (hash consistent: another tool wrote them) loaded silently
     into a model whose layers' outputs were negated or zero; now a CheckpointError naming the file
-    and the layers, which verify=False skips. A row of zero weights quantized in float16, whose int8
-    scale rounds to 0, still loads."""
+    and the layers, which verify=False skips. Rows of zero or tiny weights quantized in float16,
+    whose int8 scale rounds to 0, save as zeros and load (a tiny row was refused: its integers were
+    not zero)."""
     from test_checkpoint import rewritten
 
     def edited(state):
@@ -207,8 +219,9 @@ def test_quantized_scales_no_quantization_makes_are_refused_unless_not_verified(
     model = float_model().half()
     with torch.no_grad():
         model.lm.layers[0].attn.attn.proj_qkv.weight[0] = 0
+        model.lm.layers[0].attn.attn.proj_qkv.weight[1] *= 1e-6  # its scale rounds to 0 in float16 too
     zero_row = save_transformer(tmp_path / "zero-row.safetensors", quantize_model(model, "int8"))
-    assert load_hertz_dev(zero_row, codec=None).lm.layers[0].attn.attn.proj_qkv.scale[0] == 0
+    assert load_hertz_dev(zero_row, codec=None, dtype="float16").lm.layers[0].attn.attn.proj_qkv.scale[:2].eq(0).all()
 
 
 def official_files(tmp_path, monkeypatch, model):
