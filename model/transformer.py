@@ -134,11 +134,21 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
 
 
+# The torch dtypes a cache may be given as: float8 e4m3 (as "fp8"), or a float dtype the attention
+# reads as it is. Any other (int8, bool, float8 e5m2, whose writes are not saturated) made a cache
+# that rounded every key and value into its type: completions of noise, without an error.
+KV_TORCH_DTYPES = (FP8, torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
 def kv_dtype_of(name: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
-    """A cache dtype from a name of `KV_DTYPES`, a dtype, or None (None: the weights' dtype)."""
-    if name is None or isinstance(name, torch.dtype):
+    """A cache dtype from a name of `KV_DTYPES`, a dtype of KV_TORCH_DTYPES, or None (None: the
+    weights' dtype); a ValueError naming `kv_dtype` otherwise."""
+    if name is None or name in KV_TORCH_DTYPES:
         return name
-    if name not in KV_DTYPES:
+    if isinstance(name, torch.dtype):
+        raise ValueError(f"kv_dtype {name} is not a dtype a KV cache can hold: use one of {', '.join(KV_DTYPES)} "
+                         f"(or {', '.join(str(d) for d in KV_TORCH_DTYPES)})")
+    if not isinstance(name, str) or name not in KV_DTYPES:
         raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, not {name!r}")
     return KV_DTYPES[name]
 

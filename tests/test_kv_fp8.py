@@ -80,9 +80,17 @@ def test_fp8_cache_takes_half_the_bytes_of_bf16():
 
 
 def test_kv_dtype_names():
+    """Names, and the torch dtypes a cache can hold. int8, bool or float8 e5m2 (unsaturated) made a
+    cache that rounded every key and value into its type, and Generator / LiveEngine generated
+    from it without an error; now a ValueError naming kv_dtype, before any cache is made."""
     assert kv_dtype_of("auto") is None and kv_dtype_of(None) is None and kv_dtype_of("fp8") == FP8
+    assert kv_dtype_of(FP8) == FP8 and kv_dtype_of(torch.bfloat16) == torch.bfloat16
     with pytest.raises(ValueError, match="kv_dtype must be one of auto, fp8"):
         kv_dtype_of("int8")
+    m = model(False)
+    for dtype in (torch.int8, torch.bool, torch.float8_e5m2):
+        with pytest.raises(ValueError, match=f"kv_dtype {dtype} is not a dtype a KV cache can hold"):
+            Generator(m, batch_size=1, max_len=16, kv_dtype=dtype)
 
 
 @torch.no_grad()
