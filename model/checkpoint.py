@@ -244,7 +244,25 @@ def read_metadata(path: str | os.PathLike, kind: Optional[str] = None) -> dict:
     meta = _header(path)
     return {"kind": meta["kind"], "config_class": meta.get("config_class"),
             "config": header_json(path, meta, "config"), "extra": header_json(path, meta, "extra", {}),
-            "hash": meta.get(HASH_KEY), "quantization": header_json(path, meta, "quantization", None)}
+            "hash": meta.get(HASH_KEY), "quantization": _quantization(path, meta)}
+
+
+def _quantization(path: Path, meta: dict) -> Optional[dict]:
+    """The quantization the header `meta` of `path` records (None: float weights), checked: a known
+    mode with a dict of layers, the mode being that of its layers (`model.quant.mode_of`: what
+    quantize= and init_from are checked against). A CheckpointError naming the file otherwise."""
+    from .quant import MODES, mode_of
+
+    recorded = header_json(path, meta, "quantization", None)
+    if recorded is None:
+        return None
+    if recorded.get("mode") not in MODES or not isinstance(recorded.get("layers"), dict):
+        raise CheckpointError(f"{path}: its header records an unknown quantization {recorded.get('mode')!r} "
+                              f"(expected one of {', '.join(MODES)} with its layers); re-export it")
+    if recorded["mode"] != (layers := mode_of(recorded["layers"])):
+        raise CheckpointError(f"{path}: its header records {recorded['mode']} quantization, but "
+                              + (f"its layers are {layers}" if layers else "no quantized layer") + "; re-export it")
+    return recorded
 
 
 _REQUIRED = object()

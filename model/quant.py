@@ -152,7 +152,7 @@ def dequantize_int4(qweight: Tensor, scales_and_zeros: Tensor, group_size: int,
 
 def parse_spec(spec: str) -> tuple[str, int]:
     """"int8" -> ("int8", 0); "int4/128" -> ("int4", 128)."""
-    kind, _, group = spec.partition("/")
+    kind, _, group = spec.partition("/") if isinstance(spec, str) else (None, "", "")
     if kind == "int8" and not group:
         return kind, 0
     if kind == "int4" and group.isdigit() and int(group) in GROUP_SIZES:
@@ -431,9 +431,15 @@ def quantization_of(module: nn.Module) -> Optional[dict]:
     """What a checkpoint records: {"mode": "int8" | "int4", "layers": {path: spec}}, or None for a
     float module."""
     layers = {name: spec_of(m) for name, m in module.named_modules() if isinstance(m, QUANTIZED)}
+    return {"mode": mode_of(layers), "layers": layers} if layers else None
+
+
+def mode_of(layers: Mapping[str, str]) -> Optional[str]:
+    """The mode a checkpoint records for its quantized `layers` ({path: spec}): "int4" if any is
+    int4, "int8" if all are int8, None for none."""
     if not layers:
         return None
-    return {"mode": "int4" if any(s.startswith("int4") for s in layers.values()) else "int8", "layers": layers}
+    return "int4" if any(str(s).startswith("int4") for s in layers.values()) else "int8"
 
 
 def quantize_state(state: Mapping[str, Tensor], plan: Mapping[str, str], device,

@@ -301,12 +301,19 @@ def edited(key, value):
      "the quantization its header records does not fit its model: unknown layer quantization 'int3'"),
     ("quantization", '{"mode": "int8", "layers": {"lm.nowhere": "int8"}}',
      "the quantization its header records does not fit its model"),
-], ids=["config-json", "config-missing", "config-type", "extra-list", "mode", "layer-spec", "layer-path"])
+    ("quantization", '{"mode": "int8", "layers": {"lm.input": 8}}',
+     "the quantization its header records does not fit its model: unknown layer quantization 8"),
+    ("quantization", '{"mode": "int4", "layers": {"lm.input": "int8"}}',
+     "its header records int4 quantization, but its layers are int8; re-export it"),
+    ("quantization", '{"mode": "int8", "layers": {}}', "its header records int8 quantization, but no quantized layer"),
+], ids=["config-json", "config-missing", "config-type", "extra-list", "mode", "layer-spec", "layer-path",
+        "layer-spec-not-text", "mode-of-other-layers", "mode-without-layers"])
 def test_a_damaged_header_is_one_error_naming_the_file_and_field(tmp_path, monkeypatch, key, value, message):
     """Header fields that are not JSON, missing, of the wrong type, or a quantization this code does
     not know: a CheckpointError naming the file and the field, before any weights are read. They
     were a JSONDecodeError, KeyError, AttributeError or ConfigError naming no file, or (an unknown
-    mode) silently ignored."""
+    mode) silently ignored. A mode that is not its layers' (int8 recorded over int4 layers, or over
+    none) loaded as such: quantize= and init_from were checked against it."""
     good = save_transformer(tmp_path / "good.safetensors", build(HertzDev, TRANSFORMER_PRESETS["tiny"]))
     path = rewritten(good, tmp_path / "bad.safetensors", edited(key, value))
     monkeypatch.setattr("model.loading.read_weights", lambda *a, **k: pytest.fail("weights read"))
