@@ -376,7 +376,7 @@ def describe(model: HertzDev, cfg: TransformerConfig, trained: tuple[str, ...], 
     if cfg.finetune == "lora":
         text += (f"\nfinetune=lora: {sum(p.numel() for p in params) / 1e6:.2f}M adapter parameters "
                  f"(rank {cfg.lora_rank}, {cfg.lora_targets}) on the frozen base {base['base_source']}"
-                 + (f" in {cfg.base_quantize}" if cfg.base_quantize else ""))
+                 + (f" in {mode}" if (mode := finetune.base_quantization(cfg)) else ""))
     return text
 
 
@@ -611,6 +611,9 @@ def check_init_from(cfg: TransformerConfig) -> None:
         if mode and cfg.eval_quantize not in ("none", mode):
             raise ConfigError(f"init_from={source} holds {mode} weights: eval_quantize={cfg.eval_quantize} "
                               "would evaluate them as they are; drop eval_quantize, or init from the float checkpoint")
+        if mode and cfg.base_quantize not in (None, mode):  # its layers cannot be requantized (model/quant.py)
+            raise ConfigError(f"init_from={source} holds {mode} weights: base_quantize={cfg.base_quantize} cannot "
+                              "requantize them; drop base_quantize, or init from the float checkpoint")
     else:
         raise ConfigError(f"init_from={source!r} is neither official, a variant ({', '.join(hub.VARIANTS)}) "
                           "nor an existing .safetensors file")

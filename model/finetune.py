@@ -58,6 +58,9 @@ def check_config(cfg: TransformerConfig, world_size: int) -> None:
     if not cfg.init_from:
         raise ConfigError("finetune=lora adapts a trained base: pass init_from=official (or a variant, or the "
                           "path of one of our .safetensors)")
+    if cfg.base_quantize and cfg.eval_quantize not in ("none", cfg.base_quantize):
+        raise ConfigError(f"base_quantize={cfg.base_quantize} and eval_quantize={cfg.eval_quantize}: the base is "
+                          "quantized once, before its adapters; pass one of them")
     if cfg.stage == "quantizer":
         raise ConfigError("finetune=lora adapts the LM and/or the resynthesizer, the quantizer stays frozen: "
                           "use stage=lm, stage=resynthesizer or stage=all")
@@ -97,17 +100,24 @@ def check_resume(state: dict, base: dict, path) -> None:
                              "or resume=false.")
 
 
+def base_quantization(cfg: TransformerConfig) -> Optional[str]:
+    """How a LoRA run's base is quantized before it is adapted: `base_quantize`, or with eval_only
+    `eval_quantize` (adapted layers can no longer be quantized: they stayed float, and eval_quantize
+    reported the float adapted layers as quantized)."""
+    return cfg.base_quantize or (cfg.eval_quantize if cfg.eval_only and cfg.eval_quantize != "none" else None)
+
+
 def setup(model: nn.Module, cfg: TransformerConfig, compute_dtype: torch.dtype) -> LoRAConfig:
-    """Cast the LM and resynthesizer to `compute_dtype`, quantize them (`base_quantize`) and adapt
-    the stage's parts, in place and before the model moves to its device; returns the adapters'
-    config. Afterwards the trainable parameters of `model` are exactly the float32 adapters."""
+    """Cast the LM and resynthesizer to `compute_dtype`, quantize them (`base_quantization`) and
+    adapt the stage's parts, in place and before the model moves to its device; returns the
+    adapters' config. Afterwards the trainable parameters of `model` are exactly the float32 adapters."""
     config = lora_config(cfg)
     for part in ("lm", "resynth"):
         getattr(model, part).to(compute_dtype)
-    if cfg.base_quantize:
+    if mode := base_quantization(cfg):
         from .quant import quantize_model
         for part in ("lm", "resynth"):
-            quantize_model(getattr(model, part), cfg.base_quantize, pack=False)  # the adapters need a backward
+            quantize_model(getattr(model, part), mode, pack=False)  # the adapters need a backward
     apply_lora(model, **dataclasses.asdict(config))
     return config
 

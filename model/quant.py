@@ -361,8 +361,15 @@ def spec_of(layer: nn.Module) -> str:
 def quantization_plan(module: nn.Module, mode: str, group_size: int = 128) -> dict[str, str]:
     """Which `nn.Linear` of `module` becomes what: {module path: "int8" | "int4/<group size>"}.
     int8 mode: every Linear. int4 mode: int4 where the kernel takes the shape (`int4_fits`),
-    int8 otherwise and everywhere inside a `LatentQuantizer`. Linears of a `Codec` stay float."""
+    int8 otherwise and everywhere inside a `LatentQuantizer`. Linears of a `Codec` stay float.
+
+    Layers already quantized as this plan would quantize them are left as they are (absent from the
+    plan); a ValueError names a layer quantized otherwise (another mode or group size: it would stay
+    so, requantizing is not supported) and a float layer carrying LoRA adapters (it would stay
+    float: quantize the base first, then adapt it, as `load_hertz_dev(quantize=, adapter=)` does)."""
+    from .checkpoint import listed
     from .codec import Codec
+    from .lora import LoRALinear
     from .quantizer import LatentQuantizer
 
     if mode not in MODES:
@@ -375,12 +382,27 @@ def quantization_plan(module: nn.Module, mode: str, group_size: int = 128) -> di
             skip.update(map(id, m.modules()))
         elif isinstance(m, LatentQuantizer):
             int8_only.update(map(id, m.modules()))
-    plan = {}
+    plan, other, adapted = {}, [], []
     for name, m in module.named_modules():
-        if type(m) is not nn.Linear or id(m) in skip:
+        if not isinstance(m, (nn.Linear, *QUANTIZED)) or id(m) in skip:
             continue
         int4 = mode == "int4" and id(m) not in int8_only and int4_fits(m.in_features, m.out_features, group_size)
-        plan[name] = f"int4/{group_size}" if int4 else "int8"
+        spec = f"int4/{group_size}" if int4 else "int8"
+        if isinstance(m, QUANTIZED):
+            if spec_of(m) != spec:
+                other.append(f"{name} ({spec_of(m)}, not {spec})")
+        elif isinstance(m, LoRALinear):
+            adapted.append(name)
+        elif type(m) is nn.Linear:
+            plan[name] = spec
+    if other:
+        raise ValueError(f"cannot quantize as {mode}" + (f" in groups of {group_size}" if mode == "int4" else "")
+                         + f": {len(other)} layers are already quantized otherwise ({listed(other)}); requantizing "
+                         "quantized weights is not supported: quantize the float model")
+    if adapted:
+        raise ValueError(f"cannot quantize {len(adapted)} layers that carry LoRA adapters ({listed(adapted)}): they "
+                         "would stay float; quantize the base before adapting it (load_hertz_dev(..., quantize=, "
+                         "adapter=))")
     return plan
 
 

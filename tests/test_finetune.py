@@ -120,6 +120,34 @@ def test_lora_on_an_int8_base_runs(setup, base):
     assert (run_dir / "latest.adapter.safetensors").is_file()
 
 
+def test_eval_quantize_of_a_lora_run_quantizes_the_base_under_its_adapters(setup, base):
+    """eval_only=true eval_quantize=int8 on a LoRA run evaluated its adapted layers (every attention
+    and SwiGLU projection) in float, the rest in int8, reported as int8: quantize_model skipped
+    layers that carry adapters. The base is now quantized before it is adapted, as base_quantize
+    does: the same metrics as base_quantize=int8 eval_quantize=int8."""
+    run_dir, _, evals = lora_run(setup, base)
+    log, quantized = train(base_args(setup, run_dir, init_from=base, eval_only=True, eval_quantize="int8", **LORA))
+    assert "in int8" in log
+    _, both = train(base_args(setup, run_dir, init_from=base, eval_only=True, eval_quantize="int8",
+                              base_quantize="int8", **LORA))
+    val = lambda rows: {k: v for k, v in rows[2].items() if k.startswith("val/")}  # noqa: E731
+    assert val(quantized) == val(both) != {k: round(v, 5) for k, v in val(evals).items()}
+
+
+def test_a_quantized_init_from_is_not_requantized_by_base_quantize(setup, tmp_path):
+    """init_from an int4 checkpoint with base_quantize=int8 trained on the int4 base, logged as int8
+    (its layers were skipped); now one error line, before any latent is encoded."""
+    from model.quant import quantize_model
+    arch = {"lm_dim": 128, "resynth_dim": 128, "resynth_ff_dim": 256}  # widths int4 takes
+    int4 = save_transformer(tmp_path / "int4.safetensors",
+                            quantize_model(build(HertzDev, dataclasses.replace(PRESETS["tiny"], **arch)), "int4"),
+                            codec_source=str(setup["codec"]))
+    args = base_args(setup, tmp_path / "run", latents_dir=tmp_path / "latents", init_from=int4, base_quantize="int8",
+                     **LORA, **arch)
+    assert f"init_from={int4} holds int4 weights: base_quantize=int8 cannot requantize them" in fails(args)
+    assert not (tmp_path / "latents").exists()
+
+
 @pytest.mark.parametrize("mistake, message", [
     ({"finetune": "lora"}, "finetune=lora adapts a trained base: pass init_from=official"),
     ({"finetune": "lora", "init_from": "BASE", "stage": "quantizer"}, "the quantizer stays frozen"),
@@ -131,7 +159,10 @@ def test_lora_on_an_int8_base_runs(setup, base):
     # finetune=lora forgotten: every weight of the stage trained (and exported whole), silently
     ({"init_from": "BASE", "lora_rank": 8, "lora_targets": "all"},
      "lora_rank=8, lora_targets='all' with finetune=full: LoRA settings, which a full fine-tune ignores"),
-], ids=["no-init-from", "quantizer-stage", "quantize-without-lora", "rank", "scale", "lora-fields-without-lora"])
+    ({"finetune": "lora", "init_from": "BASE", "eval_only": True, "base_quantize": "int8", "eval_quantize": "int4"},
+     "base_quantize=int8 and eval_quantize=int4: the base is quantized once, before its adapters"),
+], ids=["no-init-from", "quantizer-stage", "quantize-without-lora", "rank", "scale", "lora-fields-without-lora",
+        "base-and-eval-quantize"])
 def test_lora_config_errors_are_one_line(setup, base, tmp_path, mistake, message):
     args = base_args(setup, tmp_path / "run", latents_dir=tmp_path / "latents",
                      **{k: (base if v == "BASE" else v) for k, v in mistake.items()})

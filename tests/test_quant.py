@@ -85,6 +85,32 @@ def test_plan_int4_falls_back_to_int8_where_the_kernel_does_not_fit():
         quantization_plan(m, "int3")
 
 
+@torch.no_grad()
+def test_quantize_model_refuses_what_it_would_leave_unquantized():
+    """Layers it cannot quantize as asked: already quantized otherwise (int8 asked int4, int4 in
+    groups of 64 asked 128) and float layers carrying LoRA adapters were skipped without a word
+    (the model stayed int8, groups of 64, float under the adapters); now a ValueError naming them.
+    Quantized as asked is no change (an int8 checkpoint evaluated with eval_quantize=int8), and so
+    is an adapted quantized base (QLoRA)."""
+    from model.lora import apply_lora
+    int8 = quantize_model(float_model(), "int8")
+    with pytest.raises(ValueError, match=r"cannot quantize as int4 in groups of 128: \d+ layers are already "
+                                         r"quantized otherwise \(lm\.layers\.0\.attn\.attn\.proj_qkv \(int8, not int4/128\)"):
+        quantize_model(int8, "int4")
+    with pytest.raises(ValueError, match=r"\(int4/64, not int4/128\)"):
+        quantize_model(quantize_model(float_model(), "int4", group_size=64), "int4")
+    before = copy.deepcopy(int8.state_dict())
+    quantize_model(int8, "int8")
+    after = int8.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    adapted = float_model()
+    apply_lora(adapted, rank=4, alpha=8.0)
+    with pytest.raises(ValueError, match=r"cannot quantize 16 layers that carry LoRA adapters \(lm\.layers\.0\.attn"):
+        quantize_model(adapted, "int8")
+    apply_lora(int8, rank=4, alpha=8.0)
+    assert quantization_of(quantize_model(int8, "int8")) == quantization_of(quantize_model(float_model(), "int8"))
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 @torch.no_grad()
 def test_quantized_forward_close_to_float(mode, one_thread):
