@@ -43,7 +43,7 @@ from model.hub import VARIANTS
 from model.lora import read_adapter
 from model.loading import (DTYPES, LOAD_ERRORS, codec_config_of, no_codec_problem, resolve_device, resolve_dtype,
                            transformer_config_of)
-from model.quant import MODES
+from model.quant import MODES, quantization_of
 from model.transformer import KV_DTYPES
 
 
@@ -145,9 +145,10 @@ def main(argv=None) -> int:
         return 2
     cfg = model.config
     hop = model.codec.hop_length
+    mode = (quantization_of(model) or {}).get("mode")  # the weights' own: a checkpoint saved quantized, without --quantize
     print(f"loaded {args.variant} ({'duplex' if cfg.duplex else 'mono'})"
           f"{f' with adapter {args.adapter}' if args.adapter else ''} on {device} in {dtype}"
-          f"{f' ({args.quantize} weights)' if args.quantize else ''} "
+          f"{f' ({mode} weights)' if mode else ''} "
           f"in {time.time() - t0:.1f} s", file=sys.stderr)
     try:
         with warnings.catch_warnings(record=True) as caught:

@@ -1473,11 +1473,12 @@ def load_engine(args):
     model = load_hertz_dev(source, device=device, dtype=dtype, ckpt_dir=args.ckpt_dir, offline=args.offline or None,
                            codec=args.codec, adapter=args.adapter, verify=not args.no_verify,
                            quantize=args.quantize)
-    log.info("loaded %s on %s in %.1f s%s", source, device, time.monotonic() - t0,
-             f", adapter {args.adapter} applied" if args.adapter else "")
+    from model.quant import TINYGEMM_MAX_ROWS, quantization_of
+    mode = (quantization_of(model) or {}).get("mode")  # the weights' own: a checkpoint saved quantized, without --quantize
+    log.info("loaded %s on %s in %.1f s%s%s", source, device, time.monotonic() - t0,
+             f", {mode} weights" if mode else "", f", adapter {args.adapter} applied" if args.adapter else "")
     max_sessions = int(args.max_sessions) if args.max_sessions != "auto" else 8 if device.startswith("cuda") else 1
-    from model.quant import TINYGEMM_MAX_ROWS
-    if args.quantize == "int4" and device.startswith("cuda") and 2 * max_sessions > TINYGEMM_MAX_ROWS:
+    if mode == "int4" and device.startswith("cuda") and 2 * max_sessions > TINYGEMM_MAX_ROWS:
         log.warning("int4 runs tinygemm up to %d rows a step; %d sessions give the resynthesizer %d rows, whose "
                     "int4 layers then unpack their weights at every step (slow): use --quantize int8 for many "
                     "sessions", TINYGEMM_MAX_ROWS, max_sessions, 2 * max_sessions)

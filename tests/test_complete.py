@@ -313,7 +313,8 @@ def test_an_ogg_or_mp3_output_is_written_in_its_own_encoding(ckpts, tmp_path, ex
 @pytest.mark.slow
 def test_quantized_completion_with_fp8_cache(ckpts, tmp_path):
     """--quantize int8 with --kv-dtype fp8 end to end; int4 on a checkpoint saved int8 is refused
-    in one line (a quantized checkpoint is not requantized)."""
+    in one line (a quantized checkpoint is not requantized); that checkpoint without --quantize runs,
+    its line 'loaded ...' naming its weights' quantization."""
     out = tmp_path / "q.wav"
     r = run(ckpts["stereo"], out, "--variant", ckpts["duplex"], "--seconds", 0.5, "--quantize", "int8",
             "--kv-dtype", "fp8")
@@ -329,6 +330,9 @@ def test_quantized_completion_with_fp8_cache(ckpts, tmp_path):
     errors = [line for line in r.stderr.splitlines() if "error: " in line]
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(errors) == 1, r.stderr
     assert "holds int8 weights" in errors[0]
+    # saved quantized, loaded without --quantize: int8 weights, and said so (it said nothing: float, by the look)
+    r = run(ckpts["stereo"], out, "--variant", saved, "--seconds", 0.5)
+    assert r.returncode == 0 and f"loaded {saved} (duplex) on cpu in torch.float32 (int8 weights) in " in r.stderr, r.stderr
 
 
 def make_adapter(base: str, path: Path, seed: int = 0) -> str:

@@ -1605,8 +1605,9 @@ def test_cli_adapter_end_to_end_and_a_wrong_base_refused(model, tmp_path):
 
 def test_cli_server_with_int8_weights_and_fp8_cache_answers_with_audio(model, tmp_path):
     """`inference_server.py --quantize int8 --kv-dtype fp8` on a tiny checkpoint: a real websocket
-    client streams two chunks and gets two chunks of audio back; bad values of either flag are one
-    `error:` line before anything loads."""
+    client streams two chunks and gets two chunks of audio back, the log's line 'loaded' names the
+    weights' quantization (as the server reads it from the model: also a checkpoint saved quantized,
+    which needs no --quantize); bad values of either flag are one `error:` line before anything loads."""
     from live_server import save_tiny
     for flags, want in ((["--quantize", "int3"], "argument --quantize: invalid choice: 'int3'"),
                         (["--kv-dtype", "fp4"], "argument --kv-dtype: invalid choice: 'fp4'")):
@@ -1615,10 +1616,11 @@ def test_cli_server_with_int8_weights_and_fp8_cache_answers_with_audio(model, tm
         assert r.returncode == 2 and len(errors) == 1 and want in errors[0], r.stderr
     checkpoint = save_tiny(model, tmp_path / "ckpt")
     with cli_server(tmp_path, "--checkpoint", str(checkpoint), "--device", "cpu", "--quantize", "int8",
-                    "--kv-dtype", "fp8") as (port, _):
+                    "--kv-dtype", "fp8") as (port, log):
         async def talk():
             async with connect(f"ws://127.0.0.1:{port}/audio") as ws:
                 return await stream(ws, CHUNKS[:2])
         replies = [m for m in asyncio.run(asyncio.wait_for(talk(), 60)) if isinstance(m, bytes)]
     assert len(replies) == 2 and all(len(r) == len(CHUNKS[0]) for r in replies)
     assert any(np.frombuffer(r, "<i2").any() for r in replies)
+    assert f"loaded {checkpoint} on cpu in " in log.read_text() and ", int8 weights" in log.read_text()
