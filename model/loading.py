@@ -338,7 +338,7 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
         cfg = config_from(TransformerConfig, meta["config"], source)
         recorded = meta["quantization"]  # a known mode, that of its layers (read_metadata)
         if recorded and quantize not in (None, recorded["mode"]):
-            raise CheckpointError(f"{source} holds {recorded['mode']} weights: load it without quantize= "
+            raise CheckpointError(f"{source} holds {recorded['mode']} weights: load it without quantize= (--quantize) "
                                   f"(requantizing quantized weights is not supported)")
         if recorded and merge:  # merge_lora refuses quantized layers: found now, not after the weights load
             raise ValueError(f"merge=True folds the adapter into float weights, and {source} holds {recorded['mode']} "

@@ -1315,7 +1315,7 @@ def test_cli_weights_the_live_server_cannot_use_are_errors_before_loading(model,
         ("--checkpoint", str(mono)): [f"error: --checkpoint {mono} is a mono model"],
         ("--checkpoint", str(no_codec)): [f"error: --checkpoint {no_codec} records no codec", "--codec official"],
         ("--checkpoint", str(int8), "--codec", "official", "--quantize", "int4"):
-            [f"error: {int8} holds int8 weights: load it without quantize="]})
+            [f"error: {int8} holds int8 weights: load it without quantize= (--quantize)"]})
 
 
 @pytest.mark.parametrize("package", ["fastapi", "uvicorn", "websockets"])
