@@ -36,7 +36,8 @@ import torch
 
 from config import ArgumentParser
 from model import SamplingParams, load_hertz_dev
-from model.audio import AudioError, check_output, check_prompt, file_problem, load_prompt, save_audio
+from model.audio import (AudioError, check_output, check_prompt, completion_paths, file_problem, load_prompt,
+                         save_audio)
 from model.checkpoint import read_metadata
 from model.generator import Generator, completion_problem, completion_steps, row_seeds
 from model.hub import VARIANTS
@@ -130,7 +131,8 @@ def main(argv=None) -> int:
         return 2
     try:  # before the weights: loading them can take minutes (or a 34 GB download)
         check_prompt(args.prompt, cfg.sample_rate, hop, max_frames=cfg.seq_len)  # the part of it that is used
-        check_output(args.out)
+        for path in completion_paths(args.out, args.num):  # not a pipe, nor the prompt it would replace
+            check_output(path, keep={"the prompt": args.prompt})
     except AudioError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -172,9 +174,7 @@ def main(argv=None) -> int:
     elapsed = time.time() - t0
     if args.continuation_only:
         out = out[..., frames * hop:]
-    root, ext = os.path.splitext(args.out)
-    paths = [args.out] if args.num == 1 else [f"{root}-{i}{ext or '.wav'}" for i in range(args.num)]
-    for path, wav in zip(paths, out.cpu()):
+    for path, wav in zip(completion_paths(args.out, args.num), out.cpu()):
         save_audio(path, wav.clamp(-1, 1), cfg.sample_rate)
         print(f"wrote {path} ({wav.shape[0]} channel{'s' if wav.shape[0] > 1 else ''}, "
               f"{wav.shape[1] / cfg.sample_rate:.2f} s)", file=sys.stderr)

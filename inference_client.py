@@ -30,7 +30,6 @@ import math
 import os
 import queue
 import signal
-import stat
 import sys
 import time
 import urllib.parse
@@ -668,21 +667,14 @@ def parse_args(argv=None):
         raise SystemExit(f"error: {redact_tokens(str(e))}")
     args.audio = None
     if args.input_wav:  # read here, before connecting
-        from model.audio import AudioError, check_output_folder
+        from model.audio import AudioError, check_output_folder, check_output_target
         try:
             args.audio = read_audio(args.input_wav)
-            check_output_folder(args.output_wav)  # and where the conversation goes (a WAV, whatever its name)
+            # where the conversation goes (a WAV, whatever its name): not a folder, a pipe or the input
+            check_output_target(args.output_wav, keep={"the --input-wav file": args.input_wav})
+            check_output_folder(args.output_wav)
         except AudioError as e:
             raise SystemExit(f"error: {e}")
-        if os.path.isdir(args.output_wav):
-            raise SystemExit(f"error: cannot write {args.output_wav}: it is a folder")
-        if os.path.exists(args.output_wav) and stat.S_ISFIFO(os.stat(args.output_wav).st_mode):
-            # a named pipe: opening it waits for a reader, and then no WAV can be written into it
-            raise SystemExit(f"error: cannot write {args.output_wav}: it is a pipe, and a WAV is written with seeks "
-                             "(its header last); name a file")
-        if os.path.exists(args.output_wav) and os.path.samefile(args.input_wav, args.output_wav):
-            raise SystemExit(f"error: --output-wav {args.output_wav} is the --input-wav file: the conversation "
-                             "would replace it; name another file")
     if not args.stats_every >= 0:  # also refuses NaN
         raise SystemExit(f"error: --stats-every must be >= 0 seconds, got {args.stats_every}")
     if args.window < 1:  # no chunk could ever be sent

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import warnings
-from typing import Optional
+from typing import Mapping, Optional
 
 import numpy as np
 
@@ -285,17 +286,42 @@ def _subtype_for(fmt: str, subtype: str) -> Optional[str]:
     return subtype if sf.check_format(fmt, subtype) else sf.default_subtype(fmt)
 
 
-def check_output(path: str) -> None:
+def check_output(path: str, keep: Optional[Mapping[str, str]] = None) -> None:
     """Raise AudioError when `save_audio` could not write `path`: no name, a folder, an extension
-    naming a format soundfile does not write, or a folder that cannot be made; scripts call it
-    before slow work (the folder is made here)."""
+    naming a format soundfile does not write, what `check_output_target` refuses (`keep`), or a
+    folder that cannot be made; scripts call it before slow work (the folder is made here)."""
     if not os.path.basename(path) or os.path.isdir(path):
         raise AudioError(f"cannot write {path!r}: {'it names a folder' if path else 'no file name given'}; "
                          "name an audio file (out.wav, for example)")
     ext = os.path.splitext(path)[1].lower() or ".wav"
     if _subtype_for(ext[1:].upper(), "PCM_16") is None:
         raise AudioError(f"cannot write {path}: soundfile writes no {ext} files (.wav, .flac or .ogg, for example)")
+    check_output_target(path, keep)
     check_output_folder(path)
+
+
+def completion_paths(out: str, num: int) -> list[str]:
+    """The files `num` completions are written to (complete.py, the notebook): `out` itself for
+    one; OUT-0.wav, OUT-1.wav, ... for several."""
+    root, ext = os.path.splitext(out)
+    return [out] if num == 1 else [f"{root}-{i}{ext or '.wav'}" for i in range(num)]
+
+
+def check_output_target(path: str, keep: Optional[Mapping[str, str]] = None) -> None:
+    """Raise AudioError when `path` is already something an audio file must not be written to: a
+    folder, a named pipe (opening it waits for a reader, and soundfile seeks back to write a WAV's
+    header), or one of the files of `keep` {what it is: its path}, an input the output would
+    replace (by another name or a link too). A device (/dev/null) is written into."""
+    if not os.path.exists(path):
+        return
+    if os.path.isdir(path):
+        raise AudioError(f"cannot write {path}: it is a folder")
+    if stat.S_ISFIFO(os.stat(path).st_mode):
+        raise AudioError(f"cannot write {path}: it is a pipe, and a WAV is written with seeks (its header last); "
+                         "name a file")
+    for what, other in (keep or {}).items():
+        if other and os.path.exists(other) and os.path.samefile(path, other):
+            raise AudioError(f"cannot write {path}: it is {what}, which the output would replace; name another file")
 
 
 def check_output_folder(path: str) -> None:

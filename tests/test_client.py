@@ -639,8 +639,8 @@ def test_an_output_that_cannot_be_written_is_one_error_line_before_connecting(tm
     for out in (tmp_path / "in.wav", tmp_path / "." / "link.wav"):
         r = run_client("--server", "ws://127.0.0.1:9", "--input-wav", tmp_path / "in.wav", "--output-wav", out,
                        timeout=30)
-        assert r.returncode != 0 and r.stderr == (f"error: --output-wav {out} is the --input-wav file: the "
-                                                  "conversation would replace it; name another file\n"), r.stderr
+        assert r.returncode != 0 and r.stderr == (f"error: cannot write {out}: it is the --input-wav file, which "
+                                                  "the output would replace; name another file\n"), r.stderr
     assert (tmp_path / "in.wav").read_bytes() == before
 
 

@@ -241,6 +241,31 @@ def test_prompt_and_arguments_are_checked_before_any_weights(tmp_path, prompt, f
     assert not out.exists() and not list(tmp_path.glob("*out*"))
 
 
+def test_an_out_that_is_the_prompt_or_a_pipe_is_refused_before_any_weights(tmp_path, capsys):
+    """`complete.py take.wav take.wav` replaced the prompt with its completion (by a link, or as
+    one of --num's files, too), and a named pipe as --out was found only after generating: the
+    write waited for a reader, and soundfile cannot write a WAV into a pipe. Each is one `error:`
+    line before the weights load (none are there: offline, an empty folder)."""
+    import complete
+    sr = 16000
+    prompt = tmp_path / "take-1.wav"
+    sf.write(prompt, 0.3 * np.sin(2 * np.pi * 220 * np.arange(sr) / sr), sr)
+    before = prompt.read_bytes()
+    (tmp_path / "link.wav").symlink_to(prompt)
+    os.mkfifo(tmp_path / "pipe.wav")
+    cases = {(str(prompt),): f"cannot write {prompt}: it is the prompt, which the output would replace",
+             (str(tmp_path / "link.wav"),): f"cannot write {tmp_path / 'link.wav'}: it is the prompt",
+             (str(tmp_path / "take.wav"), "--num", "2"): f"cannot write {prompt}: it is the prompt",
+             (str(tmp_path / "pipe.wav"),): f"cannot write {tmp_path / 'pipe.wav'}: it is a pipe"}
+    for (out, *flags), message in cases.items():
+        assert complete.main([str(prompt), out, "--variant", "duplex", "--offline", "--ckpt-dir",
+                              str(tmp_path / "ckpt"), "--device", "cpu", *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert prompt.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.wav", "pipe.wav", "take-1.wav"]
+
+
 @pytest.mark.parametrize("rate, channels", [(16000, 1), (44100, 2), (22050, 1)])
 def test_a_long_prompt_is_read_only_for_the_context_it_keeps(tmp_path, rate, channels):
     """A prompt longer than the context keeps its last `max_frames` frames, the same samples as

@@ -104,9 +104,10 @@ def test_notebook_with_int8_weights_and_fp8_cache(tmp_path):
     ({"QUANTIZE": "int3"}, "QUANTIZE must be None or one of ('int8', 'int4'), got 'int3'"),
     ({"KV_DTYPE": "fp4"}, "KV_DTYPE must be one of ('auto', 'fp8'), got 'fp4'"),
     ({"OUT": "out.mp4"}, "soundfile writes no .mp4 files"),
+    ({"OUT": "OK", "NUM_COMPLETIONS": 1}, "cannot write OK: it is PROMPT, which the output would replace"),
     ({"DEVICE": "gpu"}, "DEVICE = 'gpu': expected auto, cpu, cuda, cuda:N or mps"),  # was torch's RuntimeError
     ({"DTYPE": "bf16"}, "DTYPE = 'bf16': expected auto, bfloat16, float16, float32"),  # KeyError
-], ids=["missing", "nan", "token-temp", "top-p", "seconds", "seed", "seconds-memory", "adapter", "adapter-folder", "codec", "codec-none", "quantize", "kv-dtype", "output", "device",
+], ids=["missing", "nan", "token-temp", "top-p", "seconds", "seed", "seconds-memory", "adapter", "adapter-folder", "codec", "codec-none", "quantize", "kv-dtype", "output", "output-prompt", "device",
         "dtype"])
 def test_bad_parameters_stop_before_the_weights_load(tmp_path, monkeypatch, params, message):
     """VARIANT names a checkpoint that does not exist (or an official one, offline, with no files):
