@@ -30,6 +30,7 @@ import dataclasses
 import importlib.util
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -161,105 +162,106 @@ def main(argv=None) -> dict:
     bar = tqdm(total=last, initial=step, disable=not is_main, dynamic_ncols=True, desc="train")
     start_step, t_log = step, time.time()
     sums, metrics, timer = {}, {}, StepTimer(device)  # sums: loss name -> per-micro-batch values since the last log
-    while True:
-        # evaluation (rank 0) and checkpoints, before the step: they describe the model after `step` updates
-        due = before_step(step, start_step, last, cfg.log_interval, cfg.eval_interval, cfg.save_interval,
-                          deadline)
-        if due.evaluate or due.save or due.stop:
-            guard.check()  # nothing is evaluated or saved after a non-finite step
-            timer.pause()
-        t_pause = time.time()
-        if due.evaluate and is_main:
-            metrics, pairs = evaluate(generator, val_loader, mel_loss, cfg, have, dnsmos)
-            logger.log({**metrics, **log_samples(run_dir, pairs, cfg.sample_rate, logger, have.plots)}, step)
-            say(f"step {step}: {summary(metrics)}")
-        if due.save:
-            save(step, due.best_metric(metrics, "val/mel_distance"), checkpoints, generator, discriminators,
-                 opt_g, opt_d, scaler, cfg, ddp, logger.run_id)
-        if ddp.enabled and (due.evaluate or due.save):
-            dist.barrier()  # rank 0 evaluated or wrote alone: the others wait here, not inside the next all-reduce
-        if due.stop:
-            if note := stop_message(step, cfg.max_steps, cfg.stop_step, cfg.max_minutes):
-                say(note)
-            break
-        t_log += time.time() - t_pause  # throughput counts training time only
-        timer.step_start()
+    with deadline.catching_sigterm():  # a SIGTERM stops the loop at the next step, saved
+        while True:
+            # evaluation (rank 0) and checkpoints, before the step: they describe the model after `step` updates
+            due = before_step(step, start_step, last, cfg.log_interval, cfg.eval_interval, cfg.save_interval,
+                              deadline)
+            if due.evaluate or due.save or due.stop:
+                guard.check()  # nothing is evaluated or saved after a non-finite step
+                timer.pause()
+            t_pause = time.time()
+            if due.evaluate and is_main:
+                metrics, pairs = evaluate(generator, val_loader, mel_loss, cfg, have, dnsmos)
+                logger.log({**metrics, **log_samples(run_dir, pairs, cfg.sample_rate, logger, have.plots)}, step)
+                say(f"step {step}: {summary(metrics)}")
+            if due.save:
+                save(step, due.best_metric(metrics, "val/mel_distance"), checkpoints, generator, discriminators,
+                     opt_g, opt_d, scaler, cfg, ddp, logger.run_id)
+            if ddp.enabled and (due.evaluate or due.save):
+                dist.barrier()  # rank 0 evaluated or wrote alone: the others wait here, not inside the next all-reduce
+            if due.stop:
+                if note := stop_message(step, cfg.max_steps, cfg.stop_step, cfg.max_minutes, deadline.stopped_by):
+                    say(note)
+                break
+            t_log += time.time() - t_pause  # throughput counts training time only
+            timer.step_start()
 
-        lr, lr_d = get_lr(step, cfg)
-        for optimizer, value in ((opt_g, lr), (opt_d, lr_d)):
-            for group in optimizer.param_groups:
-                group["lr"] = value
-        # the discriminators judge (and learn) only when a generator term uses their verdicts
-        use_disc = step >= cfg.disc_start_step and (cfg.adv_weight > 0 or cfg.feature_weight > 0)
+            lr, lr_d = get_lr(step, cfg)
+            for optimizer, value in ((opt_g, lr), (opt_d, lr_d)):
+                for group in optimizer.param_groups:
+                    group["lr"] = value
+            # the discriminators judge (and learn) only when a generator term uses their verdicts
+            use_disc = step >= cfg.disc_start_step and (cfg.adv_weight > 0 or cfg.feature_weight > 0)
 
-        # one pass per micro-batch: the generator reconstructs, the discriminators judge real audio
-        # and the reconstruction once, and each side's loss back-propagates into its own weights only
-        step_loss, disc_loss, files = 0.0, 0.0, []
-        for micro in range(cfg.grad_accum_steps):
-            batch = next(batches)
-            files += [train_loader.dataset.files[i].path for i in batch["file"].tolist()]
-            audio = batch["audio"].to(device, non_blocking=True)  # (B, 1, N)
-            mask = batch["mask"].to(device, non_blocking=True)    # (B, N): 0 on padding
-            real = audio * mask[:, None]
-            with gradient_sync([generator], micro == cfg.grad_accum_steps - 1):
-                with autocast(device, cfg.dtype):
-                    out = generator(audio)
-                    fake = out["recon"] * mask[:, None]  # the codec is causal: padding never leaks back
-                    losses = {"mel": mel_loss(fake, real, mask),
-                              "kl": latent_kl(out["mu"], out["logvar"], latent_mask(mask, hop))}
-                    if cfg.wave_weight > 0:
-                        losses["wave"] = waveform_l1(fake, real, mask)
-                    if cfg.stft_weight > 0:
-                        losses["stft"] = stft_loss(fake, real, mask)
-                    if use_disc:
-                        with parametrize.cached():  # each weight-normed weight computed once for both passes
-                            d_real, d_fake = discriminators(real), discriminators(fake)
-                        if cfg.adv_weight > 0:
-                            losses["adv"] = generator_adversarial_loss(d_fake, cfg.gan_loss)
-                        if cfg.feature_weight > 0:
-                            losses["feature"] = feature_matching_loss(d_real, d_fake, kernel=disc_kernels)
-                        loss_d = discriminator_loss(d_real, d_fake, cfg.gan_loss)
-                    losses["total"] = sum(weights[k] * losses[k] for k in losses)
-                scaler.scale(losses["total"] / cfg.grad_accum_steps).backward(inputs=gen_params,
-                                                                              retain_graph=use_disc)
-            if use_disc:  # the same verdicts, differentiated into the discriminators only
-                scaler.scale(loss_d / cfg.grad_accum_steps).backward(inputs=disc_params)
-                sums.setdefault("disc", []).append(loss_d.detach().float())
-                disc_loss = disc_loss + loss_d.detach()
-            step_loss = step_loss + losses["total"].detach()
-            for k, v in losses.items():
-                sums.setdefault(k, []).append(v.detach().float())
-        optimizers = (opt_g, opt_d) if use_disc else (opt_g,)
-        if use_disc:
-            average_gradients(discriminators)  # no-op in one process
-        for optimizer in optimizers:
-            scaler.unscale_(optimizer)  # (float16) the true gradients, before clipping
-        norms = {"grad_norm/generator": clip(gen_model, cfg.grad_clip)}
-        if use_disc:
-            norms["grad_norm/discriminators"] = clip(discriminators, cfg.disc_grad_clip)
-        # a non-finite step's updates are skipped on the device; `guard.check()` reports it (under a
-        # float16 loss scale an overflowing gradient is skipped without an error, and the scale lowered)
-        finite = {"loss": step_loss, **({"discriminator loss": disc_loss} if use_disc else {})}
-        grads = {"gradient norm": norms["grad_norm/generator"],
-                 **({"discriminator gradient norm": norms["grad_norm/discriminators"]} if use_disc else {})}
-        guard.flag(step, finite if scaler.is_enabled() else {**finite, **grads}, files,
-                   skippable=grads if scaler.is_enabled() else None)
-        for optimizer in optimizers:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        scaler.update()
-        step += 1
-        timer.step_end()
-        bar.update(1)
+            # one pass per micro-batch: the generator reconstructs, the discriminators judge real audio
+            # and the reconstruction once, and each side's loss back-propagates into its own weights only
+            step_loss, disc_loss, files = 0.0, 0.0, []
+            for micro in range(cfg.grad_accum_steps):
+                batch = next(batches)
+                files += [train_loader.dataset.files[i].path for i in batch["file"].tolist()]
+                audio = batch["audio"].to(device, non_blocking=True)  # (B, 1, N)
+                mask = batch["mask"].to(device, non_blocking=True)    # (B, N): 0 on padding
+                real = audio * mask[:, None]
+                with gradient_sync([generator], micro == cfg.grad_accum_steps - 1):
+                    with autocast(device, cfg.dtype):
+                        out = generator(audio)
+                        fake = out["recon"] * mask[:, None]  # the codec is causal: padding never leaks back
+                        losses = {"mel": mel_loss(fake, real, mask),
+                                  "kl": latent_kl(out["mu"], out["logvar"], latent_mask(mask, hop))}
+                        if cfg.wave_weight > 0:
+                            losses["wave"] = waveform_l1(fake, real, mask)
+                        if cfg.stft_weight > 0:
+                            losses["stft"] = stft_loss(fake, real, mask)
+                        if use_disc:
+                            with parametrize.cached():  # each weight-normed weight computed once for both passes
+                                d_real, d_fake = discriminators(real), discriminators(fake)
+                            if cfg.adv_weight > 0:
+                                losses["adv"] = generator_adversarial_loss(d_fake, cfg.gan_loss)
+                            if cfg.feature_weight > 0:
+                                losses["feature"] = feature_matching_loss(d_real, d_fake, kernel=disc_kernels)
+                            loss_d = discriminator_loss(d_real, d_fake, cfg.gan_loss)
+                        losses["total"] = sum(weights[k] * losses[k] for k in losses)
+                    scaler.scale(losses["total"] / cfg.grad_accum_steps).backward(inputs=gen_params,
+                                                                                  retain_graph=use_disc)
+                if use_disc:  # the same verdicts, differentiated into the discriminators only
+                    scaler.scale(loss_d / cfg.grad_accum_steps).backward(inputs=disc_params)
+                    sums.setdefault("disc", []).append(loss_d.detach().float())
+                    disc_loss = disc_loss + loss_d.detach()
+                step_loss = step_loss + losses["total"].detach()
+                for k, v in losses.items():
+                    sums.setdefault(k, []).append(v.detach().float())
+            optimizers = (opt_g, opt_d) if use_disc else (opt_g,)
+            if use_disc:
+                average_gradients(discriminators)  # no-op in one process
+            for optimizer in optimizers:
+                scaler.unscale_(optimizer)  # (float16) the true gradients, before clipping
+            norms = {"grad_norm/generator": clip(gen_model, cfg.grad_clip)}
+            if use_disc:
+                norms["grad_norm/discriminators"] = clip(discriminators, cfg.disc_grad_clip)
+            # a non-finite step's updates are skipped on the device; `guard.check()` reports it (under a
+            # float16 loss scale an overflowing gradient is skipped without an error, and the scale lowered)
+            finite = {"loss": step_loss, **({"discriminator loss": disc_loss} if use_disc else {})}
+            grads = {"gradient norm": norms["grad_norm/generator"],
+                     **({"discriminator gradient norm": norms["grad_norm/discriminators"]} if use_disc else {})}
+            guard.flag(step, finite if scaler.is_enabled() else {**finite, **grads}, files,
+                       skippable=grads if scaler.is_enabled() else None)
+            for optimizer in optimizers:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            scaler.update()
+            step += 1
+            timer.step_end()
+            bar.update(1)
 
-        if step % cfg.log_interval == 0 or step == last:
-            guard.check()  # (the device has caught up: the wall time below is the steps')
-            row = train_row(sums, norms, lr, lr_d, samples_per_step, timer.durations(), time.time() - t_log, cfg,
-                            device)
-            logger.log(row, step)
-            bar.set_postfix(loss=f"{row['loss/total']:.3f}", mel=f"{row['loss/mel']:.3f}",
-                            samples_s=f"{row['perf/samples_per_s']:.1f}")
-            sums, t_log = {}, time.time()
+            if step % cfg.log_interval == 0 or step == last:
+                guard.check()  # (the device has caught up: the wall time below is the steps')
+                row = train_row(sums, norms, lr, lr_d, samples_per_step, timer.durations(), time.time() - t_log, cfg,
+                                device)
+                logger.log(row, step)
+                bar.set_postfix(loss=f"{row['loss/total']:.3f}", mel=f"{row['loss/mel']:.3f}",
+                                samples_s=f"{row['perf/samples_per_s']:.1f}")
+                sums, t_log = {}, time.time()
 
     bar.close()
     png = is_main and have.plots and plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss_curves.png",
@@ -267,6 +269,8 @@ def main(argv=None) -> dict:
     say(f"done at step {step}: {run_dir / 'latest.safetensors'}" + (f", curves in {png}" if png else ""))
     logger.finish()
     teardown_distributed()
+    if deadline.stopped_by:  # saved but not finished: the status says so (a shell's `&&` goes no further)
+        raise SystemExit(128 + signal.Signals[deadline.stopped_by])
     return metrics
 
 

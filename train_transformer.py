@@ -31,6 +31,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 import time
 import warnings
@@ -155,81 +156,86 @@ def main(argv=None) -> dict:
     bar = tqdm(total=last, initial=step, disable=not is_main, dynamic_ncols=True, desc=f"train {cfg.stage}")
     start_step, t_log = step, time.time()
     sums, steps_since_log, metrics = {}, 0, {}
-    while True:
-        # evaluation and checkpoints come before the step: they describe the model after `step` updates
-        t_pause = time.time()
-        due = before_step(step, start_step, last, cfg.log_interval, cfg.eval_interval, cfg.save_interval,
-                          deadline)
-        if guard and (due.evaluate or due.save or due.stop):
-            guard.check()  # nothing is evaluated or saved after a non-finite step
-        if due.evaluate:
-            metrics = evaluate(model, calls, val_set, weights, cfg, ddp)
-            logger.log({**metrics, **audio_sample(step, model, val_set, codec, cfg, run_dir, logger, is_main)}, step)
-            if is_main:
-                print(json.dumps({"eval": step, **{k: round(v, 5) for k, v in metrics.items()}}), flush=True)
-        if due.save:
-            save(step, due.best_metric(metrics, "val/loss"), model, optimizer, scaler, cfg, checkpoints, ddp,
-                 logger.run_id, fingerprint, base)
-        if due.stop:
-            if note := stop_message(step, cfg.max_steps, cfg.stop_step, cfg.max_minutes):
-                say(note)
-            break
-        t_log += time.time() - t_pause  # throughput counts training time only
+    with deadline.catching_sigterm():  # a SIGTERM stops the loop at the next step, saved
+        while True:
+            # evaluation and checkpoints come before the step: they describe the model after `step` updates
+            t_pause = time.time()
+            due = before_step(step, start_step, last, cfg.log_interval, cfg.eval_interval, cfg.save_interval,
+                              deadline)
+            if guard and (due.evaluate or due.save or due.stop):
+                guard.check()  # nothing is evaluated or saved after a non-finite step
+            if due.evaluate:
+                metrics = evaluate(model, calls, val_set, weights, cfg, ddp)
+                sample = audio_sample(step, model, val_set, codec, cfg, run_dir, logger, is_main)
+                logger.log({**metrics, **sample}, step)
+                if is_main:
+                    print(json.dumps({"eval": step, **{k: round(v, 5) for k, v in metrics.items()}}), flush=True)
+            if due.save:
+                save(step, due.best_metric(metrics, "val/loss"), model, optimizer, scaler, cfg, checkpoints, ddp,
+                     logger.run_id, fingerprint, base)
+            if due.stop:
+                if note := stop_message(step, cfg.max_steps, cfg.stop_step, cfg.max_minutes, deadline.stopped_by):
+                    say(note)
+                break
+            t_log += time.time() - t_pause  # throughput counts training time only
 
-        lr = get_lr(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_loss = 0.0
-        for micro in range(cfg.grad_accum_steps):
-            batch = next(batches)
-            # the posterior noise depends on (seed, step, micro-batch, rank) only: exact resume
-            seed = int(np.random.SeedSequence([cfg.seed, step, micro, ddp.rank]).generate_state(1)[0])
-            noise.manual_seed(seed)
-            if lora and cfg.lora_dropout:  # the adapters' dropout draws from the global generator
-                torch.manual_seed(seed)
-            x, valid = latents_of(batch, noise, device)
-            with gradient_sync(wrapped, micro == cfg.grad_accum_steps - 1):
-                with autocast(device, cfg.dtype):
-                    losses, stats = compute_losses(calls["quantizer"], calls["lm"], calls["resynth"], x, valid,
-                                                   cfg.duplex, losses_of_stage, "quantizer" in trained,
-                                                   cfg.activation_checkpointing, cfg.compile)
-                    losses["total"] = sum(weights[k] * losses[k] for k in losses_of_stage)
-                scaler.scale(losses["total"] / cfg.grad_accum_steps).backward()
-            step_loss = step_loss + losses["total"].detach()
-            tally(sums, codes, losses, stats, valid, cfg)
-        scaler.unscale_(optimizer)  # (float16) the true gradients, before clipping
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # a DTensor under FSDP
-        # under a float16 loss scale an overflowing gradient skips the step and lowers the scale
-        files = batch_files(train_set, loader.sampler, step)  # read only if the step is reported
-        if guard:
-            guard.flag(step, {"loss": step_loss} if scaler.is_enabled() else
-                       {"loss": step_loss, "gradient norm": grad_norm}, files,
-                       skippable={"gradient norm": grad_norm} if scaler.is_enabled() else None)
-            optimizer.step()  # skipped on the device if flagged
-        else:
-            check_finite_step(step, step_loss, None if scaler.is_enabled() else grad_norm, lambda: files)
-            scaler.step(optimizer)  # optimizer.step(), unless float16 gradients overflowed
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        steps_since_log += 1
-        bar.update(1)
-
-        if step % cfg.log_interval == 0 or step == last:
+            lr = get_lr(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_loss = 0.0
+            for micro in range(cfg.grad_accum_steps):
+                batch = next(batches)
+                # the posterior noise depends on (seed, step, micro-batch, rank) only: exact resume
+                seed = int(np.random.SeedSequence([cfg.seed, step, micro, ddp.rank]).generate_state(1)[0])
+                noise.manual_seed(seed)
+                if lora and cfg.lora_dropout:  # the adapters' dropout draws from the global generator
+                    torch.manual_seed(seed)
+                x, valid = latents_of(batch, noise, device)
+                with gradient_sync(wrapped, micro == cfg.grad_accum_steps - 1):
+                    with autocast(device, cfg.dtype):
+                        losses, stats = compute_losses(calls["quantizer"], calls["lm"], calls["resynth"], x, valid,
+                                                       cfg.duplex, losses_of_stage, "quantizer" in trained,
+                                                       cfg.activation_checkpointing, cfg.compile)
+                        losses["total"] = sum(weights[k] * losses[k] for k in losses_of_stage)
+                    scaler.scale(losses["total"] / cfg.grad_accum_steps).backward()
+                step_loss = step_loss + losses["total"].detach()
+                tally(sums, codes, losses, stats, valid, cfg)
+            scaler.unscale_(optimizer)  # (float16) the true gradients, before clipping
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+                grad_norm = grad_norm.full_tensor()
+            # under a float16 loss scale an overflowing gradient skips the step and lowers the scale
+            files = batch_files(train_set, loader.sampler, step)  # read only if the step is reported
             if guard:
-                guard.check()  # (the row below syncs anyway)
-            row = train_row(sums, codes, lr, grad_norm, latents_per_step, flops_per_latent, steps_since_log,
-                            time.time() - t_log, cfg, ddp)
-            logger.log(row, step)
-            bar.set_postfix(loss=f"{row['train/total']:.3f}", latents_s=f"{row['perf/latents_per_s']:.0f}")
-            sums, steps_since_log, t_log = {}, 0, time.time()
-            codes.zero_()
+                guard.flag(step, {"loss": step_loss} if scaler.is_enabled() else
+                           {"loss": step_loss, "gradient norm": grad_norm}, files,
+                           skippable={"gradient norm": grad_norm} if scaler.is_enabled() else None)
+                optimizer.step()  # skipped on the device if flagged
+            else:
+                check_finite_step(step, step_loss, None if scaler.is_enabled() else grad_norm, lambda: files)
+                scaler.step(optimizer)  # optimizer.step(), unless float16 gradients overflowed
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            steps_since_log += 1
+            bar.update(1)
+
+            if step % cfg.log_interval == 0 or step == last:
+                if guard:
+                    guard.check()  # (the row below syncs anyway)
+                row = train_row(sums, codes, lr, grad_norm, latents_per_step, flops_per_latent, steps_since_log,
+                                time.time() - t_log, cfg, ddp)
+                logger.log(row, step)
+                bar.set_postfix(loss=f"{row['train/total']:.3f}", latents_s=f"{row['perf/latents_per_s']:.0f}")
+                sums, steps_since_log, t_log = {}, 0, time.time()
+                codes.zero_()
 
     bar.close()
     say(f"done at step {step}: {run_dir / f'latest{checkpoints.export_suffix}'}")
     logger.finish()
     teardown_distributed()
+    if deadline.stopped_by:  # saved but not finished: the status says so (a shell's `&&` goes no further)
+        raise SystemExit(128 + signal.Signals[deadline.stopped_by])
     return metrics
 
 

@@ -12,9 +12,10 @@
 - `state_to_load` / `move_aside`: where a run's weights come from (`latest.pt` when resuming or
   evaluating it), and a run with `resume=false` moving the previous run's folder aside.
 - `Deadline` / `last_step` / `before_step`: the loop's schedule, the same in both trainers: when it
-  stops (at `max_steps` or an earlier `stop_step`, or at a log step once `max_minutes` have
-  passed), evaluates and saves, and which value ranks a checkpoint for `best.pt`; `finished`: a
-  run resumed at its last step says so and ends (nothing re-evaluated or re-saved).
+  stops (at `max_steps` or an earlier `stop_step`, at a log step once `max_minutes` have
+  passed, or after a SIGTERM, saving without evaluating), evaluates and saves, and which value
+  ranks a checkpoint for `best.pt`; `finished`: a run resumed at its last step says so and ends
+  (nothing re-evaluated or re-saved).
 - `check_folders` / `check_data_paths` / `check_schedule`: config mistakes both trainers find
   before anything slow (a file where a run folder goes, a missing data folder or bad manifest,
   `min_lr` above `learning_rate`); `schedule_notes`: what is allowed but may not be meant (a
@@ -34,8 +35,10 @@ import os
 import sys
 import random
 import re
+import signal
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
@@ -686,24 +689,72 @@ def move_aside(folder: str | os.PathLike) -> Optional[Path]:
 
 class Deadline:
     """`max_minutes` of wall time, counted from when the Deadline is made (at the start of a
-    run's setup, so that a time-limited job's loading and encoding count too); 0: none."""
+    run's setup, so that a time-limited job's loading and encoding count too); 0: none. And a
+    SIGTERM (a cluster scheduler's, `kill`, `docker stop`) received while `catching_sigterm`
+    (the training loop): the run then stops as at its deadline, but at once and without
+    evaluating (the scheduler's grace period is short), saves, and its script exits with 143;
+    a second SIGTERM ends the process at once."""
 
     def __init__(self, max_minutes: float, device: torch.device):
         self.seconds = 60 * max_minutes
         self.device = device
         self.start = time.time()
+        self.catching = False
+        self.received: Optional[str] = None    # the signal's name, set in this process by the handler
+        self.stopped_by: Optional[str] = None  # the signal that stopped the loop, the same on every rank
+
+    @contextmanager
+    def catching_sigterm(self):
+        """Within it, a SIGTERM stops the loop (`interrupted`, `passed`) instead of the process;
+        the previous handler is put back on leaving. Outside the main thread (no signals there): nothing."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+
+        def handler(signum, frame):
+            self.received = signal.Signals(signum).name
+            signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
+            # sent to the whole process group (Slurm does), it ends the DataLoader workers too, whose
+            # deaths torch's SIGCHLD handler would raise in the middle of this step: the loop stops
+            # before it reads another batch
+            signal.signal(signal.SIGCHLD, lambda *_: None)  # (a handler: one may be pending already)
+
+        previous = signal.signal(signal.SIGTERM, handler), signal.getsignal(signal.SIGCHLD)
+        self.catching = True
+        try:
+            yield self
+        finally:
+            self.catching = False
+            signal.signal(signal.SIGTERM, previous[0])
+            signal.signal(signal.SIGCHLD, previous[1])
+
+    def interrupted(self) -> bool:
+        """Whether a SIGTERM stops the loop now: asked before every step, it answers for one
+        process alone (a host-side flag, no sync); under torch.distributed, `passed` answers for
+        all ranks together."""
+        if self.received is None or dist.is_initialized():
+            return False
+        self.stopped_by = self.received
+        return True
 
     def passed(self) -> bool:
-        """Whether the time is up, as rank 0 sees it. Under torch.distributed a collective (every
-        rank stops at the same step) and a host sync: `before_step` asks on log steps only."""
-        if self.seconds <= 0:
-            return False
-        passed = time.time() - self.start > self.seconds
+        """Whether the time is up, as rank 0 sees it, or a SIGTERM came (to any rank). Under
+        torch.distributed a collective (every rank stops at the same step, for the same reason)
+        and a host sync: `before_step` asks on log steps only."""
+        timed = self.seconds > 0 and time.time() - self.start > self.seconds
         if not dist.is_initialized():
-            return passed
-        flag = torch.tensor(float(passed), device=self.device)
-        dist.broadcast(flag, 0)
-        return bool(flag.item())
+            if self.received is not None:
+                self.stopped_by = self.received
+            return timed or self.received is not None
+        if self.seconds <= 0 and not self.catching:
+            return False
+        flags = torch.tensor([float(timed and dist.get_rank() == 0), float(self.received is not None)],
+                             device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        timed, signalled = flags.tolist()
+        if signalled:
+            self.stopped_by = "SIGTERM"
+        return bool(timed or signalled)
 
 
 @dataclass(frozen=True)
@@ -728,8 +779,14 @@ def last_step(max_steps: int, stop_step: int) -> int:
     return min(stop_step, max_steps) if stop_step > 0 else max_steps
 
 
-def stop_message(step: int, max_steps: int, stop_step: int, max_minutes: float) -> Optional[str]:
-    """What a run that stopped at `step` says about it (None at max_steps: it is done)."""
+def stop_message(step: int, max_steps: int, stop_step: int, max_minutes: float,
+                 signal_name: Optional[str] = None) -> Optional[str]:
+    """What a run that stopped at `step` says about it (None at max_steps: it is done);
+    `signal_name`: the signal that stopped it (`Deadline.stopped_by`)."""
+    if signal_name:
+        held = "which latest.pt holds" if step > 0 else "before any training: nothing was saved"
+        return (f"{signal_name} received: stopped at step {step}, {held}; run the same command to resume "
+                f"(the script exits with {128 + signal.Signals[signal_name]})")
     if step < last_step(max_steps, stop_step):
         return f"max_minutes={max_minutes} reached at step {step}: run the same command to resume"
     if step < max_steps:
@@ -775,14 +832,18 @@ def before_step(step: int, start_step: int, end_step: int, log_interval: int, ev
       has passed; the deadline is asked only on log steps (`step % log_interval == 0`) after the
       segment's first step, so a segment always trains at least one step and the collective it
       costs comes once per log, not per step;
+    - stop at once after a SIGTERM (`Deadline.interrupted`; under torch.distributed at the next
+      log step, `Deadline.passed`), without evaluating: a scheduler's grace period is short;
     - evaluate at step 0, every `eval_interval` steps and when stopping, but not at the step a
       resumed segment starts from (it was evaluated before that checkpoint was saved) unless
       it stops there;
-    - save every `save_interval` steps and after every evaluation, but never the state a
-      segment started from."""
-    stop = step >= end_step or (step > start_step and step % log_interval == 0 and deadline.passed())
-    evaluate = stop or (step % eval_interval == 0 and (step != start_step or step == 0))
-    save = step > start_step and (evaluate or step % save_interval == 0)
+    - save every `save_interval` steps, after every evaluation and when stopping, but never the
+      state a segment started from."""
+    stop = step >= end_step or deadline.interrupted() or (
+        step > start_step and step % log_interval == 0 and deadline.passed())
+    evaluate = deadline.stopped_by is None and (
+        stop or (step % eval_interval == 0 and (step != start_step or step == 0)))
+    save = step > start_step and (stop or evaluate or step % save_interval == 0)
     return Due(stop, evaluate, save)
 
 

@@ -607,3 +607,37 @@ def test_a_training_state_as_codec_checkpoint_names_the_export_beside_it(setup, 
     last = train_fails(base_args(setup, tmp_path / "run", codec_checkpoint=tmp_path / "best.pt"))
     assert last == (f"error: {tmp_path / 'best.pt'}: expected a codec checkpoint (.safetensors), found a codec "
                     f"training state; load {tmp_path / 'best.safetensors'} beside it (its weights, exported for loading)")
+
+
+def test_a_sigterm_to_the_process_group_saves_the_step_reached_and_the_run_resumes_from_it(setup, tmp_path):
+    """SIGTERM to the trainer's whole process group (as Slurm sends it: the DataLoader workers get
+    it too) once it trains: it stops at the next step with its checkpoint saved, one line saying so
+    and exit status 143, no traceback; the same command then resumes from that step."""
+    import signal
+    import time
+    run_dir = tmp_path / "run"
+    args = base_args(setup, run_dir, duplex=False, stage="lm", max_steps=10_000, eval_interval=10_000,
+                     save_interval=10_000, num_workers=2, sample_seconds=0)
+    trainer = subprocess.Popen([sys.executable, "train_transformer.py"] + [str(a) for a in args], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        for line in trainer.stdout:  # the first log row is written after the first step
+            if (run_dir / "metrics.jsonl").is_file() and '"train/total"' in (run_dir / "metrics.jsonl").read_text():
+                break
+        time.sleep(0.5)
+        os.killpg(trainer.pid, signal.SIGTERM)
+        out = line + trainer.stdout.read()
+        assert trainer.wait(timeout=120) == 143, out[-3000:]
+    finally:
+        if trainer.poll() is None:
+            os.killpg(trainer.pid, signal.SIGKILL)
+    assert "Traceback" not in out and "Error" not in out, out[-3000:]
+    stopped = torch.load(run_dir / "latest.pt", weights_only=False)["step"]
+    assert 0 < stopped < 10_000
+    assert f"SIGTERM received: stopped at step {stopped}, which latest.pt holds; run the same command" in out
+    assert not any(line.startswith('{"eval"') for line in out.splitlines())  # no evaluation on the way out
+    log, _ = train(base_args(setup, run_dir, duplex=False, stage="lm", max_steps=10_000, eval_interval=10_000,
+                             save_interval=10_000, stop_step=stopped + 1, sample_seconds=0))
+    assert f"training from step {stopped} to {stopped + 1}" in log
+    assert torch.load(run_dir / "latest.pt", weights_only=False)["step"] == stopped + 1

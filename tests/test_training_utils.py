@@ -4,6 +4,7 @@ import json
 import os
 import random
 import re
+import signal
 import socket
 import time
 from pathlib import Path
@@ -17,7 +18,8 @@ from config.codec_config import PRESETS, CodecConfig
 from config import ConfigError
 from model.training import (Checkpoints, ConfigMismatch, Deadline, FiniteGuard, Logger, StepTimer, TrainingError,
                             autocast, before_step, check_architecture, check_finite_step, check_resumable, cosine_lr,
-                            finished_message, move_aside, rng_state, schedule_notes, set_rng_state, state_to_load, window_peak_gb)
+                            finished_message, move_aside, rng_state, schedule_notes, set_rng_state, state_to_load, stop_message,
+                            window_peak_gb)
 
 
 def test_cosine_lr_warms_up_then_decays_to_min():
@@ -268,6 +270,35 @@ def test_the_deadline_is_asked_on_log_steps_only_and_never_at_a_segment_start():
     due = before_step(7, 6, 12, 2, 4, 6, passed)
     assert not due.stop and not due.evaluate and due.save is False
     assert not Deadline(0, CPU).passed() and not Deadline(60, CPU).passed()
+
+
+def test_a_sigterm_in_the_loop_stops_at_the_next_step_saving_without_evaluating():
+    """A real SIGTERM to this process inside `catching_sigterm`: the process lives on, the next
+    step (not a log step) stops and saves without evaluating; the handler is put back after."""
+    before = signal.getsignal(signal.SIGTERM)
+    quiet = Deadline(0, CPU)
+    with quiet.catching_sigterm():
+        assert schedule(quiet, max_steps=3) == ([3], [0, 3], [3])  # nothing received: the usual schedule
+    deadline = Deadline(0, CPU)
+    with deadline.catching_sigterm():
+        stops, evals, saves = [], [], []
+        for step in range(0, 12):
+            if step == 5:
+                os.kill(os.getpid(), signal.SIGTERM)
+            due = before_step(step, 0, 12, 2, 4, 6, deadline)
+            for happened, record in ((due.evaluate, evals), (due.save, saves), (due.stop, stops)):
+                if happened:
+                    record.append(step)
+            if due.stop:
+                break
+    assert (stops, evals, saves) == ([5], [0, 4], [4, 5]) and deadline.stopped_by == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert "SIGTERM received: stopped at step 5, which latest.pt holds" in stop_message(5, 12, 0, 0, "SIGTERM")
+    # received before a resumed segment's first step: it stops there, with nothing to save
+    deadline = Deadline(0, CPU)
+    with deadline.catching_sigterm():
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert schedule(deadline, start_step=6) == ([6], [], [])
 
 
 def test_only_the_evaluation_of_the_step_saved_ranks_it_for_best(tmp_path):
