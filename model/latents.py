@@ -267,14 +267,19 @@ class _PartialShard:
         return self
 
     def __exit__(self, kind, *exc) -> None:
-        try:
-            if kind is not None and not self.out.closed:  # Ctrl-C, an error: keep what is done
+        if kind is not None and not self.out.closed:  # Ctrl-C, an error: keep what is done
+            try:
                 self.commit()  # (the rows of every pending line are written: a torn row comes after them)
-        except OSError:
-            pass
-        finally:
-            self.lines.close()
-            self.out.close()  # releases the lock
+            except OSError:  # a full disk: what was committed before stays
+                pass
+        failed = []
+        for file in (self.lines, self.out):  # the partial last: closing it releases the lock
+            try:
+                file.close()  # (closed even when flushing what is buffered fails)
+            except OSError as e:
+                failed.append(e)
+        if failed and kind is None:  # else the error on the way out is the one to raise (a full disk's, named)
+            raise failed[0]
 
 
 def _corpus_key(root: str, files, fingerprint: str, channels: str, mono_to_stereo: str, sample_rate: int,

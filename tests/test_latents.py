@@ -16,6 +16,7 @@ from config.codec_config import PRESETS as CODEC_PRESETS
 from config.codec_config import CodecConfig
 from model import Codec, build
 from model.audio import save_audio
+from model.checkpoint import CheckpointError
 from model.data import SkippedAudioWarning
 from model.latents import (LatentCrops, LatentsError, StepSampler, codec_fingerprint, prepare_latents,
                            sample_posterior)
@@ -386,3 +387,31 @@ def test_a_shard_holding_nan_is_refused_when_a_crop_reads_it(codec, folder):
     with pytest.raises(LatentsError, match=re.escape(f"latents folder {out} is damaged: {talk['shard']} holds "
                                                      f"non-finite values in the latents of talk.wav (0 to 4); delete")):
         val[1]
+
+
+def test_a_full_disk_while_encoding_is_one_error_naming_the_shard_and_the_next_run_resumes(codec, tmp_path):
+    """latents_dir on an 8 KiB tmpfs (a real full disk; needs the right to mount): the encoding
+    stopped with an OSError traceback from closing its progress log (its buffered lines could not be
+    flushed either) instead of the CheckpointError naming the shard. Once there is room again the
+    next call takes over what was committed and ends with what an encoding elsewhere writes."""
+    import subprocess
+    rng = np.random.default_rng(3)
+    for k in range(6):
+        save_audio(str(tmp_path / "audio" / f"f{k}.wav"), 0.1 * rng.standard_normal((1, 8_000 + 2_000 * k)).astype(
+            np.float32), 16000)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        kw = dict(channels="mono", out_dir=str(disk / "latents"), log=lambda m: None)
+        with pytest.raises(CheckpointError, match=r"^cannot write \S+/shard_00000.bin: No space left on device$"):
+            prepare_latents(str(tmp_path / "audio"), codec, **kw)
+        subprocess.run(["mount", "-o", "remount,size=1m", str(disk)], check=True)
+        out = prepare_latents(str(tmp_path / "audio"), codec, **kw)
+        alone = prepare_latents(str(tmp_path / "audio"), codec, **{**kw, "out_dir": str(tmp_path / "alone")})
+        assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in alone.iterdir())
+        for p in alone.iterdir():
+            assert (out / p.name).read_bytes() == p.read_bytes(), p.name
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
