@@ -9,8 +9,9 @@ The posterior is stored, not a sample of it, so every read draws a fresh z = mu 
 augmentation on-the-fly encoding would give.
 
 Stale latents cannot be used: a corpus is stored under a folder named by a key over the audio
-listing (paths, sizes, modification times), the codec fingerprint (a hash of its architecture
-and weights), the channel mode (with, for stereo, `mono_to_stereo` and which file channel is the
+listing (paths, sizes, modification times, and the inodes' numbers and change times: a file
+rewritten with its size kept and its modification time put back is changed too), the codec
+fingerprint (a hash of its architecture and weights), the channel mode (with, for stereo, `mono_to_stereo` and which file channel is the
 model's) and the sample rate. Another codec, a changed file or another channel mode is another
 key, hence another folder, encoded anew; `prepare_latents` is the only way to get a folder, and it
 always computes the key from the codec in hand.
@@ -287,7 +288,9 @@ def _corpus_key(root: str, files, fingerprint: str, channels: str, mono_to_stere
     listing = []
     for f in files:
         st = os.stat(f.path)
-        listing.append([os.path.relpath(f.path, root), st.st_size, st.st_mtime_ns])
+        # the inode's change time moves with every write and every utime (it cannot be set back),
+        # the inode number with a file replaced: the content changed though size and mtime did not
+        listing.append([os.path.relpath(f.path, root), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])
     spec = {"format": FORMAT, "root": root, "files": listing, "codec": fingerprint, "channels": channels,
             "mono_to_stereo": mono_to_stereo if channels == "stereo" else None, "sample_rate": sample_rate}
     if channels == "stereo" and model_channel != 1:

@@ -82,6 +82,24 @@ def test_another_codec_or_a_changed_file_is_encoded_anew(codec, folder):
     assert changed != first and rows(changed, "solo.wav").shape[0] == 4
 
 
+def test_a_file_rewritten_with_the_same_size_and_modification_time_is_encoded_anew(codec, folder):
+    """The key covered sizes and modification times only: a file whose samples changed with both
+    kept (a tool that restores mtimes, `touch -r`, a copy with `cp -p` over it) was trained on as its old
+    latents. The inode's change time (which no one can set back) and number are in the key now."""
+    kw = dict(channels="mono", out_dir=str(folder / "latents"), log=lambda m: None)
+    first = prepare_latents(str(folder / "audio"), codec, **kw)
+    solo = folder / "audio" / "solo.wav"
+    st = solo.stat()
+    save_audio(str(solo), 0.5 * np.ones((1, 6_000), np.float32), 16000)  # another signal, the same size
+    os.utime(solo, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (solo.stat().st_size, solo.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    changed = prepare_latents(str(folder / "audio"), codec, **kw)
+    assert changed != first
+    mu, _ = encoded(codec, 0.5 * np.ones((1, 6_000), np.float32))
+    assert torch.allclose(rows(changed, "solo.wav")[:, 0], mu, atol=1e-5)
+    assert prepare_latents(str(folder / "audio"), codec, **kw) == changed  # and reused from then on
+
+
 def test_another_run_killed_while_encoding_the_same_folder_leaves_this_ones_latents_whole(codec, folder,
                                                                                           monkeypatch):
     """Two runs sharing latents_dir encode the same corpus into the same folder: the second one's
