@@ -258,7 +258,10 @@ def read_state(path: Path, cfg: TransformerConfig, base: dict) -> dict:
         check_compatible(state["config"], cfg, fields, f"the config contradicts the checkpoint it would evaluate, "
                          f"{path}", "Use the checkpoint's values, or another checkpoint_dir.")
     else:  # resuming must also train the same stage, the same way
-        check_resumable(state["config"], cfg, fields_marked(TransformerConfig, "arch", "resume"))
+        fields = fields_marked(TransformerConfig, "arch", "resume")
+        if cfg.finetune == state["config"].get("finetune") == "full":  # LoRA's values do nothing in either run
+            fields = tuple(f for f in fields if f not in finetune.LORA_ONLY)
+        check_resumable(state["config"], cfg, fields)
     if cfg.finetune == "lora":
         finetune.check_resume(state, base, path)
     return state

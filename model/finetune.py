@@ -33,6 +33,9 @@ from .objectives import STAGES
 # What the adapters of a LoRA training state are made for: the parts they adapt (by `stage`), their
 # shapes, scale and layers; evaluating them (eval_only) needs the same values as they were trained with.
 ADAPTER_FIELDS = ("stage", "lora_rank", "lora_alpha", "lora_targets")
+# What only a LoRA run uses: a full run (finetune=full) ignores them, so resuming one compares none of them.
+LORA_ONLY = tuple(f.name for f in dataclasses.fields(TransformerConfig) if f.name.startswith("lora_")) + (
+    "base_quantize",)
 
 
 def lora_config(cfg: TransformerConfig) -> LoRAConfig:

@@ -641,3 +641,21 @@ def test_a_sigterm_to_the_process_group_saves_the_step_reached_and_the_run_resum
                              save_interval=10_000, stop_step=stopped + 1, sample_seconds=0))
     assert f"training from step {stopped} to {stopped + 1}" in log
     assert torch.load(run_dir / "latest.pt", weights_only=False)["step"] == stopped + 1
+
+
+def test_a_full_run_resumes_whatever_lora_values_its_checkpoint_holds(setup, tmp_path):
+    """LoRA's values (lora_rank, lora_alpha, lora_targets, base_quantize) are resume fields, as
+    they shape a LoRA run's adapters; a full run's checkpoint holding others than today's
+    defaults (saved when the defaults differed, or by a config that set them) was refused,
+    though they do nothing there. Resuming compares them only when finetune=lora."""
+    run_dir = tmp_path / "run"
+    train(base_args(setup, run_dir, duplex=False, stage="lm", max_steps=2, stop_step=1, sample_seconds=0))
+    state = torch.load(run_dir / "latest.pt", weights_only=False)
+    state["config"].update(lora_rank=16, lora_alpha=32.0, lora_targets="attention", base_quantize="int8")
+    with open(run_dir / "latest.pt", "wb") as f:  # (a hard link of step_00000001.pt: both change)
+        torch.save(state, f)
+    log, _ = train(base_args(setup, run_dir, duplex=False, stage="lm", max_steps=2, sample_seconds=0))
+    assert "training from step 1 to 2" in log
+    assert torch.load(run_dir / "latest.pt", weights_only=False)["step"] == 2
+    log = fails(base_args(setup, run_dir, duplex=False, stage="resynthesizer", max_steps=3, sample_seconds=0))
+    assert "contradicts the checkpoint" in log and "stage" in log and "lora" not in log  # what matters still counts
