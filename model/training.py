@@ -209,7 +209,8 @@ def set_rng_state(state: dict) -> None:
 
 
 class TrainingError(RuntimeError):
-    """A run that cannot go on (a non-finite loss); the scripts print it as one `error:` line."""
+    """A run that cannot go on (a non-finite loss, a full disk under its log); the scripts print it
+    as one `error:` line."""
 
 
 def check_finite_step(step: int, loss: torch.Tensor, grad_norm: Optional[torch.Tensor],
@@ -877,7 +878,7 @@ class Logger:
         if not is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(self.run_dir / "metrics.jsonl", "a")
+        self.jsonl = open(self.run_dir / "metrics.jsonl", "ab", buffering=0)  # each row written whole, or not at all
         if mode == "disabled":
             return
         try:
@@ -909,8 +910,16 @@ class Logger:
             return
         plain = {k: (float(v) if isinstance(v, (int, float, np.floating, torch.Tensor)) else v)
                  for k, v in metrics.items() if not _is_media(v)}
-        self.jsonl.write(json.dumps({"step": step, "time": time.time(), **plain}) + "\n")
-        self.jsonl.flush()
+        row, end = (json.dumps({"step": step, "time": time.time(), **plain}) + "\n").encode(), self.jsonl.tell()
+        try:
+            while row:
+                row = row[self.jsonl.write(row):]
+        except OSError as e:  # a full disk: cut the row off, else the next run's first row would join it
+            try:
+                self.jsonl.truncate(end)
+            except OSError:
+                pass
+            raise TrainingError(f"cannot write {self.run_dir / 'metrics.jsonl'}: {os_reason(e)}") from None
         if self.run is not None:
             self.run.log({k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}, step=step)
 

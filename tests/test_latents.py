@@ -432,4 +432,4 @@ def test_a_full_disk_while_encoding_is_one_error_naming_the_shard_and_the_next_r
         for p in alone.iterdir():
             assert (out / p.name).read_bytes() == p.read_bytes(), p.name
     finally:
-        subprocess.run(["umount", str(disk)], check=True)
+        subprocess.run(["umount", "-l", str(disk)], check=True)

@@ -229,6 +229,32 @@ def test_logger_disabled_only_writes_jsonl(tmp_path):
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1 and not (tmp_path / "wandb").exists()
 
 
+
+def test_a_full_disk_under_metrics_jsonl_is_one_error_naming_it_and_leaves_whole_rows(tmp_path):
+    """metrics.jsonl on an 8 KiB tmpfs (a real full disk; needs the right to mount): a row that
+    did not fit was an OSError traceback from the buffered file's flush, and left part of the row
+    for the next run's first row to join. Now a TrainingError naming the file (one `error:` line
+    from the trainers), and the file holds whole rows only."""
+    import subprocess
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        log = Logger("disabled", "x", disk, PRESETS["tiny"])
+        row = {f"loss/term_{k}": 1.0 / (k + 1) for k in range(40)}  # about 1.2 kB a row
+        written = 0
+        with pytest.raises(TrainingError, match=rf"^cannot write {re.escape(str(disk))}/metrics.jsonl: "
+                                                "No space left on device$"):
+            for step in range(100):
+                log.log(row, step)
+                written += 1
+        log.finish()
+        lines = (disk / "metrics.jsonl").read_text().splitlines(keepends=True)
+        assert 0 < written == len(lines) and all(line.endswith("\n") and json.loads(line) for line in lines)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
 CPU = torch.device("cpu")
 
 
