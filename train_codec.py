@@ -65,7 +65,7 @@ from model.training import (Checkpoints, Deadline, Dist, Logger, all_reduce_mean
                             check_resumable, check_schedule, cosine_lr, finished, last_step, load_training_state,
                             loss_scaler, move_aside, preload_limit_gb, resource_notes, rng_state, run_script,
                             schedule_notes, seed_everything, set_rng_state, setup_distributed, StepTimer, state_to_load,
-                            stop_message, teardown_distributed, unwrap, window_peak_gb)
+                            stop_message, teardown_distributed, unwrap, validation_key, window_peak_gb)
 
 
 def main(argv=None) -> dict:
@@ -155,6 +155,13 @@ def main(argv=None) -> dict:
                     resume_id=state.get("wandb_id") if state else None)
     for note in checkpoints.recover(export_state) if is_main else []:
         say(f"note: {note}")
+    validation = None  # what val/mel_distance is measured on (rank 0): best.pt is ranked among values on the same
+    if is_main:
+        val_set = val_loader.dataset
+        validation = validation_key(files=[(f.path, f.frames, f.sample_rate) for f in val_set.files],
+                                    crops=val_set.crops, mel=(cfg.mel_windows, cfg.mel_bins))
+        if note := checkpoints.ranked_elsewhere(validation):
+            say(f"note: {note}")
     samples_per_step = cfg.batch_size * cfg.grad_accum_steps * ddp.world_size
     last = last_step(cfg.max_steps, cfg.stop_step)  # the schedule still ends at max_steps
     say(f"training from step {step} to {last}: {samples_per_step} crops of {cfg.segment_seconds} s "
@@ -177,7 +184,7 @@ def main(argv=None) -> dict:
                 say(f"step {step}: {summary(metrics)}")
             if due.save:
                 save(step, due.best_metric(metrics, "val/mel_distance"), checkpoints, generator, discriminators,
-                     opt_g, opt_d, scaler, cfg, ddp, logger.run_id)
+                     opt_g, opt_d, scaler, cfg, ddp, logger.run_id, validation)
             if ddp.enabled and (due.evaluate or due.save):
                 dist.barrier()  # rank 0 evaluated or wrote alone: the others wait here, not inside the next all-reduce
             if due.stop:
@@ -438,9 +445,10 @@ def train_row(sums: dict, norms: dict, lr: float, lr_d: float, samples_per_step:
 
 def save(step: int, metric: float | None, checkpoints: Checkpoints, generator: nn.Module, discriminators: nn.Module,
          opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, scaler: torch.amp.GradScaler, cfg: CodecConfig,
-         ddp: Dist, wandb_id: str | None) -> None:
-    """Training state to step_*.pt / latest.pt (/ best.pt), and the codec beside it as safetensors.
-    A collective under torch.distributed (every rank's RNG state is saved); rank 0 writes."""
+         ddp: Dist, wandb_id: str | None, validation: str | None) -> None:
+    """Training state to step_*.pt / latest.pt (/ best.pt), and the codec beside it as safetensors;
+    `validation`: what `metric` was measured on (`validation_key`). A collective under
+    torch.distributed (every rank's RNG state is saved); rank 0 writes."""
     rngs = [rng_state()]
     if ddp.enabled:
         rngs = [None] * ddp.world_size
@@ -454,7 +462,7 @@ def save(step: int, metric: float | None, checkpoints: Checkpoints, generator: n
         "rng_state": rngs,
         "config": dataclasses.asdict(cfg), "world_size": ddp.world_size, "wandb_id": wandb_id,
         "val/mel_distance": metric}, metric,  # the LR is a function of the step: no scheduler state
-        export=lambda tmp: write_codec(tmp, unwrap(generator), extra))
+        export=lambda tmp: write_codec(tmp, unwrap(generator), extra), validation=validation)
 
 def check_config(cfg: CodecConfig) -> None:
     """Mistakes found from the config alone, the file system and the installed packages, before

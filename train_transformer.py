@@ -61,7 +61,7 @@ from model.training import (Checkpoints, ConfigMismatch, Deadline, Dist, FiniteG
                             check_folders, check_outside_data, check_resumable, check_schedule, check_trainer,
                             cosine_lr, finished, last_step, load_training_state, loss_scaler, move_aside, run_script,
                             resource_notes, schedule_notes, setup_distributed, state_to_load, stop_message, teardown_distributed,
-                            window_peak_gb)
+                            validation_key, window_peak_gb)
 
 PARTS = ("quantizer", "lm", "resynth")
 # FSDP2 warns about every module output that is a view; none of ours is modified in place.
@@ -137,6 +137,11 @@ def main(argv=None) -> dict:
                     resume_id=state.get("wandb_id") if state else None)
     for note in checkpoints.recover(finetune.export_adapter if lora else export_state) if is_main else []:
         say(f"note: {note}")
+    # what val/loss is measured on: best.pt is ranked among values measured on the same only
+    validation = validation_key(val=val_set.folder.name, crops=val_set.crops, seq_len=cfg.seq_len, seed=cfg.seed,
+                                weights={k: weights[k] for k in losses_of_stage})
+    if is_main and (note := checkpoints.ranked_elsewhere(validation)):
+        say(f"note: {note}")
 
     # --- training loop --------------------------------------------------------------------------
     loader = train_loader(train_set, cfg, ddp, step)
@@ -172,7 +177,7 @@ def main(argv=None) -> dict:
                     print(json.dumps({"eval": step, **{k: round(v, 5) for k, v in metrics.items()}}), flush=True)
             if due.save:
                 save(step, due.best_metric(metrics, "val/loss"), model, optimizer, scaler, cfg, checkpoints, ddp,
-                     logger.run_id, fingerprint, base)
+                     logger.run_id, fingerprint, base, validation)
             if due.stop:
                 if note := stop_message(step, cfg.max_steps, cfg.stop_step, cfg.max_minutes, deadline.stopped_by):
                     say(note)
@@ -502,10 +507,11 @@ def train_row(sums: dict, codes: torch.Tensor, lr: float, grad_norm: torch.Tenso
 
 def save(step: int, metric: float | None, model: HertzDev, optimizer: torch.optim.Optimizer,
          scaler: torch.amp.GradScaler, cfg: TransformerConfig, checkpoints: Checkpoints, ddp: Dist,
-         wandb_id: str | None, fingerprint: str, base: dict) -> None:
+         wandb_id: str | None, fingerprint: str, base: dict, validation: str) -> None:
     """Training state (full, unsharded) to step_*.pt / latest.pt (/ best.pt), and the model as
     latest.safetensors (/ best.safetensors) for load_hertz_dev, or with finetune=lora the adapters
-    (model/finetune.py). A collective under FSDP; rank 0 writes."""
+    (model/finetune.py); `validation`: what `metric` was measured on (`validation_key`). A
+    collective under FSDP; rank 0 writes."""
     lora = cfg.finetune == "lora"
     model_state, optim_state = (finetune.state_dicts if lora else full_state_dicts)(model, optimizer)
     if not ddp.is_main:
@@ -515,7 +521,8 @@ def save(step: int, metric: float | None, model: HertzDev, optimizer: torch.opti
                       "world_size": ddp.world_size, "wandb_id": wandb_id,
                       "val/loss": metric, **base}
     export = finetune.export_adapter if lora else export_state
-    checkpoints.save(step, training_state, metric, export=lambda tmp: export(training_state, tmp))
+    checkpoints.save(step, training_state, metric, export=lambda tmp: export(training_state, tmp),
+                     validation=validation)
 
 
 def export_state(saved: dict, tmp: str) -> None:

@@ -4,7 +4,8 @@
 - `cosine_lr`: linear warmup then cosine decay to `min_lr`.
 - `Checkpoints`: atomic training checkpoints in a folder: `step_XXXXXXXX.pt` (the last N kept),
   `latest.pt` and `best.pt` (hard links, so no extra space), plus our `.safetensors` model
-  exports beside them for the loading API, saved together with the state; never non-finite.
+  exports beside them for the loading API, saved together with the state; never non-finite;
+  best.pt ranked among metrics measured on the same validation only (`validation_key`).
 - `check_finite_step`: a non-finite loss or gradient stops training with a TrainingError;
   `FiniteGuard` the same without a host sync per step (fused optimizers), `StepTimer` the step
   times without one.
@@ -496,6 +497,14 @@ def check_architecture(saved: dict, cfg, source) -> None:
                      "Pass the same values (a matching --config preset or key=value overrides).")
 
 
+def validation_key(**what) -> str:
+    """16 hex digits naming what a run's validation metric is measured on (`what`: its data, its
+    crops, the settings that scale it), for `Checkpoints.save`: best.pt is ranked only among
+    metrics measured on the same."""
+    import hashlib
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 LINK_SUFFIX = ".link"  # _link's temporary: `.NAME.link`
 
 
@@ -569,14 +578,26 @@ class Checkpoints:
     def best_metric(self) -> Optional[float]:
         return self._info().get("best_metric")
 
+    def ranked_elsewhere(self, validation: str) -> Optional[str]:
+        """A note when best.pt was ranked by a metric measured on another validation than
+        `validation` (`validation_key`: the data or the settings changed since): the next evaluated
+        save becomes best.pt, whatever its value. None otherwise."""
+        info = self._info()
+        if self.best is None or info.get("best_validation") in (None, validation):  # (None: unknown, as before)
+            return None
+        return (f"the validation (its data, crops or loss settings) changed since best.pt (step "
+                f"{info.get('best_step')}) was ranked on it: its value is not comparable, so the next evaluated "
+                "checkpoint becomes best.pt")
+
     def save(self, step: int, state: dict, metric: Optional[float] = None,
-             export: Optional[Callable[[str], None]] = None) -> Path:
+             export: Optional[Callable[[str], None]] = None, validation: Optional[str] = None) -> Path:
         """Write the step's training state, and with it `export(path)` (the model as our
         .safetensors) to latest.safetensors; update latest, best (if `metric` improves, with
         best.safetensors) and the rotation. `metric` is the trainers' `Due.best_metric`: the
-        validation value of an evaluation made at this step, None for a step not evaluated.
-        Returns the step file. Raises CheckpointError, and writes nothing, if the state holds NaN
-        or inf or the folder cannot be written."""
+        validation value of an evaluation made at this step, None for a step not evaluated;
+        `validation` (`validation_key`) names what it was measured on: a best metric measured on
+        another is no bar (`ranked_elsewhere`). Returns the step file. Raises CheckpointError, and
+        writes nothing, if the state holds NaN or inf or the folder cannot be written."""
         path = self.folder / f"step_{step:08d}.pt"
         refuse_non_finite(state, path)
         exported = self.folder / f"latest{self.export_suffix}"
@@ -595,12 +616,14 @@ class Checkpoints:
             info["latest_step"] = step
             # a best.pt deleted since is no bar: else no later step could ever become best again
             best = info.get("best_metric") if self.best else None
+            if validation is not None and info.get("best_validation") not in (None, validation):
+                best = None  # measured on other data or settings: not comparable
             if metric is not None and math.isfinite(metric) and (
                     best is None or (metric < best if self.lower_is_better else metric > best)):
                 _link(path, self.folder / "best.pt")
                 if export:
                     _link(exported, self.folder / f"best{self.export_suffix}")
-                info.update(best_metric=metric, best_step=step)
+                info.update(best_metric=metric, best_step=step, best_validation=validation)
         except OSError as e:
             for tmp in (tmp_state, tmp_export):
                 if tmp:

@@ -659,3 +659,22 @@ def test_a_full_run_resumes_whatever_lora_values_its_checkpoint_holds(setup, tmp
     assert torch.load(run_dir / "latest.pt", weights_only=False)["step"] == 2
     log = fails(base_args(setup, run_dir, duplex=False, stage="resynthesizer", max_steps=3, sample_seconds=0))
     assert "contradicts the checkpoint" in log and "stage" in log and "lora" not in log  # what matters still counts
+
+
+def test_a_run_resumed_on_another_validation_ranks_best_pt_afresh(setup, tmp_path):
+    """The same run resumed with other validation crops: its val/loss is measured on other data,
+    so best.pt is not held to the old value (it was, and stayed at an old step whenever the new
+    crops scored worse); the run says so, and the next evaluated checkpoint becomes best.pt."""
+    run_dir = tmp_path / "run"
+    common = dict(duplex=False, stage="lm", max_steps=4, eval_interval=1, save_interval=1, sample_seconds=0)
+    train(base_args(setup, run_dir, stop_step=1, val_crops=4, **common))
+    info = json.loads((run_dir / "checkpoints.json").read_text())
+    assert info["best_step"] == 1
+    # the old best value made unbeatable: on the same validation nothing would replace it
+    (run_dir / "checkpoints.json").write_text(json.dumps({**info, "best_metric": -1e9}))
+    log, evals = train(base_args(setup, run_dir, stop_step=2, val_crops=1, **common))
+    assert "the validation (its data, crops or loss settings) changed since best.pt (step 1)" in log
+    info = json.loads((run_dir / "checkpoints.json").read_text())
+    assert info["best_step"] == 2 and info["best_metric"] == pytest.approx(evals[2]["val/loss"], abs=1e-4)
+    log, _ = train(base_args(setup, run_dir, stop_step=3, val_crops=1, **common))
+    assert "changed since best.pt" not in log

@@ -19,7 +19,7 @@ from config import ConfigError
 from model.training import (Checkpoints, ConfigMismatch, Deadline, FiniteGuard, Logger, StepTimer, TrainingError,
                             autocast, before_step, check_architecture, check_finite_step, check_resumable, cosine_lr,
                             finished_message, move_aside, rng_state, schedule_notes, set_rng_state, state_to_load, stop_message,
-                            window_peak_gb)
+                            validation_key, window_peak_gb)
 
 
 def test_cosine_lr_warms_up_then_decays_to_min():
@@ -343,6 +343,26 @@ def test_only_the_evaluation_of_the_step_saved_ranks_it_for_best(tmp_path):
     assert before_step(6, 0, 12, 1, 4, 6, never).best_metric({"val/loss": 0.5}, "val/loss") is None
     # a rank that did not evaluate has no metric to give
     assert before_step(8, 0, 12, 1, 4, 6, never).best_metric({}, "val/loss") is None
+
+
+def test_best_pt_is_ranked_only_among_metrics_measured_on_the_same_validation(tmp_path):
+    """A run resumed on another validation (other files, crops or loss weights) compared its new
+    values with best.pt's old one, measured on other data: a harder val set kept best.pt at an old
+    step for good, an easier one made any step best. A metric measured on another validation is
+    no bar now, and the folder says so; one measured on the same is ranked as before."""
+    ck = Checkpoints(tmp_path)
+    a, b = validation_key(val="a", crops=[(0, 0)]), validation_key(val="b", crops=[(0, 0)])
+    assert a != b and a == validation_key(crops=[(0, 0)], val="a")
+    ck.save(1, {"step": 1}, 1.0, validation=a)
+    ck.save(2, {"step": 2}, 2.0, validation=a)  # worse on the same data: best stays at step 1
+    assert ck.load(ck.best)["step"] == 1 and ck.ranked_elsewhere(a) is None
+    assert "the validation (its data, crops or loss settings) changed since best.pt (step 1)" in ck.ranked_elsewhere(b)
+    ck.save(3, {"step": 3}, None, validation=b)  # not evaluated: nothing to rank
+    assert ck.load(ck.best)["step"] == 1
+    ck.save(4, {"step": 4}, 5.0, validation=b)  # worse than 1.0, but on other data: the first value on it
+    assert ck.load(ck.best)["step"] == 4 and ck.best_metric() == 5.0 and ck.ranked_elsewhere(b) is None
+    ck.save(5, {"step": 5}, 6.0, validation=b)
+    assert ck.load(ck.best)["step"] == 4
 
 
 def test_move_aside_keeps_every_old_run_and_skips_a_folder_without_one(tmp_path):
