@@ -684,21 +684,29 @@ def state_to_load(checkpoints: Checkpoints, resume: bool, eval_only: bool, init_
     weights come from `init_from` or a fresh initialisation. With `adapters` (a LoRA run: its
     states hold adapters on the `init_from` base) eval_only loads `latest.pt`, if there is one,
     together with `init_from` instead of in its place. Raises ConfigError for `eval_only` with
-    neither."""
+    neither, and for a training run to resume in a folder holding `step_*.pt` but no `latest.pt`
+    (taken away by hand: a fresh run there would rotate its steps in among that run's)."""
     if eval_only and not init_from and checkpoints.latest is None:
         raise ConfigError(f"eval_only=true: nothing to evaluate in {checkpoints.folder} (no latest.pt); "
                           "pass init_from=official or init_from=PATH")
+    steps = sorted(checkpoints.folder.glob("step_*.pt"))
+    if resume and not eval_only and checkpoints.latest is None and steps:  # latest.pt deleted or moved by hand
+        raise ConfigError(f"checkpoint_dir={str(checkpoints.folder)!r} holds {listed([p.name for p in steps[::-1]])} "
+                          "but no latest.pt: a fresh run there would mix its steps with that run's. To resume, copy "
+                          f"the step to resume from to latest.pt (cp {steps[-1]} {checkpoints.folder / 'latest.pt'}); "
+                          "to start afresh, resume=false (the old run is moved aside)")
     if eval_only:
         return checkpoints.latest if adapters or not init_from else None
     return checkpoints.latest if resume else None
 
 
 def move_aside(folder: str | os.PathLike) -> Optional[Path]:
-    """Rename a run folder that holds `latest.pt` to `NAME.old-YYYYmmdd-HHMMSS` (`-2`, `-3`, ...
-    appended when that name is taken), so a fresh run starts empty and nothing is deleted.
+    """Rename a run folder that holds `latest.pt` or a `step_*.pt` to `NAME.old-YYYYmmdd-HHMMSS`
+    (`-2`, `-3`, ... appended when that name is taken), so a fresh run starts empty and nothing is
+    deleted.
     Returns the new name, or None when the folder holds no run."""
     folder = Path(folder)
-    if not (folder / "latest.pt").exists() and Checkpoints(folder).unnamed_step() is None:
+    if not (folder / "latest.pt").exists() and not any(folder.glob("step_*.pt")):
         return None
     old = folder.with_name(f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
     n = 1

@@ -399,6 +399,29 @@ def test_state_to_load_picks_latest_for_resume_and_eval_only(tmp_path):
     assert state_to_load(Checkpoints(tmp_path / "none"), True, True, "official", adapters=True) is None
 
 
+def test_a_run_folder_whose_latest_pt_was_taken_away_is_neither_restarted_nor_mixed_into(tmp_path):
+    """latest.pt deleted (or moved) by hand, its step files left: resuming started a fresh run from
+    step 0 in the folder, whose saves the rotation then sorted in among the old run's steps (it
+    deleted the old step_2 and kept old 4 and 6 beside the new 8), and resume=false did not move
+    the folder aside. Now resuming is a ConfigError naming the steps and what to do, and
+    resume=false moves the folder aside."""
+    run = tmp_path / "run"
+    ck = Checkpoints(run, keep=3)
+    for step in (2, 4, 6):
+        ck.save(step, {"step": step})
+    (run / "latest.pt").unlink()
+    with pytest.raises(ConfigError, match=rf"^checkpoint_dir='{re.escape(str(run))}' holds step_00000006.pt, "
+                                          r"step_00000004.pt, step_00000002.pt but no latest.pt: .* copy the step to "
+                                          rf"resume from to latest.pt \(cp {re.escape(str(run))}/step_00000006.pt .*"
+                                          r"resume=false"):
+        state_to_load(ck, True, False, "")
+    assert state_to_load(ck, False, False, "") is None  # resume=false starts afresh ...
+    old = move_aside(run)  # ... in an empty folder
+    assert not run.exists() and sorted(p.name for p in old.glob("step_*.pt")) == [
+        "step_00000002.pt", "step_00000004.pt", "step_00000006.pt"]
+    assert state_to_load(Checkpoints(run), True, False, "") is None
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_device_cuda_without_a_gpu_is_a_user_error():
     from model.training import setup_distributed
