@@ -87,6 +87,8 @@ def main(argv=None) -> dict:
         torch.backends.cudnn.benchmark = True  # fixed crop length: let cuDNN pick the fastest convs
     run_dir = Path(cfg.checkpoint_dir)
     checkpoints = Checkpoints(run_dir, keep=cfg.keep_checkpoints)
+    if is_main and not cfg.eval_only:
+        checkpoints.hold()  # one run at a time in a folder
     latest = state_to_load(checkpoints, cfg.resume, cfg.eval_only, cfg.init_from)  # before the slow work
     state = checkpoints.load(latest, map_location="cpu") if latest else None
     if state is not None:  # a foreign or contradicting state is refused before the data is decoded
@@ -121,6 +123,7 @@ def main(argv=None) -> dict:
         source, init = init.label, None  # (the weights are the modules' now)
     if is_main and not cfg.resume and not cfg.eval_only and (old := move_aside(run_dir)):
         say(f"resume=false: moved the previous run in {run_dir} to {old}")
+        checkpoints.hold()  # (the lock moved aside with the old run)
     say(f"codec: {sum(p.numel() for p in generator.parameters()) / 1e6:.2f}M parameters, discriminators: "
         f"{sum(p.numel() for p in discriminators.parameters()) / 1e6:.2f}M; weights from {source}")
 

@@ -97,6 +97,8 @@ def main(argv=None) -> dict:
     # eval_only evaluates init_from if given, else the latest checkpoint. Checked before the codec
     # loads and the latents are encoded, so a contradicting config fails at once.
     base = finetune.base_of(cfg) if lora else {}  # base_source, base_fingerprint of the LoRA base
+    if is_main and not cfg.eval_only:
+        checkpoints.hold()  # one run at a time in a folder
     latest = state_to_load(checkpoints, cfg.resume, cfg.eval_only, cfg.init_from, adapters=lora)
     state = read_state(latest, cfg, base) if latest else None
     step, source = (state["step"], f"{latest} (step {state['step']})") if state else (0, "random init")
@@ -110,6 +112,7 @@ def main(argv=None) -> dict:
     check_codec(state, latest, cfg, fingerprint, say)
     if is_main and not cfg.resume and not cfg.eval_only and (old := move_aside(run_dir)):
         say(f"resume=false: moved the previous run in {run_dir} to {old}")
+        checkpoints.hold()  # (the lock moved aside with the old run)
     train_set, val_set = build_data(cfg, codec, fingerprint, say)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     if (state is None or lora) and cfg.init_from:  # a LoRA run's state holds the adapters, not the base

@@ -561,6 +561,32 @@ class Checkpoints:
         newest = int(self.STEP.search(steps[-1].name).group(1))
         return steps[-1] if not isinstance(recorded, int) or newest > recorded else None
 
+    def hold(self) -> None:
+        """Lock the folder for this process's run (a POSIX lock on `.run.lock`, held until the
+        process exits), so that a second run in it at the same time (the same command in two
+        terminals, a job requeued while the last one still saves) is refused before anything slow:
+        a ConfigError naming the folder. Two runs in one folder resumed the same state and wrote
+        their steps in among each other's. A POSIX lock (not `flock`, as `model.files.open_locked`)
+        belongs to the process: forked DataLoader workers do not inherit it, and the same process
+        (a trainer's `main` called again, after `move_aside` too) takes it again. A file system
+        without locks goes unlocked."""
+        import fcntl
+        path = self.folder / ".run.lock"
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except OSError as e:
+            raise CheckpointError(f"cannot write {path}: {os_reason(e, path)}") from None
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):  # (EAGAIN or EACCES: held by another process)
+            os.close(fd)
+            raise ConfigError(f"checkpoint_dir={str(self.folder)!r}: another run is training in it now (it holds "
+                              f"{path.name}); wait for it to end, or use another checkpoint_dir") from None
+        except OSError:
+            pass  # no locks here
+        # (the descriptor stays open: closing any descriptor of the file would release the lock)
+
     @property
     def best(self) -> Optional[Path]:
         path = self.folder / "best.pt"

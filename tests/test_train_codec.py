@@ -466,7 +466,8 @@ def test_a_transformer_run_folder_is_one_error_line_before_the_data(corpus, tmp_
                                              "train_codec.py (it holds no 'generator': another trainer's run?); "
                                              "use another checkpoint_dir, or resume=false to start fresh")
         assert "val:" not in result.stdout + result.stderr  # the data was not read
-        assert sorted(p.name for p in run_dir.iterdir()) == ["latest.pt"]
+        # (.run.lock: a training run holds the folder from its start, Checkpoints.hold)
+        assert sorted(p.name for p in run_dir.iterdir()) == [".run.lock", "latest.pt"]
 
 
 def test_a_latest_pt_holding_nan_is_one_error_line_before_the_data(corpus, trained, tmp_path):

@@ -422,6 +422,29 @@ def test_a_run_folder_whose_latest_pt_was_taken_away_is_neither_restarted_nor_mi
     assert state_to_load(Checkpoints(run), True, False, "") is None
 
 
+def test_a_second_run_in_the_same_folder_at_once_is_refused(tmp_path):
+    """Two runs in one checkpoint_dir at the same time (the same command in two terminals, a job
+    requeued while the last still saves) both resumed latest.pt and wrote their steps in among each
+    other's. The first to start holds the folder; another process is refused, naming it; the same
+    process may take it again (a trainer's main called twice), and the next run once it ended."""
+    import subprocess
+    import sys
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from model.training import Checkpoints; "
+                               f"Checkpoints({str(run)!r}).hold(); print('held', flush=True); time.sleep(60)"],
+                              cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(ConfigError, match=rf"^checkpoint_dir='{re.escape(str(run))}': another run is training in "
+                                              r"it now \(it holds .run.lock\); wait for it to end, or use another"):
+            Checkpoints(run).hold()
+    finally:
+        holder.kill()
+        holder.wait()
+    Checkpoints(run).hold()
+    Checkpoints(run).hold()  # this process again
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_device_cuda_without_a_gpu_is_a_user_error():
     from model.training import setup_distributed
