@@ -282,6 +282,27 @@ class GaussianZ(nn.Module):
         return mu, logvar
 
 
+class _WeightNorm(nn.utils.parametrizations._WeightNorm):
+    """torch's weight-norm parametrization (w = g v / |v|), but on a `meta` weight (the loaders'
+    build, `model.loading._meta`) g is only shaped, not computed: torch.norm on `meta` runs
+    Python reference kernels, whose first call imports torch._dynamo (about 2 s of CPU at every
+    start of a script that loads a codec), and then costs ~10 ms a layer."""
+
+    def right_inverse(self, weight: Tensor) -> tuple[Tensor, Tensor]:
+        if weight.is_meta:
+            shape = [1] * weight.dim()
+            shape[self.dim] = weight.shape[self.dim]
+            return weight.new_empty(shape), weight
+        return super().right_inverse(weight)
+
+
+def weight_norm(module: nn.Module) -> nn.Module:
+    """`nn.utils.parametrizations.weight_norm(module)` (the same parameters, names and values),
+    cheap on a `meta` build (`_WeightNorm`)."""
+    nn.utils.parametrize.register_parametrization(module, "weight", _WeightNorm(0), unsafe=True)
+    return module
+
+
 class Codec(nn.Module):
     """Causal convolutional VAE. `encode`: (B, 1, N) audio -> mu, logvar (B, N/2000, 32);
     `decode`: (B, L, 32) latents -> (B, 1, 2000 L) audio."""
@@ -297,9 +318,9 @@ class Codec(nn.Module):
         if cfg.weight_norm:
             for m in list(self.encoder.modules()) + list(self.decoder.modules()):
                 if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d)):
-                    nn.utils.parametrizations.weight_norm(m)
-            nn.utils.parametrizations.weight_norm(self.compressor.proj_in)
-            nn.utils.parametrizations.weight_norm(self.compressor.proj_out)
+                    weight_norm(m)
+            weight_norm(self.compressor.proj_in)
+            weight_norm(self.compressor.proj_out)
         self.channels_last = False  # the whole-signal passes' layout (`use_channels_last`)
 
     def use_channels_last(self, on: bool = True) -> None:

@@ -3,6 +3,8 @@ import dataclasses
 import os
 import re
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,9 @@ from model.checkpoint import CheckpointError, _header as header, atomic_write, c
 from model.loading import write_codec, write_transformer
 from model import training
 from model.training import Checkpoints
+
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def codec_state(codec):
@@ -34,6 +39,31 @@ def test_codec_round_trip(tmp_path):
     assert torch.equal(loaded.encode(audio)[0], codec.encode(audio)[0])
     z = torch.randn(1, 3, 32)
     assert torch.equal(loaded.decode(z), codec.decode(z))
+
+
+def test_the_codec_weight_norm_is_torch_s_and_loading_does_not_import_dynamo(tmp_path):
+    """The loaders build the codec on `meta`, where torch's weight_norm computed each magnitude with
+    Python reference kernels: the first imported torch._dynamo (about 2 s of CPU at every start of
+    complete.py, the server or a trainer's codec load). The codec's parametrization is torch's:
+    the same parameter names and values on a real build."""
+    cfg = CODEC_PRESETS["tiny"]
+    torch.manual_seed(0)
+    codec = Codec(cfg)
+    torch.manual_seed(0)
+    plain = Codec(dataclasses.replace(cfg, weight_norm=False))
+    convs = [m for m in list(plain.encoder.modules()) + list(plain.decoder.modules())
+             if isinstance(m, (torch.nn.Conv1d, torch.nn.ConvTranspose1d))]
+    for m in convs + [plain.compressor.proj_in, plain.compressor.proj_out]:
+        torch.nn.utils.parametrizations.weight_norm(m)
+    ours, torchs = codec.state_dict(), plain.state_dict()
+    assert list(ours) == list(torchs) and all(torch.equal(ours[k], torchs[k]) for k in ours)
+    path = save_codec(tmp_path / "codec.safetensors", codec)
+    code = ("import sys; from model import load_codec; load_codec(sys.argv[1]); "
+            "print(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "torch._dynamo" not in out.stdout
 
 
 @pytest.mark.parametrize("duplex", [False, True])
