@@ -162,12 +162,14 @@ class Kernels:
         parts = set(COMPILABLE if compile is True else (compile or ()))
         if parts - set(COMPILABLE):
             raise ValueError(f"unknown parts to compile {sorted(parts - set(COMPILABLE))}; choose from {COMPILABLE}")
+        k = Kernels()
+        if not parts:
+            return k  # eager: torch._dynamo is not imported (~2 s of CPU at the start of complete.py, the server)
         c = partial(torch.compile, dynamic=True)
         # The block is compiled again for each attention window (the rotary tables' size), model
         # (LM, resynthesizer; float or quantized) and batch: more than Dynamo's default 8 entries
         # in a process that runs several (a benchmark, a server with several engines).
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        k = Kernels()
         if "block" in parts:
             k = replace(k, block=c(run_block))
         if "codec" in parts:

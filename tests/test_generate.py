@@ -6,6 +6,7 @@ independent; a context slide continues exactly as a fresh prefill of the kept fr
 """
 import copy
 import dataclasses
+import os
 import re
 
 import numpy as np
@@ -276,3 +277,24 @@ def test_an_engine_of_no_rows_is_refused_naming_its_argument(mono, size):
         Generator(mono, batch_size=size)
     with pytest.raises(ValueError, match="max_sessions must be an integer >= 1"):
         LiveEngine(tiny(True), max_sessions=size)
+
+
+def test_an_eager_completion_does_not_import_dynamo():
+    """Kernels.make set a torch._dynamo option even for an eager engine, importing torch._dynamo
+    (about 2 s of CPU at every start of complete.py, the server or the live client) that only a
+    compiled engine uses. A whole eager completion, in a fresh process, now leaves it unimported."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = ("import sys, torch\n"
+            "from test_generate import tiny\n"
+            "from model.generator import Generator\n"
+            "with torch.no_grad():\n"
+            "    wav = Generator(tiny(True), batch_size=1).complete(torch.zeros(1, 2, 4000), 2, seed=0)\n"
+            "assert wav.shape == (1, 2, 8000), wav.shape\n"
+            "print(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))\n")
+    tests = Path(__file__).resolve().parent
+    out = subprocess.run([sys.executable, "-c", code], cwd=tests.parent, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": f"{tests.parent}{os.pathsep}{tests}"})
+    assert out.returncode == 0, out.stderr
+    assert "torch._dynamo" not in out.stdout
