@@ -39,7 +39,7 @@ from torch import Tensor
 from .cuda_graphs import StepGraphs, attention_windows, use_graphs
 from .resynth import ResynthCache
 from .sampling import RowParams, SamplingParams, StepNoise, sample_latents, sample_tokens
-from .transformer import KVCache, kv_dtype_of, run_block
+from .transformer import KVCache, kv_dtype_of, row_index, run_block
 
 
 @dataclass
@@ -86,7 +86,7 @@ class DecodeState:
             pos=z(batch_size), hist=z(batch_size, max_len, C * Z, dt=dtype), toks=z(batch_size, max_len, C),
             seed=z(batch_size), counter=z(batch_size), params=RowParams.make(batch_size, device),
             active=torch.ones(batch_size, device=device, dtype=torch.bool),
-            rows=torch.arange(batch_size, device=device), host_pos=np.zeros(batch_size, dtype=np.int64))
+            rows=row_index(batch_size, device), host_pos=np.zeros(batch_size, dtype=np.int64))
 
     @property
     def batch_size(self) -> int:

@@ -195,6 +195,15 @@ def to_cache(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x.to(dtype)
 
 
+def row_index(batch_size: int, device=None) -> Tensor:
+    """torch.arange(batch_size) on `device`: the rows a cache or state writes. On `meta` (a sizing
+    build: `generator.completion_problem`) only its shape: arange there runs a Python kernel whose
+    first call imports sympy (about 0.6 s of CPU at every start of complete.py)."""
+    if device is not None and torch.device(device).type == "meta":
+        return torch.empty(batch_size, dtype=torch.int64, device=device)
+    return torch.arange(batch_size, device=device)
+
+
 class LayerCache:
     """One layer's keys and values over an attention window: k, v (B, kv_heads, W, head_dim),
     views of a `KVCache`; rows (B,) = 0..B-1, the batch index of each row's write.
@@ -228,7 +237,7 @@ class KVCache:
         shape = (layers, batch_size, kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.rows = torch.arange(batch_size, device=device)  # preallocated: the write index of each row
+        self.rows = row_index(batch_size, device)  # preallocated: the write index of each row
         self.max_len = max_len
 
     @property
