@@ -12,6 +12,15 @@ import numpy as np
 import torch
 
 
+def _save(fig, path) -> None:
+    """Lay out `fig` (tight) and write it as a PNG. tight_layout leaves a placeholder layout engine
+    on the figure, for which savefig drew the whole figure once more before drawing it to the file
+    (a fifth of plot_metrics' time); the layout being done, the engine is dropped (same bytes)."""
+    fig.tight_layout()
+    fig.set_layout_engine(None)
+    fig.savefig(path)
+
+
 def _figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -47,8 +56,7 @@ def save_mel_figure(path: str | os.PathLike, pairs: Sequence[tuple[np.ndarray, n
             ax.set_xlabel("s", fontsize=8)
             ax.set_ylabel("mel bin", fontsize=8)
             ax.tick_params(labelsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
+    _save(fig, path)
     return str(path)
 
 
@@ -100,6 +108,5 @@ def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike,
             ax.legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(png_path)
+    _save(fig, png_path)
     return str(png_path)

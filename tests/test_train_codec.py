@@ -744,3 +744,32 @@ def test_metric_references_names_a_missing_folder():
     result = run(["benchmarks/metric_references.py", "--val", "no/such/folder"])
     assert result.returncode != 0 and error_line(result.stderr) == (
         "error: no validation data at no/such/folder (make it with: python data/demo/prepare.py)")
+
+
+def test_the_run_s_figures_are_drawn_once_each(tmp_path, monkeypatch):
+    """model.plots (the loss curves at the end of a run, the mel figure at each evaluation):
+    tight_layout left a placeholder layout engine on the figure, for which savefig drew the whole
+    figure once more before drawing it to the file (a fifth of plot_metrics' time). Each PNG is
+    now one draw, at the figure's size."""
+    import functools
+    from matplotlib.figure import Figure
+    from PIL import Image
+    from model.plots import plot_metrics, save_mel_figure
+    draws = []
+    draw = Figure.draw
+
+    @functools.wraps(draw)
+    def counted(self, renderer):
+        draws.append(self)
+        return draw(self, renderer)
+    monkeypatch.setattr(Figure, "draw", counted)
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"step": s, "loss/mel": 1 / s, "lr": 1e-3, "val/stoi": 0.5}) + "\n"
+                               for s in range(1, 5)))
+    assert plot_metrics(metrics, tmp_path / "curves.png") == str(tmp_path / "curves.png")
+    assert len(draws) == 1
+    noise = 0.1 * np.random.default_rng(0).standard_normal(8000)
+    assert save_mel_figure(tmp_path / "mels.png", [(noise, noise)], 16000) == str(tmp_path / "mels.png")
+    assert len(draws) == 2 and draws[0] is not draws[1]
+    assert Image.open(tmp_path / "curves.png").size == (1500, 320)  # 3 panels of 5 x 3.2 in, 100 dpi
+    assert Image.open(tmp_path / "mels.png").size == (1000, 220)
