@@ -172,7 +172,7 @@ def main(argv=None) -> dict:
     bar = tqdm(total=last, initial=step, disable=not is_main, dynamic_ncols=True, desc="train")
     start_step, t_log = step, time.time()
     sums, metrics, timer = {}, {}, StepTimer(device)  # sums: loss name -> per-micro-batch values since the last log
-    with deadline.catching_sigterm():  # a SIGTERM stops the loop at the next step, saved
+    with deadline.catching_signals():  # a SIGTERM or Ctrl-C stops the loop at the next step, saved
         while True:
             # evaluation (rank 0) and checkpoints, before the step: they describe the model after `step` updates
             due = before_step(step, start_step, last, cfg.log_interval, cfg.eval_interval, cfg.save_interval,

@@ -164,7 +164,7 @@ def main(argv=None) -> dict:
     bar = tqdm(total=last, initial=step, disable=not is_main, dynamic_ncols=True, desc=f"train {cfg.stage}")
     start_step, t_log = step, time.time()
     sums, steps_since_log, metrics = {}, 0, {}
-    with deadline.catching_sigterm():  # a SIGTERM stops the loop at the next step, saved
+    with deadline.catching_signals():  # a SIGTERM or Ctrl-C stops the loop at the next step, saved
         while True:
             # evaluation and checkpoints come before the step: they describe the model after `step` updates
             t_pause = time.time()

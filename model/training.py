@@ -14,7 +14,7 @@
   evaluating it), and a run with `resume=false` moving the previous run's folder aside.
 - `Deadline` / `last_step` / `before_step`: the loop's schedule, the same in both trainers: when it
   stops (at `max_steps` or an earlier `stop_step`, at a log step once `max_minutes` have
-  passed, or after a SIGTERM, saving without evaluating), evaluates and saves, and which value
+  passed, or after a SIGTERM or Ctrl-C, saving without evaluating), evaluates and saves, and which value
   ranks a checkpoint for `best.pt`; `finished`: a run resumed at its last step says so and ends
   (nothing re-evaluated or re-saved).
 - `check_folders` / `check_data_paths` / `check_schedule`: config mistakes both trainers find
@@ -67,7 +67,9 @@ def run_script(main: Callable[[], Any]) -> None:
     CheckpointError: an unusable file; WeightsError: official weights missing offline, corrupt or
     not downloadable) or a run that cannot go on (TrainingError: a non-finite loss) ends the
     process with one `error: ...` line on stderr, on a line of its own even under an open progress
-    bar, and exit code 1; any other exception is a bug and keeps its traceback."""
+    bar, and exit code 1; a Ctrl-C that reaches it (outside the training loop, which stops and
+    saves on the first: `Deadline.catching_signals`) with one `interrupted` line and exit code 130;
+    any other exception is a bug and keeps its traceback."""
     try:
         main()
     except (ConfigError, ConfigMismatch, FileNotFoundError, AudioError, CheckpointError, WeightsError,
@@ -75,6 +77,10 @@ def run_script(main: Callable[[], Any]) -> None:
         from tqdm import tqdm
         tqdm.write(f"error: {own_message(e)}", file=sys.stderr)
         raise SystemExit(1) from None
+    except KeyboardInterrupt:  # Ctrl-C outside the loop (loading, encoding: it keeps what it has done), or a second one
+        from tqdm import tqdm
+        tqdm.write("interrupted (Ctrl-C): run the same command to resume", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def own_message(error: Exception) -> str:
@@ -748,10 +754,10 @@ def move_aside(folder: str | os.PathLike) -> Optional[Path]:
 class Deadline:
     """`max_minutes` of wall time, counted from when the Deadline is made (at the start of a
     run's setup, so that a time-limited job's loading and encoding count too); 0: none. And a
-    SIGTERM (a cluster scheduler's, `kill`, `docker stop`) received while `catching_sigterm`
-    (the training loop): the run then stops as at its deadline, but at once and without
-    evaluating (the scheduler's grace period is short), saves, and its script exits with 143;
-    a second SIGTERM ends the process at once."""
+    SIGTERM (a cluster scheduler's, `kill`, `docker stop`) or a Ctrl-C (SIGINT) received while
+    `catching_signals` (the training loop): the run then stops as at its deadline, but at once and
+    without evaluating (the scheduler's grace period is short), saves, and its script exits with
+    128 + the signal's number (143, 130); a second one ends the process at once."""
 
     def __init__(self, max_minutes: float, device: torch.device):
         self.seconds = 60 * max_minutes
@@ -761,33 +767,38 @@ class Deadline:
         self.received: Optional[str] = None    # the signal's name, set in this process by the handler
         self.stopped_by: Optional[str] = None  # the signal that stopped the loop, the same on every rank
 
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
     @contextmanager
-    def catching_sigterm(self):
-        """Within it, a SIGTERM stops the loop (`interrupted`, `passed`) instead of the process;
-        the previous handler is put back on leaving. Outside the main thread (no signals there): nothing."""
+    def catching_signals(self):
+        """Within it, a SIGTERM or SIGINT stops the loop (`interrupted`, `passed`) instead of the
+        process; the previous handlers are put back on leaving. Outside the main thread (no signals
+        there): nothing."""
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
 
         def handler(signum, frame):
             self.received = signal.Signals(signum).name
-            signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
-            # sent to the whole process group (Slurm does), it ends the DataLoader workers too, whose
-            # deaths torch's SIGCHLD handler would raise in the middle of this step: the loop stops
-            # before it reads another batch
+            for s in self.SIGNALS:  # a second one ends the process at once (SIGINT: run_script's one line)
+                signal.signal(s, signal.SIG_DFL if s == signal.SIGTERM else signal.default_int_handler)
+            # sent to the whole process group (Slurm does; a terminal's Ctrl-C), it ends the DataLoader
+            # workers too, whose deaths torch's SIGCHLD handler would raise in the middle of this step:
+            # the loop stops before it reads another batch
             signal.signal(signal.SIGCHLD, lambda *_: None)  # (a handler: one may be pending already)
 
-        previous = signal.signal(signal.SIGTERM, handler), signal.getsignal(signal.SIGCHLD)
+        previous = {s: signal.signal(s, handler) for s in self.SIGNALS} | {
+            signal.SIGCHLD: signal.getsignal(signal.SIGCHLD)}
         self.catching = True
         try:
             yield self
         finally:
             self.catching = False
-            signal.signal(signal.SIGTERM, previous[0])
-            signal.signal(signal.SIGCHLD, previous[1])
+            for s, h in previous.items():
+                signal.signal(s, h)
 
     def interrupted(self) -> bool:
-        """Whether a SIGTERM stops the loop now: asked before every step, it answers for one
+        """Whether a SIGTERM or SIGINT stops the loop now: asked before every step, it answers for one
         process alone (a host-side flag, no sync); under torch.distributed, `passed` answers for
         all ranks together."""
         if self.received is None or dist.is_initialized():
@@ -796,7 +807,7 @@ class Deadline:
         return True
 
     def passed(self) -> bool:
-        """Whether the time is up, as rank 0 sees it, or a SIGTERM came (to any rank). Under
+        """Whether the time is up, as rank 0 sees it, or a SIGTERM or SIGINT came (to any rank). Under
         torch.distributed a collective (every rank stops at the same step, for the same reason)
         and a host sync: `before_step` asks on log steps only."""
         timed = self.seconds > 0 and time.time() - self.start > self.seconds
@@ -806,12 +817,12 @@ class Deadline:
             return timed or self.received is not None
         if self.seconds <= 0 and not self.catching:
             return False
-        flags = torch.tensor([float(timed and dist.get_rank() == 0), float(self.received is not None)],
-                             device=self.device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        received = signal.Signals[self.received].value if self.received else 0
+        flags = torch.tensor([float(timed and dist.get_rank() == 0), float(received)], device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # (SIGTERM, 15, over SIGINT, 2)
         timed, signalled = flags.tolist()
         if signalled:
-            self.stopped_by = "SIGTERM"
+            self.stopped_by = signal.Signals(int(signalled)).name
         return bool(timed or signalled)
 
 
@@ -890,7 +901,7 @@ def before_step(step: int, start_step: int, end_step: int, log_interval: int, ev
       has passed; the deadline is asked only on log steps (`step % log_interval == 0`) after the
       segment's first step, so a segment always trains at least one step and the collective it
       costs comes once per log, not per step;
-    - stop at once after a SIGTERM (`Deadline.interrupted`; under torch.distributed at the next
+    - stop at once after a SIGTERM or SIGINT (`Deadline.interrupted`; under torch.distributed at the next
       log step, `Deadline.passed`), without evaluating: a scheduler's grace period is short;
     - evaluate at step 0, every `eval_interval` steps and when stopping, but not at the step a
       resumed segment starts from (it was evaluated before that checkpoint was saved) unless

@@ -609,10 +609,14 @@ def test_a_training_state_as_codec_checkpoint_names_the_export_beside_it(setup, 
                     f"training state; load {tmp_path / 'best.safetensors'} beside it (its weights, exported for loading)")
 
 
-def test_a_sigterm_to_the_process_group_saves_the_step_reached_and_the_run_resumes_from_it(setup, tmp_path):
+@pytest.mark.parametrize("name, status", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_sigterm_to_the_process_group_saves_the_step_reached_and_the_run_resumes_from_it(setup, tmp_path, name,
+                                                                                           status):
     """SIGTERM to the trainer's whole process group (as Slurm sends it: the DataLoader workers get
     it too) once it trains: it stops at the next step with its checkpoint saved, one line saying so
-    and exit status 143, no traceback; the same command then resumes from that step."""
+    and exit status 143, no traceback; the same command then resumes from that step. A Ctrl-C in
+    the terminal (SIGINT to the group) the same, exit status 130: it was a KeyboardInterrupt
+    traceback, and every step since the last save lost."""
     import signal
     import time
     run_dir = tmp_path / "run"
@@ -626,16 +630,16 @@ def test_a_sigterm_to_the_process_group_saves_the_step_reached_and_the_run_resum
             if (run_dir / "metrics.jsonl").is_file() and '"train/total"' in (run_dir / "metrics.jsonl").read_text():
                 break
         time.sleep(0.5)
-        os.killpg(trainer.pid, signal.SIGTERM)
+        os.killpg(trainer.pid, signal.Signals[name])
         out = line + trainer.stdout.read()
-        assert trainer.wait(timeout=120) == 143, out[-3000:]
+        assert trainer.wait(timeout=120) == status, out[-3000:]
     finally:
         if trainer.poll() is None:
             os.killpg(trainer.pid, signal.SIGKILL)
     assert "Traceback" not in out and "Error" not in out, out[-3000:]
     stopped = torch.load(run_dir / "latest.pt", weights_only=False)["step"]
     assert 0 < stopped < 10_000
-    assert f"SIGTERM received: stopped at step {stopped}, which latest.pt holds; run the same command" in out
+    assert f"{name} received: stopped at step {stopped}, which latest.pt holds; run the same command" in out
     assert not any(line.startswith('{"eval"') for line in out.splitlines())  # no evaluation on the way out
     log, _ = train(base_args(setup, run_dir, duplex=False, stage="lm", max_steps=10_000, eval_interval=10_000,
                              save_interval=10_000, stop_step=stopped + 1, sample_seconds=0))

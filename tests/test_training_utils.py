@@ -299,14 +299,14 @@ def test_the_deadline_is_asked_on_log_steps_only_and_never_at_a_segment_start():
 
 
 def test_a_sigterm_in_the_loop_stops_at_the_next_step_saving_without_evaluating():
-    """A real SIGTERM to this process inside `catching_sigterm`: the process lives on, the next
+    """A real SIGTERM to this process inside `catching_signals`: the process lives on, the next
     step (not a log step) stops and saves without evaluating; the handler is put back after."""
     before = signal.getsignal(signal.SIGTERM)
     quiet = Deadline(0, CPU)
-    with quiet.catching_sigterm():
+    with quiet.catching_signals():
         assert schedule(quiet, max_steps=3) == ([3], [0, 3], [3])  # nothing received: the usual schedule
     deadline = Deadline(0, CPU)
-    with deadline.catching_sigterm():
+    with deadline.catching_signals():
         stops, evals, saves = [], [], []
         for step in range(0, 12):
             if step == 5:
@@ -322,9 +322,31 @@ def test_a_sigterm_in_the_loop_stops_at_the_next_step_saving_without_evaluating(
     assert "SIGTERM received: stopped at step 5, which latest.pt holds" in stop_message(5, 12, 0, 0, "SIGTERM")
     # received before a resumed segment's first step: it stops there, with nothing to save
     deadline = Deadline(0, CPU)
-    with deadline.catching_sigterm():
+    with deadline.catching_signals():
         os.kill(os.getpid(), signal.SIGTERM)
         assert schedule(deadline, start_step=6) == ([6], [], [])
+    # Ctrl-C (SIGINT) the same: it was a KeyboardInterrupt traceback mid-step, losing every step since the last
+    # save; a second one is a KeyboardInterrupt again (run_script's one line)
+    deadline = Deadline(0, CPU)
+    with deadline.catching_signals():
+        os.kill(os.getpid(), signal.SIGINT)
+        assert schedule(deadline, max_steps=12) == ([0], [], []) and deadline.stopped_by == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert "SIGINT received: stopped at step 5, which latest.pt holds" in stop_message(5, 12, 0, 0, "SIGINT")
+    assert "(the script exits with 130)" in stop_message(5, 12, 0, 0, "SIGINT")
+
+
+def test_ctrl_c_outside_the_loop_is_one_line_and_exit_status_130(tmp_path):
+    """A Ctrl-C while a trainer loads or encodes (the encoding keeps what it has committed) was a
+    KeyboardInterrupt traceback; run_script ends it with one line and exit status 130."""
+    import subprocess
+    import sys
+    code = "from model.training import run_script\ndef main():\n    raise KeyboardInterrupt\nrun_script(main)\n"
+    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 130 and r.stderr == "interrupted (Ctrl-C): run the same command to resume\n", r.stderr
 
 
 def test_only_the_evaluation_of_the_step_saved_ranks_it_for_best(tmp_path):
