@@ -124,7 +124,7 @@ def test_ctrl_c_lets_the_running_step_stop_on_its_own_and_is_one_line(tmp_path):
     a second to), and demo.py says in one line how to go on, exit status 130."""
     folder = scratch_copy(tmp_path)
     (folder / "data/demo/prepare.py").write_text(
-        "import time\nprint('started', flush=True)\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
+        "import time\ntry:\n    print('started', flush=True)\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
         "    time.sleep(1)\n    open('stopped', 'w').write('on its own')\n    raise SystemExit(130)\n")
     demo = subprocess.Popen([sys.executable, "demo.py"], cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
