@@ -147,7 +147,7 @@ class Conversation:
                     elif kind in ("replay", "live"):
                         self.replaying = kind == "replay"
                     elif kind == "error":
-                        log(f"server: {m.get('message')}")
+                        log(f"server: {shown(m.get('message'))}")
                 self.answered.set()
         except websockets.ConnectionClosedError:
             pass
@@ -164,6 +164,13 @@ class Conversation:
     def summary(self) -> dict:
         return {"replies": self.replies, "replayed": self.replayed, "timed": len(self.rtt),
                 **latency_summary(self.rtt), "sent": self.sent, "dropped_by_server": self.dropped}
+
+
+def shown(text) -> str:
+    """Text the server sent (a close reason, an error's message), as printed: at most 300
+    characters, and its control characters escaped (`\\x1b`), so a hostile server cannot send
+    escape sequences to the user's terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text)[:300])
 
 
 def server_notice(text: str) -> dict:
@@ -228,7 +235,7 @@ async def start(args, on_audio, on_dropped=lambda n: None) -> Conversation:
                 raise SystemExit(f"error: the server did not answer set_params within --reply-timeout "
                                  f"({args.reply_timeout:g} s)") from None
             if reply["type"] == "error":
-                raise SystemExit(f"error: {reply.get('message') or 'the server refused set_params'}")
+                raise SystemExit(f"error: {shown(reply.get('message') or 'the server refused set_params')}")
             if not isinstance(reply.get("params"), dict):
                 raise ValueError(f"an answer to set_params without the session's params: {json.dumps(reply)[:80]}")
             log("sampling: " + ", ".join(f"{k}={v}" for k, v in reply["params"].items()))
@@ -250,7 +257,7 @@ def close_reason(ws) -> str:
     if code == 1006:  # no closing handshake: the server died or the network went away
         return "the connection to the server was lost (1006)"
     reason = ws.close_reason or {CLOSE_RESTART: SHUTDOWN_REASON}.get(code, "")  # (a close by uvicorn itself gives none)
-    return f"the server closed the session: {code} {reason}".strip()
+    return f"the server closed the session: {code} {shown(reason)}".strip()
 
 
 # --- file mode ---------------------------------------------------------------------------------

@@ -339,6 +339,25 @@ def test_a_peer_that_is_not_a_hertz_dev_server_is_one_error_line(server, tmp_pat
                                                   f"not a JSON object: {reply[:80]!r}\n"), r.stderr
 
 
+def test_what_a_server_sends_reaches_the_terminal_without_control_characters(tmp_path):
+    """A server's error messages and close reason were printed as sent, so a hostile server could
+    send escape sequences to the user's terminal (clear it, retitle it). Their control characters
+    are printed escaped."""
+    sf.write(tmp_path / "in.wav", speech_like(0.5), 16000)
+
+    async def hostile(ws):
+        await ws.recv()
+        await ws.send(json.dumps({"type": "error", "message": "\x1b[2Jcleared"}))
+        await ws.close(1008, "\x1b]0;owned\x07 bye")
+
+    with peer(hostile) as where:
+        r = run_client("--server", where, "--input-wav", tmp_path / "in.wav", "--output-wav", tmp_path / "o.wav",
+                       "--no-realtime", timeout=30)
+    assert r.returncode == 1 and "\x1b" not in r.stderr + r.stdout and "\x07" not in r.stderr, r.stderr
+    assert "server: \\x1b[2Jcleared" in r.stderr, r.stderr
+    assert r.stderr.splitlines()[-1] == "error: the server closed the session: 1008 \\x1b]0;owned\\x07 bye", r.stderr
+
+
 @pytest.mark.parametrize("end", ["1012", "lost"])
 def test_a_server_gone_mid_session_is_named_and_the_conversation_kept(tmp_path, end):
     """A server that answers 3 chunks, then shuts down (1012, uvicorn gives no reason) or vanishes
