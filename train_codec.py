@@ -63,7 +63,7 @@ from model.plots import plot_metrics, save_mel_figure
 from model.training import (Checkpoints, Deadline, Dist, Logger, all_reduce_mean, autocast, before_step, FiniteGuard,
                             check_architecture, check_data_paths, check_folders, check_outside_data, check_trainer,
                             check_resumable, check_schedule, cosine_lr, finished, last_step, load_training_state,
-                            loss_scaler, move_aside, preload_limit_gb, resource_notes, rng_state, run_script,
+                            loss_scaler, preload_limit_gb, resource_notes, rng_state, run_script,
                             schedule_notes, seed_everything, set_rng_state, setup_distributed, StepTimer, state_to_load,
                             stop_message, teardown_distributed, unwrap, validation_key, window_peak_gb)
 
@@ -121,9 +121,8 @@ def main(argv=None) -> dict:
         if init.discriminators is not None:
             discriminators.load_state_dict(init.discriminators)
         source, init = init.label, None  # (the weights are the modules' now)
-    if is_main and not cfg.resume and not cfg.eval_only and (old := move_aside(run_dir)):
+    if is_main and not cfg.resume and not cfg.eval_only and (old := checkpoints.move_aside()):
         say(f"resume=false: moved the previous run in {run_dir} to {old}")
-        checkpoints.hold()  # (the lock moved aside with the old run)
     say(f"codec: {sum(p.numel() for p in generator.parameters()) / 1e6:.2f}M parameters, discriminators: "
         f"{sum(p.numel() for p in discriminators.parameters()) / 1e6:.2f}M; weights from {source}")
 

@@ -59,7 +59,7 @@ from model.quant import quantize_model
 from model.training import (Checkpoints, ConfigMismatch, Deadline, Dist, FiniteGuard, Logger, all_reduce_mean,
                             autocast, before_step, check_architecture, check_data_paths, check_finite_step,
                             check_folders, check_outside_data, check_resumable, check_schedule, check_trainer,
-                            cosine_lr, finished, last_step, load_training_state, loss_scaler, move_aside, run_script,
+                            cosine_lr, finished, last_step, load_training_state, loss_scaler, run_script,
                             resource_notes, schedule_notes, setup_distributed, state_to_load, stop_message, teardown_distributed,
                             validation_key, window_peak_gb)
 
@@ -110,9 +110,8 @@ def main(argv=None) -> dict:
     codec = rank0_first(lambda: frozen_codec(cfg, device))  # rank 0 downloads the official codec if missing
     fingerprint = codec_fingerprint(codec)
     check_codec(state, latest, cfg, fingerprint, say)
-    if is_main and not cfg.resume and not cfg.eval_only and (old := move_aside(run_dir)):
+    if is_main and not cfg.resume and not cfg.eval_only and (old := checkpoints.move_aside()):
         say(f"resume=false: moved the previous run in {run_dir} to {old}")
-        checkpoints.hold()  # (the lock moved aside with the old run)
     train_set, val_set = build_data(cfg, codec, fingerprint, say)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     if (state is None or lora) and cfg.init_from:  # a LoRA run's state holds the adapters, not the base

@@ -545,6 +545,7 @@ class Checkpoints:
         self.export_suffix = export_suffix  # ".adapter.safetensors" for LoRA runs (model/finetune.py)
         self.keep = keep
         self.lower_is_better = lower_is_better
+        self.held = False  # this process holds the folder's run lock (`hold`)
 
     @property
     def latest(self) -> Optional[Path]:
@@ -577,6 +578,7 @@ class Checkpoints:
         (a trainer's `main` called again, after `move_aside` too) takes it again. A file system
         without locks goes unlocked."""
         import fcntl
+        self.held = True  # (`move_aside` takes it again in the fresh folder)
         path = self.folder / ".run.lock"
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -592,6 +594,14 @@ class Checkpoints:
         except OSError:
             pass  # no locks here
         # (the descriptor stays open: closing any descriptor of the file would release the lock)
+
+    def move_aside(self) -> Optional[Path]:
+        """`move_aside(self.folder)` (resume=false); the run's lock, which went with the old run's
+        folder, is taken again in the fresh one."""
+        old = move_aside(self.folder)
+        if old is not None and self.held:
+            self.hold()
+        return old
 
     @property
     def best(self) -> Optional[Path]:
