@@ -170,7 +170,11 @@ def main(argv=None) -> int:
                     cuda_graphs=False if args.no_cuda_graphs else None, kv_dtype=args.kv_dtype)
     audio = torch.from_numpy(prompt)[None].expand(args.num, -1, -1)
     t0 = time.time()
-    out = gen.complete(audio, steps, args.params, seed=args.seed, encode=args.encode, progress=True)
+    try:
+        out = gen.complete(audio, steps, args.params, seed=args.seed, encode=args.encode, progress=True)
+    except ValueError as e:  # the arguments are checked above: the codec's latents of this prompt (encode_frames)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     elapsed = time.time() - t0
     if args.continuation_only:
         out = out[..., frames * hop:]

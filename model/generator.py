@@ -22,14 +22,9 @@ from .cuda_graphs import StepKey
 from .decode import Engine, decode_step, prompt_prefill, slide
 from .protocol import SEED_MAX
 from .sampling import SamplingParams, row_seed
-from .stream_codec import decode_frames, encode_frames
+from .stream_codec import MAX_LATENT_MAGNITUDE, decode_frames, encode_frames
 
 ParamsLike = Union[SamplingParams, Sequence[SamplingParams]]
-
-# Codec latents are about unit scale (the codec's KL term keeps them near N(0, 1)); a prompt of
-# latents beyond this is a mis-scaled or garbage array, and from about 1e19 the model's float32
-# (bf16: the same range) arithmetic overflows to NaN, which the completion then is, silently.
-MAX_LATENT_MAGNITUDE = 1e4
 
 
 def completion_steps(seconds: float, sample_rate: int = 16000, hop: int = 2000) -> int:

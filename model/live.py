@@ -153,6 +153,8 @@ class LiveEngine(Engine):
         seed = int(torch.randint(0, 2 ** 62, ()).item()) if seed is None else int(seed)
         if not 0 <= seed < 2 ** 63:
             raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+        if prompt is not None:  # before the row is touched: latents the model cannot take are a ValueError
+            frames = encode_frames(self.model.codec, prompt[None], self.encode, st.seed.new_tensor([seed]))[0]  # (T, 2 Z)
         view = st.row(row)
         st.reset(row, seed, params)  # its KV caches, frames and tokens zeroed too
         self._top_p[row] = params.top_p < 1
@@ -164,8 +166,6 @@ class LiveEngine(Engine):
         if prompt is None and prompt_latents is None:
             self.m[row] = self.silence
             return
-        if prompt is not None:
-            frames = encode_frames(self.model.codec, prompt[None], self.encode, view.seed)[0]  # (T, 2 Z)
         x = prompt_prefill(self.model, view, frames)
         nxt, _ = decode_step(self.model, view, x, self.graphs.key(frames.shape[0], True).window)
         view.host_pos += 1

@@ -14,6 +14,7 @@ paused, reset (`reset(rows)`) and warm-started (`row(r)`) independently.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Optional, Union
 
 import torch
@@ -23,6 +24,11 @@ from torch import Tensor
 
 from .codec import CausalConv1d, CausalConvTranspose1d, CausalResUnit, Codec, CodecStream, ResNetBlock
 from .sampling import PROMPT_STREAM, counter_normal
+
+# Codec latents are about unit scale (the codec's KL term keeps them near N(0, 1)); a prompt of
+# latents beyond this is a mis-scaled or garbage array, and from about 1e19 the model's float32
+# (bf16: the same range) arithmetic overflows to NaN, which the completion then is, silently.
+MAX_LATENT_MAGNITUDE = 1e4
 
 
 def _weight(m: nn.Module) -> Tensor:
@@ -238,7 +244,10 @@ def encode_frames(codec: Codec, audio: Tensor, mode: str = "sample", seed: Optio
     """(B, C, N) audio (N a multiple of 2000) -> (B, N/2000, C*Z) frames, channel by channel.
     mode "sample": a draw from the codec posterior, as the original tokenizer (noise from the
     rows' `seed` (B,), counter-based); "mean": its mean. `stream` (encoders of B*C streams, for a
-    batch of one channel) continues a streaming encoder."""
+    batch of one channel) continues a streaming encoder. A ValueError when the codec makes latents
+    the model cannot take of this (finite) audio: NaN, inf or beyond `MAX_LATENT_MAGNITUDE` (an
+    untrained or diverged codec; loud audio through one overflows its posterior's exp(logvar / 2)),
+    which would be a completion of NaN audio. One reduction and one host sync per prompt."""
     if mode not in ("sample", "mean"):  # before the encoding
         raise ValueError(f"encode mode must be 'sample' or 'mean', got {mode!r}")
     B, C, N = audio.shape
@@ -248,6 +257,12 @@ def encode_frames(codec: Codec, audio: Tensor, mode: str = "sample", seed: Optio
         seed = seed if seed is not None else torch.zeros(B, dtype=torch.int64, device=mu.device)
         eps = counter_normal(seed, torch.zeros_like(seed), PROMPT_STREAM, C * T * Z).view(B * C, T, Z)
         mu = Codec.sample(mu, logvar, eps=eps)
+    peak = float(mu.abs().amax())
+    if not peak <= MAX_LATENT_MAGNITUDE:  # NaN too
+        made = "NaN or infinite latents" if not math.isfinite(peak) else f"latents peaking at {peak:.4g}"
+        raise ValueError(f"the codec encodes this prompt audio to {made} (codec latents are about unit scale, at "
+                         f"most {MAX_LATENT_MAGNITUDE:g}), of which the model would make NaN audio: an untrained or "
+                         "diverged codec? use the codec the model was trained with, or another checkpoint of it")
     return mu.view(B, C, T, Z).transpose(1, 2).reshape(B, T, C * Z)
 
 

@@ -106,6 +106,21 @@ def test_bad_inputs_are_clear_errors(ckpts, tmp_path, capsys):
 
 
 
+def test_a_prompt_the_codec_encodes_to_non_finite_latents_is_one_error_line_and_no_file(ckpts, tmp_path, capsys):
+    """A float WAV peaking at 500 (finite, within what a prompt may hold) through the tiny untrained
+    codec: its posterior's exp(logvar / 2) overflows to inf latents, and complete.py wrote a
+    completion of NaN audio without a word. Now one error line naming the codec's latents, and no file."""
+    import complete
+
+    sf.write(tmp_path / "loud.wav", 500 * np.sin(np.arange(16000) / 3.0), 16000, subtype="FLOAT")
+    out = tmp_path / "o.wav"
+    assert complete.main([str(tmp_path / "loud.wav"), str(out), "--variant", ckpts["mono"], "--seconds", "0.25"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("error: the codec encodes this prompt audio to NaN or infinite latents (codec latents "
+                              "are about unit scale, at most 10000)"), err
+    assert not out.exists()
+
+
 def test_a_pt_state_dict_names_the_flag_that_loads_the_official_weights_by_name(ckpts, tmp_path, capsys):
     """An official-style .pt given as --variant or --codec: the hint named the Python API
     (load_hertz_dev('duplex' | ...), load_codec('official')) to a user of the command line; it

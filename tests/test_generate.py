@@ -220,6 +220,24 @@ def test_a_prompt_of_huge_latents_is_refused_and_leaves_the_engine_usable(mono):
 
 
 @torch.no_grad()
+def test_prompt_audio_the_codec_encodes_to_non_finite_latents_is_refused_before_any_row_changes(mono):
+    """Finite prompt audio (peak 500, within MAX_SAMPLE_MAGNITUDE) through the tiny untrained codec
+    overflows its posterior to inf latents: Generator.complete returned NaN audio, and the live
+    engine's reset prefilled them into a row it had already marked occupied. Now encode_frames
+    refuses them (a ValueError naming the codec's latents), before the live row is touched."""
+    from model import LiveEngine
+    loud = 500 * torch.sin(torch.arange(4000) / 3.0)
+    gen = Generator(mono, batch_size=1)
+    with pytest.raises(ValueError, match="the codec encodes this prompt audio to NaN or infinite latents"):
+        gen.complete(loud[None, None], 2)
+    assert torch.isfinite(gen.complete(loud[None, None] / 500, 2, seed=0)).all()  # the same audio, at full scale
+    live = LiveEngine(tiny(True), max_sessions=1, compile=False)
+    with pytest.raises(ValueError, match="the codec encodes this prompt audio to NaN or infinite latents"):
+        live.reset(0, prompt=torch.stack([loud, loud]))
+    assert not live.occupied[0] and int(live.state.host_pos[0]) == 0
+
+
+@torch.no_grad()
 def test_prompt_audio_must_be_float_audio_at_its_scale(mono):
     """int16 PCM, or PCM made float without scaling, gave non-finite audio: now one error saying
     what to do; a numpy array (or float64) is taken as the same tensor would be."""
