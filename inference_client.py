@@ -40,7 +40,7 @@ import numpy as np
 from config import ArgumentParser
 from model.protocol import (CHUNK, CHUNK_BYTES, CLOSE_RESTART, JITTER, PARAM_NAMES, PARAM_RANGES, SAMPLE_RATE,
                             SEED_MAX, SHUTDOWN_REASON, check_param, describe_range, float_to_pcm, percentiles,
-                            redact_tokens)
+                            query_seed, redact_tokens)
 
 # The command-line flags of each sampling parameter (the original client's names too).
 PARAM_FLAGS = {"token_temp": ("--token-temp", "--token_temp", "-t1"),
@@ -51,7 +51,9 @@ PARAM_FLAGS = {"token_temp": ("--token-temp", "--token_temp", "-t1"),
 
 
 def audio_url(server: str, seed: Optional[int] = None) -> str:
-    """ws://host:port[/audio] (http(s):// is accepted too) -> the websocket URL of /audio."""
+    """ws://host:port[/audio] (http(s):// is accepted too) -> the websocket URL of /audio, with
+    `seed` as its ?seed=; a ValueError for an address the server would refuse (a seed given twice,
+    in it and as `seed`, or out of range included)."""
     if "://" not in server:
         server = "ws://" + server
     u = urllib.parse.urlsplit(server)
@@ -70,6 +72,15 @@ def audio_url(server: str, seed: Optional[int] = None) -> str:
     query = urllib.parse.parse_qsl(u.query)
     if seed is not None:
         query.append(("seed", str(seed)))
+    seeds = [value for name, value in query if name == "seed"]
+    if len(seeds) > 1:  # the server refuses a seed given twice, once connected
+        also = " and --seed" if seed is not None else ""
+        raise ValueError(f"--server {server!r} has a ?seed={also}: give the seed once")
+    for value in seeds:  # the server's rule, found before connecting
+        try:
+            query_seed(value)
+        except ValueError as e:
+            raise ValueError(f"--server {server!r}: {e}") from None
     return urllib.parse.urlunsplit((scheme, u.netloc, path, urllib.parse.urlencode(query), ""))
 
 
@@ -665,8 +676,10 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if bool(args.input_wav) != bool(args.output_wav):
         raise SystemExit("error: --input-wav and --output-wav go together")
+    if args.seed is not None and not 0 <= args.seed < SEED_MAX:  # the server's range: refused before connecting
+        raise SystemExit(f"error: --seed must be an integer in [0, 2**63), got {args.seed}")
     try:
-        audio_url(args.server)
+        audio_url(args.server, args.seed)
         for name in PARAM_NAMES:  # found here, before connecting
             if getattr(args, name) is not None:
                 check_param(name, getattr(args, name))
@@ -691,8 +704,6 @@ def parse_args(argv=None):
     if args.token and not args.token.isprintable():  # an HTTP header cannot carry it
         raise SystemExit("error: --token (or $HERTZ_TOKEN) holds a control character: a newline or carriage return "
                          "read from a file?")
-    if args.seed is not None and not 0 <= args.seed < SEED_MAX:  # the server's range: refused before connecting
-        raise SystemExit(f"error: --seed must be an integer in [0, 2**63), got {args.seed}")
     return args
 
 

@@ -204,7 +204,13 @@ def test_bad_flags_are_one_error_line_before_connecting(tmp_path):
                            (("--server", "ws://127.0.0.1:99999"), "--server 'ws://127.0.0.1:99999': Port out of range 0-65535"),
                            (("--server", "ws://h:port"), "--server 'ws://h:port': Port could not be cast to integer value as 'port'"),
                            (("--token", "t0ken\r"), "--token (or $HERTZ_TOKEN) holds a control character: a newline or "
-                                                    "carriage return read from a file?")):
+                                                    "carriage return read from a file?"),
+                           # These the server refused once connected (a seed given twice, or not one).
+                           (("--server", "ws://127.0.0.1:9/audio?seed=1", "--seed", "2"),
+                            "--server 'ws://127.0.0.1:9/audio?seed=1' has a ?seed= and --seed: give the seed once"),
+                           (("--server", "ws://127.0.0.1:9/audio?seed=-5"),
+                            "--server 'ws://127.0.0.1:9/audio?seed=-5': seed must be a decimal integer in [0, 2**63), "
+                            "got '-5'")):
         r = run_client(*common, *flags, timeout=30)
         assert r.returncode != 0 and r.stderr == f"error: {message}\n", (flags, r.stderr)
         assert not (tmp_path / "o.wav").exists()
@@ -471,6 +477,9 @@ def test_live_mode_without_audio_devices_says_so():
 def test_audio_url():
     assert client.audio_url("ws://h:8000") == "ws://h:8000/audio"
     assert client.audio_url("http://h:8000/", seed=3) == "ws://h:8000/audio?seed=3"
+    assert client.audio_url("ws://h:8000/audio?seed=4") == "ws://h:8000/audio?seed=4"
+    with pytest.raises(ValueError, match="has a \\?seed=: give the seed once"):
+        client.audio_url("ws://h:8000/audio?seed=4&seed=4")
     assert client.audio_url("https://h/x/audio") == "wss://h/x/audio"
     assert client.audio_url("127.0.0.1:8000") == "ws://127.0.0.1:8000/audio"
     with pytest.raises(ValueError):
