@@ -1470,9 +1470,12 @@ def load_engine(args):
     # the prompt is prefilled with room for one more latent: its last context - 1 chunks at most
     prompt = None if args.prompt_path is None else load_prompt_file(args.prompt_path, (args.max_len or cfg.seq_len) - 1)
     t0 = time.monotonic()
-    model = load_hertz_dev(source, device=device, dtype=dtype, ckpt_dir=args.ckpt_dir, offline=args.offline or None,
-                           codec=args.codec, adapter=args.adapter, verify=not args.no_verify,
-                           quantize=args.quantize)
+    try:  # the arguments are checked: a ValueError is about the weights (a layer --quantize cannot make), as complete.py
+        model = load_hertz_dev(source, device=device, dtype=dtype, ckpt_dir=args.ckpt_dir,
+                               offline=args.offline or None, codec=args.codec, adapter=args.adapter,
+                               verify=not args.no_verify, quantize=args.quantize)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     from model.quant import TINYGEMM_MAX_ROWS, quantization_of
     mode = (quantization_of(model) or {}).get("mode")  # the weights' own: a checkpoint saved quantized, without --quantize
     log.info("loaded %s on %s in %.1f s%s%s", source, device, time.monotonic() - t0,

@@ -360,7 +360,7 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
         codec_file = [hub.CODEC] if codec_source is not None and str(codec_source) == "official" else []
         paths = hub.official_files([hub.QUANTIZER, lm_name, resynth_name] + codec_file, ckpt_dir, offline, endpoint)
         for part, name in (("quantizer", hub.QUANTIZER), ("lm", lm_name), ("resynth", resynth_name)):
-            state = _quantized(getattr(model, part), hub.load_state_dict(paths[name]), quantize, device, dtype)
+            state = _quantized(getattr(model, part), hub.load_state_dict(paths[name]), quantize, device, dtype, part)
             _fill(getattr(model, part), state, device, dtype, str(paths[name]))
     else:
         if recorded:
@@ -381,7 +381,7 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
         for part in ("quantizer", "lm", "resynth"):
             module, sub = getattr(model, part), substate(state, part)
             if not recorded:
-                sub = _quantized(module, sub, quantize, device, dtype)
+                sub = _quantized(module, sub, quantize, device, dtype, part)
             _fill(module, sub, device, dtype, f"{source} ({part})")
     if codec_source is not None:
         model.codec = load_codec(codec_source, device, dtype, ckpt_dir, offline, endpoint, codec_config, verify)
@@ -406,15 +406,15 @@ def write_transformer(path: Union[str, os.PathLike], model: HertzDev, codec_sour
                   quantization_of(model))
 
 
-def _quantized(module: nn.Module, state: dict, quantize: Optional[str], device, dtype) -> dict:
-    """With `quantize`, turn the meta-built `module`'s Linears into empty quantized layers and
-    return `state` with their weights quantized on `device` (layer by layer), the scales in the
-    model's `dtype`; else `state`."""
+def _quantized(module: nn.Module, state: dict, quantize: Optional[str], device, dtype, part: str) -> dict:
+    """With `quantize`, turn the meta-built `module` (the model's `part`)'s Linears into empty
+    quantized layers and return `state` with their weights quantized on `device` (layer by layer),
+    the scales in the model's `dtype`; else `state`."""
     if quantize is None:
         return state
     plan = quantization_plan(module, quantize)
     apply_plan(module, plan, quantize=False)
-    return quantize_state(state, plan, device, dtype)
+    return quantize_state(state, plan, device, dtype, f"{part}.")
 
 
 def save_transformer(path: Union[str, os.PathLike], model: HertzDev, codec_source: Optional[str] = None,

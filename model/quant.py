@@ -110,13 +110,15 @@ def unpack_nibbles(packed: Tensor) -> Tensor:
     return torch.stack([packed >> 4, packed & 15], dim=-1).view(packed.shape[0], -1)
 
 
-def quantized_tensors(w: Tensor, spec: str, device=None, dtype: Optional[torch.dtype] = None) -> dict[str, Tensor]:
+def quantized_tensors(w: Tensor, spec: str, device=None, dtype: Optional[torch.dtype] = None,
+                      name: str = "weight") -> dict[str, Tensor]:
     """The state-dict tensors (`qweight`, `scale` or `scales_and_zeros`) of float weight w (N, K)
     quantized as `spec` ("int8" or "int4/<group size>"), computed on `device` (default: w's), the
     scales in `dtype` (default: w's; the model's, which the weights are rounded against).
     w may be a memory-mapped CPU tensor and device a GPU: it is read, moved and quantized a few
     rows at a time into the preallocated outputs, so the float scratch stays small whatever the
-    layer's size."""
+    layer's size. A ValueError naming the layer (`name`) when a scale or zero point is NaN or inf
+    (weights holding NaN or inf, or beyond what `dtype` holds): the layer would output NaN."""
     device, dtype = device or w.device, dtype or w.dtype
     kind, group = parse_spec(spec)
     N, K = w.shape
@@ -127,12 +129,21 @@ def quantized_tensors(w: Tensor, spec: str, device=None, dtype: Optional[torch.d
         scale = torch.empty(N, dtype=dtype, device=device)
         for r, chunk in rows:
             q[r:r + step], scale[r:r + step] = quantize_int8(chunk, dtype)
-        return {"qweight": q, "scale": scale}
-    q = torch.empty(N, K // 2, dtype=torch.uint8, device=device)
-    sz = torch.empty(K // group, N, 2, dtype=dtype, device=device)
-    for r, chunk in rows:
-        q[r:r + step], sz[:, r:r + step] = quantize_int4(chunk, group, dtype)
-    return {"qweight": q, "scales_and_zeros": sz}
+        out = {"qweight": q, "scale": scale}
+    else:
+        q = torch.empty(N, K // 2, dtype=torch.uint8, device=device)
+        sz = torch.empty(K // group, N, 2, dtype=dtype, device=device)
+        for r, chunk in rows:
+            q[r:r + step], sz[:, r:r + step] = quantize_int4(chunk, group, dtype)
+        out = {"qweight": q, "scales_and_zeros": sz}
+    scales = out.get("scale", out.get("scales_and_zeros"))
+    if not bool(torch.isfinite(scales).all()):  # one host sync per layer, while quantizing
+        cause = ("its weights hold NaN or inf" if not bool(torch.isfinite(w).all())
+                 else f"its weights are beyond what {dtype} scales hold")
+        what = "scales" if kind == "int8" else "scales or zero points"
+        raise ValueError(f"{name}: quantized as {spec}, its {what} would be NaN or inf ({cause}): "
+                         "quantize a model of finite weights")
+    return out
 
 
 def dequantize_int8(qweight: Tensor, scale: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -423,7 +434,7 @@ def apply_plan(module: nn.Module, plan: Mapping[str, str], quantize: bool = True
         layer = make_layer(spec, lin.in_features, lin.out_features, lin.bias is not None, w.device, w.dtype)
         if quantize and not w.is_meta:
             with torch.no_grad():
-                state = quantized_tensors(w.detach(), spec)  # the scales in the weights' dtype
+                state = quantized_tensors(w.detach(), spec, name=path)  # the scales in the weights' dtype
                 if lin.bias is not None:
                     state["bias"] = lin.bias.detach().clone()
             layer.load_state_dict(state, strict=True)
@@ -465,17 +476,19 @@ def mode_of(layers: Mapping[str, str]) -> Optional[str]:
 
 
 def quantize_state(state: Mapping[str, Tensor], plan: Mapping[str, str], device,
-                   dtype: Optional[torch.dtype] = None) -> dict[str, Tensor]:
+                   dtype: Optional[torch.dtype] = None, prefix: str = "") -> dict[str, Tensor]:
     """A float state dict as the state dict of the same module quantized by `plan`: each planned
     layer's `weight` is read (from a memory-mapped file, say), quantized on `device` a few rows at
     a time and dropped, one layer after another, so no full float copy exists anywhere. The scales
     are in `dtype` (the model's; default: each weight's), which the weights are rounded against.
-    Other entries are passed through as they are."""
+    Other entries are passed through as they are. A layer whose scales would be NaN or inf is a
+    ValueError naming it (`prefix` + its path: "lm." for the LM's state)."""
     out = {}
     for key in list(state.keys()):
         layer, _, leaf = key.rpartition(".")
         if leaf == "weight" and layer in plan:
-            out.update({f"{layer}.{k}": v for k, v in quantized_tensors(state[key], plan[layer], device, dtype).items()})
+            out.update({f"{layer}.{k}": v
+                        for k, v in quantized_tensors(state[key], plan[layer], device, dtype, prefix + layer).items()})
         else:
             out[key] = state[key]
     return out

@@ -5,6 +5,7 @@ the CUDA kernels (Triton, in CUDA graphs and under torch.compile) are checked wh
 import copy
 import dataclasses
 import hashlib
+import re
 
 import pytest
 import torch
@@ -279,6 +280,25 @@ def test_quantizing_while_loading_equals_quantizing_after(mode, tmp_path, monkey
     plex = plex_codes(after.quantizer, x, True)
     for got, want in zip(outputs(while_loading, x, plex), outputs(after, x, plex)):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@torch.no_grad()
+def test_quantizing_weights_that_hold_nan_is_an_error_naming_the_layer(mode, tmp_path, monkeypatch):
+    """One NaN weight gave its layer NaN scales (int8) or scales and zero points (int4), silently:
+    a quantized model that outputs NaN. Now a ValueError naming the layer, from quantize_model and
+    from load_hertz_dev(quantize=) of official-layout files (their md5 is all they are checked by)."""
+    layer = "lm.layers.0.attn.attn.proj_qkv"  # int4 in groups of 128 at this width
+    model = float_model()
+    model.get_submodule(layer).weight[5, 7] = float("nan")
+    folder = official_files(tmp_path, monkeypatch, model)
+    message = (f"{layer}: quantized as {'int8' if mode == 'int8' else 'int4/128'}, its "
+               f"{'scales' if mode == 'int8' else 'scales or zero points'} would be NaN or inf (its weights hold NaN "
+               "or inf): quantize a model of finite weights")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        quantize_model(model, mode)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_hertz_dev("duplex", quantize=mode, ckpt_dir=folder, offline=True, codec=None, config=CFG)
 
 
 def test_unknown_quantize_mode_is_refused_before_loading(tmp_path):

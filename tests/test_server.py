@@ -1380,6 +1380,23 @@ def test_cli_refuses_a_corrupted_checkpoint_unless_told_not_to_verify(model, tmp
     assert "address already in use" in r.stderr.lower(), r.stderr[-2000:]
 
 
+def test_cli_quantizing_a_weight_that_holds_nan_is_one_error_line_naming_the_layer(model, tmp_path):
+    """--quantize on a checkpoint holding a NaN weight, loaded with --no-verify (verifying refuses
+    the file): the quantized layer's scales were NaN, silently; now model.quant's ValueError naming
+    the layer, as one error line (it reached the server as a traceback)."""
+    from live_server import save_tiny
+    from test_checkpoint import rewritten
+
+    def poisoned(state):
+        state["lm.layers.0.attn.attn.proj_qkv.weight"][0, 0] = float("nan")
+        return state
+    checkpoint = rewritten(save_tiny(model, tmp_path / "ckpt"), tmp_path / "ckpt" / "nan.safetensors", state=poisoned)
+    r = run_cli("--checkpoint", str(checkpoint), "--device", "cpu", "--no-verify", "--quantize", "int8")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.splitlines()[-1] == ("error: lm.layers.0.attn.attn.proj_qkv: quantized as int8, its scales would be "
+                                         "NaN or inf (its weights hold NaN or inf): quantize a model of finite weights")
+
+
 def test_token_never_reaches_the_log(model, tmp_path):
     """The server command at --log-level debug with --access-log: a client with ?token= in the
     websocket and HTTP URLs and in the Authorization header; the token appears nowhere in the
