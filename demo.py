@@ -30,7 +30,6 @@ from config import ArgumentParser
 ROOT = Path(__file__).resolve().parent
 CODEC = "checkpoints/codec/best.safetensors"
 TRANSFORMER_DIR = "checkpoints/transformer"
-START_OVER = "to start the demo over: python demo.py --fresh"
 STEP_GRACE = 10  # seconds a step is given to stop after a Ctrl-C
 
 
@@ -42,8 +41,10 @@ def run(args: list[str]) -> None:
     except KeyboardInterrupt:
         stop(step)
         raise
-    if code != 0:
-        sys.exit(f"demo: step failed with exit code {code}: {' '.join(args)}\n{START_OVER}")
+    if code != 0:  # the step said why above; one line saying which step, and how to go on
+        how = f"killed by signal {signal.Signals(-code).name}" if -code in signal.valid_signals() else f"exit code {code}"
+        sys.exit(f"error: step {args[0]} failed ({how}; its messages are above): fix what it says and run the same "
+                 "command to go on, or start the demo over: python demo.py --fresh")
 
 
 def stop(step: subprocess.Popen) -> None:
@@ -117,7 +118,8 @@ def main():
     try:
         changed = not args.fresh and codec_changed()
     except (OSError, RuntimeError, KeyError, ValueError) as e:  # a damaged checkpoint
-        sys.exit(f"demo: cannot compare the codec with the one {TRANSFORMER_DIR} was trained on: {e}\n{START_OVER}")
+        sys.exit(f"error: cannot compare the codec with the one {TRANSFORMER_DIR} was trained on ({e}): start the "
+                 "demo over: python demo.py --fresh")
     if changed:
         print(f"\nnote: the codec changed since {TRANSFORMER_DIR} was trained: the transformer starts over on the "
               "new codec's latents (resume=false moves its previous run aside)", flush=True)

@@ -75,12 +75,20 @@ def test_bad_arguments_stop_before_the_first_step(tmp_path, args, message):
 
 
 def test_a_failing_step_says_how_to_start_over(tmp_path):
+    """The step's own message, then one `error:` line naming the step and what to do (it was
+    'demo: step failed ...' and a second line, without the prefix the other errors have)."""
     folder = scratch_copy(tmp_path)
     (folder / "train_codec.py").write_text("import sys\nsys.exit('error: broken on purpose')\n")
     (folder / "data/demo/prepare.py").write_text("")  # the corpus step succeeds at once
     done = subprocess.run([sys.executable, "demo.py"], cwd=folder, capture_output=True, text=True, timeout=120)
-    assert done.returncode != 0
-    assert "step failed" in done.stderr and "python demo.py --fresh" in done.stderr
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        "error: broken on purpose",
+        "error: step train_codec.py failed (exit code 1; its messages are above): fix what it says and run the same "
+        "command to go on, or start the demo over: python demo.py --fresh"]
+    (folder / "train_codec.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")  # out of memory
+    done = subprocess.run([sys.executable, "demo.py"], cwd=folder, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.startswith("error: step train_codec.py failed (killed by signal SIGKILL;")
 
 
 @pytest.mark.parametrize("out, message", [
