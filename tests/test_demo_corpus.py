@@ -172,7 +172,10 @@ def test_without_flite_or_festival_it_is_the_espeak_only_corpus(tmp_path):
     (["--minutes", "1", "--out", "FILE/sub"], "--out FILE/sub: cannot make the folder (Not a directory)"),
     (["--minutes", "1", "--out", ""], "--out needs a folder"),
     (["--minutes", "1", "--seed", "-1", "--out", "sub"], "--seed must be an integer >= 0, got -1"),
-], ids=["minutes-nan", "val-fraction", "out-is-a-file", "out-under-a-file", "out-empty", "seed"])
+    # taken, and an engine named twice was probed and set up twice (a typo for another one?)
+    (["--minutes", "1", "--engines", "espeak,espeak", "--out", "sub"],
+     "--engines espeak,espeak: espeak is named twice; name each engine once"),
+], ids=["minutes-nan", "val-fraction", "out-is-a-file", "out-under-a-file", "out-empty", "seed", "engine-twice"])
 def test_bad_arguments_are_one_error_line_and_nothing_is_written(tmp_path, args, message):
     (tmp_path / "file").write_text("taken")
     args = [a.replace("FILE", str(tmp_path / "file")) for a in args]  # "--out ''" wrote into the current folder

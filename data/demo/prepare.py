@@ -592,6 +592,8 @@ def main(argv=None) -> None:
     engines = list(ENGINES) if args.engines is None else args.engines.split(",")
     if "espeak" not in engines or not set(engines) <= set(ENGINES):
         parser.error(f"--engines must list espeak and any of {', '.join(ENGINES[1:])}, got {args.engines!r}")
+    if twice := sorted({e for e in engines if engines.count(e) > 1}, key=ENGINES.index):  # a typo for another one?
+        parser.error(f"--engines {args.engines}: {', '.join(twice)} is named twice; name each engine once")
     if os.path.isdir(args.out) and (problem := strangers(args.out)):  # nothing of them is deleted, nor mixed in
         parser.error(f"--out {args.out}: {problem}; choose an empty folder, or one holding a demo corpus")
     need, free = args.minutes * 60 * BYTES_PER_SECOND, shutil.disk_usage(existing_folder(args.out)).free
