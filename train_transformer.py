@@ -44,13 +44,12 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from config import ConfigError, check_compatible, fields_marked, from_dict, parse_args
-from config.codec_config import PRESETS as CODEC_PRESETS
 from config.codec_config import CodecConfig
 from config.transformer_config import PRESETS, TransformerConfig
 from model import Generator, HertzDev, build, finetune, hub, load_codec, load_hertz_dev
 from model.checkpoint import CheckpointError, listed, read_metadata
 from model.generator import completion_problem, completion_steps
-from model.loading import official_transformer_config, write_transformer
+from model.loading import codec_config_fitting, official_transformer_config, write_transformer
 from model.latents import LatentCrops, StepSampler, codec_fingerprint, prepare_latents, sample_posterior, scan_corpus
 from model.objectives import STAGE_LOSSES, compute_losses, peak_flops, through_cache, train_flops_per_latent
 from model.parallel import (compile_blocks, full_state_dicts, gradient_sync, inner, load_full_state_dicts,
@@ -573,21 +572,15 @@ def check_config(cfg: TransformerConfig) -> None:
                 if source == PRESETS["tiny"].codec_checkpoint else "check the path")
         raise ConfigError(f"codec_checkpoint={source!r}: no such file; {hint}, or pass codec_checkpoint=official "
                           "or codec_checkpoint=PATH to one of our codecs")
-    # the codec's rate and latent size, from its header: audio resampled to another rate would encode
-    # into other latents, and latents of another size do not fit the model (a shape error after encoding)
-    codec_cfg = {**dataclasses.asdict(CODEC_PRESETS["hertz_dev"]),
-                 **({} if source == "official" else read_metadata(source, "codec")["config"])}
-    if codec_cfg["sample_rate"] != cfg.sample_rate:
-        raise ConfigError(f"sample_rate={cfg.sample_rate}, but codec_checkpoint={source} encodes "
-                          f"{codec_cfg['sample_rate']} Hz audio: set sample_rate={codec_cfg['sample_rate']}")
-    if codec_cfg["latent_dim"] != cfg.latent_dim:
-        raise ConfigError(f"latent_dim={cfg.latent_dim}, but codec_checkpoint={source} makes "
-                          f"{codec_cfg['latent_dim']}-dim latents: set latent_dim={codec_cfg['latent_dim']} "
-                          "(or use a codec of the model's latent_dim)")
+    # the codec's rate and latent size, from its header, as loading checks them: audio resampled to another
+    # rate would encode into other latents, and latents of another size do not fit the model (a shape
+    # error after encoding)
+    codec_cfg = codec_config_fitting(source, cfg, "this run", "set latent_dim and sample_rate to the codec's, or pass "
+                                                              "another codec_checkpoint")
     # each evaluation's audio sample, held whole (a failed allocation at the first evaluation, after encoding),
     # in latents of the codec's hop
     if not cfg.eval_only and cfg.sample_seconds > 0 and (problem := completion_problem(
-            cfg.sample_seconds, 1, cfg, names=("sample_seconds", "audio samples"), hop=math.prod(codec_cfg["strides"]))):
+            cfg.sample_seconds, 1, cfg, names=("sample_seconds", "audio samples"), hop=math.prod(codec_cfg.strides))):
         raise ConfigError(f"{problem}; sample_seconds=0 makes none")
     if cfg.init_from is not None:  # its kind and architecture from the header, before the latents are encoded
         check_init_from(cfg)

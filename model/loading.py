@@ -265,23 +265,34 @@ def _codec_config(source, codec, codec_source, cfg: TransformerConfig,
     """`codec_config_of` for the `codec_source` that `codec` resolves to ("official": `official`)."""
     if codec_source is None:
         return None
-    if str(codec_source) == "official":
-        codec_cfg = official
-    else:
+    if str(codec_source) != "official":
         try:
-            path = _existing(codec_source, '"official"')
+            _existing(codec_source, '"official"')
         except FileNotFoundError:
             if codec != "auto":
                 raise
             raise CheckpointError(f"{source} records its codec as {codec_source}, which is not there (moved or "
                                   "deleted): pass its new path as codec= (--codec), or 'official'") from None
-        codec_cfg = config_from(CodecConfig, read_metadata(path, kind="codec")["config"], codec_source)
-    # audio of another rate would be made at the wrong speed, latents of another size a shape error mid-generation
+    return codec_config_fitting(codec_source, cfg, str(source), "pass the codec it was trained with as codec= (--codec)",
+                                official)
+
+
+def codec_config_fitting(codec_source: Union[str, os.PathLike], cfg: TransformerConfig, model: str, fix: str,
+                         official: CodecConfig = CODEC_HERTZ_DEV) -> CodecConfig:
+    """The config of the codec `codec_source` ("official": `official`; else the path of one of ours,
+    from its header alone), checked against the transformer config `cfg` of `model` (its name in the
+    error): a CheckpointError ending in `fix` when its latents are of another size or its audio of
+    another sample rate. What loading a model with a codec (`codec_config_of`) and training one on
+    a codec's latents (train_transformer.py) both check, in the same words."""
+    if str(codec_source) == "official":
+        codec_cfg = official
+    else:
+        codec_cfg = config_from(CodecConfig, read_metadata(codec_source, kind="codec")["config"], codec_source)
+    # audio of another rate would be made (or encoded) at the wrong speed, latents of another size a shape error
     if (codec_cfg.sample_rate, codec_cfg.latent_dim) != (cfg.sample_rate, cfg.latent_dim):
         raise CheckpointError(
             f"the codec {codec_source} makes {codec_cfg.latent_dim}-dim latents of {codec_cfg.sample_rate} Hz audio, "
-            f"but {source} takes {cfg.latent_dim}-dim latents of {cfg.sample_rate} Hz audio: pass the codec it was "
-            "trained with as codec= (--codec)")
+            f"but {model} takes {cfg.latent_dim}-dim latents of {cfg.sample_rate} Hz audio: {fix}")
     return codec_cfg
 
 

@@ -253,9 +253,11 @@ def fails(args, env=None) -> str:
     # collapsed to one code
     (["learning_rate=0.02", "weight_decay=100.0"], "learning_rate=0.02 with weight_decay=100: AdamW multiplies"),
     # the audio resampled to 8 kHz and encoded by a 16 kHz codec: other latents, trained on silently
-    (["sample_rate=8000"], "sample_rate=8000, but codec_checkpoint="),
+    # (in the words of loading a model with a codec: model.loading.codec_config_fitting)
+    (["sample_rate=8000"], "makes 32-dim latents of 16000 Hz audio, but this run takes 32-dim latents of 8000 Hz "
+                           "audio: set latent_dim and sample_rate to the codec's, or pass another codec_checkpoint"),
     # latents of another size than the model reads: a shape traceback at the first step, after encoding
-    (["latent_dim=16"], "latent_dim=16, but codec_checkpoint="),
+    (["latent_dim=16"], "makes 32-dim latents of 16000 Hz audio, but this run takes 16-dim latents of 16000 Hz"),
     # a val folder without audio: found after the train folder was encoded (EMPTY: a folder with no audio in it)
     (["val_data_path=EMPTY"], "has no audio files"),
     # heads that do not split the width: an AssertionError traceback from check_config's meta build;
