@@ -403,15 +403,20 @@ def check_schedule(cfg) -> None:
 
 def schedule_notes(cfg) -> list[str]:
     """What a training run's schedule does that is allowed but may not be meant (said as notes):
-    a warmup as long as the run (`warmup_steps >= max_steps`) never reaches the peak rate and
-    never decays; on purpose in a short trial run, so not an error."""
+    `learning_rate=0` (with `min_lr=0`, as it must be) never changes the weights, on purpose in a
+    run that only evaluates or re-exports its `init_from`; a warmup as long as the run
+    (`warmup_steps >= max_steps`) never reaches the peak rate and never decays, on purpose in a
+    short trial run. Neither is an error."""
+    if cfg.learning_rate == 0:
+        return ["learning_rate=0: the weights are never changed" + (" (the discriminators' are, at "
+                f"disc_learning_rate={cfg.disc_learning_rate:g})" if getattr(cfg, "disc_learning_rate", 0) else "")
+                + "; set learning_rate > 0 unless this is meant"]
     if cfg.warmup_steps < cfg.max_steps:
         return []
     last = cosine_lr(cfg.max_steps - 1, cfg.learning_rate, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
-    share = f"{last / cfg.learning_rate:.0%} of learning_rate" if cfg.learning_rate > 0 else "learning_rate"
     return [f"warmup_steps={cfg.warmup_steps} >= max_steps={cfg.max_steps}: the learning rate rises for the whole "
-            f"run, to {last:g} ({share}={cfg.learning_rate:g}) at its last step, and never decays; lower "
-            "warmup_steps unless this is meant"]
+            f"run, to {last:g} ({last / cfg.learning_rate:.0%} of learning_rate={cfg.learning_rate:g}) at its last "
+            "step, and never decays; lower warmup_steps unless this is meant"]
 
 
 def processes_here() -> int:

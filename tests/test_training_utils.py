@@ -602,6 +602,18 @@ def test_more_workers_than_cores_and_a_preload_larger_than_memory_are_notes(monk
     assert resource_notes(dataclasses.replace(TRANSFORMER_PRESETS["tiny"], num_workers=0)) == []
 
 
+def test_a_learning_rate_of_zero_is_a_note():
+    """learning_rate=0 (negative and non-finite rates are refused by the config: test_config) was
+    taken without a word: a run whose weights never change. Meant in a run that re-exports its
+    init_from, so a note; the codec's names the discriminators' rate, which still trains them."""
+    from config.transformer_config import PRESETS as TRANSFORMER_PRESETS
+    assert schedule_notes(dataclasses.replace(TRANSFORMER_PRESETS["tiny"], learning_rate=0.0, min_lr=0.0)) == [
+        "learning_rate=0: the weights are never changed; set learning_rate > 0 unless this is meant"]
+    assert schedule_notes(dataclasses.replace(PRESETS["tiny"], learning_rate=0.0, min_lr=0.0, warmup_steps=40)) == [
+        "learning_rate=0: the weights are never changed (the discriminators' are, at disc_learning_rate=0.001); set "
+        "learning_rate > 0 unless this is meant"]
+
+
 def test_a_warmup_as_long_as_the_run_is_a_note():
     """warmup_steps above max_steps was accepted silently: the rate never reached its peak nor
     decayed (cosine_lr has no division by zero or negative progress there, and a short trial run
