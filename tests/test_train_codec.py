@@ -1,6 +1,7 @@
 """train_codec.py end to end on the demo corpus (tiny preset, CPU): runs, checkpoints and their
 exports, exact resume after a SIGKILL, two-process DDP, evaluation, init_from, errors, and the
 speed benchmark's CPU smoke run."""
+import collections
 import dataclasses
 import hashlib
 import json
@@ -227,6 +228,35 @@ def test_adversarial_terms_at_weight_0_are_not_computed_and_their_discriminators
                         for r in none)
     untrained = torch.load(tmp_path / "none" / "latest.pt", weights_only=False)
     assert not untrained["opt_d"]["state"]  # no discriminator step taken: AdamW holds no moments
+
+
+def test_a_training_step_walks_no_module_tree(corpus, tmp_path):
+    """The step clips the gradients of parameter lists made once: it clipped `module.parameters()`,
+    which walked every module of the generator and the discriminators again each step (the
+    weight-normed convolutions nest three deep: ~17,500 of small_fast's ~41,000 Python calls a
+    step, on a step the host bounds on a GPU). Counted per step: the calls into
+    `Module.named_modules` made while the trainer's loop is at that step (a few are left: the
+    codec's first-parameter look-up in encode and decode)."""
+    named_modules, main = torch.nn.Module.named_modules.__code__, train_codec.main.__code__
+    walks = collections.Counter()  # step -> calls into named_modules
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code is named_modules:
+            loop = frame.f_back
+            while loop is not None and loop.f_code is not main:
+                loop = loop.f_back
+            if loop is not None:
+                walks[loop.f_locals.get("step")] += 1
+
+    sys.setprofile(profile)
+    try:
+        train_codec.main(["--config", "tiny", f"train_data_path={corpus / 'train'}", f"val_data_path={corpus / 'val'}",
+                          f"checkpoint_dir={tmp_path / 'run'}", "wandb=disabled", "max_steps=3", "disc_start_step=0",
+                          "log_interval=1", "eval_interval=1000", "save_interval=1000", "val_crops=1"])
+    finally:
+        sys.setprofile(None)
+    assert train_rows(tmp_path / "run" / "metrics.jsonl")[-1]["grad_norm/discriminators"] > 0
+    assert 0 < walks[1] < 100 and 0 < walks[2] < 100, walks  # steps 1 and 2: neither evaluates nor saves
 
 
 def test_max_minutes_stops_cleanly_and_the_next_segment_resumes(corpus, tmp_path):
