@@ -237,6 +237,7 @@ def main(argv=None) -> dict:
                     scaler.scale(loss_d / cfg.grad_accum_steps).backward(inputs=disc_params)
                     sums.setdefault("disc", []).append(loss_d.detach().float())
                     disc_loss = disc_loss + loss_d.detach()
+                    d_real = d_fake = None  # every feature map of both passes: not held into the next forward
                 step_loss = step_loss + losses["total"].detach()
                 for k, v in losses.items():
                     sums.setdefault(k, []).append(v.detach().float())
