@@ -1488,6 +1488,13 @@ def load_engine(args):
     engine = LiveEngine(model, max_sessions=max_sessions, max_len=args.max_len,
                         cuda_graphs=False if args.no_cuda_graphs else None, compile=False if args.no_compile else "auto",
                         encode=args.encode, kv_dtype=args.kv_dtype)
+    if prompt is not None:  # encoded once here: latents the model cannot take of it would end every session's start
+        from model.stream_codec import encode_frames
+        audio = torch.from_numpy(prompt)[None].to(next(model.codec.parameters()).device)
+        try:
+            encode_frames(model.codec, audio, args.encode)
+        except ValueError as e:
+            raise SystemExit(f"error: --prompt-path {args.prompt_path}: {e}") from None
     return engine, prompt
 
 

@@ -1397,6 +1397,20 @@ def test_cli_quantizing_a_weight_that_holds_nan_is_one_error_line_naming_the_lay
                                          "NaN or inf (its weights hold NaN or inf): quantize a model of finite weights")
 
 
+def test_cli_a_prompt_the_codec_makes_non_finite_latents_of_is_one_error_line_at_start(model, tmp_path):
+    """--prompt-path audio that is finite (peak 500, as a float WAV may hold) but that the tiny
+    untrained codec encodes to inf latents: the server started, and every session's start then
+    failed with a generic close reason. Now it is one error line naming the file, at start."""
+    from live_server import save_tiny
+    checkpoint = save_tiny(model, tmp_path / "ckpt")
+    loud = tmp_path / "loud.wav"
+    sf.write(loud, 500 * np.sin(np.arange(2 * 4000) / 3.0).reshape(-1, 2), 16000, subtype="FLOAT")
+    r = run_cli("--checkpoint", str(checkpoint), "--device", "cpu", "--prompt-path", str(loud), "--port", "1")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.splitlines()[-1].startswith(f"error: --prompt-path {loud}: the codec encodes this prompt audio "
+                                                "to NaN or infinite latents"), r.stderr[-2000:]
+
+
 def test_token_never_reaches_the_log(model, tmp_path):
     """The server command at --log-level debug with --access-log: a client with ?token= in the
     websocket and HTTP URLs and in the Authorization header; the token appears nowhere in the
