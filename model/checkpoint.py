@@ -159,12 +159,12 @@ def file_kind(path: str | os.PathLike) -> str:
         if {"model", "optimizer", "codec_source"} <= strings:
             return "transformer training state"
         return "PyTorch state dict"
-    if head[:1] == b"\x80":  # torch.save's legacy pickle format
-        return "PyTorch state dict"
     try:
         meta = _header(path)
     except CheckpointError:
-        return _cut_short(path, head) or "file that is neither safetensors nor PyTorch"
+        # b"\x80" begins torch.save's legacy pickle format, and also a safetensors header of 128 + 256 k bytes
+        return _cut_short(path, head) or ("PyTorch state dict" if head[:1] == b"\x80"
+                                          else "file that is neither safetensors nor PyTorch")
     return meta.get("kind", "?") if meta.get("format") == FORMAT else "safetensors file not written by hertz-dev"
 
 

@@ -119,6 +119,21 @@ def test_wrong_kind_and_foreign_files_are_clear_errors(tmp_path):
         load_codec(tmp_path / "noise.bin")
 
 
+
+def test_a_safetensors_header_whose_length_starts_with_byte_0x80_is_ours_not_a_legacy_pickle(tmp_path):
+    """A safetensors file begins with its header's length (8 bytes, little-endian): a length of
+    128 + 256 k begins with 0x80, as torch.save's legacy pickle does, and such a checkpoint (a
+    trainer's export, whose header holds its paths) was refused as a PyTorch state dict."""
+    codec = build(Codec, CODEC_PRESETS["tiny"])
+    for pad in range(256):  # the header grows by one byte a character of `extra`
+        path = save_codec(tmp_path / "codec.safetensors", codec, extra={"note": "x" * pad})
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    assert path.read_bytes()[:1] == b"\x80"
+    assert file_kind(path) == "codec" and load_codec(path).config == codec.config
+    torch.save(codec.state_dict(), tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    assert file_kind(tmp_path / "legacy.pt") == "PyTorch state dict"
+
 def test_a_training_state_names_the_export_beside_it(tmp_path):
     folder, _ = training_folder(tmp_path)
     best = folder.folder / "best.pt"
