@@ -14,6 +14,7 @@ import pytest
 import soundfile as sf
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
+from nbclient.util import run_sync
 
 from test_complete import make_checkpoints
 
@@ -28,15 +29,35 @@ def test_notebook_is_committed_without_outputs():
     assert all(not c.outputs and c.execution_count is None for c in code)
 
 
-def execute(params: dict):
-    """The notebook with `params` injected after its parameters cell, run in the repository."""
+def execute(params: dict, km=None):
+    """The notebook with `params` injected after its parameters cell, run in the repository: in a
+    fresh kernel, or in the running kernel of `km` (`kernel`) with its namespace emptied first."""
     nb = nbformat.read(NOTEBOOK, as_version=4)
     first = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
     injected = nbformat.v4.new_code_cell("\n".join(f"{k} = {v!r}" for k, v in params.items()),  # None: not json's null
                                          metadata={"tags": ["injected-parameters"]})
     nb.cells.insert(first + 1, injected)
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
+    if km is not None:
+        nb.cells.insert(0, nbformat.v4.new_code_cell("%reset -f"))  # no name of the notebook's last run is left
+    client = NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}, km=km)
+    try:
+        client.execute()
+    finally:
+        if km is not None and client.kc is not None:
+            client.kc.stop_channels()
     return nb
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    """One kernel for the checks made before any weights load, started in the repository with
+    HF_HUB_OFFLINE=1 (nothing is downloaded) and kept between them: each runs the whole notebook
+    in it from its first cell (`execute(params, kernel)`), without paying a kernel's start (the
+    imports of torch and the model: seconds) each time."""
+    km = NotebookClient(nbformat.v4.new_notebook(), kernel_name="python3").create_kernel_manager()
+    run_sync(km.start_kernel)(cwd=str(REPO), env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    yield km
+    run_sync(km.shutdown_kernel)(now=True)
 
 
 @pytest.mark.slow
@@ -109,10 +130,9 @@ def test_notebook_with_int8_weights_and_fp8_cache(tmp_path):
     ({"DTYPE": "bf16"}, "DTYPE = 'bf16': expected auto, bfloat16, float16, float32"),  # KeyError
 ], ids=["missing", "nan", "token-temp", "top-p", "seconds", "seed", "seconds-memory", "adapter", "adapter-folder", "codec", "codec-none", "quantize", "kv-dtype", "output", "output-prompt", "device",
         "dtype"])
-def test_bad_parameters_stop_before_the_weights_load(tmp_path, monkeypatch, params, message):
+def test_bad_parameters_stop_before_the_weights_load(tmp_path, kernel, params, message):
     """VARIANT names a checkpoint that does not exist (or an official one, offline, with no files):
     loading would fail on it, so the error about the parameter shows that the check came first."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the kernel's environment: nothing is downloaded
     files = {"MISSING": str(tmp_path / "missing.wav"), "NAN": str(tmp_path / "nan.wav"), "OK": str(tmp_path / "ok.wav"),
              "FOLDER": str(tmp_path / "run")}
     (tmp_path / "run").mkdir()  # a LoRA run's folder, given for its adapter file (was "no such file")
@@ -122,14 +142,14 @@ def test_bad_parameters_stop_before_the_weights_load(tmp_path, monkeypatch, para
     params = {"PROMPT": files["OK"], "VARIANT": str(tmp_path / "no-such.safetensors"), "OUT": str(tmp_path / "out.wav"),
               "DEVICE": "cpu", **{k: files.get(v, v) if isinstance(v, str) else v for k, v in params.items()}}
     with pytest.raises(CellExecutionError) as e:
-        execute(params)
+        execute(params, kernel)
     for name, path in files.items():
         message = message.replace(name, path)
     assert message in str(e.value) and "no-such.safetensors" not in str(e.value)
     assert not list(tmp_path.glob("out*.wav"))
 
 
-def test_a_checkpoint_that_records_no_codec_stops_before_its_weights_load(tmp_path):
+def test_a_checkpoint_that_records_no_codec_stops_before_its_weights_load(tmp_path, kernel):
     """VARIANT one of ours saved without codec_source, CODEC "auto": the error complete.py gives
     (naming CODEC), before the weights load; it was an AttributeError on `model.codec` after them."""
     import torch
@@ -141,13 +161,13 @@ def test_a_checkpoint_that_records_no_codec_stops_before_its_weights_load(tmp_pa
     sf.write(tmp_path / "ok.wav", 0.3 * np.sin(np.arange(16000) / 10), 16000)
     with pytest.raises(CellExecutionError) as e:
         execute({"PROMPT": str(tmp_path / "ok.wav"), "VARIANT": str(variant), "OUT": str(tmp_path / "out.wav"),
-                 "DEVICE": "cpu"})
+                 "DEVICE": "cpu"}, kernel)
     assert (f"VARIANT {variant} records no codec (saved without codec_source): pass CODEC = official or the path"
             in str(e.value))
     assert e.value.ename == "ValueError" and not list(tmp_path.glob("out*.wav"))
 
 
-def test_the_prompt_is_checked_in_latents_of_the_codec_s_hop(tmp_path):
+def test_the_prompt_is_checked_in_latents_of_the_codec_s_hop(tmp_path, kernel):
     """CODEC one of ours of 4000 samples per latent: the check before the weights load took the
     official 2000, so a prompt of 3000 samples passed it and failed once the weights had loaded
     (here they are corrupt, which reading them would report)."""
@@ -158,7 +178,7 @@ def test_the_prompt_is_checked_in_latents_of_the_codec_s_hop(tmp_path):
     with pytest.raises(CellExecutionError) as e:
         execute({"PROMPT": str(tmp_path / "short.wav"), "VARIANT": str(corrupted_copy(paths["mono"], tmp_path)),
                  "CODEC": codec_of_hop(tmp_path, (2, 2, 4, 5, 5, 10)), "DEVICE": "cpu",
-                 "OUT": str(tmp_path / "out.wav")})
+                 "OUT": str(tmp_path / "out.wav")}, kernel)
     assert "short.wav is 0.188 s long: a prompt needs at least 0.250 s (4000 samples)" in str(e.value)
     assert not list(tmp_path.glob("out*.wav"))
 
