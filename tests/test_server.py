@@ -1224,25 +1224,29 @@ def run_cli(*args, timeout=120):
                           timeout=timeout)
 
 
-def assert_cli_errors(tmp_path, cases: dict) -> None:
-    """Each command line of `cases` {args: [start of the line, other parts]} exits with one
-    `error:` line, found before the weights load (none are there to load: --offline, an empty
-    --ckpt-dir)."""
-    import concurrent.futures
+def assert_cli_errors(tmp_path, capsys, caplog, cases: dict) -> None:
+    """Each command line of `cases` {args: [start of the line, other parts]} ends the script's
+    `main(argv)` with one `error:` line, found before the weights load (none are there to load:
+    --offline, an empty --ckpt-dir), and nothing else printed or logged. In this process: the
+    line is SystemExit's message, which Python writes to stderr as the script's last words, exit
+    status 1 (the tests calling `run_cli` run the script itself)."""
+    import logging
     base = ["--offline", "--ckpt-dir", str(tmp_path / "empty"), "--device", "cpu"]
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        results = dict(zip(cases, pool.map(lambda a: run_cli(*base, *a), cases)))
+    caplog.set_level(logging.INFO)  # the script logs at --log-level info
     for args, want in cases.items():
-        r = results[args]
-        lines = r.stderr.strip().splitlines()
-        assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith(want[0]), (args, r.stderr[-2000:])
-        assert all(w in lines[0] for w in want), (args, lines)
+        caplog.clear()
+        with pytest.raises(SystemExit) as e:
+            srv.main([*base, *args])
+        printed, line = capsys.readouterr(), e.value.code
+        assert isinstance(line, str) and "\n" not in line.strip() and line.startswith(want[0]), (args, line)
+        assert all(w in line for w in want), (args, line)
+        assert printed.out == printed.err == "" and not caplog.records, (args, printed, caplog.records)
 
 
-def test_cli_errors_before_loading_weights(tmp_path):
+def test_cli_errors_before_loading_weights(tmp_path, capsys, caplog):
     """Sampling flags outside their ranges and missing files: one `error:` line, before loading."""
     missing = str(tmp_path / "missing.safetensors")
-    assert_cli_errors(tmp_path, {
+    assert_cli_errors(tmp_path, capsys, caplog, {
         ("--token-temp", "9"): ["error: token_temp must be in [0, 5]"],
         ("--gaussian-temp", "inf"): ["error: gaussian_temp must be in [0, 5]"],
         ("--top-p", "0"): ["error: top_p must be in (0, 1]"],
@@ -1254,7 +1258,7 @@ def test_cli_errors_before_loading_weights(tmp_path):
                                        "*.adapter.safetensors file"]})  # was "... is a folder, not a file"
 
 
-def test_cli_device_recordings_and_context_are_errors_before_serving(model, tmp_path):
+def test_cli_device_recordings_and_context_are_errors_before_serving(model, tmp_path, capsys, caplog):
     """A device this machine lacks and a --recordings folder that cannot be written: one `error:`
     line before loading (they were a traceback, and every session's recording silently lost); a
     --max-len beyond the model's context: one line before its weights load."""
@@ -1262,7 +1266,7 @@ def test_cli_device_recordings_and_context_are_errors_before_serving(model, tmp_
     file = tmp_path / "file"
     file.write_text("not a folder")
     checkpoint = str(save_tiny(model, tmp_path / "ckpt"))
-    assert_cli_errors(tmp_path, {
+    assert_cli_errors(tmp_path, capsys, caplog, {
         ("--device", "gpu"): ["error: --device 'gpu': expected auto, cpu, cuda, cuda:N or mps"],
         ("--device", "cuda:99"): ["error: --device cuda:99: "],
         ("--recordings", str(file)): [f"error: --recordings: {file} is a file, not a folder"],
@@ -1287,7 +1291,7 @@ def test_cli_official_weights_missing_offline_are_an_error_not_a_traceback(tmp_p
 
 
 
-def test_cli_weights_the_live_server_cannot_use_are_errors_before_loading(model, tmp_path):
+def test_cli_weights_the_live_server_cannot_use_are_errors_before_loading(model, tmp_path, capsys, caplog):
     """A mono variant or checkpoint, a checkpoint that records no codec, and --quantize on a
     checkpoint saved quantized: one `error:` line, before any weights load. They were a traceback
     (mono, the quantization) after loading the weights, or after downloading 34 GB of official mono
@@ -1307,7 +1311,7 @@ def test_cli_weights_the_live_server_cannot_use_are_errors_before_loading(model,
     hop1000 = save_codec(tmp_path / "hop1000.safetensors",
                          build(Codec, dataclasses.replace(CODEC_PRESETS["tiny"], strides=(2, 2, 2, 5, 5, 5))))
     records = save_transformer(tmp_path / "records.safetensors", model, codec_source=str(hop1000))
-    assert_cli_errors(tmp_path, {
+    assert_cli_errors(tmp_path, capsys, caplog, {
         ("--checkpoint", str(no_codec), "--codec", str(hop1000)):
             [f"error: the codec {hop1000} has 1000 samples per latent; the live server streams chunks of 2000 (125 ms)"],
         ("--checkpoint", str(records)): [f"error: the codec {hop1000} has 1000 samples per latent"],
@@ -1336,7 +1340,7 @@ def test_cli_without_a_server_package_is_one_error_line(tmp_path, package):
         "'fastapi>=0.110' 'uvicorn>=0.52.1,<0.56' 'websockets>=13.0'"], r.stderr[-2000:]
 
 
-def test_cli_refuses_a_non_finite_prompt_and_reads_only_the_context_of_a_long_one(model, tmp_path):
+def test_cli_refuses_a_non_finite_prompt_and_reads_only_the_context_of_a_long_one(model, tmp_path, capsys, caplog):
     """A NaN prompt is one `error:` line before loading. A prompt longer than the context is read
     only for its last (context - 1) chunks, which are kept: a 20 s file whose first 10 s are NaN
     serves (up to binding its port, here taken). It was read whole, and refused."""
@@ -1344,7 +1348,7 @@ def test_cli_refuses_a_non_finite_prompt_and_reads_only_the_context_of_a_long_on
     from live_server import save_tiny
     nan = tmp_path / "nan.wav"
     sf.write(nan, np.full((16000, 2), np.nan, dtype=np.float32), 16000, subtype="FLOAT")
-    assert_cli_errors(tmp_path, {("--prompt-path", str(nan)): ["error: ", str(nan), "non-finite"]})
+    assert_cli_errors(tmp_path, capsys, caplog, {("--prompt-path", str(nan)): ["error: ", str(nan), "non-finite"]})
     long = tmp_path / "long.wav"
     audio = np.random.default_rng(0).uniform(-0.3, 0.3, (20 * 16000, 2)).astype(np.float32)
     audio[:10 * 16000] = np.nan
@@ -1608,7 +1612,7 @@ def cli_server(tmp_path, *args):
 
 
 @pytest.mark.slow
-def test_cli_adapter_end_to_end_and_a_wrong_base_refused(model, tmp_path):
+def test_cli_adapter_end_to_end_and_a_wrong_base_refused(model, tmp_path, capsys, caplog):
     """The server command with --checkpoint and a LoRA --adapter: a real websocket client's
     replies are exactly those of the adapted model alone in an engine (and not the base's); an
     adapter of another base, or a missing one, is one `error:` line before any weights load."""
@@ -1619,7 +1623,7 @@ def test_cli_adapter_end_to_end_and_a_wrong_base_refused(model, tmp_path):
     adapter = make_adapter(str(checkpoint), tmp_path / "ckpt.adapter.safetensors")
     other = save_tiny(tiny_duplex(seed=1), tmp_path / "other")
     missing = str(tmp_path / "missing.adapter.safetensors")
-    assert_cli_errors(tmp_path, {
+    assert_cli_errors(tmp_path, capsys, caplog, {
         ("--checkpoint", str(other), "--adapter", adapter): [f"error: adapter {adapter} belongs to another base",
                                                              str(other), str(checkpoint)],
         ("--adapter", missing): [f"error: no such file: {missing}"]})
@@ -1634,7 +1638,7 @@ def test_cli_adapter_end_to_end_and_a_wrong_base_refused(model, tmp_path):
     assert not np.array_equal(replies, reference_replies(model, CHUNKS[:8], seed=5))
 
 
-def test_cli_server_with_int8_weights_and_fp8_cache_answers_with_audio(model, tmp_path):
+def test_cli_server_with_int8_weights_and_fp8_cache_answers_with_audio(model, tmp_path, capsys):
     """`inference_server.py --quantize int8 --kv-dtype fp8` on a tiny checkpoint: a real websocket
     client streams two chunks and gets two chunks of audio back, the log's line 'loaded' names the
     weights' quantization (as the server reads it from the model: also a checkpoint saved quantized,
@@ -1642,9 +1646,11 @@ def test_cli_server_with_int8_weights_and_fp8_cache_answers_with_audio(model, tm
     from live_server import save_tiny
     for flags, want in ((["--quantize", "int3"], "argument --quantize: invalid choice: 'int3'"),
                         (["--kv-dtype", "fp4"], "argument --kv-dtype: invalid choice: 'fp4'")):
-        r = run_cli("--offline", "--ckpt-dir", str(tmp_path / "empty"), *flags)
-        errors = [line for line in r.stderr.splitlines() if "error: " in line]
-        assert r.returncode == 2 and len(errors) == 1 and want in errors[0], r.stderr
+        with pytest.raises(SystemExit) as e:  # argparse's error, as test_command_line_values_out_of_range_...
+            srv.parse_args(["--offline", "--ckpt-dir", str(tmp_path / "empty"), *flags])
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if "error: " in line]
+        assert e.value.code == 2 and len(errors) == 1 and want in errors[0], err
     checkpoint = save_tiny(model, tmp_path / "ckpt")
     with cli_server(tmp_path, "--checkpoint", str(checkpoint), "--device", "cpu", "--quantize", "int8",
                     "--kv-dtype", "fp8") as (port, log):
