@@ -25,7 +25,7 @@ from config.codec_config import CodecConfig
 from model import Codec, build, hub, load_codec, save_codec
 from model.checkpoint import read_metadata
 from config.codec_config import PRESETS
-from model.training import ConfigMismatch
+from model.training import ConfigMismatch, run_script
 
 from hub_server import HubServer
 from reference import PARITY_DIR, codec_config, require
@@ -72,6 +72,23 @@ def run(argv, env=None, timeout=300, module=None):
     return subprocess.run(cmd, cwd=ROOT, env=env or ONE_THREAD, capture_output=True, text=True, timeout=timeout)
 
 
+def run_here(argv, capsys):
+    """`train_codec.py ARGV` in this process, as the script runs its main (`run_script`: a user's
+    error is one `error:` line on stderr, exit status 1), without a process' start (importing
+    torch, its optimizers' Dynamo, SciPy, matplotlib: seconds a run); the exit status and what it
+    printed, as `run` returns them. Not for what only a process shows: its SkippedAudioWarnings
+    (said once per process, and filtered here), the files it holds open until it exits (the run
+    folder's lock)."""
+    capsys.readouterr()
+    try:
+        run_script(lambda: train_codec.main(argv))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    printed = capsys.readouterr()
+    return subprocess.CompletedProcess(["train_codec.py", *argv], code, printed.out, printed.err)
+
+
 @pytest.fixture(scope="module")
 def trained(corpus, tmp_path_factory):
     """One uninterrupted 8-step run, W&B asked for online without being logged in."""
@@ -116,7 +133,7 @@ def test_a_few_steps_end_to_end(trained):
     load_codec(run_dir / "best.safetensors")
 
 
-def test_killed_run_resumes_at_the_same_step_lr_and_data(corpus, trained, tmp_path):
+def test_killed_run_resumes_at_the_same_step_lr_and_data(corpus, trained, tmp_path, capsys):
     """SIGKILL after the step-4 checkpoint, restart: steps 5-8 repeat the uninterrupted run exactly
     (same LR, same crops, same noise)."""
     run_dir = tmp_path / "run"
@@ -131,7 +148,7 @@ def test_killed_run_resumes_at_the_same_step_lr_and_data(corpus, trained, tmp_pa
     # what a kill inside a save can leave besides: a temporary, and an export behind its .pt
     (run_dir / ".latest.safetensors.killed00.tmp").write_bytes(b"partial")
     save_codec(run_dir / "latest.safetensors", build(Codec, PRESETS["tiny"]), {"step": 0})
-    result = run(cmd[1:])
+    result = run_here(cmd[2:], capsys)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "(step 4)" in result.stdout
     assert "note: removed .latest.safetensors.killed00.tmp, left by an interrupted save" in result.stdout
@@ -272,12 +289,12 @@ def test_max_minutes_stops_cleanly_and_the_next_segment_resumes(corpus, tmp_path
     assert train_rows(run_dir / "metrics.jsonl")[-1]["step"] > stopped
 
 
-def test_stop_step_ends_early_on_the_full_schedule_and_the_next_run_continues(corpus, trained, tmp_path):
+def test_stop_step_ends_early_on_the_full_schedule_and_the_next_run_continues(corpus, trained, tmp_path, capsys):
     """stop_step=3 of max_steps=8: the run evaluates and saves at step 3 and stops, its learning
     rates those of the 8-step schedule; run again without it, steps 4-8 repeat the uninterrupted
     8-step run exactly (same LR, crops and noise), as runs of a recipe compared at equal steps."""
     run_dir = tmp_path / "run"
-    result = run(["train_codec.py"] + args(corpus, run_dir, "stop_step=3"))
+    result = run_here(args(corpus, run_dir, "stop_step=3"), capsys)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "training from step 0 to 3:" in result.stdout
     assert "stop_step=3 reached; the schedule runs to max_steps=8: run again with a later stop_step (or 0) to continue" \
@@ -287,7 +304,7 @@ def test_stop_step_ends_early_on_the_full_schedule_and_the_next_run_continues(co
     reference = {r["step"]: r for r in train_rows(trained[0] / "metrics.jsonl")}
     assert reference[3]["lr"] > reference[8]["lr"]  # mid-schedule: not the end of a 3-step one
     done = len(rows(run_dir / "metrics.jsonl"))
-    result = run(["train_codec.py"] + args(corpus, run_dir))
+    result = run_here(args(corpus, run_dir), capsys)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "training from step 3 to 8:" in result.stdout
     steps = train_rows(run_dir / "metrics.jsonl")
@@ -319,14 +336,14 @@ def test_the_same_command_after_the_run_finished_says_so_and_changes_nothing(cor
     assert files_of(run_dir) == before
 
 
-def test_float16_scales_the_loss_and_resumes_its_scale(corpus, trained, tmp_path):
+def test_float16_scales_the_loss_and_resumes_its_scale(corpus, trained, tmp_path, capsys):
     """dtype=float16 trains with a dynamic loss scale (model.training.loss_scaler): on the CPU
     (float32 arithmetic; the scale a power of two) every loss and learning rate of an 8-step run
     stopped at 3 and continued equals the float32 run's, and the checkpoint carries the scale and
     its count of clean steps across the resume."""
     run_dir = tmp_path / "run"
     for extra in (("stop_step=3",), ()):
-        result = run(["train_codec.py"] + args(corpus, run_dir, "dtype=float16", *extra))
+        result = run_here(args(corpus, run_dir, "dtype=float16", *extra), capsys)
         assert result.returncode == 0, result.stderr[-3000:]
     reference = {r["step"]: r for r in train_rows(trained[0] / "metrics.jsonl")}
     steps = train_rows(run_dir / "metrics.jsonl")
@@ -409,7 +426,7 @@ def test_a_run_folder_inside_the_data_is_refused_since_its_samples_would_join_th
     assert not inside.exists()
 
 
-def test_a_manifest_relative_to_another_folder_is_one_error_line_before_the_data(corpus, tmp_path):
+def test_a_manifest_relative_to_another_folder_is_one_error_line_before_the_data(corpus, tmp_path, capsys):
     """A training manifest whose paths are relative to the corpus folder, not to its own: one line
     naming the manifest, its line and the folder paths are read from, before the validation audio
     is decoded (it came after, from the training set's scan)."""
@@ -417,7 +434,7 @@ def test_a_manifest_relative_to_another_folder_is_one_error_line_before_the_data
     manifest.parent.mkdir()
     files = sorted((corpus / "train").rglob("*.wav"))[:3]
     manifest.write_text("".join(json.dumps({"path": str(f.relative_to(corpus / "train"))}) + "\n" for f in files))
-    result = run(["train_codec.py"] + args(corpus, tmp_path / "run", f"train_data_path={manifest}"))
+    result = run_here(args(corpus, tmp_path / "run", f"train_data_path={manifest}"), capsys)
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert error_line(result.stderr).startswith(f"error: train_data_path: manifest {manifest} line 1: no such file")
     assert "val:" not in result.stdout + result.stderr  # the validation audio was not read
@@ -458,7 +475,7 @@ def test_a_folder_whose_every_file_fails_when_read_is_one_error_line(corpus, tmp
     assert "step 0: val" not in result.stdout and not list((tmp_path / "run2").glob("*.pt"))
 
 
-def test_an_init_from_that_is_not_a_training_state_is_one_error_line(corpus, tmp_path):
+def test_an_init_from_that_is_not_a_training_state_is_one_error_line(corpus, tmp_path, capsys):
     """A damaged or foreign .pt as init_from (a transformer's state with eval_only=true too): the
     file named, no unpickler traceback, before any audio is decoded (it came after the validation
     and training sets had been decoded into memory)."""
@@ -472,7 +489,7 @@ def test_an_init_from_that_is_not_a_training_state_is_one_error_line(corpus, tmp
             ("list.pt", (), "is not a training state written by the trainers (no step in it"),
             ("transformer.pt", ("eval_only=true",), ": not a codec training state written by train_codec.py")):
         path = tmp_path / name
-        result = run(["train_codec.py"] + args(corpus, tmp_path / "run", f"init_from={path}", *extra))
+        result = run_here(args(corpus, tmp_path / "run", f"init_from={path}", *extra), capsys)
         assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
         line = error_line(result.stderr)
         assert line.startswith(f"error: {path}") or line.startswith(f"error: init_from={path}"), line
@@ -480,7 +497,7 @@ def test_an_init_from_that_is_not_a_training_state_is_one_error_line(corpus, tmp
         assert "val:" not in result.stdout + result.stderr  # the data was not read
 
 
-def test_a_transformer_run_folder_is_one_error_line_before_the_data(corpus, tmp_path):
+def test_a_transformer_run_folder_is_one_error_line_before_the_data(corpus, tmp_path, capsys):
     """checkpoint_dir naming a run of train_transformer.py (its latest.pt holds `model`, not
     `generator`): one line naming the file, before any audio is decoded; it was a KeyError
     traceback after the corpus had been decoded into memory."""
@@ -490,7 +507,7 @@ def test_a_transformer_run_folder_is_one_error_line_before_the_data(corpus, tmp_
     torch.save({"model": {}, "optimizer": {}, "scaler": {}, "step": 2, "codec": "0" * 16, "codec_source": "x",
                 "config": dataclasses.asdict(TRANSFORMER_PRESETS["tiny"])}, run_dir / "latest.pt")
     for extra in ((), ("eval_only=true",)):
-        result = run(["train_codec.py"] + args(corpus, run_dir, *extra))
+        result = run_here(args(corpus, run_dir, *extra), capsys)
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
         assert error_line(result.stderr) == (f"error: {run_dir / 'latest.pt'} is not a training state of "
                                              "train_codec.py (it holds no 'generator': another trainer's run?); "
@@ -500,7 +517,7 @@ def test_a_transformer_run_folder_is_one_error_line_before_the_data(corpus, tmp_
         assert sorted(p.name for p in run_dir.iterdir()) == [".run.lock", "latest.pt"]
 
 
-def test_a_latest_pt_holding_nan_is_one_error_line_before_the_data(corpus, trained, tmp_path):
+def test_a_latest_pt_holding_nan_is_one_error_line_before_the_data(corpus, trained, tmp_path, capsys):
     """A latest.pt whose weights hold NaN (the trainers never write one: made by hand, or damaged):
     refused when loaded, naming the file and a tensor, before any audio is read; it resumed, and
     the first step stopped with "non-finite loss ... check the data", blaming the batch's files."""
@@ -512,7 +529,7 @@ def test_a_latest_pt_holding_nan_is_one_error_line_before_the_data(corpus, train
     (run_dir / "latest.pt").unlink()  # a hard link to step_00000008.pt
     torch.save(state, run_dir / "latest.pt")
     for extra in ((), ("eval_only=true",)):
-        result = run(["train_codec.py"] + args(corpus, run_dir, "max_steps=12", *extra))
+        result = run_here(args(corpus, run_dir, "max_steps=12", *extra), capsys)
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
         assert error_line(result.stderr) == (
             f"error: {run_dir / 'latest.pt'} holds NaN or inf in 1 tensors (generator.{name}), which the trainers "
