@@ -21,6 +21,7 @@ from config.transformer_config import PRESETS, TransformerConfig
 from model import Codec, Generator, HertzDev, build, load_hertz_dev, save_codec, save_transformer
 from model.checkpoint import read_weights, substate
 from model.objectives import STAGES, compute_losses
+from model.training import run_script
 
 from hub_server import HubServer
 from reference import PARITY_DIR, require, transformer_config
@@ -54,6 +55,39 @@ def train(args, nproc=1, code=None, env=None, timeout=300):
     evals = {row["eval"]: row for row in (json.loads(line) for line in out.stdout.splitlines()
                                           if line.startswith('{"eval"'))}
     return out.stdout + out.stderr, evals
+
+
+def run_here(args, capsys):
+    """`train_transformer.py ARGS` in this process, as the script runs its main (`run_script`: a
+    user's error is one `error:` line on stderr, exit status 1), without a process' start
+    (importing torch, its optimizers' Dynamo: seconds a run); (exit status, stdout, stderr). For
+    runs whose subject is not the process (its signals, environment, ranks: `train`, `fails`)."""
+    import train_transformer
+    capsys.readouterr()
+    try:
+        run_script(lambda: train_transformer.main([str(a) for a in args]))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    printed = capsys.readouterr()
+    return code, printed.out, printed.err
+
+
+def train_here(args, capsys):
+    """`train` in this process (`run_here`): its log, and the eval JSON lines."""
+    code, out, err = run_here(args, capsys)
+    assert code == 0, out[-3000:] + err[-5000:]
+    evals = {row["eval"]: row for row in (json.loads(line) for line in out.splitlines() if line.startswith('{"eval"'))}
+    return out + err, evals
+
+
+def fails_here(args, capsys) -> str:
+    """`fails` in this process (`run_here`): one `error:` line and no traceback; the log."""
+    code, out, err = run_here(args, capsys)
+    assert code != 0 and "Traceback" not in err, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, err[-3000:]
+    return out + err
 
 
 def train_rows(run_dir):
@@ -109,7 +143,7 @@ def test_exported_model_loads_and_generates(setup, duplex):
 
 
 @pytest.mark.parametrize("stop", ["max_minutes", "stop_step", "stop_step, float16"])
-def test_resume_continues_at_the_same_step_exactly(setup, stop):
+def test_resume_continues_at_the_same_step_exactly(setup, stop, capsys):
     """Stopped after one step, by max_minutes or by stop_step (the schedule still that of
     max_steps), and run again: the same losses, step for step, and the same final validation as the
     uninterrupted run. With dtype=float16 the loss is scaled (model.training.loss_scaler), which on
@@ -118,12 +152,12 @@ def test_resume_continues_at_the_same_step_exactly(setup, stop):
     run_dir, _, evals = run_stage(setup, "all", True)
     resumed = setup["root"] / f"run-resumed-{stop.replace(', ', '-')}"
     extra = {"dtype": "float16"} if "float16" in stop else {}
-    log, first = train(base_args(setup, resumed, stage="all", **extra,
-                                 **({"max_minutes": 1e-9} if stop == "max_minutes" else {"stop_step": 1})))
+    log, first = train_here(base_args(setup, resumed, stage="all", **extra,
+                                      **({"max_minutes": 1e-9} if stop == "max_minutes" else {"stop_step": 1})), capsys)
     assert sorted(first) == [0, 1]
     assert ("max_minutes=1e-09 reached at step 1" if stop == "max_minutes" else
             "stop_step=1 reached; the schedule runs to max_steps=2") in log
-    log, second = train(base_args(setup, resumed, stage="all", **extra))
+    log, second = train_here(base_args(setup, resumed, stage="all", **extra), capsys)
     assert f"{resumed / 'latest.pt'} (step 1)" in log and sorted(second) == [2]
     assert train_rows(resumed) == train_rows(run_dir)
     assert second[2] == evals[2]
@@ -132,7 +166,7 @@ def test_resume_continues_at_the_same_step_exactly(setup, stop):
                        "_growth_tracker": 2} if extra else {})  # two clean steps counted across the resume
 
 
-def test_the_same_command_after_the_run_finished_says_so_and_changes_nothing(setup, tmp_path):
+def test_the_same_command_after_the_run_finished_says_so_and_changes_nothing(setup, tmp_path, capsys):
     """Run again once finished (latest.pt at max_steps): it loaded the codec, checked the latents,
     evaluated step 2 once more (a second row in metrics.jsonl, the sample rewritten) and said
     "done at step 2". Now one line says the run is finished and how to train further, before the
@@ -141,7 +175,7 @@ def test_the_same_command_after_the_run_finished_says_so_and_changes_nothing(set
     run_dir = tmp_path / "run"
     shutil.copytree(done, run_dir)
     before = {p.relative_to(run_dir): (p.stat().st_mtime_ns, p.read_bytes()) for p in run_dir.rglob("*") if p.is_file()}
-    log, evals = train(base_args(setup, run_dir, stage="all"))
+    log, evals = train_here(base_args(setup, run_dir, stage="all"), capsys)
     assert evals == {} and "encod" not in log
     assert (f"the run in {run_dir} is already finished at step 2 (max_steps=2); nothing to train. To train further, "
             "raise max_steps (e.g. max_steps=4") in log
@@ -272,7 +306,7 @@ def fails(args, env=None) -> str:
 ], ids=["preset", "key", "type", "train-folder", "val-folder", "train-file", "lm-weight-0", "resynth-weight-0",
         "quantizer-weight-0", "mono-model-channel", "min-lr-above-lr", "decay-flips-weights", "codec-rate", "codec-latent-dim",
         "val-without-audio", "heads-split-width", "odd-head-size", "kv-heads", "run-inside-data", "run-under-file"])
-def test_user_errors_are_one_error_line(setup, tmp_path, mistake, message):
+def test_user_errors_are_one_error_line(setup, tmp_path, mistake, message, capsys):
     if any("FILE" in a for a in mistake):
         (tmp_path / "one.wav").write_bytes(b"")
     (tmp_path / "empty").mkdir()
@@ -283,7 +317,7 @@ def test_user_errors_are_one_error_line(setup, tmp_path, mistake, message):
     preset = mistake[1] if mistake[0] == "--config" else "tiny"  # each key given once: a second one is an error
     args = base_args(setup, tmp_path / "run", latents_dir=tmp_path / "latents", preset=preset,
                      **dict(a.split("=", 1) for a in mistake if "=" in a))
-    assert message in fails(args)
+    assert message in fails_here(args, capsys)
     assert not (tmp_path / "latents").exists()
 
 
@@ -309,21 +343,21 @@ def test_float16_with_fsdp_across_processes_is_one_error_line(setup, tmp_path):
     assert not (tmp_path / "latents").exists()
 
 
-def test_a_contradicting_resume_fails_before_encoding(setup, tmp_path):
+def test_a_contradicting_resume_fails_before_encoding(setup, tmp_path, capsys):
     """A run to resume, then the same folder with another architecture, or latents of another
     codec: one error line, found before any latent is encoded (no latents folder is made)."""
     run_dir = tmp_path / "run"
-    train(base_args(setup, run_dir, max_steps=1, eval_interval=1, save_interval=1, sample_seconds=0))
-    log = fails(base_args(setup, run_dir, lm_layers=3, latents_dir=tmp_path / "latents-arch"))
+    train_here(base_args(setup, run_dir, max_steps=1, eval_interval=1, save_interval=1, sample_seconds=0), capsys)
+    log = fails_here(base_args(setup, run_dir, lm_layers=3, latents_dir=tmp_path / "latents-arch"), capsys)
     assert "contradicts the checkpoint" in log and "lm_layers" in log and "resume=false" in log
     torch.manual_seed(1)
     other = save_codec(tmp_path / "other-codec.safetensors", build(Codec, CODEC_PRESETS["tiny"]))
-    log = fails(base_args(setup, run_dir, codec_checkpoint=other, latents_dir=tmp_path / "latents-codec"))
+    log = fails_here(base_args(setup, run_dir, codec_checkpoint=other, latents_dir=tmp_path / "latents-codec"), capsys)
     assert "was trained on latents of codec" in log and "encoding" not in log
     assert not (tmp_path / "latents-arch").exists() and not (tmp_path / "latents-codec").exists()
 
 
-def test_a_codec_run_or_a_wrong_init_from_fails_before_encoding(setup, tmp_path):
+def test_a_codec_run_or_a_wrong_init_from_fails_before_encoding(setup, tmp_path, capsys):
     """checkpoint_dir naming a run of train_codec.py (it was a KeyError traceback), and init_from
     naming a codec, a file that is not a checkpoint or a transformer of another architecture
     (found after the latents were encoded): one error line each, no latents folder made."""
@@ -336,13 +370,13 @@ def test_a_codec_run_or_a_wrong_init_from_fails_before_encoding(setup, tmp_path)
     wider = save_transformer(tmp_path / "wider.safetensors", build(HertzDev, other), codec_source=str(setup["codec"]))
     (tmp_path / "text.safetensors").write_text("not a checkpoint")
     latents = tmp_path / "latents"
-    log = fails(base_args(setup, codec_run, latents_dir=latents))
+    log = fails_here(base_args(setup, codec_run, latents_dir=latents), capsys)
     assert (f"error: {codec_run / 'latest.pt'} is not a training state of train_transformer.py (it holds no "
             "'model'") in log
     for init_from, message in ((setup["codec"], "expected a transformer checkpoint (.safetensors), found a codec"),
                                (tmp_path / "text.safetensors", "found a file that is neither safetensors nor PyTorch"),
                                (wider, "lm_layers: the checkpoint has 3, this run has 2")):
-        log = fails(base_args(setup, tmp_path / "run", latents_dir=latents, init_from=init_from))
+        log = fails_here(base_args(setup, tmp_path / "run", latents_dir=latents, init_from=init_from), capsys)
         assert message in log and "encoding" not in log, log[-2000:]
     assert not latents.exists()
 
@@ -484,20 +518,20 @@ def test_an_audio_sample_larger_than_memory_is_refused_by_check_config(tmp_path)
     check_config(dataclasses.replace(cfg, eval_only=True))
 
 
-def test_an_init_from_trained_on_another_codec_is_said_before_encoding(setup, tmp_path):
+def test_an_init_from_trained_on_another_codec_is_said_before_encoding(setup, tmp_path, capsys):
     """init_from one of our exports, which records the fingerprint of the codec whose latents it
     learnt, with another codec_checkpoint: allowed (a model moved onto a fine-tuned codec), but said
     in a note before any latent is encoded; it was silent."""
     model = save_transformer(tmp_path / "other.safetensors", build(HertzDev, tiny(True)),
                              codec_source="other-codec.safetensors", extra={"codec_fingerprint": "0123456789abcdef"})
-    log, _ = train(base_args(setup, tmp_path / "run", latents_dir=tmp_path / "latents", init_from=model, max_steps=1,
-                             sample_seconds=0))
+    log, _ = train_here(base_args(setup, tmp_path / "run", latents_dir=tmp_path / "latents", init_from=model,
+                                  max_steps=1, sample_seconds=0), capsys)
     note = (f"note: init_from={model} was trained on latents of codec 0123456789abcdef (other-codec.safetensors); "
             f"this run's codec {setup['codec']} is ")
     assert note in log and log.index(note) < log.index("encod"), log[-2000:]
 
 
-def test_a_quantized_init_from_is_refused_for_full_training_before_encoding(setup, tmp_path):
+def test_a_quantized_init_from_is_refused_for_full_training_before_encoding(setup, tmp_path, capsys):
     """init_from one of our int8 exports with full training: its Linears hold int8 buffers, no
     parameters, so the run trained only the norms and biases, then crashed at its first save with
     a RuntimeError traceback (the export's state dict names qweight/scale); eval_quantize=int4 on it
@@ -507,7 +541,7 @@ def test_a_quantized_init_from_is_refused_for_full_training_before_encoding(setu
     from train_transformer import check_init_from
     model = save_transformer(tmp_path / "int8.safetensors", quantize_model(build(HertzDev, tiny(True)), "int8"),
                              codec_source=str(setup["codec"]))
-    log = fails(base_args(setup, tmp_path / "run", latents_dir=tmp_path / "latents", init_from=model))
+    log = fails_here(base_args(setup, tmp_path / "run", latents_dir=tmp_path / "latents", init_from=model), capsys)
     assert f"error: init_from={model} holds int8 weights, which full training cannot update" in log
     assert not (tmp_path / "latents").exists() and not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match="eval_quantize=int4 would evaluate them as they are"):
@@ -516,27 +550,27 @@ def test_a_quantized_init_from_is_refused_for_full_training_before_encoding(setu
     check_init_from(dataclasses.replace(tiny(True), init_from=str(model), finetune="lora"))
 
 
-def test_a_damaged_latents_folder_is_one_error_line(setup, tmp_path):
+def test_a_damaged_latents_folder_is_one_error_line(setup, tmp_path, capsys):
     """A latents shard cut short (a full disk, a killed copy): one line naming the folder and the
     fix, before training; it was a RuntimeError traceback from the first crop that reached the cut."""
     latents = tmp_path / "latents"
-    train(base_args(setup, tmp_path / "run", latents_dir=latents, max_steps=1, sample_seconds=0))
+    train_here(base_args(setup, tmp_path / "run", latents_dir=latents, max_steps=1, sample_seconds=0), capsys)
     folder = next(latents.glob("train-*"))
     os.truncate(folder / "shard_00000.bin", 1000)
-    log = fails(base_args(setup, tmp_path / "run2", latents_dir=latents, max_steps=1, sample_seconds=0))
+    log = fails_here(base_args(setup, tmp_path / "run2", latents_dir=latents, max_steps=1, sample_seconds=0), capsys)
     assert f"error: latents folder {folder} is damaged: shard_00000.bin holds 1000 bytes" in log
     assert f"delete {folder} and run again to encode it anew" in log and "training from step" not in log
 
 
-def test_eval_only_reads_and_encodes_the_val_data_only(setup, tmp_path):
+def test_eval_only_reads_and_encodes_the_val_data_only(setup, tmp_path, capsys):
     """eval_only evaluates on val_data_path: the train folder was still required and encoded (a
     corpus of hours, for nothing), and a missing one (the default data/demo/train on a machine
     that only evaluates) was an error."""
     model = save_transformer(tmp_path / "model.safetensors", build(HertzDev, tiny(True)),
                              codec_source=str(setup["codec"]))
     latents = tmp_path / "latents"
-    log, evals = train(base_args(setup, tmp_path / "run", latents_dir=latents, init_from=model, eval_only=True,
-                                 train_data_path=tmp_path / "missing"))
+    log, evals = train_here(base_args(setup, tmp_path / "run", latents_dir=latents, init_from=model, eval_only=True,
+                                      train_data_path=tmp_path / "missing"), capsys)
     assert list(evals) == [0] and evals[0]["source"] == str(model)
     assert [p.name.split("-")[0] for p in latents.iterdir()] == ["val"] and "encoding" in log
 
@@ -613,7 +647,7 @@ def test_a_training_state_as_codec_checkpoint_names_the_export_beside_it(setup, 
 
 @pytest.mark.parametrize("name, status", [("SIGTERM", 143), ("SIGINT", 130)])
 def test_a_sigterm_to_the_process_group_saves_the_step_reached_and_the_run_resumes_from_it(setup, tmp_path, name,
-                                                                                           status):
+                                                                                           status, capsys):
     """SIGTERM to the trainer's whole process group (as Slurm sends it: the DataLoader workers get
     it too) once it trains: it stops at the next step with its checkpoint saved, one line saying so
     and exit status 143, no traceback; the same command then resumes from that step. A Ctrl-C in
@@ -643,44 +677,45 @@ def test_a_sigterm_to_the_process_group_saves_the_step_reached_and_the_run_resum
     assert 0 < stopped < 10_000
     assert f"{name} received: stopped at step {stopped}, which latest.pt holds; run the same command" in out
     assert not any(line.startswith('{"eval"') for line in out.splitlines())  # no evaluation on the way out
-    log, _ = train(base_args(setup, run_dir, duplex=False, stage="lm", max_steps=10_000, eval_interval=10_000,
-                             save_interval=10_000, stop_step=stopped + 1, sample_seconds=0))
+    log, _ = train_here(base_args(setup, run_dir, duplex=False, stage="lm", max_steps=10_000, eval_interval=10_000,
+                                  save_interval=10_000, stop_step=stopped + 1, sample_seconds=0), capsys)
     assert f"training from step {stopped} to {stopped + 1}" in log
     assert torch.load(run_dir / "latest.pt", weights_only=False)["step"] == stopped + 1
 
 
-def test_a_full_run_resumes_whatever_lora_values_its_checkpoint_holds(setup, tmp_path):
+def test_a_full_run_resumes_whatever_lora_values_its_checkpoint_holds(setup, tmp_path, capsys):
     """LoRA's values (lora_rank, lora_alpha, lora_targets, base_quantize) are resume fields, as
     they shape a LoRA run's adapters; a full run's checkpoint holding others than today's
     defaults (saved when the defaults differed, or by a config that set them) was refused,
     though they do nothing there. Resuming compares them only when finetune=lora."""
     run_dir = tmp_path / "run"
-    train(base_args(setup, run_dir, duplex=False, stage="lm", max_steps=2, stop_step=1, sample_seconds=0))
+    train_here(base_args(setup, run_dir, duplex=False, stage="lm", max_steps=2, stop_step=1, sample_seconds=0), capsys)
     state = torch.load(run_dir / "latest.pt", weights_only=False)
     state["config"].update(lora_rank=16, lora_alpha=32.0, lora_targets="attention", base_quantize="int8")
     with open(run_dir / "latest.pt", "wb") as f:  # (a hard link of step_00000001.pt: both change)
         torch.save(state, f)
-    log, _ = train(base_args(setup, run_dir, duplex=False, stage="lm", max_steps=2, sample_seconds=0))
+    log, _ = train_here(base_args(setup, run_dir, duplex=False, stage="lm", max_steps=2, sample_seconds=0), capsys)
     assert "training from step 1 to 2" in log
     assert torch.load(run_dir / "latest.pt", weights_only=False)["step"] == 2
-    log = fails(base_args(setup, run_dir, duplex=False, stage="resynthesizer", max_steps=3, sample_seconds=0))
+    log = fails_here(base_args(setup, run_dir, duplex=False, stage="resynthesizer", max_steps=3, sample_seconds=0),
+                     capsys)
     assert "contradicts the checkpoint" in log and "stage" in log and "lora" not in log  # what matters still counts
 
 
-def test_a_run_resumed_on_another_validation_ranks_best_pt_afresh(setup, tmp_path):
+def test_a_run_resumed_on_another_validation_ranks_best_pt_afresh(setup, tmp_path, capsys):
     """The same run resumed with other validation crops: its val/loss is measured on other data,
     so best.pt is not held to the old value (it was, and stayed at an old step whenever the new
     crops scored worse); the run says so, and the next evaluated checkpoint becomes best.pt."""
     run_dir = tmp_path / "run"
     common = dict(duplex=False, stage="lm", max_steps=4, eval_interval=1, save_interval=1, sample_seconds=0)
-    train(base_args(setup, run_dir, stop_step=1, val_crops=4, **common))
+    train_here(base_args(setup, run_dir, stop_step=1, val_crops=4, **common), capsys)
     info = json.loads((run_dir / "checkpoints.json").read_text())
     assert info["best_step"] == 1
     # the old best value made unbeatable: on the same validation nothing would replace it
     (run_dir / "checkpoints.json").write_text(json.dumps({**info, "best_metric": -1e9}))
-    log, evals = train(base_args(setup, run_dir, stop_step=2, val_crops=1, **common))
+    log, evals = train_here(base_args(setup, run_dir, stop_step=2, val_crops=1, **common), capsys)
     assert "the validation (its data, crops or loss settings) changed since best.pt (step 1)" in log
     info = json.loads((run_dir / "checkpoints.json").read_text())
     assert info["best_step"] == 2 and info["best_metric"] == pytest.approx(evals[2]["val/loss"], abs=1e-4)
-    log, _ = train(base_args(setup, run_dir, stop_step=3, val_crops=1, **common))
+    log, _ = train_here(base_args(setup, run_dir, stop_step=3, val_crops=1, **common), capsys)
     assert "changed since best.pt" not in log
