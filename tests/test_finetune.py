@@ -1,4 +1,5 @@
-"""train_transformer.py finetune=lora end to end (CPU, tiny, real subprocesses of the trainer): only
+"""train_transformer.py finetune=lora end to end (CPU, tiny; the runs compared with, DDP and the
+hub's in real subprocesses of the trainer, the others in this process, `train_here`): only
 the adapters learn, the base stays bit-identical, adapter files are exported, exact resume, a
 contradicting base refused, two-process gloo DDP, init_from=official through the loopback hub,
 an int8 base (once model/quant.py is merged) and the one-line config errors."""
@@ -17,7 +18,8 @@ from model.checkpoint import read_weights
 from model.loading import save_transformer
 from model.lora import base_fingerprint, read_adapter
 
-from test_train_transformer import REPO, base_args, fails, train, train_from_official_hub, train_rows
+from test_train_transformer import (REPO, base_args, fails_here, train, train_from_official_hub, train_here,
+                                    train_rows)
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # `setup`: conftest.py
 LORA = {"finetune": "lora", "lora_rank": 4, "lora_alpha": 8.0}
@@ -40,7 +42,7 @@ def lora_run(setup, base, name="run-lora", **overrides):
     return setup["runs"][key]
 
 
-def test_lora_trains_only_the_adapters_and_exports_them(setup, base):
+def test_lora_trains_only_the_adapters_and_exports_them(setup, base, capsys):
     run_dir, log, evals = lora_run(setup, base)
     assert "adapter parameters (rank 4, both) on the frozen base" in log
     names = {p.name for p in run_dir.iterdir()}
@@ -60,32 +62,33 @@ def test_lora_trains_only_the_adapters_and_exports_them(setup, base):
     adapted = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
     assert adapted.keys() == stored.keys() and all(torch.equal(adapted[k], stored[k]) for k in stored)
     # what the run evaluated at its end is what the exported adapter on the base computes
-    _, again = train(base_args(setup, run_dir, init_from=base, eval_only=True, **LORA))
+    _, again = train_here(base_args(setup, run_dir, init_from=base, eval_only=True, **LORA), capsys)
     assert {k: round(v, 5) for k, v in again[2].items() if k.startswith("val/")} == \
         {k: v for k, v in evals[2].items() if k.startswith("val/")}
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_lora_resume_continues_exactly(setup, base, dropout):
+def test_lora_resume_continues_exactly(setup, base, dropout, capsys):
     """Stopped after one step and resumed: the same losses and final validation as in one go."""
     run_dir, _, evals = lora_run(setup, base, f"run-lora-{dropout}", lora_dropout=dropout)
     resumed = setup["root"] / f"run-lora-resumed-{dropout}"
-    log, first = train(base_args(setup, resumed, init_from=base, max_minutes=1e-9, lora_dropout=dropout, **LORA))
+    log, first = train_here(base_args(setup, resumed, init_from=base, max_minutes=1e-9, lora_dropout=dropout, **LORA),
+                            capsys)
     assert "reached at step 1" in log and sorted(first) == [0, 1]
-    log, second = train(base_args(setup, resumed, init_from=base, lora_dropout=dropout, **LORA))
+    log, second = train_here(base_args(setup, resumed, init_from=base, lora_dropout=dropout, **LORA), capsys)
     assert f"{resumed / 'latest.pt'} (step 1)" in log and sorted(second) == [2]
     assert train_rows(resumed) == train_rows(run_dir)
     assert second[2] == evals[2]
 
 
-def test_lora_resume_on_another_base_or_rank_is_refused(setup, base, tmp_path):
+def test_lora_resume_on_another_base_or_rank_is_refused(setup, base, tmp_path, capsys):
     run_dir, _, _ = lora_run(setup, base)
     torch.manual_seed(2)
     other = save_transformer(tmp_path / "other.safetensors", build(HertzDev, PRESETS["tiny"]),
                              codec_source=str(setup["codec"]))
-    log = fails(base_args(setup, run_dir, init_from=other, max_steps=3, **LORA))
+    log = fails_here(base_args(setup, run_dir, init_from=other, max_steps=3, **LORA), capsys)
     assert f"holds adapters of base {base}" in log and f"init_from is {other}" in log
-    log = fails(base_args(setup, run_dir, init_from=base, max_steps=3, **{**LORA, "lora_rank": 8}))
+    log = fails_here(base_args(setup, run_dir, init_from=base, max_steps=3, **{**LORA, "lora_rank": 8}), capsys)
     assert "contradicts the checkpoint" in log and "lora_rank" in log
 
 
@@ -120,21 +123,22 @@ def test_lora_on_an_int8_base_runs(setup, base):
     assert (run_dir / "latest.adapter.safetensors").is_file()
 
 
-def test_eval_quantize_of_a_lora_run_quantizes_the_base_under_its_adapters(setup, base):
+def test_eval_quantize_of_a_lora_run_quantizes_the_base_under_its_adapters(setup, base, capsys):
     """eval_only=true eval_quantize=int8 on a LoRA run evaluated its adapted layers (every attention
     and SwiGLU projection) in float, the rest in int8, reported as int8: quantize_model skipped
     layers that carry adapters. The base is now quantized before it is adapted, as base_quantize
     does: the same metrics as base_quantize=int8 eval_quantize=int8."""
     run_dir, _, evals = lora_run(setup, base)
-    log, quantized = train(base_args(setup, run_dir, init_from=base, eval_only=True, eval_quantize="int8", **LORA))
+    log, quantized = train_here(base_args(setup, run_dir, init_from=base, eval_only=True, eval_quantize="int8", **LORA),
+                                capsys)
     assert "in int8" in log
-    _, both = train(base_args(setup, run_dir, init_from=base, eval_only=True, eval_quantize="int8",
-                              base_quantize="int8", **LORA))
+    _, both = train_here(base_args(setup, run_dir, init_from=base, eval_only=True, eval_quantize="int8",
+                                   base_quantize="int8", **LORA), capsys)
     val = lambda rows: {k: v for k, v in rows[2].items() if k.startswith("val/")}  # noqa: E731
     assert val(quantized) == val(both) != {k: round(v, 5) for k, v in val(evals).items()}
 
 
-def test_a_quantized_init_from_is_not_requantized_by_base_quantize(setup, tmp_path):
+def test_a_quantized_init_from_is_not_requantized_by_base_quantize(setup, tmp_path, capsys):
     """init_from an int4 checkpoint with base_quantize=int8 trained on the int4 base, logged as int8
     (its layers were skipped); now one error line, before any latent is encoded."""
     from model.quant import quantize_model
@@ -144,7 +148,8 @@ def test_a_quantized_init_from_is_not_requantized_by_base_quantize(setup, tmp_pa
                             codec_source=str(setup["codec"]))
     args = base_args(setup, tmp_path / "run", latents_dir=tmp_path / "latents", init_from=int4, base_quantize="int8",
                      **LORA, **arch)
-    assert f"init_from={int4} holds int4 weights: base_quantize=int8 cannot requantize them" in fails(args)
+    log = fails_here(args, capsys)
+    assert f"init_from={int4} holds int4 weights: base_quantize=int8 cannot requantize them" in log
     assert not (tmp_path / "latents").exists()
 
 
@@ -163,10 +168,10 @@ def test_a_quantized_init_from_is_not_requantized_by_base_quantize(setup, tmp_pa
      "base_quantize=int8 and eval_quantize=int4: the base is quantized once, before its adapters"),
 ], ids=["no-init-from", "quantizer-stage", "quantize-without-lora", "rank", "scale", "lora-fields-without-lora",
         "base-and-eval-quantize"])
-def test_lora_config_errors_are_one_line(setup, base, tmp_path, mistake, message):
+def test_lora_config_errors_are_one_line(setup, base, tmp_path, mistake, message, capsys):
     args = base_args(setup, tmp_path / "run", latents_dir=tmp_path / "latents",
                      **{k: (base if v == "BASE" else v) for k, v in mistake.items()})
-    assert message in fails(args)
+    assert message in fails_here(args, capsys)
     assert not (tmp_path / "latents").exists()  # found before any latent is encoded
 
 
@@ -181,7 +186,7 @@ def test_benchmark_lora_smoke():
     assert rows[0]["trainable_m"] > 0.9 * sum(rows[0]["params_m"].values())  # full: every weight
 
 
-def test_lora_adapter_export_lost_to_a_kill_is_rebuilt(setup, base, tmp_path):
+def test_lora_adapter_export_lost_to_a_kill_is_rebuilt(setup, base, tmp_path, capsys):
     """A kill between a state's rename and its export's: the next start rebuilds the adapter file
     from the training state, the same file as the one written with it."""
     import shutil
@@ -196,7 +201,7 @@ def test_lora_adapter_export_lost_to_a_kill_is_rebuilt(setup, base, tmp_path):
             return f.metadata(), load_file(str(path))
     meta, tensors = content(copy / "latest.adapter.safetensors")
     (copy / "latest.adapter.safetensors").unlink()
-    log, _ = train(base_args(setup, copy, init_from=base, **LORA))
+    log, _ = train_here(base_args(setup, copy, init_from=base, **LORA), capsys)
     assert "rebuilt latest.adapter.safetensors from latest.pt (step 2; it held nothing)" in log
     meta2, tensors2 = content(copy / "latest.adapter.safetensors")
     assert meta2 == meta and tensors2.keys() == tensors.keys() and all(torch.equal(tensors2[k], v) for k, v in tensors.items())
