@@ -594,9 +594,11 @@ def test_more_workers_than_cores_and_a_preload_larger_than_memory_are_notes(monk
     assert re.fullmatch(r"preload_max_gb=1e\+06 is more than half the [\d.]+ GB of memory available here \(the "
                         r"validation and the training corpus are each decoded up to it\): a corpus over [\d.]+ GB is "
                         r"streamed instead", notes[1])
-    assert 0 < preload_limit_gb(1e6) <= memory_available() / 2e9
+    # the memory available, read once: it moves between two reads while other processes run
+    available = memory_available()
+    assert 0 < preload_limit_gb(1e6) and preload_limit_gb(1e6, available) == available / 2e9
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun's: two processes on this machine, a copy each
-    assert preload_limit_gb(1e6) <= memory_available() / 4e9
+    assert preload_limit_gb(1e6, available) == available / 4e9 and preload_limit_gb(0.001, available) == 0.001
     notes = resource_notes(dataclasses.replace(cfg, num_workers=cores, preload_max_gb=1e6))
     assert "for each of 2 processes" in notes[-1] and len(notes) == (2 if cores > 1 else 1)
     assert resource_notes(dataclasses.replace(TRANSFORMER_PRESETS["tiny"], num_workers=0)) == []
