@@ -45,6 +45,7 @@ from model.lora import read_adapter
 from model.loading import (DTYPES, LOAD_ERRORS, codec_config_of, no_codec_problem, resolve_device, resolve_dtype,
                            transformer_config_of)
 from model.quant import MODES, quantization_of
+from model.stream_codec import PromptLatentsError
 from model.transformer import KV_DTYPES
 
 
@@ -172,7 +173,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     try:
         out = gen.complete(audio, steps, args.params, seed=args.seed, encode=args.encode, progress=True)
-    except ValueError as e:  # the arguments are checked above: the codec's latents of this prompt (encode_frames)
+    except PromptLatentsError as e:  # the codec's latents of this prompt (encode_frames); the arguments are checked above
         print(f"error: {e}", file=sys.stderr)
         return 2
     elapsed = time.time() - t0

@@ -1480,6 +1480,12 @@ def load_engine(args):
     mode = (quantization_of(model) or {}).get("mode")  # the weights' own: a checkpoint saved quantized, without --quantize
     log.info("loaded %s on %s in %.1f s%s%s", source, device, time.monotonic() - t0,
              f", {mode} weights" if mode else "", f", adapter {args.adapter} applied" if args.adapter else "")
+    if prompt is not None:  # encoded once, before the engine: latents the model cannot take would end every session's start
+        from model.stream_codec import PromptLatentsError, encode_frames
+        try:
+            encode_frames(model.codec, torch.from_numpy(prompt)[None].to(next(model.codec.parameters()).device), args.encode)
+        except PromptLatentsError as e:
+            raise SystemExit(f"error: --prompt-path {args.prompt_path}: {e}") from None
     max_sessions = int(args.max_sessions) if args.max_sessions != "auto" else 8 if device.startswith("cuda") else 1
     if mode == "int4" and device.startswith("cuda") and 2 * max_sessions > TINYGEMM_MAX_ROWS:
         log.warning("int4 runs tinygemm up to %d rows a step; %d sessions give the resynthesizer %d rows, whose "
@@ -1488,13 +1494,6 @@ def load_engine(args):
     engine = LiveEngine(model, max_sessions=max_sessions, max_len=args.max_len,
                         cuda_graphs=False if args.no_cuda_graphs else None, compile=False if args.no_compile else "auto",
                         encode=args.encode, kv_dtype=args.kv_dtype)
-    if prompt is not None:  # encoded once here: latents the model cannot take of it would end every session's start
-        from model.stream_codec import encode_frames
-        audio = torch.from_numpy(prompt)[None].to(next(model.codec.parameters()).device)
-        try:
-            encode_frames(model.codec, audio, args.encode)
-        except ValueError as e:
-            raise SystemExit(f"error: --prompt-path {args.prompt_path}: {e}") from None
     return engine, prompt
 
 

@@ -31,6 +31,11 @@ from .sampling import PROMPT_STREAM, counter_normal
 MAX_LATENT_MAGNITUDE = 1e4
 
 
+class PromptLatentsError(ValueError):
+    """Prompt audio the codec encodes to latents the model cannot take (`encode_frames`): the
+    scripts say it as one error line, where any other ValueError of a generation is a bug."""
+
+
 def _weight(m: nn.Module) -> Tensor:
     """A module's weight as used in its forward (weight norm applied), detached."""
     return m.weight.detach().clone()
@@ -247,7 +252,8 @@ def encode_frames(codec: Codec, audio: Tensor, mode: str = "sample", seed: Optio
     batch of one channel) continues a streaming encoder. A ValueError when the codec makes latents
     the model cannot take of this (finite) audio: NaN, inf or beyond `MAX_LATENT_MAGNITUDE` (an
     untrained or diverged codec; loud audio through one overflows its posterior's exp(logvar / 2)),
-    which would be a completion of NaN audio. One reduction and one host sync per prompt."""
+    which would be a completion of NaN audio (`PromptLatentsError`). One reduction and one host
+    sync per prompt."""
     if mode not in ("sample", "mean"):  # before the encoding
         raise ValueError(f"encode mode must be 'sample' or 'mean', got {mode!r}")
     B, C, N = audio.shape
@@ -260,9 +266,10 @@ def encode_frames(codec: Codec, audio: Tensor, mode: str = "sample", seed: Optio
     peak = float(mu.abs().amax())
     if not peak <= MAX_LATENT_MAGNITUDE:  # NaN too
         made = "NaN or infinite latents" if not math.isfinite(peak) else f"latents peaking at {peak:.4g}"
-        raise ValueError(f"the codec encodes this prompt audio to {made} (codec latents are about unit scale, at "
-                         f"most {MAX_LATENT_MAGNITUDE:g}), of which the model would make NaN audio: an untrained or "
-                         "diverged codec? use the codec the model was trained with, or another checkpoint of it")
+        raise PromptLatentsError(f"the codec encodes this prompt audio to {made} (codec latents are about unit "
+                                 f"scale, at most {MAX_LATENT_MAGNITUDE:g}), of which the model would make NaN audio: "
+                                 "an untrained or diverged codec? use the codec the model was trained with, or another "
+                                 "checkpoint of it")
     return mu.view(B, C, T, Z).transpose(1, 2).reshape(B, T, C * Z)
 
 
