@@ -25,9 +25,10 @@ from config.codec_config import CodecConfig
 from model import Codec, build, hub, load_codec, save_codec
 from model.checkpoint import read_metadata
 from config.codec_config import PRESETS
-from model.training import ConfigMismatch, run_script
+from model.training import ConfigMismatch
 
 from hub_server import HubServer
+from in_process import run_in_process
 from reference import PARITY_DIR, codec_config, require
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,20 +74,9 @@ def run(argv, env=None, timeout=300, module=None):
 
 
 def run_here(argv, capsys):
-    """`train_codec.py ARGV` in this process, as the script runs its main (`run_script`: a user's
-    error is one `error:` line on stderr, exit status 1), without a process' start (importing
-    torch, its optimizers' Dynamo, SciPy, matplotlib: seconds a run); the exit status and what it
-    printed, as `run` returns them. Not for what only a process shows: its SkippedAudioWarnings
-    (said once per process, and filtered here), the files it holds open until it exits (the run
-    folder's lock)."""
-    capsys.readouterr()
-    try:
-        run_script(lambda: train_codec.main(argv))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    printed = capsys.readouterr()
-    return subprocess.CompletedProcess(["train_codec.py", *argv], code, printed.out, printed.err)
+    """`train_codec.py ARGV` in this process (`in_process.run_in_process`), as `run` returns it. Not
+    for its SkippedAudioWarnings (said once per process, and filtered here)."""
+    return run_in_process("train_codec.py", train_codec.main, argv, capsys)
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,9 @@ from config.transformer_config import PRESETS, TransformerConfig
 from model import Codec, Generator, HertzDev, build, load_hertz_dev, save_codec, save_transformer
 from model.checkpoint import read_weights, substate
 from model.objectives import STAGES, compute_losses
-from model.training import run_script
 
 from hub_server import HubServer
+from in_process import run_in_process
 from reference import PARITY_DIR, require, transformer_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,19 +58,12 @@ def train(args, nproc=1, code=None, env=None, timeout=300):
 
 
 def run_here(args, capsys):
-    """`train_transformer.py ARGS` in this process, as the script runs its main (`run_script`: a
-    user's error is one `error:` line on stderr, exit status 1), without a process' start
-    (importing torch, its optimizers' Dynamo: seconds a run); (exit status, stdout, stderr). For
-    runs whose subject is not the process (its signals, environment, ranks: `train`, `fails`)."""
+    """`train_transformer.py ARGS` in this process (`in_process.run_in_process`): (exit status,
+    stdout, stderr). For runs whose subject is not the process (its signals, environment, ranks:
+    `train`, `fails`)."""
     import train_transformer
-    capsys.readouterr()
-    try:
-        run_script(lambda: train_transformer.main([str(a) for a in args]))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    printed = capsys.readouterr()
-    return code, printed.out, printed.err
+    r = run_in_process("train_transformer.py", train_transformer.main, args, capsys)
+    return r.returncode, r.stdout, r.stderr
 
 
 def train_here(args, capsys):
