@@ -109,6 +109,8 @@ def _coerce(value: Any, tp, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and value.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         raise ConfigError(f"{key}: expected a float, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):

@@ -110,6 +110,15 @@ def test_wrong_type_is_a_clear_error(arg, field):
         parse_args([arg], presets)
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN", "Infinity"])
+def test_a_float_field_given_nan_or_inf_is_refused_as_not_finite(value):
+    """`learning_rate=nan` was refused as "expected a float", which it is to Python: the error
+    says what is wrong with it."""
+    with pytest.raises(ConfigError) as e:
+        parse_args([f"learning_rate={value}"], CODEC_PRESETS)
+    assert str(e.value) == f"learning_rate: expected a finite number, got {value!r}"
+
+
 @pytest.mark.parametrize("presets, arg, message", [
     (TRANSFORMER_PRESETS, "base_quantize=int4", "base_quantize: expected one of int8 or None, got 'int4'"),
     (TRANSFORMER_PRESETS, "lm_ff_dim=wide", "lm_ff_dim: expected an int or None, got 'wide'"),  # (none: None)
