@@ -135,19 +135,27 @@ def _write_index(index_path: str, entries: dict) -> None:
         pass
 
 
+def _stamp(st: os.stat_result) -> dict:
+    """What a file's index entry is keyed by. Size and mtime alone keep a file rewritten with the same
+    size and its mtime put back (`cp -p`, `touch -r`) at its old length; the inode's change time moves
+    with every write and every utime (it cannot be set back), the inode number with a file replaced
+    (as `model.latents` keys its corpora)."""
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino}
+
+
 def scan_audio_folder(root: str, use_cache: bool = True) -> AudioFileList:
     """List the audio files under `root` (recursively, sorted) with their lengths.
 
-    Lengths come from the cache `<root>/.hertz_index.json` when a file's size and mtime match
-    the cached ones, so a large dataset starts without opening every file; new or changed files
-    are read and the cache is rewritten (skipped if the folder is read-only): their headers, and
-    the whole file for float formats (WAV/AIFF FLOAT or DOUBLE), whose samples can be NaN, inf or
-    huge (see `model.audio`). Unreadable files are left out, each named in one
-    SkippedAudioWarning, and listed in the result's `skipped`; empty ones (0 samples) too, named
-    together in one SkippedAudioWarning, and listed in its `short`; and so is a file reached again
-    under another path (a link to a file of the folder, a hard link: the same device and inode),
-    which would be trained on twice as often: the first path in sorted order is kept, the others
-    named together and listed in `linked`.
+    Lengths come from the cache `<root>/.hertz_index.json` when a file's size, mtime, inode change
+    time and inode number match the cached ones (`_stamp`), so a large dataset starts without
+    opening every file; new or changed files are read and the cache is rewritten (skipped if the
+    folder is read-only): their headers, and the whole file for float formats (WAV/AIFF FLOAT or
+    DOUBLE), whose samples can be NaN, inf or huge (see `model.audio`). Unreadable files are left
+    out, each named in one SkippedAudioWarning, and listed in the result's `skipped`; empty ones (0
+    samples) too, named together in one SkippedAudioWarning, and listed in its `short`; and so is a
+    file reached again under another path (a link to a file of the folder, a hard link: the same
+    device and inode), which would be trained on twice as often: the first path in sorted order is
+    kept, the others named together and listed in `linked`.
     Raises FileNotFoundError, naming the folder and the formats, if it holds no readable audio.
 
     `root` may also be a jsonl manifest (`model/manifest.py`): then its files are listed instead,
@@ -171,12 +179,12 @@ def scan_audio_folder(root: str, use_cache: bool = True) -> AudioFileList:
         except OSError as e:  # a dangling symlink
             entry = {"size": -1, "mtime_ns": -1, "error": str(e)}
         else:
-            entry = cached.get(rel)
+            entry, stamp = cached.get(rel), _stamp(st)
             if not stat.S_ISREG(st.st_mode):  # a named pipe: opening it would wait for a writer forever
                 entry = {"size": -1, "mtime_ns": -1,
                          "error": f"cannot read audio file {path}: not a regular file (a named pipe or a device)"}
-            elif entry is None or entry.get("size") != st.st_size or entry.get("mtime_ns") != st.st_mtime_ns:
-                entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+            elif entry is None or any(entry.get(k) != v for k, v in stamp.items()):  # (an older index lacks
+                entry = dict(stamp)                                         # the inode's keys: measured anew)
                 try:
                     entry["frames"], entry["sample_rate"], entry["channels"] = audio_info(path)
                     scan_samples(path)

@@ -14,6 +14,7 @@ import model.audio
 from model.audio import SUPPORTED_EXTENSIONS, AudioError, load_audio, save_audio
 from model.data import (INDEX_FILENAME, AudioCropDataset, SkippedAudioWarning, infinite_batches,
                         make_loader, scan_audio_folder)
+from stale_index import changed_after_the_scan
 
 SR = 16000
 WRITE_ARGS = {".wav": {}, ".flac": {}, ".ogg": {"subtype": "VORBIS"}, ".mp3": {"subtype": "MPEG_LAYER_III"}}
@@ -338,6 +339,28 @@ def test_index_cache_is_reused_and_refreshed(tmp_path, monkeypatch):
     assert cache["1.wav"]["frames"] == 4 * SR
 
 
+def test_a_file_rewritten_with_its_size_and_mtime_put_back_is_measured_again(tmp_path):
+    """The index was keyed by size and mtime only: a file rewritten with the same size and its mtime
+    put back (`cp -p`, `touch -r`) kept its old length, and its crops were cut past its end. The inode's
+    change time (which no one can set back) and number are in the key now, and an index written by
+    the old key (no such entries) is measured anew."""
+    write(tmp_path / "f.wav", tone(2.0))
+    assert [f.frames for f in scan_audio_folder(tmp_path)] == [2 * SR]
+    st = os.stat(tmp_path / "f.wav")
+    write(tmp_path / "f.wav", np.stack([tone(1.0, freq=220.0)] * 2))  # 1 s of stereo: the same size
+    os.utime(tmp_path / "f.wav", ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (os.path.getsize(tmp_path / "f.wav"), os.stat(tmp_path / "f.wav").st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    files = scan_audio_folder(tmp_path)
+    assert [(f.frames, f.channels) for f in files] == [(SR, 2)]
+    index = json.loads((tmp_path / INDEX_FILENAME).read_text())
+    # an index of the old key: size and mtime right, the length of the file before
+    index["files"]["f.wav"] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "frames": 2 * SR,
+                               "sample_rate": SR, "channels": 1}
+    (tmp_path / INDEX_FILENAME).write_text(json.dumps(index))
+    assert scan_audio_folder(tmp_path) == files
+    assert json.loads((tmp_path / INDEX_FILENAME).read_text())["files"]["f.wav"]["frames"] == SR
+
+
 def test_scan_works_when_the_cache_cannot_be_written(tmp_path):
     write(tmp_path / "a.wav", tone(0.5))
     (tmp_path / INDEX_FILENAME).mkdir()  # in the way of the cache file, even for root
@@ -465,14 +488,15 @@ def test_files_failing_at_read_time_are_skipped_and_named_once(tmp_path):
 @pytest.mark.parametrize("preload", [0.0, 1.0], ids=["streamed", "preloaded"])
 def test_a_file_shorter_than_its_header_is_skipped_not_trained_on_as_padding(tmp_path, preload):
     """A file whose data ends before the length the scan found (a truncated MP3, or a file replaced
-    by a shorter one with the same size and time, so the index is stale): skipped and named; its
-    crops came back as padding (mask 0) and were trained on as if they were audio."""
+    by a shorter one after the scan, so the index is stale): skipped and named; its crops came back
+    as padding (mask 0) and were trained on as if they were audio."""
     write(tmp_path / "good.wav", tone(2.0))
     write(tmp_path / "cut.wav", tone(2.0, freq=220.0))
     scan_audio_folder(tmp_path)  # the index now says cut.wav holds 2 s
     st = os.stat(tmp_path / "cut.wav")
     write(tmp_path / "cut.wav", np.stack([tone(1.0, freq=220.0)] * 2))  # 1 s of stereo: the same size
     os.utime(tmp_path / "cut.wav", ns=(st.st_atime_ns, st.st_mtime_ns))
+    changed_after_the_scan(tmp_path)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         ds = AudioCropDataset(tmp_path, segment_seconds=0.5, seed=0, preload_max_gb=preload)
@@ -491,8 +515,8 @@ def test_a_file_shorter_than_its_header_is_skipped_not_trained_on_as_padding(tmp
 @pytest.mark.parametrize("preload", [0, 4], ids=["streamed", "preloaded"])
 def test_a_file_a_little_shorter_than_its_header_is_kept(tmp_path, preload):
     """A header's length that is a little long (as an MP3's estimate without a frame index can be):
-    here a stale index, the file replaced by one 0.1 s shorter with the same size and time (a JUNK
-    chunk makes up the bytes). It is kept, not skipped as a truncated file: its last crops are
+    here a stale index, the file replaced after the scan by one 0.1 s shorter with the same size (a
+    JUNK chunk makes up the bytes). It is kept, not skipped as a truncated file: its last crops are
     partly padding, which the mask leaves out of the losses."""
     write(tmp_path / "f.wav", tone(2.0))
     scan_audio_folder(tmp_path)  # the index now says f.wav holds 2 s
@@ -503,7 +527,7 @@ def test_a_file_a_little_shorter_than_its_header_is_kept(tmp_path, preload):
     body = (b"WAVE" + fmt + b"data" + struct.pack("<I", len(pcm)) + pcm
             + b"JUNK" + struct.pack("<I", junk) + b"\0" * junk)
     (tmp_path / "f.wav").write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
-    os.utime(tmp_path / "f.wav", ns=(st.st_atime_ns, st.st_mtime_ns))
+    changed_after_the_scan(tmp_path)
     assert os.path.getsize(tmp_path / "f.wav") == st.st_size and sf.info(str(tmp_path / "f.wav")).frames == 1.9 * SR
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")

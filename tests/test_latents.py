@@ -20,6 +20,7 @@ from model.checkpoint import CheckpointError
 from model.data import SkippedAudioWarning
 from model.latents import (LatentCrops, LatentsError, StepSampler, codec_fingerprint, prepare_latents,
                            sample_posterior)
+from stale_index import changed_after_the_scan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -341,6 +342,7 @@ def test_files_skipped_when_encoded_are_counted_for_what_was_wrong(codec, folder
     st = cut.stat()
     save_audio(str(cut), 0.1 * np.ones((2, 3_000), np.float32), 16000)  # 3000 of stereo: the same size
     os.utime(cut, ns=(st.st_atime_ns, st.st_mtime_ns))
+    changed_after_the_scan(folder / "audio")  # (replaced after the scan: its index still says 6000)
     touchy = build(Codec, CODEC_PRESETS["tiny"]).eval()  # overflows to inf on loud.wav only
     touchy.load_state_dict(codec.state_dict())
     with torch.no_grad():

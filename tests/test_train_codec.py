@@ -30,6 +30,7 @@ from model.training import ConfigMismatch
 from hub_server import HubServer
 from in_process import run_in_process
 from reference import PARITY_DIR, codec_config, require
+from stale_index import changed_after_the_scan
 
 ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("espeakng_loader", reason="the demo corpus needs `pip install espeakng-loader`")
@@ -432,15 +433,14 @@ def test_a_manifest_relative_to_another_folder_is_one_error_line_before_the_data
 
 
 def unreadable_since_the_scan(src, folder):
-    """A copy of the audio folder `src` whose files the scan's index still lists (same size and
-    time) but whose bytes are garbage now, as a file damaged or replaced after indexing is."""
+    """A copy of the audio folder `src` whose files the scan's index still lists (same size) but
+    whose bytes are garbage now, as a file damaged or replaced after the scan is."""
     from model.data import scan_audio_folder
     shutil.copytree(src, folder)
     scan_audio_folder(folder)
     for path in folder.rglob("*.wav"):
-        st = path.stat()
-        path.write_bytes(b"\0" * st.st_size)
-        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        path.write_bytes(b"\0" * path.stat().st_size)
+    changed_after_the_scan(folder)
     return folder
 
 
