@@ -87,201 +87,200 @@ def main(argv=None) -> dict:
         torch.backends.cudnn.benchmark = True  # fixed crop length: let cuDNN pick the fastest convs
     run_dir = Path(cfg.checkpoint_dir)
     checkpoints = Checkpoints(run_dir, keep=cfg.keep_checkpoints)
-    if is_main and not cfg.eval_only:
-        checkpoints.hold()  # one run at a time in a folder
-    latest = state_to_load(checkpoints, cfg.resume, cfg.eval_only, cfg.init_from)  # before the slow work
-    state = checkpoints.load(latest, map_location="cpu") if latest else None
-    if state is not None:  # a foreign or contradicting state is refused before the data is decoded
-        check_trainer(state, latest, "generator", "train_codec.py")
-        check_resumable(state["config"], cfg, resumed_fields(cfg))
-    if finished(state, cfg, checkpoints, export_state, is_main, say):  # the same command again: nothing to train
-        teardown_distributed()
-        return {}
-    for note in resource_notes(cfg) + ([] if cfg.eval_only else schedule_notes(cfg) + recipe_notes(cfg)):
-        say(f"note: {note}")
-    init = None  # init_from's weights, read (and checked) before the data; DDP broadcasts rank 0's to the others
-    if not latest and cfg.init_from and (is_main or cfg.eval_only):
-        init = read_init(cfg.init_from, cfg, discriminators=not cfg.eval_only)
-    have = optional_packages(cfg, say)
-    dnsmos = DNSMOS() if cfg.val_mos and is_main else None  # rank 0 alone evaluates
-    hop = math.prod(cfg.strides)
-    val_loader, train_loader = build_data(cfg, is_main, say)
-    generator, discriminators, mel_loss = build_models(cfg, device)
-    stft_loss = MultiResolutionSTFTLoss(cfg.stft_windows).to(device)
-    opt_g, opt_d = make_optimizers(cfg, generator, discriminators)
-    scaler = loss_scaler(device, cfg.dtype)  # float16 only; passes everything through otherwise
-
-    # where the weights come from: the latest checkpoint (resume), else init_from, else a fresh initialisation
-    step, source = 0, "random init"
-    if latest:
-        step = load_state(state, cfg, ddp, generator, discriminators, opt_g, opt_d, scaler, say)
-        source = f"{latest} (step {state['step']})"
-    elif init is not None:
-        generator.load_state_dict(init.generator)
-        if init.discriminators is not None:
-            discriminators.load_state_dict(init.discriminators)
-        source, init = init.label, None  # (the weights are the modules' now)
-    if is_main and not cfg.resume and not cfg.eval_only and (old := checkpoints.move_aside()):
-        say(f"resume=false: moved the previous run in {run_dir} to {old}")
-    say(f"codec: {sum(p.numel() for p in generator.parameters()) / 1e6:.2f}M parameters, discriminators: "
-        f"{sum(p.numel() for p in discriminators.parameters()) / 1e6:.2f}M; weights from {source}")
-
-    if cfg.eval_only:
-        if is_main:
-            metrics, _ = evaluate(generator, val_loader, mel_loss, cfg, have, dnsmos)
-            print_table(source, metrics, len(val_loader.dataset))
-        teardown_distributed()
-        return metrics if is_main else {}
-
-    # --- training loop --------------------------------------------------------------------------
-    epoch, skip = divmod(step * cfg.grad_accum_steps, len(train_loader))  # micro-batches this rank has read
-    batches = infinite_batches(train_loader, start_epoch=epoch, skip=skip)
-    # generator: the (compiled) generator, in DDP when distributed. The discriminators' gradients
-    # are averaged by hand (average_gradients): their two losses each back-propagate through only
-    # part of the graph, which DDP's per-forward bookkeeping cannot follow.
-    # compile=true compiles the generator only: a compiled discriminator's backward is one graph,
-    # which computes its weight gradients whenever the generator's loss passes through it (the
-    # discriminators' backward done twice a step), where eager autograd skips them (`small` on one
-    # H200: 87.0 samples/s, against 81.7 with the discriminators compiled too and 79.7 eager)
-    if device.type == "cuda":  # the layout cuDNN computes in; its dilated convs are slow: the same convs over phases
-        generator.use_channels_last()
-        discriminators.use_channels_last()
-        generator.dilated_convs_polyphase()
-    disc_kernels = cfg.disc_kernels and device.type == "cuda"  # Triton: CUDA only
-    discriminators.use_kernels(disc_kernels)
-    generator = compile_and_wrap(generator, cfg.compile, ddp)
-    broadcast_parameters(discriminators)  # no-op in one process
-    gen_params, disc_params = list(generator.parameters()), list(discriminators.parameters())
-    guard = FiniteGuard(opt_g, opt_d)
-    logger = Logger(cfg.wandb, cfg.wandb_project, run_dir, cfg, is_main=is_main,
-                    resume_id=state.get("wandb_id") if state else None)
-    for note in checkpoints.recover(export_state) if is_main else []:
-        say(f"note: {note}")
-    validation = None  # what val/mel_distance is measured on (rank 0): best.pt is ranked among values on the same
-    if is_main:
-        val_set = val_loader.dataset
-        validation = validation_key(files=[(f.path, f.frames, f.sample_rate) for f in val_set.files],
-                                    crops=val_set.crops, mel=(cfg.mel_windows, cfg.mel_bins))
-        if note := checkpoints.ranked_elsewhere(validation):
+    with checkpoints.holding(is_main and not cfg.eval_only):  # one run at a time in a folder, till main ends
+        latest = state_to_load(checkpoints, cfg.resume, cfg.eval_only, cfg.init_from)  # before the slow work
+        state = checkpoints.load(latest, map_location="cpu") if latest else None
+        if state is not None:  # a foreign or contradicting state is refused before the data is decoded
+            check_trainer(state, latest, "generator", "train_codec.py")
+            check_resumable(state["config"], cfg, resumed_fields(cfg))
+        if finished(state, cfg, checkpoints, export_state, is_main, say):  # the same command again: nothing to train
+            teardown_distributed()
+            return {}
+        for note in resource_notes(cfg) + ([] if cfg.eval_only else schedule_notes(cfg) + recipe_notes(cfg)):
             say(f"note: {note}")
-    samples_per_step = cfg.batch_size * cfg.grad_accum_steps * ddp.world_size
-    last = last_step(cfg.max_steps, cfg.stop_step)  # the schedule still ends at max_steps
-    say(f"training from step {step} to {last}: {samples_per_step} crops of {cfg.segment_seconds} s "
-        f"per step on {ddp.world_size} x {device}, run folder {run_dir}")
-    bar = tqdm(total=last, initial=step, disable=not is_main, dynamic_ncols=True, desc="train")
-    start_step, t_log = step, time.time()
-    sums, metrics, timer = {}, {}, StepTimer(device)  # sums: loss name -> per-micro-batch values since the last log
-    with deadline.catching_signals():  # a SIGTERM or Ctrl-C stops the loop at the next step, saved
-        while True:
-            # evaluation (rank 0) and checkpoints, before the step: they describe the model after `step` updates
-            due = before_step(step, start_step, last, cfg.log_interval, cfg.eval_interval, cfg.save_interval,
-                              deadline)
-            if due.evaluate or due.save or due.stop:
-                guard.check()  # nothing is evaluated or saved after a non-finite step
-                timer.pause()
-            t_pause = time.time()
-            if due.evaluate and is_main:
-                metrics, pairs = evaluate(generator, val_loader, mel_loss, cfg, have, dnsmos)
-                logger.log({**metrics, **log_samples(run_dir, pairs, cfg.sample_rate, logger, have.plots)}, step)
-                say(f"step {step}: {summary(metrics)}")
-            if due.save:
-                save(step, due.best_metric(metrics, "val/mel_distance"), checkpoints, generator, discriminators,
-                     opt_g, opt_d, scaler, cfg, ddp, logger.run_id, validation)
-            if ddp.enabled and (due.evaluate or due.save):
-                dist.barrier()  # rank 0 evaluated or wrote alone: the others wait here, not inside the next all-reduce
-            if due.stop:
-                if note := stop_message(step, cfg.max_steps, cfg.stop_step, cfg.max_minutes, deadline.stopped_by):
-                    say(note)
-                break
-            t_log += time.time() - t_pause  # throughput counts training time only
-            timer.step_start()
+        init = None  # init_from's weights, read (and checked) before the data; DDP broadcasts rank 0's to the others
+        if not latest and cfg.init_from and (is_main or cfg.eval_only):
+            init = read_init(cfg.init_from, cfg, discriminators=not cfg.eval_only)
+        have = optional_packages(cfg, say)
+        dnsmos = DNSMOS() if cfg.val_mos and is_main else None  # rank 0 alone evaluates
+        hop = math.prod(cfg.strides)
+        val_loader, train_loader = build_data(cfg, is_main, say)
+        generator, discriminators, mel_loss = build_models(cfg, device)
+        stft_loss = MultiResolutionSTFTLoss(cfg.stft_windows).to(device)
+        opt_g, opt_d = make_optimizers(cfg, generator, discriminators)
+        scaler = loss_scaler(device, cfg.dtype)  # float16 only; passes everything through otherwise
 
-            lr, lr_d = get_lr(step, cfg)
-            for optimizer, value in ((opt_g, lr), (opt_d, lr_d)):
-                for group in optimizer.param_groups:
-                    group["lr"] = value
-            # the discriminators judge (and learn) only when a generator term uses their verdicts
-            use_disc = step >= cfg.disc_start_step and (cfg.adv_weight > 0 or cfg.feature_weight > 0)
+        # where the weights come from: the latest checkpoint (resume), else init_from, else a fresh initialisation
+        step, source = 0, "random init"
+        if latest:
+            step = load_state(state, cfg, ddp, generator, discriminators, opt_g, opt_d, scaler, say)
+            source = f"{latest} (step {state['step']})"
+        elif init is not None:
+            generator.load_state_dict(init.generator)
+            if init.discriminators is not None:
+                discriminators.load_state_dict(init.discriminators)
+            source, init = init.label, None  # (the weights are the modules' now)
+        if is_main and not cfg.resume and not cfg.eval_only and (old := checkpoints.move_aside()):
+            say(f"resume=false: moved the previous run in {run_dir} to {old}")
+        say(f"codec: {sum(p.numel() for p in generator.parameters()) / 1e6:.2f}M parameters, discriminators: "
+            f"{sum(p.numel() for p in discriminators.parameters()) / 1e6:.2f}M; weights from {source}")
 
-            # one pass per micro-batch: the generator reconstructs, the discriminators judge real audio
-            # and the reconstruction once, and each side's loss back-propagates into its own weights only
-            step_loss, disc_loss, files = 0.0, 0.0, []
-            for micro in range(cfg.grad_accum_steps):
-                batch = next(batches)
-                files += [train_loader.dataset.files[i].path for i in batch["file"].tolist()]
-                audio = batch["audio"].to(device, non_blocking=True)  # (B, 1, N)
-                mask = batch["mask"].to(device, non_blocking=True)    # (B, N): 0 on padding
-                real = audio * mask[:, None]
-                with gradient_sync([generator], micro == cfg.grad_accum_steps - 1):
-                    with autocast(device, cfg.dtype):
-                        out = generator(audio)
-                        fake = out["recon"] * mask[:, None]  # the codec is causal: padding never leaks back
-                        losses = {"mel": mel_loss(fake, real, mask),
-                                  "kl": latent_kl(out["mu"], out["logvar"], latent_mask(mask, hop))}
-                        if cfg.wave_weight > 0:
-                            losses["wave"] = waveform_l1(fake, real, mask)
-                        if cfg.stft_weight > 0:
-                            losses["stft"] = stft_loss(fake, real, mask)
-                        if use_disc:
-                            with parametrize.cached():  # each weight-normed weight computed once for both passes
-                                d_real, d_fake = discriminators(real), discriminators(fake)
-                            if cfg.adv_weight > 0:
-                                losses["adv"] = generator_adversarial_loss(d_fake, cfg.gan_loss)
-                            if cfg.feature_weight > 0:
-                                losses["feature"] = feature_matching_loss(d_real, d_fake, kernel=disc_kernels)
-                            loss_d = discriminator_loss(d_real, d_fake, cfg.gan_loss)
-                        losses["total"] = sum(weights[k] * losses[k] for k in losses)
-                    scaler.scale(losses["total"] / cfg.grad_accum_steps).backward(inputs=gen_params,
-                                                                                  retain_graph=use_disc)
-                if use_disc:  # the same verdicts, differentiated into the discriminators only
-                    scaler.scale(loss_d / cfg.grad_accum_steps).backward(inputs=disc_params)
-                    sums.setdefault("disc", []).append(loss_d.detach().float())
-                    disc_loss = disc_loss + loss_d.detach()
-                    d_real = d_fake = None  # every feature map of both passes: not held into the next forward
-                step_loss = step_loss + losses["total"].detach()
-                for k, v in losses.items():
-                    sums.setdefault(k, []).append(v.detach().float())
-            optimizers = (opt_g, opt_d) if use_disc else (opt_g,)
-            if use_disc:
-                average_gradients(discriminators)  # no-op in one process
-            for optimizer in optimizers:
-                scaler.unscale_(optimizer)  # (float16) the true gradients, before clipping
-            norms = {"grad_norm/generator": clip(gen_params, cfg.grad_clip)}
-            if use_disc:
-                norms["grad_norm/discriminators"] = clip(disc_params, cfg.disc_grad_clip)
-            # a non-finite step's updates are skipped on the device; `guard.check()` reports it (under a
-            # float16 loss scale an overflowing gradient is skipped without an error, and the scale lowered)
-            finite = {"loss": step_loss, **({"discriminator loss": disc_loss} if use_disc else {})}
-            grads = {"gradient norm": norms["grad_norm/generator"],
-                     **({"discriminator gradient norm": norms["grad_norm/discriminators"]} if use_disc else {})}
-            guard.flag(step, finite if scaler.is_enabled() else {**finite, **grads}, files,
-                       skippable=grads if scaler.is_enabled() else None)
-            for optimizer in optimizers:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            scaler.update()
-            step += 1
-            timer.step_end()
-            bar.update(1)
+        if cfg.eval_only:
+            if is_main:
+                metrics, _ = evaluate(generator, val_loader, mel_loss, cfg, have, dnsmos)
+                print_table(source, metrics, len(val_loader.dataset))
+            teardown_distributed()
+            return metrics if is_main else {}
 
-            if step % cfg.log_interval == 0 or step == last:
-                guard.check()  # (the device has caught up: the wall time below is the steps')
-                row = train_row(sums, norms, lr, lr_d, samples_per_step, timer.durations(), time.time() - t_log, cfg,
-                                device)
-                logger.log(row, step)
-                bar.set_postfix(loss=f"{row['loss/total']:.3f}", mel=f"{row['loss/mel']:.3f}",
-                                samples_s=f"{row['perf/samples_per_s']:.1f}")
-                sums, t_log = {}, time.time()
+        # --- training loop --------------------------------------------------------------------------
+        epoch, skip = divmod(step * cfg.grad_accum_steps, len(train_loader))  # micro-batches this rank has read
+        batches = infinite_batches(train_loader, start_epoch=epoch, skip=skip)
+        # generator: the (compiled) generator, in DDP when distributed. The discriminators' gradients
+        # are averaged by hand (average_gradients): their two losses each back-propagate through only
+        # part of the graph, which DDP's per-forward bookkeeping cannot follow.
+        # compile=true compiles the generator only: a compiled discriminator's backward is one graph,
+        # which computes its weight gradients whenever the generator's loss passes through it (the
+        # discriminators' backward done twice a step), where eager autograd skips them (`small` on one
+        # H200: 87.0 samples/s, against 81.7 with the discriminators compiled too and 79.7 eager)
+        if device.type == "cuda":  # the layout cuDNN computes in; its dilated convs are slow: the same convs
+            generator.use_channels_last()
+            discriminators.use_channels_last()
+            generator.dilated_convs_polyphase()  # (over phases)
+        disc_kernels = cfg.disc_kernels and device.type == "cuda"  # Triton: CUDA only
+        discriminators.use_kernels(disc_kernels)
+        generator = compile_and_wrap(generator, cfg.compile, ddp)
+        broadcast_parameters(discriminators)  # no-op in one process
+        gen_params, disc_params = list(generator.parameters()), list(discriminators.parameters())
+        guard = FiniteGuard(opt_g, opt_d)
+        logger = Logger(cfg.wandb, cfg.wandb_project, run_dir, cfg, is_main=is_main,
+                        resume_id=state.get("wandb_id") if state else None)
+        for note in checkpoints.recover(export_state) if is_main else []:
+            say(f"note: {note}")
+        validation = None  # what val/mel_distance is measured on (rank 0): best.pt is ranked among values on the same
+        if is_main:
+            val_set = val_loader.dataset
+            validation = validation_key(files=[(f.path, f.frames, f.sample_rate) for f in val_set.files],
+                                        crops=val_set.crops, mel=(cfg.mel_windows, cfg.mel_bins))
+            if note := checkpoints.ranked_elsewhere(validation):
+                say(f"note: {note}")
+        samples_per_step = cfg.batch_size * cfg.grad_accum_steps * ddp.world_size
+        last = last_step(cfg.max_steps, cfg.stop_step)  # the schedule still ends at max_steps
+        say(f"training from step {step} to {last}: {samples_per_step} crops of {cfg.segment_seconds} s "
+            f"per step on {ddp.world_size} x {device}, run folder {run_dir}")
+        bar = tqdm(total=last, initial=step, disable=not is_main, dynamic_ncols=True, desc="train")
+        start_step, t_log = step, time.time()
+        sums, metrics, timer = {}, {}, StepTimer(device)  # sums: loss name -> per-micro-batch values since the last log
+        with deadline.catching_signals():  # a SIGTERM or Ctrl-C stops the loop at the next step, saved
+            while True:
+                # evaluation (rank 0) and checkpoints, before the step: they describe the model after `step` updates
+                due = before_step(step, start_step, last, cfg.log_interval, cfg.eval_interval, cfg.save_interval,
+                                  deadline)
+                if due.evaluate or due.save or due.stop:
+                    guard.check()  # nothing is evaluated or saved after a non-finite step
+                    timer.pause()
+                t_pause = time.time()
+                if due.evaluate and is_main:
+                    metrics, pairs = evaluate(generator, val_loader, mel_loss, cfg, have, dnsmos)
+                    logger.log({**metrics, **log_samples(run_dir, pairs, cfg.sample_rate, logger, have.plots)}, step)
+                    say(f"step {step}: {summary(metrics)}")
+                if due.save:
+                    save(step, due.best_metric(metrics, "val/mel_distance"), checkpoints, generator, discriminators,
+                         opt_g, opt_d, scaler, cfg, ddp, logger.run_id, validation)
+                if ddp.enabled and (due.evaluate or due.save):
+                    dist.barrier()  # rank 0 evaluated or wrote alone: the others wait here, not in the next all-reduce
+                if due.stop:
+                    if note := stop_message(step, cfg.max_steps, cfg.stop_step, cfg.max_minutes, deadline.stopped_by):
+                        say(note)
+                    break
+                t_log += time.time() - t_pause  # throughput counts training time only
+                timer.step_start()
 
-    bar.close()
-    png = is_main and have.plots and plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss_curves.png",
-                                                  title=f"codec ({run_dir})")
-    say(f"done at step {step}: {run_dir / 'latest.safetensors'}" + (f", curves in {png}" if png else ""))
-    logger.finish()
-    teardown_distributed()
-    if deadline.stopped_by:  # saved but not finished: the status says so (a shell's `&&` goes no further)
-        raise SystemExit(128 + signal.Signals[deadline.stopped_by])
-    return metrics
+                lr, lr_d = get_lr(step, cfg)
+                for optimizer, value in ((opt_g, lr), (opt_d, lr_d)):
+                    for group in optimizer.param_groups:
+                        group["lr"] = value
+                # the discriminators judge (and learn) only when a generator term uses their verdicts
+                use_disc = step >= cfg.disc_start_step and (cfg.adv_weight > 0 or cfg.feature_weight > 0)
+
+                # one pass per micro-batch: the generator reconstructs, the discriminators judge real audio
+                # and the reconstruction once, and each side's loss back-propagates into its own weights only
+                step_loss, disc_loss, files = 0.0, 0.0, []
+                for micro in range(cfg.grad_accum_steps):
+                    batch = next(batches)
+                    files += [train_loader.dataset.files[i].path for i in batch["file"].tolist()]
+                    audio = batch["audio"].to(device, non_blocking=True)  # (B, 1, N)
+                    mask = batch["mask"].to(device, non_blocking=True)    # (B, N): 0 on padding
+                    real = audio * mask[:, None]
+                    with gradient_sync([generator], micro == cfg.grad_accum_steps - 1):
+                        with autocast(device, cfg.dtype):
+                            out = generator(audio)
+                            fake = out["recon"] * mask[:, None]  # the codec is causal: padding never leaks back
+                            losses = {"mel": mel_loss(fake, real, mask),
+                                      "kl": latent_kl(out["mu"], out["logvar"], latent_mask(mask, hop))}
+                            if cfg.wave_weight > 0:
+                                losses["wave"] = waveform_l1(fake, real, mask)
+                            if cfg.stft_weight > 0:
+                                losses["stft"] = stft_loss(fake, real, mask)
+                            if use_disc:
+                                with parametrize.cached():  # each weight-normed weight computed once for both passes
+                                    d_real, d_fake = discriminators(real), discriminators(fake)
+                                if cfg.adv_weight > 0:
+                                    losses["adv"] = generator_adversarial_loss(d_fake, cfg.gan_loss)
+                                if cfg.feature_weight > 0:
+                                    losses["feature"] = feature_matching_loss(d_real, d_fake, kernel=disc_kernels)
+                                loss_d = discriminator_loss(d_real, d_fake, cfg.gan_loss)
+                            losses["total"] = sum(weights[k] * losses[k] for k in losses)
+                        scaler.scale(losses["total"] / cfg.grad_accum_steps).backward(inputs=gen_params,
+                                                                                      retain_graph=use_disc)
+                    if use_disc:  # the same verdicts, differentiated into the discriminators only
+                        scaler.scale(loss_d / cfg.grad_accum_steps).backward(inputs=disc_params)
+                        sums.setdefault("disc", []).append(loss_d.detach().float())
+                        disc_loss = disc_loss + loss_d.detach()
+                        d_real = d_fake = None  # every feature map of both passes: not held into the next forward
+                    step_loss = step_loss + losses["total"].detach()
+                    for k, v in losses.items():
+                        sums.setdefault(k, []).append(v.detach().float())
+                optimizers = (opt_g, opt_d) if use_disc else (opt_g,)
+                if use_disc:
+                    average_gradients(discriminators)  # no-op in one process
+                for optimizer in optimizers:
+                    scaler.unscale_(optimizer)  # (float16) the true gradients, before clipping
+                norms = {"grad_norm/generator": clip(gen_params, cfg.grad_clip)}
+                if use_disc:
+                    norms["grad_norm/discriminators"] = clip(disc_params, cfg.disc_grad_clip)
+                # a non-finite step's updates are skipped on the device; `guard.check()` reports it (under a
+                # float16 loss scale an overflowing gradient is skipped without an error, and the scale lowered)
+                finite = {"loss": step_loss, **({"discriminator loss": disc_loss} if use_disc else {})}
+                grads = {"gradient norm": norms["grad_norm/generator"],
+                         **({"discriminator gradient norm": norms["grad_norm/discriminators"]} if use_disc else {})}
+                guard.flag(step, finite if scaler.is_enabled() else {**finite, **grads}, files,
+                           skippable=grads if scaler.is_enabled() else None)
+                for optimizer in optimizers:
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                scaler.update()
+                step += 1
+                timer.step_end()
+                bar.update(1)
+
+                if step % cfg.log_interval == 0 or step == last:
+                    guard.check()  # (the device has caught up: the wall time below is the steps')
+                    row = train_row(sums, norms, lr, lr_d, samples_per_step, timer.durations(), time.time() - t_log,
+                                    cfg, device)
+                    logger.log(row, step)
+                    bar.set_postfix(loss=f"{row['loss/total']:.3f}", mel=f"{row['loss/mel']:.3f}",
+                                    samples_s=f"{row['perf/samples_per_s']:.1f}")
+                    sums, t_log = {}, time.time()
+
+        bar.close()
+        png = is_main and have.plots and plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss_curves.png",
+                                                      title=f"codec ({run_dir})")
+        say(f"done at step {step}: {run_dir / 'latest.safetensors'}" + (f", curves in {png}" if png else ""))
+        logger.finish()
+        teardown_distributed()
+        if deadline.stopped_by:  # saved but not finished: the status says so (a shell's `&&` goes no further)
+            raise SystemExit(128 + signal.Signals[deadline.stopped_by])
+        return metrics
 
 
 # --- small pieces used by main --------------------------------------------------------------------

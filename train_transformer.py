@@ -96,153 +96,152 @@ def main(argv=None) -> dict:
     # eval_only evaluates init_from if given, else the latest checkpoint. Checked before the codec
     # loads and the latents are encoded, so a contradicting config fails at once.
     base = finetune.base_of(cfg) if lora else {}  # base_source, base_fingerprint of the LoRA base
-    if is_main and not cfg.eval_only:
-        checkpoints.hold()  # one run at a time in a folder
-    latest = state_to_load(checkpoints, cfg.resume, cfg.eval_only, cfg.init_from, adapters=lora)
-    state = read_state(latest, cfg, base) if latest else None
-    step, source = (state["step"], f"{latest} (step {state['step']})") if state else (0, "random init")
-    if finished(state, cfg, checkpoints, finetune.export_adapter if lora else export_state, is_main, say):
-        teardown_distributed()  # the same command again: nothing to train, nothing to encode
-        return {}
-    for note in resource_notes(cfg) + ([] if cfg.eval_only else schedule_notes(cfg)):
-        say(f"note: {note}")
-    codec = rank0_first(lambda: frozen_codec(cfg, device))  # rank 0 downloads the official codec if missing
-    fingerprint = codec_fingerprint(codec)
-    check_codec(state, latest, cfg, fingerprint, say)
-    if is_main and not cfg.resume and not cfg.eval_only and (old := checkpoints.move_aside()):
-        say(f"resume=false: moved the previous run in {run_dir} to {old}")
-    train_set, val_set = build_data(cfg, codec, fingerprint, say)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    if (state is None or lora) and cfg.init_from:  # a LoRA run's state holds the adapters, not the base
-        model, label = rank0_first(lambda: initial_weights(cfg))
-        source = label if state is None else f"{label}, adapters from {source}"
-    else:
-        model = build(HertzDev, cfg)
-    calls = setup_model(model, cfg, ddp, trained)  # what the step calls for each part: itself, DDP or FSDP
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, cfg, fsdp=ddp.enabled and cfg.parallel == "fsdp")
-    scaler = loss_scaler(device, cfg.dtype)  # float16 only; passes everything through otherwise
-    if state is not None:
-        load_state(state, model, None if cfg.eval_only else optimizer, scaler, lora)
-    if cfg.eval_quantize != "none":  # eval_only (check_config): the weights as a quantized deployment holds them
-        quantize_model(model, cfg.eval_quantize, pack=False)  # whole sequences: no per-call unpacking of int4
-    say(describe(model, cfg, trained, params, source, base, ddp))
+    with checkpoints.holding(is_main and not cfg.eval_only):  # one run at a time in a folder, till main ends
+        latest = state_to_load(checkpoints, cfg.resume, cfg.eval_only, cfg.init_from, adapters=lora)
+        state = read_state(latest, cfg, base) if latest else None
+        step, source = (state["step"], f"{latest} (step {state['step']})") if state else (0, "random init")
+        if finished(state, cfg, checkpoints, finetune.export_adapter if lora else export_state, is_main, say):
+            teardown_distributed()  # the same command again: nothing to train, nothing to encode
+            return {}
+        for note in resource_notes(cfg) + ([] if cfg.eval_only else schedule_notes(cfg)):
+            say(f"note: {note}")
+        codec = rank0_first(lambda: frozen_codec(cfg, device))  # rank 0 downloads the official codec if missing
+        fingerprint = codec_fingerprint(codec)
+        check_codec(state, latest, cfg, fingerprint, say)
+        if is_main and not cfg.resume and not cfg.eval_only and (old := checkpoints.move_aside()):
+            say(f"resume=false: moved the previous run in {run_dir} to {old}")
+        train_set, val_set = build_data(cfg, codec, fingerprint, say)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        if (state is None or lora) and cfg.init_from:  # a LoRA run's state holds the adapters, not the base
+            model, label = rank0_first(lambda: initial_weights(cfg))
+            source = label if state is None else f"{label}, adapters from {source}"
+        else:
+            model = build(HertzDev, cfg)
+        calls = setup_model(model, cfg, ddp, trained)  # what the step calls for each part: itself, DDP or FSDP
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = make_optimizer(params, cfg, fsdp=ddp.enabled and cfg.parallel == "fsdp")
+        scaler = loss_scaler(device, cfg.dtype)  # float16 only; passes everything through otherwise
+        if state is not None:
+            load_state(state, model, None if cfg.eval_only else optimizer, scaler, lora)
+        if cfg.eval_quantize != "none":  # eval_only (check_config): the weights as a quantized deployment holds them
+            quantize_model(model, cfg.eval_quantize, pack=False)  # whole sequences: no per-call unpacking of int4
+        say(describe(model, cfg, trained, params, source, base, ddp))
 
-    if cfg.eval_only:  # prints the metrics, writes nothing
-        metrics = evaluate(model, calls, val_set, weights, cfg, ddp)
-        if is_main:
-            print(json.dumps({"eval": step, "source": source, **metrics}), flush=True)
-        teardown_distributed()
-        return metrics
-    logger = Logger(cfg.wandb, cfg.wandb_project, run_dir, cfg, is_main=is_main,
-                    resume_id=state.get("wandb_id") if state else None)
-    for note in checkpoints.recover(finetune.export_adapter if lora else export_state) if is_main else []:
-        say(f"note: {note}")
-    # what val/loss is measured on: best.pt is ranked among values measured on the same only
-    validation = validation_key(val=val_set.folder.name, crops=val_set.crops, seq_len=cfg.seq_len, seed=cfg.seed,
-                                weights={k: weights[k] for k in losses_of_stage})
-    if is_main and (note := checkpoints.ranked_elsewhere(validation)):
-        say(f"note: {note}")
+        if cfg.eval_only:  # prints the metrics, writes nothing
+            metrics = evaluate(model, calls, val_set, weights, cfg, ddp)
+            if is_main:
+                print(json.dumps({"eval": step, "source": source, **metrics}), flush=True)
+            teardown_distributed()
+            return metrics
+        logger = Logger(cfg.wandb, cfg.wandb_project, run_dir, cfg, is_main=is_main,
+                        resume_id=state.get("wandb_id") if state else None)
+        for note in checkpoints.recover(finetune.export_adapter if lora else export_state) if is_main else []:
+            say(f"note: {note}")
+        # what val/loss is measured on: best.pt is ranked among values measured on the same only
+        validation = validation_key(val=val_set.folder.name, crops=val_set.crops, seq_len=cfg.seq_len, seed=cfg.seed,
+                                    weights={k: weights[k] for k in losses_of_stage})
+        if is_main and (note := checkpoints.ranked_elsewhere(validation)):
+            say(f"note: {note}")
 
-    # --- training loop --------------------------------------------------------------------------
-    loader = train_loader(train_set, cfg, ddp, step)
-    batches = iter(loader)
-    latents_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum_steps * ddp.world_size
-    flops_per_latent = train_flops_per_latent(cfg, cfg.stage, cfg.seq_len)
-    noise = torch.Generator(device)
-    codes = torch.zeros(cfg.vocab_size, device=device)  # FSQ code histogram since the last log
-    wrapped = [calls[name] for name in trained]
-    # a fused optimizer skips a non-finite step on the device (FiniteGuard: no host sync a step);
-    # under FSDP (not fused) the host checks each step before it is applied
-    guard = FiniteGuard(optimizer) if optimizer.defaults.get("fused") else None
-    last = last_step(cfg.max_steps, cfg.stop_step)  # the schedule still ends at max_steps
-    say(f"training from step {step} to {last}: {latents_per_step} latents "
-        f"({cfg.batch_size} x {cfg.seq_len} x {cfg.grad_accum_steps} x {ddp.world_size}) per step, "
-        f"{flops_per_latent / 1e9:.2f} GFLOP per latent; run folder {run_dir}")
-    bar = tqdm(total=last, initial=step, disable=not is_main, dynamic_ncols=True, desc=f"train {cfg.stage}")
-    start_step, t_log = step, time.time()
-    sums, steps_since_log, metrics = {}, 0, {}
-    with deadline.catching_signals():  # a SIGTERM or Ctrl-C stops the loop at the next step, saved
-        while True:
-            # evaluation and checkpoints come before the step: they describe the model after `step` updates
-            t_pause = time.time()
-            due = before_step(step, start_step, last, cfg.log_interval, cfg.eval_interval, cfg.save_interval,
-                              deadline)
-            if guard and (due.evaluate or due.save or due.stop):
-                guard.check()  # nothing is evaluated or saved after a non-finite step
-            if due.evaluate:
-                metrics = evaluate(model, calls, val_set, weights, cfg, ddp)
-                sample = audio_sample(step, model, val_set, codec, cfg, run_dir, logger, is_main)
-                logger.log({**metrics, **sample}, step)
-                if is_main:
-                    print(json.dumps({"eval": step, **{k: round(v, 5) for k, v in metrics.items()}}), flush=True)
-            if due.save:
-                save(step, due.best_metric(metrics, "val/loss"), model, optimizer, scaler, cfg, checkpoints, ddp,
-                     logger.run_id, fingerprint, base, validation)
-            if due.stop:
-                if note := stop_message(step, cfg.max_steps, cfg.stop_step, cfg.max_minutes, deadline.stopped_by):
-                    say(note)
-                break
-            t_log += time.time() - t_pause  # throughput counts training time only
+        # --- training loop --------------------------------------------------------------------------
+        loader = train_loader(train_set, cfg, ddp, step)
+        batches = iter(loader)
+        latents_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum_steps * ddp.world_size
+        flops_per_latent = train_flops_per_latent(cfg, cfg.stage, cfg.seq_len)
+        noise = torch.Generator(device)
+        codes = torch.zeros(cfg.vocab_size, device=device)  # FSQ code histogram since the last log
+        wrapped = [calls[name] for name in trained]
+        # a fused optimizer skips a non-finite step on the device (FiniteGuard: no host sync a step);
+        # under FSDP (not fused) the host checks each step before it is applied
+        guard = FiniteGuard(optimizer) if optimizer.defaults.get("fused") else None
+        last = last_step(cfg.max_steps, cfg.stop_step)  # the schedule still ends at max_steps
+        say(f"training from step {step} to {last}: {latents_per_step} latents "
+            f"({cfg.batch_size} x {cfg.seq_len} x {cfg.grad_accum_steps} x {ddp.world_size}) per step, "
+            f"{flops_per_latent / 1e9:.2f} GFLOP per latent; run folder {run_dir}")
+        bar = tqdm(total=last, initial=step, disable=not is_main, dynamic_ncols=True, desc=f"train {cfg.stage}")
+        start_step, t_log = step, time.time()
+        sums, steps_since_log, metrics = {}, 0, {}
+        with deadline.catching_signals():  # a SIGTERM or Ctrl-C stops the loop at the next step, saved
+            while True:
+                # evaluation and checkpoints come before the step: they describe the model after `step` updates
+                t_pause = time.time()
+                due = before_step(step, start_step, last, cfg.log_interval, cfg.eval_interval, cfg.save_interval,
+                                  deadline)
+                if guard and (due.evaluate or due.save or due.stop):
+                    guard.check()  # nothing is evaluated or saved after a non-finite step
+                if due.evaluate:
+                    metrics = evaluate(model, calls, val_set, weights, cfg, ddp)
+                    sample = audio_sample(step, model, val_set, codec, cfg, run_dir, logger, is_main)
+                    logger.log({**metrics, **sample}, step)
+                    if is_main:
+                        print(json.dumps({"eval": step, **{k: round(v, 5) for k, v in metrics.items()}}), flush=True)
+                if due.save:
+                    save(step, due.best_metric(metrics, "val/loss"), model, optimizer, scaler, cfg, checkpoints, ddp,
+                         logger.run_id, fingerprint, base, validation)
+                if due.stop:
+                    if note := stop_message(step, cfg.max_steps, cfg.stop_step, cfg.max_minutes, deadline.stopped_by):
+                        say(note)
+                    break
+                t_log += time.time() - t_pause  # throughput counts training time only
 
-            lr = get_lr(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            step_loss = 0.0
-            for micro in range(cfg.grad_accum_steps):
-                batch = next(batches)
-                # the posterior noise depends on (seed, step, micro-batch, rank) only: exact resume
-                seed = int(np.random.SeedSequence([cfg.seed, step, micro, ddp.rank]).generate_state(1)[0])
-                noise.manual_seed(seed)
-                if lora and cfg.lora_dropout:  # the adapters' dropout draws from the global generator
-                    torch.manual_seed(seed)
-                x, valid = latents_of(batch, noise, device)
-                with gradient_sync(wrapped, micro == cfg.grad_accum_steps - 1):
-                    with autocast(device, cfg.dtype):
-                        losses, stats = compute_losses(calls["quantizer"], calls["lm"], calls["resynth"], x, valid,
-                                                       cfg.duplex, losses_of_stage, "quantizer" in trained,
-                                                       cfg.activation_checkpointing, cfg.compile)
-                        losses["total"] = sum(weights[k] * losses[k] for k in losses_of_stage)
-                    scaler.scale(losses["total"] / cfg.grad_accum_steps).backward()
-                step_loss = step_loss + losses["total"].detach()
-                tally(sums, codes, losses, stats, valid, cfg)
-            scaler.unscale_(optimizer)  # (float16) the true gradients, before clipping
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
-                grad_norm = grad_norm.full_tensor()
-            # under a float16 loss scale an overflowing gradient skips the step and lowers the scale
-            files = batch_files(train_set, loader.sampler, step)  # read only if the step is reported
-            if guard:
-                guard.flag(step, {"loss": step_loss} if scaler.is_enabled() else
-                           {"loss": step_loss, "gradient norm": grad_norm}, files,
-                           skippable={"gradient norm": grad_norm} if scaler.is_enabled() else None)
-                optimizer.step()  # skipped on the device if flagged
-            else:
-                check_finite_step(step, step_loss, None if scaler.is_enabled() else grad_norm, lambda: files)
-                scaler.step(optimizer)  # optimizer.step(), unless float16 gradients overflowed
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            steps_since_log += 1
-            bar.update(1)
-
-            if step % cfg.log_interval == 0 or step == last:
+                lr = get_lr(step, cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                step_loss = 0.0
+                for micro in range(cfg.grad_accum_steps):
+                    batch = next(batches)
+                    # the posterior noise depends on (seed, step, micro-batch, rank) only: exact resume
+                    seed = int(np.random.SeedSequence([cfg.seed, step, micro, ddp.rank]).generate_state(1)[0])
+                    noise.manual_seed(seed)
+                    if lora and cfg.lora_dropout:  # the adapters' dropout draws from the global generator
+                        torch.manual_seed(seed)
+                    x, valid = latents_of(batch, noise, device)
+                    with gradient_sync(wrapped, micro == cfg.grad_accum_steps - 1):
+                        with autocast(device, cfg.dtype):
+                            losses, stats = compute_losses(calls["quantizer"], calls["lm"], calls["resynth"], x, valid,
+                                                           cfg.duplex, losses_of_stage, "quantizer" in trained,
+                                                           cfg.activation_checkpointing, cfg.compile)
+                            losses["total"] = sum(weights[k] * losses[k] for k in losses_of_stage)
+                        scaler.scale(losses["total"] / cfg.grad_accum_steps).backward()
+                    step_loss = step_loss + losses["total"].detach()
+                    tally(sums, codes, losses, stats, valid, cfg)
+                scaler.unscale_(optimizer)  # (float16) the true gradients, before clipping
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+                    grad_norm = grad_norm.full_tensor()
+                # under a float16 loss scale an overflowing gradient skips the step and lowers the scale
+                files = batch_files(train_set, loader.sampler, step)  # read only if the step is reported
                 if guard:
-                    guard.check()  # (the row below syncs anyway)
-                row = train_row(sums, codes, lr, grad_norm, latents_per_step, flops_per_latent, steps_since_log,
-                                time.time() - t_log, cfg, ddp)
-                logger.log(row, step)
-                bar.set_postfix(loss=f"{row['train/total']:.3f}", latents_s=f"{row['perf/latents_per_s']:.0f}")
-                sums, steps_since_log, t_log = {}, 0, time.time()
-                codes.zero_()
+                    guard.flag(step, {"loss": step_loss} if scaler.is_enabled() else
+                               {"loss": step_loss, "gradient norm": grad_norm}, files,
+                               skippable={"gradient norm": grad_norm} if scaler.is_enabled() else None)
+                    optimizer.step()  # skipped on the device if flagged
+                else:
+                    check_finite_step(step, step_loss, None if scaler.is_enabled() else grad_norm, lambda: files)
+                    scaler.step(optimizer)  # optimizer.step(), unless float16 gradients overflowed
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                steps_since_log += 1
+                bar.update(1)
 
-    bar.close()
-    say(f"done at step {step}: {run_dir / f'latest{checkpoints.export_suffix}'}")
-    logger.finish()
-    teardown_distributed()
-    if deadline.stopped_by:  # saved but not finished: the status says so (a shell's `&&` goes no further)
-        raise SystemExit(128 + signal.Signals[deadline.stopped_by])
-    return metrics
+                if step % cfg.log_interval == 0 or step == last:
+                    if guard:
+                        guard.check()  # (the row below syncs anyway)
+                    row = train_row(sums, codes, lr, grad_norm, latents_per_step, flops_per_latent, steps_since_log,
+                                    time.time() - t_log, cfg, ddp)
+                    logger.log(row, step)
+                    bar.set_postfix(loss=f"{row['train/total']:.3f}", latents_s=f"{row['perf/latents_per_s']:.0f}")
+                    sums, steps_since_log, t_log = {}, 0, time.time()
+                    codes.zero_()
+
+        bar.close()
+        say(f"done at step {step}: {run_dir / f'latest{checkpoints.export_suffix}'}")
+        logger.finish()
+        teardown_distributed()
+        if deadline.stopped_by:  # saved but not finished: the status says so (a shell's `&&` goes no further)
+            raise SystemExit(128 + signal.Signals[deadline.stopped_by])
+        return metrics
 
 
 # --- small pieces used by main --------------------------------------------------------------------

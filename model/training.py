@@ -531,6 +531,14 @@ def _link(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
+# The run locks this process holds: (st_dev, st_ino) of a folder's `.run.lock` -> [its descriptor, holders].
+# A POSIX lock belongs to the process, and closing ANY descriptor of the file drops it: so a process opens
+# each folder's lock file once, and closes it when the last `Checkpoints` holding it releases it. (Per
+# process, as the kernel's locks are; the guard for trainers called from threads.)
+_run_locks: dict[tuple[int, int], list[int]] = {}
+_run_locks_guard = threading.Lock()
+
+
 class Checkpoints:
     """A folder of training checkpoints: `step_XXXXXXXX.pt` (last `keep` kept), `latest.pt`,
     `best.pt`, their model exports `latest.safetensors` / `best.safetensors`, and
@@ -550,7 +558,7 @@ class Checkpoints:
         self.export_suffix = export_suffix  # ".adapter.safetensors" for LoRA runs (model/finetune.py)
         self.keep = keep
         self.lower_is_better = lower_is_better
-        self.held = False  # this process holds the folder's run lock (`hold`)
+        self._lock: Optional[tuple[int, int]] = None  # the run lock this object holds (`hold`): its `_run_locks` key
 
     @property
     def latest(self) -> Optional[Path]:
@@ -574,37 +582,84 @@ class Checkpoints:
         return steps[-1] if not isinstance(recorded, int) or newest > recorded else None
 
     def hold(self) -> None:
-        """Lock the folder for this process's run (a POSIX lock on `.run.lock`, held until the
-        process exits), so that a second run in it at the same time (the same command in two
-        terminals, a job requeued while the last one still saves) is refused before anything slow:
-        a ConfigError naming the folder. Two runs in one folder resumed the same state and wrote
-        their steps in among each other's. A POSIX lock (not `flock`, as `model.files.open_locked`)
-        belongs to the process: forked DataLoader workers do not inherit it, and the same process
-        (a trainer's `main` called again, after `move_aside` too) takes it again. A file system
-        without locks goes unlocked."""
+        """Lock the folder for this process's run (a POSIX lock on `.run.lock`, held until `release`),
+        so that a second run in it at the same time (the same command in two terminals, a job
+        requeued while the last one still saves) is refused before anything slow: a ConfigError
+        naming the folder. Two runs in one folder resumed the same state and wrote their steps in
+        among each other's. A POSIX lock (not `flock`, as `model.files.open_locked`) belongs to the
+        process: forked DataLoader workers do not inherit it, and the same process (a trainer's
+        `main` called again, after `move_aside` too) takes it again, through the one descriptor it
+        has of the file (`_run_locks`: holders are counted). A file system without locks goes
+        unlocked."""
         import fcntl
-        self.held = True  # (`move_aside` takes it again in the fresh folder)
         path = self.folder / ".run.lock"
+        with _run_locks_guard:
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                st = os.stat(path)
+                key = (st.st_dev, st.st_ino)
+            except FileNotFoundError:
+                key = None
+            except OSError as e:
+                raise CheckpointError(f"cannot write {path}: {os_reason(e, path)}") from None
+            if key is not None and key == self._lock:  # held by this object already
+                return
+            if key in _run_locks:  # held by this process (another `Checkpoints`): not a second descriptor
+                _run_locks[key][1] += 1
+            else:
+                try:
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+                except OSError as e:
+                    raise CheckpointError(f"cannot write {path}: {os_reason(e, path)}") from None
+                try:
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except (BlockingIOError, PermissionError):  # (EAGAIN or EACCES: held by another process)
+                    os.close(fd)
+                    raise ConfigError(f"checkpoint_dir={str(self.folder)!r}: another run is training in it now "
+                                      f"(it holds {path.name}); wait for it to end, or use another "
+                                      "checkpoint_dir") from None
+                except OSError:
+                    pass  # no locks here
+                st = os.fstat(fd)
+                key = (st.st_dev, st.st_ino)
+                _run_locks[key] = [fd, 1]
+            old, self._lock = self._lock, key
+            self._drop(old)  # (the old folder's, after `move_aside`)
+
+    def release(self) -> None:
+        """Give up this object's hold on the folder's run lock (`hold`); the lock itself is released
+        (its descriptor closed) when no other `Checkpoints` of this process holds it. Nothing if it
+        holds none."""
+        with _run_locks_guard:
+            self._drop(self._lock)
+            self._lock = None
+
+    @staticmethod
+    def _drop(key: Optional[tuple[int, int]]) -> None:
+        if key is None:
+            return
+        held = _run_locks[key]
+        held[1] -= 1
+        if held[1] == 0:
+            del _run_locks[key]
+            os.close(held[0])
+
+    @contextmanager
+    def holding(self, hold: bool = True):
+        """`hold` (when `hold`) for the time of a `with` block, released when it ends or raises: a
+        trainer's `main` called again in one process (a notebook) leaves no descriptor open."""
+        if hold:
+            self.hold()
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
-        except OSError as e:
-            raise CheckpointError(f"cannot write {path}: {os_reason(e, path)}") from None
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except (BlockingIOError, PermissionError):  # (EAGAIN or EACCES: held by another process)
-            os.close(fd)
-            raise ConfigError(f"checkpoint_dir={str(self.folder)!r}: another run is training in it now (it holds "
-                              f"{path.name}); wait for it to end, or use another checkpoint_dir") from None
-        except OSError:
-            pass  # no locks here
-        # (the descriptor stays open: closing any descriptor of the file would release the lock)
+            yield self
+        finally:
+            self.release()
 
     def move_aside(self) -> Optional[Path]:
         """`move_aside(self.folder)` (resume=false); the run's lock, which went with the old run's
         folder, is taken again in the fresh one."""
         old = move_aside(self.folder)
-        if old is not None and self.held:
+        if old is not None and self._lock is not None:
             self.hold()
         return old
 

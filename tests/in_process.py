@@ -2,8 +2,7 @@
 (`model.training.run_script`: a user's error is one `error:` line on stderr, exit status 1), without
 a process' start (importing torch, its optimizers' Dynamo, SciPy, matplotlib: seconds a run). For
 runs whose subject is not the process; what only a process shows (its signals, environment,
-once-per-process warnings, the files it holds open until it exits: the run folder's lock) stays
-with real subprocesses."""
+once-per-process warnings) stays with real subprocesses."""
 import subprocess
 
 from model.training import run_script

@@ -25,7 +25,7 @@ from config.codec_config import CodecConfig
 from model import Codec, build, hub, load_codec, save_codec
 from model.checkpoint import read_metadata
 from config.codec_config import PRESETS
-from model.training import ConfigMismatch
+from model.training import Checkpoints, ConfigMismatch
 
 from hub_server import HubServer
 from in_process import run_in_process
@@ -505,6 +505,46 @@ def test_a_transformer_run_folder_is_one_error_line_before_the_data(corpus, tmp_
         assert "val:" not in result.stdout + result.stderr  # the data was not read
         # (.run.lock: a training run holds the folder from its start, Checkpoints.hold)
         assert sorted(p.name for p in run_dir.iterdir()) == [".run.lock", "latest.pt"]
+
+
+def lock_descriptors(run_dir):
+    """How many descriptors this process has open on `run_dir`'s `.run.lock`."""
+    lock, count = str(run_dir / ".run.lock"), 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}") == lock
+        except OSError:  # (the listing's own descriptor, closed since)
+            pass
+    return count
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors through /proc")
+def test_main_called_again_in_one_process_leaves_no_descriptor_of_the_run_lock(corpus, tmp_path, capsys):
+    """The run lock's descriptor stayed open until the process exited: each `main` of a notebook (or
+    the tests' in-process runs) left one more. `main` releases its hold when it returns or raises; one
+    descriptor per folder serves every holder of the process, counted, so an older `Checkpoints` of the
+    folder still holding it (kept alive by a traceback) keeps it locked, and closes it when released."""
+    run_dir = tmp_path / "run"
+    short = ("max_steps=4", "save_interval=2", "eval_interval=2")
+    for extra in (("stop_step=2",), (), ("latent_dim=16",)):  # trains, resumes, then raises: a contradicting config
+        result = run_here(args(corpus, run_dir, *short, *extra), capsys)
+        assert result.returncode == (1 if extra == ("latent_dim=16",) else 0), result.stderr[-2000:]
+        assert lock_descriptors(run_dir) == 0
+    assert "latent_dim: the checkpoint has 32, this run has 16" in result.stderr
+    older = Checkpoints(run_dir)
+    older.hold()
+    try:
+        for _ in range(2):
+            assert run_here(args(corpus, run_dir, *short), capsys).returncode == 0  # finished: nothing to train
+            assert lock_descriptors(run_dir) == 1
+        other = run(["train_codec.py"] + args(corpus, run_dir, *short, "max_steps=6"))  # still held by `older`
+        assert other.returncode == 1, other.stderr[-2000:]
+        assert error_line(other.stderr) == (f"error: checkpoint_dir={str(run_dir)!r}: another run is training in "
+                                            "it now (it holds .run.lock); wait for it to end, or use another "
+                                            "checkpoint_dir")
+    finally:
+        older.release()
+    assert lock_descriptors(run_dir) == 0
 
 
 def test_a_latest_pt_holding_nan_is_one_error_line_before_the_data(corpus, trained, tmp_path, capsys):

@@ -463,8 +463,11 @@ def test_a_second_run_in_the_same_folder_at_once_is_refused(tmp_path):
     finally:
         holder.kill()
         holder.wait()
-    Checkpoints(run).hold()
-    Checkpoints(run).hold()  # this process again
+    first, again = Checkpoints(run), Checkpoints(run)
+    first.hold()
+    again.hold()  # this process again
+    first.release()
+    again.release()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
