@@ -16,7 +16,7 @@ then reported. What another attempt cannot change is one WeightsError at once: a
 folder that cannot be written (a file in its place, read-only, a full disk), and a disk with less
 room than the rest of the missing files need, found before the first download starts. Offline
 (`offline=True` or `HF_HUB_OFFLINE=1`), a missing file is an error that names each file, its size
-and where to put it.
+and where to put it, and a partial download of it left there (whether a run online resumes it).
 """
 from __future__ import annotations
 
@@ -370,11 +370,35 @@ def check_offline(names, ckpt_dir: str | os.PathLike = DEFAULT_CKPT_DIR, offline
     folder = Path(ckpt_dir)
     missing = [f for f in (OFFICIAL_FILES[n] for n in names) if not (folder / f.filename).is_file()]
     if missing:
-        lines = [f"  {f.filename}  ({f.component}, about {_human(f.size)}, md5 {f.md5})" for f in missing]
+        lines = [f"  {f.filename}  ({f.component}, about {_human(f.size)}, md5 {f.md5})" + _partial_note(folder, f)
+                 for f in missing]
         raise WeightsError(
             "offline mode and these official hertz-dev files are missing:\n" + "\n".join(lines) +
             f"\nDownload them from https://huggingface.co/{HF_REPO} and put them in "
             f"{folder.resolve()}/ (or run once without offline mode / HF_HUB_OFFLINE).")
+
+
+def _partial_note(folder: Path, f: OfficialFile) -> str:
+    """For the offline error: the partial download of `f` an earlier run left in `folder` (a dropped
+    connection, a killed process), named, and whether a run online resumes it or starts over
+    (`_Partial.take_over`); "" when there is none."""
+    tmp = _temporary(folder.resolve() / f.filename)
+    try:
+        kept = tmp.stat().st_size
+    except OSError:
+        return ""
+    if kept == 0:
+        return ""
+    size = _kept_size(_sidecar(tmp), f.md5)
+    if size is None or kept > size:
+        return (f"\n    a partial download of it, {tmp} ({_human(kept)}), cannot be resumed (its {_sidecar(tmp).name} "
+                "is missing or names another version of the file): a run without offline mode downloads it from the "
+                "start")
+    if kept == size:
+        return (f"\n    its whole download, {tmp} ({_human(kept)}), is not verified yet: a run without offline mode "
+                "checks its md5 and puts it in place")
+    return (f"\n    a partial download of it, {tmp} ({_human(kept)} of {_human(size)}), is kept: a run without "
+            "offline mode resumes it from there")
 
 
 def official_file(name: str, ckpt_dir: str | os.PathLike = DEFAULT_CKPT_DIR, offline: Optional[bool] = None,

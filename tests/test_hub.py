@@ -443,6 +443,53 @@ def test_offline_with_files_absent_names_each_one(server, tmp_path):
     assert server.requests == []
 
 
+def test_the_offline_error_names_a_partial_download_and_what_a_run_online_does_with_it(tmp_path, monkeypatch):
+    """A download cut off by the server dying mid-file, the machine then offline: the offline error
+    listed the missing file but not the partial download beside it. It names the temporary, how much
+    it holds, and that a run online resumes it; or, for one that cannot be resumed (no sidecar), that
+    the file is downloaded from the start. Each claim then checked against a run online."""
+    data = os.urandom(1 << 20)
+    register(monkeypatch, "inference_volcano_3", data)
+    folder = tmp_path / "ckpt"
+    tmp = (folder / ".inference_volcano_3.pt.download").resolve()
+    with HubServer() as dying:
+        dying.add("inference_volcano_3.pt", data)
+        dying.faults["inference_volcano_3.pt"] = ["drop@0.5"]
+        dead = []
+
+        def log(message):  # the server dies at the first failure: the retries find no one
+            if "failed" in message and not dead:
+                dying.httpd.server_close()  # (its port closed: connections are refused)
+                dead.append(True)
+
+        with pytest.raises(WeightsError, match=f"Connection refused; the 524.3 KB downloaded are kept in "
+                                               f"{re.escape(str(tmp))} and the next run resumes from there"):
+            fetch(dying, tmp_path, "inference_volcano_3", log=log)
+    assert tmp.stat().st_size == len(data) // 2
+
+    def offline_error():
+        with pytest.raises(WeightsError) as e:
+            hub.official_file("inference_volcano_3", folder, offline=True, progress=False)
+        return str(e.value)
+
+    assert (f"\n    a partial download of it, {tmp} (524.3 KB of 1.0 MB), is kept: a run without offline mode resumes "
+            "it from there\n") in offline_error()
+    with HubServer() as server:  # online again: resumed, as said
+        server.add("inference_volcano_3.pt", data)
+        assert fetch(server, tmp_path, "inference_volcano_3").read_bytes() == data
+        assert server.ranges == [f"bytes={len(data) // 2}-"]
+        (folder / "inference_volcano_3.pt").unlink()
+        tmp.write_bytes(data[:1000])  # a partial without its sidecar (another version of this code's)
+        assert (f"\n    a partial download of it, {tmp} (1.0 KB), cannot be resumed (its "
+                ".inference_volcano_3.pt.download.json is missing or names another version of the file): a run "
+                "without offline mode downloads it from the start\n") in offline_error()
+        server.ranges.clear()
+        assert fetch(server, tmp_path, "inference_volcano_3").read_bytes() == data
+        assert server.ranges == [None]  # from the start, as said
+    (folder / "inference_volcano_3.pt").unlink()
+    assert "partial" not in offline_error()  # none left
+
+
 @torch.no_grad()
 def test_official_variant_loads_strict_from_the_server(server, tmp_path, monkeypatch):
     """The whole official path (download, verify, meta build, mmap + assign, strict) with files
