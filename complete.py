@@ -20,7 +20,8 @@ keeps the KV caches in float8.
 
 The arguments, the sampling parameters (ranges of `model/protocol.py`), the adapter file and the
 prompt file are checked before any weights are loaded or downloaded: a mistake is one `error: ...` line, exit
-code 2, and no file written.
+code 2, and no file written. The flags are parsed before torch is imported: a mistyped one is its
+error line at once.
 
 Sampling defaults are the original's `temps=(0.8, (0.5, 0.1))`: token temperature 0.8, mixture
 temperature 0.5, Gaussian temperature 0.1; no top-p (1.0) and no min-p (0.0).
@@ -32,21 +33,11 @@ import sys
 import time
 import warnings
 
-import torch
-
+# Only what the flags need (no torch): a mistyped flag is one error line at once, not after the
+# seconds of importing torch; the rest is imported once they are parsed.
 from config import ArgumentParser
-from model import SamplingParams, load_hertz_dev
-from model.audio import (AudioError, check_output, check_prompt, completion_paths, file_problem, load_prompt,
-                         save_audio)
-from model.checkpoint import read_metadata
-from model.generator import Generator, completion_problem, completion_steps, row_seeds
+from config.transformer_config import DTYPE_NAMES, KV_DTYPE_NAMES, QUANTIZE_MODES
 from model.hub import VARIANTS
-from model.lora import read_adapter
-from model.loading import (DTYPES, LOAD_ERRORS, codec_config_of, no_codec_problem, resolve_device, resolve_dtype,
-                           transformer_config_of)
-from model.quant import MODES, quantization_of
-from model.stream_codec import PromptLatentsError
-from model.transformer import KV_DTYPES
 
 
 def parse_args(argv=None):
@@ -70,10 +61,11 @@ def parse_args(argv=None):
     ap.add_argument("--encode", choices=("sample", "mean"), default="sample",
                     help="prompt latents: a draw from the codec posterior (as the original) or its mean")
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cuda:1, cpu")
-    ap.add_argument("--dtype", default="auto", choices=("auto",) + tuple(DTYPES),
+    ap.add_argument("--dtype", default="auto", choices=("auto",) + DTYPE_NAMES,
                     help="auto: bfloat16 on cuda, float32 on cpu")
-    ap.add_argument("--quantize", choices=MODES, help="weight-only int8 or int4 transformer weights (default: float)")
-    ap.add_argument("--kv-dtype", choices=tuple(KV_DTYPES), default="auto",
+    ap.add_argument("--quantize", choices=QUANTIZE_MODES,
+                    help="weight-only int8 or int4 transformer weights (default: float)")
+    ap.add_argument("--kv-dtype", choices=KV_DTYPE_NAMES, default="auto",
                     help="KV caches: auto (the weights' dtype) or fp8 (half the bytes of bf16)")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the transformer block (slower start, faster steps)")
@@ -83,6 +75,8 @@ def parse_args(argv=None):
     ap.add_argument("--no-verify", action="store_true",
                     help="skip the content-hash check of our .safetensors files (a changed file is an error by default)")
     args = ap.parse_args(argv)
+    from model import SamplingParams
+    from model.generator import completion_problem, row_seeds
     if problem := completion_problem(args.seconds, args.num):  # NaN, inf, <= 0 (their memory: once the config is read)
         ap.error(problem)
     try:
@@ -98,6 +92,17 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import torch
+    from model import load_hertz_dev
+    from model.audio import (AudioError, check_output, check_prompt, completion_paths, file_problem, load_prompt,
+                             save_audio)
+    from model.checkpoint import read_metadata
+    from model.generator import Generator, completion_problem, completion_steps
+    from model.lora import read_adapter
+    from model.loading import (LOAD_ERRORS, codec_config_of, no_codec_problem, resolve_device, resolve_dtype,
+                               transformer_config_of)
+    from model.quant import quantization_of
+    from model.stream_codec import PromptLatentsError
     try:
         device = resolve_device(args.device)
     except ValueError as e:

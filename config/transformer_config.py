@@ -21,6 +21,7 @@ Quantize = Literal["int8", "int4"]
 KVDtype = Literal["auto", "fp8"]
 QUANTIZE_MODES: tuple[str, ...] = get_args(Quantize)
 KV_DTYPE_NAMES: tuple[str, ...] = get_args(KVDtype)
+DTYPE_NAMES = ("bfloat16", "float16", "float32")  # the loaders' dtypes by name (`model/loading.py` DTYPES)
 
 # Marks on the fields (`fields_marked`, `config_diff` in config/__init__.py):
 ARCH = {"arch": True}          # the networks: a checkpoint that differs cannot be loaded into them

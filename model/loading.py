@@ -19,7 +19,7 @@ import torch.nn as nn
 from config import DEVICE
 from config.codec_config import CodecConfig
 from config.codec_config import hertz_dev as CODEC_HERTZ_DEV
-from config.transformer_config import TransformerConfig
+from config.transformer_config import DTYPE_NAMES, TransformerConfig
 from config.transformer_config import hertz_dev as TRANSFORMER_HERTZ_DEV
 
 from . import hub, lora
@@ -54,6 +54,7 @@ def default_dtype(device) -> torch.dtype:
 
 # The dtypes the loaders take by name (`dtype="bfloat16"`, complete.py's --dtype); float64 also as a torch dtype.
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+assert tuple(DTYPES) == DTYPE_NAMES, "a dtype named in config/transformer_config.py without its torch dtype here"
 
 
 def resolve_dtype(dtype, device, flag: str = "dtype=") -> torch.dtype:

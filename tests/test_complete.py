@@ -46,6 +46,35 @@ def run(*args):
                           capture_output=True, text=True, timeout=300)
 
 
+# complete.py run as its `python complete.py ...` runs it, reporting whether torch was imported by then
+WITHOUT_TORCH = """
+import runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    print("torch imported:", "torch" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--bogus"], "error: unrecognized arguments: --bogus (complete.py --help lists the flags)"),
+    (["--dtype", "bf16"], "error: argument --dtype: invalid choice: 'bf16' (choose from 'auto', 'bfloat16', "
+                          "'float16', 'float32') (complete.py --help lists the flags)"),
+    (["--quantize", "int3"], "error: argument --quantize: invalid choice: 'int3' (choose from 'int8', 'int4') "
+                             "(complete.py --help lists the flags)")])
+def test_a_mistyped_flag_is_its_error_line_before_torch_is_imported(tmp_path, flags, message):
+    """complete.py imported torch (seconds) before parsing its flags, so a mistyped one waited for it
+    before its one error line. The flags are parsed first, with nothing heavy imported."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, str(REPO / "complete.py"), str(tmp_path / "p.wav"),
+                             str(tmp_path / "o.wav"), *flags], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and result.stderr.splitlines()[-1] == message, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert result.stdout == "torch imported: False\n"
+
+
 def corrupted_copy(path, folder: Path) -> Path:
     """A copy of the checkpoint at `path` with one bit of one weight flipped: reading its weights
     is an error (its content hash), so an error about something else shows it came first."""
