@@ -98,8 +98,11 @@ def _is_offline(offline: Optional[bool]) -> bool:
 
 
 class _Verified:
-    """`<ckpt>/.verified.json`: size, mtime and md5 of files already checked, so a 27 GB file is
-    hashed once, not at every load."""
+    """`<ckpt>/.verified.json`: size, mtime, inode change time and number, and md5 of files already
+    checked, so a 27 GB file is hashed once, not at every load. Size and mtime alone let a file
+    replaced with the same size and its mtime put back (`cp -p`, `touch -r`) pass unhashed; the
+    inode's change time moves with every write and cannot be set back (as `model.latents` keys its
+    corpora). A record of the older form matches nothing: the file is hashed once more."""
 
     def __init__(self, folder: Path):
         self.path = folder / ".verified.json"
@@ -112,15 +115,18 @@ class _Verified:
         except (OSError, ValueError):
             return {}
 
-    def ok(self, file: Path, md5: str) -> bool:
+    @staticmethod
+    def _key(file: Path, md5: str) -> list:
         st = file.stat()
-        return self.data.get(file.name) == [st.st_size, st.st_mtime_ns, md5]
+        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, md5]
+
+    def ok(self, file: Path, md5: str) -> bool:
+        return self.data.get(file.name) == self._key(file, md5)
 
     def add(self, file: Path, md5: str) -> None:
         """Record `file`, keeping what other processes recorded since this one read the record
         (each writes its own temporary, then renames it into place)."""
-        st = file.stat()
-        self.data = {**self._read(), file.name: [st.st_size, st.st_mtime_ns, md5]}
+        self.data = {**self._read(), file.name: self._key(file, md5)}
         tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         try:
             tmp.write_text(json.dumps(self.data, indent=1))

@@ -66,6 +66,26 @@ def test_every_file_verified_stays_recorded(server, tmp_path, monkeypatch):
     assert sorted(record) == ["inference_apatosaurus_95000.pt", "inference_volcano_3.pt"]
 
 
+def test_a_file_replaced_with_its_size_and_mtime_put_back_is_hashed_again(server, tmp_path, monkeypatch):
+    """The record of verified files was keyed by size and mtime: a file replaced in place by other
+    bytes of the same size, its mtime put back (`cp -p`, `touch -r`), was taken as verified and
+    loaded unchecked. Now it is hashed again, found corrupt and downloaded anew (offline: an error
+    naming it)."""
+    data = bytes(range(256)) * 64
+    register(monkeypatch, "inference_volcano_3", data)
+    server.add("inference_volcano_3.pt", data)
+    path = fetch(server, tmp_path, "inference_volcano_3")
+    st = path.stat()
+    path.write_bytes(bytes(reversed(data)))  # same size, other bytes
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    with pytest.raises(WeightsError, match=f"{path} is corrupt: md5"):
+        hub.official_file("inference_volcano_3", tmp_path / "ckpt", offline=True, progress=False,
+                          log=lambda m: None)
+    assert fetch(server, tmp_path, "inference_volcano_3").read_bytes() == data
+    assert len(server.requests) == 2
+
+
 def test_md5_mismatch_is_downloaded_once_more(server, tmp_path, monkeypatch):
     data = bytes(range(256)) * 64
     register(monkeypatch, "inference_volcano_3", data)
