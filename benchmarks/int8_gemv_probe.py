@@ -21,6 +21,7 @@ bf16 rate (2.53-2.77) and 90-94% of what its access pattern reads with no arithm
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -210,6 +211,10 @@ def emit(**f):
 @torch.no_grad()
 def main() -> None:
     from benchmarks.inference import graph_time
+    from config import ArgumentParser
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--int4", action="store_true", help="also the 4-bit GEMVs and tinygemm")
+    args = ap.parse_args()
     emit(bench="env", torch=torch.__version__, triton=triton.__version__, device=torch.cuda.get_device_name())
     for n, k in ((12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)):
         torch.manual_seed(0)
@@ -243,7 +248,7 @@ def main() -> None:
                      config=best[1], rel_err=best[2])
         tma(n, k, ws, x, y, ref, graph_time)
         del ws
-        if "--int4" in sys.argv:
+        if args.int4:
             int4(n, k, x, graph_time)
 
 
