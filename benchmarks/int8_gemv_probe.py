@@ -214,7 +214,12 @@ def main() -> None:
     from config import ArgumentParser
     ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--int4", action="store_true", help="also the 4-bit GEMVs and tinygemm")
+    ap.add_argument("--modes", default=",".join(["bf16", *MODES, "tma"]),
+                    help="comma-separated int8 modes to time (default: all)")
     args = ap.parse_args()
+    modes = set(args.modes.split(","))
+    if modes - {"bf16", "tma", *MODES}:
+        ap.error(f"--modes: unknown {', '.join(sorted(modes - {'bf16', 'tma', *MODES}))}")
     emit(bench="env", torch=torch.__version__, triton=triton.__version__, device=torch.cuda.get_device_name())
     for n, k in ((12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)):
         torch.manual_seed(0)
@@ -223,11 +228,14 @@ def main() -> None:
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         y = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
         ref = (x.float() @ (ws[0][0].float() * ws[0][1].float()[:, None]).t())
-        bf = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(20)]
-        us = graph_time(lambda: [F.linear(x, w) for w in bf], iters=20) / len(bf) * 1e3
-        emit(bench="probe", out=n, inp=k, mode="bf16", us=us, tb_per_s=2 * n * k / us / 1e6)
-        del bf
+        if "bf16" in modes:
+            bf = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(20)]
+            us = graph_time(lambda: [F.linear(x, w) for w in bf], iters=20) / len(bf) * 1e3
+            emit(bench="probe", out=n, inp=k, mode="bf16", us=us, tb_per_s=2 * n * k / us / 1e6)
+            del bf
         for mode, code in MODES.items():
+            if mode not in modes:
+                continue
             best = None
             for bn, bk, nw in CONFIGS:
                 for st in (3,):
@@ -246,7 +254,8 @@ def main() -> None:
             if best:
                 emit(bench="probe", out=n, inp=k, mode=mode, us=best[0], tb_per_s=n * k / best[0] / 1e6,
                      config=best[1], rel_err=best[2])
-        tma(n, k, ws, x, y, ref, graph_time)
+        if "tma" in modes:
+            tma(n, k, ws, x, y, ref, graph_time)
         del ws
         if args.int4:
             int4(n, k, x, graph_time)
