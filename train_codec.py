@@ -54,7 +54,7 @@ from model.codec import Codec, compile_codec
 from model.codec_losses import (DNSMOS, MultiResolutionMelLoss, MultiResolutionSTFTLoss, discriminator_loss,
                                 feature_matching_loss, generator_adversarial_loss, kl_bits_per_second, latent_kl,
                                 latent_mask, pesq_wb, si_sdr, stoi, waveform_l1)
-from model.data import AudioCropDataset, infinite_batches, make_loader
+from model.data import AudioCropDataset, infinite_batches, make_loader, shared_with_training
 from model.discriminators import Discriminators
 from model.hub import WeightsError
 from model.loading import load_codec, write_codec
@@ -318,6 +318,8 @@ def build_data(cfg: CodecConfig, is_main: bool, say) -> tuple[DataLoader | None,
             raise ConfigError(f"{train_set.root} gives {len(train_set)} training crops of {cfg.segment_seconds} s, "
                               f"fewer than batch_size={cfg.batch_size} per process: add audio or lower batch_size")
         say(describe("train", train_set))
+        if is_main and (note := shared_with_training(val_set.files, train_set.files, cfg.val_data_path)):
+            say(f"note: {note}")  # its mel distance, STOI and PESQ would measure memorised audio
     return val_loader, train_loader
 
 

@@ -47,7 +47,8 @@ from config import ConfigError, check_compatible, fields_marked, from_dict, pars
 from config.codec_config import CodecConfig
 from config.transformer_config import PRESETS, TransformerConfig
 from model import Generator, HertzDev, build, finetune, hub, load_codec, load_hertz_dev
-from model.checkpoint import CheckpointError, listed, read_metadata
+from model.checkpoint import CheckpointError, read_metadata
+from model.data import shared_with_training
 from model.generator import completion_problem, completion_steps
 from model.loading import codec_config_fitting, official_transformer_config, write_transformer
 from model.latents import LatentCrops, StepSampler, codec_fingerprint, prepare_latents, sample_posterior, scan_corpus
@@ -302,13 +303,8 @@ def build_data(cfg: TransformerConfig, codec, fingerprint: str, say) -> tuple[La
             f"{'silence' if cfg.mono_to_stereo == 'silence' else 'itself'} (mono_to_stereo={cfg.mono_to_stereo}), "
             f"so the model learns to {learns} on channel 1, the voice it becomes; set duplex=false for a mono model, "
             "or give it two-channel conversations")
-    if "train" in files:  # the same files under two paths count too (a link, a manifest beside the folder)
-        train = {os.path.realpath(f.path) for f in files["train"]}
-        shared = [os.path.relpath(f.path, files["val"].root) for f in files["val"] if os.path.realpath(f.path) in train]
-        if shared:
-            say(f"note: val_data_path={cfg.val_data_path} shares {len(shared)} of its {len(files['val'])} files with "
-                f"train_data_path ({listed(shared)}): its loss, which picks best.pt, measures how well the model "
-                "fits its training data, not how it generalises")
+    if "train" in files and (note := shared_with_training(files["val"], files["train"], cfg.val_data_path)):
+        say(f"note: {note}")  # the same files under two paths count too (a link, a manifest beside the folder)
     folders = {split: prepare_latents(path, codec, channels, cfg.latents_dir, cfg.sample_rate, cfg.mono_to_stereo,
                                       fingerprint, cfg.num_workers, log=say, model_channel=cfg.model_channel)
                for split, path in splits.items()}

@@ -71,6 +71,29 @@ class AudioFileList(list):
         return f"; {', '.join(parts)} (named above)" if parts else ""
 
 
+def shared_with_training(val: AudioFileList, train: AudioFileList, val_data_path: str) -> Optional[str]:
+    """A trainer's note (without its "note: ") naming the files of the validation set `val` (read
+    from `val_data_path`, as the user wrote it) that are files of the training set `train` too, or
+    None when they share none. The same file counts under any path: by its resolved path (a
+    symlink, a folder reached through a link, `..` in a manifest) or by its device and inode (a
+    hard link, which resolves to itself). Validating on training files measures memorised data."""
+    def key(path: str) -> tuple:
+        try:
+            st = os.stat(path)
+        except OSError:  # gone since the scan: its resolved path alone
+            return (None, None)
+        return (st.st_dev, st.st_ino)
+    paths = {os.path.realpath(f.path) for f in train}
+    inodes = {key(f.path) for f in train} - {(None, None)}
+    shared = [os.path.relpath(f.path, val.root) for f in val
+              if os.path.realpath(f.path) in paths or key(f.path) in inodes]
+    if not shared:
+        return None
+    return (f"val_data_path={val_data_path} shares {len(shared)} of its {len(val)} files with train_data_path "
+            f"({listed(shared)}): its loss, which picks best.pt, measures how well the model fits its training "
+            "data, not how it generalises")
+
+
 def skip_short(files: list[str], why: str, source: str) -> None:
     """Name the files left out as too short (`why`: "empty (0 samples)"), or for another reason
     shared by all, the first few and a count, in one SkippedAudioWarning."""

@@ -191,6 +191,30 @@ def test_total_loss_falls_on_one_fixed_batch(corpus, tmp_path, capsys):
     assert train[-1]["loss/mel"] < 0.8 * train[0]["loss/mel"]
 
 
+def test_a_val_folder_holding_training_files_is_a_note(corpus, tmp_path, capsys):
+    """A val folder holding training files (a symlink, a hard link) was not checked at all: its
+    mel distance (which picks best.pt), STOI and PESQ measured memorised audio, silently. Now the
+    note train_transformer.py prints (`model.data.shared_with_training`), found by resolved path
+    and by device and inode."""
+    train_files = sorted((corpus / "train").rglob("*.wav"))
+    train_files = [f for f in train_files if f.name != "broken.wav"][:3]
+    (tmp_path / "train").mkdir()
+    (tmp_path / "val").mkdir()
+    for i, f in enumerate(train_files):
+        shutil.copy(f, tmp_path / "train" / f"t{i}.wav")
+    shutil.copy(sorted((corpus / "val").rglob("*.wav"))[0], tmp_path / "val" / "own.wav")
+    (tmp_path / "val" / "linked.wav").symlink_to(tmp_path / "train" / "t0.wav")
+    os.link(tmp_path / "train" / "t1.wav", tmp_path / "val" / "hard.wav")
+    result = run_here(args(corpus, tmp_path / "run", f"train_data_path={tmp_path / 'train'}",
+                           f"val_data_path={tmp_path / 'val'}", "max_steps=1", "save_interval=1",
+                           "eval_interval=1"), capsys)
+    assert result.returncode == 0, result.stderr[-3000:]
+    notes = [line for line in result.stdout.splitlines() if "shares" in line]
+    assert notes == [f"note: val_data_path={tmp_path / 'val'} shares 2 of its 3 files with train_data_path "
+                     "(hard.wav, linked.wav): its loss, which picks best.pt, measures how well the model fits its "
+                     "training data, not how it generalises"]
+
+
 def test_discriminators_that_never_start_are_a_note():
     """disc_start_step at or past max_steps with adversarial weights > 0 was accepted silently: the
     whole run trained without the terms its weights asked for. A short trial of a recipe with a

@@ -471,6 +471,29 @@ def test_a_val_set_sharing_files_with_the_train_set_is_said(tmp_path):
     assert not [m for m in said if m.startswith("note:")]
 
 
+def test_a_val_folder_holding_a_hard_link_of_a_training_file_is_said(setup, tmp_path, capsys):
+    """The shared files were found by resolved path only, so a hard link of a training file in the
+    val folder (which resolves to itself) went unseen; now by device and inode too, through the
+    trainer's main, with the note train_codec.py prints too (`model.data.shared_with_training`)."""
+    import shutil
+    corpus = setup["root"] / "corpus"
+    train_files = sorted((corpus / "train").rglob("*.wav"))[:3]
+    (tmp_path / "train").mkdir()
+    (tmp_path / "val").mkdir()
+    for i, f in enumerate(train_files):
+        shutil.copy(f, tmp_path / "train" / f"t{i}.wav")
+    shutil.copy(sorted((corpus / "val").rglob("*.wav"))[0], tmp_path / "val" / "own.wav")
+    (tmp_path / "val" / "linked.wav").symlink_to(tmp_path / "train" / "t0.wav")
+    os.link(tmp_path / "train" / "t1.wav", tmp_path / "val" / "hard.wav")
+    log, _ = train_here(base_args(setup, tmp_path / "run", train_data_path=tmp_path / "train",
+                                  val_data_path=tmp_path / "val", latents_dir=tmp_path / "lat", max_steps=1,
+                                  eval_interval=1, save_interval=1), capsys)
+    notes = [line for line in log.splitlines() if "shares" in line]
+    assert notes == [f"note: val_data_path={tmp_path / 'val'} shares 2 of its 3 files with train_data_path "
+                     "(hard.wav, linked.wav): its loss, which picks best.pt, measures how well the model fits its "
+                     "training data, not how it generalises"]
+
+
 @torch.no_grad()
 def test_the_audio_sample_lasts_sample_seconds_with_a_codec_of_another_hop(setup, tmp_path):
     """A codec of 1000 samples per latent (16 latents/s): each evaluation's sample continued its
