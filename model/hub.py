@@ -10,7 +10,8 @@ in the temporary is kept, and the next attempt (a retry, or a later run) asks fo
 `Range: bytes=N-`, hashing the kept bytes first; a sidecar `.NAME.pt.download.json` names the md5
 and size the temporary is a prefix of, so a partial of another version of the file is never resumed,
 and a server that does not answer the range asked for (a 200, another start) is downloaded from the
-start. Interrupted transfers and HTTP 5xx answers are retried a bounded number of times in a row (an
+start. A partial left beside a file found in place and verified (put there by hand) is removed, and
+said, unless a live process holds its lock. Interrupted transfers and HTTP 5xx answers are retried a bounded number of times in a row (an
 attempt that added bytes starts the count anew); an md5 mismatch is downloaded once more from zero,
 then reported. What another attempt cannot change is one WeightsError at once: an HTTP 4xx answer, a
 folder that cannot be written (a file in its place, read-only, a full disk), and a disk with less
@@ -433,12 +434,12 @@ def official_files(names, ckpt_dir: str | os.PathLike = DEFAULT_CKPT_DIR, offlin
         path = folder / f.filename
         if path.is_file():
             if verified.ok(path, f.md5):
-                out[f.name] = path
+                out[f.name] = _drop_stale_partial(path, log)
                 continue
             digest = file_digest(path)
             if digest == f.md5:
                 verified.add(path, f.md5)
-                out[f.name] = path
+                out[f.name] = _drop_stale_partial(path, log)
                 continue
             if _is_offline(offline):
                 raise WeightsError(f"{path} is corrupt: md5 {digest}, expected {f.md5}. Delete it and "
@@ -460,6 +461,31 @@ def official_files(names, ckpt_dir: str | os.PathLike = DEFAULT_CKPT_DIR, offlin
     for f in missing:
         out[f.name] = _fetch(f, folder / f.filename, endpoint, retries, progress, log, backoff)
     return {f.name: out[f.name] for f in files}
+
+
+def _drop_stale_partial(path: Path, log: Callable[[str], None]) -> Path:
+    """`path`, in place and verified: the partial download of it (and its sidecar) that an earlier
+    run left beside it is removed, and said, as nothing would ever resume it. Under the partial's
+    lock, taken without waiting (`_Partial`): one a live process still holds is its to finish or drop."""
+    tmp = _temporary(path)
+    meta = _sidecar(tmp)
+    try:
+        if not (tmp.exists() or meta.exists()):
+            return path
+        file = open_locked(tmp, buffering=0, locks_optional=True)
+    except OSError:  # (BlockingIOError: another process is writing it; or a folder this one cannot write)
+        return path
+    if file is None:  # renamed or removed as it was locked: its holder finished with it
+        return path
+    try:
+        kept = os.fstat(file.fileno()).st_size
+        _remove(meta)
+        _remove(tmp)
+    finally:
+        file.close()
+    log(f"removed {tmp.name} ({_human(kept)}) and its sidecar from {path.parent}: a partial download an earlier run "
+        f"left, which nothing resumes now that {path.name} is in place and verified")
+    return path
 
 
 def _fetch(f: OfficialFile, path: Path, endpoint: Optional[str], retries: int, progress: bool,

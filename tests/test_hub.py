@@ -252,6 +252,43 @@ def test_a_killed_download_is_resumed_by_the_next_run(server, tmp_path, monkeypa
     assert logs == [f"resuming inference_volcano_3.pt at {hub._human(kept)} of 4.2 MB"]
 
 
+def test_a_partial_left_beside_a_file_put_in_place_by_hand_is_removed(server, tmp_path, monkeypatch):
+    """A download killed (SIGKILL) left its temporary and sidecar; the file then put in place by
+    hand (and verified) never made anything look at them again: they stayed for good. The next
+    load removes them, under the partial's lock, with one log line; one a live process holds
+    (locked) is left to it, silently, and the file is returned without waiting for it."""
+    import fcntl
+    data = os.urandom(4 << 20)
+    register(monkeypatch, "inference_volcano_3", data)
+    server.add("inference_volcano_3.pt", data)
+    server.rate = 4 << 20
+    folder = tmp_path / "ckpt"
+    tmp, meta = folder / ".inference_volcano_3.pt.download", folder / ".inference_volcano_3.pt.download.json"
+    child = downloader(server, folder, "inference_volcano_3", data)
+    try:
+        wait_for(lambda: tmp.exists() and tmp.stat().st_size >= 1 << 20, child, "no download seen")
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    kept = tmp.stat().st_size
+    assert meta.is_file() and 0 < kept < len(data)
+    (folder / "inference_volcano_3.pt").write_bytes(data)  # (by hand)
+    held = tmp.open("r+b")  # a live process' lock on it
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    logs = []
+    try:
+        assert fetch(server, tmp_path, "inference_volcano_3", log=logs.append).read_bytes() == data
+    finally:
+        held.close()
+    assert logs == [] and tmp.stat().st_size == kept and meta.is_file()
+    assert fetch(server, tmp_path, "inference_volcano_3", log=logs.append).read_bytes() == data
+    assert leftovers(folder) == [] and len(server.requests) == 1
+    assert logs == [f"removed .inference_volcano_3.pt.download ({hub._human(kept)}) and its sidecar from {folder}: a "
+                    "partial download an earlier run left, which nothing resumes now that inference_volcano_3.pt is "
+                    "in place and verified"]
+    assert fetch(server, tmp_path, "inference_volcano_3", log=logs.append).read_bytes() == data and len(logs) == 1
+
+
 def test_two_processes_downloading_one_file_share_one_download(server, tmp_path, monkeypatch):
     """Two processes downloading the same file at once wrote the same temporary: the second
     truncated the first's, the first renamed a file with a hole in it into place and returned it,
