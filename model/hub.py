@@ -11,11 +11,12 @@ in the temporary is kept, and the next attempt (a retry, or a later run) asks fo
 and size the temporary is a prefix of, so a partial of another version of the file is never resumed,
 and a server that does not answer the range asked for (a 200, another start) is downloaded from the
 start. A partial left beside a file found in place and verified (put there by hand) is removed, and
-said, unless a live process holds its lock. Interrupted transfers and HTTP 5xx answers are retried a bounded number of times in a row (an
-attempt that added bytes starts the count anew); an md5 mismatch is downloaded once more from zero,
-then reported. What another attempt cannot change is one WeightsError at once: an HTTP 4xx answer, a
-folder that cannot be written (a file in its place, read-only, a full disk), and a disk with less
-room than the rest of the missing files need, found before the first download starts. Offline
+said, unless a live process holds its lock. Interrupted transfers and HTTP 5xx answers are retried
+a bounded number of times in a row (an attempt that added bytes starts the count anew); an md5
+mismatch is downloaded once more from zero, then reported. What another attempt cannot change is
+one WeightsError at once: an HTTP 4xx answer, a folder that cannot be written (a file in its place,
+read-only, a full disk), and a disk with less room than the rest of the missing files need, found
+before the first download starts. Offline
 (`offline=True` or `HF_HUB_OFFLINE=1`), a missing file is an error that names each file, its size
 and where to put it, and a partial download of it left there (whether a run online resumes it).
 """
