@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .checkpoint import CheckpointError, atomic_write, os_reason
+from .checkpoint import TEMP_SUFFIX, CheckpointError, atomic_write, listed, os_reason
 from .files import open_locked
 from .codec import Codec
 from .parallel import long_barrier
@@ -283,6 +283,28 @@ class _PartialShard:
             raise failed[0]
 
 
+def _drop_orphans(folder: Path, log: Callable[[str], None]) -> None:
+    """Delete the private shard temporaries (`.shard_R.bin.<8 hex>.tmp`: a run that found the
+    partial held by another wrote its shard there) whose writer is gone, killed before it renamed
+    it into place: each is written under an exclusive lock held until the rename, so one that can
+    be locked has no writer left; a live run's is left to it. One log line says how many."""
+    removed = []
+    for path in folder.glob(f".shard_*.bin.*{TEMP_SUFFIX}"):
+        if not re.fullmatch(rf"\.shard_\d+\.bin\.[0-9a-f]{{8}}{re.escape(TEMP_SUFFIX)}", path.name):
+            continue
+        try:
+            held = open_locked(path)
+        except OSError:  # (BlockingIOError: a live run is writing it; or a file system without locks)
+            continue
+        if held is not None:  # (None: renamed into place as this run looked)
+            with held:
+                path.unlink(missing_ok=True)
+            removed.append(path.name)
+    if removed:
+        log(f"removed {len(removed)} shard temporaries of runs killed while encoding {folder} "
+            f"({listed(removed)})")
+
+
 def _corpus_key(root: str, files, fingerprint: str, channels: str, mono_to_stereo: str, sample_rate: int,
                 model_channel: int = 1) -> str:
     listing = []
@@ -356,6 +378,7 @@ def prepare_latents(root: str, codec, channels: str, out_dir: str, sample_rate: 
     folder = Path(out_dir) / f"{name}-{channels}-{key}"
     if (folder / MANIFEST).is_file():
         read_encoded(folder, fingerprint)  # a damaged folder is refused now, before any encoding
+        _drop_orphans(folder, log)
         return folder
 
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
@@ -363,6 +386,7 @@ def prepare_latents(root: str, codec, channels: str, out_dir: str, sample_rate: 
     chunk = max(1, int(chunk_seconds * sample_rate) // hop) * hop
     latent_dim = int(codec.config.latent_dim) * (2 if channels == "stereo" else 1)
     folder.mkdir(parents=True, exist_ok=True)
+    _drop_orphans(folder, log)
     if rank == 0:
         log(f"encoding {len(files)} files ({files[0].path if len(files) == 1 else root}) with codec {fingerprint} "
             f"({channels}) into {folder}")
@@ -428,12 +452,22 @@ def prepare_latents(root: str, codec, channels: str, out_dir: str, sample_rate: 
 
     if partial is None:
         # written beside and renamed into place: another run encoding the same corpus into the same
-        # latents_dir at the same time never truncates a shard that this one has listed or maps
-        def write_shard(tmp: str) -> None:
-            with open(tmp, "wb") as out:
-                encode(out, 0, lambda item: None)
+        # latents_dir at the same time never truncates a shard that this one has listed or maps.
+        # Locked until renamed, so that a later run deletes it only once this one is gone (_drop_orphans).
+        held = None
 
-        atomic_write(folder / shard, write_shard)
+        def write_shard(tmp: str) -> None:
+            nonlocal held
+            while (held := open_locked(tmp, lambda: None, locks_optional=True)) is None:
+                pass  # deleted as this run locked it, by a run that saw it unlocked: made anew
+            encode(held, 0, lambda item: None)
+            held.flush()
+
+        try:
+            atomic_write(folder / shard, write_shard)
+        finally:
+            if held is not None:
+                held.close()
         atomic_write(folder / f"shard_{rank:05d}.json", write_list)
     else:
         with partial:

@@ -188,6 +188,63 @@ def test_an_encoding_killed_midway_resumes_after_the_files_it_committed(codec, t
         assert (out / p.name).read_bytes() == p.read_bytes(), p.name
 
 
+def test_a_private_shard_of_a_run_killed_while_encoding_is_removed_by_the_next(codec, tmp_path):
+    """A run that found the partial shard held by another encodes into a private temporary
+    `.shard_00000.bin.<hex>.tmp`; killed (SIGKILL) there, it left the temporary for good: the next
+    run resumed the other's partial and finished the folder, and no run looked at it again. Now it
+    is written under a lock held until renamed, and the next run deletes those it can lock (one log
+    line); one a live run holds stays."""
+    import fcntl
+    import signal
+    import subprocess
+    import sys
+    import time
+    rng = np.random.default_rng(3)
+    for k in range(40):  # (0.4 s each: the first run still encodes when the second has started)
+        save_audio(str(tmp_path / "audio" / f"f{k}.wav"), 0.1 * rng.standard_normal((1, 8_000)).astype(np.float32),
+                   16000)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def encoder():
+        return subprocess.Popen([sys.executable, "-c", KILLED_ENCODER, str(tmp_path / "audio"),
+                                 str(tmp_path / "latents")], cwd=repo, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+
+    def wait_for(pattern, child):
+        deadline = time.monotonic() + 60
+        while not list((tmp_path / "latents").glob(pattern)):
+            assert child.poll() is None and time.monotonic() < deadline, f"no {pattern} seen"
+            time.sleep(0.02)
+
+    first = encoder()  # holds the partial
+    try:
+        wait_for("*/shard_00000.progress.jsonl", first)
+        second = encoder()  # finds the partial held: encodes into a temporary of its own
+        try:
+            wait_for("*/.shard_00000.bin.*.tmp", second)
+        finally:
+            second.send_signal(signal.SIGKILL)
+            second.wait()
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    folder, = (tmp_path / "latents").iterdir()
+    orphan, = folder.glob(".shard_00000.bin.*.tmp")
+    logs = []
+    assert prepare_latents(str(tmp_path / "audio"), codec, "mono", str(tmp_path / "latents"), log=logs.append) == folder
+    assert (folder / "manifest.json").is_file() and not orphan.exists()
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]
+    assert f"removed 1 shard temporaries of runs killed while encoding {folder} ({orphan.name})" in logs
+    live = folder / ".shard_00000.bin.0123abcd.tmp"  # a run writing its own now (its lock held)
+    with open(live, "wb") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        logs.clear()
+        prepare_latents(str(tmp_path / "audio"), codec, "mono", str(tmp_path / "latents"), log=logs.append)
+        assert live.exists() and logs == []
+    prepare_latents(str(tmp_path / "audio"), codec, "mono", str(tmp_path / "latents"), log=logs.append)
+    assert not live.exists() and len(logs) == 1
+
+
 def test_ctrl_c_while_encoding_keeps_the_files_done(codec, folder, monkeypatch):
     """Ctrl-C (or an error) between two commits: the files encoded since the last one are committed
     on the way out, so the next run takes them over rather than encoding them again."""
