@@ -30,6 +30,7 @@ from model.training import Checkpoints, ConfigMismatch
 from hub_server import HubServer
 from in_process import run_in_process
 from reference import PARITY_DIR, codec_config, require
+from shared_files import shared_note, val_sharing_training_files
 from stale_index import changed_after_the_scan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -196,23 +197,11 @@ def test_a_val_folder_holding_training_files_is_a_note(corpus, tmp_path, capsys)
     mel distance (which picks best.pt), STOI and PESQ measured memorised audio, silently. Now the
     note train_transformer.py prints (`model.data.shared_with_training`), found by resolved path
     and by device and inode."""
-    train_files = sorted((corpus / "train").rglob("*.wav"))
-    train_files = [f for f in train_files if f.name != "broken.wav"][:3]
-    (tmp_path / "train").mkdir()
-    (tmp_path / "val").mkdir()
-    for i, f in enumerate(train_files):
-        shutil.copy(f, tmp_path / "train" / f"t{i}.wav")
-    shutil.copy(sorted((corpus / "val").rglob("*.wav"))[0], tmp_path / "val" / "own.wav")
-    (tmp_path / "val" / "linked.wav").symlink_to(tmp_path / "train" / "t0.wav")
-    os.link(tmp_path / "train" / "t1.wav", tmp_path / "val" / "hard.wav")
-    result = run_here(args(corpus, tmp_path / "run", f"train_data_path={tmp_path / 'train'}",
-                           f"val_data_path={tmp_path / 'val'}", "max_steps=1", "save_interval=1",
-                           "eval_interval=1"), capsys)
+    train, val = val_sharing_training_files(corpus, tmp_path)
+    result = run_here(args(corpus, tmp_path / "run", f"train_data_path={train}", f"val_data_path={val}",
+                           "max_steps=1", "save_interval=1", "eval_interval=1"), capsys)
     assert result.returncode == 0, result.stderr[-3000:]
-    notes = [line for line in result.stdout.splitlines() if "shares" in line]
-    assert notes == [f"note: val_data_path={tmp_path / 'val'} shares 2 of its 3 files with train_data_path "
-                     "(hard.wav, linked.wav): its loss, which picks best.pt, measures how well the model fits its "
-                     "training data, not how it generalises"]
+    assert [line for line in result.stdout.splitlines() if "shares" in line] == [shared_note(val)]
 
 
 def test_discriminators_that_never_start_are_a_note():

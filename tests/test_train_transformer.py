@@ -25,6 +25,7 @@ from model.objectives import STAGES, compute_losses
 from hub_server import HubServer
 from in_process import run_in_process
 from reference import PARITY_DIR, require, transformer_config
+from shared_files import shared_note, val_sharing_training_files
 
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ("quantizer", "lm", "resynth")
@@ -475,23 +476,10 @@ def test_a_val_folder_holding_a_hard_link_of_a_training_file_is_said(setup, tmp_
     """The shared files were found by resolved path only, so a hard link of a training file in the
     val folder (which resolves to itself) went unseen; now by device and inode too, through the
     trainer's main, with the note train_codec.py prints too (`model.data.shared_with_training`)."""
-    import shutil
-    corpus = setup["root"] / "corpus"
-    train_files = sorted((corpus / "train").rglob("*.wav"))[:3]
-    (tmp_path / "train").mkdir()
-    (tmp_path / "val").mkdir()
-    for i, f in enumerate(train_files):
-        shutil.copy(f, tmp_path / "train" / f"t{i}.wav")
-    shutil.copy(sorted((corpus / "val").rglob("*.wav"))[0], tmp_path / "val" / "own.wav")
-    (tmp_path / "val" / "linked.wav").symlink_to(tmp_path / "train" / "t0.wav")
-    os.link(tmp_path / "train" / "t1.wav", tmp_path / "val" / "hard.wav")
-    log, _ = train_here(base_args(setup, tmp_path / "run", train_data_path=tmp_path / "train",
-                                  val_data_path=tmp_path / "val", latents_dir=tmp_path / "lat", max_steps=1,
-                                  eval_interval=1, save_interval=1), capsys)
-    notes = [line for line in log.splitlines() if "shares" in line]
-    assert notes == [f"note: val_data_path={tmp_path / 'val'} shares 2 of its 3 files with train_data_path "
-                     "(hard.wav, linked.wav): its loss, which picks best.pt, measures how well the model fits its "
-                     "training data, not how it generalises"]
+    train, val = val_sharing_training_files(setup["root"] / "corpus", tmp_path)
+    log, _ = train_here(base_args(setup, tmp_path / "run", train_data_path=train, val_data_path=val,
+                                  latents_dir=tmp_path / "lat", max_steps=1, eval_interval=1, save_interval=1), capsys)
+    assert [line for line in log.splitlines() if "shares" in line] == [shared_note(val)]
 
 
 @torch.no_grad()
