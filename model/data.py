@@ -20,6 +20,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 
 from model.audio import SUPPORTED_EXTENSIONS, AudioError, audio_info, load_audio, scan_samples, two_speakers
 from model.checkpoint import listed
+from model.files import change_stamp, same_file_key
 from model.files import replace_atomically
 from model.manifest import is_manifest, read_manifest
 
@@ -74,19 +75,10 @@ class AudioFileList(list):
 def shared_with_training(val: AudioFileList, train: AudioFileList, val_data_path: str) -> Optional[str]:
     """A trainer's note (without its "note: ") naming the files of the validation set `val` (read
     from `val_data_path`, as the user wrote it) that are files of the training set `train` too, or
-    None when they share none. The same file counts under any path: by its resolved path (a
-    symlink, a folder reached through a link, `..` in a manifest) or by its device and inode (a
-    hard link, which resolves to itself). Validating on training files measures memorised data."""
-    def key(path: str) -> tuple:
-        try:
-            st = os.stat(path)
-        except OSError:  # gone since the scan: its resolved path alone
-            return (None, None)
-        return (st.st_dev, st.st_ino)
-    paths = {os.path.realpath(f.path) for f in train}
-    inodes = {key(f.path) for f in train} - {(None, None)}
-    shared = [os.path.relpath(f.path, val.root) for f in val
-              if os.path.realpath(f.path) in paths or key(f.path) in inodes]
+    None when they share none. The same file counts under any path (`model.files.same_file_key`:
+    a symlink, a folder reached through a link, `..` in a manifest, a hard link). Validating on training files measures memorised data."""
+    in_train = {same_file_key(f.path) for f in train}
+    shared = [os.path.relpath(f.path, val.root) for f in val if same_file_key(f.path) in in_train]
     if not shared:
         return None
     return (f"val_data_path={val_data_path} shares {len(shared)} of its {len(val)} files with train_data_path "
@@ -159,11 +151,8 @@ def _write_index(index_path: str, entries: dict) -> None:
 
 
 def _stamp(st: os.stat_result) -> dict:
-    """What a file's index entry is keyed by. Size and mtime alone keep a file rewritten with the same
-    size and its mtime put back (`cp -p`, `touch -r`) at its old length; the inode's change time moves
-    with every write and every utime (it cannot be set back), the inode number with a file replaced
-    (as `model.latents` keys its corpora)."""
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino}
+    """What a file's index entry is keyed by (`model.files.change_stamp`, named)."""
+    return dict(zip(("size", "mtime_ns", "ctime_ns", "ino"), change_stamp(st)))
 
 
 def scan_audio_folder(root: str, use_cache: bool = True) -> AudioFileList:

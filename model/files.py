@@ -10,6 +10,25 @@ import secrets
 from typing import Callable, Optional
 
 
+def change_stamp(st: os.stat_result) -> list[int]:
+    """What a cache keys a file's content by, from its `stat`: size, mtime, and the inode's change
+    time and number. Size and mtime alone keep a file rewritten with the same size and its mtime put
+    back (`cp -p`, `touch -r`); the change time moves with every write and every utime (it cannot be
+    set back), the number with a file replaced. (The latents corpora, the audio length index and
+    the record of verified official files key by it.)"""
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def same_file_key(path: str) -> tuple | str:
+    """What makes two paths one file: its device and inode (under a symlink, a folder reached
+    through a link, a hard link), or, for a path that cannot be read, its resolved path."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):  # missing, or a name the OS refuses
+        return os.path.realpath(path)
+    return (st.st_dev, st.st_ino)
+
+
 def temp_beside(folder: str | os.PathLike, prefix: str, suffix: str, write: Callable[[str], None]) -> str:
     """Create a new file `folder/PREFIX<8 hex>SUFFIX`, call `write(path)` on it and return its
     path, for the caller to rename into place; the file is removed if anything fails (and the

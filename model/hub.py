@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from .files import open_locked
+from .files import change_stamp, open_locked
 
 HF_REPO = "si-pbc/hertz-dev"
 DEFAULT_CKPT_DIR = "ckpt"
@@ -119,8 +119,7 @@ class _Verified:
 
     @staticmethod
     def _key(file: Path, md5: str) -> list:
-        st = file.stat()
-        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, md5]
+        return [*change_stamp(file.stat()), md5]
 
     def ok(self, file: Path, md5: str) -> bool:
         return self.data.get(file.name) == self._key(file, md5)

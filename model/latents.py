@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .checkpoint import TEMP_SUFFIX, CheckpointError, atomic_write, listed, os_reason
-from .files import open_locked
+from .files import change_stamp, open_locked
 from .codec import Codec
 from .parallel import long_barrier
 
@@ -309,10 +309,7 @@ def _corpus_key(root: str, files, fingerprint: str, channels: str, mono_to_stere
                 model_channel: int = 1) -> str:
     listing = []
     for f in files:
-        st = os.stat(f.path)
-        # the inode's change time moves with every write and every utime (it cannot be set back),
-        # the inode number with a file replaced: the content changed though size and mtime did not
-        listing.append([os.path.relpath(f.path, root), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])
+        listing.append([os.path.relpath(f.path, root), *change_stamp(os.stat(f.path))])
     spec = {"format": FORMAT, "root": root, "files": listing, "codec": fingerprint, "channels": channels,
             "mono_to_stereo": mono_to_stereo if channels == "stereo" else None, "sample_rate": sample_rate}
     if channels == "stereo" and model_channel != 1:

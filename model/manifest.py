@@ -19,9 +19,9 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Optional
 
 from .audio import file_problem
+from .files import same_file_key
 
 MANIFEST_SUFFIX = ".jsonl"
 
@@ -34,13 +34,6 @@ class ManifestError(FileNotFoundError):
 def is_manifest(path: str | os.PathLike) -> bool:
     """Whether a data path names a jsonl manifest rather than a folder."""
     return os.fspath(path).lower().endswith(MANIFEST_SUFFIX)
-
-
-def _stat(path: str) -> Optional[os.stat_result]:
-    try:
-        return os.stat(path)
-    except (OSError, ValueError):  # missing (said below), or a name the OS refuses
-        return None
 
 
 def read_manifest(path: str | os.PathLike) -> list[str]:
@@ -79,7 +72,7 @@ def read_manifest(path: str | os.PathLike) -> list[str]:
                 raise ManifestError(f'{where}: "duration" must be a number of seconds >= 0, got {duration!r}')
             file = os.path.normpath(os.path.join(base, entry["path"]))  # an absolute path stays as it is
             # the same file through a linked folder, or a hard link, is listed twice too
-            real = (st.st_dev, st.st_ino) if (st := _stat(file)) else os.path.realpath(file)
+            real = same_file_key(file)
             if real in lines:
                 first, path_there = lines[real]
                 other = "" if path_there == file else f" (as {path_there} there: the same file under another path)"
