@@ -91,6 +91,49 @@ def _gemv(x_ptr, w_ptr, s_ptr, y_ptr, N, K, MODE: tl.constexpr, BLOCK_N: tl.cons
 CONFIGS = [(4, 1024, 4), (8, 512, 4), (16, 256, 4), (8, 1024, 8), (4, 2048, 8), (16, 512, 8)]
 
 
+@triton.jit
+def _gemv_tma(x_ptr, w_desc, s_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """`bits`, the weight tiles brought in by the Hopper tensor memory accelerator (a host-made
+    descriptor; Triton pipelines the copies through shared memory over num_stages)."""
+    n0 = tl.program_id(0) * BLOCK_N
+    rn = n0 + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        w = w_desc.load([n0, k0])
+        x = tl.load(x_ptr + k0 + rk, mask=k0 + rk < K, other=0.0)
+        f = (w.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+        acc += f * x.to(tl.float32)[None, :]
+    s = tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rn, (tl.sum(acc, axis=1) * s).to(y_ptr.dtype.element_ty), mask=rn < N)
+
+
+TMA_CONFIGS = [(16, 256, 4, 4), (16, 256, 4, 6), (32, 256, 4, 4), (32, 256, 8, 4), (8, 256, 4, 6), (64, 128, 4, 6)]
+
+
+@torch.no_grad()
+def tma(n, k, ws, x, y, ref, graph_time):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    best = None
+    for bn, bk, nw, st in TMA_CONFIGS:
+        descs = [(TensorDescriptor.from_tensor(q, [bn, bk]), s) for q, s in ws]
+
+        def call(d, s, bn=bn, bk=bk, nw=nw, st=st):
+            _gemv_tma[(triton.cdiv(n, bn),)](x, d, s, y, n, k, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=st)
+        try:
+            call(*descs[0])
+            err = ((y.float() - ref).norm() / ref.norm()).item()
+            us = graph_time(lambda: [call(*d) for d in descs], iters=10) / len(descs) * 1e3
+        except Exception as e:
+            emit(bench="probe", out=n, inp=k, mode="tma", config=[bn, bk, nw, st], error=f"{type(e).__name__}: {e}"[:300])
+            continue
+        if best is None or us < best[0]:
+            best = (us, [bn, bk, nw, st], err)
+    if best:
+        emit(bench="probe", out=n, inp=k, mode="tma", us=best[0], tb_per_s=n * k / best[0] / 1e6, config=best[1],
+             rel_err=best[2])
+
+
 def emit(**f):
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in f.items()}), flush=True)
 

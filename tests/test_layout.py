@@ -117,3 +117,32 @@ def readme_drift(text: str) -> list[str]:
 
 def test_the_readme_names_only_what_exists():
     assert readme_drift((REPO / "README.md").read_text()) == []
+
+
+def undefined_globals(path: Path) -> list[str]:
+    """Names a module's code reads as globals that nothing in the module defines, imports or has
+    as a builtin: what a NameError would stop only when that line runs (a benchmark's mode on the
+    GPU, say)."""
+    import builtins
+    import symtable
+    top = symtable.symtable(path.read_text(), str(path), "exec")
+    defined = {s.get_name() for s in top.get_symbols() if s.is_assigned() or s.is_imported()}
+    defined |= set(dir(builtins)) | {"__file__", "__name__", "__doc__", "__spec__", "__path__",
+                                     "__builtins__", "__loader__", "__package__"}
+    tables, missing = [top], []
+    while tables:
+        table = tables.pop()
+        tables.extend(table.get_children())
+        for s in table.get_symbols():
+            declared_here = s.is_assigned() or s.is_imported() or s.is_parameter()
+            global_read = s.is_global() if table is not top else not declared_here
+            if s.is_referenced() and global_read and s.get_name() not in defined:
+                missing.append(f"{path.relative_to(REPO)}: {s.get_name()} (in {table.get_name()})")
+    return missing
+
+
+def test_no_script_or_module_reads_a_name_it_never_defines():
+    files = [p for p in REPO.rglob("*.py") if not {".venv", ".git", "fixtures"} & set(p.relative_to(REPO).parts)]
+    assert len(files) > 40
+    missing = [m for p in files for m in undefined_globals(p)]
+    assert not missing, missing
