@@ -2,10 +2,18 @@
 
 The suite runs in two processes (the README's `-n 2`): each, and every subprocess a test starts,
 gets one OpenMP thread unless OMP_NUM_THREADS says otherwise, so the processes do not compete for
-the cores (tiny tensors gain nothing from more threads; set before torch is imported)."""
+the cores (tiny tensors gain nothing from more threads; set before torch is imported).
+
+Ctrl-C is Python's KeyboardInterrupt in each of them even when the suite was started in the
+background of a non-interactive shell (`cmd &`), which starts it with SIGINT ignored, an
+inheritance every subprocess would keep: the tests that press Ctrl-C on a trainer, the demo or the
+corpus maker would see it ignored."""
 import os
+import signal
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import subprocess  # noqa: E402
 import sys  # noqa: E402
