@@ -69,7 +69,8 @@ def run_script(main: Callable[[], Any]) -> None:
     process with one `error: ...` line on stderr, on a line of its own even under an open progress
     bar, and exit code 1; a Ctrl-C that reaches it (outside the training loop, which stops and
     saves on the first: `Deadline.catching_signals`) with one `interrupted` line and exit code 130;
-    any other exception is a bug and keeps its traceback."""
+    a data-loading worker that died (killed by the out-of-memory killer, say) with one `error:` line
+    naming it and what to change, exit code 1; any other exception is a bug and keeps its traceback."""
     try:
         main()
     except (ConfigError, ConfigMismatch, FileNotFoundError, AudioError, CheckpointError, WeightsError,
@@ -81,6 +82,38 @@ def run_script(main: Callable[[], Any]) -> None:
         from tqdm import tqdm
         tqdm.write("interrupted (Ctrl-C): run the same command to resume", file=sys.stderr)
         raise SystemExit(130) from None
+    except RuntimeError as e:
+        message = worker_death_message(e)
+        if message is None:
+            raise
+        from tqdm import tqdm
+        tqdm.write(f"error: {message}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+# torch's words when a DataLoader worker process is gone (its SIGCHLD handler raises them in the
+# main process, wherever it is: mid-step, so the step cannot be saved)
+_WORKER_DEATH = re.compile(r"DataLoader worker \(pid\(?s?\)? ?([\d, ]+)\) "
+                           r"(?:is killed by signal: ([^.]*)|exited unexpectedly(?: with exit code (-?\d+))?)")
+
+
+def worker_death_message(error: RuntimeError) -> Optional[str]:
+    """One line for a data-loading worker that died, instead of torch's traceback: killed (most
+    often by the system's out-of-memory killer: each worker holds the dataset, its audio preloaded
+    into memory), or exited without a word; None for any other error."""
+    found = _WORKER_DEATH.search(str(error))
+    if found is None:
+        return None
+    pids, signal_name, code = found.group(1).strip(), found.group(2), found.group(3)
+    if signal_name and "Bus error" in signal_name:
+        how = "was killed by signal Bus error (out of shared memory: raise its limit, docker's --shm-size, or lower num_workers)"
+    elif signal_name:
+        how = (f"was killed by signal {signal_name.strip()} (most often the out-of-memory killer: lower num_workers or "
+               "preload_max_gb)")
+    else:
+        how = f"exited unexpectedly{f' with exit code {code}' if code else ''} (num_workers=0 shows its error)"
+    return (f"a data-loading worker (pid {pids}) {how}; the steps since the last saved one are lost, "
+            "run the same command to resume from it")
 
 
 def own_message(error: Exception) -> str:

@@ -632,3 +632,32 @@ def test_a_warmup_as_long_as_the_run_is_a_note():
     for warmup in (0, 19, 20, 40):  # the rates the note describes: finite, never above the peak
         rates = [cosine_lr(s, 1e-3, 1e-4, warmup, 20) for s in range(21)]
         assert all(0 < r <= 1e-3 for r in rates)
+
+
+def test_a_data_loading_worker_killed_mid_run_is_one_error_line(setup, tmp_path):
+    """A DataLoader worker killed under a running trainer (the out-of-memory killer's SIGKILL: each
+    worker holds the preloaded audio) was torch's RuntimeError traceback from wherever the main
+    process was; run_script makes it one error line naming the worker and what to change."""
+    import subprocess
+    import sys
+    corpus, run = setup["root"] / "corpus", tmp_path / "run"
+    cmd = [sys.executable, "train_codec.py", "--config", "tiny", f"train_data_path={corpus / 'train'}",
+           f"val_data_path={corpus / 'val'}", f"checkpoint_dir={run}", "num_workers=1", "max_steps=100000",
+           "log_interval=1", "eval_interval=100000", "save_interval=100000", "wandb=disabled"]
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 180
+        while not (run / "metrics.jsonl").is_file() or '"loss/total"' not in (run / "metrics.jsonl").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.2)
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert len(children) == 1, children  # the one worker (it loads the training batches)
+        os.kill(int(children[0]), signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
+    assert re.search(rf"^error: a data-loading worker \(pid {children[0]}\) was killed by signal Killed \(most often "
+                     r"the out-of-memory killer: lower num_workers or preload_max_gb\); the steps since the last "
+                     r"saved one are lost, run the same command to resume from it$", err, re.M), err[-3000:]
