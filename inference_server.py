@@ -1497,35 +1497,53 @@ def load_engine(args):
     return engine, prompt
 
 
+def listening_socket(host: str, port: int):
+    """A socket bound to (host, port), as uvicorn binds one (IPv6 for a host with a colon), made
+    before the model loads: a port in use or a host that is not this machine's is one error line
+    at once, where uvicorn found it only once the weights had loaded (minutes for the official
+    model, a download the first time). Clients are refused until the server listens on it."""
+    import socket
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:  # (in use, not an address of this machine, an unknown name, a privileged port)
+        sock.close()
+        raise SystemExit(f"error: --host {host} --port {port}: cannot listen there: {e.strerror or e}") from None
+    return sock
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     redact_logs(args.token)
     values = check_args(args)
-    from model import SamplingParams
-    params = SamplingParams(**values)
-    from model.loading import LOAD_ERRORS
-    try:
-        engine, prompt = load_engine(args)
-    except LOAD_ERRORS as e:  # a file the user must fix (refused before any weights load where it can be)
-        raise SystemExit(f"error: {e}") from None
-    if prompt is not None:
-        log.info("prompt %s: %.1f s", args.prompt_path, prompt.shape[1] / SAMPLE_RATE)
-    limits = Limits(reset_rate=args.reset_rate, idle_timeout=args.idle_timeout)
-    server = Server(engine, token=args.token, prompt=prompt, replay_seconds=args.replay_seconds,
-                    recordings=args.recordings, max_recording_seconds=args.max_recording_seconds,
-                    max_queue=args.queue_chunks, params=params, limits=limits)
-    where = f"http://{args.host}:{args.port}/"
-    log.info("browser client: %s%s", where, "?token=TOKEN" if args.token else "")
-    # SIGTERM (kill, docker stop, systemd) ends the server as Ctrl-C does: uvicorn re-raised it
-    # once shut down, and its default action ended the process there, with status 143 and
-    # without stopping the engine and the recordings' disk thread (`serve`'s finally).
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        serve(server, args.host, args.port, args.max_message_bytes, args.log_level, args.access_log,
-              access=Access(args.host, tuple(args.allow_host), tuple(args.allow_origin)))
-    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C (and SIGTERM) once it has shut down gracefully
-        pass
+    sock = listening_socket(args.host, args.port)  # (a port in use is an error now, not after the weights load)
+    with sock:  # (closed on any way out: main is also called in-process, by the tests)
+        from model import SamplingParams
+        params = SamplingParams(**values)
+        from model.loading import LOAD_ERRORS
+        try:
+            engine, prompt = load_engine(args)
+        except LOAD_ERRORS as e:  # a file the user must fix (refused before any weights load where it can be)
+            raise SystemExit(f"error: {e}") from None
+        if prompt is not None:
+            log.info("prompt %s: %.1f s", args.prompt_path, prompt.shape[1] / SAMPLE_RATE)
+        limits = Limits(reset_rate=args.reset_rate, idle_timeout=args.idle_timeout)
+        server = Server(engine, token=args.token, prompt=prompt, replay_seconds=args.replay_seconds,
+                        recordings=args.recordings, max_recording_seconds=args.max_recording_seconds,
+                        max_queue=args.queue_chunks, params=params, limits=limits)
+        where = f"http://{args.host}:{sock.getsockname()[1]}/"  # (--port 0: the port the system chose)
+        log.info("browser client: %s%s", where, "?token=TOKEN" if args.token else "")
+        # SIGTERM (kill, docker stop, systemd) ends the server as Ctrl-C does: uvicorn re-raised it
+        # once shut down, and its default action ended the process there, with status 143 and
+        # without stopping the engine and the recordings' disk thread (`serve`'s finally).
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        try:
+            serve(server, args.host, args.port, args.max_message_bytes, args.log_level, args.access_log, sockets=[sock],
+                  access=Access(args.host, tuple(args.allow_host), tuple(args.allow_origin)))
+        except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C (and SIGTERM) once it has shut down gracefully
+            pass
 
 
 if __name__ == "__main__":

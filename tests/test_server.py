@@ -1224,6 +1224,50 @@ def run_cli(*args, timeout=120):
                           timeout=timeout)
 
 
+def test_a_port_in_use_or_a_host_not_of_this_machine_is_one_error_line_before_the_weights(tmp_path, capsys, caplog):
+    """The server bound its port only once the model had loaded (minutes for the official weights,
+    a 17 GB download the first time), then stopped with uvicorn's log line. Now its socket is bound
+    first: assert_cli_errors runs with no weights to load (--offline, an empty folder), so each
+    error below is found before the missing weights would be."""
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        assert_cli_errors(tmp_path, capsys, caplog, {
+            ("--port", port): [f"error: --host 127.0.0.1 --port {port}: cannot listen there: ", "in use"],
+            ("--host", "192.0.2.1", "--insecure"): ["error: --host 192.0.2.1 --port 8000: cannot listen there: ",
+                                                    "assign"],
+            ("--host", "no-such-host.invalid", "--insecure"): ["error: --host no-such-host.invalid --port 8000: "
+                                                               "cannot listen there: "]})
+    # the socket was closed: its port free for the next
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", int(port)))
+
+
+def run_cli_until_it_serves(tmp_path, *args, timeout=120):
+    """`inference_server.py ARGS` on a port the system picks, stopped with SIGTERM once it logs its
+    browser client's address (loaded, about to serve), or ended by itself; as `run_cli` returns it
+    (its log kept in tmp_path/server.log)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    log = tmp_path / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "inference_server.py", *args, "--port", "0"], cwd=repo,
+                                stdout=subprocess.DEVNULL, stderr=out, text=True)
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and "browser client: " not in log.read_text():
+        assert time.monotonic() < deadline, log.read_text()[-2000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, "", log.read_text())
+
+
 def assert_cli_errors(tmp_path, capsys, caplog, cases: dict) -> None:
     """Each command line of `cases` {args: [start of the line, other parts]} ends the script's
     `main(argv)` with one `error:` line, found before the weights load (none are there to load:
@@ -1343,8 +1387,7 @@ def test_cli_without_a_server_package_is_one_error_line(tmp_path, package):
 def test_cli_refuses_a_non_finite_prompt_and_reads_only_the_context_of_a_long_one(model, tmp_path, capsys, caplog):
     """A NaN prompt is one `error:` line before loading. A prompt longer than the context is read
     only for its last (context - 1) chunks, which are kept: a 20 s file whose first 10 s are NaN
-    serves (up to binding its port, here taken). It was read whole, and refused."""
-    import socket
+    serves (stopped once it logs its address). It was read whole, and refused."""
     from live_server import save_tiny
     nan = tmp_path / "nan.wav"
     sf.write(nan, np.full((16000, 2), np.nan, dtype=np.float32), 16000, subtype="FLOAT")
@@ -1353,19 +1396,15 @@ def test_cli_refuses_a_non_finite_prompt_and_reads_only_the_context_of_a_long_on
     audio = np.random.default_rng(0).uniform(-0.3, 0.3, (20 * 16000, 2)).astype(np.float32)
     audio[:10 * 16000] = np.nan
     sf.write(long, audio, 16000, subtype="FLOAT")
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        r = run_cli("--checkpoint", str(save_tiny(model, tmp_path / "ckpt")), "--device", "cpu", "--max-len", "33",
-                    "--prompt-path", str(long), "--port", str(taken.getsockname()[1]))
+    r = run_cli_until_it_serves(tmp_path, "--checkpoint", str(save_tiny(model, tmp_path / "ckpt")), "--device",
+                                "cpu", "--max-len", "33", "--prompt-path", str(long))
     assert "keeping its last 4.0 s" in r.stderr and f"prompt {long}: 4.0 s" in r.stderr, r.stderr[-2000:]
-    assert "address already in use" in r.stderr.lower(), r.stderr[-2000:]
+    assert "browser client: http://127.0.0.1:" in r.stderr and "error" not in r.stderr, r.stderr[-2000:]
 
 
 def test_cli_refuses_a_corrupted_checkpoint_unless_told_not_to_verify(model, tmp_path):
     """A checkpoint whose tensor bytes changed is one `error:` line naming it (its content hash
-    no longer matches); --no-verify loads it (and gets as far as binding its port, here taken)."""
-    import socket
+    no longer matches); --no-verify loads it (and serves: stopped once it logs its address)."""
     from live_server import save_tiny
     checkpoint = save_tiny(model, tmp_path / "ckpt")
     data = bytearray(checkpoint.read_bytes())
@@ -1375,13 +1414,9 @@ def test_cli_refuses_a_corrupted_checkpoint_unless_told_not_to_verify(model, tmp
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert len(errors) == 1 and str(checkpoint) in errors[0] and "corrupted" in errors[0], r.stderr[-2000:]
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        r = run_cli("--checkpoint", str(checkpoint), "--device", "cpu", "--no-verify",
-                    "--port", str(taken.getsockname()[1]), timeout=120)
+    r = run_cli_until_it_serves(tmp_path, "--checkpoint", str(checkpoint), "--device", "cpu", "--no-verify")
     assert "does not match the hash" not in r.stderr and f"loaded {checkpoint} on cpu" in r.stderr, r.stderr[-2000:]
-    assert "address already in use" in r.stderr.lower(), r.stderr[-2000:]
+    assert "browser client: http://127.0.0.1:" in r.stderr and "error" not in r.stderr, r.stderr[-2000:]
 
 
 def test_cli_quantizing_a_weight_that_holds_nan_is_one_error_line_naming_the_layer(model, tmp_path):
@@ -1409,7 +1444,7 @@ def test_cli_a_prompt_the_codec_makes_non_finite_latents_of_is_one_error_line_at
     checkpoint = save_tiny(model, tmp_path / "ckpt")
     loud = tmp_path / "loud.wav"
     sf.write(loud, 500 * np.sin(np.arange(2 * 4000) / 3.0).reshape(-1, 2), 16000, subtype="FLOAT")
-    r = run_cli("--checkpoint", str(checkpoint), "--device", "cpu", "--prompt-path", str(loud), "--port", "1")
+    r = run_cli("--checkpoint", str(checkpoint), "--device", "cpu", "--prompt-path", str(loud), "--port", "0")
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.splitlines()[-1].startswith(f"error: --prompt-path {loud}: the codec encodes this prompt audio "
                                                 "to NaN or infinite latents"), r.stderr[-2000:]
