@@ -9,7 +9,8 @@ error, not a model that quietly generates noise, and so are NaN or inf weights; 
 before the hash load with a warning.
 
 Every write goes to a temporary file `.NAME.XXXXXXXX.tmp` in the same folder, with the mode a
-plain `open()` gives (`model.files.temp_beside`), is fsynced, then renamed into place; a file
+plain `open()` gives (`model.files.temporary_beside`), locked, fsynced, then renamed into place
+(a temporary a killed writer left is removed by the next writer of that file); a file
 holding NaN or inf weights is never written. Every failure is a CheckpointError whose one-line
 message names the file: a full disk or an unwritable folder, a file of another kind (a codec where
 a transformer is expected, a training state `.pt`, an official `.pt`), changed bytes.
@@ -25,11 +26,12 @@ import re
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Optional
+from contextlib import ExitStack, contextmanager
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from .files import temp_beside
+from .files import drop_dead_temporaries, temporary_beside
 
 FORMAT = "hertz-dev/1"
 HASH_KEY = "content_sha256"
@@ -50,10 +52,13 @@ def os_reason(e: OSError, path: Optional[Path] = None) -> str:
     return e.strerror or str(e) or type(e).__name__
 
 
-def write_temp(path: str | os.PathLike, write: Callable[[str], None]) -> str:
-    """Call `write(tmp)` on a new temporary file beside `path` and fsync it; returns the temporary
-    path, for the caller to rename. The temporary is removed if anything fails; an OSError (full
-    disk, read-only folder, a path under a file) becomes a CheckpointError naming `path`."""
+@contextmanager
+def written_temp(path: str | os.PathLike, write: Callable[[str], None]) -> Iterator[str]:
+    """Call `write(tmp)` on a new temporary file beside `path` and fsync it; yields the temporary
+    path, for the caller to rename within the block (`model.files.temporary_beside`: locked until
+    then, removed if still there at its end). The temporaries of `path` that killed writers left
+    are removed first. An OSError (full disk, read-only folder, a path under a file) becomes a
+    CheckpointError naming `path`."""
     path = Path(path)
 
     def write_and_sync(tmp: str) -> None:
@@ -61,11 +66,14 @@ def write_temp(path: str | os.PathLike, write: Callable[[str], None]) -> str:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
 
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return temp_beside(path.parent, f".{path.name}.", TEMP_SUFFIX, write_and_sync)
-    except OSError as e:
-        raise CheckpointError(f"cannot write {path}: {os_reason(e, path)}") from None
+    with ExitStack() as stack:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            drop_dead_temporaries(path.parent, f".{path.name}.", TEMP_SUFFIX)
+            tmp = stack.enter_context(temporary_beside(path.parent, f".{path.name}.", TEMP_SUFFIX, write_and_sync))
+        except OSError as e:
+            raise CheckpointError(f"cannot write {path}: {os_reason(e, path)}") from None
+        yield tmp
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -73,12 +81,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     so `path` is either the old complete file or the new complete one. Raises CheckpointError
     naming `path` when the disk is full or the folder cannot be written."""
     path = Path(path)
-    tmp = write_temp(path, write)
-    try:
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write {path}: {os_reason(e)}") from None
+    with written_temp(path, write) as tmp:
+        try:
+            os.replace(tmp, path)
+        except OSError as e:
+            raise CheckpointError(f"cannot write {path}: {os_reason(e)}") from None
     return path
 
 

@@ -1,13 +1,16 @@
 """Files written atomically: each writer fills a temporary file beside its target and renames it
 over the target when complete (`model.checkpoint.atomic_write`, `model.audio.save_audio`, the
-dataset index, the client's recordings); and partial files that processes take over from each
+dataset index, the client's recordings), locked until then so that the next writer can tell the
+temporaries of killed writers (`drop_dead_temporaries`); and partial files that processes take over from each
 other under a lock (`open_locked`: a download's temporary, a latents shard being encoded). Imports
 only the standard library: the client uses it."""
 from __future__ import annotations
 
 import os
+import re
 import secrets
-from typing import Callable, Optional
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
 
 def change_stamp(st: os.stat_result) -> list[int]:
@@ -29,55 +32,111 @@ def same_file_key(path: str) -> tuple | str:
     return (st.st_dev, st.st_ino)
 
 
-def temp_beside(folder: str | os.PathLike, prefix: str, suffix: str, write: Callable[[str], None]) -> str:
-    """Create a new file `folder/PREFIX<8 hex>SUFFIX`, call `write(path)` on it and return its
-    path, for the caller to rename into place; the file is removed if anything fails (and the
-    error raised as it is).
+@contextmanager
+def temporary_beside(folder: str | os.PathLike, prefix: str, suffix: str,
+                     write: Callable[[str], None]) -> Iterator[str]:
+    """Create a new file `folder/PREFIX<8 hex>SUFFIX`, call `write(path)` on it and yield its path,
+    for the caller to rename into place within the `with` block; the file is removed if it is still
+    there when the block ends (anything failed; the error is raised as it is).
+
+    The file is under an exclusive `flock` from its creation to the end of the block, so that
+    `drop_dead_temporaries` removes it only once its writer is gone (a SIGKILL between the write
+    and the rename left it for good). On a file system without locks it is written unlocked.
 
     The file has the mode a plain `open()` gives (0o666 less the umask), not the 0600 of
     `tempfile.mkstemp` or of writers that make their own file (safetensors): renamed into place,
     a checkpoint, a latents shard or a WAV that a lab mate on a shared machine cannot read is of
     no use to them."""
+    import fcntl  # (Unix; imported here, so that this module imports everywhere)
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     for _ in range(100):
         path = os.path.join(os.fspath(folder), f"{prefix}{secrets.token_hex(4)}{suffix}")
         try:
             fd = os.open(path, flags, 0o666)  # the kernel applies the umask, as open() does
-            break
         except FileExistsError:  # another writer drew the same name: draw again
             continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a sweeper found it before it was locked and is removing it
+            os.close(fd)
+            continue
+        except OSError:
+            pass  # a file system without locks
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:  # removed by a sweeper before it was locked
+            pass
+        os.close(fd)
     else:
         raise FileExistsError(f"no free temporary name {prefix}XXXXXXXX{suffix} in {folder}")
     try:
         mode = os.fstat(fd).st_mode & 0o7777
-        os.close(fd)
         write(path)
-        if os.stat(path).st_mode & 0o7777 != mode:  # the writer replaced the file with its own
+        st = os.stat(path)
+        if not os.path.samestat(os.fstat(fd), st):  # the writer replaced the file with its own: lock that
+            os.close(fd)
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                pass
+        if st.st_mode & 0o7777 != mode:
             os.chmod(path, mode)
-        return path
-    except BaseException:
+        yield path
+    finally:
         try:
-            os.remove(path)
+            if os.path.samestat(os.fstat(fd), os.stat(path)):  # not renamed into place
+                os.remove(path)
         except OSError:
             pass
-        raise
+        os.close(fd)
+
+
+def drop_dead_temporaries(folder: str | os.PathLike, prefix: str = ".", suffix: str = ".tmp") -> list[str]:
+    """Remove the `temporary_beside` files `folder/PREFIX...<8 hex>SUFFIX` whose writer is gone
+    (killed between its write and its rename): each is locked by its writer until renamed, so one
+    that can be locked has none. One a live writer holds is left to it, and so is every file on a
+    file system without locks. Returns the names removed, for the caller's one log line."""
+    removed = []
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:  # no folder (yet), or one that cannot be read
+        return removed
+    pattern = re.compile(rf"{re.escape(prefix)}(?:.*\.)?[0-9a-f]{{8}}{re.escape(suffix)}", re.DOTALL)
+    for name in names:
+        if not pattern.fullmatch(name) or not name.startswith("."):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            if not os.path.isfile(path) or os.path.islink(path):
+                continue
+            held = open_locked(path)
+        except OSError:  # (BlockingIOError: its writer is alive; or a file system without locks)
+            continue
+        if held is not None:  # (None: renamed into place as this one looked)
+            with held:
+                try:
+                    os.remove(path)
+                except FileNotFoundError:
+                    continue
+            removed.append(name)
+    return removed
 
 
 def replace_atomically(path: str | os.PathLike, write: Callable[[str], None], suffix: str = ".tmp") -> None:
-    """`write(tmp)` on a `temp_beside` file `.NAME.<8 hex>SUFFIX` and rename it over `path`, so
-    `path` is the old complete file or the new complete one; nothing is left behind on failure.
+    """`write(tmp)` on a `temporary_beside` file `.NAME.<8 hex>SUFFIX` and rename it over `path`,
+    so `path` is the old complete file or the new complete one; nothing is left behind on failure,
+    and the temporaries of `path` that killed writers left are removed first.
     A `path` that is a device or a pipe (`/dev/null`, or a link to one) is written into with
     `write(path)`: renamed over, the device itself would be replaced by a file (as root, /dev/null
     for every process of the machine)."""
     if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
         return write(os.fspath(path))
     folder, name = os.path.split(os.path.abspath(os.fspath(path)))
-    tmp = temp_beside(folder, f".{name}.", suffix, write)
-    try:
+    drop_dead_temporaries(folder, f".{name}.", suffix)
+    with temporary_beside(folder, f".{name}.", suffix, write) as tmp:
         os.replace(tmp, path)
-    except BaseException:
-        os.remove(tmp)
-        raise
 
 
 def open_locked(path: str | os.PathLike, waiting: Optional[Callable[[], None]] = None, buffering: int = -1,

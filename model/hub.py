@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from .files import change_stamp, open_locked
+from .files import change_stamp, drop_dead_temporaries, open_locked, replace_atomically
 
 HF_REPO = "si-pbc/hertz-dev"
 DEFAULT_CKPT_DIR = "ckpt"
@@ -109,6 +109,8 @@ class _Verified:
     def __init__(self, folder: Path):
         self.path = folder / ".verified.json"
         self.data = self._read()
+        # a record's temporary whose writer was killed before renaming it (`model.files`): removed
+        drop_dead_temporaries(folder, f".{self.path.name}.", ".tmp")
 
     def _read(self) -> dict:
         try:
@@ -128,12 +130,10 @@ class _Verified:
         """Record `file`, keeping what other processes recorded since this one read the record
         (each writes its own temporary, then renames it into place)."""
         self.data = {**self._read(), file.name: self._key(file, md5)}
-        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         try:
-            tmp.write_text(json.dumps(self.data, indent=1))
-            os.replace(tmp, self.path)
+            replace_atomically(self.path, lambda tmp: Path(tmp).write_text(json.dumps(self.data, indent=1)))
         except OSError:
-            _remove(tmp)  # a read-only folder only costs a re-hash next time
+            pass  # a read-only folder only costs a re-hash next time
 
 
 def _cannot_write(path: Path, error: OSError, what: str) -> WeightsError:

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .checkpoint import TEMP_SUFFIX, CheckpointError, atomic_write, listed, os_reason
-from .files import change_stamp, open_locked
+from .files import change_stamp, drop_dead_temporaries, open_locked
 from .codec import Codec
 from .parallel import long_barrier
 
@@ -284,25 +284,14 @@ class _PartialShard:
 
 
 def _drop_orphans(folder: Path, log: Callable[[str], None]) -> None:
-    """Delete the private shard temporaries (`.shard_R.bin.<8 hex>.tmp`: a run that found the
-    partial held by another wrote its shard there) whose writer is gone, killed before it renamed
-    it into place: each is written under an exclusive lock held until the rename, so one that can
-    be locked has no writer left; a live run's is left to it. One log line says how many."""
-    removed = []
-    for path in folder.glob(f".shard_*.bin.*{TEMP_SUFFIX}"):
-        if not re.fullmatch(rf"\.shard_\d+\.bin\.[0-9a-f]{{8}}{re.escape(TEMP_SUFFIX)}", path.name):
-            continue
-        try:
-            held = open_locked(path)
-        except OSError:  # (BlockingIOError: a live run is writing it; or a file system without locks)
-            continue
-        if held is not None:  # (None: renamed into place as this run looked)
-            with held:
-                path.unlink(missing_ok=True)
-            removed.append(path.name)
+    """Delete the temporaries of runs killed before they renamed them into place: a private shard
+    (`.shard_R.bin.<8 hex>.tmp`: a run that found the partial held by another wrote its shard
+    there), a shard's list or the manifest (`.shard_R.json.<8 hex>.tmp`, `.manifest.json.<8 hex>.tmp`).
+    Each is locked by its writer until renamed (`model.files.drop_dead_temporaries`); a live run's
+    is left to it. One log line says how many."""
+    removed = drop_dead_temporaries(folder, ".", TEMP_SUFFIX)
     if removed:
-        log(f"removed {len(removed)} shard temporaries of runs killed while encoding {folder} "
-            f"({listed(removed)})")
+        log(f"removed {len(removed)} temporaries of runs killed while encoding {folder} ({listed(removed)})")
 
 
 def _corpus_key(root: str, files, fingerprint: str, channels: str, mono_to_stereo: str, sample_rate: int,
@@ -450,21 +439,12 @@ def prepare_latents(root: str, codec, channels: str, out_dir: str, sample_rate: 
     if partial is None:
         # written beside and renamed into place: another run encoding the same corpus into the same
         # latents_dir at the same time never truncates a shard that this one has listed or maps.
-        # Locked until renamed, so that a later run deletes it only once this one is gone (_drop_orphans).
-        held = None
-
+        # Locked until renamed (atomic_write), so that a later run deletes it only once this one is gone.
         def write_shard(tmp: str) -> None:
-            nonlocal held
-            while (held := open_locked(tmp, lambda: None, locks_optional=True)) is None:
-                pass  # deleted as this run locked it, by a run that saw it unlocked: made anew
-            encode(held, 0, lambda item: None)
-            held.flush()
+            with open(tmp, "wb") as out:
+                encode(out, 0, lambda item: None)
 
-        try:
-            atomic_write(folder / shard, write_shard)
-        finally:
-            if held is not None:
-                held.close()
+        atomic_write(folder / shard, write_shard)
         atomic_write(folder / f"shard_{rank:05d}.json", write_list)
     else:
         with partial:

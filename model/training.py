@@ -39,7 +39,7 @@ import re
 import signal
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
@@ -52,7 +52,7 @@ from config import ConfigError, ConfigMismatch, check_compatible, fields_marked 
 
 from .audio import AudioError
 from .checkpoint import (TEMP_SUFFIX, CheckpointError, atomic_write, listed, non_finite, os_reason,
-                         refuse_non_finite, torch_save, write_temp)
+                         refuse_non_finite, torch_save, written_temp)
 from .checkpoint import _header as header
 from .hub import WeightsError
 from .data import folder_problem
@@ -736,34 +736,28 @@ class Checkpoints:
         path = self.folder / f"step_{step:08d}.pt"
         refuse_non_finite(state, path)
         exported = self.folder / f"latest{self.export_suffix}"
-        tmp_state = write_temp(path, lambda tmp: torch_save(state, tmp))
-        try:
-            tmp_export = write_temp(exported, export) if export else None
-        except BaseException:
-            Path(tmp_state).unlink(missing_ok=True)
-            raise
-        try:
-            os.replace(tmp_state, path)
-            if tmp_export:
-                os.replace(tmp_export, exported)
-            _link(path, self.folder / "latest.pt")
-            info = self._info()
-            info["latest_step"] = step
-            # a best.pt deleted since is no bar: else no later step could ever become best again
-            best = info.get("best_metric") if self.best else None
-            if validation is not None and info.get("best_validation") not in (None, validation):
-                best = None  # measured on other data or settings: not comparable
-            if metric is not None and math.isfinite(metric) and (
-                    best is None or (metric < best if self.lower_is_better else metric > best)):
-                _link(path, self.folder / "best.pt")
-                if export:
-                    _link(exported, self.folder / f"best{self.export_suffix}")
-                info.update(best_metric=metric, best_step=step, best_validation=validation)
-        except OSError as e:
-            for tmp in (tmp_state, tmp_export):
-                if tmp:
-                    Path(tmp).unlink(missing_ok=True)
-            raise CheckpointError(f"cannot write {path}: {os_reason(e)}") from None
+        with ExitStack() as temporaries:  # (each removed at the end unless renamed into place)
+            tmp_state = temporaries.enter_context(written_temp(path, lambda tmp: torch_save(state, tmp)))
+            tmp_export = temporaries.enter_context(written_temp(exported, export)) if export else None
+            try:
+                os.replace(tmp_state, path)
+                if tmp_export:
+                    os.replace(tmp_export, exported)
+                _link(path, self.folder / "latest.pt")
+                info = self._info()
+                info["latest_step"] = step
+                # a best.pt deleted since is no bar: else no later step could ever become best again
+                best = info.get("best_metric") if self.best else None
+                if validation is not None and info.get("best_validation") not in (None, validation):
+                    best = None  # measured on other data or settings: not comparable
+                if metric is not None and math.isfinite(metric) and (
+                        best is None or (metric < best if self.lower_is_better else metric > best)):
+                    _link(path, self.folder / "best.pt")
+                    if export:
+                        _link(exported, self.folder / f"best{self.export_suffix}")
+                    info.update(best_metric=metric, best_step=step, best_validation=validation)
+            except OSError as e:
+                raise CheckpointError(f"cannot write {path}: {os_reason(e)}") from None
         self._record(info)
         steps = sorted(self.folder.glob("step_*.pt"))
         for old in steps[:-self.keep] if self.keep > 0 else []:

@@ -551,3 +551,30 @@ def test_saving_the_wrong_object_is_a_type_error_naming_it_and_writes_nothing(tm
     codec_path = save_codec(tmp_path / "codec.safetensors", codec)
     loaded = load_hertz_dev(save_transformer(tmp_path / "model.safetensors", model, codec_path))
     assert torch.equal(loaded.codec.compressor.proj_out.bias, codec.compressor.proj_out.bias)
+
+
+@pytest.mark.parametrize("writer", ["model.checkpoint.atomic_write", "model.files.replace_atomically"])
+def test_a_temporary_left_by_a_writer_killed_before_its_rename_is_removed_by_the_next(tmp_path, writer):
+    """A writer SIGKILLed between writing its temporary `.NAME.<hex>.tmp` and renaming it into place
+    left the temporary for good (a latents folder's shard lists and manifest, the dataset index, a
+    saved WAV, a model file). The temporary is locked by its writer until renamed, and the next
+    writer of NAME removes those it can lock; a live writer's (locked) stays."""
+    from killed_writer import killed_writer, stopped_writer
+    module, function = writer.rsplit(".", 1)
+    target = tmp_path / "shard_00000.json"
+    code = (f"from {module} import {function}\n"
+            f"{function}({str(target)!r}, lambda tmp: pathlib.Path(tmp).write_text('{{}}'))")
+    live, held = stopped_writer(code, target.name)
+    dead = tmp_path / killed_writer(code, target.name)
+    try:
+        assert dead.is_file() and (tmp_path / held).is_file() and not target.exists()
+        write = getattr(__import__(module, fromlist=[function]), function)
+        write(target, lambda tmp: Path(tmp).write_text("[]"))
+        assert not dead.exists(), "the temporary of the killed writer is still there"
+        assert (tmp_path / held).is_file(), "the temporary of a live writer was removed"
+        assert target.read_text() == "[]"
+    finally:
+        live.kill()
+        live.communicate()
+    write(target, lambda tmp: Path(tmp).write_text("[1]"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]

@@ -289,6 +289,32 @@ def test_a_partial_left_beside_a_file_put_in_place_by_hand_is_removed(server, tm
     assert fetch(server, tmp_path, "inference_volcano_3", log=logs.append).read_bytes() == data and len(logs) == 1
 
 
+def test_a_record_temporary_of_a_process_killed_before_its_rename_is_removed(server, tmp_path, monkeypatch):
+    """The record of verified files was written to `.verified.json.<pid>.tmp` and renamed: a
+    process SIGKILLed between the two left the temporary for good. It is locked by its writer until
+    renamed, and the next process reading the record removes it; a live writer's stays."""
+    from killed_writer import killed_writer, stopped_writer
+    data = b"weights" * 1000
+    register(monkeypatch, "inference_volcano_3", data)
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "inference_volcano_3.pt").write_bytes(data)  # (copied by hand)
+    code = (f"from model.hub import _Verified\nfolder = pathlib.Path({str(folder)!r})\n"
+            "_Verified(folder).add(folder / 'inference_volcano_3.pt', 'e' * 32)\n")
+    live, held = stopped_writer(code, ".verified.json")
+    dead = folder / killed_writer(code, ".verified.json")
+    try:
+        assert dead.is_file() and (folder / held).is_file()
+        assert fetch(server, tmp_path, "inference_volcano_3") == folder / "inference_volcano_3.pt"
+        assert not dead.exists(), "the temporary of the killed process is still there"
+        assert leftovers(folder) == [held], "the temporary of a live writer was removed"
+    finally:
+        live.kill()
+        live.communicate()
+    assert fetch(server, tmp_path, "inference_volcano_3") and leftovers(folder) == []
+    assert server.requests == []
+
+
 def test_two_processes_downloading_one_file_share_one_download(server, tmp_path, monkeypatch):
     """Two processes downloading the same file at once wrote the same temporary: the second
     truncated the first's, the first renamed a file with a hole in it into place and returned it,

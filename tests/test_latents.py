@@ -234,7 +234,7 @@ def test_a_private_shard_of_a_run_killed_while_encoding_is_removed_by_the_next(c
     assert prepare_latents(str(tmp_path / "audio"), codec, "mono", str(tmp_path / "latents"), log=logs.append) == folder
     assert (folder / "manifest.json").is_file() and not orphan.exists()
     assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]
-    assert f"removed 1 shard temporaries of runs killed while encoding {folder} ({orphan.name})" in logs
+    assert f"removed 1 temporaries of runs killed while encoding {folder} ({orphan.name})" in logs
     live = folder / ".shard_00000.bin.0123abcd.tmp"  # a run writing its own now (its lock held)
     with open(live, "wb") as f:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -492,3 +492,22 @@ def test_a_full_disk_while_encoding_is_one_error_naming_the_shard_and_the_next_r
             assert (out / p.name).read_bytes() == p.read_bytes(), p.name
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_a_manifest_temporary_of_a_run_killed_before_its_rename_is_removed_by_the_next(codec, folder):
+    """A run SIGKILLed between writing the folder's `.manifest.json.<hex>.tmp` (or a shard list's
+    `.shard_R.json.<hex>.tmp`) and renaming it left it for good: the next run removed only private
+    shard temporaries. It removes every temporary of a run that is gone, in its one log line."""
+    from killed_writer import killed_writer
+    code = ("import sys, torch\nfrom config.codec_config import PRESETS\nfrom model import Codec, build\n"
+            "from model.latents import prepare_latents\ntorch.manual_seed(0)\n"
+            f"prepare_latents({str(folder / 'audio')!r}, build(Codec, PRESETS['tiny']).eval(), 'mono', "
+            f"{str(folder / 'latents')!r}, log=lambda line: None)\n")
+    name = killed_writer(code, "manifest.json")
+    out, = (folder / "latents").iterdir()
+    assert (out / name).is_file() and not (out / "manifest.json").exists()
+    logs = []
+    assert prepare_latents(str(folder / "audio"), codec, "mono", str(folder / "latents"), log=logs.append) == out
+    assert (out / "manifest.json").is_file()
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert f"removed 1 temporaries of runs killed while encoding {out} ({name})" in logs
