@@ -20,8 +20,9 @@ keeps the KV caches in float8.
 
 The arguments, the sampling parameters (ranges of `model/protocol.py`), the adapter file and the
 prompt file are checked before any weights are loaded or downloaded: a mistake is one `error: ...` line, exit
-code 2, and no file written. The flags are parsed before torch is imported: a mistyped one is its
-error line at once.
+code 2, and no file written. The flags and their values (the sampling parameters, --seconds, --num,
+--seed), the prompt's path and the output's are checked before torch is imported: such a mistake is
+its error line at once, not after the seconds of that import.
 
 Sampling defaults are the original's `temps=(0.8, (0.5, 0.1))`: token temperature 0.8, mixture
 temperature 0.5, Gaussian temperature 0.1; no top-p (1.0) and no min-p (0.0).
@@ -33,11 +34,12 @@ import sys
 import time
 import warnings
 
-# Only what the flags need (no torch): a mistyped flag is one error line at once, not after the
-# seconds of importing torch; the rest is imported once they are parsed.
+# Only what the flags and their checks need (no torch): a mistake is one error line at once, not after
+# the seconds of importing torch; the rest is imported once they are checked.
 from config import ArgumentParser
 from config.transformer_config import DTYPE_NAMES, KV_DTYPE_NAMES, QUANTIZE_MODES
 from model.hub import VARIANTS
+from model import protocol
 
 
 def parse_args(argv=None):
@@ -75,27 +77,47 @@ def parse_args(argv=None):
     ap.add_argument("--no-verify", action="store_true",
                     help="skip the content-hash check of our .safetensors files (a changed file is an error by default)")
     args = ap.parse_args(argv)
-    from model import SamplingParams
-    from model.generator import completion_problem, row_seeds
-    if problem := completion_problem(args.seconds, args.num):  # NaN, inf, <= 0 (their memory: once the config is read)
+    # the values, still without torch (model.protocol: numpy only), so that a mistake is its error at once
+    if problem := protocol.completion_problem(args.seconds, args.num):  # NaN, inf, <= 0 (memory: once the config is read)
         ap.error(problem)
+    if problem := protocol.seed_problem(args.seed):
+        ap.error(f"--seed: {problem}")
+    args.params = dict(token_temp=args.token_temp, top_p=args.top_p, min_p=args.min_p, mixture_temp=args.mixture_temp,
+                       gaussian_temp=args.gaussian_temp)
     try:
-        row_seeds(args.seed, args.num)  # in [0, 2**63)
-    except ValueError as e:
-        ap.error(f"--seed: {e}")
-    try:
-        args.params = SamplingParams(args.token_temp, args.top_p, args.min_p, args.mixture_temp, args.gaussian_temp)
+        protocol.check_params(args.params)  # (made into SamplingParams once torch is imported)
     except ValueError as e:
         ap.error(str(e))
     return args
 
 
+def output_problem(args) -> str | None:
+    """What is wrong with the prompt file's path, --variant's, --codec's or the output paths, found
+    without torch (the prompt's audio is read once the codec's rate and hop are known)."""
+    from model.audio import AudioError, check_output, completion_paths, file_problem
+    if problem := file_problem(args.prompt):
+        return problem
+    if args.variant not in VARIANTS and not os.path.isfile(args.variant):
+        return f"--variant {args.variant!r} is neither one of {', '.join(VARIANTS)} nor a file"
+    if args.codec not in ("auto", "official") and (problem := file_problem(args.codec)):
+        return f"--codec: {problem}"
+    try:
+        for path in completion_paths(args.out, args.num):  # not a pipe, nor the prompt it would replace
+            check_output(path, keep={"the prompt": args.prompt})
+    except AudioError as e:
+        return str(e)
+    return None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if problem := output_problem(args):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     import torch
     from model import load_hertz_dev
-    from model.audio import (AudioError, check_output, check_prompt, completion_paths, file_problem, load_prompt,
-                             save_audio)
+    from model import SamplingParams
+    from model.audio import AudioError, check_prompt, completion_paths, load_prompt, save_audio
     from model.checkpoint import read_metadata
     from model.generator import Generator, completion_problem, completion_steps
     from model.lora import read_adapter
@@ -109,12 +131,6 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     dtype = resolve_dtype(args.dtype, device, "--dtype")  # one of its choices
-    if args.variant not in VARIANTS and not os.path.isfile(args.variant):
-        print(f"error: --variant {args.variant!r} is neither one of {', '.join(VARIANTS)} nor a file", file=sys.stderr)
-        return 2
-    if args.codec not in ("auto", "official") and (problem := file_problem(args.codec)):
-        print(f"error: --codec: {problem}", file=sys.stderr)
-        return 2
     if args.adapter is not None:  # its header: a folder (naming the adapter files in it), another kind of file
         try:
             read_adapter(args.adapter)
@@ -137,8 +153,6 @@ def main(argv=None) -> int:
         return 2
     try:  # before the weights: loading them can take minutes (or a 34 GB download)
         check_prompt(args.prompt, cfg.sample_rate, hop, max_frames=cfg.seq_len)  # the part of it that is used
-        for path in completion_paths(args.out, args.num):  # not a pipe, nor the prompt it would replace
-            check_output(path, keep={"the prompt": args.prompt})
     except AudioError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -177,7 +191,7 @@ def main(argv=None) -> int:
     audio = torch.from_numpy(prompt)[None].expand(args.num, -1, -1)
     t0 = time.time()
     try:
-        out = gen.complete(audio, steps, args.params, seed=args.seed, encode=args.encode, progress=True)
+        out = gen.complete(audio, steps, SamplingParams(**args.params), seed=args.seed, encode=args.encode, progress=True)
     except PromptLatentsError as e:  # the codec's latents of this prompt (encode_frames); the arguments are checked above
         print(f"error: {e}", file=sys.stderr)
         return 2

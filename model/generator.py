@@ -20,6 +20,7 @@ from torch import Tensor
 from .audio import MAX_SAMPLE_MAGNITUDE
 from .cuda_graphs import StepKey
 from .decode import Engine, decode_step, prompt_prefill, slide
+from . import protocol
 from .protocol import SEED_MAX
 from .sampling import SamplingParams, row_seed
 from .stream_codec import MAX_LATENT_MAGNITUDE, decode_frames, encode_frames
@@ -44,12 +45,8 @@ def completion_problem(seconds, num, cfg=None, device=None, dtype: Optional[torc
     completions' audio (float32, held whole on the device, then on the host to be written) must
     each be less than the device's (and the host's) memory. There is no limit on length beyond
     that: past the context a row slides (`model.decode.slide`)."""
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < float("inf"):
-        return f"{names[0]} must be a finite number > 0, got {seconds!r}"
-    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
-        return f"{names[1]} must be an integer >= 1, got {num!r}"
-    if cfg is None:
-        return None
+    if (problem := protocol.completion_problem(seconds, num, names)) or cfg is None:
+        return problem
     from .decode import DecodeState
     from .loading import HertzDev
     with torch.device("meta"):
@@ -91,8 +88,8 @@ def row_seeds(seed: Union[int, Sequence[int]], n: int) -> list[int]:
     (`row_seed` works modulo 2**64: -1 or 2**64 would silently be another seed's draws);
     TypeError or ValueError naming `seed` otherwise."""
     if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
-        if not 0 <= seed < SEED_MAX:
-            raise ValueError(f"seed must be an int in [0, 2**63), got {seed}"[:300])
+        if problem := protocol.seed_problem(seed):
+            raise ValueError(problem)
         return [row_seed(seed, r) for r in range(n)]
     seeds = seed.tolist() if isinstance(seed, (np.ndarray, Tensor)) else seed
     if isinstance(seeds, (list, tuple)) and len(seeds) == n and all(

@@ -1,4 +1,5 @@
-"""The live-conversation protocol and the sampling-parameter ranges, in one numpy-only module.
+"""The live-conversation protocol and the sampling-parameter ranges (with a seed's, and a
+completion's length and count), in one numpy-only module.
 
 Imported by the server, the clients (which run without torch), the benchmark, the tests,
 `complete.py` and the notebook, so that every entry point validates the same way.
@@ -64,6 +65,25 @@ def query_params(pairs: Iterable[tuple[str, str]], known: Iterable[str]) -> dict
             raise ValueError(f"query parameter {name} is empty")
         out[name] = value
     return out
+
+
+def seed_problem(seed) -> str | None:
+    """Why `seed` is not one seed (an int in [0, SEED_MAX): `model.sampling.row_seed` works
+    modulo 2**64, so -1 or 2**64 would silently be another seed's draws), or None."""
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and 0 <= seed < SEED_MAX:
+        return None
+    return f"seed must be an int in [0, 2**63), got {seed}"[:300]
+
+
+def completion_problem(seconds, num, names: tuple[str, str] = ("--seconds", "--num")) -> str | None:
+    """Why `num` completions of `seconds` each cannot be asked for, or None: `seconds` must be a
+    finite number > 0 and `num` an integer >= 1 (`names`: how they are called where they are
+    given). What they need of a machine's memory is `model.generator.completion_problem`'s."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < float("inf"):
+        return f"{names[0]} must be a finite number > 0, got {seconds!r}"
+    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+        return f"{names[1]} must be an integer >= 1, got {num!r}"
+    return None
 
 
 def query_seed(text: str) -> int:

@@ -75,6 +75,38 @@ def test_a_mistyped_flag_is_its_error_line_before_torch_is_imported(tmp_path, fl
     assert result.stdout == "torch imported: False\n"
 
 
+@pytest.mark.parametrize("prompt, out, flags, message", [
+    ("p.wav", "o.wav", ["--seconds", "0"], "--seconds must be a finite number > 0, got 0.0"),
+    ("p.wav", "o.wav", ["--seconds", "-2"], "--seconds must be a finite number > 0, got -2.0"),
+    ("p.wav", "o.wav", ["--seconds", "nan"], "--seconds must be a finite number > 0, got nan"),
+    ("p.wav", "o.wav", ["--num", "0"], "--num must be an integer >= 1, got 0"),
+    ("p.wav", "o.wav", ["--top-p", "2"], "top_p must be in (0, 1], got 2.0"),
+    ("p.wav", "o.wav", ["--token-temp", "inf"], "token_temp must be in [0, 5], got inf"),
+    ("p.wav", "o.wav", ["--seed", "-1"], "--seed: seed must be an int in [0, 2**63), got -1"),
+    ("missing.wav", "o.wav", [], "no such file: {tmp}/missing.wav"),
+    ("p.wav", "p.wav/o.wav", [], "cannot write {tmp}/p.wav/o.wav: {tmp}/p.wav is a file, not a folder"),
+    ("p.wav", "p.wav", [], "cannot write {tmp}/p.wav: it is the prompt, which the output would replace; "
+                             "name another file"),
+    ("p.wav", "o.wav", ["--variant", "nope"], "--variant 'nope' is neither one of duplex, mono, mono-pure-audio "
+                                              "nor a file"),
+], ids=["seconds-0", "seconds-negative", "seconds-nan", "num-0", "top-p", "token-temp", "seed", "missing-prompt",
+        "out-under-a-file", "out-is-the-prompt", "variant"])
+def test_a_wrong_value_or_path_is_its_error_line_before_torch_is_imported(tmp_path, prompt, out, flags, message):
+    """The values of the flags (the sampling parameters, --seconds, --num, --seed), the prompt's path
+    and the output's were checked after importing torch (about 4 s). Each is one error line, exit
+    status 2, with torch not imported and no file written."""
+    sf.write(tmp_path / "p.wav", np.zeros(16000), 16000)
+    before = sorted(tmp_path.iterdir())
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, str(REPO / "complete.py"), str(tmp_path / prompt),
+                             str(tmp_path / out), "--offline", "--ckpt-dir", str(tmp_path / "ckpt"), *flags],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.splitlines() == [f"error: {message.format(tmp=tmp_path)}"], result.stderr[-2000:]
+    assert result.stdout == "torch imported: False\n"
+    assert sorted(tmp_path.iterdir()) == before
+
+
 def corrupted_copy(path, folder: Path) -> Path:
     """A copy of the checkpoint at `path` with one bit of one weight flipped: reading its weights
     is an error (its content hash), so an error about something else shows it came first."""
