@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from .files import drop_dead_temporaries, temporary_beside
+from .files import drop_dead_temporaries, json_value, temporary_beside
 
 FORMAT = "hertz-dev/1"
 HASH_KEY = "content_sha256"
@@ -190,7 +190,7 @@ def _cut_short(path: Path, head: bytes) -> Optional[str]:
         return (f"safetensors file cut short: {size} bytes, shorter than its own {length}-byte header "
                 "(an incomplete copy or download?)")
     try:
-        end = 8 + length + max(e["data_offsets"][1] for k, e in json.loads(text).items() if k != "__metadata__")
+        end = 8 + length + max(e["data_offsets"][1] for k, e in json_value(text).items() if k != "__metadata__")
     except (ValueError, TypeError, KeyError, IndexError):  # not a safetensors header after all
         return None
     return (f"safetensors file cut short: {size} bytes of the {end} its header describes (an incomplete copy "
@@ -284,7 +284,7 @@ def header_json(path: str | os.PathLike, meta: dict, key: str, default: Any = _R
             raise CheckpointError(f"{path}: its header has no {key!r} field; re-export or re-download it")
         return default
     try:
-        value = json.loads(meta[key])
+        value = json_value(meta[key])
     except ValueError:
         value = None
     if not isinstance(value, dict):

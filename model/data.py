@@ -20,7 +20,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 
 from model.audio import SUPPORTED_EXTENSIONS, AudioError, audio_info, load_audio, scan_samples, two_speakers
 from model.checkpoint import listed
-from model.files import change_stamp, same_file_key
+from model.files import change_stamp, json_value, same_file_key
 from model.files import replace_atomically
 from model.manifest import is_manifest, read_manifest
 
@@ -130,7 +130,7 @@ def _list_audio_files(root: str) -> list[str]:
 def _read_index(index_path: str) -> dict:
     try:
         with open(index_path) as f:
-            index = json.load(f)
+            index = json_value(f.read())
         if index.get("version") == INDEX_VERSION and isinstance(index.get("files"), dict):
             return index["files"]
     except (OSError, ValueError, AttributeError):

@@ -6,11 +6,23 @@ other under a lock (`open_locked`: a download's temporary, a latents shard being
 only the standard library: the client uses it."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
+
+
+def json_value(text: str | bytes):
+    """`json.loads(text)`, with arrays or objects nested too deep for the parser's recursion (a few
+    thousand levels: a damaged or hostile file) a ValueError like any other text that is not JSON,
+    where `json.loads` raises RecursionError, which the readers catching ValueError let through as
+    a traceback."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deep") from None
 
 
 def change_stamp(st: os.stat_result) -> list[int]:

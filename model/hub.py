@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from .files import change_stamp, drop_dead_temporaries, open_locked, replace_atomically
+from .files import change_stamp, drop_dead_temporaries, json_value, open_locked, replace_atomically
 
 HF_REPO = "si-pbc/hertz-dev"
 DEFAULT_CKPT_DIR = "ckpt"
@@ -114,7 +114,7 @@ class _Verified:
 
     def _read(self) -> dict:
         try:
-            data = json.loads(self.path.read_text())
+            data = json_value(self.path.read_text())
             return data if isinstance(data, dict) else {}
         except (OSError, ValueError):
             return {}
@@ -267,7 +267,7 @@ def _kept_size(meta: Path, md5: str) -> Optional[int]:
     """The whole file's size a partial download of the file of `md5` is a prefix of, or None when
     its sidecar is missing, unreadable or names another md5 (another version of the file)."""
     try:
-        said = json.loads(meta.read_text())
+        said = json_value(meta.read_text())
         return int(said["size"]) if said.get("md5") == md5 and int(said["size"]) > 0 else None
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .checkpoint import TEMP_SUFFIX, CheckpointError, atomic_write, listed, os_reason
-from .files import change_stamp, drop_dead_temporaries, open_locked
+from .files import change_stamp, drop_dead_temporaries, json_value, open_locked
 from .codec import Codec
 from .parallel import long_barrier
 
@@ -64,7 +64,7 @@ def read_encoded(folder: str | os.PathLike, fingerprint: Optional[str] = None) -
     folder = Path(folder)
     fix = f"delete {folder} and run again to encode it anew"
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
+        manifest = json_value((folder / MANIFEST).read_text())
         if manifest.get("format") != FORMAT:
             raise LatentsError(f"latents folder {folder} was encoded by another version of this code; {fix}")
         files, row_bytes = manifest["files"], 2 * int(manifest["latent_dim"]) * 4
@@ -199,7 +199,7 @@ class _PartialShard:
             raw = b""
         head, _, body = raw.partition(b"\n")
         try:  # the header of the stopped run's log: format, number of processes, files in the share
-            stopped = json.loads(head) if raw.startswith(head + b"\n") else None
+            stopped = json_value(head) if raw.startswith(head + b"\n") else None
         except ValueError:
             stopped = None
         taken, good, rows = [], 0, 0  # lines taken over, the bytes of the log they fill, the rows they list
@@ -207,7 +207,7 @@ class _PartialShard:
             good = len(head) + 1
             for line in body.splitlines(keepends=True):
                 try:  # a line cut short by the stop ends what is taken over
-                    item = json.loads(line) if line.endswith(b"\n") else None
+                    item = json_value(line) if line.endswith(b"\n") else None
                     length = int(item["entry"]["length"]) if "entry" in item else 0
                     if item["file"] != len(taken) or "entry" in item and item["entry"]["offset"] != rows:
                         break

@@ -16,12 +16,11 @@ cannot be decoded is the folder scan's business: skipped and named (`model/data.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 
 from .audio import file_problem
-from .files import same_file_key
+from .files import json_value, same_file_key
 
 MANIFEST_SUFFIX = ".jsonl"
 
@@ -61,7 +60,7 @@ def read_manifest(path: str | os.PathLike) -> list[str]:
             if not line.strip() or line.lstrip().startswith("#"):  # a blank line, a comment
                 continue
             try:
-                entry = json.loads(line)
+                entry = json_value(line)
             except ValueError as e:
                 raise ManifestError(f"{where}: not JSON ({e})") from None
             if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not entry["path"]:

@@ -2,7 +2,6 @@
 `metrics.jsonl`. Drawn with matplotlib's Agg canvas directly (no pyplot, no global backend)."""
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections import defaultdict
@@ -10,6 +9,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+
+from .files import json_value
 
 
 def _save(fig, path) -> None:
@@ -67,7 +68,7 @@ def read_metrics(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndar
     with open(path) as f:
         for line in f:
             try:
-                row = json.loads(line)
+                row = json_value(line)
             except ValueError:
                 continue  # a line cut short by a kill
             step = row.get("step")

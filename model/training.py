@@ -56,6 +56,7 @@ from .checkpoint import (TEMP_SUFFIX, CheckpointError, atomic_write, listed, non
 from .checkpoint import _header as header
 from .hub import WeightsError
 from .data import folder_problem
+from .files import json_value
 from .manifest import ManifestError, is_manifest, read_manifest
 
 
@@ -703,7 +704,7 @@ class Checkpoints:
 
     def _info(self) -> dict:
         try:
-            return json.loads((self.folder / "checkpoints.json").read_text())
+            return json_value((self.folder / "checkpoints.json").read_text())
         except (OSError, ValueError):
             return {}
 
@@ -789,7 +790,7 @@ class Checkpoints:
                 continue
             state = load_training_state(pt, mmap=True)
             try:
-                have = json.loads(header(exported).get("extra", "{}")).get("step") if exported.is_file() else None
+                have = json_value(header(exported).get("extra", "{}")).get("step") if exported.is_file() else None
             except (CheckpointError, ValueError):
                 have = None  # not one of ours, or damaged: rebuild it
             if have != state["step"]:

@@ -339,6 +339,16 @@ def test_index_cache_is_reused_and_refreshed(tmp_path, monkeypatch):
     assert cache["1.wav"]["frames"] == 4 * SR
 
 
+def test_an_index_nested_too_deep_is_measured_anew(tmp_path):
+    """A damaged `.hertz_index.json` is rebuilt; one of arrays nested past the JSON parser's
+    recursion was a RecursionError traceback out of every scan of the folder."""
+    write(tmp_path / "a.wav", tone(1.0))
+    (tmp_path / INDEX_FILENAME).write_text("[" * 100_000 + "]" * 100_000)
+    files = scan_audio_folder(tmp_path)
+    assert [(os.path.basename(f.path), f.frames) for f in files] == [("a.wav", SR)]
+    assert "a.wav" in json.loads((tmp_path / INDEX_FILENAME).read_text())["files"]
+
+
 def test_a_file_rewritten_with_its_size_and_mtime_put_back_is_measured_again(tmp_path):
     """The index was keyed by size and mtime only: a file rewritten with the same size and its mtime
     put back (`cp -p`, `touch -r`) kept its old length, and its crops were cut past its end. The inode's

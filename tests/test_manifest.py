@@ -97,7 +97,8 @@ def test_manifest_lists_the_same_files_as_the_folder(tmp_path):
     ('{"path": "a"}', "line 2: {root}/a is a folder, not a file"),  # was "no such file: .../a"
     ('{"path": "a/dialogue_1.wav", "duration": "long"}', 'line 2: "duration" must be a number'),
     ('{"path": "b/dialogue_0.wav"}', "line 2: b/dialogue_0.wav is listed twice (lines 1 and 2)"),
-], ids=["json", "no-path", "not-object", "missing-file", "folder", "duration", "twice"])
+    ("[" * 100_000 + "]" * 100_000, "line 2: not JSON (JSON nested too deep)"),  # was a RecursionError traceback
+], ids=["json", "no-path", "not-object", "missing-file", "folder", "duration", "twice", "nested-too-deep"])
 def test_bad_lines_name_the_manifest_and_the_line(tmp_path, line, message):
     write_corpus(tmp_path)
     manifest = tmp_path / "bad.jsonl"
