@@ -703,10 +703,22 @@ class Checkpoints:
         return path if path.is_file() else None
 
     def _info(self) -> dict:
+        """`checkpoints.json`'s record, less the entries not of their type (a hand edit, another
+        tool: a best_metric of "x" compared with a step's value was a TypeError at the save, the
+        step already renamed into place): {} for a file that is not a JSON object."""
         try:
-            return json_value((self.folder / "checkpoints.json").read_text())
+            info = json_value((self.folder / "checkpoints.json").read_text())
         except (OSError, ValueError):
             return {}
+
+        def fits(key: str, value) -> bool:
+            if key in ("latest_step", "best_step"):
+                return isinstance(value, int) and not isinstance(value, bool)
+            if key == "best_metric":
+                return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            return key != "best_validation" or value is None or isinstance(value, str)
+
+        return {k: v for k, v in info.items() if fits(k, v)} if isinstance(info, dict) else {}
 
     def _record(self, info: dict) -> None:
         atomic_write(self.folder / "checkpoints.json", lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1)))

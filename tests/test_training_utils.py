@@ -54,6 +54,22 @@ def test_a_deleted_best_pt_is_made_again_at_the_next_evaluated_save(tmp_path):
     assert ck.best_metric() == 2.0
 
 
+@pytest.mark.parametrize("record", ["[1]", '"text"', '{"best_metric": "x", "best_step": 10, "latest_step": 10}',
+                                    '{"best_metric": 3.0, "best_step": "ten", "latest_step": [10]}'],
+                         ids=["list", "string", "metric-text", "steps-not-ints"])
+def test_a_checkpoints_json_of_other_types_does_not_stop_the_next_save(tmp_path, record):
+    """checkpoints.json edited by hand (or by another tool) into JSON of other types: the next save
+    stopped with a TypeError (a list indexed by name, "x" compared with the step's value), the step
+    already renamed into place. Entries not of their type are left out; the save records anew."""
+    ck = Checkpoints(tmp_path, keep=3)
+    ck.save(10, {"step": 10}, 2.0)
+    (tmp_path / "checkpoints.json").write_text(record)
+    ck.save(20, {"step": 20}, 1.0)
+    assert ck.load()["step"] == 20 and ck.load(ck.best)["step"] == 20 and ck.best_metric() == 1.0
+    assert json.loads((tmp_path / "checkpoints.json").read_text())["latest_step"] == 20
+    assert ck.unnamed_step() is None
+
+
 def test_resume_check_names_each_difference():
     cfg = PRESETS["tiny"]
     saved = dataclasses.asdict(dataclasses.replace(cfg, encode_channels=8, strides=(2, 4, 250), seed=1))
