@@ -11,6 +11,7 @@ gigabytes), not a recording.
 """
 from __future__ import annotations
 
+import errno
 import math
 import os
 import stat
@@ -38,11 +39,28 @@ class AudioError(RuntimeError):
     """A file that cannot be read or written as audio; the message names the file."""
 
 
+def _broken_link(path: str) -> Optional[str]:
+    """What a symbolic link at `path` that leads to no file is ("a symbolic link to X, which does
+    not exist", or one in a loop of links), or None: "no such file" of a name that is there misled."""
+    if not os.path.islink(path):
+        return None
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symbolic link in a loop of links (it leads to no file)"
+    else:
+        return None
+    return f"a symbolic link to {os.readlink(path)}, which does not exist"
+
+
 def _reason(e: Exception, path: Optional[str] = None) -> str:
-    """Why reading (or writing) failed; for a `path` that is missing or a folder, that (libsndfile
-    says "System error." or "Format not recognised.")."""
+    """Why reading (or writing) failed; for a `path` that is missing, a folder or a link to no
+    file, that (libsndfile says "System error." or "Format not recognised.")."""
     if path is not None and not os.path.isfile(path):
-        return "it is a folder" if os.path.isdir(path) else "no such file"
+        if os.path.isdir(path):
+            return "it is a folder"
+        return f"it is {link}" if (link := _broken_link(path)) else "no such file"
     if isinstance(e, UnicodeEncodeError):  # soundfile encodes names strictly: bytes that are not UTF-8 fail
         byte = os.fsencode(e.object[e.start:e.end])[:1].hex()
         return f"its file name is not valid {e.encoding} (byte 0x{byte}), which soundfile cannot open; rename the file"
@@ -259,6 +277,8 @@ def file_problem(path: str) -> Optional[str]:
         return f"{path} is a folder, not a file"
     if os.path.exists(path):
         return f"{path} is not a regular file (a named pipe or a device)"
+    if link := _broken_link(path):
+        return f"{path} is {link}"
     return f"no such file: {path}"
 
 
