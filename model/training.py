@@ -56,7 +56,7 @@ from .checkpoint import (TEMP_SUFFIX, CheckpointError, atomic_write, listed, non
 from .checkpoint import _header as header
 from .hub import WeightsError
 from .data import folder_problem
-from .files import json_value
+from .files import json_value, temporary_beside
 from .manifest import ManifestError, is_manifest, read_manifest
 
 
@@ -630,6 +630,16 @@ class Checkpoints:
         with _run_locks_guard:
             try:
                 self.folder.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise CheckpointError(f"cannot write {path}: {os_reason(e, path)}") from None
+            try:  # a folder the saves cannot write in (read-only, not this user's) is found now, not by the
+                # first save after the steps it would lose (an existing writable .run.lock opens all the same)
+                with temporary_beside(self.folder, ".write-check.", TEMP_SUFFIX, lambda tmp: None):
+                    pass
+            except OSError as e:
+                raise CheckpointError(f"cannot write in {self.folder}: {os_reason(e)}; the checkpoints could not be "
+                                      "saved (choose a checkpoint_dir this process can write)") from None
+            try:
                 st = os.stat(path)
                 key = (st.st_dev, st.st_ino)
             except FileNotFoundError:

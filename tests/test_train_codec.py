@@ -863,3 +863,31 @@ def test_the_run_s_figures_are_drawn_once_each(tmp_path, monkeypatch):
     assert len(draws) == 2 and draws[0] is not draws[1]
     assert Image.open(tmp_path / "curves.png").size == (1500, 320)  # 3 panels of 5 x 3.2 in, 100 dpi
     assert Image.open(tmp_path / "mels.png").size == (1000, 220)
+
+
+def test_a_checkpoint_dir_it_cannot_write_in_is_one_error_line_before_the_data(corpus, tmp_path):
+    """A checkpoint_dir this process may not write in (read-only, another user's) whose `.run.lock`
+    it can still open (left writable by an earlier run): the run trained every step to the first
+    save, then stopped with 'cannot write step_*.pt', its steps lost. The folder is tried with a
+    temporary file when the run takes its lock: one error line, before the data is read. (As root,
+    which writes anywhere, the trainer runs without the capabilities that let it.)"""
+    import shutil
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / ".run.lock").touch()
+    run_dir.chmod(0o555)
+    prefix = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("needs setpriv, to run without root's capabilities")
+        prefix = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner"]
+    try:
+        result = subprocess.run(prefix + [sys.executable, "train_codec.py", *args(corpus, run_dir)], cwd=ROOT,
+                                env=ONE_THREAD, capture_output=True, text=True, timeout=300)
+    finally:
+        run_dir.chmod(0o755)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert error_line(result.stderr) == (f"error: cannot write in {run_dir}: Permission denied; the checkpoints could "
+                                         "not be saved (choose a checkpoint_dir this process can write)")
+    assert "val:" not in result.stdout + result.stderr and "training from" not in result.stdout + result.stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == [".run.lock"]
