@@ -105,6 +105,15 @@ def temporary_beside(folder: str | os.PathLike, prefix: str, suffix: str,
         os.close(fd)
 
 
+def try_writing_in(folder: str | os.PathLike) -> None:
+    """Make `folder` if missing, then create and remove a temporary file in it: the OSError that a
+    writer there would meet later (a read-only folder or file system, another user's folder), raised
+    now. (`os.access` answers for the permission bits alone: root passes it on a read-only mount.)"""
+    os.makedirs(folder, exist_ok=True)
+    with temporary_beside(folder, ".write-check.", ".tmp", lambda tmp: None):
+        pass
+
+
 def drop_dead_temporaries(folder: str | os.PathLike, prefix: str = ".", suffix: str = ".tmp") -> list[str]:
     """Remove the `temporary_beside` files `folder/PREFIX...<8 hex>SUFFIX` whose writer is gone
     (killed between its write and its rename): each is locked by its writer until renamed, so one

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .checkpoint import TEMP_SUFFIX, CheckpointError, atomic_write, listed, os_reason
-from .files import change_stamp, drop_dead_temporaries, json_value, open_locked
+from .files import change_stamp, drop_dead_temporaries, json_value, open_locked, try_writing_in
 from .codec import Codec
 from .parallel import long_barrier
 
@@ -371,7 +371,11 @@ def prepare_latents(root: str, codec, channels: str, out_dir: str, sample_rate: 
     mine = list(range(rank, len(files), world))
     chunk = max(1, int(chunk_seconds * sample_rate) // hop) * hop
     latent_dim = int(codec.config.latent_dim) * (2 if channels == "stereo" else 1)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:  # a latents_dir this process may not write in: found before the encoding, not as a traceback
+        try_writing_in(folder)
+    except OSError as e:
+        raise CheckpointError(f"cannot write {folder}: {os_reason(e, folder)}; encode into a latents_dir this "
+                              "process can write") from None
     _drop_orphans(folder, log)
     if rank == 0:
         log(f"encoding {len(files)} files ({files[0].path if len(files) == 1 else root}) with codec {fingerprint} "

@@ -56,7 +56,7 @@ from .checkpoint import (TEMP_SUFFIX, CheckpointError, atomic_write, listed, non
 from .checkpoint import _header as header
 from .hub import WeightsError
 from .data import folder_problem
-from .files import json_value, temporary_beside
+from .files import json_value, try_writing_in
 from .manifest import ManifestError, is_manifest, read_manifest
 
 
@@ -634,8 +634,7 @@ class Checkpoints:
                 raise CheckpointError(f"cannot write {path}: {os_reason(e, path)}") from None
             try:  # a folder the saves cannot write in (read-only, not this user's) is found now, not by the
                 # first save after the steps it would lose (an existing writable .run.lock opens all the same)
-                with temporary_beside(self.folder, ".write-check.", TEMP_SUFFIX, lambda tmp: None):
-                    pass
+                try_writing_in(self.folder)
             except OSError as e:
                 raise CheckpointError(f"cannot write in {self.folder}: {os_reason(e)}; the checkpoints could not be "
                                       "saved (choose a checkpoint_dir this process can write)") from None

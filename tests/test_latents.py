@@ -511,3 +511,39 @@ def test_a_manifest_temporary_of_a_run_killed_before_its_rename_is_removed_by_th
     assert (out / "manifest.json").is_file()
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
     assert f"removed 1 temporaries of runs killed while encoding {out} ({name})" in logs
+
+
+def test_a_latents_dir_it_cannot_write_in_is_one_error_before_encoding(folder):
+    """A latents_dir this process may not write in (read-only, another user's: a shared cache) and a
+    corpus not encoded there yet: a PermissionError traceback from making the folder. It is one
+    CheckpointError naming the folder, before any encoding; a corpus encoded there is still read."""
+    import subprocess
+    import sys
+    from unprivileged import unprivileged
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys, torch\nfrom config.codec_config import PRESETS\nfrom model import Codec, build\n"
+            "from model.checkpoint import CheckpointError\nfrom model.latents import prepare_latents\n"
+            "torch.manual_seed(int(sys.argv[1]))\n"
+            "try:\n"
+            f"    print(prepare_latents({str(folder / 'audio')!r}, build(Codec, PRESETS['tiny']).eval(), 'mono', "
+            f"{str(folder / 'latents')!r}, log=lambda line: None))\n"
+            "except CheckpointError as e:\n"
+            "    print('error:', e)\n")
+    latents = folder / "latents"
+    latents.mkdir()
+    encoded = subprocess.run([sys.executable, "-c", code, "0"], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert encoded.returncode == 0 and encoded.stdout.startswith(str(latents)), encoded.stderr[-2000:]
+    before = sorted(p.name for p in latents.rglob("*"))
+    for path in [latents, *latents.iterdir()]:
+        path.chmod(0o555)
+    try:
+        runs = [subprocess.run(unprivileged() + [sys.executable, "-c", code, seed], cwd=repo, capture_output=True,
+                               text=True, timeout=120) for seed in ("0", "1")]  # seed 1: another codec
+    finally:
+        for path in [latents, *latents.iterdir()]:
+            path.chmod(0o755)
+    assert runs[0].returncode == 0 and runs[0].stdout == encoded.stdout, runs[0].stderr[-2000:]  # read, as before
+    assert runs[1].returncode == 0 and "Traceback" not in runs[1].stderr, runs[1].stderr[-2000:]
+    assert re.fullmatch(rf"error: cannot write {re.escape(str(latents))}/audio-mono-[0-9a-f]+: Permission denied; "
+                        r"encode into a latents_dir this process can write\n", runs[1].stdout), runs[1].stdout
+    assert sorted(p.name for p in latents.rglob("*")) == before

@@ -871,18 +871,13 @@ def test_a_checkpoint_dir_it_cannot_write_in_is_one_error_line_before_the_data(c
     save, then stopped with 'cannot write step_*.pt', its steps lost. The folder is tried with a
     temporary file when the run takes its lock: one error line, before the data is read. (As root,
     which writes anywhere, the trainer runs without the capabilities that let it.)"""
-    import shutil
+    from unprivileged import unprivileged
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / ".run.lock").touch()
     run_dir.chmod(0o555)
-    prefix = []
-    if os.geteuid() == 0:
-        if shutil.which("setpriv") is None:
-            pytest.skip("needs setpriv, to run without root's capabilities")
-        prefix = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner"]
     try:
-        result = subprocess.run(prefix + [sys.executable, "train_codec.py", *args(corpus, run_dir)], cwd=ROOT,
+        result = subprocess.run(unprivileged() + [sys.executable, "train_codec.py", *args(corpus, run_dir)], cwd=ROOT,
                                 env=ONE_THREAD, capture_output=True, text=True, timeout=300)
     finally:
         run_dir.chmod(0o755)
