@@ -59,7 +59,10 @@ def temporary_beside(folder: str | os.PathLike, prefix: str, suffix: str,
     `tempfile.mkstemp` or of writers that make their own file (safetensors): renamed into place,
     a checkpoint, a latents shard or a WAV that a lab mate on a shared machine cannot read is of
     no use to them."""
-    import fcntl  # (Unix; imported here, so that this module imports everywhere)
+    try:
+        import fcntl  # (Unix; imported here, so that this module imports everywhere)
+    except ImportError:  # (Windows, where the client runs: written unlocked)
+        fcntl = None
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     for _ in range(100):
         path = os.path.join(os.fspath(folder), f"{prefix}{secrets.token_hex(4)}{suffix}")
@@ -68,7 +71,8 @@ def temporary_beside(folder: str | os.PathLike, prefix: str, suffix: str,
         except FileExistsError:  # another writer drew the same name: draw again
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:  # a sweeper found it before it was locked and is removing it
             os.close(fd)
             continue
@@ -90,7 +94,8 @@ def temporary_beside(folder: str | os.PathLike, prefix: str, suffix: str,
             os.close(fd)
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if fcntl is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 pass
         if st.st_mode & 0o7777 != mode:
@@ -121,8 +126,9 @@ def drop_dead_temporaries(folder: str | os.PathLike, prefix: str = ".", suffix: 
     file system without locks. Returns the names removed, for the caller's one log line."""
     removed = []
     try:
+        import fcntl  # noqa: F401 (open_locked's: without it, as on Windows, no temporary is known dead)
         names = sorted(os.listdir(folder))
-    except OSError:  # no folder (yet), or one that cannot be read
+    except (ImportError, OSError):  # no folder (yet), or one that cannot be read
         return removed
     pattern = re.compile(rf"{re.escape(prefix)}(?:.*\.)?[0-9a-f]{{8}}{re.escape(suffix)}", re.DOTALL)
     for name in names:

@@ -580,3 +580,20 @@ def test_a_temporary_left_by_a_writer_killed_before_its_rename_is_removed_by_the
         live.communicate()
     write(target, lambda tmp: Path(tmp).write_text("[1]"))
     assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+
+
+def test_an_atomic_write_works_where_there_is_no_fcntl(tmp_path):
+    """Where Python has no fcntl (Windows, where the client writes its recordings through
+    model.files.replace_atomically), the temporaries are written unlocked and none is known dead:
+    the lock of the temporaries was an ImportError there."""
+    target = tmp_path / "chat.wav.json"
+    code = ("import sys, pathlib\nsys.modules['fcntl'] = None  # as on Windows: import fcntl fails\n"
+            "from model.files import drop_dead_temporaries, replace_atomically\n"
+            f"replace_atomically({str(target)!r}, lambda tmp: pathlib.Path(tmp).write_text('[1]'))\n"
+            f"print(drop_dead_temporaries({str(tmp_path)!r}))\n")
+    (tmp_path / ".other.json.0123abcd.tmp").write_text("")  # a temporary of unknown state: kept
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout == "[]\n", result.stderr[-2000:]
+    assert target.read_text() == "[1]"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.json.0123abcd.tmp", target.name]
