@@ -286,13 +286,22 @@ class Recorder:
         self.path, self.max_frames = Path(path), max_frames
         self.tmp = self.path.with_name(f".{self.path.name}.part")
         self.file = None
+        self.lock = None  # the `.part`, locked until renamed: another server starting on the folder leaves it
         self.frames = 0
         self.truncated = False
 
     def open(self) -> None:
         import soundfile as sf
+        from model.files import open_locked
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = sf.SoundFile(str(self.tmp), "w", SAMPLE_RATE, 2, "PCM_16", format="WAV")
+        while (lock := open_locked(self.tmp, locks_optional=True)) is None:
+            pass  # removed as this server locked it: made anew
+        try:
+            self.file = sf.SoundFile(str(self.tmp), "w", SAMPLE_RATE, 2, "PCM_16", format="WAV")
+        except BaseException:
+            lock.close()
+            raise
+        self.lock = lock
 
     def write(self, stereo: np.ndarray) -> None:
         """stereo (T, 2) int16."""
@@ -309,15 +318,19 @@ class Recorder:
     def close(self) -> Optional[Path]:
         if self.file is None:
             return None
-        self.file.close()
-        if self.truncated:
-            log.warning("%s: cut at %.0f s (--max-recording-seconds)", self.path.name, self.max_frames / SAMPLE_RATE)
-        if self.frames == 0:
-            os.remove(self.tmp)
-            return None
-        os.chmod(self.tmp, 0o644)
-        os.replace(self.tmp, self.path)
-        return self.path
+        try:
+            self.file.close()
+            if self.truncated:
+                log.warning("%s: cut at %.0f s (--max-recording-seconds)", self.path.name,
+                            self.max_frames / SAMPLE_RATE)
+            if self.frames == 0:
+                os.remove(self.tmp)
+                return None
+            os.chmod(self.tmp, 0o644)
+            os.replace(self.tmp, self.path)
+            return self.path
+        finally:
+            self.lock.close()
 
 
 # --- sessions -----------------------------------------------------------------------------------
@@ -882,27 +895,38 @@ class Server:
 
 def recover_recordings(folder: Path) -> None:
     """Recordings a killed server left as `.NAME.part`: rewritten as NAME (a complete WAV) when
-    their audio is readable and not empty, removed otherwise; one log line each."""
+    their audio is readable and not empty, removed otherwise; one log line each. One that a live
+    server (another on the same folder) is writing is locked by it (`Recorder`), and left to it."""
     import soundfile as sf
+    from model.files import open_locked
     for stale in sorted(folder.glob(".*.part.tmp")) if folder.is_dir() else []:  # a recovery cut short
         os.remove(stale)
     for part in sorted(folder.glob(".*.part")) if folder.is_dir() else []:
-        target = part.with_name(part.name[1:-len(".part")])
         try:
-            audio, rate = sf.read(str(part), dtype="int16", always_2d=True)
-        except Exception as e:
-            audio, rate, why = None, 0, f"unreadable ({type(e).__name__})"
-        else:
-            why = "empty" if len(audio) == 0 else f"{target.name} exists" if target.exists() else None
-        if why is None:
-            tmp = part.with_name(part.name + ".tmp")
-            sf.write(str(tmp), audio, rate, "PCM_16", format="WAV")
-            os.replace(tmp, target)
-            os.remove(part)
-            log.warning("recovered %.1f s of an interrupted recording: %s", len(audio) / rate, target)
-        else:
-            os.remove(part)
-            log.warning("removed an interrupted recording %s: %s", part, why)
+            held = open_locked(part, locks_optional=True)
+            if held is None:  # renamed into place as this server looked
+                continue
+        except BlockingIOError:  # a live server's recording
+            continue
+        except OSError:  # (one this server cannot open for writing: taken unlocked, as before)
+            held = contextlib.nullcontext()
+        with held:
+            target = part.with_name(part.name[1:-len(".part")])
+            try:
+                audio, rate = sf.read(str(part), dtype="int16", always_2d=True)
+            except Exception as e:
+                audio, rate, why = None, 0, f"unreadable ({type(e).__name__})"
+            else:
+                why = "empty" if len(audio) == 0 else f"{target.name} exists" if target.exists() else None
+            if why is None:
+                tmp = part.with_name(part.name + ".tmp")
+                sf.write(str(tmp), audio, rate, "PCM_16", format="WAV")
+                os.replace(tmp, target)
+                os.remove(part)
+                log.warning("recovered %.1f s of an interrupted recording: %s", len(audio) / rate, target)
+            else:
+                os.remove(part)
+                log.warning("removed an interrupted recording %s: %s", part, why)
 
 
 def _log_failure(fut) -> None:

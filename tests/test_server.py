@@ -1213,6 +1213,37 @@ def test_leftover_part_recordings_are_finished_or_removed(model, tmp_path, caplo
     assert "recovered 1.0 s" in caplog.text and caplog.text.count("removed an interrupted recording") == 2
 
 
+def test_a_recording_another_live_server_writes_is_left_to_it(model, tmp_path, caplog):
+    """Two servers sharing a --recordings folder: the one starting took the other's live `.part` for a
+    killed server's, rewrote what it held so far as the WAV and removed it, so the live session's
+    recording failed to be put in place at its end (lost). A `.part` is locked while its session
+    writes it, and a server starting leaves a locked one alone."""
+    import os
+    import subprocess
+    import sys
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    live = ("import sys, numpy as np\nfrom pathlib import Path\nfrom inference_server import Recorder\n"
+            f"r = Recorder(Path({str(rec / 'd.wav')!r}), 10 * 16000)\nr.open()\n"
+            "r.write(np.full((16000, 2), 100, dtype='int16'))\nprint('recording', flush=True)\n"
+            "sys.stdin.readline()\nr.write(np.full((16000, 2), 200, dtype='int16'))\nprint(r.close())\n")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    other = subprocess.Popen([sys.executable, "-c", live], cwd=repo, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline() == "recording\n", other.stderr.read()
+        with caplog.at_level("WARNING", logger="hertz.server"):
+            with running_server(model, max_sessions=1, recordings=str(rec)):
+                pass
+        assert sorted(p.name for p in rec.iterdir()) == [".d.wav.part"] and "interrupted" not in caplog.text
+    finally:
+        out, err = other.communicate("end\n", timeout=60)
+    assert other.returncode == 0 and out == f"{rec / 'd.wav'}\n", err[-2000:]
+    audio, rate = sf.read(rec / "d.wav", dtype="int16")
+    assert rate == 16000 and audio.shape == (32000, 2) and (audio[:16000] == 100).all() and (audio[16000:] == 200).all()
+    assert sorted(p.name for p in rec.iterdir()) == ["d.wav"]
+
+
 # --- the command line ---------------------------------------------------------------------------
 
 def run_cli(*args, timeout=120):
