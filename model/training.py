@@ -508,8 +508,10 @@ def load_training_state(path: str | os.PathLike, mmap: bool = False, map_locatio
     try:
         state = torch.load(path, map_location=map_location, mmap=mmap, weights_only=False)
     except Exception as e:  # pickle, zip or storage errors: a file this cannot read back
-        raise CheckpointError(f"{path} is not a training state written by the trainers (it cannot be read: "
-                              f"{str(e).strip() or type(e).__name__})") from None
+        why = str(e).strip().split(". ")[0] or type(e).__name__  # (torch goes on for lines about what may have happened)
+        raise CheckpointError(f"{path} is not a training state written by the trainers (it cannot be read: {why}): "
+                              "damaged, cut short or another kind of file; put an earlier step_*.pt in its place, "
+                              "or start afresh (resume=false)") from None
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"{path} is not a training state written by the trainers (no step in it)")
     if bad := non_finite(state):  # never saved by `Checkpoints.save`: a damaged or hand-made file

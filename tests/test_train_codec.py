@@ -886,3 +886,22 @@ def test_a_checkpoint_dir_it_cannot_write_in_is_one_error_line_before_the_data(c
                                          "not be saved (choose a checkpoint_dir this process can write)")
     assert "val:" not in result.stdout + result.stderr and "training from" not in result.stdout + result.stderr
     assert sorted(p.name for p in run_dir.iterdir()) == [".run.lock"]
+
+
+def test_a_latest_pt_cut_short_is_one_error_line_saying_what_to_do(corpus, trained, tmp_path, capsys):
+    """A latest.pt cut short (an interrupted copy of the run folder): the error named the file with
+    torch's five sentences about the zip archive and said nothing of what to do. It keeps the first,
+    says what the file may be and what to do (as for one holding NaN), before the data is read."""
+    import shutil
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained[0], run_dir)
+    whole = (run_dir / "latest.pt").read_bytes()
+    (run_dir / "latest.pt").unlink()  # (a hard link of the last step: that one stays whole)
+    (run_dir / "latest.pt").write_bytes(whole[:len(whole) // 2])
+    result = run_here(args(corpus, run_dir, "max_steps=12"), capsys)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert error_line(result.stderr) == (
+        f"error: {run_dir / 'latest.pt'} is not a training state written by the trainers (it cannot be read: "
+        "PytorchStreamReader failed reading zip archive: failed finding central directory): damaged, cut short or "
+        "another kind of file; put an earlier step_*.pt in its place, or start afresh (resume=false)")
+    assert "val:" not in result.stdout + result.stderr
