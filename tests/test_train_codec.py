@@ -29,6 +29,7 @@ from model.training import Checkpoints, ConfigMismatch
 
 from hub_server import HubServer
 from in_process import run_in_process
+from once import built_once
 from reference import PARITY_DIR, codec_config, require
 from shared_files import shared_note, val_sharing_training_files
 from stale_index import changed_after_the_scan
@@ -49,12 +50,13 @@ def train_rows(path):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """The demo corpus (half a minute), plus one corrupt file in the training folder."""
-    out = tmp_path_factory.mktemp("corpus")
-    subprocess.run([sys.executable, str(ROOT / "data" / "demo" / "prepare.py"), "--minutes", "0.5", "--seed", "0",
-                    "--out", str(out)], check=True, capture_output=True, timeout=120)
-    (out / "train" / "broken.wav").write_bytes(b"RIFF\x10\x00\x00\x00WAVEfmt garbage")
-    return out
+    """The demo corpus (half a minute), plus one corrupt file in the training folder; one for the
+    session's processes (`once.built_once`), as `trained` is."""
+    def build(out):
+        subprocess.run([sys.executable, str(ROOT / "data" / "demo" / "prepare.py"), "--minutes", "0.5", "--seed", "0",
+                        "--out", str(out)], check=True, capture_output=True, timeout=120)
+        (out / "train" / "broken.wav").write_bytes(b"RIFF\x10\x00\x00\x00WAVEfmt garbage")
+    return built_once(tmp_path_factory, "codec-corpus", build)
 
 
 def args(corpus, run_dir, *extra):
@@ -83,13 +85,17 @@ def run_here(argv, capsys):
 
 @pytest.fixture(scope="module")
 def trained(corpus, tmp_path_factory):
-    """One uninterrupted 8-step run, W&B asked for online without being logged in."""
-    tmp = tmp_path_factory.mktemp("e2e")
-    env = {k: v for k, v in ONE_THREAD.items() if not k.startswith("WANDB_")}
-    env.update(HOME=str(tmp), WANDB_DIR=str(tmp))  # no ~/.netrc: not logged in
-    result = run(["train_codec.py"] + args(corpus, tmp / "run", "wandb=online"), env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return tmp / "run", result
+    """One uninterrupted 8-step run, W&B asked for online without being logged in: the run folder
+    and the finished process (its output kept beside the run). Made once for the session's
+    processes (`once.built_once`: half a minute each); the tests copy the folder to change it."""
+    def build(tmp):
+        env = {k: v for k, v in ONE_THREAD.items() if not k.startswith("WANDB_")}
+        env.update(HOME=str(tmp), WANDB_DIR=str(tmp))  # no ~/.netrc: not logged in
+        result = run(["train_codec.py"] + args(corpus, tmp / "run", "wandb=online"), env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        (tmp / "result.json").write_text(json.dumps([result.args, result.returncode, result.stdout, result.stderr]))
+    tmp = built_once(tmp_path_factory, "codec-e2e", build)
+    return tmp / "run", subprocess.CompletedProcess(*json.loads((tmp / "result.json").read_text()))
 
 
 def test_a_few_steps_end_to_end(trained):
