@@ -366,9 +366,9 @@ def test_float16_scales_the_loss_and_resumes_its_scale(corpus, trained, tmp_path
     assert torch.load(trained[0] / "latest.pt", weights_only=False)["scaler"] == {}  # float32: none
 
 
-def test_empty_train_folder_is_a_clear_error(corpus, tmp_path):
+def test_empty_train_folder_is_a_clear_error(corpus, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    result = run(["train_codec.py"] + args(corpus, tmp_path / "run", f"train_data_path={tmp_path / 'empty'}"))
+    result = run_here(args(corpus, tmp_path / "run", f"train_data_path={tmp_path / 'empty'}"), capsys)
     assert result.returncode != 0
     assert f"error: audio folder {tmp_path / 'empty'} has no audio files" in result.stderr
     assert ".wav, .flac, .ogg, .mp3" in result.stderr and "Traceback" not in result.stderr
@@ -790,7 +790,7 @@ def test_a_full_disk_is_one_error_line(corpus, tmp_path):
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=640k", "tmpfs", str(disk)], capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here")
     try:
-        result = run(["train_codec.py"] + args(corpus, disk / "run", "num_audio_samples=1"))
+        result = run(["train_codec.py"] + args(corpus, disk / "run", "num_audio_samples=1", "save_interval=1"))
         assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
         assert re.fullmatch(r"error: cannot write \S+/run/\S+: No space left on device", error_line(result.stderr))
         assert not list((disk / "run").glob(".*.tmp"))
