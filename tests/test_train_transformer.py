@@ -89,11 +89,19 @@ def train_rows(run_dir):
     return {row["step"]: row["train/total"] for row in rows if "train/total" in row}
 
 
-def run_stage(setup, stage, duplex):
+def run_stage(setup, stage, duplex, capsys):
+    """The 2-step run of `stage`, made once per process and kept in `setup`: in this process
+    (`train_here`), but for the duplex `all` run, which the resume tests compare theirs with: in a
+    process of its own (`train`), as the other test modules' reference runs are."""
     key = (stage, duplex)
     if key not in setup["runs"]:
         run_dir = setup["root"] / f"run-{stage}-{duplex}"
-        log, evals = train(base_args(setup, run_dir, duplex, stage=stage))
+        args = base_args(setup, run_dir, duplex, stage=stage)
+        if key == ("all", True):
+            log, evals = train(args)
+        else:
+            with torch.enable_grad():  # (asked for first by a test under no_grad, perhaps)
+                log, evals = train_here(args, capsys)
         setup["runs"][key] = (run_dir, log, evals)
     return setup["runs"][key]
 
@@ -104,8 +112,8 @@ def tiny(duplex):
 
 @pytest.mark.parametrize("duplex", [False, True], ids=["mono", "duplex"])
 @pytest.mark.parametrize("stage", list(STAGES))
-def test_stage_trains_its_components_and_exports(setup, stage, duplex):
-    run_dir, log, evals = run_stage(setup, stage, duplex)
+def test_stage_trains_its_components_and_exports(setup, stage, duplex, capsys):
+    run_dir, log, evals = run_stage(setup, stage, duplex, capsys)
     assert sorted(evals) == [0, 2] and all(torch.isfinite(torch.tensor(v)) for v in evals[2].values())
     assert (run_dir / "samples" / "step_00000002.wav").is_file()
     assert {p.name for p in run_dir.glob("*.pt")} >= {"latest.pt", "best.pt", "step_00000002.pt"}
@@ -122,8 +130,8 @@ def test_stage_trains_its_components_and_exports(setup, stage, duplex):
 
 @torch.no_grad()
 @pytest.mark.parametrize("duplex", [False, True], ids=["mono", "duplex"])
-def test_exported_model_loads_and_generates(setup, duplex):
-    run_dir, _, _ = run_stage(setup, "all", duplex)
+def test_exported_model_loads_and_generates(setup, duplex, capsys):
+    run_dir, _, _ = run_stage(setup, "all", duplex, capsys)
     hertz = load_hertz_dev(run_dir / "best.safetensors")  # the codec comes from the checkpoint's record
     assert hertz.config.duplex == duplex and hertz.codec is not None
     C, P, n = (2 if duplex else 1), 4, 3
@@ -143,7 +151,7 @@ def test_resume_continues_at_the_same_step_exactly(setup, stop, capsys):
     uninterrupted run. With dtype=float16 the loss is scaled (model.training.loss_scaler), which on
     the CPU (float32 arithmetic; the scale a power of two) changes no value, and the scale and its
     growth count are saved and resumed."""
-    run_dir, _, evals = run_stage(setup, "all", True)
+    run_dir, _, evals = run_stage(setup, "all", True, capsys)
     resumed = setup["root"] / f"run-resumed-{stop.replace(', ', '-')}"
     extra = {"dtype": "float16"} if "float16" in stop else {}
     log, first = train_here(base_args(setup, resumed, stage="all", **extra,
@@ -165,7 +173,7 @@ def test_the_same_command_after_the_run_finished_says_so_and_changes_nothing(set
     evaluated step 2 once more (a second row in metrics.jsonl, the sample rewritten) and said
     "done at step 2". Now one line says the run is finished and how to train further, before the
     codec loads, and no file of the run changes."""
-    done, _, _ = run_stage(setup, "all", True)
+    done, _, _ = run_stage(setup, "all", True, capsys)
     run_dir = tmp_path / "run"
     shutil.copytree(done, run_dir)
     before = {p.relative_to(run_dir): (p.stat().st_mtime_ns, p.read_bytes()) for p in run_dir.rglob("*") if p.is_file()}
