@@ -109,11 +109,34 @@ def output_problem(args) -> str | None:
     return None
 
 
+def missing_folders(path: str) -> list[str]:
+    """The folders above `path` that do not exist yet, deepest first."""
+    folders, folder = [], os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(folder) and folder != os.path.dirname(folder):
+        folders.append(folder)
+        folder = os.path.dirname(folder)
+    return folders
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if problem := output_problem(args):
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
+    made = missing_folders(args.out)  # by the output's check, before torch: a run that writes nothing takes them away
+    try:
+        if problem := output_problem(args):
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
+        return complete(args)
+    finally:
+        for folder in made:  # (only those still empty: a completion written stays)
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
+
+
+def complete(args) -> int:
+    """The completion of checked arguments: the rest of the checks (those that need torch or the
+    weights' configs), then the weights, the completions and their files; an exit status."""
     import torch
     from model import load_hertz_dev
     from model import SamplingParams

@@ -173,6 +173,24 @@ def test_bad_inputs_are_clear_errors(ckpts, tmp_path, capsys):
 
 
 
+def test_an_error_after_the_output_s_check_leaves_no_folder_it_made(ckpts, tmp_path, capsys):
+    """The output's folder is made when the output is checked, before torch is imported; an error
+    found after it (here a --device that is none) left that folder, empty, behind. A run that ends
+    without writing takes away the folders it made; one that writes keeps them."""
+    import complete
+
+    out = tmp_path / "new" / "sub" / "o.wav"
+    assert complete.main([ckpts["stereo"], str(out), "--variant", ckpts["duplex"], "--device", "tpu"]) == 2
+    assert capsys.readouterr().err.startswith("error: --device 'tpu'")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    (tmp_path / "new").mkdir()  # a folder that was there stays, even empty
+    assert complete.main([ckpts["stereo"], str(out), "--variant", ckpts["duplex"], "--device", "tpu"]) == 2
+    assert [p.name for p in tmp_path.rglob("*")] == ["new"]
+    assert complete.main([ckpts["stereo"], str(out), "--variant", ckpts["duplex"], "--seconds", "0.25",
+                          "--device", "cpu"]) == 0
+    assert sf.info(out).frames > 0
+
+
 def test_a_prompt_the_codec_encodes_to_non_finite_latents_is_one_error_line_and_no_file(ckpts, tmp_path, capsys):
     """A float WAV peaking at 500 (finite, within what a prompt may hold) through the tiny untrained
     codec: its posterior's exp(logvar / 2) overflows to inf latents, and complete.py wrote a
