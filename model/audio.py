@@ -20,7 +20,7 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from .files import replace_atomically
+from .files import replace_atomically, try_writing_in
 
 SUPPORTED_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 CHANNEL_MODES = (None, "mono", "stereo")
@@ -352,12 +352,15 @@ def check_output_folder(path: str) -> None:
 
 def make_folder(folder: str, what: str) -> None:
     """Make `folder`, where files will be written, or raise AudioError("{what}: ...") saying why
-    it cannot be made or written: a file in its way, no permission."""
+    it cannot be made or written: a file in its way, no permission (a file written and removed
+    there, `model.files.try_writing_in`)."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise AudioError(f"{what}: {folder} is a file, not a folder")
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
         raise AudioError(f"{what}: {_reason(e)}") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise AudioError(f"{what}: the folder {folder} is not writable")
+    try:
+        try_writing_in(folder)
+    except OSError:
+        raise AudioError(f"{what}: the folder {folder} is not writable") from None
