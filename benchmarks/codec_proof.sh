@@ -19,7 +19,8 @@
 # TUNED_OVERRIDES (more key=value for the tuned run, e.g. "stft_weight=1.0"), PARTS (the parts to
 # run, default "loader step throughput compile tuned"), TUNED_DIR (the tuned run's folder, default
 # $OUT/tuned), TUNED_RESUME=1 (continue the run in TUNED_DIR instead of starting afresh) and
-# TUNED_MINUTES (the tuned run's max_minutes, instead of what PROOF_SECONDS leaves). The tuned run
+# TUNED_MINUTES (the tuned run's max_minutes, instead of what PROOF_SECONDS leaves), TUNED_CONFIG (on the GPU its
+# preset, default small_fast; `small` for today's defaults at the same steps). The tuned run
 # keeps small_fast's schedule (max_steps 5000: the learning rate decays within a 15-minute run).
 #
 # A tuned run longer than one call (a device call lasts at most 10 minutes): keep the run in the
@@ -58,7 +59,7 @@ else
   DATA=data/demo
   COMMON="device=cuda wandb=disabled resume=false train_data_path=$DATA/train val_data_path=$DATA/val"
   SMALL="--config small $COMMON num_workers=6"
-  TUNED="--config small_fast $COMMON eval_interval=100000 save_interval=500 val_crops=64"
+  TUNED="--config ${TUNED_CONFIG:-small_fast} $COMMON eval_interval=100000 save_interval=500 val_crops=64"
   STEP_ARGS="--presets small --modes bf16-eager --warmup 2 --steps 6"
   COMPILE_ARGS="--presets hertz_dev --modes bf16-compile --warmup 2 --steps 5"
   LOADER_ARGS="--presets small --workers 6 --batches 80"

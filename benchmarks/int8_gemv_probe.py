@@ -10,7 +10,11 @@ broadcast), `prmt` (the same float made by one byte-permute instruction a weight
 the weights' two-dimensional shape, so that no layout conversion through shared memory is needed),
 `bits_x2d` (bits, x as in x2d), `load_only` (the weights read as 32-bit words and xor-ed together: the bandwidth of the access
 pattern itself), `tma` (bits, the weight tiles copied by the tensor memory accelerator through
-shared memory), plus `bf16` (cuBLAS F.linear on bf16 weights of the same shape, its bytes).
+shared memory), `pdl_wait` and `pdl` (bits as a programmatic dependent launch, Hopper: its programs
+may start while the previous kernel's last ones run; pdl_wait waits for that kernel first thing,
+pdl loads its first weight tile before waiting; on the square shape a chain of 40 layers, each
+reading the previous output, checks them bit for bit against bits: the `pdl_chain` lines), plus
+`bf16` (cuBLAS F.linear on bf16 weights of the same shape, its bytes).
 Session 25 also timed the 4-bit GEMV with x loaded in the weights' shape: 1.7-2.1x slower than
 `model.quant_kernels._int4_gemv` (the `int4_x3d` lines of the results file; that variant is not
 kept here).
@@ -19,6 +23,12 @@ Measured (session 25, an H100; benchmarks/results/h100_session25.txt): `prmt` 0.
 `bits`, `x2d` and `no_x` no faster (the broadcast of x is not what limits the kernel), `load_only`
 only 7-11% faster than `bits`: on the H100 the model's GEMV reads at 2.45-2.61 TB/s, about cuBLAS's
 bf16 rate (2.53-2.77) and 90-94% of what its access pattern reads with no arithmetic at all.
+Session 27 (benchmarks/results/h100_session27.txt, h200_session27.txt): `tma` is slower than `bits`
+on every shape (H100: 25.2 against 20.5 us at 12288x4096, 16.9 against 8.4 at 4096x4096); on the
+H200 `pdl` is 4-15% faster a layer than `bits` in these back-to-back chains (4096x4096: 6.44
+against 7.57 us; 22016x4096: 26.4 against 28.6), equal bit for bit, but the model's int8 step with
+its GEMVs so launched was no faster (5.29 ms against 5.09; 5.06 with the compiled block's kernels
+as dependent launches too), so the model does not use it.
 """
 from __future__ import annotations
 
@@ -34,7 +44,8 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-MODES = {"bits": 0, "prmt": 1, "no_x": 2, "x2d": 3, "load_only": 4, "bits_x2d": 5}
+MODES = {"bits": 0, "prmt": 1, "no_x": 2, "x2d": 3, "load_only": 4, "bits_x2d": 5, "pdl_wait": 6, "pdl": 7}
+PDL_MODES = ("pdl_wait", "pdl")
 
 
 @triton.jit
@@ -65,6 +76,30 @@ def _gemv(x_ptr, w_ptr, s_ptr, y_ptr, N, K, MODE: tl.constexpr, BLOCK_N: tl.cons
             kk = k0 + rk4
             acci ^= tl.load(wp + rn[:, None] * K4 + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K4), other=0)
         y = tl.xor_sum(acci, axis=1).to(tl.float32)
+    elif MODE == 6 or MODE == 7:
+        # `bits` launched as a programmatic dependent launch (Hopper): this kernel's programs may
+        # start while the previous kernel's last ones run, and wait (griddepcontrol.wait) before
+        # reading what it wrote; pdl_wait waits first thing, pdl loads its first weight tile
+        # (which no kernel writes) before waiting
+        tl.extra.cuda.gdc_launch_dependents()
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        if MODE == 6:
+            tl.extra.cuda.gdc_wait()
+        m = (rn[:, None] < N) & (rk[None, :] < K)
+        w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=m, other=0)
+        if MODE == 7:
+            tl.extra.cuda.gdc_wait()
+        x = tl.load(x_ptr + rk, mask=rk < K, other=0.0)
+        acc += ((w.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x4B000080).to(tl.float32, bitcast=True)
+                - 8388736.0) * x.to(tl.float32)[None, :]
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            kk = k0 + rk
+            m = (rn[:, None] < N) & (kk[None, :] < K)
+            w = tl.load(w_ptr + rn[:, None] * K + kk[None, :], mask=m, other=0)
+            f = (w.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+            x = tl.load(x_ptr + kk, mask=kk < K, other=0.0)
+            acc += f * x.to(tl.float32)[None, :]
+        y = tl.sum(acc, axis=1)
     else:
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -134,6 +169,42 @@ def tma(n, k, ws, x, y, ref, graph_time):
              rel_err=best[2])
 
 
+@torch.no_grad()
+def pdl_chain_check(n, ws):
+    """The PDL modes where each layer reads what the kernels before it wrote (the model's case; the
+    timings above read one x): 40 square layers, each GEMV's input the previous output through a
+    torch kernel (not a dependent launch), then through a dependent launch alone, replayed as one
+    CUDA graph 20 times. Each output must equal `bits`' bit for bit (same configuration)."""
+    outs = {}
+    for mode in ("bits", *PDL_MODES):
+        xs = [torch.empty(1, n, device="cuda", dtype=torch.bfloat16) for _ in range(len(ws) + 1)]
+        x0 = torch.randn(1, n, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(1))
+
+        def chain(mode=mode, xs=xs, x0=x0):
+            xs[0].copy_(x0)
+            for i, (q, s) in enumerate(ws):
+                _gemv[(triton.cdiv(n, 16),)](xs[i], q, s * 64, xs[i + 1], n, n, MODE=MODES[mode], BLOCK_N=16,
+                                             BLOCK_K=256, num_warps=4, num_stages=3, launch_pdl=mode in PDL_MODES)
+                if i % 2:
+                    xs[i + 1].copy_(torch.nn.functional.normalize(xs[i + 1].float(), dim=-1) * n ** 0.5)
+        g = torch.cuda.CUDAGraph()
+        chain()
+        torch.cuda.synchronize()
+        with torch.cuda.graph(g):
+            chain()
+        results = []
+        for _ in range(20):
+            xs[-1].zero_()
+            g.replay()
+            torch.cuda.synchronize()
+            results.append(xs[-1].clone())
+        outs[mode] = results
+    for mode in PDL_MODES:
+        same = sum(bool(torch.equal(a, b)) for a, b in zip(outs[mode], outs["bits"]))
+        emit(bench="pdl_chain", mode=mode, size=n, layers=len(ws), replays=20, equal_to_bits=same,
+             finite=bool(torch.isfinite(outs["bits"][0]).all()))
+
+
 def emit(**f):
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in f.items()}), flush=True)
 
@@ -170,10 +241,10 @@ def main() -> None:
                 for st in (3,):
                     def call(q, s, bn=bn, bk=bk, nw=nw, st=st):
                         _gemv[(triton.cdiv(n, bn),)](x, q, s, y, n, k, MODE=code, BLOCK_N=bn, BLOCK_K=bk,
-                                                    num_warps=nw, num_stages=st)
+                                                    num_warps=nw, num_stages=st, launch_pdl=mode in PDL_MODES)
                     try:
                         call(*ws[0])
-                        err = ((y.float() - ref).norm() / ref.norm()).item() if mode in ("bits", "prmt", "x2d", "bits_x2d") else None
+                        err = ((y.float() - ref).norm() / ref.norm()).item() if mode in ("bits", "prmt", "x2d", "bits_x2d", *PDL_MODES) else None
                         us = graph_time(lambda: [call(*w) for w in ws], iters=10) / len(ws) * 1e3
                     except Exception as e:
                         emit(bench="probe", out=n, inp=k, mode=mode, config=[bn, bk, nw, st], error=f"{type(e).__name__}: {e}"[:300])
@@ -185,6 +256,8 @@ def main() -> None:
                      config=best[1], rel_err=best[2])
         if "tma" in modes:
             tma(n, k, ws, x, y, ref, graph_time)
+        if n == k and modes & set(PDL_MODES):
+            pdl_chain_check(n, ws)
         del ws
 
 
