@@ -98,6 +98,10 @@ def main(argv=None) -> dict:
             return {}
         for note in resource_notes(cfg) + ([] if cfg.eval_only else schedule_notes(cfg) + recipe_notes(cfg)):
             say(f"note: {note}")
+        # the folder tidied after an interrupted save: a resumed run's before the data (a damaged best.pt is
+        # found here), a fresh run's once its old run is moved aside (below)
+        for note in checkpoints.recover(export_state) if is_main and cfg.resume and not cfg.eval_only else []:
+            say(f"note: {note}")
         init = None  # init_from's weights, read (and checked) before the data; DDP broadcasts rank 0's to the others
         if not latest and cfg.init_from and (is_main or cfg.eval_only):
             init = read_init(cfg.init_from, cfg, discriminators=not cfg.eval_only)
@@ -154,7 +158,7 @@ def main(argv=None) -> dict:
         guard = FiniteGuard(opt_g, opt_d)
         logger = Logger(cfg.wandb, cfg.wandb_project, run_dir, cfg, is_main=is_main,
                         resume_id=state.get("wandb_id") if state else None)
-        for note in checkpoints.recover(export_state) if is_main else []:
+        for note in checkpoints.recover(export_state) if is_main and not cfg.resume else []:
             say(f"note: {note}")
         validation = None  # what val/mel_distance is measured on (rank 0): best.pt is ranked among values on the same
         if is_main:
@@ -167,6 +171,9 @@ def main(argv=None) -> dict:
         last = last_step(cfg.max_steps, cfg.stop_step)  # the schedule still ends at max_steps
         say(f"training from step {step} to {last}: {samples_per_step} crops of {cfg.segment_seconds} s "
             f"per step on {ddp.world_size} x {device}, run folder {run_dir}")
+        if device.type == "cuda" and step < last:  # a first step minutes long, with the bar at 0: said, not a hang
+            say(f"note: the first step tries cuDNN's algorithms for each convolution of {cfg.segment_seconds} s "
+                "crops (on an H200: 35-45 s at 2 s crops, 1.5-2 min at 6 s); the steps after it do not")
         bar = tqdm(total=last, initial=step, disable=not is_main, dynamic_ncols=True, desc="train")
         start_step, t_log = step, time.time()
         sums, metrics, timer = {}, {}, StepTimer(device)  # sums: loss name -> per-micro-batch values since the last log
@@ -629,7 +636,7 @@ def read_init(source: str, cfg: CodecConfig, discriminators: bool) -> InitWeight
     if source.endswith(".safetensors"):
         check_architecture(read_metadata(source)["config"], cfg, source)
         return InitWeights(load_codec(source).state_dict(), None, source)
-    state = load_training_state(source)
+    state = load_training_state(source, advice="name another file in init_from")
     if "generator" not in state:
         raise ConfigError(f"init_from={source}: not a codec training state written by train_codec.py")
     check_architecture(state["config"], cfg, source)

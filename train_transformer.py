@@ -101,10 +101,15 @@ def main(argv=None) -> dict:
         latest = state_to_load(checkpoints, cfg.resume, cfg.eval_only, cfg.init_from, adapters=lora)
         state = read_state(latest, cfg, base) if latest else None
         step, source = (state["step"], f"{latest} (step {state['step']})") if state else (0, "random init")
-        if finished(state, cfg, checkpoints, finetune.export_adapter if lora else export_state, is_main, say):
+        export = finetune.export_adapter if lora else export_state  # a state -> the file a user loads
+        if finished(state, cfg, checkpoints, export, is_main, say):
             teardown_distributed()  # the same command again: nothing to train, nothing to encode
             return {}
         for note in resource_notes(cfg) + ([] if cfg.eval_only else schedule_notes(cfg)):
+            say(f"note: {note}")
+        # the folder tidied after an interrupted save: a resumed run's before the latents (a damaged best.pt
+        # is found here), a fresh run's once its old run is moved aside (below)
+        for note in checkpoints.recover(export) if is_main and cfg.resume and not cfg.eval_only else []:
             say(f"note: {note}")
         codec = rank0_first(lambda: frozen_codec(cfg, device))  # rank 0 downloads the official codec if missing
         fingerprint = codec_fingerprint(codec)
@@ -136,7 +141,7 @@ def main(argv=None) -> dict:
             return metrics
         logger = Logger(cfg.wandb, cfg.wandb_project, run_dir, cfg, is_main=is_main,
                         resume_id=state.get("wandb_id") if state else None)
-        for note in checkpoints.recover(finetune.export_adapter if lora else export_state) if is_main else []:
+        for note in checkpoints.recover(export) if is_main and not cfg.resume else []:
             say(f"note: {note}")
         # what val/loss is measured on: best.pt is ranked among values measured on the same only
         validation = validation_key(val=val_set.folder.name, crops=val_set.crops, seq_len=cfg.seq_len, seed=cfg.seed,

@@ -501,23 +501,26 @@ def resource_notes(cfg) -> list[str]:
     return notes
 
 
-def load_training_state(path: str | os.PathLike, mmap: bool = False, map_location="cpu") -> dict:
+RUN_STATE_ADVICE = "put an earlier step_*.pt in its place, or start afresh (resume=false)"
+
+
+def load_training_state(path: str | os.PathLike, mmap: bool = False, map_location="cpu",
+                        advice: str = RUN_STATE_ADVICE) -> dict:
     """A training state (`.pt`) written by a trainer, or CheckpointError naming the file when it is
     not one (damaged, or another kind of file) instead of the unpickler's traceback, or when it holds
-    NaN or inf (found now, not as a non-finite loss that would blame the data)."""
+    NaN or inf (found now, not as a non-finite loss that would blame the data). The error ends with
+    `advice`: what to do (by default about a run folder's own states)."""
     try:
         state = torch.load(path, map_location=map_location, mmap=mmap, weights_only=False)
     except Exception as e:  # pickle, zip or storage errors: a file this cannot read back
         why = str(e).strip().split(". ")[0] or type(e).__name__  # (torch goes on for lines about what may have happened)
         raise CheckpointError(f"{path} is not a training state written by the trainers (it cannot be read: {why}): "
-                              "damaged, cut short or another kind of file; put an earlier step_*.pt in its place, "
-                              "or start afresh (resume=false)") from None
+                              f"damaged, cut short or another kind of file; {advice}") from None
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"{path} is not a training state written by the trainers (no step in it)")
     if bad := non_finite(state):  # never saved by `Checkpoints.save`: a damaged or hand-made file
         raise CheckpointError(f"{path} holds NaN or inf in {len(bad)} tensors ({listed(bad)}), which the trainers never "
-                              "save: it was damaged or made by other means; put an earlier step_*.pt in its place, "
-                              "or start afresh (resume=false)")
+                              f"save: it was damaged or made by other means; {advice}")
     return state
 
 

@@ -911,3 +911,37 @@ def test_a_latest_pt_cut_short_is_one_error_line_saying_what_to_do(corpus, train
         "PytorchStreamReader failed reading zip archive: failed finding central directory): damaged, cut short or "
         "another kind of file; put an earlier step_*.pt in its place, or start afresh (resume=false)")
     assert "val:" not in result.stdout + result.stderr
+
+
+def test_a_damaged_best_pt_is_one_error_line_before_the_data(corpus, trained, tmp_path, capsys):
+    """A best.pt cut short (an interrupted copy) while latest.pt is whole: the run read and decoded
+    the data, built the models, and only then found it (tidying the folder at the start of the loop).
+    The folder is tidied before the data now: the error names best.pt and nothing is decoded."""
+    import shutil
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained[0], run_dir)
+    whole = (run_dir / "best.pt").read_bytes()
+    (run_dir / "best.pt").unlink()  # (a hard link of a step: that one stays whole)
+    (run_dir / "best.pt").write_bytes(whole[:len(whole) // 2])
+    result = run_here(args(corpus, run_dir, "max_steps=12"), capsys)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert error_line(result.stderr).startswith(f"error: {run_dir / 'best.pt'} is not a training state written by "
+                                                "the trainers (it cannot be read: ")
+    assert "val:" not in result.stdout + result.stderr
+    # starting afresh moves the folder aside, damaged best.pt and all, and trains
+    result = run_here(args(corpus, run_dir, "max_steps=2", "resume=false"), capsys)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (run_dir / "best.pt").is_file() and len(list(tmp_path.glob("run.old-*"))) == 1
+
+
+def test_a_damaged_training_state_as_init_from_is_not_told_to_resume_afresh(corpus, trained, tmp_path, capsys):
+    """init_from naming a training state cut short: the error's advice was the resumed run's (put an
+    earlier step in its place, or resume=false), which does nothing for a file named in init_from."""
+    whole = (trained[0] / "latest.pt").read_bytes()
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(whole[:len(whole) // 2])
+    result = run_here(args(corpus, tmp_path / "run", f"init_from={cut}"), capsys)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    line = error_line(result.stderr)
+    assert line.startswith(f"error: {cut} is not a training state written by the trainers (it cannot be read: ")
+    assert "resume=false" not in line and "init_from" in line, line

@@ -574,6 +574,21 @@ def test_a_damaged_latents_folder_is_one_error_line(setup, tmp_path, capsys):
     assert f"delete {folder} and run again to encode it anew" in log and "training from step" not in log
 
 
+def test_a_damaged_best_pt_is_one_error_line_before_encoding(setup, tmp_path, capsys):
+    """A best.pt cut short while latest.pt is whole: found when the folder was tidied at the start of
+    the loop, after the codec had encoded the corpus. Now before encoding: nothing is written to a new
+    latents_dir; the error names best.pt."""
+    run_dir = tmp_path / "run"
+    train_here(base_args(setup, run_dir, max_steps=2, sample_seconds=0), capsys)
+    whole = (run_dir / "best.pt").read_bytes()
+    (run_dir / "best.pt").unlink()  # (a hard link of a step: that one stays whole)
+    (run_dir / "best.pt").write_bytes(whole[:len(whole) // 2])
+    latents = tmp_path / "latents"
+    log = fails_here(base_args(setup, run_dir, latents_dir=latents, max_steps=4, sample_seconds=0), capsys)
+    assert f"error: {run_dir / 'best.pt'} is not a training state written by the trainers (it cannot be read: " in log
+    assert "latents (codec" not in log and not any(latents.glob("*/*.bin")), log[-2000:]
+
+
 def test_eval_only_reads_and_encodes_the_val_data_only(setup, tmp_path, capsys):
     """eval_only evaluates on val_data_path: the train folder was still required and encoded (a
     corpus of hours, for nothing), and a missing one (the default data/demo/train on a machine
