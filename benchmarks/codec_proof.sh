@@ -21,7 +21,8 @@
 # $OUT/tuned), TUNED_RESUME=1 (continue the run in TUNED_DIR instead of starting afresh) and
 # TUNED_MINUTES (the tuned run's max_minutes, instead of what PROOF_SECONDS leaves), TUNED_CONFIG (on the GPU its
 # preset, default small_fast; `small` for today's defaults at the same steps). The tuned run
-# keeps small_fast's schedule (max_steps 5000: the learning rate decays within a 15-minute run).
+# keeps its preset's schedule (small_fast's max_steps 5000: the learning rate decays within a
+# 15-minute run).
 #
 # A tuned run longer than one call (a device call lasts at most 10 minutes): keep the run in the
 # working tree, which a machine still warm keeps between calls, and call again at once:

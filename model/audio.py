@@ -39,7 +39,7 @@ class AudioError(RuntimeError):
     """A file that cannot be read or written as audio; the message names the file."""
 
 
-def _broken_link(path: str) -> Optional[str]:
+def broken_link(path: str) -> Optional[str]:
     """What a symbolic link at `path` that leads to no file is ("a symbolic link to X, which does
     not exist", or one in a loop of links), or None: "no such file" of a name that is there misled."""
     if not os.path.islink(path):
@@ -60,7 +60,7 @@ def _reason(e: Exception, path: Optional[str] = None) -> str:
     if path is not None and not os.path.isfile(path):
         if os.path.isdir(path):
             return "it is a folder"
-        return f"it is {link}" if (link := _broken_link(path)) else "no such file"
+        return f"it is {link}" if (link := broken_link(path)) else "no such file"
     if isinstance(e, UnicodeEncodeError):  # soundfile encodes names strictly: bytes that are not UTF-8 fail
         byte = os.fsencode(e.object[e.start:e.end])[:1].hex()
         return f"its file name is not valid {e.encoding} (byte 0x{byte}), which soundfile cannot open; rename the file"
@@ -277,7 +277,7 @@ def file_problem(path: str) -> Optional[str]:
         return f"{path} is a folder, not a file"
     if os.path.exists(path):
         return f"{path} is not a regular file (a named pipe or a device)"
-    if link := _broken_link(path):
+    if link := broken_link(path):
         return f"{path} is {link}"
     return f"no such file: {path}"
 

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
 
-from model.audio import SUPPORTED_EXTENSIONS, AudioError, audio_info, load_audio, scan_samples, two_speakers
+from model.audio import (SUPPORTED_EXTENSIONS, AudioError, audio_info, broken_link, load_audio, scan_samples,
+                         two_speakers)
 from model.checkpoint import listed
 from model.files import change_stamp, json_value, same_file_key
 from model.files import replace_atomically
@@ -188,8 +189,9 @@ def scan_audio_folder(root: str, use_cache: bool = True) -> AudioFileList:
         path = os.path.join(root, rel)
         try:
             st = os.stat(path)
-        except OSError as e:  # a dangling symlink
-            entry = {"size": -1, "mtime_ns": -1, "error": str(e)}
+        except OSError as e:  # a symbolic link to no file (moved away, or a loop of links)
+            what = f"it is {link}" if (link := broken_link(path)) else str(e)
+            entry = {"size": -1, "mtime_ns": -1, "error": f"cannot read audio file {path}: {what}"}
         else:
             entry, stamp = cached.get(rel), _stamp(st)
             if not stat.S_ISREG(st.st_mode):  # a named pipe: opening it would wait for a writer forever

@@ -290,6 +290,25 @@ def test_a_named_pipe_in_a_corpus_is_skipped_and_named_not_waited_on(tmp_path):
         scan_audio_folder(manifest)
 
 
+def test_a_link_to_no_file_in_a_corpus_is_named_as_such(tmp_path):
+    """A symbolic link to a file moved away, and one in a loop of links, in a corpus folder: skipped
+    and named with the OS's "[Errno 2] No such file or directory" for a name that is there (the
+    prompt and manifest checks already said what the link is). Now the skip says it too."""
+    write(tmp_path / "good.wav", tone(0.5))
+    (tmp_path / "moved.wav").symlink_to(tmp_path / "elsewhere" / "moved.wav")
+    (tmp_path / "loop_a.wav").symlink_to("loop_b.wav")
+    (tmp_path / "loop_b.wav").symlink_to("loop_a.wav")
+    with pytest.warns(SkippedAudioWarning) as record:
+        files = scan_audio_folder(tmp_path)
+    assert [os.path.basename(f.path) for f in files] == ["good.wav"]
+    loop = "a symbolic link in a loop of links (it leads to no file)"
+    assert sorted(skipped_names(record)) == [
+        f"skipping unreadable audio: cannot read audio file {tmp_path / name}: it is {what}"
+        for name, what in (("loop_a.wav", loop), ("loop_b.wav", loop),
+                           ("moved.wav", f"a symbolic link to {tmp_path / 'elsewhere' / 'moved.wav'}, which does not "
+                                         "exist"))]
+
+
 def test_missing_and_empty_folders_name_the_path_and_formats(tmp_path):
     missing = tmp_path / "nope"
     with pytest.raises(FileNotFoundError, match="nope") as e:
