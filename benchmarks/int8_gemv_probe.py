@@ -28,7 +28,8 @@ on every shape (H100: 25.2 against 20.5 us at 12288x4096, 16.9 against 8.4 at 40
 H200 `pdl` is 4-15% faster a layer than `bits` in these back-to-back chains (4096x4096: 6.44
 against 7.57 us; 22016x4096: 26.4 against 28.6), equal bit for bit, but the model's int8 step with
 its GEMVs so launched was no faster (5.29 ms against 5.09; 5.06 with the compiled block's kernels
-as dependent launches too), so the model does not use it.
+as dependent launches too; session 7 had found the same with its GEMV: README, Memory and speed),
+so the model does not use it.
 """
 from __future__ import annotations
 
