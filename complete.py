@@ -94,7 +94,7 @@ def parse_args(argv=None):
 def output_problem(args) -> str | None:
     """What is wrong with the prompt file's path, --variant's, --codec's or the output paths, found
     without torch (the prompt's audio is read once the codec's rate and hop are known)."""
-    from model.audio import AudioError, check_output, completion_paths, file_problem
+    from model.audio import AudioError, check_outputs, completion_paths, file_problem
     if problem := file_problem(args.prompt):
         return problem
     if args.variant not in VARIANTS and not os.path.isfile(args.variant):
@@ -102,8 +102,8 @@ def output_problem(args) -> str | None:
     if args.codec not in ("auto", "official") and (problem := file_problem(args.codec)):
         return f"--codec: {problem}"
     try:
-        for path in completion_paths(args.out, args.num):  # not a pipe, nor the prompt it would replace
-            check_output(path, keep={"the prompt": args.prompt})
+        # not a pipe, nor the prompt it would replace
+        check_outputs(completion_paths(args.out, args.num), keep={"the prompt": args.prompt})
     except AudioError as e:
         return str(e)
     return None

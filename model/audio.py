@@ -16,7 +16,7 @@ import math
 import os
 import stat
 import warnings
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -318,6 +318,20 @@ def check_output(path: str, keep: Optional[Mapping[str, str]] = None) -> None:
         raise AudioError(f"cannot write {path}: soundfile writes no {ext} files (.wav, .flac or .ogg, for example)")
     check_output_target(path, keep)
     check_output_folder(path)
+
+
+def check_outputs(paths: Sequence[str], keep: Optional[Mapping[str, str]] = None) -> None:
+    """`check_output` for each of `paths` (`completion_paths`: thousands with a large --num), its
+    format and folder once for each folder and extension: what is already at each path is checked
+    for every one."""
+    checked = set()
+    for path in paths:
+        where = (os.path.dirname(os.path.abspath(path)), os.path.splitext(path)[1].lower())
+        if where in checked and os.path.basename(path):
+            check_output_target(path, keep)
+        else:
+            check_output(path, keep)
+            checked.add(where)
 
 
 def completion_paths(out: str, num: int) -> list[str]:

@@ -1,6 +1,7 @@
 """complete.py end to end in a subprocess, on tiny checkpoints written to a temporary folder."""
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -339,6 +340,28 @@ def test_prompt_and_arguments_are_checked_before_any_weights(tmp_path, prompt, f
     assert len(errors) == 1 and message.format(prompt=tmp_path / prompt) in errors[0], r.stderr
     assert "System error" not in r.stderr and "loaded" not in r.stderr
     assert not out.exists() and not list(tmp_path.glob("*out*"))
+
+
+def test_each_of_several_outputs_is_checked_and_their_folder_once(tmp_path):
+    """--num N checked each output path in full: soundfile's format table and a file written and
+    removed in the folder, N times (--num 100000: 35 s before the error about its memory). The
+    format and folder are checked once now, what is at each path still for every one: a pipe at
+    the third output is refused before any weights."""
+    sr = 16000
+    sf.write(tmp_path / "ok.wav", 0.3 * np.sin(2 * np.pi * 220 * np.arange(sr) / sr), sr)
+    os.mkfifo(tmp_path / "out-2.wav")
+    r = run(tmp_path / "ok.wav", tmp_path / "out.wav", "--num", "3", "--variant", "duplex", "--offline", "--ckpt-dir",
+            tmp_path / "ckpt")
+    assert r.returncode == 2 and r.stderr.splitlines()[-1] == (
+        f"error: cannot write {tmp_path / 'out-2.wav'}: it is a pipe, and a WAV is written with seeks (its header "
+        "last); name a file"), r.stderr
+    from model.audio import AudioError, check_outputs
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b-1.wav").mkdir()
+    with pytest.raises(AudioError, match=re.escape(f"cannot write {tmp_path / 'sub' / 'b-1.wav'}: it is a folder")):
+        check_outputs([str(tmp_path / "a-0.wav"), str(tmp_path / "sub" / "b-0.wav"), str(tmp_path / "sub" / "b-1.wav")])
+    with pytest.raises(AudioError, match=r"soundfile writes no \.xyz files"):  # another extension: checked
+        check_outputs([str(tmp_path / "a-0.wav"), str(tmp_path / "a-1.xyz")])
 
 
 def test_an_out_that_is_the_prompt_or_a_pipe_is_refused_before_any_weights(tmp_path, capsys):
