@@ -56,7 +56,10 @@ def audio_url(server: str, seed: Optional[int] = None) -> str:
     in it and as `seed`, or out of range included)."""
     if "://" not in server:
         server = "ws://" + server
-    u = urllib.parse.urlsplit(server)
+    try:
+        u = urllib.parse.urlsplit(server)  # an unclosed [IPv6 address] raises here
+    except ValueError as e:
+        raise ValueError(f"--server {server!r}: {e}") from None
     scheme = {"http": "ws", "https": "wss"}.get(u.scheme, u.scheme)
     if scheme not in ("ws", "wss"):
         raise ValueError(f"--server must be ws://, wss://, http:// or https://, got {server!r}")

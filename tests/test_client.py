@@ -203,6 +203,7 @@ def test_bad_flags_are_one_error_line_before_connecting(tmp_path):
                            (("--server", "ws://:8000"), "--server 'ws://:8000' names no host (ws://HOST:PORT)"),
                            (("--server", "ws://127.0.0.1:99999"), "--server 'ws://127.0.0.1:99999': Port out of range 0-65535"),
                            (("--server", "ws://h:port"), "--server 'ws://h:port': Port could not be cast to integer value as 'port'"),
+                           (("--server", "ws://[::1"), "--server 'ws://[::1': Invalid IPv6 URL"),  # was "error: Invalid IPv6 URL"
                            (("--token", "t0ken\r"), "--token (or $HERTZ_TOKEN) holds a control character: a newline or "
                                                     "carriage return read from a file?"),
                            # These the server refused once connected (a seed given twice, or not one).
