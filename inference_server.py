@@ -1394,7 +1394,8 @@ def parse_args(argv=None):
     ap.add_argument("--access-log", action="store_true", help="log every HTTP request (tokens are redacted)")
     args = ap.parse_args(argv)
     if not is_loopback(args.host) and not args.token and not args.insecure:
-        ap.error(f"--host {args.host} exposes the server: give a --token (or --insecure to expose it without one)")
+        host = args.host or "'' (every interface)"
+        ap.error(f"--host {host} exposes the server: give a --token (or --insecure to expose it without one)")
     if args.max_sessions != "auto" and not (args.max_sessions.isdigit() and int(args.max_sessions) >= 1):
         ap.error(f"--max-sessions must be auto or an integer >= 1, got {args.max_sessions!r}")
     if args.queue_chunks < 1:

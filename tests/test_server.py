@@ -984,9 +984,8 @@ def test_replay_seconds(model):
     assert len(srv.Server(engine, prompt=prompt, replay_seconds=0).replay) == 0
 
 
-def test_command_line_refuses_to_expose_without_token():
-    with pytest.raises(SystemExit):
-        srv.parse_args(["--host", "0.0.0.0"])
+def test_command_line_exposes_the_server_with_a_token_or_insecure_only():
+    assert srv.parse_args(["--host", "0.0.0.0", "--insecure"]).insecure
     assert srv.parse_args(["--host", "0.0.0.0", "--token", "x"]).token == "x"
     assert srv.parse_args([]).host == "127.0.0.1"
 
@@ -1001,8 +1000,12 @@ def test_command_line_refuses_to_expose_without_token():
     (["--max-recording-seconds", "-1"], "--max-recording-seconds must be a finite number > 0, got -1.0"),
     (["--max-message-bytes", "0"], "--max-message-bytes must be at least 5358 (one audio chunk as a text frame)"),
     (["--recordings", ""], "--recordings needs a folder"),
+    # an address other machines reach, without a token (or an empty one)
+    (["--host", "0.0.0.0"], "--host 0.0.0.0 exposes the server: give a --token (or --insecure to expose it without one)"),
+    (["--host", "0.0.0.0", "--token", ""], "--host 0.0.0.0 exposes the server: give a --token"),
+    (["--host", ""], "--host '' (every interface) exposes the server: give a --token"),  # was "--host  exposes"
 ], ids=["port", "max-len", "max-sessions", "queue-chunks", "idle-timeout", "replay-seconds", "max-recording-seconds",
-        "max-message-bytes", "recordings"])
+        "max-message-bytes", "recordings", "host", "host-empty-token", "host-empty"])
 def test_command_line_values_out_of_range_are_refused_when_parsed(args, message, capsys):
     with pytest.raises(SystemExit) as e:
         srv.parse_args(args)
