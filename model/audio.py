@@ -372,8 +372,8 @@ def make_folder(folder: str, what: str) -> None:
         raise AudioError(f"{what}: {folder} is a file, not a folder")
     try:
         os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise AudioError(f"{what}: {_reason(e)}") from None
+    except OSError as e:  # a file on the way, a missing or read-only place above it
+        raise AudioError(f"{what}: cannot make the folder {folder} ({e.strerror or e})") from None
     try:
         try_writing_in(folder)
     except OSError:
