@@ -128,8 +128,9 @@ def test_notebook_with_int8_weights_and_fp8_cache(tmp_path):
     ({"OUT": "OK", "NUM_COMPLETIONS": 1}, "cannot write OK: it is PROMPT, which the output would replace"),
     ({"DEVICE": "gpu"}, "DEVICE = 'gpu': expected auto, cpu, cuda, cuda:N or mps"),  # was torch's RuntimeError
     ({"DTYPE": "bf16"}, "DTYPE = 'bf16': expected auto, bfloat16, float16, float32"),  # KeyError
+    ({"ENCODE": "median"}, "ENCODE must be 'sample' or 'mean', got 'median'"),  # was found after the weights loaded
 ], ids=["missing", "nan", "token-temp", "top-p", "seconds", "seed", "seconds-memory", "adapter", "adapter-folder", "codec", "codec-none", "quantize", "kv-dtype", "output", "output-prompt", "device",
-        "dtype"])
+        "dtype", "encode"])
 def test_bad_parameters_stop_before_the_weights_load(tmp_path, kernel, params, message):
     """VARIANT names a checkpoint that does not exist (or an official one, offline, with no files):
     loading would fail on it, so the error about the parameter shows that the check came first."""
