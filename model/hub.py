@@ -14,8 +14,8 @@ start. A partial left beside a file found in place and verified (put there by ha
 said, unless a live process holds its lock. Interrupted transfers and HTTP 5xx answers are retried
 a bounded number of times in a row (an attempt that added bytes starts the count anew); an md5
 mismatch is downloaded once more from zero, then reported. What another attempt cannot change is
-one WeightsError at once: an HTTP 4xx answer, a folder that cannot be written (a file in its place,
-read-only, a full disk), and a disk with less room than the rest of the missing files need, found
+one WeightsError at once: an HTTP 4xx answer, a web page (text/html) instead of the file (a partial
+kept is kept), a folder that cannot be written (a file in its place, read-only, a full disk), and a disk with less room than the rest of the missing files need, found
 before the first download starts. Offline
 (`offline=True` or `HF_HUB_OFFLINE=1`), a missing file is an error that names each file, its size
 and where to put it, and a partial download of it left there (whether a run online resumes it).
@@ -292,8 +292,8 @@ def _download_once(url: str, dest: Path, part: _Partial, expected_size: Optional
                    log: Callable[[str], None]) -> str:
     """Stream `url` into the locked temporary `part` (resuming at what it holds when the server
     answers the range asked for, else from byte 0); return the whole file's md5. Raises
-    WeightsError for what another attempt cannot change (an HTTP 4xx answer, a file that cannot be
-    written) and IOError or the client's error for a transfer that may succeed when tried again
+    WeightsError for what another attempt cannot change (an HTTP 4xx answer, a web page, a file that
+    cannot be written) and IOError or the client's error for a transfer that may succeed when tried again
     (an HTTP 5xx, a dropped connection, a short read); the bytes received are kept either way."""
     from huggingface_hub.utils import build_hf_headers, get_session
 
@@ -322,6 +322,14 @@ def _download_once(url: str, dest: Path, part: _Partial, expected_size: Optional
                                        f"{dest.parent}/")
                 raise IOError(answer)
             declared = r.headers.get("content-length")
+            kind = r.headers.get("content-type", "")
+            if kind.split(";")[0].strip().lower() in ("text/html", "application/xhtml+xml"):
+                # (a captive portal, a proxy's sign-in, a mirror's page: not the file, and a partial kept is not
+                # started over for it; the Hub serves the files as octet-streams)
+                size = f", {_human(int(declared))}" if declared and declared.isdigit() else ""
+                raise WeightsError(f"{url} answered a web page ({kind}{size}), not {dest.name}: check HF_ENDPOINT "
+                                   "and the network (a proxy or a captive portal asking to sign in?), or download "
+                                   f"{dest.name} from https://huggingface.co/{HF_REPO} into {dest.parent}/")
             try:
                 if r.status_code != 206:  # the whole file (a server that ignores Range too)
                     if start:

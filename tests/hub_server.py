@@ -18,7 +18,8 @@ class HubServer:
     fraction F of its length, then drop the connection; "reset@F" resets it), "corrupt" (send other bytes), "error"
     (HTTP 500), "ignore-range" (answer 200 with the whole file to a Range request), "bad-range"
     (answer a Range request with 206 and the whole file, `Content-Range: bytes 0-...`), "unsized"
-    (no Content-Length: the body ends when the connection closes; "unsized+drop@F" with a drop).
+    (no Content-Length: the body ends when the connection closes; "unsized+drop@F" with a drop),
+    "page" (HTTP 200 with a small text/html page, as a captive portal or a proxy's login gives).
     `rate`: bytes per second of every body (None: as fast as it goes). `requests` records every
     path asked for, `ranges` the Range header of each (None without), `sent` the body bytes sent."""
 
@@ -61,6 +62,14 @@ class HubServer:
                     fault = fault[len("unsized"):].lstrip("+") or None
                 if fault == "error":
                     return self.empty(500)
+                if fault == "page":
+                    page = b"<!DOCTYPE html><html><body>Sign in to continue</body></html>"
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/html; charset=utf-8")
+                    self.send_header("Content-Length", str(len(page)))
+                    self.end_headers()
+                    self.wfile.write(page)
+                    return
                 if fault == "corrupt":
                     data = bytes(b ^ 0xFF for b in data)
                 start = 0

@@ -387,6 +387,33 @@ def test_an_http_4xx_is_not_retried_and_any_error_is_one_line(server, tmp_path, 
     assert len(server.requests) == 4 and str(e.value).endswith("after 3 attempts: HTTP 500 Internal Server Error")
 
 
+def test_a_web_page_instead_of_the_file_is_one_error_and_keeps_the_partial(server, tmp_path, monkeypatch):
+    """A 200 with an HTML page (a captive portal, a proxy's sign-in, a mirror's "not found" page)
+    was taken for the file: a partial kept from an earlier run was started over, replaced by the
+    page, which was asked for once more on its md5 mismatch, and the error said the source or the
+    file was corrupt. Now the page is one error naming what came, at once; the partial is kept,
+    and the next run resumes it."""
+    data = os.urandom(1 << 20)
+    register(monkeypatch, "inference_volcano_3", data)
+    server.add("inference_volcano_3.pt", data)
+    server.faults["inference_volcano_3.pt"] = ["drop@0.5"]
+    with pytest.raises(WeightsError, match="after 1 attempts"):
+        fetch(server, tmp_path, "inference_volcano_3", retries=1)
+    partial = tmp_path / "ckpt" / ".inference_volcano_3.pt.download"
+    assert partial.read_bytes() == data[:len(data) // 2]
+    server.faults["inference_volcano_3.pt"] = ["page"]
+    url = f"{server.endpoint}/si-pbc/hertz-dev/resolve/main/inference_volcano_3.pt"
+    with pytest.raises(WeightsError) as e:
+        fetch(server, tmp_path, "inference_volcano_3")
+    assert str(e.value) == (f"{url} answered a web page (text/html; charset=utf-8, 60 B), not inference_volcano_3.pt: "
+                            "check HF_ENDPOINT and the network (a proxy or a captive portal asking to sign in?), or "
+                            "download inference_volcano_3.pt from https://huggingface.co/si-pbc/hertz-dev into "
+                            f"{tmp_path / 'ckpt'}/")
+    assert len(server.requests) == 2 and partial.read_bytes() == data[:len(data) // 2]
+    assert fetch(server, tmp_path, "inference_volcano_3").read_bytes() == data
+    assert server.ranges[-1] == f"bytes={len(data) // 2}-" and leftovers(tmp_path / "ckpt") == []
+
+
 def test_a_file_where_the_folder_goes_is_one_error(server, tmp_path, monkeypatch):
     """ckpt_dir naming a file (or a folder under one) was a FileExistsError or NotADirectoryError
     traceback, and a folder under the official file's name an IsADirectoryError after the whole
