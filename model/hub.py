@@ -15,8 +15,9 @@ said, unless a live process holds its lock. Interrupted transfers and HTTP 5xx a
 a bounded number of times in a row (an attempt that added bytes starts the count anew); an md5
 mismatch is downloaded once more from zero, then reported. What another attempt cannot change is
 one WeightsError at once: an HTTP 4xx answer, a web page (text/html) instead of the file (a partial
-kept is kept), a folder that cannot be written (a file in its place, read-only, a full disk), and a disk with less room than the rest of the missing files need, found
-before the first download starts. Offline
+kept is kept), a folder that cannot be written (a file in its place, read-only, a full disk), and a
+disk with less room than the rest of the missing files need, found before the first download starts.
+Offline
 (`offline=True` or `HF_HUB_OFFLINE=1`), a missing file is an error that names each file, its size
 and where to put it, and a partial download of it left there (whether a run online resumes it).
 """
