@@ -54,6 +54,16 @@ def broken_link(path: str) -> Optional[str]:
     return f"a symbolic link to {os.readlink(path)}, which does not exist"
 
 
+def broken_link_above(folder: str) -> Optional[str]:
+    """`folder`, or the nearest place above it that is there, when that is a symbolic link leading
+    to no folder (a disk not mounted?): "P is a symbolic link to T, which does not exist"; else
+    None. (os.makedirs says only "File exists", or "No such file or directory", of it.)"""
+    path = os.path.abspath(folder)
+    while not os.path.lexists(path) and path != os.path.dirname(path):
+        path = os.path.dirname(path)
+    return f"{path} is {link}" if (link := broken_link(path)) else None
+
+
 def _reason(e: Exception, path: Optional[str] = None) -> str:
     """Why reading (or writing) failed; for a `path` that is missing, a folder or a link to no
     file, that (libsndfile says "System error." or "Format not recognised.")."""
@@ -366,10 +376,12 @@ def check_output_folder(path: str) -> None:
 
 def make_folder(folder: str, what: str) -> None:
     """Make `folder`, where files will be written, or raise AudioError("{what}: ...") saying why
-    it cannot be made or written: a file in its way, no permission (a file written and removed
+    it cannot be made or written: a file in its way, a link to nothing, no permission (a file written and removed
     there, `model.files.try_writing_in`)."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise AudioError(f"{what}: {folder} is a file, not a folder")
+    if problem := broken_link_above(folder):
+        raise AudioError(f"{what}: {problem}")
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:  # a file on the way, a missing or read-only place above it

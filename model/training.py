@@ -50,7 +50,7 @@ import torch.distributed as dist
 
 from config import ConfigError, ConfigMismatch, check_compatible, fields_marked  # noqa: F401 (ConfigMismatch: re-exported)
 
-from .audio import AudioError
+from .audio import AudioError, broken_link_above
 from .checkpoint import (TEMP_SUFFIX, CheckpointError, atomic_write, listed, non_finite, os_reason,
                          refuse_non_finite, torch_save, written_temp)
 from .checkpoint import _header as header
@@ -372,8 +372,8 @@ def non_finite_message(step: int, values: dict[str, float], files: Iterable[str]
 
 def check_folders(cfg, *keys: str) -> None:
     """ConfigError naming the key when one of these config paths is a file where the run will make
-    or read a folder, or lies under a file (found before anything slow, not when the first
-    checkpoint is written or the latents are encoded)."""
+    or read a folder, or lies under a file or a link to nothing (found before anything slow, not
+    when the first checkpoint is written or the latents are encoded)."""
     for key in keys:
         path = getattr(cfg, key)
         if os.path.exists(path) and not os.path.isdir(path):
@@ -381,6 +381,8 @@ def check_folders(cfg, *keys: str) -> None:
         above = os.path.dirname(os.path.abspath(path))  # the folder to be made in: under a file it cannot be
         while not os.path.exists(above):
             above = os.path.dirname(above)
+        if problem := broken_link_above(path):  # (a disk not mounted?)
+            raise ConfigError(f"{key}={path!r} cannot be made: {problem}")
         if not os.path.isdir(above):
             raise ConfigError(f"{key}={path!r} cannot be made: {above} is a file, not a folder")
 

@@ -89,12 +89,15 @@ def test_a_mistyped_flag_is_its_error_line_before_torch_is_imported(tmp_path, fl
     ("loop.wav", "o.wav", [], "{tmp}/loop.wav is a symbolic link in a loop of links (it leads to no file)"),
     ("dangling.wav", "o.wav", [], "{tmp}/dangling.wav is a symbolic link to gone.wav, which does not exist"),
     ("p.wav", "p.wav/o.wav", [], "cannot write {tmp}/p.wav/o.wav: {tmp}/p.wav is a file, not a folder"),
+    # a folder that is a link to nothing (a disk not mounted): was "cannot make the folder ... (File exists)"
+    ("p.wav", "unmounted/o.wav", [], "cannot write {tmp}/unmounted/o.wav: {tmp}/unmounted is a symbolic link to "
+                                     "disk/outputs, which does not exist"),
     ("p.wav", "p.wav", [], "cannot write {tmp}/p.wav: it is the prompt, which the output would replace; "
                              "name another file"),
     ("p.wav", "o.wav", ["--variant", "nope"], "--variant 'nope' is neither one of duplex, mono, mono-pure-audio "
                                               "nor a file"),
 ], ids=["seconds-0", "seconds-negative", "seconds-nan", "num-0", "top-p", "token-temp", "seed", "missing-prompt",
-        "prompt-link-loop", "prompt-dangling-link", "out-under-a-file", "out-is-the-prompt", "variant"])
+        "prompt-link-loop", "prompt-dangling-link", "out-under-a-file", "out-in-a-dangling-link", "out-is-the-prompt", "variant"])
 def test_a_wrong_value_or_path_is_its_error_line_before_torch_is_imported(tmp_path, prompt, out, flags, message):
     """The values of the flags (the sampling parameters, --seconds, --num, --seed), the prompt's path
     and the output's were checked after importing torch (about 4 s). Each is one error line, exit
@@ -103,6 +106,7 @@ def test_a_wrong_value_or_path_is_its_error_line_before_torch_is_imported(tmp_pa
     (tmp_path / "loop.wav").symlink_to("loop2.wav")
     (tmp_path / "loop2.wav").symlink_to("loop.wav")
     (tmp_path / "dangling.wav").symlink_to("gone.wav")
+    (tmp_path / "unmounted").symlink_to("disk/outputs")
     before = sorted(tmp_path.iterdir())
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, str(REPO / "complete.py"), str(tmp_path / prompt),

@@ -171,19 +171,25 @@ def test_without_flite_or_festival_it_is_the_espeak_only_corpus(tmp_path):
     (["--minutes", "1", "--out", "FILE"], "--out FILE is a file, not a folder"),
     (["--minutes", "1", "--out", "FILE/sub"], "--out FILE/sub: cannot make the folder (Not a directory)"),
     (["--minutes", "1", "--out", ""], "--out needs a folder"),
+    # a link to nothing (a disk not mounted): was "cannot make the folder (File exists)"
+    (["--minutes", "1", "--out", "LINK"], "--out LINK: LINK is a symbolic link to disk/corpus, which does not exist"),
+    (["--minutes", "1", "--out", "LINK/sub"], "--out LINK/sub: LINK is a symbolic link to disk/corpus, which does not"),
     (["--minutes", "1", "--seed", "-1", "--out", "sub"], "--seed must be an integer >= 0, got -1"),
     # taken, and an engine named twice was probed and set up twice (a typo for another one?)
     (["--minutes", "1", "--engines", "espeak,espeak", "--out", "sub"],
      "--engines espeak,espeak: espeak is named twice; name each engine once"),
-], ids=["minutes-nan", "val-fraction", "out-is-a-file", "out-under-a-file", "out-empty", "seed", "engine-twice"])
+], ids=["minutes-nan", "val-fraction", "out-is-a-file", "out-under-a-file", "out-empty", "out-dangling-link",
+        "out-under-a-dangling-link", "seed", "engine-twice"])
 def test_bad_arguments_are_one_error_line_and_nothing_is_written(tmp_path, args, message):
     (tmp_path / "file").write_text("taken")
-    args = [a.replace("FILE", str(tmp_path / "file")) for a in args]  # "--out ''" wrote into the current folder
+    (tmp_path / "unmounted").symlink_to("disk/corpus")
+    names = {"FILE": str(tmp_path / "file"), "LINK": str(tmp_path / "unmounted")}
+    for name, path in names.items():  # "--out ''" wrote into the current folder
+        args, message = [a.replace(name, path) for a in args], message.replace(name, path)
     result = subprocess.run([sys.executable, PREPARE, *args], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    want = "error: " + message.replace("FILE", str(tmp_path / "file"))
-    assert result.stderr.splitlines()[-1].startswith(want)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+    assert result.stderr.splitlines()[-1].startswith("error: " + message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "unmounted"]
 
 
 def test_without_espeak_ng_it_is_one_error_line(tmp_path):

@@ -305,14 +305,19 @@ def fails(args, env=None) -> str:
     (["checkpoint_dir=VAL/run"], "checkpoint_dir='VAL/run' lies inside val_data_path='VAL': the audio samples"),
     # a folder under a file: a NotADirectoryError traceback when the run folder was made, after encoding
     (["checkpoint_dir=FILE/run"], "checkpoint_dir='FILE/run' cannot be made: FILE is a file, not a folder"),
+    # a link to nothing on the way (a disk not mounted): "cannot write .../.run.lock: File exists", the config passed
+    (["checkpoint_dir=LINK/run"], "checkpoint_dir='LINK/run' cannot be made: LINK is a symbolic link to "
+                                  "disk/runs, which does not exist"),
 ], ids=["preset", "key", "type", "train-folder", "val-folder", "train-file", "lm-weight-0", "resynth-weight-0",
         "quantizer-weight-0", "mono-model-channel", "min-lr-above-lr", "decay-flips-weights", "codec-rate", "codec-latent-dim",
-        "val-without-audio", "heads-split-width", "odd-head-size", "kv-heads", "run-inside-data", "run-under-file"])
+        "val-without-audio", "heads-split-width", "odd-head-size", "kv-heads", "run-inside-data", "run-under-file",
+        "run-in-a-dangling-link"])
 def test_user_errors_are_one_error_line(setup, tmp_path, mistake, message, capsys):
     if any("FILE" in a for a in mistake):
         (tmp_path / "one.wav").write_bytes(b"")
     (tmp_path / "empty").mkdir()
-    names = {"MISSING": str(tmp_path / "missing"), "EMPTY": str(tmp_path / "empty"),
+    (tmp_path / "unmounted").symlink_to("disk/runs")
+    names = {"MISSING": str(tmp_path / "missing"), "EMPTY": str(tmp_path / "empty"), "LINK": str(tmp_path / "unmounted"),
              "FILE": str(tmp_path / "one.wav"), "VAL": str(setup["root"] / "corpus/val")}
     for name, path in names.items():
         mistake, message = [a.replace(name, path) for a in mistake], message.replace(name, path)
