@@ -582,6 +582,14 @@ def check_config(cfg: TransformerConfig) -> None:
     if not cfg.eval_only and cfg.sample_seconds > 0 and (problem := completion_problem(
             cfg.sample_seconds, 1, cfg, names=("sample_seconds", "audio samples"), hop=math.prod(codec_cfg.strides))):
         raise ConfigError(f"{problem}; sample_seconds=0 makes none")
+    # the LM's logits of one batch (B, T, vocab), at least 2 bytes each: a failed allocation (traceback) at the
+    # step-0 evaluation, after the latents were encoded (a lower bound: a step needs more, the sample check above
+    # sees the KV caches only)
+    logits = cfg.batch_size * cfg.seq_len * cfg.vocab_size * (4 if cfg.dtype == "float32" else 2)
+    if logits > (host := os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")):
+        raise ConfigError(f"seq_len={cfg.seq_len} with batch_size={cfg.batch_size}: the LM's logits of one batch alone "
+                          f"({cfg.batch_size} x {cfg.seq_len} x {cfg.vocab_size} {cfg.dtype}) take {logits / 1e9:.3g} GB, "
+                          f"more than this machine's memory ({host / 1e9:.1f} GB): lower seq_len or batch_size")
     if cfg.init_from is not None:  # its kind and architecture from the header, before the latents are encoded
         check_init_from(cfg)
     # a bad manifest line now, not after the codec loads; eval_only reads the val data only

@@ -306,12 +306,15 @@ def fails(args, env=None) -> str:
     # a folder under a file: a NotADirectoryError traceback when the run folder was made, after encoding
     (["checkpoint_dir=FILE/run"], "checkpoint_dir='FILE/run' cannot be made: FILE is a file, not a folder"),
     # a link to nothing on the way (a disk not mounted): "cannot write .../.run.lock: File exists", the config passed
+    # logits of 26 TB: a failed allocation (traceback) at the step-0 evaluation, after encoding (only the
+    # unit test runs it without the check: it would allocate what it can first)
+    (["seq_len=100000000", "sample_seconds=0.0"], "seq_len=100000000 with batch_size=2: the LM's logits of one batch"),
     (["checkpoint_dir=LINK/run"], "checkpoint_dir='LINK/run' cannot be made: LINK is a symbolic link to "
                                   "disk/runs, which does not exist"),
 ], ids=["preset", "key", "type", "train-folder", "val-folder", "train-file", "lm-weight-0", "resynth-weight-0",
         "quantizer-weight-0", "mono-model-channel", "min-lr-above-lr", "decay-flips-weights", "codec-rate", "codec-latent-dim",
         "val-without-audio", "heads-split-width", "odd-head-size", "kv-heads", "run-inside-data", "run-under-file",
-        "run-in-a-dangling-link"])
+        "logits-outgrow-memory", "run-in-a-dangling-link"])
 def test_user_errors_are_one_error_line(setup, tmp_path, mistake, message, capsys):
     if any("FILE" in a for a in mistake):
         (tmp_path / "one.wav").write_bytes(b"")
@@ -533,6 +536,26 @@ def test_an_audio_sample_larger_than_memory_is_refused_by_check_config(tmp_path)
         check_config(cfg)
     check_config(dataclasses.replace(cfg, sample_seconds=600.0))  # ten minutes fit
     check_config(dataclasses.replace(cfg, eval_only=True))
+
+
+def test_a_batch_whose_logits_outgrow_memory_is_refused_by_check_config(tmp_path):
+    """seq_len=100000 (tiny preset, batch_size=2): the latents were encoded and minutes went by before
+    the step-0 evaluation failed to allocate the LM's logits (2 x 100000 x 32768 floats, 26 GB: a
+    traceback). check_config refuses a batch whose logits alone outgrow this machine's memory,
+    naming seq_len and batch_size; the preset's own, and a long context that fits, pass."""
+    from config import ConfigError
+    from train_transformer import check_config
+    cfg = dataclasses.replace(PRESETS["tiny"], codec_checkpoint="official", seq_len=10**8, batch_size=2, sample_seconds=0.0,
+                              train_data_path=str(REPO / "tests"), val_data_path=str(REPO / "tests"),
+                              checkpoint_dir=str(tmp_path / "run"), latents_dir=str(tmp_path / "latents"))
+    with pytest.raises(ConfigError, match=r"^seq_len=100000000 with batch_size=2: the LM's logits of one batch alone "
+                       r"\(2 x 100000000 x 32768 float32\) take 2.62e\+04 GB, more than this machine's memory "
+                       r"\(.* GB\): lower seq_len or batch_size$"):
+        check_config(cfg)
+    with pytest.raises(ConfigError, match=r"^seq_len=64 with batch_size=100000000: "):
+        check_config(dataclasses.replace(cfg, seq_len=64, batch_size=10**8))
+    check_config(dataclasses.replace(cfg, seq_len=PRESETS["tiny"].seq_len))
+    check_config(dataclasses.replace(cfg, seq_len=4096))
 
 
 def test_an_init_from_trained_on_another_codec_is_said_before_encoding(setup, tmp_path, capsys):
