@@ -318,6 +318,12 @@ def build_data(cfg: TransformerConfig, codec, fingerprint: str, say) -> tuple[La
                           max_crops=cfg.val_crops)
     train = f"train {train_set.lengths.sum()} in {len(train_set.files)} files, " if train_set else ""
     say(f"latents (codec {fingerprint}, {channels}): {train}val {len(val_set)} crops of <= {cfg.seq_len}")
+    if train_set is not None and (longest := int(train_set.lengths.max())) < cfg.seq_len:
+        # (every crop padded to seq_len: the steps' compute, and their latents/s, are mostly padding)
+        padding = 1 - train_set.lengths.sum() / (len(train_set.files) * cfg.seq_len)
+        say(f"note: seq_len={cfg.seq_len} is longer than every file of train_data_path={cfg.train_data_path} (the "
+            f"longest is {longest} latents): each crop is padded to seq_len, about {padding:.0%} of each step is "
+            f"padding that trains nothing; seq_len={longest} trains the same for less")
     return train_set, val_set
 
 

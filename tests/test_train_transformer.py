@@ -468,6 +468,25 @@ def test_a_duplex_run_on_one_channel_files_only_says_what_the_model_learns(tmp_p
     assert not [m for m in said if "has one channel" in m]
 
 
+def test_a_seq_len_longer_than_every_training_file_is_said(tmp_path):
+    """seq_len=64 on files of 4 latents trained, without a word, on crops that were 94% padding
+    (and counted them in latents/s): a note names the longest file's length; a seq_len that some
+    file fills gets none."""
+    from train_transformer import build_data
+    _, codec = noise_files(tmp_path / "short", ("a.wav", "b.wav"))
+    cfg = dataclasses.replace(tiny(False), train_data_path=str(tmp_path / "short"), val_data_path=str(tmp_path / "short"),
+                              latents_dir=str(tmp_path / "latents"), seq_len=64)
+    said = []
+    build_data(cfg, codec, "f", said.append)
+    assert [m for m in said if m.startswith("note: seq_len")] == [
+        f"note: seq_len=64 is longer than every file of train_data_path={tmp_path / 'short'} (the longest is 4 "
+        "latents): each crop is padded to seq_len, about 94% of each step is padding that trains nothing; seq_len=4 "
+        "trains the same for less"]
+    said.clear()
+    build_data(dataclasses.replace(cfg, seq_len=4), codec, "f", said.append)
+    assert not [m for m in said if m.startswith("note: seq_len")]
+
+
 def test_a_val_set_sharing_files_with_the_train_set_is_said(tmp_path):
     """A val manifest listing training files (here one of two, and through another path) picked
     best.pt by a loss on training data, silently; now a note naming the shared files, before encoding."""
