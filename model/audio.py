@@ -316,13 +316,20 @@ def _subtype_for(fmt: str, subtype: str) -> Optional[str]:
     return subtype if sf.check_format(fmt, subtype) else sf.default_subtype(fmt)
 
 
+def _names_no_file(path: str) -> Optional[str]:
+    """The error for an output path that names a folder (or nothing), or None."""
+    if not os.path.basename(path) or os.path.isdir(path):
+        return (f"cannot write {path!r}: {'it names a folder' if path else 'no file name given'}; "
+                "name an audio file (out.wav, for example)")
+    return None
+
+
 def check_output(path: str, keep: Optional[Mapping[str, str]] = None) -> None:
     """Raise AudioError when `save_audio` could not write `path`: no name, a folder, an extension
     naming a format soundfile does not write, what `check_output_target` refuses (`keep`), or a
     folder that cannot be made; scripts call it before slow work (the folder is made here)."""
-    if not os.path.basename(path) or os.path.isdir(path):
-        raise AudioError(f"cannot write {path!r}: {'it names a folder' if path else 'no file name given'}; "
-                         "name an audio file (out.wav, for example)")
+    if problem := _names_no_file(path):
+        raise AudioError(problem)
     ext = os.path.splitext(path)[1].lower() or ".wav"
     if _subtype_for(ext[1:].upper(), "PCM_16") is None:
         raise AudioError(f"cannot write {path}: soundfile writes no {ext} files (.wav, .flac or .ogg, for example)")
@@ -346,7 +353,10 @@ def check_outputs(paths: Sequence[str], keep: Optional[Mapping[str, str]] = None
 
 def completion_paths(out: str, num: int) -> list[str]:
     """The files `num` completions are written to (complete.py, the notebook): `out` itself for
-    one; OUT-0.wav, OUT-1.wav, ... for several."""
+    one; OUT-0.wav, OUT-1.wav, ... for several. An `out` naming a folder is AudioError for several
+    as for one (`check_output`): they were written beside it as FOLDER-0.wav, or in it as -0.wav."""
+    if num > 1 and (problem := _names_no_file(out)):
+        raise AudioError(problem)
     root, ext = os.path.splitext(out)
     return [out] if num == 1 else [f"{root}-{i}{ext or '.wav'}" for i in range(num)]
 

@@ -449,6 +449,21 @@ def test_an_output_that_cannot_be_written_is_an_error_before_any_weights(tmp_pat
     assert message.format(out=out, tmp=tmp_path) in errors[0], r.stderr
 
 
+def test_several_outputs_named_by_a_folder_are_refused_as_one_is(tmp_path):
+    """--num 2 with the output a folder (outputs, outputs/): one output so named is refused, but two
+    were written beside it as outputs-0.wav and outputs-1.wav, or in it as -0.wav and -1.wav (names
+    that read as options); now the same error as for one, before any weights."""
+    sr = 16000
+    sf.write(tmp_path / "ok.wav", 0.3 * np.sin(2 * np.pi * 220 * np.arange(sr) / sr), sr)
+    (tmp_path / "outputs").mkdir()
+    for out in (str(tmp_path / "outputs"), str(tmp_path / "outputs") + os.sep, str(tmp_path / "new") + os.sep):
+        r = run(tmp_path / "ok.wav", out, "--num", 2, "--variant", "duplex", "--offline", "--ckpt-dir", tmp_path / "ckpt")
+        errors = [line for line in r.stderr.splitlines() if "error: " in line]
+        assert r.returncode == 2 and errors == [f"error: cannot write {out!r}: it names a folder; name an audio file "
+                                                "(out.wav, for example)"], r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.wav", "outputs"] and not any((tmp_path / "outputs").iterdir())
+
+
 @pytest.mark.parametrize("ext, subtype", [(".ogg", "VORBIS"), (".mp3", "MPEG_LAYER_III")])
 def test_an_ogg_or_mp3_output_is_written_in_its_own_encoding(ckpts, tmp_path, ext, subtype):
     """Until session 18 these passed the output check and failed after the completion was
