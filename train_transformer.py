@@ -49,6 +49,7 @@ from config.transformer_config import PRESETS, TransformerConfig
 from model import Generator, HertzDev, build, finetune, hub, load_codec, load_hertz_dev
 from model.checkpoint import CheckpointError, read_metadata
 from model.data import shared_with_training
+from model.files import physical_memory
 from model.generator import completion_problem, completion_steps
 from model.loading import codec_config_fitting, official_transformer_config, write_transformer
 from model.latents import LatentCrops, StepSampler, codec_fingerprint, prepare_latents, sample_posterior, scan_corpus
@@ -592,7 +593,7 @@ def check_config(cfg: TransformerConfig) -> None:
     # step-0 evaluation, after the latents were encoded (a lower bound: a step needs more, the sample check above
     # sees the KV caches only)
     logits = cfg.batch_size * cfg.seq_len * cfg.vocab_size * (4 if cfg.dtype == "float32" else 2)
-    if logits > (host := os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")):
+    if logits > (host := physical_memory()):
         raise ConfigError(f"seq_len={cfg.seq_len} with batch_size={cfg.batch_size}: the LM's logits of one batch alone "
                           f"({cfg.batch_size} x {cfg.seq_len} x {cfg.vocab_size} {cfg.dtype}) take {logits / 1e9:.3g} GB, "
                           f"more than this machine's memory ({host / 1e9:.1f} GB): lower seq_len or batch_size")

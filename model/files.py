@@ -199,3 +199,8 @@ def open_locked(path: str | os.PathLike, waiting: Optional[Callable[[], None]] =
         file.close()
         raise
     return file
+
+
+def physical_memory() -> int:
+    """Bytes of physical memory of this machine (what no allocation can exceed)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -54,7 +54,8 @@ def completion_problem(seconds, num, cfg=None, device=None, dtype: Optional[torc
     kv = DecodeState.make(model, num, kv_dtype=kv_dtype).kv_bytes
     audio = num * cfg.channels * hop * (completion_steps(seconds, cfg.sample_rate, hop) + 1) * 4  # and a prompt latent
     device = torch.device(device or "cpu")
-    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    from .files import physical_memory
+    host = physical_memory()
     limits = [(f"this machine's memory ({host / 1e9:.1f} GB)", host, audio + (kv if device.type == "cpu" else 0))]
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory

@@ -56,7 +56,7 @@ from .checkpoint import (TEMP_SUFFIX, CheckpointError, atomic_write, listed, non
 from .checkpoint import _header as header
 from .hub import WeightsError
 from .data import folder_problem
-from .files import json_value, try_writing_in
+from .files import json_value, physical_memory, try_writing_in
 from .manifest import ManifestError, is_manifest, read_manifest
 
 
@@ -470,7 +470,7 @@ def memory_available() -> int:
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return physical_memory()
 
 
 def preload_limit_gb(preload_max_gb: float, available: Optional[int] = None) -> float:
