@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import warnings
 from dataclasses import dataclass
@@ -384,6 +385,16 @@ class AudioCropDataset(Dataset):
                          "files failed to read (named above)")
 
 
+def worker_ignores_stop_signals(worker_id: int) -> None:
+    """A DataLoader worker's `worker_init_fn`: SIGINT and SIGTERM ignored. Ctrl-C, a scheduler's
+    SIGTERM or `kill -- -PGID` reach the whole process group; a worker they ended could be handing
+    a batch to the main process, which then failed mid-transfer with a traceback (connection reset)
+    instead of stopping at its next step, saved. The main process stops them when it stops; a
+    worker whose parent is gone exits by itself (torch's watchdog)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(dataset: Dataset, batch_size: int, shuffle: Optional[bool] = None, num_workers: int = 0,
                 distributed: Optional[bool] = None, seed: int = 0,
                 drop_last: Optional[bool] = None) -> DataLoader:
@@ -410,7 +421,7 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: Optional[bool] = Non
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, generator=generator,
                       num_workers=num_workers, drop_last=drop_last, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=False)
+                      persistent_workers=False, worker_init_fn=worker_ignores_stop_signals)
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:

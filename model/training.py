@@ -77,7 +77,7 @@ def run_script(main: Callable[[], Any]) -> None:
     except (ConfigError, ConfigMismatch, FileNotFoundError, AudioError, CheckpointError, WeightsError,
             TrainingError) as e:
         from tqdm import tqdm
-        tqdm.write(f"error: {own_message(e)}", file=sys.stderr)
+        tqdm.write(f"error: {own_message(e)}\n", file=sys.stderr, end="")  # one write: a worker's line cannot split it
         raise SystemExit(1) from None
     except KeyboardInterrupt:  # Ctrl-C outside the loop (loading, encoding: it keeps what it has done), or a second one
         from tqdm import tqdm
@@ -88,7 +88,7 @@ def run_script(main: Callable[[], Any]) -> None:
         if message is None:
             raise
         from tqdm import tqdm
-        tqdm.write(f"error: {message}", file=sys.stderr)
+        tqdm.write(f"error: {message}\n", file=sys.stderr, end="")
         raise SystemExit(1) from None
 
 
