@@ -10,7 +10,6 @@ CUDA a CUDA graph per attention window); rows reaching the context slide (`model
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -20,6 +19,7 @@ from torch import Tensor
 from .audio import MAX_SAMPLE_MAGNITUDE
 from .cuda_graphs import StepKey
 from .decode import Engine, decode_step, prompt_prefill, slide
+from .files import physical_memory
 from . import protocol
 from .protocol import SEED_MAX
 from .sampling import SamplingParams, row_seed
@@ -54,7 +54,6 @@ def completion_problem(seconds, num, cfg=None, device=None, dtype: Optional[torc
     kv = DecodeState.make(model, num, kv_dtype=kv_dtype).kv_bytes
     audio = num * cfg.channels * hop * (completion_steps(seconds, cfg.sample_rate, hop) + 1) * 4  # and a prompt latent
     device = torch.device(device or "cpu")
-    from .files import physical_memory
     host = physical_memory()
     limits = [(f"this machine's memory ({host / 1e9:.1f} GB)", host, audio + (kv if device.type == "cpu" else 0))]
     if device.type == "cuda":

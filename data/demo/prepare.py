@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from config import ArgumentParser  # noqa: E402 (the repository's, for its one-line errors)
+from model.audio import broken_link_above  # noqa: E402 (numpy and the standard library only)
 
 SAMPLE_RATE = 16000
 RECIPE_VERSION = 2  # bump when the recipe changes, so corpora made by an older one are rebuilt
@@ -532,15 +533,6 @@ def remove_old_corpus(out: str) -> None:
         os.remove(path)
 
 
-def dangling_link_above(path: str) -> str | None:
-    """`path`, or the nearest place above it that is there, when that is a symbolic link to
-    nothing; else None (`model.audio.broken_link_above`, without importing torch)."""
-    path = os.path.abspath(path)
-    while not os.path.lexists(path) and path != os.path.dirname(path):
-        path = os.path.dirname(path)
-    return path if os.path.islink(path) and not os.path.exists(path) else None
-
-
 def existing_folder(path: str) -> str:
     """`path`, or the nearest of its parents that exists (where it would be made)."""
     path = os.path.abspath(path)
@@ -598,8 +590,8 @@ def main(argv=None) -> None:
         parser.error("--out needs a folder")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         parser.error(f"--out {args.out} is a file, not a folder")
-    if link := dangling_link_above(args.out):  # (a disk not mounted?) os.makedirs says "File exists"
-        parser.error(f"--out {args.out}: {link} is a symbolic link to {os.readlink(link)}, which does not exist")
+    if problem := broken_link_above(args.out):  # (a disk not mounted?) os.makedirs says "File exists"
+        parser.error(f"--out {args.out}: {problem}")
     engines = list(ENGINES) if args.engines is None else args.engines.split(",")
     if "espeak" not in engines or not set(engines) <= set(ENGINES):
         parser.error(f"--engines must list espeak and any of {', '.join(ENGINES[1:])}, got {args.engines!r}")
