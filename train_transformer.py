@@ -48,7 +48,7 @@ from config.codec_config import CodecConfig
 from config.transformer_config import PRESETS, TransformerConfig
 from model import Generator, HertzDev, build, finetune, hub, load_codec, load_hertz_dev
 from model.checkpoint import CheckpointError, read_metadata
-from model.data import shared_with_training, worker_ignores_stop_signals
+from model.data import StopSafeLoader, shared_with_training
 from model.files import physical_memory
 from model.generator import completion_problem, completion_steps
 from model.loading import codec_config_fitting, official_transformer_config, write_transformer
@@ -384,9 +384,8 @@ def train_loader(train_set: LatentCrops, cfg: TransformerConfig, ddp: Dist, step
     """This rank's training batches from `step` on (`StepSampler`: what a micro-batch reads depends
     on its step, its index and the rank only, so a resumed run reads what an uninterrupted one would)."""
     sampler = StepSampler(cfg.batch_size, cfg.grad_accum_steps, ddp.rank, ddp.world_size, start_step=step)
-    return torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                                       pin_memory=ddp.device.type == "cuda", sampler=sampler,
-                                       worker_init_fn=worker_ignores_stop_signals)
+    return StopSafeLoader(train_set, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                          pin_memory=ddp.device.type == "cuda", sampler=sampler)
 
 
 def describe(model: HertzDev, cfg: TransformerConfig, trained: tuple[str, ...], params: list, source: str,

@@ -385,14 +385,40 @@ class AudioCropDataset(Dataset):
                          "files failed to read (named above)")
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def worker_ignores_stop_signals(worker_id: int) -> None:
     """A DataLoader worker's `worker_init_fn`: SIGINT and SIGTERM ignored. Ctrl-C, a scheduler's
     SIGTERM or `kill -- -PGID` reach the whole process group; a worker they ended could be handing
     a batch to the main process, which then failed mid-transfer with a traceback (connection reset)
     instead of stopping at its next step, saved. The main process stops them when it stops; a
-    worker whose parent is gone exits by itself (torch's watchdog)."""
+    worker whose parent is gone exits by itself (torch's watchdog). A `StopSafeLoader` starts its
+    workers with both signals blocked, so one sent before this ran waits, and is dropped here."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+class StopSafeLoader(DataLoader):
+    """A DataLoader whose workers outlive a SIGINT or SIGTERM sent to the process group (see
+    `worker_ignores_stop_signals`, its default `worker_init_fn`). The workers are started with both
+    signals blocked: one that arrived between a worker's start and its `worker_init_fn` ended it
+    (each epoch of a loader without persistent workers starts them again). The main process gets
+    such a signal as soon as its workers have started."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("worker_init_fn", worker_ignores_stop_signals)
+        super().__init__(*args, **kwargs)
+
+    def _get_iterator(self):
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return super()._get_iterator()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: Optional[bool] = None, num_workers: int = 0,
@@ -419,9 +445,9 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: Optional[bool] = Non
         sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last, **replicas)
         shuffle = False  # the sampler shuffles
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, generator=generator,
-                      num_workers=num_workers, drop_last=drop_last, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=False, worker_init_fn=worker_ignores_stop_signals)
+    return StopSafeLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, generator=generator,
+                          num_workers=num_workers, drop_last=drop_last, pin_memory=torch.cuda.is_available(),
+                          persistent_workers=False)
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:
@@ -466,6 +492,6 @@ def infinite_batches(loader: DataLoader, start_epoch: int = 0, skip: int = 0) ->
     if skip and not isinstance(loader.sampler, DistributedSampler):
         raise ValueError("infinite_batches(skip=...) needs a loader with a DistributedSampler")
     workers = {"prefetch_factor": loader.prefetch_factor} if loader.num_workers else {}
-    yield from DataLoader(loader.dataset, batch_sampler=EpochBatches(loader, start_epoch, skip),
-                          num_workers=loader.num_workers, pin_memory=loader.pin_memory, generator=loader.generator,
-                          **workers)
+    yield from StopSafeLoader(loader.dataset, batch_sampler=EpochBatches(loader, start_epoch, skip),
+                              num_workers=loader.num_workers, pin_memory=loader.pin_memory,
+                              generator=loader.generator, **workers)

@@ -39,11 +39,11 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset, Sampler
 
 from .checkpoint import TEMP_SUFFIX, CheckpointError, atomic_write, listed, os_reason
 from .files import change_stamp, drop_dead_temporaries, json_value, open_locked, try_writing_in
-from .data import worker_ignores_stop_signals
+from .data import StopSafeLoader
 from .codec import Codec
 from .parallel import long_barrier
 
@@ -409,9 +409,8 @@ def prepare_latents(root: str, codec, channels: str, out_dir: str, sample_rate: 
         """Encode this rank's files from the `start`-th on, their rows written to `out` and each file's
         entry (or, for a file skipped, the warning naming it) given to `done`."""
         nonlocal offset
-        reader = DataLoader(_AudioFiles([files[i].path for i in mine[start:]], sample_rate, channels, mono_to_stereo,
-                                        model_channel), batch_size=None, num_workers=num_workers,
-                            worker_init_fn=worker_ignores_stop_signals)
+        reader = StopSafeLoader(_AudioFiles([files[i].path for i in mine[start:]], sample_rate, channels,
+                                            mono_to_stereo, model_channel), batch_size=None, num_workers=num_workers)
         for j, audio, error in tqdm(reader, initial=start, total=len(mine), desc="encoding", disable=rank != 0,
                                     leave=False):
             j += start

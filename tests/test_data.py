@@ -617,30 +617,42 @@ def test_infinite_batches_keep_their_workers_across_epochs(tmp_path):
     assert not torch.equal(ds[(0, 5)]["audio"], ds[(1, 5)]["audio"])
 
 
-def test_data_loading_workers_outlive_a_stop_signal_to_the_process_group():
+@pytest.mark.parametrize("kind", ["make_loader", "infinite_batches"])
+def test_data_loading_workers_outlive_a_stop_signal_to_the_process_group(kind):
     """Ctrl-C or a SIGTERM to a trainer's process group reached its DataLoader workers too: one that
     died while handing a batch over made the main process fail mid-transfer with a traceback
     (ConnectionResetError), instead of stopping at its next step, saved (a flaky failure of
     test_train_transformer.py's SIGTERM test). The workers ignore both now: after the signals they
-    still serve batches, and the loader stops them when it is done."""
+    still serve batches, and the loader stops them when it is done.
+    make_loader: the signals are sent the moment its workers have started. One that came before a
+    worker's worker_init_fn had run ended it (a CI failure of this test), so they start with both
+    signals blocked. infinite_batches (the codec trainer's batches) made a loader of its own, whose
+    workers had no worker_init_fn at all."""
+    import itertools
+    import multiprocessing
     import signal
     import time
 
-    from model.data import make_loader
+    from model.data import infinite_batches, make_loader
     loader = make_loader(torch.utils.data.TensorDataset(torch.arange(64.0)), batch_size=4, shuffle=False,
-                         num_workers=2, distributed=False)
-    batches = iter(loader)
-    first = next(batches)[0]
-    pids = [w.pid for w in batches._workers]
-    for pid in pids:
-        os.kill(pid, signal.SIGTERM)
-        os.kill(pid, signal.SIGINT)
+                         num_workers=2, distributed=kind == "infinite_batches")
+    before = set(multiprocessing.active_children())
+    if kind == "make_loader":
+        batches, got = iter(loader), []  # its workers start here
+    else:
+        batches = infinite_batches(loader)
+        got = [next(batches)[0]]  # the generator starts its loader's workers for its first batch
+    workers = [w for w in multiprocessing.active_children() if w not in before]
+    assert len(workers) == 2
+    for w in workers:
+        os.kill(w.pid, signal.SIGTERM)
+        os.kill(w.pid, signal.SIGINT)
     time.sleep(0.5)
-    assert all(w.is_alive() for w in batches._workers)
-    rest = torch.cat([first] + [b[0] for b in batches])
-    assert torch.equal(rest, torch.arange(64.0))
+    assert all(w.is_alive() for w in workers)
+    got += [b[0] for b in itertools.islice(batches, 16 - len(got))]
+    assert torch.equal(torch.cat(got), torch.arange(64.0))
     del batches  # the loader shuts its workers down
     time.sleep(0.5)
-    for pid in pids:
+    for w in workers:
         with pytest.raises(ProcessLookupError):
-            os.kill(pid, 0)
+            os.kill(w.pid, 0)
