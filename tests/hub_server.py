@@ -3,6 +3,7 @@
 faults and a throttle, for the download tests."""
 from __future__ import annotations
 
+import gzip
 import re
 import socket
 import struct
@@ -16,10 +17,16 @@ class HubServer:
     """`files`: filename -> bytes. `faults`: filename -> list of faults consumed one per GET:
     "truncate" (send half the body, then drop the connection), "drop@F" (send the file up to the
     fraction F of its length, then drop the connection; "reset@F" resets it), "corrupt" (send other bytes), "error"
-    (HTTP 500), "ignore-range" (answer 200 with the whole file to a Range request), "bad-range"
+    (HTTP 500), "ignore-range" (answer 200 with the whole file to a Range request;
+    "ignore-range+drop@F" with a drop), "bad-range"
     (answer a Range request with 206 and the whole file, `Content-Range: bytes 0-...`), "unsized"
     (no Content-Length: the body ends when the connection closes; "unsized+drop@F" with a drop),
-    "page" (HTTP 200 with a small text/html page, as a captive portal or a proxy's login gives).
+    "page" (HTTP 200 with a small text/html page, as a captive portal or a proxy's login gives),
+    "short-length" (a Content-Length of half the body, then the whole body), "stall@F" (send up to
+    the fraction F, then nothing until the server stops), "piece@F" (answer a Range request with 206
+    and the bytes up to the fraction F only, as its Content-Range says), "gzip" (the body gzipped,
+    `Content-Encoding: gzip`), "redirect:LOCATION" (302 to LOCATION; `aliases` maps a path asked for
+    to the file it serves).
     `rate`: bytes per second of every body (None: as fast as it goes). `requests` records every
     path asked for, `ranges` the Range header of each (None without), `sent` the body bytes sent."""
 
@@ -31,6 +38,8 @@ class HubServer:
         self.ranges: list[str | None] = []
         self.sent = 0
         self.rate: float | None = None
+        self.aliases: dict[str, str] = {}
+        self.stopping = threading.Event()
         self.lock = threading.Lock()
         server = self
 
@@ -52,7 +61,7 @@ class HubServer:
                 asked = self.headers.get("Range")
                 server.ranges.append(asked)
                 prefix = f"/{server.repo}/resolve/main/"
-                name = self.path[len(prefix):] if self.path.startswith(prefix) else None
+                name = self.path[len(prefix):] if self.path.startswith(prefix) else server.aliases.get(self.path)
                 if name not in server.files:
                     return self.empty(404)
                 data = server.files[name]
@@ -60,8 +69,22 @@ class HubServer:
                 unsized = fault is not None and fault.startswith("unsized")  # (the body ends at the close)
                 if unsized:
                     fault = fault[len("unsized"):].lstrip("+") or None
+                ignore = fault is not None and fault.startswith("ignore-range")  # (a 200 to a Range request)
+                if ignore:
+                    fault = fault[len("ignore-range"):].lstrip("+") or None
                 if fault == "error":
                     return self.empty(500)
+                if fault and fault.startswith("redirect:"):
+                    return self.empty(302, {"Location": fault[len("redirect:"):]})
+                if fault == "gzip":
+                    body = gzip.compress(data)
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/octet-stream")
+                    self.send_header("Content-Encoding", "gzip")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
                 if fault == "page":
                     page = b"<!DOCTYPE html><html><body>Sign in to continue</body></html>"
                     self.send_response(200)
@@ -74,27 +97,35 @@ class HubServer:
                     data = bytes(b ^ 0xFF for b in data)
                 start = 0
                 m = re.fullmatch(r"bytes=(\d+)-", asked or "")
-                if m and fault not in ("ignore-range", "bad-range"):
+                if m and not ignore and fault != "bad-range":
                     start = int(m.group(1))
                     if start >= len(data):
                         return self.empty(416, {"Content-Range": f"bytes */{len(data)}"})
-                self.send_response(206 if m and fault != "ignore-range" else 200)
+                last = len(data)  # (the end of what this answer says it holds)
+                if m and fault and fault.startswith("piece@"):
+                    last = max(start + 1, int(len(data) * float(fault.split("@")[1])))
+                self.send_response(206 if m and not ignore else 200)
                 self.send_header("Content-Type", "application/octet-stream")
                 if unsized:
                     self.close_connection = True
+                elif fault == "short-length":
+                    self.send_header("Content-Length", str((last - start) // 2))
+                    self.close_connection = True
                 else:
-                    self.send_header("Content-Length", str(len(data) - start))
-                if m and fault != "ignore-range":
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                    self.send_header("Content-Length", str(last - start))
+                if m and not ignore:
+                    self.send_header("Content-Range", f"bytes {start}-{last - 1}/{len(data)}")
                 self.end_headers()
-                end = len(data)
+                end = last
                 if fault == "truncate":
                     end = start + (len(data) - start) // 2
-                elif fault and fault.startswith(("drop@", "reset@")):
+                elif fault and fault.startswith(("drop@", "reset@", "stall@")):
                     end = max(start, int(len(data) * float(fault.split("@")[1])))
                 try:
                     self.send_body(data, start, end)
-                    if end < len(data):
+                    if fault and fault.startswith("stall@"):
+                        server.stopping.wait()  # (headers and what was sent, then nothing)
+                    if end < last:
                         self.close_connection = True
                         if fault.startswith("reset@"):  # (a reset, not an orderly close: the client sees an error)
                             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -130,5 +161,6 @@ class HubServer:
         return self
 
     def __exit__(self, *exc):
+        self.stopping.set()
         self.httpd.shutdown()
         self.httpd.server_close()
