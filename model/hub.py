@@ -8,9 +8,10 @@ second one downloading the same file waits for it, then finds the verified file 
 the partial over if the first died). What a dropped connection, an error or a killed process leaves
 in the temporary is kept, and the next attempt (a retry, or a later run) asks for the rest with
 `Range: bytes=N-`, hashing the kept bytes first; a sidecar `.NAME.pt.download.json` names the md5
-and size the temporary is a prefix of, so a partial of another version of the file is never resumed,
-and a server that does not answer the range asked for (a 200, another start) is downloaded from the
-start. A partial left beside a file found in place and verified (put there by hand) is removed, and
+and size the temporary is a prefix of, so a partial of another version of the file is never resumed;
+a range answer from another start is downloaded from the start, and the whole file answered (a 200)
+is read from the start with its first bytes checked against the kept ones, which it only replaces
+where they differ (an answer that stops early loses nothing). A partial left beside a file found in place and verified (put there by hand) is removed, and
 said, unless a live process holds its lock. Interrupted transfers and HTTP 5xx answers are retried
 a bounded number of times in a row (an attempt that added bytes starts the count anew); an md5
 mismatch is downloaded once more from zero, then reported. What another attempt cannot change is
@@ -161,6 +162,9 @@ class _Partial:
         self.size: Optional[int] = None  # the whole file's, as the server said
         self.got = 0
         self.hash = hashlib.md5()
+        # (a whole file sent again over the kept bytes, `replay`: where its next byte goes, and the md5 of what came)
+        self.pos, self.again = 0, hashlib.md5()
+        self.sent_whole = False  # the last request for the rest was answered with the whole file
 
     @classmethod
     def lock(cls, path: Path, md5: str, verified: Callable[[], bool],
@@ -207,13 +211,14 @@ class _Partial:
                 break
             self.hash.update(block)
             self.got += len(block)
+        self.pos = self.got
 
     def restart(self) -> None:
         """Start over from byte 0 (the sidecar goes first: a sidecar always describes a prefix)."""
         _remove(self.meta)
         self.file.seek(0)
         self.file.truncate()
-        self.size, self.got, self.hash = None, 0, hashlib.md5()
+        self.size, self.got, self.hash, self.pos = None, 0, hashlib.md5(), 0
 
     def begin(self, size: Optional[int]) -> None:
         """A whole file is coming from byte 0, of `size` bytes if the server said."""
@@ -222,14 +227,35 @@ class _Partial:
             self.meta.write_text(json.dumps({"md5": self.md5, "size": size}))
             self.size = size
 
+    def replay(self) -> None:
+        """The whole file is coming again from byte 0 (a server that answered the Range request with
+        a 200): its first bytes are checked against the kept ones instead of replacing them, so an
+        answer that stops before their end loses nothing; where they differ, the kept bytes end."""
+        self.pos, self.again = 0, hashlib.md5()
+
     def write(self, pending: bytearray) -> None:
         """Append `pending`, emptying it as it goes (the file is unbuffered: `got` and the hash
-        count what reached it, even when a full disk takes part of a block)."""
+        count what reached it, even when a full disk takes part of a block); while a whole file sent
+        again is below the kept bytes (`replay`), check it against them instead."""
+        while pending and self.pos < self.got:
+            n = min(len(pending), self.got - self.pos, 1 << 22)
+            self.file.seek(self.pos)
+            if self.file.read(n) != pending[:n]:  # (other bytes: what matched so far is the prefix kept)
+                self.file.truncate(self.pos)
+                self.got, self.hash = self.pos, self.again
+                break
+            self.again.update(pending[:n])
+            self.pos += n
+            del pending[:n]
+        if not pending:
+            return
+        self.file.seek(self.got)
         while pending:
             n = self.file.write(pending)
             self.hash.update(pending[:n])
             self.got += n
             del pending[:n]
+        self.pos = self.got
 
     def settle(self) -> None:
         """After an attempt: the file ends where the hash does, and is on disk."""
@@ -331,10 +357,17 @@ def _download_once(url: str, dest: Path, part: _Partial, expected_size: Optional
                 raise WeightsError(f"{url} answered a web page ({kind}{size}), not {dest.name}: check HF_ENDPOINT "
                                    "and the network (a proxy or a captive portal asking to sign in?), or download "
                                    f"{dest.name} from https://huggingface.co/{HF_REPO} into {dest.parent}/")
+            part.sent_whole = bool(start) and r.status_code != 206
             try:
-                if r.status_code != 206:  # the whole file (a server that ignores Range too)
+                if r.status_code != 206 and start and declared and int(declared) == part.size:
+                    # (a server that ignores Range, or did this once: the kept bytes are not thrown away for it)
+                    log(f"{url} answered the request for the rest of {dest.name} with the whole file; reading it "
+                        f"from the start, keeping the {_human(start)} downloaded where they match")
+                    part.replay()
+                elif r.status_code != 206:  # the whole file
                     if start:
-                        log(f"{url} does not resume downloads; downloading {dest.name} from the start")
+                        log(f"{url} answered the request for the rest of {dest.name} with a file of another size "
+                            f"({declared or 'not given'} bytes, not {part.size}); downloading it from the start")
                     part.begin(int(declared) if declared else None)
                 _receive(r, dest, part, part.size or expected_size, progress)
             except OSError as e:
@@ -358,7 +391,6 @@ def _receive(r, dest: Path, part: _Partial, total: Optional[int], progress: bool
         bar = tqdm(total=total, initial=part.got, unit="B", unit_scale=True, desc=dest.name, leave=False)
     pending = bytearray()  # (the client's own chunking would lose what it holds when the connection drops)
     try:
-        part.file.seek(part.got)
         for block in r.iter_bytes():
             pending += block
             if len(pending) >= 1 << 20:
@@ -529,6 +561,10 @@ def _fetch(f: OfficialFile, path: Path, endpoint: Optional[str], retries: int, p
                 if attempt >= retries:
                     kept = (f"; the {_human(part.got)} downloaded are kept in {part.tmp} and the next run resumes "
                             "from there" if part.got and part.size else "")
+                    if kept and part.sent_whole:  # (no promise this server keeps)
+                        kept = (f"; the {_human(part.got)} downloaded are kept in {part.tmp}, but the server sent the "
+                                "whole file when asked for the rest: the next run asks again, and if it does the same, "
+                                "reads the file from its start again (checking the bytes kept, not losing them)")
                     raise WeightsError(f"could not download {f.filename} from {url} after {attempt} attempts: "
                                        f"{e}{kept}") from e
                 wait = min(2 ** (attempt - 1), 30) * backoff

@@ -153,11 +153,54 @@ def test_a_server_that_does_not_answer_the_range_is_downloaded_from_the_start(se
     logs = []
     path = fetch(server, tmp_path, "inference_volcano_3", log=logs.append)
     assert path.read_bytes() == data and server.ranges == [None, f"bytes={len(data) // 2}-"]
-    assert server.sent == len(data) * 3 // 2 and "does not resume downloads" in logs[-1]
+    assert server.sent == len(data) * 3 // 2 and logs[-1] == (
+        f"{server.endpoint}/si-pbc/hertz-dev/resolve/main/inference_volcano_3.pt answered the request for the rest of "
+        "inference_volcano_3.pt with the whole file; reading it from the start, keeping the 524.3 KB downloaded where "
+        "they match")
     path.unlink()
     server.faults["inference_volcano_3.pt"] = ["drop@0.5", "bad-range"]
     assert fetch(server, tmp_path, "inference_volcano_3", log=logs.append).read_bytes() == data
     assert server.ranges[2:] == [None, f"bytes={len(data) // 2}-", None] and leftovers(path.parent) == []
+
+
+def test_a_whole_file_sent_for_the_rest_keeps_the_bytes_downloaded(server, tmp_path, monkeypatch):
+    """A server answering a Range request with a 200 (the whole file) made the kept partial start
+    over at once: when that answer dropped before the kept size, the partial was shorter than
+    before (a 27 GB download at 90% cut back to where the drop came), and the error still said
+    "the next run resumes from there". Now the answer's first bytes are checked against the kept
+    ones, not written over them: the partial only grows, the error says what the server did, and
+    a later answer to the Range request resumes it. Kept bytes that differ from the answer's end
+    where they differ (the file is then right at once, no md5 failure)."""
+    data = os.urandom(1 << 20)
+    register(monkeypatch, "inference_volcano_3", data)
+    server.add("inference_volcano_3.pt", data)
+    partial = tmp_path / "ckpt" / ".inference_volcano_3.pt.download"
+    server.faults["inference_volcano_3.pt"] = ["drop@0.5", "ignore-range+drop@0.3"]
+    with pytest.raises(WeightsError, match="after 1 attempts"):
+        fetch(server, tmp_path, "inference_volcano_3", retries=1)
+    assert partial.read_bytes() == data[:len(data) // 2]
+    with pytest.raises(WeightsError) as e:
+        fetch(server, tmp_path, "inference_volcano_3", retries=1)
+    assert partial.read_bytes() == data[:len(data) // 2], "the kept bytes were cut back"
+    assert str(e.value).endswith(f"the 524.3 KB downloaded are kept in {partial}, but the server sent the whole file "
+                                 "when asked for the rest: the next run asks again, and if it does the same, reads the "
+                                 "file from its start again (checking the bytes kept, not losing them)")
+    server.faults["inference_volcano_3.pt"] = ["ignore-range+drop@0.8"]
+    with pytest.raises(WeightsError):
+        fetch(server, tmp_path, "inference_volcano_3", retries=1)
+    assert partial.read_bytes() == data[:int(0.8 * len(data))]
+    assert fetch(server, tmp_path, "inference_volcano_3").read_bytes() == data
+    assert server.ranges[-1] == f"bytes={int(0.8 * len(data))}-" and leftovers(tmp_path / "ckpt") == []
+    (tmp_path / "ckpt" / "inference_volcano_3.pt").unlink()
+    server.faults["inference_volcano_3.pt"] = ["drop@0.5", "ignore-range"]
+    with pytest.raises(WeightsError):
+        fetch(server, tmp_path, "inference_volcano_3", retries=1)
+    with partial.open("r+b") as f:  # (damaged kept bytes)
+        f.seek(1000)
+        f.write(b"\0" * 10)
+    requests = len(server.requests)
+    assert fetch(server, tmp_path, "inference_volcano_3").read_bytes() == data
+    assert len(server.requests) == requests + 1 and leftovers(tmp_path / "ckpt") == []
 
 
 def test_a_download_of_unknown_size_is_retried_from_the_start(server, tmp_path, monkeypatch):
