@@ -9,7 +9,8 @@ the partial over if the first died). What a dropped connection, an error or a ki
 in the temporary is kept, and the next attempt (a retry, or a later run) asks for the rest with
 `Range: bytes=N-`, hashing the kept bytes first; a sidecar `.NAME.pt.download.json` names the md5
 and size the temporary is a prefix of, so a partial of another version of the file is never resumed;
-a range answer from another start is downloaded from the start, and the whole file answered (a 200)
+a range answer holding part of the rest (as its Content-Range says) is followed by a request for the
+next, one from another start is downloaded from the start, and the whole file answered (a 200)
 is read from the start with its first bytes checked against the kept ones, which it only replaces
 where they differ (an answer that stops early loses nothing). A partial left beside a file found in place and verified (put there by hand) is removed, and
 said, unless a live process holds its lock. Interrupted transfers and HTTP 5xx answers are retried
@@ -309,10 +310,12 @@ def _kept_bytes(path: Path, md5: str) -> int:
         return 0
 
 
-def _content_range(r) -> Optional[tuple[int, int]]:
-    """(first byte, whole size) of a 206 answer's `Content-Range: bytes FIRST-LAST/SIZE`."""
+def _content_range(r) -> Optional[tuple[int, int, int]]:
+    """(first byte, last byte, whole size) of a 206 answer's `Content-Range: bytes FIRST-LAST/SIZE`,
+    or None when it has none or one that is not a range of the file."""
     m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", r.headers.get("content-range", "").strip())
-    return (int(m.group(1)), int(m.group(3))) if m else None
+    first, last, size = (int(g) for g in m.groups()) if m else (0, -1, 0)
+    return (first, last, size) if first <= last < size else None
 
 
 def _download_once(url: str, dest: Path, part: _Partial, expected_size: Optional[int], progress: bool,
@@ -336,7 +339,9 @@ def _download_once(url: str, dest: Path, part: _Partial, expected_size: Optional
             headers["Range"] = f"bytes={start}-"
             log(f"resuming {dest.name} at {_human(start)} of {_human(part.size)}")
         with session.stream("GET", url, headers=headers, follow_redirects=True, timeout=60) as r:
-            if start and (r.status_code == 416 or r.status_code == 206 and _content_range(r) != (start, part.size)):
+            piece = _content_range(r)
+            if start and (r.status_code == 416 or r.status_code == 206 and (piece is None or piece[0] != start
+                                                                              or piece[2] != part.size)):
                 log(f"{url} did not answer the range asked for ({r.status_code} "
                     f"{r.headers.get('content-range', '')}); downloading {dest.name} from the start")
                 part.restart()  # (the file there changed, or a server that does ranges its own way)
@@ -380,6 +385,10 @@ def _download_once(url: str, dest: Path, part: _Partial, expected_size: Optional
                                              f": free space there or choose another folder (ckpt_dir){kept}") from None
             if declared is not None and int(declared) != part.got - (start if r.status_code == 206 else 0):
                 raise IOError(f"transfer of {dest.name} ended after {part.got} of {part.size or declared} bytes")
+            if r.status_code == 206 and part.size and part.got < part.size:
+                if part.got == start:  # (nothing came: asking again at once would go on for ever)
+                    raise IOError(f"{url} answered the request for the rest of {dest.name} with no bytes")
+                continue  # (a range answer that holds part of the rest, as its Content-Range says: ask for the next)
         return part.hash.hexdigest()
 
 

@@ -203,6 +203,22 @@ def test_a_whole_file_sent_for_the_rest_keeps_the_bytes_downloaded(server, tmp_p
     assert len(server.requests) == requests + 1 and leftovers(tmp_path / "ckpt") == []
 
 
+def test_a_range_answer_holding_part_of_the_rest_is_followed_by_a_request_for_the_next(server, tmp_path, monkeypatch):
+    """A server may answer `Range: bytes=N-` with fewer bytes than the rest (its Content-Range says
+    which, `bytes N-M/SIZE`): the download ended there, the file failed its md5 check ("does not
+    match"), and it was downloaded once more from byte 0. Now each piece is appended and the next
+    one asked for, until the file is whole: one md5 check, which passes, and nothing sent twice."""
+    data = os.urandom(1 << 20)
+    register(monkeypatch, "inference_volcano_3", data)
+    server.add("inference_volcano_3.pt", data)
+    server.faults["inference_volcano_3.pt"] = ["drop@0.25", "piece@0.5", "piece@0.75"]
+    logs = []
+    assert fetch(server, tmp_path, "inference_volcano_3", log=logs.append).read_bytes() == data
+    assert server.ranges == [None] + [f"bytes={int(f * len(data))}-" for f in (0.25, 0.5, 0.75)]
+    assert server.sent == len(data) and not any("md5" in line for line in logs), logs
+    assert leftovers(tmp_path / "ckpt") == []
+
+
 def test_a_download_of_unknown_size_is_retried_from_the_start(server, tmp_path, monkeypatch):
     """A server that gives no Content-Length, then resets the connection: the retry failed on the
     'resuming ... of <unknown size>' line until the retries ran out, and the error said the bytes
