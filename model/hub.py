@@ -12,7 +12,8 @@ and size the temporary is a prefix of, so a partial of another version of the fi
 a range answer holding part of the rest (as its Content-Range says) is followed by a request for the
 next, one from another start is downloaded from the start, and the whole file answered (a 200)
 is read from the start with its first bytes checked against the kept ones, which it only replaces
-where they differ (an answer that stops early loses nothing). A partial left beside a file found in place and verified (put there by hand) is removed, and
+where they differ (an answer that stops early loses nothing). A Content-Length that cannot be right (shorter than the
+file, or than the range its Content-Range names) is a failed attempt said before the body is read. A partial left beside a file found in place and verified (put there by hand) is removed, and
 said, unless a live process holds its lock. Interrupted transfers and HTTP 5xx answers are retried
 a bounded number of times in a row (an attempt that added bytes starts the count anew); an md5
 mismatch is downloaded once more from zero, then reported. What another attempt cannot change is
@@ -362,6 +363,13 @@ def _download_once(url: str, dest: Path, part: _Partial, expected_size: Optional
                 raise WeightsError(f"{url} answered a web page ({kind}{size}), not {dest.name}: check HF_ENDPOINT "
                                    "and the network (a proxy or a captive portal asking to sign in?), or download "
                                    f"{dest.name} from https://huggingface.co/{HF_REPO} into {dest.parent}/")
+            if declared is not None:  # (a length that cannot be the file's: said now, not as an md5 mismatch after it)
+                if r.status_code == 206 and piece and int(declared) != piece[1] - piece[0] + 1:
+                    raise IOError(f"the server announced a Content-Length of {declared} bytes for bytes {piece[0]}-"
+                                  f"{piece[1]} of {dest.name} (its Content-Range), which are {piece[1] - piece[0] + 1}")
+                if r.status_code != 206 and expected_size and int(declared) < expected_size:
+                    raise IOError(f"the server announced a Content-Length of {declared} bytes for {dest.name}, which "
+                                  f"has at least {expected_size}")
             part.sent_whole = bool(start) and r.status_code != 206
             try:
                 if r.status_code != 206 and start and declared and int(declared) == part.size:

@@ -219,6 +219,32 @@ def test_a_range_answer_holding_part_of_the_rest_is_followed_by_a_request_for_th
     assert leftovers(tmp_path / "ckpt") == []
 
 
+def test_a_content_length_shorter_than_the_file_is_said_before_the_md5(server, tmp_path, monkeypatch):
+    """A server (a proxy) announcing a Content-Length shorter than the body it sends: the client
+    stops at the length announced, the file failed its md5 check twice and the error blamed "the
+    download source or the file"; a partial kept was started over for it. Now the length announced
+    is checked against the file's size (a 200) or the answer's Content-Range (a 206) before the
+    body is read: the error names both lengths, the partial is kept, and a later run resumes it."""
+    data = os.urandom(1 << 20)
+    register(monkeypatch, "inference_volcano_3", data)
+    server.add("inference_volcano_3.pt", data)
+    server.faults["inference_volcano_3.pt"] = ["short-length"] * 2
+    with pytest.raises(WeightsError) as e:
+        fetch(server, tmp_path, "inference_volcano_3", retries=2)
+    assert str(e.value).endswith("after 2 attempts: the server announced a Content-Length of 524288 bytes for "
+                                 "inference_volcano_3.pt, which has at least 1048576"), str(e.value)
+    assert leftovers(tmp_path / "ckpt") == []
+    partial = tmp_path / "ckpt" / ".inference_volcano_3.pt.download"
+    server.faults["inference_volcano_3.pt"] = ["drop@0.5"] + ["short-length"] * 2
+    with pytest.raises(WeightsError) as e:
+        fetch(server, tmp_path, "inference_volcano_3", retries=2)
+    assert "after 2 attempts: the server announced a Content-Length of 262144 bytes for bytes 524288-1048575 of " \
+           "inference_volcano_3.pt (its Content-Range), which are 524288; the 524.3 KB downloaded are kept" in str(e.value)
+    assert partial.read_bytes() == data[:len(data) // 2]
+    assert fetch(server, tmp_path, "inference_volcano_3").read_bytes() == data
+    assert server.ranges[-1] == f"bytes={len(data) // 2}-" and leftovers(tmp_path / "ckpt") == []
+
+
 def test_a_download_of_unknown_size_is_retried_from_the_start(server, tmp_path, monkeypatch):
     """A server that gives no Content-Length, then resets the connection: the retry failed on the
     'resuming ... of <unknown size>' line until the retries ran out, and the error said the bytes
