@@ -12,11 +12,13 @@ and size the temporary is a prefix of, so a partial of another version of the fi
 a range answer holding part of the rest (as its Content-Range says) is followed by a request for the
 next, one from another start is downloaded from the start, and the whole file answered (a 200)
 is read from the start with its first bytes checked against the kept ones, which it only replaces
-where they differ (an answer that stops early loses nothing). A Content-Length that cannot be right (shorter than the
-file, or than the range its Content-Range names) is a failed attempt said before the body is read. A partial left beside a file found in place and verified (put there by hand) is removed, and
-said, unless a live process holds its lock. Interrupted transfers and HTTP 5xx answers are retried
-a bounded number of times in a row (an attempt that added bytes starts the count anew); an md5
-mismatch is downloaded once more from zero, then reported. What another attempt cannot change is
+where they differ (an answer that stops early loses nothing). A Content-Length that cannot be
+right (shorter than the file, or than the range its Content-Range names) is a failed attempt said
+before the body is read. A partial left beside a file found in place and verified (put there by
+hand) is removed, and said, unless a live process holds its lock. Interrupted transfers and HTTP 5xx
+answers are retried a bounded number of times in a row (an attempt that added bytes starts the count
+anew); an attempt fails when the server sends nothing for `HF_HUB_DOWNLOAD_TIMEOUT` seconds (60
+unset), and a Ctrl-C says what is kept for the next run; an md5 mismatch is downloaded once more from zero, then reported. What another attempt cannot change is
 one WeightsError at once: an HTTP 4xx answer, a web page (text/html) instead of the file (a partial
 kept is kept), a folder that cannot be written (a file in its place, read-only, a full disk), and a
 disk with less room than the rest of the missing files need, found before the first download starts.
@@ -41,6 +43,7 @@ from .files import change_stamp, drop_dead_temporaries, json_value, open_locked,
 
 HF_REPO = "si-pbc/hertz-dev"
 DEFAULT_CKPT_DIR = "ckpt"
+DOWNLOAD_TIMEOUT = 60.0  # seconds an attempt waits for the server's next bytes; HF_HUB_DOWNLOAD_TIMEOUT sets it
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,27 @@ def file_digest(path: Path, algorithm: str = "md5", chunk: int = 1 << 22) -> str
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def download_timeout() -> float:
+    """How long a download waits for the server's next bytes before the attempt fails: the
+    `HF_HUB_DOWNLOAD_TIMEOUT` environment variable (huggingface_hub's, whole seconds), else
+    DOWNLOAD_TIMEOUT; another value is a WeightsError naming it (huggingface_hub itself fails on
+    one that is not a whole number with a traceback when imported: asked before it is)."""
+    said = os.environ.get("HF_HUB_DOWNLOAD_TIMEOUT", "").strip()
+    if not said:
+        return DOWNLOAD_TIMEOUT
+    if not said.isdigit() or int(said) == 0:
+        raise WeightsError(f"HF_HUB_DOWNLOAD_TIMEOUT: expected a whole number of seconds > 0, got {said!r}")
+    return float(said)
+
+
+def _failure(e: Exception, timeout: float) -> str:
+    """What went wrong in an attempt, in words: the client says only "timed out" for a server that
+    stopped sending."""
+    if isinstance(e, TimeoutError) or any(c.__name__ == "TimeoutException" for c in type(e).__mro__):
+        return f"no data from the server for {timeout:g} s (HF_HUB_DOWNLOAD_TIMEOUT sets how long to wait)"
+    return str(e)
 
 
 def _is_offline(offline: Optional[bool]) -> bool:
@@ -320,7 +344,7 @@ def _content_range(r) -> Optional[tuple[int, int, int]]:
 
 
 def _download_once(url: str, dest: Path, part: _Partial, expected_size: Optional[int], progress: bool,
-                   log: Callable[[str], None]) -> str:
+                   log: Callable[[str], None], timeout: float) -> str:
     """Stream `url` into the locked temporary `part` (resuming at what it holds when the server
     answers the range asked for, else from byte 0); return the whole file's md5. Raises
     WeightsError for what another attempt cannot change (an HTTP 4xx answer, a web page, a file that
@@ -339,7 +363,7 @@ def _download_once(url: str, dest: Path, part: _Partial, expected_size: Optional
         if start:
             headers["Range"] = f"bytes={start}-"
             log(f"resuming {dest.name} at {_human(start)} of {_human(part.size)}")
-        with session.stream("GET", url, headers=headers, follow_redirects=True, timeout=60) as r:
+        with session.stream("GET", url, headers=headers, follow_redirects=True, timeout=timeout) as r:
             piece = _content_range(r)
             if start and (r.status_code == 416 or r.status_code == 206 and (piece is None or piece[0] != start
                                                                               or piece[2] != part.size)):
@@ -516,8 +540,9 @@ def official_files(names, ckpt_dir: str | os.PathLike = DEFAULT_CKPT_DIR, offlin
                            f"{', '.join(f'{f.filename} ({f.component})' for f in missing)} need"
                            f"{'s' if len(missing) == 1 else ''} about {_human(need)}{more}: free space there or choose "
                            "another folder (ckpt_dir)")
+    timeout = download_timeout() if missing else DOWNLOAD_TIMEOUT
     for f in missing:
-        out[f.name] = _fetch(f, folder / f.filename, endpoint, retries, progress, log, backoff)
+        out[f.name] = _fetch(f, folder / f.filename, endpoint, retries, progress, log, backoff, timeout)
     return {f.name: out[f.name] for f in files}
 
 
@@ -547,7 +572,7 @@ def _drop_stale_partial(path: Path, log: Callable[[str], None]) -> Path:
 
 
 def _fetch(f: OfficialFile, path: Path, endpoint: Optional[str], retries: int, progress: bool,
-           log: Callable[[str], None], backoff: float) -> Path:
+           log: Callable[[str], None], backoff: float, timeout: float) -> Path:
     """Download `f` into `path` through its locked temporary (resumed where an earlier attempt or
     run stopped), verify it and rename it into place; or find it there once another process that
     held the temporary has."""
@@ -570,8 +595,13 @@ def _fetch(f: OfficialFile, path: Path, endpoint: Optional[str], retries: int, p
         while True:
             before = part.got
             try:
-                digest = _download_once(url, path, part, f.size, progress, log)
+                digest = _download_once(url, path, part, f.size, progress, log, timeout)
             except WeightsError:  # another attempt would not change it
+                raise
+            except KeyboardInterrupt:  # (Ctrl-C, waiting on a stalled server say: what came is kept, and said)
+                if part.got and part.size:
+                    log(f"download of {f.filename} interrupted; the {_human(part.got)} downloaded are kept in "
+                        f"{part.tmp} and the next run resumes from there")
                 raise
             except Exception as e:  # network errors, HTTP 5xx, short reads
                 attempt = 1 if part.got > before else attempt + 1  # (a drop after progress starts the count anew)
@@ -583,9 +613,10 @@ def _fetch(f: OfficialFile, path: Path, endpoint: Optional[str], retries: int, p
                                 "whole file when asked for the rest: the next run asks again, and if it does the same, "
                                 "reads the file from its start again (checking the bytes kept, not losing them)")
                     raise WeightsError(f"could not download {f.filename} from {url} after {attempt} attempts: "
-                                       f"{e}{kept}") from e
+                                       f"{_failure(e, timeout)}{kept}") from e
                 wait = min(2 ** (attempt - 1), 30) * backoff
-                log(f"download of {f.filename} failed ({e}); retrying in {wait:.1f}s ({attempt}/{retries})")
+                log(f"download of {f.filename} failed ({_failure(e, timeout)}); retrying in {wait:.1f}s "
+                    f"({attempt}/{retries})")
                 time.sleep(wait)
                 continue
             if digest != f.md5:

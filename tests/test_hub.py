@@ -298,13 +298,13 @@ print("done", hub.file_digest(path) == md5, flush=True)
 """
 
 
-def downloader(server, folder, name, data):
+def downloader(server, folder, name, data, env=None):
     """A process downloading `name` from `server` into `folder` (prints its log, then 'done True'
-    when what it returned is the verified file)."""
+    when what it returned is the verified file), with `env` added to its environment."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return subprocess.Popen([sys.executable, "-c", DOWNLOADER, str(folder), server.endpoint, name,
                              hashlib.md5(data).hexdigest(), str(len(data))], cwd=repo, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
 
 
 def wait_for(check, child, what):
@@ -335,6 +335,67 @@ def test_a_killed_download_is_resumed_by_the_next_run(server, tmp_path, monkeypa
     assert path.read_bytes() == data and leftovers(path.parent) == []
     assert server.ranges == [None, f"bytes={kept}-"] and server.sent < 1.3 * len(data)
     assert logs == [f"resuming inference_volcano_3.pt at {hub._human(kept)} of 4.2 MB"]
+
+
+def test_a_stalled_server_fails_the_attempt_after_a_timeout_that_is_said_and_can_be_set(server, tmp_path,
+                                                                                        monkeypatch):
+    """A server that sent headers (and part of the file), then nothing, held each attempt for a
+    fixed 60 s, and the error said only "timed out". The wait is HF_HUB_DOWNLOAD_TIMEOUT's
+    (huggingface_hub's variable; 60 s unset), the error says how long it waited and what sets it,
+    and keeps what came for the next run; a value that is not a whole number of seconds > 0 is one
+    error naming the variable, before any request."""
+    data = os.urandom(1 << 20)
+    register(monkeypatch, "inference_volcano_3", data)
+    server.add("inference_volcano_3.pt", data)
+    server.faults["inference_volcano_3.pt"] = ["stall@0.5"] * 3
+    folder = tmp_path / "ckpt"
+    child = downloader(server, folder, "inference_volcano_3", data, env={"HF_HUB_DOWNLOAD_TIMEOUT": "1"})
+    try:
+        out = child.communicate(timeout=30)[0]
+    finally:
+        child.kill()
+    partial = folder / ".inference_volcano_3.pt.download"
+    assert out.splitlines()[-1] == (
+        f"model.hub.WeightsError: could not download inference_volcano_3.pt from {server.endpoint}/si-pbc/hertz-dev/"
+        "resolve/main/inference_volcano_3.pt after 3 attempts: no data from the server for 1 s "
+        f"(HF_HUB_DOWNLOAD_TIMEOUT sets how long to wait); the 524.3 KB downloaded are kept in {partial} and the "
+        "next run resumes from there"), out
+    assert partial.read_bytes() == data[:len(data) // 2]
+    requests = len(server.requests)
+    for value in ("soon", "0.5", "0"):
+        monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", value)
+        with pytest.raises(WeightsError) as e:
+            fetch(server, tmp_path, "inference_volcano_3")
+        assert str(e.value) == f"HF_HUB_DOWNLOAD_TIMEOUT: expected a whole number of seconds > 0, got {value!r}"
+    assert len(server.requests) == requests
+    monkeypatch.delenv("HF_HUB_DOWNLOAD_TIMEOUT")
+    assert fetch(server, tmp_path, "inference_volcano_3").read_bytes() == data
+    assert server.ranges[-1] == f"bytes={len(data) // 2}-"
+
+
+def test_ctrl_c_while_the_server_stalls_keeps_the_partial_and_says_so(server, tmp_path, monkeypatch):
+    """Ctrl-C while a stalled server keeps the download waiting: the bytes that came were kept,
+    but nothing said so (a KeyboardInterrupt from inside the client). Now one line says the
+    download was interrupted, how much is kept where, and that the next run resumes it; it does."""
+    data = os.urandom(1 << 20)
+    register(monkeypatch, "inference_volcano_3", data)
+    server.add("inference_volcano_3.pt", data)
+    server.faults["inference_volcano_3.pt"] = ["stall@0.5"]
+    folder = tmp_path / "ckpt"
+    child = downloader(server, folder, "inference_volcano_3", data)
+    try:
+        wait_for(lambda: server.sent >= len(data) // 2, child, "no download seen")
+        time.sleep(0.5)  # (the client holds them, waiting for more)
+        child.send_signal(signal.SIGINT)
+        out = child.communicate(timeout=30)[0]
+    finally:
+        child.kill()
+    partial = folder / ".inference_volcano_3.pt.download"
+    assert (f"download of inference_volcano_3.pt interrupted; the 524.3 KB downloaded are kept in {partial} and the "
+            "next run resumes from there") in out.splitlines(), out
+    assert out.splitlines()[-1] == "KeyboardInterrupt" and partial.read_bytes() == data[:len(data) // 2]
+    assert fetch(server, tmp_path, "inference_volcano_3").read_bytes() == data
+    assert server.ranges[-1] == f"bytes={len(data) // 2}-" and leftovers(folder) == []
 
 
 def test_a_partial_left_beside_a_file_put_in_place_by_hand_is_removed(server, tmp_path, monkeypatch):
