@@ -14,12 +14,13 @@ next, one from another start is downloaded from the start, and the whole file an
 is read from the start with its first bytes checked against the kept ones, which it only replaces
 where they differ (an answer that stops early loses nothing). A Content-Length that cannot be
 right (shorter than the file, or than the range its Content-Range names) is a failed attempt said
-before the body is read. A partial left beside a file found in place and verified (put there by
+before the body is read. The file is asked for uncompressed (`Accept-Encoding: identity`); one
+compressed all the same is taken as of unknown size (its lengths are the compressed ones). A partial left beside a file found in place and verified (put there by
 hand) is removed, and said, unless a live process holds its lock. Interrupted transfers and HTTP 5xx
 answers are retried a bounded number of times in a row (an attempt that added bytes starts the count
 anew); an attempt fails when the server sends nothing for `HF_HUB_DOWNLOAD_TIMEOUT` seconds (60
-unset), and a Ctrl-C says what is kept for the next run; an md5 mismatch is downloaded once more from zero, then reported. What another attempt cannot change is
-one WeightsError at once: an HTTP 4xx answer, a web page (text/html) instead of the file (a partial
+unset), and a Ctrl-C says what is kept for the next run; an md5 mismatch is downloaded once more
+from zero, then reported. What another attempt cannot change is one WeightsError at once: an HTTP 4xx answer, a web page (text/html) instead of the file (a partial
 kept is kept), a folder that cannot be written (a file in its place, read-only, a full disk), and a
 disk with less room than the rest of the missing files need, found before the first download starts.
 Offline
@@ -360,12 +361,17 @@ def _download_once(url: str, dest: Path, part: _Partial, expected_size: Optional
         if start and start == part.size:  # all there already (a run killed before the rename)
             return part.hash.hexdigest()
         headers = build_hf_headers()
+        headers["Accept-Encoding"] = "identity"  # (the file's own bytes: sizes and ranges are of those)
         if start:
             headers["Range"] = f"bytes={start}-"
             log(f"resuming {dest.name} at {_human(start)} of {_human(part.size)}")
         with session.stream("GET", url, headers=headers, follow_redirects=True, timeout=timeout) as r:
             piece = _content_range(r)
-            if start and (r.status_code == 416 or r.status_code == 206 and (piece is None or piece[0] != start
+            # (compressed all the same, by a proxy say: the client hands over the file's bytes, but the lengths and
+            # ranges the answer gives are of the compressed ones, which a file on disk cannot be resumed from)
+            encoded = r.headers.get("content-encoding", "identity").strip().lower() not in ("", "identity")
+            if start and (r.status_code == 416 or r.status_code == 206 and (encoded or piece is None
+                                                                              or piece[0] != start
                                                                               or piece[2] != part.size)):
                 log(f"{url} did not answer the range asked for ({r.status_code} "
                     f"{r.headers.get('content-range', '')}); downloading {dest.name} from the start")
@@ -378,7 +384,7 @@ def _download_once(url: str, dest: Path, part: _Partial, expected_size: Optional
                                        f"or download {dest.name} from https://huggingface.co/{HF_REPO} into "
                                        f"{dest.parent}/")
                 raise IOError(answer)
-            declared = r.headers.get("content-length")
+            declared = r.headers.get("content-length") if not encoded else None
             kind = r.headers.get("content-type", "")
             if kind.split(";")[0].strip().lower() in ("text/html", "application/xhtml+xml"):
                 # (a captive portal, a proxy's sign-in, a mirror's page: not the file, and a partial kept is not

@@ -28,7 +28,8 @@ class HubServer:
     `Content-Encoding: gzip`), "redirect:LOCATION" (302 to LOCATION; `aliases` maps a path asked for
     to the file it serves).
     `rate`: bytes per second of every body (None: as fast as it goes). `requests` records every
-    path asked for, `ranges` the Range header of each (None without), `sent` the body bytes sent."""
+    path asked for, `ranges` the Range header of each (None without), `encodings` its
+    Accept-Encoding, `sent` the body bytes sent."""
 
     def __init__(self, repo: str = "si-pbc/hertz-dev"):
         self.repo = repo
@@ -36,6 +37,7 @@ class HubServer:
         self.faults: dict[str, list[str]] = {}
         self.requests: list[str] = []
         self.ranges: list[str | None] = []
+        self.encodings: list[str | None] = []
         self.sent = 0
         self.rate: float | None = None
         self.aliases: dict[str, str] = {}
@@ -60,6 +62,7 @@ class HubServer:
                 server.requests.append(self.path)
                 asked = self.headers.get("Range")
                 server.ranges.append(asked)
+                server.encodings.append(self.headers.get("Accept-Encoding"))
                 prefix = f"/{server.repo}/resolve/main/"
                 name = self.path[len(prefix):] if self.path.startswith(prefix) else server.aliases.get(self.path)
                 if name not in server.files:

@@ -245,6 +245,23 @@ def test_a_content_length_shorter_than_the_file_is_said_before_the_md5(server, t
     assert server.ranges[-1] == f"bytes={len(data) // 2}-" and leftovers(tmp_path / "ckpt") == []
 
 
+def test_a_file_sent_compressed_is_taken_whole_at_once(server, tmp_path, monkeypatch):
+    """The client asked for any encoding (`Accept-Encoding: gzip, ...`) and a server (a proxy)
+    that sent the file gzipped made every attempt fail: the bytes decoded were checked against the
+    compressed Content-Length ("ended after 1048576 of 1048914 bytes"), the sidecar recorded the
+    compressed size, and the resume that followed was refused (416) and started over. The file is
+    asked for as it is (`identity`), and one compressed all the same is taken as of unknown size:
+    one request, verified, nothing logged."""
+    data = bytes(range(256)) * 4096  # (compressible)
+    register(monkeypatch, "inference_volcano_3", data)
+    server.add("inference_volcano_3.pt", data)
+    server.faults["inference_volcano_3.pt"] = ["gzip"]
+    logs = []
+    assert fetch(server, tmp_path, "inference_volcano_3", log=logs.append).read_bytes() == data
+    assert len(server.requests) == 1 and logs == [] and leftovers(tmp_path / "ckpt") == []
+    assert server.encodings == ["identity"]
+
+
 def test_a_download_of_unknown_size_is_retried_from_the_start(server, tmp_path, monkeypatch):
     """A server that gives no Content-Length, then resets the connection: the retry failed on the
     'resuming ... of <unknown size>' line until the retries ran out, and the error said the bytes
