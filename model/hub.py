@@ -15,7 +15,8 @@ is read from the start with its first bytes checked against the kept ones, which
 where they differ (an answer that stops early loses nothing). A Content-Length that cannot be
 right (shorter than the file, or than the range its Content-Range names) is a failed attempt said
 before the body is read. The file is asked for uncompressed (`Accept-Encoding: identity`); one
-compressed all the same is taken as of unknown size (its lengths are the compressed ones). A partial left beside a file found in place and verified (put there by
+compressed all the same is taken as of unknown size (its lengths are the compressed ones). A 416
+saying the file ends where the partial does has the partial checked as the whole file. A partial left beside a file found in place and verified (put there by
 hand) is removed, and said, unless a live process holds its lock. Interrupted transfers and HTTP 5xx
 answers are retried a bounded number of times in a row (an attempt that added bytes starts the count
 anew); an attempt fails when the server sends nothing for `HF_HUB_DOWNLOAD_TIMEOUT` seconds (60
@@ -370,6 +371,10 @@ def _download_once(url: str, dest: Path, part: _Partial, expected_size: Optional
             # (compressed all the same, by a proxy say: the client hands over the file's bytes, but the lengths and
             # ranges the answer gives are of the compressed ones, which a file on disk cannot be resumed from)
             encoded = r.headers.get("content-encoding", "identity").strip().lower() not in ("", "identity")
+            if start and r.status_code == 416 and r.headers.get("content-range", "").strip() == f"bytes */{start}":
+                # (the partial holds the whole file already: a server that announced more than it had, say)
+                log(f"{url} has no bytes of {dest.name} past the {_human(start)} downloaded; checking them")
+                return part.hash.hexdigest()
             if start and (r.status_code == 416 or r.status_code == 206 and (encoded or piece is None
                                                                               or piece[0] != start
                                                                               or piece[2] != part.size)):

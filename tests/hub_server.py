@@ -22,7 +22,8 @@ class HubServer:
     (answer a Range request with 206 and the whole file, `Content-Range: bytes 0-...`), "unsized"
     (no Content-Length: the body ends when the connection closes; "unsized+drop@F" with a drop),
     "page" (HTTP 200 with a small text/html page, as a captive portal or a proxy's login gives),
-    "short-length" (a Content-Length of half the body, then the whole body), "stall@F" (send up to
+    "short-length" (a Content-Length of half the body, then the whole body), "long-length" (a
+    Content-Length 1000 bytes more than the body, which is sent, then the connection closes), "stall@F" (send up to
     the fraction F, then nothing until the server stops), "piece@F" (answer a Range request with 206
     and the bytes up to the fraction F only, as its Content-Range says), "gzip" (the body gzipped,
     `Content-Encoding: gzip`), "redirect:LOCATION" (302 to LOCATION; `aliases` maps a path asked for
@@ -113,6 +114,9 @@ class HubServer:
                     self.close_connection = True
                 elif fault == "short-length":
                     self.send_header("Content-Length", str((last - start) // 2))
+                    self.close_connection = True
+                elif fault == "long-length":
+                    self.send_header("Content-Length", str(last - start + 1000))
                     self.close_connection = True
                 else:
                     self.send_header("Content-Length", str(last - start))

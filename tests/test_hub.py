@@ -262,6 +262,24 @@ def test_a_file_sent_compressed_is_taken_whole_at_once(server, tmp_path, monkeyp
     assert server.encodings == ["identity"]
 
 
+def test_a_partial_holding_the_whole_file_is_checked_not_downloaded_again(server, tmp_path, monkeypatch):
+    """A server that announced more bytes than the file has (its Content-Length) sent them all,
+    then closed: the partial held the whole file, the request for the rest was answered 416 Range
+    Not Satisfiable (`bytes */SIZE`: nothing past it), and the file was downloaded again from
+    byte 0. A 416 saying the file ends where the partial does means the partial is whole: its md5
+    is checked and it is put in place, nothing sent twice."""
+    data = os.urandom(1 << 20)
+    register(monkeypatch, "inference_volcano_3", data)
+    server.add("inference_volcano_3.pt", data)
+    server.faults["inference_volcano_3.pt"] = ["long-length"]
+    logs = []
+    assert fetch(server, tmp_path, "inference_volcano_3", log=logs.append).read_bytes() == data
+    assert server.ranges == [None, f"bytes={len(data)}-"] and server.sent == len(data)
+    assert logs[-1] == (f"{server.endpoint}/si-pbc/hertz-dev/resolve/main/inference_volcano_3.pt has no bytes of "
+                        "inference_volcano_3.pt past the 1.0 MB downloaded; checking them")
+    assert leftovers(tmp_path / "ckpt") == []
+
+
 def test_a_download_of_unknown_size_is_retried_from_the_start(server, tmp_path, monkeypatch):
     """A server that gives no Content-Length, then resets the connection: the retry failed on the
     'resuming ... of <unknown size>' line until the retries ran out, and the error said the bytes
