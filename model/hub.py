@@ -382,10 +382,12 @@ def _download_once(url: str, dest: Path, part: _Partial, expected_size: Optional
                     f"{r.headers.get('content-range', '')}); downloading {dest.name} from the start")
                 part.restart()  # (the file there changed, or a server that does ranges its own way)
                 continue
+            # (the Hub redirects to its file store: say which answered, without the query, a signature)
+            where = url if str(r.url) == url else f"{url} (redirected to {str(r.url).split('?')[0]})"
             if r.status_code >= 400:  # (the client's own error spans two lines, with a link)
                 answer = f"HTTP {r.status_code} {r.reason_phrase}"
                 if r.status_code < 500 and r.status_code not in (408, 429):
-                    raise WeightsError(f"{url} answered {answer}; check HF_ENDPOINT and the access token (HF_TOKEN), "
+                    raise WeightsError(f"{where} answered {answer}; check HF_ENDPOINT and the access token (HF_TOKEN), "
                                        f"or download {dest.name} from https://huggingface.co/{HF_REPO} into "
                                        f"{dest.parent}/")
                 raise IOError(answer)
@@ -395,7 +397,7 @@ def _download_once(url: str, dest: Path, part: _Partial, expected_size: Optional
                 # (a captive portal, a proxy's sign-in, a mirror's page: not the file, and a partial kept is not
                 # started over for it; the Hub serves the files as octet-streams)
                 size = f", {_human(int(declared))}" if declared and declared.isdigit() else ""
-                raise WeightsError(f"{url} answered a web page ({kind}{size}), not {dest.name}: check HF_ENDPOINT "
+                raise WeightsError(f"{where} answered a web page ({kind}{size}), not {dest.name}: check HF_ENDPOINT "
                                    "and the network (a proxy or a captive portal asking to sign in?), or download "
                                    f"{dest.name} from https://huggingface.co/{HF_REPO} into {dest.parent}/")
             if declared is not None:  # (a length that cannot be the file's: said now, not as an md5 mismatch after it)

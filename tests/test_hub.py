@@ -568,6 +568,27 @@ def test_an_http_4xx_is_not_retried_and_any_error_is_one_line(server, tmp_path, 
     assert len(server.requests) == 4 and str(e.value).endswith("after 3 attempts: HTTP 500 Internal Server Error")
 
 
+def test_a_redirect_is_followed_and_an_error_after_it_names_where_it_led(server, tmp_path, monkeypatch):
+    """The Hub answers with a redirect to its file store, whose URL may hold odd characters (a
+    space, an é, sent unencoded) and a signed query: it is followed. An HTTP 4xx from where it led
+    was said as the first URL's answer ("check HF_ENDPOINT and the access token"), for a file the
+    endpoint did have; the error names where the redirect led, without its query (a signature)."""
+    data = os.urandom(1 << 16)
+    register(monkeypatch, "inference_volcano_3", data)
+    server.add("inference_volcano_3.pt", data)
+    server.aliases["/cdn/we%20ird%C3%A9/x.pt?X-Amz-Signature=a%2Fb"] = "inference_volcano_3.pt"
+    server.faults["inference_volcano_3.pt"] = ["redirect:/cdn/we ird\u00e9/x.pt?X-Amz-Signature=a%2Fb"]
+    assert fetch(server, tmp_path, "inference_volcano_3").read_bytes() == data
+    assert server.requests[-1] == "/cdn/we%20ird%C3%A9/x.pt?X-Amz-Signature=a%2Fb"
+    (tmp_path / "ckpt" / "inference_volcano_3.pt").unlink()
+    server.faults["inference_volcano_3.pt"] = ["redirect:/cdn/gone.pt?X-Amz-Signature=secret"]
+    with pytest.raises(WeightsError) as e:
+        fetch(server, tmp_path, "inference_volcano_3")
+    assert str(e.value).startswith(f"{server.endpoint}/si-pbc/hertz-dev/resolve/main/inference_volcano_3.pt "
+                                   f"(redirected to {server.endpoint}/cdn/gone.pt) answered HTTP 404 Not Found; ")
+    assert "secret" not in str(e.value)
+
+
 def test_a_web_page_instead_of_the_file_is_one_error_and_keeps_the_partial(server, tmp_path, monkeypatch):
     """A 200 with an HTML page (a captive portal, a proxy's sign-in, a mirror's "not found" page)
     was taken for the file: a partial kept from an earlier run was started over, replaced by the
