@@ -391,6 +391,8 @@ def _download_once(url: str, dest: Path, part: _Partial, expected_size: Optional
                                        f"or download {dest.name} from https://huggingface.co/{HF_REPO} into "
                                        f"{dest.parent}/")
                 raise IOError(answer)
+            if r.status_code not in (200, 206):  # (a redirect without a Location, a 204: no file in it)
+                raise IOError(f"the server answered HTTP {r.status_code} {r.reason_phrase}, not the file")
             declared = r.headers.get("content-length") if not encoded else None
             kind = r.headers.get("content-type", "")
             if kind.split(";")[0].strip().lower() in ("text/html", "application/xhtml+xml"):

@@ -27,7 +27,7 @@ class HubServer:
     the fraction F, then nothing until the server stops), "piece@F" (answer a Range request with 206
     and the bytes up to the fraction F only, as its Content-Range says), "gzip" (the body gzipped,
     `Content-Encoding: gzip`), "redirect:LOCATION" (302 to LOCATION; `aliases` maps a path asked for
-    to the file it serves).
+    to the file it serves), "status:N" (an answer of status N, no Location, no body).
     `rate`: bytes per second of every body (None: as fast as it goes). `requests` records every
     path asked for, `ranges` the Range header of each (None without), `encodings` its
     Accept-Encoding, `sent` the body bytes sent."""
@@ -78,6 +78,8 @@ class HubServer:
                     fault = fault[len("ignore-range"):].lstrip("+") or None
                 if fault == "error":
                     return self.empty(500)
+                if fault and fault.startswith("status:"):  # (an answer of that status, with no body)
+                    return self.empty(int(fault[len("status:"):]))
                 if fault and fault.startswith("redirect:"):
                     return self.empty(302, {"Location": fault[len("redirect:"):]})
                 if fault == "gzip":

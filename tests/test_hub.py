@@ -589,6 +589,26 @@ def test_a_redirect_is_followed_and_an_error_after_it_names_where_it_led(server,
     assert "secret" not in str(e.value)
 
 
+def test_an_answer_that_is_neither_the_file_nor_part_of_it_is_said_as_such(server, tmp_path, monkeypatch):
+    """An answer other than 200 or 206 below 400 (a redirect without a Location, a 204 No Content)
+    was taken for the file: its empty body ended as an md5 mismatch (or a Content-Length "of 0
+    bytes"). It is a failed attempt naming the status; a partial kept stays for the next run."""
+    data = os.urandom(1 << 16)
+    register(monkeypatch, "inference_volcano_3", data)
+    server.add("inference_volcano_3.pt", data)
+    for status, reason in ((302, "Found"), (204, "No Content")):
+        server.faults["inference_volcano_3.pt"] = [f"status:{status}"] * 2
+        with pytest.raises(WeightsError) as e:
+            fetch(server, tmp_path, "inference_volcano_3", retries=2)
+        assert str(e.value).endswith(f"after 2 attempts: the server answered HTTP {status} {reason}, not the file")
+        assert leftovers(tmp_path / "ckpt") == []
+    server.faults["inference_volcano_3.pt"] = ["drop@0.5", "status:204"]
+    with pytest.raises(WeightsError, match="answered HTTP 204 No Content, not the file; the 32.8 KB downloaded are kept"):
+        fetch(server, tmp_path, "inference_volcano_3", retries=2)
+    assert fetch(server, tmp_path, "inference_volcano_3").read_bytes() == data
+    assert server.ranges[-1] == f"bytes={len(data) // 2}-"
+
+
 def test_a_web_page_instead_of_the_file_is_one_error_and_keeps_the_partial(server, tmp_path, monkeypatch):
     """A 200 with an HTML page (a captive portal, a proxy's sign-in, a mirror's "not found" page)
     was taken for the file: a partial kept from an earlier run was started over, replaced by the
