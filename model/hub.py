@@ -11,8 +11,8 @@ in the temporary is kept, and the next attempt (a retry, or a later run) asks fo
 and size the temporary is a prefix of, so a partial of another version of the file is never resumed;
 a range answer holding part of the rest (as its Content-Range says) is followed by a request for the
 next, one from another start is downloaded from the start, and the whole file answered (a 200)
-is read from the start with its first bytes checked against the kept ones, which it only replaces
-where they differ (an answer that stops early loses nothing). A Content-Length that cannot be
+(or of no given length) is read from the start with its first bytes checked against the kept ones,
+which it only replaces where they differ (an answer that stops early loses nothing). A Content-Length that cannot be
 right (shorter than the file, or than the range its Content-Range names) is a failed attempt said
 before the body is read. The file is asked for uncompressed (`Accept-Encoding: identity`); one
 compressed all the same is taken as of unknown size (its lengths are the compressed ones). A 416
@@ -411,15 +411,16 @@ def _download_once(url: str, dest: Path, part: _Partial, expected_size: Optional
                                   f"has at least {expected_size}")
             part.sent_whole = bool(start) and r.status_code != 206
             try:
-                if r.status_code != 206 and start and declared and int(declared) == part.size:
-                    # (a server that ignores Range, or did this once: the kept bytes are not thrown away for it)
+                if r.status_code != 206 and start and (declared is None or int(declared) == part.size):
+                    # (a server that ignores Range, or did this once: the kept bytes are not thrown away for it; one
+                    # that gives no length, or a compressed one, is checked against them too)
                     log(f"{url} answered the request for the rest of {dest.name} with the whole file; reading it "
                         f"from the start, keeping the {_human(start)} downloaded where they match")
                     part.replay()
                 elif r.status_code != 206:  # the whole file
                     if start:
                         log(f"{url} answered the request for the rest of {dest.name} with a file of another size "
-                            f"({declared or 'not given'} bytes, not {part.size}); downloading it from the start")
+                            f"({declared} bytes, not {part.size}); downloading it from the start")
                     part.begin(int(declared) if declared else None)
                 _receive(r, dest, part, part.size or expected_size, progress)
             except OSError as e:
@@ -432,6 +433,8 @@ def _download_once(url: str, dest: Path, part: _Partial, expected_size: Optional
                                              f": free space there or choose another folder (ckpt_dir){kept}") from None
             if declared is not None and int(declared) != part.got - (start if r.status_code == 206 else 0):
                 raise IOError(f"transfer of {dest.name} ended after {part.got} of {part.size or declared} bytes")
+            if r.status_code != 206 and part.size and part.got < part.size:  # (no length given: it ended early)
+                raise IOError(f"the answer ended before the {part.size} bytes of {dest.name}, with no length given")
             if r.status_code == 206 and part.size and part.got < part.size:
                 if part.got == start:  # (nothing came: asking again at once would go on for ever)
                     raise IOError(f"{url} answered the request for the rest of {dest.name} with no bytes")

@@ -203,6 +203,32 @@ def test_a_whole_file_sent_for_the_rest_keeps_the_bytes_downloaded(server, tmp_p
     assert len(server.requests) == requests + 1 and leftovers(tmp_path / "ckpt") == []
 
 
+def test_a_whole_file_of_no_given_length_sent_for_the_rest_keeps_the_bytes_downloaded(server, tmp_path, monkeypatch):
+    """The same, from a server that gives no length (no Content-Length: the body ends when the
+    connection closes) or compresses the file: the kept partial was started over, and a body that
+    ended early was taken as the whole file, failed its md5 check and was downloaded once more from
+    byte 0. Now it is checked against the kept bytes as well, and one that ends before the size the
+    partial is of is a failed attempt that resumes; a compressed one that is whole is put in place."""
+    data = bytes(range(256)) * 4096
+    register(monkeypatch, "inference_volcano_3", data)
+    server.add("inference_volcano_3.pt", data)
+    partial = tmp_path / "ckpt" / ".inference_volcano_3.pt.download"
+    server.faults["inference_volcano_3.pt"] = ["drop@0.5", "unsized+ignore-range+drop@0.3", "unsized+ignore-range+drop@0.8"]
+    with pytest.raises(WeightsError) as e:
+        fetch(server, tmp_path, "inference_volcano_3", retries=2)
+    assert "after 2 attempts: the answer ended before the 1048576 bytes of inference_volcano_3.pt, with no length " \
+           "given; the 524.3 KB downloaded are kept" in str(e.value), str(e.value)
+    assert partial.read_bytes() == data[:len(data) // 2]
+    server.faults["inference_volcano_3.pt"] = ["unsized+ignore-range+drop@0.8"]
+    with pytest.raises(WeightsError):
+        fetch(server, tmp_path, "inference_volcano_3", retries=1)
+    assert partial.read_bytes() == data[:int(0.8 * len(data))]
+    server.faults["inference_volcano_3.pt"] = ["gzip"]
+    logs = []
+    assert fetch(server, tmp_path, "inference_volcano_3", log=logs.append).read_bytes() == data
+    assert "keeping the 838.9 KB downloaded where they match" in logs[-1] and leftovers(tmp_path / "ckpt") == []
+
+
 def test_a_range_answer_holding_part_of_the_rest_is_followed_by_a_request_for_the_next(server, tmp_path, monkeypatch):
     """A server may answer `Range: bytes=N-` with fewer bytes than the rest (its Content-Range says
     which, `bytes N-M/SIZE`): the download ended there, the file failed its md5 check ("does not
