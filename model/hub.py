@@ -10,23 +10,24 @@ in the temporary is kept, and the next attempt (a retry, or a later run) asks fo
 `Range: bytes=N-`, hashing the kept bytes first; a sidecar `.NAME.pt.download.json` names the md5
 and size the temporary is a prefix of, so a partial of another version of the file is never resumed;
 a range answer holding part of the rest (as its Content-Range says) is followed by a request for the
-next, one from another start is downloaded from the start, and the whole file answered (a 200)
-(or of no given length) is read from the start with its first bytes checked against the kept ones,
-which it only replaces where they differ (an answer that stops early loses nothing). A Content-Length that cannot be
-right (shorter than the file, or than the range its Content-Range names) is a failed attempt said
-before the body is read. The file is asked for uncompressed (`Accept-Encoding: identity`); one
-compressed all the same is taken as of unknown size (its lengths are the compressed ones). A 416
-saying the file ends where the partial does has the partial checked as the whole file. A partial left beside a file found in place and verified (put there by
-hand) is removed, and said, unless a live process holds its lock. Interrupted transfers and HTTP 5xx
-answers are retried a bounded number of times in a row (an attempt that added bytes starts the count
-anew); an attempt fails when the server sends nothing for `HF_HUB_DOWNLOAD_TIMEOUT` seconds (60
-unset), and a Ctrl-C says what is kept for the next run; an md5 mismatch is downloaded once more
-from zero, then reported. What another attempt cannot change is one WeightsError at once: an HTTP 4xx answer, a web page (text/html) instead of the file (a partial
-kept is kept), a folder that cannot be written (a file in its place, read-only, a full disk), and a
-disk with less room than the rest of the missing files need, found before the first download starts.
-Offline
-(`offline=True` or `HF_HUB_OFFLINE=1`), a missing file is an error that names each file, its size
-and where to put it, and a partial download of it left there (whether a run online resumes it).
+next, one from another start is downloaded from the start, and the whole file answered (a 200, of
+the same size or none given) is read from the start with its first bytes checked against the kept
+ones, which it only replaces where they differ (an answer that stops early loses nothing). A
+Content-Length that cannot be right (shorter than the file, or than the range its Content-Range
+names) is a failed attempt said before the body is read. The file is asked for uncompressed
+(`Accept-Encoding: identity`); one compressed all the same is taken as of unknown size (its lengths
+are the compressed ones). A 416 saying the file ends where the partial does has the partial checked
+as the whole file. A partial left beside a file found in place and verified (put there by hand) is
+removed, and said, unless a live process holds its lock. Interrupted transfers and HTTP 5xx answers
+are retried a bounded number of times in a row (an attempt that added bytes starts the count anew);
+an attempt fails when the server sends nothing for `HF_HUB_DOWNLOAD_TIMEOUT` seconds (60 unset), and
+a Ctrl-C says what is kept for the next run; an md5 mismatch is downloaded once more from zero, then
+reported. What another attempt cannot change is one WeightsError at once: an HTTP 4xx answer, a web
+page (text/html) instead of the file (a partial kept is kept), a folder that cannot be written (a
+file in its place, read-only, a full disk), and a disk with less room than the rest of the missing
+files need, found before the first download starts. Offline (`offline=True` or `HF_HUB_OFFLINE=1`),
+a missing file is an error that names each file, its size and where to put it, and a partial
+download of it left there (whether a run online resumes it).
 """
 from __future__ import annotations
 
@@ -402,6 +403,7 @@ def _download_once(url: str, dest: Path, part: _Partial, expected_size: Optional
                 raise WeightsError(f"{where} answered a web page ({kind}{size}), not {dest.name}: check HF_ENDPOINT "
                                    "and the network (a proxy or a captive portal asking to sign in?), or download "
                                    f"{dest.name} from https://huggingface.co/{HF_REPO} into {dest.parent}/")
+            part.sent_whole = bool(start) and r.status_code != 206
             if declared is not None:  # (a length that cannot be the file's: said now, not as an md5 mismatch after it)
                 if r.status_code == 206 and piece and int(declared) != piece[1] - piece[0] + 1:
                     raise IOError(f"the server announced a Content-Length of {declared} bytes for bytes {piece[0]}-"
@@ -409,7 +411,6 @@ def _download_once(url: str, dest: Path, part: _Partial, expected_size: Optional
                 if r.status_code != 206 and expected_size and int(declared) < expected_size:
                     raise IOError(f"the server announced a Content-Length of {declared} bytes for {dest.name}, which "
                                   f"has at least {expected_size}")
-            part.sent_whole = bool(start) and r.status_code != 206
             try:
                 if r.status_code != 206 and start and (declared is None or int(declared) == part.size):
                     # (a server that ignores Range, or did this once: the kept bytes are not thrown away for it; one
