@@ -7,11 +7,14 @@ ones for training, fixed ones for validation.
 """
 from __future__ import annotations
 
+import atexit
 import json
+import multiprocessing.util  # noqa: F401 (its exit handler registered before this module's)
 import os
 import signal
 import stat
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -405,7 +408,8 @@ class StopSafeLoader(DataLoader):
     `worker_ignores_stop_signals`, its default `worker_init_fn`). The workers are started with both
     signals blocked: one that arrived between a worker's start and its `worker_init_fn` ended it
     (each epoch of a loader without persistent workers starts them again). The main process gets
-    such a signal as soon as its workers have started."""
+    such a signal as soon as its workers have started. The workers of an iterator still alive when
+    the process exits are stopped the way the iterator stops them (`_stop_workers_at_exit`)."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("worker_init_fn", worker_ignores_stop_signals)
@@ -416,9 +420,24 @@ class StopSafeLoader(DataLoader):
             return super()._get_iterator()
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            return super()._get_iterator()
+            iterator = super()._get_iterator()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        _ITERATORS.add(iterator)
+        return iterator
+
+
+_ITERATORS: "weakref.WeakSet" = weakref.WeakSet()  # StopSafeLoader iterators with workers
+
+
+@atexit.register  # (after multiprocessing's own exit handler, imported above, so it runs before it)
+def _stop_workers_at_exit() -> None:
+    """Stop the workers of the StopSafeLoader iterators still alive as the process exits (an error
+    raised through a training loop keeps its iterator referenced to the end): multiprocessing's exit
+    handler ends daemonic children with SIGTERM, which these ignore, then waits for each, for ever
+    (a trainer that had printed its error line hung). Their iterator's own shutdown tells them."""
+    for iterator in list(_ITERATORS):
+        iterator._shutdown_workers()
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: Optional[bool] = None, num_workers: int = 0,

@@ -4,6 +4,7 @@ import os
 import re
 import struct
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -615,6 +616,21 @@ def test_infinite_batches_keep_their_workers_across_epochs(tmp_path):
     ds.set_epoch(1)
     assert torch.equal(ds[5]["audio"], ds[(1, 5)]["audio"])
     assert not torch.equal(ds[(0, 5)]["audio"], ds[(1, 5)]["audio"])
+
+
+def test_a_process_exiting_with_its_loader_still_iterating_does_not_wait_for_ever():
+    """The workers ignore SIGTERM (below), and multiprocessing's exit handler ends daemonic children
+    with a SIGTERM, then waits for each: a trainer whose error kept its loader's iterator alive to the
+    end printed its error line and hung (this session's CI rehearsal: test_train_codec.py's
+    test_a_folder_whose_every_file_fails_when_read_is_one_error_line, 300 s). The iterators still
+    alive at exit stop their workers first (model.data._stop_workers_at_exit)."""
+    import subprocess
+    import sys
+    code = ("import torch\nfrom model.data import make_loader\n"
+            "loader = make_loader(torch.utils.data.TensorDataset(torch.arange(64.0)), batch_size=4, num_workers=2, "
+            "distributed=False)\nbatches = iter(loader)\nnext(batches)\nraise SystemExit(3)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3, done.stderr
 
 
 @pytest.mark.parametrize("kind", ["make_loader", "infinite_batches"])
