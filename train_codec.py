@@ -30,7 +30,6 @@ import dataclasses
 import importlib.util
 import math
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -196,7 +195,8 @@ def main(argv=None) -> dict:
                 if ddp.enabled and (due.evaluate or due.save):
                     dist.barrier()  # rank 0 evaluated or wrote alone: the others wait here, not in the next all-reduce
                 if due.stop:
-                    if note := stop_message(step, cfg.max_steps, cfg.stop_step, cfg.max_minutes, deadline.stopped_by):
+                    if note := stop_message(step, cfg.max_steps, cfg.stop_step, cfg.max_minutes, deadline.stopped_by,
+                                            deadline.lost_worker):
                         say(note)
                     break
                 t_log += time.time() - t_pause  # throughput counts training time only
@@ -211,9 +211,11 @@ def main(argv=None) -> dict:
 
                 # one pass per micro-batch: the generator reconstructs, the discriminators judge real audio
                 # and the reconstruction once, and each side's loss back-propagates into its own weights only
+                micro_batches = deadline.read(batches, cfg.grad_accum_steps)
+                if micro_batches is None:  # a data-loading worker died: the loop stops at `step`, saved
+                    continue
                 step_loss, disc_loss, files = 0.0, 0.0, []
-                for micro in range(cfg.grad_accum_steps):
-                    batch = next(batches)
+                for micro, batch in enumerate(micro_batches):
                     files += [train_loader.dataset.files[i].path for i in batch["file"].tolist()]
                     audio = batch["audio"].to(device, non_blocking=True)  # (B, 1, N)
                     mask = batch["mask"].to(device, non_blocking=True)    # (B, N): 0 on padding
@@ -285,8 +287,7 @@ def main(argv=None) -> dict:
         say(f"done at step {step}: {run_dir / 'latest.safetensors'}" + (f", curves in {png}" if png else ""))
         logger.finish()
         teardown_distributed()
-        if deadline.stopped_by:  # saved but not finished: the status says so (a shell's `&&` goes no further)
-            raise SystemExit(128 + signal.Signals[deadline.stopped_by])
+        deadline.exit(step)  # stopped by a signal or a data-loading worker's death: saved, not finished
         return metrics
 
 

@@ -31,7 +31,6 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import sys
 import time
 import warnings
@@ -186,7 +185,8 @@ def main(argv=None) -> dict:
                     save(step, due.best_metric(metrics, "val/loss"), model, optimizer, scaler, cfg, checkpoints, ddp,
                          logger.run_id, fingerprint, base, validation)
                 if due.stop:
-                    if note := stop_message(step, cfg.max_steps, cfg.stop_step, cfg.max_minutes, deadline.stopped_by):
+                    if note := stop_message(step, cfg.max_steps, cfg.stop_step, cfg.max_minutes, deadline.stopped_by,
+                                            deadline.lost_worker):
                         say(note)
                     break
                 t_log += time.time() - t_pause  # throughput counts training time only
@@ -194,9 +194,11 @@ def main(argv=None) -> dict:
                 lr = get_lr(step, cfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
+                micro_batches = deadline.read(batches, cfg.grad_accum_steps)
+                if micro_batches is None:  # a data-loading worker died: the loop stops at `step`, saved
+                    continue
                 step_loss = 0.0
-                for micro in range(cfg.grad_accum_steps):
-                    batch = next(batches)
+                for micro, batch in enumerate(micro_batches):
                     # the posterior noise depends on (seed, step, micro-batch, rank) only: exact resume
                     seed = int(np.random.SeedSequence([cfg.seed, step, micro, ddp.rank]).generate_state(1)[0])
                     noise.manual_seed(seed)
@@ -246,8 +248,7 @@ def main(argv=None) -> dict:
         say(f"done at step {step}: {run_dir / f'latest{checkpoints.export_suffix}'}")
         logger.finish()
         teardown_distributed()
-        if deadline.stopped_by:  # saved but not finished: the status says so (a shell's `&&` goes no further)
-            raise SystemExit(128 + signal.Signals[deadline.stopped_by])
+        deadline.exit(step)  # stopped by a signal or a data-loading worker's death: saved, not finished
         return metrics
 
 

@@ -98,10 +98,11 @@ _WORKER_DEATH = re.compile(r"DataLoader worker \(pid\(?s?\)? ?([\d, ]+)\) "
                            r"(?:is killed by signal: ([^.]*)|exited unexpectedly(?: with exit code (-?\d+))?)")
 
 
-def worker_death_message(error: RuntimeError) -> Optional[str]:
+def worker_death_message(error: RuntimeError, kept: str = "the steps since the last saved one are lost, run the "
+                         "same command to resume from it") -> Optional[str]:
     """One line for a data-loading worker that died, instead of torch's traceback: killed (most
     often by the system's out-of-memory killer: each worker holds the dataset, its audio preloaded
-    into memory), or exited without a word; None for any other error."""
+    into memory), or exited without a word, then `kept` (what was saved); None for any other error."""
     found = _WORKER_DEATH.search(str(error))
     if found is None:
         return None
@@ -113,8 +114,7 @@ def worker_death_message(error: RuntimeError) -> Optional[str]:
                "preload_max_gb)")
     else:
         how = f"exited unexpectedly{f' with exit code {code}' if code else ''} (num_workers=0 shows its error)"
-    return (f"a data-loading worker (pid {pids}) {how}; the steps since the last saved one are lost, "
-            "run the same command to resume from it")
+    return f"a data-loading worker (pid {pids}) {how}" + (f"; {kept}" if kept else "")
 
 
 def own_message(error: Exception) -> str:
@@ -883,7 +883,9 @@ class Deadline:
     SIGTERM (a cluster scheduler's, `kill`, `docker stop`) or a Ctrl-C (SIGINT) received while
     `catching_signals` (the training loop): the run then stops as at its deadline, but at once and
     without evaluating (the scheduler's grace period is short), saves, and its script exits with
-    128 + the signal's number (143, 130); a second one ends the process at once."""
+    128 + the signal's number (143, 130); a second one ends the process at once. A data-loading
+    worker that dies (the out-of-memory killer's) stops the loop the same way, found as the step's
+    batches are read (`read`), and its script ends with one error line (`exit`)."""
 
     def __init__(self, max_minutes: float, device: torch.device):
         self.seconds = 60 * max_minutes
@@ -892,29 +894,37 @@ class Deadline:
         self.catching = False
         self.received: Optional[str] = None    # the signal's name, set in this process by the handler
         self.stopped_by: Optional[str] = None  # the signal that stopped the loop, the same on every rank
+        self.worker_error: Optional[RuntimeError] = None  # a data-loading worker's death, as torch words it
+        self.lost_worker: Optional[str] = None  # that, when it stopped the loop (one process only)
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     @contextmanager
     def catching_signals(self):
         """Within it, a SIGTERM or SIGINT stops the loop (`interrupted`, `passed`) instead of the
-        process; the previous handlers are put back on leaving. Outside the main thread (no signals
-        there): nothing."""
+        process, and a data-loading worker's death is noted (`worker_error`) instead of raised by
+        torch's SIGCHLD handler wherever the main process is, in the middle of a step that then
+        could not be saved; the previous handlers are put back on leaving. Outside the main thread
+        (no signals there): nothing."""
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
+        from torch.utils.data._utils.signal_handling import _error_if_any_worker_fails, _set_SIGCHLD_handler
+        _set_SIGCHLD_handler()  # (torch's, which a loader's first iterator sets once: now, so that this one wins)
 
         def handler(signum, frame):
             self.received = signal.Signals(signum).name
             for s in self.SIGNALS:  # a second one ends the process at once (SIGINT: run_script's one line)
                 signal.signal(s, signal.SIG_DFL if s == signal.SIGTERM else signal.default_int_handler)
-            # sent to the whole process group (Slurm does; a terminal's Ctrl-C), it ends the DataLoader
-            # workers too, whose deaths torch's SIGCHLD handler would raise in the middle of this step:
-            # the loop stops before it reads another batch
-            signal.signal(signal.SIGCHLD, lambda *_: None)  # (a handler: one may be pending already)
+
+        def child_ended(signum, frame):
+            try:
+                _error_if_any_worker_fails()  # (torch's own check: it leaves the worker to be reaped by its loader)
+            except RuntimeError as e:
+                self.worker_error = self.worker_error or e
 
         previous = {s: signal.signal(s, handler) for s in self.SIGNALS} | {
-            signal.SIGCHLD: signal.getsignal(signal.SIGCHLD)}
+            signal.SIGCHLD: signal.signal(signal.SIGCHLD, child_ended)}
         self.catching = True
         try:
             yield self
@@ -923,10 +933,37 @@ class Deadline:
             for s, h in previous.items():
                 signal.signal(s, h)
 
+    def read(self, batches: Iterable, n: int) -> Optional[list]:
+        """The step's `n` micro-batches from `batches`, all read before the step starts; None when a
+        data-loading worker has died: the loop then stops at its next `before_step`, saved, as
+        after a SIGTERM, and `exit` ends the script with one error line. Under torch.distributed
+        the error is raised (the other ranks are already in the step's collectives)."""
+        try:
+            if self.worker_error is not None:
+                raise self.worker_error
+            return [next(batches) for _ in range(n)]
+        except RuntimeError as e:
+            lost = worker_death_message(self.worker_error or e, kept="")
+            if lost is None or dist.is_initialized():
+                raise
+            self.lost_worker = lost
+            return None
+
+    def exit(self, step: int) -> None:
+        """After the loop: a run that a signal stopped exits with 128 + its number, one that a
+        data-loading worker's death stopped with one error line (TrainingError); saved either way."""
+        if self.lost_worker:
+            held = f"stopped at step {step}, which latest.pt holds" if step > 0 else "stopped before any step"
+            raise TrainingError(f"{self.lost_worker}; {held}: run the same command to resume")
+        if self.stopped_by:  # saved but not finished: the status says so (a shell's `&&` goes no further)
+            raise SystemExit(128 + signal.Signals[self.stopped_by])
+
     def interrupted(self) -> bool:
-        """Whether a SIGTERM or SIGINT stops the loop now: asked before every step, it answers for one
-        process alone (a host-side flag, no sync); under torch.distributed, `passed` answers for
-        all ranks together."""
+        """Whether a SIGTERM or SIGINT (or a data-loading worker's death) stops the loop now: asked
+        before every step, it answers for one process alone (a host-side flag, no sync); under
+        torch.distributed, `passed` answers for all ranks together."""
+        if self.lost_worker:
+            return True
         if self.received is None or dist.is_initialized():
             return False
         self.stopped_by = self.received
@@ -975,9 +1012,12 @@ def last_step(max_steps: int, stop_step: int) -> int:
 
 
 def stop_message(step: int, max_steps: int, stop_step: int, max_minutes: float,
-                 signal_name: Optional[str] = None) -> Optional[str]:
-    """What a run that stopped at `step` says about it (None at max_steps: it is done);
-    `signal_name`: the signal that stopped it (`Deadline.stopped_by`)."""
+                 signal_name: Optional[str] = None, lost_worker: Optional[str] = None) -> Optional[str]:
+    """What a run that stopped at `step` says about it (None at max_steps: it is done, or when a
+    data-loading worker's death stopped it: `Deadline.exit`'s error says so); `signal_name`: the
+    signal that stopped it (`Deadline.stopped_by`)."""
+    if lost_worker:
+        return None
     if signal_name:
         held = "which latest.pt holds" if step > 0 else "before any training: nothing was saved"
         return (f"{signal_name} received: stopped at step {step}, {held}; run the same command to resume "
@@ -1028,7 +1068,8 @@ def before_step(step: int, start_step: int, end_step: int, log_interval: int, ev
       segment's first step, so a segment always trains at least one step and the collective it
       costs comes once per log, not per step;
     - stop at once after a SIGTERM or SIGINT (`Deadline.interrupted`; under torch.distributed at the next
-      log step, `Deadline.passed`), without evaluating: a scheduler's grace period is short;
+      log step, `Deadline.passed`), or a data-loading worker's death (`Deadline.read`), without
+      evaluating: a scheduler's grace period is short;
     - evaluate at step 0, every `eval_interval` steps and when stopping, but not at the step a
       resumed segment starts from (it was evaluated before that checkpoint was saved) unless
       it stops there;
@@ -1036,7 +1077,7 @@ def before_step(step: int, start_step: int, end_step: int, log_interval: int, ev
       state a segment started from."""
     stop = step >= end_step or deadline.interrupted() or (
         step > start_step and step % log_interval == 0 and deadline.passed())
-    evaluate = deadline.stopped_by is None and (
+    evaluate = deadline.stopped_by is None and deadline.lost_worker is None and (
         stop or (step % eval_interval == 0 and (step != start_step or step == 0)))
     save = step > start_step and (stop or evaluate or step % save_interval == 0)
     return Due(stop, evaluate, save)

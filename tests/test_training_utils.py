@@ -355,6 +355,37 @@ def test_a_sigterm_in_the_loop_stops_at_the_next_step_saving_without_evaluating(
     assert "(the script exits with 130)" in stop_message(5, 12, 0, 0, "SIGINT")
 
 
+def test_a_data_loading_worker_killed_in_the_loop_stops_it_at_the_step_reached_saving():
+    """A DataLoader worker killed while the loop trains (the out-of-memory killer's SIGKILL): torch's
+    SIGCHLD handler raised its death wherever the main process was, mid-step, so nothing since the
+    last checkpoint could be saved. Within `catching_signals` the death is noted; `Deadline.read`,
+    reading the step's batches before the step, answers None; the loop stops at that step without
+    evaluating and saves; `exit` is one error line saying where it stopped."""
+    import multiprocessing
+    from model.data import make_loader
+    loader = make_loader(torch.utils.data.TensorDataset(torch.arange(400.0)), batch_size=2, shuffle=False,
+                         num_workers=2, distributed=False)
+    deadline = Deadline(0, CPU)
+    with deadline.catching_signals():
+        before = set(multiprocessing.active_children())
+        batches = iter(loader)
+        assert [b[0].tolist() for b in deadline.read(batches, 2)] == [[0.0, 1.0], [2.0, 3.0]]
+        (victim, *_), = [[w for w in multiprocessing.active_children() if w not in before]]
+        os.kill(victim.pid, signal.SIGKILL)
+        time.sleep(0.5)  # (the SIGCHLD is handled meanwhile: nothing raised here)
+        assert deadline.read(batches, 2) is None
+        due = before_step(7, 4, 100, 2, 4, 6, deadline)
+        assert due.stop and due.save and not due.evaluate
+    lost = f"a data-loading worker (pid {victim.pid}) was killed by signal Killed"
+    assert deadline.lost_worker.startswith(lost) and "out-of-memory killer" in deadline.lost_worker
+    assert stop_message(7, 100, 0, 0, None, deadline.lost_worker) is None  # (the error line says it)
+    with pytest.raises(TrainingError) as raised:
+        deadline.exit(7)
+    assert str(raised.value).startswith(lost) and str(raised.value).endswith(
+        "; stopped at step 7, which latest.pt holds: run the same command to resume")
+    del batches
+
+
 def test_ctrl_c_outside_the_loop_is_one_line_and_exit_status_130(tmp_path):
     """A Ctrl-C while a trainer loads or encodes (the encoding keeps what it has committed) was a
     KeyboardInterrupt traceback; run_script ends it with one line and exit status 130."""
@@ -650,10 +681,12 @@ def test_a_warmup_as_long_as_the_run_is_a_note():
         assert all(0 < r <= 1e-3 for r in rates)
 
 
-def test_a_data_loading_worker_killed_mid_run_is_one_error_line(setup, tmp_path):
+def test_a_data_loading_worker_killed_mid_run_is_one_error_line_and_the_step_reached_is_saved(setup, tmp_path):
     """A DataLoader worker killed under a running trainer (the out-of-memory killer's SIGKILL: each
     worker holds the preloaded audio) was torch's RuntimeError traceback from wherever the main
-    process was; run_script makes it one error line naming the worker and what to change."""
+    process was; run_script made it one error line naming the worker and what to change, but the
+    steps since the last checkpoint were lost. Now the loop stops at the step reached, saved
+    (`Deadline.read`), and the line says so; the same command resumes from it."""
     import subprocess
     import sys
     corpus, run = setup["root"] / "corpus", tmp_path / "run"
@@ -674,6 +707,12 @@ def test_a_data_loading_worker_killed_mid_run_is_one_error_line(setup, tmp_path)
     finally:
         proc.kill()
     assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
+    stopped = torch.load(run / "latest.pt", weights_only=False)["step"]
+    assert stopped > 0
     assert re.search(rf"^error: a data-loading worker \(pid {children[0]}\) was killed by signal Killed \(most often "
-                     r"the out-of-memory killer: lower num_workers or preload_max_gb\); the steps since the last "
-                     r"saved one are lost, run the same command to resume from it$", err, re.M), err[-3000:]
+                     r"the out-of-memory killer: lower num_workers or preload_max_gb\); stopped at step "
+                     rf"{stopped}, which latest.pt holds: run the same command to resume$", err, re.M), err[-3000:]
+    resumed = subprocess.run(cmd + [f"stop_step={stopped + 1}"], cwd=Path(__file__).resolve().parents[1],
+                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert resumed.returncode == 0 and f"training from step {stopped} to {stopped + 1}" in resumed.stdout + resumed.stderr
+
