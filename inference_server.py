@@ -170,6 +170,20 @@ class EngineWorker:
         """Reset `row` for a new session (queued now: the future resolves once it has run)."""
         return self.call(_engine_reset, row, params, seed, prompt)
 
+    def restart_row(self, row: int, params, seed: int, prompt=None) -> asyncio.Future:
+        """Reset `row` mid-session (a client's `reset`) and drop the chunks it still has queued,
+        on the engine thread, so that none of them is stepped after the reset: the prompt's
+        playback answers the chunks sent after it at once, and replies go out in order. The future
+        resolves to (the chunks dropped, the drops before them not yet reported)."""
+        def restart(engine):
+            _engine_reset(engine, row, params, seed, prompt)
+            with self.cond:
+                queued, unreported = list(self.inbox[row]), self.dropped[row]
+                self.inbox[row].clear()
+                self.dropped[row] = 0
+            return queued, unreported
+        return self.call(restart)
+
     def release_row(self, row: int) -> None:
         """Free `row`: its queued chunks are discarded now, the engine slot once the commands
         before it have run (a session opened in the row later is reset after that)."""
@@ -623,11 +637,15 @@ class Session:
             if set(body) - {"seed"}:
                 raise ProtocolError("bad_message", f"reset takes only an optional seed, got {sorted(body)}")
             seed = self.server.seed_from(body.get("seed"))
-            # Chunks still queued from before are stepped after the reset, in the new conversation.
-            await self.server.worker.open_row(self.row, self.params, seed, self.server.prompt)
+            # The chunks still queued from before are dropped: the conversation starts afresh.
+            queued, unreported = await self.server.worker.restart_row(self.row, self.params, seed, self.server.prompt)
             self.seed = seed
             self.replay_left = len(self.server.replay)
             self.model_prev = np.zeros(CHUNK, dtype="<i2")
+            self.counts["dropped_in"] += len(queued)
+            self.server.counts["dropped_in"] += len(queued)
+            if any(c.fmt == "binary" for c in queued):  # before the replies to the chunks after it
+                self.send_json(type="dropped", chunks=unreported + len(queued), total=self.counts["dropped_in"])
             self.send_json(type="ack", request=kind, seed=seed, **echo)
         elif kind == "status":
             if body:
