@@ -451,7 +451,7 @@ class Session:
         self.params, self.seed = params, seed
         self.started = time.time()
         self.outbox: collections.deque = collections.deque()
-        self.inbox: asyncio.Queue = asyncio.Queue(MAX_INBOX)  # read, not yet handled
+        self.inbox: asyncio.Queue = asyncio.Queue(MAX_INBOX)  # (arrival time, message) read, not yet handled
         self.wakeup = asyncio.Event()
         self.closing = asyncio.Event()  # set by fail()
         self.closed = False
@@ -553,25 +553,25 @@ class Session:
             message = await self.ws.receive()
             if message["type"] == "websocket.disconnect":
                 return
-            await self.inbox.put(message)
+            await self.inbox.put((time.perf_counter(), message))
 
     async def handle(self) -> None:
         """Handle what `read` took, in order."""
         while True:
-            message = await self.inbox.get()
+            arrived, message = await self.inbox.get()
             if message.get("bytes") is not None:
-                self.on_binary(message["bytes"])
+                self.on_binary(message["bytes"], arrived)
             elif message.get("text") is not None:
-                await self.on_text(message["text"])
+                await self.on_text(message["text"], arrived)
 
-    def on_binary(self, data: bytes) -> None:
+    def on_binary(self, data: bytes, arrived: float) -> None:
         if len(data) != CHUNK_BYTES:
             hint = " (an odd byte count is not 16-bit PCM)" if len(data) % 2 else ""
             return self.error("bad_chunk", f"a binary frame is one chunk of {CHUNK} samples of 16-bit little-endian "
                                            f"PCM, {CHUNK_BYTES} bytes; got {len(data)} bytes{hint}")
-        self.on_audio(np.frombuffer(data, dtype="<i2"), "binary")
+        self.on_audio(np.frombuffer(data, dtype="<i2"), "binary", arrived)
 
-    async def on_text(self, text: str) -> None:
+    async def on_text(self, text: str, arrived: float) -> None:
         if text.startswith("data:"):
             header, comma, payload = text.partition(",")
             if header + comma != TEXT_PREFIX:  # another type (audio/wav, float32) is not this PCM
@@ -585,7 +585,7 @@ class Session:
                 hint = " (an odd byte count is not 16-bit PCM)" if len(data) % 2 else ""
                 return self.error("bad_chunk", f"an audio frame is one chunk of {CHUNK} samples of 16-bit PCM, "
                                                f"{CHUNK_BYTES} bytes; got {len(data)} bytes{hint}")
-            return self.on_audio(np.frombuffer(data, dtype="<i2"), "text")
+            return self.on_audio(np.frombuffer(data, dtype="<i2"), "text", arrived)
         echo = {}  # the message's "id", once it is known to be one: the error answering it carries it too
         try:
             message = parse_json(text)
@@ -598,7 +598,9 @@ class Session:
         except ProtocolError as e:
             self.error(e.code, e.message, **echo)
 
-    def on_audio(self, pcm: np.ndarray, fmt: str) -> None:
+    def on_audio(self, pcm: np.ndarray, fmt: str, arrived: float) -> None:
+        """A chunk read at `arrived` (time.perf_counter()): it may have waited in `inbox` behind a
+        control message that waits on the engine, which its latency counts."""
         self.last_audio = time.monotonic()
         if self.replay_left > 0:  # the prompt is played back before the conversation goes live
             # Binary clients are told which replies are playback, so that they time only the
@@ -612,7 +614,7 @@ class Session:
                 self.send_json(type="live")
             return
         self.counts["chunks_in"] += 1
-        if self.server.worker.submit(self.row, Chunk(self, pcm, fmt, time.perf_counter())):
+        if self.server.worker.submit(self.row, Chunk(self, pcm, fmt, arrived)):
             self.counts["dropped_in"] += 1
             self.server.counts["dropped_in"] += 1
 

@@ -875,6 +875,27 @@ def test_a_reset_behind_a_slow_engine_keeps_every_reply_under_its_chunk(model):
         assert health(server)["dropped_in"] == 7 - len(answers)
 
 
+def test_chunk_latency_counts_from_the_chunks_arrival(model):
+    """/health's chunk_latency_ms is "the time from a chunk's arrival to its reply"; it counted
+    from when the session handled the chunk, so a chunk that arrived behind a control message
+    waiting on the engine (a set_params behind a slow step, a reset's prefill) had that wait left
+    out: 0.3 s here, a reply the client waited 0.6 s for counted as 0.3 s."""
+    with running_server(model, max_sessions=1, slow=0.3) as server:
+        async def run():
+            async with connect(server.ws + "/audio") as ws:
+                await ws.send(CHUNKS[0])  # stepped at once, for 0.3 s
+                await asyncio.sleep(0.05)
+                await ws.send(json.dumps({"type": "set_params", "token_temp": 0.5}))  # waits for that step
+                await ws.send(CHUNKS[1])
+                t1 = time.perf_counter()
+                kinds = [type(await asyncio.wait_for(ws.recv(), 10)) for _ in range(3)]  # reply, ack, reply
+                return kinds, time.perf_counter() - t1
+        kinds, waited = asyncio.run(asyncio.wait_for(run(), 30))
+        _, (_, ms) = server.latency_ms
+    assert kinds == [bytes, str, bytes]
+    assert waited > 0.5 and 1000 * waited - 50 < ms <= 1000 * waited, (1000 * waited, ms)
+
+
 def test_outbox_is_bounded_for_a_client_that_does_not_read():
     class Stub:
         counts = __import__("collections").Counter()
