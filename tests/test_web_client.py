@@ -219,3 +219,48 @@ def test_a_dragged_slider_keeps_within_the_servers_control_limit(tmp_path):
     assert hertz["state"] == "live" and hertz["closeCode"] is None and hertz["errors"] == [], \
         (hertz["state"], hertz["errors"][:2])
     assert sessions == [(0.35, 0)]
+
+
+def test_browser_client_through_server_drops_and_a_reset(tmp_path):
+    """A server that falls behind (0.2 s steps for 0.125 s chunks, 2 chunks of queue) drops the
+    oldest chunks and says so just before the next reply; a Reset then drops what is queued and
+    replays the prompt. The page counts the drops, takes them off its unanswered chunks and times
+    each reply against its own chunk: a round trip is the server's own time for that reply (its
+    chunk's arrival to its reply) plus the loopback, where a reply timed against an earlier chunk
+    reads 125 ms more per chunk, and one timed against a later chunk less than the server's time.
+    Capture to playback is the round trip plus the jitter buffer's wait. Stop still works."""
+    chromium = chromium_path()
+    t = np.arange(48000 * 2) / 48000
+    sf.write(tmp_path / "mic.wav", (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 48000, subtype="PCM_16")
+    tp = np.arange(8000) / 16000  # the prompt's last 2 chunks are replayed at the start and after Reset
+    prompt = np.stack([0.3 * np.sin(2 * np.pi * 200 * tp), 0.2 * np.sin(2 * np.pi * 300 * tp)]).astype(np.float32)
+    with running_server(tiny_duplex(), max_sessions=1, slow=0.2, max_queue=2, prompt=prompt, replay_seconds=0.25) as server:
+        with chromium_page(chromium, tmp_path / "profile", tmp_path / "mic.wav", f"{server.http}/") as devtools:
+            async def run():
+                from websockets.asyncio.client import connect
+                async with connect(devtools, max_size=None) as ws:
+                    page = Page(ws)
+                    await page.wait_for("document.readyState === 'complete' && !!window.hertz")
+                    await page.js("window.uncaught = []; addEventListener('error', (e) => uncaught.push(e.message))")
+                    await page.js("document.getElementById('start').click()", gesture=True)
+                    await page.wait_for("window.hertz.dropped >= 3 && window.hertz.acks >= 1")
+                    await page.js("document.getElementById('reset').click()", gesture=True)
+                    await page.wait_for("window.hertz.acks >= 2 && window.hertz.replayed >= 4 && window.hertz.timed >= 12")
+                    hertz = json.loads(await page.js("JSON.stringify(window.hertz)"))
+                    server_ms = [ms for _, ms in server.latency_ms]
+                    await page.js("document.getElementById('stop').click()", gesture=True)
+                    await page.wait_for("window.hertz.state === 'stopped'")
+                    after = await page.js("[document.getElementById('state').className, document.getElementById('start').disabled, "
+                                          "JSON.stringify(window.uncaught)]")
+                    return hertz, server_ms, after
+            hertz, server_ms, after = asyncio.run(asyncio.wait_for(run(), 90))
+    assert hertz["errors"] == [] and after == ["", False, "[]"]
+    assert hertz["replayed"] == 4 and hertz["timed"] == hertz["received"] - 4 and hertz["sent"] >= hertz["received"] + 3
+    assert hertz["dropped"] >= 3 and hertz["closeCode"] is None
+    # Each round trip against the server's time for the same reply (in order; the replay is not timed).
+    assert len(server_ms) >= len(hertz["rtt"]) == hertz["timed"]
+    over = [round(rtt - ms) for rtt, ms in zip(hertz["rtt"], server_ms)]
+    assert all(-2 <= x < 100 for x in over), f"round trips minus the server's times (ms): {over}"
+    bound = hertz["jitter"]["boundMs"]
+    assert hertz["c2pCount"] > 0 and min(hertz["c2p"]) > 0
+    assert np.median(hertz["c2p"]) >= np.median(hertz["rtt"]) and max(hertz["c2p"]) <= max(hertz["rtt"]) + bound + 50
