@@ -131,6 +131,35 @@ def test_file_mode_real_time_and_ctrl_c(server, tmp_path):
     assert 0 < sf.info(tmp_path / "cut.wav").frames < 20 * 16000
 
 
+def test_file_mode_behind_a_server_that_drops_chunks(tmp_path):
+    """A server that falls behind (0.2 s steps for 0.125 s chunks, 2 chunks of queue) drops chunks
+    and says so before the next reply. The client's output keeps each reply under its own chunk
+    (the server's recording pairs each chunk it stepped with the model's reply to it, one frame
+    later) and silence under the dropped ones, and its round trips are the server's own times for
+    those replies plus the loopback (a reply timed against an earlier chunk reads 125 ms more)."""
+    from live_server import running_server
+    sf.write(tmp_path / "in.wav", speech_like(2.5), 16000)  # 20 chunks at real time
+    with running_server(tiny_duplex(), max_sessions=1, slow=0.2, max_queue=2, recordings=str(tmp_path / "rec")) as server:
+        r = run_client("--server", server.ws, "--input-wav", tmp_path / "in.wav", "--output-wav", tmp_path / "out.wav")
+        server_ms = [ms for _, ms in server.latency_ms]
+        deadline = time.time() + 10
+        while not list((tmp_path / "rec").glob("*.wav")) and time.time() < deadline:
+            time.sleep(0.1)
+    assert r.returncode == 0, r.stderr
+    s = stats(r.stdout)
+    assert s["sent"] == 20 and s["replies"] + s["dropped_by_server"] == 20 and s["dropped_by_server"] >= 5
+    assert s["replies"] == len(server_ms)
+    assert np.median(server_ms) - 1 < s["p50_ms"] < np.median(server_ms) + 60 and max(server_ms) - 1 < s["max_ms"] < max(server_ms) + 100
+    out = sf.read(tmp_path / "out.wav", dtype="int16")[0].reshape(20, 2000, 2)
+    (rec,) = list((tmp_path / "rec").glob("*.wav"))
+    recorded = sf.read(rec, dtype="int16")[0].reshape(-1, 2000, 2)
+    slots = [next(i for i in range(20) if np.array_equal(out[i, :, 0], chunk)) for chunk in recorded[:, :, 0]]
+    assert len(slots) == s["replies"] and slots == sorted(slots)
+    for slot, reply in zip(slots, recorded[1:, :, 1]):  # the model's reply to a stepped chunk, under that chunk
+        assert np.array_equal(out[slot, :, 1], reply), f"the reply under chunk {slot} is not its own"
+    assert not out[sorted(set(range(20)) - set(slots)), :, 1].any()  # silence under the dropped chunks
+
+
 STUBBORN = """
 import asyncio, os, signal, sys
 import inference_client as client
