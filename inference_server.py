@@ -99,6 +99,13 @@ class Chunk:
     t_recv: float             # time.perf_counter() at arrival
 
 
+@dataclass
+class DroppedReplies:
+    """In a session's outbox, in the place of replies dropped for a client that did not keep up:
+    sent as a `dropped` notice."""
+    chunks: int
+
+
 class EngineWorker:
     """The only code that touches the `LiveEngine`, on one thread of its own.
 
@@ -486,20 +493,31 @@ class Session:
     # -- outgoing --
     def send(self, message, audio: bool = False) -> None:
         """Queue a message (bytes or str) for the client. Audio over MAX_OUTBOX_AUDIO waiting
-        drops the oldest audio (the client is not keeping up); a backlog over MAX_OUTBOX closes."""
+        drops the oldest audio (the client is not keeping up); a binary session is told so in its
+        place (a `dropped` notice, which the next dropped reply joins), as the client pairs each
+        reply with its oldest unanswered chunk. A backlog over MAX_OUTBOX closes."""
         if self.closed:
             return
         self.outbox.append((audio, message))
         if audio and sum(a for a, _ in self.outbox) > MAX_OUTBOX_AUDIO:
-            for i, (a, _) in enumerate(self.outbox):
-                if a:
-                    del self.outbox[i]
-                    break
+            i = next(i for i, (a, _) in enumerate(self.outbox) if a)
             self.counts["dropped_out"] += 1
             self.server.counts["dropped_out"] += 1
+            before = self.outbox[i - 1][1] if i else None
+            if not isinstance(self.outbox[i][1], bytes):  # the original's text clients expect audio only
+                del self.outbox[i]
+            elif isinstance(before, DroppedReplies):
+                before.chunks += 1
+                del self.outbox[i]
+            else:
+                self.outbox[i] = (False, DroppedReplies(1))
         if len(self.outbox) > MAX_OUTBOX:
             self.fail(CLOSE_POLICY, "the client is not reading its replies")
         self.wakeup.set()
+
+    def dropped_total(self) -> int:
+        """The session's chunks dropped so far: by the engine's queue, and their replies by `send`."""
+        return self.counts["dropped_in"] + self.counts["dropped_out"]
 
     def send_json(self, **message) -> None:
         self.send(json.dumps(message))
@@ -533,6 +551,8 @@ class Session:
                 self.wakeup.clear()
                 while self.outbox:
                     _, message = self.outbox.popleft()
+                    if isinstance(message, DroppedReplies):
+                        message = json.dumps({"type": "dropped", "chunks": message.chunks, "total": self.dropped_total()})
                     if isinstance(message, bytes):
                         await ws.send_bytes(message)
                     else:
@@ -647,7 +667,7 @@ class Session:
             self.counts["dropped_in"] += len(queued)
             self.server.counts["dropped_in"] += len(queued)
             if any(c.fmt == "binary" for c in queued):  # before the replies to the chunks after it
-                self.send_json(type="dropped", chunks=unreported + len(queued), total=self.counts["dropped_in"])
+                self.send_json(type="dropped", chunks=unreported + len(queued), total=self.dropped_total())
             self.send_json(type="ack", request=kind, seed=seed, **echo)
         elif kind == "status":
             if body:
@@ -661,7 +681,7 @@ class Session:
         if self.closed:
             return
         if dropped and chunk.fmt == "binary":  # the original's text clients expect audio only
-            self.send_json(type="dropped", chunks=dropped, total=self.counts["dropped_in"])
+            self.send_json(type="dropped", chunks=dropped, total=self.dropped_total())
         self.send_audio(reply, chunk.fmt)
         # The model's context frame is (this user chunk, the model audio of the previous reply).
         self.record(np.stack([chunk.pcm, self.model_prev], axis=1))

@@ -674,6 +674,64 @@ def client_frame(opcode: int, payload: bytes) -> bytes:
     return bytes([0x80 | opcode]) + size + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
+def server_messages(sock) -> list:
+    """The server's frames on a raw websocket until it is quiet for 1 s: bytes for binary, str for text."""
+    sock.settimeout(1.0)
+    data = b""
+    try:
+        while chunk := sock.recv(1 << 16):
+            data += chunk
+    except TimeoutError:
+        pass
+    messages, at = [], 0
+    while at + 2 <= len(data):
+        opcode, n, at = data[at] & 0x0F, data[at + 1] & 0x7F, at + 2
+        if n >= 126:
+            width = 2 if n == 126 else 8
+            n, at = int.from_bytes(data[at:at + width], "big"), at + width
+        if at + n > len(data):
+            break
+        payload, at = data[at:at + n], at + n
+        messages.append(payload if opcode == 0x2 else payload.decode())
+    return messages
+
+
+def test_replies_dropped_for_a_slow_reader_are_announced_in_their_place(model):
+    """A client that reads slower than replies come: beyond 16 replies waiting, the server drops
+    the oldest. It said nothing, so the client, which pairs each reply with its oldest unanswered
+    chunk, timed and placed every later reply against an earlier chunk (the page's and the mic
+    client's round trips 125 ms longer per dropped reply, the file client's output shifted).
+    A binary session now gets a dropped notice in the dropped reply's place: every chunk is
+    answered or announced, in order, and each reply is the session's own reply to its chunk."""
+    chunks = CHUNKS[:80]
+    with running_server(model, max_sessions=1, max_queue=len(chunks), send_buffer=4096) as server:
+        sock = raw_websocket(server.port)  # its receive buffer is small: the server's sends wait
+        try:
+            sock.sendall(client_frame(0x1, json.dumps({"type": "status"}).encode()))
+            sock.sendall(b"".join(client_frame(0x2, c) for c in chunks))  # and then it reads nothing for a while
+            deadline = time.time() + 20
+            while health(server)["dropped_out"] == 0 or server.worker.stats()["queued_chunks"]:
+                assert time.time() < deadline, health(server)
+                time.sleep(0.1)
+            messages = server_messages(sock)
+        finally:
+            sock.close()
+        dropped_out = health(server)["dropped_out"]
+    status, *rest = messages
+    seed, row = json.loads(status)["seed"], json.loads(status)["row"]
+    unanswered, answers = list(range(len(chunks))), {}
+    for m in rest:
+        if isinstance(m, bytes):
+            answers[unanswered.pop(0)] = np.frombuffer(m, dtype="<i2")
+        else:
+            notice = json.loads(m)
+            assert notice["type"] == "dropped", notice
+            del unanswered[:notice["chunks"]]
+    assert unanswered == [] and len(answers) == len(chunks) - dropped_out and dropped_out > 0
+    want = reference_replies(model, chunks, seed, where=(1, row))
+    assert [i for i in answers if not np.array_equal(answers[i], want[i])] == [], "replies under other chunks"
+
+
 def test_a_ping_flood_that_reads_no_pongs_is_cut_off(server):
     """A client that sends pings and never reads: the server answered each with a pong at once,
     so its write buffer for that client grew without bound (40 MB in 5 s, all of it memory); now
