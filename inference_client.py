@@ -113,6 +113,7 @@ class Conversation:
         self.sent = self.replies = self.replayed = self.dropped = 0
         self.replaying = False
         self.failure = ""  # what the server sent that no hertz-dev server sends
+        self.unknown: set = set()  # the message types it sent that this client does not know
         self.answered = asyncio.Event()
 
     async def control(self, **message) -> dict:
@@ -162,6 +163,9 @@ class Conversation:
                         self.replaying = kind == "replay"
                     elif kind == "error":
                         log(f"server: {shown(m.get('message'))}")
+                    elif kind not in ("ack", "status") and repr(kind) not in self.unknown:  # named once a type
+                        self.unknown.add(repr(kind))
+                        log(f"server: a message of unknown type {shown(repr(kind))} (ignored)")
                 self.answered.set()
         except websockets.ConnectionClosedError:
             pass

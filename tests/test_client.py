@@ -394,6 +394,23 @@ def test_what_a_server_sends_reaches_the_terminal_without_control_characters(tmp
     assert r.stderr.splitlines()[-1] == "error: the server closed the session: 1008 \\x1b]0;owned\\x07 bye", r.stderr
 
 
+def test_an_unknown_message_type_is_named_once_and_ignored(tmp_path):
+    """A server that sends, beside its replies, notices of a type this client does not know (a
+    newer version, or another server): the client went on without a word. It now names the type
+    once, and the conversation goes on (every chunk answered, exit 0)."""
+    async def handler(ws):
+        async for chunk in ws:
+            await ws.send(json.dumps({"type": "surprise", "n": 1}))
+            await ws.send(chunk)
+    sf.write(tmp_path / "in.wav", speech_like(0.75), 16000)  # 6 chunks
+    with peer(handler) as url:
+        r = run_client("--server", url, "--input-wav", tmp_path / "in.wav", "--output-wav", tmp_path / "o.wav",
+                       "--no-realtime", timeout=30)
+    assert r.returncode == 0 and stats(r.stdout)["replies"] == 6, r.stderr
+    assert [line for line in r.stderr.splitlines() if "surprise" in line] == [
+        "server: a message of unknown type 'surprise' (ignored)"], r.stderr
+
+
 @pytest.mark.parametrize("end", ["1012", "lost"])
 def test_a_server_gone_mid_session_is_named_and_the_conversation_kept(tmp_path, end):
     """A server that answers 3 chunks, then shuts down (1012, uvicorn gives no reason) or vanishes
