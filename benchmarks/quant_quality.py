@@ -26,7 +26,7 @@ dialogues where those speak in fewer than 3 training dialogues or under a third 
 any of them speaks are dealt in file order, half to finetune-train, an eighth to finetune-dev,
 three eighths to finetune-val; the base learns from every other training file (monologues and
 dialogues: still most of the corpus) and never hears those voices. Stages, each a trainer process
-with a time limit:
+with a time limit (with --smoke the transformer's run in this process, as the evaluations do):
   codec           train_codec.py on corpus/train (--codec-minutes), unless --codec PATH is given
                   (the codec is the fixed representation, trained on all of train/ as the official
                   one was on broad speech; what is adapted is the LM);
@@ -206,16 +206,45 @@ def run(cmd: list, log: Path) -> str:
     return r.stdout
 
 
-def stage(work: Path, name: str, cmd: list, log: Path) -> dict:
-    """Run a training stage unless an earlier run of this script finished it (`<name>.done`, which
-    records the stage's wall time and the step it stopped at); returns that record."""
+def run_here(cmd: list, log: Path) -> str:
+    """`run` of a `train_transformer.py` stage in this process, as `evaluate` runs the trainer: its
+    `main` under `model.training.run_script` (a user's error is one `error:` line and exit status
+    1), for --smoke's CPU stages, whose time is mostly a process' start (importing torch and the
+    optimizers' Dynamo: 6 s of CPU each, of a tiny stage's 8). A GPU stage keeps its own process,
+    which frees its memory. Its stdout, and the log file, which also holds stderr; a failure ends
+    this script as `run`'s does."""
+    import io
+    import train_transformer
+    from model.training import run_script
+    assert cmd[0] == "train_transformer.py", cmd
+    out = io.StringIO()
+    with open(log, "a") as f:
+        f.write(f"$ (in process) {' '.join(map(str, cmd))}\n")
+        f.flush()
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(f):
+                run_script(lambda: train_transformer.main([str(a) for a in cmd[1:]]))
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        f.write(out.getvalue())
+    if code:
+        raise SystemExit(f"error: {' '.join(map(str, cmd[:3]))} exited with {code}; see {log}:\n"
+                         + log.read_text()[-3000:])
+    return out.getvalue()
+
+
+def stage(work: Path, name: str, cmd: list, log: Path, in_process: bool = False) -> dict:
+    """Run a training stage (in this process if `in_process`: `run_here`) unless an earlier run of
+    this script finished it (`<name>.done`, which records the stage's wall time and the step it
+    stopped at); returns that record."""
     done = work / f"{name}.done"
     if done.exists():
         record = json.loads(done.read_text() or "{}")
         emit(bench="reused", stage=name, **record)
         return record
     t = time.time()
-    out = run(cmd, log)
+    out = (run_here if in_process else run)(cmd, log)
     evals = [json.loads(line) for line in out.splitlines() if line.startswith('{"eval"')]
     dev = [e["val/lm_ce"] for e in evals if "val/lm_ce" in e]
     record = {"steps": evals[-1]["eval"] if evals else None, "wall_s": round(time.time() - t, 1),
@@ -321,9 +350,10 @@ def train(args, work: Path, log: Path) -> tuple[str, str]:
               "compile=false", "duplex=true", "sample_seconds=0"]
     q_dir, lm_dir = work / "base-quantizer", work / "base-lm"
     stage(work, "base-quantizer", ["train_transformer.py", "--config", args.preset, *common, *steps,
-                                   "stage=quantizer", f"checkpoint_dir={q_dir}"], log)
+                                   "stage=quantizer", f"checkpoint_dir={q_dir}"], log, in_process=args.smoke)
     stage(work, "base-lm", ["train_transformer.py", "--config", args.preset, *common, *steps, "stage=lm",
-                            f"init_from={q_dir / 'best.safetensors'}", f"checkpoint_dir={lm_dir}"], log)
+                            f"init_from={q_dir / 'best.safetensors'}", f"checkpoint_dir={lm_dir}"], log,
+          in_process=args.smoke)
     return str(lm_dir / "best.safetensors"), codec
 
 
@@ -361,7 +391,8 @@ def finetune(args, work: Path, log: Path, base: str, codec: str) -> dict:
             else:  # the time limit only guards against a much slower step
                 limit = [f"max_steps={steps}", f"max_minutes={2 * args.finetune_minutes}"]
             record = stage(work, name, [*common, *limit, *settings, f"learning_rate={lr}", f"min_lr={lr}",
-                                        "save_interval=100000", f"checkpoint_dir={work / name}"], log)
+                                        "save_interval=100000", f"checkpoint_dir={work / name}"], log,
+                           in_process=args.smoke)
             steps = steps or record["steps"]
             runs[lr] = (work / name, record)
         dev = {lr: record.get("best_val_lm_ce") for lr, (_, record) in runs.items()}
