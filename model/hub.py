@@ -20,12 +20,13 @@ are the compressed ones). A 416 saying the file ends where the partial does has 
 as the whole file. A partial left beside a file found in place and verified (put there by hand) is
 removed, and said, unless a live process holds its lock. Interrupted transfers and HTTP 5xx answers
 are retried a bounded number of times in a row (an attempt that added bytes starts the count anew);
-an attempt fails when the server sends nothing for `HF_HUB_DOWNLOAD_TIMEOUT` seconds (60 unset), and
-a Ctrl-C says what is kept for the next run; an md5 mismatch is downloaded once more from zero, then
-reported. What another attempt cannot change is one WeightsError at once: an HTTP 4xx answer, a web
-page (text/html) instead of the file (a partial kept is kept), a folder that cannot be written (a
-file in its place, read-only, a full disk), and a disk with less room than the rest of the missing
-files need, found before the first download starts. Offline (`offline=True` or `HF_HUB_OFFLINE=1`),
+an attempt fails when the server sends nothing for `HF_HUB_DOWNLOAD_TIMEOUT` seconds (60 unset; another
+value is a WeightsError before any file in place is hashed, when one may be downloaded), and a Ctrl-C
+says what is kept for the next run; an md5 mismatch is downloaded once more from zero, then reported.
+What another attempt cannot change is one WeightsError at once: an HTTP 4xx answer, a web page
+(text/html) instead of the file (a partial kept is kept), a folder that cannot be written (a file in
+its place, read-only, a full disk), and a disk with less room than the rest of the missing files
+need, found before the first download starts. Offline (`offline=True` or `HF_HUB_OFFLINE=1`),
 a missing file is an error that names each file, its size and where to put it, and a partial
 download of it left there (whether a run online resumes it).
 """
@@ -530,6 +531,12 @@ def official_files(names, ckpt_dir: str | os.PathLike = DEFAULT_CKPT_DIR, offlin
         raise _cannot_write(folder / files[0].filename, e, "choose another folder for the official weights "
                                                          "(ckpt_dir)") from None
     verified = _Verified(folder)
+    timeout = DOWNLOAD_TIMEOUT
+    if not _is_offline(offline) and not all((folder / f.filename).is_file() and verified.ok(folder / f.filename, f.md5)
+                                            for f in files):
+        # (a file to download or to hash, which may then be downloaded: a bad value is said now, not after hashing
+        # a 27 GB file in place for minutes)
+        timeout = download_timeout()
     out, missing = {}, []
     for f in files:
         path = folder / f.filename
@@ -559,7 +566,6 @@ def official_files(names, ckpt_dir: str | os.PathLike = DEFAULT_CKPT_DIR, offlin
                            f"{', '.join(f'{f.filename} ({f.component})' for f in missing)} need"
                            f"{'s' if len(missing) == 1 else ''} about {_human(need)}{more}: free space there or choose "
                            "another folder (ckpt_dir)")
-    timeout = download_timeout() if missing else DOWNLOAD_TIMEOUT
     for f in missing:
         out[f.name] = _fetch(f, folder / f.filename, endpoint, retries, progress, log, backoff, timeout)
     return {f.name: out[f.name] for f in files}

@@ -434,6 +434,32 @@ def test_a_stalled_server_fails_the_attempt_after_a_timeout_that_is_said_and_can
     assert server.ranges[-1] == f"bytes={len(data) // 2}-"
 
 
+def test_a_bad_download_timeout_is_said_before_a_file_in_place_is_hashed(server, tmp_path, monkeypatch):
+    """A bad HF_HUB_DOWNLOAD_TIMEOUT was found only once a file was known to be missing: after
+    hashing a file in place not yet recorded as verified (minutes for 27 GB), and not at all when
+    its md5 matched. Now it is one error before any hashing whenever the run could download (a file
+    not recorded as verified); offline, or with every file recorded as verified, it is not read."""
+    data = os.urandom(1 << 20)
+    register(monkeypatch, "inference_volcano_3", data)
+    server.add("inference_volcano_3.pt", data)
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    path = folder / "inference_volcano_3.pt"
+    monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", "abc")
+    for body in (data, bytes(reversed(data))):  # in place and right (not yet recorded), or corrupt
+        path.write_bytes(body)
+        logs = []
+        with pytest.raises(WeightsError) as e:
+            fetch(server, tmp_path, "inference_volcano_3", log=logs.append)
+        assert str(e.value) == "HF_HUB_DOWNLOAD_TIMEOUT: expected a whole number of seconds > 0, got 'abc'"
+        # not hashed: no record written for the right file, no md5 said of the corrupt one
+        assert not (folder / ".verified.json").exists() and logs == [] and server.requests == []
+    path.write_bytes(data)
+    assert hub.official_file("inference_volcano_3", folder, offline=True, progress=False) == path  # offline: hashed
+    assert fetch(server, tmp_path, "inference_volcano_3") == path  # recorded as verified: nothing to download
+    assert server.requests == []
+
+
 def test_ctrl_c_while_the_server_stalls_keeps_the_partial_and_says_so(server, tmp_path, monkeypatch):
     """Ctrl-C while a stalled server keeps the download waiting: the bytes that came were kept,
     but nothing said so (a KeyboardInterrupt from inside the client). Now one line says the
