@@ -21,8 +21,9 @@ as the whole file. A partial left beside a file found in place and verified (put
 removed, and said, unless a live process holds its lock. Interrupted transfers and HTTP 5xx answers
 are retried a bounded number of times in a row (an attempt that added bytes starts the count anew);
 an attempt fails when the server sends nothing for `HF_HUB_DOWNLOAD_TIMEOUT` seconds (60 unset; another
-value is a WeightsError before any file in place is hashed, when one may be downloaded), and a Ctrl-C
-says what is kept for the next run; an md5 mismatch is downloaded once more from zero, then reported.
+value is a WeightsError before any file in place is hashed, when one may be downloaded), or when no
+connection is made within them (said as such, naming the host), and a Ctrl-C says what is kept for
+the next run; an md5 mismatch is downloaded once more from zero, then reported.
 What another attempt cannot change is one WeightsError at once: an HTTP 4xx answer, a web page
 (text/html) instead of the file (a partial kept is kept), a folder that cannot be written (a file in
 its place, read-only, a full disk), and a disk with less room than the rest of the missing files
@@ -118,9 +119,18 @@ def download_timeout() -> float:
 
 
 def _failure(e: Exception, timeout: float) -> str:
-    """What went wrong in an attempt, in words: the client says only "timed out" for a server that
-    stopped sending."""
-    if isinstance(e, TimeoutError) or any(c.__name__ == "TimeoutException" for c in type(e).__mro__):
+    """What went wrong in an attempt, in words: the client says only "timed out", both for a
+    connection never made (a host that does not answer, or a blackholed address) and for a server
+    that stopped sending."""
+    names = {c.__name__ for c in type(e).__mro__}
+    if "ConnectTimeout" in names:  # (the client's: the host it tried is on the request, where a redirect led too)
+        try:
+            url = e.request.url
+            host = url.host if url.port is None else f"{url.host}:{url.port}"
+        except (AttributeError, RuntimeError):  # (no request attached)
+            host = "the server"
+        return f"could not connect to {host} within {timeout:g} s (HF_HUB_DOWNLOAD_TIMEOUT sets how long to wait)"
+    if isinstance(e, TimeoutError) or "TimeoutException" in names:
         return f"no data from the server for {timeout:g} s (HF_HUB_DOWNLOAD_TIMEOUT sets how long to wait)"
     return str(e)
 

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -458,6 +459,50 @@ def test_a_bad_download_timeout_is_said_before_a_file_in_place_is_hashed(server,
     assert hub.official_file("inference_volcano_3", folder, offline=True, progress=False) == path  # offline: hashed
     assert fetch(server, tmp_path, "inference_volcano_3") == path  # recorded as verified: nothing to download
     assert server.requests == []
+
+
+@pytest.fixture
+def unaccepting():
+    """`(host, port)` of a real loopback socket that listens and never accepts, its queue filled:
+    a connection to it is never made (its SYNs go unanswered, as to a blackholed address)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(listener.getsockname())
+        fillers.append(filler)
+    time.sleep(0.1)
+    yield listener.getsockname()
+    for s in (*fillers, listener):
+        s.close()
+
+
+def test_a_connect_timeout_says_it_could_not_connect(server, tmp_path, monkeypatch, unaccepting):
+    """A server that never accepted the connection was said as "no data from the server for N s",
+    the words of a server that stopped sending after its headers. Now the error says the
+    connection could not be made, to which host, within how long; also where the Hub's redirect led."""
+    data = os.urandom(1 << 10)
+    register(monkeypatch, "inference_volcano_3", data)
+    monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", "1")
+    host, port = unaccepting
+    nowhere = f"http://{host}:{port}"
+    said = f"could not connect to {host}:{port} within 1 s (HF_HUB_DOWNLOAD_TIMEOUT sets how long to wait)"
+    logs = []
+    with pytest.raises(WeightsError) as e:
+        hub.official_file("inference_volcano_3", tmp_path / "ckpt", endpoint=nowhere, progress=False, backoff=0,
+                          retries=2, log=logs.append)
+    assert str(e.value) == (f"could not download inference_volcano_3.pt from {nowhere}/si-pbc/hertz-dev/resolve/main/"
+                            f"inference_volcano_3.pt after 2 attempts: {said}")
+    assert logs == [f"download of inference_volcano_3.pt failed ({said}); retrying in 0.0s (1/2)"]
+    server.add("inference_volcano_3.pt", data)
+    server.faults["inference_volcano_3.pt"] = [f"redirect:{nowhere}/file"]
+    with pytest.raises(WeightsError) as e:
+        fetch(server, tmp_path, "inference_volcano_3", retries=1)
+    assert str(e.value).endswith(f"after 1 attempts: {said}") and len(server.requests) == 1
+    assert leftovers(tmp_path / "ckpt") == []
 
 
 def test_ctrl_c_while_the_server_stalls_keeps_the_partial_and_says_so(server, tmp_path, monkeypatch):
