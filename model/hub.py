@@ -10,9 +10,11 @@ in the temporary is kept, and the next attempt (a retry, or a later run) asks fo
 `Range: bytes=N-`, hashing the kept bytes first; a sidecar `.NAME.pt.download.json` names the md5
 and size the temporary is a prefix of, so a partial of another version of the file is never resumed;
 a range answer holding part of the rest (as its Content-Range says) is followed by a request for the
-next, one from another start is downloaded from the start, and the whole file answered (a 200, of
-the same size or none given) is read from the start with its first bytes checked against the kept
-ones, which it only replaces where they differ (an answer that stops early loses nothing). A
+next (one to a request for the whole file, from a server that answers 206 to all, has the size its
+Content-Range gives, and is kept and resumed as any), one from another start is downloaded from the
+start, and the whole file answered (a 200, of the same size or none given) is read from the start
+with its first bytes checked against the kept ones, which it only replaces where they differ (an
+answer that stops early loses nothing). A
 Content-Length that cannot be right (shorter than the file, or than the range its Content-Range
 names) is a failed attempt said before the body is read. The file is asked for uncompressed
 (`Accept-Encoding: identity`); one compressed all the same is taken as of unknown size (its lengths
@@ -434,6 +436,9 @@ def _download_once(url: str, dest: Path, part: _Partial, expected_size: Optional
                         log(f"{url} answered the request for the rest of {dest.name} with a file of another size "
                             f"({declared} bytes, not {part.size}); downloading it from the start")
                     part.begin(int(declared) if declared else None)
+                elif not start:  # (a range answer to a request for the whole file: its Content-Range gives the size)
+                    whole = piece[2] if piece and piece[0] == 0 and not encoded else None
+                    part.begin(whole or (int(declared) if declared else None))
                 _receive(r, dest, part, part.size or expected_size, progress)
             except OSError as e:
                 if e.filename is None and e.errno is None:  # the transfer's (a dropped connection), not the disk's

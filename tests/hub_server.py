@@ -18,7 +18,8 @@ class HubServer:
     "truncate" (send half the body, then drop the connection), "drop@F" (send the file up to the
     fraction F of its length, then drop the connection; "reset@F" resets it), "corrupt" (send other bytes), "error"
     (HTTP 500), "ignore-range" (answer 200 with the whole file to a Range request;
-    "ignore-range+drop@F" with a drop), "bad-range"
+    "ignore-range+drop@F" with a drop), "always-206" (answer every request with 206 and a Content-Range,
+    one without Range too, from byte 0: "always-206+drop@F", "always-206+piece@F"), "bad-range"
     (answer a Range request with 206 and the whole file, `Content-Range: bytes 0-...`), "unsized"
     (no Content-Length: the body ends when the connection closes; "unsized+drop@F" with a drop),
     "page" (HTTP 200 with a small text/html page, as a captive portal or a proxy's login gives),
@@ -76,6 +77,9 @@ class HubServer:
                 ignore = fault is not None and fault.startswith("ignore-range")  # (a 200 to a Range request)
                 if ignore:
                     fault = fault[len("ignore-range"):].lstrip("+") or None
+                always = fault is not None and fault.startswith("always-206")  # (a 206 to a request without Range)
+                if always:
+                    fault = fault[len("always-206"):].lstrip("+") or None
                 if fault == "error":
                     return self.empty(500)
                 if fault and fault.startswith("status:"):  # (an answer of that status, with no body)
@@ -107,10 +111,11 @@ class HubServer:
                     start = int(m.group(1))
                     if start >= len(data):
                         return self.empty(416, {"Content-Range": f"bytes */{len(data)}"})
+                ranged = bool(m) and not ignore or always  # (answered with 206 and a Content-Range)
                 last = len(data)  # (the end of what this answer says it holds)
-                if m and fault and fault.startswith("piece@"):
+                if ranged and fault and fault.startswith("piece@"):
                     last = max(start + 1, int(len(data) * float(fault.split("@")[1])))
-                self.send_response(206 if m and not ignore else 200)
+                self.send_response(206 if ranged else 200)
                 self.send_header("Content-Type", "application/octet-stream")
                 if unsized:
                     self.close_connection = True
@@ -122,7 +127,7 @@ class HubServer:
                     self.close_connection = True
                 else:
                     self.send_header("Content-Length", str(last - start))
-                if m and not ignore:
+                if ranged:
                     self.send_header("Content-Range", f"bytes {start}-{last - 1}/{len(data)}")
                 self.end_headers()
                 end = last

@@ -246,6 +246,32 @@ def test_a_range_answer_holding_part_of_the_rest_is_followed_by_a_request_for_th
     assert leftovers(tmp_path / "ckpt") == []
 
 
+def test_a_range_answer_to_a_request_for_the_whole_file_is_kept_and_resumed(server, tmp_path, monkeypatch):
+    """A server answering every request with 206 (one without Range too, `Content-Range: bytes
+    0-N/N+1`) was read without a sidecar or a size: a drop after it removed what came, and a piece of
+    the file (as its Content-Range said) was taken as the whole, md5-mismatched and downloaded again.
+    Now its Content-Range gives the size: what came before a drop is kept and resumed, and a piece is
+    followed by a request for the rest."""
+    data = os.urandom(1 << 20)
+    register(monkeypatch, "inference_volcano_3", data)
+    server.add("inference_volcano_3.pt", data)
+    server.faults["inference_volcano_3.pt"] = ["always-206+drop@0.5"]
+    folder = tmp_path / "ckpt"
+    partial = folder / ".inference_volcano_3.pt.download"
+    with pytest.raises(WeightsError, match=f"the 524.3 KB downloaded are kept in {re.escape(str(partial))} and the "
+                                           "next run resumes from there$"):
+        fetch(server, tmp_path, "inference_volcano_3", retries=1)
+    assert partial.read_bytes() == data[:len(data) // 2]
+    assert fetch(server, tmp_path, "inference_volcano_3").read_bytes() == data
+    assert server.ranges == [None, f"bytes={len(data) // 2}-"] and server.sent == len(data)
+    (folder / "inference_volcano_3.pt").unlink()
+    server.ranges.clear()
+    server.faults["inference_volcano_3.pt"] = ["always-206+piece@0.25"]
+    assert fetch(server, tmp_path, "inference_volcano_3").read_bytes() == data
+    assert server.ranges == [None, f"bytes={len(data) // 4}-"] and server.sent == 2 * len(data)
+    assert leftovers(folder) == []
+
+
 def test_a_content_length_shorter_than_the_file_is_said_before_the_md5(server, tmp_path, monkeypatch):
     """A server (a proxy) announcing a Content-Length shorter than the body it sends: the client
     stops at the length announced, the file failed its md5 check twice and the error blamed "the
