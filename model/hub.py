@@ -120,6 +120,17 @@ def download_timeout() -> float:
     return float(said)
 
 
+def _timeout(names, folder: Path) -> float:
+    """`download_timeout()` when one of these files may be downloaded (one not in `folder` and
+    recorded as verified: a file to download, or to hash, which may then be downloaded), so that a
+    bad value is said before a 27 GB file in place is hashed for minutes; else DOWNLOAD_TIMEOUT."""
+    verified = _Verified(folder)
+    if all((folder / f.filename).is_file() and verified.ok(folder / f.filename, f.md5)
+           for f in (OFFICIAL_FILES[n] for n in names)):
+        return DOWNLOAD_TIMEOUT
+    return download_timeout()
+
+
 def _failure(e: Exception, timeout: float) -> str:
     """What went wrong in an attempt, in words: the client says only "timed out", both for a
     connection never made (a host that does not answer, or a blackholed address) and for a server
@@ -488,8 +499,11 @@ def _receive(r, dest: Path, part: _Partial, total: Optional[int], progress: bool
 
 def check_offline(names, ckpt_dir: str | os.PathLike = DEFAULT_CKPT_DIR, offline: Optional[bool] = None) -> None:
     """WeightsError naming every one of these official files that is not in `ckpt_dir` when offline
-    (what `official_files` would refuse), from the file names alone: a script asks it before slow work."""
+    (what `official_files` would refuse), from the file names alone: a script asks it before slow work.
+    Online, a bad HF_HUB_DOWNLOAD_TIMEOUT where a file may be downloaded, which `official_files`
+    would refuse too (`_timeout`)."""
     if not _is_offline(offline):
+        _timeout(names, Path(ckpt_dir))
         return
     folder = Path(ckpt_dir)
     missing = [f for f in (OFFICIAL_FILES[n] for n in names) if not (folder / f.filename).is_file()]
@@ -546,12 +560,7 @@ def official_files(names, ckpt_dir: str | os.PathLike = DEFAULT_CKPT_DIR, offlin
         raise _cannot_write(folder / files[0].filename, e, "choose another folder for the official weights "
                                                          "(ckpt_dir)") from None
     verified = _Verified(folder)
-    timeout = DOWNLOAD_TIMEOUT
-    if not _is_offline(offline) and not all((folder / f.filename).is_file() and verified.ok(folder / f.filename, f.md5)
-                                            for f in files):
-        # (a file to download or to hash, which may then be downloaded: a bad value is said now, not after hashing
-        # a 27 GB file in place for minutes)
-        timeout = download_timeout()
+    timeout = DOWNLOAD_TIMEOUT if _is_offline(offline) else _timeout(names, folder)
     out, missing = {}, []
     for f in files:
         path = folder / f.filename

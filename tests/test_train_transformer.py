@@ -406,6 +406,10 @@ def test_init_from_official_of_another_architecture_or_missing_offline_is_found_
         check_init_from(dataclasses.replace(PRESETS["tiny"], init_from="mono", duplex=False))
     mono = dataclasses.replace(PRESETS["hertz_dev"], init_from="official", duplex=False, ckpt_dir=str(tmp_path))
     check_init_from(mono)  # online: downloaded when the weights load
+    monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", "1.5")  # (what the download would refuse, said now too)
+    with pytest.raises(WeightsError, match=r"^HF_HUB_DOWNLOAD_TIMEOUT: expected a whole number of seconds > 0"):
+        check_init_from(mono)
+    monkeypatch.delenv("HF_HUB_DOWNLOAD_TIMEOUT")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(WeightsError, match=r"offline mode and these official hertz-dev files are missing:\n"
                        r"  inference_volcano_3.pt (.|\n)*  inference_caraway_\S*.pt"):
