@@ -573,6 +573,11 @@ class Session:
             message = await self.ws.receive()
             if message["type"] == "websocket.disconnect":
                 return
+            # A chunk counts against the idle timeout when it arrives: it may wait in `inbox` past
+            # the timeout behind a control message that waits on the engine (a reset's prefill).
+            data, text = message.get("bytes"), message.get("text")
+            if (data is not None and len(data) == CHUNK_BYTES) or (text is not None and text.startswith(TEXT_PREFIX)):
+                self.last_audio = time.monotonic()
             await self.inbox.put((time.perf_counter(), message))
 
     async def handle(self) -> None:
@@ -620,8 +625,8 @@ class Session:
 
     def on_audio(self, pcm: np.ndarray, fmt: str, arrived: float) -> None:
         """A chunk read at `arrived` (time.perf_counter()): it may have waited in `inbox` behind a
-        control message that waits on the engine, which its latency counts."""
-        self.last_audio = time.monotonic()
+        control message that waits on the engine, which its latency counts (`read` took its arrival
+        as the session's last audio, for the idle timeout)."""
         if self.replay_left > 0:  # the prompt is played back before the conversation goes live
             # Binary clients are told which replies are playback, so that they time only the
             # replies to their own chunks (the original's text clients expect audio only).

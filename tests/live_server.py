@@ -66,10 +66,11 @@ TEST_LIMITS = srv.Limits(start_rate=100, start_burst=100, control_rate=1000, con
 
 
 class SlowEngine:
-    """A LiveEngine whose steps take at least `seconds` (compute falling behind)."""
+    """A LiveEngine whose steps take at least `seconds` (compute falling behind), and its resets
+    (a session's start, a client's `reset`) `reset_seconds` (a long prompt's prefill)."""
 
-    def __init__(self, engine, seconds: float):
-        self.engine, self.seconds = engine, seconds
+    def __init__(self, engine, seconds: float, reset_seconds: float = 0.0):
+        self.engine, self.seconds, self.reset_seconds = engine, seconds, reset_seconds
 
     def __getattr__(self, name):
         return getattr(self.engine, name)
@@ -78,14 +79,18 @@ class SlowEngine:
         time.sleep(self.seconds)
         return self.engine.step(*args, **kwargs)
 
+    def reset(self, *args, **kwargs):
+        time.sleep(self.reset_seconds)
+        return self.engine.reset(*args, **kwargs)
+
 
 @contextlib.contextmanager
 def running_server(model, max_sessions: int = 3, max_message_bytes: int = 1 << 16, slow: float = 0.0,
-                   log_level: str = "warning", access: srv.Access = srv.Access(), limits: srv.Limits = TEST_LIMITS,
+                   slow_reset: float = 0.0, log_level: str = "warning", access: srv.Access = srv.Access(), limits: srv.Limits = TEST_LIMITS,
                    send_buffer: int | None = None, **kwargs):
     """Yields the `Server` with `.http` and `.ws` base URLs set (and `.port`)."""
     engine = LiveEngine(model, max_sessions=max_sessions)
-    server = srv.Server(SlowEngine(engine, slow) if slow else engine, limits=limits, **kwargs)
+    server = srv.Server(SlowEngine(engine, slow, slow_reset) if slow or slow_reset else engine, limits=limits, **kwargs)
     server.start()
     sock = free_socket(send_buffer)
     port = sock.getsockname()[1]

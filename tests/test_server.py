@@ -1261,6 +1261,42 @@ def test_idle_session_is_closed_and_frees_its_slot(model):
         assert len(asyncio.run(asyncio.wait_for(next_client(), 30))) == 2
 
 
+def test_a_client_sending_behind_a_slow_start_and_reset_is_not_idle(model):
+    """The idle timeout counts from a chunk's arrival, not from when the session handled it: a
+    client streaming in real time while its session's start (1.5 s) and then its `reset` (1.5 s,
+    a long prompt's prefill) wait on the engine, past the 0.8 s --idle-timeout, is not idle. The
+    chunks sent during the reset waited in the session's inbox, and the session was closed with
+    CLOSE_IDLE 0.8 s into the reset while the client was talking (the start's backlog happened to
+    be handled before the idle watch first looked)."""
+    with running_server(model, max_sessions=1, slow_reset=1.5, limits=srv.Limits(idle_timeout=0.8)) as server:
+        async def talk():
+            async with connect(server.ws + "/audio") as ws:
+                replies, dropped = 0, 0
+
+                async def listen():
+                    nonlocal replies, dropped
+                    with contextlib.suppress(websockets.ConnectionClosed):
+                        async for msg in ws:
+                            if isinstance(msg, bytes):
+                                replies += 1
+                            elif json.loads(msg)["type"] == "dropped":
+                                dropped += json.loads(msg)["chunks"]
+                listening = asyncio.create_task(listen())
+                with contextlib.suppress(websockets.ConnectionClosed):
+                    for i, chunk in enumerate(CHUNKS[:36]):  # 4.5 s at real time
+                        if i == 20:  # after the start's backlog is answered: a reset, as slow
+                            await ws.send(json.dumps({"type": "reset"}))
+                        await ws.send(chunk)
+                        await asyncio.sleep(0.125)
+                deadline = time.perf_counter() + 20
+                while replies + dropped < 36 and not listening.done() and time.perf_counter() < deadline:
+                    await asyncio.sleep(0.05)
+                listening.cancel()
+                return ws.close_code, ws.close_reason, replies, dropped
+        code, reason, replies, dropped = asyncio.run(asyncio.wait_for(talk(), 60))
+    assert (code, reason) == (None, None) and replies + dropped == 36 and replies >= 20, (code, reason, replies, dropped)
+
+
 def test_reset_rate_limit_holds_another_sessions_cadence(model):
     """With a prompt (every reset and every new session prefills it), three clients resetting in a
     loop, and reconnecting when closed for it, get `rate_limited` errors, closes and refusals, and
