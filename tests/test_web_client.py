@@ -280,3 +280,49 @@ def test_browser_client_through_server_drops_and_a_reset(tmp_path):
     bound = hertz["jitter"]["boundMs"]
     assert hertz["c2pCount"] > 0 and min(hertz["c2p"]) > 0
     assert np.median(hertz["c2p"]) >= np.median(hertz["rtt"]) and max(hertz["c2p"]) <= max(hertz["rtt"]) + bound + 50
+
+
+def two_sessions(tmp_path, steps, **server_kwargs):
+    """Runs `steps(page, server)` on the page of a server (one session row), its fake microphone a
+    440 Hz tone; returns what `steps` returns."""
+    chromium = chromium_path()
+    t = np.arange(48000 * 2) / 48000
+    sf.write(tmp_path / "mic.wav", (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 48000, subtype="PCM_16")
+    with running_server(tiny_duplex(), max_sessions=1, **server_kwargs) as server:
+        with chromium_page(chromium, tmp_path / "profile", tmp_path / "mic.wav", f"{server.http}/") as devtools:
+            async def run():
+                from websockets.asyncio.client import connect
+                async with connect(devtools, max_size=None) as ws:
+                    page = Page(ws)
+                    await page.wait_for("document.readyState === 'complete' && !!window.hertz")
+                    await page.js("document.getElementById('start').click()", gesture=True)
+                    await page.wait_for("window.hertz.state === 'live'")
+                    return await steps(page, server)
+            return asyncio.run(asyncio.wait_for(run(), 60))
+
+
+def test_a_new_session_shows_its_own_errors_and_the_log_marks_the_earlier(tmp_path):
+    """Stop then Start: `hertz.errors` (and the counters) are the new session's, and the log keeps
+    the earlier session's lines below a mark. The page kept every session's errors, so the first
+    session's message was counted again as the second's, and the log ran them together."""
+    surprise = json.dumps({"type": "surprise"})
+
+    async def steps(page, server):
+        server.worker.loop.call_soon_threadsafe(lambda: [s.send(surprise) for s in list(server.sessions.values())])
+        await page.wait_for("window.hertz.errors.length === 1")
+        first = await page.js("window.hertz.session")
+        await page.js("document.getElementById('stop').click(); document.getElementById('start').click()", gesture=True)
+        await page.wait_for("window.hertz.state === 'live'")
+        fresh = json.loads(await page.js("JSON.stringify(window.hertz)"))
+        server.worker.loop.call_soon_threadsafe(lambda: [s.send(surprise) for s in list(server.sessions.values())])
+        await page.wait_for("window.hertz.acks >= 1 && document.getElementById('log').textContent.split('surprise').length === 3")
+        await asyncio.sleep(0.3)
+        return first, fresh, json.loads(await page.js("JSON.stringify(window.hertz)")), \
+            await page.js("document.getElementById('log').textContent")
+
+    first, fresh, hertz, log = two_sessions(tmp_path, steps)
+    told = 'the server sent a message of unknown type "surprise"'
+    assert fresh["errors"] == [] and hertz["errors"] == [told], (fresh["errors"], hertz["errors"])
+    assert fresh["closeCode"] is None
+    assert log.splitlines() == [f"{told} (ignored)", "— session 2 —", f"{told} (ignored)"]
+    assert first == 1 and fresh["session"] == hertz["session"] == 2
