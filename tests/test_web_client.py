@@ -326,3 +326,25 @@ def test_a_new_session_shows_its_own_errors_and_the_log_marks_the_earlier(tmp_pa
     assert fresh["closeCode"] is None
     assert log.splitlines() == [f"{told} (ignored)", "— session 2 —", f"{told} (ignored)"]
     assert first == 1 and fresh["session"] == hertz["session"] == 2
+
+
+def test_the_stopped_sessions_worklet_does_not_count_in_the_new_one(tmp_path):
+    """Stop then Start at once: the old worklet's reports (played samples, underruns, capture to
+    playback), posted before its context closed and delivered after Start, went into the new
+    session's counters. The page held up for 0.3 s first (the audio thread goes on and queues
+    reports), so that some are always pending at Stop; the new session's counters stay at zero
+    until its own worklet reports."""
+    async def steps(page, server):
+        await page.wait_for("window.hertz.played > 0 && window.hertz.c2pCount > 0")
+        return json.loads(await page.js("""new Promise((done) => {
+            const t0 = performance.now(); while (performance.now() - t0 < 300) {}   // the audio thread goes on
+            const old = window.hertz.played;
+            document.getElementById('stop').click(); document.getElementById('start').click();
+            setTimeout(() => done(JSON.stringify({old, session: hertz.session, played: hertz.played,
+                                                  c2pCount: hertz.c2pCount, underruns: hertz.underruns,
+                                                  maxMarginMs: hertz.maxMarginMs})), 50);
+          })""", gesture=True))
+
+    after = two_sessions(tmp_path, steps)
+    assert after["old"] > 0 and after["session"] == 2
+    assert (after["played"], after["c2pCount"], after["underruns"], after["maxMarginMs"]) == (0, 0, 0, 0), after
