@@ -184,16 +184,13 @@ def test_browser_client_says_why_a_session_ended(tmp_path):
     assert shutdown == ["closed (1012: the server is shutting down)", "error", False]
 
 
-def test_a_dragged_slider_keeps_within_the_servers_control_limit(tmp_path):
-    """A dragged slider fires an input event per frame (60-144 a second); the page sent a
-    set_params for each, past the server's 50 control messages a second, so after the burst every
-    one was answered rate_limited, and 32 of those closed the session (1008) under the user's
-    hand. The page now sends at most one set_params per 100 ms, and the last value always."""
-    import inference_server as srv
+def live_page(tmp_path, steps, **server_kwargs):
+    """Runs `steps(page, server)` on the page of a server (one session row), its fake microphone a
+    440 Hz tone, once the page's session is live; returns what `steps` returns."""
     chromium = chromium_path()
     t = np.arange(48000 * 2) / 48000
     sf.write(tmp_path / "mic.wav", (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 48000, subtype="PCM_16")
-    with running_server(tiny_duplex(), max_sessions=1, limits=srv.Limits()) as server:  # the server's own limits
+    with running_server(tiny_duplex(), max_sessions=1, **server_kwargs) as server:
         with chromium_page(chromium, tmp_path / "profile", tmp_path / "mic.wav", f"{server.http}/") as devtools:
             async def run():
                 from websockets.asyncio.client import connect
@@ -201,21 +198,34 @@ def test_a_dragged_slider_keeps_within_the_servers_control_limit(tmp_path):
                     page = Page(ws)
                     await page.wait_for("document.readyState === 'complete' && !!window.hertz")
                     await page.js("document.getElementById('start').click()", gesture=True)
-                    await page.wait_for("window.hertz.state === 'live' && window.hertz.acks >= 1")
-                    # 3 s of dragging at 200 events a second, ending at 0.35
-                    await page.js("""new Promise((done) => {
-                        const s = document.querySelector('input[name=token_temp]'), t0 = performance.now();
-                        const drag = setInterval(() => {
-                          const left = 3000 - (performance.now() - t0);
-                          s.value = left > 0 ? String(0.1 + (Math.floor(left) % 40) / 10) : '0.35';
-                          s.dispatchEvent(new Event('input'));
-                          if (left <= 0) { clearInterval(drag); done(); }
-                        }, 5);
-                      })""")
-                    await asyncio.sleep(0.5)
-                    return json.loads(await page.js("JSON.stringify(window.hertz)"))
-            hertz = asyncio.run(asyncio.wait_for(run(), 90))
-            sessions = [(s.params.token_temp, s.counts["rate_limited"]) for s in server.sessions.values()]
+                    await page.wait_for("window.hertz.state === 'live'")
+                    return await steps(page, server)
+            return asyncio.run(asyncio.wait_for(run(), 90))
+
+
+def test_a_dragged_slider_keeps_within_the_servers_control_limit(tmp_path):
+    """A dragged slider fires an input event per frame (60-144 a second); the page sent a
+    set_params for each, past the server's 50 control messages a second, so after the burst every
+    one was answered rate_limited, and 32 of those closed the session (1008) under the user's
+    hand. The page now sends at most one set_params per 100 ms, and the last value always."""
+    import inference_server as srv
+
+    async def steps(page, server):
+        await page.wait_for("window.hertz.acks >= 1")
+        # 3 s of dragging at 200 events a second, ending at 0.35
+        await page.js("""new Promise((done) => {
+            const s = document.querySelector('input[name=token_temp]'), t0 = performance.now();
+            const drag = setInterval(() => {
+              const left = 3000 - (performance.now() - t0);
+              s.value = left > 0 ? String(0.1 + (Math.floor(left) % 40) / 10) : '0.35';
+              s.dispatchEvent(new Event('input'));
+              if (left <= 0) { clearInterval(drag); done(); }
+            }, 5);
+          })""")
+        await asyncio.sleep(0.5)
+        hertz = json.loads(await page.js("JSON.stringify(window.hertz)"))
+        return hertz, [(s.params.token_temp, s.counts["rate_limited"]) for s in server.sessions.values()]
+    hertz, sessions = live_page(tmp_path, steps, limits=srv.Limits())  # the server's own limits
     assert hertz["state"] == "live" and hertz["closeCode"] is None and hertz["errors"] == [], \
         (hertz["state"], hertz["errors"][:2])
     assert sessions == [(0.35, 0)]
@@ -282,25 +292,6 @@ def test_browser_client_through_server_drops_and_a_reset(tmp_path):
     assert np.median(hertz["c2p"]) >= np.median(hertz["rtt"]) and max(hertz["c2p"]) <= max(hertz["rtt"]) + bound + 50
 
 
-def two_sessions(tmp_path, steps, **server_kwargs):
-    """Runs `steps(page, server)` on the page of a server (one session row), its fake microphone a
-    440 Hz tone; returns what `steps` returns."""
-    chromium = chromium_path()
-    t = np.arange(48000 * 2) / 48000
-    sf.write(tmp_path / "mic.wav", (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 48000, subtype="PCM_16")
-    with running_server(tiny_duplex(), max_sessions=1, **server_kwargs) as server:
-        with chromium_page(chromium, tmp_path / "profile", tmp_path / "mic.wav", f"{server.http}/") as devtools:
-            async def run():
-                from websockets.asyncio.client import connect
-                async with connect(devtools, max_size=None) as ws:
-                    page = Page(ws)
-                    await page.wait_for("document.readyState === 'complete' && !!window.hertz")
-                    await page.js("document.getElementById('start').click()", gesture=True)
-                    await page.wait_for("window.hertz.state === 'live'")
-                    return await steps(page, server)
-            return asyncio.run(asyncio.wait_for(run(), 60))
-
-
 def test_a_new_session_shows_its_own_errors_and_the_log_marks_the_earlier(tmp_path):
     """Stop then Start: `hertz.errors` (and the counters) are the new session's, and the log keeps
     the earlier session's lines below a mark. The page kept every session's errors, so the first
@@ -320,7 +311,7 @@ def test_a_new_session_shows_its_own_errors_and_the_log_marks_the_earlier(tmp_pa
         return first, fresh, json.loads(await page.js("JSON.stringify(window.hertz)")), \
             await page.js("document.getElementById('log').textContent")
 
-    first, fresh, hertz, log = two_sessions(tmp_path, steps)
+    first, fresh, hertz, log = live_page(tmp_path, steps)
     told = 'the server sent a message of unknown type "surprise"'
     assert fresh["errors"] == [] and hertz["errors"] == [told], (fresh["errors"], hertz["errors"])
     assert fresh["closeCode"] is None
@@ -345,6 +336,6 @@ def test_the_stopped_sessions_worklet_does_not_count_in_the_new_one(tmp_path):
                                                   maxMarginMs: hertz.maxMarginMs})), 50);
           })""", gesture=True))
 
-    after = two_sessions(tmp_path, steps)
+    after = live_page(tmp_path, steps)
     assert after["old"] > 0 and after["session"] == 2
     assert (after["played"], after["c2pCount"], after["underruns"], after["maxMarginMs"]) == (0, 0, 0, 0), after
