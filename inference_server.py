@@ -877,6 +877,7 @@ class Server:
             return await ws.close(CLOSE_INTERNAL, f"could not start a session: {type(opened.exception()).__name__}")
         self.sessions[session.id] = session
         self.counts["sessions_total"] += 1
+        session.last_audio = max(session.last_audio, time.monotonic())  # the idle clock starts now, not at connecting
         log.info("session %s started in row %d (%d/%d)", session.id, row, len(self.sessions), self.engine.max_sessions)
         if self.recordings is not None:
             name = time.strftime("%Y%m%d-%H%M%S") + f"-{session.id}.wav"

@@ -1303,6 +1303,23 @@ def test_a_client_sending_behind_a_slow_start_and_reset_is_not_idle(model):
         (code, reason, replies, dropped, after_reset)
 
 
+def test_the_idle_clock_starts_when_the_session_has_started(model):
+    """A client that waits for its session's start (3 s here: a long prompt's prefill, a busy
+    engine) before it talks: the idle clock ran from the connection, so the session was closed as
+    idle (2 s) the moment its start ended, before the client could say anything. It now runs from
+    the end of the start: a first chunk sent 0.5 s after it is answered."""
+    with running_server(model, max_sessions=1, slow_reset=3.0, limits=srv.Limits(idle_timeout=2.0)) as server:
+        async def talk():
+            async with connect(server.ws + "/audio") as ws:
+                await asyncio.sleep(3.5)
+                with contextlib.suppress(websockets.ConnectionClosed):
+                    await ws.send(CHUNKS[0])
+                    return await asyncio.wait_for(ws.recv(), 10), ws.close_code
+                return None, ws.close_code
+        reply, code = asyncio.run(asyncio.wait_for(talk(), 30))
+    assert isinstance(reply, bytes) and len(reply) == 4000 and code is None, (reply, code)
+
+
 def test_reset_rate_limit_holds_another_sessions_cadence(model):
     """With a prompt (every reset and every new session prefills it), three clients resetting in a
     loop, and reconnecting when closed for it, get `rate_limited` errors, closes and refusals, and
