@@ -53,12 +53,17 @@ class HubServer:
             def log_message(self, *args):
                 pass
 
-            def empty(self, status: int, headers: dict | None = None):
+            def whole(self, status: int, body: bytes = b"", headers: dict | None = None):
+                """One answer of `status` holding all of `body`, with its Content-Length."""
                 self.send_response(status)
                 for k, v in (headers or {}).items():
                     self.send_header(k, v)
-                self.send_header("Content-Length", "0")
+                self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
+                self.wfile.write(body)
+
+            def empty(self, status: int, headers: dict | None = None):
+                self.whole(status, b"", headers)
 
             def do_GET(self):
                 server.requests.append(self.path)
@@ -87,22 +92,11 @@ class HubServer:
                 if fault and fault.startswith("redirect:"):
                     return self.empty(302, {"Location": fault[len("redirect:"):]})
                 if fault == "gzip":
-                    body = gzip.compress(data)
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/octet-stream")
-                    self.send_header("Content-Encoding", "gzip")
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
-                    return
+                    return self.whole(200, gzip.compress(data), {"Content-Type": "application/octet-stream",
+                                                                 "Content-Encoding": "gzip"})
                 if fault == "page":
-                    page = b"<!DOCTYPE html><html><body>Sign in to continue</body></html>"
-                    self.send_response(200)
-                    self.send_header("Content-Type", "text/html; charset=utf-8")
-                    self.send_header("Content-Length", str(len(page)))
-                    self.end_headers()
-                    self.wfile.write(page)
-                    return
+                    return self.whole(200, b"<!DOCTYPE html><html><body>Sign in to continue</body></html>",
+                                      {"Content-Type": "text/html; charset=utf-8"})
                 if fault == "corrupt":
                     data = bytes(b ^ 0xFF for b in data)
                 start = 0
