@@ -553,14 +553,17 @@ def official_files(names, ckpt_dir: str | os.PathLike = DEFAULT_CKPT_DIR, offlin
     Offline, every missing file is named in one error."""
     folder = Path(ckpt_dir)
     files = [OFFICIAL_FILES[n] for n in dict.fromkeys(names)]
-    check_offline(names, ckpt_dir, offline)
+    if _is_offline(offline):
+        check_offline(names, ckpt_dir, True)
+        timeout = DOWNLOAD_TIMEOUT
+    else:
+        timeout = _timeout(names, folder)  # (what check_offline asks online: asked once here)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise _cannot_write(folder / files[0].filename, e, "choose another folder for the official weights "
                                                          "(ckpt_dir)") from None
     verified = _Verified(folder)
-    timeout = DOWNLOAD_TIMEOUT if _is_offline(offline) else _timeout(names, folder)
     out, missing = {}, []
     for f in files:
         path = folder / f.filename
