@@ -53,6 +53,7 @@ from model.codec import Codec, compile_codec
 from model.codec_losses import (DNSMOS, MultiResolutionMelLoss, MultiResolutionSTFTLoss, discriminator_loss,
                                 feature_matching_loss, generator_adversarial_loss, kl_bits_per_second, latent_kl,
                                 latent_mask, pesq_wb, si_sdr, stoi, waveform_l1)
+from model.cuda_graphs import GraphedPass
 from model.data import AudioCropDataset, infinite_batches, make_loader, shared_with_training
 from model.discriminators import Discriminators
 from model.hub import WeightsError
@@ -154,6 +155,42 @@ def main(argv=None) -> dict:
         generator = compile_and_wrap(generator, cfg.compile, ddp)
         broadcast_parameters(discriminators)  # no-op in one process
         gen_params, disc_params = list(generator.parameters()), list(discriminators.parameters())
+        # under torchrun or a float16 loss scale, eager: their collectives and scale live outside the pass
+        graphed = cfg.cuda_graph and device.type == "cuda" and not ddp.enabled and not scaler.is_enabled()
+        if cfg.cuda_graph and device.type == "cuda" and not graphed:
+            say(f"note: cuda_graph=true runs eagerly {'under torchrun' if ddp.enabled else 'with dtype=float16'}")
+
+        def train_pass(use_disc: bool, audio: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+            """One micro-batch: the generator reconstructs, the discriminators judge real audio and the
+            reconstruction once, and each side's loss back-propagates into its own weights only.
+            Returns the losses, detached ("disc": the discriminators')."""
+            real = audio * mask[:, None]
+            with autocast(device, cfg.dtype, cache=not graphed):
+                out = generator(audio)
+                fake = out["recon"] * mask[:, None]  # the codec is causal: padding never leaks back
+                losses = {"mel": mel_loss(fake, real, mask),
+                          "kl": latent_kl(out["mu"], out["logvar"], latent_mask(mask, hop))}
+                if cfg.wave_weight > 0:
+                    losses["wave"] = waveform_l1(fake, real, mask)
+                if cfg.stft_weight > 0:
+                    losses["stft"] = stft_loss(fake, real, mask)
+                if use_disc:
+                    with parametrize.cached():  # each weight-normed weight computed once for both passes
+                        d_real, d_fake = discriminators(real), discriminators(fake)
+                    if cfg.adv_weight > 0:
+                        losses["adv"] = generator_adversarial_loss(d_fake, cfg.gan_loss)
+                    if cfg.feature_weight > 0:
+                        losses["feature"] = feature_matching_loss(d_real, d_fake, kernel=disc_kernels)
+                    loss_d = discriminator_loss(d_real, d_fake, cfg.gan_loss)
+                losses["total"] = sum(weights[k] * losses[k] for k in losses)
+            scaler.scale(losses["total"] / cfg.grad_accum_steps).backward(inputs=gen_params, retain_graph=use_disc)
+            if use_disc:  # the same verdicts, differentiated into the discriminators only
+                scaler.scale(loss_d / cfg.grad_accum_steps).backward(inputs=disc_params)
+                losses["disc"] = loss_d
+            return {k: v.detach().float() for k, v in losses.items()}
+
+        # cuda_graph: the pass replayed from a CUDA graph (a step at 2 s crops is bound by the host's launches)
+        run_pass = GraphedPass(train_pass, gen_params + disc_params, enabled=graphed)
         guard = FiniteGuard(opt_g, opt_d)
         logger = Logger(cfg.wandb, cfg.wandb_project, run_dir, cfg, is_main=is_main,
                         resume_id=state.get("wandb_id") if state else None)
@@ -209,46 +246,19 @@ def main(argv=None) -> dict:
                 # the discriminators judge (and learn) only when a generator term uses their verdicts
                 use_disc = step >= cfg.disc_start_step and (cfg.adv_weight > 0 or cfg.feature_weight > 0)
 
-                # one pass per micro-batch: the generator reconstructs, the discriminators judge real audio
-                # and the reconstruction once, and each side's loss back-propagates into its own weights only
                 micro_batches = deadline.read(batches, cfg.grad_accum_steps)
                 if micro_batches is None:  # a data-loading worker died: the loop stops at `step`, saved
                     continue
                 step_loss, disc_loss, files = 0.0, 0.0, []
                 for micro, batch in enumerate(micro_batches):
                     files += [train_loader.dataset.files[i].path for i in batch["file"].tolist()]
-                    audio = batch["audio"].to(device, non_blocking=True)  # (B, 1, N)
-                    mask = batch["mask"].to(device, non_blocking=True)    # (B, N): 0 on padding
-                    real = audio * mask[:, None]
                     with gradient_sync([generator], micro == cfg.grad_accum_steps - 1):
-                        with autocast(device, cfg.dtype):
-                            out = generator(audio)
-                            fake = out["recon"] * mask[:, None]  # the codec is causal: padding never leaks back
-                            losses = {"mel": mel_loss(fake, real, mask),
-                                      "kl": latent_kl(out["mu"], out["logvar"], latent_mask(mask, hop))}
-                            if cfg.wave_weight > 0:
-                                losses["wave"] = waveform_l1(fake, real, mask)
-                            if cfg.stft_weight > 0:
-                                losses["stft"] = stft_loss(fake, real, mask)
-                            if use_disc:
-                                with parametrize.cached():  # each weight-normed weight computed once for both passes
-                                    d_real, d_fake = discriminators(real), discriminators(fake)
-                                if cfg.adv_weight > 0:
-                                    losses["adv"] = generator_adversarial_loss(d_fake, cfg.gan_loss)
-                                if cfg.feature_weight > 0:
-                                    losses["feature"] = feature_matching_loss(d_real, d_fake, kernel=disc_kernels)
-                                loss_d = discriminator_loss(d_real, d_fake, cfg.gan_loss)
-                            losses["total"] = sum(weights[k] * losses[k] for k in losses)
-                        scaler.scale(losses["total"] / cfg.grad_accum_steps).backward(inputs=gen_params,
-                                                                                      retain_graph=use_disc)
-                    if use_disc:  # the same verdicts, differentiated into the discriminators only
-                        scaler.scale(loss_d / cfg.grad_accum_steps).backward(inputs=disc_params)
-                        sums.setdefault("disc", []).append(loss_d.detach().float())
-                        disc_loss = disc_loss + loss_d.detach()
-                        d_real = d_fake = None  # every feature map of both passes: not held into the next forward
-                    step_loss = step_loss + losses["total"].detach()
+                        losses = run_pass(use_disc, batch["audio"].to(device, non_blocking=True),  # (B, 1, N)
+                                          batch["mask"].to(device, non_blocking=True))  # (B, N): 0 on padding
+                    step_loss = step_loss + losses["total"]
+                    disc_loss = disc_loss + losses.get("disc", 0.0)
                     for k, v in losses.items():
-                        sums.setdefault(k, []).append(v.detach().float())
+                        sums.setdefault(k, []).append(v)
                 optimizers = (opt_g, opt_d) if use_disc else (opt_g,)
                 if use_disc:
                     average_gradients(discriminators)  # no-op in one process
@@ -266,7 +276,7 @@ def main(argv=None) -> dict:
                            skippable=grads if scaler.is_enabled() else None)
                 for optimizer in optimizers:
                     optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    optimizer.zero_grad(set_to_none=not graphed)  # a graph adds into the gradients it captured
                 scaler.update()
                 step += 1
                 timer.step_end()
@@ -275,7 +285,7 @@ def main(argv=None) -> dict:
                 if step % cfg.log_interval == 0 or step == last:
                     guard.check()  # (the device has caught up: the wall time below is the steps')
                     row = train_row(sums, norms, lr, lr_d, samples_per_step, timer.durations(), time.time() - t_log,
-                                    cfg, device)
+                                    cfg, device, graphed)
                     logger.log(row, step)
                     bar.set_postfix(loss=f"{row['loss/total']:.3f}", mel=f"{row['loss/mel']:.3f}",
                                     samples_s=f"{row['perf/samples_per_s']:.1f}")
@@ -435,12 +445,12 @@ def summary(metrics: dict) -> str:
 
 
 def train_row(sums: dict, norms: dict, lr: float, lr_d: float, samples_per_step: int, step_times: list[float],
-              seconds: float, cfg: CodecConfig, device: torch.device) -> dict:
+              seconds: float, cfg: CodecConfig, device: torch.device, graphed: bool) -> dict:
     """The log row of the steps since the last (`step_times`, their durations; `seconds` of
     training): each loss averaged over the micro-batches and ranks (`sums`: name -> values), the
     KL rate, the last gradient norms, the learning rates and the throughput, with the median and
-    slowest step (a periodic stall shows as a max far above the median). A collective under
-    torch.distributed."""
+    slowest step (a periodic stall shows as a max far above the median), and the peak GPU memory
+    (`graphed`: reserved, which holds the CUDA graph's). A collective under torch.distributed."""
     steps = len(step_times)
     keys = sorted(sums)  # the same on every rank
     means = all_reduce_mean(torch.stack([torch.stack(sums[k]).mean() for k in keys])).tolist()
@@ -449,7 +459,7 @@ def train_row(sums: dict, norms: dict, lr: float, lr_d: float, samples_per_step:
     row.update({k: v.item() for k, v in norms.items()}, lr=lr, lr_disc=lr_d,
                **{"perf/samples_per_s": samples_per_step * steps / seconds, "perf/step_s": seconds / steps,
                   "perf/step_s_p50": float(np.median(step_times)), "perf/step_s_max": max(step_times)})
-    if (mem := window_peak_gb(device)) is not None:
+    if (mem := window_peak_gb(device, reserved=graphed)) is not None:
         row["perf/gpu_mem_gb"] = mem
     return row
 

@@ -19,17 +19,21 @@
 # TUNED_OVERRIDES (more key=value for the tuned run, e.g. "stft_weight=1.0"), PARTS (the parts to
 # run, default "loader step throughput compile tuned"), TUNED_DIR (the tuned run's folder, default
 # $OUT/tuned), TUNED_RESUME=1 (continue the run in TUNED_DIR instead of starting afresh) and
-# TUNED_MINUTES (the tuned run's max_minutes, instead of what PROOF_SECONDS leaves), TUNED_CONFIG (on the GPU its
+# TUNED_MINUTES (the tuned run's max_minutes, instead of what PROOF_SECONDS leaves), PARTS=graph
+# (not among the default parts: small_fast with the real loader for GRAPH_STEPS steps, 600 by
+# default, with cuda_graph=false and then true; samples/s before and after the discriminators
+# start; GRAPH_OVERRIDES adds settings to both), TUNED_CONFIG (on the GPU its
 # preset, default small_fast; `small` for today's defaults at the same steps). The tuned run
-# keeps its preset's schedule (small_fast's max_steps 5000: the learning rate decays within a
+# keeps its preset's schedule (small_fast's max_steps 6000: the learning rate decays within a
 # 15-minute run).
 #
 # A tuned run longer than one call (a device call lasts at most 10 minutes): keep the run in the
 # working tree, which a machine still warm keeps between calls, and call again at once:
 #   PARTS=tuned TUNED_DIR=checkpoints/codec_proof TUNED_MINUTES=7.5 bash benchmarks/codec_proof.sh
 #   PARTS=tuned TUNED_DIR=checkpoints/codec_proof TUNED_RESUME=1 TUNED_MINUTES=7.5 bash benchmarks/codec_proof.sh
-# (about 505 s and 495 s of command time on one H200). The second call's `tuned` line covers the
-# whole run (its first evaluation is the first call's).
+# (about 505 s and 495 s of command time on one H200; the proof of 2026-12-06 ran TUNED_MINUTES=6.5
+# then 8.5, 487 s and 564 s of command time on one H100, the first call after a 51 s test run).
+# The second call's `tuned` line covers the whole run (its first evaluation is the first call's).
 #
 # A recipe screen at equal steps: each arm a tuned run stopped at the same step on small_fast's own
 # schedule (stop_step), its end evaluated there, e.g. (about 500 s each on one H200):
@@ -66,6 +70,7 @@ else
   LOADER_ARGS="--presets small --workers 6 --batches 80"
 fi
 PARTS=${PARTS:-loader step throughput compile tuned}
+GRAPH_STEPS=${GRAPH_STEPS:-600}
 TUNED_DIR=${TUNED_DIR:-$OUT/tuned}
 TUNED_RESUME=${TUNED_RESUME:-0}
 [ "$TUNED_RESUME" = 1 ] && TUNED=${TUNED/resume=false/resume=true}
@@ -104,6 +109,29 @@ print(json.dumps({"proof": "throughput", "run": sys.argv[2] + " (real loader)", 
                   "step_s_max_windows": [round(r["perf/step_s_max"], 3) for r in rows],
                   "gpu_mem_gb": rows[-1].get("perf/gpu_mem_gb")}))
 EOF
+fi
+
+# 4b. (PARTS=graph only) small_fast's step with the real loader, cuda_graph off then on, GRAPH_STEPS steps
+if wanted graph; then
+for graph in false true; do
+  python3 train_codec.py --config small_fast ${COMMON} cuda_graph=$graph max_steps=$GRAPH_STEPS log_interval=25 \
+    eval_interval=100000 save_interval=100000 val_crops=8 checkpoint_dir="$OUT/graph_$graph" ${GRAPH_OVERRIDES:-} \
+    > "$OUT/graph_$graph.log" 2>&1 || failed "graph_$graph" "$OUT/graph_$graph.log"
+  python3 - "$OUT/graph_$graph/metrics.jsonl" "$graph" <<'EOF2' || failed graph_report "$OUT/graph_$graph.log"
+import json, statistics, sys
+rows = [r for r in map(json.loads, open(sys.argv[1])) if "perf/samples_per_s" in r]
+disc = [r for r in rows if "loss/disc" in r][1:]  # the first window with the discriminators holds their warm-up
+mel_only = [r for r in rows if "loss/disc" not in r][1:]  # the first holds cuDNN's trials
+mean = lambda rs, k: round(statistics.mean(r[k] for r in rs), 4) if rs else None
+print(json.dumps({"proof": "graph", "cuda_graph": sys.argv[2] == "true", "steps": rows[-1]["step"],
+                  "samples_per_s_with_disc": mean(disc, "perf/samples_per_s"),
+                  "step_s_p50_with_disc": mean(disc, "perf/step_s_p50"),
+                  "samples_per_s_mel_only": mean(mel_only, "perf/samples_per_s"),
+                  "step_s_p50_mel_only": mean(mel_only, "perf/step_s_p50"),
+                  "samples_per_s_windows": [round(r["perf/samples_per_s"], 1) for r in rows],
+                  "loss_total_last": round(rows[-1]["loss/total"], 3), "gpu_mem_gb": rows[-1].get("perf/gpu_mem_gb")}))
+EOF2
+done
 fi
 
 # 5. hertz_dev with compile, capped (COMPILE_S=0 skips it)

@@ -119,6 +119,10 @@ class CodecConfig:
     device: str = field(default="cuda", metadata=DEVICE)
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     compile: bool = False                       # torch.compile the generator (small, H200: ~150 s, then 10% faster)
+    # on CUDA, each training pass (forward, losses, backward) replayed from a CUDA graph: one launch
+    # instead of each kernel's from Python, for steps the host bounds (2 s crops); in one process,
+    # not under float16's loss scale (eager there)
+    cuda_graph: bool = False
     seed: int = field(default=1337, metadata=RESUME)
     init_from: Optional[str] = field(default=None, metadata=PATH)  # None, "official" or a path to one of ours
     resume: bool = True
@@ -151,20 +155,26 @@ tiny = dataclasses.replace(
 # - learning rate 5e-4 with a 200-step warmup (small: 2e-4 after 500; HiFi-GAN 2e-4, EnCodec 3e-4,
 #   DAC 1e-4 for 400k steps): a 15-minute run is limited by its number of updates (small's mel
 #   distance was still falling steadily when its proof stopped), and grad_clip=1 guards the rate;
-# - max_steps 5000: about what 15 minutes hold on one H200, so the cosine decay ends near the end
-#   of such a run (the proof of 2026-12-03, channels-last generator and discriminators, ran 4,525
-#   steps in 15 minutes with it; the first proof 4,025 with the slower step);
+# - max_steps 6000: about what 15 minutes hold on one GPU with the step replayed from a CUDA graph
+#   (the proof of 2026-12-06 on an H100 ran 5,725), so the cosine decay ends near the end of such
+#   a run;
 # - mel loss alone for the first 400 steps (disc_start_step): without the discriminators a step
 #   costs about 40% of one with them, and the adversarial terms only refine a decoder that
 #   already reconstructs the spectrum (HiFi-GAN and DAC start them at 0 on runs 1000x longer);
-# - no discriminator kernels: a 2 s crop's step is bound by the host, where they add launches
-#   (H200: 0.24-0.26 s a step with them, 0.17-0.18 without; benchmarks/results/h200_session21.txt);
-# - the rest is DAC's: mel 15, feature matching 2, adversarial 1, AdamW betas (0.8, 0.99).
+# - the adversarial side at twice DAC's weights (adversarial 2, feature matching 4, mel 15): what
+#   asks for a self-consistent phase, which PESQ rewards; at equal steps it was ahead on STOI,
+#   PESQ and SI-SDR (session 18), and its 15-minute run is the best so far (session 29);
+# - cuda_graph: a 2 s crop's step is bound by the host launching each kernel; one graph replay
+#   instead: 234 samples/s against 200-213 eagerly once the discriminators start (H100, 2026-12-06,
+#   benchmarks/results/h100_session29.txt);
+# - no discriminator kernels: with an eager step they add launches on the host (H200: 0.24-0.26 s a
+#   step with them, 0.17-0.18 without; benchmarks/results/h200_session21.txt);
+# - the rest is DAC's: AdamW betas (0.8, 0.99).
 small_fast = dataclasses.replace(
     small,
     segment_seconds=2.0, val_segment_seconds=6.0, batch_size=32, learning_rate=5e-4, disc_learning_rate=5e-4, min_lr=5e-5,
-    warmup_steps=200, max_steps=5000, disc_start_step=400, num_workers=6, disc_kernels=False,
-    log_interval=25, eval_interval=500, save_interval=500,
+    warmup_steps=200, max_steps=6000, disc_start_step=400, num_workers=6, disc_kernels=False, cuda_graph=True,
+    adv_weight=2.0, feature_weight=4.0, log_interval=25, eval_interval=500, save_interval=500,
 )
 
 PRESETS = {"tiny": tiny, "small": small, "small_fast": small_fast, "hertz_dev": hertz_dev}

@@ -1,9 +1,13 @@
-"""A generic CUDA-graph runner for a step function over preallocated tensors: one graph per key,
-captured on first use and replayed. It knows nothing about the model: a step is `fn(key)`, and
-`active` is the (B,) mask of rows the step may advance (cleared during warm-up runs)."""
+"""CUDA-graph runners that know nothing about the model.
+
+- `StepGraphs` (the engines' decode steps): a step function over preallocated tensors, one graph
+  per key, captured on first use and replayed; a step is `fn(key)`, and `active` is the (B,) mask
+  of rows the step may advance (cleared during warm-up runs).
+- `GraphedPass` (the codec trainer's `cuda_graph`): a training pass, forward and backward,
+  replayed from one graph after a few eager calls."""
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Callable, Iterable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -92,3 +96,60 @@ def use_graphs(flag: Optional[bool], device: torch.device) -> bool:
     if flag and device.type != "cuda":
         raise ValueError("CUDA graphs need a CUDA device")
     return device.type == "cuda" if flag is None else flag
+
+
+class GraphedPass:
+    """A training pass, `fn(*args) -> {name: scalar tensor}` (forward, losses, and backward into
+    `params`' gradients, which it adds to), replayed from a CUDA graph: one launch instead of each
+    of its kernels' from Python, for a step the host bounds (the codec at 2 s crops).
+
+    Each distinct call (its non-tensor arguments, its tensors' shapes and dtypes) runs eagerly
+    `warmup` times (cuDNN's algorithm trials, compilation), on a side stream as CUDA graphs want,
+    then is captured and replayed: its tensors are copied into the graph's own, and the values it
+    returns are copies of the graph's. Only the latest call's graph is kept (a new one frees the
+    last: the codec's passes without and with the discriminators follow one another). The caller
+    zeroes the gradients in place (`zero_grad(set_to_none=False)`), never dropping them: the graph
+    adds into the tensors they were at capture. A replay draws its random numbers from the default
+    CUDA generator, advancing it, as the eager pass does. Disabled (`enabled=False`, or not on
+    CUDA) it calls `fn`."""
+
+    def __init__(self, fn: Callable[..., dict[str, torch.Tensor]], params: Iterable[torch.Tensor],
+                 enabled: bool, warmup: int = 2):
+        self.fn, self.params, self.warmup = fn, list(params), warmup
+        self.enabled = enabled and torch.cuda.is_available()
+        self.key, self.calls, self.graph = None, 0, None
+        self.inputs: list[torch.Tensor] = []
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.stream = torch.cuda.Stream() if self.enabled else None
+
+    def __call__(self, *args) -> dict[str, torch.Tensor]:
+        if not self.enabled:
+            return self.fn(*args)
+        key = tuple((a.shape, a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args)
+        if key != self.key:  # a new kind of call: its own warm-up and graph
+            self.key, self.calls, self.graph, self.inputs, self.outputs = key, 0, None, [], {}
+        self.calls += 1
+        if self.calls <= self.warmup:
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):
+                out = self.fn(*args)
+            torch.cuda.current_stream().wait_stream(self.stream)
+            return out
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if self.graph is None:
+            self._capture(args)
+        for mine, given in zip(self.inputs, tensors):
+            mine.copy_(given, non_blocking=True)
+        self.graph.replay()
+        return {name: value.clone() for name, value in self.outputs.items()}
+
+    def _capture(self, args) -> None:
+        for p in self.params:  # the graph adds into these tensors, so they must exist before it
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+        self.inputs = [a for a in args if isinstance(a, torch.Tensor)]
+        self.graph = torch.cuda.CUDAGraph()  # (entering it syncs and empties the cache: the warm-up's
+        with torch.cuda.graph(self.graph, stream=self.stream):  # blocks make room for the graph's pool)
+            # capture records without computing: the replay after it computes this call
+            self.outputs = self.fn(*args)

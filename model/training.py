@@ -195,12 +195,14 @@ def cosine_lr(step: int, learning_rate: float, min_lr: float, warmup_steps: int,
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
 
-def autocast(device: torch.device, dtype: str):
-    """bf16/fp16 autocast on CUDA; float32 elsewhere (CPU autocast is slower than it helps)."""
+def autocast(device: torch.device, dtype: str, cache: bool = True):
+    """bf16/fp16 autocast on CUDA; float32 elsewhere (CPU autocast is slower than it helps).
+    `cache=False` for a pass captured in a CUDA graph (`GraphedPass`): autocast's cache of cast
+    weights must not outlive a capture."""
     if dtype not in ("bfloat16", "float16", "float32"):  # never train in float32 by a typo
         raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype!r}")
     if device.type == "cuda" and dtype != "float32":
-        return torch.autocast("cuda", dtype=getattr(torch, dtype))
+        return torch.autocast("cuda", dtype=getattr(torch, dtype), cache_enabled=cache)
     return nullcontext()
 
 
@@ -1085,13 +1087,15 @@ def before_step(step: int, start_step: int, end_step: int, log_interval: int, ev
 
 # --- logging --------------------------------------------------------------------------------
 
-def window_peak_gb(device: torch.device) -> Optional[float]:
+def window_peak_gb(device: torch.device, reserved: bool = False) -> Optional[float]:
     """Peak GPU memory allocated since the last call (the first: since the process started), in GB,
     and the peak counter reset, so that each log row shows its own window; None off CUDA. The first
-    window also holds compilation and cuDNN's algorithm trials, which later ones do not."""
+    window also holds compilation and cuDNN's algorithm trials, which later ones do not.
+    `reserved`: the peak the allocator reserved instead, for steps replayed from a CUDA graph,
+    whose memory stays reserved for the graph and is allocated only while it is captured."""
     if device.type != "cuda":
         return None
-    peak = torch.cuda.max_memory_allocated(device) / 1e9
+    peak = (torch.cuda.max_memory_reserved if reserved else torch.cuda.max_memory_allocated)(device) / 1e9
     torch.cuda.reset_peak_memory_stats(device)
     return peak
 
