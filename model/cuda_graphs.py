@@ -150,6 +150,10 @@ class GraphedPass:
         args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
         self.inputs = [a for a in args if isinstance(a, torch.Tensor)]
         self.graph = torch.cuda.CUDAGraph()  # (entering it syncs and empties the cache: the warm-up's
-        with torch.cuda.graph(self.graph, stream=self.stream):  # blocks make room for the graph's pool)
-            # capture records without computing: the replay after it computes this call
-            self.outputs = self.fn(*args)
+        try:                                 # blocks make room for the graph's pool)
+            with torch.cuda.graph(self.graph, stream=self.stream):
+                # capture records without computing: the replay after it computes this call
+                self.outputs = self.fn(*args)
+        except RuntimeError as e:  # an op that syncs with the host, or one CUDA graphs cannot hold
+            raise RuntimeError(f"the training pass could not be captured in a CUDA graph ({e}); it runs eagerly "
+                               "without one (the codec trainer: cuda_graph=false)") from e
