@@ -22,7 +22,10 @@
 # TUNED_MINUTES (the tuned run's max_minutes, instead of what PROOF_SECONDS leaves), PARTS=graph
 # (not among the default parts: small_fast with the real loader for GRAPH_STEPS steps, 600 by
 # default, with cuda_graph=false and then true; samples/s before and after the discriminators
-# start; GRAPH_OVERRIDES adds settings to both), TUNED_CONFIG (on the GPU its
+# start; GRAPH_OVERRIDES adds settings to both), PARTS=diagnose (not among the default parts either:
+# benchmarks/metric_references.py --codec on TUNED_DIR's best.safetensors, what in its
+# reconstructions costs each metric, after `tuned` when both are named),
+# TUNED_CONFIG (on the GPU its
 # preset, default small_fast; `small` for today's defaults at the same steps). The tuned run
 # keeps its preset's schedule (small_fast's max_steps 6000: the learning rate decays within a
 # 15-minute run).
@@ -150,7 +153,7 @@ elif wanted compile; then
 fi
 
 # 6. the tuned recipe for the remaining time
-wanted tuned || { echo "{\"proof\": \"done\", \"elapsed_s\": $(elapsed)}"; exit 0; }
+if wanted tuned; then
 minutes=${TUNED_MINUTES:-$(python3 -c "print(round(max($PROOF_SECONDS - $(elapsed) - $END_MARGIN_S, 30) / 60, 2))")}
 echo "{\"proof\": \"tuned_start\", \"elapsed_s\": $(elapsed), \"max_minutes\": $minutes}"
 python3 train_codec.py $TUNED max_minutes=$minutes checkpoint_dir="$TUNED_DIR" ${TUNED_OVERRIDES:-} \
@@ -170,4 +173,13 @@ print(json.dumps({"proof": "tuned", "start": pick(vals[0]), "end": pick(vals[-1]
                   "codec": os.path.abspath(os.path.join(run, "best.safetensors")),
                   "codec_exists": os.path.isfile(os.path.join(run, "best.safetensors"))}))
 EOF
+fi
+
+# 6b. (PARTS=diagnose only; after `tuned` when both run) what in the tuned codec's reconstructions costs
+# each metric (benchmarks/metric_references.py --codec: its band, magnitude or phase, pauses; CPU)
+if wanted diagnose; then
+  python3 benchmarks/metric_references.py --val "$DATA/val" --crops 64 --iterations --codec "$TUNED_DIR/best.safetensors" \
+    > "$OUT/diagnose.log" 2>&1 && grep '^{' "$OUT/diagnose.log" | sed 's/^{/{"proof": "diagnose", /' \
+    || failed diagnose "$OUT/diagnose.log"
+fi
 echo "{\"proof\": \"done\", \"elapsed_s\": $(elapsed)}"

@@ -17,6 +17,19 @@ metric functions, `model/codec_losses.py`, on the trainer's validation crops):
   that resolution, whose phase is only self-consistent (what a codec that matches spectra, but not
   waveforms, approaches);
 - `random_phase`: the same magnitude with a random phase, without iterations.
+
+With `--codec PATH` (one of our codec files, e.g. a run's best.safetensors), what in the codec's
+reconstruction (the posterior mean decoded, as the trainer validates) costs each metric, by
+replacing one part of it with the reference's (STFTs of 1024 samples):
+- `codec`: the reconstruction itself (the trainer's validation figures, up to the crops' padding);
+- `codec_lowpass_4khz`: the reconstruction without its spectrum above 4 kHz;
+- `codec_below_4khz_ref_above` / `ref_below_4khz_codec_above`: the reconstruction in one band and
+  the reference in the other: which band's errors cost the most;
+- `codec_magnitude_ref_phase` / `ref_magnitude_codec_phase`: the reconstruction's STFT magnitude
+  with the reference's phase, and the other way round: magnitude errors against phase errors;
+- `codec_pauses_silent`: the reconstruction with the reference's pauses (as `pause_noise_*`) made
+  silent: what its noise floor where the reference is silent costs.
+    python benchmarks/metric_references.py --codec checkpoints/codec/best.safetensors --crops 49
 """
 from __future__ import annotations
 
@@ -77,6 +90,41 @@ def pause_noise(x: torch.Tensor, below_db: float, gen: torch.Generator, frame: i
     return x + noise * pauses
 
 
+def band_mix(low: torch.Tensor, high: torch.Tensor, hz: float) -> torch.Tensor:
+    """`low`'s spectrum up to `hz` and `high`'s above it."""
+    a, b = _stft(low), _stft(high)
+    a[..., int(hz / (SR / 2) * (N_FFT // 2)) + 1:, :] = b[..., int(hz / (SR / 2) * (N_FFT // 2)) + 1:, :]
+    return _istft(a, low.shape[-1])
+
+
+def magnitude_phase(magnitude: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
+    """`magnitude`'s STFT magnitude with `phase`'s STFT phase."""
+    return _istft(_stft(magnitude).abs() * torch.exp(1j * torch.angle(_stft(phase))), magnitude.shape[-1])
+
+
+def pauses_silent(y: torch.Tensor, x: torch.Tensor, frame: int = 320) -> torch.Tensor:
+    """`y` made silent in `x`'s pauses (its 20 ms frames more than 50 dB below its level)."""
+    frames = x[: x.shape[-1] // frame * frame].view(-1, frame).pow(2).mean(-1)
+    pauses = (frames < x.pow(2).mean() * 10 ** (-50 / 10)).repeat_interleave(frame)
+    pauses = torch.cat([pauses, pauses.new_zeros(x.shape[-1] - pauses.shape[-1])])
+    return y * ~pauses
+
+
+def reconstructions(path: str, data: AudioCropDataset) -> list[torch.Tensor]:
+    """The codec's posterior-mean reconstruction of each crop with audio (float64, its length)."""
+    from model.loading import load_codec
+    codec = load_codec(path).eval()
+    out = []
+    with torch.no_grad():
+        for i in range(len(data)):
+            item = data[i]
+            n = int(item["mask"].sum())
+            if n:
+                mu, _ = codec.encode(item["audio"][None])
+                out.append(codec.decode(mu)[0, 0, :n].double())
+    return out
+
+
 def main() -> None:
     ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--val", default="data/demo/val", help="validation folder or manifest (as val_data_path)")
@@ -84,9 +132,12 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=6.0, help="crop length (as val_segment_seconds)")
     ap.add_argument("--iterations", type=int, nargs="*", default=[32, 256], help="Griffin-Lim iterations")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--codec", help="also score what in this codec's reconstructions costs each metric")
     args = ap.parse_args()
     if not os.path.exists(args.val):
         sys.exit(f"error: no validation data at {args.val} (make it with: python data/demo/prepare.py)")
+    if args.codec and not os.path.isfile(args.codec):
+        sys.exit(f"error: --codec: no file at {args.codec}")
     data = AudioCropDataset(args.val, args.seconds, SR, train=False, max_val_crops=args.crops, preload_max_gb=4.0)
     crops = []
     for i in range(len(data)):
@@ -101,8 +152,18 @@ def main() -> None:
             **{f"lowpass_{k}khz": (lambda k: lambda x: lowpass(x, k * 1000))(k) for k in (4, 2)},
             "random_phase": lambda x: griffin_lim(x, 0, gen),
             **{f"griffin_lim_{n}": (lambda n: lambda x: griffin_lim(x, n, gen))(n) for n in args.iterations}}
+    if args.codec:
+        decoded = dict(zip(map(id, crops), reconstructions(args.codec, data)))  # crop -> its reconstruction
+        refs.update({"codec": lambda x: decoded[id(x)],
+                     "codec_lowpass_4khz": lambda x: lowpass(decoded[id(x)], 4000),
+                     "codec_below_4khz_ref_above": lambda x: band_mix(decoded[id(x)], x, 4000),
+                     "ref_below_4khz_codec_above": lambda x: band_mix(x, decoded[id(x)], 4000),
+                     "codec_magnitude_ref_phase": lambda x: magnitude_phase(decoded[id(x)], x),
+                     "ref_magnitude_codec_phase": lambda x: magnitude_phase(x, decoded[id(x)]),
+                     "codec_pauses_silent": lambda x: pauses_silent(decoded[id(x)], x)})
     mel = MultiResolutionMelLoss(small_fast.mel_windows, small_fast.mel_bins, SR)
-    print(json.dumps({"bench": "metric_references", "val": args.val, "crops": len(crops), "seconds": args.seconds}))
+    print(json.dumps({"bench": "metric_references", "val": args.val, "crops": len(crops), "seconds": args.seconds,
+                      "codec": args.codec}))
     for name, make in refs.items():
         scores = {"mel_distance": [], "si_sdr": [], "stoi": [], "pesq": []}
         for x in crops:

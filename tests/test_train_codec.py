@@ -836,6 +836,28 @@ def test_metric_references_rank_known_degradations(corpus):
     assert ref["lowpass_2khz"]["pesq"] < ref["lowpass_4khz"]["pesq"] < ref["identity"]["pesq"]
 
 
+def test_metric_references_of_a_codec_isolate_what_costs_each_metric(corpus, trained):
+    """With --codec, the codec's reconstructions are scored as the trainer scores them, and with
+    one part of them replaced by the reference's: the reference's phase under the codec's
+    magnitudes, the reference's band above 4 kHz, its silence in the pauses. Each replacement moves
+    the reconstruction towards the reference, so the mel distance can only fall; with the
+    reference's phase the waveform matches far better (SI-SDR)."""
+    run_dir, _ = trained
+    result = run(["benchmarks/metric_references.py", "--val", str(corpus / "val"), "--crops", "3", "--seconds", "2",
+                  "--iterations", "--codec", str(run_dir / "latest.safetensors")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    ref = {line["reference"]: line for line in lines[1:]}
+    codec = ref["codec"]
+    assert codec["mel_distance"] > 0.5 and codec["si_sdr"] < 10  # an 8-step codec: far from its input
+    for mixed in ("codec_below_4khz_ref_above", "codec_magnitude_ref_phase", "codec_pauses_silent"):
+        assert ref[mixed]["mel_distance"] <= codec["mel_distance"] + 0.05, mixed
+    assert ref["codec_magnitude_ref_phase"]["si_sdr"] > codec["si_sdr"] + 3
+    assert ref["ref_magnitude_codec_phase"]["mel_distance"] < codec["mel_distance"]
+    missing = run(["benchmarks/metric_references.py", "--val", str(corpus / "val"), "--codec", "no/such.safetensors"])
+    assert missing.returncode == 1 and missing.stderr.strip() == "error: --codec: no file at no/such.safetensors"
+
+
 def test_metric_references_names_a_missing_folder():
     result = run(["benchmarks/metric_references.py", "--val", "no/such/folder"])
     assert result.returncode != 0 and error_line(result.stderr) == (
