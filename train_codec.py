@@ -52,7 +52,7 @@ from model.checkpoint import CheckpointError, read_metadata
 from model.codec import Codec, compile_codec
 from model.codec_losses import (DNSMOS, MultiResolutionMelLoss, MultiResolutionSTFTLoss, discriminator_loss,
                                 feature_matching_loss, generator_adversarial_loss, kl_bits_per_second, latent_kl,
-                                latent_mask, pesq_wb, si_sdr, stoi, waveform_l1)
+                                latent_mask, mel_filterbank, pesq_wb, si_sdr, stoi, waveform_l1)
 from model.cuda_graphs import GraphedPass
 from model.data import AudioCropDataset, infinite_batches, make_loader, shared_with_training
 from model.discriminators import Discriminators
@@ -561,13 +561,22 @@ def recipe_notes(cfg: CodecConfig) -> list[str]:
     """What a recipe does that is allowed but may not be meant (said as notes, as `schedule_notes`):
     discriminators that start at or after max_steps never run, so the adversarial terms that
     adv_weight and feature_weight ask for are left out of the whole run (a short trial of a recipe
-    with a mel-only start, small_fast's, may mean it)."""
-    if cfg.disc_start_step < cfg.max_steps or not (cfg.adv_weight > 0 or cfg.feature_weight > 0):
-        return []
-    return [f"disc_start_step={cfg.disc_start_step} >= max_steps={cfg.max_steps}: the discriminators never start, "
-            f"so no adversarial or feature-matching term is trained (adv_weight={cfg.adv_weight:g}, feature_weight="
-            f"{cfg.feature_weight:g}); lower disc_start_step unless this is meant (adv_weight=0 feature_weight=0 "
-            "says so)"]
+    with a mel-only start, small_fast's, may mean it); mel bands that no frequency bin of their
+    window falls in (too many bands for the window: librosa warns the same), which add a constant
+    to the mel loss and nothing else."""
+    notes = []
+    if cfg.disc_start_step >= cfg.max_steps and (cfg.adv_weight > 0 or cfg.feature_weight > 0):
+        notes.append(f"disc_start_step={cfg.disc_start_step} >= max_steps={cfg.max_steps}: the discriminators never "
+                     f"start, so no adversarial or feature-matching term is trained (adv_weight={cfg.adv_weight:g}, "
+                     f"feature_weight={cfg.feature_weight:g}); lower disc_start_step unless this is meant "
+                     "(adv_weight=0 feature_weight=0 says so)")
+    for window, bands in zip(cfg.mel_windows, cfg.mel_bins):
+        empty = int((mel_filterbank(window, bands, cfg.sample_rate).sum(-1) == 0).sum())
+        if empty:
+            notes.append(f"mel_bins: {empty} of the {bands} mel bands of the {window}-sample window hold no frequency "
+                         f"bin (it has {window // 2 + 1}); they add a constant to the mel loss and nothing else: give "
+                         "that window fewer bands")
+    return notes
 
 
 def resume_notes(state: dict, cfg: CodecConfig, world_size: int) -> list[str]:

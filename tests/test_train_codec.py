@@ -24,6 +24,7 @@ from config import ConfigError, fields_marked, parse_args
 from config.codec_config import CodecConfig
 from model import Codec, build, hub, load_codec, save_codec
 from model.checkpoint import read_metadata
+from model.codec_losses import mel_filterbank
 from config.codec_config import PRESETS
 from model.training import Checkpoints, ConfigMismatch
 
@@ -222,6 +223,20 @@ def test_discriminators_that_never_start_are_a_note():
         "feature_weight=0 says so)"]
     assert train_codec.recipe_notes(dataclasses.replace(tiny, disc_start_step=20, adv_weight=0.0,
                                                         feature_weight=0.0)) == []
+
+
+def test_mel_bands_that_hold_no_frequency_bin_are_a_note():
+    """Too many mel bands for a window left some of them empty (no FFT bin inside the triangle):
+    a constant in the mel loss, trained without a word (librosa warns). A note names the window,
+    the count and the bins; the presets' pairs have none."""
+    tiny = PRESETS["tiny"]
+    for preset in PRESETS.values():
+        assert not [n for n in train_codec.recipe_notes(preset) if n.startswith("mel_bins")]
+    notes = train_codec.recipe_notes(dataclasses.replace(tiny, mel_windows=(64, 512), mel_bins=(10, 1000)))
+    empty = int((mel_filterbank(512, 1000, 16000).sum(-1) == 0).sum())
+    assert empty > 0 and notes == [
+        f"mel_bins: {empty} of the 1000 mel bands of the 512-sample window hold no frequency bin (it has 257); they "
+        "add a constant to the mel loss and nothing else: give that window fewer bands"]
 
 
 def test_phase_aware_terms_are_logged_and_weighted_into_the_total(corpus, tmp_path):
