@@ -1,9 +1,11 @@
-"""complete.py end to end in a subprocess, on tiny checkpoints written to a temporary folder."""
+"""complete.py end to end in a subprocess, on tiny checkpoints written to a temporary folder; where the
+process is not the subject (an error line, an output's contents), its `main` in the test process."""
 import dataclasses
 import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +47,25 @@ def run(*args):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, str(REPO / "complete.py"), *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
+
+
+def run_here(capfd, *args):
+    """`run` in this process (`complete.main`), as `run` returns it, without a process' start (importing
+    torch: seconds a run). stdout and stderr are read at the descriptors (what C libraries print too),
+    and the warnings raised are added to stderr as a process would print them. For runs whose subject
+    is not the process: what it imports before torch (WITHOUT_TORCH), and the end-to-end runs, stay
+    subprocesses."""
+    import complete
+    argv = [str(a) for a in args]
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        try:
+            code = complete.main(argv)
+        except SystemExit as e:  # argparse's errors
+            code = e.code
+    out, err = capfd.readouterr()
+    err += "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
+    return subprocess.CompletedProcess(["complete.py", *argv], code, out, err)
 
 
 # complete.py run as its `python complete.py ...` runs it, reporting whether torch was imported by then
@@ -280,7 +301,7 @@ def test_a_codec_of_another_latent_size_or_rate_is_one_error_before_any_weights(
     assert not out.exists()
 
 
-def test_the_prompt_is_checked_in_latents_of_the_codec_s_hop(ckpts, tmp_path):
+def test_the_prompt_is_checked_in_latents_of_the_codec_s_hop(ckpts, tmp_path, capfd):
     """A codec of ours of another hop than the official 2000 samples: the check before the weights
     load took 2000, so a prompt of 1500 samples was refused for a codec of 1000 (one whole latent),
     and one of 3000 passed for a codec of 4000, to fail once the weights had loaded. Both now go by
@@ -289,14 +310,14 @@ def test_the_prompt_is_checked_in_latents_of_the_codec_s_hop(ckpts, tmp_path):
     for n in (1500, 3000):
         sf.write(tmp_path / f"{n}.wav", rng.uniform(-0.3, 0.3, n), 16000)
     out = tmp_path / "out.wav"
-    r = run(tmp_path / "1500.wav", out, "--variant", ckpts["mono"], "--codec", codec_of_hop(tmp_path, (2, 2, 2, 5, 5, 5)),
-            "--seconds", 0.125, "--device", "cpu")
+    r = run_here(capfd, tmp_path / "1500.wav", out, "--variant", ckpts["mono"], "--codec",
+                 codec_of_hop(tmp_path, (2, 2, 2, 5, 5, 5)), "--seconds", 0.125, "--device", "cpu")
     assert r.returncode == 0, r.stderr[-2000:]
     assert sf.info(out).frames == 1000 * (1 + 2)  # the prompt's latent and two more (1000 samples each)
     out.unlink()
     model = corrupted_copy(ckpts["mono"], tmp_path)
-    r = run(tmp_path / "3000.wav", out, "--variant", model, "--codec", codec_of_hop(tmp_path, (2, 2, 4, 5, 5, 10)),
-            "--device", "cpu")
+    r = run_here(capfd, tmp_path / "3000.wav", out, "--variant", model, "--codec",
+                 codec_of_hop(tmp_path, (2, 2, 4, 5, 5, 10)), "--device", "cpu")
     assert r.returncode == 2 and r.stderr == (f"error: {tmp_path / '3000.wav'} is 0.188 s long: a prompt needs at "
                                               "least 0.250 s (4000 samples)\n"), r.stderr[-2000:]
     assert not out.exists()
@@ -326,7 +347,7 @@ def test_the_prompt_is_checked_in_latents_of_the_codec_s_hop(ckpts, tmp_path):
     ("ok.wav", ["--device", "cuda:99"], "--device cuda:99: "),
 ], ids=["missing", "folder", "nan", "not-audio", "short", "rate-1hz", "token-temp", "gaussian-temp", "top-p", "min-p",
         "quantize", "kv-dtype", "seconds", "seed", "seconds-memory", "num-memory", "device", "device-absent"])
-def test_prompt_and_arguments_are_checked_before_any_weights(tmp_path, prompt, flags, message):
+def test_prompt_and_arguments_are_checked_before_any_weights(tmp_path, prompt, flags, message, capfd):
     """The official duplex variant, offline, with an empty weights folder: loading the weights
     would fail, so each error shows that the check came first; no output file is written."""
     sr = 16000
@@ -338,7 +359,8 @@ def test_prompt_and_arguments_are_checked_before_any_weights(tmp_path, prompt, f
     sf.write(tmp_path / "1hz.wav", np.full(2000, 0.1), 1)
     (tmp_path / "folder.wav").mkdir()  # 2000 s once resampled: long enough
     out = tmp_path / "out.wav"
-    r = run(tmp_path / prompt, out, "--variant", "duplex", "--offline", "--ckpt-dir", tmp_path / "ckpt", *flags)
+    r = run_here(capfd, tmp_path / prompt, out, "--variant", "duplex", "--offline", "--ckpt-dir", tmp_path / "ckpt",
+                 *flags)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     errors = [line for line in r.stderr.splitlines() if "error: " in line]
     assert len(errors) == 1 and message.format(prompt=tmp_path / prompt) in errors[0], r.stderr
@@ -465,26 +487,26 @@ def test_several_outputs_named_by_a_folder_are_refused_as_one_is(tmp_path):
 
 
 @pytest.mark.parametrize("ext, subtype", [(".ogg", "VORBIS"), (".mp3", "MPEG_LAYER_III")])
-def test_an_ogg_or_mp3_output_is_written_in_its_own_encoding(ckpts, tmp_path, ext, subtype):
+def test_an_ogg_or_mp3_output_is_written_in_its_own_encoding(ckpts, tmp_path, ext, subtype, capfd):
     """Until session 18 these passed the output check and failed after the completion was
     generated ("Invalid combination of format, subtype"), losing it: 16-bit PCM fits no OGG/MP3."""
     if ext[1:].upper() not in sf.available_formats():
         pytest.skip(f"this libsndfile writes no {ext}")
     out = tmp_path / f"out{ext}"
-    r = run(ckpts["stereo"], out, "--variant", ckpts["duplex"], "--seconds", 0.25, "--device", "cpu")
+    r = run_here(capfd, ckpts["stereo"], out, "--variant", ckpts["duplex"], "--seconds", 0.25, "--device", "cpu")
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
     info = sf.info(out)
     assert info.subtype == subtype and info.channels == 2 and info.samplerate == 16000
 
 
 @pytest.mark.slow
-def test_quantized_completion_with_fp8_cache(ckpts, tmp_path):
+def test_quantized_completion_with_fp8_cache(ckpts, tmp_path, capfd):
     """--quantize int8 with --kv-dtype fp8 end to end; int4 on a checkpoint saved int8 is refused
     in one line (a quantized checkpoint is not requantized); that checkpoint without --quantize runs,
     its line 'loaded ...' naming its weights' quantization."""
     out = tmp_path / "q.wav"
-    r = run(ckpts["stereo"], out, "--variant", ckpts["duplex"], "--seconds", 0.5, "--quantize", "int8",
-            "--kv-dtype", "fp8")
+    r = run_here(capfd, ckpts["stereo"], out, "--variant", ckpts["duplex"], "--seconds", 0.5, "--quantize", "int8",
+                 "--kv-dtype", "fp8")
     assert r.returncode == 0, r.stderr
     assert "(int8 weights)" in r.stderr
     audio, sr = sf.read(out)
@@ -493,12 +515,12 @@ def test_quantized_completion_with_fp8_cache(ckpts, tmp_path):
     from model import load_hertz_dev, save_transformer
     saved = save_transformer(tmp_path / "int8.safetensors", load_hertz_dev(ckpts["duplex"], codec=None, quantize="int8"),
                              codec_source=ckpts["codec"])
-    r = run(ckpts["stereo"], out, "--variant", saved, "--quantize", "int4")
+    r = run_here(capfd, ckpts["stereo"], out, "--variant", saved, "--quantize", "int4")
     errors = [line for line in r.stderr.splitlines() if "error: " in line]
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(errors) == 1, r.stderr
     assert "holds int8 weights" in errors[0]
     # saved quantized, loaded without --quantize: int8 weights, and said so (it said nothing: float, by the look)
-    r = run(ckpts["stereo"], out, "--variant", saved, "--seconds", 0.5)
+    r = run_here(capfd, ckpts["stereo"], out, "--variant", saved, "--seconds", 0.5)
     assert r.returncode == 0 and f"loaded {saved} (duplex) on cpu in torch.float32 (int8 weights) in " in r.stderr, r.stderr
 
 
@@ -520,21 +542,21 @@ def make_adapter(base: str, path: Path, seed: int = 0) -> str:
 
 
 @pytest.mark.slow
-def test_adapter_changes_the_completion_and_a_wrong_base_is_refused(ckpts, tmp_path):
+def test_adapter_changes_the_completion_and_a_wrong_base_is_refused(ckpts, tmp_path, capfd):
     adapter = make_adapter(ckpts["duplex"], tmp_path / "duplex.adapter.safetensors")
     common = ["--variant", ckpts["duplex"], "--seconds", 1, "--seed", 3, "--continuation-only",
               "--device", "cpu", "--dtype", "float32"]
     plain, adapted = tmp_path / "plain.wav", tmp_path / "adapted.wav"
-    r = run(ckpts["stereo"], plain, *common)
+    r = run_here(capfd, ckpts["stereo"], plain, *common)
     assert r.returncode == 0, r.stderr
-    r = run(ckpts["stereo"], adapted, *common, "--adapter", adapter)
+    r = run_here(capfd, ckpts["stereo"], adapted, *common, "--adapter", adapter)
     assert r.returncode == 0, r.stderr
     assert f"with adapter {adapter}" in r.stderr
     a, b = sf.read(plain)[0], sf.read(adapted)[0]
     assert a.shape == b.shape == (2000 * 8, 2) and not np.allclose(a, b, atol=1e-3)
     # an adapter of the duplex checkpoint on the mono one: the one-line error of model/lora.py
     out = tmp_path / "wrong.wav"
-    r = run(ckpts["mono_prompt"], out, "--variant", ckpts["mono"], "--seconds", 0.5, "--adapter", adapter)
+    r = run_here(capfd, ckpts["mono_prompt"], out, "--variant", ckpts["mono"], "--seconds", 0.5, "--adapter", adapter)
     errors = [line for line in r.stderr.splitlines() if "error: " in line]
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(errors) == 1, r.stderr
     assert errors[0].startswith(f"error: adapter {adapter} belongs to another base")
@@ -542,7 +564,7 @@ def test_adapter_changes_the_completion_and_a_wrong_base_is_refused(ckpts, tmp_p
     assert not out.exists()
 
 
-def test_adapter_is_checked_before_any_weights(ckpts, tmp_path):
+def test_adapter_is_checked_before_any_weights(ckpts, tmp_path, capfd):
     """The official duplex variant, offline, with an empty weights folder: a missing adapter file,
     a folder (naming the adapter files in it) and one trained on another base are errors before
     loading would fail."""
@@ -553,15 +575,15 @@ def test_adapter_is_checked_before_any_weights(ckpts, tmp_path):
                            (tmp_path, f"error: {tmp_path} is a folder, not an adapter file: pass one of its adapter "
                                       f"files, {adapter}"),  # a run's folder: was "{tmp_path} is a folder, not a file"
                            (adapter, f"error: adapter {adapter} belongs to another base")):
-        r = run(tmp_path / "ok.wav", tmp_path / "out.wav", "--variant", "duplex", "--offline",
-                "--ckpt-dir", tmp_path / "ckpt", "--adapter", given)
+        r = run_here(capfd, tmp_path / "ok.wav", tmp_path / "out.wav", "--variant", "duplex", "--offline",
+                     "--ckpt-dir", tmp_path / "ckpt", "--adapter", given)
         errors = [line for line in r.stderr.splitlines() if "error: " in line]
         assert r.returncode == 2 and "Traceback" not in r.stderr and len(errors) == 1, r.stderr
         assert errors[0].startswith(message) and "loaded" not in r.stderr
         assert not (tmp_path / "out.wav").exists() and not (tmp_path / "ckpt").exists()
 
 
-def test_a_corrupted_checkpoint_is_one_error_line_unless_not_verified(ckpts, tmp_path):
+def test_a_corrupted_checkpoint_is_one_error_line_unless_not_verified(ckpts, tmp_path, capfd):
     """Changed tensor bytes: the content hash no longer matches, one `error:` line naming the
     file and no output; --no-verify loads it anyway and completes."""
     corrupted = tmp_path / "duplex.safetensors"
@@ -569,16 +591,16 @@ def test_a_corrupted_checkpoint_is_one_error_line_unless_not_verified(ckpts, tmp
     data[-100] ^= 0x01  # one bit of one weight
     corrupted.write_bytes(bytes(data))
     out = tmp_path / "out.wav"
-    r = run(ckpts["stereo"], out, "--variant", corrupted, "--seconds", 0.25)
+    r = run_here(capfd, ckpts["stereo"], out, "--variant", corrupted, "--seconds", 0.25)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-2000:]
     assert str(corrupted) in lines[0] and "corrupted" in lines[0] and not out.exists()
-    r = run(ckpts["stereo"], out, "--variant", corrupted, "--seconds", 0.25, "--no-verify")
+    r = run_here(capfd, ckpts["stereo"], out, "--variant", corrupted, "--seconds", 0.25, "--no-verify")
     assert r.returncode == 0 and out.exists(), r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("state", ["missing", "corrupt"])
-def test_official_weights_missing_offline_or_corrupt_are_an_error_not_a_traceback(ckpts, tmp_path, state):
+def test_official_weights_missing_offline_or_corrupt_are_an_error_not_a_traceback(ckpts, tmp_path, state, capfd):
     """The official weights not in --ckpt-dir with --offline (or there but with the wrong md5):
     an `error:` naming the files (missing: each with its size and md5, and where to put them;
     corrupt: the file and both md5s), exit code 2, no traceback and no output. Until session 17
@@ -591,7 +613,7 @@ def test_official_weights_missing_offline_or_corrupt_are_an_error_not_a_tracebac
         for name in names + [CODEC]:
             (folder / OFFICIAL_FILES[name].filename).write_bytes(b"not the weights")
     out = tmp_path / "out.wav"
-    r = run(ckpts["stereo"], out, "--offline", "--ckpt-dir", folder, "--seconds", 0.25)
+    r = run_here(capfd, ckpts["stereo"], out, "--offline", "--ckpt-dir", folder, "--seconds", 0.25)
     assert r.returncode == 2 and "Traceback" not in r.stderr and not out.exists(), r.stderr[-2000:]
     assert r.stderr.startswith("error: "), r.stderr[-2000:]
     if state == "missing":
