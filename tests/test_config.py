@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import typing
+import warnings
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,22 @@ from config.transformer_config import PRESETS as TRANSFORMER_PRESETS
 from config.transformer_config import TransformerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def trainer_here(script, argv, cwd, capfd, monkeypatch):
+    """`python SCRIPT ARGV` in `cwd`, by the script's `main` in this process (`in_process.run_in_process`),
+    as `subprocess.run` returns it, without a process' start (importing torch, the optimizers' Dynamo:
+    seconds a run): stdout and stderr read at the descriptors, and the warnings raised added to stderr
+    as a process prints them. For the errors found before any slow work, the subject here."""
+    import importlib
+
+    from in_process import run_in_process
+    main = importlib.import_module(Path(script).stem).main
+    monkeypatch.chdir(cwd)
+    with warnings.catch_warnings(record=True) as caught:
+        result = run_in_process(script, main, argv, capfd)
+    result.stderr += "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
+    return result
 
 
 @pytest.mark.parametrize("presets", [CODEC_PRESETS, TRANSFORMER_PRESETS])
@@ -194,7 +211,7 @@ def test_help_lists_the_choices_of_every_enumerated_field(capsys):
                 assert lines[key].endswith(f"(one of: {', '.join(choices)})"), lines[key]
 
 
-def test_help_describes_the_preset_named_after_it_and_an_unknown_one_is_an_error(tmp_path):
+def test_help_describes_the_preset_named_after_it_and_an_unknown_one_is_an_error(tmp_path, capfd, monkeypatch):
     """`--help --config small` describes small (it described tiny), and `--config nope --help`
     is one `error:` line of the trainer (it was a KeyError traceback)."""
     code = ("import sys; from config import parse_args; from config.codec_config import PRESETS; "
@@ -203,8 +220,7 @@ def test_help_describes_the_preset_named_after_it_and_an_unknown_one_is_an_error
     out = subprocess.run([sys.executable, "-c", code, "--help", "--config", "small"], capture_output=True, text=True,
                          env=env)
     assert out.returncode == 0 and "(preset 'small')" in out.stdout and "batch_size=32" in out.stdout, out.stderr
-    r = subprocess.run([sys.executable, str(ROOT / "train_codec.py"), "--config", "nope", "--help"],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    r = trainer_here("train_codec.py", ["--config", "nope", "--help"], tmp_path, capfd, monkeypatch)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.strip().splitlines() == ["error: unknown preset 'nope'; choose one of tiny, small, small_fast, "
                                              "hertz_dev"]
@@ -213,11 +229,10 @@ def test_help_describes_the_preset_named_after_it_and_an_unknown_one_is_an_error
 @pytest.mark.parametrize("script, key", [("train_codec.py", "checkpoint_dir"), ("train_codec.py", "train_data_path"),
                                          ("train_transformer.py", "latents_dir"),
                                          ("train_transformer.py", "init_from")])
-def test_an_empty_value_is_an_error_not_the_current_folder(tmp_path, script, key):
+def test_an_empty_value_is_an_error_not_the_current_folder(tmp_path, script, key, capfd, monkeypatch):
     """`checkpoint_dir=` used to train into the current folder (and `train_data_path=` to scan
     all of it, .venv included): an empty value is one `error:` line, and nothing is written."""
-    r = subprocess.run([sys.executable, str(ROOT / script), "--config", "tiny", "device=cpu", f"{key}="],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    r = trainer_here(script, ["--config", "tiny", "device=cpu", f"{key}="], tmp_path, capfd, monkeypatch)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, lines
@@ -307,11 +322,11 @@ def test_every_preset_value_is_inside_its_range_and_the_bounds_are_accepted(pres
 
 @pytest.mark.parametrize("script, key", [("train_codec.py", "checkpoint_dir"),
                                          ("train_transformer.py", "latents_dir")])
-def test_a_file_where_a_run_folder_goes_is_one_error_line_before_anything_slow(tmp_path, script, key):
+def test_a_file_where_a_run_folder_goes_is_one_error_line_before_anything_slow(tmp_path, script, key, capfd,
+                                                                             monkeypatch):
     (tmp_path / "taken").write_text("not a folder")
-    out = subprocess.run([sys.executable, str(ROOT / script), "--config", "tiny", f"{key}={tmp_path / 'taken'}",
-                          f"train_data_path={tmp_path / 'no-corpus'}"], capture_output=True, text=True,
-                         cwd=str(tmp_path), timeout=300)
+    out = trainer_here(script, ["--config", "tiny", f"{key}={tmp_path / 'taken'}",
+                                f"train_data_path={tmp_path / 'no-corpus'}"], tmp_path, capfd, monkeypatch)
     assert out.returncode != 0 and out.stdout == ""
     assert out.stderr == f"error: {key}={str(tmp_path / 'taken')!r} is a file, not a folder\n"
 
@@ -322,10 +337,9 @@ def test_stages_are_the_stage_choices():
     assert set(STAGES) == set(STAGE_LOSSES) == set(choices)
 
 
-def test_bad_enumerated_value_is_one_error_line_of_the_codec_trainer(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "train_codec.py"), "--config", "tiny", "dtype=bf16",
-                          f"checkpoint_dir={tmp_path / 'run'}"], capture_output=True, text=True, cwd=str(tmp_path),
-                         timeout=300)
+def test_bad_enumerated_value_is_one_error_line_of_the_codec_trainer(tmp_path, capfd, monkeypatch):
+    out = trainer_here("train_codec.py", ["--config", "tiny", "dtype=bf16", f"checkpoint_dir={tmp_path / 'run'}"],
+                       tmp_path, capfd, monkeypatch)
     assert out.returncode != 0 and out.stdout == ""
     assert out.stderr == "error: dtype: expected one of bfloat16, float16, float32; got 'bf16'\n"
     assert not (tmp_path / "run").exists()
