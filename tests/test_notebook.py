@@ -50,10 +50,11 @@ def execute(params: dict, km=None):
 
 @pytest.fixture(scope="module")
 def kernel():
-    """One kernel for the checks made before any weights load, started in the repository with
+    """One kernel for this module's runs of the notebook, started in the repository with
     HF_HUB_OFFLINE=1 (nothing is downloaded) and kept between them: each runs the whole notebook
     in it from its first cell (`execute(params, kernel)`), without paying a kernel's start (the
-    imports of torch and the model: seconds) each time."""
+    imports of torch and the model: seconds) each time. The notebook in a fresh kernel is the
+    README's papermill command's (test_readme_papermill_command_after_the_demo)."""
     km = NotebookClient(nbformat.v4.new_notebook(), kernel_name="python3").create_kernel_manager()
     run_sync(km.start_kernel)(cwd=str(REPO), env={**os.environ, "HF_HUB_OFFLINE": "1"})
     yield km
@@ -62,11 +63,11 @@ def kernel():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["duplex", "mono"])
-def test_notebook_runs_headless(variant, tmp_path):
+def test_notebook_runs_headless(variant, tmp_path, kernel):
     paths = make_checkpoints(tmp_path / "ckpt")
     out = tmp_path / "completion.wav"
     nb = execute({"PROMPT": paths["stereo"], "VARIANT": paths[variant], "SECONDS": 0.5, "NUM_COMPLETIONS": 1,
-                  "DEVICE": "cpu", "OUT": str(out), "SEED": 1})
+                  "DEVICE": "cpu", "OUT": str(out), "SEED": 1}, kernel)
     info = sf.info(out)
     assert info.channels == (2 if variant == "duplex" else 1) and info.frames == 2000 * (12 + 4)
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
@@ -75,7 +76,7 @@ def test_notebook_runs_headless(variant, tmp_path):
 
 
 @pytest.mark.slow
-def test_notebook_applies_an_adapter(tmp_path):
+def test_notebook_applies_an_adapter(tmp_path, kernel):
     """ADAPTER set: the notebook loads the checkpoint with it and completes; an adapter of another
     base stops it with the error of model/lora.py naming both."""
     from test_complete import make_adapter
@@ -84,23 +85,23 @@ def test_notebook_applies_an_adapter(tmp_path):
     adapter = make_adapter(paths["duplex"], tmp_path / "duplex.adapter.safetensors")
     out = tmp_path / "completion.wav"
     nb = execute({"PROMPT": paths["stereo"], "VARIANT": paths["duplex"], "ADAPTER": adapter, "SECONDS": 0.5,
-                  "NUM_COMPLETIONS": 1, "DEVICE": "cpu", "OUT": str(out), "SEED": 1})
+                  "NUM_COMPLETIONS": 1, "DEVICE": "cpu", "OUT": str(out), "SEED": 1}, kernel)
     assert sf.info(out).frames == 2000 * (12 + 4)
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert f"+ adapter {adapter}" in text
     with pytest.raises(CellExecutionError) as e:
         execute({"PROMPT": paths["stereo"], "VARIANT": paths["mono"], "ADAPTER": adapter, "DEVICE": "cpu",
-                 "OUT": str(tmp_path / "wrong.wav")})
+                 "OUT": str(tmp_path / "wrong.wav")}, kernel)
     assert f"adapter {adapter} belongs to another base" in str(e.value)
     assert not (tmp_path / "wrong.wav").exists()
 
 
 @pytest.mark.slow
-def test_notebook_with_int8_weights_and_fp8_cache(tmp_path):
+def test_notebook_with_int8_weights_and_fp8_cache(tmp_path, kernel):
     paths = make_checkpoints(tmp_path / "ckpt")
     out = tmp_path / "completion.wav"
     nb = execute({"PROMPT": paths["stereo"], "VARIANT": paths["duplex"], "QUANTIZE": "int8", "KV_DTYPE": "fp8",
-                  "SECONDS": 0.5, "NUM_COMPLETIONS": 1, "DEVICE": "cpu", "OUT": str(out), "SEED": 1})
+                  "SECONDS": 0.5, "NUM_COMPLETIONS": 1, "DEVICE": "cpu", "OUT": str(out), "SEED": 1}, kernel)
     audio, _ = sf.read(out)
     assert audio.shape == (2000 * (12 + 4), 2) and np.isfinite(audio).all()
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
