@@ -69,6 +69,26 @@ def run_client(*args, timeout=60):
                           text=True, timeout=timeout)
 
 
+def client_here(capfd, *args):
+    """`run_client` by the client's `main` in this process, as `run_client` returns it (a SystemExit
+    message is what Python prints to stderr, exit status 1), without a process' start: for the errors
+    found before or at connecting, whose subject is the line, not the process. stdout and stderr are
+    read at the descriptors; a warning raised is added to stderr, as a process prints it."""
+    import warnings
+    argv = [str(a) for a in args]
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        try:
+            code = client.main(argv)
+        except SystemExit as e:
+            code = e.code
+    out, err = capfd.readouterr()
+    if isinstance(code, str):
+        err, code = err + code + "\n", 1
+    err += "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
+    return subprocess.CompletedProcess(["inference_client.py", *argv], code or 0, out, err)
+
+
 def stats(stdout: str) -> dict:
     return json.loads(next(line for line in stdout.splitlines() if line.startswith("stats "))[6:])
 
@@ -208,16 +228,16 @@ def test_wrong_token_and_bad_parameters(server, tmp_path):
     assert r.returncode != 0 and r.stderr == "error: gaussian_temp must be in [0, 5], got -1.0\n"
 
 
-def test_absurd_sampling_values_are_refused_before_connecting():
+def test_absurd_sampling_values_are_refused_before_connecting(capfd):
     """Checked against model.protocol's ranges when the flags are parsed: nothing listens on the
     port, so an error about the value (not about the connection) shows the order."""
     for flag, value, name in (("--token-temp", "1e9", "token_temp"), ("--top-p", "0", "top_p"),
                               ("--min-p", "1", "min_p"), ("-t3", "nan", "gaussian_temp"), ("-t2", "-0.5", "mixture_temp")):
-        r = run_client("--server", "ws://127.0.0.1:9", flag, value, timeout=30)
+        r = client_here(capfd, "--server", "ws://127.0.0.1:9", flag, value)
         assert r.returncode != 0 and r.stderr.startswith(f"error: {name} must be in ") and len(r.stderr.splitlines()) == 1
 
 
-def test_bad_flags_are_one_error_line_before_connecting(tmp_path):
+def test_bad_flags_are_one_error_line_before_connecting(tmp_path, capfd):
     """Nothing listens on the port: each flag is refused when parsed. --window 0 used to hang,
     --reply-timeout nan to drop the last replies, --seed -1 to end in the server's close as a
     traceback."""
@@ -241,14 +261,14 @@ def test_bad_flags_are_one_error_line_before_connecting(tmp_path):
                            (("--server", "ws://127.0.0.1:9/audio?seed=-5"),
                             "--server 'ws://127.0.0.1:9/audio?seed=-5': seed must be a decimal integer in [0, 2**63), "
                             "got '-5'")):
-        r = run_client(*common, *flags, timeout=30)
+        r = client_here(capfd, *common, *flags)
         assert r.returncode != 0 and r.stderr == f"error: {message}\n", (flags, r.stderr)
         assert not (tmp_path / "o.wav").exists()
     # A token in --server's query is not printed (it was, in these lines; the server redacts its logs too).
     for server, message in (("ws://127.0.0.1:99999/?token=s3cret", "--server 'ws://127.0.0.1:99999/?token=REDACTED': "
                                                                    "Port out of range 0-65535"),
                             ("ws://127.0.0.1:9/audio?token=s3cret", "cannot reach ws://127.0.0.1:9/audio?token=REDACTED: ")):
-        r = run_client(*common, "--server", server, timeout=30)
+        r = client_here(capfd, *common, "--server", server)
         assert r.returncode == 1 and r.stderr.startswith(f"error: {message}") and "s3cret" not in r.stderr, r.stderr
 
 
@@ -669,7 +689,7 @@ def test_live_mode_on_a_virtual_sound_card(server, tmp_path):
     assert s["replayed"] == 2 and s["timed"] == s["replies"] - 2 and 0 < s["c2p"]["chunks"] <= s["timed"]
 
 
-def test_a_bad_input_file_is_one_error_line_before_connecting(tmp_path):
+def test_a_bad_input_file_is_one_error_line_before_connecting(tmp_path, capfd):
     """NaN, inf, a mis-scaled float file, a file that is not audio and a missing one: each is
     refused naming the file, before connecting (nothing listens on the port), as the trainers and
     the server's prompt refuse them (model.audio)."""
@@ -690,30 +710,27 @@ def test_a_bad_input_file_is_one_error_line_before_connecting(tmp_path):
              "1hz.wav": "a sample rate of 1 Hz, below 4000 Hz"}
     for name, reason in cases.items():
         path = tmp_path / name
-        r = run_client("--server", "ws://127.0.0.1:9", "--input-wav", path, "--output-wav", tmp_path / "o.wav",
-                       timeout=30)
+        r = client_here(capfd, "--server", "ws://127.0.0.1:9", "--input-wav", path, "--output-wav", tmp_path / "o.wav")
         assert r.returncode != 0, name
         assert r.stderr.startswith(f"error: cannot read audio file {path}") and reason in r.stderr, r.stderr
         assert len(r.stderr.splitlines()) == 1 and "connect" not in r.stderr, r.stderr
         assert not (tmp_path / "o.wav").exists()
 
 
-def test_an_output_that_cannot_be_written_is_one_error_line_before_connecting(tmp_path):
+def test_an_output_that_cannot_be_written_is_one_error_line_before_connecting(tmp_path, capfd):
     """The conversation would be lost at the end: refused before connecting (nothing listens)."""
     sf.write(tmp_path / "in.wav", speech_like(0.5).astype(np.float32), 16000)
     (tmp_path / "taken").write_text("a file")
     cases = {tmp_path / "taken" / "o.wav": f"{tmp_path / 'taken'} is a file, not a folder",
              tmp_path: "it is a folder"}
     for out, reason in cases.items():
-        r = run_client("--server", "ws://127.0.0.1:9", "--input-wav", tmp_path / "in.wav", "--output-wav", out,
-                       timeout=30)
+        r = client_here(capfd, "--server", "ws://127.0.0.1:9", "--input-wav", tmp_path / "in.wav", "--output-wav", out)
         assert r.returncode != 0 and r.stderr == f"error: cannot write {out}: {reason}\n", r.stderr
     # The input itself (by another name too) would be replaced by the conversation: it was.
     before = (tmp_path / "in.wav").read_bytes()
     (tmp_path / "link.wav").symlink_to(tmp_path / "in.wav")
     for out in (tmp_path / "in.wav", tmp_path / "." / "link.wav"):
-        r = run_client("--server", "ws://127.0.0.1:9", "--input-wav", tmp_path / "in.wav", "--output-wav", out,
-                       timeout=30)
+        r = client_here(capfd, "--server", "ws://127.0.0.1:9", "--input-wav", tmp_path / "in.wav", "--output-wav", out)
         assert r.returncode != 0 and r.stderr == (f"error: cannot write {out}: it is the --input-wav file, which "
                                                   "the output would replace; name another file\n"), r.stderr
     assert (tmp_path / "in.wav").read_bytes() == before
