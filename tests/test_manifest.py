@@ -1,10 +1,8 @@
 """jsonl manifests as training data (model/manifest.py): the same files and latents as a folder,
 bad lines as one error naming the manifest and the line, `model_channel` swapping the speakers
-of stereo files, and both trainers run on manifests in subprocesses."""
+of stereo files, and both trainers run on manifests (their `main`s in the test process)."""
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -197,19 +195,24 @@ def test_manifest_and_folder_give_the_same_latents_and_model_channel_swaps_speak
             assert torch.allclose(swap[..., 32:], plain[..., :32], atol=1e-5)
 
 
-def run(script, *args):
-    return subprocess.run([sys.executable, script, *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+def run(script, capsys, *args):
+    """`python SCRIPT ARGS` by the trainer's `main` in this process (`in_process.run_in_process`), as
+    `subprocess.run` returns it: what is tested is the training on a manifest and its error line, not
+    the process, whose start (importing torch, the optimizers' Dynamo) took seconds a run."""
+    import importlib
+
+    from in_process import run_in_process
+    return run_in_process(script, importlib.import_module(Path(script).stem).main, args, capsys)
 
 
 @pytest.mark.slow
-def test_train_transformer_on_a_stereo_manifest(codec_file, tmp_path):
+def test_train_transformer_on_a_stereo_manifest(codec_file, tmp_path, capsys):
     write_corpus(tmp_path / "corpus")
     common = ["--config", "tiny", f"codec_checkpoint={codec_file}", f"latents_dir={tmp_path / 'latents'}",
               f"train_data_path={tmp_path / 'corpus/train.jsonl'}",
               "wandb=disabled", "max_steps=2", "eval_interval=2", "save_interval=2", "log_interval=1",
               "batch_size=2", "val_crops=2", "sample_seconds=0", "seq_len=16"]
-    out = run("train_transformer.py", *common, f"val_data_path={tmp_path / 'corpus/train.jsonl'}",
+    out = run("train_transformer.py", capsys, *common, f"val_data_path={tmp_path / 'corpus/train.jsonl'}",
               f"checkpoint_dir={tmp_path / 'run'}", "model_channel=0")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "in 5 files" in out.stdout + out.stderr
@@ -221,7 +224,7 @@ def test_train_transformer_on_a_stereo_manifest(codec_file, tmp_path):
     bad = tmp_path / "corpus" / "val.jsonl"
     bad.write_text(json.dumps({"path": "c/solo.wav"}) + "\n" + json.dumps({"path": "c/nope.wav"}) + "\n")
     common = [a.replace(str(tmp_path / "latents"), str(tmp_path / "latents2")) for a in common]
-    out = run("train_transformer.py", *common, f"checkpoint_dir={tmp_path / 'run2'}", f"val_data_path={bad}")
+    out = run("train_transformer.py", capsys, *common, f"checkpoint_dir={tmp_path / 'run2'}", f"val_data_path={bad}")
     errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
     assert out.returncode != 0 and "Traceback" not in out.stderr and len(errors) == 1, out.stderr[-3000:]
     assert f"val_data_path: manifest {bad} line 2: no such file: {tmp_path}/corpus/c/nope.wav" in errors[0]
@@ -229,10 +232,10 @@ def test_train_transformer_on_a_stereo_manifest(codec_file, tmp_path):
 
 
 @pytest.mark.slow
-def test_train_codec_on_a_manifest_mixes_stereo_down(tmp_path):
+def test_train_codec_on_a_manifest_mixes_stereo_down(tmp_path, capsys):
     write_corpus(tmp_path / "corpus", seconds=3.0)
     manifest = tmp_path / "corpus/train.jsonl"
-    out = run("train_codec.py", "--config", "tiny", f"train_data_path={manifest}", f"val_data_path={manifest}",
+    out = run("train_codec.py", capsys, "--config", "tiny", f"train_data_path={manifest}", f"val_data_path={manifest}",
               f"checkpoint_dir={tmp_path / 'run'}", "wandb=disabled", "max_steps=2", "eval_interval=2",
               "save_interval=2", "log_interval=1", "val_crops=2", "num_audio_samples=0")
     assert out.returncode == 0, out.stderr[-3000:]
@@ -241,7 +244,7 @@ def test_train_codec_on_a_manifest_mixes_stereo_down(tmp_path):
     assert (tmp_path / "run" / "latest.pt").is_file()
     bad = tmp_path / "corpus/bad.jsonl"
     bad.write_text("{not json}\n")
-    out = run("train_codec.py", "--config", "tiny", f"train_data_path={bad}", f"val_data_path={manifest}",
+    out = run("train_codec.py", capsys, "--config", "tiny", f"train_data_path={bad}", f"val_data_path={manifest}",
               f"checkpoint_dir={tmp_path / 'run2'}", "wandb=disabled", "max_steps=2")
     errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
     assert out.returncode != 0 and "Traceback" not in out.stderr and len(errors) == 1, out.stderr[-3000:]
