@@ -478,7 +478,7 @@ def unreadable_since_the_scan(src, folder):
     return folder
 
 
-def test_a_folder_whose_every_file_fails_when_read_is_one_error_line(corpus, tmp_path):
+def test_a_folder_whose_every_file_fails_when_read_is_one_error_line(corpus, tmp_path, capsys):
     """Every training file failing at read time: one line naming the folder, also when the
     DataLoader's workers read (torch raises it again with the worker's traceback as its message); it
     was a RuntimeError traceback. Every validation file failing: one line at the step-0
@@ -491,7 +491,7 @@ def test_a_folder_whose_every_file_fails_when_read_is_one_error_line(corpus, tmp
     n = len(list(train.rglob("*.wav"))) - 1  # broken.wav was skipped at the scan
     assert error_line(result.stderr) == (f"error: could not read a crop from {train}: {n} of {n} files failed "
                                          "to read (named above)")
-    result = run(["train_codec.py"] + args(corpus, tmp_path / "run2", f"val_data_path={val}"))
+    result = run_here(args(corpus, tmp_path / "run2", f"val_data_path={val}"), capsys)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     n = len(list(val.rglob("*.wav")))
     assert error_line(result.stderr) == (f"error: no audio to evaluate on in {val}: its {n} files failed to read "
