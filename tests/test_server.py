@@ -1450,13 +1450,37 @@ def test_a_recording_another_live_server_writes_is_left_to_it(model, tmp_path, c
 
 # --- the command line ---------------------------------------------------------------------------
 
-def run_cli(*args, timeout=120):
+def server_here(capfd, monkeypatch, *args):
+    """`python inference_server.py ARGS` by the script's `main` in this process, as `subprocess.run`
+    returns it (a SystemExit message is what Python prints to stderr, exit status 1), without a
+    process' start (importing torch: seconds): for the errors found at start, whose subject is the
+    line, not the process. stdout and stderr are read at the descriptors; the log's lines are not
+    among them (pytest holds the root logger, so the script's basicConfig adds no handler), nor a
+    traceback: an exception other than SystemExit fails the test. A run that gets as far as serving
+    (the check under test broken) fails instead of serving for ever, and SIGTERM's handler, which
+    the script sets just before, is put back."""
+    import signal
     import subprocess
-    import sys
-    from pathlib import Path
-    repo = Path(__file__).resolve().parents[1]
-    return subprocess.run([sys.executable, "inference_server.py", *args], cwd=repo, capture_output=True, text=True,
-                          timeout=timeout)
+    import warnings
+
+    def served(*_, **__):
+        raise AssertionError("inference_server.py got as far as serving: nothing at start stopped it")
+    monkeypatch.setattr(srv, "serve", served)
+    argv = [str(a) for a in args]
+    capfd.readouterr()
+    sigterm = signal.getsignal(signal.SIGTERM)
+    with warnings.catch_warnings(record=True) as caught:
+        try:
+            code = srv.main(argv)
+        except SystemExit as e:
+            code = e.code
+        finally:
+            signal.signal(signal.SIGTERM, sigterm)
+    out, err = capfd.readouterr()
+    if isinstance(code, str):
+        err, code = err + code + "\n", 1
+    err += "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
+    return subprocess.CompletedProcess(["inference_server.py", *argv], code or 0, out, err)
 
 
 def test_a_port_in_use_or_a_host_not_of_this_machine_is_one_error_line_before_the_weights(tmp_path, capsys, caplog):
@@ -1482,7 +1506,7 @@ def test_a_port_in_use_or_a_host_not_of_this_machine_is_one_error_line_before_th
 
 def run_cli_until_it_serves(tmp_path, *args, timeout=120):
     """`inference_server.py ARGS` on a port the system picks, stopped with SIGTERM once it logs its
-    browser client's address (loaded, about to serve), or ended by itself; as `run_cli` returns it
+    browser client's address (loaded, about to serve), or ended by itself; as `subprocess.run` returns it
     (its log kept in tmp_path/server.log)."""
     import signal
     import subprocess
@@ -1508,7 +1532,7 @@ def assert_cli_errors(tmp_path, capsys, caplog, cases: dict) -> None:
     `main(argv)` with one `error:` line, found before the weights load (none are there to load:
     --offline, an empty --ckpt-dir), and nothing else printed or logged. In this process: the
     line is SystemExit's message, which Python writes to stderr as the script's last words, exit
-    status 1 (the tests calling `run_cli` run the script itself)."""
+    status 1 (`run_cli_until_it_serves` runs the script itself)."""
     import logging
     base = ["--offline", "--ckpt-dir", str(tmp_path / "empty"), "--device", "cpu"]
     caplog.set_level(logging.INFO)  # the script logs at --log-level info
@@ -1558,12 +1582,12 @@ def test_cli_device_recordings_and_context_are_errors_before_serving(model, tmp_
             ["error: --max-len 100000000 is beyond the model's context of 2048 latents"]})
 
 
-def test_cli_official_weights_missing_offline_are_an_error_not_a_traceback(tmp_path):
+def test_cli_official_weights_missing_offline_are_an_error_not_a_traceback(tmp_path, capfd, monkeypatch):
     """The official duplex weights not in --ckpt-dir with --offline: an `error:` naming each
     missing file and where to put it, no traceback (until session 17: hub's WeightsError as one)."""
     from model.hub import OFFICIAL_FILES, QUANTIZER, VARIANTS
     folder = tmp_path / "empty"
-    r = run_cli("--offline", "--ckpt-dir", str(folder), "--device", "cpu")
+    r = server_here(capfd, monkeypatch, "--offline", "--ckpt-dir", str(folder), "--device", "cpu")
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert errors == ["error: offline mode and these official hertz-dev files are missing:"], r.stderr[-2000:]
@@ -1638,7 +1662,7 @@ def test_cli_refuses_a_non_finite_prompt_and_reads_only_the_context_of_a_long_on
     assert "browser client: http://127.0.0.1:" in r.stderr and "error" not in r.stderr, r.stderr[-2000:]
 
 
-def test_cli_refuses_a_corrupted_checkpoint_unless_told_not_to_verify(model, tmp_path):
+def test_cli_refuses_a_corrupted_checkpoint_unless_told_not_to_verify(model, tmp_path, capfd, monkeypatch):
     """A checkpoint whose tensor bytes changed is one `error:` line naming it (its content hash
     no longer matches); --no-verify loads it (and serves: stopped once it logs its address)."""
     from live_server import save_tiny
@@ -1646,7 +1670,7 @@ def test_cli_refuses_a_corrupted_checkpoint_unless_told_not_to_verify(model, tmp
     data = bytearray(checkpoint.read_bytes())
     data[-100] ^= 0x01  # one bit of one weight
     checkpoint.write_bytes(bytes(data))
-    r = run_cli("--checkpoint", str(checkpoint), "--device", "cpu")
+    r = server_here(capfd, monkeypatch, "--checkpoint", str(checkpoint), "--device", "cpu")
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert len(errors) == 1 and str(checkpoint) in errors[0] and "corrupted" in errors[0], r.stderr[-2000:]
@@ -1655,7 +1679,7 @@ def test_cli_refuses_a_corrupted_checkpoint_unless_told_not_to_verify(model, tmp
     assert "browser client: http://127.0.0.1:" in r.stderr and "error" not in r.stderr, r.stderr[-2000:]
 
 
-def test_cli_quantizing_a_weight_that_holds_nan_is_one_error_line_naming_the_layer(model, tmp_path):
+def test_cli_quantizing_a_weight_that_holds_nan_is_one_error_line_naming_the_layer(model, tmp_path, capfd, monkeypatch):
     """--quantize on a checkpoint holding a NaN weight, loaded with --no-verify (verifying refuses
     the file): the quantized layer's scales were NaN, silently; now model.quant's ValueError naming
     the layer, as one error line (it reached the server as a traceback)."""
@@ -1666,13 +1690,15 @@ def test_cli_quantizing_a_weight_that_holds_nan_is_one_error_line_naming_the_lay
         state["lm.layers.0.attn.attn.proj_qkv.weight"][0, 0] = float("nan")
         return state
     checkpoint = rewritten(save_tiny(model, tmp_path / "ckpt"), tmp_path / "ckpt" / "nan.safetensors", state=poisoned)
-    r = run_cli("--checkpoint", str(checkpoint), "--device", "cpu", "--no-verify", "--quantize", "int8")
+    r = server_here(capfd, monkeypatch, "--checkpoint", str(checkpoint), "--device", "cpu", "--no-verify",
+                    "--quantize", "int8")
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.splitlines()[-1] == ("error: lm.layers.0.attn.attn.proj_qkv: quantized as int8, its scales would be "
                                          "NaN or inf (its weights hold NaN or inf): quantize a model of finite weights")
 
 
-def test_cli_a_prompt_the_codec_makes_non_finite_latents_of_is_one_error_line_at_start(model, tmp_path):
+def test_cli_a_prompt_the_codec_makes_non_finite_latents_of_is_one_error_line_at_start(model, tmp_path, capfd,
+                                                                                       monkeypatch):
     """--prompt-path audio that is finite (peak 500, as a float WAV may hold) but that the tiny
     untrained codec encodes to inf latents: the server started, and every session's start then
     failed with a generic close reason. Now it is one error line naming the file, at start."""
@@ -1680,7 +1706,8 @@ def test_cli_a_prompt_the_codec_makes_non_finite_latents_of_is_one_error_line_at
     checkpoint = save_tiny(model, tmp_path / "ckpt")
     loud = tmp_path / "loud.wav"
     sf.write(loud, 500 * np.sin(np.arange(2 * 4000) / 3.0).reshape(-1, 2), 16000, subtype="FLOAT")
-    r = run_cli("--checkpoint", str(checkpoint), "--device", "cpu", "--prompt-path", str(loud), "--port", "0")
+    r = server_here(capfd, monkeypatch, "--checkpoint", str(checkpoint), "--device", "cpu", "--prompt-path",
+                    str(loud), "--port", "0")
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.splitlines()[-1].startswith(f"error: --prompt-path {loud}: the codec encodes this prompt audio "
                                                 "to NaN or infinite latents"), r.stderr[-2000:]
