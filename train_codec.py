@@ -54,7 +54,7 @@ from model.codec_losses import (DNSMOS, MultiResolutionMelLoss, MultiResolutionS
                                 feature_matching_loss, generator_adversarial_loss, kl_bits_per_second, latent_kl,
                                 latent_mask, mel_filterbank, pesq_wb, si_sdr, stoi, waveform_l1)
 from model.cuda_graphs import GraphedPass
-from model.data import AudioCropDataset, infinite_batches, make_loader, shared_with_training
+from model.data import AudioCropDataset, infinite_batches, make_loader, shared_with_training, workers_stopped
 from model.discriminators import Discriminators
 from model.hub import WeightsError
 from model.loading import load_codec, write_codec
@@ -213,7 +213,8 @@ def main(argv=None) -> dict:
         bar = tqdm(total=last, initial=step, disable=not is_main, dynamic_ncols=True, desc="train")
         start_step, t_log = step, time.time()
         sums, metrics, timer = {}, {}, StepTimer(device)  # sums: loss name -> per-micro-batch values since the last log
-        with deadline.catching_signals():  # a SIGTERM or Ctrl-C stops the loop at the next step, saved
+        # a SIGTERM or Ctrl-C stops the loop at the next step, saved; the data-loading workers stop with it
+        with deadline.catching_signals(), workers_stopped(batches):
             while True:
                 # evaluation (rank 0) and checkpoints, before the step: they describe the model after `step` updates
                 due = before_step(step, start_step, last, cfg.log_interval, cfg.eval_interval, cfg.save_interval,

@@ -47,7 +47,7 @@ from config.codec_config import CodecConfig
 from config.transformer_config import PRESETS, TransformerConfig
 from model import Generator, HertzDev, build, finetune, hub, load_codec, load_hertz_dev
 from model.checkpoint import CheckpointError, read_metadata
-from model.data import StopSafeLoader, shared_with_training
+from model.data import StopSafeLoader, shared_with_training, workers_stopped
 from model.files import physical_memory
 from model.generator import completion_problem, completion_steps
 from model.loading import codec_config_fitting, official_transformer_config, write_transformer
@@ -167,7 +167,8 @@ def main(argv=None) -> dict:
         bar = tqdm(total=last, initial=step, disable=not is_main, dynamic_ncols=True, desc=f"train {cfg.stage}")
         start_step, t_log = step, time.time()
         sums, steps_since_log, metrics = {}, 0, {}
-        with deadline.catching_signals():  # a SIGTERM or Ctrl-C stops the loop at the next step, saved
+        # a SIGTERM or Ctrl-C stops the loop at the next step, saved; the data-loading workers stop with it
+        with deadline.catching_signals(), workers_stopped(batches):
             while True:
                 # evaluation and checkpoints come before the step: they describe the model after `step` updates
                 t_pause = time.time()

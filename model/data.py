@@ -15,6 +15,7 @@ import signal
 import stat
 import warnings
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -424,10 +425,12 @@ class StopSafeLoader(DataLoader):
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         _ITERATORS.add(iterator)
+        _WORKERS.update(getattr(iterator, "_workers", ()))
         return iterator
 
 
 _ITERATORS: "weakref.WeakSet" = weakref.WeakSet()  # StopSafeLoader iterators with workers
+_WORKERS: "weakref.WeakSet" = weakref.WeakSet()  # their worker processes (multiprocessing holds them until joined)
 
 
 @atexit.register  # (after multiprocessing's own exit handler, imported above, so it runs before it)
@@ -435,9 +438,37 @@ def _stop_workers_at_exit() -> None:
     """Stop the workers of the StopSafeLoader iterators still alive as the process exits (an error
     raised through a training loop keeps its iterator referenced to the end): multiprocessing's exit
     handler ends daemonic children with SIGTERM, which these ignore, then waits for each, for ever
-    (a trainer that had printed its error line hung). Their iterator's own shutdown tells them."""
+    (a trainer that had printed its error line hung). Their iterator's own shutdown tells them;
+    a worker left running without one (its iterator collected in a reference cycle, whose
+    finaliser could not stop it) is killed, since it ignores SIGTERM."""
     for iterator in list(_ITERATORS):
         iterator._shutdown_workers()
+    for worker in list(_WORKERS):
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout=5)
+
+
+def stop_workers(batches) -> None:
+    """Stop the data-loading workers behind `batches` now: a DataLoader's iterator, or a generator
+    over one (`infinite_batches`), which is closed. Not left to the garbage collector: an iterator
+    collected in a reference cycle (a training `main` whose frame a library's objects keep in one)
+    could not stop its workers, and they kept running until the process exited."""
+    if hasattr(batches, "close"):
+        batches.close()
+    shutdown = getattr(batches, "_shutdown_workers", None)  # (not a generator; none without workers)
+    if shutdown is not None:
+        shutdown()
+
+
+@contextmanager
+def workers_stopped(batches):
+    """`with workers_stopped(batches):` the training loop over `batches`; however the block ends
+    (done, stopped, an error), their workers stop as it ends (`stop_workers`)."""
+    try:
+        yield batches
+    finally:
+        stop_workers(batches)
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: Optional[bool] = None, num_workers: int = 0,
@@ -511,6 +542,10 @@ def infinite_batches(loader: DataLoader, start_epoch: int = 0, skip: int = 0) ->
     if skip and not isinstance(loader.sampler, DistributedSampler):
         raise ValueError("infinite_batches(skip=...) needs a loader with a DistributedSampler")
     workers = {"prefetch_factor": loader.prefetch_factor} if loader.num_workers else {}
-    yield from StopSafeLoader(loader.dataset, batch_sampler=EpochBatches(loader, start_epoch, skip),
-                              num_workers=loader.num_workers, pin_memory=loader.pin_memory,
-                              generator=loader.generator, **workers)
+    batches = iter(StopSafeLoader(loader.dataset, batch_sampler=EpochBatches(loader, start_epoch, skip),
+                                  num_workers=loader.num_workers, pin_memory=loader.pin_memory,
+                                  generator=loader.generator, **workers))
+    try:
+        yield from batches
+    finally:  # closed (`stop_workers`): the workers stop now
+        stop_workers(batches)

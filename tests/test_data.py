@@ -633,6 +633,28 @@ def test_a_process_exiting_with_its_loader_still_iterating_does_not_wait_for_eve
     assert done.returncode == 3, done.stderr
 
 
+def test_a_worker_whose_iterator_was_collected_in_a_reference_cycle_does_not_hold_the_exit():
+    """An iterator collected in a reference cycle could not stop its worker (its finaliser ran on a
+    half-torn-down object), so the worker kept running without it, ignoring the SIGTERM of
+    multiprocessing's exit handler, which then waited for it for ever. The exit handler now kills
+    StopSafeLoader workers left running (model.data._stop_workers_at_exit)."""
+    import subprocess
+    import sys
+    code = ("import gc, json, multiprocessing, torch\nfrom model.data import make_loader\n"
+            "class Cycle: pass\n"
+            "def leave_in_a_cycle():\n"
+            "    loader = make_loader(torch.utils.data.TensorDataset(torch.arange(64.0)), batch_size=4, num_workers=1, "
+            "distributed=False)\n"
+            "    batches = iter(loader); next(batches)\n"
+            "    c = Cycle(); c.c = c; c.batches = batches\n"
+            "leave_in_a_cycle(); gc.collect()\n"
+            "print(json.dumps(len(multiprocessing.active_children())))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "1"  # the orphaned worker, running until the exit handler ended it
+
+
 @pytest.mark.parametrize("kind", ["make_loader", "infinite_batches"])
 def test_data_loading_workers_outlive_a_stop_signal_to_the_process_group(kind):
     """Ctrl-C or a SIGTERM to a trainer's process group reached its DataLoader workers too: one that

@@ -873,6 +873,18 @@ def test_metric_references_of_a_codec_isolate_what_costs_each_metric(corpus, tra
     assert missing.returncode == 1 and missing.stderr.strip() == "error: --codec: no file at no/such.safetensors"
 
 
+def test_the_data_loading_workers_stop_when_main_returns_even_with_its_frame_kept(corpus, tmp_path):
+    """train_codec.main called in a process that goes on (a notebook) left its data-loading workers
+    running whenever its frame outlived it (matplotlib's layout code kept it in a reference cycle):
+    collected in the cycle, the iterator could not stop them, and they kept running until the
+    process exited, where they held the exit for ever. The loop now stops them as it ends
+    (`model.data.workers_stopped`). tests/kept_frame.py keeps main's frame on purpose."""
+    result = run(["tests/kept_frame.py", "train_codec"] + args(corpus, tmp_path / "run", "num_workers=1",
+                                                               "max_steps=3", "eval_interval=3"), timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.splitlines()[-1]) == {"workers_running": []}
+
+
 def test_metric_references_names_a_missing_folder():
     result = run(["benchmarks/metric_references.py", "--val", "no/such/folder"])
     assert result.returncode != 0 and error_line(result.stderr) == (

@@ -216,6 +216,16 @@ OFFICIAL_FIXTURES = {"inference_volcano_3": "quantizer_state_dict.pt", "inferenc
                      "inference_care_50000": "resynthesizer_duplex_state_dict.pt"}
 
 
+def test_the_data_loading_workers_stop_when_main_returns_even_with_its_frame_kept(setup, tmp_path):
+    """As the codec trainer's test of the same name: train_transformer.main, its frame kept after
+    it returns (tests/kept_frame.py), leaves no data-loading worker running."""
+    out = subprocess.run([sys.executable, "tests/kept_frame.py", "train_transformer",
+                          *base_args(setup, tmp_path / "run", num_workers=1)], cwd=REPO, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.splitlines()[-1]) == {"workers_running": []}
+
+
 def train_from_official_hub(setup, tmp_path, **extra):
     """A `stage=lm` run of one step with init_from=official, the official duplex files being the
     parity-size state dicts served by a loopback hub (md5s registered); asserts that the three
