@@ -720,12 +720,20 @@ def main(argv=None) -> int:
         print(import_sounddevice().query_devices())
         return 0
     check_websockets()
+    sigint = signal.getsignal(signal.SIGINT)
     try:
         if args.choose_devices and not args.input_wav:
             choose_devices(import_sounddevice(), args)
         return asyncio.run(interruptible(file_mode if args.input_wav else live_mode, args))
     except KeyboardInterrupt:
         return 0
+    finally:  # an error that ends the session (SystemExit) left asyncio's Ctrl-C handler set, in a process
+        # that goes on (a notebook): it is put back as it was
+        if sigint is not None and signal.getsignal(signal.SIGINT) is not sigint:
+            try:
+                signal.signal(signal.SIGINT, sigint)
+            except ValueError:  # not the main thread, where the handler was never changed
+                pass
 
 
 async def interruptible(session, args) -> int:
