@@ -25,6 +25,19 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def stop_signal_handlers_put_back():
+    """Each test leaves Ctrl-C's and SIGTERM's handlers as it found them: the scripts' `main`s run in
+    this process (tests/in_process.py and the tests' own `*_here` helpers) set their own, and one
+    left behind would change what a later test of the same process sees (a test that checks a
+    handler is put back checks it itself, before this)."""
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in before.items():
+        if handler is not None and signal.getsignal(sig) is not handler:
+            signal.signal(sig, handler)
+
+
 @pytest.fixture
 def one_thread():
     """Small tensors on a shared 2-core CPU: one thread is faster, and immune to other processes
