@@ -70,23 +70,11 @@ def run_client(*args, timeout=60):
 
 
 def client_here(capfd, *args):
-    """`run_client` by the client's `main` in this process, as `run_client` returns it (a SystemExit
-    message is what Python prints to stderr, exit status 1), without a process' start: for the errors
-    found before or at connecting, whose subject is the line, not the process. stdout and stderr are
-    read at the descriptors; a warning raised is added to stderr, as a process prints it."""
-    import warnings
-    argv = [str(a) for a in args]
-    capfd.readouterr()
-    with warnings.catch_warnings(record=True) as caught:
-        try:
-            code = client.main(argv)
-        except SystemExit as e:
-            code = e.code
-    out, err = capfd.readouterr()
-    if isinstance(code, str):
-        err, code = err + code + "\n", 1
-    err += "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
-    return subprocess.CompletedProcess(["inference_client.py", *argv], code or 0, out, err)
+    """`run_client` by the client's `main` in this process (`in_process.main_in_process`), as
+    `run_client` returns it, without a process' start: for the errors found before or at
+    connecting, whose subject is the line, not the process."""
+    from in_process import main_in_process
+    return main_in_process("inference_client.py", client.main, args, capfd)
 
 
 def stats(stdout: str) -> dict:

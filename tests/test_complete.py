@@ -5,7 +5,6 @@ import os
 import re
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -50,22 +49,13 @@ def run(*args):
 
 
 def run_here(capfd, *args):
-    """`run` in this process (`complete.main`), as `run` returns it, without a process' start (importing
-    torch: seconds a run). stdout and stderr are read at the descriptors (what C libraries print too),
-    and the warnings raised are added to stderr as a process would print them. For runs whose subject
-    is not the process: what it imports before torch (WITHOUT_TORCH), and the end-to-end runs, stay
+    """`run` in this process (`complete.main` by `in_process.main_in_process`), as `run` returns it,
+    without a process' start (importing torch: seconds a run). For runs whose subject is not the
+    process: what it imports before torch (WITHOUT_TORCH), and the end-to-end runs, stay
     subprocesses."""
     import complete
-    argv = [str(a) for a in args]
-    capfd.readouterr()
-    with warnings.catch_warnings(record=True) as caught:
-        try:
-            code = complete.main(argv)
-        except SystemExit as e:  # argparse's errors
-            code = e.code
-    out, err = capfd.readouterr()
-    err += "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
-    return subprocess.CompletedProcess(["complete.py", *argv], code, out, err)
+    from in_process import main_in_process
+    return main_in_process("complete.py", complete.main, args, capfd)
 
 
 # complete.py run as its `python complete.py ...` runs it, reporting whether torch was imported by then

@@ -4,7 +4,6 @@ import json
 import subprocess
 import sys
 import typing
-import warnings
 from pathlib import Path
 
 import pytest
@@ -20,19 +19,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def trainer_here(script, argv, cwd, capfd, monkeypatch):
-    """`python SCRIPT ARGV` in `cwd`, by the script's `main` in this process (`in_process.run_in_process`),
-    as `subprocess.run` returns it, without a process' start (importing torch, the optimizers' Dynamo:
-    seconds a run): stdout and stderr read at the descriptors, and the warnings raised added to stderr
-    as a process prints them. For the errors found before any slow work, the subject here."""
+    """`python SCRIPT ARGV` in `cwd`, by the script's `main` in this process, as the script runs it
+    (`model.training.run_script`) and as `subprocess.run` returns it (`in_process.main_in_process`:
+    the warnings raised added to stderr), without a process' start (importing torch, the optimizers'
+    Dynamo: seconds a run). For the errors found before any slow work, the subject here."""
     import importlib
 
-    from in_process import run_in_process
+    from in_process import main_in_process
+    from model.training import run_script
     main = importlib.import_module(Path(script).stem).main
     monkeypatch.chdir(cwd)
-    with warnings.catch_warnings(record=True) as caught:
-        result = run_in_process(script, main, argv, capfd)
-    result.stderr += "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
-    return result
+    return main_in_process(script, lambda args: run_script(lambda: main(args)), argv, capfd)
 
 
 @pytest.mark.parametrize("presets", [CODEC_PRESETS, TRANSFORMER_PRESETS])

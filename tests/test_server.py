@@ -1451,36 +1451,19 @@ def test_a_recording_another_live_server_writes_is_left_to_it(model, tmp_path, c
 # --- the command line ---------------------------------------------------------------------------
 
 def server_here(capfd, monkeypatch, *args):
-    """`python inference_server.py ARGS` by the script's `main` in this process, as `subprocess.run`
-    returns it (a SystemExit message is what Python prints to stderr, exit status 1), without a
-    process' start (importing torch: seconds): for the errors found at start, whose subject is the
-    line, not the process. stdout and stderr are read at the descriptors; the log's lines are not
-    among them (pytest holds the root logger, so the script's basicConfig adds no handler), nor a
-    traceback: an exception other than SystemExit fails the test. A run that gets as far as serving
-    (the check under test broken) fails instead of serving for ever, and SIGTERM's handler, which
-    the script sets just before, is put back."""
-    import signal
-    import subprocess
-    import warnings
+    """`python inference_server.py ARGS` by the script's `main` in this process
+    (`in_process.main_in_process`), as `subprocess.run` returns it, without a process' start
+    (importing torch: seconds): for the errors found at start, whose subject is the line, not the
+    process. The log's lines are not in stderr (pytest holds the root logger, so the script's
+    basicConfig adds no handler), nor a traceback: an exception other than SystemExit fails the
+    test. A run that gets as far as serving (the check under test broken) fails instead of serving
+    for ever. (The SIGTERM handler the script sets is put back after the test: tests/conftest.py.)"""
+    from in_process import main_in_process
 
     def served(*_, **__):
         raise AssertionError("inference_server.py got as far as serving: nothing at start stopped it")
     monkeypatch.setattr(srv, "serve", served)
-    argv = [str(a) for a in args]
-    capfd.readouterr()
-    sigterm = signal.getsignal(signal.SIGTERM)
-    with warnings.catch_warnings(record=True) as caught:
-        try:
-            code = srv.main(argv)
-        except SystemExit as e:
-            code = e.code
-        finally:
-            signal.signal(signal.SIGTERM, sigterm)
-    out, err = capfd.readouterr()
-    if isinstance(code, str):
-        err, code = err + code + "\n", 1
-    err += "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
-    return subprocess.CompletedProcess(["inference_server.py", *argv], code or 0, out, err)
+    return main_in_process("inference_server.py", srv.main, args, capfd)
 
 
 def test_a_port_in_use_or_a_host_not_of_this_machine_is_one_error_line_before_the_weights(tmp_path, capsys, caplog):
