@@ -81,13 +81,16 @@ def noisy(x: torch.Tensor, snr_db: float, gen: torch.Generator) -> torch.Tensor:
     return x + noise * (x.pow(2).mean().sqrt() / noise.pow(2).mean().sqrt() / 10 ** (snr_db / 20))
 
 
-def pause_noise(x: torch.Tensor, below_db: float, gen: torch.Generator, frame: int = 320) -> torch.Tensor:
-    level = x.pow(2).mean()
+def pauses(x: torch.Tensor, frame: int = 320) -> torch.Tensor:
+    """x's samples in its pauses: its 20 ms frames more than 50 dB below its level (a bool mask)."""
     frames = x[: x.shape[-1] // frame * frame].view(-1, frame).pow(2).mean(-1)
-    pauses = (frames < level * 10 ** (-50 / 10)).repeat_interleave(frame)
-    pauses = torch.cat([pauses, pauses.new_zeros(x.shape[-1] - pauses.shape[-1])])
-    noise = torch.randn(x.shape, generator=gen, dtype=torch.float64) * (level.sqrt() * 10 ** (-below_db / 20))
-    return x + noise * pauses
+    quiet = (frames < x.pow(2).mean() * 10 ** (-50 / 10)).repeat_interleave(frame)
+    return torch.cat([quiet, quiet.new_zeros(x.shape[-1] - quiet.shape[-1])])
+
+
+def pause_noise(x: torch.Tensor, below_db: float, gen: torch.Generator) -> torch.Tensor:
+    noise = torch.randn(x.shape, generator=gen, dtype=torch.float64) * (x.pow(2).mean().sqrt() * 10 ** (-below_db / 20))
+    return x + noise * pauses(x)
 
 
 def band_mix(low: torch.Tensor, high: torch.Tensor, hz: float) -> torch.Tensor:
@@ -102,12 +105,9 @@ def magnitude_phase(magnitude: torch.Tensor, phase: torch.Tensor) -> torch.Tenso
     return _istft(_stft(magnitude).abs() * torch.exp(1j * torch.angle(_stft(phase))), magnitude.shape[-1])
 
 
-def pauses_silent(y: torch.Tensor, x: torch.Tensor, frame: int = 320) -> torch.Tensor:
-    """`y` made silent in `x`'s pauses (its 20 ms frames more than 50 dB below its level)."""
-    frames = x[: x.shape[-1] // frame * frame].view(-1, frame).pow(2).mean(-1)
-    pauses = (frames < x.pow(2).mean() * 10 ** (-50 / 10)).repeat_interleave(frame)
-    pauses = torch.cat([pauses, pauses.new_zeros(x.shape[-1] - pauses.shape[-1])])
-    return y * ~pauses
+def pauses_silent(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`y` made silent in `x`'s pauses."""
+    return y * ~pauses(x)
 
 
 def reconstructions(path: str, data: AudioCropDataset) -> list[torch.Tensor]:
