@@ -78,7 +78,10 @@ def test_browser_client_talks_both_ways(tmp_path):
         deadline = time.time() + 10
         while not list(recordings.glob("*.wav")) and time.time() < deadline:
             time.sleep(0.1)
-    assert hertz["errors"] == [] and hertz["dropped"] == 0
+        # Reset drops the chunks still queued (by design; test_server.py tests it), which on a busy machine
+        # may be some: the page counts exactly the drops the server made, as its notices said.
+        server_dropped = server.counts["dropped_in"] + server.counts["dropped_out"]
+    assert hertz["errors"] == [] and hertz["dropped"] == server_dropped
     assert hertz["sent"] >= hertz["received"] >= 28
     assert hertz["playedEnergy"] > 0  # the model's audio went out through the worklet
     # Latency: only the replies to the page's own chunks are timed, not the prompt's playback.
