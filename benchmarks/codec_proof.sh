@@ -24,7 +24,9 @@
 # default, with cuda_graph=false and then true; samples/s before and after the discriminators
 # start; GRAPH_OVERRIDES adds settings to both), PARTS=diagnose (not among the default parts either:
 # benchmarks/metric_references.py --codec on TUNED_DIR's best.safetensors, what in its
-# reconstructions costs each metric, after `tuned` when both are named),
+# reconstructions costs each metric, after `tuned` when both are named), PARTS=return (not among
+# the default parts: TUNED_DIR's best.safetensors in 15 MiB parts under $OUT/codec/, which the device
+# tool can return, to be joined and diagnosed on the CPU),
 # TUNED_CONFIG (on the GPU its
 # preset, default small_fast; `small` for today's defaults at the same steps). The tuned run
 # keeps its preset's schedule (small_fast's max_steps 6000: the learning rate decays within a
@@ -181,5 +183,20 @@ if wanted diagnose; then
   python3 benchmarks/metric_references.py --val "$DATA/val" --crops 64 --iterations --codec "$TUNED_DIR/best.safetensors" \
     > "$OUT/diagnose.log" 2>&1 && grep '^{' "$OUT/diagnose.log" | sed 's/^{/{"proof": "diagnose", /' \
     || failed diagnose "$OUT/diagnose.log"
+fi
+# 6c. (PARTS=return only) the tuned codec back to the caller: the device tool returns files of at most
+# 16 MiB, so TUNED_DIR's best.safetensors goes to $OUT/codec/ in 15 MiB parts with its md5; join them
+# where they land (cat best.safetensors.part* > best.safetensors; md5sum -c best.safetensors.md5) and
+# diagnose it there on the CPU (metric_references.py --codec) instead of with device time
+if wanted return; then
+  mkdir -p "$OUT/codec" && rm -f "$OUT"/codec/best.safetensors.part* \
+    && split -b 15M -d "$TUNED_DIR/best.safetensors" "$OUT/codec/best.safetensors.part" \
+    && (cd "$TUNED_DIR" && md5sum best.safetensors) > "$OUT/codec/best.safetensors.md5" \
+    && python3 -c 'import glob, json, os, sys
+parts = sorted(glob.glob(os.path.join(sys.argv[1], "best.safetensors.part*")))
+print(json.dumps({"proof": "return", "parts": [os.path.basename(p) for p in parts],
+                  "bytes": sum(os.path.getsize(p) for p in parts), "md5": open(sys.argv[2]).read().split()[0]}))' \
+      "$OUT/codec" "$OUT/codec/best.safetensors.md5" \
+    || echo '{"proof": "return", "error": "no best.safetensors in '"$TUNED_DIR"'"}'
 fi
 echo "{\"proof\": \"done\", \"elapsed_s\": $(elapsed)}"
