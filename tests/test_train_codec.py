@@ -891,11 +891,14 @@ def test_metric_references_names_a_missing_folder():
         "error: no validation data at no/such/folder (make it with: python data/demo/prepare.py)")
 
 
-def test_the_run_s_figures_are_drawn_once_each(tmp_path, monkeypatch):
+def test_the_run_s_figures_are_drawn_once_each_with_no_label_cut_off_or_overlapping(tmp_path, monkeypatch):
     """model.plots (the loss curves at the end of a run, the mel figure at each evaluation):
     tight_layout left a placeholder layout engine on the figure, for which savefig drew the whole
-    figure once more before drawing it to the file (a fifth of plot_metrics' time). Each PNG is
-    now one draw, at the figure's size."""
+    figure once more before drawing it to the file (a fifth of plot_metrics' time); then its own
+    measuring of every label was a third of what remained, so the panels now have fixed margins.
+    Each PNG is one draw, at the figure's size, and every panel with its title, tick labels and
+    axis labels lies inside the figure, clear of every other panel (wide tick labels, a title
+    above all, several rows)."""
     import functools
     from matplotlib.figure import Figure
     from PIL import Image
@@ -908,16 +911,38 @@ def test_the_run_s_figures_are_drawn_once_each(tmp_path, monkeypatch):
         draws.append(self)
         return draw(self, renderer)
     monkeypatch.setattr(Figure, "draw", counted)
+
+    def laid_out(fig):
+        renderer = fig.canvas.get_renderer()
+        boxes = [ax.get_tightbbox(renderer) for ax in fig.axes]
+        inside = fig.bbox
+        assert all(inside.x0 <= b.x0 and b.x1 <= inside.x1 and inside.y0 <= b.y0 and b.y1 <= inside.y1
+                   for b in boxes), "a panel's labels are cut off"
+        assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:]), "panels overlap"
+        if fig._suptitle is not None:
+            title = fig._suptitle.get_window_extent(renderer)
+            assert title.y1 <= inside.y1 and not any(title.overlaps(b) for b in boxes)
+
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("".join(json.dumps({"step": s, "loss/mel": 1 / s, "lr": 1e-3, "val/stoi": 0.5}) + "\n"
                                for s in range(1, 5)))
     assert plot_metrics(metrics, tmp_path / "curves.png") == str(tmp_path / "curves.png")
     assert len(draws) == 1
+    laid_out(draws[0])
     noise = 0.1 * np.random.default_rng(0).standard_normal(8000)
     assert save_mel_figure(tmp_path / "mels.png", [(noise, noise)], 16000) == str(tmp_path / "mels.png")
     assert len(draws) == 2 and draws[0] is not draws[1]
+    laid_out(draws[1])
     assert Image.open(tmp_path / "curves.png").size == (1500, 320)  # 3 panels of 5 x 3.2 in, 100 dpi
     assert Image.open(tmp_path / "mels.png").size == (1000, 220)
+    # three rows of panels with wide tick labels (small learning rates, large negative values), a title
+    rows = [{"step": s * 1000, "loss/mel": 12345.6 / s, "loss/adv": 0.001 * s, "lr": 3e-6 * s, "lr_disc": 1e-5,
+             **{f"val/m{k}": -123456.789 * k + s for k in range(6)}} for s in range(1, 40)]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plot_metrics(metrics, tmp_path / "many.png", title="a run's title")
+    laid_out(draws[2])
+    save_mel_figure(tmp_path / "mels3.png", [(noise, noise)] * 3, 16000)
+    laid_out(draws[3])
 
 
 def test_a_checkpoint_dir_it_cannot_write_in_is_one_error_line_before_the_data(corpus, tmp_path):
