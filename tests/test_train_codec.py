@@ -797,15 +797,16 @@ def test_non_finite_audio_is_skipped_and_a_non_finite_loss_stops_with_an_error(c
     assert "latest.pt" in finite_everywhere(tmp_path / "run")
 
 
-def test_a_full_disk_is_one_error_line(corpus, tmp_path):
+def test_a_full_disk_is_one_error_line(corpus, tmp_path, capsys):
     """checkpoint_dir on a 640 KiB tmpfs (a real full disk; needs the right to mount): the first
-    checkpoint does not fit, and the run ends with one line naming the file and the reason."""
+    checkpoint does not fit, and the run ends with one line naming the file and the reason (the
+    trainer's main in this process, `run_here`)."""
     disk = tmp_path / "disk"
     disk.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=640k", "tmpfs", str(disk)], capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here")
     try:
-        result = run(["train_codec.py"] + args(corpus, disk / "run", "num_audio_samples=1", "save_interval=1"))
+        result = run_here(args(corpus, disk / "run", "num_audio_samples=1", "save_interval=1"), capsys)
         assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
         assert re.fullmatch(r"error: cannot write \S+/run/\S+: No space left on device", error_line(result.stderr))
         assert not list((disk / "run").glob(".*.tmp"))
