@@ -681,18 +681,23 @@ def test_a_warmup_as_long_as_the_run_is_a_note():
         assert all(0 < r <= 1e-3 for r in rates)
 
 
-def test_a_data_loading_worker_killed_mid_run_is_one_error_line_and_the_step_reached_is_saved(setup, tmp_path):
+def test_a_data_loading_worker_killed_mid_run_is_one_error_line_and_the_step_reached_is_saved(setup, tmp_path,
+                                                                                                capsys):
     """A DataLoader worker killed under a running trainer (the out-of-memory killer's SIGKILL: each
     worker holds the preloaded audio) was torch's RuntimeError traceback from wherever the main
     process was; run_script made it one error line naming the worker and what to change, but the
     steps since the last checkpoint were lost. Now the loop stops at the step reached, saved
-    (`Deadline.read`), and the line says so; the same command resumes from it."""
+    (`Deadline.read`), and the line says so; the same command resumes from it (its main in this
+    process: `in_process.run_in_process`)."""
     import subprocess
     import sys
+    import train_codec
+    from in_process import run_in_process
     corpus, run = setup["root"] / "corpus", tmp_path / "run"
     cmd = [sys.executable, "train_codec.py", "--config", "tiny", f"train_data_path={corpus / 'train'}",
            f"val_data_path={corpus / 'val'}", f"checkpoint_dir={run}", "num_workers=1", "max_steps=100000",
-           "log_interval=1", "eval_interval=100000", "save_interval=100000", "wandb=disabled"]
+           "log_interval=1", "eval_interval=100000", "save_interval=100000", "wandb=disabled",
+           "val_crops=1", "num_audio_samples=0"]  # (evaluations no longer than the test needs)
     proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
@@ -712,7 +717,6 @@ def test_a_data_loading_worker_killed_mid_run_is_one_error_line_and_the_step_rea
     assert re.search(rf"^error: a data-loading worker \(pid {children[0]}\) was killed by signal Killed \(most often "
                      r"the out-of-memory killer: lower num_workers or preload_max_gb\); stopped at step "
                      rf"{stopped}, which latest.pt holds: run the same command to resume$", err, re.M), err[-3000:]
-    resumed = subprocess.run(cmd + [f"stop_step={stopped + 1}"], cwd=Path(__file__).resolve().parents[1],
-                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    resumed = run_in_process("train_codec.py", train_codec.main, cmd[2:] + [f"stop_step={stopped + 1}"], capsys)
     assert resumed.returncode == 0 and f"training from step {stopped} to {stopped + 1}" in resumed.stdout + resumed.stderr
 
