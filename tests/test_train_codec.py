@@ -68,6 +68,11 @@ def args(corpus, run_dir, *extra):
     return ["--config", "tiny"] + [f"{key}={value}" for key, value in values.items()]
 
 
+# For runs whose evaluations no assertion reads beyond their steps: one validation crop (a quiet
+# one: its STOI and PESQ are NaN), no sample WAVs or mel figure; a third of an 8-step run's time.
+# Evaluating draws no random number, so such a run's losses stay those of the `trained` run.
+BRIEF_EVAL = ("val_crops=1", "num_audio_samples=0")
+
 # One thread per process: on a shared CPU, OpenMP threads that outnumber the free cores spin and
 # can make a step 20x slower; the numbers these tests compare do not depend on it.
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -136,7 +141,7 @@ def test_killed_run_resumes_at_the_same_step_lr_and_data(corpus, trained, tmp_pa
     """SIGKILL after the step-4 checkpoint, restart: steps 5-8 repeat the uninterrupted run exactly
     (same LR, same crops, same noise)."""
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "train_codec.py"] + args(corpus, run_dir)
+    cmd = [sys.executable, "train_codec.py"] + args(corpus, run_dir, *BRIEF_EVAL)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (run_dir / "step_00000004.pt").exists() and proc.poll() is None and time.time() < deadline:
@@ -243,7 +248,8 @@ def test_phase_aware_terms_are_logged_and_weighted_into_the_total(corpus, tmp_pa
     """wave_weight and stft_weight add their terms to the logs and to the total with their weights;
     at weight 0 (the default) they are neither computed nor logged."""
     common = ["--config", "tiny", f"train_data_path={corpus / 'train'}", f"val_data_path={corpus / 'val'}",
-              "wandb=disabled", "max_steps=3", "log_interval=1", "eval_interval=1000", "disc_start_step=1000"]
+              "wandb=disabled", "max_steps=3", "log_interval=1", "eval_interval=1000", "disc_start_step=1000",
+              *BRIEF_EVAL]
     train_codec.main(common + [f"checkpoint_dir={tmp_path / 'on'}", "wave_weight=2.0", "stft_weight=0.5"])
     train_codec.main(common + [f"checkpoint_dir={tmp_path / 'off'}"])
     on, off = train_rows(tmp_path / "on" / "metrics.jsonl"), train_rows(tmp_path / "off" / "metrics.jsonl")
@@ -261,7 +267,8 @@ def test_adversarial_terms_at_weight_0_are_not_computed_and_their_discriminators
     feature-matching weights 0 the discriminators neither judge nor learn (they were run and
     trained every step for nothing)."""
     common = ["--config", "tiny", f"train_data_path={corpus / 'train'}", f"val_data_path={corpus / 'val'}",
-              "wandb=disabled", "max_steps=2", "log_interval=1", "eval_interval=1000", "disc_start_step=0"]
+              "wandb=disabled", "max_steps=2", "log_interval=1", "eval_interval=1000", "disc_start_step=0",
+              *BRIEF_EVAL]
     train_codec.main(common + [f"checkpoint_dir={tmp_path / 'fm'}", "adv_weight=0"])
     train_codec.main(common + [f"checkpoint_dir={tmp_path / 'none'}", "adv_weight=0", "feature_weight=0"])
     fm, none = train_rows(tmp_path / "fm" / "metrics.jsonl"), train_rows(tmp_path / "none" / "metrics.jsonl")
@@ -319,7 +326,7 @@ def test_stop_step_ends_early_on_the_full_schedule_and_the_next_run_continues(co
     rates those of the 8-step schedule; run again without it, steps 4-8 repeat the uninterrupted
     8-step run exactly (same LR, crops and noise), as runs of a recipe compared at equal steps."""
     run_dir = tmp_path / "run"
-    result = run_here(args(corpus, run_dir, "stop_step=3"), capsys)
+    result = run_here(args(corpus, run_dir, "stop_step=3", *BRIEF_EVAL), capsys)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "training from step 0 to 3:" in result.stdout
     assert "stop_step=3 reached; the schedule runs to max_steps=8: run again with a later stop_step (or 0) to continue" \
@@ -329,7 +336,7 @@ def test_stop_step_ends_early_on_the_full_schedule_and_the_next_run_continues(co
     reference = {r["step"]: r for r in train_rows(trained[0] / "metrics.jsonl")}
     assert reference[3]["lr"] > reference[8]["lr"]  # mid-schedule: not the end of a 3-step one
     done = len(rows(run_dir / "metrics.jsonl"))
-    result = run_here(args(corpus, run_dir), capsys)
+    result = run_here(args(corpus, run_dir, *BRIEF_EVAL), capsys)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "training from step 3 to 8:" in result.stdout
     steps = train_rows(run_dir / "metrics.jsonl")
@@ -368,7 +375,7 @@ def test_float16_scales_the_loss_and_resumes_its_scale(corpus, trained, tmp_path
     its count of clean steps across the resume."""
     run_dir = tmp_path / "run"
     for extra in (("stop_step=3",), ()):
-        result = run_here(args(corpus, run_dir, "dtype=float16", *extra), capsys)
+        result = run_here(args(corpus, run_dir, "dtype=float16", *BRIEF_EVAL, *extra), capsys)
         assert result.returncode == 0, result.stderr[-3000:]
     reference = {r["step"]: r for r in train_rows(trained[0] / "metrics.jsonl")}
     steps = train_rows(run_dir / "metrics.jsonl")
@@ -559,7 +566,7 @@ def test_main_called_again_in_one_process_leaves_no_descriptor_of_the_run_lock(c
     descriptor per folder serves every holder of the process, counted, so an older `Checkpoints` of the
     folder still holding it (kept alive by a traceback) keeps it locked, and closes it when released."""
     run_dir = tmp_path / "run"
-    short = ("max_steps=4", "save_interval=2", "eval_interval=2")
+    short = ("max_steps=4", "save_interval=2", "eval_interval=2", *BRIEF_EVAL)
     for extra in (("stop_step=2",), (), ("latent_dim=16",)):  # trains, resumes, then raises: a contradicting config
         result = run_here(args(corpus, run_dir, *short, *extra), capsys)
         assert result.returncode == (1 if extra == ("latent_dim=16",) else 0), result.stderr[-2000:]
