@@ -171,7 +171,7 @@ def test_killed_run_resumes_at_the_same_step_lr_and_data(corpus, trained, tmp_pa
 def test_two_process_ddp_with_gradient_accumulation(corpus, tmp_path):
     result = run(["--nproc_per_node", "2", "train_codec.py"] +
                  args(corpus, tmp_path / "run", "device=cpu", "max_steps=4", "eval_interval=100",
-                      "grad_accum_steps=2", "batch_size=2"),
+                      "grad_accum_steps=2", "batch_size=2", *BRIEF_EVAL),
                  module="torch.distributed.run")
     assert result.returncode == 0, result.stderr[-3000:]
     state = torch.load(tmp_path / "run" / "latest.pt", weights_only=False)
@@ -211,7 +211,7 @@ def test_a_val_folder_holding_training_files_is_a_note(corpus, tmp_path, capsys)
     and by device and inode."""
     train, val = val_sharing_training_files(corpus, tmp_path)
     result = run_here(args(corpus, tmp_path / "run", f"train_data_path={train}", f"val_data_path={val}",
-                           "max_steps=1", "save_interval=1", "eval_interval=1"), capsys)
+                           "max_steps=1", "save_interval=1", "eval_interval=1", *BRIEF_EVAL), capsys)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [line for line in result.stdout.splitlines() if "shares" in line] == [shared_note(val)]
 
@@ -493,7 +493,7 @@ def test_a_folder_whose_every_file_fails_when_read_is_one_error_line(corpus, tmp
     train, val = unreadable_since_the_scan(corpus / "train", tmp_path / "train"), \
         unreadable_since_the_scan(corpus / "val", tmp_path / "val")
     result = run(["train_codec.py"] + args(corpus, tmp_path / "run", f"train_data_path={train}", "num_workers=2",
-                                           "preload_max_gb=0"))
+                                           "preload_max_gb=0", *BRIEF_EVAL))
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     n = len(list(train.rglob("*.wav"))) - 1  # broken.wav was skipped at the scan
     assert error_line(result.stderr) == (f"error: could not read a crop from {train}: {n} of {n} files failed "
@@ -792,7 +792,8 @@ def test_non_finite_audio_is_skipped_and_a_non_finite_loss_stops_with_an_error(c
     sf.write(str(data / "nan.wav"), audio, rate, subtype="FLOAT")
     # the rate alone diverges (with weight decay, check_schedule refuses it before training)
     argv = ["train_codec.py"] + args(corpus, tmp_path / "run", f"train_data_path={data}", "learning_rate=1e30",
-                                     "weight_decay=0.0", "save_interval=1", "eval_interval=1", "max_steps=6")
+                                     "weight_decay=0.0", "save_interval=1", "eval_interval=1", "max_steps=6",
+                                     *BRIEF_EVAL)
     result = run(argv)
     assert result.returncode != 0
     last = error_line(result.stderr)
@@ -888,7 +889,8 @@ def test_the_data_loading_workers_stop_when_main_returns_even_with_its_frame_kep
     process exited, where they held the exit for ever. The loop now stops them as it ends
     (`model.data.workers_stopped`). tests/kept_frame.py keeps main's frame on purpose."""
     result = run(["tests/kept_frame.py", "train_codec"] + args(corpus, tmp_path / "run", "num_workers=1",
-                                                               "max_steps=3", "eval_interval=3"), timeout=120)
+                                                               "max_steps=3", "eval_interval=3", *BRIEF_EVAL),
+                 timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.splitlines()[-1]) == {"workers_running": []}
 
@@ -1011,7 +1013,7 @@ def test_a_damaged_best_pt_is_one_error_line_before_the_data(corpus, trained, tm
                                                 "the trainers (it cannot be read: ")
     assert "val:" not in result.stdout + result.stderr
     # starting afresh moves the folder aside, damaged best.pt and all, and trains
-    result = run_here(args(corpus, run_dir, "max_steps=2", "resume=false"), capsys)
+    result = run_here(args(corpus, run_dir, "max_steps=2", "resume=false", *BRIEF_EVAL), capsys)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (run_dir / "best.pt").is_file() and len(list(tmp_path.glob("run.old-*"))) == 1
 
