@@ -125,7 +125,7 @@ def reconstructions(path: str, data: AudioCropDataset) -> list[torch.Tensor]:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--val", default="data/demo/val", help="validation folder or manifest (as val_data_path)")
     ap.add_argument("--crops", type=int, default=64, help="at most this many crops (as val_crops)")
@@ -133,7 +133,7 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, nargs="*", default=[32, 256], help="Griffin-Lim iterations")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--codec", help="also score what in this codec's reconstructions costs each metric")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if not os.path.exists(args.val):
         sys.exit(f"error: no validation data at {args.val} (make it with: python data/demo/prepare.py)")
     if args.codec and not os.path.isfile(args.codec):

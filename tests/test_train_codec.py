@@ -29,7 +29,7 @@ from config.codec_config import PRESETS
 from model.training import Checkpoints, ConfigMismatch
 
 from hub_server import HubServer
-from in_process import run_in_process
+from in_process import main_in_process, run_in_process
 from once import built_once
 from reference import PARITY_DIR, codec_config, require
 from shared_files import shared_note, val_sharing_training_files
@@ -839,13 +839,19 @@ def test_compile_codec_computes_what_the_eager_codec_computes():
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4 * w.abs().max().item())
 
 
-def test_metric_references_rank_known_degradations(corpus):
+def metric_references(argv, capsys):
+    """`benchmarks/metric_references.py ARGV` in this process (`in_process.main_in_process`), as
+    `run` returns it: the subject is what it prints, not its process."""
+    from benchmarks import metric_references
+    return main_in_process("benchmarks/metric_references.py", metric_references.main, argv, capsys)
+
+
+def test_metric_references_rank_known_degradations(corpus, capsys):
     """benchmarks/metric_references.py scores known degradations of real validation crops with the
     trainer's metric functions: the crop itself gets PESQ's and STOI's maxima, more noise scores
     lower on every metric, and a phase rebuilt by Griffin-Lim iterations scores far above a random
     phase of the same magnitudes in PESQ, though neither matches the waveform (SI-SDR < 0)."""
-    result = run(["benchmarks/metric_references.py", "--val", str(corpus / "val"), "--crops", "3", "--seconds", "2",
-                  "--iterations", "32"])
+    result = metric_references(["--val", corpus / "val", "--crops", "3", "--seconds", "2", "--iterations", "32"], capsys)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert lines[0]["bench"] == "metric_references" and lines[0]["crops"] == 3
@@ -860,15 +866,15 @@ def test_metric_references_rank_known_degradations(corpus):
     assert ref["lowpass_2khz"]["pesq"] < ref["lowpass_4khz"]["pesq"] < ref["identity"]["pesq"]
 
 
-def test_metric_references_of_a_codec_isolate_what_costs_each_metric(corpus, trained):
+def test_metric_references_of_a_codec_isolate_what_costs_each_metric(corpus, trained, capsys):
     """With --codec, the codec's reconstructions are scored as the trainer scores them, and with
     one part of them replaced by the reference's: the reference's phase under the codec's
     magnitudes, the reference's band above 4 kHz, its silence in the pauses. Each replacement moves
     the reconstruction towards the reference, so the mel distance can only fall; with the
     reference's phase the waveform matches far better (SI-SDR)."""
     run_dir, _ = trained
-    result = run(["benchmarks/metric_references.py", "--val", str(corpus / "val"), "--crops", "3", "--seconds", "2",
-                  "--iterations", "--codec", str(run_dir / "latest.safetensors")])
+    result = metric_references(["--val", corpus / "val", "--crops", "3", "--seconds", "2", "--iterations", "--codec",
+                                run_dir / "latest.safetensors"], capsys)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     ref = {line["reference"]: line for line in lines[1:]}
@@ -878,7 +884,7 @@ def test_metric_references_of_a_codec_isolate_what_costs_each_metric(corpus, tra
         assert ref[mixed]["mel_distance"] <= codec["mel_distance"] + 0.05, mixed
     assert ref["codec_magnitude_ref_phase"]["si_sdr"] > codec["si_sdr"] + 3
     assert ref["ref_magnitude_codec_phase"]["mel_distance"] < codec["mel_distance"]
-    missing = run(["benchmarks/metric_references.py", "--val", str(corpus / "val"), "--codec", "no/such.safetensors"])
+    missing = metric_references(["--val", corpus / "val", "--codec", "no/such.safetensors"], capsys)
     assert missing.returncode == 1 and missing.stderr.strip() == "error: --codec: no file at no/such.safetensors"
 
 
@@ -895,8 +901,8 @@ def test_the_data_loading_workers_stop_when_main_returns_even_with_its_frame_kep
     assert json.loads(result.stdout.splitlines()[-1]) == {"workers_running": []}
 
 
-def test_metric_references_names_a_missing_folder():
-    result = run(["benchmarks/metric_references.py", "--val", "no/such/folder"])
+def test_metric_references_names_a_missing_folder(capsys):
+    result = metric_references(["--val", "no/such/folder"], capsys)
     assert result.returncode != 0 and error_line(result.stderr) == (
         "error: no validation data at no/such/folder (make it with: python data/demo/prepare.py)")
 
