@@ -105,10 +105,10 @@ def test_lora_ddp_two_processes(setup, base):
     assert not any(hasattr(m, "lora_B") for m in model.resynth.modules())
 
 
-def test_lora_from_official_through_the_hub(setup, tmp_path):
+def test_lora_from_official_through_the_hub(setup, tmp_path, monkeypatch, capsys):
     """finetune=lora on init_from=official (parity-size official files from a loopback hub): the
     adapter records the official files' md5s as its base."""
-    run_dir, _, md5s, log, evals = train_from_official_hub(setup, tmp_path, **LORA)
+    run_dir, _, md5s, log, evals = train_from_official_hub(setup, tmp_path, monkeypatch, capsys, **LORA)
     config, extra = read_adapter(run_dir / "latest.adapter.safetensors")
     assert config.parts == ("lm",) and extra["base_source"] == "duplex"
     assert extra["base_fingerprint"] == "official:" + ",".join(

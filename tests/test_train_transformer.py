@@ -203,15 +203,6 @@ def test_ddp_and_fsdp_agree_and_fsdp_resumes(setup):
     assert load_hertz_dev(fsdp_dir / "latest.safetensors", codec=None).config.parallel == "fsdp"
 
 
-# argv[1]: JSON [{official name: [md5, size]}, {architecture field: value}], the files served and
-# the architecture that `model.loading` takes as the official one (the parity fixtures' size)
-REGISTER = ("import json, sys, runpy; from model import hub, loading; files, arch = json.loads(sys.argv[1]); "
-            "[hub.OFFICIAL_FILES.__setitem__(n, hub.OfficialFile(n, m, s, 'test')) for n, (m, s) in files.items()]; "
-            "loading.TRANSFORMER_HERTZ_DEV = loading.dataclasses.replace(loading.TRANSFORMER_HERTZ_DEV, "
-            "**{k: tuple(v) if isinstance(v, list) else v for k, v in arch.items()}); "
-            "sys.argv = ['train_transformer.py'] + sys.argv[2:]; runpy.run_path('train_transformer.py', run_name='__main__')")
-
-
 OFFICIAL_FIXTURES = {"inference_volcano_3": "quantizer_state_dict.pt", "inference_scion_54000": "lm_duplex_state_dict.pt",
                      "inference_care_50000": "resynthesizer_duplex_state_dict.pt"}
 
@@ -226,10 +217,13 @@ def test_the_data_loading_workers_stop_when_main_returns_even_with_its_frame_kep
     assert json.loads(out.stdout.splitlines()[-1]) == {"workers_running": []}
 
 
-def train_from_official_hub(setup, tmp_path, **extra):
+def train_from_official_hub(setup, tmp_path, monkeypatch, capsys, **extra):
     """A `stage=lm` run of one step with init_from=official, the official duplex files being the
-    parity-size state dicts served by a loopback hub (md5s registered); asserts that the three
-    files were downloaded. Returns (run folder, {official name: fixture}, md5s, log, evaluations)."""
+    parity-size state dicts served by a loopback hub (md5s registered, and their architecture taken
+    by `model.loading` as the official one: patched for the test, the run in this process,
+    `train_here`); asserts that the three files were downloaded. Returns (run folder, {official
+    name: fixture}, md5s, log, evaluations)."""
+    from model import hub, loading
     require(PARITY_DIR)
     arch = transformer_config(True)
     official = {k: getattr(arch, k) for k in fields_marked(TransformerConfig, "arch")}  # registered as official
@@ -239,20 +233,22 @@ def train_from_official_hub(setup, tmp_path, **extra):
         for name, fixture in OFFICIAL_FIXTURES.items():
             data = server.add(f"{name}.pt", PARITY_DIR / fixture)
             md5s[name] = (hashlib.md5(data).hexdigest(), len(data))
+            monkeypatch.setitem(hub.OFFICIAL_FILES, name, hub.OfficialFile(name, *md5s[name], "test"))
+        monkeypatch.setattr(loading, "TRANSFORMER_HERTZ_DEV",
+                            dataclasses.replace(loading.TRANSFORMER_HERTZ_DEV, **official))
+        monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
         run_dir = tmp_path / "run"
-        log, evals = train([json.dumps([md5s, official])] + base_args(setup, run_dir, stage="lm", init_from="official",
-                                                                      ckpt_dir=tmp_path / "ckpt", max_steps=1,
-                                                                      eval_interval=1, **overrides, **extra),
-                           code=REGISTER, env={"HF_ENDPOINT": server.endpoint})
+        log, evals = train_here(base_args(setup, run_dir, stage="lm", init_from="official", ckpt_dir=tmp_path / "ckpt",
+                                          max_steps=1, eval_interval=1, **overrides, **extra), capsys)
         assert len([r for r in server.requests if "/resolve/" in r]) == 3 and "weights from official duplex" in log
     return run_dir, OFFICIAL_FIXTURES, md5s, log, evals
 
 
-def test_init_from_official_fine_tunes_files_in_the_official_layout(setup, tmp_path):
+def test_init_from_official_fine_tunes_files_in_the_official_layout(setup, tmp_path, monkeypatch, capsys):
     """The official duplex files (parity-size state dicts served by a local hub, md5-checked) fill
     the model; stage=lm then trains the LM only, so the exported quantizer and resynthesizer are
     exactly the official tensors."""
-    run_dir, files, md5s, log, evals = train_from_official_hub(setup, tmp_path)
+    run_dir, files, md5s, log, evals = train_from_official_hub(setup, tmp_path, monkeypatch, capsys)
     state, _ = read_weights(run_dir / "latest.safetensors")
     for part, fixture in (("quantizer", files["inference_volcano_3"]),
                           ("resynth", files["inference_care_50000"]), ("lm", files["inference_scion_54000"])):
