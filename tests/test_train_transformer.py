@@ -693,22 +693,18 @@ def test_benchmark_smoke():
     assert len(rows) == 1 and rows[0]["latents_per_s"] > 0 and rows[0]["gflop_per_latent"] > 0
 
 
-def train_fails(args, timeout=300):
-    """Run the trainer expecting it to fail; its one `error:` line."""
-    out = subprocess.run([sys.executable, "train_transformer.py"] + [str(a) for a in args], cwd=REPO,
-                         capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
-    errors = [line for line in re.split(r"[\r\n]+", out.stderr) if line.startswith("error:")]
-    assert len(errors) == 1, out.stderr[-3000:]  # on a line of its own (progress bars redraw with \r)
-    return errors[0]
+def error_here(args, capsys) -> str:
+    """The trainer's run in this process (`fails_here`: failed, no traceback, one `error:` line, on a
+    line of its own: progress bars redraw with \\r, which splits lines too); that line."""
+    return next(line for line in fails_here(args, capsys).splitlines() if line.startswith("error: "))
 
 
-def test_a_non_finite_loss_stops_with_an_error_and_no_non_finite_checkpoint(setup):
+def test_a_non_finite_loss_stops_with_an_error_and_no_non_finite_checkpoint(setup, capsys):
     from model.checkpoint import non_finite, read_weights
     run_dir = setup["root"] / "run-diverged"
     # the rate alone diverges (with weight decay, check_schedule refuses it before training)
-    last = train_fails(base_args(setup, run_dir, duplex=False, stage="all", learning_rate=1e30, weight_decay=0.0,
-                                 max_steps=6, save_interval=1, eval_interval=100, sample_seconds=0))
+    last = error_here(base_args(setup, run_dir, duplex=False, stage="all", learning_rate=1e30, weight_decay=0.0,
+                                max_steps=6, save_interval=1, eval_interval=100, sample_seconds=0), capsys)
     assert re.fullmatch(r"error: non-finite (loss|gradient norm) \(\S+\) at step [1-5] on a batch from "
                         r"(mono|dialogue)/\S+\.wav.*lower the learning rate.*", last), last
     saved = sorted(run_dir.glob("*.pt")) + sorted(run_dir.glob("*.safetensors"))
@@ -718,13 +714,13 @@ def test_a_non_finite_loss_stops_with_an_error_and_no_non_finite_checkpoint(setu
         assert non_finite(state) == [], path
 
 
-def test_a_training_state_as_codec_checkpoint_names_the_export_beside_it(setup, tmp_path):
+def test_a_training_state_as_codec_checkpoint_names_the_export_beside_it(setup, tmp_path, capsys):
     from model.loading import load_codec, write_codec
     from model.training import Checkpoints
     codec = load_codec(setup["codec"])
     state = {"generator": codec.state_dict(), "opt_g": {}, "step": 1, "config": dataclasses.asdict(codec.config)}
     Checkpoints(tmp_path).save(1, state, metric=1.0, export=lambda tmp: write_codec(tmp, codec, {"step": 1}))
-    last = train_fails(base_args(setup, tmp_path / "run", codec_checkpoint=tmp_path / "best.pt"))
+    last = error_here(base_args(setup, tmp_path / "run", codec_checkpoint=tmp_path / "best.pt"), capsys)
     assert last == (f"error: {tmp_path / 'best.pt'}: expected a codec checkpoint (.safetensors), found a codec "
                     f"training state; load {tmp_path / 'best.safetensors'} beside it (its weights, exported for loading)")
 
