@@ -135,8 +135,9 @@ def step(device, kernels):
     disc = md.Discriminators(PRESETS["small"]).to(device)
     disc.use_channels_last()
     disc.use_kernels(kernels)
-    real = 0.1 * torch.randn(1, 1, 4000, device=device)
-    fake = (0.1 * torch.randn(1, 1, 4000, device=device)).requires_grad_()
+    # 2000 samples: every kernel still runs over several programs along rows and channels
+    real = 0.1 * torch.randn(1, 1, 2000, device=device)
+    fake = (0.1 * torch.randn(1, 1, 2000, device=device)).requires_grad_()
     d_real, d_fake = disc(real), disc(fake)
     loss_g = cl.generator_adversarial_loss(d_fake) + cl.feature_matching_loss(d_real, d_fake, kernel=kernels)
     loss_d = cl.discriminator_loss(d_real, d_fake)
