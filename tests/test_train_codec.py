@@ -682,15 +682,17 @@ def test_init_from_official_weights_served_by_a_hub(corpus, tmp_path, monkeypatc
     assert np.isfinite(list(metrics.values())).all()
 
 
-def test_init_from_official_offline_without_the_file_says_so_before_the_data(corpus, tmp_path):
-    """init_from=official offline (HF_HUB_OFFLINE=1) with the file missing: the hub's message
-    naming the file, before any audio is decoded, and no advice to change the architecture (it
-    said "use --config hertz_dev" to a run that had it, after the data had been decoded)."""
-    result = subprocess.run([sys.executable, str(ROOT / "train_codec.py"), "--config", "hertz_dev", "device=cpu",
-                             "eval_only=true", "init_from=official", f"val_data_path={corpus / 'val'}",
-                             f"checkpoint_dir={tmp_path / 'run'}", "wandb=disabled"],
-                            cwd=tmp_path, env={**ONE_THREAD, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
-                            timeout=300)  # cwd: the official files would be in ./ckpt
+def test_init_from_official_offline_without_the_file_says_so_before_the_data(corpus, tmp_path, monkeypatch,
+                                                                                capsys):
+    """init_from=official offline (HF_HUB_OFFLINE=1, which model.hub reads when asked) with the file
+    missing: the hub's message naming the file, before any audio is decoded, and no advice to change
+    the architecture (it said "use --config hertz_dev" to a run that had it, after the data had been
+    decoded). The trainer's main in this process (`run_here`)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)  # the official files would be in ./ckpt
+    result = run_here(["--config", "hertz_dev", "device=cpu", "eval_only=true", "init_from=official",
+                       f"val_data_path={corpus / 'val'}", f"checkpoint_dir={tmp_path / 'run'}", "wandb=disabled"],
+                      capsys)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "error: init_from=official: offline mode and these official hertz-dev files are missing:" in result.stderr
     assert hub.OFFICIAL_FILES[hub.CODEC].filename in result.stderr

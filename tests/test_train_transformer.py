@@ -338,15 +338,16 @@ def test_user_errors_are_one_error_line(setup, tmp_path, mistake, message, capsy
     assert not (tmp_path / "latents").exists()
 
 
-def test_the_official_codec_missing_offline_is_an_error_not_a_traceback(setup, tmp_path):
-    """codec_checkpoint=official with the file not in ckpt_dir and HF_HUB_OFFLINE=1: an `error:`
-    naming the codec's file and where to put it (until session 17: hub's WeightsError as a
-    traceback)."""
+def test_the_official_codec_missing_offline_is_an_error_not_a_traceback(setup, tmp_path, monkeypatch, capsys):
+    """codec_checkpoint=official with the file not in ckpt_dir and HF_HUB_OFFLINE=1 (which model.hub
+    reads when asked): an `error:` naming the codec's file and where to put it (until session 17:
+    hub's WeightsError as a traceback). The trainer's main in this process (`fails_here`)."""
     from model.hub import CODEC, OFFICIAL_FILES
     folder = tmp_path / "official"
     args = base_args(setup, tmp_path / "run", latents_dir=tmp_path / "latents", codec_checkpoint="official",
                      ckpt_dir=folder)
-    log = fails(args, env={"HF_HUB_OFFLINE": "1"})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    log = fails_here(args, capsys)
     assert "error: offline mode and these official hertz-dev files are missing" in log
     assert OFFICIAL_FILES[CODEC].filename in log and "Traceback" not in log
 
