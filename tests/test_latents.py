@@ -516,7 +516,8 @@ def test_a_manifest_temporary_of_a_run_killed_before_its_rename_is_removed_by_th
 def test_a_latents_dir_it_cannot_write_in_is_one_error_before_encoding(folder):
     """A latents_dir this process may not write in (read-only, another user's: a shared cache) and a
     corpus not encoded there yet: a PermissionError traceback from making the folder. It is one
-    CheckpointError naming the folder, before any encoding; a corpus encoded there is still read."""
+    CheckpointError naming the folder, before any encoding; a corpus encoded there is still read. (The
+    corpus is first encoded there by this process, with the seed-0 codec the child process builds.)"""
     import subprocess
     import sys
     from unprivileged import unprivileged
@@ -531,8 +532,11 @@ def test_a_latents_dir_it_cannot_write_in_is_one_error_before_encoding(folder):
             "    print('error:', e)\n")
     latents = folder / "latents"
     latents.mkdir()
-    encoded = subprocess.run([sys.executable, "-c", code, "0"], cwd=repo, capture_output=True, text=True, timeout=120)
-    assert encoded.returncode == 0 and encoded.stdout.startswith(str(latents)), encoded.stderr[-2000:]
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        codec = build(Codec, CODEC_PRESETS["tiny"]).eval()
+    encoded = f"{prepare_latents(str(folder / 'audio'), codec, 'mono', str(latents), log=lambda line: None)}\n"
+    assert encoded.startswith(str(latents)), encoded
     before = sorted(p.name for p in latents.rglob("*"))
     for path in [latents, *latents.iterdir()]:
         path.chmod(0o555)
@@ -542,7 +546,7 @@ def test_a_latents_dir_it_cannot_write_in_is_one_error_before_encoding(folder):
     finally:
         for path in [latents, *latents.iterdir()]:
             path.chmod(0o755)
-    assert runs[0].returncode == 0 and runs[0].stdout == encoded.stdout, runs[0].stderr[-2000:]  # read, as before
+    assert runs[0].returncode == 0 and runs[0].stdout == encoded, runs[0].stderr[-2000:]  # read, as before
     assert runs[1].returncode == 0 and "Traceback" not in runs[1].stderr, runs[1].stderr[-2000:]
     assert re.fullmatch(rf"error: cannot write {re.escape(str(latents))}/audio-mono-[0-9a-f]+: Permission denied; "
                         r"encode into a latents_dir this process can write\n", runs[1].stdout), runs[1].stdout
