@@ -164,6 +164,22 @@ def resample(audio: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
     return np.ascontiguousarray(out.T, dtype=np.float32)
 
 
+def _skip_frames(f, frames: int, block: int = 1 << 16) -> None:
+    """Move the freshly opened soundfile `f` to frame `frames`: a seek, or where libsndfile cannot
+    seek in the file's encoding (GSM 6.10, G.721 or NMS ADPCM WAVs: telephony and voicemail
+    recordings; even a seek to 0 fails there), reading and dropping the frames before it in blocks."""
+    if frames <= 0:
+        return
+    if f.seekable():
+        f.seek(frames)
+        return
+    while frames > 0:
+        read = len(f.read(min(frames, block), dtype="float32", always_2d=True))
+        if read == 0:  # the end of the file, before the frame asked for
+            return
+        frames -= read
+
+
 def load_audio(path: str, sample_rate: int = 16000, channels: Optional[str] = "mono",
                start: int = 0, num_samples: Optional[int] = None) -> np.ndarray:
     """Read a WAV, FLAC, OGG or MP3 file as a float32 array of shape (C, T) at `sample_rate`.
@@ -198,7 +214,7 @@ def load_audio(path: str, sample_rate: int = 16000, channels: Optional[str] = "m
                 lo, offset = min(lo_out // block_out * block_in, total), start - lo_out
                 hi = total if num_samples is None else \
                     min(math.ceil((start + num_samples) * rate / sample_rate) + _RESAMPLE_MARGIN, total)
-            f.seek(lo)
+            _skip_frames(f, lo)
             audio = f.read(max(hi - lo, 0), dtype="float32", always_2d=True).T  # (C, T)
     except AudioError:
         raise

@@ -104,6 +104,25 @@ def test_cropped_read_equals_the_slice_of_a_full_read(tmp_path):
     assert tail.shape == (1, 100)  # the end of the file: fewer samples, the caller pads
 
 
+@pytest.mark.parametrize("subtype", ["GSM610", "G721_32", "NMS_ADPCM_32"])
+def test_wavs_of_encodings_libsndfile_cannot_seek_in_are_read_whole_and_cropped(tmp_path, subtype):
+    """Telephony WAVs (GSM 6.10, G.721, NMS ADPCM: call-centre and voicemail recordings) cannot
+    be seeked in by libsndfile, not even to frame 0: every read of one failed ("Seek attempted on
+    unseekable file type") and the file was skipped by the trainers and refused as a prompt."""
+    x = tone(2.0, rate=8000, freq=300.0, amplitude=0.3)
+    path = write(tmp_path / "call.wav", x, 8000, subtype=subtype)
+    full = load_audio(path, sample_rate=8000)
+    n = min(full.shape[1], len(x))
+    assert n >= len(x) - 400 and np.corrcoef(x[:n], full[0, :n])[0, 1] > 0.95  # the call, decoded
+    crop = load_audio(path, sample_rate=8000, start=5000, num_samples=3000)  # the frames before it read and dropped
+    np.testing.assert_array_equal(crop, full[:, 5000:8000])
+    resampled = load_audio(path, start=10000, num_samples=4000)  # at 16 kHz: from a frame that is not 0
+    np.testing.assert_allclose(resampled, load_audio(path)[:, 10000:14000], atol=1e-5)
+    dataset = AudioCropDataset(tmp_path, segment_seconds=0.5, train=True)
+    assert len(dataset.files) == 1 and dataset.files.skipped == []
+    assert dataset[0]["mask"].sum() == 8000
+
+
 def test_channels_mono_averages_and_stereo_keeps_speakers_apart(tmp_path):
     left, right = tone(0.5, freq=300.0), tone(0.5, freq=700.0, amplitude=0.3)
     path = write(tmp_path / "st.wav", np.stack([left, right]), subtype="FLOAT")
