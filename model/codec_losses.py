@@ -291,10 +291,13 @@ def si_sdr(estimate: Tensor, reference: Tensor, mask: Optional[Tensor] = None, e
 
 def stoi(estimate: np.ndarray, reference: np.ndarray, sample_rate: int) -> float:
     """Short-time objective intelligibility (Taal et al. 2011) of 1-D signals, through pystoi;
-    NaN when the reference holds too little non-silent speech to score (pystoi would return 1e-5)."""
+    NaN when the reference holds too little non-silent speech to score (pystoi would return 1e-5),
+    or is too short for it: pystoi needs N frames of N_FRAME samples at FS Hz, hop N_FRAME / 2
+    (0.4 s), and fails inside on one shorter than a frame (a crop of a file of a few ms)."""
     from pystoi import stoi as pystoi_stoi
+    from pystoi.stoi import FS, N, N_FRAME
 
-    if not np.any(reference):
+    if not np.any(reference) or len(reference) * FS <= (N_FRAME + (N - 1) * N_FRAME // 2) * sample_rate:
         return float("nan")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
