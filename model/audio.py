@@ -22,7 +22,8 @@ import numpy as np
 
 from .files import replace_atomically, try_writing_in
 
-SUPPORTED_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
+# .opus: Ogg Opus by its own extension (RFC 7845), as Multilingual LibriSpeech ships its audio
+SUPPORTED_EXTENSIONS = (".wav", ".flac", ".ogg", ".opus", ".mp3")
 CHANNEL_MODES = (None, "mono", "stereo")
 
 # File frames read on each side of a crop so the resampler's filter sees real signal at the
@@ -182,7 +183,7 @@ def _skip_frames(f, frames: int, block: int = 1 << 16) -> None:
 
 def load_audio(path: str, sample_rate: int = 16000, channels: Optional[str] = "mono",
                start: int = 0, num_samples: Optional[int] = None) -> np.ndarray:
-    """Read a WAV, FLAC, OGG or MP3 file as a float32 array of shape (C, T) at `sample_rate`.
+    """Read a WAV, FLAC, OGG (Vorbis, Opus) or MP3 file as a float32 array of shape (C, T) at `sample_rate`.
 
     channels: None keeps the file's own channels; "mono" averages them; "stereo" keeps the first
         two and raises AudioError for a one-channel file.
