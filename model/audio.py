@@ -65,12 +65,14 @@ def broken_link_above(folder: str) -> Optional[str]:
     return f"{path} is {link}" if (link := broken_link(path)) else None
 
 
-def _reason(e: Exception, path: Optional[str] = None) -> str:
-    """Why reading (or writing) failed; for a `path` that is missing, a folder or a link to no
-    file, that (libsndfile says "System error." or "Format not recognised.")."""
+def _reason(e: Optional[Exception], path: Optional[str] = None) -> str:
+    """Why reading (or writing) failed; for a `path` that is missing, a folder, a named pipe or a
+    device, or a link to no file, that (libsndfile says "System error." or "Format not recognised.")."""
     if path is not None and not os.path.isfile(path):
         if os.path.isdir(path):
             return "it is a folder"
+        if os.path.exists(path):
+            return "it is not a regular file (a named pipe or a device)"
         return f"it is {link}" if (link := broken_link(path)) else "no such file"
     if isinstance(e, UnicodeEncodeError):  # soundfile encodes names strictly: bytes that are not UTF-8 fail
         byte = os.fsencode(e.object[e.start:e.end])[:1].hex()
@@ -196,6 +198,8 @@ def load_audio(path: str, sample_rate: int = 16000, channels: Optional[str] = "m
     path = str(path)
     if start < 0 or (num_samples is not None and num_samples < 0):
         raise ValueError(f"start and num_samples must be >= 0, got {start}, {num_samples}")
+    if not os.path.isfile(path):  # a named pipe, which soundfile's open would wait on for a writer for ever
+        raise AudioError(f"cannot read audio file {path}: {_reason(None, path)}")
     import soundfile as sf
     try:
         with sf.SoundFile(path) as f:

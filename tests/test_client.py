@@ -720,6 +720,19 @@ def test_a_bad_input_file_is_one_error_line_before_connecting(tmp_path, capfd):
         assert not (tmp_path / "o.wav").exists()
 
 
+def test_an_input_that_is_a_named_pipe_or_a_device_is_one_error_line_not_a_wait(tmp_path):
+    """A named pipe as --input-wav made the client wait for ever, in soundfile's open, for a writer
+    that never came (the trainers, complete.py and the server refuse one before opening it); a
+    device such as /dev/zero was "no such file". Each is one line saying what it is, at once."""
+    os.mkfifo(tmp_path / "pipe.wav")
+    for path in (tmp_path / "pipe.wav", "/dev/zero"):
+        r = run_client("--server", "ws://127.0.0.1:9", "--input-wav", path, "--output-wav", tmp_path / "o.wav",
+                       timeout=30)
+        assert r.returncode != 0 and r.stderr == (f"error: cannot read audio file {path}: it is not a regular file "
+                                                  "(a named pipe or a device)\n"), r.stderr
+    assert not (tmp_path / "o.wav").exists()
+
+
 def test_an_output_that_cannot_be_written_is_one_error_line_before_connecting(tmp_path, capfd):
     """The conversation would be lost at the end: refused before connecting (nothing listens)."""
     sf.write(tmp_path / "in.wav", speech_like(0.5).astype(np.float32), 16000)
