@@ -32,6 +32,9 @@ _RESAMPLE_MARGIN = 1024
 
 MAX_SAMPLE_MAGNITUDE = 1000.0  # 60 dB above full scale; see the module docstring
 MIN_SAMPLE_RATE = 4000  # Hz; lower holds no speech band: a broken header (see the module docstring)
+# libsndfile's frame count (SF_COUNT_MAX) of a file whose header does not say its length: a FLAC
+# written to a pipe (ffmpeg's `-f flac -`), whose STREAMINFO total was never filled in
+UNKNOWN_FRAMES = 2 ** 63 - 1
 # Subtypes whose samples are stored as floats; integer PCM (and FLAC) cannot leave [-1, 1].
 FLOAT_SUBTYPES = ("FLOAT", "DOUBLE")
 
@@ -80,10 +83,15 @@ def _reason(e: Optional[Exception], path: Optional[str] = None) -> str:
     return str(e).strip() or repr(e)  # libsndfile errors sometimes carry an empty message
 
 
-def _check_rate(rate: int, path: str) -> None:
+def _check_rate(rate: int, path: str, frames: int = 0) -> None:
+    """AudioError for a sample rate no recording has, or a header that does not give the length
+    (soundfile cannot read such a file: it counts it as 2**63 - 1 frames, and seeks fail in it)."""
     if rate < MIN_SAMPLE_RATE:
         raise AudioError(f"cannot read audio file {path}: a sample rate of {rate} Hz, below {MIN_SAMPLE_RATE} Hz "
                          "(a broken header?)")
+    if frames >= UNKNOWN_FRAMES:
+        raise AudioError(f"cannot read audio file {path}: its header does not say how long it is (a FLAC written "
+                         "to a pipe?); write it again as a file, e.g. `ffmpeg -i IN -c:a flac OUT.flac`")
 
 
 def audio_info(path: str) -> tuple[int, int, int]:
@@ -96,7 +104,7 @@ def audio_info(path: str) -> tuple[int, int, int]:
     if info.samplerate <= 0 or info.channels <= 0 or info.frames < 0:
         raise AudioError(f"cannot read audio file {path}: bad header "
                          f"(rate={info.samplerate}, channels={info.channels}, frames={info.frames})")
-    _check_rate(info.samplerate, path)
+    _check_rate(info.samplerate, path, info.frames)
     return int(info.frames), int(info.samplerate), int(info.channels)
 
 
@@ -204,7 +212,7 @@ def load_audio(path: str, sample_rate: int = 16000, channels: Optional[str] = "m
     try:
         with sf.SoundFile(path) as f:
             rate, total = f.samplerate, f.frames
-            _check_rate(rate, path)
+            _check_rate(rate, path, total)
             if rate == sample_rate:
                 lo, offset = min(start, total), 0
                 hi = total if num_samples is None else min(start + num_samples, total)

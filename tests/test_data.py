@@ -139,6 +139,32 @@ def test_wavs_of_encodings_libsndfile_cannot_seek_in_are_read_whole_and_cropped(
     assert dataset[0]["mask"].sum() == 8000
 
 
+def test_a_flac_whose_header_lacks_its_length_is_skipped_naming_why(tmp_path, capfd):
+    """A FLAC written to a pipe (`ffmpeg ... -f flac - > x.flac`) has no total in its STREAMINFO;
+    soundfile counts 2**63 - 1 frames in it, and seeks in it fail. The scan took that length: a
+    training epoch of 10**14 crops, whose sampler could not be allocated (a traceback), and every
+    crop drawn from it. It is skipped, naming why, as a prompt is refused."""
+    corpus = tmp_path / "corpus"
+    write(corpus / "a.wav", tone(1.0))
+    flac = bytearray(Path(write(corpus / "piped.flac", tone(1.0, rate=44100), 44100)).read_bytes())
+    assert flac[:4] == b"fLaC" and flac[4] & 0x7F == 0  # the first metadata block is STREAMINFO, at byte 8
+    flac[8 + 13] &= 0xF0  # its 36-bit total of samples: 0, "unknown"
+    flac[8 + 14:8 + 18] = bytes(4)
+    (corpus / "piped.flac").write_bytes(flac)
+    why = (f"cannot read audio file {corpus / 'piped.flac'}: its header does not say how long it is (a FLAC "
+           "written to a pipe?)")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        dataset = AudioCropDataset(corpus, segment_seconds=0.5, train=True)
+    assert [os.path.basename(f.path) for f in dataset.files] == ["a.wav"] and dataset.files.skipped == ["piped.flac"]
+    assert any(why in message for message in skipped_names(record)), skipped_names(record)
+    assert len(dataset) == 2 and dataset[0]["mask"].sum() == 8000
+    with pytest.raises(AudioError, match=re.escape(why)):
+        load_audio(corpus / "piped.flac")  # the client's --input-wav
+    with pytest.raises(AudioError, match=re.escape(why)):
+        model.audio.check_prompt(str(corpus / "piped.flac"))  # complete.py's prompt, the server's --prompt-path
+
+
 def test_channels_mono_averages_and_stereo_keeps_speakers_apart(tmp_path):
     left, right = tone(0.5, freq=300.0), tone(0.5, freq=700.0, amplitude=0.3)
     path = write(tmp_path / "st.wav", np.stack([left, right]), subtype="FLOAT")
