@@ -24,6 +24,10 @@ from .files import replace_atomically, try_writing_in
 
 # .opus: Ogg Opus by its own extension (RFC 7845), as Multilingual LibriSpeech ships its audio
 SUPPORTED_EXTENSIONS = (".wav", ".flac", ".ogg", ".opus", ".mp3")
+# Audio of other formats, which a corpus folder does not list (AAC: soundfile cannot read it): the
+# scan names them, so that a folder of phone recordings (.m4a) beside WAVs is not half used unsaid
+OTHER_AUDIO_EXTENSIONS = (".m4a", ".aac", ".mp4", ".wma", ".webm", ".mka", ".amr", ".3gp", ".aif", ".aiff",
+                          ".caf", ".au", ".wv", ".ape", ".spx")
 CHANNEL_MODES = (None, "mono", "stereo")
 
 # File frames read on each side of a crop so the resampler's filter sees real signal at the

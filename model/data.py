@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
 
-from model.audio import (SUPPORTED_EXTENSIONS, AudioError, audio_info, broken_link, load_audio, scan_samples,
+from model.audio import (OTHER_AUDIO_EXTENSIONS, SUPPORTED_EXTENSIONS, AudioError, audio_info, broken_link, load_audio, scan_samples,
                          two_speakers)
 from model.checkpoint import listed
 from model.files import change_stamp, json_value, same_file_key
@@ -115,12 +115,13 @@ def folder_problem(path: str) -> Optional[str]:
             "(for a demo corpus run `python data/demo/prepare.py`)")
 
 
-def _list_audio_files(root: str) -> list[str]:
+def _list_audio_files(root: str) -> tuple[list[str], list[str]]:
     """Relative paths of every supported file under `root`, sorted so the order never depends on
-    the file system. Symlinked folders are followed, each real folder once. Hidden entries below
-    `root` (`.git/`, `.ipynb_checkpoints/`, `.cache/`, our index) are left out; `root` itself may
-    lie under a hidden folder."""
-    found, seen = [], set()
+    the file system, and of the audio files of other formats (`OTHER_AUDIO_EXTENSIONS`), left out.
+    Symlinked folders are followed, each real folder once. Hidden entries below `root` (`.git/`,
+    `.ipynb_checkpoints/`, `.cache/`, our index) are left out; `root` itself may lie under a hidden
+    folder."""
+    found, others, seen = [], [], set()
     for folder, dirs, files in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
         if real in seen:  # a symlink loop, or a folder reachable twice
@@ -129,9 +130,13 @@ def _list_audio_files(root: str) -> list[str]:
         seen.add(real)
         dirs[:] = [d for d in dirs if not d.startswith(".")]  # pruned in place: os.walk skips them
         for name in files:
-            if name.lower().endswith(SUPPORTED_EXTENSIONS) and not name.startswith("."):
+            if name.startswith("."):
+                continue
+            if name.lower().endswith(SUPPORTED_EXTENSIONS):
                 found.append(os.path.relpath(os.path.join(folder, name), root))
-    return sorted(found)
+            elif name.lower().endswith(OTHER_AUDIO_EXTENSIONS):
+                others.append(os.path.relpath(os.path.join(folder, name), root))
+    return sorted(found), sorted(others)
 
 
 def _read_index(index_path: str) -> dict:
@@ -174,13 +179,15 @@ def scan_audio_folder(root: str, use_cache: bool = True) -> AudioFileList:
     samples) too, named together in one SkippedAudioWarning, and listed in its `short`; and so is a
     file reached again under another path (a link to a file of the folder, a hard link: the same
     device and inode), which would be trained on twice as often: the first path in sorted order is
-    kept, the others named together and listed in `linked`.
+    kept, the others named together and listed in `linked`. Audio files of formats not listed
+    (`OTHER_AUDIO_EXTENSIONS`: .m4a, .aac, ...) are named in one SkippedAudioWarning.
     Raises FileNotFoundError, naming the folder and the formats, if it holds no readable audio.
 
     `root` may also be a jsonl manifest (`model/manifest.py`): then its files are listed instead,
     `root` of the result is the manifest's folder, and the cache is `.hertz_index.<name>.json` there.
     """
     source = root = os.path.abspath(os.fspath(root))
+    others = []  # a folder's audio files of other formats, left out
     if is_manifest(source):
         root = os.path.dirname(source)
         listing = sorted(os.path.relpath(p, root) for p in read_manifest(source))
@@ -188,7 +195,9 @@ def scan_audio_folder(root: str, use_cache: bool = True) -> AudioFileList:
     elif problem := folder_problem(root):
         raise FileNotFoundError(f"audio folder {root} {problem}")
     else:
-        listing, index_path = _list_audio_files(root), os.path.join(root, INDEX_FILENAME)
+        (listing, others), index_path = _list_audio_files(root), os.path.join(root, INDEX_FILENAME)
+        skip_short(others, f"of other formats (only {_formats()} are read; convert them, e.g. "
+                   "`ffmpeg -i IN OUT.flac`)", source)
     cached = _read_index(index_path) if use_cache else {}
     entries, files, skipped, empty, linked, first = {}, [], [], [], [], {}
     for rel in listing:
@@ -228,7 +237,8 @@ def scan_audio_folder(root: str, use_cache: bool = True) -> AudioFileList:
                "(links)", source)
     if not files:
         bad = [f"{len(skipped)} unreadable"] * bool(skipped) + [f"{len(empty)} empty"] * bool(empty)
-        what = f"no readable audio ({' and '.join(bad)} files skipped)" if bad else "no audio files"
+        what = f"no readable audio ({' and '.join(bad)} files skipped)" if bad else "no audio files" + \
+            (f" it reads ({len(others)} of other formats left out, named above)" if others else "")
         where = f"manifest {source}" if source != root else f"audio folder {root}"
         raise FileNotFoundError(f"{where} has {what}; expected {_formats()} files "
                                 "(for a demo corpus run `python data/demo/prepare.py`)")

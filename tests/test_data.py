@@ -80,6 +80,28 @@ def test_opus_files_by_their_own_extension_are_scanned_and_read(tmp_path):
     assert crop["mask"].sum() == 8000 and crop["audio"].abs().max() > 0.3  # the tone, at 16 kHz
 
 
+def test_audio_files_of_other_formats_are_named_as_left_out(tmp_path):
+    """Phone recordings (.m4a, AAC, which soundfile cannot read) in a corpus folder beside WAVs
+    were left out without a word: the run trained on part of the corpus. They are named in one
+    warning, and a folder of them alone says so in its error."""
+    write(tmp_path / "a.wav", tone(0.5))
+    for name in ("memo.m4a", os.path.join("calls", "b.AAC"), "notes.txt", ".hidden.m4a"):
+        os.makedirs(os.path.dirname(tmp_path / name), exist_ok=True)
+        (tmp_path / name).write_bytes(b"not read")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        files = scan_audio_folder(tmp_path)
+    assert [os.path.basename(f.path) for f in files] == ["a.wav"] and files.skipped == []
+    assert skipped_names(record) == [
+        f"skipping 2 audio files in {tmp_path} of other formats (only .wav, .flac, .ogg, .opus, .mp3 are read; "
+        f"convert them, e.g. `ffmpeg -i IN OUT.flac`): {os.path.join('calls', 'b.AAC')}, memo.m4a"]
+    os.remove(tmp_path / "a.wav")
+    with pytest.warns(SkippedAudioWarning), pytest.raises(FileNotFoundError) as e:
+        scan_audio_folder(tmp_path)
+    assert f"audio folder {tmp_path} has no audio files it reads (2 of other formats left out, named above)" \
+        in str(e.value)
+
+
 def test_hidden_files_and_folders_below_the_corpus_folder_are_left_out(tmp_path):
     """A corpus folder that is a git checkout, a notebook folder or a cache holds `.git/`,
     `.ipynb_checkpoints/`, `.cache/`: their audio (stale copies, checkpoints of a notebook's
