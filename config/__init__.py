@@ -21,6 +21,7 @@ import math
 import operator
 import os
 import re
+import sys
 import types
 import typing
 from typing import Any, Iterable, Mapping, Sequence
@@ -291,9 +292,10 @@ class ArgumentParser(argparse.ArgumentParser):
     script's own `error(...)` after parsing (a value out of range) is the line alone."""
 
     _parsing = False  # inside parse_args: an error is argparse's own, about the command line
+    _argv: Sequence[str] = ()  # the arguments being parsed
 
     def parse_known_args(self, args=None, namespace=None):
-        outer, self._parsing = self._parsing, True
+        outer, self._parsing, self._argv = self._parsing, True, list(sys.argv[1:] if args is None else args)
         try:
             return super().parse_known_args(args, namespace)
         finally:
@@ -308,4 +310,10 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         hint = f" ({self.prog} --help lists the flags)" if self._parsing else ""
+        # A file whose name starts with "-" (`-take1.wav`) is read as a flag: the error then blames
+        # another argument ("the following arguments are required: out"); say which one it was.
+        dashed = [a for a in self._argv if self._parsing and isinstance(a, str) and a.startswith("-") and a != "-"
+                  and os.path.exists(a)]
+        if dashed:
+            hint += f"; {dashed[0]} is a file, read as a flag: name it ./{dashed[0]}"
         self.exit(2, f"error: {message}{hint}\n")

@@ -413,6 +413,24 @@ def test_a_bad_flag_is_one_error_line_naming_it_with_a_hint_to_help(script, args
         assert r.returncode == 0 and r.stdout.startswith("usage: prepare.py [-h] [--minutes MINUTES]")
 
 
+@pytest.mark.parametrize("script, args, message", [
+    ("complete.py", ["-take1.wav", "out.wav"], "the following arguments are required: out"),
+    ("inference_client.py", ["--input-wav", "-take1.wav", "--output-wav", "o.wav"],
+     "argument --input-wav: expected one argument"),
+], ids=["positional", "flag-value"])
+def test_a_file_named_with_a_leading_dash_is_named_in_the_error(tmp_path, script, args, message):
+    """A recording named `-take1.wav` is read by argparse as a flag, and its error blamed another
+    argument ("the following arguments are required: out"): the line now names the file and how
+    to give it."""
+    (tmp_path / "-take1.wav").write_bytes(b"RIFF")
+    r = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=60)
+    name = Path(script).name
+    assert (r.returncode, r.stdout, r.stderr) == (
+        2, "", f"error: {message} ({name} --help lists the flags); -take1.wav is a file, read as a flag: "
+               "name it ./-take1.wav\n")
+
+
 @pytest.mark.parametrize("script", FLAG_SCRIPTS)
 def test_every_script_with_flags_parses_them_with_the_shared_parser(script):
     """Each script's flags go through config.ArgumentParser, so its errors have the one format above."""
