@@ -187,6 +187,35 @@ def test_a_flac_whose_header_lacks_its_length_is_skipped_naming_why(tmp_path, ca
         model.audio.check_prompt(str(corpus / "piped.flac"))  # complete.py's prompt, the server's --prompt-path
 
 
+def test_a_multichannel_file_is_mixed_down_as_it_is_read_not_held_whole(tmp_path):
+    """A 6-channel 48 kHz recording was read whole at its own width before being mixed to mono:
+    an hour of it is 4.1 GB of float32 (the latent encoding, the codec's preload and the client
+    read files whole), six times its mix. It is mixed down block by block as read: the same
+    samples, the peak memory of the mix, and a NaN anywhere still refuses it, counted in full."""
+    import tracemalloc
+    import soxr
+    rng = np.random.default_rng(0)
+    seconds, rate = 30, 48000
+    x = (0.3 * rng.standard_normal((seconds * rate, 6))).clip(-1, 1).astype(np.float32)  # (T, 6)
+    path = write(tmp_path / "recorder.wav", x.T, rate, subtype="FLOAT")
+    tracemalloc.start()
+    try:
+        mono = load_audio(path, channels="mono")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    whole = x.nbytes  # 34.6 MB, read at once before (and its magnitudes, checked: 69 MB at the peak)
+    assert peak < whole, f"peak {peak / 1e6:.1f} MB for a file of {whole / 1e6:.1f} MB of samples"
+    expected = soxr.resample(x.mean(axis=1), rate, SR, quality="HQ")
+    np.testing.assert_allclose(mono[0], expected, atol=1e-5)
+    stereo = load_audio(path, channels="stereo", start=SR * 10, num_samples=SR)
+    np.testing.assert_allclose(stereo, load_audio(path, channels=None)[:2, SR * 10:SR * 11], atol=1e-5)
+    x[5, 2] = x[rate * 20, 4] = np.nan  # in two blocks of the read
+    write(tmp_path / "recorder.wav", x.T, rate, subtype="FLOAT")
+    with pytest.raises(AudioError, match="2 non-finite samples"):
+        load_audio(path, channels="mono")
+
+
 def test_channels_mono_averages_and_stereo_keeps_speakers_apart(tmp_path):
     left, right = tone(0.5, freq=300.0), tone(0.5, freq=700.0, amplitude=0.3)
     path = write(tmp_path / "st.wav", np.stack([left, right]), subtype="FLOAT")
