@@ -422,7 +422,9 @@ def evaluate(generator: nn.Module, val_loader: DataLoader, mel_loss: MultiResolu
             pesqs.append(pesq_wb(y, x, cfg.sample_rate) if have.pesq else math.nan)
             if dnsmos is not None:
                 moses.append(dnsmos(y, cfg.sample_rate))
-            if len(pairs) < cfg.num_audio_samples and np.sqrt(np.mean(x ** 2)) > 1e-3:
+            # a pair to listen to and draw: a quarter second at least (a click of a few ms, shorter
+            # than the mel figure's window, failed in its STFT and ended the run), and not silence
+            if len(pairs) < cfg.num_audio_samples and n >= cfg.sample_rate // 4 and np.sqrt(np.mean(x ** 2)) > 1e-3:
                 pairs.append((x, y))
     codec.train()
     if not sum(len(m) for m in mels):  # every crop all padding: NaN metrics, and no step could become best.pt

@@ -646,6 +646,23 @@ def test_a_validation_file_of_a_few_milliseconds_is_left_out_of_stoi(corpus, tra
     capsys.readouterr()
 
 
+def test_a_click_first_in_the_validation_folder_is_not_drawn_as_a_sample(corpus, tmp_path, capsys):
+    """The evaluation's audio samples are the first crops with sound in them: a validation file of
+    a few milliseconds sorted first (here 300 samples) was one, and the mel figure's STFT of it
+    failed (padding of 512 samples each side of 300), ending the run at step 0 with a traceback.
+    The samples are crops of a quarter second at least; the click is still evaluated."""
+    val = tmp_path / "val"
+    shutil.copytree(corpus / "val", val)
+    sf.write(val / "0_click.wav", np.random.default_rng(0).uniform(-0.5, 0.5, 300).astype(np.float32), 16000)
+    run_dir = tmp_path / "run"
+    result = run_here(args(corpus, run_dir, f"val_data_path={val}", "max_steps=1", "eval_interval=1",
+                           "save_interval=1"), capsys)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    samples = sorted(p.name for p in (run_dir / "samples").iterdir())
+    assert samples == ["0_input.wav", "0_recon.wav", "1_input.wav", "1_recon.wav", "mels.png"]
+    assert all(sf.info(run_dir / "samples" / name).frames >= 4000 for name in samples if name.endswith(".wav"))
+
+
 def test_eval_only_with_the_dnsmos_column(corpus, trained, capsys):
     for package in ("speechmos", "onnxruntime", "librosa"):
         pytest.importorskip(package)
