@@ -84,7 +84,15 @@ def _reason(e: Optional[Exception], path: Optional[str] = None) -> str:
     if isinstance(e, UnicodeEncodeError):  # soundfile encodes names strictly: bytes that are not UTF-8 fail
         byte = os.fsencode(e.object[e.start:e.end])[:1].hex()
         return f"its file name is not valid {e.encoding} (byte 0x{byte}), which soundfile cannot open; rename the file"
-    return str(e).strip() or repr(e)  # libsndfile errors sometimes carry an empty message
+    message = str(e).strip() or repr(e)  # libsndfile errors sometimes carry an empty message
+    if path is not None and any(words in message for words in _DAMAGED):
+        message += " (a file cut short, or damaged?)"
+    return message
+
+
+# What libsndfile says of a file whose data end early or are corrupt (a FLAC, an Ogg or an MP3 cut
+# short by an interrupted copy or download): its own words name no cause a user would recognise.
+_DAMAGED = ("lost sync", "psf_fseek() failed", "file is malformed")
 
 
 def _check_rate(rate: int, path: str, frames: int = 0) -> None:

@@ -216,6 +216,24 @@ def test_a_multichannel_file_is_mixed_down_as_it_is_read_not_held_whole(tmp_path
         load_audio(path, channels="mono")
 
 
+def test_a_flac_cut_short_is_named_as_such_when_skipped(tmp_path):
+    """A FLAC cut short (an interrupted copy or download) failed with libsndfile's own words,
+    "Error : flac decoder lost sync." or "Internal psf_fseek() failed.", which name no cause a
+    user would recognise; the reason now says what the file probably is."""
+    x = np.random.default_rng(0).uniform(-0.5, 0.5, SR * 6).astype(np.float32)
+    data = Path(write(tmp_path / "corpus" / "talk.flac", x)).read_bytes()
+    (tmp_path / "corpus" / "talk.flac").write_bytes(data[:len(data) // 3])
+    write(tmp_path / "corpus" / "ok.wav", tone(1.0))
+    with pytest.raises(AudioError, match=re.escape("(a file cut short, or damaged?)")):
+        load_audio(tmp_path / "corpus" / "talk.flac")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        dataset = AudioCropDataset(tmp_path / "corpus", segment_seconds=0.5, train=False, preload_max_gb=1.0)
+        [dataset[i] for i in range(len(dataset))]
+    (skipped,) = [m for m in skipped_names(record) if "talk.flac" in m]
+    assert skipped.endswith("(a file cut short, or damaged?)"), skipped
+
+
 def test_channels_mono_averages_and_stereo_keeps_speakers_apart(tmp_path):
     left, right = tone(0.5, freq=300.0), tone(0.5, freq=700.0, amplitude=0.3)
     path = write(tmp_path / "st.wav", np.stack([left, right]), subtype="FLOAT")
