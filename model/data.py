@@ -296,6 +296,9 @@ class AudioCropDataset(Dataset):
         # lengths in output samples, which is what crops are measured in
         self.lengths = np.array([f.frames * sample_rate // f.sample_rate for f in self.files], dtype=np.int64)
         self.total_seconds = float(self.lengths.sum()) / sample_rate
+        if not self.lengths.any():  # files of a frame or two at 44.1 kHz: not one sample at 16 kHz to crop
+            raise FileNotFoundError(f"{self.files.source} holds no audio at {sample_rate} Hz: its {len(self.files)} "
+                                    f"files are each shorter than one sample at that rate")
         if train:
             self._cumulative = np.cumsum(self.lengths)
             self._num_items = max(1, int(self.lengths.sum() // self.segment))

@@ -663,6 +663,21 @@ def test_a_click_first_in_the_validation_folder_is_not_drawn_as_a_sample(corpus,
     assert all(sf.info(run_dir / "samples" / name).frames >= 4000 for name in samples if name.endswith(".wav"))
 
 
+def test_a_folder_of_files_shorter_than_one_sample_at_16k_is_one_error_line(corpus, tmp_path, capsys):
+    """Files of one frame at 44.1 kHz are not empty (so the scan keeps them) but hold no sample at
+    16 kHz: with batch_size=1 such a training folder passed the crop count, and drawing a crop
+    failed inside numpy (`high <= 0`) with a traceback."""
+    folder = tmp_path / "blips"
+    folder.mkdir()
+    for name in ("a.wav", "b.wav"):
+        sf.write(folder / name, np.full(1, 0.1, np.float32), 44100)
+    result = run_here(args(corpus, tmp_path / "run", f"train_data_path={folder}", "batch_size=1", "max_steps=1"),
+                      capsys)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.splitlines()[-1] == (f"error: {folder} holds no audio at 16000 Hz: its 2 files are each "
+                                              "shorter than one sample at that rate")
+
+
 def test_eval_only_with_the_dnsmos_column(corpus, trained, capsys):
     for package in ("speechmos", "onnxruntime", "librosa"):
         pytest.importorskip(package)
