@@ -84,10 +84,19 @@ def _reason(e: Optional[Exception], path: Optional[str] = None) -> str:
     if isinstance(e, UnicodeEncodeError):  # soundfile encodes names strictly: bytes that are not UTF-8 fail
         byte = os.fsencode(e.object[e.start:e.end])[:1].hex()
         return f"its file name is not valid {e.encoding} (byte 0x{byte}), which soundfile cannot open; rename the file"
+    if path is not None and _size(path) == 0:  # a download that failed, a `touch`: libsndfile says
+        return "it is empty (0 bytes)"            # "Format not recognised."
     message = str(e).strip() or repr(e)  # libsndfile errors sometimes carry an empty message
     if path is not None and any(words in message for words in _DAMAGED):
         message += " (a file cut short, or damaged?)"
     return message
+
+
+def _size(path: str) -> Optional[int]:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return None
 
 
 # What libsndfile says of a file whose data end early or are corrupt (a FLAC, an Ogg or an MP3 cut

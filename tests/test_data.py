@@ -234,6 +234,20 @@ def test_a_flac_cut_short_is_named_as_such_when_skipped(tmp_path):
     assert skipped.endswith("(a file cut short, or damaged?)"), skipped
 
 
+def test_a_file_of_0_bytes_is_named_as_empty(tmp_path):
+    """A .wav of 0 bytes (a download that failed, a `touch`) was skipped, and refused as a prompt or
+    --input-wav, as "Format not recognised.": it is said to be empty."""
+    write(tmp_path / "a.wav", tone(0.5))
+    (tmp_path / "failed_download.wav").write_bytes(b"")
+    why = f"cannot read audio file {tmp_path / 'failed_download.wav'}: it is empty (0 bytes)"
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        files = scan_audio_folder(tmp_path, use_cache=False)
+    assert files.skipped == ["failed_download.wav"] and skipped_names(record) == [f"skipping unreadable audio: {why}"]
+    with pytest.raises(AudioError, match=re.escape(why)):
+        load_audio(tmp_path / "failed_download.wav")
+
+
 def test_channels_mono_averages_and_stereo_keeps_speakers_apart(tmp_path):
     left, right = tone(0.5, freq=300.0), tone(0.5, freq=700.0, amplitude=0.3)
     path = write(tmp_path / "st.wav", np.stack([left, right]), subtype="FLOAT")
