@@ -118,9 +118,11 @@ class _AudioFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        from .audio import AudioError, load_audio, two_speakers
+        from .audio import AudioError, audio_info, load_audio, two_speakers
         try:
-            audio = load_audio(self.paths[i], self.sample_rate, "mono" if self.channels == "mono" else None)
+            # two speakers: the first two channels, cut as read from a file of more (a recorder's 6)
+            channels = "mono" if self.channels == "mono" else "stereo" if audio_info(self.paths[i])[2] >= 2 else None
+            audio = load_audio(self.paths[i], self.sample_rate, channels)
         except AudioError as e:
             return i, None, str(e)
         if self.channels == "stereo":

@@ -248,6 +248,30 @@ def test_a_file_of_0_bytes_is_named_as_empty(tmp_path):
         load_audio(tmp_path / "failed_download.wav")
 
 
+def test_two_speakers_of_a_multichannel_file_are_cut_as_read_not_held_whole(tmp_path):
+    """For a duplex model (two speakers, the first two channels) a 6-channel recorder's file was
+    read whole at its width, by the latent encoding and by a preloaded stereo dataset: its first
+    two channels are now cut block by block as read (`load_audio(channels="stereo")`)."""
+    import tracemalloc
+    from model.latents import _AudioFiles
+    rate = 48000
+    x = (0.3 * np.random.default_rng(0).standard_normal((30 * rate, 6))).clip(-1, 1).astype(np.float32)  # (T, 6)
+    path = write(tmp_path / "corpus" / "recorder.wav", x.T, rate)  # 16-bit: the scan reads its header only
+    expected = load_audio(path, channels=None)[:2]  # (2, T) at 16 kHz
+    whole = x.nbytes  # 34.6 MB, read at once before (and its magnitudes, checked: 69 MB at the peak)
+    for read in (lambda: _AudioFiles([path], SR, "stereo", "silence", 1)[0][1].numpy(),
+                 lambda: AudioCropDataset(tmp_path / "corpus", 30.0, train=False, channels="stereo",
+                                          preload_max_gb=1.0)._audio[0]):
+        tracemalloc.start()
+        try:
+            audio = read()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        np.testing.assert_allclose(audio, expected, atol=1e-6)
+        assert peak < whole, f"peak {peak / 1e6:.1f} MB for a file of {whole / 1e6:.1f} MB of samples"
+
+
 def test_channels_mono_averages_and_stereo_keeps_speakers_apart(tmp_path):
     left, right = tone(0.5, freq=300.0), tone(0.5, freq=700.0, amplitude=0.3)
     path = write(tmp_path / "st.wav", np.stack([left, right]), subtype="FLOAT")
