@@ -292,14 +292,16 @@ def read_audio(path: str) -> np.ndarray:
 
 
 def write_wav(path: str, stereo: np.ndarray) -> None:
-    """(T, 2) int16 -> a WAV, atomically (temporary file beside it, then renamed)."""
+    """(T, 2) int16 -> an audio file of the format its extension names (a WAV without one, as a
+    device such as /dev/null), atomically (temporary file beside it, then renamed)."""
     import soundfile as sf
 
+    from model.audio import output_format
     from model.files import replace_atomically
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     # format: soundfile takes it from the name, which a device (/dev/null) written into has none of
-    replace_atomically(path, lambda tmp: sf.write(tmp, stereo, SAMPLE_RATE, subtype="PCM_16", format="WAV"),
-                       suffix=".wav")
+    ext, fmt, subtype = output_format(path)
+    replace_atomically(path, lambda tmp: sf.write(tmp, stereo, SAMPLE_RATE, subtype=subtype, format=fmt), suffix=ext)
 
 
 def save_conversation(path: str, stereo: np.ndarray) -> str:
@@ -673,7 +675,8 @@ def parse_args(argv=None):
     live.add_argument("--stats-every", type=float, default=5.0, help="seconds between latency lines (0: only at the end)")
     files = ap.add_argument_group("file mode (headless)")
     files.add_argument("--input-wav", help="stream this file (any format soundfile reads; mixed to mono, 16 kHz)")
-    files.add_argument("--output-wav", help="write the conversation here: stereo WAV, user and model")
+    files.add_argument("--output-wav", help="write the conversation here: stereo, user and model (WAV, or the "
+                       "format its extension names: .flac, .ogg)")
     files.add_argument("--realtime", action=argparse.BooleanOptionalAction, default=True,
                        help="send at real time (default), or as fast as the server answers")
     files.add_argument("--window", type=int, default=2, help="--no-realtime: chunks in flight at once")
@@ -694,12 +697,12 @@ def parse_args(argv=None):
         raise SystemExit(f"error: {redact_tokens(str(e))}")
     args.audio = None
     if args.input_wav:  # read here, before connecting
-        from model.audio import AudioError, check_output_folder, check_output_target
+        from model.audio import AudioError, check_output
         try:
             args.audio = read_audio(args.input_wav)
-            # where the conversation goes (a WAV, whatever its name): not a folder, a pipe or the input
-            check_output_target(args.output_wav, keep={"the --input-wav file": args.input_wav})
-            check_output_folder(args.output_wav)
+            # where the conversation goes: a format soundfile writes (by the extension; a WAV without
+            # one), not a folder, a pipe or the input
+            check_output(args.output_wav, keep={"the --input-wav file": args.input_wav})
         except AudioError as e:
             raise SystemExit(f"error: {e}")
     if not args.stats_every >= 0:  # also refuses NaN

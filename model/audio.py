@@ -314,16 +314,15 @@ def save_audio(path: str, audio, sample_rate: int, subtype: str = "PCM_16") -> N
         audio = audio[None]
     if audio.ndim != 2:
         raise ValueError(f"audio must be (C, T) or (T,), got shape {audio.shape}")
-    folder, name = os.path.split(os.path.abspath(path))
-    ext = os.path.splitext(name)[1].lower() or ".wav"
+    folder = os.path.dirname(os.path.abspath(path))
     import soundfile as sf
-    subtype = _subtype_for(ext[1:].upper(), subtype) or subtype  # an unknown format: sf.write names it
+    ext, fmt, subtype = output_format(path, subtype)
     if subtype.startswith("PCM"):
         audio = np.clip(audio, -1.0, 1.0)  # integer formats would wrap around otherwise
     os.makedirs(folder, exist_ok=True)
     try:
-        replace_atomically(path, lambda tmp: sf.write(tmp, audio.T, sample_rate, subtype=subtype,
-                                                      format=ext[1:].upper()), suffix=ext)
+        replace_atomically(path, lambda tmp: sf.write(tmp, audio.T, sample_rate, subtype=subtype, format=fmt),
+                           suffix=ext)
     except Exception as e:
         raise AudioError(f"cannot write audio file {path}: {_reason(e)}") from e
 
@@ -401,6 +400,15 @@ def _subtype_for(fmt: str, subtype: str) -> Optional[str]:
     if fmt not in sf.available_formats():
         return None
     return subtype if sf.check_format(fmt, subtype) else sf.default_subtype(fmt)
+
+
+def output_format(path: str, subtype: str = "PCM_16") -> tuple[str, str, str]:
+    """(extension, soundfile format, subtype) an audio file written to `path` gets: the format its
+    extension names (a WAV without one: a device such as /dev/null), in `subtype` where the format
+    holds it, else in its own encoding (Vorbis, MPEG layer III). An extension naming no format
+    soundfile writes keeps `subtype` (sf.write then names the format; `check_output` finds it first)."""
+    ext = os.path.splitext(os.path.basename(str(path)))[1].lower() or ".wav"
+    return ext, ext[1:].upper(), _subtype_for(ext[1:].upper(), subtype) or subtype
 
 
 def _names_no_file(path: str) -> Optional[str]:

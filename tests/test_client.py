@@ -737,11 +737,14 @@ def test_an_output_that_cannot_be_written_is_one_error_line_before_connecting(tm
     """The conversation would be lost at the end: refused before connecting (nothing listens)."""
     sf.write(tmp_path / "in.wav", speech_like(0.5).astype(np.float32), 16000)
     (tmp_path / "taken").write_text("a file")
-    cases = {tmp_path / "taken" / "o.wav": f"{tmp_path / 'taken'} is a file, not a folder",
-             tmp_path: "it is a folder"}
-    for out, reason in cases.items():
+    cases = {tmp_path / "taken" / "o.wav": f"cannot write {tmp_path / 'taken' / 'o.wav'}: {tmp_path / 'taken'} is a file, "
+                                            "not a folder",
+             tmp_path: f"cannot write '{tmp_path}': it names a folder; name an audio file (out.wav, for example)",
+             tmp_path / "o.xyz": f"cannot write {tmp_path / 'o.xyz'}: soundfile writes no .xyz files (.wav, .flac or "
+                                 ".ogg, for example)"}
+    for out, message in cases.items():
         r = client_here(capfd, "--server", "ws://127.0.0.1:9", "--input-wav", tmp_path / "in.wav", "--output-wav", out)
-        assert r.returncode != 0 and r.stderr == f"error: cannot write {out}: {reason}\n", r.stderr
+        assert r.returncode != 0 and r.stderr == f"error: {message}\n", r.stderr
     # The input itself (by another name too) would be replaced by the conversation: it was.
     before = (tmp_path / "in.wav").read_bytes()
     (tmp_path / "link.wav").symlink_to(tmp_path / "in.wav")
@@ -750,6 +753,22 @@ def test_an_output_that_cannot_be_written_is_one_error_line_before_connecting(tm
         assert r.returncode != 0 and r.stderr == (f"error: cannot write {out}: it is the --input-wav file, which "
                                                   "the output would replace; name another file\n"), r.stderr
     assert (tmp_path / "in.wav").read_bytes() == before
+
+
+def test_the_conversation_is_written_in_the_format_its_name_gives(server, tmp_path):
+    """--output-wav chat.flac was a WAV under a .flac name (tools that go by the extension then
+    misread it); the conversation is now written in the format the extension names, as complete.py
+    writes its output, and a name without an extension is a WAV."""
+    url, _ = server
+    sf.write(tmp_path / "in.wav", speech_like(0.5), 16000)
+    for name, fmt in (("chat.flac", "FLAC"), ("chat.ogg", "OGG"), ("chat", "WAV")):
+        r = run_client("--server", url, "--token", TOKEN, "--input-wav", tmp_path / "in.wav", "--output-wav",
+                       tmp_path / name, "--no-realtime")
+        assert r.returncode == 0, r.stderr
+        info = sf.info(tmp_path / name)
+        assert info.format == fmt and info.channels == 2 and info.samplerate == 16000 and info.frames == 4 * 2000, info
+    lossless, _ = sf.read(tmp_path / "chat.flac", dtype="int16")
+    assert np.array_equal(lossless[:, 0], sf.read(tmp_path / "chat", dtype="int16")[0][:, 0])  # the user's side
 
 
 def test_an_output_that_is_a_device_is_written_into_not_replaced(server, tmp_path):
