@@ -6,8 +6,8 @@ What counts as audio: every sample finite and at most `MAX_SAMPLE_MAGNITUDE` in 
 files may go a little past full scale (1.0: inter-sample peaks, mastering without a limiter), but
 NaN, inf or a value 60 dB above full scale is a broken or mis-scaled file, not a sound; reading one
 raises AudioError naming the file, so datasets skip it and prompts are refused. So does a sample rate
-below `MIN_SAMPLE_RATE`: a broken header (resampled to 16 kHz, a small file at 1 Hz would need
-gigabytes), not a recording.
+below `MIN_SAMPLE_RATE` or above `MAX_SAMPLE_RATE`: a broken header (resampled to 16 kHz, a small
+file at 1 Hz would need gigabytes, one at 2 GHz would be a few samples), not a recording.
 """
 from __future__ import annotations
 
@@ -36,6 +36,9 @@ _RESAMPLE_MARGIN = 1024
 
 MAX_SAMPLE_MAGNITUDE = 1000.0  # 60 dB above full scale; see the module docstring
 MIN_SAMPLE_RATE = 4000  # Hz; lower holds no speech band: a broken header (see the module docstring)
+# Hz; above the highest rate audio is recorded at (768 kHz DXD): a broken header, whose file would
+# become a few samples at 16 kHz and be skipped or refused as too short, blamed on its length
+MAX_SAMPLE_RATE = 768_000
 # libsndfile's frame count (SF_COUNT_MAX) of a file whose header does not say its length: a FLAC
 # written to a pipe (ffmpeg's `-f flac -`), whose STREAMINFO total was never filled in
 UNKNOWN_FRAMES = 2 ** 63 - 1
@@ -109,6 +112,9 @@ def _check_rate(rate: int, path: str, frames: int = 0) -> None:
     (soundfile cannot read such a file: it counts it as 2**63 - 1 frames, and seeks fail in it)."""
     if rate < MIN_SAMPLE_RATE:
         raise AudioError(f"cannot read audio file {path}: a sample rate of {rate} Hz, below {MIN_SAMPLE_RATE} Hz "
+                         "(a broken header?)")
+    if rate > MAX_SAMPLE_RATE:
+        raise AudioError(f"cannot read audio file {path}: a sample rate of {rate} Hz, above {MAX_SAMPLE_RATE} Hz "
                          "(a broken header?)")
     if frames >= UNKNOWN_FRAMES:
         raise AudioError(f"cannot read audio file {path}: its header does not say how long it is (a FLAC written "

@@ -321,6 +321,8 @@ def test_the_prompt_is_checked_in_latents_of_the_codec_s_hop(ckpts, tmp_path, ca
     ("short.wav", [], "{prompt} is 0.062 s long: a prompt needs at least 0.125 s"),
     # A broken header's rate: resampled to 16 kHz, 0.4 MB at 1 Hz was 13 GB (a MemoryError).
     ("1hz.wav", [], "cannot read audio file {prompt}: a sample rate of 1 Hz, below 4000 Hz"),
+    # and one far above any recording's: 2000 samples at 2.1 GHz were refused as 0.000 s long, blaming the length
+    ("2ghz.wav", [], "cannot read audio file {prompt}: a sample rate of 2147483647 Hz, above 768000 Hz (a broken header?)"),
     ("ok.wav", ["--token-temp", "1e6"], "token_temp must be in [0, 5]"),
     ("ok.wav", ["--gaussian-temp", "inf"], "gaussian_temp must be in [0, 5]"),
     ("ok.wav", ["--top-p", "1.5"], "top_p must be in (0, 1]"),
@@ -335,7 +337,7 @@ def test_the_prompt_is_checked_in_latents_of_the_codec_s_hop(ckpts, tmp_path, ca
     ("ok.wav", ["--num", "100000"], "--num 100000 x --seconds 10 need at least "),
     ("ok.wav", ["--device", "gpu"], "--device 'gpu': expected auto, cpu, cuda, cuda:N or mps"),
     ("ok.wav", ["--device", "cuda:99"], "--device cuda:99: "),
-], ids=["missing", "folder", "nan", "not-audio", "short", "rate-1hz", "token-temp", "gaussian-temp", "top-p", "min-p",
+], ids=["missing", "folder", "nan", "not-audio", "short", "rate-1hz", "rate-2ghz", "token-temp", "gaussian-temp", "top-p", "min-p",
         "quantize", "kv-dtype", "seconds", "seed", "seconds-memory", "num-memory", "device", "device-absent"])
 def test_prompt_and_arguments_are_checked_before_any_weights(tmp_path, prompt, flags, message, capfd):
     """The official duplex variant, offline, with an empty weights folder: loading the weights
@@ -347,6 +349,7 @@ def test_prompt_and_arguments_are_checked_before_any_weights(tmp_path, prompt, f
     (tmp_path / "noise.wav").write_bytes(b"not a wav file at all" * 10)
     sf.write(tmp_path / "short.wav", t[:1000], sr)  # less than one latent (2000 samples)
     sf.write(tmp_path / "1hz.wav", np.full(2000, 0.1), 1)
+    sf.write(tmp_path / "2ghz.wav", np.full(2000, 0.1), 2 ** 31 - 1)
     (tmp_path / "folder.wav").mkdir()  # 2000 s once resampled: long enough
     out = tmp_path / "out.wav"
     r = run_here(capfd, tmp_path / prompt, out, "--variant", "duplex", "--offline", "--ckpt-dir", tmp_path / "ckpt",
