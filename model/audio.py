@@ -192,6 +192,18 @@ def convert_channels(audio: np.ndarray, channels: Optional[str], path: str = "<a
     raise ValueError(f"channels must be one of {CHANNEL_MODES}, got {channels!r}")
 
 
+SAME_SIGNAL_TOLERANCE = 1e-4  # -80 dBFS: two channels closer than this everywhere hold one signal
+
+
+def same_signal(a: np.ndarray, b: np.ndarray, block: int = 1 << 20) -> bool:
+    """Whether two channels hold one signal that is not silence (a mono recording saved as stereo):
+    every sample within SAME_SIGNAL_TOLERANCE (compared in blocks: no whole-file temporary)."""
+    if not np.any(a):
+        return False
+    return all(np.abs(a[i:i + block] - b[i:i + block]).max(initial=0.0) <= SAME_SIGNAL_TOLERANCE
+               for i in range(0, len(a), block))
+
+
 def two_speakers(audio: np.ndarray, mono: str = "silence") -> np.ndarray:
     """(C, T) -> (2, T), one speaker per channel: the first two channels of a multi-channel
     signal; a one-channel signal is speaker 0 with silence as speaker 1 (`mono="silence"`, a

@@ -118,18 +118,24 @@ class _AudioFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        from .audio import AudioError, audio_info, load_audio, two_speakers
+        """(i, audio, None, dual mono) or, for a file that cannot be read, (i, None, why, False).
+        A stereo file holding one signal on both channels (a mono recording saved as stereo) is
+        taken as one channel: as two speakers it would teach the model to echo the user."""
+        from .audio import AudioError, audio_info, load_audio, same_signal, two_speakers
         try:
             # two speakers: the first two channels, cut as read from a file of more (a recorder's 6)
             channels = "mono" if self.channels == "mono" else "stereo" if audio_info(self.paths[i])[2] >= 2 else None
             audio = load_audio(self.paths[i], self.sample_rate, channels)
         except AudioError as e:
-            return i, None, str(e)
+            return i, None, str(e), False
+        dual = False
         if self.channels == "stereo":
-            if self.model_channel == 0 and audio.shape[0] > 1:
+            if dual := audio.shape[0] > 1 and same_signal(audio[0], audio[1]):
+                audio = audio[:1]  # a monologue, as a one-channel file: mono_to_stereo
+            elif self.model_channel == 0 and audio.shape[0] > 1:
                 audio = audio[[1, 0]]  # the model's speaker goes to channel 1, where the live engine puts it
             audio = two_speakers(audio, self.mono_to_stereo)
-        return i, torch.from_numpy(audio), None
+        return i, torch.from_numpy(audio), None, dual
 
 
 @torch.no_grad()
@@ -304,6 +310,8 @@ def _corpus_key(root: str, files, fingerprint: str, channels: str, mono_to_stere
         listing.append([os.path.relpath(f.path, root), *change_stamp(os.stat(f.path))])
     spec = {"format": FORMAT, "root": root, "files": listing, "codec": fingerprint, "channels": channels,
             "mono_to_stereo": mono_to_stereo if channels == "stereo" else None, "sample_rate": sample_rate}
+    if channels == "stereo":
+        spec["dual_mono"] = "one channel"  # since 2026-12-06 (it was two speakers): stereo corpora are encoded anew
     if channels == "stereo" and model_channel != 1:
         spec["model_channel"] = model_channel  # only when swapped, so corpora encoded before keep their keys
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:12]
@@ -406,6 +414,7 @@ def prepare_latents(root: str, codec, channels: str, out_dir: str, sample_rate: 
         log(f"resuming the encoding of {folder}{share}: {len(partial.taken)} of {len(mine)} files were done by a run "
             "that stopped")
     from tqdm import tqdm
+    dual_mono: list[str] = []  # stereo files of one signal on both channels, encoded as one speaker
 
     def encode(out, start: int, done: Callable[[dict], None]) -> None:
         """Encode this rank's files from the `start`-th on, their rows written to `out` and each file's
@@ -413,9 +422,11 @@ def prepare_latents(root: str, codec, channels: str, out_dir: str, sample_rate: 
         nonlocal offset
         reader = StopSafeLoader(_AudioFiles([files[i].path for i in mine[start:]], sample_rate, channels,
                                             mono_to_stereo, model_channel), batch_size=None, num_workers=num_workers)
-        for j, audio, error in tqdm(reader, initial=start, total=len(mine), desc="encoding", disable=rank != 0,
-                                    leave=False):
+        for j, audio, error, dual in tqdm(reader, initial=start, total=len(mine), desc="encoding", disable=rank != 0,
+                                          leave=False):
             j += start
+            if dual:
+                dual_mono.append(os.path.relpath(files[mine[j]].path, root))
             path = files[mine[j]].path
             why = rows = None
             if error is not None:
@@ -462,6 +473,10 @@ def prepare_latents(root: str, codec, channels: str, out_dir: str, sample_rate: 
                 raise CheckpointError(f"cannot write {folder / shard}: {os_reason(e)}") from None
             atomic_write(folder / f"shard_{rank:05d}.json", write_list)
             partial.finish(folder / shard)  # renamed into place, as above: never written again
+    if dual_mono:
+        log(f"note: {len(dual_mono)} stereo file{'s hold' if len(dual_mono) > 1 else ' holds'} one signal on both "
+            f"channels (a mono recording saved as stereo), each taken as one speaker, a monologue "
+            f"(mono_to_stereo={mono_to_stereo}), as two it would teach the model to echo the user: {listed(dual_mono)}")
     long_barrier()
     if rank == 0:
         merged, skipped = [], dict.fromkeys(SKIPPED, 0)

@@ -15,7 +15,7 @@ from config import fields_marked
 from config.codec_config import PRESETS as CODEC_PRESETS
 from config.codec_config import CodecConfig
 from model import Codec, build
-from model.audio import save_audio
+from model.audio import load_audio, save_audio
 from model.checkpoint import CheckpointError
 from model.data import SkippedAudioWarning
 from model.latents import (LatentCrops, LatentsError, StepSampler, codec_fingerprint, prepare_latents,
@@ -65,6 +65,31 @@ def test_duplex_keeps_speakers_apart_and_pairs_a_mono_file_with_silence(codec, f
     mono = prepare_latents(str(folder / "audio"), codec, "mono", str(folder / "latents"), log=lambda m: None)
     mu, _ = encoded(codec, talk[:, :10_000].mean(0, keepdims=True))
     assert mono != out and torch.allclose(rows(mono, "talk.wav")[:, 0], mu, atol=1e-5)
+
+
+def test_a_stereo_file_of_one_signal_on_both_channels_is_one_speaker_and_said(codec, folder):
+    """A mono recording saved as stereo (both channels the same, here after an MP3-like rounding
+    on one) was encoded as two speakers saying the same thing, which teaches a duplex model to
+    echo the user; it is now one speaker, as a one-channel file (mono_to_stereo), and named in a
+    note. A real conversation, and a file whose channels differ by more, keep both speakers."""
+    rng = np.random.default_rng(1)
+    voice = (0.1 * rng.standard_normal(6_000)).astype(np.float32)
+    save_audio(str(folder / "audio" / "dual.wav"), np.stack([voice, voice + 2e-5]), 16000, subtype="FLOAT")
+    save_audio(str(folder / "audio" / "near.wav"), np.stack([voice, voice + 1e-3 * rng.standard_normal(6_000)]),
+               16000, subtype="FLOAT")
+    lines = []
+    for mono, other in (("silence", np.zeros_like(voice)), ("duplicate", voice)):
+        out = prepare_latents(str(folder / "audio"), codec, "stereo", str(folder / f"latents-{mono}"),
+                              mono_to_stereo=mono, log=lines.append)
+        mu, logvar = encoded(codec, np.stack([voice, other]))
+        assert torch.allclose(rows(out, "dual.wav")[:, 0], mu, atol=1e-4), mono
+        assert torch.allclose(rows(out, "dual.wav")[:, 1], logvar, atol=1e-4), mono
+        near = load_audio(str(folder / "audio/near.wav"), 16000, None)
+        mu, _ = encoded(codec, near)
+        assert torch.allclose(rows(out, "near.wav")[:, 0], mu, atol=1e-5)  # both of its speakers kept
+    notes = [line for line in lines if line.startswith("note: 1 stereo file holds one signal")]
+    assert len(notes) == 2 and all(n.endswith(": dual.wav") for n in notes), lines
+    assert "mono_to_stereo=silence" in notes[0] and "mono_to_stereo=duplicate" in notes[1]
 
 
 def test_another_codec_or_a_changed_file_is_encoded_anew(codec, folder):
