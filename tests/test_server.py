@@ -958,8 +958,8 @@ def test_chunk_latency_counts_from_the_chunks_arrival(model):
                 await ws.send(CHUNKS[0])  # stepped at once, for 0.3 s
                 await asyncio.sleep(0.05)
                 await ws.send(json.dumps({"type": "set_params", "token_temp": 0.5}))  # waits for that step
+                t1 = time.perf_counter()  # before the send: the chunk cannot arrive earlier
                 await ws.send(CHUNKS[1])
-                t1 = time.perf_counter()
                 kinds = [type(await asyncio.wait_for(ws.recv(), 10)) for _ in range(3)]  # reply, ack, reply
                 return kinds, time.perf_counter() - t1
         kinds, waited = asyncio.run(asyncio.wait_for(run(), 30))
