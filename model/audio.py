@@ -24,6 +24,8 @@ from .files import replace_atomically, try_writing_in
 
 # .opus: Ogg Opus by its own extension (RFC 7845), as Multilingual LibriSpeech ships its audio
 SUPPORTED_EXTENSIONS = (".wav", ".flac", ".ogg", ".opus", ".mp3")
+# Extensions that name a container's codec too: (soundfile's format, subtype) a file written gets
+CODEC_EXTENSIONS = {".opus": ("OGG", "OPUS")}
 # Audio of other formats, which a corpus folder does not list (AAC: soundfile cannot read it): the
 # scan names them, so that a folder of phone recordings (.m4a) beside WAVs is not half used unsaid
 OTHER_AUDIO_EXTENSIONS = (".m4a", ".aac", ".mp4", ".wma", ".webm", ".mka", ".amr", ".3gp", ".aif", ".aiff",
@@ -426,6 +428,8 @@ def output_format(path: str, subtype: str = "PCM_16") -> tuple[str, str, str]:
     holds it, else in its own encoding (Vorbis, MPEG layer III). An extension naming no format
     soundfile writes keeps `subtype` (sf.write then names the format; `check_output` finds it first)."""
     ext = os.path.splitext(os.path.basename(str(path)))[1].lower() or ".wav"
+    if ext in CODEC_EXTENSIONS:  # a container's extension that names its codec too
+        return (ext, *CODEC_EXTENSIONS[ext])
     return ext, ext[1:].upper(), _subtype_for(ext[1:].upper(), subtype) or subtype
 
 
@@ -443,8 +447,8 @@ def check_output(path: str, keep: Optional[Mapping[str, str]] = None) -> None:
     folder that cannot be made; scripts call it before slow work (the folder is made here)."""
     if problem := _names_no_file(path):
         raise AudioError(problem)
-    ext = os.path.splitext(path)[1].lower() or ".wav"
-    if _subtype_for(ext[1:].upper(), "PCM_16") is None:
+    ext, fmt, _ = output_format(path)
+    if _subtype_for(fmt, "PCM_16") is None:
         raise AudioError(f"cannot write {path}: soundfile writes no {ext} files (.wav, .flac or .ogg, for example)")
     check_output_target(path, keep)
     check_output_folder(path)

@@ -372,6 +372,23 @@ def test_save_audio_roundtrip_atomic(tmp_path, subtype, atol):
     assert load_audio(path).min() > 0.99
 
 
+def test_an_opus_file_is_written_as_opus_and_read_back(tmp_path):
+    """.opus is read (a corpus, a prompt) and was refused as an output ("soundfile writes no .opus
+    files"), though soundfile writes Ogg Opus: complete.py's, the notebook's and the client's
+    outputs named .opus are now Ogg Opus files."""
+    from model.audio import check_output
+    x = tone(1.0)[None]
+    path = tmp_path / "x.opus"
+    check_output(str(path))  # not refused before the work
+    save_audio(path, x, SR)
+    info = sf.info(path)
+    assert (info.format, info.subtype, info.samplerate) == ("OGG", "OPUS", SR)
+    y = load_audio(path)
+    assert abs(y.shape[1] - x.shape[1]) <= SR // 50  # a lossy codec: the same length within 20 ms
+    n = min(x.shape[1], y.shape[1])
+    assert np.corrcoef(x[0, :n], y[0, :n])[0, 1] > 0.9
+
+
 # --- model/data.py: scanning -------------------------------------------------------------------
 
 
