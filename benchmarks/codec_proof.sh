@@ -25,8 +25,8 @@
 # start; GRAPH_OVERRIDES adds settings to both), PARTS=diagnose (not among the default parts either:
 # benchmarks/metric_references.py --codec on TUNED_DIR's best.safetensors, what in its
 # reconstructions costs each metric, after `tuned` when both are named), PARTS=return (not among
-# the default parts: TUNED_DIR's best.safetensors in 15 MiB parts under $OUT/codec/, which the device
-# tool can return, to be joined and diagnosed on the CPU),
+# the default parts: TUNED_DIR's best.safetensors in parts of 16,000,000 bytes under $OUT/codec/, which
+# the device tool can return up to 8 of, to be joined and diagnosed on the CPU),
 # TUNED_CONFIG (on the GPU its
 # preset, default small_fast; `small` for today's defaults at the same steps). The tuned run
 # keeps its preset's schedule (small_fast's max_steps 6000: the learning rate decays within a
@@ -184,19 +184,29 @@ if wanted diagnose; then
     > "$OUT/diagnose.log" 2>&1 && grep '^{' "$OUT/diagnose.log" | sed 's/^{/{"proof": "diagnose", /' \
     || failed diagnose "$OUT/diagnose.log"
 fi
-# 6c. (PARTS=return only) the tuned codec back to the caller: the device tool returns files of at most
-# 16 MiB, so TUNED_DIR's best.safetensors goes to $OUT/codec/ in 15 MiB parts with its md5; join them
-# where they land (cat best.safetensors.part* > best.safetensors; md5sum -c best.safetensors.md5) and
-# diagnose it there on the CPU (metric_references.py --codec) instead of with device time
+# 6c. (PARTS=return only) the tuned codec back to the caller: the device tool returns at most 8 files of at
+# most 16 MiB, so TUNED_DIR's best.safetensors goes to $OUT/codec/ in parts of 16,000,000 bytes, its md5 in
+# the JSON line (small's codec, 106 MiB: 7 parts; a larger one, e.g. decode_channel_multiplier=4's 359 MiB,
+# cannot come back: diagnose it on the device, PARTS=diagnose). RETURN_DIR puts them elsewhere: the device
+# tool returns what is under its own $OUT, where this script's logs would crowd them out, so call it as
+#   RETURN_DIR=$OUT OUT=/tmp/codec_proof PARTS="tuned return" ... bash benchmarks/codec_proof.sh
+# Join them where they land
+# (cat best.safetensors.part* > best.safetensors; md5sum) and diagnose it there on the CPU
+# (metric_references.py --codec) instead of with device time
 if wanted return; then
-  mkdir -p "$OUT/codec" && rm -f "$OUT"/codec/best.safetensors.part* \
-    && split -b 15M -d "$TUNED_DIR/best.safetensors" "$OUT/codec/best.safetensors.part" \
-    && (cd "$TUNED_DIR" && md5sum best.safetensors) > "$OUT/codec/best.safetensors.md5" \
-    && python3 -c 'import glob, json, os, sys
+  RETURN_DIR=${RETURN_DIR:-$OUT/codec}
+  rm -f "$RETURN_DIR"/best.safetensors.part* && mkdir -p "$RETURN_DIR"
+  if [ ! -f "$TUNED_DIR/best.safetensors" ]; then
+    echo '{"proof": "return", "error": "no best.safetensors in '"$TUNED_DIR"'"}'
+  elif [ "$(stat -c %s "$TUNED_DIR/best.safetensors")" -gt $(( 8 * 16000000 )) ]; then
+    echo '{"proof": "return", "error": "best.safetensors is over 8 parts of 16,000,000 bytes: run PARTS=diagnose on the device"}'
+  else
+    split -b 16000000 -d "$TUNED_DIR/best.safetensors" "$RETURN_DIR/best.safetensors.part"
+    python3 -c 'import glob, hashlib, json, os, sys
 parts = sorted(glob.glob(os.path.join(sys.argv[1], "best.safetensors.part*")))
-print(json.dumps({"proof": "return", "parts": [os.path.basename(p) for p in parts],
-                  "bytes": sum(os.path.getsize(p) for p in parts), "md5": open(sys.argv[2]).read().split()[0]}))' \
-      "$OUT/codec" "$OUT/codec/best.safetensors.md5" \
-    || echo '{"proof": "return", "error": "no best.safetensors in '"$TUNED_DIR"'"}'
+md5 = hashlib.md5(open(sys.argv[2], "rb").read()).hexdigest()
+print(json.dumps({"proof": "return", "parts": parts,
+                  "bytes": sum(os.path.getsize(p) for p in parts), "md5": md5}))' "$RETURN_DIR" "$TUNED_DIR/best.safetensors"
+  fi
 fi
 echo "{\"proof\": \"done\", \"elapsed_s\": $(elapsed)}"
