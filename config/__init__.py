@@ -27,6 +27,27 @@ import typing
 from typing import Any, Iterable, Mapping, Sequence
 
 
+def printable(text, newlines: bool = False) -> str:
+    """`text` for a terminal: its unprintable characters (a newline, a tab, an escape sequence, a
+    name's undecodable bytes) written as Python writes them in a string (`\\n`, `\\x1b`,
+    `\\udcff`), the rest as it is; with `newlines`, its line breaks kept (a message of several
+    lines by design, as ConfigMismatch's). A file's name may hold any of them, and the errors and
+    warnings that name files must stay one line and cannot recolour or move the user's terminal."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or (newlines and c == "\n") else repr(c)[1:-1] for c in text)
+
+
+class OneLine:
+    """Base of the errors and warnings whose messages name files: shown (`str`) as one `printable`
+    line, wherever they are printed. `args` keep the message as given (a DataLoader worker's
+    traceback, which torch raises again as such an error in the main process, keeps its lines)."""
+
+    def __str__(self) -> str:
+        return printable(super().__str__())
+
+
 class ConfigError(ValueError):
     """A bad preset name, unknown key or wrongly typed value on the command line."""
 
@@ -316,4 +337,4 @@ class ArgumentParser(argparse.ArgumentParser):
                   and os.path.exists(a)]
         if dashed:
             hint += f"; {dashed[0]} is a file, read as a flag: name it ./{dashed[0]}"
-        self.exit(2, f"error: {message}{hint}\n")
+        self.exit(2, f"error: {printable(message + hint, newlines=True)}\n")

@@ -20,6 +20,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from config import OneLine
 from .files import replace_atomically, try_writing_in
 
 # .opus: Ogg Opus by its own extension (RFC 7845), as Multilingual LibriSpeech ships its audio
@@ -48,7 +49,7 @@ UNKNOWN_FRAMES = 2 ** 63 - 1
 FLOAT_SUBTYPES = ("FLOAT", "DOUBLE")
 
 
-class AudioError(RuntimeError):
+class AudioError(OneLine, RuntimeError):
     """A file that cannot be read or written as audio; the message names the file."""
 
 

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
+from config import OneLine
 from .files import drop_dead_temporaries, json_value, temporary_beside
 
 FORMAT = "hertz-dev/1"
@@ -38,7 +39,7 @@ HASH_KEY = "content_sha256"
 TEMP_SUFFIX = ".tmp"  # atomic_write's temporaries are `.NAME.<random>.tmp`
 
 
-class CheckpointError(ValueError):
+class CheckpointError(OneLine, ValueError):
     """A checkpoint that cannot be written, read or trusted; the message is one line naming the file."""
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
 
+from config import OneLine
 from model.audio import (OTHER_AUDIO_EXTENSIONS, SUPPORTED_EXTENSIONS, AudioError, audio_info, broken_link, load_audio, scan_samples,
                          two_speakers)
 from model.checkpoint import listed
@@ -35,7 +36,7 @@ INDEX_VERSION = 3  # 2: float files are read whole once, for non-finite or huge 
 # without the length (a FLAC written to a pipe) is an error, not 2**63 - 1 frames
 
 
-class SkippedAudioWarning(UserWarning):
+class SkippedAudioWarning(OneLine, UserWarning):
     """Audio files were left out of a dataset: unreadable (one warning each) or too short to use
     (one warning naming the first few and counting them)."""
 

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, Sampler
 
+from config import OneLine
 from .checkpoint import TEMP_SUFFIX, CheckpointError, atomic_write, listed, os_reason
 from .files import change_stamp, drop_dead_temporaries, json_value, open_locked, try_writing_in
 from .data import StopSafeLoader
@@ -51,7 +52,7 @@ FORMAT = 1
 MANIFEST = "manifest.json"
 
 
-class LatentsError(FileNotFoundError):
+class LatentsError(OneLine, FileNotFoundError):
     """An encoded folder that cannot be used (damaged, or written by another version or codec); the
     message names the folder and what to do. A FileNotFoundError, as a missing folder is, so the
     scripts report it as one `error:` line."""

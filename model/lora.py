@@ -47,6 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from config import OneLine
 from . import hub
 from .checkpoint import (HASH_KEY, _header, atomic_write, config_from, file_kind, header_json,
                          listed, verify_content, write_weights)
@@ -73,7 +74,7 @@ ADAPTER_SUFFIX = ".adapter.safetensors"  # the trainer's exports: latest.adapter
 MAX_SCALE = 1e4
 
 
-class AdapterError(ValueError):
+class AdapterError(OneLine, ValueError):
     """An adapter that does not belong to this base or this model, or cannot be merged."""
 
 

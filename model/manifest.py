@@ -19,13 +19,14 @@ from __future__ import annotations
 import math
 import os
 
+from config import OneLine
 from .audio import file_problem
 from .files import json_value, same_file_key
 
 MANIFEST_SUFFIX = ".jsonl"
 
 
-class ManifestError(FileNotFoundError):
+class ManifestError(OneLine, FileNotFoundError):
     """A manifest that cannot be used; the message names the manifest and the line. A subclass of
     FileNotFoundError, as a missing folder is, so scripts report it as one `error:` line."""
 

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from config import OneLine
 from .codec import CausalConv1d, CausalConvTranspose1d, CausalResUnit, Codec, CodecStream, ResNetBlock
 from .sampling import PROMPT_STREAM, counter_normal
 
@@ -31,7 +32,7 @@ from .sampling import PROMPT_STREAM, counter_normal
 MAX_LATENT_MAGNITUDE = 1e4
 
 
-class PromptLatentsError(ValueError):
+class PromptLatentsError(OneLine, ValueError):
     """Prompt audio the codec encodes to latents the model cannot take (`encode_frames`): the
     scripts say it as one error line, where any other ValueError of a generation is a bug."""
 

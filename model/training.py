@@ -48,7 +48,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from config import ConfigError, ConfigMismatch, check_compatible, fields_marked  # noqa: F401 (ConfigMismatch: re-exported)
+from config import ConfigError, ConfigMismatch, OneLine, check_compatible, fields_marked, printable  # noqa: F401 (ConfigMismatch: re-exported)
 
 from .audio import AudioError, broken_link_above
 from .checkpoint import (TEMP_SUFFIX, CheckpointError, atomic_write, listed, non_finite, os_reason,
@@ -77,7 +77,7 @@ def run_script(main: Callable[[], Any]) -> None:
     except (ConfigError, ConfigMismatch, FileNotFoundError, AudioError, CheckpointError, WeightsError,
             TrainingError) as e:
         from tqdm import tqdm
-        tqdm.write(f"error: {own_message(e)}\n", file=sys.stderr, end="")  # one write: a worker's line cannot split it
+        tqdm.write(f"error: {printable(own_message(e), newlines=True)}\n", file=sys.stderr, end="")  # one write: a worker's line cannot split it
         raise SystemExit(1) from None
     except KeyboardInterrupt:  # Ctrl-C outside the loop (loading, encoding: it keeps what it has done), or a second one
         from tqdm import tqdm
@@ -121,12 +121,12 @@ def own_message(error: Exception) -> str:
     """The message of `error`; for one raised in a DataLoader worker, which torch raises again in
     the main process with the worker's traceback as its message, the original message (the last
     line of that traceback)."""
-    text = str(error)
+    text = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)  # as given (OneLine)
     kind = type(error)
     name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
     if text.startswith(f"Caught {kind.__name__} in DataLoader worker") and f"\n{name}: " in text:
         return text.rsplit(f"\n{name}: ", 1)[1].strip()
-    return text
+    return str(error)
 
 
 # --- distributed ----------------------------------------------------------------------------
@@ -251,7 +251,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class TrainingError(RuntimeError):
+class TrainingError(OneLine, RuntimeError):
     """A run that cannot go on (a non-finite loss, a full disk under its log); the scripts print it
     as one `error:` line."""
 

@@ -361,6 +361,18 @@ def test_prompt_and_arguments_are_checked_before_any_weights(tmp_path, prompt, f
     assert not out.exists() and not list(tmp_path.glob("*out*"))
 
 
+def test_a_prompt_named_with_control_characters_is_one_inert_error_line(tmp_path, capfd):
+    """The error names the file with its newline and escape sequence written out (`\\n`,
+    `\\x1b`): one line, and nothing sent to the terminal as a control sequence."""
+    name = "take\n1\x1b[2J.wav"
+    (tmp_path / name).write_bytes(b"not a wav file at all" * 10)
+    r = run_here(capfd, tmp_path / name, tmp_path / "out.wav", "--variant", "duplex", "--offline", "--ckpt-dir",
+                 tmp_path / "ckpt")
+    assert r.returncode == 2 and "\x1b" not in r.stderr, r.stderr
+    [line] = r.stderr.splitlines()
+    assert line.startswith(f"error: cannot read audio file {tmp_path}/take\\n1\\x1b[2J.wav: "), line
+
+
 def test_each_of_several_outputs_is_checked_and_their_folder_once(tmp_path):
     """--num N checked each output path in full: soundfile's format table and a file written and
     removed in the folder, N times (--num 100000: 35 s before the error about its memory). The

@@ -319,9 +319,26 @@ def test_a_file_name_that_is_not_utf8_is_named_for_what_is_wrong(tmp_path):
     with pytest.warns(SkippedAudioWarning) as record:
         files = scan_audio_folder(tmp_path)
     assert [os.path.basename(f.path) for f in files] == ["good.wav"]
-    assert skipped_names(record) == [f"skipping unreadable audio: cannot read audio file {tmp_path}/caf\udce9.wav: its "
+    assert skipped_names(record) == [f"skipping unreadable audio: cannot read audio file {tmp_path}/caf\\udce9.wav: its "
                                      "file name is not valid utf-8 (byte 0xe9), which soundfile cannot open; rename "
                                      "the file"]
+
+
+def test_a_file_name_with_control_characters_is_named_on_one_line_escaped(tmp_path):
+    """A name holding a newline and a terminal escape sequence (any byte but / and NUL may be in
+    one) was printed raw: the warning took two lines and the sequence cleared the user's screen.
+    The name is shown as Python writes it in a string, so the line stays one and inert."""
+    write(tmp_path / "good.wav", tone(0.5))
+    (tmp_path / "take\n1\x1b[2J.wav").write_bytes(os.urandom(3000))
+    with pytest.warns(SkippedAudioWarning) as record:
+        files = scan_audio_folder(tmp_path)
+    assert [os.path.basename(f.path) for f in files] == ["good.wav"]
+    [message] = skipped_names(record)
+    assert message.startswith(f"skipping unreadable audio: cannot read audio file {tmp_path}/take\\n1\\x1b[2J.wav: ")
+    assert message.isprintable(), message
+    with pytest.raises(AudioError) as e:
+        load_audio(str(tmp_path / "take\n1\x1b[2J.wav"))
+    assert str(e.value).isprintable() and "take\\n1\\x1b[2J.wav" in str(e.value)
 
 
 def test_non_finite_or_huge_samples_make_a_file_unreadable(tmp_path):
