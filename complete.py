@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     made = missing_folders(args.out)  # by the output's check, before torch: a run that writes nothing takes them away
     try:
         if problem := output_problem(args):
-            print(f"error: {printable(problem)}", file=sys.stderr)
+            print(f"error: {printable(problem, newlines=True)}", file=sys.stderr)
             return 2
         return complete(args)
     finally:
@@ -151,14 +151,14 @@ def complete(args) -> int:
     try:
         device = resolve_device(args.device)
     except ValueError as e:
-        print(f"error: {printable(e)}", file=sys.stderr)
+        print(f"error: {printable(e, newlines=True)}", file=sys.stderr)
         return 2
     dtype = resolve_dtype(args.dtype, device, "--dtype")  # one of its choices
     if args.adapter is not None:  # its header: a folder (naming the adapter files in it), another kind of file
         try:
             read_adapter(args.adapter)
         except (FileNotFoundError, *LOAD_ERRORS) as e:
-            print(f"error: {printable(e)}", file=sys.stderr)
+            print(f"error: {printable(e, newlines=True)}", file=sys.stderr)
             return 2
     try:  # the headers: the codec ours records, what --num x --seconds needs of this machine's memory
         problem = None
@@ -172,12 +172,12 @@ def complete(args) -> int:
     except LOAD_ERRORS as e:
         problem = str(e)
     if problem:
-        print(f"error: {printable(problem)}", file=sys.stderr)
+        print(f"error: {printable(problem, newlines=True)}", file=sys.stderr)
         return 2
     try:  # before the weights: loading them can take minutes (or a 34 GB download)
         check_prompt(args.prompt, cfg.sample_rate, hop, max_frames=cfg.seq_len)  # the part of it that is used
     except AudioError as e:
-        print(f"error: {printable(e)}", file=sys.stderr)
+        print(f"error: {printable(e, newlines=True)}", file=sys.stderr)
         return 2
 
     t0 = time.time()
@@ -186,7 +186,7 @@ def complete(args) -> int:
                                codec=args.codec, offline=args.offline or None, adapter=args.adapter,
                                verify=not args.no_verify, quantize=args.quantize)
     except (*LOAD_ERRORS, ValueError) as e:
-        print(f"error: {printable(e)}", file=sys.stderr)
+        print(f"error: {printable(e, newlines=True)}", file=sys.stderr)
         return 2
     cfg = model.config
     hop = model.codec.hop_length
@@ -202,7 +202,7 @@ def complete(args) -> int:
         for w in caught:
             print(f"warning: {w.message}", file=sys.stderr)
     except (AudioError, ValueError) as e:
-        print(f"error: {printable(e)}", file=sys.stderr)
+        print(f"error: {printable(e, newlines=True)}", file=sys.stderr)
         return 2
 
     steps = completion_steps(args.seconds, cfg.sample_rate, hop)
@@ -216,7 +216,7 @@ def complete(args) -> int:
     try:
         out = gen.complete(audio, steps, SamplingParams(**args.params), seed=args.seed, encode=args.encode, progress=True)
     except PromptLatentsError as e:  # the codec's latents of this prompt (encode_frames); the arguments are checked above
-        print(f"error: {printable(e)}", file=sys.stderr)
+        print(f"error: {printable(e, newlines=True)}", file=sys.stderr)
         return 2
     elapsed = time.time() - t0
     if args.continuation_only:

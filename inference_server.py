@@ -1474,7 +1474,7 @@ def check_args(args):
     try:
         params = check_params(values)
     except ValueError as e:
-        raise SystemExit(f"error: {printable(e)}")
+        raise SystemExit(f"error: {printable(e, newlines=True)}")
     if args.checkpoint is None and args.variant != "duplex":  # found now, not after downloading its weights
         raise SystemExit(f"error: --variant {args.variant}: the live server needs the duplex variant "
                          "(or --checkpoint with one of our duplex checkpoints)")
@@ -1486,12 +1486,12 @@ def check_args(args):
                     read_adapter(path)
                 except AdapterError as e:
                     problem = str(e)
-            raise SystemExit(f"error: {printable(problem)}")
+            raise SystemExit(f"error: {printable(problem, newlines=True)}")
     if args.recordings is not None:  # found now, not as a lost recording at each session's start
         try:
             make_folder(args.recordings, "--recordings")
         except AudioError as e:
-            raise SystemExit(f"error: {printable(e)}") from None
+            raise SystemExit(f"error: {printable(e, newlines=True)}") from None
     return params
 
 
@@ -1504,7 +1504,7 @@ def load_prompt_file(path: str, max_frames: int):
             warnings.simplefilter("always")
             prompt = load_prompt(path, 2, SAMPLE_RATE, CHUNK, max_frames=max_frames)
     except (AudioError, ValueError) as e:
-        raise SystemExit(f"error: {printable(e)}") from None
+        raise SystemExit(f"error: {printable(e, newlines=True)}") from None
     for w in caught:  # longer than the context: its end is kept
         log.warning("%s", w.message)
     return prompt
@@ -1518,7 +1518,7 @@ def load_engine(args):
     try:
         device = str(resolve_device(args.device))
     except ValueError as e:
-        raise SystemExit(f"error: {printable(e)}") from None
+        raise SystemExit(f"error: {printable(e, newlines=True)}") from None
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     source = args.checkpoint or args.variant
     cfg = transformer_config_of(source)  # what the weights would say once loaded: the header or the official config
@@ -1529,7 +1529,7 @@ def load_engine(args):
                              "the live server needs a duplex one")
         meta = read_metadata(args.checkpoint, kind="transformer")
         if problem := no_codec_problem("--checkpoint", args.checkpoint, meta, args.codec):
-            raise SystemExit(f"error: {printable(problem)}")
+            raise SystemExit(f"error: {printable(problem, newlines=True)}")
     codec_cfg = codec_config_of(source, args.codec, cfg)  # from its header: the engine streams 2000-sample chunks
     if codec_cfg is not None and (hop := math.prod(codec_cfg.strides)) != CHUNK:
         named = args.codec if args.codec != "auto" else recorded_codec(args.checkpoint, meta)  # official: 2000
@@ -1546,7 +1546,7 @@ def load_engine(args):
                                offline=args.offline or None, codec=args.codec, adapter=args.adapter,
                                verify=not args.no_verify, quantize=args.quantize)
     except ValueError as e:
-        raise SystemExit(f"error: {printable(e)}") from None
+        raise SystemExit(f"error: {printable(e, newlines=True)}") from None
     from model.quant import TINYGEMM_MAX_ROWS, quantization_of
     mode = (quantization_of(model) or {}).get("mode")  # the weights' own: a checkpoint saved quantized, without --quantize
     log.info("loaded %s on %s in %.1f s%s%s", source, device, time.monotonic() - t0,
@@ -1597,7 +1597,7 @@ def main(argv=None) -> None:
         try:
             engine, prompt = load_engine(args)
         except LOAD_ERRORS as e:  # a file the user must fix (refused before any weights load where it can be)
-            raise SystemExit(f"error: {printable(e)}") from None
+            raise SystemExit(f"error: {printable(e, newlines=True)}") from None
         if prompt is not None:
             log.info("prompt %s: %.1f s", args.prompt_path, prompt.shape[1] / SAMPLE_RATE)
         limits = Limits(reset_rate=args.reset_rate, idle_timeout=args.idle_timeout)
