@@ -41,6 +41,9 @@ class CodecConfig:
     # audio's, and 1e-30 made the latents infinite (a NaN loss at step 0, blamed on the data)
     norm_stddev: float = field(default=0.05, metadata={**ARCH, "min": 2 ** -15})
     weight_norm: bool = field(default=True, metadata=ARCH)
+    # the residual units' activation: ELU (the original's) or Snake (x + sin^2(a x) / a with a learned
+    # frequency a per channel, BigVGAN's and DAC's: a periodic bias for voiced speech's harmonics)
+    activation: Literal["elu", "snake"] = field(default="elu", metadata=ARCH)
     sample_rate: int = field(default=16000, metadata={**ARCH, **COUNT})
 
     # --- data ---------------------------------------------------------------------------------

@@ -171,18 +171,47 @@ class CausalConvTranspose1d(nn.Module):
         return self.deconv(x)[:, :, self.stride:-self.stride]
 
 
-class CausalResUnit(nn.Module):
-    """x + conv1x1(elu(dilated causal conv(elu(x))))."""
+def snake(x: Tensor, alpha: Tensor) -> Tensor:
+    """x + sin(alpha x)^2 / alpha, `alpha` broadcast over x (one a channel): the periodic activation
+    of BigVGAN and DAC, whose units can make a sinusoid's harmonics where ELU's must build them."""
+    return x + torch.sin(alpha * x).square() / (alpha + 1e-9)
 
-    def __init__(self, channels, kernel_size=7, dilation=1, bias=False):
+
+class Snake(nn.Module):
+    """`snake` with a learned frequency per channel (1 at the start), on (B, C, L) and the trainer's
+    (B, C, 1, L) layouts (channel dimension 1)."""
+
+    def __init__(self, channels: int):
         super().__init__()
-        self.activation = nn.ELU()
+        self.alpha = nn.Parameter(torch.ones(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return snake(x, self.alpha.view(-1, *([1] * (x.dim() - 2))))
+
+
+def make_activation(kind: str, channels: int) -> nn.Module:
+    """The codec's activation (`CodecConfig.activation`): "elu" (the original's) or "snake"."""
+    if kind == "elu":
+        return nn.ELU()
+    if kind == "snake":
+        return Snake(channels)
+    raise ValueError(f"activation must be 'elu' or 'snake', got {kind!r}")
+
+
+class CausalResUnit(nn.Module):
+    """x + conv1x1(act(dilated causal conv(act(x)))); act is ELU (the original's, no parameters)
+    or Snake (one learned frequency a channel for each of the two, `activation`, `activation2`)."""
+
+    def __init__(self, channels, kernel_size=7, dilation=1, bias=False, activation: str = "elu"):
+        super().__init__()
+        self.activation = make_activation(activation, channels)
+        self.activation2 = self.activation if activation == "elu" else make_activation(activation, channels)
         self.conv1 = CausalConv1d(channels, channels, kernel_size, dilation=dilation, bias=bias)
         self.conv2 = nn.Conv1d(channels, channels, kernel_size=1, bias=bias)
 
     def forward(self, x: Tensor, stream: Optional[CodecStream] = None) -> Tensor:
         y = self.conv1(self.activation(x), stream)
-        y = conv_any(self.conv2, self.activation(y))
+        y = conv_any(self.conv2, self.activation2(y))
         return x + y
 
 
@@ -218,10 +247,10 @@ class ResNetBlock(nn.Module):
     """
 
     def __init__(self, in_channels, out_channels, stride, kernel_size=7, dilations=(1, 3, 9),
-                 bias=True, mode="encoder"):
+                 bias=True, mode="encoder", activation: str = "elu"):
         super().__init__()
         res_channels = in_channels if mode == "encoder" else out_channels
-        units = [CausalResUnit(res_channels, kernel_size, dilation=d) for d in dilations]
+        units = [CausalResUnit(res_channels, kernel_size, dilation=d, activation=activation) for d in dilations]
         if in_channels == out_channels:
             resample = (AvgPool(stride, stride) if mode == "encoder"
                         else NearestUpsample(scale_factor=stride, mode="nearest"))
@@ -253,7 +282,8 @@ class ResNetStack(nn.Module):
         width = cfg.encode_channels * self.multiplier
         blocks = [ResNetBlock(cfg.encode_channels * ratios[i] * self.multiplier,
                               cfg.encode_channels * ratios[i + 1] * self.multiplier,
-                              stride, kernel_size=cfg.kernel_size, bias=cfg.bias, mode=mode)
+                              stride, kernel_size=cfg.kernel_size, bias=cfg.bias, mode=mode,
+                              activation=cfg.activation)
                   for i, stride in enumerate(strides)]
         data_conv = CausalConv1d(cfg.input_channels if mode == "encoder" else width,
                                  cfg.encode_channels if mode == "encoder" else cfg.output_channels,

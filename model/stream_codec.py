@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from config import OneLine
-from .codec import CausalConv1d, CausalConvTranspose1d, CausalResUnit, Codec, CodecStream, ResNetBlock
+from .codec import CausalConv1d, CausalConvTranspose1d, CausalResUnit, Codec, CodecStream, ResNetBlock, Snake, snake
 from .sampling import PROMPT_STREAM, counter_normal
 
 # Codec latents are about unit scale (the codec's KL term keeps them near N(0, 1)); a prompt of
@@ -130,16 +130,26 @@ class _Deconv:
         return y.view(B, L * self.s, self.cout)
 
 
+def _activation(m: nn.Module):
+    """The residual unit's activation `m` (`model.codec.make_activation`) on channel-last (B, L, C)."""
+    if isinstance(m, Snake):
+        alpha = m.alpha.detach().clone()  # (C,): broadcast over the last dimension
+        return lambda x: snake(x, alpha)
+    assert isinstance(m, nn.ELU), m
+    return F.elu
+
+
 class _ResUnit:
-    """x + conv1x1(elu(dilated causal conv(elu(x))))."""
+    """x + conv1x1(act(dilated causal conv(act(x))))."""
 
     def __init__(self, m: CausalResUnit, slot: int):
         self.conv1 = _Conv(m.conv1, slot)
         self.w2 = _weight(m.conv2)[..., 0].t().contiguous()  # (C, C)
         self.b2 = _bias(m.conv2)
+        self.act1, self.act2 = _activation(m.activation), _activation(m.activation2)
 
     def __call__(self, x: Tensor, st: StreamCodecState) -> Tensor:
-        y = F.elu(self.conv1(F.elu(x), st))
+        y = self.act2(self.conv1(self.act1(x), st))
         y = torch.addmm(self.b2, y.flatten(0, 1), self.w2) if self.b2 is not None else y.flatten(0, 1) @ self.w2
         return x + y.view(x.shape)
 

@@ -25,16 +25,22 @@ def codec_state(codec):
     return {f"codec.{k}": v for k, v in codec.state_dict().items()}
 
 
+@pytest.mark.parametrize("activation", ["elu", "snake"])
 @torch.no_grad()
-def test_codec_round_trip(tmp_path):
-    cfg = dataclasses.replace(CODEC_PRESETS["tiny"], encode_channels=5)  # a non-preset shape
+def test_codec_round_trip(tmp_path, activation):
+    cfg = dataclasses.replace(CODEC_PRESETS["tiny"], encode_channels=5, activation=activation)  # a non-preset shape
     torch.manual_seed(0)
     codec = build(Codec, cfg).eval()
+    for name, p in codec.named_parameters():
+        if name.endswith("alpha"):  # Snake's frequencies, each its own
+            p.uniform_(0.5, 2.0)
+    assert any(name.endswith("alpha") for name, _ in codec.named_parameters()) == (activation == "snake")
     path = save_codec(tmp_path / "codec.safetensors", codec)
     meta = read_metadata(path)
     assert meta["kind"] == "codec" and meta["config"]["encode_channels"] == 5
     loaded = load_codec(path)
     assert loaded.config.encode_channels == 5 and loaded.config.channel_ratios == cfg.channel_ratios
+    assert loaded.config.activation == activation
     audio = torch.randn(1, 1, 6000)
     assert torch.equal(loaded.encode(audio)[0], codec.encode(audio)[0])
     z = torch.randn(1, 3, 32)

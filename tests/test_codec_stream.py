@@ -1,4 +1,6 @@
 """The codec streams: chunk-by-chunk encoding and decoding equal the whole-signal outputs."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -11,6 +13,12 @@ from reference import codec_config, load
 def codecs():
     torch.manual_seed(0)
     yield "tiny", build(Codec, PRESETS["tiny"]).eval()
+    snake = build(Codec, dataclasses.replace(PRESETS["tiny"], activation="snake")).eval()
+    with torch.no_grad():  # frequencies away from their initial 1, each its own
+        for name, p in snake.named_parameters():
+            if name.endswith("alpha"):
+                p.uniform_(0.5, 2.0)
+    yield "tiny-snake", snake
     parity = Codec(codec_config()).eval()
     parity.load_state_dict(load("codec_state_dict.pt"))
     yield "parity", parity
@@ -124,7 +132,7 @@ def test_channels_last_layout_gives_the_same_training_pass_and_gradients(polypha
     replication pad do, makes cuDNN convert it: that made the layout slower than (B, C, L)); the
     state dict is untouched and a stream still decodes as the whole signal."""
     import torch.nn.functional as F
-    _, parity = list(codecs())[1]
+    _, parity = list(codecs())[-1]
     codec = parity.double().train()
     state = {k: v.clone() for k, v in codec.state_dict().items()}
     audio = (0.1 * torch.randn(2, 1, 5 * 2000, dtype=torch.float64)).requires_grad_()
@@ -180,7 +188,7 @@ def test_polyphase_switch_keeps_the_official_codecs_output_and_weights():
     """Switched on for every dilated conv (min_channels=1), the parity codec (the official
     architecture and weights) decodes as before up to float32 rounding, its state dict is
     unchanged, and streaming still uses the plain convs (and still equals the whole signal)."""
-    _, parity = list(codecs())[1]
+    _, parity = list(codecs())[-1]
     state = {k: v.clone() for k, v in parity.state_dict().items()}
     latents = torch.randn(2, 6, 32)
     want = parity.decode(latents)
@@ -224,3 +232,30 @@ def test_encode_and_decode_take_any_float_and_refuse_the_rest_with_one_error():
     for bad in (latents[0], latents[..., :16], latents[:, :0]):
         with pytest.raises(ValueError, match=r"latents must be \(B, L, 32\) with L >= 1"):
             codec.decode(bad)
+
+
+def test_snake_codec_trains_the_same_in_the_channels_last_layout():
+    """`activation=snake` (a learned frequency a channel): the training pass and the gradients of
+    every parameter, its frequencies included, are the same in the trainer's (B, C, 1, L)
+    channels-last layout as in (B, C, L) (float64), and every frequency gets a gradient."""
+    _, codec = [c for c in codecs() if c[0] == "tiny-snake"][0]
+    codec = codec.double().train()
+    audio = 0.1 * torch.randn(2, 1, 3 * 2000, dtype=torch.float64)
+
+    def run():
+        torch.manual_seed(1)  # the posterior draw
+        out = codec(audio)
+        loss = out["recon"].square().sum() + out["mu"].square().sum()
+        return out["recon"], torch.autograd.grad(loss, list(codec.parameters()))
+
+    want, want_grads = run()
+    codec.use_channels_last()
+    try:
+        got, got_grads = run()
+    finally:
+        codec.use_channels_last(False)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    for (name, _), a, b in zip(codec.named_parameters(), got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+        if name.endswith("alpha"):
+            assert b.abs().max() > 0, name

@@ -344,7 +344,7 @@ def test_bad_enumerated_value_is_one_error_line_of_the_codec_trainer(tmp_path, c
 
 # The specification of what each checkpoint check compares (written once, here).
 CODEC_ARCH = ("input_channels", "output_channels", "encode_channels", "decode_channel_multiplier", "kernel_size",
-              "bias", "channel_ratios", "strides", "latent_dim", "norm_stddev", "weight_norm", "sample_rate")
+              "bias", "channel_ratios", "strides", "latent_dim", "norm_stddev", "weight_norm", "activation", "sample_rate")
 CODEC_DISC = ("mpd_periods", "mpd_channels", "mrd_windows", "mrd_channels")
 CODEC_RESUME = ("segment_seconds", "batch_size", "grad_accum_steps", "seed")
 CODEC_SCHEDULE = ("learning_rate", "min_lr", "warmup_steps", "max_steps", "disc_learning_rate", "disc_start_step")
