@@ -179,13 +179,19 @@ def snake(x: Tensor, alpha: Tensor) -> Tensor:
 
 class Snake(nn.Module):
     """`snake` with a learned frequency per channel (1 at the start), on (B, C, L) and the trainer's
-    (B, C, 1, L) layouts (channel dimension 1)."""
+    (B, C, 1, L) layouts (channel dimension 1). On CUDA in the trainer's layout, one Triton kernel
+    each way (`model.snake_kernels`; the same values up to rounding, computed in float32) instead of
+    torch's six elementwise kernels forward and about twelve backward; under torch.compile, the
+    formula, which Inductor fuses itself."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.alpha = nn.Parameter(torch.ones(channels))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 4 and x.is_cuda and not torch.compiler.is_compiling():
+            from .snake_kernels import snake as fused  # Triton, imported where a CUDA step uses it
+            return fused(x, self.alpha)
         return snake(x, self.alpha.view(-1, *([1] * (x.dim() - 2))))
 
 
