@@ -475,7 +475,7 @@ def bench_convs(preset: str, args) -> list[dict]:
     return rows
 
 
-def main():
+def main(argv: list[str] | None = None) -> None:
     ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", nargs="+", default=["small", "hertz_dev"], choices=list(PRESETS))
     ap.add_argument("--modes", nargs="+", default=["fp32-eager", "bf16-compile"], choices=list(MODES))
@@ -494,7 +494,7 @@ def main():
     ap.add_argument("--workers", type=int, default=6, help="DataLoader workers (--data)")
     ap.add_argument("--batches", type=int, default=80, help="batches to read (--data)")
     ap.add_argument("--preload", type=float, help="preload_max_gb (--data); default: the preset's")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants:

@@ -765,7 +765,17 @@ def test_benchmark_cpu_smoke_run_needs_no_audio_packages():
     assert line["preset"] == "tiny" and line["mode"] == "fp32-eager" and line["samples_per_s"] > 0
 
 
-def test_benchmark_profiles_each_phase_and_measures_each_variant():
+def codec_benchmark(argv, capsys):
+    """`benchmarks/codec_train.py ARGV` in this process (`in_process.main_in_process`), as `run`
+    returns it: the subject is what it prints, not its process (the CPU smoke run's test above keeps
+    one, for what it imports). Its variants seed torch's generator: forked, so this process' random
+    state is left as it was."""
+    from benchmarks import codec_train
+    with torch.random.fork_rng():
+        return main_in_process("benchmarks/codec_train.py", codec_train.main, argv, capsys)
+
+
+def test_benchmark_profiles_each_phase_and_measures_each_variant(capsys):
     """--profile prints, after each variant's timed line, the step's time per record_function
     phase and the top ops; --variants measures each variant in turn. `alternating` (the step
     before: generator step with frozen discriminators, then a discriminator step) starts from the
@@ -773,9 +783,9 @@ def test_benchmark_profiles_each_phase_and_measures_each_variant():
     agree: the two orders compute the same verdicts; so do `joint_disc` (real and reconstruction
     judged in one pass, `Discriminators.judge`) and `loop_fm` (the feature matching as a loop over
     the maps instead of the trainer's multi-tensor sums)."""
-    result = run(["benchmarks/codec_train.py", "--device", "cpu", "--presets", "tiny", "--batch", "2", "--seconds", "1",
-                  "--steps", "1", "--warmup", "1", "--modes", "fp32-eager", "--profile", "--variants",
-                  "base,alternating,joint_disc,loop_fm"])
+    result = codec_benchmark(["--device", "cpu", "--presets", "tiny", "--batch", "2", "--seconds", "1", "--steps", "1",
+                              "--warmup", "1", "--modes", "fp32-eager", "--profile", "--variants",
+                              "base,alternating,joint_disc,loop_fm"], capsys)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     timed = {r["variant"]: r for r in lines if "profile" not in r}
