@@ -842,7 +842,10 @@ def test_a_worker_whose_iterator_was_collected_in_a_reference_cycle_does_not_hol
     StopSafeLoader workers left running (model.data._stop_workers_at_exit)."""
     import subprocess
     import sys
+    # the iterator's finaliser waits out its two joins of the worker (torch's MP_STATUS_CHECK_INTERVAL,
+    # 5 s each: 10 s of this test), then leaves it running: 0.5 s each here, the same outcome
     code = ("import gc, json, multiprocessing, torch\nfrom model.data import make_loader\n"
+            "torch.utils.data._utils.MP_STATUS_CHECK_INTERVAL = 0.5\n"
             "class Cycle: pass\n"
             "def leave_in_a_cycle():\n"
             "    loader = make_loader(torch.utils.data.TensorDataset(torch.arange(64.0)), batch_size=4, num_workers=1, "
