@@ -26,7 +26,7 @@ dialogues where those speak in fewer than 3 training dialogues or under a third 
 any of them speaks are dealt in file order, half to finetune-train, an eighth to finetune-dev,
 three eighths to finetune-val; the base learns from every other training file (monologues and
 dialogues: still most of the corpus) and never hears those voices. Stages, each a trainer process
-with a time limit (with --smoke the transformer's run in this process, as the evaluations do):
+with a time limit (with --smoke both trainers run in this process, as the evaluations do):
   codec           train_codec.py on corpus/train (--codec-minutes), unless --codec PATH is given
                   (the codec is the fixed representation, trained on all of train/ as the official
                   one was on broad speech; what is adapted is the LM);
@@ -207,23 +207,24 @@ def run(cmd: list, log: Path) -> str:
 
 
 def run_here(cmd: list, log: Path) -> str:
-    """`run` of a `train_transformer.py` stage in this process, as `evaluate` runs the trainer: its
-    `main` under `model.training.run_script` (a user's error is one `error:` line and exit status
-    1), for --smoke's CPU stages, whose time is mostly a process' start (importing torch and the
-    optimizers' Dynamo: 6 s of CPU each, of a tiny stage's 8). A GPU stage keeps its own process,
+    """`run` of a `train_transformer.py` or `train_codec.py` stage in this process, as `evaluate`
+    runs the trainer: its `main` under `model.training.run_script` (a user's error is one `error:`
+    line and exit status 1), for --smoke's CPU stages, whose time is mostly a process' start
+    (importing torch and the optimizers' Dynamo: 6 s of CPU each, of a tiny stage's 8). A GPU stage keeps its own process,
     which frees its memory. Its stdout, and the log file, which also holds stderr; a failure ends
     this script as `run`'s does."""
+    import importlib
     import io
-    import train_transformer
     from model.training import run_script
-    assert cmd[0] == "train_transformer.py", cmd
+    assert cmd[0] in ("train_transformer.py", "train_codec.py"), cmd
+    trainer = importlib.import_module(cmd[0].removesuffix(".py"))
     out = io.StringIO()
     with open(log, "a") as f:
         f.write(f"$ (in process) {' '.join(map(str, cmd))}\n")
         f.flush()
         try:
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(f):
-                run_script(lambda: train_transformer.main([str(a) for a in cmd[1:]]))
+                run_script(lambda: trainer.main([str(a) for a in cmd[1:]]))
             code = 0
         except SystemExit as e:
             code = e.code
@@ -336,7 +337,7 @@ def train(args, work: Path, log: Path) -> tuple[str, str]:
             ["max_steps=20000", "warmup_steps=200", "eval_interval=250", "save_interval=250", "log_interval=50",
              "num_workers=6", f"max_minutes={args.codec_minutes}"]
         stage(work, "codec", ["train_codec.py", "--config", args.preset, *common, f"checkpoint_dir={codec_dir}", *steps],
-              log)
+              log, in_process=args.smoke)
         codec = str(codec_dir / "best.safetensors")
     if args.checkpoint:
         return args.checkpoint, codec
