@@ -128,12 +128,17 @@ def test_file_mode_real_time_and_ctrl_c(server, tmp_path):
     assert stats(r.stdout)["replies"] == 12 and sf.info(tmp_path / "rt.wav").frames == 12 * 2000
 
     sf.write(tmp_path / "long.wav", speech_like(20.0), 16000)
-    proc = subprocess.Popen([sys.executable, "inference_client.py", "--server", url, "--token", TOKEN, "--input-wav",
-                             tmp_path / "long.wav", "--output-wav", tmp_path / "cut.wav"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(4.0)
+    with open(tmp_path / "stderr", "w") as err:  # (a file: read while it runs, nothing lost to a pipe's buffer)
+        proc = subprocess.Popen([sys.executable, "inference_client.py", "--server", url, "--token", TOKEN,
+                                 "--input-wav", tmp_path / "long.wav", "--output-wav", tmp_path / "cut.wav"],
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True)
+    deadline = time.monotonic() + 30  # a second into its streaming (8 chunks), not a fixed 4 s from the start
+    while "streaming" not in (tmp_path / "stderr").read_text() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=20)
+    stdout, _ = proc.communicate(timeout=20)
+    stderr = (tmp_path / "stderr").read_text()
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr and 0 < stats(stdout)["sent"] < 160
     assert 0 < sf.info(tmp_path / "cut.wav").frames < 20 * 16000
