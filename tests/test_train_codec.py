@@ -958,7 +958,7 @@ def test_the_data_loading_workers_stop_when_main_returns_even_with_its_frame_kep
     process exited, where they held the exit for ever. The loop now stops them as it ends
     (`model.data.workers_stopped`). tests/kept_frame.py keeps main's frame on purpose."""
     result = run(["tests/kept_frame.py", "train_codec"] + args(corpus, tmp_path / "run", "num_workers=1",
-                                                               "max_steps=3", "eval_interval=3", *BRIEF_EVAL),
+                                                               "max_steps=1", "eval_interval=1", *BRIEF_EVAL),
                  timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.splitlines()[-1]) == {"workers_running": []}
