@@ -210,9 +210,11 @@ OFFICIAL_FIXTURES = {"inference_volcano_3": "quantizer_state_dict.pt", "inferenc
 
 def test_the_data_loading_workers_stop_when_main_returns_even_with_its_frame_kept(setup, tmp_path):
     """As the codec trainer's test of the same name: train_transformer.main, its frame kept after
-    it returns (tests/kept_frame.py), leaves no data-loading worker running."""
+    it returns (tests/kept_frame.py), leaves no data-loading worker running. One step is all it
+    needs (the worker starts for it), evaluated on one crop without an audio sample."""
     out = subprocess.run([sys.executable, "tests/kept_frame.py", "train_transformer",
-                          *base_args(setup, tmp_path / "run", num_workers=1)], cwd=REPO, capture_output=True,
+                          *base_args(setup, tmp_path / "run", num_workers=1, max_steps=1, eval_interval=1,
+                                     val_crops=1, sample_seconds=0)], cwd=REPO, capture_output=True,
                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout.splitlines()[-1]) == {"workers_running": []}
