@@ -566,8 +566,8 @@ def test_main_called_again_in_one_process_leaves_no_descriptor_of_the_run_lock(c
     descriptor per folder serves every holder of the process, counted, so an older `Checkpoints` of the
     folder still holding it (kept alive by a traceback) keeps it locked, and closes it when released."""
     run_dir = tmp_path / "run"
-    short = ("max_steps=4", "save_interval=2", "eval_interval=2", *BRIEF_EVAL)
-    for extra in (("stop_step=2",), (), ("latent_dim=16",)):  # trains, resumes, then raises: a contradicting config
+    short = ("max_steps=2", "save_interval=1", "eval_interval=1", *BRIEF_EVAL)  # a step a run
+    for extra in (("stop_step=1",), (), ("latent_dim=16",)):  # trains, resumes, then raises: a contradicting config
         result = run_here(args(corpus, run_dir, *short, *extra), capsys)
         assert result.returncode == (1 if extra == ("latent_dim=16",) else 0), result.stderr[-2000:]
         assert lock_descriptors(run_dir) == 0
@@ -578,7 +578,7 @@ def test_main_called_again_in_one_process_leaves_no_descriptor_of_the_run_lock(c
         for _ in range(2):
             assert run_here(args(corpus, run_dir, *short), capsys).returncode == 0  # finished: nothing to train
             assert lock_descriptors(run_dir) == 1
-        other = run(["train_codec.py"] + args(corpus, run_dir, *short, "max_steps=6"))  # still held by `older`
+        other = run(["train_codec.py"] + args(corpus, run_dir, *short, "max_steps=4"))  # still held by `older`
         assert other.returncode == 1, other.stderr[-2000:]
         assert error_line(other.stderr) == (f"error: checkpoint_dir={str(run_dir)!r}: another run is training in "
                                             "it now (it holds .run.lock); wait for it to end, or use another "
