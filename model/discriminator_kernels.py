@@ -58,6 +58,15 @@ def blocks(m: int, c: int) -> tuple[int, int]:
     return max(ELEMENTS // block_c, 16), block_c
 
 
+def matrix_grid(t: Tensor) -> tuple[int, int, tuple[int, int], dict]:
+    """A channels-last (B, C, H, W) `t` read as its (m, c) matrix: m, c, the grid of programs over
+    it and the block sizes (`blocks`) as a kernel's keyword arguments."""
+    c = t.shape[1]
+    m = t.numel() // c
+    block_m, block_c = blocks(max(m, 1), c)
+    return m, c, (triton.cdiv(m, block_m), triton.cdiv(c, block_c)), {"BLOCK_M": block_m, "BLOCK_C": block_c}
+
+
 def channels_last_dense(t: Tensor) -> Tensor:
     """A (B, C, H, W) tensor whose memory is its (B*H*W, C) matrix, row after row: `t` itself when it
     is channels-last dense, which the kernels read through its pointer (no view is made: each is a
@@ -74,12 +83,9 @@ class BiasLeakyReLU(torch.autograd.Function):
     def forward(ctx, y: Tensor, bias: Tensor, slope: float) -> Tensor:
         y = channels_last_dense(y)
         out = torch.empty_like(y)  # channels-last, as `y`
-        c = y.shape[1]
-        m = y.numel() // c
+        m, c, grid, block = matrix_grid(y)
         if m:
-            block_m, block_c = blocks(m, c)
-            _forward[(triton.cdiv(m, block_m), triton.cdiv(c, block_c))](
-                y, bias, out, m, c, slope, BLOCK_M=block_m, BLOCK_C=block_c)
+            _forward[grid](y, bias, out, m, c, slope, **block)
         ctx.save_for_backward(out)
         ctx.slope, ctx.bias_dtype = slope, bias.dtype
         return out
@@ -88,15 +94,12 @@ class BiasLeakyReLU(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         out, = ctx.saved_tensors
         gy = torch.empty_like(out)  # channels-last, as `out`
-        c = out.shape[1]
-        m = out.numel() // c
+        m, c, grid, block = matrix_grid(out)
         if not m:
             return gy, torch.zeros(c, device=out.device, dtype=ctx.bias_dtype), None
-        block_m, block_c = blocks(m, c)
         # every (program row, channel) entry is written by its program: no zeroing needed
-        partial = torch.empty(triton.cdiv(m, block_m), c, device=out.device, dtype=torch.float32)
-        _backward[(triton.cdiv(m, block_m), triton.cdiv(c, block_c))](
-            channels_last_dense(grad), out, gy, partial, m, c, ctx.slope, BLOCK_M=block_m, BLOCK_C=block_c)
+        partial = torch.empty(grid[0], c, device=out.device, dtype=torch.float32)
+        _backward[grid](channels_last_dense(grad), out, gy, partial, m, c, ctx.slope, **block)
         bias_grad = partial.sum(0) if ctx.needs_input_grad[1] else None
         if bias_grad is not None and bias_grad.dtype != ctx.bias_dtype:
             bias_grad = bias_grad.to(ctx.bias_dtype)

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .discriminator_kernels import blocks, channels_last_dense
+from .discriminator_kernels import channels_last_dense, matrix_grid
 
 EPS = 1e-9  # as model.codec.snake: x + sin(a x)^2 / (a + EPS)
 
@@ -64,12 +64,9 @@ class SnakeFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, alpha: Tensor) -> Tensor:
         x = channels_last_dense(x)
         out = torch.empty_like(x)  # channels-last, as `x`
-        c = x.shape[1]
-        m = x.numel() // c
+        m, c, grid, block = matrix_grid(x)
         if m:
-            block_m, block_c = blocks(m, c)
-            _forward[(triton.cdiv(m, block_m), triton.cdiv(c, block_c))](
-                x, alpha, out, m, c, EPS, BLOCK_M=block_m, BLOCK_C=block_c)
+            _forward[grid](x, alpha, out, m, c, EPS, **block)
         ctx.save_for_backward(x, alpha)
         return out
 
@@ -77,15 +74,12 @@ class SnakeFunction(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         x, alpha = ctx.saved_tensors
         gx = torch.empty_like(x)  # channels-last, as `x`
-        c = x.shape[1]
-        m = x.numel() // c
+        m, c, grid, block = matrix_grid(x)
         if not m:
             return gx, torch.zeros_like(alpha)
-        block_m, block_c = blocks(m, c)
         # every (program row, channel) entry is written by its program: no zeroing needed
-        partial = torch.empty(triton.cdiv(m, block_m), c, device=x.device, dtype=torch.float32)
-        _backward[(triton.cdiv(m, block_m), triton.cdiv(c, block_c))](
-            channels_last_dense(grad), x, alpha, gx, partial, m, c, EPS, BLOCK_M=block_m, BLOCK_C=block_c)
+        partial = torch.empty(grid[0], c, device=x.device, dtype=torch.float32)
+        _backward[grid](channels_last_dense(grad), x, alpha, gx, partial, m, c, EPS, **block)
         alpha_grad = partial.sum(0).to(alpha.dtype) if ctx.needs_input_grad[1] else None
         return gx, alpha_grad
 
