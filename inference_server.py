@@ -218,7 +218,16 @@ class EngineWorker:
         def settle():
             if not fut.done():
                 fut.set_exception(exc) if exc is not None else fut.set_result(result)
-        self.loop.call_soon_threadsafe(settle)
+        self._post(settle)
+
+    def _post(self, fn, *args) -> None:
+        """`fn(*args)` on the event loop; nothing once the loop is closed (the server shut down
+        while a step ran: its replies have no session left to go to)."""
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:
+            if not self.loop.is_closed():
+                raise
 
     def _run(self, warmup: bool) -> None:
         try:
@@ -264,7 +273,7 @@ class EngineWorker:
             except Exception as e:
                 log.exception("engine step failed; closing the sessions of this step")
                 for r, chunk, _ in batch:
-                    self.loop.call_soon_threadsafe(chunk.session.on_engine_error, e)
+                    self._post(chunk.session.on_engine_error, e)
                 continue
             ms = 1000 * (time.perf_counter() - t)
             replies = float_to_pcm(out)
@@ -272,7 +281,7 @@ class EngineWorker:
                 self.history.append((t, ms, len(batch)))
                 self.steps += 1
             for r, chunk, dropped in batch:
-                self.loop.call_soon_threadsafe(chunk.session.on_reply, chunk, replies[r], dropped)
+                self._post(chunk.session.on_reply, chunk, replies[r], dropped)
         for fn, args, fut in commands:
             self._settle(fut, exc=RuntimeError("the engine is stopped"))
 

@@ -1942,3 +1942,33 @@ def test_cli_server_with_int8_weights_and_fp8_cache_answers_with_audio(model, tm
     assert len(replies) == 2 and all(len(r) == len(CHUNKS[0]) for r in replies)
     assert any(np.frombuffer(r, "<i2").any() for r in replies)
     assert f"loaded {checkpoint} on cpu in " in log.read_text() and ", int8 weights" in log.read_text()
+
+
+def test_a_reply_ready_after_the_event_loop_closed_is_dropped_quietly(model):
+    """At shutdown the event loop can close while the engine thread steps a chunk (seen in CI's
+    browser test: `RuntimeError: Event loop is closed`, raised on the engine thread, which died
+    with it): the reply has no session left to go to, so it is dropped, and the thread stops when
+    told as usual."""
+    import threading
+    from model.live import LiveEngine
+
+    class Receiver:  # a session's end of the worker: where its replies would go
+        def on_reply(self, chunk, reply, dropped):
+            raise AssertionError("no reply can be delivered on a closed loop")
+
+    worker = srv.EngineWorker(LiveEngine(model, max_sessions=1))
+    worker.loop = asyncio.new_event_loop()
+    errors, hook = [], threading.excepthook
+    threading.excepthook = lambda args: errors.append(args.exc_value)
+    try:
+        worker.start(warmup=False)
+        worker.loop.close()  # the server's loop, gone before the step's reply is ready
+        worker.submit(0, srv.Chunk(Receiver(), np.zeros(2000, dtype=np.int16), "binary", time.perf_counter()))
+        deadline = time.monotonic() + 60
+        while worker.steps == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert worker.steps == 1
+        worker.stop()
+    finally:
+        threading.excepthook = hook
+    assert errors == [] and not worker.thread.is_alive()
