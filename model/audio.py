@@ -31,7 +31,7 @@ CODEC_EXTENSIONS = {".opus": ("OGG", "OPUS")}
 # scan names them, so that a folder of phone recordings (.m4a) beside WAVs is not half used unsaid
 OTHER_AUDIO_EXTENSIONS = (".m4a", ".aac", ".mp4", ".wma", ".webm", ".mka", ".amr", ".3gp", ".aif", ".aiff",
                           ".caf", ".au", ".wv", ".ape", ".spx")
-CHANNEL_MODES = (None, "mono", "stereo")
+CHANNEL_MODES = (None, "mono", "stereo", "speakers")
 
 # File frames read on each side of a crop so the resampler's filter sees real signal at the
 # crop edges instead of a step from zero (which would ring into the first/last milliseconds).
@@ -178,7 +178,9 @@ def scan_samples(path: str, block: int = 1 << 20) -> None:
 
 
 def convert_channels(audio: np.ndarray, channels: Optional[str], path: str = "<array>") -> np.ndarray:
-    """(C, T) -> (C', T): None keeps C, "mono" averages all channels, "stereo" keeps the first two.
+    """(C, T) -> (C', T): None keeps C, "mono" averages all channels, "stereo" keeps the first two,
+    "speakers" the first two or the one there is (a two-speaker corpus: a file of more channels, a
+    recorder's 6, is cut to two; a lone speaker's is the caller's to pair).
 
     "stereo" on a one-channel signal raises AudioError: whether a lone speaker should be
     duplicated or paired with silence is the caller's decision (see `model.data`).
@@ -191,6 +193,8 @@ def convert_channels(audio: np.ndarray, channels: Optional[str], path: str = "<a
         if audio.shape[0] < 2:
             raise AudioError(f"{path} has {audio.shape[0]} channel, but stereo (two speakers) was "
                              "requested; load it with channels=None or 'mono'")
+        return audio[:2]
+    if channels == "speakers":
         return audio[:2]
     raise ValueError(f"channels must be one of {CHANNEL_MODES}, got {channels!r}")
 
@@ -252,7 +256,7 @@ def _read_frames(f, frames: int, channels: Optional[str], path: str) -> np.ndarr
     fewer channels to filter). A file of more channels than are kept is read in blocks, each
     checked and mixed down (or cut to two) as it comes: an hour of a 6-channel 48 kHz recorder's
     file is 4.1 GB of float32 read whole, where its mono mix is 0.7 GB."""
-    keep = {"mono": 1, "stereo": 2}.get(channels)
+    keep = {"mono": 1, "stereo": 2, "speakers": 2}.get(channels)
     if keep is None or f.channels <= keep:
         audio = f.read(frames, dtype="float32", always_2d=True).T  # (C, T)
         check_samples(audio, path)
@@ -277,7 +281,7 @@ def load_audio(path: str, sample_rate: int = 16000, channels: Optional[str] = "m
     """Read a WAV, FLAC, OGG (Vorbis, Opus) or MP3 file as a float32 array of shape (C, T) at `sample_rate`.
 
     channels: None keeps the file's own channels; "mono" averages them; "stereo" keeps the first
-        two and raises AudioError for a one-channel file.
+        two and raises AudioError for a one-channel file; "speakers" keeps at most the first two.
     start, num_samples: the span to read, counted in samples at `sample_rate`; only those frames
         (and, when resampling, 1024 more on each side) are decoded, so crops of long files are
         cheap. Near the end of the file fewer than `num_samples` come back; callers pad.

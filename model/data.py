@@ -314,18 +314,11 @@ class AudioCropDataset(Dataset):
         """File i whole, (C, T) float32 as crops hold it; None (and named) if it cannot be read."""
         try:
             audio = load_audio(self.files[i].path, self.sample_rate,
-                               channels=self._read_channels(i))
+                               channels="mono" if self.channels == "mono" else "speakers")
         except AudioError as e:
             self._skip(i, e)
             return None
         return two_speakers(audio, self.mono_to_stereo) if self.channels == "stereo" else audio
-
-    def _read_channels(self, i: int) -> Optional[str]:
-        """`load_audio`'s channels for file i: its mix, or (two speakers) its first two channels, cut
-        as read from a file of more (a recorder's 6), or its one channel, which `two_speakers` pairs."""
-        if self.channels == "mono":
-            return "mono"
-        return "stereo" if self.files[i].channels >= 2 else None
 
     def _validation_crops(self, per_file: int, max_crops: Optional[int]) -> list[tuple[int, int]]:
         crops = []
@@ -356,7 +349,7 @@ class AudioCropDataset(Dataset):
             audio = self._audio[i][:, start:start + self.segment]  # (C, n), n <= N
         else:
             audio = load_audio(self.files[i].path, self.sample_rate,
-                               channels=self._read_channels(i),
+                               channels="mono" if self.channels == "mono" else "speakers",
                                start=start, num_samples=self.segment)  # (C, n), n <= N
             if self.channels == "stereo":
                 audio = two_speakers(audio, self.mono_to_stereo)

@@ -122,11 +122,10 @@ class _AudioFiles(Dataset):
         """(i, audio, None, dual mono) or, for a file that cannot be read, (i, None, why, False).
         A stereo file holding one signal on both channels (a mono recording saved as stereo) is
         taken as one channel: as two speakers it would teach the model to echo the user."""
-        from .audio import AudioError, audio_info, load_audio, same_signal, two_speakers
+        from .audio import AudioError, load_audio, same_signal, two_speakers
         try:
             # two speakers: the first two channels, cut as read from a file of more (a recorder's 6)
-            channels = "mono" if self.channels == "mono" else "stereo" if audio_info(self.paths[i])[2] >= 2 else None
-            audio = load_audio(self.paths[i], self.sample_rate, channels)
+            audio = load_audio(self.paths[i], self.sample_rate, "mono" if self.channels == "mono" else "speakers")
         except AudioError as e:
             return i, None, str(e), False
         dual = False
