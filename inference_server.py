@@ -694,14 +694,17 @@ class Session:
     def on_reply(self, chunk: Chunk, reply: np.ndarray, dropped: int) -> None:
         if self.closed:
             return
+        # the chunk's latency ends here, as its reply is handed on: taken after the send (and the
+        # recording), a moment the GIL gives the engine thread (5 ms) counted in it, so the server's
+        # figure could exceed the client's own round trip
+        now = time.perf_counter()
+        self.server.latency_ms.append((now, 1000 * (now - chunk.t_recv)))
         if dropped and chunk.fmt == "binary":  # the original's text clients expect audio only
             self.send_json(type="dropped", chunks=dropped, total=self.dropped_total())
         self.send_audio(reply, chunk.fmt)
         # The model's context frame is (this user chunk, the model audio of the previous reply).
         self.record(np.stack([chunk.pcm, self.model_prev], axis=1))
         self.model_prev = reply
-        now = time.perf_counter()
-        self.server.latency_ms.append((now, 1000 * (now - chunk.t_recv)))
 
     async def watch_idle(self, timeout: float) -> None:
         """Close the session once no audio has arrived for `timeout` seconds (control messages do
