@@ -323,6 +323,8 @@ class AudioCropDataset(Dataset):
     def _validation_crops(self, per_file: int, max_crops: Optional[int]) -> list[tuple[int, int]]:
         crops = []
         for i, length in enumerate(self.lengths):
+            if not length:  # a blip of a frame or two at 44.1 kHz: not one sample here, a crop of padding alone
+                continue
             n = max(1, int(length // self.segment))  # a short file still gives one padded crop
             picks = np.unique(np.linspace(0, n - 1, min(n, per_file)).round().astype(int))
             crops.extend((i, int(k) * self.segment) for k in picks)

@@ -629,6 +629,11 @@ def test_validation_crops_are_consecutive_and_fixed(tmp_path):
         assert torch.equal(ds[k]["audio"], again[k]["audio"]) and torch.equal(ds[k]["mask"], again[k]["mask"])
     capped = AudioCropDataset(tmp_path, segment_seconds=1.0, train=False, val_crops_per_file=2)
     assert capped.crops == [(0, 0), (0, 2 * SR), (1, 0)]  # spread over the file
+    # a file of one frame at 44.1 kHz holds no sample at 16 kHz: no crop (it was one of padding alone,
+    # counted in the trainer's "val: N crops" and evaluated for nothing)
+    write(tmp_path / "c.wav", np.full(1, 0.1, np.float32), rate=44100)
+    with_blip = AudioCropDataset(tmp_path, segment_seconds=1.0, train=False)
+    assert [os.path.basename(with_blip.files[i].path) for i, _ in with_blip.crops] == ["a.wav"] * 3 + ["b.wav"]
 
 
 def test_train_crops_are_reproducible_and_weighted_by_duration(tmp_path):
