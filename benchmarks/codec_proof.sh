@@ -26,7 +26,7 @@
 # benchmarks/metric_references.py --codec on TUNED_DIR's best.safetensors, what in its
 # reconstructions costs each metric, after `tuned` when both are named), PARTS=return (not among
 # the default parts: TUNED_DIR's best.safetensors in parts of 16,000,000 bytes under $OUT/codec/, which
-# the device tool can return up to 8 of, to be joined and diagnosed on the CPU),
+# the device tool can return up to 4 of (64 MiB in all), to be joined and diagnosed on the CPU),
 # TUNED_CONFIG (on the GPU its
 # preset, default small_fast; `small` for today's defaults at the same steps). The tuned run
 # keeps its preset's schedule (small_fast's max_steps 6000: the learning rate decays within a
@@ -185,9 +185,10 @@ if wanted diagnose; then
     || failed diagnose "$OUT/diagnose.log"
 fi
 # 6c. (PARTS=return only) the tuned codec back to the caller: the device tool returns at most 8 files of at
-# most 16 MiB, so TUNED_DIR's best.safetensors goes to $OUT/codec/ in parts of 16,000,000 bytes, its md5 in
-# the JSON line (small's codec, 106 MiB: 7 parts; a larger one, e.g. decode_channel_multiplier=4's 359 MiB,
-# cannot come back: diagnose it on the device, PARTS=diagnose). RETURN_DIR puts them elsewhere: the device
+# most 16 MiB, 64 MiB in all, so TUNED_DIR's best.safetensors goes to $OUT/codec/ in parts of 16,000,000
+# bytes, its md5 in the JSON line, when it fits in 4 (small's codec, 111 MB, does not: session 32 got 4 of
+# its 7 parts back, benchmarks/results/h100_session32.txt; diagnose it on the device, PARTS=diagnose).
+# RETURN_DIR puts them elsewhere: the device
 # tool returns what is under its own $OUT, where this script's logs would crowd them out, so call it as
 #   RETURN_DIR=$OUT OUT=/tmp/codec_proof PARTS="tuned return" ... bash benchmarks/codec_proof.sh
 # Join them where they land
@@ -198,8 +199,8 @@ if wanted return; then
   rm -f "$RETURN_DIR"/best.safetensors.part* && mkdir -p "$RETURN_DIR"
   if [ ! -f "$TUNED_DIR/best.safetensors" ]; then
     echo '{"proof": "return", "error": "no best.safetensors in '"$TUNED_DIR"'"}'
-  elif [ "$(stat -c %s "$TUNED_DIR/best.safetensors")" -gt $(( 8 * 16000000 )) ]; then
-    echo '{"proof": "return", "error": "best.safetensors is over 8 parts of 16,000,000 bytes: run PARTS=diagnose on the device"}'
+  elif [ "$(stat -c %s "$TUNED_DIR/best.safetensors")" -gt $(( 4 * 16000000 )) ]; then
+    echo '{"proof": "return", "error": "best.safetensors is over the 64 MiB the device tool returns: run PARTS=diagnose on the device"}'
   else
     split -b 16000000 -d "$TUNED_DIR/best.safetensors" "$RETURN_DIR/best.safetensors.part"
     python3 -c 'import glob, hashlib, json, os, sys
