@@ -110,14 +110,14 @@ def check_feature_cases(rows):
 
 def test_bias_leaky_relu_equals_torch_in_the_triton_interpreter():
     pytest.importorskip("triton", reason="Triton (requirements.txt, Linux) runs the kernels' interpreter")
-    from triton_interpreter import interpreted
-    check_kernel_cases(interpreted(CASES + "\nprint(json.dumps(kernel_cases('cpu')))\n"), interpreter=True)
+    from triton_interpreter import run_cases
+    check_kernel_cases(run_cases(CASES, "kernel_cases", "cpu"), interpreter=True)
 
 
 def test_feature_l1_equals_torchs_loss_and_gradients_in_the_triton_interpreter():
     pytest.importorskip("triton", reason="Triton (requirements.txt, Linux) runs the kernels' interpreter")
-    from triton_interpreter import interpreted
-    check_feature_cases(interpreted(CASES + "\nprint(json.dumps(feature_cases('cpu')))\n"))
+    from triton_interpreter import run_cases
+    check_feature_cases(run_cases(CASES, "feature_cases", "cpu"))
 
 
 DISCRIMINATORS = r'''
@@ -170,10 +170,9 @@ def test_the_discriminators_step_with_the_kernels_equals_torchs_ops_in_the_trito
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bias_leaky_relu_equals_torch_on_cuda():
-    namespace = {}
-    exec(CASES, namespace)
-    check_kernel_cases(namespace["kernel_cases"]("cuda"))
-    check_feature_cases(namespace["feature_cases"]("cuda"))
+    from triton_interpreter import run_cases
+    check_kernel_cases(run_cases(CASES, "kernel_cases", "cuda"))
+    check_feature_cases(run_cases(CASES, "feature_cases", "cuda"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -124,15 +124,14 @@ def check_noise_cases(cases, cuda=False):
 
 def test_noise_kernel_equals_the_torch_noise_bit_for_bit_in_the_triton_interpreter():
     pytest.importorskip("triton", reason="Triton (requirements.txt, Linux) runs the kernel's interpreter")
-    from triton_interpreter import interpreted
-    check_noise_cases(interpreted(NOISE_CASES + "\nprint(json.dumps(noise_cases('cpu')))\n"))
+    from triton_interpreter import run_cases
+    check_noise_cases(run_cases(NOISE_CASES, "noise_cases", "cpu"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_noise_kernel_equals_the_torch_noise_bit_for_bit_on_cuda():
-    namespace = {}
-    exec(NOISE_CASES, namespace)
-    check_noise_cases(namespace["noise_cases"]("cuda"), cuda=True)
+    from triton_interpreter import run_cases
+    check_noise_cases(run_cases(NOISE_CASES, "noise_cases", "cuda"), cuda=True)
 
 
 def test_row_sampling_follows_each_rows_parameters():

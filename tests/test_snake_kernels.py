@@ -50,15 +50,14 @@ def check(rows):
 
 def test_snake_kernels_equal_the_formula_in_the_triton_interpreter():
     pytest.importorskip("triton", reason="Triton (requirements.txt, Linux) runs the kernels' interpreter")
-    from triton_interpreter import interpreted
-    check(interpreted(CASES + "\nprint(json.dumps(cases('cpu')))\n"))
+    from triton_interpreter import run_cases
+    check(run_cases(CASES, "cases", "cpu"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_snake_kernels_equal_the_formula_on_cuda():
-    scope = {}
-    exec(CASES, scope)
-    check(scope["cases"]("cuda"))
+    from triton_interpreter import run_cases
+    check(run_cases(CASES, "cases", "cuda"))
 
 
 def test_the_snake_module_is_the_formula_on_the_cpu_in_either_layout():

@@ -17,3 +17,13 @@ def interpreted(script: str) -> list:
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def run_cases(source: str, function: str, device: str):
+    """`function(device)` of the test script `source` (which imports json): for "cpu" in Triton's
+    interpreter, a process of its own; for a GPU in this process, the kernels compiled."""
+    if device == "cpu":
+        return interpreted(f"{source}\nprint(json.dumps({function}('cpu')))\n")
+    scope: dict = {}
+    exec(source, scope)
+    return scope[function](device)
