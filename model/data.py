@@ -292,6 +292,8 @@ class AudioCropDataset(Dataset):
         if self.segment <= 0:
             raise ValueError(f"segment_seconds must be positive, got {segment_seconds}")
         self.train, self.channels, self.seed, self.mono_to_stereo = train, channels, seed, mono_to_stereo
+        # load_audio's channels: the mix, or (two speakers) at most the first two, which `two_speakers` pairs
+        self._load_channels = "mono" if channels == "mono" else "speakers"
         self.epoch = 0
         self._bad: set[int] = set()  # files that failed to read in this process
         # lengths in output samples, which is what crops are measured in
@@ -314,7 +316,7 @@ class AudioCropDataset(Dataset):
         """File i whole, (C, T) float32 as crops hold it; None (and named) if it cannot be read."""
         try:
             audio = load_audio(self.files[i].path, self.sample_rate,
-                               channels="mono" if self.channels == "mono" else "speakers")
+                               channels=self._load_channels)
         except AudioError as e:
             self._skip(i, e)
             return None
@@ -351,7 +353,7 @@ class AudioCropDataset(Dataset):
             audio = self._audio[i][:, start:start + self.segment]  # (C, n), n <= N
         else:
             audio = load_audio(self.files[i].path, self.sample_rate,
-                               channels="mono" if self.channels == "mono" else "speakers",
+                               channels=self._load_channels,
                                start=start, num_samples=self.segment)  # (C, n), n <= N
             if self.channels == "stereo":
                 audio = two_speakers(audio, self.mono_to_stereo)
