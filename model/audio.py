@@ -12,6 +12,7 @@ file at 1 Hz would need gigabytes, one at 2 GHz would be a few samples), not a r
 from __future__ import annotations
 
 import errno
+import io
 import math
 import os
 import stat
@@ -124,18 +125,105 @@ def _check_rate(rate: int, path: str, frames: int = 0) -> None:
                          "to a pipe?); write it again as a file, e.g. `ffmpeg -i IN -c:a flac OUT.flac`")
 
 
+# --- MP3s whose length libsndfile does not know ----------------------------------------------------
+# libsndfile takes an MP3's length from its Xing/Info (LAME) or VBRI header or, without one, estimates
+# it from the file's size and its first frame's bitrate, and it stops reading there: a variable-bitrate
+# MP3 written without that header (some encoders and stream rippers do) reads as a fraction of itself,
+# silently (a 20 s file as 5 s). Such a file is opened with a Xing header made from its own frames in
+# front of them, in memory (the file is untouched), which gives libsndfile the length its frames hold.
+
+_MP3_BITRATES = {1: (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),   # MPEG-1, kbit/s
+                 2: (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160)}       # MPEG-2 and 2.5
+_MP3_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}  # by version bits
+
+
+def _mp3_frame(data: bytes, pos: int) -> Optional[tuple[int, int, int]]:
+    """(frame length in bytes, samples per frame, side information length) of the MPEG audio layer
+    III frame header at `pos`, or None if there is none there."""
+    if pos + 4 > len(data) or data[pos] != 0xFF or data[pos + 1] & 0xE0 != 0xE0:
+        return None
+    version, layer = (data[pos + 1] >> 3) & 3, (data[pos + 1] >> 1) & 3
+    bitrate_index, rate_index = data[pos + 2] >> 4, (data[pos + 2] >> 2) & 3
+    if version == 1 or layer != 1 or bitrate_index in (0, 15) or rate_index == 3:  # reserved, not layer III, free
+        return None
+    mpeg1, mono = version == 3, data[pos + 3] >> 6 == 3
+    rate = _MP3_RATES[version][rate_index]
+    bitrate = _MP3_BITRATES[1 if mpeg1 else 2][bitrate_index] * 1000
+    length = (144 if mpeg1 else 72) * bitrate // rate + ((data[pos + 2] >> 1) & 1)
+    return length, 1152 if mpeg1 else 576, (17 if mono else 32) if mpeg1 else (9 if mono else 17)
+
+
+def mp3_length_header(path: str) -> Optional[tuple[bytes, int]]:
+    """For an MP3 without a Xing, Info or VBRI header: (its audio stream after a Xing frame that gives
+    the number of its frames, the samples those frames hold); None for any other file (one with such
+    a header, or one that is not a layer III stream from its first frame)."""
+    with open(path, "rb") as f:
+        start = 0
+        while len(tag := f.read(10)) == 10 and tag[:3] == b"ID3":  # ID3v2 tags before the audio
+            start += 10 + ((tag[6] << 21) | (tag[7] << 14) | (tag[8] << 7) | tag[9]) + (10 if tag[5] & 0x10 else 0)
+            f.seek(start)
+        f.seek(start)
+        head = f.read(4096)
+        first = _mp3_frame(head, 0)
+        if first is None or any(name in head[:first[0]] for name in (b"Xing", b"Info", b"VBRI")):
+            return None
+        f.seek(start)
+        data = f.read()
+    frames, pos = 0, 0
+    while (frame := _mp3_frame(data, pos)) is not None and data[pos + 1] == head[1] and \
+            (data[pos + 2] ^ head[2]) & 0x0C == 0 and (data[pos + 3] ^ head[3]) & 0xC0 == 0:
+        frames, pos = frames + 1, pos + frame[0]  # (the first frame's version, layer, CRC, rate and channels)
+    # The Xing frame: the first frame's header without CRC or padding, at the lowest bitrate that holds
+    # the side information (zeros), "Xing", its flags (frame count and byte count given) and both counts.
+    _, samples_per_frame, side = first
+    for index in range(1, 15):
+        header = bytes((0xFF, head[1] | 1, (index << 4) | (head[2] & 0x0C), head[3]))
+        if (length := _mp3_frame(header, 0)[0]) >= 4 + side + 16:
+            break
+    xing = header + bytes(side) + b"Xing" + (3).to_bytes(4, "big") + frames.to_bytes(4, "big") + \
+        (pos + length).to_bytes(4, "big")
+    return xing + bytes(length - len(xing)) + data, frames * samples_per_frame
+
+
+# An MP3 is read in one read from where it is opened or seeked to, never in blocks: after a seek
+# libsndfile's (mpg123's) output is not the file's for up to ~0.3 s (up to 4,800 samples of a 16 kHz
+# file off by up to 0.36, full scale 1, where its frames lean on the bit reservoir: tones, pauses), and
+# soundfile seeks after every read (to where it already is), so each read after the first began so
+# too. A crop is read with _MP3_PREROLL file frames before it in the same read, then dropped: 9,216
+# made every crop tried equal to the same span of a whole read, and this is twice that, a few
+# milliseconds of decoding a crop.
+_MP3_PREROLL = 18432
+
+
+def _open_audio(path: str):
+    """`soundfile.SoundFile(path)` for reading; an MP3 whose length libsndfile underestimates (see
+    above) opened with a Xing header made from its frames instead."""
+    import soundfile as sf
+    f = sf.SoundFile(path)
+    try:
+        made = mp3_length_header(path) if f.format == "MP3" else None
+    except BaseException:
+        f.close()
+        raise
+    if made is None or made[1] <= f.frames:
+        return f
+    f.close()
+    return sf.SoundFile(io.BytesIO(made[0]))  # the stream in memory: an MP3 is a few MB a minute at most
+
+
 def audio_info(path: str) -> tuple[int, int, int]:
     """Return `(frames, sample_rate, channels)` of a file without decoding it."""
-    import soundfile as sf  # here, not at the top: the GPU image's benchmarks import this module without it
+    # soundfile is imported in _open_audio, not at the top: the GPU image's benchmarks import this module without it
     try:
-        info = sf.info(str(path))
+        with _open_audio(str(path)) as info:
+            frames, rate, channels = info.frames, info.samplerate, info.channels
     except Exception as e:  # soundfile raises LibsndfileError, RuntimeError or TypeError
         raise AudioError(f"cannot read audio file {path}: {_reason(e, str(path))}") from e
-    if info.samplerate <= 0 or info.channels <= 0 or info.frames < 0:
+    if rate <= 0 or channels <= 0 or frames < 0:
         raise AudioError(f"cannot read audio file {path}: bad header "
-                         f"(rate={info.samplerate}, channels={info.channels}, frames={info.frames})")
-    _check_rate(info.samplerate, path, info.frames)
-    return int(info.frames), int(info.samplerate), int(info.channels)
+                         f"(rate={rate}, channels={channels}, frames={frames})")
+    _check_rate(rate, path, frames)
+    return int(frames), int(rate), int(channels)
 
 
 def check_samples(audio: np.ndarray, path: str = "<array>") -> None:
@@ -257,7 +345,7 @@ def _read_frames(f, frames: int, channels: Optional[str], path: str) -> np.ndarr
     checked and mixed down (or cut to two) as it comes: an hour of a 6-channel 48 kHz recorder's
     file is 4.1 GB of float32 read whole, where its mono mix is 0.7 GB."""
     keep = {"mono": 1, "stereo": 2, "speakers": 2}.get(channels)
-    if keep is None or f.channels <= keep:
+    if keep is None or f.channels <= keep or f.format == "MP3":  # an MP3 in one read: see _MP3_PREROLL
         audio = f.read(frames, dtype="float32", always_2d=True).T  # (C, T)
         check_samples(audio, path)
         return convert_channels(audio, channels, path)
@@ -293,9 +381,8 @@ def load_audio(path: str, sample_rate: int = 16000, channels: Optional[str] = "m
         raise ValueError(f"start and num_samples must be >= 0, got {start}, {num_samples}")
     if not os.path.isfile(path):  # a named pipe, which soundfile's open would wait on for a writer for ever
         raise AudioError(f"cannot read audio file {path}: {_reason(None, path)}")
-    import soundfile as sf
     try:
-        with sf.SoundFile(path) as f:
+        with _open_audio(path) as f:
             rate, total = f.samplerate, f.frames
             _check_rate(rate, path, total)
             if rate == sample_rate:
@@ -312,8 +399,9 @@ def load_audio(path: str, sample_rate: int = 16000, channels: Optional[str] = "m
                 lo, offset = min(lo_out // block_out * block_in, total), start - lo_out
                 hi = total if num_samples is None else \
                     min(math.ceil((start + num_samples) * rate / sample_rate) + _RESAMPLE_MARGIN, total)
-            _skip_frames(f, lo)
-            audio = _read_frames(f, max(hi - lo, 0), channels, path)  # (C', T)
+            preroll = min(lo, _MP3_PREROLL) if f.format == "MP3" else 0  # decoded in the same read, dropped
+            _skip_frames(f, lo - preroll)
+            audio = _read_frames(f, max(hi - lo, 0) + preroll, channels, path)[:, preroll:]  # (C', T)
     except AudioError:
         raise
     except Exception as e:

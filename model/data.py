@@ -32,8 +32,9 @@ from model.files import replace_atomically
 from model.manifest import is_manifest, read_manifest
 
 INDEX_FILENAME = ".hertz_index.json"
-INDEX_VERSION = 3  # 2: float files are read whole once, for non-finite or huge samples; 3: a header
-# without the length (a FLAC written to a pipe) is an error, not 2**63 - 1 frames
+INDEX_VERSION = 4  # 2: float files are read whole once, for non-finite or huge samples; 3: a header
+# without the length (a FLAC written to a pipe) is an error, not 2**63 - 1 frames; 4: a VBR MP3 without
+# a Xing/Info header has the length of its frames, not libsndfile's estimate (a fraction of it)
 
 
 class SkippedAudioWarning(OneLine, UserWarning):

@@ -142,6 +142,82 @@ def test_cropped_read_equals_the_slice_of_a_full_read(tmp_path):
     assert tail.shape == (1, 100)  # the end of the file: fewer samples, the caller pads
 
 
+def _mp3(path, audio, rate):
+    try:
+        return write(path, audio, rate, subtype="MPEG_LAYER_III")
+    except Exception as e:  # an old libsndfile without an MP3 encoder
+        pytest.skip(f"this libsndfile cannot write MP3: {e}")
+
+
+def test_an_mp3_is_read_alike_whole_in_crops_and_mixed_down(tmp_path):
+    """soundfile seeks after every read (to where it already is), and in an MP3 a seek restarts
+    mpg123's decoder: the ~0.3 s after it were not the file's (off by up to 0.36, full scale 1).
+    A stereo MP3 mixed to mono as read block by block (2**18 frames) had such a gap every 6 s, and
+    every crop of an MP3 began with one: what a corpus of podcasts trained on."""
+    rate = 44100
+    t = np.arange(9 * rate) / rate  # 396,900 frames: more than one block of the mix-down
+    gate = (t % 3 < 2)  # pauses of digital silence
+    # (tones and silence: frames that lean on the bit reservoir, what a restarted decoder lacks; with
+    # broadband noise throughout, no gap showed)
+    x = np.stack([0.3 * np.sin(2 * np.pi * (200 + 100 * np.sin(t)) * t) * gate,
+                  0.2 * np.sin(2 * np.pi * 330 * t) * gate]).astype(np.float32)
+    path = _mp3(tmp_path / "talk.mp3", x, rate)
+    both = load_audio(path, rate, channels=None)
+    assert both.shape[0] == 2 and abs(both.shape[1] - x.shape[1]) <= 1152
+    for c in range(2):  # the recording itself (encoder delay removed by its LAME tag), not gaps
+        n = min(both.shape[1], x.shape[1])
+        assert np.abs(both[c, :n] - x[c, :n]).max() < 0.1, c
+    np.testing.assert_allclose(load_audio(path, rate), both.mean(axis=0, keepdims=True), atol=1e-6)
+    for start in (5, 100_000, 262_144 - 3000, 300_001):
+        for sample_rate, whole in ((rate, both), (SR, load_audio(path, SR, channels=None))):
+            s = start * sample_rate // rate
+            crop = load_audio(path, sample_rate, channels=None, start=s, num_samples=12_000)
+            np.testing.assert_allclose(crop, whole[:, s:s + 12_000], atol=1e-5, err_msg=f"{sample_rate} {s}")
+
+
+def _first_frame_bytes(mp3: bytes) -> int:
+    """The length of the MPEG layer III frame at the start of `mp3` (ISO 11172-3, 13818-3)."""
+    mpeg1 = (mp3[1] >> 3) & 3 == 3
+    kbits = ((0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320) if mpeg1 else
+             (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160))[mp3[2] >> 4]
+    rates = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}[(mp3[1] >> 3) & 3]
+    rate = rates[(mp3[2] >> 2) & 3]
+    return (144 if mpeg1 else 72) * kbits * 1000 // rate + ((mp3[2] >> 1) & 1)
+
+
+@pytest.mark.parametrize("rate, channels", [(SR, 1), (44100, 2)])
+def test_a_vbr_mp3_without_a_length_header_is_read_whole(tmp_path, rate, channels):
+    """libsndfile takes a VBR MP3's length from its Xing/Info header; without one (some encoders
+    and stream rippers write none) it estimates it from the first frame's bitrate and stops there:
+    20 s read as 5 s, silently, by the scan, the trainers and the prompts alike. (The stereo file
+    is joint stereo: its frames' mode bits vary, its stream does not.)"""
+    rng = np.random.default_rng(1)
+    t = np.arange(20 * rate) / rate
+    x = (0.3 * np.sin(2 * np.pi * (200 + 100 * np.sin(t)) * t) * (t % 4 < 2)
+         + 0.05 * rng.standard_normal(t.size) * (t % 4 >= 2)).astype(np.float32)  # tone, then noise: a VBR stream
+    x = np.stack([x, 0.5 * np.roll(x, 100)][:channels])
+    with_header = Path(_mp3(tmp_path / "with_header.mp3", x, rate)).read_bytes()
+    assert with_header[:2] in (b"\xff\xfb", b"\xff\xf3") and b"Xing" in with_header[:64]  # its first frame: the header
+    audio = with_header[_first_frame_bytes(with_header):]
+    tag = b"ID3\x04\x00\x00" + bytes((0, 0, 0, 20)) + bytes(20)  # an ID3v2 tag of 20 bytes before the audio
+    reference = load_audio(tmp_path / "with_header.mp3", rate, channels=None)  # the same frames, from the intact file
+    for name, data in (("bare.mp3", audio), ("tagged.mp3", tag + audio)):
+        path = tmp_path / name
+        path.write_bytes(data)
+        with sf.SoundFile(str(path)) as f:
+            assert f.frames < x.shape[1] // 2  # what libsndfile estimates: the case at hand
+        frames, file_rate, file_channels = model.audio.audio_info(str(path))
+        y = load_audio(path, rate, channels=None)
+        assert (file_rate, file_channels) == (rate, channels) and y.shape == (channels, frames), name
+        assert frames >= x.shape[1], name
+        delay = next(d for d in range(3000) if np.abs(y[:, d:d + 2000] - reference[:, :2000]).max() < 1e-6)
+        np.testing.assert_allclose(y[:, delay:delay + reference.shape[1]], reference, atol=1e-6)
+        start = int(rate * 15.6)  # past the estimated end
+        crop = load_audio(path, rate, channels=None, start=start, num_samples=8000)
+        np.testing.assert_allclose(crop, y[:, start:start + 8000], atol=1e-6)
+        assert load_audio(path).shape[1] >= 20 * SR - 1  # mono at 16 kHz, as the trainers read it
+
+
 @pytest.mark.parametrize("subtype", ["GSM610", "G721_32", "NMS_ADPCM_32"])
 def test_wavs_of_encodings_libsndfile_cannot_seek_in_are_read_whole_and_cropped(tmp_path, subtype):
     """Telephony WAVs (GSM 6.10, G.721, NMS ADPCM: call-centre and voicemail recordings) cannot
@@ -545,8 +621,8 @@ def test_index_cache_is_reused_and_refreshed(tmp_path, monkeypatch):
     for i in range(3):
         write(tmp_path / f"{i}.wav", tone(0.5 + i))
     calls = []
-    real_info = sf.info  # counted: model.audio reads each header through it
-    monkeypatch.setattr(sf, "info", lambda path: calls.append(path) or real_info(path))
+    real_open = model.audio._open_audio  # counted: model.audio reads each header through it
+    monkeypatch.setattr(model.audio, "_open_audio", lambda path: calls.append(path) or real_open(path))
 
     first = scan_audio_folder(tmp_path)
     assert len(calls) == 3 and os.path.exists(tmp_path / INDEX_FILENAME)
