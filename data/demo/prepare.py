@@ -643,7 +643,11 @@ def make_corpus(args, engines: list[str], parser) -> None:
           f"{len(voices['val'])} held out for validation: {', '.join(voices['val'])}")
 
     sentences, backchannels = read_text(os.path.join(HERE, "sentences.txt"))
-    files = []
+    files, interrupted = [], []
+    # Ctrl-C while synthesising is noted by the handler and acted on between files: raised in the
+    # handler, a KeyboardInterrupt landing in eSpeak's ctypes callback or soundfile's cffi one is
+    # "ignored" there (a traceback printed, and the run finishing, exit status 0, or failing later)
+    signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
     try:
         with tqdm(total=round(args.minutes * 60), desc="synthesising", dynamic_ncols=True,
                   bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s of audio [{elapsed}]") as bar:
@@ -653,6 +657,8 @@ def make_corpus(args, engines: list[str], parser) -> None:
                 os.makedirs(folder, exist_ok=True)
                 made, count = 0.0, 0
                 while made < budget or count == 0:  # every part gets at least one file
+                    if interrupted:
+                        raise KeyboardInterrupt
                     pool = tts.pool(split)
                     if kind == "mono":
                         audio, entry = make_monologue(tts, rng, pool, sentences)
@@ -665,17 +671,20 @@ def make_corpus(args, engines: list[str], parser) -> None:
                     files.append({"path": rel, "seconds": round(duration, 3), **entry})
                     made, count = made + duration, count + 1
                     bar.update(min(duration, bar.total - bar.n))  # dialogues overshoot their share
+        if interrupted:
+            raise KeyboardInterrupt
         # written before the previous corpus is removed: a disk filling up now leaves that one whole
         with open(unfinished(manifest), "w") as f:
             json.dump({"settings": settings, "files": files}, f, indent=1)
     except (RuntimeError, OSError, KeyboardInterrupt) as e:  # nothing is replaced
         remove_unfinished(args.out)  # what a killed run leaves for the next one to remove, removed now
-        if isinstance(e, KeyboardInterrupt):
-            raise
+        if interrupted or isinstance(e, KeyboardInterrupt):  # (Ctrl-C reaches flite and festival too: they fail)
+            raise KeyboardInterrupt from None
         # a synthesizer failing on a sentence; a full disk
         problem = f"cannot write {e.filename} ({e.strerror})" if isinstance(e, OSError) and e.filename else e
         sys.exit(f"error: {problem}; the corpus in {args.out} is left as it was")
     finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         tts.close()
     scratch.cleanup()
     # the previous corpus stays whole until this one is: killed before here, a run leaves it as it
