@@ -44,7 +44,7 @@ from model import protocol
 
 def parse_args(argv=None):
     ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("prompt", help="prompt audio file (WAV, FLAC, OGG, Opus, MP3)")
+    ap.add_argument("prompt", help="prompt audio file (WAV, FLAC, OGG, Opus, MP3, AIFF, ...)")
     ap.add_argument("out", help="output WAV; with --num N > 1, OUT-0.wav ... OUT-(N-1).wav")
     ap.add_argument("--variant", default="duplex",
                     help=f"{' | '.join(VARIANTS)} (official weights, downloaded to --ckpt-dir) or a checkpoint path")

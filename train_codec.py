@@ -1,4 +1,4 @@
-"""Train the hertz-dev codec VAE on folders of audio (WAV, FLAC, OGG, Opus, MP3).
+"""Train the hertz-dev codec VAE on folders of audio (WAV, FLAC, OGG, Opus, MP3, AIFF, CAF, AU, W64, RF64).
 
     python data/demo/prepare.py --minutes 20                 # an offline demo corpus
     python train_codec.py --config tiny                      # seconds on a CPU

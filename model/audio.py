@@ -24,14 +24,16 @@ import numpy as np
 from config import OneLine
 from .files import replace_atomically, try_writing_in
 
-# .opus: Ogg Opus by its own extension (RFC 7845), as Multilingual LibriSpeech ships its audio
-SUPPORTED_EXTENSIONS = (".wav", ".flac", ".ogg", ".opus", ".mp3")
+# .opus: Ogg Opus by its own extension (RFC 7845), as Multilingual LibriSpeech ships its audio; then the
+# other containers libsndfile reads: AIFF (and AIFF-C: a Mac's, a DAW's), Apple's CAF, Sun's AU, and
+# Sony's W64 and the EBU's RF64 (WAVs past 4 GB: long field recordings)
+SUPPORTED_EXTENSIONS = (".wav", ".flac", ".ogg", ".opus", ".mp3",
+                        ".aif", ".aiff", ".aifc", ".caf", ".au", ".w64", ".rf64")
 # Extensions that name a container's codec too: (soundfile's format, subtype) a file written gets
 CODEC_EXTENSIONS = {".opus": ("OGG", "OPUS")}
 # Audio of other formats, which a corpus folder does not list (AAC: soundfile cannot read it): the
 # scan names them, so that a folder of phone recordings (.m4a) beside WAVs is not half used unsaid
-OTHER_AUDIO_EXTENSIONS = (".m4a", ".aac", ".mp4", ".wma", ".webm", ".mka", ".amr", ".3gp", ".aif", ".aiff",
-                          ".caf", ".au", ".wv", ".ape", ".spx")
+OTHER_AUDIO_EXTENSIONS = (".m4a", ".aac", ".mp4", ".wma", ".webm", ".mka", ".amr", ".3gp", ".wv", ".ape", ".spx")
 CHANNEL_MODES = (None, "mono", "stereo", "speakers")
 
 # File frames read on each side of a crop so the resampler's filter sees real signal at the
@@ -366,7 +368,7 @@ def _read_frames(f, frames: int, channels: Optional[str], path: str) -> np.ndarr
 
 def load_audio(path: str, sample_rate: int = 16000, channels: Optional[str] = "mono",
                start: int = 0, num_samples: Optional[int] = None) -> np.ndarray:
-    """Read a WAV, FLAC, OGG (Vorbis, Opus) or MP3 file as a float32 array of shape (C, T) at `sample_rate`.
+    """Read an audio file (WAV, FLAC, OGG Vorbis or Opus, MP3, AIFF, ...) as float32 (C, T) at `sample_rate`.
 
     channels: None keeps the file's own channels; "mono" averages them; "stereo" keeps the first
         two and raises AudioError for a one-channel file; "speakers" keeps at most the first two.

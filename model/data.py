@@ -1,6 +1,6 @@
 """Audio datasets shared by the codec and transformer trainers.
 
-A dataset is a folder of audio files (any depth, hidden entries left out; WAV, FLAC, OGG, Opus, MP3), or
+A dataset is a folder of audio files (any depth, hidden entries left out; `SUPPORTED_EXTENSIONS`), or
 a jsonl manifest of them (`model/manifest.py`). `scan_audio_folder` lists them with their lengths,
 cached in `<root>/.hertz_index.json`; `AudioCropDataset` cuts fixed-length crops from them: random
 ones for training, fixed ones for validation.

@@ -19,7 +19,8 @@ from stale_index import changed_after_the_scan
 
 SR = 16000
 WRITE_ARGS = {".wav": {}, ".flac": {}, ".ogg": {"subtype": "VORBIS"}, ".opus": {"format": "OGG", "subtype": "OPUS"},
-              ".mp3": {"subtype": "MPEG_LAYER_III"}}
+              ".mp3": {"subtype": "MPEG_LAYER_III"}, ".aif": {"format": "AIFF"}, ".aiff": {},
+              ".aifc": {"format": "AIFF", "subtype": "ULAW"}, ".caf": {}, ".au": {}, ".w64": {}, ".rf64": {"format": "RF64"}}
 
 
 def tone(seconds, rate=SR, freq=440.0, amplitude=0.5):
@@ -54,6 +55,9 @@ def test_reads_every_supported_format(tmp_path, ext):
     assert abs(y.shape[1] - len(x)) <= 1200  # lossy codecs may pad a frame
     n = min(y.shape[1], len(x))
     assert np.corrcoef(x[:n], y[0, :n])[0, 1] > 0.99
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SkippedAudioWarning)  # not named as a format left out either
+        assert [(os.path.basename(f.path), f.frames) for f in scan_audio_folder(tmp_path)] == [(f"tone{ext}", y.shape[1])]
 
 
 def test_uppercase_extension_and_nested_folders_are_scanned(tmp_path):
@@ -93,7 +97,7 @@ def test_audio_files_of_other_formats_are_named_as_left_out(tmp_path):
         files = scan_audio_folder(tmp_path)
     assert [os.path.basename(f.path) for f in files] == ["a.wav"] and files.skipped == []
     assert skipped_names(record) == [
-        f"skipping 2 audio files in {tmp_path} of other formats (only .wav, .flac, .ogg, .opus, .mp3 are read; "
+        f"skipping 2 audio files in {tmp_path} of other formats (only {', '.join(SUPPORTED_EXTENSIONS)} are read; "
         f"convert them, e.g. `ffmpeg -i IN OUT.flac`): {os.path.join('calls', 'b.AAC')}, memo.m4a"]
     os.remove(tmp_path / "a.wav")
     with pytest.warns(SkippedAudioWarning), pytest.raises(FileNotFoundError) as e:
