@@ -74,7 +74,7 @@ def main(argv=None) -> dict:
                      elsewhere={"train_transformer.py": TransformerConfig})  # a key of the other trainer is named so
     check_config(cfg)
     weights = {"mel": cfg.mel_weight, "kl": cfg.kl_weight, "adv": cfg.adv_weight, "feature": cfg.feature_weight,
-               "wave": cfg.wave_weight, "stft": cfg.stft_weight}
+               "wave": cfg.wave_weight, "stft": cfg.stft_weight, "logmag": cfg.logmag_weight}
 
     # --- setup ----------------------------------------------------------------------------------
     ddp = setup_distributed(cfg.device)
@@ -111,6 +111,7 @@ def main(argv=None) -> dict:
         val_loader, train_loader = build_data(cfg, is_main, say)
         generator, discriminators, mel_loss = build_models(cfg, device)
         stft_loss = MultiResolutionSTFTLoss(cfg.stft_windows).to(device)
+        logmag_loss = MultiResolutionSTFTLoss(cfg.logmag_windows, term="log_magnitude").to(device)
         opt_g, opt_d = make_optimizers(cfg, generator, discriminators)
         scaler = loss_scaler(device, cfg.dtype)  # float16 only; passes everything through otherwise
 
@@ -174,6 +175,8 @@ def main(argv=None) -> dict:
                     losses["wave"] = waveform_l1(fake, real, mask)
                 if cfg.stft_weight > 0:
                     losses["stft"] = stft_loss(fake, real, mask)
+                if cfg.logmag_weight > 0:
+                    losses["logmag"] = logmag_loss(fake, real, mask)
                 if use_disc:
                     with parametrize.cached():  # each weight-normed weight computed once for both passes
                         d_real, d_fake = discriminators(real), discriminators(fake)
@@ -528,9 +531,13 @@ def check_config(cfg: CodecConfig) -> None:
     if cfg.stft_weight > 0 and not cfg.stft_windows:
         raise ConfigError("stft_weight > 0 with stft_windows=(): give the complex-STFT term its windows, "
                           "or set stft_weight=0")
+    if cfg.logmag_weight > 0 and not cfg.logmag_windows:
+        raise ConfigError("logmag_weight > 0 with logmag_windows=(): give the log-magnitude term its windows, "
+                          "or set logmag_weight=0")
     if not cfg.eval_only:
         check_schedule(cfg)
-        weights = ("mel_weight", "kl_weight", "adv_weight", "feature_weight", "wave_weight", "stft_weight")
+        weights = ("mel_weight", "kl_weight", "adv_weight", "feature_weight", "wave_weight", "stft_weight",
+                   "logmag_weight")
         if not any(getattr(cfg, k) for k in weights):
             raise ConfigError(f"{', '.join(weights)} are all 0: the generator would learn nothing; "
                               "give at least one loss a weight > 0")
@@ -549,6 +556,7 @@ def check_windows(cfg: CodecConfig) -> None:
             ("mel_windows", "segment_seconds", train, training or not cfg.val_segment_seconds),
             ("mel_windows", "val_segment_seconds", val, cfg.val_segment_seconds > 0),
             ("stft_windows", "segment_seconds", train, training and cfg.stft_weight > 0),
+            ("logmag_windows", "segment_seconds", train, training and cfg.logmag_weight > 0),
             ("mrd_windows", "segment_seconds", train, adversarial),
             ("mpd_periods", "segment_seconds", train, adversarial)):
         longest = max(getattr(cfg, key), default=0)

@@ -108,6 +108,33 @@ def test_phase_aware_terms_see_what_the_mel_loss_cannot():
     assert spec(y * mask[:, None], x * mask[:, None], mask).item() < 0.02  # only frames straddling the edge
 
 
+def test_log_magnitude_term_sees_the_harmonics_a_mel_band_averages_and_not_the_phase():
+    """The log-magnitude STFT term: 0 for equal signals and blind to phase (a polarity flip), like
+    the mel loss; log10(2) in every bin for a signal twice as loud, at each window; and, unlike the
+    mel loss, it sees a voice's harmonics moved within one mel band at a large window: a 200 Hz
+    pitch against 210 Hz, whose harmonics share the mel bands below 1 kHz (40 bands over 8 kHz at
+    256 samples) but not the 2048-sample STFT's 7.8 Hz bins. Padding is left out."""
+    logmag = MultiResolutionSTFTLoss((1024, 2048), term="log_magnitude")
+    noise = torch.randn(2, 1, SR, generator=torch.Generator().manual_seed(0)) * 0.1
+    assert logmag(noise, noise).item() == 0.0
+    assert logmag(-noise, noise).item() == pytest.approx(0.0, abs=1e-6)
+    assert logmag(2 * noise, noise).item() == pytest.approx(2 * math.log10(2), rel=1e-4)
+
+    def voice(f0):  # harmonics of f0 up to 4 kHz
+        t = torch.arange(SR) / SR
+        return sum(torch.sin(2 * math.pi * k * f0 * t) / k for k in range(1, int(4000 / f0))).reshape(1, 1, SR) * 0.1
+    coarse = MultiResolutionMelLoss((256,), (40,), SR)
+    a, b = voice(200.0), voice(210.0)
+    assert logmag(b, a).item() > 5 * coarse(b, a).item()  # the same bands, other bins
+    mask = torch.ones(1, SR)
+    mask[:, SR // 2:] = 0
+    y = a.clone()
+    y[..., SR // 2:] = torch.randn(1, 1, SR // 2)
+    assert logmag(y * mask[:, None], a * mask[:, None], mask).item() < 0.05 * logmag(y, a).item()  # only edge frames
+    with pytest.raises(ValueError, match="term must be 'complex' or 'log_magnitude'"):
+        MultiResolutionSTFTLoss((1024,), term="mel")
+
+
 def kl_divergence(mu, logvar):
     """KL(N(mu, sigma^2) || N(0, 1)) summed over latent dims and time, averaged over the batch."""
     return torch.mean(-0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=(1, 2)))

@@ -245,21 +245,23 @@ def test_mel_bands_that_hold_no_frequency_bin_are_a_note():
 
 
 def test_phase_aware_terms_are_logged_and_weighted_into_the_total(corpus, tmp_path):
-    """wave_weight and stft_weight add their terms to the logs and to the total with their weights;
-    at weight 0 (the default) they are neither computed nor logged."""
+    """wave_weight, stft_weight and logmag_weight add their terms to the logs and to the total with
+    their weights; at weight 0 (the default) they are neither computed nor logged."""
     common = ["--config", "tiny", f"train_data_path={corpus / 'train'}", f"val_data_path={corpus / 'val'}",
               "wandb=disabled", "max_steps=3", "log_interval=1", "eval_interval=1000", "disc_start_step=1000",
               *BRIEF_EVAL]
-    train_codec.main(common + [f"checkpoint_dir={tmp_path / 'on'}", "wave_weight=2.0", "stft_weight=0.5"])
+    train_codec.main(common + [f"checkpoint_dir={tmp_path / 'on'}", "wave_weight=2.0", "stft_weight=0.5",
+                               "logmag_weight=0.25", "logmag_windows=(256,1024)"])
     train_codec.main(common + [f"checkpoint_dir={tmp_path / 'off'}"])
     on, off = train_rows(tmp_path / "on" / "metrics.jsonl"), train_rows(tmp_path / "off" / "metrics.jsonl")
     cfg = PRESETS["tiny"]
     for r in on:
-        assert r["loss/wave"] > 0 and r["loss/stft"] > 0
+        assert r["loss/wave"] > 0 and r["loss/stft"] > 0 and r["loss/logmag"] > 0
         assert r["loss/total"] == pytest.approx(cfg.mel_weight * r["loss/mel"] + cfg.kl_weight * r["loss/kl"]
-                                                + 2.0 * r["loss/wave"] + 0.5 * r["loss/stft"], rel=1e-5)
+                                                + 2.0 * r["loss/wave"] + 0.5 * r["loss/stft"]
+                                                + 0.25 * r["loss/logmag"], rel=1e-5)
         assert r["perf/step_s_max"] >= r["perf/step_s_p50"] > 0
-    assert all("loss/wave" not in r and "loss/stft" not in r for r in off)
+    assert all("loss/wave" not in r and "loss/stft" not in r and "loss/logmag" not in r for r in off)
 
 
 def test_adversarial_terms_at_weight_0_are_not_computed_and_their_discriminators_idle(corpus, tmp_path):
@@ -409,9 +411,10 @@ def test_empty_train_folder_is_a_clear_error(corpus, tmp_path, capsys):
     (["mpd_periods=()", "mrd_windows=()"], "mpd_periods=() and mrd_windows=(): no discriminator left"),
     (["mpd_channels=()"], "mpd_channels=(): the period discriminators need"),
     (["stft_weight=1.0", "stft_windows=()"], "stft_weight > 0 with stft_windows=()"),
+    (["logmag_weight=1.0", "logmag_windows=()"], "logmag_weight > 0 with logmag_windows=()"),
     # trained silently: nothing learnt (only weight decay), or a rate rising from 1e-5 to min_lr
     (["mel_weight=0.0", "kl_weight=0.0", "adv_weight=0.0", "feature_weight=0.0"],
-     "mel_weight, kl_weight, adv_weight, feature_weight, wave_weight, stft_weight are all 0"),
+     "mel_weight, kl_weight, adv_weight, feature_weight, wave_weight, stft_weight, logmag_weight are all 0"),
     (["learning_rate=1e-5"], "min_lr=0.0001 is above learning_rate=1e-05: the cosine decay would raise the rate"),
     # AdamW's decay factor 1 - rate * weight_decay at or below 0: the weights zeroed or flipped each step
     (["weight_decay=2000.0"], "learning_rate=0.001 with weight_decay=2000: AdamW multiplies the weights by "
@@ -424,15 +427,16 @@ def test_empty_train_folder_is_a_clear_error(corpus, tmp_path, capsys):
      "mel_windows=(32, 4096): 4096 is too long for the 2000-sample crops of val_segment_seconds=0.125; it must be "
      "under 4000"),
     (["stft_weight=1.0", "stft_windows=(32768,)"], "stft_windows=(32768,): 32768 is too long"),
+    (["logmag_weight=1.0", "logmag_windows=(1024,32768)"], "logmag_windows=(1024, 32768): 32768 is too long"),
     (["mrd_windows=(32768,)"], "mrd_windows=(32768,): 32768 is too long for the 16000-sample crops"),
     (["mpd_periods=(2,40000)"], "mpd_periods=(2, 40000): 40000 is too long"),
     # the crops are mono: a shape traceback in the first step
     (["input_channels=2"], "input_channels=2 and output_channels=1: this trainer reads mono crops"),
     (["output_channels=2"], "input_channels=1 and output_channels=2: this trainer reads mono crops"),
 ], ids=["segment-0-samples", "val-segment-0-samples", "strides-ratios", "mel-lengths", "mel-empty", "no-disc",
-        "mpd-channels-empty", "stft-windows-empty", "all-weights-0", "min-lr-above-lr", "decay-flips-weights",
+        "mpd-channels-empty", "stft-windows-empty", "logmag-windows-empty", "all-weights-0", "min-lr-above-lr", "decay-flips-weights",
         "decay-flips-disc-weights", "mel-window-crop",
-        "mel-window-val-crop", "stft-window-crop", "mrd-window-crop", "mpd-period-crop",
+        "mel-window-val-crop", "stft-window-crop", "logmag-window-crop", "mrd-window-crop", "mpd-period-crop",
         "stereo-input", "stereo-output"])
 def test_contradicting_settings_are_config_errors(corpus, tmp_path, overrides, message):
     """Settings each valid alone that cannot train together: check_config names them (before any
