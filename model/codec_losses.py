@@ -93,6 +93,12 @@ class MelSpectrogram(nn.Module):
             return torch.matmul(self.filters, spec)
 
 
+def log_distance(x: Tensor, y: Tensor, eps: float) -> Tensor:
+    """| log10 max(x, eps) - log10 max(y, eps) | elementwise, for magnitudes x and y: what the mel
+    loss and the log-magnitude STFT term average."""
+    return (torch.log10(x.clamp_min(eps)) - torch.log10(y.clamp_min(eps))).abs()
+
+
 class MultiResolutionMelLoss(nn.Module):
     """Multi-resolution mel distance (DAC's `MelSpectrogramLoss` with pow=1, mag_weight=0):
 
@@ -114,7 +120,7 @@ class MultiResolutionMelLoss(nn.Module):
         """x, y: (B, 1, N); mask: (B, N) or None. A scalar, or (B,) with `per_item=True`."""
         total = 0.0
         for mel in self.mels:
-            err = (torch.log10(mel(x).clamp_min(self.eps)) - torch.log10(mel(y).clamp_min(self.eps))).abs()
+            err = log_distance(mel(x), mel(y), self.eps)
             err = err.mean(dim=1)  # (B, T): mean over mel bands
             m = torch.ones_like(err) if mask is None else frame_mask(mask, mel.hop, err.shape[-1]).to(err.dtype)
             if per_item:
@@ -178,7 +184,7 @@ class MultiResolutionSTFTLoss(nn.Module):
                 if self.term == "complex":
                     total = total + ((sx - sy).abs() * m).sum() / ((sy.abs() * m).sum() + 1e-5)
                 else:
-                    err = (torch.log10(sx.abs().clamp_min(self.eps)) - torch.log10(sy.abs().clamp_min(self.eps))).abs()
+                    err = log_distance(sx.abs(), sy.abs(), self.eps)
                     total = total + (err * m).sum() / (m.sum() * err.shape[1]).clamp_min(1)
         return total
 
