@@ -12,6 +12,7 @@ file at 1 Hz would need gigabytes, one at 2 GHz would be a few samples), not a r
 from __future__ import annotations
 
 import errno
+import functools
 import io
 import math
 import os
@@ -158,7 +159,22 @@ def _mp3_frame(data: bytes, pos: int) -> Optional[tuple[int, int, int]]:
 def mp3_length_header(path: str) -> Optional[tuple[bytes, int]]:
     """For an MP3 without a Xing, Info or VBRI header: (its audio stream after a Xing frame that gives
     the number of its frames, the samples those frames hold); None for any other file (one with such
-    a header, or one that is not a layer III stream from its first frame)."""
+    a header, or one that is not a layer III stream from its first frame). The frames are counted
+    once per version of the file (its size, times and inode), not at each crop read from it."""
+    st = os.stat(path)
+    made = _mp3_xing_frame(path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    if made is None:
+        return None
+    xing, start, samples = made
+    with open(path, "rb") as f:
+        f.seek(start)
+        return xing + f.read(), samples
+
+
+@functools.lru_cache(maxsize=1024)
+def _mp3_xing_frame(path: str, *version) -> Optional[tuple[bytes, int, int]]:
+    """(the Xing frame, where the audio begins, the samples its frames hold) of `mp3_length_header`,
+    or None; `version` (the file's stat) keys the cache only."""
     with open(path, "rb") as f:
         start = 0
         while len(tag := f.read(10)) == 10 and tag[:3] == b"ID3":  # ID3v2 tags before the audio
@@ -184,7 +200,7 @@ def mp3_length_header(path: str) -> Optional[tuple[bytes, int]]:
             break
     xing = header + bytes(side) + b"Xing" + (3).to_bytes(4, "big") + frames.to_bytes(4, "big") + \
         (pos + length).to_bytes(4, "big")
-    return xing + bytes(length - len(xing)) + data, frames * samples_per_frame
+    return xing + bytes(length - len(xing)), start, frames * samples_per_frame
 
 
 # An MP3 is read in one read from where it is opened or seeked to, never in blocks: after a seek
