@@ -18,7 +18,7 @@ import math
 import os
 import stat
 import warnings
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -203,6 +203,164 @@ def _mp3_xing_frame(path: str, *version) -> Optional[tuple[bytes, int, int]]:
     return xing + bytes(length - len(xing)), start, frames * samples_per_frame
 
 
+# --- Ogg files: chained streams, and seeks into a Vorbis stream's last page ------------------------------
+# An Ogg file may hold several streams one after another ("chained": what a stream recorder writes at
+# each change of track or encoder settings, or `cat a.ogg b.ogg`). libsndfile reads the first stream
+# only and counts the file as that long: the rest was lost silently (3 s of a 6 s file). Such a file is
+# read link by link, each link a file of its own to libsndfile (a window on the file's bytes, not a
+# copy), joined into one signal.
+# And libsndfile's seek to a frame inside a Vorbis stream's last page gives samples that are not the
+# stream's (off by up to 0.3, full scale 1; a page holds up to ~1.5 s of audio): every crop that began
+# there. A seek there goes to the page's first frame instead, and the frames up to the one asked for
+# are read and dropped (a seek to a page's first frame, or to any frame of an earlier page, is exact).
+
+class OggLink(NamedTuple):
+    start: int                # its bytes in the file, [start, end)
+    end: int
+    vorbis_tail: Optional[int]  # the first frame of its Vorbis stream's last page (None: no Vorbis stream)
+
+
+def ogg_links(path: str) -> tuple[OggLink, ...]:
+    """The chained streams ("links") of an Ogg file, in order; one for a file of one stream (or one
+    group of streams played together). The pages are walked once per version of the file (its size,
+    times and inode), not at each crop read from it."""
+    st = os.stat(path)
+    return _ogg_links(path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _ogg_links(path: str, size: int, *version) -> tuple[OggLink, ...]:
+    """`ogg_links`; `size` and `version` (the file's stat) key the cache. A link begins at a page that
+    begins a stream (BOS) after a page that does not: streams multiplexed together (Vorbis beside a
+    Skeleton, Theora) begin on consecutive pages. The walk stops at the first bytes that are no page (a
+    file cut short, trailing junk), which then belong to the last link, for libsndfile to judge."""
+    links, pos, after_bos = [], 0, False
+    vorbis, granules = None, []  # the link's Vorbis stream (its serial number), its pages' granule positions
+    with open(path, "rb") as f:
+        while len(head := f.read(27)) == 27 and head[:4] == b"OggS":
+            table = f.read(head[26])
+            if len(table) < head[26]:
+                break
+            bos, serial, granule = bool(head[5] & 0x02), head[14:18], int.from_bytes(head[6:14], "little", signed=True)
+            if bos and not after_bos:  # a new link
+                if links:
+                    links[-1] = links[-1]._replace(end=pos, vorbis_tail=_last_page_start(granules))
+                links.append(OggLink(pos, size, None))
+                vorbis, granules = None, []
+            if bos and vorbis is None and f.read(7) == b"\x01vorbis":  # the identification header
+                vorbis = serial
+            if serial == vorbis and granule != -1:  # (-1: no packet ends on the page)
+                granules.append(granule)
+            after_bos = bos
+            pos += 27 + len(table) + sum(table)
+            f.seek(pos)
+    if links:
+        links[-1] = links[-1]._replace(vorbis_tail=_last_page_start(granules))
+    return tuple(links)
+
+
+def _last_page_start(granules: list[int]) -> Optional[int]:
+    """The first frame of the last page of a Vorbis stream whose pages end at frames `granules` (the
+    header pages' 0 first); None without a Vorbis stream."""
+    return granules[-2] if len(granules) >= 2 else (0 if granules else None)
+
+
+class _Window:
+    """Bytes `start` to `end` of the file at `path`, as a read-only file for soundfile's virtual I/O."""
+
+    def __init__(self, path: str, start: int, end: int):
+        self._f, self._start, self._length, self._pos = open(path, "rb"), start, end - start, 0
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = max(base + offset, 0)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def read(self, size: int = -1) -> bytes:
+        size = self._length - self._pos if size is None or size < 0 else min(size, self._length - self._pos)
+        if size <= 0:
+            return b""
+        self._f.seek(self._start + self._pos)
+        data = self._f.read(size)
+        self._pos += len(data)
+        return data
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class _OggFile:
+    """An Ogg file's links (`ogg_links`) read as one signal, through the part of `soundfile.SoundFile`'s
+    interface that reading here uses, with a seek into a Vorbis stream's last page made exact (see
+    above). Links of different sample rates or channel counts are refused (AudioError naming the file):
+    one signal cannot be both."""
+
+    def __init__(self, path: str, links: Sequence[OggLink]):
+        import soundfile as sf
+        self.links, self._windows, self._tails, self._i = [], [], [link.vorbis_tail for link in links], 0
+        try:
+            if len(links) == 1:
+                self.links.append(sf.SoundFile(path))
+            for link in links if len(links) > 1 else ():
+                self._windows.append(_Window(path, link.start, link.end))
+                self.links.append(sf.SoundFile(self._windows[-1]))
+            kinds = sorted({(f.samplerate, f.channels) for f in self.links})
+            if len(kinds) > 1:
+                raise AudioError(f"cannot read audio file {path}: its {len(links)} chained Ogg streams differ in "
+                                 f"sample rate or channels ({', '.join(f'{r} Hz x {c}' for r, c in kinds)}); "
+                                 "convert it to one stream, e.g. `ffmpeg -i IN OUT.flac`")
+        except BaseException:
+            self.close()
+            raise
+        first = self.links[0]
+        self.samplerate, self.channels, self.format, self.subtype = \
+            first.samplerate, first.channels, first.format, first.subtype
+        self._starts = np.cumsum([0] + [f.frames for f in self.links]).tolist()
+        self.frames = min(self._starts[-1], UNKNOWN_FRAMES)
+
+    def seekable(self) -> bool:
+        return all(f.seekable() for f in self.links)
+
+    def seek(self, frame: int) -> int:
+        frame = min(max(frame, 0), self.frames)
+        self._i = max(i for i in range(len(self.links)) if self._starts[i] <= frame)
+        f, at, tail = self.links[self._i], frame - self._starts[self._i], self._tails[self._i]
+        if tail is None or at <= tail:
+            f.seek(at)
+            return frame
+        f.seek(tail)  # inside the last page: from its first frame, the rest read and dropped
+        while at > tail and len(part := f.read(min(at - tail, 1 << 16), dtype="float32", always_2d=True)):
+            tail += len(part)
+        return frame
+
+    def read(self, frames: int = -1, dtype: str = "float64", always_2d: bool = False) -> np.ndarray:
+        parts = []
+        while frames != 0:
+            part = self.links[self._i].read(frames, dtype=dtype, always_2d=True)
+            parts.append(part)
+            frames = frames - len(part) if frames > 0 else frames
+            if frames == 0 or self._i + 1 == len(self.links):
+                break
+            self._i += 1  # this link is read to its end: the next from its start
+            if self.links[self._i].tell():
+                self.links[self._i].seek(0)
+        out = np.concatenate(parts)
+        return out if always_2d or self.channels > 1 else out[:, 0]
+
+    def close(self) -> None:
+        for f in self.links + self._windows:
+            f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 # An MP3 is read in one read from where it is opened or seeked to, never in blocks: after a seek
 # libsndfile's (mpg123's) output is not the file's for up to ~0.3 s (up to 4,800 samples of a 16 kHz
 # file off by up to 0.36, full scale 1, where its frames lean on the bit reservoir: tones, pauses), and
@@ -215,14 +373,19 @@ _MP3_PREROLL = 18432
 
 def _open_audio(path: str):
     """`soundfile.SoundFile(path)` for reading; an MP3 whose length libsndfile underestimates (see
-    above) opened with a Xing header made from its frames instead."""
+    above) opened with a Xing header made from its frames instead, an Ogg file of chained streams or
+    of Vorbis as `_OggFile` (its links joined; a seek into a Vorbis stream's last page made exact)."""
     import soundfile as sf
     f = sf.SoundFile(path)
     try:
+        links = ogg_links(path) if f.format == "OGG" else ()
         made = mp3_length_header(path) if f.format == "MP3" else None
     except BaseException:
         f.close()
         raise
+    if len(links) > 1 or any(link.vorbis_tail is not None for link in links):
+        f.close()
+        return _OggFile(path, links)
     if made is None or made[1] <= f.frames:
         return f
     f.close()

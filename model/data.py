@@ -32,9 +32,10 @@ from model.files import replace_atomically
 from model.manifest import is_manifest, read_manifest
 
 INDEX_FILENAME = ".hertz_index.json"
-INDEX_VERSION = 4  # 2: float files are read whole once, for non-finite or huge samples; 3: a header
+INDEX_VERSION = 5  # 2: float files are read whole once, for non-finite or huge samples; 3: a header
 # without the length (a FLAC written to a pipe) is an error, not 2**63 - 1 frames; 4: a VBR MP3 without
-# a Xing/Info header has the length of its frames, not libsndfile's estimate (a fraction of it)
+# a Xing/Info header has the length of its frames, not libsndfile's estimate (a fraction of it); 5: a
+# chained Ogg file has the length of all its streams, not its first's
 
 
 class SkippedAudioWarning(OneLine, UserWarning):

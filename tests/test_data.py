@@ -222,6 +222,95 @@ def test_a_vbr_mp3_without_a_length_header_is_read_whole(tmp_path, rate, channel
         assert load_audio(path).shape[1] >= 20 * SR - 1  # mono at 16 kHz, as the trainers read it
 
 
+def _ogg(path, audio, rate, subtype="VORBIS"):
+    try:
+        return write(path, audio, rate, format="OGG", subtype=subtype)
+    except Exception as e:  # an old libsndfile without Opus
+        pytest.skip(f"this libsndfile cannot write Ogg {subtype}: {e}")
+
+
+@pytest.mark.parametrize("second", ["VORBIS", "OPUS"])
+def test_a_chained_ogg_is_read_whole_in_crops_and_mixed_down(tmp_path, second):
+    """An Ogg file of streams one after another (a stream recorder's, at each change of track or
+    encoder; `cat a.ogg b.ogg`) was read as its first stream only, by the scan, the trainers and the
+    prompts: 3 s of 6.5, silently. (The second link of another codec: Opus after Vorbis.)"""
+    rate = 48000
+    a = np.stack([tone(3.0, rate, 200.0, 0.3), tone(3.0, rate, 250.0, 0.2)])
+    b = np.stack([tone(3.5, rate, 300.0, 0.3), tone(3.5, rate, 350.0, 0.2)])
+    first, then = _ogg(tmp_path / "a" / "a.ogg", a, rate), _ogg(tmp_path / "b" / "b.ogg", b, rate, second)
+    parts = [load_audio(p, rate, channels=None) for p in (first, then)]
+    path = tmp_path / "corpus" / "radio.ogg"
+    os.makedirs(path.parent)
+    path.write_bytes(Path(first).read_bytes() + Path(then).read_bytes())
+    with sf.SoundFile(str(path)) as f:
+        assert f.frames == parts[0].shape[1]  # what libsndfile counts: the case at hand
+    assert [link[:2] for link in model.audio.ogg_links(str(path))] == \
+        [(0, os.path.getsize(first)), (os.path.getsize(first), path.stat().st_size)]
+    assert [link[:2] for link in model.audio.ogg_links(first)] == [(0, os.path.getsize(first))]
+    frames = parts[0].shape[1] + parts[1].shape[1]
+    assert model.audio.audio_info(str(path)) == (frames, rate, 2)
+    both = load_audio(path, rate, channels=None)
+    np.testing.assert_array_equal(both, np.concatenate(parts, axis=1))  # each link as read alone, joined
+    np.testing.assert_allclose(load_audio(path, rate), both.mean(axis=0, keepdims=True), atol=1e-6)
+    whole = load_audio(path)  # mono at 16 kHz, as the trainers read it
+    assert whole.shape[1] == frames // 3
+    for start in (0, 40_000, parts[0].shape[1] // 3 - 1000, 60_000):  # within a link and across the join
+        np.testing.assert_allclose(load_audio(path, start=start, num_samples=5000), whole[:, start:start + 5000],
+                                   atol=1e-5, err_msg=str(start))
+        s = start * 3
+        np.testing.assert_array_equal(load_audio(path, rate, channels=None, start=s, num_samples=15_000),
+                                      both[:, s:s + 15_000], err_msg=str(s))
+    assert load_audio(path, rate, channels=None, start=frames - 100).shape == (2, 100)
+    files = scan_audio_folder(path.parent)
+    assert [(os.path.basename(f.path), f.frames, f.sample_rate) for f in files] == [("radio.ogg", frames, rate)]
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(model.audio, "_READ_BLOCK", 10_000)  # the mix-down block by block, across the join
+        np.testing.assert_allclose(load_audio(path, rate), both.mean(axis=0, keepdims=True), atol=1e-6)
+
+
+@pytest.mark.parametrize("rate, channels", [(SR, 1), (44100, 2)])
+def test_a_vorbis_crop_in_its_last_page_is_the_files(tmp_path, rate, channels):
+    """libsndfile's seek to a frame inside a Vorbis stream's last page (up to ~1.5 s of audio) gave
+    samples that were not the file's (off by up to 0.3): every crop that began there."""
+    rng = np.random.default_rng(2)
+    t = np.arange(int(6.3 * rate)) / rate
+    x = np.stack([0.3 * np.sin(2 * np.pi * (200 + 50 * np.sin(t)) * t) + 0.02 * rng.standard_normal(t.size),
+                  0.2 * np.sin(2 * np.pi * 330 * t)][:channels]).astype(np.float32)
+    path = _ogg(tmp_path / "talk.ogg", x, rate)
+    whole = load_audio(path, rate, channels=None)
+    link, = model.audio.ogg_links(path)
+    assert 0 < link.vorbis_tail < whole.shape[1] - 1000
+    with sf.SoundFile(path) as f:  # the case at hand
+        f.seek(whole.shape[1] - 1000)
+        assert np.abs(f.read(1000, dtype="float32", always_2d=True).T - whole[:, -1000:]).max() > 1e-3
+    for start in (link.vorbis_tail - 5, link.vorbis_tail, link.vorbis_tail + 1, whole.shape[1] - 1000):
+        np.testing.assert_array_equal(load_audio(path, rate, channels=None, start=start, num_samples=700),
+                                      whole[:, start:start + 700], err_msg=str(start))
+    mono = load_audio(path)
+    np.testing.assert_allclose(load_audio(path, start=mono.shape[1] - 500, num_samples=400), mono[:, -500:-100],
+                               atol=1e-5)
+
+
+def test_a_chained_ogg_of_two_sample_rates_is_refused_by_name(tmp_path):
+    """One signal cannot be at two rates: such a file is skipped and named, not read in part."""
+    first = _ogg(tmp_path / "parts" / "a.ogg", tone(1.0, 16000), 16000)
+    then = _ogg(tmp_path / "parts" / "b.ogg", tone(1.0, 44100), 44100)
+    path = tmp_path / "corpus" / "mixed.ogg"
+    os.makedirs(path.parent)
+    path.write_bytes(Path(first).read_bytes() + Path(then).read_bytes())
+    with pytest.raises(AudioError) as e:
+        load_audio(path)
+    assert str(e.value) == (f"cannot read audio file {path}: its 2 chained Ogg streams differ in sample rate or "
+                            "channels (16000 Hz x 1, 44100 Hz x 1); convert it to one stream, e.g. "
+                            "`ffmpeg -i IN OUT.flac`")
+    write(tmp_path / "corpus" / "ok.wav", tone(1.0))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        files = scan_audio_folder(path.parent)
+    assert [os.path.basename(f.path) for f in files] == ["ok.wav"]
+    assert any("mixed.ogg" in message and "chained Ogg streams" in message for message in skipped_names(record))
+
+
 @pytest.mark.parametrize("subtype", ["GSM610", "G721_32", "NMS_ADPCM_32"])
 def test_wavs_of_encodings_libsndfile_cannot_seek_in_are_read_whole_and_cropped(tmp_path, subtype):
     """Telephony WAVs (GSM 6.10, G.721, NMS ADPCM: call-centre and voicemail recordings) cannot
