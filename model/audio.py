@@ -369,6 +369,21 @@ class _OggFile:
 # made every crop tried equal to the same span of a whole read, and this is twice that, a few
 # milliseconds of decoding a crop.
 _MP3_PREROLL = 18432
+# An Opus stream's decoder after a seek (libsndfile's, with the 80 ms pre-roll RFC 7845 asks for) needs
+# up to ~1 s more to give the file's samples again where the encoder ran its speech (SILK) modes: a
+# 16 or 24 kHz mono file's crops began off by up to 0.04 (full scale 1) for up to 0.6-1.0 s (150 crops
+# of each kind tried). So a crop of one is read with this many seconds before it, then dropped: a few
+# milliseconds of decoding a crop.
+_OPUS_PREROLL_S = 2.0
+
+
+def _preroll(f) -> int:
+    """File frames to decode before a crop of the open file `f` and drop (MP3 and Opus, above)."""
+    if f.format == "MP3":
+        return _MP3_PREROLL
+    if "OPUS" in ({link.subtype for link in f.links} if isinstance(f, _OggFile) else {f.subtype}):
+        return int(_OPUS_PREROLL_S * f.samplerate)
+    return 0
 
 
 def _open_audio(path: str):
@@ -580,7 +595,7 @@ def load_audio(path: str, sample_rate: int = 16000, channels: Optional[str] = "m
                 lo, offset = min(lo_out // block_out * block_in, total), start - lo_out
                 hi = total if num_samples is None else \
                     min(math.ceil((start + num_samples) * rate / sample_rate) + _RESAMPLE_MARGIN, total)
-            preroll = min(lo, _MP3_PREROLL) if f.format == "MP3" else 0  # decoded in the same read, dropped
+            preroll = min(lo, _preroll(f))  # decoded in the same read, dropped
             _skip_frames(f, lo - preroll)
             audio = _read_frames(f, max(hi - lo, 0) + preroll, channels, path)[:, preroll:]  # (C', T)
     except AudioError:

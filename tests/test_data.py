@@ -291,6 +291,28 @@ def test_a_vorbis_crop_in_its_last_page_is_the_files(tmp_path, rate, channels):
                                atol=1e-5)
 
 
+@pytest.mark.parametrize("rate", [SR, 24000])
+def test_an_opus_crop_is_the_files(tmp_path, rate):
+    """libsndfile's Opus decoder after a seek needs up to ~1 s to give the file's samples again where
+    the encoder ran its speech modes (low-rate mono): crops began off by up to 0.04 (full scale 1)."""
+    rng = np.random.default_rng(0)
+    t = np.arange(int(7.3 * rate)) / rate
+    x = (0.3 * np.sin(2 * np.pi * (200 + 50 * np.sin(t)) * t) * (t % 2 < 1.4)  # a tone in pauses of faint noise
+         + 0.02 * rng.standard_normal(t.size)).astype(np.float32)
+    path = _ogg(tmp_path / "talk.opus", x, rate, "OPUS")
+    whole = load_audio(path, rate)
+    starts = rng.integers(rate, whole.shape[1] - 1000, 60)
+    off = []
+    for start in starts:  # the case at hand: a plain seek in the file freshly opened, as a crop is read
+        with sf.SoundFile(path) as f:
+            f.seek(start)
+            off.append(np.abs(f.read(600, dtype="float32") - whole[0, start:start + 600]).max())
+    assert max(off) > 1e-3
+    for start in starts:
+        np.testing.assert_array_equal(load_audio(path, rate, start=start, num_samples=600),
+                                      whole[:, start:start + 600], err_msg=str(start))
+
+
 def test_a_chained_ogg_of_two_sample_rates_is_refused_by_name(tmp_path):
     """One signal cannot be at two rates: such a file is skipped and named, not read in part."""
     first = _ogg(tmp_path / "parts" / "a.ogg", tone(1.0, 16000), 16000)
