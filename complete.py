@@ -44,14 +44,15 @@ from model import protocol
 
 def parse_args(argv=None):
     ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("prompt", help="prompt audio file (WAV, FLAC, OGG, Opus, MP3, AIFF, ...)")
-    ap.add_argument("out", help="output WAV; with --num N > 1, OUT-0.wav ... OUT-(N-1).wav")
+    ap.add_argument("prompt", type=os.path.expanduser, help="prompt audio file (WAV, FLAC, OGG, Opus, MP3, AIFF, ...)")
+    ap.add_argument("out", type=os.path.expanduser, help="output WAV; with --num N > 1, OUT-0.wav ... OUT-(N-1).wav")
     ap.add_argument("--variant", default="duplex",
                     help=f"{' | '.join(VARIANTS)} (official weights, downloaded to --ckpt-dir) or a checkpoint path")
-    ap.add_argument("--adapter", metavar="PATH", help="a LoRA adapter file (.adapter.safetensors) trained on --variant")
-    ap.add_argument("--codec", default="auto",
+    ap.add_argument("--adapter", type=os.path.expanduser,
+        metavar="PATH", help="a LoRA adapter file (.adapter.safetensors) trained on --variant")
+    ap.add_argument("--codec", type=os.path.expanduser, default="auto",
                     help="auto (official, or the one recorded in the checkpoint), official, or a path")
-    ap.add_argument("--ckpt-dir", default="ckpt")
+    ap.add_argument("--ckpt-dir", type=os.path.expanduser, default="ckpt")
     ap.add_argument("--seconds", type=float, default=10.0, help="length of the continuation (8 latents per second)")
     ap.add_argument("--token-temp", type=float, default=0.8, help="LM softmax temperature (0: greedy)")
     ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling of tokens (1: off)")

@@ -674,8 +674,10 @@ def parse_args(argv=None):
     live.add_argument("--choose-devices", action="store_true", help="ask for the devices interactively")
     live.add_argument("--stats-every", type=float, default=5.0, help="seconds between latency lines (0: only at the end)")
     files = ap.add_argument_group("file mode (headless)")
-    files.add_argument("--input-wav", help="stream this file (any format soundfile reads; mixed to mono, 16 kHz)")
-    files.add_argument("--output-wav", help="write the conversation here: stereo, user and model (WAV, or the "
+    files.add_argument("--input-wav", type=os.path.expanduser,
+        help="stream this file (any format soundfile reads; mixed to mono, 16 kHz)")
+    files.add_argument("--output-wav", type=os.path.expanduser,
+        help="write the conversation here: stereo, user and model (WAV, or the "
                        "format its extension names: .flac, .ogg)")
     files.add_argument("--realtime", action=argparse.BooleanOptionalAction, default=True,
                        help="send at real time (default), or as fast as the server answers")

@@ -1398,11 +1398,14 @@ def parse_args(argv=None):
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--variant", default="duplex", help="official weights (downloaded to --ckpt-dir); the live "
                                                          "server needs the duplex variant")
-    src.add_argument("--checkpoint", help="one of our duplex transformer checkpoints (.safetensors)")
-    ap.add_argument("--adapter", metavar="PATH", help="a LoRA adapter file (.adapter.safetensors) trained on "
+    src.add_argument("--checkpoint", type=os.path.expanduser,
+        help="one of our duplex transformer checkpoints (.safetensors)")
+    ap.add_argument("--adapter", type=os.path.expanduser,
+        metavar="PATH", help="a LoRA adapter file (.adapter.safetensors) trained on "
                     "--variant or --checkpoint (train_transformer.py finetune=lora)")
-    ap.add_argument("--codec", default="auto", help="auto (official, or the one recorded in the checkpoint), official, or a path")
-    ap.add_argument("--ckpt-dir", default="ckpt")
+    ap.add_argument("--codec", type=os.path.expanduser,
+        default="auto", help="auto (official, or the one recorded in the checkpoint), official, or a path")
+    ap.add_argument("--ckpt-dir", type=os.path.expanduser, default="ckpt")
     ap.add_argument("--offline", action="store_true", help="never download official weights")
     ap.add_argument("--no-verify", action="store_true",
                     help="skip the content-hash check of our .safetensors files (a changed file is an error by default)")
@@ -1428,12 +1431,14 @@ def parse_args(argv=None):
     ap.add_argument("--no-cuda-graphs", action="store_true")
     ap.add_argument("--encode", choices=("sample", "mean"), default="sample",
                     help="user latents: a draw from the codec posterior (as the original) or its mean")
-    ap.add_argument("--prompt-path", help="warm start: every session starts after this conversation (WAV etc.; "
+    ap.add_argument("--prompt-path", type=os.path.expanduser,
+        help="warm start: every session starts after this conversation (WAV etc.; "
                                           "stereo = [user, model], mono is put on both)")
     ap.add_argument("--replay-seconds", type=float, default=None,
                     help="how much of the prompt's end is played to the client before going live (default: all, "
                          "as the original; 0: none)")
-    ap.add_argument("--recordings", help="folder for each session's conversation (stereo WAV: user, model)")
+    ap.add_argument("--recordings", type=os.path.expanduser,
+        help="folder for each session's conversation (stereo WAV: user, model)")
     ap.add_argument("--max-recording-seconds", type=float, default=3600.0)
     ap.add_argument("--queue-chunks", type=int, default=4,
                     help="chunks a session may have waiting; beyond it the oldest is dropped (bounded latency)")

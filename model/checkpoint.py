@@ -153,8 +153,11 @@ def file_kind(path: str | os.PathLike) -> str:
     "codec training state" / "transformer training state" (a trainer's .pt), "PyTorch state dict"
     (a .pt such as the official files), or a description of another file."""
     path = Path(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:  # its permissions, a dead disk: said as what it is, not as a traceback
+        raise CheckpointError(f"cannot read {path}: {os_reason(e)}") from None
     if not head:
         return "empty file"
     if head.startswith(b"PK\x03\x04"):  # torch.save's zip format
@@ -169,16 +172,17 @@ def file_kind(path: str | os.PathLike) -> str:
         return "PyTorch state dict"
     try:
         meta = _header(path)
-    except CheckpointError:
+    except CheckpointError as e:
         # b"\x80" begins torch.save's legacy pickle format, and also a safetensors header of 128 + 256 k bytes
-        return _cut_short(path, head) or ("PyTorch state dict" if head[:1] == b"\x80"
-                                          else "file that is neither safetensors nor PyTorch")
+        return _damaged(path, head, e.__cause__ or e) or ("PyTorch state dict" if head[:1] == b"\x80"
+                                                          else "file that is neither safetensors nor PyTorch")
     return meta.get("kind", "?") if meta.get("format") == FORMAT else "safetensors file not written by hertz-dev"
 
 
-def _cut_short(path: Path, head: bytes) -> Optional[str]:
-    """For a safetensors file that ends before what its header describes (an interrupted copy or
-    download), a description saying so and by how much; None for any other file."""
+def _damaged(path: Path, head: bytes, refusal: Exception) -> Optional[str]:
+    """For a file with a safetensors header that the safetensors library refused (`refusal`), what
+    is wrong with it: it ends before what its header describes (an interrupted copy or download), or
+    after it (bytes appended), or the library's own reason; None for a file without such a header."""
     length, size = int.from_bytes(head, "little"), path.stat().st_size
     if len(head) < 8 or length > 100 << 20:  # safetensors' own bound on a header
         return None
@@ -194,8 +198,13 @@ def _cut_short(path: Path, head: bytes) -> Optional[str]:
         end = 8 + length + max(e["data_offsets"][1] for k, e in json_value(text).items() if k != "__metadata__")
     except (ValueError, TypeError, KeyError, IndexError):  # not a safetensors header after all
         return None
-    return (f"safetensors file cut short: {size} bytes of the {end} its header describes (an incomplete copy "
-            "or download?)") if end > size else None
+    if end > size:
+        return (f"safetensors file cut short: {size} bytes of the {end} its header describes (an incomplete copy "
+                "or download?)")
+    if end < size:
+        return (f"damaged safetensors file: {size} bytes, {size - end} more than the {end} its header describes "
+                "(bytes appended to it?)")
+    return f"damaged safetensors file ({' '.join(str(refusal).split()) or type(refusal).__name__})"
 
 
 def _header(path: Path) -> dict:
@@ -205,7 +214,7 @@ def _header(path: Path) -> dict:
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
     except Exception as e:  # SafetensorError: "header too large", "invalid header", ...
-        raise CheckpointError(f"{path} is not a safetensors checkpoint ({e})") from None
+        raise CheckpointError(f"{path} is not a safetensors checkpoint ({e})") from e
 
 
 def _wrong_file(path: Path, expected: str, found: str) -> CheckpointError:

@@ -29,7 +29,8 @@ the next run; an md5 mismatch is downloaded once more from zero, then reported.
 What another attempt cannot change is one WeightsError at once: an HTTP 4xx answer, a web page
 (text/html) instead of the file (a partial kept is kept), a folder that cannot be written (a file in
 its place, read-only, a full disk), and a disk with less room than the rest of the missing files
-need, found before the first download starts. Offline (`offline=True` or `HF_HUB_OFFLINE=1`),
+need, found before the first download starts. Offline (`offline=True`, or `HF_HUB_OFFLINE` or
+`TRANSFORMERS_OFFLINE` set to 1, ON, YES or TRUE, as huggingface_hub reads them),
 a missing file is an error that names each file, its size and where to put it, and a partial
 download of it left there (whether a run online resumes it).
 """
@@ -149,9 +150,24 @@ def _failure(e: Exception, timeout: float) -> str:
 
 
 def _is_offline(offline: Optional[bool]) -> bool:
+    """`offline`, or what the environment says as huggingface_hub reads it (which then blocks every
+    request): HF_HUB_OFFLINE, else TRANSFORMERS_OFFLINE, one of 1, ON, YES, TRUE in any case."""
     if offline is not None:
         return offline
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    return (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or "").upper() in \
+        ("1", "ON", "YES", "TRUE")
+
+
+def _readable(path: Path) -> Path:
+    """`path`, or WeightsError if this process cannot read it (its permissions, a dead disk): found
+    before any weights load, not as a traceback from deep inside the loading."""
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        from .checkpoint import os_reason
+        raise WeightsError(f"cannot read {path}: {os_reason(e)}") from None
+    return path
 
 
 class _Verified:
@@ -182,11 +198,23 @@ class _Verified:
         return self.data.get(file.name) == self._key(file, md5)
 
     def add(self, file: Path, md5: str) -> None:
-        """Record `file`, keeping what other processes recorded since this one read the record
-        (each writes its own temporary, then renames it into place)."""
-        self.data = {**self._read(), file.name: self._key(file, md5)}
+        """Record `file`, keeping what other processes recorded since this one read the record: the
+        read, the merge and the rename under an exclusive lock on the folder (two processes
+        recording at once lost one record in a third of tries, a 27 GB file hashed again)."""
+        import fcntl
         try:
-            replace_atomically(self.path, lambda tmp: Path(tmp).write_text(json.dumps(self.data, indent=1)))
+            folder = os.open(self.path.parent, os.O_RDONLY)  # (the folder's lock: no file left beside the weights)
+            try:
+                for _ in range(100):  # 5 s at most: a holder stopped (Ctrl-Z) must not hang the others
+                    try:
+                        fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        time.sleep(0.05)
+                self.data = {**self._read(), file.name: self._key(file, md5)}
+                replace_atomically(self.path, lambda tmp: Path(tmp).write_text(json.dumps(self.data, indent=1)))
+            finally:
+                os.close(folder)
         except OSError:
             pass  # a read-only folder only costs a re-hash next time
 
@@ -503,9 +531,9 @@ def check_offline(names, ckpt_dir: str | os.PathLike = DEFAULT_CKPT_DIR, offline
     Online, a bad HF_HUB_DOWNLOAD_TIMEOUT where a file may be downloaded, which `official_files`
     would refuse too (`_timeout`)."""
     if not _is_offline(offline):
-        _timeout(names, Path(ckpt_dir))
+        _timeout(names, Path(ckpt_dir).expanduser())
         return
-    folder = Path(ckpt_dir)
+    folder = Path(ckpt_dir).expanduser()
     missing = [f for f in (OFFICIAL_FILES[n] for n in names) if not (folder / f.filename).is_file()]
     if missing:
         lines = [f"  {f.filename}  ({f.component}, about {_human(f.size)}, md5 {f.md5})" + _partial_note(folder, f)
@@ -550,8 +578,9 @@ def official_files(names, ckpt_dir: str | os.PathLike = DEFAULT_CKPT_DIR, offlin
                    endpoint: Optional[str] = None, retries: int = 3, progress: bool = True,
                    log: Callable[[str], None] = print, backoff: float = 1.0) -> dict[str, Path]:
     """Verified local paths of several official files; downloads what is missing unless offline.
-    Offline, every missing file is named in one error."""
-    folder = Path(ckpt_dir)
+    Offline, every missing file is named in one error. `~` in `ckpt_dir` is the home folder (as the shell
+    leaves it in `--ckpt-dir=~/x`)."""
+    folder = Path(ckpt_dir).expanduser()
     files = [OFFICIAL_FILES[n] for n in dict.fromkeys(names)]
     if _is_offline(offline):
         check_offline(names, ckpt_dir, True)
@@ -568,6 +597,7 @@ def official_files(names, ckpt_dir: str | os.PathLike = DEFAULT_CKPT_DIR, offlin
     for f in files:
         path = folder / f.filename
         if path.is_file():
+            _readable(path)
             if verified.ok(path, f.md5):
                 out[f.name] = _drop_stale_partial(path, log)
                 continue
@@ -656,6 +686,10 @@ def _fetch(f: OfficialFile, path: Path, endpoint: Optional[str], retries: int, p
                         f"{part.tmp} and the next run resumes from there")
                 raise
             except Exception as e:  # network errors, HTTP 5xx, short reads
+                if type(e).__name__ == "OfflineModeIsEnabled":  # (huggingface_hub's, offline=False asked for)
+                    raise WeightsError(f"cannot download {f.filename}: the environment sets offline mode "
+                                       "(HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE), which blocks every download; unset "
+                                       f"it, or put the file in {path.parent}/") from None
                 attempt = 1 if part.got > before else attempt + 1  # (a drop after progress starts the count anew)
                 if attempt >= retries:
                     kept = (f"; the {_human(part.got)} downloaded are kept in {part.tmp} and the next run resumes "

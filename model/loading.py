@@ -121,6 +121,15 @@ def check_tensors(module: nn.Module, state: dict, what: str) -> None:
         raise CheckpointError(f"{what} does not match the model built from its config: {'; '.join(problems)}")
 
 
+def check_parts(state: dict, parts: tuple[str, ...], what: str) -> None:
+    """CheckpointError naming `what` for tensors of a checkpoint under none of the `parts`' prefixes
+    (`lm.`, ...): each part is then checked strictly (`check_tensors`), and a stray tensor beside
+    them (another tool's, another model's) would otherwise be ignored unsaid."""
+    if stray := [k for k in state if k.split(".", 1)[0] not in parts]:
+        raise CheckpointError(f"{what} does not match the model built from its config: unexpected {len(stray)} "
+                              f"tensors ({listed(stray)})")
+
+
 def _fill(module: nn.Module, state: dict, device, dtype, what: str) -> nn.Module:
     check_tensors(module, state, what)
     try:
@@ -184,6 +193,8 @@ def load_codec(source: Union[str, os.PathLike] = "official", device="cpu", dtype
     path = _existing(source, '"official"')
     cfg = config_from(CodecConfig, read_metadata(path, kind="codec")["config"], source)
     codec, specs = _meta(Codec, cfg), tensor_specs(path)
+    if substate(specs, "codec"):  # (our files' layout: every tensor under codec.)
+        check_parts(specs, ("codec",), str(source))
     check_tensors(codec, substate(specs, "codec") or specs, str(source))  # from the header, before reading and hashing
     state, _ = read_weights(path, kind="codec", verify=verify)
     return _fill(codec, substate(state, "codec") or state, device, dtype, str(source))
@@ -383,6 +394,7 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
                 raise CheckpointError(f"{source}: the quantization its header records does not fit its "
                                       f"model: {e}") from None
         specs = tensor_specs(path)  # the tensors against the model from the header, before reading and hashing them
+        check_parts(specs, ("quantizer", "lm", "resynth"), str(source))
         for part in ("quantizer", "lm", "resynth"):
             check_tensors(getattr(model, part), substate(specs, part), f"{source} ({part})")
         state, meta = read_weights(path, kind="transformer", verify=verify)

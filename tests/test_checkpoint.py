@@ -603,3 +603,76 @@ def test_an_atomic_write_works_where_there_is_no_fcntl(tmp_path):
     assert result.returncode == 0 and result.stdout == "[]\n", result.stderr[-2000:]
     assert target.read_text() == "[1]"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.json.0123abcd.tmp", target.name]
+
+
+def test_stray_tensors_beside_the_model_s_are_refused(tmp_path):
+    """A checkpoint with tensors outside its parts (another tool's `codec.*` in a transformer file, a
+    second head; an unprefixed tensor in a codec file), its hash consistent: each part is loaded
+    strictly, but these were ignored unsaid. Now one CheckpointError naming them, before any weights
+    are read."""
+    model = save_transformer(tmp_path / "model.safetensors", build(HertzDev, TRANSFORMER_PRESETS["tiny"]))
+    codec = save_codec(tmp_path / "codec.safetensors", build(Codec, CODEC_PRESETS["tiny"]))
+    extra = {"codec.encoder.conv.weight": torch.zeros(2), "lm_head2.weight": torch.zeros(3)}
+    stray = rewritten(model, tmp_path / "stray.safetensors", state=lambda t: {**t, **extra})
+    with pytest.raises(CheckpointError) as e:
+        load_hertz_dev(stray, codec=None)
+    assert str(e.value) == (f"{stray} does not match the model built from its config: unexpected 2 tensors "
+                            "(codec.encoder.conv.weight, lm_head2.weight)")
+    stray = rewritten(codec, tmp_path / "stray_codec.safetensors", state=lambda t: {**t, "decoderX.weight": torch.ones(1)})
+    with pytest.raises(CheckpointError, match=re.escape(f"{stray} does not match the model built from its config: "
+                                                        "unexpected 1 tensors (decoderX.weight)")):
+        load_codec(stray)
+    assert load_hertz_dev(model, codec=None) is not None and load_codec(codec) is not None
+
+
+def test_a_safetensors_file_with_bytes_appended_or_refused_is_named_damaged(tmp_path):
+    """A checkpoint with bytes after its data (two files joined, an append), or whose header does
+    not fit its data (a dtype whose size its offsets do not hold): the safetensors library refuses
+    both, and they were 'a file that is neither safetensors nor PyTorch'."""
+    model = save_codec(tmp_path / "codec.safetensors", build(Codec, CODEC_PRESETS["tiny"]))
+    data = model.read_bytes()
+    (tmp_path / "appended.safetensors").write_bytes(data + bytes(16))
+    with pytest.raises(CheckpointError) as e:
+        load_codec(tmp_path / "appended.safetensors")
+    assert str(e.value) == (f"{tmp_path / 'appended.safetensors'}: expected a codec checkpoint (.safetensors), found a "
+                            f"damaged safetensors file: {len(data) + 16} bytes, 16 more than the {len(data)} its header "
+                            "describes (bytes appended to it?)")
+    length = int.from_bytes(data[:8], "little")
+    text = data[8:8 + length].decode()
+    first = re.search(r'"dtype":"F32"', text)
+    assert first is not None
+    wrong = text[:first.start()] + '"dtype":"F64"' + text[first.end():]  # twice the bytes its offsets hold
+    (tmp_path / "wrong.safetensors").write_bytes(data[:8] + wrong.encode() + data[8 + length:])
+    with pytest.raises(CheckpointError) as e:
+        load_codec(tmp_path / "wrong.safetensors")
+    assert "found a damaged safetensors file (" in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("which", ["ours", "official"])
+def test_a_weights_file_this_user_cannot_read_is_one_error_line(tmp_path, which):
+    """A checkpoint (or an official file in --ckpt-dir) without read permission for this user: a
+    PermissionError traceback from deep inside the loading; now one `error: cannot read FILE:
+    Permission denied` line, exit status 2."""
+    from unprivileged import unprivileged
+    import numpy as np
+    import soundfile as sf
+    repo = Path(__file__).resolve().parents[1]
+    sf.write(tmp_path / "prompt.wav", 0.1 * np.sin(np.arange(16000) / 5), 16000)
+    if which == "ours":
+        path = save_transformer(tmp_path / "model.safetensors", build(HertzDev, TRANSFORMER_PRESETS["tiny"]))
+        flags = ["--variant", str(path), "--codec", str(save_codec(tmp_path / "c.safetensors",
+                                                                     build(Codec, CODEC_PRESETS["tiny"])))]
+    else:
+        from model.hub import CODEC, OFFICIAL_FILES, QUANTIZER, VARIANTS
+        folder = tmp_path / "official"
+        folder.mkdir()
+        for name in [QUANTIZER, *VARIANTS["duplex"][:2], CODEC]:
+            (folder / OFFICIAL_FILES[name].filename).write_bytes(b"weights")
+        path = folder / OFFICIAL_FILES[QUANTIZER].filename
+        flags = ["--ckpt-dir", str(folder), "--offline"]
+    path.chmod(0)
+    r = subprocess.run(unprivileged() + [sys.executable, "complete.py", str(tmp_path / "prompt.wav"),
+                                         str(tmp_path / "out.wav"), "--device", "cpu", "--seconds", "0.25", *flags],
+                       cwd=repo, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip() == f"error: cannot read {path}: Permission denied", r.stderr[-3000:]
+    assert not (tmp_path / "out.wav").exists()

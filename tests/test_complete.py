@@ -627,3 +627,16 @@ def test_official_weights_missing_offline_or_corrupt_are_an_error_not_a_tracebac
         assert str(folder.resolve()) in r.stderr
     else:
         assert "is corrupt" in r.stderr and OFFICIAL_FILES[QUANTIZER].md5 in r.stderr
+
+
+def test_paths_given_as_flag_equals_tilde_are_under_the_home_folder(ckpts, tmp_path, monkeypatch, capfd):
+    """`--ckpt-dir=~/ckpt` (and the other paths so given) reach the script with their `~`, which the
+    shell expands only at a word's start: the official weights were looked for, and online
+    downloaded, in a folder named `~` in the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    r = run_here(capfd, ckpts["stereo"], "~/out.wav", "--offline", "--ckpt-dir=~/ckpt", "--seconds", 0.25)
+    assert r.returncode == 2 and "offline mode and these official hertz-dev files are missing" in r.stderr, r.stderr
+    assert f"put them in {tmp_path / 'home' / 'ckpt'}/" in r.stderr
+    r = run_here(capfd, ckpts["stereo"], "~/out.wav", f"--variant={ckpts['duplex']}", "--seconds", 0.25)
+    assert r.returncode == 0 and (tmp_path / "home" / "out.wav").is_file(), r.stderr[-2000:]

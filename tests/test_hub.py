@@ -972,3 +972,84 @@ def test_official_variant_loads_strict_from_the_server(server, tmp_path, monkeyp
 def test_unknown_variant():
     with pytest.raises(FileNotFoundError, match="mono-pure-audio"):
         load_hertz_dev("stereo")
+
+
+@pytest.mark.parametrize("variable, value", [("HF_HUB_OFFLINE", "ON"), ("HF_HUB_OFFLINE", "True"),
+                                             ("TRANSFORMERS_OFFLINE", "1")])
+def test_offline_is_read_from_the_environment_as_huggingface_hub_reads_it(server, tmp_path, monkeypatch, variable,
+                                                                           value):
+    """huggingface_hub blocks every request when HF_HUB_OFFLINE (else TRANSFORMERS_OFFLINE) is 1, ON,
+    YES or TRUE in any case; only 1, true and yes of HF_HUB_OFFLINE counted as offline here, so the
+    others were three failed attempts (3 s of waits) ending in advice to unset HF_HUB_OFFLINE. Now
+    they are the offline error that names each missing file, at once."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(WeightsError, match="offline mode and these official hertz-dev files are missing"):
+        hub.official_files(["inference_volcano_3"], tmp_path / "ckpt", endpoint=server.endpoint, progress=False)
+    assert server.requests == []
+    monkeypatch.setenv(variable, "0")
+    data = b"w" * 100
+    register(monkeypatch, "inference_volcano_3", data)
+    server.add("inference_volcano_3.pt", data)
+    assert fetch(server, tmp_path, "inference_volcano_3").read_bytes() == data
+
+
+def test_downloading_where_the_environment_sets_offline_is_one_error_not_retried(server, tmp_path):
+    """`offline=False` asked for where the environment sets offline mode, which huggingface_hub then
+    enforces on every request: one WeightsError saying so, not three attempts."""
+    data = b"w" * 100
+    code = ("import sys, hashlib; from model import hub; from model.hub import OfficialFile\n"
+            f"hub.OFFICIAL_FILES['inference_volcano_3'] = OfficialFile('inference_volcano_3', "
+            f"'{hashlib.md5(data).hexdigest()}', {len(data)}, 'test')\n"
+            "try:\n"
+            f"    hub.official_file('inference_volcano_3', sys.argv[1], offline=False, endpoint='{server.endpoint}', "
+            "progress=False)\n"
+            "except hub.WeightsError as e:\n"
+            "    print('WeightsError:', e)\n")
+    server.add("inference_volcano_3.pt", data)
+    start = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ckpt")], capture_output=True, text=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=os.path.dirname(os.path.dirname(__file__)),
+                       timeout=120)
+    assert r.stdout.startswith("WeightsError: cannot download inference_volcano_3.pt: the environment sets offline "
+                               "mode (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)"), r.stdout + r.stderr[-2000:]
+    assert "retrying" not in r.stdout + r.stderr and server.requests == []
+    assert time.monotonic() - start < 60
+
+
+def test_a_ckpt_dir_under_tilde_is_the_home_folder(tmp_path, monkeypatch):
+    """`--ckpt-dir=~/ckpt` reaches the code with its `~` (the shell expands it only as a word's
+    start): it named a folder `~` in the working directory, where online 34 GB would have gone."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    data = b"w" * 100
+    register(monkeypatch, "inference_volcano_3", data)
+    (tmp_path / "home" / "ckpt").mkdir(parents=True)
+    (tmp_path / "home" / "ckpt" / "inference_volcano_3.pt").write_bytes(data)
+    assert hub.official_file("inference_volcano_3", "~/ckpt", offline=True, progress=False) == \
+        tmp_path / "home" / "ckpt" / "inference_volcano_3.pt"
+    with pytest.raises(WeightsError, match=re.escape(f"put them in {tmp_path / 'home' / 'ckpt'}/")):
+        hub.official_files(["inference_scion_54000"], "~/ckpt", offline=True)
+    assert not (tmp_path / "~").exists()
+
+
+def test_files_verified_by_processes_at_once_are_all_recorded(tmp_path):
+    """Two processes recording files they verified at the same moment: each read the record, added
+    its file and renamed its copy into place, so one's record was lost (in a third of tries), and
+    that file (27 GB) hashed again at the next load. The read, merge and rename are under a lock."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    code = ("import sys, time; from pathlib import Path; from model.hub import _Verified\n"
+            "folder, who, at = Path(sys.argv[1]), sys.argv[2], float(sys.argv[3])\n"
+            "files = [folder / f'{who}{i}.pt' for i in range(25)]\n"
+            "[f.write_bytes(b'x') for f in files]\n"
+            "while time.time() < at: pass\n"
+            "for f in files: _Verified(folder).add(f, 'md5')\n")
+    at = time.time() + 3
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(folder), who, str(at)],
+                              cwd=os.path.dirname(os.path.dirname(__file__))) for who in "ab"]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    record = json.loads((folder / ".verified.json").read_text())
+    assert sorted(record) == sorted(f"{who}{i}.pt" for who in "ab" for i in range(25))
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == [".verified.json"]
