@@ -16,6 +16,7 @@ import functools
 import io
 import math
 import os
+import re
 import stat
 import warnings
 from typing import Mapping, NamedTuple, Optional, Sequence
@@ -25,16 +26,19 @@ import numpy as np
 from config import OneLine
 from .files import replace_atomically, try_writing_in
 
-# .opus: Ogg Opus by its own extension (RFC 7845), as Multilingual LibriSpeech ships its audio; then the
-# other containers libsndfile reads: AIFF (and AIFF-C: a Mac's, a DAW's), Apple's CAF, Sun's AU, and
-# Sony's W64 and the EBU's RF64 (WAVs past 4 GB: long field recordings)
-SUPPORTED_EXTENSIONS = (".wav", ".flac", ".ogg", ".opus", ".mp3",
-                        ".aif", ".aiff", ".aifc", ".caf", ".au", ".w64", ".rf64")
+# .opus: Ogg Opus by its own extension (RFC 7845), as Multilingual LibriSpeech ships its audio; .oga: Ogg
+# audio's own (RFC 5334); then the other containers libsndfile reads: AIFF (and AIFF-C: a Mac's, a DAW's),
+# Apple's CAF, Sun's AU, Sony's W64 and the EBU's RF64 (WAVs past 4 GB: long field recordings), and NIST
+# SPHERE (.sph, .nist: the LDC's telephone corpora, Switchboard, Fisher; libsndfile reads its PCM, not
+# its `shorten`-compressed files, which the scan then names as unreadable)
+SUPPORTED_EXTENSIONS = (".wav", ".flac", ".ogg", ".opus", ".oga", ".mp3",
+                        ".aif", ".aiff", ".aifc", ".caf", ".au", ".w64", ".rf64", ".sph", ".nist")
 # Extensions that name a container's codec too: (soundfile's format, subtype) a file written gets
 CODEC_EXTENSIONS = {".opus": ("OGG", "OPUS")}
 # Audio of other formats, which a corpus folder does not list (AAC: soundfile cannot read it): the
 # scan names them, so that a folder of phone recordings (.m4a) beside WAVs is not half used unsaid
-OTHER_AUDIO_EXTENSIONS = (".m4a", ".aac", ".mp4", ".wma", ".webm", ".mka", ".amr", ".3gp", ".wv", ".ape", ".spx")
+OTHER_AUDIO_EXTENSIONS = (".m4a", ".aac", ".mp4", ".wma", ".webm", ".mka", ".amr", ".3gp", ".wv", ".ape", ".spx",
+                          ".mp2", ".ac3", ".dts", ".ra", ".shn")
 CHANNEL_MODES = (None, "mono", "stereo", "speakers")
 
 # File frames read on each side of a crop so the resampler's filter sees real signal at the
@@ -94,6 +98,8 @@ def _reason(e: Optional[Exception], path: Optional[str] = None) -> str:
     if isinstance(e, UnicodeEncodeError):  # soundfile encodes names strictly: bytes that are not UTF-8 fail
         byte = os.fsencode(e.object[e.start:e.end])[:1].hex()
         return f"its file name is not valid {e.encoding} (byte 0x{byte}), which soundfile cannot open; rename the file"
+    if path is not None and not os.access(path, os.R_OK):  # libsndfile says "System error."
+        return "permission denied (this user cannot read it)"
     if path is not None and _size(path) == 0:  # a download that failed, a `touch`: libsndfile says
         return "it is empty (0 bytes)"            # "Format not recognised."
     message = str(e).strip() or repr(e)  # libsndfile errors sometimes carry an empty message
@@ -386,6 +392,44 @@ def _preroll(f) -> int:
     return 0
 
 
+# --- Files whose header does not give the length of the audio they hold --------------------------------
+# libsndfile counts the frames a WAV, AIFF, AU, W64 or RF64 file holds where its header says more (a
+# file cut short by an interrupted copy or download), and says so only in its log ("data : 320000
+# (should be 106637)"): a 60 s file cut to 20 s was read, scanned and trained on as 20 s, silently.
+# Where the header says less, it believes the header: a WAV past 4 GiB (its sizes wrapped, as a
+# 32-bit field holds no more) was read as its first minutes, and a WAV whose header was never filled
+# in (a recorder killed before it wrote the sizes) as empty. Such files are refused, saying which.
+_SAID = re.compile(r"^\s*([A-Za-z][\w ]*?)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+# the log's line, by format, whose size is the audio's (a WAV's RIFF size also counts chunks after its
+# data, whose loss costs no audio); W64 and RF64 check only their RIFF size
+_AUDIO_SIZE = {"WAV": "data", "WAVEX": "data", "AIFF": "SSND", "AU": "Data Size", "W64": "riff", "RF64": "Riff size"}
+
+
+def _length_problem(f, path: str) -> Optional[str]:
+    """Why the open soundfile `f` of `path` does not hold the audio its header says (see above), or
+    None. A shortfall of less than a second and a tenth of the file is let be (the loaders' rule:
+    its last crops are padded, and masked)."""
+    size = os.path.getsize(path)
+    if f.format == "WAV" and size >= 1 << 32:
+        return (f"a WAV file of {size / 1e9:.1f} GB, past the 4 GiB a WAV header can count (its sizes wrapped): "
+                f"read as {f.frames / f.samplerate:.0f} s; convert it to FLAC, or to RF64 (`ffmpeg -i IN -rf64 auto "
+                "OUT.wav`)")
+    if f.frames == 0 and f.format in ("WAV", "WAVEX", "AIFF", "W64", "RF64", "AU", "CAF") and size >= 16384:
+        return (f"its header gives a length of 0 but the file holds {size} bytes (a recording whose header was "
+                "never filled in: its writer killed?)")
+    name = _AUDIO_SIZE.get(f.format)
+    worst = max(((int(said), int(held)) for line, said, held in _SAID.findall(f.extra_info)
+                 if (name is None or line == name) and int(said) > int(held) > 0 and int(said) != 0xFFFFFFFF),
+                key=lambda s: s[0] - s[1], default=None)
+    if worst is None or f.frames == 0:  # (0xFFFFFFFF: a size not known when written, as to a pipe)
+        return None
+    said_frames = round(f.frames * worst[0] / worst[1])
+    if said_frames - f.frames < max(f.samplerate, said_frames // 10):
+        return None
+    return (f"it ends before its header says ({f.frames / f.samplerate:.1f} s of the {said_frames / f.samplerate:.1f} "
+            "s it gives: a file cut short, by an interrupted copy or download?)")
+
+
 def _open_audio(path: str):
     """`soundfile.SoundFile(path)` for reading; an MP3 whose length libsndfile underestimates (see
     above) opened with a Xing header made from its frames instead, an Ogg file of chained streams or
@@ -393,6 +437,8 @@ def _open_audio(path: str):
     import soundfile as sf
     f = sf.SoundFile(path)
     try:
+        if problem := _length_problem(f, path):
+            raise AudioError(f"cannot read audio file {path}: {problem}")
         links = ogg_links(path) if f.format == "OGG" else ()
         made = mp3_length_header(path) if f.format == "MP3" else None
     except BaseException:
@@ -413,6 +459,8 @@ def audio_info(path: str) -> tuple[int, int, int]:
     try:
         with _open_audio(str(path)) as info:
             frames, rate, channels = info.frames, info.samplerate, info.channels
+    except AudioError:
+        raise
     except Exception as e:  # soundfile raises LibsndfileError, RuntimeError or TypeError
         raise AudioError(f"cannot read audio file {path}: {_reason(e, str(path))}") from e
     if rate <= 0 or channels <= 0 or frames < 0:

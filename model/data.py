@@ -112,6 +112,10 @@ def folder_problem(path: str) -> Optional[str]:
     """Why a data path that is not a manifest is no folder to scan ("does not exist; expected ...",
     "is a file, not a folder; expected ...": an audio file, or a manifest not named .jsonl), or None."""
     if os.path.isdir(path):
+        try:
+            os.scandir(path).close()
+        except OSError as e:  # (os.walk would say nothing: "no audio files")
+            return f"cannot be listed: {e.strerror or e}"
         return None
     what = "is a file, not a folder" if os.path.exists(path) else "does not exist"
     return (f"{what}; expected a folder of {_formats()} files, or a .jsonl manifest listing them "
@@ -124,8 +128,9 @@ def _list_audio_files(root: str) -> tuple[list[str], list[str]]:
     Symlinked folders are followed, each real folder once. Hidden entries below `root` (`.git/`,
     `.ipynb_checkpoints/`, `.cache/`, our index) are left out; `root` itself may lie under a hidden
     folder."""
-    found, others, seen = [], [], set()
-    for folder, dirs, files in os.walk(root, followlinks=True):
+    found, others, seen, unlisted = [], [], set(), []
+    # a folder that cannot be listed (its permissions) is named, not left out unsaid with its files
+    for folder, dirs, files in os.walk(root, followlinks=True, onerror=unlisted.append):
         real = os.path.realpath(folder)
         if real in seen:  # a symlink loop, or a folder reachable twice
             dirs[:] = []
@@ -139,6 +144,10 @@ def _list_audio_files(root: str) -> tuple[list[str], list[str]]:
                 found.append(os.path.relpath(os.path.join(folder, name), root))
             elif name.lower().endswith(OTHER_AUDIO_EXTENSIONS):
                 others.append(os.path.relpath(os.path.join(folder, name), root))
+    if unlisted:
+        names = sorted(f"{os.path.relpath(e.filename, root)} ({e.strerror or e})" for e in unlisted)
+        warnings.warn(f"skipping {len(names)} folders in {root} that cannot be listed, with whatever audio files "
+                      f"they hold: {listed(names)}", SkippedAudioWarning, stacklevel=3)
     return sorted(found), sorted(others)
 
 
@@ -163,6 +172,17 @@ def _write_index(index_path: str, entries: dict) -> None:
         replace_atomically(index_path, dump)
     except OSError:
         pass
+
+
+def _whole(entry) -> bool:
+    """Whether an index entry is one the scan wrote: the file's length, rate and channels (ints), or
+    why it cannot be read (a string); an entry edited or damaged otherwise is measured anew."""
+    if not isinstance(entry, dict):
+        return False
+    if "error" in entry:
+        return isinstance(entry["error"], str)
+    return all(type(entry.get(k)) is int and entry[k] >= least for k, least in (("frames", 0), ("sample_rate", 1),
+                                                                                 ("channels", 1)))
 
 
 def _stamp(st: os.stat_result) -> dict:
@@ -190,10 +210,16 @@ def scan_audio_folder(root: str, use_cache: bool = True) -> AudioFileList:
     `root` of the result is the manifest's folder, and the cache is `.hertz_index.<name>.json` there.
     """
     source = root = os.path.abspath(os.fspath(root))
-    others = []  # a folder's audio files of other formats, left out
+    others, given = [], None  # a folder's audio files of other formats, left out; a manifest's paths
     if is_manifest(source):
         root = os.path.dirname(source)
-        listing = sorted(os.path.relpath(p, root) for p in read_manifest(source))
+        # each file by its path relative to the manifest's folder (the index's keys, the order), read by
+        # the path the manifest gives: through `..`, the OS takes it after the links before it, relpath
+        # by the text (through a linked folder: another file)
+        given = {}
+        for p in read_manifest(source):
+            given[p if os.path.relpath(p, root) in given else os.path.relpath(p, root)] = p
+        listing = sorted(given)
         index_path = os.path.join(root, f"{INDEX_FILENAME[:-len('.json')]}.{os.path.basename(source)}.json")
     elif problem := folder_problem(root):
         raise FileNotFoundError(f"audio folder {root} {problem}")
@@ -204,7 +230,7 @@ def scan_audio_folder(root: str, use_cache: bool = True) -> AudioFileList:
     cached = _read_index(index_path) if use_cache else {}
     entries, files, skipped, empty, linked, first = {}, [], [], [], [], {}
     for rel in listing:
-        path = os.path.join(root, rel)
+        path = given[rel] if given is not None else os.path.join(root, rel)
         try:
             st = os.stat(path)
         except OSError as e:  # a symbolic link to no file (moved away, or a loop of links)
@@ -215,7 +241,7 @@ def scan_audio_folder(root: str, use_cache: bool = True) -> AudioFileList:
             if not stat.S_ISREG(st.st_mode):  # a named pipe: opening it would wait for a writer forever
                 entry = {"size": -1, "mtime_ns": -1,
                          "error": f"cannot read audio file {path}: not a regular file (a named pipe or a device)"}
-            elif entry is None or any(entry.get(k) != v for k, v in stamp.items()):  # (an older index lacks
+            elif not _whole(entry) or any(entry.get(k) != v for k, v in stamp.items()):  # (an older index lacks
                 entry = dict(stamp)                                         # the inode's keys: measured anew)
                 try:
                     entry["frames"], entry["sample_rate"], entry["channels"] = audio_info(path)
@@ -306,6 +332,7 @@ class AudioCropDataset(Dataset):
                                     f"files are each shorter than one sample at that rate")
         if train:
             self._cumulative = np.cumsum(self.lengths)
+            self._drawable = set(np.flatnonzero(self.lengths).tolist())  # the files a training crop can come from
             self._num_items = max(1, int(self.lengths.sum() // self.segment))
         else:
             self.crops = self._validation_crops(val_crops_per_file, max_val_crops)
@@ -396,7 +423,9 @@ class AudioCropDataset(Dataset):
                 audio, mask = torch.zeros(channels, self.segment), torch.zeros(self.segment)
             return {"audio": audio, "mask": mask, "file": i}
         rng = np.random.default_rng((self.seed, epoch, index))
-        while len(self._bad) < len(self.files):  # draws of failed files are cheap: no read
+        # (files too short to hold a sample at this rate are never drawn: with every other file failed,
+        # waiting for them to fail too spun for ever)
+        while not self._drawable <= self._bad:  # draws of failed files are cheap: no read
             i, start = self._random_crop(rng)
             if i in self._bad:
                 continue
@@ -407,7 +436,9 @@ class AudioCropDataset(Dataset):
                 continue
             return {"audio": audio, "mask": mask, "file": i}
         raise AudioError(f"could not read a crop from {self.files.source}: {len(self._bad)} of {len(self.files)} "
-                         "files failed to read (named above)")
+                         "files failed to read (named above)" + (f"; the other {len(self.files) - len(self._drawable)} "
+                         f"are shorter than one sample at {self.sample_rate} Hz" if len(self._drawable) < len(self.files)
+                         else ""))
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)

@@ -435,6 +435,11 @@ def prepare_latents(root: str, codec, channels: str, out_dir: str, sample_rate: 
                 why = (f"skipping {path}: {audio.shape[-1]} samples decoded, shorter than 2 latents "
                        f"({2 * hop} samples) though its header says longer")
                 kind = "shorter than its header"
+            elif (said := files[mine[j]].frames * sample_rate // files[mine[j]].sample_rate) - audio.shape[-1] >= \
+                    max(sample_rate, said // 10):  # the loaders' rule (model.data): a file cut short, in part lost
+                why = (f"skipping {path}: it ends before its header says ({audio.shape[-1]} of {said} samples "
+                       "decoded: a file cut short, or replaced since the scan?)")
+                kind = "shorter than its header"
             else:
                 rows = _encode(codec, audio[:, :n], chunk)
                 if not np.isfinite(rows).all():  # a diverged codec: latents that would poison training

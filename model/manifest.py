@@ -36,6 +36,21 @@ def is_manifest(path: str | os.PathLike) -> bool:
     return os.fspath(path).lower().endswith(MANIFEST_SUFFIX)
 
 
+def _finite(x: float) -> bool:
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int of hundreds of digits
+        return False
+
+
+def _encodable(path: str) -> bool:
+    try:
+        os.fsencode(path)
+        return True
+    except UnicodeError:  # a lone surrogate (JSON's "\ud800")
+        return False
+
+
 def read_manifest(path: str | os.PathLike) -> list[str]:
     """The absolute paths of the audio files a manifest lists, in its order.
 
@@ -68,9 +83,15 @@ def read_manifest(path: str | os.PathLike) -> list[str]:
                 raise ManifestError(f'{where}: expected an object with a "path" string, got {line.strip()[:80]}')
             duration = entry.get("duration")
             if duration is not None and (isinstance(duration, bool) or not isinstance(duration, (int, float))
-                                         or not math.isfinite(duration) or duration < 0):
-                raise ManifestError(f'{where}: "duration" must be a number of seconds >= 0, got {duration!r}')
-            file = os.path.normpath(os.path.join(base, entry["path"]))  # an absolute path stays as it is
+                                         or not _finite(duration) or duration < 0):
+                raise ManifestError(f'{where}: "duration" must be a number of seconds >= 0, got {repr(duration)[:40]}')
+            if "\x00" in entry["path"] or not _encodable(entry["path"]):  # (os calls raise on either)
+                raise ManifestError(f"{where}: the path {entry['path'][:80]!r} cannot name a file (a NUL character, "
+                                    "or text that is not Unicode)")
+            file = os.path.join(base, entry["path"])  # an absolute path stays as it is
+            # ("a/./b", "a//b" tidied; but not "..", which the OS takes after the links before it, and
+            # normpath by the text: a manifest reached through a linked folder named another file)
+            file = file if ".." in file.split(os.sep) else os.path.normpath(file)
             # the same file through a linked folder, or a hard link, is listed twice too
             real = same_file_key(file)
             if real in lines:

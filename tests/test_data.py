@@ -3,6 +3,8 @@ import json
 import os
 import re
 import struct
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -20,7 +22,8 @@ from stale_index import changed_after_the_scan
 SR = 16000
 WRITE_ARGS = {".wav": {}, ".flac": {}, ".ogg": {"subtype": "VORBIS"}, ".opus": {"format": "OGG", "subtype": "OPUS"},
               ".mp3": {"subtype": "MPEG_LAYER_III"}, ".aif": {"format": "AIFF"}, ".aiff": {},
-              ".aifc": {"format": "AIFF", "subtype": "ULAW"}, ".caf": {}, ".au": {}, ".w64": {}, ".rf64": {"format": "RF64"}}
+              ".aifc": {"format": "AIFF", "subtype": "ULAW"}, ".caf": {}, ".au": {}, ".w64": {}, ".rf64": {"format": "RF64"},
+              ".oga": {"format": "OGG", "subtype": "VORBIS"}, ".sph": {"format": "NIST"}, ".nist": {"format": "NIST"}}
 
 
 def tone(seconds, rate=SR, freq=440.0, amplitude=0.5):
@@ -1095,3 +1098,130 @@ def test_data_loading_workers_outlive_a_stop_signal_to_the_process_group(kind):
     for w in workers:
         with pytest.raises(ProcessLookupError):
             os.kill(w.pid, 0)
+
+
+def test_training_crops_stop_when_every_file_with_samples_failed(tmp_path):
+    """Every file that holds a sample at 16 kHz failing to read (a FLAC damaged in the middle), the
+    others blips (two frames at 44.1 kHz: none at 16 kHz), which are never drawn: the draw waited for
+    them to fail too and spun at 100% CPU for ever. Now the error, naming both."""
+    path = write(tmp_path / "speech.flac", np.random.default_rng(0).uniform(-0.5, 0.5, 10 * SR).astype(np.float32))
+    data = bytearray(Path(path).read_bytes())
+    data[8192:] = np.random.default_rng(1).bytes(len(data) - 8192)  # the header still reads, the rest is damaged
+    Path(path).write_bytes(bytes(data))
+    write(tmp_path / "blip.wav", np.zeros(2), 44100)
+    ds = AudioCropDataset(tmp_path, segment_seconds=1.0, preload_max_gb=0)
+    assert ds.lengths.tolist() == [0, 10 * SR]
+    with pytest.warns(SkippedAudioWarning, match="speech.flac"), pytest.raises(AudioError) as e:
+        [ds[i] for i in range(len(ds))]
+    assert str(e.value) == (f"could not read a crop from {tmp_path}: 1 of 2 files failed to read (named above); the "
+                            "other 1 are shorter than one sample at 16000 Hz")
+
+
+@pytest.mark.parametrize("edit", [{"frames": None}, {"frames": "32000"}, {"sample_rate": 0}, {"error": 3}],
+                         ids=["no-frames", "frames-text", "rate-0", "error-not-text"])
+def test_an_index_entry_edited_or_damaged_is_measured_anew(tmp_path, edit):
+    """An entry of `.hertz_index.json` whose stamp matches but which lacks `frames` (a KeyError
+    traceback), holds it as text (passed on as the length), or a rate of 0: the file is measured again,
+    as a broken index is rebuilt."""
+    write(tmp_path / "a.wav", tone(2.0))
+    scan_audio_folder(tmp_path)
+    index = json.loads((tmp_path / INDEX_FILENAME).read_text())
+    entry = index["files"]["a.wav"]
+    for key, value in edit.items():
+        if value is None:
+            del entry[key]
+        else:
+            entry[key] = value
+    (tmp_path / INDEX_FILENAME).write_text(json.dumps(index))
+    files = scan_audio_folder(tmp_path)
+    assert [(f.frames, f.sample_rate, f.channels) for f in files] == [(2 * SR, SR, 1)] and files.skipped == []
+    assert json.loads((tmp_path / INDEX_FILENAME).read_text())["files"]["a.wav"]["frames"] == 2 * SR
+
+
+@pytest.mark.parametrize("fmt, subtype", [("WAV", "PCM_16"), ("WAVEX", "PCM_24"), ("AIFF", "PCM_16"), ("AU", "PCM_16"),
+                                          ("W64", "PCM_16"), ("RF64", "PCM_16"), ("WAV", "IMA_ADPCM")])
+def test_a_file_cut_short_is_skipped_and_named_not_read_as_what_is_left(tmp_path, fmt, subtype):
+    """A WAV (AIFF, AU, W64, RF64) cut to a third by an interrupted copy: libsndfile counts the frames
+    that are there and says so only in its log ('data : 320000 (should be 106637)'), so it was
+    scanned, cropped and trained on as a 3 s file, silently. Now it is skipped and named (a prompt
+    refused), as a FLAC cut short is; a file a little short (under a second) is kept."""
+    x = tone(10.0, amplitude=0.3)
+    data = Path(write(tmp_path / "full" / "talk.wav", x, format=fmt, subtype=subtype)).read_bytes()
+    (tmp_path / "corpus").mkdir()
+    path = tmp_path / "corpus" / "talk.wav"
+    path.write_bytes(data[:len(data) // 3])
+    write(tmp_path / "corpus" / "ok.wav", tone(1.0))
+    with pytest.raises(AudioError) as e:
+        load_audio(path)
+    said = "3.4 s of the 10.1" if subtype == "IMA_ADPCM" else "3.3 s of the 10.0"  # (ADPCM: whole blocks)
+    assert str(e.value) == (f"cannot read audio file {path}: it ends before its header says ({said} s it gives: a "
+                            "file cut short, by an interrupted copy or download?)")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        files = scan_audio_folder(tmp_path / "corpus")
+    assert [os.path.basename(f.path) for f in files] == ["ok.wav"] and files.skipped == ["talk.wav"]
+    assert skipped_names(record) == [f"skipping unreadable audio: {e.value}"]
+    path.write_bytes(data[:len(data) - len(data) // 40])  # a quarter of a second short: kept
+    assert 9.6 * SR < load_audio(path).shape[1] < 10 * SR
+
+
+def test_a_wav_past_4_gib_or_with_a_header_never_filled_in_is_named(tmp_path):
+    """A WAV past 4 GiB (its 32-bit sizes wrapped, as tools that do not switch to RF64 write them)
+    was read as its first minute, silently; one whose header sizes are 0 (a recorder killed before
+    it wrote them) as 'empty (0 samples)', its audio unsaid. Both are named for what they are."""
+    fmt = struct.pack("<4sIHHIIHH", b"fmt ", 16, 1, 2, 48000, 48000 * 4, 4, 16)
+    audio = (1 << 32) + 48000 * 4 * 60  # 6.2 h of 48 kHz stereo, of which the header counts 60 s
+    long = tmp_path / "long.wav"
+    with open(long, "wb") as f:  # sparse: nothing near 4 GiB is written
+        f.write(b"RIFF" + struct.pack("<I", (36 + audio) % (1 << 32)) + b"WAVE" + fmt + b"data"
+                + struct.pack("<I", audio % (1 << 32)))
+        f.truncate(44 + audio)
+    with pytest.raises(AudioError) as e:
+        model.audio.audio_info(str(long))
+    assert str(e.value) == (f"cannot read audio file {long}: a WAV file of 4.3 GB, past the 4 GiB a WAV header can "
+                            "count (its sizes wrapped): read as 60 s; convert it to FLAC, or to RF64 (`ffmpeg -i IN "
+                            "-rf64 auto OUT.wav`)")
+    long.unlink()
+    fmt = struct.pack("<4sIHHIIHH", b"fmt ", 16, 1, 1, SR, 2 * SR, 2, 16)
+    pcm = (tone(2.0) * 32767).astype("<i2").tobytes()
+    never = tmp_path / "never.wav"
+    never.write_bytes(b"RIFF" + struct.pack("<I", 0) + b"WAVE" + fmt + b"data" + struct.pack("<I", 0) + pcm)
+    with pytest.raises(AudioError, match=re.escape(f"cannot read audio file {never}: its header gives a length of 0 "
+                                                   "but the file holds 64044 bytes (a recording whose header was never "
+                                                   "filled in: its writer killed?)")):
+        load_audio(never)
+
+
+def test_folders_and_files_this_user_cannot_read_are_named(tmp_path):
+    """A subfolder this user cannot list (mode 0o300) and its files were left out unsaid (os.walk
+    drops what it cannot list), an unlistable corpus folder was 'no audio files', and a file it
+    cannot read was named with libsndfile's 'System error.'. Run without root's capabilities."""
+    from unprivileged import unprivileged
+    write(tmp_path / "corpus" / "ok" / "a.wav", tone(1.0))
+    write(tmp_path / "corpus" / "locked" / "b.wav", tone(1.0))
+    write(tmp_path / "corpus" / "c.wav", tone(1.0))
+    (tmp_path / "corpus" / "locked").chmod(0o300)
+    (tmp_path / "corpus" / "c.wav").chmod(0)
+    write(tmp_path / "closed" / "d.wav", tone(1.0))
+    (tmp_path / "closed").chmod(0o300)
+    code = ("import sys, warnings\nfrom model.data import scan_audio_folder\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    files = scan_audio_folder(sys.argv[1], use_cache=False)\n"
+            "print([f.path for f in files]); [print(m.message) for m in w]\n"
+            "try:\n    scan_audio_folder(sys.argv[2])\nexcept FileNotFoundError as e:\n    print(e)\n")
+    try:
+        r = subprocess.run(unprivileged() + [sys.executable, "-c", code, str(tmp_path / "corpus"),
+                                             str(tmp_path / "closed")],
+                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    finally:
+        (tmp_path / "corpus" / "locked").chmod(0o755)
+        (tmp_path / "closed").chmod(0o755)
+    lines = r.stdout.splitlines()
+    assert lines == [
+        str([str(tmp_path / "corpus" / "ok" / "a.wav")]),
+        f"skipping 1 folders in {tmp_path / 'corpus'} that cannot be listed, with whatever audio files they hold: "
+        "locked (Permission denied)",
+        f"skipping unreadable audio: cannot read audio file {tmp_path / 'corpus' / 'c.wav'}: permission denied (this "
+        "user cannot read it)",
+        f"audio folder {tmp_path / 'closed'} cannot be listed: Permission denied"], r.stdout + r.stderr[-2000:]

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -576,3 +577,27 @@ def test_a_latents_dir_it_cannot_write_in_is_one_error_before_encoding(folder):
     assert re.fullmatch(rf"error: cannot write {re.escape(str(latents))}/audio-mono-[0-9a-f]+: Permission denied; "
                         r"encode into a latents_dir this process can write\n", runs[1].stdout), runs[1].stdout
     assert sorted(p.name for p in latents.rglob("*")) == before
+
+
+def test_a_file_decoding_well_short_of_its_header_is_skipped_not_encoded_in_part(codec, folder):
+    """An MP3 cut short by an interrupted download, whose Xing header still counts 20 s, decodes to
+    what is left (6 s): it was encoded to the latents of that, silently, where the codec trainer's
+    loader skips such a file (a second and a tenth of it missing); now it is skipped and named."""
+    import soundfile as sf
+    from model.audio import audio_info
+    t = np.arange(20 * 16000) / 16000
+    path = folder / "audio" / "cut.mp3"
+    try:
+        sf.write(str(path), (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 16000, subtype="MPEG_LAYER_III")
+    except Exception as e:  # an old libsndfile without an MP3 encoder
+        pytest.skip(f"this libsndfile cannot write MP3: {e}")
+    os.truncate(path, int(path.stat().st_size * 0.3))
+    assert audio_info(str(path))[0] >= 20 * 16000 - 2000  # the header's length: the case at hand
+    with pytest.warns(SkippedAudioWarning) as record:
+        out = prepare_latents(str(folder / "audio"), codec, "mono", str(folder / "latents"), log=lambda m: None)
+    messages = [str(w.message) for w in record if issubclass(w.category, SkippedAudioWarning)]
+    assert len(messages) == 1 and re.fullmatch(
+        rf"skipping {re.escape(str(path))}: it ends before its header says \(\d+ of \d+ samples decoded: a file cut "
+        r"short, or replaced since the scan\?\)", messages[0]), messages
+    assert sorted(e["name"] for e in json.loads((Path(out) / "manifest.json").read_text())["files"]) == \
+        ["solo.wav", "talk.wav"]

@@ -249,3 +249,39 @@ def test_train_codec_on_a_manifest_mixes_stereo_down(tmp_path, capsys):
     errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
     assert out.returncode != 0 and "Traceback" not in out.stderr and len(errors) == 1, out.stderr[-3000:]
     assert f"manifest {bad} line 1: not JSON" in errors[0]
+
+
+def test_a_path_through_dotdot_is_the_file_the_os_opens(tmp_path):
+    """A manifest in a linked folder (`~/data` -> `corpus/v2`) naming `../audio/call.wav`: the OS
+    opens corpus/audio/call.wav, but the path was tidied by its text (`~/audio/call.wav`): the file
+    meant was "no such file", or, with a file there, another file was checked and listed."""
+    (tmp_path / "corpus" / "audio").mkdir(parents=True)
+    sf.write(tmp_path / "corpus" / "audio" / "call.wav", np.full(3 * 16000, 0.1, dtype=np.float32), 16000)
+    (tmp_path / "corpus" / "v2").mkdir()
+    (tmp_path / "corpus" / "v2" / "train.jsonl").write_text(json.dumps({"path": "../audio/call.wav"}) + "\n")
+    (tmp_path / "home").mkdir()
+    os.symlink(tmp_path / "corpus" / "v2", tmp_path / "home" / "data")
+    manifest = tmp_path / "home" / "data" / "train.jsonl"
+    (tmp_path / "home" / "audio").mkdir()
+    sf.write(tmp_path / "home" / "audio" / "call.wav", np.zeros(16000, dtype=np.float32), 16000)  # where the text leads
+    files = scan_audio_folder(manifest)
+    assert [(os.path.realpath(f.path), f.frames) for f in files] == \
+        [(str(tmp_path / "corpus" / "audio" / "call.wav"), 3 * 16000)]
+    os.remove(tmp_path / "home" / "audio" / "call.wav")
+    assert len(read_manifest(manifest)) == 1
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"path": "a.wav", "duration": %s}' % ("9" * 400), '"duration" must be a number of seconds >= 0, got 99999'),
+    ('{"path": "a\\u0000.wav"}', "the path 'a\\x00.wav' cannot name a file (a NUL character, or text that is not "
+                                 "Unicode)"),
+    ('{"path": "a\\ud800.wav"}', "the path 'a\\ud800.wav' cannot name a file"),
+], ids=["huge-duration", "nul", "lone-surrogate"])
+def test_a_line_the_os_cannot_take_is_a_manifest_error(tmp_path, line, message):
+    """A duration of 400 digits (math.isfinite: OverflowError), a path with a NUL or a lone
+    surrogate (the OS calls: ValueError, UnicodeEncodeError): tracebacks from the trainers."""
+    (tmp_path / "a.wav").write_bytes(b"")
+    (tmp_path / "m.jsonl").write_text(line + "\n")
+    with pytest.raises(ManifestError) as e:
+        read_manifest(tmp_path / "m.jsonl")
+    assert str(e.value).startswith(f"manifest {tmp_path / 'm.jsonl'} line 1: {message}"), str(e.value)
