@@ -42,6 +42,7 @@ import os
 import re
 import secrets
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -390,12 +391,21 @@ def _unique_keys(pairs: list) -> dict:
     return value
 
 
+def _int_of_json(digits: str) -> int:
+    """A JSON integer; ProtocolError for one of more digits than Python converts (4300: "not JSON",
+    with Python's own message cut mid-word before its "use sys.set_int_max_str_digits()")."""
+    if (n := len(digits.lstrip("-"))) > sys.get_int_max_str_digits() > 0:
+        raise ProtocolError("bad_json", f"a number of {n} digits, too long to parse")
+    return int(digits)
+
+
 def parse_json(text: str, max_depth: int = 16):
     """A JSON text as Python values; ProtocolError for anything that is not JSON, for NaN and
     Infinity, for an object with a key given twice, and for arrays or objects nested deeper than
     `max_depth` (whether or not the parser's recursion limit caught them first)."""
     try:
-        value = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+        value = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys,
+                           parse_int=_int_of_json)
     except NonFinite as e:
         raise ProtocolError("bad_params", f"{e}: NaN and Infinity are not accepted") from None
     except RecursionError:
@@ -773,9 +783,13 @@ class Server:
         self.stopping = False  # set by close_sessions: new sessions are refused
         self.row_freed = asyncio.Event()  # set by Session.release
         self._disk: Optional[concurrent.futures.ThreadPoolExecutor] = None
-        # The page takes the protocol's constants and this server's defaults from here.
-        self.index_html = (WEB_DIR / "index.html").read_text().replace(
-            "{{PROTOCOL}}", page_constants(dataclasses.asdict(self.params))).encode()
+        self._page = (WEB_DIR / "index.html").read_text()
+
+    @property
+    def index_html(self) -> bytes:
+        """The page, with the protocol's constants and this server's defaults as they are now (made at
+        each request: `POST /set_temperature` changes the defaults, which the page's sliders show)."""
+        return self._page.replace("{{PROTOCOL}}", page_constants(dataclasses.asdict(self.params))).encode()
 
     # -- lifecycle --
     def start(self) -> None:
@@ -861,20 +875,20 @@ class Server:
             query = query_params(ws.query_params.multi_items(), ("seed",))
             seed = self.seed_from(query_seed(query["seed"]) if "seed" in query else None)
         except ValueError as e:  # accepted first: browsers show a close reason, not a refused handshake's status
-            await ws.accept()
-            return await ws.close(CLOSE_POLICY, str(e))
-        await ws.accept()
+            return await close_quietly(ws, CLOSE_POLICY, str(e)) if await accepted(ws) else None
+        if not await accepted(ws):
+            return
         if not self.free and not self.stopping:
             await self.row_given_back(RELEASE_GRACE)
         if self.stopping:
-            return await ws.close(CLOSE_RESTART, SHUTDOWN_REASON)
+            return await close_quietly(ws, CLOSE_RESTART, SHUTDOWN_REASON)
         if not self.free:
             self.counts["refused"] += 1
-            return await ws.close(CLOSE_TRY_AGAIN, f"the server is at capacity ({self.engine.max_sessions} sessions); "
-                                                   "try again later")
+            return await close_quietly(ws, CLOSE_TRY_AGAIN, f"the server is at capacity ({self.engine.max_sessions} "
+                                                            "sessions); try again later")
         if (wait := self.starts.take()) > 0:  # every start prefills the prompt: bounded like resets
             self.counts["refused"] += 1
-            return await ws.close(CLOSE_TRY_AGAIN, f"too many new sessions; try again in {wait:.1f} s")
+            return await close_quietly(ws, CLOSE_TRY_AGAIN, f"too many new sessions; try again in {wait:.1f} s")
         row = self.free.pop()
         session = Session(self, ws, row, self.params, seed)
         opened = self.worker.open_row(row, self.params, seed, self.prompt)
@@ -886,7 +900,8 @@ class Server:
         if opened.exception() is not None:
             session.release()  # a half-reset row is never stepped
             reader.cancel()
-            return await ws.close(CLOSE_INTERNAL, f"could not start a session: {type(opened.exception()).__name__}")
+            return await close_quietly(ws, CLOSE_INTERNAL,
+                                       f"could not start a session: {type(opened.exception()).__name__}")
         self.sessions[session.id] = session
         self.counts["sessions_total"] += 1
         session.last_audio = max(session.last_audio, time.monotonic())  # the idle clock starts now, not at connecting
@@ -985,6 +1000,24 @@ def recover_recordings(folder: Path) -> None:
             else:
                 os.remove(part)
                 log.warning("removed an interrupted recording %s: %s", part, why)
+
+
+async def close_quietly(ws, code: int, reason: str) -> None:
+    """`ws.close(code, reason)` to a client that may be gone already (a page reloaded while it waited
+    for a free row: 74 tracebacks in a burst of 150 such clients): nothing to tell it then."""
+    try:
+        await ws.close(code, reason)
+    except Exception:  # starlette's WebSocketDisconnect, uvicorn's ClientDisconnected, a close after the client's
+        pass
+
+
+async def accepted(ws) -> bool:
+    """`ws.accept()`; False for a client gone before it (no traceback: nothing to answer)."""
+    try:
+        await ws.accept()
+        return True
+    except Exception:  # (as close_quietly)
+        return False
 
 
 def _log_failure(fut) -> None:
@@ -1170,7 +1203,7 @@ def make_app(server: Server, access: Access = Access()):
     @app.websocket("/audio")
     async def audio(ws: WebSocket):
         if not server.authorized(ws.headers, ws.query_params):
-            await ws.close(CLOSE_POLICY, "a valid token is required")  # before accept: HTTP 403
+            await close_quietly(ws, CLOSE_POLICY, "a valid token is required")  # before accept: HTTP 403
             return
         await server.run_session(ws)
 

@@ -5,6 +5,7 @@ checked sample for sample."""
 import asyncio
 import contextlib
 import base64
+import dataclasses
 import json
 import time
 import urllib.error
@@ -201,6 +202,25 @@ def test_an_error_answering_a_control_message_echoes_its_id(server):
     assert [(a["error"], a.get("id")) for a in answers] == [
         ("bad_params", 5), ("bad_seed", "r1"), ("bad_message", 7.5), ("unknown_type", "d"), ("bad_message", None)]
     wait_idle(server)
+
+
+def test_the_page_shows_the_defaults_set_temperature_set(server):
+    """The page was made once, at start: after `POST /set_temperature` it still showed (and, as it
+    then sent its sliders' values when a session opened, gave every session) the old defaults."""
+    import re
+
+    def page_defaults():
+        status, body, _ = http(server.http + "/")
+        constants = json.loads(re.search(rb'<script type="application/json" id="protocol">(.*?)</script>', body).group(1))
+        return {name: r["default"] for name, r in constants["params"].items()}
+    defaults = server.params
+    assert page_defaults() == dataclasses.asdict(defaults)
+    status, _, _ = http(server.http + "/set_temperature", "POST", None, {"token_temp": 0.3, "gaussian_temp": 0.4})
+    try:
+        assert status == 200
+        assert page_defaults() == {**dataclasses.asdict(defaults), "token_temp": 0.3, "gaussian_temp": 0.4}
+    finally:
+        server.params = defaults
 
 
 def test_a_key_given_twice_is_refused_naming_it(server):
@@ -1972,3 +1992,42 @@ def test_a_reply_ready_after_the_event_loop_closed_is_dropped_quietly(model):
     finally:
         threading.excepthook = hook
     assert errors == [] and not worker.thread.is_alive()
+
+
+def test_a_client_leaving_while_it_waits_for_a_row_logs_no_traceback(model, tmp_path):
+    """At capacity a new client waits up to RELEASE_GRACE for a row; one that left meanwhile (a page
+    reloaded: close 1001; or its connection dropped) got the refusal's close on a socket already gone,
+    and the server (the command line's) logged 'Exception in ASGI application' and a traceback for
+    each (74 in a burst of 150 such clients)."""
+    from live_server import save_tiny
+    checkpoint = save_tiny(model, tmp_path / "ckpt")
+    with cli_server(tmp_path, "--checkpoint", str(checkpoint), "--device", "cpu", "--max-sessions", "1") as (port, log):
+        async def run():
+            async with connect(f"ws://127.0.0.1:{port}/audio") as holder:
+                await control(holder, type="status")
+                for leave in ("close", "drop", "close", "drop"):
+                    extra = await connect(f"ws://127.0.0.1:{port}/audio", close_timeout=0.2)
+                    if leave == "close":
+                        await extra.close(1001)
+                    else:
+                        extra.transport.abort()
+                await asyncio.sleep(2 * srv.RELEASE_GRACE + 0.5)
+                return await control(holder, type="status")  # the session held is untouched
+        status = asyncio.run(asyncio.wait_for(run(), 60))
+        health = json.loads(http(f"http://127.0.0.1:{port}/health")[1])
+    assert status["type"] == "status" and health["refused"] == 4, health
+    assert "Traceback" not in log.read_text() and "Exception in ASGI" not in log.read_text(), log.read_text()[-3000:]
+
+
+def test_a_number_too_long_is_named_so(server):
+    """A seed (or any number) of more digits than Python converts (4300) was answered 'not JSON'
+    with Python's own message, cut mid-word ('...; use sys.set_in'): it says what is wrong now."""
+    async def run():
+        async with connect(server.ws + "/audio") as ws:
+            await ws.send('{"type": "reset", "id": 1, "seed": ' + "7" * 5000 + "}")
+            answer = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            return answer, await control(ws, type="status")
+    answer, status = asyncio.run(asyncio.wait_for(run(), 30))
+    assert (answer["error"], answer["message"]) == ("bad_json", "a number of 5000 digits, too long to parse")
+    assert status["type"] == "status"
+    wait_idle(server)
