@@ -320,6 +320,7 @@ class Recorder:
         self.lock = None  # the `.part`, locked until renamed: another server starting on the folder leaves it
         self.frames = 0
         self.truncated = False
+        self.failed: Optional[str] = None  # why a write failed (a full disk): the recording stops there
 
     def open(self) -> None:
         import soundfile as sf
@@ -335,25 +336,47 @@ class Recorder:
         self.lock = lock
 
     def write(self, stereo: np.ndarray) -> None:
-        """stereo (T, 2) int16."""
-        if self.file is None:  # open() failed (and said so)
+        """stereo (T, 2) int16. A write that fails (a full disk) is said once, naming the file and the
+        cause, and the recording stops there (it was a LibsndfileError(2, '') logged at every chunk)."""
+        if self.file is None or self.failed is not None:  # open() failed (and said so), or a write did
             return
         room = self.max_frames - self.frames
         if room < len(stereo):
             self.truncated = True
             stereo = stereo[:max(room, 0)]
         if len(stereo):
-            self.file.write(stereo)
+            try:
+                self.file.write(stereo)
+            except Exception as e:  # soundfile's LibsndfileError says nothing: ask the disk why
+                self.failed = self._why(e)
+                log.error("recording %s: cannot write %s (%s): it stops at %.1f s", self.path.name, self.tmp,
+                          self.failed, self.frames / SAMPLE_RATE)
+                return
             self.frames += len(stereo)
+
+    def _why(self, e: Exception) -> str:
+        try:
+            st = os.statvfs(self.tmp.parent)
+            if st.f_bavail * st.f_frsize < 1 << 20:
+                return "no space left on the device"
+        except OSError:
+            pass
+        return str(e).strip() or type(e).__name__
 
     def close(self) -> Optional[Path]:
         if self.file is None:
             return None
         try:
-            self.file.close()
+            try:
+                self.file.close()  # (its header's sizes: what was written, even after a failed write)
+            except Exception as e:
+                self.failed = self.failed or self._why(e)
             if self.truncated:
                 log.warning("%s: cut at %.0f s (--max-recording-seconds)", self.path.name,
                             self.max_frames / SAMPLE_RATE)
+            if self.failed is not None:
+                log.warning("recording %s is incomplete: it stops at %.1f s (%s)", self.path.name,
+                            self.frames / SAMPLE_RATE, self.failed)
             if self.frames == 0:
                 os.remove(self.tmp)
                 return None

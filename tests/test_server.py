@@ -2031,3 +2031,32 @@ def test_a_number_too_long_is_named_so(server):
     assert (answer["error"], answer["message"]) == ("bad_json", "a number of 5000 digits, too long to parse")
     assert status["type"] == "status"
     wait_idle(server)
+
+
+def test_a_recording_on_a_full_disk_says_so_once_and_keeps_what_was_written(tmp_path, caplog):
+    """`--recordings` on a disk that fills: every chunk after logged `LibsndfileError(2, '')`, naming
+    neither file nor cause, and the end said 'recorded to' of a file cut short. Now one error naming
+    both, the recording stops there, and the end says it is incomplete; what was written is a WAV."""
+    import subprocess
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        recorder = srv.Recorder(disk / "talk.wav", max_frames=10 ** 9)
+        recorder.open()
+        chunk = np.tile(np.arange(2000, dtype=np.int16)[:, None], (1, 2))  # 8 kB a chunk
+        with caplog.at_level("WARNING", logger="hertz.server"):
+            for _ in range(40):  # 320 kB: more than the disk holds
+                recorder.write(chunk)
+            path = recorder.close()
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert errors == [f"recording talk.wav: cannot write {recorder.tmp} (no space left on the device): it stops at "
+                          f"{recorder.frames / 16000:.1f} s"], caplog.text
+        assert 0 < recorder.frames < 40 * 2000
+        assert f"recording talk.wav is incomplete: it stops at {recorder.frames / 16000:.1f} s (no space left on the " \
+               "device)" in caplog.text
+        # (the failed write's first part may be there too)
+        assert path == disk / "talk.wav" and recorder.frames <= sf.info(str(path)).frames < recorder.frames + 2000
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
