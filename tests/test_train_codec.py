@@ -395,7 +395,7 @@ def test_empty_train_folder_is_a_clear_error(corpus, tmp_path, capsys):
     result = run_here(args(corpus, tmp_path / "run", f"train_data_path={tmp_path / 'empty'}"), capsys)
     assert result.returncode != 0
     assert f"error: audio folder {tmp_path / 'empty'} has no audio files" in result.stderr
-    assert ".wav, .flac, .ogg, .opus, .mp3" in result.stderr and "Traceback" not in result.stderr
+    assert ".wav, .flac, .ogg, .opus, .oga, .mp3" in result.stderr and "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("overrides, message", [
