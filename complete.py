@@ -223,7 +223,11 @@ def complete(args) -> int:
     if args.continuation_only:
         out = out[..., frames * hop:]
     for path, wav in zip(completion_paths(args.out, args.num), out.cpu()):
-        save_audio(path, wav.clamp(-1, 1), cfg.sample_rate)
+        try:
+            save_audio(path, wav.clamp(-1, 1), cfg.sample_rate)
+        except AudioError as e:  # a disk that filled while generating (checked writable before)
+            print(f"error: {printable(e, newlines=True)}", file=sys.stderr)
+            return 2
         print(f"wrote {path} ({wav.shape[0]} channel{'s' if wav.shape[0] > 1 else ''}, "
               f"{wav.shape[1] / cfg.sample_rate:.2f} s)", file=sys.stderr)
     print(f"{steps * args.num / elapsed:.1f} latents/s", file=sys.stderr)
@@ -231,4 +235,8 @@ def complete(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # (Ctrl-C: nothing half-written, the outputs are written atomically)
+        print("interrupted (Ctrl-C): no completion written after the last one named", file=sys.stderr)
+        sys.exit(130)

@@ -551,6 +551,8 @@ def check_config(cfg: TransformerConfig) -> None:
                           "given the code of latent t+1")
     if cfg.seq_len < 2:
         raise ConfigError("seq_len must be at least 2 latents (one prediction)")
+    if not cfg.fsq_levels:  # (a vocabulary of one code: a loss of 0 and an accuracy of 1, learning nothing)
+        raise ConfigError("fsq_levels: expected at least one level (the official (8, 8, 8, 8, 8)), got ()")
     for part in ("lm", "resynth"):  # an assertion when the model is built, or a shape error at the first step
         dim, heads, kv = (getattr(cfg, f"{part}_{k}") for k in ("dim", "heads", "kv_heads"))
         if dim % heads or dim // heads % 2:  # rotary rotates pairs of dims in each head

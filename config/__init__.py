@@ -69,6 +69,7 @@ PATH = {"path": True}
 COUNT = {"min": 1}                   # sizes, steps between events, widths: >= 1
 NON_NEGATIVE = {"min": 0}            # loss weights, learning rates, limits where 0 means "none"
 POSITIVE = {"above": 0}              # lengths in seconds, scales: > 0
+SEED = {"min": 0, "below": 2 ** 63}   # what torch.manual_seed and numpy's generators take (as complete.py --seed)
 FRACTION = {"min": 0, "below": 1}    # Adam's betas, dropout: in [0, 1)
 WINDOW = {"min": 4}                  # STFT windows in samples, hop = window / 4: >= 4
 
@@ -111,7 +112,9 @@ def _coerce(value: Any, tp, key: str) -> Any:
         expected = " or ".join(_expected(arg) for arg in args)  # not `Optional`, the name of the union
         raise ConfigError(f"{key}: expected {expected}, got {value!r}")
     if origin is typing.Literal:
-        if value in args:
+        # the same type too: 0.0 == False == 0, so model_channel=0.0 or =false passed as 0, each spelling
+        # a value of its own where the config is written down (another latents cache key: encoded anew)
+        if any(value == arg and type(value) is type(arg) for arg in args):
             return value
         raise ConfigError(f"{key}: expected one of {', '.join(map(str, args))}; got {value!r}")
     if origin in (tuple, list):
@@ -130,7 +133,11 @@ def _coerce(value: Any, tp, key: str) -> Any:
         raise ConfigError(f"{key}: expected a bool (true/false), got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an int of hundreds of digits
+                raise ConfigError(f"{key}: expected a finite number, got an integer of {len(str(abs(value)))} "
+                                  "digits") from None
         if isinstance(value, str) and value.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
             raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         raise ConfigError(f"{key}: expected a float, got {value!r}")

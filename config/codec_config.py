@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from config import COUNT, DEVICE, FRACTION, NON_NEGATIVE, POSITIVE, WINDOW, PATH
+from config import COUNT, DEVICE, FRACTION, NON_NEGATIVE, POSITIVE, SEED, WINDOW, PATH
 
 # Marks on the fields (`fields_marked`, `config_diff` in config/__init__.py):
 ARCH = {"arch": True}          # the codec network: a checkpoint that differs cannot be loaded into it
@@ -131,7 +131,7 @@ class CodecConfig:
     # instead of each kernel's from Python, for steps the host bounds (2 s crops); in one process,
     # not under float16's loss scale (eager there)
     cuda_graph: bool = False
-    seed: int = field(default=1337, metadata=RESUME)
+    seed: int = field(default=1337, metadata={**RESUME, **SEED})
     init_from: Optional[str] = field(default=None, metadata=PATH)  # None, "official" or a path to one of ours
     resume: bool = True
     eval_only: bool = False

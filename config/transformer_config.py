@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional, get_args
 
-from config import COUNT, DEVICE, FRACTION, NON_NEGATIVE, POSITIVE, PATH
+from config import COUNT, DEVICE, FRACTION, NON_NEGATIVE, POSITIVE, SEED, PATH
 
 # What a user can name on the command line and in configs, kept here (no torch) so every parser
 # offers the same choices: the weight-only quantization modes (`model/quant.py`) and the KV
@@ -125,7 +125,7 @@ class TransformerConfig:
     device: str = field(default="cuda", metadata=DEVICE)
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     compile: bool = True                        # torch.compile each transformer block and the losses
-    seed: int = 1337
+    seed: int = field(default=1337, metadata=SEED)
     # None, "official", a variant name, or one of ours (.safetensors)
     init_from: Optional[str] = field(default=None, metadata=PATH)
     resume: bool = True

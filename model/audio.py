@@ -681,7 +681,22 @@ def save_audio(path: str, audio, sample_rate: int, subtype: str = "PCM_16") -> N
         replace_atomically(path, lambda tmp: sf.write(tmp, audio.T, sample_rate, subtype=subtype, format=fmt),
                            suffix=ext)
     except Exception as e:
-        raise AudioError(f"cannot write audio file {path}: {_reason(e)}") from e
+        raise AudioError(f"cannot write audio file {path}: {_write_reason(e, folder, audio.size * 4)}") from e
+
+
+def _write_reason(e: Exception, folder: str, nbytes: int) -> str:
+    """Why writing up to `nbytes` into `folder` failed: libsndfile's "System error." (it drops the
+    errno) asked of the disk (full, or not writable); else what was said."""
+    reason = _reason(e)
+    if "System error" not in reason:
+        return reason
+    try:
+        st = os.statvfs(folder)
+        if st.f_bavail * st.f_frsize < nbytes + (1 << 16):
+            return f"no space left on the device ({st.f_bavail * st.f_frsize} bytes free)"
+    except OSError:
+        pass
+    return "permission denied" if not os.access(folder, os.W_OK) else reason
 
 
 def load_prompt(path: str, channels: int, sample_rate: int = 16000, hop: int = 2000,

@@ -94,7 +94,10 @@ def read_metrics(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndar
 def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike,
                  panels: Optional[dict[str, Sequence[str]]] = None, title: str = "") -> Optional[str]:
     """Curves of `metrics.jsonl`, one panel per group of keys (default: every `loss/` key, the
-    learning rate, and each `val/` key). Returns the PNG path, or None when nothing was logged."""
+    learning rate, and each `val/` key). Returns the PNG path, or None when nothing was logged (or
+    the file is gone: deleted with the run folder's tidying while the run went on)."""
+    if not os.path.isfile(metrics_path):
+        return None
     series = read_metrics(metrics_path)
     if panels is None:
         panels = {"training losses": sorted(k for k in series if k.startswith("loss/")),

@@ -1144,11 +1144,29 @@ class Logger:
     def run_id(self) -> Optional[str]:
         return self.run.id if self.run is not None else None
 
+    def _reopen_if_gone(self) -> None:
+        """metrics.jsonl deleted or replaced during the run (the run folder tidied, moved): rows went on
+        into the unlinked file, lost, and the end's plot failed on the missing path. A new file is
+        started where the path is, with the rows to come (the plot then covers those)."""
+        path = self.run_dir / "metrics.jsonl"
+        try:
+            same = os.path.samestat(os.fstat(self.jsonl.fileno()), os.stat(path))
+        except OSError:
+            same = False
+        if not same:
+            self.jsonl.close()
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self.jsonl = open(path, "ab", buffering=0)
+            except OSError as e:
+                raise TrainingError(f"cannot write {path}: {os_reason(e)}") from None
+
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if not self.is_main:
             return
         plain = {k: (float(v) if isinstance(v, (int, float, np.floating, torch.Tensor)) else v)
                  for k, v in metrics.items() if not _is_media(v)}
+        self._reopen_if_gone()
         row, end = (json.dumps({"step": step, "time": time.time(), **plain}) + "\n").encode(), self.jsonl.tell()
         try:
             while row:

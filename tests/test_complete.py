@@ -640,3 +640,41 @@ def test_paths_given_as_flag_equals_tilde_are_under_the_home_folder(ckpts, tmp_p
     assert f"put them in {tmp_path / 'home' / 'ckpt'}/" in r.stderr
     r = run_here(capfd, ckpts["stereo"], "~/out.wav", f"--variant={ckpts['duplex']}", "--seconds", 0.25)
     assert r.returncode == 0 and (tmp_path / "home" / "out.wav").is_file(), r.stderr[-2000:]
+
+
+def test_a_disk_that_fills_while_generating_is_one_error_line(ckpts, tmp_path, capfd):
+    """The output's folder is checked writable before any weights load, but the disk may fill while
+    the model generates: that was a traceback ending 'cannot write audio file OUT: System error.'
+    (libsndfile drops the errno). Now one `error:` line saying the device is full, and no file."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        r = run_here(capfd, ckpts["stereo"], disk / "out.wav", "--variant", ckpts["duplex"], "--seconds", 3)
+    finally:
+        listing = sorted(p.name for p in disk.iterdir())
+        subprocess.run(["umount", str(disk)], check=True)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and "Traceback" not in r.stderr and lines[-1].startswith(
+        f"error: cannot write audio file {disk / 'out.wav'}: no space left on the device ("), r.stderr[-2000:]
+    assert listing == []
+
+
+def test_ctrl_c_while_generating_is_one_line(ckpts, tmp_path):
+    """Ctrl-C in complete.py printed a ~60-line KeyboardInterrupt traceback (also under demo.py's
+    last step); nothing is half-written (outputs are written atomically): one line, status 130."""
+    import signal
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "complete.py"), ckpts["stereo"], str(tmp_path / "out.wav"),
+                             "--variant", ckpts["duplex"], "--seconds", "200"], cwd=REPO, env=env,
+                            stderr=subprocess.PIPE, text=True)
+    seen = ""
+    while "%|" not in seen and proc.poll() is None:  # the progress bar: generating
+        seen += proc.stderr.read(1)
+    proc.send_signal(signal.SIGINT)
+    err = seen + proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130 and "Traceback" not in err, (proc.returncode, err[-3000:])
+    # (on the progress bar's line, cut where the Ctrl-C came; the bar is drawn once more as it closes)
+    assert "interrupted (Ctrl-C): no completion written after the last one named\n" in err, err[-500:]
+    assert not (tmp_path / "out.wav").exists()

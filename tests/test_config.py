@@ -437,3 +437,21 @@ def test_every_script_with_flags_parses_them_with_the_shared_parser(script):
     text = (ROOT / script).read_text()
     assert "argparse.ArgumentParser(" not in text
     assert "ArgumentParser(" not in text or "from config import ArgumentParser" in text
+
+
+@pytest.mark.parametrize("cls, presets, override, message", [
+    (CodecConfig, CODEC_PRESETS, "seed=-1", "seed: expected a number >= 0 and < 9223372036854775808, got -1"),
+    (TransformerConfig, TRANSFORMER_PRESETS, f"seed={2 ** 64}",
+     f"seed: expected a number >= 0 and < 9223372036854775808, got {2 ** 64}"),
+    (TransformerConfig, TRANSFORMER_PRESETS, "model_channel=0.0", "model_channel: expected one of 0, 1; got 0.0"),
+    (TransformerConfig, TRANSFORMER_PRESETS, "model_channel=False", "model_channel: expected one of 0, 1; got False"),
+    (CodecConfig, CODEC_PRESETS, "learning_rate=1" + "0" * 400,
+     "learning_rate: expected a finite number, got an integer of 401 digits"),
+], ids=["seed-negative", "seed-past-int64", "literal-float", "literal-bool", "float-overflow"])
+def test_values_the_run_cannot_take_are_config_errors(cls, presets, override, message):
+    """A seed below 0 or past 2**63 (a traceback at the first batch, after the data decoded, or from
+    torch.manual_seed); a Literal given as 0.0 or false (taken as 0: `0.0 == False == 0`, each
+    spelling its own latents cache key); a float of 401 digits (OverflowError)."""
+    with pytest.raises(ConfigError) as e:
+        parse_args(["--config", "tiny", override], presets)
+    assert str(e.value) == message

@@ -724,3 +724,21 @@ def test_a_data_loading_worker_killed_mid_run_is_one_error_line_and_the_step_rea
     resumed = run_in_process("train_codec.py", train_codec.main, cmd[2:] + [f"stop_step={stopped + 1}"], capsys)
     assert resumed.returncode == 0 and f"training from step {stopped} to {stopped + 1}" in resumed.stdout + resumed.stderr
 
+
+
+def test_metrics_jsonl_deleted_during_a_run_is_started_anew_and_the_plot_does_not_fail(tmp_path):
+    """metrics.jsonl deleted (or the run folder tidied away) while the run went on: its rows went into
+    the unlinked file, lost, and the run's end failed on the missing path (`error: [Errno 2] ...`,
+    exit 1, after training had finished and saved). The rows to come go to a new file there."""
+    from model.plots import plot_metrics
+    log = Logger("disabled", "x", tmp_path / "run", PRESETS["tiny"])
+    log.log({"loss/total": 1.0}, 1)
+    (tmp_path / "run" / "metrics.jsonl").unlink()
+    assert plot_metrics(tmp_path / "run" / "metrics.jsonl", tmp_path / "run" / "m.png") is None
+    log.log({"loss/total": 0.5}, 2)
+    import shutil
+    shutil.rmtree(tmp_path / "run")
+    log.log({"loss/total": 0.25}, 3)
+    log.finish()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss/total"]) for r in rows] == [(3, 0.25)]
