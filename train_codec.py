@@ -65,7 +65,7 @@ from model.training import (Checkpoints, Deadline, Dist, Logger, all_reduce_mean
                             check_resumable, check_schedule, cosine_lr, finished, last_step, load_training_state,
                             loss_scaler, preload_limit_gb, resource_notes, rng_state, run_script,
                             schedule_notes, seed_everything, set_rng_state, setup_distributed, StepTimer, state_to_load,
-                            stop_message, teardown_distributed, unwrap, validation_key, window_peak_gb)
+                            stop_message, teardown_distributed, unwrap, validation_key, window_peak_gb, write_samples)
 
 
 def main(argv=None) -> dict:
@@ -692,19 +692,19 @@ def describe(name: str, dataset: AudioCropDataset) -> str:
 def log_samples(run_dir: Path, pairs: list, sample_rate: int, logger: Logger, figure: bool = True) -> dict:
     """Write the latest (input, reconstruction) pairs and their mel spectrograms to
     `run_dir/samples/`; W&B media of the same for `logger.log`."""
-    folder = run_dir / "samples"
-    folder.mkdir(parents=True, exist_ok=True)
+    def write(folder: Path):
+        for i, (x, y) in enumerate(pairs):
+            save_audio(folder / f"{i}_input.wav", x, sample_rate)
+            save_audio(folder / f"{i}_recon.wav", y, sample_rate)
+        return save_mel_figure(folder / "mels.png", pairs, sample_rate) if pairs and figure else None
+
+    png = write_samples(run_dir / "samples", write)  # (a folder or disk that fails them: said, and the run goes on)
     media = {}
-    for i, (x, y) in enumerate(pairs):
-        save_audio(folder / f"{i}_input.wav", x, sample_rate)
-        save_audio(folder / f"{i}_recon.wav", y, sample_rate)
-        if logger.run is not None:
-            media[f"audio/{i}_input"] = logger.audio("input", x[None], sample_rate)
-            media[f"audio/{i}_recon"] = logger.audio("recon", y[None], sample_rate)
-    if pairs and figure:
-        png = save_mel_figure(folder / "mels.png", pairs, sample_rate)
-        if logger.run is not None:
-            media["mels"] = logger.image(png)
+    for i, (x, y) in enumerate(pairs if logger.run is not None else ()):
+        media[f"audio/{i}_input"] = logger.audio("input", x[None], sample_rate)
+        media[f"audio/{i}_recon"] = logger.audio("recon", y[None], sample_rate)
+    if png is not None and logger.run is not None:
+        media["mels"] = logger.image(png)
     return media
 
 

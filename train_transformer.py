@@ -61,7 +61,7 @@ from model.training import (Checkpoints, ConfigMismatch, Deadline, Dist, FiniteG
                             check_folders, check_outside_data, check_resumable, check_schedule, check_trainer,
                             cosine_lr, finished, last_step, load_training_state, loss_scaler, run_script,
                             resource_notes, schedule_notes, setup_distributed, state_to_load, stop_message, teardown_distributed,
-                            validation_key, window_peak_gb)
+                            validation_key, window_peak_gb, write_samples)
 
 PARTS = ("quantizer", "lm", "resynth")
 # FSDP2 warns about every module output that is a view; none of ours is modified in place.
@@ -466,9 +466,8 @@ def audio_sample(step: int, model: HertzDev, val_set: LatentCrops, codec, cfg: T
         return {}
     audio = torch.cat([codec.decode(c.float()) for c in latents.chunk(cfg.channels, dim=-1)], dim=1)[0]  # (C, N)
     from model.audio import save_audio
-    folder = run_dir / "samples"
-    folder.mkdir(parents=True, exist_ok=True)
-    save_audio(str(folder / f"step_{step:08d}.wav"), audio.clamp(-1, 1).cpu().numpy(), cfg.sample_rate)
+    write_samples(run_dir / "samples", lambda folder: save_audio(str(folder / f"step_{step:08d}.wav"),
+                                                                 audio.clamp(-1, 1).cpu().numpy(), cfg.sample_rate))
     clip = logger.audio("samples/completion", audio.cpu().numpy(), cfg.sample_rate,
                         caption=f"{prompt_len * hop / cfg.sample_rate:.1f} s prompt, {cfg.sample_seconds:.1f} s generated")
     return {"samples/completion": clip} if clip is not None else {}

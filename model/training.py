@@ -1100,6 +1100,22 @@ def window_peak_gb(device: torch.device, reserved: bool = False) -> Optional[flo
     return peak
 
 
+def write_samples(folder: Path, write: Callable[[Path], Any]) -> Any:
+    """`write(folder)` (a run's listening samples) after making `folder`; what it returns, or None
+    when the folder or the disk fails it (a file named like the folder, a full disk): one warning
+    line, and the run goes on. A failure there stopped the run at its evaluation, losing the steps
+    since its last save, for files that are only for listening."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return write(folder)
+    except (OSError, AudioError) as e:
+        reason = os_reason(e, folder) if isinstance(e, OSError) else str(e)
+        from tqdm import tqdm
+        tqdm.write(f"warning: cannot write the samples in {folder}: {printable(reason)}; training goes on",
+                   file=sys.stderr)
+        return None
+
+
 class Logger:
     """Weights & Biases on rank 0 plus a local `metrics.jsonl`.
 

@@ -1102,3 +1102,20 @@ def test_a_damaged_training_state_as_init_from_is_not_told_to_resume_afresh(corp
     line = error_line(result.stderr)
     assert line.startswith(f"error: {cut} is not a training state written by the trainers (it cannot be read: ")
     assert "resume=false" not in line and "init_from" in line, line
+
+
+def test_samples_that_cannot_be_written_are_said_and_the_run_goes_on(corpus, tmp_path, capsys):
+    """A file named `samples` in the run folder (or a full disk) failed the listening samples at an
+    evaluation: a FileExistsError traceback, and the steps since the last save were lost. The samples
+    are only for listening: one warning line, and the run trains and saves to its end."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "samples").write_text("not a folder")
+    r = run_here(args(corpus, run_dir, "max_steps=6", "save_interval=100", "eval_interval=3", "val_crops=1",
+                      "num_audio_samples=1"), capsys)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    warned = [line for line in r.stderr.splitlines() if line.startswith("warning: cannot write the samples in ")]
+    assert warned and warned[0].startswith(f"warning: cannot write the samples in {run_dir / 'samples'}: ") and \
+        warned[0].endswith("; training goes on"), r.stderr[-2000:]
+    assert (run_dir / "samples").read_text() == "not a folder"
+    assert json.loads((run_dir / "checkpoints.json").read_text())["latest_step"] == 6  # saved at its end
