@@ -864,10 +864,15 @@ def move_aside(folder: str | os.PathLike) -> Optional[Path]:
     """Rename a run folder that holds `latest.pt` or a `step_*.pt` to `NAME.old-YYYYmmdd-HHMMSS`
     (`-2`, `-3`, ... appended when that name is taken), so a fresh run starts empty and nothing is
     deleted.
-    Returns the new name, or None when the folder holds no run."""
-    folder = Path(folder)
+    Returns the new name, or None when the folder holds no run. TrainingError for the working folder
+    or one above it (`checkpoint_dir=.`: it has no name of its own to rename, and the new run's
+    relative paths would follow it to its new name)."""
+    folder = Path(os.path.abspath(folder))
     if not (folder / "latest.pt").exists() and not any(folder.glob("step_*.pt")):
         return None
+    if folder == Path.cwd() or folder in Path.cwd().parents:
+        raise TrainingError(f"cannot move the run in {folder} aside (resume=false): it is the working folder, or "
+                            "holds it; start the fresh run in another checkpoint_dir, or from another folder")
     old = folder.with_name(f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
     n = 1
     while old.exists() or old.is_symlink():

@@ -742,3 +742,21 @@ def test_metrics_jsonl_deleted_during_a_run_is_started_anew_and_the_plot_does_no
     log.finish()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["loss/total"]) for r in rows] == [(3, 0.25)]
+
+
+def test_the_working_folder_is_not_moved_aside(tmp_path, monkeypatch):
+    """`checkpoint_dir=. resume=false` over a run: a ValueError traceback ("PosixPath('.') has an
+    empty name"); renamed by its absolute path, the new run's relative paths would have followed it
+    to its new name. Now a TrainingError saying so, and nothing moved."""
+    from model.training import TrainingError
+    run = tmp_path / "run"
+    (run / "sub").mkdir(parents=True)
+    (run / "latest.pt").write_bytes(b"state")
+    for cwd in (run, run / "sub"):
+        monkeypatch.chdir(cwd)
+        with pytest.raises(TrainingError, match=re.escape(f"cannot move the run in {run} aside (resume=false): it is "
+                                                          "the working folder, or holds it")):
+            move_aside("." if cwd == run else "..")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    monkeypatch.chdir(tmp_path)
+    assert move_aside("run").name.startswith("run.old-")  # from outside: moved as before
