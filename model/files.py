@@ -14,15 +14,25 @@ from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
 
-def json_value(text: str | bytes):
+def json_value(text: str | bytes, unique_keys: bool = False):
     """`json.loads(text)`, with arrays or objects nested too deep for the parser's recursion (a few
     thousand levels: a damaged or hostile file) a ValueError like any other text that is not JSON,
     where `json.loads` raises RecursionError, which the readers catching ValueError let through as
-    a traceback."""
+    a traceback. `unique_keys`: a key given twice in one object is a ValueError too (json.loads
+    keeps the last value, silently: a line written by hand that names two files reads as one)."""
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_unique if unique_keys else None)
     except RecursionError:
         raise ValueError("JSON nested too deep") from None
+
+
+def _unique(pairs: list) -> dict:
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} given twice in one object")
+        out[key] = value
+    return out
 
 
 def change_stamp(st: os.stat_result) -> list[int]:

@@ -76,7 +76,7 @@ def read_manifest(path: str | os.PathLike) -> list[str]:
             if not line.strip() or line.lstrip().startswith("#"):  # a blank line, a comment
                 continue
             try:
-                entry = json_value(line)
+                entry = json_value(line, unique_keys=True)
             except ValueError as e:
                 raise ManifestError(f"{where}: not JSON ({e})") from None
             if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not entry["path"]:

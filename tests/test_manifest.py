@@ -285,3 +285,14 @@ def test_a_line_the_os_cannot_take_is_a_manifest_error(tmp_path, line, message):
     with pytest.raises(ManifestError) as e:
         read_manifest(tmp_path / "m.jsonl")
     assert str(e.value).startswith(f"manifest {tmp_path / 'm.jsonl'} line 1: {message}"), str(e.value)
+
+
+def test_a_key_given_twice_in_a_line_is_an_error(tmp_path):
+    """A line written by hand naming two files, {"path": "a.wav", "path": "b.wav"}: json.loads kept
+    the last, silently (one file listed of the two meant)."""
+    for name in ("a.wav", "b.wav"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "m.jsonl").write_text('{"path": "a.wav", "path": "b.wav"}\n')
+    with pytest.raises(ManifestError) as e:
+        read_manifest(tmp_path / "m.jsonl")
+    assert str(e.value) == f"manifest {tmp_path / 'm.jsonl'} line 1: not JSON (key 'path' given twice in one object)"
