@@ -615,7 +615,7 @@ class Checkpoints:
         recording it as the latest (in `checkpoints.json`, written last): a whole state, newer
         than what `latest.pt` names. None otherwise, so a `latest.pt` put back by hand in place of
         a damaged newest step is kept."""
-        steps = sorted(self.folder.glob("step_*.pt"))
+        steps = step_files(self.folder)
         if not steps:
             return None
         latest, recorded = self.folder / "latest.pt", self._info().get("latest_step")
@@ -790,7 +790,7 @@ class Checkpoints:
             except OSError as e:
                 raise CheckpointError(f"cannot write {path}: {os_reason(e)}") from None
         self._record(info)
-        steps = sorted(self.folder.glob("step_*.pt"))
+        steps = step_files(self.folder)
         for old in steps[:-self.keep] if self.keep > 0 else []:
             old.unlink(missing_ok=True)
         return path
@@ -849,7 +849,7 @@ def state_to_load(checkpoints: Checkpoints, resume: bool, eval_only: bool, init_
     if eval_only and not init_from and checkpoints.latest is None:
         raise ConfigError(f"eval_only=true: nothing to evaluate in {checkpoints.folder} (no latest.pt); "
                           "pass init_from=official or init_from=PATH")
-    steps = sorted(checkpoints.folder.glob("step_*.pt"))
+    steps = step_files(checkpoints.folder)
     if resume and not eval_only and checkpoints.latest is None and steps:  # latest.pt deleted or moved by hand
         raise ConfigError(f"checkpoint_dir={str(checkpoints.folder)!r} holds {listed([p.name for p in steps[::-1]])} "
                           "but no latest.pt: a fresh run there would mix its steps with that run's. To resume, copy "
@@ -858,6 +858,12 @@ def state_to_load(checkpoints: Checkpoints, resume: bool, eval_only: bool, init_
     if eval_only:
         return checkpoints.latest if adapters or not init_from else None
     return checkpoints.latest if resume else None
+
+
+def step_files(folder: Path) -> list[Path]:
+    """The run's `step_*.pt` files, oldest first; something else of the name (a folder made by hand)
+    is not one: it was an IsADirectoryError where the run recovered or pruned its states."""
+    return sorted(p for p in folder.glob("step_*.pt") if p.is_file())
 
 
 def move_aside(folder: str | os.PathLike) -> Optional[Path]:

@@ -760,3 +760,15 @@ def test_the_working_folder_is_not_moved_aside(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     monkeypatch.chdir(tmp_path)
     assert move_aside("run").name.startswith("run.old-")  # from outside: moved as before
+
+
+def test_a_folder_named_like_a_step_is_not_taken_for_one(tmp_path):
+    """A folder named step_00000099.pt in a run folder (made by hand): the run's recovery and the
+    pruning of old states took it for the newest state, an IsADirectoryError traceback."""
+    (tmp_path / "run" / "step_00000099.pt").mkdir(parents=True)
+    folder = Checkpoints(tmp_path / "run", keep=1)
+    assert folder.recover(lambda state, path: None) == []
+    folder.save(1, {"step": 1})
+    folder.save(2, {"step": 2})
+    assert sorted(p.name for p in (tmp_path / "run").glob("step_*.pt")) == ["step_00000002.pt", "step_00000099.pt"]
+    assert (tmp_path / "run" / "step_00000099.pt").is_dir()
