@@ -393,7 +393,7 @@ def _preroll(f) -> int:
 
 
 # --- Files whose header does not give the length of the audio they hold --------------------------------
-# libsndfile counts the frames a WAV, AIFF, AU, W64 or RF64 file holds where its header says more (a
+# libsndfile counts the frames a WAV, AIFF, AU, W64, RF64 or NIST file holds where its header says more (a
 # file cut short by an interrupted copy or download), and says so only in its log ("data : 320000
 # (should be 106637)"): a 60 s file cut to 20 s was read, scanned and trained on as 20 s, silently.
 # Where the header says less, it believes the header: a WAV past 4 GiB (its sizes wrapped, as a
@@ -417,6 +417,14 @@ def _length_problem(f, path: str) -> Optional[str]:
     if f.frames == 0 and f.format in ("WAV", "WAVEX", "AIFF", "W64", "RF64", "AU", "CAF") and size >= 16384:
         return (f"its header gives a length of 0 but the file holds {size} bytes (a recording whose header was "
                 "never filled in: its writer killed?)")
+    if f.format == "NIST":  # (its log says nothing: the header's own sample count, in its text)
+        with open(path, "rb") as raw:
+            said = re.search(rb"\nsample_count -i (\d+)", raw.read(1024))
+        said_frames = int(said.group(1)) if said else 0
+        if said_frames - f.frames >= max(f.samplerate, said_frames // 10):
+            return (f"it ends before its header says ({f.frames / f.samplerate:.1f} s of the "
+                    f"{said_frames / f.samplerate:.1f} s it gives: a file cut short, by an interrupted copy or download?)")
+        return None
     name = _AUDIO_SIZE.get(f.format)
     worst = max(((int(said), int(held)) for line, said, held in _SAID.findall(f.extra_info)
                  if (name is None or line == name) and int(said) > int(held) > 0 and int(said) != 0xFFFFFFFF),

@@ -1139,7 +1139,7 @@ def test_an_index_entry_edited_or_damaged_is_measured_anew(tmp_path, edit):
 
 
 @pytest.mark.parametrize("fmt, subtype", [("WAV", "PCM_16"), ("WAVEX", "PCM_24"), ("AIFF", "PCM_16"), ("AU", "PCM_16"),
-                                          ("W64", "PCM_16"), ("RF64", "PCM_16"), ("WAV", "IMA_ADPCM")])
+                                          ("W64", "PCM_16"), ("RF64", "PCM_16"), ("WAV", "IMA_ADPCM"), ("NIST", "PCM_16")])
 def test_a_file_cut_short_is_skipped_and_named_not_read_as_what_is_left(tmp_path, fmt, subtype):
     """A WAV (AIFF, AU, W64, RF64) cut to a third by an interrupted copy: libsndfile counts the frames
     that are there and says so only in its log ('data : 320000 (should be 106637)'), so it was
