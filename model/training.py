@@ -844,7 +844,7 @@ def state_to_load(checkpoints: Checkpoints, resume: bool, eval_only: bool, init_
     weights come from `init_from` or a fresh initialisation. With `adapters` (a LoRA run: its
     states hold adapters on the `init_from` base) eval_only loads `latest.pt`, if there is one,
     together with `init_from` instead of in its place. Raises ConfigError for `eval_only` with
-    neither, and for a training run to resume in a folder holding `step_*.pt` but no `latest.pt`
+    neither, for `eval_only` of adapters without `latest.pt` (it scored the bare base), and for a training run to resume in a folder holding `step_*.pt` but no `latest.pt`
     (taken away by hand: a fresh run there would rotate its steps in among that run's)."""
     if eval_only and not init_from and checkpoints.latest is None:
         raise ConfigError(f"eval_only=true: nothing to evaluate in {checkpoints.folder} (no latest.pt); "
@@ -855,6 +855,12 @@ def state_to_load(checkpoints: Checkpoints, resume: bool, eval_only: bool, init_
                           "but no latest.pt: a fresh run there would mix its steps with that run's. To resume, copy "
                           f"the step to resume from to latest.pt (cp {steps[-1]} {checkpoints.folder / 'latest.pt'}); "
                           "to start afresh, resume=false (the old run is moved aside)")
+    if eval_only and adapters and checkpoints.latest is None:  # (it scored the base, as if the adapters')
+        found = sorted(p.name for p in checkpoints.folder.glob("*") if p.name == "best.pt"
+                       or p.name.endswith(".adapter.safetensors")) if checkpoints.folder.is_dir() else []
+        raise ConfigError(f"eval_only=true finetune=lora: no adapters to evaluate in {checkpoints.folder} (no "
+                          "latest.pt" + (f"; it holds {listed(found)}" if found else "") + "); to score the base "
+                          "alone, run eval_only without finetune=lora")
     if eval_only:
         return checkpoints.latest if adapters or not init_from else None
     return checkpoints.latest if resume else None

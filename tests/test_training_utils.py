@@ -469,7 +469,17 @@ def test_state_to_load_picks_latest_for_resume_and_eval_only(tmp_path):
     assert state_to_load(ck, True, True, "x.safetensors") is None  # ... or init_from
     # a LoRA run's state holds adapters for the init_from base: evaluated together
     assert state_to_load(ck, True, True, "official", adapters=True) == latest
-    assert state_to_load(Checkpoints(tmp_path / "none"), True, True, "official", adapters=True) is None
+    # without latest.pt there are no adapters to evaluate: it scored the bare base (fresh adapters add
+    # nothing) and printed it as the adapters' figures; a folder mistyped, or holding only best.pt
+    with pytest.raises(ConfigError) as e:
+        state_to_load(Checkpoints(tmp_path / "none"), True, True, "official", adapters=True)
+    assert str(e.value) == (f"eval_only=true finetune=lora: no adapters to evaluate in {tmp_path / 'none'} (no "
+                            "latest.pt); to score the base alone, run eval_only without finetune=lora")
+    (tmp_path / "best_only").mkdir()
+    for name in ("best.pt", "best.adapter.safetensors"):
+        (tmp_path / "best_only" / name).write_bytes(b"x")
+    with pytest.raises(ConfigError, match=r"\(no latest.pt; it holds best.adapter.safetensors, best.pt\)"):
+        state_to_load(Checkpoints(tmp_path / "best_only"), True, True, "official", adapters=True)
 
 
 def test_a_run_folder_whose_latest_pt_was_taken_away_is_neither_restarted_nor_mixed_into(tmp_path):
