@@ -381,6 +381,7 @@ async def file_mode(args, stop: asyncio.Event) -> int:
             stereo = np.stack([user[:sent * CHUNK], model[:sent * CHUNK]], axis=1)
             if unwritten := save_conversation(args.output_wav, stereo):
                 log(f"error: {unwritten}")  # here: on Ctrl-C nothing after this block runs
+                args.unwritten = True  # (for interruptible: a Ctrl-C then ends with status 1, not 0)
             else:
                 log(f"wrote {args.output_wav}: {sent * CHUNK / SAMPLE_RATE:.1f} s, stereo (user, model)")
         else:
@@ -626,7 +627,7 @@ async def live_mode(args, stop: asyncio.Event) -> int:
     async def report():
         while True:
             await asyncio.sleep(args.stats_every)
-            recent = int(8 * args.stats_every)  # about the chunks of the last interval
+            recent = max(1, int(8 * args.stats_every))  # about the chunks of the last interval (at least one)
             rtt, c2p = latency_summary(conv.rtt[-recent:]), latency_summary(speaker.c2p[-recent:])
             log(f"round trip p50 {rtt['p50_ms']} ms, p99 {rtt['p99_ms']} ms | capture to playback p50 "
                 f"{c2p['p50_ms']} ms, p99 {c2p['p99_ms']} ms | sent {conv.sent}, received {conv.replies} "
@@ -686,6 +687,9 @@ def parse_args(argv=None):
                        help="seconds to wait for a reply (to the sampling flags; in file mode the last "
                             "ones, and with --no-realtime any) before giving up")
     args = ap.parse_args(argv)
+    for flag, value in (("--input-wav", args.input_wav), ("--output-wav", args.output_wav)):
+        if value == "":  # (taken as not given: both empty switched to the microphone)
+            raise SystemExit(f"error: {flag} needs a file, got ''")
     if bool(args.input_wav) != bool(args.output_wav):
         raise SystemExit("error: --input-wav and --output-wav go together")
     if args.seed is not None and not 0 <= args.seed < SEED_MAX:  # the server's range: refused before connecting
@@ -775,8 +779,8 @@ async def interruptible(session, args) -> int:
     try:
         return await task
     except asyncio.CancelledError:
-        if stop.is_set():
-            return 0
+        if stop.is_set():  # stopped by Ctrl-C: a success unless what there was could not be written
+            return 1 if getattr(args, "unwritten", False) else 0
         raise
     finally:
         if previous is not None:

@@ -827,3 +827,40 @@ def test_an_output_that_is_a_pipe_is_one_error_line_before_connecting(server, tm
                    tmp_path / "pipe.wav", "--no-realtime", timeout=30)
     assert r.returncode == 1 and r.stderr == (f"error: cannot write {tmp_path / 'pipe.wav'}: it is a pipe, and a WAV "
                                               "is written with seeks (its header last); name a file\n"), r.stderr
+
+
+def test_ctrl_c_then_an_output_that_cannot_be_written_is_status_1(server, tmp_path):
+    """Ctrl-C in file mode, then the conversation cannot be written (its folder made read-only while
+    it streamed): the `error:` line was printed, but the status was 0, as after a clean Ctrl-C; a
+    script checking it took --output-wav as written. Run without root's capabilities."""
+    from unprivileged import unprivileged
+    url, _ = server
+    sf.write(tmp_path / "long.wav", speech_like(20.0), 16000)
+    (tmp_path / "out").mkdir()
+    with open(tmp_path / "stderr", "w") as err:
+        proc = subprocess.Popen(unprivileged() + [sys.executable, "inference_client.py", "--server", url, "--token",
+                                                  TOKEN, "--input-wav", str(tmp_path / "long.wav"), "--output-wav",
+                                                  str(tmp_path / "out" / "cut.wav")],
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while "streaming" not in (tmp_path / "stderr").read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        (tmp_path / "out").chmod(0o555)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=20)
+    finally:
+        (tmp_path / "out").chmod(0o755)
+    stderr = (tmp_path / "stderr").read_text()
+    assert proc.returncode == 1 and "Traceback" not in stderr, stderr[-2000:]
+    assert f"error: cannot write {tmp_path / 'out' / 'cut.wav'}" in stderr and not (tmp_path / "out" / "cut.wav").exists()
+
+
+@pytest.mark.parametrize("flags, flag", [(["--input-wav", "", "--output-wav", ""], "--input-wav"),
+                                         (["--input-wav", "in.wav", "--output-wav", ""], "--output-wav")])
+def test_an_empty_file_argument_is_refused_not_taken_as_none(tmp_path, capfd, flags, flag):
+    """`--input-wav '' --output-wav ''` was taken as neither given: the client opened the microphone;
+    one of them empty was 'they go together', though both were given."""
+    r = client_here(capfd, "--server", "ws://127.0.0.1:9/audio", *flags)
+    assert r.returncode != 0 and r.stderr.strip() == f"error: {flag} needs a file, got ''", r.stderr
