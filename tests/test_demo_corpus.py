@@ -466,3 +466,43 @@ def test_a_second_run_on_the_same_folder_waits_for_the_first_and_finds_its_corpu
     manifest = json.loads((out / "manifest.json").read_text())
     assert {k for k in visible(out) if k.endswith(".wav")} == {f["path"] for f in manifest["files"]}
     assert not list(out.rglob(".*.partial"))
+
+
+def test_a_synthesizer_that_writes_no_samples_is_left_out_as_a_failing_one(tmp_path):
+    """A flite that writes a valid WAV of no samples: a ValueError traceback (the level of an empty
+    array) where one that writes garbage is left out with a note; now the same note."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "flite").write_text(
+        '#!/bin/sh\nif [ "$1" = "-lv" ]; then echo "Voices available: kal awb rms slt"; exit 0; fi\n'
+        'while [ $# -gt 0 ]; do if [ "$1" = "-o" ]; then '
+        f'{sys.executable} -c "import sys, numpy, soundfile; soundfile.write(sys.argv[1], numpy.zeros(0), 16000)" "$2"; '
+        'fi; shift; done\n')
+    (tmp_path / "bin" / "flite").chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    note = prepare(tmp_path / "default", 0, 0.3, env=env)
+    assert "note: flite is left out, it fails here: flite.wav: the synthesizer wrote no samples" in note
+
+
+@pytest.mark.parametrize("damage", ["a variant missing", "the library missing"])
+def test_a_broken_espeak_install_is_one_error_line(tmp_path, damage):
+    """An espeakng-loader whose data lack a variant the corpus uses, or whose library is gone (another
+    build of the package): a RuntimeError or OSError traceback, where eSpeak NG not installed at
+    all is one line. Now one `error:` line naming what is wrong, and no corpus."""
+    import espeakng_loader
+    data = tmp_path / "data"
+    shutil.copytree(espeakng_loader.get_data_path(), data)
+    library = espeakng_loader.get_library_path()
+    if damage == "a variant missing":
+        os.remove(data / "voices" / "!v" / "croak")
+    else:
+        library = str(tmp_path / "nope.so")
+    (tmp_path / "mod" / "espeakng_loader").mkdir(parents=True)
+    (tmp_path / "mod" / "espeakng_loader" / "__init__.py").write_text(
+        f"def get_library_path(): return {library!r}\ndef get_data_path(): return {str(data)!r}\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "mod")}
+    r = subprocess.run([sys.executable, PREPARE, "--minutes", "0.1", "--out", str(tmp_path / "corpus")],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("error: eSpeak NG cannot be used here: "), r.stderr[-500:]
+    assert ("croak" if damage == "a variant missing" else "nope.so") in r.stderr
+    assert not (tmp_path / "corpus").exists()

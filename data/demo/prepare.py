@@ -303,6 +303,8 @@ def read_wav(path: str, level: float) -> np.ndarray:
     """A synthesizer's WAV file -> float32 (T,) at 16 kHz with peak `level`; the file is removed."""
     audio, rate = sf.read(path, dtype="float32")
     os.remove(path)
+    if len(audio) == 0:  # (a valid WAV of no samples: counted as the synthesizer failing, as garbage is)
+        raise RuntimeError(f"{os.path.basename(path)}: the synthesizer wrote no samples")
     return to_level(audio if audio.ndim == 1 else audio.mean(1), rate, level)
 
 
@@ -614,7 +616,10 @@ def make_corpus(args, engines: list[str], parser) -> None:
     """Synthesize the corpus `args` describe into args.out, then put it in place of the previous one."""
     began = time.time()
     scratch = tempfile.TemporaryDirectory(prefix="demo-corpus-")
-    tts = Speakers(engines, scratch.name, args.timeout)
+    try:
+        tts = Speakers(engines, scratch.name, args.timeout)
+    except (RuntimeError, OSError) as e:  # an eSpeak NG install that loads but is broken (its data, its library)
+        raise SystemExit(f"error: eSpeak NG cannot be used here: {e}") from None
     if args.engines is not None and tts.broken:
         parser.error(f"--engines {args.engines}: {'; '.join(tts.broken.values())}: repair it or leave it out")
     for name, problem in (tts.broken | tts.left_out).items():  # those installed that work make the corpus
