@@ -405,10 +405,17 @@ _SAID = re.compile(r"^\s*([A-Za-z][\w ]*?)\s*:\s*(\d+)\s*\(should be (\d+)\)", r
 _AUDIO_SIZE = {"WAV": "data", "WAVEX": "data", "AIFF": "SSND", "AU": "Data Size", "W64": "riff", "RF64": "Riff size"}
 
 
+def cut_short(held: int, said: int, rate: int) -> bool:
+    """Whether `held` samples at `rate` fall short of the `said` ones by a second and a tenth of them
+    at least: a file cut short, in part lost (skipped). Less is let be (an MP3 header's estimate a
+    little long): its last crops are padded, and masked. The rule of the scan, the loaders and the
+    latents encoder alike."""
+    return said - held >= max(rate, said // 10)
+
+
 def _length_problem(f, path: str) -> Optional[str]:
     """Why the open soundfile `f` of `path` does not hold the audio its header says (see above), or
-    None. A shortfall of less than a second and a tenth of the file is let be (the loaders' rule:
-    its last crops are padded, and masked)."""
+    None (`cut_short` decides)."""
     size = os.path.getsize(path)
     if f.format == "WAV" and size >= 1 << 32:
         return (f"a WAV file of {size / 1e9:.1f} GB, past the 4 GiB a WAV header can count (its sizes wrapped): "
@@ -421,18 +428,13 @@ def _length_problem(f, path: str) -> Optional[str]:
         with open(path, "rb") as raw:
             said = re.search(rb"\nsample_count -i (\d+)", raw.read(1024))
         said_frames = int(said.group(1)) if said else 0
-        if said_frames - f.frames >= max(f.samplerate, said_frames // 10):
-            return (f"it ends before its header says ({f.frames / f.samplerate:.1f} s of the "
-                    f"{said_frames / f.samplerate:.1f} s it gives: a file cut short, by an interrupted copy or download?)")
-        return None
-    name = _AUDIO_SIZE.get(f.format)
-    worst = max(((int(said), int(held)) for line, said, held in _SAID.findall(f.extra_info)
-                 if (name is None or line == name) and int(said) > int(held) > 0 and int(said) != 0xFFFFFFFF),
-                key=lambda s: s[0] - s[1], default=None)
-    if worst is None or f.frames == 0:  # (0xFFFFFFFF: a size not known when written, as to a pipe)
-        return None
-    said_frames = round(f.frames * worst[0] / worst[1])
-    if said_frames - f.frames < max(f.samplerate, said_frames // 10):
+    else:
+        name = _AUDIO_SIZE.get(f.format)
+        worst = max(((int(said), int(held)) for line, said, held in _SAID.findall(f.extra_info)
+                     if (name is None or line == name) and int(said) > int(held) > 0 and int(said) != 0xFFFFFFFF),
+                    key=lambda s: s[0] - s[1], default=None)  # (0xFFFFFFFF: a size not known when written, as to a pipe)
+        said_frames = round(f.frames * worst[0] / worst[1]) if worst is not None and f.frames else 0
+    if not cut_short(f.frames, said_frames, f.samplerate):
         return None
     return (f"it ends before its header says ({f.frames / f.samplerate:.1f} s of the {said_frames / f.samplerate:.1f} "
             "s it gives: a file cut short, by an interrupted copy or download?)")

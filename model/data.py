@@ -24,8 +24,8 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
 
 from config import OneLine
-from model.audio import (OTHER_AUDIO_EXTENSIONS, SUPPORTED_EXTENSIONS, AudioError, audio_info, broken_link, load_audio, scan_samples,
-                         two_speakers)
+from model.audio import (OTHER_AUDIO_EXTENSIONS, SUPPORTED_EXTENSIONS, AudioError, audio_info, broken_link, cut_short,
+                         load_audio, scan_samples, two_speakers)
 from model.checkpoint import listed
 from model.files import change_stamp, json_value, same_file_key
 from model.files import replace_atomically
@@ -387,7 +387,7 @@ class AudioCropDataset(Dataset):
             if self.channels == "stereo":
                 audio = two_speakers(audio, self.mono_to_stereo)
         n, length = audio.shape[1], int(self.lengths[i])
-        if n < min(self.segment, length - start) and length - (start + n) >= max(self.sample_rate, length // 10):
+        if n < min(self.segment, length - start) and cut_short(start + n, length, self.sample_rate):
             # the data ends before its header says, by a second and a tenth of the file at least (a
             # truncated file, or one replaced since the scan): most crops would be padding only. A
             # header's estimate a little long (an MP3 without a frame index) only pads the last crops,

@@ -414,6 +414,7 @@ def prepare_latents(root: str, codec, channels: str, out_dir: str, sample_rate: 
         log(f"resuming the encoding of {folder}{share}: {len(partial.taken)} of {len(mine)} files were done by a run "
             "that stopped")
     from tqdm import tqdm
+    from .audio import cut_short
     dual_mono: list[str] = []  # stereo files of one signal on both channels, encoded as one speaker
 
     def encode(out, start: int, done: Callable[[dict], None]) -> None:
@@ -435,8 +436,8 @@ def prepare_latents(root: str, codec, channels: str, out_dir: str, sample_rate: 
                 why = (f"skipping {path}: {audio.shape[-1]} samples decoded, shorter than 2 latents "
                        f"({2 * hop} samples) though its header says longer")
                 kind = "shorter than its header"
-            elif (said := files[mine[j]].frames * sample_rate // files[mine[j]].sample_rate) - audio.shape[-1] >= \
-                    max(sample_rate, said // 10):  # the loaders' rule (model.data): a file cut short, in part lost
+            elif cut_short(audio.shape[-1], said := files[mine[j]].frames * sample_rate // files[mine[j]].sample_rate,
+                           sample_rate):  # (the loaders' rule: a file cut short, in part lost)
                 why = (f"skipping {path}: it ends before its header says ({audio.shape[-1]} of {said} samples "
                        "decoded: a file cut short, or replaced since the scan?)")
                 kind = "shorter than its header"
