@@ -348,19 +348,16 @@ class Recorder:
             try:
                 self.file.write(stereo)
             except Exception as e:  # soundfile's LibsndfileError says nothing: ask the disk why
-                self.failed = self._why(e)
+                self.failed = self._why(e, stereo.nbytes)
                 log.error("recording %s: cannot write %s (%s): it stops at %.1f s", self.path.name, self.tmp,
                           self.failed, self.frames / SAMPLE_RATE)
                 return
             self.frames += len(stereo)
 
-    def _why(self, e: Exception) -> str:
-        try:
-            st = os.statvfs(self.tmp.parent)
-            if st.f_bavail * st.f_frsize < 1 << 20:
-                return "no space left on the device"
-        except OSError:
-            pass
+    def _why(self, e: Exception, nbytes: int = 0) -> str:
+        from model.audio import no_room
+        if no_room(self.tmp.parent, nbytes) is not None:
+            return "no space left on the device"
         return str(e).strip() or type(e).__name__
 
     def close(self) -> Optional[Path]:

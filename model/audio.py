@@ -694,18 +694,26 @@ def save_audio(path: str, audio, sample_rate: int, subtype: str = "PCM_16") -> N
         raise AudioError(f"cannot write audio file {path}: {_write_reason(e, folder, audio.size * 4)}") from e
 
 
+def no_room(folder: str | os.PathLike, nbytes: int) -> Optional[int]:
+    """The bytes free on `folder`'s device when they are too few for `nbytes` more (and a margin),
+    else None: why a soundfile write failed there, which libsndfile does not say (it drops the errno:
+    "System error.", or LibsndfileError(2, ''))."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    free = st.f_bavail * st.f_frsize
+    return free if free < nbytes + (1 << 16) else None
+
+
 def _write_reason(e: Exception, folder: str, nbytes: int) -> str:
-    """Why writing up to `nbytes` into `folder` failed: libsndfile's "System error." (it drops the
-    errno) asked of the disk (full, or not writable); else what was said."""
+    """Why writing up to `nbytes` into `folder` failed: libsndfile's "System error." asked of the
+    disk (full, or not writable); else what was said."""
     reason = _reason(e)
     if "System error" not in reason:
         return reason
-    try:
-        st = os.statvfs(folder)
-        if st.f_bavail * st.f_frsize < nbytes + (1 << 16):
-            return f"no space left on the device ({st.f_bavail * st.f_frsize} bytes free)"
-    except OSError:
-        pass
+    if (free := no_room(folder, nbytes)) is not None:
+        return f"no space left on the device ({free} bytes free)"
     return "permission denied" if not os.access(folder, os.W_OK) else reason
 
 
