@@ -304,12 +304,14 @@ class _OggFile:
     above). Links of different sample rates or channel counts are refused (AudioError naming the file):
     one signal cannot be both."""
 
-    def __init__(self, path: str, links: Sequence[OggLink]):
+    def __init__(self, path: str, links: Sequence[OggLink], opened=None):
         import soundfile as sf
         self.links, self._windows, self._tails, self._i = [], [], [link.vorbis_tail for link in links], 0
         try:
-            if len(links) == 1:
-                self.links.append(sf.SoundFile(path))
+            if len(links) == 1:  # the file itself (`opened`: already open, not opened again on every crop)
+                self.links.append(opened if opened is not None else sf.SoundFile(path))
+            elif opened is not None:
+                opened.close()
             for link in links if len(links) > 1 else ():
                 self._windows.append(_Window(path, link.start, link.end))
                 self.links.append(sf.SoundFile(self._windows[-1]))
@@ -455,8 +457,7 @@ def _open_audio(path: str):
         f.close()
         raise
     if len(links) > 1 or any(link.vorbis_tail is not None for link in links):
-        f.close()
-        return _OggFile(path, links)
+        return _OggFile(path, links, opened=f)
     if made is None or made[1] <= f.frames:
         return f
     f.close()
