@@ -67,6 +67,7 @@ except ImportError as e:
 
 from config import ArgumentParser, printable
 from config.transformer_config import KV_DTYPE_NAMES, QUANTIZE_MODES
+from model.files import unique_keys_object
 from model.protocol import (CHUNK, CHUNK_BYTES, CLOSE_BAD_DATA, CLOSE_IDLE, CLOSE_INTERNAL, CLOSE_POLICY,
                             CLOSE_RESTART, CLOSE_TRY_AGAIN, PARAM_NAMES, SAMPLE_RATE, SEED_MAX, SHUTDOWN_REASON,
                             TEXT_PREFIX, check_param, check_params, float_to_pcm, page_constants, pcm_to_float,
@@ -403,12 +404,10 @@ def _reject_constant(name: str):
 def _unique_keys(pairs: list) -> dict:
     """An object's (key, value) pairs as a dict; ProtocolError naming a key given twice (json.loads
     would keep the last one silently: {"token_temp": 0.5, "token_temp": 9} is 9)."""
-    value = dict(pairs)
-    if len(value) < len(pairs):
-        seen = set()
-        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise ProtocolError("bad_message", f"key {ascii(twice)[:40]} given twice in one object")
-    return value
+    try:
+        return unique_keys_object(pairs)
+    except ValueError as e:
+        raise ProtocolError("bad_message", str(e)) from None
 
 
 def _int_of_json(digits: str) -> int:

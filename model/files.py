@@ -21,18 +21,20 @@ def json_value(text: str | bytes, unique_keys: bool = False):
     a traceback. `unique_keys`: a key given twice in one object is a ValueError too (json.loads
     keeps the last value, silently: a line written by hand that names two files reads as one)."""
     try:
-        return json.loads(text, object_pairs_hook=_unique if unique_keys else None)
+        return json.loads(text, object_pairs_hook=unique_keys_object if unique_keys else None)
     except RecursionError:
         raise ValueError("JSON nested too deep") from None
 
 
-def _unique(pairs: list) -> dict:
-    out = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"key {key!r} given twice in one object")
-        out[key] = value
-    return out
+def unique_keys_object(pairs: list) -> dict:
+    """A JSON object's (key, value) pairs as a dict (`json.loads`' object_pairs_hook); ValueError
+    naming a key given twice (json.loads would keep the last one silently)."""
+    value = dict(pairs)
+    if len(value) < len(pairs):
+        seen = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"key {ascii(twice)[:40]} given twice in one object")
+    return value
 
 
 def change_stamp(st: os.stat_result) -> list[int]:
