@@ -32,6 +32,7 @@ import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import NamedTuple
 
@@ -65,7 +66,8 @@ from model.training import (Checkpoints, Deadline, Dist, Logger, all_reduce_mean
                             check_resumable, check_schedule, cosine_lr, finished, last_step, load_training_state,
                             loss_scaler, preload_limit_gb, resource_notes, rng_state, run_script,
                             schedule_notes, seed_everything, set_rng_state, setup_distributed, StepTimer, state_to_load,
-                            stop_message, teardown_distributed, unwrap, validation_key, window_peak_gb, write_samples)
+                            stop_message, teardown_distributed, unwrap, validation_key, WeightAverage, window_peak_gb,
+                            write_samples)
 
 
 def main(argv=None) -> dict:
@@ -125,6 +127,13 @@ def main(argv=None) -> dict:
             if init.discriminators is not None:
                 discriminators.load_state_dict(init.discriminators)
             source, init = init.label, None  # (the weights are the modules' now)
+        average = None  # ema_decay: the weights' moving average, which validation and the exports use
+        if cfg.ema_decay > 0 and not cfg.eval_only:
+            average = WeightAverage(generator, cfg.ema_decay)  # (starts at the weights loaded above)
+            if state is not None and "ema" in state:
+                average.load_state_dict(state["ema"])
+            elif state is not None:
+                say(f"note: {latest} holds no weight average: ema_decay={cfg.ema_decay:g} starts one from its weights")
         if is_main and not cfg.resume and not cfg.eval_only and (old := checkpoints.move_aside()):
             say(f"resume=false: moved the previous run in {run_dir} to {old}")
         say(f"codec: {sum(p.numel() for p in generator.parameters()) / 1e6:.2f}M parameters, discriminators: "
@@ -227,12 +236,16 @@ def main(argv=None) -> dict:
                     timer.pause()
                 t_pause = time.time()
                 if due.evaluate and is_main:
-                    metrics, pairs = evaluate(generator, val_loader, mel_loss, cfg, have, dnsmos)
+                    with average.averaged() if average else nullcontext():
+                        metrics, pairs = evaluate(generator, val_loader, mel_loss, cfg, have, dnsmos)
+                    if average and cfg.val_raw:  # the training weights too, for comparison
+                        raw, _ = evaluate(generator, val_loader, mel_loss, cfg, have, dnsmos, samples=False)
+                        metrics.update({k.replace("val/", "val_raw/", 1): v for k, v in raw.items()})
                     logger.log({**metrics, **log_samples(run_dir, pairs, cfg.sample_rate, logger, have.plots)}, step)
                     say(f"step {step}: {summary(metrics)}")
                 if due.save:
                     save(step, due.best_metric(metrics, "val/mel_distance"), checkpoints, generator, discriminators,
-                         opt_g, opt_d, scaler, cfg, ddp, logger.run_id, validation)
+                         average, opt_g, opt_d, scaler, cfg, ddp, logger.run_id, validation)
                 if ddp.enabled and (due.evaluate or due.save):
                     dist.barrier()  # rank 0 evaluated or wrote alone: the others wait here, not in the next all-reduce
                 if due.stop:
@@ -283,6 +296,8 @@ def main(argv=None) -> dict:
                     optimizer.zero_grad(set_to_none=not graphed)  # a graph adds into the gradients it captured
                 scaler.update()
                 step += 1
+                if average:
+                    average.update(step)
                 timer.step_end()
                 bar.update(1)
 
@@ -361,11 +376,13 @@ def make_optimizers(cfg: CodecConfig, generator: Codec,
 def load_state(state: dict, cfg: CodecConfig, ddp: Dist, generator: Codec, discriminators: Discriminators,
                opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                say) -> int:
-    """Load a training state: its codec (all eval_only needs) and, resuming, its discriminators,
-    optimizers, loss scale (float16) and this rank's RNG state. Returns the step to continue from (0 with eval_only)."""
-    generator.load_state_dict(state["generator"])  # (main checked the state's kind and config)
+    """Load a training state: its codec (all eval_only needs: the weight average where it holds one,
+    as its export does) and, resuming, its discriminators, optimizers, loss scale (float16) and this
+    rank's RNG state (`main` loads the weight average). Returns the step to continue from (0 with eval_only)."""
     if cfg.eval_only:
+        generator.load_state_dict(exported_weights(state))  # (main checked the state's kind and config)
         return 0
+    generator.load_state_dict(state["generator"])
     for note in resume_notes(state, cfg, ddp.world_size):
         say(f"note: {note}")
     discriminators.load_state_dict(state["discriminators"])
@@ -398,9 +415,9 @@ def compile_and_wrap(module: nn.Module, compile: bool, ddp: Dist) -> nn.Module:
 
 @torch.no_grad()
 def evaluate(generator: nn.Module, val_loader: DataLoader, mel_loss: MultiResolutionMelLoss, cfg: CodecConfig,
-             have: Available, dnsmos: DNSMOS | None) -> tuple[dict, list]:
+             have: Available, dnsmos: DNSMOS | None, samples: bool = True) -> tuple[dict, list]:
     """Validation metrics of the posterior mean's reconstruction (mel distance, SI-SDR, STOI,
-    wideband PESQ, DNSMOS with val_mos), the latent's KL rate, and a few (input, output) pairs."""
+    wideband PESQ, DNSMOS with val_mos), the latent's KL rate, and (`samples`) a few (input, output) pairs."""
     codec = unwrap(generator).eval()
     device, hop = next(codec.parameters()).device, math.prod(cfg.strides)
     mels, sdrs, stois, pesqs, moses, pairs = [], [], [], [], [], []
@@ -427,7 +444,7 @@ def evaluate(generator: nn.Module, val_loader: DataLoader, mel_loss: MultiResolu
                 moses.append(dnsmos(y, cfg.sample_rate))
             # a pair to listen to and draw: a quarter second at least (a click of a few ms, shorter
             # than the mel figure's window, failed in its STFT and ended the run), and not silence
-            if len(pairs) < cfg.num_audio_samples and n >= cfg.sample_rate // 4 and np.sqrt(np.mean(x ** 2)) > 1e-3:
+            if samples and len(pairs) < cfg.num_audio_samples and n >= cfg.sample_rate // 4 and np.sqrt(np.mean(x ** 2)) > 1e-3:
                 pairs.append((x, y))
     codec.train()
     if not sum(len(m) for m in mels):  # every crop all padding: NaN metrics, and no step could become best.pt
@@ -442,12 +459,13 @@ def evaluate(generator: nn.Module, val_loader: DataLoader, mel_loss: MultiResolu
     return metrics, pairs
 
 
-def summary(metrics: dict) -> str:
-    """One line of an evaluation's metrics."""
-    return (f"val mel distance {metrics['val/mel_distance']:.4f} | SI-SDR {metrics['val/si_sdr']:.2f} dB | "
-            f"STOI {metrics['val/stoi']:.4f} | PESQ {metrics['val/pesq']:.3f} | "
-            f"KL {metrics['val/kl_bits_per_s']:.1f} bits/s"
-            + (f" | DNSMOS {metrics['val/dnsmos']:.3f}" if "val/dnsmos" in metrics else ""))
+def summary(metrics: dict, prefix: str = "val") -> str:
+    """One line of an evaluation's metrics (and, logged with val_raw, the training weights' after it)."""
+    line = (f"{prefix} mel distance {metrics[f'{prefix}/mel_distance']:.4f} | SI-SDR {metrics[f'{prefix}/si_sdr']:.2f} dB | "
+            f"STOI {metrics[f'{prefix}/stoi']:.4f} | PESQ {metrics[f'{prefix}/pesq']:.3f} | "
+            f"KL {metrics[f'{prefix}/kl_bits_per_s']:.1f} bits/s"
+            + (f" | DNSMOS {metrics[f'{prefix}/dnsmos']:.3f}" if f"{prefix}/dnsmos" in metrics else ""))
+    return line + (f"\n  (training weights: {summary(metrics, 'val_raw')})" if prefix == "val" and "val_raw/mel_distance" in metrics else "")
 
 
 def train_row(sums: dict, norms: dict, lr: float, lr_d: float, samples_per_step: int, step_times: list[float],
@@ -471,25 +489,28 @@ def train_row(sums: dict, norms: dict, lr: float, lr_d: float, samples_per_step:
 
 
 def save(step: int, metric: float | None, checkpoints: Checkpoints, generator: nn.Module, discriminators: nn.Module,
-         opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, scaler: torch.amp.GradScaler, cfg: CodecConfig,
-         ddp: Dist, wandb_id: str | None, validation: str | None) -> None:
-    """Training state to step_*.pt / latest.pt (/ best.pt), and the codec beside it as safetensors;
-    `validation`: what `metric` was measured on (`validation_key`). A collective under
-    torch.distributed (every rank's RNG state is saved); rank 0 writes."""
+         average: WeightAverage | None, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
+         scaler: torch.amp.GradScaler, cfg: CodecConfig, ddp: Dist, wandb_id: str | None,
+         validation: str | None) -> None:
+    """Training state to step_*.pt / latest.pt (/ best.pt), and the codec beside it as safetensors
+    (the weight average's, with one); `validation`: what `metric` was measured on
+    (`validation_key`). A collective under torch.distributed (every rank's RNG state is saved);
+    rank 0 writes."""
     rngs = [rng_state()]
     if ddp.enabled:
         rngs = [None] * ddp.world_size
         dist.all_gather_object(rngs, rng_state())
     if not ddp.is_main:
         return
-    extra = {"step": step, "val/mel_distance": metric}
-    checkpoints.save(step, {
+    state = {
         "generator": unwrap(generator).state_dict(), "discriminators": unwrap(discriminators).state_dict(),
         "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "scaler": scaler.state_dict(), "step": step,
         "rng_state": rngs,
         "config": dataclasses.asdict(cfg), "world_size": ddp.world_size, "wandb_id": wandb_id,
-        "val/mel_distance": metric}, metric,  # the LR is a function of the step: no scheduler state
-        export=lambda tmp: write_codec(tmp, unwrap(generator), extra), validation=validation)
+        "val/mel_distance": metric}  # the LR is a function of the step: no scheduler state
+    if average is not None:
+        state["ema"] = average.state_dict()
+    checkpoints.save(step, state, metric, export=lambda tmp: export_state(state, tmp), validation=validation)
 
 def check_config(cfg: CodecConfig) -> None:
     """Mistakes found from the config alone, the file system and the installed packages, before
@@ -534,6 +555,9 @@ def check_config(cfg: CodecConfig) -> None:
     if cfg.logmag_weight > 0 and not cfg.logmag_windows:
         raise ConfigError("logmag_weight > 0 with logmag_windows=(): give the log-magnitude term its windows, "
                           "or set logmag_weight=0")
+    if cfg.val_raw and not cfg.ema_decay:
+        raise ConfigError("val_raw=true scores the training weights beside their moving average, which "
+                          "ema_decay=0 does not keep: set ema_decay (e.g. 0.998) or val_raw=false")
     if not cfg.eval_only:
         check_schedule(cfg)
         weights = ("mel_weight", "kl_weight", "adv_weight", "feature_weight", "wave_weight", "stft_weight",
@@ -672,15 +696,21 @@ def read_init(source: str, cfg: CodecConfig, discriminators: bool) -> InitWeight
         raise ConfigError(f"init_from={source}: not a codec training state written by train_codec.py")
     check_architecture(state["config"], cfg, source)
     if discriminators and not config_diff(state["config"], cfg, fields_marked(CodecConfig, "disc")):
-        return InitWeights(state["generator"], state["discriminators"], f"{source} (codec and discriminators)")
-    return InitWeights(state["generator"], None, source)
+        return InitWeights(exported_weights(state), state["discriminators"], f"{source} (codec and discriminators)")
+    return InitWeights(exported_weights(state), None, source)
+
+
+def exported_weights(saved: dict) -> dict:
+    """The codec weights a training state stands for, as its export holds them: the weight average's
+    where it keeps one (ema_decay), else the training weights."""
+    return {**saved["generator"], **saved.get("ema", {})}
 
 
 def export_state(saved: dict, tmp: str) -> None:
     """The codec of a training state, as `save` exports it: rebuilds an export a kill left behind."""
     with torch.device("meta"):  # no initialisation: it would draw from the RNG an exact resume restored
         codec = Codec(from_dict(CodecConfig, saved["config"], strict=False))
-    codec.load_state_dict(saved["generator"], assign=True)
+    codec.load_state_dict(exported_weights(saved), assign=True)
     write_codec(tmp, codec, {"step": saved["step"], "val/mel_distance": saved.get("val/mel_distance")})
 
 

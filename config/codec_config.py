@@ -108,6 +108,12 @@ class CodecConfig:
     beta1: float = field(default=0.8, metadata=FRACTION)
     beta2: float = field(default=0.99, metadata=FRACTION)
     grad_clip: float = field(default=1.0, metadata=NON_NEGATIVE)
+    # an exponential moving average of the codec's weights, updated after each step (0: none); with
+    # one, validation, best.pt's ranking and the .safetensors exports use the average (the .pt
+    # states hold both), and val_raw=true also scores the training weights (val_raw/...; twice the
+    # evaluation time)
+    ema_decay: float = field(default=0.0, metadata={**SCHEDULE, **FRACTION})
+    val_raw: bool = False
 
     # --- run ----------------------------------------------------------------------------------
     log_interval: int = field(default=50, metadata=COUNT)

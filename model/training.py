@@ -9,6 +9,8 @@
 - `check_finite_step`: a non-finite loss or gradient stops training with a TrainingError;
   `FiniteGuard` the same without a host sync per step (fused optimizers), `StepTimer` the step
   times without one.
+- `WeightAverage`: an exponential moving average of a model's weights, swapped in place for an
+  evaluation or an export.
 - `rng_state` / `set_rng_state`: exact resume of python, numpy and torch generators.
 - `state_to_load` / `move_aside`: where a run's weights come from (`latest.pt` when resuming or
   evaluating it), and a run with `resume=false` moving the previous run's folder aside.
@@ -319,6 +321,53 @@ class FiniteGuard:
         step, values, _, files = pending[flags.index(1.0)]
         raise TrainingError(non_finite_message(step, {k: v.float().item() for k, v in values.items()}, files,
                                                "its update was skipped and training stopped"))
+
+
+class WeightAverage:
+    """An exponential moving average of a module's parameters (Polyak averaging, as image GANs keep
+    of their generator): `update(step)` after each optimizer step moves the average towards the
+    weights by `1 - d`, with `d = min(decay, (1 + step) / (10 + step))` so the first steps' random
+    weights are soon forgotten; `averaged()` puts the average into the module's own tensors for
+    what runs inside it (an evaluation, an export) and the training weights back after, in place,
+    so a CUDA graph or DDP that holds those tensors keeps them. The average is float32, one tensor a
+    parameter, and named as the module's state dict names them (`state_dict`, `load_state_dict`)."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        named = list(module.named_parameters())
+        self.decay = decay
+        self.names = [name for name, _ in named]
+        self.params = [p for _, p in named]
+        self.average = [p.detach().float().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        """After the optimizer step that made `step` updates in all."""
+        d = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.average, [p.float() for p in self.params], 1.0 - d)
+
+    @contextmanager
+    def averaged(self):
+        with torch.no_grad():
+            kept = [p.detach().clone() for p in self.params]
+            torch._foreach_copy_(self.params, self.average)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, kept)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.average))
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Raises ValueError naming the parameters `state` lacks or has besides the module's."""
+        missing, extra = sorted(set(self.names) - set(state)), sorted(set(state) - set(self.names))
+        if missing or extra:
+            raise ValueError(f"the weight average does not fit the model: missing {missing[:3]}, "
+                             f"unexpected {extra[:3]}")
+        with torch.no_grad():
+            for name, tensor in zip(self.names, self.average):
+                tensor.copy_(state[name])
 
 
 class StepTimer:

@@ -20,7 +20,7 @@ import soundfile as sf
 import torch
 
 import train_codec
-from config import ConfigError, fields_marked, parse_args
+from config import ConfigError, fields_marked, from_dict, parse_args
 from config.codec_config import CodecConfig
 from model import Codec, build, hub, load_codec, save_codec
 from model.checkpoint import read_metadata
@@ -349,6 +349,58 @@ def test_stop_step_ends_early_on_the_full_schedule_and_the_next_run_continues(co
     assert [r["step"] for r in rows(run_dir / "metrics.jsonl")[done:] if "val/stoi" in r] == [4, 8]
 
 
+def test_a_weight_average_is_what_validation_and_the_exports_use_and_it_resumes_exactly(corpus, trained, tmp_path,
+                                                                                          capsys):
+    """ema_decay: validation scores the moving average (val_raw/ the training weights beside it),
+    the .safetensors exports and eval_only hold it, the .pt states hold both; the training itself is
+    the run without it (the same losses), and a run stopped and continued keeps the same average."""
+    run_dir = tmp_path / "run"
+    result = run_here(args(corpus, run_dir, "ema_decay=0.5", "val_raw=true", "val_crops=4", "num_audio_samples=0"),
+                      capsys)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(training weights: val_raw mel distance" in result.stdout
+    reference = {r["step"]: r for r in train_rows(trained[0] / "metrics.jsonl")}
+    for r in train_rows(run_dir / "metrics.jsonl"):  # averaging changes no training step
+        assert r["loss/total"] == pytest.approx(reference[r["step"]]["loss/total"], rel=1e-5)
+    evaluations = {r["step"]: r for r in rows(run_dir / "metrics.jsonl") if "val/mel_distance" in r}
+    assert sorted(evaluations) == [0, 4, 8]
+    assert evaluations[0]["val/mel_distance"] == evaluations[0]["val_raw/mel_distance"]  # nothing averaged yet
+    assert evaluations[8]["val/mel_distance"] != evaluations[8]["val_raw/mel_distance"]
+    state = torch.load(run_dir / "latest.pt", weights_only=False)
+    params = dict(Codec(from_dict(CodecConfig, state["config"])).named_parameters())
+    assert set(state["ema"]) == set(params) and any(not torch.equal(state["ema"][k], state["generator"][k])
+                                                    for k in params)
+    exported = load_codec(run_dir / "latest.safetensors").state_dict()
+    assert all(torch.equal(exported[k], state["ema"][k]) for k in params)
+    # the training weights score what val_raw logged, the average what val logged, and eval_only
+    # of the state scores the average, as of its export
+    common = ["--config", "tiny", f"val_data_path={corpus / 'val'}", "eval_only=true", "val_crops=4"]
+    of_state = train_codec.main(common + [f"init_from={run_dir / 'latest.pt'}"])
+    of_export = train_codec.main(common + [f"init_from={run_dir / 'latest.safetensors'}"])
+    assert of_state == pytest.approx(of_export)
+    assert of_state["val/mel_distance"] == pytest.approx(evaluations[8]["val/mel_distance"], rel=1e-5)
+    trained_weights = build(Codec, from_dict(CodecConfig, state["config"]))
+    trained_weights.load_state_dict(state["generator"])
+    save_codec(tmp_path / "raw.safetensors", trained_weights)
+    raw = train_codec.main(common + [f"init_from={tmp_path / 'raw.safetensors'}"])
+    assert raw["val/mel_distance"] == pytest.approx(evaluations[8]["val_raw/mel_distance"], rel=1e-5)
+    capsys.readouterr()
+    # stopped at step 3 and continued: the same average at step 8
+    stopped = tmp_path / "stopped"
+    for extra in (("stop_step=3",), ()):
+        result = run_here(args(corpus, stopped, "ema_decay=0.5", *extra, *BRIEF_EVAL), capsys)
+        assert result.returncode == 0, result.stderr[-3000:]
+    continued = torch.load(stopped / "latest.pt", weights_only=False)["ema"]
+    assert all(torch.equal(continued[k], state["ema"][k]) for k in params)
+    # a run resumed from a state without an average starts one from its weights, and says so
+    plain = tmp_path / "plain"
+    shutil.copytree(trained[0], plain, ignore=shutil.ignore_patterns("wandb"))
+    result = run_here(args(corpus, plain, "ema_decay=0.5", "max_steps=9", *BRIEF_EVAL), capsys)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "latest.pt holds no weight average: ema_decay=0.5 starts one from its weights" in result.stdout
+    assert "ema" in torch.load(plain / "latest.pt", weights_only=False)
+
+
 def files_of(run_dir):
     return {p.relative_to(run_dir): (p.stat().st_mtime_ns, p.read_bytes()) for p in run_dir.rglob("*") if p.is_file()}
 
@@ -433,11 +485,13 @@ def test_empty_train_folder_is_a_clear_error(corpus, tmp_path, capsys):
     # the crops are mono: a shape traceback in the first step
     (["input_channels=2"], "input_channels=2 and output_channels=1: this trainer reads mono crops"),
     (["output_channels=2"], "input_channels=1 and output_channels=2: this trainer reads mono crops"),
+    # the training weights scored twice under two names
+    (["val_raw=true"], "val_raw=true scores the training weights beside their moving average, which ema_decay=0"),
 ], ids=["segment-0-samples", "val-segment-0-samples", "strides-ratios", "mel-lengths", "mel-empty", "no-disc",
         "mpd-channels-empty", "stft-windows-empty", "logmag-windows-empty", "all-weights-0", "min-lr-above-lr", "decay-flips-weights",
         "decay-flips-disc-weights", "mel-window-crop",
         "mel-window-val-crop", "stft-window-crop", "logmag-window-crop", "mrd-window-crop", "mpd-period-crop",
-        "stereo-input", "stereo-output"])
+        "stereo-input", "stereo-output", "val-raw-without-average"])
 def test_contradicting_settings_are_config_errors(corpus, tmp_path, overrides, message):
     """Settings each valid alone that cannot train together: check_config names them (before any
     audio is read or a model is built)."""

@@ -17,6 +17,7 @@ from config import fields_marked
 from config.codec_config import PRESETS, CodecConfig
 from config import ConfigError
 from model.training import (Checkpoints, ConfigMismatch, Deadline, FiniteGuard, Logger, StepTimer, TrainingError,
+                            WeightAverage,
                             autocast, before_step, check_architecture, check_finite_step, check_resumable, cosine_lr,
                             finished_message, move_aside, rng_state, schedule_notes, set_rng_state, state_to_load, stop_message,
                             validation_key, window_peak_gb)
@@ -782,3 +783,40 @@ def test_a_folder_named_like_a_step_is_not_taken_for_one(tmp_path):
     folder.save(2, {"step": 2})
     assert sorted(p.name for p in (tmp_path / "run").glob("step_*.pt")) == ["step_00000002.pt", "step_00000099.pt"]
     assert (tmp_path / "run" / "step_00000099.pt").is_dir()
+
+
+def test_a_weight_average_follows_its_recurrence_and_swaps_in_place():
+    """WeightAverage: after the update that made step s, avg = d * avg + (1 - d) * w with
+    d = min(decay, (1 + s) / (10 + s)); `averaged()` puts it into the module's own tensors (a CUDA
+    graph holds their addresses) and the training weights back bit for bit, even when the body raises."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(4, 2)))
+    average = WeightAverage(module, decay=0.9)
+    expected = {k: p.detach().clone() for k, p in module.named_parameters()}
+    for step in range(1, 41):
+        with torch.no_grad():
+            for p in module.parameters():
+                p.add_(torch.randn_like(p))
+        average.update(step)
+        d = min(0.9, (1 + step) / (10 + step))
+        expected = {k: d * expected[k] + (1 - d) * p.detach() for k, p in module.named_parameters()}
+    assert set(average.state_dict()) == set(expected)  # the state dict's names, weight norm's included
+    for k, v in average.state_dict().items():
+        torch.testing.assert_close(v, expected[k], rtol=1e-6, atol=1e-6)
+    weights = {k: p.detach().clone() for k, p in module.named_parameters()}
+    addresses = [p.data_ptr() for p in module.parameters()]
+    x = torch.randn(5, 3)
+    with average.averaged():
+        assert [p.data_ptr() for p in module.parameters()] == addresses
+        assert all(torch.equal(p, average.state_dict()[k]) for k, p in module.named_parameters())
+        averaged_output = module(x)
+    assert not torch.equal(averaged_output, module(x))
+    with pytest.raises(KeyError), average.averaged():
+        raise KeyError("an evaluation that fails")
+    assert all(torch.equal(p, weights[k]) for k, p in module.named_parameters())
+    # a saved average loads back; one of another model is refused by name
+    other = WeightAverage(module, decay=0.9)
+    other.load_state_dict(average.state_dict())
+    assert all(torch.equal(other.state_dict()[k], v) for k, v in average.state_dict().items())
+    with pytest.raises(ValueError, match=r"missing \['0.bias'\]"):
+        other.load_state_dict({k: v for k, v in average.state_dict().items() if k != "0.bias"})
