@@ -52,7 +52,7 @@ from model.files import physical_memory
 from model.generator import completion_problem, completion_steps
 from model.loading import codec_config_fitting, official_transformer_config, write_transformer
 from model.latents import LatentCrops, StepSampler, codec_fingerprint, prepare_latents, sample_posterior, scan_corpus
-from model.objectives import STAGE_LOSSES, compute_losses, peak_flops, through_cache, train_flops_per_latent
+from model.objectives import STAGE_LOSSES, STAGES, compute_losses, peak_flops, through_cache, train_flops_per_latent
 from model.parallel import (compile_blocks, full_state_dicts, gradient_sync, inner, load_full_state_dicts,
                             parallelize, rank0_first)
 from model.quant import quantize_model
@@ -105,7 +105,7 @@ def main(argv=None) -> dict:
         if finished(state, cfg, checkpoints, export, is_main, say):
             teardown_distributed()  # the same command again: nothing to train, nothing to encode
             return {}
-        for note in resource_notes(cfg) + ([] if cfg.eval_only else schedule_notes(cfg)):
+        for note in resource_notes(cfg) + ([] if cfg.eval_only else schedule_notes(cfg) + stage_notes(cfg, state)):
             say(f"note: {note}")
         # the folder tidied after an interrupted save: a resumed run's before the latents (a damaged best.pt
         # is found here), a fresh run's once its old run is moved aside (below)
@@ -526,12 +526,18 @@ def save(step: int, metric: float | None, model: HertzDev, optimizer: torch.opti
     if not ddp.is_main:
         return
     training_state = {"model": model_state, "optimizer": optim_state, "scaler": scaler.state_dict(), "step": step,
-                      "config": dataclasses.asdict(cfg), "codec": fingerprint, "codec_source": cfg.codec_checkpoint,
+                      "config": dataclasses.asdict(cfg), "codec": fingerprint, "codec_source": recorded_codec_path(cfg.codec_checkpoint),
                       "world_size": ddp.world_size, "wandb_id": wandb_id,
                       "val/loss": metric, **base}
     export = finetune.export_adapter if lora else export_state
     checkpoints.save(step, training_state, metric, export=lambda tmp: export(training_state, tmp),
                      validation=validation)
+
+
+def recorded_codec_path(codec_checkpoint: str) -> str:
+    """What a state and its export record as their codec: "official", or the codec file's absolute path,
+    so the export finds it when loaded from another working folder."""
+    return codec_checkpoint if codec_checkpoint == "official" else os.path.abspath(codec_checkpoint)
 
 
 def export_state(saved: dict, tmp: str) -> None:
@@ -587,6 +593,15 @@ def check_config(cfg: TransformerConfig) -> None:
     # error after encoding)
     codec_cfg = codec_config_fitting(source, cfg, "this run", "set latent_dim and sample_rate to the codec's, or pass "
                                                               "another codec_checkpoint")
+    if (codec_cfg.input_channels, codec_cfg.output_channels) != (1, 1):  # a shape traceback once encoding started
+        raise ConfigError(f"codec_checkpoint={source} has input_channels={codec_cfg.input_channels} and "
+                          f"output_channels={codec_cfg.output_channels}: the latents are made one speaker's channel "
+                          "at a time by a mono codec (1 in, 1 out); pass one (train_codec.py trains mono codecs)")
+    if not cfg.resume and not cfg.eval_only and cfg.init_from and os.path.isfile(cfg.init_from) and \
+            Path(os.path.realpath(cfg.checkpoint_dir)) in Path(os.path.realpath(cfg.init_from)).parents:
+        raise ConfigError(f"init_from={cfg.init_from} lies in checkpoint_dir={cfg.checkpoint_dir}, which resume=false "
+                          "moves aside before the weights are read: copy it out of the run folder first and pass the "
+                          "copy (or give this run another checkpoint_dir)")
     # each evaluation's audio sample, held whole (a failed allocation at the first evaluation, after encoding),
     # in latents of the codec's hop
     if not cfg.eval_only and cfg.sample_seconds > 0 and (problem := completion_problem(
@@ -606,6 +621,24 @@ def check_config(cfg: TransformerConfig) -> None:
     check_data_paths(cfg, "val_data_path", *(() if cfg.eval_only else ("train_data_path",)))
     if cfg.sample_seconds > 0 and not cfg.eval_only:  # samples/step_*.wav
         check_outside_data(cfg, "checkpoint_dir", "train_data_path", "val_data_path")
+
+
+def stage_notes(cfg: TransformerConfig, state: dict | None) -> list[str]:
+    """What a stage's config asks for that is allowed but may not be meant: a stage that trains on
+    the codes of a frozen quantizer starting from random weights (no init_from, no state to resume:
+    the recipe's stage=quantizer run was forgotten), and a loss weight the stage never uses."""
+    notes = []
+    if "quantizer" not in STAGES[cfg.stage] and not cfg.init_from and state is None:
+        notes.append(f"stage={cfg.stage} keeps the quantizer frozen, and with no init_from it is a random one: the "
+                     f"{'LM learns to predict' if cfg.stage == 'lm' else 'resynthesizer learns from'} the codes of a "
+                     "quantizer that was never trained; start from the stage=quantizer run's export "
+                     "(init_from=RUN/best.safetensors) unless this is meant")
+    for loss, key in (("lm_ce", "lm_loss_weight"), ("resynth_nll", "resynth_loss_weight")):
+        default = TransformerConfig.__dataclass_fields__[key].default
+        if loss not in STAGE_LOSSES[cfg.stage] and getattr(cfg, key) != default:
+            notes.append(f"{key}={getattr(cfg, key):g} with stage={cfg.stage}, which does not train on {loss}: it "
+                         "has no effect")
+    return notes
 
 
 def frozen_codec(cfg: TransformerConfig, device: torch.device):

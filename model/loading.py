@@ -289,6 +289,17 @@ def _codec_config(source, codec, codec_source, cfg: TransformerConfig,
                                 official)
 
 
+def check_codec_fingerprint(codec: Codec, trained_with: str, model: str, codec_source: str) -> None:
+    """CheckpointError when `codec` (float32, as read from `codec_source`) is not the codec whose
+    latents the transformer `model` was trained on (`trained_with`, the fingerprint its header records)."""
+    from .latents import codec_fingerprint
+    if (found := codec_fingerprint(codec)) != trained_with:
+        raise CheckpointError(f"{model} was trained on the latents of codec {trained_with}, and the codec it records, "
+                              f"{codec_source}, is now another ({found}: trained further or replaced since); its "
+                              "latents would decode to noise: pass the codec it was trained with as codec= (--codec), "
+                              "or this one as codec=PATH to use it anyway")
+
+
 def codec_config_fitting(codec_source: Union[str, os.PathLike], cfg: TransformerConfig, model: str, fix: str,
                          official: CodecConfig = CODEC_HERTZ_DEV) -> CodecConfig:
     """The config of the codec `codec_source` ("official": `official`; else the path of one of ours,
@@ -376,6 +387,13 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
     if adapter is not None:  # its header against the base's config: the tensors it would put on which layers
         lora.check_fit(model, adapter, adapter_cfg, tensor_specs(adapter), str(source))
     _codec_config(source, codec, codec_source, cfg, codec_config or CODEC_HERTZ_DEV)  # its header against cfg
+    # the codec an export of ours records, as trained with: the file at that path may have been trained on
+    # (or replaced) since, and a model decoding another codec's latents makes noise without a word
+    recorded_codec_file = None
+    if codec == "auto" and str(source) not in hub.VARIANTS and codec_source is not None \
+            and str(codec_source) != "official" and (trained_with := meta["extra"].get("codec_fingerprint")):
+        recorded_codec_file = load_codec(codec_source, "cpu", torch.float32, verify=verify)  # as it was fingerprinted
+        check_codec_fingerprint(recorded_codec_file, trained_with, str(source), str(codec_source))
     if str(source) in hub.VARIANTS:
         lm_name, resynth_name, _ = hub.VARIANTS[str(source)]
         # the official codec too, in the same call: the room all the missing files need is found
@@ -407,7 +425,9 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
             if not recorded:
                 sub = _quantized(module, sub, quantize, device, dtype, part)
             _fill(module, sub, device, dtype, f"{source} ({part})")
-    if codec_source is not None:
+    if recorded_codec_file is not None:
+        model.codec = recorded_codec_file.to(device, dtype)
+    elif codec_source is not None:
         model.codec = load_codec(codec_source, device, dtype, ckpt_dir, offline, endpoint, codec_config, verify)
     if adapter is not None:
         lora.load_adapter(model, adapter, fingerprint, str(source), verify)

@@ -426,6 +426,29 @@ def test_a_recorded_codec_that_is_gone_is_found_before_the_weights(tmp_path, mon
         load_hertz_dev(path, codec=path)
 
 
+def test_a_recorded_codec_trained_further_since_is_refused_not_decoded_with(tmp_path):
+    """An export records the codec it was trained on (path and fingerprint, as train_transformer.py
+    writes them); a codec trained further or replaced at that path since would decode the model's
+    latents to noise: a CheckpointError naming both, and the fix. The same codec loads (in bf16
+    too: the fingerprint is of the file's float32 weights); codec=PATH takes the new one on purpose."""
+    from model.latents import codec_fingerprint
+    torch.manual_seed(0)
+    trained_on = build(Codec, CODEC_PRESETS["tiny"])
+    codec = save_codec(tmp_path / "codec.safetensors", trained_on)
+    path = save_transformer(tmp_path / "model.safetensors", build(HertzDev, TRANSFORMER_PRESETS["tiny"]),
+                            codec_source=str(codec), extra={"codec_fingerprint": codec_fingerprint(trained_on)})
+    for dtype in (torch.float32, torch.bfloat16):
+        loaded = load_hertz_dev(path, dtype=dtype).codec
+        assert loaded.config == trained_on.config and next(loaded.parameters()).dtype == dtype
+    further = build(Codec, CODEC_PRESETS["tiny"])
+    save_codec(codec, further)  # trained further in place
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"{path} was trained on the latents of codec {codec_fingerprint(trained_on)}, and the codec it records, "
+            f"{codec}, is now another ({codec_fingerprint(further)}: trained further or replaced since)")):
+        load_hertz_dev(path)
+    assert torch.equal(next(load_hertz_dev(path, codec=codec).codec.parameters()), next(further.parameters()))
+
+
 def test_atomically_written_files_get_the_mode_a_plain_open_gives(tmp_path):
     """mkstemp's temporaries are 0600, and renamed into place they stayed so: on a shared machine
     a lab mate could not read a checkpoint, an encoded latents shard, a saved WAV or the dataset

@@ -16,13 +16,14 @@ import numpy as np
 import pytest
 import torch
 
-from config import fields_marked
+from config import fields_marked, parse_args
 from config.codec_config import PRESETS as CODEC_PRESETS
 from config.transformer_config import PRESETS, TransformerConfig
 from model import Codec, Generator, HertzDev, build, load_hertz_dev, save_codec, save_transformer
 from model.checkpoint import read_weights, substate
 from model.objectives import STAGES, compute_losses
 
+import train_transformer
 from hub_server import HubServer
 from in_process import run_in_process
 from reference import PARITY_DIR, require, transformer_config
@@ -121,6 +122,9 @@ def test_stage_trains_its_components_and_exports(setup, stage, duplex, capsys):
     # trained components moved away from the seeded initial weights; frozen ones did not move at all
     state, meta = read_weights(run_dir / "best.safetensors")
     assert meta["config"]["stage"] == stage and meta["extra"]["codec"] == str(setup["codec"])
+    # a stage on a frozen quantizer from random weights (no init_from): said
+    assert ("keeps the quantizer frozen, and with no init_from it is a random one" in log) == \
+        ("quantizer" not in STAGES[stage])
     torch.manual_seed(PRESETS["tiny"].seed)
     init = build(HertzDev, tiny(duplex))
     for part in PARTS:
@@ -130,6 +134,17 @@ def test_stage_trains_its_components_and_exports(setup, stage, duplex, capsys):
 
 
 @torch.no_grad()
+def test_a_loss_weight_its_stage_does_not_train_on_is_said():
+    """lm_loss_weight with stage=quantizer (which trains on resynth_nll only) changed nothing, unsaid."""
+    notes = train_transformer.stage_notes(parse_args(["--config", "tiny", "stage=quantizer", "lm_loss_weight=5"],
+                                                     PRESETS), None)
+    assert notes == ["lm_loss_weight=5 with stage=quantizer, which does not train on lm_ce: it has no effect"]
+    assert train_transformer.stage_notes(parse_args(["--config", "tiny", "lm_loss_weight=5"], PRESETS), None) == []
+    lm = parse_args(["--config", "tiny", "stage=lm", "resynth_loss_weight=2", "init_from=x.safetensors"], PRESETS)
+    assert train_transformer.stage_notes(lm, None) == [
+        "resynth_loss_weight=2 with stage=lm, which does not train on resynth_nll: it has no effect"]
+
+
 @pytest.mark.parametrize("duplex", [False, True], ids=["mono", "duplex"])
 def test_exported_model_loads_and_generates(setup, duplex, capsys):
     run_dir, _, _ = run_stage(setup, "all", duplex, capsys)
@@ -320,17 +335,30 @@ def fails(args, env=None) -> str:
     (["seq_len=100000000", "sample_seconds=0.0"], "seq_len=100000000 with batch_size=2: the LM's logits of one batch"),
     (["checkpoint_dir=LINK/run"], "checkpoint_dir='LINK/run' cannot be made: LINK is a symbolic link to "
                                   "disk/runs, which does not exist"),
+    # a codec of two channels in: a shape traceback once the encoding had started
+    (["codec_checkpoint=STEREO"], "codec_checkpoint=STEREO has input_channels=2 and output_channels=1: the latents "
+                                  "are made one speaker's channel at a time by a mono codec"),
+    # "restart from my best": the folder moved aside, the latents encoded, then "no such file"
+    (["resume=false", "init_from=RUN/best.safetensors"], "init_from=RUN/best.safetensors lies in checkpoint_dir=RUN, "
+                                                         "which resume=false moves aside before the weights are read"),
 ], ids=["preset", "key", "type", "train-folder", "val-folder", "train-file", "lm-weight-0", "resynth-weight-0",
         "quantizer-weight-0", "mono-model-channel", "min-lr-above-lr", "decay-flips-weights", "codec-rate", "codec-latent-dim",
         "val-without-audio", "heads-split-width", "odd-head-size", "kv-heads", "run-inside-data", "run-under-file",
-        "logits-outgrow-memory", "run-in-a-dangling-link"])
+        "logits-outgrow-memory", "run-in-a-dangling-link", "stereo-codec", "init-from-the-run-moved-aside"])
 def test_user_errors_are_one_error_line(setup, tmp_path, mistake, message, capsys):
     if any("FILE" in a for a in mistake):
         (tmp_path / "one.wav").write_bytes(b"")
+    if any("STEREO" in a for a in mistake):
+        save_codec(tmp_path / "stereo.safetensors", build(Codec, dataclasses.replace(CODEC_PRESETS["tiny"],
+                                                                                     input_channels=2)))
+    if any("RUN" in a for a in mistake):
+        (tmp_path / "run").mkdir()
+        shutil.copy(run_stage(setup, "quantizer", True, capsys)[0] / "best.safetensors", tmp_path / "run")
     (tmp_path / "empty").mkdir()
     (tmp_path / "unmounted").symlink_to("disk/runs")
     names = {"MISSING": str(tmp_path / "missing"), "EMPTY": str(tmp_path / "empty"), "LINK": str(tmp_path / "unmounted"),
-             "FILE": str(tmp_path / "one.wav"), "VAL": str(setup["root"] / "corpus/val")}
+             "FILE": str(tmp_path / "one.wav"), "VAL": str(setup["root"] / "corpus/val"),
+             "STEREO": str(tmp_path / "stereo.safetensors"), "RUN": str(tmp_path / "run")}
     for name, path in names.items():
         mistake, message = [a.replace(name, path) for a in mistake], message.replace(name, path)
     preset = mistake[1] if mistake[0] == "--config" else "tiny"  # each key given once: a second one is an error
