@@ -436,6 +436,10 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
         else:  # held in the compute dtype: the forward would otherwise cast them at every step
             for m in lora.adapted(model).values():
                 m.lora_A.data, m.lora_B.data = m.lora_A.data.to(dtype), m.lora_B.data.to(dtype)
+    # which codec this is, for save_transformer(codec_source="auto") (a quantized copy decodes with it too)
+    model.codec_source = None if codec_source is None else (
+        "official" if str(codec_source) == "official" else os.path.abspath(codec_source))
+    model.codec_fingerprint = trained_with if recorded_codec_file is not None else None
     return model.eval().requires_grad_(False)
 
 
@@ -461,17 +465,27 @@ def _quantized(module: nn.Module, state: dict, quantize: Optional[str], device, 
     return quantize_state(state, plan, device, dtype, f"{part}.")
 
 
-def save_transformer(path: Union[str, os.PathLike], model: HertzDev, codec_source: Optional[str] = None,
+def save_transformer(path: Union[str, os.PathLike], model: HertzDev, codec_source: Optional[str] = "auto",
                      extra: Optional[dict] = None) -> Path:
     """`write_transformer`, atomically (a quantized model records which layers are quantized how,
-    so it loads quantized). `codec_source`: the path of the codec (or "official"), or None; a
-    TypeError naming the argument of the wrong type, a ValueError for a model with unmerged LoRA
-    adapters (merge them first); nothing is written then."""
+    so it loads quantized). `codec_source`: the codec `load_hertz_dev` will decode with: "auto" (the
+    codec `model` was loaded with, and its fingerprint where its file recorded one; None for a model
+    built otherwise), "official", the path of one of ours (recorded absolute), or None. A TypeError
+    naming the argument of the wrong type, a FileNotFoundError or CheckpointError for a codec path
+    that is not one of our codecs, a ValueError for a model with unmerged LoRA adapters (merge them
+    first); nothing is written then."""
     _check_save(path, model, HertzDev, "model")
-    if codec_source is not None and not isinstance(codec_source, (str, os.PathLike)):
-        raise TypeError(f"codec_source must be the path of the codec (or 'official') or None, got "
+    if isinstance(codec_source, str) and codec_source == "auto":
+        codec_source = getattr(model, "codec_source", None)
+        if codec_source is not None and getattr(model, "codec_fingerprint", None) is not None:
+            extra = {"codec_fingerprint": model.codec_fingerprint, **(extra or {})}
+    elif codec_source is not None and not isinstance(codec_source, (str, os.PathLike)):
+        raise TypeError(f"codec_source must be the path of the codec (or 'official', 'auto') or None, got "
                         f"{type(codec_source).__name__}" + (": save it with save_codec and pass that path"
                                                             if isinstance(codec_source, Codec) else ""))
+    if codec_source is not None and str(codec_source) != "official":  # found now, not when the model is loaded
+        read_metadata(_existing(codec_source, '"official", "auto"'), kind="codec")
+        codec_source = os.path.abspath(codec_source)
     if layers := lora.adapted(model):  # their lora_A/lora_B would be written as weights no loader takes
         raise ValueError(f"model holds LoRA adapters on {len(layers)} layers ({listed(list(layers))}): merge them "
                          "first (lora.merge_lora(model), or load_hertz_dev(..., adapter=, merge=True)) for an ordinary "

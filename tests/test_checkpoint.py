@@ -584,6 +584,37 @@ def test_saving_the_wrong_object_is_a_type_error_naming_it_and_writes_nothing(tm
     assert torch.equal(loaded.codec.compressor.proj_out.bias, codec.compressor.proj_out.bias)
 
 
+def test_a_loaded_model_saved_again_keeps_its_codec_and_a_bad_codec_source_is_refused_when_saving(tmp_path,
+                                                                                                monkeypatch):
+    """save_transformer(path, load_hertz_dev(...)) (the README's quantized copy, done once) recorded
+    no codec, so the copy loaded without one and generating failed; it now records the codec the
+    model was loaded with (absolute, with its fingerprint), so the copy decodes with the same codec
+    and is refused like its original once that codec changes. A codec_source that is not one of our
+    codecs was written and failed only when loaded."""
+    from model.latents import codec_fingerprint
+    torch.manual_seed(0)
+    codec = build(Codec, CODEC_PRESETS["tiny"])
+    codec_path = save_codec(tmp_path / "codec.safetensors", codec)
+    original = save_transformer(tmp_path / "model.safetensors", build(HertzDev, TRANSFORMER_PRESETS["tiny"]),
+                                codec_path, extra={"codec_fingerprint": codec_fingerprint(codec)})
+    monkeypatch.chdir(tmp_path)
+    copy = save_transformer("int8.safetensors", load_hertz_dev(original, quantize="int8"))
+    monkeypatch.chdir("/")  # recorded absolute: found from another working folder
+    meta = read_metadata(tmp_path / "int8.safetensors")
+    assert meta["extra"]["codec"] == str(codec_path) and meta["quantization"]["mode"] == "int8"
+    assert meta["extra"]["codec_fingerprint"] == codec_fingerprint(codec)
+    assert torch.equal(load_hertz_dev(tmp_path / copy.name).codec.compressor.proj_out.bias,
+                       codec.compressor.proj_out.bias)
+    save_codec(codec_path, build(Codec, CODEC_PRESETS["tiny"]))  # trained further in place
+    with pytest.raises(CheckpointError, match="is now another"):
+        load_hertz_dev(tmp_path / copy.name)
+    for bad, error in ((tmp_path / "missing.safetensors", FileNotFoundError), (original, CheckpointError),
+                       ("duplex", FileNotFoundError)):
+        with pytest.raises(error):
+            save_transformer(tmp_path / "bad.safetensors", build(HertzDev, TRANSFORMER_PRESETS["tiny"]), bad)
+    assert not (tmp_path / "bad.safetensors").exists()
+
+
 @pytest.mark.parametrize("writer", ["model.checkpoint.atomic_write", "model.files.replace_atomically"])
 def test_a_temporary_left_by_a_writer_killed_before_its_rename_is_removed_by_the_next(tmp_path, writer):
     """A writer SIGKILLed between writing its temporary `.NAME.<hex>.tmp` and renaming it into place

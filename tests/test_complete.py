@@ -2,6 +2,7 @@
 process is not the subject (an error line, an output's contents), its `main` in the test process."""
 import dataclasses
 import os
+import shutil
 import re
 import subprocess
 import sys
@@ -250,8 +251,10 @@ def test_a_checkpoint_whose_codec_is_unknown_or_whose_weights_are_nan_is_one_err
     from model.checkpoint import _header, content_hash
     from model.loading import write_transformer
     model = build(HertzDev, PRESETS["tiny"])
+    shutil.copy(ckpts["codec"], tmp_path / "gone.safetensors")
     moved = save_transformer(tmp_path / "moved.safetensors", model, codec_source=str(tmp_path / "gone.safetensors"))
-    no_codec = save_transformer(tmp_path / "no-codec.safetensors", model)
+    os.remove(tmp_path / "gone.safetensors")
+    no_codec = save_transformer(tmp_path / "no-codec.safetensors", model)  # built here: "auto" is no codec
     number = tmp_path / "number.safetensors"  # a header edited, or written by another tool: a TypeError traceback
     write_transformer(number, model, codec_source=7)  # the unchecked writer (save_transformer refuses a number)
     state, meta = load_file(ckpts["duplex"]), _header(Path(ckpts["duplex"]))

@@ -623,11 +623,12 @@ def test_an_init_from_trained_on_another_codec_is_said_before_encoding(setup, tm
     """init_from one of our exports, which records the fingerprint of the codec whose latents it
     learnt, with another codec_checkpoint: allowed (a model moved onto a fine-tuned codec), but said
     in a note before any latent is encoded; it was silent."""
+    other_codec = save_codec(tmp_path / "other-codec.safetensors", build(Codec, CODEC_PRESETS["tiny"]))
     model = save_transformer(tmp_path / "other.safetensors", build(HertzDev, tiny(True)),
-                             codec_source="other-codec.safetensors", extra={"codec_fingerprint": "0123456789abcdef"})
+                             codec_source=str(other_codec), extra={"codec_fingerprint": "0123456789abcdef"})
     log, _ = train_here(base_args(setup, tmp_path / "run", latents_dir=tmp_path / "latents", init_from=model,
                                   max_steps=1, sample_seconds=0), capsys)
-    note = (f"note: init_from={model} was trained on latents of codec 0123456789abcdef (other-codec.safetensors); "
+    note = (f"note: init_from={model} was trained on latents of codec 0123456789abcdef ({other_codec}); "
             f"this run's codec {setup['codec']} is ")
     assert note in log and log.index(note) < log.index("encod"), log[-2000:]
 
