@@ -159,6 +159,8 @@ class Kernels:
         norms, rotary, cache write and residuals fused around the matrix products; quantized
         layers stay calls of their own kernels, `model.quant_kernels`) and "codec" (the streaming
         encoder and decoder)."""
+        if isinstance(compile, str):  # one part by its name (its letters were taken for parts)
+            compile = (compile,)
         parts = set(COMPILABLE if compile is True else (compile or ()))
         if parts - set(COMPILABLE):
             raise ValueError(f"unknown parts to compile {sorted(parts - set(COMPILABLE))}; choose from {COMPILABLE}")
@@ -193,10 +195,17 @@ class Engine:
                  cuda_graphs: Optional[bool], batch_name: str = "batch_size"):
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"{batch_name} must be an integer >= 1, got {batch_size!r}")
+        seq_len = model.config.seq_len  # (0 was taken for the default, 2.5 and -1 were torch errors at the first step)
+        if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, (int, np.integer))
+                                    or not 2 <= max_len <= seq_len):
+            raise ValueError(f"max_len must be None (the model's context, {seq_len} latents) or an integer in "
+                             f"[2, {seq_len}], got {max_len!r}")
+        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, (int, np.integer))):
+            raise ValueError(f"keep must be None (3/4 of the context) or an integer, got {keep!r}")
         self.model = model
         self.state = DecodeState.make(model, batch_size, max_len, kv_dtype)
         L, device = self.state.max_len, self.state.pos.device
-        self.keep = keep or max(1, 3 * L // 4)
+        self.keep = max(1, 3 * L // 4) if keep is None else int(keep)
         if not 0 < self.keep < L:
             raise ValueError(f"keep must be in [1, {L - 1}], got {self.keep}")
         if compile == "auto":  # about 15 s at start for 15% faster steps

@@ -136,6 +136,27 @@ def test_prompt_longer_than_context_is_an_error():
 
 
 @torch.no_grad()
+def test_a_context_keep_or_compile_argument_out_of_its_range_is_named():
+    """max_len=0 and keep=0 were taken for the defaults, max_len -1 or 2.5 were torch errors at the
+    first step, keep=2.5 failed at the first slide, a max_len past the model's context was taken
+    silently, and compile="block" was read letter by letter ("unknown parts ['b', 'c', ...]")."""
+    from model.decode import Kernels
+    model = tiny(False)
+    L = model.config.seq_len
+    for bad in (0, -1, 2.5, L + 1, True, "16"):
+        with pytest.raises(ValueError, match=re.escape(f"max_len must be None (the model's context, {L} latents) or "
+                                                       f"an integer in [2, {L}], got {bad!r}")):
+            Generator(model, batch_size=1, max_len=bad)
+    for bad, message in ((0, "keep must be in [1, 15], got 0"), (16, "keep must be in [1, 15], got 16"),
+                         (2.5, "keep must be None (3/4 of the context) or an integer, got 2.5")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            Generator(model, batch_size=1, max_len=16, keep=bad)
+    assert Generator(model, batch_size=1, max_len=16, keep=np.int64(8)).keep == 8
+    with pytest.raises(ValueError, match=re.escape("unknown parts to compile ['blocks']")):
+        Kernels.make("blocks")
+
+
+@torch.no_grad()
 def test_dry_run_leaves_the_state_as_it_was(model):
     """Graph capture warms up by running the step with every row inactive: nothing may move."""
     p = prompt_latents(model)
