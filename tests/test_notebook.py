@@ -117,6 +117,8 @@ def test_notebook_with_int8_weights_and_fp8_cache(tmp_path, kernel):
     ({"TOP_P": 0.0}, "top_p must be in (0, 1]"),
     ({"SECONDS": -1}, "SECONDS must be a finite number > 0, got -1"),
     ({"SEED": -1}, "seed must be an int in [0, 2**63), got -1"),  # was taken as seed 2**64 - 1, after loading
+    # a TypeError from the seeds (range(2.0)) naming neither (papermill -p NUM_COMPLETIONS 2.0 gives a float)
+    ({"NUM_COMPLETIONS": 2.0}, "NUM_COMPLETIONS must be an integer >= 1, got 2.0"),
     ({"SECONDS": 1e9, "VARIANT": "mono", "CKPT_DIR": "MISSING"},  # 1.3e5 GB of audio: it was taken, as NaN was
      "NUM_COMPLETIONS 2 x SECONDS 1e+09 need at least "),
     ({"ADAPTER": "MISSING"}, "no such file: MISSING"),
@@ -130,7 +132,7 @@ def test_notebook_with_int8_weights_and_fp8_cache(tmp_path, kernel):
     ({"DEVICE": "gpu"}, "DEVICE = 'gpu': expected auto, cpu, cuda, cuda:N or mps"),  # was torch's RuntimeError
     ({"DTYPE": "bf16"}, "DTYPE = 'bf16': expected auto, bfloat16, float16, float32"),  # KeyError
     ({"ENCODE": "median"}, "ENCODE must be 'sample' or 'mean', got 'median'"),  # was found after the weights loaded
-], ids=["missing", "nan", "token-temp", "top-p", "seconds", "seed", "seconds-memory", "adapter", "adapter-folder", "codec", "codec-none", "quantize", "kv-dtype", "output", "output-prompt", "device",
+], ids=["missing", "nan", "token-temp", "top-p", "seconds", "seed", "num-float", "seconds-memory", "adapter", "adapter-folder", "codec", "codec-none", "quantize", "kv-dtype", "output", "output-prompt", "device",
         "dtype", "encode"])
 def test_bad_parameters_stop_before_the_weights_load(tmp_path, kernel, params, message):
     """VARIANT names a checkpoint that does not exist (or an official one, offline, with no files):
