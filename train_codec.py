@@ -119,6 +119,8 @@ def main(argv=None) -> dict:
 
         # where the weights come from: the latest checkpoint (resume), else init_from, else a fresh initialisation
         step, source = 0, "random init"
+        # eval_only val_raw: the training weights of a .pt keeping an average (its export's are the average's)
+        raw = state["generator"] if state is not None and "ema" in state else init.raw if init is not None else None
         if latest:
             step = load_state(state, cfg, ddp, generator, discriminators, opt_g, opt_d, scaler, say)
             source = f"{latest} (step {state['step']})"
@@ -142,7 +144,15 @@ def main(argv=None) -> dict:
         if cfg.eval_only:
             if is_main:
                 metrics, _ = evaluate(generator, val_loader, mel_loss, cfg, have, dnsmos)
-                print_table(source, metrics, len(val_loader.dataset))
+                rows = [(source + (" (weight average)" if raw is not None else ""), metrics)]
+                if cfg.val_raw and raw is not None:
+                    generator.load_state_dict(raw)
+                    raw_metrics, _ = evaluate(generator, val_loader, mel_loss, cfg, have, dnsmos, samples=False)
+                    rows.append((f"{source} (training weights)", raw_metrics))
+                    metrics.update({k.replace("val/", "val_raw/", 1): v for k, v in raw_metrics.items()})
+                elif cfg.val_raw:
+                    say(f"note: val_raw=true: {source} holds one set of weights (no weight average), scored above")
+                print_table(rows, len(val_loader.dataset))
             teardown_distributed()
             return metrics if is_main else {}
 
@@ -555,7 +565,7 @@ def check_config(cfg: CodecConfig) -> None:
     if cfg.logmag_weight > 0 and not cfg.logmag_windows:
         raise ConfigError("logmag_weight > 0 with logmag_windows=(): give the log-magnitude term its windows, "
                           "or set logmag_weight=0")
-    if cfg.val_raw and not cfg.ema_decay:
+    if cfg.val_raw and not cfg.ema_decay and not cfg.eval_only:  # (eval_only: the .pt says whether it keeps one)
         raise ConfigError("val_raw=true scores the training weights beside their moving average, which "
                           "ema_decay=0 does not keep: set ema_decay (e.g. 0.998) or val_raw=false")
     if not cfg.eval_only:
@@ -666,11 +676,14 @@ def clip(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
 
 
 class InitWeights(NamedTuple):
-    """The weights init_from names, read before the data: the codec's, the discriminators' (None
-    when not wanted or of another architecture), and a label for the log."""
+    """The weights init_from names, read before the data: the codec's (a training state's weight
+    average where it keeps one, as its export), the discriminators' (None when not wanted or of
+    another architecture), a label for the log, and the training weights of a state keeping an
+    average (None otherwise; eval_only's val_raw scores them)."""
     generator: dict
     discriminators: dict | None
     label: str
+    raw: dict | None = None
 
 
 def read_init(source: str, cfg: CodecConfig, discriminators: bool) -> InitWeights:
@@ -695,9 +708,10 @@ def read_init(source: str, cfg: CodecConfig, discriminators: bool) -> InitWeight
     if "generator" not in state:
         raise ConfigError(f"init_from={source}: not a codec training state written by train_codec.py")
     check_architecture(state["config"], cfg, source)
+    raw = state["generator"] if "ema" in state else None
     if discriminators and not config_diff(state["config"], cfg, fields_marked(CodecConfig, "disc")):
-        return InitWeights(exported_weights(state), state["discriminators"], f"{source} (codec and discriminators)")
-    return InitWeights(exported_weights(state), None, source)
+        return InitWeights(exported_weights(state), state["discriminators"], f"{source} (codec and discriminators)", raw)
+    return InitWeights(exported_weights(state), None, source, raw)
 
 
 def exported_weights(saved: dict) -> dict:
@@ -744,13 +758,14 @@ def nanmean(values: list) -> float:
     return float(np.mean(finite)) if finite else math.nan
 
 
-def print_table(source: str, metrics: dict, crops: int) -> None:
-    mos = "val/dnsmos" in metrics
+def print_table(rows: list[tuple[str, dict]], crops: int) -> None:
+    """eval_only's table: a row (label, metrics) per set of weights scored."""
+    mos = "val/dnsmos" in rows[0][1]
     print("\n| codec | val crops | mel distance | SI-SDR (dB) | STOI | PESQ | KL (bits/s) |"
-          + (" DNSMOS |" if mos else "") + "\n|---|---|---|---|---|---|---|" + ("---|" if mos else "") + "\n"
-          f"| {source} | {crops} | {metrics['val/mel_distance']:.4f} | {metrics['val/si_sdr']:.2f} | "
-          f"{metrics['val/stoi']:.4f} | {metrics['val/pesq']:.3f} | {metrics['val/kl_bits_per_s']:.1f} |"
-          + (f" {metrics['val/dnsmos']:.3f} |" if mos else ""))
+          + (" DNSMOS |" if mos else "") + "\n|---|---|---|---|---|---|---|" + ("---|" if mos else ""))
+    for source, m in rows:
+        print(f"| {source} | {crops} | {m['val/mel_distance']:.4f} | {m['val/si_sdr']:.2f} | {m['val/stoi']:.4f} | "
+              f"{m['val/pesq']:.3f} | {m['val/kl_bits_per_s']:.1f} |" + (f" {m['val/dnsmos']:.3f} |" if mos else ""))
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def read_metrics(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndar
 def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike,
                  panels: Optional[dict[str, Sequence[str]]] = None, title: str = "") -> Optional[str]:
     """Curves of `metrics.jsonl`, one panel per group of keys (default: every `loss/` key, the
-    learning rate, and each `val/` key). Returns the PNG path, or None when nothing was logged (or
+    learning rate, and each `val/` key with its `val_raw/` one where logged). Returns the PNG path, or None when nothing was logged (or
     the file is gone: deleted with the run folder's tidying while the run went on)."""
     if not os.path.isfile(metrics_path):
         return None
@@ -102,7 +102,8 @@ def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike,
     if panels is None:
         panels = {"training losses": sorted(k for k in series if k.startswith("loss/")),
                   "learning rate": [k for k in ("lr", "lr_disc") if k in series]}
-        panels.update({k: [k] for k in sorted(series) if k.startswith("val/")})
+        # each validation metric with its val_raw/ twin (the training weights', beside a weight average's)
+        panels.update({k: [k, "val_raw/" + k[4:]] for k in sorted(series) if k.startswith("val/")})
     panels = {name: [k for k in keys if k in series] for name, keys in panels.items()}
     panels = {name: keys for name, keys in panels.items() if keys}
     if not panels:

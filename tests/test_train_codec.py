@@ -385,6 +385,14 @@ def test_a_weight_average_is_what_validation_and_the_exports_use_and_it_resumes_
     raw = train_codec.main(common + [f"init_from={tmp_path / 'raw.safetensors'}"])
     assert raw["val/mel_distance"] == pytest.approx(evaluations[8]["val_raw/mel_distance"], rel=1e-5)
     capsys.readouterr()
+    # eval_only val_raw=true of the state: both rows of the table (no ema_decay needed: the state keeps one)
+    both = train_codec.main(common + [f"init_from={run_dir / 'latest.pt'}", "val_raw=true"])
+    table = capsys.readouterr().out
+    assert "latest.pt (weight average) |" in table and "latest.pt (training weights) |" in table
+    assert both["val/mel_distance"] == pytest.approx(of_state["val/mel_distance"])
+    assert both["val_raw/mel_distance"] == pytest.approx(raw["val/mel_distance"], rel=1e-5)
+    train_codec.main(common + [f"init_from={tmp_path / 'raw.safetensors'}", "val_raw=true"])
+    assert "val_raw=true: " + str(tmp_path / "raw.safetensors") + " holds one set of weights" in capsys.readouterr().out
     # stopped at step 3 and continued: the same average at step 8
     stopped = tmp_path / "stopped"
     for extra in (("stop_step=3",), ()):
@@ -1078,6 +1086,13 @@ def test_the_run_s_figures_are_drawn_once_each_with_no_label_cut_off_or_overlapp
     metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
     plot_metrics(metrics, tmp_path / "many.png", title="a run's title")
     laid_out(draws[2])
+    # a run with a weight average and val_raw: each metric's panel holds both curves
+    metrics.write_text("".join(json.dumps({"step": s, "val/pesq": 1.1 + s, "val_raw/pesq": 1.0 + s}) + "\n"
+                               for s in range(1, 5)))
+    plot_metrics(metrics, tmp_path / "raw.png")
+    [panel] = draws[3].axes
+    assert panel.get_title() == "val/pesq" and [line.get_label() for line in panel.lines] == ["val/pesq",
+                                                                                              "val_raw/pesq"]
     save_mel_figure(tmp_path / "mels3.png", [(noise, noise)] * 3, 16000)
     laid_out(draws[3])
 
