@@ -161,7 +161,7 @@ def complete(args) -> int:
         except (FileNotFoundError, *LOAD_ERRORS) as e:
             print(f"error: {printable(e, newlines=True)}", file=sys.stderr)
             return 2
-    try:  # the headers: the codec ours records, what --num x --seconds needs of this machine's memory
+    try:  # the headers: the codec ours records, and its hop
         problem = None
         if args.codec == "auto" and args.variant not in VARIANTS:
             problem = no_codec_problem("--variant", args.variant, read_metadata(args.variant, kind="transformer"),
@@ -169,16 +169,20 @@ def complete(args) -> int:
         cfg = transformer_config_of(args.variant)
         if not problem:  # the codec's hop (samples per latent): the prompt's frames, the completions' audio
             hop = math.prod(codec_config_of(args.variant, args.codec, cfg).strides)
-            problem = completion_problem(args.seconds, args.num, cfg, device, dtype, args.kv_dtype, hop=hop)
     except LOAD_ERRORS as e:
         problem = str(e)
     if problem:
         print(f"error: {printable(problem, newlines=True)}", file=sys.stderr)
         return 2
     try:  # before the weights: loading them can take minutes (or a 34 GB download)
-        check_prompt(args.prompt, cfg.sample_rate, hop, max_frames=cfg.seq_len)  # the part of it that is used
+        frames = check_prompt(args.prompt, cfg.sample_rate, hop, max_frames=cfg.seq_len)  # the part of it that is used
     except AudioError as e:
         print(f"error: {printable(e, newlines=True)}", file=sys.stderr)
+        return 2
+    # what --num x (the prompt + --seconds) needs of this machine's memory
+    if problem := completion_problem(args.seconds, args.num, cfg, device, dtype, args.kv_dtype, hop=hop,
+                                     prompt_frames=frames):
+        print(f"error: {printable(problem, newlines=True)}", file=sys.stderr)
         return 2
 
     t0 = time.time()

@@ -769,17 +769,18 @@ def file_problem(path: str) -> Optional[str]:
     return f"no such file: {path}"
 
 
-def check_prompt(path: str, sample_rate: int = 16000, hop: int = 2000, max_frames: Optional[int] = None) -> None:
+def check_prompt(path: str, sample_rate: int = 16000, hop: int = 2000, max_frames: Optional[int] = None) -> int:
     """Raise AudioError when a prompt file is missing or a folder (`file_problem`), unreadable as
     audio or shorter than one latent frame (`load_prompt`'s rules: its header, then the samples of
     the last `max_frames` frames, the part a model of that context uses, for non-finite or huge
-    values); scripts call it before they load any weights."""
+    values); scripts call it before they load any weights. Returns the frames of it a completion
+    starts from (and holds in its output: `completion_problem`'s `prompt_frames`)."""
     if problem := file_problem(path):
         raise AudioError(problem)
     try:
         with warnings.catch_warnings():  # too long for the context: `load_prompt` warns when it is used
             warnings.simplefilter("ignore")
-            load_prompt(path, 1, sample_rate, hop, max_frames)
+            return load_prompt(path, 1, sample_rate, hop, max_frames).shape[-1] // hop
     except ValueError as e:  # shorter than one frame
         raise AudioError(str(e)) from None
 

@@ -35,15 +35,17 @@ def completion_steps(seconds: float, sample_rate: int = 16000, hop: int = 2000) 
 
 def completion_problem(seconds, num, cfg=None, device=None, dtype: Optional[torch.dtype] = None,
                        kv_dtype: Union[str, torch.dtype, None] = None,
-                       names: tuple[str, str] = ("--seconds", "--num"), hop: int = 2000) -> Optional[str]:
+                       names: tuple[str, str] = ("--seconds", "--num"), hop: int = 2000,
+                       prompt_frames: int = 1) -> Optional[str]:
     """Why `num` completions of `seconds` each cannot be made, or None: the scripts' check of their
     length and count (`names`: how they are called there), before any weights load.
 
     `seconds` must be a finite number > 0 and `num` an integer >= 1. With the model's `cfg` and
     the `device` and `dtype` it will run in, they must also fit its memory: the decode state
     (`num` rows of KV caches at full context, `DecodeState.make` on a `meta` build) and the
-    completions' audio (float32, held whole on the device, then on the host to be written) must
-    each be less than the device's (and the host's) memory. There is no limit on length beyond
+    completions' audio (float32, the prompt's `prompt_frames` and the continuation, held whole on
+    the device, then on the host to be written) must each be less than the device's (and the
+    host's) memory. There is no limit on length beyond
     that: past the context a row slides (`model.decode.slide`)."""
     if (problem := protocol.completion_problem(seconds, num, names)) or cfg is None:
         return problem
@@ -52,7 +54,7 @@ def completion_problem(seconds, num, cfg=None, device=None, dtype: Optional[torc
     with torch.device("meta"):
         model = HertzDev(cfg).to(dtype or torch.float32)
     kv = DecodeState.make(model, num, kv_dtype=kv_dtype).kv_bytes
-    audio = num * cfg.channels * hop * (completion_steps(seconds, cfg.sample_rate, hop) + 1) * 4  # and a prompt latent
+    audio = num * cfg.channels * hop * (completion_steps(seconds, cfg.sample_rate, hop) + prompt_frames) * 4
     device = torch.device(device or "cpu")
     host = physical_memory()
     limits = [(f"this machine's memory ({host / 1e9:.1f} GB)", host, audio + (kv if device.type == "cpu" else 0))]

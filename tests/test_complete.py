@@ -461,6 +461,23 @@ def test_long_completions_are_not_refused():
     assert "--seconds 1e+300 needs at least" in completion_problem(1e300, 1, PRESETS["tiny"])
 
 
+def test_the_memory_check_counts_the_prompt_each_completion_holds(tmp_path):
+    """Each completion holds the prompt (as the codec reconstructs it) before its continuation; the
+    check counted one prompt latent, so --num completions of a long prompt passed it and ran out of
+    memory after the weights loaded. check_prompt gives the frames used, and they are counted."""
+    from model.audio import check_prompt
+    from model.files import physical_memory
+    from model.generator import completion_problem
+    cfg = PRESETS["tiny"]
+    sf.write(tmp_path / "long.wav", 0.3 * np.sin(np.arange(16000 * 30) / 10), 16000)
+    frames = check_prompt(str(tmp_path / "long.wav"), max_frames=cfg.seq_len)
+    assert frames == cfg.seq_len  # the part of a 30 s prompt a context of seq_len latents keeps
+    num = physical_memory() // (cfg.channels * 2000 * 4 * (8 + frames)) + 1  # 8: one second's latents
+    assert completion_problem(1.0, num, cfg) is None  # without the prompt it fits
+    problem = completion_problem(1.0, num, cfg, prompt_frames=frames)
+    assert problem.startswith(f"--num {num} x --seconds 1 need at least") and "more than this machine's memory" in problem
+
+
 @pytest.mark.parametrize("out, message", [
     ("out.mp4", "cannot write {out}: soundfile writes no .mp4 files"),
     ("ok.wav/out.wav", "cannot write {out}: {tmp}/ok.wav is a file, not a folder"),
