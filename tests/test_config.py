@@ -347,7 +347,8 @@ CODEC_ARCH = ("input_channels", "output_channels", "encode_channels", "decode_ch
               "bias", "channel_ratios", "strides", "latent_dim", "norm_stddev", "weight_norm", "activation", "sample_rate")
 CODEC_DISC = ("mpd_periods", "mpd_channels", "mrd_windows", "mrd_channels")
 CODEC_RESUME = ("segment_seconds", "batch_size", "grad_accum_steps", "seed")
-CODEC_SCHEDULE = ("learning_rate", "min_lr", "warmup_steps", "max_steps", "disc_learning_rate", "disc_start_step")
+CODEC_SCHEDULE = ("learning_rate", "min_lr", "warmup_steps", "max_steps", "disc_learning_rate", "disc_start_step",
+                  "ema_decay")
 TRANSFORMER_ARCH = ("latent_dim", "duplex", "fsq_levels", "quantizer_dim", "quantizer_ff_dim", "lm_dim", "lm_layers",
                     "lm_heads", "lm_kv_heads", "lm_ff_dim", "resynth_dim", "resynth_layers", "resynth_heads",
                     "resynth_kv_heads", "resynth_ff_dim", "num_components", "plex_roll", "theta", "eps")
