@@ -249,8 +249,8 @@ def main(argv=None) -> dict:
                     with average.averaged() if average else nullcontext():
                         metrics, pairs = evaluate(generator, val_loader, mel_loss, cfg, have, dnsmos)
                     if average and cfg.val_raw:  # the training weights too, for comparison
-                        raw, _ = evaluate(generator, val_loader, mel_loss, cfg, have, dnsmos, samples=False)
-                        metrics.update({k.replace("val/", "val_raw/", 1): v for k, v in raw.items()})
+                        trained, _ = evaluate(generator, val_loader, mel_loss, cfg, have, dnsmos, samples=False)
+                        metrics.update({k.replace("val/", "val_raw/", 1): v for k, v in trained.items()})
                     logger.log({**metrics, **log_samples(run_dir, pairs, cfg.sample_rate, logger, have.plots)}, step)
                     say(f"step {step}: {summary(metrics)}")
                 if due.save:
