@@ -7,6 +7,7 @@
   replayed from one graph after a few eager calls."""
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Iterable, NamedTuple, Optional, Sequence
 
 import torch
@@ -111,7 +112,8 @@ class GraphedPass:
     zeroes the gradients in place (`zero_grad(set_to_none=False)`), never dropping them: the graph
     adds into the tensors they were at capture. A replay draws its random numbers from the default
     CUDA generator, advancing it, as the eager pass does. Disabled (`enabled=False`, or not on
-    CUDA) it calls `fn`."""
+    CUDA) it calls `fn`; a capture that fails is a RuntimeWarning saying why, and the passes run
+    eagerly from then on (nothing is lost: a capture computes nothing)."""
 
     def __init__(self, fn: Callable[..., dict[str, torch.Tensor]], params: Iterable[torch.Tensor],
                  enabled: bool, warmup: int = 2):
@@ -137,7 +139,12 @@ class GraphedPass:
             return out
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         if self.graph is None:
-            self._capture(args)
+            try:
+                self._capture(args)
+            except RuntimeError as e:  # (capture computes nothing: the gradients are as they were)
+                warnings.warn(f"{e}; this run goes on eagerly", RuntimeWarning, stacklevel=2)
+                self.enabled, self.graph = False, None
+                return self.fn(*args)
         for mine, given in zip(self.inputs, tensors):
             mine.copy_(given, non_blocking=True)
         self.graph.replay()
@@ -151,9 +158,10 @@ class GraphedPass:
         self.inputs = [a for a in args if isinstance(a, torch.Tensor)]
         self.graph = torch.cuda.CUDAGraph()  # (entering it syncs and empties the cache: the warm-up's
         try:                                 # blocks make room for the graph's pool)
-            with torch.cuda.graph(self.graph, stream=self.stream):
+            # thread_local: what other threads do meanwhile (the loader's pin-memory thread pinning a
+            # new buffer) cannot invalidate the capture, as under the default "global" mode
+            with torch.cuda.graph(self.graph, stream=self.stream, capture_error_mode="thread_local"):
                 # capture records without computing: the replay after it computes this call
                 self.outputs = self.fn(*args)
         except RuntimeError as e:  # an op that syncs with the host, or one CUDA graphs cannot hold
-            raise RuntimeError(f"the training pass could not be captured in a CUDA graph ({e}); it runs eagerly "
-                               "without one (the codec trainer: cuda_graph=false)") from e
+            raise RuntimeError(f"the training pass could not be captured in a CUDA graph ({e})") from e

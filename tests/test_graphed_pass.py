@@ -84,6 +84,30 @@ def test_replays_add_into_the_gradients_and_a_new_kind_of_call_gets_its_own_grap
 
 
 @cuda
+def test_a_pass_that_cannot_be_captured_is_a_warning_and_runs_eagerly_from_then_on():
+    """A capture that fails (here: the pass reads a value on the host, which a graph cannot hold)
+    ended the training run with a traceback; it is now a RuntimeWarning and the passes run eagerly,
+    their gradients those of the eager pass (a capture computes nothing)."""
+    eager_model, eager_pass = model_and_pass()
+    graphed_model, graphed_pass = model_and_pass()
+
+    def syncing(scale, x, y):
+        out = graphed_pass(scale, x, y)
+        float(out["loss"])  # a host sync: not allowed under capture
+        return out
+    run = GraphedPass(syncing, list(graphed_model.parameters()), enabled=True, warmup=1)
+    x, y = torch.randn(4, 2, 16, device="cuda"), torch.randn(4, 3, device="cuda")
+    run(1.0, x, y)
+    eager_pass(1.0, x, y)
+    with pytest.warns(RuntimeWarning, match="could not be captured in a CUDA graph .*this run goes on eagerly"):
+        got = run(1.0, x, y)
+    want = eager_pass(1.0, x, y)
+    assert not run.enabled and torch.allclose(got["loss"], want["loss"], rtol=1e-5)
+    for a, b in zip(grads(graphed_model), grads(eager_model)):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@cuda
 def test_the_codec_trainer_with_cuda_graph_follows_the_eager_trainer(tmp_path):
     """`train_codec.py --config tiny` on CUDA in float32, 12 steps with the discriminators from step
     5 (so both of the trainer's passes are graphed), with and without `cuda_graph`: the same losses
