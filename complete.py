@@ -168,7 +168,7 @@ def complete(args) -> int:
                                        args.codec)
         cfg = transformer_config_of(args.variant)
         if not problem:  # the codec's hop (samples per latent): the prompt's frames, the completions' audio
-            hop = math.prod(codec_config_of(args.variant, args.codec, cfg).strides)
+            hop = math.prod(codec_config_of(args.variant, args.codec, cfg, adapter=args.adapter).strides)
     except LOAD_ERRORS as e:
         problem = str(e)
     if problem:

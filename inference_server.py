@@ -1599,7 +1599,7 @@ def load_engine(args):
         meta = read_metadata(args.checkpoint, kind="transformer")
         if problem := no_codec_problem("--checkpoint", args.checkpoint, meta, args.codec):
             raise SystemExit(f"error: {printable(problem, newlines=True)}")
-    codec_cfg = codec_config_of(source, args.codec, cfg)  # from its header: the engine streams 2000-sample chunks
+    codec_cfg = codec_config_of(source, args.codec, cfg, adapter=args.adapter)  # from its header: the engine streams 2000-sample chunks
     if codec_cfg is not None and (hop := math.prod(codec_cfg.strides)) != CHUNK:
         named = args.codec if args.codec != "auto" else recorded_codec(args.checkpoint, meta)  # official: 2000
         raise SystemExit(f"error: the codec {named} has {hop} samples per latent; the live "

@@ -257,19 +257,37 @@ def recorded_codec(path, meta: dict) -> Optional[str]:
     return value
 
 
+def resolved_codec(source: Union[str, os.PathLike], codec: Optional[Union[str, os.PathLike]] = "auto",
+                   adapter: Optional[Union[str, os.PathLike]] = None) -> tuple[Optional[str], Optional[str], str]:
+    """The codec `load_hertz_dev(source, codec=codec, adapter=adapter)` decodes with, from the
+    headers alone: (its source: "official", a path or None; the fingerprint of the codec whose latents
+    the weights learnt, where a file records it (`codec="auto"` only); the file that records them).
+    With "auto", an adapter that records the codec its fine-tuning encoded the data with decides (its
+    weights learnt that codec's latents), else the model: the official codec for official variants,
+    the one our checkpoint records otherwise."""
+    if codec != "auto":
+        return codec, None, str(source)
+    if adapter is not None:
+        _, extra = lora.read_adapter(adapter)
+        if "codec" in extra:
+            return recorded_codec(adapter, {"extra": extra}), extra.get("codec_fingerprint"), str(adapter)
+    if str(source) in hub.VARIANTS:
+        return "official", None, str(source)
+    meta = read_metadata(source, kind="transformer")
+    return recorded_codec(source, meta), meta["extra"].get("codec_fingerprint"), str(source)
+
+
 def codec_config_of(source: Union[str, os.PathLike], codec: Optional[Union[str, os.PathLike]] = "auto",
-                    config: Optional[TransformerConfig] = None) -> Optional[CodecConfig]:
+                    config: Optional[TransformerConfig] = None,
+                    adapter: Optional[Union[str, os.PathLike]] = None) -> Optional[CodecConfig]:
     """The config of the codec `load_hertz_dev(source, codec=codec)` loads, known before any weights
     load (its hop, for the scripts' prompt checks): the official codec's, the one the header of ours
     records, or None where it loads none (codec=None, or "auto" on one of our checkpoints saved
     without codec_source). The CheckpointErrors `load_hertz_dev` raises for it: a recorded codec that
     is gone, a file of another kind, a codec of another sample rate or latent size than the model's
-    (`config`: default `transformer_config_of(source)`)."""
-    if str(source) in hub.VARIANTS:
-        codec_source = "official" if codec == "auto" else codec
-    else:
-        codec_source = recorded_codec(source, read_metadata(source, kind="transformer")) if codec == "auto" else codec
-    return _codec_config(source, codec, codec_source, config or transformer_config_of(source))
+    (`config`: default `transformer_config_of(source)`); with `adapter`, as `resolved_codec`."""
+    codec_source, _, owner = resolved_codec(source, codec, adapter)
+    return _codec_config(owner, codec, codec_source, config or transformer_config_of(source))
 
 
 def _codec_config(source, codec, codec_source, cfg: TransformerConfig,
@@ -339,12 +357,14 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
     """Quantizer + LM + resynthesizer (+ codec) from an official variant (`duplex`, `mono`,
     `mono-pure-audio`; missing files are downloaded to `ckpt_dir`) or one of our transformer
     checkpoints (`.safetensors`; another file, a training state `.pt` included, is a
-    CheckpointError naming what it is and what to load instead). `codec`: "auto" (the official
-    codec for official variants, the codec recorded in our checkpoint otherwise), "official", a
-    path, or None for no codec. `verify=False` skips the content-hash and NaN/inf checks of our files
-    and of the adapter. The header's mistakes (its config, quantization, a recorded codec that is
-    gone) and a codec of another sample rate or latent size than the model's (`codec_config_of`)
-    are CheckpointErrors raised before any weights load.
+    CheckpointError naming what it is and what to load instead). `codec`: "auto" (the codec the
+    adapter records, where it records one; else the official codec for official variants, the codec
+    recorded in our checkpoint otherwise: `resolved_codec`), "official", a path, or None for no
+    codec. `verify=False` skips the content-hash and NaN/inf checks of our files and of the adapter.
+    The header's mistakes (its config, quantization, a recorded codec that is gone, or that is no
+    longer the codec whose fingerprint it records: trained further or replaced since) and a codec of
+    another sample rate or latent size than the model's (`codec_config_of`) are CheckpointErrors
+    raised before any weights load.
 
     `adapter`: a LoRA adapter file (`model/lora.py`) to apply; one trained on another base, or whose
     tensors are not those its header's rank and targets put on the base's config, is an error,
@@ -377,23 +397,21 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
         if recorded and merge:  # merge_lora refuses quantized layers: found now, not after the weights load
             raise ValueError(f"merge=True folds the adapter into float weights, and {source} holds {recorded['mode']} "
                              "weights: keep the adapter unmerged, or merge it on the float checkpoint")
-        codec_source = recorded_codec(source, meta) if codec == "auto" else codec
     else:
         cfg = official_transformer_config(str(source))
         if config is not None:
             cfg = dataclasses.replace(config, duplex=cfg.duplex)
-        codec_source = "official" if codec == "auto" else codec
+    codec_source, trained_with, owner = resolved_codec(source, codec, adapter)  # the adapter's, where it records one
     model = _meta(HertzDev, cfg)  # filled below; without adapters until load_adapter
     if adapter is not None:  # its header against the base's config: the tensors it would put on which layers
         lora.check_fit(model, adapter, adapter_cfg, tensor_specs(adapter), str(source))
-    _codec_config(source, codec, codec_source, cfg, codec_config or CODEC_HERTZ_DEV)  # its header against cfg
-    # the codec an export of ours records, as trained with: the file at that path may have been trained on
-    # (or replaced) since, and a model decoding another codec's latents makes noise without a word
+    _codec_config(owner, codec, codec_source, cfg, codec_config or CODEC_HERTZ_DEV)  # its header against cfg
+    # the codec an export (or adapter) of ours records, as trained with: the file at that path may have been
+    # trained on (or replaced) since, and a model decoding another codec's latents makes noise without a word
     recorded_codec_file = None
-    if codec == "auto" and str(source) not in hub.VARIANTS and codec_source is not None \
-            and str(codec_source) != "official" and (trained_with := meta["extra"].get("codec_fingerprint")):
+    if trained_with and codec_source is not None and str(codec_source) != "official":
         recorded_codec_file = load_codec(codec_source, "cpu", torch.float32, verify=verify)  # as it was fingerprinted
-        check_codec_fingerprint(recorded_codec_file, trained_with, str(source), str(codec_source))
+        check_codec_fingerprint(recorded_codec_file, trained_with, owner, str(codec_source))
     if str(source) in hub.VARIANTS:
         lm_name, resynth_name, _ = hub.VARIANTS[str(source)]
         # the official codec too, in the same call: the room all the missing files need is found

@@ -210,6 +210,39 @@ def test_load_hertz_dev_applies_and_merges_an_adapter(one_thread, tmp_path):
         load_hertz_dev(ckpt, codec=None, merge=True)
 
 
+def test_an_adapter_decodes_with_the_codec_its_fine_tuning_encoded_with(one_thread, tmp_path):
+    """An adapter fine-tuned with another codec_checkpoint than its base's codec learnt that codec's
+    latents (its header records it, path and fingerprint, as the trainer's export writes them); with
+    codec="auto" the base's codec decoded them, without a word. Now the adapter's codec is loaded
+    (and `codec_config_of` says so before the weights), refused by name once it was trained further."""
+    from config.codec_config import PRESETS as CODEC_PRESETS
+    from model import Codec, save_codec
+    from model.loading import codec_config_of
+    from model.latents import codec_fingerprint
+    from model.lora import lora_state_dict, write_adapter
+    from model.checkpoint import CheckpointError
+    torch.manual_seed(0)
+    base_codec, tuned_codec = build(Codec, CODEC_PRESETS["tiny"]), build(Codec, CODEC_PRESETS["tiny"])
+    base_codec_path = save_codec(tmp_path / "base-codec.safetensors", base_codec)
+    tuned_codec_path = save_codec(tmp_path / "tuned-codec.safetensors", tuned_codec)
+    ckpt = save_transformer(tmp_path / "duplex.safetensors", tiny(), base_codec_path)
+    model = load_hertz_dev(ckpt, codec=None)
+    apply_lora(model, **dataclasses.asdict(LORA))
+    adapter = tmp_path / "a.adapter.safetensors"
+    write_adapter(adapter, lora_state_dict(model), LORA, base_fingerprint(ckpt), str(ckpt),
+                  {"codec": str(tuned_codec_path), "codec_fingerprint": codec_fingerprint(tuned_codec)})
+    first = next(iter(tuned_codec.state_dict()))
+    assert torch.equal(load_hertz_dev(ckpt, adapter=adapter).codec.state_dict()[first], tuned_codec.state_dict()[first])
+    assert torch.equal(load_hertz_dev(ckpt).codec.state_dict()[first], base_codec.state_dict()[first])  # no adapter
+    explicit = load_hertz_dev(ckpt, adapter=adapter, codec=base_codec_path)  # codec= decides when given
+    assert torch.equal(explicit.codec.state_dict()[first], base_codec.state_dict()[first])
+    assert codec_config_of(ckpt, adapter=adapter) == tuned_codec.config
+    save_codec(tuned_codec_path, build(Codec, CODEC_PRESETS["tiny"]))  # trained further in place
+    with pytest.raises(CheckpointError, match=re.escape(f"{adapter} was trained on the latents of codec "
+                                                        f"{codec_fingerprint(tuned_codec)}, and the codec it records")):
+        load_hertz_dev(ckpt, adapter=adapter)
+
+
 def test_an_adapter_of_another_base_is_refused_naming_both(tmp_path):
     a = save_transformer(tmp_path / "a.safetensors", tiny(seed=0))
     b = save_transformer(tmp_path / "b.safetensors", tiny(seed=1))
