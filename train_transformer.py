@@ -50,7 +50,7 @@ from model.checkpoint import CheckpointError, read_metadata
 from model.data import StopSafeLoader, shared_with_training, workers_stopped
 from model.files import physical_memory
 from model.generator import completion_problem, completion_steps
-from model.loading import codec_config_fitting, official_transformer_config, write_transformer
+from model.loading import codec_config_fitting, official_transformer_config, recorded_codec_path, write_transformer
 from model.latents import LatentCrops, StepSampler, codec_fingerprint, prepare_latents, sample_posterior, scan_corpus
 from model.objectives import STAGE_LOSSES, STAGES, compute_losses, peak_flops, through_cache, train_flops_per_latent
 from model.parallel import (compile_blocks, full_state_dicts, gradient_sync, inner, load_full_state_dicts,
@@ -532,12 +532,6 @@ def save(step: int, metric: float | None, model: HertzDev, optimizer: torch.opti
     export = finetune.export_adapter if lora else export_state
     checkpoints.save(step, training_state, metric, export=lambda tmp: export(training_state, tmp),
                      validation=validation)
-
-
-def recorded_codec_path(codec_checkpoint: str) -> str:
-    """What a state and its export record as their codec: "official", or the codec file's absolute path,
-    so the export finds it when loaded from another working folder."""
-    return codec_checkpoint if codec_checkpoint == "official" else os.path.abspath(codec_checkpoint)
 
 
 def export_state(saved: dict, tmp: str) -> None:

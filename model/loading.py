@@ -257,6 +257,12 @@ def recorded_codec(path, meta: dict) -> Optional[str]:
     return value
 
 
+def recorded_codec_path(codec_source: Union[str, os.PathLike]) -> str:
+    """What a model file (or a training state) records as its codec: "official", or the codec file's
+    absolute path, so the file finds it when loaded from another working folder."""
+    return "official" if str(codec_source) == "official" else os.path.abspath(codec_source)
+
+
 def resolved_codec(source: Union[str, os.PathLike], codec: Optional[Union[str, os.PathLike]] = "auto",
                    adapter: Optional[Union[str, os.PathLike]] = None) -> tuple[Optional[str], Optional[str], str]:
     """The codec `load_hertz_dev(source, codec=codec, adapter=adapter)` decodes with, from the
@@ -455,8 +461,7 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
             for m in lora.adapted(model).values():
                 m.lora_A.data, m.lora_B.data = m.lora_A.data.to(dtype), m.lora_B.data.to(dtype)
     # which codec this is, for save_transformer(codec_source="auto") (a quantized copy decodes with it too)
-    model.codec_source = None if codec_source is None else (
-        "official" if str(codec_source) == "official" else os.path.abspath(codec_source))
+    model.codec_source = None if codec_source is None else recorded_codec_path(codec_source)
     model.codec_fingerprint = trained_with if recorded_codec_file is not None else None
     return model.eval().requires_grad_(False)
 
@@ -503,11 +508,10 @@ def save_transformer(path: Union[str, os.PathLike], model: HertzDev, codec_sourc
                                                             if isinstance(codec_source, Codec) else ""))
     if codec_source is not None and str(codec_source) != "official":  # found now, not when the model is loaded
         read_metadata(_existing(codec_source, '"official", "auto"'), kind="codec")
-        codec_source = os.path.abspath(codec_source)
+    codec_source = None if codec_source is None else recorded_codec_path(codec_source)
     if layers := lora.adapted(model):  # their lora_A/lora_B would be written as weights no loader takes
         raise ValueError(f"model holds LoRA adapters on {len(layers)} layers ({listed(list(layers))}): merge them "
                          "first (lora.merge_lora(model), or load_hertz_dev(..., adapter=, merge=True)) for an ordinary "
                          "checkpoint, or save the adapters alone with lora.save_adapter")
-    codec_source = None if codec_source is None else str(codec_source)
     return atomic_write(path, lambda tmp: write_transformer(tmp, model, codec_source, extra, label=str(path)))
 
