@@ -149,7 +149,7 @@ def main(argv=None) -> dict:
                     generator.load_state_dict(raw)
                     raw_metrics, _ = evaluate(generator, val_loader, mel_loss, cfg, have, dnsmos, samples=False)
                     rows.append((f"{source} (training weights)", raw_metrics))
-                    metrics.update({k.replace("val/", "val_raw/", 1): v for k, v in raw_metrics.items()})
+                    metrics.update(as_val_raw(raw_metrics))
                 elif cfg.val_raw:
                     say(f"note: val_raw=true: {source} holds one set of weights (no weight average), scored above")
                 print_table(rows, len(val_loader.dataset))
@@ -250,7 +250,7 @@ def main(argv=None) -> dict:
                         metrics, pairs = evaluate(generator, val_loader, mel_loss, cfg, have, dnsmos)
                     if average and cfg.val_raw:  # the training weights too, for comparison
                         trained, _ = evaluate(generator, val_loader, mel_loss, cfg, have, dnsmos, samples=False)
-                        metrics.update({k.replace("val/", "val_raw/", 1): v for k, v in trained.items()})
+                        metrics.update(as_val_raw(trained))
                     logger.log({**metrics, **log_samples(run_dir, pairs, cfg.sample_rate, logger, have.plots)}, step)
                     say(f"step {step}: {summary(metrics)}")
                 if due.save:
@@ -467,6 +467,11 @@ def evaluate(generator: nn.Module, val_loader: DataLoader, mel_loss: MultiResolu
     if dnsmos is not None:
         metrics["val/dnsmos"] = nanmean(moses)
     return metrics, pairs
+
+
+def as_val_raw(metrics: dict) -> dict:
+    """An evaluation of the training weights, named as logged beside a weight average's: val_raw/..."""
+    return {k.replace("val/", "val_raw/", 1): v for k, v in metrics.items()}
 
 
 def summary(metrics: dict, prefix: str = "val") -> str:
