@@ -276,6 +276,10 @@ def _quantization(path: Path, meta: dict) -> Optional[dict]:
     if recorded.get("mode") not in MODES or not isinstance(recorded.get("layers"), dict):
         raise CheckpointError(f"{path}: its header records an unknown quantization {recorded.get('mode')!r} "
                               f"(expected one of {', '.join(MODES)} with its layers); re-export it")
+    if meta.get("kind") == "transformer" and (stray := [p for p in recorded["layers"]
+                                                         if str(p).split(".", 1)[0] not in ("quantizer", "lm", "resynth")]):
+        raise CheckpointError(f"{path}: its header records quantized layers outside the quantizer, LM and "
+                              f"resynthesizer ({listed(stray)}); re-export it")
     if recorded["mode"] != (layers := mode_of(recorded["layers"])):
         raise CheckpointError(f"{path}: its header records {recorded['mode']} quantization, but "
                               + (f"its layers are {layers}" if layers else "no quantized layer") + "; re-export it")

@@ -27,7 +27,8 @@ from .checkpoint import (CheckpointError, atomic_write, config_from, listed, rea
                          tensor_specs, write_weights)
 from .codec import Codec
 from .lm import LatentLM
-from .quant import MODES, apply_plan, bad_scales, pack_int4, quantization_of, quantization_plan, quantize_state
+from .quant import (MODES, apply_plan, bad_scales, pack_int4, quantization_of, quantization_plan, quantize_state,
+                    zero_underflowed_rows)
 from .quantizer import LatentQuantizer
 from .resynth import Resynthesizer
 
@@ -141,7 +142,7 @@ def _fill(module: nn.Module, state: dict, device, dtype, what: str) -> nn.Module
     # not at the end.
     state.clear()
     init_buffers(module)
-    return pack_int4(module.to(device=device, dtype=dtype)).eval().requires_grad_(False)
+    return pack_int4(zero_underflowed_rows(module.to(device=device, dtype=dtype))).eval().requires_grad_(False)
 
 
 def build(cls, cfg, device="cpu", dtype=torch.float32, init: bool = True) -> nn.Module:
@@ -446,8 +447,8 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
                                   "noise: re-export it from the float model (verify=False / --no-verify loads it anyway)")
         for part in ("quantizer", "lm", "resynth"):
             module, sub = getattr(model, part), substate(state, part)
-            if not recorded:
-                sub = _quantized(module, sub, quantize, device, dtype, part)
+            # a file quantized in part (quantize_model on the LM alone, say): quantize= quantizes the rest
+            sub = _quantized(module, sub, quantize, device, dtype, part, _group_size(recorded, part))
             _fill(module, sub, device, dtype, f"{source} ({part})")
     if recorded_codec_file is not None:
         model.codec = recorded_codec_file.to(device, dtype)
@@ -473,17 +474,32 @@ def write_transformer(path: Union[str, os.PathLike], model: HertzDev, codec_sour
     state = {}
     for part in ("quantizer", "lm", "resynth"):
         state.update({f"{part}.{k}": v for k, v in getattr(model, part).state_dict().items()})
+    quantization = quantization_of(model)
+    if quantization and (bad := bad_scales(state, quantization["layers"])):  # no loader would take them
+        raise ValueError(f"{len(bad)} quantized layers hold scales no quantization makes (negative, or zero for "
+                         f"weights that are not: {listed(bad)}), as a cast to float16 leaves a scale below its range: "
+                         "model.quant.zero_underflowed_rows(model) makes those rows zeros; nothing was written")
     write_weights(path, state, "transformer", model.config, {**(extra or {}), "codec": codec_source}, label,
-                  quantization_of(model))
+                  quantization)
 
 
-def _quantized(module: nn.Module, state: dict, quantize: Optional[str], device, dtype, part: str) -> dict:
-    """With `quantize`, turn the meta-built `module` (the model's `part`)'s Linears into empty
+def _group_size(recorded: Optional[dict], part: str) -> int:
+    """The int4 group size of a checkpoint's recorded quantization, for the float layers quantize=
+    quantizes beside it: the part's own int4 layers', else any int4 layer's, else 128."""
+    layers = (recorded or {}).get("layers", {})
+    specs = [s for p, s in layers.items() if p.startswith(part + ".")] + list(layers.values())
+    return next((int(s.split("/")[1]) for s in specs if str(s).startswith("int4/")), 128)
+
+
+def _quantized(module: nn.Module, state: dict, quantize: Optional[str], device, dtype, part: str,
+               group_size: int = 128) -> dict:
+    """With `quantize`, turn the meta-built `module` (the model's `part`)'s float Linears into empty
     quantized layers and return `state` with their weights quantized on `device` (layer by layer),
-    the scales in the model's `dtype`; else `state`."""
+    the scales in the model's `dtype`; else `state`. Layers already quantized (a checkpoint that
+    records them) stay as they are."""
     if quantize is None:
         return state
-    plan = quantization_plan(module, quantize)
+    plan = quantization_plan(module, quantize, group_size)
     apply_plan(module, plan, quantize=False)
     return quantize_state(state, plan, device, dtype, f"{part}.")
 
@@ -510,8 +526,10 @@ def save_transformer(path: Union[str, os.PathLike], model: HertzDev, codec_sourc
         read_metadata(_existing(codec_source, '"official", "auto"'), kind="codec")
     codec_source = None if codec_source is None else recorded_codec_path(codec_source)
     if layers := lora.adapted(model):  # their lora_A/lora_B would be written as weights no loader takes
-        raise ValueError(f"model holds LoRA adapters on {len(layers)} layers ({listed(list(layers))}): merge them "
-                         "first (lora.merge_lora(model), or load_hertz_dev(..., adapter=, merge=True)) for an ordinary "
-                         "checkpoint, or save the adapters alone with lora.save_adapter")
+        raise ValueError(f"model holds LoRA adapters on {len(layers)} layers ({listed(list(layers))}): " + (
+            "a quantized base cannot take them merged: save the adapters alone with lora.save_adapter (or merge them "
+            "into the float base: load_hertz_dev(FLOAT_BASE, adapter=, merge=True))" if quantization_of(model) else
+            "merge them first (lora.merge_lora(model), or load_hertz_dev(..., adapter=, merge=True)) for an ordinary "
+            "checkpoint, or save the adapters alone with lora.save_adapter"))
     return atomic_write(path, lambda tmp: write_transformer(tmp, model, codec_source, extra, label=str(path)))
 

@@ -314,7 +314,9 @@ def check_adapter(path: Union[str, os.PathLike], expected_fingerprint: str, sour
     if found != expected_fingerprint:
         raise AdapterError(
             f"adapter {path} belongs to another base: it was trained on {extra.get('base_source') or 'a base'} "
-            f"({found}), this model is {source or 'a base'} ({expected_fingerprint})")
+            f"({found}), this model is {source or 'a base'} ({expected_fingerprint}); load it on the base it was "
+            "trained on (load_hertz_dev(BASE, quantize=..., adapter=...) quantizes that base as it loads, for an "
+            "adapter trained on the float base)")
     return cfg
 
 

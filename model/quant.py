@@ -247,7 +247,10 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if _triton_ok(x):
             return _on_kernel(self, x, _kernels().int8_linear, self.qweight, self.scale)
-        y = F.linear(x, self.qweight.to(x.dtype)) * self.scale.to(x.dtype)
+        if x.dtype == torch.float16:  # x @ q reaches 127 / scale times the output: past float16's range
+            y = F.linear(x, self.dequantize(x.dtype))
+        else:
+            y = F.linear(x, self.qweight.to(x.dtype)) * self.scale.to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -385,8 +388,11 @@ def quantization_plan(module: nn.Module, mode: str, group_size: int = 128) -> di
 
     if mode not in MODES:
         raise ValueError(f"quantize must be one of {', '.join(MODES)}, not {mode!r}")
-    if group_size not in GROUP_SIZES:
-        raise ValueError(f"int4 group size must be one of {GROUP_SIZES}, not {group_size}")
+    if type(group_size) is not int or group_size not in GROUP_SIZES:  # 128.0 == 128 would pass, then fail later
+        raise ValueError(f"int4 group size must be one of {GROUP_SIZES}, not {group_size!r}")
+    if type(module) is nn.Linear or isinstance(module, QUANTIZED):
+        raise ValueError(f"a bare {type(module).__name__} cannot be quantized in place (it would have to replace "
+                         "itself): quantize the module that holds it")
     skip, int8_only = set(), set()
     for m in module.modules():
         if isinstance(m, Codec):
@@ -425,11 +431,17 @@ def _set(module: nn.Module, path: str, layer: nn.Module) -> None:
 def apply_plan(module: nn.Module, plan: Mapping[str, str], quantize: bool = True) -> nn.Module:
     """Replace each `nn.Linear` named in `plan` by its quantized layer, in place. With `quantize`
     (and weights not on `meta`) the layer's weights are quantized; otherwise the layer is left
-    empty, to be filled by `load_state_dict` (a model built on `meta` for loading)."""
+    empty, to be filled by `load_state_dict` (a model built on `meta` for loading). A ValueError
+    naming the layers when one is not an `nn.Linear`, or (`quantize`) holds NaN or inf: nothing
+    is changed then."""
+    layers = {path: module.get_submodule(path) if path else None for path in plan}
+    if wrong := [f"{p or '(the module itself)'} ({type(m).__name__})" for p, m in layers.items() if type(m) is not nn.Linear]:
+        raise ValueError(f"{len(wrong)} layers of the plan are not nn.Linear layers to quantize: {', '.join(wrong[:4])}")
+    if quantize and (bad := [p for p, m in layers.items() if not m.weight.is_meta and not bool(torch.isfinite(m.weight).all())]):
+        raise ValueError(f"{len(bad)} layers hold NaN or inf weights ({', '.join(bad[:4])}"
+                         + (", ..." if len(bad) > 4 else "") + "): quantize a model of finite weights; nothing was changed")
     for path, spec in plan.items():
-        lin = module.get_submodule(path)
-        if type(lin) is not nn.Linear:
-            raise ValueError(f"{path} is a {type(lin).__name__}, not an nn.Linear to quantize as {spec}")
+        lin = layers[path]
         w = lin.weight
         layer = make_layer(spec, lin.in_features, lin.out_features, lin.bias is not None, w.device, w.dtype)
         if quantize and not w.is_meta:
@@ -457,6 +469,17 @@ def pack_int4(module: nn.Module) -> nn.Module:
     for m in module.modules():
         if isinstance(m, Int4Linear):
             m.pack()
+    return module
+
+
+def zero_underflowed_rows(module: nn.Module) -> nn.Module:
+    """Each `Int8Linear` row of `module` whose scale is 0 made a row of zeros (what `quantize_int8`
+    makes of it): a scale quantized in float32 rounds to 0 when the model is cast to float16 for a
+    row of weights below ~1e-5, and +-127 against a zero scale is what no file may hold
+    (`bad_scales`). Returns `module`."""
+    for m in module.modules():
+        if isinstance(m, Int8Linear) and not m.qweight.is_meta:
+            m.qweight.masked_fill_((m.scale == 0)[:, None], 0)
     return module
 
 

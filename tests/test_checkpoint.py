@@ -357,10 +357,14 @@ def edited(key, value):
     ("quantization", '{"mode": "int4", "layers": {"lm.input": "int8"}}',
      "its header records int4 quantization, but its layers are int8; re-export it"),
     ("quantization", '{"mode": "int8", "layers": {}}', "its header records int8 quantization, but no quantized layer"),
+    # a path outside the three parts was dropped unread, while it set the mode (int4 over int8 layers)
+    ("quantization", '{"mode": "int4", "layers": {"lm.input": "int8", "codec.decoder.0": "int4/128"}}',
+     "its header records quantized layers outside the quantizer, LM and resynthesizer (codec.decoder.0)"),
     # nested past the JSON parser's recursion: a RecursionError traceback
     ("config", "[" * 100_000 + "]" * 100_000, "the 'config' field of its header is not a JSON object"),
 ], ids=["config-json", "config-missing", "config-type", "extra-list", "mode", "layer-spec", "layer-path",
-        "layer-spec-not-text", "mode-of-other-layers", "mode-without-layers", "config-nested-too-deep"])
+        "layer-spec-not-text", "mode-of-other-layers", "mode-without-layers", "layer-outside-the-parts",
+        "config-nested-too-deep"])
 def test_a_damaged_header_is_one_error_naming_the_file_and_field(tmp_path, monkeypatch, key, value, message):
     """Header fields that are not JSON, missing, of the wrong type, or a quantization this code does
     not know: a CheckpointError naming the file and the field, before any weights are read. They

@@ -295,10 +295,79 @@ def test_quantizing_weights_that_hold_nan_is_an_error_naming_the_layer(mode, tmp
     message = (f"{layer}: quantized as {'int8' if mode == 'int8' else 'int4/128'}, its "
                f"{'scales' if mode == 'int8' else 'scales or zero points'} would be NaN or inf (its weights hold NaN "
                "or inf): quantize a model of finite weights")
-    with pytest.raises(ValueError, match=re.escape(message)):
+    with pytest.raises(ValueError, match=re.escape(f"1 layers hold NaN or inf weights ({layer}): quantize a model "
+                                                   "of finite weights; nothing was changed")):
         quantize_model(model, mode)
+    assert quantization_of(model) is None  # found before any layer was swapped: the float model is intact
     with pytest.raises(ValueError, match=re.escape(message)):
         load_hertz_dev("duplex", quantize=mode, ckpt_dir=folder, offline=True, codec=None, config=CFG)
+
+
+@torch.no_grad()
+def test_quantize_model_arguments_it_cannot_honour_change_nothing():
+    """A bare nn.Linear (quantize_model stored its int8 layer under an attribute named '' and
+    returned the float layer; the file saved then loaded nowhere) and a group size of 128.0 (it
+    passed the check, then failed at the first int4 layer with seven layers already swapped): both
+    now a ValueError before anything changes."""
+    m = float_model()
+    layer = m.lm.layers[0].attn.attn.proj_qkv
+    with pytest.raises(ValueError, match="a bare Linear cannot be quantized in place .*quantize the module that holds it"):
+        quantize_model(layer, "int8")
+    assert dict(layer.named_children()) == {}
+    with pytest.raises(ValueError, match=r"int4 group size must be one of \(32, 64, 128, 256\), not 128\.0"):
+        quantize_model(m, "int4", group_size=128.0)
+    assert quantization_of(m) is None
+
+
+@torch.no_grad()
+def test_a_file_quantized_in_part_is_quantized_whole_when_asked(tmp_path, one_thread):
+    """An export of a model whose LM alone was quantized (quantize_model on a part, as documented)
+    loaded with quantize="int8" kept the quantizer and resynthesizer float, without a word, while
+    complete.py said "int8 weights"; now quantize= quantizes the float layers beside the recorded
+    ones, as quantizing the float file would, and without it the file loads as it was saved."""
+    m = float_model()
+    quantize_model(m.lm, "int8")
+    path = save_transformer(tmp_path / "lm-int8.safetensors", m)
+    kinds = lambda model: {part: sorted({type(x).__name__ for x in getattr(model, part).modules()
+                                         if isinstance(x, (torch.nn.Linear, Int8Linear, Int4Linear))})
+                           for part in ("quantizer", "lm", "resynth")}
+    assert kinds(load_hertz_dev(path, codec=None)) == {"quantizer": ["Linear"], "lm": ["Int8Linear"],
+                                                        "resynth": ["Linear"]}
+    whole = load_hertz_dev(path, codec=None, quantize="int8")
+    assert set(map(tuple, kinds(whole).values())) == {("Int8Linear",)}
+    want = quantize_model(float_model(), "int8")  # the same float weights quantized at once
+    got_state, want_state = whole.state_dict(), want.state_dict()
+    assert got_state.keys() == want_state.keys() and all(torch.equal(got_state[k], want_state[k]) for k in want_state)
+
+
+@torch.no_grad()
+def test_int8_layers_in_float16_on_the_cpu_do_not_overflow_and_cast_scales_save(tmp_path, one_thread):
+    """Two float16 cases: x @ q before the scale reached 127 / scale times each output, inf past
+    ~516 times a row's largest weight (the float16 model gave ~100 where the int8 layer gave inf);
+    and a row of tiny weights quantized in float32, loaded in float16, kept +-127 against a scale
+    rounded to 0, so its re-export was refused when loaded. Both now as quantize_int8 does in float16."""
+    from model.quant import bad_scales
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 8, bias=False)
+    x = torch.randn(1, 256) * 30
+    q = quantize_model(torch.nn.Sequential(lin), "int8")[0]
+    got = q.half()(x.half())
+    assert torch.isfinite(got).all() and rel_err(got.float(), x @ q.dequantize(torch.float32).T) < 0.01
+
+    m = float_model()
+    m.lm.layers[0].attn.attn.proj_qkv.weight[3] *= 1e-7  # a dead row: its scale underflows in float16
+    path = save_transformer(tmp_path / "f32-int8.safetensors", quantize_model(m, "int8"))
+    half = load_hertz_dev(path, codec=None, dtype=torch.float16)
+    layer = half.lm.layers[0].attn.attn.proj_qkv
+    assert layer.scale[3] == 0 and not layer.qweight[3].any()
+    again = save_transformer(tmp_path / "f16-int8.safetensors", half)
+    assert quantization_of(load_hertz_dev(again, codec=None, dtype=torch.float16)) == quantization_of(half)
+    layer.qweight[3] = 5  # as a cast without the mending would leave it: refused when saving, named
+    assert bad_scales(half.state_dict(), {"lm.layers.0.attn.attn.proj_qkv": "int8"}) == ["lm.layers.0.attn.attn.proj_qkv"]
+    with pytest.raises(ValueError, match=r"1 quantized layers hold scales no quantization makes .*lm\.layers\.0\.attn\."
+                                         r"attn\.proj_qkv.*nothing was written"):
+        save_transformer(tmp_path / "bad.safetensors", half)
+    assert not (tmp_path / "bad.safetensors").exists()
 
 
 def test_unknown_quantize_mode_is_refused_before_loading(tmp_path):
