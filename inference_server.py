@@ -176,21 +176,23 @@ class EngineWorker:
         return fut
 
     def open_row(self, row: int, params, seed: int, prompt=None) -> asyncio.Future:
-        """Reset `row` for a new session (queued now: the future resolves once it has run)."""
+        """Reset `row` for a new session (queued now: the future resolves once it has run, to the
+        model's audio of the frame the session continues from, `_engine_reset`)."""
         return self.call(_engine_reset, row, params, seed, prompt)
 
     def restart_row(self, row: int, params, seed: int, prompt=None) -> asyncio.Future:
         """Reset `row` mid-session (a client's `reset`) and drop the chunks it still has queued,
         on the engine thread, so that none of them is stepped after the reset: the prompt's
         playback answers the chunks sent after it at once, and replies go out in order. The future
-        resolves to (the chunks dropped, the drops before them not yet reported)."""
+        resolves to (the chunks dropped, the drops before them not yet reported, the model's audio
+        of the frame the session continues from)."""
         def restart(engine):
-            _engine_reset(engine, row, params, seed, prompt)
+            pending = _engine_reset(engine, row, params, seed, prompt)
             with self.cond:
                 queued, unreported = list(self.inbox[row]), self.dropped[row]
                 self.inbox[row].clear()
                 self.dropped[row] = 0
-            return queued, unreported
+            return queued, unreported, pending
         return self.call(restart)
 
     def release_row(self, row: int) -> None:
@@ -289,9 +291,12 @@ class EngineWorker:
 
 
 # The engine API, used only through these (one place to change if it does).
-def _engine_reset(engine, row, params, seed, prompt):
+def _engine_reset(engine, row, params, seed, prompt) -> np.ndarray:
+    """The row reset; returns the model's audio of the frame the session continues from (int16
+    PCM), which a recording puts beside the user's first chunk."""
     import torch
-    engine.reset(row, params, seed=seed, prompt=None if prompt is None else torch.from_numpy(prompt))
+    pending = engine.reset(row, params, seed=seed, prompt=None if prompt is None else torch.from_numpy(prompt))
+    return float_to_pcm(pending.numpy()) if pending is not None else np.zeros(CHUNK, dtype="<i2")
 
 
 def _engine_step(engine, chunks, active):
@@ -504,7 +509,7 @@ class Session:
         self.close_code: Optional[tuple[int, str]] = None
         self.replay_left = len(server.replay)
         self.counts = collections.Counter()
-        self.model_prev = np.zeros(CHUNK, dtype="<i2")  # the model's audio of the current frame
+        self.model_prev = np.zeros(CHUNK, dtype="<i2")  # the model's audio of the current frame (set at the reset)
         self.recorder: Optional[Recorder] = None
         self.last_audio = time.monotonic()
         lim = server.limits  # this session's token buckets (`Limits`)
@@ -703,10 +708,11 @@ class Session:
                 raise ProtocolError("bad_message", f"reset takes only an optional seed, got {sorted(body)}")
             seed = self.server.seed_from(body.get("seed"))
             # The chunks still queued from before are dropped: the conversation starts afresh.
-            queued, unreported = await self.server.worker.restart_row(self.row, self.params, seed, self.server.prompt)
+            queued, unreported, pending = await self.server.worker.restart_row(self.row, self.params, seed,
+                                                                                self.server.prompt)
             self.seed = seed
             self.replay_left = len(self.server.replay)
-            self.model_prev = np.zeros(CHUNK, dtype="<i2")
+            self.model_prev = pending
             self.counts["dropped_in"] += len(queued)
             self.server.counts["dropped_in"] += len(queued)
             if any(c.fmt == "binary" for c in queued):  # before the replies to the chunks after it
@@ -921,6 +927,7 @@ class Server:
             reader.cancel()
             return await close_quietly(ws, CLOSE_INTERNAL,
                                        f"could not start a session: {type(opened.exception()).__name__}")
+        session.model_prev = opened.result()  # the model's audio of the frame its first reply follows
         self.sessions[session.id] = session
         self.counts["sessions_total"] += 1
         session.last_audio = max(session.last_audio, time.monotonic())  # the idle clock starts now, not at connecting

@@ -20,7 +20,8 @@ from torch import Tensor
 from .codec import Codec
 from .cuda_graphs import StepKey
 from .decode import Engine, decode_step, draw_noise, prompt_prefill, slide
-from .generator import as_prompt
+from .generator import as_params, as_prompt
+from .protocol import seed_problem
 from .sampling import SamplingParams
 from .stream_codec import StreamCodec, encode_frames
 
@@ -115,9 +116,15 @@ class LiveEngine(Engine):
 
     @torch.no_grad()
     def reset(self, row: int, params: SamplingParams = SamplingParams(), seed: Optional[int] = None,
-              prompt: Optional[Tensor] = None, prompt_latents: Optional[Tensor] = None) -> None:
+              prompt: Optional[Tensor] = None, prompt_latents: Optional[Tensor] = None) -> Tensor:
         """Start a session in slot `row`: position 0, fresh codec streams, `params`, and `seed`
-        (None: a fresh random one). Other rows are not disturbed.
+        (None: a fresh random one). Other rows are not disturbed. Returns the model's audio of
+        the frame the session continues from, (2000,) float32 on the CPU: the decoder's output for
+        the pending latent (the silence latent without a prompt; after a prompt, the frame the
+        prompt predicted), which the decoder stream runs through, so the replies that follow it
+        are the whole decode of the model channel's latents. It is not a reply: the first `step`
+        answers with the frame after it (a recording of the conversation puts it beside the user's
+        first chunk).
 
         Warm start, from `prompt` (2, N) audio at 16 kHz, [user, model] channels, N cut to whole
         2000-sample chunks: the prompt is encoded (priming the row's encoder and decoder streams),
@@ -130,7 +137,9 @@ class LiveEngine(Engine):
         row held before, even non-finite values. The arguments are checked before the row is
         touched: a ValueError or IndexError leaves it as it was."""
         self._check_row(row)
-        params.validate()
+        as_params(params, 1)[0].validate()  # a dict: a TypeError naming params, as the Generator's
+        if seed is not None and (problem := seed_problem(seed)):  # 1.9 or "12" were taken as 1 and 12
+            raise (ValueError if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) else TypeError)(problem)
         if prompt is not None and prompt_latents is not None:
             raise ValueError("give prompt audio or prompt latents, not both")
         st, hop, Z = self.state, self.chunk, self.m.shape[-1]
@@ -151,8 +160,6 @@ class LiveEngine(Engine):
                 raise ValueError(f"prompt latents must be (T, {2 * Z}) with 1 <= T <= {st.max_len}, "
                                  f"got {tuple(frames.shape)}")
         seed = int(torch.randint(0, 2 ** 62, ()).item()) if seed is None else int(seed)
-        if not 0 <= seed < 2 ** 63:
-            raise ValueError(f"seed must be in [0, 2**63), got {seed}")
         if prompt is not None:  # before the row is touched: latents the model cannot take are a ValueError
             frames = encode_frames(self.model.codec, prompt[None], self.encode, st.seed.new_tensor([seed]))[0]  # (T, 2 Z)
         view = st.row(row)
@@ -165,16 +172,19 @@ class LiveEngine(Engine):
         self.occupied[row] = True
         if prompt is None and prompt_latents is None:
             self.m[row] = self.silence
-            return
-        x = prompt_prefill(self.model, view, frames)
-        nxt, _ = decode_step(self.model, view, x, self.graphs.key(frames.shape[0], True).window)
-        view.host_pos += 1
-        self.m[row] = nxt[:, None, Z:][0]
-        # Prime the row's codec streams: the encoder with the user channel, the decoder with the
-        # model channel, so the next chunks continue the prompt's signals.
-        if prompt is not None:
-            self.codec.encode(prompt[:1], self.enc.row(row))
-        self.codec.decode(frames[None, :, Z:], self.dec.row(row))
+        else:
+            x = prompt_prefill(self.model, view, frames)
+            nxt, _ = decode_step(self.model, view, x, self.graphs.key(frames.shape[0], True).window)
+            view.host_pos += 1
+            self.m[row] = nxt[:, None, Z:][0]
+            # Prime the row's codec streams: the encoder with the user channel, the decoder with the
+            # model channel, so the next chunks continue the prompt's signals.
+            if prompt is not None:
+                self.codec.encode(prompt[:1], self.enc.row(row))
+            self.codec.decode(frames[None, :, Z:], self.dec.row(row))
+        # ... and with the pending frame: the first step decodes the frame after it, which without
+        # this followed the prompt's last frame (or nothing) with a frame's gap in the decoder's input
+        return self.codec.decode(self.m[row:row + 1], self.dec.row(row)).float()[0].cpu()
 
     def release(self, row: int) -> None:
         """Free slot `row`; it is not stepped until the next `reset`."""
@@ -184,6 +194,8 @@ class LiveEngine(Engine):
         self.state.pos[row] = 0
 
     def _check_row(self, row: int) -> None:
+        if isinstance(row, bool) or not isinstance(row, (int, np.integer)):  # True was row 1
+            raise TypeError(f"row must be an int, a slot of this engine (0..{self.max_sessions - 1}), got {row!r}")
         if not 0 <= row < self.max_sessions:
             raise IndexError(f"row {row} is not a slot of this engine (0..{self.max_sessions - 1})")
 
@@ -191,6 +203,7 @@ class LiveEngine(Engine):
         """Change a session's sampling parameters (effective from the next step); ValueError
         (row unchanged) for values outside their ranges."""
         self._check_row(row)
+        params = as_params(params, 1)[0]
         self.state.params.set(row, params)  # validated there, before the row is written
         self._top_p[row] = params.top_p < 1
 
@@ -199,12 +212,20 @@ class LiveEngine(Engine):
         """user_chunks (B, 2000) float audio in [-1, 1] (a numpy array or tensor; rows of free or
         inactive slots are ignored) -> (B, 2000) float32 CPU tensor of model audio (zeros for
         rows not stepped). `active` (B,) bool: the occupied rows to advance (default: all).
-        Blocks until the step's audio is on the host."""
+        Blocks until the step's audio is on the host. Chunks that are not float audio (int16 PCM),
+        or that hold NaN or inf or peak far beyond full scale, are a TypeError or ValueError before
+        any row moves: one such sample would leave its session's codec stream and history
+        non-finite, and its replies NaN, until a reset."""
         st, B = self.state, self.max_sessions
-        chunks = torch.as_tensor(user_chunks, dtype=torch.float32)
+        chunks = as_prompt(user_chunks, "user_chunks", f"({B}, {self.chunk}) float audio", audio=True).float()
         if chunks.shape != (B, self.chunk):
             raise ValueError(f"user_chunks must be ({B}, {self.chunk}), got {tuple(chunks.shape)}")
-        run = self.occupied.copy() if active is None else (self.occupied & np.asarray(active, dtype=bool))
+        if active is not None:  # [1] (meant: row 1) broadcast to every row
+            mask = np.asarray(active)
+            if mask.dtype != bool or mask.shape != (B,):
+                raise ValueError(f"active must be a ({B},) bool mask of the rows to step, got "
+                                 f"{mask.dtype} {tuple(mask.shape)}")
+        run = self.occupied.copy() if active is None else (self.occupied & mask)
         # Slide every occupied row at the end of its context, paused ones too: the attention window
         # covers all occupied rows, and a slide is what a paused row's own next step would do first.
         for r in np.flatnonzero(self.occupied & (st.host_pos >= st.max_len)):

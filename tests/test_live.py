@@ -155,6 +155,31 @@ def test_context_overflow_slides_the_row_only(model):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("prompted", [False, True], ids=["no-prompt", "prompt"])
+def test_replies_are_the_whole_decode_of_the_model_channel(model, prompted):
+    """The model's audio, streamed reply by reply, equals the codec's decode of the model channel's
+    latents in one piece: the prompt's frames, the frame the reset left pending (its audio is what
+    reset returns), then each step's. The pending latent never went through the decoder stream, so
+    after every reset the decoder went from the prompt's last frame (or nothing) straight to the
+    frame after the pending one, and for about 2 s (its receptive field) the replies differed
+    from the decode of the same latents."""
+    from model.stream_codec import decode_frames
+    Z = PRESETS["tiny"].latent_dim
+    e = LiveEngine(model, max_sessions=2)
+    e.reset(1, seed=4, prompt=PROMPTS[0])  # another session beside it
+    pending = e.reset(0, seed=3, prompt=PROMPTS[2] if prompted else None)
+    t0 = int(e.positions[0])
+    replies = torch.cat([e.step(u)[0] for u in signal(20, 2, 9)])
+    frames = torch.cat([e.state.hist[0, :int(e.positions[0])], torch.cat([torch.zeros(1, Z), e.m[0]], -1)])
+    whole = decode_frames(model.codec, frames[None], 2)[0, 1]  # the model channel, decoded whole
+    if not prompted:  # the silence latent the session starts from
+        assert torch.equal(frames[0, Z:], e.silence[0])
+    assert pending.shape == (2000,) and pending.dtype == torch.float32
+    assert (pending - whole[2000 * t0:2000 * (t0 + 1)]).abs().max() <= TOL
+    assert (replies - whole[2000 * (t0 + 1):]).abs().max() <= TOL * max(1.0, float(whole.abs().max()))
+
+
+@torch.no_grad()
 def test_codec_implementations_agree(model):
     """The live step with the matrix-product streaming codec equals the one with the module codec."""
     user = signal(6, 2, 5)
@@ -189,6 +214,35 @@ def test_bad_arguments(model):
     e.reset(0, prompt=PROMPTS[2].numpy())  # float numpy audio is taken as the tensor is
     with pytest.raises(ValueError):
         e.set_params(0, SamplingParams(gaussian_temp=float("nan")))
+    # a dict of parameters, a seed that is not an int in range, a row that is a bool: named, as the
+    # Generator names them (a dict was an AttributeError, 1.9 and "12" were seeds 1 and 12, True row 1)
+    for call, error, message in ((lambda: e.reset(0, {"token_temp": 0.5}), TypeError, r"SamplingParams\(\*\*params\)"),
+                                 (lambda: e.set_params(0, {"token_temp": 0.5}), TypeError, "params must be"),
+                                 (lambda: e.reset(0, seed=1.9), TypeError, "seed must be an int"),
+                                 (lambda: e.reset(0, seed="12"), TypeError, "seed must be an int"),
+                                 (lambda: e.reset(0, seed=-1), ValueError, "seed must be an int in"),
+                                 (lambda: e.reset(True), TypeError, "row must be an int")):
+        with pytest.raises(error, match=message):
+            call()
+    # user chunks: NaN, inf, int16 PCM as such or made float without / 32768 left the session NaN
+    # until a reset, without a word; and an index list as `active` ([1]: row 1) stepped every row
+    e.reset(0, seed=1)
+    e.reset(1, seed=2)
+    chunks = signal(1, 2, 3)[0]
+    before = e.positions.tolist()
+    for bad, error, message in ((chunks.clone().index_put_((torch.tensor([1]), torch.tensor([5])),
+                                                           torch.tensor(float("nan"))), ValueError, "holds NaN"),
+                                (chunks.clone().fill_(float("inf")), ValueError, "holds NaN or infinite"),
+                                ((chunks * 32767).round(), ValueError, "user_chunks peaks at"),
+                                ((chunks * 32767).round().numpy().astype("int16"), TypeError, "int16 PCM")):
+        with pytest.raises(error, match=message):
+            e.step(bad)
+    for active in ([1], [True], np.array([0, 1]), np.ones(3, dtype=bool)):
+        with pytest.raises(ValueError, match=r"active must be a \(2,\) bool mask"):
+            e.step(chunks, active=active)
+    assert e.positions.tolist() == before  # no row moved
+    e.step(chunks, active=np.array([False, True]))
+    assert e.positions.tolist() == [before[0], before[1] + 1]
     mono = build(HertzDev, dataclasses.replace(PRESETS["tiny"], duplex=False))
     mono.codec = model.codec
     with pytest.raises(ValueError, match="duplex"):
