@@ -312,8 +312,8 @@ def save_conversation(path: str, stereo: np.ndarray) -> str:
     try:
         write_wav(path, stereo)
         return ""
-    except (OSError, RuntimeError) as e:  # RuntimeError: soundfile's errors
-        problem = f"cannot write {path}: {e}"
+    except (OSError, RuntimeError, ValueError) as e:  # RuntimeError: soundfile's; ValueError: a name it cannot encode
+        problem = f"cannot write {printable(path)}: {e}"
     try:
         fd, rescue = tempfile.mkstemp(prefix="hertz-conversation-", suffix=".wav")
         os.close(fd)

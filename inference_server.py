@@ -1607,6 +1607,11 @@ def load_engine(args):
         if problem := no_codec_problem("--checkpoint", args.checkpoint, meta, args.codec):
             raise SystemExit(f"error: {printable(problem, newlines=True)}")
     codec_cfg = codec_config_of(source, args.codec, cfg, adapter=args.adapter)  # from its header: the engine streams 2000-sample chunks
+    rates = {f"the model {source}": cfg.sample_rate, "its codec": None if codec_cfg is None else codec_cfg.sample_rate}
+    if off := [f"{what} runs at {rate} Hz" for what, rate in rates.items() if rate is not None and rate != SAMPLE_RATE]:
+        # the prompt, the clients' audio and the replies are 16 kHz: a 24 kHz model would hear them 1.5x high
+        raise SystemExit(f"error: {printable(' and '.join(off))}; the live protocol carries {SAMPLE_RATE} Hz audio: "
+                         f"serve a {SAMPLE_RATE} Hz model")
     if codec_cfg is not None and (hop := math.prod(codec_cfg.strides)) != CHUNK:
         named = args.codec if args.codec != "auto" else recorded_codec(args.checkpoint, meta)  # official: 2000
         raise SystemExit(f"error: the codec {named} has {hop} samples per latent; the live "

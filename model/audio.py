@@ -18,12 +18,13 @@ import math
 import os
 import re
 import stat
+import sys
 import warnings
 from typing import Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from config import OneLine
+from config import OneLine, printable
 from .files import replace_atomically, try_writing_in
 
 # .opus: Ogg Opus by its own extension (RFC 7845), as Multilingual LibriSpeech ships its audio; .oga: Ogg
@@ -423,9 +424,15 @@ def _length_problem(f, path: str) -> Optional[str]:
         return (f"a WAV file of {size / 1e9:.1f} GB, past the 4 GiB a WAV header can count (its sizes wrapped): "
                 f"read as {f.frames / f.samplerate:.0f} s; convert it to FLAC, or to RF64 (`ffmpeg -i IN -rf64 auto "
                 "OUT.wav`)")
-    if f.frames == 0 and f.format in ("WAV", "WAVEX", "AIFF", "W64", "RF64", "AU", "CAF") and size >= 16384:
+    data = _wav_data(path) if f.format in ("WAV", "WAVEX") else None  # (offset, size said) of its data chunk
+    if f.frames == 0 and (size >= 16384 and f.format in ("WAV", "WAVEX", "AIFF", "W64", "RF64", "AU", "CAF")
+                          or data is not None and _audio_beyond(path, *data, size, least=1024)):
         return (f"its header gives a length of 0 but the file holds {size} bytes (a recording whose header was "
                 "never filled in: its writer killed?)")
+    if data is not None and f.frames and (beyond := _audio_beyond(path, *data, size, max(data[1] // 10, 1 << 13))):
+        said = f.frames / f.samplerate  # a writer that updates the sizes now and then, killed: the rest unsaid
+        return (f"its header gives {said:.1f} s, but about {said * beyond / data[1]:.1f} s more of audio follow "
+                "its data (a recording whose header was last updated before its writer stopped?)")
     if f.format == "NIST":  # (its log says nothing: the header's own sample count, in its text)
         with open(path, "rb") as raw:
             said = re.search(rb"\nsample_count -i (\d+)", raw.read(1024))
@@ -440,6 +447,40 @@ def _length_problem(f, path: str) -> Optional[str]:
         return None
     return (f"it ends before its header says ({f.frames / f.samplerate:.1f} s of the {said_frames / f.samplerate:.1f} "
             "s it gives: a file cut short, by an interrupted copy or download?)")
+
+
+def _wav_data(path: str) -> Optional[tuple[int, int]]:
+    """(offset, size said) of the data chunk of a RIFF WAV file, from its chunk headers, or None
+    (not RIFF, no data chunk in its first 64 KiB, or the sizes left for a pipe, 0xFFFFFFFF)."""
+    import struct
+    with open(path, "rb") as raw:  # a few reads of 8 bytes: every crop a loader reads opens its file
+        if (head := raw.read(12))[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        pos = 12
+        while pos < 1 << 16 and len(chunk := raw.read(8)) == 8:
+            cid, n = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+            if cid == b"data":
+                return None if n == 0xFFFFFFFF else (pos + 8, n)
+            pos += 8 + n + (n & 1)
+            raw.seek(pos)
+    return None
+
+
+def _audio_beyond(path: str, offset: int, said: int, size: int, least: int) -> int:
+    """Bytes after a WAV's data chunk (`offset`, `said` bytes) that are not a chunk (an ID of four
+    printable ASCII characters and a size that fits the file): audio its header does not count,
+    when there are `least` of them at least (a little trailing junk is let be); else 0."""
+    import struct
+    end = offset + said + (said & 1)
+    rest = size - end
+    if rest <= 0 or rest < least:
+        return 0
+    with open(path, "rb") as raw:
+        raw.seek(end)
+        head = raw.read(8)
+    if len(head) == 8 and all(32 <= b < 127 for b in head[:4]) and struct.unpack("<I", head[4:])[0] <= rest - 8:
+        return 0  # another chunk (LIST, id3, ...): its audio is counted
+    return rest
 
 
 def _open_audio(path: str):
@@ -735,12 +776,13 @@ def load_prompt(path: str, channels: int, sample_rate: int = 16000, hop: int = 2
     file_frames, rate, _ = audio_info(path)
     length = (2 * file_frames * sample_rate + rate) // (2 * rate)  # soxr's output length: rounded half up
     frames = length // hop
-    if frames == 0:
-        raise ValueError(f"{path} is {length / sample_rate:.3f} s long: a prompt needs at least "
-                         f"{hop / sample_rate:.3f} s ({hop} samples)")
+    if frames == 0:  # in samples: 1999 of them read "0.125 s long: needs at least 0.125 s"
+        held = f"{file_frames} samples at {rate} Hz" + (f", {length} at {sample_rate} Hz" if rate != sample_rate else "")
+        raise ValueError(f"{printable(path)} holds {held}: a prompt needs at least {hop} samples at {sample_rate} Hz "
+                         f"({hop / sample_rate:.3f} s, one latent)")
     if max_frames is not None and frames > max_frames:
         context = max_frames * hop / sample_rate
-        warnings.warn(f"{path} is {frames * hop / sample_rate:.1f} s long, more than the model's context of "
+        warnings.warn(f"{printable(path)} is {frames * hop / sample_rate:.1f} s long, more than the model's context of "
                       f"{context:.1f} s: keeping its last {context:.1f} s", stacklevel=2)
         frames = max_frames
     # Only the span kept is decoded (an hour-long prompt is not read whole for its last minutes).
@@ -760,13 +802,14 @@ def file_problem(path: str) -> Optional[str]:
     scripts' check of the files they are given, before any weights load."""
     if os.path.isfile(path):
         return None
+    name = printable(path)  # a newline in a name would make the error two lines
     if os.path.isdir(path):
-        return f"{path} is a folder, not a file"
+        return f"{name} is a folder, not a file"
     if os.path.exists(path):
-        return f"{path} is not a regular file (a named pipe or a device)"
+        return f"{name} is not a regular file (a named pipe or a device)"
     if link := broken_link(path):
-        return f"{path} is {link}"
-    return f"no such file: {path}"
+        return f"{name} is {printable(link)}"
+    return f"no such file: {name}"
 
 
 def check_prompt(path: str, sample_rate: int = 16000, hop: int = 2000, max_frames: Optional[int] = None) -> int:
@@ -806,10 +849,24 @@ def output_format(path: str, subtype: str = "PCM_16") -> tuple[str, str, str]:
 
 
 def _names_no_file(path: str) -> Optional[str]:
-    """The error for an output path that names a folder (or nothing), or None."""
+    """The error for an output path that names a folder (or nothing), or that soundfile cannot
+    open (`undecodable`), or None."""
     if not os.path.basename(path) or os.path.isdir(path):
         return (f"cannot write {path!r}: {'it names a folder' if path else 'no file name given'}; "
                 "name an audio file (out.wav, for example)")
+    return undecodable(path, f"cannot write {printable(path)}")
+
+
+def undecodable(path: str, what: str) -> Optional[str]:
+    """"{what}: ..." when `path` holds bytes that are not valid in the file system's encoding (a
+    name made of another encoding's bytes, which Python keeps as surrogates): the OS takes such a
+    name, but soundfile encodes names strictly, so the file would fail only when written, after
+    the work (a completion generated, a conversation held); None otherwise."""
+    encoding = sys.getfilesystemencoding()
+    try:
+        str(path).encode(encoding)
+    except UnicodeEncodeError:
+        return f"{what}: its name is not valid {encoding} (soundfile cannot open it); name it in {encoding}"
     return None
 
 
@@ -879,6 +936,8 @@ def make_folder(folder: str, what: str) -> None:
     there, `model.files.try_writing_in`)."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise AudioError(f"{what}: {folder} is a file, not a folder")
+    if problem := undecodable(folder, what):  # the files written in it would fail (recordings: each session's)
+        raise AudioError(problem)
     if problem := broken_link_above(folder):
         raise AudioError(f"{what}: {problem}")
     try:

@@ -5,6 +5,7 @@ import os
 import shutil
 import re
 import subprocess
+import struct
 import sys
 from pathlib import Path
 
@@ -108,8 +109,14 @@ def test_a_mistyped_flag_is_its_error_line_before_torch_is_imported(tmp_path, fl
                              "name another file"),
     ("p.wav", "o.wav", ["--variant", "nope"], "--variant 'nope' is neither one of duplex, mono, mono-pure-audio "
                                               "nor a file"),
+    # a newline in the name made the error two lines
+    ("miss\ning.wav", "o.wav", [], "no such file: {tmp}/miss\\ning.wav"),
+    # bytes of another encoding in the name: soundfile refused it once the completion was made
+    ("p.wav", "o\udce9.wav", [], "cannot write {tmp}/o\\udce9.wav: its name is not valid utf-8 (soundfile cannot "
+                                 "open it); name it in utf-8"),
 ], ids=["seconds-0", "seconds-negative", "seconds-nan", "num-0", "top-p", "token-temp", "seed", "missing-prompt",
-        "prompt-link-loop", "prompt-dangling-link", "out-under-a-file", "out-in-a-dangling-link", "out-is-the-prompt", "variant"])
+        "prompt-link-loop", "prompt-dangling-link", "out-under-a-file", "out-in-a-dangling-link", "out-is-the-prompt", "variant",
+        "prompt-name-with-a-newline", "out-name-not-utf8"])
 def test_a_wrong_value_or_path_is_its_error_line_before_torch_is_imported(tmp_path, prompt, out, flags, message):
     """The values of the flags (the sampling parameters, --seconds, --num, --seed), the prompt's path
     and the output's were checked after importing torch (about 4 s). Each is one error line, exit
@@ -311,8 +318,9 @@ def test_the_prompt_is_checked_in_latents_of_the_codec_s_hop(ckpts, tmp_path, ca
     model = corrupted_copy(ckpts["mono"], tmp_path)
     r = run_here(capfd, tmp_path / "3000.wav", out, "--variant", model, "--codec",
                  codec_of_hop(tmp_path, (2, 2, 4, 5, 5, 10)), "--device", "cpu")
-    assert r.returncode == 2 and r.stderr == (f"error: {tmp_path / '3000.wav'} is 0.188 s long: a prompt needs at "
-                                              "least 0.250 s (4000 samples)\n"), r.stderr[-2000:]
+    assert r.returncode == 2 and r.stderr == (f"error: {tmp_path / '3000.wav'} holds 3000 samples at 16000 Hz: a "
+                                              "prompt needs at least 4000 samples at 16000 Hz (0.250 s, one latent)\n"
+                                              ), r.stderr[-2000:]
     assert not out.exists()
 
 
@@ -321,7 +329,15 @@ def test_the_prompt_is_checked_in_latents_of_the_codec_s_hop(ckpts, tmp_path, ca
     ("folder.wav", [], "error: {prompt} is a folder, not a file"),  # it said "no such file"
     ("nan.wav", [], "non-finite samples"),
     ("noise.wav", [], "cannot read audio file"),
-    ("short.wav", [], "{prompt} is 0.062 s long: a prompt needs at least 0.125 s"),
+    ("short.wav", [], "{prompt} holds 1000 samples at 16000 Hz: a prompt needs at least 2000 samples at 16000 Hz"),
+    # 1999 samples read "0.125 s long: a prompt needs at least 0.125 s"
+    ("short1999.wav", [], "{prompt} holds 1999 samples at 16000 Hz: a prompt needs at least 2000 samples"),
+    # a WAV under 16 KiB whose header sizes were never filled in read "0.000 s long"
+    ("unfilled.wav", [], "cannot read audio file {prompt}: its header gives a length of 0 but the file holds 14444 "
+                         "bytes (a recording whose header was never filled in: its writer killed?)"),
+    # one whose data size says half of what follows it (a writer updating it now and then, killed): read as half
+    ("understated.wav", [], "cannot read audio file {prompt}: its header gives 0.5 s, but about 0.5 s more of audio "
+                            "follow its data"),
     # A broken header's rate: resampled to 16 kHz, 0.4 MB at 1 Hz was 13 GB (a MemoryError).
     ("1hz.wav", [], "cannot read audio file {prompt}: a sample rate of 1 Hz, below 4000 Hz"),
     # and one far above any recording's: 2000 samples at 2.1 GHz were refused as 0.000 s long, blaming the length
@@ -340,7 +356,8 @@ def test_the_prompt_is_checked_in_latents_of_the_codec_s_hop(ckpts, tmp_path, ca
     ("ok.wav", ["--num", "100000"], "--num 100000 x --seconds 10 need at least "),
     ("ok.wav", ["--device", "gpu"], "--device 'gpu': expected auto, cpu, cuda, cuda:N or mps"),
     ("ok.wav", ["--device", "cuda:99"], "--device cuda:99: "),
-], ids=["missing", "folder", "nan", "not-audio", "short", "rate-1hz", "rate-2ghz", "token-temp", "gaussian-temp", "top-p", "min-p",
+], ids=["missing", "folder", "nan", "not-audio", "short", "short-by-one", "unfilled-header", "understated-header",
+        "rate-1hz", "rate-2ghz", "token-temp", "gaussian-temp", "top-p", "min-p",
         "quantize", "kv-dtype", "seconds", "seed", "seconds-memory", "num-memory", "device", "device-absent"])
 def test_prompt_and_arguments_are_checked_before_any_weights(tmp_path, prompt, flags, message, capfd):
     """The official duplex variant, offline, with an empty weights folder: loading the weights
@@ -351,6 +368,12 @@ def test_prompt_and_arguments_are_checked_before_any_weights(tmp_path, prompt, f
     sf.write(tmp_path / "nan.wav", np.where(t < 0.5, 0.1, np.nan).astype(np.float32), sr, subtype="FLOAT")
     (tmp_path / "noise.wav").write_bytes(b"not a wav file at all" * 10)
     sf.write(tmp_path / "short.wav", t[:1000], sr)  # less than one latent (2000 samples)
+    sf.write(tmp_path / "short1999.wav", t[:1999], sr)
+    fmt = struct.pack("<4sIHHIIHH", b"fmt ", 16, 1, 1, sr, 2 * sr, 2, 16)
+    pcm = (0.3 * np.sin(2 * np.pi * 220 * t) * 32767).astype("<i2").tobytes()
+    riff = lambda size, said, data: b"RIFF" + struct.pack("<I", size) + b"WAVE" + fmt + b"data" + struct.pack("<I", said) + data
+    (tmp_path / "unfilled.wav").write_bytes(riff(0, 0, pcm[:14400]))  # 0.45 s
+    (tmp_path / "understated.wav").write_bytes(riff(36 + len(pcm) // 2, len(pcm) // 2, pcm))
     sf.write(tmp_path / "1hz.wav", np.full(2000, 0.1), 1)
     sf.write(tmp_path / "2ghz.wav", np.full(2000, 0.1), 2 ** 31 - 1)
     (tmp_path / "folder.wav").mkdir()  # 2000 s once resampled: long enough

@@ -132,8 +132,11 @@ def test_notebook_with_int8_weights_and_fp8_cache(tmp_path, kernel):
     ({"DEVICE": "gpu"}, "DEVICE = 'gpu': expected auto, cpu, cuda, cuda:N or mps"),  # was torch's RuntimeError
     ({"DTYPE": "bf16"}, "DTYPE = 'bf16': expected auto, bfloat16, float16, float32"),  # KeyError
     ({"ENCODE": "median"}, "ENCODE must be 'sample' or 'mean', got 'median'"),  # was found after the weights loaded
+    # "~" is the home folder, as the scripts read it: "no such file: ~/..." for a file that was there
+    ({"PROMPT": "~/hertz-dev-no-such-prompt.wav", "VARIANT": "mono", "CKPT_DIR": "MISSING"},
+     "no such file: " + os.path.expanduser("~/hertz-dev-no-such-prompt.wav")),
 ], ids=["missing", "nan", "token-temp", "top-p", "seconds", "seed", "num-float", "seconds-memory", "adapter", "adapter-folder", "codec", "codec-none", "quantize", "kv-dtype", "output", "output-prompt", "device",
-        "dtype", "encode"])
+        "dtype", "encode", "prompt-in-home"])
 def test_bad_parameters_stop_before_the_weights_load(tmp_path, kernel, params, message):
     """VARIANT names a checkpoint that does not exist (or an official one, offline, with no files):
     loading would fail on it, so the error about the parameter shows that the check came first."""
@@ -183,7 +186,7 @@ def test_the_prompt_is_checked_in_latents_of_the_codec_s_hop(tmp_path, kernel):
         execute({"PROMPT": str(tmp_path / "short.wav"), "VARIANT": str(corrupted_copy(paths["mono"], tmp_path)),
                  "CODEC": codec_of_hop(tmp_path, (2, 2, 4, 5, 5, 10)), "DEVICE": "cpu",
                  "OUT": str(tmp_path / "out.wav")}, kernel)
-    assert "short.wav is 0.188 s long: a prompt needs at least 0.250 s (4000 samples)" in str(e.value)
+    assert "short.wav holds 3000 samples at 16000 Hz: a prompt needs at least 4000 samples at 16000 Hz (0.250 s" in str(e.value)
     assert not list(tmp_path.glob("out*.wav"))
 
 

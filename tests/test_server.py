@@ -1585,6 +1585,9 @@ def test_cli_device_recordings_and_context_are_errors_before_serving(model, tmp_
         ("--recordings", str(file)): [f"error: --recordings: {file} is a file, not a folder"],
         ("--recordings", str(file / "sub")): [f"error: --recordings: cannot make the folder {file / 'sub'} "
                                               "(Not a directory)"],  # was "[Errno 20] Not a directory: '...'"
+        # bytes of another encoding in the name: every session's recording was lost to a UnicodeEncodeError
+        ("--recordings", str(tmp_path) + "/rec\udce9"): ["error: --recordings: its name is not valid utf-8 "
+                                                          "(soundfile cannot open it); name it in utf-8"],
         ("--checkpoint", checkpoint, "--max-len", "100000000"):
             ["error: --max-len 100000000 is beyond the model's context of 64 latents"],
         # the official config's, found before looking for its weights (none in this folder)
@@ -1625,7 +1628,14 @@ def test_cli_weights_the_live_server_cannot_use_are_errors_before_loading(model,
     hop1000 = save_codec(tmp_path / "hop1000.safetensors",
                          build(Codec, dataclasses.replace(CODEC_PRESETS["tiny"], strides=(2, 2, 2, 5, 5, 5))))
     records = save_transformer(tmp_path / "records.safetensors", model, codec_source=str(hop1000))
+    # a model and codec of 24 kHz (2000 samples per latent still): served on 16 kHz audio, heard 1.5x high
+    codec24 = save_codec(tmp_path / "codec24.safetensors", build(Codec, dataclasses.replace(CODEC_PRESETS["tiny"],
+                                                                                          sample_rate=24000)))
+    at24 = save_transformer(tmp_path / "at24.safetensors", build(HertzDev, dataclasses.replace(
+        PRESETS["tiny"], duplex=True, sample_rate=24000)), codec_source=str(codec24))
     assert_cli_errors(tmp_path, capsys, caplog, {
+        ("--checkpoint", str(at24)): [f"error: the model {at24} runs at 24000 Hz and its codec runs at 24000 Hz; the "
+                                      "live protocol carries 16000 Hz audio: serve a 16000 Hz model"],
         ("--checkpoint", str(no_codec), "--codec", str(hop1000)):
             [f"error: the codec {hop1000} has 1000 samples per latent; the live server streams chunks of 2000 (125 ms)"],
         ("--checkpoint", str(records)): [f"error: the codec {hop1000} has 1000 samples per latent"],
