@@ -37,7 +37,7 @@ from typing import Callable, Mapping, Optional
 
 import numpy as np
 
-from config import ArgumentParser
+from config import ArgumentParser, printable
 from model.protocol import (CHUNK, CHUNK_BYTES, CLOSE_RESTART, JITTER, PARAM_NAMES, PARAM_RANGES, SAMPLE_RATE,
                             SEED_MAX, SHUTDOWN_REASON, check_param, describe_range, float_to_pcm, percentiles,
                             query_seed, redact_tokens)
