@@ -816,6 +816,21 @@ def test_an_output_that_fails_at_the_end_is_one_error_line_and_the_conversation_
     assert stats(r.stdout)["replies"] == 4
 
 
+def test_a_conversation_whose_name_soundfile_cannot_encode_is_kept_in_the_temporary_folder(tmp_path, monkeypatch):
+    """A name of bytes that are not UTF-8 (the command line refuses it first; a caller of
+    save_conversation may not): soundfile's UnicodeEncodeError escaped the rescue, a traceback and
+    the conversation lost. Now it is kept in the temporary folder, as for a full disk."""
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    stereo = np.zeros((4000, 2), dtype=np.int16)
+    stereo[:, 0] = 1000
+    said = client.save_conversation(str(tmp_path) + "/c\udce9.wav", stereo)
+    (rescue,) = list((tmp_path / "tmp").iterdir())
+    assert said.startswith(f"cannot write {tmp_path}/c\\udce9.wav: ") and said.endswith(f"; the conversation is in {rescue}")
+    assert np.array_equal(sf.read(rescue, dtype="int16")[0], stereo)
+
+
 def test_an_output_that_is_a_pipe_is_one_error_line_before_connecting(server, tmp_path):
     """A named pipe as --output-wav (or /dev/stdout piped on) passed the checks; after the session
     the client waited forever for a reader to open it (and then could not write a WAV into it:
