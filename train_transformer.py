@@ -45,7 +45,7 @@ from tqdm import tqdm
 from config import ConfigError, check_compatible, fields_marked, from_dict, parse_args
 from config.codec_config import CodecConfig
 from config.transformer_config import PRESETS, TransformerConfig
-from model import Generator, HertzDev, build, finetune, hub, load_codec, load_hertz_dev
+from model import Codec, Generator, HertzDev, build, finetune, hub, load_codec, load_hertz_dev
 from model.checkpoint import CheckpointError, read_metadata
 from model.data import StopSafeLoader, shared_with_training, workers_stopped
 from model.files import physical_memory
@@ -145,7 +145,7 @@ def main(argv=None) -> dict:
             say(f"note: {note}")
         # what val/loss is measured on: best.pt is ranked among values measured on the same only
         validation = validation_key(val=val_set.folder.name, crops=val_set.crops, seq_len=cfg.seq_len, seed=cfg.seed,
-                                    weights={k: weights[k] for k in losses_of_stage})
+                                    weights={k: weights[k] for k in losses_of_stage}, noise="per-crop")
         if is_main and (note := checkpoints.ranked_elsewhere(validation)):
             say(f"note: {note}")
 
@@ -411,6 +411,20 @@ def latents_of(batch: dict, generator: torch.Generator, device: torch.device) ->
     return sample_posterior(posterior, generator) * valid[..., None], valid
 
 
+def val_latents(batch: dict, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`latents_of` for validation: each crop's posterior noise drawn from its own generator,
+    seeded by `seed` and the crop's index, so the figures do not depend on how the crops are
+    dealt out (the number of processes, the batch size). One generator for a rank's crops in
+    turn made them change with the number of GPUs, and best.pt ranked figures measured so."""
+    posterior = batch["posterior"].to(device, non_blocking=True)
+    valid = batch["valid"].to(device, non_blocking=True)
+    mu, logvar = posterior.unbind(dim=2)
+    eps = torch.stack([torch.randn(mu.shape[1:], device=device, dtype=mu.dtype,
+                                   generator=torch.Generator(device).manual_seed(seed * 1_000_003 + max(int(i), 0)))
+                       for i in batch["index"]])
+    return Codec.sample(mu, logvar, eps=eps) * valid[..., None], valid
+
+
 @torch.no_grad()
 def evaluate(model: HertzDev, calls: dict, val_set: LatentCrops, weights: dict, cfg: TransformerConfig,
              ddp: Dist) -> dict:
@@ -423,11 +437,10 @@ def evaluate(model: HertzDev, calls: dict, val_set: LatentCrops, weights: dict, 
     parts = [inner(calls[name]) for name in PARTS]
     if cfg.eval_kv_dtype != "none":  # eval_only: the LM and resynthesizer read their keys/values from a cache
         parts[1:] = [through_cache(p, cfg.eval_kv_dtype) for p in parts[1:]]
-    generator = torch.Generator(device).manual_seed(cfg.seed + ddp.rank)
     sums = torch.zeros(4, device=device, dtype=torch.float64)  # lm ce, lm correct, resynth nll, positions
     histogram = torch.zeros(cfg.vocab_size, device=device, dtype=torch.float64)
     for batch in val_batches(val_set, cfg.batch_size, ddp.rank, ddp.world_size):
-        x, valid = latents_of(batch, generator, device)
+        x, valid = val_latents(batch, cfg.seed, device)
         with autocast(device, cfg.dtype):
             out, stats = compute_losses(*parts, x, valid, cfg.duplex, ("lm_ce", "resynth_nll"),
                                         compiled=cfg.compile)
@@ -713,7 +726,8 @@ def val_batches(dataset: LatentCrops, batch_size: int, rank: int, world: int):
              "valid": torch.zeros(dataset.seq_len, dtype=torch.bool)}
     for i in range(0, len(mine), batch_size):
         items = [dataset[j] if j >= 0 else empty for j in mine[i:i + batch_size]]
-        yield {k: torch.stack([item[k] for item in items]) for k in items[0]}
+        yield {**{k: torch.stack([item[k] for item in items]) for k in items[0]},
+               "index": torch.tensor(mine[i:i + batch_size])}  # each crop's (-1: padding), for its noise
 
 
 @torch.no_grad()

@@ -79,6 +79,9 @@ def run_script(main: Callable[[], Any]) -> None:
     except (ConfigError, ConfigMismatch, FileNotFoundError, AudioError, CheckpointError, WeightsError,
             TrainingError) as e:
         from tqdm import tqdm
+        if not first_rank() and (getattr(e, "every_rank", False) or isinstance(e, (ConfigError, ConfigMismatch))):
+            time.sleep(2)  # the same line on every rank: rank 0 says it, before torchrun stops it for this exit
+            raise SystemExit(1) from None
         tqdm.write(f"error: {printable(own_message(e), newlines=True)}\n", file=sys.stderr, end="")  # one write: a worker's line cannot split it
         raise SystemExit(1) from None
     except KeyboardInterrupt:  # Ctrl-C outside the loop (loading, encoding: it keeps what it has done), or a second one
@@ -87,11 +90,30 @@ def run_script(main: Callable[[], Any]) -> None:
         raise SystemExit(130) from None
     except RuntimeError as e:
         message = worker_death_message(e)
+        if message is None and peer_gone(e):  # another rank stopped: its own line says why, not 40 lines of gloo's
+            message = ("another process of this run stopped, and this one with it: the other's error line (or "
+                       "torchrun's report of its exit) says why")
         if message is None:
             raise
         from tqdm import tqdm
         tqdm.write(f"error: {message}\n", file=sys.stderr, end="")
         raise SystemExit(1) from None
+
+
+_PEER_GONE = re.compile(r"Connection (closed|reset) by peer|Broken pipe|NCCL communicator was aborted|"
+                        r"remote process exited or there was a network error")
+
+
+def peer_gone(error: RuntimeError) -> bool:
+    """Whether `error` is a collective's failure because another process of a torch.distributed run
+    went away (gloo's "Connection closed by peer", NCCL's aborted communicator) while this one waited
+    in it."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and bool(_PEER_GONE.search(str(error)))
+
+
+def first_rank() -> bool:
+    """Whether this process is torchrun's rank 0, or not under torchrun (its RANK variable)."""
+    return os.environ.get("RANK", "0") in ("", "0")
 
 
 # torch's words when a DataLoader worker process is gone (its SIGCHLD handler raises them in the
@@ -255,7 +277,12 @@ def set_rng_state(state: dict) -> None:
 
 class TrainingError(OneLine, RuntimeError):
     """A run that cannot go on (a non-finite loss, a full disk under its log); the scripts print it
-    as one `error:` line."""
+    as one `error:` line. `every_rank`: under torch.distributed every rank raises it alike (a
+    collective decided it), so rank 0 alone prints it."""
+
+    def __init__(self, message: str, every_rank: bool = False):
+        super().__init__(message)
+        self.every_rank = every_rank
 
 
 def check_finite_step(step: int, loss: torch.Tensor, grad_norm: Optional[torch.Tensor],
@@ -272,8 +299,8 @@ def check_finite_step(step: int, loss: torch.Tensor, grad_norm: Optional[torch.T
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     if finite.item() == 1:
         return
-    raise TrainingError(non_finite_message(step, dict(zip(named, values.tolist())), files(),
-                                           "stopped before updating the weights"))
+    raise TrainingError(non_finite_message(step, *at_fault(dict(zip(named, values.tolist())), files()),
+                                           "stopped before updating the weights"), every_rank=dist.is_initialized())
 
 
 class FiniteGuard:
@@ -319,8 +346,27 @@ class FiniteGuard:
         if not any(flags):
             return
         step, values, _, files = pending[flags.index(1.0)]
-        raise TrainingError(non_finite_message(step, {k: v.float().item() for k, v in values.items()}, files,
-                                               "its update was skipped and training stopped"))
+        raise TrainingError(non_finite_message(step, *at_fault({k: v.float().item() for k, v in values.items()}, files),
+                                               "its update was skipped and training stopped"),
+                            every_rank=dist.is_initialized())
+
+
+def at_fault(values: dict[str, float], files: Iterable[str]) -> tuple[dict[str, float], list[str], Optional[int]]:
+    """The values, batch files and rank a non-finite step's error names. In one process this one's;
+    under torch.distributed (every rank raising the error at the same step: a collective) those of
+    the first rank whose own losses were non-finite: DDP averages the gradients, so one rank's
+    NaN makes every rank's gradient norm NaN, and each rank named its own batch, rank 0 a batch
+    that was fine (and torchrun often killed the rank at fault before it said anything)."""
+    files = sorted(set(files))
+    if not dist.is_initialized():
+        return values, files, None
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (values, files))
+    for own in (lambda name: "gradient norm" not in name, lambda name: True):  # its losses first, then any value
+        for rank, (vals, names) in enumerate(gathered):
+            if any(own(k) and not math.isfinite(v) for k, v in vals.items()):
+                return vals, names, rank
+    return values, files, dist.get_rank()
 
 
 class WeightAverage:
@@ -409,12 +455,16 @@ class StepTimer:
         return [b - a for a, b in spans]
 
 
-def non_finite_message(step: int, values: dict[str, float], files: Iterable[str], what_happened: str) -> str:
-    """The finite-step rule's error: the first non-finite value by name, the step, the batch's files."""
+def non_finite_message(step: int, values: dict[str, float], files: Iterable[str], rank: Optional[int],
+                       what_happened: str) -> str:
+    """The finite-step rule's error: the first non-finite value by name, the step, the rank (under
+    torch.distributed, `at_fault`), the batch's files."""
     bad = next(((name, v) for name, v in values.items() if not math.isfinite(v)), None)
     what = f"non-finite {bad[0]} ({bad[1]})" if bad else "a non-finite loss on another rank"
     names = sorted(set(files))
-    return (f"{what} at step {step}" + (f" on a batch from {listed(names, 8)}" if names else "") +
+    return (f"{what} at step {step}" + (f" on rank {rank}" if rank is not None else "")
+            + (f", on a batch from {listed(names, 8)}" if names and rank is not None else
+               f" on a batch from {listed(names, 8)}" if names else "") +
             f"; {what_happened} (the checkpoints hold the last finite weights): lower the learning rate, "
             "or check the data")
 
@@ -964,6 +1014,7 @@ class Deadline:
         self.stopped_by: Optional[str] = None  # the signal that stopped the loop, the same on every rank
         self.worker_error: Optional[RuntimeError] = None  # a data-loading worker's death, as torch words it
         self.lost_worker: Optional[str] = None  # that, when it stopped the loop (one process only)
+        self._signals = None  # under torch.distributed: (its CPU process group, the all-reduce in flight, its flag)
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -1000,6 +1051,27 @@ class Deadline:
             self.catching = False
             for s, h in previous.items():
                 signal.signal(s, h)
+            if self._signals is not None and self._signals[1] is not None:
+                self._signals[1].wait()  # every rank launched it at the same step: settled, not left in flight
+
+    def _agreed_signal(self) -> int:
+        """Under torch.distributed: the signal (its number, 0 for none) that any rank had received
+        one step ago, the same on every rank. Each step all-reduces this rank's on a CPU process
+        group of its own (gloo), without waiting, and reads the one launched the step before,
+        long done: no collective or host sync on the device's stream, where the finite guard's
+        steps queue behind each other. Torchrun forwards a SIGTERM or Ctrl-C to every worker and
+        kills them 30 s later: asked only on log steps (as the deadline is), a run whose log rows
+        came minutes apart trained on past the signal and was killed unsaved."""
+        if self._signals is None:
+            self._signals = (dist.new_group(backend="gloo"), None, None)  # every rank asks at the same first step
+        group, work, flag = self._signals
+        agreed = 0
+        if work is not None:
+            work.wait()
+            agreed = int(flag.item())
+        flag = torch.tensor([float(signal.Signals[self.received].value if self.received else 0)])
+        self._signals = (group, dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group, async_op=True), flag)
+        return agreed
 
     def read(self, batches: Iterable, n: int) -> Optional[list]:
         """The step's `n` micro-batches from `batches`, all read before the step starts; None when a
@@ -1028,11 +1100,18 @@ class Deadline:
 
     def interrupted(self) -> bool:
         """Whether a SIGTERM or SIGINT (or a data-loading worker's death) stops the loop now: asked
-        before every step, it answers for one process alone (a host-side flag, no sync); under
-        torch.distributed, `passed` answers for all ranks together."""
+        before every step. In one process a host-side flag, no sync; under torch.distributed what
+        every rank agrees on one step after the signal came (`_agreed_signal`), so all stop at the
+        same step, saved."""
         if self.lost_worker:
             return True
-        if self.received is None or dist.is_initialized():
+        if dist.is_initialized():
+            if not self.catching:
+                return False
+            if agreed := self._agreed_signal():
+                self.stopped_by = signal.Signals(agreed).name
+            return agreed != 0
+        if self.received is None:
             return False
         self.stopped_by = self.received
         return True
@@ -1135,9 +1214,9 @@ def before_step(step: int, start_step: int, end_step: int, log_interval: int, ev
       has passed; the deadline is asked only on log steps (`step % log_interval == 0`) after the
       segment's first step, so a segment always trains at least one step and the collective it
       costs comes once per log, not per step;
-    - stop at once after a SIGTERM or SIGINT (`Deadline.interrupted`; under torch.distributed at the next
-      log step, `Deadline.passed`), or a data-loading worker's death (`Deadline.read`), without
-      evaluating: a scheduler's grace period is short;
+    - stop at once after a SIGTERM or SIGINT (`Deadline.interrupted`; under torch.distributed one
+      step later, every rank at the same step), or a data-loading worker's death (`Deadline.read`),
+      without evaluating: a scheduler's grace period is short;
     - evaluate at step 0, every `eval_interval` steps and when stopping, but not at the step a
       resumed segment starts from (it was evaluated before that checkpoint was saved) unless
       it stops there;

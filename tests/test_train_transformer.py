@@ -692,6 +692,39 @@ def test_eval_only_reads_and_encodes_the_val_data_only(setup, tmp_path, capsys):
     assert [p.name.split("-")[0] for p in latents.iterdir()] == ["val"] and "encoding" in log
 
 
+def test_a_nan_on_one_rank_is_one_error_line_naming_that_rank_s_batch(setup, tmp_path):
+    """A NaN loss on rank 1 alone (tests/poisoned_rank.py): DDP averaged it into every rank's
+    gradients, so each rank named its own batch, and rank 0 (whose line was often the only one, as
+    torchrun stopped rank 1 first) blamed files that were fine. Now one line, from rank 0, naming
+    rank 1 and its batch's files."""
+    args = base_args(setup, tmp_path / "run", stage="all", max_steps=4, save_interval=2, parallel="ddp")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "tests/poisoned_rank.py"] + [str(a) for a in args], cwd=REPO, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "POISON_RANK": "1",
+                                           "POISON_PASS": "1"})
+    assert out.returncode != 0
+    errors = [line[line.index("error: "):] for line in out.stderr.replace("\r", "\n").splitlines() if "error: " in line]
+    assert len(errors) == 1 and errors[0].startswith("error: non-finite loss (nan) at step 0 on rank 1, on a batch "
+                                                     "from "), out.stderr[-3000:]
+    assert "[rank0]: Traceback" not in out.stderr and "[rank1]: Traceback" not in out.stderr  # (torchrun's own follows)
+
+
+def test_validation_figures_do_not_depend_on_the_number_of_processes_or_the_batch(setup, tmp_path):
+    """The validation crops' posterior noise came from one generator a rank, seeded with the rank,
+    drawn crop after crop: eval_only of one model read val/lm_ce 10.09 on one process and 10.06 on
+    two, so a run resumed on another number of GPUs ranked best.pt among figures measured
+    otherwise. Each crop's noise is its own now: the same figures on 1 and 2 processes and with
+    another batch size."""
+    model = save_transformer(tmp_path / "model.safetensors", build(HertzDev, tiny(True)),
+                             codec_source=str(setup["codec"]))
+    runs = [(1, 2), (2, 2), (1, 3)]  # (processes, batch size)
+    evals = [train(base_args(setup, tmp_path / f"run-{n}-{b}", latents_dir=tmp_path / "latents", init_from=model,
+                             eval_only=True, val_crops=5, batch_size=b, parallel="ddp"), nproc=n)[1][0] for n, b in runs]
+    for key in ("val/lm_ce", "val/resynth_nll", "val/loss", "val/positions"):
+        assert evals[1][key] == pytest.approx(evals[0][key], rel=1e-6) and \
+            evals[2][key] == pytest.approx(evals[0][key], rel=1e-6), (key, [e[key] for e in evals])
+
+
 @pytest.mark.parametrize("duplex", [False, True], ids=["mono", "duplex"])
 def test_overfits_a_fixed_batch(duplex):
     """LM cross-entropy and mixture NLL of one fixed batch (padding included) fall far."""
@@ -785,6 +818,37 @@ def test_a_sigterm_to_the_process_group_saves_the_step_reached_and_the_run_resum
                                   save_interval=10_000, stop_step=stopped + 1, sample_seconds=0), capsys)
     assert f"training from step {stopped} to {stopped + 1}" in log
     assert torch.load(run_dir / "latest.pt", weights_only=False)["step"] == stopped + 1
+
+
+def test_a_sigterm_to_torchrun_stops_every_rank_at_once_saved_not_at_the_next_log_step(setup, tmp_path):
+    """Under torchrun the ranks agreed on a signal at log steps only, while torchrun forwards it to
+    the workers and kills them 30 s later: a run whose log rows come minutes apart (hertz_dev logs
+    every 50 steps of seconds each) trained on, was killed, and lost every step since its last save,
+    with no word. Now every rank stops one step after it, at the same step, saved."""
+    import signal
+    import time
+    run_dir = tmp_path / "run"
+    args = base_args(setup, run_dir, duplex=False, stage="lm", max_steps=100_000, eval_interval=100_000,
+                     save_interval=2, log_interval=100_000, sample_seconds=0, parallel="ddp")
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 "train_transformer.py"] + [str(a) for a in args], cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 240
+        while not (run_dir / "step_00000002.pt").exists() and time.time() < deadline and launcher.poll() is None:
+            time.sleep(0.2)
+        assert (run_dir / "step_00000002.pt").exists(), launcher.stdout.read()[-3000:]
+        sent = time.time()
+        launcher.send_signal(signal.SIGTERM)  # to torchrun alone: it forwards it to the workers
+        out = launcher.communicate(timeout=120)[0]
+        took = time.time() - sent
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    stopped = torch.load(run_dir / "latest.pt", weights_only=False)["step"]
+    assert f"SIGTERM received: stopped at step {stopped}, which latest.pt holds; run the same command" in out, out[-3000:]
+    assert stopped >= 2 and took < 25, (stopped, took)  # stopped and saved before torchrun's 30 s kill
 
 
 def test_a_full_run_resumes_whatever_lora_values_its_checkpoint_holds(setup, tmp_path, capsys):
