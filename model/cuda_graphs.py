@@ -157,11 +157,16 @@ class GraphedPass:
         args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
         self.inputs = [a for a in args if isinstance(a, torch.Tensor)]
         self.graph = torch.cuda.CUDAGraph()  # (entering it syncs and empties the cache: the warm-up's
-        try:                                 # blocks make room for the graph's pool)
+        previous = torch.cuda.current_stream()  # blocks make room for the graph's pool)
+        try:
             # thread_local: what other threads do meanwhile (the loader's pin-memory thread pinning a
             # new buffer) cannot invalidate the capture, as under the default "global" mode
             with torch.cuda.graph(self.graph, stream=self.stream, capture_error_mode="thread_local"):
                 # capture records without computing: the replay after it computes this call
                 self.outputs = self.fn(*args)
         except RuntimeError as e:  # an op that syncs with the host, or one CUDA graphs cannot hold
-            raise RuntimeError(f"the training pass could not be captured in a CUDA graph ({e})") from e
+            # torch's graph context leaves its capture stream current when ending the capture fails
+            torch.cuda.set_stream(previous)
+            # CUDA's errors come with lines of advice (CUDA_LAUNCH_BLOCKING, ...): the warning is one line
+            raise RuntimeError(f"the training pass could not be captured in a CUDA graph ({' '.join(str(e).split())})"
+                               ) from e

@@ -97,10 +97,18 @@ def test_a_pass_that_cannot_be_captured_is_a_warning_and_runs_eagerly_from_then_
         return out
     run = GraphedPass(syncing, list(graphed_model.parameters()), enabled=True, warmup=1)
     x, y = torch.randn(4, 2, 16, device="cuda"), torch.randn(4, 3, device="cuda")
+    stream = torch.cuda.current_stream()
     run(1.0, x, y)
     eager_pass(1.0, x, y)
-    with pytest.warns(RuntimeWarning, match="could not be captured in a CUDA graph .*this run goes on eagerly"):
+    with pytest.warns(RuntimeWarning) as caught:
         got = run(1.0, x, y)
+    # one line: CUDA's error comes with lines of advice (CUDA_LAUNCH_BLOCKING, ...), which a regex's
+    # `.*` does not cross (this test failed on an H100 in session 36, its output not kept: the
+    # likeliest cause)
+    [said] = [str(w.message) for w in caught if "CUDA graph" in str(w.message)]
+    assert said.startswith("the training pass could not be captured in a CUDA graph (") and \
+        said.endswith("; this run goes on eagerly") and "\n" not in said, said
+    assert torch.cuda.current_stream() == stream  # the capture's stream is not left current
     want = eager_pass(1.0, x, y)
     assert not run.enabled and torch.allclose(got["loss"], want["loss"], rtol=1e-5)
     for a, b in zip(grads(graphed_model), grads(eager_model)):
