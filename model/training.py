@@ -1052,7 +1052,10 @@ class Deadline:
             for s, h in previous.items():
                 signal.signal(s, h)
             if self._signals is not None and self._signals[1] is not None:
-                self._signals[1].wait()  # every rank launched it at the same step: settled, not left in flight
+                try:  # every rank launched it at the same step: settled, not left in flight
+                    self._signals[1].wait()
+                except RuntimeError:  # a rank gone: the error that ends this one is already on its way
+                    pass
 
     def _agreed_signal(self) -> int:
         """Under torch.distributed: the signal (its number, 0 for none) that any rank had received
