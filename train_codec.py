@@ -362,7 +362,7 @@ def build_data(cfg: CodecConfig, is_main: bool, say) -> tuple[DataLoader | None,
         train_loader = make_loader(train_set, cfg.batch_size, num_workers=cfg.num_workers, distributed=True,
                                    seed=cfg.seed)
         if len(train_loader) == 0:
-            raise ConfigError(f"{train_set.root} gives {len(train_set)} training crops of {cfg.segment_seconds} s, "
+            raise ConfigError(f"{cfg.train_data_path} gives {len(train_set)} training crops of {cfg.segment_seconds} s, "
                               f"fewer than batch_size={cfg.batch_size} per process: add audio or lower batch_size")
         say(describe("train", train_set))
         if is_main and (note := shared_with_training(val_set.files, train_set.files, cfg.val_data_path)):

@@ -32,6 +32,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -41,6 +42,7 @@ import re
 import signal
 import threading
 import time
+import warnings
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +76,8 @@ def run_script(main: Callable[[], Any]) -> None:
     saves on the first: `Deadline.catching_signals`) with one `interrupted` line and exit code 130;
     a data-loading worker that died (killed by the out-of-memory killer, say) with one `error:` line
     naming it and what to change, exit code 1; any other exception is a bug and keeps its traceback."""
+    shown = warnings.showwarning
+    warnings.showwarning = functools.partial(one_line_warnings, others=shown)
     try:
         main()
     except (ConfigError, ConfigMismatch, FileNotFoundError, AudioError, CheckpointError, WeightsError,
@@ -98,6 +102,19 @@ def run_script(main: Callable[[], Any]) -> None:
         from tqdm import tqdm
         tqdm.write(f"error: {message}\n", file=sys.stderr, end="")
         raise SystemExit(1) from None
+    finally:
+        warnings.showwarning = shown
+
+
+def one_line_warnings(message, category, filename, lineno, file=None, line=None, others=None) -> None:
+    """`warnings.showwarning` of the scripts: the warnings that name files (`OneLine`: a skipped
+    audio file, say) as one `warning: ...` line each, on a line of its own under a progress bar;
+    Python's format added a path into this code and its line of source, two lines a file (a screen
+    of them for a folder of bad files). Other warnings as `others` (the showwarning before) shows them."""
+    if not issubclass(category, OneLine):
+        return (others or warnings.showwarning)(message, category, filename, lineno, file, line)
+    from tqdm import tqdm
+    tqdm.write(f"warning: {printable(str(message))}\n", file=file or sys.stderr, end="")
 
 
 _PEER_GONE = re.compile(r"Connection (closed|reset) by peer|Broken pipe|NCCL communicator was aborted|"

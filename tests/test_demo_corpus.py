@@ -178,8 +178,10 @@ def test_without_flite_or_festival_it_is_the_espeak_only_corpus(tmp_path):
     # taken, and an engine named twice was probed and set up twice (a typo for another one?)
     (["--minutes", "1", "--engines", "espeak,espeak", "--out", "sub"],
      "--engines espeak,espeak: espeak is named twice; name each engine once"),
+    # a file system of no size (/proc): it was "more than the 0 GB free", not why the folder cannot be made
+    (["--minutes", "1", "--out", "/proc/demo_corpus"], "--out /proc/demo_corpus: cannot make the folder ("),
 ], ids=["minutes-nan", "val-fraction", "out-is-a-file", "out-under-a-file", "out-empty", "out-dangling-link",
-        "out-under-a-dangling-link", "seed", "engine-twice"])
+        "out-under-a-dangling-link", "seed", "engine-twice", "out-on-a-file-system-of-no-size"])
 def test_bad_arguments_are_one_error_line_and_nothing_is_written(tmp_path, args, message):
     (tmp_path / "file").write_text("taken")
     (tmp_path / "unmounted").symlink_to("disk/corpus")

@@ -110,6 +110,11 @@ def test_a_few_steps_end_to_end(trained):
     assert list((run_dir / "wandb").glob("offline-run-*"))
     # the corrupt file is skipped, named and counted; the run goes on
     assert "broken.wav" in result.stderr and "1 unreadable files skipped" in result.stdout
+    # as one `warning:` line: Python's format added "PATH/model/data.py:316: SkippedAudioWarning:" and a
+    # line of the trainer's source under it, two lines a file
+    [warned] = [line for line in result.stderr.replace("\r", "\n").splitlines() if "broken.wav" in line]
+    assert warned.startswith("warning: skipping unreadable audio: ") and "SkippedAudioWarning" not in result.stderr
+    assert "scan_audio_folder(" not in result.stderr
     for name in ("step_00000004.pt", "step_00000008.pt", "latest.pt", "best.pt", "latest.safetensors",
                  "best.safetensors", "loss_curves.png", "samples/mels.png", "samples/0_input.wav",
                  "samples/0_recon.wav"):
@@ -537,6 +542,19 @@ def test_a_manifest_relative_to_another_folder_is_one_error_line_before_the_data
     assert error_line(result.stderr).startswith(f"error: train_data_path: manifest {manifest} line 1: no such file")
     assert "val:" not in result.stdout + result.stderr  # the validation audio was not read
     assert not (tmp_path / "run").exists()
+
+
+def test_a_manifest_of_too_few_crops_is_named_not_its_folder(corpus, tmp_path, capsys):
+    """Fewer crops than a batch from a manifest: the error named the folder the manifest lies in
+    (which may hold many manifests), not the manifest."""
+    manifest = tmp_path / "lists" / "train.jsonl"
+    manifest.parent.mkdir()
+    first = next(f for f in sorted((corpus / "train").rglob("*.wav")) if f.name != "broken.wav")
+    manifest.write_text(json.dumps({"path": str(first)}) + "\n")
+    result = run_here(args(corpus, tmp_path / "run", f"train_data_path={manifest}", "batch_size=64", *BRIEF_EVAL), capsys)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert error_line(result.stderr).startswith(f"error: {manifest} gives ") and \
+        "training crops of" in error_line(result.stderr) and "fewer than batch_size=64" in error_line(result.stderr)
 
 
 def unreadable_since_the_scan(src, folder):

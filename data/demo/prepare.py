@@ -601,8 +601,9 @@ def main(argv=None) -> None:
         parser.error(f"--engines {args.engines}: {', '.join(twice)} is named twice; name each engine once")
     if os.path.isdir(args.out) and (problem := strangers(args.out)):  # nothing of them is deleted, nor mixed in
         parser.error(f"--out {args.out}: {problem}; choose an empty folder, or one holding a demo corpus")
-    need, free = args.minutes * 60 * BYTES_PER_SECOND, shutil.disk_usage(existing_folder(args.out)).free
-    if need > free:
+    need, usage = args.minutes * 60 * BYTES_PER_SECOND, shutil.disk_usage(existing_folder(args.out))
+    free = usage.free
+    if need > free and usage.total > 0:  # (a pseudo file system, /proc: no size; making the folder there says why)
         parser.error(f"--minutes {args.minutes:g} makes about {need / 1e9:.3g} GB of WAV files, more than the "
                      f"{free / 1e9:.3g} GB free for {args.out}")
     try:
