@@ -713,6 +713,8 @@ class Session:
             self.seed = seed
             self.replay_left = len(self.server.replay)
             self.model_prev = pending
+            if self.server.prompt is not None:  # the new conversation's context, as at the session's start
+                self.record(self.server.prompt_pcm)
             self.counts["dropped_in"] += len(queued)
             self.server.counts["dropped_in"] += len(queued)
             if any(c.fmt == "binary" for c in queued):  # before the replies to the chunks after it

@@ -1144,6 +1144,35 @@ def test_prompt_replay_and_recording(model, tmp_path):
     assert np.array_equal(audio[10000:, 1], replies[4:-1].reshape(-1))
 
 
+def test_a_reset_records_the_prompt_again_and_the_frame_it_continues_from(model, tmp_path):
+    """A client's `reset` with --prompt-path restarts the conversation from the prompt (which is
+    played back again), but the recording went on without it: the new conversation's model audio
+    followed the old one's, its context missing. The prompt is recorded again now, then beside the
+    first live chunk the frame the reset decoded."""
+    import torch
+    from model.live import LiveEngine
+    t = np.arange(8000) / 16000
+    prompt = np.stack([0.3 * np.sin(2 * np.pi * 200 * t), 0.2 * np.sin(2 * np.pi * 310 * t)]).astype(np.float32)
+    with running_server(model, max_sessions=1, prompt=prompt, recordings=str(tmp_path / "rec")) as server:
+        async def run():
+            async with connect(server.ws + "/audio?seed=7") as ws:
+                await stream(ws, CHUNKS[:6])  # 4 played back, 2 live
+                await ws.send(json.dumps({"type": "reset", "seed": 8}))
+                ack = json.loads(await ws.recv())
+                return ack, await stream(ws, CHUNKS[:6])
+        ack, _ = asyncio.run(asyncio.wait_for(run(), 30))
+        wait_idle(server)
+    assert ack["type"] == "ack" and ack["seed"] == 8
+    (path,) = list((tmp_path / "rec").iterdir())
+    audio, _ = sf.read(path, dtype="int16")
+    pcm = float_to_pcm(prompt.T)
+    assert audio.shape == (2 * (8000 + 2 * 2000), 2)
+    assert np.array_equal(audio[:8000], pcm) and np.array_equal(audio[12000:20000], pcm)
+    pending = float_to_pcm(LiveEngine(model, max_sessions=1).reset(0, SamplingParams(), seed=8,
+                                                                   prompt=torch.from_numpy(prompt)).numpy())
+    assert_close(audio[20000:22000, 1], pending)
+
+
 def test_replay_seconds(model):
     from model.live import LiveEngine
     prompt = np.zeros((2, 16000), dtype=np.float32)
