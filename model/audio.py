@@ -419,19 +419,21 @@ def cut_short(held: int, said: int, rate: int) -> bool:
 def _length_problem(f, path: str) -> Optional[str]:
     """Why the open soundfile `f` of `path` does not hold the audio its header says (see above), or
     None (`cut_short` decides)."""
-    size = os.path.getsize(path)
+    st = os.stat(path)
+    size = st.st_size
     if f.format == "WAV" and size >= 1 << 32:
         return (f"a WAV file of {size / 1e9:.1f} GB, past the 4 GiB a WAV header can count (its sizes wrapped): "
                 f"read as {f.frames / f.samplerate:.0f} s; convert it to FLAC, or to RF64 (`ffmpeg -i IN -rf64 auto "
                 "OUT.wav`)")
-    data = _wav_data(path) if f.format in ("WAV", "WAVEX") else None  # (offset, size said) of its data chunk
+    # (size said of its data chunk, bytes after it that are no chunk): once per version of the file, not per crop
+    data = _wav_data(path, size, st.st_mtime_ns) if f.format in ("WAV", "WAVEX") else None
     if f.frames == 0 and (size >= 16384 and f.format in ("WAV", "WAVEX", "AIFF", "W64", "RF64", "AU", "CAF")
-                          or data is not None and _audio_beyond(path, *data, size, least=1024)):
+                          or data is not None and data[1] >= 1024):
         return (f"its header gives a length of 0 but the file holds {size} bytes (a recording whose header was "
                 "never filled in: its writer killed?)")
-    if data is not None and f.frames and (beyond := _audio_beyond(path, *data, size, max(data[1] // 10, 1 << 13))):
+    if data is not None and f.frames and data[1] >= max(data[0] // 10, 1 << 13):  # a little trailing junk is let be
         said = f.frames / f.samplerate  # a writer that updates the sizes now and then, killed: the rest unsaid
-        return (f"its header gives {said:.1f} s, but about {said * beyond / data[1]:.1f} s more of audio follow "
+        return (f"its header gives {said:.1f} s, but about {said * data[1] / data[0]:.1f} s more of audio follow "
                 "its data (a recording whose header was last updated before its writer stopped?)")
     if f.format == "NIST":  # (its log says nothing: the header's own sample count, in its text)
         with open(path, "rb") as raw:
@@ -449,38 +451,34 @@ def _length_problem(f, path: str) -> Optional[str]:
             "s it gives: a file cut short, by an interrupted copy or download?)")
 
 
-def _wav_data(path: str) -> Optional[tuple[int, int]]:
-    """(offset, size said) of the data chunk of a RIFF WAV file, from its chunk headers, or None
-    (not RIFF, no data chunk in its first 64 KiB, or the sizes left for a pipe, 0xFFFFFFFF)."""
+@functools.lru_cache(maxsize=4096)
+def _wav_data(path: str, size: int, mtime_ns: int) -> Optional[tuple[int, int]]:
+    """(size said, bytes unsaid) of the data chunk of a RIFF WAV file of `size` bytes, from its
+    chunk headers: the bytes after that chunk that are not another chunk (an ID of four printable
+    ASCII characters and a size that fits the file), audio its header does not count. None: not
+    RIFF, no data chunk in its first 64 KiB, or the sizes left for a pipe (0xFFFFFFFF). Cached per
+    version of the file (`size`, `mtime_ns`): every crop a loader reads opens its file."""
     import struct
-    with open(path, "rb") as raw:  # a few reads of 8 bytes: every crop a loader reads opens its file
+    with open(path, "rb") as raw:
         if (head := raw.read(12))[:4] != b"RIFF" or head[8:12] != b"WAVE":
             return None
         pos = 12
         while pos < 1 << 16 and len(chunk := raw.read(8)) == 8:
             cid, n = chunk[:4], struct.unpack("<I", chunk[4:])[0]
             if cid == b"data":
-                return None if n == 0xFFFFFFFF else (pos + 8, n)
+                if n == 0xFFFFFFFF:
+                    return None
+                end = pos + 8 + n + (n & 1)
+                raw.seek(end)
+                after = raw.read(8)
+                rest = max(size - end, 0)
+                if len(after) == 8 and all(32 <= b < 127 for b in after[:4]) and \
+                        struct.unpack("<I", after[4:])[0] <= rest - 8:
+                    rest = 0  # another chunk (LIST, id3, ...): its audio is counted
+                return n, rest
             pos += 8 + n + (n & 1)
             raw.seek(pos)
     return None
-
-
-def _audio_beyond(path: str, offset: int, said: int, size: int, least: int) -> int:
-    """Bytes after a WAV's data chunk (`offset`, `said` bytes) that are not a chunk (an ID of four
-    printable ASCII characters and a size that fits the file): audio its header does not count,
-    when there are `least` of them at least (a little trailing junk is let be); else 0."""
-    import struct
-    end = offset + said + (said & 1)
-    rest = size - end
-    if rest <= 0 or rest < least:
-        return 0
-    with open(path, "rb") as raw:
-        raw.seek(end)
-        head = raw.read(8)
-    if len(head) == 8 and all(32 <= b < 127 for b in head[:4]) and struct.unpack("<I", head[4:])[0] <= rest - 8:
-        return 0  # another chunk (LIST, id3, ...): its audio is counted
-    return rest
 
 
 def _open_audio(path: str):
