@@ -158,6 +158,11 @@ class GraphedPass:
         self.inputs = [a for a in args if isinstance(a, torch.Tensor)]
         self.graph = torch.cuda.CUDAGraph()  # (entering it syncs and empties the cache: the warm-up's
         previous = torch.cuda.current_stream()  # blocks make room for the graph's pool)
+        # the default generator's state, kept aside: a capture registers the state and marks it
+        # capturing, and only a capture that ends well unmarks it; a failed one left every later
+        # draw on this device an error ("Offset increment outside graph capture ...")
+        generator = torch.cuda.default_generators[torch.cuda.current_device()]
+        before = generator.clone_state()
         try:
             # thread_local: what other threads do meanwhile (the loader's pin-memory thread pinning a
             # new buffer) cannot invalidate the capture, as under the default "global" mode
@@ -167,6 +172,7 @@ class GraphedPass:
         except RuntimeError as e:  # an op that syncs with the host, or one CUDA graphs cannot hold
             # torch's graph context leaves its capture stream current when ending the capture fails
             torch.cuda.set_stream(previous)
+            generator.graphsafe_set_state(before)  # as it was: a capture draws nothing
             # CUDA's errors come with lines of advice (CUDA_LAUNCH_BLOCKING, ...): the warning is one line
             raise RuntimeError(f"the training pass could not be captured in a CUDA graph ({' '.join(str(e).split())})"
                                ) from e
