@@ -394,7 +394,8 @@ def describe(model: HertzDev, cfg: TransformerConfig, trained: tuple[str, ...], 
              base: dict, ddp: Dist) -> str:
     """What the run trains, on which weights and processes (and, for LoRA, its adapters)."""
     n_params = {name: sum(p.numel() for p in getattr(model, name).parameters()) for name in PARTS}
-    text = (f"stage {cfg.stage}: training {' + '.join(trained)} ({sum(n_params[n] for n in trained) / 1e6:.2f}M of "
+    what = "evaluating" if cfg.eval_only else "training"  # (eval_only trains nothing)
+    text = (f"stage {cfg.stage}: {what} {' + '.join(trained)} ({sum(n_params[n] for n in trained) / 1e6:.2f}M of "
             f"{sum(n_params.values()) / 1e6:.2f}M parameters), {'duplex' if cfg.duplex else 'mono'}, weights from "
             f"{source}; {ddp.world_size} x {ddp.device}" + (f" ({cfg.parallel})" if ddp.enabled else ""))
     if cfg.finetune == "lora":

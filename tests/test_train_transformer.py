@@ -690,6 +690,7 @@ def test_eval_only_reads_and_encodes_the_val_data_only(setup, tmp_path, capsys):
                                       train_data_path=tmp_path / "missing"), capsys)
     assert list(evals) == [0] and evals[0]["source"] == str(model)
     assert [p.name.split("-")[0] for p in latents.iterdir()] == ["val"] and "encoding" in log
+    assert "stage all: evaluating quantizer + lm + resynth" in log and ": training " not in log, log  # (it trains nothing)
 
 
 def test_a_nan_on_one_rank_is_one_error_line_naming_that_rank_s_batch(setup, tmp_path):
