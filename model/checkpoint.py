@@ -43,6 +43,45 @@ class CheckpointError(OneLine, ValueError):
     """A checkpoint that cannot be written, read or trusted; the message is one line naming the file."""
 
 
+class FileReplaced(CheckpointError):
+    """A checkpoint replaced while it was read (another process saved over it: a trainer's
+    `latest`/`best`, a copy): what was read may mix the two files' headers and weights."""
+
+
+def file_version(path: str | os.PathLike) -> tuple[int, ...]:
+    """What changes when a file is replaced (an atomic save renames a new file over it) or
+    rewritten: its device, inode, size, and modification and change times."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def check_unreplaced(path: str | os.PathLike, version: tuple[int, ...], label: Optional[str] = None) -> None:
+    """FileReplaced naming `path` if it is no longer the file of `version` (`file_version`)."""
+    try:
+        now = file_version(path)
+    except OSError:
+        now = None
+    if now != version:
+        raise FileReplaced(f"{label or path} was replaced while it loaded (another process saved over it: a "
+                           "training run's save?); load it again")
+
+
+def reloaded_if_replaced(load: Callable) -> Callable:
+    """`load` again, up to twice, when a file it read was replaced meanwhile (FileReplaced): a
+    trainer saving over `latest.safetensors` every few minutes meets a load about as rarely."""
+    import functools
+
+    @functools.wraps(load)
+    def loading(*args, **kwargs):
+        for attempt in range(3):
+            try:
+                return load(*args, **kwargs)
+            except FileReplaced:
+                if attempt == 2:
+                    raise
+    return loading
+
+
 def os_reason(e: OSError, path: Optional[Path] = None) -> str:
     """`No space left on device`, `Read-only file system`, ...: what the OS said, without the path;
     for a `path` under a regular file, which file is in the way."""
@@ -362,14 +401,21 @@ def read_weights(path: str | os.PathLike, device: str = "cpu", kind: Optional[st
 
     verify: recompute the content hash and raise CheckpointError if the bytes changed or a weight is
     NaN or inf (`verify_content`); a file without a hash (written before hashes) loads with a
-    warning. verify=False skips all three.
+    warning. verify=False skips all three. A file replaced while it is read (another process saved
+    over it) is a FileReplaced error, not a mix of two files nor a false "corrupted".
     """
     from safetensors.torch import load_file
 
-    meta = read_metadata(path, kind)
-    state = load_file(str(path), device=device)
-    if verify:
-        verify_content(path, state, meta["hash"])
+    version = file_version(path)  # (the header and the tensors are read in three opens of the path)
+    try:
+        meta = read_metadata(path, kind)
+        state = load_file(str(path), device=device)
+        if verify:
+            verify_content(path, state, meta["hash"])
+    except CheckpointError:
+        check_unreplaced(path, version)  # a mix of two files, not a damaged one
+        raise
+    check_unreplaced(path, version)
     return state, meta
 
 

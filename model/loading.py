@@ -23,7 +23,7 @@ from config.transformer_config import DTYPE_NAMES, TransformerConfig
 from config.transformer_config import hertz_dev as TRANSFORMER_HERTZ_DEV
 
 from . import hub, lora
-from .checkpoint import (CheckpointError, atomic_write, config_from, listed, read_metadata, read_weights, substate,
+from .checkpoint import (CheckpointError, atomic_write, check_unreplaced, file_version, reloaded_if_replaced, config_from, listed, read_metadata, read_weights, substate,
                          tensor_specs, write_weights)
 from .codec import Codec
 from .lm import LatentLM
@@ -174,6 +174,7 @@ def _meta(cls, *args):
 
 # --- codec ----------------------------------------------------------------------------------
 
+@reloaded_if_replaced
 def load_codec(source: Union[str, os.PathLike] = "official", device="cpu", dtype: Optional[torch.dtype] = None,
                ckpt_dir: Union[str, os.PathLike] = hub.DEFAULT_CKPT_DIR, offline: Optional[bool] = None,
                endpoint: Optional[str] = None, config: Optional[CodecConfig] = None, verify: bool = True) -> Codec:
@@ -192,12 +193,14 @@ def load_codec(source: Union[str, os.PathLike] = "official", device="cpu", dtype
         cfg = config or CODEC_HERTZ_DEV
         return _fill(_meta(Codec, cfg), hub.load_state_dict(path), device, dtype, str(path))
     path = _existing(source, '"official"')
+    version = file_version(path)  # its header and tensors come from one file, or it is loaded again
     cfg = config_from(CodecConfig, read_metadata(path, kind="codec")["config"], source)
     codec, specs = _meta(Codec, cfg), tensor_specs(path)
     if substate(specs, "codec"):  # (our files' layout: every tensor under codec.)
         check_parts(specs, ("codec",), str(source))
     check_tensors(codec, substate(specs, "codec") or specs, str(source))  # from the header, before reading and hashing
     state, _ = read_weights(path, kind="codec", verify=verify)
+    check_unreplaced(path, version, str(source))
     return _fill(codec, substate(state, "codec") or state, device, dtype, str(source))
 
 
@@ -355,6 +358,7 @@ def no_codec_problem(flag: str, path, meta: dict, codec: str, codec_flag: str = 
     return None
 
 
+@reloaded_if_replaced
 def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dtype: Optional[torch.dtype] = None,
                    ckpt_dir: Union[str, os.PathLike] = hub.DEFAULT_CKPT_DIR, offline: Optional[bool] = None,
                    codec: Optional[Union[str, os.PathLike]] = "auto", endpoint: Optional[str] = None,
@@ -390,6 +394,10 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
         raise ValueError("merge=True folds the adapter into float weights: load without quantize=")
     if merge and adapter is None:
         raise ValueError("merge=True needs an adapter= file to merge")
+    # the files whose headers are read first and tensors last: each must stay the one file (a training run saving
+    # over one meanwhile mixed two, a model with another file's codec among them), or the load starts again
+    versions = {label: (path, file_version(path)) for label, path in (("", source), ("adapter ", adapter))
+                if path is not None and str(path) not in hub.VARIANTS and os.path.isfile(path)}
     if adapter is not None:
         fingerprint = lora.base_fingerprint(source)
         adapter_cfg = lora.check_adapter(adapter, fingerprint, str(source))
@@ -461,6 +469,8 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
         else:  # held in the compute dtype: the forward would otherwise cast them at every step
             for m in lora.adapted(model).values():
                 m.lora_A.data, m.lora_B.data = m.lora_A.data.to(dtype), m.lora_B.data.to(dtype)
+    for label, (path, version) in versions.items():
+        check_unreplaced(path, version, f"{label}{path}")
     # which codec this is, for save_transformer(codec_source="auto") (a quantized copy decodes with it too)
     model.codec_source = None if codec_source is None else recorded_codec_path(codec_source)
     model.codec_fingerprint = trained_with if recorded_codec_file is not None else None

@@ -734,3 +734,59 @@ def test_a_weights_file_this_user_cannot_read_is_one_error_line(tmp_path, which)
                        cwd=repo, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.strip() == f"error: cannot read {path}: Permission denied", r.stderr[-3000:]
     assert not (tmp_path / "out.wav").exists()
+
+
+def _saved_over(path: Path, source: Path) -> None:
+    """`source`'s bytes renamed over `path`, as a training run's save replaces its `best.safetensors`."""
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(source.read_bytes()))
+
+
+def test_a_checkpoint_saved_over_while_it_loads_is_loaded_whole_or_named(tmp_path, monkeypatch):
+    """A loader reads a file's header first (its config, its recorded codec and fingerprint) and its
+    tensors last, each through its own open of the path. A training run saving over the file in
+    between (concurrency hunt, session 37) gave a model of one file's weights with the codec the
+    other file records (noise, without a word), or a false "corrupted: re-export or re-download".
+    Now a load whose file was replaced meanwhile starts again, and a file replaced at every
+    attempt is one error line saying so."""
+    import model.checkpoint as checkpoint
+    import model.loading as loading
+    from model.latents import codec_fingerprint
+    exports, marks, prints = [], [], []
+    for i in range(2):  # one architecture, each export trained with its own codec
+        torch.manual_seed(i)
+        codec = build(Codec, CODEC_PRESETS["tiny"])
+        codec_file = save_codec(tmp_path / f"codec{i}.safetensors", codec)
+        model = build(HertzDev, dataclasses.replace(TRANSFORMER_PRESETS["tiny"], duplex=True))
+        exports.append(save_transformer(tmp_path / f"m{i}.safetensors", model, codec_source=str(codec_file)))
+        marks.append(next(model.lm.parameters()).detach().clone())
+        prints.append(codec_fingerprint(codec))
+    best = tmp_path / "best.safetensors"
+    _saved_over(best, exports[0])
+    read_weights, saves = loading.read_weights, iter([exports[1]])
+
+    def saved_over_first(path, *args, **kwargs):  # m1 saved over best after its header was read, before its tensors
+        if Path(path) == best and (source := next(saves, None)) is not None:
+            _saved_over(best, source)
+        return read_weights(path, *args, **kwargs)
+    monkeypatch.setattr(loading, "read_weights", saved_over_first)
+    model = load_hertz_dev(best)
+    assert torch.equal(next(model.lm.parameters()), marks[1]) and codec_fingerprint(model.codec) == prints[1]
+
+    turns = iter(exports * 3)  # saved over at every attempt: named, not loaded
+    saves = turns
+    with pytest.raises(CheckpointError) as caught:
+        load_hertz_dev(best)
+    assert str(caught.value) == (f"{best} was replaced while it loaded (another process saved over it: a training "
+                                 "run's save?); load it again")
+    monkeypatch.setattr(loading, "read_weights", read_weights)
+
+    # the header and the tensors of one read: a file saved over between them is that, not "corrupted"
+    import safetensors.torch
+    load_file = safetensors.torch.load_file
+
+    def saved_over_then_read(path, *args, **kwargs):
+        _saved_over(best, exports[0])
+        return load_file(path, *args, **kwargs)
+    monkeypatch.setattr(safetensors.torch, "load_file", saved_over_then_read)
+    with pytest.raises(checkpoint.FileReplaced, match="was replaced while it loaded"):
+        checkpoint.read_weights(best)
