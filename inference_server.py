@@ -999,15 +999,19 @@ def recover_recordings(folder: Path) -> None:
     their audio is readable and not empty, removed otherwise; one log line each. One that a live
     server (another on the same folder) is writing is locked by it (`Recorder`), and left to it."""
     import soundfile as sf
-    from model.files import open_locked
-    for stale in sorted(folder.glob(".*.part.tmp")) if folder.is_dir() else []:  # a recovery cut short
-        os.remove(stale)
+    from model.files import drop_dead_temporaries, open_locked, replace_atomically
+    # a recovery cut short: its temporary, once no server writes it (another server on this folder may be
+    # recovering into one now); `.NAME.part.tmp`, unlocked, of servers before the recovery wrote through a lock
+    drop_dead_temporaries(folder)
+    for stale in sorted(folder.glob(".*.part.tmp")) if folder.is_dir() else []:
+        with contextlib.suppress(OSError):
+            os.remove(stale)
     for part in sorted(folder.glob(".*.part")) if folder.is_dir() else []:
         try:
-            held = open_locked(part, locks_optional=True)
+            held = open_locked(part, locks_optional=True, create=False)
             if held is None:  # renamed into place as this server looked
                 continue
-        except BlockingIOError:  # a live server's recording
+        except (BlockingIOError, FileNotFoundError):  # a live server's recording; one another server recovered
             continue
         except OSError:  # (one this server cannot open for writing: taken unlocked, as before)
             held = contextlib.nullcontext()
@@ -1020,9 +1024,7 @@ def recover_recordings(folder: Path) -> None:
             else:
                 why = "empty" if len(audio) == 0 else f"{target.name} exists" if target.exists() else None
             if why is None:
-                tmp = part.with_name(part.name + ".tmp")
-                sf.write(str(tmp), audio, rate, "PCM_16", format="WAV")
-                os.replace(tmp, target)
+                replace_atomically(target, lambda tmp: sf.write(tmp, audio, rate, "PCM_16", format="WAV"))
                 os.remove(part)
                 log.warning("recovered %.1f s of an interrupted recording: %s", len(audio) / rate, target)
             else:

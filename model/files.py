@@ -179,16 +179,18 @@ def replace_atomically(path: str | os.PathLike, write: Callable[[str], None], su
 
 
 def open_locked(path: str | os.PathLike, waiting: Optional[Callable[[], None]] = None, buffering: int = -1,
-                locks_optional: bool = False):
+                locks_optional: bool = False, create: bool = True):
     """`path` opened for reading and writing (made if missing, with the mode `temp_beside` gives)
     under an exclusive `flock` held until the file is closed: how processes share one partial file,
     each taking over what the last one left. While another process holds it: BlockingIOError, or
     with `waiting`, `waiting()` is called once and the lock waited for. None when the file was
     renamed or removed as it was locked (its holder finished with it): look again. On a file system
-    without locks: that OSError, or with `locks_optional`, the file unlocked."""
+    without locks: that OSError, or with `locks_optional`, the file unlocked. `create=False`: a
+    missing file is a FileNotFoundError (one another process finished with and removed), not made
+    anew, empty."""
     import fcntl  # (Unix; imported here, so that this module imports everywhere)
-    file = open(os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666), "r+b",
-                buffering=buffering)
+    flags = os.O_RDWR | (os.O_CREAT if create else 0) | getattr(os, "O_CLOEXEC", 0)
+    file = open(os.open(path, flags, 0o666), "r+b", buffering=buffering)
     try:
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)

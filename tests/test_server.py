@@ -1504,6 +1504,84 @@ def test_a_recording_another_live_server_writes_is_left_to_it(model, tmp_path, c
     assert sorted(p.name for p in rec.iterdir()) == ["d.wav"]
 
 
+
+def _recover_in_a_process(folder: str, go, said) -> None:
+    """One server's start on `folder` (`recover_recordings`), when `go` is set; what it logged or raised into `said`."""
+    import logging
+    import traceback
+    from pathlib import Path
+    import inference_server
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logging.getLogger("hertz.server").addHandler(handler)
+    go.wait()
+    try:
+        inference_server.recover_recordings(Path(folder))
+    except Exception:
+        records.append("raised " + traceback.format_exc(limit=4))
+    said.put(records)
+
+
+def test_two_servers_starting_on_one_folder_recover_each_recording_once_and_quietly(tmp_path):
+    """Two servers starting at once on a --recordings folder of a killed server's `.part` files
+    (concurrency hunt, session 37): the second removed the first's recovery temporary (a traceback
+    ending the first server after its model loaded), and re-created as an empty file a `.part` the
+    first had just recovered and removed, then logged it as an unreadable recording removed (none
+    was lost). Each is now recovered by one of them, and neither says anything else."""
+    import multiprocessing
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        with sf.SoundFile(rec / f".r{i}.wav.part", "w", 16000, 2, "PCM_16", format="WAV") as f:
+            f.write(rng.integers(-3000, 3000, size=(16000 * 120, 2), dtype=np.int16))
+    ctx = multiprocessing.get_context("spawn")
+    go, said = ctx.Event(), ctx.Queue()
+    servers = [ctx.Process(target=_recover_in_a_process, args=(str(rec), go, said)) for _ in range(2)]
+    for p in servers:
+        p.start()
+    time.sleep(3)  # (both imported)
+    go.set()
+    logs = [said.get(timeout=120) for _ in servers]
+    for p in servers:
+        p.join(60)
+    lines = [line for log in logs for line in log]
+    assert sorted(p.name for p in rec.iterdir()) == [f"r{i}.wav" for i in range(8)], lines
+    assert len(lines) == 8 and all(line.startswith("recovered 120.0 s of an interrupted recording") for line in lines), lines
+
+
+def test_a_recovery_another_server_is_writing_is_left_to_it(tmp_path):
+    """A server starting removed every recovery temporary of the folder, one another server was
+    writing included (then its rename failed with a traceback). Only those no process holds (a
+    recovery killed midway) are removed now."""
+    import os
+    import subprocess
+    import sys
+    from inference_server import recover_recordings
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    writing = ("import sys, numpy as np, soundfile as sf\nfrom model.files import temporary_beside\n"
+               f"w = lambda tmp: sf.write(tmp, np.full((16000, 2), 7, dtype='int16'), 16000, 'PCM_16', format='WAV')\n"
+               f"with temporary_beside({str(rec)!r}, '.a.wav.', '.tmp', w) as tmp:\n"
+               "    print(tmp, flush=True)\n    sys.stdin.readline()\n"
+               f"    import os; os.replace(tmp, {str(rec / 'a.wav')!r})\n")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    other = subprocess.Popen([sys.executable, "-c", writing], cwd=repo, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        held = other.stdout.readline().strip()
+        assert held, other.stderr.read()
+        (rec / ".b.wav.0123abcd.tmp").write_bytes(b"a recovery killed midway")  # (no process holds it)
+        (rec / ".c.wav.part.tmp").write_bytes(b"an older server's")
+        recover_recordings(rec)
+        assert sorted(p.name for p in rec.iterdir()) == [os.path.basename(held)]
+    finally:
+        out, err = other.communicate("go\n", timeout=60)
+    assert other.returncode == 0, err[-2000:]
+    assert sorted(p.name for p in rec.iterdir()) == ["a.wav"] and sf.info(str(rec / "a.wav")).frames == 16000
+
+
 # --- the command line ---------------------------------------------------------------------------
 
 def server_here(capfd, monkeypatch, *args):
