@@ -673,16 +673,16 @@ def parse_args(argv=None):
     live.add_argument("--input-device", help="microphone: index or part of the name (default: the system's)")
     live.add_argument("--output-device", help="speaker: index or part of the name (default: the system's)")
     live.add_argument("--choose-devices", action="store_true", help="ask for the devices interactively")
-    live.add_argument("--stats-every", type=float, default=5.0, help="seconds between latency lines (0: only at the end)")
+    live.add_argument("--stats-every", type=float, help="seconds between latency lines (0: only at the end; default 5)")
     files = ap.add_argument_group("file mode (headless)")
     files.add_argument("--input-wav", type=os.path.expanduser,
         help="stream this file (any format soundfile reads; mixed to mono, 16 kHz)")
     files.add_argument("--output-wav", type=os.path.expanduser,
         help="write the conversation here: stereo, user and model (WAV, or the "
                        "format its extension names: .flac, .ogg)")
-    files.add_argument("--realtime", action=argparse.BooleanOptionalAction, default=True,
+    files.add_argument("--realtime", action=argparse.BooleanOptionalAction,
                        help="send at real time (default), or as fast as the server answers")
-    files.add_argument("--window", type=int, default=2, help="--no-realtime: chunks in flight at once")
+    files.add_argument("--window", type=int, help="--no-realtime: chunks in flight at once (default 2)")
     files.add_argument("--reply-timeout", type=float, default=10.0,
                        help="seconds to wait for a reply (to the sampling flags; in file mode the last "
                             "ones, and with --no-realtime any) before giving up")
@@ -692,6 +692,22 @@ def parse_args(argv=None):
             raise SystemExit(f"error: {flag} needs a file, got ''")
     if bool(args.input_wav) != bool(args.output_wav):
         raise SystemExit("error: --input-wav and --output-wav go together")
+    # a flag of the other mode would be ignored without a word: said instead (--list-devices only lists)
+    live_only = [flag for flag, given in (("--input-device", args.input_device is not None),
+                                          ("--output-device", args.output_device is not None),
+                                          ("--choose-devices", args.choose_devices),
+                                          ("--stats-every", args.stats_every is not None)) if given]
+    file_only = [flag for flag, given in (("--realtime" if args.realtime else "--no-realtime", args.realtime is not None),
+                                          ("--window", args.window is not None)) if given]
+    if args.input_wav and live_only:
+        raise SystemExit(f"error: {live_only[0]} is for live audio (microphone and speaker); with --input-wav it "
+                         "would not be used")
+    if not args.input_wav and file_only and not args.list_devices:
+        raise SystemExit(f"error: {file_only[0]} is for file mode (--input-wav, --output-wav); live it would not be "
+                         "used")
+    args.stats_every = 5.0 if args.stats_every is None else args.stats_every
+    args.realtime = True if args.realtime is None else args.realtime
+    args.window = 2 if args.window is None else args.window
     if args.seed is not None and not 0 <= args.seed < SEED_MAX:  # the server's range: refused before connecting
         raise SystemExit(f"error: --seed must be an integer in [0, 2**63), got {args.seed}")
     try:

@@ -239,6 +239,11 @@ def test_bad_flags_are_one_error_line_before_connecting(tmp_path, capfd):
     for flags, message in ((("--no-realtime", "--window", "0"), "--window must be >= 1 chunk, got 0"),
                            (("--reply-timeout", "nan"), "--reply-timeout must be > 0 seconds, got nan"),
                            (("--seed", "-1"), "--seed must be an integer in [0, 2**63), got -1"),
+                           # a live flag in file mode was ignored without a word
+                           (("--input-device", "2"), "--input-device is for live audio (microphone and speaker); with "
+                                                     "--input-wav it would not be used"),
+                           (("--stats-every", "1"), "--stats-every is for live audio (microphone and speaker); with "
+                                                    "--input-wav it would not be used"),
                            (("--seed", str(2 ** 63)), f"--seed must be an integer in [0, 2**63), got {2 ** 63}"),
                            # These were tracebacks from the websocket library, after the input file was read.
                            (("--server", "ws://"), "--server 'ws://' names no host (ws://HOST:PORT)"),
@@ -505,6 +510,15 @@ def test_an_unanswered_or_odd_answer_to_the_sampling_flags_is_one_error_line(tmp
                            "--token-temp", "0.5", "--reply-timeout", "1", timeout=20)
         assert r.returncode == 1 and r.stderr.splitlines()[-1] == message, r.stderr
         assert "Traceback" not in r.stderr and not (tmp_path / "o.wav").exists()
+
+
+@pytest.mark.parametrize("flags, flag", [(["--no-realtime"], "--no-realtime"), (["--realtime"], "--realtime"),
+                                         (["--window", "4"], "--window")])
+def test_a_file_mode_flag_live_is_one_error_line(capfd, flags, flag):
+    """--no-realtime or --window without --input-wav: the live client ran without a word about them."""
+    r = client_here(capfd, "--server", "ws://127.0.0.1:9", *flags)
+    assert r.returncode != 0 and r.stderr == (f"error: {flag} is for file mode (--input-wav, --output-wav); live it "
+                                              "would not be used\n"), r.stderr
 
 
 def test_choose_devices_without_a_terminal_is_one_error_line():
