@@ -23,8 +23,8 @@ from config.transformer_config import DTYPE_NAMES, TransformerConfig
 from config.transformer_config import hertz_dev as TRANSFORMER_HERTZ_DEV
 
 from . import hub, lora
-from .checkpoint import (CheckpointError, atomic_write, check_unreplaced, file_version, reloaded_if_replaced, config_from, listed, read_metadata, read_weights, substate,
-                         tensor_specs, write_weights)
+from .checkpoint import (CheckpointError, atomic_write, check_unreplaced, config_from, file_version, listed, read_metadata,
+                         read_weights, reloaded_if_replaced, substate, tensor_specs, write_weights)
 from .codec import Codec
 from .lm import LatentLM
 from .quant import (MODES, apply_plan, bad_scales, pack_int4, quantization_of, quantization_plan, quantize_state,
