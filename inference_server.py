@@ -515,6 +515,7 @@ class Session:
         lim = server.limits  # this session's token buckets (`Limits`)
         self.limits = {"control": Bucket(lim.control_rate, lim.control_burst),
                        "reset": Bucket(lim.reset_rate, lim.reset_burst)}
+        self.retry_at: dict[str, float] = {}  # limit -> when its last rate_limited answer said to try again
 
     def info(self) -> dict:
         return {"session": self.id, "row": self.row, "seconds": round(time.time() - self.started, 1),
@@ -570,11 +571,13 @@ class Session:
         self.send(data if fmt == "binary" else TEXT_PREFIX + base64.b64encode(data).decode("ascii"), audio=True)
         self.counts["chunks_out"] += 1
 
-    def error(self, code: str, message: str, **extra) -> None:
-        """Answer a bad message with {"type": "error"}; too many of them close the session."""
+    def error(self, code: str, message: str, bad: bool = True, **extra) -> None:
+        """Answer a message with {"type": "error"}; too many bad ones close the session."""
+        self.send_json(type="error", error=code, message=message, **extra)
+        if not bad:
+            return
         self.counts["bad_messages"] += 1
         self.server.counts["bad_messages"] += 1
-        self.send_json(type="error", error=code, message=message, **extra)
         if self.counts["bad_messages"] > MAX_BAD_MESSAGES:
             self.fail(CLOSE_POLICY, f"more than {MAX_BAD_MESSAGES} bad messages")
 
@@ -692,12 +695,17 @@ class Session:
         body = {k: v for k, v in message.items() if k not in ("type", "id")}
         for limit in ("control", kind):
             if limit in self.limits and (wait := self.limits[limit].take()) > 0:
-                # Counted as a bad message too: a client that goes on after being told is closed
-                # (and a reconnection goes through the server's bucket of new sessions).
+                # A bad message when it comes before the time the last one was told to wait for: a
+                # client that goes on after being told is closed (and a reconnection goes through the
+                # server's bucket of new sessions). One that waited as told is only told again: the
+                # page's Reset, clicked again whenever the server allowed it, was closed at the 33rd.
                 self.counts["rate_limited"] += 1
                 self.server.counts["rate_limited"] += 1
+                now = time.monotonic()
+                ignored = now < self.retry_at.get(limit, -math.inf)
+                self.retry_at[limit] = now + wait
                 return self.error("rate_limited", f"too many {limit} messages: try again in {wait:.1f} s",
-                                  retry_after=round(wait, 2), **echo)
+                                  bad=ignored, retry_after=round(wait, 2), **echo)
         if kind == "set_params":
             params = parse_params(self.params, body, {n: n for n in PARAM_NAMES})
             await self.server.worker.set_params(self.row, params)
@@ -765,8 +773,8 @@ class Limits:
     """What one client may cost. Token buckets (`burst` at once, then `rate` per second): per
     session, every control message (`control_*`: generous, a dragged slider sends dozens), and
     within it `reset` (a prompt prefill with --prompt-path); over a bucket, a message is answered
-    with a `rate_limited` error, which counts as a bad message (MAX_BAD_MESSAGES of them close the
-    session). Over all clients, new sessions (each starts with the same prefill; refused with
+    with a `rate_limited` error and its `retry_after`, which counts as a bad message (MAX_BAD_MESSAGES
+    of them close the session) when it comes before the previous one's `retry_after` ran out. Over all clients, new sessions (each starts with the same prefill; refused with
     CLOSE_TRY_AGAIN). A session without audio for `idle_timeout` seconds is closed (CLOSE_IDLE)."""
     reset_rate: float = 0.2
     reset_burst: float = 2

@@ -494,6 +494,30 @@ def test_too_many_bad_messages_close_the_session(server):
     wait_idle(server)
 
 
+def test_a_rate_limited_message_is_a_bad_one_only_before_its_retry_after(model):
+    """A client told to wait (rate_limited, retry_after) that waits is only told again: every
+    rate-limited message counted as a bad one, so the browser page's Reset, clicked again each
+    time the server allowed it, was closed at the 33rd over a long session. One that comes before
+    the previous retry_after ran out still counts (a client that goes on after being told), for
+    set_params as for reset."""
+    limits = srv.Limits(control_rate=1000, control_burst=1000, reset_rate=4.0, reset_burst=1)  # retry_after at most 0.25 s
+
+    async def run():
+        async with connect(server.ws + "/audio") as ws:
+            answers = []
+            for wait in (0, 0, None, 0, None, 0, 0):  # None: wait as the last answer said
+                if wait is None:
+                    await asyncio.sleep(answers[-1]["retry_after"] + 0.01)
+                answers.append(await control(ws, type="reset"))
+            status = await control(ws, type="status")
+            return [a.get("error", a["type"]) for a in answers], status["bad_messages"], status["rate_limited"]
+    with running_server(model, max_sessions=1, limits=limits) as server:
+        answers, bad, limited = asyncio.run(asyncio.wait_for(run(), 30))
+    # ack, told; (waited) ack, told; (waited) ack, told, and told again before its time: one bad message
+    assert answers == ["ack", "rate_limited", "ack", "rate_limited", "ack", "rate_limited", "rate_limited"]
+    assert (bad, limited) == (1, 4)
+
+
 def test_client_vanishing_mid_step(model, tmp_path):
     with running_server(model, max_sessions=2, recordings=str(tmp_path)) as server:
         async def vanish():
