@@ -38,9 +38,9 @@ from typing import Callable, Mapping, Optional
 import numpy as np
 
 from config import ArgumentParser, printable
-from model.protocol import (CHUNK, CHUNK_BYTES, CLOSE_RESTART, JITTER, PARAM_NAMES, PARAM_RANGES, SAMPLE_RATE,
-                            SEED_MAX, SHUTDOWN_REASON, check_param, describe_range, float_to_pcm, percentiles,
-                            query_seed, redact_tokens)
+from model.protocol import (CHUNK, CHUNK_BYTES, CLOSE_RESTART, JITTER, PARAM_NAMES, PARAM_RANGES, REPLY_TIMEOUT_S,
+                            SAMPLE_RATE, SEED_MAX, SHUTDOWN_REASON, check_param, describe_range, float_to_pcm,
+                            percentiles, query_seed, redact_tokens)
 
 # The command-line flags of each sampling parameter (the original client's names too).
 PARAM_FLAGS = {"token_temp": ("--token-temp", "--token_temp", "-t1"),
@@ -683,7 +683,7 @@ def parse_args(argv=None):
     files.add_argument("--realtime", action=argparse.BooleanOptionalAction,
                        help="send at real time (default), or as fast as the server answers")
     files.add_argument("--window", type=int, help="--no-realtime: chunks in flight at once (default 2)")
-    files.add_argument("--reply-timeout", type=float, default=10.0,
+    files.add_argument("--reply-timeout", type=float, default=REPLY_TIMEOUT_S,
                        help="seconds to wait for a reply (to the sampling flags; in file mode the last "
                             "ones, and with --no-realtime any) before giving up")
     args = ap.parse_args(argv)

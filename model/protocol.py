@@ -27,6 +27,10 @@ CLOSE_TRY_AGAIN = 1013    # every slot is taken: try again later
 CLOSE_IDLE = 4408         # no audio for the server's --idle-timeout seconds (as HTTP 408)
 SHUTDOWN_REASON = "the server is shutting down"
 
+# Seconds a client waits for the server before it gives up on it: the handshake, and the reply to its
+# oldest unanswered chunk (inference_client.py's --reply-timeout default, the browser page's).
+REPLY_TIMEOUT_S = 10.0
+
 # The clients' adaptive jitter buffer (the browser page's audio worklet and inference_client.py's
 # Speaker), in milliseconds: after silence a reply starts playing `margin` after it arrived
 # (marginStartMs at first); each underrun grows the margin by growMs, up to marginMaxMs; after
@@ -159,12 +163,13 @@ def percentiles(values, qs=(50, 99)) -> dict:
 
 def page_constants(defaults: Mapping[str, float]) -> str:
     """The constants the browser page (web/index.html) needs, as JSON safe inside a <script>
-    element: sampleRate, chunk, textPrefix, jitter (`JITTER`), and for each parameter its range and
-    `defaults` value: {"params": {name: {"min", "max", "minInclusive", "maxInclusive", "what", "default"}}}."""
+    element: sampleRate, chunk, textPrefix, jitter (`JITTER`), replyTimeoutS (`REPLY_TIMEOUT_S`), and
+    for each parameter its range and `defaults` value:
+    {"params": {name: {"min", "max", "minInclusive", "maxInclusive", "what", "default"}}}."""
     import json
     params = {name: {"min": lo, "max": hi, "minInclusive": lo_in, "maxInclusive": hi_in, "what": what,
                      "default": float(defaults[name])}
               for name, (lo, hi, lo_in, hi_in, what) in PARAM_RANGES.items()}
     text = json.dumps({"sampleRate": SAMPLE_RATE, "chunk": CHUNK, "textPrefix": TEXT_PREFIX, "jitter": JITTER,
-                       "params": params})
+                       "replyTimeoutS": REPLY_TIMEOUT_S, "params": params})
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
