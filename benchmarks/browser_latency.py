@@ -97,14 +97,14 @@ class Page:
 
 
 @contextlib.contextmanager
-def chromium_page(chromium, profile: Path, mic_wav: Path, url: str):
+def chromium_page(chromium, profile: Path, mic_wav: Path, url: str, extra=()):
     """Headless Chromium on `url`, its fake microphone playing `mic_wav` (looped); yields the
-    page's DevTools websocket URL, and ends the browser on exit."""
+    page's DevTools websocket URL, and ends the browser on exit. `extra`: more command-line flags."""
     args = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync",
             f"--user-data-dir={profile}", "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
             f"--use-file-for-fake-audio-capture={mic_wav}", "--autoplay-policy=no-user-gesture-required",
-            "--remote-debugging-port=0", "--remote-debugging-address=127.0.0.1", url]
+            "--remote-debugging-port=0", "--remote-debugging-address=127.0.0.1", *extra, url]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         port_file = profile / "DevToolsActivePort"

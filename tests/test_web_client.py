@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import pytest
 import soundfile as sf
 
 from benchmarks.browser_latency import Page, chromium_page, find_chromium
-from live_server import connect as session, running_server, tiny_duplex
+from live_server import connect as session, free_socket, running_server, tiny_duplex
 from model import SamplingParams
 from model.protocol import CHUNK, JITTER, PARAM_RANGES, SAMPLE_RATE
 
@@ -348,3 +349,129 @@ def test_the_stopped_sessions_worklet_does_not_count_in_the_new_one(tmp_path):
     after = live_page(tmp_path, steps)
     assert after["old"] > 0 and after["session"] == 2
     assert (after["played"], after["c2pCount"], after["underruns"], after["maxMarginMs"]) == (0, 0, 0, 0), after
+
+
+def tone_wav(folder: Path) -> Path:
+    """The fake microphone: 2 s of 440 Hz (looped)."""
+    t = np.arange(48000 * 2) / 48000
+    sf.write(folder / "mic.wav", (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 48000, subtype="PCM_16")
+    return folder / "mic.wav"
+
+
+class Proxy:
+    """A TCP proxy on loopback in front of the test server, run in a thread. `rewrite_host`: a
+    reverse proxy that sets each request's Host to its upstream's (nginx's default `proxy_set_header
+    Host $proxy_host`), one request per connection. `pause()`: it goes on accepting connections and
+    reading, and passes nothing on, either way (a server stopped with SIGSTOP, a hung host, a
+    network path gone), until `resume()`."""
+
+    def __init__(self, upstream: int, rewrite_host: bool = False):
+        self.upstream, self.rewrite_host = upstream, rewrite_host
+        self.passing = threading.Event()
+        self.passing.set()
+        self.sock = free_socket()
+        self.port = self.sock.getsockname()[1]
+
+    def pause(self):
+        self.passing.clear()
+
+    def resume(self):
+        self.passing.set()
+
+    async def pipe(self, reader, writer, data=b""):
+        try:
+            while data or (data := await reader.read(65536)):
+                while not self.passing.is_set():
+                    await asyncio.sleep(0.05)
+                writer.write(data)
+                await writer.drain()
+                data = b""
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def handle(self, reader, writer):
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream)
+        first = await reader.read(65536)
+        if self.rewrite_host and b"\r\n\r\n" in first:
+            head, body = first.split(b"\r\n\r\n", 1)
+            lines = [b"Host: 127.0.0.1:%d" % self.upstream if line.lower().startswith(b"host:") else line
+                     for line in head.split(b"\r\n") if not line.lower().startswith(b"connection: keep-alive")]
+            if not any(line.lower().startswith(b"upgrade:") for line in lines):
+                lines.insert(1, b"Connection: close")  # one request per connection: each one's Host rewritten
+            first = b"\r\n".join(lines) + b"\r\n\r\n" + body
+        await asyncio.gather(self.pipe(reader, up_writer, first), self.pipe(up_reader, writer))
+
+    def __enter__(self):
+        ready = threading.Event()
+
+        async def main():
+            self.stop = asyncio.Event()
+            async with await asyncio.start_server(self.handle, sock=self.sock):
+                ready.set()
+                await self.stop.wait()
+                connections = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+                for t in connections:
+                    t.cancel()
+                await asyncio.gather(*connections, return_exceptions=True)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_until_complete, args=(main(),), daemon=True)
+        self.thread.start()
+        ready.wait(10)
+        return self
+
+    def __exit__(self, *exc):
+        self.passing.set()
+        self.loop.call_soon_threadsafe(self.stop.set)
+        self.thread.join(10)
+        self.loop.close()
+
+
+ENDED = "!['idle', 'starting…', 'stopped', 'live'].includes(window.hertz.state)"  # the page said why it is not live
+SAID = "[window.hertz.state, document.getElementById('state').className, document.getElementById('start').disabled]"
+
+
+def test_the_page_says_why_it_has_no_microphone_or_why_its_websocket_was_refused(tmp_path):
+    """Real causes, in real Chromium (names mapped to 127.0.0.1 by its resolver): the page at a
+    name that is not loopback over plain http (an insecure context: no navigator.mediaDevices, no
+    AudioWorklet) said "microphone or audio unavailable: Cannot read properties of undefined
+    (reading 'addModule')"; it now says at once that the page must be opened over https or at
+    127.0.0.1 / localhost, and touches no audio. Behind a reverse proxy whose Host differs (the
+    server refuses the page's Origin: only the websocket carries it), the page said "the server
+    refused the connection (HTTP 200 for /health)"; a Host the server no longer answers to was
+    blamed on a token this server does not have. It now shows the server's own message for each."""
+    chromium = chromium_path()
+    hosts = ["insecure.test", "named.test"]  # --allow-host; named.test is dropped after its page loads
+    import inference_server as srv
+    with running_server(tiny_duplex(), max_sessions=1, access=srv.Access(allow_hosts=hosts)) as server, \
+            Proxy(server.port, rewrite_host=True) as proxy:
+        insecure, named = f"http://insecure.test:{server.port}", f"http://named.test:{server.port}"
+        proxied = f"http://proxied.test:{proxy.port}"
+        extra = ["--host-resolver-rules=MAP *.test 127.0.0.1", f"--unsafely-treat-insecure-origin-as-secure={named},{proxied}"]
+        with chromium_page(chromium, tmp_path / "profile", tone_wav(tmp_path), f"{proxied}/", extra) as devtools:
+            async def run():
+                from websockets.asyncio.client import connect
+                async with connect(devtools, max_size=None) as ws:
+                    page, said = Page(ws), {}
+                    for origin in (proxied, named, insecure):
+                        if origin != proxied:
+                            await page.call("Page.navigate", url=f"{origin}/")
+                        await page.wait_for(f"location.origin === '{origin}' && document.readyState === 'complete' "
+                                            "&& !!window.hertz")
+                        if origin == named:
+                            hosts.remove("named.test")  # as the server restarted without --allow-host named.test
+                        await page.js("document.getElementById('start').click()", gesture=True)
+                        await page.wait_for(ENDED)
+                        said[origin] = await page.js(SAID) + [await page.js("ctx === null && stream === null")]
+                    return said
+            said = asyncio.run(asyncio.wait_for(run(), 90))
+    assert said == {
+        proxied: ["the server refused the connection: pages of that origin may not use this server "
+                  "(start it with --allow-origin)", "error", False, True],
+        named: ["the server refused the connection: this server does not answer to that Host (start it with "
+                "--allow-host)", "error", False, True],
+        insecure: ["the browser gives the microphone only to secure pages: open this one over https or at "
+                   "http://127.0.0.1 or http://localhost (e.g. through an SSH tunnel: ssh -L "
+                   f"{server.port}:127.0.0.1:{server.port} insecure.test, then http://127.0.0.1:{server.port}/)",
+                   "error", False, True]}
