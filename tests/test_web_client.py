@@ -475,3 +475,69 @@ def test_the_page_says_why_it_has_no_microphone_or_why_its_websocket_was_refused
                    "http://127.0.0.1 or http://localhost (e.g. through an SSH tunnel: ssh -L "
                    f"{server.port}:127.0.0.1:{server.port} insecure.test, then http://127.0.0.1:{server.port}/)",
                    "error", False, True]}
+
+
+def test_the_page_gives_up_on_a_server_that_does_not_answer(tmp_path, monkeypatch):
+    """A server that stops answering without closing (a paused proxy in front of it: as a server
+    stopped with SIGSTOP, a hung host, a network path gone). Mid-session, the page stayed "live"
+    for good, its round trip frozen; it now closes the session once its oldest unanswered chunk is
+    older than the reply timeout (the microphone client's --reply-timeout, 10 s; 2 s here) and says
+    how many went unanswered. At Start, the handshake never completed: "starting…" for good, both
+    buttons disabled and the microphone held; now Stop works at once (and gives the microphone
+    back), and the page gives up after the same timeout."""
+    from model import protocol
+    monkeypatch.setattr(protocol, "REPLY_TIMEOUT_S", 2.0)  # written into the page when it is served
+    chromium = chromium_path()
+    buttons = "[window.hertz.state, document.getElementById('start').disabled, document.getElementById('stop').disabled, " \
+              "stream === null]"
+    with running_server(tiny_duplex(), max_sessions=1) as server, Proxy(server.port) as proxy:
+        url = f"http://127.0.0.1:{proxy.port}/"
+        with chromium_page(chromium, tmp_path / "profile", tone_wav(tmp_path), url) as devtools:
+            async def run():
+                from websockets.asyncio.client import connect
+                async with connect(devtools, max_size=None) as ws:
+                    page = Page(ws)
+                    await page.wait_for("document.readyState === 'complete' && !!window.hertz")
+                    await page.js("document.getElementById('start').click()", gesture=True)
+                    await page.wait_for("window.hertz.state === 'live' && window.hertz.received >= 4")
+                    proxy.pause()
+                    paused = time.monotonic()
+                    await page.wait_for(ENDED, timeout=15)
+                    stalled = await page.js(SAID) + [await page.js("stream === null"), time.monotonic() - paused]
+                    await page.js("document.getElementById('start').click()", gesture=True)
+                    await page.wait_for("!document.getElementById('stop').disabled")
+                    hanging = await page.js(buttons)
+                    await page.js("document.getElementById('stop').click()", gesture=True)
+                    stopped = await page.js(buttons)
+                    await page.js("document.getElementById('start').click()", gesture=True)
+                    await page.wait_for(ENDED, timeout=15)
+                    return stalled, hanging, stopped, await page.js(SAID) + [await page.js(buttons)]
+            stalled, hanging, stopped, gave_up = asyncio.run(asyncio.wait_for(run(), 90))
+    import re
+    said, cls, start_disabled, released, waited = stalled
+    unanswered = re.fullmatch(r"the server stopped answering \((\d+) chunks unanswered for 2 s\): "
+                              r"check that it runs, then press Start again", said)
+    assert unanswered and int(unanswered[1]) >= 12 and (cls, start_disabled, released) == ("error", False, True), stalled
+    assert 2 <= waited < 6, stalled
+    assert hanging == ["starting…", True, False, False] and stopped == ["stopped", False, True, True]
+    assert gave_up == ["the server did not answer within 2 s: check that it runs, then press Start again", "error", False,
+                       ["the server did not answer within 2 s: check that it runs, then press Start again", False, True, True]]
+
+
+def test_the_page_ends_the_session_when_the_microphone_goes_away(tmp_path):
+    """The microphone's track ends mid-session (a headset unplugged, the permission withdrawn: here
+    withdrawn through the DevTools protocol, which ends the track in Chromium). The page went on
+    streaming silence as the user's audio, "live", without a word; it now stops and says so."""
+    async def steps(page, server):
+        await page.wait_for("window.hertz.received >= 2")
+        await page.call("Browser.setPermission", permission={"name": "microphone"}, setting="denied", origin=server.http)
+        await page.wait_for(ENDED, timeout=10)
+        said = await page.js(SAID)
+        sent = await page.js("window.hertz.sent")
+        await asyncio.sleep(0.5)
+        return said, await page.js("[window.hertz.sent, stream === null, document.getElementById('stop').disabled]"), sent
+
+    said, after, sent = live_page(tmp_path, steps)
+    assert said == ["the microphone was disconnected (unplugged, or its permission withdrawn): press Start when it "
+                    "is back", "error", False]
+    assert after == [sent, True, True]  # nothing more sent, the microphone let go
