@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -47,8 +48,9 @@ def test_browser_client_talks_both_ways(tmp_path):
     tp = np.arange(8000) / 16000  # a 0.5 s prompt; its last 2 chunks are played back first, and again after Reset
     prompt = np.stack([0.3 * np.sin(2 * np.pi * 200 * tp), 0.2 * np.sin(2 * np.pi * 300 * tp)]).astype(np.float32)
     # the sliders start at the server's defaults, and a session at them: values off a slider's 0.01 grid
-    # were rounded by it (a top_p of 0.005 to 0.01) and sent as the session's when it opened
-    defaults = SamplingParams(token_temp=0.72, gaussian_temp=0.12, top_p=0.005, min_p=0.995)
+    # were rounded by it (a top_p of 0.005 to 0.01) and sent as the session's when it opened; their
+    # readouts show them (a min_p of 0.9995 read "1")
+    defaults = SamplingParams(token_temp=0.72, gaussian_temp=0.12, top_p=0.005, min_p=0.9995)
     # An 8 s queue: this test is the page's, the server's latency bound is test_server.py's. On a busy
     # 2-core CI machine the tiny model fell 4 chunks behind the page's real-time microphone (3 dropped).
     with running_server(tiny_duplex(), max_sessions=2, token=TOKEN, recordings=str(recordings), prompt=prompt,
@@ -62,7 +64,8 @@ def test_browser_client_talks_both_ways(tmp_path):
                     await page.wait_for("document.readyState === 'complete' && !!window.hertz")
                     protocol = await page.js("JSON.stringify(PROTOCOL)")
                     sliders = await page.js("""JSON.stringify([...document.querySelectorAll('#params input')].map(
-                                               (s) => [s.name, +s.min, +s.max, +s.step, +s.value]))""")
+                                               (s) => [s.name, +s.min, +s.max, +s.step, +s.value,
+                                                       s.nextElementSibling.value]))""")
                     await page.js("document.getElementById('start').click()", gesture=True)
                     await page.wait_for("window.hertz.state === 'live' && window.hertz.received >= 2")
                     opened = [s.params for s in list(server.sessions.values())]  # nothing sent yet: the defaults
@@ -106,7 +109,8 @@ def test_browser_client_talks_both_ways(tmp_path):
     # The page's constants are the server's (model/protocol.py), its sliders span the documented ranges.
     assert protocol["sampleRate"] == SAMPLE_RATE and protocol["chunk"] == CHUNK
     assert sorted(name for name, *_ in sliders) == sorted(PARAM_RANGES)
-    for name, lo, hi, step, value in sliders:
+    assert {name: shown for name, *_, shown in sliders} == {name: f"{getattr(defaults, name):g}" for name in PARAM_RANGES}
+    for name, lo, hi, step, value, _ in sliders:
         r_lo, r_hi, lo_in, hi_in, _ = PARAM_RANGES[name]
         assert (lo == r_lo) if lo_in else (r_lo < lo <= r_lo + 0.005 + 1e-9), name
         assert (hi == r_hi) if hi_in else (r_hi - 0.005 - 1e-9 <= hi < r_hi), name
@@ -143,7 +147,8 @@ def test_browser_client_says_why_a_session_ended(tmp_path):
     server shutting down mid-session (1012, no reason from uvicorn). Stop then Start at once keeps
     the new session: the old socket's close used to stop it, and stop()'s tail marked it stopped.
     Before: 'the server is full' for every 1013, 'closed (1006)' for a refused token, 'closed
-    (1012)', and the new session ended."""
+    (1012)', and the new session ended. A session is live at the server's first message: the server
+    accepts a websocket before it knows it has a slot, and the refused page said "live" first."""
     chromium = chromium_path()
     t = np.arange(48000 * 2) / 48000
     sf.write(tmp_path / "mic.wav", (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 48000, subtype="PCM_16")
@@ -158,12 +163,15 @@ def test_browser_client_says_why_a_session_ended(tmp_path):
 
     async def refused(page):
         await page.wait_for("document.readyState === 'complete' && !!window.hertz")
+        await page.js("""window.shown = [];   // every state the page shows
+                         new MutationObserver((records) => records.forEach((r) => r.addedNodes.forEach(
+                           (n) => shown.push(n.textContent)))).observe(document.getElementById('state'), {childList: true})""")
         async with session(server.ws + "/audio", token=TOKEN) as holder:  # the only row taken
             await holder.send(json.dumps({"type": "status"}))
             await holder.recv()
             await page.js("document.getElementById('start').click()", gesture=True)
             await page.wait_for("window.hertz.state.includes('1013')")
-            full = await page.js(state)
+            full = await page.js(state) + [await page.js("window.shown")]
         server.token = "rotated"  # as if the server restarted with another token
         await page.js("document.getElementById('start').click()", gesture=True)
         await page.wait_for("window.hertz.state.includes('token')")
@@ -188,7 +196,8 @@ def test_browser_client_says_why_a_session_ended(tmp_path):
             shutdown = asyncio.run(asyncio.wait_for(run(gone), 60))
     finally:
         serving.close()
-    assert full == ["the server is busy: the server is at capacity (1 sessions); try again later (1013)", "error", False]
+    busy = "the server is busy: the server is at capacity (1 sessions); try again later (1013)"
+    assert full == [busy, "error", False, ["starting…", "stopped", busy]]  # the page said "live" before it was refused
     assert token == ["the server refused the token: open the page with its ?token=", "error", False]
     assert again == ["live", "live", True]
     assert shutdown == ["closed (1012: the server is shutting down)", "error", False]
@@ -541,3 +550,35 @@ def test_the_page_ends_the_session_when_the_microphone_goes_away(tmp_path):
     assert said == ["the microphone was disconnected (unplugged, or its permission withdrawn): press Start when it "
                     "is back", "error", False]
     assert after == [sent, True, True]  # nothing more sent, the microphone let go
+
+
+def test_reset_clicked_fast_waits_as_the_server_says(tmp_path):
+    """Reset clicked again and again (the server allows --reset-rate, here 0.5 a second, after a
+    burst of 2): the page sent every click, each one past the limit was answered rate_limited and
+    counted as a bad message, and the 33rd closed the session (1008). Reset now waits for the
+    answer to the last one, and after a rate_limited answer stays disabled for its retry_after,
+    counting down on the button; the server counts a rate-limited message as a bad one only when it
+    comes before the previous one's retry_after ran out, which such a page never does."""
+    import inference_server as srv
+
+    async def steps(page, server):
+        await page.wait_for("window.hertz.received >= 2")
+        clicks = json.loads(await page.js("""new Promise((done) => {
+            const b = document.getElementById('reset'), t0 = performance.now(), seen = new Set();
+            let clicks = 0;
+            const every = setInterval(() => {   // 10 clicks a second for 4 s, whenever Reset is enabled
+              if (b.disabled) seen.add(b.textContent); else { b.click(); clicks++; }
+              if (performance.now() - t0 > 4000) { clearInterval(every); done(JSON.stringify({clicks, seen: [...seen]})); }
+            }, 100);
+          })""", gesture=True))
+        await page.wait_for("!document.getElementById('reset').disabled", timeout=5)
+        hertz = json.loads(await page.js("JSON.stringify(window.hertz)"))
+        (session,) = server.sessions.values()
+        return clicks, hertz, dict(session.counts), await page.js("document.getElementById('reset').textContent")
+
+    clicks, hertz, counts, label = live_page(tmp_path, steps, limits=srv.Limits(reset_rate=0.5))
+    assert hertz["state"] == "live" and hertz["closeCode"] is None, hertz["state"]
+    assert counts["rate_limited"] >= 1 and counts.get("bad_messages", 0) == 0, counts
+    assert hertz["errors"] and all(e.startswith("too many reset messages: try again in ") for e in hertz["errors"])
+    assert hertz["acks"] == clicks["clicks"] - counts["rate_limited"] >= 3, (clicks, hertz["acks"])
+    assert any(re.fullmatch(r"Reset \(\d s\)", text) for text in clicks["seen"]) and label == "Reset", clicks
