@@ -775,7 +775,8 @@ class Limits:
     within it `reset` (a prompt prefill with --prompt-path); over a bucket, a message is answered
     with a `rate_limited` error and its `retry_after`, which counts as a bad message (MAX_BAD_MESSAGES
     of them close the session) when it comes before the previous one's `retry_after` ran out. Over
-    all clients, new sessions (each starts with the same prefill; refused with CLOSE_TRY_AGAIN). A session without audio for `idle_timeout` seconds is closed (CLOSE_IDLE)."""
+    all clients, new sessions (each starts with the same prefill; refused with CLOSE_TRY_AGAIN). A
+    session without audio for `idle_timeout` seconds is closed (CLOSE_IDLE)."""
     reset_rate: float = 0.2
     reset_burst: float = 2
     control_rate: float = 50.0
