@@ -321,8 +321,9 @@ def main(argv=None) -> dict:
                     sums, t_log = {}, time.time()
 
         bar.close()
-        png = is_main and have.plots and plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss_curves.png",
-                                                      title=f"codec ({run_dir})")
+        png = is_main and have.plots and write_samples(  # (a full disk: one warning line; the run is saved)
+            run_dir, lambda folder: plot_metrics(folder / "metrics.jsonl", folder / "loss_curves.png",
+                                                 title=f"codec ({run_dir})"), "the loss curves", "the run is saved")
         say(f"done at step {step}: {run_dir / 'latest.safetensors'}" + (f", curves in {png}" if png else ""))
         logger.finish()
         teardown_distributed()

@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .files import json_value
+from .files import json_value, replace_atomically
 
 
 # Margins and gaps of a figure's grid of panels, in inches: room for the tick labels and axis label
@@ -32,7 +32,9 @@ def _save(fig, path) -> None:
     axis_h = (height - m["bottom"] - top - (rows - 1) * m["hspace"]) / rows
     fig.subplots_adjust(left=m["left"] / width, right=1 - m["right"] / width, bottom=m["bottom"] / height,
                         top=1 - top / height, wspace=m["wspace"] / axis_w, hspace=m["hspace"] / axis_h)
-    fig.savefig(path)
+    # through a temporary renamed into place: a kill or a full disk while it is drawn left a truncated
+    # PNG, which a finished run never redraws
+    replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def _figure(width: float, height: float):

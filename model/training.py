@@ -1265,19 +1265,20 @@ def window_peak_gb(device: torch.device, reserved: bool = False) -> Optional[flo
     return peak
 
 
-def write_samples(folder: Path, write: Callable[[Path], Any]) -> Any:
-    """`write(folder)` (a run's listening samples) after making `folder`; what it returns, or None
-    when the folder or the disk fails it (a file named like the folder, a full disk): one warning
-    line, and the run goes on. A failure there stopped the run at its evaluation, losing the steps
-    since its last save, for files that are only for listening."""
+def write_samples(folder: Path, write: Callable[[Path], Any], what: str = "the samples",
+                  then: str = "training goes on") -> Any:
+    """`write(folder)` (a run's listening samples, or its loss curves) after making `folder`; what
+    it returns, or None when the folder or the disk fails it (a file named like the folder, a full
+    disk): one warning line saying `what` and `then`, and the run goes on. A failure there stopped
+    the run at its evaluation, losing the steps since its last save, for files that are only for
+    listening (or looking at)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         return write(folder)
     except (OSError, AudioError) as e:
         reason = os_reason(e, folder) if isinstance(e, OSError) else str(e)
         from tqdm import tqdm
-        tqdm.write(f"warning: cannot write the samples in {folder}: {printable(reason)}; training goes on",
-                   file=sys.stderr)
+        tqdm.write(f"warning: cannot write {what} in {folder}: {printable(reason)}; {then}", file=sys.stderr)
         return None
 
 

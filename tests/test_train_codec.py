@@ -1206,3 +1206,26 @@ def test_samples_that_cannot_be_written_are_said_and_the_run_goes_on(corpus, tmp
         warned[0].endswith("; training goes on"), r.stderr[-2000:]
     assert (run_dir / "samples").read_text() == "not a folder"
     assert json.loads((run_dir / "checkpoints.json").read_text())["latest_step"] == 6  # saved at its end
+
+
+def test_loss_curves_that_cannot_be_written_are_said_and_leave_nothing_half_written(corpus, tmp_path, capsys):
+    """The curves at a run's end were drawn straight into loss_curves.png: a full disk was 40 lines
+    of tracebacks (exit 1, after the run was saved), and a kill while drawing left a truncated PNG
+    that a finished run never redraws (kill-and-resume hunt, session 37). The PNG is now written
+    through a temporary renamed into place, and a failure is one warning line."""
+    run_dir = tmp_path / "run"
+    (run_dir / "loss_curves.png").mkdir(parents=True)  # (what a rename over it cannot replace)
+    (run_dir / "loss_curves.png" / "keep").write_text("x")
+    r = run_here(args(corpus, run_dir, "max_steps=2", "save_interval=100", "eval_interval=100", "val_crops=1",
+                      "num_audio_samples=0"), capsys)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    warned = [line for line in r.stderr.splitlines() if line.startswith("warning: cannot write the loss curves in ")]
+    assert len(warned) == 1 and warned[0].startswith(f"warning: cannot write the loss curves in {run_dir}: ") and \
+        warned[0].endswith("; the run is saved"), r.stderr[-2000:]
+    assert "done at step 2" in r.stdout + r.stderr and not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+    (run_dir / "loss_curves.png" / "keep").unlink()
+    (run_dir / "loss_curves.png").rmdir()
+    r = run_here(args(corpus, run_dir, "max_steps=4", "save_interval=100", "eval_interval=100", "val_crops=1",
+                      "num_audio_samples=0"), capsys)
+    assert r.returncode == 0 and (run_dir / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
