@@ -680,6 +680,8 @@ LINK_SUFFIX = ".link"  # _link's temporary: `.NAME.link`
 
 def _link(src: Path, dst: Path) -> None:
     """Make `dst` name the same file as `src`, atomically (hard link, or a copy if links fail)."""
+    if dst.is_file() and os.path.samefile(src, dst):  # (a rename onto a link of the same file does nothing,
+        return                                        # leaving the temporary link behind)
     tmp = dst.with_name(f".{dst.name}{LINK_SUFFIX}")
     tmp.unlink(missing_ok=True)
     try:
@@ -706,7 +708,9 @@ class Checkpoints:
     A state and its export are saved together: both are written to temporary files first, then
     renamed, so a kill leaves at worst an export one save behind its `.pt`, which `recover`
     finds (by the step recorded in both) and rebuilds, or a step file that `latest.pt` does not
-    name yet, which `latest` returns and `recover` names. Nothing holding NaN or inf is written.
+    name yet, which `latest` returns. What a save is to do (its step, metric and validation) is
+    recorded in `checkpoints.json` before its first rename, and `recover` finishes a save killed
+    after it: latest.pt, and best.pt if its metric is better. Nothing holding NaN or inf is written.
     """
 
     STEP = re.compile(r"step_(\d{8})\.pt$")
@@ -850,6 +854,10 @@ class Checkpoints:
                 return isinstance(value, int) and not isinstance(value, bool)
             if key == "best_metric":
                 return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if key == "pending":  # (`save`'s record of what it is to do)
+                return isinstance(value, dict) and fits("latest_step", value.get("step")) and (
+                    value.get("metric") is None or fits("best_metric", value.get("metric"))) and fits(
+                    "best_validation", value.get("validation")) and isinstance(value.get("export"), bool)
             return key != "best_validation" or value is None or isinstance(value, str)
 
         return {k: v for k, v in info.items() if fits(k, v)} if isinstance(info, dict) else {}
@@ -886,23 +894,17 @@ class Checkpoints:
         with ExitStack() as temporaries:  # (each removed at the end unless renamed into place)
             tmp_state = temporaries.enter_context(written_temp(path, lambda tmp: torch_save(state, tmp)))
             tmp_export = temporaries.enter_context(written_temp(exported, export)) if export else None
+            # what this save is to do, recorded before its first rename: a save killed after it is
+            # finished by `recover` (its step named latest.pt, and best.pt if its metric is better)
+            info = self._info()
+            info["pending"] = {"step": step, "metric": metric if metric is None or math.isfinite(metric) else None,
+                               "validation": validation, "export": export is not None}
+            self._record(info)
             try:
                 os.replace(tmp_state, path)
                 if tmp_export:
                     os.replace(tmp_export, exported)
-                _link(path, self.folder / "latest.pt")
-                info = self._info()
-                info["latest_step"] = step
-                # a best.pt deleted since is no bar: else no later step could ever become best again
-                best = info.get("best_metric") if self.best else None
-                if validation is not None and info.get("best_validation") not in (None, validation):
-                    best = None  # measured on other data or settings: not comparable
-                if metric is not None and math.isfinite(metric) and (
-                        best is None or (metric < best if self.lower_is_better else metric > best)):
-                    _link(path, self.folder / "best.pt")
-                    if export:
-                        _link(exported, self.folder / f"best{self.export_suffix}")
-                    info.update(best_metric=metric, best_step=step, best_validation=validation)
+                info = self._finish(info)
             except OSError as e:
                 raise CheckpointError(f"cannot write {path}: {os_reason(e)}") from None
         self._record(info)
@@ -910,6 +912,26 @@ class Checkpoints:
         for old in steps[:-self.keep] if self.keep > 0 else []:
             old.unlink(missing_ok=True)
         return path
+
+    def _finish(self, info: dict) -> dict:
+        """The pending save of `info` (`checkpoints.json`'s record, its step file renamed into
+        place): its step named latest.pt, and best.pt (with best.safetensors) if its metric is
+        better than the best's; returns the record to write, without the pending entry."""
+        pending = info.pop("pending")
+        step, metric, validation = pending["step"], pending["metric"], pending["validation"]
+        path, exported = self.folder / f"step_{step:08d}.pt", self.folder / f"latest{self.export_suffix}"
+        _link(path, self.folder / "latest.pt")
+        info["latest_step"] = step
+        # a best.pt deleted since is no bar: else no later step could ever become best again
+        best = info.get("best_metric") if self.best else None
+        if validation is not None and info.get("best_validation") not in (None, validation):
+            best = None  # measured on other data or settings: not comparable
+        if metric is not None and (best is None or (metric < best if self.lower_is_better else metric > best)):
+            _link(path, self.folder / "best.pt")
+            if pending["export"] and exported.is_file():  # (one a step behind after a kill: `recover` rebuilds it)
+                _link(exported, self.folder / f"best{self.export_suffix}")
+            info.update(best_metric=metric, best_step=step, best_validation=validation)
+        return info
 
     def recover(self, export: Callable[[dict, str], None]) -> list[str]:
         """Tidy the folder after an interrupted save, at the start of a run: remove the stale
@@ -923,6 +945,18 @@ class Checkpoints:
             for stale in sorted(self.folder.glob(pattern)):
                 stale.unlink(missing_ok=True)
                 notes.append(f"removed {stale.name}, left by an interrupted save")
+        info = self._info()
+        pending = info.get("pending")
+        if pending and (self.folder / f"step_{pending['step']:08d}.pt").is_file():  # killed after its first rename
+            best = info.get("best_step")
+            info = self._finish(info)
+            self._record(info)
+            ranked = info.get("best_step") != best
+            notes.append(f"finished the interrupted save of step {pending['step']}: latest.pt"
+                         + (" and best.pt name it" if ranked else " names it"))
+        elif pending:  # killed before it: nothing of it is in place
+            del info["pending"]
+            self._record(info)
         unnamed = self.unnamed_step()
         if unnamed:
             _link(unnamed, self.folder / "latest.pt")

@@ -1,5 +1,6 @@
 """Our checkpoint format: weights + config in one safetensors file; round trips rebuild the model."""
 import dataclasses
+import json
 import os
 import re
 import subprocess
@@ -256,7 +257,7 @@ def test_a_save_killed_before_it_named_its_step_latest_is_resumed_from_that_step
     assert torch.load(run / "latest.pt")["step"] == 2 and (run / "step_00000003.pt").is_file()
     assert folder.latest == run / "step_00000003.pt" and folder.load()["step"] == 3
     assert training.state_to_load(folder, resume=True, eval_only=False, init_from="") == run / "step_00000003.pt"
-    assert folder.recover(export_state) == ["latest.pt now names step_00000003.pt, whose save was interrupted before it did"]
+    assert folder.recover(export_state) == ["finished the interrupted save of step 3: latest.pt names it"]
     assert torch.load(run / "latest.pt")["step"] == 3 and folder.latest == run / "latest.pt"
     assert torch.load(run / "best.pt")["step"] == 2  # its evaluation was never recorded
     assert folder.recover(export_state) == []
@@ -272,6 +273,50 @@ def test_a_save_killed_before_it_named_its_step_latest_is_resumed_from_that_step
     monkeypatch.undo()
     assert lone.latest == lone.folder / "step_00000001.pt"
     assert training.move_aside(lone.folder) is not None and not lone.folder.exists()
+
+
+@pytest.mark.parametrize("at", ["latest.pt", "best.pt", "best.safetensors", "checkpoints.json"])
+def test_a_save_killed_inside_is_finished_at_the_next_start_its_best_ranked(tmp_path, monkeypatch, at):
+    """A save of a better step killed after its step file was in place, before it linked best.pt
+    or recorded the step (kill-and-resume hunt, session 37: SIGKILL at the rename of best.pt):
+    best.pt and best.safetensors kept the worse step for good and checkpoints.json an older
+    latest_step, as the resumed run never evaluates its start again, and demo.py and complete.py
+    took the worse model. What a save is to do is now recorded before its first rename, and
+    `recover` finishes it."""
+    folder, codec = training_folder(tmp_path)  # steps 1 and 2, metric 1 / step: step 2 the best
+    run = folder.folder
+    link, record = training._link, Checkpoints._record
+    if at == "checkpoints.json":
+        def killed(self, info):
+            if "pending" not in info:  # (the save's last record)
+                raise KeyboardInterrupt("killed before recording the save")
+            record(self, info)
+        monkeypatch.setattr(Checkpoints, "_record", killed)
+    else:
+        def killed(src, dst):
+            if dst.name == at:
+                raise KeyboardInterrupt(f"killed before linking {at}")
+            link(src, dst)
+        monkeypatch.setattr(training, "_link", killed)
+    with pytest.raises(KeyboardInterrupt):
+        folder.save(3, {**torch.load(run / "latest.pt"), "step": 3}, metric=0.25,
+                    export=lambda tmp: write_codec(tmp, codec, {"step": 3}))
+    monkeypatch.undo()
+    notes = folder.recover(export_state)
+    assert notes[0] == "finished the interrupted save of step 3: latest.pt and best.pt name it", notes
+    info = json.loads((run / "checkpoints.json").read_text())
+    assert info == {**info, "latest_step": 3, "best_step": 3, "best_metric": 0.25} and "pending" not in info
+    for name in ("latest", "best"):
+        assert torch.load(run / f"{name}.pt")["step"] == 3
+        assert json.loads(header(run / f"{name}.safetensors")["extra"])["step"] == 3
+    assert folder.recover(export_state) == []
+    # a save killed before its step file was in place: nothing of it is, and its record goes
+    monkeypatch.setattr(training.os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
+    with pytest.raises(KeyboardInterrupt):
+        folder.save(4, {**torch.load(run / "latest.pt"), "step": 4}, metric=0.1)
+    monkeypatch.undo()
+    assert folder.recover(export_state) == [] and "pending" not in json.loads((run / "checkpoints.json").read_text())
+    assert torch.load(run / "best.pt")["step"] == 3 and not (run / "step_00000004.pt").exists()
 
 
 def test_an_unwritable_folder_is_one_clear_error(tmp_path):
