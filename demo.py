@@ -30,7 +30,17 @@ from config import ArgumentParser
 ROOT = Path(__file__).resolve().parent
 CODEC = "checkpoints/codec/best.safetensors"
 TRANSFORMER_DIR = "checkpoints/transformer"
-STEP_GRACE = 10  # seconds a step is given to stop after a Ctrl-C
+STEP_GRACE = 10  # seconds a step is given to stop after a Ctrl-C or SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM (`kill PID`, systemd, a scheduler), raised where demo.py is, as Ctrl-C raises
+    KeyboardInterrupt: it stops the demo as Ctrl-C does. (Its default, ending demo.py at once, left
+    the running step training on its own, holding its run folder.)"""
+
+
+def terminated(signum, frame):
+    raise Terminated
 
 
 def run(args: list[str]) -> None:
@@ -38,8 +48,8 @@ def run(args: list[str]) -> None:
     step = subprocess.Popen([sys.executable] + args, cwd=ROOT)
     try:
         code = step.wait()
-    except KeyboardInterrupt:
-        stop(step)
+    except KeyboardInterrupt as e:
+        stop(step, signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
         raise
     if code != 0:  # the step said why above; one line saying which step, and how to go on
         how = f"killed by signal {signal.Signals(-code).name}" if -code in signal.valid_signals() else f"exit code {code}"
@@ -47,16 +57,18 @@ def run(args: list[str]) -> None:
                  "command to go on, or start the demo over: python demo.py --fresh")
 
 
-def stop(step: subprocess.Popen) -> None:
-    """After a Ctrl-C: let the step end as it does on its own Ctrl-C (a terminal sends it to both),
+def stop(step: subprocess.Popen, received: signal.Signals) -> None:
+    """After a Ctrl-C or a SIGTERM (`received`): let the step end as it does on its own Ctrl-C or
+    SIGTERM (a terminal sends Ctrl-C to both, as Slurm and systemd's default KillMode send SIGTERM),
     rather than killing it mid-write, as subprocess.run did after 0.25 s. One that goes on (only
-    demo.py was signalled) is sent a Ctrl-C of its own after STEP_GRACE seconds; one that still
-    does not end, or a second Ctrl-C, kills it."""
+    demo.py was signalled: `kill PID`, KillMode=process) is sent the signal of its own after
+    STEP_GRACE seconds, not at once: a trainer takes a second one as "stop now, unsaved"; one that
+    still does not end, or a second Ctrl-C or SIGTERM, kills it."""
     try:
         try:
             step.wait(timeout=STEP_GRACE)
         except subprocess.TimeoutExpired:
-            step.send_signal(signal.SIGINT)
+            step.send_signal(received)
             step.wait(timeout=STEP_GRACE)
     except (subprocess.TimeoutExpired, KeyboardInterrupt):
         step.kill()
@@ -146,8 +158,10 @@ def main():
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, terminated)
     try:
         main()
-    except KeyboardInterrupt:  # one line, not a traceback: the corpus and checkpoints made so far are kept
-        print("interrupted: run the same command again to go on from where it stopped", file=sys.stderr)
-        raise SystemExit(130) from None
+    except KeyboardInterrupt as e:  # one line, not a traceback: the corpus and checkpoints made so far are kept
+        by = " (SIGTERM)" if isinstance(e, Terminated) else ""
+        print(f"interrupted{by}: run the same command again to go on from where it stopped", file=sys.stderr)
+        raise SystemExit(143 if isinstance(e, Terminated) else 130) from None

@@ -148,3 +148,33 @@ def test_ctrl_c_lets_the_running_step_stop_on_its_own_and_is_one_line(tmp_path):
             demo.wait()
     assert (folder / "stopped").read_text() == "on its own"
     assert demo.returncode == 130 and err == "interrupted: run the same command again to go on from where it stopped\n"
+
+
+def test_sigterm_to_demo_alone_stops_the_running_step_too_and_is_one_line(tmp_path):
+    """A SIGTERM to demo.py alone (`kill PID`, systemd's KillMode=process) ended it at once, silently,
+    and left the running step training on its own, holding its run folder (the same command then
+    said `another run is training in it now`). Now, as after a Ctrl-C, the step is sent the signal
+    (here a stand-in that saves on SIGTERM, as the trainers do, and is gone once demo.py has
+    ended), and demo.py says in one line how to go on, exit status 143."""
+    folder = scratch_copy(tmp_path)
+    (folder / "data/demo/prepare.py").write_text(
+        "import os, signal, sys, time\nopen('pid', 'w').write(str(os.getpid()))\n"
+        "def saved(signum, frame):\n    open('stopped', 'w').write('on its own')\n    sys.exit(143)\n"
+        "signal.signal(signal.SIGTERM, saved)\nprint('started', flush=True)\ntime.sleep(60)\n")
+    demo = subprocess.Popen([sys.executable, "demo.py"], cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        assert demo.stdout.readline() == "\n" and demo.stdout.readline().startswith("$ data/demo/prepare.py")
+        assert demo.stdout.readline() == "started\n"
+        demo.send_signal(signal.SIGTERM)  # to demo.py only
+        _, err = demo.communicate(timeout=30)  # (the step is signalled after demo.STEP_GRACE, 10 s)
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+            demo.wait()
+        step = int((folder / "pid").read_text())
+        alive = subprocess.run(["ps", "-o", "stat=", "-p", str(step)], capture_output=True, text=True).stdout.strip()
+        if alive:
+            os.kill(step, signal.SIGKILL)  # the old demo.py's orphan
+    assert (folder / "stopped").read_text() == "on its own" and not alive
+    assert demo.returncode == 143 and err == "interrupted (SIGTERM): run the same command again to go on from where it stopped\n"
