@@ -75,9 +75,13 @@ def run_script(main: Callable[[], Any]) -> None:
     bar, and exit code 1; a Ctrl-C that reaches it (outside the training loop, which stops and
     saves on the first: `Deadline.catching_signals`) with one `interrupted` line and exit code 130;
     a data-loading worker that died (killed by the out-of-memory killer, say) with one `error:` line
-    naming it and what to change, exit code 1; any other exception is a bug and keeps its traceback."""
+    naming it and what to change, exit code 1; any other exception is a bug and keeps its traceback.
+    A SIGTERM outside the loop is a Ctrl-C too (`Terminated`: what the encoding has done is
+    committed), said as `interrupted (SIGTERM)`, exit code 143; a second one ends the process at once."""
     shown = warnings.showwarning
     warnings.showwarning = functools.partial(one_line_warnings, others=shown)
+    in_main_thread = threading.current_thread() is threading.main_thread()  # (signal handlers are set only there)
+    previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None
     try:
         main()
     except (ConfigError, ConfigMismatch, FileNotFoundError, AudioError, CheckpointError, WeightsError,
@@ -88,10 +92,11 @@ def run_script(main: Callable[[], Any]) -> None:
             raise SystemExit(1) from None
         tqdm.write(f"error: {printable(own_message(e), newlines=True)}\n", file=sys.stderr, end="")  # one write: a worker's line cannot split it
         raise SystemExit(1) from None
-    except KeyboardInterrupt:  # Ctrl-C outside the loop (loading, encoding: it keeps what it has done), or a second one
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM outside the loop (loading, encoding: it keeps what it has done)
         from tqdm import tqdm
-        tqdm.write("interrupted (Ctrl-C): run the same command to resume", file=sys.stderr)
-        raise SystemExit(130) from None
+        by = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
+        tqdm.write(f"interrupted ({by}): run the same command to resume", file=sys.stderr)
+        raise SystemExit(143 if isinstance(e, Terminated) else 130) from None
     except RuntimeError as e:
         message = worker_death_message(e)
         if message is None and peer_gone(e):  # another rank stopped: its own line says why, not 40 lines of gloo's
@@ -104,6 +109,20 @@ def run_script(main: Callable[[], Any]) -> None:
         raise SystemExit(1) from None
     finally:
         warnings.showwarning = shown
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)  # (None: set outside Python)
+
+
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM received by a script outside its training loop (loading, encoding latents), raised
+    where it is, as Ctrl-C raises KeyboardInterrupt, so that it stops the same way: what is done is
+    kept (the encoding commits on the way out; SIGTERM's default ended the process there, losing
+    what was encoded since the last commit, without a word)."""
+
+
+def _terminated(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one ends the process at once, as in the loop
+    raise Terminated
 
 
 def one_line_warnings(message, category, filename, lineno, file=None, line=None, others=None) -> None:

@@ -295,6 +295,53 @@ def test_ctrl_c_while_encoding_keeps_the_files_done(codec, folder, monkeypatch):
     assert (out / "shard_00000.bin").read_bytes() == (alone / "shard_00000.bin").read_bytes()
 
 
+def test_a_sigterm_while_a_trainer_encodes_keeps_the_files_done_and_is_one_line(codec, folder):
+    """A SIGTERM (`kill`, a scheduler's) while a trainer encodes, outside its training loop, ended
+    the process at once, silently, losing what was encoded since the last commit (up to 5 s),
+    where a Ctrl-C there commits it. Now it is handled as Ctrl-C is (here in a real process, by
+    run_script, as both trainers run): the files done are committed and the next run takes them
+    over; one line says how to go on, exit status 143."""
+    import signal
+    import subprocess
+    import sys
+    out_dir = folder / "latents"
+    code = (
+        "import time, torch\n"
+        "from config.codec_config import PRESETS\n"
+        "from model import Codec, build\n"
+        "import model.latents as latents\n"
+        "from model.training import run_script\n"
+        "torch.manual_seed(0)\n"
+        "codec = build(Codec, PRESETS['tiny']).eval()  # the `codec` fixture's weights\n"
+        "encode, calls = latents._encode, []\n"
+        "def slow_in_the_second_file(*args):\n"
+        "    calls.append(args)\n"
+        "    if len(calls) == 2:\n"
+        "        print('in the second file', flush=True)\n"
+        "        time.sleep(60)\n"
+        "    return encode(*args)\n"
+        "latents._encode = slow_in_the_second_file\n"
+        f"run_script(lambda: latents.prepare_latents({str(folder / 'audio')!r}, codec, 'mono', {str(out_dir)!r}, "
+        "log=lambda m: None))\n")
+    run = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert run.stdout.readline() == "in the second file\n"
+        run.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=30)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    said = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and not line.startswith("encoding:")]
+    assert run.returncode == 143 and said == ["interrupted (SIGTERM): run the same command to resume"], err
+    logs = []
+    out = prepare_latents(str(folder / "audio"), codec, "mono", str(out_dir), log=logs.append)
+    assert logs[1] == f"resuming the encoding of {out}: 1 of 2 files were done by a run that stopped"
+    alone = prepare_latents(str(folder / "audio"), codec, "mono", str(folder / "alone"), log=lambda m: None)
+    assert (out / "shard_00000.bin").read_bytes() == (alone / "shard_00000.bin").read_bytes()
+
+
 def test_a_corpus_too_short_to_predict_anything_is_refused_before_encoding(codec, tmp_path):
     """Files under 2 latents (here 1.5 and 0.5) give crops with no prediction in them: a corpus of
     only those trained on nothing and validated to a loss of 0 (which every checkpoint "improved" on).
