@@ -27,7 +27,7 @@ from config import OneLine
 from model.audio import (OTHER_AUDIO_EXTENSIONS, SUPPORTED_EXTENSIONS, AudioError, audio_info, broken_link, cut_short,
                          load_audio, scan_samples, two_speakers)
 from model.checkpoint import listed
-from model.files import change_stamp, json_value, same_file_key
+from model.files import being_replaced, change_stamp, json_value, same_file_key
 from model.files import replace_atomically
 from model.manifest import is_manifest, read_manifest
 
@@ -110,12 +110,16 @@ def _formats() -> str:
 
 def folder_problem(path: str) -> Optional[str]:
     """Why a data path that is not a manifest is no folder to scan ("does not exist; expected ...",
-    "is a file, not a folder; expected ...": an audio file, or a manifest not named .jsonl), or None."""
+    "is a file, not a folder; expected ...": an audio file, or a manifest not named .jsonl; "is half
+    replaced": `model.files.REPLACING` in it or above it), or None."""
     if os.path.isdir(path):
         try:
             os.scandir(path).close()
         except OSError as e:  # (os.walk would say nothing: "no audio files")
             return f"cannot be listed: {e.strerror or e}"
+        if mark := being_replaced(path):  # part old files, part new: not a corpus to train on
+            return (f"is half replaced ({mark} marks a swap that was stopped midway); run what made it again "
+                    "to finish it (for a demo corpus, `python data/demo/prepare.py` with its --out)")
         return None
     what = "is a file, not a folder" if os.path.exists(path) else "does not exist"
     return (f"{what}; expected a folder of {_formats()} files, or a .jsonl manifest listing them "

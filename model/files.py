@@ -218,3 +218,19 @@ def open_locked(path: str | os.PathLike, waiting: Optional[Callable[[], None]] =
 def physical_memory() -> int:
     """Bytes of physical memory of this machine (what no allocation can exceed)."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+REPLACING = ".replacing"  # a folder holding this file has its files being swapped for others (a data recipe)
+
+
+def being_replaced(path: str | os.PathLike) -> Optional[str]:
+    """The `REPLACING` mark in `path` or in a folder above it, or None. A recipe that swaps a set of
+    files by renames (`data/demo/prepare.py`) puts it down before the first rename and removes it
+    after the last: while it is there, the folder holds part of each set, and a reader refuses it."""
+    path = os.path.abspath(os.fspath(path))
+    while True:
+        if os.path.isfile(mark := os.path.join(path, REPLACING)):
+            return mark
+        if (parent := os.path.dirname(path)) == path:
+            return None
+        path = parent
