@@ -508,3 +508,69 @@ def test_a_broken_espeak_install_is_one_error_line(tmp_path, damage):
     assert r.stderr.strip().splitlines()[-1].startswith("error: eSpeak NG cannot be used here: "), r.stderr[-500:]
     assert ("croak" if damage == "a variant missing" else "nope.so") in r.stderr
     assert not (tmp_path / "corpus").exists()
+
+
+STOP_AT = '''"""Injected by test_a_run_stopped_in_its_swap_...: count os.replace and os.remove on files under
+STOP_DIR (the swap's renames and deletions), log them to STOP_LOG, and at the STOP_AT-th send
+this process STOP_SIGNAL, before the call runs."""
+import os, signal
+_count, _pid = [0], os.getpid()
+
+def _wrap(orig):
+    def call(*args, **kwargs):
+        path = str(args[-1] if orig is _replace else args[0])
+        if os.getpid() == _pid and path.startswith(os.environ["STOP_DIR"] + os.sep):
+            _count[0] += 1
+            if os.environ.get("STOP_LOG"):
+                with open(os.environ["STOP_LOG"], "a") as f:
+                    f.write(path + "\\n")
+            if _count[0] == int(os.environ.get("STOP_AT", "0")):
+                os.kill(_pid, getattr(signal, os.environ["STOP_SIGNAL"]))
+        return orig(*args, **kwargs)
+    return call
+
+_replace = os.replace
+os.replace, os.remove = _wrap(os.replace), _wrap(os.remove)
+'''
+
+
+def test_a_run_stopped_in_its_swap_leaves_no_half_corpus_and_the_next_run_finishes_it(demo_corpus, tmp_path):
+    """A rebuild stopped at each point of its swap (the renames that put the new corpus in place of
+    the old), by an injected SIGKILL at the N-th rename or deletion: the trainers either see one
+    corpus whole or refuse the folder (its `.replacing` mark), and the next run finishes the swap,
+    the new corpus byte for byte, without synthesising it again. SIGTERM and Ctrl-C there wait for
+    the swap to end. Before, the old corpus was deleted, then the new one's files renamed in: killed
+    midway, train/ held part of the new corpus without a manifest, trained on as a corpus, and the
+    next run deleted the rest although it was complete; SIGTERM killed it midway too."""
+    from model.data import folder_problem
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(STOP_AT)
+    new = ["--minutes", "1", "--seed", "1", "--engines", "espeak"]
+
+    def rebuild(out, **env):
+        env = {**os.environ, "PYTHONPATH": f"{inject}{os.pathsep}{ROOT}", "STOP_DIR": str(out), **env}
+        return subprocess.run([sys.executable, PREPARE, *new, "--out", str(out)], capture_output=True, text=True,
+                              timeout=120, env=env)
+
+    logged = tmp_path / "logged"
+    shutil.copytree(demo_corpus, logged)
+    assert rebuild(logged, STOP_LOG=str(tmp_path / "log")).returncode == 0  # the swap's steps, and the new corpus
+    steps, whole = len((tmp_path / "log").read_text().splitlines()), digests(logged)
+    old, new_visible = visible(demo_corpus), visible(logged)
+    assert steps >= 5 and old != new_visible
+    for at, stop in ((1, "SIGKILL"), (2, "SIGKILL"), (steps // 2, "SIGKILL"), (steps - 1, "SIGKILL"),
+                     (steps, "SIGKILL"), (steps // 2, "SIGTERM"), (steps // 2, "SIGINT")):
+        out = tmp_path / f"{stop}{at}"
+        shutil.copytree(demo_corpus, out)
+        result = rebuild(out, STOP_AT=str(at), STOP_SIGNAL=stop)
+        if stop == "SIGKILL":
+            assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+            refused = [folder_problem(str(out / p)) for p in ("train", "val", "train/mono", "val/dialogue")]
+            assert all(refused) or visible(out) in (old, new_visible), f"stopped at {at}: half a corpus, not refused"
+            finished = prepare(out, 1, 1, "--engines", "espeak")
+            assert "already" in finished and "synthesizers" not in finished, finished
+        else:  # held until the swap was done, then acted on
+            assert result.returncode == (130 if stop == "SIGINT" else -signal.SIGTERM), result.stderr[-2000:]
+        assert digests(out) == whole, f"{stop} at {at} of {steps}"
+        assert not any(folder_problem(str(out / p)) for p in ("train", "val"))

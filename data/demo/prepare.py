@@ -28,6 +28,7 @@ import io
 import json
 import math
 import os
+import re
 import select
 import shutil
 import signal
@@ -35,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +47,7 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from config import ArgumentParser  # noqa: E402 (the repository's, for its one-line errors)
 from model.audio import broken_link_above  # noqa: E402 (numpy and the standard library only)
+from model.files import REPLACING  # noqa: E402 (the standard library only)
 
 SAMPLE_RATE = 16000
 RECIPE_VERSION = 2  # bump when the recipe changes, so corpora made by an older one are rebuilt
@@ -509,7 +512,8 @@ def strangers(out: str) -> str | None:
 
 
 def remove_unfinished(out: str) -> None:
-    """Delete the files a run writes before its corpus is complete (hidden, `unfinished`)."""
+    """Delete the files a run writes before its corpus is complete (hidden, `unfinished`): those of
+    a run stopped before its swap began (`finish_swap` first finishes one stopped in it)."""
     for path in corpus_files(out, UNFINISHED) + glob.glob(unfinished(glob.escape(os.path.join(out, "manifest.json")))):
         os.remove(path)
 
@@ -526,13 +530,83 @@ def write_wav(path: str, audio: np.ndarray) -> None:
         raise OSError(e.errno, e.strerror, path) from None
 
 
-def remove_old_corpus(out: str) -> None:
-    """Delete what an earlier run wrote (and only that), so a smaller rebuild leaves no strays."""
-    manifest = os.path.join(out, "manifest.json")
-    if os.path.exists(manifest):
-        os.remove(manifest)  # first: a half-replaced corpus must not look complete
+CORPUS_PATH = re.compile(r"(train|val)/(mono|dialogue)/\2_[0-9]{5}\.wav")  # a manifest's "path"
+
+
+def put_in_place(out: str, paths: list[str]) -> None:
+    """Swap the corpus written hidden (`paths`, relative to `out`, each as `unfinished`, and its
+    manifest) for the previous one, by renames, deleting what the previous one has beyond it. The
+    `REPLACING` mark in `out`, put down first and removed last, says a swap is under way: the
+    trainers refuse the folder while it is there (`model.data.folder_problem`), and the next run
+    finishes the swap (`finish_swap`). Each step may be repeated: a file already renamed is not
+    looked for, so a swap stopped anywhere is finished by calling this again."""
+    manifest, mark = os.path.join(out, "manifest.json"), os.path.join(out, REPLACING)
+    with open(mark, "w"):
+        pass
+    if os.path.exists(unfinished(manifest)) and os.path.lexists(manifest):
+        os.remove(manifest)  # the previous corpus's: it no longer describes the folder
+    keep = set()
+    for rel in paths:
+        keep.add(path := os.path.join(out, rel))
+        if os.path.exists(unfinished(path)):
+            os.replace(unfinished(path), path)
     for path in corpus_files(out):
-        os.remove(path)
+        if path not in keep:  # the previous corpus was longer
+            os.remove(path)
+    if os.path.exists(unfinished(manifest)):
+        os.replace(unfinished(manifest), manifest)  # marks the corpus complete
+    os.remove(mark)
+
+
+def finish_swap(out: str) -> None:
+    """Finish the swap of a run stopped while putting its corpus in place (`REPLACING` in `out`):
+    all its files were written (its hidden manifest, written after them, lists them), so the folder
+    becomes that corpus whole. Should one be missing (the folder changed by hand), neither corpus
+    is whole: both are deleted, and this run makes its own."""
+    manifest, mark = os.path.join(out, "manifest.json"), os.path.join(out, REPLACING)
+    if not os.path.exists(mark):
+        return
+    try:  # the hidden manifest, or manifest.json once it was renamed (stopped just before the mark went)
+        with open(unfinished(manifest) if os.path.exists(unfinished(manifest)) else manifest, encoding="utf-8") as f:
+            paths = [entry["path"] for entry in json.load(f)["files"]]
+        whole = all(isinstance(p, str) and CORPUS_PATH.fullmatch(p) and (os.path.exists(os.path.join(out, p))
+                    or os.path.exists(unfinished(os.path.join(out, p)))) for p in paths)
+    except (OSError, ValueError, KeyError, TypeError):
+        whole = False
+    if whole:
+        put_in_place(out, paths)
+        print(f"note: a run stopped while putting its corpus in {out} in place; that corpus is now in place")
+        return
+    print(f"note: {out} holds part of two corpora (a swap stopped, files missing); both are deleted")
+    for path in corpus_files(out) + [manifest]:
+        if os.path.lexists(path):
+            os.remove(path)
+    remove_unfinished(out)
+    os.remove(mark)
+
+
+@contextmanager
+def stop_signals_held(ctrl_c: list):
+    """Hold Ctrl-C, SIGTERM and SIGHUP while the body runs (a few renames: stopped midway, they
+    would leave part of each corpus until the next run); after it, a SIGTERM or SIGHUP that came
+    is acted on as it would have been (by default, the process ends), and a Ctrl-C is appended to
+    `ctrl_c`, for the caller to say so. Noted by a handler, not blocked: `pthread_sigmask` holds
+    them from the main thread only, and one sent to the process then goes to another thread
+    (tqdm's monitor), where its default action ends the process all the same."""
+    came = []
+    stops = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    before = {s: signal.signal(s, lambda signum, frame: came.append(signum)) for s in stops}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(came):
+            if s == signal.SIGINT:
+                ctrl_c.append(s)
+            else:
+                os.kill(os.getpid(), s)
+
 
 
 def existing_folder(path: str) -> str:
@@ -640,7 +714,12 @@ def make_corpus(args, engines: list[str], parser) -> None:
     voices = {split: [f"{e}:{s}" for e, s in tts.pool(split)] for split in ("train", "val")}
     settings = {"recipe_version": RECIPE_VERSION, "seed": args.seed, "minutes": args.minutes,
                 "val_fraction": args.val_fraction, "sample_rate": SAMPLE_RATE, "voices": voices}
-    remove_unfinished(args.out)  # a killed run's
+    ctrl_c = []
+    with stop_signals_held(ctrl_c):
+        finish_swap(args.out)  # a run's stopped in its swap: first, so no reader sees the folder half replaced
+    if ctrl_c:
+        raise KeyboardInterrupt
+    remove_unfinished(args.out)  # a run's stopped before its swap
     if not args.force and is_complete(args.out, settings):
         print(f"demo corpus already in {args.out} (seed {args.seed}, {args.minutes} minutes, the same voices); "
               "--force rebuilds it")
@@ -694,17 +773,16 @@ def make_corpus(args, engines: list[str], parser) -> None:
         tts.close()
     scratch.cleanup()
     # the previous corpus stays whole until this one is: killed before here, a run leaves it as it
-    # was, and its own files hidden (ignored by the data loaders, removed by the next run). A
-    # Ctrl-C from here on is ignored: these few renames would otherwise leave half of each corpus.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    remove_old_corpus(args.out)
-    for entry in files:
-        path = os.path.join(args.out, entry["path"])
-        os.replace(unfinished(path), path)
-    os.replace(unfinished(manifest), manifest)  # last: marks the corpus complete
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # was, and its own files hidden (ignored by the data loaders, removed by the next run). Killed
+    # in the swap, it leaves the folder marked (refused by the trainers) and the next run finishes
+    # the swap; Ctrl-C, SIGTERM and SIGHUP wait until it is done.
+    with stop_signals_held(ctrl_c):
+        put_in_place(args.out, [entry["path"] for entry in files])
     total = sum(f["seconds"] for f in files) / 60
     print(f"wrote {len(files)} files, {total:.1f} minutes, to {args.out} in {time.time() - began:.1f}s")
+    if ctrl_c:
+        print(f"interrupted: the corpus was already in place in {args.out}", file=sys.stderr)
+        raise SystemExit(130)
 
 
 if __name__ == "__main__":
