@@ -83,7 +83,12 @@ def run_script(main: Callable[[], Any]) -> None:
     in_main_thread = threading.current_thread() is threading.main_thread()  # (signal handlers are set only there)
     previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None
     try:
-        main()
+        try:
+            main()
+        finally:  # SIGTERM's own action again while an error is said: a rank that waits for torchrun to stop it
+            # (below) ends quietly, as it did, not with a traceback of Terminated raised in the wait
+            if in_main_thread:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)  # (None: set outside Python)
     except (ConfigError, ConfigMismatch, FileNotFoundError, AudioError, CheckpointError, WeightsError,
             TrainingError) as e:
         from tqdm import tqdm
@@ -109,8 +114,6 @@ def run_script(main: Callable[[], Any]) -> None:
         raise SystemExit(1) from None
     finally:
         warnings.showwarning = shown
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)  # (None: set outside Python)
 
 
 class Terminated(KeyboardInterrupt):
