@@ -471,9 +471,11 @@ def prepare_latents(root: str, codec, channels: str, out_dir: str, sample_rate: 
         atomic_write(folder / shard, write_shard)
         atomic_write(folder / f"shard_{rank:05d}.json", write_list)
     else:
+        from .training import sigterm_as_interrupt
         with partial:
             try:
-                encode(partial.out, len(partial.taken), partial.done)
+                with sigterm_as_interrupt():  # (a SIGTERM commits what is encoded, as Ctrl-C does)
+                    encode(partial.out, len(partial.taken), partial.done)
                 partial.commit()
             except OSError as e:  # a full disk
                 raise CheckpointError(f"cannot write {folder / shard}: {os_reason(e)}") from None

@@ -76,19 +76,12 @@ def run_script(main: Callable[[], Any]) -> None:
     saves on the first: `Deadline.catching_signals`) with one `interrupted` line and exit code 130;
     a data-loading worker that died (killed by the out-of-memory killer, say) with one `error:` line
     naming it and what to change, exit code 1; any other exception is a bug and keeps its traceback.
-    A SIGTERM outside the loop is a Ctrl-C too (`Terminated`: what the encoding has done is
-    committed), said as `interrupted (SIGTERM)`, exit code 143; a second one ends the process at once."""
+    A SIGTERM while the latents are encoded is a Ctrl-C too (`sigterm_as_interrupt`: what the
+    encoding has done is committed), said as `interrupted (SIGTERM)`, exit code 143."""
     shown = warnings.showwarning
     warnings.showwarning = functools.partial(one_line_warnings, others=shown)
-    in_main_thread = threading.current_thread() is threading.main_thread()  # (signal handlers are set only there)
-    previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None
     try:
-        try:
-            main()
-        finally:  # SIGTERM's own action again while an error is said: a rank that waits for torchrun to stop it
-            # (below) ends quietly, as it did, not with a traceback of Terminated raised in the wait
-            if in_main_thread:
-                signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)  # (None: set outside Python)
+        main()
     except (ConfigError, ConfigMismatch, FileNotFoundError, AudioError, CheckpointError, WeightsError,
             TrainingError) as e:
         from tqdm import tqdm
@@ -117,15 +110,32 @@ def run_script(main: Callable[[], Any]) -> None:
 
 
 class Terminated(KeyboardInterrupt):
-    """A SIGTERM received by a script outside its training loop (loading, encoding latents), raised
-    where it is, as Ctrl-C raises KeyboardInterrupt, so that it stops the same way: what is done is
-    kept (the encoding commits on the way out; SIGTERM's default ended the process there, losing
-    what was encoded since the last commit, without a word)."""
+    """A SIGTERM received while a script encodes latents (`sigterm_as_interrupt`), raised where it
+    is, as Ctrl-C raises KeyboardInterrupt, so that it stops the same way: what is done is kept (the
+    encoding commits on the way out; SIGTERM's default ended the process there, losing what was
+    encoded since the last commit, without a word)."""
 
 
 def _terminated(signum, frame):
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one ends the process at once, as in the loop
     raise Terminated
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM raised as `Terminated` for the time of a `with` block of Python work that keeps what
+    it has done when interrupted (the latents' encoding commits on its way out), in the main
+    thread. Elsewhere SIGTERM keeps its own action: a handler of Python's runs only between
+    bytecodes, so around a wait in native code (a rendezvous, a barrier waiting on a missing
+    peer) it held the signal, and the process, until the wait ended (up to its 30 minutes)."""
+    if threading.current_thread() is not threading.main_thread():  # (handlers are set only there)
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)  # (None: set outside Python)
 
 
 def one_line_warnings(message, category, filename, lineno, file=None, line=None, others=None) -> None:
@@ -877,7 +887,8 @@ class Checkpoints:
             if key == "best_metric":
                 return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             if key == "pending":  # (`save`'s record of what it is to do)
-                return isinstance(value, dict) and fits("latest_step", value.get("step")) and (
+                return isinstance(value, dict) and {"step", "metric", "validation", "export"} <= value.keys() and \
+                    fits("latest_step", value.get("step")) and (
                     value.get("metric") is None or fits("best_metric", value.get("metric"))) and fits(
                     "best_validation", value.get("validation")) and isinstance(value.get("export"), bool)
             return key != "best_validation" or value is None or isinstance(value, str)
