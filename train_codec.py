@@ -96,6 +96,12 @@ def main(argv=None) -> dict:
             check_trainer(state, latest, "generator", "train_codec.py")
             check_resumable(state["config"], cfg, resumed_fields(cfg))
         if finished(state, cfg, checkpoints, export_state, is_main, say):  # the same command again: nothing to train
+            curves = run_dir / "loss_curves.png"  # (not drawn when the run was stopped after its last save)
+            if is_main and not curves.exists() and (run_dir / "metrics.jsonl").is_file() and \
+                    importlib.util.find_spec("matplotlib") is not None and write_samples(
+                        run_dir, lambda folder: plot_metrics(folder / "metrics.jsonl", curves, title=f"codec ({run_dir})"),
+                        "the loss curves", "the run is saved"):
+                say(f"drew {curves}, which the run had not")
             teardown_distributed()
             return {}
         for note in resource_notes(cfg) + ([] if cfg.eval_only else schedule_notes(cfg) + recipe_notes(cfg)):

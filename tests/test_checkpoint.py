@@ -319,6 +319,17 @@ def test_a_save_killed_inside_is_finished_at_the_next_start_its_best_ranked(tmp_
     assert torch.load(run / "best.pt")["step"] == 3 and not (run / "step_00000004.pt").exists()
 
 
+def test_a_pending_save_record_that_is_not_one_is_dropped_not_a_traceback(tmp_path):
+    """A hand-edited `pending` entry of checkpoints.json without its metric or validation was a
+    KeyError traceback at the next start (fresh-eyes hunt, session 37): an entry that is not one
+    is left out, as any other of the wrong type."""
+    folder, _ = training_folder(tmp_path)
+    info = json.loads((folder.folder / "checkpoints.json").read_text())
+    (folder.folder / "checkpoints.json").write_text(json.dumps({**info, "pending": {"step": 2, "export": False}}))
+    assert folder.recover(export_state) == []
+    assert torch.load(folder.folder / "best.pt")["step"] == 2 and folder._info()["latest_step"] == 2
+
+
 def test_an_unwritable_folder_is_one_clear_error(tmp_path):
     (tmp_path / "file").write_text("a regular file, not a folder")
     folder = Checkpoints(tmp_path / "file" / "run")
