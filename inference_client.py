@@ -702,6 +702,9 @@ def parse_args(argv=None):
     if args.input_wav and live_only:
         raise SystemExit(f"error: {live_only[0]} is for live audio (microphone and speaker); with --input-wav it "
                          "would not be used")
+    if args.input_wav and args.window is not None and args.realtime is not False:  # (read only as fast as answered)
+        raise SystemExit("error: --window is for --no-realtime (chunks in flight at once); in real time the "
+                         "chunks are sent as the audio's clock says")
     if not args.input_wav and file_only and not args.list_devices:
         raise SystemExit(f"error: {file_only[0]} is for file mode (--input-wav, --output-wav); live it would not be "
                          "used")

@@ -244,6 +244,8 @@ def test_bad_flags_are_one_error_line_before_connecting(tmp_path, capfd):
                                                      "--input-wav it would not be used"),
                            (("--stats-every", "1"), "--stats-every is for live audio (microphone and speaker); with "
                                                     "--input-wav it would not be used"),
+                           (("--window", "8"), "--window is for --no-realtime (chunks in flight at once); in real time "
+                                               "the chunks are sent as the audio's clock says"),
                            (("--seed", str(2 ** 63)), f"--seed must be an integer in [0, 2**63), got {2 ** 63}"),
                            # These were tracebacks from the websocket library, after the input file was read.
                            (("--server", "ws://"), "--server 'ws://' names no host (ws://HOST:PORT)"),
