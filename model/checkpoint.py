@@ -50,9 +50,11 @@ class FileReplaced(CheckpointError):
 
 def file_version(path: str | os.PathLike) -> tuple[int, ...]:
     """What changes when a file is replaced (an atomic save renames a new file over it) or
-    rewritten: its device, inode, size, and modification and change times."""
+    rewritten: its device, inode, size and modification time. Not its change time, which a new
+    hard link or one removed also moves (`best.safetensors` is a link of a `latest.safetensors`
+    that the next save renames away): the file read is the same."""
     st = os.stat(path)
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def check_unreplaced(path: str | os.PathLike, version: tuple[int, ...], label: Optional[str] = None) -> None:

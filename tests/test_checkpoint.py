@@ -846,3 +846,9 @@ def test_a_checkpoint_saved_over_while_it_loads_is_loaded_whole_or_named(tmp_pat
     monkeypatch.setattr(safetensors.torch, "load_file", saved_over_then_read)
     with pytest.raises(checkpoint.FileReplaced, match="was replaced while it loaded"):
         checkpoint.read_weights(best)
+    # a link made or removed (best.safetensors is a link of the latest export, which the next save renames away)
+    # changes the file's change time, not the file read: no replacement
+    version = checkpoint.file_version(best)
+    os.link(best, tmp_path / "latest.safetensors")
+    (tmp_path / "latest.safetensors").unlink()
+    checkpoint.check_unreplaced(best, version)
