@@ -693,6 +693,14 @@ class Session:
         kind = message["type"]
         echo = {"id": message["id"]} if "id" in message else {}
         body = {k: v for k, v in message.items() if k not in ("type", "id")}
+        # a malformed message is refused before it takes a token: it asks for nothing, and used up the
+        # reset a well-formed one after it was then refused
+        if kind == "set_params":
+            params = parse_params(self.params, body, {n: n for n in PARAM_NAMES})
+        elif kind == "reset":
+            if set(body) - {"seed"}:
+                raise ProtocolError("bad_message", f"reset takes only an optional seed, got {sorted(body)}")
+            seed = self.server.seed_from(body.get("seed"))
         for limit in ("control", kind):
             if limit in self.limits and (wait := self.limits[limit].take()) > 0:
                 # A bad message when it comes before the time the last one was told to wait for: a
@@ -707,14 +715,10 @@ class Session:
                 return self.error("rate_limited", f"too many {limit} messages: try again in {wait:.1f} s",
                                   bad=ignored, retry_after=round(wait, 2), **echo)
         if kind == "set_params":
-            params = parse_params(self.params, body, {n: n for n in PARAM_NAMES})
             await self.server.worker.set_params(self.row, params)
             self.params = params
             self.send_json(type="ack", request=kind, params=dataclasses.asdict(params), **echo)
         elif kind == "reset":
-            if set(body) - {"seed"}:
-                raise ProtocolError("bad_message", f"reset takes only an optional seed, got {sorted(body)}")
-            seed = self.server.seed_from(body.get("seed"))
             # The chunks still queued from before are dropped: the conversation starts afresh.
             queued, unreported, pending = await self.server.worker.restart_row(self.row, self.params, seed,
                                                                                 self.server.prompt)

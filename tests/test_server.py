@@ -518,6 +518,20 @@ def test_a_rate_limited_message_is_a_bad_one_only_before_its_retry_after(model):
     assert (bad, limited) == (1, 4)
 
 
+def test_a_malformed_control_message_takes_no_token(model):
+    """A malformed reset (an unknown key, a bad seed) used up a reset token, so the well-formed one
+    after it was refused as rate-limited: it is refused as bad before it takes one."""
+    limits = srv.Limits(control_rate=1000, control_burst=1000, reset_rate=0.01, reset_burst=1)
+
+    async def run():
+        async with connect(server.ws + "/audio") as ws:
+            answers = [await control(ws, type="reset", speed=2), await control(ws, type="reset", seed="x"),
+                       await control(ws, type="reset", seed=3)]
+            return [a.get("error", a["type"]) for a in answers]
+    with running_server(model, max_sessions=1, limits=limits) as server:
+        assert asyncio.run(asyncio.wait_for(run(), 30)) == ["bad_message", "bad_seed", "ack"]
+
+
 def test_client_vanishing_mid_step(model, tmp_path):
     with running_server(model, max_sessions=2, recordings=str(tmp_path)) as server:
         async def vanish():
