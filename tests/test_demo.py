@@ -126,6 +126,24 @@ def test_a_relative_out_is_taken_from_where_demo_py_is_run(tmp_path):
     assert "completion  talk.wav" in done.stdout
 
 
+
+def signalled_demo(folder, send, timeout: float) -> tuple[subprocess.Popen, str]:
+    """`python demo.py` in `folder` (its first step a stand-in printing 'started'), `send(demo)` once
+    the step has started, then waited for; the demo and its stderr. Killed with its group if it
+    outlives the wait."""
+    demo = subprocess.Popen([sys.executable, "demo.py"], cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        assert demo.stdout.readline() == "\n" and demo.stdout.readline().startswith("$ data/demo/prepare.py")
+        assert demo.stdout.readline() == "started\n"
+        send(demo)
+        _, err = demo.communicate(timeout=timeout)
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+            demo.wait()
+    return demo, err
+
 def test_ctrl_c_lets_the_running_step_stop_on_its_own_and_is_one_line(tmp_path):
     """Ctrl-C (SIGINT to the process group, as a terminal sends it) during a step: demo.py printed a
     KeyboardInterrupt traceback, and subprocess.run killed the step 0.25 s later, in the middle of
@@ -135,17 +153,7 @@ def test_ctrl_c_lets_the_running_step_stop_on_its_own_and_is_one_line(tmp_path):
     (folder / "data/demo/prepare.py").write_text(
         "import time\ntry:\n    print('started', flush=True)\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
         "    time.sleep(1)\n    open('stopped', 'w').write('on its own')\n    raise SystemExit(130)\n")
-    demo = subprocess.Popen([sys.executable, "demo.py"], cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        assert demo.stdout.readline() == "\n" and demo.stdout.readline().startswith("$ data/demo/prepare.py")
-        assert demo.stdout.readline() == "started\n"
-        os.killpg(demo.pid, signal.SIGINT)
-        _, err = demo.communicate(timeout=60)
-    finally:
-        if demo.poll() is None:
-            os.killpg(demo.pid, signal.SIGKILL)
-            demo.wait()
+    demo, err = signalled_demo(folder, lambda demo: os.killpg(demo.pid, signal.SIGINT), timeout=60)
     assert (folder / "stopped").read_text() == "on its own"
     assert demo.returncode == 130 and err == "interrupted: run the same command again to go on from where it stopped\n"
 
@@ -161,17 +169,9 @@ def test_sigterm_to_demo_alone_stops_the_running_step_too_and_is_one_line(tmp_pa
         "import os, signal, sys, time\nopen('pid', 'w').write(str(os.getpid()))\n"
         "def saved(signum, frame):\n    open('stopped', 'w').write('on its own')\n    sys.exit(143)\n"
         "signal.signal(signal.SIGTERM, saved)\nprint('started', flush=True)\ntime.sleep(60)\n")
-    demo = subprocess.Popen([sys.executable, "demo.py"], cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        assert demo.stdout.readline() == "\n" and demo.stdout.readline().startswith("$ data/demo/prepare.py")
-        assert demo.stdout.readline() == "started\n"
-        demo.send_signal(signal.SIGTERM)  # to demo.py only
-        _, err = demo.communicate(timeout=30)  # (the step is signalled after demo.STEP_GRACE, 10 s)
+    try:  # to demo.py only (the step is signalled after demo.STEP_GRACE, 10 s)
+        demo, err = signalled_demo(folder, lambda demo: demo.send_signal(signal.SIGTERM), timeout=30)
     finally:
-        if demo.poll() is None:
-            os.killpg(demo.pid, signal.SIGKILL)
-            demo.wait()
         step = int((folder / "pid").read_text())
         alive = subprocess.run(["ps", "-o", "stat=", "-p", str(step)], capture_output=True, text=True).stdout.strip()
         if alive:

@@ -207,19 +207,23 @@ def live_page(tmp_path, steps, **server_kwargs):
     """Runs `steps(page, server)` on the page of a server (one session row), its fake microphone a
     440 Hz tone, once the page's session is live; returns what `steps` returns."""
     chromium = chromium_path()
-    t = np.arange(48000 * 2) / 48000
-    sf.write(tmp_path / "mic.wav", (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 48000, subtype="PCM_16")
     with running_server(tiny_duplex(), max_sessions=1, **server_kwargs) as server:
-        with chromium_page(chromium, tmp_path / "profile", tmp_path / "mic.wav", f"{server.http}/") as devtools:
-            async def run():
-                from websockets.asyncio.client import connect
-                async with connect(devtools, max_size=None) as ws:
-                    page = Page(ws)
-                    await page.wait_for("document.readyState === 'complete' && !!window.hertz")
-                    await page.js("document.getElementById('start').click()", gesture=True)
-                    await page.wait_for("window.hertz.state === 'live'")
-                    return await steps(page, server)
-            return asyncio.run(asyncio.wait_for(run(), 90))
+        with chromium_page(chromium, tmp_path / "profile", tone_wav(tmp_path), f"{server.http}/") as devtools:
+            return on_started_page(devtools, lambda page: steps(page, server))
+
+
+def on_started_page(devtools: str, steps, live: str = "window.hertz.state === 'live'"):
+    """Over the DevTools websocket `devtools`: the page loaded, Start clicked, and once `live` holds,
+    `steps(page)` (within 90 s); returns what it returns."""
+    async def run():
+        from websockets.asyncio.client import connect
+        async with connect(devtools, max_size=None) as ws:
+            page = Page(ws)
+            await page.wait_for("document.readyState === 'complete' && !!window.hertz")
+            await page.js("document.getElementById('start').click()", gesture=True)
+            await page.wait_for(live)
+            return await steps(page)
+    return asyncio.run(asyncio.wait_for(run(), 90))
 
 
 def test_a_dragged_slider_keeps_within_the_servers_control_limit(tmp_path):
@@ -501,27 +505,22 @@ def test_the_page_gives_up_on_a_server_that_does_not_answer(tmp_path, monkeypatc
               "stream === null]"
     with running_server(tiny_duplex(), max_sessions=1) as server, Proxy(server.port) as proxy:
         url = f"http://127.0.0.1:{proxy.port}/"
+        async def steps(page):
+            proxy.pause()
+            paused = time.monotonic()
+            await page.wait_for(ENDED, timeout=15)
+            stalled = await page.js(SAID) + [await page.js("stream === null"), time.monotonic() - paused]
+            await page.js("document.getElementById('start').click()", gesture=True)
+            await page.wait_for("!document.getElementById('stop').disabled")
+            hanging = await page.js(buttons)
+            await page.js("document.getElementById('stop').click()", gesture=True)
+            stopped = await page.js(buttons)
+            await page.js("document.getElementById('start').click()", gesture=True)
+            await page.wait_for(ENDED, timeout=15)
+            return stalled, hanging, stopped, await page.js(SAID) + [await page.js(buttons)]
         with chromium_page(chromium, tmp_path / "profile", tone_wav(tmp_path), url) as devtools:
-            async def run():
-                from websockets.asyncio.client import connect
-                async with connect(devtools, max_size=None) as ws:
-                    page = Page(ws)
-                    await page.wait_for("document.readyState === 'complete' && !!window.hertz")
-                    await page.js("document.getElementById('start').click()", gesture=True)
-                    await page.wait_for("window.hertz.state === 'live' && window.hertz.received >= 4")
-                    proxy.pause()
-                    paused = time.monotonic()
-                    await page.wait_for(ENDED, timeout=15)
-                    stalled = await page.js(SAID) + [await page.js("stream === null"), time.monotonic() - paused]
-                    await page.js("document.getElementById('start').click()", gesture=True)
-                    await page.wait_for("!document.getElementById('stop').disabled")
-                    hanging = await page.js(buttons)
-                    await page.js("document.getElementById('stop').click()", gesture=True)
-                    stopped = await page.js(buttons)
-                    await page.js("document.getElementById('start').click()", gesture=True)
-                    await page.wait_for(ENDED, timeout=15)
-                    return stalled, hanging, stopped, await page.js(SAID) + [await page.js(buttons)]
-            stalled, hanging, stopped, gave_up = asyncio.run(asyncio.wait_for(run(), 90))
+            stalled, hanging, stopped, gave_up = on_started_page(
+                devtools, steps, live="window.hertz.state === 'live' && window.hertz.received >= 4")
     import re
     said, cls, start_disabled, released, waited = stalled
     unanswered = re.fullmatch(r"the server stopped answering \((\d+) chunks unanswered for 2 s\): "
