@@ -14,6 +14,7 @@ paused, reset (`reset(rows)`) and warm-started (`row(r)`) independently.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
 from typing import Optional, Union
 
@@ -30,6 +31,10 @@ from .sampling import PROMPT_STREAM, counter_normal
 # latents beyond this is a mis-scaled or garbage array, and from about 1e19 the model's float32
 # (bf16: the same range) arithmetic overflows to NaN, which the completion then is, silently.
 MAX_LATENT_MAGNITUDE = 1e4
+
+# StreamCodec's default on CUDA: the convolutions' taps and states in Triton kernels
+# (`model.stream_codec_kernels`); False: torch's operations (benchmarks/inference.py --torch-codec).
+KERNELS = True
 
 
 class PromptLatentsError(OneLine, ValueError):
@@ -81,26 +86,40 @@ class StreamCodecState:
 
 
 class _Conv:
-    """Causal convolution (kernel k, dilation d, stride s) as (B*L', C_in*k) @ (C_in*k, C_out)."""
+    """Causal convolution (kernel k, dilation d, stride s) as (B*L', C_in*k) @ (C_in*k, C_out).
+    `kernels`: its taps and state in `model.stream_codec_kernels`' two passes (CUDA), else torch's."""
 
-    def __init__(self, m: CausalConv1d, slot: int):
+    def __init__(self, m: CausalConv1d, slot: int, kernels: bool = False):
         conv = m.conv
         w = _weight(conv)  # (C_out, C_in, k)
         self.cout, self.cin, self.k = w.shape
         self.w = w.reshape(self.cout, self.cin * self.k).t().contiguous()  # rows ordered (c, j)
         self.b = _bias(conv)
         self.d, self.s, self.pad, self.slot = conv.dilation[0], conv.stride[0], m.pad_length, slot
+        self.kernels = kernels
+
+    def taps(self, x: Tensor, st: StreamCodecState, act=None) -> Tensor:
+        """The (B*L', C_in*k) taps of [state; act(x)], the state moved on (torch's operations)."""
+        buf = st.buffers[self.slot]
+        full = torch.cat([buf, act(x) if act is not None else x], dim=1)  # (B, pad + L, C_in)
+        torch.where(st.active, full[:, full.shape[1] - self.pad:], buf, out=buf)
+        taps = full.unfold(1, (self.k - 1) * self.d + 1, self.s)[..., ::self.d]  # (B, L', C_in, k)
+        return taps.reshape(-1, self.cin * self.k)
+
+    def product(self, cols: Tensor) -> Tensor:
+        return torch.addmm(self.b, cols, self.w) if self.b is not None else cols @ self.w
 
     def __call__(self, x: Tensor, st: StreamCodecState) -> Tensor:
         B = x.shape[0]
-        buf = st.buffers[self.slot]
-        full = torch.cat([buf, x], dim=1)  # (B, pad + L, C_in)
-        torch.where(st.active, full[:, full.shape[1] - self.pad:], buf, out=buf)
-        taps = full.unfold(1, (self.k - 1) * self.d + 1, self.s)[..., ::self.d]  # (B, L', C_in, k)
-        L = taps.shape[1]
-        cols = taps.reshape(B * L, self.cin * self.k)
-        y = torch.addmm(self.b, cols, self.w) if self.b is not None else cols @ self.w
-        return y.view(B, L, self.cout)
+        if self.kernels:
+            from . import stream_codec_kernels as K  # Triton, imported where a CUDA codec uses it
+            x = x.contiguous()
+            buf = st.buffers[self.slot]
+            y = self.product(K.taps(x, buf, self.k, self.d, self.s))
+            K.advance(x, buf, st.active)
+        else:
+            y = self.product(self.taps(x, st))
+        return y.view(B, -1, self.cout)
 
 
 class _Deconv:
@@ -130,27 +149,44 @@ class _Deconv:
         return y.view(B, L * self.s, self.cout)
 
 
-def _activation(m: nn.Module):
-    """The residual unit's activation `m` (`model.codec.make_activation`) on channel-last (B, L, C)."""
+def _activation(m: nn.Module) -> tuple[str, Optional[Tensor]]:
+    """The residual unit's activation `m` (`model.codec.make_activation`): ("elu", None) or
+    ("snake", its frequencies (C,))."""
     if isinstance(m, Snake):
-        alpha = m.alpha.detach().clone()  # (C,): broadcast over the last dimension
-        return lambda x: snake(x, alpha)
+        return "snake", m.alpha.detach().clone()  # (C,): broadcast over the last dimension
     assert isinstance(m, nn.ELU), m
-    return F.elu
+    return "elu", None
+
+
+def _activate(x: Tensor, act: tuple[str, Optional[Tensor]]) -> Tensor:
+    """`_activation`'s activation on channel-last (B, L, C), with torch's operations."""
+    kind, alpha = act
+    return snake(x, alpha) if kind == "snake" else F.elu(x)
 
 
 class _ResUnit:
-    """x + conv1x1(act(dilated causal conv(act(x))))."""
+    """x + conv1x1(act2(dilated causal conv(act1(x)))). With `kernels`: the taps with act1, the
+    product, the state moved on with act2 in one pass, and the 1x1 product adding x itself."""
 
-    def __init__(self, m: CausalResUnit, slot: int):
+    def __init__(self, m: CausalResUnit, slot: int, kernels: bool = False):
         self.conv1 = _Conv(m.conv1, slot)
         self.w2 = _weight(m.conv2)[..., 0].t().contiguous()  # (C, C)
         self.b2 = _bias(m.conv2)
         self.act1, self.act2 = _activation(m.activation), _activation(m.activation2)
+        self.kernels = kernels
 
     def __call__(self, x: Tensor, st: StreamCodecState) -> Tensor:
-        y = self.act2(self.conv1(self.act1(x), st))
-        y = torch.addmm(self.b2, y.flatten(0, 1), self.w2) if self.b2 is not None else y.flatten(0, 1) @ self.w2
+        conv = self.conv1
+        if self.kernels:
+            from . import stream_codec_kernels as K
+            x = x.contiguous()
+            buf = st.buffers[conv.slot]
+            y = conv.product(K.taps(x, buf, conv.k, conv.d, conv.s, *self.act1))  # (B*L, C)
+            K.advance(x, buf, st.active, *self.act1, h=y, act2=self.act2[0], alpha2=self.act2[1])
+            y = torch.addmm(x.view(-1, x.shape[-1]), y, self.w2)
+            return (y + self.b2 if self.b2 is not None else y).view(x.shape)
+        y = _activate(conv.product(conv.taps(x, st, lambda v: _activate(v, self.act1))), self.act2)
+        y = torch.addmm(self.b2, y, self.w2) if self.b2 is not None else y @ self.w2
         return x + y.view(x.shape)
 
 
@@ -179,8 +215,9 @@ class _Upsample:
 class _Half:
     """The ops of one codec half (encoder or decoder) in order, and its state layout."""
 
-    def __init__(self, stack):
+    def __init__(self, stack, kernels: bool = False):
         self.ops, self.shapes, self.fresh = [], [], []
+        self.kernels = kernels
         self.multiplier = None
         if getattr(stack, "multiplier_proj", None) is not None:
             m = stack.multiplier_proj
@@ -192,10 +229,10 @@ class _Half:
     def _add(self, m: nn.Module) -> None:
         slot = len(self.shapes)
         if isinstance(m, CausalConv1d):
-            self.ops.append(_Conv(m, slot))
+            self.ops.append(_Conv(m, slot, self.kernels))
             self.shapes.append((m.pad_length, m.in_channels))
         elif isinstance(m, CausalResUnit):
-            self.ops.append(_ResUnit(m, slot))
+            self.ops.append(_ResUnit(m, slot, self.kernels))
             self.shapes.append((m.conv1.pad_length, m.conv1.in_channels))
         elif isinstance(m, CausalConvTranspose1d):
             self.ops.append(_Deconv(m, slot))
@@ -224,19 +261,27 @@ class StreamCodec:
 
     encode(audio (B, 2000 k), state) -> mu, logvar (B, k, Z); decode(latents (B, k, Z), state)
     -> (B, 2000 k). Equal to `Codec.encode_step` / `decode_step` up to rounding.
+
+    `kernels`: the convolutions' taps and states in Triton kernels (`model.stream_codec_kernels`:
+    half the kernels of a step), by default (`KERNELS`) where the codec is on CUDA and Triton is
+    installed; False: torch's operations
+    only (the CPU's path, and the benchmarks' comparison); True on the CPU: in Triton's interpreter.
     """
 
-    def __init__(self, codec: Codec):
+    def __init__(self, codec: Codec, kernels: Optional[bool] = None):
+        p = next(codec.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        if kernels is None:
+            kernels = KERNELS and p.is_cuda and importlib.util.find_spec("triton") is not None
+        self.kernels = kernels
         with torch.no_grad():
-            self.encoder = _Half(codec.encoder)
-            self.decoder = _Half(codec.decoder)
+            self.encoder = _Half(codec.encoder, self.kernels)
+            self.decoder = _Half(codec.decoder, self.kernels)
             z = codec.compressor
             self.w_in, self.b_in = _weight(z.proj_in), _bias(z.proj_in)
             self.w_out, self.b_out = _weight(z.proj_out), _bias(z.proj_out)
         self.norm_stddev = codec.norm_stddev
         self.hop_length = codec.hop_length
-        p = next(codec.parameters())
-        self.device, self.dtype = p.device, p.dtype
 
     def init_state(self, batch_size: int, active: Optional[Tensor] = None) -> tuple[StreamCodecState, StreamCodecState]:
         """Preallocated (encoder, decoder) states; `active` (B, 1, 1) bool, shared if given."""
