@@ -111,7 +111,7 @@ class _Conv:
 
     def __call__(self, x: Tensor, st: StreamCodecState) -> Tensor:
         B = x.shape[0]
-        if self.kernels:
+        if self.kernels and not torch.compiler.is_compiling():  # compiled (compile="codec"): Inductor fuses torch's
             from . import stream_codec_kernels as K  # Triton, imported where a CUDA codec uses it
             x = x.contiguous()
             buf = st.buffers[self.slot]
@@ -177,7 +177,7 @@ class _ResUnit:
 
     def __call__(self, x: Tensor, st: StreamCodecState) -> Tensor:
         conv = self.conv1
-        if self.kernels:
+        if self.kernels and not torch.compiler.is_compiling():
             from . import stream_codec_kernels as K
             x = x.contiguous()
             buf = st.buffers[conv.slot]
