@@ -226,6 +226,13 @@ def complete(args) -> int:
     elapsed = time.time() - t0
     if args.continuation_only:
         out = out[..., frames * hop:]
+    # weights that overflow make NaN, which a WAV holds as full-scale noise (one host sync)
+    if not bool(torch.isfinite(out).all()):
+        fix = "re-export them" if dtype in (torch.float32, torch.float64) else "try --dtype float32, or re-export them"
+        print(f"error: the completion holds NaN or inf: the weights of {args.variant}"
+              f"{f' with adapter {args.adapter}' if args.adapter else ''} overflow in {str(dtype)[6:]} (values too "
+              f"large for it, or a damaged file): {fix}; no file written", file=sys.stderr)
+        return 2
     for path, wav in zip(completion_paths(args.out, args.num), out.cpu()):
         try:
             save_audio(path, wav.clamp(-1, 1), cfg.sample_rate)

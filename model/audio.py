@@ -711,7 +711,8 @@ def save_audio(path: str, audio, sample_rate: int, subtype: str = "PCM_16") -> N
 
     subtype: "PCM_16" (default), "PCM_24" or "FLOAT"; a format that cannot hold it (OGG, MP3) is
     written in its own encoding (Vorbis, MPEG layer III). The data goes to a temporary file in the
-    same folder that is then renamed over `path`, so a reader never sees half a file.
+    same folder that is then renamed over `path`, so a reader never sees half a file. Audio holding
+    NaN or inf is a ValueError, nothing written.
     """
     path = str(path)
     if hasattr(audio, "detach"):  # a torch tensor
@@ -721,6 +722,8 @@ def save_audio(path: str, audio, sample_rate: int, subtype: str = "PCM_16") -> N
         audio = audio[None]
     if audio.ndim != 2:
         raise ValueError(f"audio must be (C, T) or (T,), got shape {audio.shape}")
+    if not np.isfinite(audio).all():  # the clip below would write NaN as full-scale noise
+        raise ValueError(f"audio holds NaN or inf ({int((~np.isfinite(audio)).sum())} samples): {path} not written")
     folder = os.path.dirname(os.path.abspath(path))
     import soundfile as sf
     ext, fmt, subtype = output_format(path, subtype)

@@ -161,6 +161,22 @@ def non_finite(obj: Any, prefix: str = "") -> list[str]:
     return [name for k, v in items for name in non_finite(v, f"{prefix}.{k}" if prefix else str(k))]
 
 
+def beyond(state: dict[str, torch.Tensor], dtype: torch.dtype) -> list[str]:
+    """Names of the float tensors of `state` whose finite values a cast to `dtype` makes inf
+    (float32 or bfloat16 weights, scales or zero points above float16's 65504). Only tensors of a
+    wider range than `dtype` are read, two scalars each; NaN and inf already there are
+    `verify_content`'s to refuse (verify=False loads them)."""
+    if not dtype.is_floating_point:
+        return []
+    bad = []
+    for name, t in state.items():
+        if t.is_floating_point() and t.numel() and torch.finfo(t.dtype).max > torch.finfo(dtype).max:
+            ends = torch.stack(torch.aminmax(t))  # (2,): NaN where the tensor holds one
+            if bool(torch.isfinite(ends).all()) and not bool(torch.isfinite(ends.to(dtype)).all()):
+                bad.append(name)
+    return bad
+
+
 def listed(names: list[str], shown: int = 3) -> str:
     """The first few of `names` and how many more: "a, b, c and 5 more"."""
     return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")

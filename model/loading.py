@@ -23,8 +23,8 @@ from config.transformer_config import DTYPE_NAMES, TransformerConfig
 from config.transformer_config import hertz_dev as TRANSFORMER_HERTZ_DEV
 
 from . import hub, lora
-from .checkpoint import (CheckpointError, atomic_write, check_unreplaced, config_from, file_version, listed, read_metadata,
-                         read_weights, reloaded_if_replaced, substate, tensor_specs, write_weights)
+from .checkpoint import (CheckpointError, atomic_write, beyond, check_unreplaced, config_from, file_version, listed,
+                         read_metadata, read_weights, reloaded_if_replaced, substate, tensor_specs, write_weights)
 from .codec import Codec
 from .lm import LatentLM
 from .quant import (MODES, apply_plan, bad_scales, pack_int4, quantization_of, quantization_plan, quantize_state,
@@ -131,8 +131,19 @@ def check_parts(state: dict, parts: tuple[str, ...], what: str) -> None:
                               f"tensors ({listed(stray)})")
 
 
+def check_cast(state: dict, dtype: torch.dtype, what: str) -> None:
+    """CheckpointError naming `what` and the tensors of `state` whose finite values `dtype` cannot
+    hold (`beyond`): the cast would make them inf, and the model would generate noise (a float32
+    scale of 1e5, say, loaded in float16)."""
+    if bad := beyond(state, dtype):
+        raise CheckpointError(f"{what}: {len(bad)} tensors hold values beyond what {str(dtype)[6:]} holds "
+                              f"({listed(bad)}); cast, they would be inf and the model would generate noise: load it "
+                              "in bfloat16 or float32 (dtype=, --dtype)")
+
+
 def _fill(module: nn.Module, state: dict, device, dtype, what: str) -> nn.Module:
     check_tensors(module, state, what)
+    check_cast(state, dtype, what)  # before the move below casts them
     try:
         module.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:  # a tensor of a dtype the parameter cannot take
@@ -467,6 +478,7 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
         if merge:
             lora.merge_lora(model)
         else:  # held in the compute dtype: the forward would otherwise cast them at every step
+            check_cast(lora.lora_state_dict(model), dtype, f"adapter {adapter}")
             for m in lora.adapted(model).values():
                 m.lora_A.data, m.lora_B.data = m.lora_A.data.to(dtype), m.lora_B.data.to(dtype)
     for label, (path, version) in versions.items():

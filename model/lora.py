@@ -218,22 +218,34 @@ def merge_lora(model: nn.Module) -> list[str]:
     float32, stored in W's dtype), and turn the layers back into their own class; returns the
     merged paths. A quantized base (int8/int4 layers) is refused, before anything is changed:
     rounding the sum to the base's grid would lose most of the adapter; load the base unquantized
-    to merge, or keep the adapter unmerged."""
+    to merge, or keep the adapter unmerged. So is a sum that W's dtype cannot hold (NaN or inf: an
+    adapter of huge values, or float16 weights), naming the layer."""
     layers = adapted(model)
     for path, m in layers.items():
         w = dict(m.named_parameters(recurse=False)).get("weight")
         if w is None or not w.is_floating_point():
             raise AdapterError(f"cannot merge the adapter of {path} into a {m.base_class.__name__} (quantized "
                                "weights): load the base without quantization to merge, or keep the adapter unmerged")
+
+    def merged(m: nn.Module) -> Tensor:
+        w = m.weight
+        return (w.float() + (m.lora_B.float() @ m.lora_A.float()).to(w.device) * m.lora_scale).to(w.dtype)
+
     with torch.no_grad():
+        # every sum checked before the first layer changes (each computed twice: a merge is done once, when loading)
+        for path, m in layers.items():
+            if not bool(torch.isfinite(merged(m)).all()):
+                raise AdapterError(f"merging the adapter into {path} makes weights NaN or inf in "
+                                   f"{str(m.weight.dtype)[6:]} (its values are beyond what that dtype holds): load the "
+                                   "base in float32, or keep the adapter unmerged")
         for path, m in layers.items():
             w = m.weight
-            merged = w.float() + (m.lora_B.float() @ m.lora_A.float()).to(w.device) * m.lora_scale
+            sum_ = merged(m)
             cls = m.base_class
             del m.lora_A, m.lora_B, m.lora_alpha, m.lora_dropout
             m.__class__ = cls
             # A new tensor rather than writing in place: the weight may map an official file.
-            m.weight = nn.Parameter(merged.to(w.dtype), requires_grad=w.requires_grad)
+            m.weight = nn.Parameter(sum_, requires_grad=w.requires_grad)
     return list(layers)
 
 

@@ -721,3 +721,26 @@ def test_ctrl_c_while_generating_is_one_line(ckpts, tmp_path):
     # (on the progress bar's line, cut where the Ctrl-C came; the bar is drawn once more as it closes)
     assert "interrupted (Ctrl-C): no completion written after the last one named\n" in err, err[-500:]
     assert not (tmp_path / "out.wav").exists()
+
+
+def test_weights_that_overflow_are_one_error_line_and_no_file(ckpts, tmp_path, capsys):
+    """A checkpoint whose weights load (finite, hash consistent) but overflow in the model (a layer's
+    weights 1e30, as an edited or badly trained file holds): its completion was NaN, written as a
+    WAV of full-scale noise with exit 0. Now one error line naming the weights, and no file; and
+    save_audio refuses NaN audio rather than clip it to full scale."""
+    import complete
+    from test_checkpoint import rewritten
+    from model.audio import save_audio
+    key = "resynth.stack.layers.0.attn.attn.attn_out.weight"
+    huge = rewritten(ckpts["mono"], tmp_path / "huge.safetensors",
+                     state=lambda s: {**s, key: torch.full_like(s[key], 1e30)})
+    out = tmp_path / "o.wav"
+    assert complete.main([ckpts["mono_prompt"], str(out), "--variant", str(huge), "--seconds", "0.25",
+                          "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == (f"error: the completion holds NaN or inf: the weights of {huge} overflow in float32 (values too "
+                       "large for it, or a damaged file): re-export them; no file written"), err
+    assert not out.exists()
+    with pytest.raises(ValueError, match=rf"^audio holds NaN or inf \(1 samples\): {re.escape(str(out))} not written$"):
+        save_audio(out, np.array([0.1, float("nan"), 0.2], np.float32), 16000)
+    assert not out.exists()

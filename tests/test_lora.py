@@ -475,3 +475,37 @@ def test_merging_onto_a_quantized_checkpoint_is_refused_before_its_weights_load(
     with pytest.raises(ValueError, match=f"^merge=True folds the adapter into float weights, and {re.escape(str(base))} "
                                          "holds int8 weights: keep the adapter unmerged"):
         load_hertz_dev(base, codec=None, adapter=adapter, merge=True)
+
+
+def test_an_adapter_beyond_float16_is_refused_in_float16_and_an_overflowing_merge_names_its_layer(tmp_path):
+    """An adapter whose lora_B holds 1e5 (finite in its float32 file, hash consistent) loaded on a
+    float16 base: cast to float16 it was inf, and every output NaN. Now a CheckpointError naming the
+    adapter, the tensor and the dtype; merged, an AdapterError naming the layer whose merged weight
+    overflows, the model's layers unchanged; in float32 it loads."""
+    from test_checkpoint import rewritten
+    from model.checkpoint import CheckpointError
+    base = save_transformer(tmp_path / "base.safetensors", tiny())
+    model = tiny()
+    apply_lora(model, **dataclasses.asdict(LORA))
+    good = save_adapter(tmp_path / "good.adapter.safetensors", model, LORA, base_fingerprint(base), str(base))
+    key = "lm.layers.0.attn.attn.attn_out.lora_B"
+    big = rewritten(good, tmp_path / "big.adapter.safetensors",
+                    state=lambda s: {**s, key: torch.full_like(s[key], 1e5)})
+    with pytest.raises(CheckpointError) as e:
+        load_hertz_dev(base, codec=None, adapter=big, dtype="float16")
+    assert str(e.value) == (f"adapter {big}: 1 tensors hold values beyond what float16 holds ({key}); cast, they "
+                            "would be inf and the model would generate noise: load it in bfloat16 or float32 (dtype=, "
+                            "--dtype)")
+    with pytest.raises(AdapterError, match=r"^merging the adapter into lm\.layers\.0\.attn\.attn\.attn_out makes "
+                                           r"weights NaN or inf in float16 "):
+        load_hertz_dev(base, codec=None, adapter=big, dtype="float16", merge=True)
+    model = load_hertz_dev(base, codec=None, dtype="float16")
+    apply_lora(model, **dataclasses.asdict(LORA))
+    with torch.no_grad():
+        model.lm.layers[0].attn.attn.attn_out.lora_B.fill_(1e5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(AdapterError):
+        merge_lora(model)
+    assert len(adapted(model)) == 4 * (CFG.lm_layers + CFG.resynth_layers)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert load_hertz_dev(base, codec=None, adapter=big, dtype="float32") is not None

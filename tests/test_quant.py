@@ -599,3 +599,34 @@ def test_cuda_quantizing_while_loading_peaks_near_the_final_size(mode, tmp_path,
     weights = requested_bytes() - asked
     assert abs(weights - weight_bytes(m)["total"]) <= 2**16, (weights, weight_bytes(m)["total"], stray_cuda_tensors(m))
     assert peak - final <= 32 * 2**20, (peak, final)  # the largest float32 layer alone is 128 MB
+
+
+@pytest.mark.parametrize("mode, suffix, where", [
+    (None, "proj_qkv.weight", (0, 0)),
+    ("int8", "proj_qkv.scale", (0,)),
+    ("int4", "proj_qkv.scales_and_zeros", (0, 0, 0)),
+    ("int4", "proj_qkv.scales_and_zeros", (0, 0, 1)),
+], ids=["float-weight", "int8-scale", "int4-scale", "int4-zero-point"])
+def test_values_beyond_float16_are_refused_when_loaded_in_float16(mode, suffix, where, tmp_path, one_thread):
+    """A file of finite float32 values beyond float16's 65504 (a weight, an int8 scale, an int4
+    scale or zero point of 7e4; hash consistent) loaded in float16: the cast made them inf, and
+    the model's outputs NaN, without a word. Now a CheckpointError naming the file, the part, the
+    tensor and the dtype, and the same file loads in float32."""
+    from test_checkpoint import rewritten
+    from model.checkpoint import CheckpointError
+
+    def edited(state):
+        for k in state:
+            if k.endswith(suffix) and k.startswith("lm.layers.0."):
+                state[k][where] = 7e4
+        return state
+    model = float_model() if mode is None else quantize_model(float_model(), mode)
+    good = save_transformer(tmp_path / "good.safetensors", model)
+    big = rewritten(good, tmp_path / "big.safetensors", state=edited)
+    with pytest.raises(CheckpointError) as e:
+        load_hertz_dev(big, codec=None, dtype="float16")
+    assert str(e.value) == (f"{big} (lm): 1 tensors hold values beyond what float16 holds (layers.0.attn.attn.{suffix})"
+                            "; cast, they would be inf and the model would generate noise: load it in bfloat16 or "
+                            "float32 (dtype=, --dtype)")
+    assert load_hertz_dev(big, codec=None, dtype="float32") is not None
+    assert load_hertz_dev(good, codec=None, dtype="float16") is not None
