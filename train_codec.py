@@ -552,9 +552,7 @@ def check_config(cfg: CodecConfig) -> None:
         raise ConfigError(f"input_channels={cfg.input_channels} and output_channels={cfg.output_channels}: this "
                           "trainer reads mono crops and its losses compare one channel; keep both at 1 (the duplex "
                           "model encodes each speaker's channel with a mono codec)")
-    if len(cfg.strides) != len(cfg.channel_ratios):
-        raise ConfigError(f"strides={cfg.strides} and channel_ratios={cfg.channel_ratios} need one item per "
-                          "encoder block each")
+    cfg.check_architecture()  # (as the loaders check a checkpoint's header)
     hop = math.prod(cfg.strides)
     for key in ("segment_seconds", "val_segment_seconds"):
         segment = round(getattr(cfg, key) * cfg.sample_rate)

@@ -564,17 +564,7 @@ def check_config(cfg: TransformerConfig) -> None:
                           "given the code of latent t+1")
     if cfg.seq_len < 2:
         raise ConfigError("seq_len must be at least 2 latents (one prediction)")
-    if not cfg.fsq_levels:  # (a vocabulary of one code: a loss of 0 and an accuracy of 1, learning nothing)
-        raise ConfigError("fsq_levels: expected at least one level (the official (8, 8, 8, 8, 8)), got ()")
-    for part in ("lm", "resynth"):  # an assertion when the model is built, or a shape error at the first step
-        dim, heads, kv = (getattr(cfg, f"{part}_{k}") for k in ("dim", "heads", "kv_heads"))
-        if dim % heads or dim // heads % 2:  # rotary rotates pairs of dims in each head
-            raise ConfigError(f"{part}_dim={dim} and {part}_heads={heads}: the heads split {part}_dim into equal "
-                              f"heads of an even size (rotary turns pairs of dims); choose {part}_heads so that "
-                              f"{part}_dim / {part}_heads is an even whole number")
-        if kv is not None and heads % kv:
-            raise ConfigError(f"{part}_heads={heads} and {part}_kv_heads={kv}: each key/value head serves an equal "
-                              f"group of query heads; choose a {part}_kv_heads that divides {part}_heads")
+    cfg.check_architecture()  # (as the loaders check a checkpoint's header)
     if not cfg.eval_only and (cfg.eval_quantize != "none" or cfg.eval_kv_dtype != "none"):
         raise ConfigError("eval_quantize and eval_kv_dtype apply to eval_only=true (training stays in float)")
     stereo_only = [f"{k}={getattr(cfg, k)}" for k, default in (("model_channel", 1), ("mono_to_stereo", "silence"))

@@ -245,14 +245,23 @@ def _check_range(key: str, value: Any, metadata: Mapping[str, Any]) -> None:
 
 
 def from_dict(cls, data: Mapping[str, Any], strict: bool = True):
-    """Rebuild a config saved with `dataclasses.asdict` (JSON turns tuples into lists)."""
+    """Rebuild a config saved with `dataclasses.asdict` (JSON turns tuples into lists), checked as
+    an override is (each value's type and range) and, where `cls` has one, by its
+    `check_architecture` (heads that divide the width, ...): a ConfigError naming the field, not a
+    model that asserts when built or computes NaN (a header edited, or written by another tool)."""
     types_ = field_types(cls)
     unknown = sorted(set(data) - set(types_))
     if unknown and strict:
         raise ConfigError(f"unknown config keys {unknown} for {cls.__name__}")
     values = {k: _coerce(tuple(v) if isinstance(v, list) else v, types_[k], k)
               for k, v in data.items() if k in types_}
-    return cls(**values)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        _check_range(key, value, fields[key].metadata)
+    cfg = cls(**values)
+    if hasattr(cfg, "check_architecture"):
+        cfg.check_architecture()
+    return cfg
 
 
 def parse_args(argv: Sequence[str], presets: Mapping[str, Any], default: str = "tiny",

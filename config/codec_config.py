@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from config import COUNT, DEVICE, FRACTION, NON_NEGATIVE, POSITIVE, SEED, WINDOW, PATH
+from config import COUNT, DEVICE, FRACTION, NON_NEGATIVE, POSITIVE, SEED, WINDOW, PATH, ConfigError
 
 # Marks on the fields (`fields_marked`, `config_diff` in config/__init__.py):
 ARCH = {"arch": True}          # the codec network: a checkpoint that differs cannot be loaded into it
@@ -143,6 +143,14 @@ class CodecConfig:
     eval_only: bool = False
     wandb: Literal["online", "offline", "disabled"] = "offline"
     wandb_project: str = "hertz-dev-codec"
+
+    def check_architecture(self) -> None:
+        """ConfigError naming the fields whose values contradict each other in the codec they build
+        (an assertion when it is built): what the loaders (`config.from_dict`, a checkpoint's header)
+        and train_codec.py both check."""
+        if len(self.strides) != len(self.channel_ratios):
+            raise ConfigError(f"strides={self.strides} and channel_ratios={self.channel_ratios} need one item per "
+                              "encoder block each")
 
 
 hertz_dev = CodecConfig()

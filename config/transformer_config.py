@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional, get_args
 
-from config import COUNT, DEVICE, FRACTION, NON_NEGATIVE, POSITIVE, SEED, PATH
+from config import COUNT, DEVICE, FRACTION, NON_NEGATIVE, POSITIVE, SEED, PATH, ConfigError
 
 # What a user can name on the command line and in configs, kept here (no torch) so every parser
 # offers the same choices: the weight-only quantization modes (`model/quant.py`) and the KV
@@ -134,6 +134,22 @@ class TransformerConfig:
     eval_kv_dtype: Literal["none", "fp8"] = "none"  # eval_only: forwards through a KV cache in float8
     wandb: Literal["online", "offline", "disabled"] = "offline"
     wandb_project: str = "hertz-dev-transformer"
+
+    def check_architecture(self) -> None:
+        """ConfigError naming the fields whose values contradict each other in the networks they
+        build (an assertion when the model is built, or a shape error at its first step): what the
+        loaders (`config.from_dict`, a checkpoint's header) and train_transformer.py both check."""
+        if not self.fsq_levels:  # (a vocabulary of one code: a loss of 0 and an accuracy of 1, learning nothing)
+            raise ConfigError("fsq_levels: expected at least one level (the official (8, 8, 8, 8, 8)), got ()")
+        for part in ("lm", "resynth"):
+            dim, heads, kv = (getattr(self, f"{part}_{k}") for k in ("dim", "heads", "kv_heads"))
+            if dim % heads or dim // heads % 2:  # rotary rotates pairs of dims in each head
+                raise ConfigError(f"{part}_dim={dim} and {part}_heads={heads}: the heads split {part}_dim into equal "
+                                  f"heads of an even size (rotary turns pairs of dims); choose {part}_heads so that "
+                                  f"{part}_dim / {part}_heads is an even whole number")
+            if kv is not None and heads % kv:
+                raise ConfigError(f"{part}_heads={heads} and {part}_kv_heads={kv}: each key/value head serves an "
+                                  f"equal group of query heads; choose a {part}_kv_heads that divides {part}_heads")
 
     @property
     def vocab_size(self) -> int:

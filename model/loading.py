@@ -183,6 +183,17 @@ def _meta(cls, *args):
         return cls(*args)
 
 
+def _built(cls, cfg, source) -> nn.Module:
+    """`_meta(cls, cfg)` for the config of the header of `source`: a CheckpointError naming the file
+    where it builds no model (sizes whose tensors no memory could hold: an edited header), rather
+    than torch's RuntimeError from deep inside a layer."""
+    try:
+        return _meta(cls, cfg)
+    except (RuntimeError, ValueError, AssertionError) as e:
+        raise CheckpointError(f"{source}: its config does not build a {cls.__name__} ({' '.join(str(e).split())}): "
+                              "its header was edited or damaged; re-export it") from None
+
+
 # --- codec ----------------------------------------------------------------------------------
 
 @reloaded_if_replaced
@@ -206,7 +217,7 @@ def load_codec(source: Union[str, os.PathLike] = "official", device="cpu", dtype
     path = _existing(source, '"official"')
     version = file_version(path)  # its header and tensors come from one file, or it is loaded again
     cfg = config_from(CodecConfig, read_metadata(path, kind="codec")["config"], source)
-    codec, specs = _meta(Codec, cfg), tensor_specs(path)
+    codec, specs = _built(Codec, cfg, source), tensor_specs(path)
     if substate(specs, "codec"):  # (our files' layout: every tensor under codec.)
         check_parts(specs, ("codec",), str(source))
     check_tensors(codec, substate(specs, "codec") or specs, str(source))  # from the header, before reading and hashing
@@ -249,10 +260,12 @@ def official_transformer_config(variant: str) -> TransformerConfig:
 def transformer_config_of(source: Union[str, os.PathLike]) -> TransformerConfig:
     """The config `load_hertz_dev(source)` builds, known before any weights load: an official
     variant's, or the one the header of our checkpoint at `source` records (CheckpointError naming
-    the file where it holds none)."""
+    the file where it holds none, or one that builds no model: `config_from`, `_built`)."""
     if str(source) in hub.VARIANTS:
         return official_transformer_config(str(source))
-    return config_from(TransformerConfig, read_metadata(source, kind="transformer")["config"], source)
+    cfg = config_from(TransformerConfig, read_metadata(source, kind="transformer")["config"], source)
+    _built(HertzDev, cfg, source)  # (a meta build: milliseconds) the memory checks build it too
+    return cfg
 
 
 # What `load_codec` / `load_hertz_dev` raise for a file the user must fix (the scripts print it as
@@ -428,7 +441,7 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
         if config is not None:
             cfg = dataclasses.replace(config, duplex=cfg.duplex)
     codec_source, trained_with, owner = resolved_codec(source, codec, adapter)  # the adapter's, where it records one
-    model = _meta(HertzDev, cfg)  # filled below; without adapters until load_adapter
+    model = _built(HertzDev, cfg, source)  # filled below; without adapters until load_adapter
     if adapter is not None:  # its header against the base's config: the tensors it would put on which layers
         lora.check_fit(model, adapter, adapter_cfg, tensor_specs(adapter), str(source))
     _codec_config(owner, codec, codec_source, cfg, codec_config or CODEC_HERTZ_DEV)  # its header against cfg

@@ -435,6 +435,48 @@ def test_a_damaged_header_is_one_error_naming_the_file_and_field(tmp_path, monke
     assert str(e.value).startswith(str(path)) and message in str(e.value) and "\n" not in str(e.value)
 
 
+def config_set(key, value):
+    """A header edit: the recorded config's `key` set to `value` (as JSON writes it)."""
+    def edit(fields):
+        config = json.loads(fields["config"])
+        config[key] = value
+        return {**fields, "config": json.dumps(config)}
+    return edit
+
+
+@pytest.mark.parametrize("kind, key, value, message", [
+    ("transformer", "eps", -1.0, "its config is not a valid TransformerConfig: eps: expected a number > 0, got -1.0"),
+    ("transformer", "fsq_levels", [1, 8, 8, 8, 64],
+     "its config is not a valid TransformerConfig: fsq_levels: expected each item >= 2, got (1, 8, 8, 8, 64)"),
+    ("transformer", "seq_len", 0, "its config is not a valid TransformerConfig: seq_len: expected a number >= 1, got 0"),
+    ("transformer", "lm_heads", 3, "its config is not a valid TransformerConfig: lm_dim=64 and lm_heads=3: the heads "
+                                   "split lm_dim into equal heads of an even size"),
+    ("transformer", "resynth_kv_heads", 3, "its config is not a valid TransformerConfig: resynth_heads=4 and "
+                                           "resynth_kv_heads=3: each key/value head serves an equal group"),
+    ("transformer", "lm_dim", 1 << 30, "its config does not build a HertzDev (Storage size calculation overflowed"),
+    ("codec", "channel_ratios", [1, 2, 4, 4, 4], "its config is not a valid CodecConfig: strides=(2, 2, 4, 5, 5, 5) "
+                                                 "and channel_ratios=(1, 2, 4, 4, 4) need one item per encoder block"),
+    ("codec", "norm_stddev", 0.0, "its config is not a valid CodecConfig: norm_stddev: expected a number >= "),
+], ids=["eps", "fsq-level-1", "seq-len-0", "heads", "kv-heads", "huge", "codec-ratios", "codec-norm"])
+def test_a_header_config_out_of_range_or_contradicting_itself_is_one_error_before_any_weights(
+        tmp_path, monkeypatch, kind, key, value, message):
+    """Header configs (hash consistent: edited, or another tool's) whose values are out of their
+    fields' ranges, whose heads do not divide the width, whose codec has fewer channel ratios than
+    strides, or whose sizes no memory holds: one CheckpointError naming the file and the field,
+    before any weights are read. Ranges were checked on command-line overrides only: eps=-1 and a
+    level of 1 loaded into a model of NaN outputs, seq_len=0 crashed when generating; the others
+    were an AssertionError or a RuntimeError traceback from inside a layer."""
+    if kind == "codec":
+        good = save_codec(tmp_path / "good.safetensors", build(Codec, CODEC_PRESETS["tiny"]))
+    else:
+        good = save_transformer(tmp_path / "good.safetensors", build(HertzDev, TRANSFORMER_PRESETS["tiny"]))
+    path = rewritten(good, tmp_path / "bad.safetensors", config_set(key, value))
+    monkeypatch.setattr("model.loading.read_weights", lambda *a, **k: pytest.fail("weights read"))
+    with pytest.raises(CheckpointError) as e:
+        load_codec(path) if kind == "codec" else load_hertz_dev(path, codec=None)
+    assert str(e.value).startswith(f"{path}: {message}") and "\n" not in str(e.value), str(e.value)
+
+
 def test_tensors_that_do_not_fit_their_config_are_one_line(tmp_path):
     """A file whose config builds another model than its tensors (a consistent hash: written so):
     one CheckpointError line naming the file, the part and the tensors at fault; it was a

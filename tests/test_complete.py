@@ -744,3 +744,21 @@ def test_weights_that_overflow_are_one_error_line_and_no_file(ckpts, tmp_path, c
     with pytest.raises(ValueError, match=rf"^audio holds NaN or inf \(1 samples\): {re.escape(str(out))} not written$"):
         save_audio(out, np.array([0.1, float("nan"), 0.2], np.float32), 16000)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("lm_heads", 3, "its config is not a valid TransformerConfig: lm_dim=64 and lm_heads=3: the heads split lm_dim"),
+    ("lm_dim", 1 << 30, "its config does not build a HertzDev (Storage size calculation overflowed"),
+])
+def test_a_header_config_that_builds_no_model_is_one_error_line(ckpts, tmp_path, capsys, key, value, message):
+    """A checkpoint whose header config (hash consistent) has heads that do not divide the width,
+    or sizes no memory holds: an AssertionError or RuntimeError traceback from inside a layer; now
+    one error line naming the file, and no output."""
+    import complete
+    from test_checkpoint import config_set, rewritten
+    bad = rewritten(ckpts["mono"], tmp_path / "bad.safetensors", config_set(key, value))
+    out = tmp_path / "o.wav"
+    assert complete.main([ckpts["mono_prompt"], str(out), "--variant", str(bad), "--device", "cpu"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {bad}: {message}"), lines
+    assert not out.exists()

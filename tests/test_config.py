@@ -1,6 +1,7 @@
 """Presets, typed key=value overrides and their errors."""
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 import typing
@@ -182,6 +183,24 @@ def test_from_dict_round_trip_turns_lists_into_tuples():
     assert from_dict(type(cfg), data) == cfg
     with pytest.raises(ConfigError):
         from_dict(type(cfg), {**data, "bogus": 1})
+
+
+@pytest.mark.parametrize("cls, key, value, message", [
+    (TransformerConfig, "eps", -1.0, "eps: expected a number > 0, got -1.0"),
+    (TransformerConfig, "theta", 0.5, "theta: expected a number > 1, got 0.5"),
+    (TransformerConfig, "resynth_heads", 7, "resynth_dim=4096 and resynth_heads=7: the heads split resynth_dim"),
+    (CodecConfig, "strides", [2, 4], "strides=(2, 4) and channel_ratios=(4, 8, 16, 16, 16, 16) need one item per"),
+])
+def test_from_dict_checks_ranges_and_the_architecture_as_overrides_and_trainers_do(cls, key, value, message):
+    """What a saved config (a checkpoint's header) rebuilds is checked as an override is, and by the
+    architecture's own check the trainers call: from_dict checked the types alone, so a header's
+    eps=-1 or heads that do not divide the width built a model of NaN outputs or an AssertionError.
+    Every preset passes."""
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+        from_dict(cls, {**dataclasses.asdict(cls()), key: value})
+    for presets in (CODEC_PRESETS, TRANSFORMER_PRESETS):
+        for cfg in presets.values():
+            assert from_dict(type(cfg), json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
 
 
 def test_help_lists_fields(tmp_path):
