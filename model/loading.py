@@ -425,6 +425,9 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
     if adapter is not None:
         fingerprint = lora.base_fingerprint(source)
         adapter_cfg = lora.check_adapter(adapter, fingerprint, str(source))
+        # its tensors read and verified now (a file ~100x smaller than its base): a damaged adapter is found
+        # before the base's weights are read and hashed (for an official variant, downloaded), not after
+        adapter_state = lora.read_adapter_tensors(adapter, verify)
     if str(source) not in hub.VARIANTS:  # the header's mistakes, before any weights load
         path = _existing(source, "an official variant (" + ", ".join(hub.VARIANTS) + ")")
         meta = read_metadata(path, kind="transformer")
@@ -445,12 +448,19 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
     if adapter is not None:  # its header against the base's config: the tensors it would put on which layers
         lora.check_fit(model, adapter, adapter_cfg, tensor_specs(adapter), str(source))
     _codec_config(owner, codec, codec_source, cfg, codec_config or CODEC_HERTZ_DEV)  # its header against cfg
-    # the codec an export (or adapter) of ours records, as trained with: the file at that path may have been
-    # trained on (or replaced) since, and a model decoding another codec's latents makes noise without a word
-    recorded_codec_file = None
-    if trained_with and codec_source is not None and str(codec_source) != "official":
-        recorded_codec_file = load_codec(codec_source, "cpu", torch.float32, verify=verify)  # as it was fingerprinted
-        check_codec_fingerprint(recorded_codec_file, trained_with, owner, str(codec_source))
+    # a codec of ours (codec=PATH, or the one recorded) is read and verified before the transformer's weights: a
+    # damaged one is found now, not after them
+    codec_file = None
+    if codec_source is not None and str(codec_source) != "official":
+        if trained_with:
+            # the codec an export (or adapter) of ours records, as trained with: the file at that path may have been
+            # trained on (or replaced) since, and a model decoding another codec's latents makes noise without a word
+            codec_file = load_codec(codec_source, "cpu", torch.float32, verify=verify)  # as it was fingerprinted
+            check_codec_fingerprint(codec_file, trained_with, owner, str(codec_source))
+            check_cast(codec_file.state_dict(), dtype, str(codec_source))
+            codec_file = codec_file.to(device, dtype)
+        else:
+            codec_file = load_codec(codec_source, device, dtype, ckpt_dir, offline, endpoint, codec_config, verify)
     if str(source) in hub.VARIANTS:
         lm_name, resynth_name, _ = hub.VARIANTS[str(source)]
         # the official codec too, in the same call: the room all the missing files need is found
@@ -482,12 +492,12 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
             # a file quantized in part (quantize_model on the LM alone, say): quantize= quantizes the rest
             sub = _quantized(module, sub, quantize, device, dtype, part, _group_size(recorded, part))
             _fill(module, sub, device, dtype, f"{source} ({part})")
-    if recorded_codec_file is not None:
-        model.codec = recorded_codec_file.to(device, dtype)
-    elif codec_source is not None:
+    if codec_file is not None:
+        model.codec = codec_file
+    elif codec_source is not None:  # the official codec (verified as it downloaded)
         model.codec = load_codec(codec_source, device, dtype, ckpt_dir, offline, endpoint, codec_config, verify)
     if adapter is not None:
-        lora.load_adapter(model, adapter, fingerprint, str(source), verify)
+        lora.load_adapter(model, adapter, fingerprint, str(source), verify, adapter_state)
         if merge:
             lora.merge_lora(model)
         else:  # held in the compute dtype: the forward would otherwise cast them at every step
@@ -498,7 +508,7 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
         check_unreplaced(path, version, f"{label}{path}")
     # which codec this is, for save_transformer(codec_source="auto") (a quantized copy decodes with it too)
     model.codec_source = None if codec_source is None else recorded_codec_path(codec_source)
-    model.codec_fingerprint = trained_with if recorded_codec_file is not None else None
+    model.codec_fingerprint = trained_with if codec_file is not None and trained_with else None
     return model.eval().requires_grad_(False)
 
 

@@ -356,17 +356,27 @@ def check_fit(model: nn.Module, path: Union[str, os.PathLike], cfg: LoRAConfig, 
                            f"{'; '.join(problems)}")
 
 
-def load_adapter(model: nn.Module, path: Union[str, os.PathLike], expected_fingerprint: str,
-                 source: Optional[str] = None, verify: bool = True) -> LoRAConfig:
-    """Adapt `model` (a `HertzDev` without adapters) as the file at `path` says and fill the
-    adapters from it, after checking its base fingerprint (see `check_adapter`) and, with `verify`,
-    its content hash and that no weight is NaN or inf (`verify_content`); returns its config."""
+def read_adapter_tensors(path: Union[str, os.PathLike], verify: bool = True) -> dict[str, Tensor]:
+    """The tensors of the adapter file at `path`, with `verify` checked against its content hash
+    and for NaN or inf (`verify_content`: a CheckpointError naming the file)."""
     from safetensors.torch import load_file
 
-    cfg = check_adapter(path, expected_fingerprint, source)
     state = load_file(str(path))
     if verify:
         verify_content(path, state, _header(Path(path)).get(HASH_KEY))
+    return state
+
+
+def load_adapter(model: nn.Module, path: Union[str, os.PathLike], expected_fingerprint: str,
+                 source: Optional[str] = None, verify: bool = True,
+                 state: Optional[dict[str, Tensor]] = None) -> LoRAConfig:
+    """Adapt `model` (a `HertzDev` without adapters) as the file at `path` says and fill the
+    adapters from it, after checking its base fingerprint (see `check_adapter`) and, with `verify`,
+    its content hash and that no weight is NaN or inf (`read_adapter_tensors`); returns its config.
+    `state`: its tensors, already read (and verified) so, by a loader that checks them first."""
+    cfg = check_adapter(path, expected_fingerprint, source)
+    if state is None:
+        state = read_adapter_tensors(path, verify)
     check_fit(model, path, cfg, state, source)
     apply_lora(model, **dataclasses.asdict(cfg))
     with torch.no_grad():

@@ -477,6 +477,30 @@ def test_a_header_config_out_of_range_or_contradicting_itself_is_one_error_befor
     assert str(e.value).startswith(f"{path}: {message}") and "\n" not in str(e.value), str(e.value)
 
 
+def test_a_damaged_codec_given_as_a_path_is_found_before_the_transformer_s_weights(tmp_path, monkeypatch):
+    """codec=PATH (--codec) naming a codec whose bytes changed: refused naming it before the
+    transformer's weights are read and hashed; it was read after them, the 8.5B model's included.
+    The model loads with the good codec as before."""
+    from model import loading
+    codec = save_codec(tmp_path / "codec.safetensors", build(Codec, CODEC_PRESETS["tiny"]))
+    model = save_transformer(tmp_path / "model.safetensors", build(HertzDev, TRANSFORMER_PRESETS["tiny"]),
+                             codec_source=str(codec))
+    bad = tmp_path / "flipped.safetensors"
+    data = bytearray(codec.read_bytes())
+    data[-1] ^= 0x40
+    bad.write_bytes(bytes(data))
+    read = loading.read_weights
+
+    def only_codecs(path, *args, kind=None, **kwargs):
+        assert kind == "codec", f"{path} read before the codec"
+        return read(path, *args, kind=kind, **kwargs)
+    monkeypatch.setattr("model.loading.read_weights", only_codecs)
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(bad))} is corrupted"):
+        load_hertz_dev(model, codec=bad)
+    monkeypatch.setattr("model.loading.read_weights", read)
+    assert load_hertz_dev(model, codec=codec).codec is not None
+
+
 def test_tensors_that_do_not_fit_their_config_are_one_line(tmp_path):
     """A file whose config builds another model than its tensors (a consistent hash: written so):
     one CheckpointError line naming the file, the part and the tensors at fault; it was a

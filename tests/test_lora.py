@@ -509,3 +509,26 @@ def test_an_adapter_beyond_float16_is_refused_in_float16_and_an_overflowing_merg
     assert len(adapted(model)) == 4 * (CFG.lm_layers + CFG.resynth_layers)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert load_hertz_dev(base, codec=None, adapter=big, dtype="float32") is not None
+
+
+def test_a_damaged_adapter_is_found_before_the_base_s_weights_are_read(tmp_path, monkeypatch):
+    """An adapter whose bytes changed, or that holds NaN under a matching hash: refused naming the
+    file before the base's weights are read and hashed (for an official variant: downloaded). Its
+    header and shapes were checked first, and its content only after the base had loaded."""
+    from test_checkpoint import rewritten
+    from model.checkpoint import CheckpointError
+    base = save_transformer(tmp_path / "base.safetensors", tiny())
+    model = tiny()
+    apply_lora(model, **dataclasses.asdict(LORA))
+    good = save_adapter(tmp_path / "good.adapter.safetensors", model, LORA, base_fingerprint(base), str(base))
+    flipped = tmp_path / "flipped.adapter.safetensors"
+    data = bytearray(good.read_bytes())
+    data[-1] ^= 0x40
+    flipped.write_bytes(bytes(data))
+    key = "lm.layers.0.attn.attn.attn_out.lora_A"
+    nan = rewritten(good, tmp_path / "nan.adapter.safetensors",
+                    state=lambda s: {**s, key: torch.full_like(s[key], float("nan"))})
+    monkeypatch.setattr("model.loading.read_weights", lambda *a, **k: pytest.fail("base weights read"))
+    for path, message in ((flipped, " is corrupted"), (nan, f": 1 tensors hold NaN or inf ({key})")):
+        with pytest.raises(CheckpointError, match=f"^{re.escape(str(path) + message)}"):
+            load_hertz_dev(base, codec=None, adapter=path)
