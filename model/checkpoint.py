@@ -238,22 +238,30 @@ def file_kind(path: str | os.PathLike) -> str:
 
 def _damaged(path: Path, head: bytes, refusal: Exception) -> Optional[str]:
     """For a file with a safetensors header that the safetensors library refused (`refusal`), what
-    is wrong with it: it ends before what its header describes (an interrupted copy or download), or
-    after it (bytes appended), or the library's own reason; None for a file without such a header."""
+    is wrong with it: it ends before what its header describes (an interrupted copy or download:
+    inside its header, the 8 bytes of its length included, or its data), or after it (bytes
+    appended), its header is blank or not JSON (damaged), or the library's own reason; None for a
+    file without such a header."""
     length, size = int.from_bytes(head, "little"), path.stat().st_size
     if len(head) < 8 or length > 100 << 20:  # safetensors' own bound on a header
         return None
     with open(path, "rb") as f:
         f.seek(8)
         text = f.read(length)
+    if len(text) < length and (not text or text.startswith(b"{")):  # a plausible length, and its text missing
+        return (f"safetensors file cut short: {size} bytes, shorter than the {8 + length} of its header (an "
+                "incomplete copy or download?)")
+    if not text.strip(b" \0"):  # the whole header zeroed or blanked
+        return "damaged safetensors file (its header is blank)"
     if not text.startswith(b"{"):
         return None
-    if len(text) < length:
-        return (f"safetensors file cut short: {size} bytes, shorter than its own {length}-byte header "
-                "(an incomplete copy or download?)")
     try:
-        end = 8 + length + max(e["data_offsets"][1] for k, e in json_value(text).items() if k != "__metadata__")
-    except (ValueError, TypeError, KeyError, IndexError):  # not a safetensors header after all
+        header = json_value(text)
+    except ValueError:  # JSON damaged in place: bytes zeroed or changed, or a length that cuts or overruns it
+        return "damaged safetensors file (its header is not valid JSON)"
+    try:
+        end = 8 + length + max(e["data_offsets"][1] for k, e in header.items() if k != "__metadata__")
+    except (TypeError, KeyError, IndexError, AttributeError):  # not a safetensors header after all
         return None
     if end > size:
         return (f"safetensors file cut short: {size} bytes of the {end} its header describes (an incomplete copy "

@@ -631,8 +631,8 @@ def test_files_cut_short_or_empty_are_named_so_wherever_a_model_or_adapter_is_ex
     state = (folder.folder / "latest.pt").read_bytes()
     cases = {"tensors.safetensors": (data[:len(data) - 10], f"a safetensors file cut short: {len(data) - 10} bytes of "
                                                             f"the {len(data)} its header describes"),
-             "header.safetensors": (data[:100], f"a safetensors file cut short: 100 bytes, shorter than its own "
-                                                f"{header_end - 8}-byte header"),
+             "header.safetensors": (data[:100], f"a safetensors file cut short: 100 bytes, shorter than the "
+                                                f"{header_end} of its header"),
              "state.pt": (state[:len(state) // 2], "a PyTorch file cut short or damaged"),
              "empty.safetensors": (b"", "an empty file")}
     for name, (content, found) in cases.items():
@@ -652,6 +652,33 @@ def test_files_cut_short_or_empty_are_named_so_wherever_a_model_or_adapter_is_ex
                                                      "transformer training state; the adapter exported beside it is "
                                                      f"{lora_run / 'latest.adapter.safetensors'}")):
         load_hertz_dev(model, adapter=lora_run / "latest.pt")
+
+
+def test_a_header_cut_blank_or_not_json_is_named_so_not_a_foreign_file(tmp_path):
+    """A file cut within the last 8 bytes of its header was '12941 bytes, shorter than its own
+    12936-byte header' (the 8 bytes of its length not counted); one cut at exactly 8 bytes, one
+    whose header is zeroed (in part or whole) and one whose first byte flipped (its length one off,
+    cutting its JSON or taking in a byte after it) were 'a file that is neither safetensors nor
+    PyTorch'. Now: cut short against 8 + its length, a blank header, a header that is not JSON."""
+    model = save_codec(tmp_path / "codec.safetensors", build(Codec, CODEC_PRESETS["tiny"]))
+    data = model.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    end, mid = 8 + length, 8 + length // 2
+    cases = {"last-bytes": (data[:end - 3], f"a safetensors file cut short: {end - 3} bytes, shorter than the {end} of "
+                                            "its header (an incomplete copy or download?)"),
+             "at-8": (data[:8], f"a safetensors file cut short: 8 bytes, shorter than the {end} of its header (an "
+                                "incomplete copy or download?)"),
+             "zeroed": (data[:mid] + bytes(64) + data[mid + 64:], "a damaged safetensors file (its header is not "
+                                                                  "valid JSON)"),
+             "blank": (data[:8] + bytes(length) + data[end:], "a damaged safetensors file (its header is blank)"),
+             "first-byte": (bytes([data[0] ^ 1]) + data[1:], "a damaged safetensors file (its header is not valid "
+                                                             "JSON)")}
+    for name, (content, found) in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(content)
+        with pytest.raises(CheckpointError) as e:
+            load_codec(path)
+        assert str(e.value) == f"{path}: expected a codec checkpoint (.safetensors), found {found}", name
 
 
 def test_an_adapter_given_for_a_model_names_its_base(tmp_path):
