@@ -712,7 +712,7 @@ def save_audio(path: str, audio, sample_rate: int, subtype: str = "PCM_16") -> N
     subtype: "PCM_16" (default), "PCM_24" or "FLOAT"; a format that cannot hold it (OGG, MP3) is
     written in its own encoding (Vorbis, MPEG layer III). The data goes to a temporary file in the
     same folder that is then renamed over `path`, so a reader never sees half a file. Audio holding
-    NaN or inf is a ValueError, nothing written.
+    NaN or inf is an AudioError naming the file, nothing written (a trainer's samples: a warning).
     """
     path = str(path)
     if hasattr(audio, "detach"):  # a torch tensor
@@ -723,7 +723,8 @@ def save_audio(path: str, audio, sample_rate: int, subtype: str = "PCM_16") -> N
     if audio.ndim != 2:
         raise ValueError(f"audio must be (C, T) or (T,), got shape {audio.shape}")
     if not np.isfinite(audio).all():  # the clip below would write NaN as full-scale noise
-        raise ValueError(f"audio holds NaN or inf ({int((~np.isfinite(audio)).sum())} samples): {path} not written")
+        raise AudioError(f"cannot write audio file {path}: the audio holds NaN or inf "
+                         f"({int((~np.isfinite(audio)).sum())} samples), which it would hold as full-scale noise")
     folder = os.path.dirname(os.path.abspath(path))
     import soundfile as sf
     ext, fmt, subtype = output_format(path, subtype)
