@@ -87,17 +87,17 @@ def _advance(x_ptr, state_ptr, active_ptr, alpha_ptr, h_ptr, alpha2_ptr, L, C, P
         moves = tl.load(active_ptr + b + 0 * c).to(tl.int32) != 0  # (1, BLOCK_C): the row's flag, as a block
         tl.debug_barrier()  # every row read before any is written over (the rows move up in place)
         tl.store(state_ptr + (b * PAD + i) * C + c, v.to(state_ptr.dtype.element_ty), mask=inside & moves)
-    else:  # h = act2(h), a tile of the (M, C) matrix
+    else:  # h = act2(h), a tile of the (M, C) matrix (names of their own: a branch's names must keep their types)
         tile = pid - state_programs
-        c_blocks = tl.cdiv(C, BLOCK_C)
-        m = ((tile // c_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
-        c = ((tile % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C))[None, :]
-        inside = (m < M) & (c < C)
-        v = tl.load(h_ptr + m * C + c, mask=inside, other=0.0).to(tl.float32)
-        a = 1.0
+        tiles_c = tl.cdiv(C, BLOCK_C)
+        rows = ((tile // tiles_c) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
+        cols = ((tile % tiles_c) * BLOCK_C + tl.arange(0, BLOCK_C))[None, :]
+        within = (rows < M) & (cols < C)
+        hv = tl.load(h_ptr + rows * C + cols, mask=within, other=0.0).to(tl.float32)
+        a2 = 1.0
         if ACT2 == 2:
-            a = tl.load(alpha2_ptr + c, mask=c < C, other=1.0).to(tl.float32)
-        tl.store(h_ptr + m * C + c, _activate(v, a, eps, ACT2).to(h_ptr.dtype.element_ty), mask=inside)
+            a2 = tl.load(alpha2_ptr + cols, mask=cols < C, other=1.0).to(tl.float32)
+        tl.store(h_ptr + rows * C + cols, _activate(hv, a2, eps, ACT2).to(h_ptr.dtype.element_ty), mask=within)
 
 
 def taps(x: Tensor, state: Tensor, k: int, dilation: int, stride: int, act: Optional[str] = None,
