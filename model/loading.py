@@ -465,8 +465,8 @@ def load_hertz_dev(source: Union[str, os.PathLike] = "duplex", device="cpu", dty
         lm_name, resynth_name, _ = hub.VARIANTS[str(source)]
         # the official codec too, in the same call: the room all the missing files need is found
         # before the first of them downloads (load_codec below then finds it in place, verified)
-        codec_file = [hub.CODEC] if codec_source is not None and str(codec_source) == "official" else []
-        paths = hub.official_files([hub.QUANTIZER, lm_name, resynth_name] + codec_file, ckpt_dir, offline, endpoint)
+        official_codec = [hub.CODEC] if codec_source is not None and str(codec_source) == "official" else []
+        paths = hub.official_files([hub.QUANTIZER, lm_name, resynth_name] + official_codec, ckpt_dir, offline, endpoint)
         for part, name in (("quantizer", hub.QUANTIZER), ("lm", lm_name), ("resynth", resynth_name)):
             state = _quantized(getattr(model, part), hub.load_state_dict(paths[name]), quantize, device, dtype, part)
             _fill(getattr(model, part), state, device, dtype, str(paths[name]))
