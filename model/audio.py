@@ -139,12 +139,18 @@ def _check_rate(rate: int, path: str, frames: int = 0) -> None:
 # libsndfile takes an MP3's length from its Xing/Info (LAME) or VBRI header or, without one, estimates
 # it from the file's size and its first frame's bitrate, and it stops reading there: a variable-bitrate
 # MP3 written without that header (some encoders and stream rippers do) reads as a fraction of itself,
-# silently (a 20 s file as 5 s). Such a file is opened with a Xing header made from its own frames in
-# front of them, in memory (the file is untouched), which gives libsndfile the length its frames hold.
+# silently (a 20 s file as 5 s). So does a file whose header counts fewer frames than it holds: MP3s
+# joined end to end (`cat a.mp3 b.mp3`), read as the first. Such a file's frames are counted as mpg123
+# finds them (its first frame may follow its ID3 tags after padding or junk; tags and Xing frames
+# inside the stream are passed over), and it is opened as those frames behind a Xing header made to
+# count them, in memory (the file is untouched), which gives libsndfile the length its frames hold.
 
 _MP3_BITRATES = {1: (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),   # MPEG-1, kbit/s
                  2: (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160)}       # MPEG-2 and 2.5
 _MP3_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}  # by version bits
+# Bytes searched for the next frame where one does not follow (junk or padding after the ID3 tags, a
+# damaged stretch): mpg123 searches as far; past it, the stream is taken to have ended.
+_MP3_RESYNC = 1 << 16
 
 
 def _mp3_frame(data: bytes, pos: int) -> Optional[tuple[int, int, int]]:
@@ -163,51 +169,108 @@ def _mp3_frame(data: bytes, pos: int) -> Optional[tuple[int, int, int]]:
     return length, 1152 if mpeg1 else 576, (17 if mono else 32) if mpeg1 else (9 if mono else 17)
 
 
+def _mp3_same_stream(data: bytes, pos: int, ref: bytes) -> bool:
+    """Whether the frame header at `pos` has the version, layer, sample rate and mono-ness of `ref`'s
+    (its bitrate, padding, CRC and joint-stereo mode bits vary within a stream)."""
+    return data[pos + 1] | 1 == ref[1] | 1 and (data[pos + 2] ^ ref[2]) & 0x0C == 0 and \
+        (data[pos + 3] >> 6 == 3) == (ref[3] >> 6 == 3)
+
+
+def _mp3_sync(data: bytes, pos: int, ref: Optional[bytes]) -> Optional[int]:
+    """The first frame at or after `pos` (within `_MP3_RESYNC` bytes) whose next frame, of the same
+    stream, follows it (or the data end), as mpg123 resyncs: a lone 0xFFE bit pattern in junk is no
+    frame. Of the stream of `ref` (a frame header), when given; None where there is none."""
+    end = min(pos + _MP3_RESYNC, len(data))
+    while (pos := data.find(b"\xff", pos, end)) != -1:
+        if (frame := _mp3_frame(data, pos)) is not None and (ref is None or _mp3_same_stream(data, pos, ref)):
+            after = pos + frame[0]
+            if after >= len(data) or _mp3_frame(data, after) is not None and \
+                    _mp3_same_stream(data, after, data[pos:pos + 4]):
+                return pos
+        pos += 1
+    return None
+
+
+def _mp3_counted(data: bytes, pos: int, frame: tuple[int, int, int]) -> Optional[int]:
+    """The frame count of the Xing/Info or VBRI header that the frame at `pos` is (0 where it gives
+    none), or None for a frame of audio."""
+    at = pos + 4 + (0 if data[pos + 1] & 1 else 2) + frame[2]  # past the header, its CRC and side information
+    if data[at:at + 4] in (b"Xing", b"Info"):
+        return int.from_bytes(data[at + 8:at + 12], "big") if data[at + 7] & 1 else 0
+    if data[pos + 36:pos + 40] == b"VBRI":
+        return int.from_bytes(data[pos + 50:pos + 54], "big")
+    return None
+
+
 def mp3_length_header(path: str) -> Optional[tuple[bytes, int]]:
-    """For an MP3 without a Xing, Info or VBRI header: (its audio stream after a Xing frame that gives
-    the number of its frames, the samples those frames hold); None for any other file (one with such
-    a header, or one that is not a layer III stream from its first frame). The frames are counted
-    once per version of the file (its size, times and inode), not at each crop read from it."""
+    """For an MP3 without a Xing, Info or VBRI header, or whose header counts fewer frames than it
+    holds: (its frames after a Xing frame that counts them, the samples those frames hold); None for
+    any other file (one whose header counts its frames, one with no layer III stream near its start).
+    The frames are counted once per version of the file (its size, times and inode), not at each
+    crop read from it."""
     st = os.stat(path)
     made = _mp3_xing_frame(path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
     if made is None:
         return None
-    xing, start, samples = made
+    xing, spans, samples = made
+    parts = [xing]
     with open(path, "rb") as f:
-        f.seek(start)
-        return xing + f.read(), samples
+        for start, end in spans:
+            f.seek(start)
+            parts.append(f.read(end - start))
+    return b"".join(parts), samples
 
 
 @functools.lru_cache(maxsize=1024)
-def _mp3_xing_frame(path: str, *version) -> Optional[tuple[bytes, int, int]]:
-    """(the Xing frame, where the audio begins, the samples its frames hold) of `mp3_length_header`,
-    or None; `version` (the file's stat) keys the cache only."""
-    with open(path, "rb") as f:
-        start = 0
-        while len(tag := f.read(10)) == 10 and tag[:3] == b"ID3":  # ID3v2 tags before the audio
-            start += 10 + ((tag[6] << 21) | (tag[7] << 14) | (tag[8] << 7) | tag[9]) + (10 if tag[5] & 0x10 else 0)
-            f.seek(start)
-        f.seek(start)
-        head = f.read(4096)
-        first = _mp3_frame(head, 0)
-        if first is None or any(name in head[:first[0]] for name in (b"Xing", b"Info", b"VBRI")):
-            return None
-        f.seek(start)
-        data = f.read()
-    frames, pos = 0, 0
-    while (frame := _mp3_frame(data, pos)) is not None and data[pos + 1] == head[1] and \
-            (data[pos + 2] ^ head[2]) & 0x0C == 0 and (data[pos + 3] ^ head[3]) & 0xC0 == 0:
-        frames, pos = frames + 1, pos + frame[0]  # (the first frame's version, layer, CRC, rate and channels)
+def _mp3_xing_frame(path: str, size: int, *version) -> Optional[tuple[bytes, tuple[tuple[int, int], ...], int]]:
+    """(the Xing frame, the byte spans of the file that hold the audio frames, the samples they hold)
+    of `mp3_length_header`, or None; `size` and `version` (the file's stat) key the cache."""
+    if size == 0:
+        return None
+    import mmap
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        return _mp3_stream(data)
+
+
+def _mp3_stream(data) -> Optional[tuple[bytes, tuple[tuple[int, int], ...], int]]:
+    """`_mp3_xing_frame` of the bytes `data` of an MP3 file."""
+    start = 0
+    while data[start:start + 3] == b"ID3" and start + 10 <= len(data):  # ID3v2 tags before the audio
+        tag = data[start:start + 10]
+        start += 10 + ((tag[6] << 21) | (tag[7] << 14) | (tag[8] << 7) | tag[9]) + (10 if tag[5] & 0x10 else 0)
+    if (pos := _mp3_sync(data, start, None)) is None:
+        return None
+    head, frames, said, spans, begun = data[pos:pos + 4], 0, None, [], pos
+    while True:
+        if (frame := _mp3_frame(data, pos)) is not None and _mp3_same_stream(data, pos, head):
+            if (count := _mp3_counted(data, pos, frame)) is None:
+                frames, pos = frames + 1, pos + frame[0]
+                continue
+            if not frames and said is None:  # the stream's own header; one further in: a joined file's
+                said = count
+            spans.append((begun, pos))
+            pos = begun = pos + frame[0]
+            continue
+        spans.append((begun, min(pos, len(data))))  # the end, or what is no frame of it
+        if data[pos:pos + 3] == b"ID3" and pos + 10 <= len(data):  # a tag inside the stream (joined files)
+            tag = data[pos:pos + 10]
+            pos += 10 + ((tag[6] << 21) | (tag[7] << 14) | (tag[8] << 7) | tag[9]) + (10 if tag[5] & 0x10 else 0)
+        if pos >= len(data) or (pos := _mp3_sync(data, pos, head)) is None:
+            break
+        begun = pos
+    if said and frames <= said:  # its header counts them (or more: a file cut short, which libsndfile finds)
+        return None
     # The Xing frame: the first frame's header without CRC or padding, at the lowest bitrate that holds
     # the side information (zeros), "Xing", its flags (frame count and byte count given) and both counts.
-    _, samples_per_frame, side = first
+    _, samples_per_frame, side = _mp3_frame(head, 0)
     for index in range(1, 15):
         header = bytes((0xFF, head[1] | 1, (index << 4) | (head[2] & 0x0C), head[3]))
         if (length := _mp3_frame(header, 0)[0]) >= 4 + side + 16:
             break
+    spans = tuple((a, b) for a, b in spans if b > a)
     xing = header + bytes(side) + b"Xing" + (3).to_bytes(4, "big") + frames.to_bytes(4, "big") + \
-        (pos + length).to_bytes(4, "big")
-    return xing + bytes(length - len(xing)), start, frames * samples_per_frame
+        (length + sum(b - a for a, b in spans)).to_bytes(4, "big")
+    return xing + bytes(length - len(xing)), spans, frames * samples_per_frame
 
 
 # --- Ogg files: chained streams, and seeks into a Vorbis stream's last page ------------------------------
