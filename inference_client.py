@@ -283,11 +283,18 @@ def close_reason(ws) -> str:
 def read_audio(path: str) -> np.ndarray:
     """Any file soundfile reads -> mono float32 at 16 kHz. AudioError (naming the file) when it
     cannot be read, or holds a NaN, an inf or a sample far beyond full scale: the rules of the
-    trainers and the server's prompt (`model.audio`); also when it holds no samples (nothing to send)."""
-    from model.audio import AudioError, load_audio  # soundfile and soxr: needed in file mode only
+    trainers and the server's prompt (`model.audio`); also when it holds no samples (nothing to send),
+    or decodes well short of the length its header gives (`cut_short`: an MP3 cut short by a download,
+    which the trainers skip and complete.py and the server's prompt refuse, was streamed as what was left)."""
+    # soundfile and soxr: needed in file mode only
+    from model.audio import AudioError, audio_info, cut_short, load_audio
+    frames, rate, _ = audio_info(path)
     audio = load_audio(path, SAMPLE_RATE, channels="mono")[0]
     if len(audio) == 0:
         raise AudioError(f"cannot read audio file {path}: it holds no audio (0 samples)")
+    if cut_short(len(audio), frames * SAMPLE_RATE // rate, SAMPLE_RATE):
+        raise AudioError(f"cannot read audio file {path}: its header counts {frames} frames, but it holds fewer "
+                         f"({len(audio) / SAMPLE_RATE:.1f} s of the {frames / rate:.1f} s it gives: a file cut short?)")
     return audio
 
 

@@ -741,6 +741,26 @@ def test_a_bad_input_file_is_one_error_line_before_connecting(tmp_path, capfd):
         assert not (tmp_path / "o.wav").exists()
 
 
+def test_an_input_mp3_cut_short_is_one_error_line_before_connecting(tmp_path, capfd):
+    """An MP3 cut short by a download (its Xing header still counts 10 s) was streamed as the 3.9 s
+    left, without a word, where the trainers skip it and complete.py and the server's prompt
+    refuse it: refused here too, naming the file, before connecting (nothing listens)."""
+    t = np.arange(10 * 44100) / 44100
+    try:
+        sf.write(tmp_path / "talk.mp3", (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 44100)
+    except Exception as e:  # an old libsndfile without an MP3 encoder
+        pytest.skip(f"this libsndfile cannot write MP3: {e}")
+    data = (tmp_path / "talk.mp3").read_bytes()
+    (tmp_path / "cut.mp3").write_bytes(data[:len(data) * 4 // 10])  # a download cut at 40%
+    r = client_here(capfd, "--server", "ws://127.0.0.1:9", "--input-wav", tmp_path / "cut.mp3",
+                    "--output-wav", tmp_path / "o.wav")
+    error = r.stderr.splitlines()[-1]  # (mpg123's own notes before it: test_data.py's garbage MP3 test)
+    assert r.returncode != 0 and error.startswith(f"error: cannot read audio file {tmp_path / 'cut.mp3'}: its header "
+                                                  "counts 441000 frames, but it holds fewer"), r.stderr
+    assert "connect" not in r.stderr, r.stderr
+    assert not (tmp_path / "o.wav").exists()
+
+
 def test_an_input_that_is_a_named_pipe_or_a_device_is_one_error_line_not_a_wait(tmp_path):
     """A named pipe as --input-wav made the client wait for ever, in soundfile's open, for a writer
     that never came (the trainers, complete.py and the server refuse one before opening it); a
