@@ -459,6 +459,32 @@ def test_a_flac_cut_short_is_named_as_such_when_skipped(tmp_path):
     assert skipped.endswith("(a file cut short, or damaged?)"), skipped
 
 
+def test_a_file_named_mp3_that_is_not_one_is_named_so_and_mpg123_says_nothing(tmp_path, capfd):
+    """A web page saved as episode.mp3 (a failed download) or random bytes under that name were
+    skipped, and refused as a prompt or --input-wav, as libsndfile's "File does not exist or is
+    not a regular file (possibly a pipe?)", of a file that is there; and mpg123 wrote lines of its
+    own to stderr ("Note: Illegal Audio-MPEG-Header ...", "Note: Trying to resync...") around the
+    one line, as it did of an MP3 cut short ("Warning: Xing stream size off by more than 1%")."""
+    corpus = tmp_path / "corpus"
+    write(corpus / "ok.wav", tone(1.0))
+    (corpus / "episode.mp3").write_text("<!DOCTYPE html><html><body>403 Forbidden</body></html>\n")
+    (corpus / "noise.mp3").write_bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes())
+    talk = Path(_mp3(tmp_path / "talk.mp3", tone(10.0, 44100, 220.0), 44100)).read_bytes()
+    (tmp_path / "cut.mp3").write_bytes(talk[:len(talk) * 4 // 10])
+    capfd.readouterr()
+    for name in ("episode.mp3", "noise.mp3"):
+        why = (f"cannot read audio file {corpus / name}: format not recognised: it is not MP3 audio, as its extension "
+               "says (a web page, or a file of another format, saved under that name?)")
+        with pytest.raises(AudioError, match=re.escape(why)):
+            load_audio(corpus / name)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        files = scan_audio_folder(corpus, use_cache=False)
+    assert sorted(files.skipped) == ["episode.mp3", "noise.mp3"] and len(skipped_names(record)) == 2
+    assert load_audio(tmp_path / "cut.mp3").shape[1] < 5 * SR  # (what is left of it; a cut-short file's own test)
+    assert capfd.readouterr().err == ""
+
+
 def test_a_file_of_0_bytes_is_named_as_empty(tmp_path):
     """A .wav of 0 bytes (a download that failed, a `touch`) was skipped, and refused as a prompt or
     --input-wav, as "Format not recognised.": it is said to be empty."""
