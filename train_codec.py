@@ -447,7 +447,7 @@ def evaluate(generator: nn.Module, val_loader: DataLoader, mel_loss: MultiResolu
         real, recon = audio * mask[:, None], recon.float() * mask[:, None]
         keep = mask.sum(-1) > 0  # an unreadable file's crop is all padding
         mels.append(mel_loss(recon, real, mask, per_item=True)[keep].cpu())
-        sdrs.append(si_sdr(recon, real, mask)[keep].cpu())
+        sdrs.append(si_sdr(recon, real, mask)[keep].cpu())  # NaN for a silent crop: left out of the mean
         real_latents = latent_mask(mask, hop)
         kl_sum += latent_kl(mu, logvar, real_latents).item() * real_latents.sum().item()
         latents += int(real_latents.sum().item())
@@ -468,7 +468,7 @@ def evaluate(generator: nn.Module, val_loader: DataLoader, mel_loss: MultiResolu
         files = val_loader.dataset.files
         raise AudioError(f"no audio to evaluate on in {files.source}: its {len(files)} files failed to read "
                          "(named above); set val_data_path to a folder of readable audio")
-    metrics = {"val/mel_distance": torch.cat(mels).mean().item(), "val/si_sdr": torch.cat(sdrs).mean().item(),
+    metrics = {"val/mel_distance": torch.cat(mels).mean().item(), "val/si_sdr": nanmean(torch.cat(sdrs).tolist()),
                "val/stoi": nanmean(stois), "val/pesq": nanmean(pesqs),
                "val/kl_bits_per_s": kl_bits_per_second(kl_sum / max(latents, 1), cfg.sample_rate / hop)}
     if dnsmos is not None:

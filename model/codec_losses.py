@@ -296,21 +296,37 @@ def feature_matching_loss(real: DiscOutputs, fake: DiscOutputs, foreach: bool = 
 
 # --- evaluation metrics -------------------------------------------------------------------------
 
+# Mean square (full scale 1) below which a reference is silence to SI-SDR: -100 dBFS, under the
+# quantisation noise of 16-bit PCM (-101 dBFS), which a recording's quietest stretch still holds
+SILENT_POWER = 1e-10
+
+
+def silent(reference: np.ndarray) -> bool:
+    """Whether a 1-D reference holds nothing a metric can score once its mean is taken away
+    (digital silence, a DC offset alone: STOI scored one about 0, PESQ 1.6): `SILENT_POWER`."""
+    return len(reference) == 0 or float(np.mean((reference - reference.mean(dtype=np.float64)) ** 2)) < SILENT_POWER
+
+
 def si_sdr(estimate: Tensor, reference: Tensor, mask: Optional[Tensor] = None, eps: float = 1e-8) -> Tensor:
     """Scale-invariant signal-to-distortion ratio in dB, per item (Le Roux et al. 2019):
 
         s = <y, x> x / |x|^2,  SI-SDR = 10 log10(|s|^2 / |y - s|^2)
 
     with y the estimate and x the reference, both made zero-mean over their real samples.
-    estimate, reference: (B, 1, N) or (B, N); mask: (B, N). Returns (B,).
+    estimate, reference: (B, 1, N) or (B, N); mask: (B, N). Returns (B,), NaN for an item whose
+    reference holds nothing to score against once zero-mean (digital silence, a DC offset alone, a
+    single sample: a mean square below `SILENT_POWER`), as `stoi` and `pesq_wb` are: its score would
+    be the estimate's own level (silence decoded with -80 dBFS hiss: about -45 dB), not a fidelity.
     """
     y, x = estimate.reshape(estimate.shape[0], -1).double(), reference.reshape(reference.shape[0], -1).double()
     m = torch.ones_like(x) if mask is None else mask.double()
     n = m.sum(-1, keepdim=True).clamp_min(1)
     x = (x - (x * m).sum(-1, keepdim=True) / n) * m
     y = (y - (y * m).sum(-1, keepdim=True) / n) * m
-    s = (y * x).sum(-1, keepdim=True) / ((x * x).sum(-1, keepdim=True) + eps) * x
-    return (10 * torch.log10(((s * s).sum(-1) + eps) / (((y - s) ** 2).sum(-1) + eps))).float()
+    energy = (x * x).sum(-1, keepdim=True)
+    s = (y * x).sum(-1, keepdim=True) / (energy + eps) * x
+    score = 10 * torch.log10(((s * s).sum(-1) + eps) / (((y - s) ** 2).sum(-1) + eps))
+    return torch.where((energy / n).squeeze(-1) >= SILENT_POWER, score, math.nan).float()
 
 
 def stoi(estimate: np.ndarray, reference: np.ndarray, sample_rate: int) -> float:
@@ -321,7 +337,7 @@ def stoi(estimate: np.ndarray, reference: np.ndarray, sample_rate: int) -> float
     from pystoi import stoi as pystoi_stoi
     from pystoi.stoi import FS, N, N_FRAME
 
-    if not np.any(reference) or len(reference) * FS <= (N_FRAME + (N - 1) * N_FRAME // 2) * sample_rate:
+    if silent(reference) or len(reference) * FS <= (N_FRAME + (N - 1) * N_FRAME // 2) * sample_rate:
         return float("nan")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -337,7 +353,7 @@ def pesq_wb(estimate: np.ndarray, reference: np.ndarray, sample_rate: int) -> fl
 
     if sample_rate != 16000:
         raise ValueError(f"wideband PESQ needs 16 kHz audio, got {sample_rate} Hz")
-    if not np.any(reference) or not (np.isfinite(reference).all() and np.isfinite(estimate).all()):
+    if not (np.isfinite(reference).all() and np.isfinite(estimate).all()) or silent(reference):
         return float("nan")
     try:
         return float(pesq(sample_rate, reference.astype(np.float32), estimate.astype(np.float32), "wb"))

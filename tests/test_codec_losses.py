@@ -181,6 +181,28 @@ def test_adversarial_losses_have_their_stated_values():
     assert feature_matching_loss([(ones, feats)], [(ones, shifted)]).item() == pytest.approx(1.0)
 
 
+def test_si_sdr_leaves_out_what_it_cannot_score():
+    """SI-SDR of a silent reference (digital silence, a DC offset, one real sample) is the
+    estimate's own level, not a fidelity (-45 dB for silence decoded with -80 dBFS hiss), and the
+    codec's validation averaged it in, where STOI and PESQ leave such crops out: NaN, as theirs."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(4, 1, SR)
+    x[0] = tone(220.0)[0]
+    x[2] = 0.5  # a DC offset only
+    x[3, 0, 0] = 0.3  # one real sample (the mask below)
+    y = x + 1e-4 * torch.randn(4, 1, SR, generator=g)
+    mask = torch.ones(4, SR)
+    mask[3, 1:] = 0
+    scores = si_sdr(y * mask[:, None], x * mask[:, None], mask)
+    assert scores[0] > 60 and scores[1:].isnan().all(), scores
+    quiet = 10 ** (-70 / 20) * tone(220.0)  # -80 dBFS, still a signal to score
+    assert si_sdr(quiet + 1e-6 * torch.randn(1, 1, SR, generator=g), quiet).item() > 20
+    # STOI and PESQ left out digital silence, and scored a DC offset alone (about 0 and 1.6)
+    dc = np.full(32000, 0.25)
+    assert math.isnan(stoi(dc + 1e-3 * np.random.default_rng(0).standard_normal(32000), dc, SR))
+    assert math.isnan(pesq_wb(dc + 1e-3 * np.random.default_rng(0).standard_normal(32000), dc, SR))
+
+
 def test_si_sdr_and_stoi():
     x = tone(300.0, batch=2) + 0.01 * torch.randn(2, 1, SR)
     noise = torch.randn_like(x)

@@ -730,6 +730,24 @@ def test_a_validation_file_of_a_few_milliseconds_is_left_out_of_stoi(corpus, tra
     capsys.readouterr()
 
 
+def test_silent_validation_files_are_left_out_of_si_sdr(corpus, trained, tmp_path, capsys):
+    """A validation file of digital silence (a recording's pause) or of a DC offset alone gave crops
+    whose SI-SDR is the reconstruction's own level, not a fidelity, and the mean took them in
+    (-55.3 dB became -58.0 with one silent file), where STOI and PESQ leave them out, as the README
+    says of a crop a metric cannot score. They are left out of SI-SDR too."""
+    val = tmp_path / "val"
+    shutil.copytree(corpus / "val", val)
+    common = ["--config", "tiny", "eval_only=true", f"init_from={trained[0] / 'best.safetensors'}"]
+    without = train_codec.main(common + [f"val_data_path={val}"])
+    sf.write(val / "pause.wav", np.zeros(32000, np.float32), 16000)
+    sf.write(val / "dc.wav", np.full(32000, 0.25, np.float32), 16000)
+    with_silence = train_codec.main(common + [f"val_data_path={val}"])
+    assert with_silence["val/si_sdr"] == pytest.approx(without["val/si_sdr"])  # the same crops scored
+    assert with_silence["val/stoi"] == pytest.approx(without["val/stoi"])
+    assert with_silence["val/mel_distance"] != pytest.approx(without["val/mel_distance"])  # the silence counted there
+    capsys.readouterr()
+
+
 def test_a_click_first_in_the_validation_folder_is_not_drawn_as_a_sample(corpus, tmp_path, capsys):
     """The evaluation's audio samples are the first crops with sound in them: a validation file of
     a few milliseconds sorted first (here 300 samples) was one, and the mel figure's STFT of it
