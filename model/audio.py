@@ -427,7 +427,8 @@ class _OggFile:
             self._i += 1  # this link is read to its end: the next from its start
             if self.links[self._i].tell():
                 self.links[self._i].seek(0)
-        out = np.concatenate(parts)
+        # (no part when 0 frames are asked for: a file of 0 samples, or one cut inside its headers)
+        out = np.concatenate(parts) if parts else np.zeros((0, self.channels), dtype=dtype)
         return out if always_2d or self.channels > 1 else out[:, 0]
 
     def close(self) -> None:

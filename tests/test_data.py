@@ -697,6 +697,21 @@ def test_empty_files_are_named_together_and_counted(tmp_path):
         scan_audio_folder(tmp_path)
 
 
+def test_an_ogg_of_0_samples_reads_as_empty_not_a_numpy_error(tmp_path):
+    """An Ogg Vorbis file of 0 samples (a recorder stopped at once) or one cut right after its
+    headers was refused, as --input-wav, with numpy's "need at least one array to concatenate":
+    it reads as 0 samples, as an empty WAV does (named then as holding no audio)."""
+    write(tmp_path / "empty.ogg", np.zeros(0, np.float32), 48000, subtype="VORBIS")
+    write(tmp_path / "full.ogg", tone(1.0, 48000), 48000, subtype="VORBIS")
+    data = (tmp_path / "full.ogg").read_bytes()
+    pages = [m.start() for m in re.finditer(b"OggS", data)]
+    (tmp_path / "headers_only.ogg").write_bytes(data[:pages[2]])  # the identification and setup pages
+    for name in ("empty.ogg", "headers_only.ogg"):
+        assert model.audio.audio_info(str(tmp_path / name)) == (0, 48000, 1), name
+        assert load_audio(tmp_path / name).shape == (1, 0), name
+        assert load_audio(tmp_path / name, 48000, channels=None, start=100, num_samples=10).shape == (1, 0), name
+
+
 def test_a_file_reached_again_through_a_link_is_listed_once_and_named(tmp_path):
     """A link to a file of the corpus (a symlink, a hard link) was listed as another file: its
     audio was encoded and drawn twice as often, without a word. Now the first path in sorted order
