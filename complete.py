@@ -239,7 +239,7 @@ def complete(args) -> int:
         except AudioError as e:  # a disk that filled while generating (checked writable before)
             print(f"error: {printable(e, newlines=True)}", file=sys.stderr)
             return 2
-        print(f"wrote {path} ({wav.shape[0]} channel{'s' if wav.shape[0] > 1 else ''}, "
+        print(f"wrote {printable(path)} ({wav.shape[0]} channel{'s' if wav.shape[0] > 1 else ''}, "
               f"{wav.shape[1] / cfg.sample_rate:.2f} s)", file=sys.stderr)
     print(f"{steps * args.num / elapsed:.1f} latents/s", file=sys.stderr)
     return 0

@@ -351,7 +351,8 @@ async def file_mode(args, stop: asyncio.Event) -> int:
 
     conv = await start(args, on_audio, on_dropped)
     receiver = asyncio.create_task(conv.receive())
-    log(f"streaming {args.input_wav}: {n * CHUNK / SAMPLE_RATE:.1f} s, {'real time' if args.realtime else 'as fast as answered'}")
+    log(f"streaming {printable(args.input_wav)}: {n * CHUNK / SAMPLE_RATE:.1f} s, "
+        f"{'real time' if args.realtime else 'as fast as answered'}")
     async def answered_within(seconds: float) -> bool:
         """Wait for the server's next message; False when none came within `seconds`."""
         conv.answered.clear()
@@ -390,7 +391,7 @@ async def file_mode(args, stop: asyncio.Event) -> int:
                 log(f"error: {unwritten}")  # here: on Ctrl-C nothing after this block runs
                 args.unwritten = True  # (for interruptible: a Ctrl-C then ends with status 1, not 0)
             else:
-                log(f"wrote {args.output_wav}: {sent * CHUNK / SAMPLE_RATE:.1f} s, stereo (user, model)")
+                log(f"wrote {printable(args.output_wav)}: {sent * CHUNK / SAMPLE_RATE:.1f} s, stereo (user, model)")
         else:
             log(f"the server answered nothing: {args.output_wav} not written")
         print_summary(conv, missing=max(0, sent - slot))

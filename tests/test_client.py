@@ -118,6 +118,20 @@ def test_file_mode_end_to_end(server, tmp_path):
     assert np.array_equal(recorded[8000:, 0], out[4000:, 0])
 
 
+def test_file_mode_lines_name_the_files_inertly(server, tmp_path):
+    """"streaming PATH" and "wrote PATH" printed a name's newline and escape sequence raw (a line
+    split in two, the terminal recoloured), where every error and warning line writes them out."""
+    url, _ = server
+    name = tmp_path / "take\n2\x1b[31m.wav"
+    sf.write(name, speech_like(0.5), 16000)
+    r = run_client("--server", url, "--token", TOKEN, "--input-wav", name, "--output-wav", f"{name}.chat.wav",
+                   "--no-realtime")
+    assert r.returncode == 0 and "\x1b" not in r.stderr, r.stderr
+    shown = f"{tmp_path}/take\\n2\\x1b[31m.wav"
+    assert f"streaming {shown}: 0.5 s, as fast as answered\n" in r.stderr, r.stderr
+    assert f"wrote {shown}.chat.wav: 0.5 s, stereo (user, model)\n" in r.stderr, r.stderr
+
+
 def test_file_mode_real_time_and_ctrl_c(server, tmp_path):
     url, _ = server
     sf.write(tmp_path / "in.wav", speech_like(1.5), 16000)

@@ -547,6 +547,16 @@ def test_an_ogg_or_mp3_output_is_written_in_its_own_encoding(ckpts, tmp_path, ex
     assert info.subtype == subtype and info.channels == 2 and info.samplerate == 16000
 
 
+def test_the_wrote_line_names_the_output_inertly(ckpts, tmp_path, capfd):
+    """"wrote PATH" printed a name's newline and escape sequence raw (two lines, and the terminal
+    recoloured), where every error and warning line writes them out (`\\n`, `\\x1b`)."""
+    out = tmp_path / "take\n2\x1b[31m.wav"
+    r = run_here(capfd, ckpts["stereo"], out, "--variant", ckpts["duplex"], "--seconds", 0.25, "--device", "cpu")
+    assert r.returncode == 0 and "\x1b" not in r.stderr, r.stderr[-2000:]
+    assert f"\nwrote {tmp_path}/take\\n2\\x1b[31m.wav (2 channels, " in r.stderr, r.stderr[-2000:]
+    assert sf.info(out).channels == 2
+
+
 @pytest.mark.slow
 def test_quantized_completion_with_fp8_cache(ckpts, tmp_path, capfd):
     """--quantize int8 with --kv-dtype fp8 end to end; int4 on a checkpoint saved int8 is refused
