@@ -45,8 +45,13 @@ OTHER_AUDIO_EXTENSIONS = (".m4a", ".aac", ".mp4", ".wma", ".webm", ".mka", ".amr
 CHANNEL_MODES = (None, "mono", "stereo", "speakers")
 
 # File frames read on each side of a crop so the resampler's filter sees real signal at the
-# crop edges instead of a step from zero (which would ring into the first/last milliseconds).
+# crop edges instead of a step from zero (which would ring into the first/last milliseconds): 1024,
+# or _RESAMPLE_MARGIN_OUT output samples' worth where that is more. Downsampling, soxr's filter spans
+# a number of output samples, so of file frames as many times more as the rates differ: 1024 fell
+# short of it from 352.8 kHz (crop edges 1e-4 to 9e-4 off a whole read at 768 kHz; 256 output
+# samples made them ~2e-7, as at 48 kHz).
 _RESAMPLE_MARGIN = 1024
+_RESAMPLE_MARGIN_OUT = 256
 
 MAX_SAMPLE_MAGNITUDE = 1000.0  # 60 dB above full scale; see the module docstring
 MIN_SAMPLE_RATE = 4000  # Hz; lower holds no speech band: a broken header (see the module docstring)
@@ -806,8 +811,9 @@ def load_audio(path: str, sample_rate: int = 16000, channels: Optional[str] = "m
     channels: None keeps the file's own channels; "mono" averages them; "stereo" keeps the first
         two and raises AudioError for a one-channel file; "speakers" keeps at most the first two.
     start, num_samples: the span to read, counted in samples at `sample_rate`; only those frames
-        (and, when resampling, 1024 more on each side) are decoded, so crops of long files are
-        cheap. Near the end of the file fewer than `num_samples` come back; callers pad.
+        (and, when resampling, 1024 more on each side, or 256 output samples' worth where that is
+        more) are decoded, so crops of long files are cheap. Near the end of the file fewer than
+        `num_samples` come back; callers pad.
     Raises AudioError naming the file when it cannot be read, or when the span read holds a
     non-finite sample or one beyond MAX_SAMPLE_MAGNITUDE.
     """
@@ -829,11 +835,12 @@ def load_audio(path: str, sample_rate: int = 16000, channels: Optional[str] = "m
                 # read, and a margin on both sides that the resampler's filter settles in.
                 g = math.gcd(rate, sample_rate)
                 block_in, block_out = rate // g, sample_rate // g
-                margin_out = math.ceil(_RESAMPLE_MARGIN * sample_rate / rate)
+                margin = max(_RESAMPLE_MARGIN, math.ceil(_RESAMPLE_MARGIN_OUT * rate / sample_rate))  # file frames
+                margin_out = math.ceil(margin * sample_rate / rate)
                 lo_out = max(start - margin_out, 0) // block_out * block_out
                 lo, offset = min(lo_out // block_out * block_in, total), start - lo_out
                 hi = total if num_samples is None else \
-                    min(math.ceil((start + num_samples) * rate / sample_rate) + _RESAMPLE_MARGIN, total)
+                    min(math.ceil((start + num_samples) * rate / sample_rate) + margin, total)
             preroll = min(lo, _preroll(f))  # decoded in the same read, dropped
             _skip_frames(f, lo - preroll)
             audio = _read_frames(f, max(hi - lo, 0) + preroll, channels, path)[:, preroll:]  # (C', T)
