@@ -288,8 +288,8 @@ def read_audio(path: str) -> np.ndarray:
     which the trainers skip and complete.py and the server's prompt refuse, was streamed as what was left)."""
     # soundfile and soxr: needed in file mode only
     from model.audio import AudioError, audio_info, cut_short, load_audio
+    audio = load_audio(path, SAMPLE_RATE, channels="mono")[0]  # first: it refuses a named pipe before opening it
     frames, rate, _ = audio_info(path)
-    audio = load_audio(path, SAMPLE_RATE, channels="mono")[0]
     if len(audio) == 0:
         raise AudioError(f"cannot read audio file {path}: it holds no audio (0 samples)")
     if cut_short(len(audio), frames * SAMPLE_RATE // rate, SAMPLE_RATE):
