@@ -71,7 +71,7 @@ from model.files import unique_keys_object
 from model.protocol import (CHUNK, CHUNK_BYTES, CLOSE_BAD_DATA, CLOSE_IDLE, CLOSE_INTERNAL, CLOSE_POLICY,
                             CLOSE_RESTART, CLOSE_TRY_AGAIN, PARAM_NAMES, SAMPLE_RATE, SEED_MAX, SHUTDOWN_REASON,
                             TEXT_PREFIX, check_param, check_params, float_to_pcm, page_constants, pcm_to_float,
-                            percentiles, query_params, query_seed, query_window, redact_tokens)
+                            percentiles, query_params, query_seed, query_window, redact_tokens, wait_up)
 
 log = logging.getLogger("hertz.server")
 
@@ -712,8 +712,8 @@ class Session:
                 now = time.monotonic()
                 ignored = now < self.retry_at.get(limit, -math.inf)
                 self.retry_at[limit] = now + wait
-                return self.error("rate_limited", f"too many {limit} messages: try again in {wait:.1f} s",
-                                  bad=ignored, retry_after=round(wait, 2), **echo)
+                return self.error("rate_limited", f"too many {limit} messages: try again in {wait_up(wait)} s",
+                                  bad=ignored, retry_after=wait_up(wait, 2), **echo)
         if kind == "set_params":
             await self.server.worker.set_params(self.row, params)
             self.params = params
@@ -928,7 +928,7 @@ class Server:
                                                             "sessions); try again later")
         if (wait := self.starts.take()) > 0:  # every start prefills the prompt: bounded like resets
             self.counts["refused"] += 1
-            return await close_quietly(ws, CLOSE_TRY_AGAIN, f"too many new sessions; try again in {wait:.1f} s")
+            return await close_quietly(ws, CLOSE_TRY_AGAIN, f"too many new sessions; try again in {wait_up(wait)} s")
         row = self.free.pop()
         session = Session(self, ws, row, self.params, seed)
         opened = self.worker.open_row(row, self.params, seed, self.prompt)

@@ -31,6 +31,16 @@ SHUTDOWN_REASON = "the server is shutting down"
 # oldest unanswered chunk (inference_client.py's --reply-timeout default, the browser page's).
 REPLY_TIMEOUT_S = 10.0
 
+
+
+def wait_up(seconds: float, digits: int = 1) -> float:
+    """A wait the server tells a client (`retry_after`, "try again in N s"), rounded up to `digits`
+    decimals: never shorter than the real one, so a client that waits as told is not early (and a
+    positive wait is never said as 0.0 s)."""
+    scale = 10 ** digits
+    return math.ceil(max(seconds, 0.0) * scale - 1e-9) / scale
+
+
 # The clients' adaptive jitter buffer (the browser page's audio worklet and inference_client.py's
 # Speaker), in milliseconds: after silence a reply starts playing `margin` after it arrived
 # (marginStartMs at first); each underrun grows the margin by growMs, up to marginMaxMs; after

@@ -506,8 +506,8 @@ def test_a_rate_limited_message_is_a_bad_one_only_before_its_retry_after(model):
         async with connect(server.ws + "/audio") as ws:
             answers = []
             for wait in (0, 0, None, 0, None, 0, 0):  # None: wait as the last answer said
-                if wait is None:
-                    await asyncio.sleep(answers[-1]["retry_after"] + 0.01)
+                if wait is None:  # exactly as told: retry_after is rounded up, never early
+                    await asyncio.sleep(answers[-1]["retry_after"])
                 answers.append(await control(ws, type="reset"))
             status = await control(ws, type="status")
             return [a.get("error", a["type"]) for a in answers], status["bad_messages"], status["rate_limited"]
@@ -516,6 +516,18 @@ def test_a_rate_limited_message_is_a_bad_one_only_before_its_retry_after(model):
     # ack, told; (waited) ack, told; (waited) ack, told, and told again before its time: one bad message
     assert answers == ["ack", "rate_limited", "ack", "rate_limited", "ack", "rate_limited", "rate_limited"]
     assert (bad, limited) == (1, 4)
+
+
+def test_the_waits_the_server_tells_are_never_shorter_than_its_own():
+    """retry_after and "try again in N s" are rounded up (`wait_up`): a client that waits as told
+    is not early (round() made a wait of 0.2449 s 0.24, a client that slept 0.24 s was then a bad
+    message), and a positive wait is never said as "0.0 s"."""
+    from model.protocol import wait_up
+    for wait in (1e-6, 0.004, 0.05, 0.2449, 0.25, 1.0, 2.3333, 59.99):
+        for digits in (1, 2):
+            told = wait_up(wait, digits)
+            assert told >= wait and told - wait < 10 ** -digits + 1e-9 and round(told, digits) == told, (wait, digits)
+    assert wait_up(0.0) == 0.0 and wait_up(-1.0) == 0.0 and wait_up(0.3) == 0.3
 
 
 def test_a_malformed_control_message_takes_no_token(model):
