@@ -1,8 +1,9 @@
 """The codec's Snake activation as Triton kernels (`model.snake_kernels`): forward, the gradient of
 x and of each channel's frequency equal torch's formula (`model.codec.snake`, float32), in Triton's
 interpreter on the CPU and, where there is one, on CUDA; the layout and dtype kept."""
-import pytest
 import torch
+
+from triton_interpreter import interpreter_and_cuda
 
 CASES = r'''
 import json
@@ -48,16 +49,8 @@ def check(rows):
         assert row["layout_kept"] and row["dtype_kept"], row
 
 
-def test_snake_kernels_equal_the_formula_in_the_triton_interpreter():
-    pytest.importorskip("triton", reason="Triton (requirements.txt, Linux) runs the kernels' interpreter")
-    from triton_interpreter import run_cases
-    check(run_cases(CASES, "cases", "cpu"))
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_snake_kernels_equal_the_formula_on_cuda():
-    from triton_interpreter import run_cases
-    check(run_cases(CASES, "cases", "cuda"))
+(test_snake_kernels_equal_the_formula_in_the_triton_interpreter,
+ test_snake_kernels_equal_the_formula_on_cuda) = interpreter_and_cuda(CASES, "cases", check)
 
 
 def test_the_snake_module_is_the_formula_on_the_cpu_in_either_layout():

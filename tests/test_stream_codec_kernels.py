@@ -3,8 +3,7 @@ kind of convolution's taps and state update equal torch's unfold and where (ELU,
 dilated, strided); the parity codec streamed chunk after chunk gives what torch's operations give
 (`kernels=False`) and leaves the same state, with a row paused and one restarted; in Triton's
 interpreter on the CPU and, where there is one, on CUDA."""
-import pytest
-import torch
+from triton_interpreter import interpreter_and_cuda
 
 CASES = r'''
 import json, sys
@@ -112,16 +111,8 @@ def check(result):
             assert row["decode"] <= 1.5 * row["torch_decode"] + 2 ** -8, row
 
 
-def test_stream_codec_kernels_equal_torch_in_the_triton_interpreter():
-    pytest.importorskip("triton", reason="Triton (requirements.txt, Linux) runs the kernels' interpreter")
-    from triton_interpreter import run_cases
-    check(run_cases(CASES, "cases", "cpu"))
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_stream_codec_kernels_equal_torch_on_cuda():
-    from triton_interpreter import run_cases
-    check(run_cases(CASES, "cases", "cuda"))
+(test_stream_codec_kernels_equal_torch_in_the_triton_interpreter,
+ test_stream_codec_kernels_equal_torch_on_cuda) = interpreter_and_cuda(CASES, "cases", check)
 
 
 def test_the_stream_codec_takes_the_kernels_on_cuda_only():

@@ -7,6 +7,9 @@ import os
 import subprocess
 import sys
 
+import pytest
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -27,3 +30,18 @@ def run_cases(source: str, function: str, device: str):
     scope: dict = {}
     exec(source, scope)
     return scope[function](device)
+
+
+def interpreter_and_cuda(source: str, function: str, check):
+    """The two tests of a kernel's test script `source`: `check(function(device))` in Triton's
+    interpreter on the CPU (skipped without Triton), and on CUDA (skipped without a GPU). Bind them
+    to names starting with test_ in the test module."""
+    def in_the_interpreter():
+        pytest.importorskip("triton", reason="Triton (requirements.txt, Linux) runs the kernels' interpreter")
+        check(run_cases(source, function, "cpu"))
+
+    @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+    def on_cuda():
+        check(run_cases(source, function, "cuda"))
+
+    return in_the_interpreter, on_cuda
