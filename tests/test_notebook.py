@@ -29,14 +29,21 @@ def test_notebook_is_committed_without_outputs():
     assert all(not c.outputs and c.execution_count is None for c in code)
 
 
-def execute(params: dict, km=None):
+def execute(params: dict, km=None, then=()):
     """The notebook with `params` injected after its parameters cell, run in the repository: in a
-    fresh kernel, or in the running kernel of `km` (`kernel`) with its namespace emptied first."""
+    fresh kernel, or in the running kernel of `km` (`kernel`) with its namespace emptied first.
+    `then` [(edit, i)]: after it, as a user edits the parameters and re-runs one cell alone, the
+    parameters cell with `params` updated by `edit` injected, and the notebook's cell i, whose error
+    stays in its outputs (`errors`) and the next edit runs."""
     nb = nbformat.read(NOTEBOOK, as_version=4)
     first = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
-    injected = nbformat.v4.new_code_cell("\n".join(f"{k} = {v!r}" for k, v in params.items()),  # None: not json's null
-                                         metadata={"tags": ["injected-parameters"]})
-    nb.cells.insert(first + 1, injected)
+    cells = list(nb.cells)
+    injected = lambda params: nbformat.v4.new_code_cell("\n".join(f"{k} = {v!r}" for k, v in params.items()),  # None: not json's null
+                                                        metadata={"tags": ["injected-parameters"]})
+    nb.cells.insert(first + 1, injected(params))
+    for edit, i in then:
+        nb.cells += [nbformat.v4.new_code_cell(cells[first].source), injected({**params, **edit}),
+                     nbformat.v4.new_code_cell(cells[i].source, metadata={"tags": ["raises-exception"]})]
     if km is not None:
         nb.cells.insert(0, nbformat.v4.new_code_cell("%reset -f"))  # no name of the notebook's last run is left
     client = NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}, km=km)
@@ -46,6 +53,11 @@ def execute(params: dict, km=None):
         if km is not None and client.kc is not None:
             client.kc.stop_channels()
     return nb
+
+
+def errors(cells) -> list:
+    """Each cell's error, "ename: evalue", or None where it ran through."""
+    return [next((f"{o.ename}: {o.evalue}" for o in c.outputs if o.output_type == "error"), None) for c in cells]
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +118,38 @@ def test_notebook_with_int8_weights_and_fp8_cache(tmp_path, kernel):
     assert audio.shape == (2000 * (12 + 4), 2) and np.isfinite(audio).all()
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "(int8 weights)" in text
+
+
+@pytest.mark.slow
+def test_a_cell_re_run_alone_after_an_edit_checks_and_applies_it(tmp_path, kernel):
+    """The parameters edited, then the completions' cell (or the prompt's) re-run alone, the weights
+    still loaded: each edit is checked and applied as in a run of every cell. The temperatures
+    were ignored (the cell that loads the weights made them), SECONDS -1 wrote 0.125 s, TOP_P 1.5
+    and an OUT that is the PROMPT file were taken (the prompt replaced), "~" made a folder "~" here,
+    the memory check was skipped; an edit of what the weights or the prompt were loaded with was
+    ignored too, and is now an error naming the cell to run again."""
+    paths = make_checkpoints(tmp_path / "ckpt")
+    prompt = shutil.copy(paths["stereo"], str(tmp_path / "prompt.flac"))
+    before = Path(prompt).read_bytes()
+    home_out = os.path.expanduser("~/hertz-dev-no-such-folder/x.mp4")
+    params = {"PROMPT": prompt, "VARIANT": paths["duplex"], "SECONDS": 0.5, "NUM_COMPLETIONS": 1, "DEVICE": "cpu",
+              "OUT": str(tmp_path / "a.wav"), "SEED": 1, "PLOTS": False}
+    edits = [
+        ({"TOKEN_TEMP": 3.0, "MIXTURE_TEMP": 3.0, "GAUSSIAN_TEMP": 2.0, "OUT": str(tmp_path / "b.wav")}, 4, None),
+        ({"SECONDS": -1}, 4, "ValueError: SECONDS must be a finite number > 0, got -1"),
+        ({"TOP_P": 1.5}, 4, "ValueError: top_p must be in (0, 1], got 1.5"),
+        ({"OUT": prompt}, 4, f"cannot write {prompt}: it is PROMPT, which the output would replace"),
+        ({"OUT": "~/hertz-dev-no-such-folder/x.mp4"}, 4, f"cannot write {home_out}: soundfile writes no .mp4 files"),
+        ({"NUM_COMPLETIONS": 2, "SECONDS": 1e9}, 4, "NUM_COMPLETIONS 2 x SECONDS 1e+09 need at least "),
+        ({"VARIANT": paths["mono"]}, 4, "VARIANT was edited after the cell that loads the weights ran: run that cell again"),
+        ({"PROMPT": paths["mono_prompt"]}, 4, "PROMPT was edited after the cell that reads the prompt ran"),
+    ]
+    nb = execute(params, kernel, then=[(edit, i) for edit, i, _ in edits])
+    for (edit, _, message), error in zip(edits, errors(nb.cells[-3 * len(edits) + 2::3])):
+        assert (error is None) if message is None else (message in (error or "")), (edit, error)
+    assert not np.array_equal(sf.read(tmp_path / "a.wav")[0], sf.read(tmp_path / "b.wav")[0])  # the temperatures
+    assert sorted(p.name for p in tmp_path.glob("*.wav")) == ["a.wav", "b.wav"]
+    assert Path(prompt).read_bytes() == before and not (REPO / "~").exists()
 
 
 @pytest.mark.parametrize("params, message", [
