@@ -143,7 +143,7 @@ def complete(args) -> int:
     from model import SamplingParams
     from model.audio import AudioError, check_prompt, completion_paths, load_prompt, save_audio
     from model.checkpoint import read_metadata
-    from model.generator import Generator, completion_problem, completion_steps
+    from model.generator import Generator, completion_problem, completion_steps, overflow_problem
     from model.lora import read_adapter
     from model.loading import (LOAD_ERRORS, codec_config_of, no_codec_problem, resolve_device, resolve_dtype,
                                transformer_config_of)
@@ -227,11 +227,8 @@ def complete(args) -> int:
     if args.continuation_only:
         out = out[..., frames * hop:]
     # weights that overflow make NaN, which a WAV holds as full-scale noise (one host sync)
-    if not bool(torch.isfinite(out).all()):
-        fix = "re-export them" if dtype in (torch.float32, torch.float64) else "try --dtype float32, or re-export them"
-        print(f"error: the completion holds NaN or inf: the weights of {args.variant}"
-              f"{f' with adapter {args.adapter}' if args.adapter else ''} overflow in {str(dtype)[6:]} (values too "
-              f"large for it, or a damaged file): {fix}; no file written", file=sys.stderr)
+    if problem := overflow_problem(out, args.variant, args.adapter, dtype):
+        print(f"error: {printable(problem, newlines=True)}", file=sys.stderr)
         return 2
     for path, wav in zip(completion_paths(args.out, args.num), out.cpu()):
         try:

@@ -71,6 +71,19 @@ def completion_problem(seconds, num, cfg=None, device=None, dtype: Optional[torc
     return None
 
 
+def overflow_problem(completions: Tensor, variant, adapter=None, dtype: torch.dtype = torch.float32,
+                     float32: str = "--dtype float32") -> Optional[str]:
+    """Why `completions` must not be written, or None: NaN or inf, which weights that overflow make
+    (a WAV holds them as full-scale noise). The message names the weights (`variant`, `adapter`) and,
+    in a `dtype` narrower than float32, how to ask for float32 where they were loaded (`float32`:
+    complete.py's flag, the notebook's parameter). One host sync."""
+    if bool(torch.isfinite(completions).all()):
+        return None
+    fix = "re-export them" if dtype in (torch.float32, torch.float64) else f"try {float32}, or re-export them"
+    return (f"the completion holds NaN or inf: the weights of {variant}{f' with adapter {adapter}' if adapter else ''} "
+            f"overflow in {str(dtype)[6:]} (values too large for it, or a damaged file): {fix}; no file written")
+
+
 def as_params(params: ParamsLike, n: int) -> list[SamplingParams]:
     """One SamplingParams for each of `n` rows (each checked when it was made): the one given for
     all, or a list of n. TypeError or ValueError naming `params` otherwise."""

@@ -109,6 +109,31 @@ def test_notebook_applies_an_adapter(tmp_path, kernel):
 
 
 @pytest.mark.slow
+def test_weights_that_overflow_stop_the_notebook_naming_them_and_dtype(tmp_path, kernel):
+    """A checkpoint whose weights load but overflow in the model (a layer's weights 1e30), with an
+    adapter, in bfloat16: its NaN completions were save_audio's "cannot write audio file ... holds NaN
+    or inf", naming neither the weights nor DTYPE. Now complete.py's message (naming VARIANT, ADAPTER
+    and DTYPE = "float32"), before any file is written."""
+    import torch
+    from test_checkpoint import rewritten
+    from test_complete import make_adapter
+
+    paths = make_checkpoints(tmp_path / "ckpt")
+    key = "resynth.stack.layers.0.attn.attn.attn_out.weight"
+    huge = str(rewritten(paths["mono"], tmp_path / "huge.safetensors",
+                         state=lambda s: {**s, key: torch.full_like(s[key], 1e30)}))
+    adapter = make_adapter(huge, tmp_path / "huge.adapter.safetensors")
+    with pytest.raises(CellExecutionError) as e:
+        execute({"PROMPT": paths["stereo"], "VARIANT": huge, "ADAPTER": adapter, "DTYPE": "bfloat16",
+                 "SECONDS": 0.25, "NUM_COMPLETIONS": 2, "DEVICE": "cpu", "OUT": str(tmp_path / "o.wav"),
+                 "PLOTS": False}, kernel)
+    assert (f"the completion holds NaN or inf: the weights of {huge} with adapter {adapter} overflow in bfloat16 "
+            '(values too large for it, or a damaged file): try DTYPE = "float32", or re-export them; no file written'
+            in str(e.value)), str(e.value)[-2000:]
+    assert not list(tmp_path.glob("o*.wav"))
+
+
+@pytest.mark.slow
 def test_notebook_with_int8_weights_and_fp8_cache(tmp_path, kernel):
     paths = make_checkpoints(tmp_path / "ckpt")
     out = tmp_path / "completion.wav"
