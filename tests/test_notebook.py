@@ -38,8 +38,8 @@ def execute(params: dict, km=None, then=()):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     first = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
     cells = list(nb.cells)
-    injected = lambda params: nbformat.v4.new_code_cell("\n".join(f"{k} = {v!r}" for k, v in params.items()),  # None: not json's null
-                                                        metadata={"tags": ["injected-parameters"]})
+    injected = lambda params: nbformat.v4.new_code_cell(  # repr: None, not json's null
+        "\n".join(f"{k} = {v!r}" for k, v in params.items()), metadata={"tags": ["injected-parameters"]})
     nb.cells.insert(first + 1, injected(params))
     for edit, i in then:
         nb.cells += [nbformat.v4.new_code_cell(cells[first].source), injected({**params, **edit}),
@@ -166,7 +166,7 @@ def test_a_cell_re_run_alone_after_an_edit_checks_and_applies_it(tmp_path, kerne
         ({"OUT": prompt}, 4, f"cannot write {prompt}: it is PROMPT, which the output would replace"),
         ({"OUT": "~/hertz-dev-no-such-folder/x.mp4"}, 4, f"cannot write {home_out}: soundfile writes no .mp4 files"),
         ({"NUM_COMPLETIONS": 2, "SECONDS": 1e9}, 4, "NUM_COMPLETIONS 2 x SECONDS 1e+09 need at least "),
-        ({"VARIANT": paths["mono"]}, 4, "VARIANT was edited after the cell that loads the weights ran: run that cell again"),
+        ({"VARIANT": paths["mono"]}, 4, "VARIANT was edited after the cell that loads the weights ran: run that cell"),
         ({"PROMPT": paths["mono_prompt"]}, 4, "PROMPT was edited after the cell that reads the prompt ran"),
     ]
     nb = execute(params, kernel, then=[(edit, i) for edit, i, _ in edits])
@@ -204,8 +204,16 @@ def test_a_cell_re_run_alone_after_an_edit_checks_and_applies_it(tmp_path, kerne
     # "~" is the home folder, as the scripts read it: "no such file: ~/..." for a file that was there
     ({"PROMPT": "~/hertz-dev-no-such-prompt.wav", "VARIANT": "mono", "CKPT_DIR": "MISSING"},
      "no such file: " + os.path.expanduser("~/hertz-dev-no-such-prompt.wav")),
+    # paths that are not strings: an int (papermill -p PROMPT 3 passes one) was taken for file
+    # descriptor 3 ("3 is not a regular file", or passed where it was open); None and ints were bare
+    # TypeErrors; ADAPTER "" was "." ("a folder, not an adapter file")
+    ({"PROMPT": 3}, "PROMPT must be a string (a path), got 3 (papermill -p reads 3 as a number: -r PROMPT 3 passes "),
+    ({"OUT": None}, "OUT must be a string (a path), got None"),
+    ({"VARIANT": None}, "VARIANT must be a string (one of duplex, mono, mono-pure-audio, or a path), got None"),
+    ({"ADAPTER": 30}, "ADAPTER must be a string (a path, or None), got 30"),
+    ({"ADAPTER": ""}, "ADAPTER must be a string (a path, or None), got ''"),
 ], ids=["missing", "nan", "token-temp", "top-p", "seconds", "seed", "num-float", "seconds-memory", "adapter", "adapter-folder", "codec", "codec-none", "quantize", "kv-dtype", "output", "output-prompt", "device",
-        "dtype", "encode", "prompt-in-home"])
+        "dtype", "encode", "prompt-in-home", "prompt-int", "out-none", "variant-none", "adapter-int", "adapter-empty"])
 def test_bad_parameters_stop_before_the_weights_load(tmp_path, kernel, params, message):
     """VARIANT names a checkpoint that does not exist (or an official one, offline, with no files):
     loading would fail on it, so the error about the parameter shows that the check came first."""
