@@ -7,6 +7,7 @@ Imported by the server, the clients (which run without torch), the benchmark, th
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from typing import Iterable, Mapping
 
@@ -91,12 +92,19 @@ def seed_problem(seed) -> str | None:
 
 def completion_problem(seconds, num, names: tuple[str, str] = ("--seconds", "--num")) -> str | None:
     """Why `num` completions of `seconds` each cannot be asked for, or None: `seconds` must be a
-    finite number > 0 and `num` an integer >= 1 (`names`: how they are called where they are
-    given). What they need of a machine's memory is `model.generator.completion_problem`'s."""
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < float("inf"):
-        return f"{names[0]} must be a finite number > 0, got {seconds!r}"
-    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
-        return f"{names[1]} must be an integer >= 1, got {num!r}"
+    finite number > 0 (numpy's scalars too) and `num` an integer >= 1 (`names`: how they are called
+    where they are given). What they need of a machine's memory is
+    `model.generator.completion_problem`'s."""
+    if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real):
+        return f"{names[0]} must be a finite number > 0, got {seconds!r}"[:300]
+    try:
+        x = float(seconds)
+    except OverflowError:  # an int beyond a float's range (10**400): completion_steps' OverflowError, naming nothing
+        return f"{names[0]} must be a finite number > 0, got an integer too large"
+    if not 0 < x < math.inf:
+        return f"{names[0]} must be a finite number > 0, got {seconds!r}"[:300]
+    if isinstance(num, bool) or not isinstance(num, numbers.Integral) or num < 1:
+        return f"{names[1]} must be an integer >= 1, got {num!r}"[:300]
     return None
 
 

@@ -38,8 +38,10 @@ def execute(params: dict, km=None, then=()):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     first = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
     cells = list(nb.cells)
-    injected = lambda params: nbformat.v4.new_code_cell(  # repr: None, not json's null
-        "\n".join(f"{k} = {v!r}" for k, v in params.items()), metadata={"tags": ["injected-parameters"]})
+    numpy = lambda params: ["import numpy as np"] if any(isinstance(v, np.generic) for v in params.values()) else []
+    injected = lambda params: nbformat.v4.new_code_cell(  # repr: None, not json's null; np.float32(0.25)
+        "\n".join(numpy(params) + [f"{k} = {v!r}" for k, v in params.items()]),
+        metadata={"tags": ["injected-parameters"]})
     nb.cells.insert(first + 1, injected(params))
     for edit, i in then:
         nb.cells += [nbformat.v4.new_code_cell(cells[first].source), injected({**params, **edit}),
@@ -168,12 +170,15 @@ def test_a_cell_re_run_alone_after_an_edit_checks_and_applies_it(tmp_path, kerne
         ({"NUM_COMPLETIONS": 2, "SECONDS": 1e9}, 4, "NUM_COMPLETIONS 2 x SECONDS 1e+09 need at least "),
         ({"VARIANT": paths["mono"]}, 4, "VARIANT was edited after the cell that loads the weights ran: run that cell"),
         ({"PROMPT": paths["mono_prompt"]}, 4, "PROMPT was edited after the cell that reads the prompt ran"),
+        # numpy's scalars (SECONDS = np.float32(...)) are numbers: they were refused
+        ({"SECONDS": np.float32(0.25), "NUM_COMPLETIONS": np.int64(2), "OUT": str(tmp_path / "c.wav")}, 4, None),
     ]
     nb = execute(params, kernel, then=[(edit, i) for edit, i, _ in edits])
     for (edit, _, message), error in zip(edits, errors(nb.cells[-3 * len(edits) + 2::3])):
         assert (error is None) if message is None else (message in (error or "")), (edit, error)
     assert not np.array_equal(sf.read(tmp_path / "a.wav")[0], sf.read(tmp_path / "b.wav")[0])  # the temperatures
-    assert sorted(p.name for p in tmp_path.glob("*.wav")) == ["a.wav", "b.wav"]
+    assert sorted(p.name for p in tmp_path.glob("*.wav")) == ["a.wav", "b.wav", "c-0.wav", "c-1.wav"]
+    assert sf.info(tmp_path / "c-1.wav").frames == sf.info(tmp_path / "a.wav").frames - 2000 * 2
     assert Path(prompt).read_bytes() == before and not (REPO / "~").exists()
 
 
@@ -185,6 +190,8 @@ def test_a_cell_re_run_alone_after_an_edit_checks_and_applies_it(tmp_path, kerne
     ({"TOKEN_TEMP": 1e6}, "token_temp must be in [0, 5]"),
     ({"TOP_P": 0.0}, "top_p must be in (0, 1]"),
     ({"SECONDS": -1}, "SECONDS must be a finite number > 0, got -1"),
+    # an int beyond a float's range passed as finite, then was an OverflowError naming nothing
+    ({"SECONDS": 10 ** 400}, "SECONDS must be a finite number > 0, got an integer too large"),
     ({"SEED": -1}, "seed must be an int in [0, 2**63), got -1"),  # was taken as seed 2**64 - 1, after loading
     # a TypeError from the seeds (range(2.0)) naming neither (papermill -p NUM_COMPLETIONS 2.0 gives a float)
     ({"NUM_COMPLETIONS": 2.0}, "NUM_COMPLETIONS must be an integer >= 1, got 2.0"),
@@ -212,7 +219,7 @@ def test_a_cell_re_run_alone_after_an_edit_checks_and_applies_it(tmp_path, kerne
     ({"VARIANT": None}, "VARIANT must be a string (one of duplex, mono, mono-pure-audio, or a path), got None"),
     ({"ADAPTER": 30}, "ADAPTER must be a string (a path, or None), got 30"),
     ({"ADAPTER": ""}, "ADAPTER must be a string (a path, or None), got ''"),
-], ids=["missing", "nan", "token-temp", "top-p", "seconds", "seed", "num-float", "seconds-memory", "adapter", "adapter-folder", "codec", "codec-none", "quantize", "kv-dtype", "output", "output-prompt", "device",
+], ids=["missing", "nan", "token-temp", "top-p", "seconds", "seconds-huge", "seed", "num-float", "seconds-memory", "adapter", "adapter-folder", "codec", "codec-none", "quantize", "kv-dtype", "output", "output-prompt", "device",
         "dtype", "encode", "prompt-in-home", "prompt-int", "out-none", "variant-none", "adapter-int", "adapter-empty"])
 def test_bad_parameters_stop_before_the_weights_load(tmp_path, kernel, params, message):
     """VARIANT names a checkpoint that does not exist (or an official one, offline, with no files):
