@@ -110,16 +110,8 @@ def output_problem(args) -> str | None:
     return None
 
 
-def missing_folders(path: str) -> list[str]:
-    """The folders above `path` that do not exist yet, deepest first."""
-    folders, folder = [], os.path.dirname(os.path.abspath(path))
-    while not os.path.lexists(folder) and folder != os.path.dirname(folder):
-        folders.append(folder)
-        folder = os.path.dirname(folder)
-    return folders
-
-
 def main(argv=None) -> int:
+    from model.audio import missing_folders, remove_empty_folders
     args = parse_args(argv)
     made = missing_folders(args.out)  # by the output's check, before torch: a run that writes nothing takes them away
     try:
@@ -128,11 +120,7 @@ def main(argv=None) -> int:
             return 2
         return complete(args)
     finally:
-        for folder in made:  # (only those still empty: a completion written stays)
-            try:
-                os.rmdir(folder)
-            except OSError:
-                break
+        remove_empty_folders(made)  # (only those still empty: a completion written stays)
 
 
 def complete(args) -> int:

@@ -1047,6 +1047,26 @@ def check_outputs(paths: Sequence[str], keep: Optional[Mapping[str, str]] = None
             checked.add(where)
 
 
+def missing_folders(path: str) -> list[str]:
+    """The folders above `path` that do not exist yet, deepest first: those `check_output` would
+    make, which a caller that then writes nothing takes away (`remove_empty_folders`)."""
+    folders, folder = [], os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(folder) and folder != os.path.dirname(folder):
+        folders.append(folder)
+        folder = os.path.dirname(folder)
+    return folders
+
+
+def remove_empty_folders(folders: Sequence[str]) -> None:
+    """Remove `folders` (`missing_folders`: deepest first) up to the first that is not empty, or
+    gone: what was written in one since stays."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            break
+
+
 def completion_paths(out: str, num: int) -> list[str]:
     """The files `num` completions are written to (complete.py, the notebook): `out` itself for
     one; OUT-0.wav, OUT-1.wav, ... for several. An `out` naming a folder is AudioError for several

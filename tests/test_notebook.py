@@ -223,21 +223,23 @@ def test_a_cell_re_run_alone_after_an_edit_checks_and_applies_it(tmp_path, kerne
         "dtype", "encode", "prompt-in-home", "prompt-int", "out-none", "variant-none", "adapter-int", "adapter-empty"])
 def test_bad_parameters_stop_before_the_weights_load(tmp_path, kernel, params, message):
     """VARIANT names a checkpoint that does not exist (or an official one, offline, with no files):
-    loading would fail on it, so the error about the parameter shows that the check came first."""
+    loading would fail on it, so the error about the parameter shows that the check came first. The
+    folders of OUT that the output check made are taken away, as complete.py does (they were left
+    by a mistake found after that check)."""
     files = {"MISSING": str(tmp_path / "missing.wav"), "NAN": str(tmp_path / "nan.wav"), "OK": str(tmp_path / "ok.wav"),
              "FOLDER": str(tmp_path / "run")}
     (tmp_path / "run").mkdir()  # a LoRA run's folder, given for its adapter file (was "no such file")
     (tmp_path / "run" / "best.adapter.safetensors").write_bytes(b"")
     sf.write(files["OK"], 0.3 * np.sin(np.arange(16000) / 10), 16000)
     sf.write(files["NAN"], np.full(16000, np.nan, dtype=np.float32), 16000, subtype="FLOAT")
-    params = {"PROMPT": files["OK"], "VARIANT": str(tmp_path / "no-such.safetensors"), "OUT": str(tmp_path / "out.wav"),
+    params = {"PROMPT": files["OK"], "VARIANT": str(tmp_path / "no-such.safetensors"), "OUT": str(tmp_path / "new/folders/out.wav"),
               "DEVICE": "cpu", **{k: files.get(v, v) if isinstance(v, str) else v for k, v in params.items()}}
     with pytest.raises(CellExecutionError) as e:
         execute(params, kernel)
     for name, path in files.items():
         message = message.replace(name, path)
     assert message in str(e.value) and "no-such.safetensors" not in str(e.value)
-    assert not list(tmp_path.glob("out*.wav"))
+    assert not list(tmp_path.glob("out*.wav")) and not (tmp_path / "new").exists()
 
 
 def test_a_checkpoint_that_records_no_codec_stops_before_its_weights_load(tmp_path, kernel):
