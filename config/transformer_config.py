@@ -28,6 +28,13 @@ ARCH = {"arch": True}          # the networks: a checkpoint that differs cannot 
 RESUME = {"resume": True}      # what is trained: a resumed run must agree (as on the architecture)
 
 
+# Beyond these a config builds no usable model (`check_architecture`): the LM's output layer would
+# hold MAX_VOCAB x lm_dim weights (the official vocabulary is 8^5 = 32,768), and the official
+# model has 32 + 8 layers.
+MAX_VOCAB = 1 << 24
+MAX_LAYERS = 4096
+
+
 @dataclass(frozen=True)
 class TransformerConfig:
     # --- shared -------------------------------------------------------------------------------
@@ -141,6 +148,14 @@ class TransformerConfig:
         loaders (`config.from_dict`, a checkpoint's header) and train_transformer.py both check."""
         if not self.fsq_levels:  # (a vocabulary of one code: a loss of 0 and an accuracy of 1, learning nothing)
             raise ConfigError("fsq_levels: expected at least one level (the official (8, 8, 8, 8, 8)), got ()")
+        # sizes no model of this kind has, whose build would take the machine's memory (or minutes) before
+        # it failed: an edited header, a typo on the command line
+        if self.vocab_size > MAX_VOCAB:
+            raise ConfigError(f"fsq_levels={self.fsq_levels}: a vocabulary of {self.vocab_size:.3g} codes, more than "
+                              f"{MAX_VOCAB:,} (the official 32,768)")
+        for part in ("lm", "resynth"):
+            if (layers := getattr(self, f"{part}_layers")) > MAX_LAYERS:
+                raise ConfigError(f"{part}_layers={layers}: more than {MAX_LAYERS} layers (the official LM has 32)")
         for part in ("lm", "resynth"):
             dim, heads, kv = (getattr(self, f"{part}_{k}") for k in ("dim", "heads", "kv_heads"))
             if dim % heads or dim // heads % 2:  # rotary rotates pairs of dims in each head

@@ -189,7 +189,7 @@ def _built(cls, cfg, source) -> nn.Module:
     than torch's RuntimeError from deep inside a layer."""
     try:
         return _meta(cls, cfg)
-    except (RuntimeError, ValueError, AssertionError) as e:
+    except (RuntimeError, ValueError, AssertionError, TypeError, OverflowError, MemoryError) as e:
         raise CheckpointError(f"{source}: its config does not build a {cls.__name__} ({' '.join(str(e).split())}): "
                               "its header was edited or damaged; re-export it") from None
 

@@ -454,10 +454,14 @@ def config_set(key, value):
     ("transformer", "resynth_kv_heads", 3, "its config is not a valid TransformerConfig: resynth_heads=4 and "
                                            "resynth_kv_heads=3: each key/value head serves an equal group"),
     ("transformer", "lm_dim", 1 << 30, "its config does not build a HertzDev (Storage size calculation overflowed"),
+    ("transformer", "fsq_levels", [8] * 30, "its config is not a valid TransformerConfig: fsq_levels=(8, 8, 8, "),
+    ("transformer", "lm_layers", 10 ** 7, "its config is not a valid TransformerConfig: lm_layers=10000000: more than "
+                                          "4096 layers"),
     ("codec", "channel_ratios", [1, 2, 4, 4, 4], "its config is not a valid CodecConfig: strides=(2, 2, 4, 5, 5, 5) "
                                                  "and channel_ratios=(1, 2, 4, 4, 4) need one item per encoder block"),
     ("codec", "norm_stddev", 0.0, "its config is not a valid CodecConfig: norm_stddev: expected a number >= "),
-], ids=["eps", "fsq-level-1", "seq-len-0", "heads", "kv-heads", "huge", "codec-ratios", "codec-norm"])
+], ids=["eps", "fsq-level-1", "seq-len-0", "heads", "kv-heads", "huge", "vocab-huge", "layers-huge", "codec-ratios",
+        "codec-norm"])
 def test_a_header_config_out_of_range_or_contradicting_itself_is_one_error_before_any_weights(
         tmp_path, monkeypatch, kind, key, value, message):
     """Header configs (hash consistent: edited, or another tool's) whose values are out of their
