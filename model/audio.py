@@ -152,11 +152,12 @@ def _check_rate(rate: int, path: str, frames: int = 0) -> None:
 # libsndfile takes an MP3's length from its Xing/Info (LAME) or VBRI header or, without one, estimates
 # it from the file's size and its first frame's bitrate, and it stops reading there: a variable-bitrate
 # MP3 written without that header (some encoders and stream rippers do) reads as a fraction of itself,
-# silently (a 20 s file as 5 s). So does a file whose header counts fewer frames than it holds: MP3s
-# joined end to end (`cat a.mp3 b.mp3`), read as the first. Such a file's frames are counted as mpg123
-# finds them (its first frame may follow its ID3 tags after padding or junk; tags and Xing frames
-# inside the stream are passed over), and it is opened as those frames behind a Xing header made to
-# count them, in memory (the file is untouched), which gives libsndfile the length its frames hold.
+# silently (a 20 s file as 5 s). Such a file's frames are counted as mpg123 finds them (its first frame
+# may follow its ID3 tags after padding or junk), and it is opened as those frames behind a Xing header
+# made to count them, in memory (the file is untouched), which gives libsndfile the length its frames
+# hold. A file whose first frame is such a header (most: LAME writes an Info frame even at a constant
+# bitrate) is left to libsndfile, its first few KB read: its header is believed, so MP3s joined end to
+# end (`cat a.mp3 b.mp3`), whose first header counts the first file's frames, read as the first.
 
 _MP3_BITRATES = {1: (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),   # MPEG-1, kbit/s
                  2: (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160)}       # MPEG-2 and 2.5
@@ -216,11 +217,10 @@ def _mp3_counted(data: bytes, pos: int, frame: tuple[int, int, int]) -> Optional
 
 
 def mp3_length_header(path: str) -> Optional[tuple[bytes, int]]:
-    """For an MP3 without a Xing, Info or VBRI header, or whose header counts fewer frames than it
-    holds: (its frames after a Xing frame that counts them, the samples those frames hold); None for
-    any other file (one whose header counts its frames, one with no layer III stream near its start).
-    The frames are counted once per version of the file (its size, times and inode), not at each
-    crop read from it."""
+    """For an MP3 without a Xing, Info or VBRI header: (its frames after a Xing frame that counts
+    them, the samples those frames hold); None for any other file (one whose first frame is such a
+    header, one with no layer III stream near its start). The frames are counted once per version of
+    the file (its size, times and inode), not at each crop read from it."""
     st = os.stat(path)
     made = _mp3_xing_frame(path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
     if made is None:
@@ -234,45 +234,54 @@ def mp3_length_header(path: str) -> Optional[tuple[bytes, int]]:
     return b"".join(parts), samples
 
 
+# Bytes read after the ID3 tags to find a first frame that is a Xing/Info or VBRI header (the common
+# case, decided without walking the file's frames).
+_MP3_HEAD = 4096
+
+
+def _id3_end(f) -> int:
+    """Where the ID3v2 tags at the start of the open binary file `f` end (may be past its end, for a
+    file cut short inside them): its first audio byte, or 0 when it has none."""
+    start = 0
+    f.seek(0)
+    while len(tag := f.read(10)) == 10 and tag[:3] == b"ID3":
+        start += 10 + ((tag[6] << 21) | (tag[7] << 14) | (tag[8] << 7) | tag[9]) + (10 if tag[5] & 0x10 else 0)
+        f.seek(start)
+    return start
+
+
 @functools.lru_cache(maxsize=1024)
 def _mp3_xing_frame(path: str, size: int, *version) -> Optional[tuple[bytes, tuple[tuple[int, int], ...], int]]:
     """(the Xing frame, the byte spans of the file that hold the audio frames, the samples they hold)
     of `mp3_length_header`, or None; `size` and `version` (the file's stat) key the cache."""
     if size == 0:
         return None
-    import mmap
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        return _mp3_stream(data)
+    with open(path, "rb") as f:
+        start = _id3_end(f)
+        f.seek(start)
+        head = f.read(_MP3_HEAD)
+        if (pos := _mp3_sync(head, 0, None)) is not None and _mp3_counted(head, pos, _mp3_frame(head, pos)) is not None:
+            return None  # its own header counts its frames: libsndfile reads it
+        import mmap
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return _mp3_stream(data, start)
 
 
-def _mp3_stream(data) -> Optional[tuple[bytes, tuple[tuple[int, int], ...], int]]:
-    """`_mp3_xing_frame` of the bytes `data` of an MP3 file."""
-    start = 0
-    while data[start:start + 3] == b"ID3" and start + 10 <= len(data):  # ID3v2 tags before the audio
-        tag = data[start:start + 10]
-        start += 10 + ((tag[6] << 21) | (tag[7] << 14) | (tag[8] << 7) | tag[9]) + (10 if tag[5] & 0x10 else 0)
+def _mp3_stream(data, start: int) -> Optional[tuple[bytes, tuple[tuple[int, int], ...], int]]:
+    """`_mp3_xing_frame` of the bytes `data` of an MP3 file whose audio follows its tags at `start`."""
     if (pos := _mp3_sync(data, start, None)) is None:
         return None
-    head, frames, said, spans, begun = data[pos:pos + 4], 0, None, [], pos
+    if _mp3_counted(data, pos, _mp3_frame(data, pos)) is not None:  # a header frame after padding past _MP3_HEAD
+        return None
+    head, frames, spans, begun = data[pos:pos + 4], 0, [], pos
     while True:
         if (frame := _mp3_frame(data, pos)) is not None and _mp3_same_stream(data, pos, head):
-            if (count := _mp3_counted(data, pos, frame)) is None:
-                frames, pos = frames + 1, pos + frame[0]
-                continue
-            if not frames and said is None:  # the stream's own header; one further in: a joined file's
-                said = count
-            spans.append((begun, pos))
-            pos = begun = pos + frame[0]
+            frames, pos = frames + 1, pos + frame[0]
             continue
         spans.append((begun, min(pos, len(data))))  # the end, or what is no frame of it
-        if data[pos:pos + 3] == b"ID3" and pos + 10 <= len(data):  # a tag inside the stream (joined files)
-            tag = data[pos:pos + 10]
-            pos += 10 + ((tag[6] << 21) | (tag[7] << 14) | (tag[8] << 7) | tag[9]) + (10 if tag[5] & 0x10 else 0)
         if pos >= len(data) or (pos := _mp3_sync(data, pos, head)) is None:
             break
         begun = pos
-    if said and frames <= said:  # its header counts them (or more: a file cut short, which libsndfile finds)
-        return None
     # The Xing frame: the first frame's header without CRC or padding, at the lowest bitrate that holds
     # the side information (zeros), "Xing", its flags (frame count and byte count given) and both counts.
     _, samples_per_frame, side = _mp3_frame(head, 0)
