@@ -190,13 +190,14 @@ def _mp3_same_stream(data: bytes, pos: int, ref: bytes) -> bool:
 
 def _mp3_sync(data: bytes, pos: int, ref: Optional[bytes]) -> Optional[int]:
     """The first frame at or after `pos` (within `_MP3_RESYNC` bytes) whose next frame, of the same
-    stream, follows it (or the data end), as mpg123 resyncs: a lone 0xFFE bit pattern in junk is no
-    frame. Of the stream of `ref` (a frame header), when given; None where there is none."""
+    stream, follows it (or the data end, which it does not run past), as mpg123 resyncs: a lone 0xFFE
+    bit pattern in junk is no frame. Of the stream of `ref` (a frame header), when given; None where
+    there is none."""
     end = min(pos + _MP3_RESYNC, len(data))
     while (pos := data.find(b"\xff", pos, end)) != -1:
         if (frame := _mp3_frame(data, pos)) is not None and (ref is None or _mp3_same_stream(data, pos, ref)):
             after = pos + frame[0]
-            if after >= len(data) or _mp3_frame(data, after) is not None and \
+            if after == len(data) or _mp3_frame(data, after) is not None and \
                     _mp3_same_stream(data, after, data[pos:pos + 4]):
                 return pos
         pos += 1
@@ -205,12 +206,12 @@ def _mp3_sync(data: bytes, pos: int, ref: Optional[bytes]) -> Optional[int]:
 
 def _mp3_counted(data: bytes, pos: int, frame: tuple[int, int, int]) -> Optional[int]:
     """The frame count of the Xing/Info or VBRI header that the frame at `pos` is (0 where it gives
-    none), or None for a frame of audio."""
+    none, or the data end inside it), or None for a frame of audio."""
     at = pos + 4 + (0 if data[pos + 1] & 1 else 2) + frame[2]  # past the header, its CRC and side information
-    if data[at:at + 4] in (b"Xing", b"Info"):
-        return int.from_bytes(data[at + 8:at + 12], "big") if data[at + 7] & 1 else 0
+    if (tag := data[at:at + 12])[:4] in (b"Xing", b"Info"):
+        return int.from_bytes(tag[8:], "big") if len(tag) == 12 and tag[7] & 1 else 0
     if data[pos + 36:pos + 40] == b"VBRI":
-        return int.from_bytes(data[pos + 50:pos + 54], "big")
+        return int.from_bytes(count, "big") if len(count := data[pos + 50:pos + 54]) == 4 else 0
     return None
 
 
@@ -273,7 +274,8 @@ def _mp3_stream(data, start: int) -> Optional[tuple[bytes, tuple[tuple[int, int]
         return None
     head, frames, spans, begun = data[pos:pos + 4], 0, [], pos
     while True:
-        if (frame := _mp3_frame(data, pos)) is not None and _mp3_same_stream(data, pos, head):
+        if (frame := _mp3_frame(data, pos)) is not None and _mp3_same_stream(data, pos, head) and \
+                pos + frame[0] <= len(data):  # (a frame the file ends inside is stray bytes, no frame)
             frames, pos = frames + 1, pos + frame[0]
             continue
         spans.append((begun, min(pos, len(data))))  # the end, or what is no frame of it

@@ -267,6 +267,29 @@ def test_an_mp3_is_read_to_its_last_frame_after_padding_and_as_far_as_its_header
     np.testing.assert_allclose(y, reference, atol=1e-6)
 
 
+@pytest.mark.parametrize("stray", ["xing-cut", "header"])
+def test_stray_bytes_after_a_header_less_mp3_are_no_frame(tmp_path, stray):
+    """The frames of an MP3 without a Xing header are counted; a few stray bytes after its last
+    frame that begin as a frame (the start of another file's Xing frame, cut inside its tag: an
+    'mmap index out of range' error; a frame header and a few bytes) were counted as one more frame,
+    which the file does not hold. A frame that runs past the end of the file ends the stream: the
+    file reads as without them."""
+    rate = 44100
+    t = np.arange(10 * rate) / rate
+    x = (0.3 * np.sin(2 * np.pi * 220 * t) * (t % 2 < 1)
+         + 0.02 * np.random.default_rng(2).standard_normal(t.size)).astype(np.float32)  # tone and noise: VBR
+    with_header = Path(_mp3(tmp_path / "with_header.mp3", x, rate)).read_bytes()
+    first = _first_frame_bytes(with_header)
+    audio = with_header[first:]  # its frames, without the Xing frame
+    tail = with_header[:with_header.index(b"Xing") + 6] if stray == "xing-cut" else audio[:4] + bytes(10)
+    (tmp_path / "bare.mp3").write_bytes(audio)
+    (tmp_path / "stray.mp3").write_bytes(audio + tail)
+    reference = load_audio(tmp_path / "bare.mp3", rate)
+    assert reference.shape[1] >= x.size
+    assert model.audio.audio_info(str(tmp_path / "stray.mp3"))[0] == reference.shape[1]
+    np.testing.assert_allclose(load_audio(tmp_path / "stray.mp3", rate), reference, atol=1e-6)
+
+
 def _ogg(path, audio, rate, subtype="VORBIS"):
     try:
         return write(path, audio, rate, format="OGG", subtype=subtype)
