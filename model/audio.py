@@ -111,7 +111,16 @@ def _reason(e: Optional[Exception], path: Optional[str] = None) -> str:
     message = str(e).strip() or repr(e)  # libsndfile errors sometimes carry an empty message
     if path is not None and "File does not exist or is not a regular file" in message:
         # what libsndfile says of a file that mpg123 finds no MP3 in (a web page saved as episode.mp3,
-        # a renamed .m4a): the file is there, and regular (checked above)
+        # a renamed .m4a): the file is there, and regular (checked above); or an MP3 cut short inside
+        # its ID3 tags (an interrupted download of one with cover art: its audio follows them)
+        try:
+            with open(path, "rb") as f:
+                tags, size = _id3_end(f), os.fstat(f.fileno()).st_size
+        except OSError:
+            tags = size = 0
+        if tags > size:
+            return (f"it ends inside its ID3 tags ({size} bytes of the {tags} they give, before any audio: a file "
+                    "cut short, by an interrupted copy or download?)")
         ext = os.path.splitext(path)[1][1:].upper() or "audio"
         return (f"format not recognised: it is not {ext} audio, as its extension says (a web page, or a file of "
                 "another format, saved under that name?)")

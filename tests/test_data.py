@@ -513,6 +513,26 @@ def test_a_file_named_mp3_that_is_not_one_is_named_so(tmp_path):
     assert sorted(files.skipped) == ["episode.mp3", "noise.mp3"] and len(skipped_names(record)) == 2
 
 
+def test_an_mp3_cut_short_inside_its_id3_tag_is_named_so(tmp_path):
+    """An MP3 whose ID3 tag holds 300 KB of cover art, cut at 150 KB (an interrupted download),
+    was refused as "not MP3 audio, as its extension says (a web page ...?)": it is said to end
+    inside its tags, cut short."""
+    talk = Path(_mp3(tmp_path / "talk.mp3", tone(2.0), SR)).read_bytes()
+    size = 300_000
+    tag = b"ID3\x03\x00\x00" + bytes((size >> 21 & 127, size >> 14 & 127, size >> 7 & 127, size & 127))
+    art = tag + b"APIC" + (size - 10).to_bytes(4, "big") + bytes(2) + np.random.default_rng(3).integers(
+        0, 256, size - 10, dtype=np.uint8).tobytes()  # a frame of cover art filling the tag
+    (tmp_path / "whole.mp3").write_bytes(art + talk)
+    (tmp_path / "cut.mp3").write_bytes((art + talk)[:150_000])
+    assert load_audio(tmp_path / "whole.mp3").shape[1] >= 2 * SR
+    why = (f"cannot read audio file {tmp_path / 'cut.mp3'}: it ends inside its ID3 tags (150000 bytes of the 300010 "
+           "they give, before any audio: a file cut short, by an interrupted copy or download?)")
+    with pytest.raises(AudioError, match=re.escape(why)):
+        load_audio(tmp_path / "cut.mp3")
+    with pytest.raises(AudioError, match=re.escape(why)):
+        model.audio.audio_info(str(tmp_path / "cut.mp3"))
+
+
 def test_what_others_write_to_stderr_while_an_mp3_is_read_reaches_it(tmp_path, capfd, monkeypatch):
     """While an MP3 was opened or read, fd 2 was a temporary file, to keep mpg123's notes out of
     the one line a bad file is refused with: lines that anyone else wrote then (another thread, a
