@@ -755,6 +755,16 @@ class Checkpoints:
         self.lower_is_better = lower_is_better
         self._lock: Optional[tuple[int, int]] = None  # the run lock this object holds (`hold`): its `_run_locks` key
 
+    def names(self) -> list[Path]:
+        """The paths a save writes whole files to by name (besides its step file)."""
+        return [self.folder / name for name in ("latest.pt", "best.pt", f"latest{self.export_suffix}",
+                                                f"best{self.export_suffix}", "checkpoints.json")]
+
+    def not_files(self) -> list[Path]:
+        """Those of `names` that are there but are no file (a folder made by hand, a device): unread
+        as if missing, and a save's rename onto one fails, after the run's first steps."""
+        return [p for p in self.names() if os.path.lexists(p) and not p.is_file()]
+
     @property
     def latest(self) -> Optional[Path]:
         """`latest.pt`, or the step file of a save killed before it named `latest.pt` (see
@@ -1029,6 +1039,12 @@ def state_to_load(checkpoints: Checkpoints, resume: bool, eval_only: bool, init_
     together with `init_from` instead of in its place. Raises ConfigError for `eval_only` with
     neither, for `eval_only` of adapters without `latest.pt` (it scored the bare base), and for a training run to resume in a folder holding `step_*.pt` but no `latest.pt`
     (taken away by hand: a fresh run there would rotate its steps in among that run's)."""
+    if (resume or eval_only) and (not_files := checkpoints.not_files()):  # now, not at the first save's rename
+        # ("error: cannot write step_00000002.pt: Is a directory", after the run's first steps; resume=false moves
+        # the folder's contents aside)
+        raise ConfigError(f"checkpoint_dir={str(checkpoints.folder)!r} holds {listed([p.name for p in not_files])}, "
+                          "which a run writes its checkpoints to, as something other than a file (a folder?): move "
+                          "it away, or pass another checkpoint_dir")
     if eval_only and not init_from and checkpoints.latest is None:
         raise ConfigError(f"eval_only=true: nothing to evaluate in {checkpoints.folder} (no latest.pt); "
                           "pass init_from=official or init_from=PATH")

@@ -632,6 +632,25 @@ def test_a_transformer_run_folder_is_one_error_line_before_the_data(corpus, tmp_
         assert sorted(p.name for p in run_dir.iterdir()) == [".run.lock", "latest.pt"]
 
 
+def test_a_checkpoint_name_taken_by_a_folder_is_one_error_line_before_the_data(corpus, tmp_path, capsys):
+    """A folder named latest.pt (or best.safetensors, checkpoints.json: what a save renames files onto)
+    in checkpoint_dir: one line naming it, before any audio is decoded. The run trained until its
+    first save, then said "cannot write step_00000004.pt: Is a directory", and eval_only evaluated
+    a step file as if latest.pt were missing. resume=false moves the folder's contents aside: it runs."""
+    run_dir = tmp_path / "run"
+    (run_dir / "latest.pt").mkdir(parents=True)
+    (run_dir / "best.safetensors").mkdir()
+    for extra in ((), ("eval_only=true",)):
+        result = run_here(args(corpus, run_dir, *extra), capsys)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert error_line(result.stderr) == (f"error: checkpoint_dir={str(run_dir)!r} holds latest.pt, "
+                                             "best.safetensors, which a run writes its checkpoints to, as something "
+                                             "other than a file (a folder?): move it away, or pass another "
+                                             "checkpoint_dir")
+        assert "val:" not in result.stdout + result.stderr  # the data was not read
+        assert not list(run_dir.glob("step_*.pt"))
+
+
 def lock_descriptors(run_dir):
     """How many descriptors this process has open on `run_dir`'s `.run.lock`."""
     lock, count = str(run_dir / ".run.lock"), 0
