@@ -242,11 +242,6 @@ def mp3_length_header(path: str) -> Optional[tuple[bytes, int]]:
     return b"".join(parts), samples
 
 
-# Bytes read after the ID3 tags to find a first frame that is a Xing/Info or VBRI header (the common
-# case, decided without walking the file's frames).
-_MP3_HEAD = 4096
-
-
 def _id3_end(f) -> int:
     """Where the ID3v2 tags at the start of the open binary file `f` end (may be past its end, for a
     file cut short inside them): its first audio byte, or 0 when it has none."""
@@ -264,23 +259,19 @@ def _mp3_xing_frame(path: str, size: int, *version) -> Optional[tuple[bytes, tup
     of `mp3_length_header`, or None; `size` and `version` (the file's stat) key the cache."""
     if size == 0:
         return None
-    with open(path, "rb") as f:
-        start = _id3_end(f)
-        f.seek(start)
-        head = f.read(_MP3_HEAD)
-        if (pos := _mp3_sync(head, 0, None)) is not None and _mp3_counted(head, pos, _mp3_frame(head, pos)) is not None:
-            return None  # its own header counts its frames: libsndfile reads it
-        import mmap
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            return _mp3_stream(data, start)
+    import mmap
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:  # (read where touched)
+        if (pos := _mp3_sync(data, _id3_end(f), None)) is None:
+            return None
+        # its own header counts its frames (the common case, decided on its first KB): libsndfile reads it
+        if _mp3_counted(data, pos, _mp3_frame(data, pos)) is not None:
+            return None
+        return _mp3_stream(data, pos)
 
 
-def _mp3_stream(data, start: int) -> Optional[tuple[bytes, tuple[tuple[int, int], ...], int]]:
-    """`_mp3_xing_frame` of the bytes `data` of an MP3 file whose audio follows its tags at `start`."""
-    if (pos := _mp3_sync(data, start, None)) is None:
-        return None
-    if _mp3_counted(data, pos, _mp3_frame(data, pos)) is not None:  # a header frame after padding past _MP3_HEAD
-        return None
+def _mp3_stream(data, pos: int) -> tuple[bytes, tuple[tuple[int, int], ...], int]:
+    """`_mp3_xing_frame` of the bytes `data` of an MP3 file whose first frame, of audio, is at `pos`:
+    its frames walked."""
     head, frames, spans, begun = data[pos:pos + 4], 0, [], pos
     while True:
         if (frame := _mp3_frame(data, pos)) is not None and _mp3_same_stream(data, pos, head) and \
