@@ -109,16 +109,23 @@ class _Conv:
     def product(self, cols: Tensor) -> Tensor:
         return torch.addmm(self.b, cols, self.w) if self.b is not None else cols @ self.w
 
+    def on_kernels(self) -> bool:
+        """Whether this call runs the kernels: compiled (compile="codec"), Inductor fuses torch's."""
+        return self.kernels and not torch.compiler.is_compiling()
+
+    def fused(self, x: Tensor, st: StreamCodecState, act=(None, None), act2=(None, None)) -> Tensor:
+        """The (B*L', C_out) product of the taps of [state; act(x)] (`x` contiguous), the state moved
+        on, and `act2` applied to the product, through the kernels; `act`, `act2`: (kind, alpha) as
+        `_activation` gives them."""
+        from . import stream_codec_kernels as K  # Triton, imported where a CUDA codec uses it
+        buf = st.buffers[self.slot]
+        y = self.product(K.taps(x, buf, self.k, self.d, self.s, *act))
+        K.advance(x, buf, st.active, *act, h=y if act2[0] else None, act2=act2[0], alpha2=act2[1])
+        return y
+
     def __call__(self, x: Tensor, st: StreamCodecState) -> Tensor:
         B = x.shape[0]
-        if self.kernels and not torch.compiler.is_compiling():  # compiled (compile="codec"): Inductor fuses torch's
-            from . import stream_codec_kernels as K  # Triton, imported where a CUDA codec uses it
-            x = x.contiguous()
-            buf = st.buffers[self.slot]
-            y = self.product(K.taps(x, buf, self.k, self.d, self.s))
-            K.advance(x, buf, st.active)
-        else:
-            y = self.product(self.taps(x, st))
+        y = self.fused(x.contiguous(), st) if self.on_kernels() else self.product(self.taps(x, st))
         return y.view(B, -1, self.cout)
 
 
@@ -169,21 +176,16 @@ class _ResUnit:
     product, the state moved on with act2 in one pass, and the 1x1 product adding x itself."""
 
     def __init__(self, m: CausalResUnit, slot: int, kernels: bool = False):
-        self.conv1 = _Conv(m.conv1, slot)
+        self.conv1 = _Conv(m.conv1, slot, kernels)
         self.w2 = _weight(m.conv2)[..., 0].t().contiguous()  # (C, C)
         self.b2 = _bias(m.conv2)
         self.act1, self.act2 = _activation(m.activation), _activation(m.activation2)
-        self.kernels = kernels
 
     def __call__(self, x: Tensor, st: StreamCodecState) -> Tensor:
         conv = self.conv1
-        if self.kernels and not torch.compiler.is_compiling():
-            from . import stream_codec_kernels as K
+        if conv.on_kernels():
             x = x.contiguous()
-            buf = st.buffers[conv.slot]
-            y = conv.product(K.taps(x, buf, conv.k, conv.d, conv.s, *self.act1))  # (B*L, C)
-            K.advance(x, buf, st.active, *self.act1, h=y, act2=self.act2[0], alpha2=self.act2[1])
-            y = torch.addmm(x.view(-1, x.shape[-1]), y, self.w2)
+            y = torch.addmm(x.view(-1, x.shape[-1]), conv.fused(x, st, self.act1, self.act2), self.w2)
             return (y + self.b2 if self.b2 is not None else y).view(x.shape)
         y = _activate(conv.product(conv.taps(x, st, lambda v: _activate(v, self.act1))), self.act2)
         y = torch.addmm(self.b2, y, self.w2) if self.b2 is not None else y @ self.w2
