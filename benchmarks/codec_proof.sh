@@ -30,7 +30,7 @@
 # larger codec goes as a bf16 copy, best_bf16.safetensors: small's 111 MB in 56),
 # TUNED_CONFIG (on the GPU its
 # preset, default small_fast; `small` for today's defaults at the same steps). The tuned run
-# keeps its preset's schedule (small_fast's max_steps 6000: the learning rate decays within a
+# keeps its preset's schedule (small_fast's max_steps 9000: the learning rate decays within a
 # 15-minute run).
 #
 # A tuned run longer than one call (a device call lasts at most 10 minutes): keep the run in the

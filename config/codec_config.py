@@ -177,9 +177,14 @@ tiny = dataclasses.replace(
 # - learning rate 5e-4 with a 200-step warmup (small: 2e-4 after 500; HiFi-GAN 2e-4, EnCodec 3e-4,
 #   DAC 1e-4 for 400k steps): a 15-minute run is limited by its number of updates (small's mel
 #   distance was still falling steadily when its proof stopped), and grad_clip=1 guards the rate;
-# - max_steps 6000: about what 15 minutes hold on one GPU with the step replayed from a CUDA graph
-#   (the proof of 2026-12-06 on an H100 ran 5,725), so the cosine decay ends near the end of such
-#   a run;
+# - batch 16 (small: 32): at this budget updates count more than audio per update; a step of 16
+#   crops took 0.080 s against 32's 0.137 s once the discriminators start (the step is bound by
+#   launching its kernels, not by its audio), and 15 minutes of it beat 15 minutes of batch 32 on
+#   every metric (one H100: 9,000 steps, STOI 0.869, PESQ 1.56 against 5,725, 0.858, 1.48;
+#   benchmarks/results/h100_session39.txt); batch 8 gained nothing more at 6.5 minutes;
+# - max_steps 9000: what 15 minutes hold at that step on one GPU with the step replayed from a
+#   CUDA graph (the proof of 2026-12-07 on an H100 reached it after 13.9 minutes), so the cosine
+#   decay ends near the end of such a run;
 # - mel loss alone for the first 400 steps (disc_start_step): without the discriminators a step
 #   costs about 40% of one with them, and the adversarial terms only refine a decoder that
 #   already reconstructs the spectrum (HiFi-GAN and DAC start them at 0 on runs 1000x longer);
@@ -194,8 +199,8 @@ tiny = dataclasses.replace(
 # - the rest is DAC's: AdamW betas (0.8, 0.99).
 small_fast = dataclasses.replace(
     small,
-    segment_seconds=2.0, val_segment_seconds=6.0, batch_size=32, learning_rate=5e-4, disc_learning_rate=5e-4, min_lr=5e-5,
-    warmup_steps=200, max_steps=6000, disc_start_step=400, num_workers=6, disc_kernels=False, cuda_graph=True,
+    segment_seconds=2.0, val_segment_seconds=6.0, batch_size=16, learning_rate=5e-4, disc_learning_rate=5e-4, min_lr=5e-5,
+    warmup_steps=200, max_steps=9000, disc_start_step=400, num_workers=6, disc_kernels=False, cuda_graph=True,
     adv_weight=2.0, feature_weight=4.0, log_interval=25, eval_interval=500, save_interval=500,
 )
 
