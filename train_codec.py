@@ -245,8 +245,7 @@ def main(argv=None) -> dict:
         with deadline.catching_signals(), workers_stopped(batches):
             while True:
                 # evaluation (rank 0) and checkpoints, before the step: they describe the model after `step` updates
-                due = before_step(step, start_step, last, cfg.log_interval, cfg.eval_interval, cfg.save_interval,
-                                  deadline)
+                due = before_step(step, start_step, last, cfg.eval_interval, cfg.save_interval, deadline)
                 if due.evaluate or due.save or due.stop:
                     guard.check()  # nothing is evaluated or saved after a non-finite step
                     timer.pause()

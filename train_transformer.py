@@ -172,8 +172,7 @@ def main(argv=None) -> dict:
             while True:
                 # evaluation and checkpoints come before the step: they describe the model after `step` updates
                 t_pause = time.time()
-                due = before_step(step, start_step, last, cfg.log_interval, cfg.eval_interval, cfg.save_interval,
-                                  deadline)
+                due = before_step(step, start_step, last, cfg.eval_interval, cfg.save_interval, deadline)
                 if guard and (due.evaluate or due.save or due.stop):
                     guard.check()  # nothing is evaluated or saved after a non-finite step
                 if due.evaluate:

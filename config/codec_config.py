@@ -121,7 +121,7 @@ class CodecConfig:
     save_interval: int = field(default=1000, metadata=COUNT)  # also saved after every evaluation and at the end
     # step_*.pt files kept (latest and best always kept); 0: every one
     keep_checkpoints: int = field(default=3, metadata=NON_NEGATIVE)
-    # stop (eval + save) at a log step past this wall time; 0: never
+    # stop (eval + save) at the first step past this wall time; 0: never
     max_minutes: float = field(default=0.0, metadata=NON_NEGATIVE)
     # stop (eval + save) at this step; 0: at max_steps. The schedule still ends at max_steps, so runs
     # of one recipe stopped early compare at equal steps, and a stopped run continues when run again

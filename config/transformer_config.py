@@ -123,7 +123,7 @@ class TransformerConfig:
     save_interval: int = field(default=1000, metadata=COUNT)
     checkpoint_dir: str = field(default="checkpoints/transformer", metadata=PATH)
     keep_checkpoints: int = field(default=3, metadata=NON_NEGATIVE)  # step_*.pt kept (and latest, best); 0: all
-    # > 0: eval, save and stop at a log step past this wall time
+    # > 0: eval, save and stop at the first step past this wall time
     max_minutes: float = field(default=0.0, metadata=NON_NEGATIVE)
     # > 0: eval, save and stop at this step; the schedule still ends at max_steps (run again to continue)
     stop_step: int = field(default=0, metadata=NON_NEGATIVE)

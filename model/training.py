@@ -15,7 +15,7 @@
 - `state_to_load` / `move_aside`: where a run's weights come from (`latest.pt` when resuming or
   evaluating it), and a run with `resume=false` moving the previous run's folder aside.
 - `Deadline` / `last_step` / `before_step`: the loop's schedule, the same in both trainers: when it
-  stops (at `max_steps` or an earlier `stop_step`, at a log step once `max_minutes` have
+  stops (at `max_steps` or an earlier `stop_step`, at the first step after `max_minutes` have
   passed, or after a SIGTERM or Ctrl-C, saving without evaluating), evaluates and saves, and which value
   ranks a checkpoint for `best.pt`; `finished`: a run resumed at its last step says so and ends
   (nothing re-evaluated or re-saved).
@@ -1108,13 +1108,14 @@ class Deadline:
     def __init__(self, max_minutes: float, device: torch.device):
         self.seconds = 60 * max_minutes
         self.device = device
-        self.start = time.time()
+        self.start = time.monotonic()
         self.catching = False
         self.received: Optional[str] = None    # the signal's name, set in this process by the handler
         self.stopped_by: Optional[str] = None  # the signal that stopped the loop, the same on every rank
         self.worker_error: Optional[RuntimeError] = None  # a data-loading worker's death, as torch words it
         self.lost_worker: Optional[str] = None  # that, when it stopped the loop (one process only)
-        self._signals = None  # under torch.distributed: (its CPU process group, the all-reduce in flight, its flag)
+        self._signals = None  # under torch.distributed: (its CPU process group, the all-reduce in flight, its flags)
+        self.timed_out = False  # under torch.distributed: rank 0's clock past max_minutes, as every rank agreed
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -1157,24 +1158,30 @@ class Deadline:
                 except RuntimeError:  # a rank gone: the error that ends this one is already on its way
                     pass
 
-    def _agreed_signal(self) -> int:
-        """Under torch.distributed: the signal (its number, 0 for none) that any rank had received
-        one step ago, the same on every rank. Each step all-reduces this rank's on a CPU process
-        group of its own (gloo), without waiting, and reads the one launched the step before,
-        long done: no collective or host sync on the device's stream, where the finite guard's
-        steps queue behind each other. Torchrun forwards a SIGTERM or Ctrl-C to every worker and
-        kills them 30 s later: asked only on log steps (as the deadline is), a run whose log rows
-        came minutes apart trained on past the signal and was killed unsaved."""
+    def _agreed(self) -> tuple[bool, int]:
+        """Under torch.distributed: whether rank 0 had found the time up one step ago, and the signal
+        (its number, 0 for none) that any rank had received then, the same on every rank. Each step
+        all-reduces this rank's on a CPU process group of its own (gloo), without waiting, and reads
+        the one launched the step before, long done: no collective or host sync on the device's
+        stream, where the finite guard's steps queue behind each other. Torchrun forwards a SIGTERM
+        or Ctrl-C to every worker and kills them 30 s later: asked only on log steps, a run whose log
+        rows came minutes apart trained on past the signal and was killed unsaved; and a deadline
+        asked only on log steps was never asked where `log_interval` reached past the run's last step."""
         if self._signals is None:
             self._signals = (dist.new_group(backend="gloo"), None, None)  # every rank asks at the same first step
-        group, work, flag = self._signals
-        agreed = 0
+        group, work, flags = self._signals
+        timed, agreed = False, 0
         if work is not None:
             work.wait()
-            agreed = int(flag.item())
-        flag = torch.tensor([float(signal.Signals[self.received].value if self.received else 0)])
-        self._signals = (group, dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group, async_op=True), flag)
-        return agreed
+            timed, agreed = bool(flags[0].item()), int(flags[1].item())
+        flags = torch.tensor([float(self._time_up() and dist.get_rank() == 0),
+                              float(signal.Signals[self.received].value if self.received else 0)])
+        self._signals = (group, dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group, async_op=True), flags)
+        return timed, agreed  # (SIGTERM, 15, over SIGINT, 2)
+
+    def _time_up(self) -> bool:
+        """Whether `max_minutes` have passed, by this process's clock."""
+        return self.seconds > 0 and time.monotonic() - self.start > self.seconds
 
     def read(self, batches: Iterable, n: int) -> Optional[list]:
         """The step's `n` micro-batches from `batches`, all read before the step starts; None when a
@@ -1204,14 +1211,15 @@ class Deadline:
     def interrupted(self) -> bool:
         """Whether a SIGTERM or SIGINT (or a data-loading worker's death) stops the loop now: asked
         before every step. In one process a host-side flag, no sync; under torch.distributed what
-        every rank agrees on one step after the signal came (`_agreed_signal`), so all stop at the
-        same step, saved."""
+        every rank agrees on one step after the signal came (`_agreed`), so all stop at the
+        same step, saved; the deadline is agreed on in the same all-reduce, for `passed`."""
         if self.lost_worker:
             return True
         if dist.is_initialized():
-            if not self.catching:
+            if not self.catching and self.seconds <= 0:
                 return False
-            if agreed := self._agreed_signal():
+            self.timed_out, agreed = self._agreed()
+            if agreed:
                 self.stopped_by = signal.Signals(agreed).name
             return agreed != 0
         if self.received is None:
@@ -1220,23 +1228,14 @@ class Deadline:
         return True
 
     def passed(self) -> bool:
-        """Whether the time is up, as rank 0 sees it, or a SIGTERM or SIGINT came (to any rank). Under
-        torch.distributed a collective (every rank stops at the same step, for the same reason)
-        and a host sync: `before_step` asks on log steps only."""
-        timed = self.seconds > 0 and time.time() - self.start > self.seconds
-        if not dist.is_initialized():
-            if self.received is not None:
-                self.stopped_by = self.received
-            return timed or self.received is not None
-        if self.seconds <= 0 and not self.catching:
-            return False
-        received = signal.Signals[self.received].value if self.received else 0
-        flags = torch.tensor([float(timed and dist.get_rank() == 0), float(received)], device=self.device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # (SIGTERM, 15, over SIGINT, 2)
-        timed, signalled = flags.tolist()
-        if signalled:
-            self.stopped_by = signal.Signals(int(signalled)).name
-        return bool(timed or signalled)
+        """Whether the time is up, or a SIGTERM or SIGINT came: asked before every step (a clock
+        read). Under torch.distributed what `interrupted`, asked just before, agreed on: rank 0's
+        clock one step ago, the same on every rank, with no collective of its own."""
+        if dist.is_initialized():
+            return self.timed_out
+        if self.received is not None:
+            self.stopped_by = self.received
+        return self._time_up() or self.received is not None
 
 
 @dataclass(frozen=True)
@@ -1308,15 +1307,16 @@ def finished(state: Optional[dict], cfg, checkpoints: "Checkpoints", export: Cal
     return True
 
 
-def before_step(step: int, start_step: int, end_step: int, log_interval: int, eval_interval: int,
-                save_interval: int, deadline: Deadline) -> Due:
+def before_step(step: int, start_step: int, end_step: int, eval_interval: int, save_interval: int,
+                deadline: Deadline) -> Due:
     """The schedule of both trainers, asked before training step `step` (the model has had `step`
     updates; this run segment started at `start_step`):
 
     - stop at `end_step` (`last_step`: max_steps or an earlier stop_step), or once the deadline
-      has passed; the deadline is asked only on log steps (`step % log_interval == 0`) after the
-      segment's first step, so a segment always trains at least one step and the collective it
-      costs comes once per log, not per step;
+      has passed; the deadline is asked at every step after the segment's first, so a segment
+      always trains at least one step (a clock read; under torch.distributed rank 0's clock of one
+      step before, agreed on with the signals, no collective of its own); asked on log steps
+      only, a run whose `log_interval` reached past its last step never stopped at it;
     - stop at once after a SIGTERM or SIGINT (`Deadline.interrupted`; under torch.distributed one
       step later, every rank at the same step), or a data-loading worker's death (`Deadline.read`),
       without evaluating: a scheduler's grace period is short;
@@ -1325,8 +1325,7 @@ def before_step(step: int, start_step: int, end_step: int, log_interval: int, ev
       it stops there;
     - save every `save_interval` steps, after every evaluation and when stopping, but never the
       state a segment started from."""
-    stop = step >= end_step or deadline.interrupted() or (
-        step > start_step and step % log_interval == 0 and deadline.passed())
+    stop = step >= end_step or deadline.interrupted() or (step > start_step and deadline.passed())
     evaluate = deadline.stopped_by is None and deadline.lost_worker is None and (
         stop or (step % eval_interval == 0 and (step != start_step or step == 0)))
     save = step > start_step and (stop or evaluate or step % save_interval == 0)

@@ -328,6 +328,18 @@ def test_max_minutes_stops_cleanly_and_the_next_segment_resumes(corpus, tmp_path
     assert train_rows(run_dir / "metrics.jsonl")[-1]["step"] > stopped
 
 
+def test_max_minutes_stops_the_run_even_where_log_interval_reaches_past_its_last_step(corpus, tmp_path, capsys):
+    """The deadline was asked on log steps only: with log_interval=6 of 6 steps it was never asked,
+    and a run under a scheduler's time limit trained on past it without a word. Asked at every step,
+    a deadline passed during the setup stops the run after its first step, evaluated and saved."""
+    run_dir = tmp_path / "run"
+    result = run_here(args(corpus, run_dir, "max_steps=6", "log_interval=6", "max_minutes=0.001", *BRIEF_EVAL), capsys)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "max_minutes=0.001 reached at step 1: run the same command to resume" in result.stdout
+    assert torch.load(run_dir / "latest.pt", weights_only=False)["step"] == 1
+    assert [r["step"] for r in rows(run_dir / "metrics.jsonl") if "val/stoi" in r] == [0, 1]
+
+
 def test_stop_step_ends_early_on_the_full_schedule_and_the_next_run_continues(corpus, trained, tmp_path, capsys):
     """stop_step=3 of max_steps=8: the run evaluates and saves at step 3 and stops, its learning
     rates those of the 8-step schedule; run again without it, steps 4-8 repeat the uninterrupted

@@ -275,12 +275,12 @@ def test_a_full_disk_under_metrics_jsonl_is_one_error_naming_it_and_leaves_whole
 CPU = torch.device("cpu")
 
 
-def schedule(deadline, start_step=0, max_steps=12, log_interval=2, eval_interval=4, save_interval=6):
+def schedule(deadline, start_step=0, max_steps=12, eval_interval=4, save_interval=6):
     """before_step over a segment from `start_step`, as the trainers' loops ask it; the steps
     where it stops, evaluates and saves."""
     stops, evals, saves = [], [], []
     for step in range(start_step, max_steps + 1):
-        due = before_step(step, start_step, max_steps, log_interval, eval_interval, save_interval, deadline)
+        due = before_step(step, start_step, max_steps, eval_interval, save_interval, deadline)
         for happened, record in ((due.evaluate, evals), (due.save, saves), (due.stop, stops)):
             if happened:
                 record.append(step)
@@ -301,17 +301,18 @@ def test_a_fresh_and_a_resumed_segment_evaluate_and_save_on_the_same_rule():
     assert schedule(Deadline(60, CPU)) == ([12], [0, 4, 8, 12], [4, 6, 8, 12])
 
 
-def test_the_deadline_is_asked_on_log_steps_only_and_never_at_a_segment_start():
+def test_the_deadline_is_asked_at_every_step_but_never_at_a_segment_start():
+    """A passed deadline stops the run at the step after the segment's start, whatever its
+    log_interval (asked at log steps only, it was never asked where log_interval reached past the
+    last step, and a run under a scheduler's time limit trained on past it)."""
     passed = Deadline(1e-9, CPU)
     time.sleep(0.01)
     assert passed.passed()
-    # stops at the first log step after the segment's start: evaluates and saves there
-    assert schedule(passed) == ([2], [0, 2], [2])
-    assert schedule(passed, log_interval=5) == ([5], [0, 4, 5], [4, 5])
-    assert schedule(passed, start_step=6, log_interval=3) == ([9], [8, 9], [8, 9])
-    # not a log step: the passed deadline is not looked at
-    due = before_step(7, 6, 12, 2, 4, 6, passed)
-    assert not due.stop and not due.evaluate and due.save is False
+    # stops at the step after the segment's start: evaluates and saves there
+    assert schedule(passed) == ([1], [0, 1], [1])
+    assert schedule(passed, start_step=6) == ([7], [7], [7])
+    due = before_step(6, 6, 12, 4, 6, passed)  # (the segment's start itself: at least one step is trained)
+    assert not due.stop and not due.evaluate and not due.save
     assert not Deadline(0, CPU).passed() and not Deadline(60, CPU).passed()
 
 
@@ -328,7 +329,7 @@ def test_a_sigterm_in_the_loop_stops_at_the_next_step_saving_without_evaluating(
         for step in range(0, 12):
             if step == 5:
                 os.kill(os.getpid(), signal.SIGTERM)
-            due = before_step(step, 0, 12, 2, 4, 6, deadline)
+            due = before_step(step, 0, 12, 4, 6, deadline)
             for happened, record in ((due.evaluate, evals), (due.save, saves), (due.stop, stops)):
                 if happened:
                     record.append(step)
@@ -375,7 +376,7 @@ def test_a_data_loading_worker_killed_in_the_loop_stops_it_at_the_step_reached_s
         os.kill(victim.pid, signal.SIGKILL)
         time.sleep(0.5)  # (the SIGCHLD is handled meanwhile: nothing raised here)
         assert deadline.read(batches, 2) is None
-        due = before_step(7, 4, 100, 2, 4, 6, deadline)
+        due = before_step(7, 4, 100, 4, 6, deadline)
         assert due.stop and due.save and not due.evaluate
     lost = f"a data-loading worker (pid {victim.pid}) was killed by signal Killed"
     assert deadline.lost_worker.startswith(lost) and "out-of-memory killer" in deadline.lost_worker
@@ -406,7 +407,7 @@ def test_only_the_evaluation_of_the_step_saved_ranks_it_for_best(tmp_path):
     ck = Checkpoints(tmp_path)
     metrics = {}
     for step in range(0, 13):
-        due = before_step(step, 0, 12, 1, 4, 6, never)
+        due = before_step(step, 0, 12, 4, 6, never)
         if due.evaluate:  # the validation loss falls to step 8, rises at 12
             metrics = {"val/loss": {0: 9.0, 4: 3.0, 8: 1.0, 12: 2.0}[step]}
         if due.save:
@@ -414,9 +415,9 @@ def test_only_the_evaluation_of_the_step_saved_ranks_it_for_best(tmp_path):
     assert ck.best_metric() == 1.0 and ck.load(ck.best)["step"] == 8
     # step 6 was saved between evaluations: it is not ranked with step 4's metric
     assert json.loads((tmp_path / "checkpoints.json").read_text())["best_step"] == 8
-    assert before_step(6, 0, 12, 1, 4, 6, never).best_metric({"val/loss": 0.5}, "val/loss") is None
+    assert before_step(6, 0, 12, 4, 6, never).best_metric({"val/loss": 0.5}, "val/loss") is None
     # a rank that did not evaluate has no metric to give
-    assert before_step(8, 0, 12, 1, 4, 6, never).best_metric({}, "val/loss") is None
+    assert before_step(8, 0, 12, 4, 6, never).best_metric({}, "val/loss") is None
 
 
 def test_best_pt_is_ranked_only_among_metrics_measured_on_the_same_validation(tmp_path):
