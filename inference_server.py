@@ -1515,7 +1515,8 @@ def parse_args(argv=None):
                          "as the original; 0: none)")
     ap.add_argument("--recordings", type=os.path.expanduser,
         help="folder for each session's conversation (stereo WAV: user, model)")
-    ap.add_argument("--max-recording-seconds", type=float, default=3600.0)
+    ap.add_argument("--max-recording-seconds", type=float,
+                    help="cap of each recording, in seconds (default 3600)")
     ap.add_argument("--queue-chunks", type=int, default=4,
                     help="chunks a session may have waiting; beyond it the oldest is dropped (bounded latency)")
     ap.add_argument("--max-message-bytes", type=int, default=1 << 16, help="larger websocket messages close the session (1009)")
@@ -1547,6 +1548,14 @@ def parse_args(argv=None):
         ap.error("--idle-timeout and --reset-rate must be > 0")
     if args.replay_seconds is not None and not 0 <= args.replay_seconds < math.inf:
         ap.error(f"--replay-seconds must be a finite number >= 0, got {args.replay_seconds}")
+    # a flag of a feature not asked for would be ignored without a word: said instead (as the client does)
+    if args.replay_seconds is not None and args.prompt_path is None:
+        ap.error("--replay-seconds is for --prompt-path (how much of the prompt's end is played back); without a "
+                 "prompt it would not be used")
+    if args.max_recording_seconds is not None and args.recordings is None:
+        ap.error("--max-recording-seconds is for --recordings (the cap of each recording); without them it would "
+                 "not be used")
+    args.max_recording_seconds = 3600.0 if args.max_recording_seconds is None else args.max_recording_seconds
     if not 0 < args.max_recording_seconds < math.inf:
         ap.error(f"--max-recording-seconds must be a finite number > 0, got {args.max_recording_seconds}")
     if args.max_message_bytes < MIN_MESSAGE_BYTES:  # every session would be closed at its first chunk

@@ -1238,14 +1238,37 @@ def test_command_line_exposes_the_server_with_a_token_or_insecure_only():
     assert srv.parse_args([]).host == "127.0.0.1"
 
 
+def test_a_flag_of_a_feature_not_asked_for_is_one_error_line_not_ignored(tmp_path):
+    """--replay-seconds without --prompt-path, --max-recording-seconds without --recordings: the
+    server served, the flag unused, without a word. The script itself: one `error:` line, exit
+    status 2, before anything loads (--offline and an empty --ckpt-dir: no weights to load). Their
+    defaults alone, or each beside its feature, are no error."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    for flags, want in ((["--replay-seconds", "3"], "error: --replay-seconds is for --prompt-path (how much of the "
+                         "prompt's end is played back); without a prompt it would not be used"),
+                        (["--max-recording-seconds", "10"], "error: --max-recording-seconds is for --recordings (the "
+                         "cap of each recording); without them it would not be used")):
+        r = subprocess.run([sys.executable, "inference_server.py", "--offline", "--ckpt-dir", str(tmp_path / "empty"),
+                            "--device", "cpu", *flags], cwd=Path(__file__).resolve().parents[1],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and r.stderr == want + "\n" and r.stdout == "", r.stderr
+    assert srv.parse_args([]).replay_seconds is None and srv.parse_args([]).max_recording_seconds == 3600.0
+    both = srv.parse_args(["--prompt-path", "p.wav", "--replay-seconds", "3", "--recordings", "r",
+                           "--max-recording-seconds", "10"])
+    assert both.replay_seconds == 3.0 and both.max_recording_seconds == 10.0
+
+
 @pytest.mark.parametrize("args, message", [
     (["--port", "70000"], "--port must be in 0..65535, got 70000"),
     (["--max-len", "1"], "--max-len must be at least 2 latents, got 1"),
     (["--max-sessions", "0"], "--max-sessions must be auto or an integer >= 1, got '0'"),
     (["--queue-chunks", "0"], "--queue-chunks must be >= 1"),
     (["--idle-timeout", "nan"], "--idle-timeout and --reset-rate must be > 0"),
-    (["--replay-seconds", "nan"], "--replay-seconds must be a finite number >= 0, got nan"),
-    (["--max-recording-seconds", "-1"], "--max-recording-seconds must be a finite number > 0, got -1.0"),
+    (["--prompt-path", "p.wav", "--replay-seconds", "nan"], "--replay-seconds must be a finite number >= 0, got nan"),
+    (["--recordings", "r", "--max-recording-seconds", "-1"],
+     "--max-recording-seconds must be a finite number > 0, got -1.0"),
     (["--max-message-bytes", "0"], "--max-message-bytes must be at least 5358 (one audio chunk as a text frame)"),
     (["--recordings", ""], "--recordings needs a folder"),
     # an address other machines reach, without a token (or an empty one)
