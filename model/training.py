@@ -22,8 +22,8 @@
 - `check_folders` / `check_data_paths` / `check_schedule`: config mistakes both trainers find
   before anything slow (a file where a run folder goes, a missing data folder or bad manifest,
   `min_lr` above `learning_rate`); `schedule_notes`: what is allowed but may not be meant (a
-  warmup as long as the run); `resource_notes`: more loader workers than cores, a preload larger
-  than the memory (`preload_limit_gb`).
+  warmup as long as the run, a stop_step past max_steps); `resource_notes`: more loader workers
+  than cores, a preload larger than the memory (`preload_limit_gb`).
 - `check_resumable` / `check_architecture`: a resumed or init_from config that contradicts the
   checkpoint's is a `ConfigMismatch` naming each field (`config.config_diff`).
 - `Logger`: Weights & Biases (online, offline fallback, disabled) plus a local `metrics.jsonl`.
@@ -592,17 +592,22 @@ def schedule_notes(cfg) -> list[str]:
     `learning_rate=0` (with `min_lr=0`, as it must be) never changes the weights, on purpose in a
     run that only evaluates or re-exports its `init_from`; a warmup as long as the run
     (`warmup_steps >= max_steps`) never reaches the peak rate and never decays, on purpose in a
-    short trial run. Neither is an error."""
+    short trial run; a `stop_step` past `max_steps` is never reached (`last_step`: the run ends at
+    max_steps; it was taken without a word). None is an error."""
+    notes = []
+    if cfg.stop_step > cfg.max_steps:
+        notes.append(f"stop_step={cfg.stop_step} is past max_steps={cfg.max_steps}: the run ends at max_steps; "
+                     "raise max_steps to train longer (the cosine decay is then stretched to it)")
     if cfg.learning_rate == 0:
-        return ["learning_rate=0: the weights are never changed" + (" (the discriminators' are, at "
-                f"disc_learning_rate={cfg.disc_learning_rate:g})" if getattr(cfg, "disc_learning_rate", 0) else "")
-                + "; set learning_rate > 0 unless this is meant"]
+        return notes + ["learning_rate=0: the weights are never changed" + (" (the discriminators' are, at "
+                        f"disc_learning_rate={cfg.disc_learning_rate:g})" if getattr(cfg, "disc_learning_rate", 0)
+                        else "") + "; set learning_rate > 0 unless this is meant"]
     if cfg.warmup_steps < cfg.max_steps:
-        return []
+        return notes
     last = cosine_lr(cfg.max_steps - 1, cfg.learning_rate, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
-    return [f"warmup_steps={cfg.warmup_steps} >= max_steps={cfg.max_steps}: the learning rate rises for the whole "
-            f"run, to {last:g} ({last / cfg.learning_rate:.0%} of learning_rate={cfg.learning_rate:g}) at its last "
-            "step, and never decays; lower warmup_steps unless this is meant"]
+    return notes + [f"warmup_steps={cfg.warmup_steps} >= max_steps={cfg.max_steps}: the learning rate rises for the "
+                    f"whole run, to {last:g} ({last / cfg.learning_rate:.0%} of learning_rate={cfg.learning_rate:g}) "
+                    "at its last step, and never decays; lower warmup_steps unless this is meant"]
 
 
 def processes_here() -> int:

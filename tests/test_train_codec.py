@@ -366,6 +366,19 @@ def test_stop_step_ends_early_on_the_full_schedule_and_the_next_run_continues(co
     assert [r["step"] for r in rows(run_dir / "metrics.jsonl")[done:] if "val/stoi" in r] == [4, 8]
 
 
+def test_a_stop_step_past_max_steps_is_a_note_and_the_run_ends_at_max_steps(corpus, tmp_path, capsys):
+    """stop_step=50 of max_steps=2 was taken without a word (`last_step` is the smaller: it is never
+    reached); a note says so before the data loads, and the run trains its 2 steps."""
+    run_dir = tmp_path / "run"
+    result = run_here(args(corpus, run_dir, "max_steps=2", "stop_step=50", *BRIEF_EVAL), capsys)
+    assert result.returncode == 0, result.stderr[-3000:]
+    note = ("note: stop_step=50 is past max_steps=2: the run ends at max_steps; raise max_steps to train longer (the "
+            "cosine decay is then stretched to it)")
+    assert note in result.stdout.splitlines()
+    assert result.stdout.index(note) < result.stdout.index("training from step 0 to 2:")
+    assert torch.load(run_dir / "latest.pt", weights_only=False)["step"] == 2
+
+
 def test_a_weight_average_is_what_validation_and_the_exports_use_and_it_resumes_exactly(corpus, trained, tmp_path,
                                                                                           capsys):
     """ema_decay: validation scores the moving average (val_raw/ the training weights beside it),

@@ -184,6 +184,18 @@ def test_resume_continues_at_the_same_step_exactly(setup, stop, capsys):
                        "_growth_tracker": 2} if extra else {})  # two clean steps counted across the resume
 
 
+def test_a_stop_step_past_max_steps_is_a_note_and_the_run_ends_at_max_steps(setup, tmp_path, capsys):
+    """stop_step=5 of max_steps=1 was taken without a word (never reached); a note says so before
+    the latents, and the run trains its one step."""
+    run_dir = tmp_path / "run"
+    log, evals = train_here(base_args(setup, run_dir, duplex=False, stage="lm", max_steps=1, stop_step=5, val_crops=1,
+                                      sample_seconds=0), capsys)
+    note = ("note: stop_step=5 is past max_steps=1: the run ends at max_steps; raise max_steps to train longer (the "
+            "cosine decay is then stretched to it)")
+    assert note in log.splitlines() and log.index(note) < log.index("training from step 0 to 1")
+    assert sorted(evals) == [0, 1] and torch.load(run_dir / "latest.pt", weights_only=False)["step"] == 1
+
+
 def test_the_same_command_after_the_run_finished_says_so_and_changes_nothing(setup, tmp_path, capsys):
     """Run again once finished (latest.pt at max_steps): it loaded the codec, checked the latents,
     evaluated step 2 once more (a second row in metrics.jsonl, the sample rewritten) and said
