@@ -55,7 +55,7 @@ from model.latents import LatentCrops, StepSampler, codec_fingerprint, prepare_l
 from model.objectives import STAGE_LOSSES, STAGES, compute_losses, peak_flops, through_cache, train_flops_per_latent
 from model.parallel import (compile_blocks, full_state_dicts, gradient_sync, inner, load_full_state_dicts,
                             parallelize, rank0_first)
-from model.quant import quantize_model
+from model.quant import parameter_count, quantize_model
 from model.training import (Checkpoints, ConfigMismatch, Deadline, Dist, FiniteGuard, Logger, all_reduce_mean,
                             autocast, before_step, check_architecture, check_data_paths, check_finite_step,
                             check_folders, check_outside_data, check_resumable, check_schedule, check_trainer,
@@ -392,7 +392,7 @@ def train_loader(train_set: LatentCrops, cfg: TransformerConfig, ddp: Dist, step
 def describe(model: HertzDev, cfg: TransformerConfig, trained: tuple[str, ...], params: list, source: str,
              base: dict, ddp: Dist) -> str:
     """What the run trains, on which weights and processes (and, for LoRA, its adapters)."""
-    n_params = {name: sum(p.numel() for p in getattr(model, name).parameters()) for name in PARTS}
+    n_params = {name: parameter_count(getattr(model, name)) for name in PARTS}  # (quantized layers' weights too)
     what = "evaluating" if cfg.eval_only else "training"  # (eval_only trains nothing)
     text = (f"stage {cfg.stage}: {what} {' + '.join(trained)} ({sum(n_params[n] for n in trained) / 1e6:.2f}M of "
             f"{sum(n_params.values()) / 1e6:.2f}M parameters), {'duplex' if cfg.duplex else 'mono'}, weights from "

@@ -534,6 +534,17 @@ def bad_scales(state: Mapping[str, Tensor], layers: Mapping[str, str]) -> list[s
     return bad
 
 
+def parameter_count(module: nn.Module) -> int:
+    """The parameters of `module`, each quantized linear layer's counted as the `nn.Linear` it
+    replaces (in_features * out_features, plus its bias): they hold their weights as buffers, so a
+    count of `parameters()` alone left them out (a quantized model's came to its norms alone)."""
+    n = sum(p.numel() for p in module.parameters())
+    for layer in module.modules():
+        if isinstance(layer, (Int8Linear, Int4Linear)):
+            n += layer.in_features * layer.out_features + (layer.bias.numel() if layer.bias is not None else 0)
+    return n
+
+
 def weight_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes of the weights held by each part of a `HertzDev` (`quantizer`, `lm`, `resynth`,
     `codec` where present; parameters and persistent buffers, as stored in memory) and `total`."""

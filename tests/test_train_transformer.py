@@ -196,6 +196,22 @@ def test_a_stop_step_past_max_steps_is_a_note_and_the_run_ends_at_max_steps(setu
     assert sorted(evals) == [0, 1] and torch.load(run_dir / "latest.pt", weights_only=False)["step"] == 1
 
 
+def test_eval_quantize_counts_the_parameters_its_quantized_layers_hold(setup, capsys):
+    """eval_only=true eval_quantize=int8|int4 described "(0.00M of 0.00M parameters)": the count read
+    parameters() only, and a quantized layer holds its weights as buffers. Now the same counts as
+    the float model's evaluation."""
+    run_dir, _, _ = run_stage(setup, "lm", False, capsys)
+    stage_lines = {}
+    for mode in ("none", "int8", "int4"):
+        log, evals = train_here(base_args(setup, run_dir, duplex=False, stage="lm", eval_only=True, eval_quantize=mode,
+                                          val_crops=1), capsys)
+        [line] = [line for line in log.splitlines() if line.startswith("stage lm: evaluating")]
+        stage_lines[mode] = line
+    counts = re.search(r"\((\d+\.\d\dM) of (\d+\.\d\dM) parameters\)", stage_lines["none"])
+    assert counts and float(counts[1][:-1]) > 0, stage_lines
+    assert stage_lines["int8"] == stage_lines["int4"] == stage_lines["none"], stage_lines
+
+
 def test_the_same_command_after_the_run_finished_says_so_and_changes_nothing(setup, tmp_path, capsys):
     """Run again once finished (latest.pt at max_steps): it loaded the codec, checked the latents,
     evaluated step 2 once more (a second row in metrics.jsonl, the sample rewritten) and said
