@@ -67,7 +67,7 @@ from model.training import (Checkpoints, Deadline, Dist, Logger, all_reduce_mean
                             loss_scaler, preload_limit_gb, resource_notes, rng_state, run_script,
                             schedule_notes, seed_everything, set_rng_state, setup_distributed, StepTimer, state_to_load,
                             stop_message, teardown_distributed, unwrap, validation_key, WeightAverage, window_peak_gb,
-                            write_samples)
+                            worker_warning_said, write_samples)
 
 
 def main(argv=None) -> dict:
@@ -89,7 +89,8 @@ def main(argv=None) -> dict:
         torch.backends.cudnn.benchmark = True  # fixed crop length: let cuDNN pick the fastest convs
     run_dir = Path(cfg.checkpoint_dir)
     checkpoints = Checkpoints(run_dir, keep=cfg.keep_checkpoints)
-    with checkpoints.holding(is_main and not cfg.eval_only):  # one run at a time in a folder, till main ends
+    # one run at a time in a folder, till main ends; torch's warning of too many workers quiet after the note's
+    with checkpoints.holding(is_main and not cfg.eval_only), worker_warning_said(cfg):
         latest = state_to_load(checkpoints, cfg.resume, cfg.eval_only, cfg.init_from)  # before the slow work
         state = checkpoints.load(latest, map_location="cpu") if latest else None
         if state is not None:  # a foreign or contradicting state is refused before the data is decoded

@@ -61,7 +61,7 @@ from model.training import (Checkpoints, ConfigMismatch, Deadline, Dist, FiniteG
                             check_folders, check_outside_data, check_resumable, check_schedule, check_trainer,
                             cosine_lr, finished, last_step, load_training_state, loss_scaler, run_script,
                             resource_notes, schedule_notes, setup_distributed, state_to_load, stop_message, teardown_distributed,
-                            validation_key, window_peak_gb, write_samples)
+                            validation_key, window_peak_gb, worker_warning_said, write_samples)
 
 PARTS = ("quantizer", "lm", "resynth")
 # FSDP2 warns about every module output that is a view; none of ours is modified in place.
@@ -97,7 +97,8 @@ def main(argv=None) -> dict:
     # eval_only evaluates init_from if given, else the latest checkpoint. Checked before the codec
     # loads and the latents are encoded, so a contradicting config fails at once.
     base = finetune.base_of(cfg) if lora else {}  # base_source, base_fingerprint of the LoRA base
-    with checkpoints.holding(is_main and not cfg.eval_only):  # one run at a time in a folder, till main ends
+    # one run at a time in a folder, till main ends; torch's warning of too many workers quiet after the note's
+    with checkpoints.holding(is_main and not cfg.eval_only), worker_warning_said(cfg):
         latest = state_to_load(checkpoints, cfg.resume, cfg.eval_only, cfg.init_from, adapters=lora)
         state = read_state(latest, cfg, base) if latest else None
         step, source = (state["step"], f"{latest} (step {state['step']})") if state else (0, "random init")

@@ -23,7 +23,8 @@
   before anything slow (a file where a run folder goes, a missing data folder or bad manifest,
   `min_lr` above `learning_rate`); `schedule_notes`: what is allowed but may not be meant (a
   warmup as long as the run, a stop_step past max_steps); `resource_notes`: more loader workers
-  than cores, a preload larger than the memory (`preload_limit_gb`).
+  than cores (`worker_warning_said` then keeps torch's own warning of it quiet), a preload larger
+  than the memory (`preload_limit_gb`).
 - `check_resumable` / `check_architecture`: a resumed or init_from config that contradicts the
   checkpoint's is a `ConfigMismatch` naming each field (`config.config_diff`).
 - `Logger`: Weights & Biases (online, offline fallback, disabled) plus a local `metrics.jsonl`.
@@ -644,8 +645,8 @@ def resource_notes(cfg) -> list[str]:
     a `preload_max_gb` (the codec's) above `preload_limit_gb`, which is lowered to it."""
     notes, processes = [], processes_here()
     each = f" for each of {processes} processes" if processes > 1 else ""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if cfg.num_workers > max(1, cores // processes):
+    cores = cores_here()
+    if too_many_workers(cfg):
         notes.append(f"num_workers={cfg.num_workers} is more than the {cores} CPU cores here{each}: each worker is a "
                      "process with its own memory, and more of them than cores decode no faster; lower num_workers "
                      "unless the files are slow to read (a network file system)")
@@ -656,6 +657,34 @@ def resource_notes(cfg) -> list[str]:
                      f"available here{each} (the validation and the training corpus are each decoded up to it): a "
                      f"corpus over {limit:.1f} GB is streamed instead")
     return notes
+
+
+def cores_here() -> int:
+    """The CPU cores this process may run on (its affinity, where the system tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def too_many_workers(cfg) -> bool:
+    """Whether `num_workers` is more than the cores here for each trainer process (`resource_notes`)."""
+    return cfg.num_workers > max(1, cores_here() // processes_here())
+
+
+# torch's own warning where a DataLoader's workers outnumber the cores: three lines, at every iterator
+_TORCH_WORKER_WARNING = r"This DataLoader will create \d+ worker processes in total"
+
+
+@contextmanager
+def worker_warning_said(cfg):
+    """Within it (a trainer's `main`, whose `resource_notes` come first), torch's own warning about
+    more DataLoader workers than cores is not shown where the note about `num_workers` says it:
+    torch's three lines came after the note at each new iterator (the training loader's, then every
+    evaluation's). Elsewhere, and after it, torch's warning is as it was."""
+    if not too_many_workers(cfg):
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_TORCH_WORKER_WARNING, category=UserWarning)
+        yield
 
 
 RUN_STATE_ADVICE = "put an earlier step_*.pt in its place, or start afresh (resume=false)"

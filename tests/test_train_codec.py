@@ -185,6 +185,19 @@ def test_two_process_ddp_with_gradient_accumulation(corpus, tmp_path):
     assert "8 crops of 1.0 s per step on 2 x cpu" in result.stdout  # 2 per micro-batch x 2 x 2 ranks
 
 
+def test_more_workers_than_cores_is_one_note_without_torch_s_warning_after_it(corpus, tmp_path):
+    """num_workers above the cores: the trainer's one-line note was followed by torch's own
+    three-line UserWarning of it at every new iterator (the validation's, the training's, each
+    evaluation's). The trainer's process itself: the note once, torch's warning not at all."""
+    workers = len(os.sched_getaffinity(0)) + 1
+    result = run(["train_codec.py"] + args(corpus, tmp_path / "run", "max_steps=1",
+                                           f"num_workers={workers}", *BRIEF_EVAL))
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = (result.stdout + result.stderr).replace("\r", "\n")
+    assert output.count(f"note: num_workers={workers} is more than the") == 1
+    assert "worker processes in total" not in output and "UserWarning" not in output, result.stderr[-3000:]
+
+
 def test_total_loss_falls_on_one_fixed_batch(corpus, tmp_path, capsys):
     """Overfit one 1 s clip (batch of one, always the same crop) for 30 steps. The discriminators
     stay off (disc_start_step past max_steps, which the run notes): the mel + KL total must fall,

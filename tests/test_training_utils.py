@@ -7,6 +7,7 @@ import re
 import signal
 import socket
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -668,6 +669,25 @@ def test_more_workers_than_cores_and_a_preload_larger_than_memory_are_notes(monk
     notes = resource_notes(dataclasses.replace(cfg, num_workers=cores, preload_max_gb=1e6))
     assert "for each of 2 processes" in notes[-1] and len(notes) == (2 if cores > 1 else 1)
     assert resource_notes(dataclasses.replace(TRANSFORMER_PRESETS["tiny"], num_workers=0)) == []
+
+
+def test_torch_s_warning_of_too_many_workers_is_quiet_only_where_the_note_says_it():
+    """`worker_warning_said`: torch's own DataLoader warning of more workers than cores is left out
+    where `resource_notes` says it (the trainers' `main`), and shown as before elsewhere and after."""
+    from model.training import worker_warning_said
+    cores = len(os.sched_getaffinity(0))
+    loader = torch.utils.data.DataLoader(list(range(4)), num_workers=cores + 1)
+
+    def warned():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", append=True)  # (after the filter under test)
+            loader.check_worker_number_rationality()  # what torch calls as it makes each iterator
+        return [str(w.message) for w in caught]
+    with worker_warning_said(dataclasses.replace(PRESETS["tiny"], num_workers=cores + 1)):
+        assert warned() == []
+    assert warned()[0].startswith(f"This DataLoader will create {cores + 1} worker processes in total")
+    with worker_warning_said(dataclasses.replace(PRESETS["tiny"], num_workers=cores)):  # no note, nothing hidden
+        assert len(warned()) == 1
 
 
 def test_a_learning_rate_of_zero_is_a_note():
