@@ -1597,14 +1597,15 @@ def check_args(args):
     return params
 
 
-def load_prompt_file(path: str, max_frames: int):
+def load_prompt_file(path: str, max_frames: int, limit: str):
     """The --prompt-path file as (2, N) float32, its last `max_frames` chunks at most (only those
-    are read), or SystemExit("error: ...") for a file unreadable as audio or shorter than a chunk."""
+    are read; a longer file is one warning naming `limit`, what sets them), or SystemExit("error:
+    ...") for a file unreadable as audio or shorter than a chunk."""
     from model.audio import AudioError, load_prompt
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            prompt = load_prompt(path, 2, SAMPLE_RATE, CHUNK, max_frames=max_frames)
+            prompt = load_prompt(path, 2, SAMPLE_RATE, CHUNK, max_frames=max_frames, limit=limit)
     except (AudioError, ValueError) as e:
         raise SystemExit(f"error: {printable(e, newlines=True)}") from None
     for w in caught:  # longer than the context: its end is kept
@@ -1646,7 +1647,9 @@ def load_engine(args):
     if args.max_len is not None and args.max_len > cfg.seq_len:  # before the weights (and caches) load
         raise SystemExit(f"error: --max-len {args.max_len} is beyond the model's context of {cfg.seq_len} latents")
     # the prompt is prefilled with room for one more latent: its last context - 1 chunks at most
-    prompt = None if args.prompt_path is None else load_prompt_file(args.prompt_path, (args.max_len or cfg.seq_len) - 1)
+    limit = "what " + (f"--max-len {args.max_len}" if args.max_len else "the model's context") + " leaves a prompt"
+    prompt = None if args.prompt_path is None else load_prompt_file(args.prompt_path, (args.max_len or cfg.seq_len) - 1,
+                                                                    limit)
     t0 = time.monotonic()
     try:  # the arguments are checked: a ValueError is about the weights (a layer --quantize cannot make), as complete.py
         model = load_hertz_dev(source, device=device, dtype=dtype, ckpt_dir=args.ckpt_dir,

@@ -850,14 +850,15 @@ def _write_reason(e: Exception, folder: str, nbytes: int) -> str:
 
 
 def load_prompt(path: str, channels: int, sample_rate: int = 16000, hop: int = 2000,
-                max_frames: Optional[int] = None) -> np.ndarray:
+                max_frames: Optional[int] = None, limit: str = "the model's context") -> np.ndarray:
     """A prompt file for a model of `channels` (1 or 2) channels, as (channels, hop * T) float32.
 
     Any format `load_audio` reads, resampled to `sample_rate`. One channel: the file's channels
     are averaged. Two channels (speaker 0, speaker 1): a one-channel file is put on both, as the
     original does, and a file with more keeps its first two. The end is cut to whole frames of
     `hop` samples; a prompt longer than `max_frames` frames keeps its last `max_frames` frames,
-    with a warning, and only those are read from the file (its length comes from the header).
+    with a warning naming what sets them (`limit`), and only those are read from the file (its
+    length comes from the header).
     Raises AudioError for unreadable files (non-finite or huge samples in the part kept included)
     and ValueError for a prompt shorter than one frame.
     """
@@ -872,8 +873,8 @@ def load_prompt(path: str, channels: int, sample_rate: int = 16000, hop: int = 2
                          f"({hop / sample_rate:.3f} s, one latent)")
     if max_frames is not None and frames > max_frames:
         context = max_frames * hop / sample_rate
-        warnings.warn(f"{printable(path)} is {frames * hop / sample_rate:.1f} s long, more than the model's context of "
-                      f"{context:.1f} s: keeping its last {context:.1f} s", stacklevel=2)
+        warnings.warn(f"{printable(path)} is {frames * hop / sample_rate:.1f} s long, more than {limit} "
+                      f"({context:.1f} s): keeping its last {context:.1f} s", stacklevel=2)
         frames = max_frames
     # Only the span kept is decoded (an hour-long prompt is not read whole for its last minutes).
     audio = load_audio(path, sample_rate, channels="mono" if channels == 1 else None,

@@ -1858,7 +1858,9 @@ def test_cli_refuses_a_non_finite_prompt_and_reads_only_the_context_of_a_long_on
     sf.write(long, audio, 16000, subtype="FLOAT")
     r = run_cli_until_it_serves(tmp_path, "--checkpoint", str(save_tiny(model, tmp_path / "ckpt")), "--device",
                                 "cpu", "--max-len", "33", "--prompt-path", str(long))
-    assert "keeping its last 4.0 s" in r.stderr and f"prompt {long}: 4.0 s" in r.stderr, r.stderr[-2000:]
+    # what sets the 4.0 s is named: --max-len (32 chunks; "the model's context of 4.0 s" was said, of a 64-latent one)
+    assert f"{long} is 20.0 s long, more than what --max-len 33 leaves a prompt (4.0 s): keeping its last 4.0 s" \
+        in r.stderr and f"prompt {long}: 4.0 s" in r.stderr, r.stderr[-2000:]
     assert "browser client: http://127.0.0.1:" in r.stderr and "error" not in r.stderr, r.stderr[-2000:]
 
 
