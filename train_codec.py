@@ -82,7 +82,7 @@ def main(argv=None) -> dict:
     ddp = setup_distributed(cfg.device)
     device, is_main = ddp.device, ddp.is_main
     say = tqdm.write if is_main else (lambda *a, **k: None)
-    deadline = Deadline(cfg.max_minutes, device)
+    deadline = Deadline(cfg.max_minutes)
     seed_everything(cfg.seed + ddp.rank)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

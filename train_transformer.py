@@ -88,7 +88,7 @@ def main(argv=None) -> dict:
     say = tqdm.write if is_main else (lambda *a, **k: None)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    deadline = Deadline(cfg.max_minutes, device)
+    deadline = Deadline(cfg.max_minutes)
     run_dir = Path(cfg.checkpoint_dir)
     checkpoints = Checkpoints(run_dir, keep=cfg.keep_checkpoints,
                               export_suffix=finetune.ADAPTER_SUFFIX if lora else ".safetensors")

@@ -1139,9 +1139,8 @@ class Deadline:
     worker that dies (the out-of-memory killer's) stops the loop the same way, found as the step's
     batches are read (`read`), and its script ends with one error line (`exit`)."""
 
-    def __init__(self, max_minutes: float, device: torch.device):
+    def __init__(self, max_minutes: float):
         self.seconds = 60 * max_minutes
-        self.device = device
         self.start = time.monotonic()
         self.catching = False
         self.received: Optional[str] = None    # the signal's name, set in this process by the handler

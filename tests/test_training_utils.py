@@ -273,8 +273,6 @@ def test_a_full_disk_under_metrics_jsonl_is_one_error_naming_it_and_leaves_whole
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=True)
 
-CPU = torch.device("cpu")
-
 
 def schedule(deadline, start_step=0, max_steps=12, eval_interval=4, save_interval=6):
     """before_step over a segment from `start_step`, as the trainers' loops ask it; the steps
@@ -291,7 +289,7 @@ def schedule(deadline, start_step=0, max_steps=12, eval_interval=4, save_interva
 
 
 def test_a_fresh_and_a_resumed_segment_evaluate_and_save_on_the_same_rule():
-    never = Deadline(0, CPU)
+    never = Deadline(0)
     assert schedule(never) == ([12], [0, 4, 8, 12], [4, 6, 8, 12])
     # resumed from step 6: its start was saved (and evaluated if due) by the segment before
     assert schedule(never, start_step=6) == ([12], [8, 12], [8, 12])
@@ -299,14 +297,14 @@ def test_a_fresh_and_a_resumed_segment_evaluate_and_save_on_the_same_rule():
     # a finished run run again evaluates its weights once and writes nothing
     assert schedule(never, start_step=12) == ([12], [12], [])
     # an hour is never reached in this test
-    assert schedule(Deadline(60, CPU)) == ([12], [0, 4, 8, 12], [4, 6, 8, 12])
+    assert schedule(Deadline(60)) == ([12], [0, 4, 8, 12], [4, 6, 8, 12])
 
 
 def test_the_deadline_is_asked_at_every_step_but_never_at_a_segment_start():
     """A passed deadline stops the run at the step after the segment's start, whatever its
     log_interval (asked at log steps only, it was never asked where log_interval reached past the
     last step, and a run under a scheduler's time limit trained on past it)."""
-    passed = Deadline(1e-9, CPU)
+    passed = Deadline(1e-9)
     time.sleep(0.01)
     assert passed.passed()
     # stops at the step after the segment's start: evaluates and saves there
@@ -314,17 +312,17 @@ def test_the_deadline_is_asked_at_every_step_but_never_at_a_segment_start():
     assert schedule(passed, start_step=6) == ([7], [7], [7])
     due = before_step(6, 6, 12, 4, 6, passed)  # (the segment's start itself: at least one step is trained)
     assert not due.stop and not due.evaluate and not due.save
-    assert not Deadline(0, CPU).passed() and not Deadline(60, CPU).passed()
+    assert not Deadline(0).passed() and not Deadline(60).passed()
 
 
 def test_a_sigterm_in_the_loop_stops_at_the_next_step_saving_without_evaluating():
     """A real SIGTERM to this process inside `catching_signals`: the process lives on, the next
     step (not a log step) stops and saves without evaluating; the handler is put back after."""
     before = signal.getsignal(signal.SIGTERM)
-    quiet = Deadline(0, CPU)
+    quiet = Deadline(0)
     with quiet.catching_signals():
         assert schedule(quiet, max_steps=3) == ([3], [0, 3], [3])  # nothing received: the usual schedule
-    deadline = Deadline(0, CPU)
+    deadline = Deadline(0)
     with deadline.catching_signals():
         stops, evals, saves = [], [], []
         for step in range(0, 12):
@@ -340,13 +338,13 @@ def test_a_sigterm_in_the_loop_stops_at_the_next_step_saving_without_evaluating(
     assert signal.getsignal(signal.SIGTERM) is before
     assert "SIGTERM received: stopped at step 5, which latest.pt holds" in stop_message(5, 12, 0, 0, "SIGTERM")
     # received before a resumed segment's first step: it stops there, with nothing to save
-    deadline = Deadline(0, CPU)
+    deadline = Deadline(0)
     with deadline.catching_signals():
         os.kill(os.getpid(), signal.SIGTERM)
         assert schedule(deadline, start_step=6) == ([6], [], [])
     # Ctrl-C (SIGINT) the same: it was a KeyboardInterrupt traceback mid-step, losing every step since the last
     # save; a second one is a KeyboardInterrupt again (run_script's one line)
-    deadline = Deadline(0, CPU)
+    deadline = Deadline(0)
     with deadline.catching_signals():
         os.kill(os.getpid(), signal.SIGINT)
         assert schedule(deadline, max_steps=12) == ([0], [], []) and deadline.stopped_by == "SIGINT"
@@ -368,7 +366,7 @@ def test_a_data_loading_worker_killed_in_the_loop_stops_it_at_the_step_reached_s
     from model.data import make_loader, stop_workers
     loader = make_loader(torch.utils.data.TensorDataset(torch.arange(400.0)), batch_size=2, shuffle=False,
                          num_workers=2, distributed=False)
-    deadline = Deadline(0, CPU)
+    deadline = Deadline(0)
     with deadline.catching_signals():
         before = set(multiprocessing.active_children())
         batches = iter(loader)
@@ -404,7 +402,7 @@ def test_ctrl_c_outside_the_loop_is_one_line_and_exit_status_130(tmp_path):
 
 
 def test_only_the_evaluation_of_the_step_saved_ranks_it_for_best(tmp_path):
-    never = Deadline(0, CPU)
+    never = Deadline(0)
     ck = Checkpoints(tmp_path)
     metrics = {}
     for step in range(0, 13):
