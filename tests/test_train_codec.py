@@ -185,6 +185,19 @@ def test_two_process_ddp_with_gradient_accumulation(corpus, tmp_path):
     assert "8 crops of 1.0 s per step on 2 x cpu" in result.stdout  # 2 per micro-batch x 2 x 2 ranks
 
 
+def test_max_minutes_under_torchrun_stops_every_rank_at_the_same_step_saved(corpus, tmp_path):
+    """Under torchrun the deadline is rank 0's clock, agreed on in the signals' per-step CPU
+    all-reduce (one step later): both ranks stop at step 1, and the run is saved there."""
+    result = run(["--nproc_per_node", "2", "train_codec.py"] +
+                 args(corpus, tmp_path / "run", "device=cpu", "max_steps=1000", "max_minutes=1e-9",
+                      "log_interval=1000", "batch_size=2", *BRIEF_EVAL),
+                 module="torch.distributed.run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "reached at step 1: run the same command to resume" in result.stdout, result.stdout[-2000:]
+    state = torch.load(tmp_path / "run" / "latest.pt", weights_only=False)
+    assert state["step"] == 1 and state["world_size"] == 2
+
+
 def test_more_workers_than_cores_is_one_note_without_torch_s_warning_after_it(corpus, tmp_path):
     """num_workers above the cores: the trainer's one-line note was followed by torch's own
     three-line UserWarning of it at every new iterator (the validation's, the training's, each
