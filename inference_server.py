@@ -61,6 +61,7 @@ try:  # the server's own packages (requirements.txt: optional for training): one
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from uvicorn.protocols.http.h11_impl import H11Protocol
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+    from websockets.protocol import State as WebSocketState
 except ImportError as e:
     raise SystemExit(f"error: the live server needs fastapi, uvicorn and websockets ({e}): pip install "
                      "'fastapi>=0.110' 'uvicorn>=0.52.1,<0.56' 'websockets>=13.0'") from None
@@ -69,8 +70,8 @@ from config import ArgumentParser, printable
 from config.transformer_config import KV_DTYPE_NAMES, QUANTIZE_MODES
 from model.files import unique_keys_object
 from model.protocol import (CHUNK, CHUNK_BYTES, CLOSE_BAD_DATA, CLOSE_IDLE, CLOSE_INTERNAL, CLOSE_POLICY,
-                            CLOSE_RESTART, CLOSE_TRY_AGAIN, PARAM_NAMES, SAMPLE_RATE, SEED_MAX, SHUTDOWN_REASON,
-                            TEXT_PREFIX, check_param, check_params, float_to_pcm, page_constants, pcm_to_float,
+                            CLOSE_RESTART, CLOSE_TRY_AGAIN, PARAM_NAMES, PING_BURST, PING_RATE, SAMPLE_RATE, SEED_MAX,
+                            SHUTDOWN_REASON, TEXT_PREFIX, check_param, check_params, float_to_pcm, page_constants, pcm_to_float,
                             percentiles, query_params, query_seed, query_window, redact_tokens, wait_up)
 
 log = logging.getLogger("hertz.server")
@@ -87,6 +88,7 @@ HTTP_BODY_TIMEOUT = 4.0   # seconds for it to arrive (under uvicorn's 5 s gracef
 MAX_WRITE_BACKLOG = 1 << 20  # bytes waiting for a client; beyond it the connection is dropped (WebSocketProtocol)
 WRITE_STALL_TIMEOUT = 10.0   # seconds a client may leave its replies unread (write buffer full); then dropped
 HEADER_TIMEOUT = 10.0     # seconds for a request's line and headers to arrive (HttpProtocol); then closed
+PARSE_SLICE = 1 << 14     # bytes of a read the websocket parser takes at a time (WebSocketProtocol.data_received)
 MIN_MESSAGE_BYTES = len(TEXT_PREFIX) + 4 * math.ceil(CHUNK_BYTES / 3)  # a chunk as a text frame: 5358 bytes
 
 
@@ -1382,9 +1384,26 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
     that reads nothing while it goes on sending audio: its session kept its slot (its replies
     dropped) until uvicorn's keepalive gave up on it, 40 s; now, once its write buffer has stayed
     full for WRITE_STALL_TIMEOUT seconds, the connection is dropped (no close frame could reach
-    it) and the session ends as if the client had vanished."""
+    it) and the session ends as if the client had vanished. A client that pings faster than
+    PING_RATE a second after a burst of PING_BURST (a token bucket per connection) is closed with
+    CLOSE_POLICY: each ping was answered in the read that brought it, so one pinging flat out
+    (43,000 pings in a 256 KiB read, none of which reaches the app, so reading never paused) held
+    the event loop, and every other session with it. A read is parsed PARSE_SLICE bytes at a time,
+    so what follows such a close is never parsed (a whole read of pings took 0.3 s)."""
 
     stall_timer: Optional[asyncio.TimerHandle] = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pings = Bucket(PING_RATE, PING_BURST)
+
+    def data_received(self, data: bytes) -> None:
+        if len(data) <= PARSE_SLICE:
+            return super().data_received(data)
+        for i in range(0, len(data), PARSE_SLICE):
+            if self.transport.is_closing():  # failed (too many pings, not UTF-8): the rest is not read
+                return
+            super().data_received(data[i:i + PARSE_SLICE])
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -1411,6 +1430,16 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         self.transport.abort()
 
     def handle_ping(self) -> None:
+        if self.transport.is_closing():  # closed for its pings: the others of this slice are not answered
+            return
+        if self.pings.take() > 0:
+            log.warning("%s: closed a connection that sends more than %g pings a second",
+                        "%s:%d" % tuple(self.client[:2]) if self.client else "a client", PING_RATE)
+            if self.conn.state is not WebSocketState.OPEN:  # before the handshake's answer: no close frame yet
+                return self.transport.close()
+            self.conn.fail(CLOSE_POLICY, f"too many pings (at most {PING_RATE:g} a second)")
+            self.handle_parser_exception()  # the app sees the disconnect; the transport closes
+            return
         super().handle_ping()
         if self.transport.get_write_buffer_size() > MAX_WRITE_BACKLOG:
             log.warning("%s: dropped a connection that sends pings and does not read the pongs",

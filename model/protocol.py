@@ -20,13 +20,20 @@ TEXT_PREFIX = "data:audio/raw;base64,"  # the original server's audio text frame
 
 # Websocket close codes of the live server (RFC 6455 and the IANA registry; 4000-4999 are ours).
 CLOSE_BAD_DATA = 1007     # a text message that is not UTF-8
-CLOSE_POLICY = 1008       # no valid token, too many bad messages, or a client that does not read its replies
+CLOSE_POLICY = 1008       # no valid token, too many bad messages or pings, or a client that does not read its replies
 CLOSE_TOO_BIG = 1009      # a message over the server's --max-message-bytes (from the websocket layer)
 CLOSE_INTERNAL = 1011     # the engine failed for this session
 CLOSE_RESTART = 1012      # the server is shutting down (or restarting), with SHUTDOWN_REASON
 CLOSE_TRY_AGAIN = 1013    # every slot is taken: try again later
 CLOSE_IDLE = 4408         # no audio for the server's --idle-timeout seconds (as HTTP 408)
 SHUTDOWN_REASON = "the server is shutting down"
+
+# Websocket pings a connection may send: PING_BURST at once, then PING_RATE a second (a token bucket);
+# one more closes it with CLOSE_POLICY. The websocket layer answers each ping at once, out of the app's
+# sight, so a client pinging flat out (43,000 pings in one read) held the event loop and every session.
+# Keepalives ping every few seconds at most (websockets' clients: every 20 s).
+PING_RATE = 5.0
+PING_BURST = 10
 
 # Seconds a client waits for the server before it gives up on it: the handshake, and the reply to its
 # oldest unanswered chunk (inference_client.py's --reply-timeout default, the browser page's).

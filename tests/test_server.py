@@ -21,7 +21,7 @@ from live_server import (as_pcm, connect, pcm_chunks, reference_replies, running
                          tiny_duplex, where)
 from model import SamplingParams
 from model.protocol import (CLOSE_BAD_DATA, CLOSE_IDLE, CLOSE_POLICY, CLOSE_RESTART, CLOSE_TOO_BIG, CLOSE_TRY_AGAIN,
-                            TEXT_PREFIX, float_to_pcm)
+                            PING_BURST, PING_RATE, TEXT_PREFIX, float_to_pcm)
 
 CHUNKS = pcm_chunks(speech_like(10.0))  # 80 chunks: 10 s
 B64 = TEXT_PREFIX
@@ -814,10 +814,12 @@ def test_replies_dropped_for_a_slow_reader_are_announced_in_their_place(model):
     assert [i for i in answers if not np.array_equal(answers[i], want[i])] == [], "replies under other chunks"
 
 
-def test_a_ping_flood_that_reads_no_pongs_is_cut_off(server):
+def test_a_ping_flood_that_reads_no_pongs_is_cut_off(server, monkeypatch):
     """A client that sends pings and never reads: the server answered each with a pong at once,
     so its write buffer for that client grew without bound (40 MB in 5 s, all of it memory); now
-    the connection is dropped once over MAX_WRITE_BACKLOG, and the server goes on serving."""
+    the connection is dropped once over MAX_WRITE_BACKLOG, and the server goes on serving. (The
+    ping limit would close it first: lifted here, as for a client within it that never reads.)"""
+    monkeypatch.setattr(srv, "PING_BURST", 10 ** 9)
     sock = raw_websocket(server.port)
     pings = client_frame(0x9, b"p" * 125) * 2000  # 262 KB
     sent, t0 = 0, time.perf_counter()
@@ -833,6 +835,71 @@ def test_a_ping_flood_that_reads_no_pongs_is_cut_off(server):
         async with connect(server.ws + "/audio") as ws:
             return await stream(ws, CHUNKS[:1])
     assert len(asyncio.run(asyncio.wait_for(next_client(), 30))[0]) == 4000
+    wait_idle(server)
+
+
+def test_a_client_pinging_flat_out_is_closed_with_1008_and_other_sessions_go_on(server, model):
+    """A client that sends websocket pings as fast as TCP takes them and reads every pong: the
+    websocket layer answered each ping at once, in the read that brought it, and none reached the
+    app, so reading never paused (43,000 pings a read): the event loop served that client alone
+    and a session beside it got 2 replies in 4 s. Past PING_BURST pings at once and PING_RATE a
+    second the connection is closed with 1008 and a reason, having answered the pings of at most
+    one slice of a read (PARSE_SLICE bytes), and the session beside it gets every reply, its own. (Pings sent in
+    one write, then read: a flood that goes on sending may find the connection reset, its close
+    frame lost to the pings the server left unread.)"""
+    import struct
+    flooding = asyncio.Event()
+    ping = client_frame(0x9, b"")
+
+    async def pinger(flat_out: bool):
+        """(pongs, close code, reason), or (pongs, "cut") for a connection that ended without them."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(f"GET /audio HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nUpgrade: websocket\r\n"
+                     "Connection: Upgrade\r\nSec-WebSocket-Key: MDEyMzQ1Njc4OWFiY2RlZg==\r\n"
+                     "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+
+        async def pings():
+            with contextlib.suppress(ConnectionError):
+                while True:
+                    writer.write(ping * 256)
+                    await writer.drain()
+                    flooding.set()
+                    if not flat_out:
+                        return
+                    await asyncio.sleep(0)  # (a drain on loopback seldom waits: the reader runs too)
+        pinging = asyncio.create_task(pings())
+        pongs = 0
+        try:
+            while True:  # the server's frames, all short: pongs, then its close frame
+                opcode, n = await reader.readexactly(2)
+                payload = await reader.readexactly(n)
+                if opcode == 0x8A:
+                    pongs += 1
+                elif opcode == 0x88:
+                    return pongs, struct.unpack("!H", payload[:2])[0], payload[2:].decode()
+        except (ConnectionError, asyncio.IncompleteReadError):  # reset, or the pings' write found it closed
+            return pongs, "cut"
+        finally:
+            pinging.cancel()
+            writer.close()
+
+    async def talk():
+        async with connect(server.ws + "/audio?seed=21") as ws:
+            at = await where(ws, server)
+            await flooding.wait()
+            return at, await stream(ws, CHUNKS[:16])
+
+    async def run():
+        burst = await asyncio.wait_for(pinger(flat_out=False), 10)
+        flooding.clear()
+        return burst, *await asyncio.gather(asyncio.wait_for(pinger(flat_out=True), 10), talk())
+    burst, flood, (at, replies) = asyncio.run(asyncio.wait_for(run(), 30))
+    assert burst[1:] == (CLOSE_POLICY, f"too many pings (at most {PING_RATE:g} a second)"), burst
+    assert flood[1:] in ((CLOSE_POLICY, burst[2]), ("cut",)), flood
+    # (the websocket parser answers a ping as it reads it: the pings of the slice holding the one too many)
+    assert flood[0] <= 2 * PING_BURST + srv.PARSE_SLICE // len(ping), f"{flood[0]} pings answered"
+    assert_close(as_pcm(replies), reference_replies(model, CHUNKS[:16], 21, where=at))
     wait_idle(server)
 
 
