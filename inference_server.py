@@ -15,8 +15,9 @@ unchanged); other text frames are JSON control messages (`set_params`, `reset`, 
 
 The weights load once into a `LiveEngine`; a single GPU worker thread owns it and steps every
 session whose chunk is ready in one batched forward (the others stay frozen), so the event loop
-never waits on the GPU. Bounded per-session queues drop the oldest input when a client sends
-faster than real time or compute falls behind, and count it. GET / serves the browser client,
+never waits on the GPU. A session's audio is read at most a quarter faster than real time after
+a burst (`model.protocol.AUDIO_PACE`): a client sending faster waits on TCP. Bounded per-session
+queues drop the oldest input when compute falls behind, and count it. GET / serves the browser client,
 GET /health reports load and latency (counts, no session ids), POST /set_temperature (a JSON
 body) is the original's endpoint. Foreign Origin and Host headers are refused (`Access`),
 expensive control messages are rate-limited and silent sessions closed (`Limits`), tokens are
@@ -69,10 +70,11 @@ except ImportError as e:
 from config import ArgumentParser, printable
 from config.transformer_config import KV_DTYPE_NAMES, QUANTIZE_MODES
 from model.files import unique_keys_object
-from model.protocol import (CHUNK, CHUNK_BYTES, CLOSE_BAD_DATA, CLOSE_IDLE, CLOSE_INTERNAL, CLOSE_POLICY,
-                            CLOSE_RESTART, CLOSE_TRY_AGAIN, PARAM_NAMES, PING_BURST, PING_RATE, SAMPLE_RATE, SEED_MAX,
-                            SHUTDOWN_REASON, TEXT_PREFIX, check_param, check_params, float_to_pcm, page_constants, pcm_to_float,
-                            percentiles, query_params, query_seed, query_window, redact_tokens, wait_up)
+from model.protocol import (AUDIO_BURST, AUDIO_PACE, CHUNK, CHUNK_BYTES, CLOSE_BAD_DATA, CLOSE_IDLE, CLOSE_INTERNAL,
+                            CLOSE_POLICY, CLOSE_RESTART, CLOSE_TRY_AGAIN, PARAM_NAMES, PING_BURST, PING_RATE, SAMPLE_RATE,
+                            SEED_MAX, SHUTDOWN_REASON, TEXT_PREFIX, check_param, check_params, float_to_pcm,
+                            page_constants, pcm_to_float, percentiles, query_params, query_seed, query_window,
+                            redact_tokens, wait_up)
 
 log = logging.getLogger("hertz.server")
 
@@ -517,6 +519,7 @@ class Session:
         lim = server.limits  # this session's token buckets (`Limits`)
         self.limits = {"control": Bucket(lim.control_rate, lim.control_burst),
                        "reset": Bucket(lim.reset_rate, lim.reset_burst)}
+        self.pace = Bucket(lim.audio_pace * SAMPLE_RATE / CHUNK, lim.audio_burst)  # the chunks `read` takes
         self.retry_at: dict[str, float] = {}  # limit -> when its last rate_limited answer said to try again
 
     def info(self) -> dict:
@@ -616,7 +619,10 @@ class Session:
         """Read the client's messages as they come, into `inbox`; returns when the client leaves.
         Apart from `handle`: the websocket layer reads nothing more while a message waits for the
         app, so a client's close frame behind a message would go unseen (and its row held) while
-        `handle` waits on the engine (the session's start, a reset's prefill)."""
+        `handle` waits on the engine (the session's start, a reset's prefill). Audio is read at most
+        at the session's pace (`Limits.audio_pace`, after `audio_burst` chunks at once): a chunk
+        beyond it waits here, and reading with it, so the client's further audio waits in TCP's
+        buffers and its sends slow down (it costs the server nothing meanwhile)."""
         while True:
             message = await self.ws.receive()
             if message["type"] == "websocket.disconnect":
@@ -626,6 +632,8 @@ class Session:
             data, text = message.get("bytes"), message.get("text")
             if (data is not None and len(data) == CHUNK_BYTES) or (text is not None and text.startswith(TEXT_PREFIX)):
                 self.last_audio = time.monotonic()
+                while (wait := self.pace.take()) > 0:
+                    await asyncio.sleep(wait)
             await self.inbox.put((time.perf_counter(), message))
 
     async def handle(self) -> None:
@@ -782,7 +790,9 @@ class Limits:
     with a `rate_limited` error and its `retry_after`, which counts as a bad message (MAX_BAD_MESSAGES
     of them close the session) when it comes before the previous one's `retry_after` ran out. Over
     all clients, new sessions (each starts with the same prefill; refused with CLOSE_TRY_AGAIN). A
-    session without audio for `idle_timeout` seconds is closed (CLOSE_IDLE)."""
+    session without audio for `idle_timeout` seconds is closed (CLOSE_IDLE). A session's audio is
+    read at most `audio_pace` times real time after `audio_burst` chunks at once (`Session.read`:
+    beyond it reading waits, and TCP slows the client)."""
     reset_rate: float = 0.2
     reset_burst: float = 2
     control_rate: float = 50.0
@@ -790,6 +800,8 @@ class Limits:
     start_rate: float = 1.0
     start_burst: float = 8
     idle_timeout: float = 30.0
+    audio_pace: float = AUDIO_PACE
+    audio_burst: float = AUDIO_BURST
 
 
 class Server:
@@ -1389,7 +1401,10 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
     CLOSE_POLICY: each ping was answered in the read that brought it, so one pinging flat out
     (43,000 pings in a 256 KiB read, none of which reaches the app, so reading never paused) held
     the event loop, and every other session with it. A read is parsed PARSE_SLICE bytes at a time,
-    so what follows such a close is never parsed (a whole read of pings took 0.3 s)."""
+    so what follows such a close is never parsed (a whole read of pings took 0.3 s). uvicorn's
+    keepalive (a ping every 20 s, closing with 1011 when its pong is not back within 20 s) waits
+    while the app is not reading: a session whose audio is paced (`Session.read`) leaves the
+    client's pong behind the audio it has not read yet."""
 
     stall_timer: Optional[asyncio.TimerHandle] = None
 
@@ -1428,6 +1443,12 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         log.warning("%s: dropped a connection that has read none of its replies for %g s",
                     "%s:%d" % tuple(self.client[:2]) if self.client else "a client", WRITE_STALL_TIMEOUT)
         self.transport.abort()
+
+    def keepalive_timeout(self) -> None:
+        if self.read_paused:  # the app is not reading (a session's audio paced): the pong may wait unread
+            self.pong_timer = self.loop.call_later(self.ping_timeout, self.keepalive_timeout)
+            return
+        super().keepalive_timeout()
 
     def handle_ping(self) -> None:
         if self.transport.is_closing():  # closed for its pings: the others of this slice are not answered

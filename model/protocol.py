@@ -35,6 +35,16 @@ SHUTDOWN_REASON = "the server is shutting down"
 PING_RATE = 5.0
 PING_BURST = 10
 
+# Audio faster than real time: the server reads a session's chunks at most AUDIO_PACE times real time (10 a
+# second), after AUDIO_BURST at once (a token bucket: a client catching up after the network held its audio
+# back, 2 s of it, passes at once); beyond it the server stops reading that session until it is within them
+# again, so TCP slows the sender at no cost to the server. A client sending flat out had every chunk parsed,
+# queued and dropped, taking the event loop's time from every other session; one faster than real time on
+# purpose (inference_client.py --no-realtime) is slowed to this pace. The quarter beyond real time lets a
+# sound card whose clock runs fast, and a backlog beyond the burst, through.
+AUDIO_PACE = 1.25
+AUDIO_BURST = 16
+
 # Seconds a client waits for the server before it gives up on it: the handshake, and the reply to its
 # oldest unanswered chunk (inference_client.py's --reply-timeout default, the browser page's).
 REPLY_TIMEOUT_S = 10.0

@@ -61,8 +61,8 @@ def free_socket(send_buffer: int | None = None) -> socket.socket:
     return sock
 
 
-# Tests open sessions and send control messages faster than people do.
-TEST_LIMITS = srv.Limits(start_rate=100, start_burst=100, control_rate=1000, control_burst=1000)
+# Tests open sessions, send control messages and stream audio faster than people do.
+TEST_LIMITS = srv.Limits(start_rate=100, start_burst=100, control_rate=1000, control_burst=1000, audio_pace=1000)
 
 
 class SlowEngine:

@@ -17,11 +17,12 @@ import soundfile as sf
 import websockets
 
 import inference_server as srv
-from live_server import (as_pcm, connect, pcm_chunks, reference_replies, running_server, speech_like, stream,
-                         tiny_duplex, where)
+from live_server import (TEST_LIMITS, as_pcm, connect, pcm_chunks, reference_replies, running_server, speech_like,
+                         stream, tiny_duplex, where)
 from model import SamplingParams
-from model.protocol import (CLOSE_BAD_DATA, CLOSE_IDLE, CLOSE_POLICY, CLOSE_RESTART, CLOSE_TOO_BIG, CLOSE_TRY_AGAIN,
-                            PING_BURST, PING_RATE, TEXT_PREFIX, float_to_pcm)
+from model.protocol import (AUDIO_BURST, AUDIO_PACE, CHUNK, CLOSE_BAD_DATA, CLOSE_IDLE, CLOSE_POLICY, CLOSE_RESTART,
+                            CLOSE_TOO_BIG, CLOSE_TRY_AGAIN, PING_BURST, PING_RATE, SAMPLE_RATE, TEXT_PREFIX,
+                            float_to_pcm)
 
 CHUNKS = pcm_chunks(speech_like(10.0))  # 80 chunks: 10 s
 B64 = TEXT_PREFIX
@@ -631,6 +632,73 @@ def test_bad_clients_do_not_disturb_a_session_at_real_time(model):
         wait_idle(server)
         h = health(server)
         assert h["dropped_in"] == 0 and h["bad_messages"] > srv.MAX_BAD_MESSAGES
+
+
+def test_a_client_sending_flat_out_is_read_at_its_pace_and_one_at_real_time_beside_it_is_not(model, monkeypatch):
+    """A client that sends audio as fast as TCP takes it (reading its replies): every chunk was
+    read, parsed and queued, and dropped by the engine's queue, 10,000 times real time, the event
+    loop's time taken from the sessions beside it (whose round trips went from 20 ms to 400). Its
+    chunks are now read at most AUDIO_PACE times real time after AUDIO_BURST at once: the server
+    stops reading it and TCP holds the client's sends back, without closing it (uvicorn's keepalive,
+    here a ping every 0.5 s and 3 s for its pong, waits for a pong behind the audio not yet read). A
+    session at real time beside it is not paced: every chunk answered, with its own reply."""
+    config_of = srv.uvicorn_config
+
+    def quick_keepalive(*args, **kwargs):
+        config = config_of(*args, **kwargs)
+        config.ws_ping_interval, config.ws_ping_timeout = 0.5, 3.0  # (the flood outlasts 3.5 s: the chunks below)
+        return config
+    monkeypatch.setattr(srv, "uvicorn_config", quick_keepalive)
+    limits = dataclasses.replace(TEST_LIMITS, audio_pace=AUDIO_PACE, audio_burst=AUDIO_BURST)  # the server's own
+    chunks = CHUNKS[:32]  # 4 s at real time
+    with running_server(model, max_sessions=2, limits=limits) as server:
+        async def flood(stop: asyncio.Event):
+            async with connect(server.ws + "/audio", close_timeout=1) as ws:
+                session, sent = server.sessions[(await control(ws, type="status"))["session"]], 0
+
+                async def pump():
+                    nonlocal sent
+                    while True:
+                        await ws.send(CHUNKS[sent % len(CHUNKS)])  # waits once TCP's buffers are full
+                        sent += 1
+                        if sent % 16 == 0:
+                            await asyncio.sleep(0)
+
+                async def drain():
+                    async for _ in ws:
+                        pass
+                tasks = [asyncio.create_task(pump()), asyncio.create_task(drain())]
+                await stop.wait()
+                read, seconds = session.counts["chunks_in"], time.time() - session.started
+                closed = ws.close_code  # None: still open
+                for task in tasks:
+                    task.cancel()
+                ws.transport.abort()  # (a close frame would wait behind what the buffers hold)
+                return sent, read, seconds, closed
+
+        async def real_time(stop: asyncio.Event):
+            sent, replies = [], []
+            async with connect(server.ws + "/audio?seed=31") as ws:
+                at = await where(ws, server)
+                sender = asyncio.create_task(send_in_real_time(ws, chunks, sent))
+                while len(replies) < len(chunks):
+                    replies.append(await asyncio.wait_for(ws.recv(), 10))
+                await sender
+                status = await control(ws, type="status")
+            stop.set()
+            return at, replies, status
+
+        async def both():
+            stop = asyncio.Event()
+            return await asyncio.gather(flood(stop), real_time(stop))
+        (sent, read, seconds, closed), (at, replies, status) = asyncio.run(asyncio.wait_for(both(), 60))
+    allowed = AUDIO_BURST + AUDIO_PACE * SAMPLE_RATE / CHUNK * seconds
+    print(f"the flooding client sent {sent} chunks in {seconds:.1f} s; the server read {read} ({allowed:.0f} allowed)")
+    assert AUDIO_BURST <= read <= allowed + 1 and sent > read + AUDIO_BURST, (sent, read, seconds)
+    assert closed is None, f"the flooding client was closed ({closed}), not held back"
+    assert all(isinstance(r, bytes) for r in replies), [r for r in replies if not isinstance(r, bytes)][:3]
+    assert_close(as_pcm(replies), reference_replies(model, chunks, 31, where=at))
+    assert status["chunks_in"] == status["chunks_out"] == len(chunks) and status["dropped_in"] == 0
 
 
 def test_a_client_that_stops_reading_is_dropped_and_the_others_keep_their_cadence(model, monkeypatch):
