@@ -179,9 +179,22 @@ class Conversation:
     def unanswered(self) -> int:
         return len(self.pending)
 
+    async def stopped_answering(self, timeout: float) -> None:
+        """Returns once the oldest unanswered chunk has waited `timeout` seconds for its reply: a server
+        that takes the chunks and answers none, without closing (file mode's real-time loop and live
+        mode watch for it; --no-realtime's window waits for the next reply instead)."""
+        while not (self.pending and time.perf_counter() - self.pending[0][0] >= timeout):
+            await asyncio.sleep(0.05)
+
     def summary(self) -> dict:
         return {"replies": self.replies, "replayed": self.replayed, "timed": len(self.rtt),
                 **latency_summary(self.rtt), "sent": self.sent, "dropped_by_server": self.dropped}
+
+
+def unanswered_line(unanswered: int, sent: int, timeout: float) -> str:
+    """What ends a session whose server stopped answering (the error line's text)."""
+    return (f"{unanswered} of {sent} chunks got no reply within --reply-timeout ({timeout:g} s): "
+            "the server stopped answering")
 
 
 def shown(text) -> str:
@@ -216,13 +229,20 @@ def print_summary(conv: Conversation, **extra) -> None:
 
 async def open_session(args):
     import websockets
-    from websockets.asyncio.client import connect
+    from websockets.asyncio.client import ClientConnection, connect
     headers = {"Authorization": f"Bearer {args.token}"} if args.token else None
     url = audio_url(args.server, args.seed)
     shown = redact_tokens(url)  # a ?token= in --server is not printed
+    reached = []  # the TCP connection was made: a server that then does not answer its handshake was reached
+
+    class Connection(ClientConnection):
+        def connection_made(self, transport) -> None:
+            reached.append(True)
+            super().connection_made(transport)
     try:
         # close_timeout: at the end (or Ctrl-C) wait at most 2 s for the server's closing handshake
-        ws = await connect(url, additional_headers=headers, max_size=1 << 20, open_timeout=20, close_timeout=2)
+        ws = await connect(url, additional_headers=headers, max_size=1 << 20, open_timeout=args.reply_timeout,
+                           close_timeout=2, create_connection=Connection)
     except websockets.InvalidStatus as e:
         code, path = e.response.status_code, urllib.parse.urlsplit(url).path
         if code in (401, 403):
@@ -234,6 +254,12 @@ async def open_session(args):
         raise SystemExit(f"error: the server refused the connection: HTTP {code}{hint}")
     except websockets.InvalidHandshake as e:  # something listens there, but it does not speak websocket
         raise SystemExit(f"error: {shown} is not a websocket server ({e})")
+    except TimeoutError as e:  # (an OSError: before it) open_timeout, or the system's own for connecting
+        if reached:
+            raise SystemExit(f"error: {shown} did not answer the websocket handshake within --reply-timeout "
+                             f"({args.reply_timeout:g} s)") from None
+        why = e if e.errno is not None else f"no connection within --reply-timeout ({args.reply_timeout:g} s)"
+        raise SystemExit(f"error: cannot reach {shown}: {why}") from None
     except OSError as e:
         raise SystemExit(f"error: cannot reach {shown}: {e}")
     return ws
@@ -363,11 +389,14 @@ async def file_mode(args, stop: asyncio.Event) -> int:
             return False
 
     sent, stalled, unwritten = 0, False, ""
+    # in real time, a server that stops answering is noticed by the age of the oldest unanswered chunk
+    watch = asyncio.create_task(conv.stopped_answering(args.reply_timeout)) if args.realtime else None
     try:
         t0 = time.perf_counter()
         for i in range(n):
             if args.realtime:
                 await asyncio.sleep(max(0.0, t0 + i * CHUNK / SAMPLE_RATE - time.perf_counter()))
+                stalled = watch.done()
             else:  # a server that takes chunks and answers none must not hold the window shut forever
                 while conv.unanswered >= args.window and not receiver.done() and not stalled:
                     stalled = not await answered_within(args.reply_timeout)
@@ -379,10 +408,13 @@ async def file_mode(args, stop: asyncio.Event) -> int:
                 break
             sent += 1
         deadline = time.perf_counter() + args.reply_timeout
-        while slot < sent and not receiver.done() and not stop.is_set() and time.perf_counter() < deadline:
+        while (slot < sent and not stalled and not receiver.done() and not stop.is_set()
+               and time.perf_counter() < deadline):
             if not await answered_within(deadline - time.perf_counter()):
                 break
     finally:  # also on Ctrl-C: close, write what there is, print the statistics
+        if watch is not None:
+            watch.cancel()
         await conv.ws.close()
         receiver.cancel()
         if conv.replies:  # a session refused at its start does not replace an earlier conversation
@@ -397,8 +429,7 @@ async def file_mode(args, stop: asyncio.Event) -> int:
         print_summary(conv, missing=max(0, sent - slot))
     reason = conv.failure or close_reason(conv.ws)
     if not reason and slot < sent and not stop.is_set():  # a server that stopped answering is no success
-        reason = (f"{sent - slot} of {sent} chunks got no reply within --reply-timeout ({args.reply_timeout:g} s): "
-                  "the server stopped answering")
+        reason = unanswered_line(sent - slot, sent, args.reply_timeout)
     if reason:
         log(f"error: {reason}")
     return 1 if reason or unwritten else 0
@@ -642,15 +673,17 @@ async def live_mode(args, stop: asyncio.Event) -> int:
                 f"({conv.replayed} prompt playback), dropped {conv.dropped}, speaker underruns {speaker.underruns}, "
                 f"jitter margin {samples_ms(speaker.margin):.0f} ms")
 
-    tasks = []
+    tasks, stalled = [], False
     try:
         with streams[0], streams[1]:
             log("live: speak now (Ctrl-C to stop)")
             tasks = [asyncio.create_task(send_mic())] + ([asyncio.create_task(report())] if args.stats_every > 0 else [])
             stopped = asyncio.create_task(stop.wait())
-            tasks.append(stopped)
-            # until the server closes the session, or Ctrl-C
-            await asyncio.wait({receiver, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            watch = asyncio.create_task(conv.stopped_answering(args.reply_timeout))
+            tasks += [stopped, watch]
+            # until the server closes the session, stops answering, or Ctrl-C
+            await asyncio.wait({receiver, stopped, watch}, return_when=asyncio.FIRST_COMPLETED)
+            stalled = watch.done() and not stop.is_set()
     finally:
         for t in tasks + [receiver]:
             t.cancel()
@@ -660,6 +693,8 @@ async def live_mode(args, stop: asyncio.Event) -> int:
                       speaker_max_margin_ms=samples_ms(speaker.max_margin),
                       speaker_trimmed_ms=samples_ms(speaker.trimmed), microphone_dropped=lost_mic)
     reason = conv.failure or close_reason(conv.ws)
+    if not reason and stalled:
+        reason = unanswered_line(conv.unanswered, conv.sent, args.reply_timeout)
     if reason:
         log(f"error: {reason}")
         return 1
@@ -691,9 +726,10 @@ def parse_args(argv=None):
     files.add_argument("--realtime", action=argparse.BooleanOptionalAction,
                        help="send at real time (default), or as fast as the server answers")
     files.add_argument("--window", type=int, help="--no-realtime: chunks in flight at once (default 2)")
-    files.add_argument("--reply-timeout", type=float, default=REPLY_TIMEOUT_S,
-                       help="seconds to wait for a reply (to the sampling flags; in file mode the last "
-                            "ones, and with --no-realtime any) before giving up")
+    ap.add_argument("--reply-timeout", type=float, default=REPLY_TIMEOUT_S,
+                    help="seconds to wait for the server before giving up: the websocket handshake, the answer "
+                         "to the sampling flags, the reply to the oldest chunk unanswered (with --no-realtime: "
+                         "the next reply)")
     args = ap.parse_args(argv)
     for flag, value in (("--input-wav", args.input_wav), ("--output-wav", args.output_wav)):
         if value == "":  # (taken as not given: both empty switched to the microphone)

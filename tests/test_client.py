@@ -505,6 +505,74 @@ def test_a_server_that_stops_answering_is_an_error_not_a_hang(tmp_path, mode):
     assert stats(r.stdout)["missing"] == sent - 2 and sf.info(tmp_path / "o.wav").frames == sent * 2000
 
 
+async def silent(ws):
+    """A websocket server that takes the session and its audio and answers nothing (a hung engine)."""
+    async for _ in ws:
+        pass
+
+
+def unanswered(stderr: str) -> tuple[int, int]:
+    """(unanswered, sent) of the client's last line, which must say the server stopped answering
+    within a --reply-timeout of 1 s."""
+    import re
+    match = re.fullmatch(r"error: (\d+) of (\d+) chunks got no reply within --reply-timeout \(1 s\): the server "
+                         r"stopped answering", stderr.splitlines()[-1] if stderr else "")
+    assert match, stderr
+    return int(match[1]), int(match[2])
+
+
+def test_a_server_that_stops_answering_mid_stream_is_noticed_within_the_reply_timeout(tmp_path):
+    """A server that answers nothing, without closing: file mode at real time found out at the end
+    of the file (for an hour-long one, an hour later; here 30 s). It now ends once the oldest
+    unanswered chunk has waited --reply-timeout, with the one line naming the chunks unanswered,
+    having sent about that long of the file (live mode's check is the same: the next test)."""
+    sf.write(tmp_path / "in.wav", speech_like(30.0), 16000)  # 240 chunks at real time
+    with peer(silent) as url:
+        r = run_client("--server", url, "--input-wav", tmp_path / "in.wav", "--output-wav", tmp_path / "o.wav",
+                       "--reply-timeout", "1", timeout=60)
+    sent = stats(r.stdout)["sent"]
+    assert r.returncode == 1 and unanswered(r.stderr) == (sent, sent), r.stderr
+    assert 8 <= sent <= 24, f"{sent} chunks sent: 1 s of them (8) before the oldest had waited 1 s, not 3 s"
+    assert "the server answered nothing" in r.stderr and not (tmp_path / "o.wav").exists()
+
+
+def test_live_mode_ends_when_the_server_stops_answering(tmp_path):
+    """Live, a server that stops answering without closing was never noticed: the client went on
+    until Ctrl-C. It now ends like file mode, once the oldest unanswered chunk has waited
+    --reply-timeout: one error line naming the chunks unanswered, exit status 1."""
+    env = virtual_sound_card(tmp_path, 3.0)
+    with peer(silent) as url:
+        proc = subprocess.Popen([sys.executable, "inference_client.py", "--server", url, "--reply-timeout", "1"],
+                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            stdout, stderr = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGINT)
+            stdout, stderr = proc.communicate(timeout=20)
+            pytest.fail(f"the client did not notice in 30 s; stopped with Ctrl-C: {stderr[-2000:]}")
+    s = stats(stdout)
+    assert proc.returncode == 1 and "Traceback" not in stderr, stderr
+    assert unanswered(stderr) == (s["sent"], s["sent"]) and s["sent"] > 0 and s["replies"] == 0, stderr
+
+
+def test_a_server_that_does_not_answer_the_handshake_is_named_within_the_reply_timeout(tmp_path, capfd):
+    """A port that takes the TCP connection and never answers the websocket handshake: the client
+    waited a fixed 20 s, whatever --reply-timeout said, and then said it "cannot reach" a server it
+    had reached. It now waits --reply-timeout and says the server did not answer the handshake."""
+    async def mute(reader, writer):
+        await reader.read()  # until the client gives up
+        writer.close()
+    sf.write(tmp_path / "in.wav", speech_like(0.5), 16000)
+    with peer(mute, websocket=False) as url:
+        t0 = time.perf_counter()
+        r = client_here(capfd, "--server", url, "--input-wav", tmp_path / "in.wav", "--output-wav", tmp_path / "o.wav",
+                        "--reply-timeout", "1")
+        took = time.perf_counter() - t0
+    assert r.returncode == 1 and r.stderr == (f"error: {url}/audio did not answer the websocket handshake within "
+                                              "--reply-timeout (1 s)\n"), r.stderr
+    assert took < 10 and not (tmp_path / "o.wav").exists()
+
+
 def test_an_unanswered_or_odd_answer_to_the_sampling_flags_is_one_error_line(tmp_path):
     """The sampling flags are sent as set_params before any audio. A server that took the session
     and never answered it held the client forever; an ack without the session's params was a
@@ -698,21 +766,28 @@ ASOUNDRC = """pcm.!default {
 """
 
 
-def test_live_mode_on_a_virtual_sound_card(server, tmp_path):
-    """The microphone path with sounddevice on ALSA's null device (a user ~/.asoundrc): the
-    capture reads a raw file and nothing paces it, so the microphone runs far faster than real
-    time. The client streams, plays replies, survives the flood (the server drops and says so),
-    prints latency lines, and exits cleanly on Ctrl-C."""
+def virtual_sound_card(tmp_path, seconds: float) -> dict:
+    """The environment of a client whose sound card is ALSA's null device (a user ~/.asoundrc in
+    `tmp_path`), its microphone reading `seconds` of speech from a raw file, unpaced: far faster
+    than real time. Skips the test where PortAudio is missing (outside CI)."""
     try:
         import sounddevice  # noqa: F401
     except OSError as e:
         if os.environ.get("CI"):
             raise
         pytest.skip(f"PortAudio is not installed ({e}); .ci/run installs libportaudio2")
-    url, _ = server
-    float_to_pcm(speech_like(3.0)).tofile(tmp_path / "mic.raw")
+    float_to_pcm(speech_like(seconds)).tofile(tmp_path / "mic.raw")
     (tmp_path / ".asoundrc").write_text(ASOUNDRC % (tmp_path / "mic.raw"))
-    env = {**os.environ, "HOME": str(tmp_path)}
+    return {**os.environ, "HOME": str(tmp_path)}
+
+
+def test_live_mode_on_a_virtual_sound_card(server, tmp_path):
+    """The microphone path with sounddevice on ALSA's null device (a user ~/.asoundrc): the
+    capture reads a raw file and nothing paces it, so the microphone runs far faster than real
+    time. The client streams, plays replies, survives the flood (the server drops and says so),
+    prints latency lines, and exits cleanly on Ctrl-C."""
+    env = virtual_sound_card(tmp_path, 3.0)
+    url, _ = server
     proc = subprocess.Popen([sys.executable, "inference_client.py", "--server", url, "--token", TOKEN, "--stats-every", "1"],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(3.5)
