@@ -249,6 +249,9 @@ async def open_session(args):
             hint = " (a missing or wrong --token)"
         elif code == 404:
             hint = f" (no websocket at {path}: a hertz-dev server's is ws://HOST:PORT/audio)"
+        elif code == 426:  # the request reached /audio without its Upgrade header
+            hint = (f" ({path} is a websocket endpoint, and the request reached it as plain HTTP: a proxy in between "
+                    "must forward the Upgrade and Connection headers)")
         else:
             hint = " (not a hertz-dev server: its websocket is ws://HOST:PORT/audio)"
         raise SystemExit(f"error: the server refused the connection: HTTP {code}{hint}")

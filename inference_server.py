@@ -1244,6 +1244,15 @@ def make_app(server: Server, access: Access = Access()):
         except ProtocolError as e:
             return error(404 if e.code == "unknown_session" else 400, e.code, e.message)
 
+    @http.api_route("/audio", methods=["GET", "HEAD"])
+    async def audio_over_http():
+        """/audio without the websocket upgrade (a reverse proxy that drops the Upgrade and Connection
+        headers; a browser opened at it): 426, saying what is missing, where it was 404 "no such path",
+        which sent the user looking for another one. A real upgrade is a websocket request, which only
+        the websocket route below answers."""
+        return error(426, "upgrade_required", "/audio is a websocket endpoint; connect with ws://HOST:PORT/audio; "
+                     "a proxy must forward the Upgrade and Connection headers", headers={"Upgrade": "websocket"})
+
     app.include_router(http)
 
     @app.exception_handler(StarletteHTTPException)

@@ -374,6 +374,45 @@ def peer(handler, websocket=True):
         thread.join(10)
 
 
+def stripping_upgrade(port: int):
+    """A reverse proxy to the server on `port` (a `peer(..., websocket=False)` handler) that forwards
+    each request without its Upgrade and Connection headers: nginx without `proxy_set_header
+    Upgrade` and `Connection`."""
+    import asyncio
+
+    async def pipe(reader, writer):
+        try:
+            while data := await reader.read(1 << 16):
+                writer.write(data)
+                await writer.drain()
+        finally:
+            writer.close()
+
+    async def handler(reader, writer):
+        head = (await reader.readuntil(b"\r\n\r\n")).split(b"\r\n")[:-2]
+        head = [line for line in head if not line.lower().startswith((b"upgrade:", b"connection:"))]
+        upstream_reader, upstream = await asyncio.open_connection("127.0.0.1", port)
+        upstream.write(b"\r\n".join(head) + b"\r\nConnection: close\r\n\r\n")
+        await asyncio.gather(pipe(reader, upstream), pipe(upstream_reader, writer), return_exceptions=True)
+    return handler
+
+
+def test_a_proxy_that_drops_the_upgrade_header_is_named(server, tmp_path):
+    """Through a reverse proxy that drops the Upgrade and Connection headers, the server saw a plain
+    GET /audio and answered 404, and the client said "no websocket at /audio", so the user went
+    looking for another path. The server answers 426, and the client says the proxy must forward
+    those headers (one line, exit status 1, nothing written)."""
+    url, _ = server
+    sf.write(tmp_path / "in.wav", speech_like(0.5), 16000)
+    with peer(stripping_upgrade(int(url.rsplit(":", 1)[1])), websocket=False) as proxied:
+        r = run_client("--server", proxied, "--token", TOKEN, "--input-wav", tmp_path / "in.wav", "--output-wav",
+                       tmp_path / "o.wav", timeout=30)
+    assert r.returncode == 1 and r.stderr == (
+        "error: the server refused the connection: HTTP 426 (/audio is a websocket endpoint, and the request reached "
+        "it as plain HTTP: a proxy in between must forward the Upgrade and Connection headers)\n"), r.stderr
+    assert not (tmp_path / "o.wav").exists()
+
+
 def test_a_peer_that_is_not_a_hertz_dev_server_is_one_error_line(server, tmp_path):
     """Something else listening at --server: the client says so, naming what went wrong, exits 1
     and keeps an earlier output. Before, a peer that does not speak HTTP or closes at once was a

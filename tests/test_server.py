@@ -1253,6 +1253,27 @@ def test_unknown_paths_and_methods_are_refused_naming_them(server):
     wait_idle(server)
 
 
+def test_a_plain_http_get_of_audio_is_426_saying_it_is_a_websocket(server, model):
+    """GET /audio without the websocket upgrade (a reverse proxy that drops the Upgrade and
+    Connection headers, as nginx does without proxy_set_header) was 404 "no such path: /audio", so
+    the user looked for another path. It is 426 Upgrade Required, with an Upgrade header and a
+    message saying what is missing; a websocket to /audio is still a session, its own reply."""
+    message = ("/audio is a websocket endpoint; connect with ws://HOST:PORT/audio; a proxy must forward the "
+               "Upgrade and Connection headers")
+    status, body, headers = http(server.http + "/audio")
+    assert status == 426 and headers["Upgrade"] == "websocket", (status, body)
+    assert json.loads(body) == {"status": "error", "error": "upgrade_required", "message": message}
+    status, body, headers = http(server.http + "/audio", "HEAD")
+    assert status == 426 and body == b"" and headers["Upgrade"] == "websocket"
+
+    async def session():
+        async with connect(server.ws + "/audio?seed=41") as ws:
+            return await where(ws, server), await stream(ws, CHUNKS[:2])
+    at, replies = asyncio.run(asyncio.wait_for(session(), 30))
+    assert_close(as_pcm(replies), reference_replies(model, CHUNKS[:2], 41, where=at))
+    wait_idle(server)
+
+
 BAD_QUERIES = {  # query -> what the refusal names
     "seed=1_000": "seed must be a decimal integer in [0, 2**63), got '1_000'",  # int() takes these four
     "seed=%2B5": "got '+5'", "seed=%205": "got ' 5'", "seed=%D9%A3": "got '\\u0663'",
