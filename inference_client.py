@@ -94,6 +94,9 @@ def latency_summary(seconds: list) -> dict:
             "max_ms": round(float(ms.max()), 2) if len(ms) else None}
 
 
+CLOSE_TIMEOUT_S = 2.0  # seconds the end of a session (or Ctrl-C) waits for the server's closing handshake
+
+
 def log(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
 
@@ -242,7 +245,7 @@ async def open_session(args):
     try:
         # close_timeout: at the end (or Ctrl-C) wait at most 2 s for the server's closing handshake
         ws = await connect(url, additional_headers=headers, max_size=1 << 20, open_timeout=args.reply_timeout,
-                           close_timeout=2, create_connection=Connection)
+                           close_timeout=CLOSE_TIMEOUT_S, create_connection=Connection)
     except websockets.InvalidStatus as e:
         code, path = e.response.status_code, urllib.parse.urlsplit(url).path
         if code in (401, 403):
@@ -295,6 +298,16 @@ async def start(args, on_audio, on_dropped=lambda n: None) -> Conversation:
         await ws.close()
         raise
     return conv
+
+
+async def close_session(ws) -> None:
+    """Close the websocket within CLOSE_TIMEOUT_S: the close frame can wait behind audio the server
+    has not read (it reads at most 1.25x real time; a hung server reads nothing), which websockets
+    waits to drain before its own close timeout starts; then the connection is dropped."""
+    try:
+        await asyncio.wait_for(ws.close(), CLOSE_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        ws.transport.abort()
 
 
 def close_reason(ws) -> str:
@@ -418,7 +431,7 @@ async def file_mode(args, stop: asyncio.Event) -> int:
     finally:  # also on Ctrl-C: close, write what there is, print the statistics
         if watch is not None:
             watch.cancel()
-        await conv.ws.close()
+        await close_session(conv.ws)
         receiver.cancel()
         if conv.replies:  # a session refused at its start does not replace an earlier conversation
             stereo = np.stack([user[:sent * CHUNK], model[:sent * CHUNK]], axis=1)
@@ -690,7 +703,7 @@ async def live_mode(args, stop: asyncio.Event) -> int:
     finally:
         for t in tasks + [receiver]:
             t.cancel()
-        await conv.ws.close()
+        await close_session(conv.ws)
         print_summary(conv, c2p={"chunks": len(speaker.c2p), **latency_summary(speaker.c2p)},
                       speaker_underruns=speaker.underruns, speaker_overflows=speaker.overflows,
                       speaker_max_margin_ms=samples_ms(speaker.max_margin),

@@ -594,6 +594,43 @@ def test_live_mode_ends_when_the_server_stops_answering(tmp_path):
     assert unanswered(stderr) == (s["sent"], s["sent"]) and s["sent"] > 0 and s["replies"] == 0, stderr
 
 
+def test_ctrl_c_ends_a_live_session_whose_close_waits_behind_unread_audio(tmp_path):
+    """A server that does not read what the client sends (one that paces a client far ahead of
+    real time, as the live server does, or a hung one): the close frame waits behind the audio in
+    the connection's buffers, and the websocket library waits for them to drain before its own
+    close timeout starts, so the first Ctrl-C did not end a live session whose microphone ran ahead.
+    Closing now gives up after 2 s, as the README says: Ctrl-C ends it (status 0)."""
+    import asyncio
+    import threading
+    done = threading.Event()
+
+    async def deaf(ws):  # takes the session and reads nothing: the client's sends fill the buffers
+        while not done.is_set():
+            await asyncio.sleep(0.05)
+        ws.transport.abort()  # (not reading, it would not see the client go)
+    env = virtual_sound_card(tmp_path, 3.0)
+    with peer(deaf) as url, open(tmp_path / "stderr", "w") as err:  # (a file: read while it runs)
+        proc = subprocess.Popen([sys.executable, "inference_client.py", "--server", url, "--stats-every", "0"],
+                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+        deadline = time.monotonic() + 30
+        while "live: speak now" not in (tmp_path / "stderr").read_text() and proc.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(2.0)  # (the microphone, far faster than real time, fills the buffers within a second)
+        proc.send_signal(signal.SIGINT)
+        try:
+            stdout, _ = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, _ = proc.communicate()
+            pytest.fail("the first Ctrl-C did not end the session within 15 s: "
+                        + (tmp_path / "stderr").read_text()[-2000:])
+        finally:
+            done.set()
+    stderr = (tmp_path / "stderr").read_text()
+    assert proc.returncode == 0 and "Traceback" not in stderr and stats(stdout)["sent"] > 0, stderr
+
+
 def test_a_server_that_does_not_answer_the_handshake_is_named_within_the_reply_timeout(tmp_path, capfd):
     """A port that takes the TCP connection and never answers the websocket handshake: the client
     waited a fixed 20 s, whatever --reply-timeout said, and then said it "cannot reach" a server it
