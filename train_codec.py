@@ -266,7 +266,7 @@ def main(argv=None) -> dict:
                     dist.barrier()  # rank 0 evaluated or wrote alone: the others wait here, not in the next all-reduce
                 if due.stop:
                     if note := stop_message(step, cfg.max_steps, cfg.stop_step, cfg.max_minutes, deadline.stopped_by,
-                                            deadline.lost_worker):
+                                            deadline.lost_worker or deadline.unreadable):
                         say(note)
                     break
                 t_log += time.time() - t_pause  # throughput counts training time only
@@ -333,7 +333,7 @@ def main(argv=None) -> dict:
         say(f"done at step {step}: {run_dir / 'latest.safetensors'}" + (f", curves in {png}" if png else ""))
         logger.finish()
         teardown_distributed()
-        deadline.exit(step)  # stopped by a signal or a data-loading worker's death: saved, not finished
+        deadline.exit(step)  # stopped by a signal, a data-loading worker's death or an unreadable batch: saved
         return metrics
 
 

@@ -187,7 +187,7 @@ def main(argv=None) -> dict:
                          logger.run_id, fingerprint, base, validation)
                 if due.stop:
                     if note := stop_message(step, cfg.max_steps, cfg.stop_step, cfg.max_minutes, deadline.stopped_by,
-                                            deadline.lost_worker):
+                                            deadline.lost_worker or deadline.unreadable):
                         say(note)
                     break
                 t_log += time.time() - t_pause  # throughput counts training time only
@@ -249,7 +249,7 @@ def main(argv=None) -> dict:
         say(f"done at step {step}: {run_dir / f'latest{checkpoints.export_suffix}'}")
         logger.finish()
         teardown_distributed()
-        deadline.exit(step)  # stopped by a signal or a data-loading worker's death: saved, not finished
+        deadline.exit(step)  # stopped by a signal, a data-loading worker's death or an unreadable batch: saved
         return metrics
 
 

@@ -1,5 +1,5 @@
 """Codec latents for the transformer trainer: an audio folder encoded once by a frozen codec into
-memory-mapped shards of the posterior (mu, logvar), and training sequences cut from them.
+shards of the posterior (mu, logvar), and training sequences cut from them.
 
 Why precompute rather than encode on the fly: the encoder costs about 1.2 GFLOP per latent and
 channel (the official codec; about a third of a 1B-parameter duplex model's training FLOPs, as
@@ -538,7 +538,7 @@ class LatentCrops(Dataset):
         self.dim = self.manifest["latent_dim"]
         self.seq_len, self.train, self.seed = seq_len, train, seed
         self.lengths = np.array([f["length"] for f in self.files], dtype=np.int64)
-        self._arrays: Optional[dict[str, np.memmap]] = None
+        self._shards: Optional[dict[str, object]] = None  # shard -> its open file (`_rows`)
         if train:
             self._cumulative = np.cumsum(self.lengths)
         else:
@@ -552,17 +552,44 @@ class LatentCrops(Dataset):
                 crops = [crops[k] for k in picks]
             self.crops = crops
 
-    def __getstate__(self):  # DataLoader workers open their own memory maps
-        return {**self.__dict__, "_arrays": None}
+    def __getstate__(self):  # DataLoader workers started by pickling (spawn) open their own files
+        return {**self.__dict__, "_shards": None}
 
-    def _array(self, shard: str) -> np.memmap:
-        if self._arrays is None:
-            self._arrays = {}
-        if shard not in self._arrays:
-            path = self.folder / shard
-            rows = os.path.getsize(path) // (2 * self.dim * 4)
-            self._arrays[shard] = np.memmap(path, dtype=np.float32, mode="r", shape=(rows, 2, self.dim))
-        return self._arrays[shard]
+    def _rows(self, f: dict, start: int, n: int) -> np.ndarray:
+        """Latents [start, start + n) of the manifest's file entry `f`, (n, 2, D) float32, read with
+        one positioned read (workers forked share the descriptor: a pread moves no offset). A shard
+        that no longer holds them (cut short, rewritten in place since the run started: a network
+        file system, `rsync --inplace`) or cannot be read is a LatentsError naming it; through a
+        memory map the read past its new end was a SIGBUS that killed the trainer without a word."""
+        shard, path = f["shard"], self.folder / f["shard"]
+        rows = np.empty((n, 2, self.dim), dtype=np.float32)
+        offset, want, got = (f["offset"] + start) * 2 * self.dim * 4, rows.nbytes, 0  # (float32 rows of (2, D))
+        buffer = memoryview(rows).cast("B")
+        try:
+            if self._shards is None:
+                self._shards = {}
+            if shard not in self._shards:
+                self._shards[shard] = open(path, "rb", buffering=0)
+            fd = self._shards[shard].fileno()
+            while got < want:
+                if hasattr(os, "preadv"):  # into the array itself
+                    k = os.preadv(fd, [buffer[got:]], offset + got)
+                else:
+                    data = os.pread(fd, want - got, offset + got)
+                    buffer[got:got + len(data)] = data
+                    k = len(data)
+                if k == 0:
+                    break
+                got += k
+            size = os.fstat(fd).st_size if got < want else None
+        except OSError as e:
+            raise LatentsError(f"latents folder {self.folder}: cannot read {shard} ({os_reason(e)}); check the disk, "
+                               f"or delete {self.folder} and run again to encode it anew") from None
+        if size is not None:
+            raise LatentsError(f"latents folder {self.folder} is damaged: {shard} changed since the run started: it "
+                               f"holds {size} bytes, shorter than the {offset + want} its {MANIFEST} lists up to the "
+                               f"latents of {f['name']}; delete {self.folder} and run again to encode it anew")
+        return rows
 
     def __len__(self) -> int:
         return len(self.crops) if not self.train else int(self.lengths.sum() // self.seq_len) or 1
@@ -570,7 +597,7 @@ class LatentCrops(Dataset):
     def crop(self, file: int, start: int) -> dict[str, torch.Tensor]:
         f = self.files[file]
         n = min(self.seq_len, f["length"] - start)
-        rows = np.array(self._array(f["shard"])[f["offset"] + start: f["offset"] + start + n])
+        rows = self._rows(f, start, n)
         if not np.isfinite(rows).all():  # never written so (prepare_latents): a damaged shard, not a diverged model
             raise LatentsError(f"latents folder {self.folder} is damaged: {f['shard']} holds non-finite values in the "
                                f"latents of {f['name']} ({start} to {start + n}); delete {self.folder} and run "

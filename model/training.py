@@ -1137,7 +1137,8 @@ class Deadline:
     without evaluating (the scheduler's grace period is short), saves, and its script exits with
     128 + the signal's number (143, 130); a second one ends the process at once. A data-loading
     worker that dies (the out-of-memory killer's) stops the loop the same way, found as the step's
-    batches are read (`read`), and its script ends with one error line (`exit`)."""
+    batches are read (`read`), and its script ends with one error line (`exit`); so does a batch
+    whose data cannot be read (`unreadable`: a latents shard cut short since the run started)."""
 
     def __init__(self, max_minutes: float):
         self.seconds = 60 * max_minutes
@@ -1147,6 +1148,7 @@ class Deadline:
         self.stopped_by: Optional[str] = None  # the signal that stopped the loop, the same on every rank
         self.worker_error: Optional[RuntimeError] = None  # a data-loading worker's death, as torch words it
         self.lost_worker: Optional[str] = None  # that, when it stopped the loop (one process only)
+        self.unreadable: Optional[str] = None  # why a step's batch could not be read, when that stopped it (same)
         self._signals = None  # under torch.distributed: (its CPU process group, the all-reduce in flight, its flags)
         self.timed_out = False  # under torch.distributed: rank 0's clock past max_minutes, as every rank agreed
 
@@ -1218,13 +1220,20 @@ class Deadline:
 
     def read(self, batches: Iterable, n: int) -> Optional[list]:
         """The step's `n` micro-batches from `batches`, all read before the step starts; None when a
-        data-loading worker has died: the loop then stops at its next `before_step`, saved, as
-        after a SIGTERM, and `exit` ends the script with one error line. Under torch.distributed
-        the error is raised (the other ranks are already in the step's collectives)."""
+        data-loading worker has died, or a batch's data file cannot be read (a FileNotFoundError
+        naming it, as the scripts' user errors are: `LatentsError`, a shard cut short mid-run): the
+        loop then stops at its next `before_step`, saved, as after a SIGTERM, and `exit` ends the
+        script with one error line. Under torch.distributed the error is raised (the other ranks are
+        already in the step's collectives)."""
         try:
             if self.worker_error is not None:
                 raise self.worker_error
             return [next(batches) for _ in range(n)]
+        except FileNotFoundError as e:
+            if dist.is_initialized():
+                raise
+            self.unreadable = own_message(e)  # (raised in a worker: its own line, not torch's traceback)
+            return None
         except RuntimeError as e:
             lost = worker_death_message(self.worker_error or e, kept="")
             if lost is None or dist.is_initialized():
@@ -1234,19 +1243,23 @@ class Deadline:
 
     def exit(self, step: int) -> None:
         """After the loop: a run that a signal stopped exits with 128 + its number, one that a
-        data-loading worker's death stopped with one error line (TrainingError); saved either way."""
+        data-loading worker's death or an unreadable batch stopped with one error line
+        (TrainingError); saved either way."""
+        held = f"stopped at step {step}, which latest.pt holds" if step > 0 else "stopped before any step"
         if self.lost_worker:
-            held = f"stopped at step {step}, which latest.pt holds" if step > 0 else "stopped before any step"
             raise TrainingError(f"{self.lost_worker}; {held}: run the same command to resume")
+        if self.unreadable:  # (its own message says what to do about the file)
+            raise TrainingError(f"{self.unreadable}; {held}")
         if self.stopped_by:  # saved but not finished: the status says so (a shell's `&&` goes no further)
             raise SystemExit(128 + signal.Signals[self.stopped_by])
 
     def interrupted(self) -> bool:
-        """Whether a SIGTERM or SIGINT (or a data-loading worker's death) stops the loop now: asked
-        before every step. In one process a host-side flag, no sync; under torch.distributed what
-        every rank agrees on one step after the signal came (`_agreed`), so all stop at the
-        same step, saved; the deadline is agreed on in the same all-reduce, for `passed`."""
-        if self.lost_worker:
+        """Whether a SIGTERM or SIGINT (or a data-loading worker's death, an unreadable batch) stops
+        the loop now: asked before every step. In one process a host-side flag, no sync; under
+        torch.distributed what every rank agrees on one step after the signal came (`_agreed`), so
+        all stop at the same step, saved; the deadline is agreed on in the same all-reduce, for
+        `passed`."""
+        if self.lost_worker or self.unreadable:
             return True
         if dist.is_initialized():
             if not self.catching and self.seconds <= 0:
@@ -1296,8 +1309,9 @@ def last_step(max_steps: int, stop_step: int) -> int:
 def stop_message(step: int, max_steps: int, stop_step: int, max_minutes: float,
                  signal_name: Optional[str] = None, lost_worker: Optional[str] = None) -> Optional[str]:
     """What a run that stopped at `step` says about it (None at max_steps: it is done, or when a
-    data-loading worker's death stopped it: `Deadline.exit`'s error says so); `signal_name`: the
-    signal that stopped it (`Deadline.stopped_by`)."""
+    data-loading worker's death or an unreadable batch stopped it, `lost_worker` (`Deadline.lost_worker`
+    or `Deadline.unreadable`): `Deadline.exit`'s error says so); `signal_name`: the signal that
+    stopped it (`Deadline.stopped_by`)."""
     if lost_worker:
         return None
     if signal_name:
@@ -1351,16 +1365,16 @@ def before_step(step: int, start_step: int, end_step: int, eval_interval: int, s
       step before, agreed on with the signals, no collective of its own); asked on log steps
       only, a run whose `log_interval` reached past its last step never stopped at it;
     - stop at once after a SIGTERM or SIGINT (`Deadline.interrupted`; under torch.distributed one
-      step later, every rank at the same step), or a data-loading worker's death (`Deadline.read`),
-      without evaluating: a scheduler's grace period is short;
+      step later, every rank at the same step), or a data-loading worker's death or a batch that
+      cannot be read (`Deadline.read`), without evaluating: a scheduler's grace period is short;
     - evaluate at step 0, every `eval_interval` steps and when stopping, but not at the step a
       resumed segment starts from (it was evaluated before that checkpoint was saved) unless
       it stops there;
     - save every `save_interval` steps, after every evaluation and when stopping, but never the
       state a segment started from."""
     stop = step >= end_step or deadline.interrupted() or (step > start_step and deadline.passed())
-    evaluate = deadline.stopped_by is None and deadline.lost_worker is None and (
-        stop or (step % eval_interval == 0 and (step != start_step or step == 0)))
+    evaluate = deadline.stopped_by is None and deadline.lost_worker is None and deadline.unreadable is None and \
+        (stop or (step % eval_interval == 0 and (step != start_step or step == 0)))
     save = step > start_step and (stop or evaluate or step % save_interval == 0)
     return Due(stop, evaluate, save)
 

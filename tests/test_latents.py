@@ -420,6 +420,25 @@ def test_crops_pad_short_files_and_are_reproducible(codec, folder):
     assert z.shape == (1, 4, 64)
 
 
+def test_crops_read_the_shard_as_stored_and_a_shard_cut_short_since_is_an_error_naming_it(codec, folder):
+    """Crops are the shard's rows bit for bit. A shard cut short while a run reads it (rewritten in
+    place: `rsync --inplace`, a network file system) was read through a memory map, where a page
+    past its new end is a SIGBUS that killed the trainer without a word; now a LatentsError naming
+    the folder, the shard and what it holds."""
+    out = prepare_latents(str(folder / "audio"), codec, "stereo", str(folder / "latents"), log=lambda m: None)
+    val = LatentCrops(out, seq_len=4, train=False)
+    for k, name in enumerate(["solo.wav", "talk.wav"]):
+        stored = rows(out, name)[:4]
+        assert torch.equal(val[k]["posterior"][:len(stored)], stored)
+    shard = json.loads((out / "manifest.json").read_text())["files"][1]["shard"]
+    os.truncate(out / shard, 100)
+    with pytest.raises(LatentsError) as error:
+        val[1]
+    assert str(error.value).startswith(f"latents folder {out} is damaged: {shard} changed since the run started: it "
+                                       "holds 100 bytes, shorter than the ")
+    assert isinstance(error.value, FileNotFoundError) and f"delete {out} and run again" in str(error.value)
+
+
 def test_sampler_resumes_where_it_stopped():
     full = StepSampler(batch_size=3, grad_accum_steps=2, rank=1, world_size=2)
     resumed = StepSampler(batch_size=3, grad_accum_steps=2, rank=1, world_size=2, start_step=2)

@@ -692,6 +692,42 @@ def test_a_damaged_latents_folder_is_one_error_line(setup, tmp_path, capsys):
     assert f"delete {folder} and run again to encode it anew" in log and "training from step" not in log
 
 
+def test_a_latents_shard_cut_short_mid_run_stops_it_saved_with_one_error_line(setup, tmp_path):
+    """A training shard cut short once the run has saved (rewritten in place by a copy or a sync,
+    under a reader): the trainer died of SIGBUS (exit status 135), no word, the steps since its
+    last save lost. Now it stops at the step reached, saves it, and ends with one error line naming
+    the shard, exit status 1; latest.pt holds that step."""
+    import time
+    latents, run_dir = tmp_path / "latents", tmp_path / "run"
+    if (setup["root"] / "latents").is_dir():  # (encoded by an earlier test: copied, not encoded again)
+        shutil.copytree(setup["root"] / "latents", latents)
+    args = base_args(setup, run_dir, duplex=False, stage="lm", latents_dir=latents, max_steps=100_000,
+                     eval_interval=100_000, save_interval=2, sample_seconds=0)
+    trainer = subprocess.Popen([sys.executable, "train_transformer.py"] + [str(a) for a in args], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 240
+        while not (run_dir / "step_00000002.pt").exists() and time.time() < deadline and trainer.poll() is None:
+            time.sleep(0.1)
+        shards = list(latents.glob("train-mono-*/shard_00000.bin"))
+        for shard in shards:
+            os.truncate(shard, 0)
+        out, err = trainer.communicate(timeout=120)
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+    assert trainer.returncode == 1 and "Traceback" not in err, (trainer.returncode, err[-3000:])
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    stopped = torch.load(run_dir / "latest.pt", weights_only=False)["step"]
+    assert len(errors) == 1 and len(shards) == 1 and stopped > 2, err[-3000:]
+    assert errors[0].startswith(f"error: latents folder {shards[0].parent} is damaged: shard_00000.bin changed since "
+                                "the run started: it holds 0 bytes, shorter than the ")
+    assert errors[0].endswith(f"; stopped at step {stopped}, which latest.pt holds")
+    assert json.loads((run_dir / "checkpoints.json").read_text())["latest_step"] == stopped
+    assert load_hertz_dev(run_dir / "latest.safetensors", device="cpu", codec=None) is not None
+
+
 def test_a_damaged_best_pt_is_one_error_line_before_encoding(setup, tmp_path, capsys):
     """A best.pt cut short while latest.pt is whole: found when the folder was tidied at the start of
     the loop, after the codec had encoded the corpus. Now before encoding: nothing is written to a new
