@@ -23,6 +23,8 @@ import json
 import os
 import pickletools
 import re
+import shutil
+import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -32,7 +34,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from config import OneLine
-from .files import drop_dead_temporaries, json_value, temporary_beside
+from .files import drop_dead_temporaries, is_device, json_value, temporary_beside
 
 FORMAT = "hertz-dev/1"
 HASH_KEY = "content_sha256"
@@ -121,8 +123,21 @@ def written_temp(path: str | os.PathLike, write: Callable[[str], None]) -> Itera
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call `write(tmp_path)` then rename the temporary file to `path` (same folder, fsynced),
     so `path` is either the old complete file or the new complete one. Raises CheckpointError
-    naming `path` when the disk is full or the folder cannot be written."""
+    naming `path` when the disk is full or the folder cannot be written. A `path` that is a device
+    or a pipe (`model.files.is_device`) is written into, never replaced by a file: through a
+    temporary file in the temporary folder, since `write` may rename a file over the path it is
+    given (safetensors' `save_file` does)."""
     path = Path(path)
+    if is_device(path):
+        try:
+            with tempfile.TemporaryDirectory() as folder:
+                tmp = os.path.join(folder, path.name)
+                write(tmp)
+                with open(tmp, "rb") as source, open(path, "wb") as device:
+                    shutil.copyfileobj(source, device)
+        except OSError as e:
+            raise CheckpointError(f"cannot write {path}: {os_reason(e)}") from None
+        return path
     with written_temp(path, write) as tmp:
         try:
             os.replace(tmp, path)

@@ -163,14 +163,20 @@ def drop_dead_temporaries(folder: str | os.PathLike, prefix: str = ".", suffix: 
     return removed
 
 
+def is_device(path: str | os.PathLike) -> bool:
+    """Whether `path` is a device or a pipe (`/dev/null`, a FIFO, or a link to one): what the atomic
+    writers (`replace_atomically`, `model.checkpoint.atomic_write`) write into, never rename a file
+    over, which would replace the device itself by a regular file (as root, /dev/null for every
+    process of the machine)."""
+    return os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path)
+
+
 def replace_atomically(path: str | os.PathLike, write: Callable[[str], None], suffix: str = ".tmp") -> None:
     """`write(tmp)` on a `temporary_beside` file `.NAME.<8 hex>SUFFIX` and rename it over `path`,
     so `path` is the old complete file or the new complete one; nothing is left behind on failure,
     and the temporaries of `path` that killed writers left are removed first.
-    A `path` that is a device or a pipe (`/dev/null`, or a link to one) is written into with
-    `write(path)`: renamed over, the device itself would be replaced by a file (as root, /dev/null
-    for every process of the machine)."""
-    if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
+    A `path` that is a device or a pipe (`is_device`) is written into with `write(path)`."""
+    if is_device(path):
         return write(os.fspath(path))
     folder, name = os.path.split(os.path.abspath(os.fspath(path)))
     drop_dead_temporaries(folder, f".{name}.", suffix)

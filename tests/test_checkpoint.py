@@ -604,6 +604,70 @@ def test_atomically_written_files_get_the_mode_a_plain_open_gives(tmp_path):
     assert modes == {p.name: "0o664" for p in written}
 
 
+def drained(fifo, write) -> bytes:
+    """`write()`, while a thread reads everything written into the named pipe `fifo`: the bytes. (The
+    reader opens it without waiting for a writer, so a `write` that never opens it ends the read
+    when it returns, rather than leaving a thread waiting in open.)"""
+    import threading
+    import time
+    done, chunks = threading.Event(), []
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+
+    def read():
+        while True:
+            try:
+                data = os.read(fd, 1 << 16)
+            except BlockingIOError:  # a writer has it open, nothing to read yet
+                data = None
+            if data:
+                chunks.append(data)
+            elif data == b"" and (chunks or done.is_set()):  # the writer closed it (or never came)
+                return
+            else:
+                time.sleep(0.005)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        write()
+    finally:
+        done.set()
+        reader.join(timeout=30)
+        os.close(fd)
+    return b"".join(chunks)
+
+
+def test_saving_weights_to_a_pipe_or_a_link_to_one_writes_into_it_not_over_it(tmp_path):
+    """save_codec, save_transformer and save_adapter (model.checkpoint.atomic_write) renamed their
+    temporary over the path: a device or a named pipe was replaced by a regular file (as root,
+    `save_codec("/dev/null", codec)` broke /dev/null for every process of the machine), as the
+    audio writer (model.files.replace_atomically) never did. Both now write into it (here a named
+    pipe, and a link to it): it stays what it was, and what comes out of it loads."""
+    from model.lora import LoRAConfig, apply_lora, read_adapter, save_adapter
+    torch.manual_seed(0)
+    codec = build(Codec, CODEC_PRESETS["tiny"]).eval()
+    model = build(HertzDev, TRANSFORMER_PRESETS["tiny"])
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "link.safetensors").symlink_to(tmp_path / "pipe")
+    for target in (tmp_path / "pipe", tmp_path / "link.safetensors"):
+        written = drained(tmp_path / "pipe", lambda: save_codec(target, codec))
+        (tmp_path / "codec.safetensors").write_bytes(written)
+        assert torch.equal(next(iter(load_codec(tmp_path / "codec.safetensors").state_dict().values())),
+                           next(iter(codec.state_dict().values())))
+    written = drained(tmp_path / "pipe", lambda: save_transformer(tmp_path / "pipe", model))
+    (tmp_path / "model.safetensors").write_bytes(written)
+    assert load_hertz_dev(tmp_path / "model.safetensors", device="cpu", codec=None) is not None
+    lora = LoRAConfig(rank=4, alpha=8.0)
+    apply_lora(model, rank=4, alpha=8.0)
+    written = drained(tmp_path / "pipe", lambda: save_adapter(tmp_path / "link.safetensors", model, lora,
+                                                              "file-sha256:abc"))
+    (tmp_path / "model.safetensors").write_bytes(written)
+    assert read_adapter(tmp_path / "model.safetensors")[0] == lora
+    assert (tmp_path / "pipe").is_fifo() and os.readlink(tmp_path / "link.safetensors") == str(tmp_path / "pipe")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["codec.safetensors", "link.safetensors",
+                                                           "model.safetensors", "pipe"]  # no temporary beside them
+
+
 @pytest.mark.parametrize("value", [123, ["codec.safetensors"], ""], ids=["number", "list", "empty"])
 def test_a_recorded_codec_that_is_not_a_path_is_one_error_naming_the_file_and_field(tmp_path, monkeypatch, value):
     """A header whose extra records the codec as a number, a list or an empty string (edited, or
