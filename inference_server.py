@@ -1022,41 +1022,67 @@ class Server:
 
 
 def recover_recordings(folder: Path) -> None:
-    """Recordings a killed server left as `.NAME.part`: rewritten as NAME (a complete WAV) when
-    their audio is readable and not empty, removed otherwise; one log line each. One that a live
-    server (another on the same folder) is writing is locked by it (`Recorder`), and left to it."""
+    """Recordings a killed server left as `.NAME.part`: renamed into place as NAME (a complete WAV)
+    when their audio is readable and not empty, removed otherwise; one log line each. A `.part` is
+    finished in place (libsndfile sets its header's sizes to the audio it holds), so recovering
+    needs no room for a second copy: a server restarted on a full disk recovers it all the same.
+    One that cannot be finished now (a file this server may not write, a disk error), and anything
+    of such a name that is not a regular file (a folder), is left where it is with one warning
+    naming it; the server starts all the same. One that a live server (another on the same folder)
+    is writing is locked by it (`Recorder`), and left to it."""
+    import stat
     import soundfile as sf
-    from model.files import drop_dead_temporaries, open_locked, replace_atomically
+    from model.files import drop_dead_temporaries, open_locked
+
+    def leave(part: Path, why: str) -> None:
+        log.warning("left the interrupted recording %s for a later start: %s", printable(str(part)), why)
+
     # a recovery cut short: its temporary, once no server writes it (another server on this folder may be
-    # recovering into one now); `.NAME.part.tmp`, unlocked, of servers before the recovery wrote through a lock
+    # recovering into one now; older servers recovered into a copy); `.NAME.part.tmp`, unlocked, of servers
+    # before the recovery wrote through a lock
     drop_dead_temporaries(folder)
     for stale in sorted(folder.glob(".*.part.tmp")) if folder.is_dir() else []:
         with contextlib.suppress(OSError):
             os.remove(stale)
     for part in sorted(folder.glob(".*.part")) if folder.is_dir() else []:
         try:
-            held = open_locked(part, locks_optional=True, create=False)
+            if not stat.S_ISREG(os.lstat(part).st_mode):
+                leave(part, "it is not a regular file (a folder or a link?), so no recording of this server's")
+                continue
+            held = open_locked(part, create=False, locks_optional=True)
             if held is None:  # renamed into place as this server looked
                 continue
         except (BlockingIOError, FileNotFoundError):  # a live server's recording; one another server recovered
             continue
-        except OSError:  # (one this server cannot open for writing: taken unlocked, as before)
-            held = contextlib.nullcontext()
+        except OSError as e:  # one this server cannot open for writing (its permissions, a read-only disk)
+            leave(part, e.strerror or type(e).__name__)
+            continue
         with held:
             target = part.with_name(part.name[1:-len(".part")])
             try:
-                audio, rate = sf.read(str(part), dtype="int16", always_2d=True)
-            except Exception as e:
-                audio, rate, why = None, 0, f"unreadable ({type(e).__name__})"
+                # its header's sizes set to the audio it holds, in place, when closed (a killed writer's say 0)
+                with sf.SoundFile(str(part), "r+") as f:
+                    frames, rate = f.frames, f.samplerate
+            except sf.LibsndfileError as e:
+                if e.code == 2:  # libsndfile's "System error.": the disk's, not the file's
+                    leave(part, f"libsndfile could not open it: {e.error_string.strip()}")
+                    continue
+                frames, rate, why = 0, 0, f"unreadable ({type(e).__name__})"
+            except OSError as e:
+                leave(part, e.strerror or type(e).__name__)
+                continue
             else:
-                why = "empty" if len(audio) == 0 else f"{target.name} exists" if target.exists() else None
-            if why is None:
-                replace_atomically(target, lambda tmp: sf.write(tmp, audio, rate, "PCM_16", format="WAV"))
-                os.remove(part)
-                log.warning("recovered %.1f s of an interrupted recording: %s", len(audio) / rate, target)
-            else:
-                os.remove(part)
-                log.warning("removed an interrupted recording %s: %s", part, why)
+                why = "empty" if frames == 0 else f"{target.name} exists" if target.exists() else None
+            try:
+                if why is None:
+                    os.chmod(part, 0o644)  # (as `Recorder.close` leaves it)
+                    os.replace(part, target)
+                    log.warning("recovered %.1f s of an interrupted recording: %s", frames / rate, target)
+                else:
+                    os.remove(part)
+                    log.warning("removed an interrupted recording %s: %s", part, why)
+            except OSError as e:
+                leave(part, e.strerror or type(e).__name__)
 
 
 async def close_quietly(ws, code: int, reason: str) -> None:

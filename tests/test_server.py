@@ -1702,6 +1702,63 @@ def test_leftover_part_recordings_are_finished_or_removed(model, tmp_path, caplo
     assert "recovered 1.0 s" in caplog.text and caplog.text.count("removed an interrupted recording") == 2
 
 
+def test_a_server_starts_and_serves_beside_leftover_recordings_it_cannot_recover(model, tmp_path):
+    """A --recordings folder holding a folder named like a leftover recording (`.x.wav.part`) or a
+    `.part` this server may not write (read-only: another user's, a full disk's equal for what
+    recovery may do): the server did not start (IsADirectoryError, LibsndfileError tracebacks).
+    Each is now left where it is with one warning naming it, and the server starts and serves.
+    A recoverable `.part` (a killed server's: its header says no audio) is finished in place and
+    renamed, the same file (no second copy, for which a full disk had no room)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+    from live_server import save_tiny
+    from unprivileged import unprivileged
+    prefix = unprivileged()
+    checkpoint = save_tiny(model, tmp_path / "ckpt")
+    rec = tmp_path / "rec"
+    (rec / ".x.wav.part").mkdir(parents=True)
+    kill = ("import os, sys, numpy as np, soundfile as sf\n"
+            "f = sf.SoundFile(sys.argv[1], 'w', 16000, 2, 'PCM_16', format='WAV')\n"
+            "f.write(np.full((16000, 2), 100, dtype='int16'))\nf.flush()\nos._exit(9)\n")
+    for name in (".ro.wav.part", ".ok.wav.part"):
+        assert subprocess.run([sys.executable, "-c", kill, str(rec / name)], timeout=60).returncode == 9
+    os.chmod(rec / ".ro.wav.part", 0o444)
+    inode = os.stat(rec / ".ok.wav.part").st_ino
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    err = open(tmp_path / "err.txt", "w+")
+    proc = subprocess.Popen(prefix + [sys.executable, "inference_server.py", "--checkpoint", str(checkpoint), "--device",
+                                      "cpu", "--port", str(port), "--recordings", str(rec)],
+                            cwd=Path(__file__).resolve().parents[1], stdout=err, stderr=err)
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                status, _, _ = http(f"http://127.0.0.1:{port}/health")
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, open(tmp_path / "err.txt").read()[-3000:]
+                time.sleep(0.3)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    log = open(tmp_path / "err.txt").read()
+    assert status == 200 and "Traceback" not in log, log[-3000:]
+    left = [line for line in log.splitlines() if "left the interrupted recording" in line]
+    assert len(left) == 2, log[-3000:]
+    assert f"{rec / '.ro.wav.part'} for a later start: Permission denied" in left[0]
+    assert f"{rec / '.x.wav.part'} for a later start: it is not a regular file" in left[1]
+    assert "recovered 1.0 s of an interrupted recording" in log
+    assert sorted(p.name for p in rec.iterdir()) == [".ro.wav.part", ".x.wav.part", "ok.wav"]
+    assert os.stat(rec / "ok.wav").st_ino == inode
+    audio, rate = sf.read(rec / "ok.wav", dtype="int16")
+    assert rate == 16000 and audio.shape == (16000, 2) and (audio == 100).all()
+
+
 def test_a_recording_another_live_server_writes_is_left_to_it(model, tmp_path, caplog):
     """Two servers sharing a --recordings folder: the one starting took the other's live `.part` for a
     killed server's, rewrote what it held so far as the WAV and removed it, so the live session's
