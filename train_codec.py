@@ -150,16 +150,16 @@ def main(argv=None) -> dict:
 
         if cfg.eval_only:
             if is_main:
-                metrics, _ = evaluate(generator, val_loader, mel_loss, cfg, have, dnsmos)
+                metrics, _, skipped = evaluate(generator, val_loader, mel_loss, cfg, have, dnsmos)
                 rows = [(source + (" (weight average)" if raw is not None else ""), metrics)]
                 if cfg.val_raw and raw is not None:
                     generator.load_state_dict(raw)
-                    raw_metrics, _ = evaluate(generator, val_loader, mel_loss, cfg, have, dnsmos, samples=False)
+                    raw_metrics, _, _ = evaluate(generator, val_loader, mel_loss, cfg, have, dnsmos, samples=False)
                     rows.append((f"{source} (training weights)", raw_metrics))
                     metrics.update(as_val_raw(raw_metrics))
                 elif cfg.val_raw:
                     say(f"note: val_raw=true: {source} holds one set of weights (no weight average), scored above")
-                print_table(rows, len(val_loader.dataset))
+                print_table(rows, len(val_loader.dataset), len(skipped))
             teardown_distributed()
             return metrics if is_main else {}
 
@@ -251,17 +251,25 @@ def main(argv=None) -> dict:
                     guard.check()  # nothing is evaluated or saved after a non-finite step
                     timer.pause()
                 t_pause = time.time()
+                measured = validation  # what this step's evaluation measured (fewer crops: `partial_note`)
                 if due.evaluate and is_main:
                     with average.averaged() if average else nullcontext():
-                        metrics, pairs = evaluate(generator, val_loader, mel_loss, cfg, have, dnsmos)
+                        metrics, pairs, skipped = evaluate(generator, val_loader, mel_loss, cfg, have, dnsmos)
                     if average and cfg.val_raw:  # the training weights too, for comparison
-                        trained, _ = evaluate(generator, val_loader, mel_loss, cfg, have, dnsmos, samples=False)
+                        trained, _, _ = evaluate(generator, val_loader, mel_loss, cfg, have, dnsmos, samples=False)
                         metrics.update(as_val_raw(trained))
                     logger.log({**metrics, **log_samples(run_dir, pairs, cfg.sample_rate, logger, have.plots)}, step)
-                    say(f"step {step}: {summary(metrics)}")
+                    note = ""
+                    if skipped:  # crops of files unreadable now: measured on part of the validation
+                        measured = validation_key(validation=validation, skipped=skipped)
+                        note = partial_note(len(val_loader.dataset), skipped, checkpoints.comparable(measured))
+                    say(f"step {step}: {summary(metrics)}{note}")
                 if due.save:
-                    save(step, due.best_metric(metrics, "val/mel_distance"), checkpoints, generator, discriminators,
-                         average, opt_g, opt_d, scaler, cfg, ddp, logger.run_id, validation)
+                    metric = due.best_metric(metrics, "val/mel_distance")
+                    if measured != validation and not checkpoints.comparable(measured):
+                        metric = None  # never ranked against best.pt's value, measured on more crops
+                    save(step, metric, checkpoints, generator, discriminators, average, opt_g, opt_d, scaler, cfg,
+                         ddp, logger.run_id, measured)
                 if ddp.enabled and (due.evaluate or due.save):
                     dist.barrier()  # rank 0 evaluated or wrote alone: the others wait here, not in the next all-reduce
                 if due.stop:
@@ -432,13 +440,15 @@ def compile_and_wrap(module: nn.Module, compile: bool, ddp: Dist) -> nn.Module:
 
 @torch.no_grad()
 def evaluate(generator: nn.Module, val_loader: DataLoader, mel_loss: MultiResolutionMelLoss, cfg: CodecConfig,
-             have: Available, dnsmos: DNSMOS | None, samples: bool = True) -> tuple[dict, list]:
+             have: Available, dnsmos: DNSMOS | None, samples: bool = True) -> tuple[dict, list, list[int]]:
     """Validation metrics of the posterior mean's reconstruction (mel distance, SI-SDR, STOI,
-    wideband PESQ, DNSMOS with val_mos), the latent's KL rate, and (`samples`) a few (input, output) pairs."""
+    wideband PESQ, DNSMOS with val_mos), the latent's KL rate, (`samples`) a few (input, output)
+    pairs, and the crops left out (their index in the validation set): those of files that
+    failed to read, all padding, which no metric counts."""
     codec = unwrap(generator).eval()
     device, hop = next(codec.parameters()).device, math.prod(cfg.strides)
-    mels, sdrs, stois, pesqs, moses, pairs = [], [], [], [], [], []
-    kl_sum, latents = 0.0, 0
+    mels, sdrs, stois, pesqs, moses, pairs, skipped = [], [], [], [], [], [], []
+    kl_sum, latents, seen = 0.0, 0, 0
     for batch in val_loader:
         audio, mask = batch["audio"].to(device), batch["mask"].to(device)
         with autocast(device, cfg.dtype):
@@ -446,6 +456,8 @@ def evaluate(generator: nn.Module, val_loader: DataLoader, mel_loss: MultiResolu
             recon = codec.decode(mu)
         real, recon = audio * mask[:, None], recon.float() * mask[:, None]
         keep = mask.sum(-1) > 0  # an unreadable file's crop is all padding
+        skipped += [seen + i for i in (~keep).nonzero().flatten().tolist()]
+        seen += len(keep)
         mels.append(mel_loss(recon, real, mask, per_item=True)[keep].cpu())
         sdrs.append(si_sdr(recon, real, mask)[keep].cpu())  # NaN for a silent crop: left out of the mean
         real_latents = latent_mask(mask, hop)
@@ -473,7 +485,16 @@ def evaluate(generator: nn.Module, val_loader: DataLoader, mel_loss: MultiResolu
                "val/kl_bits_per_s": kl_bits_per_second(kl_sum / max(latents, 1), cfg.sample_rate / hop)}
     if dnsmos is not None:
         metrics["val/dnsmos"] = nanmean(moses)
-    return metrics, pairs
+    return metrics, pairs, skipped
+
+
+def partial_note(crops: int, skipped: list[int], ranked: bool) -> str:
+    """What an evaluation's line adds when it left `skipped` of the `crops` validation crops out
+    (their files failed to read, named above): the share scored, and, when `ranked` is False,
+    that best.pt is not ranked on it (best.pt was measured on another share: the values do not
+    compare, and a metric on fewer crops is no better)."""
+    return (f" (on {crops - len(skipped)} of {crops} crops: {len(skipped)} unreadable, named above"
+            + ("" if ranked else "; not ranked for best.pt, which was measured on other crops") + ")")
 
 
 def as_val_raw(metrics: dict) -> dict:
@@ -768,13 +789,15 @@ def nanmean(values: list) -> float:
     return float(np.mean(finite)) if finite else math.nan
 
 
-def print_table(rows: list[tuple[str, dict]], crops: int) -> None:
-    """eval_only's table: a row (label, metrics) per set of weights scored."""
+def print_table(rows: list[tuple[str, dict]], crops: int, skipped: int = 0) -> None:
+    """eval_only's table: a row (label, metrics) per set of weights scored, on `crops` less
+    `skipped` (unreadable) validation crops."""
+    scored = f"{crops - skipped} of {crops}" if skipped else crops
     mos = "val/dnsmos" in rows[0][1]
     print("\n| codec | val crops | mel distance | SI-SDR (dB) | STOI | PESQ | KL (bits/s) |"
           + (" DNSMOS |" if mos else "") + "\n|---|---|---|---|---|---|---|" + ("---|" if mos else ""))
     for source, m in rows:
-        print(f"| {source} | {crops} | {m['val/mel_distance']:.4f} | {m['val/si_sdr']:.2f} | {m['val/stoi']:.4f} | "
+        print(f"| {source} | {scored} | {m['val/mel_distance']:.4f} | {m['val/si_sdr']:.2f} | {m['val/stoi']:.4f} | "
               f"{m['val/pesq']:.3f} | {m['val/kl_bits_per_s']:.1f} |" + (f" {m['val/dnsmos']:.3f} |" if mos else ""))
 
 

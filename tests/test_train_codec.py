@@ -1245,6 +1245,47 @@ def test_a_latest_pt_cut_short_is_one_error_line_saying_what_to_do(corpus, train
     assert "val:" not in result.stdout + result.stderr
 
 
+def test_an_evaluation_missing_crops_of_a_file_gone_mid_run_says_so_and_never_takes_best_pt(corpus, tmp_path):
+    """A validation file that became unreadable mid-run (removed, cut short, its permissions
+    changed: here removed) gave all-padding crops that every metric leaves out: the evaluations
+    after it scored the other crops only, under the run's validation key, and best.pt was ranked
+    on them as on the whole set (leaving out a hard file looks like progress). Such an evaluation
+    now says `on N of M crops` and is not ranked against best.pt's value, measured on all of them.
+    The weights do not change (learning rates 0): every evaluation scores the same model."""
+    val = tmp_path / "val"
+    shutil.copytree(corpus / "val", val)
+    sf.write(val / "noise.wav", 0.9 * np.random.default_rng(0).uniform(-1, 1, 32000), 16000)  # hard to reconstruct
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "train_codec.py"] + args(corpus, run_dir, f"val_data_path={val}", "preload_max_gb=0",
+                                                    "max_steps=4", "eval_interval=2", "save_interval=2", "val_crops=4",
+                                                    "num_audio_samples=0", "learning_rate=0", "min_lr=0",
+                                                    "disc_learning_rate=0")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline and not (
+                (run_dir / "checkpoints.json").is_file() and '"latest_step": 2' in (run_dir / "checkpoints.json").read_text()):
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGSTOP)  # (the next evaluation, at step 4, comes after the file is gone)
+        (val / "noise.wav").unlink()
+        proc.send_signal(signal.SIGCONT)
+        out = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    lines = {int(m[1]): m[0] for m in re.finditer(r"^step (\d+): val mel distance .*$", out, re.M)}
+    assert sorted(lines) == [0, 2, 4] and "crops" not in lines[0] + lines[2], out[-3000:]
+    assert lines[4].endswith(" (on 3 of 4 crops: 1 unreadable, named above; not ranked for best.pt, which was measured "
+                             "on other crops)")
+    assert f"cannot read audio file {val / 'noise.wav'}" in out
+    evaluations = {r["step"]: r["val/mel_distance"] for r in rows(run_dir / "metrics.jsonl") if "val/mel_distance" in r}
+    assert evaluations[4] < evaluations[2] == evaluations[0]  # the partial figure looks better: it is left out
+    info = json.loads((run_dir / "checkpoints.json").read_text())
+    assert info["best_step"] == 2 and info["best_metric"] == pytest.approx(evaluations[2]) and info["latest_step"] == 4
+    assert torch.load(run_dir / "best.pt", weights_only=False)["step"] == 2
+
+
 def test_a_damaged_best_pt_is_one_error_line_before_the_data(corpus, trained, tmp_path, capsys):
     """A best.pt cut short (an interrupted copy) while latest.pt is whole: the run read and decoded
     the data, built the models, and only then found it (tidying the folder at the start of the loop).
