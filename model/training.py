@@ -32,6 +32,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -745,17 +746,28 @@ LINK_SUFFIX = ".link"  # _link's temporary: `.NAME.link`
 
 
 def _link(src: Path, dst: Path) -> None:
-    """Make `dst` name the same file as `src`, atomically (hard link, or a copy if links fail)."""
+    """Make `dst` name the same file as `src`, atomically (hard link, or a copy if links fail: a
+    FAT drive, some network shares). CheckpointError naming `dst` (and the copy, if it was one)
+    when neither can be made (a full disk under the copy, a folder in the way), the temporary
+    removed: `src` itself is whole, and it was `dst` that failed."""
     if dst.is_file() and os.path.samefile(src, dst):  # (a rename onto a link of the same file does nothing,
         return                                        # leaving the temporary link behind)
     tmp = dst.with_name(f".{dst.name}{LINK_SUFFIX}")
-    tmp.unlink(missing_ok=True)
+    copied = False
     try:
-        os.link(src, tmp)
-    except OSError:
-        import shutil
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            import shutil
+            copied = True
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        how = f" (a copy of {src.name}: no hard links here)" if copied else ""
+        raise CheckpointError(f"cannot write {dst}{how}: {os_reason(e)}") from None
 
 
 # The run locks this process holds: (st_dev, st_ino) of a folder's `.run.lock` -> [its descriptor, holders].
@@ -989,9 +1001,13 @@ class Checkpoints:
                 os.replace(tmp_state, path)
                 if tmp_export:
                     os.replace(tmp_export, exported)
-                info = self._finish(info)
             except OSError as e:
                 raise CheckpointError(f"cannot write {path}: {os_reason(e)}") from None
+            try:
+                info = self._finish(info)
+            except CheckpointError as e:  # (latest.pt or best.pt: the step file is in place, whole)
+                raise CheckpointError(f"{e}; {path.name} is saved whole, and the next start finishes its save "
+                                      "once that can be written") from None
         self._record(info)
         steps = step_files(self.folder)
         for old in steps[:-self.keep] if self.keep > 0 else []:
@@ -1028,13 +1044,19 @@ class Checkpoints:
             return notes
         for pattern in (f".*{TEMP_SUFFIX}", f".*{LINK_SUFFIX}"):
             for stale in sorted(self.folder.glob(pattern)):
+                if stale.is_dir() and not stale.is_symlink():  # (not one of ours: a folder made by hand)
+                    continue
                 stale.unlink(missing_ok=True)
                 notes.append(f"removed {stale.name}, left by an interrupted save")
         info = self._info()
         pending = info.get("pending")
         if pending and (self.folder / f"step_{pending['step']:08d}.pt").is_file():  # killed after its first rename
             best = info.get("best_step")
-            info = self._finish(info)
+            try:
+                info = self._finish(info)
+            except CheckpointError as e:  # (as in `save`: one line naming latest.pt or best.pt)
+                raise CheckpointError(f"{e}, finishing the interrupted save of step {pending['step']}; run again "
+                                      "once that can be written") from None
             self._record(info)
             ranked = info.get("best_step") != best
             notes.append(f"finished the interrupted save of step {pending['step']}: latest.pt"

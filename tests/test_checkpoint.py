@@ -319,6 +319,51 @@ def test_a_save_killed_inside_is_finished_at_the_next_start_its_best_ranked(tmp_
     assert torch.load(run / "best.pt")["step"] == 3 and not (run / "step_00000004.pt").exists()
 
 
+NO_LINKS_UNDER_A_SIZE_LIMIT = """\
+import errno, os, resource, sys
+from model.training import Checkpoints
+def no_link(src, dst, *args, **kwargs):  # a file system without hard links (FAT, some network shares) says so
+    raise PermissionError(errno.EPERM, "Operation not permitted", dst)
+os.link = no_link
+resource.setrlimit(resource.RLIMIT_FSIZE, (16384, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))  # (SIGXFSZ: ignored)
+Checkpoints(sys.argv[1]).recover(lambda state, tmp: None)
+"""
+
+
+def test_a_latest_pt_that_cannot_be_made_is_one_error_naming_it_and_the_next_start_finishes_the_save(tmp_path):
+    """A save whose step file was in place but whose latest.pt could not be made (where the file
+    system has no hard links, a copy that fills the disk) blamed the step file, `cannot write
+    step_00000003.pt`, and the next start, finishing that save (`recover`), ended in the copy's
+    OSError traceback. Both are one CheckpointError naming latest.pt now, no temporary is left, and
+    a start once it can be written finishes the save. Here a folder in the way of latest.pt, then,
+    in a process of its own, a copy that fails at a file size limit where no hard links are made."""
+    import subprocess
+    import sys
+    folder, codec = training_folder(tmp_path)
+    run = folder.folder
+    (run / "latest.pt").unlink()
+    (run / "latest.pt").mkdir()
+    with pytest.raises(CheckpointError) as error:
+        folder.save(3, {**torch.load(run / "step_00000002.pt"), "step": 3}, metric=0.25,
+                    export=lambda tmp: write_codec(tmp, codec, {"step": 3}))
+    assert str(error.value) == (f"cannot write {run / 'latest.pt'}: Is a directory; step_00000003.pt is saved whole, "
+                                "and the next start finishes its save once that can be written")
+    assert (run / "step_00000003.pt").is_file() and not (run / ".latest.pt.link").exists()
+    with pytest.raises(CheckpointError) as error:
+        folder.recover(export_state)
+    assert str(error.value) == (f"cannot write {run / 'latest.pt'}: Is a directory, finishing the interrupted save of "
+                                "step 3; run again once that can be written")
+    (run / "latest.pt").rmdir()
+    r = subprocess.run([sys.executable, "-c", NO_LINKS_UNDER_A_SIZE_LIMIT, str(run)], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
+        f"model.checkpoint.CheckpointError: cannot write {run / 'latest.pt'} (a copy of step_00000003.pt: no hard links "
+        "here): File too large, finishing the interrupted save of step 3; run again once that can be written"), r.stderr
+    assert not (run / ".latest.pt.link").exists() and not (run / "latest.pt").exists()
+    assert folder.recover(export_state)[0] == "finished the interrupted save of step 3: latest.pt and best.pt name it"
+    assert torch.load(run / "latest.pt")["step"] == torch.load(run / "best.pt")["step"] == 3
+
+
 def test_a_pending_save_record_that_is_not_one_is_dropped_not_a_traceback(tmp_path):
     """A hand-edited `pending` entry of checkpoints.json without its metric or validation was a
     KeyError traceback at the next start (fresh-eyes hunt, session 37): an entry that is not one
