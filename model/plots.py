@@ -78,14 +78,18 @@ def save_mel_figure(path: str | os.PathLike, pairs: Sequence[tuple[np.ndarray, n
 
 def read_metrics(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """`metrics.jsonl` -> {key: (steps, values)}. A step logged twice (a run killed after its last
-    checkpoint, then resumed) keeps its last value."""
+    checkpoint, then resumed) keeps its last value. A line that is not a JSON object of a step (cut
+    short by a kill, a byte damaged on disk or by an editor) is left out: the curves are drawn at the
+    end of a run, after its last save, where a UnicodeDecodeError was a traceback."""
     series: dict[str, dict[int, float]] = defaultdict(dict)
-    with open(path) as f:
+    with open(path, encoding="utf-8", errors="replace") as f:  # (a damaged byte: U+FFFD, the line left out below)
         for line in f:
             try:
                 row = json_value(line)
             except ValueError:
                 continue  # a line cut short by a kill
+            if not isinstance(row, dict) or "\ufffd" in line:
+                continue
             step = row.get("step")
             for key, value in row.items():
                 if key not in ("step", "time") and isinstance(value, (int, float)) and math.isfinite(value):

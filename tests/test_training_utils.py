@@ -774,6 +774,20 @@ def test_metrics_jsonl_deleted_during_a_run_is_started_anew_and_the_plot_does_no
     assert [(r["step"], r["loss/total"]) for r in rows] == [(3, 0.25)]
 
 
+def test_a_damaged_byte_in_metrics_jsonl_leaves_its_line_out_of_the_curves(tmp_path):
+    """One byte of metrics.jsonl that is not UTF-8 (a damaged disk block, an editor's encoding): the
+    end of a saved run drew the curves with a strict decoder, and its UnicodeDecodeError (which
+    `write_samples` does not catch: a ValueError) ended the run with a traceback after its last save.
+    The damaged line is left out; the others are drawn."""
+    from model.plots import plot_metrics, read_metrics
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [json.dumps({"step": s, "loss/total": 1.0 / s}).encode() for s in (1, 2, 3)]
+    metrics.write_bytes(rows[0] + b"\n" + rows[1].replace(b"total", b"tot\xffal") + b"\n" + rows[2] + b"\n[1, 2]\n")
+    steps, values = read_metrics(metrics)["loss/total"]
+    assert steps.tolist() == [1, 3] and values.tolist() == [1.0, 1.0 / 3]
+    assert plot_metrics(metrics, tmp_path / "curves.png") == str(tmp_path / "curves.png")
+
+
 def test_the_working_folder_is_not_moved_aside(tmp_path, monkeypatch):
     """`checkpoint_dir=. resume=false` over a run: a ValueError traceback ("PosixPath('.') has an
     empty name"); renamed by its absolute path, the new run's relative paths would have followed it
