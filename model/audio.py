@@ -823,7 +823,8 @@ def save_audio(path: str, audio, sample_rate: int, subtype: str = "PCM_16") -> N
         replace_atomically(path, lambda tmp: sf.write(tmp, audio.T, sample_rate, subtype=subtype, format=fmt),
                            suffix=ext)
     except Exception as e:
-        raise AudioError(f"cannot write audio file {path}: {_write_reason(e, folder, audio.size * 4)}") from e
+        size = audio.size * {"PCM_16": 2, "PCM_24": 3}.get(subtype, 4) + 4096  # (a header's margin: FLOAT, at most)
+        raise AudioError(f"cannot write audio file {path}: {_write_reason(e, folder, size)}") from e
 
 
 def no_room(folder: str | os.PathLike, nbytes: int) -> Optional[int]:
@@ -840,13 +841,42 @@ def no_room(folder: str | os.PathLike, nbytes: int) -> Optional[int]:
 
 def _write_reason(e: Exception, folder: str, nbytes: int) -> str:
     """Why writing up to `nbytes` into `folder` failed: libsndfile's "System error." asked of the
-    disk (full, or not writable); else what was said."""
+    disk (full, or not writable), else of a plain write of as many bytes (`plain_write_error`: a
+    file size limit, a disk quota); else what was said."""
     reason = _reason(e)
     if "System error" not in reason:
         return reason
     if (free := no_room(folder, nbytes)) is not None:
         return f"no space left on the device ({free} bytes free)"
-    return "permission denied" if not os.access(folder, os.W_OK) else reason
+    if not os.access(folder, os.W_OK):
+        return "permission denied"
+    return plain_write_error(folder, nbytes) or reason
+
+
+def plain_write_error(folder: str | os.PathLike, nbytes: int) -> Optional[str]:
+    """What the system says to a plain write of `nbytes` into a temporary file in `folder` (removed
+    after), which libsndfile's "System error." leaves out: `File too large (the file size limit,
+    ulimit -f, is N bytes)`, `Disk quota exceeded`; None when that write succeeds."""
+    import tempfile
+    block = bytes(1 << 20)
+    try:
+        with tempfile.TemporaryFile(dir=folder) as f:
+            left = nbytes
+            while left > 0:
+                left -= f.write(block[:min(left, len(block))])
+            f.flush()
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        if e.errno == errno.EFBIG:
+            try:
+                import resource
+                limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+            except (ImportError, OSError, ValueError):
+                limit = None
+            if limit is not None and limit != resource.RLIM_INFINITY:
+                why += f" (the file size limit, `ulimit -f`, is {limit} bytes)"
+        return why
+    return None
 
 
 def load_prompt(path: str, channels: int, sample_rate: int = 16000, hop: int = 2000,

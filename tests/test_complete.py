@@ -714,6 +714,27 @@ def test_a_disk_that_fills_while_generating_is_one_error_line(ckpts, tmp_path, c
     assert listing == []
 
 
+def test_an_output_beyond_the_file_size_limit_is_one_error_line_naming_the_limit(ckpts, tmp_path):
+    """Under a file size limit (`ulimit -f`, a batch system's; a quota says as little) the output
+    was 'cannot write audio file OUT: System error.' (libsndfile drops the errno) with free space
+    to spare. The cause is now asked of a plain write, and named: `File too large (the file size
+    limit, ulimit -f, is N bytes)`; no file is left."""
+    import resource
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (40960, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, str(REPO / "complete.py"), str(ckpts["stereo"]), str(tmp_path / "out.wav"),
+                        "--variant", str(ckpts["duplex"]), "--seconds", "3"], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300, preexec_fn=limited)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and "Traceback" not in r.stderr and lines[-1] == (
+        f"error: cannot write audio file {tmp_path / 'out.wav'}: File too large (the file size limit, `ulimit -f`, is "
+        "40960 bytes)"), r.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_ctrl_c_while_generating_is_one_line(ckpts, tmp_path):
     """Ctrl-C in complete.py printed a ~60-line KeyboardInterrupt traceback (also under demo.py's
     last step); nothing is half-written (outputs are written atomically): one line, status 130."""
