@@ -842,12 +842,19 @@ def no_room(folder: str | os.PathLike, nbytes: int) -> Optional[int]:
 def _write_reason(e: Exception, folder: str, nbytes: int) -> str:
     """Why writing up to `nbytes` into `folder` failed: libsndfile's "System error." asked of the
     disk (full, or not writable), else of a plain write of as many bytes (`plain_write_error`: a
-    file size limit, a disk quota); else what was said."""
-    reason = _reason(e)
-    if "System error" not in reason:
+    file size limit, a disk quota); else what was said. An OSError (the temporary file beside the
+    target could not be made: a read-only folder, a full disk) is what the system said, without the
+    temporary's name: the error names the file meant."""
+    if isinstance(e, OSError):
+        reason = e.strerror or type(e).__name__
+        if e.errno != errno.ENOSPC:
+            return reason
+    elif "System error" not in (reason := _reason(e)):
         return reason
     if (free := no_room(folder, nbytes)) is not None:
         return f"no space left on the device ({free} bytes free)"
+    if isinstance(e, OSError):
+        return reason
     if not os.access(folder, os.W_OK):
         return "permission denied"
     return plain_write_error(folder, nbytes) or reason

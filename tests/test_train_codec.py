@@ -1245,6 +1245,29 @@ def test_a_latest_pt_cut_short_is_one_error_line_saying_what_to_do(corpus, train
     assert "val:" not in result.stdout + result.stderr
 
 
+def test_samples_it_may_not_write_are_one_warning_naming_the_file_not_a_temporary(corpus, tmp_path):
+    """A run folder's samples/ this process may not write in (made read-only, another user's): the
+    warning said `[Errno 13] Permission denied: '.../samples/.0_input.wav.1a2b3c4d.wav'`, a temporary
+    file's name the user never sees. It names the file meant and the reason; the run goes on and
+    saves. (As root the trainer runs without the capabilities that let it write anywhere.)"""
+    from unprivileged import unprivileged
+    run_dir = tmp_path / "run"
+    (run_dir / "samples").mkdir(parents=True)
+    (run_dir / "samples").chmod(0o555)
+    try:
+        result = subprocess.run(unprivileged() + [sys.executable, "train_codec.py",
+                                                  *args(corpus, run_dir, "max_steps=1", "val_crops=4",
+                                                        "num_audio_samples=1")],
+                                cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True, timeout=300)
+    finally:
+        (run_dir / "samples").chmod(0o755)
+    assert result.returncode == 0 and (run_dir / "latest.pt").is_file(), result.stderr[-3000:]
+    warned = [line for line in result.stderr.splitlines() if line.startswith("warning: cannot write the samples")]
+    assert warned and all(line == f"warning: cannot write the samples in {run_dir / 'samples'}: cannot write audio "
+                          f"file {run_dir / 'samples' / '0_input.wav'}: Permission denied; training goes on"
+                          for line in warned), result.stderr[-3000:]
+
+
 def test_an_evaluation_missing_crops_of_a_file_gone_mid_run_says_so_and_never_takes_best_pt(corpus, tmp_path):
     """A validation file that became unreadable mid-run (removed, cut short, its permissions
     changed: here removed) gave all-padding crops that every metric leaves out: the evaluations
