@@ -45,7 +45,7 @@ from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from config import ConfigError, config_diff, fields_marked, from_dict, parse_args
+from config import ConfigError, config_diff, fields_marked, from_dict, parse_args, printable
 from config.codec_config import PRESETS, CodecConfig
 from config.transformer_config import TransformerConfig
 from model.audio import AudioError, save_audio
@@ -144,7 +144,7 @@ def main(argv=None) -> dict:
             elif state is not None:
                 say(f"note: {latest} holds no weight average: ema_decay={cfg.ema_decay:g} starts one from its weights")
         if is_main and not cfg.resume and not cfg.eval_only and (old := checkpoints.move_aside()):
-            say(f"resume=false: moved the previous run in {run_dir} to {old}")
+            say(f"resume=false: moved the previous run in {printable(run_dir)} to {printable(old)}")
         say(f"codec: {sum(p.numel() for p in generator.parameters()) / 1e6:.2f}M parameters, discriminators: "
             f"{sum(p.numel() for p in discriminators.parameters()) / 1e6:.2f}M; weights from {source}")
 
@@ -235,7 +235,7 @@ def main(argv=None) -> dict:
         samples_per_step = cfg.batch_size * cfg.grad_accum_steps * ddp.world_size
         last = last_step(cfg.max_steps, cfg.stop_step)  # the schedule still ends at max_steps
         say(f"training from step {step} to {last}: {samples_per_step} crops of {cfg.segment_seconds} s "
-            f"per step on {ddp.world_size} x {device}, run folder {run_dir}")
+            f"per step on {ddp.world_size} x {device}, run folder {printable(run_dir)}")
         if device.type == "cuda" and step < last:  # a first step minutes long, with the bar at 0: said, not a hang
             say(f"note: the first step tries cuDNN's algorithms for each convolution of {cfg.segment_seconds} s "
                 "crops (on an H200: 35-45 s at 2 s crops, 1.5-2 min at 6 s); the steps after it do not")
@@ -338,7 +338,7 @@ def main(argv=None) -> dict:
         png = is_main and have.plots and write_samples(  # (a full disk: one warning line; the run is saved)
             run_dir, lambda folder: plot_metrics(folder / "metrics.jsonl", folder / "loss_curves.png",
                                                  title=f"codec ({run_dir})"), "the loss curves", "the run is saved")
-        say(f"done at step {step}: {run_dir / 'latest.safetensors'}" + (f", curves in {png}" if png else ""))
+        say(f"done at step {step}: {printable(run_dir / 'latest.safetensors')}" + (f", curves in {printable(png)}" if png else ""))
         logger.finish()
         teardown_distributed()
         deadline.exit(step)  # stopped by a signal, a data-loading worker's death or an unreadable batch: saved

@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from config import ConfigError, check_compatible, fields_marked, from_dict, parse_args
+from config import ConfigError, check_compatible, fields_marked, from_dict, parse_args, printable
 from config.codec_config import CodecConfig
 from config.transformer_config import PRESETS, TransformerConfig
 from model import Codec, Generator, HertzDev, build, finetune, hub, load_codec, load_hertz_dev
@@ -116,7 +116,7 @@ def main(argv=None) -> dict:
         fingerprint = codec_fingerprint(codec)
         check_codec(state, latest, cfg, fingerprint, say)
         if is_main and not cfg.resume and not cfg.eval_only and (old := checkpoints.move_aside()):
-            say(f"resume=false: moved the previous run in {run_dir} to {old}")
+            say(f"resume=false: moved the previous run in {printable(run_dir)} to {printable(old)}")
         train_set, val_set = build_data(cfg, codec, fingerprint, say)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         if (state is None or lora) and cfg.init_from:  # a LoRA run's state holds the adapters, not the base
@@ -164,7 +164,7 @@ def main(argv=None) -> dict:
         last = last_step(cfg.max_steps, cfg.stop_step)  # the schedule still ends at max_steps
         say(f"training from step {step} to {last}: {latents_per_step} latents "
             f"({cfg.batch_size} x {cfg.seq_len} x {cfg.grad_accum_steps} x {ddp.world_size}) per step, "
-            f"{flops_per_latent / 1e9:.2f} GFLOP per latent; run folder {run_dir}")
+            f"{flops_per_latent / 1e9:.2f} GFLOP per latent; run folder {printable(run_dir)}")
         bar = tqdm(total=last, initial=step, disable=not is_main, dynamic_ncols=True, desc=f"train {cfg.stage}")
         start_step, t_log = step, time.time()
         sums, steps_since_log, metrics = {}, 0, {}
@@ -246,7 +246,7 @@ def main(argv=None) -> dict:
                     codes.zero_()
 
         bar.close()
-        say(f"done at step {step}: {run_dir / f'latest{checkpoints.export_suffix}'}")
+        say(f"done at step {step}: {printable(run_dir / f'latest{checkpoints.export_suffix}')}")
         logger.finish()
         teardown_distributed()
         deadline.exit(step)  # stopped by a signal, a data-loading worker's death or an unreadable batch: saved

@@ -1362,9 +1362,9 @@ def finished_message(step: int, max_steps: int, stop_step: int, folder: str | os
     if step < last_step(max_steps, stop_step):
         return None
     if step < max_steps:
-        return (f"the run in {folder} already stopped at step {step} (stop_step={stop_step}); nothing to train: run "
+        return (f"the run in {printable(folder)} already stopped at step {step} (stop_step={stop_step}); nothing to train: run "
                 f"again with a later stop_step (or 0) to continue to max_steps={max_steps}")
-    return (f"the run in {folder} is already finished at step {step} (max_steps={max_steps}); nothing to train. "
+    return (f"the run in {printable(folder)} is already finished at step {step} (max_steps={max_steps}); nothing to train. "
             f"To train further, raise max_steps (e.g. max_steps={2 * step}: the cosine decay is then stretched to "
             "it, so the learning rate rises again); to start afresh, resume=false")
 

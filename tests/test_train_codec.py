@@ -1245,6 +1245,22 @@ def test_a_latest_pt_cut_short_is_one_error_line_saying_what_to_do(corpus, train
     assert "val:" not in result.stdout + result.stderr
 
 
+def test_a_checkpoint_dir_with_a_newline_is_written_out_on_the_lines_that_name_it(corpus, tmp_path, capsys):
+    """A checkpoint_dir whose name holds a newline (or an escape sequence) was printed raw in the
+    lines that name it, `training from ... run folder ...`, `done at step N: ...` and, run again,
+    `the run in ... is already finished`: each broke in two (or could drive the terminal). Each is
+    one line now, the name written as the errors write it (`printable`: `\\n`)."""
+    run_dir = tmp_path / "new\nline"
+    result = run_here(args(corpus, run_dir, "max_steps=1", *BRIEF_EVAL), capsys)
+    assert result.returncode == 0, result.stderr[-3000:]
+    shown = str(run_dir).replace("\n", "\\n")
+    out = result.stdout + result.stderr
+    assert f"run folder {shown}\n" in out and f"done at step 1: {shown}/latest.safetensors, curves in {shown}/" in out
+    result = run_here(args(corpus, run_dir, "max_steps=1", *BRIEF_EVAL), capsys)
+    assert f"the run in {shown} is already finished at step 1" in result.stdout + result.stderr
+    assert (run_dir / "latest.safetensors").is_file()
+
+
 def test_samples_it_may_not_write_are_one_warning_naming_the_file_not_a_temporary(corpus, tmp_path):
     """A run folder's samples/ this process may not write in (made read-only, another user's): the
     warning said `[Errno 13] Permission denied: '.../samples/.0_input.wav.1a2b3c4d.wav'`, a temporary
