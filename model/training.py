@@ -970,11 +970,12 @@ class Checkpoints:
 
     def comparable(self, validation: str) -> bool:
         """Whether a metric measured on `validation` (`validation_key`) may be ranked against
-        best.pt's: there is no best.pt, or it was ranked on the same validation (or on one its
-        record does not name, as before records named it). A trainer's evaluation on part of its
-        validation (crops whose files failed to read) is ranked only so: against another value
-        measured on another part it would take best.pt by a figure that does not compare."""
-        return self.best is None or self._info().get("best_validation") in (None, validation)
+        best.pt's: there is no best.pt, or it was ranked on that same validation. A trainer's
+        evaluation on part of its validation (crops whose files failed to read) is ranked only so:
+        against a value measured on another part, or on a validation its record does not name (a
+        record written before records named it), it would take best.pt by a figure that does not
+        compare."""
+        return self.best is None or self._info().get("best_validation") == validation
 
     def save(self, step: int, state: dict, metric: Optional[float] = None,
              export: Optional[Callable[[str], None]] = None, validation: Optional[str] = None) -> Path:

@@ -439,6 +439,23 @@ def test_best_pt_is_ranked_only_among_metrics_measured_on_the_same_validation(tm
     assert ck.load(ck.best)["step"] == 4
 
 
+def test_a_partial_evaluation_is_comparable_only_with_a_best_pt_ranked_on_the_same_crops(tmp_path):
+    """An evaluation that skipped crops (`train_codec.py`: files unreadable mid-run) is ranked for
+    best.pt only against a best.pt ranked on the same crops: a best.pt whose record names no
+    validation (written before records named it) was taken as comparable, so a partial figure
+    could take best.pt from a full one."""
+    full, partial = validation_key(val="a", crops=[(0, 0), (1, 0)]), validation_key(val="a", crops=[(0, 0)])
+    assert Checkpoints(tmp_path / "none").comparable(partial)  # no best.pt yet: nothing to compare with
+    ck = Checkpoints(tmp_path / "full")
+    ck.save(1, {"step": 1}, 1.0, validation=full)
+    assert ck.comparable(full) and not ck.comparable(partial)
+    unnamed = Checkpoints(tmp_path / "unnamed")
+    unnamed.save(1, {"step": 1}, 1.0)  # a record without its validation
+    assert not unnamed.comparable(partial)
+    unnamed.save(2, {"step": 2}, 0.5, validation=partial)
+    assert unnamed.comparable(partial)
+
+
 def test_move_aside_keeps_every_old_run_and_skips_a_folder_without_one(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
