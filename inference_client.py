@@ -6,13 +6,14 @@ file to a file.
     python inference_client.py --list-devices
     python inference_client.py --input-device 2 --output-device "USB"    # index or part of the name
     python inference_client.py --input-wav me.wav --output-wav chat.wav  # headless, in real time
-    python inference_client.py --input-wav me.wav --output-wav chat.wav --no-realtime   # as fast as it goes
+    python inference_client.py --input-wav me.wav --output-wav chat.wav --no-realtime   # as fast as the server reads
 
 Audio is 16 kHz mono 16-bit PCM in chunks of 2000 samples (125 ms), sent as binary frames; every
 chunk gets one chunk of model audio back. Live, the sound card callbacks never block: the
 microphone's frames are handed to the event loop, and the speaker reads replies with
 `get_nowait()`, playing silence when none is there. File mode streams the file at real time (or
-`--no-realtime`: as fast as the server answers) and writes a stereo WAV: channel 0 the user (the
+`--no-realtime`: as fast as the server answers, which reads at most its --audio-pace, 1.25x real time
+by default) and writes a stereo WAV: channel 0 the user (the
 input, padded to whole chunks), channel 1 the model's reply to each chunk, under that chunk.
 Latency statistics are printed at the end (and every --stats-every seconds live): the round trip
 (a chunk sent to its reply received) and, live, capture to playback (a chunk's last sample
@@ -740,7 +741,8 @@ def parse_args(argv=None):
         help="write the conversation here: stereo, user and model (WAV, or the "
                        "format its extension names: .flac, .ogg)")
     files.add_argument("--realtime", action=argparse.BooleanOptionalAction,
-                       help="send at real time (default), or as fast as the server answers")
+                       help="send at real time (default), or as fast as the server answers (it reads at most its --audio-pace, "
+                            "1.25x real time by default)")
     files.add_argument("--window", type=int, help="--no-realtime: chunks in flight at once (default 2)")
     ap.add_argument("--reply-timeout", type=float, default=REPLY_TIMEOUT_S,
                     help="seconds to wait for the server before giving up: the websocket handshake, the answer "

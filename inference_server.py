@@ -519,7 +519,8 @@ class Session:
         lim = server.limits  # this session's token buckets (`Limits`)
         self.limits = {"control": Bucket(lim.control_rate, lim.control_burst),
                        "reset": Bucket(lim.reset_rate, lim.reset_burst)}
-        self.pace = Bucket(lim.audio_pace * SAMPLE_RATE / CHUNK, lim.audio_burst)  # the chunks `read` takes
+        # the chunks `read` takes (None: --audio-pace 0, as fast as they come)
+        self.pace = Bucket(lim.audio_pace * SAMPLE_RATE / CHUNK, lim.audio_burst) if lim.audio_pace > 0 else None
         self.retry_at: dict[str, float] = {}  # limit -> when its last rate_limited answer said to try again
 
     def info(self) -> dict:
@@ -632,7 +633,7 @@ class Session:
             data, text = message.get("bytes"), message.get("text")
             if (data is not None and len(data) == CHUNK_BYTES) or (text is not None and text.startswith(TEXT_PREFIX)):
                 self.last_audio = time.monotonic()
-                while (wait := self.pace.take()) > 0:
+                while self.pace is not None and (wait := self.pace.take()) > 0:
                     await asyncio.sleep(wait)
             await self.inbox.put((time.perf_counter(), message))
 
@@ -792,7 +793,7 @@ class Limits:
     all clients, new sessions (each starts with the same prefill; refused with CLOSE_TRY_AGAIN). A
     session without audio for `idle_timeout` seconds is closed (CLOSE_IDLE). A session's audio is
     read at most `audio_pace` times real time after `audio_burst` chunks at once (`Session.read`:
-    beyond it reading waits, and TCP slows the client)."""
+    beyond it reading waits, and TCP slows the client; 0: no pace)."""
     reset_rate: float = 0.2
     reset_burst: float = 2
     control_rate: float = 50.0
@@ -1438,8 +1439,9 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
     the event loop, and every other session with it. A read is parsed PARSE_SLICE bytes at a time,
     so what follows such a close is never parsed (a whole read of pings took 0.3 s). uvicorn's
     keepalive (a ping every 20 s, closing with 1011 when its pong is not back within 20 s) waits
-    while the app is not reading: a session whose audio is paced (`Session.read`) leaves the
-    client's pong behind the audio it has not read yet."""
+    once more, 20 s, when the app is not reading then: a session whose audio is paced
+    (`Session.read`) leaves the client's pong behind the audio it has not read yet; only once, so a
+    client that died with a backlog of audio sent flat out is still dropped within a minute."""
 
     stall_timer: Optional[asyncio.TimerHandle] = None
 
@@ -1479,11 +1481,22 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
                     "%s:%d" % tuple(self.client[:2]) if self.client else "a client", WRITE_STALL_TIMEOUT)
         self.transport.abort()
 
+    pong_deferred = False  # the pong's deadline put off once (`keepalive_timeout`), until a pong comes
+
     def keepalive_timeout(self) -> None:
-        if self.read_paused:  # the app is not reading (a session's audio paced): the pong may wait unread
+        # the app not reading (a session's audio paced): the pong may wait unread behind it, so its
+        # deadline is put off once, by ping_timeout; not again, or a client that died with a backlog
+        # of audio in TCP's buffers (sent flat out) kept its slot until all of it was read at the pace
+        if self.read_paused and not self.pong_deferred:
+            self.pong_deferred = True
             self.pong_timer = self.loop.call_later(self.ping_timeout, self.keepalive_timeout)
             return
         super().keepalive_timeout()
+
+    def handle_pong(self, event) -> None:
+        super().handle_pong(event)
+        if self.pending_ping_payload is None:  # the ping in flight answered: a later one may be put off again
+            self.pong_deferred = False
 
     def handle_ping(self) -> None:
         if self.transport.is_closing():  # closed for its pings: the others of this slice are not answered
@@ -1607,6 +1620,10 @@ def parse_args(argv=None):
     ap.add_argument("--max-message-bytes", type=int, default=1 << 16, help="larger websocket messages close the session (1009)")
     ap.add_argument("--idle-timeout", type=float, default=Limits.idle_timeout,
                     help="close a session that sends no audio for this many seconds (close code 4408)")
+    ap.add_argument("--audio-pace", type=float, default=Limits.audio_pace,
+                    help=f"read each session's audio at most this many times real time, after {Limits.audio_burst:g} "
+                         "chunks at once (a client sending faster waits on TCP); 0: as fast as it comes (files sent "
+                         "with inference_client.py --no-realtime on a server of your own)")
     ap.add_argument("--reset-rate", type=float, default=Limits.reset_rate,
                     help=f"reset messages per second and session, after a burst of {Limits.reset_burst:g} "
                          "(a reset prefills the prompt)")
@@ -1631,6 +1648,8 @@ def parse_args(argv=None):
         ap.error(f"--max-len must be at least 2 latents, got {args.max_len}")
     if not (args.idle_timeout > 0 and args.reset_rate > 0):  # also refuses NaN
         ap.error("--idle-timeout and --reset-rate must be > 0")
+    if not (args.audio_pace == 0 or 1 <= args.audio_pace < math.inf):  # below real time no client keeps up
+        ap.error(f"--audio-pace must be 0 (no pace) or a finite number >= 1 (times real time), got {args.audio_pace}")
     if args.replay_seconds is not None and not 0 <= args.replay_seconds < math.inf:
         ap.error(f"--replay-seconds must be a finite number >= 0, got {args.replay_seconds}")
     # a flag of a feature not asked for would be ignored without a word: said instead (as the client does)
@@ -1795,7 +1814,7 @@ def main(argv=None) -> None:
             raise SystemExit(f"error: {printable(e, newlines=True)}") from None
         if prompt is not None:
             log.info("prompt %s: %.1f s", args.prompt_path, prompt.shape[1] / SAMPLE_RATE)
-        limits = Limits(reset_rate=args.reset_rate, idle_timeout=args.idle_timeout)
+        limits = Limits(reset_rate=args.reset_rate, idle_timeout=args.idle_timeout, audio_pace=args.audio_pace)
         server = Server(engine, token=args.token, prompt=prompt, replay_seconds=args.replay_seconds,
                         recordings=args.recordings, max_recording_seconds=args.max_recording_seconds,
                         max_queue=args.queue_chunks, params=params, limits=limits)

@@ -634,19 +634,61 @@ def test_bad_clients_do_not_disturb_a_session_at_real_time(model):
         assert h["dropped_in"] == 0 and h["bad_messages"] > srv.MAX_BAD_MESSAGES
 
 
+def test_a_client_that_dies_with_a_backlog_of_paced_audio_loses_its_slot_within_two_pong_timeouts(model, monkeypatch):
+    """A client that sent flat out and then hung (nothing more sent, no ping answered, its replies
+    still read, so the write-stall guard stays out of it) left a backlog in TCP's buffers that the
+    server reads at its pace; uvicorn's keepalive put its pong's deadline off for as long as reading
+    was paused, so the slot was held until all of it was read (128 s for 1.5 s of flooding, review).
+    The deadline is put off once: the slot is freed within two pong timeouts of the first ping."""
+    import threading
+    config_of = srv.uvicorn_config
+
+    def quick_keepalive(*args, **kwargs):
+        config = config_of(*args, **kwargs)
+        config.ws_ping_interval, config.ws_ping_timeout = 0.5, 2.0
+        return config
+    monkeypatch.setattr(srv, "uvicorn_config", quick_keepalive)
+    limits = dataclasses.replace(TEST_LIMITS, audio_pace=AUDIO_PACE, audio_burst=AUDIO_BURST, idle_timeout=300)
+    chunk = client_frame(0x2, bytes(2 * CHUNK))  # silence, 16-bit
+    with running_server(model, max_sessions=1, limits=limits) as server:
+        sock = raw_websocket(server.port)
+        sock.settimeout(None)
+        received, closed = bytearray(), threading.Event()
+
+        def drain():  # every reply read; no ping answered
+            with contextlib.suppress(OSError):
+                while data := sock.recv(1 << 16):
+                    received.extend(data)
+            closed.set()
+        threading.Thread(target=drain, daemon=True).start()
+        start = time.monotonic()
+        sent = 0
+        with contextlib.suppress(OSError):  # (a send still waiting on full buffers when the server drops it)
+            while time.monotonic() - start < 1.5:  # flat out: each send waits while TCP's buffers are full
+                sock.sendall(chunk)
+                sent += 1
+        freed = closed.wait(30)
+        took = time.monotonic() - start
+        sock.close()
+    assert sent > 2 * AUDIO_BURST, sent  # a backlog beyond the burst: the pace held the client back
+    assert freed and took < 12, (freed, took, sent)  # (the first ping at 0.5 s, its pong due at 2.5, put off to 4.5)
+    assert b"keepalive ping timeout" in received  # closed by the keepalive, not by anything else
+
+
 def test_a_client_sending_flat_out_is_read_at_its_pace_and_one_at_real_time_beside_it_is_not(model, monkeypatch):
     """A client that sends audio as fast as TCP takes it (reading its replies): every chunk was
     read, parsed and queued, and dropped by the engine's queue, 10,000 times real time, the event
     loop's time taken from the sessions beside it (whose round trips went from 20 ms to 400). Its
     chunks are now read at most AUDIO_PACE times real time after AUDIO_BURST at once: the server
     stops reading it and TCP holds the client's sends back, without closing it (uvicorn's keepalive,
-    here a ping every 0.5 s and 3 s for its pong, waits for a pong behind the audio not yet read). A
+    here a ping every 0.5 s and 5 s for its pong, puts the pong's deadline off once, by 5 s more, for
+    a pong behind the audio not yet read: the flood below lasts about 4.5 s). A
     session at real time beside it is not paced: every chunk answered, with its own reply."""
     config_of = srv.uvicorn_config
 
     def quick_keepalive(*args, **kwargs):
         config = config_of(*args, **kwargs)
-        config.ws_ping_interval, config.ws_ping_timeout = 0.5, 3.0  # (the flood outlasts 3.5 s: the chunks below)
+        config.ws_ping_interval, config.ws_ping_timeout = 0.5, 5.0  # (the flood lasts about 4.5 s: the chunks below)
         return config
     monkeypatch.setattr(srv, "uvicorn_config", quick_keepalive)
     limits = dataclasses.replace(TEST_LIMITS, audio_pace=AUDIO_PACE, audio_burst=AUDIO_BURST)  # the server's own
@@ -1422,6 +1464,7 @@ def test_a_flag_of_a_feature_not_asked_for_is_one_error_line_not_ignored(tmp_pat
     (["--max-sessions", "0"], "--max-sessions must be auto or an integer >= 1, got '0'"),
     (["--queue-chunks", "0"], "--queue-chunks must be >= 1"),
     (["--idle-timeout", "nan"], "--idle-timeout and --reset-rate must be > 0"),
+    (["--audio-pace", "0.5"], "--audio-pace must be 0 (no pace) or a finite number >= 1 (times real time), got 0.5"),
     (["--prompt-path", "p.wav", "--replay-seconds", "nan"], "--replay-seconds must be a finite number >= 0, got nan"),
     (["--recordings", "r", "--max-recording-seconds", "-1"],
      "--max-recording-seconds must be a finite number > 0, got -1.0"),
@@ -1431,7 +1474,7 @@ def test_a_flag_of_a_feature_not_asked_for_is_one_error_line_not_ignored(tmp_pat
     (["--host", "0.0.0.0"], "--host 0.0.0.0 exposes the server: give a --token (or --insecure to expose it without one)"),
     (["--host", "0.0.0.0", "--token", ""], "--host 0.0.0.0 exposes the server: give a --token"),
     (["--host", ""], "--host '' (every interface) exposes the server: give a --token"),  # was "--host  exposes"
-], ids=["port", "max-len", "max-sessions", "queue-chunks", "idle-timeout", "replay-seconds", "max-recording-seconds",
+], ids=["port", "max-len", "max-sessions", "queue-chunks", "idle-timeout", "audio-pace", "replay-seconds", "max-recording-seconds",
         "max-message-bytes", "recordings", "host", "host-empty-token", "host-empty"])
 def test_command_line_values_out_of_range_are_refused_when_parsed(args, message, capsys):
     with pytest.raises(SystemExit) as e:
