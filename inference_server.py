@@ -69,7 +69,7 @@ except ImportError as e:
 
 from config import ArgumentParser, printable
 from config.transformer_config import KV_DTYPE_NAMES, QUANTIZE_MODES
-from model.files import unique_keys_object
+from model.files import os_reason, unique_keys_object
 from model.protocol import (AUDIO_BURST, AUDIO_PACE, CHUNK, CHUNK_BYTES, CLOSE_BAD_DATA, CLOSE_IDLE, CLOSE_INTERNAL,
                             CLOSE_POLICY, CLOSE_RESTART, CLOSE_TRY_AGAIN, PARAM_NAMES, PING_BURST, PING_RATE, SAMPLE_RATE,
                             SEED_MAX, SHUTDOWN_REASON, TEXT_PREFIX, check_param, check_params, float_to_pcm,
@@ -1056,7 +1056,7 @@ def recover_recordings(folder: Path) -> None:
         except (BlockingIOError, FileNotFoundError):  # a live server's recording; one another server recovered
             continue
         except OSError as e:  # one this server cannot open for writing (its permissions, a read-only disk)
-            leave(part, e.strerror or type(e).__name__)
+            leave(part, os_reason(e))
             continue
         with held:
             target = part.with_name(part.name[1:-len(".part")])
@@ -1070,7 +1070,7 @@ def recover_recordings(folder: Path) -> None:
                     continue
                 frames, rate, why = 0, 0, f"unreadable ({type(e).__name__})"
             except OSError as e:
-                leave(part, e.strerror or type(e).__name__)
+                leave(part, os_reason(e))
                 continue
             else:
                 why = "empty" if frames == 0 else f"{target.name} exists" if target.exists() else None
@@ -1083,7 +1083,7 @@ def recover_recordings(folder: Path) -> None:
                     os.remove(part)
                     log.warning("removed an interrupted recording %s: %s", part, why)
             except OSError as e:
-                leave(part, e.strerror or type(e).__name__)
+                leave(part, os_reason(e))
 
 
 async def close_quietly(ws, code: int, reason: str) -> None:

@@ -25,7 +25,7 @@ from typing import Mapping, NamedTuple, Optional, Sequence
 import numpy as np
 
 from config import OneLine, printable
-from .files import replace_atomically, try_writing_in
+from .files import os_reason, replace_atomically, try_writing_in
 
 # .opus: Ogg Opus by its own extension (RFC 7845), as Multilingual LibriSpeech ships its audio; .oga: Ogg
 # audio's own (RFC 5334); then the other containers libsndfile reads: AIFF (and AIFF-C: a Mac's, a DAW's),
@@ -846,7 +846,7 @@ def _write_reason(e: Exception, folder: str, nbytes: int) -> str:
     target could not be made: a read-only folder, a full disk) is what the system said, without the
     temporary's name: the error names the file meant."""
     if isinstance(e, OSError):
-        reason = e.strerror or type(e).__name__
+        reason = os_reason(e)
         if e.errno != errno.ENOSPC:
             return reason
     elif "System error" not in (reason := _reason(e)):
@@ -873,7 +873,7 @@ def plain_write_error(folder: str | os.PathLike, nbytes: int) -> Optional[str]:
                 left -= f.write(block[:min(left, len(block))])
             f.flush()
     except OSError as e:
-        why = e.strerror or type(e).__name__
+        why = os_reason(e)
         if e.errno == errno.EFBIG:
             try:
                 import resource

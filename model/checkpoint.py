@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from config import OneLine
-from .files import drop_dead_temporaries, is_device, json_value, temporary_beside
+from .files import drop_dead_temporaries, is_device, json_value, os_reason, temporary_beside
 
 FORMAT = "hertz-dev/1"
 HASH_KEY = "content_sha256"
@@ -84,16 +84,6 @@ def reloaded_if_replaced(load: Callable) -> Callable:
                 if attempt == 2:
                     raise
     return loading
-
-
-def os_reason(e: OSError, path: Optional[Path] = None) -> str:
-    """`No space left on device`, `Read-only file system`, ...: what the OS said, without the path;
-    for a `path` under a regular file, which file is in the way."""
-    if path is not None and isinstance(e, (FileExistsError, NotADirectoryError)):
-        above = next((p for p in path.parents if p.exists()), None)
-        if above is not None and not above.is_dir():
-            return f"{above} is a file, not a folder"
-    return e.strerror or str(e) or type(e).__name__
 
 
 @contextmanager

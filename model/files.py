@@ -11,6 +11,7 @@ import os
 import re
 import secrets
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 
@@ -161,6 +162,16 @@ def drop_dead_temporaries(folder: str | os.PathLike, prefix: str = ".", suffix: 
                     continue
             removed.append(name)
     return removed
+
+
+def os_reason(e: OSError, path: Optional[Path] = None) -> str:
+    """`No space left on device`, `Read-only file system`, ...: what the OS said, without the path;
+    for a `path` under a regular file, which file is in the way."""
+    if path is not None and isinstance(e, (FileExistsError, NotADirectoryError)):
+        above = next((p for p in path.parents if p.exists()), None)
+        if above is not None and not above.is_dir():
+            return f"{above} is a file, not a folder"
+    return e.strerror or str(e) or type(e).__name__
 
 
 def is_device(path: str | os.PathLike) -> bool:

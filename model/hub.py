@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from .files import change_stamp, drop_dead_temporaries, json_value, open_locked, replace_atomically
+from .files import change_stamp, drop_dead_temporaries, json_value, open_locked, os_reason, replace_atomically
 
 HF_REPO = "si-pbc/hertz-dev"
 DEFAULT_CKPT_DIR = "ckpt"
@@ -165,7 +165,6 @@ def _readable(path: Path) -> Path:
         with open(path, "rb") as f:
             f.read(1)
     except OSError as e:
-        from .checkpoint import os_reason
         raise WeightsError(f"cannot read {path}: {os_reason(e)}") from None
     return path
 
@@ -222,7 +221,6 @@ class _Verified:
 def _cannot_write(path: Path, error: OSError, what: str) -> WeightsError:
     """The error for an official file that cannot be written here (a full disk, a read-only
     folder, a file where the folder goes): local, so not retried."""
-    from .checkpoint import os_reason  # (torch: only on this path)
     return WeightsError(f"cannot write {path}: {os_reason(error, path)}; {what}")
 
 

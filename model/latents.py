@@ -42,8 +42,8 @@ import torch.distributed as dist
 from torch.utils.data import Dataset, Sampler
 
 from config import OneLine
-from .checkpoint import TEMP_SUFFIX, CheckpointError, atomic_write, listed, os_reason
-from .files import change_stamp, drop_dead_temporaries, json_value, open_locked, try_writing_in
+from .checkpoint import TEMP_SUFFIX, CheckpointError, atomic_write, listed
+from .files import change_stamp, drop_dead_temporaries, json_value, open_locked, os_reason, try_writing_in
 from .data import StopSafeLoader
 from .codec import Codec
 from .parallel import long_barrier

@@ -57,12 +57,12 @@ import torch.distributed as dist
 from config import ConfigError, ConfigMismatch, OneLine, check_compatible, fields_marked, printable  # noqa: F401 (ConfigMismatch: re-exported)
 
 from .audio import AudioError, broken_link_above
-from .checkpoint import (TEMP_SUFFIX, CheckpointError, atomic_write, listed, non_finite, os_reason,
+from .checkpoint import (TEMP_SUFFIX, CheckpointError, atomic_write, listed, non_finite,
                          refuse_non_finite, torch_save, written_temp)
 from .checkpoint import _header as header
 from .hub import WeightsError
 from .data import folder_problem
-from .files import json_value, physical_memory, try_writing_in
+from .files import json_value, os_reason, physical_memory, try_writing_in
 from .manifest import ManifestError, is_manifest, read_manifest
 
 
