@@ -634,6 +634,31 @@ def test_bad_clients_do_not_disturb_a_session_at_real_time(model):
         assert h["dropped_in"] == 0 and h["bad_messages"] > srv.MAX_BAD_MESSAGES
 
 
+def test_audio_pace_0_reads_a_client_as_fast_as_it_sends(model):
+    """`--audio-pace 0` (`Limits.audio_pace=0`): no pace, for files sent faster than real time to a
+    server of one's own. 160 chunks sent at once are all read within seconds, where the pace would
+    take 12 s after its burst of 16 (a rate of 0 in the pace's bucket would wait for ever)."""
+    limits = dataclasses.replace(TEST_LIMITS, audio_pace=0)
+    with running_server(model, max_sessions=1, limits=limits) as server:
+        async def flood():
+            async with connect(server.ws + "/audio", close_timeout=1) as ws:
+                session = server.sessions[(await control(ws, type="status"))["session"]]
+
+                async def drain():
+                    async for _ in ws:
+                        pass
+                replies = asyncio.create_task(drain())
+                for i in range(160):
+                    await ws.send(CHUNKS[i % len(CHUNKS)])
+                start = time.monotonic()
+                while session.counts["chunks_in"] < 160 and time.monotonic() - start < 8:
+                    await asyncio.sleep(0.05)
+                replies.cancel()
+                return session.counts["chunks_in"]
+        read = asyncio.run(asyncio.wait_for(flood(), 60))
+    assert read == 160, read
+
+
 def test_a_client_that_dies_with_a_backlog_of_paced_audio_loses_its_slot_within_two_pong_timeouts(model, monkeypatch):
     """A client that sent flat out and then hung (nothing more sent, no ping answered, its replies
     still read, so the write-stall guard stays out of it) left a backlog in TCP's buffers that the
