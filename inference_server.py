@@ -1369,6 +1369,11 @@ def uvicorn_config(app, host="127.0.0.1", port: int = 8000, max_message_bytes: i
     return config
 
 
+def peer(client) -> str:
+    """A protocol's `client` (host, port) as the log names it: "HOST:PORT", or "a client"."""
+    return "%s:%d" % tuple(client[:2]) if client else "a client"
+
+
 class HttpProtocol(H11Protocol):
     """uvicorn's h11 protocol, with a deadline for each request's head. uvicorn waits for a
     request forever: its keep-alive timeout starts only after a response, and the next request's
@@ -1415,7 +1420,7 @@ class HttpProtocol(H11Protocol):
         self.head_timer = None
         if not self.transport.is_closing():
             log.info("%s: closed a connection that sent no request within %g s",
-                     "%s:%d" % tuple(self.client[:2]) if self.client else "a client", HEADER_TIMEOUT)
+                     peer(self.client), HEADER_TIMEOUT)
             with contextlib.suppress(h11.LocalProtocolError):
                 self.conn.send(h11.ConnectionClosed())
             self.transport.close()
@@ -1478,7 +1483,7 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
     def drop_stalled(self) -> None:
         self.stall_timer = None
         log.warning("%s: dropped a connection that has read none of its replies for %g s",
-                    "%s:%d" % tuple(self.client[:2]) if self.client else "a client", WRITE_STALL_TIMEOUT)
+                    peer(self.client), WRITE_STALL_TIMEOUT)
         self.transport.abort()
 
     pong_deferred = False  # the pong's deadline put off once (`keepalive_timeout`), until a pong comes
@@ -1503,7 +1508,7 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
             return
         if self.pings.take() > 0:
             log.warning("%s: closed a connection that sends more than %g pings a second",
-                        "%s:%d" % tuple(self.client[:2]) if self.client else "a client", PING_RATE)
+                        peer(self.client), PING_RATE)
             if self.conn.state is not WebSocketState.OPEN:  # before the handshake's answer: no close frame yet
                 return self.transport.close()
             self.conn.fail(CLOSE_POLICY, f"too many pings (at most {PING_RATE:g} a second)")
@@ -1512,7 +1517,7 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         super().handle_ping()
         if self.transport.get_write_buffer_size() > MAX_WRITE_BACKLOG:
             log.warning("%s: dropped a connection that sends pings and does not read the pongs",
-                        "%s:%d" % tuple(self.client[:2]) if self.client else "a client")
+                        peer(self.client))
             self.transport.abort()
 
     def send_receive_event_to_app(self) -> None:
