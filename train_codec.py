@@ -251,7 +251,8 @@ def main(argv=None) -> dict:
                     guard.check()  # nothing is evaluated or saved after a non-finite step
                     timer.pause()
                 t_pause = time.time()
-                measured = validation  # what this step's evaluation measured (fewer crops: `partial_note`)
+                # what this step's evaluation measured (fewer crops: `partial_note`), and whether best.pt may rank it
+                measured, ranked = validation, True
                 if due.evaluate and is_main:
                     with average.averaged() if average else nullcontext():
                         metrics, pairs, skipped = evaluate(generator, val_loader, mel_loss, cfg, have, dnsmos)
@@ -262,12 +263,12 @@ def main(argv=None) -> dict:
                     note = ""
                     if skipped:  # crops of files unreadable now: measured on part of the validation
                         measured = validation_key(validation=validation, skipped=skipped)
-                        note = partial_note(len(val_loader.dataset), skipped, checkpoints.comparable(measured))
+                        ranked = checkpoints.comparable(measured)
+                        note = partial_note(len(val_loader.dataset), skipped, ranked)
                     say(f"step {step}: {summary(metrics)}{note}")
                 if due.save:
-                    metric = due.best_metric(metrics, "val/mel_distance")
-                    if measured != validation and not checkpoints.comparable(measured):
-                        metric = None  # never ranked against best.pt's value, measured on more crops
+                    # (unranked: never against best.pt's value, measured on other crops)
+                    metric = due.best_metric(metrics, "val/mel_distance") if ranked else None
                     save(step, metric, checkpoints, generator, discriminators, average, opt_g, opt_d, scaler, cfg,
                          ddp, logger.run_id, measured)
                 if ddp.enabled and (due.evaluate or due.save):
