@@ -27,8 +27,8 @@ from .checkpoint import (CheckpointError, atomic_write, beyond, check_unreplaced
                          read_metadata, read_weights, reloaded_if_replaced, substate, tensor_specs, write_weights)
 from .codec import Codec
 from .lm import LatentLM
-from .quant import (MODES, apply_plan, bad_scales, pack_int4, quantization_of, quantization_plan, quantize_state,
-                    zero_underflowed_rows)
+from .quant import (MODES, apply_plan, bad_scales, overflowing_scales, pack_int4, quantization_of, quantization_plan,
+                    quantize_state, zero_underflowed_rows)
 from .quantizer import LatentQuantizer
 from .resynth import Resynthesizer
 
@@ -141,9 +141,23 @@ def check_cast(state: dict, dtype: torch.dtype, what: str) -> None:
                               "in bfloat16 or float32 (dtype=, --dtype)")
 
 
+def check_dequantized(module: nn.Module, state: dict, dtype: torch.dtype, what: str) -> None:
+    """CheckpointError naming `what` and the scale tensors of the quantized layers of `module` whose
+    weights `dtype` cannot hold (`overflowing_scales`: an int8 scale of 1e3 is a float16, its weights of
+    127e3 are not): dequantized, they would be inf and the model would generate noise."""
+    quantization = quantization_of(module)
+    if quantization and (bad := overflowing_scales(state, quantization["layers"], dtype)):
+        hint = ("load it in bfloat16 or float32 (dtype=, --dtype)" if dtype == torch.float16 else
+                "no quantization makes such scales: re-export it from the float model")
+        raise CheckpointError(f"{what}: {len(bad)} tensors hold scales whose dequantized weights are beyond what "
+                              f"{str(dtype)[6:]} holds ({listed(bad)}); they would be inf and the model would generate "
+                              f"noise: {hint}")
+
+
 def _fill(module: nn.Module, state: dict, device, dtype, what: str) -> nn.Module:
     check_tensors(module, state, what)
     check_cast(state, dtype, what)  # before the move below casts them
+    check_dequantized(module, state, dtype, what)
     try:
         module.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:  # a tensor of a dtype the parameter cannot take

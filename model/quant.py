@@ -534,6 +534,31 @@ def bad_scales(state: Mapping[str, Tensor], layers: Mapping[str, str]) -> list[s
     return bad
 
 
+def overflowing_scales(state: Mapping[str, Tensor], layers: Mapping[str, str], dtype: torch.dtype) -> list[str]:
+    """The scale tensors (`<path>.scale`, `<path>.scales_and_zeros`) of the quantized `layers`
+    ({path: spec}) in `state` whose weights are beyond what `dtype` holds, the scales cast to it as
+    the model holds them: int8, 127 * scale (a scale of 1e3 in float16, 3e37 in bfloat16 or float32,
+    3.4e38 in float32 cast to bfloat16); int4, (q - 8) * scale + zero at q = 0 and 15. Finite in the
+    file, these weights are inf in the model and its outputs NaN. Only the scales are read; NaN and
+    inf already in the file are `verify_content`'s."""
+    def ends(t: Tensor) -> Tensor:  # the largest |weight| the layer's scales make, in float64
+        t = t.double()
+        if t.dim() == 1:  # int8's (N,) scales
+            return 127 * t.abs().amax()[None]
+        scale, zero = t[..., 0], t[..., 1]  # int4's (K/g, N, 2)
+        return torch.stack([(zero - 8 * scale).abs().amax(), (zero + 7 * scale).abs().amax()])
+
+    bad = []
+    for path, spec in layers.items():
+        name = f"{path}.scale" if spec == "int8" else f"{path}.scales_and_zeros"
+        t = state.get(name)
+        if t is None or not t.is_floating_point() or not t.numel():
+            continue  # check_tensors' to name
+        if bool(torch.isfinite(ends(t)).all()) and not bool(torch.isfinite(ends(t.to(dtype)).to(dtype)).all()):
+            bad.append(name)
+    return bad
+
+
 def parameter_count(module: nn.Module) -> int:
     """The parameters of `module`, each quantized linear layer's counted as the `nn.Linear` it
     replaces (in_features * out_features, plus its bias): they hold their weights as buffers, so a

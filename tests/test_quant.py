@@ -630,3 +630,47 @@ def test_values_beyond_float16_are_refused_when_loaded_in_float16(mode, suffix, 
                             "float32 (dtype=, --dtype)")
     assert load_hertz_dev(big, codec=None, dtype="float32") is not None
     assert load_hertz_dev(good, codec=None, dtype="float16") is not None
+
+
+@pytest.mark.parametrize("mode, suffix, where, value, dtype, fits", [
+    ("int8", "proj_qkv.scale", (0,), 1e3, "float16", "bfloat16"),
+    ("int8", "proj_qkv.scale", (0,), 5e37, "bfloat16", None),
+    ("int8", "proj_qkv.scale", (0,), 3.4e38, "bfloat16", None),
+    ("int4", "proj_qkv.scales_and_zeros", (0, 0, 0), 1e4, "float16", "float32"),
+    ("int4", "proj_qkv.scales_and_zeros", (0, 0, 0), 5e37, "bfloat16", None),
+    (None, "proj_qkv.weight", (0, 0), 7e4, "float16", "bfloat16"),
+], ids=["int8-float16", "int8-bfloat16", "int8-bfloat16-cast", "int4-float16", "int4-bfloat16", "quantize-float16"])
+def test_scales_whose_dequantized_weights_overflow_the_dtype_are_refused(mode, suffix, where, value, dtype, fits,
+                                                                         tmp_path, one_thread):
+    """Scales (hash consistent) that the dtype holds but whose weights it does not: an int8 scale of
+    1e3 in float16 (127 x 1e3), 5e37 in bfloat16, 3.4e38 (a float32 that bfloat16 rounds to inf), an
+    int4 scale of 1e4 in float16 (8 x 1e4); or float weights of 7e4 quantized while loading in
+    float16 (their scale 551). They loaded, and the model's outputs were NaN, without a word; now a
+    CheckpointError naming the file, the part and the tensor, and the file loads where it fits."""
+    from test_checkpoint import rewritten
+    from model.checkpoint import CheckpointError
+
+    def edited(state):
+        for k in state:
+            if k.endswith(suffix) and k.startswith("lm.layers.0."):
+                state[k][where] = value
+        return state
+    model = float_model() if mode is None else quantize_model(float_model(), mode)
+    good = save_transformer(tmp_path / "good.safetensors", model)
+    big = rewritten(good, tmp_path / "big.safetensors", state=edited)
+    quantize = "int8" if mode is None else None
+    tensor = "proj_qkv.scale" if mode is None else suffix
+    hint = ("load it in bfloat16 or float32 (dtype=, --dtype)" if dtype == "float16" else
+            "no quantization makes such scales: re-export it from the float model")
+    for verify in (True, False):
+        with pytest.raises(CheckpointError) as e:
+            load_hertz_dev(big, codec=None, dtype=dtype, quantize=quantize, verify=verify)
+        assert str(e.value) == (f"{big} (lm): 1 tensors hold scales whose dequantized weights are beyond what {dtype} "
+                                f"holds (layers.0.attn.attn.{tensor}); they would be inf and the model would generate "
+                                f"noise: {hint}")
+    if fits:
+        m = load_hertz_dev(big, codec=None, dtype=fits, quantize=quantize)
+        x = torch.randn(1, 8, 64, dtype=getattr(torch, fits))
+        with torch.no_grad():
+            assert all(bool(torch.isfinite(o).all()) for o in outputs(m, x, plex_codes(m.quantizer, x, True)))
+    assert load_hertz_dev(good, codec=None, dtype=dtype, quantize=quantize) is not None
