@@ -64,7 +64,7 @@ from model.plots import plot_metrics, save_mel_figure
 from model.training import (Checkpoints, Deadline, Dist, Logger, all_reduce_mean, autocast, before_step, FiniteGuard,
                             check_architecture, check_data_paths, check_folders, check_outside_data, check_trainer,
                             check_resumable, check_schedule, cosine_lr, finished, last_step, load_training_state,
-                            loss_scaler, preload_limit_gb, resource_notes, rng_state, run_script,
+                            loss_scaler, partial_note, preload_limit_gb, resource_notes, rng_state, run_script,
                             schedule_notes, seed_everything, set_rng_state, setup_distributed, StepTimer, state_to_load,
                             stop_message, teardown_distributed, unwrap, validation_key, WeightAverage, window_peak_gb,
                             worker_warning_said, write_samples)
@@ -487,15 +487,6 @@ def evaluate(generator: nn.Module, val_loader: DataLoader, mel_loss: MultiResolu
     if dnsmos is not None:
         metrics["val/dnsmos"] = nanmean(moses)
     return metrics, pairs, skipped
-
-
-def partial_note(crops: int, skipped: list[int], ranked: bool) -> str:
-    """What an evaluation's line adds when it left `skipped` of the `crops` validation crops out
-    (their files failed to read, named above): the share scored, and, when `ranked` is False,
-    that best.pt is not ranked on it (best.pt was measured on another share: the values do not
-    compare, and a metric on fewer crops is no better)."""
-    return (f" (on {crops - len(skipped)} of {crops} crops: {len(skipped)} unreadable, named above"
-            + ("" if ranked else "; not ranked for best.pt, which was measured on other crops") + ")")
 
 
 def as_val_raw(metrics: dict) -> dict:

@@ -47,11 +47,12 @@ from config.codec_config import CodecConfig
 from config.transformer_config import PRESETS, TransformerConfig
 from model import Codec, Generator, HertzDev, build, finetune, hub, load_codec, load_hertz_dev
 from model.checkpoint import CheckpointError, read_metadata
-from model.data import StopSafeLoader, shared_with_training, workers_stopped
+from model.data import SkippedAudioWarning, StopSafeLoader, shared_with_training, workers_stopped
 from model.files import physical_memory
 from model.generator import completion_problem, completion_steps
 from model.loading import codec_config_fitting, official_transformer_config, recorded_codec_path, write_transformer
-from model.latents import LatentCrops, StepSampler, codec_fingerprint, prepare_latents, sample_posterior, scan_corpus
+from model.latents import (LatentCrops, LatentsError, StepSampler, codec_fingerprint, prepare_latents, sample_posterior,
+                           scan_corpus)
 from model.objectives import STAGE_LOSSES, STAGES, compute_losses, peak_flops, through_cache, train_flops_per_latent
 from model.parallel import (compile_blocks, full_state_dicts, gradient_sync, inner, load_full_state_dicts,
                             parallelize, rank0_first)
@@ -59,7 +60,7 @@ from model.quant import parameter_count, quantize_model
 from model.training import (Checkpoints, ConfigMismatch, Deadline, Dist, FiniteGuard, Logger, all_reduce_mean,
                             autocast, before_step, check_architecture, check_data_paths, check_finite_step,
                             check_folders, check_outside_data, check_resumable, check_schedule, check_trainer,
-                            cosine_lr, finished, last_step, load_training_state, loss_scaler, run_script,
+                            cosine_lr, finished, last_step, load_training_state, loss_scaler, partial_note, run_script,
                             resource_notes, schedule_notes, setup_distributed, state_to_load, stop_message, teardown_distributed,
                             validation_key, window_peak_gb, worker_warning_said, write_samples)
 
@@ -135,9 +136,11 @@ def main(argv=None) -> dict:
         say(describe(model, cfg, trained, params, source, base, ddp))
 
         if cfg.eval_only:  # prints the metrics, writes nothing
-            metrics = evaluate(model, calls, val_set, weights, cfg, ddp)
+            metrics, skipped = evaluate(model, calls, val_set, weights, cfg, ddp)
             if is_main:
                 print(json.dumps({"eval": step, "source": source, **metrics}), flush=True)
+            if skipped:
+                say(f"note: evaluated{partial_note(len(val_set), skipped, True)}")
             teardown_distributed()
             return metrics
         logger = Logger(cfg.wandb, cfg.wandb_project, run_dir, cfg, is_main=is_main,
@@ -149,6 +152,8 @@ def main(argv=None) -> dict:
                                     weights={k: weights[k] for k in losses_of_stage}, noise="per-crop")
         if is_main and (note := checkpoints.ranked_elsewhere(validation)):
             say(f"note: {note}")
+        # the audio samples' prompt, read once: a validation shard damaged mid-run leaves the samples be
+        prompt = val_set.crop(*val_set.crops[0]) if cfg.sample_seconds > 0 else None
 
         # --- training loop --------------------------------------------------------------------------
         loader = train_loader(train_set, cfg, ddp, step)
@@ -176,15 +181,26 @@ def main(argv=None) -> dict:
                 due = before_step(step, start_step, last, cfg.eval_interval, cfg.save_interval, deadline)
                 if guard and (due.evaluate or due.save or due.stop):
                     guard.check()  # nothing is evaluated or saved after a non-finite step
+                # what this step's evaluation measured (fewer crops: `partial_note`), and whether best.pt may rank it
+                measured, ranked = validation, True
                 if due.evaluate:
-                    metrics = evaluate(model, calls, val_set, weights, cfg, ddp)
-                    sample = audio_sample(step, model, val_set, codec, cfg, run_dir, logger, is_main)
-                    logger.log({**metrics, **sample}, step)
-                    if is_main:
-                        print(json.dumps({"eval": step, **{k: round(v, 5) for k, v in metrics.items()}}), flush=True)
+                    try:  # crops whose shard cannot be read now are left out (`evaluate`)
+                        metrics, skipped = evaluate(model, calls, val_set, weights, cfg, ddp)
+                    except LatentsError as e:  # none could be read: the state is saved unranked, and the run stops
+                        deadline.unreadable, metrics, skipped = str(e), {}, []
+                        due = dataclasses.replace(due, stop=True, save=step > start_step)
+                    if metrics:
+                        sample = audio_sample(step, model, prompt, codec, cfg, run_dir, logger, is_main)
+                        logger.log({**metrics, **sample}, step)
+                        if is_main:
+                            print(json.dumps({"eval": step, **{k: round(v, 5) for k, v in metrics.items()}}), flush=True)
+                    if skipped:  # measured on part of the validation: ranked only against the same part
+                        measured = validation_key(validation=validation, skipped=skipped)
+                        ranked = is_main and checkpoints.comparable(measured)
+                        say(f"note: step {step} evaluated{partial_note(len(val_set), skipped, ranked)}")
                 if due.save:
-                    save(step, due.best_metric(metrics, "val/loss"), model, optimizer, scaler, cfg, checkpoints, ddp,
-                         logger.run_id, fingerprint, base, validation)
+                    save(step, due.best_metric(metrics, "val/loss") if ranked else None, model, optimizer, scaler, cfg,
+                         checkpoints, ddp, logger.run_id, fingerprint, base, measured)
                 if due.stop:
                     if note := stop_message(step, cfg.max_steps, cfg.stop_step, cfg.max_minutes, deadline.stopped_by,
                                             deadline.lost_worker or deadline.unreadable):
@@ -428,10 +444,12 @@ def val_latents(batch: dict, seed: int, device: torch.device) -> tuple[torch.Ten
 
 @torch.no_grad()
 def evaluate(model: HertzDev, calls: dict, val_set: LatentCrops, weights: dict, cfg: TransformerConfig,
-             ddp: Dist) -> dict:
+             ddp: Dist) -> tuple[dict, list[int]]:
     """LM and resynthesizer validation metrics over the fixed crops (shared out over ranks) with
     the same posterior noise every time, and the quantizer's code usage; `val/loss` weighs the
-    stage's losses by `weights`. A collective under torch.distributed."""
+    stage's losses by `weights`. And the crops left out (their index in the validation set, the
+    same on every rank): those whose shard cannot be read now, each rank's named in one warning;
+    a LatentsError when none can be read. A collective under torch.distributed."""
     device = ddp.device
     for m in model.children():
         m.eval()
@@ -440,7 +458,8 @@ def evaluate(model: HertzDev, calls: dict, val_set: LatentCrops, weights: dict, 
         parts[1:] = [through_cache(p, cfg.eval_kv_dtype) for p in parts[1:]]
     sums = torch.zeros(4, device=device, dtype=torch.float64)  # lm ce, lm correct, resynth nll, positions
     histogram = torch.zeros(cfg.vocab_size, device=device, dtype=torch.float64)
-    for batch in val_batches(val_set, cfg.batch_size, ddp.rank, ddp.world_size):
+    unread = []  # (crop, why) of this rank's crops that cannot be read now
+    for batch in val_batches(val_set, cfg.batch_size, ddp.rank, ddp.world_size, unread):
         x, valid = val_latents(batch, cfg.seed, device)
         with autocast(device, cfg.dtype):
             out, stats = compute_losses(*parts, x, valid, cfg.duplex, ("lm_ce", "resynth_nll"),
@@ -448,29 +467,38 @@ def evaluate(model: HertzDev, calls: dict, val_set: LatentCrops, weights: dict, 
         n = stats["count"] * cfg.channels
         sums += torch.stack([out["lm_ce"] * n, stats["lm_correct"], out["resynth_nll"] * n, n]).double()
         count_codes(histogram, stats, valid, cfg)
+    missing = torch.zeros(len(val_set), device=device, dtype=torch.float64)  # 1: a crop left out, on any rank
+    missing[[j for j, _ in unread]] = 1
     if ddp.enabled:
         dist.all_reduce(sums)
         dist.all_reduce(histogram)
+        dist.all_reduce(missing)
     for name in finetune.trained_parts(cfg):
         getattr(model, name).train()
+    skipped = missing.nonzero().flatten().tolist()
+    if unread:
+        warnings.warn(f"leaving {len(unread)} validation crop{'s' * (len(unread) > 1)} out of this evaluation, "
+                      f"unreadable now: {unread[0][1]}", SkippedAudioWarning)
+    if len(skipped) == len(val_set):
+        raise LatentsError(f"latents folder {val_set.folder}: none of its {len(val_set)} validation crops can be read "
+                           f"now (named above); delete {val_set.folder} and run again to encode it anew")
     ce, correct, nll, n = (sums / sums[3].clamp_min(1)).tolist()[:3] + [sums[3].item()]
     p = histogram / histogram.sum().clamp_min(1)
     metrics = {"val/lm_ce": ce, "val/lm_acc": correct, "val/lm_ppl": math.exp(min(ce, 50.0)),
                "val/resynth_nll": nll, "val/code_usage": (histogram > 0).double().mean().item(),
                "val/code_perplexity": math.exp(-(p[p > 0] * p[p > 0].log()).sum().item()), "val/positions": n}
     metrics["val/loss"] = sum(weights[k] * metrics[f"val/{k}"] for k in STAGE_LOSSES[cfg.stage])
-    return metrics
+    return metrics, skipped
 
 
 @torch.no_grad()
-def audio_sample(step: int, model: HertzDev, val_set: LatentCrops, codec, cfg: TransformerConfig, run_dir: Path,
+def audio_sample(step: int, model: HertzDev, crop: dict | None, codec, cfg: TransformerConfig, run_dir: Path,
                  logger: Logger, is_main: bool) -> dict:
-    """Continue the first validation crop (the first half of it, at most) for `sample_seconds`
+    """Continue `crop` (the first validation crop; the first half of it, at most) for `sample_seconds`
     with the cached sampling loop LM -> token -> resynthesizer -> latent; decode both, write
     samples/step_*.wav (rank 0) and return its W&B media. Nothing with sample_seconds=0."""
     if cfg.sample_seconds <= 0:
         return {}
-    crop = val_set.crop(*val_set.crops[0])
     prompt_len = max(1, min(int(crop["valid"].sum()), cfg.seq_len // 2))
     device = next(codec.parameters()).device
     prompt = crop["posterior"][None, :prompt_len, 0].to(device)  # the posterior mean, (1, P, C*32)
@@ -707,16 +735,26 @@ def _export_model(cfg: TransformerConfig, state: dict) -> HertzDev:
     return export
 
 
-def val_batches(dataset: LatentCrops, batch_size: int, rank: int, world: int):
+def val_batches(dataset: LatentCrops, batch_size: int, rank: int, world: int, unread: list[tuple[int, str]]):
     """This rank's share of the validation crops in full batches; every rank gets the same number
-    of batches (padding crops are all invalid), as FSDP needs every rank in every forward."""
+    of batches (padding crops are all invalid), as FSDP needs every rank in every forward. A crop
+    that cannot be read now (LatentsError: its shard cut short or damaged since the run started)
+    comes back all invalid too, and (its index, why) is added to `unread`."""
     per_rank = math.ceil(len(dataset) / world)
     mine = list(range(rank, len(dataset), world))
     mine += [-1] * (math.ceil(per_rank / batch_size) * batch_size - len(mine))
     empty = {"posterior": torch.zeros(dataset.seq_len, 2, dataset.dim),
              "valid": torch.zeros(dataset.seq_len, dtype=torch.bool)}
+
+    def read(j: int) -> dict:
+        try:
+            return dataset[j] if j >= 0 else empty
+        except LatentsError as e:
+            unread.append((j, str(e)))
+            return empty
+
     for i in range(0, len(mine), batch_size):
-        items = [dataset[j] if j >= 0 else empty for j in mine[i:i + batch_size]]
+        items = [read(j) for j in mine[i:i + batch_size]]
         yield {**{k: torch.stack([item[k] for item in items]) for k in items[0]},
                "index": torch.tensor(mine[i:i + batch_size])}  # each crop's (-1: padding), for its noise
 

@@ -742,6 +742,15 @@ def validation_key(**what) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def partial_note(crops: int, skipped: list[int], ranked: bool) -> str:
+    """What an evaluation's line adds when it left `skipped` of the `crops` validation crops out
+    (their files failed to read, named above): the share scored, and, when `ranked` is False,
+    that best.pt is not ranked on it (best.pt was measured on another share: the values do not
+    compare, and a metric on fewer crops is no better)."""
+    return (f" (on {crops - len(skipped)} of {crops} crops: {len(skipped)} unreadable, named above"
+            + ("" if ranked else "; not ranked for best.pt, which was measured on other crops") + ")")
+
+
 LINK_SUFFIX = ".link"  # _link's temporary: `.NAME.link`
 
 

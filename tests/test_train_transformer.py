@@ -604,7 +604,7 @@ def test_the_audio_sample_lasts_sample_seconds_with_a_codec_of_another_hop(setup
                               val_data_path=str(setup["root"] / "corpus/val"), latents_dir=str(tmp_path / "latents"))
     codec = frozen_codec(cfg, torch.device("cpu"))
     _, val_set = build_data(cfg, codec, codec_fingerprint(codec), lambda *a: None)
-    audio_sample(3, build(HertzDev, cfg), val_set, codec, cfg, tmp_path / "run",
+    audio_sample(3, build(HertzDev, cfg), val_set.crop(*val_set.crops[0]), codec, cfg, tmp_path / "run",
                  Logger("disabled", "test", tmp_path / "run", cfg), is_main=True)
     prompt = min(int(val_set.crop(*val_set.crops[0])["valid"].sum()), cfg.seq_len // 2)
     info = sf.info(str(tmp_path / "run/samples/step_00000003.wav"))
@@ -727,6 +727,65 @@ def test_a_latents_shard_cut_short_mid_run_stops_it_saved_with_one_error_line(se
     assert json.loads((run_dir / "checkpoints.json").read_text())["latest_step"] == stopped
     assert load_hertz_dev(run_dir / "latest.safetensors", device="cpu", codec=None) is not None
 
+
+
+def test_a_validation_crop_that_cannot_be_read_is_left_out_and_best_pt_is_not_ranked_on_the_rest(setup, tmp_path,
+                                                                                                  capsys):
+    """A validation shard holding NaN where a crop lies (damaged after it was encoded): the
+    evaluation raised, and the run died without saving the steps since its last save. Now, as the
+    codec trainer does, it evaluates on the crops it can read, names the one it cannot, says `on N
+    of M crops`, saves the step without ranking it against best.pt (measured on every crop), and
+    trains on."""
+    latents, run_dir = tmp_path / "latents", tmp_path / "run"
+    common = dict(duplex=False, stage="lm", latents_dir=latents, max_steps=4, eval_interval=2, save_interval=2,
+                  val_crops=3, sample_seconds=0)
+    train_here(base_args(setup, run_dir, stop_step=2, **common), capsys)
+    folder = next(latents.glob("val-*"))
+    entry = json.loads((folder / "manifest.json").read_text())["files"][0]  # the first crop's file
+    with open(folder / entry["shard"], "r+b") as shard:  # overwritten in place, as a sync would
+        shard.seek(entry["offset"] * 2 * 32 * 4)
+        shard.write(np.full(2 * 32, np.nan, dtype=np.float32).tobytes())
+    log, evals = train_here(base_args(setup, run_dir, **common), capsys)
+    assert f"leaving 1 validation crop out of this evaluation, unreadable now: latents folder {folder} is damaged: " \
+           f"{entry['shard']} holds non-finite values in the latents of {entry['name']}" in log
+    assert "note: step 4 evaluated (on 2 of 3 crops: 1 unreadable, named above; not ranked for best.pt, which was " \
+           "measured on other crops)" in log
+    assert 4 in evals and np.isfinite(evals[4]["val/loss"])
+    info = json.loads((run_dir / "checkpoints.json").read_text())
+    assert info["latest_step"] == 4 and info["best_step"] == 2
+
+
+def test_a_validation_shard_cut_short_mid_run_stops_it_saved_with_one_error_line(setup, tmp_path):
+    """Every validation crop unreadable mid-run (its shard cut short in place): the evaluation
+    raised and the run died, the steps since its last save lost. Now the evaluation's step is
+    saved (not ranked for best.pt: nothing was measured) and the run stops with one error line
+    naming the folder, exit status 1."""
+    import time
+    latents, run_dir = tmp_path / "latents", tmp_path / "run"
+    args = base_args(setup, run_dir, duplex=False, stage="lm", latents_dir=latents, max_steps=100_000,
+                     eval_interval=4, save_interval=100_000, val_crops=3, sample_seconds=0)
+    trainer = subprocess.Popen([sys.executable, "train_transformer.py"] + [str(a) for a in args], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 240
+        while not (run_dir / "step_00000004.pt").exists() and time.time() < deadline and trainer.poll() is None:
+            time.sleep(0.05)
+        folder = next(latents.glob("val-mono-*"))
+        os.truncate(folder / "shard_00000.bin", 0)
+        out, err = trainer.communicate(timeout=120)
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+    assert trainer.returncode == 1 and "Traceback" not in err, (trainer.returncode, err[-3000:])
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    stopped = torch.load(run_dir / "latest.pt", weights_only=False)["step"]
+    assert len(errors) == 1 and stopped > 4 and stopped % 4 == 0, err[-3000:]
+    assert errors[0] == (f"error: latents folder {folder}: none of its 3 validation crops can be read now (named "
+                         f"above); delete {folder} and run again to encode it anew; stopped at step {stopped}, which "
+                         "latest.pt holds")
+    info = json.loads((run_dir / "checkpoints.json").read_text())
+    assert info["latest_step"] == stopped and info["best_step"] < stopped
 
 def test_a_damaged_best_pt_is_one_error_line_before_encoding(setup, tmp_path, capsys):
     """A best.pt cut short while latest.pt is whole: found when the folder was tidied at the start of
