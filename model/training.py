@@ -1188,7 +1188,7 @@ class Deadline:
         self.stopped_by: Optional[str] = None  # the signal that stopped the loop, the same on every rank
         self.worker_error: Optional[RuntimeError] = None  # a data-loading worker's death, as torch words it
         self.lost_worker: Optional[str] = None  # that, when it stopped the loop (one process only)
-        self.unreadable: Optional[str] = None  # why a step's batch could not be read, when that stopped it (same)
+        self.unreadable: Optional[str] = None  # why a step's batch could not be read, when that stopped it (every rank)
         self._signals = None  # under torch.distributed: (its CPU process group, the all-reduce in flight, its flags)
         self.timed_out = False  # under torch.distributed: rank 0's clock past max_minutes, as every rank agreed
 
@@ -1242,8 +1242,7 @@ class Deadline:
         or Ctrl-C to every worker and kills them 30 s later: asked only on log steps, a run whose log
         rows came minutes apart trained on past the signal and was killed unsaved; and a deadline
         asked only on log steps was never asked where `log_interval` reached past the run's last step."""
-        if self._signals is None:
-            self._signals = (dist.new_group(backend="gloo"), None, None)  # every rank asks at the same first step
+        self._group()
         group, work, flags = self._signals
         timed, agreed = False, 0
         if work is not None:
@@ -1254,6 +1253,26 @@ class Deadline:
         self._signals = (group, dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group, async_op=True), flags)
         return timed, agreed  # (SIGTERM, 15, over SIGINT, 2)
 
+    def _group(self):
+        """The signals' CPU process group (gloo), made at the first call (every rank calls at the same step)."""
+        if self._signals is None:
+            self._signals = (dist.new_group(backend="gloo"), None, None)
+        return self._signals[0]
+
+    def _first_unreadable(self, why: Optional[str]) -> Optional[str]:
+        """Under torch.distributed: what the first rank whose step's batches could not be read says
+        (`why` on this rank, None when read), or None when every rank read its batches; the same
+        on every rank. One all-reduce of a flag on the signals' process group, waited for (the
+        others must know before they start the step's collectives, which the failed rank would not
+        join; a CPU group: no sync with the device); the messages are gathered only when one failed."""
+        failed = torch.tensor([float(why is not None)])
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=self._group())
+        if failed.item() == 0:
+            return None
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, why, group=self._group())
+        return next(message for message in gathered if message is not None)
+
     def _time_up(self) -> bool:
         """Whether `max_minutes` have passed, by this process's clock."""
         return self.seconds > 0 and time.monotonic() - self.start > self.seconds
@@ -1263,23 +1282,29 @@ class Deadline:
         data-loading worker has died, or a batch's data file cannot be read (a FileNotFoundError
         naming it, as the scripts' user errors are: `LatentsError`, a shard cut short mid-run): the
         loop then stops at its next `before_step`, saved, as after a SIGTERM, and `exit` ends the
-        script with one error line. Under torch.distributed the error is raised (the other ranks are
+        script with one error line. Under torch.distributed every rank learns whether any rank's
+        batch could not be read (`_first_unreadable`), so all stop at the same step, saved, and rank
+        0 says the first such rank's error; a worker's death is raised there (the other ranks are
         already in the step's collectives)."""
+        why = micro_batches = None
         try:
             if self.worker_error is not None:
                 raise self.worker_error
-            return [next(batches) for _ in range(n)]
+            micro_batches = [next(batches) for _ in range(n)]
         except FileNotFoundError as e:
-            if dist.is_initialized():
-                raise
-            self.unreadable = own_message(e)  # (raised in a worker: its own line, not torch's traceback)
-            return None
+            why = own_message(e)  # (raised in a worker: its own line, not torch's traceback)
         except RuntimeError as e:
             lost = worker_death_message(self.worker_error or e, kept="")
             if lost is None or dist.is_initialized():
                 raise
             self.lost_worker = lost
             return None
+        if dist.is_initialized():
+            why = self._first_unreadable(why)
+        if why is not None:
+            self.unreadable = why
+            return None
+        return micro_batches
 
     def exit(self, step: int) -> None:
         """After the loop: a run that a signal stopped exits with 128 + its number, one that a
@@ -1288,8 +1313,8 @@ class Deadline:
         held = f"stopped at step {step}, which latest.pt holds" if step > 0 else "stopped before any step"
         if self.lost_worker:
             raise TrainingError(f"{self.lost_worker}; {held}: run the same command to resume")
-        if self.unreadable:  # (its own message says what to do about the file)
-            raise TrainingError(f"{self.unreadable}; {held}")
+        if self.unreadable:  # (its own message says what to do about the file; every rank's under torchrun)
+            raise TrainingError(f"{self.unreadable}; {held}", every_rank=int(os.environ.get("WORLD_SIZE", "1")) > 1)
         if self.stopped_by:  # saved but not finished: the status says so (a shell's `&&` goes no further)
             raise SystemExit(128 + signal.Signals[self.stopped_by])
 

@@ -729,6 +729,42 @@ def test_a_latents_shard_cut_short_mid_run_stops_it_saved_with_one_error_line(se
 
 
 
+
+def test_a_latents_shard_cut_short_under_torchrun_stops_every_rank_at_one_step_saved(setup, tmp_path):
+    """The same under torchrun (2 gloo processes): the rank whose batch could not be read raised,
+    unsaved, and the other stopped with it in the step's collectives, each with its own error line,
+    the steps since the last save lost. Now every rank learns of it before the step, all stop at
+    that step, saved, and rank 0 alone says the error, naming the shard."""
+    import signal
+    import time
+    latents, run_dir = tmp_path / "latents", tmp_path / "run"
+    if (setup["root"] / "latents").is_dir():  # (encoded by an earlier test: copied, not encoded again)
+        shutil.copytree(setup["root"] / "latents", latents)
+    args = base_args(setup, run_dir, duplex=False, stage="lm", latents_dir=latents, max_steps=100_000,
+                     eval_interval=100_000, save_interval=2, sample_seconds=0, parallel="ddp")
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 "train_transformer.py"] + [str(a) for a in args], cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 240
+        while not (run_dir / "step_00000004.pt").exists() and time.time() < deadline and launcher.poll() is None:
+            time.sleep(0.05)
+        shard = next(latents.glob("train-mono-*/shard_00000.bin"))
+        os.truncate(shard, shard.stat().st_size // 2)  # the crops of the later files only: one rank's, at first
+        out = launcher.communicate(timeout=120)[0]
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert launcher.returncode == 1, out[-3000:]
+    errors = [line[line.index("error: "):] for line in out.replace("\r", "\n").splitlines() if "error: " in line]
+    stopped = torch.load(run_dir / "latest.pt", weights_only=False)["step"]
+    assert len(errors) == 1 and errors[0].startswith(f"error: latents folder {shard.parent} is damaged: shard_00000.bin "
+                                                     "changed since the run started: "), out[-3000:]
+    assert errors[0].endswith(f"; stopped at step {stopped}, which latest.pt holds") and stopped >= 4
+    assert max(train_rows(run_dir)) == stopped  # every step trained is saved
+    assert "[rank0]: Traceback" not in out and "[rank1]: Traceback" not in out
+
 def test_a_validation_crop_that_cannot_be_read_is_left_out_and_best_pt_is_not_ranked_on_the_rest(setup, tmp_path,
                                                                                                   capsys):
     """A validation shard holding NaN where a crop lies (damaged after it was encoded): the
