@@ -60,6 +60,7 @@ try:  # the server's own packages (requirements.txt: optional for training): one
     from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, WebSocket
     from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import ClientDisconnect
     from uvicorn.protocols.http.h11_impl import H11Protocol
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
     from websockets.protocol import State as WebSocketState
@@ -1258,6 +1259,8 @@ def make_app(server: Server, access: Access = Access()):
             body = await asyncio.wait_for(read_body(request, MAX_HTTP_BODY), HTTP_BODY_TIMEOUT)
         except asyncio.TimeoutError:
             return error(408, "timeout", f"the body did not arrive within {HTTP_BODY_TIMEOUT:g} s")
+        except ClientDisconnect:  # the caller left before its body came: nothing changed, no one to answer (not sent)
+            return Response(status_code=400)
         if body is None:
             return too_big()
         try:

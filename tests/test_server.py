@@ -2499,6 +2499,25 @@ def test_a_client_leaving_while_it_waits_for_a_row_logs_no_traceback(model, tmp_
     assert "Traceback" not in log.read_text() and "Exception in ASGI" not in log.read_text(), log.read_text()[-3000:]
 
 
+def test_a_post_whose_client_leaves_before_its_body_logs_no_traceback(model, tmp_path):
+    """POST /set_temperature from a client that leaves before its body has come (a tab closed, curl
+    stopped, a dropped network): starlette's ClientDisconnect escaped, and the server (the command
+    line's) logged 'Exception in ASGI application' and a traceback of 60 lines for each. Now nothing:
+    there is no one to answer, and nothing changed."""
+    import socket
+    from live_server import save_tiny
+    checkpoint = save_tiny(model, tmp_path / "ckpt")
+    with cli_server(tmp_path, "--checkpoint", str(checkpoint), "--device", "cpu") as (port, log):
+        for body in (b"", b'{"token_temp": 3,'):  # no body at all; half of one
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(b"POST /set_temperature HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 40\r\n\r\n" + body)
+                time.sleep(0.3)  # the server waits for the rest of the body
+        status, reply, _ = http(f"http://127.0.0.1:{port}/set_temperature", "POST", None, {"top_p": 0.9})
+        assert status == 200 and json.loads(reply)["params"]["token_temp"] == SamplingParams().token_temp, reply
+    assert "Traceback" not in log.read_text() and "Exception in ASGI" not in log.read_text(), log.read_text()[-3000:]
+
+
 def test_a_number_too_long_is_named_so(server):
     """A seed (or any number) of more digits than Python converts (4300) was answered 'not JSON'
     with Python's own message, cut mid-word ('...; use sys.set_in'): it says what is wrong now."""
