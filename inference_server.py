@@ -92,6 +92,7 @@ MAX_WRITE_BACKLOG = 1 << 20  # bytes waiting for a client; beyond it the connect
 WRITE_STALL_TIMEOUT = 10.0   # seconds a client may leave its replies unread (write buffer full); then dropped
 HEADER_TIMEOUT = 10.0     # seconds for a request's line and headers to arrive (HttpProtocol); then closed
 PARSE_SLICE = 1 << 14     # bytes of a read the websocket parser takes at a time (WebSocketProtocol.data_received)
+WAV_HEADER_BYTES = 44      # what a recording writes when it starts
 MIN_MESSAGE_BYTES = len(TEXT_PREFIX) + 4 * math.ceil(CHUNK_BYTES / 3)  # a chunk as a text frame: 5358 bytes
 
 
@@ -334,17 +335,35 @@ class Recorder:
         self.failed: Optional[str] = None  # why a write failed (a full disk): the recording stops there
 
     def open(self) -> None:
+        """A recording that cannot start (a full disk, a folder gone read-only) is said once, naming
+        the file and the cause, and leaves nothing behind; the session goes on unrecorded (it was a
+        `LibsndfileError(2, "Error opening ...")`, and an empty `.part` that the next start removed as
+        an interrupted recording)."""
         import soundfile as sf
         from model.files import open_locked
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        while (lock := open_locked(self.tmp, locks_optional=True)) is None:
-            pass  # removed as this server locked it: made anew
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            while (lock := open_locked(self.tmp, locks_optional=True)) is None:
+                pass  # removed as this server locked it: made anew
+        except OSError as e:
+            return self._not_started(os_reason(e, self.tmp))
         try:
             self.file = sf.SoundFile(str(self.tmp), "w", SAMPLE_RATE, 2, "PCM_16", format="WAV")
+        except Exception as e:  # (its header not written)
+            why = self._why(e, WAV_HEADER_BYTES)
+            with contextlib.suppress(OSError):
+                os.remove(self.tmp)  # (still locked: another server starting on the folder does not see it)
+            lock.close()
+            return self._not_started(why)
         except BaseException:
             lock.close()
             raise
         self.lock = lock
+
+    def _not_started(self, why: str) -> None:
+        self.failed = why
+        log.error("recording %s: cannot start it in %s (%s): this session is not recorded", self.path.name,
+                  self.path.parent, why)
 
     def write(self, stereo: np.ndarray) -> None:
         """stereo (T, 2) int16. A write that fails (a full disk) is said once, naming the file and the
@@ -366,10 +385,10 @@ class Recorder:
             self.frames += len(stereo)
 
     def _why(self, e: Exception, nbytes: int = 0) -> str:
-        from model.audio import no_room
+        from model.audio import no_room, plain_write_error
         if no_room(self.tmp.parent, nbytes) is not None:
             return "no space left on the device"
-        return str(e).strip() or type(e).__name__
+        return plain_write_error(self.tmp.parent, nbytes) or str(e).strip() or type(e).__name__  # (ulimit -f, a quota)
 
     def close(self) -> Optional[Path]:
         if self.file is None:

@@ -2532,6 +2532,61 @@ def test_a_number_too_long_is_named_so(server):
     wait_idle(server)
 
 
+def test_a_recording_that_cannot_start_says_why_once_and_leaves_nothing(model, tmp_path):
+    """The server command with `--recordings` where no file can be written (a full disk; here a file
+    size limit below a WAV header's 44 bytes): each session left an empty `.part` (removed at the
+    next start as 'an interrupted recording: unreadable') and logged `LibsndfileError(2, "Error
+    opening ...")`, naming no cause and not that the session went unrecorded. Now one line each,
+    naming the file and the cause; nothing is left, and the sessions are served."""
+    import re
+    import resource
+    import signal
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+    from live_server import save_tiny
+    checkpoint = save_tiny(model, tmp_path / "ckpt")
+    rec = tmp_path / "rec"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def limit():  # (the log goes to a pipe, which the limit leaves alone)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    proc = subprocess.Popen([sys.executable, "inference_server.py", "--checkpoint", str(checkpoint), "--device", "cpu",
+                             "--port", str(port), "--recordings", str(rec)], cwd=Path(__file__).resolve().parents[1],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=limit)
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                http(f"http://127.0.0.1:{port}/health")
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+                time.sleep(0.3)
+
+        async def talk():
+            replies = []
+            for _ in range(2):
+                async with connect(f"ws://127.0.0.1:{port}/audio") as ws:
+                    replies += as_pcm(await stream(ws, CHUNKS[:3])).tolist()
+            return replies
+        replies = asyncio.run(asyncio.wait_for(talk(), 60))
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=30)[0]
+    assert len(replies) == 6 and proc.returncode == 0, out[-3000:]
+    assert list(rec.iterdir()) == [], out[-3000:]
+    errors = [line.split(" ERROR hertz.server: ")[-1] for line in out.splitlines() if "ERROR" in line]
+    why = "File too large (the file size limit, `ulimit -f`, is 20 bytes)"
+    assert len(errors) == 2 and all(re.fullmatch(rf"recording [0-9-]+-[0-9a-f]+\.wav: cannot start it in "
+                                                 rf"{re.escape(str(rec))} \({re.escape(why)}\): this session is not "
+                                                 r"recorded", e) for e in errors), out[-3000:]
+    assert "Traceback" not in out and "recorded to" not in out, out[-3000:]
+
+
 def test_a_recording_on_a_full_disk_says_so_once_and_keeps_what_was_written(tmp_path, caplog):
     """`--recordings` on a disk that fills: every chunk after logged `LibsndfileError(2, '')`, naming
     neither file nor cause, and the end said 'recorded to' of a file cut short. Now one error naming
