@@ -1835,10 +1835,16 @@ def main(argv=None) -> None:
         from model import SamplingParams
         params = SamplingParams(**values)
         from model.loading import LOAD_ERRORS
+        from model.training import Terminated, sigterm_as_interrupt
         try:
-            engine, prompt = load_engine(args)
+            with sigterm_as_interrupt():  # (minutes with the official weights, a download the first time)
+                engine, prompt = load_engine(args)
         except LOAD_ERRORS as e:  # a file the user must fix (refused before any weights load where it can be)
             raise SystemExit(f"error: {printable(e, newlines=True)}") from None
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM before serving: one line, as complete.py and the trainers
+            by = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
+            print(f"interrupted ({by}) while loading: the server did not start", file=sys.stderr)
+            raise SystemExit(143 if isinstance(e, Terminated) else 130) from None
         if prompt is not None:
             log.info("prompt %s: %.1f s", args.prompt_path, prompt.shape[1] / SAMPLE_RATE)
         limits = Limits(reset_rate=args.reset_rate, idle_timeout=args.idle_timeout, audio_pace=args.audio_pace)

@@ -2307,6 +2307,41 @@ def test_sigterm_closes_sessions_with_a_reason_and_exits_0(model, tmp_path):
     assert len(wavs) == 1 and not list((tmp_path / "rec").glob(".*.part")) and sf.info(str(wavs[0])).frames >= 4 * 2000
 
 
+@pytest.mark.parametrize("sig, status, by", [("SIGINT", 130, "Ctrl-C"), ("SIGTERM", 143, "SIGTERM")])
+def test_an_interrupt_while_the_weights_load_is_one_line_and_128_plus_the_signal(model, tmp_path, sig, status, by):
+    """Ctrl-C while the server command loads its weights (minutes with the official ones, a download
+    the first time; here a load made slow) was a KeyboardInterrupt traceback and exit status -2, and
+    a SIGTERM ended it at once with -15 and no word. Now, as complete.py and the trainers: one
+    `interrupted` line, status 130 (143 for SIGTERM)."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+    from live_server import save_tiny
+    checkpoint = save_tiny(model, tmp_path / "ckpt")
+    slow_load = ("import sys, time\n"
+                 "sys.argv[0] = 'inference_server.py'\n"
+                 "import model\n"
+                 "def load_hertz_dev(*args, **kwargs):\n"
+                 "    print('loading', file=sys.stderr, flush=True)\n"
+                 "    time.sleep(60)\n"
+                 "model.load_hertz_dev = load_hertz_dev\n"
+                 "import inference_server\n"
+                 "inference_server.main()\n")
+    proc = subprocess.Popen([sys.executable, "-c", slow_load, "--checkpoint", str(checkpoint), "--device", "cpu",
+                             "--port", "0"], cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        while (line := proc.stderr.readline()) != "loading\n":
+            assert line, "the server ended before loading"
+        proc.send_signal(getattr(signal, sig))
+        err = proc.communicate(timeout=30)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == status and "Traceback" not in err, err[-3000:]
+    assert err.splitlines()[-1] == f"interrupted ({by}) while loading: the server did not start", err[-3000:]
+
+
 def test_slow_or_huge_http_requests_are_cut(server):
     """An idle keep-alive connection is closed by the server (uvicorn's keep-alive timeout) and
     headers that go on past 16 KiB are refused, without harming the server."""
