@@ -1565,6 +1565,8 @@ class HttpServer(uvicorn.Server):
     async def shutdown(self, sockets=None) -> None:
         await self.app_server.close_sessions()
         await super().shutdown(sockets)
+        if self.force_exit:  # (a second Ctrl-C) uvicorn skips the lifespan's end, whose task the loop's teardown
+            await self.lifespan.shutdown()  # then cancelled: two tracebacks. It is one step here, nothing to wait on
 
 
 def serve(server: Server, host: str, port: int, max_message_bytes: int = 1 << 16, log_level: str = "info",

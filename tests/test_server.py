@@ -2307,6 +2307,53 @@ def test_sigterm_closes_sessions_with_a_reason_and_exits_0(model, tmp_path):
     assert len(wavs) == 1 and not list((tmp_path / "rec").glob(".*.part")) and sf.info(str(wavs[0])).frames >= 4 * 2000
 
 
+def test_a_second_ctrl_c_during_shutdown_logs_no_traceback(model, tmp_path):
+    """Ctrl-C twice, the second while the sessions close: uvicorn's forced exit skipped the app's
+    lifespan end, whose task the event loop's teardown then cancelled, and the server logged two
+    tracebacks. Now none; the session still gets 1012, its recording is finished, the exit status 0."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+    from live_server import save_tiny
+    checkpoint = save_tiny(model, tmp_path / "ckpt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    err = open(tmp_path / "err.txt", "w+")
+    proc = subprocess.Popen([sys.executable, "inference_server.py", "--checkpoint", str(checkpoint), "--device", "cpu",
+                             "--port", str(port), "--recordings", str(tmp_path / "rec")],
+                            cwd=Path(__file__).resolve().parents[1], stdout=err, stderr=err)
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                http(f"http://127.0.0.1:{port}/health")
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, open(tmp_path / "err.txt").read()[-3000:]
+                time.sleep(0.3)
+
+        async def talk():
+            async with connect(f"ws://127.0.0.1:{port}/audio") as ws:
+                await stream(ws, CHUNKS[:4])
+                proc.send_signal(signal.SIGINT)
+                with pytest.raises(websockets.ConnectionClosed):
+                    for c in CHUNKS[4:]:
+                        await ws.send(c)
+                        await asyncio.wait_for(ws.recv(), 10)
+                proc.send_signal(signal.SIGINT)  # the server is closing its sessions: a forced exit
+                return ws.close_code
+        closed = asyncio.run(asyncio.wait_for(talk(), 60))
+        status = proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    log = open(tmp_path / "err.txt").read()
+    assert closed == CLOSE_RESTART and status == 0 and "Traceback" not in log, log[-3000:]
+    assert len(list((tmp_path / "rec").glob("*.wav"))) == 1 and not list((tmp_path / "rec").glob(".*.part"))
+
+
 @pytest.mark.parametrize("sig, status, by", [("SIGINT", 130, "Ctrl-C"), ("SIGTERM", 143, "SIGTERM")])
 def test_an_interrupt_while_the_weights_load_is_one_line_and_128_plus_the_signal(model, tmp_path, sig, status, by):
     """Ctrl-C while the server command loads its weights (minutes with the official ones, a download
