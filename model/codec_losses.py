@@ -312,7 +312,12 @@ def si_sdr(estimate: Tensor, reference: Tensor, mask: Optional[Tensor] = None, e
 
         s = <y, x> x / |x|^2,  SI-SDR = 10 log10(|s|^2 / |y - s|^2)
 
-    with y the estimate and x the reference, both made zero-mean over their real samples.
+    with y the estimate and x the reference, both made zero-mean over their real samples, and y
+    scaled to x's energy first (the score is scale-invariant, `eps` is not: a perfect estimate
+    120 dB too quiet scored 0.02 dB), so `eps` bounds the score between about
+    +-10 log10(|x|^2 / eps). An estimate that is silent where the reference is not (zero once
+    zero-mean) scores that lower bound, the worst any estimate can score against this reference,
+    as one that shares nothing with it (the formula's 0/0 scored it 0 dB, above every real codec).
     estimate, reference: (B, 1, N) or (B, N); mask: (B, N). Returns (B,), NaN for an item whose
     reference holds nothing to score against once zero-mean (digital silence, a DC offset alone, a
     single sample: a mean square below `SILENT_POWER`), as `stoi` and `pesq_wb` are: its score would
@@ -323,9 +328,12 @@ def si_sdr(estimate: Tensor, reference: Tensor, mask: Optional[Tensor] = None, e
     n = m.sum(-1, keepdim=True).clamp_min(1)
     x = (x - (x * m).sum(-1, keepdim=True) / n) * m
     y = (y - (y * m).sum(-1, keepdim=True) / n) * m
-    energy = (x * x).sum(-1, keepdim=True)
+    energy, level = (x * x).sum(-1, keepdim=True), (y * y).sum(-1, keepdim=True)
+    y = y * torch.where(level > 0, energy / level, 0.0).sqrt()  # (B, N) at the reference's energy
     s = (y * x).sum(-1, keepdim=True) / (energy + eps) * x
     score = 10 * torch.log10(((s * s).sum(-1) + eps) / (((y - s) ** 2).sum(-1) + eps))
+    worst = 10 * torch.log10(eps / (energy.squeeze(-1) + eps))  # y orthogonal to x, or silent
+    score = torch.where(level.squeeze(-1) == 0, worst, score)  # (a non-finite estimate stays NaN)
     return torch.where((energy / n).squeeze(-1) >= SILENT_POWER, score, math.nan).float()
 
 
@@ -345,20 +353,34 @@ def stoi(estimate: np.ndarray, reference: np.ndarray, sample_rate: int) -> float
     return float("nan") if any("Not enough STFT frames" in str(w.message) for w in caught) else score
 
 
+# Wideband PESQ's lowest score: P.862.2's MOS-LQO mapping 0.999 + 4 / (1 + exp(-1.3669 d + 3.8224))
+# of the raw score d tends to it as d falls (white noise against speech scores about 1.02)
+PESQ_FLOOR = 0.999
+
+
 def pesq_wb(estimate: np.ndarray, reference: np.ndarray, sample_rate: int) -> float:
-    """Wideband PESQ (ITU-T P.862.2, MOS-LQO from 1.04 to 4.64) of 1-D 16 kHz signals, through the
-    `pesq` package; NaN where PESQ cannot score: a silent or too short (< 1/4 s) reference, no
-    speech found in it, or non-finite or absurd samples (a diverged codec)."""
+    """Wideband PESQ (ITU-T P.862.2, MOS-LQO from `PESQ_FLOOR` to 4.64) of 1-D 16 kHz signals,
+    through the `pesq` package; NaN where PESQ cannot score: a silent or too short (< 1/4 s)
+    reference, no speech found in it, or non-finite samples. An estimate that PESQ fails on where
+    the reference alone scores (digital silence, levels so low or absurd that pesq finds nothing
+    or raises: a silent or diverged codec) scores `PESQ_FLOOR`, not NaN, which a mean would leave
+    out: a codec that silenced its hardest crops scored a higher mean."""
     from pesq import PesqError, pesq
 
     if sample_rate != 16000:
         raise ValueError(f"wideband PESQ needs 16 kHz audio, got {sample_rate} Hz")
     if not (np.isfinite(reference).all() and np.isfinite(estimate).all()) or silent(reference):
         return float("nan")
+    reference = reference.astype(np.float32)
     try:
-        return float(pesq(sample_rate, reference.astype(np.float32), estimate.astype(np.float32), "wb"))
+        return float(pesq(sample_rate, reference, estimate.astype(np.float32), "wb"))
     except (PesqError, ValueError):  # pesq's own errors (too short, no utterance detected), and the
-        return float("nan")          # ValueError its C code raises on absurd levels (a diverged codec)
+        pass                         # ValueError its C code raises on a silent or absurd estimate
+    try:  # whose fault: the reference scored against itself tells
+        pesq(sample_rate, reference, reference, "wb")
+    except (PesqError, ValueError):
+        return float("nan")
+    return PESQ_FLOOR
 
 
 DNSMOS_SECONDS = 9.01  # the DNSMOS models' input length

@@ -391,6 +391,28 @@ def test_pesq_is_near_its_maximum_on_clean_speech_and_falls_with_noise(speech):
         pesq_wb(speech, speech, 24000)
 
 
+def test_a_silent_estimate_of_speech_scores_the_worst_not_nan_or_0_db(speech):
+    """A codec that decodes silence where the reference speaks is the worst codec: SI-SDR's 0/0
+    scored it 0 dB (above any real codec) and PESQ NaN (left out of the mean), while a perfect
+    reconstruction 120 dB too quiet scored 0.02 dB. A silent reference still cannot be scored."""
+    pytest.importorskip("pesq")
+    x = torch.tensor(speech)[None]  # (1, N)
+    silence, dc = torch.zeros_like(x), torch.full_like(x, 0.1)
+    noise = 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    perfect = si_sdr(x, x).item()
+    assert perfect > 90
+    assert si_sdr(1e-6 * x, x).item() == pytest.approx(perfect, abs=0.1)  # scale-invariant however quiet
+    assert si_sdr(1e-9 * noise, x).item() == pytest.approx(si_sdr(noise, x).item(), abs=0.1)
+    assert si_sdr(silence, x).item() == si_sdr(dc, x).item() < si_sdr(noise, x).item() - 20
+    assert si_sdr(silence, x).item() == pytest.approx(-perfect, abs=0.1)  # the formula's lower bound
+    assert math.isnan(si_sdr(silence, silence).item()) and math.isnan(si_sdr(x * math.inf, x).item())  # not silent
+    floor = pesq_wb(np.zeros_like(speech), speech, SR)
+    assert floor == pytest.approx(0.999) and floor < pesq_wb(noise[0].numpy(), speech, SR)
+    assert pesq_wb(1e-6 * speech, speech, SR) > 4.5
+    assert math.isnan(pesq_wb(np.zeros_like(speech), np.zeros_like(speech), SR))
+    assert stoi(np.zeros_like(speech), speech, SR) == pytest.approx(0.0, abs=1e-3)
+
+
 def test_dnsmos_prefers_clean_speech_to_noisy_speech(speech):
     for package in ("speechmos", "onnxruntime", "librosa"):
         pytest.importorskip(package)
