@@ -90,11 +90,12 @@ def codec_changed() -> bool:
 
 
 def evals(metrics: Path, keys: tuple[str, ...]) -> list[dict]:
-    """The evaluation rows of a run's metrics.jsonl (those that have all `keys`)."""
+    """The evaluation rows of a run's metrics.jsonl (those that have all `keys`, each a number: a
+    NaN or inf is written as null)."""
     if not metrics.is_file():
         return []
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    return [r for r in rows if all(k in r for k in keys)]
+    return [r for r in rows if all(r.get(k) is not None for k in keys)]
 
 
 def main():

@@ -150,16 +150,21 @@ def main(argv=None) -> dict:
 
         if cfg.eval_only:
             if is_main:
-                metrics, _, skipped = evaluate(generator, val_loader, mel_loss, cfg, have, dnsmos)
+                metrics, _, skipped, overflowed, unscored = evaluate(generator, val_loader, mel_loss, cfg, have, dnsmos)
                 rows = [(source + (" (weight average)" if raw is not None else ""), metrics)]
+                check_reconstructions(overflowed, len(val_loader.dataset) - len(skipped), rows[0][0], cfg, device)
                 if cfg.val_raw and raw is not None:
                     generator.load_state_dict(raw)
-                    raw_metrics, _, _ = evaluate(generator, val_loader, mel_loss, cfg, have, dnsmos, samples=False)
+                    raw_metrics, _, _, overflowed, _ = evaluate(generator, val_loader, mel_loss, cfg, have, dnsmos,
+                                                                samples=False)
                     rows.append((f"{source} (training weights)", raw_metrics))
+                    check_reconstructions(overflowed, len(val_loader.dataset) - len(skipped), rows[1][0], cfg, device)
                     metrics.update(as_val_raw(raw_metrics))
                 elif cfg.val_raw:
                     say(f"note: val_raw=true: {source} holds one set of weights (no weight average), scored above")
                 print_table(rows, len(val_loader.dataset), len(skipped))
+                if unscored:
+                    say(f"note: {', '.join(unscored)} had no crop to score (each too short or silent), so NaN")
             teardown_distributed()
             return metrics if is_main else {}
 
@@ -255,16 +260,20 @@ def main(argv=None) -> dict:
                 measured, ranked = validation, True
                 if due.evaluate and is_main:
                     with average.averaged() if average else nullcontext():
-                        metrics, pairs, skipped = evaluate(generator, val_loader, mel_loss, cfg, have, dnsmos)
+                        metrics, pairs, skipped, overflowed, unscored = evaluate(generator, val_loader, mel_loss, cfg,
+                                                                                 have, dnsmos)
                     if average and cfg.val_raw:  # the training weights too, for comparison
-                        trained, _, _ = evaluate(generator, val_loader, mel_loss, cfg, have, dnsmos, samples=False)
+                        trained, _, _, raw_overflowed, _ = evaluate(generator, val_loader, mel_loss, cfg, have, dnsmos,
+                                                                    samples=False)
                         metrics.update(as_val_raw(trained))
+                        overflowed = max(overflowed, raw_overflowed)
                     logger.log({**metrics, **log_samples(run_dir, pairs, cfg.sample_rate, logger, have.plots)}, step)
                     note = ""
                     if skipped:  # crops of files unreadable now: measured on part of the validation
                         measured = validation_key(validation=validation, skipped=skipped)
                         ranked = checkpoints.comparable(measured)
                         note = partial_note(len(val_loader.dataset), skipped, ranked)
+                    note += evaluation_note(len(val_loader.dataset) - len(skipped), overflowed, unscored)
                     say(f"step {step}: {summary(metrics)}{note}")
                 if due.save:
                     # (unranked: never against best.pt's value, measured on other crops)
@@ -441,15 +450,17 @@ def compile_and_wrap(module: nn.Module, compile: bool, ddp: Dist) -> nn.Module:
 
 @torch.no_grad()
 def evaluate(generator: nn.Module, val_loader: DataLoader, mel_loss: MultiResolutionMelLoss, cfg: CodecConfig,
-             have: Available, dnsmos: DNSMOS | None, samples: bool = True) -> tuple[dict, list, list[int]]:
+             have: Available, dnsmos: DNSMOS | None, samples: bool = True) -> tuple[dict, list, list[int], int, list[str]]:
     """Validation metrics of the posterior mean's reconstruction (mel distance, SI-SDR, STOI,
     wideband PESQ, DNSMOS with val_mos), the latent's KL rate, (`samples`) a few (input, output)
-    pairs, and the crops left out (their index in the validation set): those of files that
-    failed to read, all padding, which no metric counts."""
+    pairs, the crops left out (their index in the validation set): those of files that
+    failed to read, all padding, which no metric counts; how many crops' reconstructions hold NaN
+    or inf (weights that overflow: their mel distance makes the mean NaN, the other metrics leave
+    them out); and the metrics no other crop could score (each too short or silent: NaN)."""
     codec = unwrap(generator).eval()
     device, hop = next(codec.parameters()).device, math.prod(cfg.strides)
     mels, sdrs, stois, pesqs, moses, pairs, skipped = [], [], [], [], [], [], []
-    kl_sum, latents, seen = 0.0, 0, 0
+    kl_sum, latents, seen, overflowed = 0.0, 0, 0, 0
     for batch in val_loader:
         audio, mask = batch["audio"].to(device), batch["mask"].to(device)
         with autocast(device, cfg.dtype):
@@ -459,12 +470,14 @@ def evaluate(generator: nn.Module, val_loader: DataLoader, mel_loss: MultiResolu
         keep = mask.sum(-1) > 0  # an unreadable file's crop is all padding
         skipped += [seen + i for i in (~keep).nonzero().flatten().tolist()]
         seen += len(keep)
+        finite = recon.flatten(1).isfinite().all(-1)  # (B,)
+        overflowed += int((keep & ~finite).sum())
         mels.append(mel_loss(recon, real, mask, per_item=True)[keep].cpu())
-        sdrs.append(si_sdr(recon, real, mask)[keep].cpu())  # NaN for a silent crop: left out of the mean
+        sdrs.append(si_sdr(recon, real, mask)[keep & finite].cpu())  # NaN for a silent crop: left out of the mean
         real_latents = latent_mask(mask, hop)
         kl_sum += latent_kl(mu, logvar, real_latents).item() * real_latents.sum().item()
         latents += int(real_latents.sum().item())
-        for i in keep.nonzero().flatten().tolist():
+        for i in (keep & finite).nonzero().flatten().tolist():
             n = int(mask[i].sum())
             x, y = real[i, 0, :n].cpu().numpy(), recon[i, 0, :n].cpu().numpy()
             # NaN where a metric cannot score the crop: (almost) silence, too short
@@ -486,7 +499,34 @@ def evaluate(generator: nn.Module, val_loader: DataLoader, mel_loss: MultiResolu
                "val/kl_bits_per_s": kl_bits_per_second(kl_sum / max(latents, 1), cfg.sample_rate / hop)}
     if dnsmos is not None:
         metrics["val/dnsmos"] = nanmean(moses)
-    return metrics, pairs, skipped
+    scored = {"SI-SDR": torch.cat(sdrs).tolist(), "STOI": stois if have.stoi else [], "PESQ": pesqs if have.pesq else [],
+              "DNSMOS": moses}
+    unscored = [name for name, values in scored.items() if values and not any(map(math.isfinite, values))]
+    return metrics, pairs, skipped, overflowed, unscored
+
+
+def evaluation_note(crops: int, overflowed: int, unscored: list[str]) -> str:
+    """What an evaluation's line adds when the reconstructions of `overflowed` of its `crops`
+    held NaN or inf, or no crop could score the `unscored` metrics (`evaluate`)."""
+    note = ""
+    if overflowed:
+        note += (f" (the reconstructions of {overflowed} of {crops} crops hold NaN or inf: the codec's weights overflow "
+                 "on them; mel distance is NaN, not ranked for best.pt, and the other metrics leave them out)")
+    if unscored:
+        note += f" ({', '.join(unscored)}: no crop to score, each too short or silent)"
+    return note
+
+
+def check_reconstructions(overflowed: int, crops: int, source: str, cfg: CodecConfig, device: torch.device) -> None:
+    """eval_only: CheckpointError naming the weights (`source`) when the reconstructions of
+    `overflowed` of the `crops` validation crops held NaN or inf (`evaluate`), whose metrics would
+    be a row of NaN."""
+    if not overflowed:
+        return
+    dtype = cfg.dtype if device.type == "cuda" else "float32"  # (`autocast`)
+    fix = "re-export them" if dtype == "float32" else "try dtype=float32, or re-export them"
+    raise CheckpointError(f"the reconstructions of {overflowed} of {crops} validation crops hold NaN or inf: the "
+                          f"weights of {source} overflow in {dtype} (values too large for it, or a damaged file): {fix}")
 
 
 def as_val_raw(metrics: dict) -> dict:

@@ -169,10 +169,11 @@ vals = [r for r in rows if "val/mel_distance" in r]
 train = [r for r in rows if "perf/samples_per_s" in r]
 keys = ("val/mel_distance", "val/stoi", "val/pesq", "val/si_sdr", "val/kl_bits_per_s")
 # with ema_decay, val/ is the weight average's and (val_raw=true) raw_* the training weights'
-pick = lambda r: {"step": r["step"], **{k.split("/")[1]: round(r[k], 4) for k in keys if k in r},
-                  **{"raw_" + k.split("/")[1]: round(r[k.replace("val/", "val_raw/")], 4) for k in keys
+num = lambda v: v if v is None else round(v, 4)  # (null: a NaN or inf)
+pick = lambda r: {"step": r["step"], **{k.split("/")[1]: num(r[k]) for k in keys if k in r},
+                  **{"raw_" + k.split("/")[1]: num(r[k.replace("val/", "val_raw/")]) for k in keys
                      if k.replace("val/", "val_raw/") in r}}
-best = min(vals, key=lambda r: r["val/mel_distance"])
+best = min(vals, key=lambda r: (r["val/mel_distance"] is None, r["val/mel_distance"] or 0))
 print(json.dumps({"proof": "tuned", "start": pick(vals[0]), "end": pick(vals[-1]), "best": pick(best),
                   "steps": rows[-1]["step"], "samples_per_s": round(statistics.mean(r["perf/samples_per_s"]
                                                                                      for r in train[1:] or train), 1),

@@ -1481,7 +1481,7 @@ class Logger:
 
     mode "online": if wandb is missing or not logged in, falls back to offline with one line
     saying so. "offline": runs are stored under `<dir>/wandb` for `wandb sync`. "disabled": only
-    metrics.jsonl. Non-main ranks log nothing.
+    metrics.jsonl, where a NaN or inf value is written as null. Non-main ranks log nothing.
     """
 
     def __init__(self, mode: str, project: str, run_dir: str | os.PathLike, config, is_main: bool = True,
@@ -1542,6 +1542,8 @@ class Logger:
             return
         plain = {k: (float(v) if isinstance(v, (int, float, np.floating, torch.Tensor)) else v)
                  for k, v in metrics.items() if not _is_media(v)}
+        # NaN or inf as null: json.dumps writes them as bare NaN / Infinity, which strict JSON parsers refuse
+        plain = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in plain.items()}
         self._reopen_if_gone()
         row, end = (json.dumps({"step": step, "time": time.time(), **plain}) + "\n").encode(), self.jsonl.tell()
         try:

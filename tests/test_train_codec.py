@@ -818,6 +818,68 @@ def test_silent_validation_files_are_left_out_of_si_sdr(corpus, trained, tmp_pat
     capsys.readouterr()
 
 
+def strict_rows(path):
+    """metrics.jsonl's rows read as strict JSON: a bare NaN, Infinity or -Infinity fails the test."""
+    def refuse(token):
+        pytest.fail(f"{path} holds {token}, which strict JSON parsers refuse")
+    return [json.loads(line, parse_constant=refuse) for line in Path(path).read_text().splitlines()]
+
+
+def test_a_codec_whose_reconstructions_overflow_is_an_error_in_eval_only_and_a_note_in_training(
+        corpus, trained, tmp_path, capsys):
+    """A codec whose decoder overflows (finite gains x1e30: it loads, its hash holds) made
+    reconstructions of inf and NaN: eval_only printed a row of `nan` with no word of why, a
+    training run's evaluation the same, and metrics.jsonl held bare NaN. Now eval_only is one
+    error line naming the codec file, the evaluation's line says so, and metrics.jsonl writes null."""
+    codec = load_codec(trained[0] / "best.safetensors")
+    with torch.no_grad():
+        for block in list(codec.decoder.res_stack)[:3]:
+            for name, p in block.named_parameters():
+                if name.endswith("original0"):
+                    p.mul_(1e30)
+    huge = tmp_path / "huge.safetensors"
+    save_codec(huge, codec)
+    result = run_here(["--config", "tiny", f"val_data_path={corpus / 'val'}", "eval_only=true", f"init_from={huge}",
+                       f"checkpoint_dir={tmp_path / 'eval'}"], capsys)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert re.fullmatch(rf"error: the reconstructions of (\d+) of \1 validation crops hold NaN or inf: the weights of "
+                        rf"{re.escape(str(huge))} overflow in float32 \(values too large for it, or a damaged file\): "
+                        "re-export them", error_line(result.stderr)), result.stderr[-2000:]
+    assert "| nan |" not in result.stdout
+    # training from it: the evaluation at step 0 says so, then the first step's loss stops the run
+    run_dir = tmp_path / "run"
+    result = run_here(args(corpus, run_dir, f"init_from={huge}", "max_steps=1", "eval_interval=1", *BRIEF_EVAL), capsys)
+    assert result.returncode == 1 and error_line(result.stderr).startswith("error: non-finite loss"), result.stderr[-2000:]
+    assert re.search(r"step 0: val mel distance nan .*\(the reconstructions of 1 of 1 crops hold NaN or inf", result.stdout)
+    row = strict_rows(run_dir / "metrics.jsonl")[0]
+    assert row["step"] == 0 and row["val/mel_distance"] is None and np.isfinite(row["val/kl_bits_per_s"])
+
+
+def test_a_silent_validation_folder_is_a_note_and_its_metrics_null_in_metrics_jsonl(corpus, trained, tmp_path, capsys):
+    """A validation folder of silence has no crop that SI-SDR, STOI or PESQ can score: each
+    evaluation printed NaN for them with no note, and metrics.jsonl held bare NaN, which strict
+    JSON parsers refuse. Now the evaluation's line names them, metrics.jsonl writes null, and the
+    loss curves are drawn from it."""
+    val = tmp_path / "val"
+    val.mkdir()
+    for i in range(2):
+        sf.write(val / f"pause_{i}.wav", np.zeros(32000, np.float32), 16000)
+    run_dir = tmp_path / "run"
+    result = run_here(args(corpus, run_dir, f"val_data_path={val}", "max_steps=1", "eval_interval=1"), capsys)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = re.findall(r"step \d: val mel distance .*", result.stdout)
+    assert len(lines) == 2 and all(line.endswith("(SI-SDR, STOI, PESQ: no crop to score, each too short or silent)")
+                                   for line in lines), lines
+    evaluations = [r for r in strict_rows(run_dir / "metrics.jsonl") if "val/mel_distance" in r]
+    assert len(evaluations) == 2 and all(r["val/si_sdr"] is None and r["val/pesq"] is None and
+                                         np.isfinite(r["val/mel_distance"]) for r in evaluations)
+    assert (run_dir / "loss_curves.png").is_file()
+    result = run_here(["--config", "tiny", f"val_data_path={val}", "eval_only=true",
+                       f"init_from={trained[0] / 'best.safetensors'}", f"checkpoint_dir={tmp_path / 'eval'}"], capsys)
+    assert result.returncode == 0 and \
+        "note: SI-SDR, STOI, PESQ had no crop to score (each too short or silent), so NaN" in result.stdout
+
+
 def test_a_click_first_in_the_validation_folder_is_not_drawn_as_a_sample(corpus, tmp_path, capsys):
     """The evaluation's audio samples are the first crops with sound in them: a validation file of
     a few milliseconds sorted first (here 300 samples) was one, and the mel figure's STFT of it
