@@ -134,9 +134,9 @@ def complete(args) -> int:
     from model.generator import Generator, completion_problem, completion_steps, overflow_problem
     from model.lora import read_adapter
     from model.loading import (LOAD_ERRORS, codec_config_of, no_codec_problem, resolve_device, resolve_dtype,
-                               transformer_config_of)
+                               resolved_codec, transformer_config_of)
     from model.quant import quantization_of
-    from model.stream_codec import PromptLatentsError
+    from model.stream_codec import PromptLatentsError, decode_frames
     try:
         device = resolve_device(args.device)
     except ValueError as e:
@@ -157,6 +157,7 @@ def complete(args) -> int:
         cfg = transformer_config_of(args.variant)
         if not problem:  # the codec's hop (samples per latent): the prompt's frames, the completions' audio
             hop = math.prod(codec_config_of(args.variant, args.codec, cfg, adapter=args.adapter).strides)
+            codec = resolved_codec(args.variant, args.codec, args.adapter)[0]  # its file, named if it overflows
     except LOAD_ERRORS as e:
         problem = str(e)
     if problem:
@@ -207,17 +208,23 @@ def complete(args) -> int:
     audio = torch.from_numpy(prompt)[None].expand(args.num, -1, -1)
     t0 = time.time()
     try:
-        out = gen.complete(audio, steps, SamplingParams(**args.params), seed=args.seed, encode=args.encode, progress=True)
+        latents = gen.complete_latents(audio, steps, SamplingParams(**args.params), seed=args.seed, encode=args.encode,
+                                       progress=True)
     except PromptLatentsError as e:  # the codec's latents of this prompt (encode_frames); the arguments are checked above
         print(f"error: {printable(e, newlines=True)}", file=sys.stderr)
+        return 2
+    # weights that overflow make NaN, which a WAV holds as full-scale noise (one host sync each): the
+    # transformer's latents first, then the codec's audio of them, so that the error names the weights at fault
+    problem = overflow_problem(latents, args.variant, args.adapter, dtype)
+    if not problem:
+        out = decode_frames(gen.codec, latents, cfg.channels)
+        problem = overflow_problem(out, args.variant, dtype=next(gen.codec.parameters()).dtype, codec=codec)
+    if problem:
+        print(f"error: {printable(problem, newlines=True)}", file=sys.stderr)
         return 2
     elapsed = time.time() - t0
     if args.continuation_only:
         out = out[..., frames * hop:]
-    # weights that overflow make NaN, which a WAV holds as full-scale noise (one host sync)
-    if problem := overflow_problem(out, args.variant, args.adapter, dtype):
-        print(f"error: {printable(problem, newlines=True)}", file=sys.stderr)
-        return 2
     for path, wav in zip(completion_paths(args.out, args.num), out.cpu()):
         try:
             save_audio(path, wav.clamp(-1, 1), cfg.sample_rate)

@@ -2,6 +2,7 @@
 
     gen = Generator(model, batch_size=1)
     audio = gen.complete(prompt_audio, steps=160, params=SamplingParams(), seed=0)
+    latents = gen.complete_latents(prompt_audio, steps=160)   # the same before its decoding
     latents = gen.generate(prompt_latents, steps=160)
 
 Each row is prefilled with its prompt, then every step is one `decode_step` for all rows (on
@@ -72,14 +73,21 @@ def completion_problem(seconds, num, cfg=None, device=None, dtype: Optional[torc
 
 
 def overflow_problem(completions: Tensor, variant, adapter=None, dtype: torch.dtype = torch.float32,
-                     float32: str = "--dtype float32") -> Optional[str]:
+                     float32: str = "--dtype float32", codec=None) -> Optional[str]:
     """Why `completions` must not be written, or None: NaN or inf, which weights that overflow make
     (a WAV holds them as full-scale noise). The message names the weights (`variant`, `adapter`) and,
     in a `dtype` narrower than float32, how to ask for float32 where they were loaded (`float32`:
-    complete.py's flag, the notebook's parameter). One host sync."""
+    complete.py's flag, the notebook's parameter). `codec` (the codec's file, or "official"): the
+    completions are its audio of latents already found finite (`Generator.complete_latents`), so
+    its weights are the ones named. One host sync."""
     if bool(torch.isfinite(completions).all()):
         return None
     fix = "re-export them" if dtype in (torch.float32, torch.float64) else f"try {float32}, or re-export them"
+    if codec is not None:
+        name = "the official codec" if str(codec) == "official" else f"the codec {codec}"
+        return (f"the completion holds NaN or inf: {name} decodes the finite latents of {variant} to NaN or inf: its "
+                f"weights overflow in {str(dtype)[6:]} (values too large for it, or a damaged file): {fix}; "
+                "no file written")
     return (f"the completion holds NaN or inf: the weights of {variant}{f' with adapter {adapter}' if adapter else ''} "
             f"overflow in {str(dtype)[6:]} (values too large for it, or a damaged file): {fix}; no file written")
 
@@ -223,6 +231,15 @@ class Generator(Engine):
         -> (B, C, 2000 (N // 2000 + steps)) float32: the prompt as the codec reconstructs it, then
         the completion. Every argument is checked before any encoding: a TypeError or ValueError
         naming it."""
+        latents = self.complete_latents(audio, steps, params, seed, encode, progress)
+        return decode_frames(self.codec, latents, self.model.config.channels)
+
+    @torch.no_grad()
+    def complete_latents(self, audio: Tensor, steps: int, params: ParamsLike = SamplingParams(),
+                         seed: Union[int, Sequence[int]] = 0, encode: str = "sample", progress: bool = False) -> Tensor:
+        """`complete` before its decoding: (B, N // 2000 + steps, C*Z) latent frames, the prompt's
+        then the generated ones, which `decode_frames(gen.codec, latents, C)` makes `complete`'s
+        audio; a caller checks them first, to tell the transformer's overflow from the codec's."""
         if self.codec is None:
             raise ValueError("this model has no codec: load it with codec=... or use generate() on latents")
         B, C, hop = self.state.batch_size, self.model.config.channels, self.codec.hop_length
@@ -240,7 +257,7 @@ class Generator(Engine):
         steps, params, seeds = check_steps(steps), as_params(params, B), row_seeds(seed, B)
         audio = audio[..., :audio.shape[-1] // hop * hop].to(self.x.device)
         frames = encode_frames(self.codec, audio, encode, torch.tensor(seeds, device=self.x.device))
-        return decode_frames(self.codec, self._generate(frames, steps, params, seeds, progress), C)
+        return self._generate(frames, steps, params, seeds, progress)
 
 
 class _NoBar:

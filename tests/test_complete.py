@@ -16,7 +16,7 @@ import torch
 
 from config.codec_config import PRESETS as CODEC_PRESETS
 from config.transformer_config import PRESETS
-from model import Codec, HertzDev, build, save_codec, save_transformer
+from model import Codec, HertzDev, build, load_codec, save_codec, save_transformer
 from model.audio import AudioError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -774,6 +774,28 @@ def test_weights_that_overflow_are_one_error_line_and_no_file(ckpts, tmp_path, c
     assert not out.exists()
     with pytest.raises(AudioError, match=f"^{re.escape(f'cannot write audio file {out}: the audio holds NaN or inf (1 ')}"):
         save_audio(out, np.array([0.1, float("nan"), 0.2], np.float32), 16000)
+    assert not out.exists()
+
+
+def test_a_codec_that_overflows_is_named_not_the_transformer(ckpts, tmp_path, capsys):
+    """A codec whose decoder overflows (its gains x1e30: finite, saved with a valid hash) given as
+    --codec: the transformer's latents were finite, the audio NaN, and the error blamed the
+    transformer's weights. The latents are checked before decoding, and the codec file is named."""
+    import complete
+    codec = load_codec(ckpts["codec"])
+    with torch.no_grad():
+        for block in list(codec.decoder.res_stack)[:3]:
+            for name, p in block.named_parameters():
+                if name.endswith("original0"):
+                    p.mul_(1e30)
+    huge = save_codec(tmp_path / "huge_codec.safetensors", codec)
+    out = tmp_path / "o.wav"
+    assert complete.main([ckpts["mono_prompt"], str(out), "--variant", ckpts["mono"], "--codec", str(huge),
+                          "--seconds", "0.25", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == (f"error: the completion holds NaN or inf: the codec {huge} decodes the finite latents of "
+                       f"{ckpts['mono']} to NaN or inf: its weights overflow in float32 (values too large for it, or a "
+                       "damaged file): re-export them; no file written"), err
     assert not out.exists()
 
 
