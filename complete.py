@@ -131,12 +131,12 @@ def complete(args) -> int:
     from model import SamplingParams
     from model.audio import AudioError, check_prompt, completion_paths, load_prompt, save_audio
     from model.checkpoint import read_metadata
-    from model.generator import Generator, completion_problem, completion_steps, overflow_problem
+    from model.generator import Generator, checked_audio, completion_problem, completion_steps
     from model.lora import read_adapter
     from model.loading import (LOAD_ERRORS, codec_config_of, no_codec_problem, resolve_device, resolve_dtype,
                                resolved_codec, transformer_config_of)
     from model.quant import quantization_of
-    from model.stream_codec import PromptLatentsError, decode_frames
+    from model.stream_codec import PromptLatentsError
     try:
         device = resolve_device(args.device)
     except ValueError as e:
@@ -213,12 +213,8 @@ def complete(args) -> int:
     except PromptLatentsError as e:  # the codec's latents of this prompt (encode_frames); the arguments are checked above
         print(f"error: {printable(e, newlines=True)}", file=sys.stderr)
         return 2
-    # weights that overflow make NaN, which a WAV holds as full-scale noise (one host sync each): the
-    # transformer's latents first, then the codec's audio of them, so that the error names the weights at fault
-    problem = overflow_problem(latents, args.variant, args.adapter, dtype)
-    if not problem:
-        out = decode_frames(gen.codec, latents, cfg.channels)
-        problem = overflow_problem(out, args.variant, dtype=next(gen.codec.parameters()).dtype, codec=codec)
+    # weights that overflow make NaN, which a WAV holds as full-scale noise: the error names the weights at fault
+    out, problem = checked_audio(gen.codec, latents, cfg.channels, args.variant, args.adapter, dtype, codec)
     if problem:
         print(f"error: {printable(problem, newlines=True)}", file=sys.stderr)
         return 2

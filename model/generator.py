@@ -92,6 +92,20 @@ def overflow_problem(completions: Tensor, variant, adapter=None, dtype: torch.dt
             f"overflow in {str(dtype)[6:]} (values too large for it, or a damaged file): {fix}; no file written")
 
 
+def checked_audio(codec, latents: Tensor, channels: int, variant, adapter=None, dtype: torch.dtype = torch.float32,
+                  codec_file=None, float32: str = "--dtype float32") -> tuple[Optional[Tensor], Optional[str]]:
+    """(the audio of `latents`, from `Generator.complete_latents`, or None; why it must not be
+    written, or None): the transformer's latents are checked first (`overflow_problem`, naming
+    `variant` and `adapter`), then the codec's audio of them (naming `codec_file`: the codec's file,
+    or "official"), so that the message names the weights at fault. Two host syncs."""
+    if problem := overflow_problem(latents, variant, adapter, dtype, float32):
+        return None, problem
+    audio = decode_frames(codec, latents, channels)
+    problem = overflow_problem(audio, variant, dtype=next(codec.parameters()).dtype, float32=float32,
+                               codec=codec_file or "official")
+    return (None, problem) if problem else (audio, None)
+
+
 def as_params(params: ParamsLike, n: int) -> list[SamplingParams]:
     """One SamplingParams for each of `n` rows (each checked when it was made): the one given for
     all, or a list of n. TypeError or ValueError naming `params` otherwise."""
