@@ -259,22 +259,32 @@ def main(argv=None) -> dict:
                 # what this step's evaluation measured (fewer crops: `partial_note`), and whether best.pt may rank it
                 measured, ranked = validation, True
                 if due.evaluate and is_main:
-                    with average.averaged() if average else nullcontext():
-                        metrics, pairs, skipped, overflowed, unscored = evaluate(generator, val_loader, mel_loss, cfg,
-                                                                                 have, dnsmos)
-                    if average and cfg.val_raw:  # the training weights too, for comparison
-                        trained, _, _, raw_overflowed, _ = evaluate(generator, val_loader, mel_loss, cfg, have, dnsmos,
-                                                                    samples=False)
-                        metrics.update(as_val_raw(trained))
-                        overflowed = max(overflowed, raw_overflowed)
-                    logger.log({**metrics, **log_samples(run_dir, pairs, cfg.sample_rate, logger, have.plots)}, step)
-                    note = ""
-                    if skipped:  # crops of files unreadable now: measured on part of the validation
-                        measured = validation_key(validation=validation, skipped=skipped)
-                        ranked = checkpoints.comparable(measured)
-                        note = partial_note(len(val_loader.dataset), skipped, ranked)
-                    note += evaluation_note(len(val_loader.dataset) - len(skipped), overflowed, unscored)
-                    say(f"step {step}: {summary(metrics)}{note}")
+                    try:  # crops of files unreadable now are left out (`evaluate`)
+                        with average.averaged() if average else nullcontext():
+                            metrics, pairs, skipped, overflowed, unscored = evaluate(generator, val_loader, mel_loss,
+                                                                                     cfg, have, dnsmos)
+                        if average and cfg.val_raw:  # the training weights too, for comparison
+                            trained, _, _, raw_overflowed, _ = evaluate(generator, val_loader, mel_loss, cfg, have,
+                                                                        dnsmos, samples=False)
+                            metrics.update(as_val_raw(trained))
+                            overflowed = max(overflowed, raw_overflowed)
+                    except AudioError as e:  # none could be read: the state is saved unranked, and the run stops
+                        deadline.unreadable, metrics = str(e), {}
+                    if metrics:
+                        logger.log({**metrics, **log_samples(run_dir, pairs, cfg.sample_rate, logger, have.plots)}, step)
+                        note = ""
+                        if skipped:  # crops of files unreadable now: measured on part of the validation
+                            measured = validation_key(validation=validation, skipped=skipped)
+                            ranked = checkpoints.comparable(measured)
+                            note = partial_note(len(val_loader.dataset), skipped, ranked)
+                        note += evaluation_note(len(val_loader.dataset) - len(skipped), overflowed, unscored)
+                        say(f"step {step}: {summary(metrics)}{note}")
+                if due.evaluate and ddp.enabled:  # rank 0 evaluated alone: whether it could, every rank's to know
+                    told = [deadline.unreadable]
+                    dist.broadcast_object_list(told, src=0)
+                    deadline.unreadable = told[0]
+                if due.evaluate and deadline.unreadable:
+                    due = dataclasses.replace(due, stop=True, save=step > start_step)
                 if due.save:
                     # (unranked: never against best.pt's value, measured on other crops)
                     metric = due.best_metric(metrics, "val/mel_distance") if ranked else None

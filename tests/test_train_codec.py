@@ -637,7 +637,7 @@ def test_a_folder_whose_every_file_fails_when_read_is_one_error_line(corpus, tmp
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     n = len(list(val.rglob("*.wav")))
     assert error_line(result.stderr) == (f"error: no audio to evaluate on in {val}: its {n} files failed to read "
-                                         "(named above); set val_data_path to a folder of readable audio")
+                                         "(named above); set val_data_path to a folder of readable audio; stopped before any step")
     assert "step 0: val" not in result.stdout and not list((tmp_path / "run2").glob("*.pt"))
 
 
@@ -1490,3 +1490,40 @@ def test_a_sigterm_while_waiting_for_the_other_processes_ends_the_process_at_onc
             rank0.kill()
             rank0.wait()
     assert rank0.returncode == -signal.SIGTERM
+
+
+def test_a_validation_folder_gone_mid_run_stops_it_saved_with_one_error_line(corpus, tmp_path):
+    """Every validation file removed mid-run (a folder deleted, a disk unmounted): the evaluation
+    raised AudioError and the run died, the steps since its last save lost. Now the step is saved
+    (unranked: best.pt keeps its value) and the run stops with one error line naming the folder,
+    as the transformer trainer's does."""
+    val = tmp_path / "val"
+    shutil.copytree(corpus / "val", val)
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "train_codec.py"] + args(corpus, run_dir, f"val_data_path={val}", "preload_max_gb=0",
+                                                    "max_steps=100", "eval_interval=4", "save_interval=100",
+                                                    "val_crops=2", "num_audio_samples=0")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline and not (
+                (run_dir / "checkpoints.json").is_file() and '"latest_step": 4' in (run_dir / "checkpoints.json").read_text()):
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGSTOP)  # (the next evaluation, at step 8, comes after the files are gone)
+        files = len(list(val.rglob("*.wav")))
+        for path in val.rglob("*.wav"):
+            path.unlink()
+        proc.send_signal(signal.SIGCONT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
+    assert error_line(err) == (f"error: no audio to evaluate on in {val}: its {files} files failed to read (named "
+                               "above); set val_data_path to a folder of readable audio; stopped at step 8, which "
+                               "latest.pt holds")
+    assert torch.load(run_dir / "latest.pt", weights_only=False)["step"] == 8
+    assert max(r["step"] for r in train_rows(run_dir / "metrics.jsonl")) == 8  # every step trained is saved
+    info = json.loads((run_dir / "checkpoints.json").read_text())
+    assert info["latest_step"] == 8 and info["best_step"] == 4  # step 8 was not evaluated: never best.pt
+    assert "step 8: val" not in out
