@@ -1187,7 +1187,7 @@ class Deadline:
         self.received: Optional[str] = None    # the signal's name, set in this process by the handler
         self.stopped_by: Optional[str] = None  # the signal that stopped the loop, the same on every rank
         self.worker_error: Optional[RuntimeError] = None  # a data-loading worker's death, as torch words it
-        self.lost_worker: Optional[str] = None  # that, when it stopped the loop (one process only)
+        self.lost_worker: Optional[str] = None  # that, when it stopped the loop (every rank, under torchrun rank 0's)
         self.unreadable: Optional[str] = None  # why a step's batch could not be read, when that stopped it (every rank)
         self._signals = None  # under torch.distributed: (its CPU process group, the all-reduce in flight, its flags)
         self.timed_out = False  # under torch.distributed: rank 0's clock past max_minutes, as every rank agreed
@@ -1259,7 +1259,7 @@ class Deadline:
             self._signals = (dist.new_group(backend="gloo"), None, None)
         return self._signals[0]
 
-    def _first_unreadable(self, why: Optional[str]) -> Optional[str]:
+    def _first_unreadable(self, why: Optional[tuple[str, str]]) -> Optional[tuple[str, str]]:
         """Under torch.distributed: what the first rank whose step's batches could not be read says
         (`why` on this rank, None when read), or None when every rank read its batches; the same
         on every rank. One all-reduce of a flag on the signals' process group, waited for (the
@@ -1283,38 +1283,40 @@ class Deadline:
         naming it, as the scripts' user errors are: `LatentsError`, a shard cut short mid-run): the
         loop then stops at its next `before_step`, saved, as after a SIGTERM, and `exit` ends the
         script with one error line. Under torch.distributed every rank learns whether any rank's
-        batch could not be read (`_first_unreadable`), so all stop at the same step, saved, and rank
-        0 says the first such rank's error; a worker's death is raised there (the other ranks are
-        already in the step's collectives)."""
-        why = micro_batches = None
+        batches could not be read, its worker dead or its file (`_first_unreadable`), so all stop
+        at the same step, saved, and rank 0 says the first such rank's error."""
+        why = micro_batches = None  # why: ("lost_worker" or "unreadable", its message) when not read
         try:
             if self.worker_error is not None:
                 raise self.worker_error
             micro_batches = [next(batches) for _ in range(n)]
         except FileNotFoundError as e:
-            why = own_message(e)  # (raised in a worker: its own line, not torch's traceback)
+            why = "unreadable", own_message(e)  # (raised in a worker: its own line, not torch's traceback)
         except RuntimeError as e:
             lost = worker_death_message(self.worker_error or e, kept="")
-            if lost is None or dist.is_initialized():
+            if lost is None:
                 raise
-            self.lost_worker = lost
-            return None
+            why = "lost_worker", lost
         if dist.is_initialized():
             why = self._first_unreadable(why)
-        if why is not None:
-            self.unreadable = why
-            return None
-        return micro_batches
+        if why is None:
+            return micro_batches
+        if why[0] == "lost_worker":
+            self.lost_worker = why[1]
+        else:
+            self.unreadable = why[1]
+        return None
 
     def exit(self, step: int) -> None:
         """After the loop: a run that a signal stopped exits with 128 + its number, one that a
         data-loading worker's death or an unreadable batch stopped with one error line
         (TrainingError); saved either way."""
         held = f"stopped at step {step}, which latest.pt holds" if step > 0 else "stopped before any step"
+        every_rank = int(os.environ.get("WORLD_SIZE", "1")) > 1  # (every rank's under torchrun: rank 0 says it)
         if self.lost_worker:
-            raise TrainingError(f"{self.lost_worker}; {held}: run the same command to resume")
-        if self.unreadable:  # (its own message says what to do about the file; every rank's under torchrun)
-            raise TrainingError(f"{self.unreadable}; {held}", every_rank=int(os.environ.get("WORLD_SIZE", "1")) > 1)
+            raise TrainingError(f"{self.lost_worker}; {held}: run the same command to resume", every_rank=every_rank)
+        if self.unreadable:  # (its own message says what to do about the file)
+            raise TrainingError(f"{self.unreadable}; {held}", every_rank=every_rank)
         if self.stopped_by:  # saved but not finished: the status says so (a shell's `&&` goes no further)
             raise SystemExit(128 + signal.Signals[self.stopped_by])
 

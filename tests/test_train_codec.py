@@ -1527,3 +1527,37 @@ def test_a_validation_folder_gone_mid_run_stops_it_saved_with_one_error_line(cor
     info = json.loads((run_dir / "checkpoints.json").read_text())
     assert info["latest_step"] == 8 and info["best_step"] == 4  # step 8 was not evaluated: never best.pt
     assert "step 8: val" not in out
+
+
+def test_a_data_loading_worker_killed_under_torchrun_stops_every_rank_at_one_step_saved(corpus, tmp_path):
+    """A data-loading worker of rank 1 killed mid-run (the out-of-memory killer's SIGKILL) under
+    torchrun: its rank raised, unsaved, and rank 0 stopped with it in a collective, two error lines,
+    the steps since the last save lost (one process stopped saved). Now every rank learns of it as
+    the step's batches are read, all stop at that step, saved, and rank 0 alone names the worker."""
+    run_dir = tmp_path / "run"
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 "train_codec.py"] + args(corpus, run_dir, "device=cpu", "max_steps=100_000",
+                                                          "eval_interval=100_000", "num_workers=1", *BRIEF_EVAL),
+                                cwd=ROOT, env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while launcher.poll() is None and time.time() < deadline and not (
+                (run_dir / "checkpoints.json").is_file() and '"latest_step": 4' in (run_dir / "checkpoints.json").read_text()):
+            time.sleep(0.05)
+        ranks = [int(pid) for pid in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()]
+        rank1 = next(pid for pid in ranks if b"RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
+        victim = int(Path(f"/proc/{rank1}/task/{rank1}/children").read_text().split()[0])  # its loader's worker
+        os.kill(victim, signal.SIGKILL)
+        out = launcher.communicate(timeout=120)[0]
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert launcher.returncode == 1, out[-3000:]
+    errors = [line[line.index("error: "):] for line in out.replace("\r", "\n").splitlines() if "error: " in line]
+    stopped = torch.load(run_dir / "latest.pt", weights_only=False)["step"]
+    assert len(errors) == 1 and errors[0].startswith(f"error: a data-loading worker (pid {victim}) was killed by "
+                                                     "signal Killed (most often the out-of-memory killer"), out[-3000:]
+    assert errors[0].endswith(f"; stopped at step {stopped}, which latest.pt holds: run the same command to resume")
+    assert stopped >= 4 and max(r["step"] for r in train_rows(run_dir / "metrics.jsonl")) == stopped  # all saved
+    assert "[rank0]: Traceback" not in out and "[rank1]: Traceback" not in out
