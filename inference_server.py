@@ -42,7 +42,6 @@ import math
 import os
 import re
 import secrets
-import signal
 import sys
 import threading
 import time
@@ -1855,15 +1854,19 @@ def main(argv=None) -> None:
                         max_queue=args.queue_chunks, params=params, limits=limits)
         where = f"http://{args.host}:{sock.getsockname()[1]}/"  # (--port 0: the port the system chose)
         log.info("browser client: %s%s", where, "?token=TOKEN" if args.token else "")
-        # SIGTERM (kill, docker stop, systemd) ends the server as Ctrl-C does: uvicorn re-raised it
-        # once shut down, and its default action ended the process there, with status 143 and
-        # without stopping the engine and the recordings' disk thread (`serve`'s finally).
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        # SIGTERM (kill, docker stop, systemd) ends the server as Ctrl-C does (`Terminated` is a
+        # KeyboardInterrupt): uvicorn re-raises it once shut down, where its default action ended
+        # the process with status 143, without stopping the engine and the recordings' disk thread
+        # (`serve`'s finally); and while the engine warms up it is told from Ctrl-C.
         try:
-            serve(server, args.host, args.port, args.max_message_bytes, args.log_level, args.access_log, sockets=[sock],
-                  access=Access(args.host, tuple(args.allow_host), tuple(args.allow_origin)))
-        except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C (and SIGTERM) once it has shut down gracefully
-            pass
+            with sigterm_as_interrupt():
+                serve(server, args.host, args.port, args.max_message_bytes, args.log_level, args.access_log,
+                      sockets=[sock], access=Access(args.host, tuple(args.allow_host), tuple(args.allow_origin)))
+        except KeyboardInterrupt as e:  # uvicorn re-raises Ctrl-C (and SIGTERM) once it has shut down gracefully
+            if not server.worker.ready.is_set():  # the engine's warm-up (CUDA graphs, compiling): nothing served
+                by = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
+                print(f"interrupted ({by}) while warming up: the server did not start", file=sys.stderr)
+                raise SystemExit(143 if isinstance(e, Terminated) else 130) from None
 
 
 if __name__ == "__main__":

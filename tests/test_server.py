@@ -2389,6 +2389,41 @@ def test_an_interrupt_while_the_weights_load_is_one_line_and_128_plus_the_signal
     assert err.splitlines()[-1] == f"interrupted ({by}) while loading: the server did not start", err[-3000:]
 
 
+@pytest.mark.parametrize("sig, status, by", [("SIGINT", 130, "Ctrl-C"), ("SIGTERM", 143, "SIGTERM")])
+def test_an_interrupt_while_the_engine_warms_up_is_one_line_and_128_plus_the_signal(model, tmp_path, sig, status, by):
+    """Ctrl-C or SIGTERM while the engine warms up (capturing its CUDA graphs, compiling: tens of
+    seconds on a GPU; here a warm-up made slow) ended the server with status 0 and no word, as if
+    it had served and shut down. Now, as while the weights load: one `interrupted` line, status
+    130 (143 for SIGTERM)."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+    from live_server import save_tiny
+    checkpoint = save_tiny(model, tmp_path / "ckpt")
+    slow_warmup = ("import sys, time\n"
+                   "sys.argv[0] = 'inference_server.py'\n"
+                   "from model.live import LiveEngine\n"
+                   "def warmup(self):\n"
+                   "    print('warming up', file=sys.stderr, flush=True)\n"
+                   "    time.sleep(60)\n"
+                   "LiveEngine.warmup = warmup\n"
+                   "import inference_server\n"
+                   "inference_server.main()\n")
+    proc = subprocess.Popen([sys.executable, "-c", slow_warmup, "--checkpoint", str(checkpoint), "--device", "cpu",
+                             "--port", "0"], cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        while (line := proc.stderr.readline()) != "warming up\n":
+            assert line, "the server ended before warming up"
+        proc.send_signal(getattr(signal, sig))
+        err = proc.communicate(timeout=30)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == status and "Traceback" not in err, err[-3000:]
+    assert err.splitlines()[-1] == f"interrupted ({by}) while warming up: the server did not start", err[-3000:]
+
+
 def test_slow_or_huge_http_requests_are_cut(server):
     """An idle keep-alive connection is closed by the server (uvicorn's keep-alive timeout) and
     headers that go on past 16 KiB are refused, without harming the server."""
