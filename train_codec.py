@@ -225,7 +225,7 @@ def main(argv=None) -> dict:
 
         # cuda_graph: the pass replayed from a CUDA graph (a step at 2 s crops is bound by the host's launches)
         run_pass = GraphedPass(train_pass, gen_params + disc_params, enabled=graphed)
-        guard = FiniteGuard(opt_g, opt_d)
+        guard = FiniteGuard(opt_g, opt_d, scaler=scaler)
         logger = Logger(cfg.wandb, cfg.wandb_project, run_dir, cfg, is_main=is_main,
                         resume_id=state.get("wandb_id") if state else None)
         for note in checkpoints.recover(export_state) if is_main and not cfg.resume else []:
@@ -333,8 +333,7 @@ def main(argv=None) -> dict:
                 finite = {"loss": step_loss, **({"discriminator loss": disc_loss} if use_disc else {})}
                 grads = {"gradient norm": norms["grad_norm/generator"],
                          **({"discriminator gradient norm": norms["grad_norm/discriminators"]} if use_disc else {})}
-                guard.flag(step, finite if scaler.is_enabled() else {**finite, **grads}, files,
-                           skippable=grads if scaler.is_enabled() else None)
+                guard.flag(step, finite, files, grad_norms=grads)
                 for optimizer in optimizers:
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=not graphed)  # a graph adds into the gradients it captured

@@ -165,7 +165,7 @@ def main(argv=None) -> dict:
         wrapped = [calls[name] for name in trained]
         # a fused optimizer skips a non-finite step on the device (FiniteGuard: no host sync a step);
         # under FSDP (not fused) the host checks each step before it is applied
-        guard = FiniteGuard(optimizer) if optimizer.defaults.get("fused") else None
+        guard = FiniteGuard(optimizer, scaler=scaler) if optimizer.defaults.get("fused") else None
         last = last_step(cfg.max_steps, cfg.stop_step)  # the schedule still ends at max_steps
         say(f"training from step {step} to {last}: {latents_per_step} latents "
             f"({cfg.batch_size} x {cfg.seq_len} x {cfg.grad_accum_steps} x {ddp.world_size}) per step, "
@@ -238,9 +238,7 @@ def main(argv=None) -> dict:
                 # under a float16 loss scale an overflowing gradient skips the step and lowers the scale
                 files = batch_files(train_set, loader.sampler, step)  # read only if the step is reported
                 if guard:
-                    guard.flag(step, {"loss": step_loss} if scaler.is_enabled() else
-                               {"loss": step_loss, "gradient norm": grad_norm}, files,
-                               skippable={"gradient norm": grad_norm} if scaler.is_enabled() else None)
+                    guard.flag(step, {"loss": step_loss}, files, grad_norms={"gradient norm": grad_norm})
                     optimizer.step()  # skipped on the device if flagged
                 else:
                     check_finite_step(step, step_loss, None if scaler.is_enabled() else grad_norm, lambda: files)

@@ -363,43 +363,58 @@ class FiniteGuard:
     batch's files. The trainer checks at every log row and before it evaluates, saves or stops, so
     no checkpoint or metric follows an unchecked step, and each step's kernels queue behind the
     last step's without the device draining in between (a codec step at 2 s crops is short
-    enough for that to show)."""
+    enough for that to show).
 
-    def __init__(self, *optimizers: torch.optim.Optimizer):
+    `scaler`: the float16 loss scale (`loss_scaler`), whose overflowing steps are skipped without an
+    error, `MAX_SKIPPED` in a row at most: a run that never updates stops."""
+
+    MAX_SKIPPED = 50  # float16 overflows in a row: the scale fell 2^50-fold, and the gradients still overflow
+
+    def __init__(self, *optimizers: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler] = None):
         for optimizer in optimizers:
             if not optimizer.defaults.get("fused"):
                 raise ValueError("FiniteGuard needs fused optimizers: the others ignore found_inf")
         self.optimizers = optimizers
+        self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
         self.pending: list[tuple[int, dict[str, torch.Tensor], torch.Tensor, Iterable[str]]] = []
+        self.skipped = 0  # steps skipped in a row by the float16 scale, up to the last check
 
     def flag(self, step: int, values: dict[str, torch.Tensor], files: Iterable[str] = (),
-             skippable: Optional[dict[str, torch.Tensor]] = None) -> None:
-        """Before the optimizers' steps: `values` (name -> scalar tensor) of `step`, whose batch came
-        from `files`. `skippable`: values whose being non-finite skips the step without an error
-        (the gradient norms under a float16 loss scale, which overflow now and then: `loss_scaler`)."""
+             grad_norms: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """Before the optimizers' steps: `values` (name -> scalar tensor: losses) and `grad_norms` of
+        `step`, whose batch came from `files`, after the scaler's `unscale_`. A non-finite gradient
+        norm skips the step without an error only where the scaler found the gradients themselves
+        overflowing (its `found_inf`; it halves its scale at `update`); one whose gradients were
+        finite (their sum of squares overflowed float32) is an error, as it is without a scale."""
         def bad(named):
             return 1.0 - torch.isfinite(torch.stack([v.detach().float().reshape(()) for v in named.values()])
                                         ).all().float()
         error = bad(values)
-        flags = torch.stack([error, bad(skippable)]) if skippable else error[None]  # error(, skip)
+        found = [t.to(error.device) for optimizer in self.optimizers if self.scaler
+                 for t in self.scaler._found_inf_per_device(optimizer).values()]  # (those unscaled this step)
+        flags = torch.stack([error, bad(grad_norms) if grad_norms else torch.zeros_like(error),
+                             torch.stack(found).max().float() if found else torch.zeros_like(error)])
         if dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        error, found_inf = flags[0], flags.max()
+        error, found_inf = torch.maximum(flags[0], flags[1] * (1 - flags[2])), flags.max()
         for optimizer in self.optimizers:
             optimizer.found_inf = found_inf
-        self.pending.append((step, values, error, files))
+        self.pending.append((step, {**values, **(grad_norms or {})}, torch.stack([error, found_inf]), files))
 
     def check(self) -> None:
         pending, self.pending = self.pending, []
         if not pending:
             return
-        flags = torch.stack([error for _, _, error, _ in pending]).tolist()
-        if not any(flags):
-            return
-        step, values, _, files = pending[flags.index(1.0)]
-        raise TrainingError(non_finite_message(step, *at_fault({k: v.float().item() for k, v in values.items()}, files),
-                                               "its update was skipped and training stopped"),
-                            every_rank=dist.is_initialized())
+        flags = torch.stack([flag for _, _, flag, _ in pending]).tolist()
+        for (step, values, _, files), (error, skipped) in zip(pending, flags):
+            self.skipped = self.skipped + 1 if skipped else 0
+            if error or self.skipped >= self.MAX_SKIPPED:
+                what = "its update was skipped and training stopped" if error else (
+                    f"the float16 gradients overflowed at {self.skipped} steps in a row, each skipped while the "
+                    f"loss scale fell to {self.scaler.get_scale():.3g}, and training stopped")
+                raise TrainingError(non_finite_message(step, *at_fault({k: v.float().item() for k, v in values.items()},
+                                                                       files), what),
+                                    every_rank=dist.is_initialized())
 
 
 def at_fault(values: dict[str, float], files: Iterable[str]) -> tuple[dict[str, float], list[str], Optional[int]]:

@@ -506,6 +506,18 @@ def test_float16_scales_the_loss_and_resumes_its_scale(corpus, trained, tmp_path
     assert torch.load(trained[0] / "latest.pt", weights_only=False)["scaler"] == {}  # float32: none
 
 
+def test_float16_whose_gradient_norm_overflows_stops_with_an_error(corpus, tmp_path, capsys):
+    """dtype=float16 with mel_weight=1e30: finite gradients whose norm overflows float32. Every step
+    was skipped as a float16 overflow (the scale never lowered, the scaler having found the
+    gradients finite) and the run ended "done", exit 0, with its first weights saved; now it stops
+    at step 0 as float32 does, with one error line and nothing saved."""
+    run_dir = tmp_path / "run"
+    result = run_here(args(corpus, run_dir, "dtype=float16", "mel_weight=1e30", *BRIEF_EVAL), capsys)
+    assert result.returncode == 1
+    assert error_line(result.stderr).startswith("error: non-finite gradient norm (inf) at step 0 on a batch from ")
+    assert not list(run_dir.glob("*.pt"))
+
+
 def test_empty_train_folder_is_a_clear_error(corpus, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     result = run_here(args(corpus, tmp_path / "run", f"train_data_path={tmp_path / 'empty'}"), capsys)

@@ -410,6 +410,20 @@ def test_the_official_codec_missing_offline_is_an_error_not_a_traceback(setup, t
     assert OFFICIAL_FILES[CODEC].filename in log and "Traceback" not in log
 
 
+def test_float16_whose_gradient_norm_overflows_stops_with_an_error(setup, tmp_path, capsys):
+    """dtype=float16 with loss weights of 1e36: the first steps' scaled loss overflows, and each is
+    skipped while the scale halves (float16's rule); then the gradients fit but their norm
+    overflows float32, which skipped every later step, the scale never lowered again, and the run
+    ended "done" with its first weights. Now that step stops the run with one error line."""
+    run_dir = tmp_path / "run"
+    log = fails_here(base_args(setup, run_dir, dtype="float16", lm_loss_weight=1e36, resynth_loss_weight=1e36,
+                               max_steps=30, eval_interval=30, save_interval=4), capsys)
+    error = next(line for line in log.splitlines() if line.startswith("error: "))
+    step = int(re.match(r"error: non-finite gradient norm \(inf\) at step (\d+) on a batch from ", error)[1])
+    scale = torch.load(run_dir / "latest.pt", weights_only=False)["scaler"]["scale"]
+    assert 4 <= step < 30 and scale < 2.0 ** 16  # the scale fell over the first steps, skipped without an error
+
+
 def test_float16_with_fsdp_across_processes_is_one_error_line(setup, tmp_path):
     """FSDP shards the gradients, and the float16 loss scale here is not sharded: refused at once
     (as torchrun's WORLD_SIZE says), before anything loads or encodes; one process, or DDP, trains."""

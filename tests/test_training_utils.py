@@ -20,7 +20,7 @@ from config import ConfigError
 from model.training import (Checkpoints, ConfigMismatch, Deadline, FiniteGuard, Logger, StepTimer, TrainingError,
                             WeightAverage,
                             autocast, before_step, check_architecture, check_finite_step, check_resumable, cosine_lr,
-                            finished_message, move_aside, rng_state, schedule_notes, set_rng_state, state_to_load, stop_message,
+                            finished_message, loss_scaler, move_aside, rng_state, schedule_notes, set_rng_state, state_to_load, stop_message,
                             validation_key, window_peak_gb)
 
 
@@ -139,37 +139,77 @@ def test_finite_guard_skips_a_non_finite_update_on_the_device_and_names_it_at_th
         FiniteGuard(torch.optim.AdamW(a.parameters(), foreach=True))
 
 
-def test_finite_guard_skips_an_overflowing_float16_step_without_an_error():
-    """Under a float16 loss scale the gradient norms are `skippable`: a step whose gradients
-    overflow is skipped on the device (weights and moments unchanged) and the check says nothing,
-    while a non-finite loss is still an error; check_finite_step without a gradient norm checks
-    the loss alone."""
-    torch.manual_seed(0)
+def float16_steps(seed=0):
+    """A Linear, its fused AdamW, a float16 loss scaler (a real GradScaler, on the CPU) and the
+    FiniteGuard over them, and `step(n, grad_scale, loss_scale)`: one step as the trainers make it
+    (scale, backward, unscale_, clip, flag, step, update), its loss times `loss_scale` and its
+    gradients times `grad_scale`."""
+    torch.manual_seed(seed)
     lin = torch.nn.Linear(4, 1)
     opt = torch.optim.AdamW(lin.parameters(), lr=0.1, fused=True)
-    guard = FiniteGuard(opt)
+    scaler = loss_scaler(torch.device("cpu"), "float16")
+    guard = FiniteGuard(opt, scaler=scaler)
     x = torch.randn(8, 4)
 
     def step(n, grad_scale=1.0, loss_scale=1.0):
         loss = lin(x).square().mean()
-        (loss * grad_scale).backward()
+        scaler.scale(loss * grad_scale).backward()
+        scaler.unscale_(opt)
         norm = torch.nn.utils.clip_grad_norm_(lin.parameters(), 1.0)
-        guard.flag(n, {"loss": loss * loss_scale}, [f"clip{n}.wav"], skippable={"gradient norm": norm})
+        guard.flag(n, {"loss": loss * loss_scale}, [f"clip{n}.wav"], grad_norms={"gradient norm": norm})
         opt.step()
         opt.zero_grad(set_to_none=True)
+        scaler.update()
+    return lin, opt, scaler, guard, step
 
+
+def test_finite_guard_skips_an_overflowing_float16_step_without_an_error():
+    """Under a float16 loss scale a step whose gradients overflow (the scaler finds them inf) is
+    skipped on the device (weights and moments unchanged), the check says nothing and the scale
+    halves, while a non-finite loss is still an error; check_finite_step without a gradient norm
+    checks the loss alone."""
+    lin, opt, scaler, guard, step = float16_steps()
     step(0)
     before = [p.detach().clone() for p in lin.parameters()] + [v.clone() for v in opt.state[lin.weight].values()]
     step(1, grad_scale=float("inf"))  # the gradients overflow: skipped, silently
     after = [p.detach().clone() for p in lin.parameters()] + [v.clone() for v in opt.state[lin.weight].values()]
     assert all(torch.equal(u, v) for u, v in zip(after, before))
     guard.check()
+    assert scaler.get_scale() == 2.0 ** 15
     step(2, loss_scale=float("nan"))
     with pytest.raises(TrainingError, match=r"^non-finite loss \(nan\) at step 2 on a batch from clip2\.wav"):
         guard.check()
     check_finite_step(3, torch.tensor(1.0), None)
     with pytest.raises(TrainingError, match=r"^non-finite loss \(inf\) at step 4"):
         check_finite_step(4, torch.tensor(float("inf")), None)
+
+
+def test_finite_guard_stops_a_float16_run_that_never_updates():
+    """Gradients the scaler finds finite whose norm overflows float32 (each ~1e30: their sum of
+    squares is inf) were skipped as a float16 overflow, for ever, the scale never lowered: a run
+    that never updated ended "done". Now that is the error float32 gives, naming the step; and
+    gradients that overflow at every scale stop the run after FiniteGuard.MAX_SKIPPED skipped
+    steps in a row (a clean step in between starts the count again)."""
+    _, _, scaler, guard, step = float16_steps()
+    step(0)
+    step(1, grad_scale=1e30)
+    with pytest.raises(TrainingError, match=r"^non-finite gradient norm \(inf\) at step 1 on a batch from clip1\.wav; "
+                                            r"its update was skipped and training stopped"):
+        guard.check()
+    assert scaler.get_scale() == 2.0 ** 16  # (the gradients themselves were finite)
+
+    _, _, scaler, guard, step = float16_steps()
+    n = FiniteGuard.MAX_SKIPPED
+    for i in range(n - 1):
+        step(i, grad_scale=float("inf"))
+    step(n - 1)  # a clean step: the count starts again
+    guard.check()
+    for i in range(n, 2 * n):
+        step(i, grad_scale=float("inf"))
+    with pytest.raises(TrainingError, match=rf"^non-finite gradient norm \(\S+\) at step {2 * n - 1} on a batch from "
+                                            rf"clip{2 * n - 1}\.wav; the float16 gradients overflowed at {n} steps in "
+                                            r"a row, each skipped while the loss scale fell to .*, and training stopped"):
+        guard.check()
 
 
 def test_step_timer_counts_each_step_from_the_last_ones_end():
