@@ -225,7 +225,7 @@ def main(argv=None) -> dict:
 
         # cuda_graph: the pass replayed from a CUDA graph (a step at 2 s crops is bound by the host's launches)
         run_pass = GraphedPass(train_pass, gen_params + disc_params, enabled=graphed)
-        guard = FiniteGuard(opt_g, opt_d, scaler=scaler)
+        guard = FiniteGuard(opt_g, opt_d, scaler=scaler, checkpoints=checkpoints, resumed=latest and (latest, step))
         logger = Logger(cfg.wandb, cfg.wandb_project, run_dir, cfg, is_main=is_main,
                         resume_id=state.get("wandb_id") if state else None)
         for note in checkpoints.recover(export_state) if is_main and not cfg.resume else []:

@@ -165,7 +165,9 @@ def main(argv=None) -> dict:
         wrapped = [calls[name] for name in trained]
         # a fused optimizer skips a non-finite step on the device (FiniteGuard: no host sync a step);
         # under FSDP (not fused) the host checks each step before it is applied
-        guard = FiniteGuard(optimizer, scaler=scaler) if optimizer.defaults.get("fused") else None
+        resumed = latest and (latest, step)  # (for the advice of a non-finite step's error)
+        guard = FiniteGuard(optimizer, scaler=scaler, checkpoints=checkpoints, resumed=resumed) \
+            if optimizer.defaults.get("fused") else None
         last = last_step(cfg.max_steps, cfg.stop_step)  # the schedule still ends at max_steps
         say(f"training from step {step} to {last}: {latents_per_step} latents "
             f"({cfg.batch_size} x {cfg.seq_len} x {cfg.grad_accum_steps} x {ddp.world_size}) per step, "
@@ -241,7 +243,8 @@ def main(argv=None) -> dict:
                     guard.flag(step, {"loss": step_loss}, files, grad_norms={"gradient norm": grad_norm})
                     optimizer.step()  # skipped on the device if flagged
                 else:
-                    check_finite_step(step, step_loss, None if scaler.is_enabled() else grad_norm, lambda: files)
+                    check_finite_step(step, step_loss, None if scaler.is_enabled() else grad_norm, lambda: files,
+                                      checkpoints, resumed)
                     scaler.step(optimizer)  # optimizer.step(), unless float16 gradients overflowed
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)

@@ -337,12 +337,14 @@ class TrainingError(OneLine, RuntimeError):
 
 
 def check_finite_step(step: int, loss: torch.Tensor, grad_norm: Optional[torch.Tensor],
-                      files: Callable[[], Iterable[str]] = tuple) -> None:
+                      files: Callable[[], Iterable[str]] = tuple, checkpoints: Optional[Checkpoints] = None,
+                      resumed: Optional[tuple[Path, int]] = None) -> None:
     """Raise TrainingError naming `step` (and the batch's files, `files()`) if the step's loss or gradient
     norm is NaN or inf, before the optimizer applies it. Under torch.distributed every rank
     learns whether any rank failed, so all stop at the same step (one host sync per step).
     `grad_norm` None: the loss alone (under a float16 loss scale an overflowing gradient is the
-    scaler's to skip, `loss_scaler`)."""
+    scaler's to skip, `loss_scaler`). `checkpoints`, `resumed`: the run's, for the advice
+    (`non_finite_message`)."""
     named = {"loss": loss} if grad_norm is None else {"loss": loss, "gradient norm": grad_norm}
     values = torch.stack([v.detach().float().reshape(()) for v in named.values()])
     finite = torch.isfinite(values).all().float()
@@ -351,7 +353,8 @@ def check_finite_step(step: int, loss: torch.Tensor, grad_norm: Optional[torch.T
     if finite.item() == 1:
         return
     raise TrainingError(non_finite_message(step, *at_fault(dict(zip(named, values.tolist())), files()),
-                                           "stopped before updating the weights"), every_rank=dist.is_initialized())
+                                           "stopped before updating the weights", checkpoints, resumed),
+                        every_rank=dist.is_initialized())
 
 
 class FiniteGuard:
@@ -366,11 +369,13 @@ class FiniteGuard:
     enough for that to show).
 
     `scaler`: the float16 loss scale (`loss_scaler`), whose overflowing steps are skipped without an
-    error, `MAX_SKIPPED` in a row at most: a run that never updates stops."""
+    error, `MAX_SKIPPED` in a row at most: a run that never updates stops. `checkpoints`, `resumed`:
+    the run's, for the error's advice (`non_finite_message`)."""
 
     MAX_SKIPPED = 50  # float16 overflows in a row: the scale fell 2^50-fold, and the gradients still overflow
 
-    def __init__(self, *optimizers: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler] = None):
+    def __init__(self, *optimizers: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler] = None,
+                 checkpoints: Optional[Checkpoints] = None, resumed: Optional[tuple[Path, int]] = None):
         for optimizer in optimizers:
             if not optimizer.defaults.get("fused"):
                 raise ValueError("FiniteGuard needs fused optimizers: the others ignore found_inf")
@@ -378,6 +383,7 @@ class FiniteGuard:
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
         self.pending: list[tuple[int, dict[str, torch.Tensor], torch.Tensor, Iterable[str]]] = []
         self.skipped = 0  # steps skipped in a row by the float16 scale, up to the last check
+        self.checkpoints, self.resumed = checkpoints, resumed
 
     def flag(self, step: int, values: dict[str, torch.Tensor], files: Iterable[str] = (),
              grad_norms: Optional[dict[str, torch.Tensor]] = None) -> None:
@@ -413,7 +419,7 @@ class FiniteGuard:
                     f"the float16 gradients overflowed at {self.skipped} steps in a row, each skipped while the "
                     f"loss scale fell to {self.scaler.get_scale():.3g}, and training stopped")
                 raise TrainingError(non_finite_message(step, *at_fault({k: v.float().item() for k, v in values.items()},
-                                                                       files), what),
+                                                                       files), what, self.checkpoints, self.resumed),
                                     every_rank=dist.is_initialized())
 
 
@@ -522,17 +528,32 @@ class StepTimer:
 
 
 def non_finite_message(step: int, values: dict[str, float], files: Iterable[str], rank: Optional[int],
-                       what_happened: str) -> str:
+                       what_happened: str, checkpoints: Optional[Checkpoints] = None,
+                       resumed: Optional[tuple[Path, int]] = None) -> str:
     """The finite-step rule's error: the first non-finite value by name, the step, the rank (under
-    torch.distributed, `at_fault`), the batch's files."""
+    torch.distributed, `at_fault`), the batch's files, and what to do. `checkpoints`: the run's
+    folder, said to hold the last finite weights only when it holds a state; `resumed`: the state
+    this run resumed from and its step. A run that fails at that very step would fail there again
+    (the state's weights are finite but were diverging when saved): the error says so and names
+    the earlier step files to resume from."""
     bad = next(((name, v) for name, v in values.items() if not math.isfinite(v)), None)
     what = f"non-finite {bad[0]} ({bad[1]})" if bad else "a non-finite loss on another rank"
     names = sorted(set(files))
-    return (f"{what} at step {step}" + (f" on rank {rank}" if rank is not None else "")
+    head = (f"{what} at step {step}" + (f" on rank {rank}" if rank is not None else "")
             + (f", on a batch from {listed(names, 8)}" if names and rank is not None else
-               f" on a batch from {listed(names, 8)}" if names else "") +
-            f"; {what_happened} (the checkpoints hold the last finite weights): lower the learning rate, "
-            "or check the data")
+               f" on a batch from {listed(names, 8)}" if names else "") + f"; {what_happened}")
+    if checkpoints is not None and resumed is not None and resumed[1] == step:  # (a state's own loss and gradients)
+        earlier = [p for p in step_files(checkpoints.folder) if int(Checkpoints.STEP.search(p.name)[1]) < step]
+        return head + (f": it is the first step resumed from {resumed[0].name} (step {step}), before any update: that "
+                       "state is at fault (finite weights, diverging when saved), unless this run's settings changed, "
+                       "and resumed again it fails the same way; ") + (
+            f"resume from an earlier step with a lower learning rate (kept: {listed([p.name for p in earlier[::-1]], 8)}; "
+            f"for {earlier[-1].name}: ln -f {earlier[-1]} {checkpoints.folder / 'latest.pt'}), or start afresh "
+            "(resume=false)" if earlier else
+            "no earlier step_*.pt is kept: start afresh (resume=false) with a lower learning rate")
+    saved = checkpoints is None or checkpoints.latest is not None
+    return head + (" (the checkpoints hold the last finite weights)" if saved else "") + \
+        ": lower the learning rate, or check the data"
 
 
 # --- checkpoints ----------------------------------------------------------------------------

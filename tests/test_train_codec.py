@@ -1114,6 +1114,45 @@ def test_non_finite_audio_is_skipped_and_a_non_finite_loss_stops_with_an_error(c
     assert "latest.pt" in finite_everywhere(tmp_path / "run")
 
 
+def test_a_divergence_names_the_step_to_resume_from(corpus, tmp_path, capsys):
+    """A divergence (learning_rate=1e3) that saved each step: its last save holds finite weights
+    that were diverging, and the run resumed from it (the rate put back) failed at its first step
+    with the same advice ("lower the learning rate") and "the checkpoints hold the last finite
+    weights", never naming the earlier step file to resume from. Now that error says the resumed
+    state is at fault and names the earlier step_*.pt with the command putting it in place of
+    latest.pt, which resumes. A fresh run diverging before its first save no longer says the
+    checkpoints hold anything."""
+    def fails(run_dir, *extra):
+        result = run_here(args(corpus, run_dir, "eval_interval=100", *BRIEF_EVAL, *extra), capsys)
+        assert result.returncode == 1
+        return error_line(result.stderr)
+
+    diverge = ("learning_rate=1e3", "weight_decay=0.0", "min_lr=0.0")
+    fresh = tmp_path / "fresh"
+    last = fails(fresh, *diverge)
+    assert re.fullmatch(r"error: non-finite \S+ \(\S+\) at step \d+ on a batch from .*; its update was skipped and "
+                        r"training stopped: lower the learning rate, or check the data", last), last
+    assert not list(fresh.glob("*.pt"))
+
+    run_dir = tmp_path / "run"
+    assert run_here(args(corpus, run_dir, "stop_step=2", "save_interval=1", *BRIEF_EVAL), capsys).returncode == 0
+    step = int(re.search(r"at step (\d+)", fails(run_dir, *diverge, "save_interval=1"))[1])
+    assert step > 2 and (run_dir / f"step_{step:08d}.pt").is_file()  # saved finite, but diverging
+    last = fails(run_dir)  # resumed with the rate put back: the same step fails again
+    kept = [f"step_{s:08d}.pt" for s in range(step - 1, max(0, step - 3), -1)]  # (the last 3 kept)
+    assert last.startswith(f"error: non-finite ") and f" at step {step} on a batch from " in last
+    assert last.endswith(f"training stopped: it is the first step resumed from latest.pt (step {step}), before any "
+                         "update: that state is at fault (finite weights, diverging when saved), unless this run's "
+                         "settings changed, and resumed again it fails the same way; resume from an earlier step with "
+                         f"a lower learning rate (kept: {', '.join(kept)}; for {kept[0]}: ln -f {run_dir / kept[0]} "
+                         f"{run_dir / 'latest.pt'}), or start afresh (resume=false)"), last
+    os.link(run_dir / kept[0], run_dir / "latest.tmp")  # ln -f
+    os.replace(run_dir / "latest.tmp", run_dir / "latest.pt")
+    result = run_here(args(corpus, run_dir, f"stop_step={step}", *BRIEF_EVAL), capsys)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"training from step {step - 1} to {step}" in result.stdout + result.stderr
+
+
 def test_a_full_disk_is_one_error_line(corpus, tmp_path, capsys):
     """checkpoint_dir on a 640 KiB tmpfs (a real full disk; needs the right to mount): the first
     checkpoint does not fit, and the run ends with one line naming the file and the reason (the
