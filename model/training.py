@@ -48,7 +48,7 @@ import warnings
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, NoReturn, Optional
 
 import numpy as np
 import torch
@@ -67,6 +67,16 @@ from .manifest import ManifestError, is_manifest, read_manifest
 
 
 # --- the error exit ---------------------------------------------------------------------------
+
+def interrupted_exit(e: KeyboardInterrupt, rest: str) -> NoReturn:
+    """End the process after a Ctrl-C or a SIGTERM (`Terminated`, from `sigterm_as_interrupt`):
+    one line on stderr, `interrupted (Ctrl-C|SIGTERM)` and `rest` (on a line of its own under an
+    open progress bar), exit code 130, or 143 for SIGTERM."""
+    from tqdm import tqdm
+    by = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
+    tqdm.write(f"interrupted ({by}){rest}", file=sys.stderr)
+    raise SystemExit(143 if isinstance(e, Terminated) else 130) from None
+
 
 def run_script(main: Callable[[], Any]) -> None:
     """Run a script's `main`. A user's mistake (ConfigError, ConfigMismatch, FileNotFoundError:
@@ -93,10 +103,7 @@ def run_script(main: Callable[[], Any]) -> None:
         tqdm.write(f"error: {printable(own_message(e), newlines=True)}\n", file=sys.stderr, end="")  # one write: a worker's line cannot split it
         raise SystemExit(1) from None
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM outside the loop (loading, encoding: it keeps what it has done)
-        from tqdm import tqdm
-        by = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
-        tqdm.write(f"interrupted ({by}): run the same command to resume", file=sys.stderr)
-        raise SystemExit(143 if isinstance(e, Terminated) else 130) from None
+        interrupted_exit(e, ": run the same command to resume")
     except RuntimeError as e:
         message = worker_death_message(e)
         if message is None and peer_gone(e):  # another rank stopped: its own line says why, not 40 lines of gloo's
@@ -550,7 +557,8 @@ def non_finite_message(step: int, values: dict[str, float], files: Iterable[str]
             f"resume from an earlier step with a lower learning rate (kept: {listed([p.name for p in earlier[::-1]], 8)}; "
             f"for {earlier[-1].name}: ln -f {earlier[-1]} {checkpoints.folder / 'latest.pt'}), or start afresh "
             "(resume=false)" if earlier else
-            "no earlier step_*.pt is kept: start afresh (resume=false) with a lower learning rate")
+            "no earlier step_*.pt is kept: start afresh (resume=false) with a lower learning rate") + (
+            f"; or check the data: a resumed run reads the same batches, this one again at step {step}")
     saved = checkpoints is None or checkpoints.latest is not None
     return head + (" (the checkpoints hold the last finite weights)" if saved else "") + \
         ": lower the learning rate, or check the data"

@@ -1145,7 +1145,8 @@ def test_a_divergence_names_the_step_to_resume_from(corpus, tmp_path, capsys):
                          "update: that state is at fault (finite weights, diverging when saved), unless this run's "
                          "settings changed, and resumed again it fails the same way; resume from an earlier step with "
                          f"a lower learning rate (kept: {', '.join(kept)}; for {kept[0]}: ln -f {run_dir / kept[0]} "
-                         f"{run_dir / 'latest.pt'}), or start afresh (resume=false)"), last
+                         f"{run_dir / 'latest.pt'}), or start afresh (resume=false); or check the data: a resumed "
+                         f"run reads the same batches, this one again at step {step}"), last
     os.link(run_dir / kept[0], run_dir / "latest.tmp")  # ln -f
     os.replace(run_dir / "latest.tmp", run_dir / "latest.pt")
     result = run_here(args(corpus, run_dir, f"stop_step={step}", *BRIEF_EVAL), capsys)
