@@ -1564,8 +1564,10 @@ class HttpServer(uvicorn.Server):
     async def shutdown(self, sockets=None) -> None:
         await self.app_server.close_sessions()
         await super().shutdown(sockets)
-        if self.force_exit:  # (a second Ctrl-C) uvicorn skips the lifespan's end, whose task the loop's teardown
-            await self.lifespan.shutdown()  # then cancelled: two tracebacks. It is one step here, nothing to wait on
+        # (a second Ctrl-C) uvicorn skips the lifespan's end, whose task the loop's teardown then cancelled: two
+        # tracebacks. It is one step here, nothing to wait on; not again where uvicorn had ended it already
+        if self.force_exit and not self.lifespan.shutdown_event.is_set():
+            await self.lifespan.shutdown()
 
 
 def serve(server: Server, host: str, port: int, max_message_bytes: int = 1 << 16, log_level: str = "info",
@@ -1836,16 +1838,14 @@ def main(argv=None) -> None:
         from model import SamplingParams
         params = SamplingParams(**values)
         from model.loading import LOAD_ERRORS
-        from model.training import Terminated, sigterm_as_interrupt
+        from model.training import interrupted_exit, sigterm_as_interrupt
         try:
             with sigterm_as_interrupt():  # (minutes with the official weights, a download the first time)
                 engine, prompt = load_engine(args)
         except LOAD_ERRORS as e:  # a file the user must fix (refused before any weights load where it can be)
             raise SystemExit(f"error: {printable(e, newlines=True)}") from None
         except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM before serving: one line, as complete.py and the trainers
-            by = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
-            print(f"interrupted ({by}) while loading: the server did not start", file=sys.stderr)
-            raise SystemExit(143 if isinstance(e, Terminated) else 130) from None
+            interrupted_exit(e, " while loading: the server did not start")
         if prompt is not None:
             log.info("prompt %s: %.1f s", args.prompt_path, prompt.shape[1] / SAMPLE_RATE)
         limits = Limits(reset_rate=args.reset_rate, idle_timeout=args.idle_timeout, audio_pace=args.audio_pace)
@@ -1864,9 +1864,7 @@ def main(argv=None) -> None:
                       sockets=[sock], access=Access(args.host, tuple(args.allow_host), tuple(args.allow_origin)))
         except KeyboardInterrupt as e:  # uvicorn re-raises Ctrl-C (and SIGTERM) once it has shut down gracefully
             if not server.worker.ready.is_set():  # the engine's warm-up (CUDA graphs, compiling): nothing served
-                by = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
-                print(f"interrupted ({by}) while warming up: the server did not start", file=sys.stderr)
-                raise SystemExit(143 if isinstance(e, Terminated) else 130) from None
+                interrupted_exit(e, " while warming up: the server did not start")
 
 
 if __name__ == "__main__":
