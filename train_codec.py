@@ -149,23 +149,27 @@ def main(argv=None) -> dict:
             f"{sum(p.numel() for p in discriminators.parameters()) / 1e6:.2f}M; weights from {source}")
 
         if cfg.eval_only:
-            if is_main:
-                metrics, _, skipped, overflowed, unscored = evaluate(generator, val_loader, mel_loss, cfg, have, dnsmos)
-                rows = [(source + (" (weight average)" if raw is not None else ""), metrics)]
-                check_reconstructions(overflowed, len(val_loader.dataset) - len(skipped), rows[0][0], cfg, device)
-                if cfg.val_raw and raw is not None:
-                    generator.load_state_dict(raw)
-                    raw_metrics, _, _, overflowed, _ = evaluate(generator, val_loader, mel_loss, cfg, have, dnsmos,
-                                                                samples=False)
-                    rows.append((f"{source} (training weights)", raw_metrics))
-                    check_reconstructions(overflowed, len(val_loader.dataset) - len(skipped), rows[1][0], cfg, device)
-                    metrics.update(as_val_raw(raw_metrics))
-                elif cfg.val_raw:
-                    say(f"note: val_raw=true: {source} holds one set of weights (no weight average), scored above")
-                print_table(rows, len(val_loader.dataset), len(skipped))
-                if unscored:
-                    say(f"note: {', '.join(unscored)} had no crop to score (each too short or silent), so NaN")
-            teardown_distributed()
+            try:  # (rank 0 scores alone; an error of its own ends every rank after the barrier, one line)
+                if is_main:
+                    metrics, _, skipped, overflowed, unscored = evaluate(generator, val_loader, mel_loss, cfg, have,
+                                                                         dnsmos)
+                    rows = [(source + (" (weight average)" if raw is not None else ""), metrics)]
+                    check_reconstructions(overflowed, len(val_loader.dataset) - len(skipped), rows[0][0], cfg, device)
+                    if cfg.val_raw and raw is not None:
+                        generator.load_state_dict(raw)
+                        raw_metrics, _, _, overflowed, _ = evaluate(generator, val_loader, mel_loss, cfg, have, dnsmos,
+                                                                    samples=False)
+                        rows.append((f"{source} (training weights)", raw_metrics))
+                        check_reconstructions(overflowed, len(val_loader.dataset) - len(skipped), rows[1][0], cfg,
+                                              device)
+                        metrics.update(as_val_raw(raw_metrics))
+                    elif cfg.val_raw:
+                        say(f"note: val_raw=true: {source} holds one set of weights (no weight average), scored above")
+                    print_table(rows, len(val_loader.dataset), len(skipped))
+                    if unscored:
+                        say(f"note: {', '.join(unscored)} had no crop to score (each too short or silent), so NaN")
+            finally:
+                teardown_distributed()
             return metrics if is_main else {}
 
         # --- training loop --------------------------------------------------------------------------
