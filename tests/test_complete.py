@@ -777,18 +777,24 @@ def test_weights_that_overflow_are_one_error_line_and_no_file(ckpts, tmp_path, c
     assert not out.exists()
 
 
-def test_a_codec_that_overflows_is_named_not_the_transformer(ckpts, tmp_path, capsys):
-    """A codec whose decoder overflows (its gains x1e30: finite, saved with a valid hash) given as
-    --codec: the transformer's latents were finite, the audio NaN, and the error blamed the
-    transformer's weights. The latents are checked before decoding, and the codec file is named."""
-    import complete
-    codec = load_codec(ckpts["codec"])
+def overflowing_codec(codec: str, out: Path) -> Path:
+    """`codec` saved as `out` with its decoder's first gains x1e30: finite weights, a valid hash,
+    audio NaN or inf from any latents."""
+    codec = load_codec(codec)
     with torch.no_grad():
         for block in list(codec.decoder.res_stack)[:3]:
             for name, p in block.named_parameters():
                 if name.endswith("original0"):
                     p.mul_(1e30)
-    huge = save_codec(tmp_path / "huge_codec.safetensors", codec)
+    return save_codec(out, codec)
+
+
+def test_a_codec_that_overflows_is_named_not_the_transformer(ckpts, tmp_path, capsys):
+    """A codec whose decoder overflows (its gains x1e30: finite, saved with a valid hash) given as
+    --codec: the transformer's latents were finite, the audio NaN, and the error blamed the
+    transformer's weights. The latents are checked before decoding, and the codec file is named."""
+    import complete
+    huge = overflowing_codec(ckpts["codec"], tmp_path / "huge_codec.safetensors")
     out = tmp_path / "o.wav"
     assert complete.main([ckpts["mono_prompt"], str(out), "--variant", ckpts["mono"], "--codec", str(huge),
                           "--seconds", "0.25", "--device", "cpu"]) == 2

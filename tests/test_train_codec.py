@@ -1140,7 +1140,7 @@ def test_a_divergence_names_the_step_to_resume_from(corpus, tmp_path, capsys):
     assert step > 2 and (run_dir / f"step_{step:08d}.pt").is_file()  # saved finite, but diverging
     last = fails(run_dir)  # resumed with the rate put back: the same step fails again
     kept = [f"step_{s:08d}.pt" for s in range(step - 1, max(0, step - 3), -1)]  # (the last 3 kept)
-    assert last.startswith(f"error: non-finite ") and f" at step {step} on a batch from " in last
+    assert last.startswith("error: non-finite ") and f" at step {step} on a batch from " in last
     assert last.endswith(f"training stopped: it is the first step resumed from latest.pt (step {step}), before any "
                          "update: that state is at fault (finite weights, diverging when saved), unless this run's "
                          "settings changed, and resumed again it fails the same way; resume from an earlier step with "
