@@ -80,7 +80,7 @@ def overflow_problem(completions: Tensor, variant, adapter=None, dtype: torch.dt
     complete.py's flag, the notebook's parameter). `codec` (the codec's file, or "official"): the
     completions are its audio of latents already found finite (`Generator.complete_latents`), so
     its weights are the ones named. One host sync."""
-    if bool(torch.isfinite(completions).all()):
+    if all(bool(torch.isfinite(row).all()) for row in completions):  # a row at a time: no audio-sized mask
         return None
     fix = "re-export them" if dtype in (torch.float32, torch.float64) else f"try {float32}, or re-export them"
     if codec is not None:

@@ -333,10 +333,14 @@ def encode_frames(codec: Codec, audio: Tensor, mode: str = "sample", seed: Optio
 
 def decode_frames(codec: Codec, frames: Tensor, channels: int, chunk: int = 64) -> Tensor:
     """(B, T, C*Z) frames -> (B, C, 2000 T) float32 audio, decoded `chunk` latents at a time
-    through a streaming decoder (the same output as one pass, with bounded memory)."""
+    through a streaming decoder (the same output as one pass, with bounded memory: each chunk's
+    audio is written into the output as it comes, which is the only audio-sized allocation)."""
     B, T, _ = frames.shape
     z = frames.view(B, T, channels, -1).transpose(1, 2).reshape(B * channels, T, -1)
     z = z.to(next(codec.parameters()).dtype)
     _, stream = codec.init_stream(B * channels)
-    audio = torch.cat([codec.decode_step(z[:, i:i + chunk], stream) for i in range(0, T, chunk)], dim=-1)
-    return audio.view(B, channels, -1).float()
+    audio = torch.empty(B * channels, T * codec.hop_length, device=z.device)
+    for i in range(0, T, chunk):
+        y = codec.decode_step(z[:, i:i + chunk], stream).reshape(B * channels, -1)
+        audio[:, i * codec.hop_length:i * codec.hop_length + y.shape[-1]] = y
+    return audio.view(B, channels, -1)

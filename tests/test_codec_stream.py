@@ -259,3 +259,38 @@ def test_snake_codec_trains_the_same_in_the_channels_last_layout():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
         if name.endswith("alpha"):
             assert b.abs().max() > 0, name
+
+
+DECODE_MEMORY = r"""
+import json, resource, torch
+from config.codec_config import PRESETS
+from model import Codec, build
+from model.stream_codec import decode_frames
+torch.manual_seed(0)
+codec = build(Codec, PRESETS["tiny"]).eval()
+with torch.no_grad():
+    decode_frames(codec, torch.randn(1, 128, 32), 1)  # a chunk's own temporaries, allocated once
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = decode_frames(codec, torch.randn(1, 4000, 32), 1)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"grew": (after - before) * 1024, "audio": out.numel() * out.element_size()}))
+"""
+
+
+def test_decode_frames_holds_the_audio_once():
+    """`decode_frames` (complete.py's and the notebook's decoding, which `completion_problem` counts
+    as the audio once) kept every chunk's audio, then concatenated them: twice the audio at its
+    peak (1.84x measured here), so a completion that passed the memory check could die at its
+    decoding. Now each chunk is written into the output: the process' peak grows by the audio's
+    32 MB once (500 s of audio from the tiny codec, in a process of its own)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", DECODE_MEMORY], cwd=repo, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads(r.stdout.strip().splitlines()[-1])
+    assert m["audio"] == 4000 * 2000 * 4 and m["grew"] < 1.4 * m["audio"], m
