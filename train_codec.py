@@ -403,6 +403,10 @@ def build_data(cfg: CodecConfig, is_main: bool, say) -> tuple[DataLoader | None,
             raise ConfigError(f"{cfg.train_data_path} gives {len(train_set)} training crops of {cfg.segment_seconds} s, "
                               f"fewer than batch_size={cfg.batch_size} per process: add audio or lower batch_size")
         say(describe("train", train_set))
+        if is_main and (padding := padding_share(train_set)) > 0.5:  # (the losses leave it out: compute for nothing)
+            say(f"note: about {padding:.0%} of each training crop is padding: most of {cfg.train_data_path}'s audio "
+                f"is in files shorter than segment_seconds={cfg.segment_seconds:g}, and the losses leave the padding "
+                "out; a shorter segment_seconds trains on the same audio for less")
         if is_main and (note := shared_with_training(val_set.files, train_set.files, cfg.val_data_path)):
             say(f"note: {note}")  # its mel distance, STOI and PESQ would measure memorised audio
     return val_loader, train_loader
@@ -802,6 +806,13 @@ def export_state(saved: dict, tmp: str) -> None:
         codec = Codec(from_dict(CodecConfig, saved["config"], strict=False))
     codec.load_state_dict(exported_weights(saved), assign=True)
     write_codec(tmp, codec, {"step": saved["step"], "val/mel_distance": saved.get("val/mel_distance")})
+
+
+def padding_share(dataset: AudioCropDataset) -> float:
+    """The expected share of a training crop that is padding: a crop comes from a file with a chance
+    proportional to its length, and one shorter than the crop is zero-padded to it."""
+    lengths = dataset.lengths.astype(np.float64)
+    return float((lengths / max(lengths.sum(), 1) * np.clip(1 - lengths / dataset.segment, 0, 1)).sum())
 
 
 def describe(name: str, dataset: AudioCropDataset) -> str:

@@ -1613,3 +1613,24 @@ def test_a_data_loading_worker_killed_under_torchrun_stops_every_rank_at_one_ste
     assert errors[0].endswith(f"; stopped at step {stopped}, which latest.pt holds: run the same command to resume")
     assert stopped >= 4 and max(r["step"] for r in train_rows(run_dir / "metrics.jsonl")) == stopped  # all saved
     assert "[rank0]: Traceback" not in out and "[rank1]: Traceback" not in out
+
+
+def test_a_corpus_of_files_shorter_than_the_crop_is_a_note_of_the_padding(corpus, tmp_path, capsys):
+    """Files of 0.25 s and crops of 1 s: three quarters of each training step's audio is padding the
+    losses leave out, and the data line said only how many crops there were (the transformer
+    trainer says so of its seq_len). Now a note says how much and what to change; the demo corpus,
+    whose files are longer than the crop, gets none."""
+    import numpy as np
+    import soundfile as sf
+    short = tmp_path / "short"
+    short.mkdir()
+    t = np.arange(4000) / 16000
+    for i in range(40):
+        sf.write(short / f"{i:02d}.wav", 0.3 * np.sin(2 * np.pi * (200 + 10 * i) * t), 16000)
+    result = run_here(args(corpus, tmp_path / "run", f"train_data_path={short}", "max_steps=1", *BRIEF_EVAL), capsys)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (f"note: about 75% of each training crop is padding: most of {short}'s audio is in files shorter than "
+            "segment_seconds=1, and the losses leave the padding out; a shorter segment_seconds trains on the same "
+            "audio for less") in result.stdout + result.stderr
+    result = run_here(args(corpus, tmp_path / "run2", "max_steps=1", *BRIEF_EVAL), capsys)
+    assert result.returncode == 0 and "is padding" not in result.stdout + result.stderr
