@@ -2313,38 +2313,43 @@ def test_sigterm_or_ctrl_c_twice_closes_sessions_with_a_reason_and_exits_0(model
     assert len(wavs) == 1 and not list((tmp_path / "rec").glob(".*.part")) and sf.info(str(wavs[0])).frames >= 4 * 2000
 
 
-@pytest.mark.parametrize("sig, status, by", [("SIGINT", 130, "Ctrl-C"), ("SIGTERM", 143, "SIGTERM")])
-def test_an_interrupt_while_the_weights_load_is_one_line_and_128_plus_the_signal(model, tmp_path, sig, status, by):
-    """Ctrl-C while the server command loads its weights (minutes with the official ones, a download
-    the first time; here a load made slow) was a KeyboardInterrupt traceback and exit status -2, and
-    a SIGTERM ended it at once with -15 and no word. Now, as complete.py and the trainers: one
-    `interrupted` line, status 130 (143 for SIGTERM)."""
+def interrupted_while_slow(model, tmp_path, patch: str, said: str, sig: str) -> tuple[int, str]:
+    """The server command, with `patch` (Python run first: a stage made slow, which prints `said`
+    on stderr as it begins) sent `sig` at that line: (its exit status, its stderr)."""
     import signal
     import subprocess
     import sys
     from pathlib import Path
     from live_server import save_tiny
     checkpoint = save_tiny(model, tmp_path / "ckpt")
-    slow_load = ("import sys, time\n"
-                 "sys.argv[0] = 'inference_server.py'\n"
-                 "import model\n"
-                 "def load_hertz_dev(*args, **kwargs):\n"
-                 "    print('loading', file=sys.stderr, flush=True)\n"
-                 "    time.sleep(60)\n"
-                 "model.load_hertz_dev = load_hertz_dev\n"
-                 "import inference_server\n"
-                 "inference_server.main()\n")
-    proc = subprocess.Popen([sys.executable, "-c", slow_load, "--checkpoint", str(checkpoint), "--device", "cpu",
+    script = "import sys, time\nsys.argv[0] = 'inference_server.py'\n" + patch + \
+        "import inference_server\ninference_server.main()\n"
+    proc = subprocess.Popen([sys.executable, "-c", script, "--checkpoint", str(checkpoint), "--device", "cpu",
                              "--port", "0"], cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
-        while (line := proc.stderr.readline()) != "loading\n":
-            assert line, "the server ended before loading"
+        while (line := proc.stderr.readline()) != said + "\n":
+            assert line, f"the server ended before {said}"
         proc.send_signal(getattr(signal, sig))
         err = proc.communicate(timeout=30)[1]
     finally:
         proc.kill()
-    assert proc.returncode == status and "Traceback" not in err, err[-3000:]
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("sig, status, by", [("SIGINT", 130, "Ctrl-C"), ("SIGTERM", 143, "SIGTERM")])
+def test_an_interrupt_while_the_weights_load_is_one_line_and_128_plus_the_signal(model, tmp_path, sig, status, by):
+    """Ctrl-C while the server command loads its weights (minutes with the official ones, a download
+    the first time; here a load made slow) was a KeyboardInterrupt traceback and exit status -2, and
+    a SIGTERM ended it at once with -15 and no word. Now, as complete.py and the trainers: one
+    `interrupted` line, status 130 (143 for SIGTERM)."""
+    slow_load = ("import model\n"
+                 "def load_hertz_dev(*args, **kwargs):\n"
+                 "    print('loading', file=sys.stderr, flush=True)\n"
+                 "    time.sleep(60)\n"
+                 "model.load_hertz_dev = load_hertz_dev\n")
+    code, err = interrupted_while_slow(model, tmp_path, slow_load, "loading", sig)
+    assert code == status and "Traceback" not in err, err[-3000:]
     assert err.splitlines()[-1] == f"interrupted ({by}) while loading: the server did not start", err[-3000:]
 
 
@@ -2354,32 +2359,13 @@ def test_an_interrupt_while_the_engine_warms_up_is_one_line_and_128_plus_the_sig
     seconds on a GPU; here a warm-up made slow) ended the server with status 0 and no word, as if
     it had served and shut down. Now, as while the weights load: one `interrupted` line, status
     130 (143 for SIGTERM)."""
-    import signal
-    import subprocess
-    import sys
-    from pathlib import Path
-    from live_server import save_tiny
-    checkpoint = save_tiny(model, tmp_path / "ckpt")
-    slow_warmup = ("import sys, time\n"
-                   "sys.argv[0] = 'inference_server.py'\n"
-                   "from model.live import LiveEngine\n"
+    slow_warmup = ("from model.live import LiveEngine\n"
                    "def warmup(self):\n"
                    "    print('warming up', file=sys.stderr, flush=True)\n"
                    "    time.sleep(60)\n"
-                   "LiveEngine.warmup = warmup\n"
-                   "import inference_server\n"
-                   "inference_server.main()\n")
-    proc = subprocess.Popen([sys.executable, "-c", slow_warmup, "--checkpoint", str(checkpoint), "--device", "cpu",
-                             "--port", "0"], cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        while (line := proc.stderr.readline()) != "warming up\n":
-            assert line, "the server ended before warming up"
-        proc.send_signal(getattr(signal, sig))
-        err = proc.communicate(timeout=30)[1]
-    finally:
-        proc.kill()
-    assert proc.returncode == status and "Traceback" not in err, err[-3000:]
+                   "LiveEngine.warmup = warmup\n")
+    code, err = interrupted_while_slow(model, tmp_path, slow_warmup, "warming up", sig)
+    assert code == status and "Traceback" not in err, err[-3000:]
     assert err.splitlines()[-1] == f"interrupted ({by}) while warming up: the server did not start", err[-3000:]
 
 

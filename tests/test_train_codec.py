@@ -1587,11 +1587,9 @@ def test_a_data_loading_worker_killed_under_torchrun_stops_every_rank_at_one_ste
     the steps since the last save lost (one process stopped saved). Now every rank learns of it as
     the step's batches are read, all stop at that step, saved, and rank 0 alone names the worker."""
     run_dir = tmp_path / "run"
-    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                 "train_codec.py"] + args(corpus, run_dir, "device=cpu", "max_steps=100_000",
-                                                          "eval_interval=100_000", "num_workers=1", *BRIEF_EVAL),
-                                cwd=ROOT, env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+    from torchrun import error_lines, launch
+    launcher = launch("train_codec.py", args(corpus, run_dir, "device=cpu", "max_steps=100_000",
+                                             "eval_interval=100_000", "num_workers=1", *BRIEF_EVAL))
     try:
         deadline = time.time() + 120
         while launcher.poll() is None and time.time() < deadline and not (
@@ -1606,7 +1604,7 @@ def test_a_data_loading_worker_killed_under_torchrun_stops_every_rank_at_one_ste
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
     assert launcher.returncode == 1, out[-3000:]
-    errors = [line[line.index("error: "):] for line in out.replace("\r", "\n").splitlines() if "error: " in line]
+    errors = error_lines(out)
     stopped = torch.load(run_dir / "latest.pt", weights_only=False)["step"]
     assert len(errors) == 1 and errors[0].startswith(f"error: a data-loading worker (pid {victim}) was killed by "
                                                      "signal Killed (most often the out-of-memory killer"), out[-3000:]

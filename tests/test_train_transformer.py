@@ -28,6 +28,7 @@ from hub_server import HubServer
 from in_process import run_in_process
 from reference import PARITY_DIR, require, transformer_config
 from shared_files import shared_note, val_sharing_training_files
+from torchrun import error_lines, launch
 
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ("quantizer", "lm", "resynth")
@@ -756,10 +757,7 @@ def test_a_latents_shard_cut_short_under_torchrun_stops_every_rank_at_one_step_s
         shutil.copytree(setup["root"] / "latents", latents)
     args = base_args(setup, run_dir, duplex=False, stage="lm", latents_dir=latents, max_steps=100_000,
                      eval_interval=100_000, save_interval=2, sample_seconds=0, parallel="ddp")
-    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                 "train_transformer.py"] + [str(a) for a in args], cwd=REPO, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    launcher = launch("train_transformer.py", args)
     try:
         deadline = time.time() + 240
         while not (run_dir / "step_00000004.pt").exists() and time.time() < deadline and launcher.poll() is None:
@@ -771,7 +769,7 @@ def test_a_latents_shard_cut_short_under_torchrun_stops_every_rank_at_one_step_s
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
     assert launcher.returncode == 1, out[-3000:]
-    errors = [line[line.index("error: "):] for line in out.replace("\r", "\n").splitlines() if "error: " in line]
+    errors = error_lines(out)
     stopped = torch.load(run_dir / "latest.pt", weights_only=False)["step"]
     assert len(errors) == 1 and errors[0].startswith(f"error: latents folder {shard.parent} is damaged: shard_00000.bin "
                                                      "changed since the run started: "), out[-3000:]
@@ -1004,10 +1002,7 @@ def test_a_sigterm_to_torchrun_stops_every_rank_at_once_saved_not_at_the_next_lo
     run_dir = tmp_path / "run"
     args = base_args(setup, run_dir, duplex=False, stage="lm", max_steps=100_000, eval_interval=100_000,
                      save_interval=2, log_interval=100_000, sample_seconds=0, parallel="ddp")
-    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                 "train_transformer.py"] + [str(a) for a in args], cwd=REPO, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    launcher = launch("train_transformer.py", args)
     try:
         deadline = time.time() + 240
         while not (run_dir / "step_00000002.pt").exists() and time.time() < deadline and launcher.poll() is None:
