@@ -406,11 +406,20 @@ class Recorder:
             if self.frames == 0:
                 os.remove(self.tmp)
                 return None
-            os.chmod(self.tmp, 0o644)
-            os.replace(self.tmp, self.path)
+            publish_recording(self.tmp, self.path)
             return self.path
+        except OSError as e:  # (the `.part` removed, the folder gone read-only): said once, here
+            log.error("recording %s: cannot finish %s (%s)%s", self.path.name, self.tmp, os_reason(e),
+                      ": left for the next start to recover" if os.path.exists(self.tmp) else "")
+            return None
         finally:
             self.lock.close()
+
+
+def publish_recording(part: Path, path: Path) -> None:
+    """A finished `.part` renamed into place as `path`, readable by all (mode 0o644)."""
+    os.chmod(part, 0o644)
+    os.replace(part, path)
 
 
 # --- sessions -----------------------------------------------------------------------------------
@@ -1012,8 +1021,8 @@ class Server:
                     path = await self.disk(session.recorder.close)
                     if path is not None:
                         log.info("session %s recorded to %s", session.id, path)
-            except Exception as e:
-                log.error("session %s: the recording failed: %r", session.id, e)
+            except Exception:  # said once, by `disk` (`_log_failure`)
+                pass
 
     async def set_temperature(self, body: dict) -> dict:
         """POST /set_temperature: {"token_temp", "categorical_temp" (the original's names) or any
@@ -1095,8 +1104,7 @@ def recover_recordings(folder: Path) -> None:
                 why = "empty" if frames == 0 else f"{target.name} exists" if target.exists() else None
             try:
                 if why is None:
-                    os.chmod(part, 0o644)  # (as `Recorder.close` leaves it)
-                    os.replace(part, target)
+                    publish_recording(part, target)
                     log.warning("recovered %.1f s of an interrupted recording: %s", frames / rate, target)
                 else:
                     os.remove(part)

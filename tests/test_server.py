@@ -1770,6 +1770,33 @@ def test_leftover_part_recordings_are_finished_or_removed(model, tmp_path, caplo
     assert "recovered 1.0 s" in caplog.text and caplog.text.count("removed an interrupted recording") == 2
 
 
+def test_a_recording_that_cannot_be_finished_is_said_once_naming_the_file_and_the_cause(model, tmp_path, caplog):
+    """A session's `.part` removed while it records (a cleanup, a folder gone): its end logged
+    `FileNotFoundError(2, 'No such file or directory')` twice (the disk thread's failure, then the
+    session's), naming no file. Now one error naming the recording, its `.part` and the cause."""
+    rec = tmp_path / "rec"
+    with caplog.at_level("WARNING", logger="hertz.server"):
+        with running_server(model, max_sessions=1, recordings=str(rec)) as server:
+            async def talk():
+                async with connect(server.ws + "/audio") as ws:
+                    await stream(ws, CHUNKS[:3])
+                    parts = list(rec.glob(".*.part"))
+                    assert len(parts) == 1
+                    parts[0].unlink()
+                    await stream(ws, CHUNKS[3:5])
+                return parts[0]
+            part = asyncio.run(asyncio.wait_for(talk(), 30))
+            deadline = time.time() + 10
+            while not [r for r in caplog.records if r.levelname == "ERROR"]:
+                assert time.time() < deadline, caplog.text
+                time.sleep(0.05)
+            time.sleep(0.5)  # (a second line, if any)
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == [f"recording {part.name[1:-len('.part')]}: cannot finish {part} (No such file or directory)"], \
+        caplog.text
+    assert list(rec.iterdir()) == []
+
+
 def test_a_server_starts_and_serves_beside_leftover_recordings_it_cannot_recover(model, tmp_path):
     """A --recordings folder holding a folder named like a leftover recording (`.x.wav.part`) or a
     `.part` this server may not write (read-only: another user's, a full disk's equal for what
