@@ -27,6 +27,9 @@ its error line at once, not after the seconds of that import.
 Sampling defaults are the original's `temps=(0.8, (0.5, 0.1))`: token temperature 0.8, mixture
 temperature 0.5, Gaussian temperature 0.1; no top-p (1.0) and no min-p (0.0).
 """
+from config import exit_on_interrupt
+imports_done = exit_on_interrupt()  # Ctrl-C or SIGTERM while importing (torch: seconds): one line, 130 or 143
+
 import argparse
 import math
 import os
@@ -40,6 +43,8 @@ from config import ArgumentParser, printable
 from config.transformer_config import DTYPE_NAMES, KV_DTYPE_NAMES, QUANTIZE_MODES
 from model.hub import VARIANTS
 from model import protocol
+
+imports_done()
 
 
 def parse_args(argv=None):

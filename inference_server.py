@@ -26,6 +26,9 @@ the protocol and the security model.
 """
 from __future__ import annotations
 
+from config import exit_on_interrupt
+imports_done = exit_on_interrupt()  # Ctrl-C or SIGTERM while importing (torch: seconds): one line, 130 or 143
+
 import argparse
 import asyncio
 import base64
@@ -75,6 +78,8 @@ from model.protocol import (AUDIO_BURST, AUDIO_PACE, CHUNK, CHUNK_BYTES, CLOSE_B
                             SEED_MAX, SHUTDOWN_REASON, TEXT_PREFIX, check_param, check_params, float_to_pcm,
                             page_constants, pcm_to_float, percentiles, query_params, query_seed, query_window,
                             redact_tokens, wait_up)
+
+imports_done()
 
 log = logging.getLogger("hertz.server")
 
@@ -1843,10 +1848,12 @@ def main(argv=None) -> None:
     values = check_args(args)
     sock = listening_socket(args.host, args.port)  # (a port in use is an error now, not after the weights load)
     with sock:  # (closed on any way out: main is also called in-process, by the tests)
+        imports_done = exit_on_interrupt(" while loading: the server did not start")  # (torch: seconds)
         from model import SamplingParams
-        params = SamplingParams(**values)
         from model.loading import LOAD_ERRORS
         from model.training import interrupted_exit, sigterm_as_interrupt
+        imports_done()
+        params = SamplingParams(**values)
         try:
             with sigterm_as_interrupt():  # (minutes with the official weights, a download the first time)
                 engine, prompt = load_engine(args)

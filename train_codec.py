@@ -26,6 +26,9 @@ moves an old run aside); init_from=official|PATH starts a fresh run from existin
 """
 from __future__ import annotations
 
+from config import exit_on_interrupt
+imports_done = exit_on_interrupt()  # Ctrl-C or SIGTERM while importing (torch: seconds): one line, 130 or 143
+
 import dataclasses
 import importlib.util
 import math
@@ -68,6 +71,8 @@ from model.training import (Checkpoints, Deadline, Dist, Logger, all_reduce_mean
                             schedule_notes, seed_everything, set_rng_state, setup_distributed, StepTimer, state_to_load,
                             stop_message, teardown_distributed, unwrap, validation_key, WeightAverage, window_peak_gb,
                             worker_warning_said, write_samples)
+
+imports_done()
 
 
 def main(argv=None) -> dict:

@@ -27,6 +27,9 @@ print one JSON line each (`{"eval": step, ...}`).
 """
 from __future__ import annotations
 
+from config import exit_on_interrupt
+imports_done = exit_on_interrupt()  # Ctrl-C or SIGTERM while importing (torch: seconds): one line, 130 or 143
+
 import dataclasses
 import json
 import math
@@ -63,6 +66,8 @@ from model.training import (Checkpoints, ConfigMismatch, Deadline, Dist, FiniteG
                             cosine_lr, finished, last_step, load_training_state, loss_scaler, partial_note, run_script,
                             resource_notes, schedule_notes, setup_distributed, state_to_load, stop_message, teardown_distributed,
                             validation_key, window_peak_gb, worker_warning_said, write_samples)
+
+imports_done()
 
 PARTS = ("quantizer", "lm", "resynth")
 # FSDP2 warns about every module output that is a view; none of ours is modified in place.

@@ -21,10 +21,12 @@ import math
 import operator
 import os
 import re
+import signal
 import sys
+import threading
 import types
 import typing
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 
 def printable(text, newlines: bool = False) -> str:
@@ -37,6 +39,32 @@ def printable(text, newlines: bool = False) -> str:
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() or (newlines and c == "\n") else repr(c)[1:-1] for c in text)
+
+
+def exit_on_interrupt(rest: str = " while starting") -> Callable[[], None]:
+    """Ctrl-C or SIGTERM from now on ends the process at once with one line on stderr,
+    `interrupted (Ctrl-C|SIGTERM)` and `rest`, and exit status 130, or 143 for SIGTERM, as
+    `model.training.interrupted_exit` ends it later: for a script's imports (torch takes seconds),
+    where Ctrl-C was a KeyboardInterrupt traceback (an abort, inside torch's own initialisation,
+    which no exception may cross: hence an exit from the handler, with nothing begun to stop).
+    Returns what gives both signals their handlers back, called once the imports are done. A
+    signal ignored (a job started with nohup) stays ignored; outside the main thread, nothing."""
+    if threading.current_thread() is not threading.main_thread():  # (handlers are set only there)
+        return lambda: None
+
+    def exit_now(signum, frame):
+        by = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+        os.write(2, f"interrupted ({by}){rest}\n".encode())
+        os._exit(143 if signum == signal.SIGTERM else 130)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(sig, exit_now)
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # (None: set outside Python)
+    return restore
 
 
 class OneLine:

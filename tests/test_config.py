@@ -475,3 +475,41 @@ def test_values_the_run_cannot_take_are_config_errors(cls, presets, override, me
     with pytest.raises(ConfigError) as e:
         parse_args(["--config", "tiny", override], presets)
     assert str(e.value) == message
+
+
+SLOW_IMPORT = """import runpy, sys, time
+class Slow:  # the first import of {module!r}: a line on stderr, then a wait for the signal
+    def find_spec(self, name, path=None, target=None):
+        if name == {module!r}:
+            print("importing", file=sys.stderr, flush=True)
+            time.sleep(60)
+sys.meta_path.insert(0, Slow())
+sys.argv = {argv!r}
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("sig, status, by", [("SIGINT", 130, "Ctrl-C"), ("SIGTERM", 143, "SIGTERM")])
+@pytest.mark.parametrize("script, module, rest", [
+    ("train_codec.py", "torch", " while starting"), ("train_transformer.py", "torch", " while starting"),
+    ("complete.py", "numpy", " while starting"), ("inference_server.py", "fastapi", " while starting"),
+    ("inference_server.py", "torch", " while loading: the server did not start")])  # (main's: the engine's)
+def test_an_interrupt_while_a_script_imports_is_one_line_and_128_plus_the_signal(tmp_path, script, module, rest, sig,
+                                                                                 status, by):
+    """Ctrl-C while a script imports its packages (torch: seconds; here an import made slow) was a
+    KeyboardInterrupt traceback (or an abort, inside torch's initialisation), and SIGTERM ended it
+    without a word; `exit_on_interrupt` makes either one `interrupted` line, status 130 (143 for
+    SIGTERM), as after the imports (`model.training.interrupted_exit`)."""
+    import signal
+    argv = [script, "--device", "cpu", "--offline", "--ckpt-dir", str(tmp_path), "--port", "0"] \
+        if script == "inference_server.py" else [script]
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_IMPORT.format(module=module, argv=argv)],
+                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stderr.readline() == "importing\n"
+        proc.send_signal(getattr(signal, sig))
+        err = proc.communicate(timeout=30)[1]
+    finally:
+        proc.kill()
+    assert (proc.returncode, err) == (status, f"interrupted ({by}){rest}\n")
