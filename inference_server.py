@@ -1570,9 +1570,15 @@ class HttpServer(uvicorn.Server):
     """uvicorn's server, whose shutdown first closes the sessions itself (`Server.close_sessions`):
     uvicorn closes the websockets it still holds with 1012 and no reason."""
 
-    def __init__(self, config: uvicorn.Config, server: Server):
+    def __init__(self, config: uvicorn.Config, server: Server, serving: Optional[str] = None):
         super().__init__(config)
         self.app_server = server
+        self.serving = serving
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.started and self.serving:  # listening now: the address answers (the engine has warmed up)
+            log.info("%s", self.serving)
 
     async def shutdown(self, sockets=None) -> None:
         await self.app_server.close_sessions()
@@ -1584,13 +1590,13 @@ class HttpServer(uvicorn.Server):
 
 
 def serve(server: Server, host: str, port: int, max_message_bytes: int = 1 << 16, log_level: str = "info",
-          access_log: bool = False, sockets=None, access: Optional[Access] = None) -> None:
-    """Start the engine, then serve until interrupted."""
+          access_log: bool = False, sockets=None, access: Optional[Access] = None, serving: Optional[str] = None) -> None:
+    """Start the engine, then serve until interrupted; `serving`: a line logged once the server listens."""
     server.start()
     try:
         config = uvicorn_config(make_app(server, access or Access(host)), host, port, max_message_bytes, log_level,
                                 access_log, server.token)
-        HttpServer(config, server).run(sockets=sockets)
+        HttpServer(config, server, serving).run(sockets=sockets)
     finally:
         server.stop()
 
@@ -1868,7 +1874,9 @@ def main(argv=None) -> None:
                         recordings=args.recordings, max_recording_seconds=args.max_recording_seconds,
                         max_queue=args.queue_chunks, params=params, limits=limits)
         where = f"http://{args.host}:{sock.getsockname()[1]}/"  # (--port 0: the port the system chose)
-        log.info("browser client: %s%s", where, "?token=TOKEN" if args.token else "")
+        # the address is logged once it answers (`HttpServer.startup`): connections are refused until then
+        log.info("warming up the engine (CUDA graphs, compiling: minutes on a GPU); the browser client's "
+                 "address follows once it serves")
         # SIGTERM (kill, docker stop, systemd) ends the server as Ctrl-C does (`Terminated` is a
         # KeyboardInterrupt): uvicorn re-raises it once shut down, where its default action ended
         # the process with status 143, without stopping the engine and the recordings' disk thread
@@ -1876,7 +1884,8 @@ def main(argv=None) -> None:
         try:
             with sigterm_as_interrupt():
                 serve(server, args.host, args.port, args.max_message_bytes, args.log_level, args.access_log,
-                      sockets=[sock], access=Access(args.host, tuple(args.allow_host), tuple(args.allow_origin)))
+                      sockets=[sock], access=Access(args.host, tuple(args.allow_host), tuple(args.allow_origin)),
+                      serving=f"browser client: {where}{'?token=TOKEN' if args.token else ''}")
         except KeyboardInterrupt as e:  # uvicorn re-raises Ctrl-C (and SIGTERM) once it has shut down gracefully
             if not server.worker.ready.is_set():  # the engine's warm-up (CUDA graphs, compiling): nothing served
                 interrupted_exit(e, " while warming up: the server did not start")

@@ -2004,7 +2004,7 @@ def test_a_port_in_use_or_a_host_not_of_this_machine_is_one_error_line_before_th
 
 def run_cli_until_it_serves(tmp_path, *args, timeout=120):
     """`inference_server.py ARGS` on a port the system picks, stopped with SIGTERM once it logs its
-    browser client's address (loaded, about to serve), or ended by itself; as `subprocess.run` returns it
+    browser client's address (loaded, warmed up, serving), or ended by itself; as `subprocess.run` returns it
     (its log kept in tmp_path/server.log)."""
     import signal
     import subprocess
@@ -2394,6 +2394,40 @@ def test_an_interrupt_while_the_engine_warms_up_is_one_line_and_128_plus_the_sig
     code, err = interrupted_while_slow(model, tmp_path, slow_warmup, "warming up", sig)
     assert code == status and "Traceback" not in err, err[-3000:]
     assert err.splitlines()[-1] == f"interrupted ({by}) while warming up: the server did not start", err[-3000:]
+
+
+def test_the_browser_clients_address_is_logged_once_it_serves(model, tmp_path):
+    """The `browser client:` address was logged before the engine's warm-up (CUDA graphs, compiling:
+    minutes on a GPU; here a warm-up made slow), where the address refused every connection. Now a
+    line says it is warming up, and the address follows once the server listens: it answers."""
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+    from pathlib import Path
+    from live_server import save_tiny
+    checkpoint = save_tiny(model, tmp_path / "ckpt")
+    script = ("import sys, time\nsys.argv[0] = 'inference_server.py'\nfrom model.live import LiveEngine\n"
+              "def warmup(self):\n    print('warming up', file=sys.stderr, flush=True)\n    time.sleep(2)\n"
+              "LiveEngine.warmup = warmup\nimport inference_server\ninference_server.main()\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, "--checkpoint", str(checkpoint), "--device", "cpu",
+                             "--port", "0"], cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        before = []
+        while (line := proc.stderr.readline()) != "warming up\n":
+            assert line, "the server ended before its warm-up: " + "".join(before)
+            before.append(line)
+        assert "warming up the engine" in before[-1] and not any("browser client: " in b for b in before), before
+        while "browser client: " not in (line := proc.stderr.readline()):
+            assert line, "the server ended before it served"
+        url = line.split("browser client: ")[1].strip()
+        with urllib.request.urlopen(url, timeout=10) as page:  # the address answers as soon as it is logged
+            assert page.status == 200 and b"<html" in page.read().lower()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
 
 
 def test_slow_or_huge_http_requests_are_cut(server):
