@@ -144,6 +144,8 @@ def main(argv=None) -> dict:
             metrics, skipped = evaluate(model, calls, val_set, weights, cfg, ddp)
             if is_main:
                 print(json.dumps({"eval": step, "source": source, **metrics}), flush=True)
+            if note := non_finite_note(metrics, cfg, device):
+                say(f"note: {source} evaluated{note}")
             if skipped:
                 say(f"note: evaluated{partial_note(len(val_set), skipped, True)}")
             teardown_distributed()
@@ -201,6 +203,8 @@ def main(argv=None) -> dict:
                         logger.log({**metrics, **sample}, step)
                         if is_main:
                             print(json.dumps({"eval": step, **{k: round(v, 5) for k, v in metrics.items()}}), flush=True)
+                        if note := non_finite_note(metrics, cfg, device):
+                            say(f"note: step {step} evaluated{note}; not ranked for best.pt")
                     if skipped:  # measured on part of the validation: ranked only against the same part
                         measured = validation_key(validation=validation, skipped=skipped)
                         ranked = is_main and checkpoints.comparable(measured)
@@ -495,6 +499,18 @@ def evaluate(model: HertzDev, calls: dict, val_set: LatentCrops, weights: dict, 
                "val/code_perplexity": math.exp(-(p[p > 0] * p[p > 0].log()).sum().item()), "val/positions": n}
     metrics["val/loss"] = sum(weights[k] * metrics[f"val/{k}"] for k in STAGE_LOSSES[cfg.stage])
     return metrics, skipped
+
+
+def non_finite_note(metrics: dict, cfg: TransformerConfig, device: torch.device) -> str:
+    """What follows an evaluation's line when some of its metrics are NaN or inf (the JSON line
+    prints them bare, metrics.jsonl as null): which, and the likely cause, as the codec trainer's
+    `evaluation_note` says it of its reconstructions; "" when all are finite."""
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if not bad:
+        return ""
+    dtype = cfg.dtype if device.type == "cuda" else "float32"  # (`autocast`)
+    return (f" to NaN or inf {', '.join(bad)}: the model's outputs overflow on the validation latents in {dtype} "
+            "(weights or latents too large for it)" + ("" if dtype == "float32" else "; try dtype=float32"))
 
 
 @torch.no_grad()

@@ -803,6 +803,29 @@ def test_a_validation_crop_that_cannot_be_read_is_left_out_and_best_pt_is_not_ra
     assert info["latest_step"] == 4 and info["best_step"] == 2
 
 
+def test_an_evaluation_to_nan_says_which_metrics_and_why(setup, tmp_path, capsys):
+    """An evaluation whose losses overflowed (finite weights too large for float32) printed a bare
+    NaN in its JSON line and said nothing more, where the codec trainer names its overflowing
+    reconstructions. Now a note names the non-finite metrics and the likely cause, in training
+    (not ranked for best.pt; metrics.jsonl keeps null) and with eval_only."""
+    torch.manual_seed(0)
+    model = build(HertzDev, tiny(False))
+    with torch.no_grad():
+        for p in model.lm.parameters():
+            if p.dim() == 2:
+                p.mul_(1e10)  # finite, but the LM's activations overflow: val/lm_ce is NaN
+    path = save_transformer(tmp_path / "overflowing.safetensors", model, codec_source=str(setup["codec"]))
+    common = dict(duplex=False, init_from=path, latents_dir=tmp_path / "latents", sample_seconds=0)
+    why = ("evaluated to NaN or inf val/lm_ce, val/lm_ppl, val/loss: the model's outputs overflow on the validation "
+           "latents in float32 (weights or latents too large for it)")
+    log, evals = train_here(base_args(setup, tmp_path / "eval", eval_only=True, **common), capsys)
+    assert np.isnan(evals[0]["val/loss"]) and f"note: {path} {why}\n" in log, log[-2000:]
+    log = fails_here(base_args(setup, tmp_path / "run", stage="lm", **common), capsys)  # (its step 0 is NaN too)
+    assert f"note: step 0 {why}; not ranked for best.pt\n" in log, log[-2000:]
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["step"] == 0 and row["val/lm_ce"] is None and row["val/loss"] is None
+
+
 def test_a_validation_shard_cut_short_mid_run_stops_it_saved_with_one_error_line(setup, tmp_path):
     """Every validation crop unreadable mid-run (its shard cut short in place): the evaluation
     raised and the run died, the steps since its last save lost. Now the evaluation's step is
