@@ -50,6 +50,9 @@ from .parallel import long_barrier
 
 FORMAT = 1
 MANIFEST = "manifest.json"
+# the largest log-variance whose standard deviation exp(logvar / 2) float32 holds: above it every
+# sample z = mu + exp(logvar / 2) * eps is inf (a codec that overflows), and the first step's loss NaN
+MAX_LOGVAR = 2 * float(np.log(np.finfo(np.float32).max))
 
 
 class LatentsError(OneLine, FileNotFoundError):
@@ -443,9 +446,9 @@ def prepare_latents(root: str, codec, channels: str, out_dir: str, sample_rate: 
                 kind = "shorter than its header"
             else:
                 rows = _encode(codec, audio[:, :n], chunk)
-                if not np.isfinite(rows).all():  # a diverged codec: latents that would poison training
+                if bad := overflowing(rows):  # a diverged codec: latents that would poison training
                     why = (f"skipping {path}: codec {fingerprint} encodes it to non-finite latents "
-                           f"({int(np.count_nonzero(~np.isfinite(rows)))} values)")
+                           f"({bad} values NaN, inf or a log-variance over {MAX_LOGVAR:.1f}, whose samples overflow)")
                     kind = "non-finite latents"
             if why is not None:
                 warnings.warn(why, SkippedAudioWarning)
@@ -602,6 +605,11 @@ class LatentCrops(Dataset):
             raise LatentsError(f"latents folder {self.folder} is damaged: {f['shard']} holds non-finite values in the "
                                f"latents of {f['name']} ({start} to {start + n}); delete {self.folder} and run "
                                "again to encode it anew")
+        if overflowing(rows):  # (a folder encoded before prepare_latents skipped them)
+            raise LatentsError(f"latents folder {self.folder}: the latents of {f['name']} ({start} to {start + n}, in "
+                               f"{f['shard']}) have a log-variance of {rows[:, 1].max():.3g}, whose samples overflow "
+                               f"float32: codec {self.manifest['codec']} overflows on it; use another codec_checkpoint, "
+                               f"or delete {self.folder} and run again to encode it anew without such files")
         posterior = torch.zeros(self.seq_len, 2, self.dim)
         posterior[:n] = torch.from_numpy(rows)
         valid = torch.zeros(self.seq_len, dtype=torch.bool)
@@ -640,6 +648,13 @@ class StepSampler(Sampler[int]):
         while True:
             yield from self.indices(step)
             step += 1
+
+
+def overflowing(rows: np.ndarray) -> int:
+    """How many values of the latents `rows` (N, 2, D) [mu, logvar] are NaN or inf, or a
+    log-variance above `MAX_LOGVAR`, whose samples overflow float32: a codec's latents that would
+    make the transformer's loss NaN at the first step that reads them."""
+    return int(np.count_nonzero(~np.isfinite(rows)) + np.count_nonzero(rows[:, 1] > MAX_LOGVAR))
 
 
 def sample_posterior(posterior: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:

@@ -542,7 +542,8 @@ def non_finite_message(step: int, values: dict[str, float], files: Iterable[str]
     folder, said to hold the last finite weights only when it holds a state; `resumed`: the state
     this run resumed from and its step. A run that fails at that very step would fail there again
     (the state's weights are finite but were diverging when saved): the error says so and names
-    the earlier step files to resume from."""
+    the earlier step files to resume from. At step 0 (a fresh run's first step) no update was made:
+    the data or the initial weights are at fault, not the learning rate."""
     bad = next(((name, v) for name, v in values.items() if not math.isfinite(v)), None)
     what = f"non-finite {bad[0]} ({bad[1]})" if bad else "a non-finite loss on another rank"
     names = sorted(set(files))
@@ -559,6 +560,9 @@ def non_finite_message(step: int, values: dict[str, float], files: Iterable[str]
             "(resume=false)" if earlier else
             "no earlier step_*.pt is kept: start afresh (resume=false) with a lower learning rate") + (
             f"; or check the data: a resumed run reads the same batches, this one again at step {step}")
+    if step == 0:  # (a fresh run's first step: nothing saved, no update made)
+        return head + (": it is the run's first step, before any update, so not the learning rate's doing: check that "
+                       "batch's data (its audio, or the latents made of it) and the weights the run starts from")
     saved = checkpoints is None or checkpoints.latest is not None
     return head + (" (the checkpoints hold the last finite weights)" if saved else "") + \
         ": lower the learning rate, or check the data"

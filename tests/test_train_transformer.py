@@ -966,6 +966,52 @@ def test_a_non_finite_loss_stops_with_an_error_and_no_non_finite_checkpoint(setu
         assert non_finite(state) == [], path
 
 
+def test_latents_of_a_codec_that_overflows_are_named_not_blamed_on_the_learning_rate(setup, tmp_path, capsys):
+    """A codec whose log-variance overflows (finite latents whose samples exp(logvar / 2) * eps are
+    inf in float32) or whose means are huge: the first step's loss was NaN and the error said "lower
+    the learning rate, or check the data", at step 0, before any update. Now a fresh encoding skips
+    such files, named; a folder encoded before that stops the run at the first crop that reads them,
+    naming the folder, the file and the codec; and a NaN at step 0 says the learning rate is not at
+    fault."""
+    from model import load_codec
+
+    def codec_with(name, part, value):  # the bias of the codec's mu (part 0) or logvar (part 1) set to `value`
+        codec = load_codec(setup["codec"])
+        with torch.no_grad():
+            bias = codec.compressor.proj_in.bias
+            bias[part * (len(bias) // 2):(part + 1) * (len(bias) // 2)] = value
+        return save_codec(tmp_path / name, codec)
+
+    common = dict(duplex=False, stage="lm", max_steps=2, sample_seconds=0)
+    overflowing = codec_with("logvar.safetensors", 1, 400.0)
+    log = fails_here(base_args(setup, tmp_path / "fresh", codec_checkpoint=overflowing,
+                               latents_dir=tmp_path / "fresh-latents", **common), capsys)
+    assert "encodes it to non-finite latents" in log and "lower the learning rate" not in log, log[-2000:]
+    assert re.search(r"error: no file in \S+ gives latents: .*encoded to finite values \(\d+ skipped, named above\)", log)
+
+    # a folder encoded before: its training latents' log-variance made 400 in place
+    latents = tmp_path / "latents"
+    train_here(base_args(setup, tmp_path / "encoded", latents_dir=latents, **common), capsys)
+    folder = next(latents.glob("train-*"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for entry in manifest["files"]:
+        rows = np.memmap(folder / entry["shard"], dtype=np.float32, mode="r+").reshape(-1, 2, 32)
+        rows[entry["offset"]:entry["offset"] + entry["length"], 1] = 400.0
+        rows.flush()
+    line = error_here(base_args(setup, tmp_path / "old", latents_dir=latents, **common), capsys)
+    assert re.fullmatch(rf"error: latents folder {re.escape(str(folder))}: the latents of \S+\.wav \(\d+ to \d+, in "
+                        r"shard_00000\.bin\) have a log-variance of 400, whose samples overflow float32: codec "
+                        r"\w+ overflows on it; use another codec_checkpoint, .*; stopped before any step", line), line
+
+    # finite latents too large for the model: not the learning rate's doing at step 0
+    huge = codec_with("mu.safetensors", 0, 1e30)
+    line = error_here(base_args(setup, tmp_path / "huge", codec_checkpoint=huge, latents_dir=tmp_path / "huge-latents",
+                                **common), capsys)
+    assert line.startswith("error: non-finite loss (nan) at step 0 on a batch from ") and line.endswith(
+        "it is the run's first step, before any update, so not the learning rate's doing: check that batch's data "
+        "(its audio, or the latents made of it) and the weights the run starts from"), line
+
+
 def test_a_training_state_as_codec_checkpoint_names_the_export_beside_it(setup, tmp_path, capsys):
     from model.loading import load_codec, write_codec
     from model.training import Checkpoints
