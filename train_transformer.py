@@ -141,7 +141,7 @@ def main(argv=None) -> dict:
         say(describe(model, cfg, trained, params, source, base, ddp))
 
         if cfg.eval_only:  # prints the metrics, writes nothing
-            metrics, skipped = evaluate(model, calls, val_set, weights, cfg, ddp)
+            metrics, skipped = evaluate(model, calls, val_set, weights, cfg, ddp, said=set())
             if is_main:
                 print(json.dumps({"eval": step, "source": source, **metrics}), flush=True)
             if note := non_finite_note(metrics, cfg, device):
@@ -159,6 +159,7 @@ def main(argv=None) -> dict:
                                     weights={k: weights[k] for k in losses_of_stage}, noise="per-crop")
         if is_main and (note := checkpoints.ranked_elsewhere(validation)):
             say(f"note: {note}")
+        said = set()  # the validation files named unreadable so far: each is named once a run (`evaluate`)
         # the audio samples' prompt, read once: a validation shard damaged mid-run leaves the samples be
         prompt = val_set.crop(*val_set.crops[0]) if cfg.sample_seconds > 0 else None
 
@@ -194,7 +195,7 @@ def main(argv=None) -> dict:
                 measured, ranked = validation, True
                 if due.evaluate:
                     try:  # crops whose shard cannot be read now are left out (`evaluate`)
-                        metrics, skipped = evaluate(model, calls, val_set, weights, cfg, ddp)
+                        metrics, skipped = evaluate(model, calls, val_set, weights, cfg, ddp, said)
                     except LatentsError as e:  # none could be read: the state is saved unranked, and the run stops
                         deadline.unreadable, metrics, skipped = str(e), {}, []
                         due = dataclasses.replace(due, stop=True, save=step > start_step)
@@ -454,11 +455,12 @@ def val_latents(batch: dict, seed: int, device: torch.device) -> tuple[torch.Ten
 
 @torch.no_grad()
 def evaluate(model: HertzDev, calls: dict, val_set: LatentCrops, weights: dict, cfg: TransformerConfig,
-             ddp: Dist) -> tuple[dict, list[int]]:
+             ddp: Dist, said: set[int]) -> tuple[dict, list[int]]:
     """LM and resynthesizer validation metrics over the fixed crops (shared out over ranks) with
     the same posterior noise every time, and the quantizer's code usage; `val/loss` weighs the
     stage's losses by `weights`. And the crops left out (their index in the validation set, the
-    same on every rank): those whose shard cannot be read now, each rank's named in one warning;
+    same on every rank): those whose shard cannot be read now, each file named in one warning by
+    rank 0 unless in `said` (the files named by the run's earlier evaluations, which it adds to);
     a LatentsError when none can be read. A collective under torch.distributed."""
     device = ddp.device
     for m in model.children():
@@ -486,9 +488,16 @@ def evaluate(model: HertzDev, calls: dict, val_set: LatentCrops, weights: dict, 
     for name in finetune.trained_parts(cfg):
         getattr(model, name).train()
     skipped = missing.nonzero().flatten().tolist()
-    if unread:
-        warnings.warn(f"leaving {len(unread)} validation crop{'s' * (len(unread) > 1)} out of this evaluation, "
-                      f"unreadable now: {unread[0][1]}", SkippedAudioWarning)
+    if skipped:  # (the same on every rank) each rank's reasons to rank 0, which names each file once a run
+        everyone = [unread]
+        if ddp.enabled:
+            everyone = [None] * ddp.world_size
+            dist.all_gather_object(everyone, unread)
+        for j, why in sorted(sum(everyone, [])):
+            if ddp.is_main and (file := val_set.crops[j][0]) not in said:
+                said.add(file)
+                warnings.warn(f"leaving the validation crops of {val_set.files[file]['name']} out while they cannot be "
+                              f"read (said once; each evaluation's note counts them): {why}", SkippedAudioWarning)
     if len(skipped) == len(val_set):
         raise LatentsError(f"latents folder {val_set.folder}: none of its {len(val_set)} validation crops can be read "
                            f"now (named above); delete {val_set.folder} and run again to encode it anew")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import multiprocessing
 import multiprocessing.util  # noqa: F401 (its exit handler registered before this module's)
 import os
 import signal
@@ -305,7 +306,7 @@ class AudioCropDataset(Dataset):
     once here and crops are cut from memory (`preloaded`; DataLoader workers share it, forked).
     A preloaded file is resampled whole, so its crops may differ from streamed ones by the
     resampler's edge effects (under 1e-6 on a test tone); at the target rate they are the same samples.
-    A file that fails to read is named once (per process) in a SkippedAudioWarning; in training
+    A file that fails to read is named once (per run: its workers share the record) in a SkippedAudioWarning; in training
     another crop is drawn instead, in validation the crop comes back all padding (mask all 0) so
     the validation set keeps its size.
     """
@@ -328,6 +329,9 @@ class AudioCropDataset(Dataset):
         self._load_channels = "mono" if channels == "mono" else "speakers"
         self.epoch = 0
         self._bad: set[int] = set()  # files that failed to read in this process
+        # files named in a warning, by any process of this dataset (its workers, forked anew at each
+        # evaluation): one warning a file, where each worker and each evaluation named it again
+        self._said = multiprocessing.Array("b", len(self.files))
         # lengths in output samples, which is what crops are measured in
         self.lengths = np.array([f.frames * sample_rate // f.sample_rate for f in self.files], dtype=np.int64)
         self.total_seconds = float(self.lengths.sum()) / sample_rate
@@ -407,8 +411,10 @@ class AudioCropDataset(Dataset):
         return torch.from_numpy(out), torch.from_numpy(mask)
 
     def _skip(self, i: int, error: Exception) -> None:
-        if i not in self._bad:
-            self._bad.add(i)
+        self._bad.add(i)
+        with self._said.get_lock():
+            said, self._said[i] = self._said[i], 1
+        if not said:
             warnings.warn(f"skipping unreadable audio: {error}", SkippedAudioWarning)  # names the file
 
     def __getitem__(self, index: int | tuple[int, int]) -> dict[str, torch.Tensor]:

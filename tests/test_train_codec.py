@@ -632,6 +632,31 @@ def unreadable_since_the_scan(src, folder):
     return folder
 
 
+def test_a_file_unreadable_since_the_scan_is_named_once_a_run(corpus, tmp_path):
+    """A validation file (and a training file) that fails when read, with data-loading workers: each
+    evaluation's workers (forked anew) named it again, once an evaluation, and each training worker
+    once. Now once a run; each evaluation's line still counts the crops left out."""
+    from model.data import scan_audio_folder
+
+    def one_unreadable(src, folder):  # the first file garbage now, as the scan's index still lists it
+        shutil.copytree(src, folder)
+        first = scan_audio_folder(folder)[0].path
+        Path(first).write_bytes(b"\0" * Path(first).stat().st_size)
+        changed_after_the_scan(folder)
+        return Path(first)
+
+    bad_val, bad_train = one_unreadable(corpus / "val", tmp_path / "val"), one_unreadable(corpus / "train",
+                                                                                          tmp_path / "train")
+    result = run(["train_codec.py"] + args(corpus, tmp_path / "run", f"val_data_path={tmp_path / 'val'}",
+                                           f"train_data_path={tmp_path / 'train'}", "num_workers=2", "preload_max_gb=0",
+                                           "max_steps=4", "eval_interval=2", "val_crops=2", "num_audio_samples=0"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout + result.stderr
+    assert len(re.findall(rf"cannot read audio file {re.escape(str(bad_val))}", out)) == 1, out[-3000:]
+    assert len(re.findall(rf"cannot read audio file {re.escape(str(bad_train))}", out)) <= 1, out[-3000:]
+    assert len(re.findall(r"^step [024]: val .*\(on 1 of 2 crops: 1 unreadable, named above", out, re.M)) == 3, out[-3000:]
+
+
 def test_a_folder_whose_every_file_fails_when_read_is_one_error_line(corpus, tmp_path, capsys):
     """Every training file failing at read time: one line naming the folder, also when the
     DataLoader's workers read (torch raises it again with the worker's traceback as its message); it

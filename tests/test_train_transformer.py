@@ -794,8 +794,9 @@ def test_a_validation_crop_that_cannot_be_read_is_left_out_and_best_pt_is_not_ra
         shard.seek(entry["offset"] * 2 * 32 * 4)
         shard.write(np.full(2 * 32, np.nan, dtype=np.float32).tobytes())
     log, evals = train_here(base_args(setup, run_dir, **common), capsys)
-    assert f"leaving 1 validation crop out of this evaluation, unreadable now: latents folder {folder} is damaged: " \
-           f"{entry['shard']} holds non-finite values in the latents of {entry['name']}" in log
+    assert f"leaving the validation crops of {entry['name']} out while they cannot be read (said once; each " \
+           f"evaluation's note counts them): latents folder {folder} is damaged: {entry['shard']} holds non-finite " \
+           f"values in the latents of {entry['name']}" in log
     assert "note: step 4 evaluated (on 2 of 3 crops: 1 unreadable, named above; not ranked for best.pt, which was " \
            "measured on other crops)" in log
     assert 4 in evals and np.isfinite(evals[4]["val/loss"])
@@ -824,6 +825,30 @@ def test_an_evaluation_to_nan_says_which_metrics_and_why(setup, tmp_path, capsys
     assert f"note: step 0 {why}; not ranked for best.pt\n" in log, log[-2000:]
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert row["step"] == 0 and row["val/lm_ce"] is None and row["val/loss"] is None
+
+
+def test_an_unreadable_validation_file_is_named_once_a_run_by_rank_0(setup, tmp_path, capsys):
+    """A validation file whose latents cannot be read (NaN written over them in place), its crops dealt
+    out to both ranks: each rank named its own crops in a warning, at every evaluation where their
+    count or first reason changed. Now rank 0 names the file once a run; each evaluation's note
+    still counts the crops left out."""
+    latents = tmp_path / "latents"
+    common = dict(duplex=False, stage="lm", latents_dir=latents, seq_len=16, val_crops=12, sample_seconds=0,
+                  parallel="ddp")
+    train_here(base_args(setup, tmp_path / "encode", max_steps=1, **common), capsys)  # (encodes the latents)
+    folder = next(latents.glob("val-*"))
+    entry = max(json.loads((folder / "manifest.json").read_text())["files"], key=lambda e: e["length"])  # several crops
+    with open(folder / entry["shard"], "r+b") as shard:
+        shard.seek(entry["offset"] * 2 * 32 * 4)
+        shard.write(np.full(entry["length"] * 2 * 32, np.nan, dtype=np.float32).tobytes())
+    log, evals = train(base_args(setup, tmp_path / "run", max_steps=4, eval_interval=2, save_interval=2, **common),
+                       nproc=2)
+    lines = log.replace("\r", "\n").splitlines()
+    warned = [line[line.index("warning: "):] for line in lines if "warning: leaving" in line]  # (after a bar, perhaps)
+    assert len(warned) == 1 and f"the validation crops of {entry['name']} out" in warned[0], warned
+    notes = [line for line in lines if re.match(r"note: step [024] evaluated \(on \d+ of \d+ crops: \d+ unreadable, "
+                                                  r"named above", line)]
+    assert len(notes) == 3 and sorted(evals) == [0, 2, 4], log[-3000:]
 
 
 def test_a_validation_shard_cut_short_mid_run_stops_it_saved_with_one_error_line(setup, tmp_path):
