@@ -63,7 +63,7 @@ from model.quant import parameter_count, quantize_model
 from model.training import (Checkpoints, ConfigMismatch, Deadline, Dist, FiniteGuard, Logger, all_reduce_mean,
                             autocast, before_step, check_architecture, check_data_paths, check_finite_step,
                             check_folders, check_outside_data, check_resumable, check_schedule, check_trainer,
-                            cosine_lr, finished, last_step, load_training_state, loss_scaler, partial_note, run_script,
+                            cosine_lr, finished, last_step, load_training_state, moved_aside, loss_scaler, partial_note, run_script,
                             resource_notes, schedule_notes, setup_distributed, state_to_load, stop_message, teardown_distributed,
                             validation_key, window_peak_gb, worker_warning_said, write_samples)
 
@@ -655,7 +655,7 @@ def check_config(cfg: TransformerConfig) -> None:
                           f"output_channels={codec_cfg.output_channels}: the latents are made one speaker's channel "
                           "at a time by a mono codec (1 in, 1 out); pass one (train_codec.py trains mono codecs)")
     if not cfg.resume and not cfg.eval_only and cfg.init_from and os.path.isfile(cfg.init_from) and \
-            Path(os.path.realpath(cfg.checkpoint_dir)) in Path(os.path.realpath(cfg.init_from)).parents:
+            moved_aside(cfg.checkpoint_dir, cfg.init_from):
         raise ConfigError(f"init_from={cfg.init_from} lies in checkpoint_dir={cfg.checkpoint_dir}, which resume=false "
                           "moves aside before the weights are read: copy it out of the run folder first and pass the "
                           "copy (or give this run another checkpoint_dir)")

@@ -13,7 +13,7 @@
   evaluation or an export.
 - `rng_state` / `set_rng_state`: exact resume of python, numpy and torch generators.
 - `state_to_load` / `move_aside`: where a run's weights come from (`latest.pt` when resuming or
-  evaluating it), and a run with `resume=false` moving the previous run's folder aside.
+  evaluating it), and a run with `resume=false` moving the previous run into an `old-DATE` folder in its folder.
 - `Deadline` / `last_step` / `before_step`: the loop's schedule, the same in both trainers: when it
   stops (at `max_steps` or an earlier `stop_step`, at the first step after `max_minutes` have
   passed, or after a SIGTERM or Ctrl-C, saving without evaluating), evaluates and saves, and which value
@@ -896,7 +896,7 @@ class Checkpoints:
         naming the folder. Two runs in one folder resumed the same state and wrote their steps in
         among each other's. A POSIX lock (not `flock`, as `model.files.open_locked`) belongs to the
         process: forked DataLoader workers do not inherit it, and the same process (a trainer's
-        `main` called again, after `move_aside` too) takes it again, through the one descriptor it
+        `main` called again) takes it again, through the one descriptor it
         has of the file (`_run_locks`: holders are counted). A file system without locks goes
         unlocked."""
         import fcntl
@@ -941,7 +941,7 @@ class Checkpoints:
                 key = (st.st_dev, st.st_ino)
                 _run_locks[key] = [fd, 1]
             old, self._lock = self._lock, key
-            self._drop(old)  # (the old folder's, after `move_aside`)
+            self._drop(old)
 
     def release(self) -> None:
         """Give up this object's hold on the folder's run lock (`hold`); the lock itself is released
@@ -973,12 +973,8 @@ class Checkpoints:
             self.release()
 
     def move_aside(self) -> Optional[Path]:
-        """`move_aside(self.folder)` (resume=false); the run's lock, which went with the old run's
-        folder, is taken again in the fresh one."""
-        old = move_aside(self.folder)
-        if old is not None and self._lock is not None:
-            self.hold()
-        return old
+        """`move_aside(self.folder)` (resume=false); the run's lock stays in the folder, held."""
+        return move_aside(self.folder)
 
     @property
     def best(self) -> Optional[Path]:
@@ -1193,26 +1189,49 @@ def step_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("step_*.pt") if p.is_file())
 
 
+OLD_RUN = re.compile(r"old-\d{8}-\d{6}(-\d+)?")  # the folders `move_aside` makes in a run folder
+
+
 def move_aside(folder: str | os.PathLike) -> Optional[Path]:
-    """Rename a run folder that holds `latest.pt` or a `step_*.pt` to `NAME.old-YYYYmmdd-HHMMSS`
-    (`-2`, `-3`, ... appended when that name is taken), so a fresh run starts empty and nothing is
-    deleted.
-    Returns the new name, or None when the folder holds no run. TrainingError for the working folder
-    or one above it (`checkpoint_dir=.`: it has no name of its own to rename, and the new run's
-    relative paths would follow it to its new name)."""
-    folder = Path(os.path.abspath(folder))
+    """Move the run in a folder that holds `latest.pt` or a `step_*.pt` into a new folder inside it,
+    `old-YYYYmmdd-HHMMSS` (`-2`, `-3`, ... appended when that name is taken), so a fresh run starts
+    empty there and nothing is deleted. Everything in the folder moves but its run lock and the
+    `old-*` folders of earlier fresh starts. The run folder itself stays (a symlink to it, a mount
+    point, a parent this user cannot write in: renaming it moved the symlink, or failed after the
+    run's setup), so only the folder itself must be writable (`Checkpoints.hold` checks that first).
+    Returns the new folder, or None when the folder holds no run. TrainingError for the working
+    folder or one above it (its files are not only the run's), and for a move that fails."""
+    folder = Path(os.path.realpath(folder))
     if not (folder / "latest.pt").exists() and not any(folder.glob("step_*.pt")):
         return None
     if folder == Path.cwd() or folder in Path.cwd().parents:
         raise TrainingError(f"cannot move the run in {folder} aside (resume=false): it is the working folder, or "
                             "holds it; start the fresh run in another checkpoint_dir, or from another folder")
-    old = folder.with_name(f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-    n = 1
-    while old.exists() or old.is_symlink():
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    old, n = folder / f"old-{stamp}", 1
+    while os.path.lexists(old):
         n += 1
-        old = old.with_name(f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
-    folder.rename(old)
+        old = folder / f"old-{stamp}-{n}"
+    # latest.pt and the steps last: a move cut short leaves a run that the next resume=false moves on
+    run = [p for p in folder.iterdir() if p.name != ".run.lock" and not (OLD_RUN.fullmatch(p.name) and p.is_dir())]
+    run.sort(key=lambda p: (p.name == "latest.pt" or p.name.startswith("step_"), p.name))
+    try:
+        old.mkdir()
+        for p in run:
+            p.rename(old / p.name)
+    except OSError as e:
+        raise TrainingError(f"cannot move the run in {folder} aside (resume=false) into {old.name}: {os_reason(e)}; "
+                            "move its files out by hand, or start the fresh run in another checkpoint_dir") from None
     return old
+
+
+def moved_aside(folder: str | os.PathLike, path: str | os.PathLike) -> bool:
+    """Whether `path` lies in the run that `move_aside(folder)` moves (not in an earlier `old-*`)."""
+    folder, path = Path(os.path.realpath(folder)), Path(os.path.realpath(path))
+    if folder not in path.parents:
+        return False
+    inside = path.relative_to(folder).parts
+    return not (len(inside) > 1 and OLD_RUN.fullmatch(inside[0]))
 
 
 # --- the loop's schedule --------------------------------------------------------------------

@@ -54,10 +54,10 @@ def test_demo_end_to_end_then_other_step_counts(tmp_path):
     assert (folder / "checkpoints/transformer/best.safetensors").is_file()
     done = demo(folder, "--codec-steps", 4, "--transformer-steps", 2)
     assert "note: the codec changed since checkpoints/transformer was trained" in done.stdout
-    assert len(list((folder / "checkpoints").glob("transformer.old-*"))) == 1
+    assert len(list((folder / "checkpoints/transformer").glob("old-*"))) == 1
     done = demo(folder, "--codec-steps", 2, "--transformer-steps", 3)  # the codec is past 2 steps: it resumes
     assert "note: the codec changed" not in done.stdout and "(step 2)" in done.stdout + done.stderr
-    assert len(list((folder / "checkpoints").glob("transformer.old-*"))) == 1
+    assert len(list((folder / "checkpoints/transformer").glob("old-*"))) == 1
     assert sf.info(folder / "outputs/demo/completion.wav").channels == 2
 
 

@@ -968,7 +968,7 @@ def test_resume_checks_the_config_and_resume_false_starts_afresh(corpus, trained
     with pytest.raises(ConfigMismatch, match="batch_size"):
         train_codec.main(args(corpus, run_dir, "batch_size=2"))
     train_codec.main(args(corpus, run_dir, "resume=false", "max_steps=1", "eval_interval=100"))
-    old = list(tmp_path.glob("run.old-*"))
+    old = list(run_dir.glob("old-*"))
     assert len(old) == 1 and (old[0] / "step_00000008.pt").is_file()  # moved aside, not deleted
     assert torch.load(run_dir / "latest.pt", weights_only=False)["step"] == 1
     assert not (run_dir / "step_00000008.pt").exists()
@@ -1482,7 +1482,7 @@ def test_a_damaged_best_pt_is_one_error_line_before_the_data(corpus, trained, tm
     # starting afresh moves the folder aside, damaged best.pt and all, and trains
     result = run_here(args(corpus, run_dir, "max_steps=2", "resume=false", *BRIEF_EVAL), capsys)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert (run_dir / "best.pt").is_file() and len(list(tmp_path.glob("run.old-*"))) == 1
+    assert (run_dir / "best.pt").is_file() and len(list(run_dir.glob("old-*"))) == 1
 
 
 def test_a_damaged_training_state_as_init_from_is_not_told_to_resume_afresh(corpus, trained, tmp_path, capsys):

@@ -503,13 +503,64 @@ def test_move_aside_keeps_every_old_run_and_skips_a_folder_without_one(tmp_path)
     assert move_aside(run) is None and run.is_dir()  # no latest.pt: not a run, left in place
     olds = []
     for i in range(3):  # three fresh starts within the same second get three names
-        run.mkdir(exist_ok=True)
         (run / "latest.pt").write_text(str(i))
         olds.append(move_aside(run))
-        assert not run.exists()
-    assert len(set(olds)) == 3 and all(o.parent == tmp_path and o.name.startswith("run.old-") for o in olds)
+        assert sorted(p.name for p in run.iterdir()) == sorted(o.name for o in olds)  # earlier old-* stay
+    assert len(set(olds)) == 3 and all(o.parent == run and o.name.startswith("old-") for o in olds)
     assert [(o / "latest.pt").read_text() for o in olds] == ["0", "1", "2"]
+    assert (olds[0] / "metrics.jsonl").is_file()  # the whole run moved
     assert move_aside(tmp_path / "missing") is None
+
+
+def test_move_aside_leaves_the_run_folder_where_it_is(tmp_path):
+    """resume=false renamed checkpoint_dir itself: a symlinked run folder (to another disk) had its
+    symlink renamed and the fresh run landed beside it, on the wrong disk; a parent this user cannot
+    write in (EACCES), a name near 255 bytes (ENAMETOOLONG: `.old-DATE` is 20 bytes more) or a mount
+    point (EBUSY) were a traceback after the run's setup. Now the run moves into an old-DATE folder
+    inside the folder, which stays where it is (the symlink too); a move that fails is one line."""
+    import subprocess
+    import sys
+    from unprivileged import unprivileged
+    disk, repo = tmp_path / "scratch" / "run", tmp_path / "repo"
+    (disk / "samples").mkdir(parents=True)
+    repo.mkdir()
+    (repo / "codec").symlink_to(disk)
+    for name in ("latest.pt", "step_00000001.pt", "samples/step_1.wav", ".run.lock"):
+        (disk / name).write_text(name)
+    old = move_aside(repo / "codec")
+    assert (repo / "codec").is_symlink() and sorted(p.name for p in repo.iterdir()) == ["codec"]
+    assert old.parent == disk and sorted(p.name for p in disk.iterdir()) == [".run.lock", old.name]
+    assert sorted(str(p.relative_to(old)) for p in old.rglob("*")) == [
+        "latest.pt", "samples", "samples/step_1.wav", "step_00000001.pt"]
+    long = tmp_path / ("r" * 250)  # a legal name; with .old-DATE it was not
+    long.mkdir()
+    (long / "latest.pt").write_text("x")
+    assert (move_aside(long) / "latest.pt").read_text() == "x"
+    # a parent folder not writable (a user's own /scratch/$USER): moved as any other; the run folder
+    # itself not writable: one line naming it (a trainer's hold finds that before its setup)
+    locked = tmp_path / "locked"
+    (locked / "run").mkdir(parents=True)
+    (locked / "run" / "latest.pt").write_text("x")
+    (tmp_path / "frozen").mkdir()
+    (tmp_path / "frozen" / "latest.pt").write_text("y")
+    code = ("import sys\nfrom model.training import TrainingError, move_aside\n"
+            "for f in sys.argv[1:]:\n    try:\n        print(move_aside(f).name)\n"
+            "    except TrainingError as e:\n        print(e)")
+    locked.chmod(0o555)
+    (tmp_path / "frozen").chmod(0o555)
+    try:
+        r = subprocess.run(unprivileged() + [sys.executable, "-c", code, str(locked / "run"), str(tmp_path / "frozen")],
+                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    finally:
+        locked.chmod(0o755)
+        (tmp_path / "frozen").chmod(0o755)
+    assert r.returncode == 0, r.stderr[-2000:]
+    moved, refused = r.stdout.splitlines()
+    assert (locked / "run" / moved / "latest.pt").read_text() == "x"
+    assert refused.startswith(f"cannot move the run in {tmp_path / 'frozen'} aside (resume=false) into old-")
+    assert refused.endswith(": Permission denied; move its files out by hand, or start the fresh run in another "
+                            "checkpoint_dir")
+    assert (tmp_path / "frozen" / "latest.pt").read_text() == "y"
 
 
 def test_state_to_load_picks_latest_for_resume_and_eval_only(tmp_path):
@@ -558,7 +609,7 @@ def test_a_run_folder_whose_latest_pt_was_taken_away_is_neither_restarted_nor_mi
         state_to_load(ck, True, False, "")
     assert state_to_load(ck, False, False, "") is None  # resume=false starts afresh ...
     old = move_aside(run)  # ... in an empty folder
-    assert not run.exists() and sorted(p.name for p in old.glob("step_*.pt")) == [
+    assert list(run.iterdir()) == [old] and sorted(p.name for p in old.glob("step_*.pt")) == [
         "step_00000002.pt", "step_00000004.pt", "step_00000006.pt"]
     assert state_to_load(Checkpoints(run), True, False, "") is None
 
@@ -858,9 +909,9 @@ def test_the_working_folder_is_not_moved_aside(tmp_path, monkeypatch):
         with pytest.raises(TrainingError, match=re.escape(f"cannot move the run in {run} aside (resume=false): it is "
                                                           "the working folder, or holds it")):
             move_aside("." if cwd == run else "..")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"] and (run / "latest.pt").is_file()
     monkeypatch.chdir(tmp_path)
-    assert move_aside("run").name.startswith("run.old-")  # from outside: moved as before
+    assert move_aside("run").name.startswith("old-")  # from outside: moved as before
 
 
 def test_a_folder_named_like_a_step_is_not_taken_for_one(tmp_path):
