@@ -25,7 +25,7 @@ from typing import Mapping, NamedTuple, Optional, Sequence
 import numpy as np
 
 from config import OneLine, printable
-from .files import os_reason, replace_atomically, try_writing_in
+from .files import name_max, os_reason, replace_atomically, try_writing_in
 
 # .opus: Ogg Opus by its own extension (RFC 7845), as Multilingual LibriSpeech ships its audio; .oga: Ogg
 # audio's own (RFC 5334); then the other containers libsndfile reads: AIFF (and AIFF-C: a Mac's, a DAW's),
@@ -977,12 +977,22 @@ def output_format(path: str, subtype: str = "PCM_16") -> tuple[str, str, str]:
 
 
 def _names_no_file(path: str) -> Optional[str]:
-    """The error for an output path that names a folder (or nothing), or that soundfile cannot
-    open (`undecodable`), or None."""
+    """The error for an output path that names a folder (or nothing), whose name is longer than
+    its folder takes, or that soundfile cannot open (`undecodable`), or None."""
     if not os.path.basename(path) or os.path.isdir(path):
         return (f"cannot write {path!r}: {'it names a folder' if path else 'no file name given'}; "
                 "name an audio file (out.wav, for example)")
-    return undecodable(path, f"cannot write {printable(path)}")
+    return name_too_long(path) or undecodable(path, f"cannot write {printable(path)}")
+
+
+def name_too_long(path: str) -> Optional[str]:
+    """The error for an output whose name is longer than its folder takes (the OS's ENAMETOOLONG
+    at the write, after the work), or None."""
+    name, limit = os.fsencode(os.path.basename(path)), name_max(os.path.dirname(os.path.abspath(path)))
+    if len(name) > limit:
+        return (f"cannot write {printable(path)}: its name is {len(name)} bytes, longer than the {limit} its "
+                "folder takes; give it a shorter name")
+    return None
 
 
 def undecodable(path: str, what: str) -> Optional[str]:
@@ -999,9 +1009,9 @@ def undecodable(path: str, what: str) -> Optional[str]:
 
 
 def check_output(path: str, keep: Optional[Mapping[str, str]] = None) -> None:
-    """Raise AudioError when `save_audio` could not write `path`: no name, a folder, an extension
-    naming a format soundfile does not write, what `check_output_target` refuses (`keep`), or a
-    folder that cannot be made; scripts call it before slow work (the folder is made here)."""
+    """Raise AudioError when `save_audio` could not write `path`: no name, a folder, a name longer
+    than its folder takes, an extension naming a format soundfile does not write, what
+    `check_output_target` refuses (`keep`), or a folder that cannot be made; scripts call it before slow work (the folder is made here)."""
     if problem := _names_no_file(path):
         raise AudioError(problem)
     ext, fmt, _ = output_format(path)
@@ -1019,6 +1029,8 @@ def check_outputs(paths: Sequence[str], keep: Optional[Mapping[str, str]] = None
     for path in paths:
         where = (os.path.dirname(os.path.abspath(path)), os.path.splitext(path)[1].lower())
         if where in checked and os.path.basename(path):
+            if problem := name_too_long(path):  # (OUT-10.wav is longer than OUT-0.wav)
+                raise AudioError(problem)
             check_output_target(path, keep)
         else:
             check_output(path, keep)

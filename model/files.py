@@ -6,6 +6,7 @@ other under a lock (`open_locked`: a download's temporary, a latents shard being
 only the standard library: the client uses it."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -57,12 +58,40 @@ def same_file_key(path: str) -> tuple | str:
     return (st.st_dev, st.st_ino)
 
 
+def name_max(folder: str | os.PathLike) -> int:
+    """The longest file name, in bytes, that `folder` (or, while it is missing, the nearest folder
+    above it) takes: `PC_NAME_MAX`, 255 where the OS does not say."""
+    folder = os.path.abspath(os.fspath(folder))
+    while not os.path.isdir(folder) and folder != os.path.dirname(folder):
+        folder = os.path.dirname(folder)
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # (AttributeError: Windows, which has no pathconf)
+        return 255
+
+
+def temporary_prefix(folder: str | os.PathLike, prefix: str, suffix: str) -> str:
+    """The prefix `temporary_beside` names its files with: `prefix`, or when `PREFIX<8 hex>SUFFIX`
+    would be longer than the folder takes (a target's own name near the limit: `.NAME.` adds 2
+    bytes, the hex and `.tmp` 12), its head and 8 hex digits of its hash, so that every name that
+    the folder takes has a temporary of its own, and `drop_dead_temporaries` finds it."""
+    limit = name_max(folder) - 8 - len(os.fsencode(suffix))
+    if len(os.fsencode(prefix)) <= limit:
+        return prefix
+    digest = hashlib.sha256(os.fsencode(prefix)).hexdigest()[:8]
+    head = prefix
+    while len(os.fsencode(head)) > limit - 9:  # (a character at a time: a name's UTF-8 stays whole)
+        head = head[:-1]
+    return f"{head}{digest}."
+
+
 @contextmanager
 def temporary_beside(folder: str | os.PathLike, prefix: str, suffix: str,
                      write: Callable[[str], None]) -> Iterator[str]:
     """Create a new file `folder/PREFIX<8 hex>SUFFIX`, call `write(path)` on it and yield its path,
     for the caller to rename into place within the `with` block; the file is removed if it is still
-    there when the block ends (anything failed; the error is raised as it is).
+    there when the block ends (anything failed; the error is raised as it is). A prefix too long for
+    the folder's names is shortened (`temporary_prefix`).
 
     The file is under an exclusive `flock` from its creation to the end of the block, so that
     `drop_dead_temporaries` removes it only once its writer is gone (a SIGKILL between the write
@@ -77,6 +106,7 @@ def temporary_beside(folder: str | os.PathLike, prefix: str, suffix: str,
     except ImportError:  # (Windows, where the client runs: written unlocked)
         fcntl = None
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    prefix = temporary_prefix(folder, prefix, suffix)
     for _ in range(100):
         path = os.path.join(os.fspath(folder), f"{prefix}{secrets.token_hex(4)}{suffix}")
         try:
@@ -143,6 +173,7 @@ def drop_dead_temporaries(folder: str | os.PathLike, prefix: str = ".", suffix: 
         names = sorted(os.listdir(folder))
     except (ImportError, OSError):  # no folder (yet), or one that cannot be read
         return removed
+    prefix = temporary_prefix(folder, prefix, suffix)  # (as `temporary_beside` named them)
     pattern = re.compile(rf"{re.escape(prefix)}(?:.*\.)?[0-9a-f]{{8}}{re.escape(suffix)}", re.DOTALL)
     for name in names:
         if not pattern.fullmatch(name) or not name.startswith("."):

@@ -682,6 +682,30 @@ def test_official_weights_missing_offline_or_corrupt_are_an_error_not_a_tracebac
         assert "is corrupt" in r.stderr and OFFICIAL_FILES[QUANTIZER].md5 in r.stderr
 
 
+def test_an_output_name_at_the_length_limit_is_written_and_one_past_it_refused_first(ckpts, tmp_path, capfd):
+    """The atomic write's temporary `.NAME.XXXXXXXX.wav` is 11 bytes longer than NAME: an output
+    name of the last 11 bytes below the folder's limit (legal), or past it, passed the output check
+    and was refused after the completion was generated (File name too long). Now the temporary's
+    name is shortened to fit (and a dead one of that name is found), and a name past the limit is
+    one error line before anything loads."""
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    out = tmp_path / ("x" * (limit - 4) + ".wav")
+    r = run_here(capfd, ckpts["stereo"], out, "--variant", ckpts["duplex"], "--seconds", 0.25, "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sf.info(out).channels == 2 and sorted(os.listdir(tmp_path)) == [out.name]
+    from model.files import temporary_prefix
+    dead = tmp_path / (temporary_prefix(tmp_path, f".{out.name}.", ".wav") + "0123abcd.wav")
+    dead.write_bytes(b"a killed writer's")  # (unlocked: its writer is gone)
+    r = run_here(capfd, ckpts["stereo"], out, "--variant", ckpts["duplex"], "--seconds", 0.25, "--device", "cpu")
+    assert r.returncode == 0 and sorted(os.listdir(tmp_path)) == [out.name], r.stderr[-2000:]
+    long = tmp_path / ("é" * (limit // 2 - 1) + ".wav")  # (bytes, not characters, count)
+    r = run_here(capfd, ckpts["stereo"], long, "--variant", ckpts["duplex"], "--seconds", 0.25, "--device", "cpu")
+    assert r.returncode == 2 and r.stderr.strip() == (
+        f"error: cannot write {long}: its name is {len(os.fsencode(long.name))} bytes, longer than the {limit} its "
+        "folder takes; give it a shorter name"), r.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path)) == [out.name]
+
+
 def test_paths_given_as_flag_equals_tilde_are_under_the_home_folder(ckpts, tmp_path, monkeypatch, capfd):
     """`--ckpt-dir=~/ckpt` (and the other paths so given) reach the script with their `~`, which the
     shell expands only at a word's start: the official weights were looked for, and online
