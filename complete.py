@@ -51,7 +51,7 @@ def parse_args(argv=None):
     ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("prompt", type=os.path.expanduser, help="prompt audio file (WAV, FLAC, OGG, Opus, MP3, AIFF, ...)")
     ap.add_argument("out", type=os.path.expanduser, help="output WAV; with --num N > 1, OUT-0.wav ... OUT-(N-1).wav")
-    ap.add_argument("--variant", default="duplex",
+    ap.add_argument("--variant", type=os.path.expanduser, default="duplex",
                     help=f"{' | '.join(VARIANTS)} (official weights, downloaded to --ckpt-dir) or a checkpoint path")
     ap.add_argument("--adapter", type=os.path.expanduser,
         metavar="PATH", help="a LoRA adapter file (.adapter.safetensors) trained on --variant")

@@ -18,6 +18,7 @@ latents, with a note, and its old run is moved aside. `--fresh` starts both over
 import argparse
 import json
 import math
+import os
 import shlex
 import signal
 import subprocess
@@ -104,7 +105,7 @@ def main():
     ap.add_argument("--codec-steps", type=int, default=20)
     ap.add_argument("--transformer-steps", type=int, default=20)
     ap.add_argument("--seconds", type=float, default=4, help="length of the generated continuation")
-    ap.add_argument("--out", help="the completion WAV, relative to where demo.py is run (default: "
+    ap.add_argument("--out", type=os.path.expanduser, help="the completion WAV, relative to where demo.py is run (default: "
                     "outputs/demo/completion.wav in the repository, beside its checkpoints)")
     ap.add_argument("--fresh", action="store_true", help="start both trainings over (resume=false)")
     args = ap.parse_args()

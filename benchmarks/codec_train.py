@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="then profile --steps more steps: device time per phase and the top kernels")
     ap.add_argument("--convs", action="store_true",
                     help="instead: each stride-1 conv of the generator, forward + backward (cuDNN; dilated: also over phases)")
-    ap.add_argument("--data", help="measure train_codec.py's training loader over this folder instead, no model")
+    ap.add_argument("--data", type=os.path.expanduser, help="measure train_codec.py's training loader over this folder instead, no model")
     ap.add_argument("--workers", type=int, default=6, help="DataLoader workers (--data)")
     ap.add_argument("--batches", type=int, default=80, help="batches to read (--data)")
     ap.add_argument("--preload", type=float, help="preload_max_gb (--data); default: the preset's")

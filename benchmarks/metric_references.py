@@ -127,12 +127,12 @@ def reconstructions(path: str, data: AudioCropDataset) -> list[torch.Tensor]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--val", default="data/demo/val", help="validation folder or manifest (as val_data_path)")
+    ap.add_argument("--val", type=os.path.expanduser, default="data/demo/val", help="validation folder or manifest (as val_data_path)")
     ap.add_argument("--crops", type=int, default=64, help="at most this many crops (as val_crops)")
     ap.add_argument("--seconds", type=float, default=6.0, help="crop length (as val_segment_seconds)")
     ap.add_argument("--iterations", type=int, nargs="*", default=[32, 256], help="Griffin-Lim iterations")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--codec", help="also score what in this codec's reconstructions costs each metric")
+    ap.add_argument("--codec", type=os.path.expanduser, help="also score what in this codec's reconstructions costs each metric")
     args = ap.parse_args(argv)
     if not os.path.exists(args.val):
         sys.exit(f"error: no validation data at {args.val} (make it with: python data/demo/prepare.py)")

@@ -535,8 +535,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2, help="(a) rows of the fixed input")
     ap.add_argument("--frames", type=int, default=None, help="(a) latents a row (default 256; --smoke: 16)")
     ap.add_argument("--preset", default=None, help="(b) preset trained and evaluated (default small; --smoke: tiny)")
-    ap.add_argument("--checkpoint", help="(b) a trained duplex base (.safetensors) instead of training one")
-    ap.add_argument("--codec", help="(b) the codec (.safetensors) to use instead of training one")
+    ap.add_argument("--checkpoint", type=os.path.expanduser, help="(b) a trained duplex base (.safetensors) instead of training one")
+    ap.add_argument("--codec", type=os.path.expanduser, help="(b) the codec (.safetensors) to use instead of training one")
     ap.add_argument("--no-quant-eval", dest="quant_eval", action="store_false",
                     help="(b) only the fine-tuning proof: skip the base's quantized evaluations")
     ap.add_argument("--corpus", default=None, help="(b) the demo corpus folder (built if missing; default data/demo)")

@@ -715,7 +715,8 @@ def test_paths_given_as_flag_equals_tilde_are_under_the_home_folder(ckpts, tmp_p
     r = run_here(capfd, ckpts["stereo"], "~/out.wav", "--offline", "--ckpt-dir=~/ckpt", "--seconds", 0.25)
     assert r.returncode == 2 and "offline mode and these official hertz-dev files are missing" in r.stderr, r.stderr
     assert f"put them in {tmp_path / 'home' / 'ckpt'}/" in r.stderr
-    r = run_here(capfd, ckpts["stereo"], "~/out.wav", f"--variant={ckpts['duplex']}", "--seconds", 0.25)
+    shutil.copy(ckpts["duplex"], tmp_path / "home" / "duplex.safetensors")  # --variant, a path
+    r = run_here(capfd, ckpts["stereo"], "~/out.wav", "--variant=~/duplex.safetensors", "--seconds", 0.25)
     assert r.returncode == 0 and (tmp_path / "home" / "out.wav").is_file(), r.stderr[-2000:]
 
 

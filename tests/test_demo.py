@@ -108,6 +108,18 @@ def test_an_out_that_complete_py_would_refuse_stops_the_demo_before_the_first_st
     assert done.stdout == "" and not (folder / "data/demo/train").exists()
 
 
+def test_an_out_starting_with_a_tilde_is_in_the_home_folder(tmp_path):
+    """`demo.py --out '~/take.wav'` (a `~` the shell left: zsh, quotes, --out=~/...) was a folder
+    named `~` where demo.py was run; README says a leading `~` is the home folder. An output the
+    demo refuses shows which path it took, before the first step."""
+    folder, home = scratch_copy(tmp_path / "repo"), tmp_path / "home"
+    home.mkdir()
+    done = subprocess.run([sys.executable, folder / "demo.py", "--out", "~/take.xyz"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "HOME": str(home)})
+    assert done.returncode == 2 and done.stderr.splitlines()[-1] == (
+        f"error: --out: cannot write {home}/take.xyz: soundfile writes no .xyz files (.wav, .flac or .ogg, for example)")
+
+
 def test_a_relative_out_is_taken_from_where_demo_py_is_run(tmp_path):
     """`python path/to/demo.py --out talk.wav` writes ./talk.wav, not path/to/talk.wav (the steps run
     in the repository). The steps are stand-ins here: the last one writes the file it is given."""

@@ -228,6 +228,20 @@ def test_an_engine_asked_for_but_not_installed_is_named_with_those_installed(tmp
     assert not (tmp_path / "out").exists()
 
 
+def test_an_out_starting_with_a_tilde_is_in_the_home_folder(tmp_path):
+    """`--out '~/corpus'` (a `~` the shell left: zsh, quotes, --out=~/...) made a folder named `~`
+    where the script was run; README says a leading `~` is the home folder. Shown by one that is a
+    file there, refused before anything is synthesized."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "corpus").write_text("not a folder")
+    result = subprocess.run([sys.executable, PREPARE, "--minutes", "0.1", "--out", "~/corpus", "--engines", "nosuch"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "HOME": str(home)})
+    assert result.returncode == 2 and result.stderr.splitlines()[-1] == f"error: --out {home}/corpus is a file, not a folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]
+
+
 @pytest.mark.parametrize("name, content, message", [
     ("manifest.json", '{"files": ["mine.wav"]}', "manifest.json is not a demo corpus's manifest"),
     ("train/mono/speech.wav", "my own recording", "train/mono/speech.wav was not written by this script"),

@@ -1098,6 +1098,34 @@ def test_benchmark_data_mode_reads_the_trainers_loader(corpus):
     assert line["samples_per_s"] > 0 and 0 < line["wait_ms_p50"] <= line["wait_ms_p99"] <= line["wait_ms_max"]
 
 
+def noise_folder(folder: Path, files: int = 3, seconds: float = 2.0) -> Path:
+    """`files` WAVs of quiet noise at 16 kHz: a corpus for what reads a folder, made in a moment."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(files):
+        sf.write(folder / f"noise_{i}.wav", (0.1 * rng.standard_normal(int(16000 * seconds))).astype(np.float32), 16000)
+    return folder
+
+
+def test_benchmark_path_flags_take_a_leading_tilde_as_the_home_folder(tmp_path, monkeypatch, capsys):
+    """benchmarks/codec_train.py --data and metric_references.py --val and --codec took a `~` that the
+    shell left (zsh, quotes, --flag=~) as a folder named `~`, where README says it is the home folder."""
+    from benchmarks import metric_references
+    home = tmp_path / "home"
+    noise_folder(home / "corpus")
+    save_codec(home / "codec.safetensors", build(Codec, PRESETS["tiny"]))
+    monkeypatch.setenv("HOME", str(home))
+    result = codec_benchmark(["--data", "~/corpus", "--presets", "tiny", "--workers", "0", "--batches", "2"], capsys)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["batches"] == 2
+    result = main_in_process("benchmarks/metric_references.py", metric_references.main,
+                             ["--val", "~/corpus", "--codec=~/codec.safetensors", "--crops", "1", "--iterations",
+                              "--seconds", "1"], capsys)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first = json.loads(result.stdout.splitlines()[0])
+    assert first["val"] == str(home / "corpus") and first["codec"] == str(home / "codec.safetensors")
+
+
 def error_line(stderr):
     """The one `error:` line of a failed run, on a line of its own (progress bars redraw with \\r)."""
     errors = [line for line in re.split(r"[\r\n]+", stderr) if line.startswith("error:")]

@@ -648,7 +648,7 @@ def main(argv=None) -> None:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=20.0, help="total minutes of audio")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=HERE, help="output folder (default: this folder)")
+    parser.add_argument("--out", type=os.path.expanduser, default=HERE, help="output folder (default: this folder)")
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--force", action="store_true", help="rebuild even if the corpus exists")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds Flite or Festival may take on one "
