@@ -31,6 +31,8 @@ from config import ArgumentParser
 ROOT = Path(__file__).resolve().parent
 CODEC = "checkpoints/codec/best.safetensors"
 TRANSFORMER_DIR = "checkpoints/transformer"
+CORPUS = "data/demo"  # data/demo/prepare.py's corpus (train/, val/), beside the recipe
+PROMPT = f"{CORPUS}/val/dialogue/dialogue_00000.wav"  # the first validation dialogue: the completion's prompt
 STEP_GRACE = 10  # seconds a step is given to stop after a Ctrl-C or SIGTERM
 
 
@@ -120,8 +122,11 @@ def main():
         ap.error(problem)
     # the steps run in ROOT; a path given is from where demo.py is run
     out = ROOT / "outputs/demo/completion.wav" if args.out is None else Path(args.out).absolute()
-    try:  # what complete.py would refuse, found before the corpus and the trainings
-        check_output(str(out))
+    if (ROOT / CORPUS) in Path(os.path.realpath(out)).parents:  # read by every later run: its corpus check stops it
+        ap.error(f"--out {args.out}: it is in the demo's corpus folder ({ROOT / CORPUS}), which every demo run reads "
+                 "as its training and validation audio; write the completion elsewhere")
+    try:  # what complete.py would refuse (the prompt too), found before the corpus and the trainings
+        check_output(str(out), keep={"the demo's prompt": str(ROOT / PROMPT)})
     except AudioError as e:
         ap.error(f"--out: {e}")
     t0 = time.time()

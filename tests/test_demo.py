@@ -120,6 +120,32 @@ def test_an_out_starting_with_a_tilde_is_in_the_home_folder(tmp_path):
         f"error: --out: cannot write {home}/take.xyz: soundfile writes no .xyz files (.wav, .flac or .ogg, for example)")
 
 
+@pytest.mark.parametrize("out", ["data/demo/train/mono/mine.wav", "data/demo/val/dialogue/dialogue_00000.wav",
+                                 "linked/mine.wav"], ids=["into-the-corpus", "the-prompt", "through-a-link"])
+def test_an_out_in_the_demo_s_own_corpus_is_refused_before_the_first_step(tmp_path, out):
+    """`--out data/demo/train/mono/mine.wav` wrote the completion into the corpus, where every later
+    demo run (--fresh too) stopped at its first step (a file prepare.py did not write); the prompt
+    file itself was refused only after the corpus and both trainings. Now both, by any path, are
+    one line before the first step. (The steps are stand-ins that would write the file.)"""
+    folder = scratch_copy(tmp_path / "repo")
+    for name in ("train/mono", "val/dialogue"):
+        (folder / "data/demo" / name).mkdir(parents=True)
+    (folder / "data/demo/val/dialogue/dialogue_00000.wav").write_bytes(b"the prompt")
+    (folder / "linked").symlink_to(folder / "data/demo/train/mono")
+    (folder / "data/demo/prepare.py").write_text("")
+    (folder / "train_codec.py").write_text("")
+    (folder / "train_transformer.py").write_text("")
+    (folder / "complete.py").write_text("import sys\nopen(sys.argv[2], 'w').write('completion')\n")
+    done = subprocess.run([sys.executable, "demo.py", "--out", out], cwd=folder, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and done.stdout == "", done.stdout + done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        f"error: --out {out}: it is in the demo's corpus folder ({folder / 'data/demo'}), which every demo run reads "
+        "as its training and validation audio; write the completion elsewhere")
+    assert not (folder / "data/demo/train/mono/mine.wav").exists()
+    assert (folder / "data/demo/val/dialogue/dialogue_00000.wav").read_bytes() == b"the prompt"
+
+
 def test_a_relative_out_is_taken_from_where_demo_py_is_run(tmp_path):
     """`python path/to/demo.py --out talk.wav` writes ./talk.wav, not path/to/talk.wav (the steps run
     in the repository). The steps are stand-ins here: the last one writes the file it is given."""
