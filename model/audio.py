@@ -31,9 +31,11 @@ from .files import name_max, os_reason, replace_atomically, try_writing_in
 # audio's own (RFC 5334); then the other containers libsndfile reads: AIFF (and AIFF-C: a Mac's, a DAW's),
 # Apple's CAF, Sun's AU, Sony's W64 and the EBU's RF64 (WAVs past 4 GB: long field recordings), and NIST
 # SPHERE (.sph, .nist: the LDC's telephone corpora, Switchboard, Fisher; libsndfile reads its PCM, not
-# its `shorten`-compressed files, which the scan then names as unreadable)
+# its `shorten`-compressed files, which the scan then names as unreadable); and the other names of those
+# containers: .wave (WAV), .bwf (Broadcast WAV: a field recorder's), .snd (AU)
 SUPPORTED_EXTENSIONS = (".wav", ".flac", ".ogg", ".opus", ".oga", ".mp3",
-                        ".aif", ".aiff", ".aifc", ".caf", ".au", ".w64", ".rf64", ".sph", ".nist")
+                        ".aif", ".aiff", ".aifc", ".caf", ".au", ".w64", ".rf64", ".sph", ".nist",
+                        ".wave", ".bwf", ".snd")
 # Extensions that name a container's codec too: (soundfile's format, subtype) a file written gets
 CODEC_EXTENSIONS = {".opus": ("OGG", "OPUS")}
 # Audio of other formats, which a corpus folder does not list (AAC: soundfile cannot read it): the

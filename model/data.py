@@ -127,13 +127,14 @@ def folder_problem(path: str) -> Optional[str]:
             "(for a demo corpus run `python data/demo/prepare.py`)")
 
 
-def _list_audio_files(root: str) -> tuple[list[str], list[str]]:
+def _list_audio_files(root: str) -> tuple[list[str], list[str], list[str]]:
     """Relative paths of every supported file under `root`, sorted so the order never depends on
-    the file system, and of the audio files of other formats (`OTHER_AUDIO_EXTENSIONS`), left out.
+    the file system, of the audio files of other formats (`OTHER_AUDIO_EXTENSIONS`), left out, and
+    of the other files, left out for their extension (or none: audio among them goes unread).
     Symlinked folders are followed, each real folder once. Hidden entries below `root` (`.git/`,
     `.ipynb_checkpoints/`, `.cache/`, our index) are left out; `root` itself may lie under a hidden
     folder."""
-    found, others, seen, unlisted = [], [], set(), []
+    found, others, rest, seen, unlisted = [], [], [], set(), []
     # a folder that cannot be listed (its permissions) is named, not left out unsaid with its files
     for folder, dirs, files in os.walk(root, followlinks=True, onerror=unlisted.append):
         real = os.path.realpath(folder)
@@ -149,11 +150,13 @@ def _list_audio_files(root: str) -> tuple[list[str], list[str]]:
                 found.append(os.path.relpath(os.path.join(folder, name), root))
             elif name.lower().endswith(OTHER_AUDIO_EXTENSIONS):
                 others.append(os.path.relpath(os.path.join(folder, name), root))
+            else:
+                rest.append(os.path.relpath(os.path.join(folder, name), root))
     if unlisted:
         names = sorted(f"{os.path.relpath(e.filename, root)} ({e.strerror or e})" for e in unlisted)
         warnings.warn(f"skipping {len(names)} folders in {root} that cannot be listed, with whatever audio files "
                       f"they hold: {listed(names)}", SkippedAudioWarning, stacklevel=3)
-    return sorted(found), sorted(others)
+    return sorted(found), sorted(others), sorted(rest)
 
 
 def _read_index(index_path: str) -> dict:
@@ -208,7 +211,8 @@ def scan_audio_folder(root: str, use_cache: bool = True) -> AudioFileList:
     file reached again under another path (a link to a file of the folder, a hard link: the same
     device and inode), which would be trained on twice as often: the first path in sorted order is
     kept, the others named together and listed in `linked`. Audio files of formats not listed
-    (`OTHER_AUDIO_EXTENSIONS`: .m4a, .aac, ...) are named in one SkippedAudioWarning.
+    (`OTHER_AUDIO_EXTENSIONS`: .m4a, .aac, ...) are named in one SkippedAudioWarning, and the other
+    files (not hidden) left out for their extension in another.
     Raises FileNotFoundError, naming the folder and the formats, if it holds no readable audio.
 
     `root` may also be a jsonl manifest (`model/manifest.py`): then its files are listed instead,
@@ -229,9 +233,13 @@ def scan_audio_folder(root: str, use_cache: bool = True) -> AudioFileList:
     elif problem := folder_problem(root):
         raise FileNotFoundError(f"audio folder {root} {problem}")
     else:
-        (listing, others), index_path = _list_audio_files(root), os.path.join(root, INDEX_FILENAME)
+        (listing, others, rest), index_path = _list_audio_files(root), os.path.join(root, INDEX_FILENAME)
         skip_short(others, f"of other formats (only {_formats()} are read; convert them, e.g. "
                    "`ffmpeg -i IN OUT.flac`)", source)
+        if rest:  # (transcripts, notes; or audio named otherwise: a WAV without its extension)
+            warnings.warn(f"leaving out {len(rest)} files in {source} whose names end in none of the audio "
+                          f"extensions it reads ({_formats()}): {listed(rest)}; an audio file among them is read "
+                          "once named with its format's extension", SkippedAudioWarning, stacklevel=2)
     cached = _read_index(index_path) if use_cache else {}
     entries, files, skipped, empty, linked, first = {}, [], [], [], [], {}
     for rel in listing:

@@ -23,7 +23,8 @@ SR = 16000
 WRITE_ARGS = {".wav": {}, ".flac": {}, ".ogg": {"subtype": "VORBIS"}, ".opus": {"format": "OGG", "subtype": "OPUS"},
               ".mp3": {"subtype": "MPEG_LAYER_III"}, ".aif": {"format": "AIFF"}, ".aiff": {},
               ".aifc": {"format": "AIFF", "subtype": "ULAW"}, ".caf": {}, ".au": {}, ".w64": {}, ".rf64": {"format": "RF64"},
-              ".oga": {"format": "OGG", "subtype": "VORBIS"}, ".sph": {"format": "NIST"}, ".nist": {"format": "NIST"}}
+              ".oga": {"format": "OGG", "subtype": "VORBIS"}, ".sph": {"format": "NIST"}, ".nist": {"format": "NIST"},
+              ".wave": {"format": "WAV"}, ".bwf": {"format": "WAV"}, ".snd": {"format": "AU"}}
 
 
 def tone(seconds, rate=SR, freq=440.0, amplitude=0.5):
@@ -87,6 +88,29 @@ def test_opus_files_by_their_own_extension_are_scanned_and_read(tmp_path):
     assert crop["mask"].sum() == 8000 and crop["audio"].abs().max() > 0.3  # the tone, at 16 kHz
 
 
+def test_audio_named_by_another_extension_of_its_container_is_read_and_other_files_named(tmp_path):
+    """A Broadcast WAV (.bwf: a field recorder's), a WAV named .wave and an AU named .snd, which
+    soundfile reads, were left out of a folder scan without a word, and so was a WAV without an
+    extension. Now the first three are read, and the files left out for their extension are named
+    in one warning (hidden ones are not)."""
+    write(tmp_path / "a.wav", tone(0.5))
+    write(tmp_path / "field.bwf", tone(0.5), format="WAV")
+    write(tmp_path / "take.wave", tone(0.5), format="WAV")
+    write(tmp_path / "old.snd", tone(0.5), format="AU")
+    write(tmp_path / "talk" / "noext", tone(0.5), format="WAV")
+    (tmp_path / "notes.txt").write_text("not audio")
+    (tmp_path / ".DS_Store").write_bytes(b"hidden")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        files = scan_audio_folder(tmp_path)
+    assert [(os.path.basename(f.path), f.frames) for f in files] == [
+        ("a.wav", 8000), ("field.bwf", 8000), ("old.snd", 8000), ("take.wave", 8000)]
+    assert skipped_names(record) == [
+        f"leaving out 2 files in {tmp_path} whose names end in none of the audio extensions it reads "
+        f"({', '.join(SUPPORTED_EXTENSIONS)}): notes.txt, {os.path.join('talk', 'noext')}; an audio file among them "
+        "is read once named with its format's extension"]
+
+
 def test_audio_files_of_other_formats_are_named_as_left_out(tmp_path):
     """Phone recordings (.m4a, AAC, which soundfile cannot read) in a corpus folder beside WAVs
     were left out without a word: the run trained on part of the corpus. They are named in one
@@ -99,9 +123,10 @@ def test_audio_files_of_other_formats_are_named_as_left_out(tmp_path):
         warnings.simplefilter("always")
         files = scan_audio_folder(tmp_path)
     assert [os.path.basename(f.path) for f in files] == ["a.wav"] and files.skipped == []
-    assert skipped_names(record) == [
+    assert skipped_names(record)[0] == (
         f"skipping 2 audio files in {tmp_path} of other formats (only {', '.join(SUPPORTED_EXTENSIONS)} are read; "
-        f"convert them, e.g. `ffmpeg -i IN OUT.flac`): {os.path.join('calls', 'b.AAC')}, memo.m4a"]
+        f"convert them, e.g. `ffmpeg -i IN OUT.flac`): {os.path.join('calls', 'b.AAC')}, memo.m4a")
+    assert skipped_names(record)[1].startswith(f"leaving out 1 files in {tmp_path} whose names end in none")
     os.remove(tmp_path / "a.wav")
     with pytest.warns(SkippedAudioWarning), pytest.raises(FileNotFoundError) as e:
         scan_audio_folder(tmp_path)
