@@ -403,8 +403,11 @@ def bench_data(preset: str, args) -> dict:
     from model.data import AudioCropDataset, infinite_batches, make_loader
     cfg = PRESETS[preset]
     t0 = time.perf_counter()
-    dataset = AudioCropDataset(args.data, cfg.segment_seconds, cfg.sample_rate, train=True, seed=cfg.seed,
-                               preload_max_gb=cfg.preload_max_gb if args.preload is None else args.preload)
+    try:
+        dataset = AudioCropDataset(args.data, cfg.segment_seconds, cfg.sample_rate, train=True, seed=cfg.seed,
+                                   preload_max_gb=cfg.preload_max_gb if args.preload is None else args.preload)
+    except FileNotFoundError as e:  # the scan's: no such folder, a file, or a folder without audio it reads
+        sys.exit(f"error: --data: {e}")
     loader = make_loader(dataset, cfg.batch_size, num_workers=args.workers, distributed=True, seed=cfg.seed)
     batches = infinite_batches(loader)
     setup_s = time.perf_counter() - t0

@@ -110,10 +110,9 @@ def pauses_silent(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return y * ~pauses(x)
 
 
-def reconstructions(path: str, data: AudioCropDataset) -> list[torch.Tensor]:
+def reconstructions(codec, data: AudioCropDataset) -> list[torch.Tensor]:
     """The codec's posterior-mean reconstruction of each crop with audio (float64, its length)."""
-    from model.loading import load_codec
-    codec = load_codec(path).eval()
+    codec.eval()
     out = []
     with torch.no_grad():
         for i in range(len(data)):
@@ -138,7 +137,17 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: no validation data at {args.val} (make it with: python data/demo/prepare.py)")
     if args.codec and not os.path.isfile(args.codec):
         sys.exit(f"error: --codec: no file at {args.codec}")
-    data = AudioCropDataset(args.val, args.seconds, SR, train=False, max_val_crops=args.crops, preload_max_gb=4.0)
+    codec = None
+    if args.codec:  # (a file of another kind: one line, before the crops are read)
+        from model.loading import LOAD_ERRORS, load_codec
+        try:
+            codec = load_codec(args.codec)
+        except LOAD_ERRORS as e:
+            sys.exit(f"error: --codec: {e}")
+    try:
+        data = AudioCropDataset(args.val, args.seconds, SR, train=False, max_val_crops=args.crops, preload_max_gb=4.0)
+    except FileNotFoundError as e:  # the scan's: a file, or a folder without audio it reads
+        sys.exit(f"error: --val: {e}")
     crops = []
     for i in range(len(data)):
         item = data[i]
@@ -153,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
             "random_phase": lambda x: griffin_lim(x, 0, gen),
             **{f"griffin_lim_{n}": (lambda n: lambda x: griffin_lim(x, n, gen))(n) for n in args.iterations}}
     if args.codec:
-        decoded = dict(zip(map(id, crops), reconstructions(args.codec, data)))  # crop -> its reconstruction
+        decoded = dict(zip(map(id, crops), reconstructions(codec, data)))  # crop -> its reconstruction
         refs.update({"codec": lambda x: decoded[id(x)],
                      "codec_lowpass_4khz": lambda x: lowpass(decoded[id(x)], 4000),
                      "codec_below_4khz_ref_above": lambda x: band_mix(decoded[id(x)], x, 4000),

@@ -1126,6 +1126,31 @@ def test_benchmark_path_flags_take_a_leading_tilde_as_the_home_folder(tmp_path, 
     assert first["val"] == str(home / "corpus") and first["codec"] == str(home / "codec.safetensors")
 
 
+@pytest.mark.parametrize("case", ["val-empty", "val-a-file", "codec-not-a-codec", "data-missing"])
+def test_benchmark_path_mistakes_are_one_error_line(tmp_path, capsys, case):
+    """metric_references.py --val naming an empty folder or a file, --codec naming a file that is no
+    codec checkpoint, and codec_train.py --data naming no folder were each a traceback."""
+    from benchmarks import metric_references
+    corpus, empty = noise_folder(tmp_path / "corpus", files=1), tmp_path / "empty"
+    empty.mkdir()
+    wav = corpus / "noise_0.wav"
+    argv, message = {
+        "val-empty": (["--val", str(empty)], f"error: --val: audio folder {empty} has no audio files; expected "),
+        "val-a-file": (["--val", str(wav)], f"error: --val: audio folder {wav} is a file, not a folder; "),
+        "codec-not-a-codec": (["--val", str(corpus), "--codec", str(wav)],
+                              f"error: --codec: {wav}: expected a codec checkpoint (.safetensors)"),
+        "data-missing": (["--data", str(tmp_path / "nosuch"), "--presets", "tiny"],
+                         f"error: --data: audio folder {tmp_path / 'nosuch'} does not exist; "),
+    }[case]
+    if case == "data-missing":
+        result = codec_benchmark(argv, capsys)
+    else:
+        result = main_in_process("benchmarks/metric_references.py", metric_references.main, argv, capsys)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith(message), result.stderr
+    assert result.stdout == ""
+
+
 def error_line(stderr):
     """The one `error:` line of a failed run, on a line of its own (progress bars redraw with \\r)."""
     errors = [line for line in re.split(r"[\r\n]+", stderr) if line.startswith("error:")]
