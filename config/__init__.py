@@ -376,9 +376,20 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         hint = f" ({self.prog} --help lists the flags)" if self._parsing else ""
         # A file whose name starts with "-" (`-take1.wav`) is read as a flag: the error then blames
-        # another argument ("the following arguments are required: out"); say which one it was.
+        # another argument ("the following arguments are required: out"); say which one it was: one
+        # that is there, or one that no flag is and that reads as a file's name (an output to write)
         dashed = [a for a in self._argv if self._parsing and isinstance(a, str) and a.startswith("-") and a != "-"
-                  and os.path.exists(a)]
-        if dashed:
-            hint += f"; {dashed[0]} is a file, read as a flag: name it ./{dashed[0]}"
+                  and a != "--"]
+        if there := [a for a in dashed if os.path.exists(a)]:
+            hint += f"; {there[0]} is a file, read as a flag: name it ./{there[0]}"
+        elif named := [a for a in dashed if self._names_a_file(a)]:
+            hint += f"; {named[0]} was read as a flag: to name a file so, write ./{named[0]}"
         self.exit(2, f"error: {printable(message + hint, newlines=True)}\n")
+
+    def _names_a_file(self, arg: str) -> bool:
+        """Whether `arg`, starting with "-", is no flag of this parser and reads as a file's name: a
+        path separator in it, or an extension of letters (`-take2.wav`; not `-0.5`, not `--x=1.5`)."""
+        flags = self._option_string_actions
+        if "=" in arg or any(arg == o or (arg.startswith("--") and o.startswith(arg)) for o in flags):
+            return False
+        return "/" in arg or os.sep in arg or re.search(r"\.[A-Za-z][A-Za-z0-9]{0,4}$", arg) is not None

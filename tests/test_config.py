@@ -451,6 +451,21 @@ def test_a_file_named_with_a_leading_dash_is_named_in_the_error(tmp_path, script
                "name it ./-take1.wav\n")
 
 
+@pytest.mark.parametrize("args, named", [
+    (["prompt.wav", "-take2.wav"], "-take2.wav"), (["prompt.wav", "-takes/2.wav"], "-takes/2.wav"),
+    (["prompt.wav", "out.wav", "--bogus"], None), (["prompt.wav", "--seconds", "-0.5"], None),
+], ids=["an-output", "a-path", "a-mistyped-flag", "a-negative-number"])
+def test_an_output_named_with_a_leading_dash_is_named_in_the_error(tmp_path, args, named):
+    """`complete.py prompt.wav -take2.wav` (an output, not there yet) said only "the following
+    arguments are required: out": the hint named a dashed argument only when it was a file. Now one
+    that is no flag and reads as a file name (an extension, a path separator) is named too."""
+    r = subprocess.run([sys.executable, str(ROOT / "complete.py"), *args], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+    hint = f"; {named} was read as a flag: to name a file so, write ./{named}\n"
+    assert r.stderr.endswith(hint) if named else "read as a flag" not in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize("script", FLAG_SCRIPTS)
 def test_every_script_with_flags_parses_them_with_the_shared_parser(script):
     """Each script's flags go through config.ArgumentParser, so its errors have the one format above."""
