@@ -1364,6 +1364,10 @@ class Deadline:
             if lost is None:
                 raise
             why = "lost_worker", lost
+        except (ConnectionError, EOFError):  # a worker killed as it handed a batch over (its tensors' descriptors)
+            if (lost := self._worker_death()) is None:
+                raise
+            why = "lost_worker", lost
         if dist.is_initialized():
             why = self._first_unreadable(why)
         if why is None:
@@ -1373,6 +1377,24 @@ class Deadline:
         else:
             self.unreadable = why[1]
         return None
+
+    def _worker_death(self, seconds: float = 5.0) -> Optional[str]:
+        """`worker_death_message` for a data-loading worker found dead within `seconds`, else None:
+        after a batch's hand-over failed (a reset connection to the worker that sent it), where the
+        worker, killed, may not have finished exiting, so that torch's loader found it alive, and
+        its SIGCHLD is still to come."""
+        from torch.utils.data._utils.signal_handling import _error_if_any_worker_fails
+        end = time.monotonic() + seconds
+        while self.worker_error is None:
+            try:
+                _error_if_any_worker_fails()  # (torch's check of its workers' pids, the signal or not)
+            except RuntimeError as e:
+                self.worker_error = e
+            if self.worker_error is None:
+                if time.monotonic() > end:
+                    return None
+                time.sleep(0.05)
+        return worker_death_message(self.worker_error, kept="")
 
     def exit(self, step: int) -> None:
         """After the loop: a run that a signal stopped exits with 128 + its number, one that a

@@ -823,6 +823,36 @@ def test_a_warmup_as_long_as_the_run_is_a_note():
         assert all(0 < r <= 1e-3 for r in rates)
 
 
+def test_a_batch_whose_worker_is_killed_as_it_hands_it_over_is_that_workers_death():
+    """A data-loading worker killed as it hands a batch over (its tensors' descriptors, through a
+    connection to it), before it has finished exiting: torch's loader, finding it alive, raised the
+    ConnectionResetError as it was, a traceback that lost the steps since the last save (a run
+    under torchrun, CI). `Deadline.read` now takes a reset hand-over for the death of the worker
+    found dead, as torch's SIGCHLD handler would have said it. Modelled here: the worker killed,
+    its SIGCHLD held back, and the hand-over's reset raised by the batches read."""
+    from torch.utils.data import DataLoader
+    from model.training import Deadline
+    loader = iter(DataLoader([torch.zeros(4)] * 64, num_workers=1))
+    next(loader)  # (its worker started, its pid registered for torch's checks)
+    worker = loader._workers[0].pid
+
+    def reset_hand_over():
+        raise ConnectionResetError(104, "Connection reset by peer")
+        yield
+
+    deadline = Deadline(0)
+    with deadline.catching_signals():
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+        try:
+            os.kill(worker, signal.SIGKILL)
+            assert deadline.read(reset_hand_over(), 1) is None
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+    assert deadline.lost_worker.startswith(f"a data-loading worker (pid {worker}) was killed by signal Killed")
+    assert deadline.interrupted()
+    del loader
+
+
 def test_a_data_loading_worker_killed_mid_run_is_one_error_line_and_the_step_reached_is_saved(setup, tmp_path,
                                                                                                 capsys):
     """A DataLoader worker killed under a running trainer (the out-of-memory killer's SIGKILL: each
