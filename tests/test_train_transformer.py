@@ -92,6 +92,14 @@ def train_rows(run_dir):
     return {row["step"]: row["train/total"] for row in rows if "train/total" in row}
 
 
+def logged_past(run_dir, step) -> bool:
+    """Whether a running trainer's metrics.jsonl has a training row of `step` or later yet."""
+    try:
+        return max(train_rows(run_dir), default=0) >= step
+    except (OSError, ValueError):  # (not written yet, or its last line half written)
+        return False
+
+
 def run_stage(setup, stage, duplex, capsys):
     """The 2-step run of `stage`, made once per process and kept in `setup`: in this process
     (`train_here`), but for the duplex `all` run, which the resume tests compare theirs with: in a
@@ -722,8 +730,9 @@ def test_a_latents_shard_cut_short_mid_run_stops_it_saved_with_one_error_line(se
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
-        deadline = time.time() + 240
-        while not (run_dir / "step_00000002.pt").exists() and time.time() < deadline and trainer.poll() is None:
+        deadline = time.time() + 240  # past step 2's save: a step after it (its row), so steps since it would be lost
+        while time.time() < deadline and trainer.poll() is None and not (
+                (run_dir / "step_00000002.pt").exists() and logged_past(run_dir, 3)):
             time.sleep(0.1)
         shards = list(latents.glob("train-mono-*/shard_00000.bin"))
         for shard in shards:
