@@ -239,8 +239,9 @@ def complete(args) -> int:
 
 
 if __name__ == "__main__":
+    from model.training import interrupted_exit, sigterm_as_interrupt
     try:
-        sys.exit(main())
-    except KeyboardInterrupt:  # (Ctrl-C: nothing half-written, the outputs are written atomically)
-        print("interrupted (Ctrl-C): no completion written after the last one named", file=sys.stderr)
-        sys.exit(130)
+        with sigterm_as_interrupt():  # (SIGTERM: kill, a job's time limit) as Ctrl-C: 143, with the same line
+            sys.exit(main())
+    except KeyboardInterrupt as e:  # (nothing half-written, the outputs are written atomically)
+        interrupted_exit(e, ": no completion written after the last one named")

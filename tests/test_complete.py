@@ -760,9 +760,11 @@ def test_an_output_beyond_the_file_size_limit_is_one_error_line_naming_the_limit
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
-def test_ctrl_c_while_generating_is_one_line(ckpts, tmp_path):
+@pytest.mark.parametrize("name,status,by", [("SIGINT", 130, "Ctrl-C"), ("SIGTERM", 143, "SIGTERM")])
+def test_ctrl_c_or_sigterm_while_generating_is_one_line(ckpts, tmp_path, name, status, by):
     """Ctrl-C in complete.py printed a ~60-line KeyboardInterrupt traceback (also under demo.py's
-    last step); nothing is half-written (outputs are written atomically): one line, status 130."""
+    last step), and SIGTERM ended it without a word (status -15); nothing is half-written (outputs
+    are written atomically): one line, status 130 or 143."""
     import signal
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, str(REPO / "complete.py"), ckpts["stereo"], str(tmp_path / "out.wav"),
@@ -771,11 +773,11 @@ def test_ctrl_c_while_generating_is_one_line(ckpts, tmp_path):
     seen = ""
     while "%|" not in seen and proc.poll() is None:  # the progress bar: generating
         seen += proc.stderr.read(1)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.Signals[name])
     err = seen + proc.communicate(timeout=120)[1]
-    assert proc.returncode == 130 and "Traceback" not in err, (proc.returncode, err[-3000:])
-    # (on the progress bar's line, cut where the Ctrl-C came; the bar is drawn once more as it closes)
-    assert "interrupted (Ctrl-C): no completion written after the last one named\n" in err, err[-500:]
+    assert proc.returncode == status and "Traceback" not in err, (proc.returncode, err[-3000:])
+    # (on a line of its own under the progress bar, cut where the signal came; the bar is drawn once more as it closes)
+    assert f"interrupted ({by}): no completion written after the last one named\n" in err, err[-500:]
     assert not (tmp_path / "out.wav").exists()
 
 
