@@ -1873,7 +1873,8 @@ def main(argv=None) -> None:
         server = Server(engine, token=args.token, prompt=prompt, replay_seconds=args.replay_seconds,
                         recordings=args.recordings, max_recording_seconds=args.max_recording_seconds,
                         max_queue=args.queue_chunks, params=params, limits=limits)
-        where = f"http://{args.host}:{sock.getsockname()[1]}/"  # (--port 0: the port the system chose)
+        host = f"[{args.host}]" if ":" in args.host else args.host  # (an IPv6 address, bracketed in a URL)
+        where = f"http://{host}:{sock.getsockname()[1]}/"  # (--port 0: the port the system chose)
         # the address is logged once it answers (`HttpServer.startup`): connections are refused until then
         log.info("warming up the engine (CUDA graphs, compiling: minutes on a GPU); the browser client's "
                  "address follows once it serves")

@@ -2396,10 +2396,12 @@ def test_an_interrupt_while_the_engine_warms_up_is_one_line_and_128_plus_the_sig
     assert err.splitlines()[-1] == f"interrupted ({by}) while warming up: the server did not start", err[-3000:]
 
 
-def test_the_browser_clients_address_is_logged_once_it_serves(model, tmp_path):
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_the_browser_clients_address_is_logged_once_it_serves(model, tmp_path, host):
     """The `browser client:` address was logged before the engine's warm-up (CUDA graphs, compiling:
     minutes on a GPU; here a warm-up made slow), where the address refused every connection. Now a
-    line says it is warming up, and the address follows once the server listens: it answers."""
+    line says it is warming up, and the address follows once the server listens: it answers. An
+    IPv6 --host is bracketed in it (`http://[::1]:PORT/`, where it was `http://::1:PORT/`)."""
     import signal
     import subprocess
     import sys
@@ -2411,8 +2413,8 @@ def test_the_browser_clients_address_is_logged_once_it_serves(model, tmp_path):
               "def warmup(self):\n    print('warming up', file=sys.stderr, flush=True)\n    time.sleep(2)\n"
               "LiveEngine.warmup = warmup\nimport inference_server\ninference_server.main()\n")
     proc = subprocess.Popen([sys.executable, "-c", script, "--checkpoint", str(checkpoint), "--device", "cpu",
-                             "--port", "0"], cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                             "--port", "0", "--host", host], cwd=Path(__file__).resolve().parents[1],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         before = []
         while (line := proc.stderr.readline()) != "warming up\n":
