@@ -1,6 +1,6 @@
 """The embedded default job: raw audio to a generated conversation, end to end, on a CPU.
 
-    python demo.py                 # about a minute on 2 cores
+    python demo.py                 # a few minutes on 2 cores
     python demo.py --codec-steps 400 --transformer-steps 400   # longer, better-sounding runs
 
 1. `data/demo/prepare.py`: an offline eSpeak NG corpus (monologues and two-speaker dialogues).

@@ -105,6 +105,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("--iters", type=int, default=10)
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("error: benchmarks/conv_layouts.py measures CUDA kernels and needs a CUDA GPU")
     torch.backends.cudnn.benchmark = True
     dtype = torch.bfloat16
     cfg = PRESETS[args.preset]

@@ -36,6 +36,8 @@ def main() -> None:
     ap = ArgumentParser(description=__doc__)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("error: benchmarks/glue_probe.py measures CUDA kernels and needs a CUDA GPU")
     dev, dt = "cuda", torch.bfloat16
     torch.manual_seed(0)
     emit(bench="env", torch=torch.__version__, device=torch.cuda.get_device_name())

@@ -434,6 +434,8 @@ def main():
         ap.add_argument(f"--{flag.replace('_', '-')}", action="store_true",
                         help=f"{what} ({module}.{name} = {value}), to compare (CUDA); lines say {tag}: {tag_value}")
     args = ap.parse_args()
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda: this machine has no CUDA GPU (--device cpu times tiny and small on the CPU)")
     for q in args.quantize.split(","):
         if q not in ("none",) + MODES:
             ap.error(f"--quantize: unknown mode {q!r}; choose from none, {', '.join(MODES)}")

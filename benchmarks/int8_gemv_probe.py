@@ -218,6 +218,8 @@ def main() -> None:
     ap.add_argument("--modes", default=",".join(["bf16", *MODES, "tma"]),
                     help="comma-separated int8 modes to time (default: all)")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("error: benchmarks/int8_gemv_probe.py measures CUDA kernels and needs a CUDA GPU")
     modes = set(args.modes.split(","))
     if modes - {"bf16", "tma", *MODES}:
         ap.error(f"--modes: unknown {', '.join(sorted(modes - {'bf16', 'tma', *MODES}))}")

@@ -14,6 +14,7 @@ time cold and hot (its weights just read), the most a prefetch could save.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -24,6 +25,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from config import ArgumentParser  # noqa: E402
 from benchmarks.inference import graph_time  # noqa: E402
 from model.quant_kernels import int8_linear  # noqa: E402
 
@@ -137,4 +139,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()  # (--help)
+    if not torch.cuda.is_available():
+        sys.exit("error: benchmarks/l2_prefetch.py measures CUDA kernels and needs a CUDA GPU")
     main()

@@ -65,6 +65,8 @@ def main() -> None:
                     help="only: the one-row int8 GEMV and tile product at each configuration of a wider grid than "
                          "their autotuners', per weight shape of 4+ layers ('sweep' lines, us per layer)")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("error: benchmarks/quant_kernels.py measures CUDA kernels and needs a CUDA GPU")
     import model.quant_kernels as qk
     if args.sweep:
         return sweep(qk)

@@ -6,6 +6,7 @@ formula (`model.codec.snake`), forward + backward on a trainer-layout activation
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -14,6 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from config import ArgumentParser  # noqa: E402
 from model.codec import snake as formula  # noqa: E402
 from model.snake_kernels import snake as fused  # noqa: E402
 
@@ -53,4 +55,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()  # (--help)
+    if not torch.cuda.is_available():
+        sys.exit("error: benchmarks/snake_kernel.py measures CUDA kernels and needs a CUDA GPU")
     main()

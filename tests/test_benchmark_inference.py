@@ -51,3 +51,37 @@ def test_inference_benchmark_names_the_modes_its_budget_leaves_out():
     skipped = [(line["quantize"], line["kv_dtype"]) for line in lines if line["bench"] == "skipped"]
     assert skipped == [("none", "auto"), ("int8", "auto")] and lines[-1]["bench"] == "done"
     assert not any(line["bench"] == "live_step" for line in lines)
+
+
+def test_gpu_benchmarks_without_a_gpu_are_one_error_line_and_all_take_help():
+    """The GPU-only benchmarks on a machine without CUDA ended in a traceback (`Torch not compiled
+    with CUDA enabled`), and two took no flags at all (`l2_prefetch.py --help` ran the benchmark,
+    6.5 GB of weights, on a GPU). Now each is one `error:` line naming itself, exit status 1, and
+    all read their flags through config.ArgumentParser. Every script in one process (runpy, as
+    `python benchmarks/X.py` runs it): one torch import for all."""
+    scripts = ["inference", "quant_kernels", "glue_probe", "int8_gemv_probe", "conv_layouts", "snake_kernel",
+               "l2_prefetch"]
+    code = ("import contextlib, io, json, runpy, sys\nout = {}\n"
+            "for name in sys.argv[1:]:\n"
+            "    for flags in ([], ['--help'], ['--bogus']):\n"
+            "        sys.argv, err, std = [f'benchmarks/{name}.py', *flags], io.StringIO(), io.StringIO()\n"
+            "        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(std):\n"
+            "            try:\n"
+            "                runpy.run_path(sys.argv[0], run_name='__main__')\n"
+            "                code = 0\n"
+            "            except SystemExit as e:\n"
+            "                code = e.code if isinstance(e.code, int) else (print(e.code, file=err) or 1)\n"
+            "        out[f'{name} {flags}'] = [code, err.getvalue(), std.getvalue()[:40]]\n"
+            "print(json.dumps(out))\n")
+    r = subprocess.run([sys.executable, "-c", code, *scripts], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.splitlines()[-1])
+    for name in scripts:
+        code, err, _ = out[f"{name} []"]
+        assert code == 1 and err.count("\n") == 1 and err.startswith("error: ") and "CUDA" in err, (name, code, err)
+        assert "Traceback" not in err
+        code, _, std = out[f"{name} ['--help']"]
+        assert code == 0 and std.startswith(f"usage: {name}.py"), (name, code, std)
+        code, err, _ = out[f"{name} ['--bogus']"]
+        assert code == 2 and err == f"error: unrecognized arguments: --bogus ({name}.py --help lists the flags)\n", (name, err)
