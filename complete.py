@@ -239,7 +239,7 @@ def complete(args) -> int:
 
 
 if __name__ == "__main__":
-    from model.training import interrupted_exit, sigterm_as_interrupt
+    from config import interrupted_exit, sigterm_as_interrupt  # (no torch: flag errors come before its import)
     try:
         with sigterm_as_interrupt():  # (SIGTERM: kill, a job's time limit) as Ctrl-C: 143, with the same line
             sys.exit(main())

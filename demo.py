@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from config import ArgumentParser
+from config import ArgumentParser, Terminated  # (Terminated: a SIGTERM raised where demo.py is, as Ctrl-C)
 
 ROOT = Path(__file__).resolve().parent
 CODEC = "checkpoints/codec/best.safetensors"
@@ -34,12 +34,6 @@ TRANSFORMER_DIR = "checkpoints/transformer"
 CORPUS = "data/demo"  # data/demo/prepare.py's corpus (train/, val/), beside the recipe
 PROMPT = f"{CORPUS}/val/dialogue/dialogue_00000.wav"  # the first validation dialogue: the completion's prompt
 STEP_GRACE = 10  # seconds a step is given to stop after a Ctrl-C or SIGTERM
-
-
-class Terminated(KeyboardInterrupt):
-    """A SIGTERM (`kill PID`, systemd, a scheduler), raised where demo.py is, as Ctrl-C raises
-    KeyboardInterrupt: it stops the demo as Ctrl-C does. (Its default, ending demo.py at once, left
-    the running step training on its own, holding its run folder.)"""
 
 
 def terminated(signum, frame):

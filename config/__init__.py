@@ -26,7 +26,8 @@ import sys
 import threading
 import types
 import typing
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Mapping, NoReturn, Sequence
 
 
 def printable(text, newlines: bool = False) -> str:
@@ -44,7 +45,7 @@ def printable(text, newlines: bool = False) -> str:
 def exit_on_interrupt(rest: str = " while starting") -> Callable[[], None]:
     """Ctrl-C or SIGTERM from now on ends the process at once with one line on stderr,
     `interrupted (Ctrl-C|SIGTERM)` and `rest`, and exit status 130, or 143 for SIGTERM, as
-    `model.training.interrupted_exit` ends it later: for a script's imports (torch takes seconds),
+    `interrupted_exit` ends it later: for a script's imports (torch takes seconds),
     where Ctrl-C was a KeyboardInterrupt traceback (an abort, inside torch's own initialisation,
     which no exception may cross: hence an exit from the handler, with nothing begun to stop).
     Returns what gives both signals their handlers back, called once the imports are done. A
@@ -65,6 +66,45 @@ def exit_on_interrupt(rest: str = " while starting") -> Callable[[], None]:
         for sig, handler in previous.items():
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # (None: set outside Python)
     return restore
+
+
+def interrupted_exit(e: KeyboardInterrupt, rest: str) -> NoReturn:
+    """End the process after a Ctrl-C or a SIGTERM (`Terminated`, from `sigterm_as_interrupt`):
+    one line on stderr, `interrupted (Ctrl-C|SIGTERM)` and `rest` (on a line of its own under an
+    open progress bar), exit code 130, or 143 for SIGTERM."""
+    from tqdm import tqdm
+    by = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
+    tqdm.write(f"interrupted ({by}){rest}", file=sys.stderr)
+    raise SystemExit(143 if isinstance(e, Terminated) else 130) from None
+
+
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM received within `sigterm_as_interrupt` (a script encoding latents, loading weights,
+    generating), raised where it is, as Ctrl-C raises KeyboardInterrupt, so that it stops the same
+    way: what is done is kept (the encoding commits on the way out; SIGTERM's default ended the
+    process there, losing what was encoded since the last commit, without a word)."""
+
+
+def _terminated(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one ends the process at once, as in the loop
+    raise Terminated
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM raised as `Terminated` for the time of a `with` block of Python work that keeps what
+    it has done when interrupted (the latents' encoding commits on its way out), in the main
+    thread. Elsewhere SIGTERM keeps its own action: a handler of Python's runs only between
+    bytecodes, so around a wait in native code (a rendezvous, a barrier waiting on a missing
+    peer) it held the signal, and the process, until the wait ended (up to its 30 minutes)."""
+    if threading.current_thread() is not threading.main_thread():  # (handlers are set only there)
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)  # (None: set outside Python)
 
 
 class OneLine:

@@ -48,13 +48,15 @@ import warnings
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, NoReturn, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from config import ConfigError, ConfigMismatch, OneLine, check_compatible, fields_marked, printable  # noqa: F401 (ConfigMismatch: re-exported)
+# (re-exported: the scripts' interrupt handling lives in config, which imports no torch)
+from config import Terminated, interrupted_exit, sigterm_as_interrupt  # noqa: F401
 
 from .audio import AudioError, broken_link_above
 from .checkpoint import (TEMP_SUFFIX, CheckpointError, atomic_write, listed, non_finite,
@@ -67,16 +69,6 @@ from .manifest import ManifestError, is_manifest, read_manifest
 
 
 # --- the error exit ---------------------------------------------------------------------------
-
-def interrupted_exit(e: KeyboardInterrupt, rest: str) -> NoReturn:
-    """End the process after a Ctrl-C or a SIGTERM (`Terminated`, from `sigterm_as_interrupt`):
-    one line on stderr, `interrupted (Ctrl-C|SIGTERM)` and `rest` (on a line of its own under an
-    open progress bar), exit code 130, or 143 for SIGTERM."""
-    from tqdm import tqdm
-    by = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
-    tqdm.write(f"interrupted ({by}){rest}", file=sys.stderr)
-    raise SystemExit(143 if isinstance(e, Terminated) else 130) from None
-
 
 def run_script(main: Callable[[], Any]) -> None:
     """Run a script's `main`. A user's mistake (ConfigError, ConfigMismatch, FileNotFoundError:
@@ -116,35 +108,6 @@ def run_script(main: Callable[[], Any]) -> None:
         raise SystemExit(1) from None
     finally:
         warnings.showwarning = shown
-
-
-class Terminated(KeyboardInterrupt):
-    """A SIGTERM received while a script encodes latents (`sigterm_as_interrupt`), raised where it
-    is, as Ctrl-C raises KeyboardInterrupt, so that it stops the same way: what is done is kept (the
-    encoding commits on the way out; SIGTERM's default ended the process there, losing what was
-    encoded since the last commit, without a word)."""
-
-
-def _terminated(signum, frame):
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one ends the process at once, as in the loop
-    raise Terminated
-
-
-@contextmanager
-def sigterm_as_interrupt():
-    """SIGTERM raised as `Terminated` for the time of a `with` block of Python work that keeps what
-    it has done when interrupted (the latents' encoding commits on its way out), in the main
-    thread. Elsewhere SIGTERM keeps its own action: a handler of Python's runs only between
-    bytecodes, so around a wait in native code (a rendezvous, a barrier waiting on a missing
-    peer) it held the signal, and the process, until the wait ended (up to its 30 minutes)."""
-    if threading.current_thread() is not threading.main_thread():  # (handlers are set only there)
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)  # (None: set outside Python)
 
 
 def one_line_warnings(message, category, filename, lineno, file=None, line=None, others=None) -> None:

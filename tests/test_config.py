@@ -514,7 +514,7 @@ def test_an_interrupt_while_a_script_imports_is_one_line_and_128_plus_the_signal
     """Ctrl-C while a script imports its packages (torch: seconds; here an import made slow) was a
     KeyboardInterrupt traceback (or an abort, inside torch's initialisation), and SIGTERM ended it
     without a word; `exit_on_interrupt` makes either one `interrupted` line, status 130 (143 for
-    SIGTERM), as after the imports (`model.training.interrupted_exit`)."""
+    SIGTERM), as after the imports (`config.interrupted_exit`)."""
     import signal
     argv = [script, "--device", "cpu", "--offline", "--ckpt-dir", str(tmp_path), "--port", "0"] \
         if script == "inference_server.py" else [script]
