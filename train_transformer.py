@@ -51,7 +51,7 @@ from config.transformer_config import PRESETS, TransformerConfig
 from model import Codec, Generator, HertzDev, build, finetune, hub, load_codec, load_hertz_dev
 from model.checkpoint import CheckpointError, read_metadata
 from model.data import SkippedAudioWarning, StopSafeLoader, shared_with_training, workers_stopped
-from model.files import physical_memory
+from model.files import memory_limit
 from model.generator import completion_problem, completion_steps
 from model.loading import codec_config_fitting, official_transformer_config, recorded_codec_path, write_transformer
 from model.latents import (LatentCrops, LatentsError, StepSampler, codec_fingerprint, prepare_latents, sample_posterior,
@@ -668,10 +668,11 @@ def check_config(cfg: TransformerConfig) -> None:
     # step-0 evaluation, after the latents were encoded (a lower bound: a step needs more, the sample check above
     # sees the KV caches only)
     logits = cfg.batch_size * cfg.seq_len * cfg.vocab_size * (4 if cfg.dtype == "float32" else 2)
-    if logits > (host := physical_memory()):
+    host, host_name = memory_limit()
+    if logits > host:
         raise ConfigError(f"seq_len={cfg.seq_len} with batch_size={cfg.batch_size}: the LM's logits of one batch alone "
                           f"({cfg.batch_size} x {cfg.seq_len} x {cfg.vocab_size} {cfg.dtype}) take {logits / 1e9:.3g} GB, "
-                          f"more than this machine's memory ({host / 1e9:.1f} GB): lower seq_len or batch_size")
+                          f"more than {host_name} ({host / 1e9:.1f} GB): lower seq_len or batch_size")
     if cfg.init_from is not None:  # its kind and architecture from the header, before the latents are encoded
         check_init_from(cfg)
     # a bad manifest line now, not after the codec loads; eval_only reads the val data only

@@ -264,8 +264,91 @@ def open_locked(path: str | os.PathLike, waiting: Optional[Callable[[], None]] =
 
 
 def physical_memory() -> int:
-    """Bytes of physical memory of this machine (what no allocation can exceed)."""
+    """Bytes of memory this process may hold (what no allocation can exceed): this machine's
+    physical memory, or a memory cgroup's lower limit (`memory_limit`)."""
+    return memory_limit()[0]
+
+
+def memory_limit() -> tuple[int, str]:
+    """(bytes, what they are) of memory this process may hold: this machine's physical memory, or
+    the lowest limit of a memory cgroup over it (a container's `--memory`, a Slurm job's `--mem`, a
+    Kubernetes limit), whose excess the kernel's out-of-memory killer ends."""
+    if limits := [limit for _, limit, _ in cgroup_memory()]:
+        return min(limits), "the memory limit of this process' cgroup"
+    return _machine_memory(), "this machine's memory"
+
+
+def _machine_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def cgroup_memory() -> list[tuple[str, int, int]]:
+    """(folder, limit, bytes it can still take) of each memory cgroup holding this process (its own
+    and those above it, each limiting the processes below it; cgroup v2's `memory.max`, v1's
+    `memory.limit_in_bytes`) that sets a limit below this machine's memory (v1's "no limit" is a
+    number near 2**63, v2's is "max"). What it can still take is the limit less its usage,
+    but for the page cache it would drop first (inactive files), as the kernel's MemAvailable counts
+    it. Linux only: [] elsewhere, and a file missing or unreadable is a cgroup that sets none."""
+    found, host = [], _machine_memory()
+    for folder, top, files in _memory_cgroup_folders():
+        while True:
+            if (limit := _cgroup_number(os.path.join(folder, files[0]))) is not None and limit < host:
+                usage = _cgroup_number(os.path.join(folder, files[1])) or 0
+                inactive = 0
+                try:
+                    with open(os.path.join(folder, "memory.stat")) as f:
+                        for line in f:
+                            key, _, value = line.partition(" ")
+                            if key == files[2]:
+                                inactive = int(value)
+                except (OSError, ValueError):
+                    pass
+                found.append((folder, limit, min(limit, max(0, limit - usage + inactive))))
+            if folder == top:
+                break
+            folder = os.path.dirname(folder)
+    return found
+
+
+def _memory_cgroup_folders() -> list[tuple[str, str, tuple[str, str, str]]]:
+    """(this process' memory cgroup's folder, its mount's folder, the files of its limit, usage and
+    inactive page cache) for cgroup v2 and v1, from /proc/self/cgroup and /proc/self/mountinfo."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            groups = [line.rstrip("\n").split(":", 2) for line in f]
+        with open("/proc/self/mountinfo") as f:
+            mounts = [line.split() for line in f]
+    except OSError:
+        return []
+    folders = []
+    for fields in mounts:
+        if "-" not in fields or len(fields) < 5:
+            continue
+        tail = fields[fields.index("-") + 1:]
+        root, mountpoint = (re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), s) for s in fields[3:5])
+        if tail[:1] == ["cgroup2"]:
+            files, paths = ("memory.max", "memory.current", "inactive_file"), [p for h, c, p in groups if h == "0"]
+        elif tail[:1] == ["cgroup"] and len(tail) > 2 and "memory" in tail[2].split(","):
+            files = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+            paths = [p for h, c, p in groups if "memory" in c.split(",")]
+        else:
+            continue
+        for path in paths:
+            # the cgroup's path from the hierarchy's root; the mount shows the hierarchy from `root` down
+            # (a container's own cgroup): a cgroup outside it is seen as the mount's top
+            inside = os.path.relpath(path, root) if (path + "/").startswith(root.rstrip("/") + "/") else "."
+            folder = os.path.normpath(os.path.join(mountpoint, inside))
+            folders.append((folder if os.path.isdir(folder) else mountpoint, mountpoint, files))
+    return folders
+
+
+def _cgroup_number(path: str) -> Optional[int]:
+    """The number in a cgroup's file, or None: missing, unreadable, or "max" (no limit)."""
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
 
 
 REPLACING = ".replacing"  # a folder holding this file has its files being swapped for others (a data recipe)

@@ -20,7 +20,7 @@ from torch import Tensor
 from .audio import MAX_SAMPLE_MAGNITUDE
 from .cuda_graphs import StepKey
 from .decode import Engine, decode_step, prompt_prefill, slide
-from .files import physical_memory
+from .files import memory_limit
 from . import protocol
 from .protocol import SEED_MAX
 from .sampling import SamplingParams, row_seed
@@ -57,8 +57,8 @@ def completion_problem(seconds, num, cfg=None, device=None, dtype: Optional[torc
     kv = DecodeState.make(model, num, kv_dtype=kv_dtype).kv_bytes
     audio = num * cfg.channels * hop * (completion_steps(seconds, cfg.sample_rate, hop) + prompt_frames) * 4
     device = torch.device(device or "cpu")
-    host = physical_memory()
-    limits = [(f"this machine's memory ({host / 1e9:.1f} GB)", host, audio + (kv if device.type == "cpu" else 0))]
+    host, host_name = memory_limit()
+    limits = [(f"{host_name} ({host / 1e9:.1f} GB)", host, audio + (kv if device.type == "cpu" else 0))]
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         limits.append((f"{device}'s memory ({total / 1e9:.1f} GB)", total, kv + audio))

@@ -64,7 +64,7 @@ from .checkpoint import (TEMP_SUFFIX, CheckpointError, atomic_write, listed, non
 from .checkpoint import _header as header
 from .hub import WeightsError
 from .data import folder_problem
-from .files import json_value, os_reason, physical_memory, try_writing_in
+from .files import cgroup_memory, json_value, os_reason, physical_memory, try_writing_in
 from .manifest import ManifestError, is_manifest, read_manifest
 
 
@@ -629,16 +629,18 @@ def processes_here() -> int:
 
 
 def memory_available() -> int:
-    """Bytes of memory this machine can still give without swapping: MemAvailable of /proc/meminfo
-    (Linux), else its physical memory."""
+    """Bytes of memory this process can still be given without swapping: MemAvailable of
+    /proc/meminfo (Linux), else its physical memory; less where a memory cgroup over it (a
+    container's, a Slurm job's) can take less before its limit (`cgroup_memory`)."""
+    cgroups = [left for _, _, left in cgroup_memory()]
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    return min([int(line.split()[1]) * 1024] + cgroups)
     except (OSError, ValueError, IndexError):
         pass
-    return physical_memory()
+    return min([physical_memory()] + cgroups)
 
 
 def preload_limit_gb(preload_max_gb: float, available: Optional[int] = None) -> float:

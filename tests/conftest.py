@@ -61,3 +61,30 @@ def setup(tmp_path_factory):
     torch.manual_seed(0)
     codec = save_codec(root / "codec.safetensors", build(Codec, CODEC_PRESETS["tiny"]))
     return {"root": root, "codec": codec, "runs": {}}
+
+
+@pytest.fixture
+def memory_cgroup_of_2gb():
+    """A command's prefix that runs it in a new memory cgroup limited to 2 GB (a child of this
+    process' own, at the usual mounts: cgroup v1's memory controller, else v2 with the memory
+    controller given to children), as a container's --memory or a Slurm job's --mem runs it. The
+    cgroup is removed after the test. Skipped where none can be made (not root, no controller)."""
+    with open("/proc/self/cgroup") as f:
+        groups = [line.rstrip("\n").split(":", 2) for line in f]
+    v1 = [path for _, controllers, path in groups if "memory" in controllers.split(",")]
+    parent = f"/sys/fs/cgroup/memory{v1[0]}" if v1 else f"/sys/fs/cgroup{groups[-1][2]}"
+    folder = Path(parent.rstrip("/")) / f"hertz_test_{os.getpid()}"
+    limit = folder / ("memory.limit_in_bytes" if v1 else "memory.max")
+    try:
+        folder.mkdir()
+    except OSError as e:
+        pytest.skip(f"cannot make a memory cgroup in {parent}: {e.strerror}")
+    try:
+        try:
+            limit.write_text(str(2 * 10 ** 9))
+        except OSError as e:
+            pytest.skip(f"cannot limit a cgroup's memory ({limit}): {e.strerror}")
+        # the shell moves itself into the cgroup, then becomes the command
+        yield ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(folder)]
+    finally:
+        folder.rmdir()

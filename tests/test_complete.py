@@ -501,6 +501,27 @@ def test_the_memory_check_counts_the_prompt_each_completion_holds(tmp_path):
     assert problem.startswith(f"--num {num} x --seconds 1 need at least") and "more than this machine's memory" in problem
 
 
+def test_the_memory_check_counts_a_cgroup_s_limit(tmp_path, memory_cgroup_of_2gb):
+    """complete.py in a container limited below the machine (docker --memory, Slurm's --mem)
+    checked the machine's memory, and the out-of-memory killer ended what it passed. In a real 2 GB
+    memory cgroup, 10 s of the official model (its KV caches alone 2.95 GB) is refused before any
+    weights, naming the cgroup's limit; outside it the same command passes the check (and fails
+    on the weights, absent from the folder)."""
+    sf.write(tmp_path / "ok.wav", 0.3 * np.sin(2 * np.pi * 220 * np.arange(16000) / 16000), 16000)
+    args = [REPO / "complete.py", tmp_path / "ok.wav", tmp_path / "out.wav", "--variant", "duplex", "--offline",
+            "--ckpt-dir", tmp_path / "ckpt", "--seconds", "10", "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    outside, inside = (subprocess.run([*prefix, sys.executable, *map(str, args)], cwd=REPO, env=env,
+                                      capture_output=True, text=True, timeout=300)
+                       for prefix in ([], memory_cgroup_of_2gb))
+    if "need" in outside.stderr:
+        pytest.skip(f"this machine's memory does not hold it either: {outside.stderr}")
+    assert outside.returncode != 0 and "ckpt" in outside.stderr, outside.stderr  # the weights, after the check
+    assert inside.returncode == 2 and inside.stderr.startswith("error: --seconds 10 needs at least 2.9"), inside.stderr
+    assert "more than the memory limit of this process' cgroup (2.0 GB)" in inside.stderr
+    assert not (tmp_path / "out.wav").exists()
+
+
 @pytest.mark.parametrize("out, message", [
     ("out.mp4", "cannot write {out}: soundfile writes no .mp4 files"),
     ("ok.wav/out.wav", "cannot write {out}: {tmp}/ok.wav is a file, not a folder"),

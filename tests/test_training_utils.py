@@ -777,6 +777,40 @@ def test_more_workers_than_cores_and_a_preload_larger_than_memory_are_notes(monk
     assert resource_notes(dataclasses.replace(TRANSFORMER_PRESETS["tiny"], num_workers=0)) == []
 
 
+# what a trainer reads of the memory, from a process of its own
+MEMORY_SEEN = """
+import dataclasses, json
+from config.codec_config import PRESETS
+from model.files import physical_memory
+from model.training import memory_available, resource_notes
+print(json.dumps([physical_memory(), memory_available(),
+                  resource_notes(dataclasses.replace(PRESETS["tiny"], num_workers=0, preload_max_gb=4))]))
+"""
+
+
+def test_a_cgroup_s_memory_limit_is_the_memory_the_checks_count(memory_cgroup_of_2gb):
+    """In a container limited to less than the machine (docker --memory, Slurm's --mem), the
+    checks counted the machine's memory: preload_max_gb=4 was kept in a 2 GB cgroup, whose corpus
+    the out-of-memory killer would end. A process in a real 2 GB memory cgroup now sees the
+    cgroup's limit, and its memory available within it, and the trainer's note lowers the preload."""
+    import subprocess
+    import sys
+    from model.training import memory_available
+    if memory_available() < 9e9:
+        pytest.skip(f"this machine's {memory_available() / 1e9:.1f} GB available do not take the preload asked for either")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    seen = lambda prefix: json.loads(subprocess.run([*prefix, sys.executable, "-c", MEMORY_SEEN], env=env, check=True,
+                                                    capture_output=True, text=True, timeout=120).stdout)
+    assert not any("preload_max_gb" in note for note in seen([])[2])  # outside the cgroup: taken as asked
+    limit, available, notes = seen(memory_cgroup_of_2gb)
+    assert limit <= 2e9
+    assert 0 < available <= limit  # the limit less what the process (python, torch) already holds
+    assert re.fullmatch(r"preload_max_gb=4 is more than half the ([\d.]+) GB of memory available here \(the "
+                        r"validation and the training corpus are each decoded up to it\): a corpus over [\d.]+ GB is "
+                        r"streamed instead", notes[-1])
+    assert float(re.match(r".* half the ([\d.]+) GB", notes[-1])[1]) <= 2.0
+
+
 def test_torch_s_warning_of_too_many_workers_is_quiet_only_where_the_note_says_it():
     """`worker_warning_said`: torch's own DataLoader warning of more workers than cores is left out
     where `resource_notes` says it (the trainers' `main`), and shown as before elsewhere and after."""
