@@ -58,7 +58,8 @@ from model.codec_losses import (DNSMOS, MultiResolutionMelLoss, MultiResolutionS
                                 feature_matching_loss, generator_adversarial_loss, kl_bits_per_second, latent_kl,
                                 latent_mask, mel_filterbank, pesq_wb, si_sdr, stoi, waveform_l1)
 from model.cuda_graphs import GraphedPass
-from model.data import AudioCropDataset, infinite_batches, make_loader, shared_with_training, workers_stopped
+from model.data import (AudioCropDataset, infinite_batches, make_loader, shared_with_training, slow_seek_note,
+                        workers_stopped)
 from model.discriminators import Discriminators
 from model.hub import WeightsError
 from model.loading import load_codec, write_codec
@@ -414,6 +415,9 @@ def build_data(cfg: CodecConfig, is_main: bool, say) -> tuple[DataLoader | None,
                 "out; a shorter segment_seconds trains on the same audio for less")
         if is_main and (note := shared_with_training(val_set.files, train_set.files, cfg.val_data_path)):
             say(f"note: {note}")  # its mel distance, STOI and PESQ would measure memorised audio
+    if is_main and (note := slow_seek_note([val_set, None if cfg.eval_only else train_set],
+                                           preload_limit_gb(math.inf))):
+        say(f"note: {note}")  # long MP3s streamed: a crop's cost grows with its place in the file
     return val_loader, train_loader
 
 

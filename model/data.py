@@ -14,6 +14,7 @@ import multiprocessing.util  # noqa: F401 (its exit handler registered before th
 import os
 import signal
 import stat
+import time
 import warnings
 import weakref
 from contextlib import contextmanager
@@ -95,6 +96,48 @@ def shared_with_training(val: AudioFileList, train: AudioFileList, val_data_path
     return (f"val_data_path={val_data_path} shares {len(shared)} of its {len(val)} files with train_data_path "
             f"({listed(shared)}): its loss, which picks best.pt, measures how well the model fits its training "
             "data, not how it generalises")
+
+
+# libsndfile's MP3 decoder (mpg123) seeks by reading the frames from the start of the file to the one
+# asked for, at every open (a Xing table of contents unused, no index kept between reads): a crop
+# streamed from an MP3 costs time in proportion to where it lies, 0.5 ms at the start of a 20-minute
+# file and 46 ms at its end on a 2-core VM (171 ms for 2 hours elsewhere). Other formats seek in
+# constant time (FLAC, WAV) or by bisection (Ogg Vorbis and Opus). MP3s this long or longer are named.
+SLOW_SEEK_SECONDS = 300.0
+
+
+def slow_seek_note(datasets: list[Optional[AudioCropDataset]], preload_cap_gb: float) -> Optional[str]:
+    """A trainer's note (without its "note: ") on the MP3 files at least SLOW_SEEK_SECONDS long that
+    the `datasets` stream (not preloaded), or None: how many, the longest, one crop's cost at its
+    middle (a streamed crop's average, offsets being uniform) against its start, timed here, and
+    what to do: FLAC or WAV, or a `preload_max_gb` that decodes the corpus once where it fits under
+    `preload_cap_gb` (`model.training.preload_limit_gb`'s cap)."""
+    streamed = [ds for ds in datasets if ds is not None and not ds.preloaded]
+    files = {f.path: f for ds in streamed for f in ds.files
+             if f.path.lower().endswith(".mp3") and f.duration >= SLOW_SEEK_SECONDS}
+    if not files:
+        return None
+    longest, ds = max(files.values(), key=lambda f: f.duration), streamed[0]
+
+    def crop_ms(at: float) -> float:  # one crop `at` (a fraction) into the longest file, as the dataset reads it
+        begun = time.perf_counter()
+        try:
+            load_audio(longest.path, ds.sample_rate, channels=ds._load_channels,
+                       start=int(at * longest.duration * ds.sample_rate), num_samples=ds.segment)
+        except AudioError:  # (named when a crop reads it)
+            pass
+        return (time.perf_counter() - begun) * 1e3
+
+    first, middle = crop_ms(0.0), crop_ms(0.5)
+    need = max(ds.lengths.sum() * (1 if ds.channels == "mono" else 2) * 4 / 1e9 for ds in streamed)  # float32
+    preload = (f"or preload_max_gb={need:.3g} (the corpus decoded) to decode them once" if need <= preload_cap_gb else
+               f"(decoded, the corpus would take {need:.3g} GB, more than preload_max_gb can take here: "
+               f"{preload_cap_gb:.3g} GB)")
+    return (f"{len(files)} MP3 files of {SLOW_SEEK_SECONDS / 60:g} minutes or more are streamed (the longest "
+            f"{longest.path}, {longest.duration / 60:.1f} min): an MP3 is seeked by reading it from its start, so a "
+            f"crop costs more the later it lies (one from the middle of that file took {middle:.0f} ms here, one from "
+            f"its start {first:.0f} ms), and data loading can leave the GPU waiting; convert them to FLAC or WAV, "
+            f"which seek in constant time, {preload}")
 
 
 def skip_short(files: list[str], why: str, source: str) -> None:

@@ -1710,3 +1710,41 @@ def test_a_corpus_of_files_shorter_than_the_crop_is_a_note_of_the_padding(corpus
             "audio for less") in result.stdout + result.stderr
     result = run_here(args(corpus, tmp_path / "run2", "max_steps=1", *BRIEF_EVAL), capsys)
     assert result.returncode == 0 and "is padding" not in result.stdout + result.stderr
+
+
+def test_long_mp3s_streamed_are_one_note_with_their_cost_and_the_fix(tmp_path, capsys):
+    """A crop streamed from an MP3 costs time in proportion to where it lies (libsndfile's decoder
+    reads the frames from the start at each seek: 171 ms a crop in a 2-hour file), so data loading
+    starved the GPU without a word. A corpus that streams long MP3s is one note at the start: how
+    many, the longest, a crop's cost from its middle against its start, and what to do (FLAC or
+    WAV, or a preload_max_gb that decodes them once); a preloaded corpus, or FLAC, says nothing."""
+    sr, minutes = 16000, 6
+    t = np.arange(sr * 60 * minutes) / sr
+    audio = (0.3 * np.sin(2 * np.pi * 220 * t) * (1 + 0.5 * np.sin(t))).astype(np.float32)
+    (tmp_path / "mp3").mkdir()
+    (tmp_path / "flac").mkdir()
+    try:
+        sf.write(tmp_path / "mp3" / "talk.mp3", audio, sr, format="MP3", subtype="MPEG_LAYER_III")
+    except Exception as e:  # an old libsndfile without an MP3 encoder
+        pytest.skip(f"this libsndfile cannot write MP3: {e}")
+    sf.write(tmp_path / "mp3" / "short.mp3", audio[:sr * 10], sr, format="MP3", subtype="MPEG_LAYER_III")
+    sf.write(tmp_path / "flac" / "talk.flac", audio, sr)
+
+    def notes(folder, preload):
+        result = run_here(["--config", "tiny", f"train_data_path={tmp_path / folder}",
+                           f"val_data_path={tmp_path / folder}", "batch_size=2", "max_steps=1", "val_crops=2",
+                           "eval_interval=1000", "wandb=disabled", "num_workers=0", f"preload_max_gb={preload}",
+                           f"checkpoint_dir={tmp_path / 'runs' / f'{folder}{preload}'}"], capsys)
+        assert result.returncode == 0, result.stderr
+        return [line for line in result.stdout.splitlines() if "MP3" in line]
+
+    said = notes("mp3", 0)
+    assert len(said) == 1, said  # once, for the validation and the training set both
+    assert re.fullmatch(
+        rf"note: 1 MP3 files of 5 minutes or more are streamed \(the longest {re.escape(str(tmp_path / 'mp3' / 'talk.mp3'))}"
+        r", 6\.0 min\): an MP3 is seeked by reading it from its start, so a crop costs more the later it lies \(one from "
+        r"the middle of that file took \d+ ms here, one from its start \d+ ms\), and data loading can leave the GPU "
+        r"waiting; convert them to FLAC or WAV, which seek in constant time, or preload_max_gb=0\.0\d+ \(the corpus "
+        r"decoded\) to decode them once", said[0])
+    assert notes("mp3", 1) == []  # decoded into memory once: its crops cost no seek
+    assert notes("flac", 0) == []
