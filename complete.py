@@ -28,23 +28,20 @@ Sampling defaults are the original's `temps=(0.8, (0.5, 0.1))`: token temperatur
 temperature 0.5, Gaussian temperature 0.1; no top-p (1.0) and no min-p (0.0).
 """
 from config import exit_on_interrupt
-imports_done = exit_on_interrupt()  # Ctrl-C or SIGTERM while importing (torch: seconds): one line, 130 or 143
+with exit_on_interrupt():  # Ctrl-C or SIGTERM while importing: one line, 130 or 143 (torch: in `complete`, also so)
+    import argparse
+    import math
+    import os
+    import sys
+    import time
+    import warnings
 
-import argparse
-import math
-import os
-import sys
-import time
-import warnings
-
-# Only what the flags and their checks need (no torch): a mistake is one error line at once, not after
-# the seconds of importing torch; the rest is imported once they are checked.
-from config import ArgumentParser, printable
-from config.transformer_config import DTYPE_NAMES, KV_DTYPE_NAMES, QUANTIZE_MODES
-from model.hub import VARIANTS
-from model import protocol
-
-imports_done()
+    # Only what the flags and their checks need (no torch): a mistake is one error line at once, not after
+    # the seconds of importing torch; the rest is imported once they are checked.
+    from config import ArgumentParser, printable
+    from config.transformer_config import DTYPE_NAMES, KV_DTYPE_NAMES, QUANTIZE_MODES
+    from model.hub import VARIANTS
+    from model import protocol
 
 
 def parse_args(argv=None):
@@ -131,17 +128,18 @@ def main(argv=None) -> int:
 def complete(args) -> int:
     """The completion of checked arguments: the rest of the checks (those that need torch or the
     weights' configs), then the weights, the completions and their files; an exit status."""
-    import torch
-    from model import load_hertz_dev
-    from model import SamplingParams
-    from model.audio import AudioError, check_prompt, completion_paths, load_prompt, save_audio
-    from model.checkpoint import read_metadata
-    from model.generator import Generator, checked_audio, completion_problem, completion_steps
-    from model.lora import read_adapter
-    from model.loading import (LOAD_ERRORS, codec_config_of, no_codec_problem, resolve_device, resolve_dtype,
-                               resolved_codec, transformer_config_of)
-    from model.quant import quantization_of
-    from model.stream_codec import PromptLatentsError
+    with exit_on_interrupt():  # Ctrl-C or SIGTERM while importing (torch: seconds): one line, 130 or 143
+        import torch
+        from model import load_hertz_dev
+        from model import SamplingParams
+        from model.audio import AudioError, check_prompt, completion_paths, load_prompt, save_audio
+        from model.checkpoint import read_metadata
+        from model.generator import Generator, checked_audio, completion_problem, completion_steps
+        from model.lora import read_adapter
+        from model.loading import (LOAD_ERRORS, codec_config_of, no_codec_problem, resolve_device, resolve_dtype,
+                                   resolved_codec, transformer_config_of)
+        from model.quant import quantization_of
+        from model.stream_codec import PromptLatentsError
     try:
         device = resolve_device(args.device)
     except ValueError as e:

@@ -27,59 +27,56 @@ the protocol and the security model.
 from __future__ import annotations
 
 from config import exit_on_interrupt
-imports_done = exit_on_interrupt()  # Ctrl-C or SIGTERM while importing (torch: seconds): one line, 130 or 143
+with exit_on_interrupt():  # Ctrl-C or SIGTERM while importing (torch: seconds): one line, 130 or 143
+    import argparse
+    import asyncio
+    import base64
+    import binascii
+    import collections
+    import concurrent.futures
+    import contextlib
+    import dataclasses
+    import hmac
+    import ipaddress
+    import json
+    import logging
+    import math
+    import os
+    import re
+    import secrets
+    import sys
+    import threading
+    import time
+    import uuid
+    import warnings
+    from dataclasses import dataclass
+    from pathlib import Path
+    from typing import Callable, Optional
 
-import argparse
-import asyncio
-import base64
-import binascii
-import collections
-import concurrent.futures
-import contextlib
-import dataclasses
-import hmac
-import ipaddress
-import json
-import logging
-import math
-import os
-import re
-import secrets
-import sys
-import threading
-import time
-import uuid
-import warnings
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Optional
+    import numpy as np
 
-import numpy as np
+    try:  # the server's own packages (requirements.txt: optional for training): one line where one is missing
+        import h11  # uvicorn's HTTP/1.1 parser (HttpProtocol)
+        import uvicorn
+        from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, WebSocket
+        from fastapi.responses import JSONResponse, Response
+        from starlette.exceptions import HTTPException as StarletteHTTPException
+        from starlette.requests import ClientDisconnect
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+        from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+        from websockets.protocol import State as WebSocketState
+    except ImportError as e:
+        raise SystemExit(f"error: the live server needs fastapi, uvicorn and websockets ({e}): pip install "
+                         "'fastapi>=0.110' 'uvicorn>=0.52.1,<0.56' 'websockets>=13.0'") from None
 
-try:  # the server's own packages (requirements.txt: optional for training): one line where one is missing
-    import h11  # uvicorn's HTTP/1.1 parser (HttpProtocol)
-    import uvicorn
-    from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, WebSocket
-    from fastapi.responses import JSONResponse, Response
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-    from starlette.requests import ClientDisconnect
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
-    from websockets.protocol import State as WebSocketState
-except ImportError as e:
-    raise SystemExit(f"error: the live server needs fastapi, uvicorn and websockets ({e}): pip install "
-                     "'fastapi>=0.110' 'uvicorn>=0.52.1,<0.56' 'websockets>=13.0'") from None
-
-from config import ArgumentParser, printable
-from config.transformer_config import KV_DTYPE_NAMES, QUANTIZE_MODES
-from model.files import os_reason, unique_keys_object
-from model.protocol import (AUDIO_BURST, AUDIO_PACE, CHUNK, CHUNK_BYTES, CLOSE_BAD_DATA, CLOSE_IDLE, CLOSE_INTERNAL,
-                            CLOSE_POLICY, CLOSE_RESTART, CLOSE_TRY_AGAIN, PARAM_NAMES, PING_BURST, PING_RATE, SAMPLE_RATE,
-                            SEED_MAX, SHUTDOWN_REASON, TEXT_PREFIX, check_param, check_params, float_to_pcm,
-                            page_constants, pcm_to_float, percentiles, query_params, query_seed, query_window,
-                            redact_tokens, wait_up)
-
-imports_done()
+    from config import ArgumentParser, printable
+    from config.transformer_config import KV_DTYPE_NAMES, QUANTIZE_MODES
+    from model.files import os_reason, unique_keys_object
+    from model.protocol import (AUDIO_BURST, AUDIO_PACE, CHUNK, CHUNK_BYTES, CLOSE_BAD_DATA, CLOSE_IDLE, CLOSE_INTERNAL,
+                                CLOSE_POLICY, CLOSE_RESTART, CLOSE_TRY_AGAIN, PARAM_NAMES, PING_BURST, PING_RATE, SAMPLE_RATE,
+                                SEED_MAX, SHUTDOWN_REASON, TEXT_PREFIX, check_param, check_params, float_to_pcm,
+                                page_constants, pcm_to_float, percentiles, query_params, query_seed, query_window,
+                                redact_tokens, wait_up)
 
 log = logging.getLogger("hertz.server")
 
@@ -1854,11 +1851,10 @@ def main(argv=None) -> None:
     values = check_args(args)
     sock = listening_socket(args.host, args.port)  # (a port in use is an error now, not after the weights load)
     with sock:  # (closed on any way out: main is also called in-process, by the tests)
-        imports_done = exit_on_interrupt(" while loading: the server did not start")  # (torch: seconds)
-        from model import SamplingParams
-        from model.loading import LOAD_ERRORS
-        from model.training import interrupted_exit, sigterm_as_interrupt
-        imports_done()
+        with exit_on_interrupt(" while loading: the server did not start"):  # (torch: seconds)
+            from model import SamplingParams
+            from model.loading import LOAD_ERRORS
+            from model.training import interrupted_exit, sigterm_as_interrupt
         params = SamplingParams(**values)
         try:
             with sigterm_as_interrupt():  # (minutes with the official weights, a download the first time)

@@ -27,53 +27,50 @@ moves an old run aside); init_from=official|PATH starts a fresh run from existin
 from __future__ import annotations
 
 from config import exit_on_interrupt
-imports_done = exit_on_interrupt()  # Ctrl-C or SIGTERM while importing (torch: seconds): one line, 130 or 143
+with exit_on_interrupt():  # Ctrl-C or SIGTERM while importing (torch: seconds): one line, 130 or 143
+    import dataclasses
+    import importlib.util
+    import math
+    import os
+    import sys
+    import time
+    from contextlib import nullcontext
+    from pathlib import Path
+    from typing import NamedTuple
 
-import dataclasses
-import importlib.util
-import math
-import os
-import sys
-import time
-from contextlib import nullcontext
-from pathlib import Path
-from typing import NamedTuple
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    import torch.nn as nn
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from torch.nn.utils import parametrize
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
 
-import numpy as np
-import torch
-import torch.distributed as dist
-import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.nn.utils import parametrize
-from torch.utils.data import DataLoader
-from tqdm import tqdm
-
-from config import ConfigError, config_diff, fields_marked, from_dict, parse_args, printable
-from config.codec_config import PRESETS, CodecConfig
-from config.transformer_config import TransformerConfig
-from model.audio import AudioError, save_audio
-from model.checkpoint import CheckpointError, read_metadata
-from model.codec import Codec, compile_codec
-from model.codec_losses import (DNSMOS, MultiResolutionMelLoss, MultiResolutionSTFTLoss, discriminator_loss,
-                                feature_matching_loss, generator_adversarial_loss, kl_bits_per_second, latent_kl,
-                                latent_mask, mel_filterbank, pesq_wb, si_sdr, stoi, waveform_l1)
-from model.cuda_graphs import GraphedPass
-from model.data import (AudioCropDataset, infinite_batches, make_loader, shared_with_training, slow_seek_note,
-                        workers_stopped)
-from model.discriminators import Discriminators
-from model.hub import WeightsError
-from model.loading import load_codec, write_codec
-from model.parallel import average_gradients, broadcast_parameters, gradient_sync
-from model.plots import plot_metrics, save_mel_figure
-from model.training import (Checkpoints, Deadline, Dist, Logger, all_reduce_mean, autocast, before_step, FiniteGuard,
-                            check_architecture, check_data_paths, check_folders, check_outside_data, check_trainer,
-                            check_resumable, check_schedule, cosine_lr, finished, last_step, load_training_state,
-                            loss_scaler, partial_note, preload_limit_gb, resource_notes, rng_state, run_script,
-                            schedule_notes, seed_everything, set_rng_state, setup_distributed, StepTimer, state_to_load,
-                            stop_message, teardown_distributed, unwrap, validation_key, WeightAverage, window_peak_gb,
-                            worker_warning_said, write_samples)
-
-imports_done()
+    from config import ConfigError, config_diff, fields_marked, from_dict, parse_args, printable
+    from config.codec_config import PRESETS, CodecConfig
+    from config.transformer_config import TransformerConfig
+    from model.audio import AudioError, save_audio
+    from model.checkpoint import CheckpointError, read_metadata
+    from model.codec import Codec, compile_codec
+    from model.codec_losses import (DNSMOS, MultiResolutionMelLoss, MultiResolutionSTFTLoss, discriminator_loss,
+                                    feature_matching_loss, generator_adversarial_loss, kl_bits_per_second, latent_kl,
+                                    latent_mask, mel_filterbank, pesq_wb, si_sdr, stoi, waveform_l1)
+    from model.cuda_graphs import GraphedPass
+    from model.data import (AudioCropDataset, infinite_batches, make_loader, shared_with_training, slow_seek_note,
+                            workers_stopped)
+    from model.discriminators import Discriminators
+    from model.hub import WeightsError
+    from model.loading import load_codec, write_codec
+    from model.parallel import average_gradients, broadcast_parameters, gradient_sync
+    from model.plots import plot_metrics, save_mel_figure
+    from model.training import (Checkpoints, Deadline, Dist, Logger, all_reduce_mean, autocast, before_step, FiniteGuard,
+                                check_architecture, check_data_paths, check_folders, check_outside_data, check_trainer,
+                                check_resumable, check_schedule, cosine_lr, finished, last_step, load_training_state,
+                                loss_scaler, partial_note, preload_limit_gb, resource_notes, rng_state, run_script,
+                                schedule_notes, seed_everything, set_rng_state, setup_distributed, StepTimer, state_to_load,
+                                stop_message, teardown_distributed, unwrap, validation_key, WeightAverage, window_peak_gb,
+                                worker_warning_said, write_samples)
 
 
 def main(argv=None) -> dict:

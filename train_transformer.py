@@ -28,46 +28,43 @@ print one JSON line each (`{"eval": step, ...}`).
 from __future__ import annotations
 
 from config import exit_on_interrupt
-imports_done = exit_on_interrupt()  # Ctrl-C or SIGTERM while importing (torch: seconds): one line, 130 or 143
+with exit_on_interrupt():  # Ctrl-C or SIGTERM while importing (torch: seconds): one line, 130 or 143
+    import dataclasses
+    import json
+    import math
+    import os
+    import sys
+    import time
+    import warnings
+    from pathlib import Path
+    from typing import Iterator
 
-import dataclasses
-import json
-import math
-import os
-import sys
-import time
-import warnings
-from pathlib import Path
-from typing import Iterator
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    from tqdm import tqdm
 
-import numpy as np
-import torch
-import torch.distributed as dist
-from tqdm import tqdm
-
-from config import ConfigError, check_compatible, fields_marked, from_dict, parse_args, printable
-from config.codec_config import CodecConfig
-from config.transformer_config import PRESETS, TransformerConfig
-from model import Codec, Generator, HertzDev, build, finetune, hub, load_codec, load_hertz_dev
-from model.checkpoint import CheckpointError, read_metadata
-from model.data import SkippedAudioWarning, StopSafeLoader, shared_with_training, workers_stopped
-from model.files import memory_limit
-from model.generator import completion_problem, completion_steps
-from model.loading import codec_config_fitting, official_transformer_config, recorded_codec_path, write_transformer
-from model.latents import (LatentCrops, LatentsError, StepSampler, codec_fingerprint, prepare_latents, sample_posterior,
-                           scan_corpus)
-from model.objectives import STAGE_LOSSES, STAGES, compute_losses, peak_flops, through_cache, train_flops_per_latent
-from model.parallel import (compile_blocks, full_state_dicts, gradient_sync, inner, load_full_state_dicts,
-                            parallelize, rank0_first)
-from model.quant import parameter_count, quantize_model
-from model.training import (Checkpoints, ConfigMismatch, Deadline, Dist, FiniteGuard, Logger, all_reduce_mean,
-                            autocast, before_step, check_architecture, check_data_paths, check_finite_step,
-                            check_folders, check_outside_data, check_resumable, check_schedule, check_trainer,
-                            cosine_lr, finished, last_step, load_training_state, moved_aside, loss_scaler, partial_note, run_script,
-                            resource_notes, schedule_notes, setup_distributed, state_to_load, stop_message, teardown_distributed,
-                            validation_key, window_peak_gb, worker_warning_said, write_samples)
-
-imports_done()
+    from config import ConfigError, check_compatible, fields_marked, from_dict, parse_args, printable
+    from config.codec_config import CodecConfig
+    from config.transformer_config import PRESETS, TransformerConfig
+    from model import Codec, Generator, HertzDev, build, finetune, hub, load_codec, load_hertz_dev
+    from model.checkpoint import CheckpointError, read_metadata
+    from model.data import SkippedAudioWarning, StopSafeLoader, shared_with_training, workers_stopped
+    from model.files import memory_limit
+    from model.generator import completion_problem, completion_steps
+    from model.loading import codec_config_fitting, official_transformer_config, recorded_codec_path, write_transformer
+    from model.latents import (LatentCrops, LatentsError, StepSampler, codec_fingerprint, prepare_latents, sample_posterior,
+                               scan_corpus)
+    from model.objectives import STAGE_LOSSES, STAGES, compute_losses, peak_flops, through_cache, train_flops_per_latent
+    from model.parallel import (compile_blocks, full_state_dicts, gradient_sync, inner, load_full_state_dicts,
+                                parallelize, rank0_first)
+    from model.quant import parameter_count, quantize_model
+    from model.training import (Checkpoints, ConfigMismatch, Deadline, Dist, FiniteGuard, Logger, all_reduce_mean,
+                                autocast, before_step, check_architecture, check_data_paths, check_finite_step,
+                                check_folders, check_outside_data, check_resumable, check_schedule, check_trainer,
+                                cosine_lr, finished, last_step, load_training_state, moved_aside, loss_scaler, partial_note, run_script,
+                                resource_notes, schedule_notes, setup_distributed, state_to_load, stop_message, teardown_distributed,
+                                validation_key, window_peak_gb, worker_warning_said, write_samples)
 
 PARTS = ("quantizer", "lm", "resynth")
 # FSDP2 warns about every module output that is a view; none of ours is modified in place.

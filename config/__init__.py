@@ -27,7 +27,7 @@ import threading
 import types
 import typing
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Mapping, NoReturn, Sequence
+from typing import Any, Iterable, Mapping, NoReturn, Sequence
 
 
 def printable(text, newlines: bool = False) -> str:
@@ -42,16 +42,19 @@ def printable(text, newlines: bool = False) -> str:
     return "".join(c if c.isprintable() or (newlines and c == "\n") else repr(c)[1:-1] for c in text)
 
 
-def exit_on_interrupt(rest: str = " while starting") -> Callable[[], None]:
-    """Ctrl-C or SIGTERM from now on ends the process at once with one line on stderr,
+@contextmanager
+def exit_on_interrupt(rest: str = " while starting"):
+    """Within it, Ctrl-C or SIGTERM ends the process at once with one line on stderr,
     `interrupted (Ctrl-C|SIGTERM)` and `rest`, and exit status 130, or 143 for SIGTERM, as
-    `interrupted_exit` ends it later: for a script's imports (torch takes seconds),
-    where Ctrl-C was a KeyboardInterrupt traceback (an abort, inside torch's own initialisation,
-    which no exception may cross: hence an exit from the handler, with nothing begun to stop).
-    Returns what gives both signals their handlers back, called once the imports are done. A
-    signal ignored (a job started with nohup) stays ignored; outside the main thread, nothing."""
+    `interrupted_exit` ends it later: around a script's imports (torch takes seconds), where Ctrl-C
+    was a KeyboardInterrupt traceback (an abort, inside torch's own initialisation, which no
+    exception may cross: hence an exit from the handler, with nothing begun to stop). Both signals
+    get their handlers back as it ends, however it ends (an import that failed, caught by a test
+    or a notebook). A signal ignored (a job started with nohup) stays ignored; outside the main
+    thread, nothing."""
     if threading.current_thread() is not threading.main_thread():  # (handlers are set only there)
-        return lambda: None
+        yield
+        return
 
     def exit_now(signum, frame):
         by = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
@@ -61,11 +64,11 @@ def exit_on_interrupt(rest: str = " while starting") -> Callable[[], None]:
     for sig, handler in previous.items():
         if handler is not signal.SIG_IGN:
             signal.signal(sig, exit_now)
-
-    def restore() -> None:
+    try:
+        yield
+    finally:
         for sig, handler in previous.items():
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # (None: set outside Python)
-    return restore
 
 
 def interrupted_exit(e: KeyboardInterrupt, rest: str) -> NoReturn:

@@ -528,3 +528,20 @@ def test_an_interrupt_while_a_script_imports_is_one_line_and_128_plus_the_signal
     finally:
         proc.kill()
     assert (proc.returncode, err) == (status, f"interrupted ({by}){rest}\n")
+
+
+def test_an_import_that_fails_within_exit_on_interrupt_gives_the_signals_their_handlers_back():
+    """A script's imports failing within `exit_on_interrupt` (inference_server.py without fastapi is
+    a SystemExit there, which a test or a notebook catches) left its handler set: the process' next
+    Ctrl-C ended it with `interrupted (Ctrl-C) while starting`. The handlers now come back however
+    the block ends."""
+    import signal
+    import threading
+    from config import exit_on_interrupt
+    assert threading.current_thread() is threading.main_thread()  # (where it sets handlers)
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit):
+        with exit_on_interrupt():
+            assert signal.getsignal(signal.SIGINT) is not before[0]  # (its own, while importing)
+            raise SystemExit("error: fastapi is not installed")
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
