@@ -1343,11 +1343,12 @@ class Deadline:
             self.unreadable = why[1]
         return None
 
-    def _worker_death(self, seconds: float = 5.0) -> Optional[str]:
+    def _worker_death(self, seconds: float = 1.0) -> Optional[str]:
         """`worker_death_message` for a data-loading worker found dead within `seconds`, else None:
         after a batch's hand-over failed (a reset connection to the worker that sent it), where the
-        worker, killed, may not have finished exiting, so that torch's loader found it alive, and
-        its SIGCHLD is still to come."""
+        worker, killed, may not have finished exiting (its connections close after its memory is
+        gone: the rest takes milliseconds), so that torch's loader found it alive, and its SIGCHLD
+        is still to come. (Any other reset, with no worker to die, is so raised a second late.)"""
         from torch.utils.data._utils.signal_handling import _error_if_any_worker_fails
         end = time.monotonic() + seconds
         while self.worker_error is None:
