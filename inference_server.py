@@ -1018,13 +1018,18 @@ class Server:
                     log.info("session %s: %r", session.id, task.exception())
             session.release()  # safe at once: the next reset of this row runs after the release
             log.info("session %s ended: %s", session.id, session.info())
-            try:
-                if session.recorder is not None:  # after the session's writes: one disk thread, in order
-                    path = await self.disk(session.recorder.close)
-                    if path is not None:
-                        log.info("session %s recorded to %s", session.id, path)
-            except Exception:  # said once, by `disk` (`_log_failure`)
-                pass
+            if session.recorder is not None:  # after the session's writes: one disk thread, in order
+                try:
+                    closing_file = self.disk(session.recorder.close)
+                except RuntimeError as e:  # (the disk thread already stopped): its .part is left for the next start
+                    log.error("session %s: its recording is left unfinished for the next start to recover: %s",
+                              session.id, e)
+                else:
+                    try:
+                        if (path := await closing_file) is not None:
+                            log.info("session %s recorded to %s", session.id, path)
+                    except Exception:  # said once, by `disk` (`_log_failure`)
+                        pass
 
     async def set_temperature(self, body: dict) -> dict:
         """POST /set_temperature: {"token_temp", "categorical_temp" (the original's names) or any
