@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import atexit
 import json
-import multiprocessing
+import mmap
 import multiprocessing.util  # noqa: F401 (its exit handler registered before this module's)
 import os
 import signal
@@ -330,6 +330,12 @@ def scan_audio_folder(root: str, use_cache: bool = True) -> AudioFileList:
     return AudioFileList(files, root, skipped, source, empty, [rel for rel, _ in linked])
 
 
+def _said_record(n: int) -> mmap.mmap:
+    """A byte per file, 0 until it is named: anonymous shared memory, which forked processes share
+    (no file, no descriptor, no lock)."""
+    return mmap.mmap(-1, max(n, 1))
+
+
 class AudioCropDataset(Dataset):
     """Fixed-length crops of a folder of audio, as `{"audio": (C, N) float32, "mask": (N,) float32,
     "file": int}`, `file` indexing `files` (so a trainer can name the files of a bad batch).
@@ -357,7 +363,8 @@ class AudioCropDataset(Dataset):
     once here and crops are cut from memory (`preloaded`; DataLoader workers share it, forked).
     A preloaded file is resampled whole, so its crops may differ from streamed ones by the
     resampler's edge effects (under 1e-6 on a test tone); at the target rate they are the same samples.
-    A file that fails to read is named once (per run: its workers share the record) in a SkippedAudioWarning; in training
+    A file that fails to read is named once (per run: its forked workers share the record; a copy
+    pickled, as a spawned worker's is, keeps one of its own) in a SkippedAudioWarning; in training
     another crop is drawn instead, in validation the crop comes back all padding (mask all 0) so
     the validation set keeps its size.
     """
@@ -382,7 +389,7 @@ class AudioCropDataset(Dataset):
         self._bad: set[int] = set()  # files that failed to read in this process
         # files named in a warning, by any process of this dataset (its workers, forked anew at each
         # evaluation): one warning a file, where each worker and each evaluation named it again
-        self._said = multiprocessing.Array("b", len(self.files))
+        self._said = _said_record(len(self.files))
         # lengths in output samples, which is what crops are measured in
         self.lengths = np.array([f.frames * sample_rate // f.sample_rate for f in self.files], dtype=np.int64)
         self.total_seconds = float(self.lengths.sum()) / sample_rate
@@ -461,10 +468,20 @@ class AudioCropDataset(Dataset):
         mask[:n] = 1.0
         return torch.from_numpy(out), torch.from_numpy(mask)
 
+    def __getstate__(self) -> dict:
+        # pickled (deepcopy, a DataLoader's spawned or forkserver workers), a copy cannot share the
+        # record, which is inherited by fork only: it keeps one of its own (`__setstate__`)
+        return {k: v for k, v in self.__dict__.items() if k != "_said"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._said = _said_record(len(self.files))
+
     def _skip(self, i: int, error: Exception) -> None:
         self._bad.add(i)
-        with self._said.get_lock():
-            said, self._said[i] = self._said[i], 1
+        # no lock (a worker killed holding one would stop every other's warnings): two workers failing
+        # on one file at once may each name it
+        said, self._said[i] = self._said[i], 1
         if not said:
             warnings.warn(f"skipping unreadable audio: {error}", SkippedAudioWarning)  # names the file
 

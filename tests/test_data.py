@@ -1,6 +1,8 @@
 """Audio I/O and datasets on real files written with soundfile (no mocks of what is tested)."""
+import copy
 import json
 import os
+import pickle
 import re
 import struct
 import subprocess
@@ -1078,6 +1080,29 @@ def test_files_failing_at_read_time_are_skipped_and_named_once(tmp_path):
     messages = skipped_names(record)
     assert len(messages) == 1 and "cut.flac" in messages[0]
     assert all(torch.all(item["mask"] == 1) for item in items)
+
+
+def test_a_dataset_with_a_file_unreadable_since_the_scan_is_copied_pickled_and_read_by_spawned_workers(tmp_path, capfd):
+    """The record of the files named (one warning a file, shared by forked workers) made
+    copy.deepcopy, pickle and DataLoader workers started by spawn (or forkserver) a RuntimeError. A
+    copy now keeps a record of its own: it names the file once itself, and its crops are padding."""
+    write(tmp_path / "bad.wav", tone(1.0, freq=220.0))
+    write(tmp_path / "good.wav", tone(1.0))
+    scan_audio_folder(tmp_path)
+    (tmp_path / "bad.wav").write_bytes(b"\0" * os.path.getsize(tmp_path / "bad.wav"))
+    changed_after_the_scan(tmp_path)
+    ds = AudioCropDataset(tmp_path, segment_seconds=0.5, train=False)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for copied in (ds, copy.deepcopy(ds), pickle.loads(pickle.dumps(ds))):
+            masks = [int(copied[i]["mask"].sum()) for _ in range(2) for i in range(len(ds))]  # each crop twice
+            assert masks == [0, 0, SR // 2, SR // 2] * 2
+    messages = skipped_names(record)
+    assert len(messages) == 3 and all("bad.wav" in m for m in messages), messages  # once by each
+    capfd.readouterr()
+    batches = list(torch.utils.data.DataLoader(ds, batch_size=2, num_workers=1, multiprocessing_context="spawn"))
+    assert [b["mask"].sum(1).tolist() for b in batches] == [[0, 0], [SR // 2, SR // 2]]
+    assert capfd.readouterr().err.count("cannot read audio file") == 1
 
 
 @pytest.mark.parametrize("preload", [0.0, 1.0], ids=["streamed", "preloaded"])
