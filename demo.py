@@ -86,6 +86,17 @@ def codec_changed() -> bool:
     return trained_on != codec_fingerprint(load_codec(ROOT / CODEC))
 
 
+def corpus_folders() -> set[Path]:
+    """The folders of the demo's corpus as the OS reaches them: one of them may be a link elsewhere
+    (data/demo/train on another disk), which the path of a file in it does not name."""
+    found = set()
+    for folder, dirs, _ in os.walk(ROOT / CORPUS, followlinks=True):
+        if (real := Path(os.path.realpath(folder))) in found:  # reached again (a link back into it)
+            dirs[:] = []
+        found.add(real)
+    return found | {Path(os.path.realpath(ROOT / CORPUS))}  # (also before the corpus' folder is made)
+
+
 def evals(metrics: Path, keys: tuple[str, ...]) -> list[dict]:
     """The evaluation rows of a run's metrics.jsonl (those that have all `keys`, each a number: a
     NaN or inf is written as null)."""
@@ -116,7 +127,7 @@ def main():
         ap.error(problem)
     # the steps run in ROOT; a path given is from where demo.py is run
     out = ROOT / "outputs/demo/completion.wav" if args.out is None else Path(args.out).absolute()
-    if (ROOT / CORPUS) in Path(os.path.realpath(out)).parents:  # read by every later run: its corpus check stops it
+    if corpus_folders() & set(Path(os.path.realpath(out)).parents):  # read by every later run: its corpus check stops it
         ap.error(f"--out {args.out}: it is in the demo's corpus folder ({ROOT / CORPUS}), which every demo run reads "
                  "as its training and validation audio; write the completion elsewhere")
     try:  # what complete.py would refuse (the prompt too), found before the corpus and the trainings

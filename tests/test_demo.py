@@ -120,16 +120,23 @@ def test_an_out_starting_with_a_tilde_is_in_the_home_folder(tmp_path):
         f"error: --out: cannot write {home}/take.xyz: soundfile writes no .xyz files (.wav, .flac or .ogg, for example)")
 
 
-@pytest.mark.parametrize("out", ["data/demo/train/mono/mine.wav", "data/demo/val/dialogue/dialogue_00000.wav",
-                                 "linked/mine.wav"], ids=["into-the-corpus", "the-prompt", "through-a-link"])
-def test_an_out_in_the_demo_s_own_corpus_is_refused_before_the_first_step(tmp_path, out):
+@pytest.mark.parametrize("out, train_elsewhere", [
+    ("data/demo/train/mono/mine.wav", False), ("data/demo/val/dialogue/dialogue_00000.wav", False),
+    ("linked/mine.wav", False), ("data/demo/train/mono/mine.wav", True)],
+    ids=["into-the-corpus", "the-prompt", "through-a-link", "into-a-corpus-folder-linked-elsewhere"])
+def test_an_out_in_the_demo_s_own_corpus_is_refused_before_the_first_step(tmp_path, out, train_elsewhere):
     """`--out data/demo/train/mono/mine.wav` wrote the completion into the corpus, where every later
     demo run (--fresh too) stopped at its first step (a file prepare.py did not write); the prompt
     file itself was refused only after the corpus and both trainings. Now both, by any path, are
-    one line before the first step. (The steps are stand-ins that would write the file.)"""
+    one line before the first step, also where a folder of the corpus is a link elsewhere
+    (data/demo/train on another disk). (The steps are stand-ins that would write the file.)"""
     folder = scratch_copy(tmp_path / "repo")
-    for name in ("train/mono", "val/dialogue"):
-        (folder / "data/demo" / name).mkdir(parents=True)
+    (folder / "data/demo/val/dialogue").mkdir(parents=True)
+    if train_elsewhere:  # data/demo/train a link to a folder on another disk
+        (tmp_path / "elsewhere/mono").mkdir(parents=True)
+        (folder / "data/demo/train").symlink_to(tmp_path / "elsewhere")
+    else:
+        (folder / "data/demo/train/mono").mkdir(parents=True)
     (folder / "data/demo/val/dialogue/dialogue_00000.wav").write_bytes(b"the prompt")
     (folder / "linked").symlink_to(folder / "data/demo/train/mono")
     (folder / "data/demo/prepare.py").write_text("")
