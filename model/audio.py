@@ -42,6 +42,10 @@ CODEC_EXTENSIONS = {".opus": ("OGG", "OPUS")}
 # scan names them, so that a folder of phone recordings (.m4a) beside WAVs is not half used unsaid
 OTHER_AUDIO_EXTENSIONS = (".m4a", ".aac", ".mp4", ".wma", ".webm", ".mka", ".amr", ".3gp", ".wv", ".ape", ".spx",
                           ".mp2", ".ac3", ".dts", ".ra", ".shn")
+# Text and metadata a corpus holds beside its audio (LibriSpeech's .trans.txt, LJSpeech's metadata.csv,
+# alignments, Kaldi lists, manifests): a scan does not open them to see whether they are audio
+TEXT_EXTENSIONS = (".txt", ".csv", ".tsv", ".json", ".jsonl", ".md", ".lab", ".textgrid", ".yaml", ".yml", ".xml",
+                   ".pdf", ".lst", ".scp", ".rttm", ".ctm", ".stm", ".srt", ".vtt", ".html", ".log")
 CHANNEL_MODES = (None, "mono", "stereo", "speakers")
 
 # File frames read on each side of a crop so the resampler's filter sees real signal at the
@@ -606,6 +610,22 @@ def audio_info(path: str) -> tuple[int, int, int]:
                          f"(rate={rate}, channels={channels}, frames={frames})")
     _check_rate(rate, path, frames)
     return int(frames), int(rate), int(channels)
+
+
+def sniffed_audio(path: str) -> bool:
+    """Whether a file named with none of the audio extensions is audio all the same (a WAV without its
+    extension): soundfile reads its header. One named as text (`TEXT_EXTENSIONS`) is not opened, nor
+    one that is no regular file (a named pipe would wait for a writer)."""
+    if path.lower().endswith(TEXT_EXTENSIONS):
+        return False
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
+        import soundfile as sf
+        sf.info(path)
+    except Exception:  # (soundfile raises LibsndfileError, RuntimeError or TypeError)
+        return False
+    return True
 
 
 def check_samples(audio: np.ndarray, path: str = "<array>") -> None:

@@ -27,7 +27,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 
 from config import OneLine
 from model.audio import (OTHER_AUDIO_EXTENSIONS, SUPPORTED_EXTENSIONS, AudioError, audio_info, broken_link, cut_short,
-                         load_audio, scan_samples, two_speakers)
+                         load_audio, scan_samples, sniffed_audio, two_speakers)
 from model.checkpoint import listed
 from model.files import being_replaced, change_stamp, json_value, same_file_key
 from model.files import replace_atomically
@@ -173,7 +173,7 @@ def folder_problem(path: str) -> Optional[str]:
 def _list_audio_files(root: str) -> tuple[list[str], list[str], list[str]]:
     """Relative paths of every supported file under `root`, sorted so the order never depends on
     the file system, of the audio files of other formats (`OTHER_AUDIO_EXTENSIONS`), left out, and
-    of the other files, left out for their extension (or none: audio among them goes unread).
+    of the audio files named with none of these extensions (`sniffed_audio`), left out.
     Symlinked folders are followed, each real folder once. Hidden entries below `root` (`.git/`,
     `.ipynb_checkpoints/`, `.cache/`, our index) are left out; `root` itself may lie under a hidden
     folder."""
@@ -193,7 +193,7 @@ def _list_audio_files(root: str) -> tuple[list[str], list[str], list[str]]:
                 found.append(os.path.relpath(os.path.join(folder, name), root))
             elif name.lower().endswith(OTHER_AUDIO_EXTENSIONS):
                 others.append(os.path.relpath(os.path.join(folder, name), root))
-            else:
+            elif sniffed_audio(os.path.join(folder, name)):
                 rest.append(os.path.relpath(os.path.join(folder, name), root))
     if unlisted:
         names = sorted(f"{os.path.relpath(e.filename, root)} ({e.strerror or e})" for e in unlisted)
@@ -254,8 +254,8 @@ def scan_audio_folder(root: str, use_cache: bool = True) -> AudioFileList:
     file reached again under another path (a link to a file of the folder, a hard link: the same
     device and inode), which would be trained on twice as often: the first path in sorted order is
     kept, the others named together and listed in `linked`. Audio files of formats not listed
-    (`OTHER_AUDIO_EXTENSIONS`: .m4a, .aac, ...) are named in one SkippedAudioWarning, and the other
-    files (not hidden) left out for their extension in another.
+    (`OTHER_AUDIO_EXTENSIONS`: .m4a, .aac, ...) are named in one SkippedAudioWarning, and audio files
+    named with none of the audio extensions (a WAV without one: not hidden, nor text) in another.
     Raises FileNotFoundError, naming the folder and the formats, if it holds no readable audio.
 
     `root` may also be a jsonl manifest (`model/manifest.py`): then its files are listed instead,
@@ -279,10 +279,10 @@ def scan_audio_folder(root: str, use_cache: bool = True) -> AudioFileList:
         (listing, others, rest), index_path = _list_audio_files(root), os.path.join(root, INDEX_FILENAME)
         skip_short(others, f"of other formats (only {_formats()} are read; convert them, e.g. "
                    "`ffmpeg -i IN OUT.flac`)", source)
-        if rest:  # (transcripts, notes; or audio named otherwise: a WAV without its extension)
-            warnings.warn(f"leaving out {len(rest)} files in {source} whose names end in none of the audio "
-                          f"extensions it reads ({_formats()}): {listed(rest)}; an audio file among them is read "
-                          "once named with its format's extension", SkippedAudioWarning, stacklevel=2)
+        if rest:  # (a WAV without its extension, or with a backup's: read by name only)
+            warnings.warn(f"leaving out {len(rest)} audio files in {source} whose names end in none of the audio "
+                          f"extensions it reads ({_formats()}): {listed(rest)}; each is read once named with its "
+                          "format's extension", SkippedAudioWarning, stacklevel=2)
     cached = _read_index(index_path) if use_cache else {}
     entries, files, skipped, empty, linked, first = {}, [], [], [], [], {}
     for rel in listing:

@@ -93,14 +93,18 @@ def test_opus_files_by_their_own_extension_are_scanned_and_read(tmp_path):
 def test_audio_named_by_another_extension_of_its_container_is_read_and_other_files_named(tmp_path):
     """A Broadcast WAV (.bwf: a field recorder's), a WAV named .wave and an AU named .snd, which
     soundfile reads, were left out of a folder scan without a word, and so was a WAV without an
-    extension. Now the first three are read, and the files left out for their extension are named
-    in one warning (hidden ones are not)."""
+    extension. Now the first three are read, and audio files left out for their name (a WAV without
+    an extension, or with a backup's) are named in one warning; hidden files are not, nor text and
+    other files beside the audio: a LibriSpeech-like folder (transcripts, README, LICENSE) has no note,
+    where each of its runs had one naming them."""
     write(tmp_path / "a.wav", tone(0.5))
     write(tmp_path / "field.bwf", tone(0.5), format="WAV")
     write(tmp_path / "take.wave", tone(0.5), format="WAV")
     write(tmp_path / "old.snd", tone(0.5), format="AU")
     write(tmp_path / "talk" / "noext", tone(0.5), format="WAV")
+    write(tmp_path / "a.wav.bak", tone(0.5), format="WAV")
     (tmp_path / "notes.txt").write_text("not audio")
+    (tmp_path / "LICENSE").write_text("not audio either")
     (tmp_path / ".DS_Store").write_bytes(b"hidden")
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
@@ -108,9 +112,21 @@ def test_audio_named_by_another_extension_of_its_container_is_read_and_other_fil
     assert [(os.path.basename(f.path), f.frames) for f in files] == [
         ("a.wav", 8000), ("field.bwf", 8000), ("old.snd", 8000), ("take.wave", 8000)]
     assert skipped_names(record) == [
-        f"leaving out 2 files in {tmp_path} whose names end in none of the audio extensions it reads "
-        f"({', '.join(SUPPORTED_EXTENSIONS)}): notes.txt, {os.path.join('talk', 'noext')}; an audio file among them "
-        "is read once named with its format's extension"]
+        f"leaving out 2 audio files in {tmp_path} whose names end in none of the audio extensions it reads "
+        f"({', '.join(SUPPORTED_EXTENSIONS)}): a.wav.bak, {os.path.join('talk', 'noext')}; each is read once named "
+        "with its format's extension"]
+    libri = tmp_path / "LibriSpeech" / "dev-clean"
+    for name in ("19-198-0001.flac", "19-198-0002.flac"):
+        write(libri / "19" / "198" / name, tone(0.5))
+    (libri / "19" / "198" / "19-198.trans.txt").write_text("19-198-0001 A LINE\n19-198-0002 ANOTHER\n")
+    (libri / "README.TXT").write_text("LibriSpeech")
+    (libri / "LICENSE").write_text("CC BY 4.0")
+    (libri / "SPEAKERS.TXT").write_text("19 | F | dev-clean")
+    (libri / "metadata.csv").write_text("19-198-0001|a line\n")  # (LJSpeech's)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        assert len(scan_audio_folder(libri)) == 2
+    assert skipped_names(record) == []
 
 
 def test_audio_files_of_other_formats_are_named_as_left_out(tmp_path):
@@ -128,7 +144,7 @@ def test_audio_files_of_other_formats_are_named_as_left_out(tmp_path):
     assert skipped_names(record)[0] == (
         f"skipping 2 audio files in {tmp_path} of other formats (only {', '.join(SUPPORTED_EXTENSIONS)} are read; "
         f"convert them, e.g. `ffmpeg -i IN OUT.flac`): {os.path.join('calls', 'b.AAC')}, memo.m4a")
-    assert skipped_names(record)[1].startswith(f"leaving out 1 files in {tmp_path} whose names end in none")
+    assert len(skipped_names(record)) == 1  # notes.txt is not audio: not named
     os.remove(tmp_path / "a.wav")
     with pytest.warns(SkippedAudioWarning), pytest.raises(FileNotFoundError) as e:
         scan_audio_folder(tmp_path)
