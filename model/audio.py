@@ -25,7 +25,7 @@ from typing import Mapping, NamedTuple, Optional, Sequence
 import numpy as np
 
 from config import OneLine, printable
-from .files import name_max, os_reason, replace_atomically, try_writing_in
+from .files import NAME_UNITS, name_length, name_max, os_reason, replace_atomically, try_writing_in
 
 # .opus: Ogg Opus by its own extension (RFC 7845), as Multilingual LibriSpeech ships its audio; .oga: Ogg
 # audio's own (RFC 5334); then the other containers libsndfile reads: AIFF (and AIFF-C: a Mac's, a DAW's),
@@ -1010,9 +1010,9 @@ def _names_no_file(path: str) -> Optional[str]:
 def name_too_long(path: str) -> Optional[str]:
     """The error for an output whose name is longer than its folder takes (the OS's ENAMETOOLONG
     at the write, after the work), or None."""
-    name, limit = os.fsencode(os.path.basename(path)), name_max(os.path.dirname(os.path.abspath(path)))
-    if len(name) > limit:
-        return (f"cannot write {printable(path)}: its name is {len(name)} bytes, longer than the {limit} its "
+    length, limit = name_length(os.path.basename(path)), name_max(os.path.dirname(os.path.abspath(path)))
+    if length > limit:
+        return (f"cannot write {printable(path)}: its name is {length} {NAME_UNITS}, longer than the {limit} its "
                 "folder takes; give it a shorter name")
     return None
 

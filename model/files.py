@@ -58,9 +58,22 @@ def same_file_key(path: str) -> tuple | str:
     return (st.st_dev, st.st_ino)
 
 
+# What a file system counts a name's length in (`name_length`): NTFS, UTF-16 code units; Linux's
+# and macOS's, UTF-8 bytes
+NAME_UNITS = "UTF-16 code units" if os.name == "nt" else "bytes"
+
+
+def name_length(name: str, units: str = NAME_UNITS) -> int:
+    """A file name's length as its file system counts it against `name_max`: in `NAME_UNITS`, where
+    100 CJK characters are 300 bytes but 100 UTF-16 units (Windows takes them, where the client runs)."""
+    if units == "UTF-16 code units":
+        return len(name.encode("utf-16-le", "surrogatepass")) // 2
+    return len(os.fsencode(name))
+
+
 def name_max(folder: str | os.PathLike) -> int:
-    """The longest file name, in bytes, that `folder` (or, while it is missing, the nearest folder
-    above it) takes: `PC_NAME_MAX`, 255 where the OS does not say."""
+    """The longest file name, in `NAME_UNITS`, that `folder` (or, while it is missing, the nearest
+    folder above it) takes: `PC_NAME_MAX`, 255 where the OS does not say (NTFS's limit)."""
     folder = os.path.abspath(os.fspath(folder))
     while not os.path.isdir(folder) and folder != os.path.dirname(folder):
         folder = os.path.dirname(folder)
@@ -75,12 +88,14 @@ def temporary_prefix(folder: str | os.PathLike, prefix: str, suffix: str) -> str
     would be longer than the folder takes (a target's own name near the limit: `.NAME.` adds 2
     bytes, the hex and `.tmp` 12), its head and 8 hex digits of its hash, so that every name that
     the folder takes has a temporary of its own, and `drop_dead_temporaries` finds it."""
-    limit = name_max(folder) - 8 - len(os.fsencode(suffix))
-    if len(os.fsencode(prefix)) <= limit:
+    limit = name_max(folder) - 8 - name_length(suffix)
+    if name_length(prefix) <= limit:
         return prefix
     digest = hashlib.sha256(os.fsencode(prefix)).hexdigest()[:8]
     head = prefix
-    while len(os.fsencode(head)) > limit - 9:  # (a character at a time: a name's UTF-8 stays whole)
+    # (a character at a time: a name's UTF-8 stays whole; on a file system of names too short for even
+    # the hash, none left, and creating the file says so)
+    while head and name_length(head) > limit - 9:
         head = head[:-1]
     return f"{head}{digest}."
 

@@ -925,6 +925,27 @@ def test_an_atomic_write_works_where_there_is_no_fcntl(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.json.0123abcd.tmp", target.name]
 
 
+def test_a_temporary_s_name_is_shortened_to_an_end_and_names_are_counted_as_their_file_system_does(tmp_path):
+    """Where a folder takes names shorter than a temporary's hash and suffix (NAME_MAX 14: a minix
+    file system; 12: msdos), shortening the temporary's prefix never ended (the empty head cut again
+    and again): the write hung. (The OS says 14 here; the disk takes more, so the write completes.)
+    And names were counted in UTF-8 bytes everywhere, where Windows (the client runs there) counts
+    UTF-16 code units: 100 CJK characters, 300 bytes, were refused as longer than NTFS's 255."""
+    target = tmp_path / "a-recording.wav"
+    code = ("import os, pathlib\nos.pathconf = lambda path, name: 14  # as minix says\n"
+            "from model.files import replace_atomically\n"
+            f"replace_atomically({str(target)!r}, lambda tmp: pathlib.Path(tmp).write_text('[1]'))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert target.read_text() == "[1]" and sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+    from model.files import NAME_UNITS, name_length
+    cjk = "語" * 100 + ".wav"
+    assert name_length(cjk, "UTF-16 code units") == 104 and name_length(cjk, "bytes") == 304
+    assert name_length("😀", "UTF-16 code units") == 2  # (a surrogate pair)
+    assert NAME_UNITS == ("UTF-16 code units" if os.name == "nt" else "bytes")
+
+
 def test_stray_tensors_beside_the_model_s_are_refused(tmp_path):
     """A checkpoint with tensors outside its parts (another tool's `codec.*` in a transformer file, a
     second head; an unprefixed tensor in a codec file), its hash consistent: each part is loaded
