@@ -434,8 +434,6 @@ def main():
         ap.add_argument(f"--{flag.replace('_', '-')}", action="store_true",
                         help=f"{what} ({module}.{name} = {value}), to compare (CUDA); lines say {tag}: {tag_value}")
     args = ap.parse_args()
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: --device cuda: this machine has no CUDA GPU (--device cpu times tiny and small on the CPU)")
     for q in args.quantize.split(","):
         if q not in ("none",) + MODES:
             ap.error(f"--quantize: unknown mode {q!r}; choose from none, {', '.join(MODES)}")
@@ -444,6 +442,8 @@ def main():
             ap.error(f"--kv-dtype: unknown dtype {kv!r}; choose from {', '.join(KV_DTYPES)}")
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    if cuda and not torch.cuda.is_available():  # (after the flags' own errors)
+        sys.exit("error: --device cuda: this machine has no CUDA GPU (--device cpu times tiny and small on the CPU)")
     sizes = (args.sizes or ("hertz_dev" if cuda else "tiny,small")).split(",")
     batches = [int(b) for b in (args.batches or ("1,4,8" if cuda else "1,4")).split(",")]
     steps = args.steps or (200 if cuda else 20)
