@@ -938,17 +938,22 @@ def test_a_nan_on_one_rank_is_one_error_line_naming_that_rank_s_batch(setup, tmp
     assert "[rank0]: Traceback" not in out.stderr and "[rank1]: Traceback" not in out.stderr  # (torchrun's own follows)
 
 
-def test_validation_figures_do_not_depend_on_the_number_of_processes_or_the_batch(setup, tmp_path):
+def test_validation_figures_do_not_depend_on_the_number_of_processes_or_the_batch(setup, tmp_path, capsys):
     """The validation crops' posterior noise came from one generator a rank, seeded with the rank,
     drawn crop after crop: eval_only of one model read val/lm_ce 10.09 on one process and 10.06 on
     two, so a run resumed on another number of GPUs ranked best.pt among figures measured
     otherwise. Each crop's noise is its own now: the same figures on 1 and 2 processes and with
-    another batch size."""
+    another batch size. (The one-process runs in this process, `train_here`: their subject is the
+    figures, not the process; the two-process run under torchrun.)"""
     model = save_transformer(tmp_path / "model.safetensors", build(HertzDev, tiny(True)),
                              codec_source=str(setup["codec"]))
     runs = [(1, 2), (2, 2), (1, 3)]  # (processes, batch size)
-    evals = [train(base_args(setup, tmp_path / f"run-{n}-{b}", latents_dir=tmp_path / "latents", init_from=model,
-                             eval_only=True, val_crops=5, batch_size=b, parallel="ddp"), nproc=n)[1][0] for n, b in runs]
+
+    def evaluate(n, b):
+        args = base_args(setup, tmp_path / f"run-{n}-{b}", latents_dir=tmp_path / "latents", init_from=model,
+                         eval_only=True, val_crops=5, batch_size=b, parallel="ddp")
+        return (train(args, nproc=n) if n > 1 else train_here(args, capsys))[1][0]
+    evals = [evaluate(n, b) for n, b in runs]
     for key in ("val/lm_ce", "val/resynth_nll", "val/loss", "val/positions"):
         assert evals[1][key] == pytest.approx(evals[0][key], rel=1e-6) and \
             evals[2][key] == pytest.approx(evals[0][key], rel=1e-6), (key, [e[key] for e in evals])
