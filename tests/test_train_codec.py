@@ -1054,7 +1054,7 @@ def test_benchmark_profiles_each_phase_and_measures_each_variant(capsys):
     agree: the two orders compute the same verdicts; so do `joint_disc` (real and reconstruction
     judged in one pass, `Discriminators.judge`) and `loop_fm` (the feature matching as a loop over
     the maps instead of the trainer's multi-tensor sums)."""
-    result = codec_benchmark(["--device", "cpu", "--presets", "tiny", "--batch", "2", "--seconds", "1", "--steps", "1",
+    result = codec_benchmark(["--device", "cpu", "--presets", "tiny", "--batch", "2", "--seconds", "0.5", "--steps", "1",
                               "--warmup", "1", "--modes", "fp32-eager", "--profile", "--variants",
                               "base,alternating,joint_disc,loop_fm"], capsys)
     assert result.returncode == 0, result.stderr[-3000:]
