@@ -1631,15 +1631,15 @@ def test_a_validation_folder_gone_mid_run_stops_it_saved_with_one_error_line(cor
     shutil.copytree(corpus / "val", val)
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "train_codec.py"] + args(corpus, run_dir, f"val_data_path={val}", "preload_max_gb=0",
-                                                    "max_steps=100", "eval_interval=4", "save_interval=100",
+                                                    "max_steps=100", "eval_interval=2", "save_interval=100",
                                                     "val_crops=2", "num_audio_samples=0")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
         while proc.poll() is None and time.time() < deadline and not (
-                (run_dir / "checkpoints.json").is_file() and '"latest_step": 4' in (run_dir / "checkpoints.json").read_text()):
+                (run_dir / "checkpoints.json").is_file() and '"latest_step": 2' in (run_dir / "checkpoints.json").read_text()):
             time.sleep(0.02)
-        proc.send_signal(signal.SIGSTOP)  # (the next evaluation, at step 8, comes after the files are gone)
+        proc.send_signal(signal.SIGSTOP)  # (the next evaluation, at step 4, comes after the files are gone)
         files = len(list(val.rglob("*.wav")))
         for path in val.rglob("*.wav"):
             path.unlink()
@@ -1650,13 +1650,13 @@ def test_a_validation_folder_gone_mid_run_stops_it_saved_with_one_error_line(cor
             proc.kill()
     assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
     assert error_line(err) == (f"error: no audio to evaluate on in {val}: its {files} files failed to read (named "
-                               "above); set val_data_path to a folder of readable audio; stopped at step 8, which "
+                               "above); set val_data_path to a folder of readable audio; stopped at step 4, which "
                                "latest.pt holds")
-    assert torch.load(run_dir / "latest.pt", weights_only=False)["step"] == 8
-    assert max(r["step"] for r in train_rows(run_dir / "metrics.jsonl")) == 8  # every step trained is saved
+    assert torch.load(run_dir / "latest.pt", weights_only=False)["step"] == 4
+    assert max(r["step"] for r in train_rows(run_dir / "metrics.jsonl")) == 4  # every step trained is saved
     info = json.loads((run_dir / "checkpoints.json").read_text())
-    assert info["latest_step"] == 8 and info["best_step"] == 4  # step 8 was not evaluated: never best.pt
-    assert "step 8: val" not in out
+    assert info["latest_step"] == 4 and info["best_step"] == 2  # step 4 was not evaluated: never best.pt
+    assert "step 4: val" not in out
 
 
 def test_a_data_loading_worker_killed_under_torchrun_stops_every_rank_at_one_step_saved(corpus, tmp_path):
