@@ -52,12 +52,19 @@ def one_thread():
 def setup(tmp_path_factory):
     """The transformer trainer's tests' (test_train_transformer.py, test_finetune.py: once per
     process, not once per module): a 1.4-minute demo corpus (monologues and dialogues), a tiny random codec, a
-    latents folder (encoded by the first run), and `runs`, the runs made so far by name."""
+    latents folder (encoded by the first run), and `runs`, the runs made so far by name. The corpus
+    is synthesized once for the session's processes (`once.built_once`) and copied into each
+    process' folder (a few MB: milliseconds), which stays the process' own."""
+    import shutil
     from config.codec_config import PRESETS as CODEC_PRESETS
     from model import Codec, build, save_codec
+    from once import built_once
+
+    def synthesize(out):
+        subprocess.run([sys.executable, "data/demo/prepare.py", "--minutes", "1", "--seed", "0",
+                        "--out", str(out / "corpus")], cwd=REPO, check=True, capture_output=True)
     root = tmp_path_factory.mktemp("transformer")
-    subprocess.run([sys.executable, "data/demo/prepare.py", "--minutes", "1", "--seed", "0",
-                    "--out", str(root / "corpus")], cwd=REPO, check=True, capture_output=True)
+    shutil.copytree(built_once(tmp_path_factory, "transformer-corpus", synthesize) / "corpus", root / "corpus")
     torch.manual_seed(0)
     codec = save_codec(root / "codec.safetensors", build(Codec, CODEC_PRESETS["tiny"]))
     return {"root": root, "codec": codec, "runs": {}}
