@@ -2340,10 +2340,9 @@ def test_sigterm_or_ctrl_c_twice_closes_sessions_with_a_reason_and_exits_0(model
     assert len(wavs) == 1 and not list((tmp_path / "rec").glob(".*.part")) and sf.info(str(wavs[0])).frames >= 4 * 2000
 
 
-def interrupted_while_slow(model, tmp_path, patch: str, said: str, sig: str) -> tuple[int, str]:
-    """The server command, with `patch` (Python run first: a stage made slow, which prints `said`
-    on stderr as it begins) sent `sig` at that line: (its exit status, its stderr)."""
-    import signal
+def patched_server(model, tmp_path, patch: str, *flags: str):
+    """The server command on CPU (a port of the system's choice), with `patch` (Python run first: a
+    stage made slow) and `flags`, its stderr piped: the process."""
     import subprocess
     import sys
     from pathlib import Path
@@ -2351,9 +2350,25 @@ def interrupted_while_slow(model, tmp_path, patch: str, said: str, sig: str) -> 
     checkpoint = save_tiny(model, tmp_path / "ckpt")
     script = "import sys, time\nsys.argv[0] = 'inference_server.py'\n" + patch + \
         "import inference_server\ninference_server.main()\n"
-    proc = subprocess.Popen([sys.executable, "-c", script, "--checkpoint", str(checkpoint), "--device", "cpu",
-                             "--port", "0"], cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-c", script, "--checkpoint", str(checkpoint), "--device", "cpu",
+                             "--port", "0", *flags], cwd=Path(__file__).resolve().parents[1],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def slow_warmup(seconds: float) -> str:
+    """A `patched_server` patch: the engine's warm-up says `warming up` on stderr, then takes `seconds`."""
+    return ("from model.live import LiveEngine\n"
+            "def warmup(self):\n"
+            "    print('warming up', file=sys.stderr, flush=True)\n"
+            f"    time.sleep({seconds})\n"
+            "LiveEngine.warmup = warmup\n")
+
+
+def interrupted_while_slow(model, tmp_path, patch: str, said: str, sig: str) -> tuple[int, str]:
+    """The server command, with `patch` (Python run first: a stage made slow, which prints `said`
+    on stderr as it begins) sent `sig` at that line: (its exit status, its stderr)."""
+    import signal
+    proc = patched_server(model, tmp_path, patch)
     try:
         while (line := proc.stderr.readline()) != said + "\n":
             assert line, f"the server ended before {said}"
@@ -2386,12 +2401,7 @@ def test_an_interrupt_while_the_engine_warms_up_is_one_line_and_128_plus_the_sig
     seconds on a GPU; here a warm-up made slow) ended the server with status 0 and no word, as if
     it had served and shut down. Now, as while the weights load: one `interrupted` line, status
     130 (143 for SIGTERM)."""
-    slow_warmup = ("from model.live import LiveEngine\n"
-                   "def warmup(self):\n"
-                   "    print('warming up', file=sys.stderr, flush=True)\n"
-                   "    time.sleep(60)\n"
-                   "LiveEngine.warmup = warmup\n")
-    code, err = interrupted_while_slow(model, tmp_path, slow_warmup, "warming up", sig)
+    code, err = interrupted_while_slow(model, tmp_path, slow_warmup(60), "warming up", sig)
     assert code == status and "Traceback" not in err, err[-3000:]
     assert err.splitlines()[-1] == f"interrupted ({by}) while warming up: the server did not start", err[-3000:]
 
@@ -2403,18 +2413,8 @@ def test_the_browser_clients_address_is_logged_once_it_serves(model, tmp_path, h
     line says it is warming up, and the address follows once the server listens: it answers. An
     IPv6 --host is bracketed in it (`http://[::1]:PORT/`, where it was `http://::1:PORT/`)."""
     import signal
-    import subprocess
-    import sys
     import urllib.request
-    from pathlib import Path
-    from live_server import save_tiny
-    checkpoint = save_tiny(model, tmp_path / "ckpt")
-    script = ("import sys, time\nsys.argv[0] = 'inference_server.py'\nfrom model.live import LiveEngine\n"
-              "def warmup(self):\n    print('warming up', file=sys.stderr, flush=True)\n    time.sleep(2)\n"
-              "LiveEngine.warmup = warmup\nimport inference_server\ninference_server.main()\n")
-    proc = subprocess.Popen([sys.executable, "-c", script, "--checkpoint", str(checkpoint), "--device", "cpu",
-                             "--port", "0", "--host", host], cwd=Path(__file__).resolve().parents[1],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = patched_server(model, tmp_path, slow_warmup(2), "--host", host)
     try:
         before = []
         while (line := proc.stderr.readline()) != "warming up\n":
