@@ -63,6 +63,9 @@ SWITCHES = {
                        "the fused prologue with three programs a row, q, k and v side by side"),
     "torch_noise": ("model.sampling", "NOISE_KERNEL", False, "noise", "torch",
                     "the step's noise by torch's elementwise kernels, as before its Triton kernel"),
+    "unfused_linears": ("model.quant", "FUSED_LINEARS", False, "linears", "unfused",
+                        "an int8 decode step's norms, gating and residual adds as kernels of their own, as before they "
+                        "were fused into its GEMVs"),
     "torch_codec": ("model.stream_codec", "KERNELS", False, "codec", "torch",
                     "the live codec's convolutions by torch's operations (five kernels a convolution), as before "
                     "its Triton kernels (two)"),

@@ -211,8 +211,9 @@ def sweep(qk) -> None:
             for bn, bk, w, st in grid_cfgs:
                 if kind == "gemv":
                     def call(q, sc, bn=bn, bk=bk, w=w, st=st):
-                        qk._int8_gemv.fn[(triton.cdiv(n, bn),)](x, q, sc, y, n, k, BITS=True, BLOCK_N=bn, BLOCK_K=bk,
-                                                                 num_warps=w, num_stages=st)
+                        qk._int8_gemv.fn[(triton.cdiv(n, bn),)](x, q, sc, y, n, k, x, x, 0.0, BITS=True, NORM=False,
+                                                                 SWIGLU=False, RESIDUAL=False, BLOCK_N=bn,
+                                                                 BLOCK_K=bk, num_warps=w, num_stages=st)
                 else:
                     def call(q, sc, bn=bn, bk=bk, w=w, st=st):
                         qk._int8_dot.fn[(triton.cdiv(n, bn), 1)](x, q, sc, y, 1, n, k, BLOCK_M=16, BLOCK_N=bn,

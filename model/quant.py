@@ -358,6 +358,37 @@ def _kernels():
 QUANTIZED = (Int8Linear, Int4Linear)
 
 
+# A decode step's products with what surrounds them in a block (`block_linear`): one GEMV each on
+# CUDA for an int8 layer and one row, the LayerNorm before, SwiGLU's gating and the residual add
+# after inside it (four kernels fewer a block, 160 a duplex hertz_dev step). False: the operations
+# one after another, as before (`benchmarks/inference.py --unfused-linears` compares).
+FUSED_LINEARS = True
+
+
+def block_linear(layer: nn.Module, x: Tensor, norm: Optional[nn.Module] = None, swiglu: bool = False,
+                 residual: Optional[Tensor] = None) -> Tensor:
+    """residual + f(layer(norm(x))), how the transformer blocks apply their products: `norm` a
+    LayerNorm module (its `weight`, no bias, and `eps`) or None; f SwiGLU, up * silu(gate) over
+    the two halves of the output, when `swiglu`; `residual` None or a tensor of the result's shape.
+    One row through a bias-free `Int8Linear` on CUDA, without gradients (a decode step), is one
+    Triton GEMV (`model.quant_kernels.int8_block_linear`), each intermediate rounded where the
+    operations round it; everything else (float and int4 layers, LoRA, training, the CPU) runs the
+    operations one after another, exactly as before."""
+    if (FUSED_LINEARS and type(layer) is Int8Linear and layer.bias is None and _triton_ok(x)
+            and x.numel() == layer.in_features and not (torch.is_grad_enabled() and x.requires_grad)):
+        out = layer.out_features // 2 if swiglu else layer.out_features
+        y = _kernels().int8_block_linear(
+            x.reshape(1, -1).contiguous(), layer.qweight, layer.scale, None if norm is None else norm.weight,
+            0.0 if norm is None else float(norm.eps), swiglu,
+            None if residual is None else residual.reshape(1, out).contiguous())
+        return y.view(*x.shape[:-1], out)
+    y = layer(x if norm is None else norm(x))
+    if swiglu:
+        gate, up = y.chunk(2, dim=-1)
+        y = up * F.silu(gate)
+    return y if residual is None else residual + y
+
+
 def make_layer(spec: str, in_features: int, out_features: int, bias: bool, device=None, dtype=None) -> nn.Module:
     """An empty quantized layer of this shape (filled by `load_state_dict`)."""
     kind, group = parse_spec(spec)

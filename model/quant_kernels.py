@@ -19,6 +19,8 @@ Imported only on CUDA (`model.quant` calls it there): the CPU paths need no Trit
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -68,20 +70,53 @@ def _f32_of_int8(w, BITS: tl.constexpr):
         return w.to(tl.float32)
 
 
-@triton.autotune(configs=_gemv_configs(), key=["N", "K", "BITS"], do_bench=_bench, cache_results=True)
+@triton.autotune(configs=_gemv_configs(), key=["N", "K", "BITS", "NORM", "SWIGLU", "RESIDUAL"], do_bench=_bench,
+                 cache_results=True)
 @triton.jit
-def _int8_gemv(x_ptr, w_ptr, s_ptr, y_ptr, N, K, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _int8_gemv(x_ptr, w_ptr, s_ptr, y_ptr, N, K, nw_ptr, r_ptr, eps, BITS: tl.constexpr, NORM: tl.constexpr,
+               SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # y = r + f(W g(x)) for one row: g the row's LayerNorm with weight nw (NORM), f SwiGLU over the
+    # two halves of W's rows, up * silu(gate), N outputs from 2N rows (SWIGLU), r a residual
+    # (RESIDUAL). Each intermediate is rounded to the activations' dtype where the operations one
+    # after another round it (`model.quant.block_linear`): the normed row, each half's product, the
+    # gate's silu, the gated product.
+    dt = y_ptr.dtype.element_ty
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
+    mean, rstd = 0.0, 1.0
+    if NORM:  # the row's mean, then its variance about the mean, in float32 (as F.layer_norm)
+        sx = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            sx += tl.load(x_ptr + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
+        mean = tl.sum(sx, axis=0) / K
+        sv = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            d = tl.load(x_ptr + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32) - mean
+            sv += tl.where(k0 + rk < K, d * d, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(sv, axis=0) / K + eps)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
-        w = tl.load(w_ptr + rn[:, None] * K + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K), other=0)
-        x = tl.load(x_ptr + kk, mask=kk < K, other=0.0)
-        acc += _f32_of_int8(w, BITS) * x.to(tl.float32)[None, :]
+        m = (rn[:, None] < N) & (kk[None, :] < K)
+        w = tl.load(w_ptr + rn[:, None] * K + kk[None, :], mask=m, other=0)
+        x = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+        if NORM:
+            g = tl.load(nw_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+            x = ((x - mean) * rstd * g).to(dt).to(tl.float32)
+        acc += _f32_of_int8(w, BITS) * x[None, :]
+        if SWIGLU:
+            wu = tl.load(w_ptr + (rn[:, None] + N) * K + kk[None, :], mask=m, other=0)
+            acc_up += _f32_of_int8(wu, BITS) * x[None, :]
     s = tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
     y = tl.sum(acc, axis=1) * s
-    tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
+    if SWIGLU:
+        gate = y.to(dt).to(tl.float32)
+        up = (tl.sum(acc_up, axis=1) * tl.load(s_ptr + N + rn, mask=rn < N, other=0.0).to(tl.float32)).to(dt)
+        y = up.to(tl.float32) * (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
+    if RESIDUAL:
+        y = y.to(dt).to(tl.float32) + tl.load(r_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rn, y.to(dt), mask=rn < N)
 
 
 @triton.autotune(configs=_dot_configs((128, 256)), key=["BLOCK_M", "N", "K"], do_bench=_bench,
@@ -175,9 +210,11 @@ def _block_m(M: int) -> int:
     return min(_DOT_MAX_ROWS, max(16, triton.next_power_of_2(M)))
 
 
-def _int8_gemv_call(x, w, s, y):
-    N, K = w.shape  # BITS read at each call: the benchmarks set it
-    _int8_gemv[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](x, w, s, y, N, K, BITS=BITS)
+def _int8_gemv_call(x, w, s, y, norm_weight=None, eps=0.0, swiglu=False, residual=None):
+    N, K = y.shape[1], w.shape[1]  # BITS read at each call: the benchmarks set it
+    _int8_gemv[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
+        x, w, s, y, N, K, x if norm_weight is None else norm_weight, x if residual is None else residual, eps,
+        BITS=BITS, NORM=norm_weight is not None, SWIGLU=swiglu, RESIDUAL=residual is not None)
 
 
 def _int8_dot_call(x, w, s, y):
@@ -250,6 +287,23 @@ def int8_linear(x: Tensor, qweight: Tensor, scale: Tensor) -> Tensor:
 @int8_linear.register_fake
 def _(x, qweight, scale):
     return x.new_empty(x.shape[0], qweight.shape[0])
+
+
+@torch.library.custom_op("hertz::int8_block_linear", mutates_args=())
+def int8_block_linear(x: Tensor, qweight: Tensor, scale: Tensor, norm_weight: Optional[Tensor], eps: float,
+                      swiglu: bool, residual: Optional[Tensor]) -> Tensor:
+    """One row's residual + f(x' @ dequant(W).T) in one GEMV (`model.quant.block_linear`): x (1, K),
+    x' its LayerNorm with `norm_weight` (K,) and `eps` when given; f SwiGLU over the two halves of
+    the output (up * silu(gate): N/2 outputs) when `swiglu`; residual (1, N or N/2) when given."""
+    n = qweight.shape[0] // 2 if swiglu else qweight.shape[0]
+    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    _int8_gemv_call(x, qweight, scale, y, norm_weight, eps, swiglu, residual)
+    return y
+
+
+@int8_block_linear.register_fake
+def _(x, qweight, scale, norm_weight, eps, swiglu, residual):
+    return x.new_empty(1, qweight.shape[0] // 2 if swiglu else qweight.shape[0])
 
 
 @torch.library.custom_op("hertz::int4_linear", mutates_args=())

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from config.transformer_config import KV_DTYPE_NAMES
+from .quant import block_linear
 
 
 class Norm(nn.Module):
@@ -56,7 +57,8 @@ def default_ff_dim(dim: int) -> int:
 
 
 class FFNN(nn.Module):
-    """SwiGLU: down(up * silu(gate)), gate and up from one fused projection."""
+    """SwiGLU: down(up * silu(gate)), gate and up from one fused projection; in a block, of the
+    normed input and with the residual added (`block_linear`: one GEMV each in an int8 decode step)."""
 
     def __init__(self, dim: int, expand_dim: Optional[int] = None):
         super().__init__()
@@ -64,9 +66,9 @@ class FFNN(nn.Module):
         self.gateup_proj = nn.Linear(dim, 2 * self.expand_dim, bias=False)
         self.down_proj = nn.Linear(self.expand_dim, dim, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gateup_proj(x).chunk(2, dim=-1)
-        return self.down_proj(up * F.silu(gate))
+    def forward(self, x: Tensor, norm: Optional[nn.Module] = None, residual: Optional[Tensor] = None) -> Tensor:
+        """down(up * silu(gate)) of x (of norm(x) with a norm), plus `residual` when given."""
+        return block_linear(self.down_proj, block_linear(self.gateup_proj, x, norm, swiglu=True), residual=residual)
 
 
 @dataclass
@@ -305,20 +307,22 @@ class GQA(nn.Module):
         self.norm_k = Norm(self.head_dim * self.kv_heads, eps=eps)
         self.attn_out = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x: Tensor, pos: Positions, cache: Optional[LayerCache] = None) -> Tensor:
+    def forward(self, x: Tensor, pos: Positions, cache: Optional[LayerCache] = None, norm: Optional[nn.Module] = None,
+                residual: Optional[Tensor] = None) -> Tensor:
         """x (B, T, dim) -> (B, T, dim). Without a cache: causal attention over x (training, full
         forwards). With one: the new keys and values are written at `pos.input_pos` and the
-        queries attend over the cache window, masked by `pos.mask` (prefill, decode steps)."""
+        queries attend over the cache window, masked by `pos.mask` (prefill, decode steps).
+        In a block: of norm(x), plus `residual` (`block_linear` applies both with the projections)."""
         B, T, _ = x.shape
         H, Hkv, hd = self.n_heads, self.kv_heads, self.head_dim
         if (FUSED_PROLOGUE and cache is not None and T == 1 and x.is_cuda
                 and (cache.k.dtype != FP8 or fp8_kernels_on(x.device))):
             from .attention_kernels import decode_prologue  # Triton: imported only where CUDA is used
-            q = decode_prologue(self.proj_qkv(x), self.norm_q.weight, self.norm_k.weight, self.norm_q.eps,
+            q = decode_prologue(block_linear(self.proj_qkv, x, norm), self.norm_q.weight, self.norm_k.weight, self.norm_q.eps,
                                 pos.cos, pos.sin, pos.input_pos, cache.k, cache.v, H)
             y = attend_cache(q, cache.k, cache.v, pos.mask, Hkv != H)
-            return self.attn_out(y.transpose(1, 2).reshape(B, T, -1))
-        q, k, v = self.proj_qkv(x).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
+            return block_linear(self.attn_out, y.transpose(1, 2).reshape(B, T, -1), residual=residual)
+        q, k, v = block_linear(self.proj_qkv, x, norm).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
         # q and k rotated together: one rotary pass instead of two (fewer kernels when not compiled).
         qk = torch.cat([self.norm_q(q).view(B, T, H, hd), self.norm_k(k).view(B, T, Hkv, hd)], dim=2).transpose(1, 2)
         q, k = apply_rotary(qk, pos.cos, pos.sin).split([H, Hkv], dim=1)  # (B, H|Hkv, T, hd)
@@ -329,7 +333,7 @@ class GQA(nn.Module):
         else:
             kc, vc = cache.update(pos.input_pos, k.transpose(1, 2), v.view(B, T, Hkv, hd))
             y = attend_cache(q, kc, vc, pos.mask, gqa)
-        return self.attn_out(y.transpose(1, 2).reshape(B, T, -1))
+        return block_linear(self.attn_out, y.transpose(1, 2).reshape(B, T, -1), residual=residual)
 
 
 class PreNormAttn(nn.Module):
@@ -342,7 +346,7 @@ class PreNormAttn(nn.Module):
 
     def forward(self, x: Tensor, pos: Positions, cache: Optional[LayerCache] = None) -> Tensor:
         """x + attention(norm(x))."""
-        return x + self.attn(self.attn_norm(x), pos, cache)
+        return self.attn(x, pos, cache, norm=self.attn_norm, residual=x)
 
 
 class PreNormFFNN(nn.Module):
@@ -355,7 +359,7 @@ class PreNormFFNN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x + ffnn(norm(x))."""
-        return x + self.ffnn(self.ffnn_norm(x))
+        return self.ffnn(x, norm=self.ffnn_norm, residual=x)
 
 
 class Block(nn.Module):

@@ -18,6 +18,7 @@ from model.quant import (Int4Linear, Int8Linear, quantization_of, quantization_p
                          quantize_model, unpack_nibbles, weight_bytes)
 
 from reference import rel_err
+from triton_interpreter import interpreter_and_cuda
 
 # Relative error of the outputs against the float model at this size (random weights): int8 is
 # about 1.5%, int4 (group 128) about 20%; the bounds leave a margin of about 2x.
@@ -407,8 +408,9 @@ def kernel_outputs(device, dtype, run):
                               dict(GROUP=G, BLOCK_M=16, BLOCK_N=32))}
         if M == 1:
             for bits in (True, False):
-                cases[f"int8_gemv_bits_{bits}"] = (ref8, qk._int8_gemv, (triton.cdiv(N, 16),), (x, q8, s8), (N, K),
-                                                   dict(BITS=bits, BLOCK_N=16, BLOCK_K=256))
+                cases[f"int8_gemv_bits_{bits}"] = (ref8, qk._int8_gemv, (triton.cdiv(N, 16),), (x, q8, s8),
+                                                   (N, K, x, x, 0.0), dict(BITS=bits, NORM=False, SWIGLU=False, RESIDUAL=False,
+                                                                BLOCK_N=16, BLOCK_K=256))
             cases["int4_gemv"] = (ref4, qk._int4_gemv, (triton.cdiv(N, 16),), (x, q4, sz), (N, K),
                                   dict(GROUP=G, BLOCK_N=16, GROUPS=2))
         ys = {}
@@ -444,6 +446,57 @@ def test_quantized_kernels_in_the_triton_interpreter():
                             "lambda k, grid, *a, **m: k.fn[grid](*a, **m))))\n"
     check_kernel_outputs(interpreted(script), 2e-3)
 
+
+
+# The int8 GEMV with a block's operations fused in (`model.quant.block_linear`): against float64
+# with the rounding to the activations' dtype where the operations one after another round.
+FUSED_CASES = r"""
+import json, torch, triton
+import torch.nn.functional as F
+from model import quant_kernels as qk
+
+def cases(device):
+    dtype = torch.float16 if device == "cpu" else torch.bfloat16
+    torch.manual_seed(0)
+    out, N, K = [], 40, 640  # K not a multiple of the block: the masked tail
+    for norm, swiglu, residual in [(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1)]:
+        rows = 2 * N if swiglu else N
+        q = torch.randint(-127, 128, (rows, K), dtype=torch.int8)
+        s = (torch.rand(rows) / 300).to(dtype)
+        x = (torch.randn(1, K) * 3 + 2).to(dtype)  # a mean well away from 0: the norm matters
+        g = (torch.rand(K) + 0.5).to(dtype)
+        r = torch.randn(1, N).to(dtype)
+        def ref(weight):
+            rd = lambda t: t.to(dtype).double()
+            h = rd(F.layer_norm(x.double(), (K,), weight, None, 1e-5)) if norm else x.double()
+            y = rd(h @ (q.double() * s.double()[:, None]).t())
+            if swiglu:
+                y = rd(y[:, N:] * rd(F.silu(y[:, :N])))
+            return rd(y + r.double()) if residual else y
+        want, unweighted = ref(g.double()), ref(None)
+        y = torch.full((1, N), float("nan"), dtype=dtype, device=device)
+        q_, s_, x_, g_, r_ = (t.to(device) for t in (q, s, x, g, r))
+        qk._int8_gemv.fn[(triton.cdiv(N, 16),)](x_, q_, s_, y, N, K, g_, r_, 1e-5, BITS=True, NORM=bool(norm),
+                                                SWIGLU=bool(swiglu), RESIDUAL=bool(residual), BLOCK_N=16, BLOCK_K=256)
+        got = y.double().cpu()
+        scale = want.abs().max()
+        out.append(dict(case=[norm, swiglu, residual], finite=bool(got.isfinite().all()),
+                        err=float((got - want).abs().max() / scale),
+                        err_unweighted=float((got - unweighted).abs().max() / scale)))
+    return out
+"""
+
+
+def check_fused(rows):
+    assert len(rows) == 6
+    for row in rows:
+        assert row["finite"] and row["err"] <= 1e-2, row  # to the output's rounding (a few ulps of bf16)
+        if row["case"][0]:  # the norm's weight is applied: leaving it out moves the output far more
+            assert row["err_unweighted"] > 0.1, row
+
+
+(test_int8_gemv_with_a_blocks_operations_fused_in_the_triton_interpreter,
+ test_int8_gemv_with_a_blocks_operations_fused_in_on_cuda) = interpreter_and_cuda(FUSED_CASES, "cases", check_fused)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -674,3 +727,33 @@ def test_scales_whose_dequantized_weights_overflow_the_dtype_are_refused(mode, s
         with torch.no_grad():
             assert all(bool(torch.isfinite(o).all()) for o in outputs(m, x, plex_codes(m.quantizer, x, True)))
     assert load_hertz_dev(good, codec=None, dtype=dtype, quantize=quantize) is not None
+
+
+@cuda
+@torch.no_grad()
+def test_cuda_int8_decode_step_with_fused_linears_matches_the_operations(monkeypatch):
+    """One decode step of an int8 block (bf16) with its norms, gating and residuals fused into the
+    GEMVs (`model.quant.block_linear`) against the operations one after another, eagerly and in the
+    compiled block; the fused path really runs (the custom op is called)."""
+    from model import quant, quant_kernels
+    from model.transformer import Block, KVCache, positions_for, run_block
+    torch.manual_seed(0)
+    block = Block(256, 4)
+    block.init_weights()
+    block = quantize_model(block.cuda().to(torch.bfloat16), "int8")
+    x = torch.randn(1, 1, 256, device="cuda", dtype=torch.bfloat16) * 2 + 1
+    calls = []
+    real = quant_kernels.int8_block_linear
+    monkeypatch.setattr(quant_kernels, "int8_block_linear", lambda *a: calls.append(a[3:]) or real(*a))
+
+    def step(fused: bool, fn=run_block):
+        monkeypatch.setattr(quant, "FUSED_LINEARS", fused)
+        cache = KVCache(1, 1, 4, 64, 64, device="cuda", dtype=torch.bfloat16)
+        pos = positions_for(x, 64, 10000.0, cache, torch.full((1, 1), 5, device="cuda"), 64)
+        return fn(block, x, pos, cache.layer(0, 64)), cache.k.clone()
+
+    (want, want_k), (got, got_k) = step(False), step(True)
+    assert len(calls) == 4 and [c[2] for c in calls] == [False, False, True, False]  # qkv, out, gate/up, down
+    assert rel_err(got.float(), want.float()) <= 1e-2 and rel_err(got_k.float(), want_k.float()) <= 1e-2
+    compiled = torch.compile(run_block, dynamic=False)
+    assert rel_err(step(True, compiled)[0].float(), want.float()) <= 1e-2
