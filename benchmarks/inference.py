@@ -63,6 +63,8 @@ SWITCHES = {
                        "the fused prologue with three programs a row, q, k and v side by side"),
     "torch_noise": ("model.sampling", "NOISE_KERNEL", False, "noise", "torch",
                     "the step's noise by torch's elementwise kernels, as before its Triton kernel"),
+    "pdl_linears": ("model.quant_kernels", "PDL", True, "pdl", "on",
+                    "the one-row int8 GEMVs as programmatic dependent launches"),
     "unfused_linears": ("model.quant", "FUSED_LINEARS", False, "linears", "unfused",
                         "an int8 decode step's norms, gating and residual adds as kernels of their own, as before they "
                         "were fused into its GEMVs"),

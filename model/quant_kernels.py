@@ -28,6 +28,12 @@ from torch import Tensor
 
 _DOT_MAX_ROWS = 128  # more rows (prefill): a tile of 128 rows a program, the grid grows along M
 BITS = True          # the int8 GEMV makes floats from the integers' bits (see below), not by conversion
+# The one-row int8 GEMVs as programmatic dependent launches (Hopper): each may start while the
+# kernel before it finishes, waiting (griddepcontrol.wait) before it reads anything, and lets the
+# kernel after it start once its own programs are past their loads. Off until measured
+# (`benchmarks/inference.py --pdl-linears`); session 27's trial let the next kernel start first
+# thing, which slowed the step.
+PDL = False
 
 
 # Few configurations, timed briefly (and remembered on disk): autotuning runs at the first call of
@@ -70,11 +76,12 @@ def _f32_of_int8(w, BITS: tl.constexpr):
         return w.to(tl.float32)
 
 
-@triton.autotune(configs=_gemv_configs(), key=["N", "K", "BITS", "NORM", "SWIGLU", "RESIDUAL"], do_bench=_bench,
+@triton.autotune(configs=_gemv_configs(), key=["N", "K", "BITS", "NORM", "SWIGLU", "RESIDUAL", "PDL"], do_bench=_bench,
                  cache_results=True)
 @triton.jit
 def _int8_gemv(x_ptr, w_ptr, s_ptr, y_ptr, N, K, nw_ptr, r_ptr, eps, BITS: tl.constexpr, NORM: tl.constexpr,
-               SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+               SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr):
     # y = r + f(W g(x)) for one row: g the row's LayerNorm with weight nw (NORM), f SwiGLU over the
     # two halves of W's rows, up * silu(gate), N outputs from 2N rows (SWIGLU), r a residual
     # (RESIDUAL). Each intermediate is rounded to the activations' dtype where the operations one
@@ -84,6 +91,8 @@ def _int8_gemv(x_ptr, w_ptr, s_ptr, y_ptr, N, K, nw_ptr, r_ptr, eps, BITS: tl.co
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     mean, rstd = 0.0, 1.0
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     if NORM:  # the row's mean, then its variance about the mean, in float32 (as F.layer_norm)
         sx = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -108,6 +117,8 @@ def _int8_gemv(x_ptr, w_ptr, s_ptr, y_ptr, N, K, nw_ptr, r_ptr, eps, BITS: tl.co
         if SWIGLU:
             wu = tl.load(w_ptr + (rn[:, None] + N) * K + kk[None, :], mask=m, other=0)
             acc_up += _f32_of_int8(wu, BITS) * x[None, :]
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     s = tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
     y = tl.sum(acc, axis=1) * s
     if SWIGLU:
@@ -214,7 +225,8 @@ def _int8_gemv_call(x, w, s, y, norm_weight=None, eps=0.0, swiglu=False, residua
     N, K = y.shape[1], w.shape[1]  # BITS read at each call: the benchmarks set it
     _int8_gemv[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
         x, w, s, y, N, K, x if norm_weight is None else norm_weight, x if residual is None else residual, eps,
-        BITS=BITS, NORM=norm_weight is not None, SWIGLU=swiglu, RESIDUAL=residual is not None)
+        BITS=BITS, NORM=norm_weight is not None, SWIGLU=swiglu, RESIDUAL=residual is not None, PDL=PDL,
+        launch_pdl=PDL)
 
 
 def _int8_dot_call(x, w, s, y):
