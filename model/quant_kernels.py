@@ -306,11 +306,26 @@ def int8_block_linear(x: Tensor, qweight: Tensor, scale: Tensor, norm_weight: Op
                       swiglu: bool, residual: Optional[Tensor]) -> Tensor:
     """One row's residual + f(x' @ dequant(W).T) in one GEMV (`model.quant.block_linear`): x (1, K),
     x' its LayerNorm with `norm_weight` (K,) and `eps` when given; f SwiGLU over the two halves of
-    the output (up * silu(gate): N/2 outputs) when `swiglu`; residual (1, N or N/2) when given."""
+    the output (up * silu(gate): N/2 outputs) when `swiglu`; residual (1, N or N/2) when given.
+    Per shape, the faster of that GEMV and the tile product between the operations (`_choose`)."""
     n = qweight.shape[0] // 2 if swiglu else qweight.shape[0]
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    _int8_gemv_call(x, qweight, scale, y, norm_weight, eps, swiglu, residual)
+    key = ("int8_block", *qweight.shape, BITS, PDL, norm_weight is not None, swiglu, residual is not None)
+    _choose(key, {"gemv": _int8_gemv_call, "dot": _int8_dot_and_operations},
+            x, qweight, scale, y, norm_weight, eps, swiglu, residual)
     return y
+
+
+def _int8_dot_and_operations(x, w, s, y, norm_weight, eps, swiglu, residual):
+    """`int8_block_linear` as the tile product between torch's operations, for a shape whose
+    tile product is faster than its GEMV by more than the operations' kernels cost."""
+    h = x if norm_weight is None else torch.nn.functional.layer_norm(x, (x.shape[1],), norm_weight, None, eps)
+    t = torch.empty(1, w.shape[0], dtype=x.dtype, device=x.device)
+    _int8_dot_call(h, w, s, t)
+    if swiglu:
+        gate, up = t.chunk(2, dim=-1)
+        t = up * torch.nn.functional.silu(gate)
+    y.copy_(t if residual is None else residual + t)
 
 
 @int8_block_linear.register_fake
