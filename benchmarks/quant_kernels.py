@@ -212,7 +212,7 @@ def sweep(qk) -> None:
                 if kind == "gemv":
                     def call(q, sc, bn=bn, bk=bk, w=w, st=st):
                         qk._int8_gemv.fn[(triton.cdiv(n, bn),)](x, q, sc, y, n, k, x, x, 0.0, BITS=True, NORM=False,
-                                                                 SWIGLU=False, RESIDUAL=False, PDL=False, BLOCK_N=bn,
+                                                                 SWIGLU=False, RESIDUAL=False, PDL=False, KP=1, BLOCK_N=bn,
                                                                  BLOCK_K=bk, num_warps=w, num_stages=st)
                 else:
                     def call(q, sc, bn=bn, bk=bk, w=w, st=st):

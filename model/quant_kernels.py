@@ -34,6 +34,7 @@ BITS = True          # the int8 GEMV makes floats from the integers' bits (see b
 # (`benchmarks/inference.py --pdl-linears`); session 27's trial let the next kernel start first
 # thing, which slowed the step.
 PDL = False
+NORM_MAX_K = 8192    # the GEMV with a LayerNorm reads the row whole: in_features up to this many
 
 
 # Few configurations, timed briefly (and remembered on disk): autotuning runs at the first call of
@@ -76,47 +77,62 @@ def _f32_of_int8(w, BITS: tl.constexpr):
         return w.to(tl.float32)
 
 
+@triton.jit
+def _gemv_tile(acc, acc_up, w, wu, x_ptr, nw_ptr, kk, K, mean, rstd, dt: tl.constexpr, BITS: tl.constexpr,
+               NORM: tl.constexpr, SWIGLU: tl.constexpr):
+    """One K-tile of the one-row product: the accumulators plus the weight tile(s) times x's
+    columns kk (normed, and rounded as the norm's output is, with NORM)."""
+    x = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+    if NORM:
+        g = tl.load(nw_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+        x = ((x - mean) * rstd * g).to(dt).to(tl.float32)
+    acc += _f32_of_int8(w, BITS) * x[None, :]
+    if SWIGLU:
+        acc_up += _f32_of_int8(wu, BITS) * x[None, :]
+    return acc, acc_up
+
+
 @triton.autotune(configs=_gemv_configs(), key=["N", "K", "BITS", "NORM", "SWIGLU", "RESIDUAL", "PDL"], do_bench=_bench,
                  cache_results=True)
 @triton.jit
 def _int8_gemv(x_ptr, w_ptr, s_ptr, y_ptr, N, K, nw_ptr, r_ptr, eps, BITS: tl.constexpr, NORM: tl.constexpr,
-               SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_K: tl.constexpr):
-    # y = r + f(W g(x)) for one row: g the row's LayerNorm with weight nw (NORM), f SwiGLU over the
+               SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr, KP: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # y = r + f(W g(x)) for one row: g the row's LayerNorm with weight nw (NORM; KP = K rounded up
+    # to a power of two: the row is read whole, once, for its mean and variance), f SwiGLU over the
     # two halves of W's rows, up * silu(gate), N outputs from 2N rows (SWIGLU), r a residual
     # (RESIDUAL). Each intermediate is rounded to the activations' dtype where the operations one
     # after another round it (`model.quant.block_linear`): the normed row, each half's product, the
-    # gate's silu, the gated product.
+    # gate's silu, the gated product. The first weight tile is asked for before anything else
+    # (before the row's statistics, and before waiting on the previous kernel with PDL): no kernel
+    # writes the weights.
     dt = y_ptr.dtype.element_ty
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    mean, rstd = 0.0, 1.0
+    m = (rn[:, None] < N) & (rk[None, :] < K)
+    w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=m, other=0)
+    wu = w
+    if SWIGLU:
+        wu = tl.load(w_ptr + (rn[:, None] + N) * K + rk[None, :], mask=m, other=0)
     if PDL:
         tl.extra.cuda.gdc_wait()
+    mean, rstd = 0.0, 1.0
     if NORM:  # the row's mean, then its variance about the mean, in float32 (as F.layer_norm)
-        sx = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            sx += tl.load(x_ptr + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
-        mean = tl.sum(sx, axis=0) / K
-        sv = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            d = tl.load(x_ptr + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32) - mean
-            sv += tl.where(k0 + rk < K, d * d, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(sv, axis=0) / K + eps)
+        rp = tl.arange(0, KP)
+        xs = tl.load(x_ptr + rp, mask=rp < K, other=0.0).to(tl.float32)
+        mean = tl.sum(xs, axis=0) / K
+        d = tl.where(rp < K, xs - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / K + eps)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    acc, acc_up = _gemv_tile(acc, acc_up, w, wu, x_ptr, nw_ptr, rk, K, mean, rstd, dt, BITS, NORM, SWIGLU)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         kk = k0 + rk
         m = (rn[:, None] < N) & (kk[None, :] < K)
         w = tl.load(w_ptr + rn[:, None] * K + kk[None, :], mask=m, other=0)
-        x = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-        if NORM:
-            g = tl.load(nw_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-            x = ((x - mean) * rstd * g).to(dt).to(tl.float32)
-        acc += _f32_of_int8(w, BITS) * x[None, :]
         if SWIGLU:
             wu = tl.load(w_ptr + (rn[:, None] + N) * K + kk[None, :], mask=m, other=0)
-            acc_up += _f32_of_int8(wu, BITS) * x[None, :]
+        acc, acc_up = _gemv_tile(acc, acc_up, w, wu, x_ptr, nw_ptr, kk, K, mean, rstd, dt, BITS, NORM, SWIGLU)
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
     s = tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
@@ -226,7 +242,7 @@ def _int8_gemv_call(x, w, s, y, norm_weight=None, eps=0.0, swiglu=False, residua
     _int8_gemv[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
         x, w, s, y, N, K, x if norm_weight is None else norm_weight, x if residual is None else residual, eps,
         BITS=BITS, NORM=norm_weight is not None, SWIGLU=swiglu, RESIDUAL=residual is not None, PDL=PDL,
-        launch_pdl=PDL)
+        KP=triton.next_power_of_2(K) if norm_weight is not None else 1, launch_pdl=PDL)
 
 
 def _int8_dot_call(x, w, s, y):
@@ -311,8 +327,10 @@ def int8_block_linear(x: Tensor, qweight: Tensor, scale: Tensor, norm_weight: Op
     n = qweight.shape[0] // 2 if swiglu else qweight.shape[0]
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     key = ("int8_block", *qweight.shape, BITS, PDL, norm_weight is not None, swiglu, residual is not None)
-    _choose(key, {"gemv": _int8_gemv_call, "dot": _int8_dot_and_operations},
-            x, qweight, scale, y, norm_weight, eps, swiglu, residual)
+    ways = {"gemv": _int8_gemv_call, "dot": _int8_dot_and_operations}
+    if norm_weight is not None and x.shape[1] > NORM_MAX_K:  # the GEMV holds a normed row in registers
+        del ways["gemv"]
+    _choose(key, ways, x, qweight, scale, y, norm_weight, eps, swiglu, residual)
     return y
 
 

@@ -25,7 +25,7 @@ def kernels() -> dict:
     shapes = dict(H=32, HKV=8, BH=32, BHKV=8, D=128, FP8=True)
     gemv = dict(x_ptr=bf16, w_ptr="*i8", s_ptr=bf16, y_ptr=bf16)
     fused = dict(gemv, nw_ptr=bf16, r_ptr=bf16)
-    plain = dict(NORM=False, SWIGLU=False, RESIDUAL=False, PDL=False, BLOCK_N=8, BLOCK_K=512)
+    plain = dict(NORM=False, SWIGLU=False, RESIDUAL=False, PDL=False, KP=1, BLOCK_N=8, BLOCK_K=512)
     int4 = dict(x_ptr=bf16, w_ptr="*u8", sz_ptr=bf16, y_ptr=bf16)
     return {
         "decode_attention_partial": (ak._partial, dict(q_ptr=bf16, k_ptr="*fp8e4nv", v_ptr="*fp8e4nv",
@@ -37,10 +37,10 @@ def kernels() -> dict:
         "decode_prologue_split": (ak._prologue, prologue, {"eps"}, dict(shapes, SPLIT=True)),
         "int8_gemv_bits": (qk._int8_gemv.fn, fused, {"eps"}, dict(plain, BITS=True)),
         "int8_gemv_instruction": (qk._int8_gemv.fn, fused, {"eps"}, dict(plain, BITS=False)),
-        "int8_gemv_norm_swiglu": (qk._int8_gemv.fn, fused, {"eps"}, dict(plain, BITS=True, NORM=True, SWIGLU=True)),
+        "int8_gemv_norm_swiglu": (qk._int8_gemv.fn, fused, {"eps"}, dict(plain, BITS=True, NORM=True, SWIGLU=True, KP=4096)),
         "int8_gemv_residual": (qk._int8_gemv.fn, fused, {"eps"}, dict(plain, BITS=True, RESIDUAL=True)),
-        "int8_gemv_norm": (qk._int8_gemv.fn, fused, {"eps"}, dict(plain, BITS=True, NORM=True)),
-        "int8_gemv_pdl": (qk._int8_gemv.fn, fused, {"eps"}, dict(plain, BITS=True, NORM=True, PDL=True)),
+        "int8_gemv_norm": (qk._int8_gemv.fn, fused, {"eps"}, dict(plain, BITS=True, NORM=True, KP=4096)),
+        "int8_gemv_pdl": (qk._int8_gemv.fn, fused, {"eps"}, dict(plain, BITS=True, NORM=True, PDL=True, KP=4096)),
         "int8_dot": (qk._int8_dot.fn, gemv, set(), dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128)),
         "int4_gemv": (qk._int4_gemv.fn, int4, set(), dict(GROUP=128, BLOCK_N=16, GROUPS=2)),
         "int4_dot": (qk._int4_dot.fn, int4, set(), dict(GROUP=128, BLOCK_M=16, BLOCK_N=64)),

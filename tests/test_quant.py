@@ -410,7 +410,7 @@ def kernel_outputs(device, dtype, run):
             for bits in (True, False):
                 cases[f"int8_gemv_bits_{bits}"] = (ref8, qk._int8_gemv, (triton.cdiv(N, 16),), (x, q8, s8),
                                                    (N, K, x, x, 0.0), dict(BITS=bits, NORM=False, SWIGLU=False, RESIDUAL=False,
-                                                                PDL=False, BLOCK_N=16, BLOCK_K=256))
+                                                                PDL=False, KP=1, BLOCK_N=16, BLOCK_K=256))
             cases["int4_gemv"] = (ref4, qk._int4_gemv, (triton.cdiv(N, 16),), (x, q4, sz), (N, K),
                                   dict(GROUP=G, BLOCK_N=16, GROUPS=2))
         ys = {}
@@ -477,7 +477,7 @@ def cases(device):
         y = torch.full((1, N), float("nan"), dtype=dtype, device=device)
         q_, s_, x_, g_, r_ = (t.to(device) for t in (q, s, x, g, r))
         qk._int8_gemv.fn[(triton.cdiv(N, 16),)](x_, q_, s_, y, N, K, g_, r_, 1e-5, BITS=True, NORM=bool(norm),
-                                                SWIGLU=bool(swiglu), RESIDUAL=bool(residual), PDL=False,
+                                                SWIGLU=bool(swiglu), RESIDUAL=bool(residual), PDL=False, KP=1024,
                                                 BLOCK_N=16, BLOCK_K=256)
         got = y.double().cpu()
         scale = want.abs().max()
