@@ -103,33 +103,35 @@ def _int8_gemv(x_ptr, w_ptr, s_ptr, y_ptr, N, K, nw_ptr, r_ptr, eps, BITS: tl.co
     # two halves of W's rows, up * silu(gate), N outputs from 2N rows (SWIGLU), r a residual
     # (RESIDUAL). Each intermediate is rounded to the activations' dtype where the operations one
     # after another round it (`model.quant.block_linear`): the normed row, each half's product, the
-    # gate's silu, the gated product. The first weight tile is asked for before anything else
-    # (before the row's statistics, and before waiting on the previous kernel with PDL): no kernel
-    # writes the weights.
+    # gate's silu, the gated product. With NORM or PDL the first weight tile is asked for before
+    # anything else (before the row's statistics, before waiting on the previous kernel): no kernel
+    # writes the weights. Without the flags, the model's GEMV as it was.
     dt = y_ptr.dtype.element_ty
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    m = (rn[:, None] < N) & (rk[None, :] < K)
-    w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=m, other=0)
-    wu = w
-    if SWIGLU:
-        wu = tl.load(w_ptr + (rn[:, None] + N) * K + rk[None, :], mask=m, other=0)
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-    mean, rstd = 0.0, 1.0
-    if NORM:  # the row's mean, then its variance about the mean, in float32 (as F.layer_norm)
-        rp = tl.arange(0, KP)
-        xs = tl.load(x_ptr + rp, mask=rp < K, other=0.0).to(tl.float32)
-        mean = tl.sum(xs, axis=0) / K
-        d = tl.where(rp < K, xs - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / K + eps)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    acc, acc_up = _gemv_tile(acc, acc_up, w, wu, x_ptr, nw_ptr, rk, K, mean, rstd, dt, BITS, NORM, SWIGLU)
-    for k0 in range(BLOCK_K, K, BLOCK_K):
+    mean, rstd = 0.0, 1.0
+    if NORM or PDL:  # the first tile on its own, asked for first
+        m = (rn[:, None] < N) & (rk[None, :] < K)
+        w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=m, other=0)
+        wu = w
+        if SWIGLU:
+            wu = tl.load(w_ptr + (rn[:, None] + N) * K + rk[None, :], mask=m, other=0)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        if NORM:  # the row's mean, then its variance about the mean, in float32 (as F.layer_norm)
+            rp = tl.arange(0, KP)
+            xs = tl.load(x_ptr + rp, mask=rp < K, other=0.0).to(tl.float32)
+            mean = tl.sum(xs, axis=0) / K
+            d = tl.where(rp < K, xs - mean, 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / K + eps)
+        acc, acc_up = _gemv_tile(acc, acc_up, w, wu, x_ptr, nw_ptr, rk, K, mean, rstd, dt, BITS, NORM, SWIGLU)
+    for k0 in range(BLOCK_K if NORM or PDL else 0, K, BLOCK_K):
         kk = k0 + rk
         m = (rn[:, None] < N) & (kk[None, :] < K)
         w = tl.load(w_ptr + rn[:, None] * K + kk[None, :], mask=m, other=0)
+        wu = w
         if SWIGLU:
             wu = tl.load(w_ptr + (rn[:, None] + N) * K + kk[None, :], mask=m, other=0)
         acc, acc_up = _gemv_tile(acc, acc_up, w, wu, x_ptr, nw_ptr, kk, K, mean, rstd, dt, BITS, NORM, SWIGLU)
