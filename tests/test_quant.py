@@ -496,8 +496,12 @@ def check_fused(rows):
             assert row["err_unweighted"] > 0.1, row
 
 
-(test_int8_gemv_with_a_blocks_operations_fused_in_the_triton_interpreter,
- test_int8_gemv_with_a_blocks_operations_fused_in_on_cuda) = interpreter_and_cuda(FUSED_CASES, "cases", check_fused)
+_in_the_interpreter, test_int8_gemv_with_a_blocks_operations_fused_in_on_cuda = interpreter_and_cuda(
+    FUSED_CASES, "cases", check_fused)
+# Skipped where CUDA is: the GPU image's interpreter cannot run the GEMV's loop (as above).
+test_int8_gemv_with_a_blocks_operations_fused_in_the_triton_interpreter = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="on CUDA the same cases run compiled (the next test); the GPU image's Triton "
+    "interpreter cannot take a runtime int as a loop bound under numpy 2.4")(_in_the_interpreter)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
