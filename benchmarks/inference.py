@@ -65,9 +65,9 @@ SWITCHES = {
                     "the step's noise by torch's elementwise kernels, as before its Triton kernel"),
     "pdl_linears": ("model.quant_kernels", "PDL", True, "pdl", "on",
                     "the one-row int8 GEMVs as programmatic dependent launches"),
-    "unfused_linears": ("model.quant", "FUSED_LINEARS", False, "linears", "unfused",
-                        "an int8 decode step's norms, gating and residual adds as kernels of their own, as before they "
-                        "were fused into its GEMVs"),
+    "fused_linears": ("model.quant", "FUSED_LINEARS", True, "linears", "fused",
+                      "an int8 decode step's norms, gating and residual adds inside its one-row GEMVs (off by "
+                      "default until its CUDA tests have run)"),
     "torch_codec": ("model.stream_codec", "KERNELS", False, "codec", "torch",
                     "the live codec's convolutions by torch's operations (five kernels a convolution), as before "
                     "its Triton kernels (two)"),

@@ -358,11 +358,13 @@ def _kernels():
 QUANTIZED = (Int8Linear, Int4Linear)
 
 
-# A decode step's products with what surrounds them in a block (`block_linear`): one GEMV each on
-# CUDA for an int8 layer and one row, the LayerNorm before, SwiGLU's gating and the residual add
-# after inside it (four kernels fewer a block, 160 a duplex hertz_dev step). False: the operations
-# one after another, as before (`benchmarks/inference.py --unfused-linears` compares).
-FUSED_LINEARS = True
+# A decode step's products with what surrounds them in a block (`block_linear`): True, one GEMV
+# each on CUDA for an int8 layer and one row, the LayerNorm before, SwiGLU's gating and the
+# residual add after inside it (four kernels fewer a block, 160 a duplex hertz_dev step). Measured
+# once, on an H100 (session 42, benchmarks/results/h100_session42.txt): int8 live step 5.36 ms p50
+# against 5.49, 650 kernels a step against 794. Off until its two CUDA tests have run on a GPU
+# (tests/test_quant.py -k fused; no GPU ran them yet): `benchmarks/inference.py --fused-linears`.
+FUSED_LINEARS = False
 
 
 def block_linear(layer: nn.Module, x: Tensor, norm: Optional[nn.Module] = None, swiglu: bool = False,
