@@ -360,7 +360,8 @@ QUANTIZED = (Int8Linear, Int4Linear)
 
 # A decode step's products with what surrounds them in a block (`block_linear`): True, one GEMV
 # each on CUDA for an int8 layer and one row, the LayerNorm before, SwiGLU's gating and the
-# residual add after inside it (four kernels fewer a block, 160 a duplex hertz_dev step). Measured
+# residual add after inside it (four kernels fewer a block: 160 a duplex hertz_dev step, counted
+# from the blocks, not measured). Measured
 # once, on an H100 (session 42, benchmarks/results/h100_session42.txt): int8 live step 5.36 ms p50
 # against 5.49, 650 kernels a step against 794. Off until its two CUDA tests have run on a GPU
 # (tests/test_quant.py -k fused; no GPU ran them yet): `benchmarks/inference.py --fused-linears`.
@@ -372,12 +373,16 @@ def block_linear(layer: nn.Module, x: Tensor, norm: Optional[nn.Module] = None, 
     """residual + f(layer(norm(x))), how the transformer blocks apply their products: `norm` a
     LayerNorm module (its `weight`, no bias, and `eps`) or None; f SwiGLU, up * silu(gate) over
     the two halves of the output, when `swiglu`; `residual` None or a tensor of the result's shape.
-    One row through a bias-free `Int8Linear` on CUDA, without gradients (a decode step), is one
-    Triton GEMV (`model.quant_kernels.int8_block_linear`), each intermediate rounded where the
-    operations round it; everything else (float and int4 layers, LoRA, training, the CPU) runs the
-    operations one after another, exactly as before."""
+    With FUSED_LINEARS, one row through a bias-free `Int8Linear` on CUDA, with a bias-free norm, a
+    residual of x's dtype and nothing that needs a gradient (a decode step), is one Triton GEMV
+    (`model.quant_kernels.int8_block_linear`), each intermediate rounded where the operations
+    round it; everything else (float and int4 layers, LoRA, training, the CPU) runs the operations
+    one after another, exactly as before."""
     if (FUSED_LINEARS and type(layer) is Int8Linear and layer.bias is None and _triton_ok(x)
-            and x.numel() == layer.in_features and not (torch.is_grad_enabled() and x.requires_grad)):
+            and x.numel() == layer.in_features and getattr(norm, "bias", None) is None
+            and (residual is None or residual.dtype == x.dtype)
+            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in
+                                                     (x, residual, getattr(norm, "weight", None))))):
         out = layer.out_features // 2 if swiglu else layer.out_features
         y = _kernels().int8_block_linear(
             x.reshape(1, -1).contiguous(), layer.qweight, layer.scale, None if norm is None else norm.weight,

@@ -298,7 +298,8 @@ def _choose(key, candidates: dict, *args):
 
 
 def kernel_choices() -> dict:
-    """{(kind, N, K[, BITS]): kernel} chosen so far (for the benchmarks)."""
+    """{(kind, N, K, ...): kernel} chosen so far (for the benchmarks): ("int8", N, K, BITS),
+    ("int4", N, K), ("int8_block", N, K, BITS, PDL, norm, swiglu, residual)."""
     return dict(_CHOSEN)
 
 

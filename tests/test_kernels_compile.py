@@ -41,6 +41,7 @@ def kernels() -> dict:
         "int8_gemv_residual": (qk._int8_gemv.fn, fused, {"eps"}, dict(plain, BITS=True, RESIDUAL=True)),
         "int8_gemv_norm": (qk._int8_gemv.fn, fused, {"eps"}, dict(plain, BITS=True, NORM=True, KP=4096)),
         "int8_gemv_pdl": (qk._int8_gemv.fn, fused, {"eps"}, dict(plain, BITS=True, NORM=True, PDL=True, KP=4096)),
+        "int8_gemv_pdl_plain": (qk._int8_gemv.fn, fused, {"eps"}, dict(plain, BITS=True, PDL=True)),
         "int8_dot": (qk._int8_dot.fn, gemv, set(), dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128)),
         "int4_gemv": (qk._int4_gemv.fn, int4, set(), dict(GROUP=128, BLOCK_N=16, GROUPS=2)),
         "int4_dot": (qk._int4_dot.fn, int4, set(), dict(GROUP=128, BLOCK_M=16, BLOCK_N=64)),

@@ -459,7 +459,7 @@ def cases(device):
     dtype = torch.float16 if device == "cpu" else torch.bfloat16
     torch.manual_seed(0)
     out, N, K = [], 40, 640  # K not a multiple of the block: the masked tail
-    for norm, swiglu, residual in [(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1)]:
+    for norm, swiglu, residual in [(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1), (1, 1, 1)]:
         rows = 2 * N if swiglu else N
         q = torch.randint(-127, 128, (rows, K), dtype=torch.int8)
         s = (torch.rand(rows) / 300).to(dtype)
@@ -489,7 +489,7 @@ def cases(device):
 
 
 def check_fused(rows):
-    assert len(rows) == 6
+    assert len(rows) == 7
     for row in rows:
         assert row["finite"] and row["err"] <= 1e-2, row  # to the output's rounding (a few ulps of bf16)
         if row["case"][0]:  # the norm's weight is applied: leaving it out moves the output far more
@@ -762,3 +762,46 @@ def test_cuda_int8_decode_step_with_fused_linears_matches_the_operations(monkeyp
     assert rel_err(got.float(), want.float()) <= 1e-2 and rel_err(got_k.float(), want_k.float()) <= 1e-2
     compiled = torch.compile(run_block, dynamic=False)
     assert rel_err(step(True, compiled)[0].float(), want.float()) <= 1e-2
+
+
+def test_block_linear_fuses_only_a_decode_step_that_needs_no_gradient(monkeypatch):
+    """The guard of `block_linear`'s fused path (the GEMV itself needs CUDA: here it is a stand-in
+    that records its calls and computes the operations): one row, a bias-free norm, a residual of
+    x's dtype, and nothing needing a gradient; otherwise the operations one after another."""
+    from model import quant
+    from model.transformer import Norm
+    torch.manual_seed(0)
+    layer = quantize_model(torch.nn.Sequential(torch.nn.Linear(8, 16, bias=False)), "int8")[0]
+    fused = []
+
+    class Kernels:
+        @staticmethod
+        def int8_linear(x, q, s):
+            return torch.nn.functional.linear(x, q.float() * s[:, None])
+
+        @staticmethod
+        def int8_block_linear(x, q, s, w, eps, swiglu, r):
+            fused.append(swiglu)
+            y = Kernels.int8_linear(x if w is None else torch.nn.functional.layer_norm(x, (8,), w, None, eps), q, s)
+            y = y[:, 8:] * torch.nn.functional.silu(y[:, :8]) if swiglu else y
+            return y if r is None else r + y
+
+    monkeypatch.setattr(quant, "_triton_ok", lambda x: True)
+    monkeypatch.setattr(quant, "_kernels", lambda: Kernels)
+    monkeypatch.setattr(quant, "FUSED_LINEARS", True)
+    norm, biased = Norm(8), torch.nn.LayerNorm(8)
+    x, r = torch.randn(1, 1, 8), torch.randn(1, 1, 8)
+    want = r + (lambda y: y[..., 8:] * torch.nn.functional.silu(y[..., :8]))(layer(norm(x)))
+    with torch.no_grad():
+        assert torch.allclose(quant.block_linear(layer, x, norm, True, r), want, atol=1e-6) and fused == [True]
+    cases = {"a norm weight needing its gradient": dict(x=x, norm=norm, residual=r),
+             "a residual needing its gradient": dict(x=x, norm=None, residual=r.clone().requires_grad_()),
+             "x needing its gradient": dict(x=x.clone().requires_grad_(), norm=None, residual=None)}
+    for what, args in cases.items():
+        quant.block_linear(layer, args["x"], args["norm"], True, args["residual"])
+        assert len(fused) == 1, what
+    with torch.no_grad():
+        quant.block_linear(layer, x, biased, True, r)                    # a LayerNorm with a bias
+        quant.block_linear(layer, x, norm, True, r.double())             # a residual of another dtype
+        quant.block_linear(layer, torch.randn(2, 1, 8), norm, True, None)  # two rows
+    assert len(fused) == 1
