@@ -132,7 +132,7 @@ def complete(args) -> int:
         import torch
         from model import load_hertz_dev
         from model import SamplingParams
-        from model.audio import AudioError, check_prompt, completion_paths, load_prompt, save_audio
+        from model.audio import AudioError, check_prompt, completion_paths, load_prompt, save_audio_set
         from model.checkpoint import read_metadata
         from model.generator import Generator, checked_audio, completion_problem, completion_steps
         from model.lora import read_adapter
@@ -224,14 +224,17 @@ def complete(args) -> int:
     elapsed = time.time() - t0
     if args.continuation_only:
         out = out[..., frames * hop:]
-    for path, wav in zip(completion_paths(args.out, args.num), out.cpu()):
-        try:
-            save_audio(path, wav.clamp(-1, 1), cfg.sample_rate)
-        except AudioError as e:  # a disk that filled while generating (checked writable before)
-            print(f"error: {printable(e, newlines=True)}", file=sys.stderr)
-            return 2
+    paths, ctrl_c = completion_paths(args.out, args.num), []
+    try:  # all or none: written to temporaries, then renamed over the paths at once (never a mix with an earlier run's)
+        save_audio_set(paths, out.cpu().clamp(-1, 1), cfg.sample_rate, ctrl_c=ctrl_c)
+    except AudioError as e:  # a disk that filled while generating (checked writable before): every old file as it was
+        print(f"error: {printable(e, newlines=True)}", file=sys.stderr)
+        return 2
+    for path, wav in zip(paths, out):
         print(f"wrote {printable(path)} ({wav.shape[0]} channel{'s' if wav.shape[0] > 1 else ''}, "
               f"{wav.shape[1] / cfg.sample_rate:.2f} s)", file=sys.stderr)
+    if ctrl_c:  # (held while they were renamed)
+        raise KeyboardInterrupt
     print(f"{steps * args.num / elapsed:.1f} latents/s", file=sys.stderr)
     return 0
 
@@ -241,5 +244,5 @@ if __name__ == "__main__":
     try:
         with sigterm_as_interrupt():  # (SIGTERM: kill, a job's time limit) as Ctrl-C: 143, with the same line
             sys.exit(main())
-    except KeyboardInterrupt as e:  # (nothing half-written, the outputs are written atomically)
+    except KeyboardInterrupt as e:  # (nothing half-written: the outputs are written all or none)
         interrupted_exit(e, ": no completion written after the last one named")

@@ -110,6 +110,30 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)  # (None: set outside Python)
 
 
+@contextmanager
+def stop_signals_held(ctrl_c: list):
+    """Hold Ctrl-C, SIGTERM and SIGHUP while the body runs (a few renames putting a set of files
+    in place: stopped midway, they would leave part of each set, a demo corpus's in
+    `data/demo/prepare.py`, complete.py's completions in `model.audio.save_audio_set`); after it, a SIGTERM or SIGHUP that came
+    is acted on as it would have been (by default, the process ends), and a Ctrl-C is appended to
+    `ctrl_c`, for the caller to say so. Noted by a handler, not blocked: `pthread_sigmask` holds
+    them from the main thread only, and one sent to the process then goes to another thread
+    (tqdm's monitor), where its default action ends the process all the same."""
+    came = []
+    stops = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    before = {s: signal.signal(s, lambda signum, frame: came.append(signum)) for s in stops}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)  # (None: set outside Python)
+        for s in dict.fromkeys(came):
+            if s == signal.SIGINT:
+                ctrl_c.append(s)
+            else:
+                os.kill(os.getpid(), s)
+
+
 class OneLine:
     """Base of the errors and warnings whose messages name files: shown (`str`) as one `printable`
     line, wherever they are printed. `args` keep the message as given (a DataLoader worker's

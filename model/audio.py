@@ -20,12 +20,14 @@ import re
 import stat
 import sys
 import warnings
+from contextlib import ExitStack, contextmanager
 from typing import Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from config import OneLine, printable
-from .files import NAME_UNITS, name_length, name_max, os_reason, replace_atomically, try_writing_in
+from config import OneLine, printable, stop_signals_held
+from .files import (NAME_UNITS, drop_dead_temporaries, is_device, name_length, name_max, os_reason,
+                    replace_atomically, temporary_beside, try_writing_in)
 
 # .opus: Ogg Opus by its own extension (RFC 7845), as Multilingual LibriSpeech ships its audio; .oga: Ogg
 # audio's own (RFC 5334); then the other containers libsndfile reads: AIFF (and AIFF-C: a Mac's, a DAW's),
@@ -824,6 +826,57 @@ def save_audio(path: str, audio, sample_rate: int, subtype: str = "PCM_16") -> N
     same folder that is then renamed over `path`, so a reader never sees half a file. Audio holding
     NaN or inf is an AudioError naming the file, nothing written (a trainer's samples: a warning).
     """
+    path, write = _audio_writer(path, audio, sample_rate, subtype)
+    with _write_errors(path, write):
+        replace_atomically(path, write.write, suffix=write.ext)
+
+
+def save_audio_set(paths: Sequence[str], audios: Sequence, sample_rate: int, subtype: str = "PCM_16",
+                   ctrl_c: Optional[list] = None) -> None:
+    """Write several audio files as one set (complete.py's `--num N` completions), each as
+    `save_audio` writes it: all to temporaries beside their paths first, then renamed over them in
+    one quick sequence with Ctrl-C and SIGTERM held (`config.stop_signals_held`; a Ctrl-C that came
+    is appended to `ctrl_c`). A failure or an interruption while writing removes the temporaries and
+    leaves every existing file as it was: never part of this set beside part of an earlier one. The
+    temporaries are `replace_atomically`'s (`.NAME.<8 hex>.EXT`): a killed run's are removed by the
+    next writer of the same paths (`drop_dead_temporaries`)."""
+    writers = [_audio_writer(path, audio, sample_rate, subtype) for path, audio in zip(paths, audios)]
+    with ExitStack() as temporaries:  # (on the way out, however it ends: the temporaries not renamed removed)
+        staged = []
+        for path, write in writers:
+            with _write_errors(path, write):
+                if is_device(path):  # (/dev/null: written into, never renamed over)
+                    write.write(path)
+                    continue
+                folder, name = os.path.split(os.path.abspath(path))
+                drop_dead_temporaries(folder, f".{name}.", write.ext)
+                staged.append((temporaries.enter_context(temporary_beside(folder, f".{name}.", write.ext,
+                                                                          write.write)), path))
+        with stop_signals_held([] if ctrl_c is None else ctrl_c):
+            for tmp, path in staged:
+                try:
+                    os.replace(tmp, path)
+                except OSError as e:  # (the folder changed as it was written: the rest are not renamed)
+                    raise AudioError(f"cannot write audio file {path}: {os_reason(e)}") from e
+
+
+class _AudioWrite(NamedTuple):
+    """How `save_audio` writes checked audio: `write(file)` writes it in the target's format."""
+    audio: np.ndarray
+    sample_rate: int
+    ext: str
+    fmt: str
+    subtype: str
+
+    def write(self, file: str) -> None:
+        import soundfile as sf
+        sf.write(file, self.audio.T, self.sample_rate, subtype=self.subtype, format=self.fmt)
+
+
+def _audio_writer(path, audio, sample_rate: int, subtype: str) -> tuple[str, _AudioWrite]:
+    """(path as a str, its `_AudioWrite`): `save_audio`'s checks of `audio` (its shape; NaN or inf,
+    an AudioError naming the file), the format of `path`, the clip of an integer format; the folder
+    made."""
     path = str(path)
     if hasattr(audio, "detach"):  # a torch tensor
         audio = audio.detach().cpu().numpy()
@@ -835,17 +888,22 @@ def save_audio(path: str, audio, sample_rate: int, subtype: str = "PCM_16") -> N
     if not np.isfinite(audio).all():  # the clip below would write NaN as full-scale noise
         raise AudioError(f"cannot write audio file {path}: the audio holds NaN or inf "
                          f"({int((~np.isfinite(audio)).sum())} samples), which it would hold as full-scale noise")
-    folder = os.path.dirname(os.path.abspath(path))
-    import soundfile as sf
     ext, fmt, subtype = output_format(path, subtype)
     if subtype.startswith("PCM"):
         audio = np.clip(audio, -1.0, 1.0)  # integer formats would wrap around otherwise
-    os.makedirs(folder, exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return path, _AudioWrite(audio, sample_rate, ext, fmt, subtype)
+
+
+@contextmanager
+def _write_errors(path: str, write: _AudioWrite):
+    """A failure of writing `path` (an OSError, libsndfile's error) as the AudioError naming it and
+    why (`_write_reason`: a full disk, a file size limit)."""
     try:
-        replace_atomically(path, lambda tmp: sf.write(tmp, audio.T, sample_rate, subtype=subtype, format=fmt),
-                           suffix=ext)
+        yield
     except Exception as e:
-        size = audio.size * {"PCM_16": 2, "PCM_24": 3}.get(subtype, 4) + 4096  # (a header's margin: FLOAT, at most)
+        size = write.audio.size * {"PCM_16": 2, "PCM_24": 3}.get(write.subtype, 4) + 4096  # (a header's margin)
+        folder = os.path.dirname(os.path.abspath(path))
         raise AudioError(f"cannot write audio file {path}: {_write_reason(e, folder, size)}") from e
 
 

@@ -869,3 +869,39 @@ def test_a_header_config_that_builds_no_model_is_one_error_line(ckpts, tmp_path,
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {bad}: {message}"), lines
     assert not out.exists()
+
+
+# complete.py run as `python complete.py ...` runs it, with the 2nd soundfile.write failing as a full disk's would
+SECOND_WRITE_FAILS = """
+import errno, runpy, sys
+import soundfile
+calls, write = [], soundfile.write
+def failing(*args, **kwargs):
+    calls.append(args[0])
+    if len(calls) == 2:
+        raise OSError(errno.EIO, "Input/output error")
+    return write(*args, **kwargs)
+soundfile.write = failing
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_write_failing_midway_through_several_outputs_leaves_every_earlier_file_as_it_was(ckpts, tmp_path):
+    """`--num N` wrote OUT-0.wav ... one after another: a failure (a full disk) or a kill midway left
+    the first files of this run beside the rest of an earlier one's. All are now written to
+    temporaries first and renamed over their paths only once all are written: the 2nd write failing
+    is one error line naming that file, exit code 2, the earlier run's three files byte-identical,
+    and no temporary left."""
+    old = {}
+    for i in range(3):
+        sf.write(tmp_path / f"out-{i}.wav", np.full(800, 0.1 * (i + 1)), 16000)
+        old[f"out-{i}.wav"] = (tmp_path / f"out-{i}.wav").read_bytes()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", SECOND_WRITE_FAILS, str(REPO / "complete.py"), ckpts["stereo"],
+                        str(tmp_path / "out.wav"), "--variant", ckpts["duplex"], "--seconds", "0.25", "--num", "3"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and "Traceback" not in r.stderr and errors == [
+        f"error: cannot write audio file {tmp_path / 'out-1.wav'}: Input/output error"], r.stderr[-2000:]
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == old  # (no temporary .out-K.wav.XXXXXXXX.wav)

@@ -36,7 +36,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,7 +44,7 @@ import soxr
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from config import ArgumentParser  # noqa: E402 (the repository's, for its one-line errors)
+from config import ArgumentParser, stop_signals_held  # noqa: E402 (the repository's, for its one-line errors)
 from model.audio import broken_link_above  # noqa: E402 (numpy and the standard library only)
 from model.files import REPLACING  # noqa: E402 (the standard library only)
 
@@ -583,30 +582,6 @@ def finish_swap(out: str) -> None:
             os.remove(path)
     remove_unfinished(out)
     os.remove(mark)
-
-
-@contextmanager
-def stop_signals_held(ctrl_c: list):
-    """Hold Ctrl-C, SIGTERM and SIGHUP while the body runs (a few renames: stopped midway, they
-    would leave part of each corpus until the next run); after it, a SIGTERM or SIGHUP that came
-    is acted on as it would have been (by default, the process ends), and a Ctrl-C is appended to
-    `ctrl_c`, for the caller to say so. Noted by a handler, not blocked: `pthread_sigmask` holds
-    them from the main thread only, and one sent to the process then goes to another thread
-    (tqdm's monitor), where its default action ends the process all the same."""
-    came = []
-    stops = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
-    before = {s: signal.signal(s, lambda signum, frame: came.append(signum)) for s in stops}
-    try:
-        yield
-    finally:
-        for s, handler in before.items():
-            signal.signal(s, handler)
-        for s in dict.fromkeys(came):
-            if s == signal.SIGINT:
-                ctrl_c.append(s)
-            else:
-                os.kill(os.getpid(), s)
-
 
 
 def existing_folder(path: str) -> str:
