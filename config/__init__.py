@@ -114,8 +114,9 @@ def sigterm_as_interrupt():
 def stop_signals_held(ctrl_c: list):
     """Hold Ctrl-C, SIGTERM and SIGHUP while the body runs (a few renames putting a set of files
     in place: stopped midway, they would leave part of each set, a demo corpus's in
-    `data/demo/prepare.py`, complete.py's completions in `model.audio.save_audio_set`); after it, a SIGTERM or SIGHUP that came
-    is acted on as it would have been (by default, the process ends), and a Ctrl-C is appended to
+    `data/demo/prepare.py`, complete.py's completions in `model.audio.save_audio_set`); after it,
+    a SIGTERM or SIGHUP that came is acted on as it would have been (by default, the process
+    ends), and a Ctrl-C is appended to
     `ctrl_c`, for the caller to say so. Noted by a handler, not blocked: `pthread_sigmask` holds
     them from the main thread only, and one sent to the process then goes to another thread
     (tqdm's monitor), where its default action ends the process all the same."""
